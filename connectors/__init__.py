@@ -1,0 +1,1 @@
+"""Kafka and Avro connector builders for the meterflow job."""

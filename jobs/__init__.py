@@ -1,0 +1,1 @@
+"""Flink job entry points and the pure logic they wire."""

@@ -1,0 +1,329 @@
+"""The ``meterflow`` command line: local stack, producer, job submission, usage and the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from meterflow.config import JobConfig, load_config, parse_duration
+from meterflow.errors import MeterflowError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Context:
+    """Config path and lazily loaded config shared by subcommands."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._cfg: JobConfig | None = None
+
+    @property
+    def cfg(self) -> JobConfig:
+        if self._cfg is None:
+            self._cfg = load_config(self.config_path)
+        return self._cfg
+
+    def reload(self) -> JobConfig:
+        self._cfg = None
+        return self.cfg
+
+    @property
+    def resolved_path(self) -> Path:
+        import os
+
+        from meterflow.config import CONFIG_PATH_ENV, DEFAULT_CONFIG_FILE
+
+        return Path(self.config_path or os.environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_FILE).resolve()
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="METERFLOW_CONFIG", default=None, help="YAML config file (default ./meterflow.yaml).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """meterflow: billing-grade usage metering on Apache Flink."""
+    ctx.obj = Context(config_path)
+
+
+# ---------------------------------------------------------------- stack
+
+
+@cli.group()
+def stack() -> None:
+    """Run the local stack: Kafka (KRaft), Postgres and a Flink session cluster."""
+
+
+def stack_up(ctx: Context) -> JobConfig:
+    """Generate secrets on first use, then start every part of the stack."""
+    from meterflow.stack import LocalStack, ensure_secrets
+
+    if ensure_secrets(ctx.cfg):
+        err_console.print(f"generated Postgres password in {ctx.cfg.path(ctx.cfg.secrets_file)}")
+        ctx.reload()
+    LocalStack(ctx.cfg).up(echo=lambda m: err_console.print(m))
+    return ctx.cfg
+
+
+@stack.command("up")
+@pass_ctx
+def stack_up_cmd(ctx: Context) -> None:
+    """Start (or confirm) Kafka, Postgres and Flink; waits until each answers."""
+    stack_up(ctx)
+    _print_status(ctx.cfg)
+
+
+@stack.command("down")
+@pass_ctx
+def stack_down(ctx: Context) -> None:
+    """Stop Flink, Kafka and Postgres (state stays in the state directory)."""
+    from meterflow.stack import LocalStack
+
+    LocalStack(ctx.cfg).down()
+    err_console.print("stack is down")
+
+
+@stack.command("status")
+@pass_ctx
+def stack_status(ctx: Context) -> None:
+    """Show which parts of the stack are running; exit 1 if any is not."""
+    if not _print_status(ctx.cfg):
+        sys.exit(1)
+
+
+def _print_status(cfg: JobConfig) -> bool:
+    from meterflow.stack import LocalStack
+
+    table = Table("component", "state", "address", "detail")
+    statuses = LocalStack(cfg).status()
+    for s in statuses:
+        table.add_row(s.name, "[green]running[/]" if s.running else "[red]stopped[/]", s.address, s.detail)
+    console.print(table)
+    return all(s.running for s in statuses)
+
+
+# ---------------------------------------------------------------- produce
+
+
+@cli.command()
+@click.option("--count", default=1000, show_default=True, help="Synthetic events to generate.")
+@click.option("--tenants", default=2, show_default=True)
+@click.option("--customers", default=5, show_default=True, help="Customers per tenant.")
+@click.option("--meters", default="api_calls,tokens", show_default=True, help="Comma-separated meter names.")
+@click.option("--rate", default=0.0, show_default=True, help="Events per second (0 = as fast as possible).")
+@click.option("--span", default="8m", show_default=True, help="Event-time span of synthetic events.")
+@click.option("--start", default=None, help="Event time of the first synthetic event (ISO-8601; default now - 10m).")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--file", "jsonl", type=click.Path(path_type=Path), default=None, help="Send events from a JSON-lines file instead.")
+@click.option("--topic", default=None, help="Target topic (default kafka.usage_events_topic).")
+@pass_ctx
+def produce(ctx: Context, count: int, tenants: int, customers: int, meters: str, rate: float, span: str, start: str | None, seed: int, jsonl: Path | None, topic: str | None) -> None:
+    """Write Avro usage events to the input topic, with a progress bar.
+
+    From a JSON-lines file, invalid lines are not sent: each is reported with its line number and
+    reason and saved to <file>.rejected.jsonl; the command then exits 2.
+    """
+    from meterflow.producer import RejectedLine, SyntheticSpec, read_jsonl, send_events, synthetic_events
+
+    cfg = ctx.cfg
+    rejected: list[RejectedLine] = []
+    if jsonl is not None:
+        events = list(read_jsonl(jsonl, rejected))
+    else:
+        spec = SyntheticSpec(
+            count=count,
+            tenants=tenants,
+            customers=customers,
+            meters=tuple(m.strip() for m in meters.split(",") if m.strip()),
+            start=datetime.fromisoformat(start).astimezone(UTC) if start else datetime.now(UTC) - timedelta(minutes=10),
+            span=parse_duration(span),
+            seed=seed,
+        )
+        events = list(synthetic_events(spec))
+    sent = _send_with_progress(cfg, topic or cfg.kafka.usage_events_topic, events, rate)
+    err_console.print(f"sent {sent} events to {topic or cfg.kafka.usage_events_topic}")
+    if rejected:
+        out = jsonl.with_suffix(jsonl.suffix + ".rejected.jsonl")  # type: ignore[union-attr]
+        with out.open("w") as handle:
+            for r in rejected:
+                handle.write(json.dumps({"line": r.line_number, "reason": r.reason, "text": r.text}) + "\n")
+                err_console.print(f"[red]line {r.line_number}: {r.reason}[/]")
+        err_console.print(f"{len(rejected)} invalid line(s) not sent; saved with reasons to {out}")
+        sys.exit(2)
+
+
+def _send_with_progress(cfg: JobConfig, topic: str, events: list, rate: float) -> int:
+    from meterflow.producer import send_events
+
+    columns = (TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal and len(events) < 10_000) as progress:
+        task = progress.add_task("produce", total=len(events))
+        return send_events(cfg.kafka.bootstrap_servers, topic, events, rate=rate, on_sent=lambda n: progress.advance(task, n))
+
+
+# ---------------------------------------------------------------- job
+
+
+@cli.command()
+@click.option("--savepoint", default=None, help="Start from this savepoint or retained checkpoint.")
+@click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
+@pass_ctx
+def submit(ctx: Context, savepoint: str | None, force: bool) -> None:
+    """Submit the usage job to the Flink cluster (flink run -py jobs/usage_job.py) and wait until it runs."""
+    from meterflow import flink_jobs
+
+    cfg = ctx.cfg
+    existing = flink_jobs.running_jobs(cfg, cfg.flink.job_name)
+    if existing and not force:
+        err_console.print(f"job {cfg.flink.job_name} already running: {existing[0]['jid']} (use --force to submit another)")
+        return
+    with err_console.status("submitting the job ..."):
+        job_id = flink_jobs.submit(cfg, ctx.resolved_path, savepoint=savepoint)
+    console.print(job_id)
+
+
+@cli.command()
+@pass_ctx
+def jobs(ctx: Context) -> None:
+    """List the cluster's jobs."""
+    from meterflow import flink_jobs
+
+    table = Table("job id", "name", "state", "started")
+    for j in flink_jobs.list_jobs(ctx.cfg):
+        table.add_row(j["jid"], j["name"], j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@click.option("--savepoint", is_flag=True, help="Stop with a savepoint and print its path (for upgrades).")
+@pass_ctx
+def stop(ctx: Context, job_id: str | None, savepoint: bool) -> None:
+    """Stop the running usage job (or JOB_ID): cancel, or stop with a savepoint."""
+    from meterflow import flink_jobs
+
+    cfg = ctx.cfg
+    ids = [job_id] if job_id else [j["jid"] for j in flink_jobs.running_jobs(cfg, cfg.flink.job_name)]
+    if not ids:
+        err_console.print("no running job")
+        return
+    for jid in ids:
+        if savepoint:
+            console.print(flink_jobs.stop_with_savepoint(cfg, jid))
+        else:
+            flink_jobs.cancel(cfg, jid)
+            err_console.print(f"cancelled {jid}")
+
+
+# ---------------------------------------------------------------- usage
+
+
+@cli.command()
+@click.option("--tenant", default=None, help="Only this tenant (prefix match).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def usage(ctx: Context, tenant: str | None, fmt: str) -> None:
+    """Print windowed usage from Postgres."""
+    from sinks.postgres import fetch_usage
+
+    rows = [r for r in fetch_usage(ctx.cfg.postgres) if tenant is None or r.tenant_id.startswith(tenant)]
+    if fmt == "json":
+        for r in rows:
+            console.print_json(json.dumps({**r.__dict__, "window_start": r.window_start.isoformat(), "window_end": r.window_end.isoformat(), "quantity": str(r.quantity)}))
+        return
+    _print_usage(rows)
+
+
+def _print_usage(rows: list) -> None:
+    table = Table("tenant", "customer", "meter", "window start (UTC)", "window end", "quantity", "events", "revision", "final")
+    for r in rows:
+        table.add_row(r.tenant_id, r.customer_id, r.meter, r.window_start.isoformat(sep=" "), r.window_end.strftime("%H:%M:%S"), _fmt_qty(r.quantity), str(r.event_count), str(r.revision), "yes" if r.is_final else "no")
+    console.print(table)
+
+
+def _fmt_qty(q: Decimal) -> str:
+    return format(q.normalize(), "f") if q == q.to_integral_value() else format(q.normalize(), "f")
+
+
+# ---------------------------------------------------------------- demo
+
+
+@cli.command()
+@click.option("--count", default=3000, show_default=True, help="Sample events to produce.")
+@click.option("--timeout", default=180, show_default=True, help="Seconds to wait for the windows in Postgres.")
+@pass_ctx
+def demo(ctx: Context, count: int, timeout: int) -> None:
+    """From nothing: stack up, submit the job, produce a sample, wait for its windows, print them."""
+    from jobs.windowing import window_bounds
+    from meterflow import flink_jobs
+    from meterflow.producer import SyntheticSpec, synthetic_events
+    from sinks.postgres import fetch_usage
+
+    cfg = stack_up(ctx)
+    running = flink_jobs.running_jobs(cfg, cfg.flink.job_name)
+    if running:
+        err_console.print(f"job already running: {running[0]['jid']}")
+    else:
+        with err_console.status("submitting the job ..."):
+            job_id = flink_jobs.submit(cfg, ctx.resolved_path)
+        err_console.print(f"job submitted: {job_id}")
+    size = cfg.event_time.window_size
+    run = uuid.uuid4().hex[:6]
+    first_window, _ = window_bounds(datetime.now(UTC) - 8 * size, size)
+    spec = SyntheticSpec(count=count, tenants=2, customers=3, start=first_window, span=6 * size, seed=int(run, 16))
+    events = [dict(e, tenant_id=f"demo-{run}-{e['tenant_id']}") for e in synthetic_events(spec)]
+    _send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
+    # Independent oracle: the windows that the watermark (max event time - delay) has closed.
+    watermark = max(e["event_time"] for e in events) - cfg.event_time.watermark_delay
+    expected: dict[tuple, list] = defaultdict(lambda: [Decimal(0), 0])
+    for e in events:
+        start, end = window_bounds(e["event_time"], size)
+        if end - timedelta(milliseconds=1) <= watermark:
+            acc = expected[(e["tenant_id"], e["customer_id"], e["meter"], start.replace(tzinfo=None))]
+            acc[0] += e["quantity"]
+            acc[1] += 1
+    err_console.print(f"produced {len(events)} events for tenants demo-{run}-*; waiting for {len(expected)} closed windows in Postgres ...")
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id.startswith(f"demo-{run}-")]
+        got = {(r.tenant_id, r.customer_id, r.meter, r.window_start): [r.quantity, r.event_count] for r in rows}
+        if got == dict(expected):
+            break
+        if time.monotonic() > deadline:
+            _print_usage(rows)
+            err_console.print(f"[red]Postgres does not match the expected totals after {timeout}s ({len(got)} of {len(expected)} windows)[/]")
+            sys.exit(1)
+        time.sleep(1)
+    _print_usage(rows)
+    open_windows = len({window_bounds(e["event_time"], size)[0] for e in events}) - len({k[3] for k in expected})
+    console.print(
+        f"[green]{len(rows)} window rows match the totals computed from the {len(events)} produced events.[/] "
+        f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
+    )
+
+
+def main() -> None:
+    """Entry point: turn MeterflowError into a clear message and exit code 1."""
+    try:
+        cli(standalone_mode=True)
+    except MeterflowError as e:
+        err_console.print(f"[red]error:[/] {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

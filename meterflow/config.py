@@ -1,0 +1,255 @@
+"""One typed configuration for every command and the job, loaded from one YAML file.
+
+Precedence, lowest first: defaults in the models below < the YAML file < environment variables.
+
+* Any key can be overridden as ``METERFLOW_<SECTION>__<KEY>``, e.g.
+  ``METERFLOW_KAFKA__BOOTSTRAP_SERVERS=broker:9092``.
+* Secrets are never read from the YAML file: ``METERFLOW_POSTGRES_PASSWORD`` and
+  ``METERFLOW_STRIPE_API_KEY`` come from the environment or from the secrets file
+  (``secrets_file``, dotenv ``KEY=VALUE`` lines; the environment wins).
+
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from meterflow.errors import ConfigError
+
+ENV_PREFIX = "METERFLOW_"
+CONFIG_PATH_ENV = "METERFLOW_CONFIG"
+SECRET_ENV_KEYS = {
+    "METERFLOW_POSTGRES_PASSWORD": ("postgres", "password"),
+    "METERFLOW_STRIPE_API_KEY": ("stripe", "api_key"),
+}
+DEFAULT_CONFIG_FILE = "meterflow.yaml"
+
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|min|h|d)\s*$")
+_DURATION_UNITS = {"ms": 1, "s": 1_000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Parse ``"500ms"``, ``"10s"``, ``"5m"``, ``"1h"``, ``"7d"`` (or a timedelta) into a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return timedelta(milliseconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+    msg = f"invalid duration {value!r}: use a whole number with a unit, e.g. 500ms, 10s, 5m, 1h, 7d"
+    raise ValueError(msg)
+
+
+def format_duration(value: timedelta) -> str:
+    """Render a timedelta in the shortest exact unit of :func:`parse_duration`."""
+    ms = int(value / timedelta(milliseconds=1))
+    for unit in ("d", "h", "m", "s"):
+        if ms and ms % _DURATION_UNITS[unit] == 0:
+            return f"{ms // _DURATION_UNITS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaConfig(_Section):
+    """Where usage events come from and where late and bad events go."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    usage_events_topic: str = "usage-events"
+    late_events_topic: str = "usage-events-late"
+    dead_letter_topic: str = "usage-events-dead-letter"
+    partitions: int = Field(3, ge=1, description="Partitions of the topics the project creates.")
+    consumer_group: str = "meterflow"
+    transaction_timeout: Duration = timedelta(minutes=10)
+
+
+class PostgresConfig(_Section):
+    """The database that holds windowed usage."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(5433, ge=1, le=65535)
+    database: str = "meterflow"
+    user: str = "meterflow"
+    password: SecretStr | None = None
+    usage_table: str = "usage_windows"
+
+    def jdbc_url(self) -> str:
+        """JDBC URL for Flink's JDBC connector."""
+        return f"jdbc:postgresql://{self.host}:{self.port}/{self.database}"
+
+    def conninfo(self) -> str:
+        """libpq connection string for psycopg (password passed separately, never logged)."""
+        return f"host={self.host} port={self.port} dbname={self.database} user={self.user}"
+
+
+class FlinkConfig(_Section):
+    """How the job runs on the Flink cluster."""
+
+    rest_host: str = "127.0.0.1"
+    rest_port: int = Field(8081, ge=1, le=65535)
+    parallelism: int = Field(1, ge=1)
+    task_slots: int = Field(2, ge=1, description="Slots of the local stack's TaskManager.")
+    checkpoint_interval: Duration = timedelta(seconds=5)
+    checkpoint_dir: str = ".stack/flink/checkpoints"
+    job_name: str = "meterflow-usage"
+
+
+class EventTimeConfig(_Section):
+    """Event time, windows and lateness: the knobs ops tune (see docs/operations.md)."""
+
+    window_size: Duration = timedelta(minutes=1)
+    watermark_delay: Duration = timedelta(seconds=5)
+    source_idle_timeout: Duration = timedelta(seconds=10)
+    allowed_lateness: Duration = timedelta(0)
+    dedup_horizon: Duration = timedelta(days=7)
+
+    @model_validator(mode="after")
+    def _check(self) -> EventTimeConfig:
+        second = timedelta(seconds=1)
+        if self.window_size < second or self.window_size % second:
+            msg = f"event_time.window_size must be a whole number of seconds >= 1s, got {format_duration(self.window_size)}"
+            raise ValueError(msg)
+        if timedelta(days=1) % self.window_size:
+            msg = "event_time.window_size must divide one day evenly, so windows align to UTC midnight"
+            raise ValueError(msg)
+        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout"):
+            if getattr(self, name) < timedelta(0):
+                msg = f"event_time.{name} must not be negative"
+                raise ValueError(msg)
+        if self.dedup_horizon < self.window_size + self.allowed_lateness:
+            msg = "event_time.dedup_horizon must cover at least window_size + allowed_lateness"
+            raise ValueError(msg)
+        return self
+
+
+class StackConfig(_Section):
+    """The local stack started by ``meterflow stack up``."""
+
+    state_dir: str = ".stack"
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+    flink_rpc_port: int = Field(6123, ge=1, le=65535)
+
+
+class StripeConfig(_Section):
+    """The billing provider (Stripe meter events)."""
+
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+
+
+class JobConfig(_Section):
+    """The whole configuration of meterflow."""
+
+    kafka: KafkaConfig = KafkaConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    flink: FlinkConfig = FlinkConfig()
+    event_time: EventTimeConfig = EventTimeConfig()
+    stack: StackConfig = StackConfig()
+    stripe: StripeConfig = StripeConfig()
+    secrets_file: str = ".stack/secrets.env"
+    base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")
+
+    def path(self, relative: str) -> Path:
+        """Resolve a configured path against the config file's directory."""
+        p = Path(relative)
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        """The one directory where the local stack keeps state and logs."""
+        return self.path(self.stack.state_dir)
+
+    def checkpoint_uri(self) -> str:
+        """Checkpoint directory as a URI Flink accepts."""
+        d = self.flink.checkpoint_dir
+        return d if "://" in d else self.path(d).as_uri()
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """Read dotenv-style ``KEY=VALUE`` lines; a missing file is an empty mapping."""
+    if not path.exists():
+        return {}
+    secrets: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            msg = f"{path}:{number}: expected KEY=VALUE"
+            raise ConfigError(msg)
+        secrets[key.strip()] = value.strip().strip("'\"")
+    return secrets
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in SECRET_ENV_KEYS or key == CONFIG_PATH_ENV:
+            continue
+        parts = key[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                msg = f"environment override {key} does not name a config key"
+                raise ConfigError(msg)
+        node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> JobConfig:
+    """Load the configuration: YAML file, then env overrides, then secrets.
+
+    Args:
+        path: the YAML file; defaults to ``$METERFLOW_CONFIG`` or ``./meterflow.yaml``.
+            A missing default file means "all defaults"; a missing explicit file is an error.
+        environ: the environment to read (``os.environ`` when omitted; tests pass a dict).
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or CONFIG_PATH_ENV in environ
+    config_path = Path(path or environ.get(CONFIG_PATH_ENV) or DEFAULT_CONFIG_FILE).resolve()
+    data: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            loaded = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            msg = f"{config_path}: not valid YAML: {e}"
+            raise ConfigError(msg) from e
+        if not isinstance(loaded, dict):
+            msg = f"{config_path}: top level must be a mapping"
+            raise ConfigError(msg)
+        data = loaded
+    elif explicit:
+        msg = f"config file not found: {config_path}"
+        raise ConfigError(msg)
+    for section in ("postgres", "stripe"):
+        secret_key = "password" if section == "postgres" else "api_key"
+        if secret_key in (data.get(section) or {}):
+            msg = f"{config_path}: {section}.{secret_key} must not be in the config file; use the environment or the secrets file"
+            raise ConfigError(msg)
+    data.setdefault("base_dir", str(config_path.parent))
+    _apply_env_overrides(data, environ)
+    secrets_path = Path(data.get("secrets_file", JobConfig.model_fields["secrets_file"].default))
+    if not secrets_path.is_absolute():
+        secrets_path = Path(data["base_dir"]) / secrets_path
+    secrets = {**read_secrets_file(secrets_path), **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS}}
+    for env_key, (section, key) in SECRET_ENV_KEYS.items():
+        if secrets.get(env_key):
+            data.setdefault(section, {})[key] = secrets[env_key]
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        msg = f"invalid configuration ({config_path}):\n{e}"
+        raise ConfigError(msg) from e

@@ -1,0 +1,125 @@
+"""Submit, watch and stop the usage job on the Flink session cluster (flink CLI + REST API)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from meterflow.config import JobConfig
+from meterflow.errors import JobSubmissionError
+from meterflow.stack import REPO_ROOT, FlinkCluster, flink_home
+
+JOB_SCRIPT = REPO_ROOT / "jobs" / "usage_job.py"
+_JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
+
+
+def _rest(cfg: JobConfig, path: str, method: str = "GET", body: dict | None = None) -> Any:
+    cluster = FlinkCluster(cfg)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{cluster.rest_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        msg = f"Flink REST {method} {path} failed: {e.code} {e.read().decode(errors='replace')[:500]}"
+        raise JobSubmissionError(msg) from e
+    except (urllib.error.URLError, OSError) as e:
+        msg = f"Flink REST API at {cluster.rest_url} not reachable: {e}; is the stack up?"
+        raise JobSubmissionError(msg) from e
+
+
+def list_jobs(cfg: JobConfig) -> list[dict[str, Any]]:
+    """Jobs known to the cluster with their name and state."""
+    return _rest(cfg, "/jobs/overview").get("jobs", [])
+
+
+def running_jobs(cfg: JobConfig, name: str | None = None) -> list[dict[str, Any]]:
+    """Jobs in a non-terminal state, optionally only those with the given name."""
+    active = {"CREATED", "RUNNING", "RESTARTING", "INITIALIZING", "RECONCILING", "FAILING", "CANCELLING"}
+    return [j for j in list_jobs(cfg) if j["state"] in active and (name is None or j["name"] == name)]
+
+
+def job_details(cfg: JobConfig, job_id: str) -> dict[str, Any]:
+    """REST job details (state, vertices)."""
+    return _rest(cfg, f"/jobs/{job_id}")
+
+
+def submit(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180) -> str:
+    """``flink run -d -py jobs/usage_job.py`` against the session cluster; wait until all tasks run."""
+    cluster = FlinkCluster(cfg)
+    args = [str(flink_home() / "bin" / "flink"), "run", "-d", "-m", f"{cfg.flink.rest_host}:{cfg.flink.rest_port}"]
+    if savepoint:
+        args += ["-s", savepoint]
+    args += ["-py", str(JOB_SCRIPT), "--config", str(config_path)]
+    r = subprocess.run(args, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout)
+    match = _JOB_ID.search(r.stdout + r.stderr)
+    if r.returncode or not match:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-25:])
+        msg = f"flink run failed (exit {r.returncode}):\n{tail}"
+        raise JobSubmissionError(msg)
+    job_id = match.group(1)
+    wait_running(cfg, job_id, timeout)
+    return job_id
+
+
+def wait_running(cfg: JobConfig, job_id: str, timeout: float = 180) -> None:
+    """Wait until the job and every one of its tasks is RUNNING."""
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        details = job_details(cfg, job_id)
+        state = details["state"]
+        if state in ("FAILED", "CANCELED", "FINISHED"):
+            msg = f"job {job_id} is {state}; see the JobManager log in {FlinkCluster(cfg).log_dir}"
+            raise JobSubmissionError(msg)
+        if state == "RUNNING" and all(v["status"] == "RUNNING" for v in details.get("vertices", [])):
+            return
+        time.sleep(1)
+    msg = f"job {job_id} not running after {timeout:.0f}s (state {state})"
+    raise JobSubmissionError(msg)
+
+
+def cancel(cfg: JobConfig, job_id: str, timeout: float = 60) -> None:
+    """Cancel a job and wait until it is gone."""
+    _rest(cfg, f"/jobs/{job_id}?mode=cancel", method="PATCH")
+    _wait_terminal(cfg, job_id, timeout)
+
+
+def stop_with_savepoint(cfg: JobConfig, job_id: str, timeout: float = 180) -> str:
+    """Stop the job with a savepoint (the upgrade path); return the savepoint path."""
+    trigger = _rest(cfg, f"/jobs/{job_id}/stop", method="POST", body={"drain": False})
+    request_id = trigger["request-id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _rest(cfg, f"/jobs/{job_id}/savepoints/{request_id}")
+        if status["status"]["id"] == "COMPLETED":
+            op = status.get("operation", {})
+            if "failure-cause" in op:
+                msg = f"savepoint failed: {op['failure-cause'].get('stack-trace', '')[:2000]}"
+                raise JobSubmissionError(msg)
+            _wait_terminal(cfg, job_id, timeout)
+            return op["location"]
+        time.sleep(1)
+    msg = f"savepoint of {job_id} not complete after {timeout:.0f}s"
+    raise JobSubmissionError(msg)
+
+
+def completed_checkpoints(cfg: JobConfig, job_id: str) -> int:
+    """How many checkpoints of the job have completed."""
+    return int(_rest(cfg, f"/jobs/{job_id}/checkpoints")["counts"]["completed"])
+
+
+def _wait_terminal(cfg: JobConfig, job_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job_details(cfg, job_id)["state"] in ("CANCELED", "FINISHED", "FAILED"):
+            return
+        time.sleep(0.5)
+    msg = f"job {job_id} did not stop within {timeout:.0f}s"
+    raise JobSubmissionError(msg)

@@ -1,0 +1,1 @@
+"""Sinks of the meterflow job: Postgres usage windows and the billing forwarder."""

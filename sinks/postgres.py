@@ -1,0 +1,51 @@
+"""psycopg adapter for the usage table: apply the schema, read rows. Thin over sinks/postgres_schema.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import psycopg
+
+from meterflow.config import PostgresConfig
+from meterflow.errors import SinkError
+from sinks.postgres_schema import usage_rows_sql, usage_table_ddl
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One window of usage as stored in Postgres."""
+
+    tenant_id: str
+    customer_id: str
+    meter: str
+    window_start: datetime
+    window_end: datetime
+    quantity: Decimal
+    event_count: int
+    revision: int
+    is_final: bool
+
+
+def connect(pg: PostgresConfig) -> psycopg.Connection:
+    """Open a connection; the password comes from config (env or secrets file), never from code."""
+    password = pg.password.get_secret_value() if pg.password else None
+    try:
+        return psycopg.connect(pg.conninfo(), password=password, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        msg = f"cannot connect to Postgres at {pg.host}:{pg.port}/{pg.database}: {e}"
+        raise SinkError(msg) from e
+
+
+def apply_schema(pg: PostgresConfig) -> None:
+    """Create the usage table and its guard in one transaction (idempotent)."""
+    with connect(pg) as conn, conn.transaction():
+        for statement in usage_table_ddl(pg.usage_table):
+            conn.execute(statement)
+
+
+def fetch_usage(pg: PostgresConfig) -> list[UsageRow]:
+    """All usage rows, ordered by window then key."""
+    with connect(pg) as conn:
+        return [UsageRow(*row) for row in conn.execute(usage_rows_sql(pg.usage_table)).fetchall()]

@@ -1,0 +1,62 @@
+"""Pure SQL for the Postgres side of meterflow: the usage table and its never-go-backwards guard.
+
+Window timestamps are ``timestamp`` columns holding UTC (the job runs with a UTC session zone).
+"""
+
+from __future__ import annotations
+
+import re
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def check_identifier(name: str) -> str:
+    """Accept only plain lower-case SQL identifiers, so generated DDL can never be injected into."""
+    if not _IDENTIFIER.match(name):
+        msg = f"not a plain SQL identifier: {name!r}"
+        raise ValueError(msg)
+    return name
+
+
+def usage_table_ddl(table: str = "usage_windows") -> list[str]:
+    """Statements that create the usage table and its guard; safe to run again (idempotent)."""
+    t = check_identifier(table)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {t} (
+    tenant_id    text           NOT NULL,
+    customer_id  text           NOT NULL,
+    meter        text           NOT NULL,
+    window_start timestamp(3)   NOT NULL,
+    window_end   timestamp(3)   NOT NULL,
+    quantity     numeric(38, 9) NOT NULL,
+    event_count  bigint         NOT NULL,
+    revision     bigint         NOT NULL,
+    is_final     boolean        NOT NULL DEFAULT false,
+    created_at   timestamptz    NOT NULL DEFAULT now(),
+    updated_at   timestamptz    NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, customer_id, meter, window_start)
+)""",
+        # A replay after a failover may re-send an older state of a window: keep the newer row.
+        f"""CREATE OR REPLACE FUNCTION {t}_keep_newest() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.revision < OLD.revision THEN
+        RETURN NULL;
+    END IF;
+    NEW.created_at := OLD.created_at;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$""",
+        f"DROP TRIGGER IF EXISTS {t}_keep_newest ON {t}",
+        f"""CREATE TRIGGER {t}_keep_newest BEFORE UPDATE ON {t}
+    FOR EACH ROW EXECUTE FUNCTION {t}_keep_newest()""",
+    ]
+
+
+def usage_rows_sql(table: str = "usage_windows") -> str:
+    """Query for all usage rows, in a stable order."""
+    t = check_identifier(table)
+    return (
+        "SELECT tenant_id, customer_id, meter, window_start, window_end, quantity, event_count, revision, is_final "
+        f"FROM {t} ORDER BY window_start, tenant_id, customer_id, meter"
+    )
