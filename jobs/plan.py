@@ -43,12 +43,21 @@ def table_options(cfg: JobConfig) -> dict[str, str]:
     }
 
 
-def usage_source_ddl(cfg: JobConfig, columns: list[Column] | None = None) -> str:
-    """Kafka source of usage events: columns derived from the .avsc, event-time watermark from config."""
+def usage_source_ddl(cfg: JobConfig, columns: list[Column] | None = None, connector: dict[str, str] | None = None) -> str:
+    """Source of usage events: columns derived from the .avsc, event-time watermark from config.
+
+    ``connector`` replaces the Kafka options (graph tests read a bounded file with the same columns).
+    """
     columns = columns if columns is not None else derive_columns(load_schema())
     cols = ",\n  ".join(c.ddl() for c in columns)
     watermark = f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}"
-    options = {
+    options = connector if connector is not None else kafka_source_options(cfg)
+    return f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n  {cols},\n  {watermark}\n) {_with(options)}"
+
+
+def kafka_source_options(cfg: JobConfig) -> dict[str, str]:
+    """Kafka connector options of the usage source (plain Avro values)."""
+    return {
         "connector": "kafka",
         "topic": cfg.kafka.usage_events_topic,
         "properties.bootstrap.servers": cfg.kafka.bootstrap_servers,
@@ -61,7 +70,6 @@ def usage_source_ddl(cfg: JobConfig, columns: list[Column] | None = None) -> str
         "scan.topic-partition-discovery.interval": "60 s",
         "format": "avro",
     }
-    return f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n  {cols},\n  {watermark}\n) {_with(options)}"
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,11 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000) -> str:
 
 
 def window_aggregate_sql(cfg: JobConfig) -> str:
+    """The INSERT that runs the pipeline: the window aggregate into the Postgres sink."""
+    return f"INSERT INTO `{USAGE_WINDOWS_SINK_TABLE}`\n{window_aggregate_query(cfg)}"
+
+
+def window_aggregate_query(cfg: JobConfig) -> str:
     """SUM and COUNT per (tenant, customer, meter, tumbling event-time window).
 
     ``revision`` is the number of events the row covers: every update of a window adds at least
@@ -114,7 +127,6 @@ def window_aggregate_sql(cfg: JobConfig) -> str:
     """
     size = sql_interval(cfg.event_time.window_size)
     return (
-        f"INSERT INTO `{USAGE_WINDOWS_SINK_TABLE}`\n"
         "SELECT\n"
         "  `tenant_id`, `customer_id`, `meter`,\n"
         f"  TUMBLE_START(`event_time`, {size}) AS `window_start`,\n"

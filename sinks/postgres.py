@@ -26,6 +26,7 @@ class UsageRow:
     event_count: int
     revision: int
     is_final: bool
+    updated_at: datetime
 
 
 def connect(pg: PostgresConfig) -> psycopg.Connection:

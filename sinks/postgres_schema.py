@@ -57,6 +57,6 @@ def usage_rows_sql(table: str = "usage_windows") -> str:
     """Query for all usage rows, in a stable order."""
     t = check_identifier(table)
     return (
-        "SELECT tenant_id, customer_id, meter, window_start, window_end, quantity, event_count, revision, is_final "
+        "SELECT tenant_id, customer_id, meter, window_start, window_end, quantity, event_count, revision, is_final, updated_at "
         f"FROM {t} ORDER BY window_start, tenant_id, customer_id, meter"
     )

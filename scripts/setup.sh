@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install everything meterflow needs on a fresh Debian machine (idempotent; quick when warm):
+#   - Debian packages: PostgreSQL server (and a JDK + Maven if missing)
+#   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
+#   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_apt=()
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v java >/dev/null || need_apt+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need_apt+=(maven)
+command -v runuser >/dev/null || need_apt+=(util-linux)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing Debian packages (${need_apt[*]}); run as root or install them"; exit 1
+  fi
+  log "apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+"$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { log "Python 3.11 required (apache-flink 2.3.0 wheels); found $("$python" --version)"; exit 1; }
+stamp=.venv/.meterflow-installed
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "creating .venv and installing meterflow with test extras (the Flink wheel is large; first run takes a few minutes)"
+  [ -x .venv/bin/python ] || "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "$want" > "$stamp"
+fi
+
+for module in kafka flink-lib; do
+  if ! ls "stack/$module/target/dependency/"*.jar >/dev/null 2>&1 || [ "stack/$module/pom.xml" -nt "stack/$module/target/dependency" ]; then
+    log "downloading jars for stack/$module from Maven Central"
+    rm -rf "stack/$module/target"
+    extra=(); [ "$module" = flink-lib ] && extra=(-DexcludeTransitive=true)
+    if ! (cd "stack/$module" && mvn -q -B dependency:copy-dependencies "${extra[@]}"); then
+      log "Maven download failed for stack/$module (is Maven Central reachable?)"; exit 1
+    fi
+  fi
+done
+log "ready: $root/.venv/bin/meterflow"

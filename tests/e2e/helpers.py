@@ -1,0 +1,58 @@
+"""Helpers for end-to-end tests: an independent oracle, closing events, waiting on Postgres."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from connectors.avro_codec import UsageEvent
+from jobs.windowing import window_bounds
+from meterflow.config import JobConfig
+from sinks.postgres import UsageRow, fetch_usage
+
+CLOSER_TENANT = "watermark-closer"
+
+
+def expected_totals(events: list[UsageEvent], size: timedelta) -> dict[tuple, tuple[Decimal, int]]:
+    """Sum and count per (tenant, customer, meter, window start) computed in plain Python."""
+    acc: dict[tuple, list] = defaultdict(lambda: [Decimal(0), 0])
+    for e in events:
+        start, _ = window_bounds(e["event_time"], size)
+        key = (e["tenant_id"], e["customer_id"], e["meter"], start.replace(tzinfo=None))
+        acc[key][0] += e["quantity"]
+        acc[key][1] += 1
+    return {k: (v[0], v[1]) for k, v in acc.items()}
+
+
+def closing_events(after: datetime, partitions: int) -> list[UsageEvent]:
+    """One event per partition far after ``after``: moves every partition's watermark past the data."""
+    return [
+        UsageEvent(
+            event_id=f"closer-{after.timestamp()}-{p}",
+            tenant_id=CLOSER_TENANT,
+            customer_id=f"p{p}",
+            meter="api_calls",
+            quantity=Decimal(1),
+            event_time=after + timedelta(hours=1),
+            dimensions={},
+        )
+        for p in range(partitions)
+    ]
+
+
+def table_totals(cfg: JobConfig) -> dict[tuple, UsageRow]:
+    """Postgres rows keyed like the oracle, without the closer tenant."""
+    return {(r.tenant_id, r.customer_id, r.meter, r.window_start): r for r in fetch_usage(cfg.postgres) if r.tenant_id != CLOSER_TENANT}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll until the condition holds or fail with a message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

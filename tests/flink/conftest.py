@@ -1,0 +1,22 @@
+"""Fixtures for graph tests in a PyFlink local environment (no external services)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.flink
+
+
+@pytest.fixture(scope="session")
+def table_env():
+    """A streaming table environment at parallelism 2, UTC, shared by the graph tests."""
+    from pyflink.common import Configuration
+    from pyflink.datastream import StreamExecutionEnvironment
+    from pyflink.table import StreamTableEnvironment
+
+    conf = Configuration()
+    conf.set_string("parallelism.default", "2")
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    return t_env

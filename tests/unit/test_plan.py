@@ -1,0 +1,82 @@
+"""SQL generation of the job: intervals, source DDL derived from the schema, sink, aggregate."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from jobs.plan import JdbcTarget, sql_interval, sql_string, table_options, usage_source_ddl, usage_windows_sink_ddl, window_aggregate_sql
+from meterflow.config import load_config
+from sinks.postgres_schema import check_identifier, usage_table_ddl
+
+
+@pytest.fixture
+def cfg(write_config):
+    return load_config(write_config("event_time:\n  window_size: 5m\n  watermark_delay: 1500ms\n  source_idle_timeout: 30s\nkafka:\n  usage_events_topic: in-topic\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [(timedelta(seconds=60), "INTERVAL '60' SECOND"), (timedelta(milliseconds=1500), "INTERVAL '1.500' SECOND(3)"), (timedelta(0), "INTERVAL '0' SECOND"), (timedelta(milliseconds=5), "INTERVAL '0.005' SECOND(3)")],
+)
+def test_sql_interval(value, literal):
+    """Durations become exact interval literals."""
+    assert sql_interval(value) == literal
+
+
+def test_sql_string_escapes_quotes():
+    """Quotes inside option values cannot break out of the literal."""
+    assert sql_string("a'b") == "'a''b'"
+
+
+def test_source_ddl_uses_schema_columns_watermark_and_kafka(cfg):
+    """The Kafka source has the derived columns, the configured watermark and read_committed isolation."""
+    ddl = usage_source_ddl(cfg)
+    assert "`quantity` DECIMAL(38, 9) NOT NULL" in ddl
+    assert "WATERMARK FOR `event_time` AS `event_time` - INTERVAL '1.500' SECOND(3)" in ddl
+    assert "'topic' = 'in-topic'" in ddl
+    assert "'properties.isolation.level' = 'read_committed'" in ddl
+    assert "'format' = 'avro'" in ddl
+
+
+def test_source_ddl_connector_can_be_swapped(cfg):
+    """Graph tests replace only the connector options."""
+    ddl = usage_source_ddl(cfg, connector={"connector": "filesystem", "path": "/x", "format": "json"})
+    assert "'connector' = 'filesystem'" in ddl and "kafka" not in ddl
+    assert "WATERMARK FOR" in ddl
+
+
+def test_aggregate_groups_by_key_and_window(cfg):
+    """The aggregate sums quantity and counts events per key and window of the configured size."""
+    sql = window_aggregate_sql(cfg)
+    assert "GROUP BY `tenant_id`, `customer_id`, `meter`, TUMBLE(`event_time`, INTERVAL '300' SECOND)" in sql
+    assert "SUM(`quantity`)" in sql and "COUNT(*) AS `event_count`" in sql
+
+
+def test_table_options_run_in_utc(cfg):
+    """The job computes windows in UTC and honours the idle timeout."""
+    options = table_options(cfg)
+    assert options["table.local-time-zone"] == "UTC"
+    assert options["table.exec.source.idle-timeout"] == "30000 ms"
+
+
+def test_sink_ddl_keys_on_window_identity():
+    """The JDBC sink upserts on (tenant, customer, meter, window_start)."""
+    ddl = usage_windows_sink_ddl(JdbcTarget("jdbc:postgresql://h:1/d", "usage_windows", "u", "p"))
+    assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `window_start`) NOT ENFORCED" in ddl
+    assert "'connector' = 'jdbc'" in ddl
+
+
+def test_usage_table_ddl_has_revision_guard():
+    """The table refuses to go back to an older revision."""
+    statements = usage_table_ddl("usage_windows")
+    assert any("NEW.revision < OLD.revision" in s for s in statements)
+    assert any("BEFORE UPDATE ON usage_windows" in s for s in statements)
+
+
+@pytest.mark.parametrize("bad", ["Usage", "usage; drop table x", "1usage", "a" * 64, ""])
+def test_identifiers_are_checked(bad):
+    """Table names that are not plain identifiers are refused."""
+    with pytest.raises(ValueError, match="identifier"):
+        check_identifier(bad)

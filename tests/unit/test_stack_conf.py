@@ -1,0 +1,35 @@
+"""Local stack configuration: Flink conf rendering and Kafka broker properties."""
+
+from __future__ import annotations
+
+import yaml
+
+from meterflow.config import load_config
+from meterflow.stack import FLINK_CONF_TEMPLATE, KafkaBroker, render_flink_conf
+
+
+def test_render_overrides_nested_and_new_keys():
+    """Dotted overrides land in the nested mapping without touching the base."""
+    base = {"rest": {"port": 8081}, "python": {"executable": "python3"}}
+    out = render_flink_conf(base, {"rest.port": 18081, "env.log.dir": "/x"})
+    assert out == {"rest": {"port": 18081}, "python": {"executable": "python3"}, "env": {"log": {"dir": "/x"}}}
+    assert base["rest"]["port"] == 8081
+
+
+def test_cluster_conf_is_exactly_once():
+    """The shipped cluster config checkpoints exactly-once and retains checkpoints on cancel."""
+    conf = yaml.safe_load(FLINK_CONF_TEMPLATE.read_text())
+    assert conf["execution"]["checkpointing"]["mode"] == "EXACTLY_ONCE"
+    assert conf["execution"]["checkpointing"]["externalized-checkpoint-retention"] == "RETAIN_ON_CANCELLATION"
+
+
+def test_kafka_properties_support_transactions_on_one_broker(write_config):
+    """Single-node KRaft with replication factor 1 for the transaction and offsets logs."""
+    cfg = load_config(write_config("kafka:\n  bootstrap_servers: 127.0.0.1:19092\nstack:\n  kafka_controller_port: 19093\n"), environ={})
+    props = dict(line.split("=", 1) for line in KafkaBroker(cfg).properties().splitlines() if line)
+    assert props["process.roles"] == "broker,controller"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
+    assert props["transaction.state.log.replication.factor"] == "1"
+    assert props["transaction.state.log.min.isr"] == "1"
+    assert props["offsets.topic.replication.factor"] == "1"
+    assert int(props["transaction.max.timeout.ms"]) >= int(cfg.kafka.transaction_timeout.total_seconds() * 1000)
