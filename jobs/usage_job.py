@@ -15,9 +15,20 @@ import sys
 
 from pyflink.common import Configuration
 from pyflink.datastream import StreamExecutionEnvironment
-from pyflink.table import StreamTableEnvironment
+from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 
-from jobs.plan import JdbcTarget, table_options, usage_source_ddl, usage_windows_sink_ddl, window_aggregate_sql
+from jobs.plan import (
+    CLASSIFIED_VIEW,
+    JdbcTarget,
+    classify_query,
+    dedup_query,
+    late_events_insert,
+    late_events_sink_ddl,
+    table_options,
+    usage_source_ddl,
+    usage_windows_sink_ddl,
+    window_aggregate_sql,
+)
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 
@@ -47,11 +58,21 @@ def jdbc_target(cfg: JobConfig) -> JdbcTarget:
     return JdbcTarget(cfg.postgres.jdbc_url(), cfg.postgres.usage_table, cfg.postgres.user, cfg.postgres.password.get_secret_value())
 
 
-def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> str:
-    """Register source and sink tables; return the INSERT that runs the pipeline."""
-    t_env.execute_sql(usage_source_ddl(cfg))
+def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig, source_connector: dict[str, str] | None = None) -> StatementSet:
+    """Source -> dedup -> classify once -> (windows -> Postgres | late -> Kafka); returns the statement set."""
+    t_env.execute_sql(usage_source_ddl(cfg, connector=source_connector))
     t_env.execute_sql(usage_windows_sink_ddl(jdbc_target(cfg)))
-    return window_aggregate_sql(cfg)
+    t_env.execute_sql(late_events_sink_ddl(cfg))
+    classified = t_env.sql_query(classify_query(cfg, f"({dedup_query()})"))
+    # Classify once: materialise the late flag before branching. A flag recomputed in each branch
+    # can see two watermarks and count one event both in a window and as late.
+    stream = t_env.to_data_stream(classified)
+    rowtime = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
+    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(stream, rowtime))
+    statements = t_env.create_statement_set()
+    statements.add_insert_sql(window_aggregate_sql(cfg))
+    statements.add_insert_sql(late_events_insert())
+    return statements
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     t_env = build_environment(cfg)
-    result = t_env.execute_sql(declare_pipeline(t_env, cfg))
+    result = declare_pipeline(t_env, cfg).execute()
     job_client = result.get_job_client()
     if job_client is not None:
         print(f"submitted job {job_client.get_job_id()}", flush=True)

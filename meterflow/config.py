@@ -114,6 +114,7 @@ class EventTimeConfig(_Section):
     watermark_delay: Duration = timedelta(seconds=5)
     source_idle_timeout: Duration = timedelta(seconds=10)
     allowed_lateness: Duration = timedelta(0)
+    early_fire_interval: Duration = timedelta(0)
     dedup_horizon: Duration = timedelta(days=7)
 
     @model_validator(mode="after")
@@ -125,7 +126,7 @@ class EventTimeConfig(_Section):
         if timedelta(days=1) % self.window_size:
             msg = "event_time.window_size must divide one day evenly, so windows align to UTC midnight"
             raise ValueError(msg)
-        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout"):
+        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout", "early_fire_interval"):
             if getattr(self, name) < timedelta(0):
                 msg = f"event_time.{name} must not be negative"
                 raise ValueError(msg)

@@ -6,7 +6,19 @@ from datetime import timedelta
 
 import pytest
 
-from jobs.plan import JdbcTarget, sql_interval, sql_string, table_options, usage_source_ddl, usage_windows_sink_ddl, window_aggregate_sql
+from jobs.plan import (
+    JdbcTarget,
+    classify_query,
+    dedup_query,
+    late_events_insert,
+    late_events_sink_ddl,
+    sql_interval,
+    sql_string,
+    table_options,
+    usage_source_ddl,
+    usage_windows_sink_ddl,
+    window_aggregate_sql,
+)
 from meterflow.config import load_config
 from sinks.postgres_schema import check_identifier, usage_table_ddl
 
@@ -47,11 +59,47 @@ def test_source_ddl_connector_can_be_swapped(cfg):
     assert "WATERMARK FOR" in ddl
 
 
-def test_aggregate_groups_by_key_and_window(cfg):
-    """The aggregate sums quantity and counts events per key and window of the configured size."""
+def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
+    """The aggregate sums quantity and counts on-time events per key and window of the configured size."""
     sql = window_aggregate_sql(cfg)
-    assert "GROUP BY `tenant_id`, `customer_id`, `meter`, TUMBLE(`event_time`, INTERVAL '300' SECOND)" in sql
+    assert "FROM `classified_events` WHERE NOT `is_late`" in sql
+    assert "GROUP BY `tenant_id`, `customer_id`, `meter`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)" in sql
     assert "SUM(`quantity`)" in sql and "COUNT(*) AS `event_count`" in sql
+
+
+def test_dedup_keeps_first_copy_per_tenant_and_event_id():
+    """Dedup partitions by (tenant_id, event_id) and keeps row number 1 in arrival order."""
+    sql = dedup_query()
+    assert "PARTITION BY `tenant_id`, `event_id` ORDER BY `proc_time` ASC" in sql
+    assert "`row_num` = 1" in sql
+
+
+def test_classification_uses_the_window_drop_rule(write_config):
+    """Late iff watermark >= window end - 1 ms + allowed lateness, in epoch milliseconds."""
+    cfg = load_config(write_config("event_time:\n  window_size: 10s\n  allowed_lateness: 30s\n"), environ={})
+    sql = classify_query(cfg, "src")
+    assert "+ 10000 - 1 + 30000) AS `is_late`" in sql
+    assert "CURRENT_WATERMARK(`event_time`) IS NOT NULL" in sql
+
+
+def test_lateness_options_only_when_configured(write_config):
+    """Allow-lateness and late-fire are set only for a positive allowed lateness; dedup TTL always."""
+    none = table_options(load_config(write_config(""), environ={}))
+    assert "table.exec.emit.allow-lateness" not in none
+    assert none["table.exec.state.ttl"] == f"{7 * 86_400_000} ms"
+    some = table_options(load_config(write_config("event_time:\n  allowed_lateness: 30s\n  early_fire_interval: 1s\n"), environ={}))
+    assert some["table.exec.emit.allow-lateness"] == "30000 ms"
+    assert some["table.exec.emit.late-fire.enabled"] == "true"
+    assert some["table.exec.emit.early-fire.delay"] == "1000 ms"
+
+
+def test_late_sink_is_exactly_once_avro(cfg):
+    """Late events go to Kafka transactionally, as Avro with the late-event schema's columns."""
+    ddl = late_events_sink_ddl(cfg)
+    assert "'sink.delivery-guarantee' = 'exactly-once'" in ddl
+    assert "'sink.transactional-id-prefix' = 'meterflow-usage-late'" in ddl
+    assert "`lateness_ms` BIGINT NOT NULL" in ddl and "`watermark` TIMESTAMP(3) NOT NULL" in ddl
+    assert "WHERE `is_late`" in late_events_insert()
 
 
 def test_table_options_run_in_utc(cfg):
