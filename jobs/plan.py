@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
-from connectors.avro_types import AVRO_DIR, Column, derive_columns, load_schema
+from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
 from meterflow.config import JobConfig
 
 USAGE_SOURCE_TABLE = "usage_events"
@@ -70,16 +71,94 @@ def sql_epoch_ms(expr: str) -> str:
     return f"(EXTRACT(EPOCH FROM {expr}) * 1000 + MOD(EXTRACT(MILLISECOND FROM {expr}), 1000))"
 
 
-def usage_source_ddl(cfg: JobConfig, columns: list[Column] | None = None, connector: dict[str, str] | None = None) -> str:
-    """Source of usage events: columns derived from the .avsc, event-time watermark from config.
+DECODE_FUNCTION = ("decode_usage_event", "dev.meterflow.udf.DecodeUsageEvent")
+COUNT_DEAD_LETTER_FUNCTION = ("count_dead_letter", "dev.meterflow.udf.CountDeadLetter")
+VALIDATED_VIEW = "validated_events"
+DEAD_LETTER_SINK_TABLE = "dead_letter_sink"
+DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"
+OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
 
-    ``connector`` replaces the Kafka options (graph tests read a bounded file with the same columns).
+
+def bounded_event_time(cfg: JobConfig) -> str:
+    """The decoded event time if it is plausible, else a sentinel that can never raise the watermark.
+
+    An event dated far ahead would drag the watermark forward and make everyone else's events late,
+    so only times within [produced - max_event_age, produced + max_event_ahead] count, where
+    "produced" is the Kafka record timestamp. Judging against the record, not the job's clock,
+    makes the decision deterministic: a replay, or a second branch, decides the same.
     """
-    columns = columns if columns is not None else derive_columns(load_schema())
-    cols = ",\n  ".join(c.ddl() for c in columns)
+    et = cfg.event_time
+    # A computed column cannot reference another, so the decoder is called here too (it caches).
+    t = f"`{DECODE_FUNCTION[0]}`(`payload`).`event_time`"
+    produced = "CAST(`kafka_timestamp` AS TIMESTAMP(3))"
+    return (
+        f"CASE WHEN {t} IS NOT NULL"
+        f" AND {t} >= TIMESTAMPADD(SECOND, -{int(et.max_event_age.total_seconds())}, {produced})"
+        f" AND {t} <= TIMESTAMPADD(SECOND, {int(et.max_event_ahead.total_seconds())}, {produced})"
+        f" THEN {t} ELSE {OUT_OF_RANGE_TIME} END"
+    )
+
+
+def usage_source_ddl(cfg: JobConfig) -> str:
+    """Kafka source of raw usage-event bytes, decoded in the JVM, with per-partition watermarks.
+
+    The value is read as raw bytes so one malformed message becomes a dead letter instead of
+    failing the job; ``decode_usage_event`` (udf/) decodes against avro/usage_event.avsc.
+    """
     watermark = f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}"
-    options = connector if connector is not None else kafka_source_options(cfg)
-    return f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n  {cols},\n  `proc_time` AS PROCTIME(),\n  {watermark}\n) {_with(options)}"
+    return (
+        f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n"
+        "  `payload` BYTES,\n"
+        "  `source_topic` STRING METADATA FROM 'topic' VIRTUAL,\n"
+        "  `source_partition` INT METADATA FROM 'partition' VIRTUAL,\n"
+        "  `source_offset` BIGINT METADATA FROM 'offset' VIRTUAL,\n"
+        "  `kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,\n"
+        f"  `event` AS `{DECODE_FUNCTION[0]}`(`payload`),\n"
+        f"  `event_time` AS {bounded_event_time(cfg)},\n"
+        "  `proc_time` AS PROCTIME(),\n"
+        f"  {watermark}\n"
+        f") {_with(kafka_source_options(cfg))}"
+    )
+
+
+def validate_query(cfg: JobConfig) -> str:
+    """Decoded fields plus ``reject_reason`` (NULL for a countable event); deterministic per record,
+    so the dead-letter branch and the counting branch always agree."""
+    known = ", ".join(sql_string(m.name) for m in cfg.meters)
+    non_negative = [m.name for m in cfg.meters if not m.allow_negative]
+    e = "`event`"
+    checks = [f"WHEN {e}.`error` IS NOT NULL THEN {e}.`error`"]
+    checks += [f"WHEN CHAR_LENGTH(TRIM({e}.`{f}`)) = 0 THEN 'missing field: {f}'" for f in ("event_id", "tenant_id", "customer_id", "meter")]
+    checks.append(f"WHEN {e}.`meter` NOT IN ({known}) THEN CONCAT('unknown meter: ', {e}.`meter`)")
+    if non_negative:
+        names = ", ".join(sql_string(n) for n in non_negative)
+        checks.append(f"WHEN {e}.`quantity` < 0 AND {e}.`meter` IN ({names}) THEN CONCAT('negative quantity: meter ', {e}.`meter`, ' does not allow it')")
+    checks.append(
+        f"WHEN `event_time` = {OUT_OF_RANGE_TIME} THEN CONCAT('event_time out of range: ', CAST({e}.`event_time` AS STRING),"
+        " ' is not within [produced - event_time.max_event_age, produced + event_time.max_event_ahead], produced = ',"
+        " CAST(CAST(`kafka_timestamp` AS TIMESTAMP(3)) AS STRING))"
+    )
+    fields = ",\n  ".join(f"{e}.`{f}` AS `{f}`" for f in EVENT_FIELDS if f != "event_time")
+    return (
+        f"SELECT\n  {fields},\n  `event_time`, `proc_time`,\n"
+        "  `payload`, `source_topic`, `source_partition`, `source_offset`,\n"
+        f"  CASE {' '.join(checks)} END AS `reject_reason`\n"
+        f"FROM `{USAGE_SOURCE_TABLE}`"
+    )
+
+
+def dead_letter_sink_ddl(cfg: JobConfig) -> str:
+    """Kafka sink of rejected records: Avro per avro/dead_letter.avsc, exactly-once."""
+    return _exactly_once_kafka_sink(cfg, DEAD_LETTER_SINK_TABLE, DEAD_LETTER_SCHEMA, cfg.kafka.dead_letter_topic, "dead-letter")
+
+
+def dead_letter_insert() -> str:
+    """Route every rejected record, raw bytes and reason, to the dead-letter sink (and count it)."""
+    return (
+        f"INSERT INTO `{DEAD_LETTER_SINK_TABLE}`\n"
+        f"SELECT `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`), `source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\n"
+        f"FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NOT NULL"
+    )
 
 
 def kafka_source_options(cfg: JobConfig) -> dict[str, str]:
@@ -95,7 +174,7 @@ def kafka_source_options(cfg: JobConfig) -> dict[str, str]:
         # Producers may write transactionally; never count aborted records.
         "properties.isolation.level": "read_committed",
         "scan.topic-partition-discovery.interval": "60 s",
-        "format": "avro",
+        "format": "raw",
     }
 
 
@@ -166,7 +245,7 @@ def window_aggregate_query(cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, tim
     )
 
 
-def dedup_query() -> str:
+def dedup_query(source: str = USAGE_SOURCE_TABLE) -> str:
     """Keep the first copy of each (tenant_id, event_id); append-only, keeps event_time as rowtime.
 
     The state per id lives for ``dedup_horizon`` (table.exec.state.ttl): a copy arriving later than
@@ -176,7 +255,7 @@ def dedup_query() -> str:
     return (
         f"SELECT {cols} FROM (\n"
         f"  SELECT {cols}, ROW_NUMBER() OVER (PARTITION BY `tenant_id`, `event_id` ORDER BY `proc_time` ASC) AS `row_num`\n"
-        f"  FROM `{USAGE_SOURCE_TABLE}`\n"
+        f"  FROM {source}\n"
         ") WHERE `row_num` = 1"
     )
 
@@ -191,14 +270,14 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
     size_ms = _ms(cfg.event_time.window_size)
     lateness_ms = _ms(cfg.event_time.allowed_lateness)
     event_ms = sql_epoch_ms("`event_time`")
-    wm = "CURRENT_WATERMARK(`event_time`)"
+    wm = "CAST(CURRENT_WATERMARK(`event_time`) AS TIMESTAMP(3))"
     start_ms = f"({event_ms} - MOD({event_ms}, {size_ms}))"
     cols = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
     return (
         f"SELECT {cols},\n"
         f"  CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) AS `window_start`,\n"
         f"  CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) AS `window_end`,\n"
-        f"  CAST({wm} AS TIMESTAMP(3)) AS `watermark`,\n"
+        f"  {wm} AS `watermark`,\n"
         f"  CAST({sql_epoch_ms(wm)} - {event_ms} AS BIGINT) AS `lateness_ms`,\n"
         f"  ({wm} IS NOT NULL AND {sql_epoch_ms(wm)} >= {start_ms} + {size_ms} - 1 + {lateness_ms}) AS `is_late`\n"
         f"FROM {deduped}"
@@ -207,17 +286,25 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
 
 def late_events_sink_ddl(cfg: JobConfig) -> str:
     """Kafka sink of late events: Avro per avro/late_usage_event.avsc, exactly-once (transactional)."""
-    cols = ",\n  ".join(c.ddl() for c in derive_columns(load_schema(LATE_EVENT_SCHEMA)))
+    return _exactly_once_kafka_sink(cfg, LATE_EVENTS_SINK_TABLE, LATE_EVENT_SCHEMA, cfg.kafka.late_events_topic, "late")
+
+
+def _exactly_once_kafka_sink(cfg: JobConfig, table: str, schema: Path, topic: str, purpose: str) -> str:
+    """A transactional Avro Kafka sink whose columns are derived from ``schema``.
+
+    Records become visible to read_committed readers when the checkpoint covering them completes.
+    """
+    cols = ",\n  ".join(c.ddl() for c in derive_columns(load_schema(schema)))
     options = {
         "connector": "kafka",
-        "topic": cfg.kafka.late_events_topic,
+        "topic": topic,
         "properties.bootstrap.servers": cfg.kafka.bootstrap_servers,
         "properties.transaction.timeout.ms": str(_ms(cfg.kafka.transaction_timeout)),
         "sink.delivery-guarantee": "exactly-once",
-        "sink.transactional-id-prefix": f"{cfg.flink.job_name}-late",
+        "sink.transactional-id-prefix": f"{cfg.flink.job_name}-{purpose}",
         "format": "avro",
     }
-    return f"CREATE TABLE `{LATE_EVENTS_SINK_TABLE}` (\n  {cols}\n) {_with(options)}"
+    return f"CREATE TABLE `{table}` (\n  {cols}\n) {_with(options)}"
 
 
 def late_events_insert() -> str:

@@ -19,14 +19,20 @@ from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironmen
 
 from jobs.plan import (
     CLASSIFIED_VIEW,
+    COUNT_DEAD_LETTER_FUNCTION,
+    DECODE_FUNCTION,
+    VALIDATED_VIEW,
     JdbcTarget,
     classify_query,
+    dead_letter_insert,
+    dead_letter_sink_ddl,
     dedup_query,
     late_events_insert,
     late_events_sink_ddl,
     table_options,
     usage_source_ddl,
     usage_windows_sink_ddl,
+    validate_query,
     window_aggregate_sql,
 )
 from meterflow.config import JobConfig, load_config
@@ -58,20 +64,32 @@ def jdbc_target(cfg: JobConfig) -> JdbcTarget:
     return JdbcTarget(cfg.postgres.jdbc_url(), cfg.postgres.usage_table, cfg.postgres.user, cfg.postgres.password.get_secret_value())
 
 
-def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig, source_connector: dict[str, str] | None = None) -> StatementSet:
-    """Source -> dedup -> classify once -> (windows -> Postgres | late -> Kafka); returns the statement set."""
-    t_env.execute_sql(usage_source_ddl(cfg, connector=source_connector))
+def _materialise(t_env: StreamTableEnvironment, query: str, view: str) -> None:
+    """Evaluate a query once and register the result, rowtime and watermarks kept, as a view.
+
+    Branches that read the view see one evaluation per record; reading the query itself from two
+    INSERTs would evaluate it twice, and a watermark- or clock-dependent column could disagree.
+    """
+    stream = t_env.to_data_stream(t_env.sql_query(query))
+    schema = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
+    t_env.create_temporary_view(view, t_env.from_data_stream(stream, schema))
+
+
+def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
+    """Kafka -> decode + validate -> (dead letters | dedup -> classify once -> (windows | late))."""
+    for name, java_class in (DECODE_FUNCTION, COUNT_DEAD_LETTER_FUNCTION):
+        t_env.create_java_temporary_system_function(name, java_class)
+    t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(usage_windows_sink_ddl(jdbc_target(cfg)))
     t_env.execute_sql(late_events_sink_ddl(cfg))
-    classified = t_env.sql_query(classify_query(cfg, f"({dedup_query()})"))
-    # Classify once: materialise the late flag before branching. A flag recomputed in each branch
-    # can see two watermarks and count one event both in a window and as late.
-    stream = t_env.to_data_stream(classified)
-    rowtime = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
-    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(stream, rowtime))
+    t_env.execute_sql(dead_letter_sink_ddl(cfg))
+    t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
+    valid = f"(SELECT * FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NULL)"
+    _materialise(t_env, classify_query(cfg, f"({dedup_query(valid)})"), CLASSIFIED_VIEW)
     statements = t_env.create_statement_set()
     statements.add_insert_sql(window_aggregate_sql(cfg))
     statements.add_insert_sql(late_events_insert())
+    statements.add_insert_sql(dead_letter_insert())
     return statements
 
 

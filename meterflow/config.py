@@ -116,6 +116,8 @@ class EventTimeConfig(_Section):
     allowed_lateness: Duration = timedelta(0)
     early_fire_interval: Duration = timedelta(0)
     dedup_horizon: Duration = timedelta(days=7)
+    max_event_age: Duration = timedelta(days=35)
+    max_event_ahead: Duration = timedelta(minutes=5)
 
     @model_validator(mode="after")
     def _check(self) -> EventTimeConfig:
@@ -126,7 +128,7 @@ class EventTimeConfig(_Section):
         if timedelta(days=1) % self.window_size:
             msg = "event_time.window_size must divide one day evenly, so windows align to UTC midnight"
             raise ValueError(msg)
-        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout", "early_fire_interval"):
+        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout", "early_fire_interval", "max_event_ahead"):
             if getattr(self, name) < timedelta(0):
                 msg = f"event_time.{name} must not be negative"
                 raise ValueError(msg)
@@ -134,6 +136,13 @@ class EventTimeConfig(_Section):
             msg = "event_time.dedup_horizon must cover at least window_size + allowed_lateness"
             raise ValueError(msg)
         return self
+
+
+class MeterConfig(_Section):
+    """A meter the job accepts; events naming any other meter go to the dead-letter topic."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    allow_negative: bool = Field(False, description="Accept negative quantities (credits, corrections).")
 
 
 class StackConfig(_Section):
@@ -160,8 +169,17 @@ class JobConfig(_Section):
     event_time: EventTimeConfig = EventTimeConfig()
     stack: StackConfig = StackConfig()
     stripe: StripeConfig = StripeConfig()
+    meters: tuple[MeterConfig, ...] = (MeterConfig(name="api_calls"), MeterConfig(name="tokens"))
     secrets_file: str = ".stack/secrets.env"
     base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")
+
+    @model_validator(mode="after")
+    def _unique_meters(self) -> JobConfig:
+        names = [m.name for m in self.meters]
+        if not names or len(set(names)) != len(names):
+            msg = f"meters must name at least one meter, each once: {names}"
+            raise ValueError(msg)
+        return self
 
     def path(self, relative: str) -> Path:
         """Resolve a configured path against the config file's directory."""

@@ -60,7 +60,9 @@ def submit(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, t
     r = subprocess.run(args, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout)
     match = _JOB_ID.search(r.stdout + r.stderr)
     if r.returncode or not match:
-        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-25:])
+        # The Python driver's own error matters; Java stack frames only bury it.
+        lines = [ln for ln in (r.stdout + r.stderr).strip().splitlines() if not ln.lstrip().startswith("at ") and "... " not in ln]
+        tail = "\n".join(lines[-30:])
         msg = f"flink run failed (exit {r.returncode}):\n{tail}"
         raise JobSubmissionError(msg)
     job_id = match.group(1)

@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_JARS = REPO_ROOT / "stack" / "kafka" / "target" / "dependency"
 FLINK_CONNECTOR_JARS = REPO_ROOT / "stack" / "flink-lib" / "target" / "dependency"
 FLINK_CONF_TEMPLATE = REPO_ROOT / "flink-conf" / "config.yaml"
+UDF_JAR_DIR = REPO_ROOT / "udf" / "target"
 POSTGRES_OS_USER = "postgres"
 
 
@@ -103,8 +104,10 @@ def _stop_pid(pid_file: Path, what: str, timeout: float = 30) -> None:
     while time.monotonic() < deadline and _pid_alive(pid_file):
         time.sleep(0.2)
     if _pid_alive(pid_file):
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL) if _is_group_leader(pid) else os.kill(pid, signal.SIGKILL)
         print(f"{what} did not stop in {timeout:.0f}s; killed", file=sys.stderr)
+        while _pid_alive(pid_file):
+            time.sleep(0.2)
     pid_file.unlink(missing_ok=True)
 
 
@@ -221,8 +224,8 @@ class KafkaBroker:
         )
 
     def down(self) -> None:
-        """Stop the broker (controlled shutdown on SIGTERM)."""
-        _stop_pid(self.pid_file, "Kafka", timeout=60)
+        """Stop the broker: SIGTERM, then SIGKILL after 20 s (its log recovery handles either)."""
+        _stop_pid(self.pid_file, "Kafka", timeout=20)
 
     def status(self) -> ComponentStatus:
         """Running state and address."""
@@ -424,7 +427,8 @@ class FlinkCluster:
         (self.conf_dir / "workers").write_text(f"{f.rest_host}\n")
         for old in self.lib_dir.glob("*.jar"):
             old.unlink()
-        for jar in [*sorted((home / "lib").glob("*.jar")), *_require_jars(FLINK_CONNECTOR_JARS, "Flink connector")]:
+        jars = [*sorted((home / "lib").glob("*.jar")), *_require_jars(FLINK_CONNECTOR_JARS, "Flink connector"), *_require_jars(UDF_JAR_DIR, "meterflow UDF")]
+        for jar in jars:
             (self.lib_dir / jar.name).symlink_to(jar)
 
     def overview(self) -> dict | None:

@@ -45,4 +45,12 @@ for module in kafka flink-lib; do
     fi
   fi
 done
+# The job's JVM functions (udf/): rebuilt when a source or schema is newer than the jar.
+jar=udf/target/meterflow-udf.jar
+if [ ! -f "$jar" ] || [ -n "$(find udf/src udf/pom.xml avro -newer "$jar" -type f 2>/dev/null | head -1)" ]; then
+  log "building udf/ (meterflow's Flink functions)"
+  if ! (cd udf && mvn -q -B package); then
+    log "building udf/ failed"; exit 1
+  fi
+fi
 log "ready: $root/.venv/bin/meterflow"

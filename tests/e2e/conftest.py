@@ -6,6 +6,7 @@ developer's `meterflow stack up`, and is stopped and removed after the session.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import uuid
@@ -81,4 +82,6 @@ def e2e_stack(tmp_path_factory) -> Iterator[E2EStack]:
         yield stack
     finally:
         local.down()
-        shutil.rmtree(root / "state", ignore_errors=True)
+        # MF_TEST_KEEP_STATE=1 keeps logs and data for a post-mortem.
+        if not os.environ.get("MF_TEST_KEEP_STATE"):
+            shutil.rmtree(root / "state", ignore_errors=True)

@@ -14,8 +14,13 @@ def table_env():
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
+    from meterflow.stack import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+
     conf = Configuration()
     conf.set_string("parallelism.default", "2")
+    # The job's JVM functions and the Avro format they use (both from scripts/setup.sh).
+    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar"))]
+    conf.set_string("pipeline.jars", ";".join(p.as_uri() for p in jars))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")

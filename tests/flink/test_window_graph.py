@@ -9,7 +9,8 @@ from decimal import Decimal
 
 import pytest
 
-from jobs.plan import USAGE_SOURCE_TABLE, usage_source_ddl, window_aggregate_query
+from connectors.avro_types import derive_columns, load_schema
+from jobs.plan import USAGE_SOURCE_TABLE, sql_interval, window_aggregate_query
 from jobs.windowing import window_bounds
 from meterflow.config import load_config
 from meterflow.producer import SyntheticSpec, synthetic_events
@@ -36,8 +37,14 @@ def test_window_totals_equal_oracle(table_env, tmp_path, write_config):
     (tmp_path / "events" / "part-0.json").write_text("\n".join(_json_line(e) for e in events) + "\n")
 
     table_env.execute_sql(f"DROP TEMPORARY TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
-    ddl = usage_source_ddl(cfg, connector={"connector": "filesystem", "path": str(tmp_path / "events"), "format": "json"})
-    table_env.execute_sql(ddl.replace("CREATE TABLE", "CREATE TEMPORARY TABLE", 1))
+    table_env.execute_sql(f"DROP TEMPORARY VIEW IF EXISTS `{USAGE_SOURCE_TABLE}`")
+    # Same derived columns and watermark as the job's decoded source, read from a bounded file.
+    cols = ", ".join(c.ddl() for c in derive_columns(load_schema()))
+    table_env.execute_sql(
+        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({cols}, "
+        f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}) "
+        f"WITH ('connector' = 'filesystem', 'path' = '{tmp_path / 'events'}', 'format' = 'json')"
+    )
     with table_env.execute_sql(window_aggregate_query(cfg)).collect() as results:
         got = {(r[0], r[1], r[2], r[3]): (r[5], r[6], r[7]) for r in results}
 

@@ -8,7 +8,10 @@ import pytest
 
 from jobs.plan import (
     JdbcTarget,
+    bounded_event_time,
     classify_query,
+    dead_letter_insert,
+    dead_letter_sink_ddl,
     dedup_query,
     late_events_insert,
     late_events_sink_ddl,
@@ -17,6 +20,7 @@ from jobs.plan import (
     table_options,
     usage_source_ddl,
     usage_windows_sink_ddl,
+    validate_query,
     window_aggregate_sql,
 )
 from meterflow.config import load_config
@@ -42,21 +46,43 @@ def test_sql_string_escapes_quotes():
     assert sql_string("a'b") == "'a''b'"
 
 
-def test_source_ddl_uses_schema_columns_watermark_and_kafka(cfg):
-    """The Kafka source has the derived columns, the configured watermark and read_committed isolation."""
+def test_source_reads_raw_bytes_decoded_in_the_jvm(cfg):
+    """The Kafka source reads raw values (a malformed one cannot fail the job) and decodes with the UDF."""
     ddl = usage_source_ddl(cfg)
-    assert "`quantity` DECIMAL(38, 9) NOT NULL" in ddl
-    assert "WATERMARK FOR `event_time` AS `event_time` - INTERVAL '1.500' SECOND(3)" in ddl
-    assert "'topic' = 'in-topic'" in ddl
+    assert "'format' = 'raw'" in ddl and "'topic' = 'in-topic'" in ddl
+    assert "`event` AS `decode_usage_event`(`payload`)" in ddl
     assert "'properties.isolation.level' = 'read_committed'" in ddl
-    assert "'format' = 'avro'" in ddl
+    assert "`kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL" in ddl
 
 
-def test_source_ddl_connector_can_be_swapped(cfg):
-    """Graph tests replace only the connector options."""
-    ddl = usage_source_ddl(cfg, connector={"connector": "filesystem", "path": "/x", "format": "json"})
-    assert "'connector' = 'filesystem'" in ddl and "kafka" not in ddl
-    assert "WATERMARK FOR" in ddl
+def test_watermark_only_from_plausible_event_times(cfg):
+    """The watermark follows the decoded time only inside the plausible range around the record timestamp."""
+    ddl = usage_source_ddl(cfg)
+    assert "WATERMARK FOR `event_time` AS `event_time` - INTERVAL '1.500' SECOND(3)" in ddl
+    bounded = bounded_event_time(cfg)
+    assert f"TIMESTAMPADD(SECOND, -{35 * 86400}, CAST(`kafka_timestamp` AS TIMESTAMP(3)))" in bounded
+    assert "TIMESTAMPADD(SECOND, 300, CAST(`kafka_timestamp` AS TIMESTAMP(3)))" in bounded
+    assert bounded.endswith("ELSE TIMESTAMP '1970-01-01 00:00:00.000' END")
+
+
+def test_validation_rules_follow_the_meter_config(write_config):
+    """Unknown meters, empty ids, forbidden negatives and out-of-range times each have a reason."""
+    cfg = load_config(write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={})
+    sql = validate_query(cfg)
+    assert "WHEN `event`.`error` IS NOT NULL THEN `event`.`error`" in sql
+    assert "'missing field: event_id'" in sql and "'missing field: customer_id'" in sql
+    assert "NOT IN ('tokens', 'credits') THEN CONCAT('unknown meter: '" in sql
+    assert "`event`.`quantity` < 0 AND `event`.`meter` IN ('tokens')" in sql
+    assert "event_time out of range" in sql
+
+
+def test_dead_letters_keep_raw_bytes_and_are_counted(cfg):
+    """Dead letters carry payload and reason, pass through the counting UDF, exactly-once to Kafka."""
+    assert "`count_dead_letter`(`reject_reason`)" in dead_letter_insert()
+    assert "WHERE `reject_reason` IS NOT NULL" in dead_letter_insert()
+    ddl = dead_letter_sink_ddl(cfg)
+    assert "`payload` BYTES NOT NULL" in ddl and "`reason` STRING NOT NULL" in ddl
+    assert "'sink.delivery-guarantee' = 'exactly-once'" in ddl
 
 
 def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
@@ -79,7 +105,7 @@ def test_classification_uses_the_window_drop_rule(write_config):
     cfg = load_config(write_config("event_time:\n  window_size: 10s\n  allowed_lateness: 30s\n"), environ={})
     sql = classify_query(cfg, "src")
     assert "+ 10000 - 1 + 30000) AS `is_late`" in sql
-    assert "CURRENT_WATERMARK(`event_time`) IS NOT NULL" in sql
+    assert "CAST(CURRENT_WATERMARK(`event_time`) AS TIMESTAMP(3)) IS NOT NULL" in sql
 
 
 def test_lateness_options_only_when_configured(write_config):

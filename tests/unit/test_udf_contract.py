@@ -1,0 +1,29 @@
+"""The JVM decoder's output row stays in step with avro/usage_event.avsc (the single source of truth)."""
+
+from __future__ import annotations
+
+import re
+
+from connectors.avro_types import derive_columns, load_schema
+from tests.conftest import REPO_ROOT
+
+DECODER = REPO_ROOT / "udf" / "src" / "main" / "java" / "dev" / "meterflow" / "udf" / "DecodeUsageEvent.java"
+
+
+def _row_type() -> str:
+    source = DECODER.read_text()
+    parts = re.search(r"ROW_TYPE\s*=\s*(.*?);", source, re.S).group(1)
+    return "".join(re.findall(r'"([^"]*)"', parts))
+
+
+def test_decoder_row_is_the_schema_nullable_plus_error():
+    """Every schema field, in order, with its derived type made nullable; then `error`."""
+    expected = [f"`{c.name}` {c.sql_type.replace(' NOT NULL', '')}" for c in derive_columns(load_schema())]
+    assert _row_type() == "ROW<" + ", ".join([*expected, "`error` STRING"]) + ">"
+
+
+def test_decoder_reads_the_schema_from_the_avro_dir():
+    """The jar packages avro/ as a resource instead of holding a copy of the schema."""
+    pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
+    assert "<directory>${project.basedir}/../avro</directory>" in pom
+    assert '"/avro/usage_event.avsc"' in DECODER.read_text()
