@@ -188,7 +188,12 @@ class JdbcTarget:
     password: str
 
 
-def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000) -> str:
+USAGE_WINDOWS_FINAL_SINK_TABLE = "usage_windows_final_sink"
+WINDOW_CHANGELOG_VIEW = "window_changelog"
+CLOSED_WINDOWS_VIEW = "closed_windows"
+
+
+def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final: bool = False) -> str:
     """JDBC upsert sink into ``usage_windows``.
 
     The connector flushes its buffer on every checkpoint (and every ``flush_rows``), so rows whose
@@ -206,7 +211,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000) -> str:
         "sink.max-retries": "10",
     }
     return (
-        f"CREATE TABLE `{USAGE_WINDOWS_SINK_TABLE}` (\n"
+        f"CREATE TABLE `{USAGE_WINDOWS_FINAL_SINK_TABLE if final else USAGE_WINDOWS_SINK_TABLE}` (\n"
         "  `tenant_id` STRING NOT NULL,\n"
         "  `customer_id` STRING NOT NULL,\n"
         "  `meter` STRING NOT NULL,\n"
@@ -215,14 +220,42 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000) -> str:
         "  `quantity` DECIMAL(38, 9) NOT NULL,\n"
         "  `event_count` BIGINT NOT NULL,\n"
         "  `revision` BIGINT NOT NULL,\n"
-        "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `window_start`) NOT ENFORCED\n"
+        + ("  `is_final` BOOLEAN NOT NULL,\n" if final else "")
+        + "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `window_start`) NOT ENFORCED\n"
         f") {_with(options)}"
     )
 
 
 def window_aggregate_sql(cfg: JobConfig) -> str:
-    """The INSERT of on-time events (classified once, see classify_query) into the Postgres sink."""
-    return f"INSERT INTO `{USAGE_WINDOWS_SINK_TABLE}`\n{window_aggregate_query(cfg, CLASSIFIED_VIEW, 'rowtime', 'WHERE NOT `is_late`')}"
+    """The window aggregate of on-time events (classified once, see classify_query).
+
+    Quantity leaves as an exact decimal string: the changelog also feeds a Python operator, and
+    the Python bridge has no exact DECIMAL(38, 9) type. The sinks cast it back.
+    """
+    query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE NOT `is_late`")
+    return query.replace("CAST(SUM(`quantity`) AS DECIMAL(38, 9)) AS `quantity`", "CAST(CAST(SUM(`quantity`) AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
+
+
+def window_upserts_insert() -> str:
+    """Every fire of every window into Postgres (upsert; the revision guard keeps the newest)."""
+    return (
+        f"INSERT INTO `{USAGE_WINDOWS_SINK_TABLE}`\n"
+        "SELECT `tenant_id`, `customer_id`, `meter`, `window_start`, `window_end`, CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`\n"
+        f"FROM `{WINDOW_CHANGELOG_VIEW}`"
+    )
+
+
+def final_windows_insert() -> str:
+    """Each closed window once, with its final value and ``is_final``, into Postgres."""
+    return (
+        f"INSERT INTO `{USAGE_WINDOWS_FINAL_SINK_TABLE}`\n"
+        "SELECT `tenant_id`, `customer_id`, `meter`,\n"
+        "  CAST(TO_TIMESTAMP_LTZ(`window_start_ms`, 3) AS TIMESTAMP(3)), CAST(TO_TIMESTAMP_LTZ(`window_end_ms`, 3) AS TIMESTAMP(3)),\n"
+        "  CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`, TRUE\n"
+        f"FROM `{CLOSED_WINDOWS_VIEW}`\n"
+        # Append-only into a keyed sink: each window closes once, so keep the first (state bounded by the TTL).
+        "ON CONFLICT DO NOTHING"
+    )
 
 
 def window_aggregate_query(cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, time_column: str = "event_time", where: str = "") -> str:

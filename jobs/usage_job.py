@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyflink.common import Configuration
+from pyflink.common import Configuration, Types
 from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
+from pyflink.table.changelog_mode import ChangelogMode
 
 from jobs.plan import (
     CLASSIFIED_VIEW,
+    CLOSED_WINDOWS_VIEW,
+    WINDOW_CHANGELOG_VIEW,
+    final_windows_insert,
+    window_upserts_insert,
     COUNT_DEAD_LETTER_FUNCTION,
     DECODE_FUNCTION,
     VALIDATED_VIEW,
@@ -36,6 +41,7 @@ from jobs.plan import (
     window_aggregate_sql,
 )
 from meterflow.config import JobConfig, load_config
+from sinks.window_closer import CLOSED_WINDOW_FIELDS, WindowCloser, closed_window_type
 from meterflow.errors import ConfigError
 
 
@@ -75,19 +81,55 @@ def _materialise(t_env: StreamTableEnvironment, query: str, view: str) -> None:
     t_env.create_temporary_view(view, t_env.from_data_stream(stream, schema))
 
 
+WINDOW_CHANGELOG_SCHEMA = (
+    ("tenant_id", DataTypes.STRING()),
+    ("customer_id", DataTypes.STRING()),
+    ("meter", DataTypes.STRING()),
+    ("window_start", DataTypes.TIMESTAMP(3)),
+    ("window_end", DataTypes.TIMESTAMP(3)),
+    ("quantity", DataTypes.STRING()),
+    ("event_count", DataTypes.BIGINT()),
+    ("revision", DataTypes.BIGINT()),
+)
+
+
+def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """The window aggregate, computed once, feeding both the per-fire upserts and the window closer."""
+    builder = Schema.new_builder()
+    for name, data_type in WINDOW_CHANGELOG_SCHEMA:
+        builder = builder.column(name, data_type.not_null())
+    schema = builder.primary_key("tenant_id", "customer_id", "meter", "window_start").build()
+    changelog = t_env.to_changelog_stream(t_env.sql_query(window_aggregate_sql(cfg)), schema, ChangelogMode.upsert())
+    t_env.create_temporary_view(WINDOW_CHANGELOG_VIEW, t_env.from_changelog_stream(changelog, schema, ChangelogMode.upsert()))
+    closed = (
+        changelog.key_by(lambda r: (r[0], r[1], r[2], str(r[3])), key_type=Types.TUPLE([Types.STRING()] * 4))
+        .process(WindowCloser(int(cfg.event_time.allowed_lateness.total_seconds() * 1000)), output_type=closed_window_type())
+        .name("close windows")
+        .uid("close-windows")
+    )
+    closed_schema = Schema.new_builder()
+    for name, data_type in zip(CLOSED_WINDOW_FIELDS, [DataTypes.STRING()] * 3 + [DataTypes.BIGINT()] * 2 + [DataTypes.STRING()] + [DataTypes.BIGINT()] * 2, strict=True):
+        closed_schema = closed_schema.column(name, data_type)
+    closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()")
+    t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
+
+
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
     """Kafka -> decode + validate -> (dead letters | dedup -> classify once -> (windows | late))."""
     for name, java_class in (DECODE_FUNCTION, COUNT_DEAD_LETTER_FUNCTION):
         t_env.create_java_temporary_system_function(name, java_class)
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(usage_windows_sink_ddl(jdbc_target(cfg)))
+    t_env.execute_sql(usage_windows_sink_ddl(jdbc_target(cfg), final=True))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
     valid = f"(SELECT * FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NULL)"
     _materialise(t_env, classify_query(cfg, f"({dedup_query(valid)})"), CLASSIFIED_VIEW)
+    _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
-    statements.add_insert_sql(window_aggregate_sql(cfg))
+    statements.add_insert_sql(window_upserts_insert())
+    statements.add_insert_sql(final_windows_insert())
     statements.add_insert_sql(late_events_insert())
     statements.add_insert_sql(dead_letter_insert())
     return statements

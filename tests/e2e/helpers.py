@@ -58,21 +58,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def read_topic(bootstrap_servers: str, topic: str, decode: Callable[[bytes], dict], timeout: float = 30) -> list[dict]:
-    """Every committed record of a topic (read_committed), decoded; stops at the end offsets."""
-    from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False, consumer_timeout_ms=2000)
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        records: list[dict] = []
-        deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=1000).values():
-                records.extend(decode(r.value) for r in batch)
-        return records
-    finally:
-        consumer.close()
+def read_topic(bootstrap_servers: str, topic: str, decode: Callable[[bytes], dict], timeout: float = 60) -> list[dict]:
+    """Every committed record of a topic (read_committed), decoded."""
+    from connectors.kafka_reader import read_committed
+
+    return list(read_committed(bootstrap_servers, topic, decode, timeout=timeout))

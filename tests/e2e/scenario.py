@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from connectors.avro_codec import UsageEvent
+from connectors.avro_codec import UsageEvent, encode_usage_event
 from tests.e2e.helpers import CLOSER_TENANT, closing_events
 
 
@@ -40,6 +40,7 @@ class Scenario:
     beyond_lateness: list[UsageEvent] = field(default_factory=list)
     duplicates_phase2: list[UsageEvent] = field(default_factory=list)
     closers: list[UsageEvent] = field(default_factory=list)
+    bad_records: list[bytes] = field(default_factory=list)
 
     @property
     def unique_counted(self) -> list[UsageEvent]:
@@ -74,5 +75,15 @@ def build_scenario(count: int, partitions: int, seed: int = 1, late_count: int =
         s.beyond_lateness.append(_event(f"bl-{seed}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("2.25"), start + timedelta(milliseconds=rng.randint(0, 9_999))))
     s.duplicates_phase2 = rng.sample(s.base, late_count)
     s.closers = closing_events(start + timedelta(minutes=5), partitions)
+    sample = s.base[0]
+    s.bad_records = [
+        b"not avro at all",
+        b"",
+        encode_usage_event(sample) + b"\xff",
+        encode_usage_event({**sample, "event_id": f"bad-meter-{seed}", "meter": "gpu_hours"}),
+        encode_usage_event({**sample, "event_id": f"bad-neg-{seed}", "quantity": Decimal("-5")}),
+        encode_usage_event({**sample, "event_id": ""}),
+        encode_usage_event({**sample, "event_id": f"bad-future-{seed}", "event_time": datetime.now(UTC) + timedelta(days=2)}),
+    ]
     assert all(c["tenant_id"] == CLOSER_TENANT for c in s.closers)
     return s

@@ -21,7 +21,7 @@ import pytest
 
 from connectors.avro_types import load_schema
 from connectors.kafka_admin import ensure_topics
-from jobs.plan import LATE_EVENT_SCHEMA
+from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow import flink_jobs
 from meterflow.config import JobConfig
 from meterflow.producer import send_events
@@ -34,10 +34,27 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EVENTS = int(os.environ.get("MF_TEST_E2E_EVENTS", "100000"))
 LATE_SCHEMA = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
+DEAD_SCHEMA = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
 
 
 def _decode_late(value: bytes) -> dict:
     return fastavro.schemaless_reader(io.BytesIO(value), LATE_SCHEMA)
+
+
+def _decode_dead(value: bytes) -> dict:
+    return fastavro.schemaless_reader(io.BytesIO(value), DEAD_SCHEMA)
+
+
+def send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
+    """Send raw message values, valid Avro or not."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for payload in payloads:
+            producer.send(topic, payload).get(timeout=30)
+    finally:
+        producer.close()
 
 
 def _totals(rows: dict) -> dict:
@@ -88,7 +105,13 @@ def savepoint_and_resume(cfg: JobConfig, path: Path, job_id: str) -> str:
 def run_scenario(e2e_stack, name: str, disrupt: Callable[[JobConfig, Path, str], str | None] | None = None) -> None:
     """Play the scenario against a fresh job; ``disrupt`` runs mid-stream and may return a new job id."""
     run = uuid.uuid4().hex[:6]
-    kafka = {**e2e_stack.base["kafka"], "usage_events_topic": f"in-{name}-{run}", "late_events_topic": f"late-{name}-{run}", "consumer_group": f"g-{name}-{run}"}
+    kafka = {
+        **e2e_stack.base["kafka"],
+        "usage_events_topic": f"in-{name}-{run}",
+        "late_events_topic": f"late-{name}-{run}",
+        "dead_letter_topic": f"dead-{name}-{run}",
+        "consumer_group": f"g-{name}-{run}",
+    }
     cfg, path = e2e_stack.config(
         name,
         kafka=kafka,
@@ -96,7 +119,7 @@ def run_scenario(e2e_stack, name: str, disrupt: Callable[[JobConfig, Path, str],
         event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": "5s"},
         flink={**e2e_stack.base["flink"], "job_name": f"meterflow-{name}-{run}"},
     )
-    ensure_topics(cfg.kafka.bootstrap_servers, [cfg.kafka.usage_events_topic, cfg.kafka.late_events_topic], cfg.kafka.partitions)
+    ensure_topics(cfg.kafka.bootstrap_servers, [cfg.kafka.usage_events_topic, cfg.kafka.late_events_topic, cfg.kafka.dead_letter_topic], cfg.kafka.partitions)
     apply_schema(cfg.postgres)
     s: Scenario = build_scenario(EVENTS, cfg.kafka.partitions, seed=hash(name) % 1000)
     bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
@@ -109,6 +132,7 @@ def run_scenario(e2e_stack, name: str, disrupt: Callable[[JobConfig, Path, str],
             wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 2, 120, "two completed checkpoints")
             job_id = disrupt(cfg, path, job_id) or job_id
         send_events(bootstrap, topic, s.base[half:] + s.duplicates_phase1[dups:])
+        send_raw(bootstrap, topic, s.bad_records)
         send_events(bootstrap, topic, s.advance, partition_for=lambda i, e: i)
         base_expected = expected_totals(s.base, cfg.event_time.window_size)
         wait_for(lambda: {k: v for k, v in _totals(table_totals(cfg)).items() if k[0] != "clock"} == base_expected, 300, "base windows in Postgres")
@@ -118,9 +142,12 @@ def run_scenario(e2e_stack, name: str, disrupt: Callable[[JobConfig, Path, str],
         send_events(bootstrap, topic, s.closers, partition_for=lambda i, e: i)
         expected = expected_totals(s.unique_counted, cfg.event_time.window_size)
         wait_for(lambda: _totals(table_totals(cfg)) == expected, 300, "final totals in Postgres")
+        # Every window is closed by now (the closers moved the watermark past end + lateness).
+        wait_for(lambda: all(r.is_final for r in table_totals(cfg).values()), 120, "every window marked final")
         wait_for(lambda: len(read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late)) >= len(s.beyond_lateness), 120, "late events committed")
         time.sleep(2 * cfg.flink.checkpoint_interval.total_seconds())  # anything extra would be committed by now
         late = read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late)
+        dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, _decode_dead)
         rows = table_totals(cfg)
     finally:
         flink_jobs.cancel(cfg, job_id)
@@ -133,15 +160,22 @@ def run_scenario(e2e_stack, name: str, disrupt: Callable[[JobConfig, Path, str],
         assert r["window_start"] <= r["event_time"] < r["window_end"]
         assert r["watermark"] >= r["window_end"] - timedelta(milliseconds=1) + lateness
         assert r["lateness_ms"] == (r["watermark"] - r["event_time"]) // timedelta(milliseconds=1)
-    # Accounting identity: every unique event is counted once or is late; duplicates never count.
+    # Every bad record is in the dead-letter topic once, raw bytes intact, with a reason; the job kept running.
+    assert sorted(r["payload"] for r in dead) == sorted(s.bad_records)
+    assert all(r["reason"] and r["source_topic"] == topic for r in dead)
+    # Accounting identity: every record sent is counted once, late, a duplicate, or a dead letter.
     unique_ids = {e["event_id"] for e in s.all_sent if e["tenant_id"] != "watermark-closer"}
     counted = sum(r.event_count for r in rows.values())
+    duplicates = len(s.all_sent) - len({e["event_id"] for e in s.all_sent})
     assert counted + len(late) == len(unique_ids)
     assert counted == len(s.unique_counted)
+    assert counted + len(late) + duplicates + len(dead) + len(s.closers) == len(s.all_sent) + len(s.bad_records)
     # Windows updated within the allowed lateness moved to a higher revision, in place.
     updated = {(e["tenant_id"], e["customer_id"], e["meter"]) for e in s.within_lateness}
     bumped = [k for k in rows if k[:3] in updated and k[3] == s.start.replace(tzinfo=None) + timedelta(seconds=50)]
     assert bumped and all(rows[k].revision > revisions_before.get(k, 0) for k in bumped)
+    # The final row of each window is the complete one: revision = events counted.
+    assert all(r.is_final and r.revision == r.event_count for r in rows.values())
 
 
 def test_duplicates_lateness_and_late_topic(e2e_stack):

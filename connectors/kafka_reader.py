@@ -1,0 +1,48 @@
+"""Read a whole topic as a read_committed consumer (audits, tests): only committed transactions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from meterflow.errors import MeterflowError
+
+
+def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes], Any], *, timeout: float = 60, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Any]:
+    """Yield every committed record of ``topic`` from the beginning to the end offsets seen at the start.
+
+    Args:
+        on_progress: called with (records read, records expected) as reading advances.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False, consumer_timeout_ms=2000)
+    except KafkaError as e:
+        msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
+        raise MeterflowError(msg) from e
+    try:
+        partition_ids = consumer.partitions_for_topic(topic)
+        if partition_ids is None:
+            msg = f"topic {topic} does not exist"
+            raise MeterflowError(msg)
+        partitions = [TopicPartition(topic, p) for p in sorted(partition_ids)]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
+        expected = sum(end[tp] - begin[tp] for tp in partitions)  # upper bound: includes transaction markers
+        read, deadline = 0, time.monotonic() + timeout
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                msg = f"reading {topic} did not reach its end offsets within {timeout:.0f}s"
+                raise MeterflowError(msg)
+            for batch in consumer.poll(timeout_ms=1000).values():
+                for record in batch:
+                    read += 1
+                    yield decode(record.value)
+            if on_progress:
+                on_progress(read, expected)
+    finally:
+        consumer.close()
