@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
-from meterflow.config import JobConfig
+from meterflow.config import JobConfig, MeterConfig
 
 USAGE_SOURCE_TABLE = "usage_events"
 USAGE_WINDOWS_SINK_TABLE = "usage_windows_sink"
@@ -215,13 +215,14 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final:
         "  `tenant_id` STRING NOT NULL,\n"
         "  `customer_id` STRING NOT NULL,\n"
         "  `meter` STRING NOT NULL,\n"
+        "  `dimensions_key` STRING NOT NULL,\n"
         "  `window_start` TIMESTAMP(3) NOT NULL,\n"
         "  `window_end` TIMESTAMP(3) NOT NULL,\n"
         "  `quantity` DECIMAL(38, 9) NOT NULL,\n"
         "  `event_count` BIGINT NOT NULL,\n"
         "  `revision` BIGINT NOT NULL,\n"
         + ("  `is_final` BOOLEAN NOT NULL,\n" if final else "")
-        + "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `window_start`) NOT ENFORCED\n"
+        + "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED\n"
         f") {_with(options)}"
     )
 
@@ -233,14 +234,15 @@ def window_aggregate_sql(cfg: JobConfig) -> str:
     the Python bridge has no exact DECIMAL(38, 9) type. The sinks cast it back.
     """
     query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE NOT `is_late`")
-    return query.replace("CAST(SUM(`quantity`) AS DECIMAL(38, 9)) AS `quantity`", "CAST(CAST(SUM(`quantity`) AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
+    quantity = f"CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS `quantity`"
+    return query.replace(quantity, f"CAST(CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
 
 
 def window_upserts_insert() -> str:
     """Every fire of every window into Postgres (upsert; the revision guard keeps the newest)."""
     return (
         f"INSERT INTO `{USAGE_WINDOWS_SINK_TABLE}`\n"
-        "SELECT `tenant_id`, `customer_id`, `meter`, `window_start`, `window_end`, CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`\n"
+        "SELECT `tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`, `window_end`, CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`\n"
         f"FROM `{WINDOW_CHANGELOG_VIEW}`"
     )
 
@@ -249,7 +251,7 @@ def final_windows_insert() -> str:
     """Each closed window once, with its final value and ``is_final``, into Postgres."""
     return (
         f"INSERT INTO `{USAGE_WINDOWS_FINAL_SINK_TABLE}`\n"
-        "SELECT `tenant_id`, `customer_id`, `meter`,\n"
+        "SELECT `tenant_id`, `customer_id`, `meter`, `dimensions_key`,\n"
         "  CAST(TO_TIMESTAMP_LTZ(`window_start_ms`, 3) AS TIMESTAMP(3)), CAST(TO_TIMESTAMP_LTZ(`window_end_ms`, 3) AS TIMESTAMP(3)),\n"
         "  CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`, TRUE\n"
         f"FROM `{CLOSED_WINDOWS_VIEW}`\n"
@@ -258,8 +260,47 @@ def final_windows_insert() -> str:
     )
 
 
+def dimensions_key_expr(cfg: JobConfig) -> str:
+    """The canonical key of a meter's group-by dimensions: a JSON object, keys sorted; '{}' when none.
+
+    A missing dimension counts as the empty string, so an event always lands in exactly one row.
+    """
+    cases = []
+    for meter in cfg.meters:
+        if meter.group_by:
+            pairs = ", ".join(f"KEY {sql_string(d)} VALUE COALESCE(`dimensions`[{sql_string(d)}], '')" for d in sorted(meter.group_by))
+            cases.append(f"WHEN {sql_string(meter.name)} THEN JSON_OBJECT({pairs})")
+    return f"CASE `meter` {' '.join(cases)} ELSE '{{}}' END" if cases else "'{}'"
+
+
+def _aggregate(meter: MeterConfig) -> str:
+    if meter.aggregation == "SUM":
+        return "SUM(`quantity`)"
+    if meter.aggregation == "COUNT":
+        return "CAST(COUNT(*) AS DECIMAL(38, 9))"
+    if meter.aggregation == "MAX":
+        return "MAX(`quantity`)"
+    if meter.aggregation == "LATEST":
+        # The quantity of the event with the greatest event_time (ties: greatest event_id):
+        # zero-padded epoch ms sort as strings, the quantity string contains no '|'.
+        stamp = f"LPAD(CAST({sql_epoch_ms('`event_time`')} AS STRING), 15, '0')"
+        latest = f"MAX(CASE WHEN `meter` = {sql_string(meter.name)} THEN CONCAT({stamp}, '|', `event_id`, '|', CAST(`quantity` AS STRING)) END)"
+        return f"CAST(SPLIT_INDEX({latest}, '|', 2) AS DECIMAL(38, 9))"
+    # UNIQUE_COUNT: distinct values of one dimension; the CASE keeps other meters out of its state.
+    dim = sql_string(meter.unique_dimension or "")
+    return f"CAST(COUNT(DISTINCT CASE WHEN `meter` = {sql_string(meter.name)} THEN `dimensions`[{dim}] END) AS DECIMAL(38, 9))"
+
+
+def quantity_expr(cfg: JobConfig) -> str:
+    """Each meter's aggregation; a group holds one meter, so a CASE on it picks the aggregate."""
+    if all(m.aggregation == "SUM" for m in cfg.meters):
+        return "SUM(`quantity`)"
+    cases = " ".join(f"WHEN {sql_string(m.name)} THEN {_aggregate(m)}" for m in cfg.meters)
+    return f"CASE `meter` {cases} END"
+
+
 def window_aggregate_query(cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, time_column: str = "event_time", where: str = "") -> str:
-    """SUM and COUNT per (tenant, customer, meter, tumbling event-time window).
+    """Each meter's aggregation per (tenant, customer, meter, dimensions key, tumbling event-time window).
 
     ``revision`` is the number of events the row covers: every update of a window adds at least
     one event, so it strictly increases and lets the sink refuse an older row replayed after a failover.
@@ -267,14 +308,14 @@ def window_aggregate_query(cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, tim
     size = sql_interval(cfg.event_time.window_size)
     return (
         "SELECT\n"
-        "  `tenant_id`, `customer_id`, `meter`,\n"
+        "  `tenant_id`, `customer_id`, `meter`, `dimensions_key`,\n"
         f"  CAST(TUMBLE_START(`{time_column}`, {size}) AS TIMESTAMP(3)) AS `window_start`,\n"
         f"  CAST(TUMBLE_END(`{time_column}`, {size}) AS TIMESTAMP(3)) AS `window_end`,\n"
-        "  CAST(SUM(`quantity`) AS DECIMAL(38, 9)) AS `quantity`,\n"
+        f"  CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS `quantity`,\n"
         "  COUNT(*) AS `event_count`,\n"
         "  COUNT(*) AS `revision`\n"
         f"FROM `{source}` {where}\n"
-        f"GROUP BY `tenant_id`, `customer_id`, `meter`, TUMBLE(`{time_column}`, {size})"
+        f"GROUP BY `tenant_id`, `customer_id`, `meter`, `dimensions_key`, TUMBLE(`{time_column}`, {size})"
     )
 
 
@@ -308,6 +349,7 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
     cols = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
     return (
         f"SELECT {cols},\n"
+        f"  {dimensions_key_expr(cfg)} AS `dimensions_key`,\n"
         f"  CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) AS `window_start`,\n"
         f"  CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) AS `window_end`,\n"
         f"  {wm} AS `watermark`,\n"

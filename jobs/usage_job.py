@@ -85,6 +85,7 @@ WINDOW_CHANGELOG_SCHEMA = (
     ("tenant_id", DataTypes.STRING()),
     ("customer_id", DataTypes.STRING()),
     ("meter", DataTypes.STRING()),
+    ("dimensions_key", DataTypes.STRING()),
     ("window_start", DataTypes.TIMESTAMP(3)),
     ("window_end", DataTypes.TIMESTAMP(3)),
     ("quantity", DataTypes.STRING()),
@@ -98,17 +99,17 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     builder = Schema.new_builder()
     for name, data_type in WINDOW_CHANGELOG_SCHEMA:
         builder = builder.column(name, data_type.not_null())
-    schema = builder.primary_key("tenant_id", "customer_id", "meter", "window_start").build()
+    schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
     changelog = t_env.to_changelog_stream(t_env.sql_query(window_aggregate_sql(cfg)), schema, ChangelogMode.upsert())
     t_env.create_temporary_view(WINDOW_CHANGELOG_VIEW, t_env.from_changelog_stream(changelog, schema, ChangelogMode.upsert()))
     closed = (
-        changelog.key_by(lambda r: (r[0], r[1], r[2], str(r[3])), key_type=Types.TUPLE([Types.STRING()] * 4))
+        changelog.key_by(lambda r: (r[0], r[1], r[2], r[3], str(r[4])), key_type=Types.TUPLE([Types.STRING()] * 5))
         .process(WindowCloser(int(cfg.event_time.allowed_lateness.total_seconds() * 1000)), output_type=closed_window_type())
         .name("close windows")
         .uid("close-windows")
     )
     closed_schema = Schema.new_builder()
-    for name, data_type in zip(CLOSED_WINDOW_FIELDS, [DataTypes.STRING()] * 3 + [DataTypes.BIGINT()] * 2 + [DataTypes.STRING()] + [DataTypes.BIGINT()] * 2, strict=True):
+    for name, data_type in zip(CLOSED_WINDOW_FIELDS, [DataTypes.STRING()] * 4 + [DataTypes.BIGINT()] * 2 + [DataTypes.STRING()] + [DataTypes.BIGINT()] * 2, strict=True):
         closed_schema = closed_schema.column(name, data_type)
     closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()")
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))

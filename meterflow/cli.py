@@ -19,7 +19,8 @@ from rich.table import Table
 from meterflow.config import JobConfig, load_config, parse_duration
 from meterflow.errors import MeterflowError
 
-console = Console()
+# Wide enough for the usage table when output is not a terminal (CI logs, pipes).
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
@@ -243,20 +244,21 @@ def usage(ctx: Context, tenant: str | None, fmt: str) -> None:
     rows = [r for r in fetch_usage(ctx.cfg.postgres) if tenant is None or r.tenant_id.startswith(tenant)]
     if fmt == "json":
         for r in rows:
-            console.print_json(json.dumps({**r.__dict__, "window_start": r.window_start.isoformat(), "window_end": r.window_end.isoformat(), "quantity": str(r.quantity)}))
+            console.print_json(json.dumps({**r.__dict__, "quantity": format(r.quantity, "f")}, default=str))
         return
     _print_usage(rows)
 
 
 def _print_usage(rows: list) -> None:
-    table = Table("tenant", "customer", "meter", "window start (UTC)", "window end", "quantity", "events", "revision", "final")
+    table = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "quantity", "events", "rev", "final")
     for r in rows:
-        table.add_row(r.tenant_id, r.customer_id, r.meter, r.window_start.isoformat(sep=" "), r.window_end.strftime("%H:%M:%S"), _fmt_qty(r.quantity), str(r.event_count), str(r.revision), "yes" if r.is_final else "no")
+        window = f"{r.window_start:%Y-%m-%d %H:%M:%S}-{r.window_end:%H:%M:%S}"
+        table.add_row(r.tenant_id, r.customer_id, r.meter, "" if r.dimensions_key == "{}" else r.dimensions_key, window, _fmt_qty(r.quantity), str(r.event_count), str(r.revision), "yes" if r.is_final else "no")
     console.print(table)
 
 
 def _fmt_qty(q: Decimal) -> str:
-    return format(q.normalize(), "f") if q == q.to_integral_value() else format(q.normalize(), "f")
+    return format(q.normalize(), "f")
 
 
 # ---------------------------------------------------------------- late-audit
@@ -362,7 +364,7 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
     while True:
         rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id.startswith(f"demo-{run}-")]
         got = {(r.tenant_id, r.customer_id, r.meter, r.window_start): [r.quantity, r.event_count] for r in rows}
-        if got == dict(expected):
+        if got == dict(expected) and all(r.is_final for r in rows):
             break
         if time.monotonic() > deadline:
             _print_usage(rows)
@@ -372,7 +374,7 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
     _print_usage(rows)
     open_windows = len({window_bounds(e["event_time"], size)[0] for e in events}) - len({k[3] for k in expected})
     console.print(
-        f"[green]{len(rows)} window rows match the totals computed from the {len(events)} produced events.[/] "
+        f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "
         f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
     )
 

@@ -138,11 +138,35 @@ class EventTimeConfig(_Section):
         return self
 
 
-class MeterConfig(_Section):
-    """A meter the job accepts; events naming any other meter go to the dead-letter topic."""
+Aggregation = Literal["SUM", "COUNT", "MAX", "LATEST", "UNIQUE_COUNT"]
+_DIMENSION_NAME = r"^[A-Za-z0-9_.:-]+$"
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+class MeterConfig(_Section):
+    """A meter the job accepts; events naming any other meter go to the dead-letter topic.
+
+    Aggregations per window: SUM of quantity, COUNT of events, MAX quantity, LATEST quantity (of
+    the event with the greatest event_time; ties broken by event_id), UNIQUE_COUNT of the values of
+    ``unique_dimension``. ``group_by`` dimensions split a customer's window into one row per
+    combination of their values.
+    """
+
+    name: str = Field(min_length=1, pattern=_DIMENSION_NAME)
+    aggregation: Aggregation = "SUM"
     allow_negative: bool = Field(False, description="Accept negative quantities (credits, corrections).")
+    group_by: tuple[str, ...] = ()
+    unique_dimension: str | None = Field(None, pattern=_DIMENSION_NAME)
+
+    @model_validator(mode="after")
+    def _check(self) -> MeterConfig:
+        if (self.aggregation == "UNIQUE_COUNT") != (self.unique_dimension is not None):
+            msg = f"meter {self.name}: unique_dimension is required for UNIQUE_COUNT and only for it"
+            raise ValueError(msg)
+        bad = [d for d in self.group_by if not re.match(_DIMENSION_NAME, d)]
+        if bad or len(set(self.group_by)) != len(self.group_by):
+            msg = f"meter {self.name}: group_by must list distinct dimension names, got {list(self.group_by)}"
+            raise ValueError(msg)
+        return self
 
 
 class StackConfig(_Section):

@@ -20,6 +20,7 @@ class UsageRow:
     tenant_id: str
     customer_id: str
     meter: str
+    dimensions_key: str
     window_start: datetime
     window_end: datetime
     quantity: Decimal

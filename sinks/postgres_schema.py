@@ -26,6 +26,7 @@ def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     tenant_id    text           NOT NULL,
     customer_id  text           NOT NULL,
     meter        text           NOT NULL,
+    dimensions_key text         NOT NULL DEFAULT '{{}}',
     window_start timestamp(3)   NOT NULL,
     window_end   timestamp(3)   NOT NULL,
     quantity     numeric(38, 9) NOT NULL,
@@ -34,7 +35,7 @@ def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     is_final     boolean        NOT NULL DEFAULT false,
     created_at   timestamptz    NOT NULL DEFAULT now(),
     updated_at   timestamptz    NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, customer_id, meter, window_start)
+    PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start)
 )""",
         # A replay after a failover may re-send an older state of a window: keep the newer row.
         f"""CREATE OR REPLACE FUNCTION {t}_keep_newest() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -57,6 +58,6 @@ def usage_rows_sql(table: str = "usage_windows") -> str:
     """Query for all usage rows, in a stable order."""
     t = check_identifier(table)
     return (
-        "SELECT tenant_id, customer_id, meter, window_start, window_end, quantity, event_count, revision, is_final, updated_at "
-        f"FROM {t} ORDER BY window_start, tenant_id, customer_id, meter"
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, is_final, updated_at "
+        f"FROM {t} ORDER BY window_start, tenant_id, customer_id, meter, dimensions_key"
     )

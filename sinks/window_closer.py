@@ -15,12 +15,12 @@ from pyflink.datastream.state import ValueStateDescriptor
 
 from jobs.windowing import window_fires_at_ms
 
-CLOSED_WINDOW_FIELDS = ["tenant_id", "customer_id", "meter", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision"]
+CLOSED_WINDOW_FIELDS = ["tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision"]
 
 
 def closed_window_type() -> Any:
     """Row type of closed windows (quantity as an exact decimal string; times as epoch ms)."""
-    return Types.ROW_NAMED(CLOSED_WINDOW_FIELDS, [Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG()])
+    return Types.ROW_NAMED(CLOSED_WINDOW_FIELDS, [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG()])
 
 
 def epoch_ms(value: datetime) -> int:
@@ -43,10 +43,10 @@ class WindowCloser(KeyedProcessFunction):
         self.latest = runtime_context.get_state(ValueStateDescriptor("latest-window-value", Types.PICKLED_BYTE_ARRAY()))
 
     def process_element(self, row, ctx):  # noqa: ANN001, ANN201 - Flink callback signature
-        tenant, customer, meter, start, end, quantity, count, revision = row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+        tenant, customer, meter, dims, start, end, quantity, count, revision = (row[i] for i in range(9))
         if self.latest.value() is None:
             ctx.timer_service().register_event_time_timer(window_fires_at_ms(epoch_ms(end), self.allowed_lateness_ms))
-        self.latest.update((tenant, customer, meter, epoch_ms(start), epoch_ms(end), quantity, count, revision))
+        self.latest.update((tenant, customer, meter, dims, epoch_ms(start), epoch_ms(end), quantity, count, revision))
 
     def on_timer(self, timestamp, ctx):  # noqa: ANN001, ANN201 - Flink callback signature
         value = self.latest.value()

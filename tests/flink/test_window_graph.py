@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from connectors.avro_types import derive_columns, load_schema
-from jobs.plan import USAGE_SOURCE_TABLE, sql_interval, window_aggregate_query
+from jobs.plan import USAGE_SOURCE_TABLE, dimensions_key_expr, sql_interval, window_aggregate_query
 from jobs.windowing import window_bounds
 from meterflow.config import load_config
 from meterflow.producer import SyntheticSpec, synthetic_events
@@ -28,25 +28,31 @@ def _json_line(event) -> str:
     )
 
 
+def _load_events(table_env, cfg, events, directory) -> None:
+    """A bounded file table with the job's derived columns and watermark, holding ``events``."""
+    directory.mkdir()
+    (directory / "part-0.json").write_text("\n".join(_json_line(e) for e in events) + "\n")
+    table_env.execute_sql(f"DROP TEMPORARY TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
+    table_env.execute_sql(f"DROP TEMPORARY VIEW IF EXISTS `{USAGE_SOURCE_TABLE}`")
+    cols = ", ".join(c.ddl() for c in derive_columns(load_schema()))
+    table_env.execute_sql(
+        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({cols}, "
+        f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}) "
+        f"WITH ('connector' = 'filesystem', 'path' = '{directory}', 'format' = 'json')"
+    )
+
+
 def test_window_totals_equal_oracle(table_env, tmp_path, write_config):
     """Every (tenant, customer, meter, window) total from the job's SQL equals an independent sum."""
     cfg = load_config(write_config("event_time:\n  window_size: 1m\n  watermark_delay: 2s\n"), environ={})
     spec = SyntheticSpec(count=4000, tenants=3, customers=4, start=datetime(2026, 5, 1, 12, 0, tzinfo=UTC), span=timedelta(minutes=7), seed=11)
     events = list(synthetic_events(spec))
-    (tmp_path / "events").mkdir()
-    (tmp_path / "events" / "part-0.json").write_text("\n".join(_json_line(e) for e in events) + "\n")
-
-    table_env.execute_sql(f"DROP TEMPORARY TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
-    table_env.execute_sql(f"DROP TEMPORARY VIEW IF EXISTS `{USAGE_SOURCE_TABLE}`")
-    # Same derived columns and watermark as the job's decoded source, read from a bounded file.
-    cols = ", ".join(c.ddl() for c in derive_columns(load_schema()))
-    table_env.execute_sql(
-        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({cols}, "
-        f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}) "
-        f"WITH ('connector' = 'filesystem', 'path' = '{tmp_path / 'events'}', 'format' = 'json')"
-    )
-    with table_env.execute_sql(window_aggregate_query(cfg)).collect() as results:
-        got = {(r[0], r[1], r[2], r[3]): (r[5], r[6], r[7]) for r in results}
+    _load_events(table_env, cfg, events, tmp_path / "events")
+    keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
+    table_env.execute_sql("DROP TEMPORARY VIEW IF EXISTS `keyed_events`")
+    table_env.create_temporary_view("keyed_events", table_env.sql_query(keyed))
+    with table_env.execute_sql(window_aggregate_query(cfg, "keyed_events")).collect() as results:
+        got = {(r[0], r[1], r[2], r[4]): (r[6], r[7], r[8]) for r in results}
 
     expected: dict = defaultdict(lambda: [Decimal(0), 0])
     for e in events:
@@ -58,3 +64,73 @@ def test_window_totals_equal_oracle(table_env, tmp_path, write_config):
     for key, (quantity, count) in expected.items():
         assert got[key] == (quantity, count, count), key
     assert all(isinstance(v[0], Decimal) for v in got.values())
+
+
+METERS_YAML = """
+event_time:
+  window_size: 1m
+  watermark_delay: 2s
+meters:
+  - name: tokens
+    group_by: [model, region]
+  - name: api_calls
+    aggregation: COUNT
+  - name: peak_connections
+    aggregation: MAX
+  - name: storage_gb
+    aggregation: LATEST
+  - name: active_users
+    aggregation: UNIQUE_COUNT
+    unique_dimension: user
+"""
+
+
+def _oracle(meter, events):
+    if meter == "tokens":
+        return sum((e["quantity"] for e in events), Decimal(0))
+    if meter == "api_calls":
+        return Decimal(len(events))
+    if meter == "peak_connections":
+        return max(e["quantity"] for e in events)
+    if meter == "storage_gb":
+        return max(events, key=lambda e: (e["event_time"], e["event_id"]))["quantity"]
+    return Decimal(len({e["dimensions"]["user"] for e in events}))
+
+
+def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
+    """SUM with group-by dimensions, COUNT, MAX, LATEST and UNIQUE_COUNT each equal a plain-Python oracle."""
+    import json
+    import random
+
+    cfg = load_config(write_config(METERS_YAML), environ={})
+    rng = random.Random(5)
+    start = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+    meters = ["tokens", "api_calls", "peak_connections", "storage_gb", "active_users"]
+    events = []
+    for i in range(3000):
+        meter = meters[i % len(meters)]
+        dims = {"model": rng.choice(["a", "b"]), "user": f"u{rng.randrange(40)}"}
+        if rng.random() < 0.8:
+            dims["region"] = rng.choice(["eu", "us"])  # sometimes missing: groups under ""
+        at = start + timedelta(milliseconds=rng.randrange(180_000))
+        events.append({"event_id": f"e{i}", "tenant_id": "t", "customer_id": f"c{rng.randrange(3)}", "meter": meter,
+                       "quantity": Decimal(rng.randint(1, 10_000)).scaleb(-2), "event_time": at, "dimensions": dims})
+    events.sort(key=lambda e: e["event_time"])
+    _load_events(table_env, cfg, events, tmp_path / "events")
+    keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
+    table_env.execute_sql("DROP TEMPORARY VIEW IF EXISTS `keyed_events`")
+    table_env.create_temporary_view("keyed_events", table_env.sql_query(keyed))
+    with table_env.execute_sql(window_aggregate_query(cfg, "keyed_events")).collect() as results:
+        got = {(r[1], r[2], r[3], r[4]): (r[6], r[7]) for r in results}
+
+    groups = defaultdict(list)
+    for e in events:
+        dims = {d: e["dimensions"].get(d, "") for d in ("model", "region")} if e["meter"] == "tokens" else None
+        key = (e["customer_id"], e["meter"], dims and json.dumps(dims, sort_keys=True, separators=(",", ":")), window_bounds(e["event_time"], timedelta(minutes=1))[0].replace(tzinfo=None))
+        groups[key].append(e)
+    assert len(got) == len(groups)
+    canonical = {(k[0], k[1], None if k[2] == "{}" else json.dumps(json.loads(k[2]), sort_keys=True, separators=(",", ":")), k[3]): v for k, v in got.items()}
+    for (customer, meter, dims, start_), members in groups.items():
+        quantity, count = canonical[(customer, meter, dims, start_)]
+        assert quantity == _oracle(meter, members), (customer, meter, dims, start_)
+        assert count == len(members)

@@ -13,6 +13,9 @@ from jobs.plan import (
     dead_letter_insert,
     dead_letter_sink_ddl,
     dedup_query,
+    dimensions_key_expr,
+    final_windows_insert,
+    quantity_expr,
     late_events_insert,
     late_events_sink_ddl,
     sql_interval,
@@ -89,8 +92,9 @@ def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
     """The aggregate sums quantity and counts on-time events per key and window of the configured size."""
     sql = window_aggregate_sql(cfg)
     assert "FROM `classified_events` WHERE NOT `is_late`" in sql
-    assert "GROUP BY `tenant_id`, `customer_id`, `meter`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)" in sql
+    assert "GROUP BY `tenant_id`, `customer_id`, `meter`, `dimensions_key`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)" in sql
     assert "SUM(`quantity`)" in sql and "COUNT(*) AS `event_count`" in sql
+    assert "AS STRING) AS `quantity`" in sql  # exact decimal string across the Python bridge
 
 
 def test_dedup_keeps_first_copy_per_tenant_and_event_id():
@@ -136,10 +140,68 @@ def test_table_options_run_in_utc(cfg):
 
 
 def test_sink_ddl_keys_on_window_identity():
-    """The JDBC sink upserts on (tenant, customer, meter, window_start)."""
-    ddl = usage_windows_sink_ddl(JdbcTarget("jdbc:postgresql://h:1/d", "usage_windows", "u", "p"))
-    assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `window_start`) NOT ENFORCED" in ddl
-    assert "'connector' = 'jdbc'" in ddl
+    """The JDBC sinks upsert on (tenant, customer, meter, dimensions key, window_start); only the final one sets is_final."""
+    target = JdbcTarget("jdbc:postgresql://h:1/d", "usage_windows", "u", "p")
+    ddl = usage_windows_sink_ddl(target)
+    assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED" in ddl
+    assert "'connector' = 'jdbc'" in ddl and "is_final" not in ddl
+    assert "`is_final` BOOLEAN NOT NULL" in usage_windows_sink_ddl(target, final=True)
+    assert "ON CONFLICT DO NOTHING" in final_windows_insert()
+
+
+METERS = """
+meters:
+  - name: tokens
+    group_by: [region, model]
+  - name: api_calls
+    aggregation: COUNT
+  - name: peak
+    aggregation: MAX
+  - name: storage
+    aggregation: LATEST
+  - name: users
+    aggregation: UNIQUE_COUNT
+    unique_dimension: user
+"""
+
+
+def test_quantity_is_plain_sum_when_every_meter_sums(cfg):
+    """The common case stays a plain SUM."""
+    assert quantity_expr(cfg) == "SUM(`quantity`)"
+    assert dimensions_key_expr(cfg) == "'{}'"
+
+
+def test_each_meter_gets_its_aggregation(write_config):
+    """A CASE on the meter picks each meter's aggregate; group-by dimensions form a sorted JSON key."""
+    cfg = load_config(write_config(METERS), environ={})
+    q = quantity_expr(cfg)
+    assert "WHEN 'tokens' THEN SUM(`quantity`)" in q
+    assert "WHEN 'api_calls' THEN CAST(COUNT(*) AS DECIMAL(38, 9))" in q
+    assert "WHEN 'peak' THEN MAX(`quantity`)" in q
+    assert "WHEN 'storage' THEN CAST(SPLIT_INDEX(MAX(CASE WHEN `meter` = 'storage'" in q
+    assert "COUNT(DISTINCT CASE WHEN `meter` = 'users' THEN `dimensions`['user'] END)" in q
+    key = dimensions_key_expr(cfg)
+    assert key.index("KEY 'model'") < key.index("KEY 'region'")
+    assert "COALESCE(`dimensions`['region'], '')" in key and key.endswith("ELSE '{}' END")
+
+
+@pytest.mark.parametrize(
+    ("meter_yaml", "message"),
+    [
+        ("  - name: u\n    aggregation: UNIQUE_COUNT\n", "unique_dimension is required"),
+        ("  - name: u\n    unique_dimension: user\n", "unique_dimension is required"),
+        ("  - name: u\n    aggregation: MEDIAN\n", "aggregation"),
+        ("  - name: u\n    group_by: [a, a]\n", "distinct dimension names"),
+        ("  - name: u\n  - name: u\n", "each once"),
+        ("  - name: 'bad name'\n", "name"),
+    ],
+)
+def test_meter_config_is_checked(write_config, meter_yaml, message):
+    """Inconsistent meter definitions are refused with the reason."""
+    from meterflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config("meters:\n" + meter_yaml), environ={})
 
 
 def test_usage_table_ddl_has_revision_guard():
