@@ -80,12 +80,23 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float, log: Path |
 
 
 def _pid_alive(pid_file: Path) -> int | None:
+    """The pid in the file if that process is running (an exited, unreaped child is not)."""
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return pid
+    # A child of this process that exited stays a zombie until reaped; kill(pid, 0) still succeeds.
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return None
+    except ChildProcessError:
+        pass  # not our child: its parent reaps it
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if state == "Z" else pid
 
 
 def _require_free(host: str, port: int, what: str, config_key: str) -> None:
@@ -106,7 +117,8 @@ def _stop_pid(pid_file: Path, what: str, timeout: float = 30) -> None:
     if _pid_alive(pid_file):
         os.killpg(pid, signal.SIGKILL) if _is_group_leader(pid) else os.kill(pid, signal.SIGKILL)
         print(f"{what} did not stop in {timeout:.0f}s; killed", file=sys.stderr)
-        while _pid_alive(pid_file):
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid_file) and time.monotonic() < deadline:
             time.sleep(0.2)
     pid_file.unlink(missing_ok=True)
 

@@ -33,3 +33,18 @@ def test_kafka_properties_support_transactions_on_one_broker(write_config):
     assert props["transaction.state.log.min.isr"] == "1"
     assert props["offsets.topic.replication.factor"] == "1"
     assert int(props["transaction.max.timeout.ms"]) >= int(cfg.kafka.transaction_timeout.total_seconds() * 1000)
+
+
+def test_exited_child_is_not_alive(tmp_path):
+    """A stopped broker that is still an unreaped child (zombie) counts as stopped, so stop/restart never hangs."""
+    import subprocess
+    import time
+
+    from meterflow.stack import _pid_alive
+
+    child = subprocess.Popen(["sleep", "0.3"], start_new_session=True)
+    pid_file = tmp_path / "child.pid"
+    pid_file.write_text(str(child.pid))
+    assert _pid_alive(pid_file) == child.pid
+    time.sleep(0.8)
+    assert _pid_alive(pid_file) is None

@@ -1,0 +1,64 @@
+"""Deterministic identifiers for billing deliveries (pure).
+
+The same closed window always yields the same identifier, so a replay after a failover is
+deduplicated by the provider instead of billed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from typing import Literal
+
+MAX_IDENTIFIER_LENGTH = 100  # Stripe meter event `identifier`
+Rounding = Literal["exact", "half_up", "ceil", "floor"]
+_ROUNDING = {"half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING, "floor": ROUND_FLOOR}
+
+
+@dataclass(frozen=True)
+class WindowKey:
+    """Identity of one closed usage window."""
+
+    tenant_id: str
+    customer_id: str
+    meter: str
+    dimensions_key: str
+    window_start_ms: int
+
+
+def derive_identifier(key: WindowKey, prefix: str = "mf") -> str:
+    """``<prefix>-<window start ms>-<sha256 of the key>``, at most 100 characters.
+
+    The fields are joined with a separator that cannot occur in them (NUL), so distinct keys can
+    never collide by concatenation.
+    """
+    canonical = "\x00".join([key.tenant_id, key.customer_id, key.meter, key.dimensions_key, str(key.window_start_ms)])
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    identifier = f"{prefix}-{key.window_start_ms}-{digest}"
+    return identifier[:MAX_IDENTIFIER_LENGTH]
+
+
+def format_meter_value(quantity: Decimal, rounding: Rounding = "exact") -> str:
+    """The provider's string value: exact decimal, or a whole number rounded as configured.
+
+    ``exact`` refuses a fractional quantity rather than rounding it silently.
+    """
+    if rounding == "exact":
+        if quantity != quantity.to_integral_value():
+            msg = f"quantity {quantity} is not a whole number; configure a rounding for this meter"
+            raise ValueError(msg)
+        return format(quantity.to_integral_value(), "f")
+    return format(quantity.quantize(Decimal(1), rounding=_ROUNDING[rounding]), "f")
+
+
+def outside_provider_window(window_end: datetime, now: datetime, max_age: timedelta = timedelta(days=35), max_ahead: timedelta = timedelta(minutes=5)) -> str | None:
+    """Why the provider would refuse a meter event timestamped at the window end, or None."""
+    if window_end.tzinfo is None:
+        window_end = window_end.replace(tzinfo=UTC)
+    if window_end < now - max_age:
+        return f"window ended {window_end.isoformat()}, more than {max_age.days} days ago: the provider no longer accepts it"
+    if window_end > now + max_ahead:
+        return f"window ends {window_end.isoformat()}, in the future"
+    return None

@@ -1,0 +1,87 @@
+"""Billing core: deterministic identifiers, value formatting, provider window, backoff, rate limit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from sinks.idempotency import MAX_IDENTIFIER_LENGTH, WindowKey, derive_identifier, format_meter_value, outside_provider_window
+from sinks.retry import BackoffPolicy, TokenBucket
+
+KEY = WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000)
+
+
+def test_identifier_is_deterministic_and_short_enough():
+    """Same window, same identifier; within the provider's 100 characters."""
+    assert derive_identifier(KEY) == derive_identifier(WindowKey(**KEY.__dict__))
+    assert len(derive_identifier(KEY)) <= MAX_IDENTIFIER_LENGTH
+    assert derive_identifier(KEY).startswith("mf-1767225600000-")
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_660_000),
+        WindowKey("tenant-1", "cust-9", "api_calls", "{}", 1_767_225_600_000),
+        WindowKey("tenant-1", "cust-9", "tokens", '{"model":"a"}', 1_767_225_600_000),
+        WindowKey("tenant-1c", "ust-9", "tokens", "{}", 1_767_225_600_000),
+    ],
+)
+def test_identifier_differs_for_any_other_window(other):
+    """Any change of the key, including shifted concatenations, changes the identifier."""
+    assert derive_identifier(other) != derive_identifier(KEY)
+
+
+@pytest.mark.parametrize(
+    ("quantity", "rounding", "value"),
+    [(Decimal("12.000000000"), "exact", "12"), (Decimal("12.5"), "half_up", "13"), (Decimal("12.1"), "ceil", "13"), (Decimal("12.9"), "floor", "12"), (Decimal("0"), "exact", "0")],
+)
+def test_format_meter_value(quantity, rounding, value):
+    """Provider values are whole-number strings, rounded only as configured."""
+    assert format_meter_value(quantity, rounding) == value
+
+
+def test_exact_refuses_fractions():
+    """A fractional quantity is never rounded silently."""
+    with pytest.raises(ValueError, match="not a whole number"):
+        format_meter_value(Decimal("1.5"))
+
+
+def test_provider_window():
+    """Windows older than 35 days or in the future are refused with a reason."""
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    assert outside_provider_window(now - timedelta(days=1), now) is None
+    assert "35 days" in outside_provider_window(now - timedelta(days=36), now)
+    assert "future" in outside_provider_window(now + timedelta(hours=1), now)
+
+
+def test_backoff_grows_caps_and_gives_up():
+    """Delays grow exponentially under full jitter, are capped, and stop after max attempts."""
+    policy = BackoffPolicy(max_attempts=5, initial_delay=1, max_delay=6)
+    assert [policy.next_delay(a, rng=lambda: 1.0) for a in range(1, 6)] == [1, 2, 4, 6, None]
+    assert policy.next_delay(3, rng=lambda: 0.25) == 1.0
+
+
+def test_backoff_honours_retry_after():
+    """Retry-After is a lower bound (capped by max_delay)."""
+    policy = BackoffPolicy(max_delay=10)
+    assert policy.next_delay(1, retry_after=7, rng=lambda: 0.0) == 7
+    assert policy.next_delay(1, retry_after=60, rng=lambda: 0.0) == 10
+
+
+@pytest.mark.parametrize(("status", "retry"), [(None, True), (429, True), (500, True), (503, True), (400, False), (401, False), (404, False)])
+def test_retryable_statuses(status, retry):
+    """Timeouts, 429 and 5xx retry; client errors are final (dead letter)."""
+    assert BackoffPolicy().is_retryable(status) is retry
+
+
+def test_token_bucket_limits_rate_without_sleeping():
+    """A burst up to capacity, then one call per 1/rate seconds, driven by an injected clock."""
+    now = [0.0]
+    bucket = TokenBucket(rate=10, capacity=2, clock=lambda: now[0])
+    assert [bucket.wait_time(), bucket.wait_time()] == [0.0, 0.0]
+    assert bucket.wait_time() == pytest.approx(0.1)
+    now[0] = 0.1
+    assert bucket.wait_time() == 0.0
