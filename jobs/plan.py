@@ -227,7 +227,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final:
     )
 
 
-def window_aggregate_sql(cfg: JobConfig) -> str:
+def window_changelog_query(cfg: JobConfig) -> str:
     """The window aggregate of on-time events (classified once, see classify_query).
 
     Quantity leaves as an exact decimal string: the changelog also feeds a Python operator, and

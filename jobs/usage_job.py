@@ -1,11 +1,14 @@
-"""The meterflow usage job: wires Kafka -> event-time windows -> Postgres on a Flink cluster.
+"""The meterflow usage job: wires the Flink graph, nothing else.
+
+Kafka -> decode + validate -> dead letters | dedup -> classify late/on time once ->
+late events | window aggregate -> per-fire upserts + window closer -> final rows.
 
 Submit with ``meterflow submit`` or directly::
 
-    flink run -d -py jobs/usage_job.py -- --config meterflow.yaml
+    flink run -d -py jobs/usage_job.py --config meterflow.yaml
 
-All per-event work runs in JVM operators declared as SQL (see jobs/plan.py); this module only
-wires them.
+All per-event work runs in JVM operators declared as SQL (jobs/plan.py) and the Java functions in
+udf/; the only Python operator closes windows (one element per window update).
 """
 
 from __future__ import annotations
@@ -21,28 +24,28 @@ from pyflink.table.changelog_mode import ChangelogMode
 from jobs.plan import (
     CLASSIFIED_VIEW,
     CLOSED_WINDOWS_VIEW,
-    WINDOW_CHANGELOG_VIEW,
-    final_windows_insert,
-    window_upserts_insert,
     COUNT_DEAD_LETTER_FUNCTION,
     DECODE_FUNCTION,
     VALIDATED_VIEW,
+    WINDOW_CHANGELOG_VIEW,
     JdbcTarget,
     classify_query,
     dead_letter_insert,
     dead_letter_sink_ddl,
     dedup_query,
+    final_windows_insert,
     late_events_insert,
     late_events_sink_ddl,
     table_options,
     usage_source_ddl,
     usage_windows_sink_ddl,
     validate_query,
-    window_aggregate_sql,
+    window_changelog_query,
+    window_upserts_insert,
 )
 from meterflow.config import JobConfig, load_config
-from sinks.window_closer import CLOSED_WINDOW_FIELDS, WindowCloser, closed_window_type
 from meterflow.errors import ConfigError
+from sinks.window_closer import CLOSED_WINDOW_COLUMNS, WindowCloser, closed_window_type
 
 
 def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> StreamTableEnvironment:
@@ -100,7 +103,7 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     for name, data_type in WINDOW_CHANGELOG_SCHEMA:
         builder = builder.column(name, data_type.not_null())
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
-    changelog = t_env.to_changelog_stream(t_env.sql_query(window_aggregate_sql(cfg)), schema, ChangelogMode.upsert())
+    changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
     t_env.create_temporary_view(WINDOW_CHANGELOG_VIEW, t_env.from_changelog_stream(changelog, schema, ChangelogMode.upsert()))
     closed = (
         changelog.key_by(lambda r: (r[0], r[1], r[2], r[3], str(r[4])), key_type=Types.TUPLE([Types.STRING()] * 5))
@@ -109,8 +112,9 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
         .uid("close-windows")
     )
     closed_schema = Schema.new_builder()
-    for name, data_type in zip(CLOSED_WINDOW_FIELDS, [DataTypes.STRING()] * 4 + [DataTypes.BIGINT()] * 2 + [DataTypes.STRING()] + [DataTypes.BIGINT()] * 2, strict=True):
+    for name, _, data_type in CLOSED_WINDOW_COLUMNS:
         closed_schema = closed_schema.column(name, data_type)
+    # Records emitted by the closer's timers carry the timer time: the watermark flows on.
     closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()")
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
 

@@ -12,15 +12,28 @@ from typing import Any
 from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction
 from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.table import DataTypes
 
 from jobs.windowing import window_fires_at_ms
 
-CLOSED_WINDOW_FIELDS = ["tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision"]
+# (name, DataStream type, Table type): quantity as an exact decimal string, times as epoch ms,
+# because the Python bridge has neither an exact DECIMAL(38, 9) nor a LocalDateTime type.
+CLOSED_WINDOW_COLUMNS = (
+    ("tenant_id", Types.STRING(), DataTypes.STRING()),
+    ("customer_id", Types.STRING(), DataTypes.STRING()),
+    ("meter", Types.STRING(), DataTypes.STRING()),
+    ("dimensions_key", Types.STRING(), DataTypes.STRING()),
+    ("window_start_ms", Types.LONG(), DataTypes.BIGINT()),
+    ("window_end_ms", Types.LONG(), DataTypes.BIGINT()),
+    ("quantity", Types.STRING(), DataTypes.STRING()),
+    ("event_count", Types.LONG(), DataTypes.BIGINT()),
+    ("revision", Types.LONG(), DataTypes.BIGINT()),
+)
 
 
 def closed_window_type() -> Any:
-    """Row type of closed windows (quantity as an exact decimal string; times as epoch ms)."""
-    return Types.ROW_NAMED(CLOSED_WINDOW_FIELDS, [Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG()])
+    """DataStream row type of closed windows."""
+    return Types.ROW_NAMED([c[0] for c in CLOSED_WINDOW_COLUMNS], [c[1] for c in CLOSED_WINDOW_COLUMNS])
 
 
 def epoch_ms(value: datetime) -> int:

@@ -24,7 +24,7 @@ from jobs.plan import (
     usage_source_ddl,
     usage_windows_sink_ddl,
     validate_query,
-    window_aggregate_sql,
+    window_changelog_query,
 )
 from meterflow.config import load_config
 from sinks.postgres_schema import check_identifier, usage_table_ddl
@@ -90,7 +90,7 @@ def test_dead_letters_keep_raw_bytes_and_are_counted(cfg):
 
 def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
     """The aggregate sums quantity and counts on-time events per key and window of the configured size."""
-    sql = window_aggregate_sql(cfg)
+    sql = window_changelog_query(cfg)
     assert "FROM `classified_events` WHERE NOT `is_late`" in sql
     assert "GROUP BY `tenant_id`, `customer_id`, `meter`, `dimensions_key`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)" in sql
     assert "SUM(`quantity`)" in sql and "COUNT(*) AS `event_count`" in sql
