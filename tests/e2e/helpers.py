@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from connectors.avro_codec import UsageEvent
@@ -28,7 +28,11 @@ def expected_totals(events: list[UsageEvent], size: timedelta) -> dict[tuple, tu
 
 
 def closing_events(after: datetime, partitions: int) -> list[UsageEvent]:
-    """One event per partition far after ``after``: moves every partition's watermark past the data."""
+    """One event per partition well after ``after``: moves every partition's watermark past the data.
+
+    Never dated in the future: the job rejects events dated ahead of their Kafka timestamp.
+    """
+    at = min(after + timedelta(hours=1), datetime.now(UTC))
     return [
         UsageEvent(
             event_id=f"closer-{after.timestamp()}-{p}",
@@ -36,7 +40,7 @@ def closing_events(after: datetime, partitions: int) -> list[UsageEvent]:
             customer_id=f"p{p}",
             meter="api_calls",
             quantity=Decimal(1),
-            event_time=after + timedelta(hours=1),
+            event_time=at,
             dimensions={},
         )
         for p in range(partitions)
