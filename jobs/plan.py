@@ -208,7 +208,8 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final:
         "password": target.password,
         "sink.buffer-flush.max-rows": str(flush_rows),
         "sink.buffer-flush.interval": "1 s",
-        "sink.max-retries": "10",
+        # Few retries: a lasting outage should fail the task and restore from the checkpoint.
+        "sink.max-retries": "3",
     }
     return (
         f"CREATE TABLE `{USAGE_WINDOWS_FINAL_SINK_TABLE if final else USAGE_WINDOWS_SINK_TABLE}` (\n"

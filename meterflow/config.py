@@ -87,8 +87,12 @@ class PostgresConfig(_Section):
     usage_table: str = "usage_windows"
 
     def jdbc_url(self) -> str:
-        """JDBC URL for Flink's JDBC connector."""
-        return f"jdbc:postgresql://{self.host}:{self.port}/{self.database}"
+        """JDBC URL for Flink's JDBC connector.
+
+        Timeouts make a dead or restarting server fail the sink quickly (Flink then restarts from
+        the last checkpoint) instead of blocking a task that must be cancelled.
+        """
+        return f"jdbc:postgresql://{self.host}:{self.port}/{self.database}?connectTimeout=10&socketTimeout=120&tcpKeepAlive=true"
 
     def conninfo(self) -> str:
         """libpq connection string for psycopg (password passed separately, never logged)."""

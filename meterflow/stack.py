@@ -457,8 +457,17 @@ class FlinkCluster:
         return bool(ov and ov.get("taskmanagers", 0) >= 1)
 
     def up(self) -> None:
-        """Start JobManager and TaskManager with start-cluster.sh; wait for a registered TaskManager."""
+        """Start JobManager and TaskManager with start-cluster.sh; wait for a registered TaskManager.
+
+        A JobManager whose TaskManager is gone (crashed, or shut down by Flink's task-cancellation
+        watchdog) gets a new TaskManager, as a process supervisor would start one in production.
+        """
         if self.running():
+            return
+        if self.overview() is not None:
+            print("Flink JobManager has no TaskManager: starting one", file=sys.stderr)
+            self.start_taskmanager()
+            wait_until(self.running, "Flink TaskManager", 120, self.log_dir)
             return
         f = self.cfg.flink
         _require_free(f.rest_host, f.rest_port, "the Flink REST API", "flink.rest_port")

@@ -8,6 +8,7 @@ import pytest
 
 from meterflow import flink_jobs
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
+from meterflow.stack import FlinkCluster
 from tests.e2e.helpers import closing_events, expected_totals, table_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -20,6 +21,7 @@ def _totals(rows):
 def test_window_totals_in_postgres_and_replay_is_idempotent(e2e_stack):
     """Exact per-window totals reach Postgres; reprocessing the same input leaves every total unchanged."""
     cfg, path = e2e_stack.config("skeleton")
+    FlinkCluster(cfg).up()  # a TaskManager lost by an earlier test is replaced first
     job_id = flink_jobs.submit(cfg, path)
     try:
         start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
