@@ -346,8 +346,8 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
         err_console.print(f"job submitted: {job_id}")
     size = cfg.event_time.window_size
     run = uuid.uuid4().hex[:6]
-    first_window, _ = window_bounds(datetime.now(UTC) - 8 * size, size)
-    spec = SyntheticSpec(count=count, tenants=2, customers=3, start=first_window, span=6 * size, seed=int(run, 16))
+    start, span = _demo_event_time_range(cfg, size)
+    spec = SyntheticSpec(count=count, tenants=2, customers=3, start=start, span=span, seed=int(run, 16))
     events = [dict(e, tenant_id=f"demo-{run}-{e['tenant_id']}") for e in synthetic_events(spec)]
     _send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
     # Independent oracle: the windows that the watermark (max event time - delay) has closed.
@@ -377,6 +377,31 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
         f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "
         f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
     )
+
+
+def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, timedelta]:
+    """Where the demo's sample goes in event time: up to six whole windows ending now.
+
+    It starts after the newest window already in Postgres, so a repeated demo never sends events
+    the running job has already closed the windows for (they would, correctly, be late). Events
+    are never dated in the future; if too little event time has passed since the last demo, wait.
+    """
+    from jobs.windowing import window_bounds
+    from sinks.postgres import fetch_usage
+
+    newest_end = max((r.window_end for r in fetch_usage(cfg.postgres)), default=None)
+    while True:
+        now = datetime.now(UTC)
+        start, _ = window_bounds(now - 6 * size, size)
+        if newest_end is not None:
+            # The previous sample's last window may still be open: start one window after it.
+            start = max(start, newest_end.replace(tzinfo=UTC) + size)
+        windows = int((now - start) / size)
+        if windows >= 2:
+            return start, min(windows, 6) * size
+        wait = start + 2 * size - now
+        err_console.print(f"event time is still inside the previous demo's windows; waiting {wait.total_seconds():.0f}s")
+        time.sleep(wait.total_seconds() + 1)
 
 
 def main() -> None:
