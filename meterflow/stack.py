@@ -15,6 +15,7 @@ waits until each part answers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -121,6 +122,14 @@ def _stop_pid(pid_file: Path, what: str, timeout: float = 30) -> None:
         while _pid_alive(pid_file) and time.monotonic() < deadline:
             time.sleep(0.2)
     pid_file.unlink(missing_ok=True)
+
+
+def _proc_running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _is_group_leader(pid: int) -> bool:
@@ -484,19 +493,32 @@ class FlinkCluster:
         subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
 
     def taskmanager_pids(self) -> list[int]:
-        """PIDs of this cluster's TaskManager JVMs."""
+        """PIDs of this cluster's running TaskManager JVMs (exited ones are skipped)."""
         pids = []
         for pid_file in (self.dir / "pid").glob("*taskexecutor*.pid"):
-            for line in pid_file.read_text().split():
-                if line.strip().isdigit() and Path(f"/proc/{line.strip()}").exists():
-                    pids.append(int(line))
+            for token in pid_file.read_text().split():
+                if token.isdigit() and _proc_running(int(token)):
+                    pids.append(int(token))
         return pids
 
     def down(self) -> None:
-        """Stop the cluster (cancels nothing; running jobs stop with it)."""
+        """Stop the cluster (cancels nothing; running jobs stop with it).
+
+        stop-cluster.sh stops one TaskManager per worker entry; a TaskManager started later
+        (replacing a lost one) is stopped here too, so nothing is left running.
+        """
         if not self.conf_dir.exists():
             return
         subprocess.run(["bash", str(flink_home() / "bin" / "stop-cluster.sh")], env=self.env(), capture_output=True, check=False)
+        for pid in self.taskmanager_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while self.taskmanager_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in self.taskmanager_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not port_open(self.cfg.flink.rest_host, self.cfg.flink.rest_port), "Flink shutdown", 60, self.log_dir)
 
     def status(self) -> ComponentStatus:
