@@ -31,7 +31,7 @@ def test_window_totals_in_postgres_and_replay_is_idempotent(e2e_stack):
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closers, partition_for=lambda i, e: i)
         expected = expected_totals(events, cfg.event_time.window_size)
         assert len(expected) > 300
-        wait_for(lambda: _totals(table_totals(cfg)) == expected, 180, "window totals in Postgres")
+        wait_for(lambda: _totals(table_totals(cfg)) == expected, 300, "window totals in Postgres")
         wait_for(lambda: all(r.is_final for r in table_totals(cfg).values()), 120, "closed windows marked final")
         first = table_totals(cfg)
         assert all(r.revision == r.event_count for r in first.values())
