@@ -1,14 +1,15 @@
 """The meterflow usage job: wires the Flink graph, nothing else.
 
 Kafka -> decode + validate -> dead letters | dedup -> classify late/on time once ->
-late events | window aggregate -> per-fire upserts + window closer -> final rows.
+late events | window aggregate -> per-fire upserts + window closer -> final rows
+(+ billing forwarder -> provider and ledger, when ``billing.enabled``).
 
 Submit with ``meterflow submit`` or directly::
 
     flink run -d -py jobs/usage_job.py --config meterflow.yaml
 
 All per-event work runs in JVM operators declared as SQL (jobs/plan.py) and the Java functions in
-udf/; the only Python operator closes windows (one element per window update).
+udf/; the Python operators close windows and bill them (one element per window, not per event).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 
 from pyflink.common import Configuration, Types
-from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 from pyflink.table.changelog_mode import ChangelogMode
 
@@ -43,7 +44,8 @@ from jobs.plan import (
     window_changelog_query,
     window_upserts_insert,
 )
-from meterflow.config import JobConfig, load_config
+from jobs.billing_plan import BILLING_OUTCOMES_VIEW, billing_outcomes_insert, billing_outcomes_sink_ddl
+from meterflow.config import JobConfig, config_without_secrets, load_config
 from meterflow.errors import ConfigError
 from sinks.window_closer import CLOSED_WINDOW_COLUMNS, WindowCloser, closed_window_type
 
@@ -97,6 +99,23 @@ WINDOW_CHANGELOG_SCHEMA = (
 )
 
 
+def _declare_billing(t_env: StreamTableEnvironment, cfg: JobConfig, closed: DataStream) -> None:
+    """Closed windows -> billing forwarder (keyed by customer and meter) -> outcome rows."""
+    from sinks.billing_forwarder import BILLING_OUTCOME_COLUMNS, BillingForwarder, billing_outcome_type
+
+    outcomes = (
+        closed.key_by(lambda r: (r[0], r[1], r[2]), key_type=Types.TUPLE([Types.STRING()] * 3))
+        .process(BillingForwarder(config_without_secrets(cfg)), output_type=billing_outcome_type())
+        .name("bill closed windows")
+        .uid("bill-closed-windows")
+    )
+    schema = Schema.new_builder()
+    for name, _, data_type in BILLING_OUTCOME_COLUMNS:
+        schema = schema.column(name, data_type)
+    t_env.create_temporary_view(BILLING_OUTCOMES_VIEW, t_env.from_data_stream(outcomes, schema.build()))
+    t_env.execute_sql(billing_outcomes_sink_ddl())
+
+
 def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     """The window aggregate, computed once, feeding both the per-fire upserts and the window closer."""
     builder = Schema.new_builder()
@@ -117,6 +136,8 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     # Records emitted by the closer's timers carry the timer time: the watermark flows on.
     closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()")
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
+    if cfg.billing.enabled:
+        _declare_billing(t_env, cfg, closed)
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
@@ -137,7 +158,20 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     statements.add_insert_sql(final_windows_insert())
     statements.add_insert_sql(late_events_insert())
     statements.add_insert_sql(dead_letter_insert())
+    if cfg.billing.enabled:
+        statements.add_insert_sql(billing_outcomes_insert())
     return statements
+
+
+def prepare_postgres(cfg: JobConfig) -> None:
+    """Create the tables the job writes (idempotent), so a first submit needs no manual step."""
+    from sinks.postgres import apply_schema
+
+    apply_schema(cfg.postgres)
+    if cfg.billing.enabled:
+        from sinks.ledger import apply_billing_schema
+
+        apply_billing_schema(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    prepare_postgres(cfg)
     t_env = build_environment(cfg)
     result = declare_pipeline(t_env, cfg).execute()
     job_client = result.get_job_client()

@@ -261,6 +261,151 @@ def _fmt_qty(q: Decimal) -> str:
     return format(q.normalize(), "f")
 
 
+# ---------------------------------------------------------------- billing
+
+
+@cli.group()
+def billing() -> None:
+    """The billing forwarder's ledger: status, customer mapping, replay of dead deliveries."""
+
+
+@billing.command("status")
+@click.option("--dead", "show_dead", is_flag=True, help="Also list every dead delivery with its reason.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
+    """Summarise the delivery ledger per provider and status."""
+    from sinks.ledger import fetch_deliveries, status_summary
+
+    summary = status_summary(ctx.cfg)
+    dead = fetch_deliveries(ctx.cfg, ("dead",)) if show_dead else []
+    if fmt == "json":
+        rows = [dict(zip(("provider", "status", "deliveries", "quantity", "oldest_window", "last_update"), r, strict=True)) for r in summary]
+        console.print_json(json.dumps({"summary": rows, "dead": [d.__dict__ for d in dead]}, default=str))
+        return
+    table = Table("provider", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
+    for provider, status, n, quantity, oldest, updated in summary:
+        table.add_row(provider, status, str(n), _fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
+    console.print(table)
+    if dead:
+        dead_table = Table("identifier", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
+        for d in dead:
+            dead_table.add_row(d.identifier, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", _fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
+        console.print(dead_table)
+
+
+@billing.command("replay")
+@click.option("--identifier", "identifiers", multiple=True, help="Only these deliveries (repeatable); default: every dead one.")
+@click.option("--include-failed", is_flag=True, help="Also deliveries left failed or pending by a job that no longer runs.")
+@click.option("--dry-run", is_flag=True, help="List what would be re-sent, send nothing.")
+@pass_ctx
+def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: bool, dry_run: bool) -> None:
+    """Re-send dead deliveries with their original identifiers, after the cause was fixed.
+
+    Same identifier and Idempotency-Key as the first attempt, so the provider never counts a
+    window twice. Exits non-zero if any delivery is still dead afterwards.
+    """
+    from sinks.billing import Dead, Deliverer
+    from sinks.ledger import PostgresLedger, fetch_deliveries
+    from sinks.stripe_provider import StripeMeterEvents
+
+    cfg = ctx.cfg
+    statuses = ("dead", "failed", "pending") if include_failed else ("dead",)
+    chosen = [d for d in fetch_deliveries(cfg, statuses) if not identifiers or d.identifier in identifiers]
+    missing = set(identifiers) - {d.identifier for d in chosen}
+    if missing:
+        err_console.print(f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}")
+    if dry_run or not chosen:
+        for d in chosen:
+            console.print(f"{d.identifier}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}")
+        err_console.print(f"{len(chosen)} deliveries {'would be ' if dry_run else ''}replayed")
+        return
+    ledger = PostgresLedger(cfg)
+    deliverer = Deliverer(cfg, StripeMeterEvents(cfg), ledger, clock=time.time, sleep=time.sleep)
+    counts: dict[str, int] = defaultdict(int)
+    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as progress:
+        task = progress.add_task("replay", total=len(chosen))
+        for d in chosen:
+            outcome = deliverer.deliver(d.closed_window(), replay=True)
+            counts[type(outcome).__name__.lower()] += 1
+            if isinstance(outcome, Dead):
+                err_console.print(f"[red]still dead[/] {d.identifier}: {outcome.reason}")
+            progress.advance(task)
+    ledger.close()
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if counts.get("dead"):
+        sys.exit(1)
+
+
+@billing.group("customers")
+def billing_customers() -> None:
+    """Which provider customer each tenant's customer is billed as."""
+
+
+@billing_customers.command("set")
+@click.argument("tenant_id")
+@click.argument("customer_id")
+@click.argument("provider_customer_id")
+@pass_ctx
+def billing_customers_set(ctx: Context, tenant_id: str, customer_id: str, provider_customer_id: str) -> None:
+    """Map TENANT_ID/CUSTOMER_ID to the provider's customer (e.g. a Stripe cus_... id)."""
+    from sinks.ledger import map_customer
+
+    map_customer(ctx.cfg, tenant_id, customer_id, provider_customer_id)
+    err_console.print(f"{tenant_id}/{customer_id} -> {ctx.cfg.billing.provider} {provider_customer_id}")
+
+
+@billing_customers.command("list")
+@pass_ctx
+def billing_customers_list(ctx: Context) -> None:
+    """Print every customer mapping."""
+    from sinks.ledger import fetch_customers
+
+    table = Table("tenant", "customer", "provider", "provider customer")
+    for row in fetch_customers(ctx.cfg):
+        table.add_row(*row)
+    console.print(table)
+
+
+@cli.command()
+@click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="Billing period to total per customer.")
+@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be in flight and are skipped.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def reconcile(ctx: Context, period: str, tenant: str | None, grace: str, fmt: str) -> None:
+    """Compare final windows in Postgres with what the ledger says the provider accepted.
+
+    Exits 1 and lists every discrepancy (window not billed, billed with another quantity, billed
+    without a final window); exits 0 when they agree.
+    """
+    from sinks.ledger import fetch_reconciliation_input
+    from sinks.reconcile import reconcile as compare
+
+    finals, ledger = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
+    if tenant is not None:
+        finals, ledger = [w for w in finals if w.tenant_id == tenant], [d for d in ledger if d.tenant_id == tenant]
+    totals, discrepancies = compare(finals, ledger, period)  # type: ignore[arg-type]
+    if fmt == "json":
+        console.print_json(json.dumps({"periods": [t.__dict__ for t in totals], "discrepancies": [d.__dict__ for d in discrepancies]}, default=str))
+    else:
+        table = Table("tenant", "customer", "meter", "period", "windows", "final quantity", "billed quantity", "agrees")
+        for t in totals:
+            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
+        console.print(table)
+        if discrepancies:
+            issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
+            for d in discrepancies:
+                q = [("" if v is None else _fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
+                issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}", *q, d.detail)
+            console.print(issues)
+    if discrepancies:
+        err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")
+        sys.exit(1)
+    err_console.print(f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)")
+
+
 # ---------------------------------------------------------------- late-audit
 
 

@@ -143,6 +143,8 @@ class EventTimeConfig(_Section):
 
 
 Aggregation = Literal["SUM", "COUNT", "MAX", "LATEST", "UNIQUE_COUNT"]
+# decimal: the exact quantity; exact: whole numbers only (a fraction is a dead letter); the others round.
+BillingRounding = Literal["decimal", "exact", "half_up", "ceil", "floor"]
 _DIMENSION_NAME = r"^[A-Za-z0-9_.:-]+$"
 
 
@@ -160,6 +162,13 @@ class MeterConfig(_Section):
     allow_negative: bool = Field(False, description="Accept negative quantities (credits, corrections).")
     group_by: tuple[str, ...] = ()
     unique_dimension: str | None = Field(None, pattern=_DIMENSION_NAME)
+    billing_event_name: str | None = Field(None, min_length=1, max_length=100, description="The provider's meter event name; defaults to the meter name.")
+    billing_rounding: BillingRounding = Field("decimal", description="How a window's quantity becomes the provider's value (see README, Billing).")
+
+    @property
+    def event_name(self) -> str:
+        """The meter event name at the billing provider."""
+        return self.billing_event_name or self.name
 
     @model_validator(mode="after")
     def _check(self) -> MeterConfig:
@@ -179,6 +188,7 @@ class StackConfig(_Section):
     state_dir: str = ".stack"
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
     flink_rpc_port: int = Field(6123, ge=1, le=65535)
+    stripe_mock_port: int = Field(12111, ge=1, le=65535)
 
 
 class StripeConfig(_Section):
@@ -186,6 +196,33 @@ class StripeConfig(_Section):
 
     api_base: str | None = None
     api_key: SecretStr | None = None
+
+
+class BillingConfig(_Section):
+    """Forwarding closed windows to the billing provider (see README, Billing)."""
+
+    enabled: bool = False
+    provider: Literal["stripe"] = "stripe"
+    calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit for the whole job, shared by its subtasks.")
+    max_attempts: int = Field(8, ge=1, le=100)
+    initial_backoff: Duration = timedelta(milliseconds=500)
+    max_backoff: Duration = timedelta(seconds=30)
+    request_timeout: Duration = timedelta(seconds=10)
+    identifier_prefix: str = Field("mf", pattern=r"^[A-Za-z0-9_]{1,16}$")
+    ledger_table: str = Field("billing_deliveries", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    customers_table: str = Field("billing_customers", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    max_window_age: Duration = timedelta(days=35)
+    max_window_ahead: Duration = timedelta(minutes=5)
+
+    @model_validator(mode="after")
+    def _check(self) -> BillingConfig:
+        if self.initial_backoff <= timedelta(0) or self.max_backoff < self.initial_backoff:
+            msg = "billing: initial_backoff must be positive and at most max_backoff"
+            raise ValueError(msg)
+        if self.request_timeout <= timedelta(0):
+            msg = "billing.request_timeout must be positive"
+            raise ValueError(msg)
+        return self
 
 
 class JobConfig(_Section):
@@ -197,6 +234,7 @@ class JobConfig(_Section):
     event_time: EventTimeConfig = EventTimeConfig()
     stack: StackConfig = StackConfig()
     stripe: StripeConfig = StripeConfig()
+    billing: BillingConfig = BillingConfig()
     meters: tuple[MeterConfig, ...] = (MeterConfig(name="api_calls"), MeterConfig(name="tokens"))
     secrets_file: str = ".stack/secrets.env"
     base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")
@@ -208,6 +246,10 @@ class JobConfig(_Section):
             msg = f"meters must name at least one meter, each once: {names}"
             raise ValueError(msg)
         return self
+
+    def meter(self, name: str) -> MeterConfig | None:
+        """The configured meter of that name, or None."""
+        return next((m for m in self.meters if m.name == name), None)
 
     def path(self, relative: str) -> Path:
         """Resolve a configured path against the config file's directory."""
@@ -288,15 +330,31 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(msg)
     data.setdefault("base_dir", str(config_path.parent))
     _apply_env_overrides(data, environ)
+    return _with_secrets(data, environ, str(config_path))
+
+
+def _with_secrets(data: dict[str, Any], environ: Mapping[str, str], source: str) -> JobConfig:
+    """Validate the config after adding the secrets from the environment or the secrets file."""
+    data = dict(data)
     secrets_path = Path(data.get("secrets_file", JobConfig.model_fields["secrets_file"].default))
     if not secrets_path.is_absolute():
-        secrets_path = Path(data["base_dir"]) / secrets_path
+        secrets_path = Path(data.get("base_dir", ".")) / secrets_path
     secrets = {**read_secrets_file(secrets_path), **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS}}
     for env_key, (section, key) in SECRET_ENV_KEYS.items():
         if secrets.get(env_key):
-            data.setdefault(section, {})[key] = secrets[env_key]
+            data[section] = {**(data.get(section) or {}), key: secrets[env_key]}
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        msg = f"invalid configuration ({config_path}):\n{e}"
+        msg = f"invalid configuration ({source}):\n{e}"
         raise ConfigError(msg) from e
+
+
+def config_without_secrets(cfg: JobConfig) -> dict[str, Any]:
+    """The config as plain data with the secrets left out: safe to ship inside a job graph."""
+    return cfg.model_dump(exclude={"postgres": {"password"}, "stripe": {"api_key"}})
+
+
+def config_on_worker(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> JobConfig:
+    """Rebuild a config shipped with ``config_without_secrets``; secrets come from the worker's environment or secrets file."""
+    return _with_secrets(data, os.environ if environ is None else environ, "job graph")

@@ -31,3 +31,25 @@ class ProduceError(MeterflowError):
 
 class SinkError(MeterflowError):
     """A sink could not write its batch; the batch was rolled back."""
+
+
+class BillingError(MeterflowError):
+    """A closed window could not be delivered to the billing provider."""
+
+
+class DeliveryRejected(BillingError):
+    """A window must not go to the provider at all (no customer mapping, too old, bad value)."""
+
+
+class ProviderError(BillingError):
+    """The provider did not accept a call; ``retryable`` says whether the same call may succeed later."""
+
+    def __init__(self, message: str, *, status: int | None, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class ReconciliationError(MeterflowError):
+    """Final windows and the delivery ledger disagree."""

@@ -3,6 +3,7 @@
 #   - Debian packages: PostgreSQL server (and a JDK + Maven if missing)
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
 #   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
+#   - stripe-mock (Stripe's API-validating mock) with `go install`, into stack/bin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -52,5 +53,16 @@ if [ ! -f "$jar" ] || [ -n "$(find udf/src udf/pom.xml avro -newer "$jar" -type 
   if ! (cd udf && mvn -q -B package); then
     log "building udf/ failed"; exit 1
   fi
+fi
+# stripe-mock validates every billing request against Stripe's OpenAPI specification.
+stripe_mock_version=v0.203.0
+if [ "$(cat stack/bin/.stripe-mock-version 2>/dev/null)" != "$stripe_mock_version" ]; then
+  command -v go >/dev/null || { log "Go is required to install stripe-mock (go install)"; exit 1; }
+  log "installing stripe-mock $stripe_mock_version (go install)"
+  mkdir -p stack/bin
+  if ! GOBIN="$root/stack/bin" go install "github.com/stripe/stripe-mock@$stripe_mock_version"; then
+    log "go install stripe-mock failed (is the Go module proxy reachable?)"; exit 1
+  fi
+  echo "$stripe_mock_version" > stack/bin/.stripe-mock-version
 fi
 log "ready: $root/.venv/bin/meterflow"

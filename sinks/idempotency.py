@@ -13,7 +13,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from typing import Literal
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe meter event `identifier`
-Rounding = Literal["exact", "half_up", "ceil", "floor"]
+Rounding = Literal["decimal", "exact", "half_up", "ceil", "floor"]
 _ROUNDING = {"half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING, "floor": ROUND_FLOOR}
 
 
@@ -41,10 +41,15 @@ def derive_identifier(key: WindowKey, prefix: str = "mf") -> str:
 
 
 def format_meter_value(quantity: Decimal, rounding: Rounding = "exact") -> str:
-    """The provider's string value: exact decimal, or a whole number rounded as configured.
+    """The provider's string value: the exact decimal, or a whole number rounded as configured.
 
-    ``exact`` refuses a fractional quantity rather than rounding it silently.
+    ``decimal`` keeps every digit (trailing zeros dropped, never an exponent); ``exact`` refuses a
+    fractional quantity rather than rounding it silently.
     """
+    if rounding == "decimal":
+        if quantity == quantity.to_integral_value():
+            return format(quantity.to_integral_value(), "f")
+        return format(quantity.normalize(), "f")
     if rounding == "exact":
         if quantity != quantity.to_integral_value():
             msg = f"quantity {quantity} is not a whole number; configure a rounding for this meter"

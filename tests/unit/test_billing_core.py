@@ -36,10 +36,10 @@ def test_identifier_differs_for_any_other_window(other):
 
 @pytest.mark.parametrize(
     ("quantity", "rounding", "value"),
-    [(Decimal("12.000000000"), "exact", "12"), (Decimal("12.5"), "half_up", "13"), (Decimal("12.1"), "ceil", "13"), (Decimal("12.9"), "floor", "12"), (Decimal("0"), "exact", "0")],
+    [(Decimal("12.000000000"), "exact", "12"), (Decimal("12.5"), "half_up", "13"), (Decimal("12.1"), "ceil", "13"), (Decimal("12.9"), "floor", "12"), (Decimal("0"), "exact", "0"), (Decimal("12.500000000"), "decimal", "12.5"), (Decimal("1E+3"), "decimal", "1000"), (Decimal("-0.000000100"), "decimal", "-0.0000001"), (Decimal("7.000"), "decimal", "7")],
 )
 def test_format_meter_value(quantity, rounding, value):
-    """Provider values are whole-number strings, rounded only as configured."""
+    """Provider values are exact decimal strings or whole numbers, rounded only as configured."""
     assert format_meter_value(quantity, rounding) == value
 
 

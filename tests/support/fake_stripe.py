@@ -1,0 +1,234 @@
+"""A fault-injecting fake of Stripe's meter events endpoint, owned by this project's tests.
+
+stripe-mock validates requests against Stripe's API specification but is stateless: it neither
+deduplicates identifiers nor rate-limits. This fake is a real HTTP server on loopback that keeps
+state the way the billing tests need it:
+
+* identifiers are deduplicated over 24 h; a repeated Idempotency-Key replays the first answer
+  (``Idempotent-Replayed: true``), as Stripe does;
+* scheduled faults: 429 with Retry-After, 5xx, slow answers (accepted, answered after the
+  client gave up), dropped connections (accepted, no answer) and held requests (accepted, no
+  answer until released: "between the API call and the checkpoint");
+* timestamps outside the past 35 days / next 5 minutes are refused with 400, like Stripe.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+DEDUP_WINDOW_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the fake does with one request: ``status`` (reject), ``slow``, ``drop`` or ``hold``."""
+
+    kind: str
+    status: int = 500
+    retry_after: float | None = None
+    delay: float = 0.0
+
+
+def reject(status: int, retry_after: float | None = None) -> Fault:
+    return Fault("status", status=status, retry_after=retry_after)
+
+
+SLOW = Fault("slow", delay=4.0)
+DROP = Fault("drop")
+HOLD = Fault("hold")
+
+
+@dataclass
+class AcceptedEvent:
+    identifier: str
+    idempotency_key: str | None
+    event_name: str
+    customer: str
+    value: Decimal
+    timestamp: int
+    accepted_at: float
+    request_id: str
+
+
+@dataclass
+class RequestRecord:
+    identifier: str | None
+    idempotency_key: str | None
+    outcome: str  # accepted | replayed | duplicate | rejected-<status> | invalid | slow | dropped | held
+
+
+@dataclass
+class FakeStripe:
+    """The fake server; ``start()`` binds a free loopback port, ``url`` is its base address."""
+
+    clock: Callable[[], float] = time.time
+    accepted: dict[str, AcceptedEvent] = field(default_factory=dict)
+    requests: list[RequestRecord] = field(default_factory=list)
+    held: threading.Event = field(default_factory=threading.Event)
+    _faults: deque[Fault] = field(default_factory=deque)
+    _fail_until: float = 0.0
+    _fail_status: int = 429
+    _fail_retry_after: float | None = None
+    _release: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _by_key: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    _server: ThreadingHTTPServer | None = None
+    _counter: int = 0
+
+    # -- control -------------------------------------------------------------------------------
+    def inject(self, *faults: Fault) -> None:
+        """Apply these faults to the next requests, one each, in order."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def fail_for(self, seconds: float, status: int = 429, retry_after: float | None = 1.0) -> None:
+        """Answer every request with ``status`` for the next ``seconds``."""
+        with self._lock:
+            self._fail_until, self._fail_status, self._fail_retry_after = self.clock() + seconds, status, retry_after
+
+    def release(self) -> None:
+        """Let a held request go (its connection is dropped)."""
+        self._release.set()
+
+    def attempts_for(self, identifier: str) -> int:
+        return sum(1 for r in self.requests if r.identifier == identifier)
+
+    def outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        return counts
+
+    # -- server --------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeStripe:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep test output clean
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fake._handle(self, body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="fake-stripe", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # -- behaviour -----------------------------------------------------------------------------
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            if self.clock() < self._fail_until:
+                return reject(self._fail_status, self._fail_retry_after)
+            return self._faults.popleft() if self._faults else None
+
+    def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        if handler.path.split("?")[0] != "/v1/billing/meter_events":
+            return self._answer(handler, 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}})
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        identifier, key = form.get("identifier"), handler.headers.get("Idempotency-Key")
+        fault = self._next_fault()
+        if fault is not None and fault.kind == "status":
+            self.requests.append(RequestRecord(identifier, key, f"rejected-{fault.status}"))
+            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+            return self._answer(handler, fault.status, {"error": {"type": "api_error", "message": f"injected {fault.status}"}}, headers)
+        problem = self._invalid(form)
+        if problem:
+            self.requests.append(RequestRecord(identifier, key, "invalid"))
+            return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": problem}})
+        status, response, outcome = self._accept(form, key)
+        self.requests.append(RequestRecord(identifier, key, outcome if fault is None else {"slow": "slow", "drop": "dropped", "hold": "held"}[fault.kind]))
+        if fault is None:
+            return self._answer(handler, status, response, {"Idempotent-Replayed": "true"} if outcome == "replayed" else {})
+        if fault.kind == "slow":
+            time.sleep(fault.delay)
+            return self._answer(handler, status, response)
+        if fault.kind == "hold":
+            self.held.set()
+            self._release.wait(timeout=600)
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+        return None
+
+    def _invalid(self, form: dict[str, str]) -> str | None:
+        for required in ("event_name", "payload[stripe_customer_id]", "payload[value]"):
+            if not form.get(required):
+                return f"Missing required param: {required}."
+        if len(form.get("identifier", "")) > 100:
+            return "identifier: must be at most 100 characters"
+        try:
+            Decimal(form["payload[value]"])
+        except InvalidOperation:
+            return "payload[value]: must be a number"
+        if "timestamp" in form:
+            try:
+                ts = int(form["timestamp"])
+            except ValueError:
+                return "timestamp: must be an integer"
+            now = self.clock()
+            if ts < now - 35 * 86400 or ts > now + 300:
+                return "timestamp: must be within the past 35 calendar days or up to 5 minutes in the future"
+        return None
+
+    def _accept(self, form: dict[str, str], key: str | None) -> tuple[int, dict, str]:
+        """Store or replay; returns (status, body, outcome)."""
+        canonical = json.dumps(form, sort_keys=True).encode()
+        with self._lock:
+            if key is not None and key in self._by_key:
+                first_form, first_response = self._by_key[key]
+                if first_form != canonical:
+                    return 400, {"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}}, "idempotency-error"
+                return 200, json.loads(first_response), "replayed"
+            now = self.clock()
+            identifier = form.get("identifier") or f"gen-{self._counter}"
+            self._counter += 1
+            request_id = f"req_fake_{self._counter}"
+            previous = self.accepted.get(identifier)
+            outcome = "duplicate" if previous is not None and now - previous.accepted_at < DEDUP_WINDOW_S else "accepted"
+            ts = int(form.get("timestamp") or now)
+            if outcome == "accepted":
+                self.accepted[identifier] = AcceptedEvent(identifier, key, form["event_name"], form["payload[stripe_customer_id]"], Decimal(form["payload[value]"]), ts, now, request_id)
+            response = {
+                "object": "billing.meter_event", "created": int(now), "event_name": form["event_name"], "identifier": identifier,
+                "livemode": False, "payload": {"stripe_customer_id": form["payload[stripe_customer_id]"], "value": form["payload[value]"]}, "timestamp": ts,
+            }  # fmt: skip
+            if key is not None:
+                self._by_key[key] = (canonical, json.dumps(response).encode())
+            return 200, response, outcome
+
+    def _answer(self, handler: BaseHTTPRequestHandler, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        with self._lock:
+            self._counter += 1
+            request_id = f"req_fake_{self._counter}"
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.send_header("Request-Id", request_id)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(data)
