@@ -494,6 +494,11 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
     start, span = _demo_event_time_range(cfg, size)
     spec = SyntheticSpec(count=count, tenants=2, customers=3, start=start, span=span, seed=int(run, 16))
     events = [dict(e, tenant_id=f"demo-{run}-{e['tenant_id']}") for e in synthetic_events(spec)]
+    if cfg.billing.enabled:
+        from sinks.ledger import map_customer
+
+        for tenant, customer in sorted({(e["tenant_id"], e["customer_id"]) for e in events}):
+            map_customer(cfg, tenant, customer, f"cus_demo{run}{tenant[-1]}{customer[-1]}")
     _send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
     # Independent oracle: the windows that the watermark (max event time - delay) has closed.
     watermark = max(e["event_time"] for e in events) - cfg.event_time.watermark_delay
@@ -522,6 +527,35 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
         f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "
         f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
     )
+    if cfg.billing.enabled:
+        _demo_billing(cfg, f"demo-{run}-", len(rows), deadline)
+
+
+def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: float) -> None:
+    """Wait until every closed demo window is accepted by the billing API, then reconcile them."""
+    from sinks.ledger import fetch_deliveries, fetch_reconciliation_input
+    from sinks.reconcile import reconcile as compare
+
+    err_console.print(f"waiting for {windows} meter events at {cfg.stripe.api_base or 'Stripe'} ...")
+    while True:
+        ours = [d for d in fetch_deliveries(cfg) if d.tenant_id.startswith(tenant_prefix)]
+        if len(ours) >= windows and all(d.status in ("sent", "dead") for d in ours):
+            break
+        if time.monotonic() > deadline:
+            err_console.print(f"[red]only {sum(d.status == 'sent' for d in ours)} of {windows} windows were billed in time[/]")
+            sys.exit(1)
+        time.sleep(1)
+    finals, ledger = fetch_reconciliation_input(cfg, timedelta(0))
+    _, discrepancies = compare([w for w in finals if w.tenant_id.startswith(tenant_prefix)], [d for d in ledger if d.tenant_id.startswith(tenant_prefix)])
+    sent = [d for d in ours if d.status == "sent"]
+    table = Table("identifier", "customer", "event_name", "value", "window start (UTC)", "response")
+    for d in sent[:8]:
+        table.add_row(d.identifier[:40] + "...", d.provider_customer_id or "", d.event_name, d.value or "", f"{d.window_start:%H:%M:%S}", d.provider_response_id or "")
+    console.print(table)
+    if discrepancies or len(sent) != len(ours):
+        err_console.print(f"[red]billing: {len(sent)} of {len(ours)} sent, {len(discrepancies)} discrepancies; see `meterflow billing status --dead`[/]")
+        sys.exit(1)
+    console.print(f"[green]{len(sent)} meter events accepted (one per closed window, first 8 shown); the ledger reconciles with Postgres.[/]")
 
 
 def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, timedelta]:

@@ -602,7 +602,7 @@ def ensure_secrets(cfg: JobConfig) -> bool:
         created = True
     if cfg.stripe.api_key is None and StripeMock(cfg).wanted and path.exists() and "METERFLOW_STRIPE_API_KEY=" not in path.read_text():
         with path.open("a") as out:
-            out.write("# any test-mode key works with the local stripe-mock\nMETERFLOW_STRIPE_API_KEY=sk_test_local_stripe_mock\n")
+            out.write("# any test-mode key works with the local stripe-mock\nMETERFLOW_STRIPE_API_KEY=sk_test_meterflowLocalMock\n")
         created = True
     return created
 

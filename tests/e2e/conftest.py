@@ -55,7 +55,7 @@ def e2e_stack(tmp_path_factory) -> Iterator[E2EStack]:
     from meterflow.stack import LocalStack, ensure_secrets
 
     root = tmp_path_factory.mktemp("stack")
-    kafka, controller, pg, rest, rpc = _free_ports(5)
+    kafka, controller, pg, rest, rpc, stripe_mock = _free_ports(6)
     run = uuid.uuid4().hex[:8]
     base = {
         "kafka": {
@@ -69,16 +69,20 @@ def e2e_stack(tmp_path_factory) -> Iterator[E2EStack]:
         "postgres": {"port": pg},
         "flink": {"rest_port": rest, "checkpoint_interval": "2s", "checkpoint_dir": "state/flink/checkpoints", "parallelism": 2},
         "event_time": {"window_size": "10s", "watermark_delay": "2s", "source_idle_timeout": "5s"},
-        "stack": {"state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc},
+        "stack": {"state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc, "stripe_mock_port": stripe_mock},
+        "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
         "secrets_file": "state/secrets.env",
     }
     stack = E2EStack(base, root)
     cfg, _ = stack.config("base")
     ensure_secrets(cfg)
+    with cfg.path(cfg.secrets_file).open("a") as secrets:
+        secrets.write("METERFLOW_STRIPE_API_KEY=sk_test_meterflowE2E\n")  # any test key works with stripe-mock
     cfg, _ = stack.config("base")
     local = LocalStack(cfg)
     try:
         local.up(echo=lambda m: None)
+        local.stripe_mock.up()  # billing tests enable billing per job; the mock runs for the session
         yield stack
     finally:
         local.down()

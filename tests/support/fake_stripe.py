@@ -30,7 +30,7 @@ DEDUP_WINDOW_S = 24 * 3600
 
 @dataclass(frozen=True)
 class Fault:
-    """What the fake does with one request: ``status`` (reject), ``slow``, ``drop`` or ``hold``."""
+    """What the fake does with one request: ``status`` (reject), ``slow``, ``drop``, ``hold`` or ``pass``."""
 
     kind: str
     status: int = 500
@@ -42,6 +42,7 @@ def reject(status: int, retry_after: float | None = None) -> Fault:
     return Fault("status", status=status, retry_after=retry_after)
 
 
+PASS = Fault("pass")  # no fault for this request: lets a schedule place a fault later
 SLOW = Fault("slow", delay=4.0)
 DROP = Fault("drop")
 HOLD = Fault("hold")
@@ -143,7 +144,8 @@ class FakeStripe:
         with self._lock:
             if self.clock() < self._fail_until:
                 return reject(self._fail_status, self._fail_retry_after)
-            return self._faults.popleft() if self._faults else None
+            fault = self._faults.popleft() if self._faults else None
+            return None if fault is not None and fault.kind == "pass" else fault
 
     def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
         if handler.path.split("?")[0] != "/v1/billing/meter_events":

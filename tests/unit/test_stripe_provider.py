@@ -1,0 +1,94 @@
+"""The Stripe provider (official SDK) against the project's fault-injecting fake on loopback.
+
+Checks how each kind of answer becomes a ProviderError the retry policy understands, and that
+the identifier doubles as the Idempotency-Key so a resend is replayed, not counted again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+
+from meterflow.config import JobConfig
+from meterflow.errors import ConfigError, ProviderError
+from sinks.billing import MeterEvent
+from sinks.stripe_provider import StripeMeterEvents
+from tests.support.fake_stripe import DROP, SLOW, FakeStripe, reject
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    server = FakeStripe().start()
+    yield server
+    server.stop()
+
+
+def provider(fake: FakeStripe, timeout: str = "2s") -> StripeMeterEvents:
+    cfg = JobConfig.model_validate({"stripe": {"api_base": fake.url, "api_key": "sk_test_unit"}, "billing": {"enabled": True, "request_timeout": timeout}})
+    return StripeMeterEvents(cfg)
+
+
+def event(identifier: str = "mf-1-abc", value: str = "12.5") -> MeterEvent:
+    return MeterEvent(identifier, "tokens", "cus_1", value, int(time.time()) - 60)
+
+
+def test_sent_event_is_accepted_once_and_a_resend_is_replayed(fake):
+    """The same identifier and key twice: one accepted event, the second answer is Stripe's replay."""
+    p = provider(fake)
+    assert p.send(event()).startswith("req_fake_")
+    p.send(event())
+    assert list(fake.accepted) == ["mf-1-abc"] and fake.accepted["mf-1-abc"].value == Decimal("12.5")
+    assert fake.accepted["mf-1-abc"].idempotency_key == "mf-1-abc"
+    assert [r.outcome for r in fake.requests] == ["accepted", "replayed"]
+
+
+def test_429_is_retryable_with_retry_after(fake):
+    fake.inject(reject(429, retry_after=3))
+    with pytest.raises(ProviderError) as e:
+        provider(fake).send(event())
+    assert (e.value.status, e.value.retryable, e.value.retry_after) == (429, True, 3.0)
+    assert fake.accepted == {}
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_5xx_is_retryable(fake, status):
+    fake.inject(reject(status))
+    with pytest.raises(ProviderError) as e:
+        provider(fake).send(event())
+    assert e.value.status == status and e.value.retryable
+
+
+def test_same_key_with_other_parameters_is_refused(fake):
+    """Stripe refuses a reused Idempotency-Key with different parameters; so does the fake, and it is final."""
+    p = provider(fake)
+    p.send(event(value="1"))
+    with pytest.raises(ProviderError) as e:
+        p.send(event(value="2"))
+    assert e.value.status == 400 and not e.value.retryable and len(fake.accepted) == 1
+
+
+def test_invalid_request_is_final(fake):
+    """A value that is not a number is refused with 400: retrying can't help."""
+    with pytest.raises(ProviderError) as e:
+        provider(fake).send(event(value="twelve"))
+    assert e.value.status == 400 and not e.value.retryable and "must be a number" in str(e.value)
+
+
+@pytest.mark.parametrize("fault", [DROP, SLOW])
+def test_unanswered_calls_are_retryable_and_the_resend_is_not_counted_twice(fake, fault):
+    """Dropped connection or an answer after the timeout: the event was accepted; the resend replays it."""
+    fake.inject(fault)
+    p, sent = provider(fake, timeout="1s"), event()
+    with pytest.raises(ProviderError) as e:
+        p.send(sent)
+    assert e.value.status is None and e.value.retryable
+    p.send(sent)
+    assert len(fake.accepted) == 1 and fake.requests[-1].outcome == "replayed"
+
+
+def test_no_api_key_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match="METERFLOW_STRIPE_API_KEY"):
+        StripeMeterEvents(JobConfig.model_validate({"billing": {"enabled": True}}))
