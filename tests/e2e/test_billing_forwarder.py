@@ -165,8 +165,9 @@ def test_exactly_one_accepted_event_per_window_through_faults_and_a_taskmanager_
             assert event.value == quantity and event.event_name == meter and event.customer == f"cus_{tenant[-1]}{customer[-1]}"
             assert event.timestamp == int(start.replace(tzinfo=UTC).timestamp())
         outcomes = fake.outcomes()
+        print(f"fake Stripe answers: {outcomes}")
         assert outcomes.get("duplicate", 0) == 0 and outcomes.get("idempotency-error", 0) == 0 and outcomes.get("invalid", 0) == 0
-        assert outcomes["rejected-429"] >= 1 and outcomes["rejected-500"] == 1 and outcomes["rejected-503"] == 1
+        assert outcomes.get("rejected-429", 0) >= 1 and outcomes["rejected-500"] == 1 and outcomes["rejected-503"] == 1
         assert outcomes["slow"] == 1 and outcomes["dropped"] == 1 and outcomes["held"] == 1
         # Accepted-but-unanswered calls (slow, dropped, held across the kill) were re-sent and replayed, not re-counted.
         assert outcomes["replayed"] >= 3

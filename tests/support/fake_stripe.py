@@ -77,6 +77,7 @@ class FakeStripe:
     held: threading.Event = field(default_factory=threading.Event)
     _faults: deque[Fault] = field(default_factory=deque)
     _fail_until: float = 0.0
+    _fail_pending: float | None = None
     _fail_status: int = 429
     _fail_retry_after: float | None = None
     _release: threading.Event = field(default_factory=threading.Event)
@@ -92,9 +93,9 @@ class FakeStripe:
             self._faults.extend(faults)
 
     def fail_for(self, seconds: float, status: int = 429, retry_after: float | None = 1.0) -> None:
-        """Answer every request with ``status`` for the next ``seconds``."""
+        """Answer every request with ``status`` for ``seconds``, counted from the next request."""
         with self._lock:
-            self._fail_until, self._fail_status, self._fail_retry_after = self.clock() + seconds, status, retry_after
+            self._fail_pending, self._fail_status, self._fail_retry_after = seconds, status, retry_after
 
     def release(self) -> None:
         """Let a held request go (its connection is dropped)."""
@@ -142,6 +143,8 @@ class FakeStripe:
     # -- behaviour -----------------------------------------------------------------------------
     def _next_fault(self) -> Fault | None:
         with self._lock:
+            if self._fail_pending is not None:
+                self._fail_until, self._fail_pending = self.clock() + self._fail_pending, None
             if self.clock() < self._fail_until:
                 return reject(self._fail_status, self._fail_retry_after)
             fault = self._faults.popleft() if self._faults else None

@@ -92,3 +92,19 @@ def test_unanswered_calls_are_retryable_and_the_resend_is_not_counted_twice(fake
 def test_no_api_key_is_a_clear_config_error():
     with pytest.raises(ConfigError, match="METERFLOW_STRIPE_API_KEY"):
         StripeMeterEvents(JobConfig.model_validate({"billing": {"enabled": True}}))
+
+
+def test_fail_for_starts_at_the_next_request_and_ends(fake):
+    """The fake's outage window: every call inside it gets the status, the first call after it succeeds."""
+    now = [time.time()]
+    fake.clock = lambda: now[0]
+    fake.fail_for(5, status=429, retry_after=2)
+    now[0] += 30  # the outage starts with the next request, not when scheduled
+    p = provider(fake)
+    for _ in range(2):
+        with pytest.raises(ProviderError) as e:
+            p.send(event())
+        assert e.value.status == 429
+    now[0] += 6
+    p.send(event())
+    assert [r.outcome for r in fake.requests] == ["rejected-429", "rejected-429", "accepted"]
