@@ -83,6 +83,7 @@ class FakeStripe:
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _by_key: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    client_disconnects: int = 0
     _server: ThreadingHTTPServer | None = None
     _counter: int = 0
 
@@ -129,7 +130,17 @@ class FakeStripe:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fake._handle(self, body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                # A client that gave up on a slow answer closes its end: expected, counted, not noise.
+                import sys
+
+                if isinstance(sys.exc_info()[1], ConnectionError):
+                    fake.client_disconnects += 1
+                else:
+                    super().handle_error(request, client_address)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="fake-stripe", daemon=True).start()
         return self
