@@ -371,10 +371,12 @@ def billing_customers_list(ctx: Context) -> None:
 @cli.command()
 @click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="Billing period to total per customer.")
 @click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC), e.g. when billing was switched on.")
+@click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
 @click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be in flight and are skipped.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_ctx
-def reconcile(ctx: Context, period: str, tenant: str | None, grace: str, fmt: str) -> None:
+def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, fmt: str) -> None:
     """Compare final windows in Postgres with what the ledger says the provider accepted.
 
     Exits 1 and lists every discrepancy (window not billed, billed with another quantity, billed
@@ -383,9 +385,16 @@ def reconcile(ctx: Context, period: str, tenant: str | None, grace: str, fmt: st
     from sinks.ledger import fetch_reconciliation_input
     from sinks.reconcile import reconcile as compare
 
+    try:
+        lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
+    except ValueError as e:
+        raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
     finals, ledger = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
-    if tenant is not None:
-        finals, ledger = [w for w in finals if w.tenant_id == tenant], [d for d in ledger if d.tenant_id == tenant]
+
+    def chosen(w: object) -> bool:
+        return (tenant is None or w.tenant_id == tenant) and (lower is None or w.window_start >= lower) and (upper is None or w.window_start < upper)
+
+    finals, ledger = [w for w in finals if chosen(w)], [d for d in ledger if chosen(d)]
     totals, discrepancies = compare(finals, ledger, period)  # type: ignore[arg-type]
     if fmt == "json":
         console.print_json(json.dumps({"periods": [t.__dict__ for t in totals], "discrepancies": [d.__dict__ for d in discrepancies]}, default=str))
