@@ -19,24 +19,28 @@ DiscrepancyKind = Literal["not billed", "billed differently", "billed without a 
 
 
 @dataclass(frozen=True)
-class FinalWindow:
+class _Window:
+    """A window's key and quantity, as both sides of the comparison hold them."""
+
     tenant_id: str
     customer_id: str
     meter: str
     dimensions_key: str
     window_start: datetime
     quantity: Decimal
+
+    @property
+    def key(self) -> tuple:
+        return (self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start)
+
+
+@dataclass(frozen=True)
+class FinalWindow(_Window):
     settled: bool  # finalised before the grace cut-off
 
 
 @dataclass(frozen=True)
-class LedgerWindow:
-    tenant_id: str
-    customer_id: str
-    meter: str
-    dimensions_key: str
-    window_start: datetime
-    quantity: Decimal
+class LedgerWindow(_Window):
     status: str
     last_error: str | None
 
@@ -76,11 +80,8 @@ def period_of(moment: datetime, period: Period) -> str:
 
 def reconcile(final_windows: Iterable[FinalWindow], ledger: Iterable[LedgerWindow], period: Period = "month") -> tuple[list[PeriodTotal], list[Discrepancy]]:
     """Per-period totals and every window-level discrepancy (an empty list means the two agree)."""
-    def key(w: FinalWindow | LedgerWindow) -> tuple:
-        return (w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start)
-
-    finals = {key(w): w for w in final_windows}
-    deliveries = {key(d): d for d in ledger}
+    finals = {w.key: w for w in final_windows}
+    deliveries = {d.key: d for d in ledger}
     discrepancies: list[Discrepancy] = []
     totals: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0), Decimal(0)])
     for k, final in finals.items():
