@@ -356,6 +356,26 @@ def billing_customers_set(ctx: Context, tenant_id: str, customer_id: str, provid
     err_console.print(f"{tenant_id}/{customer_id} -> {ctx.cfg.billing.provider} {provider_customer_id}")
 
 
+@billing_customers.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def billing_customers_import(ctx: Context, csv_file: Path) -> None:
+    """Map many customers from a CSV with the header tenant_id,customer_id,provider_customer_id.
+
+    Nothing is written if any row is invalid; every problem is listed (exit code 2).
+    """
+    from sinks.billing import parse_customer_csv
+    from sinks.ledger import map_customers
+
+    mappings, problems = parse_customer_csv(csv_file.read_text())
+    for problem in problems:
+        err_console.print(f"[red]{csv_file}: {problem}[/]")
+    if problems:
+        sys.exit(2)
+    map_customers(ctx.cfg, mappings)
+    err_console.print(f"{len(mappings)} customers mapped to {ctx.cfg.billing.provider}")
+
+
 @billing_customers.command("list")
 @pass_ctx
 def billing_customers_list(ctx: Context) -> None:

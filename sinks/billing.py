@@ -244,3 +244,38 @@ class Deliverer:
         while wait > 0:
             self.sleep(wait)
             wait = self.bucket.wait_time()
+
+
+@dataclass(frozen=True)
+class CustomerMapping:
+    """One row of a customer mapping import: a tenant's customer and the provider's customer id."""
+
+    tenant_id: str
+    customer_id: str
+    provider_customer_id: str
+
+
+def parse_customer_csv(text: str) -> tuple[list[CustomerMapping], list[str]]:
+    """Parse ``tenant_id,customer_id,provider_customer_id`` CSV (header required); bad rows come back as reasons."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(text))
+    wanted = ("tenant_id", "customer_id", "provider_customer_id")
+    missing = [c for c in wanted if c not in (reader.fieldnames or [])]
+    if missing:
+        return [], [f"header must name {', '.join(wanted)}; missing {', '.join(missing)}"]
+    mappings, problems, seen = [], [], {}
+    for line, row in enumerate(reader, start=2):
+        values = [(row.get(c) or "").strip() for c in wanted]
+        if not all(values):
+            problems.append(f"line {line}: every column needs a value")
+            continue
+        mapping = CustomerMapping(*values)
+        key = (mapping.tenant_id, mapping.customer_id)
+        if key in seen and seen[key] != mapping.provider_customer_id:
+            problems.append(f"line {line}: {key[0]}/{key[1]} is mapped twice, to {seen[key]} and {mapping.provider_customer_id}")
+            continue
+        seen[key] = mapping.provider_customer_id
+        mappings.append(mapping)
+    return mappings, problems

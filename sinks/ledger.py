@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 
 from meterflow.config import JobConfig
-from sinks.billing import ClosedWindow, LedgerEntry, MeterEvent
+from sinks.billing import ClosedWindow, CustomerMapping, LedgerEntry, MeterEvent
 from sinks.ledger_schema import (
     DELIVERY_COLUMNS,
     begin_delivery_sql,
@@ -134,9 +134,14 @@ def status_summary(cfg: JobConfig) -> list[tuple[Any, ...]]:
 
 def map_customer(cfg: JobConfig, tenant_id: str, customer_id: str, provider_customer_id: str) -> None:
     """Map a tenant's customer to the provider's customer id (replacing an earlier mapping)."""
-    params = {"tenant_id": tenant_id, "customer_id": customer_id, "provider": cfg.billing.provider, "provider_customer_id": provider_customer_id}
-    with connect(cfg.postgres) as conn:
-        conn.execute(upsert_customer_sql(cfg.billing.customers_table), params)
+    map_customers(cfg, [CustomerMapping(tenant_id, customer_id, provider_customer_id)])
+
+
+def map_customers(cfg: JobConfig, mappings: list[CustomerMapping]) -> None:
+    """Map many customers in one transaction: all or none."""
+    rows = [{"tenant_id": m.tenant_id, "customer_id": m.customer_id, "provider": cfg.billing.provider, "provider_customer_id": m.provider_customer_id} for m in mappings]
+    with connect(cfg.postgres) as conn, conn.transaction(), conn.cursor() as cur:
+        cur.executemany(upsert_customer_sql(cfg.billing.customers_table), rows)
 
 
 def fetch_customers(cfg: JobConfig) -> list[tuple[str, str, str, str]]:

@@ -109,8 +109,10 @@ def test_closed_windows_reach_stripe_mock_dead_letters_replay_and_reconcile(e2e_
 
     status = _cli(path, "billing", "status", "--dead")
     assert status.exit_code == 0 and "dead" in status.output
-    for tenant in ("tenant-0", "tenant-1"):
-        assert _cli(path, "billing", "customers", "set", tenant, "cust-2", f"cus_{tenant[-1]}2").exit_code == 0
+    assert _cli(path, "billing", "customers", "set", "tenant-0", "cust-2", "cus_02").exit_code == 0
+    mapping_csv = path.with_suffix(".customers.csv")
+    mapping_csv.write_text("tenant_id,customer_id,provider_customer_id\ntenant-1,cust-2,cus_12\n")
+    assert _cli(path, "billing", "customers", "import", str(mapping_csv)).exit_code == 0
     replay = _cli(path, "billing", "replay")
     assert replay.exit_code == 0, replay.output
     after = {d.identifier: d for d in fetch_deliveries(cfg)}

@@ -172,3 +172,15 @@ def test_rate_limit_spreads_calls_and_is_shared_by_subtasks():
     # 2 calls/s per subtask with a burst of 2: four of the six calls wait 0.5 s each.
     assert sum(t.slept) == pytest.approx(2.0)
     assert len(provider.sent) == 6
+
+
+def test_customer_csv_import_parses_and_reports_every_problem():
+    """Valid rows become mappings; empty cells, conflicting duplicates and a bad header are reasons, not crashes."""
+    from sinks.billing import CustomerMapping, parse_customer_csv
+
+    ok, problems = parse_customer_csv("tenant_id,customer_id,provider_customer_id\nt1,c1,cus_1\nt1,c2, cus_2 \nt1,c1,cus_1\n")
+    assert ok == [CustomerMapping("t1", "c1", "cus_1"), CustomerMapping("t1", "c2", "cus_2"), CustomerMapping("t1", "c1", "cus_1")] and problems == []
+    _, problems = parse_customer_csv("tenant_id,customer_id,provider_customer_id\nt1,,cus_1\nt1,c1,cus_1\nt1,c1,cus_9\n")
+    assert problems == ["line 2: every column needs a value", "line 4: t1/c1 is mapped twice, to cus_1 and cus_9"]
+    _, problems = parse_customer_csv("tenant,customer\nt1,c1\n")
+    assert problems == ["header must name tenant_id, customer_id, provider_customer_id; missing tenant_id, customer_id, provider_customer_id"]
