@@ -153,13 +153,18 @@ def send_events(
     rate: float = 0.0,
     on_sent: Callable[[int], None] = lambda n: None,
     partition_for: Callable[[int, UsageEvent], int | None] = lambda i, e: None,
+    timestamp_for: Callable[[int, UsageEvent], int | None] = lambda i, e: None,
 ) -> int:
     """Send events as plain Avro; block until every one is acknowledged. Returns the count sent.
 
+    Sends are pipelined: acknowledgements are counted by callbacks, so the sender never waits for
+    a batch round trip (kafka-python blocks ``send`` only when its buffer is full).
+
     Args:
         rate: events per second (0 = as fast as possible).
-        on_sent: progress callback, called with the number sent since the last call.
+        on_sent: progress callback, called with the number acknowledged since the last call.
         partition_for: explicit partition for event i (None = by key).
+        timestamp_for: Kafka record timestamp in epoch ms for event i (None = the send time).
     """
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
@@ -169,27 +174,43 @@ def send_events(
     except KafkaError as e:
         msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
         raise ProduceError(msg) from e
-    sent, pending, started = 0, [], time.monotonic()
+    acked: list[int] = [0]
+    errors: list[BaseException] = []
+    reported, sent, started = 0, 0, time.monotonic()
+
+    def on_ack(_: object) -> None:
+        acked[0] += 1
+
+    def report() -> None:
+        nonlocal reported
+        done = acked[0]
+        if done > reported:
+            on_sent(done - reported)
+            reported = done
+
     try:
         for i, event in enumerate(events):
-            pending.append(producer.send(topic, encode_usage_event(event), key=message_key(event), partition=partition_for(i, event)))
+            future = producer.send(topic, encode_usage_event(event), key=message_key(event), partition=partition_for(i, event), timestamp_ms=timestamp_for(i, event))
+            future.add_callback(on_ack).add_errback(errors.append)
             sent += 1
             if rate > 0:
                 ahead = sent / rate - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
-            if len(pending) >= 1000:
-                for f in pending:
-                    f.get(timeout=60)
-                on_sent(len(pending))
-                pending = []
+            if sent % 1000 == 0:
+                if errors:
+                    raise errors[0]
+                report()
         producer.flush()
-        for f in pending:
-            f.get(timeout=60)
-        on_sent(len(pending))
+        if errors:
+            raise errors[0]
+        report()
     except KafkaError as e:
         msg = f"sending to {topic} failed after {sent} events: {e}"
         raise ProduceError(msg) from e
     finally:
         producer.close()
+    if acked[0] != sent:
+        msg = f"sending to {topic}: {sent} events sent but {acked[0]} acknowledged"
+        raise ProduceError(msg)
     return sent
