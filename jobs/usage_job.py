@@ -9,7 +9,8 @@ Submit with ``meterflow submit`` or directly::
     flink run -d -py jobs/usage_job.py --config meterflow.yaml
 
 All per-event work runs in JVM operators declared as SQL (jobs/plan.py) and the Java functions in
-udf/; the Python operators close windows and bill them (one element per window, not per event).
+udf/, windows are closed by a Java operator from udf/ too; the only Python operator bills closed
+windows (one element per window, not per event).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 from pyflink.common import Configuration, Types
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
+from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 from pyflink.table.changelog_mode import ChangelogMode
 
@@ -47,7 +49,7 @@ from jobs.plan import (
 from jobs.billing_plan import BILLING_OUTCOMES_VIEW, billing_outcomes_insert, billing_outcomes_sink_ddl
 from meterflow.config import JobConfig, config_without_secrets, load_config
 from meterflow.errors import ConfigError
-from sinks.window_closer import CLOSED_WINDOW_COLUMNS, WindowCloser, closed_window_type
+from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
 
 def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> StreamTableEnvironment:
@@ -116,6 +118,18 @@ def _declare_billing(t_env: StreamTableEnvironment, cfg: JobConfig, closed: Data
     t_env.execute_sql(billing_outcomes_sink_ddl())
 
 
+def _close_windows(changelog: DataStream, allowed_lateness_ms: int) -> DataStream:
+    """Each window once, with its final value: the JVM closer of udf/ (dev.meterflow.udf.WindowCloser).
+
+    Declared through the Java DataStream API: one element per window update would otherwise cross
+    into a Python worker, whose per-key state round trips cap the whole job at a few hundred
+    windows per second.
+    """
+    closer = get_gateway().jvm.dev.meterflow.udf.WindowCloser
+    j_closed = changelog._j_data_stream.keyBy(closer.windowKey()).process(closer(allowed_lateness_ms), closer.outputType())
+    return DataStream(j_closed.name("close windows").uid("close-windows-jvm"))
+
+
 def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     """The window aggregate, computed once, feeding both the per-fire upserts and the window closer."""
     builder = Schema.new_builder()
@@ -124,12 +138,7 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
     changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
     t_env.create_temporary_view(WINDOW_CHANGELOG_VIEW, t_env.from_changelog_stream(changelog, schema, ChangelogMode.upsert()))
-    closed = (
-        changelog.key_by(lambda r: (r[0], r[1], r[2], r[3], str(r[4])), key_type=Types.TUPLE([Types.STRING()] * 5))
-        .process(WindowCloser(int(cfg.event_time.allowed_lateness.total_seconds() * 1000)), output_type=closed_window_type())
-        .name("close windows")
-        .uid("close-windows")
-    )
+    closed = _close_windows(changelog, int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
     closed_schema = Schema.new_builder()
     for name, _, data_type in CLOSED_WINDOW_COLUMNS:
         closed_schema = closed_schema.column(name, data_type)

@@ -27,3 +27,15 @@ def test_decoder_reads_the_schema_from_the_avro_dir():
     pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
     assert "<directory>${project.basedir}/../avro</directory>" in pom
     assert '"/avro/usage_event.avsc"' in DECODER.read_text()
+
+
+def test_window_closer_emits_the_closed_window_columns():
+    """The Java closer's output names and types are the ones the final sink and billing read."""
+    from sinks.window_closer import CLOSED_WINDOW_COLUMNS
+
+    source = (DECODER.parent / "WindowCloser.java").read_text()
+    names = re.findall(r'"(\w+)"', re.search(r"NAMES\s*=\s*\{(.*?)\};", source, re.S).group(1))
+    types = re.findall(r"Types\.(\w+)", re.search(r"ROW_NAMED\(NAMES,(.*?)\);", source, re.S).group(1))
+    java_for = {"VARCHAR": "STRING", "BIGINT": "LONG"}
+    assert names == [c[0] for c in CLOSED_WINDOW_COLUMNS]
+    assert types == [java_for[str(c[2]).split("(")[0].split(" ")[0]] for c in CLOSED_WINDOW_COLUMNS]

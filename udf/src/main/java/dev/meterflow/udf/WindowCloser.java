@@ -1,0 +1,91 @@
+package dev.meterflow.udf;
+
+import java.time.LocalDateTime;
+import java.time.ZoneOffset;
+
+import org.apache.flink.api.common.functions.OpenContext;
+import org.apache.flink.api.common.state.ValueState;
+import org.apache.flink.api.common.state.ValueStateDescriptor;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.api.java.functions.KeySelector;
+import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
+import org.apache.flink.types.Row;
+import org.apache.flink.types.RowKind;
+import org.apache.flink.util.Collector;
+
+/**
+ * Closes windows: keyed by window, keeps the latest value from the window aggregate's upsert
+ * changelog and emits it once, when the watermark passes window end - 1 ms + allowed lateness (the
+ * instant Flink's window operator purges the window), so the emitted value is final.
+ *
+ * <p>Input rows: tenant_id, customer_id, meter, dimensions_key, window_start, window_end (UTC
+ * LocalDateTime), quantity (exact decimal string), event_count, revision. Output rows: the same,
+ * with the window bounds as epoch milliseconds ({@link #outputType()}). State and timers are
+ * checkpointed; one element per window update, in the JVM.
+ */
+public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
+    private static final long serialVersionUID = 1L;
+    private static final String[] NAMES = {
+        "tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision"
+    };
+
+    private final long allowedLatenessMs;
+    private transient ValueState<Row> latest;
+
+    public WindowCloser(long allowedLatenessMs) {
+        this.allowedLatenessMs = allowedLatenessMs;
+    }
+
+    /** Row type of closed windows. */
+    public static TypeInformation<Row> outputType() {
+        return Types.ROW_NAMED(NAMES, Types.STRING, Types.STRING, Types.STRING, Types.STRING, Types.LONG, Types.LONG, Types.STRING, Types.LONG, Types.LONG);
+    }
+
+    /** Key of the window a changelog row belongs to. */
+    public static KeySelector<Row, String> windowKey() {
+        return new WindowKey();
+    }
+
+    @Override
+    public void open(OpenContext openContext) {
+        latest = getRuntimeContext().getState(new ValueStateDescriptor<>("latest-window-value", outputType()));
+    }
+
+    @Override
+    public void processElement(Row row, Context ctx, Collector<Row> out) throws Exception {
+        // An upsert changelog carries each window's newest value as +I/+U; nothing else updates it.
+        if (row.getKind() != RowKind.INSERT && row.getKind() != RowKind.UPDATE_AFTER) {
+            return;
+        }
+        long endMs = epochMs(row.getField(5));
+        Row value = Row.of(row.getField(0), row.getField(1), row.getField(2), row.getField(3), epochMs(row.getField(4)), endMs, row.getField(6), row.getField(7), row.getField(8));
+        if (latest.value() == null) {
+            ctx.timerService().registerEventTimeTimer(endMs - 1 + allowedLatenessMs);
+        }
+        latest.update(value);
+    }
+
+    @Override
+    public void onTimer(long timestamp, OnTimerContext ctx, Collector<Row> out) throws Exception {
+        Row value = latest.value();
+        if (value != null) {
+            latest.clear();
+            out.collect(value);
+        }
+    }
+
+    static long epochMs(Object time) {
+        return ((LocalDateTime) time).toInstant(ZoneOffset.UTC).toEpochMilli();
+    }
+
+    /** (tenant, customer, meter, dimensions, window start), joined with a separator no field contains. */
+    static final class WindowKey implements KeySelector<Row, String> {
+        private static final long serialVersionUID = 1L;
+
+        @Override
+        public String getKey(Row row) {
+            return row.getField(0) + "\u0000" + row.getField(1) + "\u0000" + row.getField(2) + "\u0000" + row.getField(3) + "\u0000" + row.getField(4);
+        }
+    }
+}
