@@ -157,7 +157,7 @@ def dead_letter_insert() -> str:
     return (
         f"INSERT INTO `{DEAD_LETTER_SINK_TABLE}`\n"
         f"SELECT `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`), `source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\n"
-        f"FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NOT NULL"
+        f"FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NOT NULL"
     )
 
 
@@ -234,7 +234,7 @@ def window_changelog_query(cfg: JobConfig) -> str:
     Quantity leaves as an exact decimal string: the changelog also feeds a Python operator, and
     the Python bridge has no exact DECIMAL(38, 9) type. The sinks cast it back.
     """
-    query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE NOT `is_late`")
+    query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE `reject_reason` IS NULL AND NOT `is_late`")
     quantity = f"CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS `quantity`"
     return query.replace(quantity, f"CAST(CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
 
@@ -360,6 +360,33 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
     )
 
 
+# Columns only one side of routed_query has, with their types (the other side fills in NULL).
+_REJECT_COLUMNS = (("payload", "BYTES"), ("source_topic", "STRING"), ("source_partition", "INT"), ("source_offset", "BIGINT"), ("reject_reason", "STRING"))
+_CLASSIFY_COLUMNS = (("dimensions_key", "STRING"), ("window_start", "TIMESTAMP(3)"), ("window_end", "TIMESTAMP(3)"), ("watermark", "TIMESTAMP(3)"), ("lateness_ms", "BIGINT"), ("is_late", "BOOLEAN"))
+
+
+def routed_query(cfg: JobConfig) -> str:
+    """Every record once: unique events classified late or on time, UNION ALL rejected records.
+
+    One query over the validated source, so the planner reads and decodes the topic once for both
+    outputs (the dead letters and the counting path); the caller materialises it once, and the
+    dead-letter, window and late branches filter the materialised rows. Rejected rows have
+    ``reject_reason`` set and NULL classification; counted rows the reverse.
+    """
+    valid = f"(SELECT * FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NULL)"
+    classified = classify_query(cfg, f"({dedup_query(valid)})")
+    events = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
+    derived = ", ".join(f"`{c}`" for c, _ in _CLASSIFY_COLUMNS)
+    no_reject = ", ".join(f"CAST(NULL AS {t}) AS `{c}`" for c, t in _REJECT_COLUMNS)
+    no_classify = ", ".join(f"CAST(NULL AS {t}) AS `{c}`" for c, t in _CLASSIFY_COLUMNS)
+    rejects = ", ".join(f"`{c}`" for c, _ in _REJECT_COLUMNS)
+    return (
+        f"SELECT {events}, {derived}, {no_reject} FROM (\n{classified}\n)\n"
+        "UNION ALL\n"
+        f"SELECT {events}, {no_classify}, {rejects} FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NOT NULL"
+    )
+
+
 def late_events_sink_ddl(cfg: JobConfig) -> str:
     """Kafka sink of late events: Avro per avro/late_usage_event.avsc, exactly-once (transactional)."""
     return _exactly_once_kafka_sink(cfg, LATE_EVENTS_SINK_TABLE, LATE_EVENT_SCHEMA, cfg.kafka.late_events_topic, "late")
@@ -389,5 +416,5 @@ def late_events_insert() -> str:
     return (
         f"INSERT INTO `{LATE_EVENTS_SINK_TABLE}`\n"
         f"SELECT {cols}, `window_start`, `window_end`, `watermark`, `lateness_ms`, LOCALTIMESTAMP AS `seen_at`\n"
-        f"FROM `{CLASSIFIED_VIEW}` WHERE `is_late`"
+        f"FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NULL AND `is_late`"
     )

@@ -32,13 +32,12 @@ from jobs.plan import (
     VALIDATED_VIEW,
     WINDOW_CHANGELOG_VIEW,
     JdbcTarget,
-    classify_query,
     dead_letter_insert,
     dead_letter_sink_ddl,
-    dedup_query,
     final_windows_insert,
     late_events_insert,
     late_events_sink_ddl,
+    routed_query,
     table_options,
     usage_source_ddl,
     usage_windows_sink_ddl,
@@ -159,8 +158,8 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
-    valid = f"(SELECT * FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NULL)"
-    _materialise(t_env, classify_query(cfg, f"({dedup_query(valid)})"), CLASSIFIED_VIEW)
+    # Classified events and rejected records in one materialised stream: the topic is read once.
+    _materialise(t_env, routed_query(cfg), CLASSIFIED_VIEW)
     _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
     statements.add_insert_sql(window_upserts_insert())

@@ -13,6 +13,7 @@ from jobs.plan import (
     dead_letter_insert,
     dead_letter_sink_ddl,
     dedup_query,
+    routed_query,
     dimensions_key_expr,
     final_windows_insert,
     quantity_expr,
@@ -91,10 +92,24 @@ def test_dead_letters_keep_raw_bytes_and_are_counted(cfg):
 def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
     """The aggregate sums quantity and counts on-time events per key and window of the configured size."""
     sql = window_changelog_query(cfg)
-    assert "FROM `classified_events` WHERE NOT `is_late`" in sql
+    assert "FROM `classified_events` WHERE `reject_reason` IS NULL AND NOT `is_late`" in sql
     assert "GROUP BY `tenant_id`, `customer_id`, `meter`, `dimensions_key`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)" in sql
     assert "SUM(`quantity`)" in sql and "COUNT(*) AS `event_count`" in sql
     assert "AS STRING) AS `quantity`" in sql  # exact decimal string across the Python bridge
+
+
+def test_routed_query_reads_the_source_once_for_both_outputs(cfg):
+    """Classified unique events and rejected records in one UNION ALL with the same columns on both sides."""
+    sql = routed_query(cfg)
+    counted, rejected = sql.split("UNION ALL")
+    assert "ROW_NUMBER()" in counted and "`reject_reason` IS NULL" in counted and "CAST(NULL AS STRING) AS `reject_reason`" in counted
+    assert "`reject_reason` IS NOT NULL" in rejected and "CAST(NULL AS BOOLEAN) AS `is_late`" in rejected
+
+    def columns(side: str) -> list[str]:
+        head = side.strip().split(" FROM ")[0].removeprefix("SELECT ")
+        return [c.strip().split(" AS ")[-1] for c in head.split(", ")]
+
+    assert columns(counted) == columns(rejected)
 
 
 def test_dedup_keeps_first_copy_per_tenant_and_event_id():
@@ -129,7 +144,7 @@ def test_late_sink_is_exactly_once_avro(cfg):
     assert "'sink.delivery-guarantee' = 'exactly-once'" in ddl
     assert "'sink.transactional-id-prefix' = 'meterflow-usage-late'" in ddl
     assert "`lateness_ms` BIGINT NOT NULL" in ddl and "`watermark` TIMESTAMP(3) NOT NULL" in ddl
-    assert "WHERE `is_late`" in late_events_insert()
+    assert "WHERE `reject_reason` IS NULL AND `is_late`" in late_events_insert()
 
 
 def test_table_options_run_in_utc(cfg):
