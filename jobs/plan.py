@@ -193,7 +193,7 @@ WINDOW_CHANGELOG_VIEW = "window_changelog"
 CLOSED_WINDOWS_VIEW = "closed_windows"
 
 
-def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final: bool = False) -> str:
+def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final: bool = False, flush_interval_ms: int = 200) -> str:
     """JDBC upsert sink into ``usage_windows``.
 
     The connector flushes its buffer on every checkpoint (and every ``flush_rows``), so rows whose
@@ -207,7 +207,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final:
         "username": target.user,
         "password": target.password,
         "sink.buffer-flush.max-rows": str(flush_rows),
-        "sink.buffer-flush.interval": "1 s",
+        "sink.buffer-flush.interval": f"{flush_interval_ms} ms",
         # Few retries: a lasting outage should fail the task and restore from the checkpoint.
         "sink.max-retries": "3",
     }

@@ -84,6 +84,7 @@ def test_closed_windows_reach_stripe_mock_dead_letters_replay_and_reconcile(e2e_
         ids = {_identifier(cfg, k): (k, v) for k, v in expected.items()}
 
         def settled():
+            FlinkCluster(cfg).up()  # a TaskManager stopped by Flink's cancellation watchdog is replaced
             return {d.identifier: d for d in fetch_deliveries(cfg) if d.tenant_id.startswith("tenant-") and d.status in ("sent", "dead")}
 
         wait_for(lambda: set(settled()) == set(ids), 240, "a final ledger state for every closed window")
@@ -151,10 +152,18 @@ def test_exactly_one_accepted_event_per_window_through_faults_and_a_taskmanager_
             cluster.start_taskmanager()
             _wait_restarted(cfg, job_id, killed_at)
 
-            def accepted_ours():
-                return {i: e for i, e in fake.accepted.items() if i in ids}
+            def all_sent() -> bool:
+                FlinkCluster(cfg).up()  # a TaskManager stopped by Flink's cancellation watchdog is replaced
+                statuses = {d.identifier: d.status for d in fetch_deliveries(cfg) if d.identifier in ids}
+                accepted = sum(1 for i in fake.accepted if i in ids)
+                progress.update(accepted=accepted, ledger={s: list(statuses.values()).count(s) for s in set(statuses.values())}, answers=fake.outcomes())
+                return accepted == len(ids) and len(statuses) == len(ids) and set(statuses.values()) == {"sent"}
 
-            wait_for(lambda: len(accepted_ours()) == len(ids) and all(d.status == "sent" for d in fetch_deliveries(cfg) if d.identifier in ids), 300, "every window accepted and sent")
+            progress: dict = {}
+            try:
+                wait_for(all_sent, 300, "every window accepted and sent")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; of {len(ids)} windows: {progress}") from e
             wait_for(lambda: all(r.is_final for r in table_totals(cfg).values()) and len(table_totals(cfg)) == len(expected), 120, "final rows")
         finally:
             flink_jobs.cancel(cfg, job_id)

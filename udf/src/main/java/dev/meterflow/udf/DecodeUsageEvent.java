@@ -9,6 +9,7 @@ import java.nio.ByteBuffer;
 import java.time.Instant;
 import java.time.LocalDateTime;
 import java.time.ZoneOffset;
+import java.util.Arrays;
 import java.util.HashMap;
 import java.util.Map;
 
@@ -42,9 +43,10 @@ public class DecodeUsageEvent extends ScalarFunction {
     private transient GenericDatumReader<GenericRecord> reader;
     private transient BinaryDecoder decoder;
     private transient int quantityScale;
-    // The planner turns each `event`.`field` into its own call with the same payload array: decode once.
-    private transient byte[] lastPayload;
-    private transient Row lastRow;
+    // The planner turns each `event`.`field` into its own call, and the source's watermark, the
+    // counting branch and the dead-letter branch each hold an instance of this function, all chained
+    // in one task thread: one decode per record, shared through a per-thread last-record cache.
+    private static final ThreadLocal<Object[]> LAST = ThreadLocal.withInitial(() -> new Object[2]);
 
     @Override
     public void open(FunctionContext context) throws IOException {
@@ -71,12 +73,15 @@ public class DecodeUsageEvent extends ScalarFunction {
                 throw new UncheckedIOException(e);
             }
         }
-        if (payload != null && payload == lastPayload) {
-            return lastRow;
+        Object[] last = LAST.get();
+        byte[] lastPayload = (byte[]) last[0];
+        if (payload != null && lastPayload != null && (payload == lastPayload || Arrays.equals(payload, lastPayload))) {
+            return (Row) last[1];
         }
-        lastRow = decode(payload);
-        lastPayload = payload;
-        return lastRow;
+        Row row = decode(payload);
+        last[0] = payload;
+        last[1] = row;
+        return row;
     }
 
     private Row decode(byte[] payload) {
