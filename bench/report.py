@@ -113,7 +113,7 @@ def render_markdown(results: Results, notes: str = "") -> str:
         f"- Memory: {machine['memory_gib']:.1f} GiB",
         f"- {machine['os']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
-        "- Shared machine: other work may have been running; absolute figures are indicative, ratios within one run are the comparison.",
+        "- Absolute figures drift between runs on this machine; ratios within one run are the comparison.",
         "",
         "## Data set",
         "",
