@@ -519,7 +519,26 @@ class FlinkCluster:
         for pid in self.taskmanager_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # Python workers of a TaskManager that was killed outlive it (re-parented to init).
+        for pid in self.python_workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not port_open(self.cfg.flink.rest_host, self.cfg.flink.rest_port), "Flink shutdown", 60, self.log_dir)
+
+    def python_workers(self) -> list[int]:
+        """PIDs of this cluster's PyFlink worker processes (runner scripts and Python workers)."""
+        marker = f"FLINK_CONF_DIR={self.conf_dir}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                worker = "pyflink" in (proc / "cmdline").read_text(errors="replace")
+                if worker and marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except (OSError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+        return pids
 
     def status(self) -> ComponentStatus:
         """Running state, address and job counts."""

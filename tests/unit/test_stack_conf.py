@@ -48,3 +48,33 @@ def test_exited_child_is_not_alive(tmp_path):
     assert _pid_alive(pid_file) == child.pid
     time.sleep(0.8)
     assert _pid_alive(pid_file) is None
+
+
+def test_python_workers_of_this_cluster_are_found(tmp_path):
+    """A PyFlink worker left by a killed TaskManager, with this cluster's FLINK_CONF_DIR, is ours to stop; others are not."""
+    import os
+    import subprocess
+    import time
+
+    from meterflow.config import JobConfig
+    from meterflow.stack import FlinkCluster
+
+    cluster = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state")}}))
+    script = "import time; time.sleep(60)  # pyflink worker stand-in"
+
+    def spawn_orphan(conf_dir: str) -> int:
+        # A double fork re-parents the grandchild to init, as a killed TaskManager leaves its workers.
+        launcher = subprocess.run(
+            ["bash", "-c", f'FLINK_CONF_DIR={conf_dir} nohup python3 -c "{script}" >/dev/null 2>&1 & echo $!'],
+            capture_output=True, text=True, check=True,
+        )
+        return int(launcher.stdout.strip())
+
+    ours, theirs = spawn_orphan(str(cluster.conf_dir)), spawn_orphan(str(tmp_path / "other" / "conf"))
+    try:
+        time.sleep(0.3)
+        found = cluster.python_workers()
+        assert ours in found and theirs not in found
+    finally:
+        for pid in (ours, theirs):
+            os.kill(pid, 9)
