@@ -7,7 +7,6 @@ with a developer's stack on the default ports or with a test run, and removed af
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -18,43 +17,15 @@ from typing import Any
 
 import yaml
 
-from meterflow.config import JobConfig, load_config
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that were free a moment ago."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def merge_sections(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A deep-enough copy of ``base`` with each section updated by ``overrides[section]``."""
-    data = yaml.safe_load(yaml.safe_dump(base))
-    for section, values in overrides.items():
-        data.setdefault(section, {}).update(values)
-    return data
+from meterflow.config import JobConfig
+from meterflow.stack import StackConfigs, free_ports
 
 
 @dataclass
-class BenchStack:
+class BenchStack(StackConfigs):
     """The running stack and how to make job configs for it."""
 
-    base: dict[str, Any]
-    dir: Path
-    run_id: str
-
-    def config(self, name: str, **overrides: dict[str, Any]) -> tuple[JobConfig, Path]:
-        """Write a config (base + per-section overrides) named ``name`` and load it."""
-        path = self.dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(merge_sections(self.base, overrides)))
-        return load_config(path, environ={}), path
+    run_id: str = ""
 
 
 def base_config(run_id: str, ports: list[int], partitions: int) -> dict[str, Any]:

@@ -175,24 +175,16 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     return statements
 
 
-def prepare_postgres(cfg: JobConfig) -> None:
-    """Create the tables the job writes (idempotent), so a first submit needs no manual step."""
-    from sinks.postgres import apply_schema
-
-    apply_schema(cfg.postgres)
-    if cfg.billing.enabled:
-        from sinks.ledger import apply_billing_schema
-
-        apply_billing_schema(cfg)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Load config, declare the pipeline and submit it to the cluster."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    prepare_postgres(cfg)
+    # The tables the job writes, created (idempotently) so a first submit needs no manual step.
+    from sinks.ledger import apply_schemas
+
+    apply_schemas(cfg)
     t_env = build_environment(cfg)
     result = declare_pipeline(t_env, cfg).execute()
     job_client = result.get_job_client()

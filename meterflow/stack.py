@@ -59,6 +59,38 @@ class ComponentStatus:
 # ---------------------------------------------------------------- helpers
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback TCP ports that were free a moment ago (for private stacks)."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class StackConfigs:
+    """Configs of one private stack: a base mapping plus per-job section overrides, written as YAML side by side."""
+
+    base: dict
+    dir: Path
+
+    def config(self, name: str, **overrides: dict) -> tuple[JobConfig, Path]:
+        """Write ``<dir>/<name>.yaml`` (base with each section updated by its override) and load it."""
+        from meterflow.config import load_config
+
+        data = yaml.safe_load(yaml.safe_dump(self.base))
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update(values)
+        path = self.dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_config(path, environ={}), path
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether something accepts TCP connections on host:port."""
     try:
@@ -638,16 +670,14 @@ class LocalStack:
 
     def up(self, echo: Callable[[str], None] = print) -> None:
         """Start every part (idempotent), then apply the database schema."""
-        from sinks.ledger import apply_billing_schema
-        from sinks.postgres import apply_schema
+        from sinks.ledger import apply_schemas
 
         parts = [self.kafka, self.postgres, self.flink] + ([self.stripe_mock] if self.stripe_mock.wanted else [])
         for part in parts:
             name = type(part).__name__
             echo(f"starting {name} ..." if not part.running() else f"{name} already running")
             part.up()
-        apply_schema(self.cfg.postgres)
-        apply_billing_schema(self.cfg)
+        apply_schemas(self.cfg)
         echo("stack is up")
 
     def down(self) -> None:

@@ -22,7 +22,7 @@ from pyflink.datastream.state import MapStateDescriptor
 from pyflink.table import DataTypes
 
 from meterflow.config import config_on_worker
-from sinks.billing import ClosedWindow, Dead, Deliverer, Outcome, Retry, Sent, Skipped
+from sinks.billing import ClosedWindow, Dead, Deliverer, Outcome, Retry, Sent
 from sinks.ledger import PostgresLedger
 from sinks.stripe_provider import StripeMeterEvents
 
@@ -39,14 +39,15 @@ def billing_outcome_type() -> Any:
     return Types.ROW_NAMED([c[0] for c in BILLING_OUTCOME_COLUMNS], [c[1] for c in BILLING_OUTCOME_COLUMNS])
 
 
-def _outcome_row(outcome: Outcome) -> Row:
+def _outcome_row(outcome: Outcome) -> tuple[str, Row]:
+    """The outcome's kind (its metric) and its row."""
     if isinstance(outcome, Sent):
-        return Row(outcome.identifier, "sent", outcome.attempts, outcome.response_id)
+        return "sent", Row(outcome.identifier, "sent", outcome.attempts, outcome.response_id)
     if isinstance(outcome, Retry):
-        return Row(outcome.identifier, "failed", outcome.attempts, outcome.error)
+        return "failed", Row(outcome.identifier, "failed", outcome.attempts, outcome.error)
     if isinstance(outcome, Dead):
-        return Row(outcome.identifier, "dead", outcome.attempts, outcome.reason)
-    return Row(outcome.identifier, f"skipped ({outcome.status})", 0, None)
+        return "dead", Row(outcome.identifier, "dead", outcome.attempts, outcome.reason)
+    return "skipped", Row(outcome.identifier, f"skipped ({outcome.status})", 0, None)
 
 
 class BillingForwarder(KeyedProcessFunction):
@@ -90,6 +91,6 @@ class BillingForwarder(KeyedProcessFunction):
             fields = (window.tenant_id, window.customer_id, window.meter, window.dimensions_key, window.window_start_ms, window.window_end_ms, str(window.quantity), window.event_count, window.revision)
             self.retries.put(outcome.identifier, (fields, attempt + 1, due_ms))
             ctx.timer_service().register_processing_time_timer(due_ms)
-        kind = "failed" if isinstance(outcome, Retry) else "skipped" if isinstance(outcome, Skipped) else "sent" if isinstance(outcome, Sent) else "dead"
+        kind, row = _outcome_row(outcome)
         self.counters[kind].inc()
-        return _outcome_row(outcome)
+        return row

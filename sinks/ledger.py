@@ -28,7 +28,7 @@ from sinks.ledger_schema import (
     status_summary_sql,
     upsert_customer_sql,
 )
-from sinks.postgres import connect
+from sinks.postgres import apply_schema, connect
 from sinks.reconcile import FinalWindow, LedgerWindow
 
 
@@ -37,6 +37,12 @@ def apply_billing_schema(cfg: JobConfig) -> None:
     with connect(cfg.postgres) as conn, conn.transaction():
         for statement in billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table):
             conn.execute(statement)
+
+
+def apply_schemas(cfg: JobConfig) -> None:
+    """Every table the job writes: usage windows, and the billing tables (all idempotent)."""
+    apply_schema(cfg.postgres)
+    apply_billing_schema(cfg)
 
 
 class PostgresLedger:

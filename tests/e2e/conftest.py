@@ -8,54 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-import yaml
 
-from meterflow.config import JobConfig, load_config
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-@dataclass
-class E2EStack:
-    """The running stack and how to make job configs for it."""
-
-    base: dict
-    dir: Path
-
-    def config(self, name: str, **overrides: dict) -> tuple[JobConfig, Path]:
-        """Write a config (base + per-section overrides) and load it."""
-        data = yaml.safe_load(yaml.safe_dump(self.base))
-        for section, values in overrides.items():
-            data.setdefault(section, {}).update(values)
-        path = self.dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return load_config(path, environ={}), path
+from meterflow.stack import StackConfigs
 
 
 @pytest.fixture(scope="session")
-def e2e_stack(tmp_path_factory) -> Iterator[E2EStack]:
+def e2e_stack(tmp_path_factory) -> Iterator[StackConfigs]:
     """Start the real stack once per session; stop it and delete its state afterwards."""
-    from meterflow.stack import LocalStack, ensure_secrets
+    from meterflow.stack import LocalStack, ensure_secrets, free_ports
 
     root = tmp_path_factory.mktemp("stack")
-    kafka, controller, pg, rest, rpc, stripe_mock = _free_ports(6)
+    kafka, controller, pg, rest, rpc, stripe_mock = free_ports(6)
     run = uuid.uuid4().hex[:8]
     base = {
         "kafka": {
@@ -73,7 +40,7 @@ def e2e_stack(tmp_path_factory) -> Iterator[E2EStack]:
         "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
         "secrets_file": "state/secrets.env",
     }
-    stack = E2EStack(base, root)
+    stack = StackConfigs(base, root)
     cfg, _ = stack.config("base")
     ensure_secrets(cfg)
     with cfg.path(cfg.secrets_file).open("a") as secrets:

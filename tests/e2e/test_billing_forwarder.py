@@ -62,12 +62,10 @@ def _cli(path, *args: str):
 
 def _prepare(cfg):
     from connectors.kafka_admin import ensure_topics
-    from sinks.ledger import apply_billing_schema
-    from sinks.postgres import apply_schema
+    from sinks.ledger import apply_schemas
 
     ensure_topics(cfg.kafka.bootstrap_servers, [cfg.kafka.usage_events_topic, cfg.kafka.late_events_topic, cfg.kafka.dead_letter_topic], cfg.kafka.partitions)
-    apply_schema(cfg.postgres)
-    apply_billing_schema(cfg)
+    apply_schemas(cfg)
 
 
 def test_closed_windows_reach_stripe_mock_dead_letters_replay_and_reconcile(e2e_stack):

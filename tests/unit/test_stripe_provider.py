@@ -31,8 +31,12 @@ def provider(fake: FakeStripe, timeout: str = "2s") -> StripeMeterEvents:
     return StripeMeterEvents(cfg)
 
 
+# One timestamp for the module: a resend must carry exactly the parameters of the first call.
+EVENT_TIME = int(time.time()) - 60
+
+
 def event(identifier: str = "mf-1-abc", value: str = "12.5") -> MeterEvent:
-    return MeterEvent(identifier, "tokens", "cus_1", value, int(time.time()) - 60)
+    return MeterEvent(identifier, "tokens", "cus_1", value, EVENT_TIME)
 
 
 def test_sent_event_is_accepted_once_and_a_resend_is_replayed(fake):
