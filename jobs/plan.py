@@ -188,17 +188,15 @@ class JdbcTarget:
     password: str
 
 
-USAGE_WINDOWS_FINAL_SINK_TABLE = "usage_windows_final_sink"
-WINDOW_CHANGELOG_VIEW = "window_changelog"
 CLOSED_WINDOWS_VIEW = "closed_windows"
 
 
-def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final: bool = False, flush_interval_ms: int = 200) -> str:
-    """JDBC upsert sink into ``usage_windows``.
+def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, flush_interval_ms: int = 200) -> str:
+    """Flink's JDBC upsert sink into a usage table, at-least-once (flushes ahead of checkpoints).
 
-    The connector flushes its buffer on every checkpoint (and every ``flush_rows``), so rows whose
-    input a completed checkpoint covers are in Postgres. Upserts are idempotent; the table's
-    trigger ignores a row whose revision is older than the stored one (see sinks/postgres_schema.py).
+    The usage job does not use it: its rows go through udf/ ``UsageWindowSink``, committed with
+    the checkpoints. It remains for the benchmark's naive baseline, which measures what a plain
+    PyFlink job would do.
     """
     options = {
         "connector": "jdbc",
@@ -212,7 +210,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final:
         "sink.max-retries": "3",
     }
     return (
-        f"CREATE TABLE `{USAGE_WINDOWS_FINAL_SINK_TABLE if final else USAGE_WINDOWS_SINK_TABLE}` (\n"
+        f"CREATE TABLE `{USAGE_WINDOWS_SINK_TABLE}` (\n"
         "  `tenant_id` STRING NOT NULL,\n"
         "  `customer_id` STRING NOT NULL,\n"
         "  `meter` STRING NOT NULL,\n"
@@ -222,8 +220,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, *, final:
         "  `quantity` DECIMAL(38, 9) NOT NULL,\n"
         "  `event_count` BIGINT NOT NULL,\n"
         "  `revision` BIGINT NOT NULL,\n"
-        + ("  `is_final` BOOLEAN NOT NULL,\n" if final else "")
-        + "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED\n"
+        "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED\n"
         f") {_with(options)}"
     )
 
@@ -237,28 +234,6 @@ def window_changelog_query(cfg: JobConfig) -> str:
     query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE `reject_reason` IS NULL AND NOT `is_late`")
     quantity = f"CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS `quantity`"
     return query.replace(quantity, f"CAST(CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
-
-
-def window_upserts_insert() -> str:
-    """Every fire of every window into Postgres (upsert; the revision guard keeps the newest)."""
-    return (
-        f"INSERT INTO `{USAGE_WINDOWS_SINK_TABLE}`\n"
-        "SELECT `tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`, `window_end`, CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`\n"
-        f"FROM `{WINDOW_CHANGELOG_VIEW}`"
-    )
-
-
-def final_windows_insert() -> str:
-    """Each closed window once, with its final value and ``is_final``, into Postgres."""
-    return (
-        f"INSERT INTO `{USAGE_WINDOWS_FINAL_SINK_TABLE}`\n"
-        "SELECT `tenant_id`, `customer_id`, `meter`, `dimensions_key`,\n"
-        "  CAST(TO_TIMESTAMP_LTZ(`window_start_ms`, 3) AS TIMESTAMP(3)), CAST(TO_TIMESTAMP_LTZ(`window_end_ms`, 3) AS TIMESTAMP(3)),\n"
-        "  CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`, TRUE\n"
-        f"FROM `{CLOSED_WINDOWS_VIEW}`\n"
-        # Append-only into a keyed sink: each window closes once, so keep the first (state bounded by the TTL).
-        "ON CONFLICT DO NOTHING"
-    )
 
 
 def dimensions_key_expr(cfg: JobConfig) -> str:
@@ -336,16 +311,15 @@ def dedup_query(source: str = USAGE_SOURCE_TABLE) -> str:
 
 
 def classify_query(cfg: JobConfig, deduped: str) -> str:
-    """Tag each unique event late or on time, with the same rule the window operator drops by.
+    """Each unique event with its window and the columns the lateness decision fills in.
 
-    Late iff watermark >= window_end - 1 ms + allowed_lateness (the window is already purged).
-    The caller materialises this once (to_data_stream -> from_data_stream) before branching, so the
-    window branch and the late branch see one decision per event, never two.
+    The decision itself (``watermark``, ``lateness_ms``, ``is_late``) is made once per event by the
+    JVM classifier (udf/ ``LatenessClassifier``) on the materialised stream, against a watermark
+    held in checkpointed state: a SQL ``CURRENT_WATERMARK`` starts from NULL after every restore,
+    so a replay could call on time an event whose window was already purged, and lose it.
     """
     size_ms = _ms(cfg.event_time.window_size)
-    lateness_ms = _ms(cfg.event_time.allowed_lateness)
     event_ms = sql_epoch_ms("`event_time`")
-    wm = "CAST(CURRENT_WATERMARK(`event_time`) AS TIMESTAMP(3))"
     start_ms = f"({event_ms} - MOD({event_ms}, {size_ms}))"
     cols = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
     return (
@@ -353,9 +327,9 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
         f"  {dimensions_key_expr(cfg)} AS `dimensions_key`,\n"
         f"  CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) AS `window_start`,\n"
         f"  CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) AS `window_end`,\n"
-        f"  {wm} AS `watermark`,\n"
-        f"  CAST({sql_epoch_ms(wm)} - {event_ms} AS BIGINT) AS `lateness_ms`,\n"
-        f"  ({wm} IS NOT NULL AND {sql_epoch_ms(wm)} >= {start_ms} + {size_ms} - 1 + {lateness_ms}) AS `is_late`\n"
+        "  CAST(NULL AS TIMESTAMP(3)) AS `watermark`,\n"
+        "  CAST(NULL AS BIGINT) AS `lateness_ms`,\n"
+        "  CAST(NULL AS BOOLEAN) AS `is_late`\n"
         f"FROM {deduped}"
     )
 
@@ -363,6 +337,14 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
 # Columns only one side of routed_query has, with their types (the other side fills in NULL).
 _REJECT_COLUMNS = (("payload", "BYTES"), ("source_topic", "STRING"), ("source_partition", "INT"), ("source_offset", "BIGINT"), ("reject_reason", "STRING"))
 _CLASSIFY_COLUMNS = (("dimensions_key", "STRING"), ("window_start", "TIMESTAMP(3)"), ("window_end", "TIMESTAMP(3)"), ("watermark", "TIMESTAMP(3)"), ("lateness_ms", "BIGINT"), ("is_late", "BOOLEAN"))
+
+
+ROUTED_COLUMNS = (*EVENT_FIELDS, *(c for c, _ in _CLASSIFY_COLUMNS), *(c for c, _ in _REJECT_COLUMNS))
+
+
+def classifier_fields() -> tuple[int, int, int, int, int]:
+    """Positions in a routed row of what the JVM classifier reads (event_time, window_end) and sets."""
+    return tuple(ROUTED_COLUMNS.index(c) for c in ("event_time", "window_end", "watermark", "lateness_ms", "is_late"))
 
 
 def routed_query(cfg: JobConfig) -> str:

@@ -30,28 +30,26 @@ from jobs.plan import (
     COUNT_DEAD_LETTER_FUNCTION,
     DECODE_FUNCTION,
     VALIDATED_VIEW,
-    WINDOW_CHANGELOG_VIEW,
     JdbcTarget,
+    classifier_fields,
     dead_letter_insert,
     dead_letter_sink_ddl,
-    final_windows_insert,
     late_events_insert,
     late_events_sink_ddl,
     routed_query,
     table_options,
     usage_source_ddl,
-    usage_windows_sink_ddl,
     validate_query,
     window_changelog_query,
-    window_upserts_insert,
 )
 from jobs.billing_plan import BILLING_OUTCOMES_VIEW, billing_outcomes_insert, billing_outcomes_sink_ddl
 from meterflow.config import JobConfig, config_without_secrets, load_config
 from meterflow.errors import ConfigError
+from sinks.postgres_schema import usage_upsert_sql
 from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
 
-def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> StreamTableEnvironment:
+def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
     """Streaming table environment with exactly-once checkpointing from config."""
     conf = Configuration()
     conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
@@ -59,8 +57,9 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> St
     conf.set_string("execution.checkpointing.dir", cfg.checkpoint_uri())
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
-    # Chained operators hand records over without a defensive copy; the SQL operators and the
-    # Java closer never mutate a record they emitted.
+    # Chained operators hand records over without a defensive copy: the SQL operators and the Java
+    # closer never mutate a record they emitted, and the classifier only fills in fields of the row
+    # it alone receives.
     conf.set_string("pipeline.object-reuse", "true")
     for key, value in (extra or {}).items():
         conf.set_string(key, value)
@@ -68,7 +67,7 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> St
     t_env = StreamTableEnvironment.create(env)
     for key, value in table_options(cfg).items():
         t_env.get_config().set(key, value)
-    return t_env
+    return env, t_env
 
 
 def jdbc_target(cfg: JobConfig) -> JdbcTarget:
@@ -79,15 +78,27 @@ def jdbc_target(cfg: JobConfig) -> JdbcTarget:
     return JdbcTarget(cfg.postgres.jdbc_url(), cfg.postgres.usage_table, cfg.postgres.user, cfg.postgres.password.get_secret_value())
 
 
-def _materialise(t_env: StreamTableEnvironment, query: str, view: str) -> None:
-    """Evaluate a query once and register the result, rowtime and watermarks kept, as a view.
+def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """Evaluate the routed query once, classify each event late or on time in the JVM, register the view.
 
     Branches that read the view see one evaluation per record; reading the query itself from two
-    INSERTs would evaluate it twice, and a watermark- or clock-dependent column could disagree.
+    INSERTs would evaluate it twice, and a watermark-dependent column could disagree. The
+    classifier (udf/ LatenessClassifier) holds the watermark in checkpointed state, so a restore
+    never judges an event against "no watermark yet" (Flink does not checkpoint watermarks).
     """
-    stream = t_env.to_data_stream(t_env.sql_query(query))
+    stream = t_env.to_data_stream(t_env.sql_query(routed_query(cfg)))
+    classifier = get_gateway().jvm.dev.meterflow.udf.LatenessClassifier
+    lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
+    j_classified = classifier.apply(stream._j_data_stream, classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
     schema = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
-    t_env.create_temporary_view(view, t_env.from_data_stream(stream, schema))
+    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), schema))
+
+
+def _write_windows(stream: DataStream, target: JdbcTarget, *, final: bool) -> None:
+    """Window rows into Postgres, committed with the checkpoints (udf/ UsageWindowSink)."""
+    sink = get_gateway().jvm.dev.meterflow.udf.UsageWindowSink(target.url, target.user, target.password, usage_upsert_sql(target.table), final)
+    name, uid = ("write final windows", "write-final-windows") if final else ("write window updates", "write-window-updates")
+    stream._j_data_stream.sinkTo(sink).name(name).uid(uid)
 
 
 WINDOW_CHANGELOG_SCHEMA = (
@@ -133,14 +144,15 @@ def _close_windows(changelog: DataStream, allowed_lateness_ms: int) -> DataStrea
 
 
 def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The window aggregate, computed once, feeding both the per-fire upserts and the window closer."""
+    """The window aggregate, computed once, feeding both the per-fire rows and the window closer's final rows."""
     builder = Schema.new_builder()
     for name, data_type in WINDOW_CHANGELOG_SCHEMA:
         builder = builder.column(name, data_type.not_null())
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
     changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
-    t_env.create_temporary_view(WINDOW_CHANGELOG_VIEW, t_env.from_changelog_stream(changelog, schema, ChangelogMode.upsert()))
+    _write_windows(changelog, jdbc_target(cfg), final=False)
     closed = _close_windows(changelog, int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
+    _write_windows(closed, jdbc_target(cfg), final=True)
     closed_schema = Schema.new_builder()
     for name, _, data_type in CLOSED_WINDOW_COLUMNS:
         closed_schema = closed_schema.column(name, data_type)
@@ -156,18 +168,13 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     for name, java_class in (DECODE_FUNCTION, COUNT_DEAD_LETTER_FUNCTION):
         t_env.create_java_temporary_system_function(name, java_class)
     t_env.execute_sql(usage_source_ddl(cfg))
-    flush_ms = int(cfg.postgres.flush_interval.total_seconds() * 1000)
-    t_env.execute_sql(usage_windows_sink_ddl(jdbc_target(cfg), flush_interval_ms=flush_ms))
-    t_env.execute_sql(usage_windows_sink_ddl(jdbc_target(cfg), final=True, flush_interval_ms=flush_ms))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
     # Classified events and rejected records in one materialised stream: the topic is read once.
-    _materialise(t_env, routed_query(cfg), CLASSIFIED_VIEW)
+    _materialise_classified(t_env, cfg)
     _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
-    statements.add_insert_sql(window_upserts_insert())
-    statements.add_insert_sql(final_windows_insert())
     statements.add_insert_sql(late_events_insert())
     statements.add_insert_sql(dead_letter_insert())
     if cfg.billing.enabled:
@@ -185,11 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     from sinks.ledger import apply_schemas
 
     apply_schemas(cfg)
-    t_env = build_environment(cfg)
-    result = declare_pipeline(t_env, cfg).execute()
-    job_client = result.get_job_client()
-    if job_client is not None:
-        print(f"submitted job {job_client.get_job_id()}", flush=True)
+    env, t_env = build_environment(cfg)
+    # The window rows go to DataStream sinks (committed with checkpoints), the Kafka outputs to SQL
+    # sinks: attach the SQL inserts to the same stream graph and submit it as one job.
+    declare_pipeline(t_env, cfg).attach_as_datastream()
+    job_client = env.execute_async(cfg.flink.job_name)
+    print(f"submitted job {job_client.get_job_id()}", flush=True)
 
 
 if __name__ == "__main__":

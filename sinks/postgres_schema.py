@@ -37,10 +37,11 @@ def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     updated_at   timestamptz    NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start)
 )""",
-        # A replay after a failover may re-send an older state of a window: keep the newer row.
+        # Batches are committed once their checkpoint completed, and again if the job restored before
+        # the commit finished: keep the newer revision, and once a row is final it stays as it is.
         f"""CREATE OR REPLACE FUNCTION {t}_keep_newest() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.revision < OLD.revision THEN
+    IF NEW.revision < OLD.revision OR OLD.is_final THEN
         RETURN NULL;
     END IF;
     NEW.created_at := OLD.created_at;
@@ -52,6 +53,24 @@ $$""",
         f"""CREATE TRIGGER {t}_keep_newest BEFORE UPDATE ON {t}
     FOR EACH ROW EXECUTE FUNCTION {t}_keep_newest()""",
     ]
+
+
+# What the job writes per window, in the order udf/ UsageWindowSink binds them.
+USAGE_WRITE_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_count", "revision", "is_final")
+USAGE_KEY_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start")
+
+
+def usage_upsert_sql(table: str = "usage_windows") -> str:
+    """The statement the job's committing sink runs per window row (one transaction per checkpoint).
+
+    Idempotent: the same batch committed twice leaves the same rows; the trigger refuses older
+    revisions and changes to final rows, and a final flag is never taken back.
+    """
+    t = check_identifier(table)
+    cols = ", ".join(USAGE_WRITE_COLUMNS)
+    marks = ", ".join("?" for _ in USAGE_WRITE_COLUMNS)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in USAGE_WRITE_COLUMNS if c not in USAGE_KEY_COLUMNS and c != "is_final")
+    return f"INSERT INTO {t} ({cols}) VALUES ({marks}) ON CONFLICT ({', '.join(USAGE_KEY_COLUMNS)}) DO UPDATE SET {updates}, is_final = {t}.is_final OR EXCLUDED.is_final"
 
 
 def usage_rows_sql(table: str = "usage_windows") -> str:

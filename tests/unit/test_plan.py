@@ -7,7 +7,9 @@ from datetime import timedelta
 import pytest
 
 from jobs.plan import (
+    ROUTED_COLUMNS,
     JdbcTarget,
+    classifier_fields,
     bounded_event_time,
     classify_query,
     dead_letter_insert,
@@ -15,7 +17,6 @@ from jobs.plan import (
     dedup_query,
     routed_query,
     dimensions_key_expr,
-    final_windows_insert,
     quantity_expr,
     late_events_insert,
     late_events_sink_ddl,
@@ -119,12 +120,22 @@ def test_dedup_keeps_first_copy_per_tenant_and_event_id():
     assert "`row_num` = 1" in sql
 
 
-def test_classification_uses_the_window_drop_rule(write_config):
-    """Late iff watermark >= window end - 1 ms + allowed lateness, in epoch milliseconds."""
+def test_classification_is_left_to_the_jvm_classifier(write_config):
+    """SQL computes the window; the late decision is the classifier's, never a live CURRENT_WATERMARK."""
     cfg = load_config(write_config("event_time:\n  window_size: 10s\n  allowed_lateness: 30s\n"), environ={})
     sql = classify_query(cfg, "src")
-    assert "+ 10000 - 1 + 30000) AS `is_late`" in sql
-    assert "CAST(CURRENT_WATERMARK(`event_time`) AS TIMESTAMP(3)) IS NOT NULL" in sql
+    assert "CURRENT_WATERMARK" not in sql
+    assert "CAST(NULL AS BOOLEAN) AS `is_late`" in sql
+    assert "MOD(" in sql and "+ 10000, 3) AS TIMESTAMP(3)) AS `window_end`" in sql
+
+
+def test_classifier_fields_point_at_the_routed_columns(cfg):
+    """The positions the Java classifier reads and sets are those of the routed query's columns."""
+    counted = routed_query(cfg).split("UNION ALL")[0]
+    head = counted.strip().split(" FROM ")[0].removeprefix("SELECT ")
+    names = [c.strip().split(" AS ")[-1].strip("`") for c in head.split(", ")]
+    assert tuple(names) == ROUTED_COLUMNS
+    assert [ROUTED_COLUMNS[i] for i in classifier_fields()] == ["event_time", "window_end", "watermark", "lateness_ms", "is_late"]
 
 
 def test_lateness_options_only_when_configured(write_config):
@@ -155,13 +166,11 @@ def test_table_options_run_in_utc(cfg):
 
 
 def test_sink_ddl_keys_on_window_identity():
-    """The JDBC sinks upsert on (tenant, customer, meter, dimensions key, window_start); only the final one sets is_final."""
+    """The benchmark baseline's JDBC sink upserts on (tenant, customer, meter, dimensions key, window_start)."""
     target = JdbcTarget("jdbc:postgresql://h:1/d", "usage_windows", "u", "p")
     ddl = usage_windows_sink_ddl(target)
     assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED" in ddl
     assert "'connector' = 'jdbc'" in ddl and "is_final" not in ddl
-    assert "`is_final` BOOLEAN NOT NULL" in usage_windows_sink_ddl(target, final=True)
-    assert "ON CONFLICT DO NOTHING" in final_windows_insert()
 
 
 METERS = """

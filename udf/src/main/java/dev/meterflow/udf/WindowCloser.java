@@ -61,7 +61,7 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
         long endMs = epochMs(row.getField(5));
         Row value = Row.of(row.getField(0), row.getField(1), row.getField(2), row.getField(3), epochMs(row.getField(4)), endMs, row.getField(6), row.getField(7), row.getField(8));
         if (latest.value() == null) {
-            ctx.timerService().registerEventTimeTimer(endMs - 1 + allowedLatenessMs);
+            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(endMs, allowedLatenessMs));
         }
         latest.update(value);
     }

@@ -1,0 +1,117 @@
+package dev.meterflow.udf;
+
+import java.time.Instant;
+import java.time.LocalDateTime;
+import java.time.ZoneOffset;
+import java.util.Collections;
+
+import org.apache.flink.api.common.state.ListState;
+import org.apache.flink.api.common.state.ListStateDescriptor;
+import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.runtime.state.StateInitializationContext;
+import org.apache.flink.runtime.state.StateSnapshotContext;
+import org.apache.flink.streaming.api.datastream.DataStream;
+import org.apache.flink.streaming.api.datastream.SingleOutputStreamOperator;
+import org.apache.flink.streaming.api.operators.AbstractStreamOperator;
+import org.apache.flink.streaming.api.operators.ChainingStrategy;
+import org.apache.flink.streaming.api.operators.OneInputStreamOperator;
+import org.apache.flink.streaming.api.transformations.OneInputTransformation;
+import org.apache.flink.streaming.api.watermark.Watermark;
+import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
+import org.apache.flink.types.Row;
+
+/**
+ * Decides once per unique event whether it is late, with a watermark that survives a restore.
+ *
+ * <p>Flink does not checkpoint watermarks: after a failover or a restart from a savepoint every
+ * operator starts again from "no watermark" until the sources have re-read enough data. A
+ * decision that only read the live watermark would then call on time an event whose window the
+ * window operator had already purged before the checkpoint, and the event would vanish (the
+ * recreated window's row is older than the final one). This operator keeps the highest watermark
+ * it has seen in operator state and classifies against max(held, live).
+ *
+ * <p>Why that is safe: the window operator downstream only ever sees watermarks this operator
+ * forwarded, so its watermark is at most the held one. "On time" here therefore means the window
+ * is still open downstream, before and after a restore. On restore with changed parallelism each
+ * subtask takes the maximum over all subtasks' held watermarks: a higher watermark can only make
+ * an event late earlier (it goes to the late topic, consistently), never lose it.
+ *
+ * <p>Rows without a window end (rejected records travelling in the same stream) pass unchanged.
+ */
+public class LatenessClassifier extends AbstractStreamOperator<Row> implements OneInputStreamOperator<Row, Row> {
+    private static final long serialVersionUID = 1L;
+
+    private final int eventTimeField;
+    private final int windowEndField;
+    private final int watermarkField;
+    private final int latenessField;
+    private final int isLateField;
+    private final long allowedLatenessMs;
+
+    private transient ListState<Long> heldState;
+    private transient long held;
+
+    /** Field positions in the routed row, and the allowed lateness of the window operator. */
+    public LatenessClassifier(int eventTimeField, int windowEndField, int watermarkField, int latenessField, int isLateField, long allowedLatenessMs) {
+        this.eventTimeField = eventTimeField;
+        this.windowEndField = windowEndField;
+        this.watermarkField = watermarkField;
+        this.latenessField = latenessField;
+        this.isLateField = isLateField;
+        this.allowedLatenessMs = allowedLatenessMs;
+    }
+
+    /** Adds the classifier after {@code input}, chained to it, with a stable uid. */
+    public static SingleOutputStreamOperator<Row> apply(DataStream<Row> input, LatenessClassifier classifier, String name, String uid) {
+        SingleOutputStreamOperator<Row> out = input.transform(name, input.getType(), classifier).uid(uid);
+        ((OneInputTransformation<?, ?>) out.getTransformation()).setChainingStrategy(ChainingStrategy.ALWAYS);
+        return out;
+    }
+
+    /** The watermark decisions use now: the live one, never below what was seen before a restore. */
+    public long effectiveWatermark() {
+        return held;
+    }
+
+    @Override
+    public void initializeState(StateInitializationContext context) throws Exception {
+        super.initializeState(context);
+        heldState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("held-watermark", Types.LONG));
+        held = WindowClose.NO_WATERMARK;
+        for (Long restored : heldState.get()) {
+            held = Math.max(held, restored);
+        }
+    }
+
+    @Override
+    public void snapshotState(StateSnapshotContext context) throws Exception {
+        super.snapshotState(context);
+        heldState.update(Collections.singletonList(held));
+    }
+
+    @Override
+    public void processWatermark(Watermark mark) throws Exception {
+        held = Math.max(held, mark.getTimestamp());
+        super.processWatermark(mark);
+    }
+
+    @Override
+    public void processElement(StreamRecord<Row> element) throws Exception {
+        Row row = element.getValue();
+        Object windowEnd = row.getField(windowEndField);
+        if (windowEnd != null) {
+            long endMs = epochMs(windowEnd);
+            boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held);
+            if (held != WindowClose.NO_WATERMARK) {
+                row.setField(watermarkField, LocalDateTime.ofInstant(Instant.ofEpochMilli(held), ZoneOffset.UTC));
+                row.setField(latenessField, held - epochMs(row.getField(eventTimeField)));
+            }
+            row.setField(isLateField, late);
+        }
+        output.collect(element);
+    }
+
+    static long epochMs(Object time) {
+        return ((LocalDateTime) time).toInstant(ZoneOffset.UTC).toEpochMilli();
+    }
+}
