@@ -31,3 +31,19 @@ def delete_topics(bootstrap_servers: str, topics: list[str]) -> None:
             admin.delete_topics(doomed)
     finally:
         admin.close()
+
+
+def group_lag(bootstrap_servers: str, group: str, topic: str) -> int:
+    """Records of ``topic`` the consumer group has not committed yet (end offsets − committed offsets)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterflow-admin", request_timeout_ms=10_000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed")
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends = consumer.end_offsets(partitions)
+        committed = admin.list_consumer_group_offsets(group)
+        return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+    finally:
+        consumer.close()
+        admin.close()

@@ -117,6 +117,17 @@ def completed_checkpoints(cfg: JobConfig, job_id: str) -> int:
     return int(_rest(cfg, f"/jobs/{job_id}/checkpoints")["counts"]["completed"])
 
 
+def checkpoint_stats(cfg: JobConfig, job_id: str) -> dict[str, Any]:
+    """The REST checkpoint statistics of a job (counts, latest completed/restored, recent history)."""
+    return _rest(cfg, f"/jobs/{job_id}/checkpoints")
+
+
+def restarts(cfg: JobConfig, job_id: str) -> int:
+    """How often the job restarted after a failure (Flink's ``numRestarts`` job metric)."""
+    metrics = _rest(cfg, f"/jobs/{job_id}/metrics?get=numRestarts")
+    return int(next((m["value"] for m in metrics if m["id"] == "numRestarts"), 0))
+
+
 def _wait_terminal(cfg: JobConfig, job_id: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -48,14 +48,7 @@ def closing_events(after: datetime, partitions: int) -> list[UsageEvent]:
 
 
 def table_totals(cfg: JobConfig) -> dict[tuple, UsageRow]:
-    """Postgres rows keyed like the oracle (meters without group-by dimensions), without the closer tenant.
-
-    Each poll also makes sure the local cluster has a TaskManager: Flink's cancellation watchdog
-    may stop one after an earlier scenario, and a supervisor would start a new one.
-    """
-    from meterflow.stack import FlinkCluster
-
-    FlinkCluster(cfg).up()
+    """Postgres rows keyed like the oracle (meters without group-by dimensions), without the closer tenant."""
     return {(r.tenant_id, r.customer_id, r.meter, r.window_start): r for r in fetch_usage(cfg.postgres) if r.tenant_id != CLOSER_TENANT}
 
 

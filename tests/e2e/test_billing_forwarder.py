@@ -75,14 +75,12 @@ def test_closed_windows_reach_stripe_mock_dead_letters_replay_and_reconcile(e2e_
     for tenant in ("tenant-0", "tenant-1"):
         for customer in ("cust-0", "cust-1"):
             map_customer(cfg, tenant, customer, f"cus_{tenant[-1]}{customer[-1]}")
-    FlinkCluster(cfg).up()
     job_id = flink_jobs.submit(cfg, path)
     try:
         expected = _produce(cfg, seed=11, count=3000, customers=3, minutes=2)
         ids = {_identifier(cfg, k): (k, v) for k, v in expected.items()}
 
         def settled():
-            FlinkCluster(cfg).up()  # a TaskManager stopped by Flink's cancellation watchdog is replaced
             return {d.identifier: d for d in fetch_deliveries(cfg) if d.tenant_id.startswith("tenant-") and d.status in ("sent", "dead")}
 
         wait_for(lambda: set(settled()) == set(ids), 240, "a final ledger state for every closed window")
@@ -132,7 +130,6 @@ def test_exactly_one_accepted_event_per_window_through_faults_and_a_taskmanager_
         for tenant in ("tenant-0", "tenant-1"):
             for customer in ("cust-0", "cust-1", "cust-2"):
                 map_customer(cfg, tenant, customer, f"cus_{tenant[-1]}{customer[-1]}")
-        FlinkCluster(cfg).up()
         job_id = flink_jobs.submit(cfg, path)
         try:
             fake.fail_for(4, status=429, retry_after=1)
@@ -151,8 +148,7 @@ def test_exactly_one_accepted_event_per_window_through_faults_and_a_taskmanager_
             _wait_restarted(cfg, job_id, killed_at)
 
             def all_sent() -> bool:
-                FlinkCluster(cfg).up()  # a TaskManager stopped by Flink's cancellation watchdog is replaced
-                statuses = {d.identifier: d.status for d in fetch_deliveries(cfg) if d.identifier in ids}
+                    statuses = {d.identifier: d.status for d in fetch_deliveries(cfg) if d.identifier in ids}
                 accepted = sum(1 for i in fake.accepted if i in ids)
                 progress.update(accepted=accepted, ledger={s: list(statuses.values()).count(s) for s in set(statuses.values())}, answers=fake.outcomes())
                 return accepted == len(ids) and len(statuses) == len(ids) and set(statuses.values()) == {"sent"}
