@@ -42,8 +42,8 @@ def group_lag(bootstrap_servers: str, group: str, topic: str) -> int:
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = consumer.end_offsets(partitions)
-        committed = admin.list_consumer_group_offsets(group)
-        return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
+        committed = admin.list_group_offsets({group: partitions}).get(group, {})
+        return sum(ends[tp] - max(committed[tp].offset if tp in committed else 0, 0) for tp in partitions)
     finally:
         consumer.close()
         admin.close()

@@ -148,7 +148,7 @@ def test_exactly_one_accepted_event_per_window_through_faults_and_a_taskmanager_
             _wait_restarted(cfg, job_id, killed_at)
 
             def all_sent() -> bool:
-                    statuses = {d.identifier: d.status for d in fetch_deliveries(cfg) if d.identifier in ids}
+                statuses = {d.identifier: d.status for d in fetch_deliveries(cfg) if d.identifier in ids}
                 accepted = sum(1 for i in fake.accepted if i in ids)
                 progress.update(accepted=accepted, ledger={s: list(statuses.values()).count(s) for s in set(statuses.values())}, answers=fake.outcomes())
                 return accepted == len(ids) and len(statuses) == len(ids) and set(statuses.values()) == {"sent"}

@@ -29,7 +29,7 @@ from meterflow.config import JobConfig
 from meterflow.producer import send_events
 from meterflow.stack import FlinkCluster, KafkaBroker, PostgresServer
 from sinks.postgres import apply_schema
-from tests.e2e.helpers import expected_totals, read_topic, table_totals, wait_for
+from tests.e2e.helpers import CLOSER_TENANT, expected_totals, read_topic, table_totals, wait_for
 from tests.e2e.scenario import ALLOWED_LATENESS, CLOCK_TENANT, WATERMARK_DELAY, WINDOW, Risky, Scenario, close_of, build_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
