@@ -164,6 +164,14 @@ def _proc_running(pid: int) -> bool:
         return False
 
 
+def _is_taskmanager(pid: int) -> bool:
+    """Whether the process is a Flink TaskManager JVM."""
+    try:
+        return b"TaskManagerRunner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _is_group_leader(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid
@@ -529,7 +537,8 @@ class FlinkCluster:
         pids = []
         for pid_file in (self.dir / "pid").glob("*taskexecutor*.pid"):
             for token in pid_file.read_text().split():
-                if token.isdigit() and _proc_running(int(token)):
+                # A pid file outlives its process and pids are reused: check it is still a TaskManager.
+                if token.isdigit() and _proc_running(int(token)) and _is_taskmanager(int(token)):
                     pids.append(int(token))
         return pids
 

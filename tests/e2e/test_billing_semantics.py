@@ -218,8 +218,6 @@ def run_scenario(e2e_stack, name: str, disrupt: Disruption | None = None, audit:
     finally:
         flink_jobs.cancel(cfg, job_id)
 
-    if disrupt is not None:
-        print(f"{name}: {recovery}")
         # The fault hit work in flight: the job restored (after a restart, or from the savepoint), from a
         # checkpoint taken before the last risky records were acknowledged, so those were read again.
         assert recovery.restored_checkpoint is not None, recovery
@@ -250,6 +248,11 @@ def run_scenario(e2e_stack, name: str, disrupt: Disruption | None = None, audit:
     # Exact per-window totals, each row final and complete (revision = events counted).
     assert _totals(rows) == expected_totals(s.unique_counted, size)
     assert all(r.is_final and r.revision == r.event_count for r in rows.values())
+    # One line of figures per scenario (bench/failover_repeat.py collects them).
+    restarts = recovery.restarts if recovery else 0
+    restored = recovery.restored_checkpoint if recovery else None
+    print(f"\nFAILOVER scenario={name} restarts={restarts} restored_checkpoint={restored} sent={len(s.all_sent) + len(s.bad_records)} "
+          f"counted={counted} late={len(late)} boundary={len(s.boundary)} duplicates={duplicates} dead_letters={len(dead)} windows={len(rows)}")
 
 
 def audit_late_topic(path: Path, s: Scenario) -> None:
