@@ -629,7 +629,11 @@ class StripeMock:
             raise StackError(msg)
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
-            proc = subprocess.Popen([str(STRIPE_MOCK_BIN), "-http-addr", f"127.0.0.1:{self.port}"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # stripe-mock also serves HTTPS, on [::]:12112 unless told otherwise: keep it on loopback,
+            # on a free port, so it is not exposed and a second stack on the machine can start.
+            https_port = free_ports(1)[0]
+            args = [str(STRIPE_MOCK_BIN), "-http-addr", f"127.0.0.1:{self.port}", "-https-addr", f"127.0.0.1:{https_port}"]
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid_file.write_text(str(proc.pid))
         wait_until(lambda: port_open("127.0.0.1", self.port) or proc.poll() is not None, "stripe-mock", 60, self.log)
         if proc.poll() is not None:
