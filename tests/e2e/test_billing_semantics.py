@@ -218,10 +218,12 @@ def run_scenario(e2e_stack, name: str, disrupt: Disruption | None = None, audit:
     finally:
         flink_jobs.cancel(cfg, job_id)
 
-        # The fault hit work in flight: the job restored (after a restart, or from the savepoint), from a
-        # checkpoint taken before the last risky records were acknowledged, so those were read again.
-        assert recovery.restored_checkpoint is not None, recovery
-        assert recovery.restarts >= 1 or recovery.restored_from_savepoint, recovery
+    if disrupt is not None:
+        # The fault hit work in flight: the job restored (after a failover, or from the savepoint), from
+        # a checkpoint taken before the last risky records were acknowledged, so those were read again.
+        # (Flink's numRestarts metric read 0 after a TaskManager kill that did restore: it is reported,
+        # the restored checkpoint is what is asserted.)
+        assert recovery is not None and recovery.restored_checkpoint is not None, recovery
         assert recovery.restored_before_risky_sent, recovery
     # Exactly the events beyond the allowed lateness (boundary ones included) are in the late topic, each once.
     assert sorted(r["event_id"] for r in late) == sorted(e["event_id"] for e in s.late)
