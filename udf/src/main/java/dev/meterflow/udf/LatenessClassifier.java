@@ -108,18 +108,15 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
         Row row = element.getValue();
         Object windowEnd = row.getField(windowEndField);
         if (windowEnd != null) {
-            long endMs = epochMs(windowEnd);
+            long endMs = WindowClose.epochMs(windowEnd);
             boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held);
             if (held != WindowClose.NO_WATERMARK) {
                 row.setField(watermarkField, LocalDateTime.ofInstant(Instant.ofEpochMilli(held), ZoneOffset.UTC));
-                row.setField(latenessField, held - epochMs(row.getField(eventTimeField)));
+                row.setField(latenessField, held - WindowClose.epochMs(row.getField(eventTimeField)));
             }
             row.setField(isLateField, late);
         }
         output.collect(element);
     }
 
-    static long epochMs(Object time) {
-        return ((LocalDateTime) time).toInstant(ZoneOffset.UTC).toEpochMilli();
-    }
 }
