@@ -46,7 +46,7 @@ def run_once(scenario: str) -> dict[str, str]:
 @click.option("--scenario", type=click.Choice(sorted(TESTS)), default="tmkill", show_default=True)
 def main(runs: int, scenario: str) -> None:
     """Run the scenario ``runs`` times; print one table row per run as it finishes."""
-    columns = ["run", "outcome", "seconds", "restarts", "restored_checkpoint", "sent", "counted", "late", "boundary", "duplicates", "dead_letters", "windows", "error"]
+    columns = ["run", "outcome", "seconds", "restarts", "restored_checkpoint", "checkpoints_failed", "checkpoint_held_back", "sent", "counted", "late", "boundary", "duplicates", "dead_letters", "windows", "error"]
     click.echo("| " + " | ".join(columns) + " |")
     click.echo("|" + "---|" * len(columns))
     failed = 0

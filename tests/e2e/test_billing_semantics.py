@@ -125,7 +125,8 @@ class Fault:
 
     job_id: str
     struck_at_ms: int
-    expected_recovery: str  # "restore-before-risky", "restore-after-fault", "savepoint", or "checkpoint-failed-or-restore"
+    expected_recovery: str  # "restore-before-risky", "restore-after-fault", "savepoint", or "checkpoint-held-back"
+    ended_at_ms: int | None = None  # when the faulty part was back (the broker outage)
 
 
 def kill_taskmanager(
@@ -150,8 +151,9 @@ def restart_kafka(
 ) -> Fault:
     """Stop the broker mid-stream for longer than a checkpoint may take, start it, send at once.
 
-    The job and its TaskManager must ride through this: whether Flink restarts the job (a transaction
-    it cannot commit) or only fails checkpoints depends on timing; one of the two must be seen.
+    The job and its TaskManager must ride through this. Checkpoints cannot commit the Kafka
+    transactions while the broker is down: a checkpoint in flight during the outage must fail or
+    complete only after the broker is back (or the job restarts); one of these must be seen.
     """
     broker = KafkaBroker(cfg)
     down_at = int(time.time() * 1000)
@@ -159,9 +161,10 @@ def restart_kafka(
     assert not broker.running()
     time.sleep(KAFKA_OUTAGE_S)
     broker.up()
+    up_at = int(time.time() * 1000)
     during()
     _wait_checkpoint_after(cfg, job_id, int(time.time() * 1000))
-    return Fault(job_id, down_at, "checkpoint-failed-or-restore")
+    return Fault(job_id, down_at, "checkpoint-held-back", ended_at_ms=up_at)
 
 
 def restart_postgres(
@@ -207,6 +210,7 @@ class Recovery:
     restored_before_risky_sent: bool
     restored_after_fault: bool
     checkpoints_failed: int
+    checkpoint_held_back: bool  # a checkpoint triggered before the fault ended failed or completed after it
 
     def proves(self, expected: str) -> bool:
         """True if the REST figures show the fault hit the running job the way ``expected`` says."""
@@ -215,8 +219,8 @@ class Recovery:
             and self.restored_after_fault,
             "restore-after-fault": self.restored_after_fault,
             "savepoint": self.restored_from_savepoint,
-            "checkpoint-failed-or-restore": self.restored_after_fault
-            or self.checkpoints_failed > 0,
+            "checkpoint-held-back": self.restored_after_fault
+            or self.checkpoint_held_back,
         }[expected]
 
 
@@ -234,6 +238,14 @@ def _recovery(cfg: JobConfig, fault: Fault, risky_acked_ms: int) -> Recovery:
         and restored.get("restore_timestamp", 0) > fault.struck_at_ms
     )
     failed = int((stats.get("counts") or {}).get("failed", 0))
+    held_back = fault.ended_at_ms is not None and any(
+        fault.struck_at_ms - 10_000 <= c["trigger_timestamp"] < fault.ended_at_ms
+        and (
+            c["status"] == "FAILED"
+            or c.get("latest_ack_timestamp", 0) >= fault.ended_at_ms
+        )
+        for c in stats.get("history", [])
+    )
     return Recovery(
         flink_jobs.restarts(cfg, fault.job_id),
         restored_id,
@@ -241,6 +253,7 @@ def _recovery(cfg: JobConfig, fault: Fault, risky_acked_ms: int) -> Recovery:
         bool(before),
         bool(after),
         failed,
+        held_back,
     )
 
 
@@ -459,9 +472,10 @@ def run_scenario(
     # One line of figures per scenario (bench/failover_repeat.py collects them).
     restarts = recovery.restarts if recovery else 0
     failed = recovery.checkpoints_failed if recovery else 0
+    held = recovery.checkpoint_held_back if recovery else False
     restored = recovery.restored_checkpoint if recovery else None
     print(
-        f"\nFAILOVER scenario={name} restarts={restarts} restored_checkpoint={restored} checkpoints_failed={failed} sent={len(s.all_sent) + len(s.bad_records)} "
+        f"\nFAILOVER scenario={name} restarts={restarts} restored_checkpoint={restored} checkpoints_failed={failed} checkpoint_held_back={held} sent={len(s.all_sent) + len(s.bad_records)} "
         f"counted={counted} late={len(late)} boundary={len(s.boundary)} duplicates={duplicates} dead_letters={len(dead)} windows={len(rows)}"
     )
 
