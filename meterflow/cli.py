@@ -180,32 +180,48 @@ def _send_with_progress(cfg: JobConfig, topic: str, events: list, rate: float) -
 
 
 @cli.command()
-@click.option("--savepoint", default=None, help="Start from this savepoint or retained checkpoint.")
+@click.option("--savepoint", default=None, help="Start the usage job from this savepoint or retained checkpoint.")
+@click.option("--billing-savepoint", default=None, help="Start the billing job from this savepoint or retained checkpoint.")
 @click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
 @pass_ctx
-def submit(ctx: Context, savepoint: str | None, force: bool) -> None:
-    """Submit the usage job to the Flink cluster (flink run -py jobs/usage_job.py) and wait until it runs."""
+def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, force: bool) -> None:
+    """Submit the usage job and, with billing.enabled, the billing job; wait until they run.
+
+    flink run -py jobs/usage_job.py, then flink run -py jobs/billing_job.py (which reads the usage
+    job's closed-windows topic). A job already running under its name is left alone.
+    """
+    _submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, force=force)
+
+
+def _submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, force: bool = False) -> None:
     from meterflow import flink_jobs
 
     cfg = ctx.cfg
-    existing = flink_jobs.running_jobs(cfg, cfg.flink.job_name)
-    if existing and not force:
-        err_console.print(f"job {cfg.flink.job_name} already running: {existing[0]['jid']} (use --force to submit another)")
-        return
-    with err_console.status("submitting the job ..."):
-        job_id = flink_jobs.submit(cfg, ctx.resolved_path, savepoint=savepoint)
-    console.print(job_id)
+    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint)]
+    if cfg.billing.enabled:
+        plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint))
+    for name, submit_job, start_from in plan:
+        existing = flink_jobs.running_jobs(cfg, name)
+        if existing and not force:
+            err_console.print(f"job {name} already running: {existing[0]['jid']} (use --force to submit another)")
+            continue
+        with err_console.status(f"submitting {name} ..."):
+            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start_from)
+        err_console.print(f"{name} submitted")
+        console.print(job_id)
 
 
 @cli.command()
 @pass_ctx
 def jobs(ctx: Context) -> None:
-    """List the cluster's jobs."""
+    """List the cluster's jobs; this config's usage and billing jobs are marked."""
     from meterflow import flink_jobs
 
-    table = Table("job id", "name", "state", "started")
-    for j in flink_jobs.list_jobs(ctx.cfg):
-        table.add_row(j["jid"], j["name"], j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
+    cfg = ctx.cfg
+    roles = {cfg.flink.job_name: "usage", cfg.billing_job_name: "billing"}
+    table = Table("job id", "name", "role", "state", "started")
+    for j in flink_jobs.list_jobs(cfg):
+        table.add_row(j["jid"], j["name"], roles.get(j["name"], ""), j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
     console.print(table)
 
 
@@ -214,17 +230,21 @@ def jobs(ctx: Context) -> None:
 @click.option("--savepoint", is_flag=True, help="Stop with a savepoint and print its path (for upgrades).")
 @pass_ctx
 def stop(ctx: Context, job_id: str | None, savepoint: bool) -> None:
-    """Stop the running usage job (or JOB_ID): cancel, or stop with a savepoint."""
+    """Stop the running usage and billing jobs (or JOB_ID): cancel, or stop with a savepoint.
+
+    The usage job stops first, so the billing job has read every window it published.
+    """
     from meterflow import flink_jobs
 
     cfg = ctx.cfg
-    ids = [job_id] if job_id else [j["jid"] for j in flink_jobs.running_jobs(cfg, cfg.flink.job_name)]
+    names = [cfg.flink.job_name, cfg.billing_job_name]  # the billing job too when billing was just switched off
+    ids = [job_id] if job_id else [j["jid"] for name in names for j in flink_jobs.running_jobs(cfg, name)]
     if not ids:
         err_console.print("no running job")
         return
     for jid in ids:
         if savepoint:
-            console.print(flink_jobs.stop_with_savepoint(cfg, jid))
+            console.print(f"{jid}: {flink_jobs.stop_with_savepoint(cfg, jid)}")
         else:
             flink_jobs.cancel(cfg, jid)
             err_console.print(f"cancelled {jid}")
@@ -280,34 +300,36 @@ def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
     summary = status_summary(ctx.cfg)
     dead = fetch_deliveries(ctx.cfg, ("dead",)) if show_dead else []
     if fmt == "json":
-        rows = [dict(zip(("provider", "status", "deliveries", "quantity", "oldest_window", "last_update"), r, strict=True)) for r in summary]
+        rows = [dict(zip(("provider", "kind", "status", "deliveries", "quantity", "oldest_window", "last_update"), r, strict=True)) for r in summary]
         console.print_json(json.dumps({"summary": rows, "dead": [d.__dict__ for d in dead]}, default=str))
         return
-    table = Table("provider", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
-    for provider, status, n, quantity, oldest, updated in summary:
-        table.add_row(provider, status, str(n), _fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
+    table = Table("provider", "kind", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
+    for provider, kind, status, n, quantity, oldest, updated in summary:
+        table.add_row(provider, kind, status, str(n), _fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
     console.print(table)
     if dead:
-        dead_table = Table("identifier", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
+        dead_table = Table("identifier", "kind", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
         for d in dead:
-            dead_table.add_row(d.identifier, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", _fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
+            dead_table.add_row(d.identifier, d.kind, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", _fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
         console.print(dead_table)
 
 
 @billing.command("replay")
 @click.option("--identifier", "identifiers", multiple=True, help="Only these deliveries (repeatable); default: every dead one.")
 @click.option("--include-failed", is_flag=True, help="Also deliveries left failed or pending by a job that no longer runs.")
+@click.option("--force", is_flag=True, help="Also deliveries first sent longer ago than the provider deduplicates; each is checked at the provider first.")
 @click.option("--dry-run", is_flag=True, help="List what would be re-sent, send nothing.")
 @pass_ctx
-def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: bool, dry_run: bool) -> None:
+def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: bool, force: bool, dry_run: bool) -> None:
     """Re-send dead deliveries with their original identifiers, after the cause was fixed.
 
-    Same identifier and Idempotency-Key as the first attempt, so the provider never counts a
-    window twice. Exits non-zero if any delivery is still dead afterwards.
+    Same identifier and Idempotency-Key as the first attempt, so within the provider's dedup window
+    (billing.provider_dedup_window, 24 h at Stripe) the provider never counts a delivery twice.
+    A delivery first sent longer ago is refused unless --force; with --force the provider's totals
+    are checked first, and the delivery is re-sent only if the provider does not have it (the
+    decision is recorded in the ledger). Exits non-zero if any delivery is refused or still dead.
     """
-    from sinks.billing import Dead, Deliverer
-    from sinks.ledger import PostgresLedger, fetch_deliveries
-    from sinks.stripe_provider import StripeMeterEvents
+    from sinks.ledger import fetch_deliveries
 
     cfg = ctx.cfg
     statuses = ("dead", "failed", "pending") if include_failed else ("dead",)
@@ -315,27 +337,54 @@ def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: b
     missing = set(identifiers) - {d.identifier for d in chosen}
     if missing:
         err_console.print(f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}")
+    now = datetime.now(UTC)
+    refused = {d.identifier: reason for d in chosen if (reason := d.replay_refusal(now, cfg.billing.provider_dedup_window))}
+    for identifier, reason in refused.items():
+        err_console.print(f"[red]{'checking at the provider' if force else 'refused'}[/] {identifier}: {reason}")
+    if not force:
+        chosen = [d for d in chosen if d.identifier not in refused]
     if dry_run or not chosen:
         for d in chosen:
-            console.print(f"{d.identifier}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}")
+            console.print(f"{d.identifier}  {d.kind}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}")
         err_console.print(f"{len(chosen)} deliveries {'would be ' if dry_run else ''}replayed")
+        if refused and not force:
+            sys.exit(1)
         return
-    ledger = PostgresLedger(cfg)
-    deliverer = Deliverer(cfg, StripeMeterEvents(cfg), ledger, clock=time.time, sleep=time.sleep)
+    import asyncio
+
+    counts = asyncio.run(_replay(cfg, [d.identifier for d in chosen]))
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if counts.get("dead") or (refused and not force):
+        sys.exit(1)
+
+
+async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
+    """Deliver each chosen delivery until sent or dead (in this process, with the job's deliverer)."""
+    import asyncio
+    import uuid as _uuid
+
+    from sinks.billing import Dead
+    from sinks.delivery import Deliverer
+    from sinks.ledger_async import AsyncPostgresLedger
+    from sinks.stripe_provider import StripeMeterEvents
+
+    ledger, provider = AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1), StripeMeterEvents(cfg)
+    deliverer = Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep)
     counts: dict[str, int] = defaultdict(int)
     columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as progress:
-        task = progress.add_task("replay", total=len(chosen))
-        for d in chosen:
-            outcome = deliverer.deliver(d.closed_window(), replay=True)
-            counts[type(outcome).__name__.lower()] += 1
-            if isinstance(outcome, Dead):
-                err_console.print(f"[red]still dead[/] {d.identifier}: {outcome.reason}")
-            progress.advance(task)
-    ledger.close()
-    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if counts.get("dead"):
-        sys.exit(1)
+    try:
+        with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as progress:
+            task = progress.add_task("replay", total=len(identifiers))
+            for identifier in identifiers:
+                outcome = await deliverer.deliver(identifier, replay=True)
+                counts[type(outcome).__name__.lower()] += 1
+                if isinstance(outcome, Dead):
+                    err_console.print(f"[red]still dead[/] {identifier}: {outcome.reason}")
+                progress.advance(task)
+    finally:
+        await ledger.close()
+        await provider.close()
+    return counts
 
 
 @billing.group("customers")
@@ -399,10 +448,13 @@ def billing_customers_list(ctx: Context) -> None:
 def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, fmt: str) -> None:
     """Compare final windows in Postgres with what the ledger says the provider accepted.
 
-    Exits 1 and lists every discrepancy (window not billed, billed with another quantity, billed
-    without a final window); exits 0 when they agree.
+    A window counts as billed with its own meter event plus its corrections (a changed final
+    value is billed as the difference); every correction is listed. Exits 1 and lists every
+    discrepancy (window not billed, billed with another quantity, billed without a final window);
+    exits 0 when they agree.
     """
     from sinks.ledger import fetch_reconciliation_input
+    from sinks.reconcile import corrections_of
     from sinks.reconcile import reconcile as compare
 
     try:
@@ -416,13 +468,20 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
 
     finals, ledger = [w for w in finals if chosen(w)], [d for d in ledger if chosen(d)]
     totals, discrepancies = compare(finals, ledger, period)  # type: ignore[arg-type]
+    corrections = corrections_of(ledger)
     if fmt == "json":
-        console.print_json(json.dumps({"periods": [t.__dict__ for t in totals], "discrepancies": [d.__dict__ for d in discrepancies]}, default=str))
+        report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}
+        console.print_json(json.dumps(report, default=str))
     else:
-        table = Table("tenant", "customer", "meter", "period", "windows", "final quantity", "billed quantity", "agrees")
+        table = Table("tenant", "customer", "meter", "period", "windows", "corrections", "final quantity", "billed quantity", "agrees")
         for t in totals:
-            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
+            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), str(t.corrections), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
         console.print(table)
+        if corrections:
+            fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "revision", "correction", "status", title="corrections (changed final values, billed as the difference)")
+            for c in corrections:
+                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", str(c.revision), _fmt_qty(c.quantity), c.status)
+            console.print(fixes)
         if discrepancies:
             issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
             for d in discrepancies:
@@ -504,20 +563,13 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
 @click.option("--timeout", default=180, show_default=True, help="Seconds to wait for the windows in Postgres.")
 @pass_ctx
 def demo(ctx: Context, count: int, timeout: int) -> None:
-    """From nothing: stack up, submit the job, produce a sample, wait for its windows, print them."""
+    """From nothing: stack up, submit the jobs, produce a sample, wait for its windows, print them, then their billing."""
     from jobs.windowing import window_bounds
-    from meterflow import flink_jobs
     from meterflow.producer import SyntheticSpec, synthetic_events
     from sinks.postgres import fetch_usage
 
     cfg = stack_up(ctx)
-    running = flink_jobs.running_jobs(cfg, cfg.flink.job_name)
-    if running:
-        err_console.print(f"job already running: {running[0]['jid']}")
-    else:
-        with err_console.status("submitting the job ..."):
-            job_id = flink_jobs.submit(cfg, ctx.resolved_path)
-        err_console.print(f"job submitted: {job_id}")
+    _submit_jobs(ctx)
     size = cfg.event_time.window_size
     run = uuid.uuid4().hex[:6]
     start, span = _demo_event_time_range(cfg, size)

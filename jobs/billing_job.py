@@ -1,0 +1,94 @@
+"""The meterflow billing job: closed windows from Kafka to the billing provider. Wiring only.
+
+closed-windows topic (read_committed) ──┐
+                                        ├─▶ key_by(tenant, customer, meter) ─▶ deliver (async, ≤ max_in_flight per subtask)
+ledger retry scan (1/s, due retries) ───┘        └─▶ provider (Stripe meter events) + Postgres ledger
+
+Its own job on the cluster (``<flink.job_name>-billing``), its own consumer group and checkpoints:
+a slow, failing or rate-limiting provider never holds the usage job's checkpoints. Submit with
+``meterflow submit`` (both jobs) or directly::
+
+    flink run -d -py jobs/billing_job.py --config meterflow.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyflink.common import Configuration, Time, Types
+from pyflink.datastream import AsyncDataStream, StreamExecutionEnvironment
+from pyflink.java_gateway import get_gateway
+from pyflink.table import StreamTableEnvironment
+
+from jobs.billing_plan import RETRY_TICKS_TABLE, closed_windows_query, closed_windows_source_ddl, retry_ticks_ddl
+from meterflow.config import JobConfig, config_without_secrets, load_config
+from sinks.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
+
+
+def build_environment(cfg: JobConfig) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
+    """Streaming environment with exactly-once checkpoints; async I/O needs Python's process mode."""
+    conf = Configuration()
+    conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
+    conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
+    conf.set_string("execution.checkpointing.dir", cfg.checkpoint_uri())
+    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
+    conf.set_string("parallelism.default", str(cfg.billing_parallelism))
+    conf.set_string("python.execution-mode", "process")
+    # A finished bundle drains every call in flight: let bundles end at checkpoints, not every second.
+    conf.set_string("python.fn-execution.bundle.size", "100000")
+    conf.set_string("python.fn-execution.bundle.time", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)}")
+    conf.set_string("pipeline.name", cfg.billing_job_name)
+    env = StreamExecutionEnvironment.get_execution_environment(conf)
+    t_env = StreamTableEnvironment.create(env)
+    t_env.get_config().set("table.local-time-zone", "UTC")
+    return env, t_env
+
+
+def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """closed windows + due retries -> key by customer and meter -> async delivery -> outcomes (discarded)."""
+    shipped = config_without_secrets(cfg)
+    t_env.execute_sql(closed_windows_source_ddl(cfg))
+    t_env.execute_sql(retry_ticks_ddl())
+    windows = (
+        t_env.to_data_stream(t_env.sql_query(closed_windows_query()))
+        .map(lambda r: r, output_type=input_type())
+        .name("closed windows as billing input")
+        .uid("billing-input")
+    )
+    retries = (
+        t_env.to_data_stream(t_env.from_path(RETRY_TICKS_TABLE))
+        .flat_map(RetryScan(shipped), output_type=input_type())
+        .set_parallelism(1)
+        .name("scan the ledger for due retries")
+        .uid("billing-retry-scan")
+    )
+    keyed = windows.union(retries).key_by(lambda r: (r[0], r[1], r[2]), key_type=Types.TUPLE([Types.STRING()] * 3))
+    timeout = Time.milliseconds(int(cfg.billing.retry_lease.total_seconds() * 1000))
+    outcomes = (
+        AsyncDataStream.unordered_wait(keyed, DeliverClosedWindows(shipped), timeout, capacity=cfg.billing.max_in_flight, output_type=outcome_type())
+        .name("deliver to the billing provider")
+        .uid("billing-deliver")
+    )
+    # The ledger is the record of every outcome; the stream only has to end somewhere.
+    discard = get_gateway().jvm.org.apache.flink.streaming.api.functions.sink.v2.DiscardingSink()
+    outcomes._j_data_stream.sinkTo(discard).name("billing outcomes (recorded in the ledger)").uid("billing-outcomes")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load config, declare the billing pipeline and submit it to the cluster."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    from sinks.ledger import apply_billing_schema
+
+    apply_billing_schema(cfg)
+    env, t_env = build_environment(cfg)
+    declare_pipeline(env, t_env, cfg)
+    job_client = env.execute_async(cfg.billing_job_name)
+    print(f"submitted job {job_client.get_job_id()}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
