@@ -49,7 +49,7 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
     """closed windows + due retries -> key by customer and meter -> async delivery -> outcomes (discarded)."""
     shipped = config_without_secrets(cfg)
     t_env.execute_sql(closed_windows_source_ddl(cfg))
-    t_env.execute_sql(retry_ticks_ddl())
+    t_env.execute_sql(retry_ticks_ddl(cfg.billing_parallelism))
     windows = (
         t_env.to_data_stream(t_env.sql_query(closed_windows_query()))
         .map(lambda r: r, output_type=input_type())
@@ -59,7 +59,6 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
     retries = (
         t_env.to_data_stream(t_env.from_path(RETRY_TICKS_TABLE))
         .flat_map(RetryScan(shipped), output_type=input_type())
-        .set_parallelism(1)
         .name("scan the ledger for due retries")
         .uid("billing-retry-scan")
     )

@@ -52,7 +52,11 @@ def closed_windows_query() -> str:
     )
 
 
-def retry_ticks_ddl() -> str:
-    """One row a second: the clock of the retry scan, which hands due deliveries from the ledger back to billing."""
-    options = {"connector": "datagen", "rows-per-second": "1", "fields.tick.kind": "random", "scan.parallelism": "1"}
+def retry_ticks_ddl(parallelism: int) -> str:
+    """About one row a second per subtask: the clock of the retry scan, which hands due deliveries from the ledger back to billing.
+
+    Every subtask scans; the scan leases the rows it hands out and skips rows another scan holds
+    (``FOR UPDATE SKIP LOCKED``), so scans never hand out the same delivery twice.
+    """
+    options = {"connector": "datagen", "rows-per-second": str(parallelism), "fields.tick.kind": "random"}
     return f"CREATE TABLE `{RETRY_TICKS_TABLE}` (\n  `tick` INT\n) {_with(options)}"

@@ -4,7 +4,7 @@ Thin over sinks/delivery.py. The async operator is applied after ``key_by(tenant
 meter)``, so one subtask owns every delivery of a customer's meter, and the deliverer's key lock
 keeps them to one call at a time. ``billing.max_in_flight`` elements are handed to the event loop
 at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
-scan (one subtask, once a second) hands due deliveries back to the keyed stream.
+scan (in every subtask, about once a second) hands due deliveries back to the keyed stream.
 
 A checkpoint barrier waits until every element in flight has its answer (the Python async
 operation drains its queue when a bundle finishes), so an element is never both done for the

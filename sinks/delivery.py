@@ -211,7 +211,7 @@ class Deliverer:
         if until is not None:
             await self.ledger.defer(identifier, until)
             return Deferred(identifier, until)
-        window, meter = delivery.window, self.meters.get(delivery.window.meter)
+        meter = self.meters.get(delivery.window.meter)
         try:
             event = build_meter_event(delivery, meter, entry.provider_customer_id, datetime.fromtimestamp(now, UTC), self.max_age, self.max_ahead)
         except DeliveryRejected as e:

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import psycopg
 
 from meterflow.config import JobConfig
 from sinks.billing import CustomerMapping, replay_refusal

@@ -92,6 +92,8 @@ class FakeStripe:
     _by_key: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     _key_seen: dict[str, float] = field(default_factory=dict)
     client_disconnects: int = 0
+    in_flight: int = 0  # meter event requests received and not answered yet
+    arrivals: list[str] = field(default_factory=list)  # identifiers of meter event requests as they arrive
     _server: ThreadingHTTPServer | None = None
     _counter: int = 0
 
@@ -109,6 +111,12 @@ class FakeStripe:
     def release(self) -> None:
         """Let a held request go (its connection is dropped)."""
         self._release.set()
+
+    def unanswered(self) -> set[str]:
+        """Identifiers of requests that arrived and have no outcome yet (in flight)."""
+        with self._lock:
+            arrived = set(self.arrivals)
+        return arrived - {r.identifier for r in self.requests}
 
     def attempts_for(self, identifier: str) -> int:
         return sum(1 for r in self.requests if r.identifier == identifier)
@@ -136,9 +144,17 @@ class FakeStripe:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if fake.latency:
-                    time.sleep(fake.latency)
-                fake._handle(self, body)
+                identifier = parse_qs(body.decode()).get("identifier", [""])[0]
+                with fake._lock:
+                    fake.in_flight += 1
+                    fake.arrivals.append(identifier)
+                try:
+                    if fake.latency:
+                        time.sleep(fake.latency)
+                    fake._handle(self, body)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if fake.latency:
