@@ -107,7 +107,7 @@ class FlinkConfig(_Section):
     rest_host: str = "127.0.0.1"
     rest_port: int = Field(8081, ge=1, le=65535)
     parallelism: int = Field(1, ge=1)
-    task_slots: int = Field(2, ge=1, description="Slots of the local stack's TaskManager.")
+    task_slots: int = Field(4, ge=1, description="Slots of the local stack's TaskManager: the usage job's parallelism plus the billing job's.")
     checkpoint_interval: Duration = timedelta(seconds=5)
     checkpoint_dir: str = ".stack/flink/checkpoints"
     job_name: str = "meterflow-usage"
