@@ -97,6 +97,27 @@ def sent_count(cfg: JobConfig) -> int:
         return conn.execute(f"SELECT count(*) FROM {cfg.billing.ledger_table} WHERE status = 'sent'").fetchone()[0]  # noqa: S608 - validated name
 
 
+def cpu_groups(cfg: JobConfig, fake: FakeProcess) -> dict[str, list[int]]:
+    """The processes whose CPU the throughput phase reports, by role."""
+    from bench.pipelines import stack_pids
+    from bench.procstat import _all_stats, descendants
+    from meterflow.stack import FlinkCluster
+
+    cluster = FlinkCluster(cfg)
+    workers = cluster.python_workers()
+    kafka_pid, *pg = stack_pids(cfg)
+    parents = {pid: st[0] for pid, st in _all_stats().items()}
+    return {"taskmanager JVM": cluster.taskmanager_pids(), "Python workers": workers, "fake provider": [fake.proc.pid],
+            "Postgres": sorted(descendants(pg, parents)), "Kafka": [kafka_pid]}  # fmt: skip
+
+
+def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
+    from bench.procstat import _all_stats
+
+    stats = _all_stats()
+    return {name: sum(stats[p][1] for p in pids if p in stats) for name, pids in groups.items()}
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"n": 0, "p50": None, "p99": None, "max": None}
@@ -124,11 +145,21 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
         publish_closed_windows(cfg, records)
         job_id = flink_jobs.submit_billing(cfg, path)
         samples: list[tuple[float, int]] = []
+        cpu: dict[str, dict[str, float]] = {}
         deadline = time.monotonic() + 600
         try:
             while time.monotonic() < deadline:
+                if flink_jobs.restarts(cfg, job_id):
+                    msg = f"the billing job restarted; see the TaskManager log in {cfg.state_dir}/flink/log"
+                    raise RuntimeError(msg)
                 n = sent_count(cfg)
                 samples.append((time.monotonic(), n))
+                # CPU over the steady part: from 10% to 90% of the deliveries.
+                if "from" not in cpu and n >= 0.1 * len(records):
+                    groups = cpu_groups(cfg, fake)
+                    cpu["from"] = cpu_seconds(groups)
+                if "to" not in cpu and n >= 0.9 * len(records):
+                    cpu["to"] = cpu_seconds(groups)
                 if n >= len(records):
                     break
                 time.sleep(0.5)
@@ -141,7 +172,8 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
         lo = next(t for t, n in samples if n >= 0.1 * len(records))
         hi = next(t for t, n in samples if n >= 0.9 * len(records))
         steady = 0.8 * len(records) / (hi - lo) if hi > lo else float("nan")
-        result = {"latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
+        spent = {k: round(1000 * (cpu["to"][k] - cpu["from"][k]) / (0.8 * len(records)), 3) for k in cpu.get("to", {})}
+        result = {"cpu_ms_per_delivery": spent, "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2) if "to" in cpu else None, "latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
                   "events_per_s": round(rate, 1), "steady_events_per_s": round(steady, 1), "seconds": round(done[0] - started, 1)}  # fmt: skip
         console.print(f"throughput at {latency_ms} ms: {result}")
         return result
@@ -310,6 +342,9 @@ def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: 
 
     results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": []}
     with private_stack(3, echo=console.print, flink_options={"taskmanager.numberOfTaskSlots": "4", "web.checkpoints.history": "200"}) as stack:
+        cfg, _ = stack.config("base")
+        with cfg.path(cfg.secrets_file).open("a") as secrets:
+            secrets.write("METERFLOW_STRIPE_API_KEY=sk_test_meterflowBench\n")  # any key works with the fake
         for latency in [int(x) for x in latencies.split(",") if x]:
             results["throughput"].append(measure_throughput(stack, latency, windows, max_in_flight))
         for mode in [m for m in modes.split(",") if m]:

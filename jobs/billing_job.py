@@ -1,8 +1,8 @@
 """The meterflow billing job: closed windows from Kafka to the billing provider. Wiring only.
 
 closed-windows topic (read_committed) ──┐
-                                        ├─▶ key_by(tenant, customer, meter) ─▶ deliver (async, ≤ max_in_flight per subtask)
-ledger retry scan (1/s, due retries) ───┘        └─▶ provider (Stripe meter events) + Postgres ledger
+                                        ├─▶ keyBy(tenant, customer, meter) ─▶ deliver (async, ≤ max_in_flight per subtask)
+ledger retry scan (1/s, due retries) ───┘     (JVM)                              └─▶ provider (Stripe meter events) + Postgres ledger
 
 Its own job on the cluster (``<flink.job_name>-billing``), its own consumer group and checkpoints:
 a slow, failing or rate-limiting provider never holds the usage job's checkpoints. Submit with
@@ -17,11 +17,11 @@ import argparse
 import sys
 
 from pyflink.common import Configuration, Time, Types
-from pyflink.datastream import AsyncDataStream, StreamExecutionEnvironment
+from pyflink.datastream import AsyncDataStream, DataStream, StreamExecutionEnvironment
 from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
-from jobs.billing_plan import RETRY_TICKS_TABLE, closed_windows_query, closed_windows_source_ddl, retry_ticks_ddl
+from jobs.billing_plan import RETRIES_VIEW, RETRY_TICKS_TABLE, billing_input_query, closed_windows_source_ddl, retry_ticks_ddl
 from meterflow.config import JobConfig, config_without_secrets, load_config
 from sinks.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
 
@@ -35,9 +35,11 @@ def build_environment(cfg: JobConfig) -> tuple[StreamExecutionEnvironment, Strea
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("parallelism.default", str(cfg.billing_parallelism))
     conf.set_string("python.execution-mode", "process")
-    # A finished bundle drains every call in flight: let bundles end at checkpoints, not every second.
-    conf.set_string("python.fn-execution.bundle.size", "100000")
-    conf.set_string("python.fn-execution.bundle.time", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)}")
+    # Records reach the Python worker a bundle at a time, and a bundle ends by waiting for every call
+    # it started: bundles of a few rounds of max_in_flight keep the calls overlapping without
+    # holding records back (measured in docs/benchmarks.md).
+    conf.set_string("python.fn-execution.bundle.size", str(8 * cfg.billing.max_in_flight))
+    conf.set_string("python.fn-execution.bundle.time", "500")
     conf.set_string("pipeline.name", cfg.billing_job_name)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
@@ -50,20 +52,21 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
     shipped = config_without_secrets(cfg)
     t_env.execute_sql(closed_windows_source_ddl(cfg))
     t_env.execute_sql(retry_ticks_ddl(cfg.billing_parallelism))
-    windows = (
-        t_env.to_data_stream(t_env.sql_query(closed_windows_query()))
-        .map(lambda r: r, output_type=input_type())
-        .name("closed windows as billing input")
-        .uid("billing-input")
-    )
     retries = (
         t_env.to_data_stream(t_env.from_path(RETRY_TICKS_TABLE))
         .flat_map(RetryScan(shipped), output_type=input_type())
         .name("scan the ledger for due retries")
         .uid("billing-retry-scan")
     )
-    keyed = windows.union(retries).key_by(lambda r: (r[0], r[1], r[2]), key_type=Types.TUPLE([Types.STRING()] * 3))
-    timeout = Time.milliseconds(int(cfg.billing.retry_lease.total_seconds() * 1000))
+    t_env.create_temporary_view(RETRIES_VIEW, t_env.from_data_stream(retries))
+    # Keyed in the JVM on the first column (tenant, customer, meter): a window crosses into Python
+    # once, at the delivery step, instead of once more for a Python key_by.
+    rows = t_env.to_data_stream(t_env.sql_query(billing_input_query()))._j_data_stream
+    by_key = get_gateway().jvm.org.apache.flink.streaming.api.functions.python.KeyByKeySelector()
+    keyed = DataStream(rows.keyBy(by_key, Types.ROW([Types.STRING()]).get_java_type_info()))
+    # No operator timeout: each call has billing.request_timeout, and PyFlink's async operator
+    # starts a timer thread per element when one is set (measured: most of its per-element cost).
+    timeout = Time.milliseconds(0)
     outcomes = (
         AsyncDataStream.unordered_wait(keyed, DeliverClosedWindows(shipped), timeout, capacity=cfg.billing.max_in_flight, output_type=outcome_type())
         .name("deliver to the billing provider")

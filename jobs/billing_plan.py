@@ -12,8 +12,24 @@ from meterflow.config import JobConfig
 
 CLOSED_WINDOWS_SOURCE_TABLE = "closed_windows_source"
 RETRY_TICKS_TABLE = "billing_retry_ticks"
-# Columns of a billing input row; the retry scan's rows name the delivery to retry in the last one.
-BILLING_INPUT_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "retry_identifier")
+RETRIES_VIEW = "billing_retries"
+# Columns of a billing input row: the partitioning key first, then the window; the retry scan's
+# rows name the delivery to retry in the last one.
+BILLING_INPUT_COLUMNS = ("billing_key", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "retry_identifier")
+
+
+def billing_key(tenant_id: str, customer_id: str, meter: str) -> str:
+    """The partitioning key of a (tenant, customer, meter): the same as :func:`billing_key_expr` computes in SQL."""
+    return f"{tenant_id}\x1f{customer_id}\x1f{meter}"
+
+
+def billing_key_expr() -> str:
+    """SQL for the partitioning key: one customer's meter always lands on one subtask.
+
+    Joined with the unit separator; a key that collides after joining only shares a subtask, the
+    deliverer still serialises by the exact (tenant, customer, meter).
+    """
+    return "CONCAT(`tenant_id`, CHR(31), `customer_id`, CHR(31), `meter`)"
 
 
 def closed_windows_source_ddl(cfg: JobConfig) -> str:
@@ -45,11 +61,17 @@ def closed_windows_query() -> str:
         return f"CAST({sql_epoch_ms(f'`{column}`')} AS BIGINT)"
 
     return (
-        "SELECT `tenant_id`, `customer_id`, `meter`, `dimensions_key`, "
+        f"SELECT {billing_key_expr()} AS `billing_key`, `tenant_id`, `customer_id`, `meter`, `dimensions_key`, "
         f"{ms('window_start')} AS `window_start_ms`, {ms('window_end')} AS `window_end_ms`, "
         "CAST(`quantity` AS STRING) AS `quantity`, `event_count`, `revision`, CAST(NULL AS STRING) AS `retry_identifier`\n"
         f"FROM `{CLOSED_WINDOWS_SOURCE_TABLE}`"
     )
+
+
+def billing_input_query() -> str:
+    """Closed windows and the retry scan's rows, as one stream for the keyed delivery step."""
+    cols = ", ".join(f"`{c}`" for c in BILLING_INPUT_COLUMNS)
+    return f"SELECT {cols} FROM ({closed_windows_query()})\nUNION ALL\nSELECT {cols} FROM `{RETRIES_VIEW}`"
 
 
 def retry_ticks_ddl(parallelism: int) -> str:

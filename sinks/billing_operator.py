@@ -1,7 +1,7 @@
 """Billing's Flink adapters: the async function that delivers, and the retry scan that feeds it.
 
-Thin over sinks/delivery.py. The async operator is applied after ``key_by(tenant, customer,
-meter)``, so one subtask owns every delivery of a customer's meter, and the deliverer's key lock
+Thin over sinks/delivery.py. The async operator is applied after a keyBy on (tenant, customer,
+meter), so one subtask owns every delivery of a customer's meter, and the deliverer's key lock
 keeps them to one call at a time. ``billing.max_in_flight`` elements are handed to the event loop
 at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
 scan (in every subtask, about once a second) hands due deliveries back to the keyed stream.
@@ -23,7 +23,7 @@ from typing import Any
 from pyflink.common import Row, Types
 from pyflink.datastream import AsyncFunction, FlatMapFunction
 
-from jobs.billing_plan import BILLING_INPUT_COLUMNS
+from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
 from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
 from sinks.delivery import Deliverer
@@ -35,7 +35,7 @@ OUTCOME_COLUMNS = ("identifier", "status", "attempts", "detail")
 
 def input_type() -> Any:
     """Row type of a billing input row (closed window, or a retry naming its delivery)."""
-    types = [Types.STRING()] * 4 + [Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING()]
+    types = [Types.STRING()] * 5 + [Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING()]
     return Types.ROW_NAMED(list(BILLING_INPUT_COLUMNS), types)
 
 
@@ -85,12 +85,11 @@ class DeliverClosedWindows(AsyncFunction):
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[Row]:
-        row = value[1]  # key_by hands over (key, row)
         deliverer = self._ready()
-        if row[9] is not None:
-            outcomes = [await deliverer.on_retry(row[9])]
+        if value[10] is not None:
+            outcomes = [await deliverer.on_retry(value[10])]
         else:
-            outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(row[i] for i in range(9))))
+            outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(value[i] for i in range(1, 10))))
         rows = []
         for outcome in outcomes:
             kind, out = outcome_row(outcome)
@@ -98,9 +97,6 @@ class DeliverClosedWindows(AsyncFunction):
             rows.append(out)
         return rows
 
-    def timeout(self, value: Row) -> list[Row]:
-        # The call goes on under its key's lock; if it never answers, its lease runs out and the retry scan hands it out again.
-        return [Row("", "timed out", 0, f"no outcome within the operator's timeout for {tuple(value[1])[:5]}")]
 
 
 class RetryScan(FlatMapFunction):
@@ -133,7 +129,7 @@ class RetryScan(FlatMapFunction):
             return
         for identifier, tenant, customer, meter, dims, start_ms, end_ms in due:
             self.handed_out.inc()
-            yield Row(tenant, customer, meter, dims, int(start_ms), int(end_ms), "0", 0, 0, identifier)
+            yield Row(billing_key(tenant, customer, meter), tenant, customer, meter, dims, int(start_ms), int(end_ms), "0", 0, 0, identifier)
 
     def close(self) -> None:
         if self.conn is not None:
