@@ -26,7 +26,7 @@ from meterflow.config import JobConfig, config_without_secrets, load_config
 from sinks.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
 
 
-def build_environment(cfg: JobConfig) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
+def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
     """Streaming environment with exactly-once checkpoints; async I/O needs Python's process mode."""
     conf = Configuration()
     conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
@@ -41,6 +41,8 @@ def build_environment(cfg: JobConfig) -> tuple[StreamExecutionEnvironment, Strea
     conf.set_string("python.fn-execution.bundle.size", str(8 * cfg.billing.max_in_flight))
     conf.set_string("python.fn-execution.bundle.time", "500")
     conf.set_string("pipeline.name", cfg.billing_job_name)
+    for key, value in (extra or {}).items():
+        conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
