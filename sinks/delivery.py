@@ -244,7 +244,8 @@ class Deliverer:
         try:
             provider_total = await self.provider.total(event.event_name, event.provider_customer_id, start, end)
         except ProviderError as e:
-            return await self._failed(self.key(delivery.window), delivery.identifier, entry.attempts, e, counted=False)
+            # The check is not an attempt: the delivery keeps its count and waits like any failure.
+            return await self._failed(self.key(delivery.window), delivery.identifier, entry.attempts, e)
         accepted = await self.ledger.accepted_total(delivery.identifier, event.provider_customer_id, event.event_name, start, end)
         verdict, decision = judge_provider_totals(ProviderTotals(start, end, provider_total, accepted, Decimal(event.value)))
         await self.ledger.record_check(delivery.identifier, decision, resend=verdict == "absent")
@@ -256,7 +257,7 @@ class Deliverer:
             return Dead(delivery.identifier, decision, entry.attempts)
         return None
 
-    async def _failed(self, key: tuple, identifier: str, total_attempts: int, error: ProviderError, *, counted: bool = True) -> Outcome:
+    async def _failed(self, key: tuple, identifier: str, total_attempts: int, error: ProviderError) -> Outcome:
         described = f"{error.status or 'no response'}: {error}"
         delay = self.policy.next_delay(max(total_attempts, 1), error.retry_after, self.rng) if error.retryable else None
         if delay is None:
@@ -264,5 +265,5 @@ class Deliverer:
             await self.ledger.mark_dead(identifier, total_attempts, reason)
             return Dead(identifier, reason, total_attempts)
         self.gate.back_off(key, self.clock() + delay)
-        await self.ledger.mark_failed(identifier, total_attempts if counted else max(total_attempts, 0), described, delay)
+        await self.ledger.mark_failed(identifier, total_attempts, described, delay)
         return Retry(identifier, delay, total_attempts, described)
