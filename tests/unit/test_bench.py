@@ -201,7 +201,7 @@ def test_targets_prefer_the_end_to_end_rate():
 
 def test_billing_section_is_spliced_and_kept_across_regenerations(tmp_path):
     """bench/billing.py replaces its own section; bench/run keeps it when it rewrites the report."""
-    from bench.billing import SECTION_END, SECTION_START, keep_section, splice_section
+    from bench.billing_report import SECTION_END, SECTION_START, keep_section, splice_section
 
     section = f"{SECTION_START}\n## Billing\nfigures\n{SECTION_END}\n"
     once = splice_section("# Benchmarks\n\nbody\n", section)
