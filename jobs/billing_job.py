@@ -46,6 +46,8 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
     t_env.get_config().set("table.local-time-zone", "UTC")
+    # Stable uids for the SQL operators too (the Kafka source's offsets), so a savepoint maps back.
+    t_env.get_config().set("table.exec.uid.generation", "ALWAYS")
     return env, t_env
 
 
