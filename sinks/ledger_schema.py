@@ -114,23 +114,17 @@ def claim_new_sql(ledger_table: str, customers_table: str) -> str:
     """Record a delivery (pending) unless it exists, and claim it for an attempt if it may be attempted.
 
     Returns its state, or no row when it exists but may not be attempted now (read it with
-    :func:`delivery_state_sql`). A window row never attempted takes a newer final's value in place;
-    once attempted its value is frozen (the identifier must always carry the same parameters) and a
-    changed final becomes a correction.
+    :func:`delivery_state_sql`). A recorded delivery's value never changes: its identifier must
+    always carry the same parameters, so a changed final becomes a correction.
     """
     d, c = check_identifier(ledger_table), check_identifier(customers_table)
-    newer = f"{d}.first_attempt_at IS NULL AND EXCLUDED.revision > {d}.revision"
     return (
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
         "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by) "
         "VALUES (%(identifier)s, %(provider)s, %(kind)s, %(window_identifier)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
         "to_timestamp(%(window_start_ms)s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%(window_end_ms)s / 1000.0) AT TIME ZONE 'UTC', "
         "%(quantity)s, %(event_count)s, %(revision)s, %(event_name)s, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s) "
-        f"ON CONFLICT (identifier) DO UPDATE SET "
-        f"quantity = CASE WHEN {newer} THEN EXCLUDED.quantity ELSE {d}.quantity END, "
-        f"event_count = CASE WHEN {newer} THEN EXCLUDED.event_count ELSE {d}.event_count END, "
-        f"revision = CASE WHEN {newer} THEN EXCLUDED.revision ELSE {d}.revision END, "
-        f"{_CLAIM_SET.format(d=d)} "
+        f"ON CONFLICT (identifier) DO UPDATE SET {_CLAIM_SET.format(d=d)} "
         f"WHERE {_CLAIMABLE.format(d=d)} "
         f"RETURNING {_state_columns(d, c)}"
     )

@@ -87,8 +87,6 @@ class MemoryLedger:
                 "quantity": delivery.quantity, "revision": delivery.revision, "status": "pending", "attempts": 0, "first_attempt_at": None,
                 "next_attempt_at": None, "claimed_by": None, "event_name": event_name, "value": None, "customer": None,
             }  # fmt: skip
-        elif r["first_attempt_at"] is None and delivery.revision > r["revision"] and not retry:
-            r.update(quantity=delivery.quantity, revision=delivery.revision)
         claimable = r["status"] in ("pending", "failed") and (retry or r["next_attempt_at"] is None or r["next_attempt_at"] <= now or r["claimed_by"] != self.worker)
         if not claimable:
             return self._entry(r, claimed=False)
@@ -312,18 +310,18 @@ def test_a_changed_final_after_sending_becomes_a_correction_with_its_own_identif
     assert isinstance(down, Sent) and provider.sent[-1].value == "-1", "a lower final is a negative correction"
 
 
-def test_a_changed_final_before_any_call_replaces_the_value_in_place():
-    """Nothing reached the provider yet (the key backs off): the window's own delivery takes the newer value, no correction."""
+def test_a_changed_final_while_the_window_waits_for_a_retry_is_a_correction_too():
+    """The window's own event keeps its value (its identifier must carry the same parameters); the difference follows."""
     provider, ledger, t, d = setup()
-    provider.script = [ProviderError("slow down", status=429, retryable=True, retry_after=5)]
-    run(d.on_window(window(customer="cust-1", start_ms=START_MS + 60_000)))  # the key now backs off
-    [deferred] = run(d.on_window(window(quantity="1", revision=1)))
-    assert isinstance(deferred, Deferred)
-    ledger.rows[deferred.identifier]["first_attempt_at"] = None  # deferred before any call
-    ledger.rows[deferred.identifier]["next_attempt_at"] = None
-    t.now += 10
-    [sent] = run(d.on_window(window(quantity="4", revision=2)))
-    assert isinstance(sent, Sent) and provider.sent[-1].value == "4" and len(ledger.rows) == 2
+    provider.script = [ProviderError("unavailable", status=503, retryable=True)]
+    [retry] = run(d.on_window(window(quantity="1", revision=1)))
+    assert isinstance(retry, Retry)
+    t.now += 0.1  # the retry is not due yet, and the key backs off
+    [skipped, correction] = run(d.on_window(window(quantity="4", revision=2)))
+    assert skipped == Skipped(retry.identifier, "scheduled") and isinstance(correction, Deferred)
+    t.now += 60
+    assert isinstance(run(d.on_retry(retry.identifier)), Sent) and isinstance(run(d.on_retry(correction.identifier)), Sent)
+    assert [e.value for e in provider.sent[1:]] == ["1", "3"], "1 for the window, then +3: the final 4 in total"
 
 
 def test_past_the_dedup_window_the_provider_is_asked_first():
