@@ -42,7 +42,7 @@ def group_lag(bootstrap_servers: str, group: str, topic: str) -> int:
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = consumer.end_offsets(partitions)
-        committed = admin.list_consumer_group_offsets(group)
+        committed = admin.list_group_offsets(group).get(group, {})  # kafka-python 3.x; 2.x called it list_consumer_group_offsets
         return sum(ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in partitions)
     finally:
         consumer.close()
