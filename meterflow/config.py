@@ -86,7 +86,6 @@ class PostgresConfig(_Section):
     user: str = "meterflow"
     password: SecretStr | None = None
     usage_table: str = "usage_windows"
-    flush_interval: Duration = Field(timedelta(milliseconds=200), description="How often the JDBC sinks flush buffered rows (and always on checkpoint).")
 
     def jdbc_url(self) -> str:
         """JDBC URL for Flink's JDBC connector.

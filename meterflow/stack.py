@@ -164,6 +164,14 @@ def _proc_running(pid: int) -> bool:
         return False
 
 
+def _is_taskmanager(pid: int) -> bool:
+    """Whether the process is a Flink TaskManager JVM."""
+    try:
+        return b"TaskManagerRunner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _is_group_leader(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid
@@ -530,7 +538,8 @@ class FlinkCluster:
         pids = []
         for pid_file in (self.dir / "pid").glob("*taskexecutor*.pid"):
             for token in pid_file.read_text().split():
-                if token.isdigit() and _proc_running(int(token)):
+                # A pid file outlives its process and pids are reused: check it is still a TaskManager.
+                if token.isdigit() and _proc_running(int(token)) and _is_taskmanager(int(token)):
                     pids.append(int(token))
         return pids
 
@@ -621,7 +630,11 @@ class StripeMock:
             raise StackError(msg)
         self.dir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
-            proc = subprocess.Popen([str(STRIPE_MOCK_BIN), "-http-addr", f"127.0.0.1:{self.port}"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # stripe-mock also serves HTTPS, on [::]:12112 unless told otherwise: keep it on loopback,
+            # on a free port, so it is not exposed and a second stack on the machine can start.
+            https_port = free_ports(1)[0]
+            args = [str(STRIPE_MOCK_BIN), "-http-addr", f"127.0.0.1:{self.port}", "-https-addr", f"127.0.0.1:{https_port}"]
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid_file.write_text(str(proc.pid))
         wait_until(lambda: port_open("127.0.0.1", self.port) or proc.poll() is not None, "stripe-mock", 60, self.log)
         if proc.poll() is not None:

@@ -29,7 +29,7 @@ from meterflow.config import JobConfig
 from meterflow.producer import send_events
 from meterflow.stack import FlinkCluster, KafkaBroker, PostgresServer
 from sinks.postgres import apply_schema
-from tests.e2e.helpers import expected_totals, read_topic, table_totals, wait_for
+from tests.e2e.helpers import CLOSER_TENANT, expected_totals, read_topic, table_totals, wait_for
 from tests.e2e.scenario import ALLOWED_LATENESS, CLOCK_TENANT, WATERMARK_DELAY, WINDOW, Risky, Scenario, close_of, build_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -219,11 +219,11 @@ def run_scenario(e2e_stack, name: str, disrupt: Disruption | None = None, audit:
         flink_jobs.cancel(cfg, job_id)
 
     if disrupt is not None:
-        print(f"{name}: {recovery}")
-        # The fault hit work in flight: the job restored (after a restart, or from the savepoint), from a
-        # checkpoint taken before the last risky records were acknowledged, so those were read again.
-        assert recovery.restored_checkpoint is not None, recovery
-        assert recovery.restarts >= 1 or recovery.restored_from_savepoint, recovery
+        # The fault hit work in flight: the job restored (after a failover, or from the savepoint), from
+        # a checkpoint taken before the last risky records were acknowledged, so those were read again.
+        # (Flink's numRestarts metric read 0 after a TaskManager kill that did restore: it is reported,
+        # the restored checkpoint is what is asserted.)
+        assert recovery is not None and recovery.restored_checkpoint is not None, recovery
         assert recovery.restored_before_risky_sent, recovery
     # Exactly the events beyond the allowed lateness (boundary ones included) are in the late topic, each once.
     assert sorted(r["event_id"] for r in late) == sorted(e["event_id"] for e in s.late)
@@ -250,6 +250,11 @@ def run_scenario(e2e_stack, name: str, disrupt: Disruption | None = None, audit:
     # Exact per-window totals, each row final and complete (revision = events counted).
     assert _totals(rows) == expected_totals(s.unique_counted, size)
     assert all(r.is_final and r.revision == r.event_count for r in rows.values())
+    # One line of figures per scenario (bench/failover_repeat.py collects them).
+    restarts = recovery.restarts if recovery else 0
+    restored = recovery.restored_checkpoint if recovery else None
+    print(f"\nFAILOVER scenario={name} restarts={restarts} restored_checkpoint={restored} sent={len(s.all_sent) + len(s.bad_records)} "
+          f"counted={counted} late={len(late)} boundary={len(s.boundary)} duplicates={duplicates} dead_letters={len(dead)} windows={len(rows)}")
 
 
 def audit_late_topic(path: Path, s: Scenario) -> None:

@@ -50,6 +50,7 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
 
     private transient ListState<Long> heldState;
     private transient long held;
+    private transient long forwarded;
 
     /** Field positions in the routed row, and the allowed lateness of the window operator. */
     public LatenessClassifier(int eventTimeField, int windowEndField, int watermarkField, int latenessField, int isLateField, long allowedLatenessMs) {
@@ -78,6 +79,7 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
         super.initializeState(context);
         heldState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("held-watermark", Types.LONG));
         held = WindowClose.NO_WATERMARK;
+        forwarded = WindowClose.NO_WATERMARK;
         for (Long restored : heldState.get()) {
             held = Math.max(held, restored);
         }
@@ -92,7 +94,13 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
     @Override
     public void processWatermark(Watermark mark) throws Exception {
         held = Math.max(held, mark.getTimestamp());
-        super.processWatermark(mark);
+        // Forward the held watermark: after a restore the window operator and the closer get back
+        // to where they were (windows re-fire, timers fire) as soon as the sources emit again,
+        // instead of waiting for newer data than the checkpoint had seen.
+        if (held > forwarded) {
+            forwarded = held;
+            super.processWatermark(new Watermark(held));
+        }
     }
 
     @Override
@@ -100,18 +108,15 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
         Row row = element.getValue();
         Object windowEnd = row.getField(windowEndField);
         if (windowEnd != null) {
-            long endMs = epochMs(windowEnd);
+            long endMs = WindowClose.epochMs(windowEnd);
             boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held);
             if (held != WindowClose.NO_WATERMARK) {
                 row.setField(watermarkField, LocalDateTime.ofInstant(Instant.ofEpochMilli(held), ZoneOffset.UTC));
-                row.setField(latenessField, held - epochMs(row.getField(eventTimeField)));
+                row.setField(latenessField, held - WindowClose.epochMs(row.getField(eventTimeField)));
             }
             row.setField(isLateField, late);
         }
         output.collect(element);
     }
 
-    static long epochMs(Object time) {
-        return ((LocalDateTime) time).toInstant(ZoneOffset.UTC).toEpochMilli();
-    }
 }

@@ -180,16 +180,13 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
     }
 
     static WindowRow toWindowRow(Row row, boolean finalRow) {
-        long start = finalRow ? (Long) row.getField(4) : epochMs(row.getField(4));
-        long end = finalRow ? (Long) row.getField(5) : epochMs(row.getField(5));
+        long start = finalRow ? (Long) row.getField(4) : WindowClose.epochMs(row.getField(4));
+        long end = finalRow ? (Long) row.getField(5) : WindowClose.epochMs(row.getField(5));
         return new WindowRow(
                 (String) row.getField(0), (String) row.getField(1), (String) row.getField(2), (String) row.getField(3),
                 start, end, (String) row.getField(6), (Long) row.getField(7), (Long) row.getField(8), finalRow);
     }
 
-    static long epochMs(Object time) {
-        return ((LocalDateTime) time).toInstant(ZoneOffset.UTC).toEpochMilli();
-    }
 
     /** Upserts a checkpoint's batches in one transaction once that checkpoint has completed. */
     static final class PostgresCommitter implements Committer<Batch> {

@@ -18,6 +18,11 @@ public final class WindowClose {
         return windowEndMs - 1 + allowedLatenessMs;
     }
 
+    /** Epoch milliseconds of a UTC LocalDateTime, as Flink hands TIMESTAMP(3) values to Java. */
+    public static long epochMs(Object utcTime) {
+        return ((java.time.LocalDateTime) utcTime).toInstant(java.time.ZoneOffset.UTC).toEpochMilli();
+    }
+
     /** Whether an event of the window ending at {@code windowEndMs} is late under {@code watermarkMs}. */
     public static boolean isLate(long windowEndMs, long allowedLatenessMs, long watermarkMs) {
         return watermarkMs != NO_WATERMARK && watermarkMs >= closeTime(windowEndMs, allowedLatenessMs);

@@ -58,8 +58,8 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
         if (row.getKind() != RowKind.INSERT && row.getKind() != RowKind.UPDATE_AFTER) {
             return;
         }
-        long endMs = epochMs(row.getField(5));
-        Row value = Row.of(row.getField(0), row.getField(1), row.getField(2), row.getField(3), epochMs(row.getField(4)), endMs, row.getField(6), row.getField(7), row.getField(8));
+        long endMs = WindowClose.epochMs(row.getField(5));
+        Row value = Row.of(row.getField(0), row.getField(1), row.getField(2), row.getField(3), WindowClose.epochMs(row.getField(4)), endMs, row.getField(6), row.getField(7), row.getField(8));
         if (latest.value() == null) {
             ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(endMs, allowedLatenessMs));
         }
@@ -75,9 +75,6 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
         }
     }
 
-    static long epochMs(Object time) {
-        return ((LocalDateTime) time).toInstant(ZoneOffset.UTC).toEpochMilli();
-    }
 
     /** (tenant, customer, meter, dimensions, window start), joined with a separator no field contains. */
     static final class WindowKey implements KeySelector<Row, String> {

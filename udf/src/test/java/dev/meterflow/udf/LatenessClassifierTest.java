@@ -77,6 +77,8 @@ class LatenessClassifierTest {
             assertEquals(false, classify(h, WINDOW_END + 5_000, WINDOW_END + 10_000), "the open window still accepts");
             h.processWatermark(new Watermark(0));
             assertEquals(true, classify(h, WINDOW_END - 1, WINDOW_END), "a live watermark below the held one changes nothing");
+            assertEquals(new Watermark(CLOSE + 500), h.getOutput().stream().filter(o -> o instanceof Watermark).findFirst().orElse(null),
+                    "the first watermark after the restore carries the held one downstream");
         }
     }
 
