@@ -294,7 +294,9 @@ def write_report(results: dict[str, Any], report_path: Path, chart_path: Path) -
     notes_file = REPO / "bench" / "analysis.md"
     notes = notes_file.read_text() if notes_file.exists() else ""
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(render_markdown(results, notes))
+    from bench.billing_report import keep_section
+
+    report_path.write_text(keep_section(report_path, render_markdown(results, notes)))  # the billing section comes from bench/billing.py
     render_chart(results, chart_path)
 
 

@@ -42,6 +42,8 @@ def group_lag(bootstrap_servers: str, group: str, topic: str) -> int:
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = consumer.end_offsets(partitions)
+        # kafka-python 3.x (2.x called it list_consumer_group_offsets). Asked for explicit partitions,
+        # a partition the group never committed comes back with offset -1: count it from 0.
         committed = admin.list_group_offsets({group: partitions}).get(group, {})
         return sum(ends[tp] - max(committed[tp].offset if tp in committed else 0, 0) for tp in partitions)
     finally:

@@ -1,24 +1,84 @@
-"""Pure SQL for the billing branch: where the forwarder's outcome rows end.
+"""Pure SQL of the billing job: the closed-windows source and the retry scan's clock.
 
-The forwarder records every outcome in the Postgres ledger itself (it must, before the next
-checkpoint); its output stream only has to reach a sink so the branch is part of the job.
+The billing job reads the usage job's closed-windows topic (avro/closed_window.avsc) with its own
+consumer group, read_committed, so it sees each closed window once its transaction committed.
 """
 
 from __future__ import annotations
 
-BILLING_OUTCOMES_VIEW = "billing_outcomes"
-BILLING_OUTCOMES_SINK_TABLE = "billing_outcomes_sink"
+from connectors.avro_types import derive_columns, load_schema
+from jobs.plan import CLOSED_WINDOW_SCHEMA, _with, sql_epoch_ms
+from meterflow.config import JobConfig
+
+CLOSED_WINDOWS_SOURCE_TABLE = "closed_windows_source"
+RETRY_TICKS_TABLE = "billing_retry_ticks"
+RETRIES_VIEW = "billing_retries"
+# Columns of a billing input row: the partitioning key first, then the window; the retry scan's
+# rows name the delivery to retry in the last one.
+BILLING_INPUT_COLUMNS = ("billing_key", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "retry_identifier")
 
 
-def billing_outcomes_sink_ddl() -> str:
-    """A discarding sink for the outcome rows (the ledger is their record)."""
+def billing_key(tenant_id: str, customer_id: str, meter: str) -> str:
+    """The partitioning key of a (tenant, customer, meter): the same as :func:`billing_key_expr` computes in SQL."""
+    return f"{tenant_id}\x1f{customer_id}\x1f{meter}"
+
+
+def billing_key_expr() -> str:
+    """SQL for the partitioning key: one customer's meter always lands on one subtask.
+
+    Joined with the unit separator; a key that collides after joining only shares a subtask, the
+    deliverer still serialises by the exact (tenant, customer, meter).
+    """
+    return "CONCAT(`tenant_id`, CHR(31), `customer_id`, CHR(31), `meter`)"
+
+
+def closed_windows_source_ddl(cfg: JobConfig) -> str:
+    """Kafka source of closed windows: Avro per avro/closed_window.avsc, read_committed, offsets in checkpoints."""
+    cols = ",\n  ".join(c.ddl() for c in derive_columns(load_schema(CLOSED_WINDOW_SCHEMA)))
+    options = {
+        "connector": "kafka",
+        "topic": cfg.kafka.closed_windows_topic,
+        "properties.bootstrap.servers": cfg.kafka.bootstrap_servers,
+        "properties.group.id": cfg.billing_consumer_group,
+        # Resume from the group's offsets (committed on checkpoint); a new group reads the topic from the start.
+        "scan.startup.mode": "group-offsets",
+        "properties.auto.offset.reset": "earliest",
+        # The usage job writes in transactions: only committed windows are final.
+        "properties.isolation.level": "read_committed",
+        "scan.topic-partition-discovery.interval": "60 s",
+        "format": "avro",
+    }
+    return f"CREATE TABLE `{CLOSED_WINDOWS_SOURCE_TABLE}` (\n  {cols}\n) {_with(options)}"
+
+
+def closed_windows_query() -> str:
+    """Closed windows as billing input rows: times as epoch ms, the quantity as an exact decimal string.
+
+    The Python bridge has no exact DECIMAL(38, 9), so the value crosses as text and becomes a
+    Python Decimal on the other side, never a float.
+    """
+    def ms(column: str) -> str:
+        return f"CAST({sql_epoch_ms(f'`{column}`')} AS BIGINT)"
+
     return (
-        f"CREATE TABLE `{BILLING_OUTCOMES_SINK_TABLE}` (\n"
-        "  `identifier` STRING, `status` STRING, `attempts` INT, `detail` STRING\n"
-        ") WITH ('connector' = 'blackhole')"
+        f"SELECT {billing_key_expr()} AS `billing_key`, `tenant_id`, `customer_id`, `meter`, `dimensions_key`, "
+        f"{ms('window_start')} AS `window_start_ms`, {ms('window_end')} AS `window_end_ms`, "
+        "CAST(`quantity` AS STRING) AS `quantity`, `event_count`, `revision`, CAST(NULL AS STRING) AS `retry_identifier`\n"
+        f"FROM `{CLOSED_WINDOWS_SOURCE_TABLE}`"
     )
 
 
-def billing_outcomes_insert() -> str:
-    """Every outcome row into the discarding sink."""
-    return f"INSERT INTO `{BILLING_OUTCOMES_SINK_TABLE}` SELECT `identifier`, `status`, `attempts`, `detail` FROM `{BILLING_OUTCOMES_VIEW}`"
+def billing_input_query() -> str:
+    """Closed windows and the retry scan's rows, as one stream for the keyed delivery step."""
+    cols = ", ".join(f"`{c}`" for c in BILLING_INPUT_COLUMNS)
+    return f"SELECT {cols} FROM ({closed_windows_query()})\nUNION ALL\nSELECT {cols} FROM `{RETRIES_VIEW}`"
+
+
+def retry_ticks_ddl(parallelism: int) -> str:
+    """About one row a second per subtask: the clock of the retry scan, which hands due deliveries from the ledger back to billing.
+
+    Every subtask scans; the scan leases the rows it hands out and skips rows another scan holds
+    (``FOR UPDATE SKIP LOCKED``), so scans never hand out the same delivery twice.
+    """
+    options = {"connector": "datagen", "rows-per-second": str(parallelism), "fields.tick.kind": "random"}
+    return f"CREATE TABLE `{RETRY_TICKS_TABLE}` (\n  `tick` INT\n) {_with(options)}"

@@ -400,3 +400,33 @@ def late_events_insert() -> str:
         f"SELECT {cols}, `window_start`, `window_end`, `watermark`, `lateness_ms`, LOCALTIMESTAMP AS `seen_at`\n"
         f"FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NULL AND `is_late`"
     )
+
+
+CLOSED_WINDOWS_SINK_TABLE = "closed_windows_sink"
+CLOSED_WINDOW_SCHEMA = AVRO_DIR / "closed_window.avsc"
+
+
+def closed_windows_sink_ddl(cfg: JobConfig) -> str:
+    """Kafka sink of closed windows: Avro per avro/closed_window.avsc, exactly-once (transactional).
+
+    The integration point for billing and any other consumer of final usage: each closed window is
+    published once, visible to read_committed readers when the checkpoint covering it completes.
+    """
+    return _exactly_once_kafka_sink(cfg, CLOSED_WINDOWS_SINK_TABLE, CLOSED_WINDOW_SCHEMA, cfg.kafka.closed_windows_topic, "closed-windows")
+
+
+def closed_windows_insert() -> str:
+    """Every window the closer emits, with its final value, to the closed-windows sink.
+
+    The closer's rows carry times as epoch ms and the quantity as an exact decimal string (the
+    Python bridge has no DECIMAL(38, 9)); both go back to the Avro logical types here, in the JVM.
+    """
+    def ts(column: str) -> str:
+        return f"CAST(TO_TIMESTAMP_LTZ(`{column}`, 3) AS TIMESTAMP(3))"
+
+    return (
+        f"INSERT INTO `{CLOSED_WINDOWS_SINK_TABLE}`\n"
+        f"SELECT `tenant_id`, `customer_id`, `meter`, `dimensions_key`, {ts('window_start_ms')}, {ts('window_end_ms')},\n"
+        "  CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`\n"
+        f"FROM `{CLOSED_WINDOWS_VIEW}`"
+    )

@@ -1,16 +1,15 @@
 """The meterflow usage job: wires the Flink graph, nothing else.
 
 Kafka -> decode + validate -> dead letters | dedup -> classify late/on time once ->
-late events | window aggregate -> per-fire upserts + window closer -> final rows
-(+ billing forwarder -> provider and ledger, when ``billing.enabled``).
+late events | window aggregate -> per-fire upserts + window closer -> final rows + the
+closed-windows topic (billing reads it in its own job, jobs/billing_job.py).
 
 Submit with ``meterflow submit`` or directly::
 
     flink run -d -py jobs/usage_job.py --config meterflow.yaml
 
 All per-event work runs in JVM operators declared as SQL (jobs/plan.py) and the Java functions in
-udf/, windows are closed by a Java operator from udf/ too; the only Python operator bills closed
-windows (one element per window, not per event).
+udf/, windows are closed by a Java operator from udf/ too; the job runs no Python operator.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyflink.common import Configuration, Types
+from pyflink.common import Configuration
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
 from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
@@ -32,6 +31,8 @@ from jobs.plan import (
     VALIDATED_VIEW,
     JdbcTarget,
     classifier_fields,
+    closed_windows_insert,
+    closed_windows_sink_ddl,
     dead_letter_insert,
     dead_letter_sink_ddl,
     late_events_insert,
@@ -42,8 +43,7 @@ from jobs.plan import (
     validate_query,
     window_changelog_query,
 )
-from jobs.billing_plan import BILLING_OUTCOMES_VIEW, billing_outcomes_insert, billing_outcomes_sink_ddl
-from meterflow.config import JobConfig, config_without_secrets, load_config
+from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 from sinks.postgres_schema import usage_upsert_sql
 from sinks.window_closer import CLOSED_WINDOW_COLUMNS
@@ -114,23 +114,6 @@ WINDOW_CHANGELOG_SCHEMA = (
 )
 
 
-def _declare_billing(t_env: StreamTableEnvironment, cfg: JobConfig, closed: DataStream) -> None:
-    """Closed windows -> billing forwarder (keyed by customer and meter) -> outcome rows."""
-    from sinks.billing_forwarder import BILLING_OUTCOME_COLUMNS, BillingForwarder, billing_outcome_type
-
-    outcomes = (
-        closed.key_by(lambda r: (r[0], r[1], r[2]), key_type=Types.TUPLE([Types.STRING()] * 3))
-        .process(BillingForwarder(config_without_secrets(cfg)), output_type=billing_outcome_type())
-        .name("bill closed windows")
-        .uid("bill-closed-windows")
-    )
-    schema = Schema.new_builder()
-    for name, _, data_type in BILLING_OUTCOME_COLUMNS:
-        schema = schema.column(name, data_type)
-    t_env.create_temporary_view(BILLING_OUTCOMES_VIEW, t_env.from_data_stream(outcomes, schema.build()))
-    t_env.execute_sql(billing_outcomes_sink_ddl())
-
-
 def _close_windows(changelog: DataStream, allowed_lateness_ms: int) -> DataStream:
     """Each window once, with its final value: the JVM closer of udf/ (dev.meterflow.udf.WindowCloser).
 
@@ -159,8 +142,6 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     # Records emitted by the closer's timers carry the timer time: the watermark flows on.
     closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()")
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
-    if cfg.billing.enabled:
-        _declare_billing(t_env, cfg, closed)
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
@@ -170,6 +151,7 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
+    t_env.execute_sql(closed_windows_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
     # Classified events and rejected records in one materialised stream: the topic is read once.
     _materialise_classified(t_env, cfg)
@@ -177,8 +159,8 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     statements = t_env.create_statement_set()
     statements.add_insert_sql(late_events_insert())
     statements.add_insert_sql(dead_letter_insert())
-    if cfg.billing.enabled:
-        statements.add_insert_sql(billing_outcomes_insert())
+    # Each closed window once, exactly-once, for billing and other consumers (see avro/closed_window.avsc).
+    statements.add_insert_sql(closed_windows_insert())
     return statements
 
 

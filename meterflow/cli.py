@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-import uuid
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -180,32 +177,48 @@ def _send_with_progress(cfg: JobConfig, topic: str, events: list, rate: float) -
 
 
 @cli.command()
-@click.option("--savepoint", default=None, help="Start from this savepoint or retained checkpoint.")
+@click.option("--savepoint", default=None, help="Start the usage job from this savepoint or retained checkpoint.")
+@click.option("--billing-savepoint", default=None, help="Start the billing job from this savepoint or retained checkpoint.")
 @click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
 @pass_ctx
-def submit(ctx: Context, savepoint: str | None, force: bool) -> None:
-    """Submit the usage job to the Flink cluster (flink run -py jobs/usage_job.py) and wait until it runs."""
+def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, force: bool) -> None:
+    """Submit the usage job and, with billing.enabled, the billing job; wait until they run.
+
+    flink run -py jobs/usage_job.py, then flink run -py jobs/billing_job.py (which reads the usage
+    job's closed-windows topic). A job already running under its name is left alone.
+    """
+    _submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, force=force)
+
+
+def _submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, force: bool = False) -> None:
     from meterflow import flink_jobs
 
     cfg = ctx.cfg
-    existing = flink_jobs.running_jobs(cfg, cfg.flink.job_name)
-    if existing and not force:
-        err_console.print(f"job {cfg.flink.job_name} already running: {existing[0]['jid']} (use --force to submit another)")
-        return
-    with err_console.status("submitting the job ..."):
-        job_id = flink_jobs.submit(cfg, ctx.resolved_path, savepoint=savepoint)
-    console.print(job_id)
+    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint)]
+    if cfg.billing.enabled:
+        plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint))
+    for name, submit_job, start_from in plan:
+        existing = flink_jobs.running_jobs(cfg, name)
+        if existing and not force:
+            err_console.print(f"job {name} already running: {existing[0]['jid']} (use --force to submit another)")
+            continue
+        with err_console.status(f"submitting {name} ..."):
+            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start_from)
+        err_console.print(f"{name} submitted")
+        console.print(job_id)
 
 
 @cli.command()
 @pass_ctx
 def jobs(ctx: Context) -> None:
-    """List the cluster's jobs."""
+    """List the cluster's jobs; this config's usage and billing jobs are marked."""
     from meterflow import flink_jobs
 
-    table = Table("job id", "name", "state", "started")
-    for j in flink_jobs.list_jobs(ctx.cfg):
-        table.add_row(j["jid"], j["name"], j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
+    cfg = ctx.cfg
+    roles = {cfg.flink.job_name: "usage", cfg.billing_job_name: "billing"}
+    table = Table("job id", "name", "role", "state", "started")
+    for j in flink_jobs.list_jobs(cfg):
+        table.add_row(j["jid"], j["name"], roles.get(j["name"], ""), j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
     console.print(table)
 
 
@@ -214,17 +227,21 @@ def jobs(ctx: Context) -> None:
 @click.option("--savepoint", is_flag=True, help="Stop with a savepoint and print its path (for upgrades).")
 @pass_ctx
 def stop(ctx: Context, job_id: str | None, savepoint: bool) -> None:
-    """Stop the running usage job (or JOB_ID): cancel, or stop with a savepoint."""
+    """Stop the running usage and billing jobs (or JOB_ID): cancel, or stop with a savepoint.
+
+    The usage job stops first, so the billing job has read every window it published.
+    """
     from meterflow import flink_jobs
 
     cfg = ctx.cfg
-    ids = [job_id] if job_id else [j["jid"] for j in flink_jobs.running_jobs(cfg, cfg.flink.job_name)]
+    names = [cfg.flink.job_name, cfg.billing_job_name]  # the billing job too when billing was just switched off
+    ids = [job_id] if job_id else [j["jid"] for name in names for j in flink_jobs.running_jobs(cfg, name)]
     if not ids:
         err_console.print("no running job")
         return
     for jid in ids:
         if savepoint:
-            console.print(flink_jobs.stop_with_savepoint(cfg, jid))
+            console.print(f"{jid}: {flink_jobs.stop_with_savepoint(cfg, jid)}")
         else:
             flink_jobs.cancel(cfg, jid)
             err_console.print(f"cancelled {jid}")
@@ -259,180 +276,6 @@ def _print_usage(rows: list) -> None:
 
 def _fmt_qty(q: Decimal) -> str:
     return format(q.normalize(), "f")
-
-
-# ---------------------------------------------------------------- billing
-
-
-@cli.group()
-def billing() -> None:
-    """The billing forwarder's ledger: status, customer mapping, replay of dead deliveries."""
-
-
-@billing.command("status")
-@click.option("--dead", "show_dead", is_flag=True, help="Also list every dead delivery with its reason.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@pass_ctx
-def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
-    """Summarise the delivery ledger per provider and status."""
-    from sinks.ledger import fetch_deliveries, status_summary
-
-    summary = status_summary(ctx.cfg)
-    dead = fetch_deliveries(ctx.cfg, ("dead",)) if show_dead else []
-    if fmt == "json":
-        rows = [dict(zip(("provider", "status", "deliveries", "quantity", "oldest_window", "last_update"), r, strict=True)) for r in summary]
-        console.print_json(json.dumps({"summary": rows, "dead": [d.__dict__ for d in dead]}, default=str))
-        return
-    table = Table("provider", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
-    for provider, status, n, quantity, oldest, updated in summary:
-        table.add_row(provider, status, str(n), _fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
-    console.print(table)
-    if dead:
-        dead_table = Table("identifier", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
-        for d in dead:
-            dead_table.add_row(d.identifier, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", _fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
-        console.print(dead_table)
-
-
-@billing.command("replay")
-@click.option("--identifier", "identifiers", multiple=True, help="Only these deliveries (repeatable); default: every dead one.")
-@click.option("--include-failed", is_flag=True, help="Also deliveries left failed or pending by a job that no longer runs.")
-@click.option("--dry-run", is_flag=True, help="List what would be re-sent, send nothing.")
-@pass_ctx
-def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: bool, dry_run: bool) -> None:
-    """Re-send dead deliveries with their original identifiers, after the cause was fixed.
-
-    Same identifier and Idempotency-Key as the first attempt, so the provider never counts a
-    window twice. Exits non-zero if any delivery is still dead afterwards.
-    """
-    from sinks.billing import Dead, Deliverer
-    from sinks.ledger import PostgresLedger, fetch_deliveries
-    from sinks.stripe_provider import StripeMeterEvents
-
-    cfg = ctx.cfg
-    statuses = ("dead", "failed", "pending") if include_failed else ("dead",)
-    chosen = [d for d in fetch_deliveries(cfg, statuses) if not identifiers or d.identifier in identifiers]
-    missing = set(identifiers) - {d.identifier for d in chosen}
-    if missing:
-        err_console.print(f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}")
-    if dry_run or not chosen:
-        for d in chosen:
-            console.print(f"{d.identifier}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}")
-        err_console.print(f"{len(chosen)} deliveries {'would be ' if dry_run else ''}replayed")
-        return
-    ledger = PostgresLedger(cfg)
-    deliverer = Deliverer(cfg, StripeMeterEvents(cfg), ledger, clock=time.time, sleep=time.sleep)
-    counts: dict[str, int] = defaultdict(int)
-    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as progress:
-        task = progress.add_task("replay", total=len(chosen))
-        for d in chosen:
-            outcome = deliverer.deliver(d.closed_window(), replay=True)
-            counts[type(outcome).__name__.lower()] += 1
-            if isinstance(outcome, Dead):
-                err_console.print(f"[red]still dead[/] {d.identifier}: {outcome.reason}")
-            progress.advance(task)
-    ledger.close()
-    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if counts.get("dead"):
-        sys.exit(1)
-
-
-@billing.group("customers")
-def billing_customers() -> None:
-    """Which provider customer each tenant's customer is billed as."""
-
-
-@billing_customers.command("set")
-@click.argument("tenant_id")
-@click.argument("customer_id")
-@click.argument("provider_customer_id")
-@pass_ctx
-def billing_customers_set(ctx: Context, tenant_id: str, customer_id: str, provider_customer_id: str) -> None:
-    """Map TENANT_ID/CUSTOMER_ID to the provider's customer (e.g. a Stripe cus_... id)."""
-    from sinks.ledger import map_customer
-
-    map_customer(ctx.cfg, tenant_id, customer_id, provider_customer_id)
-    err_console.print(f"{tenant_id}/{customer_id} -> {ctx.cfg.billing.provider} {provider_customer_id}")
-
-
-@billing_customers.command("import")
-@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@pass_ctx
-def billing_customers_import(ctx: Context, csv_file: Path) -> None:
-    """Map many customers from a CSV with the header tenant_id,customer_id,provider_customer_id.
-
-    Nothing is written if any row is invalid; every problem is listed (exit code 2).
-    """
-    from sinks.billing import parse_customer_csv
-    from sinks.ledger import map_customers
-
-    mappings, problems = parse_customer_csv(csv_file.read_text())
-    for problem in problems:
-        err_console.print(f"[red]{csv_file}: {problem}[/]")
-    if problems:
-        sys.exit(2)
-    map_customers(ctx.cfg, mappings)
-    err_console.print(f"{len(mappings)} customers mapped to {ctx.cfg.billing.provider}")
-
-
-@billing_customers.command("list")
-@pass_ctx
-def billing_customers_list(ctx: Context) -> None:
-    """Print every customer mapping."""
-    from sinks.ledger import fetch_customers
-
-    table = Table("tenant", "customer", "provider", "provider customer")
-    for row in fetch_customers(ctx.cfg):
-        table.add_row(*row)
-    console.print(table)
-
-
-@cli.command()
-@click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="Billing period to total per customer.")
-@click.option("--tenant", default=None, help="Only this tenant.")
-@click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC), e.g. when billing was switched on.")
-@click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
-@click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be in flight and are skipped.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@pass_ctx
-def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, fmt: str) -> None:
-    """Compare final windows in Postgres with what the ledger says the provider accepted.
-
-    Exits 1 and lists every discrepancy (window not billed, billed with another quantity, billed
-    without a final window); exits 0 when they agree.
-    """
-    from sinks.ledger import fetch_reconciliation_input
-    from sinks.reconcile import reconcile as compare
-
-    try:
-        lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
-    except ValueError as e:
-        raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
-    finals, ledger = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
-
-    def chosen(w: object) -> bool:
-        return (tenant is None or w.tenant_id == tenant) and (lower is None or w.window_start >= lower) and (upper is None or w.window_start < upper)
-
-    finals, ledger = [w for w in finals if chosen(w)], [d for d in ledger if chosen(d)]
-    totals, discrepancies = compare(finals, ledger, period)  # type: ignore[arg-type]
-    if fmt == "json":
-        console.print_json(json.dumps({"periods": [t.__dict__ for t in totals], "discrepancies": [d.__dict__ for d in discrepancies]}, default=str))
-    else:
-        table = Table("tenant", "customer", "meter", "period", "windows", "final quantity", "billed quantity", "agrees")
-        for t in totals:
-            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
-        console.print(table)
-        if discrepancies:
-            issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
-            for d in discrepancies:
-                q = [("" if v is None else _fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
-                issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}", *q, d.detail)
-            console.print(issues)
-    if discrepancies:
-        err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")
-        sys.exit(1)
-    err_console.print(f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)")
 
 
 # ---------------------------------------------------------------- late-audit
@@ -496,120 +339,9 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
             err_console.print(f"histogram written to {histogram}")
 
 
-# ---------------------------------------------------------------- demo
-
-
-@cli.command()
-@click.option("--count", default=3000, show_default=True, help="Sample events to produce.")
-@click.option("--timeout", default=180, show_default=True, help="Seconds to wait for the windows in Postgres.")
-@pass_ctx
-def demo(ctx: Context, count: int, timeout: int) -> None:
-    """From nothing: stack up, submit the job, produce a sample, wait for its windows, print them."""
-    from jobs.windowing import window_bounds
-    from meterflow import flink_jobs
-    from meterflow.producer import SyntheticSpec, synthetic_events
-    from sinks.postgres import fetch_usage
-
-    cfg = stack_up(ctx)
-    running = flink_jobs.running_jobs(cfg, cfg.flink.job_name)
-    if running:
-        err_console.print(f"job already running: {running[0]['jid']}")
-    else:
-        with err_console.status("submitting the job ..."):
-            job_id = flink_jobs.submit(cfg, ctx.resolved_path)
-        err_console.print(f"job submitted: {job_id}")
-    size = cfg.event_time.window_size
-    run = uuid.uuid4().hex[:6]
-    start, span = _demo_event_time_range(cfg, size)
-    spec = SyntheticSpec(count=count, tenants=2, customers=3, start=start, span=span, seed=int(run, 16))
-    events = [dict(e, tenant_id=f"demo-{run}-{e['tenant_id']}") for e in synthetic_events(spec)]
-    if cfg.billing.enabled:
-        from sinks.ledger import map_customer
-
-        for tenant, customer in sorted({(e["tenant_id"], e["customer_id"]) for e in events}):
-            map_customer(cfg, tenant, customer, f"cus_demo{run}{tenant[-1]}{customer[-1]}")
-    _send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
-    # Independent oracle: the windows that the watermark (max event time - delay) has closed.
-    watermark = max(e["event_time"] for e in events) - cfg.event_time.watermark_delay
-    expected: dict[tuple, list] = defaultdict(lambda: [Decimal(0), 0])
-    for e in events:
-        start, end = window_bounds(e["event_time"], size)
-        if end - timedelta(milliseconds=1) <= watermark:
-            acc = expected[(e["tenant_id"], e["customer_id"], e["meter"], start.replace(tzinfo=None))]
-            acc[0] += e["quantity"]
-            acc[1] += 1
-    err_console.print(f"produced {len(events)} events for tenants demo-{run}-*; waiting for {len(expected)} closed windows in Postgres ...")
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id.startswith(f"demo-{run}-")]
-        got = {(r.tenant_id, r.customer_id, r.meter, r.window_start): [r.quantity, r.event_count] for r in rows}
-        if got == dict(expected) and all(r.is_final for r in rows):
-            break
-        if time.monotonic() > deadline:
-            _print_usage(rows)
-            err_console.print(f"[red]Postgres does not match the expected totals after {timeout}s ({len(got)} of {len(expected)} windows)[/]")
-            sys.exit(1)
-        time.sleep(1)
-    _print_usage(rows)
-    open_windows = len({window_bounds(e["event_time"], size)[0] for e in events}) - len({k[3] for k in expected})
-    console.print(
-        f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "
-        f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
-    )
-    if cfg.billing.enabled:
-        _demo_billing(cfg, f"demo-{run}-", len(rows), deadline)
-
-
-def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: float) -> None:
-    """Wait until every closed demo window is accepted by the billing API, then reconcile them."""
-    from sinks.ledger import fetch_deliveries, fetch_reconciliation_input
-    from sinks.reconcile import reconcile as compare
-
-    err_console.print(f"waiting for {windows} meter events at {cfg.stripe.api_base or 'Stripe'} ...")
-    while True:
-        ours = [d for d in fetch_deliveries(cfg) if d.tenant_id.startswith(tenant_prefix)]
-        if len(ours) >= windows and all(d.status in ("sent", "dead") for d in ours):
-            break
-        if time.monotonic() > deadline:
-            err_console.print(f"[red]only {sum(d.status == 'sent' for d in ours)} of {windows} windows were billed in time[/]")
-            sys.exit(1)
-        time.sleep(1)
-    finals, ledger = fetch_reconciliation_input(cfg, timedelta(0))
-    _, discrepancies = compare([w for w in finals if w.tenant_id.startswith(tenant_prefix)], [d for d in ledger if d.tenant_id.startswith(tenant_prefix)])
-    sent = [d for d in ours if d.status == "sent"]
-    table = Table("identifier", "customer", "event_name", "value", "window start (UTC)", "response")
-    for d in sent[:8]:
-        table.add_row(d.identifier[:40] + "...", d.provider_customer_id or "", d.event_name, d.value or "", f"{d.window_start:%H:%M:%S}", d.provider_response_id or "")
-    console.print(table)
-    if discrepancies or len(sent) != len(ours):
-        err_console.print(f"[red]billing: {len(sent)} of {len(ours)} sent, {len(discrepancies)} discrepancies; see `meterflow billing status --dead`[/]")
-        sys.exit(1)
-    console.print(f"[green]{len(sent)} meter events accepted (one per closed window, first 8 shown); the ledger reconciles with Postgres.[/]")
-
-
-def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, timedelta]:
-    """Where the demo's sample goes in event time: up to six whole windows ending now.
-
-    It starts after the newest window already in Postgres, so a repeated demo never sends events
-    the running job has already closed the windows for (they would, correctly, be late). Events
-    are never dated in the future; if too little event time has passed since the last demo, wait.
-    """
-    from jobs.windowing import window_bounds
-    from sinks.postgres import fetch_usage
-
-    newest_end = max((r.window_end for r in fetch_usage(cfg.postgres)), default=None)
-    while True:
-        now = datetime.now(UTC)
-        start, _ = window_bounds(now - 6 * size, size)
-        if newest_end is not None:
-            # The previous sample's last window may still be open: start one window after it.
-            start = max(start, newest_end.replace(tzinfo=UTC) + size)
-        windows = int((now - start) / size)
-        if windows >= 2:
-            return start, min(windows, 6) * size
-        wait = start + 2 * size - now
-        err_console.print(f"event time is still inside the previous demo's windows; waiting {wait.total_seconds():.0f}s")
-        time.sleep(wait.total_seconds() + 1)
+# The billing commands (billing status/replay/customers, reconcile) and the demo live in their own
+# modules; importing them registers them on the group above.
+from meterflow import cli_billing, cli_demo  # noqa: E402, F401
 
 
 def main() -> None:

@@ -71,6 +71,7 @@ class KafkaConfig(_Section):
     usage_events_topic: str = "usage-events"
     late_events_topic: str = "usage-events-late"
     dead_letter_topic: str = "usage-events-dead-letter"
+    closed_windows_topic: str = Field("usage-windows-closed", description="Each closed window once (Avro avro/closed_window.avsc): the integration point for billing and other consumers.")
     partitions: int = Field(3, ge=1, description="Partitions of the topics the project creates.")
     consumer_group: str = "meterflow"
     transaction_timeout: Duration = timedelta(minutes=10)
@@ -105,7 +106,7 @@ class FlinkConfig(_Section):
     rest_host: str = "127.0.0.1"
     rest_port: int = Field(8081, ge=1, le=65535)
     parallelism: int = Field(1, ge=1)
-    task_slots: int = Field(2, ge=1, description="Slots of the local stack's TaskManager.")
+    task_slots: int = Field(4, ge=1, description="Slots of the local stack's TaskManager: the usage job's parallelism plus the billing job's.")
     checkpoint_interval: Duration = timedelta(seconds=5)
     checkpoint_dir: str = ".stack/flink/checkpoints"
     job_name: str = "meterflow-usage"
@@ -203,8 +204,13 @@ class BillingConfig(_Section):
 
     enabled: bool = False
     provider: Literal["stripe"] = "stripe"
-    calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit for the whole job, shared by its subtasks.")
-    max_attempts: int = Field(8, ge=1, le=100)
+    calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit for the whole billing job; each subtask gets calls_per_second / parallelism.")
+    max_in_flight: int = Field(32, ge=1, le=1024, description="Provider calls in flight per billing subtask (the async operator's capacity).")
+    parallelism: int | None = Field(None, ge=1, description="Subtasks of the billing job; default flink.parallelism.")
+    consumer_group: str | None = Field(None, min_length=1, description="Consumer group of the billing job on the closed-windows topic; default <kafka.consumer_group>-billing.")
+    provider_dedup_window: Duration = Field(timedelta(hours=24), description="How long the provider deduplicates identifiers; older deliveries are checked at the provider before a resend.")
+    retry_lease: Duration = Field(timedelta(minutes=2), description="A delivery handed to an attempt is not handed out again by the retry scan for this long.")
+    max_attempts: int = Field(20, ge=1, le=1000)
     initial_backoff: Duration = timedelta(milliseconds=500)
     max_backoff: Duration = timedelta(seconds=30)
     request_timeout: Duration = timedelta(seconds=10)
@@ -221,6 +227,9 @@ class BillingConfig(_Section):
             raise ValueError(msg)
         if self.request_timeout <= timedelta(0):
             msg = "billing.request_timeout must be positive"
+            raise ValueError(msg)
+        if self.retry_lease <= self.request_timeout:
+            msg = "billing.retry_lease must be longer than billing.request_timeout, so a call in flight is never handed out twice"
             raise ValueError(msg)
         return self
 
@@ -260,6 +269,21 @@ class JobConfig(_Section):
     def state_dir(self) -> Path:
         """The one directory where the local stack keeps state and logs."""
         return self.path(self.stack.state_dir)
+
+    @property
+    def billing_job_name(self) -> str:
+        """The billing job's name on the cluster: the usage job's name with ``-billing``."""
+        return f"{self.flink.job_name}-billing"
+
+    @property
+    def billing_consumer_group(self) -> str:
+        """The billing job's consumer group on the closed-windows topic."""
+        return self.billing.consumer_group or f"{self.kafka.consumer_group}-billing"
+
+    @property
+    def billing_parallelism(self) -> int:
+        """Subtasks of the billing job."""
+        return self.billing.parallelism or self.flink.parallelism
 
     def checkpoint_uri(self) -> str:
         """Checkpoint directory as a URI Flink accepts."""

@@ -1,4 +1,8 @@
-"""Submit, watch and stop the usage job on the Flink session cluster (flink CLI + REST API)."""
+"""Submit, watch and stop meterflow's jobs on the Flink session cluster (flink CLI + REST API).
+
+Two jobs: the usage job (jobs/usage_job.py) and, with ``billing.enabled``, the billing job
+(jobs/billing_job.py), which reads the usage job's closed-windows topic.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from meterflow.errors import JobSubmissionError
 from meterflow.stack import REPO_ROOT, FlinkCluster, flink_home
 
 JOB_SCRIPT = REPO_ROOT / "jobs" / "usage_job.py"
+BILLING_JOB_SCRIPT = REPO_ROOT / "jobs" / "billing_job.py"
 _JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
 
@@ -50,13 +55,23 @@ def job_details(cfg: JobConfig, job_id: str) -> dict[str, Any]:
     return _rest(cfg, f"/jobs/{job_id}")
 
 
-def submit(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180) -> str:
-    """``flink run -d -py jobs/usage_job.py`` against the session cluster; wait until all tasks run."""
+def job_names(cfg: JobConfig) -> list[str]:
+    """The names of the jobs this config runs: the usage job, and the billing job when billing is enabled."""
+    return [cfg.flink.job_name, *([cfg.billing_job_name] if cfg.billing.enabled else [])]
+
+
+def submit_billing(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180) -> str:
+    """``flink run -d -py jobs/billing_job.py``; wait until all its tasks run."""
+    return submit(cfg, config_path, savepoint=savepoint, timeout=timeout, script=BILLING_JOB_SCRIPT)
+
+
+def submit(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180, script: Path = JOB_SCRIPT) -> str:
+    """``flink run -d -py jobs/usage_job.py`` (or ``script``) against the session cluster; wait until all tasks run."""
     cluster = FlinkCluster(cfg)
     args = [str(flink_home() / "bin" / "flink"), "run", "-d", "-m", f"{cfg.flink.rest_host}:{cfg.flink.rest_port}"]
     if savepoint:
         args += ["-s", savepoint]
-    args += ["-py", str(JOB_SCRIPT), "--config", str(config_path)]
+    args += ["-py", str(script), "--config", str(config_path)]
     r = subprocess.run(args, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout)
     match = _JOB_ID.search(r.stdout + r.stderr)
     if r.returncode or not match:

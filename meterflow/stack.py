@@ -273,12 +273,13 @@ class KafkaBroker:
         self.ensure_topics()
 
     def ensure_topics(self) -> None:
-        """Create the input, late and dead-letter topics if missing (idempotent)."""
+        """Create the input, late, dead-letter and closed-windows topics if missing (idempotent)."""
         from connectors.kafka_admin import ensure_topics
 
         k = self.cfg.kafka
+        topics = [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic]
         wait_until(
-            lambda: _try(lambda: ensure_topics(k.bootstrap_servers, [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic], k.partitions)),
+            lambda: _try(lambda: ensure_topics(k.bootstrap_servers, topics, k.partitions)),
             "Kafka topic creation",
             60,
             self.dir / "server.log",

@@ -1,1 +1,1 @@
-"""Sinks of the meterflow job: Postgres usage windows and the billing forwarder."""
+"""Sinks of the meterflow jobs: Postgres usage windows, the closed-window layout, and billing delivery to the provider."""

@@ -1,26 +1,29 @@
 """Billing deliveries of closed windows (pure core): what to send, and what each answer leads to.
 
-One closed window is one meter event at the provider. Its identifier is derived from the window,
-so every retry, replay or failover re-sends the *same* event and the provider deduplicates it.
-The provider, the ledger, the clock, the sleep and the randomness are injected: the Flink
-operator, the replay command and the tests drive the same code.
+A closed window is one meter event at the provider; a window published again with another final
+value adds a *correction*, a meter event for the difference. Every delivery's identifier is
+derived from the window (and, for a correction, the revision), so every retry, replay or failover
+re-sends the *same* event and the provider deduplicates it, for as long as it deduplicates
+(``billing.provider_dedup_window``, 24 h at Stripe). Past that, a resend is decided by asking the
+provider what it holds (:func:`judge_provider_totals`).
+
+No I/O here: the async driver (sinks/delivery.py) injects the provider, the ledger, the clock and
+the sleep; the Flink job, the replay command and the tests drive the same code.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Literal, Protocol
+from typing import Literal
 
-from meterflow.config import JobConfig, MeterConfig
-from meterflow.errors import DeliveryRejected, ProviderError
-from sinks.idempotency import WindowKey, derive_identifier, format_meter_value, outside_provider_window
-from sinks.retry import BackoffPolicy, TokenBucket
+from meterflow.config import MeterConfig, format_duration
+from meterflow.errors import DeliveryRejected
+from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, format_meter_value, outside_provider_window
 
 DeliveryStatus = Literal["pending", "sent", "failed", "dead"]
+DeliveryKind = Literal["window", "correction"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class ClosedWindow:
 
     @classmethod
     def from_fields(cls, fields: tuple) -> ClosedWindow:
-        """From the closed-window stream's row: quantity arrives as an exact decimal string."""
+        """From a closed-window row: quantity arrives as an exact decimal string."""
         tenant, customer, meter, dims, start, end, quantity, count, revision = fields
         try:
             exact = Decimal(quantity)
@@ -63,10 +66,26 @@ class ClosedWindow:
             raise DeliveryRejected(msg) from e
         return cls(tenant, customer, meter, dims, int(start), int(end), exact, int(count), int(revision))
 
+    def as_fields(self) -> tuple:
+        """The row :meth:`from_fields` reads."""
+        return (self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms, self.window_end_ms, str(self.quantity), self.event_count, self.revision)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One meter event owed to the provider: a window's value, or a correction of it."""
+
+    identifier: str
+    kind: DeliveryKind
+    window_identifier: str
+    window: ClosedWindow
+    quantity: Decimal  # the event's quantity: the window's value, or the difference a correction adds
+    revision: int
+
 
 @dataclass(frozen=True)
 class MeterEvent:
-    """What the provider receives for one window."""
+    """What the provider receives for one delivery."""
 
     identifier: str
     event_name: str
@@ -77,39 +96,19 @@ class MeterEvent:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """A delivery's state as the ledger holds it."""
+    """A delivery's row as the ledger holds it, with what the deliverer needs around it."""
 
     identifier: str
+    kind: DeliveryKind
     status: DeliveryStatus
     attempts: int
-
-
-class Ledger(Protocol):
-    """The delivery ledger (Postgres in production: sinks/ledger.py)."""
-
-    def begin(self, window: ClosedWindow, identifier: str, provider: str, event_name: str) -> LedgerEntry:
-        """Record the delivery as pending unless it exists; return its current state."""
-
-    def provider_customer(self, tenant_id: str, customer_id: str, provider: str) -> str | None:
-        """The provider's customer id for this tenant's customer, or None when unmapped."""
-
-    def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        """The provider accepted the event."""
-
-    def mark_failed(self, identifier: str, attempts: int, error: str) -> None:
-        """An attempt failed and will be retried."""
-
-    def mark_dead(self, identifier: str, attempts: int, reason: str) -> None:
-        """The delivery gave up: the dead-letter state, with the reason, until replayed."""
-
-
-class Provider(Protocol):
-    """A billing provider's meter event API (sinks/stripe_provider.py for Stripe)."""
-
-    name: str
-
-    def send(self, event: MeterEvent) -> str:
-        """Send one meter event; return the provider's response id or raise ProviderError."""
+    quantity: Decimal
+    revision: int
+    first_attempt_at: float | None  # unix s of the first call (or of the resend after a provider check)
+    provider_customer_id: str | None  # from the customer mapping, at the time of reading
+    corrections_total: Decimal = Decimal(0)  # window rows: sum of the window's correction rows
+    corrections_revision: int = 0  # window rows: the highest revision of those corrections
+    claimed: bool = True  # False: the row exists but was not handed to this attempt (final, or scheduled)
 
 
 @dataclass(frozen=True)
@@ -136,17 +135,53 @@ class Dead:
 
 @dataclass(frozen=True)
 class Skipped:
-    """The ledger already holds a final outcome for this window (a replay after a failover)."""
+    """Nothing to send: the ledger already holds a final outcome, or the retry scan owns the delivery."""
 
     identifier: str
-    status: DeliveryStatus
+    status: str
 
 
-Outcome = Sent | Retry | Dead | Skipped
+@dataclass(frozen=True)
+class Deferred:
+    """Not attempted now: the (customer, meter) is backing off; the retry scan picks it up at ``until``."""
+
+    identifier: str
+    until: float
 
 
-def build_meter_event(window: ClosedWindow, identifier: str, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta) -> MeterEvent:
-    """The provider's meter event for a window, or DeliveryRejected with the reason it must not be sent."""
+Outcome = Sent | Retry | Dead | Skipped | Deferred
+
+
+def window_identifier(window: ClosedWindow, prefix: str) -> str:
+    """The window's deterministic identifier (also its Idempotency-Key)."""
+    return derive_identifier(window.key, prefix)
+
+
+def window_delivery(window: ClosedWindow, prefix: str) -> Delivery:
+    """The delivery of a window's value."""
+    identifier = window_identifier(window, prefix)
+    return Delivery(identifier, "window", identifier, window, window.quantity, window.revision)
+
+
+def correction_needed(window: ClosedWindow, entry: LedgerEntry, prefix: str) -> Delivery | None:
+    """A correction when a newer final of the window differs from everything recorded for it, else None.
+
+    Recorded = the window row's value plus every correction, whatever their status: each is owed
+    to the provider and will get there (retries, replay). A final with a revision the ledger has
+    already seen is a replay of an old publication, never a correction.
+    """
+    recorded = entry.quantity + entry.corrections_total
+    newest = max(entry.revision, entry.corrections_revision)
+    if window.revision <= newest or window.quantity == recorded:
+        return None
+    parent = window_identifier(window, prefix)
+    identifier = derive_correction_identifier(parent, window.revision)
+    return Delivery(identifier, "correction", parent, window, window.quantity - recorded, window.revision)
+
+
+def build_meter_event(delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta) -> MeterEvent:
+    """The provider's meter event for a delivery, or DeliveryRejected with the reason it must not be sent."""
+    window = delivery.window
     if meter is None:
         msg = f"meter {window.meter!r} is not configured for billing"
         raise DeliveryRejected(msg)
@@ -157,93 +192,73 @@ def build_meter_event(window: ClosedWindow, identifier: str, meter: MeterConfig 
     if refused:
         raise DeliveryRejected(refused)
     try:
-        value = format_meter_value(window.quantity, meter.billing_rounding)
+        value = format_meter_value(delivery.quantity, meter.billing_rounding)
     except ValueError as e:
         raise DeliveryRejected(str(e)) from e
-    return MeterEvent(identifier, meter.event_name, provider_customer_id, value, window.window_start_ms // 1000)
+    return MeterEvent(delivery.identifier, meter.event_name, provider_customer_id, value, window.window_start_ms // 1000)
 
 
-class Deliverer:
-    """Delivers closed windows through a provider, recording every step in the ledger."""
+def beyond_dedup_window(first_attempt_at: float | None, now: float, dedup_window: timedelta) -> bool:
+    """Whether the provider may have forgotten the identifier of a delivery first sent at ``first_attempt_at``."""
+    return first_attempt_at is not None and now - first_attempt_at >= dedup_window.total_seconds()
 
-    def __init__(
-        self,
-        cfg: JobConfig,
-        provider: Provider,
-        ledger: Ledger,
-        *,
-        clock: Callable[[], float],
-        sleep: Callable[[float], None],
-        rng: Callable[[], float] = random.random,
-        share: int = 1,
-    ) -> None:
-        """``share``: how many deliverers split the configured rate (the job's parallelism)."""
-        self.provider, self.ledger, self.clock, self.sleep, self.rng = provider, ledger, clock, sleep, rng
-        self.meters: Mapping[str, MeterConfig] = {m.name: m for m in cfg.meters}
-        billing = cfg.billing
-        self.prefix = billing.identifier_prefix
-        self.max_age, self.max_ahead = billing.max_window_age, billing.max_window_ahead
-        self.policy = BackoffPolicy(billing.max_attempts, billing.initial_backoff.total_seconds(), billing.max_backoff.total_seconds())
-        rate = billing.calls_per_second / max(share, 1)
-        self.bucket = TokenBucket(rate=rate, capacity=max(1.0, rate), clock=clock)
 
-    def identifier(self, window: ClosedWindow) -> str:
-        """The window's deterministic identifier (also the idempotency key)."""
-        return derive_identifier(window.key, self.prefix)
+def replay_refusal(first_attempt_at: datetime | None, now: datetime, dedup_window: timedelta) -> str | None:
+    """Why a replay must not re-send a delivery first sent at ``first_attempt_at`` without ``--force``, or None."""
+    if first_attempt_at is None or now - first_attempt_at < dedup_window:
+        return None
+    return (
+        f"first sent {first_attempt_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC, more than {format_duration(dedup_window)} ago: the provider "
+        "no longer deduplicates its identifier, so a resend could bill it twice; with --force the provider's totals are checked "
+        "first and it is re-sent only if the provider does not have it"
+    )
 
-    def attempt(self, window: ClosedWindow, attempt: int = 1, *, replay: bool = False) -> Outcome:
-        """One attempt (numbered from 1 in this round) to deliver a window.
 
-        A window the ledger already has as sent is skipped; one it has as dead is skipped unless
-        ``replay`` (the replay command, after the cause was fixed).
-        """
-        identifier = self.identifier(window)
-        meter = self.meters.get(window.meter)
-        event_name = meter.event_name if meter else window.meter
-        entry = self.ledger.begin(window, identifier, self.provider.name, event_name)
-        if entry.status == "sent" or (entry.status == "dead" and not replay):
-            return Skipped(identifier, entry.status)
-        total_attempts = entry.attempts + 1
-        try:
-            customer = self.ledger.provider_customer(window.tenant_id, window.customer_id, self.provider.name)
-            now = datetime.fromtimestamp(self.clock(), UTC)
-            event = build_meter_event(window, identifier, meter, customer, now, self.max_age, self.max_ahead)
-        except DeliveryRejected as e:
-            self.ledger.mark_dead(identifier, entry.attempts, str(e))
-            return Dead(identifier, str(e), entry.attempts)
-        self._wait_for_rate_limit()
-        try:
-            response_id = self.provider.send(event)
-        except ProviderError as e:
-            return self._failed(identifier, attempt, total_attempts, e)
-        self.ledger.mark_sent(identifier, event, response_id, total_attempts)
-        return Sent(identifier, response_id, total_attempts)
+@dataclass(frozen=True)
+class ProviderTotals:
+    """What the provider's meter summary and the ledger say about one customer, meter and time range."""
 
-    def deliver(self, window: ClosedWindow, *, replay: bool = False) -> Outcome:
-        """Attempt until sent, dead or skipped, sleeping between attempts (the replay command's loop)."""
-        attempt = 1
-        while True:
-            outcome = self.attempt(window, attempt, replay=replay)
-            if not isinstance(outcome, Retry):
-                return outcome
-            self.sleep(outcome.delay)
-            attempt += 1
+    start: int  # unix s, inclusive, on a minute boundary (the provider's summary granularity)
+    end: int  # unix s, exclusive
+    provider_total: Decimal  # the provider's aggregated value for the range
+    ledger_accepted: Decimal  # what the ledger has as sent in the range, this delivery excluded
+    value: Decimal  # this delivery's value
 
-    def _failed(self, identifier: str, attempt: int, total_attempts: int, error: ProviderError) -> Outcome:
-        described = f"{error.status or 'no response'}: {error}"
-        delay = self.policy.next_delay(attempt, error.retry_after, self.rng) if error.retryable else None
-        if delay is None:
-            reason = f"gave up after {attempt} attempts: {described}" if error.retryable else f"provider refused the event: {described}"
-            self.ledger.mark_dead(identifier, total_attempts, reason)
-            return Dead(identifier, reason, total_attempts)
-        self.ledger.mark_failed(identifier, total_attempts, described)
-        return Retry(identifier, delay, total_attempts, described)
 
-    def _wait_for_rate_limit(self) -> None:
-        wait = self.bucket.wait_time()
-        while wait > 0:
-            self.sleep(wait)
-            wait = self.bucket.wait_time()
+ProviderVerdict = Literal["found", "absent", "ambiguous"]
+# The summary's aggregated value is a JSON number (a binary float at the provider): compare with a
+# tolerance far below any billed unit, never with float equality.
+SUMMARY_TOLERANCE = Decimal("0.000001")
+
+
+def judge_provider_totals(t: ProviderTotals) -> tuple[ProviderVerdict, str]:
+    """Whether the provider already holds this delivery, judged from its totals.
+
+    ``found``: the provider's total includes this value on top of what the ledger knows was
+    accepted; ``absent``: it equals what the ledger knows without it (a resend is safe);
+    ``ambiguous``: neither, and a person must look (another event in the range, or a summary that
+    is not up to date yet).
+    """
+    def near(a: Decimal, b: Decimal) -> bool:
+        return abs(a - b) <= SUMMARY_TOLERANCE
+
+    with_it = t.ledger_accepted + t.value
+    described = f"provider total {t.provider_total} for [{datetime.fromtimestamp(t.start, UTC):%Y-%m-%d %H:%M}, {datetime.fromtimestamp(t.end, UTC):%H:%M}) UTC, ledger {t.ledger_accepted} without this event, value {t.value}"
+    if near(t.provider_total, with_it) and not near(t.value, Decimal(0)):
+        return "found", f"found at the provider ({described}): marked sent, not re-sent"
+    if near(t.provider_total, t.ledger_accepted):
+        return "absent", f"not at the provider ({described}): re-sent"
+    return "ambiguous", f"provider and ledger disagree ({described}): not re-sent, check the provider's dashboard"
+
+
+def summary_range(window: ClosedWindow) -> tuple[int, int]:
+    """The minute-aligned range (unix s) around a window's event timestamp for the provider's summary.
+
+    Events are timestamped at the window start, so the range covers [start, start + 1 s) rounded
+    out to whole minutes: the provider's summaries start and end on minute boundaries.
+    """
+    start = window.window_start_ms // 1000
+    return start - start % 60, start - start % 60 + 60
 
 
 @dataclass(frozen=True)

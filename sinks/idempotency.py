@@ -67,3 +67,16 @@ def outside_provider_window(window_end: datetime, now: datetime, max_age: timede
     if window_end > now + max_ahead:
         return f"window ends {window_end.isoformat()}, in the future"
     return None
+
+
+def derive_correction_identifier(window_identifier: str, revision: int) -> str:
+    """A correction's identifier: ``<window identifier>-r<revision>``, hashed when that would exceed 100 characters.
+
+    Deterministic from the window and the revision that made the correction necessary, so a
+    correction resent after a failover is deduplicated like the window's own event.
+    """
+    identifier = f"{window_identifier}-r{revision}"
+    if len(identifier) <= MAX_IDENTIFIER_LENGTH:
+        return identifier
+    digest = hashlib.sha256(identifier.encode()).hexdigest()
+    return f"{window_identifier.split('-', 1)[0]}-c-{digest}"[:MAX_IDENTIFIER_LENGTH]

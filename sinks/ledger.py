@@ -1,7 +1,6 @@
-"""The billing tables in Postgres (psycopg): customer mapping, delivery ledger, reconciliation reads.
+"""The billing tables in Postgres (psycopg): schema, customer mapping, and the ledger reads of the CLI.
 
-Thin over sinks/ledger_schema.py. Every ledger write commits on its own (autocommit): the ledger
-records what happened at the provider, which no Flink checkpoint can roll back.
+Thin over sinks/ledger_schema.py. The deliverer's own reads and writes are in sinks/ledger_async.py.
 """
 
 from __future__ import annotations
@@ -11,20 +10,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import psycopg
 
 from meterflow.config import JobConfig
-from sinks.billing import ClosedWindow, CustomerMapping, LedgerEntry, MeterEvent
+from sinks.billing import CustomerMapping, replay_refusal
 from sinks.ledger_schema import (
     DELIVERY_COLUMNS,
-    begin_delivery_sql,
     billing_tables_ddl,
     deliveries_sql,
-    delivery_state_sql,
     final_windows_sql,
     ledger_windows_sql,
-    mark_sql,
-    provider_customer_sql,
     status_summary_sql,
     upsert_customer_sql,
 )
@@ -45,57 +39,14 @@ def apply_schemas(cfg: JobConfig) -> None:
     apply_billing_schema(cfg)
 
 
-class PostgresLedger:
-    """The Ledger of sinks/billing.py on one autocommit connection."""
-
-    def __init__(self, cfg: JobConfig, conn: psycopg.Connection | None = None) -> None:
-        self.table, self.customers = cfg.billing.ledger_table, cfg.billing.customers_table
-        self._pg = cfg.postgres
-        self._conn = conn
-
-    @property
-    def conn(self) -> psycopg.Connection:
-        # Reconnect after Postgres restarts: the next write simply opens a new connection.
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(self._pg)
-            self._conn.autocommit = True
-        return self._conn
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-
-    def begin(self, window: ClosedWindow, identifier: str, provider: str, event_name: str) -> LedgerEntry:
-        params = {
-            "identifier": identifier, "provider": provider, "tenant_id": window.tenant_id, "customer_id": window.customer_id,
-            "meter": window.meter, "dimensions_key": window.dimensions_key, "window_start_ms": window.window_start_ms,
-            "window_end_ms": window.window_end_ms, "quantity": window.quantity, "event_count": window.event_count, "event_name": event_name,
-        }  # fmt: skip
-        self.conn.execute(begin_delivery_sql(self.table), params)
-        row = self.conn.execute(delivery_state_sql(self.table), {"identifier": identifier}).fetchone()
-        return LedgerEntry(*row)
-
-    def provider_customer(self, tenant_id: str, customer_id: str, provider: str) -> str | None:
-        row = self.conn.execute(provider_customer_sql(self.customers), {"tenant_id": tenant_id, "customer_id": customer_id, "provider": provider}).fetchone()
-        return row[0] if row else None
-
-    def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        params = {"identifier": identifier, "attempts": attempts, "value": event.value, "provider_customer_id": event.provider_customer_id, "response_id": response_id}
-        self.conn.execute(mark_sql(self.table, "sent"), params)
-
-    def mark_failed(self, identifier: str, attempts: int, error: str) -> None:
-        self.conn.execute(mark_sql(self.table, "failed"), {"identifier": identifier, "attempts": attempts, "error": error})
-
-    def mark_dead(self, identifier: str, attempts: int, reason: str) -> None:
-        self.conn.execute(mark_sql(self.table, "dead"), {"identifier": identifier, "attempts": attempts, "error": reason})
-
-
 @dataclass(frozen=True)
-class Delivery:
+class DeliveryRow:
     """One ledger row."""
 
     identifier: str
     provider: str
+    kind: str
+    window_identifier: str
     tenant_id: str
     customer_id: str
     meter: str
@@ -104,6 +55,7 @@ class Delivery:
     window_end: datetime
     quantity: Decimal
     event_count: int
+    revision: int
     event_name: str
     provider_customer_id: str | None
     value: str | None
@@ -111,29 +63,29 @@ class Delivery:
     attempts: int
     last_error: str | None
     provider_response_id: str | None
+    first_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    provider_check: str | None
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
 
-    def closed_window(self, revision: int = 0) -> ClosedWindow:
-        """The window this delivery is for, as the forwarder saw it."""
-        def ms(t: datetime) -> int:
-            return int(t.replace(tzinfo=UTC).timestamp() * 1000)
-
-        return ClosedWindow(self.tenant_id, self.customer_id, self.meter, self.dimensions_key, ms(self.window_start), ms(self.window_end), self.quantity, self.event_count, revision)
+    def replay_refusal(self, now: datetime, dedup_window: timedelta) -> str | None:
+        """Why ``billing replay`` must not re-send this delivery without ``--force``, or None."""
+        return replay_refusal(self.first_attempt_at, now, dedup_window)
 
 
-assert tuple(Delivery.__dataclass_fields__) == DELIVERY_COLUMNS  # noqa: S101 - the query and the row type are one contract
+assert tuple(DeliveryRow.__dataclass_fields__) == DELIVERY_COLUMNS  # noqa: S101 - the query and the row type are one contract
 
 
-def fetch_deliveries(cfg: JobConfig, statuses: tuple[str, ...] = ()) -> list[Delivery]:
+def fetch_deliveries(cfg: JobConfig, statuses: tuple[str, ...] = ()) -> list[DeliveryRow]:
     """Ledger rows, oldest window first, optionally only in the given statuses."""
     with connect(cfg.postgres) as conn:
-        return [Delivery(*r) for r in conn.execute(deliveries_sql(cfg.billing.ledger_table, statuses), {"statuses": list(statuses)}).fetchall()]
+        return [DeliveryRow(*r) for r in conn.execute(deliveries_sql(cfg.billing.ledger_table, statuses), {"statuses": list(statuses)}).fetchall()]
 
 
 def status_summary(cfg: JobConfig) -> list[tuple[Any, ...]]:
-    """(provider, status, deliveries, quantity, oldest window, last update) rows."""
+    """(provider, kind, status, deliveries, quantity, oldest window, last update) rows."""
     with connect(cfg.postgres) as conn:
         return conn.execute(status_summary_sql(cfg.billing.ledger_table)).fetchall()
 

@@ -1,7 +1,14 @@
 """Pure SQL for billing: the customer mapping, the delivery ledger, and the reconciliation query.
 
-A delivery that reached ``sent`` never leaves it (a trigger ignores such updates), so a late
-replay can't make the ledger forget that the provider accepted a window.
+One row per delivery: the window's own meter event (``kind = 'window'``) and any corrections of it
+(``kind = 'correction'``, one per revision that changed the final value). A delivery that reached
+``sent`` never leaves it (a trigger ignores such updates), so a late replay can't make the ledger
+forget that the provider accepted it.
+
+The ledger is also the retry queue: a delivery that failed waits with ``next_attempt_at``, and the
+billing job's retry scan hands it to an attempt again when that time has come. Handing a delivery
+to an attempt *claims* it: ``claimed_by`` names the attempt's worker and ``next_attempt_at`` moves
+a lease ahead, so nothing else hands it out meanwhile.
 """
 
 from __future__ import annotations
@@ -9,12 +16,15 @@ from __future__ import annotations
 from sinks.postgres_schema import check_identifier
 
 STATUSES = ("pending", "sent", "failed", "dead")
+KINDS = ("window", "correction")
 
 
 def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table: str = "billing_deliveries") -> list[str]:
-    """Statements that create both billing tables and the ledger's guard; safe to run again."""
+    """Statements that create both billing tables and the ledger's guard; safe to run again, and they
+    bring a ledger created by an earlier version up to date."""
     c, d = check_identifier(customers_table), check_identifier(ledger_table)
     statuses = ", ".join(f"'{s}'" for s in STATUSES)
+    kinds = ", ".join(f"'{k}'" for k in KINDS)
     return [
         f"""CREATE TABLE IF NOT EXISTS {c} (
     tenant_id            text        NOT NULL,
@@ -44,10 +54,30 @@ def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table:
     provider_response_id text,
     created_at           timestamptz    NOT NULL DEFAULT now(),
     updated_at           timestamptz    NOT NULL DEFAULT now(),
-    sent_at              timestamptz,
-    UNIQUE (provider, tenant_id, customer_id, meter, dimensions_key, window_start)
+    sent_at              timestamptz
 )""",
+        # Added after the first version: corrections, the retry queue, the provider's dedup window.
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'window' CHECK (kind IN ({kinds}))",
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS window_identifier text",
+        f"UPDATE {d} SET window_identifier = identifier WHERE window_identifier IS NULL",
+        f"ALTER TABLE {d} ALTER COLUMN window_identifier SET NOT NULL",
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS revision bigint NOT NULL DEFAULT 0",
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS first_attempt_at timestamptz",
+        f"UPDATE {d} SET first_attempt_at = created_at WHERE first_attempt_at IS NULL AND attempts > 0",
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz",
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS claimed_by text",
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS provider_check text",
+        # A window has one 'window' delivery; corrections share its key (the first version's unique
+        # constraint on the key alone is dropped for that).
+        f"""DO $$ DECLARE name text; BEGIN
+    FOR name IN SELECT conname FROM pg_constraint WHERE conrelid = '{d}'::regclass AND contype = 'u' LOOP
+        EXECUTE format('ALTER TABLE {d} DROP CONSTRAINT %I', name);
+    END LOOP;
+END $$""",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {d}_window ON {d} (provider, tenant_id, customer_id, meter, dimensions_key, window_start) WHERE kind = 'window'",
+        f"CREATE INDEX IF NOT EXISTS {d}_of_window ON {d} (window_identifier)",
         f"CREATE INDEX IF NOT EXISTS {d}_status ON {d} (status) WHERE status <> 'sent'",
+        f"CREATE INDEX IF NOT EXISTS {d}_due ON {d} (next_attempt_at) WHERE status IN ('pending', 'failed')",
         f"""CREATE OR REPLACE FUNCTION {d}_keep_sent() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF OLD.status = 'sent' AND NEW.status <> 'sent' THEN
@@ -62,36 +92,132 @@ $$""",
     ]
 
 
-def begin_delivery_sql(ledger_table: str) -> str:
-    """Insert a pending delivery unless one exists; a not-yet-sent one takes the window's latest value."""
-    d = check_identifier(ledger_table)
+def _state_columns(d: str, c: str) -> str:
+    """What the deliverer reads about a delivery: its row, the mapped customer, and its window's corrections."""
     return (
-        f"INSERT INTO {d} (identifier, provider, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, event_name, status) "
-        "VALUES (%(identifier)s, %(provider)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
-        "to_timestamp(%(window_start_ms)s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%(window_end_ms)s / 1000.0) AT TIME ZONE 'UTC', "
-        "%(quantity)s, %(event_count)s, %(event_name)s, 'pending') "
-        f"ON CONFLICT (identifier) DO UPDATE SET quantity = EXCLUDED.quantity, event_count = EXCLUDED.event_count "
-        f"WHERE {d}.status <> 'sent' AND ({d}.quantity, {d}.event_count) IS DISTINCT FROM (EXCLUDED.quantity, EXCLUDED.event_count)"
+        f"{d}.identifier, {d}.kind, {d}.status, {d}.attempts, {d}.quantity, {d}.revision, "
+        f"extract(epoch FROM {d}.first_attempt_at)::float8, "
+        f"(SELECT m.provider_customer_id FROM {c} m WHERE m.tenant_id = {d}.tenant_id AND m.customer_id = {d}.customer_id AND m.provider = {d}.provider), "
+        f"(SELECT coalesce(sum(x.quantity), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction'), "
+        f"(SELECT coalesce(max(x.revision), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction')"
     )
 
 
-def delivery_state_sql(ledger_table: str) -> str:
-    """Status and attempts of one delivery."""
-    return f"SELECT identifier, status, attempts FROM {check_identifier(ledger_table)} WHERE identifier = %(identifier)s"
+# A delivery may be handed to an attempt when it is not final and nobody else holds it: a retry
+# (the scan's lease, or the replay command) always; a closed window read from Kafka only when no
+# attempt of this worker is scheduled (an earlier worker's claim died with it).
+_CLAIMABLE = "{d}.status IN ('pending', 'failed') AND (%(retry)s OR {d}.next_attempt_at IS NULL OR {d}.next_attempt_at <= now() OR {d}.claimed_by IS DISTINCT FROM %(worker)s)"
+_CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(worker)s"
+
+
+def claim_new_sql(ledger_table: str, customers_table: str) -> str:
+    """Record a delivery (pending) unless it exists, and claim it for an attempt if it may be attempted.
+
+    Returns its state, or no row when it exists but may not be attempted now (read it with
+    :func:`delivery_state_sql`). A recorded delivery's value never changes: its identifier must
+    always carry the same parameters, so a changed final becomes a correction.
+    """
+    d, c = check_identifier(ledger_table), check_identifier(customers_table)
+    return (
+        f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
+        "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by) "
+        "VALUES (%(identifier)s, %(provider)s, %(kind)s, %(window_identifier)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
+        "to_timestamp(%(window_start_ms)s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%(window_end_ms)s / 1000.0) AT TIME ZONE 'UTC', "
+        "%(quantity)s, %(event_count)s, %(revision)s, %(event_name)s, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s) "
+        f"ON CONFLICT (identifier) DO UPDATE SET {_CLAIM_SET.format(d=d)} "
+        f"WHERE {_CLAIMABLE.format(d=d)} "
+        f"RETURNING {_state_columns(d, c)}"
+    )
+
+
+def claim_existing_sql(ledger_table: str, customers_table: str) -> str:
+    """Claim an existing delivery for an attempt (retry scan, replay); no row when it may not be attempted."""
+    d, c = check_identifier(ledger_table), check_identifier(customers_table)
+    return f"UPDATE {d} SET {_CLAIM_SET.format(d=d)} WHERE {d}.identifier = %(identifier)s AND {_CLAIMABLE.format(d=d)} RETURNING {_state_columns(d, c)}"
+
+
+def delivery_state_sql(ledger_table: str, customers_table: str) -> str:
+    """The state of one delivery (same columns as the claims)."""
+    d, c = check_identifier(ledger_table), check_identifier(customers_table)
+    return f"SELECT {_state_columns(d, c)} FROM {d} WHERE {d}.identifier = %(identifier)s"
+
+
+def delivery_window_sql(ledger_table: str) -> str:
+    """The window a delivery belongs to, and its quantity, revision and kind (for retries)."""
+    d = check_identifier(ledger_table)
+    return (
+        "SELECT identifier, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "
+        "(extract(epoch FROM window_start AT TIME ZONE 'UTC') * 1000)::bigint, (extract(epoch FROM window_end AT TIME ZONE 'UTC') * 1000)::bigint, "
+        f"quantity, event_count, revision FROM {d} WHERE identifier = %(identifier)s"
+    )
 
 
 def mark_sql(ledger_table: str, status: str) -> str:
-    """Move a delivery to ``sent``, ``failed`` or ``dead``."""
+    """Move a delivery to ``sent``, ``failed`` (retry at ``next_attempt_at``) or ``dead``.
+
+    ``rejected`` is ``dead`` without a call: the first-attempt time a claim set is taken back, as
+    nothing reached the provider.
+    """
     d = check_identifier(ledger_table)
     if status == "sent":
         return (
             f"UPDATE {d} SET status = 'sent', attempts = %(attempts)s, value = %(value)s, provider_customer_id = %(provider_customer_id)s, "
-            "provider_response_id = %(response_id)s, last_error = NULL, sent_at = now() WHERE identifier = %(identifier)s"
+            "provider_response_id = %(response_id)s, last_error = NULL, sent_at = now(), next_attempt_at = NULL WHERE identifier = %(identifier)s"
         )
-    if status in ("failed", "dead"):
-        return f"UPDATE {d} SET status = '{status}', attempts = %(attempts)s, last_error = %(error)s WHERE identifier = %(identifier)s"
+    if status == "failed":
+        return (
+            f"UPDATE {d} SET status = 'failed', attempts = %(attempts)s, last_error = %(error)s, "
+            "next_attempt_at = now() + make_interval(secs => %(delay_s)s) WHERE identifier = %(identifier)s"
+        )
+    if status == "dead":
+        return f"UPDATE {d} SET status = 'dead', attempts = %(attempts)s, last_error = %(error)s, next_attempt_at = NULL WHERE identifier = %(identifier)s"
+    if status == "rejected":
+        return (
+            f"UPDATE {d} SET status = 'dead', last_error = %(error)s, next_attempt_at = NULL, "
+            "first_attempt_at = CASE WHEN attempts = 0 THEN NULL ELSE first_attempt_at END WHERE identifier = %(identifier)s"
+        )
     msg = f"a delivery can't be marked {status!r}"
     raise ValueError(msg)
+
+
+def defer_sql(ledger_table: str) -> str:
+    """Leave a delivery for the retry scan at a later time (its key is backing off); no attempt counted."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET next_attempt_at = greatest(coalesce(next_attempt_at, now()), to_timestamp(%(until)s)), claimed_by = %(worker)s "
+        "WHERE identifier = %(identifier)s AND status IN ('pending', 'failed')"
+    )
+
+
+def record_check_sql(ledger_table: str) -> str:
+    """Record the provider check of an old delivery; a resend after it restarts the dedup window."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET provider_check = to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\" ') || %(decision)s, "
+        "first_attempt_at = CASE WHEN %(resend)s THEN now() ELSE first_attempt_at END WHERE identifier = %(identifier)s"
+    )
+
+
+def accepted_total_sql(ledger_table: str) -> str:
+    """The quantity the ledger has as accepted for one provider customer and event over a time range, one delivery excluded."""
+    d = check_identifier(ledger_table)
+    return (
+        f"SELECT coalesce(sum(quantity), 0) FROM {d} WHERE provider = %(provider)s AND status = 'sent' "
+        "AND provider_customer_id = %(provider_customer_id)s AND event_name = %(event_name)s AND identifier <> %(identifier)s "
+        "AND window_start >= to_timestamp(%(start)s) AT TIME ZONE 'UTC' AND window_start < to_timestamp(%(end)s) AT TIME ZONE 'UTC'"
+    )
+
+
+def due_retries_sql(ledger_table: str) -> str:
+    """Hand out the deliveries whose retry is due, oldest first, each leased so it is handed out once."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = 'retry-scan' "
+        f"WHERE identifier IN (SELECT identifier FROM {d} WHERE provider = %(provider)s AND status IN ('pending', 'failed') "
+        "AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+        "RETURNING identifier, tenant_id, customer_id, meter, dimensions_key, "
+        "(extract(epoch FROM window_start AT TIME ZONE 'UTC') * 1000)::bigint, (extract(epoch FROM window_end AT TIME ZONE 'UTC') * 1000)::bigint"
+    )
 
 
 def provider_customer_sql(customers_table: str) -> str:
@@ -112,23 +238,23 @@ def upsert_customer_sql(customers_table: str) -> str:
 
 
 DELIVERY_COLUMNS = (
-    "identifier", "provider", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity",
-    "event_count", "event_name", "provider_customer_id", "value", "status", "attempts", "last_error", "provider_response_id",
-    "created_at", "updated_at", "sent_at",
+    "identifier", "provider", "kind", "window_identifier", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start",
+    "window_end", "quantity", "event_count", "revision", "event_name", "provider_customer_id", "value", "status", "attempts",
+    "last_error", "provider_response_id", "first_attempt_at", "next_attempt_at", "provider_check", "created_at", "updated_at", "sent_at",
 )  # fmt: skip
 
 
 def deliveries_sql(ledger_table: str, statuses: tuple[str, ...] = ()) -> str:
-    """Deliveries, oldest window first, optionally only those in the given statuses."""
+    """Deliveries, oldest window first (a window before its corrections), optionally only those in the given statuses."""
     where = " WHERE status = ANY(%(statuses)s)" if statuses else ""
-    return f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {check_identifier(ledger_table)}{where} ORDER BY window_start, identifier"
+    return f"SELECT {', '.join(DELIVERY_COLUMNS)} FROM {check_identifier(ledger_table)}{where} ORDER BY window_start, window_identifier, kind DESC, revision"
 
 
 def status_summary_sql(ledger_table: str) -> str:
-    """Per provider and status: deliveries, total quantity, oldest window, last update."""
+    """Per provider, kind and status: deliveries, total quantity, oldest window, last update."""
     return (
-        "SELECT provider, status, count(*), sum(quantity), min(window_start), max(updated_at) "
-        f"FROM {check_identifier(ledger_table)} GROUP BY provider, status ORDER BY provider, status"
+        "SELECT provider, kind, status, count(*), sum(quantity), min(window_start), max(updated_at) "
+        f"FROM {check_identifier(ledger_table)} GROUP BY provider, kind, status ORDER BY provider, kind DESC, status"
     )
 
 
@@ -143,6 +269,6 @@ def final_windows_sql(usage_table: str) -> str:
 def ledger_windows_sql(ledger_table: str) -> str:
     """Every delivery of one provider, keyed like the final windows."""
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error "
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error, kind, revision "
         f"FROM {check_identifier(ledger_table)} WHERE provider = %(provider)s"
     )

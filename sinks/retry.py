@@ -58,3 +58,32 @@ class TokenBucket:
             self._tokens -= 1
             return 0.0
         return (1 - self._tokens) / self.rate
+
+
+@dataclass
+class RateReservations:
+    """Client-side rate limit for concurrent callers: each reservation gets its own slot.
+
+    Unlike :class:`TokenBucket`, a caller that must wait is given the moment of *its* slot and the
+    slot is taken at once, so many coroutines waiting together never stampede the same token.
+    """
+
+    rate: float
+    capacity: float
+    clock: Callable[[], float]
+    _next_free: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.capacity < 1:
+            msg = "rate must be positive and capacity at least 1"
+            raise ValueError(msg)
+        # A full bucket: ``capacity`` calls may go at once.
+        self._next_free = self.clock() - (self.capacity - 1) / self.rate
+
+    def reserve(self) -> float:
+        """Seconds to wait before making the call just reserved (0 when it may go now)."""
+        now = self.clock()
+        earliest = now - (self.capacity - 1) / self.rate  # bursts never exceed the capacity
+        slot = max(self._next_free, earliest)
+        self._next_free = slot + 1 / self.rate
+        return max(0.0, slot - now)

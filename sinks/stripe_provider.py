@@ -1,11 +1,14 @@
-"""Stripe meter events through the official SDK: the Provider of sinks/billing.py for Stripe.
+"""Stripe meter events through the official SDK (asyncio, aiohttp): the Provider of sinks/delivery.py.
 
-The SDK's own retries are off: retry, backoff and dead-lettering are the forwarder's policy, which
+The SDK's own retries are off: retry, backoff and dead-lettering are the deliverer's policy, which
 counts attempts in the ledger. The identifier doubles as the Idempotency-Key, so a resend of the
-same window replays Stripe's first answer instead of creating a second event.
+same delivery replays Stripe's first answer instead of creating a second event. Create the
+provider inside the event loop that uses it (the HTTP session belongs to that loop).
 """
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 import stripe
 
@@ -26,26 +29,36 @@ def _retry_after(headers: object) -> float | None:
         return None
 
 
+def _provider_error(e: stripe.StripeError) -> ProviderError:
+    if isinstance(e, stripe.APIConnectionError):  # timeouts and dropped connections: the event may or may not have arrived
+        return ProviderError(f"connection failed: {e.user_message or e}", status=None, retryable=True)
+    status = e.http_status
+    retryable = status is None or status in RETRYABLE_STATUS
+    return ProviderError(e.user_message or str(e), status=status, retryable=retryable, retry_after=_retry_after(e.headers))
+
+
 class StripeMeterEvents:
-    """``POST /v1/billing/meter_events`` with the official ``stripe`` SDK."""
+    """``POST /v1/billing/meter_events`` and the meter event summaries, with the official ``stripe`` SDK."""
 
     name = "stripe"
 
     def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None) -> None:
+        self._http: stripe.HTTPClient | None = None
         if client is None:
             if cfg.stripe.api_key is None:
                 msg = "billing is enabled but there is no Stripe API key: set METERFLOW_STRIPE_API_KEY or put it in the secrets file"
                 raise ConfigError(msg)
-            timeout = cfg.billing.request_timeout.total_seconds()
+            self._http = stripe.AIOHTTPClient(timeout=cfg.billing.request_timeout.total_seconds())
             client = stripe.StripeClient(
                 cfg.stripe.api_key.get_secret_value(),
                 base_addresses={"api": cfg.stripe.api_base} if cfg.stripe.api_base else None,
                 max_network_retries=0,
-                http_client=stripe.RequestsClient(timeout=timeout),
+                http_client=self._http,
             )
         self.client = client
+        self._meter_ids: dict[str, str] = {}
 
-    def send(self, event: MeterEvent) -> str:
+    async def send(self, event: MeterEvent) -> str:
         params = {
             "event_name": event.event_name,
             "identifier": event.identifier,
@@ -53,12 +66,37 @@ class StripeMeterEvents:
             "payload": {"stripe_customer_id": event.provider_customer_id, "value": event.value},
         }
         try:
-            created = self.client.v1.billing.meter_events.create(params, options={"idempotency_key": event.identifier})
-        except stripe.APIConnectionError as e:  # timeouts and dropped connections: the event may or may not have arrived
-            raise ProviderError(f"connection failed: {e.user_message or e}", status=None, retryable=True) from e
+            created = await self.client.v1.billing.meter_events.create_async(params, options={"idempotency_key": event.identifier})
         except stripe.StripeError as e:
-            status = e.http_status
-            retryable = status is None or status in RETRYABLE_STATUS
-            raise ProviderError(e.user_message or str(e), status=status, retryable=retryable, retry_after=_retry_after(e.headers)) from e
+            raise _provider_error(e) from e
         response = created.last_response
         return (response.request_id if response is not None else None) or created.identifier
+
+    async def meter_id(self, event_name: str) -> str:
+        """The id of the Stripe meter that aggregates ``event_name`` (listed once, then cached)."""
+        if event_name not in self._meter_ids:
+            try:
+                meters = await self.client.v1.billing.meters.list_async({"limit": 100})
+                async for meter in meters.auto_paging_iter():
+                    self._meter_ids[meter.event_name] = meter.id
+            except stripe.StripeError as e:
+                raise _provider_error(e) from e
+        if event_name not in self._meter_ids:
+            msg = f"no Stripe meter has event_name {event_name!r}: create it in the dashboard"
+            raise ProviderError(msg, status=None, retryable=False)
+        return self._meter_ids[event_name]
+
+    async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
+        """The meter's aggregated value for one customer over [start, end) (unix s on minute boundaries)."""
+        meter = await self.meter_id(event_name)
+        params = {"customer": provider_customer_id, "start_time": start, "end_time": end}
+        try:
+            summaries = await self.client.v1.billing.meters.event_summaries.list_async(meter, params)
+        except stripe.StripeError as e:
+            raise _provider_error(e) from e
+        # The API reports a JSON number; its shortest repr is the decimal it was written as.
+        return sum((Decimal(repr(s.aggregated_value)) for s in summaries.data), Decimal(0))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close_async()

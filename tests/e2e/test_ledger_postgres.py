@@ -1,17 +1,25 @@
-"""The delivery ledger on the real Postgres: states, the never-leave-sent guard, and the replay path."""
+"""The delivery ledger on the real Postgres: claims, the never-leave-sent guard, the retry queue, and
+the replay command past the provider's dedup window (a ledger timestamp and the fake's clock are
+moved a day on instead of waiting one)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from decimal import Decimal
 
 import pytest
+from click.testing import CliRunner
 
-from sinks.billing import ClosedWindow, Dead, Deliverer, MeterEvent, Sent, Skipped
-from sinks.ledger import PostgresLedger, apply_billing_schema, fetch_deliveries, map_customer
+from meterflow.cli import cli
+from sinks.billing import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
+from sinks.delivery import Deliverer
+from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
+from sinks.ledger_async import AsyncPostgresLedger, due_retries
+from sinks.postgres import connect
 from sinks.stripe_provider import StripeMeterEvents
-from tests.support.fake_stripe import FakeStripe
+from tests.support.fake_stripe import DROP, FakeStripe, reject
 
 pytestmark = [pytest.mark.e2e]
 
@@ -19,49 +27,113 @@ pytestmark = [pytest.mark.e2e]
 @pytest.fixture
 def ledger_cfg(e2e_stack):
     run = uuid.uuid4().hex[:6]
-    cfg, _ = e2e_stack.config(f"ledger-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}"})
+    cfg, path = e2e_stack.config(f"ledger-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}"})
     apply_billing_schema(cfg)
     apply_billing_schema(cfg)  # idempotent
-    return cfg
+    return cfg, path
 
 
-def _window(quantity: str = "5.5") -> ClosedWindow:
+def _window(quantity: str = "5.5", customer: str = "c1") -> ClosedWindow:
     start = (int(time.time()) - 3600) * 1000
-    return ClosedWindow("t1", "c1", "tokens", "{}", start, start + 10_000, Decimal(quantity), 4, 4)
+    return ClosedWindow("t1", customer, "tokens", "{}", start, start + 10_000, Decimal(quantity), 4, 4)
 
 
-def test_states_and_the_sent_guard(ledger_cfg):
-    """pending -> failed -> sent; a sent row keeps its status and value whatever a late writer does."""
-    ledger = PostgresLedger(ledger_cfg)
-    w = _window()
-    entry = ledger.begin(w, "id-1", "stripe", "tokens")
-    assert (entry.status, entry.attempts) == ("pending", 0)
-    ledger.mark_failed("id-1", 1, "503: unavailable")
-    assert ledger.begin(w, "id-1", "stripe", "tokens").status == "failed"
-    ledger.mark_sent("id-1", MeterEvent("id-1", "tokens", "cus_1", "5.5", w.window_start_ms // 1000), "req_1", 2)
-    ledger.mark_dead("id-1", 3, "a late writer")
-    ledger.begin(_window("99"), "id-1", "stripe", "tokens")
-    [row] = fetch_deliveries(ledger_cfg)
-    assert (row.status, row.attempts, row.quantity, row.value, row.provider_response_id, row.last_error) == ("sent", 2, Decimal("5.5"), "5.5", "req_1", None)
-    assert row.sent_at is not None and row.window_start.year >= 2026
-    ledger.close()
+def test_claims_states_and_the_sent_guard(ledger_cfg):
+    """A claim records and leases; a scheduled retry is not claimed from the stream; sent never changes; the scan hands out due rows once."""
+    cfg, _ = ledger_cfg
+
+    async def scenario() -> None:
+        ledger = AsyncPostgresLedger(cfg, "w1", connections=2)
+        d = window_delivery(_window(), "mf")
+        entry = await ledger.claim(d, "stripe", "tokens", retry=False)
+        assert (entry.status, entry.attempts, entry.claimed, entry.first_attempt_at is not None) == ("pending", 0, True, True)
+        await ledger.mark_failed(d.identifier, 1, "503: unavailable", 3600)
+        assert not (await ledger.claim(d, "stripe", "tokens", retry=False)).claimed, "its retry is scheduled"
+        other = AsyncPostgresLedger(cfg, "w2", connections=1)
+        assert (await other.claim(d, "stripe", "tokens", retry=False)).claimed, "a new worker takes over a dead worker's claim"
+        await ledger.mark_sent(d.identifier, MeterEvent(d.identifier, "tokens", "cus_1", "5.5", 0), "req_1", 2)
+        await ledger.mark_dead(d.identifier, 3, "a late writer")
+        again = await ledger.claim(window_delivery(_window("99"), "mf"), "stripe", "tokens", retry=False)
+        assert (again.status, again.quantity, again.claimed) == ("sent", Decimal("5.5"), False)
+        due = window_delivery(_window(customer="c2"), "mf")
+        await ledger.claim(due, "stripe", "tokens", retry=False)
+        await ledger.mark_failed(due.identifier, 1, "429", 0)
+        with connect(cfg.postgres) as conn:
+            conn.autocommit = True
+            assert [r[0] for r in due_retries(conn, cfg, 10)] == [due.identifier]
+            assert due_retries(conn, cfg, 10) == [], "a handed-out retry is leased"
+        await ledger.close()
+        await other.close()
+
+    asyncio.run(scenario())
+    [row, _] = fetch_deliveries(cfg)
+    assert (row.status, row.attempts, row.quantity, row.value, row.provider_response_id, row.last_error, row.kind) == ("sent", 2, Decimal("5.5"), "5.5", "req_1", None, "window")
 
 
-def test_dead_letter_then_replay_after_mapping_through_the_sdk(ledger_cfg):
-    """Unmapped: dead without a call. Mapped, replayed: one accepted event with the same identifier."""
+def test_replay_past_the_dedup_window_needs_force_and_asks_the_provider(e2e_stack):
+    """Two dead deliveries first sent 25 h ago: refused without --force; with it, the one the provider has is marked sent, the other re-sent once."""
     fake = FakeStripe().start()
     try:
-        cfg = ledger_cfg.model_copy(update={"stripe": ledger_cfg.stripe.model_copy(update={"api_base": fake.url})})
-        ledger = PostgresLedger(cfg)
-        deliverer = Deliverer(cfg, StripeMeterEvents(cfg), ledger, clock=time.time, sleep=time.sleep)
-        dead = deliverer.deliver(_window())
-        assert isinstance(dead, Dead) and fake.requests == []
-        assert fetch_deliveries(cfg, ("dead",))[0].last_error.startswith("no billing customer mapped")
+        run = uuid.uuid4().hex[:6]
+        billing = {"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "max_attempts": 2, "initial_backoff": "10ms"}
+        cfg, path = e2e_stack.config(f"dedup-{run}", billing=billing, stripe={"api_base": fake.url})
+        apply_billing_schema(cfg)
         map_customer(cfg, "t1", "c1", "cus_1")
-        assert isinstance(deliverer.deliver(_window()), Skipped), "the job itself leaves dead letters alone"
-        sent = deliverer.deliver(_window(), replay=True)
-        assert isinstance(sent, Sent) and list(fake.accepted) == [sent.identifier]
-        assert fake.accepted[sent.identifier].value == Decimal("5.5") and fake.accepted[sent.identifier].customer == "cus_1"
-        ledger.close()
+        map_customer(cfg, "t1", "c2", "cus_2")
+        arrived, lost = _window("5.5", "c1"), _window("7", "c2")
+
+        async def first_attempts() -> list:
+            ledger, provider = AsyncPostgresLedger(cfg, "job"), StripeMeterEvents(cfg)
+            d = Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep)
+            fake.inject(DROP, reject(503), reject(503), reject(503))  # the first call arrives unanswered, then 503s
+            outcomes = []
+            for w in (arrived, lost):
+                [outcome] = await d.on_window(w)
+                outcomes.append(await d.deliver(outcome.identifier) if isinstance(outcome, Retry) else outcome)
+            await ledger.close()
+            await provider.close()
+            return outcomes
+
+        outcomes = asyncio.run(first_attempts())
+        assert all(isinstance(o, Dead) for o in outcomes), outcomes
+        assert [e.identifier for e in fake.events] == [window_delivery(arrived, "mf").identifier]
+        # A day passes: the provider forgets identifiers, and the ledger's first attempts are 25 h old.
+        fake.clock = lambda: time.time() + 25 * 3600
+        with connect(cfg.postgres) as conn, conn.transaction():
+            conn.execute(f"UPDATE {cfg.billing.ledger_table} SET first_attempt_at = first_attempt_at - interval '25 hours'")
+        requests = len(fake.requests)
+
+        refused = CliRunner().invoke(cli, ["--config", str(path), "billing", "replay"], catch_exceptions=False)
+        said = " ".join(refused.output.split())  # the console wraps long lines
+        assert refused.exit_code == 1 and said.count("refused") == 2, refused.output
+        assert "no longer deduplicates" in said and "--force" in said
+        assert len(fake.requests) == requests, "nothing was sent"
+
+        forced = CliRunner().invoke(cli, ["--config", str(path), "billing", "replay", "--force"], catch_exceptions=False)
+        assert forced.exit_code == 0, forced.output
+        rows = {d.customer_id: d for d in fetch_deliveries(cfg)}
+        assert rows["c1"].status == "sent" and rows["c1"].provider_response_id == "found-at-provider" and "found at the provider" in rows["c1"].provider_check
+        assert rows["c2"].status == "sent" and "not at the provider" in rows["c2"].provider_check
+        assert sorted(e.customer for e in fake.events) == ["cus_1", "cus_2"], "each delivery is at the provider once"
+        assert fake.outcomes().get("accepted-again", 0) == 0
     finally:
         fake.stop()
+
+
+def test_stripe_mock_validates_meter_events_and_summaries(e2e_stack):
+    """stripe-mock checks the meter event and the event summary requests against Stripe's specification."""
+    cfg, _ = e2e_stack.config("summaries", billing={"enabled": True})
+
+    async def calls() -> tuple[str, Decimal, str]:
+        provider = StripeMeterEvents(cfg)
+        try:
+            response = await provider.send(MeterEvent("mf-1-abc", "tokens", "cus_1", "2.5", int(time.time()) - 60))
+            meters = await provider.client.v1.billing.meters.list_async({"limit": 1})
+            name = meters.data[0].event_name  # stripe-mock's fixture meter
+            start = int(time.time()) // 60 * 60 - 3600
+            return response, await provider.total(name, "cus_1", start, start + 60), name
+        finally:
+            await provider.close()
+
+    response, total, _ = asyncio.run(calls())
+    assert response and isinstance(total, Decimal)

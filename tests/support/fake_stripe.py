@@ -5,7 +5,11 @@ deduplicates identifiers nor rate-limits. This fake is a real HTTP server on loo
 state the way the billing tests need it:
 
 * identifiers are deduplicated over 24 h; a repeated Idempotency-Key replays the first answer
-  (``Idempotent-Replayed: true``), as Stripe does;
+  (``Idempotent-Replayed: true``) for 24 h, as Stripe does; the clock is injectable, so a test can
+  move the fake a day ahead instead of waiting;
+* meters (``GET /v1/billing/meters``, one per event name seen or configured) and their event
+  summaries (``GET /v1/billing/meters/{id}/event_summaries``) answered from the accepted events;
+* ``latency``: every answer waits this long (a slow but healthy endpoint, for benchmarks);
 * scheduled faults: 429 with Retry-After, 5xx, slow answers (accepted, answered after the
   client gave up), dropped connections (accepted, no answer) and held requests (accepted, no
   answer until released: "between the API call and the checkpoint");
@@ -72,7 +76,10 @@ class FakeStripe:
     """The fake server; ``start()`` binds a free loopback port, ``url`` is its base address."""
 
     clock: Callable[[], float] = time.time
+    latency: float = 0.0
+    event_names: tuple[str, ...] = ("api_calls", "tokens")
     accepted: dict[str, AcceptedEvent] = field(default_factory=dict)
+    events: list[AcceptedEvent] = field(default_factory=list)  # every accepted event, a second one under a forgotten identifier too
     requests: list[RequestRecord] = field(default_factory=list)
     held: threading.Event = field(default_factory=threading.Event)
     _faults: deque[Fault] = field(default_factory=deque)
@@ -83,7 +90,10 @@ class FakeStripe:
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _by_key: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    _key_seen: dict[str, float] = field(default_factory=dict)
     client_disconnects: int = 0
+    in_flight: int = 0  # meter event requests received and not answered yet
+    arrivals: list[str] = field(default_factory=list)  # identifiers of meter event requests as they arrive
     _server: ThreadingHTTPServer | None = None
     _counter: int = 0
 
@@ -102,6 +112,12 @@ class FakeStripe:
         """Let a held request go (its connection is dropped)."""
         self._release.set()
 
+    def unanswered(self) -> set[str]:
+        """Identifiers of requests that arrived and have no outcome yet (in flight)."""
+        with self._lock:
+            arrived = set(self.arrivals)
+        return arrived - {r.identifier for r in self.requests}
+
     def attempts_for(self, identifier: str) -> int:
         return sum(1 for r in self.requests if r.identifier == identifier)
 
@@ -117,7 +133,7 @@ class FakeStripe:
         assert self._server is not None, "start() the fake first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self) -> FakeStripe:
+    def start(self, port: int = 0) -> FakeStripe:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,7 +144,22 @@ class FakeStripe:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fake._handle(self, body)
+                identifier = parse_qs(body.decode()).get("identifier", [""])[0]
+                with fake._lock:
+                    fake.in_flight += 1
+                    fake.arrivals.append(identifier)
+                try:
+                    if fake.latency:
+                        time.sleep(fake.latency)
+                    fake._handle(self, body)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if fake.latency:
+                    time.sleep(fake.latency)
+                fake._handle_get(self)
 
         class Server(ThreadingHTTPServer):
             def handle_error(self, request: object, client_address: object) -> None:
@@ -140,7 +171,7 @@ class FakeStripe:
                 else:
                     super().handle_error(request, client_address)
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="fake-stripe", daemon=True).start()
         return self
@@ -189,6 +220,32 @@ class FakeStripe:
         handler.connection.shutdown(socket.SHUT_RDWR)
         return None
 
+    def _handle_get(self, handler: BaseHTTPRequestHandler) -> None:
+        path, _, query = handler.path.partition("?")
+        params = {k: v[0] for k, v in parse_qs(query).items()}
+        if path == "/v1/billing/meters":
+            with self._lock:
+                names = sorted(set(self.event_names) | {e.event_name for e in self.events})
+            meters = [{"object": "billing.meter", "id": f"mtr_{n}", "event_name": n, "status": "active", "livemode": False} for n in names]
+            return self._answer(handler, 200, {"object": "list", "url": path, "has_more": False, "data": meters})
+        parts = path.strip("/").split("/")
+        if len(parts) == 5 and parts[:3] == ["v1", "billing", "meters"] and parts[4] == "event_summaries":
+            missing = [p for p in ("customer", "start_time", "end_time") if p not in params]
+            if missing:
+                return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": f"Missing required param: {missing[0]}."}})
+            start, end = int(params["start_time"]), int(params["end_time"])
+            if start % 60 or end % 60:
+                return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": "start_time and end_time must be aligned with minute boundaries"}})
+            total = self.total(parts[3].removeprefix("mtr_"), params["customer"], start, end)
+            summary = {"object": "billing.meter_event_summary", "id": f"mtrusg_{start}", "aggregated_value": float(total), "start_time": start, "end_time": end, "meter": parts[3], "livemode": False}
+            return self._answer(handler, 200, {"object": "list", "url": path, "has_more": False, "data": [summary]})
+        return self._answer(handler, 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}})
+
+    def total(self, event_name: str, customer: str, start: int, end: int) -> Decimal:
+        """Sum of the accepted events' values of one customer and event name with a timestamp in [start, end)."""
+        with self._lock:
+            return sum((e.value for e in self.events if e.event_name == event_name and e.customer == customer and start <= e.timestamp < end), Decimal(0))
+
     def _invalid(self, form: dict[str, str]) -> str | None:
         for required in ("event_name", "payload[stripe_customer_id]", "payload[value]"):
             if not form.get(required):
@@ -213,12 +270,12 @@ class FakeStripe:
         """Store or replay; returns (status, body, outcome)."""
         canonical = json.dumps(form, sort_keys=True).encode()
         with self._lock:
-            if key is not None and key in self._by_key:
+            now = self.clock()
+            if key is not None and key in self._by_key and now - self._key_seen[key] < DEDUP_WINDOW_S:
                 first_form, first_response = self._by_key[key]
                 if first_form != canonical:
                     return 400, {"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}}, "idempotency-error"
                 return 200, json.loads(first_response), "replayed"
-            now = self.clock()
             identifier = form.get("identifier") or f"gen-{self._counter}"
             self._counter += 1
             request_id = f"req_fake_{self._counter}"
@@ -226,13 +283,18 @@ class FakeStripe:
             outcome = "duplicate" if previous is not None and now - previous.accepted_at < DEDUP_WINDOW_S else "accepted"
             ts = int(form.get("timestamp") or now)
             if outcome == "accepted":
-                self.accepted[identifier] = AcceptedEvent(identifier, key, form["event_name"], form["payload[stripe_customer_id]"], Decimal(form["payload[value]"]), ts, now, request_id)
+                event = AcceptedEvent(identifier, key, form["event_name"], form["payload[stripe_customer_id]"], Decimal(form["payload[value]"]), ts, now, request_id)
+                if previous is not None:
+                    outcome = "accepted-again"  # the identifier was forgotten: billed twice
+                self.accepted[identifier] = event
+                self.events.append(event)
             response = {
                 "object": "billing.meter_event", "created": int(now), "event_name": form["event_name"], "identifier": identifier,
                 "livemode": False, "payload": {"stripe_customer_id": form["payload[stripe_customer_id]"], "value": form["payload[value]"]}, "timestamp": ts,
             }  # fmt: skip
             if key is not None:
                 self._by_key[key] = (canonical, json.dumps(response).encode())
+                self._key_seen[key] = now
             return 200, response, outcome
 
     def _answer(self, handler: BaseHTTPRequestHandler, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
@@ -248,3 +310,25 @@ class FakeStripe:
             handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(data)
+
+
+def main() -> None:
+    """Run the fake on its own (benchmarks): ``python -m tests.support.fake_stripe --port P --latency 0.05``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds every answer waits")
+    parser.add_argument("--fail-status", type=int, default=None, help="answer every meter event with this status (e.g. 503)")
+    parser.add_argument("--retry-after", type=float, default=None, help="Retry-After of those failures, seconds")
+    args = parser.parse_args()
+    fake = FakeStripe(latency=args.latency)
+    fake.start(port=args.port)
+    if args.fail_status:
+        fake.fail_for(10**9, status=args.fail_status, retry_after=args.retry_after)
+    print(fake.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -197,3 +197,18 @@ def test_targets_prefer_the_end_to_end_rate():
     met = {t.name: t for t in evaluate_targets(results)}
     assert met["throughput per task slot"].met is False
     assert met["throughput per task slot"].measured == "20,000 events/s"
+
+
+def test_billing_section_is_spliced_and_kept_across_regenerations(tmp_path):
+    """bench/billing.py replaces its own section; bench/run keeps it when it rewrites the report."""
+    from bench.billing_report import SECTION_END, SECTION_START, keep_section, splice_section
+
+    section = f"{SECTION_START}\n## Billing\nfigures\n{SECTION_END}\n"
+    once = splice_section("# Benchmarks\n\nbody\n", section)
+    assert once.endswith(section) and once.startswith("# Benchmarks")
+    again = splice_section(once, section.replace("figures", "new figures"))
+    assert again.count(SECTION_START) == 1 and "new figures" in again and "\nfigures" not in again
+    old = tmp_path / "benchmarks.md"
+    old.write_text(again)
+    kept = keep_section(old, "# Benchmarks\n\nregenerated\n")
+    assert "regenerated" in kept and "new figures" in kept

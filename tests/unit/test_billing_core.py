@@ -85,3 +85,25 @@ def test_token_bucket_limits_rate_without_sleeping():
     assert bucket.wait_time() == pytest.approx(0.1)
     now[0] = 0.1
     assert bucket.wait_time() == 0.0
+
+
+def test_rate_reservations_give_each_caller_its_own_slot():
+    """A burst up to capacity, then one slot every 1/rate seconds, even when many callers reserve at once."""
+    from sinks.retry import RateReservations
+
+    now = [0.0]
+    limiter = RateReservations(rate=10, capacity=2, clock=lambda: now[0])
+    assert [limiter.reserve() for _ in range(5)] == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3])
+    now[0] = 10.0
+    assert limiter.reserve() == 0.0, "an idle limiter refills"
+
+
+def test_correction_identifiers_are_deterministic_and_bounded():
+    """Window identifier + revision; different revisions differ; never over 100 characters."""
+    from sinks.idempotency import derive_correction_identifier
+
+    window_id = derive_identifier(KEY)
+    assert derive_correction_identifier(window_id, 5) == f"{window_id}-r5" != derive_correction_identifier(window_id, 6)
+    long_id = derive_identifier(KEY, "p" * 16)
+    assert len(derive_correction_identifier(long_id, 10**12)) <= MAX_IDENTIFIER_LENGTH
+    assert derive_correction_identifier(long_id, 10**12) == derive_correction_identifier(long_id, 10**12)

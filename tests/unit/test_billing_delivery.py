@@ -1,11 +1,14 @@
-"""The billing core's decisions: send once, skip what the ledger has, retry, dead-letter, rate-limit.
+"""The deliverer's decisions: send once, skip what the ledger has, schedule retries, back off per key,
+dead-letter, rate-limit, correct changed finals, and check the provider past its dedup window.
 
-The ledger here is an in-memory implementation of the Ledger protocol (the Postgres one is
-exercised end to end); the provider is scripted. Clock and sleep are a fake pair: no real waiting.
+The ledger here is an in-memory implementation of the Ledger protocol with the claim rules of the
+Postgres one (which the e2e tests exercise); the provider is scripted. Clock and sleep are a fake
+pair: no real waiting.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,52 +17,33 @@ import pytest
 
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
-from sinks.billing import ClosedWindow, Dead, Deliverer, LedgerEntry, MeterEvent, Retry, Sent, Skipped, build_meter_event
+from sinks.billing import (
+    ClosedWindow,
+    Dead,
+    Deferred,
+    Delivery,
+    LedgerEntry,
+    MeterEvent,
+    ProviderTotals,
+    Retry,
+    Sent,
+    Skipped,
+    build_meter_event,
+    judge_provider_totals,
+    replay_refusal,
+    summary_range,
+    window_delivery,
+)
+from sinks.delivery import Deliverer
+from sinks.idempotency import derive_correction_identifier
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 START_MS = int((NOW - timedelta(hours=1)).timestamp() * 1000)
+DAY = 86400.0
 
 
-def window(customer: str = "cust-1", meter: str = "tokens", quantity: str = "12.500", start_ms: int = START_MS) -> ClosedWindow:
-    return ClosedWindow("tenant-1", customer, meter, "{}", start_ms, start_ms + 60_000, Decimal(quantity), 3, 3)
-
-
-@dataclass
-class MemoryLedger:
-    rows: dict[str, dict] = field(default_factory=dict)
-    customers: dict[tuple[str, str], str] = field(default_factory=lambda: {("tenant-1", "cust-1"): "cus_1"})
-
-    def begin(self, w: ClosedWindow, identifier: str, provider: str, event_name: str) -> LedgerEntry:
-        row = self.rows.setdefault(identifier, {"status": "pending", "attempts": 0, "quantity": w.quantity})
-        return LedgerEntry(identifier, row["status"], row["attempts"])
-
-    def provider_customer(self, tenant_id: str, customer_id: str, provider: str) -> str | None:
-        return self.customers.get((tenant_id, customer_id))
-
-    def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        self.rows[identifier].update(status="sent", attempts=attempts, value=event.value, response=response_id)
-
-    def mark_failed(self, identifier: str, attempts: int, error: str) -> None:
-        self.rows[identifier].update(status="failed", attempts=attempts, error=error)
-
-    def mark_dead(self, identifier: str, attempts: int, reason: str) -> None:
-        self.rows[identifier].update(status="dead", attempts=attempts, error=reason)
-
-
-@dataclass
-class ScriptedProvider:
-    """Answers from a script: an exception to raise, or None for success."""
-
-    script: list[ProviderError | None] = field(default_factory=list)
-    sent: list[MeterEvent] = field(default_factory=list)
-    name: str = "stripe"
-
-    def send(self, event: MeterEvent) -> str:
-        self.sent.append(event)
-        answer = self.script.pop(0) if self.script else None
-        if answer is not None:
-            raise answer
-        return f"req_{len(self.sent)}"
+def window(customer: str = "cust-1", meter: str = "tokens", quantity: str = "12.500", start_ms: int = START_MS, revision: int = 3) -> ClosedWindow:
+    return ClosedWindow("tenant-1", customer, meter, "{}", start_ms, start_ms + 60_000, Decimal(quantity), revision, revision)
 
 
 class FakeTime:
@@ -69,9 +53,98 @@ class FakeTime:
     def clock(self) -> float:
         return self.now
 
-    def sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
+
+
+@dataclass
+class MemoryLedger:
+    """The claim rules of sinks/ledger_schema.py, in memory."""
+
+    t: FakeTime
+    worker: str = "w1"
+    lease: float = 120.0
+    rows: dict[str, dict] = field(default_factory=dict)
+    customers: dict[tuple[str, str], str] = field(default_factory=lambda: {("tenant-1", "cust-1"): "cus_1"})
+    checks: list[str] = field(default_factory=list)
+
+    def _entry(self, r: dict, claimed: bool) -> LedgerEntry:
+        corrections = [c for c in self.rows.values() if c["window_identifier"] == r["identifier"] and c["kind"] == "correction"]
+        w = r["delivery"].window
+        return LedgerEntry(
+            r["identifier"], r["kind"], r["status"], r["attempts"], r["quantity"], r["revision"], r["first_attempt_at"],
+            self.customers.get((w.tenant_id, w.customer_id)), sum((c["quantity"] for c in corrections), Decimal(0)),
+            max((c["revision"] for c in corrections), default=0), claimed,
+        )  # fmt: skip
+
+    async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
+        now = self.t.now
+        r = self.rows.get(delivery.identifier)
+        if r is None:
+            r = self.rows[delivery.identifier] = {
+                "identifier": delivery.identifier, "kind": delivery.kind, "window_identifier": delivery.window_identifier, "delivery": delivery,
+                "quantity": delivery.quantity, "revision": delivery.revision, "status": "pending", "attempts": 0, "first_attempt_at": None,
+                "next_attempt_at": None, "claimed_by": None, "event_name": event_name, "value": None, "customer": None,
+            }  # fmt: skip
+        claimable = r["status"] in ("pending", "failed") and (retry or r["next_attempt_at"] is None or r["next_attempt_at"] <= now or r["claimed_by"] != self.worker)
+        if not claimable:
+            return self._entry(r, claimed=False)
+        r.update(first_attempt_at=r["first_attempt_at"] or now, next_attempt_at=now + self.lease, claimed_by=self.worker)
+        return self._entry(r, claimed=True)
+
+    async def delivery(self, identifier: str) -> Delivery | None:
+        r = self.rows.get(identifier)
+        return None if r is None else r["delivery"]
+
+    async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
+        self.rows[identifier].update(status="sent", attempts=attempts, value=event.value, customer=event.provider_customer_id, event_name=event.event_name, response=response_id, next_attempt_at=None)
+
+    async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
+        r = self.rows[identifier]
+        if r["status"] != "sent":
+            r.update(status="failed", attempts=attempts, error=error, next_attempt_at=self.t.now + delay)
+
+    async def mark_dead(self, identifier: str, attempts: int, reason: str) -> None:
+        r = self.rows[identifier]
+        if r["status"] != "sent":
+            r.update(status="dead", attempts=attempts, error=reason, next_attempt_at=None)
+
+    async def mark_rejected(self, identifier: str, reason: str) -> None:
+        r = self.rows[identifier]
+        r.update(status="dead", error=reason, next_attempt_at=None, first_attempt_at=None if r["attempts"] == 0 else r["first_attempt_at"])
+
+    async def defer(self, identifier: str, until: float) -> None:
+        self.rows[identifier].update(next_attempt_at=max(until, self.rows[identifier]["next_attempt_at"] or 0), claimed_by=self.worker)
+
+    async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None:
+        self.checks.append(decision)
+        if resend:
+            self.rows[identifier]["first_attempt_at"] = self.t.now
+
+    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal:
+        rows = [r for r in self.rows.values() if r["status"] == "sent" and r["identifier"] != identifier and r["customer"] == provider_customer_id and r["event_name"] == event_name]
+        return sum((r["quantity"] for r in rows if start <= r["delivery"].window.window_start_ms // 1000 < end), Decimal(0))
+
+
+@dataclass
+class ScriptedProvider:
+    """Answers from a script: an exception to raise, or None for success; ``held`` is what it already has."""
+
+    script: list[ProviderError | None] = field(default_factory=list)
+    sent: list[MeterEvent] = field(default_factory=list)
+    held: Decimal = Decimal(0)
+    name: str = "stripe"
+
+    async def send(self, event: MeterEvent) -> str:
+        self.sent.append(event)
+        answer = self.script.pop(0) if self.script else None
+        if answer is not None:
+            raise answer
+        return f"req_{len(self.sent)}"
+
+    async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
+        return self.held
 
 
 def deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, share: int = 1, **billing) -> Deliverer:
@@ -79,99 +152,216 @@ def deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, sha
     return Deliverer(cfg, provider, ledger, clock=t.clock, sleep=t.sleep, rng=lambda: 1.0, share=share)
 
 
+def setup(**billing) -> tuple[ScriptedProvider, MemoryLedger, FakeTime, Deliverer]:
+    t = FakeTime()
+    provider, ledger = ScriptedProvider(), MemoryLedger(t)
+    return provider, ledger, t, deliverer(provider, ledger, t, **billing)
+
+
+def run(coro):  # noqa: ANN001, ANN201 - any coroutine
+    return asyncio.run(coro)
+
+
 def test_sends_once_and_a_replayed_window_is_skipped():
     """A window is sent once; re-emitted after a failover, the ledger says sent and the provider is not called."""
-    provider, ledger, t = ScriptedProvider(), MemoryLedger(), FakeTime()
-    d = deliverer(provider, ledger, t)
-    first = d.attempt(window())
+    provider, ledger, _, d = setup()
+    [first] = run(d.on_window(window()))
     assert isinstance(first, Sent) and first.attempts == 1
     assert provider.sent == [MeterEvent(first.identifier, "tokens", "cus_1", "12.5", START_MS // 1000)]
-    assert isinstance(d.attempt(window()), Skipped)
+    assert run(d.on_window(window())) == [Skipped(first.identifier, "sent")]
     assert len(provider.sent) == 1 and ledger.rows[first.identifier]["status"] == "sent"
 
 
-def test_a_pending_delivery_is_resent_with_the_same_identifier():
-    """Crash between the call and the ledger update: the resend carries the same identifier (the provider dedups)."""
-    provider, ledger, t = ScriptedProvider(), MemoryLedger(), FakeTime()
-    d = deliverer(provider, ledger, t)
-    ledger.begin(window(), d.identifier(window()), "stripe", "tokens")  # pending, as a crash leaves it
-    outcome = d.attempt(window())
-    assert isinstance(outcome, Sent) and provider.sent[0].identifier == d.identifier(window())
+def test_a_delivery_claimed_by_a_dead_worker_is_resent_with_the_same_identifier():
+    """Crash between the call and the ledger update: the next worker re-sends the same identifier (the provider dedups)."""
+    provider, ledger, t, d = setup()
+    delivery = window_delivery(window(), "mf")
+    run(ledger.claim(delivery, "stripe", "tokens", retry=False))  # claimed, as a crash leaves it
+    ledger.worker = "w2"  # the restarted worker reads the window again from Kafka
+    [outcome] = run(d.on_window(window()))
+    assert isinstance(outcome, Sent) and provider.sent[0].identifier == delivery.identifier
 
 
-def test_retryable_errors_back_off_honouring_retry_after_then_succeed():
-    """429 with Retry-After and a 5xx are retried; delays honour Retry-After; attempts are counted."""
-    script = [ProviderError("slow down", status=429, retryable=True, retry_after=7), ProviderError("oops", status=500, retryable=True)]
-    provider, ledger, t = ScriptedProvider(script), MemoryLedger(), FakeTime()
-    d = deliverer(provider, ledger, t, initial_backoff="1s", max_backoff="30s")
-    outcome = d.deliver(window())
-    assert isinstance(outcome, Sent) and outcome.attempts == 3
-    assert t.slept[0] >= 7  # Retry-After wins over the (smaller) backoff
-    assert t.slept[1] == pytest.approx(2.0)  # second attempt: 1 s * 2^1 with full jitter at its maximum
-    assert ledger.rows[outcome.identifier]["attempts"] == 3
+def test_a_failure_is_scheduled_not_waited_for_and_the_key_backs_off():
+    """429 with Retry-After: failed with the next attempt time; the key's next window is deferred without a call; other keys go on."""
+    provider, ledger, t, d = setup(initial_backoff="1s", max_backoff="30s")
+    provider.script = [ProviderError("slow down", status=429, retryable=True, retry_after=7)]
+    [retry] = run(d.on_window(window()))
+    assert isinstance(retry, Retry) and retry.delay >= 7 and t.slept == []
+    assert ledger.rows[retry.identifier]["status"] == "failed" and ledger.rows[retry.identifier]["next_attempt_at"] >= t.now + 7
+    [deferred] = run(d.on_window(window(start_ms=START_MS + 60_000)))
+    assert isinstance(deferred, Deferred) and deferred.until >= t.now + 7 and len(provider.sent) == 1
+    [other] = run(d.on_window(window(customer="cust-2")))
+    assert isinstance(other, Dead) and "no billing customer mapped" in other.reason  # another key is not held back
+    t.now += 8
+    assert isinstance(run(d.on_retry(retry.identifier)), Sent)
+    assert isinstance(run(d.on_retry(deferred.identifier)), Sent)
+    assert ledger.rows[retry.identifier]["attempts"] == 2
+
+
+def test_a_window_read_again_while_its_retry_is_scheduled_leaves_it_to_the_retry_scan():
+    """The retry scan owns a scheduled delivery: the stream does not attempt it early."""
+    provider, ledger, t, d = setup()
+    provider.script = [ProviderError("oops", status=500, retryable=True)]
+    [retry] = run(d.on_window(window()))
+    assert run(d.on_window(window())) == [Skipped(retry.identifier, "scheduled")] and len(provider.sent) == 1
 
 
 def test_gives_up_after_max_attempts_into_the_dead_letter_state():
     """Bounded attempts: the last failure makes the delivery dead, with the reason."""
-    script = [ProviderError("unavailable", status=503, retryable=True)] * 3
-    provider, ledger, t = ScriptedProvider(script), MemoryLedger(), FakeTime()
-    outcome = deliverer(provider, ledger, t, max_attempts=3).deliver(window())
+    provider, ledger, t, d = setup(max_attempts=3)
+    provider.script = [ProviderError("unavailable", status=503, retryable=True)] * 3
+    [first] = run(d.on_window(window()))
+    outcome = run(d.deliver(first.identifier))
     assert isinstance(outcome, Dead) and "gave up after 3 attempts" in outcome.reason and "503" in outcome.reason
     assert ledger.rows[outcome.identifier]["status"] == "dead" and len(provider.sent) == 3
 
 
 def test_a_refusal_is_dead_at_once():
     """A 4xx other than 408/409/425/429 will not succeed by retrying."""
-    provider, ledger, t = ScriptedProvider([ProviderError("No such customer", status=400, retryable=False)]), MemoryLedger(), FakeTime()
-    outcome = deliverer(provider, ledger, t).attempt(window())
+    provider, ledger, _, d = setup()
+    provider.script = [ProviderError("No such customer", status=400, retryable=False)]
+    [outcome] = run(d.on_window(window()))
     assert isinstance(outcome, Dead) and "provider refused the event: 400" in outcome.reason and len(provider.sent) == 1
 
 
-def test_timeouts_are_retried_as_unknown_outcomes():
-    """A timeout (no status) is retried: the identifier makes the resend safe."""
-    provider, ledger, t = ScriptedProvider([ProviderError("timed out", status=None, retryable=True)]), MemoryLedger(), FakeTime()
-    first = deliverer(provider, ledger, t).attempt(window())
-    assert isinstance(first, Retry) and "no response" in first.error and ledger.rows[first.identifier]["status"] == "failed"
-
-
 def test_unmapped_customer_is_dead_without_a_call_and_replays_after_mapping():
-    """No billing customer: dead letter with the reason; after mapping, replay sends it once."""
-    provider, ledger, t = ScriptedProvider(), MemoryLedger(), FakeTime()
-    d = deliverer(provider, ledger, t)
-    dead = d.attempt(window(customer="cust-9"))
+    """No billing customer: dead letter with the reason and no first-attempt time; after mapping, replay sends it once."""
+    provider, ledger, _, d = setup()
+    [dead] = run(d.on_window(window(customer="cust-9")))
     assert isinstance(dead, Dead) and "no billing customer mapped" in dead.reason and provider.sent == []
-    assert isinstance(d.attempt(window(customer="cust-9")), Skipped), "the job does not retry dead letters by itself"
+    assert ledger.rows[dead.identifier]["first_attempt_at"] is None
+    assert run(d.on_window(window(customer="cust-9"))) == [Skipped(dead.identifier, "dead")], "the job does not retry dead letters by itself"
     ledger.customers[("tenant-1", "cust-9")] = "cus_9"
-    assert isinstance(d.deliver(window(customer="cust-9"), replay=True), Sent) and len(provider.sent) == 1
+    assert isinstance(run(d.deliver(dead.identifier, replay=True)), Sent) and len(provider.sent) == 1
 
 
 @pytest.mark.parametrize(("age", "reason"), [(timedelta(days=36), "35 days"), (-timedelta(hours=1), "future")])
 def test_windows_outside_the_provider_range_never_reach_the_api(age, reason):
     """Older than 35 days or in the future: dead with that reason, no call."""
-    provider, ledger, t = ScriptedProvider(), MemoryLedger(), FakeTime()
-    start_ms = int((NOW - age).timestamp() * 1000)
-    outcome = deliverer(provider, ledger, t).attempt(window(start_ms=start_ms))
+    provider, _, _, d = setup()
+    [outcome] = run(d.on_window(window(start_ms=int((NOW - age).timestamp() * 1000))))
     assert isinstance(outcome, Dead) and reason in outcome.reason and provider.sent == []
 
 
 def test_meter_mapping_event_name_and_rounding():
     """meter -> event name from config; a whole-number meter rounds as configured; unknown meters are dead."""
-    event = build_meter_event(window(meter="api_calls", quantity="2.100"), "id", JobConfig.model_validate({"meters": [{"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]}).meter("api_calls"), "cus_1", NOW, timedelta(days=35), timedelta(minutes=5))
+    meter = JobConfig.model_validate({"meters": [{"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]}).meter("api_calls")
+    event = build_meter_event(window_delivery(window(meter="api_calls", quantity="2.100"), "mf"), meter, "cus_1", NOW, timedelta(days=35), timedelta(minutes=5))
     assert (event.event_name, event.value) == ("api_requests", "3")
-    provider, ledger, t = ScriptedProvider(), MemoryLedger(), FakeTime()
-    outcome = deliverer(provider, ledger, t).attempt(window(meter="gpu_seconds"))
+    _, _, _, d = setup()
+    [outcome] = run(d.on_window(window(meter="gpu_seconds")))
     assert isinstance(outcome, Dead) and "not configured for billing" in outcome.reason
 
 
-def test_rate_limit_spreads_calls_and_is_shared_by_subtasks():
+def test_rate_limit_is_shared_by_subtasks():
     """calls_per_second is for the whole job: each of two subtasks gets half, enforced by sleeping."""
-    provider, ledger, t = ScriptedProvider(), MemoryLedger(), FakeTime()
-    d = deliverer(provider, ledger, t, share=2, calls_per_second=4)
-    for i in range(6):
-        d.attempt(window(start_ms=START_MS + i * 60_000))
-    # 2 calls/s per subtask with a burst of 2: four of the six calls wait 0.5 s each.
-    assert sum(t.slept) == pytest.approx(2.0)
-    assert len(provider.sent) == 6
+    provider, ledger, t, d = setup(share=2, calls_per_second=40)
+    for i in range(10):
+        run(d.on_window(window(start_ms=START_MS + i * 60_000)))
+    # 20 calls/s per subtask with a burst of 2: eight of the ten calls wait 1/20 s each.
+    assert sum(t.slept) == pytest.approx(8 / 20)
+    assert len(provider.sent) == 10
+
+
+def test_one_call_at_a_time_per_key_while_other_keys_run_together():
+    """Concurrent deliveries of one key are serialised; deliveries of different keys overlap."""
+
+    class SlowProvider(ScriptedProvider):
+        running: dict[str, int] = {}
+        overlap: dict[str, int] = {}
+
+        async def send(self, event: MeterEvent) -> str:
+            key = event.provider_customer_id
+            self.running[key] = self.running.get(key, 0) + 1
+            self.overlap[key] = max(self.overlap.get(key, 0), self.running[key])
+            self.overlap["all"] = max(self.overlap.get("all", 0), sum(self.running.values()))
+            await asyncio.sleep(0.01)
+            self.running[key] -= 1
+            return await super().send(event)
+
+    t = FakeTime()
+    ledger, provider = MemoryLedger(t), SlowProvider()
+    ledger.customers[("tenant-1", "cust-2")] = "cus_2"
+    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+
+    async def many() -> list:
+        windows = [window(customer=c, start_ms=START_MS + i * 60_000) for c in ("cust-1", "cust-2") for i in range(4)]
+        return await asyncio.gather(*(d.on_window(w) for w in windows))
+
+    results = run(many())
+    assert all(isinstance(o, Sent) for [o] in results)
+    assert provider.overlap["cus_1"] == 1 and provider.overlap["cus_2"] == 1 and provider.overlap["all"] == 2
+    assert d.gate.locks == {} and d.gate.users == {}, "a key's lock is forgotten once nobody uses it"
+
+
+def test_a_changed_final_after_sending_becomes_a_correction_with_its_own_identifier():
+    """Sent with 12.5 at revision 3; re-finalised as 15 at revision 5: a correction of +2.5 identified by window and revision."""
+    provider, ledger, _, d = setup()
+    [sent] = run(d.on_window(window(quantity="12.5", revision=3)))
+    outcomes = run(d.on_window(window(quantity="15", revision=5)))
+    assert outcomes[0] == Skipped(sent.identifier, "sent") and isinstance(outcomes[1], Sent)
+    correction = derive_correction_identifier(sent.identifier, 5)
+    assert outcomes[1].identifier == correction and provider.sent[-1] == MeterEvent(correction, "tokens", "cus_1", "2.5", START_MS // 1000)
+    assert ledger.rows[correction]["kind"] == "correction" and ledger.rows[correction]["quantity"] == Decimal("2.5")
+    assert run(d.on_window(window(quantity="15", revision=5)))[1:] == [], "the same final again adds nothing"
+    assert run(d.on_window(window(quantity="9", revision=4)))[1:] == [], "an older revision is a replay, never a correction"
+    [_, down] = run(d.on_window(window(quantity="14", revision=6)))
+    assert isinstance(down, Sent) and provider.sent[-1].value == "-1", "a lower final is a negative correction"
+
+
+def test_a_changed_final_while_the_window_waits_for_a_retry_is_a_correction_too():
+    """The window's own event keeps its value (its identifier must carry the same parameters); the difference follows."""
+    provider, ledger, t, d = setup()
+    provider.script = [ProviderError("unavailable", status=503, retryable=True)]
+    [retry] = run(d.on_window(window(quantity="1", revision=1)))
+    assert isinstance(retry, Retry)
+    t.now += 0.1  # the retry is not due yet, and the key backs off
+    [skipped, correction] = run(d.on_window(window(quantity="4", revision=2)))
+    assert skipped == Skipped(retry.identifier, "scheduled") and isinstance(correction, Deferred)
+    t.now += 60
+    assert isinstance(run(d.on_retry(retry.identifier)), Sent) and isinstance(run(d.on_retry(correction.identifier)), Sent)
+    assert [e.value for e in provider.sent[1:]] == ["1", "3"], "1 for the window, then +3: the final 4 in total"
+
+
+def test_past_the_dedup_window_the_provider_is_asked_first():
+    """First sent more than 24 h ago: found at the provider -> sent without a call; absent -> re-sent; both recorded."""
+    provider, ledger, t, d = setup(max_attempts=2)
+    provider.script = [ProviderError("no answer", status=None, retryable=True)] * 2
+    [_] = run(d.on_window(window()))
+    dead = run(d.deliver(window_delivery(window(), "mf").identifier))
+    assert isinstance(dead, Dead)
+    t.now += DAY + 60
+    provider.held = Decimal("12.5")  # the first, unanswered call had in fact arrived
+    found = run(d.deliver(dead.identifier, replay=True))
+    assert isinstance(found, Sent) and found.response_id == "found-at-provider" and len(provider.sent) == 2
+    assert ledger.checks[-1].startswith("found at the provider")
+
+    provider2, ledger2, t2, d2 = setup(max_attempts=1)
+    provider2.script = [ProviderError("unavailable", status=503, retryable=True)]
+    [dead2] = run(d2.on_window(window()))
+    t2.now += DAY + 60
+    resent = run(d2.deliver(dead2.identifier, replay=True))
+    assert isinstance(resent, Sent) and len(provider2.sent) == 2 and ledger2.checks[-1].startswith("not at the provider")
+    assert ledger2.rows[dead2.identifier]["first_attempt_at"] == t2.now, "the resend restarts the dedup window"
+
+
+def test_provider_totals_verdicts_and_the_summary_range():
+    """found / absent / ambiguous from the provider's total, with a tolerance for its float; ranges on minute boundaries."""
+    def verdict(total: str, ledger: str = "10", value: str = "2.5") -> str:
+        return judge_provider_totals(ProviderTotals(0, 60, Decimal(total), Decimal(ledger), Decimal(value)))[0]
+
+    assert verdict("12.5") == "found" and verdict("12.5000000001") == "found"
+    assert verdict("10") == "absent" and verdict("11") == "ambiguous"
+    assert summary_range(window(start_ms=1_767_225_610_000)) == (1_767_225_600, 1_767_225_660)
+
+
+def test_replay_refusal_names_the_dedup_window():
+    """Within the dedup window a replay is safe; past it, the refusal says why and what --force does."""
+    assert replay_refusal(None, NOW, timedelta(hours=24)) is None
+    assert replay_refusal(NOW - timedelta(hours=23), NOW, timedelta(hours=24)) is None
+    reason = replay_refusal(NOW - timedelta(hours=25), NOW, timedelta(hours=24))
+    assert "more than 1d ago" in reason and "--force" in reason and "bill it twice" in reason
 
 
 def test_customer_csv_import_parses_and_reports_every_problem():

@@ -87,7 +87,7 @@ def test_topics_match_config(compose, cfg):
     topics = re.findall(r"--topic\s+(\S+)", script)
     partitions = {int(p) for p in re.findall(r"--partitions\s+(\d+)", script)}
     k = cfg.kafka
-    assert sorted(topics) == sorted([k.usage_events_topic, k.late_events_topic, k.dead_letter_topic])
+    assert sorted(topics) == sorted([k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic])
     assert partitions == {k.partitions}
     assert int(_environment(compose["services"]["kafka"])["KAFKA_NUM_PARTITIONS"]) == k.partitions
 

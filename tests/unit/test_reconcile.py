@@ -49,3 +49,17 @@ def test_windows_inside_the_grace_period_are_not_yet_expected():
 
 def test_period_of():
     assert period_of(T1, "day") == "2026-10-31" and period_of(T1, "month") == "2026-10"
+
+
+def test_corrections_add_up_with_the_window_and_are_listed():
+    """A window billed 10, then corrected by +2.5: agrees with a final 12.5; a correction not yet accepted is named."""
+    from sinks.reconcile import corrections_of
+
+    ledger = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, Decimal("2.5"), "sent", None, "correction", 5)]
+    totals, issues = reconcile([final(T1, "12.5")], ledger)
+    assert issues == [] and totals[0].corrections == 1 and totals[0].billed_quantity == Decimal("12.5")
+    pending = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, Decimal("2.5"), "failed", "503", "correction", 5)]
+    _, issues = reconcile([final(T1, "12.5")], pending)
+    assert [i.kind for i in issues] == ["billed differently"] and "correction r5 2.5 failed not accepted yet" in issues[0].detail
+    [c] = corrections_of(ledger)
+    assert (c.revision, c.quantity, c.status) == (5, Decimal("2.5"), "sent")

@@ -6,6 +6,7 @@ the identifier doubles as the Idempotency-Key so a resend is replayed, not count
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -26,9 +27,32 @@ def fake() -> Iterator[FakeStripe]:
     server.stop()
 
 
-def provider(fake: FakeStripe, timeout: str = "2s") -> StripeMeterEvents:
+class SyncProvider:
+    """The async provider driven from a test: each call runs in one event loop of its own."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+
+    def _run(self, call):  # noqa: ANN001, ANN202 - a provider method and its arguments
+        async def once():  # noqa: ANN202
+            p = StripeMeterEvents(self.cfg)
+            try:
+                return await call(p)
+            finally:
+                await p.close()
+
+        return asyncio.run(once())
+
+    def send(self, event: MeterEvent) -> str:
+        return self._run(lambda p: p.send(event))
+
+    def total(self, *args: object) -> Decimal:
+        return self._run(lambda p: p.total(*args))
+
+
+def provider(fake: FakeStripe, timeout: str = "2s") -> SyncProvider:
     cfg = JobConfig.model_validate({"stripe": {"api_base": fake.url, "api_key": "sk_test_unit"}, "billing": {"enabled": True, "request_timeout": timeout}})
-    return StripeMeterEvents(cfg)
+    return SyncProvider(cfg)
 
 
 # One timestamp for the module: a resend must carry exactly the parameters of the first call.
@@ -112,3 +136,28 @@ def test_fail_for_starts_at_the_next_request_and_ends(fake):
     now[0] += 6
     p.send(event())
     assert [r.outcome for r in fake.requests] == ["rejected-429", "rejected-429", "accepted"]
+
+
+def test_meter_totals_come_from_the_event_summaries(fake):
+    """The meter is found by event name; its summary for one customer and range sums what the fake accepted."""
+    p = provider(fake)
+    p.send(event("mf-1", "2.5"))
+    p.send(event("mf-2", "4"))
+    start = EVENT_TIME - EVENT_TIME % 60
+    assert p.total("tokens", "cus_1", start, start + 60) == Decimal("6.5")
+    assert p.total("tokens", "cus_2", start, start + 60) == Decimal(0)
+    with pytest.raises(ProviderError) as e:
+        p.total("no_such_meter", "cus_1", start, start + 60)
+    assert not e.value.retryable and "no Stripe meter" in str(e.value)
+
+
+def test_after_a_day_the_fake_forgets_identifiers_like_stripe(fake):
+    """Past 24 h the same identifier and key are a new event: what the ledger's provider check guards against."""
+    now = [time.time()]
+    fake.clock = lambda: now[0]
+    p = provider(fake)
+    p.send(event("mf-1"))
+    now[0] += 25 * 3600
+    fake.clock = lambda: now[0]
+    p.send(event("mf-1"))
+    assert len(fake.events) == 2 and fake.requests[-1].outcome == "accepted-again"

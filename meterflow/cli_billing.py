@@ -1,0 +1,226 @@
+"""The billing commands of the ``meterflow`` CLI: ledger status, replay, customer mapping, reconcile."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from meterflow.cli import Context, _fmt_qty, cli, console, err_console, pass_ctx
+from meterflow.config import JobConfig, parse_duration
+
+@cli.group()
+def billing() -> None:
+    """The billing ledger: status, customer mapping, replay of dead deliveries."""
+
+
+@billing.command("status")
+@click.option("--dead", "show_dead", is_flag=True, help="Also list every dead delivery with its reason.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
+    """Summarise the delivery ledger per provider and status."""
+    from sinks.ledger import fetch_deliveries, status_summary
+
+    summary = status_summary(ctx.cfg)
+    dead = fetch_deliveries(ctx.cfg, ("dead",)) if show_dead else []
+    if fmt == "json":
+        rows = [dict(zip(("provider", "kind", "status", "deliveries", "quantity", "oldest_window", "last_update"), r, strict=True)) for r in summary]
+        console.print_json(json.dumps({"summary": rows, "dead": [d.__dict__ for d in dead]}, default=str))
+        return
+    table = Table("provider", "kind", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
+    for provider, kind, status, n, quantity, oldest, updated in summary:
+        table.add_row(provider, kind, status, str(n), _fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
+    console.print(table)
+    if dead:
+        dead_table = Table("identifier", "kind", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
+        for d in dead:
+            dead_table.add_row(d.identifier, d.kind, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", _fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
+        console.print(dead_table)
+
+
+@billing.command("replay")
+@click.option("--identifier", "identifiers", multiple=True, help="Only these deliveries (repeatable); default: every dead one.")
+@click.option("--include-failed", is_flag=True, help="Also deliveries left failed or pending by a job that no longer runs.")
+@click.option("--force", is_flag=True, help="Also deliveries first sent longer ago than the provider deduplicates; each is checked at the provider first.")
+@click.option("--dry-run", is_flag=True, help="List what would be re-sent, send nothing.")
+@pass_ctx
+def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: bool, force: bool, dry_run: bool) -> None:
+    """Re-send dead deliveries with their original identifiers, after the cause was fixed.
+
+    Same identifier and Idempotency-Key as the first attempt, so within the provider's dedup window
+    (billing.provider_dedup_window, 24 h at Stripe) the provider never counts a delivery twice.
+    A delivery first sent longer ago is refused unless --force; with --force the provider's totals
+    are checked first, and the delivery is re-sent only if the provider does not have it (the
+    decision is recorded in the ledger). Exits non-zero if any delivery is refused or still dead.
+    """
+    from sinks.ledger import fetch_deliveries
+
+    cfg = ctx.cfg
+    statuses = ("dead", "failed", "pending") if include_failed else ("dead",)
+    chosen = [d for d in fetch_deliveries(cfg, statuses) if not identifiers or d.identifier in identifiers]
+    missing = set(identifiers) - {d.identifier for d in chosen}
+    if missing:
+        err_console.print(f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}")
+    now = datetime.now(UTC)
+    refused = {d.identifier: reason for d in chosen if (reason := d.replay_refusal(now, cfg.billing.provider_dedup_window))}
+    for identifier, reason in refused.items():
+        err_console.print(f"[red]{'checking at the provider' if force else 'refused'}[/] {identifier}: {reason}")
+    if not force:
+        chosen = [d for d in chosen if d.identifier not in refused]
+    if dry_run or not chosen:
+        for d in chosen:
+            console.print(f"{d.identifier}  {d.kind}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}")
+        err_console.print(f"{len(chosen)} deliveries {'would be ' if dry_run else ''}replayed")
+        if refused and not force:
+            sys.exit(1)
+        return
+    import asyncio
+
+    counts = asyncio.run(_replay(cfg, [d.identifier for d in chosen]))
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if counts.get("dead") or (refused and not force):
+        sys.exit(1)
+
+
+async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
+    """Deliver each chosen delivery until sent or dead (in this process, with the job's deliverer)."""
+    import asyncio
+    import uuid as _uuid
+
+    from sinks.billing import Dead
+    from sinks.delivery import Deliverer
+    from sinks.ledger_async import AsyncPostgresLedger
+    from sinks.stripe_provider import StripeMeterEvents
+
+    ledger, provider = AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1), StripeMeterEvents(cfg)
+    deliverer = Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep)
+    counts: dict[str, int] = defaultdict(int)
+    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as progress:
+            task = progress.add_task("replay", total=len(identifiers))
+            for identifier in identifiers:
+                outcome = await deliverer.deliver(identifier, replay=True)
+                counts[type(outcome).__name__.lower()] += 1
+                if isinstance(outcome, Dead):
+                    err_console.print(f"[red]still dead[/] {identifier}: {outcome.reason}")
+                progress.advance(task)
+    finally:
+        await ledger.close()
+        await provider.close()
+    return counts
+
+
+@billing.group("customers")
+def billing_customers() -> None:
+    """Which provider customer each tenant's customer is billed as."""
+
+
+@billing_customers.command("set")
+@click.argument("tenant_id")
+@click.argument("customer_id")
+@click.argument("provider_customer_id")
+@pass_ctx
+def billing_customers_set(ctx: Context, tenant_id: str, customer_id: str, provider_customer_id: str) -> None:
+    """Map TENANT_ID/CUSTOMER_ID to the provider's customer (e.g. a Stripe cus_... id)."""
+    from sinks.ledger import map_customer
+
+    map_customer(ctx.cfg, tenant_id, customer_id, provider_customer_id)
+    err_console.print(f"{tenant_id}/{customer_id} -> {ctx.cfg.billing.provider} {provider_customer_id}")
+
+
+@billing_customers.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def billing_customers_import(ctx: Context, csv_file: Path) -> None:
+    """Map many customers from a CSV with the header tenant_id,customer_id,provider_customer_id.
+
+    Nothing is written if any row is invalid; every problem is listed (exit code 2).
+    """
+    from sinks.billing import parse_customer_csv
+    from sinks.ledger import map_customers
+
+    mappings, problems = parse_customer_csv(csv_file.read_text())
+    for problem in problems:
+        err_console.print(f"[red]{csv_file}: {problem}[/]")
+    if problems:
+        sys.exit(2)
+    map_customers(ctx.cfg, mappings)
+    err_console.print(f"{len(mappings)} customers mapped to {ctx.cfg.billing.provider}")
+
+
+@billing_customers.command("list")
+@pass_ctx
+def billing_customers_list(ctx: Context) -> None:
+    """Print every customer mapping."""
+    from sinks.ledger import fetch_customers
+
+    table = Table("tenant", "customer", "provider", "provider customer")
+    for row in fetch_customers(ctx.cfg):
+        table.add_row(*row)
+    console.print(table)
+
+
+@cli.command()
+@click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="Billing period to total per customer.")
+@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC), e.g. when billing was switched on.")
+@click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
+@click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be in flight and are skipped.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, fmt: str) -> None:
+    """Compare final windows in Postgres with what the ledger says the provider accepted.
+
+    A window counts as billed with its own meter event plus its corrections (a changed final
+    value is billed as the difference); every correction is listed. Exits 1 and lists every
+    discrepancy (window not billed, billed with another quantity, billed without a final window);
+    exits 0 when they agree.
+    """
+    from sinks.ledger import fetch_reconciliation_input
+    from sinks.reconcile import corrections_of
+    from sinks.reconcile import reconcile as compare
+
+    try:
+        lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
+    except ValueError as e:
+        raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
+    finals, ledger = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
+
+    def chosen(w: object) -> bool:
+        return (tenant is None or w.tenant_id == tenant) and (lower is None or w.window_start >= lower) and (upper is None or w.window_start < upper)
+
+    finals, ledger = [w for w in finals if chosen(w)], [d for d in ledger if chosen(d)]
+    totals, discrepancies = compare(finals, ledger, period)  # type: ignore[arg-type]
+    corrections = corrections_of(ledger)
+    if fmt == "json":
+        report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}
+        console.print_json(json.dumps(report, default=str))
+    else:
+        table = Table("tenant", "customer", "meter", "period", "windows", "corrections", "final quantity", "billed quantity", "agrees")
+        for t in totals:
+            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), str(t.corrections), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
+        console.print(table)
+        if corrections:
+            fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "revision", "correction", "status", title="corrections (changed final values, billed as the difference)")
+            for c in corrections:
+                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", str(c.revision), _fmt_qty(c.quantity), c.status)
+            console.print(fixes)
+        if discrepancies:
+            issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
+            for d in discrepancies:
+                q = [("" if v is None else _fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
+                issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}", *q, d.detail)
+            console.print(issues)
+    if discrepancies:
+        err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")
+        sys.exit(1)
+    err_console.print(f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)")

@@ -1,0 +1,121 @@
+"""``meterflow demo``: from nothing to final usage windows and their reconciled meter events."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import click
+from rich.table import Table
+
+from meterflow.cli import Context, _print_usage, _send_with_progress, _submit_jobs, cli, console, err_console, pass_ctx, stack_up
+from meterflow.config import JobConfig
+
+@cli.command()
+@click.option("--count", default=3000, show_default=True, help="Sample events to produce.")
+@click.option("--timeout", default=180, show_default=True, help="Seconds to wait for the windows in Postgres.")
+@pass_ctx
+def demo(ctx: Context, count: int, timeout: int) -> None:
+    """From nothing: stack up, submit the jobs, produce a sample, wait for its windows, print them, then their billing."""
+    from jobs.windowing import window_bounds
+    from meterflow.producer import SyntheticSpec, synthetic_events
+    from sinks.postgres import fetch_usage
+
+    cfg = stack_up(ctx)
+    _submit_jobs(ctx)
+    size = cfg.event_time.window_size
+    run = uuid.uuid4().hex[:6]
+    start, span = _demo_event_time_range(cfg, size)
+    spec = SyntheticSpec(count=count, tenants=2, customers=3, start=start, span=span, seed=int(run, 16))
+    events = [dict(e, tenant_id=f"demo-{run}-{e['tenant_id']}") for e in synthetic_events(spec)]
+    if cfg.billing.enabled:
+        from sinks.ledger import map_customer
+
+        for tenant, customer in sorted({(e["tenant_id"], e["customer_id"]) for e in events}):
+            map_customer(cfg, tenant, customer, f"cus_demo{run}{tenant[-1]}{customer[-1]}")
+    _send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
+    # Independent oracle: the windows that the watermark (max event time - delay) has closed.
+    watermark = max(e["event_time"] for e in events) - cfg.event_time.watermark_delay
+    expected: dict[tuple, list] = defaultdict(lambda: [Decimal(0), 0])
+    for e in events:
+        start, end = window_bounds(e["event_time"], size)
+        if end - timedelta(milliseconds=1) <= watermark:
+            acc = expected[(e["tenant_id"], e["customer_id"], e["meter"], start.replace(tzinfo=None))]
+            acc[0] += e["quantity"]
+            acc[1] += 1
+    err_console.print(f"produced {len(events)} events for tenants demo-{run}-*; waiting for {len(expected)} closed windows in Postgres ...")
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id.startswith(f"demo-{run}-")]
+        got = {(r.tenant_id, r.customer_id, r.meter, r.window_start): [r.quantity, r.event_count] for r in rows}
+        if got == dict(expected) and all(r.is_final for r in rows):
+            break
+        if time.monotonic() > deadline:
+            _print_usage(rows)
+            err_console.print(f"[red]Postgres does not match the expected totals after {timeout}s ({len(got)} of {len(expected)} windows)[/]")
+            sys.exit(1)
+        time.sleep(1)
+    _print_usage(rows)
+    open_windows = len({window_bounds(e["event_time"], size)[0] for e in events}) - len({k[3] for k in expected})
+    console.print(
+        f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "
+        f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
+    )
+    if cfg.billing.enabled:
+        _demo_billing(cfg, f"demo-{run}-", len(rows), deadline)
+
+
+def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: float) -> None:
+    """Wait until every closed demo window is accepted by the billing API, then reconcile them."""
+    from sinks.ledger import fetch_deliveries, fetch_reconciliation_input
+    from sinks.reconcile import reconcile as compare
+
+    err_console.print(f"waiting for {windows} meter events at {cfg.stripe.api_base or 'Stripe'} ...")
+    while True:
+        ours = [d for d in fetch_deliveries(cfg) if d.tenant_id.startswith(tenant_prefix)]
+        if len(ours) >= windows and all(d.status in ("sent", "dead") for d in ours):
+            break
+        if time.monotonic() > deadline:
+            err_console.print(f"[red]only {sum(d.status == 'sent' for d in ours)} of {windows} windows were billed in time[/]")
+            sys.exit(1)
+        time.sleep(1)
+    finals, ledger = fetch_reconciliation_input(cfg, timedelta(0))
+    _, discrepancies = compare([w for w in finals if w.tenant_id.startswith(tenant_prefix)], [d for d in ledger if d.tenant_id.startswith(tenant_prefix)])
+    sent = [d for d in ours if d.status == "sent"]
+    table = Table("identifier", "customer", "event_name", "value", "window start (UTC)", "response")
+    for d in sent[:8]:
+        table.add_row(d.identifier[:40] + "...", d.provider_customer_id or "", d.event_name, d.value or "", f"{d.window_start:%H:%M:%S}", d.provider_response_id or "")
+    console.print(table)
+    if discrepancies or len(sent) != len(ours):
+        err_console.print(f"[red]billing: {len(sent)} of {len(ours)} sent, {len(discrepancies)} discrepancies; see `meterflow billing status --dead`[/]")
+        sys.exit(1)
+    console.print(f"[green]{len(sent)} meter events accepted (one per closed window, first 8 shown); the ledger reconciles with Postgres.[/]")
+
+
+def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, timedelta]:
+    """Where the demo's sample goes in event time: up to six whole windows ending now.
+
+    It starts after the newest window already in Postgres, so a repeated demo never sends events
+    the running job has already closed the windows for (they would, correctly, be late). Events
+    are never dated in the future; if too little event time has passed since the last demo, wait.
+    """
+    from jobs.windowing import window_bounds
+    from sinks.postgres import fetch_usage
+
+    newest_end = max((r.window_end for r in fetch_usage(cfg.postgres)), default=None)
+    while True:
+        now = datetime.now(UTC)
+        start, _ = window_bounds(now - 6 * size, size)
+        if newest_end is not None:
+            # The previous sample's last window may still be open: start one window after it.
+            start = max(start, newest_end.replace(tzinfo=UTC) + size)
+        windows = int((now - start) / size)
+        if windows >= 2:
+            return start, min(windows, 6) * size
+        wait = start + 2 * size - now
+        err_console.print(f"event time is still inside the previous demo's windows; waiting {wait.total_seconds():.0f}s")
+        time.sleep(wait.total_seconds() + 1)

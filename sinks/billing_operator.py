@@ -1,0 +1,136 @@
+"""Billing's Flink adapters: the async function that delivers, and the retry scan that feeds it.
+
+Thin over sinks/delivery.py. The async operator is applied after a keyBy on (tenant, customer,
+meter), so one subtask owns every delivery of a customer's meter, and the deliverer's key lock
+keeps them to one call at a time. ``billing.max_in_flight`` elements are handed to the event loop
+at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
+scan (in every subtask, about once a second) hands due deliveries back to the keyed stream.
+
+A checkpoint barrier waits until every element in flight has its answer (the Python async
+operation drains its queue when a bundle finishes), so an element is never both done for the
+checkpoint and unanswered: after a crash, whatever was in flight is read again from Kafka, or
+handed out again by the retry scan when its lease runs out, and re-sent with the same identifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from pyflink.common import Row, Types
+from pyflink.datastream import AsyncFunction, FlatMapFunction
+
+from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
+from meterflow.config import config_on_worker
+from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
+from sinks.delivery import Deliverer
+
+log = logging.getLogger(__name__)
+
+OUTCOME_COLUMNS = ("identifier", "status", "attempts", "detail")
+
+
+def input_type() -> Any:
+    """Row type of a billing input row (closed window, or a retry naming its delivery)."""
+    types = [Types.STRING()] * 5 + [Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING()]
+    return Types.ROW_NAMED(list(BILLING_INPUT_COLUMNS), types)
+
+
+def outcome_type() -> Any:
+    """Row type of the deliverer's outcomes (counted in metrics, then discarded: the ledger is the record)."""
+    return Types.ROW_NAMED(list(OUTCOME_COLUMNS), [Types.STRING(), Types.STRING(), Types.INT(), Types.STRING()])
+
+
+def outcome_row(outcome: Outcome) -> tuple[str, Row]:
+    """The outcome's kind (its metric) and its row."""
+    if isinstance(outcome, Sent):
+        return "sent", Row(outcome.identifier, "sent", outcome.attempts, outcome.response_id)
+    if isinstance(outcome, Retry):
+        return "failed", Row(outcome.identifier, "failed", outcome.attempts, outcome.error)
+    if isinstance(outcome, Dead):
+        return "dead", Row(outcome.identifier, "dead", outcome.attempts, outcome.reason)
+    if isinstance(outcome, Deferred):
+        return "deferred", Row(outcome.identifier, "deferred", 0, f"until {outcome.until:.3f}")
+    assert isinstance(outcome, Skipped)  # noqa: S101 - the Outcome union is closed
+    return "skipped", Row(outcome.identifier, f"skipped ({outcome.status})", 0, None)
+
+
+class DeliverClosedWindows(AsyncFunction):
+    """Deliver each closed window (and each retry handed out by the scan) to the billing provider."""
+
+    def __init__(self, config_without_secrets: dict[str, Any]) -> None:
+        # Secrets are resolved on the worker (env or secrets file), never shipped in the job graph.
+        self.config_data = config_without_secrets
+        self.deliverer: Deliverer | None = None
+
+    def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
+        self.cfg = config_on_worker(self.config_data)
+        self.share = runtime_context.get_number_of_parallel_subtasks()
+        # Names this run's claims in the ledger: a restarted worker takes over its predecessor's at once.
+        self.worker = f"billing-{runtime_context.get_index_of_this_subtask()}-{uuid.uuid4().hex[:12]}"
+        group = runtime_context.get_metrics_group().add_group("meterflow")
+        self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred")}
+
+    def _ready(self) -> Deliverer:
+        # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
+        if self.deliverer is None:
+            from sinks.ledger_async import AsyncPostgresLedger
+            from sinks.stripe_provider import StripeMeterEvents
+
+            ledger = AsyncPostgresLedger(self.cfg, self.worker, connections=min(8, self.cfg.billing.max_in_flight))
+            self.deliverer = Deliverer(self.cfg, StripeMeterEvents(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
+        return self.deliverer
+
+    async def async_invoke(self, value: Row) -> list[Row]:
+        deliverer = self._ready()
+        if value[10] is not None:
+            outcomes = [await deliverer.on_retry(value[10])]
+        else:
+            outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(value[i] for i in range(1, 10))))
+        rows = []
+        for outcome in outcomes:
+            kind, out = outcome_row(outcome)
+            self.counters[kind].inc()
+            rows.append(out)
+        return rows
+
+
+
+class RetryScan(FlatMapFunction):
+    """Once a tick: the deliveries whose retry is due, leased in the ledger, as billing input rows."""
+
+    BATCH = 500  # per tick; a backlog drains at this rate at most, in next_attempt_at order
+
+    def __init__(self, config_without_secrets: dict[str, Any]) -> None:
+        self.config_data = config_without_secrets
+        self.conn = None
+
+    def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
+        self.cfg = config_on_worker(self.config_data)
+        self.handed_out = runtime_context.get_metrics_group().add_group("meterflow").counter("billing_retries_handed_out")
+
+    def flat_map(self, value: Row):  # noqa: ANN201 - a generator of Rows
+        import psycopg
+
+        from sinks.ledger_async import due_retries
+        from sinks.postgres import connect
+
+        try:
+            if self.conn is None or self.conn.closed or self.conn.broken:
+                self.conn = connect(self.cfg.postgres)
+                self.conn.autocommit = True
+            due = due_retries(self.conn, self.cfg, self.BATCH)
+        except (psycopg.Error, OSError) as e:
+            # Postgres away: the deliveries wait in the ledger; the next tick tries again.
+            log.warning("retry scan: %s", e)
+            return
+        for identifier, tenant, customer, meter, dims, start_ms, end_ms in due:
+            self.handed_out.inc()
+            yield Row(billing_key(tenant, customer, meter), tenant, customer, meter, dims, int(start_ms), int(end_ms), "0", 0, 0, identifier)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()

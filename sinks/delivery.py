@@ -1,0 +1,269 @@
+"""The delivery driver (async, pure apart from what is injected): one attempt per delivery visit.
+
+Driven by the billing job's async operator (jobs/billing_job.py), by the replay command and by
+the tests, with the provider, the ledger, the clock and the sleep injected. Rules:
+
+* **One call at a time per (tenant, customer, meter)**: every delivery of a key runs under the key's
+  lock; the job keys its stream by the same triple, so one subtask owns each key.
+* **A failure never waits in the operator**: the delivery is marked ``failed`` with its next
+  attempt time (backoff with jitter, at least ``Retry-After``) and the ledger's retry scan hands it
+  out again then. The key backs off too: deliveries of a key that is backing off are deferred to
+  that time without a call, other keys go on.
+* **A shared rate**: each subtask reserves slots at ``calls_per_second / share``.
+* **Past the provider's dedup window** a delivery is checked against the provider's totals before
+  any resend (sinks/billing.py, judge_provider_totals); the decision is recorded in the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Protocol
+
+from meterflow.config import JobConfig, MeterConfig
+from meterflow.errors import DeliveryRejected, ProviderError
+from sinks.billing import (
+    ClosedWindow,
+    Dead,
+    Deferred,
+    Delivery,
+    LedgerEntry,
+    MeterEvent,
+    Outcome,
+    ProviderTotals,
+    Retry,
+    Sent,
+    Skipped,
+    beyond_dedup_window,
+    build_meter_event,
+    correction_needed,
+    judge_provider_totals,
+    summary_range,
+    window_delivery,
+)
+from sinks.retry import BackoffPolicy, RateReservations
+
+
+class Ledger(Protocol):
+    """The delivery ledger (Postgres in production: sinks/ledger_async.py)."""
+
+    async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
+        """Record the delivery unless it exists; claim it for an attempt if it may be attempted.
+
+        ``claimed`` in the answer says whether it was; the entry is the row's state either way.
+        """
+
+    async def delivery(self, identifier: str) -> Delivery | None:
+        """A recorded delivery with its window (a retry's input), or None."""
+
+    async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None: ...
+
+    async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None: ...
+
+    async def mark_dead(self, identifier: str, attempts: int, reason: str) -> None: ...
+
+    async def mark_rejected(self, identifier: str, reason: str) -> None:
+        """Dead without a call (nothing reached the provider)."""
+
+    async def defer(self, identifier: str, until: float) -> None: ...
+
+    async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None: ...
+
+    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal: ...
+
+
+class Provider(Protocol):
+    """A billing provider's meter event API (sinks/stripe_provider.py for Stripe)."""
+
+    name: str
+
+    async def send(self, event: MeterEvent) -> str:
+        """Send one meter event; return the provider's response id or raise ProviderError."""
+
+    async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
+        """The provider's aggregated value of one customer's events over [start, end) (unix s, minute-aligned)."""
+
+
+@dataclass
+class KeyGate:
+    """Per-key serialisation and backoff: at most one delivery of a key runs, and a failing key waits."""
+
+    locks: dict[tuple, asyncio.Lock] = field(default_factory=dict)
+    users: dict[tuple, int] = field(default_factory=dict)
+    not_before: dict[tuple, float] = field(default_factory=dict)
+
+    def lock(self, key: tuple) -> _KeyLock:
+        return _KeyLock(self, key)
+
+    def backing_off(self, key: tuple, now: float) -> float | None:
+        """Until when the key backs off, or None."""
+        until = self.not_before.get(key)
+        if until is not None and until <= now:
+            del self.not_before[key]
+            return None
+        return until
+
+    def back_off(self, key: tuple, until: float) -> None:
+        self.not_before[key] = max(until, self.not_before.get(key, 0.0))
+
+    def recovered(self, key: tuple) -> None:
+        self.not_before.pop(key, None)
+
+
+class _KeyLock:
+    """``async with gate.lock(key)``: the key's lock, forgotten when nobody holds or waits for it."""
+
+    def __init__(self, gate: KeyGate, key: tuple) -> None:
+        self.gate, self.key = gate, key
+
+    async def __aenter__(self) -> None:
+        gate = self.gate
+        gate.users[self.key] = gate.users.get(self.key, 0) + 1
+        await gate.locks.setdefault(self.key, asyncio.Lock()).acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        gate = self.gate
+        gate.locks[self.key].release()
+        gate.users[self.key] -= 1
+        if not gate.users[self.key]:
+            del gate.users[self.key], gate.locks[self.key]
+
+
+class Deliverer:
+    """Delivers closed windows and their corrections through a provider, recording every step in the ledger."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        provider: Provider,
+        ledger: Ledger,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+        rng: Callable[[], float] = random.random,
+        share: int = 1,
+    ) -> None:
+        """``share``: how many deliverers split the configured rate (the billing job's parallelism)."""
+        self.provider, self.ledger, self.clock, self.sleep, self.rng = provider, ledger, clock, sleep, rng
+        self.meters: Mapping[str, MeterConfig] = {m.name: m for m in cfg.meters}
+        billing = cfg.billing
+        self.prefix = billing.identifier_prefix
+        self.max_age, self.max_ahead, self.dedup_window = billing.max_window_age, billing.max_window_ahead, billing.provider_dedup_window
+        self.policy = BackoffPolicy(billing.max_attempts, billing.initial_backoff.total_seconds(), billing.max_backoff.total_seconds())
+        rate = billing.calls_per_second / max(share, 1)
+        self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
+        self.gate = KeyGate()
+
+    @staticmethod
+    def key(window: ClosedWindow) -> tuple[str, str, str]:
+        """The provider's concurrency unit: one customer's meter (the job's key_by)."""
+        return (window.tenant_id, window.customer_id, window.meter)
+
+    def event_name(self, window: ClosedWindow) -> str:
+        meter = self.meters.get(window.meter)
+        return meter.event_name if meter else window.meter
+
+    # -- entry points --------------------------------------------------------------------------
+    async def on_window(self, window: ClosedWindow) -> list[Outcome]:
+        """A closed window from the stream: its own delivery, then a correction if its final value changed."""
+        async with self.gate.lock(self.key(window)):
+            delivery = window_delivery(window, self.prefix)
+            entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
+            outcomes = [await self._attempt(delivery, entry)]
+            correction = correction_needed(window, entry, self.prefix)
+            if correction is not None:
+                claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
+                outcomes.append(await self._attempt(correction, claimed))
+            return outcomes
+
+    async def on_retry(self, identifier: str, *, replay: bool = False) -> Outcome:
+        """A recorded delivery handed out again (the retry scan, or the replay command with ``replay``)."""
+        delivery = await self.ledger.delivery(identifier)
+        if delivery is None:
+            return Skipped(identifier, "unknown")
+        async with self.gate.lock(self.key(delivery.window)):
+            entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
+            return await self._attempt(delivery, entry, replay=replay)
+
+    async def deliver(self, identifier: str, *, replay: bool = False) -> Outcome:
+        """Attempt until sent, dead or skipped, sleeping between attempts (the replay command's loop)."""
+        while True:
+            outcome = await self.on_retry(identifier, replay=replay)
+            if isinstance(outcome, Retry | Deferred):
+                delay = outcome.delay if isinstance(outcome, Retry) else max(0.0, outcome.until - self.clock())
+                await self.sleep(delay)
+                continue
+            return outcome
+
+    # -- one attempt ---------------------------------------------------------------------------
+    async def _attempt(self, delivery: Delivery, entry: LedgerEntry, *, replay: bool = False) -> Outcome:
+        identifier = delivery.identifier
+        if entry.status == "dead" and replay:
+            entry = await self._revive(delivery, entry)
+        if not entry.claimed:
+            return Skipped(identifier, entry.status if entry.status in ("sent", "dead") else "scheduled")
+        key, now = self.key(delivery.window), self.clock()
+        until = self.gate.backing_off(key, now)
+        if until is not None:
+            await self.ledger.defer(identifier, until)
+            return Deferred(identifier, until)
+        meter = self.meters.get(delivery.window.meter)
+        try:
+            event = build_meter_event(delivery, meter, entry.provider_customer_id, datetime.fromtimestamp(now, UTC), self.max_age, self.max_ahead)
+        except DeliveryRejected as e:
+            await self.ledger.mark_rejected(identifier, str(e))
+            return Dead(identifier, str(e), entry.attempts)
+        if beyond_dedup_window(entry.first_attempt_at, now, self.dedup_window):
+            checked = await self._check_provider(delivery, entry, event)
+            if checked is not None:
+                return checked
+        total_attempts = entry.attempts + 1
+        wait = self.rate.reserve()
+        if wait > 0:
+            await self.sleep(wait)
+        try:
+            response_id = await self.provider.send(event)
+        except ProviderError as e:
+            return await self._failed(key, identifier, total_attempts, e)
+        self.gate.recovered(key)
+        await self.ledger.mark_sent(identifier, event, response_id, total_attempts)
+        return Sent(identifier, response_id, total_attempts)
+
+    async def _revive(self, delivery: Delivery, entry: LedgerEntry) -> LedgerEntry:
+        """Replay of a dead delivery: make it failed-and-due, then claim it like any retry."""
+        await self.ledger.mark_failed(delivery.identifier, entry.attempts, "replayed", 0.0)
+        return await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
+
+    async def _check_provider(self, delivery: Delivery, entry: LedgerEntry, event: MeterEvent) -> Outcome | None:
+        """Before resending past the dedup window: does the provider hold it already? None = send."""
+        start, end = summary_range(delivery.window)
+        try:
+            provider_total = await self.provider.total(event.event_name, event.provider_customer_id, start, end)
+        except ProviderError as e:
+            # The check is not an attempt: the delivery keeps its count and waits like any failure.
+            return await self._failed(self.key(delivery.window), delivery.identifier, entry.attempts, e)
+        accepted = await self.ledger.accepted_total(delivery.identifier, event.provider_customer_id, event.event_name, start, end)
+        verdict, decision = judge_provider_totals(ProviderTotals(start, end, provider_total, accepted, Decimal(event.value)))
+        await self.ledger.record_check(delivery.identifier, decision, resend=verdict == "absent")
+        if verdict == "found":
+            await self.ledger.mark_sent(delivery.identifier, event, "found-at-provider", entry.attempts)
+            return Sent(delivery.identifier, "found-at-provider", entry.attempts)
+        if verdict == "ambiguous":
+            await self.ledger.mark_dead(delivery.identifier, entry.attempts, decision)
+            return Dead(delivery.identifier, decision, entry.attempts)
+        return None
+
+    async def _failed(self, key: tuple, identifier: str, total_attempts: int, error: ProviderError) -> Outcome:
+        described = f"{error.status or 'no response'}: {error}"
+        delay = self.policy.next_delay(max(total_attempts, 1), error.retry_after, self.rng) if error.retryable else None
+        if delay is None:
+            reason = f"gave up after {total_attempts} attempts: {described}" if error.retryable else f"provider refused the event: {described}"
+            await self.ledger.mark_dead(identifier, total_attempts, reason)
+            return Dead(identifier, reason, total_attempts)
+        self.gate.back_off(key, self.clock() + delay)
+        await self.ledger.mark_failed(identifier, total_attempts, described, delay)
+        return Retry(identifier, delay, total_attempts, described)

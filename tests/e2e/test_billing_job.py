@@ -1,0 +1,249 @@
+"""Billing end to end: the billing job on the real stack, reading the closed-windows topic.
+
+* stripe-mock (installed with ``go install``) validates every request against Stripe's API
+  specification: unmapped customers are dead letters until replayed, and a window published again
+  with another final value is billed as a correction, shown by ``meterflow reconcile``.
+* the project's fault-injecting fake: the provider down for a minute while events flow (the usage
+  job's rows and late topic are unaffected, billing catches up, exactly one accepted event per
+  window), and a TaskManager ``kill -9`` while calls are in flight (they are re-sent with the same
+  identifier, and the provider keeps one event each).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import fastavro
+import pytest
+from click.testing import CliRunner
+
+from connectors.avro_types import load_schema
+from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
+from meterflow import flink_jobs
+from meterflow.cli import cli
+from meterflow.producer import SyntheticSpec, send_events, synthetic_events
+from meterflow.stack import FlinkCluster
+from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, format_meter_value
+from sinks.ledger import fetch_deliveries, map_customer
+from sinks.postgres import connect
+from tests.e2e.helpers import closed_window, closing_events, expected_totals, publish_closed_windows, read_topic, table_totals, wait_for
+from tests.e2e.test_billing_semantics import _wait_restarted, send_raw
+from tests.support.fake_stripe import FakeStripe
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+LATE = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
+DEAD = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
+
+
+def _config(e2e_stack, name: str, api_base: str, flink: dict | None = None, **billing):
+    run = uuid.uuid4().hex[:6]
+    kafka = {**e2e_stack.base["kafka"], "usage_events_topic": f"in-{name}-{run}", "late_events_topic": f"late-{name}-{run}",
+             "dead_letter_topic": f"dead-{name}-{run}", "closed_windows_topic": f"closed-{name}-{run}", "consumer_group": f"g-{name}-{run}"}  # fmt: skip
+    postgres = {**e2e_stack.base["postgres"], "usage_table": f"usage_{name}_{run}"}
+    ledger = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", **billing}
+    flink = {**e2e_stack.base["flink"], "job_name": f"mf-{name}-{run}", **(flink or {})}
+    # A long idle timeout: a partition whose events arrive a little later never has them overtaken.
+    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
+    cfg, path = e2e_stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, stripe={"api_base": api_base}, billing=ledger, event_time=event_time, flink=flink)
+    from connectors.kafka_admin import ensure_topics
+    from sinks.ledger import apply_schemas
+
+    k = cfg.kafka
+    ensure_topics(k.bootstrap_servers, [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic], k.partitions)
+    apply_schemas(cfg)
+    return cfg, path
+
+
+def _cli(path, *args: str):
+    return CliRunner().invoke(cli, ["--config", str(path), *args], catch_exceptions=False)
+
+
+def _identifier(cfg, tenant: str, customer: str, meter: str, start: datetime) -> str:
+    return derive_identifier(WindowKey(tenant, customer, meter, "{}", int(start.replace(tzinfo=UTC).timestamp() * 1000)), cfg.billing.identifier_prefix)
+
+
+def _ledger(cfg, identifiers) -> dict:
+    return {d.identifier: d for d in fetch_deliveries(cfg) if d.identifier in identifiers}
+
+
+def _write_final_rows(cfg, windows: list[dict]) -> None:
+    """Final rows in the usage table for windows published straight to the topic (what reconcile compares with)."""
+    sql = (
+        f"INSERT INTO {cfg.postgres.usage_table} (tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, is_final) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true) ON CONFLICT (tenant_id, customer_id, meter, dimensions_key, window_start) "
+        "DO UPDATE SET quantity = EXCLUDED.quantity, event_count = EXCLUDED.event_count, revision = EXCLUDED.revision"
+    )
+    with connect(cfg.postgres) as conn, conn.transaction():
+        for w in windows:
+            conn.execute(sql, (w["tenant_id"], w["customer_id"], w["meter"], "{}", w["window_start"].replace(tzinfo=None), w["window_end"].replace(tzinfo=None), w["quantity"], w["event_count"], w["revision"]))
+
+
+def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
+    """Every request is validated by stripe-mock; unmapped customers are dead until replayed; a re-finalised window adds a correction."""
+    cfg, path = _config(e2e_stack, "mock", e2e_stack.base["stripe"]["api_base"])
+    size = cfg.event_time.window_size
+    start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
+    windows = [closed_window(f"tenant-{t}", f"cust-{c}", meter, start + i * size, size, f"{1 + i + c}.25", 3) for t in range(2) for c in range(3) for meter in ("tokens", "api_calls") for i in range(3)]
+    for tenant in ("tenant-0", "tenant-1"):
+        for customer in ("cust-0", "cust-1"):
+            map_customer(cfg, tenant, customer, f"cus_{tenant[-1]}{customer[-1]}")
+    publish_closed_windows(cfg, windows)
+    job_id = flink_jobs.submit_billing(cfg, path)
+    ids = {_identifier(cfg, w["tenant_id"], w["customer_id"], w["meter"], w["window_start"]): w for w in windows}
+    try:
+        wait_for(lambda: len(_ledger(cfg, ids)) == len(ids) and all(d.status in ("sent", "dead") for d in _ledger(cfg, ids).values()), 180, "a final ledger state for every window")
+        deliveries = _ledger(cfg, ids)
+        for identifier, w in ids.items():
+            d = deliveries[identifier]
+            assert d.quantity == w["quantity"] and d.kind == "window" and d.revision == 3
+            if w["customer_id"] == "cust-2":
+                assert d.status == "dead" and "no billing customer mapped" in d.last_error and d.first_attempt_at is None
+            else:
+                assert d.status == "sent" and d.attempts == 1 and d.value == format_meter_value(w["quantity"], "decimal"), d.last_error
+        # A reprocessing publishes one window again with another final value: the difference is billed.
+        changed = {**windows[0], "quantity": windows[0]["quantity"] + Decimal("2.5"), "event_count": 5, "revision": 5}
+        publish_closed_windows(cfg, [changed])
+        parent = _identifier(cfg, changed["tenant_id"], changed["customer_id"], changed["meter"], changed["window_start"])
+        correction = derive_correction_identifier(parent, 5)
+        wait_for(lambda: (row := _ledger(cfg, {correction}).get(correction)) is not None and row.status == "sent", 120, "the correction accepted")
+    finally:
+        flink_jobs.cancel(cfg, job_id)
+    row = _ledger(cfg, {correction})[correction]
+    assert (row.kind, row.window_identifier, row.quantity, row.value, row.revision) == ("correction", parent, Decimal("2.5"), "2.5", 5)
+    _write_final_rows(cfg, [changed if w is windows[0] else w for w in windows])
+    result = _cli(path, "reconcile", "--tenant", "tenant-0", "--grace", "0s", "--period", "day")
+    assert result.exit_code == 1 and "not billed" in result.output and "no billing customer mapped" in result.output
+    assert "corrections (changed final values" in result.output and "2.5" in result.output
+
+    assert _cli(path, "billing", "customers", "set", "tenant-0", "cust-2", "cus_02").exit_code == 0
+    assert _cli(path, "billing", "customers", "set", "tenant-1", "cust-2", "cus_12").exit_code == 0
+    replay = _cli(path, "billing", "replay")
+    assert replay.exit_code == 0, replay.output
+    assert all(d.status == "sent" for d in _ledger(cfg, ids).values())
+    for tenant in ("tenant-0", "tenant-1"):
+        ok = _cli(path, "reconcile", "--tenant", tenant, "--grace", "0s")
+        assert ok.exit_code == 0, ok.output
+
+
+def _produce(cfg, seed: int, count: int, customers: int, minutes: int):
+    """Events over the given minutes, ending well in the past, plus closing events: every window closes."""
+    start = (datetime.now(UTC) - timedelta(minutes=minutes + 20)).replace(second=0, microsecond=0)
+    events = list(synthetic_events(SyntheticSpec(count=count, tenants=2, customers=customers, start=start, span=timedelta(minutes=minutes), seed=seed)))
+    send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, events)
+    send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closing_events(start + timedelta(minutes=minutes), cfg.kafka.partitions), partition_for=lambda i, e: i)
+    return start, events
+
+
+def test_provider_down_for_a_minute_while_events_flow(e2e_stack):
+    """503 for a minute: usage rows go final and the late and dead-letter topics commit meanwhile; billing then catches up, one event per window."""
+    fake = FakeStripe().start()
+    try:
+        cfg, path = _config(e2e_stack, "outage", fake.url, max_attempts=60, initial_backoff="500ms", max_backoff="4s", request_timeout="3s", retry_lease="10s")
+        for t in range(2):
+            for c in range(3):
+                map_customer(cfg, f"tenant-{t}", f"cust-{c}", f"cus_{t}{c}")
+        usage_job = flink_jobs.submit(cfg, path)
+        billing_job = flink_jobs.submit_billing(cfg, path)
+        outage_s = 60
+        try:
+            fake.fail_for(outage_s, status=503, retry_after=None)
+            start, events = _produce(cfg, seed=21, count=3000, customers=3, minutes=2)
+            expected = expected_totals(events, cfg.event_time.window_size)
+            wait_for(lambda: fake.requests, 120, "the first billing call (the outage starts with it)")
+            outage_end = time.time() + outage_s - 1
+            checkpoints_before = flink_jobs.completed_checkpoints(cfg, usage_job)
+            late = [dict(e, event_id=f"late-{e['event_id']}") for e in events[:20]]  # their windows closed long ago
+            send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, late)
+            send_raw(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, [b"not avro at all", b"\x00\x01"])
+
+            def metering_done() -> bool:
+                rows = table_totals(cfg)
+                return {k: (r.quantity, r.event_count) for k, r in rows.items()} == expected and all(r.is_final for r in rows.values())
+
+            wait_for(metering_done, 60, "final usage rows while billing is down")
+            wait_for(lambda: len(read_topic(cfg.kafka.bootstrap_servers, cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), LATE), timeout=10)) == len(late), 30, "late events committed")
+            wait_for(lambda: len(read_topic(cfg.kafka.bootstrap_servers, cfg.kafka.dead_letter_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD), timeout=10)) == 2, 30, "dead letters committed")
+            wait_for(lambda: flink_jobs.completed_checkpoints(cfg, usage_job) >= checkpoints_before + 2, 30, "usage job checkpoints while billing fails")
+            assert time.time() < outage_end, "metering finished only after the provider came back"
+            during = Counter(d.status for d in fetch_deliveries(cfg))
+            assert fake.events == [] and during["sent"] == 0 and during["failed"] + during["pending"] > 0, during
+            print(f"during the outage: ledger {dict(during)}, {len(fake.requests)} calls refused")
+
+            ids = {_identifier(cfg, t, c, m, s) for (t, c, m, s) in expected}
+
+            def caught_up() -> bool:
+                rows = _ledger(cfg, ids)
+                return len(rows) == len(ids) and all(d.status == "sent" for d in rows.values())
+
+            wait_for(caught_up, 180, "billing to catch up after the outage")
+            caught_up_at = time.time()
+        finally:
+            flink_jobs.cancel(cfg, billing_job)
+            flink_jobs.cancel(cfg, usage_job)
+        print(f"caught up {caught_up_at - outage_end:.0f}s after the outage; fake answers {fake.outcomes()}")
+        accepted = Counter(e.identifier for e in fake.events)
+        assert set(accepted) == ids and set(accepted.values()) == {1}, "exactly one accepted event per final window"
+        finals = table_totals(cfg)
+        for e in fake.events:
+            d = _ledger(cfg, {e.identifier})[e.identifier]
+            assert e.value == finals[(d.tenant_id, d.customer_id, d.meter, d.window_start)].quantity
+        for tenant in ("tenant-0", "tenant-1"):
+            ok = _cli(path, "reconcile", "--tenant", tenant, "--grace", "0s")
+            assert ok.exit_code == 0, ok.output
+    finally:
+        fake.stop()
+
+
+def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
+    """kill -9 while calls are in flight: the job restarts from a checkpoint taken before them; they are re-sent with the same identifiers."""
+    fake = FakeStripe(latency=3.0).start()
+    try:
+        cfg, path = _config(e2e_stack, "tmkill", fake.url, flink={"parallelism": 2}, max_in_flight=6, request_timeout="10s", retry_lease="30s")
+        size = cfg.event_time.window_size
+        start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+        windows = [closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2) for c in range(20) for i in range(3)]
+        for c in range(20):
+            map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
+        ids = {_identifier(cfg, w["tenant_id"], w["customer_id"], w["meter"], w["window_start"]): w for w in windows}
+        job_id = flink_jobs.submit_billing(cfg, path)
+        try:
+            # A completed checkpoint before any window: the restore must come from it, not from nothing.
+            wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a first checkpoint")
+            publish_closed_windows(cfg, windows)
+            wait_for(lambda: fake.in_flight >= 6, 120, "calls in flight")
+            in_flight = fake.unanswered()
+            killed_at = int(time.time() * 1000)
+            cluster = FlinkCluster(cfg)
+            for pid in cluster.taskmanager_pids():
+                os.kill(pid, signal.SIGKILL)
+            fake.latency = 0.05
+            cluster.start_taskmanager()
+            _wait_restarted(cfg, job_id, killed_at)
+            wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, ids).values()) and len(_ledger(cfg, ids)) == len(ids), 180, "every window sent")
+            stats = flink_jobs.checkpoint_stats(cfg, job_id)
+            restarts = flink_jobs.restarts(cfg, job_id)
+        finally:
+            flink_jobs.cancel(cfg, job_id)
+        restored = (stats.get("latest") or {}).get("restored") or {}
+        triggered = {c["id"]: c["trigger_timestamp"] for c in stats.get("history", [])}
+        print(f"in flight at the kill: {len(in_flight)}; restarts {restarts}; restored checkpoint {restored.get('id')}; fake {fake.outcomes()}")
+        assert restarts >= 1 and restored.get("id") is not None
+        assert triggered.get(restored["id"], 0) < killed_at, "restored from a checkpoint taken before the kill"
+        assert len(in_flight) >= 6
+        accepted = Counter(e.identifier for e in fake.events)
+        assert set(accepted) == set(ids) and set(accepted.values()) == {1}, "one accepted event per window"
+        for identifier in in_flight:
+            assert fake.attempts_for(identifier) >= 2, "a call in flight at the kill is sent again with the same identifier"
+        assert fake.outcomes().get("replayed", 0) >= 1, "the provider replayed a first answer the killed worker never read"
+        for identifier, w in ids.items():
+            assert fake.accepted[identifier].value == w["quantity"]
+    finally:
+        fake.stop()
