@@ -22,6 +22,8 @@ TESTS = {
     "kafkarestart": "test_kafka_broker_restarted_mid_stream",
     "pgrestart": "test_postgres_restarted_mid_stream",
     "savepoint": "test_stop_with_savepoint_and_resume",
+    "rescale1": "test_savepoint_and_resume_at_another_parallelism[1]",
+    "rescale4": "test_savepoint_and_resume_at_another_parallelism[4]",
 }
 _FIGURES = re.compile(r"^FAILOVER (.*)$", re.M)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import fastavro
 import pytest
+import yaml
 
 from connectors.avro_types import load_schema
 from connectors.kafka_admin import ensure_topics
@@ -195,6 +196,36 @@ def savepoint_and_resume(
     return Fault(
         flink_jobs.submit(cfg, path, savepoint=savepoint), stopped_at, "savepoint"
     )
+
+
+def savepoint_and_rescale(parallelism: int) -> Disruption:
+    """Stop with a savepoint at the scenario's parallelism, resubmit at ``parallelism``.
+
+    Keyed state (dedup, windows, the closer's timers) is redistributed by key group; the classifier's
+    held watermark (union state) is the maximum over the old subtasks in every new one.
+    """
+
+    def rescale(
+        cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
+    ) -> Fault:
+        data = yaml.safe_load(path.read_text())
+        data["flink"]["parallelism"] = parallelism
+        rescaled = path.with_name(f"{path.stem}-p{parallelism}.yaml")
+        rescaled.write_text(yaml.safe_dump(data))
+        stopped_at = int(time.time() * 1000)
+        savepoint = flink_jobs.stop_with_savepoint(cfg, job_id)
+        during()
+        new_job = flink_jobs.submit(cfg, rescaled, savepoint=savepoint)
+        assert (
+            max(
+                v["parallelism"]
+                for v in flink_jobs.job_details(cfg, new_job)["vertices"]
+            )
+            == parallelism
+        )
+        return Fault(new_job, stopped_at, "savepoint")
+
+    return rescale
 
 
 KAFKA_OUTAGE_S = 20
@@ -557,3 +588,11 @@ def test_postgres_restarted_mid_stream(e2e_stack):
 def test_stop_with_savepoint_and_resume(e2e_stack):
     """Stop with a savepoint mid-stream and resubmit from it: the upgrade path loses and repeats nothing."""
     run_scenario(e2e_stack, "savepoint", disrupt=savepoint_and_resume)
+
+
+@pytest.mark.parametrize("parallelism", [1, 4])
+def test_savepoint_and_resume_at_another_parallelism(e2e_stack, parallelism):
+    """Stop with a savepoint at parallelism 2, resume at 1 and at 4: nothing lost or repeated."""
+    run_scenario(
+        e2e_stack, f"rescale{parallelism}", disrupt=savepoint_and_rescale(parallelism)
+    )

@@ -21,6 +21,8 @@ import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Properties;
+import java.util.TreeMap;
+import java.util.stream.Collectors;
 
 import org.apache.flink.api.connector.sink2.Committer;
 import org.apache.flink.api.connector.sink2.CommitterInitContext;
@@ -188,6 +190,38 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
     }
 
 
+    /** Attempts per commit when Postgres reports a deadlock or serialization failure. */
+    static final int MAX_ATTEMPTS = 5;
+
+    /**
+     * The rows of several batches as one upsert: the newest row per window (batches of several
+     * checkpoints may meet after a restore, and one statement must not touch a row twice), sorted
+     * by key so that every committer of the job locks rows in the same order and two concurrent
+     * commits (window updates and final rows) cannot deadlock.
+     */
+    static List<WindowRow> inLockOrder(Collection<Batch> batches) {
+        Map<String, WindowRow> newest = new TreeMap<>();
+        for (Batch batch : batches) {
+            for (WindowRow w : batch.rows) {
+                WindowRow previous = newest.get(w.key());
+                if (previous == null || w.supersedes(previous)) {
+                    newest.put(w.key(), w);
+                }
+            }
+        }
+        return new ArrayList<>(newest.values());
+    }
+
+    /** Deadlock (40P01) or serialization failure (40001): the same commit may simply be tried again. */
+    static boolean isTransientConflict(SQLException e) {
+        for (SQLException cur = e; cur != null; cur = cur.getNextException()) {
+            if ("40P01".equals(cur.getSQLState()) || "40001".equals(cur.getSQLState())) {
+                return true;
+            }
+        }
+        return false;
+    }
+
     /** Upserts a checkpoint's batches in one transaction once that checkpoint has completed. */
     static final class PostgresCommitter implements Committer<Batch> {
         private final String jdbcUrl;
@@ -212,29 +246,47 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
             if (requests.isEmpty()) {
                 return;
             }
-            try {
-                Connection c = connection();
-                int rows = 0;
-                try (PreparedStatement ps = c.prepareStatement(upsertSql)) {
-                    for (CommitRequest<Batch> request : requests) {
-                        for (WindowRow w : request.getCommittable().rows) {
-                            bind(ps, w);
-                            ps.addBatch();
-                            rows++;
-                        }
+            List<WindowRow> rows = inLockOrder(requests.stream().map(CommitRequest::getCommittable).collect(Collectors.toList()));
+            SQLException failure = null;
+            for (int attempt = 1; attempt <= MAX_ATTEMPTS; attempt++) {
+                try {
+                    upsert(rows);
+                    rowsCommitted.inc(rows.size());
+                    return;
+                } catch (SQLException e) {
+                    failures.inc();
+                    closeConnection();
+                    failure = e;
+                    if (!isTransientConflict(e)) {
+                        break;
                     }
-                    ps.executeBatch();
+                    sleepQuietly(100L * attempt);
                 }
-                c.commit();
-                rowsCommitted.inc(rows);
-            } catch (SQLException e) {
-                failures.inc();
-                closeConnection();
-                // The batches stay in the completed checkpoint: the job restarts from it and commits
-                // them again, so a Postgres outage delays rows, never loses them.
-                for (CommitRequest<Batch> request : requests) {
-                    request.signalFailedWithUnknownReason(new SQLException("committing usage windows to Postgres failed: " + e.getMessage(), e));
+            }
+            // The batches stay in the completed checkpoint: the job restarts from it and commits
+            // them again, so a Postgres outage delays rows, never loses them.
+            for (CommitRequest<Batch> request : requests) {
+                request.signalFailedWithUnknownReason(new SQLException("committing usage windows to Postgres failed: " + failure.getMessage(), failure));
+            }
+        }
+
+        private void upsert(List<WindowRow> rows) throws SQLException {
+            Connection c = connection();
+            try (PreparedStatement ps = c.prepareStatement(upsertSql)) {
+                for (WindowRow w : rows) {
+                    bind(ps, w);
+                    ps.addBatch();
                 }
+                ps.executeBatch();
+            }
+            c.commit();
+        }
+
+        private static void sleepQuietly(long ms) {
+            try {
+                Thread.sleep(ms);
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
             }
         }
 

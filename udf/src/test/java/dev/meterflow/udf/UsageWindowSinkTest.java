@@ -1,10 +1,13 @@
 package dev.meterflow.udf;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.sql.SQLException;
 import java.time.LocalDateTime;
 import java.util.List;
+import java.util.stream.Collectors;
 
 import org.apache.flink.types.Row;
 import org.apache.flink.types.RowKind;
@@ -46,5 +49,33 @@ class UsageWindowSinkTest {
         assertEquals("12.000000001", row.quantity);
         assertEquals("{\"model\":\"x\"}", row.dimensionsKey);
         assertTrue(row.isFinal);
+    }
+
+    private static UsageWindowSink.Batch batchOf(Row... rows) {
+        UsageWindowSink.Writer writer = new UsageWindowSink.Writer(false);
+        for (Row row : rows) {
+            writer.write(row, null);
+        }
+        return writer.prepareCommit().iterator().next();
+    }
+
+    @Test
+    void batchesOfSeveralCheckpointsBecomeOneRowPerWindowInKeyOrder() {
+        // After a restore the committer gets the batches of two checkpoints at once: one statement
+        // must not touch a window twice, and every committer locks windows in the same order.
+        UsageWindowSink.Batch older = batchOf(update(RowKind.INSERT, "b", "2", 2), update(RowKind.INSERT, "a", "1", 1));
+        UsageWindowSink.Batch newer = batchOf(update(RowKind.UPDATE_AFTER, "b", "5", 5), update(RowKind.INSERT, "c", "1", 1));
+        List<UsageWindowSink.WindowRow> rows = UsageWindowSink.inLockOrder(List.of(newer, older));
+        assertEquals(List.of("a", "b", "c"), rows.stream().map(r -> r.customerId).collect(Collectors.toList()));
+        assertEquals(5L, rows.get(1).revision, "the newer revision wins whatever the order of the batches");
+    }
+
+    @Test
+    void deadlocksAndSerializationFailuresAreRetriedOtherFailuresAreNot() {
+        SQLException batch = new SQLException("Batch entry 0 failed", "22000");
+        batch.setNextException(new SQLException("deadlock detected", "40P01"));
+        assertTrue(UsageWindowSink.isTransientConflict(batch));
+        assertTrue(UsageWindowSink.isTransientConflict(new SQLException("could not serialize", "40001")));
+        assertFalse(UsageWindowSink.isTransientConflict(new SQLException("connection refused", "08001")));
     }
 }
