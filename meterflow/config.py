@@ -217,7 +217,7 @@ class StackConfig(_Section):
     flink_rpc_port: int = Field(6123, ge=1, le=65535)
     stripe_mock_port: int = Field(12111, ge=1, le=65535)
     prometheus_port: int = Field(9090, ge=1, le=65535, description="Port of the local Prometheus on 127.0.0.1.")
-    flink_metrics_ports: str = Field(
+    flink_metrics_ports: Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v)] = Field(
         "9249-9252",
         description="Ports the JobManager and TaskManagers try, in order, for their Prometheus endpoint (Flink syntax: 9249-9252 or 9249,9260).",
     )

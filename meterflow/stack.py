@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from meterflow.config import JobConfig
+from meterflow.config import JobConfig, parse_port_range
 from meterflow.errors import PortInUseError, StackError
 from meterflow.metrics_conf import flink_reporter_conf
 
@@ -526,6 +526,10 @@ class FlinkCluster:
         f = self.cfg.flink
         _require_free(f.rest_host, f.rest_port, "the Flink REST API", "flink.rest_port")
         _require_free(f.rest_host, self.cfg.stack.flink_rpc_port, "the Flink JobManager RPC", "stack.flink_rpc_port")
+        metrics_ports = parse_port_range(self.cfg.stack.flink_metrics_ports)
+        if sum(not port_open("127.0.0.1", p) for p in metrics_ports) < 2:
+            msg = f"fewer than 2 free ports in stack.flink_metrics_ports ({self.cfg.stack.flink_metrics_ports}) for the JobManager's and TaskManager's metrics; free them or change the range"
+            raise PortInUseError(msg)
         self.prepare()
         r = subprocess.run(["bash", str(flink_home() / "bin" / "start-cluster.sh")], env=self.env(), capture_output=True, text=True, check=False)
         if r.returncode:

@@ -126,7 +126,11 @@ def test_job_metrics_in_prometheus(e2e_stack):
     events = list(synthetic_events(SyntheticSpec(count=2_000, tenants=3, customers=5, start=start, span=timedelta(seconds=40), seed=11)))
     bad = _bad_records(events[0])
     job_id = flink_jobs.submit(cfg, path)
+    job = f'job_name="{job_name}"'
     try:
+        # The counters are scraped at zero before any record: the alert rules see them increase.
+        for counter in ("dead_letter_records", "late_records", "on_time_records"):
+            wait_for(lambda c=counter: _value(prom, f"sum({PREFIX}meterflow_{c}{{{job}}})") == 0, 60, f"{counter} scraped at zero")
         bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
         send_events(bootstrap, topic, events)
         _send_raw(bootstrap, topic, bad)
@@ -142,7 +146,6 @@ def test_job_metrics_in_prometheus(e2e_stack):
         dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD_SCHEMA))
         assert len(dead) == len(bad)
 
-        job = f'job_name="{job_name}"'
         wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_dead_letter_records{{{job}}})") == len(bad), 60, "the dead-letter counter in Prometheus")
         wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_late_records{{{job}}})") == len(late), 60, "the late counter in Prometheus")
         assert _value(prom, f"sum({PREFIX}meterflow_on_time_records{{{job}}})") == len(events) + len(closers)

@@ -73,6 +73,7 @@ def test_defaults_and_env_override(write_config):
     """Defaults: Prometheus on 9090, reporters on 9249-9252; both overridable from the environment."""
     cfg = load_config(write_config(""), environ={})
     assert (cfg.stack.prometheus_port, cfg.stack.flink_metrics_ports) == (9090, "9249-9252")
+    assert load_config(write_config("stack:\n  flink_metrics_ports: 19249\n"), environ={}).stack.flink_metrics_ports == "19249"
     cfg = load_config(write_config(""), environ={"METERFLOW_STACK__PROMETHEUS_PORT": "19090", "METERFLOW_STACK__FLINK_METRICS_PORTS": "19249,19250"})
     assert (cfg.stack.prometheus_port, cfg.stack.flink_metrics_ports) == (19090, "19249,19250")
 
