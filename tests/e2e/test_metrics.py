@@ -9,6 +9,7 @@ checkpoints, every metric the alert rules use, and the rules themselves loaded.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import re
 import urllib.parse
@@ -77,14 +78,17 @@ def _value(prom: PrometheusServer, promql: str) -> float | None:
 
 
 def _listening_hosts(port: int) -> set[str]:
-    """Local addresses (hex, as in /proc/net/tcp*) of sockets listening on ``port``."""
+    """Addresses of the sockets listening on ``port`` (from /proc/net/tcp*; IPv4-mapped IPv6 as IPv4)."""
     hosts = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
-            address, _, hex_port = local.rpartition(":")
+            hex_address, _, hex_port = local.rpartition(":")
             if state == "0A" and int(hex_port, 16) == port:
-                hosts.add(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                raw = b"".join(bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, len(hex_address), 8))
+                address = ipaddress.ip_address(raw)
+                hosts.add(str(address.ipv4_mapped or address) if address.version == 6 else str(address))
     return hosts
 
 
@@ -115,18 +119,19 @@ def test_job_metrics_in_prometheus(e2e_stack):
     assert prom.ready()
 
     # Prometheus and every reporter endpoint listen on loopback only.
-    assert _listening_hosts(cfg.stack.prometheus_port) == {"0100007F"}
+    assert _listening_hosts(cfg.stack.prometheus_port) == {"127.0.0.1"}
     wait_for(lambda: (_value(prom, 'count(up{job="flink"} == 1)') or 0) >= 2, 60, "the JobManager and TaskManager endpoints scraped")
     up_ports = [int(r["metric"]["instance"].rpartition(":")[2]) for r in prom.query('up{job="flink"} == 1')]
     assert set(up_ports) <= set(parse_port_range(cfg.stack.flink_metrics_ports))
     for port in up_ports:
-        assert _listening_hosts(port) == {"0100007F"}, port
+        assert _listening_hosts(port) == {"127.0.0.1"}, port
 
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
     events = list(synthetic_events(SyntheticSpec(count=2_000, tenants=3, customers=5, start=start, span=timedelta(seconds=40), seed=11)))
     bad = _bad_records(events[0])
     job_id = flink_jobs.submit(cfg, path)
-    job = f'job_name="{job_name}"'
+    # The reporter replaces characters Prometheus does not allow in names in label values too.
+    job = f'job_name="{re.sub(r"[^A-Za-z0-9:_]", "_", job_name)}"'
     try:
         # The counters are scraped at zero before any record: the alert rules see them increase.
         for counter in ("dead_letter_records", "late_records", "on_time_records"):

@@ -57,6 +57,6 @@ def test_alerts_cover_the_operations_issue():
     """Checkpoint age and failures, restarts, consumer lag, late rate, dead letters and a stalled watermark each have an alert."""
     names = {rule["alert"] for rule in _rules()}
     assert {
-        "MeterflowCheckpointsNotCompleting", "MeterflowCheckpointsFailing", "MeterflowJobRestarting", "MeterflowConsumerLag",
+        "MeterflowCheckpointsNotCompleting", "MeterflowCheckpointAgeHigh", "MeterflowCheckpointsFailing", "MeterflowJobRestarting", "MeterflowConsumerLag",
         "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled",
     } <= names  # fmt: skip
