@@ -60,3 +60,10 @@ def test_alerts_cover_the_operations_issue():
         "MeterflowCheckpointsNotCompleting", "MeterflowCheckpointAgeHigh", "MeterflowCheckpointsFailing", "MeterflowJobRestarting", "MeterflowConsumerLag",
         "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled",
     } <= names  # fmt: skip
+
+
+def test_every_alert_has_a_firing_case():
+    """ops/alerts_test.yml makes every alert of ops/alerts.yml fire at least once."""
+    cases = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    fired = {t["alertname"] for case in cases for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert fired == {rule["alert"] for rule in _rules()}
