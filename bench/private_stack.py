@@ -30,7 +30,7 @@ class BenchStack(StackConfigs):
 
 def base_config(run_id: str, ports: list[int], partitions: int) -> dict[str, Any]:
     """Config of a private stack: ports, uuid topics, state in ``state/`` next to the config files."""
-    kafka, controller, pg, rest, rpc = ports
+    kafka, controller, pg, rest, rpc, prometheus, *metrics = ports
     return {
         "kafka": {
             "bootstrap_servers": f"127.0.0.1:{kafka}",
@@ -42,7 +42,10 @@ def base_config(run_id: str, ports: list[int], partitions: int) -> dict[str, Any
         },
         "postgres": {"port": pg},
         "flink": {"rest_port": rest, "checkpoint_dir": "state/flink/checkpoints", "task_slots": 2},
-        "stack": {"state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc},
+        "stack": {
+            "state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc,
+            "prometheus_port": prometheus, "flink_metrics_ports": ",".join(map(str, metrics)),
+        },  # fmt: skip
         "secrets_file": "state/secrets.env",
     }
 
@@ -76,7 +79,7 @@ def private_stack(partitions: int, keep_state: bool = False, echo: Any = print, 
 
     root = Path(tempfile.mkdtemp(prefix="meterflow-bench-"))
     run_id = uuid.uuid4().hex[:8]
-    stack = BenchStack(base_config(run_id, free_ports(5), partitions), root, run_id)
+    stack = BenchStack(base_config(run_id, free_ports(9), partitions), root, run_id)
     cfg, _ = stack.config("base")
     ensure_secrets(cfg)
     cfg, _ = stack.config("base")

@@ -59,6 +59,32 @@ def format_duration(value: timedelta) -> str:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
+_PORT_RANGE_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+MAX_PORT_RANGE = 64
+
+
+def parse_port_range(spec: str) -> tuple[int, ...]:
+    """The ports of a Flink port range (``"9249-9252"``, ``"9249,9260"``, or both mixed), in order, each once.
+
+    Bounded to a few dozen ports: Prometheus scrapes every one of them.
+    """
+    ports: list[int] = []
+    for part in str(spec).split(","):
+        match = _PORT_RANGE_PART.match(part)
+        if not match:
+            msg = f"invalid port range {spec!r}: use e.g. 9249-9252 or 9249,9260"
+            raise ValueError(msg)
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+        if not 1 <= low <= high <= 65535:
+            msg = f"invalid port range {spec!r}: ports must be 1-65535, low to high"
+            raise ValueError(msg)
+        ports.extend(p for p in range(low, high + 1) if p not in ports)
+        if len(ports) > MAX_PORT_RANGE:
+            msg = f"port range {spec!r} has more than {MAX_PORT_RANGE} ports"
+            raise ValueError(msg)
+    return tuple(ports)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -190,6 +216,23 @@ class StackConfig(_Section):
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
     flink_rpc_port: int = Field(6123, ge=1, le=65535)
     stripe_mock_port: int = Field(12111, ge=1, le=65535)
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="Port of the local Prometheus on 127.0.0.1.")
+    flink_metrics_ports: Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) else v)] = Field(
+        "9249-9252",
+        description="Ports the JobManager and TaskManagers try, in order, for their Prometheus endpoint (Flink syntax: 9249-9252 or 9249,9260).",
+    )
+    prometheus_scrape_interval: Duration = timedelta(seconds=5)
+
+    @model_validator(mode="after")
+    def _check(self) -> StackConfig:
+        ports = parse_port_range(self.flink_metrics_ports)
+        if self.prometheus_port in ports:
+            msg = f"stack.prometheus_port {self.prometheus_port} lies in stack.flink_metrics_ports {self.flink_metrics_ports}"
+            raise ValueError(msg)
+        if self.prometheus_scrape_interval < timedelta(seconds=1):
+            msg = "stack.prometheus_scrape_interval must be at least 1s"
+            raise ValueError(msg)
+        return self
 
 
 class StripeConfig(_Section):

@@ -6,6 +6,7 @@ Everything lives under one project-local state directory (``stack.state_dir``, d
     .stack/kafka/                  server.properties, data/, kafka.log, kafka.pid
     .stack/postgres/               data/ (owned by the postgres user), postgres.log, socket
     .stack/flink/                  conf/, lib/, log/, pid/, checkpoints/, savepoints/
+    .stack/prometheus/             prometheus.yml, data/, prometheus.log (meterflow/prometheus_server.py)
 
 Jars come from ``scripts/setup.sh`` (Maven Central via ``stack/*/pom.xml``); Postgres from Debian's
 package; Flink is the distribution inside the ``apache-flink`` wheel. ``up`` is idempotent and
@@ -35,8 +36,9 @@ from pathlib import Path
 
 import yaml
 
-from meterflow.config import JobConfig
+from meterflow.config import JobConfig, parse_port_range
 from meterflow.errors import PortInUseError, StackError
+from meterflow.metrics_conf import flink_reporter_conf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_JARS = REPO_ROOT / "stack" / "kafka" / "target" / "dependency"
@@ -479,6 +481,8 @@ class FlinkCluster:
                 "python.client.executable": sys.executable,
                 "env.log.dir": str(self.log_dir),
                 "env.pid.dir": str(self.dir / "pid"),
+                # Every JobManager and TaskManager serves its metrics to Prometheus on loopback.
+                **flink_reporter_conf(self.cfg.stack.flink_metrics_ports),
             },
         )
         (self.conf_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
@@ -522,6 +526,10 @@ class FlinkCluster:
         f = self.cfg.flink
         _require_free(f.rest_host, f.rest_port, "the Flink REST API", "flink.rest_port")
         _require_free(f.rest_host, self.cfg.stack.flink_rpc_port, "the Flink JobManager RPC", "stack.flink_rpc_port")
+        metrics_ports = parse_port_range(self.cfg.stack.flink_metrics_ports)
+        if sum(not port_open("127.0.0.1", p) for p in metrics_ports) < 2:
+            msg = f"fewer than 2 free ports in stack.flink_metrics_ports ({self.cfg.stack.flink_metrics_ports}) for the JobManager's and TaskManager's metrics; free them or change the range"
+            raise PortInUseError(msg)
         self.prepare()
         r = subprocess.run(["bash", str(flink_home() / "bin" / "start-cluster.sh")], env=self.env(), capture_output=True, text=True, check=False)
         if r.returncode:
@@ -673,20 +681,23 @@ def ensure_secrets(cfg: JobConfig) -> bool:
 
 
 class LocalStack:
-    """Kafka, Postgres and Flink together, in start order."""
+    """Kafka, Postgres, Flink and Prometheus together, in start order."""
 
     def __init__(self, cfg: JobConfig) -> None:
+        from meterflow.prometheus_server import PrometheusServer
+
         self.cfg = cfg
         self.kafka = KafkaBroker(cfg)
         self.postgres = PostgresServer(cfg)
         self.flink = FlinkCluster(cfg)
+        self.prometheus = PrometheusServer(cfg)
         self.stripe_mock = StripeMock(cfg)
 
     def up(self, echo: Callable[[str], None] = print) -> None:
         """Start every part (idempotent), then apply the database schema."""
         from sinks.ledger import apply_schemas
 
-        parts = [self.kafka, self.postgres, self.flink] + ([self.stripe_mock] if self.stripe_mock.wanted else [])
+        parts = [self.kafka, self.postgres, self.flink, self.prometheus] + ([self.stripe_mock] if self.stripe_mock.wanted else [])
         for part in parts:
             name = type(part).__name__
             echo(f"starting {name} ..." if not part.running() else f"{name} already running")
@@ -697,10 +708,11 @@ class LocalStack:
     def down(self) -> None:
         """Stop every part, Flink first (it writes to the others)."""
         self.flink.down()
+        self.prometheus.down()
         self.stripe_mock.down()
         self.kafka.down()
         self.postgres.down()
 
     def status(self) -> list[ComponentStatus]:
         """Status of each part."""
-        return [self.kafka.status(), self.postgres.status(), self.flink.status(), self.stripe_mock.status()]
+        return [self.kafka.status(), self.postgres.status(), self.flink.status(), self.prometheus.status(), self.stripe_mock.status()]

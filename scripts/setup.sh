@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything meterflow needs on a fresh Debian machine (idempotent; quick when warm):
-#   - Debian packages: PostgreSQL server (and a JDK + Maven if missing)
+#   - Debian packages: PostgreSQL server, Prometheus (with promtool), and a JDK + Maven if missing
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
 #   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
 #   - stripe-mock (Stripe's API-validating mock) with `go install`, into stack/bin
@@ -21,6 +21,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# Prometheus: `meterflow stack up` runs the binary on loopback with its own config and data under the
+# state directory; promtool checks the alert rules. The package's own service is not used: where
+# the install started it (systemd hosts), it is stopped and disabled. Node-exporter is not needed.
+if ! { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; }; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing Debian package prometheus; run as root or install it"; exit 1
+  fi
+  log "apt-get install prometheus"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    log "stopping and disabling the prometheus system service (meterflow runs its own)"
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 python=${PYTHON:-python3.11}

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: a private real stack (Kafka KRaft, Postgres, Flink cluster) on free ports.
+"""End-to-end fixtures: a private real stack (Kafka KRaft, Postgres, Flink cluster, Prometheus) on free ports.
 
 The stack runs from a temporary state directory with uuid topic names, so it never collides with a
 developer's `meterflow stack up`, and is stopped and removed after the session.
@@ -22,7 +22,7 @@ def e2e_stack(tmp_path_factory) -> Iterator[StackConfigs]:
     from meterflow.stack import LocalStack, ensure_secrets, free_ports
 
     root = tmp_path_factory.mktemp("stack")
-    kafka, controller, pg, rest, rpc, stripe_mock = free_ports(6)
+    kafka, controller, pg, rest, rpc, stripe_mock, prometheus, *metrics = free_ports(10)
     run = uuid.uuid4().hex[:8]
     base = {
         "kafka": {
@@ -36,7 +36,11 @@ def e2e_stack(tmp_path_factory) -> Iterator[StackConfigs]:
         "postgres": {"port": pg},
         "flink": {"rest_port": rest, "checkpoint_interval": "2s", "checkpoint_dir": "state/flink/checkpoints", "parallelism": 2},
         "event_time": {"window_size": "10s", "watermark_delay": "2s", "source_idle_timeout": "5s"},
-        "stack": {"state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc, "stripe_mock_port": stripe_mock},
+        "stack": {
+            "state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc, "stripe_mock_port": stripe_mock,
+            # JobManager, TaskManager, and a replacement TaskManager after a kill.
+            "prometheus_port": prometheus, "flink_metrics_ports": ",".join(map(str, metrics)), "prometheus_scrape_interval": "2s",
+        },  # fmt: skip
         "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
         "secrets_file": "state/secrets.env",
     }

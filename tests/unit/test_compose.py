@@ -201,3 +201,13 @@ def test_flink_services_share_checkpoint_volumes(compose):
         named = {v.split(":")[0]: Path(v.split(":")[1]) for v in compose["services"][name]["volumes"] if not v.startswith(("./", "../", "/"))}
         assert targets <= set(named.values()), name
         assert set(named) <= set(compose["volumes"]), name
+
+
+def test_flink_conf_prometheus_reporter_jar_is_in_the_image():
+    """flink-conf's Prometheus reporter comes from a jar of stack/flink-lib/pom.xml, which the image puts in /opt/flink/lib."""
+    flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())
+    prom = flink_conf["metrics"]["reporter"]["prom"]
+    assert prom["factory"]["class"] == "org.apache.flink.metrics.prometheus.PrometheusReporterFactory"
+    assert int(prom["port"]) > 0
+    pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()
+    assert re.search(r"<artifactId>flink-metrics-prometheus</artifactId>\s*<version>2\.3\.\d+</version>", pom)

@@ -8,6 +8,9 @@ import java.util.Collections;
 import org.apache.flink.api.common.state.ListState;
 import org.apache.flink.api.common.state.ListStateDescriptor;
 import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.metrics.Counter;
+import org.apache.flink.metrics.Gauge;
+import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.runtime.state.StateInitializationContext;
 import org.apache.flink.runtime.state.StateSnapshotContext;
 import org.apache.flink.streaming.api.datastream.DataStream;
@@ -37,6 +40,10 @@ import org.apache.flink.types.Row;
  * an event late earlier (it goes to the late topic, consistently), never lose it.
  *
  * <p>Rows without a window end (rejected records travelling in the same stream) pass unchanged.
+ *
+ * <p>Metrics: {@code meterflow.late_records} and {@code meterflow.on_time_records}, the decisions
+ * taken (the late rate is late / (late + on time)), and {@code meterflow.held_watermark}, the
+ * watermark they are taken against (epoch ms; it stands still while the event time does).
  */
 public class LatenessClassifier extends AbstractStreamOperator<Row> implements OneInputStreamOperator<Row, Row> {
     private static final long serialVersionUID = 1L;
@@ -51,6 +58,8 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
     private transient ListState<Long> heldState;
     private transient long held;
     private transient long forwarded;
+    private transient Counter lateRecords;
+    private transient Counter onTimeRecords;
 
     /** Field positions in the routed row, and the allowed lateness of the window operator. */
     public LatenessClassifier(int eventTimeField, int windowEndField, int watermarkField, int latenessField, int isLateField, long allowedLatenessMs) {
@@ -72,6 +81,15 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
     /** The watermark decisions use now: the live one, never below what was seen before a restore. */
     public long effectiveWatermark() {
         return held;
+    }
+
+    @Override
+    public void open() throws Exception {
+        super.open();
+        MetricGroup group = getMetricGroup().addGroup("meterflow");
+        lateRecords = group.counter("late_records");
+        onTimeRecords = group.counter("on_time_records");
+        group.gauge("held_watermark", (Gauge<Long>) () -> held);
     }
 
     @Override
@@ -115,6 +133,7 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
                 row.setField(latenessField, held - WindowClose.epochMs(row.getField(eventTimeField)));
             }
             row.setField(isLateField, late);
+            (late ? lateRecords : onTimeRecords).inc();
         }
         output.collect(element);
     }

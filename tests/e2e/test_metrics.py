@@ -1,0 +1,178 @@
+"""Metrics end to end: the job's Flink metrics reach the stack's Prometheus with the right values.
+
+A small dataset with a few dead letters and late events goes through the usage job; Prometheus'
+HTTP API (``/api/v1/query``) then has the dead-letter counter equal to the bad records sent, the
+late and on-time decisions equal to what was sent, records read by the source, completed
+checkpoints, every metric the alert rules use, and the rules themselves loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import re
+import urllib.parse
+import urllib.request
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import fastavro
+import pytest
+import yaml
+
+from connectors.avro_codec import UsageEvent, encode_usage_event
+from connectors.avro_types import load_schema
+from connectors.kafka_admin import ensure_topics
+from jobs.plan import DEAD_LETTER_SCHEMA
+from meterflow import flink_jobs
+from meterflow.config import parse_port_range
+from meterflow.producer import SyntheticSpec, send_events, synthetic_events
+from meterflow.prometheus_server import ALERT_RULES, PrometheusServer
+from tests.e2e.helpers import closing_events, read_topic, table_totals, wait_for
+
+pytestmark = [pytest.mark.e2e]
+
+DEAD_SCHEMA = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
+PREFIX = "flink_taskmanager_job_task_operator_"
+
+
+def _bad_records(sample: UsageEvent) -> list[bytes]:
+    """Seven records the job cannot count, of five kinds."""
+    return [
+        b"not avro at all",
+        b"\x00\x01 still not avro",
+        encode_usage_event(sample) + b"\xff trailing bytes",
+        encode_usage_event({**sample, "event_id": "bad-meter", "meter": "gpu_hours"}),
+        encode_usage_event({**sample, "event_id": "bad-negative", "quantity": Decimal("-5")}),
+        encode_usage_event({**sample, "event_id": "", "customer_id": "no-id"}),
+        encode_usage_event({**sample, "event_id": "bad-future", "event_time": datetime.now(UTC) + timedelta(days=2)}),
+    ]
+
+
+def _send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for payload in payloads:
+            producer.send(topic, payload).get(timeout=30)
+    finally:
+        producer.close()
+
+
+def _api(prom: PrometheusServer, path: str, **params: str) -> object:
+    with urllib.request.urlopen(f"{prom.url}{path}?{urllib.parse.urlencode(params)}", timeout=10) as r:
+        doc = json.loads(r.read())
+    assert doc["status"] == "success", doc
+    return doc["data"]
+
+
+def _value(prom: PrometheusServer, promql: str) -> float | None:
+    """A scalar from an instant query that yields one series (None when it yields none)."""
+    result = prom.query(promql)
+    assert len(result) <= 1, result
+    return float(result[0]["value"][1]) if result else None
+
+
+def _listening_hosts(port: int) -> set[str]:
+    """Addresses of the sockets listening on ``port`` (from /proc/net/tcp*; IPv4-mapped IPv6 as IPv4)."""
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            hex_address, _, hex_port = local.rpartition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                raw = b"".join(bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, len(hex_address), 8))
+                address = ipaddress.ip_address(raw)
+                hosts.add(str(address.ipv4_mapped or address) if address.version == 6 else str(address))
+    return hosts
+
+
+def _alert_metric_names() -> set[str]:
+    rules = [r for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
+    return {name for r in rules for name in re.findall(r"\bflink_[A-Za-z0-9_]+", r["expr"])}
+
+
+def test_job_metrics_in_prometheus(e2e_stack):
+    """Dead letters, late and on-time decisions, records read and checkpoints reach Prometheus exactly; labels stay bounded."""
+    run = uuid.uuid4().hex[:6]
+    kafka = {
+        **e2e_stack.base["kafka"],
+        "usage_events_topic": f"in-metrics-{run}",
+        "late_events_topic": f"late-metrics-{run}",
+        "dead_letter_topic": f"dead-metrics-{run}",
+        "consumer_group": f"g-metrics-{run}",
+    }
+    job_name = f"meterflow-metrics-{run}"
+    cfg, path = e2e_stack.config(
+        "metrics",
+        kafka=kafka,
+        postgres={**e2e_stack.base["postgres"], "usage_table": f"usage_metrics_{run}"},
+        flink={**e2e_stack.base["flink"], "job_name": job_name},
+    )
+    ensure_topics(cfg.kafka.bootstrap_servers, [cfg.kafka.usage_events_topic, cfg.kafka.late_events_topic, cfg.kafka.dead_letter_topic], cfg.kafka.partitions)
+    prom = PrometheusServer(cfg)
+    assert prom.ready()
+
+    # Prometheus and every reporter endpoint listen on loopback only.
+    assert _listening_hosts(cfg.stack.prometheus_port) == {"127.0.0.1"}
+    wait_for(lambda: (_value(prom, 'count(up{job="flink"} == 1)') or 0) >= 2, 60, "the JobManager and TaskManager endpoints scraped")
+    up_ports = [int(r["metric"]["instance"].rpartition(":")[2]) for r in prom.query('up{job="flink"} == 1')]
+    assert set(up_ports) <= set(parse_port_range(cfg.stack.flink_metrics_ports))
+    for port in up_ports:
+        assert _listening_hosts(port) == {"127.0.0.1"}, port
+
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+    events = list(synthetic_events(SyntheticSpec(count=2_000, tenants=3, customers=5, start=start, span=timedelta(seconds=40), seed=11)))
+    bad = _bad_records(events[0])
+    job_id = flink_jobs.submit(cfg, path)
+    # The reporter replaces characters Prometheus does not allow in names in label values too.
+    job = f'job_name="{re.sub(r"[^A-Za-z0-9:_]", "_", job_name)}"'
+    try:
+        # The counters are scraped at zero before any record: the alert rules see them increase.
+        for counter in ("dead_letter_records", "late_records", "on_time_records"):
+            wait_for(lambda c=counter: _value(prom, f"sum({PREFIX}meterflow_{c}{{{job}}})") == 0, 60, f"{counter} scraped at zero")
+        bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
+        send_events(bootstrap, topic, events)
+        _send_raw(bootstrap, topic, bad)
+        closers = closing_events(start + timedelta(minutes=1), cfg.kafka.partitions)
+        send_events(bootstrap, topic, closers, partition_for=lambda i, e: i)
+        wait_for(lambda: len(table_totals(cfg)) > 0 and all(r.is_final for r in table_totals(cfg).values()), 240, "the data's windows final in Postgres")
+        # Their windows are closed: these are late.
+        late = [
+            UsageEvent(event_id=f"late-{i}", tenant_id="tenant-0", customer_id="cust-0", meter="api_calls", quantity=Decimal(1), event_time=start + timedelta(seconds=i), dimensions={})
+            for i in range(3)
+        ]  # fmt: skip
+        send_events(bootstrap, topic, late)
+        dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD_SCHEMA))
+        assert len(dead) == len(bad)
+
+        wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_dead_letter_records{{{job}}})") == len(bad), 60, "the dead-letter counter in Prometheus")
+        wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_late_records{{{job}}})") == len(late), 60, "the late counter in Prometheus")
+        assert _value(prom, f"sum({PREFIX}meterflow_on_time_records{{{job}}})") == len(events) + len(closers)
+        kinds = prom.query(f'sum by (__name__) ({{__name__=~"{PREFIX}meterflow_dead_letter_.+", {job}}})')
+        per_kind = {r["metric"]["__name__"].removeprefix(f"{PREFIX}meterflow_dead_letter_"): float(r["value"][1]) for r in kinds}
+        assert sum(v for k, v in per_kind.items() if k != "records") == len(bad), per_kind
+        assert (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name=~"Source.*"}})') or 0) >= len(events) + len(bad) + len(closers)
+        assert (_value(prom, f"max(flink_jobmanager_job_numberOfCompletedCheckpoints{{{job}}})") or 0) > 0
+        assert _value(prom, f"max(flink_jobmanager_job_numRestarts{{{job}}})") == 0
+
+        # Every metric the alert rules read is exposed by the running job.
+        names = {r["metric"]["__name__"] for r in prom.query(f'count by (__name__) ({{__name__=~"flink_.+", {job}}})')}
+        assert _alert_metric_names() <= names, sorted(_alert_metric_names() - names)
+        # The rules are loaded, and the dead letters fire their alert.
+        groups = {g["name"] for g in _api(prom, "/api/v1/rules")["groups"]}
+        assert {"meterflow-checkpoints", "meterflow-job", "meterflow-data"} <= groups
+        wait_for(lambda: bool(prom.query(f'ALERTS{{alertname="MeterflowDeadLetters", {job}, alertstate="firing"}}')), 60, "the dead-letter alert firing")
+
+        # Bounded labels: no tenant or customer id in any series of the job.
+        series = _api(prom, "/api/v1/series", **{"match[]": f"{{{job}}}"})
+        ids = {e["tenant_id"] for e in events} | {e["customer_id"] for e in events}
+        values = {v for s in series for k, v in s.items() if k != "__name__"}
+        assert not values & ids, values & ids
+    finally:
+        flink_jobs.cancel(cfg, job_id)
