@@ -16,6 +16,18 @@ from sinks.postgres import UsageRow, fetch_usage
 CLOSER_TENANT = "watermark-closer"
 
 
+def send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
+    """Send raw message values, valid Avro or not."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        for payload in payloads:
+            producer.send(topic, payload).get(timeout=30)
+    finally:
+        producer.close()
+
+
 def expected_totals(events: list[UsageEvent], size: timedelta) -> dict[tuple, tuple[Decimal, int]]:
     """Sum and count per (tenant, customer, meter, window start) computed in plain Python."""
     acc: dict[tuple, list] = defaultdict(lambda: [Decimal(0), 0])

@@ -129,7 +129,7 @@ def _bad_records(sample: UsageEvent, tag: str) -> list[bytes]:
         f"not avro at all {tag}".encode(),
         encode_usage_event(sample) + b"\xff" + tag.encode(),
         encode_usage_event({**sample, "event_id": f"bad-meter-{tag}", "meter": "gpu_hours"}),
-        encode_usage_event({**sample, "event_id": f"bad-neg-{tag}", "quantity": Decimal("-5")}),
+        encode_usage_event({**sample, "event_id": f"bad-neg-{tag}", "quantity": Decimal(-5)}),
         encode_usage_event({**sample, "event_id": "", "customer_id": f"no-id-{tag}"}),
         encode_usage_event({**sample, "event_id": f"bad-future-{tag}", "event_time": datetime.now(UTC) + timedelta(days=2)}),
     ]

@@ -30,11 +30,25 @@ from meterflow import flink_jobs
 from meterflow.cli import cli
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.stack import FlinkCluster
-from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, format_meter_value
+from sinks.idempotency import (
+    WindowKey,
+    derive_correction_identifier,
+    derive_identifier,
+    format_meter_value,
+)
 from sinks.ledger import fetch_deliveries, map_customer
 from sinks.postgres import connect
-from tests.e2e.helpers import closed_window, closing_events, expected_totals, publish_closed_windows, read_topic, table_totals, wait_for
-from tests.e2e.test_billing_semantics import _wait_restarted, send_raw
+from tests.e2e.helpers import (
+    closed_window,
+    closing_events,
+    expected_totals,
+    publish_closed_windows,
+    read_topic,
+    send_raw,
+    table_totals,
+    wait_for,
+)
+from tests.e2e.test_billing_semantics import _wait_restarted
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

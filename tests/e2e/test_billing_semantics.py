@@ -34,6 +34,7 @@ from tests.e2e.helpers import (
     CLOSER_TENANT,
     expected_totals,
     read_topic,
+    send_raw,
     table_totals,
     wait_for,
 )
@@ -61,18 +62,6 @@ def _decode_late(value: bytes) -> dict:
 
 def _decode_dead(value: bytes) -> dict:
     return fastavro.schemaless_reader(io.BytesIO(value), DEAD_SCHEMA)
-
-
-def send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
-    """Send raw message values, valid Avro or not."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    try:
-        for payload in payloads:
-            producer.send(topic, payload).get(timeout=30)
-    finally:
-        producer.close()
 
 
 def _totals(rows: dict) -> dict:

@@ -31,7 +31,13 @@ from meterflow import flink_jobs
 from meterflow.config import parse_port_range
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.prometheus_server import ALERT_RULES, PrometheusServer
-from tests.e2e.helpers import closing_events, read_topic, table_totals, wait_for
+from tests.e2e.helpers import (
+    closing_events,
+    read_topic,
+    send_raw,
+    table_totals,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -46,21 +52,10 @@ def _bad_records(sample: UsageEvent) -> list[bytes]:
         b"\x00\x01 still not avro",
         encode_usage_event(sample) + b"\xff trailing bytes",
         encode_usage_event({**sample, "event_id": "bad-meter", "meter": "gpu_hours"}),
-        encode_usage_event({**sample, "event_id": "bad-negative", "quantity": Decimal("-5")}),
+        encode_usage_event({**sample, "event_id": "bad-negative", "quantity": Decimal(-5)}),
         encode_usage_event({**sample, "event_id": "", "customer_id": "no-id"}),
         encode_usage_event({**sample, "event_id": "bad-future", "event_time": datetime.now(UTC) + timedelta(days=2)}),
     ]
-
-
-def _send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    try:
-        for payload in payloads:
-            producer.send(topic, payload).get(timeout=30)
-    finally:
-        producer.close()
 
 
 def _api(prom: PrometheusServer, path: str, **params: str) -> object:
@@ -138,7 +133,7 @@ def test_job_metrics_in_prometheus(e2e_stack):
             wait_for(lambda c=counter: _value(prom, f"sum({PREFIX}meterflow_{c}{{{job}}})") == 0, 60, f"{counter} scraped at zero")
         bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
         send_events(bootstrap, topic, events)
-        _send_raw(bootstrap, topic, bad)
+        send_raw(bootstrap, topic, bad)
         closers = closing_events(start + timedelta(minutes=1), cfg.kafka.partitions)
         send_events(bootstrap, topic, closers, partition_for=lambda i, e: i)
         wait_for(lambda: len(table_totals(cfg)) > 0 and all(r.is_final for r in table_totals(cfg).values()), 240, "the data's windows final in Postgres")
