@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 from connectors.avro_codec import UsageEvent
 from jobs.windowing import window_bounds
@@ -14,6 +18,41 @@ from meterflow.config import JobConfig
 from sinks.postgres import UsageRow, fetch_usage
 
 CLOSER_TENANT = "watermark-closer"
+
+
+def private_job(stack, name: str, **sections: dict) -> tuple[JobConfig, Path]:
+    """A job config of its own on the session stack: its own topics (created), consumer group, usage
+    table and job name, so tests never read each other's records. ``sections`` update the base config."""
+    from connectors.kafka_admin import ensure_topics
+
+    run = uuid.uuid4().hex[:6]
+    kafka = {
+        **stack.base["kafka"],
+        "usage_events_topic": f"in-{name}-{run}",
+        "late_events_topic": f"late-{name}-{run}",
+        "dead_letter_topic": f"dead-{name}-{run}",
+        "closed_windows_topic": f"closed-{name}-{run}",
+        "consumer_group": f"g-{name}-{run}",
+        **sections.pop("kafka", {}),
+    }
+    postgres = {**stack.base["postgres"], "usage_table": f"usage_{name}_{run}", **sections.pop("postgres", {})}
+    flink = {**stack.base["flink"], "job_name": f"mf-{name}-{run}", **sections.pop("flink", {})}
+    cfg, path = stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, flink=flink, **sections)
+    k = cfg.kafka
+    ensure_topics(k.bootstrap_servers, [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic], k.partitions)
+    return cfg, path
+
+
+def kill_taskmanagers(cfg: JobConfig) -> int:
+    """kill -9 every TaskManager of the stack; returns when (epoch ms). Starting a replacement is the caller's."""
+    from meterflow.stack import FlinkCluster
+
+    killed_at = int(time.time() * 1000)
+    pids = FlinkCluster(cfg).taskmanager_pids()
+    assert pids, "no TaskManager process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return killed_at
 
 
 def send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
 import time
 import uuid
 from collections import Counter
@@ -42,6 +40,8 @@ from tests.e2e.helpers import (
     closed_window,
     closing_events,
     expected_totals,
+    kill_taskmanagers,
+    private_job,
     publish_closed_windows,
     read_topic,
     send_raw,
@@ -58,20 +58,13 @@ DEAD = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
 
 
 def _config(e2e_stack, name: str, api_base: str, flink: dict | None = None, **billing):
-    run = uuid.uuid4().hex[:6]
-    kafka = {**e2e_stack.base["kafka"], "usage_events_topic": f"in-{name}-{run}", "late_events_topic": f"late-{name}-{run}",
-             "dead_letter_topic": f"dead-{name}-{run}", "closed_windows_topic": f"closed-{name}-{run}", "consumer_group": f"g-{name}-{run}"}  # fmt: skip
-    postgres = {**e2e_stack.base["postgres"], "usage_table": f"usage_{name}_{run}"}
-    ledger = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", **billing}
-    flink = {**e2e_stack.base["flink"], "job_name": f"mf-{name}-{run}", **(flink or {})}
-    # A long idle timeout: a partition whose events arrive a little later never has them overtaken.
-    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
-    cfg, path = e2e_stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, stripe={"api_base": api_base}, billing=ledger, event_time=event_time, flink=flink)
-    from connectors.kafka_admin import ensure_topics
     from sinks.ledger import apply_schemas
 
-    k = cfg.kafka
-    ensure_topics(k.bootstrap_servers, [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic], k.partitions)
+    run = uuid.uuid4().hex[:6]
+    ledger = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", **billing}
+    # A long idle timeout: a partition whose events arrive a little later never has them overtaken.
+    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
+    cfg, path = private_job(e2e_stack, name, stripe={"api_base": api_base}, billing=ledger, event_time=event_time, flink=flink or {})
     apply_schemas(cfg)
     return cfg, path
 
@@ -234,12 +227,9 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
             publish_closed_windows(cfg, windows)
             wait_for(lambda: fake.in_flight >= 6, 120, "calls in flight")
             in_flight = fake.unanswered()
-            killed_at = int(time.time() * 1000)
-            cluster = FlinkCluster(cfg)
-            for pid in cluster.taskmanager_pids():
-                os.kill(pid, signal.SIGKILL)
+            killed_at = kill_taskmanagers(cfg)
             fake.latency = 0.05
-            cluster.start_taskmanager()
+            FlinkCluster(cfg).start_taskmanager()
             _wait_restarted(cfg, job_id, killed_at)
             wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, ids).values()) and len(_ledger(cfg, ids)) == len(ids), 180, "every window sent")
             stats = flink_jobs.checkpoint_stats(cfg, job_id)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +21,6 @@ import pytest
 import yaml
 
 from connectors.avro_types import load_schema
-from connectors.kafka_admin import ensure_topics
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow import flink_jobs
 from meterflow.config import JobConfig
@@ -33,6 +30,8 @@ from sinks.postgres import apply_schema
 from tests.e2e.helpers import (
     CLOSER_TENANT,
     expected_totals,
+    kill_taskmanagers,
+    private_job,
     read_topic,
     send_raw,
     table_totals,
@@ -123,14 +122,9 @@ def kill_taskmanager(
     cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
 ) -> Fault:
     """kill -9 every TaskManager; send records while none runs; start the one replacement this fault needs."""
-    cluster = FlinkCluster(cfg)
-    killed_at = int(time.time() * 1000)
-    pids = cluster.taskmanager_pids()
-    assert pids, "no TaskManager process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    killed_at = kill_taskmanagers(cfg)
     during()
-    cluster.start_taskmanager()
+    FlinkCluster(cfg).start_taskmanager()
     _wait_restarted(cfg, job_id, killed_at)
     # The replacement restores the last checkpoint taken before the risky records arrived: they are read again.
     return Fault(job_id, killed_at, "restore-before-risky")
@@ -298,40 +292,12 @@ def run_scenario(
     audit: Callable[[Path, Scenario], None] | None = None,
 ) -> None:
     """Play the scenario against a fresh job; ``disrupt`` strikes with risky records in flight and sends more during the fault."""
-    run = uuid.uuid4().hex[:6]
-    kafka = {
-        **e2e_stack.base["kafka"],
-        "usage_events_topic": f"in-{name}-{run}",
-        "late_events_topic": f"late-{name}-{run}",
-        "dead_letter_topic": f"dead-{name}-{run}",
-        "consumer_group": f"g-{name}-{run}",
-    }
-    cfg, path = e2e_stack.config(
+    cfg, path = private_job(
+        e2e_stack,
         name,
-        kafka=kafka,
-        postgres={**e2e_stack.base["postgres"], "usage_table": f"usage_{name}_{run}"},
-        event_time={
-            "window_size": "10s",
-            "watermark_delay": "2s",
-            "allowed_lateness": "10s",
-            "source_idle_timeout": "5s",
-        },
-        flink={**e2e_stack.base["flink"], "job_name": f"meterflow-{name}-{run}"},
+        event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": "5s"},
     )
-    assert (
-        cfg.event_time.window_size,
-        cfg.event_time.watermark_delay,
-        cfg.event_time.allowed_lateness,
-    ) == (WINDOW, WATERMARK_DELAY, ALLOWED_LATENESS)
-    ensure_topics(
-        cfg.kafka.bootstrap_servers,
-        [
-            cfg.kafka.usage_events_topic,
-            cfg.kafka.late_events_topic,
-            cfg.kafka.dead_letter_topic,
-        ],
-        cfg.kafka.partitions,
-    )
+    assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (WINDOW, WATERMARK_DELAY, ALLOWED_LATENESS)
     apply_schema(cfg.postgres)
     s: Scenario = build_scenario(EVENTS, cfg.kafka.partitions, seed=hash(name) % 1000)
     bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic

@@ -14,7 +14,6 @@ import json
 import re
 import urllib.parse
 import urllib.request
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +24,6 @@ import yaml
 
 from connectors.avro_codec import UsageEvent, encode_usage_event
 from connectors.avro_types import load_schema
-from connectors.kafka_admin import ensure_topics
 from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow import flink_jobs
 from meterflow.config import parse_port_range
@@ -33,6 +31,7 @@ from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.prometheus_server import ALERT_RULES, PrometheusServer
 from tests.e2e.helpers import (
     closing_events,
+    private_job,
     read_topic,
     send_raw,
     table_totals,
@@ -94,22 +93,8 @@ def _alert_metric_names() -> set[str]:
 
 def test_job_metrics_in_prometheus(e2e_stack):
     """Dead letters, late and on-time decisions, records read and checkpoints reach Prometheus exactly; labels stay bounded."""
-    run = uuid.uuid4().hex[:6]
-    kafka = {
-        **e2e_stack.base["kafka"],
-        "usage_events_topic": f"in-metrics-{run}",
-        "late_events_topic": f"late-metrics-{run}",
-        "dead_letter_topic": f"dead-metrics-{run}",
-        "consumer_group": f"g-metrics-{run}",
-    }
-    job_name = f"meterflow-metrics-{run}"
-    cfg, path = e2e_stack.config(
-        "metrics",
-        kafka=kafka,
-        postgres={**e2e_stack.base["postgres"], "usage_table": f"usage_metrics_{run}"},
-        flink={**e2e_stack.base["flink"], "job_name": job_name},
-    )
-    ensure_topics(cfg.kafka.bootstrap_servers, [cfg.kafka.usage_events_topic, cfg.kafka.late_events_topic, cfg.kafka.dead_letter_topic], cfg.kafka.partitions)
+    cfg, path = private_job(e2e_stack, "metrics")
+    job_name = cfg.flink.job_name
     prom = PrometheusServer(cfg)
     assert prom.ready()
 
