@@ -80,7 +80,7 @@ class DeliverClosedWindows(AsyncFunction):
             from sinks.ledger_async import AsyncPostgresLedger
             from sinks.stripe_provider import StripeMeterEvents
 
-            ledger = AsyncPostgresLedger(self.cfg, self.worker, connections=min(8, self.cfg.billing.max_in_flight))
+            ledger = AsyncPostgresLedger(self.cfg, self.worker)
             self.deliverer = Deliverer(self.cfg, StripeMeterEvents(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
         return self.deliverer
 

@@ -137,3 +137,33 @@ def test_stripe_mock_validates_meter_events_and_summaries(e2e_stack):
 
     response, total, _ = asyncio.run(calls())
     assert response and isinstance(total, Decimal)
+
+
+def test_concurrent_writes_share_commits_and_a_bad_statement_fails_alone(ledger_cfg):
+    """Claims and outcomes of 60 concurrent deliveries go out in far fewer transactions; a failing statement in a batch fails only its caller."""
+    cfg, _ = ledger_cfg
+
+    async def deliver(ledger: AsyncPostgresLedger, customer: str) -> None:
+        d = window_delivery(_window(customer=customer), "mf")
+        entry = await ledger.claim(d, "stripe", "tokens", retry=False)
+        assert entry.claimed
+        await ledger.mark_sent(d.identifier, MeterEvent(d.identifier, "tokens", "cus_1", "5.5", 0), f"req_{customer}", 1)
+
+    async def scenario() -> tuple[int, int, list]:
+        ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
+        outcomes = await asyncio.gather(
+            *(deliver(ledger, f"c{i}") for i in range(30)),
+            ledger.batches.fetchone("SELECT 1 / 0", {}),
+            *(deliver(ledger, f"c{i}") for i in range(30, 60)),
+            return_exceptions=True,
+        )
+        await ledger.close()
+        return ledger.batches.batches, ledger.batches.statements, outcomes
+
+    batches, statements, outcomes = asyncio.run(scenario())
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(failed) == 1 and "division by zero" in str(failed[0])
+    assert statements == 121 and batches <= 10, (batches, statements)
+    rows = fetch_deliveries(cfg)
+    assert len(rows) == 60 and {r.status for r in rows} == {"sent"}
+    assert {r.provider_response_id for r in rows} == {f"req_c{i}" for i in range(60)}
