@@ -334,7 +334,7 @@ def measure_usage_under(stack: BenchStack, mode: str, seconds: int, rate: int) -
 @click.command()
 @click.option("--windows", default=6000, show_default=True, help="Closed windows per throughput run.")
 @click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
-@click.option("--max-in-flight", default=32, show_default=True, help="billing.max_in_flight per subtask for the throughput runs.")
+@click.option("--max-in-flight", default=64, show_default=True, help="billing.max_in_flight per subtask for the throughput runs (the shipped default).")
 @click.option("--modes", default="healthy,slow,down,rate-limited", show_default=True, help="Provider modes for the usage-job phase ('' to skip).")
 @click.option("--seconds", default=60, show_default=True, help="Length of each usage-job phase.")
 @click.option("--rate", default=1000, show_default=True, help="Usage events per second during the usage-job phase.")

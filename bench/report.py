@@ -203,7 +203,7 @@ def render_chart(results: Results, path: Path) -> None:
 
     entries = [p for p in results["pipelines"] if p.get("events_per_s")]
     labels = [f"{p['name']}\np={p['parallelism']}" for p in entries]
-    colors = ["#2b6cb0" if p["name"] == "meterflow" else "#a0aec0" if p["name"] == "ceiling" else "#dd6b20" for p in entries]
+    colors = ["#2b6cb0" if p["name"].startswith("meterflow") else "#a0aec0" if p["name"] == "ceiling" else "#dd6b20" for p in entries]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bars = ax1.bar(labels, [p["events_per_s"] for p in entries], color=colors)
     ax1.bar_label(bars, labels=[f"{p['events_per_s']:,.0f}" for p in entries], fontsize=8)

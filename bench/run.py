@@ -34,7 +34,7 @@ from bench.produce import SteadySpec, split_partitions, start_bulk
 from bench.report import render_chart, render_markdown
 from bench.stats import throughput
 from meterflow import flink_jobs
-from meterflow.config import parse_duration
+from meterflow.config import JobConfig, parse_duration
 from meterflow.stack import KAFKA_JARS, FlinkCluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,6 +140,52 @@ def flink_pipeline(stack: BenchStack, name: str, label: str, parallelism: int, r
     return entry
 
 
+def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeout_s: float, expected: Totals, spec: DatasetSpec) -> dict[str, Any]:
+    """meterflow as shipped: the usage job and the billing job (same parallelism), billing every closed window to a 50 ms provider.
+
+    Measured like the usage job alone (its source's progress, its totals), while the billing job
+    delivers the windows the usage job closes. The provider stand-in (tests/support/fake_stripe.py)
+    runs as its own process, left out of the CPU figures like any remote provider.
+    """
+    from bench.billing import FakeProcess, map_customers, sent_count
+    from connectors.kafka_admin import ensure_topics
+    from sinks.ledger import apply_schemas
+
+    table = f"bench_mfb_p{parallelism}"
+    fake = FakeProcess(latency=0.05)
+    billing_jobs: list[str] = []
+    try:
+        bcfg, bpath = stack.config(
+            f"meterflow-billing-p{parallelism}",
+            kafka={"consumer_group": f"bench-mfb-p{parallelism}-{stack.run_id}", "closed_windows_topic": f"bench-closed-p{parallelism}-{stack.run_id}"},
+            postgres={"usage_table": table},
+            flink={"parallelism": parallelism, "job_name": f"meterflow-bench-billing-p{parallelism}"},
+            billing={"enabled": True, "ledger_table": f"bench_deliveries_p{parallelism}", "customers_table": f"bench_customers_p{parallelism}"},
+            stripe={"api_base": fake.url},
+        )
+        secrets = bcfg.path(bcfg.secrets_file)
+        if "METERFLOW_STRIPE_API_KEY=" not in secrets.read_text():
+            with secrets.open("a") as out:
+                out.write("METERFLOW_STRIPE_API_KEY=sk_test_meterflowBench\n")  # any key works with the fake
+        k = bcfg.kafka
+        ensure_topics(k.bootstrap_servers, [k.closed_windows_topic], k.partitions)
+        apply_schemas(bcfg)
+        map_customers(bcfg, spec.tenants, spec.customers)
+
+        def submit_both() -> tuple[JobConfig, str]:
+            job_id = flink_jobs.submit(bcfg, bpath, timeout=240)
+            billing_jobs.append(flink_jobs.submit_billing(bcfg, bpath, timeout=240))
+            return bcfg, job_id
+
+        entry = flink_pipeline(stack, "meterflow + billing", "meterflow + billing", parallelism, records, timeout_s, submit_both, table, expected)
+        entry["billing_sent_when_usage_done"] = sent_count(bcfg)
+        return entry
+    finally:
+        for job_id in billing_jobs:
+            flink_jobs.cancel(bcfg, job_id)
+        fake.stop()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--events", default=2_000_000, help="records to pre-produce (duplicates and late events included)")
 @click.option("--tenants", default=10)
@@ -152,6 +198,7 @@ def flink_pipeline(stack: BenchStack, name: str, label: str, parallelism: int, r
 @click.option("--parallelism", "parallelisms", default="1,2", help="meterflow parallelisms to measure")
 @click.option("--baseline-b-events", type=int, default=100_000, help="run baseline B on this prefix of the topic only, 0 = all (it runs at a few hundred to a few thousand events/s; the report says when a prefix was used)")
 @click.option("--baseline-a-batch", default=5000, help="baseline A records per poll (= per transaction)")
+@click.option("--billing/--no-billing", default=True, help="also run meterflow as shipped, with the billing job delivering every closed window (50 ms provider)")
 @click.option("--skip", multiple=True, type=click.Choice(PIPELINES), help="leave out a phase (repeatable)")
 @click.option("--freshness-rate", default=20_000.0, help="events/s in the freshness phase")
 @click.option("--freshness-seconds", default=30.0)
@@ -185,6 +232,10 @@ def main(**opts: Any) -> None:
         flink_options = parse_options(opts["flink_conf"])
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--flink-conf") from e
+    if opts["billing"] and "meterflow" not in skip:
+        # Both jobs at the measured parallelism need their own slots (the shipped stack has usage + billing slots too).
+        slots = 2 * max(int(x) for x in opts["parallelisms"].split(","))
+        flink_options.setdefault("taskmanager.numberOfTaskSlots", str(slots))
     results["run"]["flink_options"] = flink_options
     with private_stack(opts["partitions"], keep_state=opts["keep_state"], echo=console.print, flink_options=flink_options) as stack:
         cfg, _ = stack.config("base")
@@ -249,6 +300,8 @@ def main(**opts: Any) -> None:
 
                 apply_schema(mcfg.postgres)
                 add(flink_pipeline(stack, "meterflow", "meterflow", p, records, timeout_s, lambda mcfg=mcfg, mpath=mpath: (mcfg, flink_jobs.submit(mcfg, mpath, timeout=240)), table, full))
+                if opts["billing"]:
+                    add(billing_on_pipeline(stack, p, records, timeout_s, full, spec))
 
         if "baseline-a" not in skip:
             acfg, apath = stack.config("baseline-a", kafka={"consumer_group": f"bench-a-{stack.run_id}"})

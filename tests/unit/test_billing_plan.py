@@ -59,7 +59,7 @@ def test_derived_names_and_defaults(cfg):
     """The billing job's name, group and parallelism follow the usage job's unless set."""
     assert (cfg.billing_job_name, cfg.billing_consumer_group, cfg.billing_parallelism) == ("mf-billing", "g1-billing", 2)
     assert job_names(cfg) == ["mf", "mf-billing"]
-    assert (cfg.billing.max_in_flight, cfg.billing.provider_dedup_window, cfg.kafka.closed_windows_topic) == (32, timedelta(hours=24), "closed-x")
+    assert (cfg.billing.max_in_flight, cfg.billing.provider_dedup_window, cfg.kafka.closed_windows_topic) == (64, timedelta(hours=24), "closed-x")
     other = JobConfig.model_validate({"billing": {"consumer_group": "bill", "parallelism": 3}})
     assert (other.billing_consumer_group, other.billing_parallelism, job_names(other)) == ("bill", 3, ["meterflow-usage"])
     assert JobConfig().kafka.closed_windows_topic == "usage-windows-closed"
