@@ -107,8 +107,11 @@ def test_job_metrics_in_prometheus(e2e_stack):
     prom = PrometheusServer(cfg)
     assert prom.ready()
 
-    # Prometheus and every reporter endpoint listen on loopback only.
+    # Prometheus and every reporter endpoint listen on loopback only, as do Kafka, Postgres and Flink.
     assert _listening_hosts(cfg.stack.prometheus_port) == {"127.0.0.1"}
+    kafka_port = int(cfg.kafka.bootstrap_servers.rpartition(":")[2])
+    for port in (kafka_port, cfg.stack.kafka_controller_port, cfg.postgres.port, cfg.flink.rest_port, cfg.stack.flink_rpc_port):
+        assert _listening_hosts(port) == {"127.0.0.1"}, port
     wait_for(lambda: (_value(prom, 'count(up{job="flink"} == 1)') or 0) >= 2, 60, "the JobManager and TaskManager endpoints scraped")
     up_ports = [int(r["metric"]["instance"].rpartition(":")[2]) for r in prom.query('up{job="flink"} == 1')]
     assert set(up_ports) <= set(parse_port_range(cfg.stack.flink_metrics_ports))
