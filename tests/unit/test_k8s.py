@@ -154,6 +154,9 @@ def test_deployments_run_ha_with_savepoint_upgrades(resources):
         for key in ("high-availability.storageDir", "execution.checkpointing.savepoint-dir"):
             assert conf[key].startswith("s3://") and conf[key].endswith(f"/{d['metadata']['name']}"), key
         assert conf["kubernetes.rest-service.exposed.type"] == "ClusterIP"
+        venv = re.search(r"VIRTUAL_ENV=(\S+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text()).group(1)
+        args = spec["job"]["args"]
+        assert args[args.index("-pyclientexec") + 1] == conf["python.executable"] == conf["python.client.executable"] == f"{venv}/bin/python3"
         assert _env(d)["ENABLE_BUILT_IN_PLUGINS"]["value"] == f"flink-s3-fs-hadoop-{'.'.join(flink)}.jar"
 
 
