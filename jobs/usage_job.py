@@ -43,8 +43,8 @@ from jobs.plan import (
     window_changelog_query,
 )
 from meterflow.config import JobConfig, load_config
-from meterflow.security import WindowSinkTarget, window_sink_target_of
 from meterflow.errors import ConfigError
+from meterflow.security import WindowSinkTarget, window_sink_target_of
 from sinks.postgres_schema import usage_upsert_sql
 from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
@@ -73,7 +73,7 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
 def window_sink_target(cfg: JobConfig) -> WindowSinkTarget:
     """The Postgres usage table as udf/ UsageWindowSink sees it: the password's source, not its value."""
     if cfg.postgres.password is None:
-        msg = "no Postgres password: set METERFLOW_POSTGRES_PASSWORD or put it in the secrets file"
+        msg = "no Postgres password: set METERFLOW_POSTGRES_PASSWORD (or METERFLOW_POSTGRES_PASSWORD_FILE) or put it in the secrets file"
         raise ConfigError(msg)
     return window_sink_target_of(cfg)
 

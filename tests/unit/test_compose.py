@@ -10,7 +10,13 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from meterflow.config import CONFIG_PATH_ENV, SECRET_ENV_KEYS, SECRET_FILE_SUFFIX, JobConfig, load_config
+from meterflow.config import (
+    CONFIG_PATH_ENV,
+    SECRET_ENV_KEYS,
+    SECRET_FILE_SUFFIX,
+    JobConfig,
+    load_config,
+)
 from meterflow.security import is_loopback
 from tests.conftest import REPO_ROOT
 
@@ -308,7 +314,7 @@ def _module_and_jar_glob(jar_dir: Path) -> tuple[Path, str]:
     module = Path(*parts[: parts.index("target")])
     inside = Path(*parts[parts.index("target") :])
     pom = (REPO_ROOT / module / "pom.xml").read_text()
-    final_name = re.search(r"<build>.*?<finalName>([^<]+)</finalName>", pom, re.S)
+    final_name = re.search(r"<build>.*?<finalName>([^<]+)</finalName>", pom, re.DOTALL)
     # A module with a finalName is built (mvn package); its jar is the one artifact the stack links.
     return module, str(inside / (f"{final_name.group(1)}.jar" if final_name else "*.jar"))
 
@@ -343,7 +349,7 @@ def test_udf_stage_has_the_sources_the_jar_packages():
 
 def test_image_flink_version_matches_the_jars_and_pyflink():
     """The image's Flink, the Flink jars of both poms and the apache-flink wheel are one version."""
-    base = re.search(r"^FROM flink:(\d+\.\d+\.\d+)", DOCKERFILE.read_text(), re.M).group(1)
+    base = re.search(r"^FROM flink:(\d+\.\d+\.\d+)", DOCKERFILE.read_text(), re.MULTILINE).group(1)
     udf_pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
     assert re.search(r"<flink.version>([^<]+)</flink.version>", udf_pom).group(1) == base
     lib_pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()

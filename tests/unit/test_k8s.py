@@ -144,7 +144,7 @@ def test_deployment_config_loads_and_points_at_the_cluster(resources, cfg, which
 
 def test_deployments_run_ha_with_savepoint_upgrades(resources):
     """Application mode, Kubernetes HA, checkpoints/savepoints/HA data on S3, savepoint upgrades, the image's Flink version."""
-    flink = re.search(r"^FROM flink:(\d+)\.(\d+)\.(\d+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text(), re.M).groups()
+    flink = re.search(r"^FROM flink:(\d+)\.(\d+)\.(\d+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text(), re.MULTILINE).groups()
     for d in _of_kind(resources, "FlinkDeployment"):
         spec, conf = d["spec"], d["spec"]["flinkConfiguration"]
         assert spec["mode"] == "native" and spec["job"]["upgradeMode"] == "savepoint" and spec["job"]["state"] == "running"
