@@ -29,7 +29,6 @@ from jobs.plan import (
     COUNT_DEAD_LETTER_FUNCTION,
     DECODE_FUNCTION,
     VALIDATED_VIEW,
-    JdbcTarget,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
@@ -45,6 +44,7 @@ from jobs.plan import (
 )
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
+from meterflow.security import WindowSinkTarget, window_sink_target_of
 from sinks.postgres_schema import usage_upsert_sql
 from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
@@ -70,12 +70,12 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     return env, t_env
 
 
-def jdbc_target(cfg: JobConfig) -> JdbcTarget:
-    """The Postgres usage table as the JDBC sink sees it."""
+def window_sink_target(cfg: JobConfig) -> WindowSinkTarget:
+    """The Postgres usage table as udf/ UsageWindowSink sees it: the password's source, not its value."""
     if cfg.postgres.password is None:
-        msg = "no Postgres password: set METERFLOW_POSTGRES_PASSWORD or put it in the secrets file"
+        msg = "no Postgres password: set METERFLOW_POSTGRES_PASSWORD (or METERFLOW_POSTGRES_PASSWORD_FILE) or put it in the secrets file"
         raise ConfigError(msg)
-    return JdbcTarget(cfg.postgres.jdbc_url(), cfg.postgres.usage_table, cfg.postgres.user, cfg.postgres.password.get_secret_value())
+    return window_sink_target_of(cfg)
 
 
 def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
@@ -94,9 +94,14 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> No
     t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), schema))
 
 
-def _write_windows(stream: DataStream, target: JdbcTarget, *, final: bool) -> None:
-    """Window rows into Postgres, committed with the checkpoints (udf/ UsageWindowSink)."""
-    sink = get_gateway().jvm.dev.meterflow.udf.UsageWindowSink(target.url, target.user, target.password, usage_upsert_sql(target.table), final)
+def _write_windows(stream: DataStream, target: WindowSinkTarget, *, final: bool) -> None:
+    """Window rows into Postgres, committed with the checkpoints (udf/ UsageWindowSink).
+
+    The sink carries where the TaskManager reads the password (udf/ Secrets), never the password.
+    """
+    udf = get_gateway().jvm.dev.meterflow.udf
+    password = udf.Secrets(target.password_variable, target.secrets_file)
+    sink = udf.UsageWindowSink(target.url, target.user, password, usage_upsert_sql(target.table), final)
     name, uid = ("write final windows", "write-final-windows") if final else ("write window updates", "write-window-updates")
     stream._j_data_stream.sinkTo(sink).name(name).uid(uid)
 
@@ -133,9 +138,9 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
         builder = builder.column(name, data_type.not_null())
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
     changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
-    _write_windows(changelog, jdbc_target(cfg), final=False)
+    _write_windows(changelog, window_sink_target(cfg), final=False)
     closed = _close_windows(changelog, int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
-    _write_windows(closed, jdbc_target(cfg), final=True)
+    _write_windows(closed, window_sink_target(cfg), final=True)
     closed_schema = Schema.new_builder()
     for name, _, data_type in CLOSED_WINDOW_COLUMNS:
         closed_schema = closed_schema.column(name, data_type)

@@ -5,8 +5,9 @@ Precedence, lowest first: defaults in the models below < the YAML file < environ
 * Any key can be overridden as ``METERFLOW_<SECTION>__<KEY>``, e.g.
   ``METERFLOW_KAFKA__BOOTSTRAP_SERVERS=broker:9092``.
 * Secrets are never read from the YAML file: ``METERFLOW_POSTGRES_PASSWORD`` and
-  ``METERFLOW_STRIPE_API_KEY`` come from the environment or from the secrets file
-  (``secrets_file``, dotenv ``KEY=VALUE`` lines; the environment wins).
+  ``METERFLOW_STRIPE_API_KEY`` come from the environment, from a file named by
+  ``<VARIABLE>_FILE`` (the whole file is the value, e.g. a Docker or Kubernetes secret mount), or
+  from the secrets file (``secrets_file``, dotenv ``KEY=VALUE`` lines), in that order.
 
 This is the only module that reads the environment.
 """
@@ -30,7 +31,10 @@ SECRET_ENV_KEYS = {
     "METERFLOW_POSTGRES_PASSWORD": ("postgres", "password"),
     "METERFLOW_STRIPE_API_KEY": ("stripe", "api_key"),
 }
+SECRET_FILE_SUFFIX = "_FILE"
 DEFAULT_CONFIG_FILE = "meterflow.yaml"
+# Names that reach SQL (database, role, tables): plain Postgres identifiers, never quoted input.
+PG_IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*(ms|s|m|min|h|d)\s*$")
 _DURATION_UNITS = {"ms": 1, "s": 1_000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -108,10 +112,10 @@ class PostgresConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(5433, ge=1, le=65535)
-    database: str = "meterflow"
-    user: str = "meterflow"
+    database: str = Field("meterflow", pattern=PG_IDENTIFIER_PATTERN)
+    user: str = Field("meterflow", pattern=PG_IDENTIFIER_PATTERN)
     password: SecretStr | None = None
-    usage_table: str = "usage_windows"
+    usage_table: str = Field("usage_windows", pattern=PG_IDENTIFIER_PATTERN)
 
     def jdbc_url(self) -> str:
         """JDBC URL for Flink's JDBC connector.
@@ -351,9 +355,30 @@ def read_secrets_file(path: Path) -> dict[str, str]:
     return secrets
 
 
+def secret_file_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """Secrets named by ``<VARIABLE>_FILE`` (e.g. ``METERFLOW_POSTGRES_PASSWORD_FILE=/run/secrets/pg``).
+
+    The file's whole content, without its trailing newline, is the value (the shape of Docker and
+    Kubernetes secret mounts). A variable set directly wins over its ``_FILE``; a named file that
+    does not exist is an error, never a silent fallback.
+    """
+    values: dict[str, str] = {}
+    for key in SECRET_ENV_KEYS:
+        file_name = environ.get(key + SECRET_FILE_SUFFIX)
+        if not file_name or environ.get(key):
+            continue
+        try:
+            values[key] = Path(file_name).read_text().rstrip("\r\n")
+        except OSError as e:
+            msg = f"{key}{SECRET_FILE_SUFFIX} names {file_name}, which cannot be read: {e.strerror}"
+            raise ConfigError(msg) from e
+    return values
+
+
 def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    secret_files = {key + SECRET_FILE_SUFFIX for key in SECRET_ENV_KEYS}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key in SECRET_ENV_KEYS or key == CONFIG_PATH_ENV:
+        if not key.startswith(ENV_PREFIX) or key in SECRET_ENV_KEYS or key in secret_files or key == CONFIG_PATH_ENV:
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
         node = data
@@ -406,7 +431,7 @@ def _with_secrets(data: dict[str, Any], environ: Mapping[str, str], source: str)
     secrets_path = Path(data.get("secrets_file", JobConfig.model_fields["secrets_file"].default))
     if not secrets_path.is_absolute():
         secrets_path = Path(data.get("base_dir", ".")) / secrets_path
-    secrets = {**read_secrets_file(secrets_path), **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS}}
+    secrets = {**read_secrets_file(secrets_path), **secret_file_values(environ), **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS and v}}
     for env_key, (section, key) in SECRET_ENV_KEYS.items():
         if secrets.get(env_key):
             data[section] = {**(data.get(section) or {}), key: secrets[env_key]}

@@ -39,6 +39,7 @@ import yaml
 from meterflow.config import JobConfig, parse_port_range
 from meterflow.errors import PortInUseError, StackError
 from meterflow.metrics_conf import flink_reporter_conf
+from meterflow.security import exposed_listeners, pg_identifier, pg_string_literal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_JARS = REPO_ROOT / "stack" / "kafka" / "target" / "dependency"
@@ -374,10 +375,15 @@ class PostgresServer:
         self._ensure_role_and_db()
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        """Run SQL as the superuser over the local socket; return stdout."""
+        """Run SQL as the superuser over the local socket; return stdout.
+
+        The statement goes through standard input, never the command line, which any local user
+        can read in the process list (it may carry the role's password).
+        """
         bindir = postgres_bin_dir()
         r = self._as_postgres(
-            [str(bindir.parent / "bin" / "psql") if (bindir / "psql").exists() else "psql", "-h", str(self.dir), "-p", str(self.cfg.postgres.port), "-d", database, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]
+            [str(bindir.parent / "bin" / "psql") if (bindir / "psql").exists() else "psql", "-h", str(self.dir), "-p", str(self.cfg.postgres.port), "-d", pg_identifier(database).strip('"'), "-v", "ON_ERROR_STOP=1", "-qAt", "-f", "-"],
+            input=sql,
         )
         if r.returncode:
             msg = f"psql failed: {r.stderr.strip()}"
@@ -389,13 +395,14 @@ class PostgresServer:
         if pg.password is None:
             msg = "no Postgres password configured: set METERFLOW_POSTGRES_PASSWORD or let `stack up` generate the secrets file"
             raise StackError(msg)
-        password = pg.password.get_secret_value().replace("'", "''")
-        if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{pg.user}'").strip():
-            self.psql(f"CREATE ROLE \"{pg.user}\" LOGIN PASSWORD '{password}'")
+        user, database = pg_identifier(pg.user), pg_identifier(pg.database)
+        password = pg_string_literal(pg.password.get_secret_value())
+        if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = {pg_string_literal(pg.user)}").strip():
+            self.psql(f"CREATE ROLE {user} LOGIN PASSWORD {password}")
         else:
-            self.psql(f"ALTER ROLE \"{pg.user}\" LOGIN PASSWORD '{password}'")
-        if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{pg.database}'").strip():
-            self.psql(f"CREATE DATABASE \"{pg.database}\" OWNER \"{pg.user}\"")
+            self.psql(f"ALTER ROLE {user} LOGIN PASSWORD {password}")
+        if not self.psql(f"SELECT 1 FROM pg_database WHERE datname = {pg_string_literal(pg.database)}").strip():
+            self.psql(f"CREATE DATABASE {database} OWNER {user}")
 
     def down(self, mode: str = "fast") -> None:
         """Stop the server (``fast`` rolls back open transactions; ``immediate`` is a crash)."""
@@ -456,15 +463,11 @@ class FlinkCluster:
         env.update(FLINK_HOME=str(flink_home()), FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir))
         return env
 
-    def prepare(self) -> None:
-        """Write conf/ (flink-conf/config.yaml + local overrides) and lib/ (distribution + connector jars)."""
-        home = flink_home()
-        for d in (self.conf_dir, self.lib_dir, self.log_dir, self.dir / "pid"):
-            d.mkdir(parents=True, exist_ok=True)
-        base = yaml.safe_load(FLINK_CONF_TEMPLATE.read_text())
+    def config(self) -> dict:
+        """The cluster's config.yaml: flink-conf/config.yaml with this machine's addresses, ports and directories."""
         f = self.cfg.flink
-        conf = render_flink_conf(
-            base,
+        return render_flink_conf(
+            yaml.safe_load(FLINK_CONF_TEMPLATE.read_text()),
             {
                 "jobmanager.bind-host": f.rest_host,
                 "jobmanager.rpc.address": f.rest_host,
@@ -485,6 +488,14 @@ class FlinkCluster:
                 **flink_reporter_conf(self.cfg.stack.flink_metrics_ports),
             },
         )
+
+    def prepare(self) -> None:
+        """Write conf/ (flink-conf/config.yaml + local overrides) and lib/ (distribution + connector jars)."""
+        home = flink_home()
+        for d in (self.conf_dir, self.lib_dir, self.log_dir, self.dir / "pid"):
+            d.mkdir(parents=True, exist_ok=True)
+        f = self.cfg.flink
+        conf = self.config()
         (self.conf_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
         for name in ("log4j.properties", "log4j-console.properties", "log4j-cli.properties", "log4j-session.properties", "logback.xml"):
             if (home / "conf" / name).exists():
@@ -697,6 +708,10 @@ class LocalStack:
         """Start every part (idempotent), then apply the database schema."""
         from sinks.ledger import apply_schemas
 
+        exposed = exposed_listeners(self.cfg)
+        if exposed:
+            msg = "the local stack listens on loopback only; these would bind other addresses: " + ", ".join(f"{k}={v}" for k, v in exposed.items())
+            raise StackError(msg)
         parts = [self.kafka, self.postgres, self.flink, self.prometheus] + ([self.stripe_mock] if self.stripe_mock.wanted else [])
         for part in parts:
             name = type(part).__name__

@@ -3,7 +3,8 @@
 #   - Debian packages: PostgreSQL server, Prometheus (with promtool), and a JDK + Maven if missing
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
 #   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
-#   - stripe-mock (Stripe's API-validating mock) with `go install`, into stack/bin
+#   - stripe-mock (Stripe's API-validating mock) and kubeconform (validates ops/k8s/ offline) with
+#     `go install`, into stack/bin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -79,5 +80,16 @@ if [ "$(cat stack/bin/.stripe-mock-version 2>/dev/null)" != "$stripe_mock_versio
     log "go install stripe-mock failed (is the Go module proxy reachable?)"; exit 1
   fi
   echo "$stripe_mock_version" > stack/bin/.stripe-mock-version
+fi
+# kubeconform validates the Kubernetes manifests of ops/k8s/ against the schemas committed beside them.
+kubeconform_version=v0.7.0
+if [ "$(cat stack/bin/.kubeconform-version 2>/dev/null)" != "$kubeconform_version" ] || [ ! -x stack/bin/kubeconform ]; then
+  command -v go >/dev/null || { log "Go is required to install kubeconform (go install)"; exit 1; }
+  log "installing kubeconform $kubeconform_version (go install)"
+  mkdir -p stack/bin
+  if ! GOBIN="$root/stack/bin" go install "github.com/yannh/kubeconform/cmd/kubeconform@$kubeconform_version"; then
+    log "go install kubeconform failed (is the Go module proxy reachable?)"; exit 1
+  fi
+  echo "$kubeconform_version" > stack/bin/.kubeconform-version
 fi
 log "ready: $root/.venv/bin/meterflow"

@@ -27,6 +27,7 @@ from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow import flink_jobs
 from meterflow.config import parse_port_range
+from meterflow.metrics_catalog import BILLING_JOB_METRICS, promql_metric_names
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.prometheus_server import ALERT_RULES, PrometheusServer
 from tests.e2e.helpers import (
@@ -42,6 +43,7 @@ pytestmark = [pytest.mark.e2e]
 
 DEAD_SCHEMA = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
 PREFIX = "flink_taskmanager_job_task_operator_"
+DASHBOARD = Path(__file__).resolve().parents[2] / "ops" / "grafana" / "meterflow.json"
 
 
 def _bad_records(sample: UsageEvent) -> list[bytes]:
@@ -91,6 +93,13 @@ def _alert_metric_names() -> set[str]:
     return {name for r in rules for name in re.findall(r"\bflink_[A-Za-z0-9_]+", r["expr"])}
 
 
+def _dashboard_usage_metric_names() -> set[str]:
+    """Metric names the Grafana dashboard reads, but the billing job's (that job does not run here)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return {name for expr in exprs for name in promql_metric_names(expr)[0]} - BILLING_JOB_METRICS
+
+
 def test_job_metrics_in_prometheus(e2e_stack):
     """Dead letters, late and on-time decisions, records read and checkpoints reach Prometheus exactly; labels stay bounded."""
     cfg, path = private_job(e2e_stack, "metrics")
@@ -98,8 +107,11 @@ def test_job_metrics_in_prometheus(e2e_stack):
     prom = PrometheusServer(cfg)
     assert prom.ready()
 
-    # Prometheus and every reporter endpoint listen on loopback only.
+    # Prometheus and every reporter endpoint listen on loopback only, as do Kafka, Postgres and Flink.
     assert _listening_hosts(cfg.stack.prometheus_port) == {"127.0.0.1"}
+    kafka_port = int(cfg.kafka.bootstrap_servers.rpartition(":")[2])
+    for port in (kafka_port, cfg.stack.kafka_controller_port, cfg.postgres.port, cfg.flink.rest_port, cfg.stack.flink_rpc_port):
+        assert _listening_hosts(port) == {"127.0.0.1"}, port
     wait_for(lambda: (_value(prom, 'count(up{job="flink"} == 1)') or 0) >= 2, 60, "the JobManager and TaskManager endpoints scraped")
     up_ports = [int(r["metric"]["instance"].rpartition(":")[2]) for r in prom.query('up{job="flink"} == 1')]
     assert set(up_ports) <= set(parse_port_range(cfg.stack.flink_metrics_ports))
@@ -150,6 +162,10 @@ def test_job_metrics_in_prometheus(e2e_stack):
         # Every metric the alert rules read is exposed by the running job.
         names = {r["metric"]["__name__"] for r in prom.query(f'count by (__name__) ({{__name__=~"flink_.+", {job}}})')}
         assert _alert_metric_names() <= names, sorted(_alert_metric_names() - names)
+        # And every metric the dashboard's usage panels read; its closed-windows panel selects the closer by name.
+        assert _dashboard_usage_metric_names() <= names, sorted(_dashboard_usage_metric_names() - names)
+        assert (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name="close_windows"}})') or 0) >= len(table_totals(cfg))
+        assert (_value(prom, f"sum({PREFIX}usageRowsCommitted{{{job}}})") or 0) >= len(table_totals(cfg))
         # The rules are loaded, and the dead letters fire their alert.
         groups = {g["name"] for g in _api(prom, "/api/v1/rules")["groups"]}
         assert {"meterflow-checkpoints", "meterflow-job", "meterflow-data"} <= groups

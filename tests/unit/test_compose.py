@@ -10,11 +10,19 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from meterflow.config import CONFIG_PATH_ENV, SECRET_ENV_KEYS, JobConfig, load_config
+from meterflow.config import (
+    CONFIG_PATH_ENV,
+    SECRET_ENV_KEYS,
+    SECRET_FILE_SUFFIX,
+    JobConfig,
+    load_config,
+)
+from meterflow.security import is_loopback
 from tests.conftest import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
-PASSWORD_REF = re.compile(r"^\$\{METERFLOW_POSTGRES_PASSWORD(:?[?-][^}]*)?\}$")
+DOCKERFILE = REPO_ROOT / "docker" / "flink" / "Dockerfile"
+SECRET_FILE_KEYS = {key + SECRET_FILE_SUFFIX for key in SECRET_ENV_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +139,14 @@ def test_meterflow_env_keys_name_config_fields(compose):
     """Every METERFLOW_* override in the compose file names a real config field."""
     keys = {key for env in _all_environments(compose).values() for key in env if key.startswith("METERFLOW_")}
     keys |= set(re.findall(r"\bMETERFLOW_[A-Z0-9_]+", COMPOSE_FILE.read_text()))
-    overrides = keys - set(SECRET_ENV_KEYS) - {CONFIG_PATH_ENV}
+    overrides = keys - set(SECRET_ENV_KEYS) - SECRET_FILE_KEYS - {CONFIG_PATH_ENV}
     assert overrides, "expected METERFLOW_<SECTION>__<KEY> overrides for the compose hosts"
     assert sorted(key for key in overrides if not _names_config_field(key)) == []
 
 
 def test_meterflow_env_loads_compose_hosts(compose):
     """The submit service's overrides load into a valid config pointing at the compose hosts."""
-    env = {k: v for k, v in _environment(compose["services"]["submit"]).items() if k.startswith("METERFLOW_") and k not in SECRET_ENV_KEYS}
+    env = {k: v for k, v in _environment(compose["services"]["submit"]).items() if k.startswith("METERFLOW_") and k not in SECRET_ENV_KEYS and k not in SECRET_FILE_KEYS}
     cfg = load_config(REPO_ROOT / "meterflow.yaml", environ=env)
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert (cfg.postgres.host, cfg.postgres.port) == ("postgres", 5432)
@@ -147,20 +155,84 @@ def test_meterflow_env_loads_compose_hosts(compose):
     assert cfg.checkpoint_uri() == "file:///opt/flink/checkpoints"
 
 
-def test_no_literal_password(compose):
-    """Passwords come only from ${METERFLOW_POSTGRES_PASSWORD...}, never a value in the file."""
-    postgres = _environment(compose["services"]["postgres"])
-    assert PASSWORD_REF.match(postgres["POSTGRES_PASSWORD"])
-    submit = _environment(compose["services"]["submit"])
-    assert PASSWORD_REF.match(submit["METERFLOW_POSTGRES_PASSWORD"])
+def test_no_secret_in_the_file_or_an_environment(compose):
+    """Secrets come only from Compose secrets fed by the caller's environment: no value, nor reference, in any environment."""
     for service, env in _all_environments(compose).items():
         for key, value in env.items():
             if re.search(r"PASSWORD|SECRET|API_KEY|TOKEN", key):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:?[?-][^}]*)?\}", value), f"{service}: {key} is not taken from the environment"
+                assert key.endswith(SECRET_FILE_SUFFIX), f"{service}: {key} carries a secret value; use a secret file"
+                assert value.startswith("/run/secrets/"), f"{service}: {key}={value}"
     for line in COMPOSE_FILE.read_text().splitlines():
-        match = re.match(r"\s*-?\s*([\w.-]*PASSWORD[\w.-]*)\s*[:=]\s*(\S.*)$", line, re.IGNORECASE)
+        match = re.match(r"\s*-?\s*([\w.-]*(?:PASSWORD|API_KEY)[\w.-]*)\s*[:=]\s*(\S.*)$", line, re.IGNORECASE)
         if match and not line.lstrip().startswith("#"):
-            assert match.group(2).startswith("${"), f"literal value for {match.group(1)}"
+            assert match.group(2).startswith("/run/secrets/") or match.group(1) == "environment", f"literal value for {match.group(1)}: {line}"
+
+
+def test_secrets_come_from_the_callers_environment(compose):
+    """Each Compose secret is read from one of meterflow's secret variables, and every secret variable has one."""
+    sources = {name: spec.get("environment") for name, spec in compose["secrets"].items()}
+    assert all(sources.values()), sources
+    assert set(sources.values()) == set(SECRET_ENV_KEYS)
+
+
+@pytest.mark.parametrize("service", ["taskmanager", "submit"])
+def test_secret_files_are_mounted_where_the_processes_read_them(compose, service):
+    """The TaskManager (which runs the sinks) and submit read every secret from a file of a secret they mount."""
+    svc = compose["services"][service]
+    env = _environment(svc)
+    mounted = set(svc.get("secrets", []))
+    for variable in SECRET_ENV_KEYS:
+        path = env.get(variable + SECRET_FILE_SUFFIX)
+        assert path, f"{service} lacks {variable}{SECRET_FILE_SUFFIX}"
+        name = path.removeprefix("/run/secrets/")
+        assert name in mounted and name in compose["secrets"], f"{service}: {path} is not a mounted secret"
+        assert compose["secrets"][name]["environment"] == variable
+
+
+def test_postgres_password_from_the_secret(compose):
+    """The Postgres container sets its password from the same secret the TaskManager reads."""
+    postgres = compose["services"]["postgres"]
+    env = _environment(postgres)
+    assert "POSTGRES_PASSWORD" not in env
+    name = env["POSTGRES_PASSWORD_FILE"].removeprefix("/run/secrets/")
+    assert name in postgres["secrets"]
+    assert compose["secrets"][name]["environment"] == "METERFLOW_POSTGRES_PASSWORD"
+
+
+def test_jobmanager_gets_no_secret(compose):
+    """The job graph carries no secret, so the JobManager needs none."""
+    svc = compose["services"]["jobmanager"]
+    assert not svc.get("secrets")
+    assert not any(key in SECRET_ENV_KEYS or key in SECRET_FILE_KEYS for key in _environment(svc))
+
+
+def test_every_published_port_is_on_the_host_loopback(compose):
+    """Every port mapping names a loopback host address: nothing is reachable from another machine."""
+    published = [(name, str(entry)) for name, svc in compose["services"].items() for entry in svc.get("ports", [])]
+    assert published
+    for name, entry in published:
+        parts = entry.rsplit(":", 2)
+        assert len(parts) == 3 and is_loopback(parts[0]), f"{name}: {entry} is published on every interface"
+
+
+def test_kafka_controller_on_loopback_and_advertised_host_on_loopback(compose):
+    """The broker's controller listener is loopback-only; the host-side listener is advertised as 127.0.0.1."""
+    env = _environment(compose["services"]["kafka"])
+    listeners = dict(item.split("://") for item in env["KAFKA_LISTENERS"].split(","))
+    assert is_loopback(listeners["CONTROLLER"].rpartition(":")[0])
+    advertised = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert is_loopback(advertised["EXTERNAL"].rpartition(":")[0])
+
+
+def test_flink_services_listen_inside_the_network(compose):
+    """flink-conf binds loopback; the Flink containers override every bind address for the private network."""
+    flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())
+    for name in ("jobmanager", "taskmanager"):
+        props = dict(line.split(": ", 1) for line in _environment(compose["services"][name])["FLINK_PROPERTIES"].splitlines() if line.strip())
+        for section, key in (("jobmanager", "bind-host"), ("taskmanager", "bind-host"), ("rest", "bind-address")):
+            assert is_loopback(flink_conf[section][key])
+            assert props[f"{section}.{key}"] == "0.0.0.0", name
+        assert props["rest.address"] == "jobmanager"
 
 
 def test_flink_conf_mount_exists(compose):
@@ -211,3 +283,77 @@ def test_flink_conf_prometheus_reporter_jar_is_in_the_image():
     assert int(prom["port"]) > 0
     pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()
     assert re.search(r"<artifactId>flink-metrics-prometheus</artifactId>\s*<version>2\.3\.\d+</version>", pom)
+
+
+def _dockerfile_stages() -> dict[str, list[str]]:
+    """Instructions of each build stage, by stage name (the last, unnamed one is "final")."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines():
+        if match := re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE):
+            current = stages.setdefault(match.group(1) or "final", [])
+        if line.strip() and not line.lstrip().startswith("#"):
+            current.append(line.strip())
+    return stages
+
+
+def _linked_jar_dirs() -> list[Path]:
+    """The directories whose jars `meterflow stack up` links into its cluster's lib/, read from FlinkCluster.prepare."""
+    import inspect
+
+    from meterflow import stack
+
+    names = re.findall(r"_require_jars\((\w+),", inspect.getsource(stack.FlinkCluster.prepare))
+    assert len(names) >= 2, names
+    return [getattr(stack, name).relative_to(REPO_ROOT) for name in names]
+
+
+def _module_and_jar_glob(jar_dir: Path) -> tuple[Path, str]:
+    """The Maven module that fills a jar directory, and the jars of it the stack links (``target/...``)."""
+    parts = jar_dir.parts
+    module = Path(*parts[: parts.index("target")])
+    inside = Path(*parts[parts.index("target") :])
+    pom = (REPO_ROOT / module / "pom.xml").read_text()
+    final_name = re.search(r"<build>.*?<finalName>([^<]+)</finalName>", pom, re.DOTALL)
+    # A module with a finalName is built (mvn package); its jar is the one artifact the stack links.
+    return module, str(inside / (f"{final_name.group(1)}.jar" if final_name else "*.jar"))
+
+
+@pytest.mark.parametrize("jar_dir", _linked_jar_dirs(), ids=str)
+def test_image_has_every_jar_the_local_stack_links(jar_dir):
+    """For each jar directory of the local stack's lib/, a build stage builds its Maven module and the image copies the same jars into /opt/flink/lib."""
+    module, jar_glob = _module_and_jar_glob(jar_dir)
+    stages = _dockerfile_stages()
+    builders = [name for name, lines in stages.items() if any(re.match(rf"COPY {re.escape(str(module))}/pom\.xml\b", line) for line in lines) and any("mvn " in line for line in lines)]
+    assert builders, f"no stage builds {module}/pom.xml"
+    copies = [line for line in stages["final"] if re.match(rf"COPY --from=({'|'.join(builders)}) \S*{re.escape(jar_glob)} /opt/flink/lib/$", line)]
+    assert copies, f"the image does not copy {module}'s {jar_glob} into /opt/flink/lib"
+
+
+def test_image_resolves_connector_jars_like_setup():
+    """The connector stage runs the same Maven resolution as scripts/setup.sh (fat "sql-" jars, no transitive jars)."""
+    setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
+    assert re.search(r'\[ "\$module" = flink-lib \] && extra=\(-DexcludeTransitive=true\)', setup)
+    stage = next(lines for lines in _dockerfile_stages().values() if any("stack/flink-lib/pom.xml" in line for line in lines))
+    assert any(re.search(r"mvn .*dependency:copy-dependencies\b.*-DexcludeTransitive=true", line) for line in stage)
+
+
+def test_udf_stage_has_the_sources_the_jar_packages():
+    """The udf stage copies udf/'s pom and sources and avro/, which the jar packages as resources."""
+    pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
+    assert "<directory>${project.basedir}/../avro</directory>" in pom
+    stage = next(lines for lines in _dockerfile_stages().values() if any(line.startswith("COPY udf/pom.xml") for line in lines))
+    copied = {line.split()[1].rstrip("/") for line in stage if line.startswith("COPY ")}
+    assert {"avro", "udf/pom.xml", "udf/src"} <= copied
+
+
+def test_image_flink_version_matches_the_jars_and_pyflink():
+    """The image's Flink, the Flink jars of both poms and the apache-flink wheel are one version."""
+    base = re.search(r"^FROM flink:(\d+\.\d+\.\d+)", DOCKERFILE.read_text(), re.MULTILINE).group(1)
+    udf_pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
+    assert re.search(r"<flink.version>([^<]+)</flink.version>", udf_pom).group(1) == base
+    lib_pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()
+    for artifact in ("flink-sql-avro", "flink-metrics-prometheus"):
+        assert re.search(rf"<artifactId>{artifact}</artifactId>\s*<version>{re.escape(base)}</version>", lib_pom), artifact
+    assert f'"apache-flink=={base}"' in (REPO_ROOT / "pyproject.toml").read_text()
+    assert f"apache-flink=={base}" in DOCKERFILE.read_text()

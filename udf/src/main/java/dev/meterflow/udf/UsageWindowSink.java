@@ -54,21 +54,26 @@ import org.apache.flink.types.RowKind;
  * generated from the table's column contract in Python (sinks/postgres_schema.py) and binds, in
  * order: tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity,
  * event_count, revision, is_final.
+ *
+ * <p>The password is not part of the sink: the job graph carries only where the TaskManager reads
+ * it ({@link Secrets}: its environment, a mounted secret file, or the secrets file), resolved when
+ * the committer first connects.
  */
 public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindowSink.Batch> {
     private static final long serialVersionUID = 1L;
 
     private final String jdbcUrl;
     private final String user;
-    private final String password;
+    private final Secrets password;
     private final String upsertSql;
     private final boolean finalRows;
 
     /**
      * @param finalRows true for the closer's closed windows (bounds in epoch ms, {@code is_final}),
      *     false for the aggregate's changelog (bounds as LocalDateTime)
+     * @param password where the TaskManager reads the Postgres password
      */
-    public UsageWindowSink(String jdbcUrl, String user, String password, String upsertSql, boolean finalRows) {
+    public UsageWindowSink(String jdbcUrl, String user, Secrets password, String upsertSql, boolean finalRows) {
         this.jdbcUrl = jdbcUrl;
         this.user = user;
         this.password = password;
@@ -226,13 +231,13 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
     static final class PostgresCommitter implements Committer<Batch> {
         private final String jdbcUrl;
         private final String user;
-        private final String password;
+        private final Secrets password;
         private final String upsertSql;
         private final Counter rowsCommitted;
         private final Counter failures;
         private Connection connection;
 
-        PostgresCommitter(String jdbcUrl, String user, String password, String upsertSql, Counter rowsCommitted, Counter failures) {
+        PostgresCommitter(String jdbcUrl, String user, Secrets password, String upsertSql, Counter rowsCommitted, Counter failures) {
             this.jdbcUrl = jdbcUrl;
             this.user = user;
             this.password = password;
@@ -311,7 +316,7 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
             if (connection == null) {
                 Properties props = new Properties();
                 props.setProperty("user", user);
-                props.setProperty("password", password);
+                props.setProperty("password", password.resolve());
                 // Fail fast (seconds, not minutes) so a dead server leads to a restart, not a hung task.
                 props.setProperty("connectTimeout", "5");
                 props.setProperty("socketTimeout", "60");

@@ -1,0 +1,86 @@
+"""Every Prometheus metric name meterflow's jobs and their Flink cluster export that the alert rules
+(ops/alerts.yml) and the dashboard (ops/grafana/meterflow.json) may read.
+
+Flink's Prometheus reporter names a metric ``flink_<scope>_<name>``: the job's own counters and
+gauges live in the operator scope (``flink_taskmanager_job_task_operator_meterflow_...``), the
+checkpoint and restart metrics in the JobManager's job scope. The job's own names here are checked
+against the places that register them (udf/ and sinks/) by tests/unit/test_metrics_catalog.py,
+and the running job exposes them (tests/e2e/test_metrics.py).
+
+Pure data: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+
+JOB_SCOPE = "flink_jobmanager_job_"
+OPERATOR_SCOPE = "flink_taskmanager_job_task_operator_"
+
+# Flink's own metrics (JobManager job scope): checkpoints and restarts.
+FLINK_JOB_METRICS = frozenset(
+    JOB_SCOPE + name
+    for name in (
+        "numberOfCompletedCheckpoints",
+        "numberOfFailedCheckpoints",
+        "numberOfInProgressCheckpoints",
+        "lastCheckpointCompletedTimestamp",
+        "lastCheckpointDuration",
+        "lastCheckpointSize",
+        "numRestarts",
+        "uptime",
+    )
+)
+# Flink's own operator metrics, and the Kafka source reader's consumer metrics.
+FLINK_OPERATOR_METRICS = frozenset(
+    OPERATOR_SCOPE + name
+    for name in (
+        "numRecordsIn",
+        "numRecordsOut",
+        "numRecordsInPerSecond",
+        "numRecordsOutPerSecond",
+        "currentOutputWatermark",
+        "KafkaSourceReader_KafkaConsumer_records_lag_max",
+    )
+)
+# The usage job's own metrics (udf/: LatenessClassifier, CountDeadLetter, UsageWindowSink's committer).
+USAGE_JOB_METRICS = frozenset(
+    OPERATOR_SCOPE + name
+    for name in (
+        "meterflow_dead_letter_records",
+        "meterflow_late_records",
+        "meterflow_on_time_records",
+        "meterflow_held_watermark",
+        "usageRowsCommitted",
+        "usageCommitFailures",
+    )
+)
+# The billing job's own metrics (sinks/billing_operator.py).
+BILLING_JOB_METRICS = frozenset(
+    OPERATOR_SCOPE + f"meterflow_billing_{name}" for name in ("sent", "failed", "dead", "skipped", "deferred", "retries_handed_out")
+)
+# Metric families with a variable last part: one counter per dead-letter kind (CountDeadLetter).
+METRIC_PREFIXES = frozenset({OPERATOR_SCOPE + "meterflow_dead_letter_"})
+
+EXPORTED_METRICS = FLINK_JOB_METRICS | FLINK_OPERATOR_METRICS | USAGE_JOB_METRICS | BILLING_JOB_METRICS
+
+# A metric name in PromQL: a bare selector name, or a name prefix in a regular expression
+# (``__name__=~"prefix.+"``, or label_replace's ``"prefix(.+)"``).
+_NAME = re.compile(r"\b(flink_[A-Za-z0-9_]+)(\.[+*]|\(\.[+*]\))?")
+
+
+def promql_metric_names(expr: str) -> tuple[set[str], set[str]]:
+    """The metric names an expression reads, and the name prefixes it matches (``__name__=~"prefix.+"``)."""
+    names, prefixes = set(), set()
+    for match in _NAME.finditer(expr):
+        (prefixes if match.group(2) else names).add(match.group(1))
+    return names, prefixes
+
+
+def unknown_metrics(expr: str) -> list[str]:
+    """Names and prefixes in ``expr`` that meterflow does not export (empty when every one is known).
+
+    A per-kind dead-letter counter is read through its prefix only: the kinds come from the data.
+    """
+    names, prefixes = promql_metric_names(expr)
+    return sorted(names - EXPORTED_METRICS) + sorted(p + ".+" for p in prefixes - METRIC_PREFIXES)

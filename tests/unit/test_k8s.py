@@ -1,0 +1,187 @@
+"""ops/k8s/: valid against the committed CRD schemas (kubeconform -strict, offline), and in step with meterflow.yaml."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meterflow.config import SECRET_ENV_KEYS, SECRET_FILE_SUFFIX, JobConfig, load_config
+from tests.conftest import REPO_ROOT
+
+K8S = REPO_ROOT / "ops" / "k8s"
+SCHEMAS = K8S / "schemas"
+SCHEMA_LOCATION = str(SCHEMAS) + "/{{ .ResourceKind }}-{{ .Group }}-{{ .ResourceAPIVersion }}.json"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+
+
+def _kubeconform() -> str:
+    path = shutil.which("kubeconform", path=str(REPO_ROOT / "stack" / "bin")) or shutil.which("kubeconform")
+    if not path:
+        pytest.fail("kubeconform not found: run scripts/setup.sh (installs it with go install into stack/bin)")
+    return path
+
+
+def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+    """kubeconform -strict against the committed schemas only (no network: no other schema location)."""
+    args = [_kubeconform(), "-strict", "-summary", "-output", "text", "-schema-location", SCHEMA_LOCATION, *map(str, paths)]
+    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def resources() -> list[dict[str, Any]]:
+    return [doc for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> JobConfig:
+    return load_config(REPO_ROOT / "meterflow.yaml", environ={})
+
+
+def _of_kind(resources: list[dict], kind: str) -> list[dict]:
+    return [r for r in resources if r["kind"] == kind]
+
+
+def _env(deployment: dict) -> dict[str, dict]:
+    container = next(c for c in deployment["spec"]["podTemplate"]["spec"]["containers"] if c["name"] == "flink-main-container")
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_manifests_are_valid():
+    """Every manifest validates strictly against the committed Flink operator and Strimzi schemas."""
+    assert MANIFESTS
+    r = _validate(*MANIFESTS)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"Valid: (\d+), Invalid: 0, Errors: 0, Skipped: 0", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize(
+    ("manifest", "change", "message"),
+    [
+        ("flink-usage.yaml", ("    upgradeMode: savepoint", "    upgradeMode: savepoints"), "upgradeMode"),
+        ("flink-usage.yaml", ("    replicas: 2", "    replica: 2"), "additional properties 'replica'"),
+        ("flink-billing.yaml", ("              mountPath:", "              mountPoint:"), "mountPoint"),
+        ("kafka.yaml", ("        tls: false", "        tls: no-thanks"), "tls"),
+        ("topics.yaml", ("  partitions: 3", "  partition: 3"), "partition"),
+        ("kafka.yaml", ("kind: Kafka\n", "kind: KafkaCluster\n"), "could not find schema"),
+    ],
+)
+def test_an_invalid_manifest_fails(tmp_path, manifest, change, message):
+    """A misspelt field, a bad enum value or an unknown kind fails validation: the schemas are strict."""
+    text = (K8S / manifest).read_text()
+    assert change[0] in text
+    broken = tmp_path / manifest
+    broken.write_text(text.replace(change[0], change[1], 1))
+    r = _validate(broken)
+    assert r.returncode != 0
+    assert message in r.stdout + r.stderr
+
+
+def test_top_level_fields(resources):
+    """Root fields are the four a resource has (the generated schemas leave the root open)."""
+    for r in resources:
+        assert set(r) <= {"apiVersion", "kind", "metadata", "spec"}, r["metadata"]["name"]
+        assert r["metadata"]["name"] and "namespace" not in r["metadata"]
+
+
+def test_topics_match_the_config(resources, cfg):
+    """One KafkaTopic for each topic of meterflow.yaml, with its partitions, on the Kafka cluster of kafka.yaml."""
+    k = cfg.kafka
+    topics = _of_kind(resources, "KafkaTopic")
+    assert sorted(t["metadata"]["name"] for t in topics) == sorted([k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic])
+    (kafka,) = _of_kind(resources, "Kafka")
+    brokers = sum(p["spec"]["replicas"] for p in _of_kind(resources, "KafkaNodePool") if "broker" in p["spec"]["roles"])
+    for t in topics:
+        assert "topicName" not in t["spec"]
+        assert t["spec"]["partitions"] == k.partitions, t["metadata"]["name"]
+        assert t["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
+        assert int(t["spec"]["config"]["min.insync.replicas"]) < t["spec"]["replicas"] <= brokers
+
+
+def test_kafka_supports_the_jobs_transactions(resources, cfg):
+    """Replicated transaction log, a transaction timeout the jobs' producers fit in, and only an internal listener."""
+    (kafka,) = _of_kind(resources, "Kafka")
+    conf = kafka["spec"]["kafka"]["config"]
+    assert conf["transaction.state.log.replication.factor"] > conf["transaction.state.log.min.isr"] >= 2
+    assert conf["transaction.max.timeout.ms"] >= cfg.kafka.transaction_timeout.total_seconds() * 1000
+    assert [listener["type"] for listener in kafka["spec"]["kafka"]["listeners"]] == ["internal"]
+    assert {p["metadata"]["labels"]["strimzi.io/cluster"] for p in _of_kind(resources, "KafkaNodePool")} == {kafka["metadata"]["name"]}
+
+
+def test_job_names_and_scripts_match_the_config(resources, cfg):
+    """The usage and billing FlinkDeployments carry the config's job names and run the matching job scripts."""
+    by_name = {d["metadata"]["name"]: d for d in _of_kind(resources, "FlinkDeployment")}
+    assert set(by_name) == {cfg.flink.job_name, cfg.billing_job_name}
+    for name, script in ((cfg.flink.job_name, "jobs/usage_job.py"), (cfg.billing_job_name, "jobs/billing_job.py")):
+        args = by_name[name]["spec"]["job"]["args"]
+        assert args[args.index("-py") + 1] == f"/opt/meterflow/{script}"
+        assert (REPO_ROOT / script).exists()
+
+
+@pytest.mark.parametrize("which", ["usage", "billing"])
+def test_deployment_config_loads_and_points_at_the_cluster(resources, cfg, which):
+    """The pods' METERFLOW_* overrides load into a valid config: Kafka's bootstrap service, the job's parallelism, checkpoints on S3."""
+    name = cfg.flink.job_name if which == "usage" else cfg.billing_job_name
+    deployment = next(d for d in _of_kind(resources, "FlinkDeployment") if d["metadata"]["name"] == name)
+    env = {k: e["value"] for k, e in _env(deployment).items() if k.startswith("METERFLOW_") and "value" in e}
+    overrides = {k: v for k, v in env.items() if k not in SECRET_ENV_KEYS and not k.endswith(SECRET_FILE_SUFFIX) and k != "METERFLOW_CONFIG"}
+    pod_cfg = load_config(REPO_ROOT / "meterflow.yaml", environ=overrides)
+    (kafka,) = _of_kind(resources, "Kafka")
+    port = next(listener["port"] for listener in kafka["spec"]["kafka"]["listeners"] if listener["type"] == "internal")
+    assert pod_cfg.kafka.bootstrap_servers == f"{kafka['metadata']['name']}-kafka-bootstrap:{port}"
+    assert env["METERFLOW_CONFIG"] == "/opt/meterflow/meterflow.yaml"
+    parallelism = pod_cfg.flink.parallelism if which == "usage" else pod_cfg.billing_parallelism
+    assert parallelism == deployment["spec"]["job"]["parallelism"]
+    assert pod_cfg.checkpoint_uri().startswith("s3://") and pod_cfg.checkpoint_uri().endswith(f"/{name}")
+    if which == "billing":
+        assert pod_cfg.billing.enabled and pod_cfg.stripe.api_base == "https://api.stripe.com"
+
+
+def test_deployments_run_ha_with_savepoint_upgrades(resources):
+    """Application mode, Kubernetes HA, checkpoints/savepoints/HA data on S3, savepoint upgrades, the image's Flink version."""
+    flink = re.search(r"^FROM flink:(\d+)\.(\d+)\.(\d+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text(), re.MULTILINE).groups()
+    for d in _of_kind(resources, "FlinkDeployment"):
+        spec, conf = d["spec"], d["spec"]["flinkConfiguration"]
+        assert spec["mode"] == "native" and spec["job"]["upgradeMode"] == "savepoint" and spec["job"]["state"] == "running"
+        assert spec["flinkVersion"] == f"v{flink[0]}_{flink[1]}"
+        assert spec["job"]["jarURI"] == f"local:///opt/flink/opt/flink-python-{'.'.join(flink)}.jar"
+        assert conf["high-availability.type"] == "kubernetes"
+        for key in ("high-availability.storageDir", "execution.checkpointing.savepoint-dir"):
+            assert conf[key].startswith("s3://") and conf[key].endswith(f"/{d['metadata']['name']}"), key
+        assert conf["kubernetes.rest-service.exposed.type"] == "ClusterIP"
+        venv = re.search(r"VIRTUAL_ENV=(\S+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text()).group(1)
+        args = spec["job"]["args"]
+        assert args[args.index("-pyclientexec") + 1] == conf["python.executable"] == conf["python.client.executable"] == f"{venv}/bin/python3"
+        assert _env(d)["ENABLE_BUILT_IN_PLUGINS"]["value"] == f"flink-s3-fs-hadoop-{'.'.join(flink)}.jar"
+
+
+def test_secrets_are_mounted_files_never_values(resources):
+    """Each secret reaches a pod as a file of a mounted Kubernetes Secret (or a secretKeyRef), never as a literal."""
+    for d in _of_kind(resources, "FlinkDeployment"):
+        pod = d["spec"]["podTemplate"]["spec"]
+        env = _env(d)
+        container = next(c for c in pod["containers"] if c["name"] == "flink-main-container")
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        files = {}
+        for volume in pod["volumes"]:
+            for source in volume["projected"]["sources"]:
+                for item in source["secret"]["items"]:
+                    files[f"{mounts[volume['name']]}/{item['path']}"] = (source["secret"]["name"], item["key"])
+        for name, entry in env.items():
+            if re.search(r"PASSWORD|API_KEY|SECRET|TOKEN|ACCESS_KEY", name):
+                if name.endswith(SECRET_FILE_SUFFIX):
+                    assert entry["value"] in files, f"{d['metadata']['name']}: {name} names no mounted secret file"
+                else:
+                    assert "secretKeyRef" in entry.get("valueFrom", {}), f"{d['metadata']['name']}: {name} has a literal value"
+        assert files[env["METERFLOW_POSTGRES_PASSWORD_FILE"]["value"]] == ("meterflow-postgres", "password")
+
+
+def test_postgres_is_external(resources):
+    """No Postgres runs from these manifests, and no Secret is shipped: both are the operator's to provide."""
+    kinds = {r["kind"] for r in resources}
+    assert kinds == {"Kafka", "KafkaNodePool", "KafkaTopic", "FlinkDeployment"}

@@ -1,0 +1,75 @@
+"""meterflow/metrics_catalog.py is the source of truth for metric names: it matches what the code registers, and the alert rules read only names from it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from meterflow.metrics_catalog import (
+    BILLING_JOB_METRICS,
+    METRIC_PREFIXES,
+    OPERATOR_SCOPE,
+    USAGE_JOB_METRICS,
+    promql_metric_names,
+    unknown_metrics,
+)
+from tests.conftest import REPO_ROOT
+
+UDF = REPO_ROOT / "udf" / "src" / "main" / "java" / "dev" / "meterflow" / "udf"
+
+
+def _java_registered() -> set[str]:
+    """Operator-scope names of the counters and gauges udf/ registers.
+
+    ``group`` is the ``meterflow`` group where a class adds one (its names get ``meterflow_``);
+    ``metricGroup()`` registers in the operator's own group.
+    """
+    names = set()
+    for source in UDF.glob("*.java"):
+        text = source.read_text()
+        group_prefix = "meterflow_" if re.search(r'group = .*addGroup\("meterflow"\);', text) else ""
+        names |= {OPERATOR_SCOPE + group_prefix + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
+        names |= {OPERATOR_SCOPE + n for n in re.findall(r'\bmetricGroup\(\)\.(?:counter|gauge)\("(\w+)"', text)}
+    return names
+
+
+def _python_registered() -> set[str]:
+    text = (REPO_ROOT / "sinks" / "billing_operator.py").read_text()
+    names = {OPERATOR_SCOPE + f"meterflow_billing_{n}" for n in re.search(r'counter\(f"billing_\{name\}"\) for name in \(([^)]*)\)', text).group(1).replace('"', "").replace(" ", "").split(",")}
+    names |= {OPERATOR_SCOPE + "meterflow_" + n for n in re.findall(r'add_group\("meterflow"\)\.counter\("(\w+)"\)', text)}
+    return names
+
+
+def test_usage_job_metrics_are_the_ones_udf_registers():
+    """The catalog's usage-job names are exactly the counters and gauges of udf/ (the per-kind family aside)."""
+    assert _java_registered() == USAGE_JOB_METRICS
+
+
+def test_billing_job_metrics_are_the_ones_the_operator_registers():
+    assert _python_registered() == BILLING_JOB_METRICS
+
+
+def test_dead_letter_kinds_are_a_prefix_family():
+    """CountDeadLetter registers one counter per kind under meterflow.dead_letter: the catalog has its prefix."""
+    assert 'addGroup("dead_letter").counter(k)' in (UDF / "CountDeadLetter.java").read_text()
+    assert METRIC_PREFIXES == {OPERATOR_SCOPE + "meterflow_dead_letter_"}
+
+
+def test_promql_names_and_prefixes():
+    expr = 'sum(rate(flink_a_b[5m])) / sum({__name__=~"flink_x_y_.+", __name__!="flink_x_y_records"})'
+    assert promql_metric_names(expr) == ({"flink_a_b", "flink_x_y_records"}, {"flink_x_y_"})
+    assert promql_metric_names('label_replace(up, "kind", "$1", "__name__", "flink_z_(.+)")') == (set(), {"flink_z_"})
+
+
+def test_unknown_names_are_reported():
+    known = f"rate({OPERATOR_SCOPE}meterflow_late_records[5m])"
+    assert unknown_metrics(known) == []
+    assert unknown_metrics(f"rate({OPERATOR_SCOPE}meterflow_late_recrods[5m])") == [f"{OPERATOR_SCOPE}meterflow_late_recrods"]
+    assert unknown_metrics('{__name__=~"flink_taskmanager_job_task_operator_meterflow_nope_.+"}') == ["flink_taskmanager_job_task_operator_meterflow_nope_.+"]
+
+
+@pytest.mark.parametrize("rule", [r for g in yaml.safe_load((REPO_ROOT / "ops" / "alerts.yml").read_text())["groups"] for r in g["rules"]], ids=lambda r: r.get("alert", "?"))
+def test_alert_rules_read_exported_metrics(rule):
+    assert unknown_metrics(rule["expr"]) == []
