@@ -68,7 +68,8 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
     /** The table's physical columns must be the usage event row, names and types (nullable) alike. */
     static void checkPhysicalType(LogicalType physical) {
         LogicalType expected = LogicalTypeParser.parse(UsageEventDecoder.ROW_TYPE, MeterflowAvroDecodingFormat.class.getClassLoader());
-        if (!expected.equals(physical)) {
+        // The row itself is never null (the planner passes it NOT NULL); its columns are compared as they are.
+        if (!expected.equals(physical.copy(true))) {
             throw new ValidationException(
                     "format '" + MeterflowAvroFormatFactory.IDENTIFIER + "' decodes avro/usage_event.avsc into "
                             + expected.asSerializableString() + "; the table's physical columns are "

@@ -50,8 +50,9 @@ class MeterflowAvroFormatTest {
         }
     }
 
+    /** The table's physical row as the Kafka connector passes it: NOT NULL, of nullable columns. */
     static DataType physical() {
-        return TypeConversions.fromLogicalToDataType(LogicalTypeParser.parse(UsageEventDecoder.ROW_TYPE, MeterflowAvroFormatTest.class.getClassLoader()));
+        return TypeConversions.fromLogicalToDataType(LogicalTypeParser.parse(UsageEventDecoder.ROW_TYPE + " NOT NULL", MeterflowAvroFormatTest.class.getClassLoader()));
     }
 
     static DeserializationSchema<RowData> decoder(Context context, List<String> metadata) throws Exception {
@@ -78,7 +79,7 @@ class MeterflowAvroFormatTest {
                         DataTypes.FIELD("customer_id", DataTypes.STRING()), DataTypes.FIELD("meter", DataTypes.STRING()),
                         DataTypes.FIELD("quantity", DataTypes.DECIMAL(38, 9)), DataTypes.FIELD("event_time", DataTypes.TIMESTAMP(3)),
                         DataTypes.FIELD("dimensions", DataTypes.MAP(DataTypes.STRING(), DataTypes.STRING())),
-                        DataTypes.FIELD("error", DataTypes.STRING()), DataTypes.FIELD("raw", DataTypes.BYTES())).getLogicalType(),
+                        DataTypes.FIELD("error", DataTypes.STRING()), DataTypes.FIELD("raw", DataTypes.BYTES())).notNull().getLogicalType(),
                 context.produced.getLogicalType());
 
         byte[] good = UsageEventDecoderTest.good();
