@@ -45,6 +45,14 @@ def table_options(cfg: JobConfig) -> dict[str, str]:
     return options
 
 
+def state_backend_options(cfg: JobConfig) -> dict[str, str]:
+    """Job options of the configured state backend; RocksDB checkpoints only what changed since the last one."""
+    options = {"state.backend.type": cfg.flink.state_backend}
+    if cfg.flink.state_backend == "rocksdb":
+        options["execution.checkpointing.incremental"] = "true"
+    return options
+
+
 COUNT_DEAD_LETTER_FUNCTION = ("count_dead_letter", "dev.meterflow.udf.CountDeadLetter")
 DEAD_LETTER_SINK_TABLE = "dead_letter_sink"
 DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"

@@ -36,6 +36,7 @@ from jobs.plan import (
     late_events_insert,
     late_events_sink_ddl,
     routed_query,
+    state_backend_options,
     table_options,
     window_changelog_query,
 )
@@ -58,7 +59,7 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     # closer never mutate a record they emitted, and the classifier only fills in fields of the row
     # it alone receives.
     conf.set_string("pipeline.object-reuse", "true")
-    for key, value in (extra or {}).items():
+    for key, value in {**state_backend_options(cfg), **(extra or {})}.items():
         conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)

@@ -19,6 +19,7 @@ from jobs.plan import (
     quantity_expr,
     late_events_insert,
     late_events_sink_ddl,
+    state_backend_options,
     table_options,
     usage_windows_sink_ddl,
     window_changelog_query,
@@ -26,6 +27,7 @@ from jobs.plan import (
 from jobs.source_plan import bounded_event_time, usage_source_ddl, validate_query
 from jobs.sql import sql_interval, sql_string
 from meterflow.config import load_config
+from meterflow.errors import ConfigError
 from sinks.postgres_schema import check_identifier, usage_table_ddl
 
 
@@ -244,3 +246,30 @@ def test_identifiers_are_checked(bad):
     """Table names that are not plain identifiers are refused."""
     with pytest.raises(ValueError, match="identifier"):
         check_identifier(bad)
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("hashmap", {"state.backend.type": "hashmap"}),
+        ("rocksdb", {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true"}),
+    ],
+)
+def test_state_backend_is_a_config_key(write_config, backend, options):
+    """flink.state_backend picks the job's state backend; RocksDB checkpoints incrementally."""
+    cfg = load_config(write_config(f"flink:\n  state_backend: {backend}\n"), environ={})
+    assert state_backend_options(cfg) == options
+
+
+def test_unknown_state_backend_is_refused(write_config):
+    """Only the two backends the job is built for are accepted."""
+    with pytest.raises(ConfigError, match="state_backend"):
+        load_config(write_config("flink:\n  state_backend: forst\n"), environ={})
+
+
+def test_default_state_backend_is_the_heap(write_config):
+    """Without the key the job keeps its state on the JVM heap, as meterflow.yaml documents."""
+    from tests.conftest import REPO_ROOT
+
+    assert state_backend_options(load_config(write_config(""), environ={})) == {"state.backend.type": "hashmap"}
+    assert "  state_backend: hashmap" in (REPO_ROOT / "meterflow.yaml").read_text()
