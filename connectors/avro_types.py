@@ -93,3 +93,9 @@ def derive_columns(schema: dict[str, Any]) -> list[Column]:
         raise SchemaError(msg)
     name = schema.get("name", "record")
     return [Column(f["name"], avro_to_flink_type(f["type"], f"{name}.{f['name']}")) for f in schema["fields"]]
+
+
+def derive_nullable_columns(schema: dict[str, Any]) -> list[Column]:
+    """The same columns with every type nullable at every level: the meterflow-avro format's row,
+    whose fields are all NULL for a record it cannot decode (udf/ UsageEventDecoder.ROW_TYPE)."""
+    return [Column(c.name, c.sql_type.replace(" NOT NULL", "")) for c in derive_columns(schema)]

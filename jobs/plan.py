@@ -1,46 +1,25 @@
-"""Pure generation of the job's Flink SQL: the tables, the options and the window aggregate.
+"""Pure generation of the job's Flink SQL: the options, dedup, classification, window aggregate and sinks.
 
-Everything per event runs in JVM operators declared here (Kafka source, Avro decoding, window
-aggregate, JDBC upsert); Python only builds the statements and submits them.
+Everything per event runs in JVM operators declared here and in jobs/source_plan.py (Kafka source
+with the meterflow-avro format, validation); Python only builds the statements and submits them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
+from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW
+from jobs.sql import ms as _ms
+from jobs.sql import sql_epoch_ms, sql_interval, sql_string
+from jobs.sql import sql_with as _with
 from meterflow.config import JobConfig, MeterConfig
 
-USAGE_SOURCE_TABLE = "usage_events"
 USAGE_WINDOWS_SINK_TABLE = "usage_windows_sink"
 LATE_EVENTS_SINK_TABLE = "late_events_sink"
 CLASSIFIED_VIEW = "classified_events"
 LATE_EVENT_SCHEMA = AVRO_DIR / "late_usage_event.avsc"
-EVENT_FIELDS = ("event_id", "tenant_id", "customer_id", "meter", "quantity", "event_time", "dimensions")
-
-
-def sql_interval(value: timedelta) -> str:
-    """A Flink SQL interval literal for a duration, exact to the millisecond."""
-    ms = int(value / timedelta(milliseconds=1))
-    if ms % 1000 == 0:
-        return f"INTERVAL '{ms // 1000}' SECOND"
-    return f"INTERVAL '{ms // 1000}.{ms % 1000:03d}' SECOND(3)"
-
-
-def sql_string(value: str) -> str:
-    """A single-quoted SQL string literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _with(options: dict[str, str]) -> str:
-    body = ",\n  ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in options.items())
-    return f"WITH (\n  {body}\n)"
-
-
-def _ms(value: timedelta) -> int:
-    return int(value / timedelta(milliseconds=1))
 
 
 def table_options(cfg: JobConfig) -> dict[str, str]:
@@ -66,85 +45,17 @@ def table_options(cfg: JobConfig) -> dict[str, str]:
     return options
 
 
-def sql_epoch_ms(expr: str) -> str:
-    """Epoch milliseconds of a TIMESTAMP(3) expression (Flink has no millisecond TIMESTAMPDIFF)."""
-    return f"(EXTRACT(EPOCH FROM {expr}) * 1000 + MOD(EXTRACT(MILLISECOND FROM {expr}), 1000))"
+def state_backend_options(cfg: JobConfig) -> dict[str, str]:
+    """Job options of the configured state backend; RocksDB checkpoints only what changed since the last one."""
+    options = {"state.backend.type": cfg.flink.state_backend}
+    if cfg.flink.state_backend == "rocksdb":
+        options["execution.checkpointing.incremental"] = "true"
+    return options
 
 
-DECODE_FUNCTION = ("decode_usage_event", "dev.meterflow.udf.DecodeUsageEvent")
 COUNT_DEAD_LETTER_FUNCTION = ("count_dead_letter", "dev.meterflow.udf.CountDeadLetter")
-VALIDATED_VIEW = "validated_events"
 DEAD_LETTER_SINK_TABLE = "dead_letter_sink"
 DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"
-OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
-
-
-def bounded_event_time(cfg: JobConfig) -> str:
-    """The decoded event time if it is plausible, else a sentinel that can never raise the watermark.
-
-    An event dated far ahead would drag the watermark forward and make everyone else's events late,
-    so only times within [produced - max_event_age, produced + max_event_ahead] count, where
-    "produced" is the Kafka record timestamp. Judging against the record, not the job's clock,
-    makes the decision deterministic: a replay, or a second branch, decides the same.
-    """
-    et = cfg.event_time
-    # A computed column cannot reference another, so the decoder is called here too (it caches).
-    t = f"`{DECODE_FUNCTION[0]}`(`payload`).`event_time`"
-    produced = "CAST(`kafka_timestamp` AS TIMESTAMP(3))"
-    return (
-        f"CASE WHEN {t} IS NOT NULL"
-        f" AND {t} >= TIMESTAMPADD(SECOND, -{int(et.max_event_age.total_seconds())}, {produced})"
-        f" AND {t} <= TIMESTAMPADD(SECOND, {int(et.max_event_ahead.total_seconds())}, {produced})"
-        f" THEN {t} ELSE {OUT_OF_RANGE_TIME} END"
-    )
-
-
-def usage_source_ddl(cfg: JobConfig) -> str:
-    """Kafka source of raw usage-event bytes, decoded in the JVM, with per-partition watermarks.
-
-    The value is read as raw bytes so one malformed message becomes a dead letter instead of
-    failing the job; ``decode_usage_event`` (udf/) decodes against avro/usage_event.avsc.
-    """
-    watermark = f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}"
-    return (
-        f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n"
-        "  `payload` BYTES,\n"
-        "  `source_topic` STRING METADATA FROM 'topic' VIRTUAL,\n"
-        "  `source_partition` INT METADATA FROM 'partition' VIRTUAL,\n"
-        "  `source_offset` BIGINT METADATA FROM 'offset' VIRTUAL,\n"
-        "  `kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,\n"
-        f"  `event` AS `{DECODE_FUNCTION[0]}`(`payload`),\n"
-        f"  `event_time` AS {bounded_event_time(cfg)},\n"
-        "  `proc_time` AS PROCTIME(),\n"
-        f"  {watermark}\n"
-        f") {_with(kafka_source_options(cfg))}"
-    )
-
-
-def validate_query(cfg: JobConfig) -> str:
-    """Decoded fields plus ``reject_reason`` (NULL for a countable event); deterministic per record,
-    so the dead-letter branch and the counting branch always agree."""
-    known = ", ".join(sql_string(m.name) for m in cfg.meters)
-    non_negative = [m.name for m in cfg.meters if not m.allow_negative]
-    e = "`event`"
-    checks = [f"WHEN {e}.`error` IS NOT NULL THEN {e}.`error`"]
-    checks += [f"WHEN CHAR_LENGTH(TRIM({e}.`{f}`)) = 0 THEN 'missing field: {f}'" for f in ("event_id", "tenant_id", "customer_id", "meter")]
-    checks.append(f"WHEN {e}.`meter` NOT IN ({known}) THEN CONCAT('unknown meter: ', {e}.`meter`)")
-    if non_negative:
-        names = ", ".join(sql_string(n) for n in non_negative)
-        checks.append(f"WHEN {e}.`quantity` < 0 AND {e}.`meter` IN ({names}) THEN CONCAT('negative quantity: meter ', {e}.`meter`, ' does not allow it')")
-    checks.append(
-        f"WHEN `event_time` = {OUT_OF_RANGE_TIME} THEN CONCAT('event_time out of range: ', CAST({e}.`event_time` AS STRING),"
-        " ' is not within [produced - event_time.max_event_age, produced + event_time.max_event_ahead], produced = ',"
-        " CAST(CAST(`kafka_timestamp` AS TIMESTAMP(3)) AS STRING))"
-    )
-    fields = ",\n  ".join(f"{e}.`{f}` AS `{f}`" for f in EVENT_FIELDS if f != "event_time")
-    return (
-        f"SELECT\n  {fields},\n  `event_time`, `proc_time`,\n"
-        "  `payload`, `source_topic`, `source_partition`, `source_offset`,\n"
-        f"  CASE {' '.join(checks)} END AS `reject_reason`\n"
-        f"FROM `{USAGE_SOURCE_TABLE}`"
-    )
 
 
 def dead_letter_sink_ddl(cfg: JobConfig) -> str:
@@ -159,23 +70,6 @@ def dead_letter_insert() -> str:
         f"SELECT `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`), `source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\n"
         f"FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NOT NULL"
     )
-
-
-def kafka_source_options(cfg: JobConfig) -> dict[str, str]:
-    """Kafka connector options of the usage source (plain Avro values)."""
-    return {
-        "connector": "kafka",
-        "topic": cfg.kafka.usage_events_topic,
-        "properties.bootstrap.servers": cfg.kafka.bootstrap_servers,
-        "properties.group.id": cfg.kafka.consumer_group,
-        # Resume from the group's committed offsets (committed on checkpoint); a new group starts at the beginning.
-        "scan.startup.mode": "group-offsets",
-        "properties.auto.offset.reset": "earliest",
-        # Producers may write transactionally; never count aborted records.
-        "properties.isolation.level": "read_committed",
-        "scan.topic-partition-discovery.interval": "60 s",
-        "format": "raw",
-    }
 
 
 @dataclass(frozen=True)

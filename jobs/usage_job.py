@@ -1,6 +1,6 @@
 """The meterflow usage job: wires the Flink graph, nothing else.
 
-Kafka -> decode + validate -> dead letters | dedup -> classify late/on time once ->
+Kafka (decoded by the meterflow-avro format) -> validate -> dead letters | dedup -> classify late/on time once ->
 late events | window aggregate -> per-fire upserts + window closer -> final rows + the
 closed-windows topic (billing reads it in its own job, jobs/billing_job.py).
 
@@ -8,8 +8,8 @@ Submit with ``meterflow submit`` or directly::
 
     flink run -d -py jobs/usage_job.py --config meterflow.yaml
 
-All per-event work runs in JVM operators declared as SQL (jobs/plan.py) and the Java functions in
-udf/, windows are closed by a Java operator from udf/ too; the job runs no Python operator.
+All per-event work runs in JVM operators declared as SQL (jobs/source_plan.py, jobs/plan.py) and the
+Java code in udf/ (the Avro format, functions, the window closer); the job runs no Python operator.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from jobs.plan import (
     CLASSIFIED_VIEW,
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
-    DECODE_FUNCTION,
-    VALIDATED_VIEW,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
@@ -37,11 +35,11 @@ from jobs.plan import (
     late_events_insert,
     late_events_sink_ddl,
     routed_query,
+    state_backend_options,
     table_options,
-    usage_source_ddl,
-    validate_query,
     window_changelog_query,
 )
+from jobs.source_plan import VALIDATED_VIEW, usage_source_ddl, validate_query
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 from meterflow.security import WindowSinkTarget, window_sink_target_of
@@ -61,7 +59,7 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     # closer never mutate a record they emitted, and the classifier only fills in fields of the row
     # it alone receives.
     conf.set_string("pipeline.object-reuse", "true")
-    for key, value in (extra or {}).items():
+    for key, value in {**state_backend_options(cfg), **(extra or {})}.items():
         conf.set_string(key, value)
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
@@ -150,9 +148,8 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
-    """Kafka -> decode + validate -> (dead letters | dedup -> classify once -> (windows | late))."""
-    for name, java_class in (DECODE_FUNCTION, COUNT_DEAD_LETTER_FUNCTION):
-        t_env.create_java_temporary_system_function(name, java_class)
+    """Kafka (decoded in the source) -> validate -> (dead letters | dedup -> classify once -> (windows | late))."""
+    t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))

@@ -140,6 +140,10 @@ class FlinkConfig(_Section):
     checkpoint_interval: Duration = timedelta(seconds=5)
     checkpoint_dir: str = ".stack/flink/checkpoints"
     job_name: str = "meterflow-usage"
+    state_backend: Literal["hashmap", "rocksdb"] = Field(
+        "hashmap",
+        description="Where the usage job keeps its state: on the JVM heap (hashmap), or in RocksDB on local disk with incremental checkpoints (rocksdb), for dedup state beyond a few million ids.",
+    )
 
 
 class EventTimeConfig(_Section):

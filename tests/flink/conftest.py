@@ -18,8 +18,9 @@ def table_env():
 
     conf = Configuration()
     conf.set_string("parallelism.default", "2")
-    # The job's JVM functions and the Avro format they use (both from scripts/setup.sh).
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar"))]
+    # The job's JVM code (functions, the meterflow-avro format), the Avro format of the sinks and the
+    # Kafka connector, to plan the job's own source (all from scripts/setup.sh).
+    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
     conf.set_string("pipeline.jars", ";".join(p.as_uri() for p in jars))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)

@@ -1,4 +1,5 @@
-"""The JVM decoder and the validation SQL in a local environment: every bad record gets its reason."""
+"""The usage source with the meterflow-avro format, planned in a local environment, and the validation SQL
+over rows shaped as the format emits them: every bad record gets its reason."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from decimal import Decimal
 
 import pytest
 
-from connectors.avro_codec import encode_usage_event
-from jobs.plan import COUNT_DEAD_LETTER_FUNCTION, DECODE_FUNCTION, USAGE_SOURCE_TABLE, bounded_event_time, validate_query
+from jobs.plan import COUNT_DEAD_LETTER_FUNCTION, routed_query
+from jobs.source_plan import BOUNDED_TIME, USAGE_SOURCE_TABLE, VALIDATED_VIEW, bounded_event_time, usage_source_ddl, usage_value_columns, validate_query
+from jobs.sql import sql_string
 from meterflow.config import load_config
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
@@ -23,48 +25,95 @@ GOOD = {
     "event_time": PRODUCED - timedelta(seconds=30),
     "dimensions": {"model": "m"},
 }
+MALFORMED = "malformed Avro: truncated record in field meter"
+
+
+def _reset(table_env) -> None:
+    for kind in ("VIEW", "TABLE"):
+        for name in (VALIDATED_VIEW, USAGE_SOURCE_TABLE):
+            table_env.execute_sql(f"DROP TEMPORARY {kind} IF EXISTS `{name}`")
+    table_env.execute_sql(f"DROP TEMPORARY SYSTEM FUNCTION IF EXISTS `{COUNT_DEAD_LETTER_FUNCTION[0]}`")
+
+
+def _literal_row(case: str, event: dict | None, error: str | None) -> str:
+    """A row as the format emits it: the fields (all NULL when it cannot decode), decode_error, payload."""
+    if event is None:
+        fields = ["CAST(NULL AS STRING)"] * 4 + ["CAST(NULL AS DECIMAL(38, 9))", "CAST(NULL AS TIMESTAMP(3))", "CAST(NULL AS MAP<STRING, STRING>)"]
+    else:
+        ts = event["event_time"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        dims = ", ".join(f"{sql_string(k)}, {sql_string(v)}" for k, v in event["dimensions"].items())
+        fields = [sql_string(event[f]) for f in ("event_id", "tenant_id", "customer_id", "meter")]
+        fields += [f"CAST('{event['quantity']}' AS DECIMAL(38, 9))", f"TIMESTAMP '{ts}'", f"MAP[{dims}]"]
+    return f"({', '.join(fields)}, {sql_string(error) if error else 'CAST(NULL AS STRING)'}, CAST({sql_string(case)} AS BYTES))"
 
 
 def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
-    """Malformed bytes, empty ids, unknown meters, forbidden negatives and absurd times are rejected; good ones pass exactly."""
+    """Undecodable values, empty ids, unknown meters, forbidden negatives and absurd times are rejected; good ones pass exactly."""
     cfg = load_config(write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={})
     cases = {
-        "good": encode_usage_event(GOOD),
-        "credit": encode_usage_event({**GOOD, "event_id": "e2", "meter": "credits", "quantity": Decimal("-3")}),
-        "garbage": b"\x01\x02garbage",
-        "empty": b"",
-        "trailing": encode_usage_event(GOOD) + b"\x00",
-        "no_id": encode_usage_event({**GOOD, "event_id": " "}),
-        "unknown_meter": encode_usage_event({**GOOD, "meter": "gpu_hours"}),
-        "negative": encode_usage_event({**GOOD, "quantity": Decimal("-1")}),
-        "future": encode_usage_event({**GOOD, "event_time": PRODUCED + timedelta(hours=2)}),
-        "ancient": encode_usage_event({**GOOD, "event_time": PRODUCED - timedelta(days=400)}),
+        "good": (GOOD, None),
+        "credit": ({**GOOD, "event_id": "e2", "meter": "credits", "quantity": Decimal("-3")}, None),
+        "garbage": (None, MALFORMED),
+        "no_id": ({**GOOD, "event_id": " "}, None),
+        "unknown_meter": ({**GOOD, "meter": "gpu_hours"}, None),
+        "negative": ({**GOOD, "quantity": Decimal("-1")}, None),
+        "future": ({**GOOD, "event_time": PRODUCED + timedelta(hours=2)}, None),
+        "ancient": ({**GOOD, "event_time": PRODUCED - timedelta(days=400)}, None),
     }
-    for name, java_class in (DECODE_FUNCTION, COUNT_DEAD_LETTER_FUNCTION):
-        table_env.create_java_temporary_system_function(name, java_class)
-    rows = ", ".join(f"('{name}', X'{payload.hex()}')" for name, payload in cases.items())
-    # Stand-in for the Kafka source: the same computed columns over literal payloads.
-    table_env.execute_sql(f"DROP TEMPORARY TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
-    table_env.execute_sql(f"DROP TEMPORARY VIEW IF EXISTS `{USAGE_SOURCE_TABLE}`")
+    rows = ", ".join(_literal_row(name, event, error) for name, (event, error) in cases.items())
+    names = ", ".join(f"`{c.name}`" for c in usage_value_columns())
+    produced = f"TO_TIMESTAMP_LTZ({int(PRODUCED.timestamp() * 1000)}, 3)"
+    # Stand-in for the Kafka source: the format's columns over literal rows, the same computed columns.
+    _reset(table_env)
+    table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     table_env.execute_sql(
-        f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT `payload`, 'in' AS `source_topic`, 0 AS `source_partition`, "
-        f"CAST(0 AS BIGINT) AS `source_offset`, TO_TIMESTAMP_LTZ({int(PRODUCED.timestamp() * 1000)}, 3) AS `kafka_timestamp`, "
-        f"`{DECODE_FUNCTION[0]}`(`payload`) AS `event`, PROCTIME() AS `proc_time`, "
-        f"{bounded_event_time(cfg).replace('`kafka_timestamp`', f'TO_TIMESTAMP_LTZ({int(PRODUCED.timestamp() * 1000)}, 3)')} AS `event_time` "
-        f"FROM (VALUES {rows}) AS t(`case_name`, `payload`)"
+        f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT *, 'in' AS `source_topic`, 0 AS `source_partition`, "
+        f"CAST(0 AS BIGINT) AS `source_offset`, {produced} AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
+        f"{bounded_event_time(cfg).replace('`kafka_timestamp`', produced)} AS `{BOUNDED_TIME}` "
+        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`)"
     )
-    query = f"SELECT `quantity`, `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`) AS `reason` FROM ({validate_query(cfg)})"
-    by_payload = {payload: name for name, payload in cases.items()}
+    query = f"SELECT `quantity`, `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`) AS `reason`, `event_time` FROM ({validate_query(cfg)})"
     with table_env.execute_sql(query).collect() as results:
-        got = {by_payload[bytes(r[1])]: r for r in results}
+        got = {bytes(r[1]).decode(): r for r in results}
     reason = {name: row[2] for name, row in got.items()}
     assert reason["good"] is None and reason["credit"] is None
     assert got["good"][0] == Decimal("12.345678901") and got["credit"][0] == Decimal("-3")
-    assert reason["garbage"].startswith("malformed Avro:")
-    assert reason["empty"] == "malformed Avro: empty message"
-    assert reason["trailing"] == "malformed Avro: trailing bytes after the record"
+    assert got["good"][3] == GOOD["event_time"].replace(tzinfo=None)
+    assert reason["garbage"] == MALFORMED
     assert reason["no_id"] == "missing field: event_id"
     assert reason["unknown_meter"] == "unknown meter: gpu_hours"
     assert reason["negative"] == "negative quantity: meter tokens does not allow it"
     assert reason["future"].startswith("event_time out of range: 2026-06-01 14:00:00")
     assert reason["ancient"].startswith("event_time out of range: 2025-")
+    # Rejected records carry no plausible time: they can never move the watermark.
+    assert got["future"][3] == got["ancient"][3] == datetime(1970, 1, 1)
+
+
+def test_job_source_plans_with_the_format_and_no_decode_function(table_env, write_config):
+    """The job's own source DDL finds the format in the udf jar and plans down to the execution graph."""
+    from pyflink.table.explain_detail import ExplainDetail
+
+    cfg = load_config(write_config("kafka:\n  bootstrap_servers: 127.0.0.1:9\n"), environ={})
+    _reset(table_env)
+    table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
+    table_env.execute_sql(usage_source_ddl(cfg))
+    table_env.create_temporary_view(VALIDATED_VIEW, table_env.sql_query(validate_query(cfg)))
+    # Translating to the execution plan asks the format for its runtime decoder (the column check).
+    plan = table_env.sql_query(routed_query(cfg)).explain(ExplainDetail.JSON_EXECUTION_PLAN)
+    assert f"table=[[default_catalog, default_database, {USAGE_SOURCE_TABLE}, metadata=[value.error, value.raw, topic, partition, offset, timestamp], watermark=[" in plan
+    # One Kafka source for the counted and the rejected side, and no decode anywhere but in it.
+    assert plan.count('"pact" : "Data Source"') == 1
+    assert "decode" not in plan.replace("decode_error", "")
+
+
+def test_format_refuses_a_table_that_is_not_the_usage_event(table_env):
+    """A table whose columns are not the schema's fields fails at planning with the format's reason."""
+    from pyflink.table.explain_detail import ExplainDetail
+
+    _reset(table_env)
+    table_env.execute_sql(
+        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` (`payload` BYTES, `decode_error` STRING METADATA FROM 'value.error' VIRTUAL) "
+        "WITH ('connector' = 'kafka', 'topic' = 't', 'properties.bootstrap.servers' = '127.0.0.1:9', 'format' = 'meterflow-avro')"
+    )
+    with pytest.raises(Exception, match="decodes avro/usage_event.avsc into"):
+        table_env.sql_query(f"SELECT * FROM `{USAGE_SOURCE_TABLE}`").explain(ExplainDetail.JSON_EXECUTION_PLAN)

@@ -10,7 +10,6 @@ from jobs.plan import (
     ROUTED_COLUMNS,
     JdbcTarget,
     classifier_fields,
-    bounded_event_time,
     classify_query,
     dead_letter_insert,
     dead_letter_sink_ddl,
@@ -20,15 +19,15 @@ from jobs.plan import (
     quantity_expr,
     late_events_insert,
     late_events_sink_ddl,
-    sql_interval,
-    sql_string,
+    state_backend_options,
     table_options,
-    usage_source_ddl,
     usage_windows_sink_ddl,
-    validate_query,
     window_changelog_query,
 )
+from jobs.source_plan import bounded_event_time, usage_source_ddl, validate_query
+from jobs.sql import sql_interval, sql_string
 from meterflow.config import load_config
+from meterflow.errors import ConfigError
 from sinks.postgres_schema import check_identifier, usage_table_ddl
 
 
@@ -51,34 +50,41 @@ def test_sql_string_escapes_quotes():
     assert sql_string("a'b") == "'a''b'"
 
 
-def test_source_reads_raw_bytes_decoded_in_the_jvm(cfg):
-    """The Kafka source reads raw values (a malformed one cannot fail the job) and decodes with the UDF."""
+def test_source_decodes_in_the_kafka_source_with_the_format(cfg):
+    """The Kafka source decodes values with the meterflow-avro format: the schema's fields, then why a value is not an event and its raw bytes."""
     ddl = usage_source_ddl(cfg)
-    assert "'format' = 'raw'" in ddl and "'topic' = 'in-topic'" in ddl
-    assert "`event` AS `decode_usage_event`(`payload`)" in ddl
+    assert "'format' = 'meterflow-avro'" in ddl and "'topic' = 'in-topic'" in ddl
+    assert "  `quantity` DECIMAL(38, 9),\n  `event_time` TIMESTAMP(3),\n  `dimensions` MAP<STRING, STRING>,\n" in ddl
+    assert "`decode_error` STRING METADATA FROM 'value.error' VIRTUAL" in ddl
+    assert "`payload` BYTES METADATA FROM 'value.raw' VIRTUAL" in ddl
     assert "'properties.isolation.level' = 'read_committed'" in ddl
     assert "`kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL" in ddl
+    assert "decode_usage_event" not in ddl
 
 
 def test_watermark_only_from_plausible_event_times(cfg):
     """The watermark follows the decoded time only inside the plausible range around the record timestamp."""
     ddl = usage_source_ddl(cfg)
-    assert "WATERMARK FOR `event_time` AS `event_time` - INTERVAL '1.500' SECOND(3)" in ddl
+    assert "WATERMARK FOR `bounded_time` AS `bounded_time` - INTERVAL '1.500' SECOND(3)" in ddl
     bounded = bounded_event_time(cfg)
+    assert f"`bounded_time` AS {bounded}," in ddl
+    assert bounded.startswith("CASE WHEN `event_time` IS NOT NULL AND `event_time` >= ")
     assert f"TIMESTAMPADD(SECOND, -{35 * 86400}, CAST(`kafka_timestamp` AS TIMESTAMP(3)))" in bounded
     assert "TIMESTAMPADD(SECOND, 300, CAST(`kafka_timestamp` AS TIMESTAMP(3)))" in bounded
     assert bounded.endswith("ELSE TIMESTAMP '1970-01-01 00:00:00.000' END")
 
 
 def test_validation_rules_follow_the_meter_config(write_config):
-    """Unknown meters, empty ids, forbidden negatives and out-of-range times each have a reason."""
+    """Undecodable values, unknown meters, empty ids, forbidden negatives and out-of-range times each have a reason."""
     cfg = load_config(write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={})
     sql = validate_query(cfg)
-    assert "WHEN `event`.`error` IS NOT NULL THEN `event`.`error`" in sql
+    assert "CASE WHEN `decode_error` IS NOT NULL THEN `decode_error`" in sql
     assert "'missing field: event_id'" in sql and "'missing field: customer_id'" in sql
     assert "NOT IN ('tokens', 'credits') THEN CONCAT('unknown meter: '" in sql
-    assert "`event`.`quantity` < 0 AND `event`.`meter` IN ('tokens')" in sql
-    assert "event_time out of range" in sql
+    assert "`quantity` < 0 AND `meter` IN ('tokens')" in sql
+    assert "WHEN `bounded_time` = TIMESTAMP '1970-01-01 00:00:00.000' THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING)" in sql
+    # Downstream, event_time is the plausible time the watermark follows.
+    assert "`bounded_time` AS `event_time`" in sql
 
 
 def test_dead_letters_keep_raw_bytes_and_are_counted(cfg):
@@ -240,3 +246,30 @@ def test_identifiers_are_checked(bad):
     """Table names that are not plain identifiers are refused."""
     with pytest.raises(ValueError, match="identifier"):
         check_identifier(bad)
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("hashmap", {"state.backend.type": "hashmap"}),
+        ("rocksdb", {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true"}),
+    ],
+)
+def test_state_backend_is_a_config_key(write_config, backend, options):
+    """flink.state_backend picks the job's state backend; RocksDB checkpoints incrementally."""
+    cfg = load_config(write_config(f"flink:\n  state_backend: {backend}\n"), environ={})
+    assert state_backend_options(cfg) == options
+
+
+def test_unknown_state_backend_is_refused(write_config):
+    """Only the two backends the job is built for are accepted."""
+    with pytest.raises(ConfigError, match="state_backend"):
+        load_config(write_config("flink:\n  state_backend: forst\n"), environ={})
+
+
+def test_default_state_backend_is_the_heap(write_config):
+    """Without the key the job keeps its state on the JVM heap, as meterflow.yaml documents."""
+    from tests.conftest import REPO_ROOT
+
+    assert state_backend_options(load_config(write_config(""), environ={})) == {"state.backend.type": "hashmap"}
+    assert "  state_backend: hashmap" in (REPO_ROOT / "meterflow.yaml").read_text()

@@ -1,0 +1,117 @@
+"""Pure generation of the usage source: Kafka values decoded by the meterflow-avro format, a plausible
+event time for the watermark, and the validation that gives every record it cannot count a reason.
+
+The format (udf/ ``dev.meterflow.format``) decodes each value once, in the Kafka source, straight into
+Flink's internal row; a malformed value becomes a row whose fields are NULL and whose ``decode_error``
+says why, with the raw bytes alongside, so one bad message is a dead letter, never a job failure.
+"""
+
+from __future__ import annotations
+
+from connectors.avro_types import Column, derive_nullable_columns, load_schema
+from jobs.sql import ms, sql_interval, sql_string, sql_with
+from meterflow.config import JobConfig
+
+USAGE_SOURCE_TABLE = "usage_events"
+VALIDATED_VIEW = "validated_events"
+# The format's name, as udf/ MeterflowAvroFormatFactory registers it.
+USAGE_FORMAT = "meterflow-avro"
+# The plausible event time (the watermark's column); the decoded `event_time` stays as sent.
+BOUNDED_TIME = "bounded_time"
+OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
+
+
+def usage_value_columns() -> list[Column]:
+    """The format's physical columns: every field of avro/usage_event.avsc, nullable (a malformed record has none)."""
+    return derive_nullable_columns(load_schema())
+
+
+EVENT_FIELDS = tuple(c.name for c in usage_value_columns())
+
+
+def kafka_source_options(cfg: JobConfig, value_format: str) -> dict[str, str]:
+    """Kafka connector options of a source of the usage-events topic with values in ``value_format``."""
+    return {
+        "connector": "kafka",
+        "topic": cfg.kafka.usage_events_topic,
+        "properties.bootstrap.servers": cfg.kafka.bootstrap_servers,
+        "properties.group.id": cfg.kafka.consumer_group,
+        # Resume from the group's committed offsets (committed on checkpoint); a new group starts at the beginning.
+        "scan.startup.mode": "group-offsets",
+        "properties.auto.offset.reset": "earliest",
+        # Producers may write transactionally; never count aborted records.
+        "properties.isolation.level": "read_committed",
+        "scan.topic-partition-discovery.interval": "60 s",
+        "format": value_format,
+    }
+
+
+def bounded_event_time(cfg: JobConfig) -> str:
+    """The decoded event time if it is plausible, else a sentinel that can never raise the watermark.
+
+    An event dated far ahead would drag the watermark forward and make everyone else's events late,
+    so only times within [produced - max_event_age, produced + max_event_ahead] count, where
+    "produced" is the Kafka record timestamp. Judging against the record, not the job's clock,
+    makes the decision deterministic: a replay, or a second branch, decides the same.
+    """
+    et = cfg.event_time
+    t = "`event_time`"
+    produced = "CAST(`kafka_timestamp` AS TIMESTAMP(3))"
+    return (
+        f"CASE WHEN {t} IS NOT NULL"
+        f" AND {t} >= TIMESTAMPADD(SECOND, -{int(et.max_event_age.total_seconds())}, {produced})"
+        f" AND {t} <= TIMESTAMPADD(SECOND, {int(et.max_event_ahead.total_seconds())}, {produced})"
+        f" THEN {t} ELSE {OUT_OF_RANGE_TIME} END"
+    )
+
+
+def usage_source_ddl(cfg: JobConfig) -> str:
+    """Kafka source of usage events, decoded by the meterflow-avro format, with per-partition watermarks.
+
+    The columns are the schema's fields (derived from avro/usage_event.avsc), then the format's
+    metadata: ``decode_error`` (why the value is not a usage event, else NULL) and ``payload``
+    (the value's bytes, kept for dead letters), then the record's Kafka coordinates.
+    """
+    fields = ",\n  ".join(c.ddl() for c in usage_value_columns())
+    watermark = f"WATERMARK FOR `{BOUNDED_TIME}` AS `{BOUNDED_TIME}` - {sql_interval(cfg.event_time.watermark_delay)}"
+    return (
+        f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n"
+        f"  {fields},\n"
+        "  `decode_error` STRING METADATA FROM 'value.error' VIRTUAL,\n"
+        "  `payload` BYTES METADATA FROM 'value.raw' VIRTUAL,\n"
+        "  `source_topic` STRING METADATA FROM 'topic' VIRTUAL,\n"
+        "  `source_partition` INT METADATA FROM 'partition' VIRTUAL,\n"
+        "  `source_offset` BIGINT METADATA FROM 'offset' VIRTUAL,\n"
+        "  `kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,\n"
+        f"  `{BOUNDED_TIME}` AS {bounded_event_time(cfg)},\n"
+        "  `proc_time` AS PROCTIME(),\n"
+        f"  {watermark}\n"
+        f") {sql_with(kafka_source_options(cfg, USAGE_FORMAT))}"
+    )
+
+
+def validate_query(cfg: JobConfig) -> str:
+    """Decoded fields (event_time the plausible one) plus ``reject_reason`` (NULL for a countable event).
+
+    Deterministic per record, so the dead-letter branch and the counting branch always agree.
+    """
+    known = ", ".join(sql_string(m.name) for m in cfg.meters)
+    non_negative = [m.name for m in cfg.meters if not m.allow_negative]
+    checks = ["WHEN `decode_error` IS NOT NULL THEN `decode_error`"]
+    checks += [f"WHEN CHAR_LENGTH(TRIM(`{f}`)) = 0 THEN 'missing field: {f}'" for f in ("event_id", "tenant_id", "customer_id", "meter")]
+    checks.append(f"WHEN `meter` NOT IN ({known}) THEN CONCAT('unknown meter: ', `meter`)")
+    if non_negative:
+        names = ", ".join(sql_string(n) for n in non_negative)
+        checks.append(f"WHEN `quantity` < 0 AND `meter` IN ({names}) THEN CONCAT('negative quantity: meter ', `meter`, ' does not allow it')")
+    checks.append(
+        f"WHEN `{BOUNDED_TIME}` = {OUT_OF_RANGE_TIME} THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING),"
+        " ' is not within [produced - event_time.max_event_age, produced + event_time.max_event_ahead], produced = ',"
+        " CAST(CAST(`kafka_timestamp` AS TIMESTAMP(3)) AS STRING))"
+    )
+    fields = ", ".join(f"`{BOUNDED_TIME}` AS `event_time`" if f == "event_time" else f"`{f}`" for f in EVENT_FIELDS)
+    return (
+        f"SELECT\n  {fields}, `proc_time`,\n"
+        "  `payload`, `source_topic`, `source_partition`, `source_offset`,\n"
+        f"  CASE {' '.join(checks)} END AS `reject_reason`\n"
+        f"FROM `{USAGE_SOURCE_TABLE}`"
+    )

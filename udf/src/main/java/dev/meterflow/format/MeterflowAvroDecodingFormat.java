@@ -1,0 +1,84 @@
+package dev.meterflow.format;
+
+import java.util.ArrayList;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+
+import org.apache.flink.api.common.serialization.DeserializationSchema;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.table.api.DataTypes;
+import org.apache.flink.table.api.ValidationException;
+import org.apache.flink.table.connector.ChangelogMode;
+import org.apache.flink.table.connector.format.DecodingFormat;
+import org.apache.flink.table.connector.source.DynamicTableSource;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.types.DataType;
+import org.apache.flink.table.types.logical.LogicalType;
+import org.apache.flink.table.types.logical.utils.LogicalTypeParser;
+import org.apache.flink.table.types.utils.DataTypeUtils;
+
+/**
+ * Plans the {@code meterflow-avro} decoder: checks the table's physical columns against the usage
+ * event row and appends the requested format metadata ({@code error}, {@code raw}) to the produced row.
+ */
+public final class MeterflowAvroDecodingFormat implements DecodingFormat<DeserializationSchema<RowData>> {
+
+    /** Why the record is not a usage event, or null. */
+    public static final String ERROR = "error";
+    /** The message bytes exactly as received (empty for a null value). */
+    public static final String RAW = "raw";
+
+    private List<String> metadataKeys = List.of();
+
+    @Override
+    public Map<String, DataType> listReadableMetadata() {
+        Map<String, DataType> metadata = new LinkedHashMap<>();
+        metadata.put(ERROR, DataTypes.STRING());
+        metadata.put(RAW, DataTypes.BYTES());
+        return metadata;
+    }
+
+    @Override
+    public void applyReadableMetadata(List<String> metadataKeys) {
+        this.metadataKeys = List.copyOf(metadataKeys);
+    }
+
+    @Override
+    public DeserializationSchema<RowData> createRuntimeDecoder(DynamicTableSource.Context context, DataType physicalDataType) {
+        checkPhysicalType(physicalDataType.getLogicalType());
+        if (!metadataKeys.contains(ERROR)) {
+            // Without it a malformed record would turn into a row of nulls, indistinguishable from data.
+            throw new ValidationException(
+                    "format '" + MeterflowAvroFormatFactory.IDENTIFIER + "' needs the '" + ERROR
+                            + "' metadata column (e.g. `decode_error` STRING METADATA FROM 'value." + ERROR + "' VIRTUAL)");
+        }
+        Map<String, DataType> readable = listReadableMetadata();
+        List<DataTypes.Field> fields = new ArrayList<>();
+        for (String key : metadataKeys) {
+            fields.add(DataTypes.FIELD(key, readable.get(key)));
+        }
+        DataType produced = DataTypeUtils.appendRowFields(physicalDataType, fields);
+        TypeInformation<RowData> typeInfo = context.createTypeInformation(produced);
+        int errorPos = UsageEventDecoder.ARITY + metadataKeys.indexOf(ERROR);
+        int rawPos = metadataKeys.contains(RAW) ? UsageEventDecoder.ARITY + metadataKeys.indexOf(RAW) : -1;
+        return new MeterflowAvroDeserializationSchema(typeInfo, UsageEventDecoder.ARITY + metadataKeys.size(), errorPos, rawPos);
+    }
+
+    /** The table's physical columns must be the usage event row, names and types (nullable) alike. */
+    static void checkPhysicalType(LogicalType physical) {
+        LogicalType expected = LogicalTypeParser.parse(UsageEventDecoder.ROW_TYPE, MeterflowAvroDecodingFormat.class.getClassLoader());
+        // The row itself is never null (the planner passes it NOT NULL); its columns are compared as they are.
+        if (!expected.equals(physical.copy(true))) {
+            throw new ValidationException(
+                    "format '" + MeterflowAvroFormatFactory.IDENTIFIER + "' decodes avro/usage_event.avsc into "
+                            + expected.asSerializableString() + "; the table's physical columns are "
+                            + physical.asSerializableString());
+        }
+    }
+
+    @Override
+    public ChangelogMode getChangelogMode() {
+        return ChangelogMode.insertOnly();
+    }
+}

@@ -1,0 +1,132 @@
+package dev.meterflow.format;
+
+import static org.junit.jupiter.api.Assertions.assertArrayEquals;
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
+import static org.junit.jupiter.api.Assertions.assertSame;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.util.List;
+
+import org.apache.flink.api.common.serialization.DeserializationSchema;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.table.api.DataTypes;
+import org.apache.flink.table.api.ValidationException;
+import org.apache.flink.table.connector.source.DynamicTableSource;
+import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.data.StringData;
+import org.apache.flink.table.factories.DeserializationFormatFactory;
+import org.apache.flink.table.factories.FactoryUtil;
+import org.apache.flink.table.types.DataType;
+import org.apache.flink.table.types.logical.LogicalType;
+import org.apache.flink.table.types.logical.utils.LogicalTypeParser;
+import org.apache.flink.table.types.utils.TypeConversions;
+import org.junit.jupiter.api.Test;
+
+/** The format as the Kafka connector uses it: discovered by name, checked at planning, one row per message. */
+class MeterflowAvroFormatTest {
+
+    /** Enough of the planner's context for the format: it only asks for the produced type's information. */
+    static final class Context implements DynamicTableSource.Context {
+        DataType produced;
+
+        @Override
+        @SuppressWarnings("unchecked")
+        public <T> TypeInformation<T> createTypeInformation(DataType producedDataType) {
+            produced = producedDataType;
+            return (TypeInformation<T>) TypeInformation.of(RowData.class);
+        }
+
+        @Override
+        public <T> TypeInformation<T> createTypeInformation(LogicalType producedLogicalType) {
+            return createTypeInformation(TypeConversions.fromLogicalToDataType(producedLogicalType));
+        }
+
+        @Override
+        public DynamicTableSource.DataStructureConverter createDataStructureConverter(DataType producedDataType) {
+            throw new UnsupportedOperationException();
+        }
+    }
+
+    /** The table's physical row as the Kafka connector passes it: NOT NULL, of nullable columns. */
+    static DataType physical() {
+        return TypeConversions.fromLogicalToDataType(LogicalTypeParser.parse(UsageEventDecoder.ROW_TYPE + " NOT NULL", MeterflowAvroFormatTest.class.getClassLoader()));
+    }
+
+    static DeserializationSchema<RowData> decoder(Context context, List<String> metadata) throws Exception {
+        MeterflowAvroDecodingFormat format = new MeterflowAvroDecodingFormat();
+        format.applyReadableMetadata(metadata);
+        DeserializationSchema<RowData> schema = format.createRuntimeDecoder(context, physical());
+        schema.open(null);
+        return schema;
+    }
+
+    @Test
+    void factoryIsFoundByItsName() {
+        DeserializationFormatFactory factory = FactoryUtil.discoverFactory(getClass().getClassLoader(), DeserializationFormatFactory.class, "meterflow-avro");
+        assertInstanceOf(MeterflowAvroFormatFactory.class, factory);
+    }
+
+    @Test
+    void producesTheEventFieldsThenTheRequestedMetadata() throws Exception {
+        Context context = new Context();
+        DeserializationSchema<RowData> schema = decoder(context, List.of("error", "raw"));
+        assertEquals(
+                DataTypes.ROW(
+                        DataTypes.FIELD("event_id", DataTypes.STRING()), DataTypes.FIELD("tenant_id", DataTypes.STRING()),
+                        DataTypes.FIELD("customer_id", DataTypes.STRING()), DataTypes.FIELD("meter", DataTypes.STRING()),
+                        DataTypes.FIELD("quantity", DataTypes.DECIMAL(38, 9)), DataTypes.FIELD("event_time", DataTypes.TIMESTAMP(3)),
+                        DataTypes.FIELD("dimensions", DataTypes.MAP(DataTypes.STRING(), DataTypes.STRING())),
+                        DataTypes.FIELD("error", DataTypes.STRING()), DataTypes.FIELD("raw", DataTypes.BYTES())).notNull().getLogicalType(),
+                context.produced.getLogicalType());
+
+        byte[] good = UsageEventDecoderTest.good();
+        RowData row = schema.deserialize(good);
+        assertEquals(9, row.getArity());
+        assertEquals(StringData.fromString("e1"), row.getString(0));
+        assertTrue(row.isNullAt(7), "no error");
+        assertSame(good, row.getBinary(8), "raw bytes as received, also for a good record");
+
+        byte[] garbage = {1, 2, 3};
+        RowData bad = schema.deserialize(garbage);
+        assertInstanceOf(GenericRowData.class, bad);
+        for (int i = 0; i < UsageEventDecoder.ARITY; i++) {
+            assertTrue(bad.isNullAt(i));
+        }
+        assertTrue(bad.getString(7).toString().startsWith("malformed Avro: "));
+        assertArrayEquals(garbage, bad.getBinary(8));
+    }
+
+    @Test
+    void aNullValueIsAnEmptyMessageWithEmptyRawBytes() throws Exception {
+        RowData row = decoder(new Context(), List.of("raw", "error")).deserialize(null);
+        assertArrayEquals(new byte[0], row.getBinary(7));
+        assertEquals(UsageEventDecoder.EMPTY, row.getString(8).toString());
+    }
+
+    @Test
+    void metadataIsOptionalExceptTheError() throws Exception {
+        RowData row = decoder(new Context(), List.of("error")).deserialize(new byte[] {7});
+        assertEquals(8, row.getArity());
+        assertTrue(row.getString(7).toString().startsWith("malformed Avro: "));
+        ValidationException e = assertThrows(ValidationException.class, () -> decoder(new Context(), List.of("raw")));
+        assertTrue(e.getMessage().contains("needs the 'error' metadata column"), e.getMessage());
+    }
+
+    @Test
+    void tableColumnsMustBeTheEventRow() {
+        DataType wrong = DataTypes.ROW(DataTypes.FIELD("payload", DataTypes.BYTES()));
+        MeterflowAvroDecodingFormat format = new MeterflowAvroDecodingFormat();
+        format.applyReadableMetadata(List.of("error"));
+        ValidationException e = assertThrows(ValidationException.class, () -> format.createRuntimeDecoder(new Context(), wrong));
+        assertTrue(e.getMessage().contains("decodes avro/usage_event.avsc into ROW<`event_id` VARCHAR"), e.getMessage());
+        DataType floatQuantity = DataTypes.ROW(
+                DataTypes.FIELD("event_id", DataTypes.STRING()), DataTypes.FIELD("tenant_id", DataTypes.STRING()),
+                DataTypes.FIELD("customer_id", DataTypes.STRING()), DataTypes.FIELD("meter", DataTypes.STRING()),
+                DataTypes.FIELD("quantity", DataTypes.DOUBLE()), DataTypes.FIELD("event_time", DataTypes.TIMESTAMP(3)),
+                DataTypes.FIELD("dimensions", DataTypes.MAP(DataTypes.STRING(), DataTypes.STRING())));
+        assertThrows(ValidationException.class, () -> format.createRuntimeDecoder(new Context(), floatQuantity));
+    }
+}
