@@ -6,6 +6,7 @@ import getpass
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -48,6 +49,24 @@ def late_events_in_range(records: list[dict[str, Any]], cfg: JobConfig, since: d
     from meterflow.late_audit import select
 
     return [late_event_from_record(r, cfg) for r in select(records, since=since, until=until)]
+
+
+def corrected_quantities(cfg: JobConfig, rows: list[Any]) -> list[Decimal]:
+    """``usage``: each usage row's quantity plus the deltas of its applied and approved corrections."""
+    from meterflow.corrections import WindowId, corrected_totals
+    from sinks.corrections_store import counted_deltas
+
+    deltas = {w: d for w, (d, _) in counted_deltas(cfg).items()}
+    keys = [WindowId(r.tenant_id, r.customer_id, r.meter, r.dimensions_key, r.window_start, r.window_end) for r in rows]
+    totals = corrected_totals(zip(keys, (r.quantity for r in rows), strict=True), deltas)
+    return [totals[k] for k in keys]
+
+
+def recorded_outcomes(cfg: JobConfig) -> dict[tuple[str, str], str]:
+    """``late-audit``: what ``corrections apply`` recorded per late event (empty before its first run)."""
+    from sinks.corrections_store import event_outcomes
+
+    return event_outcomes(cfg)
 
 
 @cli.group()

@@ -145,8 +145,11 @@ def decide(cfg: JobConfig, correction_id: str, action: str, who: str, note: str 
 
 
 def counted_deltas(cfg: JobConfig) -> dict[WindowId, tuple[Decimal, int]]:
-    """Per window, the deltas that count in its corrected total and how many corrections."""
+    """Per window, the deltas that count in its corrected total and how many corrections (empty when
+    no correction was ever recorded: the table does not exist yet)."""
     with connect(cfg.postgres) as conn:
+        if not _table_exists(conn, cfg.corrections.table):
+            return {}
         rows = conn.execute(counted_deltas_sql(cfg.corrections.table)).fetchall()
     return {WindowId(*key): (delta, n) for *key, delta, n in rows}
 
@@ -154,15 +157,11 @@ def counted_deltas(cfg: JobConfig) -> dict[WindowId, tuple[Decimal, int]]:
 def event_outcomes(cfg: JobConfig) -> dict[tuple[str, str], str]:
     """Per recorded late event ``(tenant_id, event_id)``: ``corrected (<status>)`` or ``not corrected``."""
     with connect(cfg.postgres) as conn:
+        if not _table_exists(conn, cfg.corrections.events_table):
+            return {}
         rows = conn.execute(recorded_event_outcomes_sql(cfg.corrections.events_table, cfg.corrections.table)).fetchall()
     return {(t, e): (f"corrected ({status})" if outcome == "corrected" else "not corrected") for t, e, outcome, status in rows}
 
 
-def tables_exist(cfg: JobConfig) -> bool:
-    """Whether the corrections table exists (``usage`` shows corrected totals only then)."""
-    try:
-        with connect(cfg.postgres) as conn:
-            return conn.execute("SELECT to_regclass(%s) IS NOT NULL", [cfg.corrections.table]).fetchone()[0]  # type: ignore[index]
-    except psycopg.Error as e:
-        msg = f"cannot look up table {cfg.corrections.table}: {e}"
-        raise SinkError(msg) from e
+def _table_exists(conn: psycopg.Connection, table: str) -> bool:
+    return bool(conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table]).fetchone()[0])  # type: ignore[index]
