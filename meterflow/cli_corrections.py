@@ -77,7 +77,7 @@ def corrections() -> None:
 @corrections.command("apply")
 @click.option("--since", default=None, help="Only late events with event_time >= this (ISO-8601, UTC).")
 @click.option("--until", default=None, help="Only late events with event_time < this (ISO-8601, UTC).")
-@click.option("--dry-run", is_flag=True, help="Compute the corrections against the database, write nothing.")
+@click.option("--dry-run", is_flag=True, help="Compute the corrections against the database, record none.")
 @click.option("--topic", default=None, help="Late-events topic (default kafka.late_events_topic).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_ctx
@@ -95,8 +95,7 @@ def run_apply(cfg: JobConfig, *, since: datetime | None, until: datetime | None,
     """``corrections apply``: read, plan and record; prints the corrections made (or that would be)."""
     from sinks.corrections_store import apply_all, apply_corrections_schema
 
-    if not dry_run:
-        apply_corrections_schema(cfg)
+    apply_corrections_schema(cfg)  # idempotent; a dry run reads the same tables
     events = late_events_in_range(read_late_events(cfg, topic), cfg, since, until)
     plans = apply_all(cfg, events, now(), dry_run=dry_run)
     made = [c for p in plans for c in p.corrections]
