@@ -73,24 +73,28 @@ def apply_lock_sql(table: str = "usage_corrections") -> str:
 def known_events_sql(events_table: str = "usage_correction_events") -> str:
     """Which of ``(tenant_ids[], event_ids[])`` are already recorded."""
     e = check_identifier(events_table)
-    return f"SELECT e.tenant_id, e.event_id FROM {e} e JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id) USING (tenant_id, event_id)"
+    return f"SELECT e.tenant_id, e.event_id FROM {e} e JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id) ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
 
 
 _KEYS_ARG = "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamp[]) AS k(tenant_id, customer_id, meter, dimensions_key, window_start)"
+
+
+def _on_keys(alias: str) -> str:
+    return " AND ".join(f"{alias}.{c} = k.{c}" for c in WINDOW_KEY)
 
 
 def window_rows_sql(usage_table: str = "usage_windows") -> str:
     """The usage rows of the given window keys (five parallel arrays): key, quantity, is_final."""
     u = check_identifier(usage_table)
     cols = ", ".join(f"u.{c}" for c in WINDOW_KEY)
-    return f"SELECT {cols}, u.quantity, u.is_final FROM {u} u JOIN {_KEYS_ARG} USING ({', '.join(WINDOW_KEY)})"
+    return f"SELECT {cols}, u.quantity, u.is_final FROM {u} u JOIN {_KEYS_ARG} ON {_on_keys('u')}"
 
 
 def recorded_deltas_sql(table: str = "usage_corrections") -> str:
     """Per given window key, the sum of deltas of corrections that make up its current value."""
     c = check_identifier(table)
     cols = ", ".join(f"c.{col}" for col in WINDOW_KEY)
-    return f"SELECT {cols}, sum(c.delta) FROM {c} c JOIN {_KEYS_ARG} USING ({', '.join(WINDOW_KEY)}) WHERE c.status IN ({_in(CURRENT_STATUSES)}) GROUP BY {cols}"
+    return f"SELECT {cols}, sum(c.delta) FROM {c} c JOIN {_KEYS_ARG} ON {_on_keys('c')} WHERE c.status IN ({_in(CURRENT_STATUSES)}) GROUP BY {cols}"
 
 
 def latest_corrected_sql(table: str = "usage_corrections", events_table: str = "usage_correction_events") -> str:
@@ -98,7 +102,7 @@ def latest_corrected_sql(table: str = "usage_corrections", events_table: str = "
     c, e = check_identifier(table), check_identifier(events_table)
     cols = ", ".join(f"e.{col}" for col in WINDOW_KEY)
     return (
-        f"SELECT DISTINCT ON ({cols}) {cols}, e.event_time, e.event_id FROM {e} e JOIN {c} c USING (correction_id) JOIN {_KEYS_ARG} USING ({', '.join(WINDOW_KEY)}) "
+        f"SELECT DISTINCT ON ({cols}) {cols}, e.event_time, e.event_id FROM {e} e JOIN {c} c ON c.correction_id = e.correction_id JOIN {_KEYS_ARG} ON {_on_keys('e')} "
         f"WHERE e.outcome = 'corrected' AND c.status IN ({_in(CURRENT_STATUSES)}) ORDER BY {cols}, e.event_time DESC, e.event_id DESC"
     )
 
@@ -144,4 +148,4 @@ def counted_deltas_sql(table: str = "usage_corrections") -> str:
 def recorded_event_outcomes_sql(events_table: str = "usage_correction_events", table: str = "usage_corrections") -> str:
     """Every recorded late event with its outcome and, when corrected, its correction's status."""
     e, c = check_identifier(events_table), check_identifier(table)
-    return f"SELECT e.tenant_id, e.event_id, e.outcome, c.status FROM {e} e LEFT JOIN {c} c USING (correction_id)"
+    return f"SELECT e.tenant_id, e.event_id, e.outcome, c.status FROM {e} e LEFT JOIN {c} c ON c.correction_id = e.correction_id"
