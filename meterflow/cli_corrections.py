@@ -135,11 +135,11 @@ def _correction_json(c: Any) -> dict[str, Any]:
 
 
 def _print_corrections(rows: list[tuple[Any, datetime | None]], title: str) -> None:
-    table = Table("correction", "tenant", "customer", "meter", "dimensions", "window (UTC)", "delta", "events", "status", "reason", "applied at", title=title)
+    table = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "delta", "events", "status", "reason", "applied at", title=title)
+    table.add_column("correction", overflow="fold", min_width=len("cor-0000000000000-") + 40)
     for c, applied_at in rows:
         w = c.window
         table.add_row(
-            c.correction_id,
             w.tenant_id,
             w.customer_id,
             w.meter,
@@ -150,6 +150,7 @@ def _print_corrections(rows: list[tuple[Any, datetime | None]], title: str) -> N
             c.status,
             c.reason,
             f"{applied_at:%Y-%m-%d %H:%M:%S %Z}" if applied_at else "",
+            c.correction_id,
         )
     console.print(table)
 

@@ -209,6 +209,11 @@ def window_delta(aggregation: Aggregation, state: WindowState, events: list[Late
     return _Delta(Decimal(0), (), tuple((e, reason) for e in events))
 
 
+def _plain(value: Decimal) -> str:
+    """A decimal without trailing zeros or exponent: ``2.000000000`` -> ``2``, ``100`` stays ``100``."""
+    return format(value.normalize(), "f")
+
+
 def approval_threshold(policy: CorrectionsConfig, tenant_id: str) -> Decimal | None:
     """The tenant's threshold (its own, else the default); None means every correction is applied automatically."""
     return policy.tenant_approval_thresholds.get(tenant_id, policy.approval_threshold)
@@ -222,7 +227,7 @@ def decide_status(delta: Decimal, window: WindowId, policy: CorrectionsConfig, n
         return "reported", f"not billable: {refused}"
     threshold = approval_threshold(policy, window.tenant_id)
     if threshold is not None and abs(delta) > threshold:
-        return "pending", f"late events; |delta| {format(abs(delta), 'f')} above the approval threshold {format(threshold, 'f')}"
+        return "pending", f"late events; |delta| {_plain(abs(delta))} above the approval threshold {_plain(threshold)}"
     return "applied", "late events"
 
 

@@ -157,6 +157,8 @@ def test_window_older_than_the_provider_accepts_is_reported():
     plan = plan_corrections([_ev("a", "5", old)], set(), {}, cfg, NOW)
     [c] = plan.corrections
     assert c.status == "reported" and "not billable" in c.reason and c.delta == 5
+    held = plan_corrections([_ev("b", "2.50")], set(), {}, cfg, NOW).corrections[0]
+    assert (held.status, held.reason) == ("pending", "late events; |delta| 2.5 above the approval threshold 0")
 
 
 def test_transitions():
