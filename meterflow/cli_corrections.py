@@ -80,15 +80,42 @@ def corrections() -> None:
 @click.option("--dry-run", is_flag=True, help="Compute the corrections against the database, record none.")
 @click.option("--topic", default=None, help="Late-events topic (default kafka.late_events_topic).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--follow", is_flag=True, help="Keep going: apply again every --interval until interrupted.")
+@click.option("--interval", default="1m", show_default=True, help="Pause between runs with --follow.")
 @pass_ctx
-def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str) -> None:
+def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, follow: bool, interval: str) -> None:
     """Turn late events into corrections, each event at most once.
 
     Reads the late-events topic read_committed; one Postgres transaction per batch
     (corrections.batch_size) records the corrections and their events, so running again, or over an
-    overlapping range, adds nothing for events already recorded.
+    overlapping range, adds nothing for events already recorded. With --follow it runs again every
+    --interval (each run reads the topic from its beginning).
     """
-    run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now)
+    import time
+
+    from meterflow.config import parse_duration
+
+    pause = parse_duration(interval)
+
+    def once() -> None:
+        run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now)
+
+    if follow:
+        repeat(once, time.sleep, pause.total_seconds())
+    else:
+        once()
+
+
+def repeat(step: Callable[[], None], sleep: Callable[[float], None], pause_s: float, runs: int | None = None) -> int:
+    """Run ``step`` then pause, ``runs`` times (forever when None); an error in a step ends the loop
+    with that error. Returns the number of runs."""
+    done = 0
+    while runs is None or done < runs:
+        step()
+        done += 1
+        if runs is None or done < runs:
+            sleep(pause_s)
+    return done
 
 
 def run_apply(cfg: JobConfig, *, since: datetime | None, until: datetime | None, dry_run: bool, topic: str | None, fmt: str, now: Callable[[], datetime]) -> list[Plan]:

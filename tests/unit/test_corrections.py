@@ -220,3 +220,31 @@ def test_config_thresholds_are_exact_and_documented(write_config):
         load_config(write_config("corrections:\n  tenant_approval_thresholds: {t1: '-1'}\n"), environ={})
     repo = load_config(REPO_ROOT / "meterflow.yaml", environ={})
     assert repo.corrections == JobConfig().corrections
+
+
+def test_follow_repeats_with_pauses_and_stops_on_an_error():
+    """--follow: step, pause, step ...; a failing step ends the loop with its error."""
+    from meterflow.cli_corrections import repeat
+
+    calls: list[str] = []
+    assert repeat(lambda: calls.append("run"), lambda s: calls.append(f"sleep {s}"), 30.0, runs=3) == 3
+    assert calls == ["run", "sleep 30.0", "run", "sleep 30.0", "run"]
+
+    def failing() -> None:
+        calls.append("boom")
+        if calls.count("boom") == 2:
+            raise CorrectionError("late event names an unknown meter")
+
+    calls.clear()
+    with pytest.raises(CorrectionError, match="unknown meter"):
+        repeat(failing, lambda s: calls.append("sleep"), 1.0)
+    assert calls == ["boom", "sleep", "boom"]
+
+
+def test_parse_bound_is_naive_utc():
+    """--since/--until: a zone is converted to UTC; a naive time is taken as UTC."""
+    from meterflow.cli_corrections import parse_bound
+
+    assert parse_bound("2026-03-01T13:00:00+01:00") == datetime(2026, 3, 1, 12, 0)
+    assert parse_bound("2026-03-01T12:00:00") == datetime(2026, 3, 1, 12, 0)
+    assert parse_bound(None) is None
