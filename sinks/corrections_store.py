@@ -31,7 +31,6 @@ from sinks.corrections_schema import (
     window_rows_sql,
 )
 from sinks.postgres import connect
-from sinks.postgres_schema import usage_table_ddl
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,9 @@ class CorrectionRow:
 
 
 def apply_corrections_schema(cfg: JobConfig) -> None:
-    """Create the usage table (corrections read it) and both corrections tables; idempotent."""
+    """Create both corrections tables; idempotent. The usage table is the job's and is left alone."""
     with connect(cfg.postgres) as conn, conn.transaction():
-        for statement in (*usage_table_ddl(cfg.postgres.usage_table), *corrections_ddl(cfg.corrections.table, cfg.corrections.events_table)):
+        for statement in corrections_ddl(cfg.corrections.table, cfg.corrections.events_table):
             conn.execute(statement)
 
 
@@ -59,7 +58,8 @@ def _states(conn: psycopg.Connection, cfg: JobConfig, windows: Sequence[WindowId
     by_key = {(w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start): w for w in windows}
     args = _key_arrays(windows)
     states = {w: WindowState() for w in windows}
-    for *key, quantity, is_final in conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall():
+    usage_rows = conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall() if _table_exists(conn, cfg.postgres.usage_table) else []
+    for *key, quantity, is_final in usage_rows:
         w = by_key[tuple(key)]
         states[w] = WindowState(row_quantity=quantity, row_final=is_final)
     for *key, delta in conn.execute(recorded_deltas_sql(cfg.corrections.table), args).fetchall():
