@@ -6,6 +6,7 @@ one above the approval threshold, reports one older than the provider accepts; `
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -44,12 +45,13 @@ def test_late_events_become_corrections_exactly_once(e2e_stack):
     """Late events -> corrections once per event; a re-run and an overlapping range add nothing;
     above the threshold held, approved by an operator; a window older than the provider accepts is
     reported and never counted."""
+    run = uuid.uuid4().hex[:6]
     cfg, path = private_job(
         e2e_stack,
         "corr",
         event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "0s", "source_idle_timeout": "5s"},
         billing={"max_window_age": "2h"},
-        corrections={"approval_threshold": "1"},
+        corrections={"approval_threshold": "1", "table": f"corr_{run}", "events_table": f"corr_{run}_events"},
     )
     size = cfg.event_time.window_size
     now = datetime.now(UTC).replace(microsecond=0)
