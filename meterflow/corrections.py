@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -277,11 +277,6 @@ def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], s
     summary["deferred_events"] = len(deferred)
     summary["known_events"] = skipped
     return Plan(tuple(corrections), tuple(records), tuple(deferred), skipped, summary)
-
-
-def with_status(correction: Correction, status: CorrectionStatus) -> Correction:
-    """The same correction with another status."""
-    return replace(correction, status=status)
 
 
 APPROVAL_TRANSITIONS: dict[str, tuple[str, ...]] = {"approve": ("pending",), "reject": ("pending", "applied")}
