@@ -62,7 +62,7 @@ def test_late_events_become_corrections_exactly_once(e2e_stack):
     try:
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, on_time)
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closing_events(a_start + timedelta(minutes=3), cfg.kafka.partitions), partition_for=lambda i, e: i)
-        wait_for(lambda: [r.is_final for r in table_totals(cfg).values()] == [True], 240, "window A final in Postgres")
+        wait_for(lambda: [r.is_final for r in table_totals(cfg).values()] == [True], 420, "window A final in Postgres")
         late = [
             _event("late-a1", "c1", "0.25", a_start + timedelta(seconds=3)),
             _event("late-a2", "c1", "0.5", a_start + timedelta(seconds=4)),
