@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
+from connectors.kafka_admin import group_lag
 from jobs.windowing import window_bounds
 from meterflow import flink_jobs
 from meterflow.cli import cli
@@ -61,6 +62,9 @@ def test_late_events_become_corrections_exactly_once(e2e_stack):
     job_id = flink_jobs.submit(cfg, path)
     try:
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, on_time)
+        # The closers only once the job has read the on-time events (offsets committed with a
+        # checkpoint): read in one poll with a closer on an idle partition, they could be late.
+        wait_for(lambda: group_lag(cfg.kafka.bootstrap_servers, cfg.kafka.consumer_group, cfg.kafka.usage_events_topic) == 0, 300, "the on-time events consumed")
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closing_events(a_start + timedelta(minutes=3), cfg.kafka.partitions), partition_for=lambda i, e: i)
         wait_for(lambda: [r.is_final for r in table_totals(cfg).values()] == [True], 420, "window A final in Postgres")
         late = [
