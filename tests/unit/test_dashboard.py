@@ -10,7 +10,14 @@ import subprocess
 import pytest
 import yaml
 
-from meterflow.metrics_catalog import BILLING_JOB_METRICS, LATENESS_BUCKET_METRICS, OPERATOR_SCOPE, USAGE_JOB_METRICS, promql_metric_names, unknown_metrics
+from meterflow.metrics_catalog import (
+    BILLING_JOB_METRICS,
+    LATENESS_BUCKET_METRICS,
+    OPERATOR_SCOPE,
+    USAGE_JOB_METRICS,
+    promql_metric_names,
+    unknown_metrics,
+)
 from tests.conftest import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "ops" / "grafana" / "meterflow.json"

@@ -8,7 +8,15 @@ from datetime import timedelta
 import pytest
 
 from jobs.windowing import is_window_closed
-from meterflow.tune import Sample, evaluate, on_time_curve, quantile, recommend, replay_needs, write_chart
+from meterflow.tune import (
+    Sample,
+    evaluate,
+    on_time_curve,
+    quantile,
+    recommend,
+    replay_needs,
+    write_chart,
+)
 
 SIZE = 10_000  # window size, ms
 AHEAD = 300_000
