@@ -46,3 +46,43 @@ def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes],
                 on_progress(read, expected)
     finally:
         consumer.close()
+
+
+def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int, *, timeout: float = 300) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (partition, Kafka timestamp ms, value) of the committed records of ``topic`` with a timestamp
+    in [since_ms, until_ms), each partition in offset order (partitions one after another).
+
+    Seeks each partition to the first offset at or after ``since_ms`` (offsets_for_times) and reads
+    to the end offset seen at the start.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False)
+    except KafkaError as e:
+        msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
+        raise MeterflowError(msg) from e
+    try:
+        partition_ids = consumer.partitions_for_topic(topic)
+        if partition_ids is None:
+            msg = f"topic {topic} does not exist"
+            raise MeterflowError(msg)
+        deadline = time.monotonic() + timeout
+        for p in sorted(partition_ids):
+            tp = TopicPartition(topic, p)
+            consumer.assign([tp])
+            end = consumer.end_offsets([tp])[tp]
+            start = consumer.offsets_for_times({tp: since_ms})[tp]
+            if start is None:
+                continue  # nothing at or after since_ms
+            consumer.seek(tp, start.offset)
+            while consumer.position(tp) < end:
+                if time.monotonic() > deadline:
+                    msg = f"reading {topic} did not reach its end offsets within {timeout:.0f}s"
+                    raise MeterflowError(msg)
+                for record in consumer.poll(timeout_ms=1000).get(tp, []):
+                    if since_ms <= record.timestamp < until_ms:
+                        yield p, record.timestamp, record.value
+    finally:
+        consumer.close()

@@ -347,7 +347,7 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
 
 # The billing commands (billing status/replay/customers, reconcile) and the demo live in their own
 # modules; importing them registers them on the group above.
-from meterflow import cli_billing, cli_corrections, cli_demo  # noqa: E402, F401
+from meterflow import cli_billing, cli_corrections, cli_demo, cli_tune  # noqa: E402, F401
 
 
 def main() -> None:

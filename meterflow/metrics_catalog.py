@@ -43,7 +43,15 @@ FLINK_OPERATOR_METRICS = frozenset(
         "KafkaSourceReader_KafkaConsumer_records_lag_max",
     )
 )
-# The usage job's own metrics (udf/: LatenessClassifier, CountDeadLetter, UsageWindowSink's committer).
+# The lateness histogram's bucket bounds (ms, inclusive), as udf/ LatenessHistogram.BUCKETS_MS: one
+# cumulative counter ``meterflow_lateness_le_<ms>`` per bound, and ``meterflow_lateness_le_inf``,
+# counting the events at most that far behind the held watermark (lateness = watermark - event time).
+LATENESS_BUCKETS_MS = (0, 1_000, 5_000, 30_000, 60_000, 300_000, 900_000, 3_600_000, 21_600_000, 86_400_000)
+LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" for b in LATENESS_BUCKETS_MS) + (OPERATOR_SCOPE + "meterflow_lateness_le_inf",)
+# The usage job's own metrics (udf/: LatenessClassifier and its LatenessHistogram, WindowCloser,
+# CountDeadLetter, UsageWindowSink's committer). ``meterflow_watermark_lag_ms`` is wall-clock now
+# minus the held watermark (0 before the first watermark); ``meterflow_window_refires`` counts the
+# updates of windows after their first fire (events within the allowed lateness).
 USAGE_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + name
     for name in (
@@ -51,13 +59,18 @@ USAGE_JOB_METRICS = frozenset(
         "meterflow_late_records",
         "meterflow_on_time_records",
         "meterflow_held_watermark",
+        "meterflow_watermark_lag_ms",
+        "meterflow_window_refires",
         "usageRowsCommitted",
         "usageCommitFailures",
     )
-)
-# The billing job's own metrics (sinks/billing_operator.py).
+) | frozenset(LATENESS_BUCKET_METRICS)
+# The billing job's own metrics (sinks/billing_operator.py): delivery outcomes (``corrections`` counts
+# the sent ones that correct a window's earlier value), and the ledger's backlog as the retry scan
+# last counted it (deliveries pending and failed, gauges; every subtask reports the same count).
 BILLING_JOB_METRICS = frozenset(
-    OPERATOR_SCOPE + f"meterflow_billing_{name}" for name in ("sent", "failed", "dead", "skipped", "deferred", "retries_handed_out")
+    OPERATOR_SCOPE + f"meterflow_billing_{name}"
+    for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections", "retries_handed_out", "ledger_pending", "ledger_failed")
 )
 # Metric families with a variable last part: one counter per dead-letter kind (CountDeadLetter).
 METRIC_PREFIXES = frozenset({OPERATOR_SCOPE + "meterflow_dead_letter_"})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -27,6 +28,7 @@ from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
 from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
 from sinks.delivery import Deliverer
+from sinks.postgres_schema import check_identifier
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,27 @@ def input_type() -> Any:
 def outcome_type() -> Any:
     """Row type of the deliverer's outcomes (counted in metrics, then discarded: the ledger is the record)."""
     return Types.ROW_NAMED(list(OUTCOME_COLUMNS), [Types.STRING(), Types.STRING(), Types.INT(), Types.STRING()])
+
+
+def is_correction(identifier: str) -> bool:
+    """Whether a delivery identifier names a correction (sinks/idempotency.derive_correction_identifier), not a window's own event.
+
+    A window's identifier ends with a hex digest; a correction's with ``-r<revision>``, or is
+    ``<prefix>-c-<digest>`` when that was too long.
+    """
+    return re.search(r"-r\d+$", identifier) is not None or re.fullmatch(r"[^-]+-c-[0-9a-f]+", identifier) is not None
+
+
+def outcome_metrics(outcome: Outcome) -> tuple[str, ...]:
+    """The counters an outcome increments: its kind, and ``corrections`` for a sent correction."""
+    kind = outcome_row(outcome)[0]
+    return (kind, "corrections") if kind == "sent" and is_correction(outcome.identifier) else (kind,)
+
+
+def backlog_sql(ledger_table: str) -> str:
+    """The ledger's backlog of one provider: deliveries pending, and failed (waiting for a retry)."""
+    d = check_identifier(ledger_table)
+    return f"SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed') FROM {d} WHERE provider = %(provider)s AND status IN ('pending', 'failed')"
 
 
 def outcome_row(outcome: Outcome) -> tuple[str, Row]:
@@ -72,7 +95,7 @@ class DeliverClosedWindows(AsyncFunction):
         # Names this run's claims in the ledger: a restarted worker takes over its predecessor's at once.
         self.worker = f"billing-{runtime_context.get_index_of_this_subtask()}-{uuid.uuid4().hex[:12]}"
         group = runtime_context.get_metrics_group().add_group("meterflow")
-        self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred")}
+        self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
 
     def _ready(self) -> Deliverer:
         # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
@@ -92,15 +115,19 @@ class DeliverClosedWindows(AsyncFunction):
             outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(value[i] for i in range(1, 10))))
         rows = []
         for outcome in outcomes:
-            kind, out = outcome_row(outcome)
-            self.counters[kind].inc()
-            rows.append(out)
+            for name in outcome_metrics(outcome):
+                self.counters[name].inc()
+            rows.append(outcome_row(outcome)[1])
         return rows
 
 
 
 class RetryScan(FlatMapFunction):
-    """Once a tick: the deliveries whose retry is due, leased in the ledger, as billing input rows."""
+    """Once a tick: the deliveries whose retry is due, leased in the ledger, as billing input rows.
+
+    Each tick also counts the ledger's backlog (gauges ``billing_ledger_pending`` and
+    ``billing_ledger_failed``; they keep the last count while Postgres is away).
+    """
 
     BATCH = 500  # per tick; a backlog drains at this rate at most, in next_attempt_at order
 
@@ -110,7 +137,11 @@ class RetryScan(FlatMapFunction):
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
         self.cfg = config_on_worker(self.config_data)
-        self.handed_out = runtime_context.get_metrics_group().add_group("meterflow").counter("billing_retries_handed_out")
+        group = runtime_context.get_metrics_group().add_group("meterflow")
+        self.handed_out = group.counter("billing_retries_handed_out")
+        self.backlog = (0, 0)
+        group.gauge("billing_ledger_pending", lambda: self.backlog[0])
+        group.gauge("billing_ledger_failed", lambda: self.backlog[1])
 
     def flat_map(self, value: Row):  # noqa: ANN201 - a generator of Rows
         import psycopg
@@ -123,6 +154,8 @@ class RetryScan(FlatMapFunction):
                 self.conn = connect(self.cfg.postgres)
                 self.conn.autocommit = True
             due = due_retries(self.conn, self.cfg, self.BATCH)
+            pending, failed = self.conn.execute(backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}).fetchone()
+            self.backlog = (int(pending), int(failed))
         except (psycopg.Error, OSError) as e:
             # Postgres away: the deliveries wait in the ledger; the next tick tries again.
             log.warning("retry scan: %s", e)

@@ -27,7 +27,7 @@ from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow import flink_jobs
 from meterflow.config import parse_port_range
-from meterflow.metrics_catalog import BILLING_JOB_METRICS, promql_metric_names
+from meterflow.metrics_catalog import BILLING_JOB_METRICS, LATENESS_BUCKETS_MS, promql_metric_names
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.prometheus_server import ALERT_RULES, PrometheusServer
 from tests.e2e.helpers import (
@@ -89,8 +89,9 @@ def _listening_hosts(port: int) -> set[str]:
 
 
 def _alert_metric_names() -> set[str]:
+    """Metric names the alert rules read, but the billing job's (that job does not run here)."""
     rules = [r for g in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in g["rules"]]
-    return {name for r in rules for name in re.findall(r"\bflink_[A-Za-z0-9_]+", r["expr"])}
+    return {name for r in rules for name in re.findall(r"\bflink_[A-Za-z0-9_]+", r["expr"])} - BILLING_JOB_METRICS
 
 
 def _dashboard_usage_metric_names() -> set[str]:
@@ -101,7 +102,7 @@ def _dashboard_usage_metric_names() -> set[str]:
 
 
 def test_job_metrics_in_prometheus(e2e_stack):
-    """Dead letters, late and on-time decisions, records read and checkpoints reach Prometheus exactly; labels stay bounded."""
+    """Dead letters, late and on-time decisions, lateness buckets, watermark lag, re-fires, records read and checkpoints reach Prometheus exactly; labels stay bounded."""
     cfg, path = private_job(e2e_stack, "metrics")
     job_name = cfg.flink.job_name
     prom = PrometheusServer(cfg)
@@ -139,6 +140,7 @@ def test_job_metrics_in_prometheus(e2e_stack):
             UsageEvent(event_id=f"late-{i}", tenant_id="tenant-0", customer_id="cust-0", meter="api_calls", quantity=Decimal(1), event_time=start + timedelta(seconds=i), dimensions={})
             for i in range(3)
         ]  # fmt: skip
+        sent_at_ms = datetime.now(UTC).timestamp() * 1000
         send_events(bootstrap, topic, late)
         # The dead-letter transaction commits with the same checkpoint as the final rows, but its commit
         # may land a moment after Postgres': wait for it, then expect exactly the bad records.
@@ -152,6 +154,21 @@ def test_job_metrics_in_prometheus(e2e_stack):
         wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_dead_letter_records{{{job}}})") == len(bad), 60, "the dead-letter counter in Prometheus")
         wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_late_records{{{job}}})") == len(late), 60, "the late counter in Prometheus")
         assert _value(prom, f"sum({PREFIX}meterflow_on_time_records{{{job}}})") == len(events) + len(closers)
+        # The lateness histogram counts every decision; the late events are about 30 minutes behind the
+        # watermark the closers moved to now, the data and the closers far less.
+        decided = len(events) + len(closers) + len(late)
+        wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_lateness_le_inf{{{job}}})") == decided, 60, "the lateness histogram in Prometheus")
+        buckets = {b: _value(prom, f"sum({PREFIX}meterflow_lateness_le_{b}{{{job}}})") for b in LATENESS_BUCKETS_MS}
+        assert [buckets[b] for b in LATENESS_BUCKETS_MS] == sorted(buckets.values()), buckets  # cumulative
+        assert buckets[900_000] == len(events) + len(closers), buckets
+        assert buckets[3_600_000] == decided, buckets
+        assert buckets[0] >= len(closers), buckets  # each closer was ahead of the watermark
+        # Without allowed lateness no window is updated after its first fire.
+        assert _value(prom, f"sum({PREFIX}meterflow_window_refires{{{job}}})") == 0
+        # The watermark lag is the wall clock at the scrape minus the held watermark, in the same scrape.
+        clock = _value(prom, f"max({PREFIX}meterflow_held_watermark{{{job}}} + {PREFIX}meterflow_watermark_lag_ms{{{job}}})")
+        assert sent_at_ms <= clock <= datetime.now(UTC).timestamp() * 1000, (sent_at_ms, clock)
+        assert (_value(prom, f"min({PREFIX}meterflow_watermark_lag_ms{{{job}}})") or 0) >= 0
         kinds = prom.query(f'sum by (__name__) ({{__name__=~"{PREFIX}meterflow_dead_letter_.+", {job}}})')
         per_kind = {r["metric"]["__name__"].removeprefix(f"{PREFIX}meterflow_dead_letter_"): float(r["value"][1]) for r in kinds}
         assert sum(v for k, v in per_kind.items() if k != "records") == len(bad), per_kind

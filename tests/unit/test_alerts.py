@@ -54,11 +54,11 @@ def test_alerts_group_only_by_bounded_labels():
 
 
 def test_alerts_cover_the_operations_issue():
-    """Checkpoint age and failures, restarts, consumer lag, late rate, dead letters and a stalled watermark each have an alert."""
+    """Checkpoint age and failures, restarts, consumer lag, late rate, dead letters, a stalled or lagging watermark and a billing backlog each have an alert."""
     names = {rule["alert"] for rule in _rules()}
     assert {
         "MeterflowCheckpointsNotCompleting", "MeterflowCheckpointAgeHigh", "MeterflowCheckpointsFailing", "MeterflowJobRestarting", "MeterflowConsumerLag",
-        "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled",
+        "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled", "MeterflowWatermarkLagHigh", "MeterflowBillingBacklog",
     } <= names  # fmt: skip
 
 

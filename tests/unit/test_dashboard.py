@@ -10,7 +10,14 @@ import subprocess
 import pytest
 import yaml
 
-from meterflow.metrics_catalog import unknown_metrics
+from meterflow.metrics_catalog import (
+    BILLING_JOB_METRICS,
+    LATENESS_BUCKET_METRICS,
+    OPERATOR_SCOPE,
+    USAGE_JOB_METRICS,
+    promql_metric_names,
+    unknown_metrics,
+)
 from tests.conftest import REPO_ROOT
 
 DASHBOARD = REPO_ROOT / "ops" / "grafana" / "meterflow.json"
@@ -73,12 +80,24 @@ def test_queries_group_only_by_bounded_labels(dashboard):
 
 
 def test_panels_cover_the_operations_issue(dashboard):
-    """Records in, duplicates, late, dead letters by kind, watermark lag, checkpoint duration and age, restarts, consumer lag, closed windows, billing."""
+    """Records in, duplicates, late, dead letters by kind, watermark lag, lateness, re-fires, checkpoint duration and age, restarts, consumer lag, closed windows, billing, corrections, ledger backlog."""
     titles = {p["title"] for p in _panels(dashboard)}
     assert {
         "Records in", "Duplicates dropped", "On time and late", "Late rate", "Dead letters", "Dead letters by kind", "Watermark lag",
         "Checkpoint duration", "Checkpoint age", "Restarts", "Consumer lag", "Closed windows", "Deliveries",
+        "Lateness distribution", "Window re-fires", "Corrections", "Ledger backlog",
     } <= titles  # fmt: skip
+
+
+def test_every_job_metric_has_a_panel(dashboard):
+    """Each of the jobs' own metrics (the catalog's usage and billing names) is read by some panel."""
+    read = set()
+    for _, expr in _queries(dashboard):
+        read |= promql_metric_names(expr)[0]
+    # The held watermark is read through its lag gauge; the lateness buckets through a few chosen bounds.
+    expected = (USAGE_JOB_METRICS | BILLING_JOB_METRICS) - {OPERATOR_SCOPE + "meterflow_held_watermark"} - set(LATENESS_BUCKET_METRICS)
+    assert expected <= read, sorted(expected - read)
+    assert OPERATOR_SCOPE + "meterflow_lateness_le_inf" in read
 
 
 def test_dashboard_is_well_formed(dashboard):

@@ -9,6 +9,8 @@ import yaml
 
 from meterflow.metrics_catalog import (
     BILLING_JOB_METRICS,
+    LATENESS_BUCKET_METRICS,
+    LATENESS_BUCKETS_MS,
     METRIC_PREFIXES,
     OPERATOR_SCOPE,
     USAGE_JOB_METRICS,
@@ -28,23 +30,43 @@ def _java_registered() -> set[str]:
     """
     names = set()
     for source in UDF.glob("*.java"):
+        if source.name == "LatenessHistogram.java":
+            continue  # its bucket family: test_lateness_histogram_buckets_match_udf
         text = source.read_text()
         group_prefix = "meterflow_" if re.search(r'group = .*addGroup\("meterflow"\);', text) else ""
         names |= {OPERATOR_SCOPE + group_prefix + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
         names |= {OPERATOR_SCOPE + n for n in re.findall(r'\bmetricGroup\(\)\.(?:counter|gauge)\("(\w+)"', text)}
-    return names
+    return names | set(LATENESS_BUCKET_METRICS)
+
+
+def _java_lateness_buckets() -> tuple[int, ...]:
+    text = (UDF / "LatenessHistogram.java").read_text()
+    array = re.search(r"BUCKETS_MS = \{([^}]*)\}", text).group(1)
+    return tuple(int(v.strip().removesuffix("L").replace("_", "")) for v in array.split(","))
 
 
 def _python_registered() -> set[str]:
     text = (REPO_ROOT / "sinks" / "billing_operator.py").read_text()
     names = {OPERATOR_SCOPE + f"meterflow_billing_{n}" for n in re.search(r'counter\(f"billing_\{name\}"\) for name in \(([^)]*)\)', text).group(1).replace('"', "").replace(" ", "").split(",")}
-    names |= {OPERATOR_SCOPE + "meterflow_" + n for n in re.findall(r'add_group\("meterflow"\)\.counter\("(\w+)"\)', text)}
+    # Registered in a ``group = ...add_group("meterflow")``: counters and gauges.
+    assert text.count('group = runtime_context.get_metrics_group().add_group("meterflow")') == 2
+    names |= {OPERATOR_SCOPE + "meterflow_" + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
     return names
 
 
 def test_usage_job_metrics_are_the_ones_udf_registers():
     """The catalog's usage-job names are exactly the counters and gauges of udf/ (the per-kind family aside)."""
     assert _java_registered() == USAGE_JOB_METRICS
+
+
+def test_lateness_histogram_buckets_match_udf():
+    """The catalog's bucket bounds are LatenessHistogram's, which registers lateness_le_<bound> and lateness_le_inf in the classifier's meterflow group."""
+    assert _java_lateness_buckets() == LATENESS_BUCKETS_MS
+    assert list(LATENESS_BUCKETS_MS) == sorted(set(LATENESS_BUCKETS_MS))
+    histogram = (UDF / "LatenessHistogram.java").read_text()
+    assert 'group.counter("lateness_le_" + BUCKETS_MS[i])' in histogram and 'group.counter("lateness_le_inf")' in histogram
+    assert "new LatenessHistogram(group)" in (UDF / "LatenessClassifier.java").read_text()
+    assert len(LATENESS_BUCKET_METRICS) == len(LATENESS_BUCKETS_MS) + 1
 
 
 def test_billing_job_metrics_are_the_ones_the_operator_registers():

@@ -44,6 +44,12 @@ import org.apache.flink.types.Row;
  * <p>Metrics: {@code meterflow.late_records} and {@code meterflow.on_time_records}, the decisions
  * taken (the late rate is late / (late + on time)), and {@code meterflow.held_watermark}, the
  * watermark they are taken against (epoch ms; it stands still while the event time does).
+ * {@code meterflow.watermark_lag_ms} is wall-clock now minus the held watermark (0 before the
+ * first watermark). The lateness histogram is one cumulative counter per bucket of
+ * {@link LatenessHistogram#BUCKETS_MS}, {@code meterflow.lateness_le_<ms>}, plus {@code meterflow.lateness_le_inf}:
+ * the events whose lateness (held watermark - event time, the {@code lateness_ms} of the late-events
+ * topic) is at most that many milliseconds, as Prometheus' {@code le} buckets count. An event seen
+ * before any watermark counts as lateness 0.
  */
 public class LatenessClassifier extends AbstractStreamOperator<Row> implements OneInputStreamOperator<Row, Row> {
     private static final long serialVersionUID = 1L;
@@ -60,6 +66,7 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
     private transient long forwarded;
     private transient Counter lateRecords;
     private transient Counter onTimeRecords;
+    private transient LatenessHistogram lateness;
 
     /** Field positions in the routed row, and the allowed lateness of the window operator. */
     public LatenessClassifier(int eventTimeField, int windowEndField, int watermarkField, int latenessField, int isLateField, long allowedLatenessMs) {
@@ -90,6 +97,8 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
         lateRecords = group.counter("late_records");
         onTimeRecords = group.counter("on_time_records");
         group.gauge("held_watermark", (Gauge<Long>) () -> held);
+        group.gauge("watermark_lag_ms", (Gauge<Long>) () -> watermarkLagMs(System.currentTimeMillis(), held));
+        lateness = new LatenessHistogram(group);
     }
 
     @Override
@@ -134,8 +143,13 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
             }
             row.setField(isLateField, late);
             (late ? lateRecords : onTimeRecords).inc();
+            lateness.record(held == WindowClose.NO_WATERMARK ? 0 : held - WindowClose.epochMs(row.getField(eventTimeField)));
         }
         output.collect(element);
     }
 
+    /** Wall-clock time minus the held watermark, 0 before any watermark. */
+    public static long watermarkLagMs(long nowMs, long heldWatermarkMs) {
+        return heldWatermarkMs == WindowClose.NO_WATERMARK ? 0 : nowMs - heldWatermarkMs;
+    }
 }

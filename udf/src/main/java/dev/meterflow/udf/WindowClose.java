@@ -27,4 +27,12 @@ public final class WindowClose {
     public static boolean isLate(long windowEndMs, long allowedLatenessMs, long watermarkMs) {
         return watermarkMs != NO_WATERMARK && watermarkMs >= closeTime(windowEndMs, allowedLatenessMs);
     }
+
+    /**
+     * Whether an update of a window already seen is a re-fire: the watermark had reached the window's
+     * first firing time (end - 1 ms), so the update comes from an event within the allowed lateness.
+     */
+    public static boolean isRefire(boolean seenBefore, long windowEndMs, long watermarkMs) {
+        return seenBefore && watermarkMs != NO_WATERMARK && watermarkMs >= closeTime(windowEndMs, 0);
+    }
 }

@@ -8,6 +8,8 @@ import org.apache.flink.api.common.state.ValueState;
 import org.apache.flink.api.common.state.ValueStateDescriptor;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.metrics.Counter;
+import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.api.java.functions.KeySelector;
 import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
 import org.apache.flink.types.Row;
@@ -23,6 +25,10 @@ import org.apache.flink.util.Collector;
  * LocalDateTime), quantity (exact decimal string), event_count, revision. Output rows: the same,
  * with the window bounds as epoch milliseconds ({@link #outputType()}). State and timers are
  * checkpointed; one element per window update, in the JVM.
+ *
+ * <p>Metric: {@code meterflow.window_refires}, the updates of a window after its first fire (the
+ * watermark had passed its end), which only allowed lateness lets happen: each one is a late
+ * event that still counted, and a window whose final value comes later than its first.
  */
 public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
     private static final long serialVersionUID = 1L;
@@ -32,6 +38,7 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
 
     private final long allowedLatenessMs;
     private transient ValueState<Row> latest;
+    private transient Counter refires;
 
     public WindowCloser(long allowedLatenessMs) {
         this.allowedLatenessMs = allowedLatenessMs;
@@ -50,6 +57,8 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
     @Override
     public void open(OpenContext openContext) {
         latest = getRuntimeContext().getState(new ValueStateDescriptor<>("latest-window-value", outputType()));
+        MetricGroup group = getRuntimeContext().getMetricGroup().addGroup("meterflow");
+        refires = group.counter("window_refires");
     }
 
     @Override
@@ -60,8 +69,12 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
         }
         long endMs = WindowClose.epochMs(row.getField(5));
         Row value = Row.of(row.getField(0), row.getField(1), row.getField(2), row.getField(3), WindowClose.epochMs(row.getField(4)), endMs, row.getField(6), row.getField(7), row.getField(8));
-        if (latest.value() == null) {
+        boolean seen = latest.value() != null;
+        if (!seen) {
             ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(endMs, allowedLatenessMs));
+        }
+        if (WindowClose.isRefire(seen, endMs, ctx.timerService().currentWatermark())) {
+            refires.inc();
         }
         latest.update(value);
     }
