@@ -42,7 +42,7 @@ def test_claims_states_and_the_sent_guard(ledger_cfg):
     """A claim records and leases; a scheduled retry is not claimed from the stream; sent never changes; the scan hands out due rows once."""
     cfg, _ = ledger_cfg
 
-    async def scenario() -> None:
+    async def scenario() -> str:
         ledger = AsyncPostgresLedger(cfg, "w1", connections=2)
         d = window_delivery(_window(), "mf")
         entry = await ledger.claim(d, "stripe", "tokens", retry=False)
@@ -64,9 +64,13 @@ def test_claims_states_and_the_sent_guard(ledger_cfg):
             assert due_retries(conn, cfg, 10) == [], "a handed-out retry is leased"
         await ledger.close()
         await other.close()
+        return d.identifier
 
-    asyncio.run(scenario())
-    [row, _] = fetch_deliveries(cfg)
+    identifier = asyncio.run(scenario())
+    # By identifier: both windows may start in the same second, and then the listing's order is the identifiers'.
+    rows = {r.identifier: r for r in fetch_deliveries(cfg)}
+    assert len(rows) == 2
+    row = rows[identifier]
     assert (row.status, row.attempts, row.quantity, row.value, row.provider_response_id, row.last_error, row.kind) == ("sent", 2, Decimal("5.5"), "5.5", "req_1", None, "window")
 
 
