@@ -258,19 +258,23 @@ def usage(ctx: Context, tenant: str | None, fmt: str) -> None:
     """Print windowed usage from Postgres."""
     from sinks.postgres import fetch_usage
 
+    from meterflow.cli_corrections import corrected_quantities
+
     rows = [r for r in fetch_usage(ctx.cfg.postgres) if tenant is None or r.tenant_id.startswith(tenant)]
+    corrected = corrected_quantities(ctx.cfg, rows)
     if fmt == "json":
-        for r in rows:
-            console.print_json(json.dumps({**r.__dict__, "quantity": format(r.quantity, "f")}, default=str))
+        for r, c in zip(rows, corrected, strict=True):
+            console.print_json(json.dumps({**r.__dict__, "quantity": format(r.quantity, "f"), "corrected_quantity": format(c, "f")}, default=str))
         return
-    _print_usage(rows)
+    _print_usage(rows, corrected)
 
 
-def _print_usage(rows: list) -> None:
-    table = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "quantity", "events", "rev", "final")
-    for r in rows:
+def _print_usage(rows: list, corrected: list[Decimal] | None = None) -> None:
+    table = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "quantity", "corrected", "events", "rev", "final")
+    for i, r in enumerate(rows):
         window = f"{r.window_start:%Y-%m-%d %H:%M:%S}-{r.window_end:%H:%M:%S}"
-        table.add_row(r.tenant_id, r.customer_id, r.meter, "" if r.dimensions_key == "{}" else r.dimensions_key, window, _fmt_qty(r.quantity), str(r.event_count), str(r.revision), "yes" if r.is_final else "no")
+        fixed = "" if corrected is None or corrected[i] == r.quantity else _fmt_qty(corrected[i])
+        table.add_row(r.tenant_id, r.customer_id, r.meter, "" if r.dimensions_key == "{}" else r.dimensions_key, window, _fmt_qty(r.quantity), fixed, str(r.event_count), str(r.revision), "yes" if r.is_final else "no")
     console.print(table)
 
 
@@ -320,15 +324,17 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
         )
     bound = {k: datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for k, v in (("since", since), ("until", until))}
     chosen = select(records, tenant=tenant, since=bound["since"], until=bound["until"])
-    rows = summarize(chosen, by=group_by)  # type: ignore[arg-type]
+    from meterflow.cli_corrections import recorded_outcomes
+
+    rows = summarize(chosen, by=group_by, outcomes=recorded_outcomes(cfg))  # type: ignore[arg-type]
     if fmt == "csv":
         click.echo(to_csv(rows), nl=False)
     elif fmt == "json":
         click.echo(to_json(rows))
     else:
-        table = Table("tenant", "customer", "meter", "window start (UTC)", "late events", "quantity", "p50 ms", "p90 ms", "max ms", title=f"late events in {topic}")
+        table = Table("tenant", "customer", "meter", "window start (UTC)", "late events", "quantity", "p50 ms", "p90 ms", "max ms", "corrected", "not correctable", title=f"late events in {topic}")
         for r in rows:
-            table.add_row(r.tenant_id, r.customer_id, r.meter, r.window_start, str(r.count), format(r.quantity, "f"), str(r.lateness_p50_ms), str(r.lateness_p90_ms), str(r.lateness_max_ms))
+            table.add_row(r.tenant_id, r.customer_id, r.meter, r.window_start, str(r.count), format(r.quantity, "f"), str(r.lateness_p50_ms), str(r.lateness_p90_ms), str(r.lateness_max_ms), str(r.corrected), str(r.not_corrected))
         console.print(table)
     err_console.print(f"{len(chosen)} late events selected of {len(records)} in {topic}")
     if histogram:
@@ -341,7 +347,7 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
 
 # The billing commands (billing status/replay/customers, reconcile) and the demo live in their own
 # modules; importing them registers them on the group above.
-from meterflow import cli_billing, cli_demo, cli_tune  # noqa: E402, F401
+from meterflow import cli_billing, cli_corrections, cli_demo, cli_tune  # noqa: E402, F401
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
@@ -285,6 +286,35 @@ class BillingConfig(_Section):
         return self
 
 
+def _exact_decimal(value: Any) -> Any:
+    """Accept a quantity as a string or an integer, never a binary float (0.1 is not exact)."""
+    if isinstance(value, float):
+        msg = f"{value!r}: write quantities as strings or integers (a float is not exact)"
+        raise ValueError(msg)
+    return value
+
+
+ExactDecimal = Annotated[Decimal, BeforeValidator(_exact_decimal)]
+
+
+class CorrectionsConfig(_Section):
+    """Corrections from late events (README, "Late events and corrections")."""
+
+    approval_threshold: ExactDecimal | None = Field(None, ge=0, description="Hold a correction for approval when |delta| is above this; none: apply every correction automatically.")
+    tenant_approval_thresholds: dict[str, ExactDecimal] = Field(default_factory=dict, description="Per-tenant thresholds, overriding approval_threshold.")
+    table: str = Field("usage_corrections", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    events_table: str = Field("usage_correction_events", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="One row per late event corrected or reported, keyed by (tenant_id, event_id).")
+    batch_size: int = Field(500, ge=1, le=100_000, description="Late events per Postgres transaction of `corrections apply`.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CorrectionsConfig:
+        negative = [t for t, v in self.tenant_approval_thresholds.items() if v < 0]
+        if negative:
+            msg = f"corrections.tenant_approval_thresholds must not be negative: {negative}"
+            raise ValueError(msg)
+        return self
+
+
 class JobConfig(_Section):
     """The whole configuration of meterflow."""
 
@@ -295,6 +325,7 @@ class JobConfig(_Section):
     stack: StackConfig = StackConfig()
     stripe: StripeConfig = StripeConfig()
     billing: BillingConfig = BillingConfig()
+    corrections: CorrectionsConfig = CorrectionsConfig()
     meters: tuple[MeterConfig, ...] = (MeterConfig(name="api_calls"), MeterConfig(name="tokens"))
     secrets_file: str = ".stack/secrets.env"
     base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")

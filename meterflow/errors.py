@@ -53,3 +53,7 @@ class ProviderError(BillingError):
 
 class ReconciliationError(MeterflowError):
     """Final windows and the delivery ledger disagree."""
+
+
+class CorrectionError(MeterflowError):
+    """A late event cannot become a correction, or an operator's action does not apply to a correction."""

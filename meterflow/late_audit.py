@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +22,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class LateSummary:
-    """Late events of one group: how many, how much usage, how late (ms)."""
+    """Late events of one group: how many, how much usage, how late (ms), and how many of them
+    ``corrections apply`` made part of a correction (``corrected``) or recorded as not correctable."""
 
     tenant_id: str
     customer_id: str
@@ -33,6 +34,8 @@ class LateSummary:
     lateness_p50_ms: int
     lateness_p90_ms: int
     lateness_max_ms: int
+    corrected: int = 0
+    not_corrected: int = 0
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -53,8 +56,14 @@ def select(records: Iterable[dict[str, Any]], tenant: str | None = None, since: 
     ]
 
 
-def summarize(records: Iterable[dict[str, Any]], by: GroupBy = "window") -> list[LateSummary]:
-    """Count, quantity and lateness distribution per group, largest count first."""
+def summarize(records: Iterable[dict[str, Any]], by: GroupBy = "window", outcomes: Mapping[tuple[str, str], str] | None = None) -> list[LateSummary]:
+    """Count, quantity and lateness distribution per group, largest count first.
+
+    Args:
+        outcomes: per recorded ``(tenant_id, event_id)``, what ``corrections apply`` made of it
+            (``"corrected ..."`` or ``"not corrected"``); events not in it count in neither column.
+    """
+    outcomes = outcomes or {}
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[tuple(r[k] for k in _KEYS[by])].append(r)
@@ -62,6 +71,7 @@ def summarize(records: Iterable[dict[str, Any]], by: GroupBy = "window") -> list
     for key, members in groups.items():
         named = dict(zip(_KEYS[by], key, strict=True))
         lateness = sorted(int(m["lateness_ms"]) for m in members)
+        marks = [outcomes.get((m["tenant_id"], m["event_id"]), "") for m in members] if outcomes else []
         out.append(
             LateSummary(
                 tenant_id=named["tenant_id"],
@@ -73,6 +83,8 @@ def summarize(records: Iterable[dict[str, Any]], by: GroupBy = "window") -> list
                 lateness_p50_ms=percentile(lateness, 0.5),
                 lateness_p90_ms=percentile(lateness, 0.9),
                 lateness_max_ms=lateness[-1],
+                corrected=sum(1 for mark in marks if mark.startswith("corrected")),
+                not_corrected=sum(1 for mark in marks if mark == "not corrected"),
             )
         )
     return sorted(out, key=lambda s: (-s.count, s.tenant_id, s.customer_id, s.meter, s.window_start))

@@ -76,3 +76,14 @@ def test_histogram_is_a_png(tmp_path):
     out = tmp_path / "lateness.png"
     write_histogram([100, 200, 5000, 70_000], str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_marks_corrected_and_uncorrectable_events():
+    """With the recorded outcomes, each group counts its corrected and its not-correctable late events."""
+    records = [{**r, "event_id": f"e{i}"} for i, r in enumerate(RECORDS)]
+    outcomes = {("t1", "e0"): "corrected (applied)", ("t1", "e1"): "corrected (pending)", ("t1", "e2"): "not corrected", ("t2", "e3"): "corrected (applied)"}
+    rows = {(r.customer_id, r.window_start): r for r in summarize(records, by="window", outcomes=outcomes)}
+    top = rows[("c1", "2026-01-01 00:00:00")]
+    assert (top.count, top.corrected, top.not_corrected) == (3, 2, 1)
+    assert (rows[("c2", "2026-01-01 00:01:00")].corrected, rows[("c2", "2026-01-01 00:01:00")].not_corrected) == (0, 0), "t1/e3 is not t2/e3"
+    assert list(csv.DictReader(io.StringIO(to_csv(list(rows.values())))))[0].keys() >= {"corrected", "not_corrected"}

@@ -1,0 +1,167 @@
+"""psycopg adapter for corrections: apply a batch of late events in one transaction, list, decide.
+
+Thin over meterflow/corrections.py (the rules) and sinks/corrections_schema.py (the SQL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import psycopg
+
+from meterflow.config import JobConfig
+from meterflow.corrections import Correction, LateEvent, Plan, WindowId, WindowState, check_transition, plan_corrections
+from meterflow.errors import CorrectionError, SinkError
+from sinks.corrections_schema import (
+    apply_lock_sql,
+    correction_status_for_update_sql,
+    corrections_ddl,
+    counted_deltas_sql,
+    decide_sql,
+    insert_correction_sql,
+    insert_event_sql,
+    known_events_sql,
+    latest_corrected_sql,
+    list_corrections_sql,
+    recorded_deltas_sql,
+    recorded_event_outcomes_sql,
+    window_rows_sql,
+)
+from sinks.postgres import connect
+
+
+@dataclass(frozen=True)
+class CorrectionRow:
+    """A correction as stored."""
+
+    correction: Correction
+    applied_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+
+
+def apply_corrections_schema(cfg: JobConfig) -> None:
+    """Create both corrections tables; idempotent. The usage table is the job's and is left alone."""
+    with connect(cfg.postgres) as conn, conn.transaction():
+        for statement in corrections_ddl(cfg.corrections.table, cfg.corrections.events_table):
+            conn.execute(statement)
+
+
+def _key_arrays(windows: Sequence[WindowId]) -> list[list]:
+    return [[getattr(w, c) for w in windows] for c in ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start")]
+
+
+def _states(conn: psycopg.Connection, cfg: JobConfig, windows: Sequence[WindowId]) -> dict[WindowId, WindowState]:
+    by_key = {(w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start): w for w in windows}
+    args = _key_arrays(windows)
+    states = {w: WindowState() for w in windows}
+    usage_rows = conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall() if _table_exists(conn, cfg.postgres.usage_table) else []
+    for *key, quantity, is_final in usage_rows:
+        w = by_key[tuple(key)]
+        states[w] = WindowState(row_quantity=quantity, row_final=is_final)
+    for *key, delta in conn.execute(recorded_deltas_sql(cfg.corrections.table), args).fetchall():
+        w = by_key[tuple(key)]
+        states[w] = WindowState(states[w].row_quantity, states[w].row_final, delta, states[w].latest)
+    for *key, event_time, event_id in conn.execute(latest_corrected_sql(cfg.corrections.table, cfg.corrections.events_table), args).fetchall():
+        w = by_key[tuple(key)]
+        s = states[w]
+        states[w] = WindowState(s.row_quantity, s.row_final, s.recorded_delta, (event_time, event_id))
+    return states
+
+
+def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False) -> Plan:
+    """Plan and record the corrections of one batch of late events in one transaction.
+
+    Runs serialise on an advisory lock; events already recorded are skipped; every event row is
+    inserted with ``ON CONFLICT DO NOTHING`` and, should one nevertheless exist, the whole batch is
+    rolled back (:class:`CorrectionError`) rather than record a correction without all its events.
+    With ``dry_run`` the plan is computed against the same data and nothing is written.
+    """
+    if not events:
+        return plan_corrections((), set(), {}, cfg, now)
+    try:
+        with connect(cfg.postgres) as conn, conn.transaction() as tx:
+            conn.execute(apply_lock_sql(cfg.corrections.table))
+            known = {(t, e) for t, e in conn.execute(known_events_sql(cfg.corrections.events_table), [[e.window.tenant_id for e in events], [e.event_id for e in events]]).fetchall()}
+            windows = sorted({e.window for e in events})
+            plan = plan_corrections(events, known, _states(conn, cfg, windows), cfg, now)
+            if dry_run:
+                raise psycopg.Rollback(tx)
+            for c in plan.corrections:
+                w = c.window
+                conn.execute(insert_correction_sql(cfg.corrections.table), [c.correction_id, w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, c.delta, c.events, c.status, c.reason, now])
+            for r in plan.events:
+                w = r.window
+                row = conn.execute(
+                    insert_event_sql(cfg.corrections.events_table),
+                    [r.tenant_id, r.event_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, r.quantity, r.event_time, r.outcome, r.correction_id, r.reason],
+                ).fetchone()
+                if row is None:
+                    msg = f"late event {r.tenant_id}/{r.event_id} was recorded by another run meanwhile; batch rolled back"
+                    raise CorrectionError(msg)
+        return plan
+    except psycopg.Error as e:
+        msg = f"corrections batch rolled back: {e}"
+        raise SinkError(msg) from e
+
+
+def apply_all(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False, on_batch: Callable[[Plan], None] | None = None) -> list[Plan]:
+    """Apply ``events`` in batches of ``corrections.batch_size``, one transaction each, in order."""
+    size = cfg.corrections.batch_size
+    plans = []
+    for i in range(0, len(events), size):
+        plan = apply_batch(cfg, events[i : i + size], now, dry_run=dry_run)
+        plans.append(plan)
+        if on_batch:
+            on_batch(plan)
+    return plans
+
+
+def fetch_corrections(cfg: JobConfig, tenant: str | None = None, status: str | None = None) -> list[CorrectionRow]:
+    """Stored corrections, oldest window first."""
+    args = [v for v in (tenant, status) if v is not None]
+    with connect(cfg.postgres) as conn:
+        rows = conn.execute(list_corrections_sql(cfg.corrections.table, tenant=tenant is not None, status=status is not None), args).fetchall()
+    out = []
+    for cid, tenant_id, customer_id, meter, dims, start, end, delta, events, st, reason, applied_at, decided_at, decided_by in rows:
+        correction = Correction(cid, WindowId(tenant_id, customer_id, meter, dims, start, end), delta, events, st, reason)
+        out.append(CorrectionRow(correction, applied_at, decided_at, decided_by))
+    return out
+
+
+def decide(cfg: JobConfig, correction_id: str, action: str, who: str, note: str | None, now: datetime) -> str:
+    """Approve or reject one correction (see :func:`meterflow.corrections.check_transition`); returns the new status."""
+    with connect(cfg.postgres) as conn, conn.transaction():
+        row = conn.execute(correction_status_for_update_sql(cfg.corrections.table), [correction_id]).fetchone()
+        if row is None:
+            msg = f"no correction {correction_id}"
+            raise CorrectionError(msg)
+        status = check_transition(action, row[0], correction_id)  # type: ignore[arg-type]
+        conn.execute(decide_sql(cfg.corrections.table), [status, who, now, note, correction_id])
+    return status
+
+
+def counted_deltas(cfg: JobConfig) -> dict[WindowId, tuple[Decimal, int]]:
+    """Per window, the deltas that count in its corrected total and how many corrections (empty when
+    no correction was ever recorded: the table does not exist yet)."""
+    with connect(cfg.postgres) as conn:
+        if not _table_exists(conn, cfg.corrections.table):
+            return {}
+        rows = conn.execute(counted_deltas_sql(cfg.corrections.table)).fetchall()
+    return {WindowId(*key): (delta, n) for *key, delta, n in rows}
+
+
+def event_outcomes(cfg: JobConfig) -> dict[tuple[str, str], str]:
+    """Per recorded late event ``(tenant_id, event_id)``: ``corrected (<status>)`` or ``not corrected``."""
+    with connect(cfg.postgres) as conn:
+        if not _table_exists(conn, cfg.corrections.events_table):
+            return {}
+        rows = conn.execute(recorded_event_outcomes_sql(cfg.corrections.events_table, cfg.corrections.table)).fetchall()
+    return {(t, e): (f"corrected ({status})" if outcome == "corrected" else "not corrected") for t, e, outcome, status in rows}
+
+
+def _table_exists(conn: psycopg.Connection, table: str) -> bool:
+    return bool(conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table]).fetchone()[0])  # type: ignore[index]

@@ -1,0 +1,250 @@
+"""Corrections from late events: per-aggregation deltas, at-most-once per event, the approval policy,
+the provider's cut-off, operator transitions, the SQL and the config."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from meterflow.config import JobConfig, load_config
+from meterflow.corrections import (
+    LateEvent,
+    WindowId,
+    WindowState,
+    check_transition,
+    correction_id,
+    corrected_totals,
+    decide_status,
+    dimensions_key,
+    late_event_from_record,
+    plan_corrections,
+    window_delta,
+)
+from meterflow.errors import ConfigError, CorrectionError
+from sinks.corrections_schema import corrections_ddl, insert_event_sql, known_events_sql, list_corrections_sql, recorded_deltas_sql
+from tests.conftest import REPO_ROOT
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+START = datetime(2026, 3, 1, 11, 0)
+W = WindowId("t1", "c1", "tokens", "{}", START, START + timedelta(minutes=1))
+
+
+def _cfg(**corrections) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "meters": [
+                {"name": "tokens", "aggregation": "SUM"},
+                {"name": "calls", "aggregation": "COUNT"},
+                {"name": "peak", "aggregation": "MAX"},
+                {"name": "seats", "aggregation": "LATEST"},
+                {"name": "users", "aggregation": "UNIQUE_COUNT", "unique_dimension": "user_id"},
+                {"name": "gpu", "group_by": ["region", "model"]},
+            ],
+            "corrections": corrections,
+        }
+    )
+
+
+def _ev(event_id: str, quantity: str, window: WindowId = W, second: int = 10) -> LateEvent:
+    return LateEvent(event_id, window, Decimal(quantity), window.window_start + timedelta(seconds=second), 5000)
+
+
+def _w(meter: str, start: datetime = START) -> WindowId:
+    return WindowId("t1", "c1", meter, "{}", start, start + timedelta(minutes=1))
+
+
+def test_sum_and_count_deltas_are_exact():
+    """SUM adds the quantities exactly; COUNT adds one per event."""
+    events = [_ev("a", "0.1"), _ev("b", "0.2")]
+    assert window_delta("SUM", WindowState(Decimal(5)), events).delta == Decimal("0.3")
+    assert window_delta("COUNT", WindowState(Decimal(5)), events).delta == Decimal(2)
+
+
+@pytest.mark.parametrize(
+    ("state", "quantities", "expected"),
+    [
+        (WindowState(Decimal(10)), ["7", "12.5"], Decimal("2.5")),
+        (WindowState(Decimal(10)), ["7"], Decimal(0)),
+        (WindowState(Decimal(10), recorded_delta=Decimal(5)), ["12"], Decimal(0)),
+        (WindowState(Decimal(10), recorded_delta=Decimal(5)), ["16"], Decimal(1)),
+        (WindowState(), ["3", "4"], Decimal(4)),
+    ],
+)
+def test_max_delta_is_the_rise_over_the_current_value(state, quantities, expected):
+    """MAX: max(0, new - current), current = row + recorded deltas; no row: the new maximum."""
+    assert window_delta("MAX", state, [_ev(str(i), q) for i, q in enumerate(quantities)]).delta == expected
+
+
+def test_latest_against_a_counted_window_is_not_corrected():
+    """LATEST: a counted window's latest event time is not stored, so the late event is reported."""
+    out = window_delta("LATEST", WindowState(Decimal(3)), [_ev("a", "9")])
+    assert out.counted == () and [e.event_id for e, _ in out.not_corrected] == ["a"] and "LATEST" in out.not_corrected[0][1]
+
+
+def test_latest_in_an_empty_window_takes_the_newest_late_event():
+    """LATEST without a row: the newest late event's quantity; an older one later changes nothing."""
+    first = window_delta("LATEST", WindowState(), [_ev("a", "4", second=5), _ev("b", "9", second=30)])
+    assert first.delta == Decimal(9) and len(first.counted) == 2
+    state = WindowState(recorded_delta=Decimal(9), latest=(START + timedelta(seconds=30), "b"))
+    assert window_delta("LATEST", state, [_ev("c", "1", second=20)]).delta == Decimal(0)
+    assert window_delta("LATEST", state, [_ev("d", "2", second=40)]).delta == Decimal(-7)
+
+
+def test_unique_count_is_reported_not_corrected():
+    """UNIQUE_COUNT keeps no set of values: nothing is counted."""
+    out = window_delta("UNIQUE_COUNT", WindowState(Decimal(3)), [_ev("a", "1")])
+    assert out.counted == () and out.delta == 0 and "UNIQUE_COUNT" in out.not_corrected[0][1]
+
+
+def test_plan_groups_per_window_and_never_corrects_an_event_twice():
+    """One correction per window; events already recorded and duplicates in the batch are skipped."""
+    other = _w("tokens", START + timedelta(minutes=1))
+    events = [_ev("a", "1.5"), _ev("b", "2"), _ev("a", "1.5"), _ev("c", "7", other), _ev("old", "100")]
+    plan = plan_corrections(events, {("t1", "old")}, {W: WindowState(Decimal(10))}, _cfg(), NOW)
+    by_window = {c.window: c for c in plan.corrections}
+    assert by_window[W].delta == Decimal("3.5") and by_window[W].events == 2 and by_window[W].status == "applied"
+    assert by_window[other].delta == Decimal(7)
+    assert plan.skipped_known == 2
+    assert sorted(r.event_id for r in plan.events) == ["a", "b", "c"]
+    assert all(r.correction_id == by_window[r.window].correction_id for r in plan.events)
+
+
+def test_plan_is_deterministic():
+    """The same batch yields the same correction ids, whatever the order of its events."""
+    events = [_ev("a", "1"), _ev("b", "2")]
+    one = plan_corrections(events, set(), {}, _cfg(), NOW)
+    two = plan_corrections(list(reversed(events)), set(), {}, _cfg(), NOW)
+    assert one.corrections == two.corrections
+    assert one.corrections[0].correction_id == correction_id(W, ["b", "a"])
+    assert correction_id(W, ["a"]) != correction_id(W, ["a", "b"])
+
+
+def test_window_not_final_yet_is_deferred():
+    """A window whose row is not final: its late events wait for a later run, nothing is recorded."""
+    plan = plan_corrections([_ev("a", "1")], set(), {W: WindowState(Decimal(1), row_final=False)}, _cfg(), NOW)
+    assert plan.corrections == () and plan.events == () and [e.event_id for e in plan.deferred] == ["a"]
+
+
+def test_uncorrectable_events_are_recorded_with_their_reason():
+    """UNIQUE_COUNT events: no correction, each event recorded not_corrected (so it is reported once)."""
+    w = _w("users")
+    plan = plan_corrections([_ev("u1", "1", w)], set(), {w: WindowState(Decimal(4))}, _cfg(), NOW)
+    assert plan.corrections == ()
+    assert [(r.event_id, r.outcome, r.correction_id) for r in plan.events] == [("u1", "not_corrected", None)]
+    assert plan.summary["not_corrected_events"] == 1
+
+
+def test_policy_threshold_default_and_per_tenant():
+    """Above the tenant's threshold (or the default) a correction is held; at or below it is applied."""
+    cfg = _cfg(approval_threshold="10", tenant_approval_thresholds={"t2": "1"})
+    w2 = WindowId("t2", "c1", "tokens", "{}", START, START + timedelta(minutes=1))
+    plan = plan_corrections([_ev("a", "10"), _ev("b", "2", w2), _ev("c", "-11", _w("tokens", START + timedelta(minutes=2)))], set(), {}, cfg, NOW)
+    status = {(c.window.tenant_id, c.window.window_start): c.status for c in plan.corrections}
+    assert status == {("t1", START): "applied", ("t2", START): "pending", ("t1", START + timedelta(minutes=2)): "pending"}
+
+
+def test_no_threshold_applies_everything():
+    """Without a threshold every correction is applied automatically."""
+    assert decide_status(Decimal("1e12"), W, _cfg().corrections, NOW, timedelta(days=35), timedelta(minutes=5))[0] == "applied"
+
+
+def test_window_older_than_the_provider_accepts_is_reported():
+    """A window ending before now - billing.max_window_age is reported, never applied or held."""
+    old = _w("tokens", datetime(2026, 1, 1))
+    cfg = _cfg(approval_threshold="0")
+    plan = plan_corrections([_ev("a", "5", old)], set(), {}, cfg, NOW)
+    [c] = plan.corrections
+    assert c.status == "reported" and "not billable" in c.reason and c.delta == 5
+    held = plan_corrections([_ev("b", "2.50")], set(), {}, cfg, NOW).corrections[0]
+    assert (held.status, held.reason) == ("pending", "late events; |delta| 2.5 above the approval threshold 0")
+
+
+def test_transitions():
+    """Only pending can be approved; pending or applied can be rejected; nothing else."""
+    assert check_transition("approve", "pending", "x") == "approved"
+    assert check_transition("reject", "applied", "x") == "rejected"
+    for action, status in (("approve", "applied"), ("approve", "rejected"), ("reject", "reported"), ("reject", "approved")):
+        with pytest.raises(CorrectionError, match=f"cannot {action}"):
+            check_transition(action, status, "x")  # type: ignore[arg-type]
+
+
+def test_corrected_totals_include_windows_with_only_corrections():
+    """Window quantity plus counted deltas; a window without a row shows its deltas."""
+    other = _w("tokens", START + timedelta(minutes=5))
+    assert corrected_totals([(W, Decimal("1.5"))], {W: Decimal("0.25"), other: Decimal(2)}) == {W: Decimal("1.75"), other: Decimal(2)}
+
+
+def test_record_to_event_uses_the_jobs_dimensions_key():
+    """A late-topic record becomes a typed event keyed like the usage table (sorted, compact JSON)."""
+    record = {
+        "event_id": "e1",
+        "tenant_id": "t1",
+        "customer_id": "c1",
+        "meter": "gpu",
+        "quantity": Decimal("1.000000001"),
+        "event_time": datetime(2026, 3, 1, 11, 0, 5, tzinfo=UTC),
+        "dimensions": {"region": "eu", "other": "x"},
+        "window_start": datetime(2026, 3, 1, 11, 0, tzinfo=UTC),
+        "window_end": datetime(2026, 3, 1, 11, 1, tzinfo=UTC),
+        "lateness_ms": 70_000,
+    }
+    e = late_event_from_record(record, _cfg())
+    assert e.window.dimensions_key == '{"model":"","region":"eu"}'
+    assert e.window.window_start == START and e.event_time.tzinfo is None and e.quantity == Decimal("1.000000001")
+    assert dimensions_key({"a": "é"}, ["a"]) == '{"a":"é"}'
+    with pytest.raises(CorrectionError, match="not configured"):
+        late_event_from_record({**record, "meter": "nope"}, _cfg())
+
+
+def test_sql_is_generated_for_configured_tables_only():
+    """Table names are checked identifiers; the event table's key guards at-most-once."""
+    ddl = "\n".join(corrections_ddl("corr_x", "corr_x_events"))
+    assert "PRIMARY KEY (tenant_id, event_id)" in ddl and "numeric(38, 9)" in ddl and "REFERENCES corr_x (correction_id)" in ddl
+    assert "ON CONFLICT (tenant_id, event_id) DO NOTHING" in insert_event_sql("corr_x_events")
+    assert "'rejected'" not in recorded_deltas_sql("corr_x")
+    assert "unnest(%s::text[], %s::text[])" in known_events_sql()
+    assert list_corrections_sql(tenant=True, status=True).count("%s") == 2
+    with pytest.raises(ValueError, match="identifier"):
+        corrections_ddl("x; DROP TABLE y")
+
+
+def test_config_thresholds_are_exact_and_documented(write_config):
+    """Thresholds parse as exact decimals; floats and negatives are refused; the repo's YAML states the defaults."""
+    cfg = load_config(write_config("corrections:\n  approval_threshold: '0.1'\n  tenant_approval_thresholds: {t1: 5}\n"), environ={})
+    assert cfg.corrections.approval_threshold == Decimal("0.1") and cfg.corrections.tenant_approval_thresholds == {"t1": Decimal(5)}
+    with pytest.raises(ConfigError, match="float is not exact"):
+        load_config(write_config("corrections:\n  approval_threshold: 0.1\n"), environ={})
+    with pytest.raises(ConfigError, match="must not be negative"):
+        load_config(write_config("corrections:\n  tenant_approval_thresholds: {t1: '-1'}\n"), environ={})
+    repo = load_config(REPO_ROOT / "meterflow.yaml", environ={})
+    assert repo.corrections == JobConfig().corrections
+
+
+def test_follow_repeats_with_pauses_and_stops_on_an_error():
+    """--follow: step, pause, step ...; a failing step ends the loop with its error."""
+    from meterflow.cli_corrections import repeat
+
+    calls: list[str] = []
+    assert repeat(lambda: calls.append("run"), lambda s: calls.append(f"sleep {s}"), 30.0, runs=3) == 3
+    assert calls == ["run", "sleep 30.0", "run", "sleep 30.0", "run"]
+
+    def failing() -> None:
+        calls.append("boom")
+        if calls.count("boom") == 2:
+            raise CorrectionError("late event names an unknown meter")
+
+    calls.clear()
+    with pytest.raises(CorrectionError, match="unknown meter"):
+        repeat(failing, lambda s: calls.append("sleep"), 1.0)
+    assert calls == ["boom", "sleep", "boom"]
+
+
+def test_parse_bound_is_naive_utc():
+    """--since/--until: a zone is converted to UTC; a naive time is taken as UTC."""
+    from meterflow.cli_corrections import parse_bound
+
+    assert parse_bound("2026-03-01T13:00:00+01:00") == datetime(2026, 3, 1, 12, 0)
+    assert parse_bound("2026-03-01T12:00:00") == datetime(2026, 3, 1, 12, 0)
+    assert parse_bound(None) is None
