@@ -181,7 +181,9 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     """Compare final windows in Postgres with what the ledger says the provider accepted.
 
     A window counts as billed with its own meter event plus its corrections (a changed final
-    value is billed as the difference); every correction is listed. Exits 1 and lists every
+    value is billed as the difference, late events as a correction of their window); it is owed
+    its final value plus its applied or approved corrections from late events. Every correction is
+    listed. Exits 1 and lists every
     discrepancy (window not billed, billed with another quantity, billed without a final window);
     exits 0 when they agree.
     """
@@ -193,13 +195,13 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
         lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
     except ValueError as e:
         raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
-    finals, ledger = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
+    found = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
 
-    def chosen(w: object) -> bool:
-        return (tenant is None or w.tenant_id == tenant) and (lower is None or w.window_start >= lower) and (upper is None or w.window_start < upper)
+    def chosen(rows: list) -> list:
+        return [w for w in rows if (tenant is None or w.tenant_id == tenant) and (lower is None or w.window_start >= lower) and (upper is None or w.window_start < upper)]
 
-    finals, ledger = [w for w in finals if chosen(w)], [d for d in ledger if chosen(d)]
-    totals, discrepancies = compare(finals, ledger, period)  # type: ignore[arg-type]
+    ledger = chosen(found.ledger)
+    totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections))  # type: ignore[arg-type]
     corrections = corrections_of(ledger)
     if fmt == "json":
         report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}
@@ -210,9 +212,9 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
             table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), str(t.corrections), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
         console.print(table)
         if corrections:
-            fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "revision", "correction", "status", title="corrections (changed final values, billed as the difference)")
+            fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "origin", "revision", "correction", "status", title="corrections (billed as the difference)")
             for c in corrections:
-                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", str(c.revision), _fmt_qty(c.quantity), c.status)
+                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", c.origin, str(c.revision), _fmt_qty(c.quantity), c.status)
             console.print(fixes)
         if discrepancies:
             issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")

@@ -83,8 +83,12 @@ def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: fl
             err_console.print(f"[red]only {sum(d.status == 'sent' for d in ours)} of {windows} windows were billed in time[/]")
             sys.exit(1)
         time.sleep(1)
-    finals, ledger = fetch_reconciliation_input(cfg, timedelta(0))
-    _, discrepancies = compare([w for w in finals if w.tenant_id.startswith(tenant_prefix)], [d for d in ledger if d.tenant_id.startswith(tenant_prefix)])
+    found = fetch_reconciliation_input(cfg, timedelta(0))
+
+    def ours_only(rows: list) -> list:
+        return [r for r in rows if r.tenant_id.startswith(tenant_prefix)]
+
+    _, discrepancies = compare(ours_only(found.finals), ours_only(found.ledger), late_corrections=ours_only(found.late_corrections))
     sent = [d for d in ours if d.status == "sent"]
     table = Table("identifier", "customer", "event_name", "value", "window start (UTC)", "response")
     for d in sent[:8]:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from meterflow.config import MeterConfig, format_duration
 from meterflow.errors import DeliveryRejected
-from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, format_meter_value, outside_provider_window
+from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, derive_late_correction_identifier, format_meter_value, outside_provider_window
 
 DeliveryStatus = Literal["pending", "sent", "failed", "dead"]
 DeliveryKind = Literal["window", "correction"]
@@ -177,6 +177,17 @@ def correction_needed(window: ClosedWindow, entry: LedgerEntry, prefix: str) -> 
     parent = window_identifier(window, prefix)
     identifier = derive_correction_identifier(parent, window.revision)
     return Delivery(identifier, "correction", parent, window, window.quantity - recorded, window.revision)
+
+
+def late_correction_delivery(window: ClosedWindow, correction_id: str, prefix: str) -> Delivery:
+    """The delivery of a correction from late events: a correction of ``window`` by its delta.
+
+    ``window`` carries the delta as its quantity and the corrected events as its count; revision 0,
+    as late events make no new final (the ledger tells these corrections apart by their
+    ``correction_id``). Dated like the window's own event: in the original window.
+    """
+    parent = window_identifier(window, prefix)
+    return Delivery(derive_late_correction_identifier(parent, correction_id), "correction", parent, window, window.quantity, 0)
 
 
 def build_meter_event(delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta) -> MeterEvent:

@@ -47,12 +47,12 @@ def outcome_type() -> Any:
 
 
 def is_correction(identifier: str) -> bool:
-    """Whether a delivery identifier names a correction (sinks/idempotency.derive_correction_identifier), not a window's own event.
+    """Whether a delivery identifier names a correction, not a window's own event (sinks/idempotency).
 
-    A window's identifier ends with a hex digest; a correction's with ``-r<revision>``, or is
-    ``<prefix>-c-<digest>`` when that was too long.
+    A window's identifier ends with a hex digest; a correction's with ``-r<revision>`` (a changed
+    final) or ``-l<16 hex>`` (late events), or is ``<prefix>-c-<digest>`` when that was too long.
     """
-    return re.search(r"-r\d+$", identifier) is not None or re.fullmatch(r"[^-]+-c-[0-9a-f]+", identifier) is not None
+    return re.search(r"-(r\d+|l[0-9a-f]{16})$", identifier) is not None or re.fullmatch(r"[^-]+-c-[0-9a-f]+", identifier) is not None
 
 
 def outcome_metrics(outcome: Outcome) -> tuple[str, ...]:

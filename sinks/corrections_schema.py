@@ -120,10 +120,10 @@ def insert_event_sql(events_table: str = "usage_correction_events") -> str:
     return f"INSERT INTO {e} ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('%s' for _ in EVENT_COLUMNS)}) ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING event_id"
 
 
-def list_corrections_sql(table: str = "usage_corrections", *, tenant: bool = False, status: bool = False) -> str:
-    """Corrections, oldest window first; optional filters on tenant and status."""
+def list_corrections_sql(table: str = "usage_corrections", *, tenant: bool = False, status: bool = False, correction_id: bool = False) -> str:
+    """Corrections, oldest window first; optional filters on tenant, status and correction id (in that order)."""
     c = check_identifier(table)
-    where = [w for w, on in (("tenant_id = %s", tenant), ("status = %s", status)) if on]
+    where = [w for w, on in (("tenant_id = %s", tenant), ("status = %s", status), ("correction_id = %s", correction_id)) if on]
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     return f"SELECT {', '.join(CORRECTION_COLUMNS)}, applied_at, decided_at, decided_by FROM {c}{clause} ORDER BY window_start, tenant_id, customer_id, meter, dimensions_key, correction_id"
 
@@ -149,3 +149,12 @@ def recorded_event_outcomes_sql(events_table: str = "usage_correction_events", t
     """Every recorded late event with its outcome and, when corrected, its correction's status."""
     e, c = check_identifier(events_table), check_identifier(table)
     return f"SELECT e.tenant_id, e.event_id, e.outcome, c.status FROM {e} e LEFT JOIN {c} c ON c.correction_id = e.correction_id"
+
+
+def counted_corrections_sql(table: str = "usage_corrections") -> str:
+    """Every correction that counts (and is billed), with when it came to count: for reconciliation."""
+    c = check_identifier(table)
+    return (
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, delta, correction_id, coalesce(decided_at, applied_at) "
+        f"FROM {c} WHERE status IN ({_in(COUNTED_STATUSES)})"
+    )

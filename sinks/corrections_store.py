@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
 
 from meterflow.config import JobConfig
-from meterflow.corrections import Correction, LateEvent, Plan, WindowId, WindowState, check_transition, plan_corrections
+from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan, WindowId, WindowState, check_transition, plan_corrections
 from meterflow.errors import CorrectionError, SinkError
+from sinks.billing import ClosedWindow, late_correction_delivery
 from sinks.corrections_schema import (
     apply_lock_sql,
     correction_status_for_update_sql,
@@ -30,6 +31,7 @@ from sinks.corrections_schema import (
     recorded_event_outcomes_sql,
     window_rows_sql,
 )
+from sinks.ledger_schema import billing_tables_ddl, owe_late_correction_sql, withdraw_late_correction_sql
 from sinks.postgres import connect
 
 
@@ -44,10 +46,56 @@ class CorrectionRow:
 
 
 def apply_corrections_schema(cfg: JobConfig) -> None:
-    """Create both corrections tables; idempotent. The usage table is the job's and is left alone."""
+    """Create both corrections tables, and the billing tables when billing is on; idempotent. The
+    usage table is the job's and is left alone."""
+    statements = corrections_ddl(cfg.corrections.table, cfg.corrections.events_table)
+    if cfg.billing.enabled:
+        statements += billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table)
     with connect(cfg.postgres) as conn, conn.transaction():
-        for statement in corrections_ddl(cfg.corrections.table, cfg.corrections.events_table):
+        for statement in statements:
             conn.execute(statement)
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> None:
+    """Record the correction's meter event as owed in the billing ledger (pending, due now), when
+    billing is on; the billing job's retry scan delivers it. Part of the caller's transaction."""
+    if not cfg.billing.enabled:
+        return
+    w = c.window
+    window = ClosedWindow(w.tenant_id, w.customer_id, w.meter, w.dimensions_key, _epoch_ms(w.window_start), _epoch_ms(w.window_end), c.delta, c.events, 0)
+    delivery = late_correction_delivery(window, c.correction_id, cfg.billing.identifier_prefix)
+    meter = cfg.meter(w.meter)
+    params = {
+        "identifier": delivery.identifier,
+        "provider": cfg.billing.provider,
+        "window_identifier": delivery.window_identifier,
+        "correction_id": c.correction_id,
+        "tenant_id": w.tenant_id,
+        "customer_id": w.customer_id,
+        "meter": w.meter,
+        "dimensions_key": w.dimensions_key,
+        "window_start": w.window_start,
+        "window_end": w.window_end,
+        "quantity": c.delta,
+        "event_count": c.events,
+        "event_name": meter.event_name if meter else w.meter,
+    }
+    conn.execute(owe_late_correction_sql(cfg.billing.ledger_table), params)
+
+
+def withdraw_delivery(conn: psycopg.Connection, cfg: JobConfig, correction_id: str) -> None:
+    """Take back a rejected correction's owed meter event; refused once an attempt has started."""
+    if not cfg.billing.enabled or not _table_exists(conn, cfg.billing.ledger_table):
+        return
+    row = conn.execute(withdraw_late_correction_sql(cfg.billing.ledger_table), {"correction_id": correction_id, "reason": "correction rejected"}).fetchone()
+    if row is None or row[1] or row[0] == "dead":
+        return
+    msg = f"cannot reject correction {correction_id}: its meter event is {row[0]} at the provider's side of the ledger (delivery started); the billed usage stays"
+    raise CorrectionError(msg)
 
 
 def _key_arrays(windows: Sequence[WindowId]) -> list[list]:
@@ -93,6 +141,8 @@ def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, d
             for c in plan.corrections:
                 w = c.window
                 conn.execute(insert_correction_sql(cfg.corrections.table), [c.correction_id, w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, c.delta, c.events, c.status, c.reason, now])
+                if c.status in COUNTED_STATUSES:
+                    owe_delivery(conn, cfg, c)
             for r in plan.events:
                 w = r.window
                 row = conn.execute(
@@ -125,6 +175,10 @@ def fetch_corrections(cfg: JobConfig, tenant: str | None = None, status: str | N
     args = [v for v in (tenant, status) if v is not None]
     with connect(cfg.postgres) as conn:
         rows = conn.execute(list_corrections_sql(cfg.corrections.table, tenant=tenant is not None, status=status is not None), args).fetchall()
+    return _rows(rows)
+
+
+def _rows(rows: list[tuple]) -> list[CorrectionRow]:
     out = []
     for cid, tenant_id, customer_id, meter, dims, start, end, delta, events, st, reason, applied_at, decided_at, decided_by in rows:
         correction = Correction(cid, WindowId(tenant_id, customer_id, meter, dims, start, end), delta, events, st, reason)
@@ -141,6 +195,11 @@ def decide(cfg: JobConfig, correction_id: str, action: str, who: str, note: str 
             raise CorrectionError(msg)
         status = check_transition(action, row[0], correction_id)  # type: ignore[arg-type]
         conn.execute(decide_sql(cfg.corrections.table), [status, who, now, note, correction_id])
+        if status in COUNTED_STATUSES:
+            [stored] = [r.correction for r in _rows(conn.execute(list_corrections_sql(cfg.corrections.table, correction_id=True), [correction_id]).fetchall())]
+            owe_delivery(conn, cfg, stored)
+        else:
+            withdraw_delivery(conn, cfg, correction_id)
     return status
 
 

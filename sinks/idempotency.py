@@ -80,3 +80,18 @@ def derive_correction_identifier(window_identifier: str, revision: int) -> str:
         return identifier
     digest = hashlib.sha256(identifier.encode()).hexdigest()
     return f"{window_identifier.split('-', 1)[0]}-c-{digest}"[:MAX_IDENTIFIER_LENGTH]
+
+
+def derive_late_correction_identifier(window_identifier: str, correction_id: str) -> str:
+    """A correction from late events: ``<window identifier>-l<16 hex of the correction id's hash>``.
+
+    Deterministic from the window and the correction (itself derived from the window and its late
+    events), so a re-run of ``corrections apply`` or a failover resends the same identifier. The
+    ``-l`` form never collides with a changed final's ``-r<revision>``.
+    """
+    digest = hashlib.sha256(correction_id.encode()).hexdigest()
+    identifier = f"{window_identifier}-l{digest[:16]}"
+    if len(identifier) <= MAX_IDENTIFIER_LENGTH:
+        return identifier
+    combined = hashlib.sha256(f"{window_identifier}\x00{correction_id}".encode()).hexdigest()
+    return f"{window_identifier.split('-', 1)[0]}-c-{combined}"[:MAX_IDENTIFIER_LENGTH]

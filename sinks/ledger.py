@@ -13,6 +13,7 @@ from typing import Any
 
 from meterflow.config import JobConfig
 from sinks.billing import CustomerMapping, replay_refusal
+from sinks.corrections_schema import counted_corrections_sql
 from sinks.ledger_schema import (
     DELIVERY_COLUMNS,
     billing_tables_ddl,
@@ -23,7 +24,7 @@ from sinks.ledger_schema import (
     upsert_customer_sql,
 )
 from sinks.postgres import apply_schema, connect
-from sinks.reconcile import FinalWindow, LedgerWindow
+from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow
 
 
 def apply_billing_schema(cfg: JobConfig) -> None:
@@ -109,10 +110,26 @@ def fetch_customers(cfg: JobConfig) -> list[tuple[str, str, str, str]]:
         return conn.execute(f"SELECT tenant_id, customer_id, provider, provider_customer_id FROM {table} ORDER BY 1, 2, 3").fetchall()  # noqa: S608 - validated identifier
 
 
-def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> tuple[list[FinalWindow], list[LedgerWindow]]:
-    """Final windows (marked settled when finalised before now - grace) and the provider's ledger rows."""
+@dataclass(frozen=True)
+class ReconciliationInput:
+    """What reconciliation compares: final windows and counted late corrections (both marked settled
+    when written before now - grace) against the provider's ledger rows."""
+
+    finals: list[FinalWindow]
+    ledger: list[LedgerWindow]
+    late_corrections: list[LateCorrection]
+
+
+def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> ReconciliationInput:
+    """Read both sides of the reconciliation (no late corrections when none was ever recorded)."""
     cutoff = datetime.now(UTC) - grace
     with connect(cfg.postgres) as conn:
         finals = conn.execute(final_windows_sql(cfg.postgres.usage_table), {}).fetchall()
         ledger = conn.execute(ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()
-    return [FinalWindow(*r[:6], settled=r[6] <= cutoff) for r in finals], [LedgerWindow(*r) for r in ledger]
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [cfg.corrections.table]).fetchone()
+        late = conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall() if exists and exists[0] else []
+    return ReconciliationInput(
+        [FinalWindow(*r[:6], settled=r[6] <= cutoff) for r in finals],
+        [LedgerWindow(*r) for r in ledger],
+        [LateCorrection(*r[:6], correction_id=r[6], settled=r[7] <= cutoff) for r in late],
+    )

@@ -67,6 +67,9 @@ def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table:
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz",
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS claimed_by text",
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS provider_check text",
+        # A correction from late events names its row in the corrections table; NULL for a
+        # correction of a window's changed final (and for a window's own event).
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS correction_id text",
         # A window has one 'window' delivery; corrections share its key (the first version's unique
         # constraint on the key alone is dropped for that).
         f"""DO $$ DECLARE name text; BEGIN
@@ -93,13 +96,17 @@ $$""",
 
 
 def _state_columns(d: str, c: str) -> str:
-    """What the deliverer reads about a delivery: its row, the mapped customer, and its window's corrections."""
+    """What the deliverer reads about a delivery: its row, the mapped customer, and its window's corrections.
+
+    Only corrections of a changed final count here (``correction_id IS NULL``): they are what the
+    next final is compared with. Corrections from late events come on top of every final.
+    """
     return (
         f"{d}.identifier, {d}.kind, {d}.status, {d}.attempts, {d}.quantity, {d}.revision, "
         f"extract(epoch FROM {d}.first_attempt_at)::float8, "
         f"(SELECT m.provider_customer_id FROM {c} m WHERE m.tenant_id = {d}.tenant_id AND m.customer_id = {d}.customer_id AND m.provider = {d}.provider), "
-        f"(SELECT coalesce(sum(x.quantity), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction'), "
-        f"(SELECT coalesce(max(x.revision), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction')"
+        f"(SELECT coalesce(sum(x.quantity), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction' AND x.correction_id IS NULL), "
+        f"(SELECT coalesce(max(x.revision), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction' AND x.correction_id IS NULL)"
     )
 
 
@@ -149,6 +156,35 @@ def delivery_window_sql(ledger_table: str) -> str:
         "SELECT identifier, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "
         "(extract(epoch FROM window_start AT TIME ZONE 'UTC') * 1000)::bigint, (extract(epoch FROM window_end AT TIME ZONE 'UTC') * 1000)::bigint, "
         f"quantity, event_count, revision FROM {d} WHERE identifier = %(identifier)s"
+    )
+
+
+def owe_late_correction_sql(ledger_table: str) -> str:
+    """Record a correction from late events as owed: pending and due now, for the billing job's retry
+    scan to deliver. Run in the transaction that applies or approves the correction, so the
+    correction and its delivery are recorded together or not at all; recording it again does nothing."""
+    d = check_identifier(ledger_table)
+    return (
+        f"INSERT INTO {d} (identifier, provider, kind, window_identifier, correction_id, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
+        "quantity, event_count, revision, event_name, status, next_attempt_at) "
+        "VALUES (%(identifier)s, %(provider)s, 'correction', %(window_identifier)s, %(correction_id)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
+        "%(window_start)s, %(window_end)s, %(quantity)s, %(event_count)s, 0, %(event_name)s, 'pending', now()) "
+        "ON CONFLICT (identifier) DO NOTHING"
+    )
+
+
+def withdraw_late_correction_sql(ledger_table: str) -> str:
+    """Take back a correction's delivery that was never handed to an attempt: it becomes ``dead``.
+
+    Once an attempt has claimed it (``first_attempt_at`` set) a call may be on its way, so it stays.
+    A claim and this update lock the same row, so exactly one of them wins. Returns the row's
+    status and whether it was withdrawn; no row when the correction has no delivery.
+    """
+    d = check_identifier(ledger_table)
+    return (
+        f"WITH withdrawn AS (UPDATE {d} SET status = 'dead', last_error = %(reason)s, next_attempt_at = NULL "
+        "WHERE correction_id = %(correction_id)s AND status = 'pending' AND first_attempt_at IS NULL RETURNING status) "
+        f"SELECT status, EXISTS (SELECT 1 FROM withdrawn) FROM {d} WHERE correction_id = %(correction_id)s"
     )
 
 
@@ -269,6 +305,6 @@ def final_windows_sql(usage_table: str) -> str:
 def ledger_windows_sql(ledger_table: str) -> str:
     """Every delivery of one provider, keyed like the final windows."""
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error, kind, revision "
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error, kind, revision, correction_id "
         f"FROM {check_identifier(ledger_table)} WHERE provider = %(provider)s"
     )

@@ -1,8 +1,10 @@
 """Reconciliation (pure): final windows in Postgres against what the ledger says the provider accepted.
 
 Compared window by window, then summed per (tenant, customer, meter, period) for the report.
-Windows finalised within the grace period are not yet expected in the ledger (billing runs beside
-the final write), so they are left out rather than reported as missing.
+A window is owed its final value plus the corrections from late events that count (applied or
+approved); a window that only late events reached is owed their corrections alone. Windows
+finalised (or corrected) within the grace period are not yet expected in the ledger (billing runs
+beside the final write), so they are left out rather than reported as missing.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ class LedgerWindow(_Window):
     last_error: str | None
     kind: str = "window"
     revision: int = 0
+    correction_id: str | None = None  # set on a correction from late events
+
+
+@dataclass(frozen=True)
+class LateCorrection(_Window):
+    """A correction from late events that counts (applied or approved): ``quantity`` is its delta."""
+
+    correction_id: str
+    settled: bool  # recorded or decided before the grace cut-off
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Correction:
     revision: int
     quantity: Decimal
     status: str
+    origin: str = "changed final"  # or "late events"
 
 
 @dataclass(frozen=True)
@@ -97,39 +109,64 @@ def period_of(moment: datetime, period: Period) -> str:
     return moment.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
 
 
-def reconcile(final_windows: Iterable[FinalWindow], ledger: Iterable[LedgerWindow], period: Period = "month") -> tuple[list[PeriodTotal], list[Discrepancy]]:
+def _owed(final_windows: Iterable[FinalWindow], late_corrections: Iterable[LateCorrection]) -> dict[tuple, tuple[_Window, Decimal, bool, bool]]:
+    """Per window key: the window, what it is owed (final + counted late corrections), whether it is
+    settled, and whether it has a final row."""
+    owed: dict[tuple, tuple[_Window, Decimal, bool, bool]] = {w.key: (w, w.quantity, w.settled, True) for w in final_windows}
+    for c in late_corrections:
+        window, quantity, settled, final = owed.get(c.key, (c, Decimal(0), True, False))
+        owed[c.key] = (window, quantity + c.quantity, settled and c.settled, final)
+    return owed
+
+
+def _label(d: LedgerWindow) -> str:
+    return f"{'late ' + (d.correction_id or '')[:16] if d.correction_id else f'r{d.revision}'} {d.quantity} {d.status}"
+
+
+def reconcile(
+    final_windows: Iterable[FinalWindow], ledger: Iterable[LedgerWindow], period: Period = "month", late_corrections: Iterable[LateCorrection] = ()
+) -> tuple[list[PeriodTotal], list[Discrepancy]]:
     """Per-period totals and every window-level discrepancy (an empty list means the two agree).
 
-    A window is billed with the sum of its accepted deliveries: its own event plus its corrections.
+    A window is billed with the sum of its accepted deliveries: its own event plus its corrections
+    (of a changed final, and from late events). It is owed its final value plus its counted
+    corrections from late events; a window with no final row is owed those corrections alone.
     """
-    finals = {w.key: w for w in final_windows}
+    owed = _owed(final_windows, late_corrections)
     by_window: dict[tuple, list[LedgerWindow]] = defaultdict(list)
     for d in ledger:
         by_window[d.key].append(d)
     discrepancies: list[Discrepancy] = []
     totals: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0), Decimal(0), 0])
-    for k, final in finals.items():
-        if not final.settled:
+    for k, (window, quantity, settled, has_final) in owed.items():
+        if not settled:
             continue
         deliveries = by_window.get(k, [])
         own = next((d for d in deliveries if d.kind == "window"), None)
         sent = [d for d in deliveries if d.status == "sent"]
-        billed = sum((d.quantity for d in sent), Decimal(0)) if own is not None and own.status == "sent" else None
-        total = totals[(final.tenant_id, final.customer_id, final.meter, period_of(final.window_start, period))]
+        billed_at_all = own.status == "sent" if own is not None else (not has_final and bool(sent))
+        billed = sum((d.quantity for d in sent), Decimal(0)) if billed_at_all else None
+        total = totals[(window.tenant_id, window.customer_id, window.meter, period_of(window.window_start, period))]
         total[0] += 1
-        total[1] += final.quantity
+        total[1] += quantity
         total[2] += billed or Decimal(0)
         total[3] += sum(1 for d in deliveries if d.kind == "correction")
         if billed is None:
-            detail = "no delivery in the ledger" if own is None else f"{own.status}" + (f": {own.last_error}" if own.last_error else "")
-            discrepancies.append(Discrepancy("not billed", *k, final.quantity, None, detail))
-        elif billed != final.quantity:
+            if own is not None:
+                detail = own.status + (f": {own.last_error}" if own.last_error else "")
+            else:
+                detail = "; ".join(_label(d) for d in deliveries) if deliveries else "no delivery in the ledger"
+            discrepancies.append(Discrepancy("not billed", *k, quantity, None, detail))
+        elif billed != quantity:
             open_corrections = [d for d in deliveries if d.kind == "correction" and d.status != "sent"]
-            pending = f"; correction {', '.join(f'r{d.revision} {d.quantity} {d.status}' for d in open_corrections)} not accepted yet" if open_corrections else ""
-            discrepancies.append(Discrepancy("billed differently", *k, final.quantity, billed, f"billed {billed}, final {final.quantity}{pending}"))
+            pending = f"; correction {', '.join(_label(d) for d in open_corrections)} not accepted yet" if open_corrections else ""
+            late = quantity - window.quantity if has_final else quantity
+            owed_text = f"final {window.quantity}" if has_final else "no final window"
+            owed_text += f" + corrections from late events {late}" if late or not has_final else ""
+            discrepancies.append(Discrepancy("billed differently", *k, quantity, billed, f"billed {billed}, {owed_text}{pending}"))
     for k, deliveries in by_window.items():
         accepted = [d for d in deliveries if d.status == "sent"]
-        if accepted and k not in finals:
+        if accepted and k not in owed:
             quantity = sum((d.quantity for d in accepted), Decimal(0))
             discrepancies.append(Discrepancy("billed without a final window", *k, None, quantity, "the provider accepted a window Postgres has no final row for"))
     period_totals = [PeriodTotal(*k, *v) for k, v in sorted(totals.items())]
@@ -139,5 +176,5 @@ def reconcile(final_windows: Iterable[FinalWindow], ledger: Iterable[LedgerWindo
 
 def corrections_of(ledger: Iterable[LedgerWindow]) -> list[Correction]:
     """Every correction delivery, oldest window first."""
-    found = [Correction(*d.key, d.revision, d.quantity, d.status) for d in ledger if d.kind == "correction"]
+    found = [Correction(*d.key, d.revision, d.quantity, d.status, "late events" if d.correction_id else "changed final") for d in ledger if d.kind == "correction"]
     return sorted(found, key=lambda c: (c.window_start, c.tenant_id, c.customer_id, c.meter, c.dimensions_key, c.revision))

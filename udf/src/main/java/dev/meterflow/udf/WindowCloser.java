@@ -12,6 +12,7 @@ import org.apache.flink.metrics.Counter;
 import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.api.java.functions.KeySelector;
 import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
+import org.apache.flink.streaming.api.operators.TimestampedCollector;
 import org.apache.flink.types.Row;
 import org.apache.flink.types.RowKind;
 import org.apache.flink.util.Collector;
@@ -25,6 +26,12 @@ import org.apache.flink.util.Collector;
  * LocalDateTime), quantity (exact decimal string), event_count, revision. Output rows: the same,
  * with the window bounds as epoch milliseconds ({@link #outputType()}). State and timers are
  * checkpointed; one element per window update, in the JVM.
+ *
+ * <p>A window's first row can reach this operator after its watermark has already passed the close
+ * time: when an input that was idle (an idle source partition) becomes active again, the other
+ * inputs have carried the watermark on without it, and its rows arrive behind. A timer registered
+ * then would only fire on the next watermark advance, which for a quiet source may never come, so
+ * such a window is emitted at once, stamped with its close time.
  *
  * <p>Metric: {@code meterflow.window_refires}, the updates of a window after its first fire (the
  * watermark had passed its end), which only allowed lateness lets happen: each one is a late
@@ -70,8 +77,14 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
         long endMs = WindowClose.epochMs(row.getField(5));
         Row value = Row.of(row.getField(0), row.getField(1), row.getField(2), row.getField(3), WindowClose.epochMs(row.getField(4)), endMs, row.getField(6), row.getField(7), row.getField(8));
         boolean seen = latest.value() != null;
+        long closeAt = WindowClose.closeTime(endMs, allowedLatenessMs);
+        if (!seen && WindowClose.isLate(endMs, allowedLatenessMs, ctx.timerService().currentWatermark())) {
+            ((TimestampedCollector<Row>) out).setAbsoluteTimestamp(closeAt);
+            out.collect(value);
+            return;
+        }
         if (!seen) {
-            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(endMs, allowedLatenessMs));
+            ctx.timerService().registerEventTimeTimer(closeAt);
         }
         if (WindowClose.isRefire(seen, endMs, ctx.timerService().currentWatermark())) {
             refires.inc();

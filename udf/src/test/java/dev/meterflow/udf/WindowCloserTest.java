@@ -1,0 +1,68 @@
+package dev.meterflow.udf;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+
+import java.time.Instant;
+import java.time.LocalDateTime;
+import java.time.ZoneOffset;
+import java.util.List;
+
+import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.streaming.api.operators.KeyedProcessOperator;
+import org.apache.flink.streaming.api.watermark.Watermark;
+import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
+import org.apache.flink.streaming.util.KeyedOneInputStreamOperatorTestHarness;
+import org.apache.flink.types.Row;
+import org.junit.jupiter.api.Test;
+
+/** The closer emits each window's latest value once, at end - 1 ms + lateness, also when the row comes after that watermark. */
+class WindowCloserTest {
+    private static final long LATENESS_MS = 10_000;
+    private static final long START = 1_700_000_000_000L;
+    private static final long END = START + 10_000;
+    private static final long CLOSE = END - 1 + LATENESS_MS;
+
+    private static Row update(String customer, String quantity, long revision) {
+        return Row.of("t1", customer, "tokens", "", utc(START), utc(END), quantity, revision, revision);
+    }
+
+    private static LocalDateTime utc(long ms) {
+        return LocalDateTime.ofInstant(Instant.ofEpochMilli(ms), ZoneOffset.UTC);
+    }
+
+    private static KeyedOneInputStreamOperatorTestHarness<String, Row, Row> harness() throws Exception {
+        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowCloser(LATENESS_MS)), WindowCloser.windowKey(), Types.STRING);
+    }
+
+    @Test
+    void emitsTheLatestValueOnceAtTheCloseTime() throws Exception {
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness()) {
+            h.open();
+            h.processElement(new StreamRecord<>(update("c1", "1", 1)));
+            h.processWatermark(new Watermark(END));
+            h.processElement(new StreamRecord<>(update("c1", "3", 2)));
+            h.processWatermark(new Watermark(CLOSE - 1));
+            assertEquals(List.of(), h.extractOutputValues(), "still within the allowed lateness");
+            h.processWatermark(new Watermark(CLOSE));
+            List<Row> out = h.extractOutputValues();
+            assertEquals(1, out.size());
+            assertEquals("3", out.get(0).getField(6));
+            assertEquals(START, out.get(0).getField(4));
+        }
+    }
+
+    @Test
+    void aRowArrivingBehindTheWatermarkIsEmittedAtOnce() throws Exception {
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness()) {
+            h.open();
+            // Another input carried the watermark past the close time while this row's input was idle.
+            h.processWatermark(new Watermark(CLOSE + 60_000));
+            h.processElement(new StreamRecord<>(update("c2", "2.5", 2)));
+            List<StreamRecord<? extends Row>> out = h.extractOutputStreamRecords();
+            assertEquals(1, out.size(), "no timer waiting for a watermark advance that may never come");
+            assertEquals("2.5", out.get(0).getValue().getField(6));
+            assertEquals(CLOSE, out.get(0).getTimestamp());
+            assertEquals(0, h.numEventTimeTimers());
+        }
+    }
+}
