@@ -248,3 +248,25 @@ def test_parse_bound_is_naive_utc():
     assert parse_bound("2026-03-01T13:00:00+01:00") == datetime(2026, 3, 1, 12, 0)
     assert parse_bound("2026-03-01T12:00:00") == datetime(2026, 3, 1, 12, 0)
     assert parse_bound(None) is None
+
+
+def test_a_late_correction_is_billed_as_a_correction_of_its_window_with_its_own_identifier():
+    """Deterministic per (window, correction); never the window's own identifier nor a changed
+    final's; recognised as a correction by the metrics; at most 100 characters with a long prefix."""
+    from decimal import Decimal
+
+    from sinks.billing import ClosedWindow, late_correction_delivery, window_identifier
+    from sinks.billing_operator import is_correction
+    from sinks.idempotency import MAX_IDENTIFIER_LENGTH, derive_correction_identifier, derive_late_correction_identifier
+
+    window = ClosedWindow("t1", "c1", "tokens", "{}", 1_700_000_000_000, 1_700_000_060_000, Decimal("0.75"), 2, 0)
+    first = late_correction_delivery(window, "cor-1700000000000-aa", "mf")
+    assert first == late_correction_delivery(window, "cor-1700000000000-aa", "mf")
+    assert (first.kind, first.window_identifier, first.quantity, first.revision) == ("correction", window_identifier(window, "mf"), Decimal("0.75"), 0)
+    other = late_correction_delivery(window, "cor-1700000000000-bb", "mf")
+    parent = window_identifier(window, "mf")
+    assert len({first.identifier, other.identifier, parent, derive_correction_identifier(parent, 2)}) == 4
+    assert is_correction(first.identifier) and not is_correction(parent)
+    long_parent = f"{"p" * 16}-1700000000000-{"a" * 64}"  # the longest prefix the config allows
+    assert len(derive_late_correction_identifier(long_parent, "cor-1")) <= MAX_IDENTIFIER_LENGTH
+    assert is_correction(derive_late_correction_identifier(long_parent, "cor-1"))

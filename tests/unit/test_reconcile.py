@@ -63,3 +63,39 @@ def test_corrections_add_up_with_the_window_and_are_listed():
     assert [i.kind for i in issues] == ["billed differently"] and "correction r5 2.5 failed not accepted yet" in issues[0].detail
     [c] = corrections_of(ledger)
     assert (c.revision, c.quantity, c.status) == (5, Decimal("2.5"), "sent")
+
+
+def late(start: datetime, delta: str, status: str = "sent", customer: str = "c1", cid: str = "cor-1") -> LedgerWindow:
+    return LedgerWindow("t1", customer, "tokens", "{}", start, Decimal(delta), status, None, "correction", 0, cid)
+
+
+def counted(start: datetime, delta: str, customer: str = "c1", cid: str = "cor-1", settled: bool = True):
+    from sinks.reconcile import LateCorrection
+
+    return LateCorrection("t1", customer, "tokens", "{}", start, Decimal(delta), cid, settled)
+
+
+def test_a_window_is_owed_its_final_plus_its_counted_corrections_from_late_events():
+    """Final 10 + late 3: billed 10 + 3 agrees; the late correction not accepted yet is named; billed
+    without the correction counting (rejected) is a discrepancy too."""
+    from sinks.reconcile import corrections_of
+
+    totals, issues = reconcile([final(T1, "10")], [billed(T1, "10"), late(T1, "3")], late_corrections=[counted(T1, "3")])
+    assert issues == [] and (totals[0].final_quantity, totals[0].billed_quantity) == (Decimal(13), Decimal(13))
+    _, issues = reconcile([final(T1, "10")], [billed(T1, "10"), late(T1, "3", "pending")], late_corrections=[counted(T1, "3")])
+    assert [i.kind for i in issues] == ["billed differently"]
+    assert "final 10 + corrections from late events 3" in issues[0].detail and "late cor-1 3 pending not accepted yet" in issues[0].detail
+    _, issues = reconcile([final(T1, "10")], [billed(T1, "10"), late(T1, "3")])
+    assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [("billed differently", Decimal(10), Decimal(13))]
+    [c] = corrections_of([billed(T1, "10"), late(T1, "3")])
+    assert (c.origin, c.revision) == ("late events", 0)
+
+
+def test_a_window_only_late_events_reached_is_owed_their_corrections():
+    """No final row: the late correction alone is owed; billed, it agrees; unsent, it is not billed;
+    a correction counted within the grace period is not expected yet."""
+    totals, issues = reconcile([], [late(T2, "4", customer="c9")], late_corrections=[counted(T2, "4", customer="c9")])
+    assert issues == [] and totals[0].billed_quantity == Decimal(4)
+    _, issues = reconcile([], [late(T2, "4", "failed", customer="c9")], late_corrections=[counted(T2, "4", customer="c9")])
+    assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [("not billed", Decimal(4), None)] and "failed" in issues[0].detail
+    assert reconcile([], [], late_corrections=[counted(T2, "4", customer="c9", settled=False)]) == ([], [])
