@@ -267,6 +267,6 @@ def test_a_late_correction_is_billed_as_a_correction_of_its_window_with_its_own_
     parent = window_identifier(window, "mf")
     assert len({first.identifier, other.identifier, parent, derive_correction_identifier(parent, 2)}) == 4
     assert is_correction(first.identifier) and not is_correction(parent)
-    long_parent = f"{"p" * 16}-1700000000000-{"a" * 64}"  # the longest prefix the config allows
+    long_parent = "p" * 16 + "-1700000000000-" + "a" * 64  # the longest prefix the config allows
     assert len(derive_late_correction_identifier(long_parent, "cor-1")) <= MAX_IDENTIFIER_LENGTH
     assert is_correction(derive_late_correction_identifier(long_parent, "cor-1"))
