@@ -121,26 +121,53 @@ def read_topic(bootstrap_servers: str, topic: str, decode: Callable[[bytes], dic
     return list(read_committed(bootstrap_servers, topic, decode, timeout=timeout))
 
 
-def publish_closed_windows(cfg: JobConfig, windows: list[dict]) -> None:
-    """Write closed-window records (avro/closed_window.avsc) to the closed-windows topic, as the usage job or a reprocessing would."""
+def publish_avro(cfg: JobConfig, topic: str, schema_path: Path, records: list[dict]) -> None:
+    """Write records with one of the project's Avro schemas to a topic, keyed by tenant/customer, as the usage job would."""
     import io
 
     import fastavro
     from kafka import KafkaProducer
 
     from connectors.avro_types import load_schema
-    from jobs.plan import CLOSED_WINDOW_SCHEMA
 
-    schema = fastavro.parse_schema(load_schema(CLOSED_WINDOW_SCHEMA))
+    schema = fastavro.parse_schema(load_schema(schema_path))
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all")
     try:
-        for w in windows:
+        for r in records:
             out = io.BytesIO()
-            fastavro.schemaless_writer(out, schema, w)
-            producer.send(cfg.kafka.closed_windows_topic, out.getvalue(), key=f"{w['tenant_id']}/{w['customer_id']}".encode())
+            fastavro.schemaless_writer(out, schema, r)
+            producer.send(topic, out.getvalue(), key=f"{r['tenant_id']}/{r['customer_id']}".encode())
         producer.flush()
     finally:
         producer.close()
+
+
+def publish_closed_windows(cfg: JobConfig, windows: list[dict]) -> None:
+    """Write closed-window records (avro/closed_window.avsc) to the closed-windows topic, as the usage job or a reprocessing would."""
+    from jobs.plan import CLOSED_WINDOW_SCHEMA
+
+    publish_avro(cfg, cfg.kafka.closed_windows_topic, CLOSED_WINDOW_SCHEMA, windows)
+
+
+def publish_late_events(cfg: JobConfig, records: list[dict]) -> None:
+    """Write late-event records (avro/late_usage_event.avsc) to the late-events topic, as the usage job would."""
+    from jobs.plan import LATE_EVENT_SCHEMA
+
+    publish_avro(cfg, cfg.kafka.late_events_topic, LATE_EVENT_SCHEMA, records)
+
+
+def write_final_rows(cfg: JobConfig, windows: list[dict]) -> None:
+    """Final rows in the usage table for windows published straight to the topic (what reconcile and corrections read)."""
+    from sinks.postgres import connect
+
+    sql = (
+        f"INSERT INTO {cfg.postgres.usage_table} (tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, is_final) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true) ON CONFLICT (tenant_id, customer_id, meter, dimensions_key, window_start) "
+        "DO UPDATE SET quantity = EXCLUDED.quantity, event_count = EXCLUDED.event_count, revision = EXCLUDED.revision"
+    )
+    with connect(cfg.postgres) as conn, conn.transaction():
+        for w in windows:
+            conn.execute(sql, (w["tenant_id"], w["customer_id"], w["meter"], "{}", w["window_start"].replace(tzinfo=None), w["window_end"].replace(tzinfo=None), w["quantity"], w["event_count"], w["revision"]))
 
 
 def closed_window(tenant: str, customer: str, meter: str, start: datetime, size: timedelta, quantity: str, revision: int) -> dict:

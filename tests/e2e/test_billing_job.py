@@ -35,7 +35,6 @@ from sinks.idempotency import (
     format_meter_value,
 )
 from sinks.ledger import fetch_deliveries, map_customer
-from sinks.postgres import connect
 from tests.e2e.helpers import (
     closed_window,
     closing_events,
@@ -47,6 +46,7 @@ from tests.e2e.helpers import (
     send_raw,
     table_totals,
     wait_for,
+    write_final_rows,
 )
 from tests.e2e.test_billing_semantics import _wait_restarted
 from tests.support.fake_stripe import FakeStripe
@@ -81,18 +81,6 @@ def _ledger(cfg, identifiers) -> dict:
     return {d.identifier: d for d in fetch_deliveries(cfg) if d.identifier in identifiers}
 
 
-def _write_final_rows(cfg, windows: list[dict]) -> None:
-    """Final rows in the usage table for windows published straight to the topic (what reconcile compares with)."""
-    sql = (
-        f"INSERT INTO {cfg.postgres.usage_table} (tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, is_final) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true) ON CONFLICT (tenant_id, customer_id, meter, dimensions_key, window_start) "
-        "DO UPDATE SET quantity = EXCLUDED.quantity, event_count = EXCLUDED.event_count, revision = EXCLUDED.revision"
-    )
-    with connect(cfg.postgres) as conn, conn.transaction():
-        for w in windows:
-            conn.execute(sql, (w["tenant_id"], w["customer_id"], w["meter"], "{}", w["window_start"].replace(tzinfo=None), w["window_end"].replace(tzinfo=None), w["quantity"], w["event_count"], w["revision"]))
-
-
 def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
     """Every request is validated by stripe-mock; unmapped customers are dead until replayed; a re-finalised window adds a correction."""
     cfg, path = _config(e2e_stack, "mock", e2e_stack.base["stripe"]["api_base"])
@@ -125,7 +113,7 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
         flink_jobs.cancel(cfg, job_id)
     row = _ledger(cfg, {correction})[correction]
     assert (row.kind, row.window_identifier, row.quantity, row.value, row.revision) == ("correction", parent, Decimal("2.5"), "2.5", 5)
-    _write_final_rows(cfg, [changed if w is windows[0] else w for w in windows])
+    write_final_rows(cfg, [changed if w is windows[0] else w for w in windows])
     result = _cli(path, "reconcile", "--tenant", "tenant-0", "--grace", "0s", "--period", "day")
     assert result.exit_code == 1 and "not billed" in result.output and "no billing customer mapped" in result.output
     assert "corrections (changed final values" in result.output and "2.5" in result.output
