@@ -35,7 +35,7 @@ from rich.console import Console
 
 from bench.billing_report import render_section, splice_section
 from bench.private_stack import BenchStack, private_stack
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def cpu_groups(cfg: JobConfig, fake: FakeProcess) -> dict[str, list[int]]:
     """The processes whose CPU the throughput phase reports, by role."""
     from bench.pipelines import stack_pids
     from bench.procstat import _all_stats, descendants
-    from meterflow.stack import FlinkCluster
+    from meterflow.local.flink import FlinkCluster
 
     cluster = FlinkCluster(cfg)
     workers = cluster.python_workers()

@@ -68,7 +68,7 @@ def stack() -> None:
 
 def stack_up(ctx: Context) -> JobConfig:
     """Generate secrets on first use, then start every part of the stack."""
-    from meterflow.stack import LocalStack, ensure_secrets
+    from meterflow.local.stack import LocalStack, ensure_secrets
 
     if ensure_secrets(ctx.cfg):
         err_console.print(f"generated Postgres password in {ctx.cfg.path(ctx.cfg.secrets_file)}")
@@ -89,7 +89,7 @@ def stack_up_cmd(ctx: Context) -> None:
 @pass_ctx
 def stack_down(ctx: Context) -> None:
     """Stop Flink, Kafka and Postgres (state stays in the state directory)."""
-    from meterflow.stack import LocalStack
+    from meterflow.local.stack import LocalStack
 
     LocalStack(ctx.cfg).down()
     err_console.print("stack is down")
@@ -104,7 +104,7 @@ def stack_status(ctx: Context) -> None:
 
 
 def _print_status(cfg: JobConfig) -> bool:
-    from meterflow.stack import LocalStack
+    from meterflow.local.stack import LocalStack
 
     table = Table("component", "state", "address", "detail")
     statuses = LocalStack(cfg).status()
@@ -191,7 +191,7 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
 
 
 def _submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, force: bool = False) -> None:
-    from meterflow import flink_jobs
+    from meterflow.local import flink_jobs
 
     cfg = ctx.cfg
     plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint)]
@@ -212,7 +212,7 @@ def _submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoin
 @pass_ctx
 def jobs(ctx: Context) -> None:
     """List the cluster's jobs; this config's usage and billing jobs are marked."""
-    from meterflow import flink_jobs
+    from meterflow.local import flink_jobs
 
     cfg = ctx.cfg
     roles = {cfg.flink.job_name: "usage", cfg.billing_job_name: "billing"}
@@ -231,7 +231,7 @@ def stop(ctx: Context, job_id: str | None, savepoint: bool) -> None:
 
     The usage job stops first, so the billing job has read every window it published.
     """
-    from meterflow import flink_jobs
+    from meterflow.local import flink_jobs
 
     cfg = ctx.cfg
     names = [cfg.flink.job_name, cfg.billing_job_name]  # the billing job too when billing was just switched off

@@ -22,10 +22,12 @@ import yaml
 
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 from meterflow.producer import send_events
-from meterflow.stack import FlinkCluster, KafkaBroker, PostgresServer
+from meterflow.local.flink import FlinkCluster
+from meterflow.local.kafka import KafkaBroker
+from meterflow.local.postgres import PostgresServer
 from sinks.postgres import apply_schema
 from tests.e2e.helpers import (
     CLOSER_TENANT,
