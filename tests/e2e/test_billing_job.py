@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.local import flink_jobs
-from meterflow.cli import cli
+from meterflow.commands import cli
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.local.flink import FlinkCluster
 from sinks.idempotency import (

@@ -478,7 +478,7 @@ def audit_late_topic(path: Path, s: Scenario) -> None:
 
     from click.testing import CliRunner
 
-    from meterflow.cli import cli
+    from meterflow.commands import cli
 
     histogram = path.parent / "lateness.png"
     result = CliRunner().invoke(
