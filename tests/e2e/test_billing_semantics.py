@@ -72,7 +72,8 @@ def _totals(rows: dict) -> dict:
 Disruption = Callable[[JobConfig, Path, str, Callable[[], None]], "Fault"]
 
 
-def _wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:
+def wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:
+    """Wait until the job restarted after ``since_ms`` (epoch ms) and every task runs again."""
     wait_for(
         lambda: (
             flink_jobs.job_details(cfg, job_id)["timestamps"].get("RESTARTING", 0)
@@ -127,7 +128,7 @@ def kill_taskmanager(
     killed_at = kill_taskmanagers(cfg)
     during()
     FlinkCluster(cfg).start_taskmanager()
-    _wait_restarted(cfg, job_id, killed_at)
+    wait_restarted(cfg, job_id, killed_at)
     # The replacement restores the last checkpoint taken before the risky records arrived: they are read again.
     return Fault(job_id, killed_at, "restore-before-risky")
 
@@ -167,7 +168,7 @@ def restart_postgres(
     during()
     time.sleep(3)
     server.up()
-    _wait_restarted(cfg, job_id, down_at)
+    wait_restarted(cfg, job_id, down_at)
     return Fault(job_id, down_at, "restore-after-fault")
 
 
