@@ -35,7 +35,7 @@ from rich.console import Console
 
 from bench.billing_report import render_section, splice_section
 from bench.private_stack import BenchStack, private_stack
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,21 +102,21 @@ def sent_count(cfg: JobConfig) -> int:
 def cpu_groups(cfg: JobConfig, fake: FakeProcess) -> dict[str, list[int]]:
     """The processes whose CPU the throughput phase reports, by role."""
     from bench.pipelines import stack_pids
-    from bench.procstat import _all_stats, descendants
-    from meterflow.stack import FlinkCluster
+    from bench.procstat import all_stats, descendants
+    from meterflow.local.flink import FlinkCluster
 
     cluster = FlinkCluster(cfg)
     workers = cluster.python_workers()
     kafka_pid, *pg = stack_pids(cfg)
-    parents = {pid: st[0] for pid, st in _all_stats().items()}
+    parents = {pid: st[0] for pid, st in all_stats().items()}
     return {"taskmanager JVM": cluster.taskmanager_pids(), "Python workers": workers, "fake provider": [fake.proc.pid],
             "Postgres": sorted(descendants(pg, parents)), "Kafka": [kafka_pid]}  # fmt: skip
 
 
 def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
-    from bench.procstat import _all_stats
+    from bench.procstat import all_stats
 
-    stats = _all_stats()
+    stats = all_stats()
     return {name: sum(stats[p][1] for p in pids if p in stats) for name, pids in groups.items()}
 
 

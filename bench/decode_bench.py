@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterflow.stack import FLINK_CONNECTOR_JARS, REPO_ROOT, UDF_JAR_DIR, flink_home
+from meterflow.local.base import REPO_ROOT
+from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR, flink_home
 
 SOURCE = REPO_ROOT / "bench" / "DecodeBench.java"
 

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 from meterflow.errors import JobSubmissionError
-from meterflow.stack import REPO_ROOT, FlinkCluster, flink_home
+from meterflow.local.base import REPO_ROOT
+from meterflow.local.flink import FlinkCluster, flink_home
 
 BENCH_JOBS = Path(__file__).resolve().parent / "jobs"
 _JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
@@ -51,7 +52,7 @@ class SourceProgress:
 
     def _metric_id(self, vertex: str) -> str | None:
         if vertex not in self.metric_ids:
-            names = [m["id"] for m in flink_jobs._rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics")]
+            names = [m["id"] for m in flink_jobs.rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics")]
             found = [n for n in names if n.startswith("Source__") and n.endswith(".numRecordsOut")]
             if not found:
                 return None
@@ -65,7 +66,7 @@ class SourceProgress:
             metric = self._metric_id(vertex)
             if metric is None:
                 return 0
-            values = flink_jobs._rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics?get={metric}&agg=sum")
+            values = flink_jobs.rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics?get={metric}&agg=sum")
             if not values:
                 if flink_jobs.job_details(self.cfg, self.job_id)["state"] == "FINISHED":
                     return self.total
@@ -81,7 +82,7 @@ def vertex_profile(cfg: JobConfig, job_id: str) -> dict[str, dict[str, float]]:
     """Per vertex name: busy, back-pressured and idle ms per second, averaged over its subtasks."""
     result: dict[str, dict[str, float]] = {}
     for v in flink_jobs.job_details(cfg, job_id)["vertices"]:
-        values = flink_jobs._rest(cfg, f"/jobs/{job_id}/vertices/{v['id']}/subtasks/metrics?get={','.join(PROFILE_METRICS)}&agg=avg")
+        values = flink_jobs.rest(cfg, f"/jobs/{job_id}/vertices/{v['id']}/subtasks/metrics?get={','.join(PROFILE_METRICS)}&agg=avg")
         row = {}
         for item in values:
             try:

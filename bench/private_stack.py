@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from meterflow.config import JobConfig
-from meterflow.stack import StackConfigs, free_ports
+from meterflow.local.base import free_ports
+from meterflow.local.stack import StackConfigs
 
 
 @dataclass
@@ -56,7 +57,7 @@ BENCH_FLINK_OPTIONS = {"metrics.fetcher.update-interval": "500"}
 
 def bench_flink_cluster(cfg: JobConfig, options: dict[str, str]) -> Any:
     """The project's Flink cluster with extra options written into its config before it starts."""
-    from meterflow.stack import FlinkCluster, render_flink_conf
+    from meterflow.local.flink import FlinkCluster, render_flink_conf
 
     class BenchFlinkCluster(FlinkCluster):
         def prepare(self) -> None:
@@ -75,7 +76,7 @@ def private_stack(partitions: int, keep_state: bool = False, echo: Any = print, 
     ``flink_options`` are added to the cluster's config (and so to every job submitted to it).
     Cleanup runs on any exit, including KeyboardInterrupt and SIGTERM (see bench.run).
     """
-    from meterflow.stack import LocalStack, ensure_secrets
+    from meterflow.local.stack import LocalStack, ensure_secrets
 
     root = Path(tempfile.mkdtemp(prefix="meterflow-bench-"))
     run_id = uuid.uuid4().hex[:8]

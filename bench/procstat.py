@@ -20,7 +20,8 @@ def parse_stat(text: str) -> tuple[int, float, int]:
     return ppid, cpu, rss
 
 
-def _all_stats() -> dict[int, tuple[int, float, int]]:
+def all_stats() -> dict[int, tuple[int, float, int]]:
+    """Every process's (parent pid, CPU seconds, RSS bytes) from /proc, by pid."""
     stats = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -57,7 +58,7 @@ class TreeMeter:
 
     def sample(self, groups: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
         """Per group: (cumulative CPU seconds of every process ever seen in it, current RSS bytes)."""
-        stats = _all_stats()
+        stats = all_stats()
         parents = {pid: s[0] for pid, s in stats.items()}
         result = {}
         for name, roots in groups.items():

@@ -33,9 +33,10 @@ from bench.private_stack import BenchStack, parse_options, private_stack
 from bench.produce import SteadySpec, split_partitions, start_bulk
 from bench.report import render_chart, render_markdown
 from bench.stats import throughput
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import JobConfig, parse_duration
-from meterflow.stack import KAFKA_JARS, FlinkCluster
+from meterflow.local.flink import FlinkCluster
+from meterflow.local.kafka import KAFKA_JARS
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = ("ceiling", "meterflow", "baseline-a", "baseline-b", "freshness")

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from meterflow.errors import MeterflowError
 
 
-def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes], Any], *, timeout: float = 60, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Any]:
-    """Yield every committed record of ``topic`` from the beginning to the end offsets seen at the start.
+@contextmanager
+def assigned_consumer(bootstrap_servers: str, topic: str, **options: Any) -> Iterator[tuple[Any, list[Any]]]:
+    """A read_committed consumer without a group, assigned every partition of ``topic``, and those partitions.
 
-    Args:
-        on_progress: called with (records read, records expected) as reading advances.
+    ``options`` go to KafkaConsumer. Closed on exit. MeterflowError when Kafka does not answer or
+    the topic does not exist.
     """
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
 
     try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False, consumer_timeout_ms=2000)
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False, **options)
     except KafkaError as e:
         msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
         raise MeterflowError(msg) from e
@@ -30,6 +32,18 @@ def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes],
             raise MeterflowError(msg)
         partitions = [TopicPartition(topic, p) for p in sorted(partition_ids)]
         consumer.assign(partitions)
+        yield consumer, partitions
+    finally:
+        consumer.close()
+
+
+def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes], Any], *, timeout: float = 60, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Any]:
+    """Yield every committed record of ``topic`` from the beginning to the end offsets seen at the start.
+
+    Args:
+        on_progress: called with (records read, records expected) as reading advances.
+    """
+    with assigned_consumer(bootstrap_servers, topic, consumer_timeout_ms=2000) as (consumer, partitions):
         consumer.seek_to_beginning(*partitions)
         begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
         expected = sum(end[tp] - begin[tp] for tp in partitions)  # upper bound: includes transaction markers
@@ -44,8 +58,6 @@ def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes],
                     yield decode(record.value)
             if on_progress:
                 on_progress(read, expected)
-    finally:
-        consumer.close()
 
 
 def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int, *, timeout: float = 300) -> Iterator[tuple[int, int, bytes]]:
@@ -55,23 +67,10 @@ def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int,
     Seeks each partition to the first offset at or after ``since_ms`` (offsets_for_times) and reads
     to the end offset seen at the start.
     """
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
-
-    try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False)
-    except KafkaError as e:
-        msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
-        raise MeterflowError(msg) from e
-    try:
-        partition_ids = consumer.partitions_for_topic(topic)
-        if partition_ids is None:
-            msg = f"topic {topic} does not exist"
-            raise MeterflowError(msg)
+    with assigned_consumer(bootstrap_servers, topic) as (consumer, partitions):
         deadline = time.monotonic() + timeout
-        for p in sorted(partition_ids):
-            tp = TopicPartition(topic, p)
-            consumer.assign([tp])
+        for tp in partitions:
+            consumer.assign([tp])  # one partition at a time, in offset order
             end = consumer.end_offsets([tp])[tp]
             start = consumer.offsets_for_times({tp: since_ms})[tp]
             if start is None:
@@ -83,6 +82,4 @@ def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int,
                     raise MeterflowError(msg)
                 for record in consumer.poll(timeout_ms=1000).get(tp, []):
                     if since_ms <= record.timestamp < until_ms:
-                        yield p, record.timestamp, record.value
-    finally:
-        consumer.close()
+                        yield tp.partition, record.timestamp, record.value

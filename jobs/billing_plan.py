@@ -7,7 +7,8 @@ consumer group, read_committed, so it sees each closed window once its transacti
 from __future__ import annotations
 
 from connectors.avro_types import derive_columns, load_schema
-from jobs.plan import CLOSED_WINDOW_SCHEMA, _with, sql_epoch_ms
+from jobs.plan import CLOSED_WINDOW_SCHEMA, sql_epoch_ms
+from jobs.sql import sql_with
 from meterflow.config import JobConfig
 
 CLOSED_WINDOWS_SOURCE_TABLE = "closed_windows_source"
@@ -48,7 +49,7 @@ def closed_windows_source_ddl(cfg: JobConfig) -> str:
         "scan.topic-partition-discovery.interval": "60 s",
         "format": "avro",
     }
-    return f"CREATE TABLE `{CLOSED_WINDOWS_SOURCE_TABLE}` (\n  {cols}\n) {_with(options)}"
+    return f"CREATE TABLE `{CLOSED_WINDOWS_SOURCE_TABLE}` (\n  {cols}\n) {sql_with(options)}"
 
 
 def closed_windows_query() -> str:
@@ -81,4 +82,4 @@ def retry_ticks_ddl(parallelism: int) -> str:
     (``FOR UPDATE SKIP LOCKED``), so scans never hand out the same delivery twice.
     """
     options = {"connector": "datagen", "rows-per-second": str(parallelism), "fields.tick.kind": "random"}
-    return f"CREATE TABLE `{RETRY_TICKS_TABLE}` (\n  `tick` INT\n) {_with(options)}"
+    return f"CREATE TABLE `{RETRY_TICKS_TABLE}` (\n  `tick` INT\n) {sql_with(options)}"

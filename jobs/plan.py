@@ -12,8 +12,7 @@ from pathlib import Path
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
 from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW
 from jobs.sql import ms as _ms
-from jobs.sql import sql_epoch_ms, sql_interval, sql_string
-from jobs.sql import sql_with as _with
+from jobs.sql import sql_epoch_ms, sql_interval, sql_string, sql_with
 from meterflow.config import JobConfig, MeterConfig
 
 USAGE_WINDOWS_SINK_TABLE = "usage_windows_sink"
@@ -115,7 +114,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, flush_int
         "  `event_count` BIGINT NOT NULL,\n"
         "  `revision` BIGINT NOT NULL,\n"
         "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED\n"
-        f") {_with(options)}"
+        f") {sql_with(options)}"
     )
 
 
@@ -283,7 +282,7 @@ def _exactly_once_kafka_sink(cfg: JobConfig, table: str, schema: Path, topic: st
         "sink.transactional-id-prefix": f"{cfg.flink.job_name}-{purpose}",
         "format": "avro",
     }
-    return f"CREATE TABLE `{table}` (\n  {cols}\n) {_with(options)}"
+    return f"CREATE TABLE `{table}` (\n  {cols}\n) {sql_with(options)}"
 
 
 def late_events_insert() -> str:

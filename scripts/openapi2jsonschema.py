@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-# JSON schemas for kubeconform from CustomResourceDefinitions: kubeconform's own converter, unchanged
-# (github.com/yannh/kubeconform, scripts/openapi2jsonschema.py at e65429b; Apache License 2.0).
+# JSON schemas for kubeconform from CustomResourceDefinitions: kubeconform's own converter
+# (github.com/yannh/kubeconform, scripts/openapi2jsonschema.py at e65429b; Apache License 2.0),
+# with its three copies of the file-name formatting in one function (schema_filename); output unchanged.
 # ops/k8s/schemas/README.md says how the committed schemas were made with it.
 
 # Derived from https://github.com/instrumenta/openapi2jsonschema
@@ -112,6 +113,16 @@ def write_schema_file(schema, filename):
     print("JSON schema written to {filename}".format(filename=filename))
 
 
+def schema_filename(filename_format, crd, version):
+    """The JSON schema's file name for one version of a CustomResourceDefinition."""
+    return filename_format.format(
+        kind=crd["spec"]["names"]["kind"],
+        group=crd["spec"]["group"].split(".")[0],
+        fullgroup=crd["spec"]["group"],
+        version=version,
+    ).lower() + ".json"
+
+
 def construct_value(load, node):
     # Handle nodes that start with '='
     # See https://github.com/yaml/pyyaml/issues/89
@@ -151,38 +162,17 @@ if __name__ == "__main__":
 
           for y in defs:
               filename_format = os.getenv("FILENAME_FORMAT", "{kind}_{version}")
-              filename = ""
               if "spec" in y and "versions" in y["spec"] and y["spec"]["versions"]:
                   for version in y["spec"]["versions"]:
                       if "schema" in version and "openAPIV3Schema" in version["schema"]:
-                          filename = filename_format.format(
-                              kind=y["spec"]["names"]["kind"],
-                              group=y["spec"]["group"].split(".")[0],
-                              fullgroup=y["spec"]["group"],
-                              version=version["name"],
-                          ).lower() + ".json"
-
                           schema = version["schema"]["openAPIV3Schema"]
-                          write_schema_file(schema, filename)
                       elif "validation" in y["spec"] and "openAPIV3Schema" in y["spec"]["validation"]:
-                          filename = filename_format.format(
-                              kind=y["spec"]["names"]["kind"],
-                              group=y["spec"]["group"].split(".")[0],
-                              fullgroup=y["spec"]["group"],
-                              version=version["name"],
-                          ).lower() + ".json"
-
                           schema = y["spec"]["validation"]["openAPIV3Schema"]
-                          write_schema_file(schema, filename)
+                      else:
+                          continue
+                      write_schema_file(schema, schema_filename(filename_format, y, version["name"]))
               elif "spec" in y and "validation" in y["spec"] and "openAPIV3Schema" in y["spec"]["validation"]:
-                  filename = filename_format.format(
-                      kind=y["spec"]["names"]["kind"],
-                      group=y["spec"]["group"].split(".")[0],
-                      fullgroup=y["spec"]["group"],
-                      version=y["spec"]["version"],
-                  ).lower() + ".json"
-
                   schema = y["spec"]["validation"]["openAPIV3Schema"]
-                  write_schema_file(schema, filename)
+                  write_schema_file(schema, schema_filename(filename_format, y, y["spec"]["version"]))
 
   exit(0)

@@ -12,8 +12,8 @@ from pyflink.common import Configuration
 from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
-from jobs.plan import _with
 from jobs.source_plan import kafka_source_options
+from jobs.sql import sql_with
 from meterflow.config import load_config
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     conf.set_string("parallelism.default", str(args.parallelism))
     conf.set_string("pipeline.name", f"ceiling-p{args.parallelism}")
     t_env = StreamTableEnvironment.create(StreamExecutionEnvironment.get_execution_environment(conf))
-    t_env.execute_sql(f"CREATE TABLE usage_events (`payload` BYTES) {_with(kafka_source_options(cfg, "raw"))}")
+    t_env.execute_sql(f"CREATE TABLE usage_events (`payload` BYTES) {sql_with(kafka_source_options(cfg, 'raw'))}")
     t_env.execute_sql("CREATE TABLE discard (`payload` BYTES) WITH ('connector' = 'blackhole')")
     client = t_env.execute_sql("INSERT INTO discard SELECT `payload` FROM usage_events").get_job_client()
     if client is not None:

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from meterflow.stack import StackConfigs
+from meterflow.local.stack import StackConfigs
 
 
 @pytest.fixture(scope="session")
 def e2e_stack(tmp_path_factory) -> Iterator[StackConfigs]:
     """Start the real stack once per session; stop it and delete its state afterwards."""
-    from meterflow.stack import LocalStack, ensure_secrets, free_ports
+    from meterflow.local.base import free_ports
+    from meterflow.local.stack import LocalStack, ensure_secrets
 
     root = tmp_path_factory.mktemp("stack")
     kafka, controller, pg, rest, rpc, stripe_mock, prometheus, *metrics = free_ports(10)

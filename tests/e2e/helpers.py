@@ -45,7 +45,7 @@ def private_job(stack, name: str, **sections: dict) -> tuple[JobConfig, Path]:
 
 def kill_taskmanagers(cfg: JobConfig) -> int:
     """kill -9 every TaskManager of the stack; returns when (epoch ms). Starting a replacement is the caller's."""
-    from meterflow.stack import FlinkCluster
+    from meterflow.local.flink import FlinkCluster
 
     killed_at = int(time.time() * 1000)
     pids = FlinkCluster(cfg).taskmanager_pids()

@@ -24,10 +24,10 @@ from click.testing import CliRunner
 
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from meterflow import flink_jobs
-from meterflow.cli import cli
+from meterflow.commands import cli
+from meterflow.local import flink_jobs
+from meterflow.local.flink import FlinkCluster
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
-from meterflow.stack import FlinkCluster
 from sinks.idempotency import (
     WindowKey,
     derive_correction_identifier,
@@ -48,7 +48,7 @@ from tests.e2e.helpers import (
     wait_for,
     write_final_rows,
 )
-from tests.e2e.test_billing_semantics import _wait_restarted
+from tests.e2e.test_billing_semantics import wait_restarted
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -218,7 +218,7 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
             killed_at = kill_taskmanagers(cfg)
             fake.latency = 0.05
             FlinkCluster(cfg).start_taskmanager()
-            _wait_restarted(cfg, job_id, killed_at)
+            wait_restarted(cfg, job_id, killed_at)
             wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, ids).values()) and len(_ledger(cfg, ids)) == len(ids), 180, "every window sent")
             stats = flink_jobs.checkpoint_stats(cfg, job_id)
             restarts = flink_jobs.restarts(cfg, job_id)

@@ -22,10 +22,12 @@ import yaml
 
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 from meterflow.producer import send_events
-from meterflow.stack import FlinkCluster, KafkaBroker, PostgresServer
+from meterflow.local.flink import FlinkCluster
+from meterflow.local.kafka import KafkaBroker
+from meterflow.local.postgres import PostgresServer
 from sinks.postgres import apply_schema
 from tests.e2e.helpers import (
     CLOSER_TENANT,
@@ -70,7 +72,8 @@ def _totals(rows: dict) -> dict:
 Disruption = Callable[[JobConfig, Path, str, Callable[[], None]], "Fault"]
 
 
-def _wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:
+def wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:
+    """Wait until the job restarted after ``since_ms`` (epoch ms) and every task runs again."""
     wait_for(
         lambda: (
             flink_jobs.job_details(cfg, job_id)["timestamps"].get("RESTARTING", 0)
@@ -125,7 +128,7 @@ def kill_taskmanager(
     killed_at = kill_taskmanagers(cfg)
     during()
     FlinkCluster(cfg).start_taskmanager()
-    _wait_restarted(cfg, job_id, killed_at)
+    wait_restarted(cfg, job_id, killed_at)
     # The replacement restores the last checkpoint taken before the risky records arrived: they are read again.
     return Fault(job_id, killed_at, "restore-before-risky")
 
@@ -165,7 +168,7 @@ def restart_postgres(
     during()
     time.sleep(3)
     server.up()
-    _wait_restarted(cfg, job_id, down_at)
+    wait_restarted(cfg, job_id, down_at)
     return Fault(job_id, down_at, "restore-after-fault")
 
 
@@ -476,7 +479,7 @@ def audit_late_topic(path: Path, s: Scenario) -> None:
 
     from click.testing import CliRunner
 
-    from meterflow.cli import cli
+    from meterflow.commands import cli
 
     histogram = path.parent / "lateness.png"
     result = CliRunner().invoke(

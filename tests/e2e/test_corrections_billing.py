@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.windowing import window_bounds
-from meterflow import flink_jobs
-from meterflow.cli import cli
-from meterflow.stack import FlinkCluster
+from meterflow.commands import cli
+from meterflow.local import flink_jobs
+from meterflow.local.flink import FlinkCluster
 from sinks.billing import ClosedWindow, late_correction_delivery, window_identifier
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import (
@@ -30,7 +30,7 @@ from tests.e2e.helpers import (
     wait_for,
     write_final_rows,
 )
-from tests.e2e.test_billing_semantics import _wait_restarted
+from tests.e2e.test_billing_semantics import wait_restarted
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -103,7 +103,7 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
             killed_at = kill_taskmanagers(cfg)
             fake.latency = 0.05
             FlinkCluster(cfg).start_taskmanager()
-            _wait_restarted(cfg, job_id, killed_at)
+            wait_restarted(cfg, job_id, killed_at)
             again = cli_json("corrections", "apply")
             assert (again["corrections"], again["summary"]["known_events"]) == ([], len(late))
             [held] = [c for c in first["corrections"] if c["status"] == "pending"]

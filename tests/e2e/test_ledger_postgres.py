@@ -12,7 +12,7 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
-from meterflow.cli import cli
+from meterflow.commands import cli
 from sinks.billing import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
 from sinks.delivery import Deliverer
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer

@@ -25,11 +25,11 @@ import yaml
 from connectors.avro_codec import UsageEvent, encode_usage_event
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA
-from meterflow import flink_jobs
+from meterflow.local import flink_jobs
 from meterflow.config import parse_port_range
 from meterflow.metrics_catalog import BILLING_JOB_METRICS, LATENESS_BUCKETS_MS, promql_metric_names
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
-from meterflow.prometheus_server import ALERT_RULES, PrometheusServer
+from meterflow.local.prometheus import ALERT_RULES, PrometheusServer
 from tests.e2e.helpers import (
     closing_events,
     private_job,

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
-from meterflow.cli import cli
+from meterflow.commands import cli
 from meterflow.config import format_duration
 from meterflow.producer import send_events
 from meterflow.tune import Sample, evaluate, recommend, replay_needs

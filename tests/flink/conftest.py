@@ -14,7 +14,7 @@ def table_env():
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
-    from meterflow.stack import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
 
     conf = Configuration()
     conf.set_string("parallelism.default", "2")

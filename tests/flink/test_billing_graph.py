@@ -13,7 +13,7 @@ def test_billing_job_is_keyed_once_and_delivers_asynchronously():
     """Closed windows and retries meet in SQL, are hash-partitioned by (tenant, customer, meter) in the JVM, then delivered."""
     from jobs.billing_job import build_environment, declare_pipeline
     from meterflow.config import JobConfig
-    from meterflow.stack import FLINK_CONNECTOR_JARS
+    from meterflow.local.flink import FLINK_CONNECTOR_JARS
 
     cfg = JobConfig.model_validate({"billing": {"enabled": True, "max_in_flight": 8}, "flink": {"parallelism": 2, "job_name": "graph"}})
     jars = ";".join(p.as_uri() for p in sorted(FLINK_CONNECTOR_JARS.glob("*.jar")))

@@ -11,7 +11,7 @@ from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_input_query, billin
 from jobs.plan import CLOSED_WINDOW_SCHEMA, CLOSED_WINDOWS_VIEW, closed_windows_insert, closed_windows_sink_ddl
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError
-from meterflow.flink_jobs import job_names
+from meterflow.local.flink_jobs import job_names
 
 
 @pytest.fixture

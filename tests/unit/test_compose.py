@@ -301,11 +301,11 @@ def _linked_jar_dirs() -> list[Path]:
     """The directories whose jars `meterflow stack up` links into its cluster's lib/, read from FlinkCluster.prepare."""
     import inspect
 
-    from meterflow import stack
+    from meterflow.local import flink
 
-    names = re.findall(r"_require_jars\((\w+),", inspect.getsource(stack.FlinkCluster.prepare))
+    names = re.findall(r"require_jars\((\w+),", inspect.getsource(flink.FlinkCluster.prepare))
     assert len(names) >= 2, names
-    return [getattr(stack, name).relative_to(REPO_ROOT) for name in names]
+    return [getattr(flink, name).relative_to(REPO_ROOT) for name in names]
 
 
 def _module_and_jar_glob(jar_dir: Path) -> tuple[Path, str]:

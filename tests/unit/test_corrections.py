@@ -224,7 +224,7 @@ def test_config_thresholds_are_exact_and_documented(write_config):
 
 def test_follow_repeats_with_pauses_and_stops_on_an_error():
     """--follow: step, pause, step ...; a failing step ends the loop with its error."""
-    from meterflow.cli_corrections import repeat
+    from meterflow.commands.corrections import repeat
 
     calls: list[str] = []
     assert repeat(lambda: calls.append("run"), lambda s: calls.append(f"sleep {s}"), 30.0, runs=3) == 3
@@ -243,7 +243,7 @@ def test_follow_repeats_with_pauses_and_stops_on_an_error():
 
 def test_parse_bound_is_naive_utc():
     """--since/--until: a zone is converted to UTC; a naive time is taken as UTC."""
-    from meterflow.cli_corrections import parse_bound
+    from meterflow.commands.corrections import parse_bound
 
     assert parse_bound("2026-03-01T13:00:00+01:00") == datetime(2026, 3, 1, 12, 0)
     assert parse_bound("2026-03-01T12:00:00") == datetime(2026, 3, 1, 12, 0)

@@ -9,7 +9,7 @@ import pytest
 from meterflow.config import load_config, parse_port_range
 from meterflow.errors import ConfigError
 from meterflow.metrics_conf import LOOPBACK_REPORTER_FACTORY, flink_reporter_conf, local_prometheus_config, prometheus_config, scrape_targets
-from meterflow.stack import render_flink_conf
+from meterflow.local.flink import render_flink_conf
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from meterflow.security import (
     pg_string_literal,
     window_sink_target_of,
 )
-from meterflow.stack import FLINK_CONF_TEMPLATE, FlinkCluster, KafkaBroker
+from meterflow.local.flink import FLINK_CONF_TEMPLATE, FlinkCluster
+from meterflow.local.kafka import KafkaBroker
 from tests.conftest import REPO_ROOT
 
 # Every key of a Flink config that names an address a process listens on.
@@ -135,7 +136,7 @@ def test_role_statements_go_to_psql_on_stdin(write_config, tmp_path, monkeypatch
     """CREATE ROLE carries the password as a quoted literal on psql's standard input, never on its command line."""
     import subprocess
 
-    from meterflow import stack
+    from meterflow.local import postgres
 
     password = "it's-a-secret"
     cfg = load_config(write_config("postgres:\n  user: meter_role\n  database: meter_db\n"), environ={POSTGRES_PASSWORD_VARIABLE: password})
@@ -145,9 +146,9 @@ def test_role_statements_go_to_psql_on_stdin(write_config, tmp_path, monkeypatch
         calls.append((args, kw.get("input", "")))
         return subprocess.CompletedProcess(args, 0, stdout="", stderr="")  # role and database absent: create both
 
-    monkeypatch.setattr(stack, "postgres_bin_dir", lambda: tmp_path)
-    monkeypatch.setattr(stack.PostgresServer, "_as_postgres", fake_as_postgres)
-    stack.PostgresServer(cfg)._ensure_role_and_db()
+    monkeypatch.setattr(postgres, "postgres_bin_dir", lambda: tmp_path)
+    monkeypatch.setattr(postgres.PostgresServer, "as_postgres", fake_as_postgres)
+    postgres.PostgresServer(cfg).ensure_role_and_db()
     statements = [sql for _, sql in calls]
     assert "CREATE ROLE \"meter_role\" LOGIN PASSWORD 'it''s-a-secret'" in statements
     assert 'CREATE DATABASE "meter_db" OWNER "meter_role"' in statements
@@ -160,7 +161,7 @@ def test_role_statements_go_to_psql_on_stdin(write_config, tmp_path, monkeypatch
 def test_stack_up_refuses_non_loopback_listeners(write_config):
     """`stack up` stops before starting anything when a listener would bind another address."""
     from meterflow.errors import StackError
-    from meterflow.stack import LocalStack
+    from meterflow.local.stack import LocalStack
 
     cfg = load_config(write_config("flink:\n  rest_host: 0.0.0.0\n"), environ={})
     with pytest.raises(StackError, match="flink.rest_host=0.0.0.0"):

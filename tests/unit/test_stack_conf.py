@@ -5,7 +5,8 @@ from __future__ import annotations
 import yaml
 
 from meterflow.config import load_config
-from meterflow.stack import FLINK_CONF_TEMPLATE, KafkaBroker, render_flink_conf
+from meterflow.local.flink import FLINK_CONF_TEMPLATE, render_flink_conf
+from meterflow.local.kafka import KafkaBroker
 
 
 def test_render_overrides_nested_and_new_keys():
@@ -40,14 +41,14 @@ def test_exited_child_is_not_alive(tmp_path):
     import subprocess
     import time
 
-    from meterflow.stack import _pid_alive
+    from meterflow.local.base import pid_alive
 
     child = subprocess.Popen(["sleep", "0.3"], start_new_session=True)
     pid_file = tmp_path / "child.pid"
     pid_file.write_text(str(child.pid))
-    assert _pid_alive(pid_file) == child.pid
+    assert pid_alive(pid_file) == child.pid
     time.sleep(0.8)
-    assert _pid_alive(pid_file) is None
+    assert pid_alive(pid_file) is None
 
 
 def test_python_workers_of_this_cluster_are_found(tmp_path):
@@ -57,7 +58,7 @@ def test_python_workers_of_this_cluster_are_found(tmp_path):
     import time
 
     from meterflow.config import JobConfig
-    from meterflow.stack import FlinkCluster
+    from meterflow.local.flink import FlinkCluster
 
     cluster = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state")}}))
     script = "import time; time.sleep(60)  # pyflink worker stand-in"

@@ -12,8 +12,13 @@ from decimal import Decimal
 import click
 from rich.table import Table
 
-from meterflow.cli import Context, _print_usage, _send_with_progress, _submit_jobs, cli, console, err_console, pass_ctx, stack_up
+from meterflow.commands.job import submit_jobs
+from meterflow.commands.produce import send_with_progress
+from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
+from meterflow.commands.stack import stack_up
+from meterflow.commands.usage import print_usage
 from meterflow.config import JobConfig
+
 
 @cli.command()
 @click.option("--count", default=3000, show_default=True, help="Sample events to produce.")
@@ -26,7 +31,7 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
     from sinks.postgres import fetch_usage
 
     cfg = stack_up(ctx)
-    _submit_jobs(ctx)
+    submit_jobs(ctx)
     size = cfg.event_time.window_size
     run = uuid.uuid4().hex[:6]
     start, span = _demo_event_time_range(cfg, size)
@@ -37,7 +42,7 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
 
         for tenant, customer in sorted({(e["tenant_id"], e["customer_id"]) for e in events}):
             map_customer(cfg, tenant, customer, f"cus_demo{run}{tenant[-1]}{customer[-1]}")
-    _send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
+    send_with_progress(cfg, cfg.kafka.usage_events_topic, events, 0)
     # Independent oracle: the windows that the watermark (max event time - delay) has closed.
     watermark = max(e["event_time"] for e in events) - cfg.event_time.watermark_delay
     expected: dict[tuple, list] = defaultdict(lambda: [Decimal(0), 0])
@@ -55,11 +60,11 @@ def demo(ctx: Context, count: int, timeout: int) -> None:
         if got == dict(expected) and all(r.is_final for r in rows):
             break
         if time.monotonic() > deadline:
-            _print_usage(rows)
+            print_usage(rows)
             err_console.print(f"[red]Postgres does not match the expected totals after {timeout}s ({len(got)} of {len(expected)} windows)[/]")
             sys.exit(1)
         time.sleep(1)
-    _print_usage(rows)
+    print_usage(rows)
     open_windows = len({window_bounds(e["event_time"], size)[0] for e in events}) - len({k[3] for k in expected})
     console.print(
         f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "

@@ -24,7 +24,7 @@ import yaml
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
 from meterflow.metrics_conf import LOOPBACK, local_prometheus_config
-from meterflow.stack import REPO_ROOT, ComponentStatus, _pid_alive, _require_free, _stop_pid, port_open, wait_until
+from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, require_free, stop_pid, wait_until
 
 ALERT_RULES = REPO_ROOT / "ops" / "alerts.yml"
 PROMETHEUS_BINARY = "prometheus"
@@ -70,7 +70,7 @@ class PrometheusServer:
 
     def running(self) -> bool:
         """Our process is alive and its port answers."""
-        return _pid_alive(self.pid_file) is not None and port_open(LOOPBACK, self.port)
+        return pid_alive(self.pid_file) is not None and port_open(LOOPBACK, self.port)
 
     def write_config(self) -> None:
         """prometheus.yml from the typed config (meterflow.metrics_conf)."""
@@ -82,7 +82,7 @@ class PrometheusServer:
         """Write the config, start Prometheus on loopback and wait until it is ready."""
         if self.running():
             return
-        _require_free(LOOPBACK, self.port, "Prometheus", "stack.prometheus_port")
+        require_free(LOOPBACK, self.port, "Prometheus", "stack.prometheus_port")
         binary = prometheus_binary()
         self.write_config()
         args = [
@@ -102,7 +102,7 @@ class PrometheusServer:
 
     def down(self) -> None:
         """Stop Prometheus (SIGTERM; it flushes its head block)."""
-        _stop_pid(self.pid_file, "Prometheus", timeout=20)
+        stop_pid(self.pid_file, "Prometheus", timeout=20)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Instant query through ``/api/v1/query``: the result vector (``metric`` labels and ``value``)."""

@@ -12,9 +12,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from meterflow.cli import Context, _fmt_qty, cli, console, err_console, pass_ctx
+from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
+from meterflow.commands.usage import fmt_qty
 from meterflow.config import JobConfig
-from meterflow.corrections import CORRECTION_STATUSES, LateEvent, Plan, late_event_from_record
+from meterflow.corrections import (
+    CORRECTION_STATUSES,
+    LateEvent,
+    Plan,
+    late_event_from_record,
+)
 
 
 def utc_now() -> datetime:
@@ -172,7 +178,7 @@ def _print_corrections(rows: list[tuple[Any, datetime | None]], title: str) -> N
             w.meter,
             "" if w.dimensions_key == "{}" else w.dimensions_key,
             f"{w.window_start:%Y-%m-%d %H:%M:%S}-{w.window_end:%H:%M:%S}",
-            _fmt_qty(c.delta),
+            fmt_qty(c.delta),
             str(c.events),
             c.status,
             c.reason,

@@ -17,14 +17,16 @@ from typing import Any
 
 from meterflow.config import JobConfig
 from meterflow.errors import JobSubmissionError
-from meterflow.stack import REPO_ROOT, FlinkCluster, flink_home
+from meterflow.local.base import REPO_ROOT
+from meterflow.local.flink import FlinkCluster, flink_home
 
 JOB_SCRIPT = REPO_ROOT / "jobs" / "usage_job.py"
 BILLING_JOB_SCRIPT = REPO_ROOT / "jobs" / "billing_job.py"
 _JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 
 
-def _rest(cfg: JobConfig, path: str, method: str = "GET", body: dict | None = None) -> Any:
+def rest(cfg: JobConfig, path: str, method: str = "GET", body: dict | None = None) -> Any:
+    """Call the JobManager's REST API at ``path``; the decoded JSON answer (JobSubmissionError on failure)."""
     cluster = FlinkCluster(cfg)
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(f"{cluster.rest_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"})
@@ -41,7 +43,7 @@ def _rest(cfg: JobConfig, path: str, method: str = "GET", body: dict | None = No
 
 def list_jobs(cfg: JobConfig) -> list[dict[str, Any]]:
     """Jobs known to the cluster with their name and state."""
-    return _rest(cfg, "/jobs/overview").get("jobs", [])
+    return rest(cfg, "/jobs/overview").get("jobs", [])
 
 
 def running_jobs(cfg: JobConfig, name: str | None = None) -> list[dict[str, Any]]:
@@ -52,7 +54,7 @@ def running_jobs(cfg: JobConfig, name: str | None = None) -> list[dict[str, Any]
 
 def job_details(cfg: JobConfig, job_id: str) -> dict[str, Any]:
     """REST job details (state, vertices)."""
-    return _rest(cfg, f"/jobs/{job_id}")
+    return rest(cfg, f"/jobs/{job_id}")
 
 
 def job_names(cfg: JobConfig) -> list[str]:
@@ -104,17 +106,17 @@ def wait_running(cfg: JobConfig, job_id: str, timeout: float = 180) -> None:
 
 def cancel(cfg: JobConfig, job_id: str, timeout: float = 60) -> None:
     """Cancel a job and wait until it is gone."""
-    _rest(cfg, f"/jobs/{job_id}?mode=cancel", method="PATCH")
+    rest(cfg, f"/jobs/{job_id}?mode=cancel", method="PATCH")
     _wait_terminal(cfg, job_id, timeout)
 
 
 def stop_with_savepoint(cfg: JobConfig, job_id: str, timeout: float = 180) -> str:
     """Stop the job with a savepoint (the upgrade path); return the savepoint path."""
-    trigger = _rest(cfg, f"/jobs/{job_id}/stop", method="POST", body={"drain": False})
+    trigger = rest(cfg, f"/jobs/{job_id}/stop", method="POST", body={"drain": False})
     request_id = trigger["request-id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = _rest(cfg, f"/jobs/{job_id}/savepoints/{request_id}")
+        status = rest(cfg, f"/jobs/{job_id}/savepoints/{request_id}")
         if status["status"]["id"] == "COMPLETED":
             op = status.get("operation", {})
             if "failure-cause" in op:
@@ -129,17 +131,17 @@ def stop_with_savepoint(cfg: JobConfig, job_id: str, timeout: float = 180) -> st
 
 def completed_checkpoints(cfg: JobConfig, job_id: str) -> int:
     """How many checkpoints of the job have completed."""
-    return int(_rest(cfg, f"/jobs/{job_id}/checkpoints")["counts"]["completed"])
+    return int(rest(cfg, f"/jobs/{job_id}/checkpoints")["counts"]["completed"])
 
 
 def checkpoint_stats(cfg: JobConfig, job_id: str) -> dict[str, Any]:
     """The REST checkpoint statistics of a job (counts, latest completed/restored, recent history)."""
-    return _rest(cfg, f"/jobs/{job_id}/checkpoints")
+    return rest(cfg, f"/jobs/{job_id}/checkpoints")
 
 
 def restarts(cfg: JobConfig, job_id: str) -> int:
     """How often the job restarted after a failure (Flink's ``numRestarts`` job metric)."""
-    metrics = _rest(cfg, f"/jobs/{job_id}/metrics?get=numRestarts")
+    metrics = rest(cfg, f"/jobs/{job_id}/metrics?get=numRestarts")
     return int(next((m["value"] for m in metrics if m["id"] == "numRestarts"), 0))
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import click
 from rich.table import Table
 
-from meterflow.cli import Context, cli, console, err_console, pass_ctx
+from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 from meterflow.config import format_duration, parse_duration
 
 

@@ -1,4 +1,4 @@
-"""The billing commands of the ``meterflow`` CLI: ledger status, replay, customer mapping, reconcile."""
+"""``meterflow billing status/replay/customers`` and ``meterflow reconcile``: the billing ledger."""
 
 from __future__ import annotations
 
@@ -10,11 +10,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from meterflow.cli import Context, _fmt_qty, cli, console, err_console, pass_ctx
+from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
+from meterflow.commands.usage import fmt_qty
 from meterflow.config import JobConfig, parse_duration
+
 
 @cli.group()
 def billing() -> None:
@@ -37,12 +45,12 @@ def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
         return
     table = Table("provider", "kind", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
     for provider, kind, status, n, quantity, oldest, updated in summary:
-        table.add_row(provider, kind, status, str(n), _fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
+        table.add_row(provider, kind, status, str(n), fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
     console.print(table)
     if dead:
         dead_table = Table("identifier", "kind", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
         for d in dead:
-            dead_table.add_row(d.identifier, d.kind, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", _fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
+            dead_table.add_row(d.identifier, d.kind, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
         console.print(dead_table)
 
 
@@ -209,17 +217,17 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     else:
         table = Table("tenant", "customer", "meter", "period", "windows", "corrections", "final quantity", "billed quantity", "agrees")
         for t in totals:
-            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), str(t.corrections), _fmt_qty(t.final_quantity), _fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
+            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), str(t.corrections), fmt_qty(t.final_quantity), fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
         console.print(table)
         if corrections:
             fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "origin", "revision", "correction", "status", title="corrections (billed as the difference)")
             for c in corrections:
-                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", c.origin, str(c.revision), _fmt_qty(c.quantity), c.status)
+                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", c.origin, str(c.revision), fmt_qty(c.quantity), c.status)
             console.print(fixes)
         if discrepancies:
             issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
             for d in discrepancies:
-                q = [("" if v is None else _fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
+                q = [("" if v is None else fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
                 issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}", *q, d.detail)
             console.print(issues)
     if discrepancies:

@@ -1,0 +1,82 @@
+"""``meterflow submit/jobs/stop``: the usage and billing jobs on the Flink session cluster."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import click
+from rich.table import Table
+
+from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
+
+
+@cli.command()
+@click.option("--savepoint", default=None, help="Start the usage job from this savepoint or retained checkpoint.")
+@click.option("--billing-savepoint", default=None, help="Start the billing job from this savepoint or retained checkpoint.")
+@click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
+@pass_ctx
+def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, force: bool) -> None:
+    """Submit the usage job and, with billing.enabled, the billing job; wait until they run.
+
+    flink run -py jobs/usage_job.py, then flink run -py jobs/billing_job.py (which reads the usage
+    job's closed-windows topic). A job already running under its name is left alone.
+    """
+    submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, force=force)
+
+
+def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, force: bool = False) -> None:
+    """Submit this config's jobs that are not running yet (all of them with ``force``); print their ids."""
+    from meterflow.local import flink_jobs
+
+    cfg = ctx.cfg
+    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint)]
+    if cfg.billing.enabled:
+        plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint))
+    for name, submit_job, start_from in plan:
+        existing = flink_jobs.running_jobs(cfg, name)
+        if existing and not force:
+            err_console.print(f"job {name} already running: {existing[0]['jid']} (use --force to submit another)")
+            continue
+        with err_console.status(f"submitting {name} ..."):
+            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start_from)
+        err_console.print(f"{name} submitted")
+        console.print(job_id)
+
+
+@cli.command()
+@pass_ctx
+def jobs(ctx: Context) -> None:
+    """List the cluster's jobs; this config's usage and billing jobs are marked."""
+    from meterflow.local import flink_jobs
+
+    cfg = ctx.cfg
+    roles = {cfg.flink.job_name: "usage", cfg.billing_job_name: "billing"}
+    table = Table("job id", "name", "role", "state", "started")
+    for j in flink_jobs.list_jobs(cfg):
+        table.add_row(j["jid"], j["name"], roles.get(j["name"], ""), j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@click.option("--savepoint", is_flag=True, help="Stop with a savepoint and print its path (for upgrades).")
+@pass_ctx
+def stop(ctx: Context, job_id: str | None, savepoint: bool) -> None:
+    """Stop the running usage and billing jobs (or JOB_ID): cancel, or stop with a savepoint.
+
+    The usage job stops first, so the billing job has read every window it published.
+    """
+    from meterflow.local import flink_jobs
+
+    cfg = ctx.cfg
+    names = [cfg.flink.job_name, cfg.billing_job_name]  # the billing job too when billing was just switched off
+    ids = [job_id] if job_id else [j["jid"] for name in names for j in flink_jobs.running_jobs(cfg, name)]
+    if not ids:
+        err_console.print("no running job")
+        return
+    for jid in ids:
+        if savepoint:
+            console.print(f"{jid}: {flink_jobs.stop_with_savepoint(cfg, jid)}")
+        else:
+            flink_jobs.cancel(cfg, jid)
+            err_console.print(f"cancelled {jid}")

@@ -1,0 +1,224 @@
+"""The local stack's Flink: a standalone session cluster (one JobManager, one TaskManager) from the apache-flink wheel."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from meterflow.config import JobConfig, parse_port_range
+from meterflow.errors import PortInUseError, StackError
+from meterflow.local.base import REPO_ROOT, ComponentStatus, port_open, proc_running, require_free, require_jars, wait_until
+from meterflow.metrics_conf import flink_reporter_conf
+
+FLINK_CONNECTOR_JARS = REPO_ROOT / "stack" / "flink-lib" / "target" / "dependency"
+FLINK_CONF_TEMPLATE = REPO_ROOT / "flink-conf" / "config.yaml"
+UDF_JAR_DIR = REPO_ROOT / "udf" / "target"
+
+
+def flink_home() -> Path:
+    """The Flink distribution shipped inside the apache-flink wheel."""
+    import pyflink
+
+    return Path(pyflink.__file__).resolve().parent
+
+
+def render_flink_conf(base: dict, overrides: dict[str, object]) -> dict:
+    """Apply dotted-key overrides to a nested Flink config mapping (returns a new mapping)."""
+    result = json.loads(json.dumps(base))
+    for dotted, value in overrides.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return result
+
+
+class FlinkCluster:
+    """A standalone Flink session cluster (one JobManager, one TaskManager) on this machine."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.dir = cfg.state_dir / "flink"
+        self.conf_dir = self.dir / "conf"
+        self.lib_dir = self.dir / "lib"
+        self.log_dir = self.dir / "log"
+
+    @property
+    def rest_url(self) -> str:
+        """Base URL of the JobManager's REST API."""
+        return f"http://{self.cfg.flink.rest_host}:{self.cfg.flink.rest_port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for Flink's scripts and the ``flink`` client: our conf and lib directories."""
+        env = dict(os.environ)
+        env.update(FLINK_HOME=str(flink_home()), FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir))
+        return env
+
+    def config(self) -> dict:
+        """The cluster's config.yaml: flink-conf/config.yaml with this machine's addresses, ports and directories."""
+        f = self.cfg.flink
+        return render_flink_conf(
+            yaml.safe_load(FLINK_CONF_TEMPLATE.read_text()),
+            {
+                "jobmanager.bind-host": f.rest_host,
+                "jobmanager.rpc.address": f.rest_host,
+                "jobmanager.rpc.port": self.cfg.stack.flink_rpc_port,
+                "taskmanager.bind-host": f.rest_host,
+                "taskmanager.host": f.rest_host,
+                "taskmanager.numberOfTaskSlots": f.task_slots,
+                "rest.address": f.rest_host,
+                "rest.bind-address": f.rest_host,
+                "rest.port": f.rest_port,
+                "execution.checkpointing.dir": self.cfg.checkpoint_uri(),
+                "execution.checkpointing.savepoint-dir": (self.dir / "savepoints").as_uri(),
+                "python.executable": sys.executable,
+                "python.client.executable": sys.executable,
+                "env.log.dir": str(self.log_dir),
+                "env.pid.dir": str(self.dir / "pid"),
+                # Every JobManager and TaskManager serves its metrics to Prometheus on loopback.
+                **flink_reporter_conf(self.cfg.stack.flink_metrics_ports),
+            },
+        )
+
+    def prepare(self) -> None:
+        """Write conf/ (flink-conf/config.yaml + local overrides) and lib/ (distribution + connector jars)."""
+        home = flink_home()
+        for d in (self.conf_dir, self.lib_dir, self.log_dir, self.dir / "pid"):
+            d.mkdir(parents=True, exist_ok=True)
+        f = self.cfg.flink
+        conf = self.config()
+        (self.conf_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+        for name in ("log4j.properties", "log4j-console.properties", "log4j-cli.properties", "log4j-session.properties", "logback.xml"):
+            if (home / "conf" / name).exists():
+                shutil.copy(home / "conf" / name, self.conf_dir / name)
+        (self.conf_dir / "masters").write_text(f"{f.rest_host}:{f.rest_port}\n")
+        (self.conf_dir / "workers").write_text(f"{f.rest_host}\n")
+        for old in self.lib_dir.glob("*.jar"):
+            old.unlink()
+        jars = [*sorted((home / "lib").glob("*.jar")), *require_jars(FLINK_CONNECTOR_JARS, "Flink connector"), *require_jars(UDF_JAR_DIR, "meterflow UDF")]
+        for jar in jars:
+            (self.lib_dir / jar.name).symlink_to(jar)
+
+    def overview(self) -> dict | None:
+        """The REST /overview document, or None when the JobManager does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.rest_url}/overview", timeout=2) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        """JobManager answers and at least one TaskManager is registered."""
+        ov = self.overview()
+        return bool(ov and ov.get("taskmanagers", 0) >= 1)
+
+    def up(self) -> None:
+        """Start JobManager and TaskManager with start-cluster.sh; wait for a registered TaskManager.
+
+        A JobManager whose TaskManager is gone (crashed, or shut down by Flink's task-cancellation
+        watchdog) gets a new TaskManager, as a process supervisor would start one in production.
+        """
+        if self.running():
+            return
+        if self.overview() is not None:
+            print("Flink JobManager has no TaskManager: starting one", file=sys.stderr)
+            self.start_taskmanager()
+            wait_until(self.running, "Flink TaskManager", 120, self.log_dir)
+            return
+        f = self.cfg.flink
+        require_free(f.rest_host, f.rest_port, "the Flink REST API", "flink.rest_port")
+        require_free(f.rest_host, self.cfg.stack.flink_rpc_port, "the Flink JobManager RPC", "stack.flink_rpc_port")
+        metrics_ports = parse_port_range(self.cfg.stack.flink_metrics_ports)
+        if sum(not port_open("127.0.0.1", p) for p in metrics_ports) < 2:
+            msg = f"fewer than 2 free ports in stack.flink_metrics_ports ({self.cfg.stack.flink_metrics_ports}) for the JobManager's and TaskManager's metrics; free them or change the range"
+            raise PortInUseError(msg)
+        self.prepare()
+        r = subprocess.run(["bash", str(flink_home() / "bin" / "start-cluster.sh")], env=self.env(), capture_output=True, text=True, check=False)
+        if r.returncode:
+            msg = f"start-cluster.sh failed: {r.stderr.strip() or r.stdout.strip()}"
+            raise StackError(msg)
+        wait_until(self.running, "Flink cluster", 120, self.log_dir)
+
+    def start_taskmanager(self) -> None:
+        """Start one more TaskManager (used after a TaskManager was killed)."""
+        subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
+
+    def taskmanager_pids(self) -> list[int]:
+        """PIDs of this cluster's running TaskManager JVMs (exited ones are skipped)."""
+        pids = []
+        for pid_file in (self.dir / "pid").glob("*taskexecutor*.pid"):
+            for token in pid_file.read_text().split():
+                # A pid file outlives its process and pids are reused: check it is still a TaskManager.
+                if token.isdigit() and proc_running(int(token)) and _is_taskmanager(int(token)):
+                    pids.append(int(token))
+        return pids
+
+    def down(self) -> None:
+        """Stop the cluster (cancels nothing; running jobs stop with it).
+
+        stop-cluster.sh stops one TaskManager per worker entry; a TaskManager started later
+        (replacing a lost one) is stopped here too, so nothing is left running.
+        """
+        if not self.conf_dir.exists():
+            return
+        subprocess.run(["bash", str(flink_home() / "bin" / "stop-cluster.sh")], env=self.env(), capture_output=True, check=False)
+        for pid in self.taskmanager_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while self.taskmanager_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in self.taskmanager_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        # Python workers of a TaskManager that was killed outlive it (re-parented to init).
+        for pid in self.python_workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not port_open(self.cfg.flink.rest_host, self.cfg.flink.rest_port), "Flink shutdown", 60, self.log_dir)
+
+    def python_workers(self) -> list[int]:
+        """PIDs of this cluster's PyFlink worker processes (runner scripts and Python workers)."""
+        marker = f"FLINK_CONF_DIR={self.conf_dir}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                worker = "pyflink" in (proc / "cmdline").read_text(errors="replace")
+                if worker and marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except (OSError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+        return pids
+
+    def status(self) -> ComponentStatus:
+        """Running state, address and job counts."""
+        ov = self.overview() or {}
+        detail = f"taskmanagers={ov.get('taskmanagers', 0)} slots={ov.get('slots-total', 0)} running_jobs={ov.get('jobs-running', 0)}" if ov else ""
+        return ComponentStatus("flink", self.running(), self.rest_url, detail)
+
+
+
+def _is_taskmanager(pid: int) -> bool:
+    """Whether the process is a Flink TaskManager JVM."""
+    try:
+        return b"TaskManagerRunner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

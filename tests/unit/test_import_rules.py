@@ -1,0 +1,133 @@
+"""House rules on imports, read from the source with ``ast``.
+
+* Layers: the modules directly in ``meterflow/`` (config, errors and the other pure parts), ``jobs/``,
+  ``connectors/`` and ``sinks/`` are the ground: they never import the CLI (``meterflow.commands``)
+  or the local stack (``meterflow.local``); the local stack never imports the CLI.
+* Public names: ``bench/`` and ``tests/`` use the project's modules through public names only, never
+  ``from x import _y``, ``x._y`` or ``setattr(x, "_y", ...)`` on a project module or what it exports.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PROJECT_PACKAGES = {"meterflow", "jobs", "connectors", "sinks", "bench", "tests"}
+ROOF = ("meterflow.commands", "meterflow.local")
+GROUND = [*sorted((REPO_ROOT / "meterflow").glob("*.py")), *(p for d in ("jobs", "connectors", "sinks") for p in sorted((REPO_ROOT / d).rglob("*.py")))]
+LAYERS = [(path, ROOF) for path in GROUND] + [(path, ("meterflow.commands",)) for path in sorted((REPO_ROOT / "meterflow" / "local").rglob("*.py"))]
+CLIENTS = [p for d in ("bench", "tests") for p in sorted((REPO_ROOT / d).rglob("*.py"))]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT))
+
+
+def _module_of(path: Path) -> str:
+    return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _absolute(node: ast.ImportFrom, path: Path) -> str:
+    """The module an ImportFrom names, with relative imports resolved against ``path``."""
+    if not node.level:
+        return node.module or ""
+    package = _module_of(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    base = package[: len(package) - node.level + 1]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module the file imports, as dotted names (``from a import b`` counts as ``a`` and ``a.b``)."""
+    found = set()
+    for node in ast.walk(_parse(path)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute(node, path)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root_name(node: ast.expr) -> ast.expr:
+    while isinstance(node, (ast.Attribute, ast.Call, ast.Subscript)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node
+
+
+def private_uses(path: Path) -> list[str]:
+    """Private names of project modules that the file imports or reaches through an attribute."""
+    tree = _parse(path)
+    bound, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = _absolute(node, path)
+            if module.split(".")[0] not in PROJECT_PACKAGES:
+                continue
+            for alias in node.names:
+                bound.add(alias.asname or alias.name)
+                if _private(alias.name) or any(_private(part) for part in module.split(".")):
+                    found.append(f"line {node.lineno}: from {module} import {alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in PROJECT_PACKAGES:
+                    bound.add(alias.asname or alias.name.split(".")[0])
+                    if any(_private(part) for part in alias.name.split(".")):
+                        found.append(f"line {node.lineno}: import {alias.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            root = _root_name(node.value)
+            if isinstance(root, ast.Name) and root.id in bound:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name):
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            if called in ("setattr", "getattr", "delattr") and len(node.args) >= 2:
+                target, name = node.args[0], node.args[1]
+                root = _root_name(target)
+                if isinstance(name, ast.Constant) and isinstance(name.value, str) and _private(name.value.rsplit(".", 1)[-1]) and isinstance(root, ast.Name) and root.id in bound:
+                    found.append(f"line {node.lineno}: {called}({ast.unparse(target)}, {name.value!r})")
+    return found
+
+
+@pytest.mark.parametrize(("path", "forbidden"), LAYERS, ids=[_rel(p) for p, _ in LAYERS])
+def test_no_import_runs_back_up(path, forbidden):
+    """A lower layer imports nothing from a layer above it."""
+    wrong = sorted(m for m in imported_modules(path) if any(m == f or m.startswith(f"{f}.") for f in forbidden))
+    assert not wrong, f"{_rel(path)} imports {wrong}"
+
+
+@pytest.mark.parametrize("path", CLIENTS, ids=_rel)
+def test_uses_public_names_only(path):
+    """Benchmark and tests reach the project through public names."""
+    uses = private_uses(path)
+    assert not uses, f"{_rel(path)} uses private names: {uses}"
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
+    """Each kind of violation is found (so an empty result means something)."""
+    monkeypatch.setitem(globals(), "REPO_ROOT", tmp_path)
+    (tmp_path / "sinks").mkdir()
+    ground = tmp_path / "sinks" / "x.py"
+    ground.write_text("from meterflow import local\nimport meterflow.commands.root\nfrom meterflow.config import JobConfig\n")
+    assert {m for m in imported_modules(ground) if m.startswith(ROOF)} == {"meterflow.local", "meterflow.commands.root"}
+    (tmp_path / "tests").mkdir()
+    client = tmp_path / "tests" / "test_x.py"
+    client.write_text(
+        "from meterflow.local import base\nfrom meterflow.local.base import _hidden, pid_alive\nimport meterflow.local.flink as fl\n"
+        "base._x()\nfl.FlinkCluster(cfg)._y\nmonkeypatch.setattr(base.Thing, '_z', 1)\nself._fine = pid_alive\n"
+    )
+    assert sorted(use.split(":")[0] for use in private_uses(client)) == ["line 2", "line 4", "line 5", "line 6"]
