@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,3 +83,26 @@ def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int,
                 for record in consumer.poll(timeout_ms=1000).get(tp, []):
                     if since_ms <= record.timestamp < until_ms:
                         yield tp.partition, record.timestamp, record.value
+
+
+def read_from(bootstrap_servers: str, topic: str, starts: Mapping[int, int], *, timeout: float = 300) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (partition, offset, value) of the committed records of ``topic`` from ``starts`` (next
+    offset per partition; the beginning where absent) to the end offsets seen at the start.
+
+    What an incremental reader that keeps its own offsets (in the same transaction as its results)
+    needs: it resumes exactly where its last committed batch ended. A stored offset below the
+    partition's beginning (records deleted by retention) starts at the beginning.
+    """
+    with assigned_consumer(bootstrap_servers, topic, consumer_timeout_ms=2000) as (consumer, partitions):
+        begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
+        for tp in partitions:
+            consumer.seek(tp, max(starts.get(tp.partition, 0), begin[tp]))
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                msg = f"reading {topic} did not reach its end offsets within {timeout:.0f}s"
+                raise MeterflowError(msg)
+            for tp, batch in consumer.poll(timeout_ms=1000).items():
+                for record in batch:
+                    if record.offset < end[tp]:
+                        yield tp.partition, record.offset, record.value

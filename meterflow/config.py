@@ -305,6 +305,7 @@ class CorrectionsConfig(_Section):
     table: str = Field("usage_corrections", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     events_table: str = Field("usage_correction_events", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="One row per late event corrected or reported, keyed by (tenant_id, event_id).")
     batch_size: int = Field(500, ge=1, le=100_000, description="Late events per Postgres transaction of `corrections apply`.")
+    offsets_table: str = Field("usage_correction_offsets", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Where `corrections apply --follow` keeps its place in the late topic, per partition.")
 
     @model_validator(mode="after")
     def _check(self) -> CorrectionsConfig:

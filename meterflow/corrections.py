@@ -73,6 +73,7 @@ class LateEvent:
     quantity: Decimal
     event_time: datetime  # naive UTC
     lateness_ms: int
+    position: tuple[int, int] | None = None  # (partition, offset) in the late topic, when read incrementally
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def dimensions_key(dimensions: Mapping[str, str], group_by: Iterable[str]) -> st
     return json.dumps({k: dimensions.get(k, "") for k in keys}, separators=(",", ":"), ensure_ascii=False)
 
 
-def late_event_from_record(record: Mapping[str, Any], cfg: JobConfig) -> LateEvent:
+def late_event_from_record(record: Mapping[str, Any], cfg: JobConfig, position: tuple[int, int] | None = None) -> LateEvent:
     """A decoded late-events record (avro/late_usage_event.avsc) as a typed event.
 
     Raises:
@@ -168,7 +169,7 @@ def late_event_from_record(record: Mapping[str, Any], cfg: JobConfig) -> LateEve
         _naive(record["window_start"]),
         _naive(record["window_end"]),
     )
-    return LateEvent(record["event_id"], window, Decimal(record["quantity"]), _naive(record["event_time"]), int(record["lateness_ms"]))
+    return LateEvent(record["event_id"], window, Decimal(record["quantity"]), _naive(record["event_time"]), int(record["lateness_ms"]), position)
 
 
 def correction_id(window: WindowId, event_ids: Iterable[str]) -> str:
@@ -301,3 +302,31 @@ def corrected_totals(rows: Iterable[tuple[WindowId, Decimal | None]], deltas: Ma
     for w, d in deltas.items():
         out.setdefault(w, d)
     return out
+
+
+def offsets_to_store(batch: Iterable[LateEvent], deferred: Iterable[LateEvent], held: Mapping[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """Where an incremental run may resume per partition after one batch, and the offsets it holds back.
+
+    A partition resumes after the batch's last record, except that it never passes a deferred event
+    (its window had no final row yet): from the first one on, this run's records of that partition
+    are read again next time (those recorded meanwhile are skipped as known).
+
+    Args:
+        batch: the batch's events, each with its ``position``.
+        deferred: the batch's events left for a later run.
+        held: per partition, the first deferred offset of earlier batches of this run.
+
+    Returns:
+        (next offset to store per partition the batch touched, the held offsets including this batch's)
+    """
+    held = dict(held)
+    for e in deferred:
+        if e.position is not None:
+            partition, offset = e.position
+            held[partition] = min(held.get(partition, offset), offset)
+    after: dict[int, int] = {}
+    for e in batch:
+        if e.position is not None:
+            partition, offset = e.position
+            after[partition] = max(after.get(partition, 0), offset + 1)
+    return {p: min(o, held.get(p, o)) for p, o in after.items()}, held

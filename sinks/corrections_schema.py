@@ -65,6 +65,34 @@ def corrections_ddl(table: str = "usage_corrections", events_table: str = "usage
     ]
 
 
+def offsets_ddl(offsets_table: str = "usage_correction_offsets") -> list[str]:
+    """The incremental reader's place in the late topic: the next offset to read per partition."""
+    o = check_identifier(offsets_table)
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {o} (
+    topic          text        NOT NULL,
+    partition      integer     NOT NULL,
+    next_offset    bigint      NOT NULL CHECK (next_offset >= 0),
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition)
+)"""
+    ]
+
+
+def stored_offsets_sql(offsets_table: str = "usage_correction_offsets") -> str:
+    """The stored next offsets of one topic."""
+    return f"SELECT partition, next_offset FROM {check_identifier(offsets_table)} WHERE topic = %s"
+
+
+def store_offset_sql(offsets_table: str = "usage_correction_offsets") -> str:
+    """Store one partition's next offset (in the transaction of the batch it follows)."""
+    o = check_identifier(offsets_table)
+    return (
+        f"INSERT INTO {o} (topic, partition, next_offset) VALUES (%s, %s, %s) "
+        "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()"
+    )
+
+
 def apply_lock_sql(table: str = "usage_corrections") -> str:
     """Serialise ``corrections apply`` runs: a transaction-scoped advisory lock named after the table."""
     return f"SELECT pg_advisory_xact_lock(hashtext('meterflow:{check_identifier(table)}'))"

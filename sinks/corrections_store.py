@@ -6,14 +6,14 @@ Thin over meterflow/corrections.py (the rules) and sinks/corrections_schema.py (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
 
 from meterflow.config import JobConfig
-from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan, WindowId, WindowState, check_transition, plan_corrections
+from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan, WindowId, WindowState, check_transition, offsets_to_store, plan_corrections
 from meterflow.errors import CorrectionError, SinkError
 from sinks.billing import ClosedWindow, late_correction_delivery
 from sinks.corrections_schema import (
@@ -27,8 +27,11 @@ from sinks.corrections_schema import (
     known_events_sql,
     latest_corrected_sql,
     list_corrections_sql,
+    offsets_ddl,
     recorded_deltas_sql,
     recorded_event_outcomes_sql,
+    store_offset_sql,
+    stored_offsets_sql,
     window_rows_sql,
 )
 from sinks.ledger_schema import billing_tables_ddl, owe_late_correction_sql, withdraw_late_correction_sql
@@ -48,12 +51,28 @@ class CorrectionRow:
 def apply_corrections_schema(cfg: JobConfig) -> None:
     """Create both corrections tables, and the billing tables when billing is on; idempotent. The
     usage table is the job's and is left alone."""
-    statements = corrections_ddl(cfg.corrections.table, cfg.corrections.events_table)
+    statements = corrections_ddl(cfg.corrections.table, cfg.corrections.events_table) + offsets_ddl(cfg.corrections.offsets_table)
     if cfg.billing.enabled:
         statements += billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table)
     with connect(cfg.postgres) as conn, conn.transaction():
         for statement in statements:
             conn.execute(statement)
+
+
+@dataclass
+class ResumePoint:
+    """An incremental run's place in the late topic: stored with each batch, in its transaction."""
+
+    topic: str
+    held: dict[int, int] = field(default_factory=dict)  # per partition: the first offset a deferred event holds back
+
+
+def stored_offsets(cfg: JobConfig, topic: str) -> dict[int, int]:
+    """The next offset per partition where the last incremental run's committed batches ended."""
+    with connect(cfg.postgres) as conn:
+        if not _table_exists(conn, cfg.corrections.offsets_table):
+            return {}
+        return dict(conn.execute(stored_offsets_sql(cfg.corrections.offsets_table), [topic]).fetchall())
 
 
 def _epoch_ms(moment: datetime) -> int:
@@ -120,13 +139,14 @@ def _states(conn: psycopg.Connection, cfg: JobConfig, windows: Sequence[WindowId
     return states
 
 
-def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False) -> Plan:
+def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False, resume: ResumePoint | None = None) -> Plan:
     """Plan and record the corrections of one batch of late events in one transaction.
 
     Runs serialise on an advisory lock; events already recorded are skipped; every event row is
     inserted with ``ON CONFLICT DO NOTHING`` and, should one nevertheless exist, the whole batch is
     rolled back (:class:`CorrectionError`) rather than record a correction without all its events.
-    With ``dry_run`` the plan is computed against the same data and nothing is written.
+    With ``dry_run`` the plan is computed against the same data and nothing is written. With
+    ``resume`` the batch also stores where an incremental run resumes (never past a deferred event).
     """
     if not events:
         return plan_corrections((), set(), {}, cfg, now)
@@ -152,18 +172,25 @@ def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, d
                 if row is None:
                     msg = f"late event {r.tenant_id}/{r.event_id} was recorded by another run meanwhile; batch rolled back"
                     raise CorrectionError(msg)
+            if resume is not None:
+                store, held = offsets_to_store(events, plan.deferred, resume.held)
+                for partition, offset in sorted(store.items()):
+                    conn.execute(store_offset_sql(cfg.corrections.offsets_table), [resume.topic, partition, offset])
+                resume.held = held
         return plan
     except psycopg.Error as e:
         msg = f"corrections batch rolled back: {e}"
         raise SinkError(msg) from e
 
 
-def apply_all(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False, on_batch: Callable[[Plan], None] | None = None) -> list[Plan]:
+def apply_all(
+    cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False, on_batch: Callable[[Plan], None] | None = None, resume: ResumePoint | None = None
+) -> list[Plan]:
     """Apply ``events`` in batches of ``corrections.batch_size``, one transaction each, in order."""
     size = cfg.corrections.batch_size
     plans = []
     for i in range(0, len(events), size):
-        plan = apply_batch(cfg, events[i : i + size], now, dry_run=dry_run)
+        plan = apply_batch(cfg, events[i : i + size], now, dry_run=dry_run, resume=resume)
         plans.append(plan)
         if on_batch:
             on_batch(plan)

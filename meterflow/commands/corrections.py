@@ -50,6 +50,25 @@ def read_late_events(cfg: JobConfig, topic: str | None = None) -> list[dict[str,
     return list(read_committed(cfg.kafka.bootstrap_servers, topic or cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), schema)))
 
 
+def read_new_late_events(cfg: JobConfig, topic: str | None = None) -> list[LateEvent]:
+    """The late events after the offsets the last incremental run stored (read_committed), each with its position."""
+    import io
+
+    import fastavro
+
+    from connectors.avro_types import load_schema
+    from connectors.kafka_reader import read_from
+    from jobs.plan import LATE_EVENT_SCHEMA
+    from sinks.corrections_store import stored_offsets
+
+    schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
+    topic = topic or cfg.kafka.late_events_topic
+    return [
+        late_event_from_record(fastavro.schemaless_reader(io.BytesIO(value), schema), cfg, (partition, offset))
+        for partition, offset, value in read_from(cfg.kafka.bootstrap_servers, topic, stored_offsets(cfg, topic))
+    ]
+
+
 def late_events_in_range(records: list[dict[str, Any]], cfg: JobConfig, since: datetime | None, until: datetime | None) -> list[LateEvent]:
     """Typed late events with event_time in [since, until), in topic order."""
     from meterflow.late_audit import select
@@ -86,25 +105,31 @@ def corrections() -> None:
 @click.option("--dry-run", is_flag=True, help="Compute the corrections against the database, record none.")
 @click.option("--topic", default=None, help="Late-events topic (default kafka.late_events_topic).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--follow", is_flag=True, help="Keep going: apply again every --interval until interrupted.")
+@click.option("--resume", is_flag=True, help="Read only the late events after the offsets the last --resume run stored (stored with each batch).")
+@click.option("--follow", is_flag=True, help="Keep going: a --resume run every --interval until interrupted.")
 @click.option("--interval", default="1m", show_default=True, help="Pause between runs with --follow.")
 @pass_ctx
-def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, follow: bool, interval: str) -> None:
+def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, resume: bool, follow: bool, interval: str) -> None:
     """Turn late events into corrections, each event at most once.
 
     Reads the late-events topic read_committed; one Postgres transaction per batch
     (corrections.batch_size) records the corrections and their events, so running again, or over an
-    overlapping range, adds nothing for events already recorded. With --follow it runs again every
-    --interval (each run reads the topic from its beginning).
+    overlapping range, adds nothing for events already recorded. --resume reads only what is new
+    since the last --resume run (its place is stored per partition in each batch's transaction);
+    --follow makes a --resume run every --interval.
     """
     import time
 
     from meterflow.config import parse_duration
 
     pause = parse_duration(interval)
+    incremental = resume or follow
+    if incremental and (since or until or dry_run):
+        msg = "--resume/--follow read everything new once: they don't combine with --since, --until or --dry-run"
+        raise click.UsageError(msg)
 
     def once() -> None:
-        run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now)
+        run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now, incremental=incremental)
 
     if follow:
         repeat(once, time.sleep, pause.total_seconds())
@@ -124,25 +149,33 @@ def repeat(step: Callable[[], None], sleep: Callable[[float], None], pause_s: fl
     return done
 
 
-def run_apply(cfg: JobConfig, *, since: datetime | None, until: datetime | None, dry_run: bool, topic: str | None, fmt: str, now: Callable[[], datetime]) -> list[Plan]:
-    """``corrections apply``: read, plan and record; prints the corrections made (or that would be)."""
-    from sinks.corrections_store import apply_all, apply_corrections_schema
+def run_apply(
+    cfg: JobConfig, *, since: datetime | None, until: datetime | None, dry_run: bool, topic: str | None, fmt: str, now: Callable[[], datetime], incremental: bool = False
+) -> list[Plan]:
+    """``corrections apply``: read, plan and record; prints the corrections made (or that would be).
+
+    ``incremental``: only the late events after the stored offsets, and store the new ones with each batch.
+    """
+    from sinks.corrections_store import ResumePoint, apply_all, apply_corrections_schema
 
     apply_corrections_schema(cfg)  # idempotent; a dry run reads the same tables
-    events = late_events_in_range(read_late_events(cfg, topic), cfg, since, until)
-    plans = apply_all(cfg, events, now(), dry_run=dry_run)
+    if incremental:
+        events, resume = read_new_late_events(cfg, topic), ResumePoint(topic or cfg.kafka.late_events_topic)
+    else:
+        events, resume = late_events_in_range(read_late_events(cfg, topic), cfg, since, until), None
+    plans = apply_all(cfg, events, now(), dry_run=dry_run, resume=resume)
     made = [c for p in plans for c in p.corrections]
     totals: dict[str, int] = {}
     for p in plans:
         for k, v in p.summary.items():
             totals[k] = totals.get(k, 0) + v
     if fmt == "json":
-        click.echo(json.dumps({"dry_run": dry_run, "late_events": len(events), "summary": totals, "corrections": [_correction_json(c) for c in made]}, indent=2))
+        click.echo(json.dumps({"dry_run": dry_run, "incremental": incremental, "late_events": len(events), "summary": totals, "corrections": [_correction_json(c) for c in made]}, indent=2))
     else:
         _print_corrections([(c, None) for c in made], title="corrections (dry run, nothing written)" if dry_run else "corrections recorded")
     verb = "would record" if dry_run else "recorded"
     err_console.print(
-        f"{len(events)} late events in range: {verb} {len(made)} corrections "
+        f"{len(events)} {'new late events' if incremental else 'late events in range'}: {verb} {len(made)} corrections "
         f"({', '.join(f'{totals.get(s, 0)} {s}' for s in ('applied', 'pending', 'reported'))}); "
         f"{totals.get('known_events', 0)} already recorded, {totals.get('not_corrected_events', 0)} not correctable, "
         f"{totals.get('deferred_events', 0)} left for a later run (window not final yet)"

@@ -156,6 +156,16 @@ def publish_late_events(cfg: JobConfig, records: list[dict]) -> None:
     publish_avro(cfg, cfg.kafka.late_events_topic, LATE_EVENT_SCHEMA, records)
 
 
+def late_event_record(tenant: str, event_id: str, customer: str, meter: str, quantity: str, window_start: datetime, size: timedelta) -> dict:
+    """A late-events record (avro/late_usage_event.avsc) as the usage job writes it, one second into its window."""
+    now = datetime.now(UTC)
+    return {
+        "event_id": event_id, "tenant_id": tenant, "customer_id": customer, "meter": meter, "quantity": Decimal(quantity),
+        "event_time": window_start + timedelta(seconds=1), "dimensions": {}, "window_start": window_start, "window_end": window_start + size,
+        "watermark": now, "lateness_ms": int((now - window_start).total_seconds() * 1000), "seen_at": now,
+    }  # fmt: skip
+
+
 def write_final_rows(cfg: JobConfig, windows: list[dict]) -> None:
     """Final rows in the usage table for windows published straight to the topic (what reconcile and corrections read)."""
     from sinks.postgres import connect

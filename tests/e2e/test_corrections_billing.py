@@ -24,6 +24,7 @@ from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import (
     closed_window,
     kill_taskmanagers,
+    late_event_record,
     private_job,
     publish_closed_windows,
     publish_late_events,
@@ -39,13 +40,7 @@ TENANT = "tenant-late"
 
 
 def _late(event_id: str, customer: str, quantity: str, window_start: datetime, size: timedelta) -> dict:
-    """A late-events record as the usage job writes it (avro/late_usage_event.avsc)."""
-    now = datetime.now(UTC)
-    return {
-        "event_id": event_id, "tenant_id": TENANT, "customer_id": customer, "meter": "tokens", "quantity": Decimal(quantity),
-        "event_time": window_start + timedelta(seconds=1), "dimensions": {}, "window_start": window_start, "window_end": window_start + size,
-        "watermark": now, "lateness_ms": int((now - window_start).total_seconds() * 1000), "seen_at": now,
-    }  # fmt: skip
+    return late_event_record(TENANT, event_id, customer, "tokens", quantity, window_start, size)
 
 
 def _closed(window: dict) -> ClosedWindow:

@@ -270,3 +270,31 @@ def test_a_late_correction_is_billed_as_a_correction_of_its_window_with_its_own_
     long_parent = "p" * 16 + "-1700000000000-" + "a" * 64  # the longest prefix the config allows
     assert len(derive_late_correction_identifier(long_parent, "cor-1")) <= MAX_IDENTIFIER_LENGTH
     assert is_correction(derive_late_correction_identifier(long_parent, "cor-1"))
+
+
+def test_an_incremental_run_resumes_after_its_batches_but_never_past_a_deferred_event():
+    """Partition 0 read to offset 7 resumes at 8; partition 1 holds back at its deferred event 3 in this
+    batch and in every later batch of the run, so the event is read again next time."""
+    from meterflow.corrections import LateEvent, offsets_to_store
+
+    def at(partition: int, offset: int) -> LateEvent:
+        return LateEvent(f"e{partition}-{offset}", W, Decimal(1), START, 1000, (partition, offset))
+
+    first = [at(0, 5), at(0, 7), at(1, 2), at(1, 3), at(1, 4)]
+    store, held = offsets_to_store(first, [at(1, 3)], {})
+    assert (store, held) == ({0: 8, 1: 3}, {1: 3})
+    store, held = offsets_to_store([at(0, 9), at(1, 10)], [], held)
+    assert (store, held) == ({0: 10, 1: 3}, {1: 3})
+    assert offsets_to_store([LateEvent("x", W, Decimal(1), START, 1000)], [], {}) == ({}, {})
+
+
+def test_resume_and_follow_refuse_a_range_or_a_dry_run(tmp_path):
+    """They read everything new once: a range would skip events for good."""
+    from click.testing import CliRunner
+
+    from meterflow.commands import cli
+
+    config = tmp_path / "m.yaml"
+    config.write_text("{}\n")
+    result = CliRunner().invoke(cli, ["--config", str(config), "corrections", "apply", "--follow", "--since", "2026-01-01T00:00:00Z"])
+    assert result.exit_code == 2 and "don't combine with --since" in result.output

@@ -131,3 +131,12 @@ def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
         "base._x()\nfl.FlinkCluster(cfg)._y\nmonkeypatch.setattr(base.Thing, '_z', 1)\nself._fine = pid_alive\n"
     )
     assert sorted(use.split(":")[0] for use in private_uses(client)) == ["line 2", "line 4", "line 5", "line 6"]
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their base name (no __init__.py): two with one name break collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in (Path(__file__).parents[1]).rglob("test_*.py"))
+    assert [n for n, k in names.items() if k > 1] == []

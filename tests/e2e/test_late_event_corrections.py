@@ -22,7 +22,7 @@ from meterflow.errors import CorrectionError
 from meterflow.local import flink_jobs
 from meterflow.producer import send_events
 from sinks.postgres import connect
-from tests.e2e.helpers import closing_events, private_job, table_totals, wait_for
+from tests.e2e.helpers import closing_events, late_event_record, private_job, publish_late_events, table_totals, wait_for
 
 pytestmark = [pytest.mark.e2e]
 
@@ -131,3 +131,13 @@ def test_late_events_become_corrections_exactly_once(e2e_stack):
     # late-audit marks the corrected late events per window.
     audit = {(r["customer_id"], r["window_start"]): (r["count"], r["corrected"], r["not_corrected"]) for r in json.loads(run("late-audit", "--format", "json"))}
     assert audit[a_key] == (2, 2, 0) and audit[c_key] == (1, 1, 0)
+
+    # Incremental runs keep their place in the late topic: the first reads it all (every event
+    # known), the next nothing new; a late event written afterwards is read and corrected alone.
+    resumed = json.loads(run("corrections", "apply", "--resume", "--format", "json"))
+    assert (resumed["late_events"], resumed["corrections"], resumed["summary"]["known_events"]) == (4, [], 4)
+    assert json.loads(run("corrections", "apply", "--resume", "--format", "json"))["late_events"] == 0
+    publish_late_events(cfg, [late_event_record("t1", "late-a3", "c1", "tokens", "0.125", a_start, size)])
+    newer = json.loads(run("corrections", "apply", "--resume", "--format", "json"))
+    assert newer["late_events"] == 1
+    assert [(c["customer_id"], c["delta"], c["status"]) for c in newer["corrections"]] == [("c1", "0.125000000", "applied")]
