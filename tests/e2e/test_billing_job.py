@@ -116,7 +116,7 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
     write_final_rows(cfg, [changed if w is windows[0] else w for w in windows])
     result = _cli(path, "reconcile", "--tenant", "tenant-0", "--grace", "0s", "--period", "day")
     assert result.exit_code == 1 and "not billed" in result.output and "no billing customer mapped" in result.output
-    assert "corrections (changed final values" in result.output and "2.5" in result.output
+    assert "corrections (billed as the difference)" in result.output and "2.5" in result.output
 
     assert _cli(path, "billing", "customers", "set", "tenant-0", "cust-2", "cus_02").exit_code == 0
     assert _cli(path, "billing", "customers", "set", "tenant-1", "cust-2", "cus_12").exit_code == 0
