@@ -170,7 +170,9 @@ def send_events(
     from kafka.errors import KafkaError
 
     try:
-        producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, batch_size=256 * 1024, enable_idempotence=True, retries=10)
+        # Retried until acknowledged or 2 minutes have passed (idempotent, so a retry never duplicates):
+        # a broker restart or leader change is ridden out instead of failing the send.
+        producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, batch_size=256 * 1024, enable_idempotence=True, delivery_timeout_ms=120_000)
     except KafkaError as e:
         msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
         raise ProduceError(msg) from e
