@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from connectors.avro_codec import UsageEvent
 from jobs.windowing import window_bounds
@@ -186,3 +187,38 @@ def closed_window(tenant: str, customer: str, meter: str, start: datetime, size:
         "tenant_id": tenant, "customer_id": customer, "meter": meter, "dimensions_key": "{}", "window_start": start, "window_end": start + size,
         "quantity": Decimal(quantity), "event_count": revision, "revision": revision,
     }  # fmt: skip
+
+
+def wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:
+    """Wait until the job restarted after ``since_ms`` (epoch ms) and every task runs again."""
+    from meterflow.local.flink_jobs import job_details
+
+    wait_for(lambda: job_details(cfg, job_id)["timestamps"].get("RESTARTING", 0) > since_ms, 120, "the job to restart")
+    wait_recovered(cfg, job_id)
+
+
+def wait_recovered(cfg: JobConfig, job_id: str, timeout: float = 300) -> None:
+    """Wait until every task runs again. Nothing is started behind the test's back: a TaskManager
+    that did not survive the fault fails the test."""
+    from meterflow.local.flink_jobs import job_details
+
+    def running() -> bool:
+        details = job_details(cfg, job_id)
+        return details["state"] == "RUNNING" and all(v["status"] == "RUNNING" for v in details.get("vertices", []))
+
+    wait_for(running, timeout, f"job {job_id} to run again")
+
+
+def kill_with_calls_in_flight(cfg: JobConfig, job_id: str, fake: Any, calls: int, timeout: float) -> tuple[set[str], int]:
+    """Once the fake provider holds ``calls`` unanswered calls: kill -9 the TaskManager, make the fake
+    fast, start a new TaskManager (the cluster's own script, as an operator would) and wait for the
+    job to restart. Returns the identifiers in flight at the kill and the kill's epoch ms."""
+    from meterflow.local.flink import FlinkCluster
+
+    wait_for(lambda: fake.in_flight >= calls, timeout, "calls in flight")
+    in_flight = fake.unanswered()
+    killed_at = kill_taskmanagers(cfg)
+    fake.latency = 0.05
+    FlinkCluster(cfg).start_taskmanager()
+    wait_restarted(cfg, job_id, killed_at)
+    return in_flight, killed_at

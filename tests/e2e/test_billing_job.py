@@ -26,7 +26,6 @@ from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
-from meterflow.local.flink import FlinkCluster
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from sinks.idempotency import (
     WindowKey,
@@ -39,7 +38,7 @@ from tests.e2e.helpers import (
     closed_window,
     closing_events,
     expected_totals,
-    kill_taskmanagers,
+    kill_with_calls_in_flight,
     private_job,
     publish_closed_windows,
     read_topic,
@@ -48,7 +47,6 @@ from tests.e2e.helpers import (
     wait_for,
     write_final_rows,
 )
-from tests.e2e.test_billing_semantics import wait_restarted
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -213,12 +211,7 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
             # A completed checkpoint before any window: the restore must come from it, not from nothing.
             wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a first checkpoint")
             publish_closed_windows(cfg, windows)
-            wait_for(lambda: fake.in_flight >= 6, 120, "calls in flight")
-            in_flight = fake.unanswered()
-            killed_at = kill_taskmanagers(cfg)
-            fake.latency = 0.05
-            FlinkCluster(cfg).start_taskmanager()
-            wait_restarted(cfg, job_id, killed_at)
+            in_flight, killed_at = kill_with_calls_in_flight(cfg, job_id, fake, 6, 120)
             wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, ids).values()) and len(_ledger(cfg, ids)) == len(ids), 180, "every window sent")
             stats = flink_jobs.checkpoint_stats(cfg, job_id)
             restarts = flink_jobs.restarts(cfg, job_id)

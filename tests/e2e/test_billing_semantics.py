@@ -38,6 +38,8 @@ from tests.e2e.helpers import (
     send_raw,
     table_totals,
     wait_for,
+    wait_recovered,
+    wait_restarted,
 )
 from tests.e2e.scenario import (
     ALLOWED_LATENESS,
@@ -70,32 +72,6 @@ def _totals(rows: dict) -> dict:
 
 
 Disruption = Callable[[JobConfig, Path, str, Callable[[], None]], "Fault"]
-
-
-def wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:
-    """Wait until the job restarted after ``since_ms`` (epoch ms) and every task runs again."""
-    wait_for(
-        lambda: (
-            flink_jobs.job_details(cfg, job_id)["timestamps"].get("RESTARTING", 0)
-            > since_ms
-        ),
-        120,
-        "the job to restart",
-    )
-    wait_recovered(cfg, job_id)
-
-
-def wait_recovered(cfg: JobConfig, job_id: str, timeout: float = 300) -> None:
-    """Wait until every task runs again. Nothing is started behind the test's back: a TaskManager
-    that did not survive the fault fails the test."""
-
-    def running() -> bool:
-        details = flink_jobs.job_details(cfg, job_id)
-        return details["state"] == "RUNNING" and all(
-            v["status"] == "RUNNING" for v in details.get("vertices", [])
-        )
-
-    wait_for(running, timeout, f"job {job_id} to run again")
 
 
 def _wait_checkpoint_after(cfg: JobConfig, job_id: str, since_ms: int) -> None:

@@ -18,12 +18,11 @@ from click.testing import CliRunner
 from jobs.windowing import window_bounds
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
-from meterflow.local.flink import FlinkCluster
 from sinks.billing import ClosedWindow, late_correction_delivery, window_identifier
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import (
     closed_window,
-    kill_taskmanagers,
+    kill_with_calls_in_flight,
     late_event_record,
     private_job,
     publish_closed_windows,
@@ -31,7 +30,6 @@ from tests.e2e.helpers import (
     wait_for,
     write_final_rows,
 )
-from tests.e2e.test_billing_semantics import wait_restarted
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -93,12 +91,7 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
             first = cli_json("corrections", "apply")
             by_status = Counter(c["status"] for c in first["corrections"])
             assert by_status == {"applied": 11, "pending": 1, "reported": 1}, by_status
-            wait_for(lambda: fake.in_flight >= 6, 60, "correction calls in flight")
-            in_flight = fake.unanswered()
-            killed_at = kill_taskmanagers(cfg)
-            fake.latency = 0.05
-            FlinkCluster(cfg).start_taskmanager()
-            wait_restarted(cfg, job_id, killed_at)
+            in_flight, _ = kill_with_calls_in_flight(cfg, job_id, fake, 6, 60)
             again = cli_json("corrections", "apply")
             assert (again["corrections"], again["summary"]["known_events"]) == ([], len(late))
             [held] = [c for c in first["corrections"] if c["status"] == "pending"]
