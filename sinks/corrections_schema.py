@@ -9,7 +9,7 @@ overlapping time range never corrects it again. Statements use psycopg ``%s`` pl
 from __future__ import annotations
 
 from meterflow.corrections import CORRECTION_STATUSES, COUNTED_STATUSES, CURRENT_STATUSES, EVENT_OUTCOMES
-from sinks.postgres_schema import check_identifier
+from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 WINDOW_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end")
 WINDOW_KEY = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start")
@@ -27,12 +27,7 @@ def corrections_ddl(table: str = "usage_corrections", events_table: str = "usage
     return [
         f"""CREATE TABLE IF NOT EXISTS {c} (
     correction_id  text           PRIMARY KEY,
-    tenant_id      text           NOT NULL,
-    customer_id    text           NOT NULL,
-    meter          text           NOT NULL,
-    dimensions_key text           NOT NULL,
-    window_start   timestamp(3)   NOT NULL,
-    window_end     timestamp(3)   NOT NULL,
+{WINDOW_COLUMNS_DDL}
     delta          numeric(38, 9) NOT NULL,
     events         bigint         NOT NULL CHECK (events > 0),
     status         text           NOT NULL CHECK (status IN ({_in(CORRECTION_STATUSES)})),
@@ -45,13 +40,8 @@ def corrections_ddl(table: str = "usage_corrections", events_table: str = "usage
         f"CREATE INDEX IF NOT EXISTS {c}_window ON {c} (tenant_id, customer_id, meter, dimensions_key, window_start)",
         f"CREATE INDEX IF NOT EXISTS {c}_status ON {c} (status)",
         f"""CREATE TABLE IF NOT EXISTS {e} (
-    tenant_id      text           NOT NULL,
+{WINDOW_COLUMNS_DDL}
     event_id       text           NOT NULL,
-    customer_id    text           NOT NULL,
-    meter          text           NOT NULL,
-    dimensions_key text           NOT NULL,
-    window_start   timestamp(3)   NOT NULL,
-    window_end     timestamp(3)   NOT NULL,
     quantity       numeric(38, 9) NOT NULL,
     event_time     timestamp(3)   NOT NULL,
     outcome        text           NOT NULL CHECK (outcome IN ({_in(EVENT_OUTCOMES)})),

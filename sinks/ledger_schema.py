@@ -13,7 +13,7 @@ a lease ahead, so nothing else hands it out meanwhile.
 
 from __future__ import annotations
 
-from sinks.postgres_schema import check_identifier
+from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 STATUSES = ("pending", "sent", "failed", "dead")
 KINDS = ("window", "correction")
@@ -37,12 +37,7 @@ def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table:
         f"""CREATE TABLE IF NOT EXISTS {d} (
     identifier           text           PRIMARY KEY,
     provider             text           NOT NULL,
-    tenant_id            text           NOT NULL,
-    customer_id          text           NOT NULL,
-    meter                text           NOT NULL,
-    dimensions_key       text           NOT NULL,
-    window_start         timestamp(3)   NOT NULL,
-    window_end           timestamp(3)   NOT NULL,
+{WINDOW_COLUMNS_DDL}
     quantity             numeric(38, 9) NOT NULL,
     event_count          bigint         NOT NULL,
     event_name           text           NOT NULL,

@@ -18,6 +18,16 @@ def check_identifier(name: str) -> str:
     return name
 
 
+# The window a row refers to, as every table but the usage table declares it (the usage table's
+# own key has a default dimensions_key); a CREATE TABLE body line each, indented like the others.
+WINDOW_COLUMNS_DDL = """    tenant_id            text           NOT NULL,
+    customer_id          text           NOT NULL,
+    meter                text           NOT NULL,
+    dimensions_key       text           NOT NULL,
+    window_start         timestamp(3)   NOT NULL,
+    window_end           timestamp(3)   NOT NULL,"""
+
+
 def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     """Statements that create the usage table and its guard; safe to run again (idempotent)."""
     t = check_identifier(table)
