@@ -44,6 +44,9 @@ JOB_SCRIPT = Path(__file__).resolve().parent / "jobs" / "state_sizing_job.py"
 BUSY_FILES = (Path("/tmp/ci-busy"), Path("/tmp/meterflow-bench.lock"))
 LIVE_RATE = 1000  # new ids/s once the N are in: the rate the operations guide's example assumes
 STEADY_GAP_S = 5.0  # the job's checkpoint interval
+STALL_S = 60.0
+# Heap runs whose TaskManager would take more than this share of the machine's memory are not started.
+MAX_MEMORY_SHARE = 0.6
 # The project's TaskManager (flink-conf/config.yaml): 2560m, 40 % managed memory for RocksDB.
 DEFAULT_TM_MB = 2560
 
@@ -114,6 +117,7 @@ def wait_ingested(cfg: Any, job_id: str, ids: int, timeout: float, on_poll: Call
     and the Deduplicate has read them plus what the live source had sent a second before.
     """
     start = time.monotonic()
+    progress: list[tuple[float, int]] = []
     while time.monotonic() - start < timeout:
         on_poll()
         details = flink_jobs.job_details(cfg, job_id)
@@ -125,6 +129,13 @@ def wait_ingested(cfg: Any, job_id: str, ids: int, timeout: float, on_poll: Call
         read = _vertex(details, "Deduplicate")["metrics"]["read-records"]
         if written >= ids and read >= ids + live - LIVE_RATE:
             return time.monotonic() - start
+        now = time.monotonic()
+        progress = [(t, r) for t, r in progress if now - t <= STALL_S] + [(now, read)]
+        # A heap that is full does not fail at once: the JVM runs full GC after full GC and the
+        # ingest crawls. Less than 1 % of N in a minute is called a stall, with where it stalled.
+        if now - start > STALL_S and read - progress[0][1] < ids // 100:
+            msg = f"ingest stalled at {read:,} of {ids:,} ids ({read - progress[0][1]:,} in the last {STALL_S:.0f} s; heap full?)"
+            raise RuntimeError(msg)
         time.sleep(0.5)
     msg = f"ingest not done after {timeout:.0f}s"
     raise RuntimeError(msg)
@@ -177,6 +188,8 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
     cluster = bench_flink_cluster(cfg, tm_options(backend, tm_mb, root))
     result: dict[str, Any] = {"backend": backend, "ids_target": ids, "tm_process_mb": tm_mb, "started": datetime.now(UTC).isoformat(timespec="seconds")}
     overlapped: set[str] = set()
+    # Load average over the run: the busy files name known workloads, not every other process.
+    result["loadavg_start"] = round(os.getloadavg()[0], 2)
     try:
         cluster.up()
         (pid,) = cluster.taskmanager_pids()
@@ -189,10 +202,12 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
         job_id = submit_script(cfg, JOB_SCRIPT, args)
         echo(f"{backend} {ids_label(ids)}: job {job_id} running, ingesting")
         result["ingest_s"] = round(wait_ingested(cfg, job_id, ids, 3 * 3600, lambda: overlapped.update(busy())), 1)
-        result["ids_in_state"] = dedup_records(cfg, job_id)
         result["ingest_rate"] = round(ids / result["ingest_s"])
         echo(f"  ingested in {result['ingest_s']} s; checkpoint 1")
         result["checkpoint_first"] = checkpoint(cfg, job_id)
+        # Counted once the checkpoint is complete: a checkpoint already pending (Flink may start
+        # one on its own during the ingest) delays the one triggered here, and the live ids go on.
+        result["ids_in_state"] = dedup_records(cfg, job_id)
         result["heap_live_bytes"] = heap_after_gc(pid) - heap_before
         result["tm_rss_bytes"] = rss(pid)
         result["local_dir_bytes"] = du(root / ("forst" if backend == "forst" else "rocksdb"))
@@ -210,6 +225,7 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
         result["tm_log_tail"] = _log_tail(cluster.log_dir)
     finally:
         result["overlapped"] = sorted(overlapped)
+        result["loadavg_end"] = round(os.getloadavg()[0], 2)
         result["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         cluster.down()
         shutil.rmtree(root, ignore_errors=True)
@@ -248,12 +264,25 @@ def save_run(run: dict[str, Any], path: Path = RESULTS) -> None:
 def default_tm_mb(backend: str, ids: int) -> int:
     """TaskManager process size: the project's default for RocksDB/ForSt; for heap state, room for the ids.
 
-    About 1.2 GB of the process is not task heap; heap state takes ~200 B an id live, and G1 wants
-    half as much again free (checked at 1M and 10M before 50M was sized).
+    About 1.2 GB of the process is not task heap; heap state took ~300 B an id live at 1M, and a
+    4.2 GB TaskManager (3.3 GB task heap) thrashed in full GCs near 9.3M ids: 500 B an id leaves
+    G1 the free space it needs.
     """
     if backend != "hashmap":
         return DEFAULT_TM_MB
-    return max(DEFAULT_TM_MB, 1200 + ids * 300 // 1_000_000)
+    return max(DEFAULT_TM_MB, 1200 + ids * 500 // 1_000_000)
+
+
+def memory_mb() -> int:
+    """This machine's memory in MB."""
+    line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    return int(line.split()[1]) // 1024
+
+
+def not_run(backend: str, ids: int, tm_mb: int) -> dict[str, Any]:
+    """The record of a size that cannot be run here: the TaskManager it would need."""
+    error = f"not run: heap state of {ids_label(ids)} ids needs a TaskManager of about {tm_mb:,} MB; this machine has {memory_mb():,} MB in all"
+    return {"backend": backend, "ids_target": ids, "tm_process_mb": tm_mb, "ok": False, "error": error, "overlapped": []}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,8 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.forst:
         plan.append(("forst", min(sizes)))
     for backend, ids in plan:
-        wait_quiet(print)
-        run = run_one(backend, ids, args.tm_mb or default_tm_mb(backend, ids), print)
+        tm_mb = args.tm_mb or default_tm_mb(backend, ids)
+        if tm_mb > MAX_MEMORY_SHARE * memory_mb():
+            run = not_run(backend, ids, tm_mb)
+        else:
+            wait_quiet(print)
+            run = run_one(backend, ids, tm_mb, print)
         save_run(run, args.results)
         print(json.dumps({k: v for k, v in run.items() if k != "tm_log_tail"}), flush=True)
 

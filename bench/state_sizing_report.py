@@ -48,8 +48,8 @@ def _mb(n: float) -> str:
     return f"{n / 1_000_000:,.0f} MB" if n >= 10_000_000 else f"{n / 1_000_000:,.1f} MB"
 
 
-def _num(x: float | None, fmt: str = ",.0f") -> str:
-    return "n/a" if x is None else format(x, fmt)
+def _num(x: float | None, fmt: str = ",.0f", unit: str = "") -> str:
+    return "n/a" if x is None else format(x, fmt) + unit
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -70,8 +70,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         mark = " *" if run.get("overlapped") else ""
         rows.append(
             f"| {ids_label(run['ids_target'])}{mark} | {run['backend']} | {run['ingest_s']:.0f} s ({run['ingest_rate']:,}/s) "
-            f"| {_num(f['heap_bytes_per_id'])} B | {_num(f['disk_bytes_per_id'])} B | {_mb(first['dedup_full_bytes'])} "
-            f"| {f['checkpoint_bytes_per_id']:.0f} B | {_num(memory_or_disk and memory_or_disk / 1e6, ',.1f')} M "
+            f"| {_num(f['heap_bytes_per_id'], ',.0f', ' B')} | {_num(f['disk_bytes_per_id'], ',.0f', ' B')} | {_mb(first['dedup_full_bytes'])} "
+            f"| {f['checkpoint_bytes_per_id']:.0f} B | {_num(memory_or_disk and memory_or_disk / 1e6, ',.1f', ' M')} "
             f"| {first['end_to_end_s']:.1f} s ({first['dedup_sync_s']:.2f} + {first['dedup_async_s']:.1f}) "
             f"| {_mb(steady['dedup_persisted_bytes'])}, {steady['end_to_end_s']:.1f} s | {run['tm_rss_bytes'] / 1e9:.1f} GB | {run['tm_process_mb']:,} MB |"
         )
