@@ -35,7 +35,7 @@ from sinks.corrections_schema import (
     window_rows_sql,
 )
 from sinks.ledger_schema import billing_tables_ddl, owe_late_correction_sql, withdraw_late_correction_sql
-from sinks.postgres import connect
+from sinks.postgres import connect, table_exists
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ResumePoint:
 def stored_offsets(cfg: JobConfig, topic: str) -> dict[int, int]:
     """The next offset per partition where the last incremental run's committed batches ended."""
     with connect(cfg.postgres) as conn:
-        if not _table_exists(conn, cfg.corrections.offsets_table):
+        if not table_exists(conn, cfg.corrections.offsets_table):
             return {}
         return dict(conn.execute(stored_offsets_sql(cfg.corrections.offsets_table), [topic]).fetchall())
 
@@ -108,7 +108,7 @@ def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> Non
 
 def withdraw_delivery(conn: psycopg.Connection, cfg: JobConfig, correction_id: str) -> None:
     """Take back a rejected correction's owed meter event; refused once an attempt has started."""
-    if not cfg.billing.enabled or not _table_exists(conn, cfg.billing.ledger_table):
+    if not cfg.billing.enabled or not table_exists(conn, cfg.billing.ledger_table):
         return
     row = conn.execute(withdraw_late_correction_sql(cfg.billing.ledger_table), {"correction_id": correction_id, "reason": "correction rejected"}).fetchone()
     if row is None or row[1] or row[0] == "dead":
@@ -125,7 +125,7 @@ def _states(conn: psycopg.Connection, cfg: JobConfig, windows: Sequence[WindowId
     by_key = {(w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start): w for w in windows}
     args = _key_arrays(windows)
     states = {w: WindowState() for w in windows}
-    usage_rows = conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall() if _table_exists(conn, cfg.postgres.usage_table) else []
+    usage_rows = conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall() if table_exists(conn, cfg.postgres.usage_table) else []
     for *key, quantity, is_final in usage_rows:
         w = by_key[tuple(key)]
         states[w] = WindowState(row_quantity=quantity, row_final=is_final)
@@ -234,7 +234,7 @@ def counted_deltas(cfg: JobConfig) -> dict[WindowId, tuple[Decimal, int]]:
     """Per window, the deltas that count in its corrected total and how many corrections (empty when
     no correction was ever recorded: the table does not exist yet)."""
     with connect(cfg.postgres) as conn:
-        if not _table_exists(conn, cfg.corrections.table):
+        if not table_exists(conn, cfg.corrections.table):
             return {}
         rows = conn.execute(counted_deltas_sql(cfg.corrections.table)).fetchall()
     return {WindowId(*key): (delta, n) for *key, delta, n in rows}
@@ -243,11 +243,8 @@ def counted_deltas(cfg: JobConfig) -> dict[WindowId, tuple[Decimal, int]]:
 def event_outcomes(cfg: JobConfig) -> dict[tuple[str, str], str]:
     """Per recorded late event ``(tenant_id, event_id)``: ``corrected (<status>)`` or ``not corrected``."""
     with connect(cfg.postgres) as conn:
-        if not _table_exists(conn, cfg.corrections.events_table):
+        if not table_exists(conn, cfg.corrections.events_table):
             return {}
         rows = conn.execute(recorded_event_outcomes_sql(cfg.corrections.events_table, cfg.corrections.table)).fetchall()
     return {(t, e): (f"corrected ({status})" if outcome == "corrected" else "not corrected") for t, e, outcome, status in rows}
 
-
-def _table_exists(conn: psycopg.Connection, table: str) -> bool:
-    return bool(conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table]).fetchone()[0])  # type: ignore[index]

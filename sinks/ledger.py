@@ -23,7 +23,7 @@ from sinks.ledger_schema import (
     status_summary_sql,
     upsert_customer_sql,
 )
-from sinks.postgres import apply_schema, connect
+from sinks.postgres import apply_schema, connect, table_exists
 from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow
 
 
@@ -126,8 +126,7 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
     with connect(cfg.postgres) as conn:
         finals = conn.execute(final_windows_sql(cfg.postgres.usage_table), {}).fetchall()
         ledger = conn.execute(ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [cfg.corrections.table]).fetchone()
-        late = conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall() if exists and exists[0] else []
+        late = conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall() if table_exists(conn, cfg.corrections.table) else []
     return ReconciliationInput(
         [FinalWindow(*r[:6], settled=r[6] <= cutoff) for r in finals],
         [LedgerWindow(*r) for r in ledger],

@@ -40,6 +40,12 @@ def connect(pg: PostgresConfig) -> psycopg.Connection:
         raise SinkError(msg) from e
 
 
+def table_exists(conn: psycopg.Connection, table: str) -> bool:
+    """Whether ``table`` (optionally schema-qualified) exists, so readers of optional tables need not fail."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table]).fetchone()
+    return bool(row and row[0])
+
+
 def apply_schema(pg: PostgresConfig) -> None:
     """Create the usage table and its guard in one transaction (idempotent)."""
     with connect(pg) as conn, conn.transaction():

@@ -109,13 +109,22 @@ def period_of(moment: datetime, period: Period) -> str:
     return moment.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
 
 
-def _owed(final_windows: Iterable[FinalWindow], late_corrections: Iterable[LateCorrection]) -> dict[tuple, tuple[_Window, Decimal, bool, bool]]:
-    """Per window key: the window, what it is owed (final + counted late corrections), whether it is
-    settled, and whether it has a final row."""
-    owed: dict[tuple, tuple[_Window, Decimal, bool, bool]] = {w.key: (w, w.quantity, w.settled, True) for w in final_windows}
+@dataclass(frozen=True)
+class _Owed:
+    """What one window is owed: its final value (if it has a final row) plus its counted late corrections."""
+
+    window: _Window  # the final row, or the first late correction of a window without one
+    quantity: Decimal
+    settled: bool  # the final row and every correction are older than the grace cut-off
+    has_final: bool
+
+
+def _owed(final_windows: Iterable[FinalWindow], late_corrections: Iterable[LateCorrection]) -> dict[tuple, _Owed]:
+    """Per window key, what it is owed."""
+    owed = {w.key: _Owed(w, w.quantity, w.settled, has_final=True) for w in final_windows}
     for c in late_corrections:
-        window, quantity, settled, final = owed.get(c.key, (c, Decimal(0), True, False))
-        owed[c.key] = (window, quantity + c.quantity, settled and c.settled, final)
+        before = owed.get(c.key, _Owed(c, Decimal(0), settled=True, has_final=False))
+        owed[c.key] = _Owed(before.window, before.quantity + c.quantity, before.settled and c.settled, before.has_final)
     return owed
 
 
@@ -138,9 +147,10 @@ def reconcile(
         by_window[d.key].append(d)
     discrepancies: list[Discrepancy] = []
     totals: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0), Decimal(0), 0])
-    for k, (window, quantity, settled, has_final) in owed.items():
-        if not settled:
+    for k, o in owed.items():
+        if not o.settled:
             continue
+        window, quantity, has_final = o.window, o.quantity, o.has_final
         deliveries = by_window.get(k, [])
         own = next((d for d in deliveries if d.kind == "window"), None)
         sent = [d for d in deliveries if d.status == "sent"]

@@ -128,6 +128,11 @@ def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_ru
         msg = "--resume/--follow read everything new once: they don't combine with --since, --until or --dry-run"
         raise click.UsageError(msg)
 
+    from sinks.corrections_store import apply_corrections_schema
+
+    # Once per process, not per --follow pass: with billing on it includes the ledger's DDL.
+    apply_corrections_schema(ctx.cfg)  # idempotent; a dry run reads the same tables
+
     def once() -> None:
         run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now, incremental=incremental)
 
@@ -154,11 +159,10 @@ def run_apply(
 ) -> list[Plan]:
     """``corrections apply``: read, plan and record; prints the corrections made (or that would be).
 
-    ``incremental``: only the late events after the stored offsets, and store the new ones with each batch.
+    The tables must exist (``apply_corrections_schema``). ``incremental``: only the late events after
+    the stored offsets, and store the new ones with each batch.
     """
-    from sinks.corrections_store import ResumePoint, apply_all, apply_corrections_schema
-
-    apply_corrections_schema(cfg)  # idempotent; a dry run reads the same tables
+    from sinks.corrections_store import ResumePoint, apply_all
     if incremental:
         events, resume = read_new_late_events(cfg, topic), ResumePoint(topic or cfg.kafka.late_events_topic)
     else:
@@ -238,26 +242,19 @@ def corrections_list(ctx: Context, tenant: str | None, status: str | None, fmt: 
     _print_corrections([(r.correction, r.applied_at) for r in rows], title="corrections")
 
 
-def _decide(ctx: Context, correction_id: str, action: str, note: str | None) -> None:
-    from sinks.corrections_store import decide
+def _decision_command(action: str, help_text: str) -> None:
+    """Register ``corrections <action> CORRECTION_ID [--note]``: both decisions take the same arguments."""
 
-    status = decide(ctx.cfg, correction_id, action, getpass.getuser(), note, utc_now())
-    err_console.print(f"correction {correction_id} is {status}")
+    @corrections.command(action, help=help_text)
+    @click.argument("correction_id")
+    @click.option("--note", default=None, help="Why (kept with the decision).")
+    @pass_ctx
+    def decide_command(ctx: Context, correction_id: str, note: str | None) -> None:
+        from sinks.corrections_store import decide
 
-
-@corrections.command("approve")
-@click.argument("correction_id")
-@click.option("--note", default=None, help="Why (kept with the decision).")
-@pass_ctx
-def corrections_approve(ctx: Context, correction_id: str, note: str | None) -> None:
-    """Approve a correction held for approval: its delta then counts in the corrected total."""
-    _decide(ctx, correction_id, "approve", note)
+        status = decide(ctx.cfg, correction_id, action, getpass.getuser(), note, utc_now())
+        err_console.print(f"correction {correction_id} is {status}")
 
 
-@corrections.command("reject")
-@click.argument("correction_id")
-@click.option("--note", default=None, help="Why (kept with the decision).")
-@pass_ctx
-def corrections_reject(ctx: Context, correction_id: str, note: str | None) -> None:
-    """Reject a pending or applied correction: its delta no longer counts; its events stay recorded."""
-    _decide(ctx, correction_id, "reject", note)
+_decision_command("approve", "Approve a correction held for approval: its delta then counts in the corrected total.")
+_decision_command("reject", "Reject a pending or applied correction: its delta no longer counts; its events stay recorded.")
