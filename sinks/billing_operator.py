@@ -32,9 +32,6 @@ from sinks.postgres_schema import check_identifier
 
 log = logging.getLogger(__name__)
 
-OUTCOME_COLUMNS = ("identifier", "status", "attempts", "detail")
-
-
 def input_type() -> Any:
     """Row type of a billing input row (closed window, or a retry naming its delivery)."""
     types = [Types.STRING()] * 5 + [Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING()]
@@ -42,8 +39,10 @@ def input_type() -> Any:
 
 
 def outcome_type() -> Any:
-    """Row type of the deliverer's outcomes (counted in metrics, then discarded: the ledger is the record)."""
-    return Types.ROW_NAMED(list(OUTCOME_COLUMNS), [Types.STRING(), Types.STRING(), Types.INT(), Types.STRING()])
+    """Output type of the delivery operator, which emits nothing: the ledger is the record of every
+    outcome, and a row per delivery only cost an encode in Python and a decode in the JVM before
+    being discarded (measured in docs/benchmarks.md)."""
+    return Types.STRING()
 
 
 def is_correction(identifier: str) -> bool:
@@ -57,7 +56,7 @@ def is_correction(identifier: str) -> bool:
 
 def outcome_metrics(outcome: Outcome) -> tuple[str, ...]:
     """The counters an outcome increments: its kind, and ``corrections`` for a sent correction."""
-    kind = outcome_row(outcome)[0]
+    kind = outcome_kind(outcome)
     return (kind, "corrections") if kind == "sent" and is_correction(outcome.identifier) else (kind,)
 
 
@@ -67,18 +66,18 @@ def backlog_sql(ledger_table: str) -> str:
     return f"SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed') FROM {d} WHERE provider = %(provider)s AND status IN ('pending', 'failed')"
 
 
-def outcome_row(outcome: Outcome) -> tuple[str, Row]:
-    """The outcome's kind (its metric) and its row."""
+def outcome_kind(outcome: Outcome) -> str:
+    """The outcome's kind, which is also its metric's name."""
     if isinstance(outcome, Sent):
-        return "sent", Row(outcome.identifier, "sent", outcome.attempts, outcome.response_id)
+        return "sent"
     if isinstance(outcome, Retry):
-        return "failed", Row(outcome.identifier, "failed", outcome.attempts, outcome.error)
+        return "failed"
     if isinstance(outcome, Dead):
-        return "dead", Row(outcome.identifier, "dead", outcome.attempts, outcome.reason)
+        return "dead"
     if isinstance(outcome, Deferred):
-        return "deferred", Row(outcome.identifier, "deferred", 0, f"until {outcome.until:.3f}")
+        return "deferred"
     assert isinstance(outcome, Skipped)  # noqa: S101 - the Outcome union is closed
-    return "skipped", Row(outcome.identifier, f"skipped ({outcome.status})", 0, None)
+    return "skipped"
 
 
 class DeliverClosedWindows(AsyncFunction):
@@ -96,6 +95,10 @@ class DeliverClosedWindows(AsyncFunction):
         self.worker = f"billing-{runtime_context.get_index_of_this_subtask()}-{uuid.uuid4().hex[:12]}"
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
+        # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
+        # TaskManager's log (two lines per delivery, about a tenth of the worker's CPU). The ledger
+        # records every attempt; the SDK's warnings and errors still reach the log.
+        logging.getLogger("stripe").setLevel(logging.WARNING)
 
     def _ready(self) -> Deliverer:
         # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
@@ -107,19 +110,16 @@ class DeliverClosedWindows(AsyncFunction):
             self.deliverer = Deliverer(self.cfg, StripeMeterEvents(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
         return self.deliverer
 
-    async def async_invoke(self, value: Row) -> list[Row]:
+    async def async_invoke(self, value: Row) -> list[str]:
         deliverer = self._ready()
         if value[10] is not None:
             outcomes = [await deliverer.on_retry(value[10])]
         else:
             outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(value[i] for i in range(1, 10))))
-        rows = []
         for outcome in outcomes:
             for name in outcome_metrics(outcome):
                 self.counters[name].inc()
-            rows.append(outcome_row(outcome)[1])
-        return rows
-
+        return []  # see outcome_type: the ledger holds the outcomes
 
 
 class RetryScan(FlatMapFunction):
