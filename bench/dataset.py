@@ -55,6 +55,8 @@ class DatasetSpec:
     window_ms: int = 60_000
     jitter_ms: int = 1_000
     late_by_ms: int = 0
+    # Late events start once every partition has been read for a while (a watermark exists everywhere).
+    late_from_windows: int = 2
     seed: int = 11
 
     def __post_init__(self) -> None:
@@ -95,7 +97,9 @@ def generate(spec: DatasetSpec) -> Iterator[Record]:
     """The records in send order: event time advances with the position, out of order by up to ``jitter_ms``.
 
     A ``duplicate_ratio`` share repeats a recent event (same id and content, like a producer retry);
-    a ``late_ratio`` share are new events dated ``late_by_ms`` or more behind the stream.
+    a ``late_ratio`` share are new events dated ``late_by_ms`` or more behind the stream, from the
+    ``late_from_windows``-th window on (dated before ``start_ms`` early on), so that a prefix of the
+    stream holds late events like the whole.
     """
     rng = random.Random(spec.seed)
     recent: list[Record] = []
@@ -112,7 +116,7 @@ def generate(spec: DatasetSpec) -> Iterator[Record]:
         meter = spec.meters[rng.randrange(len(spec.meters))]
         quantity = quantity_nanos(meter, rng)
         late_at = position_ms - spec.late_by_ms - rng.randrange(spec.window_ms)
-        if draw < late_threshold and late_at >= spec.start_ms:
+        if draw < late_threshold and position_ms >= spec.start_ms + spec.late_from_windows * spec.window_ms:
             yield Record(f"e{spec.seed}-{j}", tenant, customer, meter, quantity, late_at, partition_of(tenant, customer, spec.partitions))
             continue
         at = min(max(position_ms + rng.randint(-spec.jitter_ms, spec.jitter_ms), spec.start_ms), end_ms)

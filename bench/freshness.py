@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pickle
 import time
-from dataclasses import dataclass
-from datetime import UTC
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any
 
 from rich.progress import Progress
 
-from bench.produce import SteadySpec, start_steady
+from bench.private_stack import BenchStack
+from bench.produce import SteadySpec, split_partitions, start_steady
 from bench.stats import percentile, visibility_latencies
-from meterflow.config import JobConfig
+from meterflow.config import JobConfig, parse_duration
 from sinks.postgres import connect
 from sinks.postgres_schema import check_identifier
 
@@ -98,3 +101,34 @@ def measure_freshness(cfg: JobConfig, table: str, spec: SteadySpec, workdir: Pat
         mean_poll_s=sum(poll_durations) / len(poll_durations) if poll_durations else 0.0,
         achieved_rate=events / (last_t - first) if last_t > first else 0.0,
     )
+
+
+def freshness_phase(stack: BenchStack, opts: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
+    """Steady traffic into meterflow with early firing; latency from produce to visible in Postgres."""
+    from connectors.kafka_admin import ensure_topics
+    from meterflow.local import flink_jobs
+    from meterflow.local.flink import FlinkCluster
+    from sinks.postgres import apply_schema
+
+    topic = f"bench-fresh-{stack.run_id}"
+    p = opts["freshness_parallelism"]
+    fcfg, fpath = stack.config(
+        "freshness",
+        kafka={"usage_events_topic": topic, "consumer_group": f"bench-fresh-{stack.run_id}"},
+        postgres={"usage_table": "bench_fresh"},
+        flink={"parallelism": p, "job_name": "meterflow-bench-fresh"},
+        event_time={"early_fire_interval": opts["early_fire"]},
+    )
+    parse_duration(opts["early_fire"])
+    ensure_topics(fcfg.kafka.bootstrap_servers, [topic], fcfg.kafka.partitions)
+    apply_schema(fcfg.postgres)
+    FlinkCluster(fcfg).up()
+    job_id = flink_jobs.submit(fcfg, fpath, timeout=240)
+    workers = len(split_partitions(fcfg.kafka.partitions, 2))
+    spec = SteadySpec(rate=opts["freshness_rate"], seconds=opts["freshness_seconds"], tenants=opts["tenants"], customers=opts["customers"], partitions=fcfg.kafka.partitions, window_ms=int(fcfg.event_time.window_size / timedelta(milliseconds=1)))
+    try:
+        r = measure_freshness(fcfg, "bench_fresh", spec, stack.dir, poll_interval_s=opts["poll_ms"] / 1000)
+    finally:
+        flink_jobs.cancel(fcfg, job_id)
+    echo(f"  freshness: p50 {r.p50_s} s, p99 {r.p99_s} s, {r.never_visible} never visible")
+    return {**asdict(r), "parallelism": p, "early_fire": opts["early_fire"], "rate": spec.rate, "seconds": spec.seconds, "workers": workers}

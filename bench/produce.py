@@ -22,11 +22,6 @@ def split_partitions(partitions: int, workers: int) -> list[tuple[int, ...]]:
     return [tuple(p for p in range(partitions) if p % workers == k) for k in range(workers)]
 
 
-def _timestamp_ms(_: int, event: UsageEvent) -> int:
-    # The record timestamp is the event time, so a DataStream job can window on it (baseline B).
-    return round(event["event_time"].timestamp() * 1000)
-
-
 def _partition_for(partitions: int) -> Callable[[int, UsageEvent], int]:
     def choose(_: int, event: UsageEvent) -> int:
         if event["tenant_id"] == CLOSER_TENANT:
@@ -44,7 +39,8 @@ def _bulk_worker(spec: DatasetSpec, share: tuple[int, ...], closer_ms: int, boot
     records: Iterator[Record] = (r for r in generate(spec) if r.partition in share)
     tail = [c for c in closers(closer_ms, spec.partitions) if c.partition in share]
     events = (to_usage_event(r) for r in _chain(records, tail))
-    send_events(bootstrap, topic, events, on_sent=on_sent, partition_for=_partition_for(spec.partitions), timestamp_for=_timestamp_ms)
+    # The record timestamp is the produce time, as from any producer; the event time is in the payload.
+    send_events(bootstrap, topic, events, on_sent=on_sent, partition_for=_partition_for(spec.partitions))
 
 
 def _chain(first: Iterator[Record], second: list[Record]) -> Iterator[Record]:

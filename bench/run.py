@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,20 +29,30 @@ from rich.progress import Progress
 
 from bench import flink as bflink
 from bench.dataset import DatasetSpec, Oracle, Totals, closers, compare, generate
-from bench.freshness import measure_freshness
-from bench.pipelines import Measurement, mean_profile, run_baseline_a, run_flink_job, scalar, stack_pids, wait_for_totals
+from bench.freshness import freshness_phase
+from bench.pipelines import (
+    Measurement,
+    mean_profile,
+    run_baseline_a,
+    run_flink_job,
+    scalar,
+    stack_pids,
+    wait_for_totals,
+)
 from bench.private_stack import BenchStack, parse_options, private_stack
-from bench.produce import SteadySpec, split_partitions, start_bulk
+from bench.produce import split_partitions, start_bulk
+from bench.profiler import agent_option, extract_library, profile_pipeline
 from bench.report import render_chart, render_markdown
-from bench.stats import throughput
+from bench.stats import steady_throughput, throughput
+from meterflow.config import JobConfig
 from meterflow.local import flink_jobs
-from meterflow.config import JobConfig, parse_duration
 from meterflow.local.flink import FlinkCluster
 from meterflow.local.kafka import KAFKA_JARS
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = ("ceiling", "meterflow", "baseline-a", "baseline-b", "freshness")
 console = Console()
+OFF_THE_TASKMANAGER = {"baseline A"}  # a plain Python process: the TaskManager's profile says nothing of it
 
 
 def machine_info() -> dict[str, Any]:
@@ -63,6 +75,8 @@ def summarize(name: str, parallelism: int, records: int, m: Measurement, **extra
     if t is not None:
         entry.update(events_per_s=t.events_per_s, seconds=t.seconds, cpu_s=t.cpu_s, cpu_s_per_million=t.cpu_s_per_million, other_cpu_s_per_million=t.other_cpu_s_per_million, peak_rss_mb=t.peak_rss_bytes / 2**20)
         entry["first_consumed_at"] = next(s.t for s in m.samples if s.consumed > 0)
+    if (steady := steady_throughput(m.samples, records)) is not None:
+        entry.update(steady_events_per_s=steady.events_per_s, steady_cpu_s_per_million=steady.cpu_s_per_million)
     if m.profiles:
         entry["profile"] = mean_profile(m.profiles)
     entry.update(extra)
@@ -213,6 +227,7 @@ def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeo
 @click.option("--flink-conf", "flink_conf", multiple=True, help="KEY=VALUE added to the private cluster's Flink config (so to every job), e.g. python.execution-mode=thread (repeatable)")
 @click.option("--render-only", is_flag=True, help="measure nothing: re-render the report and chart from --results and bench/analysis.md")
 @click.option("--keep-state", is_flag=True, help="keep the private stack's state directory (logs) after the run")
+@click.option("--profile/--no-profile", default=True, help="sample the TaskManager with async-profiler (every 10 ms of CPU): CPU per thread in the report, a flame graph per meterflow run beside the chart")
 def main(**opts: Any) -> None:
     """Benchmark meterflow against baselines on a private local stack; write the report."""
     if opts["render_only"]:
@@ -237,7 +252,12 @@ def main(**opts: Any) -> None:
         # Both jobs at the measured parallelism need their own slots (the shipped stack has usage + billing slots too).
         slots = 2 * max(int(x) for x in opts["parallelisms"].split(","))
         flink_options.setdefault("taskmanager.numberOfTaskSlots", str(slots))
-    results["run"]["flink_options"] = flink_options
+    results["run"]["flink_options"] = dict(flink_options)
+    profile_dir = Path(tempfile.mkdtemp(prefix="meterflow-profile-")) if opts["profile"] else None
+    if profile_dir is not None:
+        agent = agent_option(extract_library(profile_dir), profile_dir)
+        key = "env.java.opts.taskmanager"
+        flink_options[key] = f"{flink_options[key]} {agent}" if key in flink_options else agent
     with private_stack(opts["partitions"], keep_state=opts["keep_state"], echo=console.print, flink_options=flink_options) as stack:
         cfg, _ = stack.config("base")
         window_ms = int(cfg.event_time.window_size.total_seconds() * 1000)
@@ -280,6 +300,8 @@ def main(**opts: Any) -> None:
         save(results, opts["results_path"], started)
 
         def add(entry: dict[str, Any]) -> None:
+            if profile_dir is not None and "first_consumed_at" in entry and entry["name"] not in OFF_THE_TASKMANAGER:
+                attach_profile(entry, profile_dir, opts["chart_path"].parent)
             results["pipelines"].append(entry)
             save(results, opts["results_path"], started)
 
@@ -335,12 +357,24 @@ def main(**opts: Any) -> None:
             add(entry)
 
         if "freshness" not in skip:
-            results["freshness"] = freshness_phase(stack, opts)
+            results["freshness"] = freshness_phase(stack, opts, console.print)
             save(results, opts["results_path"], started)
 
+    if profile_dir is not None and not opts["keep_state"]:
+        shutil.rmtree(profile_dir, ignore_errors=True)
     save(results, opts["results_path"], started)
     write_report(results, opts["report_path"], opts["chart_path"])
     console.print(f"wrote {opts['results_path']}, {opts['report_path']}, {opts['chart_path']} ({(time.time() - started) / 60:.1f} min)")
+
+
+def attach_profile(entry: dict[str, Any], profile_dir: Path, image_dir: Path) -> None:
+    """CPU samples per thread while the pipeline consumed; for meterflow also its flame graph (docs/img/)."""
+    name = f"{entry['name']} p={entry['parallelism']}"
+    image = image_dir / f"flamegraph-{entry['name'].replace(' ', '-').replace('+', 'plus')}-p{entry['parallelism']}.png" if entry["name"].startswith("meterflow") else None
+    shares = profile_pipeline(profile_dir, entry["first_consumed_at"], entry["first_consumed_at"] + entry["seconds"], image, f"TaskManager CPU while {name} consumed")
+    entry["cpu_by_thread"] = [[thread, round(share, 4)] for thread, share in shares[:12]]
+    if image is not None and shares:
+        entry["flame_graph"] = image.name
 
 
 def write_report(results: dict[str, Any], report_path: Path, chart_path: Path) -> None:
@@ -352,35 +386,6 @@ def write_report(results: dict[str, Any], report_path: Path, chart_path: Path) -
 
     report_path.write_text(keep_section(report_path, render_markdown(results, notes)))  # the billing section comes from bench/billing.py
     render_chart(results, chart_path)
-
-
-def freshness_phase(stack: BenchStack, opts: dict[str, Any]) -> dict[str, Any]:
-    """Steady traffic into meterflow with early firing; latency from produce to visible in Postgres."""
-    from connectors.kafka_admin import ensure_topics
-    from sinks.postgres import apply_schema
-
-    topic = f"bench-fresh-{stack.run_id}"
-    p = opts["freshness_parallelism"]
-    fcfg, fpath = stack.config(
-        "freshness",
-        kafka={"usage_events_topic": topic, "consumer_group": f"bench-fresh-{stack.run_id}"},
-        postgres={"usage_table": "bench_fresh"},
-        flink={"parallelism": p, "job_name": "meterflow-bench-fresh"},
-        event_time={"early_fire_interval": opts["early_fire"]},
-    )
-    parse_duration(opts["early_fire"])
-    ensure_topics(fcfg.kafka.bootstrap_servers, [topic], fcfg.kafka.partitions)
-    apply_schema(fcfg.postgres)
-    FlinkCluster(fcfg).up()
-    job_id = flink_jobs.submit(fcfg, fpath, timeout=240)
-    workers = len(split_partitions(fcfg.kafka.partitions, 2))
-    spec = SteadySpec(rate=opts["freshness_rate"], seconds=opts["freshness_seconds"], tenants=opts["tenants"], customers=opts["customers"], partitions=fcfg.kafka.partitions, window_ms=int(fcfg.event_time.window_size / timedelta(milliseconds=1)))
-    try:
-        r = measure_freshness(fcfg, "bench_fresh", spec, stack.dir, poll_interval_s=opts["poll_ms"] / 1000)
-    finally:
-        flink_jobs.cancel(fcfg, job_id)
-    console.print(f"  freshness: p50 {r.p50_s} s, p99 {r.p99_s} s, {r.never_visible} never visible")
-    return {**asdict(r), "parallelism": p, "early_fire": opts["early_fire"], "rate": spec.rate, "seconds": spec.seconds, "workers": workers}
 
 
 def save(results: dict[str, Any], path: Path, started: float) -> None:

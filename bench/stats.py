@@ -40,16 +40,7 @@ def consumption_window(samples: Sequence[Sample], total: int) -> tuple[Sample, S
     return first, last
 
 
-def throughput(samples: Sequence[Sample], total: int) -> Throughput | None:
-    """Events/s, CPU s per million events and peak RSS between the first and last consumption samples.
-
-    Startup (before the first record) is excluded; events counted are those consumed inside the
-    window, so a first sample that already shows progress does not inflate the rate.
-    """
-    window = consumption_window(samples, total)
-    if window is None:
-        return None
-    first, last = window
+def _between(samples: Sequence[Sample], first: Sample, last: Sample) -> Throughput:
     events = last.consumed - first.consumed
     seconds = last.t - first.t
     cpu = last.cpu_s - first.cpu_s
@@ -57,6 +48,30 @@ def throughput(samples: Sequence[Sample], total: int) -> Throughput | None:
     inside = [s for s in samples if first.t <= s.t <= last.t]
     per_million = 1e6 / events if events else math.nan
     return Throughput(events, seconds, events / seconds, cpu, cpu * per_million, max(s.rss_bytes for s in inside), other * per_million)
+
+
+def throughput(samples: Sequence[Sample], total: int) -> Throughput | None:
+    """Events/s, CPU s per million events and peak RSS between the first and last consumption samples.
+
+    Startup (before the first record) is excluded; events counted are those consumed inside the
+    window, so a first sample that already shows progress does not inflate the rate.
+    """
+    window = consumption_window(samples, total)
+    return None if window is None else _between(samples, *window)
+
+
+def steady_throughput(samples: Sequence[Sample], total: int, from_share: float = 0.5) -> Throughput | None:
+    """The same figures over the last part of the consumption only: from the first sample at
+    ``from_share`` of ``total`` consumed to the first at ``total``.
+
+    A short run spends much of its CPU compiling (the JIT compiles the SQL operators' generated
+    code anew for every job); the later part is closer to the job as it runs for days.
+    """
+    window = consumption_window(samples, total)
+    if window is None:
+        return None
+    middle = next(s for s in samples if s.consumed >= from_share * total)
+    return None if middle.t >= window[1].t else _between(samples, middle, window[1])
 
 
 def percentile(values: Sequence[float], q: float) -> float:

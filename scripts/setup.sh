@@ -52,7 +52,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "$want" > "$stamp"
 fi
 
-for module in kafka flink-lib; do
+for module in kafka flink-lib profiler; do
   if ! ls "stack/$module/target/dependency/"*.jar >/dev/null 2>&1 || [ "stack/$module/pom.xml" -nt "stack/$module/target/dependency" ]; then
     log "downloading jars for stack/$module from Maven Central"
     rm -rf "stack/$module/target"
