@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -45,14 +46,22 @@ def private_job(stack, name: str, **sections: dict) -> tuple[JobConfig, Path]:
 
 
 def kill_taskmanagers(cfg: JobConfig) -> int:
-    """kill -9 every TaskManager of the stack; returns when (epoch ms). Starting a replacement is the caller's."""
+    """kill -9 every TaskManager of the stack with its Python workers, as when its machine or container
+    is lost; returns when (epoch ms). Starting a replacement is the caller's.
+
+    Killing the JVM alone leaves its Python workers running until they notice: for a few seconds they
+    may finish the calls they had in flight and record them (sinks/ledger_schema: ``sent`` is final),
+    so what the restarted job must send again would depend on that race.
+    """
+    from meterflow.local.base import process_tree
     from meterflow.local.flink import FlinkCluster
 
     killed_at = int(time.time() * 1000)
     pids = FlinkCluster(cfg).taskmanager_pids()
     assert pids, "no TaskManager process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    for pid in [p for tm in pids for p in process_tree(tm)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return killed_at
 
 
