@@ -162,6 +162,10 @@ class FakeStripe:
                 fake._handle_get(self)
 
         class Server(ThreadingHTTPServer):
+            # Clients open many connections at once (2 x 64 calls in flight in the benchmark); the
+            # default accept backlog of 5 drops their SYNs, which the kernel retries after 1 s, 3 s, ...
+            request_queue_size = 1024
+
             def handle_error(self, request: object, client_address: object) -> None:
                 # A client that gave up on a slow answer closes its end: expected, counted, not noise.
                 import sys
