@@ -43,7 +43,8 @@ def evaluate_targets(results: Results) -> list[Target]:
     fresh = results.get("freshness") or {}
     p99 = fresh.get("p99_s")
     pipelines = results["pipelines"]
-    checked = [p for p in pipelines if p.get("correct") is not None]
+    # The target is meterflow's; a baseline's totals are shown in its row (baseline A's can be off: bench/analysis.md).
+    checked = [p for p in pipelines if p.get("correct") is not None and p["name"].startswith("meterflow")]
 
     def met(value: float | None, ok: bool) -> bool | None:
         return None if value is None else ok
@@ -55,7 +56,7 @@ def evaluate_targets(results: Results) -> list[Target]:
         Target("vs baseline B (p=1)", ">= 10x", _fmt(vs_b, 1, "x"), met(vs_b, vs_b is not None and vs_b >= 10)),
         Target("ceiling / meterflow (p=1)", "<= 5x", _fmt(vs_ceiling, 1, "x"), met(vs_ceiling, vs_ceiling is not None and vs_ceiling <= 5)),
         Target("freshness p99 (early firing)", "< 2 s", _fmt(p99, 2, " s"), met(p99, p99 is not None and p99 < 2)),
-        Target("exact totals", "every pipeline = oracle", f"{sum(1 for p in checked if p['correct'])} of {len(checked)} exact", met(1.0 if checked else None, all(p["correct"] for p in checked))),
+        Target("exact totals", "every meterflow run = oracle", f"{sum(1 for p in checked if p['correct'])} of {len(checked)} exact", met(1.0 if checked else None, all(p["correct"] for p in checked))),
     ]
 
 
@@ -145,9 +146,12 @@ def render_markdown(results: Results, notes: str = "") -> str:
         "baseline A process) over the same interval, per million records. Kafka broker + Postgres CPU is shown separately.",
         "- **peak RSS**: largest sampled sum of resident memory of the same processes (the TaskManager JVM keeps its heap "
         "between jobs, so its RSS mostly reflects its configured memory).",
-        "- **until correct in Postgres** / **events/s end to end**: from the first record consumed until the table equals the "
-        "oracle (includes records still queued inside the job when its sources finished, window firing, the last checkpoint "
-        "and the JDBC flush); records divided by that time. The targets use this rate where it exists.",
+        "- **until correct in Postgres** / **events/s end to end**: from the first sample that shows progress (where the consumed "
+        "rate starts too) until the table equals the oracle (includes records still queued inside the job when its sources "
+        "finished, window firing, the last checkpoint and the commit of the window rows); the records consumed after that first "
+        "sample divided by that time. The targets use this rate where it exists.",
+        "- **second half**: the same figures from the first sample at half the records consumed to the last record. A run of a "
+        "minute spends much of its CPU in the JIT compiler (see the profile below); the second half is closer to a job that runs for days.",
         "",
     ]
     prefix_runs = [p for p in results["pipelines"] if p.get("prefix")]

@@ -74,7 +74,8 @@ def summarize(name: str, parallelism: int, records: int, m: Measurement, **extra
     entry: dict[str, Any] = {"name": name, "parallelism": parallelism, "records": records, "finished": m.finished}
     if t is not None:
         entry.update(events_per_s=t.events_per_s, seconds=t.seconds, cpu_s=t.cpu_s, cpu_s_per_million=t.cpu_s_per_million, other_cpu_s_per_million=t.other_cpu_s_per_million, peak_rss_mb=t.peak_rss_bytes / 2**20)
-        entry["first_consumed_at"] = next(s.t for s in m.samples if s.consumed > 0)
+        first = next(s for s in m.samples if s.consumed > 0)
+        entry["first_consumed_at"], entry["consumed_at_first_sample"] = first.t, first.consumed
     if (steady := steady_throughput(m.samples, records)) is not None:
         entry.update(steady_events_per_s=steady.events_per_s, steady_cpu_s_per_million=steady.cpu_s_per_million)
     if m.profiles:
@@ -90,7 +91,8 @@ def check(entry: dict[str, Any], expected: Totals, actual: dict, correct_at: flo
     entry["comparison"] = asdict(c)
     if correct_at is not None and "first_consumed_at" in entry:
         entry["e2e_seconds"] = correct_at - entry["first_consumed_at"]
-        entry["e2e_events_per_s"] = entry["records"] / entry["e2e_seconds"]
+        # Counted like the consumed rate: only the records consumed after the first sample that showed progress.
+        entry["e2e_events_per_s"] = (entry["records"] - entry.get("consumed_at_first_sample", 0)) / entry["e2e_seconds"]
     status = "[green]exact" if c.exact else f"[red]MISMATCH {c.missing} missing, {c.unexpected} unexpected, {c.different} different"
     console.print(f"  {entry['name']} p={entry['parallelism']}: {entry.get('events_per_s', 0):,.0f} events/s, totals {status}")
     for example in c.examples:

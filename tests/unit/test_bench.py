@@ -187,6 +187,9 @@ def test_targets_follow_the_measured_figures():
     assert missed["ceiling / meterflow (p=1)"] is False
     assert missed["freshness p99 (early firing)"] is False
     assert missed["exact totals"] is False
+    baseline_off = _results(mf1=120_000, a=10_000, b=5_000, ceiling=300_000, p99=1.5)
+    baseline_off["pipelines"][2]["correct"] = False  # a baseline's own mismatch is not meterflow's target
+    assert {t.name: t.met for t in evaluate_targets(baseline_off)}["exact totals"] is True
 
 
 def test_report_shows_figures_mismatches_and_notes():
