@@ -35,8 +35,8 @@ from rich.console import Console
 
 from bench.billing_report import render_section, splice_section
 from bench.private_stack import BenchStack, private_stack
-from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
+from meterflow.local import flink_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "billing_results.json"
@@ -102,7 +102,8 @@ def sent_count(cfg: JobConfig) -> int:
 def cpu_groups(cfg: JobConfig, fake: FakeProcess) -> dict[str, list[int]]:
     """The processes whose CPU the throughput phase reports, by role."""
     from bench.pipelines import stack_pids
-    from bench.procstat import all_stats, descendants
+    from bench.procstat import all_stats
+    from meterflow.local.base import descendants
     from meterflow.local.flink import FlinkCluster
 
     cluster = FlinkCluster(cfg)

@@ -48,8 +48,9 @@ def render_section(results: dict[str, Any]) -> str:
                   f"checkpoint interval {u['checkpoint_interval_s']:g} s, both jobs at parallelism 2. Providers: healthy = 50 ms answers; slow = 2 s answers; down = every meter event answered 503; "
                   "rate-limited = every meter event answered 429 with Retry-After: 2. One late event (dated 10 minutes back) and one bad record are sent every second; "
                   "a read_committed consumer records when each appears in the late-events or dead-letter topic."]  # fmt: skip
-    if ON_OFF_RESULTS.exists() and any(p["name"] == "meterflow + billing" for p in json.loads(ON_OFF_RESULTS.read_text())["pipelines"]):
-        lines += ["", *on_off_table(json.loads(ON_OFF_RESULTS.read_text()))]
+    main_run = json.loads(ON_OFF_RESULTS.read_text()) if ON_OFF_RESULTS.exists() else {"pipelines": []}
+    if any(p["name"] == "meterflow + billing" for p in main_run["pipelines"]):
+        lines += ["", *on_off_table(main_run)]
     notes = ANALYSIS.read_text().strip() if ANALYSIS.exists() else ""
     return "\n".join([*lines, "", notes, "", SECTION_END]) + "\n"
 

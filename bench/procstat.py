@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
+
+from meterflow.local.base import descendants
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -30,20 +31,6 @@ def all_stats() -> dict[int, tuple[int, float, int]]:
             except (OSError, IndexError, ValueError):
                 continue
     return stats
-
-
-def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
-    """The roots and every process below them, given a pid -> parent pid map."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [r for r in roots if r in parents]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
-    return found
 
 
 class TreeMeter:

@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,19 +91,34 @@ def proc_running(pid: int) -> bool:
         return False
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and every process descended from it (children first found, then theirs), from /proc."""
-    parents: dict[int, int] = {}
+def parent_pids() -> dict[int, int]:
+    """Every running process's parent pid, by pid, from /proc."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue  # exited while listed
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [child for child, parent in parents.items() if parent in frontier]
-        tree.extend(frontier)
-    return tree
+    return parents
+
+
+def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
+    """The roots and every process below them, given a pid -> parent pid map."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [r for r in roots if r in parents]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and every process descended from it."""
+    return descendants([pid], parent_pids())
 
 
 def _is_group_leader(pid: int) -> bool:

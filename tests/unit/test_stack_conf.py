@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import yaml
 
 from meterflow.config import load_config
+from meterflow.local.base import descendants, process_tree
 from meterflow.local.flink import FLINK_CONF_TEMPLATE, render_flink_conf
 from meterflow.local.kafka import KafkaBroker
 
@@ -79,3 +86,26 @@ def test_python_workers_of_this_cluster_are_found(tmp_path):
     finally:
         for pid in (ours, theirs):
             os.kill(pid, 9)
+
+
+def test_descendants_walk_the_whole_tree_and_skip_gone_roots():
+    parents = {1: 0, 10: 1, 11: 10, 12: 11, 20: 1, 30: 99}
+    assert descendants([10], parents) == {10, 11, 12}
+    assert descendants([1], parents) == {1, 10, 11, 12, 20}
+    assert descendants([404], parents) == set()
+
+
+def test_process_tree_finds_a_live_grandchild():
+    # A shell that starts a sleeping grandchild, like the TaskManager's Python-worker runner script.
+    shell = subprocess.Popen(["bash", "-c", f"{sys.executable} -c 'import time; time.sleep(30)' & wait"])
+    try:
+        for _ in range(50):
+            tree = process_tree(shell.pid)
+            if len(tree) >= 2:
+                break
+            time.sleep(0.1)
+        assert shell.pid in tree and len(tree) == 2
+    finally:
+        for pid in process_tree(shell.pid):
+            os.kill(pid, signal.SIGKILL)
+        shell.wait()
