@@ -142,8 +142,12 @@ class FlinkConfig(_Section):
     checkpoint_dir: str = ".stack/flink/checkpoints"
     job_name: str = "meterflow-usage"
     state_backend: Literal["hashmap", "rocksdb"] = Field(
-        "hashmap",
-        description="Where the usage job keeps its state: on the JVM heap (hashmap), or in RocksDB on local disk with incremental checkpoints (rocksdb), for dedup state beyond a few million ids.",
+        "rocksdb",
+        description=(
+            "Where the usage job keeps its state: in RocksDB on local disk with incremental checkpoints (rocksdb, ~50 B per dedup id),"
+            " or on the JVM heap (hashmap, ~320 B per id, every checkpoint writes all of it), only for a horizon of a few million ids"
+            " (docs/operations.md, Sizing the dedup state)."
+        ),
     )
 
 

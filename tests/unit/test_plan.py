@@ -267,9 +267,13 @@ def test_unknown_state_backend_is_refused(write_config):
         load_config(write_config("flink:\n  state_backend: forst\n"), environ={})
 
 
-def test_default_state_backend_is_the_heap(write_config):
-    """Without the key the job keeps its state on the JVM heap, as meterflow.yaml documents."""
+def test_default_state_backend_is_rocksdb(write_config):
+    """Without the key the job keeps its state in RocksDB with incremental checkpoints, as meterflow.yaml documents.
+
+    The default 7-day dedup horizon holds more ids than a heap can above a few events per second
+    (docs/operations.md, "Sizing the dedup state").
+    """
     from tests.conftest import REPO_ROOT
 
-    assert state_backend_options(load_config(write_config(""), environ={})) == {"state.backend.type": "hashmap"}
-    assert "  state_backend: hashmap" in (REPO_ROOT / "meterflow.yaml").read_text()
+    assert state_backend_options(load_config(write_config(""), environ={})) == {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true"}
+    assert "  state_backend: rocksdb" in (REPO_ROOT / "meterflow.yaml").read_text()
