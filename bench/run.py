@@ -385,8 +385,11 @@ def write_report(results: dict[str, Any], report_path: Path, chart_path: Path) -
     notes = notes_file.read_text() if notes_file.exists() else ""
     report_path.parent.mkdir(parents=True, exist_ok=True)
     from bench.billing_report import keep_section
+    from bench.state_sizing_report import keep_section as keep_state_section
 
-    report_path.write_text(keep_section(report_path, render_markdown(results, notes)))  # the billing section comes from bench/billing.py
+    old = report_path.read_text() if report_path.exists() else ""
+    # The billing and state-sizing sections come from bench/billing.py and bench/state_sizing.py.
+    report_path.write_text(keep_state_section(old, keep_section(report_path, render_markdown(results, notes))))
     render_chart(results, chart_path)
 
 

@@ -32,15 +32,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.flink import submit_script
 from bench.private_stack import base_config, bench_flink_cluster
 from bench.procstat import parse_stat
-from bench.state_sizing_report import ids_label, parse_ids, render_markdown
+from bench.state_sizing_report import (
+    ids_label,
+    parse_ids,
+    render_markdown,
+    splice_table,
+)
 from meterflow.local import flink_jobs
 from meterflow.local.base import free_ports
 from meterflow.local.stack import StackConfigs
 
 RESULTS = Path(__file__).resolve().parent / "results_state_sizing.json"
 JOB_SCRIPT = Path(__file__).resolve().parent / "jobs" / "state_sizing_job.py"
+DOCS = tuple(Path(__file__).resolve().parent.parent / "docs" / name for name in ("operations.md", "benchmarks.md"))
 BUSY_FILES = (Path("/tmp/ci-busy"), Path("/tmp/meterflow-bench.lock"))
 LIVE_RATE = 1000  # new ids/s once the N are in: the rate the operations guide's example assumes
 STEADY_GAP_S = 5.0  # the job's checkpoint interval
@@ -197,8 +204,6 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
         cluster.up()
         (pid,) = cluster.taskmanager_pids()
         heap_before = heap_after_gc(pid)
-        from bench.flink import submit_script
-
         args = ["--config", str(cfg_path), "--ids", str(ids), "--live-rate", str(LIVE_RATE)]
         if backend == "forst":
             args += ["--backend", "forst"]
@@ -296,12 +301,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forst", action="store_true", help="also try ForSt (state.backend.type: forst) at the smallest size")
     parser.add_argument("--tm-mb", type=int, default=None, help="TaskManager process size in MB (default: per backend and size)")
     parser.add_argument("--report", action="store_true", help="print the Markdown table of the results file and exit")
+    parser.add_argument("--write-docs", action="store_true", help="with --report: put the table into docs/operations.md and docs/benchmarks.md")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     # A SIGTERM unwinds like Ctrl-C, so the private cluster is stopped and its directory removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report:
-        print(render_markdown(load_results(args.results)))
+        table = render_markdown(load_results(args.results))
+        print(table)
+        if args.write_docs:
+            for doc in DOCS:
+                doc.write_text(splice_table(doc.read_text(), table))
         return
     sizes = [parse_ids(s) for s in args.ids.split(",")]
     plan = [(b, n) for n in sizes for b in args.backends.split(",")]

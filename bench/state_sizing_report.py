@@ -81,3 +81,30 @@ def render_markdown(data: dict[str, Any]) -> str:
     if failed:
         text += "\n\nRuns that did not complete:\n\n" + "\n".join(failed)
     return text
+
+
+# The table sits between these markers in docs/operations.md and docs/benchmarks.md; the whole
+# benchmark section of docs/benchmarks.md between the section markers, which bench/run keeps
+# when it regenerates that file.
+TABLE_START, TABLE_END = "<!-- state sizing table: start -->", "<!-- state sizing table: end -->"
+SECTION_START, SECTION_END = "<!-- state sizing benchmark: start (bench/state_sizing.py) -->", "<!-- state sizing benchmark: end -->"
+
+
+def splice_table(text: str, table: str) -> str:
+    """``text`` with the table between the table markers replaced (unchanged when it has none)."""
+    if TABLE_START not in text or TABLE_END not in text:
+        return text
+    head, rest = text.split(TABLE_START, 1)
+    return f"{head}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
+def keep_section(old_report: str, new_report: str) -> str:
+    """A regenerated docs/benchmarks.md with the state-sizing section of the one it replaces, before the billing section."""
+    if SECTION_START not in old_report or SECTION_END not in old_report or SECTION_START in new_report:
+        return new_report
+    section = SECTION_START + old_report.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END + "\n\n"
+    billing = "<!-- billing benchmark: start"
+    if billing in new_report:
+        head, tail = new_report.split(billing, 1)
+        return head + section + billing + tail
+    return new_report.rstrip("\n") + "\n\n" + section

@@ -49,3 +49,24 @@ def test_render_markdown_lists_rows_marks_overlap_and_reports_failures():
     assert "| 1M * | rocksdb |" in text and "other work was running" in text
     assert "150 B" in rows[0] and "3.2 s (0.05 + 3.0)" in rows[0]
     assert "**hashmap, 50M ids**" in text and "OutOfMemoryError" in text
+
+
+def test_table_is_spliced_between_markers_and_the_section_survives_a_regenerated_report():
+    """--write-docs replaces only the table; bench/run's regenerated benchmarks page keeps the section before billing."""
+    from bench.state_sizing_report import (
+        SECTION_END,
+        SECTION_START,
+        TABLE_END,
+        TABLE_START,
+        keep_section,
+        splice_table,
+    )
+
+    doc = f"intro\n{TABLE_START}\nold\n{TABLE_END}\nafter\n"
+    assert splice_table(doc, "| new |") == f"intro\n{TABLE_START}\n| new |\n{TABLE_END}\nafter\n"
+    assert splice_table("no markers", "| new |") == "no markers"
+    old = f"# Benchmarks\nold body\n{SECTION_START}\n## State at scale\n{SECTION_END}\n\n<!-- billing benchmark: start -->\nbilling\n"
+    new = "# Benchmarks\nnew body\n\n<!-- billing benchmark: start -->\nbilling\n"
+    kept = keep_section(old, new)
+    assert kept.index("new body") < kept.index("## State at scale") < kept.index("<!-- billing benchmark: start")
+    assert keep_section(kept, kept) == kept
