@@ -273,7 +273,7 @@ def default_tm_mb(backend: str, ids: int) -> int:
     """TaskManager process size: the project's default for RocksDB/ForSt; for heap state, room for the ids.
 
     About 1.2 GB of the process is not task heap; heap state took ~300 B an id live at 1M, and a
-    4.2 GB TaskManager (3.3 GB task heap) thrashed in full GCs near 9.3M ids: 500 B an id leaves
+    4,200 MB TaskManager (about 2.9 GB of task heap) thrashed in full GCs near 9.3M ids: 500 B an id leaves
     G1 the free space it needs.
     """
     if backend != "hashmap":
