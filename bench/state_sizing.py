@@ -200,6 +200,7 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
     overlapped: set[str] = set()
     # Load average over the run: the busy files name known workloads, not every other process.
     result["loadavg_start"] = round(os.getloadavg()[0], 2)
+    t0 = time.monotonic()
     try:
         cluster.up()
         (pid,) = cluster.taskmanager_pids()
@@ -226,6 +227,11 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
         result["checkpoint_dir_bytes"] = du(cfg.path(cfg.flink.checkpoint_dir))
         flink_jobs.cancel(cfg, job_id)
         result["ok"] = True
+    except (SystemExit, KeyboardInterrupt) as e:
+        # Stopped from outside (SIGTERM, Ctrl-C): recorded with how far the ingest had come.
+        result["ok"], result["interrupted"] = False, True
+        result["error"] = f"interrupted ({type(e).__name__}) after {time.monotonic() - t0:.0f} s, {_ids_so_far(cfg)} ids in the Deduplicate"
+        echo(f"  {result['error']}")
     except Exception as e:  # noqa: BLE001 - a failed size (OOM, missing backend) is a result too
         result["ok"] = False
         result["error"] = f"{type(e).__name__}: {e}"
@@ -238,6 +244,15 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
         cluster.down()
         shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def _ids_so_far(cfg: Any) -> str:
+    """Rows the running job's Deduplicate has read, or "?" when the cluster does not answer."""
+    try:
+        (job,) = [j["jid"] for j in flink_jobs.rest(cfg, "/jobs/overview")["jobs"] if j["state"] == "RUNNING"]
+        return f"{dedup_records(cfg, job):,}"
+    except Exception:  # noqa: BLE001 - best effort, on the way out
+        return "?"
 
 
 def _log_tail(log_dir: Path) -> list[str]:
@@ -326,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
             run = run_one(backend, ids, tm_mb, print)
         save_run(run, args.results)
         print(json.dumps({k: v for k, v in run.items() if k != "tm_log_tail"}), flush=True)
+        if run.get("interrupted"):
+            sys.exit(143)
 
 
 if __name__ == "__main__":
