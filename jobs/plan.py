@@ -194,13 +194,13 @@ def window_aggregate_query(cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, tim
     )
 
 
-def dedup_query(source: str = USAGE_SOURCE_TABLE) -> str:
+def dedup_query(source: str = USAGE_SOURCE_TABLE, columns: tuple[str, ...] = EVENT_FIELDS) -> str:
     """Keep the first copy of each (tenant_id, event_id); append-only, keeps event_time as rowtime.
 
     The state per id lives for ``dedup_horizon`` (table.exec.state.ttl): a copy arriving later than
     that is counted again, so the horizon must exceed how long producers may retry.
     """
-    cols = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
+    cols = ", ".join(f"`{c}`" for c in columns)
     return (
         f"SELECT {cols} FROM (\n"
         f"  SELECT {cols}, ROW_NUMBER() OVER (PARTITION BY `tenant_id`, `event_id` ORDER BY `proc_time` ASC) AS `row_num`\n"
@@ -216,29 +216,33 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
     JVM classifier (udf/ ``LatenessClassifier``) on the materialised stream, against a watermark
     held in checkpointed state: a SQL ``CURRENT_WATERMARK`` starts from NULL after every restore,
     so a replay could call on time an event whose window was already purged, and lose it.
+    A rejected record (``reject_reason`` set) gets no window, so the classifier passes it unchanged.
     """
     size_ms = _ms(cfg.event_time.window_size)
     event_ms = sql_epoch_ms("`event_time`")
     start_ms = f"({event_ms} - MOD({event_ms}, {size_ms}))"
+    counted = "`reject_reason` IS NULL"
     cols = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
+    rejects = ", ".join(f"`{c}`" for c, _ in _REJECT_COLUMNS)
     return (
         f"SELECT {cols},\n"
-        f"  {dimensions_key_expr(cfg)} AS `dimensions_key`,\n"
-        f"  CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) AS `window_start`,\n"
-        f"  CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) AS `window_end`,\n"
+        f"  CASE WHEN {counted} THEN {dimensions_key_expr(cfg)} END AS `dimensions_key`,\n"
+        f"  CASE WHEN {counted} THEN CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) END AS `window_start`,\n"
+        f"  CASE WHEN {counted} THEN CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) END AS `window_end`,\n"
         "  CAST(NULL AS TIMESTAMP(3)) AS `watermark`,\n"
         "  CAST(NULL AS BIGINT) AS `lateness_ms`,\n"
-        "  CAST(NULL AS BOOLEAN) AS `is_late`\n"
+        "  CAST(NULL AS BOOLEAN) AS `is_late`,\n"
+        f"  {rejects}\n"
         f"FROM {deduped}"
     )
 
 
-# Columns only one side of routed_query has, with their types (the other side fills in NULL).
+# Columns only rejected records carry (NULL on counted events), with their types.
 _REJECT_COLUMNS = (("payload", "BYTES"), ("source_topic", "STRING"), ("source_partition", "INT"), ("source_offset", "BIGINT"), ("reject_reason", "STRING"))
-_CLASSIFY_COLUMNS = (("dimensions_key", "STRING"), ("window_start", "TIMESTAMP(3)"), ("window_end", "TIMESTAMP(3)"), ("watermark", "TIMESTAMP(3)"), ("lateness_ms", "BIGINT"), ("is_late", "BOOLEAN"))
+_CLASSIFY_COLUMNS = ("dimensions_key", "window_start", "window_end", "watermark", "lateness_ms", "is_late")
 
 
-ROUTED_COLUMNS = (*EVENT_FIELDS, *(c for c, _ in _CLASSIFY_COLUMNS), *(c for c, _ in _REJECT_COLUMNS))
+ROUTED_COLUMNS = (*EVENT_FIELDS, *_CLASSIFY_COLUMNS, *(c for c, _ in _REJECT_COLUMNS))
 
 
 def classifier_fields() -> tuple[int, int, int, int, int]:
@@ -247,25 +251,25 @@ def classifier_fields() -> tuple[int, int, int, int, int]:
 
 
 def routed_query(cfg: JobConfig) -> str:
-    """Every record once: unique events classified late or on time, UNION ALL rejected records.
+    """Every record once, in one stream: unique events classified late or on time, and rejected records.
 
-    One query over the validated source, so the planner reads and decodes the topic once for both
-    outputs (the dead letters and the counting path); the caller materialises it once, and the
-    dead-letter, window and late branches filter the materialised rows. Rejected rows have
-    ``reject_reason`` set and NULL classification; counted rows the reverse.
+    Rejected records go through the dedup too, so the dedup, the classifier and the late and
+    dead-letter sinks have one input and run chained in one task, and the topic is read and
+    decoded once. The dedup key of a rejected record is its Kafka coordinates in ``event_id``
+    with a NULL ``tenant_id``: unique to it, so it is never taken for a copy, and never equal to
+    a counted event's key, whose ``tenant_id`` is set. The dead-letter branch reads only its bytes,
+    reason and coordinates. Counted events carry those as NULL, so the keyed exchange moves no
+    payload for them. The caller materialises the stream once; the dead-letter, window and late
+    branches filter its rows. Rejected rows have ``reject_reason`` set and NULL classification;
+    counted rows the reverse.
     """
-    valid = f"(SELECT * FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NULL)"
-    classified = classify_query(cfg, f"({dedup_query(valid)})")
-    events = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
-    derived = ", ".join(f"`{c}`" for c, _ in _CLASSIFY_COLUMNS)
-    no_reject = ", ".join(f"CAST(NULL AS {t}) AS `{c}`" for c, t in _REJECT_COLUMNS)
-    no_classify = ", ".join(f"CAST(NULL AS {t}) AS `{c}`" for c, t in _CLASSIFY_COLUMNS)
-    rejects = ", ".join(f"`{c}`" for c, _ in _REJECT_COLUMNS)
-    return (
-        f"SELECT {events}, {derived}, {no_reject} FROM (\n{classified}\n)\n"
-        "UNION ALL\n"
-        f"SELECT {events}, {no_classify}, {rejects} FROM `{VALIDATED_VIEW}` WHERE `reject_reason` IS NOT NULL"
-    )
+    counted = "`reject_reason` IS NULL"
+    coordinates = "CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING))"
+    keyed = {"tenant_id": f"CASE WHEN {counted} THEN `tenant_id` END", "event_id": f"CASE WHEN {counted} THEN `event_id` ELSE {coordinates} END"}
+    events = ", ".join(f"{keyed[c]} AS `{c}`" if c in keyed else f"`{c}`" for c in EVENT_FIELDS)
+    rejects = ", ".join(f"CASE WHEN NOT {counted} THEN `{c}` END AS `{c}`" for c, _ in _REJECT_COLUMNS if c != "reject_reason")
+    both = f"(SELECT {events}, `proc_time`, {rejects}, `reject_reason` FROM `{VALIDATED_VIEW}`)"
+    return classify_query(cfg, f"({dedup_query(both, (*EVENT_FIELDS, *(c for c, _ in _REJECT_COLUMNS)))})")
 
 
 def late_events_sink_ddl(cfg: JobConfig) -> str:

@@ -1,7 +1,7 @@
 """The meterflow usage job: wires the Flink graph, nothing else.
 
-Kafka (decoded by the meterflow-avro format) -> validate -> dead letters | dedup -> classify late/on time once ->
-late events | window aggregate -> per-fire upserts + window closer -> final rows + the
+Kafka (decoded by the meterflow-avro format) -> validate -> dedup -> classify late/on time once ->
+dead letters | late events | window aggregate -> per-fire upserts + window closer -> final rows + the
 closed-windows topic (billing reads it in its own job, jobs/billing_job.py).
 
 Submit with ``meterflow submit`` or directly::
@@ -148,14 +148,15 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
-    """Kafka (decoded in the source) -> validate -> (dead letters | dedup -> classify once -> (windows | late))."""
+    """Kafka (decoded in the source) -> validate -> dedup -> classify once -> (dead letters | windows | late)."""
     t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
     t_env.execute_sql(closed_windows_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
-    # Classified events and rejected records in one materialised stream: the topic is read once.
+    # Classified events and rejected records in one materialised stream: the topic is read once,
+    # and the dedup, the classifier and the late and dead-letter sinks run chained.
     _materialise_classified(t_env, cfg)
     _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from meterflow.config import JobConfig, load_config
+from tests.flink.usage_graph import usage_stream_graph
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
 
@@ -93,13 +94,7 @@ class ValueFinder:
 
 def _operators_holding(cfg: JobConfig, value: int) -> dict[str, list[str]]:
     """Operator name -> paths of ``value`` in it, over the usage job's StreamGraph."""
-    from jobs.usage_job import build_environment, declare_pipeline
-    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
-
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("*.jar"))]
-    env, t_env = build_environment(cfg, {"pipeline.jars": ";".join(p.as_uri() for p in jars)})
-    declare_pipeline(t_env, cfg).attach_as_datastream()
-    graph = env._j_stream_execution_environment.getStreamGraph(False)
+    graph = usage_stream_graph(cfg)
     finder = ValueFinder(value)
     found = {}
     for node in graph.getStreamNodes().toArray():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from datetime import timedelta
 
 import pytest
@@ -24,7 +26,7 @@ from jobs.plan import (
     usage_windows_sink_ddl,
     window_changelog_query,
 )
-from jobs.source_plan import bounded_event_time, usage_source_ddl, validate_query
+from jobs.source_plan import VALIDATED_VIEW, bounded_event_time, usage_source_ddl, validate_query
 from jobs.sql import sql_interval, sql_string
 from meterflow.config import load_config
 from meterflow.errors import ConfigError
@@ -106,17 +108,30 @@ def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
 
 
 def test_routed_query_reads_the_source_once_for_both_outputs(cfg):
-    """Classified unique events and rejected records in one UNION ALL with the same columns on both sides."""
+    """Counted events and rejected records in one stream through one dedup: no UNION, so nothing breaks the chain."""
     sql = routed_query(cfg)
-    counted, rejected = sql.split("UNION ALL")
-    assert "ROW_NUMBER()" in counted and "`reject_reason` IS NULL" in counted and "CAST(NULL AS STRING) AS `reject_reason`" in counted
-    assert "`reject_reason` IS NOT NULL" in rejected and "CAST(NULL AS BOOLEAN) AS `is_late`" in rejected
+    assert "UNION" not in sql
+    assert sql.count(f"FROM `{VALIDATED_VIEW}`") == 1
+    assert sql.count("ROW_NUMBER()") == 1 and "PARTITION BY `tenant_id`, `event_id` ORDER BY `proc_time` ASC" in sql
 
-    def columns(side: str) -> list[str]:
-        head = side.strip().split(" FROM ")[0].removeprefix("SELECT ")
-        return [c.strip().split(" AS ")[-1] for c in head.split(", ")]
 
-    assert columns(counted) == columns(rejected)
+def test_a_rejected_record_has_a_dedup_key_of_its_own(cfg):
+    """A rejected record's key is its Kafka coordinates with no tenant: unique, and never a counted event's key.
+
+    Counted events keep (tenant_id, event_id) and carry no payload or coordinates into the exchange.
+    """
+    sql = routed_query(cfg)
+    assert "CASE WHEN `reject_reason` IS NULL THEN `tenant_id` END AS `tenant_id`" in sql
+    assert "ELSE CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING)) END AS `event_id`" in sql
+    for column in ("payload", "source_topic", "source_partition", "source_offset"):
+        assert f"CASE WHEN NOT `reject_reason` IS NULL THEN `{column}` END AS `{column}`" in sql
+
+
+def test_a_rejected_record_gets_no_window(cfg):
+    """The classifier passes a row without a window end unchanged: rejected records get none."""
+    sql = classify_query(cfg, "src")
+    for column in ("dimensions_key", "window_start", "window_end"):
+        assert re.search(rf"CASE WHEN `reject_reason` IS NULL THEN .* END AS `{column}`", sql), column
 
 
 def test_dedup_keeps_first_copy_per_tenant_and_event_id():
@@ -132,14 +147,13 @@ def test_classification_is_left_to_the_jvm_classifier(write_config):
     sql = classify_query(cfg, "src")
     assert "CURRENT_WATERMARK" not in sql
     assert "CAST(NULL AS BOOLEAN) AS `is_late`" in sql
-    assert "MOD(" in sql and "+ 10000, 3) AS TIMESTAMP(3)) AS `window_end`" in sql
+    assert "MOD(" in sql and "+ 10000, 3) AS TIMESTAMP(3)) END AS `window_end`" in sql
 
 
 def test_classifier_fields_point_at_the_routed_columns(cfg):
     """The positions the Java classifier reads and sets are those of the routed query's columns."""
-    counted = routed_query(cfg).split("UNION ALL")[0]
-    head = counted.strip().split(" FROM ")[0].removeprefix("SELECT ")
-    names = [c.strip().split(" AS ")[-1].strip("`") for c in head.split(", ")]
+    head = routed_query(cfg).split("\nFROM ")[0].removeprefix("SELECT ")
+    names = [c.strip().split(" AS ")[-1].strip("`") for c in re.split(r",\s+(?![^(]*\))", head)]
     assert tuple(names) == ROUTED_COLUMNS
     assert [ROUTED_COLUMNS[i] for i in classifier_fields()] == ["event_time", "window_end", "watermark", "lateness_ms", "is_late"]
 

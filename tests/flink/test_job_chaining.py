@@ -1,0 +1,49 @@
+"""Which operators of the usage job share a task: the chains its throughput depends on.
+
+Every boundary between chains serialises each record, hands it to another thread and
+deserialises it; a keyed exchange is needed where the key changes, nowhere else. The graph is
+the job's own (``declare_pipeline``), cut into tasks by Flink's own JobGraph generator.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from meterflow.config import load_config
+from tests.flink.usage_graph import usage_stream_graph
+
+pytestmark = [pytest.mark.flink, pytest.mark.slow]
+
+
+def _tasks(write_config, parallelism: int) -> list[str]:
+    cfg = load_config(
+        write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\nflink:\n  parallelism: {parallelism}\n"),
+        environ={"METERFLOW_POSTGRES_PASSWORD": "unused-at-planning"},
+    )
+    return [vertex.getName() for vertex in usage_stream_graph(cfg).getJobGraph().getVertices()]
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_dedup_classifier_and_kafka_outputs_run_in_one_task(write_config, parallelism):
+    """The dedup, the lateness classifier, the late-events sink and the dead-letter sink are one chain.
+
+    Rejected records travel with the counted ones through the dedup, so nothing joins the stream
+    after it and the classifier has a single input it chains to.
+    """
+    tasks = _tasks(write_config, parallelism)
+    (classify,) = [t for t in tasks if "classify late or on time" in t]
+    assert "Deduplicate" in classify, tasks
+    assert "late_events_sink" in classify and "dead_letter_sink" in classify, classify
+
+
+def test_the_job_has_one_task_per_key(write_config):
+    """Four tasks: the source, the dedup keyed by event, the window keyed by window, the closer keyed by window.
+
+    Plus the sinks that must run alone: Flink's committer of each transactional Kafka sink and of the Postgres sink.
+    """
+    tasks = _tasks(write_config, 1)
+    keyed = [t for t in tasks if "Committer" not in t]
+    assert len(keyed) == 4, tasks
+    assert any("Source: usage_events" in t for t in keyed), tasks
+    assert any("GroupWindowAggregate" in t for t in keyed), tasks
+    assert any("close windows" in t for t in keyed), tasks
