@@ -20,7 +20,7 @@ def _tasks(write_config, parallelism: int) -> list[str]:
         write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\nflink:\n  parallelism: {parallelism}\n"),
         environ={"METERFLOW_POSTGRES_PASSWORD": "unused-at-planning"},
     )
-    return [vertex.getName() for vertex in usage_stream_graph(cfg).getJobGraph().getVertices()]
+    return [vertex.getName() for vertex in usage_stream_graph(cfg).getJobGraph().getVerticesAsArray()]
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
@@ -37,13 +37,13 @@ def test_dedup_classifier_and_kafka_outputs_run_in_one_task(write_config, parall
 
 
 def test_the_job_has_one_task_per_key(write_config):
-    """Four tasks: the source, the dedup keyed by event, the window keyed by window, the closer keyed by window.
+    """Four tasks: the source, the dedup keyed by event, the window keyed by its group, the closer keyed by window.
 
-    Plus the sinks that must run alone: Flink's committer of each transactional Kafka sink and of the Postgres sink.
+    Each sink, its committer included, runs in the task of the operator that feeds it.
     """
     tasks = _tasks(write_config, 1)
-    keyed = [t for t in tasks if "Committer" not in t]
-    assert len(keyed) == 4, tasks
-    assert any("Source: usage_events" in t for t in keyed), tasks
-    assert any("GroupWindowAggregate" in t for t in keyed), tasks
-    assert any("close windows" in t for t in keyed), tasks
+    assert len(tasks) == 4, tasks
+    assert sum(t.startswith("Source: KafkaSource") for t in tasks) == 1, tasks
+    assert sum(t.startswith("Deduplicate") for t in tasks) == 1, tasks
+    assert sum(t.startswith("GroupWindowAggregate") and "write window updates" in t for t in tasks) == 1, tasks
+    assert sum(t.startswith("close windows") and "closed_windows_sink" in t for t in tasks) == 1, tasks
