@@ -210,10 +210,10 @@ def dedup_query(source: str = USAGE_SOURCE_TABLE, columns: tuple[str, ...] = EVE
 
 
 def classify_query(cfg: JobConfig, deduped: str) -> str:
-    """Each unique event with its window and the columns the lateness decision fills in.
+    """Each unique event with its window, the columns the lateness decision reads.
 
-    The decision itself (``watermark``, ``lateness_ms``, ``is_late``) is made once per event by the
-    JVM classifier (udf/ ``LatenessClassifier``) on the materialised stream, against a watermark
+    The decision itself is made once per event by the JVM classifier (udf/ ``LatenessClassifier``)
+    on the materialised stream, which appends ``DECISION_COLUMNS`` to each row, against a watermark
     held in checkpointed state: a SQL ``CURRENT_WATERMARK`` starts from NULL after every restore,
     so a replay could call on time an event whose window was already purged, and lose it.
     A rejected record (``reject_reason`` set) gets no window, so the classifier passes it unchanged.
@@ -229,9 +229,6 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
         f"  CASE WHEN {counted} THEN {dimensions_key_expr(cfg)} END AS `dimensions_key`,\n"
         f"  CASE WHEN {counted} THEN CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) END AS `window_start`,\n"
         f"  CASE WHEN {counted} THEN CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) END AS `window_end`,\n"
-        "  CAST(NULL AS TIMESTAMP(3)) AS `watermark`,\n"
-        "  CAST(NULL AS BIGINT) AS `lateness_ms`,\n"
-        "  CAST(NULL AS BOOLEAN) AS `is_late`,\n"
         f"  {rejects}\n"
         f"FROM {deduped}"
     )
@@ -239,15 +236,18 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
 
 # Columns only rejected records carry (NULL on counted events), with their types.
 _REJECT_COLUMNS = (("payload", "BYTES"), ("source_topic", "STRING"), ("source_partition", "INT"), ("source_offset", "BIGINT"), ("reject_reason", "STRING"))
-_CLASSIFY_COLUMNS = ("dimensions_key", "window_start", "window_end", "watermark", "lateness_ms", "is_late")
+_WINDOW_COLUMNS = ("dimensions_key", "window_start", "window_end")
 
 
-ROUTED_COLUMNS = (*EVENT_FIELDS, *_CLASSIFY_COLUMNS, *(c for c, _ in _REJECT_COLUMNS))
+ROUTED_COLUMNS = (*EVENT_FIELDS, *_WINDOW_COLUMNS, *(c for c, _ in _REJECT_COLUMNS))
+# What the classifier appends to each routed row (udf/ LatenessClassifier.DECISION_COLUMNS).
+DECISION_COLUMNS = ("watermark", "lateness_ms", "is_late")
+CLASSIFIED_COLUMNS = (*ROUTED_COLUMNS, *DECISION_COLUMNS)
 
 
-def classifier_fields() -> tuple[int, int, int, int, int]:
-    """Positions in a routed row of what the JVM classifier reads (event_time, window_end) and sets."""
-    return tuple(ROUTED_COLUMNS.index(c) for c in ("event_time", "window_end", "watermark", "lateness_ms", "is_late"))
+def classifier_fields() -> tuple[int, int]:
+    """Positions in a routed row of what the JVM classifier reads: the event time and the window end."""
+    return (ROUTED_COLUMNS.index("event_time"), ROUTED_COLUMNS.index("window_end"))
 
 
 def routed_query(cfg: JobConfig) -> str:
@@ -260,8 +260,8 @@ def routed_query(cfg: JobConfig) -> str:
     a counted event's key, whose ``tenant_id`` is set. The dead-letter branch reads only its bytes,
     reason and coordinates. Counted events carry those as NULL, so the keyed exchange moves no
     payload for them. The caller materialises the stream once; the dead-letter, window and late
-    branches filter its rows. Rejected rows have ``reject_reason`` set and NULL classification;
-    counted rows the reverse.
+    branches filter its rows. Rejected rows have ``reject_reason`` set and NULL window and decision
+    columns; counted rows the reverse.
     """
     counted = "`reject_reason` IS NULL"
     coordinates = "CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING))"

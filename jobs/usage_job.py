@@ -19,6 +19,7 @@ import sys
 
 from pyflink.common import Configuration
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
+from py4j.java_gateway import get_java_class
 from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 from pyflink.table.changelog_mode import ChangelogMode
@@ -84,10 +85,14 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> No
     classifier (udf/ LatenessClassifier) holds the watermark in checkpointed state, so a restore
     never judges an event against "no watermark yet" (Flink does not checkpoint watermarks).
     """
-    stream = t_env.to_data_stream(t_env.sql_query(routed_query(cfg)))
-    classifier = get_gateway().jvm.dev.meterflow.udf.LatenessClassifier
+    jvm = get_gateway().jvm
+    routed = t_env.sql_query(routed_query(cfg))._j_table
+    row_type = routed.getResolvedSchema().toPhysicalRowDataType()
+    # Internal rows (RowData) in and out: no conversion to external rows on either side of the classifier.
+    rows = t_env._j_tenv.toDataStream(routed, row_type.bridgedTo(get_java_class(jvm.org.apache.flink.table.data.RowData)))
+    classifier = jvm.dev.meterflow.udf.LatenessClassifier
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
-    j_classified = classifier.apply(stream._j_data_stream, classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
+    j_classified = classifier.apply(rows, row_type.getLogicalType(), classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
     schema = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
     t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), schema))
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 import pytest
 
 from meterflow.config import load_config
-from tests.flink.usage_graph import usage_stream_graph
+from jobs.plan import CLASSIFIED_COLUMNS, CLASSIFIED_VIEW
+from tests.flink.usage_graph import declared_usage_job, usage_stream_graph
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
 
 
-def _tasks(write_config, parallelism: int) -> list[str]:
-    cfg = load_config(
+def _config(write_config, parallelism: int = 1):
+    return load_config(
         write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\nflink:\n  parallelism: {parallelism}\n"),
         environ={"METERFLOW_POSTGRES_PASSWORD": "unused-at-planning"},
     )
-    return [vertex.getName() for vertex in usage_stream_graph(cfg).getJobGraph().getVerticesAsArray()]
+
+
+def _tasks(write_config, parallelism: int) -> list[str]:
+    return [vertex.getName() for vertex in usage_stream_graph(_config(write_config, parallelism)).getJobGraph().getVerticesAsArray()]
 
 
 @pytest.mark.parametrize("parallelism", [1, 2])
@@ -47,3 +51,13 @@ def test_the_job_has_one_task_per_key(write_config):
     assert sum(t.startswith("Deduplicate") for t in tasks) == 1, tasks
     assert sum(t.startswith("GroupWindowAggregate") and "write window updates" in t for t in tasks) == 1, tasks
     assert sum(t.startswith("close windows") and "closed_windows_sink" in t for t in tasks) == 1, tasks
+
+
+def test_the_classified_view_is_the_routed_columns_then_the_decision(write_config):
+    """The classifier's internal rows come back as a table of the routed columns, its decision, and the rowtime."""
+    _, t_env = declared_usage_job(_config(write_config))
+    schema = t_env.from_path(CLASSIFIED_VIEW).get_resolved_schema()
+    assert tuple(schema.get_column_names()) == (*CLASSIFIED_COLUMNS, "rowtime")
+    types = dict(zip(schema.get_column_names(), (str(t) for t in schema.get_column_data_types()), strict=True))
+    assert types["watermark"] == types["window_end"] and types["lateness_ms"] == "BIGINT" and types["is_late"] == "BOOLEAN", types
+    assert schema.get_column_data_types()[schema.get_column_names().index("watermark")].precision == 3

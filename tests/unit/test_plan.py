@@ -9,6 +9,8 @@ from datetime import timedelta
 import pytest
 
 from jobs.plan import (
+    CLASSIFIED_COLUMNS,
+    DECISION_COLUMNS,
     ROUTED_COLUMNS,
     JdbcTarget,
     classifier_fields,
@@ -146,7 +148,7 @@ def test_classification_is_left_to_the_jvm_classifier(write_config):
     cfg = load_config(write_config("event_time:\n  window_size: 10s\n  allowed_lateness: 30s\n"), environ={})
     sql = classify_query(cfg, "src")
     assert "CURRENT_WATERMARK" not in sql
-    assert "CAST(NULL AS BOOLEAN) AS `is_late`" in sql
+    assert "is_late" not in sql  # appended by the classifier
     assert "MOD(" in sql and "+ 10000, 3) AS TIMESTAMP(3)) END AS `window_end`" in sql
 
 
@@ -155,7 +157,18 @@ def test_classifier_fields_point_at_the_routed_columns(cfg):
     head = routed_query(cfg).split("\nFROM ")[0].removeprefix("SELECT ")
     names = [c.strip().split(" AS ")[-1].strip("`") for c in re.split(r",\s+(?![^(]*\))", head)]
     assert tuple(names) == ROUTED_COLUMNS
-    assert [ROUTED_COLUMNS[i] for i in classifier_fields()] == ["event_time", "window_end", "watermark", "lateness_ms", "is_late"]
+    assert [ROUTED_COLUMNS[i] for i in classifier_fields()] == ["event_time", "window_end"]
+
+
+def test_decision_columns_are_the_classifiers():
+    """The columns the classified view has after the routed ones are those the Java classifier appends, in its order."""
+    from tests.conftest import REPO_ROOT
+
+    java = (REPO_ROOT / "udf/src/main/java/dev/meterflow/udf/LatenessClassifier.java").read_text()
+    declared = re.search(r"DECISION_COLUMNS = List\.of\(([^)]*)\)", java)
+    assert declared is not None
+    assert tuple(c.strip().strip('"') for c in declared.group(1).split(",")) == DECISION_COLUMNS
+    assert CLASSIFIED_COLUMNS == (*ROUTED_COLUMNS, *DECISION_COLUMNS)
 
 
 def test_lateness_options_only_when_configured(write_config):

@@ -1,9 +1,8 @@
 package dev.meterflow.udf;
 
-import java.time.Instant;
-import java.time.LocalDateTime;
-import java.time.ZoneOffset;
+import java.util.ArrayList;
 import java.util.Collections;
+import java.util.List;
 
 import org.apache.flink.api.common.state.ListState;
 import org.apache.flink.api.common.state.ListStateDescriptor;
@@ -21,7 +20,15 @@ import org.apache.flink.streaming.api.operators.OneInputStreamOperator;
 import org.apache.flink.streaming.api.transformations.OneInputTransformation;
 import org.apache.flink.streaming.api.watermark.Watermark;
 import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
-import org.apache.flink.types.Row;
+import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.data.TimestampData;
+import org.apache.flink.table.data.utils.JoinedRowData;
+import org.apache.flink.table.runtime.typeutils.InternalTypeInfo;
+import org.apache.flink.table.types.logical.BigIntType;
+import org.apache.flink.table.types.logical.BooleanType;
+import org.apache.flink.table.types.logical.RowType;
+import org.apache.flink.table.types.logical.TimestampType;
 
 /**
  * Decides once per unique event whether it is late, with a watermark that survives a restore.
@@ -39,7 +46,12 @@ import org.apache.flink.types.Row;
  * subtask takes the maximum over all subtasks' held watermarks: a higher watermark can only make
  * an event late earlier (it goes to the late topic, consistently), never lose it.
  *
- * <p>Rows without a window end (rejected records travelling in the same stream) pass unchanged.
+ * <p>Rows stay in Flink's internal format ({@link RowData}) from the query before the classifier to
+ * the queries after it: converting every record to an external {@code Row} and back cost more than
+ * the decision. Each output row is the input row followed by {@link #DECISION_COLUMNS}.
+ *
+ * <p>Rows without a window end (rejected records travelling in the same stream) get NULL decision
+ * columns.
  *
  * <p>Metrics: {@code meterflow.late_records} and {@code meterflow.on_time_records}, the decisions
  * taken (the late rate is late / (late + on time)), and {@code meterflow.held_watermark}, the
@@ -51,14 +63,14 @@ import org.apache.flink.types.Row;
  * topic) is at most that many milliseconds, as Prometheus' {@code le} buckets count. An event seen
  * before any watermark counts as lateness 0.
  */
-public class LatenessClassifier extends AbstractStreamOperator<Row> implements OneInputStreamOperator<Row, Row> {
+public class LatenessClassifier extends AbstractStreamOperator<RowData> implements OneInputStreamOperator<RowData, RowData> {
     private static final long serialVersionUID = 1L;
+
+    /** What the classifier appends to each row: the held watermark, its distance to the event time, the decision. */
+    public static final List<String> DECISION_COLUMNS = List.of("watermark", "lateness_ms", "is_late");
 
     private final int eventTimeField;
     private final int windowEndField;
-    private final int watermarkField;
-    private final int latenessField;
-    private final int isLateField;
     private final long allowedLatenessMs;
 
     private transient ListState<Long> heldState;
@@ -68,19 +80,25 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
     private transient Counter onTimeRecords;
     private transient LatenessHistogram lateness;
 
-    /** Field positions in the routed row, and the allowed lateness of the window operator. */
-    public LatenessClassifier(int eventTimeField, int windowEndField, int watermarkField, int latenessField, int isLateField, long allowedLatenessMs) {
+    /** Field positions in the routed row of the event time and the window end (both TIMESTAMP(3)), and the allowed lateness of the window operator. */
+    public LatenessClassifier(int eventTimeField, int windowEndField, long allowedLatenessMs) {
         this.eventTimeField = eventTimeField;
         this.windowEndField = windowEndField;
-        this.watermarkField = watermarkField;
-        this.latenessField = latenessField;
-        this.isLateField = isLateField;
         this.allowedLatenessMs = allowedLatenessMs;
     }
 
+    /** The type of the classifier's output: the input's columns, then {@link #DECISION_COLUMNS}. */
+    public static RowType outputType(RowType input) {
+        List<RowType.RowField> fields = new ArrayList<>(input.getFields());
+        fields.add(new RowType.RowField(DECISION_COLUMNS.get(0), new TimestampType(3)));
+        fields.add(new RowType.RowField(DECISION_COLUMNS.get(1), new BigIntType()));
+        fields.add(new RowType.RowField(DECISION_COLUMNS.get(2), new BooleanType()));
+        return new RowType(fields);
+    }
+
     /** Adds the classifier after {@code input}, chained to it, with a stable uid. */
-    public static SingleOutputStreamOperator<Row> apply(DataStream<Row> input, LatenessClassifier classifier, String name, String uid) {
-        SingleOutputStreamOperator<Row> out = input.transform(name, input.getType(), classifier).uid(uid);
+    public static SingleOutputStreamOperator<RowData> apply(DataStream<RowData> input, RowType inputType, LatenessClassifier classifier, String name, String uid) {
+        SingleOutputStreamOperator<RowData> out = input.transform(name, InternalTypeInfo.of(outputType(inputType)), classifier).uid(uid);
         ((OneInputTransformation<?, ?>) out.getTransformation()).setChainingStrategy(ChainingStrategy.ALWAYS);
         return out;
     }
@@ -131,21 +149,24 @@ public class LatenessClassifier extends AbstractStreamOperator<Row> implements O
     }
 
     @Override
-    public void processElement(StreamRecord<Row> element) throws Exception {
-        Row row = element.getValue();
-        Object windowEnd = row.getField(windowEndField);
-        if (windowEnd != null) {
-            long endMs = WindowClose.epochMs(windowEnd);
+    public void processElement(StreamRecord<RowData> element) throws Exception {
+        RowData row = element.getValue();
+        GenericRowData decision = new GenericRowData(DECISION_COLUMNS.size());
+        if (!row.isNullAt(windowEndField)) {
+            long endMs = row.getTimestamp(windowEndField, 3).getMillisecond();
+            long eventMs = row.getTimestamp(eventTimeField, 3).getMillisecond();
             boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held);
             if (held != WindowClose.NO_WATERMARK) {
-                row.setField(watermarkField, LocalDateTime.ofInstant(Instant.ofEpochMilli(held), ZoneOffset.UTC));
-                row.setField(latenessField, held - WindowClose.epochMs(row.getField(eventTimeField)));
+                decision.setField(0, TimestampData.fromEpochMillis(held));
+                decision.setField(1, held - eventMs);
             }
-            row.setField(isLateField, late);
+            decision.setField(2, late);
             (late ? lateRecords : onTimeRecords).inc();
-            lateness.record(held == WindowClose.NO_WATERMARK ? 0 : held - WindowClose.epochMs(row.getField(eventTimeField)));
+            lateness.record(held == WindowClose.NO_WATERMARK ? 0 : held - eventMs);
         }
-        output.collect(element);
+        // A new joined row per record: nothing downstream may hold on to one it was handed before.
+        JoinedRowData out = new JoinedRowData(row.getRowKind(), row, decision);
+        output.collect(element.replace(out));
     }
 
     /** Wall-clock time minus the held watermark, 0 before any watermark. */

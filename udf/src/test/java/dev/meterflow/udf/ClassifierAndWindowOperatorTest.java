@@ -23,6 +23,14 @@ import org.apache.flink.streaming.api.environment.StreamExecutionEnvironment;
 import org.apache.flink.streaming.api.functions.windowing.ProcessWindowFunction;
 import org.apache.flink.streaming.api.windowing.assigners.TumblingEventTimeWindows;
 import org.apache.flink.streaming.api.windowing.windows.TimeWindow;
+import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.data.StringData;
+import org.apache.flink.table.data.TimestampData;
+import org.apache.flink.table.runtime.typeutils.InternalTypeInfo;
+import org.apache.flink.table.types.logical.RowType;
+import org.apache.flink.table.types.logical.TimestampType;
+import org.apache.flink.table.types.logical.VarCharType;
 import org.apache.flink.types.Row;
 import org.apache.flink.util.Collector;
 import org.apache.flink.util.OutputTag;
@@ -55,11 +63,11 @@ class ClassifierAndWindowOperatorTest {
         public void onPeriodicEmit(WatermarkOutput output) {}
     }
 
-    private static final class Ids extends ProcessWindowFunction<Row, String, Integer, TimeWindow> {
+    private static final class Ids extends ProcessWindowFunction<RowData, String, Integer, TimeWindow> {
         @Override
-        public void process(Integer key, Context context, Iterable<Row> rows, Collector<String> out) {
-            for (Row row : rows) {
-                out.collect("window:" + row.getField(5));
+        public void process(Integer key, Context context, Iterable<RowData> rows, Collector<String> out) {
+            for (RowData row : rows) {
+                out.collect("window:" + row.getString(2));
             }
         }
     }
@@ -88,23 +96,25 @@ class ClassifierAndWindowOperatorTest {
         DataStream<Row> events = env.fromData(Types.ROW(Types.STRING, Types.LONG), input.toArray(new Row[0]))
                 .assignTimestampsAndWatermarks(WatermarkStrategy.<Row>forGenerator(ctx -> new Punctuated())
                         .withTimestampAssigner((row, ts) -> (Long) row.getField(1)));
-        // The routed layout the classifier works on: event_time, window_end, watermark, lateness_ms, is_late, id.
-        DataStream<Row> routed = events.map(r -> {
+        // The routed layout the classifier works on, in Flink's internal rows: event_time, window_end, id;
+        // it appends watermark (3), lateness_ms (4), is_late (5).
+        RowType routedType = RowType.of(new TimestampType(3), new TimestampType(3), VarCharType.STRING_TYPE);
+        DataStream<RowData> routed = events.map(r -> {
             long t = (Long) r.getField(1);
-            return Row.of(utc(t), utc(t - t % WINDOW_MS + WINDOW_MS), null, null, null, r.getField(0));
-        }).returns(Types.ROW(Types.LOCAL_DATE_TIME, Types.LOCAL_DATE_TIME, Types.LOCAL_DATE_TIME, Types.LONG, Types.BOOLEAN, Types.STRING));
-        SingleOutputStreamOperator<Row> classified = LatenessClassifier.apply(routed, new LatenessClassifier(0, 1, 2, 3, 4, LATENESS_MS), "classify", "classify");
+            return (RowData) GenericRowData.of(TimestampData.fromEpochMillis(t), TimestampData.fromEpochMillis(t - t % WINDOW_MS + WINDOW_MS), StringData.fromString((String) r.getField(0)));
+        }).returns(InternalTypeInfo.of(routedType));
+        SingleOutputStreamOperator<RowData> classified = LatenessClassifier.apply(routed, routedType, new LatenessClassifier(0, 1, LATENESS_MS), "classify", "classify");
 
-        OutputTag<Row> dropped = new OutputTag<>("dropped-by-window", classified.getType());
+        OutputTag<RowData> dropped = new OutputTag<>("dropped-by-window", classified.getType());
         SingleOutputStreamOperator<String> windows = classified
-                .filter(r -> !(Boolean) r.getField(4))
+                .filter(r -> !r.getBoolean(5))
                 .keyBy(r -> 0, Types.INT)
                 .window(TumblingEventTimeWindows.of(Duration.ofMillis(WINDOW_MS)))
                 .allowedLateness(Duration.ofMillis(LATENESS_MS))
                 .sideOutputLateData(dropped)
                 .process(new Ids(), Types.STRING);
-        DataStream<String> late = classified.filter(r -> (Boolean) r.getField(4)).map(r -> "late:" + r.getField(5) + "@" + r.getField(2), Types.STRING);
-        DataStream<String> droppedIds = windows.getSideOutput(dropped).map(r -> "dropped:" + r.getField(5), Types.STRING);
+        DataStream<String> late = classified.filter(r -> r.getBoolean(5)).map(r -> "late:" + r.getString(2) + "@" + r.getTimestamp(3, 3).toLocalDateTime(), Types.STRING);
+        DataStream<String> droppedIds = windows.getSideOutput(dropped).map(r -> "dropped:" + r.getString(2), Types.STRING);
 
         Set<String> counted = new HashSet<>();
         Set<String> lateIds = new HashSet<>();

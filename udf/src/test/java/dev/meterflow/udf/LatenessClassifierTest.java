@@ -1,11 +1,8 @@
 package dev.meterflow.udf;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
-import static org.junit.jupiter.api.Assertions.assertNull;
+import static org.junit.jupiter.api.Assertions.assertTrue;
 
-import java.time.Instant;
-import java.time.LocalDateTime;
-import java.time.ZoneOffset;
 import java.util.List;
 
 import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
@@ -13,7 +10,9 @@ import org.apache.flink.streaming.api.watermark.Watermark;
 import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
 import org.apache.flink.streaming.util.AbstractStreamOperatorTestHarness;
 import org.apache.flink.streaming.util.OneInputStreamOperatorTestHarness;
-import org.apache.flink.types.Row;
+import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.data.TimestampData;
 import org.junit.jupiter.api.Test;
 
 /** The late decision at the exact boundary, and across a snapshot and restore in the middle of late data. */
@@ -22,39 +21,43 @@ class LatenessClassifierTest {
     private static final long WINDOW_END = 1_700_000_010_000L;
     private static final long CLOSE = WINDOW_END - 1 + LATENESS_MS;
 
-    // Routed row as the job lays it out, reduced to what the classifier reads and writes.
-    private static Row event(long eventMs, long windowEndMs) {
-        return Row.of(utc(eventMs), utc(windowEndMs), null, null, null);
+    // Routed row as the job lays it out, reduced to what the classifier reads: event_time, window_end, an id.
+    // The output appends watermark (3), lateness_ms (4), is_late (5).
+    private static RowData event(long eventMs, long windowEndMs) {
+        return GenericRowData.of(utc(eventMs), utc(windowEndMs), 7L);
     }
 
-    private static LocalDateTime utc(long ms) {
-        return LocalDateTime.ofInstant(Instant.ofEpochMilli(ms), ZoneOffset.UTC);
+    private static TimestampData utc(long ms) {
+        return TimestampData.fromEpochMillis(ms);
     }
 
-    private static OneInputStreamOperatorTestHarness<Row, Row> harness() throws Exception {
-        return new OneInputStreamOperatorTestHarness<>(new LatenessClassifier(0, 1, 2, 3, 4, LATENESS_MS));
+    private static OneInputStreamOperatorTestHarness<RowData, RowData> harness() throws Exception {
+        return new OneInputStreamOperatorTestHarness<>(new LatenessClassifier(0, 1, LATENESS_MS));
     }
 
-    private static Boolean classify(OneInputStreamOperatorTestHarness<Row, Row> h, long eventMs, long windowEndMs) throws Exception {
+    private static Boolean classify(OneInputStreamOperatorTestHarness<RowData, RowData> h, long eventMs, long windowEndMs) throws Exception {
         int before = h.extractOutputValues().size();
         h.processElement(new StreamRecord<>(event(eventMs, windowEndMs), eventMs));
-        List<Row> out = h.extractOutputValues();
+        List<RowData> out = h.extractOutputValues();
         assertEquals(before + 1, out.size());
-        return (Boolean) out.get(out.size() - 1).getField(4);
+        RowData row = out.get(out.size() - 1);
+        assertEquals(6, row.getArity());
+        assertEquals(7L, row.getLong(2), "the input's columns come first, unchanged");
+        return row.isNullAt(5) ? null : row.getBoolean(5);
     }
 
     @Test
     void boundaryIsTheWindowOperatorsCleanupTime() throws Exception {
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.open();
             assertEquals(false, classify(h, WINDOW_END - 5_000, WINDOW_END), "no watermark yet: on time");
             h.processWatermark(new Watermark(CLOSE - 1));
             assertEquals(false, classify(h, WINDOW_END - 1, WINDOW_END), "watermark one ms before end - 1 ms + lateness");
             h.processWatermark(new Watermark(CLOSE));
             assertEquals(true, classify(h, WINDOW_END - 1, WINDOW_END), "watermark exactly at end - 1 ms + lateness");
-            Row late = h.extractOutputValues().get(2);
-            assertEquals(utc(CLOSE), late.getField(2));
-            assertEquals(CLOSE - (WINDOW_END - 1), late.getField(3));
+            RowData late = h.extractOutputValues().get(2);
+            assertEquals(utc(CLOSE), late.getTimestamp(3, 3));
+            assertEquals(CLOSE - (WINDOW_END - 1), late.getLong(4));
             assertEquals(false, classify(h, WINDOW_END, WINDOW_END + 10_000), "the next window is open");
         }
     }
@@ -62,14 +65,14 @@ class LatenessClassifierTest {
     @Test
     void restoredWatermarkKeepsPurgedWindowsLate() throws Exception {
         OperatorSubtaskState snapshot;
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.open();
             h.processWatermark(new Watermark(CLOSE + 500));
             assertEquals(true, classify(h, WINDOW_END - 3_000, WINDOW_END));
             snapshot = h.snapshot(1L, 1L);
         }
         // After a restore Flink starts again without a watermark; the held one still decides.
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.initializeState(snapshot);
             h.open();
             assertEquals(true, classify(h, WINDOW_END - 3_000, WINDOW_END), "replayed late event stays late");
@@ -86,17 +89,17 @@ class LatenessClassifierTest {
     void rescaledRestoreTakesTheHighestHeldWatermark() throws Exception {
         OperatorSubtaskState low;
         OperatorSubtaskState high;
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.open();
             h.processWatermark(new Watermark(CLOSE - 100));
             low = h.snapshot(1L, 1L);
         }
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.open();
             h.processWatermark(new Watermark(CLOSE));
             high = h.snapshot(1L, 1L);
         }
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.initializeState(AbstractStreamOperatorTestHarness.repackageState(low, high));
             h.open();
             assertEquals(true, classify(h, WINDOW_END - 1, WINDOW_END));
@@ -105,11 +108,13 @@ class LatenessClassifierTest {
 
     @Test
     void rejectedRowsPassUnchanged() throws Exception {
-        try (OneInputStreamOperatorTestHarness<Row, Row> h = harness()) {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
             h.open();
             h.processWatermark(new Watermark(CLOSE));
-            h.processElement(new StreamRecord<>(Row.of(null, null, null, null, null), 0L));
-            assertNull(h.extractOutputValues().get(0).getField(4));
+            h.processElement(new StreamRecord<>(GenericRowData.of(null, null, 7L), 0L));
+            RowData out = h.extractOutputValues().get(0);
+            assertEquals(7L, out.getLong(2));
+            assertTrue(out.isNullAt(3) && out.isNullAt(4) && out.isNullAt(5));
         }
     }
 }
