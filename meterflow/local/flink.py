@@ -91,6 +91,9 @@ class FlinkCluster:
                 "python.client.executable": sys.executable,
                 "env.log.dir": str(self.log_dir),
                 "env.pid.dir": str(self.dir / "pid"),
+                # Working files (RocksDB's local state, Python environments) live with the stack
+                # and go with it, also after a killed TaskManager could not clean up.
+                "io.tmp.dirs": str(self.dir / "tmp"),
                 # Every JobManager and TaskManager serves its metrics to Prometheus on loopback.
                 **flink_reporter_conf(self.cfg.stack.flink_metrics_ports),
             },
@@ -99,7 +102,7 @@ class FlinkCluster:
     def prepare(self) -> None:
         """Write conf/ (flink-conf/config.yaml + local overrides) and lib/ (distribution + connector jars)."""
         home = flink_home()
-        for d in (self.conf_dir, self.lib_dir, self.log_dir, self.dir / "pid"):
+        for d in (self.conf_dir, self.lib_dir, self.log_dir, self.dir / "pid", self.dir / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
         f = self.cfg.flink
         conf = self.config()

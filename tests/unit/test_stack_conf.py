@@ -31,6 +31,16 @@ def test_cluster_conf_is_exactly_once():
     assert conf["execution"]["checkpointing"]["externalized-checkpoint-retention"] == "RETAIN_ON_CANCELLATION"
 
 
+def test_cluster_working_files_stay_in_the_stack_directory(tmp_path):
+    """RocksDB's local state and other working files go under the stack's state dir, removed with it."""
+    from meterflow.config import JobConfig
+    from meterflow.local.flink import FlinkCluster
+
+    state = tmp_path / "state"
+    conf = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(state)}})).config()
+    assert conf["io"]["tmp"]["dirs"] == str(state / "flink" / "tmp")
+
+
 def test_kafka_properties_support_transactions_on_one_broker(write_config):
     """Single-node KRaft with replication factor 1 for the transaction and offsets logs."""
     cfg = load_config(write_config("kafka:\n  bootstrap_servers: 127.0.0.1:19092\nstack:\n  kafka_controller_port: 19093\n"), environ={})
