@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from py4j.java_gateway import get_java_class
 from pyflink.common import Configuration
 from pyflink.datastream import DataStream, StreamExecutionEnvironment
-from py4j.java_gateway import get_java_class
 from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 from pyflink.table.changelog_mode import ChangelogMode

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from meterflow.config import load_config
 from jobs.plan import CLASSIFIED_COLUMNS, CLASSIFIED_VIEW
+from meterflow.config import load_config
 from tests.flink.usage_graph import declared_usage_job, usage_stream_graph
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
