@@ -56,9 +56,10 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     conf.set_string("execution.checkpointing.dir", cfg.checkpoint_uri())
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
-    # Chained operators hand records over without a defensive copy: the SQL operators and the Java
-    # closer never mutate a record they emitted, and the classifier only fills in fields of the row
-    # it alone receives.
+    # Chained operators hand records over without a defensive copy, and the SQL operators reuse
+    # their output rows. Safe because each operator of the job is done with a record before the
+    # next arrives (Calc, the classifier, the Kafka writers, the network exchange), and what is
+    # kept longer is a copy: the Postgres sinks buffer rows freshly converted to external rows.
     conf.set_string("pipeline.object-reuse", "true")
     for key, value in {**state_backend_options(cfg), **(extra or {})}.items():
         conf.set_string(key, value)

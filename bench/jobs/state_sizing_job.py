@@ -55,11 +55,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ids", type=int, required=True)
     parser.add_argument("--live-rate", type=int, default=1000)
     parser.add_argument("--backend", default=None, help="state.backend.type other than flink.state_backend (e.g. forst)")
+    parser.add_argument("--no-bloom-filter", action="store_true", help="RocksDB without the Bloom filters the job sets (for comparison)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     extra = {"pipeline.name": f"state-sizing-{args.ids}"}
     if args.backend:
         extra["state.backend.type"] = args.backend
+    if args.no_bloom_filter:
+        extra["state.backend.rocksdb.use-bloom-filter"] = "false"
     _, t_env = build_environment(cfg, extra)
     t_env.get_config().set("pipeline.name", extra["pipeline.name"])
     # datagen defaults to 10,000 rows/s; this rate is never reached, so the source runs flat out.

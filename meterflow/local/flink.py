@@ -91,8 +91,8 @@ class FlinkCluster:
                 "python.client.executable": sys.executable,
                 "env.log.dir": str(self.log_dir),
                 "env.pid.dir": str(self.dir / "pid"),
-                # Working files (RocksDB's local state, Python environments) live with the stack
-                # and go with it, also after a killed TaskManager could not clean up.
+                # Working files (RocksDB's local state, Python environments) live with the stack;
+                # `down` removes what a killed TaskManager could not.
                 "io.tmp.dirs": str(self.dir / "tmp"),
                 # Every JobManager and TaskManager serves its metrics to Prometheus on loopback.
                 **flink_reporter_conf(self.cfg.stack.flink_metrics_ports),
@@ -160,6 +160,7 @@ class FlinkCluster:
 
     def start_taskmanager(self) -> None:
         """Start one more TaskManager (used after a TaskManager was killed)."""
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
         subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
 
     def taskmanager_pids(self) -> list[int]:
@@ -195,6 +196,9 @@ class FlinkCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not port_open(self.cfg.flink.rest_host, self.cfg.flink.rest_port), "Flink shutdown", 60, self.log_dir)
+        # Working files a killed TaskManager left behind (RocksDB's local state, Python environments):
+        # the job's state lives in its checkpoints, never here.
+        shutil.rmtree(self.dir / "tmp", ignore_errors=True)
 
     def python_workers(self) -> list[int]:
         """PIDs of this cluster's PyFlink worker processes (runner scripts and Python workers)."""

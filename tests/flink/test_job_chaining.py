@@ -60,4 +60,6 @@ def test_the_classified_view_is_the_routed_columns_then_the_decision(write_confi
     assert tuple(schema.get_column_names()) == (*CLASSIFIED_COLUMNS, "rowtime")
     types = dict(zip(schema.get_column_names(), (str(t) for t in schema.get_column_data_types()), strict=True))
     assert types["watermark"] == types["window_end"] and types["lateness_ms"] == "BIGINT" and types["is_late"] == "BOOLEAN", types
+    # One time attribute: the rowtime carried in the records; event_time stays a plain timestamp.
+    assert schema._j_resolved_schema.toString().count("*ROWTIME*") == 1 and types["event_time"] == types["window_end"], types
     assert schema.get_column_data_types()[schema.get_column_names().index("watermark")].precision == 3

@@ -168,7 +168,8 @@ def test_secrets_are_mounted_files_never_values(resources):
         container = next(c for c in pod["containers"] if c["name"] == "flink-main-container")
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         files = {}
-        for volume in pod["volumes"]:
+        # Projected volumes carry secrets; others (RocksDB's working directory) carry none.
+        for volume in (v for v in pod["volumes"] if "projected" in v):
             for source in volume["projected"]["sources"]:
                 for item in source["secret"]["items"]:
                     files[f"{mounts[volume['name']]}/{item['path']}"] = (source["secret"]["name"], item["key"])
@@ -179,6 +180,17 @@ def test_secrets_are_mounted_files_never_values(resources):
                 else:
                     assert "secretKeyRef" in entry.get("valueFrom", {}), f"{d['metadata']['name']}: {name} has a literal value"
         assert files[env["METERFLOW_POSTGRES_PASSWORD_FILE"]["value"]] == ("meterflow-postgres", "password")
+
+
+def test_rocksdb_works_on_a_pod_volume_of_its_own(resources):
+    """The usage job's default state backend keeps its working files on a sized volume, not the container's layer."""
+    (usage,) = [d for d in _of_kind(resources, "FlinkDeployment") if d["metadata"]["name"] == "meterflow-usage"]
+    local_dir = usage["spec"]["flinkConfiguration"]["state.backend.rocksdb.localdir"]
+    pod = usage["spec"]["podTemplate"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "flink-main-container")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == local_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["sizeLimit"]
 
 
 def test_postgres_is_external(resources):

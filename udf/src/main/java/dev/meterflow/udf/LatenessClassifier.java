@@ -164,7 +164,8 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
             (late ? lateRecords : onTimeRecords).inc();
             lateness.record(held == WindowClose.NO_WATERMARK ? 0 : held - eventMs);
         }
-        // A new joined row per record: nothing downstream may hold on to one it was handed before.
+        // The joined row wraps the upstream's row, which the upstream reuses for its next record
+        // (object reuse): every consumer in the chain is done with it before then.
         JoinedRowData out = new JoinedRowData(row.getRowKind(), row, decision);
         output.collect(element.replace(out));
     }
