@@ -255,8 +255,8 @@ def routed_query(cfg: JobConfig) -> str:
 
     Rejected records go through the dedup too, so the dedup, the classifier and the late and
     dead-letter sinks have one input and run chained in one task, and the topic is read and
-    decoded once. The dedup key of a rejected record is its Kafka coordinates in ``event_id``
-    with a NULL ``tenant_id``: unique to it, so it is never taken for a copy, and never equal to
+    decoded once. The dedup key of a rejected record is its Kafka coordinates and timestamp in
+    ``event_id`` with a NULL ``tenant_id``: unique to it, so it is never taken for a copy, and never equal to
     a counted event's key, whose ``tenant_id`` is set. The dead-letter branch reads only its bytes,
     reason and coordinates. Counted events carry those as NULL, so the keyed exchange moves no
     payload for them. The caller materialises the stream once; the dead-letter, window and late
@@ -264,7 +264,8 @@ def routed_query(cfg: JobConfig) -> str:
     columns; counted rows the reverse.
     """
     counted = "`reject_reason` IS NULL"
-    coordinates = "CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING))"
+    # The record's timestamp too: a topic deleted and created again starts its offsets over.
+    coordinates = "CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING), '/', CAST(`kafka_timestamp` AS STRING))"
     keyed = {"tenant_id": f"CASE WHEN {counted} THEN `tenant_id` END", "event_id": f"CASE WHEN {counted} THEN `event_id` ELSE {coordinates} END"}
     events = ", ".join(f"{keyed[c]} AS `{c}`" if c in keyed else f"`{c}`" for c in EVENT_FIELDS)
     rejects = ", ".join(f"CASE WHEN NOT {counted} THEN `{c}` END AS `{c}`" for c, _ in _REJECT_COLUMNS if c != "reject_reason")

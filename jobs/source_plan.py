@@ -111,7 +111,7 @@ def validate_query(cfg: JobConfig) -> str:
     fields = ", ".join(f"`{BOUNDED_TIME}` AS `event_time`" if f == "event_time" else f"`{f}`" for f in EVENT_FIELDS)
     return (
         f"SELECT\n  {fields}, `proc_time`,\n"
-        "  `payload`, `source_topic`, `source_partition`, `source_offset`,\n"
+        "  `payload`, `source_topic`, `source_partition`, `source_offset`, `kafka_timestamp`,\n"
         f"  CASE {' '.join(checks)} END AS `reject_reason`\n"
         f"FROM `{USAGE_SOURCE_TABLE}`"
     )

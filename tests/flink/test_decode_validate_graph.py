@@ -121,30 +121,33 @@ def test_format_refuses_a_table_that_is_not_the_usage_event(table_env):
 
 def test_rejected_records_pass_the_dedup_without_touching_counted_events(table_env, write_config):
     """Through the job's routed query: a reject never hides a counted event of the same id, identical
-    rejects at other offsets are each kept, and a counted event's copy is still dropped.
+    rejects are each kept (at other offsets, or at the same offset of a topic created again), and a
+    counted event's copy is still dropped.
 
     The outcome does not depend on the order the records reach the dedup in.
     """
     cfg = load_config(write_config(""), environ={})
+    produced_ms = int(PRODUCED.timestamp() * 1000)
+    # (name, event, decode error, Kafka offset, Kafka timestamp)
     cases = [
-        ("unknown_meter_dup", {**GOOD, "event_id": "dup", "meter": "gpu_hours"}, None),
-        ("counted_dup", {**GOOD, "event_id": "dup"}, None),
-        ("copy_of_counted_dup", {**GOOD, "event_id": "dup"}, None),
-        ("garbage_a", None, MALFORMED),
-        ("garbage_b", None, MALFORMED),
-        ("other_tenant_dup", {**GOOD, "event_id": "dup", "tenant_id": "t2"}, None),
+        ("unknown_meter_dup", {**GOOD, "event_id": "dup", "meter": "gpu_hours"}, None, 0, produced_ms),
+        ("counted_dup", {**GOOD, "event_id": "dup"}, None, 1, produced_ms),
+        ("copy_of_counted_dup", {**GOOD, "event_id": "dup"}, None, 2, produced_ms),
+        ("garbage_a", None, MALFORMED, 3, produced_ms),
+        ("garbage_b", None, MALFORMED, 4, produced_ms),
+        ("garbage_a_recreated_topic", None, MALFORMED, 3, produced_ms + 86_400_000),
+        ("other_tenant_dup", {**GOOD, "event_id": "dup", "tenant_id": "t2"}, None, 5, produced_ms),
     ]
-    # The Kafka offset after the payload: each record its own, as in the topic.
-    rows = ", ".join(f"{_literal_row(name, event, error)[:-1]}, CAST({offset} AS BIGINT))" for offset, (name, event, error) in enumerate(cases))
+    rows = ", ".join(f"{_literal_row(name, event, error)[:-1]}, CAST({offset} AS BIGINT), CAST({ts} AS BIGINT))" for name, event, error, offset, ts in cases)
     names = ", ".join(f"`{c.name}`" for c in usage_value_columns())
-    produced = f"TO_TIMESTAMP_LTZ({int(PRODUCED.timestamp() * 1000)}, 3)"
+    produced = f"TO_TIMESTAMP_LTZ({produced_ms}, 3)"
     _reset(table_env)
     table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     table_env.execute_sql(
         f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT *, 'in' AS `source_topic`, 0 AS `source_partition`, "
-        f"{produced} AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
+        "TO_TIMESTAMP_LTZ(`kafka_ms`, 3) AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
         f"{bounded_event_time(cfg).replace('`kafka_timestamp`', produced)} AS `{BOUNDED_TIME}` "
-        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`, `source_offset`)"
+        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`, `source_offset`, `kafka_ms`)"
     )
     table_env.create_temporary_view(VALIDATED_VIEW, table_env.sql_query(validate_query(cfg)))
     # Counted rows carry no payload: they are told apart by tenant.
@@ -153,7 +156,7 @@ def test_rejected_records_pass_the_dedup_without_touching_counted_events(table_e
         rows_out = [tuple(r) for r in results]
     rejected = sorted(bytes(r[0]).decode() for r in rows_out if r[1] is not None)
     counted = sorted(r[2] for r in rows_out if r[1] is None)
-    assert rejected == ["garbage_a", "garbage_b", "unknown_meter_dup"]
+    assert rejected == ["garbage_a", "garbage_a_recreated_topic", "garbage_b", "unknown_meter_dup"]
     assert counted == ["t1", "t2"], rows_out
     assert all(r[3] == "dup" and r[4] is not None for r in rows_out if r[1] is None)
     assert all(r[2] is None and r[4] is None for r in rows_out if r[1] is not None)

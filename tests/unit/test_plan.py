@@ -118,13 +118,13 @@ def test_routed_query_reads_the_source_once_for_both_outputs(cfg):
 
 
 def test_a_rejected_record_has_a_dedup_key_of_its_own(cfg):
-    """A rejected record's key is its Kafka coordinates with no tenant: unique, and never a counted event's key.
+    """A rejected record's key is its Kafka coordinates and timestamp with no tenant: unique, and never a counted event's key.
 
     Counted events keep (tenant_id, event_id) and carry no payload or coordinates into the exchange.
     """
     sql = routed_query(cfg)
     assert "CASE WHEN `reject_reason` IS NULL THEN `tenant_id` END AS `tenant_id`" in sql
-    assert "ELSE CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING)) END AS `event_id`" in sql
+    assert "ELSE CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING), '/', CAST(`kafka_timestamp` AS STRING)) END AS `event_id`" in sql
     for column in ("payload", "source_topic", "source_partition", "source_offset"):
         assert f"CASE WHEN NOT `reject_reason` IS NULL THEN `{column}` END AS `{column}`" in sql
 
