@@ -47,6 +47,28 @@ def _literal_row(case: str, event: dict | None, error: str | None) -> str:
     return f"({', '.join(fields)}, {sql_string(error) if error else 'CAST(NULL AS STRING)'}, CAST({sql_string(case)} AS BYTES))"
 
 
+PRODUCED_MS = int(PRODUCED.timestamp() * 1000)
+
+
+def _stand_in_source(table_env, cfg, records: list[tuple[str, dict | None, str | None, int, int]]) -> None:
+    """Stand-in for the Kafka source: the format's columns over literal rows, the same computed columns.
+
+    ``records``: (name, event, decode error, Kafka offset, Kafka timestamp in epoch ms); the name is the payload.
+    The plausible event time is judged against ``PRODUCED``, whatever each record's timestamp.
+    """
+    rows = ", ".join(f"{_literal_row(name, event, error)[:-1]}, CAST({offset} AS BIGINT), CAST({ts} AS BIGINT))" for name, event, error, offset, ts in records)
+    names = ", ".join(f"`{c.name}`" for c in usage_value_columns())
+    produced = f"TO_TIMESTAMP_LTZ({PRODUCED_MS}, 3)"
+    _reset(table_env)
+    table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
+    table_env.execute_sql(
+        f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT *, 'in' AS `source_topic`, 0 AS `source_partition`, "
+        "TO_TIMESTAMP_LTZ(`kafka_ms`, 3) AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
+        f"{bounded_event_time(cfg).replace('`kafka_timestamp`', produced)} AS `{BOUNDED_TIME}` "
+        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`, `source_offset`, `kafka_ms`)"
+    )
+
+
 def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
     """Undecodable values, empty ids, unknown meters, forbidden negatives and absurd times are rejected; good ones pass exactly."""
     cfg = load_config(write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={})
@@ -60,18 +82,7 @@ def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
         "future": ({**GOOD, "event_time": PRODUCED + timedelta(hours=2)}, None),
         "ancient": ({**GOOD, "event_time": PRODUCED - timedelta(days=400)}, None),
     }
-    rows = ", ".join(_literal_row(name, event, error) for name, (event, error) in cases.items())
-    names = ", ".join(f"`{c.name}`" for c in usage_value_columns())
-    produced = f"TO_TIMESTAMP_LTZ({int(PRODUCED.timestamp() * 1000)}, 3)"
-    # Stand-in for the Kafka source: the format's columns over literal rows, the same computed columns.
-    _reset(table_env)
-    table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
-    table_env.execute_sql(
-        f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT *, 'in' AS `source_topic`, 0 AS `source_partition`, "
-        f"CAST(0 AS BIGINT) AS `source_offset`, {produced} AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
-        f"{bounded_event_time(cfg).replace('`kafka_timestamp`', produced)} AS `{BOUNDED_TIME}` "
-        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`)"
-    )
+    _stand_in_source(table_env, cfg, [(name, event, error, 0, PRODUCED_MS) for name, (event, error) in cases.items()])
     query = f"SELECT `quantity`, `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`) AS `reason`, `event_time` FROM ({validate_query(cfg)})"
     with table_env.execute_sql(query).collect() as results:
         got = {bytes(r[1]).decode(): r for r in results}
@@ -127,7 +138,7 @@ def test_rejected_records_pass_the_dedup_without_touching_counted_events(table_e
     The outcome does not depend on the order the records reach the dedup in.
     """
     cfg = load_config(write_config(""), environ={})
-    produced_ms = int(PRODUCED.timestamp() * 1000)
+    produced_ms = PRODUCED_MS
     # (name, event, decode error, Kafka offset, Kafka timestamp)
     cases = [
         ("unknown_meter_dup", {**GOOD, "event_id": "dup", "meter": "gpu_hours"}, None, 0, produced_ms),
@@ -138,17 +149,7 @@ def test_rejected_records_pass_the_dedup_without_touching_counted_events(table_e
         ("garbage_a_recreated_topic", None, MALFORMED, 3, produced_ms + 86_400_000),
         ("other_tenant_dup", {**GOOD, "event_id": "dup", "tenant_id": "t2"}, None, 5, produced_ms),
     ]
-    rows = ", ".join(f"{_literal_row(name, event, error)[:-1]}, CAST({offset} AS BIGINT), CAST({ts} AS BIGINT))" for name, event, error, offset, ts in cases)
-    names = ", ".join(f"`{c.name}`" for c in usage_value_columns())
-    produced = f"TO_TIMESTAMP_LTZ({produced_ms}, 3)"
-    _reset(table_env)
-    table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
-    table_env.execute_sql(
-        f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT *, 'in' AS `source_topic`, 0 AS `source_partition`, "
-        "TO_TIMESTAMP_LTZ(`kafka_ms`, 3) AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
-        f"{bounded_event_time(cfg).replace('`kafka_timestamp`', produced)} AS `{BOUNDED_TIME}` "
-        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`, `source_offset`, `kafka_ms`)"
-    )
+    _stand_in_source(table_env, cfg, cases)
     table_env.create_temporary_view(VALIDATED_VIEW, table_env.sql_query(validate_query(cfg)))
     # Counted rows carry no payload: they are told apart by tenant.
     query = f"SELECT `payload`, `reject_reason`, `tenant_id`, `event_id`, `window_end` FROM ({routed_query(cfg)})"
