@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from meterflow.errors import ConfigError
+from meterflow.input_contract import MAX_GROUP_BY, MAX_ID_BYTES
 
 ENV_PREFIX = "METERFLOW_"
 CONFIG_PATH_ENV = "METERFLOW_CONFIG"
@@ -106,6 +107,19 @@ class KafkaConfig(_Section):
     partitions: int = Field(3, ge=1, description="Partitions of the topics the project creates.")
     consumer_group: str = "meterflow"
     transaction_timeout: Duration = timedelta(minutes=10)
+    max_message_bytes: int = Field(
+        1_048_576,
+        ge=65_536,
+        le=64 * 1_048_576,
+        description=(
+            "The largest usage-events message: the input topic's max.message.bytes as the project creates it. The dead-letter"
+            " topic and its writer take this plus DEAD_LETTER_HEADROOM_BYTES, so every record the input accepts fits as a dead letter."
+        ),
+    )
+    schema_registry_url: str | None = Field(
+        None,
+        description="A Confluent-compatible schema registry: messages in its wire format (magic 0, schema id) are decoded with the writer schema it holds.",
+    )
 
 
 class PostgresConfig(_Section):
@@ -185,7 +199,7 @@ class EventTimeConfig(_Section):
 Aggregation = Literal["SUM", "COUNT", "MAX", "LATEST", "UNIQUE_COUNT"]
 # decimal: the exact quantity; exact: whole numbers only (a fraction is a dead letter); the others round.
 BillingRounding = Literal["decimal", "exact", "half_up", "ceil", "floor"]
-_DIMENSION_NAME = r"^[A-Za-z0-9_.:-]+$"
+_DIMENSION_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 class MeterConfig(_Section):
@@ -197,10 +211,10 @@ class MeterConfig(_Section):
     combination of their values.
     """
 
-    name: str = Field(min_length=1, pattern=_DIMENSION_NAME)
+    name: str = Field(min_length=1, max_length=MAX_ID_BYTES["meter"], pattern=_DIMENSION_NAME)
     aggregation: Aggregation = "SUM"
     allow_negative: bool = Field(False, description="Accept negative quantities (credits, corrections).")
-    group_by: tuple[str, ...] = ()
+    group_by: tuple[str, ...] = Field((), max_length=MAX_GROUP_BY, description="Dimensions that split a window into rows (at most MAX_GROUP_BY).")
     unique_dimension: str | None = Field(None, pattern=_DIMENSION_NAME)
     billing_event_name: str | None = Field(None, min_length=1, max_length=100, description="The provider's meter event name; defaults to the meter name.")
     billing_rounding: BillingRounding = Field("decimal", description="How a window's quantity becomes the provider's value (see README, Billing).")
@@ -220,6 +234,20 @@ class MeterConfig(_Section):
             msg = f"meter {self.name}: group_by must list distinct dimension names, got {list(self.group_by)}"
             raise ValueError(msg)
         return self
+
+
+class InputConfig(_Section):
+    """Limits on what producers send beyond the fixed input contract (meterflow/input_contract.py)."""
+
+    max_dimension_combinations: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Distinct group-by combinations per (tenant, customer, meter, window); an event that would open one more is a"
+            " dead letter (raise it, then `meterflow dead-letters replay`)."
+        ),
+    )
 
 
 class StackConfig(_Section):
@@ -327,6 +355,7 @@ class JobConfig(_Section):
     postgres: PostgresConfig = PostgresConfig()
     flink: FlinkConfig = FlinkConfig()
     event_time: EventTimeConfig = EventTimeConfig()
+    input: InputConfig = InputConfig()
     stack: StackConfig = StackConfig()
     stripe: StripeConfig = StripeConfig()
     billing: BillingConfig = BillingConfig()
