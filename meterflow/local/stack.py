@@ -29,10 +29,13 @@ class StackConfigs:
     dir: Path
 
     def config(self, name: str, **overrides: dict) -> tuple[JobConfig, Path]:
-        """Write ``<dir>/<name>.yaml`` (base with each section updated by its override) and load it."""
+        """Write ``<dir>/<name>.yaml`` (base with each mapping section updated by its override, lists replaced) and load it."""
         data = yaml.safe_load(yaml.safe_dump(self.base))
         for section, values in overrides.items():
-            data.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                data.setdefault(section, {}).update(values)
+            else:
+                data[section] = values  # a list section (meters) is replaced whole
         path = self.dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         return load_config(path, environ={}), path
