@@ -1,0 +1,191 @@
+"""Hostile records amid normal traffic on the real stack: none stops or corrupts metering.
+
+One job (3 partitions, parallelism 2) counts a steady stream of normal events while every kind of
+record that once stopped it, or could, is produced in the middle of that stream: a 900 KB meter
+name, a NUL in each identifying field, ids of 3 KB and 70 KB, quantities whose sum overflows
+``decimal(38, 9)``, a burst of group-by combinations past ``input.max_dimension_combinations``, an
+event from a producer whose clock is 50 minutes fast followed by idle partitions, writers of an
+evolved schema (single-object encoding), a message with an unknown schema fingerprint, and the
+largest message the input topic accepts.
+
+Asserted from the Flink REST API and the outputs: the job never restarted and never restored a
+checkpoint; every hostile record is in the dead-letter topic once, with its reason; the evolved
+writers' events are counted; no event is late; and every normal window equals the oracle.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import fastavro
+import pytest
+
+from connectors.avro_codec import UsageEvent, decode_usage_event, encode_single_object, encode_usage_event
+from connectors.avro_types import load_schema
+from jobs.plan import DEAD_LETTER_SCHEMA
+from meterflow.local import flink_jobs
+from meterflow.producer import SyntheticSpec, send_events, synthetic_events
+from sinks.postgres import fetch_usage
+from tests.e2e.helpers import (
+    CLOSER_TENANT,
+    closing_events,
+    expected_totals,
+    private_job,
+    read_topic,
+    send_raw,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DEAD_SCHEMA = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
+BURST_TENANT = "burst"
+MAX_COMBINATIONS = 5
+BURST_EVENTS = 8
+METERS = [
+    {"name": "api_calls", "aggregation": "SUM"},
+    {"name": "tokens", "aggregation": "SUM"},
+    {"name": "tokens_by_model", "aggregation": "SUM", "group_by": ["model"]},
+]
+
+
+def _decode_dead(value: bytes) -> dict:
+    return fastavro.schemaless_reader(io.BytesIO(value), DEAD_SCHEMA)
+
+
+def _event(event_id: str, at: datetime, **fields) -> UsageEvent:
+    event = UsageEvent(event_id=event_id, tenant_id="hostile", customer_id="c1", meter="api_calls", quantity=Decimal(1), event_time=at, dimensions={})
+    event.update(fields)  # type: ignore[typeddict-item]
+    return event
+
+
+def hostile_records(at: datetime) -> list[tuple[str, bytes, str]]:
+    """(name, message value, expected reason prefix) of each record that must be a dead letter."""
+    records = [("meter of 900 KB", encode_usage_event(_event("big-meter", at, meter="m" * 900_000)), "contract: meter is 900000 bytes")]
+    for field in ("event_id", "tenant_id", "customer_id", "meter"):
+        value = {"event_id": "nul", "tenant_id": "hostile", "customer_id": "c1", "meter": "api_calls"}[field] + "\x00x"
+        records.append((f"NUL in {field}", encode_usage_event(_event(f"nul-{field}", at, **{field: value})), f"contract: {field} has control character U+0000"))
+    records += [
+        ("NUL in a dimension key", encode_usage_event(_event("nul-dim-key", at, dimensions={"re\x00gion": "eu"})), "contract: dimension key has control character U+0000"),
+        ("NUL in a dimension value", encode_usage_event(_event("nul-dim-value", at, dimensions={"region": "e\x00u"})), "contract: dimension 'region' has control character U+0000"),
+        ("event_id of 3 KB", encode_usage_event(_event("e" * 3_000, at)), "contract: event_id is 3000 bytes"),
+        ("event_id of 70 KB", encode_usage_event(_event("e" * 70_000, at)), "contract: event_id is 70000 bytes"),
+        ("customer_id of 3 KB", encode_usage_event(_event("big-customer", at, customer_id="c" * 3_000)), "contract: customer_id is 3000 bytes"),
+        ("tenant_id of 70 KB", encode_usage_event(_event("big-tenant", at, tenant_id="t" * 70_000)), "contract: tenant_id is 70000 bytes"),
+        ("17 dimensions", encode_usage_event(_event("many-dims", at, dimensions={f"d{i}": "v" for i in range(17)})), "contract: 17 dimensions"),
+    ]
+    # Two of these in one window once overflowed the window's SUM; each is now refused on its own.
+    for i in range(2):
+        records.append((f"quantity 6e28 #{i}", encode_usage_event(_event(f"huge-{i}", at, quantity=Decimal("6e28"))), "contract: |quantity| exceeds"))
+    unknown = bytearray(encode_single_object(_event("unknown-fingerprint", at)))
+    unknown[2:10] = bytes.fromhex("0123456789abcdef")
+    records.append(("unknown schema fingerprint", bytes(unknown), "unknown schema fingerprint efcdab8967452301"))
+    return records
+
+
+def _largest_accepted_garbage(bootstrap: str, topic: str, limit: int) -> bytes:
+    """The largest value of 0xFF bytes the input topic accepts (its max.message.bytes less the batch overhead)."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=limit + 4096)
+    try:
+        for overhead in range(64, 4096, 16):
+            value = b"\xff" * (limit - overhead)
+            try:
+                producer.send(topic, value, partition=1).get(timeout=30)
+                return value
+            except KafkaError:
+                continue
+    finally:
+        producer.close()
+    raise AssertionError("the input topic accepted no message near its max.message.bytes")
+
+
+def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack):
+    cfg, path = private_job(e2e_stack, "hostile", meters=METERS, input={"max_dimension_combinations": MAX_COMBINATIONS})
+    k = cfg.kafka
+    job_id = flink_jobs.submit(cfg, path)
+    try:
+        start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+        first = list(synthetic_events(SyntheticSpec(count=15_000, tenants=3, customers=7, start=start, span=timedelta(minutes=2), seed=11)))
+        second = list(synthetic_events(SyntheticSpec(count=15_000, tenants=3, customers=7, start=start + timedelta(minutes=2), span=timedelta(minutes=1), seed=12)))
+        hostile_at = start + timedelta(minutes=1)
+        hostile = hostile_records(hostile_at)
+        # Evolved writers: the same events from producers on schema v1 and v2 (an appended optional field), single-object encoded.
+        evolved = [
+            UsageEvent(event_id=f"evolved-{i}", tenant_id="evolved", customer_id=f"c{i % 3}", meter="api_calls", quantity=Decimal(i + 1),
+                       event_time=hostile_at + timedelta(seconds=i), dimensions={})
+            for i in range(20)
+        ]  # fmt: skip
+        evolved_values = [encode_single_object(e, version=1 + i % 2, extra={"source": "checkout"} if i % 2 else None) for i, e in enumerate(evolved)]
+        burst = [
+            UsageEvent(event_id=f"burst-{i}", tenant_id=BURST_TENANT, customer_id="c1", meter="tokens_by_model", quantity=Decimal(10 + i),
+                       event_time=hostile_at, dimensions={"model": f"model-{i}"})
+            for i in range(BURST_EVENTS)
+        ]  # fmt: skip
+
+        # Normal traffic flows while the hostile records are produced.
+        sender = threading.Thread(target=send_events, args=(k.bootstrap_servers, k.usage_events_topic, first), kwargs={"rate": 2_500})
+        sender.start()
+        send_raw(k.bootstrap_servers, k.usage_events_topic, [value for _, value, _ in hostile])
+        send_raw(k.bootstrap_servers, k.usage_events_topic, evolved_values)
+        send_events(k.bootstrap_servers, k.usage_events_topic, burst)
+        oversized = _largest_accepted_garbage(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
+        sender.join()
+
+        # A producer whose clock runs 50 minutes fast, then every partition idle past source_idle_timeout:
+        # had its event counted, the watermark would jump 50 minutes and all that follows would be late.
+        # Its Kafka client stamps the record with the same fast clock; the broker's append time replaces that stamp.
+        fast_clock = datetime.now(UTC) + timedelta(minutes=50)
+        future = _event("fast-clock", fast_clock, tenant_id="fast-clock")
+        send_events(k.bootstrap_servers, k.usage_events_topic, [future], partition_for=lambda i, e: 0, timestamp_for=lambda i, e: int(fast_clock.timestamp() * 1000))
+        idle = cfg.event_time.source_idle_timeout.total_seconds() * 2
+        threading.Event().wait(idle)
+        send_events(k.bootstrap_servers, k.usage_events_topic, second)
+        send_events(k.bootstrap_servers, k.usage_events_topic, closing_events(start + timedelta(minutes=3), k.partitions), partition_for=lambda i, e: i)
+
+        counted = first + second + evolved
+        expected = expected_totals(counted, cfg.event_time.window_size)
+
+        def totals() -> dict:
+            rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id not in (CLOSER_TENANT, BURST_TENANT)]
+            return {(r.tenant_id, r.customer_id, r.meter, r.window_start): (r.quantity, r.event_count) for r in rows}
+
+        wait_for(lambda: totals() == expected, 300, "every normal window in Postgres equal to the oracle")
+        wait_for(lambda: all(r.is_final for r in fetch_usage(cfg.postgres) if r.tenant_id != CLOSER_TENANT), 120, "the windows to be final")
+
+        # Never restarted, never restored: no record held the job.
+        assert flink_jobs.restarts(cfg, job_id) == 0
+        assert (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored") is None
+
+        dead = read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)
+        expected_dead = len(hostile) + 1 + 1 + (BURST_EVENTS - MAX_COMBINATIONS)
+        wait_for(lambda: len(read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)) >= expected_dead, 60, "every dead letter")
+        dead = read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)
+        by_payload = {}
+        for letter in dead:
+            by_payload.setdefault(letter["payload"], []).append(letter)
+        for name, value, reason in hostile:
+            letters = by_payload.get(value, [])
+            assert len(letters) == 1, f"{name}: {len(letters)} dead letters"
+            assert letters[0]["reason"].startswith(reason), f"{name}: {letters[0]['reason'][:200]!r}"
+            assert len(letters[0]["reason"]) <= 1100
+        assert [d["reason"][:60] for d in by_payload[oversized]] == ["malformed Avro: varint longer than 10 bytes in field event_id"[:60]]
+        fast = [d for d in dead if d["reason"].startswith("event_time out of range")]
+        assert len(fast) == 1 and fast[0]["source_partition"] == 0
+
+        # The burst: exactly the cap of combinations counted, the rest dead letters, nothing lost.
+        burst_rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id == BURST_TENANT]
+        refused = [d for d in dead if d["reason"].startswith("dimension combinations")]
+        assert len(burst_rows) == MAX_COMBINATIONS and len(refused) == BURST_EVENTS - MAX_COMBINATIONS
+        assert sum(r.quantity for r in burst_rows) + sum(decode_usage_event(d["payload"])["quantity"] for d in refused) == sum(e["quantity"] for e in burst)
+        assert len(dead) == expected_dead, sorted({d["reason"][:80] for d in dead})
+
+        # Nothing went late: neither the fast clock nor the idle partitions moved the watermark past the data.
+        assert read_topic(k.bootstrap_servers, k.late_events_topic, lambda v: {"bytes": v}) == []
+    finally:
+        flink_jobs.cancel(cfg, job_id)
