@@ -157,10 +157,12 @@ def _aggregate(meter: MeterConfig) -> str:
         return "MAX(`quantity`)"
     if meter.aggregation == "LATEST":
         # The quantity of the event with the greatest event_time (ties: greatest event_id):
-        # zero-padded epoch ms sort as strings, the quantity string contains no '|'.
+        # zero-padded epoch ms sort as strings. The separator is U+0001, which the input contract
+        # keeps out of every event_id: an id may hold any printable character, '|' included, and
+        # U+0001 sorts below all of them, so "a" < "a|b" here as in the id order.
         stamp = f"LPAD(CAST({sql_epoch_ms('`event_time`')} AS STRING), 15, '0')"
-        latest = f"MAX(CASE WHEN `meter` = {sql_string(meter.name)} THEN CONCAT({stamp}, '|', `event_id`, '|', CAST(`quantity` AS STRING)) END)"
-        return f"CAST(SPLIT_INDEX({latest}, '|', 2) AS DECIMAL(38, 9))"
+        latest = f"MAX(CASE WHEN `meter` = {sql_string(meter.name)} THEN CONCAT({stamp}, CHR(1), `event_id`, CHR(1), CAST(`quantity` AS STRING)) END)"
+        return f"CAST(SPLIT_INDEX({latest}, CHR(1), 2) AS DECIMAL(38, 9))"
     # UNIQUE_COUNT: distinct values of one dimension; the CASE keeps other meters out of its state.
     dim = sql_string(meter.unique_dimension or "")
     return f"CAST(COUNT(DISTINCT CASE WHEN `meter` = {sql_string(meter.name)} THEN `dimensions`[{dim}] END) AS DECIMAL(38, 9))"

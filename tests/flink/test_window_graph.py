@@ -113,8 +113,14 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
         if rng.random() < 0.8:
             dims["region"] = rng.choice(["eu", "us"])  # sometimes missing: groups under ""
         at = start + timedelta(milliseconds=rng.randrange(180_000))
-        events.append({"event_id": f"e{i}", "tenant_id": "t", "customer_id": f"c{rng.randrange(3)}", "meter": meter,
+        # Some ids hold the characters an encoding of the LATEST tie-break could trip on.
+        event_id = f"e|{i}|" if i % 7 == 0 else (f"e{i // 10}" + "|" * (i % 3) if i % 11 == 0 else f"e{i}")
+        events.append({"event_id": event_id, "tenant_id": "t", "customer_id": f"c{rng.randrange(3)}", "meter": meter,
                        "quantity": Decimal(rng.randint(1, 10_000)).scaleb(-2), "event_time": at, "dimensions": dims})
+    # LATEST ties at the window's last millisecond: the greatest id wins, "tie|b" > "tie|" > "tie".
+    last = start + timedelta(milliseconds=59_999)
+    for event_id, quantity in (("tie|b", "7"), ("tie", "5"), ("tie|", "6")):
+        events.append({"event_id": event_id, "tenant_id": "t", "customer_id": "c0", "meter": "storage_gb", "quantity": Decimal(quantity), "event_time": last, "dimensions": {}})
     events.sort(key=lambda e: e["event_time"])
     _load_events(table_env, cfg, events, tmp_path / "events")
     keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
@@ -134,3 +140,4 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
         quantity, count = canonical[(customer, meter, dims, start_)]
         assert quantity == _oracle(meter, members), (customer, meter, dims, start_)
         assert count == len(members)
+    assert canonical[("c0", "storage_gb", None, last.replace(tzinfo=None, microsecond=0, second=0))][0] == Decimal(7)
