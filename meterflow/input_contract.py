@@ -31,7 +31,8 @@ MAX_GROUP_BY = 4
 # |quantity| of one event; with 9 fractional digits, 24 significant digits at most.
 MAX_ABS_QUANTITY = Decimal(10) ** 15
 # The largest decimal(38, 9): a window's sum of |quantity| per (tenant, customer, meter) stays within it.
-MAX_WINDOW_ABS_SUM = Decimal(10) ** 29 - Decimal("1e-9")
+# Written out: Decimal arithmetic rounds to 28 digits, so 10**29 - 1e-9 would come out as 10**29.
+MAX_WINDOW_ABS_SUM = Decimal("99999999999999999999999999999.999999999")
 POSTGRES_BTREE_MAX_BYTES = 2704
 
 
@@ -45,7 +46,11 @@ def control_character(text: str) -> int | None:
 
 
 def _check_text(name: str, value: str, low: int, high: int) -> str | None:
-    size = len(value.encode("utf-8"))
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        # Only a Python str can hold one (JSON "\ud800"); it has no UTF-8 form, so Avro cannot carry it.
+        return f"contract: {name} has lone surrogate U+{ord(value[e.start]):04X} at character {e.start}"
     if size < low or size > high:
         return f"contract: {name} is {size} bytes, at most {high}" if size > high else f"contract: {name} is {size} bytes, at least {low}"
     at = control_character(value)

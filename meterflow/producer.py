@@ -18,6 +18,7 @@ from typing import Any
 
 from connectors.avro_codec import UsageEvent, encode_usage_event
 from meterflow.errors import ProduceError
+from meterflow.input_contract import contract_violation
 
 REQUIRED_FIELDS = ("event_id", "tenant_id", "customer_id", "meter", "quantity", "event_time")
 
@@ -64,11 +65,18 @@ class RejectedLine:
     text: str
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters: a reason never repeats a huge field."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def parse_event(obj: Any) -> UsageEvent:
     """Turn one decoded JSON object into a usage event; ValueError with the reason if it is not one.
 
     ``quantity`` must be a JSON string or integer (a JSON float would already be inexact);
-    ``event_time`` is ISO-8601 with a zone, or integer epoch milliseconds.
+    ``event_time`` is ISO-8601 with a zone, or integer epoch milliseconds. An event that breaks the
+    input contract (meterflow/input_contract.py) is refused with the reason the job would give it.
     """
     if not isinstance(obj, dict):
         msg = "not a JSON object"
@@ -88,10 +96,10 @@ def parse_event(obj: Any) -> UsageEvent:
     try:
         quantity = Decimal(str(raw_q))
     except InvalidOperation as e:
-        msg = f"quantity {raw_q!r} is not a decimal number"
+        msg = f"quantity {_shown(raw_q)} is not a decimal number"
         raise ValueError(msg) from e
     if not quantity.is_finite() or quantity.as_tuple().exponent < -9 or abs(quantity) >= Decimal(10) ** 29:
-        msg = f"quantity {raw_q!r} does not fit decimal(38, 9)"
+        msg = f"quantity {_shown(raw_q)} does not fit decimal(38, 9)"
         raise ValueError(msg)
     raw_t = obj["event_time"]
     if isinstance(raw_t, int) and not isinstance(raw_t, bool):
@@ -100,10 +108,10 @@ def parse_event(obj: Any) -> UsageEvent:
         try:
             event_time = datetime.fromisoformat(raw_t.replace("Z", "+00:00"))
         except ValueError as e:
-            msg = f"event_time {raw_t!r} is not ISO-8601"
+            msg = f"event_time {_shown(raw_t)} is not ISO-8601"
             raise ValueError(msg) from e
         if event_time.tzinfo is None:
-            msg = f"event_time {raw_t!r} has no time zone"
+            msg = f"event_time {_shown(raw_t)} has no time zone"
             raise ValueError(msg)
     else:
         msg = "event_time must be an ISO-8601 string or epoch milliseconds"
@@ -112,7 +120,7 @@ def parse_event(obj: Any) -> UsageEvent:
     if not isinstance(dims, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in dims.items()):
         msg = "dimensions must be an object of string values"
         raise ValueError(msg)
-    return UsageEvent(
+    event = UsageEvent(
         event_id=obj["event_id"],
         tenant_id=obj["tenant_id"],
         customer_id=obj["customer_id"],
@@ -121,6 +129,10 @@ def parse_event(obj: Any) -> UsageEvent:
         event_time=event_time.astimezone(UTC),
         dimensions=dims,
     )
+    reason = contract_violation(event)
+    if reason:
+        raise ValueError(reason)
+    return event
 
 
 def read_jsonl(path: Path, rejected: list[RejectedLine]) -> Iterator[UsageEvent]:

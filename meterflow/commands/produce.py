@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,7 +36,8 @@ from meterflow.config import JobConfig, parse_duration
 def produce(ctx: Context, count: int, tenants: int, customers: int, meters: str, rate: float, span: str, start: str | None, seed: int, jsonl: Path | None, topic: str | None) -> None:
     """Write Avro usage events to the input topic, with a progress bar.
 
-    From a JSON-lines file, invalid lines are not sent: each is reported with its line number and
+    From a JSON-lines file, invalid lines, and lines that break the input contract (the job's
+    limits on ids, dimensions and quantity), are not sent: each is reported with its line number and
     reason and saved to <file>.rejected.jsonl; the command then exits 2.
     """
     from meterflow.producer import (
@@ -67,7 +69,7 @@ def produce(ctx: Context, count: int, tenants: int, customers: int, meters: str,
         with out.open("w") as handle:
             for r in rejected:
                 handle.write(json.dumps({"line": r.line_number, "reason": r.reason, "text": r.text}) + "\n")
-                err_console.print(f"[red]line {r.line_number}: {r.reason}[/]")
+                err_console.print(f"[red]line {r.line_number}: {escape(r.reason)}[/]")  # a reason may quote "[...]"
         err_console.print(f"{len(rejected)} invalid line(s) not sent; saved with reasons to {out}")
         sys.exit(2)
 

@@ -72,3 +72,77 @@ def test_synthetic_events_are_deterministic_and_inside_span():
 def test_message_key_groups_by_customer():
     """One customer's events share a key (and so a partition)."""
     assert message_key(parse_event(GOOD)) == b"t/c"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"event_id": "e" * 129}, "contract: event_id is 129 bytes, at most 128"),
+        ({"tenant_id": "t\u0000"}, "contract: tenant_id has control character U+0000 at character 1"),
+        ({"customer_id": "c\u0085"}, "contract: customer_id has control character U+0085 at character 1"),
+        ({"meter": "m" * 65}, "contract: meter is 65 bytes, at most 64"),
+        ({"dimensions": {f"k{i}": "v" for i in range(17)}}, "contract: 17 dimensions, at most 16"),
+        ({"dimensions": {"k" * 65: "v"}}, "contract: dimension key is 65 bytes, at most 64"),
+        ({"dimensions": {"region": "v" * 129}}, "contract: dimension 'region' is 129 bytes, at most 128"),
+        ({"dimensions": {"region": "eu\u007f"}}, "contract: dimension 'region' has control character U+007F at character 2"),
+        ({"quantity": "1000000000000000.000000001"}, "contract: |quantity| exceeds 1000000000000000"),
+        ({"quantity": -1_000_000_000_000_001}, "contract: |quantity| exceeds 1000000000000000"),
+        ({"event_id": "a\ud800"}, "contract: event_id has lone surrogate U+D800 at character 1"),
+    ],
+)
+def test_parse_refuses_what_breaks_the_input_contract(change, reason):
+    """The producer refuses, with the job's own reason, what the job would dead-letter."""
+    with pytest.raises(ValueError) as refused:
+        parse_event({**GOOD, **change})
+    assert str(refused.value) == reason
+
+
+def test_parse_keeps_events_exactly_at_the_contract_limits():
+    """At every limit an event is still sent."""
+    at_limits = {
+        "event_id": "e" * 128,
+        "tenant_id": "é" * 32,
+        "customer_id": "c" * 128,
+        "meter": "m" * 64,
+        "quantity": "-1000000000000000",
+        "dimensions": {"k" * 64: "v" * 128, **{f"k{i}": "" for i in range(15)}},
+    }
+    assert parse_event({**GOOD, **at_limits})["meter"] == "m" * 64
+
+
+def test_reasons_never_repeat_a_huge_field():
+    """A 900 KB field shows as a short reason, in the terminal and the rejected file."""
+    for change in ({"quantity": "x" * 900_000}, {"event_time": "y" * 900_000}, {"meter": "m" * 900_000}):
+        with pytest.raises(ValueError) as refused:
+            parse_event({**GOOD, **change})
+        assert len(str(refused.value)) < 100
+
+
+def test_produce_does_not_send_lines_that_break_the_contract(tmp_path, monkeypatch):
+    """`meterflow produce --file`: a contract-breaking line is listed with its reason, saved, not sent; exit 2."""
+    from click.testing import CliRunner
+
+    import meterflow.producer as producer
+    from meterflow.commands import cli
+
+    sent: list[list] = []
+
+    def send(bootstrap_servers, topic, events, **kwargs):
+        sent.append(list(events))
+        return len(sent[-1])
+
+    monkeypatch.setattr(producer, "send_events", send)
+    config = tmp_path / "m.yaml"
+    config.write_text("{}\n")
+    lines = [GOOD, {**GOOD, "event_id": "e2", "dimensions": {"[bold]": "\u0000"}}, {**GOOD, "event_id": "e3", "quantity": "2000000000000000"}]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(cli, ["--config", str(config), "produce", "--file", str(path)])
+    assert result.exit_code == 2, result.output
+    assert [[e["event_id"] for e in batch] for batch in sent] == [["e1"]]
+    rejected = [json.loads(line) for line in (tmp_path / "events.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejected] == [
+        (2, "contract: dimension '[bold]' has control character U+0000 at character 0"),
+        (3, "contract: |quantity| exceeds 1000000000000000"),
+    ]
+    assert "contract: dimension '[bold]' has control character U+0000" in result.output

@@ -23,6 +23,11 @@ import org.apache.flink.table.data.TimestampData;
  * #decodeInto} returns the reason a message is not a usage event, and leaves the row's fields null.
  * Strings are zero-copy slices of the message (checked to be UTF-8); the quantity stays an exact
  * decimal.
+ *
+ * <p>A well-formed event that breaks the input contract ({@link InputContract}: sizes, control
+ * characters, |quantity|) is rejected too, with the contract's reason. The contract is checked on
+ * the bytes while they are read, in wire order (the order Python's contract_violation iterates a
+ * decoded map), and reported only when the message is otherwise a usage event.
  */
 public final class UsageEventDecoder {
 
@@ -60,6 +65,12 @@ public final class UsageEventDecoder {
     private int pos;
     private int end;
     private int field;
+    /** Where the last string read starts in buf, and its byte length. */
+    private int strStart;
+    private int strLength;
+    /** The first id and the first dimension that break the contract in the message being read. */
+    private String idReason;
+    private String dimensionReason;
 
     /**
      * Decodes {@code message} into fields 0..{@link #ARITY}-1 of {@code row}.
@@ -74,6 +85,8 @@ public final class UsageEventDecoder {
         buf = message;
         pos = 0;
         end = message.length;
+        idReason = null;
+        dimensionReason = null;
         StringData eventId;
         StringData tenantId;
         StringData customerId;
@@ -82,14 +95,10 @@ public final class UsageEventDecoder {
         long eventTimeMs;
         GenericMapData dimensions;
         try {
-            field = 0;
-            eventId = readString();
-            field = 1;
-            tenantId = readString();
-            field = 2;
-            customerId = readString();
-            field = 3;
-            meter = readString();
+            eventId = readId(0);
+            tenantId = readId(1);
+            customerId = readId(2);
+            meter = readId(3);
             field = I_QUANTITY;
             quantity = readDecimal();
             field = I_EVENT_TIME;
@@ -109,6 +118,14 @@ public final class UsageEventDecoder {
         }
         if (eventTimeMs < MIN_EVENT_TIME_MS || eventTimeMs > MAX_EVENT_TIME_MS) {
             return "event_time out of range: " + eventTimeMs + " ms since the epoch is outside TIMESTAMP(3) (years 1 to 9999)";
+        }
+        // The contract's order: ids, the number of dimensions, each dimension, the quantity.
+        String contract = idReason != null ? idReason : InputContract.checkDimensionCount(dimensions.size());
+        if (contract == null) {
+            contract = dimensionReason != null ? dimensionReason : InputContract.checkQuantity(quantity.toBigDecimal());
+        }
+        if (contract != null) {
+            return contract;
         }
         row.setField(0, eventId);
         row.setField(1, tenantId);
@@ -150,10 +167,22 @@ public final class UsageEventDecoder {
         return (int) n;
     }
 
+    /** Id {@code i} of {@link InputContract#ID_FIELDS}, the first contract breach kept for later. */
+    private StringData readId(int i) throws Malformed {
+        field = i;
+        StringData id = readString();
+        if (idReason == null) {
+            idReason = InputContract.checkId(i, buf, strStart, strLength);
+        }
+        return id;
+    }
+
     private StringData readString() throws Malformed {
         int n = readLength();
         int start = pos;
         pos += n;
+        strStart = start;
+        strLength = n;
         for (int i = start; i < pos; i++) {
             if (buf[i] < 0) {
                 checkUtf8(start, n);
@@ -209,7 +238,16 @@ public final class UsageEventDecoder {
             }
             for (long i = 0; i < count; i++) {
                 StringData key = readString();
+                int keyStart = strStart;
+                int keyLength = strLength;
                 map.put(key, readString());
+                // Every entry on the wire is checked, a repeated key's overwritten value too.
+                if (dimensionReason == null) {
+                    dimensionReason = InputContract.checkDimensionKey(buf, keyStart, keyLength);
+                    if (dimensionReason == null) {
+                        dimensionReason = InputContract.checkDimensionValue(buf, keyStart, keyLength, strStart, strLength);
+                    }
+                }
             }
         }
         return new GenericMapData(map == null ? Map.of() : map);
