@@ -2,7 +2,7 @@
 
 ``stack`` (the local stack), ``produce``, ``job`` (submit, jobs, stop), ``usage``, ``late_audit``,
 ``billing`` (billing status/replay/customers, reconcile), ``corrections`` (apply, list, approve,
-reject), ``tune`` and ``demo``.
+reject), ``dead_letters`` (list, replay), ``tune`` and ``demo``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from meterflow.commands import (  # noqa: F401 - importing registers the commands
     billing,
     corrections,
+    dead_letters,
     demo,
     job,
     late_audit,
