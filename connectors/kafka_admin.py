@@ -2,28 +2,78 @@
 
 from __future__ import annotations
 
-from kafka.admin import KafkaAdminClient, NewTopic
+from collections.abc import Iterable, Mapping
+
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.errors import TopicAlreadyExistsError
 
+from connectors.topics import config_drift, topic_configs
+from meterflow.config import JobConfig
 
-def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: int) -> None:
-    """Create the topics that do not exist yet (single broker: replication factor 1)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterflow-admin", request_timeout_ms=10_000)
+
+def _admin(bootstrap_servers: str) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterflow-admin", request_timeout_ms=10_000)
+
+
+def ensure_project_topics(cfg: JobConfig) -> dict[str, dict[str, str]]:
+    """The project's topics (connectors/topics.py ``topic_configs``) created or brought to their configs."""
+    return ensure_topics(cfg.kafka.bootstrap_servers, topic_configs(cfg), cfg.kafka.partitions)
+
+
+def ensure_topics(bootstrap_servers: str, topics: Iterable[str] | Mapping[str, Mapping[str, str]], partitions: int) -> dict[str, dict[str, str]]:
+    """Create the topics that do not exist yet with their configs (single broker: replication factor 1),
+    and set on the existing ones the configs they lack; returns what it set on existing topics.
+
+    ``topics`` maps each name to its configs; a plain list of names means no configs. Only the
+    given keys are set (IncrementalAlterConfigs), every other config of the topic stays as it is.
+    Altering is safe for these keys: a new timestamp type or size limit applies to records
+    appended from then on, and the records already in the log keep theirs.
+    """
+    goal = {t: dict(c) for t, c in topics.items()} if isinstance(topics, Mapping) else {t: {} for t in topics}
+    admin = _admin(bootstrap_servers)
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        missing = {t: {"num_partitions": partitions, "replication_factor": 1, "configs": c} for t, c in goal.items() if t not in existing}
         if missing:
             try:
                 admin.create_topics(missing)
             except TopicAlreadyExistsError:
-                pass  # created concurrently by another caller: the goal state holds
+                existing |= set(missing)  # created concurrently by another caller: checked below like the others
+        present = {t: c for t, c in goal.items() if t in existing and c}
+        drift = config_drift(present, _describe(admin, present)) if present else {}
+        if drift:
+            results = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t, c) for t, c in drift.items()])
+            failed = {t: r for t, r in results.get("topic", {}).items() if r != "OK"}
+            if failed:
+                msg = f"cannot set the configs of topics {failed}"
+                raise RuntimeError(msg)
+        return drift
     finally:
         admin.close()
 
 
+def describe_topic_configs(bootstrap_servers: str, topics: Mapping[str, Iterable[str]]) -> dict[str, dict[str, str]]:
+    """The effective values of the given config keys of each topic that exists (absent ones are left out)."""
+    admin = _admin(bootstrap_servers)
+    try:
+        existing = set(admin.list_topics())
+        return _describe(admin, {t: keys for t, keys in topics.items() if t in existing})
+    finally:
+        admin.close()
+
+
+def _describe(admin: KafkaAdminClient, topics: Mapping[str, Iterable[str]]) -> dict[str, dict[str, str]]:
+    if not topics:
+        return {}
+    # Every source ('all'): a key the topic does not override has the broker's value, which is the effective one.
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, dict.fromkeys(keys)) for t, keys in topics.items()]
+    described = admin.describe_configs(resources, config_filter="all").get("topic", {})
+    return {t: {key: entry["value"] for key, entry in described.get(t, {}).items()} for t in topics}
+
+
 def delete_topics(bootstrap_servers: str, topics: list[str]) -> None:
     """Delete topics (tests clean up the uuid topics they created)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterflow-admin", request_timeout_ms=10_000)
+    admin = _admin(bootstrap_servers)
     try:
         present = set(admin.list_topics())
         doomed = [t for t in topics if t in present]
@@ -37,7 +87,7 @@ def group_lag(bootstrap_servers: str, group: str, topic: str) -> int:
     """Records of ``topic`` the consumer group has not committed yet (end offsets − committed offsets)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, client_id="meterflow-admin", request_timeout_ms=10_000)
+    admin = _admin(bootstrap_servers)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed")
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
+from connectors.topics import dead_letter_max_message_bytes
 from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW
 from jobs.sql import ms as _ms
 from jobs.sql import sql_epoch_ms, sql_interval, sql_string, sql_with
@@ -59,21 +60,40 @@ def state_backend_options(cfg: JobConfig) -> dict[str, str]:
 
 
 COUNT_DEAD_LETTER_FUNCTION = ("count_dead_letter", "dev.meterflow.udf.CountDeadLetter")
+BOUNDED_PAYLOAD_FUNCTION = ("bounded_payload", "dev.meterflow.udf.BoundedPayload")
 DEAD_LETTER_SINK_TABLE = "dead_letter_sink"
 DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"
+REJECTED = "`reject_reason` IS NOT NULL"
 
 
-def dead_letter_sink_ddl(cfg: JobConfig) -> str:
-    """Kafka sink of rejected records: Avro per avro/dead_letter.avsc, exactly-once."""
-    return _exactly_once_kafka_sink(cfg, DEAD_LETTER_SINK_TABLE, DEAD_LETTER_SCHEMA, cfg.kafka.dead_letter_topic, "dead-letter")
+def dead_letter_sink_ddl(cfg: JobConfig, table: str = DEAD_LETTER_SINK_TABLE, purpose: str = "dead-letter") -> str:
+    """Kafka sink of rejected records: Avro per avro/dead_letter.avsc, exactly-once, to the dead-letter topic.
+
+    Its producer takes requests as large as the topic takes messages (connectors/topics.py): a dead
+    letter of the largest input is larger than the input, and a record the producer refuses would
+    fail the checkpoint and restart the job forever. Another sink instance to the same topic (another
+    source of rejects) needs its own ``table`` and ``purpose``: the purpose names its transactions.
+    """
+    producer = {"properties.max.request.size": str(dead_letter_max_message_bytes(cfg))}
+    return _exactly_once_kafka_sink(cfg, table, DEAD_LETTER_SCHEMA, cfg.kafka.dead_letter_topic, purpose, producer)
 
 
-def dead_letter_insert() -> str:
-    """Route every rejected record, raw bytes and reason, to the dead-letter sink (and count it)."""
+def dead_letter_insert(cfg: JobConfig, table: str = DEAD_LETTER_SINK_TABLE, source: str = CLASSIFIED_VIEW, where: str = REJECTED) -> str:
+    """Route every rejected record, raw bytes and reason, to a dead-letter sink (and count it).
+
+    Bounded whatever was sent: the reason is cut to MAX_REASON_CHARS characters (udf/ CountDeadLetter)
+    and the payload to ``kafka.max_message_bytes`` bytes (udf/ BoundedPayload; only an input topic
+    created elsewhere with a larger limit holds longer ones), the reason saying what was cut. So a
+    dead letter always fits its topic. ``source`` must have the columns of ``CLASSIFIED_VIEW``'s
+    rejects: ``payload``, ``reject_reason``, ``source_topic``, ``source_partition``, ``source_offset``.
+    """
+    limit = cfg.kafka.max_message_bytes
+    payload = f"`{BOUNDED_PAYLOAD_FUNCTION[0]}`(`payload`, {limit})"
+    reason = f"`{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`, `payload`, {limit})"
     return (
-        f"INSERT INTO `{DEAD_LETTER_SINK_TABLE}`\n"
-        f"SELECT `payload`, `{COUNT_DEAD_LETTER_FUNCTION[0]}`(`reject_reason`), `source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\n"
-        f"FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NOT NULL"
+        f"INSERT INTO `{table}`\n"
+        f"SELECT {payload}, {reason}, `source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\n"
+        f"FROM `{source}` WHERE {where}"
     )
 
 
@@ -280,8 +300,8 @@ def late_events_sink_ddl(cfg: JobConfig) -> str:
     return _exactly_once_kafka_sink(cfg, LATE_EVENTS_SINK_TABLE, LATE_EVENT_SCHEMA, cfg.kafka.late_events_topic, "late")
 
 
-def _exactly_once_kafka_sink(cfg: JobConfig, table: str, schema: Path, topic: str, purpose: str) -> str:
-    """A transactional Avro Kafka sink whose columns are derived from ``schema``.
+def _exactly_once_kafka_sink(cfg: JobConfig, table: str, schema: Path, topic: str, purpose: str, extra: dict[str, str] | None = None) -> str:
+    """A transactional Avro Kafka sink whose columns are derived from ``schema``; ``extra`` adds options.
 
     Records become visible to read_committed readers when the checkpoint covering them completes.
     """
@@ -294,6 +314,7 @@ def _exactly_once_kafka_sink(cfg: JobConfig, table: str, schema: Path, topic: st
         "sink.delivery-guarantee": "exactly-once",
         "sink.transactional-id-prefix": f"{cfg.flink.job_name}-{purpose}",
         "format": "avro",
+        **(extra or {}),
     }
     return f"CREATE TABLE `{table}` (\n  {cols}\n) {sql_with(options)}"
 

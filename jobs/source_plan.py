@@ -50,17 +50,19 @@ def bounded_event_time(cfg: JobConfig) -> str:
     """The decoded event time if it is plausible, else a sentinel that can never raise the watermark.
 
     An event dated far ahead would drag the watermark forward and make everyone else's events late,
-    so only times within [produced - max_event_age, produced + max_event_ahead] count, where
-    "produced" is the Kafka record timestamp. Judging against the record, not the job's clock,
-    makes the decision deterministic: a replay, or a second branch, decides the same.
+    so only times within [appended - max_event_age, appended + max_event_ahead] count, where
+    "appended" is the Kafka record timestamp: the broker's append time, as the usage-events topic is
+    LogAppendTime (connectors/topics.py; ``meterflow submit`` refuses a topic that is not), so a
+    producer's clock, however wrong, moves neither bound. Judging against the record, stored in the
+    log, not the job's clock, makes the decision deterministic: a replay, or a second branch, decides the same.
     """
     et = cfg.event_time
     t = "`event_time`"
-    produced = "CAST(`kafka_timestamp` AS TIMESTAMP(3))"
+    appended = "CAST(`kafka_timestamp` AS TIMESTAMP(3))"
     return (
         f"CASE WHEN {t} IS NOT NULL"
-        f" AND {t} >= TIMESTAMPADD(SECOND, -{int(et.max_event_age.total_seconds())}, {produced})"
-        f" AND {t} <= TIMESTAMPADD(SECOND, {int(et.max_event_ahead.total_seconds())}, {produced})"
+        f" AND {t} >= TIMESTAMPADD(SECOND, -{int(et.max_event_age.total_seconds())}, {appended})"
+        f" AND {t} <= TIMESTAMPADD(SECOND, {int(et.max_event_ahead.total_seconds())}, {appended})"
         f" THEN {t} ELSE {OUT_OF_RANGE_TIME} END"
     )
 
@@ -105,7 +107,7 @@ def validate_query(cfg: JobConfig) -> str:
         checks.append(f"WHEN `quantity` < 0 AND `meter` IN ({names}) THEN CONCAT('negative quantity: meter ', `meter`, ' does not allow it')")
     checks.append(
         f"WHEN `{BOUNDED_TIME}` = {OUT_OF_RANGE_TIME} THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING),"
-        " ' is not within [produced - event_time.max_event_age, produced + event_time.max_event_ahead], produced = ',"
+        " ' is not within [appended - event_time.max_event_age, appended + event_time.max_event_ahead], appended = ',"
         " CAST(CAST(`kafka_timestamp` AS TIMESTAMP(3)) AS STRING))"
     )
     fields = ", ".join(f"`{BOUNDED_TIME}` AS `event_time`" if f == "event_time" else f"`{f}`" for f in EVENT_FIELDS)

@@ -25,6 +25,7 @@ from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironmen
 from pyflink.table.changelog_mode import ChangelogMode
 
 from jobs.plan import (
+    BOUNDED_PAYLOAD_FUNCTION,
     CLASSIFIED_VIEW,
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
@@ -156,6 +157,7 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
     """Kafka (decoded in the source) -> validate -> dedup -> classify once -> (dead letters | windows | late)."""
     t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
+    t_env.create_java_temporary_system_function(*BOUNDED_PAYLOAD_FUNCTION)
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
@@ -167,7 +169,7 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
     statements.add_insert_sql(late_events_insert())
-    statements.add_insert_sql(dead_letter_insert())
+    statements.add_insert_sql(dead_letter_insert(cfg))
     # Each closed window once, exactly-once, for billing and other consumers (see avro/closed_window.avsc).
     statements.add_insert_sql(closed_windows_insert())
     return statements

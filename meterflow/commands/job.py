@@ -19,7 +19,9 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
     """Submit the usage job and, with billing.enabled, the billing job; wait until they run.
 
     flink run -py jobs/usage_job.py, then flink run -py jobs/billing_job.py (which reads the usage
-    job's closed-windows topic). A job already running under its name is left alone.
+    job's closed-windows topic). A job already running under its name is left alone. The usage job
+    is refused when its input topic is not LogAppendTime or not sized as kafka.max_message_bytes, or
+    the dead-letter topic cannot hold a dead letter of the largest input; the error says what to run.
     """
     submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, force=force)
 
@@ -37,6 +39,8 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
         if existing and not force:
             err_console.print(f"job {name} already running: {existing[0]['jid']} (use --force to submit another)")
             continue
+        if name == cfg.flink.job_name:
+            flink_jobs.check_input_topics(cfg)  # the topics' configs first: a wrong one is refused, with the fix
         with err_console.status(f"submitting {name} ..."):
             job_id = submit_job(cfg, ctx.resolved_path, savepoint=start_from)
         err_console.print(f"{name} submitted")

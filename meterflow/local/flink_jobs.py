@@ -62,6 +62,24 @@ def job_names(cfg: JobConfig) -> list[str]:
     return [cfg.flink.job_name, *([cfg.billing_job_name] if cfg.billing.enabled else [])]
 
 
+def check_input_topics(cfg: JobConfig) -> None:
+    """Refuse to start the usage job on topics that let a producer's clock bound event times or
+    cannot hold its dead letters (connectors/topics.py ``topic_problems``): JobSubmissionError saying what to run."""
+    from connectors.kafka_admin import describe_topic_configs
+    from connectors.topics import MAX_MESSAGE_BYTES, TIMESTAMP_TYPE, topic_problems
+
+    k = cfg.kafka
+    try:
+        actual = describe_topic_configs(k.bootstrap_servers, {k.usage_events_topic: (TIMESTAMP_TYPE, MAX_MESSAGE_BYTES), k.dead_letter_topic: (MAX_MESSAGE_BYTES,)})
+    except Exception as e:  # noqa: BLE001 - any client failure means the topics cannot be checked
+        msg = f"cannot read the configs of topics {k.usage_events_topic} and {k.dead_letter_topic} from Kafka at {k.bootstrap_servers}: {type(e).__name__}: {e}"
+        raise JobSubmissionError(msg) from e
+    problems = topic_problems(cfg, actual)
+    if problems:
+        msg = "the usage job is not submitted:\n" + "\n".join(f"- {p}" for p in problems)
+        raise JobSubmissionError(msg)
+
+
 def submit_billing(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180) -> str:
     """``flink run -d -py jobs/billing_job.py``; wait until all its tasks run."""
     return submit(cfg, config_path, savepoint=savepoint, timeout=timeout, script=BILLING_JOB_SCRIPT)

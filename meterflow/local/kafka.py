@@ -98,17 +98,15 @@ class KafkaBroker:
         self.ensure_topics()
 
     def ensure_topics(self) -> None:
-        """Create the input, late, dead-letter and closed-windows topics if missing (idempotent)."""
-        from connectors.kafka_admin import ensure_topics
+        """Create the input, late, dead-letter and closed-windows topics if missing, and give existing
+        ones the configs they lack (connectors/topics.py: LogAppendTime input, sized dead letters); idempotent."""
+        from connectors.kafka_admin import ensure_project_topics
 
-        k = self.cfg.kafka
-        topics = [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic]
-        wait_until(
-            lambda: _try(lambda: ensure_topics(k.bootstrap_servers, topics, k.partitions)),
-            "Kafka topic creation",
-            60,
-            self.dir / "server.log",
-        )
+        def ensure() -> None:
+            for topic, configs in ensure_project_topics(self.cfg).items():
+                print(f"  kafka: topic {topic} set to {configs}", file=sys.stderr)
+
+        wait_until(lambda: _try(ensure), "Kafka topic creation", 60, self.dir / "server.log")
 
     def down(self) -> None:
         """Stop the broker: SIGTERM, then SIGKILL after 20 s (its log recovery handles either)."""

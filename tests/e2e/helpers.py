@@ -25,7 +25,7 @@ CLOSER_TENANT = "watermark-closer"
 def private_job(stack, name: str, **sections: dict) -> tuple[JobConfig, Path]:
     """A job config of its own on the session stack: its own topics (created), consumer group, usage
     table and job name, so tests never read each other's records. ``sections`` update the base config."""
-    from connectors.kafka_admin import ensure_topics
+    from connectors.kafka_admin import ensure_project_topics
 
     run = uuid.uuid4().hex[:6]
     kafka = {
@@ -40,8 +40,7 @@ def private_job(stack, name: str, **sections: dict) -> tuple[JobConfig, Path]:
     postgres = {**stack.base["postgres"], "usage_table": f"usage_{name}_{run}", **sections.pop("postgres", {})}
     flink = {**stack.base["flink"], "job_name": f"mf-{name}-{run}", **sections.pop("flink", {})}
     cfg, path = stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, flink=flink, **sections)
-    k = cfg.kafka
-    ensure_topics(k.bootstrap_servers, [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic], k.partitions)
+    ensure_project_topics(cfg)  # with the configs `meterflow stack up` gives them
     return cfg, path
 
 

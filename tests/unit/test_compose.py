@@ -100,6 +100,31 @@ def test_topics_match_config(compose, cfg):
     assert int(_environment(compose["services"]["kafka"])["KAFKA_NUM_PARTITIONS"]) == k.partitions
 
 
+def test_topic_configs_match_the_project(compose, cfg):
+    """kafka-init creates each topic with connectors/topics.py's configs and sets them on an existing one."""
+    from connectors.topics import topic_configs
+
+    script = _command_text(compose["services"]["kafka-init"])
+    created = {
+        m.group(1): dict(re.findall(r"--config\s+([\w.]+)=(\S+)", m.group(2)))
+        for m in re.finditer(r"kafka-topics\.sh .*?--create .*?--topic\s+(\S+)([^\n]*)", script)
+    }
+    altered = {
+        m.group(1): dict(pair.split("=", 1) for pair in m.group(2).split(","))
+        for m in re.finditer(r"kafka-configs\.sh .*?--alter --entity-type topics --entity-name\s+(\S+) --add-config\s+(\S+)", script)
+    }
+    goal = topic_configs(cfg)
+    assert created == goal
+    assert altered == {topic: configs for topic, configs in goal.items() if configs}
+
+
+def test_submit_checks_the_topics_before_the_usage_job(compose):
+    """The compose submit refuses wrong topics as `meterflow submit` does, before flink run."""
+    script = _command_text(compose["services"]["submit"])
+    assert "check_input_topics(" in script
+    assert script.index("check_input_topics(") < script.index("flink run")
+
+
 def test_kafka_single_node_transactions(compose):
     """The broker keeps one replica of its internal topics, as transactions on one node need."""
     env = _environment(compose["services"]["kafka"])

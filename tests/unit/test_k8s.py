@@ -103,6 +103,15 @@ def test_topics_match_the_config(resources, cfg):
         assert int(t["spec"]["config"]["min.insync.replicas"]) < t["spec"]["replicas"] <= brokers
 
 
+def test_topic_configs_match_the_project(resources, cfg):
+    """Each KafkaTopic carries connectors/topics.py's configs: the LogAppendTime input, the sized dead letters."""
+    from connectors.topics import MAX_MESSAGE_BYTES, TIMESTAMP_TYPE, topic_configs
+
+    managed = (MAX_MESSAGE_BYTES, TIMESTAMP_TYPE)
+    declared = {t["metadata"]["name"]: {k: str(v) for k, v in t["spec"].get("config", {}).items() if k in managed} for t in _of_kind(resources, "KafkaTopic")}
+    assert declared == topic_configs(cfg)
+
+
 def test_kafka_supports_the_jobs_transactions(resources, cfg):
     """Replicated transaction log, a transaction timeout the jobs' producers fit in, and only an internal listener."""
     (kafka,) = _of_kind(resources, "Kafka")

@@ -93,8 +93,8 @@ def test_validation_rules_follow_the_meter_config(write_config):
 
 def test_dead_letters_keep_raw_bytes_and_are_counted(cfg):
     """Dead letters carry payload and reason, pass through the counting UDF, exactly-once to Kafka."""
-    assert "`count_dead_letter`(`reject_reason`)" in dead_letter_insert()
-    assert "WHERE `reject_reason` IS NOT NULL" in dead_letter_insert()
+    assert "`count_dead_letter`(`reject_reason`, `payload`, 1048576)" in dead_letter_insert(cfg)
+    assert "WHERE `reject_reason` IS NOT NULL" in dead_letter_insert(cfg)
     ddl = dead_letter_sink_ddl(cfg)
     assert "`payload` BYTES NOT NULL" in ddl and "`reason` STRING NOT NULL" in ddl
     assert "'sink.delivery-guarantee' = 'exactly-once'" in ddl

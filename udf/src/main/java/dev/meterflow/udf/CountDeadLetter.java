@@ -9,10 +9,17 @@ import org.apache.flink.table.functions.FunctionContext;
 import org.apache.flink.table.functions.ScalarFunction;
 
 /**
- * Identity on a dead-letter reason that counts it in Flink metrics: {@code meterflow.dead_letter_records}
+ * A dead letter's reason, bounded, counted in Flink metrics: {@code meterflow.dead_letter_records}
  * in total and {@code meterflow.dead_letter.<kind>} per kind (the reason's text before the first colon).
+ *
+ * <p>The reason is cut to {@link #MAX_REASON_CHARS} characters: a reason may quote what was sent
+ * (an unknown meter, a bad field), and a dead letter must fit its topic whatever was sent. With the
+ * payload and its limit, the reason also says when {@link BoundedPayload} cut the payload.
  */
 public class CountDeadLetter extends ScalarFunction {
+
+    /** Characters (code points) of a reason kept; meterflow/input_contract.py MAX_REASON_CHARS. */
+    public static final int MAX_REASON_CHARS = 1000;
 
     private transient MetricGroup group;
     private transient Counter total;
@@ -26,11 +33,35 @@ public class CountDeadLetter extends ScalarFunction {
     }
 
     public String eval(String reason) {
-        if (group != null && reason != null) {
+        String bounded = boundReason(reason, MAX_REASON_CHARS);
+        if (group != null && bounded != null) {
             total.inc();
-            String kind = reason.split(":", 2)[0].trim().replaceAll("[^A-Za-z0-9]+", "_").toLowerCase();
+            String kind = bounded.split(":", 2)[0].trim().replaceAll("[^A-Za-z0-9]+", "_").toLowerCase();
             byKind.computeIfAbsent(kind, k -> group.addGroup("dead_letter").counter(k)).inc();
         }
-        return reason;
+        return bounded;
+    }
+
+    /** The bounded, counted reason, saying when the payload is longer than {@code maxPayloadBytes} and so cut. */
+    public String eval(String reason, byte[] payload, int maxPayloadBytes) {
+        String bounded = eval(reason);
+        return bounded == null ? null : bounded + payloadNote(payload, maxPayloadBytes);
+    }
+
+    /**
+     * {@code reason} if it has at most {@code maxChars} code points, else its first {@code maxChars}
+     * code points (a surrogate pair is never split) and a mark saying so.
+     */
+    public static String boundReason(String reason, int maxChars) {
+        // A String of at most maxChars UTF-16 units has at most maxChars code points: no count needed.
+        if (reason == null || reason.length() <= maxChars || reason.codePointCount(0, reason.length()) <= maxChars) {
+            return reason;
+        }
+        return reason.substring(0, reason.offsetByCodePoints(0, maxChars)) + "\u2026 (reason cut at " + maxChars + " characters)";
+    }
+
+    /** "; payload cut to N of M bytes" when {@code payload} is longer than {@code maxBytes}, else "". */
+    public static String payloadNote(byte[] payload, int maxBytes) {
+        return payload != null && payload.length > maxBytes ? "; payload cut to " + maxBytes + " of " + payload.length + " bytes" : "";
     }
 }
