@@ -3,6 +3,7 @@
 #   - Debian packages: PostgreSQL server, Prometheus (with promtool), and a JDK + Maven if missing
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
 #   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
+#   - Apicurio Registry (a schema registry with a Confluent-compatible API) from Maven Central (stack/registry)
 #   - stripe-mock (Stripe's API-validating mock) and kubeconform (validates ops/k8s/ offline) with
 #     `go install`, into stack/bin
 set -euo pipefail
@@ -70,6 +71,20 @@ if [ ! -f "$jar" ] || [ -n "$(find udf/src udf/pom.xml avro -newer "$jar" -type 
     log "building udf/ failed"; exit 1
   fi
 fi
+# >>> schema registry (stack/registry): Apicurio Registry from Maven Central, for the local stack and tests
+registry_dir=stack/registry/target/apicurio-registry
+if ! ls "$registry_dir"/apicurio-registry-app-*-runner.jar >/dev/null 2>&1 || [ stack/registry/pom.xml -nt "$registry_dir" ]; then
+  log "downloading Apicurio Registry for stack/registry from Maven Central"
+  rm -rf stack/registry/target
+  if ! (cd stack/registry && mvn -q -B dependency:copy); then
+    log "Maven download failed for stack/registry (is Maven Central reachable?)"; exit 1
+  fi
+  mkdir -p "$registry_dir.tmp"
+  tar -xzf stack/registry/target/apicurio-registry-app-*-all.tar.gz -C "$registry_dir.tmp"
+  rm -f stack/registry/target/apicurio-registry-app-*-all.tar.gz
+  mv "$registry_dir.tmp" "$registry_dir"
+fi
+# <<< schema registry
 # stripe-mock validates every billing request against Stripe's OpenAPI specification.
 stripe_mock_version=v0.203.0
 if [ "$(cat stack/bin/.stripe-mock-version 2>/dev/null)" != "$stripe_mock_version" ]; then

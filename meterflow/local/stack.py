@@ -1,4 +1,4 @@
-"""The whole local stack: Kafka, Postgres, Flink, Prometheus and (when billing uses it) stripe-mock, in start order."""
+"""The whole local stack: Kafka, Postgres, Flink, Prometheus and, when the config uses them, the schema registry and stripe-mock, in start order."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from meterflow.local.flink import FlinkCluster
 from meterflow.local.kafka import KafkaBroker
 from meterflow.local.postgres import PostgresServer
 from meterflow.local.prometheus import PrometheusServer
+from meterflow.local.registry import SchemaRegistry
 from meterflow.local.stripe_mock import StripeMock
 from meterflow.security import exposed_listeners
 
@@ -72,6 +73,7 @@ class LocalStack:
         self.flink = FlinkCluster(cfg)
         self.prometheus = PrometheusServer(cfg)
         self.stripe_mock = StripeMock(cfg)
+        self.registry = SchemaRegistry(cfg)
 
     def up(self, echo: Callable[[str], None] = print) -> None:
         """Start every part (idempotent), then apply the database schema."""
@@ -81,7 +83,9 @@ class LocalStack:
         if exposed:
             msg = "the local stack listens on loopback only; these would bind other addresses: " + ", ".join(f"{k}={v}" for k, v in exposed.items())
             raise StackError(msg)
-        parts = [self.kafka, self.postgres, self.flink, self.prometheus] + ([self.stripe_mock] if self.stripe_mock.wanted else [])
+        # The registry only when kafka.schema_registry_url points at this machine.
+        optional = [self.registry, self.stripe_mock]
+        parts = [self.kafka, self.postgres, self.flink, self.prometheus] + [part for part in optional if part.wanted]
         for part in parts:
             name = type(part).__name__
             echo(f"starting {name} ..." if not part.running() else f"{name} already running")
@@ -94,9 +98,11 @@ class LocalStack:
         self.flink.down()
         self.prometheus.down()
         self.stripe_mock.down()
+        self.registry.down()
         self.kafka.down()
         self.postgres.down()
 
     def status(self) -> list[ComponentStatus]:
-        """Status of each part."""
-        return [self.kafka.status(), self.postgres.status(), self.flink.status(), self.prometheus.status(), self.stripe_mock.status()]
+        """Status of each part (the schema registry only when the config uses a local one)."""
+        registry = [self.registry.status()] if self.registry.wanted else []
+        return [self.kafka.status(), self.postgres.status(), self.flink.status(), self.prometheus.status(), *registry, self.stripe_mock.status()]
