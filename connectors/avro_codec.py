@@ -1,20 +1,38 @@
-"""Plain Avro binary encoding of usage events (no framing, no registry id), with fastavro.
+"""Avro binary encoding of usage events, with fastavro, in the three framings the job reads.
 
-The schema is parsed once per process. Producers of any language can write the same bytes from
-avro/usage_event.avsc.
+* Plain: Avro binary of avro/usage_event.avsc (the job's reader schema), no header.
+* Single-object (Avro spec): ``C3 01``, the 8-byte CRC-64-AVRO fingerprint of the writer schema's
+  Parsing Canonical Form (little-endian), the body. The writer schema must be one of avro/history.
+* Schema registry (Confluent wire format): ``00``, the 4-byte big-endian schema id, the body; the job
+  needs ``kafka.schema_registry_url``.
+
+Schemas are parsed once per process. Producers of any language can write the same bytes from the .avsc files.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, TypedDict
 
 import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from connectors.avro_types import USAGE_EVENT_SCHEMA, load_schema
+from connectors.avro_types import AVRO_DIR, USAGE_EVENT_SCHEMA, load_schema
+
+# Every writer schema a single-object message may name, usage_event-v1.avsc, -v2, ... (v1 is the reader schema).
+HISTORY_DIR = AVRO_DIR / "history"
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+REGISTRY_HEADER = struct.Struct(">Bi")  # magic byte 0, schema id
+MAX_SCHEMA_ID = 2**31 - 1
+_HISTORY_NAME = re.compile(r"usage_event-v([1-9][0-9]*)\.avsc")
 
 
 class UsageEvent(TypedDict):
@@ -45,3 +63,53 @@ def encode_usage_event(event: UsageEvent) -> bytes:
 def decode_usage_event(data: bytes) -> UsageEvent:
     """Deserialize plain Avro binary into an event (raises on malformed bytes)."""
     return fastavro.schemaless_reader(io.BytesIO(data), usage_event_schema())  # type: ignore[return-value]
+
+
+def schema_fingerprint(schema: Any) -> str:
+    """CRC-64-AVRO of the schema's Parsing Canonical Form, as the 8 header bytes in hex (the job's reasons print the same)."""
+    return str(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
+
+
+@dataclass(frozen=True)
+class HistorySchema:
+    """One writer schema of avro/history."""
+
+    version: int
+    path: Path
+    fingerprint: str
+
+
+def schema_history(history_dir: Path = HISTORY_DIR) -> list[HistorySchema]:
+    """avro/history in version order, each with its fingerprint; the job finds v1, v2, ... up to the first gap."""
+    found = []
+    for path in history_dir.glob("*.avsc"):
+        match = _HISTORY_NAME.fullmatch(path.name)
+        if match:
+            found.append(HistorySchema(int(match.group(1)), path, schema_fingerprint(load_schema(path))))
+    return sorted(found, key=lambda h: h.version)
+
+
+@lru_cache(maxsize=16)
+def _parsed(path: Path) -> tuple[Any, bytes]:
+    schema = load_schema(path)
+    return fastavro.parse_schema(schema), SINGLE_OBJECT_MAGIC + bytes.fromhex(schema_fingerprint(schema))
+
+
+def encode_single_object(event: Mapping[str, Any], schema_path: Path = USAGE_EVENT_SCHEMA) -> bytes:
+    """``event`` written with the schema at ``schema_path`` (one of avro/history for the job to read it), single-object framed."""
+    parsed, header = _parsed(Path(schema_path).resolve())
+    out = io.BytesIO(header)
+    out.seek(len(header))
+    fastavro.schemaless_writer(out, parsed, event)
+    return out.getvalue()
+
+
+def encode_registry_framed(event: Mapping[str, Any], schema_id: int, schema: Any) -> bytes:
+    """``event`` written with ``schema`` (the .avsc as JSON, as registered under ``schema_id``), in the registry's wire format."""
+    if not 0 <= schema_id <= MAX_SCHEMA_ID:
+        msg = f"schema id {schema_id} is outside 0..{MAX_SCHEMA_ID}"
+        raise ValueError(msg)
+    out = io.BytesIO(REGISTRY_HEADER.pack(0, schema_id))
+    out.seek(REGISTRY_HEADER.size)
+    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), event)
+    return out.getvalue()

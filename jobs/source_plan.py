@@ -16,6 +16,9 @@ USAGE_SOURCE_TABLE = "usage_events"
 VALIDATED_VIEW = "validated_events"
 # The format's name, as udf/ MeterflowAvroFormatFactory registers it.
 USAGE_FORMAT = "meterflow-avro"
+# The format's registry option (MeterflowAvroFormatFactory.SCHEMA_REGISTRY_URL); Flink takes a format's
+# options prefixed with its name when the table says 'format' = 'meterflow-avro'.
+SCHEMA_REGISTRY_URL_OPTION = f"{USAGE_FORMAT}.schema-registry.url"
 # The plausible event time (the watermark's column); the decoded `event_time` stays as sent.
 BOUNDED_TIME = "bounded_time"
 OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
@@ -30,8 +33,12 @@ EVENT_FIELDS = tuple(c.name for c in usage_value_columns())
 
 
 def kafka_source_options(cfg: JobConfig, value_format: str) -> dict[str, str]:
-    """Kafka connector options of a source of the usage-events topic with values in ``value_format``."""
-    return {
+    """Kafka connector options of a source of the usage-events topic with values in ``value_format``.
+
+    With ``kafka.schema_registry_url`` set, the meterflow-avro format also decodes values in the
+    registry's wire format; without it they are dead letters (plain and single-object values need none).
+    """
+    options = {
         "connector": "kafka",
         "topic": cfg.kafka.usage_events_topic,
         "properties.bootstrap.servers": cfg.kafka.bootstrap_servers,
@@ -44,6 +51,9 @@ def kafka_source_options(cfg: JobConfig, value_format: str) -> dict[str, str]:
         "scan.topic-partition-discovery.interval": "60 s",
         "format": value_format,
     }
+    if value_format == USAGE_FORMAT and cfg.kafka.schema_registry_url:
+        options[SCHEMA_REGISTRY_URL_OPTION] = cfg.kafka.schema_registry_url
+    return options
 
 
 def bounded_event_time(cfg: JobConfig) -> str:

@@ -29,7 +29,19 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
     /** The message bytes exactly as received (empty for a null value). */
     public static final String RAW = "raw";
 
+    /** The schema registry's base URL, or null. */
+    private final String registryUrl;
     private List<String> metadataKeys = List.of();
+
+    /** A format for plain and single-object values only: registry-framed ones become dead letters. */
+    public MeterflowAvroDecodingFormat() {
+        this(null);
+    }
+
+    /** @param registryUrl the {@code schema-registry.url} option: decode registry-framed values with the writer schema it holds; null for none */
+    public MeterflowAvroDecodingFormat(String registryUrl) {
+        this.registryUrl = registryUrl;
+    }
 
     @Override
     public Map<String, DataType> listReadableMetadata() {
@@ -62,7 +74,7 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
         TypeInformation<RowData> typeInfo = context.createTypeInformation(produced);
         int errorPos = UsageEventDecoder.ARITY + metadataKeys.indexOf(ERROR);
         int rawPos = metadataKeys.contains(RAW) ? UsageEventDecoder.ARITY + metadataKeys.indexOf(RAW) : -1;
-        return new MeterflowAvroDeserializationSchema(typeInfo, UsageEventDecoder.ARITY + metadataKeys.size(), errorPos, rawPos);
+        return new MeterflowAvroDeserializationSchema(typeInfo, UsageEventDecoder.ARITY + metadataKeys.size(), errorPos, rawPos, registryUrl);
     }
 
     /** The table's physical columns must be the usage event row, names and types (nullable) alike. */

@@ -10,7 +10,8 @@ import org.apache.flink.table.data.StringData;
 
 /**
  * The {@code meterflow-avro} runtime decoder. Never fails on input: every message becomes one row,
- * the usage event's fields, or all of them null and {@code error} set to the reason.
+ * the usage event's fields, or all of them null and {@code error} set to the reason. Plain,
+ * single-object and schema-registry framed values alike ({@link FramedValueDecoder}).
  */
 public final class MeterflowAvroDeserializationSchema implements DeserializationSchema<RowData> {
 
@@ -21,29 +22,33 @@ public final class MeterflowAvroDeserializationSchema implements Deserialization
     private final int arity;
     private final int errorPos;
     private final int rawPos;
-    private transient UsageEventDecoder decoder;
+    /** The schema registry's base URL, or null: then registry-framed values are dead letters. */
+    private final String registryUrl;
+    private transient FramedValueDecoder decoder;
 
     /**
      * @param arity physical fields plus requested metadata
      * @param errorPos position of the {@code error} metadata
      * @param rawPos position of the {@code raw} metadata, -1 when not requested
+     * @param registryUrl the {@code schema-registry.url} format option, or null
      */
-    public MeterflowAvroDeserializationSchema(TypeInformation<RowData> producedType, int arity, int errorPos, int rawPos) {
+    public MeterflowAvroDeserializationSchema(TypeInformation<RowData> producedType, int arity, int errorPos, int rawPos, String registryUrl) {
         this.producedType = producedType;
         this.arity = arity;
         this.errorPos = errorPos;
         this.rawPos = rawPos;
+        this.registryUrl = registryUrl;
     }
 
     @Override
     public void open(InitializationContext context) {
-        decoder = new UsageEventDecoder();
+        decoder = new FramedValueDecoder(registryUrl);
     }
 
     @Override
     public RowData deserialize(byte[] message) {
         if (decoder == null) {
-            decoder = new UsageEventDecoder();
+            decoder = new FramedValueDecoder(registryUrl);
         }
         // A new row per record: the Kafka source copies its fields into the row it emits.
         GenericRowData row = new GenericRowData(arity);
@@ -72,11 +77,12 @@ public final class MeterflowAvroDeserializationSchema implements Deserialization
         if (!(o instanceof MeterflowAvroDeserializationSchema that)) {
             return false;
         }
-        return arity == that.arity && errorPos == that.errorPos && rawPos == that.rawPos && producedType.equals(that.producedType);
+        return arity == that.arity && errorPos == that.errorPos && rawPos == that.rawPos && producedType.equals(that.producedType)
+                && Objects.equals(registryUrl, that.registryUrl);
     }
 
     @Override
     public int hashCode() {
-        return Objects.hash(producedType, arity, errorPos, rawPos);
+        return Objects.hash(producedType, arity, errorPos, rawPos, registryUrl);
     }
 }

@@ -1,11 +1,14 @@
 package dev.meterflow.format;
 
+import java.net.URI;
 import java.util.Collections;
 import java.util.Set;
 
 import org.apache.flink.api.common.serialization.DeserializationSchema;
 import org.apache.flink.configuration.ConfigOption;
+import org.apache.flink.configuration.ConfigOptions;
 import org.apache.flink.configuration.ReadableConfig;
+import org.apache.flink.table.api.ValidationException;
 import org.apache.flink.table.connector.format.DecodingFormat;
 import org.apache.flink.table.data.RowData;
 import org.apache.flink.table.factories.DeserializationFormatFactory;
@@ -13,8 +16,10 @@ import org.apache.flink.table.factories.DynamicTableFactory;
 import org.apache.flink.table.factories.FactoryUtil;
 
 /**
- * The {@code meterflow-avro} format: plain-Avro usage events (avro/usage_event.avsc) decoded
- * straight into internal rows, a malformed record into a row with its reason instead of a failure.
+ * The {@code meterflow-avro} format: usage events (avro/usage_event.avsc) decoded straight into
+ * internal rows, a malformed record into a row with its reason instead of a failure. Values may be
+ * plain Avro, Avro single-object encoded with a writer schema of avro/history, or in a schema
+ * registry's wire format when {@link #SCHEMA_REGISTRY_URL} is set ({@link FramedValueDecoder}).
  *
  * <p>Use it as {@code 'format' = 'meterflow-avro'} (or {@code 'value.format'}) on a table whose
  * physical columns are the schema's fields ({@link UsageEventDecoder#ROW_TYPE}); declare the
@@ -25,10 +30,34 @@ public final class MeterflowAvroFormatFactory implements DeserializationFormatFa
 
     public static final String IDENTIFIER = "meterflow-avro";
 
+    /** In a table's options {@code 'meterflow-avro.schema-registry.url'} (with {@code 'format'}; {@code 'value.meterflow-avro.…'} with {@code 'value.format'}). */
+    public static final ConfigOption<String> SCHEMA_REGISTRY_URL = ConfigOptions.key("schema-registry.url")
+            .stringType()
+            .noDefaultValue()
+            .withDescription("Base URL of a Confluent-compatible schema registry: values in its wire format (0x00, 4-byte schema id) are"
+                    + " decoded with the writer schema GET {url}/schemas/ids/{id} returns. Without it such values are dead letters.");
+
     @Override
     public DecodingFormat<DeserializationSchema<RowData>> createDecodingFormat(DynamicTableFactory.Context context, ReadableConfig formatOptions) {
         FactoryUtil.validateFactoryOptions(this, formatOptions);
-        return new MeterflowAvroDecodingFormat();
+        String url = formatOptions.getOptional(SCHEMA_REGISTRY_URL).map(String::strip).filter(u -> !u.isEmpty()).orElse(null);
+        if (url != null) {
+            checkUrl(url);
+        }
+        return new MeterflowAvroDecodingFormat(url);
+    }
+
+    /** An http(s) URL with a host, checked at planning rather than at the first registry-framed message. */
+    static void checkUrl(String url) {
+        URI uri;
+        try {
+            uri = URI.create(url);
+        } catch (IllegalArgumentException e) {
+            throw new ValidationException("'" + SCHEMA_REGISTRY_URL.key() + "' is not a URL: " + url, e);
+        }
+        if (!("http".equalsIgnoreCase(uri.getScheme()) || "https".equalsIgnoreCase(uri.getScheme())) || uri.getHost() == null) {
+            throw new ValidationException("'" + SCHEMA_REGISTRY_URL.key() + "' must be an http(s) URL with a host, got " + url);
+        }
     }
 
     @Override
@@ -43,6 +72,6 @@ public final class MeterflowAvroFormatFactory implements DeserializationFormatFa
 
     @Override
     public Set<ConfigOption<?>> optionalOptions() {
-        return Collections.emptySet();
+        return Set.of(SCHEMA_REGISTRY_URL);
     }
 }

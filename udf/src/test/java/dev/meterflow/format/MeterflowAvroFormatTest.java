@@ -8,11 +8,14 @@ import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.util.List;
+import java.util.Map;
 
 import org.apache.flink.api.common.serialization.DeserializationSchema;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.configuration.Configuration;
 import org.apache.flink.table.api.DataTypes;
 import org.apache.flink.table.api.ValidationException;
+import org.apache.flink.table.connector.format.DecodingFormat;
 import org.apache.flink.table.connector.source.DynamicTableSource;
 import org.apache.flink.table.data.GenericRowData;
 import org.apache.flink.table.data.RowData;
@@ -128,5 +131,40 @@ class MeterflowAvroFormatTest {
                 DataTypes.FIELD("quantity", DataTypes.DOUBLE()), DataTypes.FIELD("event_time", DataTypes.TIMESTAMP(3)),
                 DataTypes.FIELD("dimensions", DataTypes.MAP(DataTypes.STRING(), DataTypes.STRING())));
         assertThrows(ValidationException.class, () -> format.createRuntimeDecoder(new Context(), floatQuantity));
+    }
+
+    @Test
+    void theRegistryUrlOptionReachesTheRuntimeDecoder() throws Exception {
+        MeterflowAvroFormatFactory factory = new MeterflowAvroFormatFactory();
+        assertTrue(factory.optionalOptions().contains(MeterflowAvroFormatFactory.SCHEMA_REGISTRY_URL));
+        assertEquals("schema-registry.url", MeterflowAvroFormatFactory.SCHEMA_REGISTRY_URL.key());
+        byte[] registryFramed = {0, 0, 0, 0, 7, 2, 'x'};
+
+        DecodingFormat<DeserializationSchema<RowData>> none = factory.createDecodingFormat(null, new Configuration());
+        none.applyReadableMetadata(List.of("error"));
+        DeserializationSchema<RowData> plainOnly = none.createRuntimeDecoder(new Context(), physical());
+        plainOnly.open(null);
+        assertEquals(FramedValueDecoder.NO_REGISTRY, plainOnly.deserialize(registryFramed).getString(7).toString());
+
+        // A registry on a closed port: the option is used (the reason is the registry's, not "no registry configured").
+        int closedPort;
+        try (java.net.ServerSocket socket = new java.net.ServerSocket(0)) {
+            closedPort = socket.getLocalPort();
+        }
+        String url = "http://127.0.0.1:" + closedPort;
+        DecodingFormat<DeserializationSchema<RowData>> withRegistry =
+                factory.createDecodingFormat(null, Configuration.fromMap(Map.of("schema-registry.url", " " + url + " ")));
+        withRegistry.applyReadableMetadata(List.of("error"));
+        DeserializationSchema<RowData> framed = withRegistry.createRuntimeDecoder(new Context(), physical());
+        framed.open(null);
+        assertTrue(framed.deserialize(registryFramed).getString(7).toString().startsWith("schema registry unreachable for schema id 7: "));
+        assertEquals(new MeterflowAvroDeserializationSchema(TypeInformation.of(RowData.class), 8, 7, -1, url), framed);
+        assertTrue(!framed.equals(plainOnly), "the registry URL is part of the decoder's identity");
+
+        for (String bad : List.of("ftp://registry", "registry:8081", "http://", "http://exa mple")) {
+            ValidationException e = assertThrows(ValidationException.class,
+                    () -> factory.createDecodingFormat(null, Configuration.fromMap(Map.of("schema-registry.url", bad))), bad);
+            assertTrue(e.getMessage().startsWith("'schema-registry.url' "), e.getMessage());
+        }
     }
 }
