@@ -5,8 +5,9 @@ record that once stopped it, or could, is produced in the middle of that stream:
 name, a NUL in each identifying field, ids of 3 KB and 70 KB, quantities whose sum overflows
 ``decimal(38, 9)``, a burst of group-by combinations past ``input.max_dimension_combinations``, an
 event from a producer whose clock is 50 minutes fast followed by idle partitions, writers of an
-evolved schema (single-object encoding), a message with an unknown schema fingerprint, and the
-largest message the input topic accepts.
+evolved schema (single-object encoding and the registry's wire format, against a real registry),
+a message with an unknown schema fingerprint and one with an unknown registry id, and the largest
+message the input topic accepts.
 
 Asserted from the Flink REST API and the outputs: the job never restarted and never restored a
 checkpoint; every hostile record is in the dead-letter topic once, with its reason; the evolved
@@ -16,6 +17,7 @@ writers' events are counted; no event is late; and every normal window equals th
 from __future__ import annotations
 
 import io
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,12 +25,14 @@ from decimal import Decimal
 import fastavro
 import pytest
 
-from connectors.avro_codec import UsageEvent, decode_usage_event, encode_single_object, encode_usage_event
+from connectors.avro_codec import HISTORY_DIR, UsageEvent, decode_usage_event, encode_registry_framed, encode_single_object, encode_usage_event
+from connectors.schema_registry import register_schema, value_subject
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow.local import flink_jobs
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from sinks.postgres import fetch_usage
+from tests.support.schema_registry import schema_registry  # noqa: F401
 from tests.e2e.helpers import (
     CLOSER_TENANT,
     closing_events,
@@ -82,7 +86,7 @@ def hostile_records(at: datetime) -> list[tuple[str, bytes, str]]:
         records.append((f"quantity 6e28 #{i}", encode_usage_event(_event(f"huge-{i}", at, quantity=Decimal("6e28"))), "contract: |quantity| exceeds"))
     unknown = bytearray(encode_single_object(_event("unknown-fingerprint", at)))
     unknown[2:10] = bytes.fromhex("0123456789abcdef")
-    records.append(("unknown schema fingerprint", bytes(unknown), "unknown schema fingerprint efcdab8967452301"))
+    records.append(("unknown schema fingerprint", bytes(unknown), "unknown schema fingerprint: "))
     return records
 
 
@@ -105,8 +109,9 @@ def _largest_accepted_garbage(bootstrap: str, topic: str, limit: int) -> bytes:
     raise AssertionError("the input topic accepted no message near its max.message.bytes")
 
 
-def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack):
-    cfg, path = private_job(e2e_stack, "hostile", meters=METERS, input={"max_dimension_combinations": MAX_COMBINATIONS})
+def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry):
+    url = schema_registry.url
+    cfg, path = private_job(e2e_stack, "hostile", kafka={"schema_registry_url": url}, meters=METERS, input={"max_dimension_combinations": MAX_COMBINATIONS})
     k = cfg.kafka
     job_id = flink_jobs.submit(cfg, path)
     try:
@@ -121,7 +126,22 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack):
                        event_time=hostile_at + timedelta(seconds=i), dimensions={})
             for i in range(20)
         ]  # fmt: skip
-        evolved_values = [encode_single_object(e, version=1 + i % 2, extra={"source": "checkout"} if i % 2 else None) for i, e in enumerate(evolved)]
+        # Writers on v1 and v2 (an appended optional field) in one topic: single-object encoded, and
+        # framed with the ids the real registry gave their schemas.
+        v1, v2 = HISTORY_DIR / "usage_event-v1.avsc", HISTORY_DIR / "usage_event-v2.avsc"
+        ids = {v: register_schema(url, value_subject(k.usage_events_topic), v.read_text()) for v in (v1, v2)}
+        assert ids[v1] != ids[v2]
+
+        def evolved_value(i: int, e: UsageEvent) -> bytes:
+            schema = (v1, v2)[i % 2]
+            record = {**e, "source": "checkout"} if schema == v2 else e
+            if i % 4 < 2:
+                return encode_single_object(record, schema)
+            return encode_registry_framed(record, ids[schema], json.loads(schema.read_text()))
+
+        evolved_values = [evolved_value(i, e) for i, e in enumerate(evolved)]
+        unknown_id = encode_registry_framed(_event("unknown-id", hostile_at), 987_654, json.loads(v1.read_text()))
+        hostile.append(("unknown registry id", unknown_id, "unknown schema id: 987654"))
         burst = [
             UsageEvent(event_id=f"burst-{i}", tenant_id=BURST_TENANT, customer_id="c1", meter="tokens_by_model", quantity=Decimal(10 + i),
                        event_time=hostile_at, dimensions={"model": f"model-{i}"})

@@ -94,8 +94,8 @@ final class FramedValueDecoder {
         }
         SchemaResolver resolver = schemas.resolver(fingerprint);
         if (resolver == null) {
-            return "unknown schema fingerprint " + WriterSchemas.hex(fingerprint)
-                    + ": not in avro/history (register the writer schema, then replay the dead letters)";
+            return "unknown schema fingerprint: " + WriterSchemas.hex(fingerprint)
+                    + " is not in avro/history (register the writer schema, then replay the dead letters)";
         }
         return resolved(resolver, message, SINGLE_OBJECT_HEADER, row);
     }

@@ -85,7 +85,10 @@ final class SchemaRegistryClient {
                 continue;
             } catch (ExecutionException e) {
                 Throwable c = e.getCause() == null ? e : e.getCause();
-                cause = c.getClass().getSimpleName() + (c.getMessage() == null ? "" : " " + c.getMessage());
+                // The request's own timeout can fire before the wait above: the same outcome, one wording.
+                cause = c instanceof java.net.http.HttpTimeoutException
+                        ? "no answer within " + tryTimeout.toMillis() + " ms"
+                        : c.getClass().getSimpleName() + (c.getMessage() == null ? "" : " " + c.getMessage());
                 continue;
             } catch (InterruptedException e) {
                 // The task is being cancelled: give up at once and keep the interrupt for Flink.
@@ -100,7 +103,7 @@ final class SchemaRegistryClient {
             }
             if (status == 404) {
                 downCause = null;
-                return new Lookup(null, "unknown schema id " + id + " in the registry", false);
+                return new Lookup(null, "unknown schema id: " + id + " is not in the registry", false);
             }
             cause = "HTTP " + status;
             if (status < 500 && status != 429) {
@@ -113,7 +116,7 @@ final class SchemaRegistryClient {
     }
 
     private static Lookup unreachable(long id, String cause) {
-        return new Lookup(null, "schema registry unreachable for schema id " + id + ": " + cause, true);
+        return new Lookup(null, "schema registry unreachable: schema id " + id + ", " + cause, true);
     }
 
     /** The answer's body, or an empty one when it announces more than a schema could take. */

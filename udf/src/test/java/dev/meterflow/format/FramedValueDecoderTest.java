@@ -186,7 +186,7 @@ class FramedValueDecoderTest {
         byte[] message = singleObject(r);
         String hex = java.util.HexFormat.of().formatHex(message, 2, 10);
         assertEquals(WriterSchemas.hex(SchemaNormalization.parsingFingerprint64(other)), hex);
-        assertEquals("unknown schema fingerprint " + hex + ": not in avro/history (register the writer schema, then replay the dead letters)",
+        assertEquals("unknown schema fingerprint: " + hex + " is not in avro/history (register the writer schema, then replay the dead letters)",
                 reason(new FramedValueDecoder(null), message));
     }
 
@@ -322,13 +322,13 @@ class FramedValueDecoderTest {
         answers.put("12", new String[] {"200", "{\"schema\":\"{\\\"type\\\":\\\"record\\\"\"}"});
         FramedValueDecoder decoder = patient(registry(answers));
         byte[] body = body(event(V2));
-        assertEquals("unknown schema id 8 in the registry", reason(decoder, registryFramed(8, body)));
-        assertEquals("unknown schema id 8 in the registry", reason(decoder, registryFramed(8, body)));
+        assertEquals("unknown schema id: 8 is not in the registry", reason(decoder, registryFramed(8, body)));
+        assertEquals("unknown schema id: 8 is not in the registry", reason(decoder, registryFramed(8, body)));
         assertEquals(1, requests.get(), "a 404 is remembered");
         assertTrue(reason(decoder, registryFramed(10, body)).startsWith("schema resolution failed: field quantity is bytes decimal(38, 9)"));
         assertEquals("schema id 11 in the registry is not an Avro schema: schemaType PROTOBUF", reason(decoder, registryFramed(11, body)));
         assertTrue(reason(decoder, registryFramed(12, body)).startsWith("schema id 12 in the registry is not an Avro schema: "));
-        assertEquals("unknown schema id 4294967295 in the registry", reason(decoder, registryFramed(-1, body)));
+        assertEquals("unknown schema id: 4294967295 is not in the registry", reason(decoder, registryFramed(-1, body)));
     }
 
     @Test
@@ -341,17 +341,17 @@ class FramedValueDecoderTest {
         decoder.clock = () -> now[0];
         assertTheEvent(decoder, registryFramed(7, body));
         for (int id = 1000; id < 1000 + FramedValueDecoder.MAX_LOOKUPS_PER_SECOND - 1; id++) {
-            assertEquals("unknown schema id " + id + " in the registry", reason(decoder, registryFramed(id, body)));
+            assertEquals("unknown schema id: " + id + " is not in the registry", reason(decoder, registryFramed(id, body)));
         }
         assertEquals("schema registry lookups over 20 new ids a second: schema id 5000 not looked up (replay later)",
                 reason(decoder, registryFramed(5000, body)));
         assertEquals(FramedValueDecoder.MAX_LOOKUPS_PER_SECOND, requests.get());
         assertTheEvent(decoder, registryFramed(7, body));
-        assertEquals("unknown schema id 1000 in the registry", reason(decoder, registryFramed(1000, body)));
+        assertEquals("unknown schema id: 1000 is not in the registry", reason(decoder, registryFramed(1000, body)));
         assertEquals(FramedValueDecoder.MAX_LOOKUPS_PER_SECOND, requests.get(), "cached ids need no lookup");
         // The next second, id 5000 is looked up after all.
         now[0] += 1_000_000_000L;
-        assertEquals("unknown schema id 5000 in the registry", reason(decoder, registryFramed(5000, body)));
+        assertEquals("unknown schema id: 5000 is not in the registry", reason(decoder, registryFramed(5000, body)));
     }
 
     @Test
@@ -364,7 +364,7 @@ class FramedValueDecoderTest {
         long start = System.nanoTime();
         String reason = reason(decoder, registryFramed(7, body(event(V2))));
         long ms = (System.nanoTime() - start) / 1_000_000;
-        assertTrue(reason.startsWith("schema registry unreachable for schema id 7: ConnectException"), reason);
+        assertTrue(reason.startsWith("schema registry unreachable: schema id 7, ConnectException"), reason);
         // 3 tries, 200 + 400 ms apart: about 2 s at most on an idle machine (bounded generously for a busy one).
         assertTrue(ms >= 600 && ms < 10_000, "took " + ms + " ms");
     }
@@ -376,10 +376,10 @@ class FramedValueDecoderTest {
         answers.put("8", new String[] {"200", schemaAnswer(V2)});
         FramedValueDecoder decoder = patient(registry(answers));
         byte[] body = body(event(V2));
-        assertEquals("schema registry unreachable for schema id 7: HTTP 503", reason(decoder, registryFramed(7, body)));
+        assertEquals("schema registry unreachable: schema id 7, HTTP 503", reason(decoder, registryFramed(7, body)));
         assertEquals(3, requests.get());
         // Within the cool-down no request at all, for any uncached id; and nothing is remembered as unknown.
-        assertEquals("schema registry unreachable for schema id 8: HTTP 503", reason(decoder, registryFramed(8, body)));
+        assertEquals("schema registry unreachable: schema id 8, HTTP 503", reason(decoder, registryFramed(8, body)));
         assertEquals(3, requests.get());
     }
 
@@ -389,7 +389,7 @@ class FramedValueDecoderTest {
         answers.put("7", new String[] {"slow", schemaAnswer(V2)});
         FramedValueDecoder slow = new FramedValueDecoder(registry(answers));
         long start = System.nanoTime();
-        assertEquals("schema registry unreachable for schema id 7: no answer within 500 ms", reason(slow, registryFramed(7, body(event(V2)))));
+        assertEquals("schema registry unreachable: schema id 7, no answer within 500 ms", reason(slow, registryFramed(7, body(event(V2)))));
         long ms = (System.nanoTime() - start) / 1_000_000;
         assertTrue(ms >= 3 * 500 + 600 && ms < 10_000, "took " + ms + " ms");
     }

@@ -157,7 +157,7 @@ class MeterflowAvroFormatTest {
         withRegistry.applyReadableMetadata(List.of("error"));
         DeserializationSchema<RowData> framed = withRegistry.createRuntimeDecoder(new Context(), physical());
         framed.open(null);
-        assertTrue(framed.deserialize(registryFramed).getString(7).toString().startsWith("schema registry unreachable for schema id 7: "));
+        assertTrue(framed.deserialize(registryFramed).getString(7).toString().startsWith("schema registry unreachable: schema id 7, "));
         assertEquals(new MeterflowAvroDeserializationSchema(TypeInformation.of(RowData.class), 8, 7, -1, url), framed);
         assertTrue(!framed.equals(plainOnly), "the registry URL is part of the decoder's identity");
 
