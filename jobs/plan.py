@@ -144,13 +144,14 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, flush_int
     )
 
 
-def window_changelog_query(cfg: JobConfig) -> str:
-    """The window aggregate of on-time events (classified once, see classify_query).
+def window_changelog_query(cfg: JobConfig, source: str = CLASSIFIED_VIEW) -> str:
+    """The window aggregate of on-time events (classified once, see classify_query) of ``source``,
+    a view with the classified columns; the job reads the window guard's ``GUARDED_VIEW``.
 
     Quantity leaves as an exact decimal string: the changelog also feeds a Python operator, and
     the Python bridge has no exact DECIMAL(38, 9) type. The sinks cast it back.
     """
-    query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE `reject_reason` IS NULL AND NOT `is_late`")
+    query = window_aggregate_query(cfg, source, "rowtime", "WHERE `reject_reason` IS NULL AND NOT `is_late`")
     quantity = f"CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS `quantity`"
     return query.replace(quantity, f"CAST(CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
 
@@ -357,3 +358,14 @@ def closed_windows_insert() -> str:
         "  CAST(`quantity` AS DECIMAL(38, 9)), `event_count`, `revision`\n"
         f"FROM `{CLOSED_WINDOWS_VIEW}`"
     )
+
+
+# The window guard (udf/ WindowGuard) between the classifier and the window aggregate: it caps the
+# dimension combinations and the sum of |quantity| of each (tenant, customer, meter, window).
+# Admitted rows, with the classified columns and the rowtime:
+GUARDED_VIEW = "guarded_events"
+# Refused ones, with the columns of a reject (payload, reject_reason, source coordinates):
+GUARD_DEAD_LETTERS_VIEW = "guard_dead_letters"
+# Their own sink instance to the dead-letter topic (its own transactions, see dead_letter_sink_ddl).
+GUARD_DEAD_LETTER_SINK_TABLE = "dead_letter_guard_sink"
+GUARD_DEAD_LETTER_PURPOSE = "dead-letter-guard"

@@ -1,8 +1,9 @@
 """The meterflow usage job: wires the Flink graph, nothing else.
 
 Kafka (decoded by the meterflow-avro format) -> validate -> dedup -> classify late/on time once ->
-dead letters | late events | window aggregate -> per-fire upserts + window closer -> final rows + the
-closed-windows topic (billing reads it in its own job, jobs/billing_job.py).
+dead letters | late events | window guard (dimension combinations, sum) -> window aggregate ->
+per-fire upserts + window closer -> final rows + the closed-windows topic (billing reads it in its
+own job, jobs/billing_job.py); the guard's refusals are dead letters too.
 
 Submit with ``meterflow submit`` or directly::
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from py4j.java_gateway import get_java_class
 from pyflink.common import Configuration
@@ -29,6 +31,10 @@ from jobs.plan import (
     CLASSIFIED_VIEW,
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
+    GUARD_DEAD_LETTER_PURPOSE,
+    GUARD_DEAD_LETTER_SINK_TABLE,
+    GUARD_DEAD_LETTERS_VIEW,
+    GUARDED_VIEW,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
@@ -79,7 +85,12 @@ def window_sink_target(cfg: JobConfig) -> WindowSinkTarget:
     return window_sink_target_of(cfg)
 
 
-def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+def _rowtime_schema() -> Schema:
+    """A stream's own columns plus its record timestamps as ``rowtime``, with the stream's watermarks."""
+    return Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
+
+
+def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> Any:
     """Evaluate the routed query once, classify each event late or on time in the JVM, register the view.
 
     Branches that read the view see one evaluation per record; reading the query itself from two
@@ -95,8 +106,30 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> No
     classifier = jvm.dev.meterflow.udf.LatenessClassifier
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
     j_classified = classifier.apply(rows, row_type.getLogicalType(), classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
-    schema = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
-    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), schema))
+    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), _rowtime_schema()))
+    return j_classified
+
+
+def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig, j_classified: Any) -> None:
+    """The window guard (udf/ WindowGuard) on the classified stream's counted on-time rows, registered as views.
+
+    ``GUARDED_VIEW``: the rows it admits, unchanged, with their rowtime (the window aggregate reads
+    it). ``GUARD_DEAD_LETTERS_VIEW``: the ones it refuses, as dead-letter rows. Keyed by (tenant,
+    customer, meter, window), it is a task of its own: a keyed exchange after the classifier's.
+    """
+    guard = get_gateway().jvm.dev.meterflow.udf.WindowGuard
+    lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
+    # Internal rows in and out, of the classifier's row type (its InternalTypeInfo).
+    limits = guard(j_classified.getType().toRowType(), cfg.input.max_dimension_combinations, lateness_ms, cfg.kafka.usage_events_topic)
+    j_guarded = guard.apply(j_classified, limits, "guard window limits", "guard-window-limits")
+    t_env.create_temporary_view(GUARDED_VIEW, t_env.from_data_stream(DataStream(j_guarded), _rowtime_schema()))
+    t_env.create_temporary_view(GUARD_DEAD_LETTERS_VIEW, t_env.from_data_stream(DataStream(j_guarded.getSideOutput(guard.deadLetters()))))
+
+
+def declare_routed_views(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """From the validated view to the views the branches read: ``CLASSIFIED_VIEW`` (dead letters, late
+    events), ``GUARDED_VIEW`` (the window aggregate) and ``GUARD_DEAD_LETTERS_VIEW`` (the guard's dead letters)."""
+    _guard_windows(t_env, cfg, _materialise_classified(t_env, cfg))
 
 
 def _write_windows(stream: DataStream, target: WindowSinkTarget, *, final: bool) -> None:
@@ -137,12 +170,12 @@ def _close_windows(changelog: DataStream, allowed_lateness_ms: int) -> DataStrea
 
 
 def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The window aggregate, computed once, feeding both the per-fire rows and the window closer's final rows."""
+    """The window aggregate of the guarded rows, computed once, feeding both the per-fire rows and the window closer's final rows."""
     builder = Schema.new_builder()
     for name, data_type in WINDOW_CHANGELOG_SCHEMA:
         builder = builder.column(name, data_type.not_null())
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
-    changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
+    changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg, GUARDED_VIEW)), schema, ChangelogMode.upsert())
     _write_windows(changelog, window_sink_target(cfg), final=False)
     closed = _close_windows(changelog, int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
     _write_windows(closed, window_sink_target(cfg), final=True)
@@ -155,21 +188,25 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
-    """Kafka (decoded in the source) -> validate -> dedup -> classify once -> (dead letters | windows | late)."""
+    """Kafka (decoded in the source) -> validate -> dedup -> classify once -> (dead letters | guard -> windows | late)."""
     t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     t_env.create_java_temporary_system_function(*BOUNDED_PAYLOAD_FUNCTION)
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
+    t_env.execute_sql(dead_letter_sink_ddl(cfg, GUARD_DEAD_LETTER_SINK_TABLE, GUARD_DEAD_LETTER_PURPOSE))
     t_env.execute_sql(closed_windows_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
     # Classified events and rejected records in one materialised stream: the topic is read once,
-    # and the dedup, the classifier and the late and dead-letter sinks run chained.
-    _materialise_classified(t_env, cfg)
+    # and the dedup, the classifier and the late and dead-letter sinks run chained. The window
+    # guard follows, keyed by window, in a task of its own with its dead-letter sink.
+    declare_routed_views(t_env, cfg)
     _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
     statements.add_insert_sql(late_events_insert())
     statements.add_insert_sql(dead_letter_insert(cfg))
+    # The guard's refusals: the same topic, through a sink instance of their own (own transactions).
+    statements.add_insert_sql(dead_letter_insert(cfg, GUARD_DEAD_LETTER_SINK_TABLE, GUARD_DEAD_LETTERS_VIEW))
     # Each closed window once, exactly-once, for billing and other consumers (see avro/closed_window.avsc).
     statements.add_insert_sql(closed_windows_insert())
     return statements

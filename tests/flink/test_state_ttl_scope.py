@@ -3,7 +3,7 @@
 The job sets the TTL to ``event_time.dedup_horizon`` for the whole table environment; Flink 2.3's
 ``STATE_TTL`` hint does not reach the Deduplicate, so there is no per-operator way to scope it. The
 job-wide key is only safe while the Deduplicate is the sole operator that reads it: the window
-aggregate, the classifier, the closer and the sinks clean up by watermark and timers. Any stateful
+aggregate, the classifier, the window guard, the closer and the sinks clean up by watermark and timers. Any stateful
 SQL operator added later (a GROUP BY without a window, a join, a rank, an upsert materialiser)
 would silently inherit a 7-day TTL; this test fails when that happens.
 
@@ -17,6 +17,7 @@ The planner hands the TTL to an operator as plain milliseconds (``stateRetention
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -51,9 +52,9 @@ class ValueFinder:
     def _walk(self, obj: Any, path: str, depth: int) -> Iterator[str]:
         if obj is None or depth > MAX_DEPTH:
             return
-        if isinstance(obj, (str, int, float, bool)):
-            # Py4J hands boxed numbers and strings over as Python values.
-            if (isinstance(obj, int) and obj == self.value) or (isinstance(obj, str) and str(self.value) in obj):
+        if isinstance(obj, (str, int, float, bool, Decimal)):
+            # Py4J hands boxed numbers, BigDecimals (the window guard's sum limit) and strings over as Python values.
+            if (isinstance(obj, (int, Decimal)) and obj == self.value) or (isinstance(obj, str) and str(self.value) in obj):
                 yield path
             return
         identity = self.jvm.System.identityHashCode(obj)

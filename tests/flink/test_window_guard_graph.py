@@ -1,0 +1,127 @@
+"""The window guard in the usage job's own wiring, locally: validate -> dedup -> classify -> guard ->
+window aggregate, over literal records from a file standing in for the Kafka source.
+
+With ``input.max_dimension_combinations: 3`` a window counts three group-by combinations, the fourth
+is a dead letter (the event as plain Avro, replayable), and an admitted combination still counts
+after the cap.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from connectors.avro_codec import decode_usage_event
+from connectors.avro_types import derive_nullable_columns, load_schema
+from jobs.plan import BOUNDED_PAYLOAD_FUNCTION, COUNT_DEAD_LETTER_FUNCTION, GUARD_DEAD_LETTERS_VIEW, GUARDED_VIEW, dead_letter_insert, window_changelog_query
+from jobs.source_plan import BOUNDED_TIME, USAGE_SOURCE_TABLE, VALIDATED_VIEW, bounded_event_time, validate_query
+from jobs.sql import sql_interval
+from meterflow.config import load_config
+
+pytestmark = [pytest.mark.flink, pytest.mark.slow]
+
+START = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+CONFIG = """
+kafka:
+  bootstrap_servers: 127.0.0.1:9
+  usage_events_topic: usage-in
+input:
+  max_dimension_combinations: 3
+meters:
+  - name: tokens
+    group_by: [model]
+    allow_negative: true
+"""
+
+
+def _event(n: int, model: str, quantity: str, at: timedelta) -> dict:
+    return {"event_id": f"e{n}", "tenant_id": "t1", "customer_id": "c1", "meter": "tokens", "quantity": Decimal(quantity),
+            "event_time": START + at, "dimensions": {"model": model, "region": "eu"}}
+
+
+EVENTS = [
+    _event(1, "a", "1.5", timedelta(seconds=1)),
+    _event(2, "b", "2", timedelta(seconds=2)),
+    _event(3, "c", "3", timedelta(seconds=3)),
+    _event(4, "d", "-4.000000001", timedelta(seconds=4)),  # the fourth combination: refused
+    _event(5, "a", "10", timedelta(seconds=5)),  # an admitted combination after the cap: counted
+    _event(6, "d", "1", timedelta(minutes=1, seconds=1)),  # the next window: a cap of its own
+]
+
+
+def _json_line(event: dict, offset: int) -> str:
+    at = event["event_time"]
+    row = {**event, "quantity": "QUANTITY", "event_time": at.strftime("%Y-%m-%d %H:%M:%S.") + f"{at.microsecond // 1000:03d}",
+           "source_offset": offset, "kafka_ms": int(at.timestamp() * 1000) + 1_000}
+    # The quantity as a bare JSON number, parsed exactly (never through a float).
+    return json.dumps(row).replace('"QUANTITY"', str(event["quantity"]))
+
+
+def _stand_in_source(t_env, cfg, events: list[dict], directory) -> None:
+    """The source's columns over a JSON file: the decoded fields, no decode error, Kafka coordinates, watermark."""
+    directory.mkdir()
+    (directory / "part-0.json").write_text("\n".join(_json_line(e, i) for i, e in enumerate(events)) + "\n")
+    fields = ", ".join(c.ddl() for c in derive_nullable_columns(load_schema()))
+    appended = "TO_TIMESTAMP_LTZ(`kafka_ms`, 3)"
+    t_env.execute_sql(
+        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({fields}, `source_offset` BIGINT, `kafka_ms` BIGINT, "
+        "`decode_error` AS CAST(NULL AS STRING), `payload` AS CAST(NULL AS BYTES), "
+        f"`source_topic` AS '{cfg.kafka.usage_events_topic}', `source_partition` AS 0, `kafka_timestamp` AS {appended}, "
+        f"`{BOUNDED_TIME}` AS {bounded_event_time(cfg).replace('`kafka_timestamp`', appended)}, `proc_time` AS PROCTIME(), "
+        f"WATERMARK FOR `{BOUNDED_TIME}` AS `{BOUNDED_TIME}` - {sql_interval(cfg.event_time.watermark_delay)}) "
+        f"WITH ('connector' = 'filesystem', 'path' = '{directory}', 'format' = 'json')"
+    )
+
+
+@pytest.fixture
+def guarded_job(write_config, tmp_path):
+    """The job's environment at parallelism 1 (one input order), with the stand-in source and the job's
+    own wiring from the validation to the guard's views."""
+    from jobs.usage_job import build_environment, declare_routed_views
+    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+
+    cfg = load_config(write_config(CONFIG), environ={})
+    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("*.jar"))]
+    _, t_env = build_environment(cfg, {"pipeline.jars": ";".join(p.as_uri() for p in jars)})
+    _stand_in_source(t_env, cfg, EVENTS, tmp_path / "events")
+    t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
+    declare_routed_views(t_env, cfg)
+    return cfg, t_env
+
+
+def test_three_combinations_are_counted_and_the_fourth_is_a_dead_letter(guarded_job):
+    """Window rows for a, b and c (a with its event after the cap), none for d; d in the next window counts."""
+    cfg, t_env = guarded_job
+    with t_env.execute_sql(window_changelog_query(cfg, GUARDED_VIEW)).collect() as results:
+        rows = {(json.loads(r[3])["model"], r[4]): (Decimal(r[6]), r[7]) for r in results}
+    first, second = START.replace(tzinfo=None), START.replace(tzinfo=None) + timedelta(minutes=1)
+    assert rows == {
+        ("a", first): (Decimal("11.5"), 2),
+        ("b", first): (Decimal("2"), 1),
+        ("c", first): (Decimal("3"), 1),
+        ("d", second): (Decimal("1"), 1),
+    }
+
+    with t_env.execute_sql(f"SELECT * FROM `{GUARD_DEAD_LETTERS_VIEW}`").collect() as results:
+        letters = [tuple(r) for r in results]
+    assert len(letters) == 1, letters
+    payload, reason, topic, partition, offset = letters[0]
+    assert reason == "dimension combinations: window 2026-06-01T12:00:00Z of t1/c1/tokens already has 3 combinations (input.max_dimension_combinations)"
+    assert (topic, partition, offset) == ("usage-in", -1, -1)
+    # The event as its producer sent it: replayable once the cap is raised.
+    assert decode_usage_event(bytes(payload)) == EVENTS[3]
+
+
+def test_the_guards_dead_letters_fit_the_dead_letter_insert(guarded_job):
+    """The job's dead-letter insert reads the guard's view as it reads the classified one: payload, reason
+    (counted by kind), coordinates."""
+    cfg, t_env = guarded_job
+    for function in (COUNT_DEAD_LETTER_FUNCTION, BOUNDED_PAYLOAD_FUNCTION):
+        t_env.create_java_temporary_system_function(*function)
+    select = dead_letter_insert(cfg, "unused", GUARD_DEAD_LETTERS_VIEW).split("\n", 1)[1]
+    with t_env.execute_sql(select).collect() as results:
+        letters = [tuple(r) for r in results]
+    assert [(r[1].split(":")[0], r[2], r[3], r[4]) for r in letters] == [("dimension combinations", "usage-in", -1, -1)]
