@@ -63,12 +63,16 @@ def describe_topic_configs(bootstrap_servers: str, topics: Mapping[str, Iterable
 
 
 def _describe(admin: KafkaAdminClient, topics: Mapping[str, Iterable[str]]) -> dict[str, dict[str, str]]:
-    if not topics:
-        return {}
+    topics = {t: list(keys) for t, keys in topics.items()}
+    # No keys asked would mean every key to the broker: a topic without keys is not asked about.
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, dict.fromkeys(keys)) for t, keys in topics.items() if keys]
     # Every source ('all'): a key the topic does not override has the broker's value, which is the effective one.
-    resources = [ConfigResource(ConfigResourceType.TOPIC, t, dict.fromkeys(keys)) for t, keys in topics.items()]
-    described = admin.describe_configs(resources, config_filter="all").get("topic", {})
-    return {t: {key: entry["value"] for key, entry in described.get(t, {}).items()} for t in topics}
+    described = admin.describe_configs(resources, config_filter="all").get("topic", {}) if resources else {}
+    values = {}
+    for topic, keys in topics.items():
+        wanted = set(keys)
+        values[topic] = {key: entry["value"] for key, entry in described.get(topic, {}).items() if key in wanted}
+    return values
 
 
 def delete_topics(bootstrap_servers: str, topics: list[str]) -> None:
