@@ -11,7 +11,7 @@ from pathlib import Path
 
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
 from connectors.topics import dead_letter_max_message_bytes
-from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW
+from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW, dimensions_key_expr
 from jobs.sql import ms as _ms
 from jobs.sql import sql_epoch_ms, sql_interval, sql_string, sql_with
 from meterflow.config import JobConfig, MeterConfig
@@ -144,29 +144,17 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, flush_int
     )
 
 
-def window_changelog_query(cfg: JobConfig, source: str = CLASSIFIED_VIEW) -> str:
-    """The window aggregate of on-time events (classified once, see classify_query) of ``source``,
-    a view with the classified columns; the job reads the window guard's ``GUARDED_VIEW``.
+def window_changelog_query(cfg: JobConfig) -> str:
+    """The window aggregate of on-time events (classified once, see classify_query).
 
     Quantity leaves as an exact decimal string: the changelog also feeds a Python operator, and
     the Python bridge has no exact DECIMAL(38, 9) type. The sinks cast it back.
     """
-    query = window_aggregate_query(cfg, source, "rowtime", "WHERE `reject_reason` IS NULL AND NOT `is_late`")
+    query = window_aggregate_query(cfg, CLASSIFIED_VIEW, "rowtime", "WHERE `reject_reason` IS NULL AND NOT `is_late`")
     quantity = f"CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS `quantity`"
     return query.replace(quantity, f"CAST(CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
 
 
-def dimensions_key_expr(cfg: JobConfig) -> str:
-    """The canonical key of a meter's group-by dimensions: a JSON object, keys sorted; '{}' when none.
-
-    A missing dimension counts as the empty string, so an event always lands in exactly one row.
-    """
-    cases = []
-    for meter in cfg.meters:
-        if meter.group_by:
-            pairs = ", ".join(f"KEY {sql_string(d)} VALUE COALESCE(`dimensions`[{sql_string(d)}], '')" for d in sorted(meter.group_by))
-            cases.append(f"WHEN {sql_string(meter.name)} THEN JSON_OBJECT({pairs})")
-    return f"CASE `meter` {' '.join(cases)} ELSE '{{}}' END" if cases else "'{}'"
 
 
 def _aggregate(meter: MeterConfig) -> str:
@@ -249,7 +237,7 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
     rejects = ", ".join(f"`{c}`" for c, _ in _REJECT_COLUMNS)
     return (
         f"SELECT {cols},\n"
-        f"  CASE WHEN {counted} THEN {dimensions_key_expr(cfg)} END AS `dimensions_key`,\n"
+        f"  CASE WHEN {counted} THEN `dimensions_key` END AS `dimensions_key`,\n"
         f"  CASE WHEN {counted} THEN CAST(TO_TIMESTAMP_LTZ({start_ms}, 3) AS TIMESTAMP(3)) END AS `window_start`,\n"
         f"  CASE WHEN {counted} THEN CAST(TO_TIMESTAMP_LTZ({start_ms} + {size_ms}, 3) AS TIMESTAMP(3)) END AS `window_end`,\n"
         f"  {rejects}\n"
@@ -273,7 +261,7 @@ def classifier_fields() -> tuple[int, int]:
     return (ROUTED_COLUMNS.index("event_time"), ROUTED_COLUMNS.index("window_end"))
 
 
-def routed_query(cfg: JobConfig) -> str:
+def routed_query(cfg: JobConfig, source: str = VALIDATED_VIEW) -> str:
     """Every record once, in one stream: unique events classified late or on time, and rejected records.
 
     Rejected records go through the dedup too, so the dedup, the classifier and the late and
@@ -284,7 +272,8 @@ def routed_query(cfg: JobConfig) -> str:
     reason and coordinates. Counted events carry those as NULL, so the keyed exchange moves no
     payload for them. The caller materialises the stream once; the dead-letter, window and late
     branches filter its rows. Rejected rows have ``reject_reason`` set and NULL window and decision
-    columns; counted rows the reverse.
+    columns; counted rows the reverse. ``source`` has the validated view's columns; the job reads
+    the window guard's ``GUARDED_VIEW``, whose refusals are rejected records like any other.
     """
     counted = "`reject_reason` IS NULL"
     # The record's timestamp too: a topic deleted and created again starts its offsets over.
@@ -292,8 +281,9 @@ def routed_query(cfg: JobConfig) -> str:
     keyed = {"tenant_id": f"CASE WHEN {counted} THEN `tenant_id` END", "event_id": f"CASE WHEN {counted} THEN `event_id` ELSE {coordinates} END"}
     events = ", ".join(f"{keyed[c]} AS `{c}`" if c in keyed else f"`{c}`" for c in EVENT_FIELDS)
     rejects = ", ".join(f"CASE WHEN NOT {counted} THEN `{c}` END AS `{c}`" for c, _ in _REJECT_COLUMNS if c != "reject_reason")
-    both = f"(SELECT {events}, `proc_time`, {rejects}, `reject_reason` FROM `{VALIDATED_VIEW}`)"
-    return classify_query(cfg, f"({dedup_query(both, (*EVENT_FIELDS, *(c for c, _ in _REJECT_COLUMNS)))})")
+    key = f"CASE WHEN {counted} THEN `dimensions_key` END AS `dimensions_key`"
+    both = f"(SELECT {events}, `proc_time`, {key}, {rejects}, `reject_reason` FROM `{source}`)"
+    return classify_query(cfg, f"({dedup_query(both, (*EVENT_FIELDS, 'dimensions_key', *(c for c, _ in _REJECT_COLUMNS)))})")
 
 
 def late_events_sink_ddl(cfg: JobConfig) -> str:
@@ -360,12 +350,15 @@ def closed_windows_insert() -> str:
     )
 
 
-# The window guard (udf/ WindowGuard) between the classifier and the window aggregate: it caps the
-# dimension combinations and the sum of |quantity| of each (tenant, customer, meter, window).
-# Admitted rows, with the classified columns and the rowtime:
+# The window guard (udf/ WindowGuard) between the validation and the dedup: it caps the dimension
+# combinations and the sum of |quantity| of each (tenant, customer, meter, window), and sets the
+# reject_reason of what it refuses. Its input is the validated view without its processing-time
+# attribute (a DataStream has none; the guarded view declares it again):
+GUARD_INPUT_COLUMNS = (*EVENT_FIELDS, "payload", "source_topic", "source_partition", "source_offset", "kafka_timestamp", "dimensions_key", "reject_reason")
+# Its output, the validated columns again, which the routed query reads:
 GUARDED_VIEW = "guarded_events"
-# Refused ones, with the columns of a reject (payload, reject_reason, source coordinates):
-GUARD_DEAD_LETTERS_VIEW = "guard_dead_letters"
-# Their own sink instance to the dead-letter topic (its own transactions, see dead_letter_sink_ddl).
-GUARD_DEAD_LETTER_SINK_TABLE = "dead_letter_guard_sink"
-GUARD_DEAD_LETTER_PURPOSE = "dead-letter-guard"
+
+
+def guard_input_query() -> str:
+    """The validated view's columns the window guard reads and passes on (all but ``proc_time``)."""
+    return f"SELECT {', '.join(f'`{c}`' for c in GUARD_INPUT_COLUMNS)} FROM `{VALIDATED_VIEW}`"

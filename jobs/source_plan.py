@@ -102,10 +102,25 @@ def usage_source_ddl(cfg: JobConfig) -> str:
     )
 
 
-def validate_query(cfg: JobConfig) -> str:
-    """Decoded fields (event_time the plausible one) plus ``reject_reason`` (NULL for a countable event).
+def dimensions_key_expr(cfg: JobConfig) -> str:
+    """The canonical key of a meter's group-by dimensions: a JSON object, keys sorted; '{}' when none.
 
-    Deterministic per record, so the dead-letter branch and the counting branch always agree.
+    A missing dimension counts as the empty string, so an event always lands in exactly one row.
+    """
+    cases = []
+    for meter in cfg.meters:
+        if meter.group_by:
+            pairs = ", ".join(f"KEY {sql_string(d)} VALUE COALESCE(`dimensions`[{sql_string(d)}], '')" for d in sorted(meter.group_by))
+            cases.append(f"WHEN {sql_string(meter.name)} THEN JSON_OBJECT({pairs})")
+    return f"CASE `meter` {' '.join(cases)} ELSE '{{}}' END" if cases else "'{}'"
+
+
+def validate_query(cfg: JobConfig) -> str:
+    """Decoded fields (event_time the plausible one), the group-by key, plus ``reject_reason`` (NULL for a countable event).
+
+    Deterministic per record, so the dead-letter branch and the counting branch always agree. The
+    ``dimensions_key`` is computed here, once, for the window guard and the window aggregate alike
+    (on a rejected record it means nothing and is dropped at the dedup).
     """
     known = ", ".join(sql_string(m.name) for m in cfg.meters)
     non_negative = [m.name for m in cfg.meters if not m.allow_negative]
@@ -124,6 +139,7 @@ def validate_query(cfg: JobConfig) -> str:
     return (
         f"SELECT\n  {fields}, `proc_time`,\n"
         "  `payload`, `source_topic`, `source_partition`, `source_offset`, `kafka_timestamp`,\n"
+        f"  {dimensions_key_expr(cfg)} AS `dimensions_key`,\n"
         f"  CASE {' '.join(checks)} END AS `reject_reason`\n"
         f"FROM `{USAGE_SOURCE_TABLE}`"
     )

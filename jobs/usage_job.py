@@ -1,9 +1,9 @@
 """The meterflow usage job: wires the Flink graph, nothing else.
 
-Kafka (decoded by the meterflow-avro format) -> validate -> dedup -> classify late/on time once ->
-dead letters | late events | window guard (dimension combinations, sum) -> window aggregate ->
+Kafka (decoded by the meterflow-avro format) -> validate -> window guard (dimension combinations,
+sum) -> dedup -> classify late/on time once -> dead letters | late events | window aggregate ->
 per-fire upserts + window closer -> final rows + the closed-windows topic (billing reads it in its
-own job, jobs/billing_job.py); the guard's refusals are dead letters too.
+own job, jobs/billing_job.py).
 
 Submit with ``meterflow submit`` or directly::
 
@@ -31,13 +31,11 @@ from jobs.plan import (
     CLASSIFIED_VIEW,
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
-    GUARD_DEAD_LETTER_PURPOSE,
-    GUARD_DEAD_LETTER_SINK_TABLE,
-    GUARD_DEAD_LETTERS_VIEW,
     GUARDED_VIEW,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
+    guard_input_query,
     dead_letter_insert,
     dead_letter_sink_ddl,
     late_events_insert,
@@ -85,12 +83,33 @@ def window_sink_target(cfg: JobConfig) -> WindowSinkTarget:
     return window_sink_target_of(cfg)
 
 
-def _rowtime_schema() -> Schema:
-    """A stream's own columns plus its record timestamps as ``rowtime``, with the stream's watermarks."""
-    return Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
+def _to_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, Any]:
+    """A query's rows as a Java DataStream of internal rows (RowData: no conversion to external rows), and their type."""
+    jvm = get_gateway().jvm
+    table = t_env.sql_query(query)._j_table
+    row_type = table.getResolvedSchema().toPhysicalRowDataType()
+    return t_env._j_tenv.toDataStream(table, row_type.bridgedTo(get_java_class(jvm.org.apache.flink.table.data.RowData))), row_type.getLogicalType()
 
 
-def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> Any:
+def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """The window guard (udf/ WindowGuard) on the validated records, before the dedup, registered as ``GUARDED_VIEW``.
+
+    It sets the reject reason of an event past ``input.max_dimension_combinations`` or the largest
+    window sum, so that event takes the rejected records' path (raw bytes, coordinates) and no dedup
+    state: replayed after the limit is raised, it counts. Keyed by (tenant, customer, meter, window),
+    it is a task of its own between the source and the dedup. The view declares the processing-time
+    attribute the dedup orders by, and the event time as the rowtime with the source's watermarks.
+    """
+    rows, row_type = _to_rows(t_env, guard_input_query())
+    guard = get_gateway().jvm.dev.meterflow.udf.WindowGuard
+    et = cfg.event_time
+    limits = guard(row_type, cfg.input.max_dimension_combinations, int(et.window_size.total_seconds() * 1000), int(et.allowed_lateness.total_seconds() * 1000))
+    j_guarded = guard.apply(rows, limits, "guard window limits", "guard-window-limits")
+    schema = Schema.new_builder().column_by_expression("proc_time", "PROCTIME()").watermark("event_time", "SOURCE_WATERMARK()").build()
+    t_env.create_temporary_view(GUARDED_VIEW, t_env.from_data_stream(DataStream(j_guarded), schema))
+
+
+def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     """Evaluate the routed query once, classify each event late or on time in the JVM, register the view.
 
     Branches that read the view see one evaluation per record; reading the query itself from two
@@ -98,38 +117,18 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> An
     classifier (udf/ LatenessClassifier) holds the watermark in checkpointed state, so a restore
     never judges an event against "no watermark yet" (Flink does not checkpoint watermarks).
     """
-    jvm = get_gateway().jvm
-    routed = t_env.sql_query(routed_query(cfg))._j_table
-    row_type = routed.getResolvedSchema().toPhysicalRowDataType()
-    # Internal rows (RowData) in and out: no conversion to external rows on either side of the classifier.
-    rows = t_env._j_tenv.toDataStream(routed, row_type.bridgedTo(get_java_class(jvm.org.apache.flink.table.data.RowData)))
-    classifier = jvm.dev.meterflow.udf.LatenessClassifier
+    rows, row_type = _to_rows(t_env, routed_query(cfg, GUARDED_VIEW))
+    classifier = get_gateway().jvm.dev.meterflow.udf.LatenessClassifier
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
-    j_classified = classifier.apply(rows, row_type.getLogicalType(), classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
-    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), _rowtime_schema()))
-    return j_classified
-
-
-def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig, j_classified: Any) -> None:
-    """The window guard (udf/ WindowGuard) on the classified stream's counted on-time rows, registered as views.
-
-    ``GUARDED_VIEW``: the rows it admits, unchanged, with their rowtime (the window aggregate reads
-    it). ``GUARD_DEAD_LETTERS_VIEW``: the ones it refuses, as dead-letter rows. Keyed by (tenant,
-    customer, meter, window), it is a task of its own: a keyed exchange after the classifier's.
-    """
-    guard = get_gateway().jvm.dev.meterflow.udf.WindowGuard
-    lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
-    # Internal rows in and out, of the classifier's row type (its InternalTypeInfo).
-    limits = guard(j_classified.getType().toRowType(), cfg.input.max_dimension_combinations, lateness_ms, cfg.kafka.usage_events_topic)
-    j_guarded = guard.apply(j_classified, limits, "guard window limits", "guard-window-limits")
-    t_env.create_temporary_view(GUARDED_VIEW, t_env.from_data_stream(DataStream(j_guarded), _rowtime_schema()))
-    t_env.create_temporary_view(GUARD_DEAD_LETTERS_VIEW, t_env.from_data_stream(DataStream(j_guarded.getSideOutput(guard.deadLetters()))))
+    j_classified = classifier.apply(rows, row_type, classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
+    schema = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
+    t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), schema))
 
 
 def declare_routed_views(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """From the validated view to the views the branches read: ``CLASSIFIED_VIEW`` (dead letters, late
-    events), ``GUARDED_VIEW`` (the window aggregate) and ``GUARD_DEAD_LETTERS_VIEW`` (the guard's dead letters)."""
-    _guard_windows(t_env, cfg, _materialise_classified(t_env, cfg))
+    """From the validated view to ``CLASSIFIED_VIEW``, which every branch reads: the window guard, then the dedup and the classifier."""
+    _guard_windows(t_env, cfg)
+    _materialise_classified(t_env, cfg)
 
 
 def _write_windows(stream: DataStream, target: WindowSinkTarget, *, final: bool) -> None:
@@ -170,12 +169,12 @@ def _close_windows(changelog: DataStream, allowed_lateness_ms: int) -> DataStrea
 
 
 def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The window aggregate of the guarded rows, computed once, feeding both the per-fire rows and the window closer's final rows."""
+    """The window aggregate, computed once, feeding both the per-fire rows and the window closer's final rows."""
     builder = Schema.new_builder()
     for name, data_type in WINDOW_CHANGELOG_SCHEMA:
         builder = builder.column(name, data_type.not_null())
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
-    changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg, GUARDED_VIEW)), schema, ChangelogMode.upsert())
+    changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
     _write_windows(changelog, window_sink_target(cfg), final=False)
     closed = _close_windows(changelog, int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
     _write_windows(closed, window_sink_target(cfg), final=True)
@@ -188,25 +187,21 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
-    """Kafka (decoded in the source) -> validate -> dedup -> classify once -> (dead letters | guard -> windows | late)."""
+    """Kafka (decoded in the source) -> validate -> guard -> dedup -> classify once -> (dead letters | windows | late)."""
     t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     t_env.create_java_temporary_system_function(*BOUNDED_PAYLOAD_FUNCTION)
     t_env.execute_sql(usage_source_ddl(cfg))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
-    t_env.execute_sql(dead_letter_sink_ddl(cfg, GUARD_DEAD_LETTER_SINK_TABLE, GUARD_DEAD_LETTER_PURPOSE))
     t_env.execute_sql(closed_windows_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
-    # Classified events and rejected records in one materialised stream: the topic is read once,
-    # and the dedup, the classifier and the late and dead-letter sinks run chained. The window
-    # guard follows, keyed by window, in a task of its own with its dead-letter sink.
+    # The window guard, then classified events and rejected records in one materialised stream: the
+    # topic is read once, and the dedup, the classifier and the late and dead-letter sinks run chained.
     declare_routed_views(t_env, cfg)
     _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
     statements.add_insert_sql(late_events_insert())
     statements.add_insert_sql(dead_letter_insert(cfg))
-    # The guard's refusals: the same topic, through a sink instance of their own (own transactions).
-    statements.add_insert_sql(dead_letter_insert(cfg, GUARD_DEAD_LETTER_SINK_TABLE, GUARD_DEAD_LETTERS_VIEW))
     # Each closed window once, exactly-once, for billing and other consumers (see avro/closed_window.avsc).
     statements.add_insert_sql(closed_windows_insert())
     return statements

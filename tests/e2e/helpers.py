@@ -230,3 +230,31 @@ def kill_with_calls_in_flight(cfg: JobConfig, job_id: str, fake: Any, calls: int
     FlinkCluster(cfg).start_taskmanager()
     wait_restarted(cfg, job_id, killed_at)
     return in_flight, killed_at
+
+
+def send_large(bootstrap: str, topic: str, value: bytes) -> None:
+    """One value, on a producer of its own that does not refuse what the broker would take: the
+    broker judges the size. Its own, as kafka-python's (idempotent) producer fails every later send
+    of the same producer once the broker has refused one as too large."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 * len(value) + 4096)
+    try:
+        producer.send(topic, value).get(timeout=60)
+    finally:
+        producer.close()
+
+
+def largest_accepted_value(bootstrap: str, topic: str, limit: int) -> bytes:
+    """The largest value of non-Avro bytes the topic accepts, found by sending sizes down from ``limit``
+    until the broker takes one: its max.message.bytes less the record batch's overhead."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    for size in range(limit, limit - 1024, -1):
+        value = b"\xff" * size
+        try:
+            send_large(bootstrap, topic, value)
+            return value
+        except MessageSizeTooLargeError:
+            continue
+    raise AssertionError(f"{topic} accepted no value within 1 KB of {limit} bytes")

@@ -26,7 +26,7 @@ from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow.input_contract import MAX_REASON_CHARS
 from meterflow.local import flink_jobs
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
-from tests.e2e.helpers import closing_events, expected_totals, private_job, read_topic, table_totals, wait_for
+from tests.e2e.helpers import closing_events, expected_totals, largest_accepted_value, private_job, read_topic, send_large, table_totals, wait_for
 
 pytestmark = [pytest.mark.e2e]
 
@@ -36,34 +36,6 @@ LOG_APPEND_TIME = 1  # kafka-python's ConsumerRecord.timestamp_type: 0 CreateTim
 
 def _decode_dead(value: bytes) -> dict:
     return {**fastavro.schemaless_reader(io.BytesIO(value), DEAD_SCHEMA), "record_bytes": len(value)}
-
-
-def _send_large(bootstrap: str, topic: str, value: bytes) -> None:
-    """One value, on a producer of its own that does not refuse what the broker would take: the
-    broker judges the size. Its own, as kafka-python's (idempotent) producer fails every later send
-    of the same producer once the broker has refused one as too large."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 * len(value) + 4096)
-    try:
-        producer.send(topic, value).get(timeout=60)
-    finally:
-        producer.close()
-
-
-def _largest_accepted(bootstrap: str, topic: str, limit: int) -> bytes:
-    """The largest value of non-Avro bytes the topic accepts, found by sending sizes down from ``limit``
-    until the broker takes one: its max.message.bytes less the record batch's overhead."""
-    from kafka.errors import MessageSizeTooLargeError
-
-    for size in range(limit, limit - 1024, -1):
-        value = b"\xff" * size
-        try:
-            _send_large(bootstrap, topic, value)
-            return value
-        except MessageSizeTooLargeError:
-            continue
-    raise AssertionError(f"{topic} accepted no value within 1 KB of {limit} bytes")
 
 
 def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e2e_stack):
@@ -88,8 +60,8 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
     job_id = flink_jobs.submit(cfg, path)
     try:
         send_events(k.bootstrap_servers, k.usage_events_topic, before)
-        _send_large(k.bootstrap_servers, k.usage_events_topic, big_meter)
-        garbage = _largest_accepted(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
+        send_large(k.bootstrap_servers, k.usage_events_topic, big_meter)
+        garbage = largest_accepted_value(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
         assert k.max_message_bytes - 200 < len(garbage) < k.max_message_bytes
         send_events(k.bootstrap_servers, k.usage_events_topic, after)
         send_events(k.bootstrap_servers, k.usage_events_topic, closing_events(start + timedelta(minutes=2), k.partitions), partition_for=lambda i, e: i)

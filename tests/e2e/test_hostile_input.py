@@ -37,6 +37,7 @@ from tests.e2e.helpers import (
     CLOSER_TENANT,
     closing_events,
     expected_totals,
+    largest_accepted_value,
     private_job,
     read_topic,
     send_raw,
@@ -90,25 +91,6 @@ def hostile_records(at: datetime) -> list[tuple[str, bytes, str]]:
     return records
 
 
-def _largest_accepted_garbage(bootstrap: str, topic: str, limit: int) -> bytes:
-    """The largest value of 0xFF bytes the input topic accepts (its max.message.bytes less the batch overhead)."""
-    from kafka import KafkaProducer
-    from kafka.errors import KafkaError
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=limit + 4096)
-    try:
-        for overhead in range(64, 4096, 16):
-            value = b"\xff" * (limit - overhead)
-            try:
-                producer.send(topic, value, partition=1).get(timeout=30)
-                return value
-            except KafkaError:
-                continue
-    finally:
-        producer.close()
-    raise AssertionError("the input topic accepted no message near its max.message.bytes")
-
-
 def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry):
     url = schema_registry.url
     cfg, path = private_job(e2e_stack, "hostile", kafka={"schema_registry_url": url}, meters=METERS, input={"max_dimension_combinations": MAX_COMBINATIONS})
@@ -154,7 +136,7 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         send_raw(k.bootstrap_servers, k.usage_events_topic, [value for _, value, _ in hostile])
         send_raw(k.bootstrap_servers, k.usage_events_topic, evolved_values)
         send_events(k.bootstrap_servers, k.usage_events_topic, burst)
-        oversized = _largest_accepted_garbage(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
+        oversized = largest_accepted_value(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
         sender.join()
 
         # A producer whose clock runs 50 minutes fast, then every partition idle past source_idle_timeout:

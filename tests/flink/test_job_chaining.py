@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.plan import CLASSIFIED_COLUMNS, CLASSIFIED_VIEW, GUARDED_VIEW
+from jobs.plan import CLASSIFIED_COLUMNS, CLASSIFIED_VIEW, GUARD_INPUT_COLUMNS, GUARDED_VIEW
 from meterflow.config import load_config
 from tests.flink.usage_graph import declared_usage_job, usage_stream_graph
 
@@ -35,55 +35,55 @@ def _tasks(write_config, parallelism: int) -> list[str]:
 def test_dedup_classifier_and_kafka_outputs_run_in_one_task(write_config, parallelism):
     """The dedup, the lateness classifier, the late-events sink and the dead-letter sink are one chain.
 
-    Rejected records travel with the counted ones through the dedup, so nothing joins the stream
-    after it and the classifier has a single input it chains to. The filter that picks the window
-    guard's input (counted on-time events) runs there too, so only those rows cross to the guard.
+    Rejected records travel with the counted ones through the dedup, the window guard's refusals
+    among them, so nothing joins the stream after it and the classifier has a single input it chains to.
     """
     tasks = _tasks(write_config, parallelism)
     (classify,) = [t for t in tasks if "classify late or on time" in t]
     assert "Deduplicate" in classify, tasks
     assert "late_events_sink" in classify and "dead_letter_sink" in classify, classify
-    assert "counted on-time events" in classify, classify
 
 
 def test_the_job_has_one_task_per_key(write_config):
-    """Five tasks: the source, the dedup keyed by event, the window guard keyed by (tenant, customer,
-    meter, window), the window keyed by its group (which adds the dimensions key), the closer keyed by window.
+    """Five tasks: the source, the window guard keyed by (tenant, customer, meter, window), the dedup
+    keyed by event, the window keyed by its group (which adds the dimensions key), the closer keyed by window.
 
-    The guard cannot share a task with the window aggregate: the aggregate's key holds the
-    dimensions key, the guard's must not (it counts the keys per window). Each sink, its committer
-    included, runs in the task of the operator that feeds it: the guard's dead letters have a sink
-    of their own there.
+    The guard runs before the dedup, so an event it refuses takes no dedup state (a replay after
+    the limit is raised counts it); its refusals are rejected records, which the dedup's task sends
+    to the one dead-letter sink. Each sink, its committer included, runs in the task of the operator
+    that feeds it.
     """
     tasks = _tasks(write_config, 1)
     assert len(tasks) == 5, tasks
     assert sum(t.startswith("Source: KafkaSource") for t in tasks) == 1, tasks
+    assert sum(t.startswith("guard window limits") for t in tasks) == 1, tasks
     assert sum(t.startswith("Deduplicate") for t in tasks) == 1, tasks
-    assert sum(t.startswith("guard window limits") and "dead_letter_guard_sink" in t for t in tasks) == 1, tasks
     assert sum(t.startswith("GroupWindowAggregate") and "write window updates" in t for t in tasks) == 1, tasks
     assert sum(t.startswith("close windows") and "closed_windows_sink" in t for t in tasks) == 1, tasks
+    assert sum("dead_letter_sink" in t for t in tasks) == 1, tasks
 
 
-def test_the_window_aggregate_reads_the_guard(write_config):
-    """The window aggregate's only input is the guard's task, which reads the classifier's by a keyed exchange."""
+def test_the_guard_sits_between_the_source_and_the_dedup(write_config):
+    """The guard reads the source by a keyed exchange, the dedup reads the guard, the window aggregate the classifier."""
     vertices = {v.getName(): v for v in _vertices(write_config, 1)}
 
     def producers(name: str) -> list[tuple[str, str]]:
         return [(edge.getSource().getProducer().getName(), edge.getShipStrategyName()) for edge in vertices[name].getInputs()]
 
-    (window,) = [n for n in vertices if n.startswith("GroupWindowAggregate")]
+    (source,) = [n for n in vertices if n.startswith("Source: KafkaSource")]
     (guard,) = [n for n in vertices if n.startswith("guard window limits")]
     (classify,) = [n for n in vertices if "classify late or on time" in n]
-    assert producers(window) == [(guard, "HASH")]
-    assert producers(guard) == [(classify, "HASH")]
+    (window,) = [n for n in vertices if n.startswith("GroupWindowAggregate")]
+    assert producers(guard) == [(source, "HASH")]
+    assert producers(classify) == [(guard, "HASH")]
+    assert producers(window) == [(classify, "HASH")]
 
 
-def test_the_guard_has_stable_uids(write_config):
-    """The guard and the filter in front of it keep their state mapping across resubmits (savepoints)."""
+def test_the_guard_has_a_stable_uid(write_config):
+    """The guard keeps its state mapping across resubmits (savepoints)."""
     graph = usage_stream_graph(_config(write_config))
     uids = {node.getTransformationUID(): node.getOperatorName() for node in graph.getStreamNodes().toArray()}
     assert uids["guard-window-limits"] == "guard window limits"
-    assert uids["guard-window-limits-input"] == "counted on-time events"
 
 
 def test_the_classified_view_is_the_routed_columns_then_the_decision(write_config):
@@ -98,11 +98,12 @@ def test_the_classified_view_is_the_routed_columns_then_the_decision(write_confi
     assert schema.get_column_data_types()[schema.get_column_names().index("watermark")].precision == 3
 
 
-def test_the_guarded_view_has_the_classified_columns(write_config):
-    """The guard passes rows unchanged: its view has the classified view's columns, types and one rowtime."""
+def test_the_guarded_view_has_the_validated_columns(write_config):
+    """The guard passes rows unchanged: its view has the guard's input columns, then the processing-time
+    attribute the dedup orders by; event_time is the one rowtime, with the source's watermarks."""
     _, t_env = declared_usage_job(_config(write_config))
-    classified = t_env.from_path(CLASSIFIED_VIEW).get_resolved_schema()
     guarded = t_env.from_path(GUARDED_VIEW).get_resolved_schema()
-    assert guarded.get_column_names() == classified.get_column_names()
-    assert [str(t) for t in guarded.get_column_data_types()] == [str(t) for t in classified.get_column_data_types()]
-    assert guarded._j_resolved_schema.toString().count("*ROWTIME*") == 1
+    assert tuple(guarded.get_column_names()) == (*GUARD_INPUT_COLUMNS, "proc_time")
+    text = guarded._j_resolved_schema.toString()
+    assert text.count("*ROWTIME*") == 1 and "`event_time` TIMESTAMP(3) *ROWTIME*" in text, text
+    assert "*PROCTIME*" in text, text

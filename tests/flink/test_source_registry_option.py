@@ -14,6 +14,9 @@ URL = "http://127.0.0.1:8085/apis/ccompat/v7"
 def _plan(table_env, ddl: str) -> str:
     from pyflink.table.explain_detail import ExplainDetail
 
+    # An earlier test of the session may have left a temporary table or view of that name, which would shadow this one.
+    table_env.execute_sql(f"DROP TEMPORARY TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
+    table_env.execute_sql(f"DROP TEMPORARY VIEW IF EXISTS `{USAGE_SOURCE_TABLE}`")
     table_env.execute_sql(f"DROP TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
     table_env.execute_sql(ddl)
     try:

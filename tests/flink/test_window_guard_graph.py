@@ -1,9 +1,10 @@
-"""The window guard in the usage job's own wiring, locally: validate -> dedup -> classify -> guard ->
+"""The window guard in the usage job's own wiring, locally: validate -> guard -> dedup -> classify ->
 window aggregate, over literal records from a file standing in for the Kafka source.
 
 With ``input.max_dimension_combinations: 3`` a window counts three group-by combinations, the fourth
-is a dead letter (the event as plain Avro, replayable), and an admitted combination still counts
-after the cap.
+is a dead letter with its own bytes and Kafka coordinates, and an admitted combination still counts
+after the cap. The refused event takes no dedup state: a copy of it is refused again, not dropped as
+a duplicate, so a replay after the cap is raised counts it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from decimal import Decimal
 
 import pytest
 
-from connectors.avro_codec import decode_usage_event
 from connectors.avro_types import derive_nullable_columns, load_schema
-from jobs.plan import BOUNDED_PAYLOAD_FUNCTION, COUNT_DEAD_LETTER_FUNCTION, GUARD_DEAD_LETTERS_VIEW, GUARDED_VIEW, dead_letter_insert, window_changelog_query
+from jobs.plan import BOUNDED_PAYLOAD_FUNCTION, CLASSIFIED_VIEW, COUNT_DEAD_LETTER_FUNCTION, dead_letter_insert, window_changelog_query
 from jobs.source_plan import BOUNDED_TIME, USAGE_SOURCE_TABLE, VALIDATED_VIEW, bounded_event_time, validate_query
 from jobs.sql import sql_interval
 from meterflow.config import load_config
@@ -49,7 +49,9 @@ EVENTS = [
     _event(4, "d", "-4.000000001", timedelta(seconds=4)),  # the fourth combination: refused
     _event(5, "a", "10", timedelta(seconds=5)),  # an admitted combination after the cap: counted
     _event(6, "d", "1", timedelta(minutes=1, seconds=1)),  # the next window: a cap of its own
+    {**_event(4, "d", "-4.000000001", timedelta(seconds=4))},  # a copy of the refused event: refused again
 ]
+REFUSED_OFFSETS = (3, 6)
 
 
 def _json_line(event: dict, offset: int) -> str:
@@ -68,7 +70,7 @@ def _stand_in_source(t_env, cfg, events: list[dict], directory) -> None:
     appended = "TO_TIMESTAMP_LTZ(`kafka_ms`, 3)"
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({fields}, `source_offset` BIGINT, `kafka_ms` BIGINT, "
-        "`decode_error` AS CAST(NULL AS STRING), `payload` AS CAST(NULL AS BYTES), "
+        "`decode_error` AS CAST(NULL AS STRING), `payload` AS ENCODE(`event_id`, 'UTF-8'), "
         f"`source_topic` AS '{cfg.kafka.usage_events_topic}', `source_partition` AS 0, `kafka_timestamp` AS {appended}, "
         f"`{BOUNDED_TIME}` AS {bounded_event_time(cfg).replace('`kafka_timestamp`', appended)}, `proc_time` AS PROCTIME(), "
         f"WATERMARK FOR `{BOUNDED_TIME}` AS `{BOUNDED_TIME}` - {sql_interval(cfg.event_time.watermark_delay)}) "
@@ -95,7 +97,7 @@ def guarded_job(write_config, tmp_path):
 def test_three_combinations_are_counted_and_the_fourth_is_a_dead_letter(guarded_job):
     """Window rows for a, b and c (a with its event after the cap), none for d; d in the next window counts."""
     cfg, t_env = guarded_job
-    with t_env.execute_sql(window_changelog_query(cfg, GUARDED_VIEW)).collect() as results:
+    with t_env.execute_sql(window_changelog_query(cfg)).collect() as results:
         rows = {(json.loads(r[3])["model"], r[4]): (Decimal(r[6]), r[7]) for r in results}
     first, second = START.replace(tzinfo=None), START.replace(tzinfo=None) + timedelta(minutes=1)
     assert rows == {
@@ -105,23 +107,21 @@ def test_three_combinations_are_counted_and_the_fourth_is_a_dead_letter(guarded_
         ("d", second): (Decimal("1"), 1),
     }
 
-    with t_env.execute_sql(f"SELECT * FROM `{GUARD_DEAD_LETTERS_VIEW}`").collect() as results:
-        letters = [tuple(r) for r in results]
-    assert len(letters) == 1, letters
-    payload, reason, topic, partition, offset = letters[0]
-    assert reason == "dimension combinations: window 2026-06-01T12:00:00Z of t1/c1/tokens already has 3 combinations (input.max_dimension_combinations)"
-    assert (topic, partition, offset) == ("usage-in", -1, -1)
-    # The event as its producer sent it: replayable once the cap is raised.
-    assert decode_usage_event(bytes(payload)) == EVENTS[3]
+    query = f"SELECT `payload`, `reject_reason`, `source_topic`, `source_partition`, `source_offset` FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NOT NULL"
+    with t_env.execute_sql(query).collect() as results:
+        letters = sorted((tuple(r) for r in results), key=lambda r: r[4])
+    # The refused event and its copy, each a dead letter with its own bytes and coordinates: the
+    # refusal left no dedup state that would have dropped the copy (or a replay) as a duplicate.
+    reason = "dimension combinations: window 2026-06-01T12:00:00Z of t1/c1/tokens already has 3 combinations (input.max_dimension_combinations)"
+    assert letters == [(b"e4", reason, "usage-in", 0, offset) for offset in REFUSED_OFFSETS]
 
 
-def test_the_guards_dead_letters_fit_the_dead_letter_insert(guarded_job):
-    """The job's dead-letter insert reads the guard's view as it reads the classified one: payload, reason
-    (counted by kind), coordinates."""
+def test_the_guards_refusals_take_the_dead_letter_insert(guarded_job):
+    """The job's one dead-letter insert carries the guard's refusals: payload, reason (counted by kind), coordinates."""
     cfg, t_env = guarded_job
     for function in (COUNT_DEAD_LETTER_FUNCTION, BOUNDED_PAYLOAD_FUNCTION):
         t_env.create_java_temporary_system_function(*function)
-    select = dead_letter_insert(cfg, "unused", GUARD_DEAD_LETTERS_VIEW).split("\n", 1)[1]
+    select = dead_letter_insert(cfg).split("\n", 1)[1]
     with t_env.execute_sql(select).collect() as results:
-        letters = [tuple(r) for r in results]
-    assert [(r[1].split(":")[0], r[2], r[3], r[4]) for r in letters] == [("dimension combinations", "usage-in", -1, -1)]
+        letters = sorted((tuple(r) for r in results), key=lambda r: r[4])
+    assert [(bytes(r[0]), r[1].split(":")[0], r[2], r[3], r[4]) for r in letters] == [(b"e4", "dimension combinations", "usage-in", 0, o) for o in REFUSED_OFFSETS]

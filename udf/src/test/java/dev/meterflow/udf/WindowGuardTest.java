@@ -1,22 +1,15 @@
 package dev.meterflow.udf;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
-import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.math.BigDecimal;
-import java.nio.ByteBuffer;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
 
 import org.apache.flink.api.common.typeinfo.Types;
-import org.apache.flink.avro.shaded.org.apache.avro.Conversions;
-import org.apache.flink.avro.shaded.org.apache.avro.Schema;
-import org.apache.flink.avro.shaded.org.apache.avro.generic.GenericDatumReader;
-import org.apache.flink.avro.shaded.org.apache.avro.generic.GenericRecord;
-import org.apache.flink.avro.shaded.org.apache.avro.io.DecoderFactory;
 import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
 import org.apache.flink.streaming.api.operators.KeyedProcessOperator;
 import org.apache.flink.streaming.api.watermark.Watermark;
@@ -29,9 +22,9 @@ import org.apache.flink.table.data.RowData;
 import org.apache.flink.table.data.StringData;
 import org.apache.flink.table.data.TimestampData;
 import org.apache.flink.table.types.logical.BigIntType;
-import org.apache.flink.table.types.logical.BooleanType;
 import org.apache.flink.table.types.logical.DecimalType;
 import org.apache.flink.table.types.logical.IntType;
+import org.apache.flink.table.types.logical.LocalZonedTimestampType;
 import org.apache.flink.table.types.logical.LogicalType;
 import org.apache.flink.table.types.logical.MapType;
 import org.apache.flink.table.types.logical.RowType;
@@ -48,33 +41,31 @@ class WindowGuardTest {
     private static final long CLOSE = WindowClose.closeTime(START + WINDOW_MS, LATENESS_MS);
     private static final String TOPIC = "usage-events";
 
-    /** The classified layout as jobs/plan.py CLASSIFIED_COLUMNS has it. */
+    /** The guard's input layout as jobs/plan.py GUARD_INPUT_COLUMNS has it (the validated view without proc_time). */
     private static final String[] NAMES = {
         "event_id", "tenant_id", "customer_id", "meter", "quantity", "event_time", "dimensions",
-        "dimensions_key", "window_start", "window_end",
-        "payload", "source_topic", "source_partition", "source_offset", "reject_reason",
-        "watermark", "lateness_ms", "is_late"
+        "payload", "source_topic", "source_partition", "source_offset", "kafka_timestamp", "dimensions_key", "reject_reason"
     };
+    private static final int REJECT = 13;
     private static final RowType TYPE = RowType.of(new LogicalType[] {
         VarCharType.STRING_TYPE, VarCharType.STRING_TYPE, VarCharType.STRING_TYPE, VarCharType.STRING_TYPE,
         new DecimalType(38, 9), new TimestampType(3), new MapType(VarCharType.STRING_TYPE, VarCharType.STRING_TYPE),
-        VarCharType.STRING_TYPE, new TimestampType(3), new TimestampType(3),
-        new VarBinaryType(VarBinaryType.MAX_LENGTH), VarCharType.STRING_TYPE, new IntType(), new BigIntType(), VarCharType.STRING_TYPE,
-        new TimestampType(3), new BigIntType(), new BooleanType()
+        new VarBinaryType(VarBinaryType.MAX_LENGTH), VarCharType.STRING_TYPE, new IntType(), new BigIntType(), new LocalZonedTimestampType(3),
+        VarCharType.STRING_TYPE, VarCharType.STRING_TYPE
     }, NAMES);
 
     private static int n;
 
-    /** A counted on-time row of customer c1, meter tokens, in the window starting at {@code start}. */
+    /** A validated, countable event of tenant t1, meter tokens, one second into the window starting at {@code start}. */
     private static GenericRowData event(String customer, String dims, String quantity, long start) {
         long time = start + 1_000;
+        int offset = n;
         return GenericRowData.of(
                 StringData.fromString("e" + n++), StringData.fromString("t1"), StringData.fromString(customer), StringData.fromString("tokens"),
                 DecimalData.fromBigDecimal(new BigDecimal(quantity), 38, 9), TimestampData.fromEpochMillis(time),
                 new GenericMapData(Map.of(StringData.fromString("model"), StringData.fromString(dims))),
-                StringData.fromString("{\"model\":\"" + dims + "\"}"), TimestampData.fromEpochMillis(start), TimestampData.fromEpochMillis(start + WINDOW_MS),
-                null, null, null, null, null,
-                null, null, false);
+                new byte[] {(byte) offset, 1, 2}, StringData.fromString(TOPIC), 0, (long) offset, TimestampData.fromEpochMillis(time + 500),
+                StringData.fromString("{\"model\":\"" + dims + "\"}"), null);
     }
 
     private static GenericRowData event(String dims, String quantity) {
@@ -86,27 +77,30 @@ class WindowGuardTest {
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> harness(int maxCombinations) throws Exception {
-        return harness(new WindowGuard(TYPE, maxCombinations, LATENESS_MS, TOPIC));
+        return harness(new WindowGuard(TYPE, maxCombinations, WINDOW_MS, LATENESS_MS));
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> harness(String maxAbsSum) throws Exception {
-        return harness(new WindowGuard(TYPE, 1000, LATENESS_MS, TOPIC, new BigDecimal(maxAbsSum)));
+        return harness(new WindowGuard(TYPE, 1000, WINDOW_MS, LATENESS_MS, new BigDecimal(maxAbsSum)));
     }
 
-    /** Event ids admitted, in order. */
+    /** Event ids passed on as countable (no reject reason), in order. */
     private static List<String> admitted(KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> h) {
         List<String> ids = new ArrayList<>();
         for (RowData row : h.extractOutputValues()) {
-            ids.add(row.getString(0).toString());
+            if (row.isNullAt(REJECT)) {
+                ids.add(row.getString(0).toString());
+            }
         }
         return ids;
     }
 
-    private static List<RowData> deadLetters(KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> h) {
+    /** The records passed on with a reject reason: the refused ones. */
+    private static List<RowData> refused(KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> h) {
         List<RowData> rows = new ArrayList<>();
-        if (h.getSideOutput(WindowGuard.deadLetters()) != null) {
-            for (StreamRecord<RowData> r : h.getSideOutput(WindowGuard.deadLetters())) {
-                rows.add(r.getValue());
+        for (RowData row : h.extractOutputValues()) {
+            if (!row.isNullAt(REJECT)) {
+                rows.add(row);
             }
         }
         return rows;
@@ -114,8 +108,8 @@ class WindowGuardTest {
 
     private static List<String> reasons(KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> h) {
         List<String> out = new ArrayList<>();
-        for (RowData row : deadLetters(h)) {
-            out.add(row.getString(1).toString());
+        for (RowData row : refused(h)) {
+            out.add(row.getString(REJECT).toString());
         }
         return out;
     }
@@ -145,10 +139,12 @@ class WindowGuardTest {
             send(h, fourth);
             assertEquals(expected, admitted(h), "the fourth combination is not counted");
             assertEquals(List.of("dimension combinations: window 2026-06-01T12:00:00Z of t1/c1/tokens already has 3 combinations (input.max_dimension_combinations)"), reasons(h));
-            RowData letter = deadLetters(h).get(0);
-            assertEquals(TOPIC, letter.getString(2).toString());
-            assertEquals(-1, letter.getInt(3));
-            assertEquals(-1L, letter.getLong(4));
+            // The refused record is the same record, reason set: raw bytes and coordinates kept for its dead letter.
+            RowData letter = refused(h).get(0);
+            assertEquals(id(fourth), id(letter));
+            assertEquals(fourth.getBinary(7)[0], letter.getBinary(7)[0]);
+            assertEquals(TOPIC, letter.getString(8).toString());
+            assertEquals(fourth.getLong(10), letter.getLong(10));
 
             // An admitted combination still counts after the cap; the refused one stays refused.
             GenericRowData repeatFirst = event("a", "2");
@@ -222,10 +218,10 @@ class WindowGuardTest {
             h.processWatermark(new Watermark(START + 5_000));
             send(h, event("b", "1"));
             List<Object> out = new ArrayList<>(h.getOutput());
-            assertEquals(2, out.size(), out.toString());
+            assertEquals(3, out.size(), out.toString());
             assertEquals(START + 1_000, ((StreamRecord<?>) out.get(0)).getTimestamp());
             assertEquals(new Watermark(START + 5_000), out.get(1));
-            assertEquals(START + 1_000, h.getSideOutput(WindowGuard.deadLetters()).peek().getTimestamp());
+            assertEquals(START + 1_000, ((StreamRecord<?>) out.get(2)).getTimestamp(), "a refused record keeps its timestamp too");
         }
     }
 
@@ -271,13 +267,13 @@ class WindowGuardTest {
     @Test
     void aSnapshotRestoresTheDecisions() throws Exception {
         OperatorSubtaskState snapshot;
-        try (var h = harness(new WindowGuard(TYPE, 2, LATENESS_MS, TOPIC, new BigDecimal("10")))) {
+        try (var h = harness(new WindowGuard(TYPE, 2, WINDOW_MS, LATENESS_MS, new BigDecimal("10")))) {
             h.open();
             send(h, event("a", "3"));
             send(h, event("b", "4"));
             snapshot = h.snapshot(1L, 1L);
         }
-        try (var h = harness(new WindowGuard(TYPE, 2, LATENESS_MS, TOPIC, new BigDecimal("10")))) {
+        try (var h = harness(new WindowGuard(TYPE, 2, WINDOW_MS, LATENESS_MS, new BigDecimal("10")))) {
             h.initializeState(snapshot);
             h.open();
             send(h, event("c", "1"));        // a third combination: refused
@@ -294,48 +290,38 @@ class WindowGuardTest {
     }
 
     @Test
-    void aDeadLetterIsTheEventAsPlainAvroOfTheUsageEventSchema() throws Exception {
+    void aRecordAlreadyRejectedPassesUntouchedKeyedByItsCoordinates() throws Exception {
         try (var h = harness(1)) {
             h.open();
             send(h, event("a", "1"));
-            GenericRowData refused = event("b", "-12.345678901");
-            send(h, refused);
-            byte[] payload = deadLetters(h).get(0).getBinary(0);
-            Schema schema = WindowGuard.usageEventSchema();
-            var decoder = DecoderFactory.get().binaryDecoder(payload, null);
-            GenericRecord event = new GenericDatumReader<GenericRecord>(schema).read(null, decoder);
-            assertTrue(decoder.isEnd(), "nothing after the record");
-            assertEquals(id(refused), event.get("event_id").toString());
-            assertEquals("t1", event.get("tenant_id").toString());
-            assertEquals("c1", event.get("customer_id").toString());
-            assertEquals("tokens", event.get("meter").toString());
-            Schema quantity = schema.getField("quantity").schema();
-            assertEquals(new BigDecimal("-12.345678901"), new Conversions.DecimalConversion().fromBytes((ByteBuffer) event.get("quantity"), quantity, quantity.getLogicalType()));
-            assertEquals(START + 1_000, event.get("event_time"));
-            Map<?, ?> dims = (Map<?, ?>) event.get("dimensions");
-            assertEquals(1, dims.size());
-            assertEquals("b", dims.entrySet().iterator().next().getValue().toString());
+            GenericRowData rejected = new GenericRowData(NAMES.length);
+            rejected.setField(7, new byte[] {9});
+            rejected.setField(8, StringData.fromString(TOPIC));
+            rejected.setField(9, 2);
+            rejected.setField(10, 77L);
+            rejected.setField(5, TimestampData.fromEpochMillis(0));
+            rejected.setField(REJECT, StringData.fromString("unknown meter: x"));
+            h.processElement(new StreamRecord<>(rejected, 0));
+            assertEquals(List.of("unknown meter: x"), reasons(h));
+            RowData passed = refused(h).get(0);
+            assertEquals(9, passed.getBinary(7)[0], "the same record, untouched");
+            assertEquals(77L, passed.getLong(10));
+            assertTrue(new WindowGuard(TYPE, 1, WINDOW_MS, 0).windowKey().getKey(rejected).contains("77"));
         }
     }
 
     @Test
-    void onlyCountedOnTimeRowsReachTheGuard() throws Exception {
-        WindowGuard guard = new WindowGuard(TYPE, 1, LATENESS_MS, TOPIC);
-        var filter = guard.countedOnTime();
-        GenericRowData onTime = event("a", "1");
-        GenericRowData late = event("a", "1");
-        late.setField(17, true);
-        GenericRowData rejected = new GenericRowData(NAMES.length);
-        rejected.setField(14, StringData.fromString("unknown meter: x"));
-        assertTrue(filter.filter(onTime));
-        assertFalse(filter.filter(late));
-        assertFalse(filter.filter(rejected));
+    void theKeyIsTheWindowNotTheDimensions() throws Exception {
+        var key = new WindowGuard(TYPE, 1, WINDOW_MS, 0).windowKey();
+        assertEquals(key.getKey(event("c1", "a", "1", START)), key.getKey(event("c1", "b", "2", START)));
+        assertTrue(!key.getKey(event("c1", "a", "1", START)).equals(key.getKey(event("c1", "a", "1", START + WINDOW_MS))));
+        assertTrue(!key.getKey(event("c1", "a", "1", START)).equals(key.getKey(event("c2", "a", "1", START))));
     }
 
     @Test
     void aMissingColumnFailsAtDeclarationWithItsName() {
         RowType partial = RowType.of(new LogicalType[] {VarCharType.STRING_TYPE}, new String[] {"tenant_id"});
-        var e = assertThrows(IllegalArgumentException.class, () -> new WindowGuard(partial, 1, 0, TOPIC));
-        assertTrue(e.getMessage().contains("event_id"), e.getMessage());
+        var e = assertThrows(IllegalArgumentException.class, () -> new WindowGuard(partial, 1, WINDOW_MS, 0));
+        assertTrue(e.getMessage().contains("customer_id"), e.getMessage());
     }
 }
