@@ -76,11 +76,10 @@ def job_config(stack: BenchStack, name: str, api_base: str, **sections: dict) ->
     billing = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", **sections.pop("billing", {})}
     flink = {**stack.base["flink"], "job_name": f"bench-{name}-{run}", **sections.pop("flink", {})}
     cfg, path = stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, billing=billing, flink=flink, stripe={"api_base": api_base}, **sections)
-    from connectors.kafka_admin import ensure_topics
+    from connectors.kafka_admin import ensure_project_topics
     from sinks.ledger import apply_schemas
 
-    k = cfg.kafka
-    ensure_topics(k.bootstrap_servers, [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic], k.partitions)
+    ensure_project_topics(cfg)
     apply_schemas(cfg)
     return cfg, path
 

@@ -21,6 +21,10 @@ public class CountDeadLetter extends ScalarFunction {
     /** Characters (code points) of a reason kept; meterflow/input_contract.py MAX_REASON_CHARS. */
     public static final int MAX_REASON_CHARS = 1000;
 
+    static final int MAX_KIND_CHARS = 48;
+    static final int MAX_KINDS = 64;
+    static final String OTHER_KIND = "other";
+
     private transient MetricGroup group;
     private transient Counter total;
     private transient Map<String, Counter> byKind;
@@ -36,10 +40,26 @@ public class CountDeadLetter extends ScalarFunction {
         String bounded = boundReason(reason, MAX_REASON_CHARS);
         if (group != null && bounded != null) {
             total.inc();
-            String kind = bounded.split(":", 2)[0].trim().replaceAll("[^A-Za-z0-9]+", "_").toLowerCase();
-            byKind.computeIfAbsent(kind, k -> group.addGroup("dead_letter").counter(k)).inc();
+            byKind.computeIfAbsent(countedKind(byKind.keySet(), bounded), k -> group.addGroup("dead_letter").counter(k)).inc();
         }
         return bounded;
+    }
+
+    /**
+     * The metric kind of a reason: its text before the first colon, as a metric name. Every reason
+     * the job writes has a fixed text there; still, a metric per kind must never grow with the input,
+     * so a kind is at most {@link #MAX_KIND_CHARS} characters, and a task counts at most {@link
+     * #MAX_KINDS} kinds (new ones past that as {@code other}).
+     */
+    static String countedKind(java.util.Set<String> counted, String reason) {
+        String kind = kindOf(reason);
+        // A new kind past the cap is counted as "other": never one more metric per hostile input.
+        return counted.contains(kind) || counted.size() < MAX_KINDS ? kind : OTHER_KIND;
+    }
+
+    static String kindOf(String reason) {
+        String kind = reason.split(":", 2)[0].trim().replaceAll("[^A-Za-z0-9]+", "_").toLowerCase();
+        return kind.length() > MAX_KIND_CHARS ? kind.substring(0, MAX_KIND_CHARS) : kind;
     }
 
     /** The bounded, counted reason, saying when the payload is longer than {@code maxPayloadBytes} and so cut. */

@@ -90,4 +90,19 @@ class DeadLetterBoundsTest {
         assertTrue(reason.endsWith(MARK + "; payload cut to 1048576 of 2000000 bytes"), reason);
         assertTrue(reason.getBytes(StandardCharsets.UTF_8).length < 4 * MAX + 100);
     }
+
+    @Test
+    void aMetricKindIsTheFixedTextBeforeTheColonAndTheirNumberIsCapped() {
+        assertEquals("unknown_meter", CountDeadLetter.kindOf("unknown meter: " + "m".repeat(64)));
+        assertEquals("contract", CountDeadLetter.kindOf("contract: event_id is 3000 bytes, at most 128"));
+        assertEquals(CountDeadLetter.MAX_KIND_CHARS, CountDeadLetter.kindOf("k".repeat(500)).length());
+        java.util.Set<String> counted = new java.util.HashSet<>();
+        for (int i = 0; i < CountDeadLetter.MAX_KINDS - 1; i++) {
+            counted.add("kind_" + i);
+        }
+        assertEquals("new", CountDeadLetter.countedKind(counted, "new: x"), "the last kind under the cap");
+        counted.add("new");
+        assertEquals(CountDeadLetter.OTHER_KIND, CountDeadLetter.countedKind(counted, "newer: x"), "one past the cap");
+        assertEquals("kind_3", CountDeadLetter.countedKind(counted, "kind 3: x"), "a kind already counted keeps its counter");
+    }
 }
