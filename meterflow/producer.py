@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -169,62 +168,13 @@ def send_events(
 ) -> int:
     """Send events as plain Avro; block until every one is acknowledged. Returns the count sent.
 
-    Sends are pipelined: acknowledgements are counted by callbacks, so the sender never waits for
-    a batch round trip (kafka-python blocks ``send`` only when its buffer is full).
-
     Args:
         rate: events per second (0 = as fast as possible).
         on_sent: progress callback, called with the number acknowledged since the last call.
         partition_for: explicit partition for event i (None = by key).
         timestamp_for: Kafka record timestamp in epoch ms for event i (None = the send time).
     """
-    from kafka import KafkaProducer
-    from kafka.errors import KafkaError
+    from connectors.kafka_writer import send_values
 
-    try:
-        # Retried until acknowledged or 2 minutes have passed (idempotent, so a retry never duplicates):
-        # a broker restart or leader change is ridden out instead of failing the send.
-        producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, batch_size=256 * 1024, enable_idempotence=True, delivery_timeout_ms=120_000)
-    except KafkaError as e:
-        msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
-        raise ProduceError(msg) from e
-    acked: list[int] = [0]
-    errors: list[BaseException] = []
-    reported, sent, started = 0, 0, time.monotonic()
-
-    def on_ack(_: object) -> None:
-        acked[0] += 1
-
-    def report() -> None:
-        nonlocal reported
-        done = acked[0]
-        if done > reported:
-            on_sent(done - reported)
-            reported = done
-
-    try:
-        for i, event in enumerate(events):
-            future = producer.send(topic, encode_usage_event(event), key=message_key(event), partition=partition_for(i, event), timestamp_ms=timestamp_for(i, event))
-            future.add_callback(on_ack).add_errback(errors.append)
-            sent += 1
-            if rate > 0:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-            if sent % 1000 == 0:
-                if errors:
-                    raise errors[0]
-                report()
-        producer.flush()
-        if errors:
-            raise errors[0]
-        report()
-    except KafkaError as e:
-        msg = f"sending to {topic} failed after {sent} events: {e}"
-        raise ProduceError(msg) from e
-    finally:
-        producer.close()
-    if acked[0] != sent:
-        msg = f"sending to {topic}: {sent} events sent but {acked[0]} acknowledged"
-        raise ProduceError(msg)
-    return sent
+    records = ((message_key(e), encode_usage_event(e), partition_for(i, e), timestamp_for(i, e)) for i, e in enumerate(events))
+    return send_values(bootstrap_servers, topic, records, rate=rate, batch_size=256 * 1024, on_sent=on_sent, noun="events")
