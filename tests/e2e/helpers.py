@@ -64,14 +64,14 @@ def kill_taskmanagers(cfg: JobConfig) -> int:
     return killed_at
 
 
-def send_raw(bootstrap: str, topic: str, payloads: list[bytes]) -> None:
-    """Send raw message values, valid Avro or not."""
+def send_raw(bootstrap: str, topic: str, payloads: list[bytes], partition: int | None = None) -> None:
+    """Send raw message values, valid Avro or not, to ``partition`` (None: the producer's choice)."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     try:
         for payload in payloads:
-            producer.send(topic, payload).get(timeout=30)
+            producer.send(topic, payload, partition=partition).get(timeout=30)
     finally:
         producer.close()
 
