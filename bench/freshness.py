@@ -15,7 +15,8 @@ from rich.progress import Progress
 from bench.private_stack import BenchStack
 from bench.produce import SteadySpec, split_partitions, start_steady
 from bench.stats import percentile, visibility_latencies
-from meterflow.config import JobConfig, parse_duration
+from meterflow.config import JobConfig
+from meterflow.config_values import parse_duration
 from sinks.postgres import connect
 from sinks.postgres_schema import check_identifier
 

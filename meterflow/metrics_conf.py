@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from meterflow.config import JobConfig, format_duration, parse_port_range
+from meterflow.config import JobConfig
+from meterflow.config_values import format_duration, parse_port_range
 
 LOOPBACK = "127.0.0.1"
 # udf/ LoopbackPrometheusReporterFactory: Flink's Prometheus reporter bound to one address (the stock

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from jobs.windowing import window_fires_at_ms, window_start_ms
-from meterflow.config import format_duration
+from meterflow.config_values import format_duration
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
-from meterflow.config import MeterConfig, format_duration
+from meterflow.config import MeterConfig
+from meterflow.config_values import format_duration
 from meterflow.errors import DeliveryRejected
 from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, derive_late_correction_identifier, format_meter_value, outside_provider_window
 

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 from meterflow.commands.usage import fmt_qty
-from meterflow.config import JobConfig, parse_duration
+from meterflow.config import JobConfig
+from meterflow.config_values import parse_duration
 
 
 @cli.group()

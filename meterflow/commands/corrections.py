@@ -120,7 +120,7 @@ def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_ru
     """
     import time
 
-    from meterflow.config import parse_duration
+    from meterflow.config_values import parse_duration
 
     pause = parse_duration(interval)
     incremental = resume or follow

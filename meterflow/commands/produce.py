@@ -18,7 +18,8 @@ from rich.progress import (
 )
 
 from meterflow.commands.root import Context, cli, err_console, pass_ctx
-from meterflow.config import JobConfig, parse_duration
+from meterflow.config import JobConfig
+from meterflow.config_values import parse_duration
 
 
 @cli.command()

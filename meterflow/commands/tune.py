@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.config import format_duration, parse_duration
+from meterflow.config_values import format_duration, parse_duration
 
 
 def _ms(value: str) -> int:

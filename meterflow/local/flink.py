@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from meterflow.config import JobConfig, parse_port_range
+from meterflow.config import JobConfig
+from meterflow.config_values import parse_port_range
 from meterflow.errors import PortInUseError, StackError
 from meterflow.local.base import REPO_ROOT, ComponentStatus, port_open, proc_running, require_free, require_jars, wait_until
 from meterflow.metrics_conf import flink_reporter_conf

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
 from meterflow.commands import cli
-from meterflow.config import format_duration
+from meterflow.config_values import format_duration
 from meterflow.producer import send_events
 from meterflow.tune import Sample, evaluate, recommend, replay_needs
 from tests.e2e.helpers import private_job, send_raw

@@ -6,7 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from meterflow.config import format_duration, load_config, parse_duration
+from meterflow.config import load_config
+from meterflow.config_values import format_duration, parse_duration
 from meterflow.errors import ConfigError
 from tests.conftest import REPO_ROOT
 

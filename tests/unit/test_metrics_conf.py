@@ -6,7 +6,8 @@ from datetime import timedelta
 
 import pytest
 
-from meterflow.config import load_config, parse_port_range
+from meterflow.config import load_config
+from meterflow.config_values import parse_port_range
 from meterflow.errors import ConfigError
 from meterflow.metrics_conf import LOOPBACK_REPORTER_FACTORY, flink_reporter_conf, local_prometheus_config, prometheus_config, scrape_targets
 from meterflow.local.flink import render_flink_conf
