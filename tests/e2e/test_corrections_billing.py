@@ -101,6 +101,9 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
                 return sum(d.status == "sent" and d.identifier not in window_ids for d in fetch_deliveries(cfg))
 
             wait_for(lambda: corrections_sent() == 12, 180, "every applied or approved correction billed")
+            # The REST metrics are a cache the JobManager refreshes every 10 s: the restart already
+            # proven from the job's timestamps shows in numRestarts within that.
+            wait_for(lambda: flink_jobs.restarts(cfg, job_id) >= 1, 30, "numRestarts to count the restart")
             restarts = flink_jobs.restarts(cfg, job_id)
         finally:
             flink_jobs.cancel(cfg, job_id)

@@ -4,6 +4,7 @@ the input topic per partition, decodes the Avro events, and recommends what the 
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -28,12 +29,14 @@ def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
     cfg, path = private_job(e2e_stack, "tune")
     topic = cfg.kafka.usage_events_topic
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    written_ms = now_ms - 3_600_000  # the scanned range starts just before this
     e0 = datetime.fromtimestamp((now_ms - 7_200_000) // 10_000 * 10, UTC)  # a window start (10 s windows)
 
-    # Before the range: events that would need an hour; the scan must not see them.
-    before = [(p, _event(i, p, e0 - timedelta(hours=1)), written_ms - 600_000) for p in (0, 1) for i in range(20)]
-    before = [(p, {**e, "event_id": f"old-{p}-{i}"}, ts) for i, (p, e, ts) in enumerate(before)]
+    # Before the range: events that would need an hour; the scan must not see them. The topic stamps
+    # records with the broker's append time (LogAppendTime), so the range is made by waiting.
+    before = [(p, {**_event(i, p, e0 - timedelta(hours=1)), "event_id": f"old-{p}-{i}"}) for p in (0, 1) for i in range(20)]
+    send_events(cfg.kafka.bootstrap_servers, topic, [e for _, e in before], partition_for=lambda i, e: before[i][0])
+    time.sleep(2.5)
+    written_ms = int(datetime.now(UTC).timestamp() * 1000)  # the scanned range starts 1 s before this
     # In the range, partition 0: 1 000 events 100 ms apart, every 37th of them 7 s behind its neighbours;
     # partition 1: 500 in order, and one 30 s behind.
     inside = []
@@ -43,8 +46,7 @@ def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
     for i in range(500):
         inside.append((1, _event(i, 1, e0 + timedelta(milliseconds=100 * i)), written_ms + i))
     inside.append((1, _event(500, 1, e0 + timedelta(milliseconds=100 * 499) - timedelta(seconds=30)), written_ms + 500))
-    records = before + inside
-    send_events(cfg.kafka.bootstrap_servers, topic, [e for _, e, _ in records], partition_for=lambda i, e: records[i][0], timestamp_for=lambda i, e: records[i][2])
+    send_events(cfg.kafka.bootstrap_servers, topic, [e for _, e, _ in inside], partition_for=lambda i, e: inside[i][0])
     send_raw(cfg.kafka.bootstrap_servers, topic, [b"not avro"])
 
     chart = tmp_path / "tune.png"
