@@ -21,7 +21,8 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
     flink run -py jobs/usage_job.py, then flink run -py jobs/billing_job.py (which reads the usage
     job's closed-windows topic). A job already running under its name is left alone. The usage job
     is refused when its input topic is not LogAppendTime or not sized as kafka.max_message_bytes, or
-    the dead-letter topic cannot hold a dead letter of the largest input; the error says what to run.
+    the dead-letter topic cannot hold a dead letter of the largest input, and both jobs are refused
+    when the cluster has fewer task slots than their parallelisms add up to; the error says what to change.
     """
     submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, force=force)
 
@@ -31,6 +32,7 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
     from meterflow.local import flink_jobs
 
     cfg = ctx.cfg
+    flink_jobs.check_slots(cfg)  # jobs that can never all run are refused before any is submitted
     plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint)]
     if cfg.billing.enabled:
         plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint))

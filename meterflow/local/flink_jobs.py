@@ -80,6 +80,38 @@ def check_input_topics(cfg: JobConfig) -> None:
         raise JobSubmissionError(msg)
 
 
+def slot_needs(cfg: JobConfig) -> dict[str, int]:
+    """Task slots each of this config's jobs takes on a session cluster: its parallelism (operators share slots)."""
+    needs = {"the usage job (flink.parallelism)": cfg.flink.parallelism}
+    if cfg.billing.enabled:
+        needs["the billing job (billing.parallelism, default flink.parallelism)"] = cfg.billing_parallelism
+    return needs
+
+
+def slot_shortfall(needs: dict[str, int], slots_total: int) -> str | None:
+    """Why the jobs can never all run on a cluster of ``slots_total`` task slots, or None when they fit.
+
+    A cluster that has no TaskManager yet (0 slots: one that starts them on demand, or still
+    starting) is not judged: Flink waits for slots there.
+    """
+    wanted = sum(needs.values())
+    if slots_total == 0 or wanted <= slots_total:
+        return None
+    parts = " and ".join(f"{name} {n}" for name, n in needs.items())
+    return (
+        f"the cluster has {slots_total} task slots and the jobs need {wanted} ({parts}): raise flink.task_slots"
+        " (the local stack's TaskManager: `meterflow stack down`, then `meterflow stack up`) or add TaskManagers, or lower the parallelism"
+    )
+
+
+def check_slots(cfg: JobConfig) -> None:
+    """Refuse to submit jobs that can never all get a task slot (slot_shortfall): JobSubmissionError saying what to change."""
+    problem = slot_shortfall(slot_needs(cfg), int(rest(cfg, "/overview").get("slots-total", 0)))
+    if problem:
+        msg = f"no job is submitted: {problem}"
+        raise JobSubmissionError(msg)
+
+
 def submit_billing(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180) -> str:
     """``flink run -d -py jobs/billing_job.py``; wait until all its tasks run."""
     return submit(cfg, config_path, savepoint=savepoint, timeout=timeout, script=BILLING_JOB_SCRIPT)
@@ -118,7 +150,14 @@ def wait_running(cfg: JobConfig, job_id: str, timeout: float = 180) -> None:
         if state == "RUNNING" and all(v["status"] == "RUNNING" for v in details.get("vertices", [])):
             return
         time.sleep(1)
-    msg = f"job {job_id} not running after {timeout:.0f}s (state {state})"
+    waiting = [v["name"] for v in job_details(cfg, job_id).get("vertices", []) if v["status"] != "RUNNING"]
+    overview = rest(cfg, "/overview")
+    msg = (
+        f"job {job_id} not running after {timeout:.0f}s (state {state}): {len(waiting)} tasks not running yet"
+        f" ({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}); the cluster has {overview.get('slots-available', '?')}"
+        f" of {overview.get('slots-total', '?')} task slots free. Tasks without a slot wait for one: see flink.task_slots and the parallelism,"
+        f" and the JobManager log in {FlinkCluster(cfg).log_dir}"
+    )
     raise JobSubmissionError(msg)
 
 

@@ -145,6 +145,7 @@ def test_submit_refuses_before_submitting(write_config, monkeypatch):
     cfg = load_config(path, environ={})
     submitted = []
     monkeypatch.setattr(flink_jobs, "running_jobs", lambda c, name=None: [])
+    monkeypatch.setattr(flink_jobs, "rest", lambda c, path: {"slots-total": 4})
     monkeypatch.setattr(flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append(c.flink.job_name) or "0" * 32)
     reported = _good(cfg)
     reported[cfg.kafka.usage_events_topic][TIMESTAMP_TYPE] = "CreateTime"
