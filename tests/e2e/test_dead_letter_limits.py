@@ -40,7 +40,10 @@ def _decode_dead(value: bytes) -> dict:
 
 def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e2e_stack):
     """A 900 KB meter and the largest garbage the input accepts: both dead letters with their full payloads, no restart, exact windows."""
-    cfg, path = private_job(e2e_stack, "dlsize")
+    # The search for the largest message leaves the partitions without events for seconds: an idle
+    # timeout longer than the test keeps every partition holding the watermark (docs/operations.md,
+    # "How time moves": after an idle gap the first partition to deliver moves it on its own).
+    cfg, path = private_job(e2e_stack, "dlsize", event_time={**e2e_stack.base["event_time"], "source_idle_timeout": "10m"})
     k = cfg.kafka
     assert cfg.flink.parallelism == 2 and k.partitions == 3
     # The topics as the project creates them, which `meterflow submit` accepts.
@@ -59,10 +62,6 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
 
     job_id = flink_jobs.submit(cfg, path)
     try:
-        # At a steady rate, as producers send: the search for the largest message below leaves the
-        # partitions idle for seconds, and after an idle gap the first partition to deliver moves the
-        # watermark on its own (docs/operations.md, "How time moves"), so a burst of one partition's
-        # backlog would make the others' events late whatever this test is about.
         send_events(k.bootstrap_servers, k.usage_events_topic, before, rate=1_000)
         send_large(k.bootstrap_servers, k.usage_events_topic, big_meter)
         garbage = largest_accepted_value(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)

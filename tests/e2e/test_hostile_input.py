@@ -155,13 +155,20 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         send_events(k.bootstrap_servers, k.usage_events_topic, [future], partition_for=lambda i, e: 0, timestamp_for=lambda i, e: int(fast_clock.timestamp() * 1000))
         idle = cfg.event_time.source_idle_timeout.total_seconds() * 2
         threading.Event().wait(idle)
-        # At a steady rate, as producers send: after an idle gap the first partition to resume moves the
-        # watermark on its own (Flink's source idleness), so a burst of one partition's backlog would
-        # make the others' events late whatever this test is about.
+        # After an idle gap the first partition to deliver moves the watermark on its own (Flink's source
+        # idleness, docs/operations.md): one event per partition, dated in the last open window of the
+        # first phase, makes every partition active again before the next phase starts.
+        wake = [
+            UsageEvent(event_id=f"wake-{p}", tenant_id="wake", customer_id=f"p{p}", meter="api_calls", quantity=Decimal(1),
+                       event_time=start + timedelta(minutes=2, seconds=-1), dimensions={})
+            for p in range(k.partitions)
+        ]  # fmt: skip
+        send_events(k.bootstrap_servers, k.usage_events_topic, wake, partition_for=lambda i, e: i)
+        threading.Event().wait(2)
         send_events(k.bootstrap_servers, k.usage_events_topic, second, rate=2_500)
         send_events(k.bootstrap_servers, k.usage_events_topic, closing_events(start + timedelta(minutes=3), k.partitions), partition_for=lambda i, e: i)
 
-        counted = first + second + evolved
+        counted = first + wake + second + evolved
         expected = expected_totals(counted, cfg.event_time.window_size)
 
         def totals() -> dict:
