@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,8 +29,6 @@ from connectors.avro_types import AVRO_DIR, USAGE_EVENT_SCHEMA, load_schema
 # Every writer schema a single-object message may name, usage_event-v1.avsc, -v2, ... (v1 is the reader schema).
 HISTORY_DIR = AVRO_DIR / "history"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
-REGISTRY_HEADER = struct.Struct(">Bi")  # magic byte 0, schema id
-MAX_SCHEMA_ID = 2**31 - 1
 _HISTORY_NAME = re.compile(r"usage_event-v([1-9][0-9]*)\.avsc")
 
 
@@ -106,10 +103,8 @@ def encode_single_object(event: Mapping[str, Any], schema_path: Path = USAGE_EVE
 
 def encode_registry_framed(event: Mapping[str, Any], schema_id: int, schema: Any) -> bytes:
     """``event`` written with ``schema`` (the .avsc as JSON, as registered under ``schema_id``), in the registry's wire format."""
-    if not 0 <= schema_id <= MAX_SCHEMA_ID:
-        msg = f"schema id {schema_id} is outside 0..{MAX_SCHEMA_ID}"
-        raise ValueError(msg)
-    out = io.BytesIO(REGISTRY_HEADER.pack(0, schema_id))
-    out.seek(REGISTRY_HEADER.size)
+    from connectors.schema_registry import frame
+
+    out = io.BytesIO()
     fastavro.schemaless_writer(out, fastavro.parse_schema(schema), event)
-    return out.getvalue()
+    return frame(schema_id, out.getvalue())
