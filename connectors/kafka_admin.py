@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.errors import TopicAlreadyExistsError
 
-from connectors.topics import config_drift, topic_configs
+from connectors.topics import TRANSACTION_MAX_TIMEOUT, config_drift, topic_configs
 from meterflow.config import JobConfig
 
 
@@ -58,6 +58,18 @@ def describe_topic_configs(bootstrap_servers: str, topics: Mapping[str, Iterable
     try:
         existing = set(admin.list_topics())
         return _describe(admin, {t: keys for t, keys in topics.items() if t in existing})
+    finally:
+        admin.close()
+
+
+def broker_transaction_max_timeout_ms(bootstrap_servers: str) -> int:
+    """The smallest ``transaction.max.timeout.ms`` over the cluster's brokers: what every transaction coordinator allows."""
+    admin = _admin(bootstrap_servers)
+    try:
+        brokers = [b["broker_id"] for b in admin.describe_cluster()["brokers"]]
+        resources = [ConfigResource(ConfigResourceType.BROKER, str(b), {TRANSACTION_MAX_TIMEOUT: None}) for b in brokers]
+        described = admin.describe_configs(resources, config_filter="all").get("broker", {})
+        return min(int(entries[TRANSACTION_MAX_TIMEOUT]["value"]) for entries in described.values())
     finally:
         admin.close()
 

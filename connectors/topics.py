@@ -8,6 +8,8 @@ docker-compose.yml and ops/k8s/topics.yaml (unit tests keep those two in step wi
 * The dead-letter topic takes ``DEAD_LETTER_HEADROOM_BYTES`` more: a dead letter is the input
   message, a bounded reason and its coordinates, so every record the input accepts fits.
 * The late-events and closed-windows topics carry valid events and windows (a few KB): defaults.
+* The brokers let a transaction stay open for ``BROKER_TRANSACTION_MAX_TIMEOUT_MS``: the jobs'
+  ``kafka.transaction_timeout`` (24 h by default) must fit under it, or their producers fail.
 
 Pure: no Kafka client here (connectors/kafka_admin.py applies and reads the configs).
 """
@@ -24,6 +26,10 @@ TIMESTAMP_TYPE = "message.timestamp.type"
 LOG_APPEND_TIME = "LogAppendTime"
 
 TopicConfigs = Mapping[str, Mapping[str, str]]
+
+TRANSACTION_MAX_TIMEOUT = "transaction.max.timeout.ms"
+# 7 days: room to raise kafka.transaction_timeout past a long outage without touching the brokers.
+BROKER_TRANSACTION_MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
 
 def dead_letter_max_message_bytes(cfg: JobConfig) -> int:
@@ -106,3 +112,15 @@ def topic_problems(cfg: JobConfig, actual: TopicConfigs) -> list[str]:
                 f" (kafka.max_message_bytes + {DEAD_LETTER_HEADROOM_BYTES}). {fix} {alter_command(k.bootstrap_servers, k.dead_letter_topic, {MAX_MESSAGE_BYTES: str(needed)})}"
             )
     return problems
+
+
+def transaction_timeout_problem(cfg: JobConfig, broker_max_ms: int) -> str | None:
+    """Why the jobs' Kafka producers would fail on these brokers (their transaction timeout is above
+    the brokers' ``transaction.max.timeout.ms``), or None."""
+    wanted_ms = int(cfg.kafka.transaction_timeout.total_seconds() * 1000)
+    if wanted_ms <= broker_max_ms:
+        return None
+    return (
+        f"kafka.transaction_timeout is {wanted_ms} ms and the brokers allow at most {TRANSACTION_MAX_TIMEOUT}={broker_max_ms}:"
+        f" raise {TRANSACTION_MAX_TIMEOUT} on the brokers (the project's brokers: {BROKER_TRANSACTION_MAX_TIMEOUT_MS}) or lower kafka.transaction_timeout"
+    )

@@ -58,7 +58,9 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     conf = Configuration()
     conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
     conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
-    conf.set_string("execution.checkpointing.dir", cfg.checkpoint_uri())
+    conf.set_string("execution.checkpointing.dir", cfg.job_state_uri(cfg.flink.job_name))
+    conf.set_string("execution.checkpointing.savepoint-dir", f"{cfg.job_state_uri(cfg.flink.job_name)}/savepoints")
+    conf.set_string("execution.checkpointing.timeout", f"{int(cfg.flink.checkpoint_timeout.total_seconds() * 1000)} ms")
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("parallelism.default", str(cfg.flink.parallelism))
     # Chained operators hand records over without a defensive copy, and the SQL operators reuse

@@ -52,7 +52,14 @@ class KafkaConfig(_Section):
     closed_windows_topic: str = Field("usage-windows-closed", description="Each closed window once (Avro avro/closed_window.avsc): the integration point for billing and other consumers.")
     partitions: int = Field(3, ge=1, description="Partitions of the topics the project creates.")
     consumer_group: str = "meterflow"
-    transaction_timeout: Duration = timedelta(minutes=10)
+    transaction_timeout: Duration = Field(
+        timedelta(hours=24),
+        description=(
+            "Kafka transaction timeout of the jobs' exactly-once outputs. The job may be down or unable to commit for"
+            " transaction_timeout - flink.checkpoint_timeout without losing a commit; at most the brokers' transaction.max.timeout.ms"
+            " (meterflow submit checks)."
+        ),
+    )
     max_message_bytes: int = Field(
         1_048_576,
         ge=65_536,
@@ -99,6 +106,7 @@ class FlinkConfig(_Section):
     parallelism: int = Field(1, ge=1)
     task_slots: int = Field(4, ge=1, description="Slots of the local stack's TaskManager: the usage job's parallelism plus the billing job's.")
     checkpoint_interval: Duration = timedelta(seconds=5)
+    checkpoint_timeout: Duration = Field(timedelta(minutes=10), description="A checkpoint that takes longer fails (execution.checkpointing.timeout).")
     checkpoint_dir: str = ".stack/flink/checkpoints"
     job_name: str = "meterflow-usage"
     state_backend: Literal["hashmap", "rocksdb"] = Field(
@@ -209,6 +217,13 @@ class StackConfig(_Section):
         description="Ports the JobManager and TaskManagers try, in order, for their Prometheus endpoint (Flink syntax: 9249-9252 or 9249,9260).",
     )
     prometheus_scrape_interval: Duration = timedelta(seconds=5)
+    high_availability: Literal["zookeeper", "none"] = Field(
+        "zookeeper",
+        description="zookeeper: the stack runs ZooKeeper and a new JobManager recovers every running job from its last checkpoint; none: a lost JobManager loses its jobs (resubmit them).",
+    )
+    zookeeper_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of the local ZooKeeper on 127.0.0.1; unset: a free port chosen at its first start and kept in <state_dir>/zookeeper/port."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StackConfig:
@@ -302,6 +317,17 @@ class JobConfig(_Section):
     base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")
 
     @model_validator(mode="after")
+    def _transactions_outlive_checkpoints(self) -> JobConfig:
+        # A checkpoint's transactions are committed when it completes: Kafka must not abort them first.
+        if self.kafka.transaction_timeout <= self.flink.checkpoint_timeout:
+            msg = (
+                f"kafka.transaction_timeout ({format_duration(self.kafka.transaction_timeout)}) must exceed flink.checkpoint_timeout"
+                f" ({format_duration(self.flink.checkpoint_timeout)}); the difference is the longest outage the job survives"
+            )
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
     def _unique_meters(self) -> JobConfig:
         names = [m.name for m in self.meters]
         if not names or len(set(names)) != len(names):
@@ -342,6 +368,10 @@ class JobConfig(_Section):
         """Checkpoint directory as a URI Flink accepts."""
         d = self.flink.checkpoint_dir
         return d if "://" in d else self.path(d).as_uri()
+
+    def job_state_uri(self, job_name: str) -> str:
+        """Where the job named ``job_name`` keeps its checkpoints and savepoints (meterflow/retained_state.py)."""
+        return f"{self.checkpoint_uri().rstrip('/')}/{job_name}"
 
 
 def read_secrets_file(path: Path) -> dict[str, str]:

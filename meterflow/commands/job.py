@@ -11,40 +11,64 @@ from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 
 
 @cli.command()
-@click.option("--savepoint", default=None, help="Start the usage job from this savepoint or retained checkpoint.")
-@click.option("--billing-savepoint", default=None, help="Start the billing job from this savepoint or retained checkpoint.")
+@click.option("--savepoint", default=None, help="Start the usage job from this savepoint or retained checkpoint (default: its newest one).")
+@click.option("--billing-savepoint", default=None, help="Start the billing job from this savepoint or retained checkpoint (default: its newest one).")
+@click.option("--fresh", is_flag=True, help="Start from empty state: a retained checkpoint or savepoint is set aside, not restored (says what is forgotten).")
 @click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
 @pass_ctx
-def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, force: bool) -> None:
+def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, fresh: bool, force: bool) -> None:
     """Submit the usage job and, with billing.enabled, the billing job; wait until they run.
 
-    flink run -py jobs/usage_job.py, then flink run -py jobs/billing_job.py (which reads the usage
-    job's closed-windows topic). A job already running under its name is left alone. The usage job
+    Each job resumes from the newest checkpoint or savepoint it left under
+    flink.checkpoint_dir/<job name> (after a cancel, a failure or a lost JobManager), never from
+    empty state while one exists, unless --fresh. A usage job state made with another window size
+    or other meters is refused. A job already running under its name is left alone. The usage job
     is refused when its input topic is not LogAppendTime or not sized as kafka.max_message_bytes, or
-    the dead-letter topic cannot hold a dead letter of the largest input, and both jobs are refused
-    when the cluster has fewer task slots than their parallelisms add up to; the error says what to change.
+    the dead-letter topic cannot hold a dead letter of the largest input; both jobs are refused when
+    the cluster has fewer task slots than their parallelisms add up to, or the brokers' transaction
+    timeout is below kafka.transaction_timeout; the error says what to change.
     """
-    submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, force=force)
+    submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, fresh=fresh, force=force)
 
 
-def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, force: bool = False) -> None:
+def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, fresh: bool = False, force: bool = False) -> None:
     """Submit this config's jobs that are not running yet (all of them with ``force``); print their ids."""
+    from meterflow import retained_state
     from meterflow.local import flink_jobs
 
     cfg = ctx.cfg
     flink_jobs.check_slots(cfg)  # jobs that can never all run are refused before any is submitted
-    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint)]
+    flink_jobs.check_transaction_timeout(cfg)
+    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg))]
     if cfg.billing.enabled:
-        plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint))
-    for name, submit_job, start_from in plan:
+        plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint, None))
+    for name, submit_job, explicit, settings in plan:
         existing = flink_jobs.running_jobs(cfg, name)
         if existing and not force:
             err_console.print(f"job {name} already running: {existing[0]['jid']} (use --force to submit another)")
             continue
         if name == cfg.flink.job_name:
             flink_jobs.check_input_topics(cfg)  # the topics' configs first: a wrong one is refused, with the fix
+        job_dir = retained_state.job_state_dir(cfg, name)
+        start = retained_state.plan_start(
+            name,
+            explicit=explicit,
+            fresh=fresh,
+            state_uri=cfg.job_state_uri(name),
+            listable=job_dir is not None,
+            newest=retained_state.newest_retained(job_dir) if job_dir else None,
+            recorded=retained_state.read_job_settings(job_dir) if job_dir else None,
+            settings=settings,
+        )
+        for note in start.notes:
+            err_console.print(note)
+        if job_dir is not None:
+            if start.forget:
+                err_console.print(f"{name}: its retained state is kept at {retained_state.forget(job_dir, datetime.now(UTC))}")
+            if settings is not None:
+                retained_state.write_job_settings(job_dir, settings)
         with err_console.status(f"submitting {name} ..."):
-            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start_from)
+            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start.restore)
         err_console.print(f"{name} submitted")
         console.print(job_id)
 

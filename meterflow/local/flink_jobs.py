@@ -80,6 +80,22 @@ def check_input_topics(cfg: JobConfig) -> None:
         raise JobSubmissionError(msg)
 
 
+def check_transaction_timeout(cfg: JobConfig) -> None:
+    """Refuse jobs whose Kafka producers the brokers would refuse (connectors/topics.py ``transaction_timeout_problem``)."""
+    from connectors.kafka_admin import broker_transaction_max_timeout_ms
+    from connectors.topics import transaction_timeout_problem
+
+    try:
+        broker_max = broker_transaction_max_timeout_ms(cfg.kafka.bootstrap_servers)
+    except Exception as e:  # noqa: BLE001 - any client failure means the brokers cannot be checked
+        msg = f"cannot read transaction.max.timeout.ms from Kafka at {cfg.kafka.bootstrap_servers}: {type(e).__name__}: {e}"
+        raise JobSubmissionError(msg) from e
+    problem = transaction_timeout_problem(cfg, broker_max)
+    if problem:
+        msg = f"no job is submitted: {problem}"
+        raise JobSubmissionError(msg)
+
+
 def slot_needs(cfg: JobConfig) -> dict[str, int]:
     """Task slots each of this config's jobs takes on a session cluster: its parallelism (operators share slots)."""
     needs = {"the usage job (flink.parallelism)": cfg.flink.parallelism}
@@ -154,8 +170,8 @@ def wait_running(cfg: JobConfig, job_id: str, timeout: float = 180) -> None:
     overview = rest(cfg, "/overview")
     msg = (
         f"job {job_id} not running after {timeout:.0f}s (state {state}): {len(waiting)} tasks not running yet"
-        f" ({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}); the cluster has {overview.get('slots-available', '?')}"
-        f" of {overview.get('slots-total', '?')} task slots free. Tasks without a slot wait for one: see flink.task_slots and the parallelism,"
+        f" ({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}); the cluster has {overview.get('taskmanagers', '?')} TaskManagers"
+        f" and {overview.get('slots-available', '?')} of {overview.get('slots-total', '?')} task slots free. Tasks without a slot wait for one: see flink.task_slots and the parallelism,"
         f" and the JobManager log in {FlinkCluster(cfg).log_dir}"
     )
     raise JobSubmissionError(msg)
@@ -168,8 +184,10 @@ def cancel(cfg: JobConfig, job_id: str, timeout: float = 60) -> None:
 
 
 def stop_with_savepoint(cfg: JobConfig, job_id: str, timeout: float = 180) -> str:
-    """Stop the job with a savepoint (the upgrade path); return the savepoint path."""
-    trigger = rest(cfg, f"/jobs/{job_id}/stop", method="POST", body={"drain": False})
+    """Stop the job with a savepoint (the upgrade path) into its state directory's ``savepoints/``
+    (meterflow/retained_state.py), where a later submit finds it; return the savepoint path."""
+    target = f"{cfg.job_state_uri(job_details(cfg, job_id)['name'])}/savepoints"
+    trigger = rest(cfg, f"/jobs/{job_id}/stop", method="POST", body={"drain": False, "targetDirectory": target})
     request_id = trigger["request-id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

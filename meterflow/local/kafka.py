@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import Callable
 
+from connectors.topics import BROKER_TRANSACTION_MAX_TIMEOUT_MS, TRANSACTION_MAX_TIMEOUT
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
 from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, require_free, require_jars, stop_pid, wait_until
@@ -46,7 +47,7 @@ class KafkaBroker:
                 "transaction.state.log.min.isr=1",
                 "share.coordinator.state.topic.replication.factor=1",
                 "share.coordinator.state.topic.min.isr=1",
-                "transaction.max.timeout.ms=900000",
+                f"{TRANSACTION_MAX_TIMEOUT}={BROKER_TRANSACTION_MAX_TIMEOUT_MS}",
                 "group.initial.rebalance.delay.ms=0",
                 f"num.partitions={self.cfg.kafka.partitions}",
                 f"log.dirs={self.dir / 'data'}",

@@ -15,9 +15,12 @@ import pytest
 
 from meterflow.local.stack import StackConfigs
 
+# Logs kept from a session in which a test failed, beside the stack's removed state.
+KEPT_LOGS = "kept-logs"
+
 
 @pytest.fixture(scope="session")
-def e2e_stack(tmp_path_factory) -> Iterator[StackConfigs]:
+def e2e_stack(tmp_path_factory, request) -> Iterator[StackConfigs]:
     """Start the real stack once per session; stop it and delete its state afterwards."""
     from meterflow.local.base import free_ports
     from meterflow.local.stack import LocalStack, ensure_secrets
@@ -58,6 +61,33 @@ def e2e_stack(tmp_path_factory) -> Iterator[StackConfigs]:
         yield stack
     finally:
         local.down()
+        if request.session.testsfailed:
+            # The processes' own logs say what the assertions cannot (a TaskManager that exited, a broker error).
+            state = root / "state"
+            for log in [*state.glob("flink/log/*"), *state.glob("*/*.log")]:
+                kept = root / KEPT_LOGS / log.relative_to(state)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(log, kept)
         # MF_TEST_KEEP_STATE=1 keeps logs and data for a post-mortem.
         if not os.environ.get("MF_TEST_KEEP_STATE"):
             shutil.rmtree(root / "state", ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def shared_stack_has_a_taskmanager(request) -> None:
+    """A test on the shared stack starts only where its jobs can run: with no TaskManager registered it
+    fails at once with the end of the TaskManagers' logs, instead of waiting out every job's start."""
+    if "e2e_stack" not in request.fixturenames:
+        return
+    from meterflow.local.flink import FlinkCluster
+
+    stack = request.getfixturevalue("e2e_stack")
+    cfg, _ = stack.config("base")
+    cluster = FlinkCluster(cfg)
+    if cluster.running():
+        return
+    tails = []
+    for log in sorted(cluster.log_dir.glob("*taskexecutor*"), key=lambda p: p.stat().st_mtime)[-2:]:
+        lines = log.read_text(errors="replace").splitlines()[-40:]
+        tails.append(f"--- {log.name} (last {len(lines)} lines)\n" + "\n".join(lines))
+    pytest.fail(f"the shared stack has no TaskManager registered ({cluster.overview()}):\n" + "\n".join(tails))

@@ -37,6 +37,7 @@ def test_submit_refuses_before_submitting_either_job(write_config, monkeypatch):
     monkeypatch.setattr(flink_jobs, "rest", lambda c, p: {"slots-total": 2, "slots-available": 2})
     monkeypatch.setattr(flink_jobs, "running_jobs", lambda c, name=None: [])
     monkeypatch.setattr(flink_jobs, "check_input_topics", lambda c: None)
+    monkeypatch.setattr(flink_jobs, "check_transaction_timeout", lambda c: None)
     monkeypatch.setattr(flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append("usage") or "0" * 32)
     monkeypatch.setattr(flink_jobs, "submit_billing", lambda c, p, savepoint=None: submitted.append("billing") or "1" * 32)
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])

@@ -7,6 +7,7 @@ import pytest
 
 import connectors.kafka_admin as kafka_admin
 from connectors.topics import (
+    BROKER_TRANSACTION_MAX_TIMEOUT_MS,
     LOG_APPEND_TIME,
     MAX_MESSAGE_BYTES,
     TIMESTAMP_TYPE,
@@ -150,6 +151,7 @@ def test_submit_refuses_before_submitting(write_config, monkeypatch):
     reported = _good(cfg)
     reported[cfg.kafka.usage_events_topic][TIMESTAMP_TYPE] = "CreateTime"
     monkeypatch.setattr(kafka_admin, "describe_topic_configs", lambda bootstrap, topics: reported)
+    monkeypatch.setattr(kafka_admin, "broker_transaction_max_timeout_ms", lambda bootstrap: BROKER_TRANSACTION_MAX_TIMEOUT_MS)
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
     assert isinstance(result.exception, JobSubmissionError) and "LogAppendTime" in str(result.exception)
     assert submitted == []

@@ -1,0 +1,168 @@
+"""Where a job resumes: `meterflow submit` restores the newest retained checkpoint or savepoint, never starts
+from empty state while one exists unless told to (and then says what it forgets), and refuses a state
+made with another window size or other meters."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+
+import pytest
+from click.testing import CliRunner
+
+from connectors.topics import BROKER_TRANSACTION_MAX_TIMEOUT_MS, transaction_timeout_problem
+from meterflow import retained_state as rs
+from meterflow.commands import cli
+from meterflow.config import load_config
+from meterflow.errors import ConfigError, JobSubmissionError
+from meterflow.local import flink_jobs
+
+
+def _complete(path, mtime: float) -> None:
+    path.mkdir(parents=True)
+    (path / "_metadata").write_bytes(b"x")
+    os.utime(path / "_metadata", (mtime, mtime))
+
+
+def test_the_newest_complete_checkpoint_or_savepoint_is_found(tmp_path):
+    job = tmp_path / "meterflow-usage"
+    _complete(job / ("a" * 32) / "chk-7", 1000)
+    _complete(job / ("b" * 32) / "chk-3", 3000)  # the job after a lost JobManager: newer
+    (job / ("b" * 32) / "chk-4").mkdir()  # in progress when the JobManager died: no _metadata
+    _complete(job / "savepoints" / "savepoint-aaaaaa-1", 2000)
+    states = rs.retained_states(job)
+    assert [(s.kind, s.path.name) for s in states] == [("checkpoint", "chk-3"), ("savepoint", "savepoint-aaaaaa-1"), ("checkpoint", "chk-7")]
+    assert rs.newest_retained(job) == states[0]
+    _complete(job / "savepoints" / "savepoint-bbbbbb-2", 4000)
+    assert rs.newest_retained(job).kind == "savepoint"
+    assert rs.newest_retained(tmp_path / "nothing-here") is None
+
+
+def test_the_state_directory_is_per_job_name_and_remote_ones_are_not_listed(write_config, tmp_path):
+    cfg = load_config(write_config("flink:\n  checkpoint_dir: cp\n"), environ={})
+    assert rs.job_state_dir(cfg, "meterflow-usage") == tmp_path / "cp" / "meterflow-usage"
+    assert cfg.job_state_uri("meterflow-usage") == (tmp_path / "cp" / "meterflow-usage").as_uri()
+    cfg = load_config(write_config("flink:\n  checkpoint_dir: file:///data/cp/\n"), environ={})
+    assert rs.job_state_dir(cfg, "j") == rs.Path("/data/cp/j")
+    cfg = load_config(write_config("flink:\n  checkpoint_dir: s3://bucket/cp\n"), environ={})
+    assert rs.job_state_dir(cfg, "j") is None
+    assert cfg.job_state_uri("j") == "s3://bucket/cp/j"
+
+
+NEWEST = rs.RetainedState(rs.Path("/cp/job/abc/chk-9"), "checkpoint", datetime(2026, 12, 5, 10, 0, tzinfo=UTC))
+SETTINGS = {"window_size": "1m", "meters": {"tokens": {"aggregation": "SUM", "group_by": [], "unique_dimension": None}}}
+
+
+def _plan(**kw):
+    args = {"explicit": None, "fresh": False, "state_uri": "file:///cp/job", "listable": True, "newest": NEWEST, "recorded": SETTINGS, "settings": SETTINGS}
+    return rs.plan_start("job", **{**args, **kw})
+
+
+def test_a_retained_state_is_restored_and_fresh_says_what_it_forgets():
+    start = _plan()
+    assert start.restore == "/cp/job/abc/chk-9" and not start.forget
+    assert "restoring its newest checkpoint /cp/job/abc/chk-9 (taken 2026-12-05T10:00:00+00:00)" in start.notes[0]
+    fresh = _plan(fresh=True)
+    assert fresh.restore is None and fresh.forget
+    assert "set aside, not restored" in fresh.notes[0] and "dedup ids" in fresh.notes[0] and "held watermark" in fresh.notes[0]
+    assert _plan(newest=None).restore is None and "no retained checkpoint" in _plan(newest=None).notes[0]
+    assert _plan(fresh=True, newest=None).forget is False
+    assert _plan(explicit="/sp/1").restore == "/sp/1"
+    with pytest.raises(JobSubmissionError, match="give one of them"):
+        _plan(explicit="/sp/1", fresh=True)
+
+
+def test_a_remote_state_directory_needs_an_explicit_start():
+    with pytest.raises(JobSubmissionError, match="cannot be listed from here.*--savepoint.*--fresh"):
+        _plan(listable=False, newest=None, state_uri="s3://b/cp/job")
+    assert _plan(listable=False, newest=None, explicit="s3://b/cp/job/x/chk-1").restore == "s3://b/cp/job/x/chk-1"
+    assert _plan(listable=False, newest=None, fresh=True).restore is None
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"window_size": "5m"}, "event_time.window_size was 1m and is 5m"),
+        ({"meters": {}}, "meter tokens was removed"),
+        ({"meters": {**SETTINGS["meters"], "calls": {"aggregation": "COUNT", "group_by": [], "unique_dimension": None}}}, "meter calls was added"),
+        ({"meters": {"tokens": {"aggregation": "MAX", "group_by": [], "unique_dimension": None}}}, "meter tokens: aggregation was SUM and is MAX"),
+        ({"meters": {"tokens": {"aggregation": "SUM", "group_by": ["region"], "unique_dimension": None}}}, "meter tokens: group_by was [] and is ['region']"),
+    ],
+)
+def test_a_state_of_another_window_size_or_meters_is_refused(change, problem):
+    with pytest.raises(JobSubmissionError, match="is not submitted") as refused:
+        _plan(settings={**SETTINGS, **change})
+    assert problem in str(refused.value) and "fresh consumer group" in str(refused.value)
+    with pytest.raises(JobSubmissionError):
+        _plan(settings={**SETTINGS, **change}, explicit="/sp/1")  # a savepoint of that state too
+    assert _plan(settings={**SETTINGS, **change}, fresh=True).restore is None  # starting fresh is allowed
+
+
+def test_the_job_settings_cover_window_size_and_meters(write_config):
+    cfg = load_config(write_config("event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"), environ={})
+    settings = rs.job_settings(cfg)
+    assert settings == {"window_size": "5m", "meters": {"tokens": {"aggregation": "SUM", "group_by": ["region"], "unique_dimension": None}}}
+    relaxed = load_config(write_config("event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"), environ={})
+    assert rs.unsafe_changes(settings, rs.job_settings(relaxed)) == []  # lateness and watermark may change
+
+
+def _stub_cluster(monkeypatch, submitted):
+    monkeypatch.setattr(flink_jobs, "rest", lambda c, p: {"slots-total": 4, "slots-available": 4})
+    monkeypatch.setattr(flink_jobs, "running_jobs", lambda c, name=None: [])
+    monkeypatch.setattr(flink_jobs, "check_input_topics", lambda c: None)
+    monkeypatch.setattr(flink_jobs, "check_transaction_timeout", lambda c: None)
+    monkeypatch.setattr(flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append(("usage", savepoint)) or "0" * 32)
+    monkeypatch.setattr(flink_jobs, "submit_billing", lambda c, p, savepoint=None: submitted.append(("billing", savepoint)) or "1" * 32)
+
+
+def test_submit_restores_each_jobs_newest_state_and_fresh_sets_it_aside(write_config, monkeypatch, tmp_path):
+    path = write_config("flink:\n  checkpoint_dir: cp\nbilling:\n  enabled: true\n")
+    submitted: list = []
+    _stub_cluster(monkeypatch, submitted)
+    run = CliRunner()
+    result = run.invoke(cli, ["--config", str(path), "submit"])
+    assert result.exit_code == 0, result.output
+    assert submitted == [("usage", None), ("billing", None)]  # nothing retained yet
+    usage, billing = tmp_path / "cp" / "meterflow-usage", tmp_path / "cp" / "meterflow-usage-billing"
+    assert (usage / rs.JOB_SETTINGS_FILE).exists() and not (billing / rs.JOB_SETTINGS_FILE).exists()
+    _complete(usage / ("a" * 32) / "chk-5", 1000)
+    _complete(billing / ("b" * 32) / "chk-2", 1000)
+    submitted.clear()
+    result = run.invoke(cli, ["--config", str(path), "submit"])
+    assert result.exit_code == 0, result.output
+    assert submitted == [("usage", str(usage / ("a" * 32) / "chk-5")), ("billing", str(billing / ("b" * 32) / "chk-2"))]
+    submitted.clear()
+    result = run.invoke(cli, ["--config", str(path), "submit", "--fresh"])
+    assert result.exit_code == 0, result.output
+    assert submitted == [("usage", None), ("billing", None)]
+    assert "Forgotten:" in result.output
+    assert rs.newest_retained(usage) is None  # set aside: a later submit does not restore it ...
+    aside = [p for p in (tmp_path / "cp").iterdir() if rs.FORGOTTEN_MARK in p.name]
+    assert len(aside) == 2 and all(rs.newest_retained(p) for p in aside)  # ... and it is kept
+
+
+def test_submit_refuses_a_window_size_change_over_a_retained_state(write_config, monkeypatch, tmp_path):
+    path = write_config("flink:\n  checkpoint_dir: cp\n")
+    submitted: list = []
+    _stub_cluster(monkeypatch, submitted)
+    assert CliRunner().invoke(cli, ["--config", str(path), "submit"]).exit_code == 0
+    _complete(tmp_path / "cp" / "meterflow-usage" / ("a" * 32) / "chk-5", 1000)
+    path.write_text("flink:\n  checkpoint_dir: cp\nevent_time:\n  window_size: 5m\n")
+    submitted.clear()
+    result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
+    assert isinstance(result.exception, JobSubmissionError) and "event_time.window_size was 1m and is 5m" in str(result.exception)
+    assert submitted == []
+
+
+def test_the_transaction_timeout_outlives_checkpoints_and_fits_the_brokers(write_config):
+    cfg = load_config(write_config(""), environ={})
+    assert cfg.kafka.transaction_timeout.total_seconds() == 24 * 3600
+    assert transaction_timeout_problem(cfg, BROKER_TRANSACTION_MAX_TIMEOUT_MS) is None
+    assert "raise transaction.max.timeout.ms on the brokers" in transaction_timeout_problem(cfg, 900_000)
+    exactly = load_config(write_config("kafka:\n  transaction_timeout: 15m\n"), environ={})
+    assert transaction_timeout_problem(exactly, 900_000) is None
+    one_more = load_config(write_config("kafka:\n  transaction_timeout: 901s\n"), environ={})
+    assert transaction_timeout_problem(one_more, 900_000) is not None
+    with pytest.raises(ConfigError, match="must exceed flink.checkpoint_timeout"):
+        load_config(write_config("kafka:\n  transaction_timeout: 10m\nflink:\n  checkpoint_timeout: 10m\n"), environ={})
+    assert load_config(write_config("kafka:\n  transaction_timeout: 601s\nflink:\n  checkpoint_timeout: 10m\n"), environ={})
