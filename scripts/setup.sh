@@ -4,6 +4,7 @@
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
 #   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
 #   - Apicurio Registry (a schema registry with a Confluent-compatible API) from Maven Central (stack/registry)
+#   - ZooKeeper (Flink's high availability on the local stack) from Maven Central (stack/zookeeper)
 #   - stripe-mock (Stripe's API-validating mock) and kubeconform (validates ops/k8s/ offline) with
 #     `go install`, into stack/bin
 set -euo pipefail
@@ -85,6 +86,15 @@ if ! ls "$registry_dir"/apicurio-registry-app-*-runner.jar >/dev/null 2>&1 || [ 
   mv "$registry_dir.tmp" "$registry_dir"
 fi
 # <<< schema registry
+# >>> zookeeper (stack/zookeeper): Flink's high availability on the local stack, from Maven Central
+if ! ls stack/zookeeper/target/dependency/zookeeper-*.jar >/dev/null 2>&1 || [ stack/zookeeper/pom.xml -nt stack/zookeeper/target/dependency ]; then
+  log "downloading ZooKeeper for stack/zookeeper from Maven Central"
+  rm -rf stack/zookeeper/target
+  if ! (cd stack/zookeeper && mvn -q -B dependency:copy-dependencies); then
+    log "Maven download failed for stack/zookeeper (is Maven Central reachable?)"; exit 1
+  fi
+fi
+# <<< zookeeper
 # stripe-mock validates every billing request against Stripe's OpenAPI specification.
 stripe_mock_version=v0.203.0
 if [ "$(cat stack/bin/.stripe-mock-version 2>/dev/null)" != "$stripe_mock_version" ]; then

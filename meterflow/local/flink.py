@@ -1,4 +1,9 @@
-"""The local stack's Flink: a standalone session cluster (one JobManager, one TaskManager) from the apache-flink wheel."""
+"""The local stack's Flink: a standalone session cluster (one JobManager, one TaskManager) from the apache-flink wheel.
+
+With ``stack.high_availability: zookeeper`` the JobManager keeps its leadership, the submitted jobs and
+their completed checkpoints in the stack's ZooKeeper and HA directory: a JobManager started after
+one was lost recovers every running job, under the same id, from its last completed checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from meterflow.config import JobConfig
 from meterflow.config_values import parse_port_range
 from meterflow.errors import PortInUseError, StackError
 from meterflow.local.base import REPO_ROOT, ComponentStatus, port_open, proc_running, require_free, require_jars, wait_until
+from meterflow.local.zookeeper import ZooKeeperServer, ha_cluster_id
 from meterflow.metrics_conf import flink_reporter_conf
 
 FLINK_CONNECTOR_JARS = REPO_ROOT / "stack" / "flink-lib" / "target" / "dependency"
@@ -97,8 +103,27 @@ class FlinkCluster:
                 "io.tmp.dirs": str(self.dir / "tmp"),
                 # Every JobManager and TaskManager serves its metrics to Prometheus on loopback.
                 **flink_reporter_conf(self.cfg.stack.flink_metrics_ports),
+                **self.ha_config(),
             },
         )
+
+    def ha_config(self) -> dict[str, object]:
+        """High availability through the stack's ZooKeeper, or none (``stack.high_availability``)."""
+        if self.cfg.stack.high_availability == "none":
+            return {"high-availability.type": "NONE"}
+        return {
+            "high-availability.type": "zookeeper",
+            "high-availability.zookeeper.quorum": ZooKeeperServer(self.cfg).quorum,
+            # Job graphs and checkpoint metadata; ZooKeeper holds only pointers to these files.
+            "high-availability.storageDir": (self.dir / "ha").as_uri(),
+            # Per stack, so two stacks never share ZooKeeper paths or HA files.
+            "high-availability.cluster-id": ha_cluster_id(self.cfg.state_dir),
+            # With HA the JobManager's RPC port comes from this key (random by default): keep stack.flink_rpc_port.
+            "high-availability.jobmanager.port": str(self.cfg.stack.flink_rpc_port),
+            # A killed JobManager's leadership ends when its ZooKeeper session expires (60 s by default):
+            # the new one takes over this much later.
+            "high-availability.zookeeper.client.session-timeout": "10 s",
+        }
 
     def prepare(self) -> None:
         """Write conf/ (flink-conf/config.yaml + local overrides) and lib/ (distribution + connector jars)."""
@@ -137,8 +162,16 @@ class FlinkCluster:
 
         A JobManager whose TaskManager is gone (crashed, or shut down by Flink's task-cancellation
         watchdog) gets a new TaskManager, as a process supervisor would start one in production.
+        A TaskManager whose JobManager is gone gets a new JobManager when HA is on: it recovers the jobs.
         """
         if self.running():
+            return
+        if self.overview() is None and not self.jobmanager_pids() and self.taskmanager_pids() and self.cfg.stack.high_availability == "zookeeper":
+            # The JobManager was lost and its TaskManager lives: a new JobManager recovers the jobs (HA).
+            print("Flink TaskManager has no JobManager: starting one, which recovers the running jobs", file=sys.stderr)
+            require_free(self.cfg.flink.rest_host, self.cfg.flink.rest_port, "the Flink REST API", "flink.rest_port")
+            self.start_jobmanager()
+            wait_until(self.running, "Flink JobManager", 120, self.log_dir)
             return
         if self.overview() is not None:
             print("Flink JobManager has no TaskManager: starting one", file=sys.stderr)
@@ -164,13 +197,24 @@ class FlinkCluster:
         (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
         subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
 
+    def start_jobmanager(self) -> None:
+        """Start a JobManager (after one was lost); with HA it recovers the running jobs, on the same REST port."""
+        subprocess.run(["bash", str(flink_home() / "bin" / "jobmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
+
     def taskmanager_pids(self) -> list[int]:
         """PIDs of this cluster's running TaskManager JVMs (exited ones are skipped)."""
+        return self._pids("*taskexecutor*.pid", b"TaskManagerRunner")
+
+    def jobmanager_pids(self) -> list[int]:
+        """PIDs of this cluster's running JobManager JVMs (exited ones are skipped)."""
+        return self._pids("*standalonesession*.pid", b"StandaloneSessionClusterEntrypoint")
+
+    def _pids(self, pattern: str, main_class: bytes) -> list[int]:
         pids = []
-        for pid_file in (self.dir / "pid").glob("*taskexecutor*.pid"):
+        for pid_file in (self.dir / "pid").glob(pattern):
             for token in pid_file.read_text().split():
-                # A pid file outlives its process and pids are reused: check it is still a TaskManager.
-                if token.isdigit() and proc_running(int(token)) and _is_taskmanager(int(token)):
+                # A pid file outlives its process and pids are reused: check it is still that kind of JVM.
+                if token.isdigit() and proc_running(int(token)) and _runs(int(token), main_class):
                     pids.append(int(token))
         return pids
 
@@ -183,13 +227,13 @@ class FlinkCluster:
         if not self.conf_dir.exists():
             return
         subprocess.run(["bash", str(flink_home() / "bin" / "stop-cluster.sh")], env=self.env(), capture_output=True, check=False)
-        for pid in self.taskmanager_pids():
+        for pid in self.taskmanager_pids() + self.jobmanager_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while self.taskmanager_pids() and time.monotonic() < deadline:
+        while (self.taskmanager_pids() or self.jobmanager_pids()) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in self.taskmanager_pids():
+        for pid in self.taskmanager_pids() + self.jobmanager_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         # Python workers of a TaskManager that was killed outlive it (re-parented to init).
@@ -224,9 +268,9 @@ class FlinkCluster:
 
 
 
-def _is_taskmanager(pid: int) -> bool:
-    """Whether the process is a Flink TaskManager JVM."""
+def _runs(pid: int, main_class: bytes) -> bool:
+    """Whether the process is a JVM running that Flink main class."""
     try:
-        return b"TaskManagerRunner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return main_class in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False

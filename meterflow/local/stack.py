@@ -1,4 +1,4 @@
-"""The whole local stack: Kafka, Postgres, Flink, Prometheus and, when the config uses them, the schema registry and stripe-mock, in start order."""
+"""The whole local stack: Kafka, Postgres, ZooKeeper (Flink's high availability), Flink, Prometheus and, when the config uses them, the schema registry and stripe-mock, in start order."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from meterflow.local.postgres import PostgresServer
 from meterflow.local.prometheus import PrometheusServer
 from meterflow.local.registry import SchemaRegistry
 from meterflow.local.stripe_mock import StripeMock
+from meterflow.local.zookeeper import ZooKeeperServer
 from meterflow.security import exposed_listeners
 
 
@@ -64,12 +65,13 @@ def ensure_secrets(cfg: JobConfig) -> bool:
 
 
 class LocalStack:
-    """Kafka, Postgres, Flink and Prometheus together, in start order."""
+    """Kafka, Postgres, ZooKeeper, Flink and Prometheus together, in start order."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
         self.kafka = KafkaBroker(cfg)
         self.postgres = PostgresServer(cfg)
+        self.zookeeper = ZooKeeperServer(cfg)
         self.flink = FlinkCluster(cfg)
         self.prometheus = PrometheusServer(cfg)
         self.stripe_mock = StripeMock(cfg)
@@ -85,7 +87,9 @@ class LocalStack:
             raise StackError(msg)
         # The registry only when kafka.schema_registry_url points at this machine.
         optional = [self.registry, self.stripe_mock]
-        parts = [self.kafka, self.postgres, self.flink, self.prometheus] + [part for part in optional if part.wanted]
+        # ZooKeeper before Flink: the JobManager elects itself leader there (when HA is on).
+        ha = [self.zookeeper] if self.zookeeper.wanted else []
+        parts = [self.kafka, self.postgres, *ha, self.flink, self.prometheus] + [part for part in optional if part.wanted]
         for part in parts:
             name = type(part).__name__
             echo(f"starting {name} ..." if not part.running() else f"{name} already running")
@@ -94,8 +98,9 @@ class LocalStack:
         echo("stack is up")
 
     def down(self) -> None:
-        """Stop every part, Flink first (it writes to the others)."""
+        """Stop every part, Flink first (it writes to the others); ZooKeeper after it, keeping the running jobs for the next ``up``."""
         self.flink.down()
+        self.zookeeper.down()
         self.prometheus.down()
         self.stripe_mock.down()
         self.registry.down()
@@ -105,4 +110,5 @@ class LocalStack:
     def status(self) -> list[ComponentStatus]:
         """Status of each part (the schema registry only when the config uses a local one)."""
         registry = [self.registry.status()] if self.registry.wanted else []
-        return [self.kafka.status(), self.postgres.status(), self.flink.status(), self.prometheus.status(), *registry, self.stripe_mock.status()]
+        ha = [self.zookeeper.status()] if self.zookeeper.wanted else []
+        return [self.kafka.status(), self.postgres.status(), *ha, self.flink.status(), self.prometheus.status(), *registry, self.stripe_mock.status()]

@@ -300,6 +300,34 @@ def test_flink_services_share_checkpoint_volumes(compose):
         assert set(named) <= set(compose["volumes"]), name
 
 
+def _flink_properties(service: dict[str, Any]) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in _environment(service)["FLINK_PROPERTIES"].splitlines() if line.strip())
+
+
+def test_flink_services_use_zookeeper_high_availability(compose):
+    """JobManager and TaskManager run with ZooKeeper HA on the zookeeper service, with the same keys as the local stack;
+    the HA files are on a named volume of the JobManager, and a JobManager that dies is restarted."""
+    from meterflow.local.flink import FlinkCluster
+
+    local_keys = set(FlinkCluster(JobConfig()).ha_config())
+    zookeeper = compose["services"]["zookeeper"]
+    assert zookeeper.get("ports") is None, "ZooKeeper is for the Flink containers only"
+    assert _environment(zookeeper)["ZOO_ADMINSERVER_ENABLED"] == "false"
+    jobmanager = compose["services"]["jobmanager"]
+    for name in ("jobmanager", "taskmanager"):
+        props = _flink_properties(compose["services"][name])
+        ha = {k: v for k, v in props.items() if k.startswith("high-availability.")}
+        assert set(ha) == local_keys, name
+        assert ha["high-availability.type"] == "zookeeper"
+        assert ha["high-availability.zookeeper.quorum"] == "zookeeper:2181"
+        assert ha["high-availability.jobmanager.port"] == "6123"
+    storage = Path(_flink_properties(jobmanager)["high-availability.storageDir"].removeprefix("file://"))
+    named = {Path(v.split(":")[1]): v.split(":")[0] for v in jobmanager["volumes"] if not v.startswith(("./", "../", "/"))}
+    assert storage in named and named[storage] in compose["volumes"]
+    assert jobmanager["depends_on"]["zookeeper"]["condition"] == "service_healthy"
+    assert jobmanager["restart"] == "unless-stopped"
+
+
 def test_flink_conf_prometheus_reporter_jar_is_in_the_image():
     """flink-conf's Prometheus reporter comes from a jar of stack/flink-lib/pom.xml, which the image puts in /opt/flink/lib."""
     flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())

@@ -119,3 +119,109 @@ def test_process_tree_finds_a_live_grandchild():
         for pid in process_tree(shell.pid):
             os.kill(pid, signal.SIGKILL)
         shell.wait()
+
+
+def _cluster(state, **stack):
+    from meterflow.config import JobConfig
+    from meterflow.local.flink import FlinkCluster
+
+    return FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(state), **stack}}))
+
+
+def test_cluster_conf_has_zookeeper_high_availability_by_default(tmp_path):
+    """By default the cluster keeps leadership and jobs in the stack's ZooKeeper, its HA files and RPC port in the stack."""
+    conf = _cluster(tmp_path / "state", zookeeper_port=12181, flink_rpc_port=16123).config()
+    ha = conf["high-availability"]
+    assert ha["type"] == "zookeeper"
+    assert ha["zookeeper"]["quorum"] == "127.0.0.1:12181"
+    assert ha["storageDir"] == (tmp_path / "state" / "flink" / "ha").as_uri()
+    assert ha["jobmanager"]["port"] == "16123"
+    # A killed JobManager's leadership must lapse within seconds, and inside the server's 4-40 s session bounds.
+    assert ha["zookeeper"]["client"]["session-timeout"] == "10 s"
+
+
+def test_cluster_id_is_per_stack_and_stable(tmp_path):
+    """Two stacks never share ZooKeeper paths; one stack keeps its id across restarts (a new JobManager finds its jobs)."""
+    one = _cluster(tmp_path / "a", zookeeper_port=12181).config()["high-availability"]["cluster-id"]
+    again = _cluster(tmp_path / "a", zookeeper_port=12181).config()["high-availability"]["cluster-id"]
+    other = _cluster(tmp_path / "b", zookeeper_port=12181).config()["high-availability"]["cluster-id"]
+    assert one == again and one != other
+    assert one.startswith("/meterflow-")
+
+
+def test_high_availability_none_renders_no_zookeeper(tmp_path):
+    """stack.high_availability: none leaves a lost JobManager's jobs to be resubmitted: no ZooKeeper in the conf."""
+    conf = _cluster(tmp_path / "state", high_availability="none").config()
+    assert conf["high-availability"] == {"type": "NONE"}
+    assert not (tmp_path / "state" / "zookeeper").exists()
+
+
+def test_high_availability_rejects_unknown_modes():
+    import pytest
+    from pydantic import ValidationError
+
+    from meterflow.config import JobConfig
+
+    with pytest.raises(ValidationError):
+        JobConfig.model_validate({"stack": {"high_availability": "kubernetes"}})
+
+
+def test_zookeeper_port_defaults_to_a_free_port_kept_for_the_stack(tmp_path):
+    """Unset stack.zookeeper_port: a free port chosen once and kept in the state dir, so Flink's conf and the server agree."""
+    from meterflow.config import JobConfig
+    from meterflow.local.base import port_open
+    from meterflow.local.zookeeper import ZooKeeperServer
+
+    cfg = JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state")}})
+    port = ZooKeeperServer(cfg).port
+    assert not port_open("127.0.0.1", port)
+    assert (tmp_path / "state" / "zookeeper" / "port").read_text().strip() == str(port)
+    assert ZooKeeperServer(cfg).port == port
+    assert _cluster(tmp_path / "state").config()["high-availability"]["zookeeper"]["quorum"] == f"127.0.0.1:{port}"
+    assert ZooKeeperServer(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "zookeeper_port": 2999}})).port == 2999
+
+
+def test_zoo_cfg_is_standalone_on_loopback(tmp_path):
+    """zoo.cfg: one server on 127.0.0.1 only, no admin HTTP server (8080 on every interface by default), sessions Flink's timeout fits in."""
+    from meterflow.local.zookeeper import zoo_cfg
+
+    props = dict(line.split("=", 1) for line in zoo_cfg(tmp_path / "data", 12181).splitlines() if line)
+    assert props["clientPort"] == "12181" and props["clientPortAddress"] == "127.0.0.1"
+    assert props["dataDir"] == str(tmp_path / "data")
+    assert props["admin.enableServer"] == "false"
+    assert "server.1" not in props  # standalone: no quorum ports to bind
+    tick = int(props["tickTime"])
+    assert 2 * tick <= 10_000 <= 20 * tick  # ZooKeeper grants sessions of 2-20 ticks
+    assert props["4lw.commands.whitelist"] == "srvr"
+
+
+def test_stack_starts_zookeeper_before_flink_and_stops_it_after(tmp_path, monkeypatch):
+    """The JobManager elects itself leader in ZooKeeper: it starts first and stops last; without HA it is not started."""
+    import sinks.ledger
+    from meterflow.config import JobConfig
+    from meterflow.local.stack import LocalStack
+
+    calls: list[str] = []
+
+    def record(stack: LocalStack) -> None:
+        for name in ("kafka", "postgres", "zookeeper", "flink", "prometheus", "registry", "stripe_mock"):
+            part = getattr(stack, name)
+            monkeypatch.setattr(part, "running", lambda: False)
+            monkeypatch.setattr(part, "up", lambda name=name: calls.append(f"up {name}"))
+            monkeypatch.setattr(part, "down", lambda name=name: calls.append(f"down {name}"))
+
+    monkeypatch.setattr(sinks.ledger, "apply_schemas", lambda cfg: None)
+    stack = LocalStack(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "zookeeper_port": 12181}}))
+    record(stack)
+    stack.up(echo=lambda m: None)
+    stack.down()
+    assert calls.index("up zookeeper") < calls.index("up flink")
+    assert calls.index("down flink") < calls.index("down zookeeper")
+    assert "zookeeper" in [s.name for s in stack.status()]
+
+    calls.clear()
+    stack = LocalStack(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "high_availability": "none"}}))
+    record(stack)
+    stack.up(echo=lambda m: None)
+    assert "up zookeeper" not in calls and "up flink" in calls
+    assert "zookeeper" not in [s.name for s in stack.status()]
