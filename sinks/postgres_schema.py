@@ -48,10 +48,13 @@ def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start)
 )""",
         # Batches are committed once their checkpoint completed, and again if the job restored before
-        # the commit finished: keep the newer revision, and once a row is final it stays as it is.
+        # the commit finished: keep the newer revision. A final row changes only when the window
+        # closer closes the window again with more events (a source partition that rejoined behind
+        # the others, docs/operations.md): the newer final is what billing bills in total (the first
+        # value plus a correction), so Postgres holds it too. Nothing else changes a final row.
         f"""CREATE OR REPLACE FUNCTION {t}_keep_newest() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.revision < OLD.revision OR OLD.is_final THEN
+    IF NEW.revision < OLD.revision OR (OLD.is_final AND NOT (NEW.is_final AND NEW.revision > OLD.revision)) THEN
         RETURN NULL;
     END IF;
     NEW.created_at := OLD.created_at;
@@ -74,7 +77,7 @@ def usage_upsert_sql(table: str = "usage_windows") -> str:
     """The statement the job's committing sink runs per window row (one transaction per checkpoint).
 
     Idempotent: the same batch committed twice leaves the same rows; the trigger refuses older
-    revisions and changes to final rows, and a final flag is never taken back.
+    revisions and any change to a final row but a newer final one, and a final flag is never taken back.
     """
     t = check_identifier(table)
     cols = ", ".join(USAGE_WRITE_COLUMNS)

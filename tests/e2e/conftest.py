@@ -6,10 +6,12 @@ developer's `meterflow stack up`, and is stopped and removed after the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,13 +21,13 @@ from meterflow.local.stack import StackConfigs
 KEPT_LOGS = "kept-logs"
 
 
-@pytest.fixture(scope="session")
-def e2e_stack(tmp_path_factory, request) -> Iterator[StackConfigs]:
-    """Start the real stack once per session; stop it and delete its state afterwards."""
+@contextlib.contextmanager
+def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) -> Iterator[StackConfigs]:
+    """The real stack on free ports from ``root``; ``sections`` update the base config. Stopped and its
+    state deleted afterwards (logs kept when a test of the session failed)."""
     from meterflow.local.base import free_ports
     from meterflow.local.stack import LocalStack, ensure_secrets
 
-    root = tmp_path_factory.mktemp("stack")
     kafka, controller, pg, rest, rpc, stripe_mock, prometheus, *metrics = free_ports(10)
     run = uuid.uuid4().hex[:8]
     base = {
@@ -48,6 +50,8 @@ def e2e_stack(tmp_path_factory, request) -> Iterator[StackConfigs]:
         "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
         "secrets_file": "state/secrets.env",
     }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
     stack = StackConfigs(base, root)
     cfg, _ = stack.config("base")
     ensure_secrets(cfg)
@@ -73,15 +77,23 @@ def e2e_stack(tmp_path_factory, request) -> Iterator[StackConfigs]:
             shutil.rmtree(root / "state", ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def e2e_stack(tmp_path_factory, request) -> Iterator[StackConfigs]:
+    """Start the real stack once per session; stop it and delete its state afterwards."""
+    with running_stack(tmp_path_factory.mktemp("stack"), request) as stack:
+        yield stack
+
+
 @pytest.fixture(autouse=True)
 def shared_stack_has_a_taskmanager(request) -> None:
     """A test on the shared stack starts only where its jobs can run: with no TaskManager registered it
     fails at once with the end of the TaskManagers' logs, instead of waiting out every job's start."""
-    if "e2e_stack" not in request.fixturenames:
+    stacks = [name for name in ("e2e_stack", "stack_without_ha") if name in request.fixturenames]
+    if not stacks:
         return
     from meterflow.local.flink import FlinkCluster
 
-    stack = request.getfixturevalue("e2e_stack")
+    stack = request.getfixturevalue(stacks[0])
     cfg, _ = stack.config("base")
     cluster = FlinkCluster(cfg)
     if cluster.running():

@@ -58,7 +58,7 @@ def test_alerts_cover_the_operations_issue():
     names = {rule["alert"] for rule in _rules()}
     assert {
         "MeterflowCheckpointsNotCompleting", "MeterflowCheckpointAgeHigh", "MeterflowCheckpointsFailing", "MeterflowJobRestarting", "MeterflowConsumerLag",
-        "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled", "MeterflowWatermarkLagHigh", "MeterflowBillingBacklog",
+        "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled", "MeterflowWatermarkLagHigh", "MeterflowBillingBacklog", "MeterflowTransactionDeadlineNear",
     } <= names  # fmt: skip
 
 
