@@ -77,13 +77,14 @@ def usage_upsert_sql(table: str = "usage_windows") -> str:
     """The statement the job's committing sink runs per window row (one transaction per checkpoint).
 
     Idempotent: the same batch committed twice leaves the same rows; the trigger refuses older
-    revisions and any change to a final row but a newer final one, and a final flag is never taken back.
+    revisions and any change to a final row but a newer final one, so a final flag is never taken back.
     """
     t = check_identifier(table)
     cols = ", ".join(USAGE_WRITE_COLUMNS)
     marks = ", ".join("?" for _ in USAGE_WRITE_COLUMNS)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in USAGE_WRITE_COLUMNS if c not in USAGE_KEY_COLUMNS and c != "is_final")
-    return f"INSERT INTO {t} ({cols}) VALUES ({marks}) ON CONFLICT ({', '.join(USAGE_KEY_COLUMNS)}) DO UPDATE SET {updates}, is_final = {t}.is_final OR EXCLUDED.is_final"
+    # is_final as written: the trigger tells a newer final row from a re-fire by it, and refuses the re-fire of a final row.
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in USAGE_WRITE_COLUMNS if c not in USAGE_KEY_COLUMNS)
+    return f"INSERT INTO {t} ({cols}) VALUES ({marks}) ON CONFLICT ({', '.join(USAGE_KEY_COLUMNS)}) DO UPDATE SET {updates}"
 
 
 def usage_rows_sql(table: str = "usage_windows") -> str:
