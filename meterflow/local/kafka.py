@@ -72,9 +72,10 @@ class KafkaBroker:
         props.write_text(self.properties())
         classpath = str(KAFKA_JARS / "*")
         if not (self.dir / "data" / "meta.properties").exists():
+            # Passed as --cluster-id=<id>: an id may start with "-", which a separate argument would make an option.
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id, "-c", str(props)],
+                ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone", f"--cluster-id={cluster_id}", "-c", str(props)],
                 check=True,
                 capture_output=True,
             )
