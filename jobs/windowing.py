@@ -29,3 +29,42 @@ def window_fires_at_ms(window_end_ms: int, allowed_lateness_ms: int = 0) -> int:
 def is_window_closed(window_end_ms: int, watermark_ms: int, allowed_lateness_ms: int = 0) -> bool:
     """Whether a window can no longer change at this watermark."""
     return watermark_ms >= window_fires_at_ms(window_end_ms, allowed_lateness_ms)
+
+
+def closed_through_ms(previous: int | None, watermark_ms: int | None, allowed_lateness_ms: int) -> int | None:
+    """The highest window end judged closed so far, after a watermark under the lateness in force now.
+
+    A window closes at watermark >= end - 1 ms + lateness, so at this watermark every window ending at
+    or before watermark - lateness + 1 ms is closed. Kept across restores (udf/ LatenessClassifier), it
+    keeps a window closed before a savepoint closed after one, whatever the new allowed lateness.
+    ``None``: no watermark yet, nothing closed. Twin of udf/ ``WindowClose.closedThrough``.
+    """
+    if watermark_ms is None:
+        return previous
+    now = watermark_ms - allowed_lateness_ms + 1
+    return now if previous is None else max(previous, now)
+
+
+def is_late(window_end_ms: int, allowed_lateness_ms: int, watermark_ms: int | None, closed_through: int | None) -> bool:
+    """An event is late iff its window is closed under the current lateness or was closed before (end <= closed-through).
+
+    Twin of udf/ ``WindowClose.isLate(end, lateness, watermark, closedThrough)``.
+    """
+    if watermark_ms is not None and is_window_closed(window_end_ms, watermark_ms, allowed_lateness_ms):
+        return True
+    return closed_through is not None and window_end_ms <= closed_through
+
+
+def is_late_after(history: list[tuple[int, int | None]], window_end_ms: int) -> bool:
+    """The decision after a history of (allowed lateness, watermark) steps, a config change between any two.
+
+    The watermark held is the highest seen (a live one below it changes nothing), as the classifier holds it.
+    """
+    held: int | None = None
+    closed: int | None = None
+    lateness = 0
+    for lateness, watermark in history:
+        if watermark is not None:
+            held = watermark if held is None else max(held, watermark)
+        closed = closed_through_ms(closed, held, lateness)
+    return is_late(window_end_ms, lateness, held, closed)

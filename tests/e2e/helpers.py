@@ -258,3 +258,19 @@ def largest_accepted_value(bootstrap: str, topic: str, limit: int) -> bytes:
         except MessageSizeTooLargeError:
             continue
     raise AssertionError(f"{topic} accepted no value within 1 KB of {limit} bytes")
+
+
+def vertex_input_watermark(cfg: JobConfig, job_id: str, name_contains: str) -> int | None:
+    """The lowest current input watermark (epoch ms) over the subtasks of the job's vertex whose name
+    contains ``name_contains``, from the REST API; None before every subtask has one."""
+    from meterflow.local.flink_jobs import job_details, rest
+
+    vertex = next(v for v in job_details(cfg, job_id)["vertices"] if name_contains in v["name"])
+    marks = [int(m["value"]) for m in rest(cfg, f"/jobs/{job_id}/vertices/{vertex['id']}/watermarks") if m["id"].endswith(".currentInputWatermark")]
+    # Long.MIN_VALUE until a subtask saw a watermark.
+    return min(marks) if marks and min(marks) > -(2**62) else None
+
+
+def wait_watermark(cfg: JobConfig, job_id: str, at_least_ms: int, name_contains: str = "close windows", timeout: float = 300) -> None:
+    """Wait until every subtask of the vertex (default: the window closer) has an input watermark of at least ``at_least_ms``."""
+    wait_for(lambda: (vertex_input_watermark(cfg, job_id, name_contains) or -(2**63)) >= at_least_ms, timeout, f"the watermark at '{name_contains}' to reach {at_least_ms}")

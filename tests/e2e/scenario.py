@@ -35,7 +35,7 @@ ALLOWED_LATENESS = timedelta(seconds=10)
 CLOCK_TENANT = "clock"
 
 
-def _event(event_id: str, tenant: str, customer: str, meter: str, quantity: Decimal, at: datetime) -> UsageEvent:
+def usage_event(event_id: str, tenant: str, customer: str, meter: str, quantity: Decimal, at: datetime) -> UsageEvent:
     return UsageEvent(event_id=event_id, tenant_id=tenant, customer_id=customer, meter=meter, quantity=quantity, event_time=at, dimensions={"region": "eu"})
 
 
@@ -112,19 +112,19 @@ class Scenario:
         )
 
 
-def _base(rng: random.Random, seed: int, start: datetime, first: int, count: int, span_from: timedelta, span: timedelta) -> list[UsageEvent]:
+def base_events(rng: random.Random, seed: int, start: datetime, first: int, count: int, span_from: timedelta, span: timedelta, jitter_ms: int = 1500) -> list[UsageEvent]:
     events = []
     for i in range(first, first + count):
         at = start + span_from + timedelta(milliseconds=(int(span / timedelta(milliseconds=1)) * (i - first)) // count)
-        jitter = timedelta(milliseconds=rng.randint(-1500, 1500))
+        jitter = timedelta(milliseconds=rng.randint(-jitter_ms, jitter_ms))
         at = min(max(at + jitter, start + span_from), start + span_from + span - timedelta(milliseconds=1))
         meter = ("api_calls", "tokens")[i % 2]
         qty = Decimal(rng.randint(1, 9)) if meter == "api_calls" else Decimal(rng.randint(1, 10**6)).scaleb(-4)
-        events.append(_event(f"b-{seed}-{i}", f"t{rng.randrange(4)}", f"c{rng.randrange(25)}", meter, qty, at))
+        events.append(usage_event(f"b-{seed}-{i}", f"t{rng.randrange(4)}", f"c{rng.randrange(25)}", meter, qty, at))
     return events
 
 
-def _bad_records(sample: UsageEvent, tag: str) -> list[bytes]:
+def malformed_records(sample: UsageEvent, tag: str) -> list[bytes]:
     return [
         f"not avro at all {tag}".encode(),
         encode_usage_event(sample) + b"\xff" + tag.encode(),
@@ -139,12 +139,12 @@ def _risky(rng: random.Random, s: Scenario, tag: str, counted: list[UsageEvent],
     r = Risky()
     w = s.start
     for i in range(count):
-        r.beyond_lateness.append(_event(f"bl-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("2.25"), w + timedelta(milliseconds=rng.randint(0, 9_999))))
-        r.boundary.append(_event(f"bd-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "api_calls", Decimal(3), w + WINDOW + timedelta(milliseconds=rng.randint(0, 9_999))))
+        r.beyond_lateness.append(usage_event(f"bl-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("2.25"), w + timedelta(milliseconds=rng.randint(0, 9_999))))
+        r.boundary.append(usage_event(f"bd-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "api_calls", Decimal(3), w + WINDOW + timedelta(milliseconds=rng.randint(0, 9_999))))
         at = w + within_window * WINDOW + timedelta(milliseconds=rng.randint(0, 9_999))
-        r.within_lateness.append(_event(f"wl-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("0.5"), at))
+        r.within_lateness.append(usage_event(f"wl-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("0.5"), at))
     r.duplicates = rng.sample(counted, count)
-    r.bad_records = _bad_records(s.base_first[0], f"{tag}")
+    r.bad_records = malformed_records(s.base_first[0], f"{tag}")
     return r
 
 
@@ -154,15 +154,15 @@ def build_scenario(count: int, partitions: int, seed: int = 1, risky_count: int 
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
     s = Scenario(start=start, partitions=partitions)
     first = count * 25 // 60
-    s.base_first = _base(rng, seed, start, 0, first, timedelta(0), timedelta(seconds=25))
-    s.base_second = _base(rng, seed, start, first, count - first, timedelta(seconds=25), timedelta(seconds=35))
+    s.base_first = base_events(rng, seed, start, 0, first, timedelta(0), timedelta(seconds=25))
+    s.base_second = base_events(rng, seed, start, first, count - first, timedelta(seconds=25), timedelta(seconds=35))
     # Duplicates repeat events already sent (a producer retry), so they never run ahead of the stream.
     s.duplicates_first = rng.sample(s.base_first, len(s.base_first) // 10)
     s.duplicates_second = rng.sample(s.base_second, len(s.base_second) // 10)
     # The watermark lands exactly on W1's close: max event time - delay = end(W1) - 1 ms + lateness.
     exactly_w1_close = close_of(start, 1) + WATERMARK_DELAY
-    s.advance_first = [_event(f"adv1-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), exactly_w1_close) for p in range(partitions)]
-    s.advance_second = [_event(f"adv2-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), start + timedelta(seconds=65)) for p in range(partitions)]
+    s.advance_first = [usage_event(f"adv1-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), exactly_w1_close) for p in range(partitions)]
+    s.advance_second = [usage_event(f"adv2-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), start + timedelta(seconds=65)) for p in range(partitions)]
     s.risky_before = _risky(rng, s, f"{seed}-before", s.base_first, risky_count, within_window=2)
     s.risky_during = _risky(rng, s, f"{seed}-during", s.base_first, risky_count, within_window=2)
     s.risky_after = _risky(rng, s, f"{seed}-after", s.base, risky_count, within_window=5)

@@ -46,6 +46,15 @@ import org.apache.flink.table.types.logical.TimestampType;
  * subtask takes the maximum over all subtasks' held watermarks: a higher watermark can only make
  * an event late earlier (it goes to the late topic, consistently), never lose it.
  *
+ * <p>The allowed lateness may change between a savepoint and the job resubmitted from it. The
+ * operator also keeps the closed-through boundary ({@link WindowClose#closedThrough}): the highest
+ * window end it has judged closed, under the lateness in force at the time. An event is late if
+ * its window is closed under the current lateness or its end is at most that boundary, so a raised
+ * lateness never reopens a window whose final value was already written and published (the window
+ * operator purged it, the closer emitted it). A lowered lateness closes windows at once; the
+ * events they counted stay counted. Savepoints without the boundary restore with none: it starts
+ * from the held watermark under the new lateness.
+ *
  * <p>Rows stay in Flink's internal format ({@link RowData}) from the query before the classifier to
  * the queries after it: converting every record to an external {@code Row} and back cost more than
  * the decision. Each output row is the input row followed by {@link #DECISION_COLUMNS}.
@@ -74,7 +83,9 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
     private final long allowedLatenessMs;
 
     private transient ListState<Long> heldState;
+    private transient ListState<Long> closedThroughState;
     private transient long held;
+    private transient long closedThrough;
     private transient long forwarded;
     private transient Counter lateRecords;
     private transient Counter onTimeRecords;
@@ -128,17 +139,31 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
         for (Long restored : heldState.get()) {
             held = Math.max(held, restored);
         }
+        // New state: a savepoint taken before it existed restores an empty list (nothing closed).
+        closedThroughState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("closed-through", Types.LONG));
+        closedThrough = WindowClose.NOTHING_CLOSED;
+        for (Long restored : closedThroughState.get()) {
+            closedThrough = Math.max(closedThrough, restored);
+        }
+        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
+    }
+
+    /** The highest window end judged closed so far (epoch ms), {@link WindowClose#NOTHING_CLOSED} before any. */
+    public long closedThrough() {
+        return closedThrough;
     }
 
     @Override
     public void snapshotState(StateSnapshotContext context) throws Exception {
         super.snapshotState(context);
         heldState.update(Collections.singletonList(held));
+        closedThroughState.update(Collections.singletonList(closedThrough));
     }
 
     @Override
     public void processWatermark(Watermark mark) throws Exception {
         held = Math.max(held, mark.getTimestamp());
+        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
         // Forward the held watermark: after a restore the window operator and the closer get back
         // to where they were (windows re-fire, timers fire) as soon as the sources emit again,
         // instead of waiting for newer data than the checkpoint had seen.
@@ -155,7 +180,7 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
         if (!row.isNullAt(windowEndField)) {
             long endMs = row.getTimestamp(windowEndField, 3).getMillisecond();
             long eventMs = row.getTimestamp(eventTimeField, 3).getMillisecond();
-            boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held);
+            boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held, closedThrough);
             if (held != WindowClose.NO_WATERMARK) {
                 decision.setField(0, TimestampData.fromEpochMillis(held));
                 decision.setField(1, held - eventMs);

@@ -11,6 +11,9 @@ public final class WindowClose {
     /** Flink's watermark before any was seen. */
     public static final long NO_WATERMARK = Long.MIN_VALUE;
 
+    /** The closed-through boundary before any window was judged closed. */
+    public static final long NOTHING_CLOSED = Long.MIN_VALUE;
+
     private WindowClose() {}
 
     /** The watermark at which the window ending (exclusive) at {@code windowEndMs} closes. */
@@ -26,6 +29,29 @@ public final class WindowClose {
     /** Whether an event of the window ending at {@code windowEndMs} is late under {@code watermarkMs}. */
     public static boolean isLate(long windowEndMs, long allowedLatenessMs, long watermarkMs) {
         return watermarkMs != NO_WATERMARK && watermarkMs >= closeTime(windowEndMs, allowedLatenessMs);
+    }
+
+    /**
+     * The closed-through boundary after a watermark: the highest window end judged closed so far,
+     * {@code previous} or the highest end closed at {@code watermarkMs} under the lateness in force
+     * now (end - 1 ms + lateness &lt;= watermark, that is end &lt;= watermark - lateness + 1 ms),
+     * whichever is higher. Kept across restores, it keeps a window closed before a savepoint closed
+     * after one whatever the new allowed lateness. Twin of {@code jobs.windowing.closed_through_ms}.
+     */
+    public static long closedThrough(long previous, long watermarkMs, long allowedLatenessMs) {
+        if (watermarkMs == NO_WATERMARK) {
+            return previous;
+        }
+        return Math.max(previous, watermarkMs - allowedLatenessMs + 1);
+    }
+
+    /**
+     * Whether an event of the window ending at {@code windowEndMs} is late: its window is closed
+     * under the lateness in force, or it was closed before (its end is at most {@code closedThroughMs}).
+     * Twin of {@code jobs.windowing.is_late}.
+     */
+    public static boolean isLate(long windowEndMs, long allowedLatenessMs, long watermarkMs, long closedThroughMs) {
+        return isLate(windowEndMs, allowedLatenessMs, watermarkMs) || (closedThroughMs != NOTHING_CLOSED && windowEndMs <= closedThroughMs);
     }
 
     /**

@@ -33,6 +33,14 @@ import org.apache.flink.util.Collector;
  * then would only fire on the next watermark advance, which for a quiet source may never come, so
  * such a window is emitted at once, stamped with its close time.
  *
+ * <p>The allowed lateness may differ from the one a restored timer was registered under (a job
+ * resubmitted from a savepoint with a new {@code event_time.allowed_lateness}). A timer that fires
+ * before the window's close time under the current lateness (raised) moves to that time: Flink's
+ * window operator keeps the window open until then and its updates still come. A timer at or after
+ * it (lowered, or unchanged) emits: a window the lowering closed is emitted, with every event it
+ * counted, when the watermark reaches the close time it was registered with, at the latest its
+ * old one (no update can come meanwhile: the classifier routes its events late).
+ *
  * <p>Metric: {@code meterflow.window_refires}, the updates of a window after its first fire (the
  * watermark had passed its end), which only allowed lateness lets happen: each one is a late
  * event that still counted, and a window whose final value comes later than its first.
@@ -95,10 +103,17 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
     @Override
     public void onTimer(long timestamp, OnTimerContext ctx, Collector<Row> out) throws Exception {
         Row value = latest.value();
-        if (value != null) {
-            latest.clear();
-            out.collect(value);
+        if (value == null) {
+            return;
         }
+        long closeAt = WindowClose.closeTime((Long) value.getField(5), allowedLatenessMs);
+        if (timestamp < closeAt) {
+            // Registered under a lower lateness before a restore: the window is still open.
+            ctx.timerService().registerEventTimeTimer(closeAt);
+            return;
+        }
+        latest.clear();
+        out.collect(value);
     }
 
 

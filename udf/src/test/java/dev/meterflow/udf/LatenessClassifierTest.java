@@ -32,7 +32,20 @@ class LatenessClassifierTest {
     }
 
     private static OneInputStreamOperatorTestHarness<RowData, RowData> harness() throws Exception {
-        return new OneInputStreamOperatorTestHarness<>(new LatenessClassifier(0, 1, LATENESS_MS));
+        return harness(LATENESS_MS);
+    }
+
+    private static OneInputStreamOperatorTestHarness<RowData, RowData> harness(long latenessMs) throws Exception {
+        return new OneInputStreamOperatorTestHarness<>(new LatenessClassifier(0, 1, latenessMs));
+    }
+
+    /** A snapshot taken with the watermark at {@code watermarkMs} under the test's 10 s lateness. */
+    private static OperatorSubtaskState stoppedAt(long watermarkMs) throws Exception {
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
+            h.open();
+            h.processWatermark(new Watermark(watermarkMs));
+            return h.snapshot(1L, 1L);
+        }
     }
 
     private static Boolean classify(OneInputStreamOperatorTestHarness<RowData, RowData> h, long eventMs, long windowEndMs) throws Exception {
@@ -115,6 +128,99 @@ class LatenessClassifierTest {
             RowData out = h.extractOutputValues().get(0);
             assertEquals(7L, out.getLong(2));
             assertTrue(out.isNullAt(3) && out.isNullAt(4) && out.isNullAt(5));
+        }
+    }
+
+    @Test
+    void raisedLatenessKeepsWindowsClosedBeforeTheSavepointClosed() throws Exception {
+        // Stopped with the watermark exactly at the window's close under 10 s: final row written, window purged.
+        OperatorSubtaskState savepoint = stoppedAt(CLOSE);
+        long raised = 30_000;
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness(raised)) {
+            h.initializeState(savepoint);
+            h.open();
+            assertEquals(WINDOW_END, ((LatenessClassifier) h.getOperator()).closedThrough(), "closed through the window's end, exactly");
+            assertEquals(true, classify(h, WINDOW_END - 1, WINDOW_END), "closed before: late, although open under 30 s");
+            assertEquals(true, classify(h, WINDOW_END - 15_000, WINDOW_END - 10_000), "an older window too");
+            long next = WINDOW_END + 10_000;
+            assertEquals(false, classify(h, next - 1, next), "a window open before stays open");
+            h.processWatermark(new Watermark(next - 1 + 10_000));
+            assertEquals(false, classify(h, next - 1, next), "past its old close time, open under the raised lateness");
+            h.processWatermark(new Watermark(next - 1 + raised - 1));
+            assertEquals(false, classify(h, next - 1, next), "one ms before end - 1 ms + the raised lateness");
+            h.processWatermark(new Watermark(next - 1 + raised));
+            assertEquals(true, classify(h, next - 1, next), "exactly at end - 1 ms + the raised lateness");
+            savepoint = h.snapshot(2L, 2L);
+        }
+        // Back to 10 s: nothing reopens, the later windows close under 10 s again.
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
+            h.initializeState(savepoint);
+            h.open();
+            assertEquals(true, classify(h, WINDOW_END + 9_999, WINDOW_END + 10_000));
+            long later = WINDOW_END + raised; // held watermark - 10 s + 1 ms: closed under 10 s, exactly
+            assertEquals(true, classify(h, later - 1, later));
+            assertEquals(false, classify(h, later, later + 10_000));
+        }
+    }
+
+    @Test
+    void raisedLatenessOneMsShortOfTheCloseReopensNothingThatWasClosed() throws Exception {
+        OperatorSubtaskState savepoint = stoppedAt(CLOSE - 1);
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness(30_000)) {
+            h.initializeState(savepoint);
+            h.open();
+            assertEquals(false, classify(h, WINDOW_END - 1, WINDOW_END), "open before the savepoint: open after it");
+            assertEquals(true, classify(h, WINDOW_END - 10_000, WINDOW_END - 10_000 + 1 - 1), "closed before: late");
+        }
+    }
+
+    @Test
+    void loweredLatenessClosesWindowsAtOnceFromTheBoundary() throws Exception {
+        long next = WINDOW_END + 10_000;
+        // Stopped with the next window fired and open under 10 s; 0 s closes it exactly at the held watermark.
+        OperatorSubtaskState savepoint = stoppedAt(next - 1);
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness(0)) {
+            h.initializeState(savepoint);
+            h.open();
+            assertEquals(true, classify(h, next - 1, next), "end - 1 ms + 0 exactly at the held watermark: late");
+            assertEquals(true, classify(h, WINDOW_END - 1, WINDOW_END), "an older window: late");
+            assertEquals(false, classify(h, next, next + 10_000), "the window after it is open");
+            RowData boundary = h.extractOutputValues().get(0);
+            assertEquals(utc(next - 1), boundary.getTimestamp(3, 3));
+        }
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness(0)) {
+            h.initializeState(stoppedAt(next - 2));
+            h.open();
+            assertEquals(false, classify(h, next - 1, next), "one ms before the new boundary: on time");
+        }
+    }
+
+    /** The operator state of the previous version: the held watermark only. */
+    private static final class HeldOnly extends org.apache.flink.streaming.api.operators.AbstractStreamOperator<RowData>
+            implements org.apache.flink.streaming.api.operators.OneInputStreamOperator<RowData, RowData> {
+        @Override
+        public void initializeState(org.apache.flink.runtime.state.StateInitializationContext context) throws Exception {
+            super.initializeState(context);
+            context.getOperatorStateStore().getUnionListState(new org.apache.flink.api.common.state.ListStateDescriptor<>("held-watermark", org.apache.flink.api.common.typeinfo.Types.LONG)).update(List.of(CLOSE));
+        }
+
+        @Override
+        public void processElement(StreamRecord<RowData> element) {}
+    }
+
+    @Test
+    void aSavepointWithoutTheBoundaryRestores() throws Exception {
+        OperatorSubtaskState heldOnly;
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = new OneInputStreamOperatorTestHarness<>(new HeldOnly())) {
+            h.open();
+            heldOnly = h.snapshot(1L, 1L);
+        }
+        try (OneInputStreamOperatorTestHarness<RowData, RowData> h = harness()) {
+            h.initializeState(heldOnly);
+            h.open();
+            assertEquals(WINDOW_END, ((LatenessClassifier) h.getOperator()).closedThrough(), "from the held watermark under the lateness in force");
+            assertEquals(true, classify(h, WINDOW_END - 1, WINDOW_END));
+            assertEquals(false, classify(h, WINDOW_END, WINDOW_END + 10_000));
         }
     }
 }

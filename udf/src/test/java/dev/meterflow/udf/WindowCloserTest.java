@@ -8,6 +8,7 @@ import java.time.ZoneOffset;
 import java.util.List;
 
 import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
 import org.apache.flink.streaming.api.operators.KeyedProcessOperator;
 import org.apache.flink.streaming.api.watermark.Watermark;
 import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
@@ -31,7 +32,23 @@ class WindowCloserTest {
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<String, Row, Row> harness() throws Exception {
-        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowCloser(LATENESS_MS)), WindowCloser.windowKey(), Types.STRING);
+        return harness(LATENESS_MS);
+    }
+
+    private static KeyedOneInputStreamOperatorTestHarness<String, Row, Row> harness(long latenessMs) throws Exception {
+        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowCloser(latenessMs)), WindowCloser.windowKey(), Types.STRING);
+    }
+
+    /** A savepoint of a window fired (watermark past its end) and still open under the test's 10 s lateness. */
+    private static OperatorSubtaskState openWindowSavepoint() throws Exception {
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness()) {
+            h.open();
+            h.processElement(new StreamRecord<>(update("c1", "1", 1)));
+            h.processWatermark(new Watermark(END - 1));
+            h.processElement(new StreamRecord<>(update("c1", "2", 2)));
+            assertEquals(List.of(), h.extractOutputValues());
+            return h.snapshot(1L, 1L);
+        }
     }
 
     @Test
@@ -63,6 +80,60 @@ class WindowCloserTest {
             assertEquals("2.5", out.get(0).getValue().getField(6));
             assertEquals(CLOSE, out.get(0).getTimestamp());
             assertEquals(0, h.numEventTimeTimers());
+        }
+    }
+
+    @Test
+    void raisedLatenessMovesTheRestoredTimerToTheNewCloseTime() throws Exception {
+        long raised = 30_000;
+        long newClose = END - 1 + raised;
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness(raised)) {
+            h.initializeState(openWindowSavepoint());
+            h.open();
+            h.processWatermark(new Watermark(CLOSE));
+            assertEquals(List.of(), h.extractOutputValues(), "the old close time: the window operator keeps it open, so does the closer");
+            // An event within the raised lateness updates the window after its old close time.
+            h.processElement(new StreamRecord<>(update("c1", "5", 3)));
+            h.processWatermark(new Watermark(newClose - 1));
+            assertEquals(List.of(), h.extractOutputValues(), "one ms before end - 1 ms + the raised lateness");
+            h.processWatermark(new Watermark(newClose));
+            List<StreamRecord<? extends Row>> out = h.extractOutputStreamRecords();
+            assertEquals(1, out.size(), "emitted once");
+            assertEquals("5", out.get(0).getValue().getField(6), "with the update the raised lateness let in");
+            assertEquals(3L, out.get(0).getValue().getField(8));
+            assertEquals(newClose, out.get(0).getTimestamp());
+            h.processWatermark(new Watermark(newClose + 100_000));
+            assertEquals(1, h.extractOutputValues().size());
+        }
+    }
+
+    @Test
+    void loweredLatenessEmitsTheWindowWithWhatItCounted() throws Exception {
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness(0)) {
+            h.initializeState(openWindowSavepoint());
+            h.open();
+            // Closed under 0 s at END - 1 (the restored watermark); no update can come (the classifier routes them late).
+            h.processWatermark(new Watermark(END - 1));
+            h.processWatermark(new Watermark(CLOSE - 1));
+            h.processWatermark(new Watermark(CLOSE));
+            List<Row> out = h.extractOutputValues();
+            assertEquals(1, out.size(), "emitted once, at the latest at the close time it was registered with");
+            assertEquals("2", out.get(0).getField(6));
+            h.processWatermark(new Watermark(CLOSE + 100_000));
+            assertEquals(1, h.extractOutputValues().size());
+        }
+    }
+
+    @Test
+    void loweredLatenessAndANewWindowClosesAtTheNewCloseTime() throws Exception {
+        long lowered = 2_000;
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness(lowered)) {
+            h.open();
+            h.processElement(new StreamRecord<>(update("c3", "1", 1)));
+            h.processWatermark(new Watermark(END - 1 + lowered - 1));
+            assertEquals(List.of(), h.extractOutputValues());
+            h.processWatermark(new Watermark(END - 1 + lowered));
+            assertEquals(1, h.extractOutputValues().size());
         }
     }
 }
