@@ -162,13 +162,20 @@ class FlinkCluster:
 
         A JobManager whose TaskManager is gone (crashed, or shut down by Flink's task-cancellation
         watchdog) gets a new TaskManager, as a process supervisor would start one in production.
-        A TaskManager whose JobManager is gone gets a new JobManager when HA is on: it recovers the jobs.
+        A TaskManager whose JobManager is gone gets a new JobManager; with HA on it recovers the jobs.
         """
         if self.running():
             return
-        if self.overview() is None and not self.jobmanager_pids() and self.taskmanager_pids() and self.cfg.stack.high_availability == "zookeeper":
-            # The JobManager was lost and its TaskManager lives: a new JobManager recovers the jobs (HA).
-            print("Flink TaskManager has no JobManager: starting one, which recovers the running jobs", file=sys.stderr)
+        if self.overview() is None and not self.jobmanager_pids() and self.taskmanager_pids():
+            # The JobManager was lost and its TaskManager lives: a new JobManager only (the TaskManager registers with it).
+            if self.cfg.stack.high_availability == "zookeeper":
+                print("Flink TaskManager has no JobManager: starting one, which recovers the running jobs", file=sys.stderr)
+            else:
+                print(
+                    "Flink TaskManager has no JobManager: starting one; without high availability the jobs it ran are gone:"
+                    " `meterflow submit` restores them from their newest retained checkpoints",
+                    file=sys.stderr,
+                )
             require_free(self.cfg.flink.rest_host, self.cfg.flink.rest_port, "the Flink REST API", "flink.rest_port")
             self.start_jobmanager()
             wait_until(self.running, "Flink JobManager", 120, self.log_dir)

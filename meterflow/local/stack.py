@@ -81,6 +81,13 @@ class LocalStack:
         """Start every part (idempotent), then apply the database schema."""
         from sinks.ledger import apply_schemas
 
+        from meterflow.local.flink_jobs import slot_needs, slot_shortfall
+
+        # The stack's one TaskManager is sized by flink.task_slots: a config whose jobs cannot all run on it is refused first.
+        short = slot_shortfall(slot_needs(self.cfg), self.cfg.flink.task_slots)
+        if short:
+            msg = f"this config's jobs do not fit the local stack's TaskManager: {short.replace('the cluster has', 'flink.task_slots gives')}"
+            raise StackError(msg)
         exposed = exposed_listeners(self.cfg)
         if exposed:
             msg = "the local stack listens on loopback only; these would bind other addresses: " + ", ".join(f"{k}={v}" for k, v in exposed.items())

@@ -269,12 +269,15 @@ def run_scenario(
     name: str,
     disrupt: Disruption | None = None,
     audit: Callable[[Path, Scenario], None] | None = None,
+    **sections: dict,
 ) -> None:
-    """Play the scenario against a fresh job; ``disrupt`` strikes with risky records in flight and sends more during the fault."""
+    """Play the scenario against a fresh job; ``disrupt`` strikes with risky records in flight and sends more during the fault.
+    ``sections`` update the job's config (not its event_time, which the scenario's oracle assumes)."""
     cfg, path = private_job(
         e2e_stack,
         name,
         event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": "5s"},
+        **sections,
     )
     assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (WINDOW, WATERMARK_DELAY, ALLOWED_LATENESS)
     apply_schema(cfg.postgres)

@@ -1,5 +1,6 @@
 """Resubmitting after the job is gone restores its newest retained state: a JobManager ``kill -9``
-on a cluster without high availability, and a cancel (``meterflow stop`` without a savepoint).
+on a cluster without high availability, and a cancel (``meterflow stop`` without a savepoint); and a
+job gone for longer than its Kafka transaction timeout.
 
 Both strike with late, boundary, duplicate and malformed records in flight and send more while no
 job runs. The operator then does what docs/operations.md says ("JobManager lost", "Stopping and
@@ -29,7 +30,7 @@ from meterflow.local import flink_jobs
 from meterflow.local.flink import FlinkCluster
 from meterflow.local.stack import StackConfigs
 from tests.e2e.conftest import running_stack
-from tests.e2e.helpers import wait_for
+from tests.e2e.helpers import kill_taskmanagers, wait_for, wait_restarted
 from tests.e2e.test_billing_semantics import Fault, run_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -70,14 +71,15 @@ def kill_jobmanager_then_resubmit(cfg: JobConfig, path: Path, job_id: str, durin
     """kill -9 the JobManager (its jobs are gone without HA); send records meanwhile; the runbook: stack up, submit."""
     cluster = FlinkCluster(cfg)
     wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a completed checkpoint to resume from")
-    jobmanagers = cluster.jobmanager_pids()
-    assert len(jobmanagers) == 1, jobmanagers
+    jobmanagers, taskmanagers = cluster.jobmanager_pids(), cluster.taskmanager_pids()
+    assert len(jobmanagers) == 1 and taskmanagers, (jobmanagers, taskmanagers)
     killed_at = int(time.time() * 1000)
     os.kill(jobmanagers[0], signal.SIGKILL)
     wait_for(lambda: cluster.overview() is None, 30, "the JobManager's REST API to go away")
     during()
     _meterflow(path, "stack", "up")
     assert flink_jobs.running_jobs(cfg, cfg.flink.job_name) == []  # no HA: the new JobManager knows no job
+    assert cluster.taskmanager_pids() == taskmanagers  # only the JobManager was started; the TaskManager registered with it
     return Fault(_resubmit(cfg, path, job_id), killed_at, "restore-after-fault")
 
 
@@ -98,3 +100,24 @@ def test_jobmanager_killed_without_ha_and_resubmitted(stack_without_ha):
 def test_cancelled_and_resubmitted(stack_without_ha):
     """`meterflow stop` without a savepoint, then `meterflow submit`: the retained checkpoint is restored, not empty state."""
     run_scenario(stack_without_ha, "cancelresubmit", disrupt=cancel_then_resubmit)
+
+
+# A transaction timeout the test can outlive: the rule (kafka.transaction_timeout > flink.checkpoint_timeout) holds.
+SHORT_TRANSACTIONS = {"kafka": {"transaction_timeout": "30s"}, "flink": {"checkpoint_timeout": "20s"}}
+
+
+def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
+    """kill -9 every TaskManager; send records; wait until Kafka has aborted the transactions the killed
+    attempt left open (longer than kafka.transaction_timeout); then start the replacement."""
+    assert cfg.kafka.transaction_timeout.total_seconds() == 30
+    killed_at = kill_taskmanagers(cfg)
+    during()
+    time.sleep(max(0.0, killed_at / 1000 + 2 * cfg.kafka.transaction_timeout.total_seconds() - time.time()))
+    FlinkCluster(cfg).start_taskmanager()
+    wait_restarted(cfg, job_id, killed_at)
+    return Fault(job_id, killed_at, "restore-before-risky")
+
+
+def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):
+    """No TaskManager for twice kafka.transaction_timeout: the restore commits nothing Kafka aborted, and every record is in one place."""
+    run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, **SHORT_TRANSACTIONS)

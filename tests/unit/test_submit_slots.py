@@ -48,3 +48,13 @@ def test_submit_refuses_before_submitting_either_job(write_config, monkeypatch):
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
     assert result.exit_code == 0, result.output
     assert submitted == ["usage", "billing"]
+
+
+def test_stack_up_refuses_a_taskmanager_too_small_for_the_jobs(write_config):
+    """The local stack is sized for the jobs it runs: flink.task_slots below the two parallelisms is refused before anything starts."""
+    from meterflow.errors import StackError
+    from meterflow.local.stack import LocalStack
+
+    cfg = load_config(write_config("flink:\n  parallelism: 2\n  task_slots: 3\nbilling:\n  enabled: true\n"), environ={})
+    with pytest.raises(StackError, match="flink.task_slots gives 3 task slots and the jobs need 4"):
+        LocalStack(cfg).up(echo=lambda m: None)
