@@ -80,6 +80,7 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
     private transient ValueState<Tuple3<BigDecimal, Integer, String>> window;
     /** The admitted dimension keys after the first. */
     private transient MapState<String, Boolean> moreKeys;
+    private transient ValueState<Long> windowEnd;
     private transient RowData.FieldGetter[] getters;
 
     /**
@@ -136,6 +137,9 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
         TypeInformation<Tuple3<BigDecimal, Integer, String>> summary = Types.TUPLE(Types.BIG_DEC, Types.INT, Types.STRING);
         window = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window", summary));
         moreKeys = getRuntimeContext().getMapState(new MapStateDescriptor<>("guard-more-dimension-keys", Types.STRING, Types.BOOLEAN));
+        // The window's end, so a timer restored from a savepoint taken under a lower allowed lateness
+        // can move to the close time under the current one (a savepoint without it restores none).
+        windowEnd = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window-end", Types.LONG));
         getters = new RowData.FieldGetter[inputType.getFieldCount()];
         for (int i = 0; i < getters.length; i++) {
             getters[i] = RowData.createFieldGetter(inputType.getTypeAt(i), i);
@@ -162,8 +166,10 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
             return;
         }
         if (held == null) {
+            long end = windowStart(row) + windowSizeMs;
             window.update(Tuple3.of(sum, 1, key));
-            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(windowStart(row) + windowSizeMs, allowedLatenessMs));
+            windowEnd.update(end);
+            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(end, allowedLatenessMs));
         } else if (newKey) {
             moreKeys.put(key, true);
             window.update(Tuple3.of(sum, held.f1 + 1, held.f2));
@@ -174,10 +180,17 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
     }
 
     @Override
-    public void onTimer(long timestamp, OnTimerContext ctx, Collector<RowData> out) {
+    public void onTimer(long timestamp, OnTimerContext ctx, Collector<RowData> out) throws Exception {
+        Long end = windowEnd.value();
+        if (end != null && timestamp < WindowClose.closeTime(end, allowedLatenessMs)) {
+            // Registered under a lower allowed lateness before a restore: the window is still open.
+            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(end, allowedLatenessMs));
+            return;
+        }
         // The window closed downstream at this watermark: no on-time event of it can come any more.
         window.clear();
         moreKeys.clear();
+        windowEnd.clear();
     }
 
     private long windowStart(RowData row) {

@@ -290,6 +290,47 @@ class WindowGuardTest {
     }
 
     @Test
+    void aRaisedLatenessKeepsTheLimitsUntilTheNewCloseTime() throws Exception {
+        OperatorSubtaskState snapshot;
+        try (var h = harness(new WindowGuard(TYPE, 1, WINDOW_MS, LATENESS_MS))) {
+            h.open();
+            send(h, event("a", "1"));
+            snapshot = h.snapshot(1L, 1L);
+        }
+        long raised = 30_000;
+        long newClose = WindowClose.closeTime(START + WINDOW_MS, raised);
+        try (var h = harness(new WindowGuard(TYPE, 1, WINDOW_MS, raised))) {
+            h.initializeState(snapshot);
+            h.open();
+            h.processWatermark(new Watermark(CLOSE)); // the timer of the old 10 s lateness fires ...
+            assertEquals(1, h.numEventTimeTimers(), "... and moves to the close time under 30 s");
+            h.processWatermark(new Watermark(newClose - 1));
+            send(h, event("b", "1"));
+            assertEquals(1, reasons(h).size(), "the window still holds its one combination, one ms before the new close");
+            h.processWatermark(new Watermark(newClose));
+            assertEquals(0, h.numKeyedStateEntries(), "nothing kept after the new close");
+            assertEquals(0, h.numEventTimeTimers());
+        }
+    }
+
+    @Test
+    void aLoweredLatenessClearsTheWindowAtItsRestoredTimer() throws Exception {
+        OperatorSubtaskState snapshot;
+        try (var h = harness(new WindowGuard(TYPE, 1, WINDOW_MS, LATENESS_MS))) {
+            h.open();
+            send(h, event("a", "1"));
+            snapshot = h.snapshot(1L, 1L);
+        }
+        try (var h = harness(new WindowGuard(TYPE, 1, WINDOW_MS, 1_000))) {
+            h.initializeState(snapshot);
+            h.open();
+            h.processWatermark(new Watermark(CLOSE)); // the old timer: past the new close time, so the window is done
+            assertEquals(0, h.numKeyedStateEntries());
+            assertEquals(0, h.numEventTimeTimers());
+        }
+    }
+
+    @Test
     void aRecordAlreadyRejectedPassesUntouchedKeyedByItsCoordinates() throws Exception {
         try (var h = harness(1)) {
             h.open();
