@@ -68,16 +68,18 @@ def forget(job_dir: Path, now: datetime) -> Path:
     return aside
 
 
-def job_settings(cfg: JobConfig) -> dict[str, Any]:
-    """The usage job's settings its state depends on: the window size and, per meter, what a row holds.
+def job_settings(cfg: JobConfig, window_aggregate: str) -> dict[str, Any]:
+    """The usage job's settings its state depends on: the window size, the window aggregate's SQL
+    (``window_aggregate``, jobs/plan.py ``quantity_expr``: the accumulators the window state holds)
+    and, per meter, what splits its rows (group-by and unique dimensions).
 
-    The windows, the window guard's and the closer's state are keyed by window start and by
-    meter and group-by key, and the aggregate state holds one accumulator per aggregation: a state
-    made under other values would be read as if it were this job's.
+    Meters may be added or removed where the aggregate stays the same (meters that all SUM): the
+    dead-letter replay after adding a meter depends on it.
     """
     return {
         "window_size": format_duration(cfg.event_time.window_size),
-        "meters": {m.name: {"aggregation": m.aggregation, "group_by": list(m.group_by), "unique_dimension": m.unique_dimension} for m in cfg.meters},
+        "window_aggregate": window_aggregate,
+        "meters": {m.name: {"group_by": list(m.group_by), "unique_dimension": m.unique_dimension} for m in cfg.meters},
     }
 
 
@@ -90,12 +92,13 @@ def unsafe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     problems = []
     if before.get("window_size") != now["window_size"]:
         problems.append(f"event_time.window_size was {before.get('window_size')} and is {now['window_size']}")
+    if before.get("window_aggregate") != now["window_aggregate"]:
+        problems.append(
+            "the window aggregate changes (a meter's aggregation changed, or meters were added or removed beside meters that do not SUM):"
+            f" it was {before.get('window_aggregate')} and is {now['window_aggregate']}"
+        )
     old_meters: dict[str, Any] = before.get("meters", {})
     new_meters: dict[str, Any] = now["meters"]
-    for name in sorted(old_meters.keys() - new_meters.keys()):
-        problems.append(f"meter {name} was removed")
-    for name in sorted(new_meters.keys() - old_meters.keys()):
-        problems.append(f"meter {name} was added")
     for name in sorted(old_meters.keys() & new_meters.keys()):
         for key in sorted(old_meters[name].keys() | new_meters[name].keys()):
             if old_meters[name].get(key) != new_meters[name].get(key):
@@ -146,7 +149,7 @@ def plan_start(
             msg = (
                 f"{job_name} is not submitted: its state at {restore} was made with other settings ("
                 + "; ".join(problems)
-                + "). A window size or meter change cannot take over a state: restart from a fresh consumer group after the last"
+                + "). Such a change cannot take over a state: restart from a fresh consumer group after the last"
                 " window closed (docs/operations.md, Upgrades), or put the old settings back."
             )
             raise JobSubmissionError(msg)

@@ -21,8 +21,8 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
 
     Each job resumes from the newest checkpoint or savepoint it left under
     flink.checkpoint_dir/<job name> (after a cancel, a failure or a lost JobManager), never from
-    empty state while one exists, unless --fresh. A usage job state made with another window size
-    or other meters is refused. A job already running under its name is left alone. The usage job
+    empty state while one exists, unless --fresh. A usage job state made with another window size,
+    window aggregate or meter dimensions is refused. A job already running under its name is left alone. The usage job
     is refused when its input topic is not LogAppendTime or not sized as kafka.max_message_bytes, or
     the dead-letter topic cannot hold a dead letter of the largest input; both jobs are refused when
     the cluster has fewer task slots than their parallelisms add up to, or the brokers' transaction
@@ -39,7 +39,9 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
     cfg = ctx.cfg
     flink_jobs.check_slots(cfg)  # jobs that can never all run are refused before any is submitted
     flink_jobs.check_transaction_timeout(cfg)
-    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg))]
+    from jobs.plan import quantity_expr
+
+    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg, quantity_expr(cfg)))]
     if cfg.billing.enabled:
         plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint, None))
     for name, submit_job, explicit, settings in plan:

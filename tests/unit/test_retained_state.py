@@ -50,7 +50,7 @@ def test_the_state_directory_is_per_job_name_and_remote_ones_are_not_listed(writ
 
 
 NEWEST = rs.RetainedState(rs.Path("/cp/job/abc/chk-9"), "checkpoint", datetime(2026, 12, 5, 10, 0, tzinfo=UTC))
-SETTINGS = {"window_size": "1m", "meters": {"tokens": {"aggregation": "SUM", "group_by": [], "unique_dimension": None}}}
+SETTINGS = {"window_size": "1m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": [], "unique_dimension": None}}}
 
 
 def _plan(**kw):
@@ -83,13 +83,12 @@ def test_a_remote_state_directory_needs_an_explicit_start():
     ("change", "problem"),
     [
         ({"window_size": "5m"}, "event_time.window_size was 1m and is 5m"),
-        ({"meters": {}}, "meter tokens was removed"),
-        ({"meters": {**SETTINGS["meters"], "calls": {"aggregation": "COUNT", "group_by": [], "unique_dimension": None}}}, "meter calls was added"),
-        ({"meters": {"tokens": {"aggregation": "MAX", "group_by": [], "unique_dimension": None}}}, "meter tokens: aggregation was SUM and is MAX"),
-        ({"meters": {"tokens": {"aggregation": "SUM", "group_by": ["region"], "unique_dimension": None}}}, "meter tokens: group_by was [] and is ['region']"),
+        ({"window_aggregate": "CASE `meter` WHEN 'tokens' THEN MAX(`quantity`) END"}, "the window aggregate changes"),
+        ({"meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}}}, "meter tokens: group_by was [] and is ['region']"),
+        ({"meters": {"tokens": {"group_by": [], "unique_dimension": "model"}}}, "meter tokens: unique_dimension was None and is model"),
     ],
 )
-def test_a_state_of_another_window_size_or_meters_is_refused(change, problem):
+def test_a_state_of_another_window_size_aggregate_or_meter_dimensions_is_refused(change, problem):
     with pytest.raises(JobSubmissionError, match="is not submitted") as refused:
         _plan(settings={**SETTINGS, **change})
     assert problem in str(refused.value) and "fresh consumer group" in str(refused.value)
@@ -98,12 +97,22 @@ def test_a_state_of_another_window_size_or_meters_is_refused(change, problem):
     assert _plan(settings={**SETTINGS, **change}, fresh=True).restore is None  # starting fresh is allowed
 
 
-def test_the_job_settings_cover_window_size_and_meters(write_config):
-    cfg = load_config(write_config("event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"), environ={})
-    settings = rs.job_settings(cfg)
-    assert settings == {"window_size": "5m", "meters": {"tokens": {"aggregation": "SUM", "group_by": ["region"], "unique_dimension": None}}}
-    relaxed = load_config(write_config("event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"), environ={})
-    assert rs.unsafe_changes(settings, rs.job_settings(relaxed)) == []  # lateness and watermark may change
+def test_the_job_settings_follow_the_plan(write_config):
+    """Window size, the aggregate's SQL and the meters' dimensions; a meter added beside SUM meters keeps the state, one of another aggregation does not."""
+    from jobs.plan import quantity_expr
+
+    def settings(text: str) -> dict:
+        cfg = load_config(write_config(text), environ={})
+        return rs.job_settings(cfg, quantity_expr(cfg))
+
+    base = settings("event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n")
+    assert base == {"window_size": "5m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}}}
+    relaxed = settings("event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n")
+    assert rs.unsafe_changes(base, relaxed) == []  # lateness and watermark may change
+    added = settings("event_time:\n  window_size: 5m\nmeters:\n  - name: tokens\n    group_by: [region]\n  - name: storage\n")
+    assert rs.unsafe_changes(base, added) == []  # the documented dead-letter fix: a SUM meter added through a savepoint
+    peak = settings("event_time:\n  window_size: 5m\nmeters:\n  - name: tokens\n    group_by: [region]\n  - name: peak\n    aggregation: MAX\n")
+    assert [p.split(":")[0] for p in rs.unsafe_changes(base, peak)] == ["the window aggregate changes (a meter's aggregation changed, or meters were added or removed beside meters that do not SUM)"]
 
 
 def _stub_cluster(monkeypatch, submitted):
