@@ -108,3 +108,15 @@ def encode_registry_framed(event: Mapping[str, Any], schema_id: int, schema: Any
     out = io.BytesIO()
     fastavro.schemaless_writer(out, fastavro.parse_schema(schema), event)
     return frame(schema_id, out.getvalue())
+
+
+@lru_cache(maxsize=1)
+def _closed_window_schema() -> Any:
+    return fastavro.parse_schema(load_schema(AVRO_DIR / "closed_window.avsc"))
+
+
+def encode_closed_window(window: Mapping[str, Any]) -> bytes:
+    """A closed-window record (avro/closed_window.avsc) as the usage job writes it: plain Avro binary, no framing."""
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, _closed_window_schema(), dict(window))
+    return out.getvalue()

@@ -188,3 +188,19 @@ def corrections_of(ledger: Iterable[LedgerWindow]) -> list[Correction]:
     """Every correction delivery, oldest window first."""
     found = [Correction(*d.key, d.revision, d.quantity, d.status, "late events" if d.correction_id else "changed final") for d in ledger if d.kind == "correction"]
     return sorted(found, key=lambda c: (c.window_start, c.tenant_id, c.customer_id, c.meter, c.dimensions_key, c.revision))
+
+
+def unpublished(finals: Iterable[tuple[tuple, int]], ledger: Iterable[LedgerWindow]) -> list[tuple]:
+    """Keys of final windows billing never saw at their final revision: no delivery of the window in
+    the ledger, or only of an older revision (deliveries of late-event corrections aside).
+
+    ``finals`` holds (window key, revision) of each settled final row. These are the windows whose
+    closed-window record did not reach billing (an output transaction Kafka aborted after an outage
+    longer than kafka.transaction_timeout): ``meterflow billing republish`` publishes them again,
+    and billing bills each once, or the difference to what it billed.
+    """
+    seen: dict[tuple, int] = {}
+    for d in ledger:
+        if d.correction_id is None:
+            seen[d.key] = max(seen.get(d.key, 0), d.revision)
+    return sorted(key for key, revision in finals if seen.get(key, 0) < revision)

@@ -1,4 +1,4 @@
-"""``meterflow billing status/replay/customers`` and ``meterflow reconcile``: the billing ledger."""
+"""``meterflow billing status/replay/republish/customers`` and ``meterflow reconcile``: the billing ledger."""
 
 from __future__ import annotations
 
@@ -126,6 +126,59 @@ async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
         await ledger.close()
         await provider.close()
     return counts
+
+
+@billing.command("republish")
+@click.option("--tenant", default=None, help="Only this tenant.")
+@click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC).")
+@click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
+@click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be on their way to billing and are skipped.")
+@click.option("--dry-run", is_flag=True, help="List what would be published, publish nothing.")
+@pass_ctx
+def billing_republish(ctx: Context, tenant: str | None, since: str | None, until: str | None, grace: str, dry_run: bool) -> None:
+    """Publish again the final windows billing never saw at their final revision.
+
+    A window final in Postgres whose closed-window record never reached billing (its output
+    transaction was aborted by Kafka after an outage longer than kafka.transaction_timeout) shows in
+    `meterflow reconcile` as not billed, or billed at an older revision. This publishes its final
+    row to the closed-windows topic again; the billing job bills it once with its deterministic
+    identifier, or bills the difference to what it billed. Running it twice publishes nothing new
+    to bill: a window billing has at its final revision is not chosen.
+    """
+    from connectors.avro_codec import encode_closed_window
+    from connectors.kafka_writer import send_values
+    from sinks.ledger import fetch_reconciliation_input
+    from sinks.postgres import fetch_usage
+    from sinks.reconcile import unpublished
+
+    cfg = ctx.cfg
+    try:
+        lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
+    except ValueError as e:
+        raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
+    cutoff = datetime.now(UTC) - parse_duration(grace)
+    rows = {
+        (r.tenant_id, r.customer_id, r.meter, r.dimensions_key, r.window_start): r
+        for r in fetch_usage(cfg.postgres)
+        if r.is_final and r.updated_at <= cutoff
+        and (tenant is None or r.tenant_id == tenant) and (lower is None or r.window_start >= lower) and (upper is None or r.window_start < upper)
+    }  # fmt: skip
+    chosen = [rows[k] for k in unpublished(((k, r.revision) for k, r in rows.items()), fetch_reconciliation_input(cfg, parse_duration(grace)).ledger)]
+    for r in chosen:
+        console.print(f"{r.tenant_id}/{r.customer_id}/{r.meter} {r.dimensions_key} {r.window_start:%Y-%m-%d %H:%M:%S}  {fmt_qty(r.quantity)}  revision {r.revision}")
+    if dry_run or not chosen:
+        err_console.print(f"{len(chosen)} final windows {'would be ' if dry_run else ''}published again to {cfg.kafka.closed_windows_topic}")
+        return
+    records = [
+        (f"{r.tenant_id}/{r.customer_id}".encode(), encode_closed_window({
+            "tenant_id": r.tenant_id, "customer_id": r.customer_id, "meter": r.meter, "dimensions_key": r.dimensions_key,
+            "window_start": r.window_start.replace(tzinfo=UTC), "window_end": r.window_end.replace(tzinfo=UTC),
+            "quantity": r.quantity, "event_count": r.event_count, "revision": r.revision,
+        }))
+        for r in chosen
+    ]  # fmt: skip
+    sent = send_values(cfg.kafka.bootstrap_servers, cfg.kafka.closed_windows_topic, records, noun="closed windows")
+    err_console.print(f"{sent} final windows published again to {cfg.kafka.closed_windows_topic}; the billing job bills them (check with `meterflow reconcile`)")
 
 
 @billing.group("customers")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 import uuid
 from collections import Counter
@@ -231,6 +232,52 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
         for identifier in in_flight:
             assert fake.attempts_for(identifier) >= 2, "a call in flight at the kill is sent again with the same identifier"
         assert fake.outcomes().get("replayed", 0) >= 1, "the provider replayed a first answer the killed worker never read"
+        for identifier, w in ids.items():
+            assert fake.accepted[identifier].value == w["quantity"]
+    finally:
+        fake.stop()
+
+
+def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack):
+    """Final in Postgres, missing from the closed-windows topic (an output transaction Kafka aborted), or there only at an
+    older revision: reconcile shows them, `billing republish` publishes them again, the provider gets each once or the difference."""
+    fake = FakeStripe().start()
+    try:
+        cfg, path = _config(e2e_stack, "republish", fake.url)
+        size = cfg.event_time.window_size
+        start = (datetime.now(UTC) - timedelta(hours=3)).replace(second=0, microsecond=0)
+        windows = [closed_window("tenant-r", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 3) for c in range(2) for i in range(3)]
+        map_customer(cfg, "tenant-r", "cust-0", "cus_r0")
+        map_customer(cfg, "tenant-r", "cust-1", "cus_r1")
+        ids = {_identifier(cfg, w["tenant_id"], w["customer_id"], w["meter"], w["window_start"]): w for w in windows}
+        published, lost = windows[:4], windows[4:]
+        write_final_rows(cfg, windows)
+        publish_closed_windows(cfg, published)
+        job_id = flink_jobs.submit_billing(cfg, path)
+        try:
+            first = {i for i, w in ids.items() if w in published}
+            wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, first).values()) and len(_ledger(cfg, first)) == 4, 180, "the published windows sent")
+            # The usage job closed window 0 again with two more events; that record was lost too.
+            changed = {**windows[0], "quantity": windows[0]["quantity"] + Decimal("1.5"), "event_count": 5, "revision": 5}
+            write_final_rows(cfg, [changed])
+            found = _cli(path, "reconcile", "--grace", "0s", "--tenant", "tenant-r", "--format", "json")
+            kinds = Counter(d["kind"] for d in json.loads(found.stdout)["discrepancies"])
+            assert found.exit_code == 1 and kinds == {"not billed": 2, "billed differently": 1}, found.output
+            dry = _cli(path, "billing", "republish", "--grace", "0s", "--tenant", "tenant-r", "--dry-run")
+            assert dry.exit_code == 0 and "3 final windows would be published again" in dry.output, dry.output
+            assert _cli(path, "billing", "republish", "--grace", "0s", "--tenant", "tenant-r").exit_code == 0
+            correction = derive_correction_identifier(_identifier(cfg, "tenant-r", "cust-0", "tokens", windows[0]["window_start"]), 5)
+            every = set(ids) | {correction}
+            wait_for(lambda: len(_ledger(cfg, every)) == 7 and all(d.status == "sent" for d in _ledger(cfg, every).values()), 180, "the republished windows sent")
+            again = _cli(path, "billing", "republish", "--grace", "0s", "--tenant", "tenant-r")
+            assert again.exit_code == 0 and "0 final windows published again" in again.output, again.output
+            agreed = _cli(path, "reconcile", "--grace", "0s", "--tenant", "tenant-r")
+            assert agreed.exit_code == 0, agreed.output
+        finally:
+            flink_jobs.cancel(cfg, job_id)
+        accepted = Counter(e.identifier for e in fake.events)
+        assert set(accepted) == every and set(accepted.values()) == {1}, accepted
+        assert fake.accepted[correction].value == Decimal("1.5")
         for identifier, w in ids.items():
             assert fake.accepted[identifier].value == w["quantity"]
     finally:

@@ -1,0 +1,42 @@
+"""Which final windows `meterflow billing republish` publishes again: those billing never saw at their final revision."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import fastavro
+
+from connectors.avro_codec import encode_closed_window
+from connectors.avro_types import AVRO_DIR, load_schema
+from sinks.reconcile import LedgerWindow, unpublished
+
+START = datetime(2026, 12, 5, 10, 0)
+
+
+def _key(customer: str) -> tuple:
+    return ("t", customer, "tokens", "{}", START)
+
+
+def _delivery(customer: str, revision: int, kind: str = "window", status: str = "sent", correction_id: str | None = None) -> LedgerWindow:
+    return LedgerWindow("t", customer, "tokens", "{}", START, Decimal(1), status, None, kind, revision, correction_id)
+
+
+def test_missing_and_older_revisions_are_republished_and_nothing_else():
+    finals = [(_key("a"), 3), (_key("b"), 5), (_key("c"), 5), (_key("d"), 4), (_key("e"), 2)]
+    ledger = [
+        _delivery("b", 3),  # billed at 3, final is 5: the newer close never reached billing
+        _delivery("c", 3), _delivery("c", 5, kind="correction"),  # the newer close was billed as a correction
+        _delivery("d", 4, status="dead"),  # billing has it (dead: `billing replay`, not a republish)
+        _delivery("e", 1), _delivery("e", 9, kind="correction", correction_id="late-1"),  # a late-event correction says nothing of the final
+    ]  # fmt: skip
+    assert unpublished(finals, ledger) == [_key("a"), _key("b"), _key("e")]
+    assert unpublished([], ledger) == []
+
+
+def test_a_republished_record_is_the_usage_jobs_closed_window():
+    window = {"tenant_id": "t", "customer_id": "c", "meter": "tokens", "dimensions_key": "{}", "window_start": START.replace(tzinfo=UTC),
+              "window_end": datetime(2026, 12, 5, 10, 1, tzinfo=UTC), "quantity": Decimal("1.250000000"), "event_count": 3, "revision": 3}  # fmt: skip
+    schema = fastavro.parse_schema(load_schema(AVRO_DIR / "closed_window.avsc"))
+    assert fastavro.schemaless_reader(io.BytesIO(encode_closed_window(window)), schema) == window
