@@ -47,7 +47,7 @@ def stack_down(ctx: Context) -> None:
 @stack.command("status")
 @pass_ctx
 def stack_status(ctx: Context) -> None:
-    """Show which parts of the stack are running; exit 1 if any is not."""
+    """Show which parts of the stack are running; exit 1 if any part this config uses is not."""
     if not _print_status(ctx.cfg):
         sys.exit(1)
 
@@ -58,6 +58,7 @@ def _print_status(cfg: JobConfig) -> bool:
     table = Table("component", "state", "address", "detail")
     statuses = LocalStack(cfg).status()
     for s in statuses:
-        table.add_row(s.name, "[green]running[/]" if s.running else "[red]stopped[/]", s.address, s.detail)
+        state = "[green]running[/]" if s.running else ("[red]stopped[/]" if s.wanted else "stopped")
+        table.add_row(s.name, state, s.address, s.detail)
     console.print(table)
-    return all(s.running for s in statuses)
+    return all(s.running for s in statuses if s.wanted)

@@ -24,6 +24,7 @@ class ComponentStatus:
     running: bool
     address: str
     detail: str = ""
+    wanted: bool = True  # False: this config does not use the part, so it need not run
 
 
 def free_ports(n: int) -> list[int]:

@@ -268,9 +268,16 @@ class FlinkCluster:
         return pids
 
     def status(self) -> ComponentStatus:
-        """Running state, address and job counts."""
-        ov = self.overview() or {}
-        detail = f"taskmanagers={ov.get('taskmanagers', 0)} slots={ov.get('slots-total', 0)} running_jobs={ov.get('jobs-running', 0)}" if ov else ""
+        """Running state, address and job counts; a lost JobManager or TaskManager is named with what to run."""
+        ov = self.overview()
+        if ov is None:
+            lost = self.taskmanager_pids() and not self.jobmanager_pids()
+            after = "which recovers the jobs" if self.cfg.stack.high_availability == "zookeeper" else "then `meterflow submit` restores the jobs"
+            detail = f"JobManager lost, TaskManager running: `meterflow stack up` starts a JobManager, {after}" if lost else ""
+        elif not ov.get("taskmanagers"):
+            detail = "no TaskManager registered: `meterflow stack up` starts one"
+        else:
+            detail = f"taskmanagers={ov.get('taskmanagers', 0)} slots={ov.get('slots-total', 0)} running_jobs={ov.get('jobs-running', 0)}"
         return ComponentStatus("flink", self.running(), self.rest_url, detail)
 
 

@@ -62,5 +62,5 @@ class StripeMock:
         stop_pid(self.pid_file, "stripe-mock", timeout=10)
 
     def status(self) -> ComponentStatus:
-        return ComponentStatus("stripe-mock", self.running(), self.url, "" if self.wanted else "not used by this config")
+        return ComponentStatus("stripe-mock", self.running(), self.url, "" if self.wanted else "not used by this config", wanted=self.wanted)
 

@@ -225,3 +225,40 @@ def test_stack_starts_zookeeper_before_flink_and_stops_it_after(tmp_path, monkey
     stack.up(echo=lambda m: None)
     assert "up zookeeper" not in calls and "up flink" in calls
     assert "zookeeper" not in [s.name for s in stack.status()]
+
+
+def test_flink_status_names_a_lost_jobmanager_or_taskmanager_and_what_to_run(tmp_path, monkeypatch):
+    from meterflow.config import JobConfig
+    from meterflow.local.flink import FlinkCluster
+
+    def cluster(ha: str, overview: dict | None, tms: list[int], jms: list[int]) -> FlinkCluster:
+        c = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "high_availability": ha}}))
+        monkeypatch.setattr(c, "overview", lambda: overview)
+        monkeypatch.setattr(c, "taskmanager_pids", lambda: tms)
+        monkeypatch.setattr(c, "jobmanager_pids", lambda: jms)
+        return c
+
+    lost_jm = cluster("zookeeper", None, [11], []).status()
+    assert not lost_jm.running and "JobManager lost" in lost_jm.detail and "recovers the jobs" in lost_jm.detail
+    assert "`meterflow submit` restores the jobs" in cluster("none", None, [11], []).status().detail
+    assert cluster("none", None, [], []).status().detail == ""  # stopped: nothing lost
+    lost_tm = cluster("none", {"taskmanagers": 0}, [], [7]).status()
+    assert not lost_tm.running and lost_tm.detail == "no TaskManager registered: `meterflow stack up` starts one"
+    assert cluster("none", {"taskmanagers": 1, "slots-total": 4, "jobs-running": 2}, [11], [7]).status().detail == "taskmanagers=1 slots=4 running_jobs=2"
+
+
+def test_stack_status_judges_only_the_parts_the_config_uses(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from meterflow.commands import cli
+    from meterflow.local.base import ComponentStatus
+    from meterflow.local.stack import LocalStack
+
+    path = tmp_path / "meterflow.yaml"
+    path.write_text("stack:\n  state_dir: state\n")
+    parts = [ComponentStatus("kafka", True, "k"), ComponentStatus("stripe-mock", False, "s", "not used by this config", wanted=False)]
+    monkeypatch.setattr(LocalStack, "status", lambda self: parts)
+    assert CliRunner().invoke(cli, ["--config", str(path), "stack", "status"]).exit_code == 0
+    parts.append(ComponentStatus("flink", False, "f", "no TaskManager registered: `meterflow stack up` starts one"))
+    result = CliRunner().invoke(cli, ["--config", str(path), "stack", "status"])
+    assert result.exit_code == 1 and "no TaskManager registered" in result.output
