@@ -367,7 +367,8 @@ class JobConfig(_Section):
     def checkpoint_uri(self) -> str:
         """Checkpoint directory as a URI Flink accepts."""
         d = self.flink.checkpoint_dir
-        return d if "://" in d else self.path(d).as_uri()
+        # Not Path.as_uri(): Flink does not decode a percent-encoded path, so "a b" would become a directory "a%20b".
+        return d if "://" in d else f"file://{self.path(d)}"
 
     def job_state_uri(self, job_name: str) -> str:
         """Where the job named ``job_name`` keeps its checkpoints and savepoints (meterflow/retained_state.py)."""

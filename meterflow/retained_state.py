@@ -12,6 +12,7 @@ would be lost, and the consumer group's offsets would skip what those windows ha
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,19 +41,42 @@ class RetainedState:
         return f"{self.kind} {self.path} (taken {self.taken_at.isoformat(timespec='seconds')})"
 
 
-def job_state_dir(cfg: JobConfig, job_name: str) -> Path | None:
-    """The local directory of ``cfg.job_state_uri(job_name)``; None on a remote file system (s3://, hdfs://), which this tool cannot list."""
+def checkpoint_root(cfg: JobConfig) -> Path | None:
+    """The local directory of ``flink.checkpoint_dir``; None on a remote file system (s3://, hdfs://), which this tool cannot list."""
     d = cfg.flink.checkpoint_dir
     if "://" not in d:
-        return cfg.path(d) / job_name
-    return Path(d.removeprefix("file://")) / job_name if d.startswith("file:///") else None
+        return cfg.path(d)
+    return Path(d.removeprefix("file://")) if d.startswith("file:///") else None
+
+
+def job_state_dir(cfg: JobConfig, job_name: str) -> Path | None:
+    """The local directory of ``cfg.job_state_uri(job_name)``, or None where ``checkpoint_root`` is."""
+    root = checkpoint_root(cfg)
+    return root / job_name if root is not None else None
 
 
 def retained_states(job_dir: Path) -> list[RetainedState]:
     """Every complete checkpoint and savepoint under a job's state directory, newest first."""
     found = [RetainedState(m.parent, "checkpoint", _mtime(m)) for m in job_dir.glob("*/chk-*/_metadata")]
     found += [RetainedState(m.parent, "savepoint", _mtime(m)) for m in job_dir.glob(f"{SAVEPOINTS}/*/_metadata")]
-    return sorted(found, key=lambda s: (s.taken_at, s.path.name), reverse=True)
+    # Equal times (a coarse file system, a copy that did not keep them): the higher checkpoint number.
+    return sorted(found, key=lambda s: (s.taken_at, _checkpoint_number(s.path)), reverse=True)
+
+
+def legacy_checkpoints(checkpoint_dir: Path) -> list[RetainedState]:
+    """Complete checkpoints in the layout before per-job directories (``<checkpoint_dir>/<job id>/chk-<n>``), newest first.
+
+    Both jobs wrote there, so which job one belongs to is not known here: a submit that finds no
+    state in the new layout but these refuses to start from empty state and lists them.
+    """
+    found = [RetainedState(m.parent, "checkpoint", _mtime(m)) for m in checkpoint_dir.glob("*/chk-*/_metadata") if _JOB_ID.fullmatch(m.parent.parent.name)]
+    return sorted(found, key=lambda s: (s.taken_at, _checkpoint_number(s.path)), reverse=True)
+
+
+def settings_beside(state: str) -> dict[str, Any] | None:
+    """The settings recorded with the job whose state directory holds ``state`` (a local checkpoint or savepoint path), or None."""
+    path = Path(state.removeprefix("file://")) if state.startswith("file://") or "://" not in state else None
+    return read_job_settings(path.parent.parent) if path is not None else None
 
 
 def newest_retained(job_dir: Path) -> RetainedState | None:
@@ -63,7 +87,12 @@ def newest_retained(job_dir: Path) -> RetainedState | None:
 
 def forget(job_dir: Path, now: datetime) -> Path:
     """Set a job's retained state aside (renamed, not deleted) so that no later submit restores it."""
-    aside = job_dir.with_name(f"{job_dir.name}{FORGOTTEN_MARK}{now.strftime('%Y%m%dT%H%M%SZ')}")
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    aside = job_dir.with_name(f"{job_dir.name}{FORGOTTEN_MARK}{stamp}")
+    n = 1
+    while aside.exists():  # set aside twice within a second
+        n += 1
+        aside = job_dir.with_name(f"{job_dir.name}{FORGOTTEN_MARK}{stamp}-{n}")
     job_dir.rename(aside)
     return aside
 
@@ -156,6 +185,7 @@ def plan_start(
     newest: RetainedState | None,
     recorded: dict[str, Any] | None,
     settings: dict[str, Any] | None,
+    legacy: tuple[RetainedState, ...] = (),
 ) -> StartPoint:
     """Decide where a job starts; JobSubmissionError when it must not start at all.
 
@@ -193,6 +223,14 @@ def plan_start(
         )
     if newest is not None:
         return StartPoint(str(newest.path), (f"{job_name}: restoring its newest {newest.describe()}",))
+    if legacy:
+        listed = ", ".join(str(state.path) for state in legacy[:4])
+        msg = (
+            f"{job_name} is not submitted: no state under {state_uri}, but checkpoints of the layout before per-job directories"
+            f" exist ({listed}{', ...' if len(legacy) > 4 else ''}): pass the one of this job with --savepoint (usage job) or"
+            " --billing-savepoint (billing job), or --fresh to start from empty state"
+        )
+        raise JobSubmissionError(msg)
     if not listable:
         msg = (
             f"{job_name} is not submitted: its retained checkpoints under {state_uri} cannot be listed from here;"
@@ -212,6 +250,13 @@ def write_job_settings(job_dir: Path, settings: dict[str, Any]) -> None:
     """Record the settings the job's state is made with, beside it."""
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / JOB_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _checkpoint_number(path: Path) -> int:
+    return int(path.name.removeprefix("chk-")) if path.name.startswith("chk-") and path.name[4:].isdigit() else -1
 
 
 def _mtime(path: Path) -> datetime:

@@ -120,6 +120,12 @@ class ReconciliationInput:
     late_corrections: list[LateCorrection]
 
 
+def fetch_ledger_windows(cfg: JobConfig) -> list[LedgerWindow]:
+    """Every delivery of the configured provider, keyed like the final windows."""
+    with connect(cfg.postgres) as conn:
+        return [LedgerWindow(*r) for r in conn.execute(ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()]
+
+
 def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> ReconciliationInput:
     """Read both sides of the reconciliation (no late corrections when none was ever recorded)."""
     cutoff = datetime.now(UTC) - grace

@@ -190,17 +190,24 @@ def corrections_of(ledger: Iterable[LedgerWindow]) -> list[Correction]:
     return sorted(found, key=lambda c: (c.window_start, c.tenant_id, c.customer_id, c.meter, c.dimensions_key, c.revision))
 
 
-def unpublished(finals: Iterable[tuple[tuple, int]], ledger: Iterable[LedgerWindow]) -> list[tuple]:
+def unpublished(finals: Iterable[tuple[tuple, int, Decimal]], ledger: Iterable[LedgerWindow]) -> list[tuple]:
     """Keys of final windows billing never saw at their final revision: no delivery of the window in
-    the ledger, or only of an older revision (deliveries of late-event corrections aside).
+    the ledger, or only of an older revision, with a total other than the final quantity
+    (deliveries of late-event corrections aside; a newer close with the same quantity leaves billing
+    nothing to record, so it is not chosen again and again).
 
-    ``finals`` holds (window key, revision) of each settled final row. These are the windows whose
-    closed-window record did not reach billing (an output transaction Kafka aborted after an outage
-    longer than kafka.transaction_timeout): ``meterflow billing republish`` publishes them again,
-    and billing bills each once, or the difference to what it billed.
+    ``finals`` holds (window key, revision, quantity) of each settled final row. These are the
+    windows whose closed-window record did not reach billing (an output transaction Kafka aborted
+    after an outage longer than kafka.transaction_timeout): ``meterflow billing republish``
+    publishes them again, and billing bills each once, or the difference to what it billed.
     """
-    seen: dict[tuple, int] = {}
+    seen: dict[tuple, tuple[int, Decimal]] = {}
     for d in ledger:
         if d.correction_id is None:
-            seen[d.key] = max(seen.get(d.key, 0), d.revision)
-    return sorted(key for key, revision in finals if seen.get(key, 0) < revision)
+            revision, total = seen.get(d.key, (0, Decimal(0)))
+            seen[d.key] = (max(revision, d.revision), total + d.quantity)
+    chosen = []
+    for key, revision, quantity in finals:
+        if key not in seen or (seen[key][0] < revision and seen[key][1] != quantity):
+            chosen.append(key)
+    return sorted(chosen)

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from meterflow.commands.corrections import parse_bound
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 from meterflow.commands.usage import fmt_qty
 from meterflow.config import JobConfig
@@ -147,13 +148,13 @@ def billing_republish(ctx: Context, tenant: str | None, since: str | None, until
     """
     from connectors.avro_codec import encode_closed_window
     from connectors.kafka_writer import send_values
-    from sinks.ledger import fetch_reconciliation_input
+    from sinks.ledger import fetch_ledger_windows
     from sinks.postgres import fetch_usage
     from sinks.reconcile import unpublished
 
     cfg = ctx.cfg
     try:
-        lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
+        lower, upper = parse_bound(since), parse_bound(until)
     except ValueError as e:
         raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
     cutoff = datetime.now(UTC) - parse_duration(grace)
@@ -163,14 +164,14 @@ def billing_republish(ctx: Context, tenant: str | None, since: str | None, until
         if r.is_final and r.updated_at <= cutoff
         and (tenant is None or r.tenant_id == tenant) and (lower is None or r.window_start >= lower) and (upper is None or r.window_start < upper)
     }  # fmt: skip
-    chosen = [rows[k] for k in unpublished(((k, r.revision) for k, r in rows.items()), fetch_reconciliation_input(cfg, parse_duration(grace)).ledger)]
+    chosen = [rows[k] for k in unpublished(((k, r.revision, r.quantity) for k, r in rows.items()), fetch_ledger_windows(cfg))]
     for r in chosen:
         console.print(f"{r.tenant_id}/{r.customer_id}/{r.meter} {r.dimensions_key} {r.window_start:%Y-%m-%d %H:%M:%S}  {fmt_qty(r.quantity)}  revision {r.revision}")
     if dry_run or not chosen:
         err_console.print(f"{len(chosen)} final windows {'would be ' if dry_run else ''}published again to {cfg.kafka.closed_windows_topic}")
         return
     records = [
-        (f"{r.tenant_id}/{r.customer_id}".encode(), encode_closed_window({
+        (None, encode_closed_window({  # unkeyed, as the usage job writes them
             "tenant_id": r.tenant_id, "customer_id": r.customer_id, "meter": r.meter, "dimensions_key": r.dimensions_key,
             "window_start": r.window_start.replace(tzinfo=UTC), "window_end": r.window_end.replace(tzinfo=UTC),
             "quantity": r.quantity, "event_count": r.event_count, "revision": r.revision,
@@ -254,7 +255,7 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     from sinks.reconcile import reconcile as compare
 
     try:
-        lower, upper = (datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for v in (since, until))
+        lower, upper = parse_bound(since), parse_bound(until)
     except ValueError as e:
         raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
     found = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))

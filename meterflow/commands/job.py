@@ -32,18 +32,27 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
 
 
 def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, fresh: bool = False, force: bool = False) -> None:
-    """Submit this config's jobs that are not running yet (all of them with ``force``); print their ids."""
+    """Submit this config's jobs that are not running yet (all of them with ``force``); print their ids.
+
+    Every check and every start point is decided before any job is submitted: a refusal leaves nothing half done.
+    """
+    from jobs.plan import quantity_expr
     from meterflow import retained_state
+    from meterflow.errors import JobSubmissionError
     from meterflow.local import flink_jobs
 
     cfg = ctx.cfg
+    if fresh and force:
+        msg = "--fresh sets a job's state aside, which a running job of that name still writes to: stop it first, not --force"
+        raise JobSubmissionError(msg)
     flink_jobs.check_slots(cfg)  # jobs that can never all run are refused before any is submitted
     flink_jobs.check_transaction_timeout(cfg)
-    from jobs.plan import quantity_expr
-
     plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg, quantity_expr(cfg)))]
     if cfg.billing.enabled:
         plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint, None))
+    root = retained_state.checkpoint_root(cfg)
+    legacy = tuple(retained_state.legacy_checkpoints(root)) if root is not None else ()
+    starts = []
     for name, submit_job, explicit, settings in plan:
         existing = flink_jobs.running_jobs(cfg, name)
         if existing and not force:
@@ -52,25 +61,23 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
         if name == cfg.flink.job_name:
             flink_jobs.check_input_topics(cfg)  # the topics' configs first: a wrong one is refused, with the fix
         job_dir = retained_state.job_state_dir(cfg, name)
+        newest = retained_state.newest_retained(job_dir) if job_dir else None
+        # The settings of the state restored: beside an explicit savepoint, else this job's directory.
+        recorded = retained_state.settings_beside(explicit) if explicit else (retained_state.read_job_settings(job_dir) if job_dir else None)
         start = retained_state.plan_start(
-            name,
-            explicit=explicit,
-            fresh=fresh,
-            state_uri=cfg.job_state_uri(name),
-            listable=job_dir is not None,
-            newest=retained_state.newest_retained(job_dir) if job_dir else None,
-            recorded=retained_state.read_job_settings(job_dir) if job_dir else None,
-            settings=settings,
-        )
+            name, explicit=explicit, fresh=fresh, state_uri=cfg.job_state_uri(name), listable=job_dir is not None,
+            newest=newest, recorded=recorded, settings=settings, legacy=legacy,
+        )  # fmt: skip
+        starts.append((name, submit_job, settings, job_dir, start))
+    for name, submit_job, settings, job_dir, start in starts:
         for note in start.notes:
             err_console.print(note)
-        if job_dir is not None:
-            if start.forget:
-                err_console.print(f"{name}: its retained state is kept at {retained_state.forget(job_dir, datetime.now(UTC))}")
-            if settings is not None:
-                retained_state.write_job_settings(job_dir, settings)
+        if job_dir is not None and start.forget:
+            err_console.print(f"{name}: its retained state is kept at {retained_state.forget(job_dir, datetime.now(UTC))}")
         with err_console.status(f"submitting {name} ..."):
             job_id = submit_job(cfg, ctx.resolved_path, savepoint=start.restore)
+        if job_dir is not None and settings is not None:
+            retained_state.write_job_settings(job_dir, settings)  # what the state this job now writes is made with
         err_console.print(f"{name} submitted")
         console.print(job_id)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from meterflow.commands.corrections import parse_bound
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 
 
@@ -48,7 +47,7 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
                 on_progress=lambda n, total: progress.update(task, completed=n, total=total),
             )
         )
-    bound = {k: datetime.fromisoformat(v).astimezone(UTC).replace(tzinfo=None) if v else None for k, v in (("since", since), ("until", until))}
+    bound = {"since": parse_bound(since), "until": parse_bound(until)}
     chosen = select(records, tenant=tenant, since=bound["since"], until=bound["until"])
     from meterflow.commands.corrections import recorded_outcomes
 

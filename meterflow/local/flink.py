@@ -123,6 +123,9 @@ class FlinkCluster:
             # A killed JobManager's leadership ends when its ZooKeeper session expires (60 s by default):
             # the new one takes over this much later.
             "high-availability.zookeeper.client.session-timeout": "10 s",
+            # A suspended connection (a stall of this machine, ZooKeeper busy) is not a lost leadership:
+            # only an expired session restarts the jobs.
+            "high-availability.zookeeper.client.tolerate-suspended-connections": "true",
         }
 
     def prepare(self) -> None:

@@ -186,6 +186,8 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
         changed = path.with_name(f"{path.stem}-lateness{new // 1000}s.yaml")
         changed.write_text(yaml.safe_dump(data))
         job_id = flink_jobs.submit(cfg, changed, savepoint=savepoint)
+        # The REST checkpoint statistics are a cache: the restore shows once it is refreshed.
+        wait_for(lambda: bool((flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored")), 30, "the restore in the checkpoint statistics")
         restored = (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored") or {}
         counted_so_far += stopped.counted()
         wait_decided([in_flight, stopped], "sent around the stop", stop_wm)

@@ -50,7 +50,8 @@ def _latest_completed(cfg: JobConfig, job_id: str) -> int | None:
 class JobManagerKill:
     """The disruption, keeping what the REST API said about each job that was running when it struck."""
 
-    def __init__(self) -> None:
+    def __init__(self, *other_jobs: str) -> None:
+        self.other_jobs = set(other_jobs)  # job ids beside the scenario's that the kill must bring back too
         self.restored: dict[str, dict[str, Any]] = {}
         self.completed_before: dict[str, int | None] = {}
         self.recovery_s: float | None = None
@@ -58,8 +59,9 @@ class JobManagerKill:
     def __call__(self, cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
         """kill -9 the JobManager (only it); send records while none runs; start the one replacement this fault needs."""
         cluster = FlinkCluster(cfg)
-        jobs = [j["jid"] for j in flink_jobs.running_jobs(cfg)]
-        assert job_id in jobs
+        # This test's jobs only: another test's job on the shared stack is no business of this one.
+        jobs = [j["jid"] for j in flink_jobs.running_jobs(cfg) if j["jid"] == job_id or j["jid"] in self.other_jobs]
+        assert job_id in jobs and self.other_jobs <= set(jobs), (jobs, self.other_jobs)
         self.completed_before = {jid: _latest_completed(cfg, jid) for jid in jobs}
         assert all(self.completed_before.values()), f"a job has no completed checkpoint to recover from: {self.completed_before}"
         jobmanagers, taskmanagers = cluster.jobmanager_pids(), cluster.taskmanager_pids()
@@ -116,7 +118,7 @@ def test_jobmanager_killed_mid_stream(e2e_stack):
     billing_cfg, billing_path = _billing_job(e2e_stack)
     billing_id = flink_jobs.submit_billing(billing_cfg, billing_path)
     start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
-    kill = JobManagerKill()
+    kill = JobManagerKill(billing_id)
     try:
         first = _bill(billing_cfg, start, "a window billed before the failover")
         run_scenario(e2e_stack, "jmkill", disrupt=kill)

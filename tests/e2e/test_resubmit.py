@@ -62,8 +62,13 @@ def _resubmit(cfg: JobConfig, path: Path, old_job_id: str) -> str:
     assert Path(restoring.group(1)) == newest.parent, (output, newest)
     new_job = flink_jobs.running_jobs(cfg, cfg.flink.job_name)[0]["jid"]
     assert new_job != old_job_id
-    restored = (flink_jobs.checkpoint_stats(cfg, new_job).get("latest") or {}).get("restored") or {}
-    assert Path(restored["external_path"].removeprefix("file:")) == newest.parent, restored
+
+    def restored() -> dict:
+        # The REST checkpoint statistics are a cache: the restore shows once it is refreshed.
+        return (flink_jobs.checkpoint_stats(cfg, new_job).get("latest") or {}).get("restored") or {}
+
+    wait_for(lambda: "external_path" in restored(), 30, "the restore in the new job's checkpoint statistics")
+    assert Path(restored()["external_path"].removeprefix("file:")) == newest.parent, restored()
     return new_job
 
 

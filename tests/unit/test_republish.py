@@ -24,12 +24,13 @@ def _delivery(customer: str, revision: int, kind: str = "window", status: str = 
 
 
 def test_missing_and_older_revisions_are_republished_and_nothing_else():
-    finals = [(_key("a"), 3), (_key("b"), 5), (_key("c"), 5), (_key("d"), 4), (_key("e"), 2)]
+    finals = [(_key("a"), 3, Decimal(3)), (_key("b"), 5, Decimal(5)), (_key("c"), 5, Decimal(5)), (_key("d"), 4, Decimal(1)), (_key("e"), 2, Decimal(2)), (_key("f"), 6, Decimal(1))]
     ledger = [
-        _delivery("b", 3),  # billed at 3, final is 5: the newer close never reached billing
+        _delivery("b", 3),  # billed at 3 (quantity 1), final is 5: the newer close never reached billing
         _delivery("c", 3), _delivery("c", 5, kind="correction"),  # the newer close was billed as a correction
         _delivery("d", 4, status="dead"),  # billing has it (dead: `billing replay`, not a republish)
         _delivery("e", 1), _delivery("e", 9, kind="correction", correction_id="late-1"),  # a late-event correction says nothing of the final
+        _delivery("f", 2),  # closed again with zero-quantity events: same total, nothing to bill, not chosen again
     ]  # fmt: skip
     assert unpublished(finals, ledger) == [_key("a"), _key("b"), _key("e")]
     assert unpublished([], ledger) == []

@@ -195,3 +195,66 @@ def test_the_transaction_timeout_outlives_checkpoints_and_fits_the_brokers(write
     with pytest.raises(ConfigError, match="must exceed flink.checkpoint_timeout"):
         load_config(write_config("kafka:\n  transaction_timeout: 10m\nflink:\n  checkpoint_timeout: 10m\n"), environ={})
     assert load_config(write_config("kafka:\n  transaction_timeout: 601s\nflink:\n  checkpoint_timeout: 10m\n"), environ={})
+
+
+def test_checkpoints_of_the_old_layout_are_not_forgotten_silently(write_config, monkeypatch, tmp_path):
+    """Before per-job directories both jobs wrote <checkpoint_dir>/<job id>/chk-<n>: a submit that finds only those refuses and lists them."""
+    path = write_config("flink:\n  checkpoint_dir: cp\n")
+    submitted: list = []
+    _stub_cluster(monkeypatch, submitted)
+    old = tmp_path / "cp" / ("c" * 32) / "chk-12"
+    _complete(old, 1000)
+    result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
+    assert isinstance(result.exception, JobSubmissionError) and str(old) in str(result.exception) and "--savepoint" in str(result.exception)
+    assert submitted == []
+    result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--savepoint", str(old)])
+    assert result.exit_code == 0, result.output
+    assert submitted == [("usage", str(old))]
+
+
+def test_equal_times_pick_the_higher_checkpoint_and_a_path_with_a_space_is_listed_as_flink_writes_it(write_config, tmp_path):
+    job = tmp_path / "job"
+    _complete(job / ("a" * 32) / "chk-9", 1000)
+    _complete(job / ("a" * 32) / "chk-10", 1000)
+    assert rs.newest_retained(job).path.name == "chk-10"
+    cfg = load_config(write_config("flink:\n  checkpoint_dir: cp with space#1\n"), environ={})
+    assert cfg.job_state_uri("j") == f"file://{tmp_path}/cp with space#1/j"  # Flink does not decode %20: the path as it is
+    assert rs.job_state_dir(cfg, "j") == tmp_path / "cp with space#1" / "j"
+
+
+def test_a_submit_refused_for_one_job_submits_neither_and_fresh_with_force_is_refused(write_config, monkeypatch, tmp_path):
+    path = write_config("flink:\n  checkpoint_dir: s3://bucket/cp\nbilling:\n  enabled: true\n")
+    submitted: list = []
+    _stub_cluster(monkeypatch, submitted)
+    result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--savepoint", "s3://bucket/cp/meterflow-usage/x/chk-1"])
+    assert isinstance(result.exception, JobSubmissionError) and "meterflow-usage-billing is not submitted" in str(result.exception)
+    assert submitted == []  # the usage job, whose start was given, waited for the billing job's
+    result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--fresh", "--force"])
+    assert isinstance(result.exception, JobSubmissionError) and "stop it first" in str(result.exception)
+
+
+def test_settings_are_recorded_after_the_submit_and_read_beside_an_explicit_savepoint(write_config, monkeypatch, tmp_path):
+    path = write_config("flink:\n  checkpoint_dir: cp\n")
+    submitted: list = []
+    _stub_cluster(monkeypatch, submitted)
+
+    def failing(c, p, savepoint=None):
+        raise JobSubmissionError("flink run failed")
+
+    monkeypatch.setattr(flink_jobs, "submit", failing)
+    assert CliRunner().invoke(cli, ["--config", str(path), "submit"]).exit_code != 0
+    assert not (tmp_path / "cp" / "meterflow-usage" / rs.JOB_SETTINGS_FILE).exists()  # no job ran with these settings
+    other = tmp_path / "cp" / "other-job"
+    rs.write_job_settings(other, {**SETTINGS, "window_size": "10m"})
+    _complete(other / "savepoints" / "savepoint-1", 1000)
+    _stub_cluster(monkeypatch, submitted)
+    result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--savepoint", str(other / "savepoints" / "savepoint-1")])
+    assert isinstance(result.exception, JobSubmissionError) and "window_size was 10m and is 1m" in str(result.exception)
+
+
+def test_forgetting_twice_in_a_second_keeps_both(tmp_path):
+    now = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    for _ in range(2):
+        (tmp_path / "job").mkdir()
+        rs.forget(tmp_path / "job", now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.forgotten-20261205T100000Z", "job.forgotten-20261205T100000Z-2"]

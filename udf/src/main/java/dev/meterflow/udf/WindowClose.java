@@ -42,7 +42,9 @@ public final class WindowClose {
         if (watermarkMs == NO_WATERMARK) {
             return previous;
         }
-        return Math.max(previous, watermarkMs - allowedLatenessMs + 1);
+        long closedEnd = watermarkMs - allowedLatenessMs;
+        // The end-of-input watermark (Long.MAX_VALUE) with no lateness closes everything: no overflow past it.
+        return Math.max(previous, closedEnd == Long.MAX_VALUE ? Long.MAX_VALUE : closedEnd + 1);
     }
 
     /**

@@ -46,5 +46,7 @@ class WindowCloseTest {
         assertEquals(20_000, WindowClose.closedThrough(WindowClose.NOTHING_CLOSED, 29_999, 10_000));
         assertTrue(WindowClose.isLate(20_000, 10_000, 29_999) && !WindowClose.isLate(20_001, 10_000, 29_999));
         assertEquals(20_000, WindowClose.closedThrough(20_000, 29_999, 30_000), "a raised lateness never lowers it");
+        assertEquals(Long.MAX_VALUE, WindowClose.closedThrough(20_000, Long.MAX_VALUE, 0), "the end-of-input watermark closes everything, without overflow");
+        assertEquals(Long.MAX_VALUE - 9_999, WindowClose.closedThrough(20_000, Long.MAX_VALUE, 10_000));
     }
 }
