@@ -146,7 +146,8 @@ def test_deployment_config_loads_and_points_at_the_cluster(resources, cfg, which
     assert env["METERFLOW_CONFIG"] == "/opt/meterflow/meterflow.yaml"
     parallelism = pod_cfg.flink.parallelism if which == "usage" else pod_cfg.billing_parallelism
     assert parallelism == deployment["spec"]["job"]["parallelism"]
-    assert pod_cfg.checkpoint_uri().startswith("s3://") and pod_cfg.checkpoint_uri().endswith(f"/{name}")
+    # Each job keeps its checkpoints under <checkpoint_dir>/<job name> (meterflow/retained_state.py).
+    assert pod_cfg.job_state_uri(name) == f"s3://meterflow-flink/checkpoints/{name}"
     if which == "billing":
         assert pod_cfg.billing.enabled and pod_cfg.stripe.api_base == "https://api.stripe.com"
 
