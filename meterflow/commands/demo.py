@@ -23,15 +23,19 @@ from meterflow.config import JobConfig
 @cli.command()
 @click.option("--count", default=3000, show_default=True, help="Sample events to produce.")
 @click.option("--timeout", default=180, show_default=True, help="Seconds to wait for the windows in Postgres.")
+@click.option("--fresh", is_flag=True, help="Submit jobs that are not running from empty state (as `meterflow submit --fresh`), not from their retained state.")
 @pass_ctx
-def demo(ctx: Context, count: int, timeout: int) -> None:
-    """From nothing: stack up, submit the jobs, produce a sample, wait for its windows, print them, then their billing."""
+def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
+    """From nothing: stack up, submit the jobs, produce a sample, wait for its windows, print them, then their billing.
+
+    Jobs not running resume from their retained state as with `meterflow submit` (or start empty with --fresh).
+    """
     from jobs.windowing import window_bounds
     from meterflow.producer import SyntheticSpec, synthetic_events
     from sinks.postgres import fetch_usage
 
     cfg = stack_up(ctx)
-    submit_jobs(ctx)
+    submit_jobs(ctx, fresh=fresh)
     size = cfg.event_time.window_size
     run = uuid.uuid4().hex[:6]
     start, span = _demo_event_time_range(cfg, size)
