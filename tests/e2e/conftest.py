@@ -28,7 +28,7 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
     from meterflow.local.base import free_ports
     from meterflow.local.stack import LocalStack, ensure_secrets
 
-    kafka, controller, pg, rest, rpc, stripe_mock, prometheus, *metrics = free_ports(10)
+    kafka, controller, pg, rest, rpc, stripe_mock, prometheus, zookeeper, *metrics = free_ports(11)
     run = uuid.uuid4().hex[:8]
     base = {
         "kafka": {
@@ -44,6 +44,7 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
         "event_time": {"window_size": "10s", "watermark_delay": "2s", "source_idle_timeout": "5s"},
         "stack": {
             "state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc, "stripe_mock_port": stripe_mock,
+            "zookeeper_port": zookeeper,  # reserved with the others: a port picked later could be one of them
             # JobManager, TaskManager, and a replacement TaskManager after a kill.
             "prometheus_port": prometheus, "flink_metrics_ports": ",".join(map(str, metrics)), "prometheus_scrape_interval": "2s",
         },  # fmt: skip
