@@ -98,11 +98,13 @@ class Fault:
 
 
 def kill_taskmanager(
-    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
+    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None], down_for_s: float = 0.0
 ) -> Fault:
-    """kill -9 every TaskManager; send records while none runs; start the one replacement this fault needs."""
+    """kill -9 every TaskManager; send records while none runs; start the one replacement this fault
+    needs, no sooner than ``down_for_s`` after the kill."""
     killed_at = kill_taskmanagers(cfg)
     during()
+    time.sleep(max(0.0, killed_at / 1000 + down_for_s - time.time()))
     FlinkCluster(cfg).start_taskmanager()
     wait_restarted(cfg, job_id, killed_at)
     # The replacement restores the last checkpoint taken before the risky records arrived: they are read again.

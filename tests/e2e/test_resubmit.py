@@ -30,8 +30,8 @@ from meterflow.local import flink_jobs
 from meterflow.local.flink import FlinkCluster
 from meterflow.local.stack import StackConfigs
 from tests.e2e.conftest import running_stack
-from tests.e2e.helpers import kill_taskmanagers, wait_for, wait_restarted
-from tests.e2e.test_billing_semantics import Fault, run_scenario
+from tests.e2e.helpers import wait_for
+from tests.e2e.test_billing_semantics import Fault, kill_taskmanager, run_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -115,12 +115,7 @@ def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, jo
     """kill -9 every TaskManager; send records; wait until Kafka has aborted the transactions the killed
     attempt left open (longer than kafka.transaction_timeout); then start the replacement."""
     assert cfg.kafka.transaction_timeout.total_seconds() == 30
-    killed_at = kill_taskmanagers(cfg)
-    during()
-    time.sleep(max(0.0, killed_at / 1000 + 2 * cfg.kafka.transaction_timeout.total_seconds() - time.time()))
-    FlinkCluster(cfg).start_taskmanager()
-    wait_restarted(cfg, job_id, killed_at)
-    return Fault(job_id, killed_at, "restore-before-risky")
+    return kill_taskmanager(cfg, path, job_id, during, down_for_s=2 * cfg.kafka.transaction_timeout.total_seconds())
 
 
 def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):
