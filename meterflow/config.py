@@ -221,6 +221,10 @@ class StackConfig(_Section):
         "zookeeper",
         description="zookeeper: the stack runs ZooKeeper and a new JobManager recovers every running job from its last checkpoint; none: a lost JobManager loses its jobs (resubmit them).",
     )
+    taskmanager_restart_delay: Duration = Field(
+        timedelta(seconds=5),
+        description="How long the local stack's supervisor lets the JobManager go without a TaskManager before it starts a replacement.",
+    )
     zookeeper_port: int | None = Field(
         None, ge=1, le=65535, description="Port of the local ZooKeeper on 127.0.0.1; unset: a free port chosen at its first start and kept in <state_dir>/zookeeper/port."
     )

@@ -24,7 +24,8 @@ import yaml
 from meterflow.config import JobConfig
 from meterflow.config_values import parse_port_range
 from meterflow.errors import PortInUseError, StackError
-from meterflow.local.base import REPO_ROOT, ComponentStatus, port_open, proc_running, require_free, require_jars, wait_until
+from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, proc_running, require_free, require_jars, stop_pid, wait_until
+from meterflow.local.supervisor import replacements
 from meterflow.local.zookeeper import ZooKeeperServer, ha_cluster_id
 from meterflow.metrics_conf import flink_reporter_conf
 
@@ -73,9 +74,7 @@ class FlinkCluster:
 
     def env(self) -> dict[str, str]:
         """Environment for Flink's scripts and the ``flink`` client: our conf and lib directories."""
-        env = dict(os.environ)
-        env.update(FLINK_HOME=str(flink_home()), FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir))
-        return env
+        return cluster_env(self.dir)
 
     def config(self) -> dict:
         """The cluster's config.yaml: flink-conf/config.yaml with this machine's addresses, ports and directories."""
@@ -168,6 +167,7 @@ class FlinkCluster:
         A TaskManager whose JobManager is gone gets a new JobManager; with HA on it recovers the jobs.
         """
         if self.running():
+            self.start_supervisor()
             return
         if self.overview() is None and not self.jobmanager_pids() and self.taskmanager_pids():
             # The JobManager was lost and its TaskManager lives: a new JobManager only (the TaskManager registers with it).
@@ -182,11 +182,16 @@ class FlinkCluster:
             require_free(self.cfg.flink.rest_host, self.cfg.flink.rest_port, "the Flink REST API", "flink.rest_port")
             self.start_jobmanager()
             wait_until(self.running, "Flink JobManager", 120, self.log_dir)
+            self.start_supervisor()
             return
         if self.overview() is not None:
+            # Now, not after the supervisor's delay: the supervisor is stopped meanwhile so that only one starts.
             print("Flink JobManager has no TaskManager: starting one", file=sys.stderr)
-            self.start_taskmanager()
+            self.stop_supervisor()
+            if not self.taskmanager_pids():
+                self.start_taskmanager()
             wait_until(self.running, "Flink TaskManager", 120, self.log_dir)
+            self.start_supervisor()
             return
         f = self.cfg.flink
         require_free(f.rest_host, f.rest_port, "the Flink REST API", "flink.rest_port")
@@ -201,11 +206,35 @@ class FlinkCluster:
             msg = f"start-cluster.sh failed: {r.stderr.strip() or r.stdout.strip()}"
             raise StackError(msg)
         wait_until(self.running, "Flink cluster", 120, self.log_dir)
+        self.start_supervisor()
+
+    @property
+    def supervisor_pid_file(self) -> Path:
+        """Where the TaskManager supervisor (meterflow/local/supervisor.py) keeps its pid."""
+        return self.dir / "pid" / "supervisor.pid"
+
+    @property
+    def supervisor_log(self) -> Path:
+        """The supervisor's log: one line per TaskManager it replaced."""
+        return self.log_dir / "supervisor.log"
+
+    def start_supervisor(self) -> None:
+        """Start the detached TaskManager supervisor unless it runs."""
+        if pid_alive(self.supervisor_pid_file):
+            return
+        delay = self.cfg.stack.taskmanager_restart_delay.total_seconds()
+        args = [sys.executable, "-m", "meterflow.local.supervisor", "--flink-dir", str(self.dir), "--rest-url", self.rest_url, "--delay", f"{delay:g}"]
+        with self.supervisor_log.open("a") as log:
+            proc = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        self.supervisor_pid_file.write_text(f"{proc.pid}\n")
+
+    def stop_supervisor(self) -> None:
+        """Stop the supervisor, so that a TaskManager stopped next stays stopped."""
+        stop_pid(self.supervisor_pid_file, "the TaskManager supervisor", timeout=10)
 
     def start_taskmanager(self) -> None:
-        """Start one more TaskManager (used after a TaskManager was killed)."""
-        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
-        subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
+        """Start one more TaskManager (after one was lost)."""
+        start_taskmanager(self.dir)
 
     def start_jobmanager(self) -> None:
         """Start a JobManager (after one was lost); with HA it recovers the running jobs, on the same REST port."""
@@ -213,20 +242,11 @@ class FlinkCluster:
 
     def taskmanager_pids(self) -> list[int]:
         """PIDs of this cluster's running TaskManager JVMs (exited ones are skipped)."""
-        return self._pids("*taskexecutor*.pid", b"TaskManagerRunner")
+        return taskmanager_pids(self.dir)
 
     def jobmanager_pids(self) -> list[int]:
         """PIDs of this cluster's running JobManager JVMs (exited ones are skipped)."""
-        return self._pids("*standalonesession*.pid", b"StandaloneSessionClusterEntrypoint")
-
-    def _pids(self, pattern: str, main_class: bytes) -> list[int]:
-        pids = []
-        for pid_file in (self.dir / "pid").glob(pattern):
-            for token in pid_file.read_text().split():
-                # A pid file outlives its process and pids are reused: check it is still that kind of JVM.
-                if token.isdigit() and proc_running(int(token)) and _runs(int(token), main_class):
-                    pids.append(int(token))
-        return pids
+        return _pids(self.dir, "*standalonesession*.pid", b"StandaloneSessionClusterEntrypoint")
 
     def down(self) -> None:
         """Stop the cluster (cancels nothing; running jobs stop with it).
@@ -236,6 +256,7 @@ class FlinkCluster:
         """
         if not self.conf_dir.exists():
             return
+        self.stop_supervisor()
         subprocess.run(["bash", str(flink_home() / "bin" / "stop-cluster.sh")], env=self.env(), capture_output=True, check=False)
         for pid in self.taskmanager_pids() + self.jobmanager_pids():
             with contextlib.suppress(ProcessLookupError):
@@ -277,12 +298,47 @@ class FlinkCluster:
             lost = self.taskmanager_pids() and not self.jobmanager_pids()
             after = "which recovers the jobs" if self.cfg.stack.high_availability == "zookeeper" else "then `meterflow submit` restores the jobs"
             detail = f"JobManager lost, TaskManager running: `meterflow stack up` starts a JobManager, {after}" if lost else ""
-        elif not ov.get("taskmanagers"):
-            detail = "no TaskManager registered: `meterflow stack up` starts one"
         else:
-            detail = f"taskmanagers={ov.get('taskmanagers', 0)} slots={ov.get('slots-total', 0)} running_jobs={ov.get('jobs-running', 0)}"
+            supervised = pid_alive(self.supervisor_pid_file) is not None
+            if not ov.get("taskmanagers"):
+                delay = f"{self.cfg.stack.taskmanager_restart_delay.total_seconds():g}s"
+                detail = f"no TaskManager registered: the stack's supervisor starts one {delay} after it was lost" if supervised else "no TaskManager registered: `meterflow stack up` starts one"
+            else:
+                detail = f"taskmanagers={ov.get('taskmanagers', 0)} slots={ov.get('slots-total', 0)} running_jobs={ov.get('jobs-running', 0)}"
+                if not supervised:
+                    detail += "; the TaskManager supervisor is not running: `meterflow stack up` starts it"
+            replaced = replacements(self.supervisor_log)
+            if replaced:
+                detail += f"; the supervisor replaced {len(replaced)} lost TaskManager(s), the last at {replaced[-1].isoformat()} (see {self.supervisor_log})"
         return ComponentStatus("flink", self.running(), self.rest_url, detail)
 
+
+def cluster_env(flink_dir: Path) -> dict[str, str]:
+    """Environment for Flink's scripts and the ``flink`` client of the cluster kept in ``flink_dir``."""
+    env = dict(os.environ)
+    env.update(FLINK_HOME=str(flink_home()), FLINK_CONF_DIR=str(flink_dir / "conf"), FLINK_LIB_DIR=str(flink_dir / "lib"))
+    return env
+
+
+def start_taskmanager(flink_dir: Path) -> None:
+    """Start one TaskManager of the cluster kept in ``flink_dir`` (taskmanager.sh, as an operator would)."""
+    (flink_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=cluster_env(flink_dir), capture_output=True, check=True)
+
+
+def taskmanager_pids(flink_dir: Path) -> list[int]:
+    """PIDs of the running TaskManager JVMs of the cluster kept in ``flink_dir``."""
+    return _pids(flink_dir, "*taskexecutor*.pid", b"TaskManagerRunner")
+
+
+def _pids(flink_dir: Path, pattern: str, main_class: bytes) -> list[int]:
+    pids = []
+    for pid_file in (flink_dir / "pid").glob(pattern):
+        for token in pid_file.read_text().split():
+            # A pid file outlives its process and pids are reused: check it is still that kind of JVM.
+            if token.isdigit() and proc_running(int(token)) and _runs(int(token), main_class):
+                pids.append(int(token))
+    return pids
 
 
 def _runs(pid: int, main_class: bytes) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,7 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
         local.stripe_mock.up()  # billing tests enable billing per job; the mock runs for the session
         yield stack
     finally:
+        _report_replacements(request, local.flink)
         local.down()
         if request.session.testsfailed:
             # The processes' own logs say what the assertions cannot (a TaskManager that exited, a broker error).
@@ -76,6 +78,16 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
         # MF_TEST_KEEP_STATE=1 keeps logs and data for a post-mortem.
         if not os.environ.get("MF_TEST_KEEP_STATE"):
             shutil.rmtree(root / "state", ignore_errors=True)
+
+
+def _report_replacements(request: pytest.FixtureRequest, flink) -> None:
+    """Every TaskManager the stack's supervisor replaced, on the terminal: the kills the tests made, and any loss they did not."""
+    lines = [line for line in flink.supervisor_log.read_text().splitlines() if "replaced" in line] if flink.supervisor_log.exists() else []
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if lines and reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n{flink.dir.parent.parent.name}: the supervisor replaced {len(lines)} TaskManager(s): " + "; ".join(line.split(" ", 1)[0] for line in lines))
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +109,11 @@ def shared_stack_has_a_taskmanager(request) -> None:
     stack = request.getfixturevalue(stacks[0])
     cfg, _ = stack.config("base")
     cluster = FlinkCluster(cfg)
+    # A TaskManager lost at the end of the test before (a fatal error while a job was cancelled) is
+    # replaced by the stack's supervisor, as in production; only one that does not come back fails here.
+    deadline = time.monotonic() + cfg.stack.taskmanager_restart_delay.total_seconds() + 120
+    while not cluster.running() and time.monotonic() < deadline:
+        time.sleep(1)
     if cluster.running():
         return
     tails = []

@@ -46,7 +46,7 @@ def private_job(stack, name: str, **sections: dict) -> tuple[JobConfig, Path]:
 
 def kill_taskmanagers(cfg: JobConfig) -> int:
     """kill -9 every TaskManager of the stack with its Python workers, as when its machine or container
-    is lost; returns when (epoch ms). Starting a replacement is the caller's.
+    is lost; returns when (epoch ms). The stack's supervisor starts the replacement (``replaced_after``).
 
     Killing the JVM alone leaves its Python workers running until they notice: for a few seconds they
     may finish the calls they had in flight and record them (sinks/ledger_schema: ``sent`` is final),
@@ -217,17 +217,37 @@ def wait_recovered(cfg: JobConfig, job_id: str, timeout: float = 300) -> None:
     wait_for(running, timeout, f"job {job_id} to run again")
 
 
+def replacements_so_far(cfg: JobConfig) -> int:
+    """How many lost TaskManagers the stack's supervisor has replaced, from its log."""
+    from meterflow.local.flink import FlinkCluster
+    from meterflow.local.supervisor import replacements
+
+    return len(replacements(FlinkCluster(cfg).supervisor_log))
+
+
+def replaced_after(cfg: JobConfig, before: int, killed_at_ms: int) -> None:
+    """Wait until the stack's supervisor has logged one more replacement than ``before``, and check it
+    waited stack.taskmanager_restart_delay after the kill (the log has whole seconds)."""
+    from meterflow.local.flink import FlinkCluster
+    from meterflow.local.supervisor import replacements
+
+    delay = cfg.stack.taskmanager_restart_delay.total_seconds()
+    log = FlinkCluster(cfg).supervisor_log
+    wait_for(lambda: len(replacements(log)) > before, delay + 60, "the stack's supervisor to replace the TaskManager")
+    replaced_at = replacements(log)[before].timestamp()
+    assert replaced_at + 1 >= killed_at_ms / 1000 + delay, "the replacement waited stack.taskmanager_restart_delay"
+
+
 def kill_with_calls_in_flight(cfg: JobConfig, job_id: str, fake: Any, calls: int, timeout: float) -> tuple[set[str], int]:
     """Once the fake provider holds ``calls`` unanswered calls: kill -9 the TaskManager, make the fake
-    fast, start a new TaskManager (the cluster's own script, as an operator would) and wait for the
-    job to restart. Returns the identifiers in flight at the kill and the kill's epoch ms."""
-    from meterflow.local.flink import FlinkCluster
-
+    fast, and wait for the stack's supervisor to start a new TaskManager and the job to restart.
+    Returns the identifiers in flight at the kill and the kill's epoch ms."""
     wait_for(lambda: fake.in_flight >= calls, timeout, "calls in flight")
     in_flight = fake.unanswered()
+    before = replacements_so_far(cfg)
     killed_at = kill_taskmanagers(cfg)
     fake.latency = 0.05
-    FlinkCluster(cfg).start_taskmanager()
+    replaced_after(cfg, before, killed_at)
     wait_restarted(cfg, job_id, killed_at)
     return in_flight, killed_at
 

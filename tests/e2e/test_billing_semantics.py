@@ -25,7 +25,6 @@ from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 from meterflow.producer import send_events
-from meterflow.local.flink import FlinkCluster
 from meterflow.local.kafka import KafkaBroker
 from meterflow.local.postgres import PostgresServer
 from sinks.postgres import apply_schema
@@ -33,6 +32,8 @@ from tests.e2e.helpers import (
     CLOSER_TENANT,
     expected_totals,
     kill_taskmanagers,
+    replaced_after,
+    replacements_so_far,
     private_job,
     read_topic,
     send_raw,
@@ -97,15 +98,13 @@ class Fault:
     ended_at_ms: int | None = None  # when the faulty part was back (the broker outage)
 
 
-def kill_taskmanager(
-    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None], down_for_s: float = 0.0
-) -> Fault:
-    """kill -9 every TaskManager; send records while none runs; start the one replacement this fault
-    needs, no sooner than ``down_for_s`` after the kill."""
+def kill_taskmanager(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
+    """kill -9 every TaskManager; send records; the stack's supervisor starts the replacement
+    stack.taskmanager_restart_delay after the kill, and logs it."""
+    before = replacements_so_far(cfg)
     killed_at = kill_taskmanagers(cfg)
     during()
-    time.sleep(max(0.0, killed_at / 1000 + down_for_s - time.time()))
-    FlinkCluster(cfg).start_taskmanager()
+    replaced_after(cfg, before, killed_at)
     wait_restarted(cfg, job_id, killed_at)
     # The replacement restores the last checkpoint taken before the risky records arrived: they are read again.
     return Fault(job_id, killed_at, "restore-before-risky")

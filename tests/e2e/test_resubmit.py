@@ -41,7 +41,9 @@ _RESTORING = re.compile(r"restoring its newest checkpoint (\S+) \(taken")
 @pytest.fixture(scope="module")
 def stack_without_ha(tmp_path_factory, request) -> Iterator[StackConfigs]:
     """A stack of its own whose Flink runs without high availability: a lost JobManager loses its jobs."""
-    with running_stack(tmp_path_factory.mktemp("stack-no-ha"), request, stack={"high_availability": "none"}) as stack:
+    # Its supervisor waits a minute before it replaces a lost TaskManager: long enough to outlive the short transactions below.
+    no_ha = {"high_availability": "none", "taskmanager_restart_delay": "60s"}
+    with running_stack(tmp_path_factory.mktemp("stack-no-ha"), request, stack=no_ha) as stack:
         yield stack
 
 
@@ -112,10 +114,11 @@ SHORT_TRANSACTIONS = {"kafka": {"transaction_timeout": "30s"}, "flink": {"checkp
 
 
 def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
-    """kill -9 every TaskManager; send records; wait until Kafka has aborted the transactions the killed
-    attempt left open (longer than kafka.transaction_timeout); then start the replacement."""
+    """kill -9 every TaskManager; send records; the supervisor's replacement comes after Kafka has aborted
+    the transactions the killed attempt left open (twice kafka.transaction_timeout)."""
     assert cfg.kafka.transaction_timeout.total_seconds() == 30
-    return kill_taskmanager(cfg, path, job_id, during, down_for_s=2 * cfg.kafka.transaction_timeout.total_seconds())
+    assert cfg.stack.taskmanager_restart_delay.total_seconds() >= 2 * cfg.kafka.transaction_timeout.total_seconds()
+    return kill_taskmanager(cfg, path, job_id, during)
 
 
 def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):

@@ -244,7 +244,27 @@ def test_flink_status_names_a_lost_jobmanager_or_taskmanager_and_what_to_run(tmp
     assert cluster("none", None, [], []).status().detail == ""  # stopped: nothing lost
     lost_tm = cluster("none", {"taskmanagers": 0}, [], [7]).status()
     assert not lost_tm.running and lost_tm.detail == "no TaskManager registered: `meterflow stack up` starts one"
-    assert cluster("none", {"taskmanagers": 1, "slots-total": 4, "jobs-running": 2}, [11], [7]).status().detail == "taskmanagers=1 slots=4 running_jobs=2"
+    unsupervised = cluster("none", {"taskmanagers": 1, "slots-total": 4, "jobs-running": 2}, [11], [7]).status().detail
+    assert unsupervised == "taskmanagers=1 slots=4 running_jobs=2; the TaskManager supervisor is not running: `meterflow stack up` starts it"
+
+
+def test_flink_status_says_what_the_supervisor_did_and_will_do(tmp_path, monkeypatch):
+    import os
+
+    from meterflow.config import JobConfig
+    from meterflow.local.flink import FlinkCluster
+    from meterflow.local.supervisor import REPLACED
+
+    c = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "taskmanager_restart_delay": "7s"}}))
+    c.supervisor_pid_file.parent.mkdir(parents=True)
+    c.supervisor_pid_file.write_text(f"{os.getpid()}\n")  # a live process stands for the supervisor
+    monkeypatch.setattr(c, "overview", lambda: {"taskmanagers": 0})
+    assert c.status().detail == "no TaskManager registered: the stack's supervisor starts one 7s after it was lost"
+    c.log_dir.mkdir(parents=True)
+    c.supervisor_log.write_text(f"2026-12-05T18:00:00+00:00 supervising\n2026-12-05T18:36:31+00:00 {REPLACED} (it was gone for at least 7s)\n")
+    monkeypatch.setattr(c, "overview", lambda: {"taskmanagers": 1, "slots-total": 4, "jobs-running": 2})
+    detail = c.status().detail
+    assert detail.startswith("taskmanagers=1 slots=4 running_jobs=2; the supervisor replaced 1 lost TaskManager(s), the last at 2026-12-05T18:36:31+00:00")
 
 
 def test_stack_status_judges_only_the_parts_the_config_uses(tmp_path, monkeypatch):
