@@ -13,7 +13,7 @@ the sleep; the Flink job, the replay command and the tests drive the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Literal
@@ -162,6 +162,16 @@ def window_delivery(window: ClosedWindow, prefix: str) -> Delivery:
     """The delivery of a window's value."""
     identifier = window_identifier(window, prefix)
     return Delivery(identifier, "window", identifier, window, window.quantity, window.revision)
+
+
+def as_recorded(delivery: Delivery, entry: LedgerEntry) -> Delivery:
+    """The delivery as the ledger first recorded it: an identifier is always sent with the value it
+    was first claimed with, so a window published again with another final (a republish, a re-fire)
+    retries the recorded value and the difference goes out as a correction."""
+    if (delivery.quantity, delivery.revision) == (entry.quantity, entry.revision):
+        return delivery
+    window = replace(delivery.window, quantity=entry.quantity, revision=entry.revision)
+    return replace(delivery, window=window, quantity=entry.quantity, revision=entry.revision)
 
 
 def correction_needed(window: ClosedWindow, entry: LedgerEntry, prefix: str) -> Delivery | None:

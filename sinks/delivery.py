@@ -27,6 +27,7 @@ from typing import Protocol
 from meterflow.config import JobConfig, MeterConfig
 from meterflow.errors import DeliveryRejected, ProviderError
 from sinks.billing import (
+    as_recorded,
     ClosedWindow,
     Dead,
     Deferred,
@@ -173,7 +174,7 @@ class Deliverer:
         async with self.gate.lock(self.key(window)):
             delivery = window_delivery(window, self.prefix)
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
-            outcomes = [await self._attempt(delivery, entry)]
+            outcomes = [await self._attempt(as_recorded(delivery, entry), entry)]
             correction = correction_needed(window, entry, self.prefix)
             if correction is not None:
                 claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)

@@ -324,6 +324,21 @@ def test_a_changed_final_while_the_window_waits_for_a_retry_is_a_correction_too(
     assert [e.value for e in provider.sent[1:]] == ["1", "3"], "1 for the window, then +3: the final 4 in total"
 
 
+def test_a_window_published_again_when_its_retry_is_due_resends_the_recorded_value_and_corrects_the_rest():
+    """First delivery of 3 failed; the window comes again (republished) with final 4 once the retry is due:
+    the retry sends 3 under the window's identifier, a correction sends +1, the provider holds 4."""
+    provider, ledger, t, d = setup()
+    provider.script = [ProviderError("unavailable", status=503, retryable=True)]
+    [retry] = run(d.on_window(window(quantity="3", revision=1)))
+    assert isinstance(retry, Retry)
+    t.now += 60  # the retry is due: the republished window claims it
+    [resent, correction] = run(d.on_window(window(quantity="4", revision=2)))
+    assert isinstance(resent, Sent) and resent.identifier == retry.identifier and isinstance(correction, Sent)
+    assert [(e.identifier, e.value) for e in provider.sent[1:]] == [(retry.identifier, "3"), (correction.identifier, "1")]
+    assert sum(Decimal(e.value) for e in provider.sent[1:]) == Decimal(4), "the provider total is the final"
+    assert ledger.rows[retry.identifier]["quantity"] == Decimal(3)
+
+
 def test_past_the_dedup_window_the_provider_is_asked_first():
     """First sent more than 24 h ago: found at the provider -> sent without a call; absent -> re-sent; both recorded."""
     provider, ledger, t, d = setup(max_attempts=2)
