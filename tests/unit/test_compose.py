@@ -118,11 +118,17 @@ def test_topic_configs_match_the_project(compose, cfg):
     assert altered == {topic: configs for topic, configs in goal.items() if configs}
 
 
-def test_submit_checks_the_topics_before_the_usage_job(compose):
-    """The compose submit refuses wrong topics as `meterflow submit` does, before flink run."""
-    script = _command_text(compose["services"]["submit"])
-    assert "check_input_topics(" in script
-    assert script.index("check_input_topics(") < script.index("flink run")
+def test_submit_is_meterflow_submit_with_the_retained_states_in_reach(compose):
+    """The compose submit is `meterflow submit` (its checks, and a job started from its newest retained
+    state, never from empty state while one exists), not a bare `flink run`; the checkpoint volume is
+    mounted where METERFLOW_FLINK__CHECKPOINT_DIR points, so it can list the states."""
+    submit = compose["services"]["submit"]
+    script = _command_text(submit)
+    assert re.search(r"\bmeterflow --config /opt/meterflow/meterflow\.yaml submit\b", script)
+    assert "flink run" not in script
+    checkpoint_dir = _environment(submit)["METERFLOW_FLINK__CHECKPOINT_DIR"].removeprefix("file://")
+    mounted = {v.split(":")[1] for v in submit["volumes"] if not v.startswith(("./", "../", "/"))}
+    assert checkpoint_dir in mounted
 
 
 def test_kafka_single_node_transactions(compose):
