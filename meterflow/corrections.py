@@ -229,7 +229,15 @@ def decide_status(delta: Decimal, window: WindowId, policy: CorrectionsConfig, n
     threshold = approval_threshold(policy, window.tenant_id)
     if threshold is not None and abs(delta) > threshold:
         return "pending", f"late events; |delta| {_plain(abs(delta))} above the approval threshold {_plain(threshold)}"
+    if delta == 0:
+        return "applied", "late events; delta 0: nothing to bill"
     return "applied", "late events"
+
+
+def owes_a_meter_event(status: str, delta: Decimal) -> bool:
+    """Whether a correction is owed to the provider as a meter event: counted, and changing the
+    total. A zero delta (late MAX events below the window's maximum) is recorded, never sent."""
+    return status in COUNTED_STATUSES and delta != 0
 
 
 def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], states: Mapping[WindowId, WindowState], cfg: JobConfig, now: datetime) -> Plan:

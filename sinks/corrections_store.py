@@ -13,7 +13,7 @@ from decimal import Decimal
 import psycopg
 
 from meterflow.config import JobConfig
-from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan, WindowId, WindowState, check_transition, offsets_to_store, plan_corrections
+from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan, WindowId, WindowState, check_transition, offsets_to_store, owes_a_meter_event, plan_corrections
 from meterflow.errors import CorrectionError, SinkError
 from sinks.billing import ClosedWindow, late_correction_delivery
 from sinks.corrections_schema import (
@@ -161,7 +161,7 @@ def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, d
             for c in plan.corrections:
                 w = c.window
                 conn.execute(insert_correction_sql(cfg.corrections.table), [c.correction_id, w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, c.delta, c.events, c.status, c.reason, now])
-                if c.status in COUNTED_STATUSES:
+                if owes_a_meter_event(c.status, c.delta):
                     owe_delivery(conn, cfg, c)
             for r in plan.events:
                 w = r.window
@@ -224,7 +224,8 @@ def decide(cfg: JobConfig, correction_id: str, action: str, who: str, note: str 
         conn.execute(decide_sql(cfg.corrections.table), [status, who, now, note, correction_id])
         if status in COUNTED_STATUSES:
             [stored] = [r.correction for r in _rows(conn.execute(list_corrections_sql(cfg.corrections.table, correction_id=True), [correction_id]).fetchall())]
-            owe_delivery(conn, cfg, stored)
+            if owes_a_meter_event(status, stored.delta):
+                owe_delivery(conn, cfg, stored)
         else:
             withdraw_delivery(conn, cfg, correction_id)
     return status

@@ -19,6 +19,7 @@ from meterflow.corrections import (
     decide_status,
     dimensions_key,
     late_event_from_record,
+    owes_a_meter_event,
     plan_corrections,
     window_delta,
 )
@@ -148,6 +149,19 @@ def test_policy_threshold_default_and_per_tenant():
 def test_no_threshold_applies_everything():
     """Without a threshold every correction is applied automatically."""
     assert decide_status(Decimal("1e12"), W, _cfg().corrections, NOW, timedelta(days=35), timedelta(minutes=5))[0] == "applied"
+
+
+def test_a_zero_delta_is_recorded_and_owes_no_meter_event():
+    """Late MAX events below the window's maximum: the correction is applied with delta 0, its events
+    are recorded as corrected, and nothing is owed to the provider; any other counted delta is."""
+    cfg = _cfg(approval_threshold="0")
+    peak = _w("peak", START)
+    plan = plan_corrections([_ev("a", "3", peak), _ev("b", "5", peak)], set(), {peak: WindowState(row_quantity=Decimal(8), row_final=True)}, cfg, NOW)
+    [c] = plan.corrections
+    assert (c.delta, c.status, c.reason, c.events) == (Decimal(0), "applied", "late events; delta 0: nothing to bill", 2)
+    assert not owes_a_meter_event(c.status, c.delta)
+    assert owes_a_meter_event("applied", Decimal("0.1")) and owes_a_meter_event("approved", Decimal(-1))
+    assert not owes_a_meter_event("pending", Decimal(1)) and not owes_a_meter_event("reported", Decimal(1))
 
 
 def test_window_older_than_the_provider_accepts_is_reported():
