@@ -323,7 +323,8 @@ def cluster_env(flink_dir: Path) -> dict[str, str]:
 def start_taskmanager(flink_dir: Path) -> None:
     """Start one TaskManager of the cluster kept in ``flink_dir`` (taskmanager.sh, as an operator would)."""
     (flink_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=cluster_env(flink_dir), capture_output=True, check=True)
+    # A session of its own: stopping the supervisor that started it (a signal to its process group) leaves it running.
+    subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=cluster_env(flink_dir), capture_output=True, check=True, start_new_session=True)
 
 
 def taskmanager_pids(flink_dir: Path) -> list[int]:
