@@ -270,14 +270,16 @@ def run_scenario(
     name: str,
     disrupt: Disruption | None = None,
     audit: Callable[[Path, Scenario], None] | None = None,
+    source_idle_timeout: str = "5s",
     **sections: dict,
 ) -> None:
     """Play the scenario against a fresh job; ``disrupt`` strikes with risky records in flight and sends more during the fault.
-    ``sections`` update the job's config (not its event_time, which the scenario's oracle assumes)."""
+    ``sections`` update the job's config (not its event_time, which the scenario's oracle assumes, but
+    for the source idle timeout: the scenario's closing records reach every partition)."""
     cfg, path = private_job(
         e2e_stack,
         name,
-        event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": "5s"},
+        event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": source_idle_timeout},
         **sections,
     )
     assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (WINDOW, WATERMARK_DELAY, ALLOWED_LATENESS)

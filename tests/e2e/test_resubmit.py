@@ -113,7 +113,7 @@ def test_cancelled_and_resubmitted(stack_without_ha):
 # The idle timeout is long for the same reason as in the billing tests: after a minute without a TaskManager the
 # restored splits can all stall past a short one on their first fetch, go idle together and wake one after the other,
 # and the first one awake carries the watermark past the others' backlog (docs/operations.md, "Failover runs").
-SHORT_TRANSACTIONS = {"kafka": {"transaction_timeout": "30s"}, "flink": {"checkpoint_timeout": "20s"}, "event_time": {"source_idle_timeout": "30s"}}
+SHORT_TRANSACTIONS = {"kafka": {"transaction_timeout": "30s"}, "flink": {"checkpoint_timeout": "20s"}}
 
 
 def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
@@ -126,4 +126,4 @@ def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, jo
 
 def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):
     """No TaskManager for twice kafka.transaction_timeout: the restore commits nothing Kafka aborted, and every record is in one place."""
-    run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, **SHORT_TRANSACTIONS)
+    run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, source_idle_timeout="30s", **SHORT_TRANSACTIONS)
