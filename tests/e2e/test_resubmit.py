@@ -110,9 +110,6 @@ def test_cancelled_and_resubmitted(stack_without_ha):
 
 
 # A transaction timeout the test can outlive: the rule (kafka.transaction_timeout > flink.checkpoint_timeout) holds.
-# The idle timeout is long for the same reason as in the billing tests: after a minute without a TaskManager the
-# restored splits can all stall past a short one on their first fetch, go idle together and wake one after the other,
-# and the first one awake carries the watermark past the others' backlog (docs/operations.md, "Failover runs").
 SHORT_TRANSACTIONS = {"kafka": {"transaction_timeout": "30s"}, "flink": {"checkpoint_timeout": "20s"}}
 
 
@@ -126,4 +123,7 @@ def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, jo
 
 def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):
     """No TaskManager for twice kafka.transaction_timeout: the restore commits nothing Kafka aborted, and every record is in one place."""
+    # A long idle timeout: after a minute without a TaskManager the restored splits can all stall past a short one on
+    # their first fetch, go idle together and wake one after the other, and the first one awake carries the watermark
+    # past the others' backlog (docs/operations.md, "Failover runs").
     run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, source_idle_timeout="30s", **SHORT_TRANSACTIONS)
