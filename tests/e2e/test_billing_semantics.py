@@ -270,12 +270,17 @@ def run_scenario(
     name: str,
     disrupt: Disruption | None = None,
     audit: Callable[[Path, Scenario], None] | None = None,
-    source_idle_timeout: str = "5s",
+    source_idle_timeout: str = "30s",
     **sections: dict,
 ) -> None:
     """Play the scenario against a fresh job; ``disrupt`` strikes with risky records in flight and sends more during the fault.
     ``sections`` update the job's config (not its event_time, which the scenario's oracle assumes, but
-    for the source idle timeout: the scenario's closing records reach every partition)."""
+    for the source idle timeout: the scenario's closing records reach every partition).
+
+    The idle timeout is longer than a restore on this machine takes to start reading: a restored
+    reader slower than it has every split marked idle, and Flink's source then keeps a split that
+    resumes with a backlog idle downstream while another reader's carries the watermark past it
+    (docs/operations.md, "How time moves", after a restore)."""
     cfg, path = private_job(
         e2e_stack,
         name,

@@ -123,7 +123,4 @@ def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, jo
 
 def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):
     """No TaskManager for twice kafka.transaction_timeout: the restore commits nothing Kafka aborted, and every record is in one place."""
-    # A long idle timeout: after a minute without a TaskManager the restored splits can all stall past a short one on
-    # their first fetch, go idle together and wake one after the other, and the first one awake carries the watermark
-    # past the others' backlog (docs/operations.md, "Failover runs").
-    run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, source_idle_timeout="30s", **SHORT_TRANSACTIONS)
+    run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, **SHORT_TRANSACTIONS)
