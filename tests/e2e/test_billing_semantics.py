@@ -278,9 +278,9 @@ def run_scenario(
     for the source idle timeout: the scenario's closing records reach every partition).
 
     The idle timeout is longer than a restore on this machine takes to start reading: a restored
-    reader slower than it has every split marked idle, and Flink's source then keeps a split that
-    resumes with a backlog idle downstream while another reader's carries the watermark past it
-    (docs/operations.md, "How time moves", after a restore)."""
+    reader slower than it has every split marked idle, and when they resume the first reader to
+    deliver carries the watermark past the others' backlog (docs/operations.md, "How time moves",
+    after a restore)."""
     cfg, path = private_job(
         e2e_stack,
         name,
