@@ -148,11 +148,7 @@ class FlinkCluster:
 
     def overview(self) -> dict | None:
         """The REST /overview document, or None when the JobManager does not answer."""
-        try:
-            with urllib.request.urlopen(f"{self.rest_url}/overview", timeout=2) as r:
-                return json.loads(r.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+        return cluster_overview(self.rest_url)
 
     def running(self) -> bool:
         """JobManager answers and at least one TaskManager is registered."""
@@ -311,6 +307,15 @@ class FlinkCluster:
             if replaced:
                 detail += f"; the supervisor replaced {len(replaced)} lost TaskManager(s), the last at {replaced[-1].isoformat()} (see {self.supervisor_log})"
         return ComponentStatus("flink", self.running(), self.rest_url, detail)
+
+
+def cluster_overview(rest_url: str) -> dict | None:
+    """The JobManager's REST /overview document, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{rest_url}/overview", timeout=2) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
 
 
 def cluster_env(flink_dir: Path) -> dict[str, str]:

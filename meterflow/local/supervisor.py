@@ -18,8 +18,6 @@ import argparse
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,17 +77,9 @@ def supervise(
         time.sleep(poll)
 
 
-def _answers(rest_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{rest_url}/overview", timeout=2):
-            return True
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the detached supervisor process (``FlinkCluster.start_supervisor`` starts it)."""
-    from meterflow.local.flink import start_taskmanager, taskmanager_pids
+    from meterflow.local.flink import cluster_overview, start_taskmanager, taskmanager_pids
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flink-dir", type=Path, required=True, help="the cluster's state directory (<state_dir>/flink)")
@@ -105,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"supervising the TaskManager of {args.rest_url}")
     supervise(
         taskmanager_running=lambda: bool(taskmanager_pids(args.flink_dir)),
-        jobmanager_answers=lambda: _answers(args.rest_url),
+        jobmanager_answers=lambda: cluster_overview(args.rest_url) is not None,
         start_taskmanager=lambda: start_taskmanager(args.flink_dir),
         delay=args.delay,
         log=log,

@@ -82,12 +82,14 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
 
 def _report_replacements(request: pytest.FixtureRequest, flink) -> None:
     """Every TaskManager the stack's supervisor replaced, on the terminal: the kills the tests made, and any loss they did not."""
-    lines = [line for line in flink.supervisor_log.read_text().splitlines() if "replaced" in line] if flink.supervisor_log.exists() else []
+    from meterflow.local.supervisor import replacements
+
+    replaced = replacements(flink.supervisor_log)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if lines and reporter is not None and capture is not None:
+    if replaced and reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n{flink.dir.parent.parent.name}: the supervisor replaced {len(lines)} TaskManager(s): " + "; ".join(line.split(" ", 1)[0] for line in lines))
+            reporter.write_line(f"\n{flink.dir.parent.parent.name}: the supervisor replaced {len(replaced)} TaskManager(s): " + "; ".join(t.isoformat() for t in replaced))
 
 
 @pytest.fixture(scope="session")
