@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import zlib
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -31,7 +32,7 @@ from connectors.schema_registry import register_schema, value_subject
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.local import flink_jobs
-from meterflow.producer import SyntheticSpec, send_events, synthetic_events
+from meterflow.producer import SyntheticSpec, message_key, send_events, synthetic_events
 from sinks.postgres import fetch_usage
 from tests.support.schema_registry import schema_registry  # noqa: F401
 from tests.e2e.helpers import (
@@ -137,13 +138,19 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
             for i in range(BURST_EVENTS)
         ]  # fmt: skip
 
-        # Normal traffic flows while the hostile records are produced.
-        sender = threading.Thread(target=send_events, args=(k.bootstrap_servers, k.usage_events_topic, first), kwargs={"rate": 2_500})
+        # Normal traffic flows while the hostile records are produced. It keeps out of partition 0, where the
+        # writers dated a minute ahead go (below): a partition's watermark is its own largest event time, so
+        # normal events queued behind them in one partition would be protected only while the other
+        # partitions lag, and would go late whenever that partition is read slower than the rest.
+        sender = threading.Thread(
+            target=send_events, args=(k.bootstrap_servers, k.usage_events_topic, first),
+            kwargs={"rate": 2_500, "partition_for": lambda i, e: 1 + zlib.crc32(message_key(e)) % (k.partitions - 1)},
+        )  # fmt: skip
         sender.start()
         send_raw(k.bootstrap_servers, k.usage_events_topic, [value for _, value, _ in hostile])
-        # The counted ones among them are dated a minute ahead of the traffic they join: all in one
-        # partition, so the others hold the watermark back (it is the least over partitions) and
-        # the normal traffic is not made late by them.
+        # The counted ones among them are dated a minute ahead of the traffic they join: all in partition 0,
+        # so the others hold the watermark back (it is the least over partitions) and the normal
+        # traffic is not made late by them.
         send_raw(k.bootstrap_servers, k.usage_events_topic, evolved_values, partition=0)
         send_events(k.bootstrap_servers, k.usage_events_topic, burst, partition_for=lambda i, e: 0)
         oversized = largest_accepted_value(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
@@ -178,7 +185,7 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
             kinds = sorted({d["reason"][:70] for d in read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)})
             late_schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
             late_events = read_topic(k.bootstrap_servers, k.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), late_schema))
-            marks = sorted({(str(e["watermark"]), e["tenant_id"][:12]) for e in late_events})[:12]
+            marks = sorted({(str(e["watermark"]), e["tenant_id"][:12], e["customer_id"][:12]) for e in late_events})[:12]
             late = f"{len(late_events)}, windows {min((e['window_start'] for e in late_events), default=None)}..{max((e['window_start'] for e in late_events), default=None)}, watermarks {marks}"
             failures = flink_jobs.rest(cfg, f"/jobs/{job_id}/exceptions").get("exceptionHistory", {}).get("entries", [])[:2]
             failures = [(f.get("exceptionName"), (f.get("stacktrace") or "")[:1500]) for f in failures]
