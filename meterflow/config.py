@@ -152,7 +152,7 @@ class EventTimeConfig(_Section):
 
 Aggregation = Literal["SUM", "COUNT", "MAX", "LATEST", "UNIQUE_COUNT"]
 # decimal: the exact quantity; exact: whole numbers only (a fraction is a dead letter); the others round.
-BillingRounding = Literal["decimal", "exact", "half_up", "ceil", "floor"]
+BillingRounding = Literal["carry", "decimal", "exact", "half_up", "ceil", "floor"]
 _DIMENSION_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
@@ -171,7 +171,7 @@ class MeterConfig(_Section):
     group_by: tuple[str, ...] = Field((), max_length=MAX_GROUP_BY, description="Dimensions that split a window into rows (at most MAX_GROUP_BY).")
     unique_dimension: str | None = Field(None, pattern=_DIMENSION_NAME)
     billing_event_name: str | None = Field(None, min_length=1, max_length=100, description="The provider's meter event name; defaults to the meter name.")
-    billing_rounding: BillingRounding = Field("decimal", description="How a window's quantity becomes the provider's value (see README, Billing).")
+    billing_rounding: BillingRounding = Field("carry", description="How a window's quantity becomes the provider's value: carry (whole units, the fraction carried within the month), decimal, exact, half_up, ceil, floor (see README, Billing).")
 
     @property
     def event_name(self) -> str:
@@ -266,6 +266,7 @@ class BillingConfig(_Section):
     identifier_prefix: str = Field("mf", pattern=r"^[A-Za-z0-9_]{1,16}$")
     ledger_table: str = Field("billing_deliveries", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     customers_table: str = Field("billing_customers", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    carry_table: str = Field("billing_carry", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Running totals per (customer, meter, month) of the meters billed with billing_rounding: carry.")
     max_window_age: Duration = timedelta(days=35)
     max_window_ahead: Duration = timedelta(minutes=5)
 

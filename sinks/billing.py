@@ -22,6 +22,7 @@ from meterflow.config import MeterConfig
 from meterflow.config_values import format_duration
 from meterflow.errors import DeliveryRejected
 from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, derive_late_correction_identifier, format_meter_value, outside_provider_window
+from sinks.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, value_refusal
 
 DeliveryStatus = Literal["pending", "sent", "failed", "dead"]
 DeliveryKind = Literal["window", "correction"]
@@ -110,6 +111,7 @@ class LedgerEntry:
     corrections_total: Decimal = Decimal(0)  # window rows: sum of the window's correction rows
     corrections_revision: int = 0  # window rows: the highest revision of those corrections
     claimed: bool = True  # False: the row exists but was not handed to this attempt (final, or scheduled)
+    value: str | None = None  # the value fixed when it was first attempted (carried meters), else None
 
 
 @dataclass(frozen=True)
@@ -201,23 +203,43 @@ def late_correction_delivery(window: ClosedWindow, correction_id: str, prefix: s
     return Delivery(derive_late_correction_identifier(parent, correction_id), "correction", parent, window, window.quantity, 0)
 
 
-def build_meter_event(delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta) -> MeterEvent:
-    """The provider's meter event for a delivery, or DeliveryRejected with the reason it must not be sent."""
+def delivery_refusal(delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta) -> str | None:
+    """Why a delivery must not be sent whatever its value (no meter, no customer, outside the provider's window), or None."""
     window = delivery.window
     if meter is None:
-        msg = f"meter {window.meter!r} is not configured for billing"
-        raise DeliveryRejected(msg)
+        return f"meter {window.meter!r} is not configured for billing"
     if provider_customer_id is None:
-        msg = f"no billing customer mapped for tenant {window.tenant_id!r}, customer {window.customer_id!r}"
-        raise DeliveryRejected(msg)
-    refused = outside_provider_window(window.window_start, now, max_age, max_ahead)
+        return f"no billing customer mapped for tenant {window.tenant_id!r}, customer {window.customer_id!r}"
+    return outside_provider_window(window.window_start, now, max_age, max_ahead)
+
+
+def build_meter_event(
+    delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta,
+    carried: Decimal | None = None,
+) -> MeterEvent:  # fmt: skip
+    """The provider's meter event for a delivery, or DeliveryRejected with the reason it must not be sent.
+
+    ``carried``: a carried meter's value, fixed by the ledger (sinks/whole_values.py); other meters'
+    values come from the delivery's quantity and the meter's rounding.
+    """
+    refused = delivery_refusal(delivery, meter, provider_customer_id, now, max_age, max_ahead)
+    if refused or meter is None or provider_customer_id is None:
+        raise DeliveryRejected(refused or "no meter or customer")
+    if meter.billing_rounding == "carry":
+        if carried is None:
+            msg = f"delivery {delivery.identifier}: a carried meter's value must be fixed by the ledger first"
+            raise ValueError(msg)
+        value, rules = format(carried, "f"), STRIPE_WHOLE
+    else:
+        try:
+            value = format_meter_value(delivery.quantity, meter.billing_rounding)
+        except ValueError as e:
+            raise DeliveryRejected(str(e)) from e
+        rules = STRIPE_DECIMALS if meter.billing_rounding == "decimal" else STRIPE_WHOLE
+    refused = value_refusal(value, rules)
     if refused:
         raise DeliveryRejected(refused)
-    try:
-        value = format_meter_value(delivery.quantity, meter.billing_rounding)
-    except ValueError as e:
-        raise DeliveryRejected(str(e)) from e
-    return MeterEvent(delivery.identifier, meter.event_name, provider_customer_id, value, window.window_start_ms // 1000)
+    return MeterEvent(delivery.identifier, meter.event_name, provider_customer_id, value, delivery.window.window_start_ms // 1000)
 
 
 def beyond_dedup_window(first_attempt_at: float | None, now: float, dedup_window: timedelta) -> bool:

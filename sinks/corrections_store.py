@@ -53,7 +53,7 @@ def apply_corrections_schema(cfg: JobConfig) -> None:
     usage table is the job's and is left alone."""
     statements = corrections_ddl(cfg.corrections.table, cfg.corrections.events_table) + offsets_ddl(cfg.corrections.offsets_table)
     if cfg.billing.enabled:
-        statements += billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table)
+        statements += billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table)
     with connect(cfg.postgres) as conn, conn.transaction():
         for statement in statements:
             conn.execute(statement)

@@ -42,6 +42,7 @@ from sinks.billing import (
     beyond_dedup_window,
     build_meter_event,
     correction_needed,
+    delivery_refusal,
     judge_provider_totals,
     summary_range,
     window_delivery,
@@ -74,7 +75,11 @@ class Ledger(Protocol):
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None: ...
 
-    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal: ...
+    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal:
+        """The sum of the values the provider accepted for one customer and event over [start, end), one delivery excluded."""
+
+    async def carry_value(self, identifier: str) -> Decimal:
+        """Fix a carried meter's delivery's value, in the order of first attempts (sinks/whole_values.py); once fixed, the same value."""
 
 
 class Provider(Protocol):
@@ -213,8 +218,16 @@ class Deliverer:
             await self.ledger.defer(identifier, until)
             return Deferred(identifier, until)
         meter = self.meters.get(delivery.window.meter)
+        at = datetime.fromtimestamp(now, UTC)
         try:
-            event = build_meter_event(delivery, meter, entry.provider_customer_id, datetime.fromtimestamp(now, UTC), self.max_age, self.max_ahead)
+            refused = delivery_refusal(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead)
+            if refused:
+                raise DeliveryRejected(refused)
+            carried = None
+            if meter is not None and meter.billing_rounding == "carry":
+                # Fixed once, when first attempted: every retry and replay sends the same value.
+                carried = Decimal(entry.value) if entry.value is not None else await self.ledger.carry_value(identifier)
+            event = build_meter_event(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead, carried)
         except DeliveryRejected as e:
             await self.ledger.mark_rejected(identifier, str(e))
             return Dead(identifier, str(e), entry.attempts)

@@ -13,7 +13,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from typing import Literal
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe meter event `identifier`
-Rounding = Literal["decimal", "exact", "half_up", "ceil", "floor"]
+Rounding = Literal["carry", "decimal", "exact", "half_up", "ceil", "floor"]
 _ROUNDING = {"half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING, "floor": ROUND_FLOOR}
 
 

@@ -30,7 +30,7 @@ from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow
 def apply_billing_schema(cfg: JobConfig) -> None:
     """Create the billing tables and the ledger guard (idempotent)."""
     with connect(cfg.postgres) as conn, conn.transaction():
-        for statement in billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table):
+        for statement in billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table):
             conn.execute(statement)
 
 

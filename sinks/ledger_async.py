@@ -20,10 +20,12 @@ from meterflow.errors import SinkError
 from sinks.billing import ClosedWindow, Delivery, LedgerEntry, MeterEvent
 from sinks.ledger_schema import (
     accepted_total_sql,
+    carry_value_sql,
     claim_existing_sql,
     claim_new_sql,
     defer_sql,
     delivery_state_sql,
+    delivery_value_sql,
     delivery_window_sql,
     due_retries_sql,
     mark_sql,
@@ -118,7 +120,7 @@ class AsyncPostgresLedger:
 
     def __init__(self, cfg: JobConfig, worker: str, connections: int = 2) -> None:
         """``connections``: batches written at once, each on its own connection."""
-        self.table, self.customers, self.worker = cfg.billing.ledger_table, cfg.billing.customers_table, worker
+        self.table, self.customers, self.carry, self.worker = cfg.billing.ledger_table, cfg.billing.customers_table, cfg.billing.carry_table, worker
         self.lease_s = cfg.billing.retry_lease.total_seconds()
         self._pg = cfg.postgres
         self._size = connections
@@ -215,10 +217,19 @@ class AsyncPostgresLedger:
         row = await self._fetchone(accepted_total_sql(self.table), params)
         return Decimal(row[0]) if row else Decimal(0)
 
+    async def carry_value(self, identifier: str) -> Decimal:
+        row = await self._fetchone(carry_value_sql(self.table, self.carry), {"identifier": identifier})
+        if row is None:  # fixed already, by an attempt before this one
+            row = await self._fetchone(delivery_value_sql(self.table), {"identifier": identifier})
+        if row is None or row[0] is None:
+            msg = f"delivery {identifier} has no value in the ledger"
+            raise SinkError(msg)
+        return Decimal(row[0])
+
 
 def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:
-    identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, corrections_total, corrections_revision = row
-    return LedgerEntry(identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, Decimal(corrections_total), int(corrections_revision), claimed)
+    identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, corrections_total, corrections_revision, value = row
+    return LedgerEntry(identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, Decimal(corrections_total), int(corrections_revision), claimed, value)
 
 
 def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int) -> list[tuple]:

@@ -19,10 +19,10 @@ STATUSES = ("pending", "sent", "failed", "dead")
 KINDS = ("window", "correction")
 
 
-def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table: str = "billing_deliveries") -> list[str]:
-    """Statements that create both billing tables and the ledger's guard; safe to run again, and they
+def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table: str = "billing_deliveries", carry_table: str = "billing_carry") -> list[str]:
+    """Statements that create the billing tables and the ledger's guard; safe to run again, and they
     bring a ledger created by an earlier version up to date."""
-    c, d = check_identifier(customers_table), check_identifier(ledger_table)
+    c, d, k = check_identifier(customers_table), check_identifier(ledger_table), check_identifier(carry_table)
     statuses = ", ".join(f"'{s}'" for s in STATUSES)
     kinds = ", ".join(f"'{k}'" for k in KINDS)
     return [
@@ -87,7 +87,45 @@ END
 $$""",
         f"DROP TRIGGER IF EXISTS {d}_keep_sent ON {d}",
         f"CREATE TRIGGER {d}_keep_sent BEFORE UPDATE ON {d} FOR EACH ROW EXECUTE FUNCTION {d}_keep_sent()",
+        # The running total of carried meters (sinks/whole_values.py): exact quantities of every
+        # delivery whose value is fixed, per customer, meter and month; floor(total) has been billed.
+        f"""CREATE TABLE IF NOT EXISTS {k} (
+    provider     text           NOT NULL,
+    tenant_id    text           NOT NULL,
+    customer_id  text           NOT NULL,
+    meter        text           NOT NULL,
+    period_start timestamp      NOT NULL,
+    total        numeric(38, 9) NOT NULL,
+    updated_at   timestamptz    NOT NULL DEFAULT now(),
+    PRIMARY KEY (provider, tenant_id, customer_id, meter, period_start)
+)""",
     ]
+
+
+def carry_value_sql(ledger_table: str, carry_table: str) -> str:
+    """Fix a carried delivery's value: add its quantity to its (customer, meter, month) total and
+    take the whole units it completes, ``floor(total) - floor(total - quantity)``
+    (sinks/whole_values.py: carried_value). No row when the value was fixed already.
+
+    The delivery's row is locked first and checked again after the wait, so two attempts can't both
+    add the same quantity; the total's row lock orders the deliveries of one customer and meter.
+    """
+    d, k = check_identifier(ledger_table), check_identifier(carry_table)
+    return (
+        f"WITH target AS (SELECT identifier, provider, tenant_id, customer_id, meter, date_trunc('month', window_start) AS period_start, quantity "
+        f"FROM {d} WHERE identifier = %(identifier)s AND value IS NULL FOR UPDATE), "
+        f"carried AS (INSERT INTO {k} (provider, tenant_id, customer_id, meter, period_start, total) "
+        "SELECT provider, tenant_id, customer_id, meter, period_start, quantity FROM target "
+        f"ON CONFLICT (provider, tenant_id, customer_id, meter, period_start) DO UPDATE SET total = {k}.total + EXCLUDED.total, updated_at = now() "
+        "RETURNING total) "
+        f"UPDATE {d} SET value = (floor(carried.total) - floor(carried.total - target.quantity))::text "
+        f"FROM target, carried WHERE {d}.identifier = target.identifier RETURNING {d}.value"
+    )
+
+
+def delivery_value_sql(ledger_table: str) -> str:
+    """The value fixed for a delivery (NULL until fixed)."""
+    return f"SELECT value FROM {check_identifier(ledger_table)} WHERE identifier = %(identifier)s"
 
 
 def _state_columns(d: str, c: str) -> str:
@@ -101,7 +139,8 @@ def _state_columns(d: str, c: str) -> str:
         f"extract(epoch FROM {d}.first_attempt_at)::float8, "
         f"(SELECT m.provider_customer_id FROM {c} m WHERE m.tenant_id = {d}.tenant_id AND m.customer_id = {d}.customer_id AND m.provider = {d}.provider), "
         f"(SELECT coalesce(sum(x.quantity), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction' AND x.correction_id IS NULL), "
-        f"(SELECT coalesce(max(x.revision), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction' AND x.correction_id IS NULL)"
+        f"(SELECT coalesce(max(x.revision), 0) FROM {d} x WHERE x.window_identifier = {d}.identifier AND x.kind = 'correction' AND x.correction_id IS NULL), "
+        f"{d}.value"
     )
 
 
@@ -230,10 +269,10 @@ def record_check_sql(ledger_table: str) -> str:
 
 
 def accepted_total_sql(ledger_table: str) -> str:
-    """The quantity the ledger has as accepted for one provider customer and event over a time range, one delivery excluded."""
+    """The values the ledger has as accepted for one provider customer and event over a time range, one delivery excluded."""
     d = check_identifier(ledger_table)
     return (
-        f"SELECT coalesce(sum(quantity), 0) FROM {d} WHERE provider = %(provider)s AND status = 'sent' "
+        f"SELECT coalesce(sum(value::numeric), 0) FROM {d} WHERE provider = %(provider)s AND status = 'sent' "
         "AND provider_customer_id = %(provider_customer_id)s AND event_name = %(event_name)s AND identifier <> %(identifier)s "
         "AND window_start >= to_timestamp(%(start)s) AT TIME ZONE 'UTC' AND window_start < to_timestamp(%(end)s) AT TIME ZONE 'UTC'"
     )

@@ -91,7 +91,7 @@ class JobManagerKill:
 def _billing_job(e2e_stack) -> tuple[JobConfig, Path]:
     """A billing job of its own (own topics, ledger and customers), billing through stripe-mock."""
     run = uuid.uuid4().hex[:6]
-    billing = {"enabled": True, "ledger_table": f"deliveries_jmha_{run}", "customers_table": f"customers_jmha_{run}"}
+    billing = {"enabled": True, "ledger_table": f"deliveries_jmha_{run}", "customers_table": f"customers_jmha_{run}", "carry_table": f"carry_jmha_{run}"}
     event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
     cfg, path = private_job(e2e_stack, "jmbilling", billing=billing, event_time=event_time)
     apply_schemas(cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -19,6 +20,7 @@ from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, due_retries
 from sinks.postgres import connect
 from sinks.stripe_provider import StripeMeterEvents
+from sinks.whole_values import billing_period_start, carried_value
 from tests.support.fake_stripe import DROP, FakeStripe, reject
 
 pytestmark = [pytest.mark.e2e]
@@ -27,7 +29,7 @@ pytestmark = [pytest.mark.e2e]
 @pytest.fixture
 def ledger_cfg(e2e_stack):
     run = uuid.uuid4().hex[:6]
-    cfg, path = e2e_stack.config(f"ledger-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}"})
+    cfg, path = e2e_stack.config(f"ledger-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"})
     apply_billing_schema(cfg)
     apply_billing_schema(cfg)  # idempotent
     return cfg, path
@@ -79,7 +81,7 @@ def test_replay_past_the_dedup_window_needs_force_and_asks_the_provider(e2e_stac
     fake = FakeStripe().start()
     try:
         run = uuid.uuid4().hex[:6]
-        billing = {"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "max_attempts": 2, "initial_backoff": "10ms"}
+        billing = {"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}", "max_attempts": 2, "initial_backoff": "10ms"}
         cfg, path = e2e_stack.config(f"dedup-{run}", billing=billing, stripe={"api_base": fake.url})
         apply_billing_schema(cfg)
         map_customer(cfg, "t1", "c1", "cus_1")
@@ -171,3 +173,50 @@ def test_concurrent_writes_share_commits_and_a_bad_statement_fails_alone(ledger_
     rows = fetch_deliveries(cfg)
     assert len(rows) == 60 and {r.status for r in rows} == {"sent"}
     assert {r.provider_response_id for r in rows} == {f"req_c{i}" for i in range(60)}
+
+
+def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg):
+    """The ledger's carry statement gives carried_value's values, fixes each delivery's value once (two
+    workers at once included), and keeps one running total per customer, meter and month."""
+    cfg, _ = ledger_cfg
+    month = billing_period_start(datetime.now(UTC))
+    month_ms = int(month.timestamp() * 1000)
+    quantities = [Decimal(q) for q in ("0.4", "0.4", "0.4", "-0.3", "2.75", "0.000000001", "0.999999999", "-5", "0.6")]
+
+    def delivery(i: int, quantity: Decimal, start_ms: int, customer: str = "c1"):  # noqa: ANN202
+        return window_delivery(ClosedWindow("t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1), "mf")
+
+    async def scenario() -> tuple[list[Decimal], list[Decimal], Decimal]:
+        ledger, other = AsyncPostgresLedger(cfg, "w1", connections=2), AsyncPostgresLedger(cfg, "w2", connections=2)
+        try:
+            values = []
+            for i, q in enumerate(quantities):
+                d = delivery(i, q, month_ms)
+                await ledger.claim(d, "stripe", "tokens", retry=False)
+                # Two workers fix the same delivery at once: one adds it to the total, both get its value.
+                both = await asyncio.gather(ledger.carry_value(d.identifier), other.carry_value(d.identifier))
+                assert both[0] == both[1]
+                values.append(both[0])
+            assert await ledger.carry_value(delivery(0, quantities[0], month_ms).identifier) == values[0], "fixed once"
+            # The month before, and another customer: their own totals.
+            elsewhere = []
+            for d in (delivery(0, Decimal("0.5"), month_ms - 120_000), delivery(0, Decimal("0.5"), month_ms, "c2")):
+                await ledger.claim(d, "stripe", "tokens", retry=False)
+                elsewhere.append(await ledger.carry_value(d.identifier))
+            with connect(cfg.postgres) as conn:
+                [total] = conn.execute(f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c1' AND period_start = %s", (month.replace(tzinfo=None),)).fetchone()
+            return values, elsewhere, total
+        finally:
+            await ledger.close()
+            await other.close()
+
+    values, elsewhere, total = asyncio.run(scenario())
+    expected, running = [], Decimal(0)
+    for q in quantities:
+        expected.append(carried_value(running, q))
+        running += q
+    assert values == expected and total == running == sum(quantities)
+    assert sum(values) == running.to_integral_value(rounding="ROUND_FLOOR")
+    assert elsewhere == [Decimal(0), Decimal(0)], "0.5 in another month and for another customer carries nothing over"
+    rows = {d.identifier: d for d in fetch_deliveries(cfg)}
+    assert all(r.value is not None for r in rows.values())

@@ -13,7 +13,9 @@ state the way the billing tests need it:
 * scheduled faults: 429 with Retry-After, 5xx, slow answers (accepted, answered after the
   client gave up), dropped connections (accepted, no answer) and held requests (accepted, no
   answer until released: "between the API call and the checkpoint");
-* timestamps outside the past 35 days / next 5 minutes are refused with 400, like Stripe.
+* timestamps outside the past 35 days / next 5 minutes are refused with 400, like Stripe;
+* values that are not whole numbers are refused with 400, like Stripe's default account
+  (``decimals=True``: an account with decimals enabled, which refuses more than 15 significant digits).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class FakeStripe:
     clock: Callable[[], float] = time.time
     latency: float = 0.0
     event_names: tuple[str, ...] = ("api_calls", "tokens")
+    decimals: bool = False  # an account with decimal meter values enabled (Stripe: on request)
     accepted: dict[str, AcceptedEvent] = field(default_factory=dict)
     events: list[AcceptedEvent] = field(default_factory=list)  # every accepted event, a second one under a forgotten identifier too
     requests: list[RequestRecord] = field(default_factory=list)
@@ -257,9 +260,17 @@ class FakeStripe:
         if len(form.get("identifier", "")) > 100:
             return "identifier: must be at most 100 characters"
         try:
-            Decimal(form["payload[value]"])
+            value = Decimal(form["payload[value]"])
         except InvalidOperation:
             return "payload[value]: must be a number"
+        if not value.is_finite():
+            return "payload[value]: must be a number"
+        # Stripe: whole numbers only, unless the account has decimals enabled; then at most 15
+        # significant digits (API version 2026-04-22).
+        if not self.decimals and value != value.to_integral_value():
+            return "payload[value]: must be a whole number"
+        if self.decimals and value and len(value.normalize().as_tuple().digits) > 15:
+            return "payload[value]: meter_event_value_too_many_digits"
         if "timestamp" in form:
             try:
                 ts = int(form["timestamp"])

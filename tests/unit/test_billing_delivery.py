@@ -36,6 +36,7 @@ from sinks.billing import (
 )
 from sinks.delivery import Deliverer
 from sinks.idempotency import derive_correction_identifier
+from sinks.whole_values import billing_period_start, carried_value
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 START_MS = int((NOW - timedelta(hours=1)).timestamp() * 1000)
@@ -68,6 +69,7 @@ class MemoryLedger:
     rows: dict[str, dict] = field(default_factory=dict)
     customers: dict[tuple[str, str], str] = field(default_factory=lambda: {("tenant-1", "cust-1"): "cus_1"})
     checks: list[str] = field(default_factory=list)
+    carried: dict[tuple, Decimal] = field(default_factory=dict)  # (tenant, customer, meter, month) -> total
 
     def _entry(self, r: dict, claimed: bool) -> LedgerEntry:
         corrections = [c for c in self.rows.values() if c["window_identifier"] == r["identifier"] and c["kind"] == "correction"]
@@ -75,7 +77,7 @@ class MemoryLedger:
         return LedgerEntry(
             r["identifier"], r["kind"], r["status"], r["attempts"], r["quantity"], r["revision"], r["first_attempt_at"],
             self.customers.get((w.tenant_id, w.customer_id)), sum((c["quantity"] for c in corrections), Decimal(0)),
-            max((c["revision"] for c in corrections), default=0), claimed,
+            max((c["revision"] for c in corrections), default=0), claimed, r["value"],
         )  # fmt: skip
 
     async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
@@ -124,7 +126,17 @@ class MemoryLedger:
 
     async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal:
         rows = [r for r in self.rows.values() if r["status"] == "sent" and r["identifier"] != identifier and r["customer"] == provider_customer_id and r["event_name"] == event_name]
-        return sum((r["quantity"] for r in rows if start <= r["delivery"].window.window_start_ms // 1000 < end), Decimal(0))
+        return sum((Decimal(r["value"]) for r in rows if start <= r["delivery"].window.window_start_ms // 1000 < end), Decimal(0))
+
+    async def carry_value(self, identifier: str) -> Decimal:
+        r = self.rows[identifier]
+        if r["value"] is None:
+            w = r["delivery"].window
+            key = (w.tenant_id, w.customer_id, w.meter, billing_period_start(w.window_start))
+            before = self.carried.get(key, Decimal(0))
+            self.carried[key] = before + r["quantity"]
+            r["value"] = str(carried_value(before, r["quantity"]))
+        return Decimal(r["value"])
 
 
 @dataclass
@@ -167,7 +179,7 @@ def test_sends_once_and_a_replayed_window_is_skipped():
     provider, ledger, _, d = setup()
     [first] = run(d.on_window(window()))
     assert isinstance(first, Sent) and first.attempts == 1
-    assert provider.sent == [MeterEvent(first.identifier, "tokens", "cus_1", "12.5", START_MS // 1000)]
+    assert provider.sent == [MeterEvent(first.identifier, "tokens", "cus_1", "12", START_MS // 1000)], "whole units; 0.5 carried"
     assert run(d.on_window(window())) == [Skipped(first.identifier, "sent")]
     assert len(provider.sent) == 1 and ledger.rows[first.identifier]["status"] == "sent"
 
@@ -296,13 +308,15 @@ def test_one_call_at_a_time_per_key_while_other_keys_run_together():
 
 
 def test_a_changed_final_after_sending_becomes_a_correction_with_its_own_identifier():
-    """Sent with 12.5 at revision 3; re-finalised as 15 at revision 5: a correction of +2.5 identified by window and revision."""
+    """Sent with 12.5 at revision 3; re-finalised as 15 at revision 5: a correction of +2.5 identified by window and revision.
+
+    Carried: the window sent 12 (0.5 carried), the correction completes 15 and sends 3."""
     provider, ledger, _, d = setup()
     [sent] = run(d.on_window(window(quantity="12.5", revision=3)))
     outcomes = run(d.on_window(window(quantity="15", revision=5)))
     assert outcomes[0] == Skipped(sent.identifier, "sent") and isinstance(outcomes[1], Sent)
     correction = derive_correction_identifier(sent.identifier, 5)
-    assert outcomes[1].identifier == correction and provider.sent[-1] == MeterEvent(correction, "tokens", "cus_1", "2.5", START_MS // 1000)
+    assert outcomes[1].identifier == correction and provider.sent[-1] == MeterEvent(correction, "tokens", "cus_1", "3", START_MS // 1000)
     assert ledger.rows[correction]["kind"] == "correction" and ledger.rows[correction]["quantity"] == Decimal("2.5")
     assert run(d.on_window(window(quantity="15", revision=5)))[1:] == [], "the same final again adds nothing"
     assert run(d.on_window(window(quantity="9", revision=4)))[1:] == [], "an older revision is a replay, never a correction"
@@ -347,7 +361,7 @@ def test_past_the_dedup_window_the_provider_is_asked_first():
     dead = run(d.deliver(window_delivery(window(), "mf").identifier))
     assert isinstance(dead, Dead)
     t.now += DAY + 60
-    provider.held = Decimal("12.5")  # the first, unanswered call had in fact arrived
+    provider.held = Decimal("12")  # the first, unanswered call had in fact arrived (12.5 carried: 12)
     found = run(d.deliver(dead.identifier, replay=True))
     assert isinstance(found, Sent) and found.response_id == "found-at-provider" and len(provider.sent) == 2
     assert ledger.checks[-1].startswith("found at the provider")
@@ -389,3 +403,35 @@ def test_customer_csv_import_parses_and_reports_every_problem():
     assert problems == ["line 2: every column needs a value", "line 4: t1/c1 is mapped twice, to cus_1 and cus_9"]
     _, problems = parse_customer_csv("tenant,customer\nt1,c1\n")
     assert problems == ["header must name tenant_id, customer_id, provider_customer_id; missing tenant_id, customer_id, provider_customer_id"]
+
+
+def test_carried_meter_bills_whole_units_and_a_retry_resends_its_fixed_value():
+    """Windows of 0.4: whole values 0, 0, 1, ... adding up to floor(total); a delivery whose first call
+    failed is retried with the value fixed at that first attempt, though others were fixed since."""
+    provider, ledger, t, d = setup()
+    provider.script = [None, ProviderError("unavailable", status=503, retryable=True)]
+    starts = [START_MS - i * 60_000 for i in range(10)]
+    first, second = (run(d.on_window(window(quantity="0.4", start_ms=s)))[0] for s in starts[:2])
+    assert isinstance(first, Sent) and isinstance(second, Retry)
+    assert [e.value for e in provider.sent] == ["0", "0"], "0.4, then 0.8: no whole unit yet"
+    t.now += 60  # the key's backoff is over; the failed delivery still waits for the retry scan
+    later = [run(d.on_window(window(quantity="0.4", start_ms=s)))[0] for s in starts[2:]]
+    assert all(isinstance(o, Sent) for o in later)
+    retried = run(d.on_retry(second.identifier))
+    assert isinstance(retried, Sent) and provider.sent[-1].value == "0", "the value fixed at its first attempt"
+    accepted = {e.identifier: Decimal(e.value) for e in provider.sent[:1] + provider.sent[2:]}
+    assert sum(accepted.values()) == Decimal(4) == (Decimal("0.4") * 10).to_integral_value()
+    assert all(v == v.to_integral_value() for v in accepted.values())
+
+
+def test_carry_runs_per_customer_meter_and_month():
+    """The fraction carries within one customer's meter in one month, never into another customer or month."""
+    provider, ledger, _, d = setup()
+    ledger.customers[("tenant-1", "cust-2")] = "cus_2"
+    for customer in ("cust-1", "cust-2"):
+        for i in range(2):
+            run(d.on_window(window(customer=customer, quantity="0.5", start_ms=START_MS - i * 60_000)))
+    assert [(e.provider_customer_id, e.value) for e in provider.sent] == [("cus_1", "0"), ("cus_1", "1"), ("cus_2", "0"), ("cus_2", "1")]
+    assert len({k[3] for k in ledger.carried}) == 1
+    december = int(datetime(2026, 12, 31, 23, 59, tzinfo=UTC).timestamp() * 1000)
+    assert billing_period_start(window(start_ms=december).window_start) != billing_period_start(window(start_ms=december + 60_000).window_start)

@@ -59,7 +59,7 @@ def provider(fake: FakeStripe, timeout: str = "2s") -> SyncProvider:
 EVENT_TIME = int(time.time()) - 60
 
 
-def event(identifier: str = "mf-1-abc", value: str = "12.5") -> MeterEvent:
+def event(identifier: str = "mf-1-abc", value: str = "12") -> MeterEvent:
     return MeterEvent(identifier, "tokens", "cus_1", value, EVENT_TIME)
 
 
@@ -68,7 +68,7 @@ def test_sent_event_is_accepted_once_and_a_resend_is_replayed(fake):
     p = provider(fake)
     assert p.send(event()).startswith("req_fake_")
     p.send(event())
-    assert list(fake.accepted) == ["mf-1-abc"] and fake.accepted["mf-1-abc"].value == Decimal("12.5")
+    assert list(fake.accepted) == ["mf-1-abc"] and fake.accepted["mf-1-abc"].value == Decimal("12")
     assert fake.accepted["mf-1-abc"].idempotency_key == "mf-1-abc"
     assert [r.outcome for r in fake.requests] == ["accepted", "replayed"]
 
@@ -103,6 +103,37 @@ def test_invalid_request_is_final(fake):
     with pytest.raises(ProviderError) as e:
         provider(fake).send(event(value="twelve"))
     assert e.value.status == 400 and not e.value.retryable and "must be a number" in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["12.5", "0.000000001", "-3.25"])
+def test_a_value_that_is_not_whole_is_refused_like_stripe(fake, value):
+    """Stripe takes whole numbers only (decimals on request): the fake refuses the rest with 400, final."""
+    with pytest.raises(ProviderError) as e:
+        provider(fake).send(event(value=value))
+    assert e.value.status == 400 and not e.value.retryable and "whole number" in str(e.value)
+    assert fake.accepted == {}
+
+
+def test_whole_and_negative_values_are_accepted(fake):
+    p = provider(fake)
+    p.send(event("mf-1", "0"))
+    p.send(event("mf-2", "-7"))
+    p.send(event("mf-3", "123456789012345678901234567890"))
+    assert [e.value for e in fake.events] == [Decimal(0), Decimal(-7), Decimal("123456789012345678901234567890")]
+
+
+def test_an_account_with_decimals_takes_up_to_15_significant_digits():
+    """With decimals enabled: 15 significant digits at the limit, 16 one past it."""
+    fake = FakeStripe(decimals=True).start()
+    try:
+        p = provider(fake)
+        p.send(event("mf-1", "12345678901234.5"))
+        with pytest.raises(ProviderError) as e:
+            p.send(event("mf-2", "123456789012345.6"))
+        assert e.value.status == 400 and "too_many_digits" in str(e.value)
+        assert list(fake.accepted) == ["mf-1"]
+    finally:
+        fake.stop()
 
 
 @pytest.mark.parametrize("fault", [DROP, SLOW])
@@ -141,10 +172,10 @@ def test_fail_for_starts_at_the_next_request_and_ends(fake):
 def test_meter_totals_come_from_the_event_summaries(fake):
     """The meter is found by event name; its summary for one customer and range sums what the fake accepted."""
     p = provider(fake)
-    p.send(event("mf-1", "2.5"))
+    p.send(event("mf-1", "2"))
     p.send(event("mf-2", "4"))
     start = EVENT_TIME - EVENT_TIME % 60
-    assert p.total("tokens", "cus_1", start, start + 60) == Decimal("6.5")
+    assert p.total("tokens", "cus_1", start, start + 60) == Decimal("6")
     assert p.total("tokens", "cus_2", start, start + 60) == Decimal(0)
     with pytest.raises(ProviderError) as e:
         p.total("no_such_meter", "cus_1", start, start + 60)
