@@ -339,6 +339,6 @@ def final_windows_sql(usage_table: str) -> str:
 def ledger_windows_sql(ledger_table: str) -> str:
     """Every delivery of one provider, keyed like the final windows."""
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error, kind, revision, correction_id "
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error, kind, revision, correction_id, value "
         f"FROM {check_identifier(ledger_table)} WHERE provider = %(provider)s"
     )

@@ -10,14 +10,17 @@ beside the final write), so they are left out rather than reported as missing.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
 
+from sinks.idempotency import Rounding, format_meter_value
+from sinks.whole_values import billing_period_start
+
 Period = Literal["day", "month"]
-DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window"]
+DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window", "values sent differ"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class LedgerWindow(_Window):
     kind: str = "window"
     revision: int = 0
     correction_id: str | None = None  # set on a correction from late events
+    value: str | None = None  # the provider's value, once fixed (at the first attempt of a carried meter's delivery, else when sent)
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,41 @@ def reconcile(
     period_totals = [PeriodTotal(*k, *v) for k, v in sorted(totals.items())]
     discrepancies.sort(key=lambda d: (d.window_start, d.tenant_id, d.customer_id, d.meter, d.dimensions_key))
     return period_totals, discrepancies
+
+
+def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, Rounding]) -> list[Discrepancy]:
+    """Where the values sent, or fixed to be sent, break the meter's value rule (sinks/whole_values.py).
+
+    A carried meter's values of one (tenant, customer, meter, month) add up to the whole part of
+    the quantities they were fixed for, whatever their status; so once every delivery is sent (the
+    window comparison), the provider holds the whole part of what was metered. Any other meter's
+    value is its delivery's quantity, rounded as configured. ``window_start`` of a carried
+    discrepancy is its month; ``dimensions_key`` is ``*``.
+    """
+    issues: list[Discrepancy] = []
+    months: dict[tuple, list[LedgerWindow]] = defaultdict(list)
+    for d in ledger:
+        if d.value is None:
+            continue
+        rounding = roundings.get(d.meter, "carry")
+        if rounding == "carry":
+            months[(d.tenant_id, d.customer_id, d.meter, billing_period_start(d.window_start).replace(tzinfo=None))].append(d)
+            continue
+        try:
+            expected = Decimal(format_meter_value(d.quantity, rounding))
+        except ValueError as e:  # exact: a fraction is never to be sent
+            issues.append(Discrepancy("values sent differ", *d.key, d.quantity, Decimal(d.value), f"value {d.value} for quantity {d.quantity}: {e}"))
+            continue
+        if Decimal(d.value) != expected:
+            issues.append(Discrepancy("values sent differ", *d.key, expected, Decimal(d.value), f"value {d.value} for quantity {d.quantity}, {rounding}: expected {expected}"))
+    for (tenant, customer, meter, month), group in sorted(months.items()):
+        quantity = sum((d.quantity for d in group), Decimal(0))
+        sent = sum((Decimal(d.value) for d in group if d.value is not None), Decimal(0))
+        whole = quantity.to_integral_value(rounding=ROUND_FLOOR)
+        if sent != whole:
+            detail = f"values {sent} for quantities {quantity} in {month:%Y-%m}: carried values add up to its whole part, {whole}"
+            issues.append(Discrepancy("values sent differ", tenant, customer, meter, "*", month, whole, sent, detail))
+    return issues
 
 
 def corrections_of(ledger: Iterable[LedgerWindow]) -> list[Correction]:

@@ -246,12 +246,13 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     A window counts as billed with its own meter event plus its corrections (a changed final
     value is billed as the difference, late events as a correction of their window); it is owed
     its final value plus its applied or approved corrections from late events. Every correction is
-    listed. Exits 1 and lists every
-    discrepancy (window not billed, billed with another quantity, billed without a final window);
-    exits 0 when they agree.
+    listed. The values sent are checked against each meter's rounding: a carried meter's values
+    of a month add up to the whole part of their quantities. Exits 1 and lists every
+    discrepancy (window not billed, billed with another quantity, billed without a final window,
+    values sent that break the rounding); exits 0 when they agree.
     """
     from sinks.ledger import fetch_reconciliation_input
-    from sinks.reconcile import corrections_of
+    from sinks.reconcile import corrections_of, value_discrepancies
     from sinks.reconcile import reconcile as compare
 
     try:
@@ -265,6 +266,10 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
 
     ledger = chosen(found.ledger)
     totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections))  # type: ignore[arg-type]
+    # Values are checked per whole month (a carried meter's rule holds over its month), for every month the bounds touch.
+    roundings = {m.name: m.billing_rounding for m in ctx.cfg.meters}
+    months = value_discrepancies([w for w in found.ledger if tenant is None or w.tenant_id == tenant], roundings)
+    discrepancies += [d for d in months if (upper is None or d.window_start < upper) and (lower is None or d.window_start >= lower.replace(day=1, hour=0, minute=0, second=0, microsecond=0))]
     corrections = corrections_of(ledger)
     if fmt == "json":
         report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}

@@ -220,3 +220,31 @@ def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg
     assert elsewhere == [Decimal(0), Decimal(0)], "0.5 in another month and for another customer carries nothing over"
     rows = {d.identifier: d for d in fetch_deliveries(cfg)}
     assert all(r.value is not None for r in rows.values())
+
+
+def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):
+    """Values fixed by the carry reconcile clean; one unit more on one delivery is reported and exits 1."""
+    cfg, path = ledger_cfg
+    start_ms = int(billing_period_start(datetime.now(UTC)).timestamp() * 1000)
+
+    async def fix() -> list[str]:
+        ledger = AsyncPostgresLedger(cfg, "w1")
+        try:
+            ids = []
+            for i, q in enumerate(("0.7", "0.7", "0.7")):
+                d = window_delivery(ClosedWindow("t9", "c9", "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, Decimal(q), 1, 1), "mf")
+                await ledger.claim(d, "stripe", "tokens", retry=False)
+                await ledger.carry_value(d.identifier)
+                ids.append(d.identifier)
+            return ids
+        finally:
+            await ledger.close()
+
+    ids = asyncio.run(fix())
+    clean = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False)
+    assert clean.exit_code == 0, clean.output
+    with connect(cfg.postgres) as conn, conn.transaction():
+        conn.execute(f"UPDATE {cfg.billing.ledger_table} SET value = (value::numeric + 1)::text WHERE identifier = %s", (ids[0],))
+    broken = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False)
+    said = " ".join(broken.output.split())
+    assert broken.exit_code == 1 and "values sent differ" in said, broken.output

@@ -99,3 +99,25 @@ def test_a_window_only_late_events_reached_is_owed_their_corrections():
     _, issues = reconcile([], [late(T2, "4", "failed", customer="c9")], late_corrections=[counted(T2, "4", customer="c9")])
     assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [("not billed", Decimal(4), None)] and "failed" in issues[0].detail
     assert reconcile([], [], late_corrections=[counted(T2, "4", customer="c9", settled=False)]) == ([], [])
+
+
+def test_values_sent_follow_each_meters_rounding():
+    """Carried: a month's values add up to the whole part of their quantities, whatever their status;
+    one unit more (or less) is a discrepancy. Other roundings: each value is its quantity, rounded."""
+    from sinks.reconcile import value_discrepancies
+
+    def fixed(start: datetime, quantity: str, value: str, meter: str = "tokens", status: str = "sent") -> LedgerWindow:
+        return LedgerWindow("t1", "c1", meter, "{}", start, Decimal(quantity), status, None, value=value)
+
+    october = [fixed(T1, "0.4", "0"), fixed(T1, "0.4", "0", status="dead"), fixed(T1, "0.4", "1")]
+    november = [fixed(T2, "2.5", "2"), fixed(T3, "-0.6", "-1")]
+    assert value_discrepancies(october + november + [billed(T3, "9")], {"tokens": "carry"}) == [], "a value not fixed yet is not judged"
+    [issue] = value_discrepancies(october[:2] + [fixed(T1, "0.4", "2")] + november, {"tokens": "carry"})
+    assert (issue.kind, issue.window_start, issue.final_quantity, issue.billed_quantity) == ("values sent differ", datetime(2026, 10, 1), Decimal(1), Decimal(2))
+    assert "whole part, 1" in issue.detail
+    rounded = [fixed(T1, "2.5", "3", meter="api_calls"), fixed(T2, "2.5", "2", meter="api_calls"), fixed(T3, "2.5", "2.5", meter="api_calls")]
+    issues = value_discrepancies(rounded, {"api_calls": "half_up"})
+    assert [(i.window_start, i.billed_quantity) for i in issues] == [(T2, Decimal(2)), (T3, Decimal("2.5"))]
+    assert value_discrepancies([fixed(T1, "2.5", "2.5", meter="api_calls")], {"api_calls": "decimal"}) == []
+    [exact] = value_discrepancies([fixed(T1, "2.5", "2", meter="api_calls")], {"api_calls": "exact"})
+    assert "not a whole number" in exact.detail
