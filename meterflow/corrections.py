@@ -74,6 +74,7 @@ class LateEvent:
     event_time: datetime  # naive UTC
     lateness_ms: int
     position: tuple[int, int] | None = None  # (partition, offset) in the late topic, when read incrementally
+    seen_at: datetime | None = None  # naive UTC: when the job routed it late (about when it entered the late topic)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,28 @@ def late_event_from_record(record: Mapping[str, Any], cfg: JobConfig, position: 
         _naive(record["window_start"]),
         _naive(record["window_end"]),
     )
-    return LateEvent(record["event_id"], window, Decimal(record["quantity"]), _naive(record["event_time"]), int(record["lateness_ms"]), position)
+    seen_at = record.get("seen_at")
+    return LateEvent(
+        record["event_id"], window, Decimal(record["quantity"]), _naive(record["event_time"]), int(record["lateness_ms"]), position,
+        _naive(seen_at) if seen_at is not None else None,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """After an incremental run: the late events left for a later one (their window had no final row
+    yet), and how long the oldest has been in the late topic. The topic's retention deletes it at
+    some point: the alert MeterflowLateEventsNearRetention compares the two."""
+
+    events: int
+    oldest_age_s: float
+
+
+def waiting(plans: Iterable[Plan], now: datetime) -> Waiting:
+    """What an incremental run's batches left waiting, ``now`` naive UTC."""
+    deferred = [e for p in plans for e in p.deferred]
+    oldest = min((e.seen_at for e in deferred if e.seen_at is not None), default=None)
+    return Waiting(len(deferred), max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0)
 
 
 def correction_id(window: WindowId, event_ids: Iterable[str]) -> str:

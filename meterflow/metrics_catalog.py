@@ -72,14 +72,25 @@ BILLING_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + f"meterflow_billing_{name}"
     for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections", "retries_handed_out", "ledger_pending", "ledger_failed")
 )
+# The corrections follower's own endpoint (meterflow/commands/corrections_metrics.py; prometheus_client
+# adds ``_total`` to a counter's name).
+CORRECTIONS_METRICS = frozenset(
+    {
+        "meterflow_corrections_last_pass_timestamp_seconds",
+        "meterflow_corrections_waiting_events",
+        "meterflow_corrections_waiting_oldest_age_seconds",
+        "meterflow_corrections_late_topic_retention_seconds",
+        "meterflow_corrections_recorded_total",
+    }
+)
 # Metric families with a variable last part: one counter per dead-letter kind (CountDeadLetter).
 METRIC_PREFIXES = frozenset({OPERATOR_SCOPE + "meterflow_dead_letter_"})
 
-EXPORTED_METRICS = FLINK_JOB_METRICS | FLINK_OPERATOR_METRICS | USAGE_JOB_METRICS | BILLING_JOB_METRICS
+EXPORTED_METRICS = FLINK_JOB_METRICS | FLINK_OPERATOR_METRICS | USAGE_JOB_METRICS | BILLING_JOB_METRICS | CORRECTIONS_METRICS
 
 # A metric name in PromQL: a bare selector name, or a name prefix in a regular expression
 # (``__name__=~"prefix.+"``, or label_replace's ``"prefix(.+)"``).
-_NAME = re.compile(r"\b(flink_[A-Za-z0-9_]+)(\.[+*]|\(\.[+*]\))?")
+_NAME = re.compile(r"\b((?:flink|meterflow)_[A-Za-z0-9_]+)(\.[+*]|\(\.[+*]\))?")
 
 
 def promql_metric_names(expr: str) -> tuple[set[str], set[str]]:

@@ -18,6 +18,8 @@ LOOPBACK = "127.0.0.1"
 LOOPBACK_REPORTER_FACTORY = "dev.meterflow.udf.LoopbackPrometheusReporterFactory"
 REPORTER_NAME = "prom"
 FLINK_SCRAPE_JOB = "flink"
+# The corrections follower (`corrections apply --follow`, meterflow/commands/corrections_metrics.py).
+CORRECTIONS_SCRAPE_JOB = "meterflow-corrections"
 
 
 def flink_reporter_conf(ports: str, host: str = LOOPBACK, factory: str = LOOPBACK_REPORTER_FACTORY) -> dict[str, str]:
@@ -36,17 +38,24 @@ def scrape_targets(host: str, ports: Sequence[int]) -> list[str]:
     return [f"{host}:{port}" for port in ports]
 
 
-def prometheus_config(targets: Sequence[str], scrape_interval: timedelta, rule_files: Sequence[str] = ()) -> dict[str, Any]:
-    """Prometheus' configuration: one scrape job over the Flink reporter endpoints, and the alert rule files."""
+def prometheus_config(
+    targets: Sequence[str], scrape_interval: timedelta, rule_files: Sequence[str] = (), corrections_targets: Sequence[str] = ()
+) -> dict[str, Any]:  # fmt: skip
+    """Prometheus' configuration: a scrape job over the Flink reporter endpoints, one over the
+    corrections follower's (when it serves any), and the alert rule files."""
     interval = format_duration(scrape_interval)
+    jobs = [{"job_name": FLINK_SCRAPE_JOB, "static_configs": [{"targets": list(targets)}]}]
+    if corrections_targets:
+        jobs.append({"job_name": CORRECTIONS_SCRAPE_JOB, "static_configs": [{"targets": list(corrections_targets)}]})
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "rule_files": list(rule_files),
-        "scrape_configs": [{"job_name": FLINK_SCRAPE_JOB, "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": jobs,
     }
 
 
 def local_prometheus_config(cfg: JobConfig, rule_files: Sequence[str] = ()) -> dict[str, Any]:
-    """The local stack's Prometheus config: every port of ``stack.flink_metrics_ports`` on loopback."""
+    """The local stack's Prometheus config: every port of ``stack.flink_metrics_ports`` on loopback, and the corrections follower's."""
     s = cfg.stack
-    return prometheus_config(scrape_targets(LOOPBACK, parse_port_range(s.flink_metrics_ports)), s.prometheus_scrape_interval, rule_files)
+    follower = [f"{LOOPBACK}:{cfg.corrections.metrics_port}"] if cfg.corrections.metrics_port else []
+    return prometheus_config(scrape_targets(LOOPBACK, parse_port_range(s.flink_metrics_ports)), s.prometheus_scrape_interval, rule_files, follower)

@@ -107,22 +107,26 @@ def corrections() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--resume", is_flag=True, help="Read only the late events after the offsets the last --resume run stored (stored with each batch).")
 @click.option("--follow", is_flag=True, help="Keep going: a --resume run every --interval until interrupted.")
-@click.option("--interval", default="1m", show_default=True, help="Pause between runs with --follow.")
+@click.option("--interval", default=None, help="Pause between runs with --follow (default corrections.follow_interval).")
+@click.option("--metrics-port", type=int, default=None, help="With --follow: serve Prometheus metrics on this port (default corrections.metrics_port; 0: none).")
 @pass_ctx
-def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, resume: bool, follow: bool, interval: str) -> None:
+def corrections_apply(
+    ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, resume: bool, follow: bool, interval: str | None, metrics_port: int | None
+) -> None:  # fmt: skip
     """Turn late events into corrections, each event at most once.
 
     Reads the late-events topic read_committed; one Postgres transaction per batch
     (corrections.batch_size) records the corrections and their events, so running again, or over an
     overlapping range, adds nothing for events already recorded. --resume reads only what is new
     since the last --resume run (its place is stored per partition in each batch's transaction);
-    --follow makes a --resume run every --interval.
+    --follow makes a --resume run every --interval and serves the follower's metrics (how many late
+    events wait for their window's final row, and for how long, against the late topic's retention).
     """
     import time
 
     from meterflow.config_values import parse_duration
 
-    pause = parse_duration(interval)
+    pause = parse_duration(interval) if interval else ctx.cfg.corrections.follow_interval
     incremental = resume or follow
     if incremental and (since or until or dry_run):
         msg = "--resume/--follow read everything new once: they don't combine with --since, --until or --dry-run"
@@ -133,8 +137,21 @@ def corrections_apply(ctx: Context, since: str | None, until: str | None, dry_ru
     # Once per process, not per --follow pass: with billing on it includes the ledger's DDL.
     apply_corrections_schema(ctx.cfg)  # idempotent; a dry run reads the same tables
 
+    metrics = None
+    if follow:
+        from meterflow.commands.corrections_metrics import FollowerMetrics
+
+        metrics = FollowerMetrics(ctx.cfg, topic or ctx.cfg.kafka.late_events_topic)
+        port = ctx.cfg.corrections.metrics_port if metrics_port is None else metrics_port
+        if port:
+            metrics.serve(port)
+            err_console.print(f"corrections follower: a run every {pause.total_seconds():g}s, metrics on :{port}/metrics")
+
     def once() -> None:
-        run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now, incremental=incremental)
+        plans = run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now, incremental=incremental)
+        if metrics is not None:
+            metrics.read_retention()
+            metrics.observe(plans, utc_now().replace(tzinfo=None))
 
     if follow:
         repeat(once, time.sleep, pause.total_seconds())

@@ -68,6 +68,9 @@ def test_local_prometheus_config_follows_the_typed_config(write_config):
     conf = local_prometheus_config(cfg)
     assert conf["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:19249", "127.0.0.1:19250"]
     assert conf["global"]["scrape_interval"] == "2s"
+    assert conf["scrape_configs"][1] == {"job_name": "meterflow-corrections", "static_configs": [{"targets": ["127.0.0.1:9260"]}]}, "the corrections follower"
+    off = load_config(write_config("corrections:\n  metrics_port: 0\n"), environ={})
+    assert [j["job_name"] for j in local_prometheus_config(off)["scrape_configs"]] == ["flink"]
 
 
 def test_defaults_and_env_override(write_config):
