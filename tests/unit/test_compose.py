@@ -131,6 +131,15 @@ def test_submit_is_meterflow_submit_with_the_retained_states_in_reach(compose):
     assert checkpoint_dir in mounted
 
 
+def test_corrections_follower_runs_with_the_stack_and_is_restarted(compose):
+    """Late events become corrections without anyone running a command: a follower that compose restarts."""
+    svc = compose["services"]["corrections"]
+    assert svc["entrypoint"] + svc["command"] == ["meterflow", "--config", "/opt/meterflow/meterflow.yaml", "corrections", "apply", "--follow"]
+    assert svc["restart"] == "unless-stopped"
+    assert svc["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
 def test_kafka_single_node_transactions(compose):
     """The broker keeps one replica of its internal topics, as transactions on one node need."""
     env = _environment(compose["services"]["kafka"])
@@ -206,7 +215,7 @@ def test_secrets_come_from_the_callers_environment(compose):
     assert set(sources.values()) == set(SECRET_ENV_KEYS)
 
 
-@pytest.mark.parametrize("service", ["taskmanager", "submit"])
+@pytest.mark.parametrize("service", ["taskmanager", "submit", "corrections"])
 def test_secret_files_are_mounted_where_the_processes_read_them(compose, service):
     """The TaskManager (which runs the sinks) and submit read every secret from a file of a secret they mount."""
     svc = compose["services"][service]

@@ -207,3 +207,21 @@ def test_postgres_is_external(resources):
     """No Postgres runs from these manifests, and no Secret is shipped: both are the operator's to provide."""
     kinds = {r["kind"] for r in resources}
     assert kinds == {"Kafka", "KafkaNodePool", "KafkaTopic", "FlinkDeployment"}
+
+
+def test_corrections_follower_runs_beside_the_usage_jobmanagers(resources, cfg):
+    """Late events become corrections without anyone running a command: a follower container in each
+    JobManager pod of the usage job, on the image's config pointed at the cluster, billing on, its
+    metrics port declared, the Postgres password from the mounted secret."""
+    usage = next(d for d in _of_kind(resources, "FlinkDeployment") if d["metadata"]["name"] == cfg.flink.job_name)
+    [follower] = [c for c in usage["spec"]["jobManager"]["podTemplate"]["spec"]["containers"] if c["name"] == "corrections-follower"]
+    assert follower["command"] == ["meterflow", "--config", "/opt/meterflow/meterflow.yaml", "corrections", "apply", "--follow"]
+    assert follower["image"] == usage["spec"]["image"]
+    env = {e["name"]: e["value"] for e in follower["env"]}
+    pod_cfg = load_config(REPO_ROOT / "meterflow.yaml", environ={k: v for k, v in env.items() if not k.endswith(SECRET_FILE_SUFFIX)})
+    main = {k: e.get("value") for k, e in _env(usage).items()}
+    assert pod_cfg.kafka.bootstrap_servers == main["METERFLOW_KAFKA__BOOTSTRAP_SERVERS"] and pod_cfg.postgres.host == main["METERFLOW_POSTGRES__HOST"]
+    assert pod_cfg.billing.enabled
+    assert [p["containerPort"] for p in follower["ports"]] == [pod_cfg.corrections.metrics_port]
+    mounts = {m["name"]: m["mountPath"] for m in follower["volumeMounts"]}
+    assert env["METERFLOW_POSTGRES_PASSWORD_FILE"].startswith(mounts["meterflow-secrets"] + "/")
