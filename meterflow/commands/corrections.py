@@ -144,8 +144,12 @@ def corrections_apply(
         metrics = FollowerMetrics(ctx.cfg, topic or ctx.cfg.kafka.late_events_topic)
         port = ctx.cfg.corrections.metrics_port if metrics_port is None else metrics_port
         if port:
-            metrics.serve(port)
-            err_console.print(f"corrections follower: a run every {pause.total_seconds():g}s, metrics on :{port}/metrics")
+            try:
+                metrics.serve(port)
+            except OSError as e:  # the corrections still run; the alert on the missing target says so
+                err_console.print(f"[red]corrections follower: metrics not served, port {port}: {e}[/]")
+            else:
+                err_console.print(f"corrections follower: a run every {pause.total_seconds():g}s, metrics on :{port}/metrics")
 
     def once() -> None:
         plans = run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now, incremental=incremental)

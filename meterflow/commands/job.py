@@ -80,6 +80,20 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
             retained_state.write_job_settings(job_dir, settings)  # what the state this job now writes is made with
         err_console.print(f"{name} submitted")
         console.print(job_id)
+    _start_corrections_follower(ctx)
+
+
+def _start_corrections_follower(ctx: Context) -> None:
+    """On the local stack, the corrections follower of this config runs from now on (started again if it ended)."""
+    from meterflow.local.corrections_follower import CorrectionsFollower
+    from meterflow.local.flink import FlinkCluster
+
+    if not FlinkCluster(ctx.cfg).jobmanager_pids():
+        err_console.print("late events become corrections only while `meterflow corrections apply --follow` runs: run it under your process supervisor (docker-compose and ops/k8s do)")
+        return
+    follower = CorrectionsFollower(ctx.cfg, ctx.resolved_path)
+    if follower.start():
+        err_console.print(f"corrections follower started (log {follower.log})")
 
 
 @cli.command()

@@ -12,6 +12,7 @@ import yaml
 
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import StackError
+from meterflow.local import corrections_follower
 from meterflow.local.base import ComponentStatus
 from meterflow.local.flink import FlinkCluster
 from meterflow.local.kafka import KafkaBroker
@@ -105,7 +106,8 @@ class LocalStack:
         echo("stack is up")
 
     def down(self) -> None:
-        """Stop every part, Flink first (it writes to the others); ZooKeeper after it, keeping the running jobs for the next ``up``."""
+        """Stop every part, the corrections followers and Flink first (they write to the others); ZooKeeper after Flink, keeping the running jobs for the next ``up``."""
+        corrections_follower.stop_all(self.cfg)
         self.flink.down()
         self.zookeeper.down()
         self.prometheus.down()
@@ -118,4 +120,7 @@ class LocalStack:
         """Status of each part (the schema registry only when the config uses a local one)."""
         registry = [self.registry.status()] if self.registry.wanted else []
         ha = [self.zookeeper.status()] if self.zookeeper.wanted else []
-        return [self.kafka.status(), self.postgres.status(), *ha, self.flink.status(), self.prometheus.status(), *registry, self.stripe_mock.status()]
+        return [
+            self.kafka.status(), self.postgres.status(), *ha, self.flink.status(), self.prometheus.status(), *registry, self.stripe_mock.status(),
+            *corrections_follower.statuses(self.cfg),
+        ]  # fmt: skip
