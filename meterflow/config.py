@@ -295,6 +295,10 @@ class CorrectionsConfig(_Section):
     events_table: str = Field("usage_correction_events", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="One row per late event corrected or reported, keyed by (tenant_id, event_id).")
     batch_size: int = Field(500, ge=1, le=100_000, description="Late events per Postgres transaction of `corrections apply`.")
     offsets_table: str = Field("usage_correction_offsets", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Where `corrections apply --follow` keeps its place in the late topic, per partition.")
+    final_row_wait: Duration = Field(
+        timedelta(minutes=2),
+        description="A MAX or LATEST window without a row waits this long after its late events were routed late, for a final row not written yet, before it is corrected as a window with no counted event.",
+    )
     follow_interval: Duration = Field(timedelta(minutes=1), description="Pause between the runs of `corrections apply --follow` (the deployment's corrections follower).")
     metrics_port: int = Field(9260, ge=0, le=65535, description="Where `corrections apply --follow` serves its Prometheus metrics (0: none).")
 

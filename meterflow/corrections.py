@@ -262,6 +262,23 @@ def owes_a_meter_event(status: str, delta: Decimal) -> bool:
     return status in COUNTED_STATUSES and delta != 0
 
 
+def awaits_its_final_row(aggregation: Aggregation, state: WindowState, events: Iterable[LateEvent], now: datetime, wait: timedelta) -> bool:
+    """Whether a window's late events wait for a final row that may not be in Postgres yet.
+
+    The late topic and the usage table commit in different committers of the same checkpoint, so a
+    late event can be read before its window's final row is written. For SUM and COUNT that does
+    not matter (the delta is the late events' own). A MAX or LATEST delta is measured against the
+    window's value: a window with no row and no recorded correction waits until ``wait`` has passed
+    since its newest late event was routed late, after which it is taken to have had no counted event.
+    """
+    if aggregation not in ("MAX", "LATEST") or state.current() is not None:
+        return False
+    seen = [e.seen_at for e in events if e.seen_at is not None]
+    if not seen:
+        return False
+    return _naive(now) - max(seen) < wait
+
+
 def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], states: Mapping[WindowId, WindowState], cfg: JobConfig, now: datetime) -> Plan:
     """Turn a batch of late events into corrections and per-event records.
 
@@ -295,6 +312,9 @@ def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], s
         if meter is None:
             msg = f"window of meter {window.meter!r}, which is not configured"
             raise CorrectionError(msg)
+        if awaits_its_final_row(meter.aggregation, state, members, now, cfg.corrections.final_row_wait):
+            deferred.extend(members)
+            continue
         outcome = window_delta(meter.aggregation, state, members)
         records.extend(EventRecord(window.tenant_id, e.event_id, window, e.quantity, e.event_time, "not_corrected", None, why) for e, why in outcome.not_corrected)
         if not outcome.counted:

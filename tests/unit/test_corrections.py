@@ -367,3 +367,24 @@ def test_follower_serves_its_metrics_over_http():
 
 def test_retention_seconds():
     assert retention_seconds("604800000") == 604800.0 and retention_seconds("-1") == math.inf
+
+
+@pytest.mark.parametrize("meter", ["peak", "seats"])
+def test_max_and_latest_without_a_row_wait_for_a_final_row_not_written_yet(meter):
+    """Seen late 30 s ago, no row: it waits (the final row may not be committed yet); at the wait's end
+    (2 min, exactly) it is corrected as a window with no counted event. A row or a SUM never waits."""
+    window, now = _w(meter), NOW.replace(tzinfo=None)
+
+    def plan(seen_ago: timedelta, state: WindowState | None = None, w: WindowId = window):  # noqa: ANN202
+        event = replace(_ev("a", "7", w), seen_at=now - seen_ago)
+        return plan_corrections([event], set(), {w: state} if state else {}, _cfg(), NOW)
+
+    assert [e.event_id for e in plan(timedelta(seconds=30)).deferred] == ["a"]
+    assert [e.event_id for e in plan(timedelta(minutes=2) - timedelta(milliseconds=1)).deferred] == ["a"], "one ms before the wait ends"
+    done = plan(timedelta(minutes=2))
+    assert done.deferred == () and [c.delta for c in done.corrections] == [Decimal(7)]
+    with_row = plan(timedelta(seconds=1), WindowState(Decimal(5)))
+    assert with_row.deferred == ()
+    if meter == "peak":  # LATEST against a counted row is not correctable (test above)
+        assert [c.delta for c in with_row.corrections] == [Decimal(2)]
+    assert plan(timedelta(seconds=1), w=_w("tokens")).deferred == (), "SUM: the delta is the late events' own"
