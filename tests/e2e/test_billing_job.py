@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
 
@@ -32,7 +33,6 @@ from sinks.idempotency import (
     WindowKey,
     derive_correction_identifier,
     derive_identifier,
-    format_meter_value,
 )
 from sinks.ledger import fetch_deliveries, map_customer
 from sinks.whole_values import billing_period_start
@@ -102,7 +102,16 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
             if w["customer_id"] == "cust-2":
                 assert d.status == "dead" and "no billing customer mapped" in d.last_error and d.first_attempt_at is None
             else:
-                assert d.status == "sent" and d.attempts == 1 and d.value == format_meter_value(w["quantity"], "decimal"), d.last_error
+                assert d.status == "sent" and d.attempts == 1, d.last_error
+        # Whole values, the fraction carried (sinks/whole_values.py): per customer and meter the
+        # values add up to the whole part of the quantities (all in one month).
+        billed: dict[tuple, list[Decimal]] = {}
+        for identifier, w in ids.items():
+            if deliveries[identifier].status == "sent":
+                acc = billed.setdefault((w["tenant_id"], w["customer_id"], w["meter"], billing_period_start(w["window_start"])), [Decimal(0), Decimal(0)])
+                acc[0] += Decimal(deliveries[identifier].value)
+                acc[1] += w["quantity"]
+        assert all(value == quantity.to_integral_value(rounding=ROUND_FLOOR) for value, quantity in billed.values()), billed
         # A reprocessing publishes one window again with another final value: the difference is billed.
         changed = {**windows[0], "quantity": windows[0]["quantity"] + Decimal("2.5"), "event_count": 5, "revision": 5}
         publish_closed_windows(cfg, [changed])
@@ -112,7 +121,8 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
     finally:
         flink_jobs.cancel(cfg, job_id)
     row = _ledger(cfg, {correction})[correction]
-    assert (row.kind, row.window_identifier, row.quantity, row.value, row.revision) == ("correction", parent, Decimal("2.5"), "2.5", 5)
+    # 1.25 + 2.25 + 3.25 billed 6; the correction's 2.5 completes 9.25: 3 more.
+    assert (row.kind, row.window_identifier, row.quantity, row.value, row.revision) == ("correction", parent, Decimal("2.5"), "3", 5)
     write_final_rows(cfg, [changed if w is windows[0] else w for w in windows])
     result = _cli(path, "reconcile", "--tenant", "tenant-0", "--grace", "0s", "--period", "day")
     assert result.exit_code == 1 and "not billed" in result.output and "no billing customer mapped" in result.output
@@ -241,10 +251,31 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
         for identifier in in_flight:
             assert fake.attempts_for(identifier) >= 2, "a call in flight at the kill is sent again with the same identifier"
         assert fake.outcomes().get("replayed", 0) >= 1, "the provider replayed a first answer the killed worker never read"
-        for identifier, w in ids.items():
-            assert fake.accepted[identifier].value == w["quantity"]
+        # Each call sent again carried the value fixed at its first attempt; per customer the values
+        # add up to the whole part of the quantities.
+        rows = _ledger(cfg, set(ids))
+        assert all(fake.accepted[i].value == Decimal(rows[i].value) for i in ids)
+        assert _carried_totals(fake, ids) == _whole_totals(ids.values())
     finally:
         fake.stop()
+
+
+def _carried_totals(fake: FakeStripe, ids: dict, extra: dict | None = None) -> dict[tuple, Decimal]:
+    """What the provider holds per (tenant, customer, meter, month) for these windows (and extra identifiers, each of a window)."""
+    totals: dict[tuple, Decimal] = {}
+    for identifier, w in [*ids.items(), *(extra or {}).items()]:
+        key = (w["tenant_id"], w["customer_id"], w["meter"], billing_period_start(w["window_start"]))
+        totals[key] = totals.get(key, Decimal(0)) + fake.accepted[identifier].value
+    return totals
+
+
+def _whole_totals(windows, extra: Iterable[tuple[dict, Decimal]] = ()) -> dict[tuple, Decimal]:
+    """The whole part of the exact total per (tenant, customer, meter, month): what carried values add up to."""
+    exact: dict[tuple, Decimal] = {}
+    for w, quantity in [*((w, w["quantity"]) for w in windows), *extra]:
+        key = (w["tenant_id"], w["customer_id"], w["meter"], billing_period_start(w["window_start"]))
+        exact[key] = exact.get(key, Decimal(0)) + quantity
+    return {k: v.to_integral_value(rounding=ROUND_FLOOR) for k, v in exact.items()}
 
 
 def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack):
@@ -286,8 +317,8 @@ def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack
             flink_jobs.cancel(cfg, job_id)
         accepted = Counter(e.identifier for e in fake.events)
         assert set(accepted) == every and set(accepted.values()) == {1}, accepted
-        assert fake.accepted[correction].value == Decimal("1.5")
-        for identifier, w in ids.items():
-            assert fake.accepted[identifier].value == w["quantity"]
+        # cust-0: 0.05 + 0.15 + 0.25 billed 0; the correction's 1.5 completes 1.95: 1.
+        assert fake.accepted[correction].value == Decimal(1)
+        assert _carried_totals(fake, ids, {correction: windows[0]}) == _whole_totals(windows, [(windows[0], Decimal("1.5"))])
     finally:
         fake.stop()
