@@ -213,18 +213,13 @@ def delivery_refusal(delivery: Delivery, meter: MeterConfig | None, provider_cus
     return outside_provider_window(window.window_start, now, max_age, max_ahead)
 
 
-def build_meter_event(
-    delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta,
-    carried: Decimal | None = None,
-) -> MeterEvent:  # fmt: skip
-    """The provider's meter event for a delivery, or DeliveryRejected with the reason it must not be sent.
+def build_meter_event(delivery: Delivery, meter: MeterConfig, provider_customer_id: str, carried: Decimal | None = None) -> MeterEvent:
+    """The provider's meter event for a delivery that :func:`delivery_refusal` let through, or
+    DeliveryRejected when its value breaks the provider's rules.
 
     ``carried``: a carried meter's value, fixed by the ledger (sinks/whole_values.py); other meters'
     values come from the delivery's quantity and the meter's rounding.
     """
-    refused = delivery_refusal(delivery, meter, provider_customer_id, now, max_age, max_ahead)
-    if refused or meter is None or provider_customer_id is None:
-        raise DeliveryRejected(refused or "no meter or customer")
     if meter.billing_rounding == "carry":
         if carried is None:
             msg = f"delivery {delivery.identifier}: a carried meter's value must be fixed by the ledger first"

@@ -221,13 +221,13 @@ class Deliverer:
         at = datetime.fromtimestamp(now, UTC)
         try:
             refused = delivery_refusal(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead)
-            if refused:
-                raise DeliveryRejected(refused)
+            if refused or meter is None or entry.provider_customer_id is None:
+                raise DeliveryRejected(refused or "no meter or customer")
             carried = None
-            if meter is not None and meter.billing_rounding == "carry":
+            if meter.billing_rounding == "carry":
                 # Fixed once, when first attempted: every retry and replay sends the same value.
                 carried = Decimal(entry.value) if entry.value is not None else await self.ledger.carry_value(identifier)
-            event = build_meter_event(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead, carried)
+            event = build_meter_event(delivery, meter, entry.provider_customer_id, carried)
         except DeliveryRejected as e:
             await self.ledger.mark_rejected(identifier, str(e))
             return Dead(identifier, str(e), entry.attempts)

@@ -215,7 +215,7 @@ def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, 
             issues.append(Discrepancy("values sent differ", *d.key, expected, Decimal(d.value), f"value {d.value} for quantity {d.quantity}, {rounding}: expected {expected}"))
     for (tenant, customer, meter, month), group in sorted(months.items()):
         quantity = sum((d.quantity for d in group), Decimal(0))
-        sent = sum((Decimal(d.value) for d in group if d.value is not None), Decimal(0))
+        sent = sum((Decimal(d.value) for d in group), Decimal(0))  # every value in a group is fixed
         whole = quantity.to_integral_value(rounding=ROUND_FLOOR)
         if sent != whole:
             detail = f"values {sent} for quantities {quantity} in {month:%Y-%m}: carried values add up to its whole part, {whole}"

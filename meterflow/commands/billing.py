@@ -254,6 +254,7 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     from sinks.ledger import fetch_reconciliation_input
     from sinks.reconcile import corrections_of, value_discrepancies
     from sinks.reconcile import reconcile as compare
+    from sinks.whole_values import billing_period_start
 
     try:
         lower, upper = parse_bound(since), parse_bound(until)
@@ -269,7 +270,8 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     # Values are checked per whole month (a carried meter's rule holds over its month), for every month the bounds touch.
     roundings = {m.name: m.billing_rounding for m in ctx.cfg.meters}
     months = value_discrepancies([w for w in found.ledger if tenant is None or w.tenant_id == tenant], roundings)
-    discrepancies += [d for d in months if (upper is None or d.window_start < upper) and (lower is None or d.window_start >= lower.replace(day=1, hour=0, minute=0, second=0, microsecond=0))]
+    first_month = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
+    discrepancies += [d for d in months if (upper is None or d.window_start < upper) and (first_month is None or d.window_start >= first_month)]
     corrections = corrections_of(ledger)
     if fmt == "json":
         report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}

@@ -259,7 +259,7 @@ def test_windows_outside_the_provider_range_never_reach_the_api(age, reason):
 def test_meter_mapping_event_name_and_rounding():
     """meter -> event name from config; a whole-number meter rounds as configured; unknown meters are dead."""
     meter = JobConfig.model_validate({"meters": [{"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]}).meter("api_calls")
-    event = build_meter_event(window_delivery(window(meter="api_calls", quantity="2.100"), "mf"), meter, "cus_1", NOW, timedelta(days=35), timedelta(minutes=5))
+    event = build_meter_event(window_delivery(window(meter="api_calls", quantity="2.100"), "mf"), meter, "cus_1")
     assert (event.event_name, event.value) == ("api_requests", "3")
     _, _, _, d = setup()
     [outcome] = run(d.on_window(window(meter="gpu_seconds")))
