@@ -139,7 +139,7 @@ def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, flush_int
         "  `quantity` DECIMAL(38, 9) NOT NULL,\n"
         "  `event_count` BIGINT NOT NULL,\n"
         "  `revision` BIGINT NOT NULL,\n"
-        "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED\n"
+        "  PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`, `window_end`) NOT ENFORCED\n"
         f") {sql_with(options)}"
     )
 

@@ -109,31 +109,7 @@ def job_settings(cfg: JobConfig, window_aggregate: str) -> dict[str, Any]:
         "window_size": format_duration(cfg.event_time.window_size),
         "window_aggregate": window_aggregate,
         "meters": {m.name: {"group_by": list(m.group_by), "unique_dimension": m.unique_dimension} for m in cfg.meters},
-        # Where windows are stored and billed: keyed by window start, so windows of two sizes must not share them.
-        "usage_table": cfg.postgres.usage_table,
-        "identifier_prefix": cfg.billing.identifier_prefix,
     }
-
-
-def window_size_clash(before: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """Why a fresh start with another window size would mix windows of two sizes, or None.
-
-    Usage rows are keyed, and billing identifiers derived, by window start (not size): a 5-minute
-    window starting at 10:00 would overwrite the final 1-minute row of 10:00 and share its
-    identifier at the provider (deduplicated there, so never billed). The new size needs its own
-    usage table and identifier prefix.
-    """
-    if before.get("window_size", now["window_size"]) == now["window_size"]:
-        return None
-    shared = [key for key in ("usage_table", "identifier_prefix") if key in before and before[key] == now[key]]
-    if not shared:
-        return None
-    names = " and ".join(name for key, name in (("usage_table", "postgres.usage_table"), ("identifier_prefix", "billing.identifier_prefix")) if key in shared)
-    return (
-        f"event_time.window_size was {before['window_size']} and is {now['window_size']}, with the same {names}: windows of both sizes"
-        " would share usage rows and billing identifiers (both are keyed by window start). Give the new size a new "
-        f"{names} (docs/operations.md, Upgrades)"
-    )
 
 
 def unsafe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -209,10 +185,6 @@ def plan_start(
             raise JobSubmissionError(msg)
     if explicit:
         return StartPoint(explicit, (f"{job_name}: restoring {explicit}",))
-    clash = window_size_clash(recorded, settings) if recorded is not None and settings is not None else None
-    if clash:
-        msg = f"{job_name} is not submitted: {clash}"
-        raise JobSubmissionError(msg)
     if fresh:
         if newest is None:
             return StartPoint(None, (f"{job_name}: starting from empty state",))

@@ -45,7 +45,7 @@ class ClosedWindow:
     @property
     def key(self) -> WindowKey:
         """The window's identity, from which the identifier is derived."""
-        return WindowKey(self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms)
+        return WindowKey(self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms, self.window_end_ms)
 
     @property
     def window_start(self) -> datetime:
@@ -169,14 +169,17 @@ def window_delivery(window: ClosedWindow, prefix: str) -> Delivery:
 def as_recorded(delivery: Delivery, entry: LedgerEntry) -> Delivery:
     """The delivery as the ledger first recorded it: an identifier is always sent with the value it
     was first claimed with, so a window published again with another final (a republish, a re-fire)
-    retries the recorded value and the difference goes out as a correction."""
-    if (delivery.quantity, delivery.revision) == (entry.quantity, entry.revision):
+    retries the recorded value and the difference goes out as a correction. The identifier is the
+    recorded one too: a window first billed under an identifier of an earlier form keeps it."""
+    if (delivery.identifier, delivery.quantity, delivery.revision) == (entry.identifier, entry.quantity, entry.revision):
         return delivery
     window = replace(delivery.window, quantity=entry.quantity, revision=entry.revision)
-    return replace(delivery, window=window, quantity=entry.quantity, revision=entry.revision)
+    identifier = entry.identifier if delivery.kind == "window" else delivery.identifier
+    parent = identifier if delivery.kind == "window" else delivery.window_identifier
+    return replace(delivery, identifier=identifier, window_identifier=parent, window=window, quantity=entry.quantity, revision=entry.revision)
 
 
-def correction_needed(window: ClosedWindow, entry: LedgerEntry, prefix: str) -> Delivery | None:
+def correction_needed(window: ClosedWindow, entry: LedgerEntry) -> Delivery | None:
     """A correction when a newer final of the window differs from everything recorded for it, else None.
 
     Recorded = the window row's value plus every correction, whatever their status: each is owed
@@ -187,7 +190,7 @@ def correction_needed(window: ClosedWindow, entry: LedgerEntry, prefix: str) -> 
     newest = max(entry.revision, entry.corrections_revision)
     if window.revision <= newest or window.quantity == recorded:
         return None
-    parent = window_identifier(window, prefix)
+    parent = entry.identifier  # the window's recorded identifier, whatever form it was derived in
     identifier = derive_correction_identifier(parent, window.revision)
     return Delivery(identifier, "correction", parent, window, window.quantity - recorded, window.revision)
 

@@ -12,7 +12,8 @@ from meterflow.corrections import CORRECTION_STATUSES, COUNTED_STATUSES, CURRENT
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 WINDOW_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end")
-WINDOW_KEY = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start")
+# A window is its key and its span: windows of two sizes that start together are two windows.
+WINDOW_KEY = WINDOW_COLUMNS
 CORRECTION_COLUMNS = ("correction_id", *WINDOW_COLUMNS, "delta", "events", "status", "reason")
 EVENT_COLUMNS = ("tenant_id", "event_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_time", "outcome", "correction_id", "reason")
 
@@ -94,7 +95,7 @@ def known_events_sql(events_table: str = "usage_correction_events") -> str:
     return f"SELECT e.tenant_id, e.event_id FROM {e} e JOIN unnest(%s::text[], %s::text[]) AS k(tenant_id, event_id) ON e.tenant_id = k.tenant_id AND e.event_id = k.event_id"
 
 
-_KEYS_ARG = "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamp[]) AS k(tenant_id, customer_id, meter, dimensions_key, window_start)"
+_KEYS_ARG = "unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamp[], %s::timestamp[]) AS k(tenant_id, customer_id, meter, dimensions_key, window_start, window_end)"
 
 
 def _on_keys(alias: str) -> str:
@@ -102,7 +103,7 @@ def _on_keys(alias: str) -> str:
 
 
 def window_rows_sql(usage_table: str = "usage_windows") -> str:
-    """The usage rows of the given window keys (five parallel arrays): key, quantity, is_final."""
+    """The usage rows of the given windows (six parallel arrays: key and span): key, span, quantity, is_final."""
     u = check_identifier(usage_table)
     cols = ", ".join(f"u.{c}" for c in WINDOW_KEY)
     return f"SELECT {cols}, u.quantity, u.is_final FROM {u} u JOIN {_KEYS_ARG} ON {_on_keys('u')}"
@@ -173,6 +174,6 @@ def counted_corrections_sql(table: str = "usage_corrections") -> str:
     """Every correction that counts (and is billed), with when it came to count: for reconciliation."""
     c = check_identifier(table)
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, delta, correction_id, coalesce(decided_at, applied_at) "
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, delta, correction_id, coalesce(decided_at, applied_at) "
         f"FROM {c} WHERE status IN ({_in(COUNTED_STATUSES)})"
     )

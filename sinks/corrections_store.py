@@ -17,6 +17,7 @@ from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan,
 from meterflow.errors import CorrectionError, SinkError
 from sinks.billing import ClosedWindow, late_correction_delivery
 from sinks.corrections_schema import (
+    WINDOW_KEY,
     apply_lock_sql,
     correction_status_for_update_sql,
     corrections_ddl,
@@ -118,11 +119,11 @@ def withdraw_delivery(conn: psycopg.Connection, cfg: JobConfig, correction_id: s
 
 
 def _key_arrays(windows: Sequence[WindowId]) -> list[list]:
-    return [[getattr(w, c) for w in windows] for c in ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start")]
+    return [[getattr(w, c) for w in windows] for c in WINDOW_KEY]
 
 
 def _states(conn: psycopg.Connection, cfg: JobConfig, windows: Sequence[WindowId]) -> dict[WindowId, WindowState]:
-    by_key = {(w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start): w for w in windows}
+    by_key = {tuple(getattr(w, c) for c in WINDOW_KEY): w for w in windows}
     args = _key_arrays(windows)
     states = {w: WindowState() for w in windows}
     usage_rows = conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall() if table_exists(conn, cfg.postgres.usage_table) else []

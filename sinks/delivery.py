@@ -180,7 +180,7 @@ class Deliverer:
             delivery = window_delivery(window, self.prefix)
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
             outcomes = [await self._attempt(as_recorded(delivery, entry), entry)]
-            correction = correction_needed(window, entry, self.prefix)
+            correction = correction_needed(window, entry)
             if correction is not None:
                 claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
                 outcomes.append(await self._attempt(correction, claimed))

@@ -19,22 +19,27 @@ _ROUNDING = {"half_up": ROUND_HALF_UP, "ceil": ROUND_CEILING, "floor": ROUND_FLO
 
 @dataclass(frozen=True)
 class WindowKey:
-    """Identity of one closed usage window."""
+    """Identity of one closed usage window: its key and its span (start and end, so its size)."""
 
     tenant_id: str
     customer_id: str
     meter: str
     dimensions_key: str
     window_start_ms: int
+    window_end_ms: int
 
 
 def derive_identifier(key: WindowKey, prefix: str = "mf") -> str:
     """``<prefix>-<window start ms>-<sha256 of the key>``, at most 100 characters.
 
     The fields are joined with a separator that cannot occur in them (NUL), so distinct keys can
-    never collide by concatenation.
+    never collide by concatenation. The window's end is hashed too: windows of two sizes that start
+    together (a changed ``event_time.window_size``) have different identifiers.
+
+    A window billed before identifiers held the end keeps the identifier it was first recorded
+    with: the ledger finds a window's delivery by its key and span, not by this string.
     """
-    canonical = "\x00".join([key.tenant_id, key.customer_id, key.meter, key.dimensions_key, str(key.window_start_ms)])
+    canonical = "\x00".join([key.tenant_id, key.customer_id, key.meter, key.dimensions_key, str(key.window_start_ms), str(key.window_end_ms)])
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     identifier = f"{prefix}-{key.window_start_ms}-{digest}"
     return identifier[:MAX_IDENTIFIER_LENGTH]

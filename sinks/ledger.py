@@ -134,7 +134,7 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
         ledger = conn.execute(ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()
         late = conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall() if table_exists(conn, cfg.corrections.table) else []
     return ReconciliationInput(
-        [FinalWindow(*r[:6], settled=r[6] <= cutoff) for r in finals],
+        [FinalWindow(*r[:7], settled=r[7] <= cutoff) for r in finals],
         [LedgerWindow(*r) for r in ledger],
-        [LateCorrection(*r[:6], correction_id=r[6], settled=r[7] <= cutoff) for r in late],
+        [LateCorrection(*r[:7], correction_id=r[7], settled=r[8] <= cutoff) for r in late],
     )

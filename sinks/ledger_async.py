@@ -30,6 +30,7 @@ from sinks.ledger_schema import (
     due_retries_sql,
     mark_sql,
     record_check_sql,
+    window_state_sql,
 )
 
 
@@ -175,11 +176,12 @@ class AsyncPostgresLedger:
             "event_count": w.event_count, "revision": delivery.revision, "event_name": event_name,
             "lease_s": self.lease_s, "worker": self.worker, "retry": retry,
         }  # fmt: skip
-        sql = claim_existing_sql(self.table, self.customers) if retry else claim_new_sql(self.table, self.customers)
+        window = delivery.kind == "window" and not retry
+        sql = claim_existing_sql(self.table, self.customers) if retry else claim_new_sql(self.table, self.customers, window=window)
         row = await self._fetchone(sql, params)
         if row is not None:
             return _entry(row, claimed=True)
-        row = await self._fetchone(delivery_state_sql(self.table, self.customers), {"identifier": delivery.identifier})
+        row = await self._fetchone(window_state_sql(self.table, self.customers) if window else delivery_state_sql(self.table, self.customers), params)
         if row is None:
             msg = f"delivery {delivery.identifier} vanished from the ledger"
             raise SinkError(msg)

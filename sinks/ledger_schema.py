@@ -16,6 +16,8 @@ from __future__ import annotations
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 STATUSES = ("pending", "sent", "failed", "dead")
+# What makes a window's own delivery unique: the provider, the window's key and its span.
+WINDOW_SPAN = ("provider", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end")
 KINDS = ("window", "correction")
 
 
@@ -72,7 +74,11 @@ def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table:
         EXECUTE format('ALTER TABLE {d} DROP CONSTRAINT %I', name);
     END LOOP;
 END $$""",
-        f"CREATE UNIQUE INDEX IF NOT EXISTS {d}_window ON {d} (provider, tenant_id, customer_id, meter, dimensions_key, window_start) WHERE kind = 'window'",
+        # One 'window' delivery per window key and span: windows of two sizes that start together
+        # (a changed event_time.window_size) are two windows. Replaces the first version's index on
+        # the start alone.
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {d}_window_span ON {d} ({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'",
+        f"DROP INDEX IF EXISTS {d}_window",
         f"CREATE INDEX IF NOT EXISTS {d}_of_window ON {d} (window_identifier)",
         f"CREATE INDEX IF NOT EXISTS {d}_status ON {d} (status) WHERE status <> 'sent'",
         f"CREATE INDEX IF NOT EXISTS {d}_due ON {d} (next_attempt_at) WHERE status IN ('pending', 'failed')",
@@ -151,23 +157,43 @@ _CLAIMABLE = "{d}.status IN ('pending', 'failed') AND (%(retry)s OR {d}.next_att
 _CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(worker)s"
 
 
-def claim_new_sql(ledger_table: str, customers_table: str) -> str:
+def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = False) -> str:
     """Record a delivery (pending) unless it exists, and claim it for an attempt if it may be attempted.
 
     Returns its state, or no row when it exists but may not be attempted now (read it with
-    :func:`delivery_state_sql`). A recorded delivery's value never changes: its identifier must
-    always carry the same parameters, so a changed final becomes a correction.
+    :func:`delivery_state_sql`, or :func:`window_state_sql` for a window's own delivery). A recorded
+    delivery's value never changes: its identifier must always carry the same parameters, so a
+    changed final becomes a correction.
+
+    ``window``: the delivery is a window's own event, found by the window's key and span rather than
+    by identifier, so a window recorded under an identifier of an earlier form is claimed under it
+    (the state's first column is the recorded identifier).
     """
     d, c = check_identifier(ledger_table), check_identifier(customers_table)
+    target = f"({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'" if window else "(identifier)"
     return (
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
         "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by) "
         "VALUES (%(identifier)s, %(provider)s, %(kind)s, %(window_identifier)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
-        "to_timestamp(%(window_start_ms)s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%(window_end_ms)s / 1000.0) AT TIME ZONE 'UTC', "
+        f"{_WINDOW_START}, {_WINDOW_END}, "
         "%(quantity)s, %(event_count)s, %(revision)s, %(event_name)s, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s) "
-        f"ON CONFLICT (identifier) DO UPDATE SET {_CLAIM_SET.format(d=d)} "
+        f"ON CONFLICT {target} DO UPDATE SET {_CLAIM_SET.format(d=d)} "
         f"WHERE {_CLAIMABLE.format(d=d)} "
         f"RETURNING {_state_columns(d, c)}"
+    )
+
+
+_WINDOW_START = "to_timestamp(%(window_start_ms)s / 1000.0) AT TIME ZONE 'UTC'"
+_WINDOW_END = "to_timestamp(%(window_end_ms)s / 1000.0) AT TIME ZONE 'UTC'"
+
+
+def window_state_sql(ledger_table: str, customers_table: str) -> str:
+    """The state of a window's own delivery, found by the window's key and span (same columns as the claims)."""
+    d, c = check_identifier(ledger_table), check_identifier(customers_table)
+    return (
+        f"SELECT {_state_columns(d, c)} FROM {d} WHERE {d}.kind = 'window' AND {d}.provider = %(provider)s AND {d}.tenant_id = %(tenant_id)s "
+        f"AND {d}.customer_id = %(customer_id)s AND {d}.meter = %(meter)s AND {d}.dimensions_key = %(dimensions_key)s "
+        f"AND {d}.window_start = {_WINDOW_START} AND {d}.window_end = {_WINDOW_END}"
     )
 
 
@@ -201,7 +227,12 @@ def owe_late_correction_sql(ledger_table: str) -> str:
     return (
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, correction_id, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
         "quantity, event_count, revision, event_name, status, next_attempt_at) "
-        "VALUES (%(identifier)s, %(provider)s, 'correction', %(window_identifier)s, %(correction_id)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
+        "VALUES (%(identifier)s, %(provider)s, 'correction', "
+        # Linked to the window's delivery as recorded (it may carry an identifier of an earlier form).
+        f"coalesce((SELECT w.identifier FROM {d} w WHERE w.kind = 'window' AND w.provider = %(provider)s AND w.tenant_id = %(tenant_id)s "
+        "AND w.customer_id = %(customer_id)s AND w.meter = %(meter)s AND w.dimensions_key = %(dimensions_key)s "
+        "AND w.window_start = %(window_start)s AND w.window_end = %(window_end)s), %(window_identifier)s), "
+        "%(correction_id)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
         "%(window_start)s, %(window_end)s, %(quantity)s, %(event_count)s, 0, %(event_name)s, 'pending', now()) "
         "ON CONFLICT (identifier) DO NOTHING"
     )
@@ -331,7 +362,7 @@ def status_summary_sql(ledger_table: str) -> str:
 def final_windows_sql(usage_table: str) -> str:
     """Final windows (closed, is_final) with when they were last written, for reconciliation."""
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, updated_at "
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, updated_at "
         f"FROM {check_identifier(usage_table)} WHERE is_final"
     )
 
@@ -339,6 +370,6 @@ def final_windows_sql(usage_table: str) -> str:
 def ledger_windows_sql(ledger_table: str) -> str:
     """Every delivery of one provider, keyed like the final windows."""
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, quantity, status, last_error, kind, revision, correction_id, value "
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, status, last_error, kind, revision, correction_id, value "
         f"FROM {check_identifier(ledger_table)} WHERE provider = %(provider)s"
     )

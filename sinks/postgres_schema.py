@@ -28,6 +28,10 @@ WINDOW_COLUMNS_DDL = """    tenant_id            text           NOT NULL,
     window_end           timestamp(3)   NOT NULL,"""
 
 
+# A usage row's key: the window's key and its span (so its size: windows of two sizes that start together are two rows).
+USAGE_KEY_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end")
+
+
 def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     """Statements that create the usage table and its guard; safe to run again (idempotent)."""
     t = check_identifier(table)
@@ -45,8 +49,17 @@ def usage_table_ddl(table: str = "usage_windows") -> list[str]:
     is_final     boolean        NOT NULL DEFAULT false,
     created_at   timestamptz    NOT NULL DEFAULT now(),
     updated_at   timestamptz    NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start)
+    PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start, window_end)
 )""",
+        # A table made before the key held the window's end (so its size) gets the new key.
+        f"""DO $$ DECLARE name text; BEGIN
+    SELECT c.conname INTO name FROM pg_constraint c WHERE c.conrelid = '{t}'::regclass AND c.contype = 'p'
+        AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) AND a.attname = 'window_end');
+    IF name IS NOT NULL THEN
+        EXECUTE format('ALTER TABLE {t} DROP CONSTRAINT %I', name);
+        ALTER TABLE {t} ADD PRIMARY KEY ({", ".join(USAGE_KEY_COLUMNS)});
+    END IF;
+END $$""",
         # Batches are committed once their checkpoint completed, and again if the job restored before
         # the commit finished: keep the newer revision. A final row changes only when the window
         # closer closes the window again with more events (a source partition that rejoined behind
@@ -70,7 +83,6 @@ $$""",
 
 # What the job writes per window, in the order udf/ UsageWindowSink binds them.
 USAGE_WRITE_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_count", "revision", "is_final")
-USAGE_KEY_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start")
 
 
 def usage_upsert_sql(table: str = "usage_windows") -> str:

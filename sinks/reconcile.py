@@ -17,7 +17,7 @@ from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
 
 from sinks.idempotency import Rounding, format_meter_value
-from sinks.whole_values import billing_period_start
+from sinks.whole_values import billing_period_start, next_period_start
 
 Period = Literal["day", "month"]
 DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window", "values sent differ"]
@@ -25,18 +25,20 @@ DiscrepancyKind = Literal["not billed", "billed differently", "billed without a 
 
 @dataclass(frozen=True)
 class _Window:
-    """A window's key and quantity, as both sides of the comparison hold them."""
+    """A window's key, span and quantity, as both sides of the comparison hold them."""
 
     tenant_id: str
     customer_id: str
     meter: str
     dimensions_key: str
     window_start: datetime
+    window_end: datetime
     quantity: Decimal
 
     @property
     def key(self) -> tuple:
-        return (self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start)
+        """Key and span: windows of two sizes that start together are two windows."""
+        return (self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start, self.window_end)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Correction:
     meter: str
     dimensions_key: str
     window_start: datetime
+    window_end: datetime
     revision: int
     quantity: Decimal
     status: str
@@ -87,6 +90,7 @@ class Discrepancy:
     meter: str
     dimensions_key: str
     window_start: datetime
+    window_end: datetime  # a carried meter's month: the next month's start
     final_quantity: Decimal | None
     billed_quantity: Decimal | None
     detail: str
@@ -194,8 +198,8 @@ def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, 
     A carried meter's values of one (tenant, customer, meter, month) add up to the whole part of
     the quantities they were fixed for, whatever their status; so once every delivery is sent (the
     window comparison), the provider holds the whole part of what was metered. Any other meter's
-    value is its delivery's quantity, rounded as configured. ``window_start`` of a carried
-    discrepancy is its month; ``dimensions_key`` is ``*``.
+    value is its delivery's quantity, rounded as configured. ``window_start`` and ``window_end`` of
+    a carried discrepancy are its month's; ``dimensions_key`` is ``*``.
     """
     issues: list[Discrepancy] = []
     months: dict[tuple, list[LedgerWindow]] = defaultdict(list)
@@ -219,7 +223,7 @@ def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, 
         whole = quantity.to_integral_value(rounding=ROUND_FLOOR)
         if sent != whole:
             detail = f"values {sent} for quantities {quantity} in {month:%Y-%m}: carried values add up to its whole part, {whole}"
-            issues.append(Discrepancy("values sent differ", tenant, customer, meter, "*", month, whole, sent, detail))
+            issues.append(Discrepancy("values sent differ", tenant, customer, meter, "*", month, next_period_start(month), whole, sent, detail))
     return issues
 
 

@@ -33,6 +33,11 @@ def billing_period_start(window_start: datetime) -> datetime:
     return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
+def next_period_start(period_start: datetime) -> datetime:
+    """The start of the month after ``period_start`` (a month's start), in the same zone form."""
+    return period_start.replace(year=period_start.year + 1, month=1) if period_start.month == 12 else period_start.replace(month=period_start.month + 1)
+
+
 @dataclass(frozen=True)
 class ValueRules:
     """What a provider accepts as a meter event's value."""

@@ -159,7 +159,7 @@ def billing_republish(ctx: Context, tenant: str | None, since: str | None, until
         raise click.BadParameter(f"--since/--until must be ISO-8601 times: {e}") from e
     cutoff = datetime.now(UTC) - parse_duration(grace)
     rows = {
-        (r.tenant_id, r.customer_id, r.meter, r.dimensions_key, r.window_start): r
+        (r.tenant_id, r.customer_id, r.meter, r.dimensions_key, r.window_start, r.window_end): r
         for r in fetch_usage(cfg.postgres)
         if r.is_final and r.updated_at <= cutoff
         and (tenant is None or r.tenant_id == tenant) and (lower is None or r.window_start >= lower) and (upper is None or r.window_start < upper)
@@ -284,13 +284,13 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
         if corrections:
             fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "origin", "revision", "correction", "status", title="corrections (billed as the difference)")
             for c in corrections:
-                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}", c.origin, str(c.revision), fmt_qty(c.quantity), c.status)
+                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}-{c.window_end:%H:%M:%S}", c.origin, str(c.revision), fmt_qty(c.quantity), c.status)
             console.print(fixes)
         if discrepancies:
             issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
             for d in discrepancies:
                 q = [("" if v is None else fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
-                issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}", *q, d.detail)
+                issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}-{d.window_end:%H:%M:%S}", *q, d.detail)
             console.print(issues)
     if discrepancies:
         err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")

@@ -74,7 +74,9 @@ def _cli(path, *args: str):
 
 
 def _identifier(cfg, tenant: str, customer: str, meter: str, start: datetime) -> str:
-    return derive_identifier(WindowKey(tenant, customer, meter, "{}", int(start.replace(tzinfo=UTC).timestamp() * 1000)), cfg.billing.identifier_prefix)
+    start_ms = int(start.replace(tzinfo=UTC).timestamp() * 1000)
+    end_ms = start_ms + int(cfg.event_time.window_size.total_seconds() * 1000)
+    return derive_identifier(WindowKey(tenant, customer, meter, "{}", start_ms, end_ms), cfg.billing.identifier_prefix)
 
 
 def _ledger(cfg, identifiers) -> dict:

@@ -103,7 +103,8 @@ def _bill(cfg: JobConfig, start: datetime, what: str) -> str:
     """Publish one closed window and wait until the billing job has it accepted by the provider; its identifier."""
     size = cfg.event_time.window_size
     publish_closed_windows(cfg, [closed_window("tenant-ha", "cust-ha", "api_calls", start, size, "7.5", 3)])
-    key = WindowKey("tenant-ha", "cust-ha", "api_calls", "{}", int(start.replace(tzinfo=UTC).timestamp() * 1000))
+    start_ms = int(start.replace(tzinfo=UTC).timestamp() * 1000)
+    key = WindowKey("tenant-ha", "cust-ha", "api_calls", "{}", start_ms, start_ms + int(size.total_seconds() * 1000))
     identifier = derive_identifier(key, cfg.billing.identifier_prefix)
 
     def sent() -> bool:

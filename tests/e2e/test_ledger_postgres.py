@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -18,7 +18,8 @@ from sinks.billing import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
 from sinks.delivery import Deliverer
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, due_retries
-from sinks.postgres import connect
+from sinks.postgres import apply_schema, connect, fetch_usage
+from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_upsert_sql
 from sinks.stripe_provider import StripeMeterEvents
 from sinks.whole_values import billing_period_start, carried_value
 from tests.support.fake_stripe import DROP, FakeStripe, reject
@@ -248,3 +249,62 @@ def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):
     broken = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False)
     said = " ".join(broken.output.split())
     assert broken.exit_code == 1 and "values sent differ" in said, broken.output
+
+
+def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
+    """A usage table keyed by window start and a ledger unique by window start (an earlier release),
+    with a window billed under an identifier of the earlier form: the schema brings both to keys
+    with the window's end; the billed window is claimed under its recorded identifier, and the
+    5-minute window starting with it is a row and a delivery of its own."""
+    run = uuid.uuid4().hex[:6]
+    cfg, _ = e2e_stack.config(f"spans-{run}", postgres={"usage_table": f"usage_{run}"}, billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"})
+    u, d = cfg.postgres.usage_table, cfg.billing.ledger_table
+    start_ms = (int(time.time()) // 60 - 60) * 60_000
+    one, five = (ClosedWindow("t1", "c1", "tokens", "{}", start_ms, start_ms + size, Decimal(q), 1, 1) for size, q in ((60_000, "3"), (300_000, "8")))
+    legacy = f"mf-{start_ms}-{'a' * 64}"
+    apply_billing_schema(cfg)
+    with connect(cfg.postgres) as conn, conn.transaction():
+        # The earlier form: keyed and unique by window start alone.
+        conn.execute(
+            f"CREATE TABLE {u} (tenant_id text NOT NULL, customer_id text NOT NULL, meter text NOT NULL, dimensions_key text NOT NULL DEFAULT '{{}}', "
+            "window_start timestamp(3) NOT NULL, window_end timestamp(3) NOT NULL, quantity numeric(38, 9) NOT NULL, event_count bigint NOT NULL, "
+            "revision bigint NOT NULL, is_final boolean NOT NULL DEFAULT false, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start))"
+        )
+        conn.execute(f"DROP INDEX {d}_window_span")
+        conn.execute(f"CREATE UNIQUE INDEX {d}_window ON {d} (provider, tenant_id, customer_id, meter, dimensions_key, window_start) WHERE kind = 'window'")
+        conn.execute(
+            f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, event_name, status, value, attempts, sent_at) "
+            "VALUES (%s, 'stripe', 'window', %s, 't1', 'c1', 'tokens', '{}', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', 3, 1, 1, 'tokens', 'sent', '3', 1, now())",
+            (legacy, legacy, start_ms, start_ms + 60_000),
+        )
+    apply_schema(cfg.postgres)
+    apply_billing_schema(cfg)
+    apply_schema(cfg.postgres)  # idempotent on the new form
+    with connect(cfg.postgres) as conn:
+        key = conn.execute(
+            "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) "
+            "WHERE c.conrelid = %s::regclass AND c.contype = 'p'",
+            (u,),
+        ).fetchone()[0]
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (d,)).fetchall()}
+        assert sorted(key) == sorted(USAGE_KEY_COLUMNS) and f"{d}_window_span" in indexes and f"{d}_window" not in indexes
+        with conn.transaction():
+            for w in (one, five):
+                row = {"tenant_id": w.tenant_id, "customer_id": w.customer_id, "meter": w.meter, "dimensions_key": w.dimensions_key, "window_start": w.window_start.replace(tzinfo=None),
+                       "window_end": w.window_end.replace(tzinfo=None), "quantity": w.quantity, "event_count": 1, "revision": 1, "is_final": True}  # fmt: skip
+                conn.execute(usage_upsert_sql(u).replace("?", "%s"), [row[c] for c in USAGE_WRITE_COLUMNS])
+    assert sorted((r.window_end - r.window_start, r.quantity) for r in fetch_usage(cfg.postgres)) == [(timedelta(minutes=1), Decimal(3)), (timedelta(minutes=5), Decimal(8))]
+
+    async def claim() -> tuple:
+        ledger = AsyncPostgresLedger(cfg, "w1")
+        try:
+            return await ledger.claim(window_delivery(one, "mf"), "stripe", "tokens", retry=False), await ledger.claim(window_delivery(five, "mf"), "stripe", "tokens", retry=False)
+        finally:
+            await ledger.close()
+
+    billed, fresh = asyncio.run(claim())
+    assert (billed.identifier, billed.status, billed.claimed) == (legacy, "sent", False), "the billed window keeps its identifier and stays sent"
+    assert (fresh.identifier, fresh.status, fresh.claimed) == (window_delivery(five, "mf").identifier, "pending", True)
+    assert window_delivery(one, "mf").identifier != legacy
+    assert {r.identifier for r in fetch_deliveries(cfg)} == {legacy, fresh.identifier}

@@ -10,7 +10,7 @@ import pytest
 from sinks.idempotency import MAX_IDENTIFIER_LENGTH, WindowKey, derive_identifier, format_meter_value, outside_provider_window
 from sinks.retry import BackoffPolicy, TokenBucket
 
-KEY = WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000)
+KEY = WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_660_000)
 
 
 def test_identifier_is_deterministic_and_short_enough():
@@ -23,14 +23,16 @@ def test_identifier_is_deterministic_and_short_enough():
 @pytest.mark.parametrize(
     "other",
     [
-        WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_660_000),
-        WindowKey("tenant-1", "cust-9", "api_calls", "{}", 1_767_225_600_000),
-        WindowKey("tenant-1", "cust-9", "tokens", '{"model":"a"}', 1_767_225_600_000),
-        WindowKey("tenant-1c", "ust-9", "tokens", "{}", 1_767_225_600_000),
+        WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_660_000, 1_767_225_720_000),
+        WindowKey("tenant-1", "cust-9", "api_calls", "{}", 1_767_225_600_000, 1_767_225_660_000),
+        WindowKey("tenant-1", "cust-9", "tokens", '{"model":"a"}', 1_767_225_600_000, 1_767_225_660_000),
+        WindowKey("tenant-1c", "ust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_660_000),
+        WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_900_000),  # same start, 5 minutes
     ],
 )
 def test_identifier_differs_for_any_other_window(other):
-    """Any change of the key, including shifted concatenations, changes the identifier."""
+    """Any change of the key or the span, including shifted concatenations, changes the identifier:
+    a 5-minute window never shares the identifier of the 1-minute window that starts with it."""
     assert derive_identifier(other) != derive_identifier(KEY)
 
 

@@ -9,7 +9,7 @@ pair: no real waiting.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -59,6 +59,10 @@ class FakeTime:
         self.now += seconds
 
 
+def _span(w: ClosedWindow) -> tuple:
+    return (w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start_ms, w.window_end_ms)
+
+
 @dataclass
 class MemoryLedger:
     """The claim rules of sinks/ledger_schema.py, in memory."""
@@ -83,6 +87,9 @@ class MemoryLedger:
     async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
         now = self.t.now
         r = self.rows.get(delivery.identifier)
+        if r is None and delivery.kind == "window":  # a window's row is found by its key and span, whatever its identifier
+            span = _span(delivery.window)
+            r = next((x for x in self.rows.values() if x["kind"] == "window" and _span(x["delivery"].window) == span), None)
         if r is None:
             r = self.rows[delivery.identifier] = {
                 "identifier": delivery.identifier, "kind": delivery.kind, "window_identifier": delivery.window_identifier, "delivery": delivery,
@@ -435,3 +442,30 @@ def test_carry_runs_per_customer_meter_and_month():
     assert len({k[3] for k in ledger.carried}) == 1
     december = int(datetime(2026, 12, 31, 23, 59, tzinfo=UTC).timestamp() * 1000)
     assert billing_period_start(window(start_ms=december).window_start) != billing_period_start(window(start_ms=december + 60_000).window_start)
+
+
+def test_a_window_recorded_under_an_identifier_of_an_earlier_form_keeps_it():
+    """Identifiers now hash the window's end; a window the ledger recorded before that (an earlier
+    release) is found by its key and span, so its retry, its replay and its corrections go out under
+    the identifier the provider already has, never under a second one."""
+    provider, ledger, t, d = setup()
+    earlier = window(quantity="12", revision=1)
+    legacy = "mf-" + str(START_MS) + "-" + "0" * 64  # any identifier the ledger holds for the window
+    run(ledger.claim(replace(window_delivery(earlier, "mf"), identifier=legacy, window_identifier=legacy), "stripe", "tokens", retry=False))
+    ledger.worker = "w2"  # the upgraded job's worker reads the window again
+    [resent] = run(d.on_window(earlier))
+    assert isinstance(resent, Sent) and provider.sent[-1].identifier == legacy
+    [skipped, correction] = run(d.on_window(window(quantity="15", revision=2)))
+    assert skipped == Skipped(legacy, "sent") and correction.identifier == derive_correction_identifier(legacy, 2)
+    assert ledger.rows[correction.identifier]["window_identifier"] == legacy
+    assert sum(Decimal(e.value) for e in provider.sent) == Decimal(15) and len(ledger.rows) == 2
+
+
+def test_windows_of_two_sizes_that_start_together_are_two_deliveries():
+    """After a change of event_time.window_size, the 5-minute window of 10:00 is not the 1-minute window of 10:00."""
+    provider, ledger, t, d = setup()
+    [one] = run(d.on_window(window(quantity="2")))
+    five = replace(window(quantity="7"), window_end_ms=START_MS + 300_000)
+    [other] = run(d.on_window(five))
+    assert isinstance(one, Sent) and isinstance(other, Sent) and one.identifier != other.identifier
+    assert [e.value for e in provider.sent] == ["2", "7"]

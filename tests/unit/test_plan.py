@@ -199,10 +199,13 @@ def test_table_options_run_in_utc(cfg):
 
 
 def test_sink_ddl_keys_on_window_identity():
-    """The benchmark baseline's JDBC sink upserts on (tenant, customer, meter, dimensions key, window_start)."""
+    """The benchmark baseline's JDBC sink upserts on the usage table's key: (tenant, customer, meter, dimensions key, window start, window end)."""
     target = JdbcTarget("jdbc:postgresql://h:1/d", "usage_windows", "u", "p")
     ddl = usage_windows_sink_ddl(target)
-    assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`) NOT ENFORCED" in ddl
+    assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`, `window_end`) NOT ENFORCED" in ddl
+    from sinks.postgres_schema import USAGE_KEY_COLUMNS
+
+    assert ", ".join(f"`{c}`" for c in USAGE_KEY_COLUMNS) in ddl
     assert "'connector' = 'jdbc'" in ddl and "is_final" not in ddl
 
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from sinks.reconcile import FinalWindow, LedgerWindow, period_of, reconcile
 
 T1, T2, T3 = datetime(2026, 10, 31, 23, 59), datetime(2026, 11, 1, 0, 0), datetime(2026, 11, 1, 0, 1)
+MINUTE = timedelta(minutes=1)
 
 
 def final(start: datetime, quantity: str, settled: bool = True, customer: str = "c1") -> FinalWindow:
-    return FinalWindow("t1", customer, "tokens", "{}", start, Decimal(quantity), settled)
+    return FinalWindow("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(quantity), settled)
 
 
 def billed(start: datetime, quantity: str, status: str = "sent", error: str | None = None, customer: str = "c1") -> LedgerWindow:
-    return LedgerWindow("t1", customer, "tokens", "{}", start, Decimal(quantity), status, error)
+    return LedgerWindow("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(quantity), status, error)
 
 
 def test_agreement_has_no_discrepancies_and_totals_per_period():
@@ -55,10 +56,10 @@ def test_corrections_add_up_with_the_window_and_are_listed():
     """A window billed 10, then corrected by +2.5: agrees with a final 12.5; a correction not yet accepted is named."""
     from sinks.reconcile import corrections_of
 
-    ledger = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, Decimal("2.5"), "sent", None, "correction", 5)]
+    ledger = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, T1 + MINUTE, Decimal("2.5"), "sent", None, "correction", 5)]
     totals, issues = reconcile([final(T1, "12.5")], ledger)
     assert issues == [] and totals[0].corrections == 1 and totals[0].billed_quantity == Decimal("12.5")
-    pending = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, Decimal("2.5"), "failed", "503", "correction", 5)]
+    pending = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, T1 + MINUTE, Decimal("2.5"), "failed", "503", "correction", 5)]
     _, issues = reconcile([final(T1, "12.5")], pending)
     assert [i.kind for i in issues] == ["billed differently"] and "correction r5 2.5 failed not accepted yet" in issues[0].detail
     [c] = corrections_of(ledger)
@@ -66,13 +67,13 @@ def test_corrections_add_up_with_the_window_and_are_listed():
 
 
 def late(start: datetime, delta: str, status: str = "sent", customer: str = "c1", cid: str = "cor-1") -> LedgerWindow:
-    return LedgerWindow("t1", customer, "tokens", "{}", start, Decimal(delta), status, None, "correction", 0, cid)
+    return LedgerWindow("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(delta), status, None, "correction", 0, cid)
 
 
 def counted(start: datetime, delta: str, customer: str = "c1", cid: str = "cor-1", settled: bool = True):
     from sinks.reconcile import LateCorrection
 
-    return LateCorrection("t1", customer, "tokens", "{}", start, Decimal(delta), cid, settled)
+    return LateCorrection("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(delta), cid, settled)
 
 
 def test_a_window_is_owed_its_final_plus_its_counted_corrections_from_late_events():
@@ -107,7 +108,7 @@ def test_values_sent_follow_each_meters_rounding():
     from sinks.reconcile import value_discrepancies
 
     def fixed(start: datetime, quantity: str, value: str, meter: str = "tokens", status: str = "sent") -> LedgerWindow:
-        return LedgerWindow("t1", "c1", meter, "{}", start, Decimal(quantity), status, None, value=value)
+        return LedgerWindow("t1", "c1", meter, "{}", start, start + MINUTE, Decimal(quantity), status, None, value=value)
 
     october = [fixed(T1, "0.4", "0"), fixed(T1, "0.4", "0", status="dead"), fixed(T1, "0.4", "1")]
     november = [fixed(T2, "2.5", "2"), fixed(T3, "-0.6", "-1")]

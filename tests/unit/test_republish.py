@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import fastavro
@@ -16,11 +16,11 @@ START = datetime(2026, 12, 5, 10, 0)
 
 
 def _key(customer: str) -> tuple:
-    return ("t", customer, "tokens", "{}", START)
+    return ("t", customer, "tokens", "{}", START, START + timedelta(minutes=1))
 
 
 def _delivery(customer: str, revision: int, kind: str = "window", status: str = "sent", correction_id: str | None = None) -> LedgerWindow:
-    return LedgerWindow("t", customer, "tokens", "{}", START, Decimal(1), status, None, kind, revision, correction_id)
+    return LedgerWindow("t", customer, "tokens", "{}", START, START + timedelta(minutes=1), Decimal(1), status, None, kind, revision, correction_id)
 
 
 def test_missing_and_older_revisions_are_republished_and_nothing_else():

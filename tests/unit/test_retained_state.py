@@ -52,7 +52,6 @@ def test_the_state_directory_is_per_job_name_and_remote_ones_are_not_listed(writ
 NEWEST = rs.RetainedState(rs.Path("/cp/job/abc/chk-9"), "checkpoint", datetime(2026, 12, 5, 10, 0, tzinfo=UTC))
 SETTINGS = {
     "window_size": "1m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": [], "unique_dimension": None}},
-    "usage_table": "usage_windows", "identifier_prefix": "mf",
 }  # fmt: skip
 
 
@@ -97,21 +96,19 @@ def test_a_state_of_another_window_size_aggregate_or_meter_dimensions_is_refused
     assert problem in str(refused.value) and "fresh consumer group" in str(refused.value)
     with pytest.raises(JobSubmissionError):
         _plan(settings={**SETTINGS, **change}, explicit="/sp/1")  # a savepoint of that state too
-    if "window_size" not in change:
-        assert _plan(settings={**SETTINGS, **change}, fresh=True).restore is None  # starting fresh is allowed
+    assert _plan(settings={**SETTINGS, **change}, fresh=True).restore is None  # starting fresh is allowed
 
 
-def test_a_fresh_start_with_another_window_size_needs_its_own_table_and_identifiers():
-    """Rows and identifiers are keyed by window start: a 5-minute window of 10:00 would take the 1-minute window's row and identifier."""
+def test_a_fresh_start_with_another_window_size_shares_the_tables_and_the_identifier_prefix():
+    """Usage rows and billing identifiers hold the window's end: a 5-minute window of 10:00 is not the
+    1-minute window of 10:00, so the new size needs no table or prefix of its own (settings recorded by
+    an earlier release still name them, and are not held against it)."""
     five = {**SETTINGS, "window_size": "5m"}
-    for shared, new in ((("postgres.usage_table", "billing.identifier_prefix"), {}), (("billing.identifier_prefix",), {"usage_table": "usage_5m"}), (("postgres.usage_table",), {"identifier_prefix": "mf5"})):
-        with pytest.raises(JobSubmissionError, match="would share usage rows and billing identifiers") as refused:
-            _plan(settings={**five, **new}, fresh=True)
-        assert all(name in str(refused.value) for name in shared)
-        with pytest.raises(JobSubmissionError):
-            _plan(settings={**five, **new}, newest=None)  # no state left, but the settings it was made with are known
-    assert _plan(settings={**five, "usage_table": "usage_5m", "identifier_prefix": "mf5"}, fresh=True).restore is None
-    assert rs.window_size_clash({"window_size": "1m"}, five) is None  # settings recorded without the names: nothing to judge by
+    earlier = {**SETTINGS, "usage_table": "usage_windows", "identifier_prefix": "mf"}
+    assert _plan(settings=five, fresh=True).restore is None
+    assert _plan(settings=five, recorded=earlier, newest=None).restore is None
+    with pytest.raises(JobSubmissionError, match="window_size was 1m and is 5m"):
+        _plan(settings=five, recorded=earlier)  # restoring the 1-minute state is still refused
 
 
 def test_the_job_settings_follow_the_plan(write_config):
@@ -125,7 +122,6 @@ def test_the_job_settings_follow_the_plan(write_config):
     base = settings("event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n")
     assert base == {
         "window_size": "5m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}},
-        "usage_table": "usage_windows", "identifier_prefix": "mf",
     }  # fmt: skip
     relaxed = settings("event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n")
     assert rs.unsafe_changes(base, relaxed) == []  # lateness and watermark may change

@@ -126,7 +126,7 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
         }
 
         String key() {
-            return tenantId + "\u0000" + customerId + "\u0000" + meter + "\u0000" + dimensionsKey + "\u0000" + windowStartMs;
+            return tenantId + "\u0000" + customerId + "\u0000" + meter + "\u0000" + dimensionsKey + "\u0000" + windowStartMs + "\u0000" + windowEndMs;
         }
 
         /** Whether this row may replace {@code other} of the same window in a batch. */
