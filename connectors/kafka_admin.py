@@ -115,3 +115,18 @@ def group_lag(bootstrap_servers: str, group: str, topic: str) -> int:
     finally:
         consumer.close()
         admin.close()
+
+
+def committed_offsets(bootstrap_servers: str, group: str, topic: str) -> dict[int, int]:
+    """The next offset per partition of ``topic`` that ``group`` committed (partitions it never committed are absent)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    admin = _admin(bootstrap_servers)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        committed = admin.list_group_offsets({group: partitions}).get(group, {})
+        return {tp.partition: committed[tp].offset for tp in partitions if tp in committed and committed[tp].offset >= 0}
+    finally:
+        consumer.close()
+        admin.close()

@@ -2,7 +2,7 @@
 
 ``stack`` (the local stack), ``produce``, ``job`` (submit, jobs, stop), ``usage``, ``late_audit``,
 ``billing`` (billing status/replay/customers, reconcile), ``corrections`` (apply, list, approve,
-reject), ``dead_letters`` (list, replay), ``tune`` and ``demo``.
+reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune`` and ``demo``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from meterflow.commands import (  # noqa: F401 - importing registers the command
     job,
     late_audit,
     produce,
+    reprocess,
     stack,
     tune,
     usage,

@@ -178,10 +178,11 @@ def late_event_record(tenant: str, event_id: str, customer: str, meter: str, qua
 def write_final_rows(cfg: JobConfig, windows: list[dict]) -> None:
     """Final rows in the usage table for windows published straight to the topic (what reconcile and corrections read)."""
     from sinks.postgres import connect
+    from sinks.postgres_schema import USAGE_KEY_COLUMNS
 
     sql = (
         f"INSERT INTO {cfg.postgres.usage_table} (tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, is_final) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true) ON CONFLICT (tenant_id, customer_id, meter, dimensions_key, window_start) "
+        f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, true) ON CONFLICT ({', '.join(USAGE_KEY_COLUMNS)}) "
         "DO UPDATE SET quantity = EXCLUDED.quantity, event_count = EXCLUDED.event_count, revision = EXCLUDED.revision"
     )
     with connect(cfg.postgres) as conn, conn.transaction():
