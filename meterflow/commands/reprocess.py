@@ -50,7 +50,7 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     assert lower is not None and upper is not None  # noqa: S101 - both options are required
     period = reprocess_period(lower, upper, cfg, datetime.now(UTC))
     table = shadow_table or f"{cfg.postgres.usage_table}_reprocessed"
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
+    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
     err_console.print(f"recomputing {period.label} from {cfg.kafka.usage_events_topic} ...")
     recomputed = recompute(cfg, period, jars)
     write_shadow(cfg, table, period, recomputed)
