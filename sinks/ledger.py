@@ -20,11 +20,12 @@ from sinks.ledger_schema import (
     deliveries_sql,
     final_windows_sql,
     ledger_windows_sql,
+    sent_values_sql,
     status_summary_sql,
     upsert_customer_sql,
 )
 from sinks.postgres import apply_schema, connect, table_exists
-from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow
+from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
 
 
 def apply_billing_schema(cfg: JobConfig) -> None:
@@ -138,3 +139,10 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
         [LedgerWindow(*r) for r in ledger],
         [LateCorrection(*r[:7], correction_id=r[7], settled=r[8] <= cutoff) for r in late],
     )
+
+
+def fetch_sent_groups(cfg: JobConfig) -> list[SentGroup]:
+    """The values the configured provider accepted, per provider customer, event name and month."""
+    with connect(cfg.postgres) as conn:
+        rows = conn.execute(sent_values_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()
+    return [SentGroup(customer, event, month, Decimal(value), int(n), last) for customer, event, month, value, n, last in rows]

@@ -373,3 +373,13 @@ def ledger_windows_sql(ledger_table: str) -> str:
         "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, status, last_error, kind, revision, correction_id, value "
         f"FROM {check_identifier(ledger_table)} WHERE provider = %(provider)s"
     )
+
+
+def sent_values_sql(ledger_table: str) -> str:
+    """Per provider customer, event name and UTC month of the event's timestamp (its window start):
+    the values the provider accepted, how many, and when the last was accepted."""
+    d = check_identifier(ledger_table)
+    return (
+        "SELECT provider_customer_id, event_name, date_trunc('month', window_start), sum(value::numeric), count(*), max(sent_at) "
+        f"FROM {d} WHERE provider = %(provider)s AND status = 'sent' GROUP BY 1, 2, 3 ORDER BY 3, 1, 2"
+    )

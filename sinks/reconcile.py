@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
 
@@ -254,3 +254,50 @@ def unpublished(finals: Iterable[tuple[tuple, int, Decimal]], ledger: Iterable[L
         if key not in seen or (seen[key][0] < revision and seen[key][1] != quantity):
             chosen.append(key)
     return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class SentGroup:
+    """What the ledger says one provider customer's meter was sent in a month (values accepted)."""
+
+    provider_customer_id: str
+    event_name: str
+    month: datetime  # naive UTC, the month's first instant
+    value: Decimal
+    deliveries: int
+    last_sent_at: datetime
+
+
+@dataclass(frozen=True)
+class ProviderDifference:
+    """A month whose total at the provider differs from the values the ledger says it accepted."""
+
+    provider_customer_id: str
+    event_name: str
+    month: datetime
+    sent: Decimal
+    provider_total: Decimal
+
+    @property
+    def detail(self) -> str:
+        return f"the provider holds {self.provider_total} for {self.month:%Y-%m}, the ledger sent {self.sent}"
+
+
+def provider_differences(groups: Iterable[SentGroup], totals: Mapping[tuple[str, str, datetime], Decimal]) -> list[ProviderDifference]:
+    """Every group whose provider total (keyed by customer, event name and month) is not the sum of the values sent."""
+    found = []
+    for g in groups:
+        total = totals[(g.provider_customer_id, g.event_name, g.month)]
+        if total != g.value:
+            found.append(ProviderDifference(g.provider_customer_id, g.event_name, g.month, g.value, total))
+    return found
+
+
+def summary_bounds(month: datetime, now: datetime, ahead_s: int) -> tuple[int, int]:
+    """The provider summary's [start, end) in unix seconds for a month: its first minute to its end,
+    or to the minute after ``now`` + ``ahead_s`` while the month runs (events may be dated that far
+    ahead; a summary ends on a minute boundary)."""
+    start = int(month.replace(tzinfo=UTC).timestamp())
+    month_end = int(next_period_start(month).replace(tzinfo=UTC).timestamp())
+    latest = int(now.timestamp()) + ahead_s
+    return start, min(month_end, latest - latest % 60 + 60)

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -238,9 +238,10 @@ def billing_customers_list(ctx: Context) -> None:
 @click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC), e.g. when billing was switched on.")
 @click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
 @click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be in flight and are skipped.")
+@click.option("--provider-totals", is_flag=True, help="Also ask the provider for each customer's monthly meter totals and compare them with the values sent.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_ctx
-def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, fmt: str) -> None:
+def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, provider_totals: bool, fmt: str) -> None:
     """Compare final windows in Postgres with what the ledger says the provider accepted.
 
     A window counts as billed with its own meter event plus its corrections (a changed final
@@ -250,6 +251,12 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     of a month add up to the whole part of their quantities. Exits 1 and lists every
     discrepancy (window not billed, billed with another quantity, billed without a final window,
     values sent that break the rounding); exits 0 when they agree.
+
+    With --provider-totals, each month's total the provider reports for a customer's meter (its
+    meter event summaries) is compared with the values the ledger says it accepted; a difference
+    (usage sent outside meterflow, an event the provider lost or counts differently) is listed and
+    exits 1 too. Months with a value accepted within --grace are skipped (the provider's summaries
+    may lag); --tenant keeps the provider customers mapped for that tenant.
     """
     from sinks.ledger import fetch_reconciliation_input
     from sinks.reconcile import corrections_of, value_discrepancies
@@ -273,8 +280,11 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     first_month = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
     discrepancies += [d for d in months if (upper is None or d.window_start < upper) and (first_month is None or d.window_start >= first_month)]
     corrections = corrections_of(ledger)
+    at_provider = _provider_differences(ctx.cfg, parse_duration(grace), tenant, lower, upper) if provider_totals else []
     if fmt == "json":
         report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}
+        if provider_totals:
+            report["provider_differences"] = [{**d.__dict__, "detail": d.detail} for d in at_provider]
         console.print_json(json.dumps(report, default=str))
     else:
         table = Table("tenant", "customer", "meter", "period", "windows", "corrections", "final quantity", "billed quantity", "agrees")
@@ -292,7 +302,44 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
                 q = [("" if v is None else fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
                 issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}-{d.window_end:%H:%M:%S}", *q, d.detail)
             console.print(issues)
-    if discrepancies:
-        err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")
+        if at_provider:
+            differing = Table("provider customer", "event name", "month", "values sent", "provider total", title="the provider's totals differ from the values sent")
+            for p in at_provider:
+                differing.add_row(p.provider_customer_id, p.event_name, f"{p.month:%Y-%m}", fmt_qty(p.sent), fmt_qty(p.provider_total))
+            console.print(differing)
+    if at_provider:
+        err_console.print(f"[red]{len(at_provider)} months[/] where the provider's total differs from the values the ledger sent")
+    if discrepancies or at_provider:
+        if discrepancies:
+            err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")
         sys.exit(1)
-    err_console.print(f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)")
+    err_console.print(f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)" + ("; so do the provider's monthly totals" if provider_totals else ""))
+
+
+def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, lower: datetime | None, upper: datetime | None) -> list:
+    """Each settled month's provider total against the values sent (reconcile --provider-totals)."""
+    import asyncio
+
+    from sinks.ledger import fetch_customers, fetch_sent_groups
+    from sinks.reconcile import provider_differences, summary_bounds
+    from sinks.stripe_provider import StripeMeterEvents
+    from sinks.whole_values import billing_period_start
+
+    now = datetime.now(UTC)
+    cutoff = now - grace
+    customers = {m[3] for m in fetch_customers(cfg) if m[2] == cfg.billing.provider and (tenant is None or m[0] == tenant)}
+    first = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
+    groups = [
+        g for g in fetch_sent_groups(cfg)
+        if g.provider_customer_id in customers and g.last_sent_at <= cutoff and (first is None or g.month >= first) and (upper is None or g.month < upper)
+    ]  # fmt: skip
+    ahead = int(cfg.billing.max_window_ahead.total_seconds())
+
+    async def ask() -> dict:
+        provider = StripeMeterEvents(cfg)
+        try:
+            return {(g.provider_customer_id, g.event_name, g.month): await provider.total(g.event_name, g.provider_customer_id, *summary_bounds(g.month, now, ahead)) for g in groups}
+        finally:
+            await provider.close()
+
+    return provider_differences(groups, asyncio.run(ask()) if groups else {})

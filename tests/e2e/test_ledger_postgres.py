@@ -5,6 +5,7 @@ moved a day on instead of waiting one)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -308,3 +309,52 @@ def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
     assert (fresh.identifier, fresh.status, fresh.claimed) == (window_delivery(five, "mf").identifier, "pending", True)
     assert window_delivery(one, "mf").identifier != legacy
     assert {r.identifier for r in fetch_deliveries(cfg)} == {legacy, fresh.identifier}
+
+
+def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
+    """Windows billed through the fake: the provider's monthly totals equal the values sent, and
+    reconcile --provider-totals agrees; a meter event sent to the provider outside meterflow makes
+    that customer's month differ, and reconcile exits 1 naming it."""
+    from tests.e2e.helpers import write_final_rows
+
+    fake = FakeStripe().start()
+    try:
+        run = uuid.uuid4().hex[:6]
+        billing = {"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"}
+        cfg, path = e2e_stack.config(f"ptotals-{run}", postgres={"usage_table": f"usage_{run}"}, billing=billing, stripe={"api_base": fake.url})
+        apply_schema(cfg.postgres)
+        apply_billing_schema(cfg)
+        map_customer(cfg, "t1", "c1", "cus_1")
+        map_customer(cfg, "t1", "c2", "cus_2")
+        start_ms = (int(time.time()) // 60 - 60) * 60_000
+        windows = [ClosedWindow("t1", c, "tokens", "{}", start_ms + i * 10_000, start_ms + (i + 1) * 10_000, Decimal(q), 1, 1) for c in ("c1", "c2") for i, q in enumerate(("0.7", "1.6", "2.2"))]
+        write_final_rows(cfg, [{"tenant_id": w.tenant_id, "customer_id": w.customer_id, "meter": w.meter, "window_start": w.window_start, "window_end": w.window_end, "quantity": w.quantity, "event_count": 1, "revision": 1} for w in windows])
+
+        async def bill(events: list[MeterEvent]) -> None:
+            ledger, provider = AsyncPostgresLedger(cfg, "job"), StripeMeterEvents(cfg)
+            try:
+                for w in windows:
+                    await Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep).on_window(w)
+                for e in events:
+                    await provider.send(e)
+            finally:
+                await ledger.close()
+                await provider.close()
+
+        asyncio.run(bill([]))
+        assert len(fake.events) == 6
+
+        def reconcile() -> tuple[int, dict]:
+            result = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--grace", "0s", "--provider-totals", "--format", "json"], catch_exceptions=False)
+            return result.exit_code, json.loads(result.stdout)
+
+        code, report = reconcile()
+        assert (code, report["discrepancies"], report["provider_differences"]) == (0, [], []), report
+        assert sum(e.value for e in fake.events if e.customer == "cus_1") == Decimal(4), "whole units of 4.5: the carry"
+        asyncio.run(bill([MeterEvent("outside-meterflow-1", "tokens", "cus_1", "3", start_ms // 1000)]))
+        code, report = reconcile()
+        assert code == 1 and report["discrepancies"] == [], report
+        [diff] = report["provider_differences"]
+        assert (diff["provider_customer_id"], Decimal(diff["sent"]), Decimal(diff["provider_total"])) == ("cus_1", Decimal(4), Decimal(7))
+    finally:
+        fake.stop()

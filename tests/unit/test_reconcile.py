@@ -122,3 +122,29 @@ def test_values_sent_follow_each_meters_rounding():
     assert value_discrepancies([fixed(T1, "2.5", "2.5", meter="api_calls")], {"api_calls": "decimal"}) == []
     [exact] = value_discrepancies([fixed(T1, "2.5", "2", meter="api_calls")], {"api_calls": "exact"})
     assert "not a whole number" in exact.detail
+
+
+def test_the_providers_monthly_totals_are_compared_with_the_values_sent():
+    """A month whose provider total is the sum of the values sent agrees; any other total is a difference, either way."""
+    from sinks.reconcile import SentGroup, provider_differences
+
+    month, sent_at = datetime(2026, 11, 1), datetime(2026, 11, 30, 12, 0)
+    groups = [SentGroup("cus_1", "tokens", month, Decimal(12), 3, sent_at), SentGroup("cus_2", "tokens", month, Decimal(5), 1, sent_at), SentGroup("cus_3", "tokens", month, Decimal(7), 2, sent_at)]
+    totals = {("cus_1", "tokens", month): Decimal(12), ("cus_2", "tokens", month): Decimal(6), ("cus_3", "tokens", month): Decimal("6.5")}
+    found = provider_differences(groups, totals)
+    assert [(d.provider_customer_id, d.sent, d.provider_total) for d in found] == [("cus_2", Decimal(5), Decimal(6)), ("cus_3", Decimal(7), Decimal("6.5"))]
+    assert found[0].detail == "the provider holds 6 for 2026-11, the ledger sent 5"
+
+
+def test_a_provider_summary_covers_the_month_or_up_to_now():
+    """A past month whole; the running month to the minute after now + the events' allowed lead."""
+    from datetime import UTC
+
+    from sinks.reconcile import summary_bounds
+
+    november, december = datetime(2026, 11, 1), datetime(2026, 12, 1)
+    now = datetime(2026, 12, 6, 10, 0, 30, tzinfo=UTC)
+    assert summary_bounds(november, now, 300) == (int(datetime(2026, 11, 1, tzinfo=UTC).timestamp()), int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()))
+    start, end = summary_bounds(december, now, 300)
+    assert (start, end) == (int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()), int(datetime(2026, 12, 6, 10, 6, tzinfo=UTC).timestamp()))
+    assert end % 60 == 0
