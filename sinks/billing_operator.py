@@ -92,7 +92,9 @@ class DeliverClosedWindows(AsyncFunction):
         self.cfg = config_on_worker(self.config_data)
         self.share = runtime_context.get_number_of_parallel_subtasks()
         # Names this run's claims in the ledger: a restarted worker takes over its predecessor's at once.
-        self.worker = f"billing-{runtime_context.get_index_of_this_subtask()}-{uuid.uuid4().hex[:12]}"
+        self.prefix = f"billing-{runtime_context.get_index_of_this_subtask()}-"
+        self.worker = f"{self.prefix}{uuid.uuid4().hex[:12]}"
+        self.released = False
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
         # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
@@ -106,12 +108,19 @@ class DeliverClosedWindows(AsyncFunction):
             from sinks.ledger_async import AsyncPostgresLedger
             from sinks.stripe_provider import StripeMeterEvents
 
-            ledger = AsyncPostgresLedger(self.cfg, self.worker)
+            ledger = self.ledger = AsyncPostgresLedger(self.cfg, self.worker)
             self.deliverer = Deliverer(self.cfg, StripeMeterEvents(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[str]:
         deliverer = self._ready()
+        if not self.released:
+            # Once per run, before this subtask's first attempt: what the subtask's earlier run held
+            # leased (its attempts in flight when it died) is due at once, not when the lease runs out.
+            self.released = True
+            released = await self.ledger.release_predecessors(self.prefix)
+            if released:
+                log.info("released %d deliveries leased by an earlier run of %s*", len(released), self.prefix)
         if value[10] is not None:
             outcomes = [await deliverer.on_retry(value[10])]
         else:
@@ -137,6 +146,9 @@ class RetryScan(FlatMapFunction):
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
         self.cfg = config_on_worker(self.config_data)
+        self.prefix = f"retry-scan-{runtime_context.get_index_of_this_subtask()}-"
+        self.scanner = f"{self.prefix}{uuid.uuid4().hex[:12]}"
+        self.released = False
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.handed_out = group.counter("billing_retries_handed_out")
         self.backlog = (0, 0)
@@ -146,14 +158,18 @@ class RetryScan(FlatMapFunction):
     def flat_map(self, value: Row):  # noqa: ANN201 - a generator of Rows
         import psycopg
 
-        from sinks.ledger_async import due_retries
+        from sinks.ledger_async import due_retries, release_leases
         from sinks.postgres import connect
 
         try:
             if self.conn is None or self.conn.closed or self.conn.broken:
                 self.conn = connect(self.cfg.postgres)
                 self.conn.autocommit = True
-            due = due_retries(self.conn, self.cfg, self.BATCH)
+            if not self.released:
+                # What this subtask's earlier run handed out and the job lost with it: due at once.
+                release_leases(self.conn, self.cfg, self.prefix, self.scanner)
+                self.released = True
+            due = due_retries(self.conn, self.cfg, self.BATCH, self.scanner)
             pending, failed = self.conn.execute(backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}).fetchone()
             self.backlog = (int(pending), int(failed))
         except (psycopg.Error, OSError) as e:

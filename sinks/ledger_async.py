@@ -30,6 +30,7 @@ from sinks.ledger_schema import (
     due_retries_sql,
     mark_sql,
     record_check_sql,
+    release_leases_sql,
     window_state_sql,
 )
 
@@ -122,6 +123,7 @@ class AsyncPostgresLedger:
     def __init__(self, cfg: JobConfig, worker: str, connections: int = 2) -> None:
         """``connections``: batches written at once, each on its own connection."""
         self.table, self.customers, self.carry, self.worker = cfg.billing.ledger_table, cfg.billing.customers_table, cfg.billing.carry_table, worker
+        self._provider = cfg.billing.provider
         self.lease_s = cfg.billing.retry_lease.total_seconds()
         self._pg = cfg.postgres
         self._size = connections
@@ -187,6 +189,13 @@ class AsyncPostgresLedger:
             raise SinkError(msg)
         return _entry(row, claimed=False)
 
+    async def release_predecessors(self, prefix: str) -> list[str]:
+        """Make due at once what earlier runs of this worker (named ``<prefix>*``) held leased: a
+        restarted subtask attempts them now rather than when their lease runs out."""
+        async with self._conn() as conn:
+            cur = await conn.execute(release_leases_sql(self.table), {"provider": self._provider, "prefix": f"{prefix}%", "worker": self.worker})
+            return [r[0] for r in await cur.fetchall()]
+
     async def delivery(self, identifier: str) -> Delivery | None:
         row = await self._fetchone(delivery_window_sql(self.table), {"identifier": identifier})
         if row is None:
@@ -234,7 +243,13 @@ def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:
     return LedgerEntry(identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, Decimal(corrections_total), int(corrections_revision), claimed, value)
 
 
-def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int) -> list[tuple]:
-    """(identifier, tenant, customer, meter, dimensions_key, window start ms, window end ms) of every delivery due for a retry, leased."""
-    params = {"provider": cfg.billing.provider, "lease_s": cfg.billing.retry_lease.total_seconds(), "limit": limit}
+def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int, scanner: str = "retry-scan") -> list[tuple]:
+    """(identifier, tenant, customer, meter, dimensions_key, window start ms, window end ms) of every delivery due for a retry, leased by ``scanner``."""
+    params = {"provider": cfg.billing.provider, "lease_s": cfg.billing.retry_lease.total_seconds(), "limit": limit, "scanner": scanner}
     return conn.execute(due_retries_sql(cfg.billing.ledger_table), params).fetchall()
+
+
+def release_leases(conn: psycopg.Connection, cfg: JobConfig, prefix: str, worker: str) -> list[str]:
+    """Make due at once what earlier runs named ``<prefix>*`` (not ``worker``) held leased; their identifiers."""
+    params = {"provider": cfg.billing.provider, "prefix": f"{prefix}%", "worker": worker}
+    return [r[0] for r in conn.execute(release_leases_sql(cfg.billing.ledger_table), params).fetchall()]

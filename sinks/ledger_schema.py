@@ -63,6 +63,8 @@ def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table:
         f"UPDATE {d} SET first_attempt_at = created_at WHERE first_attempt_at IS NULL AND attempts > 0",
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz",
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS claimed_by text",
+        # True while a claim's lease holds the delivery for an attempt in progress (not a retry's schedule).
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS leased boolean NOT NULL DEFAULT false",
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS provider_check text",
         # A correction from late events names its row in the corrections table; NULL for a
         # correction of a window's changed final (and for a window's own event).
@@ -154,7 +156,7 @@ def _state_columns(d: str, c: str) -> str:
 # (the scan's lease, or the replay command) always; a closed window read from Kafka only when no
 # attempt of this worker is scheduled (an earlier worker's claim died with it).
 _CLAIMABLE = "{d}.status IN ('pending', 'failed') AND (%(retry)s OR {d}.next_attempt_at IS NULL OR {d}.next_attempt_at <= now() OR {d}.claimed_by IS DISTINCT FROM %(worker)s)"
-_CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(worker)s"
+_CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(worker)s, leased = true"
 
 
 def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = False) -> str:
@@ -173,10 +175,10 @@ def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = Fal
     target = f"({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'" if window else "(identifier)"
     return (
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
-        "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by) "
+        "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by, leased) "
         "VALUES (%(identifier)s, %(provider)s, %(kind)s, %(window_identifier)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
         f"{_WINDOW_START}, {_WINDOW_END}, "
-        "%(quantity)s, %(event_count)s, %(revision)s, %(event_name)s, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s) "
+        "%(quantity)s, %(event_count)s, %(revision)s, %(event_name)s, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s, true) "
         f"ON CONFLICT {target} DO UPDATE SET {_CLAIM_SET.format(d=d)} "
         f"WHERE {_CLAIMABLE.format(d=d)} "
         f"RETURNING {_state_columns(d, c)}"
@@ -263,18 +265,18 @@ def mark_sql(ledger_table: str, status: str) -> str:
     if status == "sent":
         return (
             f"UPDATE {d} SET status = 'sent', attempts = %(attempts)s, value = %(value)s, provider_customer_id = %(provider_customer_id)s, "
-            "provider_response_id = %(response_id)s, last_error = NULL, sent_at = now(), next_attempt_at = NULL WHERE identifier = %(identifier)s"
+            "provider_response_id = %(response_id)s, last_error = NULL, sent_at = now(), next_attempt_at = NULL, leased = false WHERE identifier = %(identifier)s"
         )
     if status == "failed":
         return (
             f"UPDATE {d} SET status = 'failed', attempts = %(attempts)s, last_error = %(error)s, "
-            "next_attempt_at = now() + make_interval(secs => %(delay_s)s) WHERE identifier = %(identifier)s"
+            "next_attempt_at = now() + make_interval(secs => %(delay_s)s), leased = false WHERE identifier = %(identifier)s"
         )
     if status == "dead":
-        return f"UPDATE {d} SET status = 'dead', attempts = %(attempts)s, last_error = %(error)s, next_attempt_at = NULL WHERE identifier = %(identifier)s"
+        return f"UPDATE {d} SET status = 'dead', attempts = %(attempts)s, last_error = %(error)s, next_attempt_at = NULL, leased = false WHERE identifier = %(identifier)s"
     if status == "rejected":
         return (
-            f"UPDATE {d} SET status = 'dead', last_error = %(error)s, next_attempt_at = NULL, "
+            f"UPDATE {d} SET status = 'dead', last_error = %(error)s, next_attempt_at = NULL, leased = false, "
             "first_attempt_at = CASE WHEN attempts = 0 THEN NULL ELSE first_attempt_at END WHERE identifier = %(identifier)s"
         )
     msg = f"a delivery can't be marked {status!r}"
@@ -285,7 +287,7 @@ def defer_sql(ledger_table: str) -> str:
     """Leave a delivery for the retry scan at a later time (its key is backing off); no attempt counted."""
     d = check_identifier(ledger_table)
     return (
-        f"UPDATE {d} SET next_attempt_at = greatest(coalesce(next_attempt_at, now()), to_timestamp(%(until)s)), claimed_by = %(worker)s "
+        f"UPDATE {d} SET next_attempt_at = greatest(coalesce(next_attempt_at, now()), to_timestamp(%(until)s)), claimed_by = %(worker)s, leased = false "
         "WHERE identifier = %(identifier)s AND status IN ('pending', 'failed')"
     )
 
@@ -313,11 +315,22 @@ def due_retries_sql(ledger_table: str) -> str:
     """Hand out the deliveries whose retry is due, oldest first, each leased so it is handed out once."""
     d = check_identifier(ledger_table)
     return (
-        f"UPDATE {d} SET next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = 'retry-scan' "
+        f"UPDATE {d} SET next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(scanner)s, leased = true "
         f"WHERE identifier IN (SELECT identifier FROM {d} WHERE provider = %(provider)s AND status IN ('pending', 'failed') "
         "AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
         "RETURNING identifier, tenant_id, customer_id, meter, dimensions_key, "
         "(extract(epoch FROM window_start AT TIME ZONE 'UTC') * 1000)::bigint, (extract(epoch FROM window_end AT TIME ZONE 'UTC') * 1000)::bigint"
+    )
+
+
+def release_leases_sql(ledger_table: str) -> str:
+    """Make due at once the deliveries leased by earlier runs of one worker (``prefix``: its name up to
+    the run's id), other than ``worker`` itself: a restarted billing job attempts what its
+    predecessor held instead of waiting out the lease. A retry's schedule is not a lease and stays."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET next_attempt_at = now(), leased = false WHERE leased AND status IN ('pending', 'failed') "
+        "AND provider = %(provider)s AND claimed_by LIKE %(prefix)s AND claimed_by <> %(worker)s RETURNING identifier"
     )
 
 

@@ -18,7 +18,7 @@ from meterflow.commands import cli
 from sinks.billing import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
 from sinks.delivery import Deliverer
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
-from sinks.ledger_async import AsyncPostgresLedger, due_retries
+from sinks.ledger_async import AsyncPostgresLedger, due_retries, release_leases
 from sinks.postgres import apply_schema, connect, fetch_usage
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_upsert_sql
 from sinks.stripe_provider import StripeMeterEvents
@@ -358,3 +358,47 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
         assert (diff["provider_customer_id"], Decimal(diff["sent"]), Decimal(diff["provider_total"])) == ("cus_1", Decimal(4), Decimal(7))
     finally:
         fake.stop()
+
+
+def test_a_restarted_worker_releases_what_its_earlier_run_held_leased(ledger_cfg):
+    """A billing subtask's earlier run died holding leases (an attempt claimed, a retry handed out by
+    the scan): the new run makes them due at once instead of waiting out billing.retry_lease. A
+    retry's schedule, and another subtask's leases, stay as they are."""
+    cfg, _ = ledger_cfg
+
+    async def earlier_run() -> list[str]:
+        old, other = AsyncPostgresLedger(cfg, "billing-0-old"), AsyncPostgresLedger(cfg, "billing-1-old")
+        try:
+            claimed, scheduled, elsewhere, handed = (window_delivery(_window(customer=c), "mf") for c in ("c1", "c2", "c3", "c4"))
+            await old.claim(claimed, "stripe", "tokens", retry=False)  # in flight when the run died
+            await old.claim(scheduled, "stripe", "tokens", retry=False)
+            await old.mark_failed(scheduled.identifier, 1, "503", 3600)  # its retry is an hour away
+            await other.claim(elsewhere, "stripe", "tokens", retry=False)  # subtask 1's run, not this one
+            await old.claim(handed, "stripe", "tokens", retry=False)
+            await old.mark_failed(handed.identifier, 1, "503", 0)  # due: the scan hands it out, then the run dies
+            return [d.identifier for d in (claimed, scheduled, elsewhere, handed)]
+        finally:
+            await old.close()
+            await other.close()
+
+    claimed, scheduled, elsewhere, handed = asyncio.run(earlier_run())
+    with connect(cfg.postgres) as conn:
+        conn.autocommit = True
+        assert [r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-old")] == [handed]
+        assert due_retries(conn, cfg, 10, "retry-scan-0-new") == [], "everything left is leased or scheduled"
+
+    async def new_run() -> list[str]:
+        ledger = AsyncPostgresLedger(cfg, "billing-0-new")
+        try:
+            return await ledger.release_predecessors("billing-0-")
+        finally:
+            await ledger.close()
+
+    assert asyncio.run(new_run()) == [claimed]
+    with connect(cfg.postgres) as conn:
+        conn.autocommit = True
+        assert release_leases(conn, cfg, "retry-scan-0-", "retry-scan-0-new") == [handed]
+        assert sorted(r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-new")) == sorted([claimed, handed]), "due at once"
+        assert release_leases(conn, cfg, "retry-scan-0-", "retry-scan-0-new") == [], "its own leases are its own"
+    states = {d.identifier: d for d in fetch_deliveries(cfg)}
+    assert (states[scheduled].status, states[elsewhere].status) == ("failed", "pending")
