@@ -6,6 +6,7 @@ one above the approval threshold, reports one older than the provider accepts; `
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -141,3 +142,48 @@ def test_late_events_become_corrections_exactly_once(e2e_stack):
     newer = json.loads(run("corrections", "apply", "--resume", "--format", "json"))
     assert newer["late_events"] == 1
     assert [(c["customer_id"], c["delta"], c["status"]) for c in newer["corrections"]] == [("c1", "0.125000000", "applied")]
+
+
+def test_a_max_late_event_read_before_its_windows_final_row_waits_for_it(e2e_stack):
+    """The late topic and the usage table commit in different committers: a MAX window's late event
+    can be read before the window's final row exists. Corrections leave it waiting (never billing
+    its whole quantity), then measure it against the final row once written: 7 under a final 10
+    is a zero delta, recorded and never sent. A window that gets no row within
+    corrections.final_row_wait had no counted event: its late maximum counts whole."""
+    from tests.e2e.helpers import write_final_rows
+
+    run = uuid.uuid4().hex[:6]
+    cfg, path = private_job(
+        e2e_stack,
+        "corrmax",
+        event_time={"window_size": "10s"},
+        meters=[{"name": "peak", "aggregation": "MAX"}],
+        billing={"enabled": True, "ledger_table": f"deliveries_max_{run}", "customers_table": f"customers_max_{run}", "carry_table": f"carry_max_{run}", "max_window_age": "2h"},
+        corrections={"table": f"corr_max_{run}", "events_table": f"corr_max_{run}_events", "final_row_wait": "8s"},
+    )
+    from sinks.ledger import apply_schemas, fetch_deliveries
+
+    apply_schemas(cfg)
+    size = cfg.event_time.window_size
+    w1, _ = window_bounds(datetime.now(UTC) - timedelta(minutes=20), size)
+    w2 = w1 + size
+    publish_late_events(cfg, [late_event_record("t1", "late-w1", "c1", "peak", "7", w1, size), late_event_record("t1", "late-w2", "c1", "peak", "4", w2, size)])
+    runner = CliRunner()
+
+    def apply() -> dict:
+        result = runner.invoke(cli, ["--config", str(path), "corrections", "apply", "--format", "json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    first = apply()
+    assert (first["corrections"], first["summary"]["deferred_events"]) == ([], 2), "both wait for a final row"
+    write_final_rows(cfg, [{"tenant_id": "t1", "customer_id": "c1", "meter": "peak", "window_start": w1, "window_end": w1 + size, "quantity": Decimal(10), "event_count": 3, "revision": 3}])
+    second = apply()
+    [zero] = second["corrections"]
+    assert (zero["window_start"][:19], Decimal(zero["delta"]), zero["status"]) == (w1.replace(tzinfo=None).isoformat(sep=" "), Decimal(0), "applied")
+    assert second["summary"]["deferred_events"] == 1, "w2 still waits"
+    time.sleep(9)  # past corrections.final_row_wait: w2 had no counted event
+    [whole] = apply()["corrections"]
+    assert (whole["window_start"][:19], Decimal(whole["delta"])) == (w2.replace(tzinfo=None).isoformat(sep=" "), Decimal(4))
+    owed = [(d.window_start, d.quantity, d.status) for d in fetch_deliveries(cfg)]
+    assert owed == [(w2.replace(tzinfo=None), Decimal(4), "pending")], "the zero delta is never owed; w2's maximum is, once"
