@@ -255,6 +255,10 @@ class BillingConfig(_Section):
     provider: Literal["stripe"] = "stripe"
     calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit for the whole billing job; each subtask gets calls_per_second / parallelism.")
     max_in_flight: int = Field(64, ge=1, le=1024, description="Provider calls in flight per billing subtask (the async operator's capacity).")
+    max_held_per_key: int = Field(
+        2, ge=1, le=1024,
+        description="Deliveries of one (tenant, customer, meter) a billing subtask holds at once (one calling, the rest waiting their turn); more are parked in the ledger and handed back by the retry scan, so one customer's burst never takes the in-flight slots of the others.",
+    )  # fmt: skip
     parallelism: int | None = Field(None, ge=1, description="Subtasks of the billing job; default flink.parallelism.")
     consumer_group: str | None = Field(None, min_length=1, description="Consumer group of the billing job on the closed-windows topic; default <kafka.consumer_group>-billing.")
     provider_dedup_window: Duration = Field(timedelta(hours=24), description="How long the provider deduplicates identifiers; older deliveries are checked at the provider before a resend.")

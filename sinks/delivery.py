@@ -101,9 +101,23 @@ class KeyGate:
     locks: dict[tuple, asyncio.Lock] = field(default_factory=dict)
     users: dict[tuple, int] = field(default_factory=dict)
     not_before: dict[tuple, float] = field(default_factory=dict)
+    slots: dict[tuple, float] = field(default_factory=dict)  # per key: the last turn handed to a parked delivery
 
     def lock(self, key: tuple) -> _KeyLock:
         return _KeyLock(self, key)
+
+    def crowded(self, key: tuple, limit: int) -> bool:
+        """Whether the key already holds ``limit`` deliveries (calling or waiting for its lock)."""
+        return self.users.get(key, 0) >= limit
+
+    def next_turn(self, key: tuple, now: float, pace: float) -> float:
+        """When a delivery parked now should come back: after those holding the key and those parked
+        before it, one call's time (``pace``) each, so a burst returns spread out, not all at once."""
+        start = max(self.slots.get(key, 0.0), now + self.users.get(key, 0) * pace)
+        self.slots[key] = start + pace
+        for stale in [k for k, t in self.slots.items() if t < now]:
+            del self.slots[stale]
+        return self.slots[key]
 
     def backing_off(self, key: tuple, now: float) -> float | None:
         """Until when the key backs off, or None."""
@@ -163,6 +177,9 @@ class Deliverer:
         rate = billing.calls_per_second / max(share, 1)
         self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
         self.gate = KeyGate()
+        self.max_held_per_key = billing.max_held_per_key
+        # Seconds per provider call, a moving average: how far apart a parked burst comes back.
+        self.pace = 0.1
 
     @staticmethod
     def key(window: ClosedWindow) -> tuple[str, str, str]:
@@ -175,7 +192,14 @@ class Deliverer:
 
     # -- entry points --------------------------------------------------------------------------
     async def on_window(self, window: ClosedWindow) -> list[Outcome]:
-        """A closed window from the stream: its own delivery, then a correction if its final value changed."""
+        """A closed window from the stream: its own delivery, then a correction if its final value changed.
+
+        When its key already holds ``billing.max_held_per_key`` deliveries, the window is recorded
+        and parked for the retry scan instead of waiting here, where it would take an in-flight
+        slot from every other customer.
+        """
+        if self.gate.crowded(self.key(window), self.max_held_per_key):
+            return await self._park_window(window)
         async with self.gate.lock(self.key(window)):
             delivery = window_delivery(window, self.prefix)
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
@@ -191,6 +215,8 @@ class Deliverer:
         delivery = await self.ledger.delivery(identifier)
         if delivery is None:
             return Skipped(identifier, "unknown")
+        if not replay and self.gate.crowded(self.key(delivery.window), self.max_held_per_key):
+            return await self._park(delivery)
         async with self.gate.lock(self.key(delivery.window)):
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
             return await self._attempt(delivery, entry, replay=replay)
@@ -205,13 +231,35 @@ class Deliverer:
                 continue
             return outcome
 
+    # -- parking a crowded key's deliveries ------------------------------------------------------
+    async def _park_window(self, window: ClosedWindow) -> list[Outcome]:
+        """Record the window (and the correction its new final needs) and leave both to the retry scan."""
+        delivery = window_delivery(window, self.prefix)
+        entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
+        recorded = as_recorded(delivery, entry)
+        outcomes = [await self._park(recorded) if entry.claimed else self._not_claimed(recorded, entry)]
+        correction = correction_needed(window, entry)
+        if correction is not None:
+            claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
+            outcomes.append(await self._park(correction) if claimed.claimed else self._not_claimed(correction, claimed))
+        return outcomes
+
+    async def _park(self, delivery: Delivery) -> Outcome:
+        until = self.gate.next_turn(self.key(delivery.window), self.clock(), self.pace)
+        await self.ledger.defer(delivery.identifier, until)
+        return Deferred(delivery.identifier, until)
+
+    @staticmethod
+    def _not_claimed(delivery: Delivery, entry: LedgerEntry) -> Outcome:
+        return Skipped(delivery.identifier, entry.status if entry.status in ("sent", "dead") else "scheduled")
+
     # -- one attempt ---------------------------------------------------------------------------
     async def _attempt(self, delivery: Delivery, entry: LedgerEntry, *, replay: bool = False) -> Outcome:
         identifier = delivery.identifier
         if entry.status == "dead" and replay:
             entry = await self._revive(delivery, entry)
         if not entry.claimed:
-            return Skipped(identifier, entry.status if entry.status in ("sent", "dead") else "scheduled")
+            return self._not_claimed(delivery, entry)
         key, now = self.key(delivery.window), self.clock()
         until = self.gate.backing_off(key, now)
         if until is not None:
@@ -239,10 +287,12 @@ class Deliverer:
         wait = self.rate.reserve()
         if wait > 0:
             await self.sleep(wait)
+        started = self.clock()
         try:
             response_id = await self.provider.send(event)
         except ProviderError as e:
             return await self._failed(key, identifier, total_attempts, e)
+        self.pace = 0.8 * self.pace + 0.2 * max(self.clock() - started, 0.001)
         self.gate.recovered(key)
         await self.ledger.mark_sent(identifier, event, response_id, total_attempts)
         return Sent(identifier, response_id, total_attempts)

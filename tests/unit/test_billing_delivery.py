@@ -94,12 +94,12 @@ class MemoryLedger:
             r = self.rows[delivery.identifier] = {
                 "identifier": delivery.identifier, "kind": delivery.kind, "window_identifier": delivery.window_identifier, "delivery": delivery,
                 "quantity": delivery.quantity, "revision": delivery.revision, "status": "pending", "attempts": 0, "first_attempt_at": None,
-                "next_attempt_at": None, "claimed_by": None, "event_name": event_name, "value": None, "customer": None,
+                "next_attempt_at": None, "claimed_by": None, "leased": False, "event_name": event_name, "value": None, "customer": None,
             }  # fmt: skip
         claimable = r["status"] in ("pending", "failed") and (retry or r["next_attempt_at"] is None or r["next_attempt_at"] <= now or r["claimed_by"] != self.worker)
         if not claimable:
             return self._entry(r, claimed=False)
-        r.update(first_attempt_at=r["first_attempt_at"] or now, next_attempt_at=now + self.lease, claimed_by=self.worker)
+        r.update(first_attempt_at=r["first_attempt_at"] or now, next_attempt_at=now + self.lease, claimed_by=self.worker, leased=True)
         return self._entry(r, claimed=True)
 
     async def delivery(self, identifier: str) -> Delivery | None:
@@ -107,12 +107,12 @@ class MemoryLedger:
         return None if r is None else r["delivery"]
 
     async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        self.rows[identifier].update(status="sent", attempts=attempts, value=event.value, customer=event.provider_customer_id, event_name=event.event_name, response=response_id, next_attempt_at=None)
+        self.rows[identifier].update(status="sent", attempts=attempts, value=event.value, customer=event.provider_customer_id, event_name=event.event_name, response=response_id, next_attempt_at=None, leased=False)
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
         r = self.rows[identifier]
         if r["status"] != "sent":
-            r.update(status="failed", attempts=attempts, error=error, next_attempt_at=self.t.now + delay)
+            r.update(status="failed", attempts=attempts, error=error, next_attempt_at=self.t.now + delay, leased=False)
 
     async def mark_dead(self, identifier: str, attempts: int, reason: str) -> None:
         r = self.rows[identifier]
@@ -124,7 +124,9 @@ class MemoryLedger:
         r.update(status="dead", error=reason, next_attempt_at=None, first_attempt_at=None if r["attempts"] == 0 else r["first_attempt_at"])
 
     async def defer(self, identifier: str, until: float) -> None:
-        self.rows[identifier].update(next_attempt_at=max(until, self.rows[identifier]["next_attempt_at"] or 0), claimed_by=self.worker)
+        r = self.rows[identifier]
+        own_lease = r["leased"] and r["claimed_by"] == self.worker
+        r.update(next_attempt_at=until if own_lease else max(until, r["next_attempt_at"] or 0), claimed_by=self.worker, leased=False)
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None:
         self.checks.append(decision)
@@ -302,7 +304,7 @@ def test_one_call_at_a_time_per_key_while_other_keys_run_together():
     t = FakeTime()
     ledger, provider = MemoryLedger(t), SlowProvider()
     ledger.customers[("tenant-1", "cust-2")] = "cus_2"
-    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
 
     async def many() -> list:
         windows = [window(customer=c, start_ms=START_MS + i * 60_000) for c in ("cust-1", "cust-2") for i in range(4)]
@@ -469,3 +471,36 @@ def test_windows_of_two_sizes_that_start_together_are_two_deliveries():
     [other] = run(d.on_window(five))
     assert isinstance(one, Sent) and isinstance(other, Sent) and one.identifier != other.identifier
     assert [e.value for e in provider.sent] == ["2", "7"]
+
+
+def test_a_crowded_key_parks_its_burst_in_the_ledger_and_the_other_keys_keep_flowing():
+    """One customer's burst of 10 windows: its key holds 2 (one calling, one waiting), the other 8
+    are recorded and parked for the retry scan, spread one call's time apart; another customer's
+    window is sent meanwhile. Handed back by the scan, each parked window is sent once."""
+    t = FakeTime()
+    ledger, provider = MemoryLedger(t), ScriptedProvider()
+    ledger.customers[("tenant-1", "cust-2")] = "cus_2"
+
+    class SlowProvider(ScriptedProvider):
+        async def send(self, event: MeterEvent) -> str:
+            await asyncio.sleep(0.01)
+            return await super().send(event)
+
+    provider = SlowProvider()
+    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 2}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+    burst = [window(customer="cust-1", quantity="1", start_ms=START_MS + i * 60_000) for i in range(10)]
+
+    async def together() -> list:
+        return await asyncio.gather(*(d.on_window(w) for w in [*burst, window(customer="cust-2", quantity="1")]))
+
+    results = [o for [o] in run(together())]
+    sent, parked = [o for o in results[:10] if isinstance(o, Sent)], [o for o in results[:10] if isinstance(o, Deferred)]
+    assert (len(sent), len(parked)) == (2, 8) and isinstance(results[10], Sent), "the other customer is not held back"
+    turns = [o.until for o in parked]
+    assert turns == sorted(turns) and len(set(turns)) == 8 and turns[0] > t.now, "parked one call's time apart, in arrival order"
+    assert all(ledger.rows[o.identifier]["status"] == "pending" and ledger.rows[o.identifier]["next_attempt_at"] == o.until for o in parked)
+    t.now = turns[-1]  # the retry scan hands them back once due
+    for o in parked:
+        assert isinstance(run(d.on_retry(o.identifier)), Sent)
+    assert sorted(e.identifier for e in provider.sent if e.provider_customer_id == "cus_1") == sorted(o.identifier for o in results[:10])
+    assert d.gate.locks == {} and d.gate.users == {}
