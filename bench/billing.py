@@ -183,6 +183,62 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
         fake.stop()
 
 
+def measure_hot_customer(stack: BenchStack, latency_ms: int, cold: int, hot: int, max_in_flight: int, held_per_key: int | None) -> dict[str, Any]:
+    """Time to bill ``cold`` windows of as many customers published after ``hot`` windows of one
+    customer (2 subtasks), with the shipped ``billing.max_held_per_key`` or ``held_per_key``."""
+    from tests.e2e.helpers import closed_window, publish_closed_windows
+
+    fake = FakeProcess(latency=latency_ms / 1000)
+    try:
+        billing = {"max_in_flight": max_in_flight, "parallelism": 2, **({"max_held_per_key": held_per_key} if held_per_key else {})}
+        cfg, path = job_config(stack, f"hot{held_per_key or 'd'}", fake.url, billing=billing)
+        map_customers(cfg, 1, cold)
+        from sinks.billing import CustomerMapping
+        from sinks.ledger import map_customers as write
+
+        write(cfg, [CustomerMapping("tenant-0", "cust-hot", "cus_hot")])
+        size = cfg.event_time.window_size
+        start = (datetime.now(UTC) - hot * size - timedelta(hours=1)).replace(second=0, microsecond=0)
+        burst = [closed_window("tenant-0", "cust-hot", "tokens", start + i * size, size, "1", 1) for i in range(hot)]
+        others = [closed_window("tenant-0", f"cust-{c}", "tokens", start, size, "1", 1) for c in range(cold)]
+        publish_closed_windows(cfg, burst + others)  # the burst first: it reaches the deliverers ahead of everyone else
+        job_id = flink_jobs.submit_billing(cfg, path)
+        t0, cold_done, deadline = None, None, time.monotonic() + 1800
+        try:
+            while time.monotonic() < deadline:
+                if flink_jobs.restarts(cfg, job_id):
+                    msg = f"the billing job restarted; see the TaskManager log in {cfg.state_dir}/flink/log"
+                    raise RuntimeError(msg)
+                hot_sent, cold_sent = sent_by_hot(cfg)
+                if t0 is None and hot_sent + cold_sent:
+                    t0 = time.monotonic()
+                if cold_done is None and cold_sent >= cold:
+                    cold_done = time.monotonic()
+                if hot_sent + cold_sent >= hot + cold:
+                    break
+                time.sleep(0.5)
+            done = time.monotonic()
+        finally:
+            flink_jobs.cancel(cfg, job_id)
+        result = {"latency_ms": latency_ms, "hot_windows": hot, "cold_windows": cold, "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
+                  "max_held_per_key": held_per_key or JobConfig.model_validate({}).billing.max_held_per_key,
+                  "cold_done_s": round(cold_done - t0, 1) if cold_done and t0 else None, "all_done_s": round(done - t0, 1) if t0 else None,
+                  "hot_sent": sent_by_hot(cfg)[0]}  # fmt: skip
+        console.print(f"one hot customer at {latency_ms} ms: {result}")
+        return result
+    finally:
+        fake.stop()
+
+
+def sent_by_hot(cfg: JobConfig) -> tuple[int, int]:
+    """(sent deliveries of the hot customer, sent deliveries of everyone else)."""
+    from sinks.postgres import connect
+
+    with connect(cfg.postgres) as conn:
+        hot, other = conn.execute(f"SELECT count(*) FILTER (WHERE customer_id = 'cust-hot'), count(*) FILTER (WHERE customer_id <> 'cust-hot') FROM {cfg.billing.ledger_table} WHERE status = 'sent'").fetchone()  # noqa: S608 - validated name
+    return int(hot), int(other)
+
+
 # ------------------------------------------------------------------ 2. the usage job while billing suffers
 
 
@@ -331,6 +387,10 @@ def measure_usage_under(stack: BenchStack, mode: str, seconds: int, rate: int) -
         fake.stop()
 
 
+def lat_or_modes(latencies: str, modes: str) -> bool:
+    return any(x for x in latencies.split(",")) or any(m for m in modes.split(","))
+
+
 @click.command()
 @click.option("--windows", default=6000, show_default=True, help="Closed windows per throughput run.")
 @click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
@@ -338,9 +398,10 @@ def measure_usage_under(stack: BenchStack, mode: str, seconds: int, rate: int) -
 @click.option("--modes", default="healthy,slow,down,rate-limited", show_default=True, help="Provider modes for the usage-job phase ('' to skip).")
 @click.option("--seconds", default=60, show_default=True, help="Length of each usage-job phase.")
 @click.option("--rate", default=1000, show_default=True, help="Usage events per second during the usage-job phase.")
+@click.option("--hot-customer", default="5000,5000", show_default=True, help="HOT,COLD: windows of one customer published before one window each of COLD customers, at 50 ms answers ('' to skip).")
 @click.option("--keep-state", is_flag=True, help="Keep the private stack's logs and data for a post-mortem.")
 @click.option("--render-only", is_flag=True, help="Only rewrite the docs/benchmarks.md section from bench/billing_results.json.")
-def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: int, rate: int, keep_state: bool, render_only: bool) -> None:
+def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: int, rate: int, hot_customer: str, keep_state: bool, render_only: bool) -> None:
     """Measure billing throughput and the usage job's checkpoints while billing suffers; write bench/billing_results.json and the Billing section of docs/benchmarks.md."""
     if render_only:
         REPORT.write_text(splice_section(REPORT.read_text(), render_section(json.loads(RESULTS.read_text()))))
@@ -348,7 +409,11 @@ def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: 
         return
     from bench.run import machine_info
 
-    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": []}
+    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": [], "hot_customer": []}
+    if not lat_or_modes(latencies, modes) and RESULTS.exists():
+        # Only the hot-customer runs: the other figures stay those of the last full run.
+        previous = json.loads(RESULTS.read_text())
+        results.update({k: previous[k] for k in ("throughput", "usage_job_while_billing_suffers") if k in previous})
     with private_stack(3, keep_state=keep_state, echo=console.print, flink_options={"taskmanager.numberOfTaskSlots": "4", "web.checkpoints.history": "200"}) as stack:
         cfg, _ = stack.config("base")
         with cfg.path(cfg.secrets_file).open("a") as secrets:
@@ -361,6 +426,10 @@ def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: 
             results["throughput"].append(measure_throughput(stack, latency, windows, max_in_flight))
         for mode in [m for m in modes.split(",") if m]:
             results["usage_job_while_billing_suffers"].append(measure_usage_under(stack, mode, seconds, rate))
+        if hot_customer:
+            hot, cold = (int(x) for x in hot_customer.split(","))
+            for held in (None, max_in_flight):  # the shipped default, then a key allowed to hold every slot (as before fair scheduling)
+                results["hot_customer"].append(measure_hot_customer(stack, 50, cold, hot, max_in_flight, held))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     REPORT.write_text(splice_section(REPORT.read_text(), render_section(results)))
     console.print(f"wrote {RESULTS} and the billing section of {REPORT}")

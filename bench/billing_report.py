@@ -48,6 +48,14 @@ def render_section(results: dict[str, Any]) -> str:
                   f"checkpoint interval {u['checkpoint_interval_s']:g} s, both jobs at parallelism 2. Providers: healthy = 50 ms answers; slow = 2 s answers; down = every meter event answered 503; "
                   "rate-limited = every meter event answered 429 with Retry-After: 2. One late event (dated 10 minutes back) and one bad record are sent every second; "
                   "a read_committed consumer records when each appears in the late-events or dead-letter topic."]  # fmt: skip
+    if results.get("hot_customer"):
+        lines += ["", "### One customer's burst beside everyone else", "",
+                  "| provider answer time | one customer's windows (published first) | other customers' windows (one each) | max in flight (per subtask x subtasks) | `billing.max_held_per_key` | others all billed after | everything billed after |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for h in results["hot_customer"]:
+            lines.append(f"| {h['latency_ms']} ms | {h['hot_windows']:,} | {h['cold_windows']:,} | {h['max_in_flight_per_subtask']} x {h['subtasks']} | {h['max_held_per_key']} | {_s(h['cold_done_s'])} | {_s(h['all_done_s'])} |")
+        lines += ["", "Stripe allows one call at a time per customer and meter, so the burst alone needs its windows x the answer time; "
+                  "the other customers' windows should not wait for it."]  # fmt: skip
     main_run = json.loads(ON_OFF_RESULTS.read_text()) if ON_OFF_RESULTS.exists() else {"pipelines": []}
     if any(p["name"] == "meterflow + billing" for p in main_run["pipelines"]):
         lines += ["", *on_off_table(main_run)]
