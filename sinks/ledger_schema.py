@@ -285,11 +285,11 @@ def mark_sql(ledger_table: str, status: str) -> str:
 
 def defer_sql(ledger_table: str) -> str:
     """Leave a delivery for the retry scan at a later time (its key is backing off, or holds enough
-    deliveries already); no attempt counted. The worker's own lease on it gives way to that time; a
-    retry scheduled later is never brought forward."""
+    deliveries already); no attempt counted. A lease on it (this worker's claim, or the retry scan's
+    hand-out it came with) gives way to that time; a retry scheduled later is never brought forward."""
     d = check_identifier(ledger_table)
     return (
-        f"UPDATE {d} SET next_attempt_at = CASE WHEN leased AND claimed_by = %(worker)s THEN to_timestamp(%(until)s) "
+        f"UPDATE {d} SET next_attempt_at = CASE WHEN leased THEN to_timestamp(%(until)s) "
         "ELSE greatest(coalesce(next_attempt_at, now()), to_timestamp(%(until)s)) END, claimed_by = %(worker)s, leased = false "
         "WHERE identifier = %(identifier)s AND status IN ('pending', 'failed')"
     )

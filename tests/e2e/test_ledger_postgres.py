@@ -405,26 +405,33 @@ def test_a_restarted_worker_releases_what_its_earlier_run_held_leased(ledger_cfg
 
 
 def test_a_parked_delivery_comes_back_at_its_turn_not_after_the_lease(ledger_cfg):
-    """Deferring a delivery its worker just claimed replaces the worker's lease with the turn given
-    (a crowded key's burst, a key backing off); a retry scheduled later is never brought forward."""
+    """Deferring a delivery its worker just claimed, or the retry scan just handed out, replaces the
+    lease with the turn given (a crowded key's burst, a key backing off); a retry scheduled later
+    is never brought forward."""
     cfg, _ = ledger_cfg
 
-    async def scenario() -> tuple[float, float, float]:
+    async def scenario() -> tuple[float, float, float, float]:
         ledger = AsyncPostgresLedger(cfg, "billing-0-w")
         try:
-            parked, scheduled = (window_delivery(_window(customer=c), "mf") for c in ("c1", "c2"))
+            parked, scheduled, handed = (window_delivery(_window(customer=c), "mf") for c in ("c1", "c2", "c3"))
             await ledger.claim(parked, "stripe", "tokens", retry=False)
             turn = time.time() + 5
             await ledger.defer(parked.identifier, turn)
+            await ledger.claim(handed, "stripe", "tokens", retry=False)
+            await ledger.mark_failed(handed.identifier, 1, "503", 0)
+            with connect(cfg.postgres) as conn:
+                conn.autocommit = True
+                assert [r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-x")] == [handed.identifier]
+            await ledger.defer(handed.identifier, turn)
             await ledger.claim(scheduled, "stripe", "tokens", retry=False)
             await ledger.mark_failed(scheduled.identifier, 1, "503", 3600)
             await ledger.defer(scheduled.identifier, time.time() + 5)
             with connect(cfg.postgres) as conn:
                 at = dict(conn.execute(f"SELECT identifier, extract(epoch FROM next_attempt_at)::float8 FROM {cfg.billing.ledger_table}").fetchall())
-            return turn, at[parked.identifier], at[scheduled.identifier]
+            return turn, at[parked.identifier], at[scheduled.identifier], at[handed.identifier]
         finally:
             await ledger.close()
 
-    turn, parked_at, scheduled_at = asyncio.run(scenario())
-    assert abs(parked_at - turn) < 0.01, "the turn, not the 2-minute lease"
+    turn, parked_at, scheduled_at, handed_at = asyncio.run(scenario())
+    assert abs(parked_at - turn) < 0.01 and abs(handed_at - turn) < 0.01, "the turn, not the 2-minute lease"
     assert scheduled_at > time.time() + 3000, "the retry an hour away stays an hour away"

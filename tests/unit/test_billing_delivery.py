@@ -125,8 +125,7 @@ class MemoryLedger:
 
     async def defer(self, identifier: str, until: float) -> None:
         r = self.rows[identifier]
-        own_lease = r["leased"] and r["claimed_by"] == self.worker
-        r.update(next_attempt_at=until if own_lease else max(until, r["next_attempt_at"] or 0), claimed_by=self.worker, leased=False)
+        r.update(next_attempt_at=until if r["leased"] else max(until, r["next_attempt_at"] or 0), claimed_by=self.worker, leased=False)
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None:
         self.checks.append(decision)
