@@ -110,6 +110,7 @@ class DeliverClosedWindows(AsyncFunction):
 
             ledger = self.ledger = AsyncPostgresLedger(self.cfg, self.worker)
             self.deliverer = Deliverer(self.cfg, StripeMeterEvents(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
+            self.deliverer.on_background_outcome = self._count
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[str]:
@@ -126,9 +127,12 @@ class DeliverClosedWindows(AsyncFunction):
         else:
             outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(value[i] for i in range(1, 10))))
         for outcome in outcomes:
-            for name in outcome_metrics(outcome):
-                self.counters[name].inc()
+            self._count(outcome)
         return []  # see outcome_type: the ledger holds the outcomes
+
+    def _count(self, outcome: Outcome) -> None:
+        for name in outcome_metrics(outcome):
+            self.counters[name].inc()
 
 
 class RetryScan(FlatMapFunction):

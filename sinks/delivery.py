@@ -17,6 +17,7 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ from sinks.billing import (
 )
 from sinks.retry import BackoffPolicy, RateReservations
 
+log = logging.getLogger(__name__)
+
 
 class Ledger(Protocol):
     """The delivery ledger (Postgres in production: sinks/ledger_async.py)."""
@@ -72,6 +75,10 @@ class Ledger(Protocol):
         """Dead without a call (nothing reached the provider)."""
 
     async def defer(self, identifier: str, until: float) -> None: ...
+
+    async def hold(self, identifier: str, until: float) -> None:
+        """Lease a recorded delivery to this worker until ``until`` (it waits in this worker's memory for its key's turn)."""
+        ...
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None: ...
 
@@ -178,8 +185,14 @@ class Deliverer:
         self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
         self.gate = KeyGate()
         self.max_held_per_key = billing.max_held_per_key
-        # Seconds per provider call, a moving average: how far apart a parked burst comes back.
+        self.lease_s = billing.retry_lease.total_seconds()
+        # Seconds per provider call, a moving average: when a parked delivery's turn should come.
         self.pace = 0.1
+        # Parked deliveries wait for their key's turn here, outside the operator's in-flight slots;
+        # at most max_in_flight of them call the provider at once.
+        self.parked: set[asyncio.Future] = set()
+        self.parked_calls = asyncio.Semaphore(billing.max_in_flight)
+        self.on_background_outcome: Callable[[Outcome], None] = lambda outcome: None
 
     @staticmethod
     def key(window: ClosedWindow) -> tuple[str, str, str]:
@@ -217,6 +230,9 @@ class Deliverer:
             return Skipped(identifier, "unknown")
         if not replay and self.gate.crowded(self.key(delivery.window), self.max_held_per_key):
             return await self._park(delivery)
+        return await self._retry(delivery, replay=replay)
+
+    async def _retry(self, delivery: Delivery, *, replay: bool = False) -> Outcome:
         async with self.gate.lock(self.key(delivery.window)):
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
             return await self._attempt(delivery, entry, replay=replay)
@@ -245,9 +261,39 @@ class Deliverer:
         return outcomes
 
     async def _park(self, delivery: Delivery) -> Outcome:
-        until = self.gate.next_turn(self.key(delivery.window), self.clock(), self.pace)
-        await self.ledger.defer(delivery.identifier, until)
+        """Leave the operator's slot at once; the delivery waits for its key's turn in this worker.
+
+        Leased in the ledger until a lease after its expected turn: should this worker die, a
+        restarted one releases the lease at once (release_predecessors); should the wait run long,
+        the retry scan hands it out again and whichever comes second finds it sent.
+        """
+        until = self.gate.next_turn(self.key(delivery.window), self.clock(), self.pace) + self.lease_s
+        await self.ledger.hold(delivery.identifier, until)
+        task = asyncio.ensure_future(self._attempt_parked(delivery))
+        self.parked.add(task)
+        task.add_done_callback(self._parked_done)
         return Deferred(delivery.identifier, until)
+
+    async def _attempt_parked(self, delivery: Delivery) -> Outcome:
+        async with self.gate.lock(self.key(delivery.window)), self.parked_calls:
+            entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
+            return await self._attempt(delivery, entry)
+
+    def _parked_done(self, task: asyncio.Future) -> None:
+        self.parked.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            # Its lease brings it back (the retry scan, or the next run at once): logged, not lost.
+            log.error("a parked delivery's attempt failed; the retry scan hands it out again: %r", error)
+            return
+        self.on_background_outcome(task.result())
+
+    async def drain(self) -> None:
+        """Wait until every parked delivery has had its attempt."""
+        while self.parked:
+            await asyncio.gather(*list(self.parked), return_exceptions=True)
 
     @staticmethod
     def _not_claimed(delivery: Delivery, entry: LedgerEntry) -> Outcome:

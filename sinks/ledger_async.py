@@ -28,6 +28,7 @@ from sinks.ledger_schema import (
     delivery_value_sql,
     delivery_window_sql,
     due_retries_sql,
+    hold_sql,
     mark_sql,
     record_check_sql,
     release_leases_sql,
@@ -219,6 +220,9 @@ class AsyncPostgresLedger:
 
     async def defer(self, identifier: str, until: float) -> None:
         await self._execute(defer_sql(self.table), {"identifier": identifier, "until": until, "worker": self.worker})
+
+    async def hold(self, identifier: str, until: float) -> None:
+        await self._execute(hold_sql(self.table), {"identifier": identifier, "until": until, "worker": self.worker})
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None:
         await self._execute(record_check_sql(self.table), {"identifier": identifier, "decision": decision, "resend": resend})

@@ -326,6 +326,15 @@ def due_retries_sql(ledger_table: str) -> str:
     )
 
 
+def hold_sql(ledger_table: str) -> str:
+    """Lease a recorded delivery to a worker until a time: it waits in that worker for its key's turn."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET next_attempt_at = to_timestamp(%(until)s), claimed_by = %(worker)s, leased = true "
+        "WHERE identifier = %(identifier)s AND status IN ('pending', 'failed')"
+    )
+
+
 def release_leases_sql(ledger_table: str) -> str:
     """Make due at once the deliveries leased by earlier runs of one worker (``prefix``: its name up to
     the run's id), other than ``worker`` itself: a restarted billing job attempts what its
