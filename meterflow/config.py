@@ -257,7 +257,7 @@ class BillingConfig(_Section):
     max_in_flight: int = Field(64, ge=1, le=1024, description="Provider calls in flight per billing subtask (the async operator's capacity).")
     max_held_per_key: int = Field(
         2, ge=1, le=1024,
-        description="Deliveries of one (tenant, customer, meter) a billing subtask holds at once (one calling, the rest waiting their turn); more are parked in the ledger and handed back by the retry scan, so one customer's burst never takes the in-flight slots of the others.",
+        description="Of a billing subtask's max_in_flight slots, how many deliveries of one (tenant, customer, meter) hold at once (one calling, the rest waiting their turn); more give their slot back and wait for the key inside the worker, so one customer's burst never takes the in-flight slots of the others.",
     )  # fmt: skip
     parallelism: int | None = Field(None, ge=1, description="Subtasks of the billing job; default flink.parallelism.")
     consumer_group: str | None = Field(None, min_length=1, description="Consumer group of the billing job on the closed-windows topic; default <kafka.consumer_group>-billing.")

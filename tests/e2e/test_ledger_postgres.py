@@ -362,26 +362,28 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
 
 def test_a_restarted_worker_releases_what_its_earlier_run_held_leased(ledger_cfg):
     """A billing subtask's earlier run died holding leases (an attempt claimed, a retry handed out by
-    the scan): the new run makes them due at once instead of waiting out billing.retry_lease. A
+    the scan, a delivery parked in the worker for its key's turn): the new run makes them due at once instead of waiting out billing.retry_lease. A
     retry's schedule, and another subtask's leases, stay as they are."""
     cfg, _ = ledger_cfg
 
     async def earlier_run() -> list[str]:
         old, other = AsyncPostgresLedger(cfg, "billing-0-old"), AsyncPostgresLedger(cfg, "billing-1-old")
         try:
-            claimed, scheduled, elsewhere, handed = (window_delivery(_window(customer=c), "mf") for c in ("c1", "c2", "c3", "c4"))
+            claimed, scheduled, elsewhere, handed, held = (window_delivery(_window(customer=c), "mf") for c in ("c1", "c2", "c3", "c4", "c5"))
             await old.claim(claimed, "stripe", "tokens", retry=False)  # in flight when the run died
             await old.claim(scheduled, "stripe", "tokens", retry=False)
             await old.mark_failed(scheduled.identifier, 1, "503", 3600)  # its retry is an hour away
             await other.claim(elsewhere, "stripe", "tokens", retry=False)  # subtask 1's run, not this one
             await old.claim(handed, "stripe", "tokens", retry=False)
             await old.mark_failed(handed.identifier, 1, "503", 0)  # due: the scan hands it out, then the run dies
-            return [d.identifier for d in (claimed, scheduled, elsewhere, handed)]
+            await old.claim(held, "stripe", "tokens", retry=False)
+            await old.hold(held.identifier, time.time() + 600)  # parked in the worker for its key's turn
+            return [d.identifier for d in (claimed, scheduled, elsewhere, handed, held)]
         finally:
             await old.close()
             await other.close()
 
-    claimed, scheduled, elsewhere, handed = asyncio.run(earlier_run())
+    claimed, scheduled, elsewhere, handed, held = asyncio.run(earlier_run())
     with connect(cfg.postgres) as conn:
         conn.autocommit = True
         assert [r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-old")] == [handed]
@@ -394,11 +396,11 @@ def test_a_restarted_worker_releases_what_its_earlier_run_held_leased(ledger_cfg
         finally:
             await ledger.close()
 
-    assert asyncio.run(new_run()) == [claimed]
+    assert sorted(asyncio.run(new_run())) == sorted([claimed, held])
     with connect(cfg.postgres) as conn:
         conn.autocommit = True
         assert release_leases(conn, cfg, "retry-scan-0-", "retry-scan-0-new") == [handed]
-        assert sorted(r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-new")) == sorted([claimed, handed]), "due at once"
+        assert sorted(r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-new")) == sorted([claimed, handed, held]), "due at once"
         assert release_leases(conn, cfg, "retry-scan-0-", "retry-scan-0-new") == [], "its own leases are its own"
     states = {d.identifier: d for d in fetch_deliveries(cfg)}
     assert (states[scheduled].status, states[elsewhere].status) == ("failed", "pending")
