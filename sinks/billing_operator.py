@@ -26,6 +26,7 @@ from pyflink.datastream import AsyncFunction, FlatMapFunction
 
 from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
+from meterflow.errors import SinkError
 from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
 from sinks.delivery import Deliverer
 from sinks.postgres_schema import check_identifier
@@ -94,13 +95,33 @@ class DeliverClosedWindows(AsyncFunction):
         # Names this run's claims in the ledger: a restarted worker takes over its predecessor's at once.
         self.prefix = f"billing-{runtime_context.get_index_of_this_subtask()}-"
         self.worker = f"{self.prefix}{uuid.uuid4().hex[:12]}"
-        self.released = False
+        self._release_predecessors()
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
         # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
         # TaskManager's log (two lines per delivery, about a tenth of the worker's CPU). The ledger
         # records every attempt; the SDK's warnings and errors still reach the log.
         logging.getLogger("stripe").setLevel(logging.WARNING)
+
+    def _release_predecessors(self) -> None:
+        """Before this run's first attempt: what the subtask's earlier run held leased (attempts in
+        flight, deliveries waiting for their key's turn when it died) is due at once, not when the
+        lease runs out."""
+        import psycopg
+
+        from sinks.ledger_async import release_leases
+        from sinks.postgres import connect
+
+        try:
+            with connect(self.cfg.postgres) as conn:
+                conn.autocommit = True
+                released = release_leases(conn, self.cfg, self.prefix, self.worker)
+        except (psycopg.Error, OSError, SinkError) as e:
+            # Postgres away: those leases run out by themselves (billing.retry_lease past their turn).
+            log.warning("releasing the leases of %s*: %s", self.prefix, e)
+            return
+        if released:
+            log.info("released %d deliveries leased by an earlier run of %s*", len(released), self.prefix)
 
     def _ready(self) -> Deliverer:
         # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
@@ -115,13 +136,6 @@ class DeliverClosedWindows(AsyncFunction):
 
     async def async_invoke(self, value: Row) -> list[str]:
         deliverer = self._ready()
-        if not self.released:
-            # Once per run, before this subtask's first attempt: what the subtask's earlier run held
-            # leased (its attempts in flight when it died) is due at once, not when the lease runs out.
-            self.released = True
-            released = await self.ledger.release_predecessors(self.prefix)
-            if released:
-                log.info("released %d deliveries leased by an earlier run of %s*", len(released), self.prefix)
         if value[10] is not None:
             outcomes = [await deliverer.on_retry(value[10])]
         else:

@@ -124,7 +124,6 @@ class AsyncPostgresLedger:
     def __init__(self, cfg: JobConfig, worker: str, connections: int = 2) -> None:
         """``connections``: batches written at once, each on its own connection."""
         self.table, self.customers, self.carry, self.worker = cfg.billing.ledger_table, cfg.billing.customers_table, cfg.billing.carry_table, worker
-        self._provider = cfg.billing.provider
         self.lease_s = cfg.billing.retry_lease.total_seconds()
         self._pg = cfg.postgres
         self._size = connections
@@ -189,13 +188,6 @@ class AsyncPostgresLedger:
             msg = f"delivery {delivery.identifier} vanished from the ledger"
             raise SinkError(msg)
         return _entry(row, claimed=False)
-
-    async def release_predecessors(self, prefix: str) -> list[str]:
-        """Make due at once what earlier runs of this worker (named ``<prefix>*``) held leased: a
-        restarted subtask attempts them now rather than when their lease runs out."""
-        async with self._conn() as conn:
-            cur = await conn.execute(release_leases_sql(self.table), {"provider": self._provider, "prefix": f"{prefix}%", "worker": self.worker})
-            return [r[0] for r in await cur.fetchall()]
 
     async def delivery(self, identifier: str) -> Delivery | None:
         row = await self._fetchone(delivery_window_sql(self.table), {"identifier": identifier})
