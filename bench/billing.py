@@ -409,11 +409,12 @@ def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: 
         return
     from bench.run import machine_info
 
-    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": [], "hot_customer": []}
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    results: dict[str, Any] = {"date": now, "hot_customer_date": now, "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": [], "hot_customer": []}
     if not lat_or_modes(latencies, modes) and RESULTS.exists():
         # Only the hot-customer runs: the other figures stay those of the last full run.
         previous = json.loads(RESULTS.read_text())
-        results.update({k: previous[k] for k in ("throughput", "usage_job_while_billing_suffers") if k in previous})
+        results.update({k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous})
     with private_stack(3, keep_state=keep_state, echo=console.print, flink_options={"taskmanager.numberOfTaskSlots": "4", "web.checkpoints.history": "200"}) as stack:
         cfg, _ = stack.config("base")
         with cfg.path(cfg.secrets_file).open("a") as secrets:

@@ -49,7 +49,7 @@ def render_section(results: dict[str, Any]) -> str:
                   "rate-limited = every meter event answered 429 with Retry-After: 2. One late event (dated 10 minutes back) and one bad record are sent every second; "
                   "a read_committed consumer records when each appears in the late-events or dead-letter topic."]  # fmt: skip
     if results.get("hot_customer"):
-        lines += ["", "### One customer's burst beside everyone else", "",
+        lines += ["", "### One customer's burst beside everyone else", "", f"Measured on {results.get('hot_customer_date', results['date'])}.", "",
                   "| provider answer time | one customer's windows (published first) | other customers' windows (one each) | max in flight (per subtask x subtasks) | `billing.max_held_per_key` | others all billed after | everything billed after |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for h in results["hot_customer"]:
