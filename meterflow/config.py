@@ -282,6 +282,9 @@ class BillingConfig(_Section):
         if self.request_timeout <= timedelta(0):
             msg = "billing.request_timeout must be positive"
             raise ValueError(msg)
+        if self.max_held_per_key > self.max_in_flight:
+            msg = f"billing.max_held_per_key ({self.max_held_per_key}) must be at most billing.max_in_flight ({self.max_in_flight}): a key can hold no more slots than there are"
+            raise ValueError(msg)
         if self.retry_lease <= self.request_timeout:
             msg = "billing.retry_lease must be longer than billing.request_timeout, so a call in flight is never handed out twice"
             raise ValueError(msg)

@@ -109,3 +109,9 @@ def test_correction_identifiers_are_deterministic_and_bounded():
     long_id = derive_identifier(KEY, "p" * 16)
     assert len(derive_correction_identifier(long_id, 10**12)) <= MAX_IDENTIFIER_LENGTH
     assert derive_correction_identifier(long_id, 10**12) == derive_correction_identifier(long_id, 10**12)
+
+
+def test_a_carried_value_is_never_rounded_per_window():
+    """carry: the value comes from the month's running total in the ledger; asked per window, the answer is a clear refusal."""
+    with pytest.raises(ValueError, match="fixed by the ledger"):
+        format_meter_value(Decimal("1.5"), "carry")

@@ -71,3 +71,12 @@ def test_retry_lease_must_outlast_a_call(write_config):
 
     with pytest.raises(ConfigError, match="retry_lease"):
         load_config(write_config("billing:\n  request_timeout: 30s\n  retry_lease: 20s\n"), environ={})
+
+
+def test_a_key_holds_no_more_slots_than_there_are(write_config):
+    """billing.max_held_per_key up to billing.max_in_flight; one past it is refused, naming both."""
+    from meterflow.config import load_config
+
+    assert load_config(write_config("billing:\n  max_in_flight: 8\n  max_held_per_key: 8\n"), environ={}).billing.max_held_per_key == 8
+    with pytest.raises(ConfigError, match="max_held_per_key .9. must be at most billing.max_in_flight .8."):
+        load_config(write_config("billing:\n  max_in_flight: 8\n  max_held_per_key: 9\n"), environ={})
