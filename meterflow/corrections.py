@@ -245,7 +245,7 @@ def approval_threshold(policy: CorrectionsConfig, tenant_id: str) -> Decimal | N
 def decide_status(delta: Decimal, window: WindowId, policy: CorrectionsConfig, now: datetime, max_age: timedelta, max_ahead: timedelta) -> tuple[CorrectionStatus, str]:
     """The policy: reported when the provider would refuse the window's timestamp, else held for
     approval when ``|delta|`` exceeds the tenant's threshold, else applied."""
-    refused = outside_provider_window(window.window_end, now, max_age, max_ahead)
+    refused = outside_provider_window(window.window_start, now, max_age, max_ahead)
     if refused:
         return "reported", f"not billable: {refused}"
     threshold = approval_threshold(policy, window.tenant_id)

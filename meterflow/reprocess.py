@@ -156,7 +156,7 @@ def reprocess_correction(d: WindowDifference, period: Period, now: datetime, max
     correction counts one: a window the recomputation found empty should not have been billed at all).
     """
     reason = f"reprocess {period.label}: recomputed {_plain(d.recomputed)}, metered {_plain(d.metered)}"
-    refused = outside_provider_window(d.window.window_end, now, max_age, max_ahead)
+    refused = outside_provider_window(d.window.window_start, now, max_age, max_ahead)
     status: CorrectionStatus = "reported" if refused else "applied"
     if refused:
         reason += f"; not billable: {refused}"

@@ -115,3 +115,20 @@ def test_a_carried_value_is_never_rounded_per_window():
     """carry: the value comes from the month's running total in the ledger; asked per window, the answer is a clear refusal."""
     with pytest.raises(ValueError, match="fixed by the ledger"):
         format_meter_value(Decimal("1.5"), "carry")
+
+
+def test_billing_and_corrections_judge_a_window_by_the_timestamp_its_events_carry():
+    """A day-long window that started 35 days and an hour ago and ended 34 days ago: its events carry
+    its start, which the provider refuses, so billing refuses it and corrections report it alike."""
+    from meterflow.config import CorrectionsConfig, MeterConfig
+    from meterflow.corrections import WindowId, decide_status
+    from sinks.billing import ClosedWindow, delivery_refusal, window_delivery
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    start = now - timedelta(days=35, hours=1)
+    end = start + timedelta(days=1)
+    closed = ClosedWindow("t", "c", "tokens", "{}", int(start.timestamp() * 1000), int(end.timestamp() * 1000), Decimal(1), 1, 1)
+    refused = delivery_refusal(window_delivery(closed, "mf"), MeterConfig(name="tokens"), "cus_1", now, timedelta(days=35), timedelta(minutes=5))
+    status, reason = decide_status(Decimal(1), WindowId("t", "c", "tokens", "{}", start.replace(tzinfo=None), end.replace(tzinfo=None)), CorrectionsConfig(), now, timedelta(days=35), timedelta(minutes=5))
+    assert refused is not None and "35 days" in refused
+    assert status == "reported" and refused in reason
