@@ -35,8 +35,11 @@ SECRET_ENV_KEYS = {
 }
 SECRET_FILE_SUFFIX = "_FILE"
 DEFAULT_CONFIG_FILE = "meterflow.yaml"
-# Names that reach SQL (database, role, tables): plain Postgres identifiers, never quoted input.
+# Names that reach SQL (database, role): plain Postgres identifiers, never quoted input.
 PG_IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+# Table names: written unquoted into the generated DDL and queries (sinks/postgres_schema.py
+# check_identifier), so lower case only: Postgres folds an unquoted name to lower case.
+PG_TABLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -83,7 +86,7 @@ class PostgresConfig(_Section):
     database: str = Field("meterflow", pattern=PG_IDENTIFIER_PATTERN)
     user: str = Field("meterflow", pattern=PG_IDENTIFIER_PATTERN)
     password: SecretStr | None = None
-    usage_table: str = Field("usage_windows", pattern=PG_IDENTIFIER_PATTERN)
+    usage_table: str = Field("usage_windows", pattern=PG_TABLE_PATTERN)
 
     def jdbc_url(self) -> str:
         """JDBC URL for Flink's JDBC connector.
@@ -268,9 +271,9 @@ class BillingConfig(_Section):
     max_backoff: Duration = timedelta(seconds=30)
     request_timeout: Duration = timedelta(seconds=10)
     identifier_prefix: str = Field("mf", pattern=r"^[A-Za-z0-9_]{1,16}$")
-    ledger_table: str = Field("billing_deliveries", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    customers_table: str = Field("billing_customers", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    carry_table: str = Field("billing_carry", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Running totals per (customer, meter, month) of the meters billed with billing_rounding: carry.")
+    ledger_table: str = Field("billing_deliveries", pattern=PG_TABLE_PATTERN)
+    customers_table: str = Field("billing_customers", pattern=PG_TABLE_PATTERN)
+    carry_table: str = Field("billing_carry", pattern=PG_TABLE_PATTERN, description="Running totals per (customer, meter, month) of the meters billed with billing_rounding: carry.")
     max_window_age: Duration = timedelta(days=35)
     max_window_ahead: Duration = timedelta(minutes=5)
 
@@ -298,10 +301,10 @@ class CorrectionsConfig(_Section):
 
     approval_threshold: ExactDecimal | None = Field(None, ge=0, description="Hold a correction for approval when |delta| is above this; none: apply every correction automatically.")
     tenant_approval_thresholds: dict[str, ExactDecimal] = Field(default_factory=dict, description="Per-tenant thresholds, overriding approval_threshold.")
-    table: str = Field("usage_corrections", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
-    events_table: str = Field("usage_correction_events", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="One row per late event corrected or reported, keyed by (tenant_id, event_id).")
+    table: str = Field("usage_corrections", pattern=PG_TABLE_PATTERN)
+    events_table: str = Field("usage_correction_events", pattern=PG_TABLE_PATTERN, description="One row per late event corrected or reported, keyed by (tenant_id, event_id).")
     batch_size: int = Field(500, ge=1, le=100_000, description="Late events per Postgres transaction of `corrections apply`.")
-    offsets_table: str = Field("usage_correction_offsets", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="Where `corrections apply --follow` keeps its place in the late topic, per partition.")
+    offsets_table: str = Field("usage_correction_offsets", pattern=PG_TABLE_PATTERN, description="Where `corrections apply --follow` keeps its place in the late topic, per partition.")
     final_row_wait: Duration = Field(
         timedelta(minutes=2),
         description="A MAX or LATEST window without a row waits this long after its late events were routed late, for a final row not written yet, before it is corrected as a window with no counted event.",

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+from meterflow.config import PG_TABLE_PATTERN
+
+_IDENTIFIER = re.compile(PG_TABLE_PATTERN)
 
 
 def check_identifier(name: str) -> str:

@@ -116,3 +116,20 @@ def test_relative_paths_resolve_against_config_dir(write_config, tmp_path):
     cfg = load_config(write_config("stack:\n  state_dir: st\nflink:\n  checkpoint_dir: st/cp\n"), environ={})
     assert cfg.state_dir == tmp_path / "st"
     assert cfg.checkpoint_uri() == (tmp_path / "st" / "cp").as_uri()
+
+
+@pytest.mark.parametrize("field", ["postgres.usage_table", "billing.ledger_table", "billing.customers_table", "billing.carry_table", "corrections.table", "corrections.events_table", "corrections.offsets_table"])
+def test_a_table_name_the_config_accepts_is_one_the_sql_accepts(write_config, field):
+    """Table names go unquoted into the generated SQL: the config refuses what check_identifier would,
+    when it loads (an upper-case letter, a hyphen, 64 characters), not later in the DDL."""
+    from sinks.postgres_schema import check_identifier
+
+    section, key = field.split(".")
+    for good in ("usage_windows", "_t1", "a" * 63):
+        cfg = load_config(write_config(f"{section}:\n  {key}: {good}\n"), environ={})
+        assert check_identifier(getattr(getattr(cfg, section), key)) == good
+    for bad in ("Usage", "usage-windows", "a" * 64, "1usage"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(write_config(f"{section}:\n  {key}: '{bad}'\n"), environ={})
+        with pytest.raises(ValueError):
+            check_identifier(bad)
