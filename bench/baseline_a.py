@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from connectors.avro_codec import decode_usage_event
+from jobs.windowing import is_window_closed, window_start_ms
 from meterflow.config import load_config
 from sinks.postgres import connect
 from sinks.postgres_schema import check_identifier
@@ -128,8 +129,8 @@ def run(config: Path, prefix: str, expected: int, progress: Path, max_records: i
                     if ident in seen_in_batch:
                         continue
                     seen_in_batch.add(ident)
-                    start = event_ms - event_ms % window_ms
-                    late = wm is not None and wm >= start + window_ms - 1 + lateness_ms
+                    start = window_start_ms(event_ms, window_ms)
+                    late = wm is not None and is_window_closed(start + window_ms, wm, lateness_ms)
                     rows.append((e["tenant_id"], e["event_id"], e["customer_id"], e["meter"], e["quantity"], event_ms, start, late))
             with conn.transaction():
                 with conn.cursor().copy("COPY batch FROM STDIN") as copy:

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from connectors.avro_codec import UsageEvent
+from jobs.windowing import is_window_closed, window_start_ms
 
 NANOS = 10**9
 CLOSER_TENANT = "bench-watermark-closer"
@@ -187,8 +188,8 @@ class Oracle:
             self.duplicates += 1
             return "duplicate"
         self.seen.add(ident)
-        start = record.event_time_ms - record.event_time_ms % self.window_ms
-        if wm is not None and wm >= start + self.window_ms - 1 + self.lateness_ms:
+        start = window_start_ms(record.event_time_ms, self.window_ms)
+        if wm is not None and is_window_closed(start + self.window_ms, wm, self.lateness_ms):
             self.late += 1
             return "late"
         self.counted += 1
