@@ -229,7 +229,8 @@ def render_chart(results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = [p for p in results["pipelines"] if p.get("events_per_s")]
-    labels = [f"{p['name']}\np={p['parallelism']}" for p in entries]
+    # One word group per line, so neighbouring labels never run into each other.
+    labels = [f"{p['name'].replace(' + ', chr(10) + '+ ')}\np={p['parallelism']}" for p in entries]
     colors = ["#2b6cb0" if p["name"].startswith("meterflow") else "#a0aec0" if p["name"] == "ceiling" else "#dd6b20" for p in entries]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bars = ax1.bar(labels, [p["events_per_s"] for p in entries], color=colors)

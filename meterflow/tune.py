@@ -144,6 +144,7 @@ def write_chart(needs: Sequence[int], choices: Sequence[Choice], path: str) -> N
     for c, color in zip(choices, ("#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"), strict=False):
         ax.axvline(c.final_after.total_seconds(), color=color, linestyle="--", label=f"{c.label}: final after {_fmt(c.final_after)} (delay {_fmt(c.watermark_delay)} + lateness {_fmt(c.allowed_lateness)}), {c.on_time_share:.3%}")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)  # a duration: no negative ticks
     ax.set_xlabel("watermark_delay + allowed_lateness (s) = how long after its end a window is final")
     ax.set_ylabel("events counted on time (%)")
     ax.set_ylim(max(0, min(ys) * 100 - 5), 100.5)
