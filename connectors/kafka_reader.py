@@ -106,3 +106,20 @@ def read_from(bootstrap_servers: str, topic: str, starts: Mapping[int, int], *, 
                 for record in batch:
                     if record.offset < end[tp]:
                         yield tp.partition, record.offset, record.value
+
+
+def first_retained(bootstrap_servers: str, topic: str, *, timeout: float = 30) -> dict[int, tuple[int, int | None]]:
+    """Per partition of ``topic``: its log start offset and the Kafka timestamp (ms) of its first
+    committed record still kept, None when it keeps none."""
+    found: dict[int, tuple[int, int | None]] = {}
+    with assigned_consumer(bootstrap_servers, topic, consumer_timeout_ms=2000) as (consumer, partitions):
+        begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
+        for tp in partitions:
+            consumer.assign([tp])
+            consumer.seek(tp, begin[tp])
+            first, deadline = None, time.monotonic() + timeout
+            while first is None and consumer.position(tp) < end[tp] and time.monotonic() < deadline:
+                records = consumer.poll(timeout_ms=1000, max_records=1).get(tp, [])
+                first = records[0].timestamp if records else None
+            found[tp.partition] = (begin[tp], first)
+    return found

@@ -148,19 +148,29 @@ def reprocess_correction_id(d: WindowDifference) -> str:
     return f"rep-{start_ms}-{hashlib.sha256(canonical.encode()).hexdigest()[:40]}"
 
 
-def reprocess_correction(d: WindowDifference, period: Period, now: datetime, max_age: timedelta, max_ahead: timedelta) -> Correction:
-    """The correction that bills a window's difference: applied (the operator asked for it), or
-    reported when the provider no longer accepts the window (shown, never billed).
+def reprocess_correction(d: WindowDifference, period: Period, now: datetime, max_age: timedelta, max_ahead: timedelta, threshold: Decimal | None = None) -> Correction:
+    """The correction that bills a window's difference: reported when the provider no longer
+    accepts the window (shown, never billed), held for approval when ``|delta|`` is above the
+    tenant's ``threshold`` (corrections.approval_threshold), else applied.
 
     ``events`` is the number of events the recomputed window covers (at least 1, as every
     correction counts one: a window the recomputation found empty should not have been billed at all).
     """
     reason = f"reprocess {period.label}: recomputed {_plain(d.recomputed)}, metered {_plain(d.metered)}"
     refused = outside_provider_window(d.window.window_start, now, max_age, max_ahead)
-    status: CorrectionStatus = "reported" if refused else "applied"
+    status: CorrectionStatus = "applied"
     if refused:
-        reason += f"; not billable: {refused}"
+        status, reason = "reported", f"{reason}; not billable: {refused}"
+    elif threshold is not None and abs(d.delta) > threshold:
+        status, reason = "pending", f"{reason}; |delta| {_plain(abs(d.delta))} above the approval threshold {_plain(threshold)}"
     return Correction(reprocess_correction_id(d), d.window, d.delta, max(d.recomputed_events, 1), status, reason)
+
+
+def retention_gaps(first_retained: Mapping[int, tuple[int, int | None]], read_from: int) -> list[int]:
+    """Partitions whose log no longer holds what the period needs: records were deleted (its start
+    offset is past 0) and the first one kept is younger than ``read_from`` (epoch ms). A
+    recomputation would miss the deleted events and bill them away."""
+    return sorted(p for p, (start_offset, first_ms) in first_retained.items() if start_offset > 0 and (first_ms is None or first_ms > read_from))
 
 
 def _plain(value: Decimal) -> str:

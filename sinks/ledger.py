@@ -144,5 +144,5 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
 def fetch_sent_groups(cfg: JobConfig) -> list[SentGroup]:
     """The values the configured provider accepted, per provider customer, event name and month."""
     with connect(cfg.postgres) as conn:
-        rows = conn.execute(sent_values_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()
-    return [SentGroup(customer, event, month, Decimal(value), int(n), last) for customer, event, month, value, n, last in rows]
+        rows = conn.execute(sent_values_sql(cfg.billing.ledger_table, cfg.billing.customers_table), {"provider": cfg.billing.provider}).fetchall()
+    return [SentGroup(customer, event, month, Decimal(value), int(n), last, int(open_)) for customer, event, month, value, n, last, open_ in rows]

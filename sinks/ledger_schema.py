@@ -400,11 +400,16 @@ def ledger_windows_sql(ledger_table: str) -> str:
     )
 
 
-def sent_values_sql(ledger_table: str) -> str:
+def sent_values_sql(ledger_table: str, customers_table: str) -> str:
     """Per provider customer, event name and UTC month of the event's timestamp (its window start):
-    the values the provider accepted, how many, and when the last was accepted."""
-    d = check_identifier(ledger_table)
+    the values the provider accepted, how many, when the last was accepted, and how many deliveries
+    are still pending or failed (a call that timed out may have reached the provider)."""
+    d, c = check_identifier(ledger_table), check_identifier(customers_table)
+    customer = f"coalesce({d}.provider_customer_id, m.provider_customer_id)"
     return (
-        "SELECT provider_customer_id, event_name, date_trunc('month', window_start), sum(value::numeric), count(*), max(sent_at) "
-        f"FROM {d} WHERE provider = %(provider)s AND status = 'sent' GROUP BY 1, 2, 3 ORDER BY 3, 1, 2"
+        f"SELECT {customer}, {d}.event_name, date_trunc('month', {d}.window_start), "
+        f"coalesce(sum({d}.value::numeric) FILTER (WHERE {d}.status = 'sent'), 0), count(*) FILTER (WHERE {d}.status = 'sent'), "
+        f"max({d}.sent_at), count(*) FILTER (WHERE {d}.status IN ('pending', 'failed')) "
+        f"FROM {d} LEFT JOIN {c} m ON m.tenant_id = {d}.tenant_id AND m.customer_id = {d}.customer_id AND m.provider = {d}.provider "
+        f"WHERE {d}.provider = %(provider)s AND {customer} IS NOT NULL GROUP BY 1, 2, 3 HAVING count(*) FILTER (WHERE {d}.status = 'sent') > 0 ORDER BY 3, 1, 2"
     )

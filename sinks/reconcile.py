@@ -266,6 +266,7 @@ class SentGroup:
     value: Decimal
     deliveries: int
     last_sent_at: datetime
+    unsettled: int = 0  # deliveries still pending or failed: one may have reached the provider already
 
 
 @dataclass(frozen=True)

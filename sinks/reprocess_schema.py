@@ -1,13 +1,12 @@
 """Pure SQL for reprocessing: the shadow table of recomputed windows, and the metered side of a period.
 
 A period is compared window by window (key and span): the usage table's rows of the current
-window size, plus the corrections that make up each window's current value (late events, earlier
-reprocesses). Statements use psycopg ``%s`` placeholders.
+window size, plus every correction recorded for each window (late events, earlier reprocesses).
+Statements use psycopg ``%s`` placeholders.
 """
 
 from __future__ import annotations
 
-from meterflow.corrections import CURRENT_STATUSES
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, WINDOW_COLUMNS_DDL, check_identifier
 
 _KEY = ", ".join(USAGE_KEY_COLUMNS)
@@ -50,9 +49,24 @@ def period_rows_sql(usage_table: str) -> str:
 
 
 def period_corrections_sql(corrections_table: str) -> str:
-    """Per window of the period (since, until, size), the deltas of its corrections that make up its current value."""
-    statuses = ", ".join(f"'{s}'" for s in CURRENT_STATUSES)
-    return f"SELECT {_KEY}, sum(delta) FROM {check_identifier(corrections_table)} WHERE {_IN_PERIOD} AND status IN ({statuses}) GROUP BY {_KEY}"
+    """Per window of the period (since, until, size), the deltas of every correction recorded for it,
+    whatever its status: billed, held for approval, reported, or rejected by an operator (whose
+    decision not to bill those events a recomputation must not undo)."""
+    return f"SELECT {_KEY}, sum(delta) FROM {check_identifier(corrections_table)} WHERE {_IN_PERIOD} GROUP BY {_KEY}"
+
+
+def other_sizes_sql(table: str) -> str:
+    """How many rows of ``table`` (usage rows or corrections) overlap the period (since, until) with
+    a span other than the current window size: a period billed in windows of another size."""
+    return f"SELECT count(*) FROM {check_identifier(table)} WHERE window_start < %s AND window_end > %s AND window_end - window_start <> %s"
+
+
+def changed_since_sql(corrections_table: str) -> str:
+    """How many corrections of the period (since, until) were recorded or decided at or after a time."""
+    return (
+        f"SELECT count(*) FROM {check_identifier(corrections_table)} WHERE window_start >= %s AND window_start < %s "
+        "AND (applied_at >= %s OR decided_at >= %s)"
+    )
 
 
 def known_corrections_sql(corrections_table: str) -> str:

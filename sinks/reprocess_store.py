@@ -17,15 +17,17 @@ from meterflow.reprocess import Period, WindowDifference, WindowTotal, differenc
 from sinks.corrections_schema import apply_lock_sql, insert_correction_sql, known_events_sql
 from sinks.corrections_store import apply_corrections_schema, owe_delivery
 from sinks.postgres import connect, table_exists
-from sinks.reprocess_schema import clear_shadow_sql, insert_shadow_sql, known_corrections_sql, period_corrections_sql, period_rows_sql, shadow_table_ddl
+from sinks.reprocess_schema import changed_since_sql, clear_shadow_sql, insert_shadow_sql, known_corrections_sql, other_sizes_sql, period_corrections_sql, period_rows_sql, shadow_table_ddl
 
 
 @dataclass(frozen=True)
 class Metered:
-    """The period as metered: per window, its final row plus its current corrections; and the windows whose row is not final yet."""
+    """The period as metered: per window, its final row plus its recorded corrections; the windows
+    whose row is not final yet; and how many rows or corrections overlap it in windows of another size."""
 
     values: dict[WindowId, Decimal]
     not_final: list[WindowId]
+    other_sizes: int = 0
 
 
 def write_shadow(cfg: JobConfig, table: str, period: Period, windows: Sequence[WindowTotal]) -> None:
@@ -43,17 +45,21 @@ def write_shadow(cfg: JobConfig, table: str, period: Period, windows: Sequence[W
 def read_metered(conn: psycopg.Connection, cfg: JobConfig, period: Period) -> Metered:
     """What the period's windows hold now: usage rows of the current size plus current corrections."""
     args = (period.since, period.until, cfg.event_time.window_size)
+    overlap = (period.until, period.since, cfg.event_time.window_size)
     values: dict[WindowId, Decimal] = {}
     not_final = []
+    other_sizes = 0
     if table_exists(conn, cfg.postgres.usage_table):
         for *key, quantity, is_final in conn.execute(period_rows_sql(cfg.postgres.usage_table), args).fetchall():
             values[WindowId(*key)] = Decimal(quantity)
             if not is_final:
                 not_final.append(WindowId(*key))
+        other_sizes += conn.execute(other_sizes_sql(cfg.postgres.usage_table), overlap).fetchone()[0]
     if table_exists(conn, cfg.corrections.table):
         for *key, delta in conn.execute(period_corrections_sql(cfg.corrections.table), args).fetchall():
             values[WindowId(*key)] = values.get(WindowId(*key), Decimal(0)) + Decimal(delta)
-    return Metered(values, not_final)
+        other_sizes += conn.execute(other_sizes_sql(cfg.corrections.table), overlap).fetchone()[0]
+    return Metered(values, not_final, other_sizes)
 
 
 def compare(cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal]) -> tuple[Metered, list[WindowDifference]]:
@@ -64,19 +70,31 @@ def compare(cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal]) -
 
 
 def bill_differences(
-    cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal], make: Callable[[WindowDifference], Correction], now: datetime
+    cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal], make: Callable[[WindowDifference], Correction], now: datetime, recomputed_from: datetime
 ) -> list[Correction]:
     """Record a correction per window that still differs, with its owed meter event, in one transaction.
 
     Holds the corrections' advisory lock (``corrections apply`` waits, and so does another
-    reprocess) and compares again under it, so a late event recorded meanwhile, or a reprocess that
-    ran meanwhile, is part of the metered side and never billed twice. Refused while a window of
-    the period has no final row yet.
+    reprocess) and compares under it. Refused (:class:`CorrectionError`, nothing recorded) when:
+    a correction of the period was recorded or decided since the recomputation began at
+    ``recomputed_from`` (a late event it did not read would be billed away: run again); the period
+    holds windows of another size (billed in another ``window_size``: the recomputation would bill
+    it again); or a window of the period has no final row yet.
     """
     apply_corrections_schema(cfg)
     with connect(cfg.postgres) as conn, conn.transaction():
         conn.execute(apply_lock_sql(cfg.corrections.table))
+        changed = conn.execute(changed_since_sql(cfg.corrections.table), (period.since, period.until, recomputed_from, recomputed_from)).fetchone()[0]
+        if changed:
+            msg = f"{changed} corrections of {period.label} were recorded or decided while it was recomputed: run the reprocess again"
+            raise CorrectionError(msg)
         metered = read_metered(conn, cfg, period)
+        if metered.other_sizes:
+            msg = (
+                f"{metered.other_sizes} usage rows or corrections overlap {period.label} in windows of another size than event_time.window_size "
+                f"({cfg.event_time.window_size}): reprocess that part with the size it was metered in"
+            )
+            raise CorrectionError(msg)
         if metered.not_final:
             w = metered.not_final[0]
             msg = (

@@ -255,8 +255,9 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     With --provider-totals, each month's total the provider reports for a customer's meter (its
     meter event summaries) is compared with the values the ledger says it accepted; a difference
     (usage sent outside meterflow, an event the provider lost or counts differently) is listed and
-    exits 1 too. Months with a value accepted within --grace are skipped (the provider's summaries
-    may lag); --tenant keeps the provider customers mapped for that tenant.
+    exits 1 too. Months with a value accepted within --grace (the provider's summaries may lag), or
+    with a delivery still pending or failed (its call may have reached the provider), are skipped;
+    --tenant keeps the provider customers mapped for that tenant.
     """
     from sinks.ledger import fetch_reconciliation_input
     from sinks.reconcile import corrections_of, value_discrepancies
@@ -331,7 +332,7 @@ def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, 
     first = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
     groups = [
         g for g in fetch_sent_groups(cfg)
-        if g.provider_customer_id in customers and g.last_sent_at <= cutoff and (first is None or g.month >= first) and (upper is None or g.month < upper)
+        if g.provider_customer_id in customers and g.last_sent_at <= cutoff and not g.unsettled and (first is None or g.month >= first) and (upper is None or g.month < upper)
     ]  # fmt: skip
     ahead = int(cfg.billing.max_window_ahead.total_seconds())
 

@@ -39,7 +39,9 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     from jobs.reprocess_job import recompute
     from meterflow.commands.corrections import read_new_late_events
     from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
-    from meterflow.reprocess import per_customer, reprocess_correction, reprocess_period
+    from connectors.kafka_reader import first_retained
+    from meterflow.corrections import approval_threshold
+    from meterflow.reprocess import per_customer, read_from_ms, reprocess_correction, reprocess_period, retention_gaps
     from sinks.reprocess_store import bill_differences, compare, unrecorded, write_shadow
 
     cfg = ctx.cfg
@@ -50,11 +52,21 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     assert lower is not None and upper is not None  # noqa: S101 - both options are required
     period = reprocess_period(lower, upper, cfg, datetime.now(UTC))
     table = shadow_table or f"{cfg.postgres.usage_table}_reprocessed"
+    gaps = retention_gaps(first_retained(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic), read_from_ms(period, cfg))
+    if gaps:
+        msg = (
+            f"{cfg.kafka.usage_events_topic} no longer keeps the start of {period.label} in partitions {gaps} (retention deleted it): "
+            "a recomputation would miss those events and bill them away; reprocess a later period"
+        )
+        raise CorrectionError(msg)
     jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
     err_console.print(f"recomputing {period.label} from {cfg.kafka.usage_events_topic} ...")
+    recomputed_from = datetime.now(UTC)
     recomputed = recompute(cfg, period, jars)
     write_shadow(cfg, table, period, recomputed)
     metered, found = compare(cfg, period, recomputed)
+    if metered.other_sizes:
+        err_console.print(f"[yellow]{metered.other_sizes} usage rows or corrections overlap the period in windows of another size: they are not compared, and --bill is refused[/]")
     customers = per_customer(recomputed, metered.values, found)
     recorded = []
     if bill and found:
@@ -69,7 +81,12 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
             msg = f"{len(waiting)} late events of {period.label} are not recorded as corrections yet: run `meterflow corrections apply` first"
             raise CorrectionError(msg)
         max_age, max_ahead = cfg.billing.max_window_age, cfg.billing.max_window_ahead
-        recorded = bill_differences(cfg, period, recomputed, lambda d: reprocess_correction(d, period, datetime.now(UTC), max_age, max_ahead), datetime.now(UTC))
+
+        def correction(d):  # noqa: ANN001, ANN202 - a WindowDifference to its Correction
+            threshold = approval_threshold(cfg.corrections, d.window.tenant_id)
+            return reprocess_correction(d, period, datetime.now(UTC), max_age, max_ahead, threshold)
+
+        recorded = bill_differences(cfg, period, recomputed, correction, datetime.now(UTC), recomputed_from)
     if fmt == "json":
         report = {
             "period": {"since": period.since.isoformat(), "until": period.until.isoformat()},

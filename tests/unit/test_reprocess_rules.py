@@ -11,8 +11,8 @@ from jobs.reprocess_plan import RESULT_COLUMNS, recompute_statements, reprocess_
 from meterflow.config import JobConfig
 from meterflow.corrections import WindowId
 from meterflow.errors import ConfigError
-from meterflow.reprocess import Period, WindowDifference, WindowTotal, differences, per_customer, read_from_ms, reprocess_correction, reprocess_correction_id, reprocess_period
-from sinks.reprocess_schema import clear_shadow_sql, period_corrections_sql, period_rows_sql, shadow_table_ddl
+from meterflow.reprocess import Period, WindowDifference, WindowTotal, differences, per_customer, read_from_ms, reprocess_correction, reprocess_correction_id, reprocess_period, retention_gaps
+from sinks.reprocess_schema import changed_since_sql, clear_shadow_sql, other_sizes_sql, period_corrections_sql, period_rows_sql, shadow_table_ddl
 
 CFG = JobConfig.model_validate({"event_time": {"window_size": "1m", "allowed_lateness": "30s", "watermark_delay": "5s", "max_event_ahead": "5m"}, "meters": [{"name": "tokens"}]})
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -99,6 +99,22 @@ def test_the_shadow_table_and_the_metered_side_are_keyed_by_window_and_span():
     assert "PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start, window_end)" in shadow_table_ddl("usage_windows_reprocessed")[0]
     for sql in (clear_shadow_sql("s"), period_rows_sql("u"), period_corrections_sql("c")):
         assert "window_end - window_start = %s" in sql
-    assert "'rejected'" not in period_corrections_sql("c") and "'pending'" in period_corrections_sql("c")
+    assert "status" not in period_corrections_sql("c"), "every recorded correction counts, a rejected one too: the operator's decision stands"
+    assert "window_end - window_start <> %s" in other_sizes_sql("u") and "applied_at >= %s OR decided_at >= %s" in changed_since_sql("c")
     with pytest.raises(ValueError):
         shadow_table_ddl("usage; DROP TABLE x")
+
+
+def test_a_difference_above_the_approval_threshold_waits_for_an_operator():
+    d = WindowDifference(w(), Decimal("4"), Decimal("10"), 10)
+    period = Period(T0, T0 + timedelta(hours=1))
+    held = reprocess_correction(d, period, NOW, timedelta(days=35), timedelta(minutes=5), threshold=Decimal("5"))
+    assert held.status == "pending" and "above the approval threshold 5" in held.reason
+    assert reprocess_correction(d, period, NOW, timedelta(days=35), timedelta(minutes=5), threshold=Decimal("6")).status == "applied"
+
+
+def test_a_period_whose_start_retention_deleted_is_refused():
+    """A partition that lost records (log start past 0) and keeps none older than where reading starts."""
+    read_from = 1_000_000
+    kept = {0: (0, 2_000_000), 1: (50, 900_000), 2: (50, 1_000_001), 3: (7, None), 4: (0, None)}
+    assert retention_gaps(kept, read_from) == [2, 3], "0: nothing deleted; 1: older records still kept; 4: empty, never written"
