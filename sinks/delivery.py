@@ -191,6 +191,7 @@ class Deliverer:
         # Parked deliveries wait for their key's turn here, outside the operator's in-flight slots;
         # at most max_in_flight of them call the provider at once.
         self.parked: set[asyncio.Future] = set()
+        self.parked_ids: set[str] = set()  # one waiting attempt per delivery, however often it is handed out
         self.parked_calls = asyncio.Semaphore(billing.max_in_flight)
         self.on_background_outcome: Callable[[Outcome], None] = lambda outcome: None
 
@@ -264,14 +265,17 @@ class Deliverer:
         """Leave the operator's slot at once; the delivery waits for its key's turn in this worker.
 
         Leased in the ledger until a lease after its expected turn: should this worker die, a
-        restarted one releases the lease at once (release_predecessors); should the wait run long,
-        the retry scan hands it out again and whichever comes second finds it sent.
+        restarted one releases the lease at once (release_leases); should the wait outlast the
+        lease, the retry scan hands it out again and this only extends the lease of the one waiting.
         """
         until = self.gate.next_turn(self.key(delivery.window), self.clock(), self.pace) + self.lease_s
         await self.ledger.hold(delivery.identifier, until)
+        if delivery.identifier in self.parked_ids:
+            return Deferred(delivery.identifier, until)
+        self.parked_ids.add(delivery.identifier)
         task = asyncio.ensure_future(self._attempt_parked(delivery))
         self.parked.add(task)
-        task.add_done_callback(self._parked_done)
+        task.add_done_callback(lambda done: self._parked_done(done, delivery.identifier))
         return Deferred(delivery.identifier, until)
 
     async def _attempt_parked(self, delivery: Delivery) -> Outcome:
@@ -279,8 +283,9 @@ class Deliverer:
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
             return await self._attempt(delivery, entry)
 
-    def _parked_done(self, task: asyncio.Future) -> None:
+    def _parked_done(self, task: asyncio.Future, identifier: str) -> None:
         self.parked.discard(task)
+        self.parked_ids.discard(identifier)
         if task.cancelled():
             return
         error = task.exception()

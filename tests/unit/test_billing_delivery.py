@@ -516,3 +516,23 @@ def test_a_crowded_key_parks_its_burst_and_the_other_keys_keep_flowing():
     assert sorted(o.identifier for o in reported) == sorted(o.identifier for o in parked) and all(isinstance(o, Sent) for o in reported)
     assert sorted(e.identifier for e in provider.sent if e.provider_customer_id == "cus_1") == sorted(o.identifier for o in results[:10]), "each once"
     assert SlowProvider.most <= 2 and d.gate.locks == {} and d.gate.users == {} and d.parked == set()
+
+
+def test_a_parked_delivery_handed_out_again_waits_once():
+    """The retry scan hands a parked delivery out again when its wait outlasts the lease: the
+    worker extends the lease of the attempt already waiting instead of starting a second one."""
+    t = FakeTime()
+    ledger, provider = MemoryLedger(t), ScriptedProvider()
+    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 1}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+
+    async def scenario() -> list:
+        first, parked = window(quantity="1"), window(quantity="1", start_ms=START_MS + 60_000)
+        async with d.gate.lock(d.key(first)):  # the key is busy
+            [deferred] = await d.on_window(parked)
+            again = await d.on_retry(deferred.identifier)  # handed out by the scan meanwhile
+            assert isinstance(again, Deferred) and len(d.parked) == 1, "one waiting attempt"
+        await d.drain()
+        return [e.identifier for e in provider.sent]
+
+    sent = run(scenario())
+    assert len(sent) == 1 and d.parked_ids == set()
