@@ -17,6 +17,7 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -231,10 +232,11 @@ class Deliverer:
             return Skipped(identifier, "unknown")
         if not replay and self.gate.crowded(self.key(delivery.window), self.max_held_per_key):
             return await self._park(delivery)
-        return await self._retry(delivery, replay=replay)
+        return await self._claim_and_attempt(delivery, replay=replay)
 
-    async def _retry(self, delivery: Delivery, *, replay: bool = False) -> Outcome:
-        async with self.gate.lock(self.key(delivery.window)):
+    async def _claim_and_attempt(self, delivery: Delivery, *, replay: bool = False, parked: bool = False) -> Outcome:
+        """A recorded delivery's attempt, in its key's turn; a parked one also takes one of the parked calls."""
+        async with self.gate.lock(self.key(delivery.window)), self.parked_calls if parked else contextlib.nullcontext():
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
             return await self._attempt(delivery, entry, replay=replay)
 
@@ -250,7 +252,7 @@ class Deliverer:
 
     # -- parking a crowded key's deliveries ------------------------------------------------------
     async def _park_window(self, window: ClosedWindow) -> list[Outcome]:
-        """Record the window (and the correction its new final needs) and leave both to the retry scan."""
+        """Record the window (and the correction its new final needs) and park both for the key's turn."""
         delivery = window_delivery(window, self.prefix)
         entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
         recorded = as_recorded(delivery, entry)
@@ -273,15 +275,10 @@ class Deliverer:
         if delivery.identifier in self.parked_ids:
             return Deferred(delivery.identifier, until)
         self.parked_ids.add(delivery.identifier)
-        task = asyncio.ensure_future(self._attempt_parked(delivery))
+        task = asyncio.ensure_future(self._claim_and_attempt(delivery, parked=True))
         self.parked.add(task)
         task.add_done_callback(lambda done: self._parked_done(done, delivery.identifier))
         return Deferred(delivery.identifier, until)
-
-    async def _attempt_parked(self, delivery: Delivery) -> Outcome:
-        async with self.gate.lock(self.key(delivery.window)), self.parked_calls:
-            entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
-            return await self._attempt(delivery, entry)
 
     def _parked_done(self, task: asyncio.Future, identifier: str) -> None:
         self.parked.discard(task)

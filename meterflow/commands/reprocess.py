@@ -38,7 +38,7 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     from connectors.kafka_reader import read_from
     from jobs.reprocess_job import recompute
     from meterflow.commands.corrections import read_new_late_events
-    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+    from meterflow.local.flink import table_jobs_jars
     from connectors.kafka_reader import first_retained
     from meterflow.corrections import approval_threshold
     from meterflow.reprocess import per_customer, read_from_ms, reprocess_correction, reprocess_period, retention_gaps
@@ -59,7 +59,7 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
             "a recomputation would miss those events and bill them away; reprocess a later period"
         )
         raise CorrectionError(msg)
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
+    jars = table_jobs_jars()
     err_console.print(f"recomputing {period.label} from {cfg.kafka.usage_events_topic} ...")
     recomputed_from = datetime.now(UTC)
     recomputed = recompute(cfg, period, jars)

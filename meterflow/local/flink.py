@@ -34,6 +34,12 @@ FLINK_CONF_TEMPLATE = REPO_ROOT / "flink-conf" / "config.yaml"
 UDF_JAR_DIR = REPO_ROOT / "udf" / "target"
 
 
+def table_jobs_jars() -> list[Path]:
+    """The jars a Flink table environment of this process needs for the usage source: the project's
+    JVM code (the meterflow-avro format), the Avro library it builds on, and the Kafka SQL connector."""
+    return [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
+
+
 def flink_home() -> Path:
     """The Flink distribution shipped inside the apache-flink wheel."""
     import pyflink

@@ -14,13 +14,13 @@ def table_env():
     from pyflink.datastream import StreamExecutionEnvironment
     from pyflink.table import StreamTableEnvironment
 
-    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+    from meterflow.local.flink import table_jobs_jars
 
     conf = Configuration()
     conf.set_string("parallelism.default", "2")
     # The job's JVM code (functions, the meterflow-avro format), the Avro format of the sinks and the
     # Kafka connector, to plan the job's own source (all from scripts/setup.sh).
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
+    jars = table_jobs_jars()
     conf.set_string("pipeline.jars", ";".join(p.as_uri() for p in jars))
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     t_env = StreamTableEnvironment.create(env)
