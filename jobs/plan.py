@@ -27,7 +27,9 @@ def table_options(cfg: JobConfig) -> dict[str, str]:
     et = cfg.event_time
     options = {
         "table.local-time-zone": "UTC",
-        "table.exec.source.idle-timeout": f"{_ms(et.source_idle_timeout)} ms",
+        # Idleness is the usage source's own (jobs/source_plan.py, udf/ CatchUpIdleness): Flink's would
+        # mark a restored split idle before it has fetched, and the watermark would pass its backlog.
+        "table.exec.source.idle-timeout": "0 ms",
         # Dedup state (event ids) expires after the horizon; window state is cleaned by the window itself.
         "table.exec.state.ttl": f"{_ms(et.dedup_horizon)} ms",
         "pipeline.name": cfg.flink.job_name,

@@ -19,6 +19,11 @@ USAGE_FORMAT = "meterflow-avro"
 # The format's registry option (MeterflowAvroFormatFactory.SCHEMA_REGISTRY_URL); Flink takes a format's
 # options prefixed with its name when the table says 'format' = 'meterflow-avro'.
 SCHEMA_REGISTRY_URL_OPTION = f"{USAGE_FORMAT}.schema-registry.url"
+# The connector and its options, as udf/ MeterflowKafkaTableFactory registers them: Flink's Kafka
+# connector with idleness that waits for a partition to be read up to its head.
+SOURCE_CONNECTOR = "meterflow-kafka"
+IDLE_TIMEOUT_OPTION = "meterflow.idle-timeout"
+CATCH_UP_TIMEOUT_OPTION = "meterflow.catch-up-timeout"
 # The plausible event time (the watermark's column); the decoded `event_time` stays as sent.
 BOUNDED_TIME = "bounded_time"
 OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
@@ -98,8 +103,24 @@ def usage_source_ddl(cfg: JobConfig) -> str:
         f"  `{BOUNDED_TIME}` AS {bounded_event_time(cfg)},\n"
         "  `proc_time` AS PROCTIME(),\n"
         f"  {watermark}\n"
-        f") {sql_with(kafka_source_options(cfg, USAGE_FORMAT))}"
+        f") {sql_with(usage_source_options(cfg))}"
     )
+
+
+def usage_source_options(cfg: JobConfig) -> dict[str, str]:
+    """The usage source's options: Kafka's, through the meterflow-kafka connector and its catch-up-aware idleness.
+
+    A partition stops holding the watermark after ``source_idle_timeout`` of silence only once it was
+    read up to its head; one still reading its backlog (after a start, a restore, an outage) only
+    after ``source_catch_up_timeout`` (udf/ ``CatchUpIdleness``).
+    """
+    et = cfg.event_time
+    return {
+        **kafka_source_options(cfg, USAGE_FORMAT),
+        "connector": SOURCE_CONNECTOR,
+        IDLE_TIMEOUT_OPTION: f"{ms(et.source_idle_timeout)} ms",
+        CATCH_UP_TIMEOUT_OPTION: f"{ms(et.source_catch_up_timeout)} ms",
+    }
 
 
 def dimensions_key_expr(cfg: JobConfig) -> str:

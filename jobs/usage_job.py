@@ -158,15 +158,18 @@ WINDOW_CHANGELOG_SCHEMA = (
 )
 
 
-def _close_windows(changelog: DataStream, allowed_lateness_ms: int) -> DataStream:
+def _close_windows(changelog: DataStream, cfg: JobConfig) -> DataStream:
     """Each window once, with its final value: the JVM closer of udf/ (dev.meterflow.udf.WindowCloser).
 
     Declared through the Java DataStream API: one element per window update would otherwise cross
     into a Python worker, whose per-key state round trips cap the whole job at a few hundred
-    windows per second.
+    windows per second. A window whose first row arrives after its close time is held for one
+    checkpoint interval (its rows become visible no sooner anyway) to gather its re-fires.
     """
     closer = get_gateway().jvm.dev.meterflow.udf.WindowCloser
-    j_closed = changelog._j_data_stream.keyBy(closer.windowKey()).process(closer(allowed_lateness_ms), closer.outputType())
+    lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
+    hold_ms = int(cfg.flink.checkpoint_interval.total_seconds() * 1000)
+    j_closed = changelog._j_data_stream.keyBy(closer.windowKey()).process(closer(lateness_ms, hold_ms), closer.outputType())
     return DataStream(j_closed.name("close windows").uid("close-windows-jvm"))
 
 
@@ -178,7 +181,7 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
     changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
     _write_windows(changelog, window_sink_target(cfg), final=False)
-    closed = _close_windows(changelog, int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
+    closed = _close_windows(changelog, cfg)
     _write_windows(closed, window_sink_target(cfg), final=True)
     closed_schema = Schema.new_builder()
     for name, _, data_type in CLOSED_WINDOW_COLUMNS:

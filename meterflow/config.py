@@ -128,6 +128,7 @@ class EventTimeConfig(_Section):
     window_size: Duration = timedelta(minutes=1)
     watermark_delay: Duration = timedelta(seconds=5)
     source_idle_timeout: Duration = timedelta(seconds=10)
+    source_catch_up_timeout: Duration = timedelta(seconds=60)
     allowed_lateness: Duration = timedelta(0)
     early_fire_interval: Duration = timedelta(0)
     dedup_horizon: Duration = timedelta(days=7)
@@ -143,10 +144,16 @@ class EventTimeConfig(_Section):
         if timedelta(days=1) % self.window_size:
             msg = "event_time.window_size must divide one day evenly, so windows align to UTC midnight"
             raise ValueError(msg)
-        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout", "early_fire_interval", "max_event_ahead"):
+        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout", "source_catch_up_timeout", "early_fire_interval", "max_event_ahead"):
             if getattr(self, name) < timedelta(0):
                 msg = f"event_time.{name} must not be negative"
                 raise ValueError(msg)
+        if self.source_catch_up_timeout < self.source_idle_timeout:
+            msg = (
+                f"event_time.source_catch_up_timeout ({format_duration(self.source_catch_up_timeout)}) must be at least"
+                f" event_time.source_idle_timeout ({format_duration(self.source_idle_timeout)})"
+            )
+            raise ValueError(msg)
         if self.dedup_horizon < self.window_size + self.allowed_lateness:
             msg = "event_time.dedup_horizon must cover at least window_size + allowed_lateness"
             raise ValueError(msg)

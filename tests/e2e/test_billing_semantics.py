@@ -270,17 +270,16 @@ def run_scenario(
     name: str,
     disrupt: Disruption | None = None,
     audit: Callable[[Path, Scenario], None] | None = None,
-    source_idle_timeout: str = "30s",
+    source_idle_timeout: str = "5s",
     **sections: dict,
 ) -> None:
     """Play the scenario against a fresh job; ``disrupt`` strikes with risky records in flight and sends more during the fault.
     ``sections`` update the job's config (not its event_time, which the scenario's oracle assumes, but
     for the source idle timeout: the scenario's closing records reach every partition).
 
-    The idle timeout is longer than a restore on this machine takes to start reading: a restored
-    reader slower than it has every split marked idle, and when they resume the first reader to
-    deliver carries the watermark past the others' backlog (docs/operations.md, "How time moves",
-    after a restore)."""
+    The idle timeout is shorter than the 10 s default and than a restore on this machine takes to
+    start reading (about 6 s): a restored split that has not delivered yet, or is still reading its
+    backlog, must keep holding the watermark (docs/operations.md, "How time moves", after a restore)."""
     cfg, path = private_job(
         e2e_stack,
         name,

@@ -43,7 +43,7 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
     # The search for the largest message leaves the partitions without events for seconds: an idle
     # timeout longer than the test keeps every partition holding the watermark (docs/operations.md,
     # "How time moves": after an idle gap the first partition to deliver moves it on its own).
-    cfg, path = private_job(e2e_stack, "dlsize", event_time={**e2e_stack.base["event_time"], "source_idle_timeout": "10m"})
+    cfg, path = private_job(e2e_stack, "dlsize", event_time={**e2e_stack.base["event_time"], "source_idle_timeout": "10m", "source_catch_up_timeout": "10m"})
     k = cfg.kafka
     assert cfg.flink.parallelism == 2 and k.partitions == 3
     # The topics as the project creates them, which `meterflow submit` accepts.

@@ -101,7 +101,7 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
     # idle-split handling lets the first partition to deliver after a gap move the watermark on its
     # own (docs/operations.md, "How time moves"), which under load made events late whatever this
     # test is about; the fast clock is judged by its dead letter and by no event going late.
-    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "10m"}
+    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "10m", "source_catch_up_timeout": "10m"}
     cfg, path = private_job(e2e_stack, "hostile", kafka={"schema_registry_url": url}, meters=METERS, input={"max_dimension_combinations": MAX_COMBINATIONS}, event_time=event_time)
     k = cfg.kafka
     job_id = flink_jobs.submit(cfg, path)

@@ -92,8 +92,7 @@ def _billing_job(e2e_stack) -> tuple[JobConfig, Path]:
     """A billing job of its own (own topics, ledger and customers), billing through stripe-mock."""
     run = uuid.uuid4().hex[:6]
     billing = {"enabled": True, "ledger_table": f"deliveries_jmha_{run}", "customers_table": f"customers_jmha_{run}", "carry_table": f"carry_jmha_{run}"}
-    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
-    cfg, path = private_job(e2e_stack, "jmbilling", billing=billing, event_time=event_time)
+    cfg, path = private_job(e2e_stack, "jmbilling", billing=billing)
     apply_schemas(cfg)
     map_customer(cfg, "tenant-ha", "cust-ha", "cus_ha")
     return cfg, path

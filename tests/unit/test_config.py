@@ -100,6 +100,8 @@ def test_missing_explicit_file_is_an_error(tmp_path):
         ("event_time:\n  window_size: 1500ms\n", "whole number of seconds"),
         ("event_time:\n  window_size: 7m\n", "divide one day"),
         ("event_time:\n  window_size: 1h\n  dedup_horizon: 30m\n", "dedup_horizon"),
+        ("event_time:\n  source_idle_timeout: 61s\n", "source_catch_up_timeout"),
+        ("event_time:\n  source_idle_timeout: 10s\n  source_catch_up_timeout: 9999ms\n", "source_catch_up_timeout"),
         ("kafka:\n  partitions: 0\n", "partitions"),
         ("postgres:\n  port: 70000\n", "port"),
         ("kafka: [1, 2]\n", "kafka"),

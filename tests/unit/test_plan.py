@@ -192,10 +192,20 @@ def test_late_sink_is_exactly_once_avro(cfg):
 
 
 def test_table_options_run_in_utc(cfg):
-    """The job computes windows in UTC and honours the idle timeout."""
+    """The job computes windows in UTC; Flink's own idleness is off, the usage source has its own."""
     options = table_options(cfg)
     assert options["table.local-time-zone"] == "UTC"
-    assert options["table.exec.source.idle-timeout"] == "30000 ms"
+    assert options["table.exec.source.idle-timeout"] == "0 ms"
+
+
+def test_usage_source_idleness_waits_for_catch_up(cfg):
+    """The usage source reads Kafka through the meterflow-kafka connector, with both idleness timeouts from config."""
+    ddl = usage_source_ddl(cfg)
+    assert "'connector' = 'meterflow-kafka'" in ddl
+    assert "'meterflow.idle-timeout' = '30000 ms'" in ddl
+    assert "'meterflow.catch-up-timeout' = '60000 ms'" in ddl
+    # The append time the connector measures a partition's lag with.
+    assert "`kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL" in ddl
 
 
 def test_sink_ddl_keys_on_window_identity():

@@ -12,6 +12,7 @@ import org.apache.flink.metrics.Counter;
 import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.api.java.functions.KeySelector;
 import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
+import org.apache.flink.streaming.api.TimeDomain;
 import org.apache.flink.streaming.api.operators.TimestampedCollector;
 import org.apache.flink.types.Row;
 import org.apache.flink.types.RowKind;
@@ -29,9 +30,12 @@ import org.apache.flink.util.Collector;
  *
  * <p>A window's first row can reach this operator after its watermark has already passed the close
  * time: when an input that was idle (an idle source partition) becomes active again, the other
- * inputs have carried the watermark on without it, and its rows arrive behind. A timer registered
- * then would only fire on the next watermark advance, which for a quiet source may never come, so
- * such a window is emitted at once, stamped with its close time.
+ * inputs have carried the watermark on without it, and its rows arrive behind. An event-time timer
+ * registered then would only fire on the next watermark advance, which for a quiet source may never
+ * come, so such a window is held for {@code lateArrivalHoldMs} of processing time and then emitted,
+ * stamped with its close time. The window's later rows, its re-fires within the allowed lateness,
+ * travel on the same channel from the one window subtask that owns it, right behind the first,
+ * so the hold gathers them into one emission with the newest value instead of one emission each.
  *
  * <p>The allowed lateness may differ from the one a restored timer was registered under (a job
  * resubmitted from a savepoint with a new {@code event_time.allowed_lateness}). A timer that fires
@@ -52,11 +56,17 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
     };
 
     private final long allowedLatenessMs;
+    private final long lateArrivalHoldMs;
     private transient ValueState<Row> latest;
     private transient Counter refires;
 
-    public WindowCloser(long allowedLatenessMs) {
+    /**
+     * @param allowedLatenessMs the window aggregate's allowed lateness
+     * @param lateArrivalHoldMs how long a window whose first row arrives after its close time waits for its re-fires
+     */
+    public WindowCloser(long allowedLatenessMs, long lateArrivalHoldMs) {
         this.allowedLatenessMs = allowedLatenessMs;
+        this.lateArrivalHoldMs = lateArrivalHoldMs;
     }
 
     /** Row type of closed windows. */
@@ -87,11 +97,8 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
         boolean seen = latest.value() != null;
         long closeAt = WindowClose.closeTime(endMs, allowedLatenessMs);
         if (!seen && WindowClose.isLate(endMs, allowedLatenessMs, ctx.timerService().currentWatermark())) {
-            ((TimestampedCollector<Row>) out).setAbsoluteTimestamp(closeAt);
-            out.collect(value);
-            return;
-        }
-        if (!seen) {
+            ctx.timerService().registerProcessingTimeTimer(ctx.timerService().currentProcessingTime() + lateArrivalHoldMs);
+        } else if (!seen) {
             ctx.timerService().registerEventTimeTimer(closeAt);
         }
         if (WindowClose.isRefire(seen, endMs, ctx.timerService().currentWatermark())) {
@@ -107,6 +114,13 @@ public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
             return;
         }
         long closeAt = WindowClose.closeTime((Long) value.getField(5), allowedLatenessMs);
+        if (ctx.timeDomain() == TimeDomain.PROCESSING_TIME) {
+            // The end of a late arrival's hold: emitted as if at its close time.
+            latest.clear();
+            ((TimestampedCollector<Row>) out).setAbsoluteTimestamp(closeAt);
+            out.collect(value);
+            return;
+        }
         if (timestamp < closeAt) {
             // Registered under a lower lateness before a restore: the window is still open.
             ctx.timerService().registerEventTimeTimer(closeAt);

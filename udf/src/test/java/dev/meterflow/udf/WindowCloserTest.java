@@ -22,6 +22,7 @@ class WindowCloserTest {
     private static final long START = 1_700_000_000_000L;
     private static final long END = START + 10_000;
     private static final long CLOSE = END - 1 + LATENESS_MS;
+    private static final long HOLD_MS = 5_000;
 
     private static Row update(String customer, String quantity, long revision) {
         return Row.of("t1", customer, "tokens", "", utc(START), utc(END), quantity, revision, revision);
@@ -36,7 +37,7 @@ class WindowCloserTest {
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<String, Row, Row> harness(long latenessMs) throws Exception {
-        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowCloser(latenessMs)), WindowCloser.windowKey(), Types.STRING);
+        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowCloser(latenessMs, HOLD_MS)), WindowCloser.windowKey(), Types.STRING);
     }
 
     /** A savepoint of a window fired (watermark past its end) and still open under the test's 10 s lateness. */
@@ -69,17 +70,46 @@ class WindowCloserTest {
     }
 
     @Test
-    void aRowArrivingBehindTheWatermarkIsEmittedAtOnce() throws Exception {
+    void aRowArrivingBehindTheWatermarkIsEmittedOnceAfterTheHoldWithItsRefires() throws Exception {
         try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness()) {
             h.open();
+            h.setProcessingTime(1_000);
             // Another input carried the watermark past the close time while this row's input was idle.
             h.processWatermark(new Watermark(CLOSE + 60_000));
             h.processElement(new StreamRecord<>(update("c2", "2.5", 2)));
+            // The window operator re-fires it within its allowed lateness: right behind, on the same channel.
+            h.processElement(new StreamRecord<>(update("c2", "4.0", 3)));
+            assertEquals(0, h.numEventTimeTimers(), "no timer waiting for a watermark advance that may never come");
+            h.setProcessingTime(1_000 + HOLD_MS - 1);
+            assertEquals(List.of(), h.extractOutputValues(), "1 ms before the hold ends");
+            h.setProcessingTime(1_000 + HOLD_MS);
             List<StreamRecord<? extends Row>> out = h.extractOutputStreamRecords();
-            assertEquals(1, out.size(), "no timer waiting for a watermark advance that may never come");
-            assertEquals("2.5", out.get(0).getValue().getField(6));
+            assertEquals(1, out.size(), "one emission, not one per re-fire");
+            assertEquals("4.0", out.get(0).getValue().getField(6));
+            assertEquals(3L, out.get(0).getValue().getField(8));
             assertEquals(CLOSE, out.get(0).getTimestamp());
-            assertEquals(0, h.numEventTimeTimers());
+            h.setProcessingTime(1_000 + 10 * HOLD_MS);
+            h.processWatermark(new Watermark(CLOSE + 600_000));
+            assertEquals(1, h.extractOutputValues().size());
+        }
+    }
+
+    @Test
+    void aHeldWindowSurvivesARestoreAndIsEmittedOnce() throws Exception {
+        OperatorSubtaskState snapshot;
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness()) {
+            h.open();
+            h.setProcessingTime(1_000);
+            h.processWatermark(new Watermark(CLOSE + 60_000));
+            h.processElement(new StreamRecord<>(update("c2", "2.5", 2)));
+            snapshot = h.snapshot(1, 2_000);
+        }
+        try (KeyedOneInputStreamOperatorTestHarness<String, Row, Row> h = harness()) {
+            h.initializeState(snapshot);
+            h.open();
+            h.setProcessingTime(1_000 + HOLD_MS);
+            assertEquals(1, h.extractOutputValues().size());
+            assertEquals("2.5", h.extractOutputValues().get(0).getField(6));
         }
     }
 
