@@ -26,88 +26,27 @@ known lateness, so every event's fate is fixed:
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from pathlib import Path
 
-import fastavro
 import pytest
 import yaml
 
 from connectors.avro_codec import UsageEvent
-from connectors.avro_types import load_schema
-from jobs.plan import CLOSED_WINDOW_SCHEMA, DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from jobs.windowing import is_late_after
 from meterflow.local import flink_jobs
 from meterflow.producer import send_events
 from sinks.postgres import apply_schema
 from tests.e2e.helpers import CLOSER_TENANT, closing_events, expected_totals, private_job, read_topic, send_raw, table_totals, wait_for, wait_watermark
-from tests.e2e.scenario import CLOCK_TENANT, WATERMARK_DELAY, WINDOW, base_events, malformed_records, usage_event
+from tests.e2e.batches import CLOSED_SCHEMA, DEAD_SCHEMA, LATE_SCHEMA, Batch, avro_decoder, clock_events, in_windows, to_ms, totals_of
+from tests.e2e.scenario import WATERMARK_DELAY, WINDOW, base_events, malformed_records
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EVENTS = int(os.environ.get("MF_TEST_E2E_EVENTS", "30000"))
 RISKY = 60  # events per window and batch
 OLD_LATENESS = timedelta(seconds=10)
-LATE_SCHEMA = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
-DEAD_SCHEMA = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
-CLOSED_SCHEMA = fastavro.parse_schema(load_schema(CLOSED_WINDOW_SCHEMA))
-
-
-def _ms(d: timedelta) -> int:
-    return int(d / timedelta(milliseconds=1))
-
-
-def _decoder(schema):
-    return lambda value: fastavro.schemaless_reader(io.BytesIO(value), schema)
-
-
-@dataclass
-class Batch:
-    """Events sent with a known watermark (epoch ms, the held one) under a known history of lateness."""
-
-    name: str
-    events: list[UsageEvent]
-    history: list[tuple[int, int | None]]  # (allowed lateness ms, watermark ms) steps, as jobs.windowing.is_late_after takes them
-    duplicates: list[UsageEvent] = field(default_factory=list)
-    bad: list[bytes] = field(default_factory=list)
-
-    @property
-    def watermark_ms(self) -> int | None:
-        return max((w for _, w in self.history if w is not None), default=None)
-
-    def late(self) -> list[UsageEvent]:
-        return [e for e in self.events if is_late_after(self.history, _end_ms(e))]
-
-    def counted(self) -> list[UsageEvent]:
-        return [e for e in self.events if not is_late_after(self.history, _end_ms(e))]
-
-
-def _end_ms(e: UsageEvent) -> int:
-    ms = int(e["event_time"].timestamp() * 1000)
-    size = _ms(WINDOW)
-    return ms - ms % size + size
-
-
-def _in_windows(rng: random.Random, start: datetime, tag: str, windows: list[int], n: int, span: timedelta = WINDOW) -> list[UsageEvent]:
-    """``n`` events in each window index of ``windows``, spread over the window's first ``span``, its last millisecond included."""
-    events = []
-    for w in windows:
-        for i in range(n):
-            offset = span - timedelta(milliseconds=1) if i == 0 else timedelta(milliseconds=rng.randint(0, _ms(span) - 1))
-            meter = ("api_calls", "tokens")[i % 2]
-            qty = Decimal(3) if meter == "api_calls" else Decimal("0.25")
-            events.append(usage_event(f"{tag}-w{w}-{i}", f"t{i % 4}", f"c{i % 25}", meter, qty, start + w * WINDOW + offset))
-    return events
-
-
-def _clock(start: datetime, tag: str, at: datetime, partitions: int) -> list[UsageEvent]:
-    return [usage_event(f"{tag}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), at) for p in range(partitions)]
 
 
 def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_window: int) -> None:
@@ -120,35 +59,35 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
     seconds = lambda s: start + timedelta(seconds=s)  # noqa: E731
     partitions = cfg.kafka.partitions
-    old, new = _ms(OLD_LATENESS), _ms(new_lateness)
-    stop_wm = _ms(seconds(29.999) - datetime.fromtimestamp(0, UTC))  # W1's close under 10 s
+    old, new = to_ms(OLD_LATENESS), to_ms(new_lateness)
+    stop_wm = to_ms(seconds(29.999) - datetime.fromtimestamp(0, UTC))  # W1's close under 10 s
     mid_wm = stop_wm + 25_001  # T+55 s
     # The watermark exactly at end - 1 ms + the new lateness of the boundary window.
-    after_wm = _ms(start + (boundary_window + 1) * WINDOW - datetime.fromtimestamp(0, UTC)) - 1 + new
+    after_wm = to_ms(start + (boundary_window + 1) * WINDOW - datetime.fromtimestamp(0, UTC)) - 1 + new
 
     base_first = base_events(rng, 1, start, 0, EVENTS // 2, timedelta(0), timedelta(seconds=25))
     base_second = base_events(rng, 1, start, EVENTS // 2, EVENTS - EVENTS // 2, timedelta(seconds=30), timedelta(seconds=25), jitter_ms=0)
     dup_first = rng.sample(base_first, len(base_first) // 10)
     dup_second = rng.sample(base_second, len(base_second) // 10)
     clocks = [
-        _clock(start, f"clk-stop-{name}", datetime.fromtimestamp(stop_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
-        _clock(start, f"clk-mid-{name}", datetime.fromtimestamp(mid_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
-        _clock(start, f"clk-after-{name}", datetime.fromtimestamp(after_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
+        clock_events(start, f"clk-stop-{name}", datetime.fromtimestamp(stop_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
+        clock_events(start, f"clk-mid-{name}", datetime.fromtimestamp(mid_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
+        clock_events(start, f"clk-after-{name}", datetime.fromtimestamp(after_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
     ]
     before = [(old, stop_wm)]
-    within = Batch("within", _in_windows(rng, start, f"wl-{name}", [2], RISKY), before)
-    in_flight = Batch("in-flight", _in_windows(rng, start, f"if-{name}", [0, 1], RISKY), before, rng.sample(base_first, RISKY), malformed_records(base_first[0], f"{name}-if"))
-    stopped = Batch("stopped", _in_windows(rng, start, f"st-{name}", [0, 1, 2], RISKY), [*before, (new, stop_wm)], rng.sample(base_first, RISKY), malformed_records(base_first[0], f"{name}-st"))
+    within = Batch("within", in_windows(rng, start, f"wl-{name}", [2], RISKY), before)
+    in_flight = Batch("in-flight", in_windows(rng, start, f"if-{name}", [0, 1], RISKY), before, rng.sample(base_first, RISKY), malformed_records(base_first[0], f"{name}-if"))
+    stopped = Batch("stopped", in_windows(rng, start, f"st-{name}", [0, 1, 2], RISKY), [*before, (new, stop_wm)], rng.sample(base_first, RISKY), malformed_records(base_first[0], f"{name}-st"))
     # W5's events of the mid batch stop at T+57 s: none moves the watermark past T+55 s.
-    mid_events = _in_windows(rng, start, f"md-{name}", [1, 2, 3, 4], RISKY) + _in_windows(rng, start, f"md5-{name}", [5], RISKY, span=timedelta(seconds=7, milliseconds=1))
+    mid_events = in_windows(rng, start, f"md-{name}", [1, 2, 3, 4], RISKY) + in_windows(rng, start, f"md5-{name}", [5], RISKY, span=timedelta(seconds=7, milliseconds=1))
     mid = Batch("mid", mid_events, [*before, (new, mid_wm)], rng.sample(base_second, RISKY))
-    after = Batch("after", _in_windows(rng, start, f"af-{name}", [0, 2, 3, 5], RISKY), [*before, (new, after_wm)], rng.sample(base_second, RISKY), malformed_records(base_first[0], f"{name}-af"))
+    after = Batch("after", in_windows(rng, start, f"af-{name}", [0, 2, 3, 5], RISKY), [*before, (new, after_wm)], rng.sample(base_second, RISKY), malformed_records(base_first[0], f"{name}-af"))
     batches = [within, in_flight, stopped, mid, after]
     closers = closing_events(start + timedelta(minutes=5), partitions)
     assert not within.late() and len(in_flight.late()) == len(in_flight.events), "the in-flight batch has one fate on either side of the stop"
 
     bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
-    late_topic = lambda: read_topic(bootstrap, cfg.kafka.late_events_topic, _decoder(LATE_SCHEMA))  # noqa: E731
+    late_topic = lambda: read_topic(bootstrap, cfg.kafka.late_events_topic, avro_decoder(LATE_SCHEMA))  # noqa: E731
     counted_so_far: list[UsageEvent] = []
 
     def send(batch: Batch) -> None:
@@ -162,8 +101,8 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
         wait_for(lambda: late <= {r["event_id"] for r in late_topic()}, 300, f"late events {what}")
         expected = expected_totals(counted_so_far, WINDOW)
         touched = expected_totals([e for b in batches_sent for e in b.counted()], WINDOW)
-        keys = [k for k in touched if _ms(k[3].replace(tzinfo=UTC) + WINDOW - datetime.fromtimestamp(0, UTC)) - 1 <= fired_by_ms]
-        wait_for(lambda: all(_totals(table_totals(cfg)).get(k) == expected[k] for k in keys), 300, f"counted events {what}")
+        keys = [k for k in touched if to_ms(k[3].replace(tzinfo=UTC) + WINDOW - datetime.fromtimestamp(0, UTC)) - 1 <= fired_by_ms]
+        wait_for(lambda: all(totals_of(table_totals(cfg)).get(k) == expected[k] for k in keys), 300, f"counted events {what}")
 
     job_id = flink_jobs.submit(cfg, path)
     try:
@@ -208,12 +147,12 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
         send_events(bootstrap, topic, closers, partition_for=lambda i, e: i)
         wait_decided([after], "after the change", after_wm)
         final = expected_totals(counted_so_far, WINDOW)
-        wait_for(lambda: _totals(table_totals(cfg)) == final, 300, "final totals in Postgres")
+        wait_for(lambda: totals_of(table_totals(cfg)) == final, 300, "final totals in Postgres")
         wait_for(lambda: all(r.is_final for r in table_totals(cfg).values()), 120, "every window marked final")
         time.sleep(2 * cfg.flink.checkpoint_interval.total_seconds())  # anything extra would be committed by now
         late = late_topic()
-        dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, _decoder(DEAD_SCHEMA))
-        closed = read_topic(bootstrap, cfg.kafka.closed_windows_topic, _decoder(CLOSED_SCHEMA))
+        dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, avro_decoder(DEAD_SCHEMA))
+        closed = read_topic(bootstrap, cfg.kafka.closed_windows_topic, avro_decoder(CLOSED_SCHEMA))
         rows = table_totals(cfg)
         restarted_at = flink_jobs.job_details(cfg, job_id)["timestamps"].get("RESTARTING", 0)
     finally:
@@ -226,7 +165,7 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
     expected_late = {e["event_id"]: b.watermark_ms for b in batches for e in b.late()}
     assert sorted(r["event_id"] for r in late) == sorted(expected_late)
     for r in late:
-        assert _ms(r["watermark"] - datetime.fromtimestamp(0, UTC)) == expected_late[r["event_id"]], r
+        assert to_ms(r["watermark"] - datetime.fromtimestamp(0, UTC)) == expected_late[r["event_id"]], r
         assert r["window_start"] <= r["event_time"] < r["window_end"]
     bad = [b for batch in batches for b in batch.bad]
     assert sorted(r["payload"] for r in dead) == sorted(bad)
@@ -237,20 +176,16 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
     assert counted == len(counted_so_far)
     assert counted + len(late) + duplicates + len(dead) == len(sent) + len(bad)
     # Exact windows against the oracle, every row final and complete.
-    assert _totals(rows) == expected_totals(counted_so_far, WINDOW)
+    assert totals_of(rows) == expected_totals(counted_so_far, WINDOW)
     assert all(r.is_final and r.revision == r.event_count for r in rows.values())
     # The closed-windows topic published each window once, with its final value (the closers' windows stay open).
     published = {(c["tenant_id"], c["customer_id"], c["meter"], c["window_start"].replace(tzinfo=None)): (c["quantity"], c["event_count"]) for c in closed if c["tenant_id"] != CLOSER_TENANT}
     assert len(published) == len([c for c in closed if c["tenant_id"] != CLOSER_TENANT]), "a window was published twice"
-    assert published == _totals(rows)
+    assert published == totals_of(rows)
     print(
         f"\nLATENESS_CHANGE scenario={name} lateness={old}->{new} ms sent={len(sent) + len(bad)} counted={counted} late={len(late)} "
         f"duplicates={duplicates} dead_letters={len(dead)} windows={len(rows)}"
     )
-
-
-def _totals(rows: dict) -> dict:
-    return {k: (r.quantity, r.event_count) for k, r in rows.items()}
 
 
 def test_raised_lateness_keeps_closed_windows_closed(e2e_stack):
