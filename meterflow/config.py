@@ -256,6 +256,20 @@ class StripeConfig(_Section):
 
     api_base: str | None = None
     api_key: SecretStr | None = None
+    meter_events_api: Literal["v1", "v2_stream"] = Field(
+        "v1",
+        description="v1: one POST /v1/billing/meter_events per delivery (validated at once; 1,000 calls/s live). v2_stream: POST /v2/billing/meter_event_stream, up to stream_batch_size deliveries per request under a meter event session (validated after acceptance; errors come back as error reports).",
+    )
+    meter_events_base: str | None = Field(None, description="Base address of the v2 meter event stream; default Stripe's (https://meter-events.stripe.com).")
+    stream_batch_size: int = Field(100, ge=1, le=100, description="Deliveries per v2 stream request (Stripe takes at most 100).")
+    stream_linger: Duration = Field(timedelta(milliseconds=20), description="How long a v2 stream request waits for more deliveries before it goes out with fewer than stream_batch_size.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StripeConfig:
+        if self.stream_linger < timedelta(0) or self.stream_linger > timedelta(seconds=1):
+            msg = f"stripe.stream_linger must be between 0s and 1s, got {format_duration(self.stream_linger)}"
+            raise ValueError(msg)
+        return self
 
 
 class BillingConfig(_Section):

@@ -70,7 +70,7 @@ USAGE_JOB_METRICS = frozenset(
 # last counted it (deliveries pending and failed, gauges; every subtask reports the same count).
 BILLING_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + f"meterflow_billing_{name}"
-    for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections", "retries_handed_out", "ledger_pending", "ledger_failed")
+    for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections", "retries_handed_out", "ledger_pending", "ledger_failed", "stream_errors_reported")
 )
 # The corrections follower's own endpoint (meterflow/commands/corrections_metrics.py; prometheus_client
 # adds ``_total`` to a counter's name).

@@ -26,7 +26,7 @@ from pyflink.datastream import AsyncFunction, FlatMapFunction
 
 from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
-from meterflow.errors import SinkError
+from meterflow.errors import ProviderError, SinkError
 from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
 from sinks.delivery import Deliverer
 from sinks.postgres_schema import check_identifier
@@ -127,10 +127,10 @@ class DeliverClosedWindows(AsyncFunction):
         # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
         if self.deliverer is None:
             from sinks.ledger_async import AsyncPostgresLedger
-            from sinks.stripe_provider import StripeMeterEvents
+            from sinks.stripe_stream import meter_events_provider
 
             ledger = self.ledger = AsyncPostgresLedger(self.cfg, self.worker)
-            self.deliverer = Deliverer(self.cfg, StripeMeterEvents(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
+            self.deliverer = Deliverer(self.cfg, meter_events_provider(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
             self.deliverer.on_background_outcome = self._count
         return self.deliverer
 
@@ -153,10 +153,14 @@ class RetryScan(FlatMapFunction):
     """Once a tick: the deliveries whose retry is due, leased in the ledger, as billing input rows.
 
     Each tick also counts the ledger's backlog (gauges ``billing_ledger_pending`` and
-    ``billing_ledger_failed``; they keep the last count while Postgres is away).
+    ``billing_ledger_failed``; they keep the last count while Postgres is away). With the v2
+    stream, the first subtask reads Stripe's error reports every ``ERROR_REPORT_POLL_S`` and marks
+    the deliveries of each reported request dead with the report (counter
+    ``billing_stream_errors_reported``; sinks/stripe_stream.py).
     """
 
     BATCH = 500  # per tick; a backlog drains at this rate at most, in next_attempt_at order
+    ERROR_REPORT_POLL_S = 30.0
 
     def __init__(self, config_without_secrets: dict[str, Any]) -> None:
         self.config_data = config_without_secrets
@@ -170,6 +174,10 @@ class RetryScan(FlatMapFunction):
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.handed_out = group.counter("billing_retries_handed_out")
         self.backlog = (0, 0)
+        self.reads_error_reports = self.cfg.stripe.meter_events_api == "v2_stream" and runtime_context.get_index_of_this_subtask() == 0
+        self.reports_applied: set[tuple[str, str]] = set()
+        self.next_report_poll = 0.0
+        self.reported = group.counter("billing_stream_errors_reported")
         group.gauge("billing_ledger_pending", lambda: self.backlog[0])
         group.gauge("billing_ledger_failed", lambda: self.backlog[1])
 
@@ -190,6 +198,9 @@ class RetryScan(FlatMapFunction):
             due = due_retries(self.conn, self.cfg, self.BATCH, self.scanner)
             pending, failed = self.conn.execute(backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}).fetchone()
             self.backlog = (int(pending), int(failed))
+            if self.reads_error_reports and time.time() >= self.next_report_poll:
+                self.next_report_poll = time.time() + self.ERROR_REPORT_POLL_S
+                self._apply_error_reports()
         except (psycopg.Error, OSError) as e:
             # Postgres away: the deliveries wait in the ledger; the next tick tries again.
             log.warning("retry scan: %s", e)
@@ -197,6 +208,33 @@ class RetryScan(FlatMapFunction):
         for identifier, tenant, customer, meter, dims, start_ms, end_ms in due:
             self.handed_out.inc()
             yield Row(billing_key(tenant, customer, meter), tenant, customer, meter, dims, int(start_ms), int(end_ms), "0", 0, 0, identifier)
+
+    def _apply_error_reports(self) -> None:
+        """Stripe's error reports into the ledger: each reported request's sent deliveries, dead with the report."""
+        from sinks.ledger_async import mark_reported
+        from sinks.stripe_stream import StripeMeterEventStream
+
+        async def read() -> list:
+            provider = StripeMeterEventStream(self.cfg)
+            try:
+                return await provider.error_reports([m.name for m in self.cfg.meters])
+            finally:
+                await provider.close()
+
+        try:
+            reports = asyncio.run(read())
+        except ProviderError as e:
+            # Stripe away: the reports stay there; the next poll reads them.
+            log.warning("reading Stripe's error reports: %s", e)
+            return
+        for report in reports:
+            if (report.report_id, report.request_id) in self.reports_applied:
+                continue
+            marked = mark_reported(self.conn, self.cfg, report.request_id, report.reason)
+            if marked:
+                log.error("%s: %d deliveries marked dead (replay them once the cause is fixed)", report.reason, len(marked))
+                self.reported.inc(len(marked))
+            self.reports_applied.add((report.report_id, report.request_id))
 
     def close(self) -> None:
         if self.conn is not None:

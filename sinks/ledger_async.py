@@ -32,6 +32,7 @@ from sinks.ledger_schema import (
     mark_sql,
     record_check_sql,
     release_leases_sql,
+    reported_dead_sql,
     window_state_sql,
 )
 
@@ -249,3 +250,9 @@ def release_leases(conn: psycopg.Connection, cfg: JobConfig, prefix: str, worker
     """Make due at once what earlier runs named ``<prefix>*`` (not ``worker``) held leased; their identifiers."""
     params = {"provider": cfg.billing.provider, "prefix": f"{prefix}%", "worker": worker}
     return [r[0] for r in conn.execute(release_leases_sql(cfg.billing.ledger_table), params).fetchall()]
+
+
+def mark_reported(conn: psycopg.Connection, cfg: JobConfig, request_id: str, reason: str) -> list[str]:
+    """Mark dead the sent deliveries of a request the provider reported errors for; their identifiers."""
+    params = {"provider": cfg.billing.provider, "request_id": request_id, "reason": reason}
+    return [r[0] for r in conn.execute(reported_dead_sql(cfg.billing.ledger_table), params).fetchall()]

@@ -283,6 +283,17 @@ def mark_sql(ledger_table: str, status: str) -> str:
     raise ValueError(msg)
 
 
+def reported_dead_sql(ledger_table: str) -> str:
+    """Mark dead, with the provider's report, the sent deliveries of a request the provider reported
+    errors for after accepting it (the v2 stream). A delivery sent again since carries another
+    request id and is left alone; a replay of these resends the same identifiers."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET status = 'dead', last_error = %(reason)s, next_attempt_at = NULL, leased = false "
+        "WHERE provider = %(provider)s AND provider_response_id = %(request_id)s AND status = 'sent' RETURNING identifier"
+    )
+
+
 def defer_sql(ledger_table: str) -> str:
     """Leave a delivery for the retry scan at a later time (its key is backing off, or holds enough
     deliveries already); no attempt counted. A lease on it (this worker's claim, or the retry scan's

@@ -29,7 +29,8 @@ def _retry_after(headers: object) -> float | None:
         return None
 
 
-def _provider_error(e: stripe.StripeError) -> ProviderError:
+def provider_error(e: stripe.StripeError) -> ProviderError:
+    """The deliverer's view of an SDK error: its status, and whether another attempt may succeed."""
     if isinstance(e, stripe.APIConnectionError):  # timeouts and dropped connections: the event may or may not have arrived
         return ProviderError(f"connection failed: {e.user_message or e}", status=None, retryable=True)
     status = e.http_status
@@ -49,9 +50,10 @@ class StripeMeterEvents:
                 msg = "billing is enabled but there is no Stripe API key: set METERFLOW_STRIPE_API_KEY or put it in the secrets file"
                 raise ConfigError(msg)
             self._http = stripe.AIOHTTPClient(timeout=cfg.billing.request_timeout.total_seconds())
+            bases = {"api": cfg.stripe.api_base, "meter_events": cfg.stripe.meter_events_base}
             client = stripe.StripeClient(
                 cfg.stripe.api_key.get_secret_value(),
-                base_addresses={"api": cfg.stripe.api_base} if cfg.stripe.api_base else None,
+                base_addresses={k: v for k, v in bases.items() if v} or None,
                 max_network_retries=0,
                 http_client=self._http,
             )
@@ -68,7 +70,7 @@ class StripeMeterEvents:
         try:
             created = await self.client.v1.billing.meter_events.create_async(params, options={"idempotency_key": event.identifier})
         except stripe.StripeError as e:
-            raise _provider_error(e) from e
+            raise provider_error(e) from e
         response = created.last_response
         return (response.request_id if response is not None else None) or created.identifier
 
@@ -80,7 +82,7 @@ class StripeMeterEvents:
                 async for meter in meters.auto_paging_iter():
                     self._meter_ids[meter.event_name] = meter.id
             except stripe.StripeError as e:
-                raise _provider_error(e) from e
+                raise provider_error(e) from e
         if event_name not in self._meter_ids:
             msg = f"no Stripe meter has event_name {event_name!r}: create it in the dashboard"
             raise ProviderError(msg, status=None, retryable=False)
@@ -93,7 +95,7 @@ class StripeMeterEvents:
         try:
             summaries = await self.client.v1.billing.meters.event_summaries.list_async(meter, params)
         except stripe.StripeError as e:
-            raise _provider_error(e) from e
+            raise provider_error(e) from e
         # The API reports a JSON number; its shortest repr is the decimal it was written as.
         return sum((Decimal(repr(s.aggregated_value)) for s in summaries.data), Decimal(0))
 

@@ -108,9 +108,9 @@ async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
     from sinks.billing import Dead
     from sinks.delivery import Deliverer
     from sinks.ledger_async import AsyncPostgresLedger
-    from sinks.stripe_provider import StripeMeterEvents
+    from sinks.stripe_stream import meter_events_provider
 
-    ledger, provider = AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1), StripeMeterEvents(cfg)
+    ledger, provider = AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1), meter_events_provider(cfg)
     deliverer = Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep)
     counts: dict[str, int] = defaultdict(int)
     columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -323,7 +323,7 @@ def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, 
 
     from sinks.ledger import fetch_customers, fetch_sent_groups
     from sinks.reconcile import provider_differences, summary_bounds
-    from sinks.stripe_provider import StripeMeterEvents
+    from sinks.stripe_stream import meter_events_provider
     from sinks.whole_values import billing_period_start
 
     now = datetime.now(UTC)
@@ -337,7 +337,7 @@ def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, 
     ahead = int(cfg.billing.max_window_ahead.total_seconds())
 
     async def ask() -> dict:
-        provider = StripeMeterEvents(cfg)
+        provider = meter_events_provider(cfg)
         try:
             return {(g.provider_customer_id, g.event_name, g.month): await provider.total(g.event_name, g.provider_customer_id, *summary_bounds(g.month, now, ahead)) for g in groups}
         finally:

@@ -15,7 +15,9 @@ state the way the billing tests need it:
   answer until released: "between the API call and the checkpoint");
 * timestamps outside the past 35 days / next 5 minutes are refused with 400, like Stripe;
 * values that are not whole numbers are refused with 400, like Stripe's default account
-  (``decimals=True``: an account with decimals enabled, which refuses more than 15 significant digits).
+  (``decimals=True``: an account with decimals enabled, which refuses more than 15 significant digits);
+* the v2 meter event stream and its sessions, validated after acceptance with error reports
+  (tests/support/fake_stripe_stream.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
+
+from tests.support.fake_stripe_stream import StreamEndpoints
 
 DEDUP_WINDOW_S = 24 * 3600
 
@@ -81,6 +85,7 @@ class FakeStripe:
     latency: float = 0.0
     event_names: tuple[str, ...] = ("api_calls", "tokens")
     decimals: bool = False  # an account with decimal meter values enabled (Stripe: on request)
+    session_ttl: float = 900.0  # seconds a v2 meter event session lives (Stripe: 15 minutes)
     accepted: dict[str, AcceptedEvent] = field(default_factory=dict)
     events: list[AcceptedEvent] = field(default_factory=list)  # every accepted event, a second one under a forgotten identifier too
     requests: list[RequestRecord] = field(default_factory=list)
@@ -99,6 +104,14 @@ class FakeStripe:
     arrivals: list[str] = field(default_factory=list)  # identifiers of meter event requests as they arrive
     _server: ThreadingHTTPServer | None = None
     _counter: int = 0
+    _stream: StreamEndpoints | None = None
+
+    @property
+    def stream(self) -> StreamEndpoints:
+        """The v2 routes: sessions, the meter event stream, error reports."""
+        if self._stream is None:
+            self._stream = StreamEndpoints(self)
+        return self._stream
 
     # -- control -------------------------------------------------------------------------------
     def inject(self, *faults: Fault) -> None:
@@ -147,10 +160,12 @@ class FakeStripe:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                identifier = parse_qs(body.decode()).get("identifier", [""])[0]
+                v1 = not self.path.startswith("/v2/")  # the stream records each event's arrival itself
+                identifier = parse_qs(body.decode()).get("identifier", [""])[0] if v1 else ""
                 with fake._lock:
                     fake.in_flight += 1
-                    fake.arrivals.append(identifier)
+                    if v1:
+                        fake.arrivals.append(identifier)
                 try:
                     if fake.latency:
                         time.sleep(fake.latency)
@@ -200,6 +215,8 @@ class FakeStripe:
             return None if fault is not None and fault.kind == "pass" else fault
 
     def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        if handler.path.startswith("/v2/"):
+            return self.stream.handle_post(handler, body)
         if handler.path.split("?")[0] != "/v1/billing/meter_events":
             return self._answer(handler, 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}})
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
@@ -230,6 +247,8 @@ class FakeStripe:
     def _handle_get(self, handler: BaseHTTPRequestHandler) -> None:
         path, _, query = handler.path.partition("?")
         params = {k: v[0] for k, v in parse_qs(query).items()}
+        if path.startswith("/v2/"):
+            return self.stream.handle_get(handler, path, params)
         if path == "/v1/billing/meters":
             with self._lock:
                 names = sorted(set(self.event_names) | {e.event_name for e in self.events})
@@ -320,7 +339,8 @@ class FakeStripe:
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(data)))
-        handler.send_header("Request-Id", request_id)
+        if "Request-Id" not in (headers or {}):
+            handler.send_header("Request-Id", request_id)
         for name, value in (headers or {}).items():
             handler.send_header(name, value)
         handler.end_headers()

@@ -1,0 +1,207 @@
+"""Stripe's v2 meter event stream: the Provider of sinks/delivery.py with up to 100 deliveries per request.
+
+``POST /v2/billing/meter_event_stream`` takes up to 100 events per request under a meter event
+session (a token valid 15 minutes, created with the API key). The deliverer still hands over one
+delivery at a time, under its per-key lock, rate and retries; the deliveries of a subtask that are
+in flight together are gathered into one request (at most ``stripe.stream_batch_size``, waiting at
+most ``stripe.stream_linger`` for more), and each caller gets the request's outcome: accepted with
+the request id, or the request's error.
+
+Stripe validates the stream's events after it accepted them: a bad event is dropped and reported
+later in a ``v1.billing.meter.error_report_triggered`` event, whose sample errors name the request,
+not the event. :meth:`StripeMeterEventStream.error_reports` reads them; the retry scan marks every
+delivery of a reported request dead with the report (jobs/billing_job.py), which an operator
+replays once the cause is fixed: Stripe deduplicates identifiers for 24 h, so the events of that
+request it did count are not counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+
+from meterflow.config import JobConfig
+from meterflow.errors import ProviderError
+from sinks.billing import MeterEvent
+from sinks.stripe_provider import StripeMeterEvents, provider_error
+
+STREAM_PATH = "/v2/billing/meter_event_stream"
+ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
+# A session is renewed this long before Stripe says it expires, so no request carries a token
+# that expires on the way.
+SESSION_RENEW_MARGIN_S = 60.0
+
+
+def stream_event(event: MeterEvent) -> dict[str, Any]:
+    """A delivery as one event of a stream request: v2 takes the timestamp as RFC 3339 and the payload as strings."""
+    return {
+        "event_name": event.event_name,
+        "identifier": event.identifier,
+        "timestamp": datetime.fromtimestamp(event.timestamp, UTC).isoformat().replace("+00:00", "Z"),
+        "payload": {"stripe_customer_id": event.provider_customer_id, "value": event.value},
+    }
+
+
+@dataclass(frozen=True)
+class Session:
+    """A meter event session: its token and when Stripe stops taking it (epoch seconds)."""
+
+    token: str
+    expires_at: float
+
+    def usable(self, now: float) -> bool:
+        return now < self.expires_at - SESSION_RENEW_MARGIN_S
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """One sample error of an error report: the request it names, the error code and message."""
+
+    report_id: str
+    created: str
+    request_id: str
+    code: str
+    message: str
+    error_count: int  # events of this code in the report, of which this is a sample
+
+    @property
+    def reason(self) -> str:
+        return f"Stripe reported {self.code} for events of request {self.request_id} ({self.error_count} in report {self.report_id}): {self.message}"
+
+
+def error_reports_of(events: list[Any]) -> list[ErrorReport]:
+    """The sample errors of error-report events (v2 core events, as dicts or Stripe objects)."""
+    reports = []
+    for e in events:
+        if e.get("type") != ERROR_REPORT_EVENT:
+            continue
+        reason = (e.get("data") or {}).get("reason") or {}
+        for error_type in reason.get("error_types") or []:
+            for sample in error_type.get("sample_errors") or []:
+                request_id = (sample.get("request") or {}).get("id")
+                if request_id:
+                    reports.append(ErrorReport(e["id"], str(e.get("created")), request_id, error_type.get("code", ""), sample.get("error_message", ""), int(error_type.get("error_count", 0))))
+    return reports
+
+
+class StripeMeterEventStream(StripeMeterEvents):
+    """Meter events through ``POST /v2/billing/meter_event_stream``; summaries and meters as in v1."""
+
+    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(cfg, client)
+        self._batch_size = cfg.stripe.stream_batch_size
+        self._linger = cfg.stripe.stream_linger.total_seconds()
+        self._clock = clock
+        self._pending: list[tuple[MeterEvent, asyncio.Future[str]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._requests: set[asyncio.Task] = set()
+        self._session: Session | None = None
+        self._session_lock = asyncio.Lock()
+        self.sessions_created = 0
+        self.requests_sent = 0
+
+    async def send(self, event: MeterEvent) -> str:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[str] = loop.create_future()
+        self._pending.append((event, answer))
+        if len(self._pending) >= self._batch_size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._linger, self._flush)
+        return await answer
+
+    def _flush(self) -> None:
+        """Send what is pending, in requests of at most the batch size."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+            task = asyncio.ensure_future(self._send_batch(batch))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+    async def _send_batch(self, batch: list[tuple[MeterEvent, asyncio.Future[str]]]) -> None:
+        try:
+            request_id = await self._post([stream_event(e) for e, _ in batch])
+        except ProviderError as e:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(e)
+        except BaseException as e:  # a bug or a cancellation must reach every caller, never leave one waiting
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(e)
+            raise
+        else:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_result(request_id)
+
+    async def _post(self, events: list[dict[str, Any]]) -> str:
+        """One stream request; a session Stripe says expired is renewed and the request sent once more."""
+        for attempt in (1, 2):
+            session = await self._session_for()
+            try:
+                response = await self.client.raw_request_async("post", STREAM_PATH, base="meter_events", api_key=session.token, events=events)
+            except stripe.TemporarySessionExpiredError as e:
+                self._drop_session(session)
+                if attempt == 2:
+                    raise provider_error(e) from e
+            except stripe.StripeError as e:
+                raise provider_error(e) from e
+            else:
+                self.requests_sent += 1
+                return response.request_id or f"stream-{self.requests_sent}"
+        raise AssertionError("unreachable")
+
+    async def _session_for(self) -> Session:
+        async with self._session_lock:
+            if self._session is None or not self._session.usable(self._clock()):
+                try:
+                    created = await self.client.v2.billing.meter_event_session.create_async()
+                except stripe.StripeError as e:
+                    raise provider_error(e) from e
+                expires = datetime.fromisoformat(str(created.expires_at)).timestamp()
+                self._session = Session(created.authentication_token, expires)
+                self.sessions_created += 1
+            return self._session
+
+    def _drop_session(self, session: Session) -> None:
+        if self._session is session:
+            self._session = None
+
+    async def error_reports(self, event_names: list[str]) -> list[ErrorReport]:
+        """Sample errors of the error reports Stripe holds for the meters of ``event_names``."""
+        found: list[ErrorReport] = []
+        for name in event_names:
+            meter = await self.meter_id(name)
+            try:
+                response = await self.client.raw_request_async("get", f"/v2/core/events?object_id={meter}")
+            except stripe.StripeError as e:
+                raise provider_error(e) from e
+            found += error_reports_of(list(_json(response).get("data") or []))
+        return found
+
+    async def close(self) -> None:
+        self._flush()
+        if self._requests:
+            await asyncio.gather(*self._requests, return_exceptions=True)
+        await super().close()
+
+
+def _json(response: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(response.body) if hasattr(response, "body") else dict(response)
+
+
+def meter_events_provider(cfg: JobConfig) -> StripeMeterEvents:
+    """The provider ``stripe.meter_events_api`` names; create it inside the event loop that uses it."""
+    return StripeMeterEventStream(cfg) if cfg.stripe.meter_events_api == "v2_stream" else StripeMeterEvents(cfg)

@@ -1,0 +1,188 @@
+"""The v2 meter event stream provider against the fake Stripe's stream on loopback.
+
+Deliveries in flight together share one request of at most 100 events; the session is created once,
+renewed before it expires and after Stripe says it expired; faults reach every caller of a request;
+events Stripe validates after accepting come back as error reports that name the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+
+from meterflow.config import JobConfig
+from meterflow.errors import ProviderError
+from sinks.billing import MeterEvent
+from sinks.stripe_stream import SESSION_RENEW_MARGIN_S, StripeMeterEventStream, error_reports_of, meter_events_provider, stream_event
+from tests.support.fake_stripe import DROP, FakeStripe, reject
+
+EVENT_TIME = int(time.time()) - 60
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    server = FakeStripe().start()
+    yield server
+    server.stop()
+
+
+def config(fake: FakeStripe, **stripe: object) -> JobConfig:
+    return JobConfig.model_validate({
+        "stripe": {"api_base": fake.url, "meter_events_base": fake.url, "api_key": "sk_test_unit", "meter_events_api": "v2_stream", **stripe},
+        "billing": {"enabled": True, "request_timeout": "2s"},
+    })  # fmt: skip
+
+
+def event(i: int, value: str = "3", timestamp: int = EVENT_TIME) -> MeterEvent:
+    return MeterEvent(f"mf-{i}", "tokens", f"cus_{i % 7}", value, timestamp)
+
+
+def run(cfg: JobConfig, body, clock=time.time):  # noqa: ANN001, ANN201 - an async test body and what it returns
+    async def once():  # noqa: ANN202
+        p = StripeMeterEventStream(cfg, clock=clock)
+        try:
+            return await body(p)
+        finally:
+            await p.close()
+
+    return asyncio.run(once())
+
+
+def send_all(p: StripeMeterEventStream, events: list[MeterEvent]):  # noqa: ANN201 - a coroutine
+    return asyncio.gather(*(p.send(e) for e in events), return_exceptions=True)
+
+
+def test_the_config_chooses_the_stream():
+    assert type(meter_events_provider(config(FakeStripe().start()))) is StripeMeterEventStream
+    v1 = JobConfig.model_validate({"stripe": {"api_key": "sk_test_unit"}, "billing": {"enabled": True}})
+    assert type(meter_events_provider(v1)) is not StripeMeterEventStream
+
+
+def test_a_stream_event_carries_an_rfc3339_timestamp_and_string_payload():
+    body = stream_event(MeterEvent("mf-1", "tokens", "cus_1", "12", 1_767_225_600))
+    assert body == {"event_name": "tokens", "identifier": "mf-1", "timestamp": "2026-01-01T00:00:00Z", "payload": {"stripe_customer_id": "cus_1", "value": "12"}}
+
+
+def test_deliveries_in_flight_together_share_requests_of_at_most_the_batch_size(fake):
+    events = [event(i) for i in range(250)]
+
+    async def body(p):  # noqa: ANN001, ANN202
+        answers = await send_all(p, events)
+        return answers, p.requests_sent, p.sessions_created
+
+    answers, requests, sessions = run(config(fake), body)
+    assert (requests, sessions, fake.stream.stream_requests) == (3, 1, 3)
+    assert len(set(answers)) == 3 and all(a.startswith("req_fake_stream_") for a in answers)
+    assert sorted(fake.accepted) == sorted(e.identifier for e in events)
+    assert fake.total("tokens", "cus_0", EVENT_TIME - 1, EVENT_TIME + 1) == Decimal(3 * len([i for i in range(250) if i % 7 == 0]))
+
+
+def test_a_smaller_batch_size_and_a_lone_delivery_after_the_linger(fake):
+    async def body(p):  # noqa: ANN001, ANN202
+        await send_all(p, [event(i) for i in range(10)])
+        lone = await p.send(event(99))
+        return p.requests_sent, lone
+
+    requests, lone = run(config(fake, stream_batch_size=4, stream_linger="5ms"), body)
+    assert requests == 3 + 1 and lone.startswith("req_fake_stream_")
+
+
+def test_a_resent_identifier_is_counted_once(fake):
+    async def body(p):  # noqa: ANN001, ANN202
+        await p.send(event(1))
+        await p.send(event(1))
+
+    run(config(fake), body)
+    assert [r.outcome for r in fake.requests] == ["accepted", "duplicate"]
+    assert len(fake.events) == 1
+
+
+def test_the_session_is_renewed_before_it_expires(fake):
+    now = [time.time()]  # the provider's clock; the fake's session expiry is on the real one
+
+    async def body(p):  # noqa: ANN001, ANN202
+        await p.send(event(1))
+        now[0] += fake.session_ttl - SESSION_RENEW_MARGIN_S - 1
+        await p.send(event(2))
+        first = p.sessions_created
+        now[0] += 2
+        await p.send(event(3))
+        return first, p.sessions_created
+
+    assert run(config(fake), body, clock=lambda: now[0]) == (1, 2)
+
+
+def test_a_session_the_fake_expired_is_renewed_and_the_request_sent_again(fake):
+    fake.session_ttl = 0.2
+
+    async def body(p):  # noqa: ANN001, ANN202
+        await p.send(event(1))
+        await asyncio.sleep(0.3)
+        # The provider's clock says the session is good for a long time; the fake says it expired.
+        await p.send(event(2))
+        return p.sessions_created
+
+    assert run(config(fake), body, clock=lambda: 0.0) == 2
+    assert sorted(fake.accepted) == ["mf-1", "mf-2"]
+
+
+def test_a_fault_reaches_every_delivery_of_the_request(fake):
+    fake.inject(reject(429, retry_after=2))
+
+    async def body(p):  # noqa: ANN001, ANN202
+        return await send_all(p, [event(i) for i in range(5)])
+
+    answers = run(config(fake), body)
+    assert all(isinstance(a, ProviderError) and a.status == 429 and a.retryable and a.retry_after == 2.0 for a in answers)
+    assert fake.accepted == {}
+
+
+def test_a_dropped_request_is_retryable_and_may_have_been_accepted(fake):
+    fake.inject(DROP)
+
+    async def body(p):  # noqa: ANN001, ANN202
+        return await send_all(p, [event(i) for i in range(3)])
+
+    answers = run(config(fake), body)
+    assert all(isinstance(a, ProviderError) and a.retryable for a in answers)
+    assert sorted(fake.accepted) == ["mf-0", "mf-1", "mf-2"]
+
+
+def test_more_than_100_events_in_one_request_is_refused_by_the_fake(fake):
+    import json
+    import urllib.request
+
+    token = json.loads(urllib.request.urlopen(urllib.request.Request(f"{fake.url}/v2/billing/meter_event_session", data=b"{}", method="POST")).read())["authentication_token"]
+    body = json.dumps({"events": [stream_event(event(i)) for i in range(101)]}).encode()
+    request = urllib.request.Request(f"{fake.url}/v2/billing/meter_event_stream", data=body, method="POST", headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request)
+    assert e.value.code == 400
+    assert fake.accepted == {}
+
+
+def test_events_stripe_refuses_after_accepting_come_back_as_error_reports(fake):
+    events = [event(1), event(2, value="2.5"), event(3, timestamp=int(time.time()) + 3600), event(4)]
+
+    async def body(p):  # noqa: ANN001, ANN202
+        answers = await send_all(p, events)
+        return answers, await p.error_reports(["tokens"])
+
+    answers, reports = run(config(fake), body)
+    assert len(set(answers)) == 1  # one request, accepted
+    assert sorted(fake.accepted) == ["mf-1", "mf-4"]
+    assert sorted(r.code for r in reports) == ["meter_event_invalid_value", "timestamp_in_future"]
+    assert {r.request_id for r in reports} == {answers[0]}
+    assert all(answers[0] in r.reason for r in reports)
+
+
+def test_error_reports_of_skips_other_events_and_samples_without_a_request():
+    events = [
+        {"id": "evt_1", "type": "v1.billing.meter.no_meter_found", "data": {}},
+        {"id": "evt_2", "type": "v1.billing.meter.error_report_triggered", "created": "t", "data": {"reason": {"error_types": [{"code": "x", "error_count": 3, "sample_errors": [{"error_message": "m", "request": {"id": "req_1"}}, {"error_message": "n"}]}]}}},
+    ]
+    assert [(r.report_id, r.request_id, r.code, r.error_count) for r in error_reports_of(events)] == [("evt_2", "req_1", "x", 3)]
