@@ -75,7 +75,8 @@ def job_config(stack: BenchStack, name: str, api_base: str, **sections: dict) ->
     postgres = {**stack.base["postgres"], "usage_table": f"usage_{name}_{run}"}
     billing = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", **sections.pop("billing", {})}
     flink = {**stack.base["flink"], "job_name": f"bench-{name}-{run}", **sections.pop("flink", {})}
-    cfg, path = stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, billing=billing, flink=flink, stripe={"api_base": api_base}, **sections)
+    stripe = {"api_base": api_base, **sections.pop("stripe", {})}
+    cfg, path = stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, billing=billing, flink=flink, stripe=stripe, **sections)
     from connectors.kafka_admin import ensure_project_topics
     from sinks.ledger import apply_schemas
 
@@ -131,13 +132,15 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 # ------------------------------------------------------------------ 1. throughput
 
 
-def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_flight: int) -> dict[str, Any]:
-    """Sent deliveries per second of the billing job (2 subtasks) against the fake answering after ``latency_ms``."""
+def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_flight: int, api: str = "v1") -> dict[str, Any]:
+    """Sent deliveries per second of the billing job (2 subtasks) against the fake answering after
+    ``latency_ms``, through Stripe's ``api`` (``v1``: a call per delivery; ``v2_stream``: requests of up to 100)."""
     from tests.e2e.helpers import closed_window, publish_closed_windows
 
     fake = FakeProcess(latency=latency_ms / 1000)
     try:
-        cfg, path = job_config(stack, f"tp{latency_ms}", fake.url, billing={"max_in_flight": max_in_flight, "parallelism": 2})
+        stripe = {"meter_events_api": api, "meter_events_base": fake.url} if api != "v1" else {}
+        cfg, path = job_config(stack, f"tp{latency_ms}{api.replace('_', '')}", fake.url, billing={"max_in_flight": max_in_flight, "parallelism": 2}, stripe=stripe)
         customers = 500
         per_key = max(1, windows // (customers * 2))
         map_customers(cfg, 2, customers)
@@ -175,7 +178,7 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
         hi = next(t for t, n in samples if n >= 0.9 * len(records))
         steady = 0.8 * len(records) / (hi - lo) if hi > lo else float("nan")
         spent = {k: round(1000 * (cpu["to"][k] - cpu["from"][k]) / (0.8 * len(records)), 3) for k in cpu.get("to", {})}
-        result = {"cpu_ms_per_delivery": spent, "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2) if "to" in cpu else None, "latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
+        result = {"api": api, "cpu_ms_per_delivery": spent, "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2) if "to" in cpu else None, "latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
                   "events_per_s": round(rate, 1), "steady_events_per_s": round(steady, 1), "seconds": round(done[0] - started, 1)}  # fmt: skip
         console.print(f"throughput at {latency_ms} ms: {result}")
         return result
@@ -395,13 +398,14 @@ def lat_or_modes(latencies: str, modes: str) -> bool:
 @click.option("--windows", default=6000, show_default=True, help="Closed windows per throughput run.")
 @click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
 @click.option("--max-in-flight", default=64, show_default=True, help="billing.max_in_flight per subtask for the throughput runs (the shipped default).")
+@click.option("--apis", default="v1,v2_stream", show_default=True, help="stripe.meter_events_api values for the throughput runs; the figures of the others are kept from the last run.")
 @click.option("--modes", default="healthy,slow,down,rate-limited", show_default=True, help="Provider modes for the usage-job phase ('' to skip).")
 @click.option("--seconds", default=60, show_default=True, help="Length of each usage-job phase.")
 @click.option("--rate", default=1000, show_default=True, help="Usage events per second during the usage-job phase.")
 @click.option("--hot-customer", default="5000,5000", show_default=True, help="HOT,COLD: windows of one customer published before one window each of COLD customers, at 50 ms answers ('' to skip).")
 @click.option("--keep-state", is_flag=True, help="Keep the private stack's logs and data for a post-mortem.")
 @click.option("--render-only", is_flag=True, help="Only rewrite the docs/benchmarks.md section from bench/billing_results.json.")
-def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: int, rate: int, hot_customer: str, keep_state: bool, render_only: bool) -> None:
+def main(windows: int, latencies: str, max_in_flight: int, apis: str, modes: str, seconds: int, rate: int, hot_customer: str, keep_state: bool, render_only: bool) -> None:
     """Measure billing throughput and the usage job's checkpoints while billing suffers; write bench/billing_results.json and the Billing section of docs/benchmarks.md."""
     if render_only:
         REPORT.write_text(splice_section(REPORT.read_text(), render_section(json.loads(RESULTS.read_text()))))
@@ -411,10 +415,18 @@ def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: 
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
     results: dict[str, Any] = {"date": now, "hot_customer_date": now, "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": [], "hot_customer": []}
-    if not lat_or_modes(latencies, modes) and RESULTS.exists():
-        # Only the hot-customer runs: the other figures stay those of the last full run.
+    chosen_apis = [a for a in apis.split(",") if a]
+    if RESULTS.exists():
+        # What this run does not measure stays as the last run measured it.
         previous = json.loads(RESULTS.read_text())
-        results.update({k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous})
+        if not lat_or_modes(latencies, modes):
+            results.update({k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous})
+        else:
+            results["throughput"] = [t for t in previous.get("throughput", []) if t.get("api", "v1") not in chosen_apis]
+            if not any(m for m in modes.split(",")):
+                results["usage_job_while_billing_suffers"] = previous.get("usage_job_while_billing_suffers", [])
+        if not hot_customer:
+            results.update({k: previous[k] for k in ("hot_customer", "hot_customer_date") if k in previous})
     with private_stack(3, keep_state=keep_state, echo=console.print, flink_options={"taskmanager.numberOfTaskSlots": "4", "web.checkpoints.history": "200"}) as stack:
         cfg, _ = stack.config("base")
         with cfg.path(cfg.secrets_file).open("a") as secrets:
@@ -423,8 +435,9 @@ def main(windows: int, latencies: str, max_in_flight: int, modes: str, seconds: 
         if lat:
             # A first job on a fresh cluster runs while the JVM compiles its hot paths: not measured.
             measure_throughput(stack, lat[0], min(windows, 2000), max_in_flight)
-        for latency in lat:
-            results["throughput"].append(measure_throughput(stack, latency, windows, max_in_flight))
+        for api in chosen_apis:
+            for latency in lat:
+                results["throughput"].append(measure_throughput(stack, latency, windows, max_in_flight, api))
         for mode in [m for m in modes.split(",") if m]:
             results["usage_job_while_billing_suffers"].append(measure_usage_under(stack, mode, seconds, rate))
         if hot_customer:

@@ -86,6 +86,7 @@ class FakeStripe:
     event_names: tuple[str, ...] = ("api_calls", "tokens")
     decimals: bool = False  # an account with decimal meter values enabled (Stripe: on request)
     session_ttl: float = 900.0  # seconds a v2 meter event session lives (Stripe: 15 minutes)
+    known_customers: set[str] | None = None  # the account's customers, when the v2 stream should check them
     accepted: dict[str, AcceptedEvent] = field(default_factory=dict)
     events: list[AcceptedEvent] = field(default_factory=list)  # every accepted event, a second one under a forgotten identifier too
     requests: list[RequestRecord] = field(default_factory=list)
@@ -160,12 +161,13 @@ class FakeStripe:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                v1 = not self.path.startswith("/v2/")  # the stream records each event's arrival itself
-                identifier = parse_qs(body.decode()).get("identifier", [""])[0] if v1 else ""
+                if self.path.startswith("/v2/"):
+                    arrived = fake.stream.identifiers(self.path, body)
+                else:
+                    arrived = [parse_qs(body.decode()).get("identifier", [""])[0]]
                 with fake._lock:
                     fake.in_flight += 1
-                    if v1:
-                        fake.arrivals.append(identifier)
+                    fake.arrivals.extend(arrived)
                 try:
                     if fake.latency:
                         time.sleep(fake.latency)

@@ -6,7 +6,7 @@
 * the fake's scheduled faults apply to stream requests too (a dropped request may have been accepted);
 * events are accepted first and validated after: an event with a value that is not a whole number
   (more than 15 significant digits with ``decimals``), a timestamp outside the past 35 days / next 5
-  minutes, or no customer is not counted and is reported in a ``v1.billing.meter.error_report_triggered``
+  minutes, no customer, or a customer the account does not have (``known_customers``) is not counted and is reported in a ``v1.billing.meter.error_report_triggered``
   event whose sample errors name the request, as Stripe's do; ``GET /v2/core/events?object_id=<meter id>``
   lists them;
 * identifiers are deduplicated over 24 h, shared with the v1 endpoint.
@@ -42,6 +42,17 @@ class StreamEndpoints:
         self.stream_requests = 0
 
     # -- POST ------------------------------------------------------------------------------------
+    @staticmethod
+    def identifiers(path: str, body: bytes) -> list[str]:
+        """The identifiers of a stream request's events, as it arrives (none for other requests)."""
+        if path.split("?")[0] != "/v2/billing/meter_event_stream":
+            return []
+        try:
+            events = json.loads(body or b"{}").get("events") or []
+        except (json.JSONDecodeError, AttributeError):
+            return []
+        return [str(e.get("identifier", "")) for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+
     def handle_post(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
         path = handler.path.split("?")[0]
         if path == "/v2/billing/meter_event_session":
@@ -76,7 +87,6 @@ class StreamEndpoints:
             return self._error(handler, 400, "invalid_request_error", f"events: between 1 and {MAX_EVENTS} events per request")
         identifiers = [str(e.get("identifier", "")) if isinstance(e, dict) else "" for e in events]
         with fake._lock:
-            fake.arrivals.extend(identifiers)
             fake._counter += 1
             request_id = f"req_fake_stream_{fake._counter}"
             self.stream_requests += 1
@@ -126,6 +136,8 @@ class StreamEndpoints:
         payload = event.get("payload") or {}
         if not payload.get("stripe_customer_id"):
             return "meter_event_no_customer_defined", "payload.stripe_customer_id is required"
+        if self.fake.known_customers is not None and payload["stripe_customer_id"] not in self.fake.known_customers:
+            return "meter_event_customer_not_found", f"no customer {payload['stripe_customer_id']}"
         try:
             value = Decimal(str(payload.get("value")))
         except InvalidOperation:
