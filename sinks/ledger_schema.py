@@ -82,11 +82,16 @@ END $$""",
         f"CREATE UNIQUE INDEX IF NOT EXISTS {d}_window_span ON {d} ({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'",
         f"DROP INDEX IF EXISTS {d}_window",
         f"CREATE INDEX IF NOT EXISTS {d}_of_window ON {d} (window_identifier)",
+        # The provider's report that it dropped the events of the request that carried a delivery.
+        f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS provider_report text",
         f"CREATE INDEX IF NOT EXISTS {d}_status ON {d} (status) WHERE status <> 'sent'",
         f"CREATE INDEX IF NOT EXISTS {d}_due ON {d} (next_attempt_at) WHERE status IN ('pending', 'failed')",
         f"""CREATE OR REPLACE FUNCTION {d}_keep_sent() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF OLD.status = 'sent' AND NEW.status <> 'sent' THEN
+    -- The one way out of sent: the provider reported, after accepting the request, that it did
+    -- not count its events (reported_dead_sql); a new report each time.
+    IF OLD.status = 'sent' AND NEW.status <> 'sent'
+       AND NOT (NEW.status = 'dead' AND NEW.provider_report IS NOT NULL AND NEW.provider_report IS DISTINCT FROM OLD.provider_report) THEN
         RETURN NULL;
     END IF;
     NEW.updated_at := now();
@@ -265,7 +270,7 @@ def mark_sql(ledger_table: str, status: str) -> str:
     if status == "sent":
         return (
             f"UPDATE {d} SET status = 'sent', attempts = %(attempts)s, value = %(value)s, provider_customer_id = %(provider_customer_id)s, "
-            "provider_response_id = %(response_id)s, last_error = NULL, sent_at = now(), next_attempt_at = NULL, leased = false WHERE identifier = %(identifier)s"
+            "provider_response_id = %(response_id)s, last_error = NULL, provider_report = NULL, sent_at = now(), next_attempt_at = NULL, leased = false WHERE identifier = %(identifier)s"
         )
     if status == "failed":
         return (
@@ -289,7 +294,7 @@ def reported_dead_sql(ledger_table: str) -> str:
     request id and is left alone; a replay of these resends the same identifiers."""
     d = check_identifier(ledger_table)
     return (
-        f"UPDATE {d} SET status = 'dead', last_error = %(reason)s, next_attempt_at = NULL, leased = false "
+        f"UPDATE {d} SET status = 'dead', last_error = %(reason)s, provider_report = %(reason)s, next_attempt_at = NULL, leased = false "
         "WHERE provider = %(provider)s AND provider_response_id = %(request_id)s AND status = 'sent' RETURNING identifier"
     )
 
