@@ -239,6 +239,15 @@ def replaced_after(cfg: JobConfig, before: int, killed_at_ms: int) -> None:
     assert replaced_at + 1 >= killed_at_ms / 1000 + delay, "the replacement waited stack.taskmanager_restart_delay"
 
 
+def restored_before(stats: dict, killed_at_ms: int) -> dict:
+    """The checkpoint a job restored (its REST checkpoint statistics), asserted to be one triggered before ``killed_at_ms``."""
+    restored = (stats.get("latest") or {}).get("restored") or {}
+    triggered = {c["id"]: c["trigger_timestamp"] for c in stats.get("history", [])}
+    assert restored.get("id") is not None, ("no restore in the checkpoint statistics", stats.get("latest"))
+    assert triggered.get(restored["id"], 0) < killed_at_ms, ("restored from a checkpoint taken before the kill", restored)
+    return restored
+
+
 def kill_with_calls_in_flight(cfg: JobConfig, job_id: str, fake: Any, calls: int, timeout: float) -> tuple[set[str], int]:
     """Once the fake provider holds ``calls`` unanswered calls: kill -9 the TaskManager, make the fake
     fast, and wait for the stack's supervisor to start a new TaskManager and the job to restart.

@@ -22,7 +22,7 @@ from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, mark_reported
 from sinks.postgres import connect
 from sinks.whole_values import billing_period_start
-from tests.e2e.helpers import closed_window, kill_with_calls_in_flight, private_job, publish_closed_windows, wait_for
+from tests.e2e.helpers import closed_window, kill_with_calls_in_flight, private_job, publish_closed_windows, restored_before, wait_for
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -107,10 +107,8 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
             stats = flink_jobs.checkpoint_stats(cfg, job_id)
         finally:
             flink_jobs.cancel(cfg, job_id)
-        restored = (stats.get("latest") or {}).get("restored") or {}
-        triggered = {c["id"]: c["trigger_timestamp"] for c in stats.get("history", [])}
-        print(f"in flight at the kill: {len(in_flight)}; restored checkpoint {restored.get('id')}; requests {fake.stream.stream_requests}; fake {fake.outcomes()}")
-        assert restored.get("id") is not None and triggered.get(restored["id"], 0) < killed_at, "restored from a checkpoint taken before the kill"
+        restored = restored_before(stats, killed_at)
+        print(f"in flight at the kill: {len(in_flight)}; restored checkpoint {restored['id']}; requests {fake.stream.stream_requests}; fake {fake.outcomes()}")
         assert len(in_flight) >= 6
         for identifier in in_flight:
             assert fake.attempts_for(identifier) >= 2, "an event in flight at the kill is sent again with the same identifier"

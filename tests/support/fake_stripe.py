@@ -52,6 +52,8 @@ def reject(status: int, retry_after: float | None = None) -> Fault:
     return Fault("status", status=status, retry_after=retry_after)
 
 
+# The outcome recorded for a request a fault lets through without its answer.
+FAULT_OUTCOMES = {"slow": "slow", "drop": "dropped", "hold": "held"}
 PASS = Fault("pass")  # no fault for this request: lets a schedule place a fault later
 SLOW = Fault("slow", delay=4.0)
 DROP = Fault("drop")
@@ -233,12 +235,17 @@ class FakeStripe:
             self.requests.append(RequestRecord(identifier, key, "invalid"))
             return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": problem}})
         status, response, outcome = self._accept(form, key)
-        self.requests.append(RequestRecord(identifier, key, outcome if fault is None else {"slow": "slow", "drop": "dropped", "hold": "held"}[fault.kind]))
+        self.requests.append(RequestRecord(identifier, key, outcome if fault is None else FAULT_OUTCOMES[fault.kind]))
+        return self._finish(handler, fault, status, response, {"Idempotent-Replayed": "true"} if outcome == "replayed" else {})
+
+    def _finish(self, handler: BaseHTTPRequestHandler, fault: Fault | None, status: int, body: dict, headers: dict[str, str]) -> None:
+        """Answer an accepted request as its fault says: at once, after a delay, or never (the
+        connection dropped at once, or once a held request is released)."""
         if fault is None:
-            return self._answer(handler, status, response, {"Idempotent-Replayed": "true"} if outcome == "replayed" else {})
+            return self._answer(handler, status, body, headers)
         if fault.kind == "slow":
             time.sleep(fault.delay)
-            return self._answer(handler, status, response)
+            return self._answer(handler, status, body, headers)
         if fault.kind == "hold":
             self.held.set()
             self._release.wait(timeout=600)

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import time
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler
@@ -90,7 +88,7 @@ class StreamEndpoints:
             fake._counter += 1
             request_id = f"req_fake_stream_{fake._counter}"
             self.stream_requests += 1
-        from tests.support.fake_stripe import RequestRecord
+        from tests.support.fake_stripe import FAULT_OUTCOMES, RequestRecord
 
         fault = fake._next_fault()
         if fault is not None and fault.kind == "status":
@@ -98,19 +96,9 @@ class StreamEndpoints:
             headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
             return self._error(handler, fault.status, "api_error", f"injected {fault.status}", headers=headers)
         outcomes = [self._take(e, request_id) for e in events]
-        label = {"slow": "slow", "drop": "dropped", "hold": "held"}.get(fault.kind) if fault is not None else None
+        label = FAULT_OUTCOMES[fault.kind] if fault is not None else None
         fake.requests.extend(RequestRecord(i, None, label or o) for i, o in zip(identifiers, outcomes, strict=True))
-        if fault is None:
-            return fake._answer(handler, 200, {}, {"Request-Id": request_id})
-        if fault.kind == "slow":
-            time.sleep(fault.delay)
-            return fake._answer(handler, 200, {}, {"Request-Id": request_id})
-        if fault.kind == "hold":
-            fake.held.set()
-            fake._release.wait(timeout=600)
-        handler.close_connection = True
-        handler.connection.shutdown(socket.SHUT_RDWR)
-        return None
+        return fake._finish(handler, fault, 200, {}, {"Request-Id": request_id})
 
     def _take(self, event: Any, request_id: str) -> str:
         """Accept one event of a request, then validate it as Stripe does, later: its outcome."""
