@@ -398,7 +398,7 @@ def lat_or_modes(latencies: str, modes: str) -> bool:
 @click.option("--windows", default=6000, show_default=True, help="Closed windows per throughput run.")
 @click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
 @click.option("--max-in-flight", default=64, show_default=True, help="billing.max_in_flight per subtask for the throughput runs (the shipped default).")
-@click.option("--apis", default="v1,v2_stream", show_default=True, help="stripe.meter_events_api values for the throughput runs; the figures of the others are kept from the last run.")
+@click.option("--apis", default="v1,v2_stream", show_default=True, help="stripe.meter_events_api values for the throughput runs; figures of other APIs, latencies or max in flight are kept from the last run.")
 @click.option("--modes", default="healthy,slow,down,rate-limited", show_default=True, help="Provider modes for the usage-job phase ('' to skip).")
 @click.option("--seconds", default=60, show_default=True, help="Length of each usage-job phase.")
 @click.option("--rate", default=1000, show_default=True, help="Usage events per second during the usage-job phase.")
@@ -422,7 +422,8 @@ def main(windows: int, latencies: str, max_in_flight: int, apis: str, modes: str
         if not lat_or_modes(latencies, modes):
             results.update({k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous})
         else:
-            results["throughput"] = [t for t in previous.get("throughput", []) if t.get("api", "v1") not in chosen_apis]
+            measured = {(a, int(x), max_in_flight) for a in chosen_apis for x in latencies.split(",") if x}
+            results["throughput"] = [t for t in previous.get("throughput", []) if (t.get("api", "v1"), t["latency_ms"], t["max_in_flight_per_subtask"]) not in measured]
             if not any(m for m in modes.split(",")):
                 results["usage_job_while_billing_suffers"] = previous.get("usage_job_while_billing_suffers", [])
         if not hot_customer:
