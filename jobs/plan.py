@@ -11,7 +11,7 @@ from pathlib import Path
 
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
 from connectors.topics import dead_letter_max_message_bytes
-from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW, dimensions_key_expr
+from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW
 from jobs.sql import ms as _ms
 from jobs.sql import sql_epoch_ms, sql_interval, sql_string, sql_with
 from meterflow.config import JobConfig, MeterConfig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -10,7 +9,8 @@ from decimal import Decimal
 import pytest
 
 from connectors.avro_types import derive_columns, load_schema
-from jobs.plan import USAGE_SOURCE_TABLE, dimensions_key_expr, sql_interval, window_aggregate_query
+from jobs.plan import USAGE_SOURCE_TABLE, sql_interval, window_aggregate_query
+from jobs.source_plan import dimensions_key_expr
 from jobs.windowing import window_bounds
 from meterflow.config import load_config
 from meterflow.producer import SyntheticSpec, synthetic_events

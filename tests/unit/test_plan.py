@@ -19,7 +19,6 @@ from jobs.plan import (
     dead_letter_sink_ddl,
     dedup_query,
     routed_query,
-    dimensions_key_expr,
     quantity_expr,
     late_events_insert,
     late_events_sink_ddl,
@@ -28,7 +27,7 @@ from jobs.plan import (
     usage_windows_sink_ddl,
     window_changelog_query,
 )
-from jobs.source_plan import VALIDATED_VIEW, bounded_event_time, usage_source_ddl, validate_query
+from jobs.source_plan import VALIDATED_VIEW, bounded_event_time, dimensions_key_expr, usage_source_ddl, validate_query
 from jobs.sql import sql_interval, sql_string
 from meterflow.config import load_config
 from meterflow.errors import ConfigError
