@@ -7,7 +7,7 @@ same values on their command line.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -42,6 +42,12 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 _PORT_RANGE_PART = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 MAX_PORT_RANGE = 64
+
+
+def naive_utc(moment: datetime) -> datetime:
+    """A moment as naive UTC, the one time form of windows and bounds in Python (like the usage table's
+    columns); an aware moment in any zone is converted first, a naive one is taken as UTC already."""
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def parse_port_range(spec: str) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from meterflow.config import Aggregation, CorrectionsConfig, JobConfig
+from meterflow.config_values import naive_utc
 from meterflow.errors import CorrectionError
 from sinks.idempotency import outside_provider_window
 
@@ -138,10 +139,6 @@ class Plan:
     summary: dict[str, int] = field(default_factory=dict)
 
 
-def _naive(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
-
-
 def dimensions_key(dimensions: Mapping[str, str], group_by: Iterable[str]) -> str:
     """The usage table's ``dimensions_key``, as the job builds it (jobs/plan.py ``dimensions_key_expr``):
     ``{}`` without grouping, else a compact JSON object of the grouped dimensions, keys sorted, a
@@ -167,13 +164,13 @@ def late_event_from_record(record: Mapping[str, Any], cfg: JobConfig, position: 
         record["customer_id"],
         record["meter"],
         dimensions_key(record.get("dimensions") or {}, meter.group_by),
-        _naive(record["window_start"]),
-        _naive(record["window_end"]),
+        naive_utc(record["window_start"]),
+        naive_utc(record["window_end"]),
     )
     seen_at = record.get("seen_at")
     return LateEvent(
-        record["event_id"], window, Decimal(record["quantity"]), _naive(record["event_time"]), int(record["lateness_ms"]), position,
-        _naive(seen_at) if seen_at is not None else None,
+        record["event_id"], window, Decimal(record["quantity"]), naive_utc(record["event_time"]), int(record["lateness_ms"]), position,
+        naive_utc(seen_at) if seen_at is not None else None,
     )  # fmt: skip
 
 
@@ -276,7 +273,7 @@ def awaits_its_final_row(aggregation: Aggregation, state: WindowState, events: I
     seen = [e.seen_at for e in events if e.seen_at is not None]
     if not seen:
         return False
-    return _naive(now) - max(seen) < wait
+    return naive_utc(now) - max(seen) < wait
 
 
 def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], states: Mapping[WindowId, WindowState], cfg: JobConfig, now: datetime) -> Plan:

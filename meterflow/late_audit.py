@@ -12,6 +12,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+from meterflow.config_values import naive_utc
+
 GroupBy = Literal["window", "customer", "tenant"]
 _KEYS: dict[str, tuple[str, ...]] = {
     "window": ("tenant_id", "customer_id", "meter", "window_start"),
@@ -52,7 +54,7 @@ def select(records: Iterable[dict[str, Any]], tenant: str | None = None, since: 
     return [
         r
         for r in records
-        if (tenant is None or r["tenant_id"] == tenant) and (since is None or _naive(r["event_time"]) >= since) and (until is None or _naive(r["event_time"]) < until)
+        if (tenant is None or r["tenant_id"] == tenant) and (since is None or naive_utc(r["event_time"]) >= since) and (until is None or naive_utc(r["event_time"]) < until)
     ]
 
 
@@ -77,7 +79,7 @@ def summarize(records: Iterable[dict[str, Any]], by: GroupBy = "window", outcome
                 tenant_id=named["tenant_id"],
                 customer_id=named.get("customer_id", "*"),
                 meter=named.get("meter", "*"),
-                window_start=_naive(named["window_start"]).isoformat(sep=" ") if "window_start" in named else "*",
+                window_start=naive_utc(named["window_start"]).isoformat(sep=" ") if "window_start" in named else "*",
                 count=len(members),
                 quantity=sum((Decimal(m["quantity"]) for m in members), Decimal(0)),
                 lateness_p50_ms=percentile(lateness, 0.5),
@@ -103,10 +105,6 @@ def to_csv(rows: list[LateSummary]) -> str:
 def to_json(rows: list[LateSummary]) -> str:
     """JSON array; quantities as exact decimal strings."""
     return json.dumps([{**asdict(r), "quantity": format(r.quantity, "f")} for r in rows], indent=2)
-
-
-def _naive(value: datetime) -> datetime:
-    return value.replace(tzinfo=None) if value.tzinfo else value
 
 
 def write_histogram(lateness_ms: list[int], path: str, title: str = "Lateness of late events") -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from meterflow.config import JobConfig
+from meterflow.config_values import naive_utc
 from meterflow.corrections import Correction, CorrectionStatus, WindowId
 from meterflow.errors import ConfigError
 from sinks.idempotency import outside_provider_window
@@ -42,7 +43,7 @@ def reprocess_period(since: datetime, until: datetime, cfg: JobConfig, now: date
     every window must be closed: its end + allowed lateness + watermark delay is behind ``now``, so
     the job has written its final row and routed its later events late.
     """
-    since, until, now = _naive(since), _naive(until), _naive(now)
+    since, until, now = naive_utc(since), naive_utc(until), naive_utc(now)
     size = cfg.event_time.window_size
     for name, bound in (("--since", since), ("--until", until)):
         offset = (bound - datetime(1970, 1, 1)) % size
@@ -175,7 +176,3 @@ def retention_gaps(first_retained: Mapping[int, tuple[int, int | None]], read_fr
 
 def _plain(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
-
-
-def _naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment

@@ -63,6 +63,16 @@ def test_select_filters_tenant_and_time_range():
     assert len(select(RECORDS, until=W2)) == 3
 
 
+def test_select_compares_aware_times_in_utc():
+    """An event time in another zone is compared with the naive UTC bounds as the moment it is:
+    01:00:30 at UTC+1 is 00:00:30 UTC, inside [W1, W2)."""
+    from datetime import timedelta, timezone
+
+    elsewhere = _late("t3", "c1", "tokens", W1, "1", 10, event_time=datetime(2026, 1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))))
+    assert select([elsewhere], since=W1, until=W2) == [elsewhere]
+    assert select([elsewhere], since=W2) == []
+
+
 def test_csv_and_json_keep_quantities_exact():
     """Machine formats carry decimal strings, never floats."""
     rows = summarize(RECORDS, by="window")
