@@ -161,6 +161,7 @@ class RetryScan(FlatMapFunction):
 
     BATCH = 500  # per tick; a backlog drains at this rate at most, in next_attempt_at order
     ERROR_REPORT_POLL_S = 30.0
+    REPORT_SETTLE_S = 600.0  # a report older than this that marks nothing is not read again
 
     def __init__(self, config_without_secrets: dict[str, Any]) -> None:
         self.config_data = config_without_secrets
@@ -234,7 +235,9 @@ class RetryScan(FlatMapFunction):
             if marked:
                 log.error("%s: %d deliveries marked dead (replay them once the cause is fixed)", report.reason, len(marked))
                 self.reported.inc(len(marked))
-            self.reports_applied.add((report.report_id, report.request_id))
+            # A report read before its deliveries were recorded as sent is read again at the next poll.
+            if marked or report.age_s(time.time()) > self.REPORT_SETTLE_S:
+                self.reports_applied.add((report.report_id, report.request_id))
 
     def close(self) -> None:
         if self.conn is not None:

@@ -84,6 +84,7 @@ END $$""",
         f"CREATE INDEX IF NOT EXISTS {d}_of_window ON {d} (window_identifier)",
         # The provider's report that it dropped the events of the request that carried a delivery.
         f"ALTER TABLE {d} ADD COLUMN IF NOT EXISTS provider_report text",
+        f"CREATE INDEX IF NOT EXISTS {d}_response ON {d} (provider_response_id)",
         f"CREATE INDEX IF NOT EXISTS {d}_status ON {d} (status) WHERE status <> 'sent'",
         f"CREATE INDEX IF NOT EXISTS {d}_due ON {d} (next_attempt_at) WHERE status IN ('pending', 'failed')",
         f"""CREATE OR REPLACE FUNCTION {d}_keep_sent() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -36,6 +36,8 @@ ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
 # A session is renewed this long before Stripe says it expires, so no request carries a token
 # that expires on the way.
 SESSION_RENEW_MARGIN_S = 60.0
+# Pages of events read per meter and poll: the newest reports come first.
+MAX_REPORT_PAGES = 20
 
 
 def stream_event(event: MeterEvent) -> dict[str, Any]:
@@ -69,6 +71,13 @@ class ErrorReport:
     code: str
     message: str
     error_count: int  # events of this code in the report, of which this is a sample
+
+    def age_s(self, now: float) -> float:
+        """Seconds since Stripe created the report (0 when its time can't be read)."""
+        try:
+            return now - datetime.fromisoformat(self.created).timestamp()
+        except ValueError:
+            return 0.0
 
     @property
     def reason(self) -> str:
@@ -182,11 +191,17 @@ class StripeMeterEventStream(StripeMeterEvents):
         found: list[ErrorReport] = []
         for name in event_names:
             meter = await self.meter_id(name)
-            try:
-                response = await self.client.raw_request_async("get", f"/v2/core/events?object_id={meter}")
-            except stripe.StripeError as e:
-                raise provider_error(e) from e
-            found += error_reports_of(list(_json(response).get("data") or []))
+            url: str | None = f"/v2/core/events?object_id={meter}"
+            for _ in range(MAX_REPORT_PAGES):
+                if url is None:
+                    break
+                try:
+                    response = await self.client.raw_request_async("get", url)
+                except stripe.StripeError as e:
+                    raise provider_error(e) from e
+                page = _json(response)
+                found += error_reports_of(list(page.get("data") or []))
+                url = page.get("next_page_url")
         return found
 
     async def close(self) -> None:

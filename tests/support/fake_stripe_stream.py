@@ -37,6 +37,7 @@ class StreamEndpoints:
         self.fake = fake
         self.sessions: dict[str, float] = {}  # token -> expires at
         self.reports: list[dict[str, Any]] = []
+        self.page_size = 20  # events per page of the events list
         self.stream_requests = 0
 
     # -- POST ------------------------------------------------------------------------------------
@@ -167,8 +168,12 @@ class StreamEndpoints:
         if path != "/v2/core/events":
             return self._error(handler, 404, "invalid_request_error", f"Unrecognized request URL ({handler.path})")
         with self.fake._lock:
-            data = [r for r in self.reports if "object_id" not in params or r["related_object"]["id"] == params["object_id"]]
-        return self.fake._answer(handler, 200, {"data": data, "next_page_url": None, "previous_page_url": None})
+            data = [r for r in reversed(self.reports) if "object_id" not in params or r["related_object"]["id"] == params["object_id"]]
+        # Newest first, a page at a time, as Stripe lists events.
+        page = int(params.get("page", "0"))
+        size = self.page_size
+        more = f"/v2/core/events?object_id={params.get('object_id', '')}&page={page + 1}" if len(data) > (page + 1) * size else None
+        return self.fake._answer(handler, 200, {"data": data[page * size : (page + 1) * size], "next_page_url": more, "previous_page_url": None})
 
     def _error(self, handler: BaseHTTPRequestHandler, status: int, kind: str, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         error = {"type": kind, "message": message, **({"code": code} if code else {})}

@@ -180,9 +180,29 @@ def test_events_stripe_refuses_after_accepting_come_back_as_error_reports(fake):
     assert all(answers[0] in r.reason for r in reports)
 
 
+def test_error_reports_are_read_across_pages(fake):
+    fake.stream.page_size = 2
+    bad = [event(i, value="0.5") for i in range(5)]
+
+    async def body(p):  # noqa: ANN001, ANN202
+        await send_all(p, bad)
+        return await p.error_reports(["tokens"])
+
+    reports = run(config(fake), body)
+    assert len(reports) == 5 and len({r.report_id for r in reports}) == 5
+
+
 def test_error_reports_of_skips_other_events_and_samples_without_a_request():
     events = [
         {"id": "evt_1", "type": "v1.billing.meter.no_meter_found", "data": {}},
         {"id": "evt_2", "type": "v1.billing.meter.error_report_triggered", "created": "t", "data": {"reason": {"error_types": [{"code": "x", "error_count": 3, "sample_errors": [{"error_message": "m", "request": {"id": "req_1"}}, {"error_message": "n"}]}]}}},
     ]
     assert [(r.report_id, r.request_id, r.code, r.error_count) for r in error_reports_of(events)] == [("evt_2", "req_1", "x", 3)]
+
+
+def test_a_report_knows_its_age():
+    from sinks.stripe_stream import ErrorReport
+
+    report = ErrorReport("evt_1", "2026-01-01T00:00:00Z", "req_1", "x", "m", 1)
+    assert report.age_s(1_767_225_600 + 30) == 30
+    assert ErrorReport("evt_2", "not a time", "req_1", "x", "m", 1).age_s(1_767_225_600) == 0
