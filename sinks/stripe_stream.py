@@ -18,6 +18,7 @@ request it did count are not counted twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,15 +140,12 @@ class StripeMeterEventStream(StripeMeterEvents):
     async def _send_batch(self, batch: list[tuple[MeterEvent, asyncio.Future[str]]]) -> None:
         try:
             request_id = await self._post([stream_event(e) for e, _ in batch])
-        except ProviderError as e:
+        except BaseException as e:  # a provider error, and also a bug or a cancellation: no caller is left waiting
             for _, answer in batch:
                 if not answer.done():
                     answer.set_exception(e)
-        except BaseException as e:  # a bug or a cancellation must reach every caller, never leave one waiting
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(e)
-            raise
+            if not isinstance(e, ProviderError):
+                raise
         else:
             for _, answer in batch:
                 if not answer.done():
@@ -155,20 +153,21 @@ class StripeMeterEventStream(StripeMeterEvents):
 
     async def _post(self, events: list[dict[str, Any]]) -> str:
         """One stream request; a session Stripe says expired is renewed and the request sent once more."""
-        for attempt in (1, 2):
+        renewed = False
+        while True:
             session = await self._session_for()
             try:
                 response = await self.client.raw_request_async("post", STREAM_PATH, base="meter_events", api_key=session.token, events=events)
             except stripe.TemporarySessionExpiredError as e:
                 self._drop_session(session)
-                if attempt == 2:
+                if renewed:
                     raise provider_error(e) from e
+                renewed = True
             except stripe.StripeError as e:
                 raise provider_error(e) from e
             else:
                 self.requests_sent += 1
                 return response.request_id or f"stream-{self.requests_sent}"
-        raise AssertionError("unreachable")
 
     async def _session_for(self) -> Session:
         async with self._session_lock:
@@ -212,8 +211,6 @@ class StripeMeterEventStream(StripeMeterEvents):
 
 
 def _json(response: Any) -> dict[str, Any]:
-    import json
-
     return json.loads(response.body) if hasattr(response, "body") else dict(response)
 
 

@@ -19,9 +19,10 @@ import org.apache.flink.util.clock.RelativeClock;
  * reason. After a restore, a reader that has not fetched yet looks idle, and the first split to
  * deliver then carries the watermark past the others' backlog: whether those events count or go
  * late depends on fetch timing. Here a split is idle after {@code idleTimeoutMs} of silence only
- * when it was <em>caught up</em>: the last record it delivered had been appended (the Kafka record
- * timestamp, the broker's clock on a LogAppendTime topic) at most {@code idleTimeoutMs} before it was
- * read. A split that has delivered nothing since the task started, or whose last record was
+ * when it was <em>caught up</em>: in the last check interval (Flink's auto-watermark interval) in
+ * which it delivered, its first record had been appended (the Kafka record timestamp, the broker's
+ * clock on a LogAppendTime topic) at most {@code idleTimeoutMs} before it was read. One record per
+ * interval is read for that, not every record: the per-event cost stays the planner's generator. A split that has delivered nothing since the task started, or whose last record was
  * backlog, stops holding the watermark only after {@code catchUpTimeoutMs} of silence, so a
  * reader that stalls for good cannot hold the watermark for ever either.
  *
@@ -83,7 +84,7 @@ public final class CatchUpIdleness implements WatermarkStrategy<RowData> {
 
         private long lastActivityMs;
         private boolean deliveredSinceCheck;
-        private long lastAppendMs = Long.MIN_VALUE;
+        private long intervalAppendMs = Long.MIN_VALUE;
         private boolean caughtUp;
 
         Generator(WatermarkGenerator<RowData> inner, int appendTimeField, long idleTimeoutMs, long catchUpTimeoutMs, RelativeClock activityClock, LongSupplier wallClock) {
@@ -98,9 +99,11 @@ public final class CatchUpIdleness implements WatermarkStrategy<RowData> {
 
         @Override
         public void onEvent(RowData row, long eventTimestamp, WatermarkOutput output) {
-            deliveredSinceCheck = true;
-            if (appendTimeField >= 0 && !row.isNullAt(appendTimeField)) {
-                lastAppendMs = row.getTimestamp(appendTimeField, 3).getMillisecond();
+            if (!deliveredSinceCheck) {
+                deliveredSinceCheck = true;
+                if (appendTimeField >= 0 && !row.isNullAt(appendTimeField)) {
+                    intervalAppendMs = row.getTimestamp(appendTimeField, 3).getMillisecond();
+                }
             }
             inner.onEvent(row, eventTimestamp, output);
         }
@@ -109,11 +112,11 @@ public final class CatchUpIdleness implements WatermarkStrategy<RowData> {
         public void onPeriodicEmit(WatermarkOutput output) {
             long now = activityClock.relativeTimeMillis();
             if (deliveredSinceCheck) {
-                // Read since the last check (one auto-watermark interval): the lag of its newest record
-                // says whether the split was at its head. Without an append time, delivering is enough.
+                // Read since the last check (one auto-watermark interval): the lag of the interval's first
+                // record says whether the split was at its head. Without an append time, delivering is enough.
                 deliveredSinceCheck = false;
                 lastActivityMs = now;
-                caughtUp = appendTimeField < 0 || lastAppendMs == Long.MIN_VALUE || wallClock.getAsLong() - lastAppendMs <= idleTimeoutMs;
+                caughtUp = appendTimeField < 0 || intervalAppendMs == Long.MIN_VALUE || wallClock.getAsLong() - intervalAppendMs <= idleTimeoutMs;
             }
             long silentMs = now - lastActivityMs;
             if (silentMs >= (caughtUp ? idleTimeoutMs : catchUpTimeoutMs)) {
