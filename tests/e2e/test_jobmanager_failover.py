@@ -4,7 +4,8 @@ The JobManager, and only it, is killed while late, boundary, duplicate and malfo
 flight; more are sent while no JobManager runs. The scenario then starts a new JobManager (the
 cluster's own script, as a process supervisor or an operator following docs/operations.md would):
 nobody resubmits anything. Every job that ran comes back under the same id, restored from its last
-completed checkpoint (REST ``latest.restored``), on the same REST port and TaskManager; the usage
+completed checkpoint (REST ``latest.restored``), on the same REST port and TaskManager (or on the
+supervisor's replacement, when the cancel of the old tasks ends it, as docs/operations.md says); the usage
 job's output then passes the billing-semantics scenario's checks, and the billing job running beside
 it bills a window closed after the failover.
 """
@@ -28,10 +29,13 @@ from meterflow.local import flink_jobs
 from meterflow.local.flink import FlinkCluster
 from sinks.idempotency import WindowKey, derive_identifier
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
-from tests.e2e.helpers import closed_window, private_job, publish_closed_windows, wait_for
+from tests.e2e.helpers import closed_window, private_job, publish_closed_windows, replacements_so_far, wait_for
 from tests.e2e.test_billing_semantics import Fault, run_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# What Beam's environment release logs when a cancelled Python operator's flush thread releases it twice.
+PYTHON_CANCEL_RACE = "Reference count must not be negative"
 
 
 def _running(cfg: JobConfig, job_id: str) -> bool:
@@ -41,6 +45,12 @@ def _running(cfg: JobConfig, job_id: str) -> bool:
     except JobSubmissionError:
         return False
     return details["state"] == "RUNNING" and all(v["status"] == "RUNNING" for v in details.get("vertices", []))
+
+
+def _ended_by_python_cancel(cluster: FlinkCluster, since_ms: int) -> bool:
+    """A TaskManager log (current or rotated) written since ``since_ms`` ends the way PyFlink's cancel race ends it."""
+    logs = [p for p in cluster.log_dir.glob("*taskexecutor*") if p.stat().st_mtime * 1000 >= since_ms]
+    return any(PYTHON_CANCEL_RACE in p.read_text(errors="replace") for p in logs)
 
 
 def _latest_completed(cfg: JobConfig, job_id: str) -> int | None:
@@ -66,6 +76,7 @@ class JobManagerKill:
         assert all(self.completed_before.values()), f"a job has no completed checkpoint to recover from: {self.completed_before}"
         jobmanagers, taskmanagers = cluster.jobmanager_pids(), cluster.taskmanager_pids()
         assert len(jobmanagers) == 1 and taskmanagers, (jobmanagers, taskmanagers)
+        replaced_before = replacements_so_far(cfg)
         killed_at = int(time.time() * 1000)
         os.kill(jobmanagers[0], signal.SIGKILL)
         wait_for(lambda: cluster.overview() is None, 30, "the JobManager's REST API to go away")
@@ -75,8 +86,12 @@ class JobManagerKill:
         for jid in jobs:
             wait_for(lambda jid=jid: _running(cfg, jid), 300, f"job {jid} recovered by the new JobManager")
         self.recovery_s = (time.time() * 1000 - killed_at) / 1000
-        # The same TaskManager JVM serves the recovered jobs: only the JobManager was replaced.
-        assert cluster.taskmanager_pids() == taskmanagers
+        # The same TaskManager JVM serves the recovered jobs: only the JobManager was replaced. The one
+        # loss allowed is the documented one (docs/operations.md, "A TaskManager lost"): the new
+        # JobManager cancels the old tasks, PyFlink's cancel ended the TaskManager, the supervisor replaced it.
+        if cluster.taskmanager_pids() != taskmanagers:
+            assert replacements_so_far(cfg) > replaced_before, ("a TaskManager changed without the supervisor", taskmanagers, cluster.taskmanager_pids())
+            assert _ended_by_python_cancel(cluster, killed_at), f"a TaskManager lost for another reason; see {cluster.log_dir}"
         assert len(cluster.jobmanager_pids()) == 1 and cluster.jobmanager_pids() != jobmanagers
         for jid in jobs:
             restored = (flink_jobs.checkpoint_stats(cfg, jid).get("latest") or {}).get("restored") or {}
