@@ -55,9 +55,11 @@ def send_values(
 
     def report() -> None:
         nonlocal reported
-        if acked[0] > reported:
-            on_sent(acked[0] - reported)
-            reported = acked[0]
+        # One read: the producer's I/O thread counts acknowledgements while this runs.
+        now = acked[0]
+        if now > reported:
+            on_sent(now - reported)
+            reported = now
 
     try:
         for record in records:
