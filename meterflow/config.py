@@ -277,7 +277,7 @@ class BillingConfig(_Section):
 
     enabled: bool = False
     provider: Literal["stripe"] = "stripe"
-    calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit for the whole billing job; each subtask gets calls_per_second / parallelism.")
+    calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit of provider requests for the whole billing job; each subtask gets calls_per_second / parallelism (on the v2 stream a request carries up to stripe.stream_batch_size deliveries).")
     max_in_flight: int = Field(64, ge=1, le=1024, description="Provider calls in flight per billing subtask (the async operator's capacity).")
     max_held_per_key: int = Field(
         2, ge=1, le=1024,

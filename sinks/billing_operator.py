@@ -177,6 +177,7 @@ class RetryScan(FlatMapFunction):
         self.backlog = (0, 0)
         self.reads_error_reports = self.cfg.stripe.meter_events_api == "v2_stream" and runtime_context.get_index_of_this_subtask() == 0
         self.reports_applied: set[tuple[str, str]] = set()
+        self.meter_ids: dict[str, str] = {}  # listed at the first poll, kept for the next ones
         self.next_report_poll = 0.0
         self.reported = group.counter("billing_stream_errors_reported")
         group.gauge("billing_ledger_pending", lambda: self.backlog[0])
@@ -216,7 +217,7 @@ class RetryScan(FlatMapFunction):
         from sinks.stripe_stream import StripeMeterEventStream
 
         async def read() -> list:
-            provider = StripeMeterEventStream(self.cfg)
+            provider = StripeMeterEventStream(self.cfg, meter_ids=self.meter_ids)
             try:
                 return await provider.error_reports([m.name for m in self.cfg.meters])
             finally:

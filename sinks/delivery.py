@@ -9,7 +9,8 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
   attempt time (backoff with jitter, at least ``Retry-After``) and the ledger's retry scan hands it
   out again then. The key backs off too: deliveries of a key that is backing off are deferred to
   that time without a call, other keys go on.
-* **A shared rate**: each subtask reserves slots at ``calls_per_second / share``.
+* **A shared rate**: each subtask reserves slots at ``calls_per_second / share``, one per call: per
+  delivery, or per request for a provider that gathers deliveries into requests (``pace_requests``).
 * **Past the provider's dedup window** a delivery is checked against the provider's totals before
   any resend (sinks/billing.py, judge_provider_totals); the decision is recorded in the ledger.
 """
@@ -184,6 +185,12 @@ class Deliverer:
         self.policy = BackoffPolicy(billing.max_attempts, billing.initial_backoff.total_seconds(), billing.max_backoff.total_seconds())
         rate = billing.calls_per_second / max(share, 1)
         self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
+        # A provider that gathers deliveries into requests (the v2 stream) paces its requests with
+        # this subtask's share, since its calls are the requests; otherwise each delivery is a call.
+        pace_requests = getattr(provider, "pace_requests", None)
+        self.paced_by_provider = callable(pace_requests)
+        if self.paced_by_provider:
+            pace_requests(self.rate, sleep)
         self.gate = KeyGate()
         self.max_held_per_key = billing.max_held_per_key
         self.lease_s = billing.retry_lease.total_seconds()
@@ -332,7 +339,7 @@ class Deliverer:
             if checked is not None:
                 return checked
         total_attempts = entry.attempts + 1
-        wait = self.rate.reserve()
+        wait = 0.0 if self.paced_by_provider else self.rate.reserve()
         if wait > 0:
             await self.sleep(wait)
         started = self.clock()

@@ -43,7 +43,8 @@ class StripeMeterEvents:
 
     name = "stripe"
 
-    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None) -> None:
+    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None, meter_ids: dict[str, str] | None = None) -> None:
+        """``meter_ids``: a cache of meter ids by event name to share with other instances (filled on first use)."""
         self._http: stripe.HTTPClient | None = None
         if client is None:
             if cfg.stripe.api_key is None:
@@ -58,7 +59,7 @@ class StripeMeterEvents:
                 http_client=self._http,
             )
         self.client = client
-        self._meter_ids: dict[str, str] = {}
+        self._meter_ids: dict[str, str] = meter_ids if meter_ids is not None else {}
 
     async def send(self, event: MeterEvent) -> str:
         params = {

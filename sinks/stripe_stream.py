@@ -2,10 +2,11 @@
 
 ``POST /v2/billing/meter_event_stream`` takes up to 100 events per request under a meter event
 session (a token valid 15 minutes, created with the API key). The deliverer still hands over one
-delivery at a time, under its per-key lock, rate and retries; the deliveries of a subtask that are
-in flight together are gathered into one request (at most ``stripe.stream_batch_size``, waiting at
+delivery at a time, under its per-key lock and retries. The deliveries of a subtask that are in
+flight together are gathered into one request (at most ``stripe.stream_batch_size``, waiting at
 most ``stripe.stream_linger`` for more), and each caller gets the request's outcome: accepted with
-the request id, or the request's error.
+the request id, or the request's error. ``billing.calls_per_second`` paces the requests, not the
+deliveries (:meth:`StripeMeterEventStream.pace_requests`).
 
 Stripe validates the stream's events after it accepted them: a bad event is dropped and reported
 later in a ``v1.billing.meter.error_report_triggered`` event, whose sample errors name the request,
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,7 @@ import stripe
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
 from sinks.billing import MeterEvent
+from sinks.retry import RateReservations
 from sinks.stripe_provider import StripeMeterEvents, provider_error
 
 STREAM_PATH = "/v2/billing/meter_event_stream"
@@ -103,8 +105,8 @@ def error_reports_of(events: list[Any]) -> list[ErrorReport]:
 class StripeMeterEventStream(StripeMeterEvents):
     """Meter events through ``POST /v2/billing/meter_event_stream``; summaries and meters as in v1."""
 
-    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None, clock: Callable[[], float] = time.time) -> None:
-        super().__init__(cfg, client)
+    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None, clock: Callable[[], float] = time.time, meter_ids: dict[str, str] | None = None) -> None:
+        super().__init__(cfg, client, meter_ids)
         self._batch_size = cfg.stripe.stream_batch_size
         self._linger = cfg.stripe.stream_linger.total_seconds()
         self._clock = clock
@@ -115,6 +117,13 @@ class StripeMeterEventStream(StripeMeterEvents):
         self._session_lock = asyncio.Lock()
         self.sessions_created = 0
         self.requests_sent = 0
+        self._rate: RateReservations | None = None
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> None:
+        """Reserve one of ``rate``'s slots per request, not per delivery: ``billing.calls_per_second``
+        counts calls, and here a call carries up to ``stripe.stream_batch_size`` deliveries."""
+        self._rate, self._sleep = rate, sleep
 
     async def send(self, event: MeterEvent) -> str:
         loop = asyncio.get_running_loop()
@@ -139,6 +148,9 @@ class StripeMeterEventStream(StripeMeterEvents):
 
     async def _send_batch(self, batch: list[tuple[MeterEvent, asyncio.Future[str]]]) -> None:
         try:
+            wait = self._rate.reserve() if self._rate is not None else 0.0
+            if wait > 0:
+                await self._sleep(wait)
             request_id = await self._post([stream_event(e) for e, _ in batch])
         except BaseException as e:  # a provider error, and also a bug or a cancellation: no caller is left waiting
             for _, answer in batch:

@@ -103,6 +103,7 @@ class FakeStripe:
     _by_key: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     _key_seen: dict[str, float] = field(default_factory=dict)
     client_disconnects: int = 0
+    meter_lists: int = 0  # GET /v1/billing/meters answered
     in_flight: int = 0  # meter event requests received and not answered yet
     arrivals: list[str] = field(default_factory=list)  # identifiers of meter event requests as they arrive
     _server: ThreadingHTTPServer | None = None
@@ -260,6 +261,7 @@ class FakeStripe:
             return self.stream.handle_get(handler, path, params)
         if path == "/v1/billing/meters":
             with self._lock:
+                self.meter_lists += 1
                 names = sorted(set(self.event_names) | {e.event_name for e in self.events})
             meters = [{"object": "billing.meter", "id": f"mtr_{n}", "event_name": n, "status": "active", "livemode": False} for n in names]
             return self._answer(handler, 200, {"object": "list", "url": path, "has_more": False, "data": meters})

@@ -289,6 +289,27 @@ def test_rate_limit_is_shared_by_subtasks():
     assert len(provider.sent) == 10
 
 
+def test_a_provider_that_gathers_deliveries_into_requests_paces_the_requests():
+    """The v2 stream's calls are requests of many deliveries: the deliverer hands it the subtask's
+    share of calls_per_second and reserves nothing per delivery."""
+
+    @dataclass
+    class BatchingProvider(ScriptedProvider):
+        paced: list = field(default_factory=list)
+
+        def pace_requests(self, rate, sleep) -> None:  # noqa: ANN001 - the deliverer's RateReservations and sleep
+            self.paced.append((rate, sleep))
+
+    t = FakeTime()
+    provider, ledger = BatchingProvider(), MemoryLedger(t)
+    d = deliverer(provider, ledger, t, share=2, calls_per_second=40)
+    for i in range(10):
+        run(d.on_window(window(start_ms=START_MS + i * 60_000)))
+    [(rate, sleep)] = provider.paced
+    assert (rate.rate, sleep) == (20, t.sleep)
+    assert len(provider.sent) == 10 and sum(t.slept) == 0, "no delivery waits for a call slot of its own"
+
+
 def test_one_call_at_a_time_per_key_while_other_keys_run_together():
     """Concurrent deliveries of one key are serialised; deliveries of different keys overlap."""
 

@@ -17,6 +17,7 @@ import pytest
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
 from sinks.billing import MeterEvent
+from sinks.retry import RateReservations
 from sinks.stripe_stream import SESSION_RENEW_MARGIN_S, StripeMeterEventStream, error_reports_of, meter_events_provider, stream_event
 from tests.support.fake_stripe import DROP, FakeStripe, reject
 
@@ -89,6 +90,22 @@ def test_a_smaller_batch_size_and_a_lone_delivery_after_the_linger(fake):
 
     requests, lone = run(config(fake, stream_batch_size=4, stream_linger="5ms"), body)
     assert requests == 3 + 1 and lone.startswith("req_fake_stream_")
+
+
+def test_requests_not_deliveries_take_the_rate_slots(fake):
+    """calls_per_second paces the stream's requests: 250 deliveries are 3 requests and 3 slots."""
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    async def body(p):  # noqa: ANN001, ANN202
+        p.pace_requests(RateReservations(rate=2, capacity=1, clock=lambda: 0.0), sleep)
+        await send_all(p, [event(i) for i in range(250)])
+        return p.requests_sent
+
+    assert run(config(fake), body) == 3
+    assert slept == [0.5, 1.0], "the first request goes at once, the next two wait for their slots"
 
 
 def test_a_resent_identifier_is_counted_once(fake):
@@ -190,6 +207,22 @@ def test_error_reports_are_read_across_pages(fake):
 
     reports = run(config(fake), body)
     assert len(reports) == 5 and len({r.report_id for r in reports}) == 5
+
+
+def test_polls_that_share_a_meter_cache_list_the_meters_once(fake):
+    """The retry scan reads error reports with a new provider each poll; the meters are listed at the first."""
+    meter_ids: dict[str, str] = {}
+
+    async def poll() -> None:
+        p = StripeMeterEventStream(config(fake), meter_ids=meter_ids)
+        try:
+            await p.error_reports(["tokens", "api_calls"])
+        finally:
+            await p.close()
+
+    for _ in range(3):
+        asyncio.run(poll())
+    assert fake.meter_lists == 1 and meter_ids == {"api_calls": "mtr_api_calls", "tokens": "mtr_tokens"}
 
 
 def test_error_reports_of_skips_other_events_and_samples_without_a_request():
