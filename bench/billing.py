@@ -132,7 +132,12 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 # ------------------------------------------------------------------ 1. throughput
 
 
-def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_flight: int, api: str = "v1") -> dict[str, Any]:
+def in_flight_of(api: str, max_in_flight: int | None) -> int:
+    """``billing.max_in_flight`` as given, else the shipped default for ``api``."""
+    return max_in_flight or JobConfig.model_validate({"stripe": {"meter_events_api": api}}).billing_max_in_flight
+
+
+def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_flight: int | None, api: str = "v1") -> dict[str, Any]:
     """Sent deliveries per second of the billing job (2 subtasks) against the fake answering after
     ``latency_ms``, through Stripe's ``api`` (``v1``: a call per delivery; ``v2_stream``: requests of up to 100)."""
     from tests.e2e.helpers import closed_window, publish_closed_windows
@@ -140,7 +145,7 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
     fake = FakeProcess(latency=latency_ms / 1000)
     try:
         stripe = {"meter_events_api": api, "meter_events_base": fake.url} if api != "v1" else {}
-        cfg, path = job_config(stack, f"tp{latency_ms}{api.replace('_', '')}", fake.url, billing={"max_in_flight": max_in_flight, "parallelism": 2}, stripe=stripe)
+        cfg, path = job_config(stack, f"tp{latency_ms}{api.replace('_', '')}", fake.url, billing={"parallelism": 2, **({"max_in_flight": max_in_flight} if max_in_flight else {})}, stripe=stripe)
         customers = 500
         per_key = max(1, windows // (customers * 2))
         map_customers(cfg, 2, customers)
@@ -178,7 +183,7 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
         hi = next(t for t, n in samples if n >= 0.9 * len(records))
         steady = 0.8 * len(records) / (hi - lo) if hi > lo else float("nan")
         spent = {k: round(1000 * (cpu["to"][k] - cpu["from"][k]) / (0.8 * len(records)), 3) for k in cpu.get("to", {})}
-        result = {"api": api, "cpu_ms_per_delivery": spent, "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2) if "to" in cpu else None, "latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
+        result = {"api": api, "cpu_ms_per_delivery": spent, "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2) if "to" in cpu else None, "latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": cfg.billing_max_in_flight, "subtasks": 2,
                   "events_per_s": round(rate, 1), "steady_events_per_s": round(steady, 1), "seconds": round(done[0] - started, 1)}  # fmt: skip
         console.print(f"throughput at {latency_ms} ms: {result}")
         return result
@@ -397,7 +402,7 @@ def lat_or_modes(latencies: str, modes: str) -> bool:
 @click.command()
 @click.option("--windows", default=6000, show_default=True, help="Closed windows per throughput run.")
 @click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
-@click.option("--max-in-flight", default=64, show_default=True, help="billing.max_in_flight per subtask for the throughput runs (the shipped default).")
+@click.option("--max-in-flight", type=int, default=None, help="billing.max_in_flight per subtask for the throughput runs  [default: the shipped default of each API]")
 @click.option("--apis", default="v1,v2_stream", show_default=True, help="stripe.meter_events_api values for the throughput runs; figures of other APIs, latencies or max in flight are kept from the last run.")
 @click.option("--modes", default="healthy,slow,down,rate-limited", show_default=True, help="Provider modes for the usage-job phase ('' to skip).")
 @click.option("--seconds", default=60, show_default=True, help="Length of each usage-job phase.")
@@ -405,7 +410,7 @@ def lat_or_modes(latencies: str, modes: str) -> bool:
 @click.option("--hot-customer", default="5000,5000", show_default=True, help="HOT,COLD: windows of one customer published before one window each of COLD customers, at 50 ms answers ('' to skip).")
 @click.option("--keep-state", is_flag=True, help="Keep the private stack's logs and data for a post-mortem.")
 @click.option("--render-only", is_flag=True, help="Only rewrite the docs/benchmarks.md section from bench/billing_results.json.")
-def main(windows: int, latencies: str, max_in_flight: int, apis: str, modes: str, seconds: int, rate: int, hot_customer: str, keep_state: bool, render_only: bool) -> None:
+def main(windows: int, latencies: str, max_in_flight: int | None, apis: str, modes: str, seconds: int, rate: int, hot_customer: str, keep_state: bool, render_only: bool) -> None:
     """Measure billing throughput and the usage job's checkpoints while billing suffers; write bench/billing_results.json and the Billing section of docs/benchmarks.md."""
     if render_only:
         REPORT.write_text(splice_section(REPORT.read_text(), render_section(json.loads(RESULTS.read_text()))))
@@ -422,7 +427,7 @@ def main(windows: int, latencies: str, max_in_flight: int, apis: str, modes: str
         if not lat_or_modes(latencies, modes):
             results.update({k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous})
         else:
-            measured = {(a, int(x), max_in_flight) for a in chosen_apis for x in latencies.split(",") if x}
+            measured = {(a, int(x), in_flight_of(a, max_in_flight)) for a in chosen_apis for x in latencies.split(",") if x}
             results["throughput"] = [t for t in previous.get("throughput", []) if (t.get("api", "v1"), t["latency_ms"], t["max_in_flight_per_subtask"]) not in measured]
             if not any(m for m in modes.split(",")):
                 results["usage_job_while_billing_suffers"] = previous.get("usage_job_while_billing_suffers", [])
@@ -443,8 +448,9 @@ def main(windows: int, latencies: str, max_in_flight: int, apis: str, modes: str
             results["usage_job_while_billing_suffers"].append(measure_usage_under(stack, mode, seconds, rate))
         if hot_customer:
             hot, cold = (int(x) for x in hot_customer.split(","))
-            for held in (None, max_in_flight):  # the shipped default, then a key allowed to hold every slot (as before fair scheduling)
-                results["hot_customer"].append(measure_hot_customer(stack, 50, cold, hot, max_in_flight, held))
+            slots = in_flight_of("v1", max_in_flight)
+            for held in (None, slots):  # the shipped default, then a key allowed to hold every slot (as before fair scheduling)
+                results["hot_customer"].append(measure_hot_customer(stack, 50, cold, hot, slots, held))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     REPORT.write_text(splice_section(REPORT.read_text(), render_section(results)))
     console.print(f"wrote {RESULTS} and the billing section of {REPORT}")

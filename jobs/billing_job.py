@@ -40,7 +40,7 @@ def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tu
     # Records reach the Python worker a bundle at a time, and a bundle ends by waiting for every call
     # it started: bundles of a few rounds of max_in_flight keep the calls overlapping without
     # holding records back (measured in docs/benchmarks.md).
-    conf.set_string("python.fn-execution.bundle.size", str(8 * cfg.billing.max_in_flight))
+    conf.set_string("python.fn-execution.bundle.size", str(8 * cfg.billing_max_in_flight))
     conf.set_string("python.fn-execution.bundle.time", "500")
     conf.set_string("pipeline.name", cfg.billing_job_name)
     for key, value in (extra or {}).items():
@@ -74,7 +74,7 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
     # starts a timer thread per element when one is set (measured: most of its per-element cost).
     timeout = Time.milliseconds(0)
     outcomes = (
-        AsyncDataStream.unordered_wait(keyed, DeliverClosedWindows(shipped), timeout, capacity=cfg.billing.max_in_flight, output_type=outcome_type())
+        AsyncDataStream.unordered_wait(keyed, DeliverClosedWindows(shipped), timeout, capacity=cfg.billing_max_in_flight, output_type=outcome_type())
         .name("deliver to the billing provider")
         .uid("billing-deliver")
     )

@@ -278,7 +278,10 @@ class BillingConfig(_Section):
     enabled: bool = False
     provider: Literal["stripe"] = "stripe"
     calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit of provider requests for the whole billing job; each subtask gets calls_per_second / parallelism (on the v2 stream a request carries up to stripe.stream_batch_size deliveries).")
-    max_in_flight: int = Field(64, ge=1, le=1024, description="Provider calls in flight per billing subtask (the async operator's capacity).")
+    max_in_flight: int | None = Field(
+        None, ge=1, le=1024,
+        description="Deliveries in flight per billing subtask (the async operator's capacity); default 64 on v1 (a call each) and 256 on the v2 stream (deliveries in flight together share requests).",
+    )  # fmt: skip
     max_held_per_key: int = Field(
         2, ge=1, le=1024,
         description="Of a billing subtask's max_in_flight slots, how many deliveries of one (tenant, customer, meter) hold at once (one calling, the rest waiting their turn); more give their slot back and wait for the key inside the worker, so one customer's burst never takes the in-flight slots of the others.",
@@ -305,9 +308,6 @@ class BillingConfig(_Section):
             raise ValueError(msg)
         if self.request_timeout <= timedelta(0):
             msg = "billing.request_timeout must be positive"
-            raise ValueError(msg)
-        if self.max_held_per_key > self.max_in_flight:
-            msg = f"billing.max_held_per_key ({self.max_held_per_key}) must be at most billing.max_in_flight ({self.max_in_flight}): a key can hold no more slots than there are"
             raise ValueError(msg)
         if self.retry_lease <= self.request_timeout:
             msg = "billing.retry_lease must be longer than billing.request_timeout, so a call in flight is never handed out twice"
@@ -370,6 +370,16 @@ class JobConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _held_within_in_flight(self) -> JobConfig:
+        if self.billing.max_held_per_key > self.billing_max_in_flight:
+            msg = (
+                f"billing.max_held_per_key ({self.billing.max_held_per_key}) must be at most billing.max_in_flight"
+                f" ({self.billing_max_in_flight}): a key can hold no more slots than there are"
+            )
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
     def _unique_meters(self) -> JobConfig:
         names = [m.name for m in self.meters]
         if not names or len(set(names)) != len(names):
@@ -400,6 +410,14 @@ class JobConfig(_Section):
     def billing_consumer_group(self) -> str:
         """The billing job's consumer group on the closed-windows topic."""
         return self.billing.consumer_group or f"{self.kafka.consumer_group}-billing"
+
+    @property
+    def billing_max_in_flight(self) -> int:
+        """Deliveries in flight per billing subtask: more on the v2 stream, where they share requests
+        and slots cost no connection each (docs/benchmarks.md, the v2 stream's figures)."""
+        if self.billing.max_in_flight is not None:
+            return self.billing.max_in_flight
+        return 256 if self.stripe.meter_events_api == "v2_stream" else 64
 
     @property
     def billing_parallelism(self) -> int:

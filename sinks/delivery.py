@@ -200,7 +200,7 @@ class Deliverer:
         # at most max_in_flight of them call the provider at once.
         self.parked: set[asyncio.Future] = set()
         self.parked_ids: set[str] = set()  # one waiting attempt per delivery, however often it is handed out
-        self.parked_calls = asyncio.Semaphore(billing.max_in_flight)
+        self.parked_calls = asyncio.Semaphore(cfg.billing_max_in_flight)
         self.on_background_outcome: Callable[[Outcome], None] = lambda outcome: None
 
     @staticmethod

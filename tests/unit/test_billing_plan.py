@@ -59,7 +59,7 @@ def test_derived_names_and_defaults(cfg):
     """The billing job's name, group and parallelism follow the usage job's unless set."""
     assert (cfg.billing_job_name, cfg.billing_consumer_group, cfg.billing_parallelism) == ("mf-billing", "g1-billing", 2)
     assert job_names(cfg) == ["mf", "mf-billing"]
-    assert (cfg.billing.max_in_flight, cfg.billing.provider_dedup_window, cfg.kafka.closed_windows_topic) == (64, timedelta(hours=24), "closed-x")
+    assert (cfg.billing_max_in_flight, cfg.billing.provider_dedup_window, cfg.kafka.closed_windows_topic) == (64, timedelta(hours=24), "closed-x")
     other = JobConfig.model_validate({"billing": {"consumer_group": "bill", "parallelism": 3}})
     assert (other.billing_consumer_group, other.billing_parallelism, job_names(other)) == ("bill", 3, ["meterflow-usage"])
     assert JobConfig().kafka.closed_windows_topic == "usage-windows-closed"
@@ -71,6 +71,20 @@ def test_retry_lease_must_outlast_a_call(write_config):
 
     with pytest.raises(ConfigError, match="retry_lease"):
         load_config(write_config("billing:\n  request_timeout: 30s\n  retry_lease: 20s\n"), environ={})
+
+
+def test_deliveries_in_flight_default_by_api(write_config):
+    """64 on v1 (one call each), 256 on the v2 stream (they share requests); a set value wins; the
+    held-per-key limit is checked against the value in force."""
+    from meterflow.config import load_config
+
+    stream = "stripe:\n  meter_events_api: v2_stream\n"
+    assert load_config(write_config(""), environ={}).billing_max_in_flight == 64
+    assert load_config(write_config(stream), environ={}).billing_max_in_flight == 256
+    assert load_config(write_config(stream + "billing:\n  max_in_flight: 32\n"), environ={}).billing_max_in_flight == 32
+    assert load_config(write_config(stream + "billing:\n  max_held_per_key: 200\n"), environ={}).billing.max_held_per_key == 200
+    with pytest.raises(ConfigError, match="max_held_per_key .200. must be at most billing.max_in_flight .64."):
+        load_config(write_config("billing:\n  max_held_per_key: 200\n"), environ={})
 
 
 def test_a_key_holds_no_more_slots_than_there_are(write_config):
