@@ -7,7 +7,11 @@ variant, each in its own JVM (Flink's local mini cluster, parallelism 1):
 - ``exchange``: Kafka, the meterflow-avro decoder with its validation, bounded event time and
   watermarks, one keyed exchange on a 128-bit id hash; no state;
 - ``dedup`` on RocksDB (the shipped default backend and its options) and on hashmap: the same plus
-  the dedup's state access (processing-time TTL of the default 7-day horizon).
+  the dedup's state access (processing-time TTL of the default 7-day horizon);
+- the levers on RocksDB: a Bloom filter over the memtable's keys (``+memtable-bloom``), L0 and L1
+  written without compression (``+uncompressed-l0-l1``), both, and a heap Bloom filter that skips
+  the state read of an id it has never seen (``dedup+heap-bloom``; not checkpointed in this
+  benchmark).
 
 Prints one JSON line per variant and writes bench/results_dedup_spike.json. Steady state is the
 second half of the input (JIT warm-up and job start are in the first)::
@@ -46,6 +50,9 @@ VARIANTS = (
     ("exchange", "rocksdb"),
     ("dedup", "rocksdb"),
     ("dedup", "rocksdb+memtable-bloom"),
+    ("dedup", "rocksdb+uncompressed-l0-l1"),
+    ("dedup", "rocksdb+memtable-bloom+uncompressed-l0-l1"),
+    ("dedup+heap-bloom", "rocksdb"),
     ("dedup", "hashmap"),
 )
 FLAME = REPO_ROOT / "docs" / "img" / "flamegraph-dedup-spike.png"
