@@ -47,10 +47,19 @@ def _running(cfg: JobConfig, job_id: str) -> bool:
     return details["state"] == "RUNNING" and all(v["status"] == "RUNNING" for v in details.get("vertices", []))
 
 
-def _ended_by_python_cancel(cluster: FlinkCluster, since_ms: int) -> bool:
-    """A TaskManager log (current or rotated) written since ``since_ms`` ends the way PyFlink's cancel race ends it."""
-    logs = [p for p in cluster.log_dir.glob("*taskexecutor*") if p.stat().st_mtime * 1000 >= since_ms]
-    return any(PYTHON_CANCEL_RACE in p.read_text(errors="replace") for p in logs)
+def _log_sizes(cluster: FlinkCluster) -> dict[int, int]:
+    """Bytes in each TaskManager log file (current or rotated) by inode: a rotation renames, it keeps the inode."""
+    return {p.stat().st_ino: p.stat().st_size for p in cluster.log_dir.glob("*taskexecutor*")}
+
+
+def _ended_by_python_cancel(cluster: FlinkCluster, before: dict[int, int]) -> bool:
+    """Whether a TaskManager logged PyFlink's cancel race in what it wrote after ``before`` was taken."""
+    for path in cluster.log_dir.glob("*taskexecutor*"):
+        with path.open("rb") as log:
+            log.seek(before.get(path.stat().st_ino, 0))
+            if PYTHON_CANCEL_RACE.encode() in log.read():
+                return True
+    return False
 
 
 def _latest_completed(cfg: JobConfig, job_id: str) -> int | None:
@@ -76,7 +85,7 @@ class JobManagerKill:
         assert all(self.completed_before.values()), f"a job has no completed checkpoint to recover from: {self.completed_before}"
         jobmanagers, taskmanagers = cluster.jobmanager_pids(), cluster.taskmanager_pids()
         assert len(jobmanagers) == 1 and taskmanagers, (jobmanagers, taskmanagers)
-        replaced_before = replacements_so_far(cfg)
+        replaced_before, logged_before = replacements_so_far(cfg), _log_sizes(cluster)
         killed_at = int(time.time() * 1000)
         os.kill(jobmanagers[0], signal.SIGKILL)
         wait_for(lambda: cluster.overview() is None, 30, "the JobManager's REST API to go away")
@@ -91,7 +100,7 @@ class JobManagerKill:
         # JobManager cancels the old tasks, PyFlink's cancel ended the TaskManager, the supervisor replaced it.
         if cluster.taskmanager_pids() != taskmanagers:
             assert replacements_so_far(cfg) > replaced_before, ("a TaskManager changed without the supervisor", taskmanagers, cluster.taskmanager_pids())
-            assert _ended_by_python_cancel(cluster, killed_at), f"a TaskManager lost for another reason; see {cluster.log_dir}"
+            assert _ended_by_python_cancel(cluster, logged_before), f"a TaskManager lost for another reason; see {cluster.log_dir}"
         assert len(cluster.jobmanager_pids()) == 1 and cluster.jobmanager_pids() != jobmanagers
         for jid in jobs:
             restored = (flink_jobs.checkpoint_stats(cfg, jid).get("latest") or {}).get("restored") or {}
