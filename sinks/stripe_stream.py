@@ -119,6 +119,7 @@ class StripeMeterEventStream(StripeMeterEvents):
         self.requests_sent = 0
         self._rate: RateReservations | None = None
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._slot_wait: asyncio.Task | None = None  # the next request, waiting for its rate slot
 
     def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> None:
         """Reserve one of ``rate``'s slots per request, not per delivery: ``billing.calls_per_second``
@@ -136,32 +137,62 @@ class StripeMeterEventStream(StripeMeterEvents):
         return await answer
 
     def _flush(self) -> None:
-        """Send what is pending, in requests of at most the batch size."""
+        """Send what is pending, in requests of at most the batch size, each in a rate slot of its own.
+
+        A request that must wait for its slot is cut when the slot comes, not before: what arrives
+        meanwhile rides in it instead of taking further slots in small requests of its own.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._pending:
-            batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
-            task = asyncio.ensure_future(self._send_batch(batch))
-            self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
+        while self._pending and self._slot_wait is None:
+            wait = self._rate.reserve() if self._rate is not None else 0.0
+            if wait > 0:
+                self._slot_wait = self._track(self._cut_after(wait))
+                return
+            self._cut()
+
+    async def _cut_after(self, wait: float) -> None:
+        try:
+            await self._sleep(wait)
+        except BaseException as e:  # cancelled with the worker: no caller is left waiting
+            self._slot_wait = None
+            self._answer(self._pending, error=e)
+            self._pending = []
+            raise
+        self._slot_wait = None
+        if self._pending:
+            self._cut()
+        self._flush()  # the rest, each in the next slot
+
+    def _cut(self) -> None:
+        batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
+        self._track(self._send_batch(batch))
+
+    def _track(self, work: Awaitable[None]) -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+        return task
+
+    @staticmethod
+    def _answer(batch: list[tuple[MeterEvent, asyncio.Future[str]]], request_id: str = "", error: BaseException | None = None) -> None:
+        for _, answer in batch:
+            if not answer.done():
+                if error is not None:
+                    answer.set_exception(error)
+                else:
+                    answer.set_result(request_id)
 
     async def _send_batch(self, batch: list[tuple[MeterEvent, asyncio.Future[str]]]) -> None:
         try:
-            wait = self._rate.reserve() if self._rate is not None else 0.0
-            if wait > 0:
-                await self._sleep(wait)
             request_id = await self._post([stream_event(e) for e, _ in batch])
         except BaseException as e:  # a provider error, and also a bug or a cancellation: no caller is left waiting
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(e)
+            self._answer(batch, error=e)
             if not isinstance(e, ProviderError):
                 raise
         else:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_result(request_id)
+            self._answer(batch, request_id)
 
     async def _post(self, events: list[dict[str, Any]]) -> str:
         """One stream request; a session Stripe says expired is renewed and the request sent once more."""
@@ -217,8 +248,9 @@ class StripeMeterEventStream(StripeMeterEvents):
 
     async def close(self) -> None:
         self._flush()
-        if self._requests:
-            await asyncio.gather(*self._requests, return_exceptions=True)
+        # A request waiting for its slot cuts and sends when it comes: wait for that one too.
+        while self._requests:
+            await asyncio.gather(*list(self._requests), return_exceptions=True)
         await super().close()
 
 

@@ -108,6 +108,33 @@ def test_requests_not_deliveries_take_the_rate_slots(fake):
     assert slept == [0.5, 1.0], "the first request goes at once, the next two wait for their slots"
 
 
+def test_deliveries_that_arrive_while_a_request_waits_for_its_slot_ride_in_it(fake):
+    """Under a rate that binds, the waiting request is cut when its slot comes: the deliveries that
+    arrived meanwhile share it rather than take further slots in small requests."""
+    slept: list[float] = []
+
+    async def body(p):  # noqa: ANN001, ANN202
+        slot = asyncio.Event()
+
+        async def sleep(s: float) -> None:
+            slept.append(s)
+            await slot.wait()
+
+        p.pace_requests(RateReservations(rate=1, capacity=1, clock=lambda: 0.0), sleep)
+        await p.send(event(0))  # the first slot is free
+        waiting = [asyncio.ensure_future(p.send(event(i))) for i in range(1, 4)]
+        await asyncio.sleep(0.05)  # past the linger: their request waits for the next slot
+        later = [asyncio.ensure_future(p.send(event(i))) for i in range(4, 40)]
+        await asyncio.sleep(0.05)  # past another linger
+        slot.set()
+        answers = await asyncio.gather(*waiting, *later)
+        return p.requests_sent, set(answers)
+
+    requests, answers = run(config(fake, stream_linger="5ms"), body)
+    assert (requests, len(answers), slept) == (2, 1, [1.0])
+    assert len(fake.accepted) == 40
+
+
 def test_a_resent_identifier_is_counted_once(fake):
     async def body(p):  # noqa: ANN001, ANN202
         await p.send(event(1))
