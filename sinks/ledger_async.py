@@ -3,14 +3,18 @@
 Thin over sinks/ledger_schema.py. Every write is committed before its caller goes on, never held
 for a Flink checkpoint: the ledger records what happened at the provider, which no checkpoint can
 roll back. The writes of concurrent deliveries are batched into one transaction each
-(:class:`StatementBatches`): the commit, not the statement, is most of a write's cost.
+(:class:`StatementBatches`): the commit, not the statement, is most of a write's cost. The hot
+statements (claim, carry, sent) are set-based, so a batch writes each of them once for all its
+callers (:class:`SetStatement`): per statement, most of the cost is in the client and the server's
+round of parse, plan and execute, not in the rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
 from decimal import Decimal
 
 import psycopg
@@ -19,6 +23,10 @@ from meterflow.config import JobConfig
 from meterflow.errors import SinkError
 from sinks.billing import ClosedWindow, Delivery, LedgerEntry, MeterEvent
 from sinks.ledger_schema import (
+    CLAIM_KEY,
+    CLAIM_ROW_PARAMS,
+    SENT_ROW_PARAMS,
+    WINDOW_CLAIM_KEY,
     accepted_total_sql,
     carry_value_sql,
     claim_existing_sql,
@@ -29,12 +37,47 @@ from sinks.ledger_schema import (
     delivery_window_sql,
     due_retries_sql,
     hold_sql,
+    mark_sent_sql,
     mark_sql,
     record_check_sql,
     release_leases_sql,
     reported_dead_sql,
     window_state_sql,
 )
+
+
+@dataclass(frozen=True)
+class SetStatement:
+    """A set-based statement: one execution serves every caller of a batch.
+
+    ``sql`` takes each name of ``per_row`` as an array, one element per caller, and every other
+    parameter as one value its callers share (callers that differ there are written apart). Each
+    answer row ends with the columns of ``key``, in that order: a caller gets the row whose key is
+    its own parameters', without those columns, or None. Callers with the same key are written
+    apart too (Postgres changes a row once per statement).
+    """
+
+    sql: str
+    per_row: tuple[str, ...]
+    key: tuple[str, ...]
+
+    def caller_key(self, params: dict) -> tuple:
+        return tuple(params[name] for name in self.key)
+
+    def shared(self, params: dict) -> Hashable:
+        return tuple(sorted((name, value) for name, value in params.items() if name not in self.per_row))
+
+    def params_of(self, callers: list[dict]) -> dict:
+        shared = {name: value for name, value in callers[0].items() if name not in self.per_row}
+        return shared | {name: [p[name] for p in callers] for name in self.per_row}
+
+    def answers(self, rows: list[tuple], callers: list[dict]) -> list[tuple | None]:
+        n = len(self.key)
+        found = {tuple(row[-n:]): tuple(row[:-n]) for row in rows}
+        return [found.get(self.caller_key(p)) for p in callers]
+
+
+Statement = str | SetStatement
 
 
 class StatementBatches:
@@ -51,12 +94,13 @@ class StatementBatches:
     def __init__(self, connection: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]], writers: int) -> None:
         """``writers``: batches written at once (on their own connections); more calls wait for the next batch."""
         self._connection, self._writers = connection, writers
-        self._pending: list[tuple[str, dict, asyncio.Future]] = []
+        self._pending: list[tuple[Statement, dict, asyncio.Future]] = []
         self._running: set[asyncio.Task] = set()
-        self.batches = self.statements = 0
+        self.batches = self.statements = self.executions = self.written_apart = 0
 
-    async def fetchone(self, sql: str, params: dict) -> tuple | None:
-        """Run ``sql`` in the next batch; its first row (None without one or without RETURNING)."""
+    async def fetchone(self, sql: Statement, params: dict) -> tuple | None:
+        """Run ``sql`` in the next batch; its first row (None without one or without RETURNING), or
+        for a :class:`SetStatement` the row of this caller."""
         answer = asyncio.get_running_loop().create_future()
         self._pending.append((sql, params, answer))
         self._start_writer()
@@ -81,8 +125,10 @@ class StatementBatches:
         self.batches, self.statements = self.batches + 1, self.statements + len(batch)
         try:
             async with self._connection() as conn:
-                rows = await _write_batch(conn, [(sql, params) for sql, params, _ in batch])
+                rows, executions = await _write_batch(conn, [(sql, params) for sql, params, _ in batch])
+            self.executions += executions
         except psycopg.Error:
+            self.written_apart += 1
             await self._write_one_by_one(batch)
             return
         except BaseException as e:
@@ -94,11 +140,11 @@ class StatementBatches:
             if not answer.done():
                 answer.set_result(row)
 
-    async def _write_one_by_one(self, batch: list[tuple[str, dict, asyncio.Future]]) -> None:
+    async def _write_one_by_one(self, batch: list[tuple[Statement, dict, asyncio.Future]]) -> None:
         for sql, params, answer in batch:
             try:
                 async with self._connection() as conn:
-                    [row] = await _write_batch(conn, [(sql, params)])
+                    [row], _ = await _write_batch(conn, [(sql, params)])
             except Exception as e:  # noqa: BLE001 - handed to the caller, whose statement it was
                 if not answer.done():
                     answer.set_exception(e)
@@ -107,16 +153,49 @@ class StatementBatches:
                     answer.set_result(row)
 
 
-async def _write_batch(conn: psycopg.AsyncConnection, statements: list[tuple[str, dict]]) -> list[tuple | None]:
-    """Run statements in one transaction (pipeline mode when more than one); each one's first row or None."""
-    if len(statements) == 1:
-        sql, params = statements[0]
-        cur = await conn.execute(sql, params)
-        return [await cur.fetchone() if cur.description else None]
-    async with conn.transaction():
-        async with conn.pipeline():
-            cursors = [await conn.execute(sql, params) for sql, params in statements]
-        return [await cur.fetchone() if cur.description else None for cur in cursors]
+def _executions(statements: list[tuple[Statement, dict]]) -> list[tuple[Statement, list[int]]]:
+    """The statements of a batch as executions: each set-based statement once for its callers."""
+    executions: list[tuple[Statement, list[int]]] = []
+    open_sets: dict[tuple[SetStatement, Hashable], tuple[list[int], set[tuple]]] = {}
+    for i, (sql, params) in enumerate(statements):
+        if isinstance(sql, str):
+            executions.append((sql, [i]))
+            continue
+        group = open_sets.get((sql, sql.shared(params)))
+        key = sql.caller_key(params)
+        if group is None or key in group[1]:
+            group = ([], set())
+            open_sets[(sql, sql.shared(params))] = group
+            executions.append((sql, group[0]))
+        group[0].append(i)
+        group[1].add(key)
+    return executions
+
+
+async def _write_batch(conn: psycopg.AsyncConnection, statements: list[tuple[Statement, dict]]) -> tuple[list[tuple | None], int]:
+    """Run statements in one transaction (pipeline mode when more than one execution): each one's
+    first row or None, and how many executions that took."""
+    executions = _executions(statements)
+
+    async def run(sql: Statement, callers: list[int]) -> psycopg.AsyncCursor:
+        if isinstance(sql, str):
+            return await conn.execute(sql, statements[callers[0]][1])
+        return await conn.execute(sql.sql, sql.params_of([statements[i][1] for i in callers]))
+
+    if len(executions) == 1:
+        cursors = [await run(*executions[0])]
+    else:
+        async with conn.transaction(), conn.pipeline():
+            cursors = [await run(sql, callers) for sql, callers in executions]
+    answers: list[tuple | None] = [None] * len(statements)
+    for (sql, callers), cur in zip(executions, cursors, strict=True):
+        rows = await cur.fetchall() if cur.description else []
+        if isinstance(sql, str):
+            answers[callers[0]] = rows[0] if rows else None
+        elif cur.description:
+            for i, row in zip(callers, sql.answers(rows, [statements[i][1] for i in callers]), strict=True):
+                answers[i] = row
+    return answers, len(executions)
 
 
 class AsyncPostgresLedger:
@@ -157,10 +236,10 @@ class AsyncPostgresLedger:
         finally:
             self._idle.put_nowait(conn)
 
-    async def _fetchone(self, sql: str, params: dict) -> tuple | None:
+    async def _fetchone(self, sql: Statement, params: dict) -> tuple | None:
         return await self.batches.fetchone(sql, params)
 
-    async def _execute(self, sql: str, params: dict) -> None:
+    async def _execute(self, sql: Statement, params: dict) -> None:
         await self.batches.fetchone(sql, params)
 
     async def close(self) -> None:
@@ -180,8 +259,10 @@ class AsyncPostgresLedger:
             "lease_s": self.lease_s, "worker": self.worker, "retry": retry,
         }  # fmt: skip
         window = delivery.kind == "window" and not retry
-        sql = claim_existing_sql(self.table, self.customers) if retry else claim_new_sql(self.table, self.customers, window=window)
-        row = await self._fetchone(sql, params)
+        if retry:
+            row = await self._fetchone(claim_existing_sql(self.table, self.customers), params)
+        else:
+            row = await self._fetchone(SetStatement(claim_new_sql(self.table, self.customers, window=window), CLAIM_ROW_PARAMS, WINDOW_CLAIM_KEY if window else CLAIM_KEY), params)
         if row is not None:
             return _entry(row, claimed=True)
         row = await self._fetchone(window_state_sql(self.table, self.customers) if window else delivery_state_sql(self.table, self.customers), params)
@@ -200,7 +281,7 @@ class AsyncPostgresLedger:
 
     async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
         params = {"identifier": identifier, "attempts": attempts, "value": event.value, "provider_customer_id": event.provider_customer_id, "response_id": response_id}
-        await self._execute(mark_sql(self.table, "sent"), params)
+        await self._execute(SetStatement(mark_sent_sql(self.table), SENT_ROW_PARAMS, ("identifier",)), params)
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
         await self._execute(mark_sql(self.table, "failed"), {"identifier": identifier, "attempts": attempts, "error": error, "delay_s": delay})
@@ -226,7 +307,7 @@ class AsyncPostgresLedger:
         return Decimal(row[0]) if row else Decimal(0)
 
     async def carry_value(self, identifier: str) -> Decimal:
-        row = await self._fetchone(carry_value_sql(self.table, self.carry), {"identifier": identifier})
+        row = await self._fetchone(SetStatement(carry_value_sql(self.table, self.carry), ("identifier",), ("identifier",)), {"identifier": identifier})
         if row is None:  # fixed already, by an attempt before this one
             row = await self._fetchone(delivery_value_sql(self.table), {"identifier": identifier})
         if row is None or row[0] is None:

@@ -117,23 +117,27 @@ $$""",
 
 
 def carry_value_sql(ledger_table: str, carry_table: str) -> str:
-    """Fix a carried delivery's value: add its quantity to its (customer, meter, month) total and
-    take the whole units it completes, ``floor(total) - floor(total - quantity)``
-    (sinks/whole_values.py: carried_value). No row when the value was fixed already.
+    """Fix carried deliveries' values: add each one's quantity to its (customer, meter, month) total
+    and take the whole units it completes, ``floor(total) - floor(total - quantity)``
+    (sinks/whole_values.py: carried_value). Set-based: ``identifier`` is an array, one per delivery;
+    each row fixed returns (value, identifier), none for a value fixed already.
 
-    The delivery's row is locked first and checked again after the wait, so two attempts can't both
-    add the same quantity; the total's row lock orders the deliveries of one customer and meter.
+    The deliveries' rows are locked first, in identifier order, and checked again after the wait,
+    so two attempts can't both add the same quantity; the total's row lock orders the deliveries of
+    one customer and meter. Two deliveries of one total in one statement fail it (Postgres updates a
+    row once per statement): callers write those apart (sinks/ledger_async.py).
     """
     d, k = check_identifier(ledger_table), check_identifier(carry_table)
     return (
         f"WITH target AS (SELECT identifier, provider, tenant_id, customer_id, meter, date_trunc('month', window_start) AS period_start, quantity "
-        f"FROM {d} WHERE identifier = %(identifier)s AND value IS NULL FOR UPDATE), "
+        f"FROM {d} WHERE identifier = ANY(%(identifier)s::text[]) AND value IS NULL ORDER BY identifier FOR UPDATE), "
         f"carried AS (INSERT INTO {k} (provider, tenant_id, customer_id, meter, period_start, total) "
         "SELECT provider, tenant_id, customer_id, meter, period_start, quantity FROM target "
         f"ON CONFLICT (provider, tenant_id, customer_id, meter, period_start) DO UPDATE SET total = {k}.total + EXCLUDED.total, updated_at = now() "
-        "RETURNING total) "
+        "RETURNING provider, tenant_id, customer_id, meter, period_start, total) "
         f"UPDATE {d} SET value = (floor(carried.total) - floor(carried.total - target.quantity))::text "
-        f"FROM target, carried WHERE {d}.identifier = target.identifier RETURNING {d}.value"
+        f"FROM target JOIN carried USING (provider, tenant_id, customer_id, meter, period_start) "
+        f"WHERE {d}.identifier = target.identifier RETURNING {d}.value, {d}.identifier"
     )
 
 
@@ -165,32 +169,54 @@ _CLAIMABLE = "{d}.status IN ('pending', 'failed') AND (%(retry)s OR {d}.next_att
 _CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(worker)s, leased = true"
 
 
-def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = False) -> str:
-    """Record a delivery (pending) unless it exists, and claim it for an attempt if it may be attempted.
+# The parameters of a claim that differ per delivery: arrays in claim_new_sql, one element each.
+CLAIM_ROW_PARAMS = (
+    "identifier", "provider", "kind", "window_identifier", "tenant_id", "customer_id", "meter", "dimensions_key",
+    "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "event_name",
+)  # fmt: skip
+_CLAIM_ROW_TYPES = ("text", "text", "text", "text", "text", "text", "text", "text", "bigint", "bigint", "numeric", "bigint", "bigint", "text")
+# What names a claimed row in claim_new_sql's answer: the identifier, or for a window's own event
+# its key and span (its recorded identifier may be of an earlier form).
+CLAIM_KEY = ("identifier",)
+WINDOW_CLAIM_KEY = ("provider", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms")
 
-    Returns its state, or no row when it exists but may not be attempted now (read it with
+
+def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = False) -> str:
+    """Record deliveries (pending) unless they exist, and claim each for an attempt if it may be attempted.
+
+    Set-based: each name of :data:`CLAIM_ROW_PARAMS` is an array, one element per delivery;
+    ``lease_s``, ``worker`` and ``retry`` are one value for all. Returns each claimed delivery's
+    state followed by its key (:data:`CLAIM_KEY`, or :data:`WINDOW_CLAIM_KEY` with ``window``), and
+    no row for one that exists but may not be attempted now (read it with
     :func:`delivery_state_sql`, or :func:`window_state_sql` for a window's own delivery). A recorded
     delivery's value never changes: its identifier must always carry the same parameters, so a
     changed final becomes a correction.
 
-    ``window``: the delivery is a window's own event, found by the window's key and span rather than
-    by identifier, so a window recorded under an identifier of an earlier form is claimed under it
-    (the state's first column is the recorded identifier).
+    ``window``: the deliveries are windows' own events, found by the window's key and span rather
+    than by identifier, so a window recorded under an identifier of an earlier form is claimed under
+    it (the state's first column is the recorded identifier).
     """
     d, c = check_identifier(ledger_table), check_identifier(customers_table)
     target = f"({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'" if window else "(identifier)"
+    key = _WINDOW_KEY_COLUMNS.format(d=d) if window else f"{d}.identifier"
+    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in zip(CLAIM_ROW_PARAMS, _CLAIM_ROW_TYPES, strict=True))
     return (
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
         "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by, leased) "
-        "VALUES (%(identifier)s, %(provider)s, %(kind)s, %(window_identifier)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
-        f"{_WINDOW_START}, {_WINDOW_END}, "
-        "%(quantity)s, %(event_count)s, %(revision)s, %(event_name)s, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s, true) "
+        "SELECT v.identifier, v.provider, v.kind, v.window_identifier, v.tenant_id, v.customer_id, v.meter, v.dimensions_key, "
+        "to_timestamp(v.window_start_ms / 1000.0) AT TIME ZONE 'UTC', to_timestamp(v.window_end_ms / 1000.0) AT TIME ZONE 'UTC', "
+        "v.quantity, v.event_count, v.revision, v.event_name, 'pending', now(), now() + make_interval(secs => %(lease_s)s), %(worker)s, true "
+        f"FROM unnest({arrays}) AS v({', '.join(CLAIM_ROW_PARAMS)}) "
         f"ON CONFLICT {target} DO UPDATE SET {_CLAIM_SET.format(d=d)} "
         f"WHERE {_CLAIMABLE.format(d=d)} "
-        f"RETURNING {_state_columns(d, c)}"
+        f"RETURNING {_state_columns(d, c)}, {key}"
     )
 
 
+_WINDOW_KEY_COLUMNS = (
+    "{d}.provider, {d}.tenant_id, {d}.customer_id, {d}.meter, {d}.dimensions_key, "
+    "(extract(epoch FROM {d}.window_start AT TIME ZONE 'UTC') * 1000)::bigint, (extract(epoch FROM {d}.window_end AT TIME ZONE 'UTC') * 1000)::bigint"
+)
 _WINDOW_START = "to_timestamp(%(window_start_ms)s / 1000.0) AT TIME ZONE 'UTC'"
 _WINDOW_END = "to_timestamp(%(window_end_ms)s / 1000.0) AT TIME ZONE 'UTC'"
 
@@ -261,18 +287,28 @@ def withdraw_late_correction_sql(ledger_table: str) -> str:
     )
 
 
+# The parameters of mark_sent_sql, one element each per delivery.
+SENT_ROW_PARAMS = ("identifier", "attempts", "value", "provider_customer_id", "response_id")
+
+
+def mark_sent_sql(ledger_table: str) -> str:
+    """Move deliveries to ``sent``. Set-based: each name of :data:`SENT_ROW_PARAMS` is an array, one element per delivery."""
+    d = check_identifier(ledger_table)
+    return (
+        f"UPDATE {d} SET status = 'sent', attempts = v.attempts, value = v.value, provider_customer_id = v.provider_customer_id, "
+        "provider_response_id = v.response_id, last_error = NULL, provider_report = NULL, sent_at = now(), next_attempt_at = NULL, leased = false "
+        "FROM unnest(%(identifier)s::text[], %(attempts)s::int[], %(value)s::text[], %(provider_customer_id)s::text[], %(response_id)s::text[]) "
+        f"AS v({', '.join(SENT_ROW_PARAMS)}) WHERE {d}.identifier = v.identifier"
+    )
+
+
 def mark_sql(ledger_table: str, status: str) -> str:
-    """Move a delivery to ``sent``, ``failed`` (retry at ``next_attempt_at``) or ``dead``.
+    """Move a delivery to ``failed`` (retry at ``next_attempt_at``) or ``dead`` (sent: :func:`mark_sent_sql`).
 
     ``rejected`` is ``dead`` without a call: the first-attempt time a claim set is taken back, as
     nothing reached the provider.
     """
     d = check_identifier(ledger_table)
-    if status == "sent":
-        return (
-            f"UPDATE {d} SET status = 'sent', attempts = %(attempts)s, value = %(value)s, provider_customer_id = %(provider_customer_id)s, "
-            "provider_response_id = %(response_id)s, last_error = NULL, provider_report = NULL, sent_at = now(), next_attempt_at = NULL, leased = false WHERE identifier = %(identifier)s"
-        )
     if status == "failed":
         return (
             f"UPDATE {d} SET status = 'failed', attempts = %(attempts)s, last_error = %(error)s, "

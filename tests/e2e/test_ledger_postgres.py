@@ -18,7 +18,7 @@ from meterflow.commands import cli
 from sinks.billing import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
 from sinks.delivery import Deliverer
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
-from sinks.ledger_async import AsyncPostgresLedger, due_retries, release_leases
+from sinks.ledger_async import AsyncPostgresLedger, StatementBatches, due_retries, release_leases
 from sinks.postgres import apply_schema, connect, fetch_usage
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_upsert_sql
 from sinks.stripe_provider import StripeMeterEvents
@@ -222,6 +222,62 @@ def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg
     assert elsewhere == [Decimal(0), Decimal(0)], "0.5 in another month and for another customer carries nothing over"
     rows = {d.identifier: d for d in fetch_deliveries(cfg)}
     assert all(r.value is not None for r in rows.values())
+
+
+def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_one_results(ledger_cfg):
+    """60 concurrent deliveries of carried windows (one per customer, some recorded before under an
+    identifier of an earlier form): each claim, carry and outcome of a batch is one statement for all
+    its callers, and every delivery gets what one-by-one statements would give it; two deliveries of
+    one running total in one batch still add up (Postgres refuses them together; written apart)."""
+    cfg, _ = ledger_cfg
+    start_ms = int(billing_period_start(datetime.now(UTC)).timestamp() * 1000)
+    quantity = Decimal("0.7")
+
+    def delivery(customer: str, i: int = 0):  # noqa: ANN202
+        return window_delivery(ClosedWindow("t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1), "mf")
+
+    # Three windows first recorded under another identifier: a claim finds them by key and span.
+    earlier = [delivery(f"c{i}") for i in range(3)]
+    with connect(cfg.postgres) as conn:
+        for d in earlier:
+            conn.execute(
+                f"INSERT INTO {cfg.billing.ledger_table} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "  # noqa: S608 - validated name
+                "window_start, window_end, quantity, event_count, revision, event_name, status) "
+                "VALUES (%s, 'stripe', 'window', %s, 't1', %s, 'tokens', '{}', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', %s, 1, 1, 'tokens', 'pending')",
+                (f"old-{d.window.customer_id}", f"old-{d.window.customer_id}", d.window.customer_id, d.window.window_start_ms, d.window.window_end_ms, quantity),
+            )
+
+    async def deliver(ledger: AsyncPostgresLedger, d) -> tuple[str, Decimal]:  # noqa: ANN001
+        entry = await ledger.claim(d, "stripe", "tokens", retry=False)
+        assert entry.claimed and entry.quantity == quantity
+        value = await ledger.carry_value(entry.identifier)
+        await ledger.mark_sent(entry.identifier, MeterEvent(entry.identifier, "tokens", "cus_1", str(value), 0), f"req_{entry.identifier}", 1)
+        return entry.identifier, value
+
+    async def scenario() -> tuple[list, list, StatementBatches]:
+        ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
+        try:
+            many = await asyncio.gather(*(deliver(ledger, delivery(f"c{i}")) for i in range(60)))
+            # Two windows of one customer and meter at once: the same running total in one batch.
+            same_total = await asyncio.gather(*(deliver(ledger, delivery("c0", i)) for i in (1, 2)))
+            return many, same_total, ledger.batches
+        finally:
+            await ledger.close()
+
+    many, same_total, batches = asyncio.run(scenario())
+    assert [identifier for identifier, _ in many[:3]] == ["old-c0", "old-c1", "old-c2"], "claimed under the recorded identifier"
+    assert all(value == carried_value(Decimal(0), quantity) for _, value in many), "0.7 alone completes no unit"
+    assert [value for _, value in same_total] == [Decimal(1), Decimal(1)], "0.7 + 0.7 is 1.4, + 0.7 is 2.1: one unit each"
+    with connect(cfg.postgres) as conn:
+        [total] = conn.execute(f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c0'").fetchone()  # noqa: S608 - validated name
+    assert total == 3 * quantity, "each quantity added once"
+    assert batches.statements == 3 * 62
+    assert batches.written_apart == 1, "the batch with both carries of c0, refused together"
+    assert batches.executions <= batches.batches * 3, (batches.executions, batches.batches)
+    assert batches.batches <= 15, batches.batches
+    rows = {r.identifier: r for r in fetch_deliveries(cfg)}
+    assert len(rows) == 62 and {r.status for r in rows.values()} == {"sent"}
+    assert all(rows[i].value is not None and rows[i].provider_response_id == f"req_{i}" for i, _ in many + same_total)
 
 
 def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):
