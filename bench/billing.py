@@ -400,7 +400,7 @@ def lat_or_modes(latencies: str, modes: str) -> bool:
 
 
 @click.command()
-@click.option("--windows", default=6000, show_default=True, help="Closed windows per throughput run.")
+@click.option("--windows", default=30000, show_default=True, help="Closed windows per throughput run (long enough that start-up is not the figure).")
 @click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
 @click.option("--max-in-flight", type=int, default=None, help="billing.max_in_flight per subtask for the throughput runs  [default: the shipped default of each API]")
 @click.option("--apis", default="v1,v2_stream", show_default=True, help="stripe.meter_events_api values for the throughput runs; figures of other APIs, latencies or max in flight are kept from the last run.")

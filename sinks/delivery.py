@@ -10,7 +10,7 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
   out again then. The key backs off too: deliveries of a key that is backing off are deferred to
   that time without a call, other keys go on.
 * **A shared rate**: each subtask reserves slots at ``calls_per_second / share``, one per call: per
-  delivery, or per request for a provider that gathers deliveries into requests (``pace_requests``).
+  delivery, or per request for a provider that gathers deliveries into requests (``Provider.pace_requests``).
 * **Past the provider's dedup window** a delivery is checked against the provider's totals before
   any resend (sinks/billing.py, judge_provider_totals); the decision is recorded in the ledger.
 """
@@ -102,6 +102,10 @@ class Provider(Protocol):
     async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
         """The provider's aggregated value of one customer's events over [start, end) (unix s, minute-aligned)."""
 
+    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
+        """Whether the provider gathers deliveries into requests and paces those with ``rate`` (one
+        slot per request) itself; False: each send is one call, and the deliverer takes a slot per delivery."""
+
 
 @dataclass
 class KeyGate:
@@ -187,10 +191,7 @@ class Deliverer:
         self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
         # A provider that gathers deliveries into requests (the v2 stream) paces its requests with
         # this subtask's share, since its calls are the requests; otherwise each delivery is a call.
-        pace_requests = getattr(provider, "pace_requests", None)
-        self.paced_by_provider = callable(pace_requests)
-        if self.paced_by_provider:
-            pace_requests(self.rate, sleep)
+        self.paced_by_provider = provider.pace_requests(self.rate, sleep)
         self.gate = KeyGate()
         self.max_held_per_key = billing.max_held_per_key
         self.lease_s = billing.retry_lease.total_seconds()

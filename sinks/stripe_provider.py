@@ -8,6 +8,7 @@ provider inside the event loop that uses it (the HTTP session belongs to that lo
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import stripe
@@ -15,7 +16,7 @@ import stripe
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError, ProviderError
 from sinks.billing import MeterEvent
-from sinks.retry import RETRYABLE_STATUS
+from sinks.retry import RETRYABLE_STATUS, RateReservations
 
 
 def _retry_after(headers: object) -> float | None:
@@ -60,6 +61,10 @@ class StripeMeterEvents:
             )
         self.client = client
         self._meter_ids: dict[str, str] = meter_ids if meter_ids is not None else {}
+
+    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
+        """One call per delivery (v1): the deliverer paces each."""
+        return False
 
     async def send(self, event: MeterEvent) -> str:
         params = {

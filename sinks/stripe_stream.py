@@ -121,10 +121,11 @@ class StripeMeterEventStream(StripeMeterEvents):
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._slot_wait: asyncio.Task | None = None  # the next request, waiting for its rate slot
 
-    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> None:
+    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
         """Reserve one of ``rate``'s slots per request, not per delivery: ``billing.calls_per_second``
         counts calls, and here a call carries up to ``stripe.stream_batch_size`` deliveries."""
         self._rate, self._sleep = rate, sleep
+        return True
 
     async def send(self, event: MeterEvent) -> str:
         loop = asyncio.get_running_loop()

@@ -171,6 +171,9 @@ class ScriptedProvider:
     async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
         return self.held
 
+    def pace_requests(self, rate, sleep) -> bool:  # noqa: ANN001 - the deliverer's RateReservations and sleep
+        return False
+
 
 def deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, share: int = 1, **billing) -> Deliverer:
     cfg = JobConfig.model_validate({"billing": {"enabled": True, **billing}, "meters": [{"name": "tokens"}, {"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]})
@@ -297,8 +300,9 @@ def test_a_provider_that_gathers_deliveries_into_requests_paces_the_requests():
     class BatchingProvider(ScriptedProvider):
         paced: list = field(default_factory=list)
 
-        def pace_requests(self, rate, sleep) -> None:  # noqa: ANN001 - the deliverer's RateReservations and sleep
+        def pace_requests(self, rate, sleep) -> bool:  # noqa: ANN001 - the deliverer's RateReservations and sleep
             self.paced.append((rate, sleep))
+            return True
 
     t = FakeTime()
     provider, ledger = BatchingProvider(), MemoryLedger(t)
