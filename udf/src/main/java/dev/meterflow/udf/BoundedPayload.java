@@ -12,6 +12,7 @@ import org.apache.flink.table.functions.ScalarFunction;
  * its dead letter must still fit the dead-letter topic. {@link CountDeadLetter} says so in the reason.
  */
 public class BoundedPayload extends ScalarFunction {
+    private static final long serialVersionUID = 1L;
 
     public byte[] eval(byte[] payload, int maxBytes) {
         return cut(payload, maxBytes);

@@ -17,6 +17,7 @@ import org.apache.flink.table.functions.ScalarFunction;
  * payload and its limit, the reason also says when {@link BoundedPayload} cut the payload.
  */
 public class CountDeadLetter extends ScalarFunction {
+    private static final long serialVersionUID = 1L;
 
     /** Characters (code points) of a reason kept; meterflow/input_contract.py MAX_REASON_CHARS. */
     public static final int MAX_REASON_CHARS = 1000;

@@ -64,6 +64,8 @@ class ClassifierAndWindowOperatorTest {
     }
 
     private static final class Ids extends ProcessWindowFunction<RowData, String, Integer, TimeWindow> {
+        private static final long serialVersionUID = 1L;
+
         @Override
         public void process(Integer key, Context context, Iterable<RowData> rows, Collector<String> out) {
             for (RowData row : rows) {

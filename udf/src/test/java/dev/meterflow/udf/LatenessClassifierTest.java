@@ -198,6 +198,8 @@ class LatenessClassifierTest {
     /** The operator state of the previous version: the held watermark only. */
     private static final class HeldOnly extends org.apache.flink.streaming.api.operators.AbstractStreamOperator<RowData>
             implements org.apache.flink.streaming.api.operators.OneInputStreamOperator<RowData, RowData> {
+        private static final long serialVersionUID = 1L;
+
         @Override
         public void initializeState(org.apache.flink.runtime.state.StateInitializationContext context) throws Exception {
             super.initializeState(context);
