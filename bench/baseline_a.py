@@ -91,7 +91,9 @@ def run(config: Path, prefix: str, expected: int, progress: Path, max_records: i
     with conn.transaction():
         for statement in schema_sql(prefix):
             conn.execute(statement)
-        conn.execute("CREATE TEMP TABLE batch (tenant_id text, event_id text, customer_id text, meter text, quantity numeric(38, 9), event_ms bigint, window_ms bigint, is_late boolean) ON COMMIT DELETE ROWS")
+        conn.execute(
+            "CREATE TEMP TABLE batch (tenant_id text, event_id text, customer_id text, meter text, quantity numeric(38, 9), event_ms bigint, window_ms bigint, is_late boolean) ON COMMIT DELETE ROWS"
+        )
         known = dict(conn.execute(f"SELECT kafka_partition, max_event_ms FROM {prefix}_watermarks").fetchall())
     marks = Watermarks(cfg.kafka.partitions, int(et.watermark_delay.total_seconds() * 1000), known)
     consumer = KafkaConsumer(
@@ -120,7 +122,7 @@ def run(config: Path, prefix: str, expected: int, progress: Path, max_records: i
                     done += 1
                     try:
                         e = decode_usage_event(message.value)
-                    except Exception:  # noqa: BLE001 - a bad record is skipped here (Flink routes it to dead letters)
+                    except Exception:  # noqa: BLE001, S112 - a bad record is skipped here (Flink routes it to dead letters)
                         continue
                     event_ms = round(e["event_time"].timestamp() * 1000)
                     wm = marks.current()
@@ -131,7 +133,18 @@ def run(config: Path, prefix: str, expected: int, progress: Path, max_records: i
                     seen_in_batch.add(ident)
                     start = window_start_ms(event_ms, window_ms)
                     late = wm is not None and is_window_closed(start + window_ms, wm, lateness_ms)
-                    rows.append((e["tenant_id"], e["event_id"], e["customer_id"], e["meter"], e["quantity"], event_ms, start, late))
+                    rows.append(
+                        (
+                            e["tenant_id"],
+                            e["event_id"],
+                            e["customer_id"],
+                            e["meter"],
+                            e["quantity"],
+                            event_ms,
+                            start,
+                            late,
+                        )
+                    )
             with conn.transaction():
                 with conn.cursor().copy("COPY batch FROM STDIN") as copy:
                     for row in rows:
@@ -161,7 +174,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-records", type=int, default=5000, help="records per poll (= per transaction)")
     args = parser.parse_args(argv)
     run(args.config, args.prefix, args.expected, args.progress, args.max_records)
-
 
 
 if __name__ == "__main__":

@@ -73,10 +73,17 @@ def job_config(stack: BenchStack, name: str, api_base: str, **sections: dict) ->
     kafka = {**stack.base["kafka"], "usage_events_topic": f"in-{name}-{run}", "late_events_topic": f"late-{name}-{run}", "dead_letter_topic": f"dead-{name}-{run}",
              "closed_windows_topic": f"closed-{name}-{run}", "consumer_group": f"g-{name}-{run}"}  # fmt: skip
     postgres = {**stack.base["postgres"], "usage_table": f"usage_{name}_{run}"}
-    billing = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", **sections.pop("billing", {})}
+    billing = {
+        "enabled": True,
+        "ledger_table": f"deliveries_{name}_{run}",
+        "customers_table": f"customers_{name}_{run}",
+        **sections.pop("billing", {}),
+    }
     flink = {**stack.base["flink"], "job_name": f"bench-{name}-{run}", **sections.pop("flink", {})}
     stripe = {"api_base": api_base, **sections.pop("stripe", {})}
-    cfg, path = stack.config(f"{name}-{run}", kafka=kafka, postgres=postgres, billing=billing, flink=flink, stripe=stripe, **sections)
+    cfg, path = stack.config(
+        f"{name}-{run}", kafka=kafka, postgres=postgres, billing=billing, flink=flink, stripe=stripe, **sections
+    )
     from connectors.kafka_admin import ensure_project_topics
     from sinks.ledger import apply_schemas
 
@@ -89,14 +96,17 @@ def map_customers(cfg: JobConfig, tenants: int, customers: int) -> None:
     from sinks.billing import CustomerMapping
     from sinks.ledger import map_customers as write
 
-    write(cfg, [CustomerMapping(f"tenant-{t}", f"cust-{c}", f"cus_{t}_{c}") for t in range(tenants) for c in range(customers)])
+    write(
+        cfg,
+        [CustomerMapping(f"tenant-{t}", f"cust-{c}", f"cus_{t}_{c}") for t in range(tenants) for c in range(customers)],
+    )
 
 
 def sent_count(cfg: JobConfig) -> int:
     from sinks.postgres import connect
 
     with connect(cfg.postgres) as conn:
-        return conn.execute(f"SELECT count(*) FROM {cfg.billing.ledger_table} WHERE status = 'sent'").fetchone()[0]  # noqa: S608 - validated name
+        return conn.execute(f"SELECT count(*) FROM {cfg.billing.ledger_table} WHERE status = 'sent'").fetchone()[0]
 
 
 def cpu_groups(cfg: JobConfig, fake: FakeProcess) -> dict[str, list[int]]:
@@ -137,7 +147,9 @@ def in_flight_of(api: str, max_in_flight: int | None) -> int:
     return max_in_flight or JobConfig.model_validate({"stripe": {"meter_events_api": api}}).billing_max_in_flight
 
 
-def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_flight: int | None, api: str = "v1") -> dict[str, Any]:
+def measure_throughput(
+    stack: BenchStack, latency_ms: int, windows: int, max_in_flight: int | None, api: str = "v1"
+) -> dict[str, Any]:
     """Sent deliveries per second of the billing job (2 subtasks) against the fake answering after
     ``latency_ms``, through Stripe's ``api`` (``v1``: a call per delivery; ``v2_stream``: requests of up to 100)."""
     from tests.e2e.helpers import closed_window, publish_closed_windows
@@ -145,13 +157,24 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
     fake = FakeProcess(latency=latency_ms / 1000)
     try:
         stripe = {"meter_events_api": api, "meter_events_base": fake.url} if api != "v1" else {}
-        cfg, path = job_config(stack, f"tp{latency_ms}{api.replace('_', '')}", fake.url, billing={"parallelism": 2, **({"max_in_flight": max_in_flight} if max_in_flight else {})}, stripe=stripe)
+        cfg, path = job_config(
+            stack,
+            f"tp{latency_ms}{api.replace('_', '')}",
+            fake.url,
+            billing={"parallelism": 2, **({"max_in_flight": max_in_flight} if max_in_flight else {})},
+            stripe=stripe,
+        )
         customers = 500
         per_key = max(1, windows // (customers * 2))
         map_customers(cfg, 2, customers)
         size = cfg.event_time.window_size
         start = (datetime.now(UTC) - timedelta(hours=3)).replace(second=0, microsecond=0)
-        records = [closed_window(f"tenant-{t}", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}", 1) for i in range(per_key) for t in range(2) for c in range(customers)]
+        records = [
+            closed_window(f"tenant-{t}", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}", 1)
+            for i in range(per_key)
+            for t in range(2)
+            for c in range(customers)
+        ]
         publish_closed_windows(cfg, records)
         job_id = flink_jobs.submit_billing(cfg, path)
         samples: list[tuple[float, int]] = []
@@ -191,14 +214,20 @@ def measure_throughput(stack: BenchStack, latency_ms: int, windows: int, max_in_
         fake.stop()
 
 
-def measure_hot_customer(stack: BenchStack, latency_ms: int, cold: int, hot: int, max_in_flight: int, held_per_key: int | None) -> dict[str, Any]:
+def measure_hot_customer(
+    stack: BenchStack, latency_ms: int, cold: int, hot: int, max_in_flight: int, held_per_key: int | None
+) -> dict[str, Any]:
     """Time to bill ``cold`` windows of as many customers published after ``hot`` windows of one
     customer (2 subtasks), with the shipped ``billing.max_held_per_key`` or ``held_per_key``."""
     from tests.e2e.helpers import closed_window, publish_closed_windows
 
     fake = FakeProcess(latency=latency_ms / 1000)
     try:
-        billing = {"max_in_flight": max_in_flight, "parallelism": 2, **({"max_held_per_key": held_per_key} if held_per_key else {})}
+        billing = {
+            "max_in_flight": max_in_flight,
+            "parallelism": 2,
+            **({"max_held_per_key": held_per_key} if held_per_key else {}),
+        }
         cfg, path = job_config(stack, f"hot{held_per_key or 'd'}", fake.url, billing=billing)
         map_customers(cfg, 1, cold)
         from sinks.billing import CustomerMapping
@@ -243,7 +272,9 @@ def sent_by_hot(cfg: JobConfig) -> tuple[int, int]:
     from sinks.postgres import connect
 
     with connect(cfg.postgres) as conn:
-        hot, other = conn.execute(f"SELECT count(*) FILTER (WHERE customer_id = 'cust-hot'), count(*) FILTER (WHERE customer_id <> 'cust-hot') FROM {cfg.billing.ledger_table} WHERE status = 'sent'").fetchone()  # noqa: S608 - validated name
+        hot, other = conn.execute(
+            f"SELECT count(*) FILTER (WHERE customer_id = 'cust-hot'), count(*) FILTER (WHERE customer_id <> 'cust-hot') FROM {cfg.billing.ledger_table} WHERE status = 'sent'"
+        ).fetchone()
     return int(hot), int(other)
 
 
@@ -271,7 +302,15 @@ class VisibilityProbe:
                     return
                 late_id = f"probe-late-{i}"
                 # Dated 10 minutes back: its window closed long ago, so it is late, not counted.
-                late = {"event_id": late_id, "tenant_id": "probe", "customer_id": "probe", "meter": "tokens", "quantity": Decimal(1), "event_time": datetime.now(UTC) - timedelta(minutes=10), "dimensions": {}}
+                late = {
+                    "event_id": late_id,
+                    "tenant_id": "probe",
+                    "customer_id": "probe",
+                    "meter": "tokens",
+                    "quantity": Decimal(1),
+                    "event_time": datetime.now(UTC) - timedelta(minutes=10),
+                    "dimensions": {},
+                }
                 producer.send(self.cfg.kafka.usage_events_topic, encode_usage_event(late), key=b"probe/probe").get(30)
                 self.sent[late_id] = time.time()
                 bad = f"probe-bad-{i}"
@@ -288,9 +327,18 @@ class VisibilityProbe:
         from connectors.avro_types import load_schema
         from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 
-        late_schema, dead_schema = (fastavro.parse_schema(load_schema(s)) for s in (LATE_EVENT_SCHEMA, DEAD_LETTER_SCHEMA))
+        late_schema, dead_schema = (
+            fastavro.parse_schema(load_schema(s)) for s in (LATE_EVENT_SCHEMA, DEAD_LETTER_SCHEMA)
+        )
         k = self.cfg.kafka
-        consumer = KafkaConsumer(k.late_events_topic, k.dead_letter_topic, bootstrap_servers=k.bootstrap_servers, isolation_level="read_committed", auto_offset_reset="earliest", group_id=None)
+        consumer = KafkaConsumer(
+            k.late_events_topic,
+            k.dead_letter_topic,
+            bootstrap_servers=k.bootstrap_servers,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            group_id=None,
+        )
         try:
             while not self.stop.is_set():
                 for tp, records in consumer.poll(timeout_ms=200).items():
@@ -299,7 +347,9 @@ class VisibilityProbe:
                         if tp.topic == k.late_events_topic:
                             key = fastavro.schemaless_reader(io.BytesIO(r.value), late_schema)["event_id"]
                         else:
-                            key = fastavro.schemaless_reader(io.BytesIO(r.value), dead_schema)["payload"].decode(errors="replace")
+                            key = fastavro.schemaless_reader(io.BytesIO(r.value), dead_schema)["payload"].decode(
+                                errors="replace"
+                            )
                         self.seen.setdefault(key, now)
         finally:
             consumer.close()
@@ -324,9 +374,20 @@ def steady_events(cfg: JobConfig, rate: int, seconds: int, stop: threading.Event
             if stop.is_set():
                 break
             began = time.time()
-            spec = SyntheticSpec(count=rate, tenants=2, customers=50, start=datetime.now(UTC) - timedelta(seconds=1), span=timedelta(seconds=1), seed=second)
+            spec = SyntheticSpec(
+                count=rate,
+                tenants=2,
+                customers=50,
+                start=datetime.now(UTC) - timedelta(seconds=1),
+                span=timedelta(seconds=1),
+                seed=second,
+            )
             for e in synthetic_events(spec):
-                producer.send(cfg.kafka.usage_events_topic, encode_usage_event(e), key=f"{e['tenant_id']}/{e['customer_id']}".encode())
+                producer.send(
+                    cfg.kafka.usage_events_topic,
+                    encode_usage_event(e),
+                    key=f"{e['tenant_id']}/{e['customer_id']}".encode(),
+                )
                 sent += 1
             producer.flush()
             time.sleep(max(0.0, 1 - (time.time() - began)))
@@ -349,12 +410,21 @@ def measure_usage_under(stack: BenchStack, mode: str, seconds: int, rate: int) -
     fake = {"healthy": lambda: FakeProcess(latency=0.05), "slow": lambda: FakeProcess(latency=2.0), "down": lambda: FakeProcess(fail_status=503),
             "rate-limited": lambda: FakeProcess(fail_status=429, retry_after=2)}[mode]()  # fmt: skip
     try:
-        cfg, path = job_config(stack, mode.replace("-", ""), fake.url, event_time={"window_size": "10s", "watermark_delay": "2s", "source_idle_timeout": "5s"}, flink={"parallelism": 2})
+        cfg, path = job_config(
+            stack,
+            mode.replace("-", ""),
+            fake.url,
+            event_time={"window_size": "10s", "watermark_delay": "2s", "source_idle_timeout": "5s"},
+            flink={"parallelism": 2},
+        )
         map_customers(cfg, 2, 50)
         usage_job = flink_jobs.submit(cfg, path)
         billing_job = flink_jobs.submit_billing(cfg, path)
         probe, stop, checkpoints = VisibilityProbe(cfg), threading.Event(), {}
-        threads = [threading.Thread(target=probe.read, daemon=True), threading.Thread(target=probe.send, args=(seconds - 10,), daemon=True)]
+        threads = [
+            threading.Thread(target=probe.read, daemon=True),
+            threading.Thread(target=probe.send, args=(seconds - 10,), daemon=True),
+        ]
         try:
             checkpoint_durations(cfg, usage_job, checkpoints)
             first_id = max((i for i in checkpoints if i > 0), default=0)
@@ -400,17 +470,57 @@ def lat_or_modes(latencies: str, modes: str) -> bool:
 
 
 @click.command()
-@click.option("--windows", default=30000, show_default=True, help="Closed windows per throughput run (long enough that start-up is not the figure).")
-@click.option("--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve.")
-@click.option("--max-in-flight", type=int, default=None, help="billing.max_in_flight per subtask for the throughput runs  [default: the shipped default of each API]")
-@click.option("--apis", default="v1,v2_stream", show_default=True, help="stripe.meter_events_api values for the throughput runs; figures of other APIs, latencies or max in flight are kept from the last run.")
-@click.option("--modes", default="healthy,slow,down,rate-limited", show_default=True, help="Provider modes for the usage-job phase ('' to skip).")
+@click.option(
+    "--windows",
+    default=30000,
+    show_default=True,
+    help="Closed windows per throughput run (long enough that start-up is not the figure).",
+)
+@click.option(
+    "--latencies", default="10,50,200", show_default=True, help="Fake answer latencies (ms) for the throughput curve."
+)
+@click.option(
+    "--max-in-flight",
+    type=int,
+    default=None,
+    help="billing.max_in_flight per subtask for the throughput runs  [default: the shipped default of each API]",
+)
+@click.option(
+    "--apis",
+    default="v1,v2_stream",
+    show_default=True,
+    help="stripe.meter_events_api values for the throughput runs; figures of other APIs, latencies or max in flight are kept from the last run.",
+)
+@click.option(
+    "--modes",
+    default="healthy,slow,down,rate-limited",
+    show_default=True,
+    help="Provider modes for the usage-job phase ('' to skip).",
+)
 @click.option("--seconds", default=60, show_default=True, help="Length of each usage-job phase.")
 @click.option("--rate", default=1000, show_default=True, help="Usage events per second during the usage-job phase.")
-@click.option("--hot-customer", default="5000,5000", show_default=True, help="HOT,COLD: windows of one customer published before one window each of COLD customers, at 50 ms answers ('' to skip).")
+@click.option(
+    "--hot-customer",
+    default="5000,5000",
+    show_default=True,
+    help="HOT,COLD: windows of one customer published before one window each of COLD customers, at 50 ms answers ('' to skip).",
+)
 @click.option("--keep-state", is_flag=True, help="Keep the private stack's logs and data for a post-mortem.")
-@click.option("--render-only", is_flag=True, help="Only rewrite the docs/benchmarks.md section from bench/billing_results.json.")
-def main(windows: int, latencies: str, max_in_flight: int | None, apis: str, modes: str, seconds: int, rate: int, hot_customer: str, keep_state: bool, render_only: bool) -> None:
+@click.option(
+    "--render-only", is_flag=True, help="Only rewrite the docs/benchmarks.md section from bench/billing_results.json."
+)
+def main(
+    windows: int,
+    latencies: str,
+    max_in_flight: int | None,
+    apis: str,
+    modes: str,
+    seconds: int,
+    rate: int,
+    hot_customer: str,
+    keep_state: bool,
+    render_only: bool,
+) -> None:
     """Measure billing throughput and the usage job's checkpoints while billing suffers; write bench/billing_results.json and the Billing section of docs/benchmarks.md."""
     if render_only:
         REPORT.write_text(splice_section(REPORT.read_text(), render_section(json.loads(RESULTS.read_text()))))
@@ -419,21 +529,41 @@ def main(windows: int, latencies: str, max_in_flight: int | None, apis: str, mod
     from bench.run import machine_info
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    results: dict[str, Any] = {"date": now, "hot_customer_date": now, "machine": machine_info(), "throughput": [], "usage_job_while_billing_suffers": [], "hot_customer": []}
+    results: dict[str, Any] = {
+        "date": now,
+        "hot_customer_date": now,
+        "machine": machine_info(),
+        "throughput": [],
+        "usage_job_while_billing_suffers": [],
+        "hot_customer": [],
+    }
     chosen_apis = [a for a in apis.split(",") if a]
     if RESULTS.exists():
         # What this run does not measure stays as the last run measured it.
         previous = json.loads(RESULTS.read_text())
         if not lat_or_modes(latencies, modes):
-            results.update({k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous})
+            results.update(
+                {k: previous[k] for k in ("date", "throughput", "usage_job_while_billing_suffers") if k in previous}
+            )
         else:
-            measured = {(a, int(x), in_flight_of(a, max_in_flight)) for a in chosen_apis for x in latencies.split(",") if x}
-            results["throughput"] = [t for t in previous.get("throughput", []) if (t.get("api", "v1"), t["latency_ms"], t["max_in_flight_per_subtask"]) not in measured]
+            measured = {
+                (a, int(x), in_flight_of(a, max_in_flight)) for a in chosen_apis for x in latencies.split(",") if x
+            }
+            results["throughput"] = [
+                t
+                for t in previous.get("throughput", [])
+                if (t.get("api", "v1"), t["latency_ms"], t["max_in_flight_per_subtask"]) not in measured
+            ]
             if not any(m for m in modes.split(",")):
                 results["usage_job_while_billing_suffers"] = previous.get("usage_job_while_billing_suffers", [])
         if not hot_customer:
             results.update({k: previous[k] for k in ("hot_customer", "hot_customer_date") if k in previous})
-    with private_stack(3, keep_state=keep_state, echo=console.print, flink_options={"taskmanager.numberOfTaskSlots": "4", "web.checkpoints.history": "200"}) as stack:
+    with private_stack(
+        3,
+        keep_state=keep_state,
+        echo=console.print,
+        flink_options={"taskmanager.numberOfTaskSlots": "4", "web.checkpoints.history": "200"},
+    ) as stack:
         cfg, _ = stack.config("base")
         with cfg.path(cfg.secrets_file).open("a") as secrets:
             secrets.write("METERFLOW_STRIPE_API_KEY=sk_test_meterflowBench\n")  # any key works with the fake
@@ -449,7 +579,10 @@ def main(windows: int, latencies: str, max_in_flight: int | None, apis: str, mod
         if hot_customer:
             hot, cold = (int(x) for x in hot_customer.split(","))
             slots = in_flight_of("v1", max_in_flight)
-            for held in (None, slots):  # the shipped default, then a key allowed to hold every slot (as before fair scheduling)
+            for held in (
+                None,
+                slots,
+            ):  # the shipped default, then a key allowed to hold every slot (as before fair scheduling)
                 results["hot_customer"].append(measure_hot_customer(stack, 50, cold, hot, slots, held))
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     REPORT.write_text(splice_section(REPORT.read_text(), render_section(results)))

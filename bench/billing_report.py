@@ -28,9 +28,14 @@ def render_section(results: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for t in results["throughput"]:
         cpu = t.get("cpu_ms_per_delivery", {})
-        parts = " / ".join(f"{cpu.get(k, float('nan')):.2f}" for k in ("Python workers", "taskmanager JVM", "Postgres", "fake provider", "Kafka"))
+        parts = " / ".join(
+            f"{cpu.get(k, float('nan')):.2f}"
+            for k in ("Python workers", "taskmanager JVM", "Postgres", "fake provider", "Kafka")
+        )
         api = {"v1": "v1 meter events", "v2_stream": "v2 meter event stream"}[t.get("api", "v1")]
-        lines.append(f"| {api} | {t['latency_ms']} ms | {t['windows']:,} | {t['max_in_flight_per_subtask']} x {t['subtasks']} | {t['steady_events_per_s']:,.0f} | {t['events_per_s']:,.0f} | {t.get('cpu_cores_busy')} | {parts} |")
+        lines.append(
+            f"| {api} | {t['latency_ms']} ms | {t['windows']:,} | {t['max_in_flight_per_subtask']} x {t['subtasks']} | {t['steady_events_per_s']:,.0f} | {t['events_per_s']:,.0f} | {t.get('cpu_cores_busy')} | {parts} |"
+        )
     lines += ["", "### The usage job while billing is healthy, slow, down or rate-limited", "",
               "| provider | usage checkpoints completed / failed | checkpoint duration p50 / p99 / max | late event visible p50 / p99 / max | dead letter visible p50 / p99 / max | probes within 2 checkpoint intervals | billing job checkpoints completed / failed | ledger at the end |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -54,7 +59,9 @@ def render_section(results: dict[str, Any]) -> str:
                   "| provider answer time | one customer's windows (published first) | other customers' windows (one each) | max in flight (per subtask x subtasks) | `billing.max_held_per_key` | others all billed after | everything billed after |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for h in results["hot_customer"]:
-            lines.append(f"| {h['latency_ms']} ms | {h['hot_windows']:,} | {h['cold_windows']:,} | {h['max_in_flight_per_subtask']} x {h['subtasks']} | {h['max_held_per_key']} | {_s(h['cold_done_s'])} | {_s(h['all_done_s'])} |")
+            lines.append(
+                f"| {h['latency_ms']} ms | {h['hot_windows']:,} | {h['cold_windows']:,} | {h['max_in_flight_per_subtask']} x {h['subtasks']} | {h['max_held_per_key']} | {_s(h['cold_done_s'])} | {_s(h['all_done_s'])} |"
+            )
         lines += ["", "Stripe allows one call at a time per customer and meter, so the burst alone needs its windows x the answer time; "
                   "the other customers' windows should not wait for it."]  # fmt: skip
     main_run = json.loads(ON_OFF_RESULTS.read_text()) if ON_OFF_RESULTS.exists() else {"pipelines": []}

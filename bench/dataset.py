@@ -118,10 +118,20 @@ def generate(spec: DatasetSpec) -> Iterator[Record]:
         quantity = quantity_nanos(meter, rng)
         late_at = position_ms - spec.late_by_ms - rng.randrange(spec.window_ms)
         if draw < late_threshold and position_ms >= spec.start_ms + spec.late_from_windows * spec.window_ms:
-            yield Record(f"e{spec.seed}-{j}", tenant, customer, meter, quantity, late_at, partition_of(tenant, customer, spec.partitions))
+            yield Record(
+                f"e{spec.seed}-{j}",
+                tenant,
+                customer,
+                meter,
+                quantity,
+                late_at,
+                partition_of(tenant, customer, spec.partitions),
+            )
             continue
         at = min(max(position_ms + rng.randint(-spec.jitter_ms, spec.jitter_ms), spec.start_ms), end_ms)
-        record = Record(f"e{spec.seed}-{j}", tenant, customer, meter, quantity, at, partition_of(tenant, customer, spec.partitions))
+        record = Record(
+            f"e{spec.seed}-{j}", tenant, customer, meter, quantity, at, partition_of(tenant, customer, spec.partitions)
+        )
         recent.append(record)
         if len(recent) > 1000:
             recent.pop(0)
@@ -130,7 +140,9 @@ def generate(spec: DatasetSpec) -> Iterator[Record]:
 
 def closers(at_ms: int, partitions: int) -> list[Record]:
     """One record per partition dated ``at_ms``: moves every partition's watermark past the data."""
-    return [Record(f"closer-{at_ms}-{p}", CLOSER_TENANT, f"p{p}", "api_calls", NANOS, at_ms, p) for p in range(partitions)]
+    return [
+        Record(f"closer-{at_ms}-{p}", CLOSER_TENANT, f"p{p}", "api_calls", NANOS, at_ms, p) for p in range(partitions)
+    ]
 
 
 def to_usage_event(record: Record) -> UsageEvent:
@@ -202,7 +214,9 @@ class Oracle:
 
     def totals(self) -> Totals:
         """A snapshot of the expected output so far (closer records are not in ``windows``)."""
-        return Totals({k: (v[0], v[1]) for k, v in self.acc.items()}, self.counted, self.duplicates, self.late, self.records)
+        return Totals(
+            {k: (v[0], v[1]) for k, v in self.acc.items()}, self.counted, self.duplicates, self.late, self.records
+        )
 
 
 @dataclass(frozen=True)
@@ -222,7 +236,9 @@ class Comparison:
         return self.missing == 0 and self.unexpected == 0 and self.different == 0
 
 
-def compare(expected: dict[WindowKey, tuple[int, int]], actual: dict[WindowKey, tuple[int, int]], max_examples: int = 5) -> Comparison:
+def compare(
+    expected: dict[WindowKey, tuple[int, int]], actual: dict[WindowKey, tuple[int, int]], max_examples: int = 5
+) -> Comparison:
     """Compare per-window (quantity, count) exactly; keep a few examples of each kind of difference."""
     missing = [k for k in expected if k not in actual]
     unexpected = [k for k in actual if k not in expected]
@@ -240,4 +256,3 @@ def decimal_to_nanos(value: Decimal) -> int:
         msg = f"{value} has more than 9 decimal places"
         raise ValueError(msg)
     return int(scaled)
-

@@ -21,7 +21,11 @@ SOURCE = REPO_ROOT / "bench" / "DecodeBench.java"
 
 def classpath() -> list[Path]:
     """The udf jar, the Flink distribution's jars and the Avro format jar."""
-    return [UDF_JAR_DIR / "meterflow-udf.jar", *sorted((flink_home() / "lib").glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar"))]
+    return [
+        UDF_JAR_DIR / "meterflow-udf.jar",
+        *sorted((flink_home() / "lib").glob("*.jar")),
+        *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")),
+    ]
 
 
 def main(argv: list[str]) -> int:

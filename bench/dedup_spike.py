@@ -134,16 +134,12 @@ def run_variant(
     return json.loads(line)
 
 
-def profile_dedup(
-    bootstrap: str, topic: str, records: int, work: Path
-) -> dict[str, Any]:
+def profile_dedup(bootstrap: str, topic: str, records: int, work: Path) -> dict[str, Any]:
     """The RocksDB dedup once more, sampled every millisecond of CPU: the share of each thread and of
     the frames that matter in its steady state, and FLAME (the profile slows the run; its figures are
     not the benchmark's)."""
     out = work / "profile"
-    agent = agent_option(
-        extract_library(work / "lib"), out, interval_ms=1, chunk_s=PROFILE_CHUNK_S
-    )
+    agent = agent_option(extract_library(work / "lib"), out, interval_ms=1, chunk_s=PROFILE_CHUNK_S)
     out.mkdir()
     figures = run_variant(bootstrap, topic, records, "dedup", "rocksdb", work, agent)
     files = chunks_between(
@@ -164,8 +160,7 @@ def profile_dedup(
         "threads": {t: round(n / total, 3) for t, n in by_thread(stacks)[:8]},
         "frames": {
             label: round(
-                sum(n for s, n in stacks.items() if any(needle in f for f in s))
-                / total,
+                sum(n for s, n in stacks.items() if any(needle in f for f in s)) / total,
                 3,
             )
             for label, needle in FRAMES
@@ -246,9 +241,7 @@ def main(events: int, runs: int, profile: bool) -> None:
                 click.echo(json.dumps(figures))
                 results["variants"].append(figures)
         if profile:
-            results["profile"] = profile_dedup(
-                cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, records, work
-            )
+            results["profile"] = profile_dedup(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, records, work)
     finally:
         broker.down()
         shutil.rmtree(work, ignore_errors=True)

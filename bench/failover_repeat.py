@@ -32,8 +32,17 @@ def run_once(scenario: str) -> dict[str, str]:
     """One pytest run of the scenario: its figures, duration and outcome."""
     started = time.monotonic()
     test = f"tests/e2e/test_billing_semantics.py::{TESTS[scenario]}"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", test], cwd=REPO, capture_output=True, text=True, check=False)
-    out = {"outcome": "passed" if r.returncode == 0 else f"FAILED (exit {r.returncode})", "seconds": f"{time.monotonic() - started:.0f}"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", test],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out = {
+        "outcome": "passed" if r.returncode == 0 else f"FAILED (exit {r.returncode})",
+        "seconds": f"{time.monotonic() - started:.0f}",
+    }
     match = _FIGURES.search(r.stdout)
     if match:
         out.update(dict(pair.split("=", 1) for pair in match.group(1).split()))
@@ -48,7 +57,23 @@ def run_once(scenario: str) -> dict[str, str]:
 @click.option("--scenario", type=click.Choice(sorted(TESTS)), default="tmkill", show_default=True)
 def main(runs: int, scenario: str) -> None:
     """Run the scenario ``runs`` times; print one table row per run as it finishes."""
-    columns = ["run", "outcome", "seconds", "restarts", "restored_checkpoint", "checkpoints_failed", "checkpoint_held_back", "sent", "counted", "late", "boundary", "duplicates", "dead_letters", "windows", "error"]
+    columns = [
+        "run",
+        "outcome",
+        "seconds",
+        "restarts",
+        "restored_checkpoint",
+        "checkpoints_failed",
+        "checkpoint_held_back",
+        "sent",
+        "counted",
+        "late",
+        "boundary",
+        "duplicates",
+        "dead_letters",
+        "windows",
+        "error",
+    ]
     click.echo("| " + " | ".join(columns) + " |")
     click.echo("|" + "---|" * len(columns))
     failed = 0

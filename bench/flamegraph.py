@@ -22,7 +22,12 @@ import click
 Stacks = Counter[tuple[str, ...]]
 
 # Thread names carry ids and subtask numbers that differ from run to run; one group per operator chain.
-_THREAD_SUFFIXES = (re.compile(r" tid=\d+$"), re.compile(r" \(\d+/\d+\)#\d+$"), re.compile(r"#\d+$"), re.compile(r"-\d+$"))
+_THREAD_SUFFIXES = (
+    re.compile(r" tid=\d+$"),
+    re.compile(r" \(\d+/\d+\)#\d+$"),
+    re.compile(r"#\d+$"),
+    re.compile(r"-\d+$"),
+)
 
 
 def thread_group(thread_frame: str) -> str:
@@ -144,12 +149,16 @@ def render(stacks: Stacks, out: Path, title: str, min_share: float = 0.002) -> N
     fig, ax = plt.subplots(figsize=(22, max(6.0, 0.22 * depth + 1.2)), dpi=110)
     total = boxes[0].samples or 1
     for b in boxes:
-        ax.add_patch(plt.Rectangle((b.x, b.depth), b.width, 0.95, facecolor=_colour(b.name), edgecolor="white", linewidth=0.3))
+        ax.add_patch(
+            plt.Rectangle((b.x, b.depth), b.width, 0.95, facecolor=_colour(b.name), edgecolor="white", linewidth=0.3)
+        )
         chars = int(b.width * 330)
         if chars >= 4:
             name = short_name(b.name)
             label = name if len(name) <= chars else name[: chars - 2] + ".."
-            ax.text(b.x + 0.001, b.depth + 0.45, label, fontsize=5.5, va="center", ha="left", clip_on=True, parse_math=False)
+            ax.text(
+                b.x + 0.001, b.depth + 0.45, label, fontsize=5.5, va="center", ha="left", clip_on=True, parse_math=False
+            )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, depth)
     ax.set_yticks([])
@@ -164,7 +173,9 @@ def render(stacks: Stacks, out: Path, title: str, min_share: float = 0.002) -> N
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--title", default="TaskManager CPU", show_default=True)
-@click.option("--min-share", default=0.002, show_default=True, help="Leave out frames narrower than this share of the samples.")
+@click.option(
+    "--min-share", default=0.002, show_default=True, help="Leave out frames narrower than this share of the samples."
+)
 def main(out: Path, files: tuple[Path, ...], title: str, min_share: float) -> None:
     """Merge collapsed stacks and draw their flame graph; print the samples per thread."""
     stacks = merge(files)

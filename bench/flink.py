@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
 from meterflow.errors import JobSubmissionError
+from meterflow.local import flink_jobs
 from meterflow.local.base import REPO_ROOT
 from meterflow.local.flink import FlinkCluster, flink_home
 
@@ -21,8 +21,19 @@ _JOB_ID = re.compile(r"JobID ([0-9a-f]{32})")
 def submit_script(cfg: JobConfig, script: Path, args: Sequence[str], timeout: float = 240) -> str:
     """``flink run -d -py script args`` against the cluster; wait until every task runs; return the job id."""
     cluster = FlinkCluster(cfg)
-    cmd = [str(flink_home() / "bin" / "flink"), "run", "-d", "-m", f"{cfg.flink.rest_host}:{cfg.flink.rest_port}", "-py", str(script), *args]
-    r = subprocess.run(cmd, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout)
+    cmd = [
+        str(flink_home() / "bin" / "flink"),
+        "run",
+        "-d",
+        "-m",
+        f"{cfg.flink.rest_host}:{cfg.flink.rest_port}",
+        "-py",
+        str(script),
+        *args,
+    ]
+    r = subprocess.run(
+        cmd, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout
+    )
     match = _JOB_ID.search(r.stdout + r.stderr)
     if r.returncode or not match:
         lines = [ln for ln in (r.stdout + r.stderr).strip().splitlines() if not ln.lstrip().startswith("at ")]
@@ -52,7 +63,9 @@ class SourceProgress:
 
     def _metric_id(self, vertex: str) -> str | None:
         if vertex not in self.metric_ids:
-            names = [m["id"] for m in flink_jobs.rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics")]
+            names = [
+                m["id"] for m in flink_jobs.rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics")
+            ]
             found = [n for n in names if n.startswith("Source__") and n.endswith(".numRecordsOut")]
             if not found:
                 return None
@@ -66,7 +79,9 @@ class SourceProgress:
             metric = self._metric_id(vertex)
             if metric is None:
                 return 0
-            values = flink_jobs.rest(self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics?get={metric}&agg=sum")
+            values = flink_jobs.rest(
+                self.cfg, f"/jobs/{self.job_id}/vertices/{vertex}/subtasks/metrics?get={metric}&agg=sum"
+            )
             if not values:
                 if flink_jobs.job_details(self.cfg, self.job_id)["state"] == "FINISHED":
                     return self.total
@@ -82,7 +97,9 @@ def vertex_profile(cfg: JobConfig, job_id: str) -> dict[str, dict[str, float]]:
     """Per vertex name: busy, back-pressured and idle ms per second, averaged over its subtasks."""
     result: dict[str, dict[str, float]] = {}
     for v in flink_jobs.job_details(cfg, job_id)["vertices"]:
-        values = flink_jobs.rest(cfg, f"/jobs/{job_id}/vertices/{v['id']}/subtasks/metrics?get={','.join(PROFILE_METRICS)}&agg=avg")
+        values = flink_jobs.rest(
+            cfg, f"/jobs/{job_id}/vertices/{v['id']}/subtasks/metrics?get={','.join(PROFILE_METRICS)}&agg=avg"
+        )
         row = {}
         for item in values:
             try:

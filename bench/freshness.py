@@ -39,13 +39,17 @@ class FreshnessResult:
     achieved_rate: float
 
 
-def poll_counts(conn, table: str) -> PollCounts:  # noqa: ANN001 - psycopg connection
+def poll_counts(conn, table: str) -> PollCounts:
     """Current event_count per window row."""
-    rows = conn.execute(f"SELECT tenant_id, customer_id, meter, window_start, event_count FROM {check_identifier(table)}").fetchall()
+    rows = conn.execute(
+        f"SELECT tenant_id, customer_id, meter, window_start, event_count FROM {check_identifier(table)}"
+    ).fetchall()
     return {(r[0], r[1], r[2], int(r[3].replace(tzinfo=UTC).timestamp() * 1000)): int(r[4]) for r in rows}
 
 
-def measure_freshness(cfg: JobConfig, table: str, spec: SteadySpec, workdir: Path, poll_interval_s: float = 0.1, drain_s: float = 20) -> FreshnessResult:
+def measure_freshness(
+    cfg: JobConfig, table: str, spec: SteadySpec, workdir: Path, poll_interval_s: float = 0.1, drain_s: float = 20
+) -> FreshnessResult:
     """Produce at ``spec.rate`` for ``spec.seconds`` while polling the table every ``poll_interval_s``."""
     procs, outs, counter = start_steady(spec, cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, workdir)
     polls: list[tuple[float, PollCounts]] = []
@@ -80,7 +84,7 @@ def measure_freshness(cfg: JobConfig, table: str, spec: SteadySpec, workdir: Pat
     produced: dict[tuple[str, str, str, int], list[float]] = {}
     events = 0
     for out in outs:
-        for key, at in pickle.loads(out.read_bytes()):
+        for key, at in pickle.loads(out.read_bytes()):  # noqa: S301 - written by this benchmark's own producer processes
             produced.setdefault(key, []).append(at)
             events += 1
     latencies, never = visibility_latencies(produced, polls)
@@ -126,10 +130,24 @@ def freshness_phase(stack: BenchStack, opts: dict[str, Any], echo: Callable[[str
     FlinkCluster(fcfg).up()
     job_id = flink_jobs.submit(fcfg, fpath, timeout=240)
     workers = len(split_partitions(fcfg.kafka.partitions, 2))
-    spec = SteadySpec(rate=opts["freshness_rate"], seconds=opts["freshness_seconds"], tenants=opts["tenants"], customers=opts["customers"], partitions=fcfg.kafka.partitions, window_ms=int(fcfg.event_time.window_size / timedelta(milliseconds=1)))
+    spec = SteadySpec(
+        rate=opts["freshness_rate"],
+        seconds=opts["freshness_seconds"],
+        tenants=opts["tenants"],
+        customers=opts["customers"],
+        partitions=fcfg.kafka.partitions,
+        window_ms=int(fcfg.event_time.window_size / timedelta(milliseconds=1)),
+    )
     try:
         r = measure_freshness(fcfg, "bench_fresh", spec, stack.dir, poll_interval_s=opts["poll_ms"] / 1000)
     finally:
         flink_jobs.cancel(fcfg, job_id)
     echo(f"  freshness: p50 {r.p50_s} s, p99 {r.p99_s} s, {r.never_visible} never visible")
-    return {**asdict(r), "parallelism": p, "early_fire": opts["early_fire"], "rate": spec.rate, "seconds": spec.seconds, "workers": workers}
+    return {
+        **asdict(r),
+        "parallelism": p,
+        "early_fire": opts["early_fire"],
+        "rate": spec.rate,
+        "seconds": spec.seconds,
+        "workers": workers,
+    }

@@ -36,7 +36,10 @@ class Measurement:
 
 def stack_pids(cfg: JobConfig) -> list[int]:
     """Kafka broker and Postgres postmaster of the private stack (their children are found from these)."""
-    pids = [read_pid(cfg.state_dir / "kafka" / "kafka.pid"), read_pid(cfg.state_dir / "postgres" / "data" / "postmaster.pid")]
+    pids = [
+        read_pid(cfg.state_dir / "kafka" / "kafka.pid"),
+        read_pid(cfg.state_dir / "postgres" / "data" / "postmaster.pid"),
+    ]
     return [p for p in pids if p is not None]
 
 
@@ -55,7 +58,13 @@ def sample_until(
     m = Measurement()
     deadline = time.monotonic() + timeout_s
     next_profile = 0.0
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task(label, total=total, rate="")
         while time.monotonic() < deadline:
@@ -100,8 +109,14 @@ def window_totals(cfg: JobConfig, table: str, has_dimensions: bool = True) -> di
     """Per-window (quantity in 1e-9 units, event count) from a Postgres table, closer tenant excluded."""
     t = check_identifier(table)
     with connect(cfg.postgres) as conn:
-        rows = conn.execute(f"SELECT tenant_id, customer_id, meter, window_start, quantity, event_count FROM {t} WHERE tenant_id <> %s", (CLOSER_TENANT,)).fetchall()
-    return {(r[0], r[1], r[2], int(r[3].replace(tzinfo=UTC).timestamp() * 1000)): (decimal_to_nanos(r[4]), int(r[5])) for r in rows}
+        rows = conn.execute(
+            f"SELECT tenant_id, customer_id, meter, window_start, quantity, event_count FROM {t} WHERE tenant_id <> %s",
+            (CLOSER_TENANT,),
+        ).fetchall()
+    return {
+        (r[0], r[1], r[2], int(r[3].replace(tzinfo=UTC).timestamp() * 1000)): (decimal_to_nanos(r[4]), int(r[5]))
+        for r in rows
+    }
 
 
 def scalar(cfg: JobConfig, sql: str) -> Any:
@@ -111,7 +126,9 @@ def scalar(cfg: JobConfig, sql: str) -> Any:
     return row[0] if row else None
 
 
-def wait_for_totals(cfg: JobConfig, table: str, expected: dict[WindowKey, tuple[int, int]], timeout_s: float) -> tuple[float | None, dict[WindowKey, tuple[int, int]]]:
+def wait_for_totals(
+    cfg: JobConfig, table: str, expected: dict[WindowKey, tuple[int, int]], timeout_s: float
+) -> tuple[float | None, dict[WindowKey, tuple[int, int]]]:
     """Poll the table until it equals ``expected``; return (time it did, or None) and the last totals."""
     deadline = time.monotonic() + timeout_s
     actual: dict[WindowKey, tuple[int, int]] = {}
@@ -123,11 +140,27 @@ def wait_for_totals(cfg: JobConfig, table: str, expected: dict[WindowKey, tuple[
     return None, actual
 
 
-def run_baseline_a(config: Path, prefix: str, expected: int, workdir: Path, timeout_s: float, other_pids: list[int], max_records: int) -> tuple[Measurement, int]:
+def run_baseline_a(
+    config: Path, prefix: str, expected: int, workdir: Path, timeout_s: float, other_pids: list[int], max_records: int
+) -> tuple[Measurement, int]:
     """Run the plain Python consumer as its own process and sample it; returns samples and its exit code."""
     progress_file = workdir / f"{prefix}.progress"
     log = (workdir / f"{prefix}.log").open("w")
-    cmd = [sys.executable, "-m", "bench.baseline_a", "--config", str(config), "--prefix", prefix, "--expected", str(expected), "--progress", str(progress_file), "--max-records", str(max_records)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.baseline_a",
+        "--config",
+        str(config),
+        "--prefix",
+        prefix,
+        "--expected",
+        str(expected),
+        "--progress",
+        str(progress_file),
+        "--max-records",
+        str(max_records),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
 
     def progress() -> int:
@@ -137,7 +170,15 @@ def run_baseline_a(config: Path, prefix: str, expected: int, workdir: Path, time
             return 0
 
     try:
-        m = sample_until("baseline A (Python consumer)", expected, progress, lambda: [proc.pid] if proc.poll() is None else [], other_pids, timeout_s, alive=lambda: proc.poll() is None)
+        m = sample_until(
+            "baseline A (Python consumer)",
+            expected,
+            progress,
+            lambda: [proc.pid] if proc.poll() is None else [],
+            other_pids,
+            timeout_s,
+            alive=lambda: proc.poll() is None,
+        )
         code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
@@ -157,4 +198,12 @@ def run_flink_job(
 ) -> Measurement:
     """Sample a submitted Flink job until its sources have emitted ``total`` records."""
     progress = bflink.SourceProgress(cfg, job_id, total)
-    return sample_until(label, total, progress, lambda: bflink.taskmanager_pids(cfg), other_pids, timeout_s, profile=lambda: bflink.vertex_profile(cfg, job_id))
+    return sample_until(
+        label,
+        total,
+        progress,
+        lambda: bflink.taskmanager_pids(cfg),
+        other_pids,
+        timeout_s,
+        profile=lambda: bflink.vertex_profile(cfg, job_id),
+    )

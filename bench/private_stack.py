@@ -44,8 +44,11 @@ def base_config(run_id: str, ports: list[int], partitions: int) -> dict[str, Any
         "postgres": {"port": pg},
         "flink": {"rest_port": rest, "checkpoint_dir": "state/flink/checkpoints", "task_slots": 2},
         "stack": {
-            "state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc,
-            "prometheus_port": prometheus, "flink_metrics_ports": ",".join(map(str, metrics)),
+            "state_dir": "state",
+            "kafka_controller_port": controller,
+            "flink_rpc_port": rpc,
+            "prometheus_port": prometheus,
+            "flink_metrics_ports": ",".join(map(str, metrics)),
         },  # fmt: skip
         "secrets_file": "state/secrets.env",
     }
@@ -64,13 +67,17 @@ def bench_flink_cluster(cfg: JobConfig, options: dict[str, str]) -> Any:
             super().prepare()
             path = self.conf_dir / "config.yaml"
             conf = yaml.safe_load(path.read_text())
-            path.write_text(yaml.safe_dump(render_flink_conf(conf, {**BENCH_FLINK_OPTIONS, **options}), sort_keys=False))
+            path.write_text(
+                yaml.safe_dump(render_flink_conf(conf, {**BENCH_FLINK_OPTIONS, **options}), sort_keys=False)
+            )
 
     return BenchFlinkCluster(cfg)
 
 
 @contextmanager
-def private_stack(partitions: int, keep_state: bool = False, echo: Any = print, flink_options: dict[str, str] | None = None) -> Iterator[BenchStack]:
+def private_stack(
+    partitions: int, keep_state: bool = False, echo: Any = print, flink_options: dict[str, str] | None = None
+) -> Iterator[BenchStack]:
     """Start Kafka, Postgres and a Flink cluster in a temporary directory; stop and remove them on exit.
 
     ``flink_options`` are added to the cluster's config (and so to every job submitted to it).

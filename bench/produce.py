@@ -11,7 +11,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.dataset import CLOSER_TENANT, DatasetSpec, Record, closers, generate, partition_of, quantity_nanos, to_usage_event
+from bench.dataset import (
+    CLOSER_TENANT,
+    DatasetSpec,
+    Record,
+    closers,
+    generate,
+    partition_of,
+    quantity_nanos,
+    to_usage_event,
+)
 from connectors.avro_codec import UsageEvent
 from meterflow.producer import send_events
 
@@ -31,7 +40,9 @@ def _partition_for(partitions: int) -> Callable[[int, UsageEvent], int]:
     return choose
 
 
-def _bulk_worker(spec: DatasetSpec, share: tuple[int, ...], closer_ms: int, bootstrap: str, topic: str, counter: mp.Value) -> None:  # type: ignore[valid-type]
+def _bulk_worker(
+    spec: DatasetSpec, share: tuple[int, ...], closer_ms: int, bootstrap: str, topic: str, counter: mp.Value
+) -> None:  # type: ignore[valid-type]
     def on_sent(n: int) -> None:
         with counter.get_lock():
             counter.value += n
@@ -48,11 +59,16 @@ def _chain(first: Iterator[Record], second: list[Record]) -> Iterator[Record]:
     yield from second
 
 
-def start_bulk(spec: DatasetSpec, closer_ms: int, bootstrap: str, topic: str, workers: int = 2) -> tuple[list[mp.Process], mp.Value]:  # type: ignore[valid-type]
+def start_bulk(
+    spec: DatasetSpec, closer_ms: int, bootstrap: str, topic: str, workers: int = 2
+) -> tuple[list[mp.Process], mp.Value]:  # type: ignore[valid-type]
     """Start producer processes for the data set plus closers; returns them and a shared sent counter."""
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
-    procs = [ctx.Process(target=_bulk_worker, args=(spec, share, closer_ms, bootstrap, topic, counter), daemon=True) for share in split_partitions(spec.partitions, workers)]
+    procs = [
+        ctx.Process(target=_bulk_worker, args=(spec, share, closer_ms, bootstrap, topic, counter), daemon=True)
+        for share in split_partitions(spec.partitions, workers)
+    ]
     for p in procs:
         p.start()
     return procs, counter
@@ -72,9 +88,16 @@ class SteadySpec:
     seed: int = 23
 
 
-def _steady_worker(spec: SteadySpec, share: tuple[int, ...], rate: float, bootstrap: str, topic: str, out: Path, counter: mp.Value) -> None:  # type: ignore[valid-type]
+def _steady_worker(
+    spec: SteadySpec, share: tuple[int, ...], rate: float, bootstrap: str, topic: str, out: Path, counter: mp.Value
+) -> None:  # type: ignore[valid-type]
     rng = random.Random(spec.seed + share[0])
-    customers = [(f"tenant-{t}", f"cust-{c}") for t in range(spec.tenants) for c in range(spec.customers) if partition_of(f"tenant-{t}", f"cust-{c}", spec.partitions) in share]
+    customers = [
+        (f"tenant-{t}", f"cust-{c}")
+        for t in range(spec.tenants)
+        for c in range(spec.customers)
+        if partition_of(f"tenant-{t}", f"cust-{c}", spec.partitions) in share
+    ]
     produced: list[tuple[tuple[str, str, str, int], float]] = []
 
     def events() -> Iterator[UsageEvent]:
@@ -89,7 +112,9 @@ def _steady_worker(spec: SteadySpec, share: tuple[int, ...], rate: float, bootst
             at_ms = int(now * 1000)
             produced.append(((tenant, customer, meter, at_ms - at_ms % spec.window_ms), now))
             i += 1
-            yield to_usage_event(Record(f"live-{share[0]}-{i}", tenant, customer, meter, quantity_nanos(meter, rng), at_ms, 0))
+            yield to_usage_event(
+                Record(f"live-{share[0]}-{i}", tenant, customer, meter, quantity_nanos(meter, rng), at_ms, 0)
+            )
 
     def on_sent(n: int) -> None:
         with counter.get_lock():
@@ -99,13 +124,22 @@ def _steady_worker(spec: SteadySpec, share: tuple[int, ...], rate: float, bootst
     out.write_bytes(pickle.dumps(produced))
 
 
-def start_steady(spec: SteadySpec, bootstrap: str, topic: str, out_dir: Path, workers: int = 2) -> tuple[list[mp.Process], list[Path], mp.Value]:  # type: ignore[valid-type]
+def start_steady(
+    spec: SteadySpec, bootstrap: str, topic: str, out_dir: Path, workers: int = 2
+) -> tuple[list[mp.Process], list[Path], mp.Value]:  # type: ignore[valid-type]
     """Start steady producers (the rate split between them); each writes (window key, produce time) pairs to a file."""
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
     shares = split_partitions(spec.partitions, workers)
     outs = [out_dir / f"produced-{k}.pickle" for k in range(len(shares))]
-    procs = [ctx.Process(target=_steady_worker, args=(spec, share, spec.rate / len(shares), bootstrap, topic, out, counter), daemon=True) for share, out in zip(shares, outs, strict=True)]
+    procs = [
+        ctx.Process(
+            target=_steady_worker,
+            args=(spec, share, spec.rate / len(shares), bootstrap, topic, out, counter),
+            daemon=True,
+        )
+        for share, out in zip(shares, outs, strict=True)
+    ]
     for p in procs:
         p.start()
     return procs, outs, counter

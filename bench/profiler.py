@@ -38,10 +38,14 @@ def agent_option(library: Path, out_dir: Path, interval_ms: int = 10, chunk_s: i
 
 def chunks_between(out_dir: Path, start: float, end: float, chunk_s: int = CHUNK_S) -> list[Path]:
     """The files whose chunk overlaps [start, end] (a file is written when its chunk ends)."""
-    return sorted(p for p in out_dir.glob("tm-*.collapsed") if start < p.stat().st_mtime and p.stat().st_mtime - chunk_s < end)
+    return sorted(
+        p for p in out_dir.glob("tm-*.collapsed") if start < p.stat().st_mtime and p.stat().st_mtime - chunk_s < end
+    )
 
 
-def profile_pipeline(out_dir: Path, start: float, end: float, image: Path | None, title: str) -> list[tuple[str, float]]:
+def profile_pipeline(
+    out_dir: Path, start: float, end: float, image: Path | None, title: str
+) -> list[tuple[str, float]]:
     """The share of CPU samples per thread group while a pipeline consumed, and its flame graph (when ``image``)."""
     files = chunks_between(out_dir, start, end)
     if not files:

@@ -50,13 +50,28 @@ def evaluate_targets(results: Results) -> list[Target]:
         return None if value is None else ok
 
     return [
-        Target("throughput per task slot", ">= 100,000 events/s", _fmt(best_slot, 0, " events/s"), met(best_slot, best_slot is not None and best_slot >= 100_000)),
+        Target(
+            "throughput per task slot",
+            ">= 100,000 events/s",
+            _fmt(best_slot, 0, " events/s"),
+            met(best_slot, best_slot is not None and best_slot >= 100_000),
+        ),
         Target("CPU per million events (p=1)", "<= 10 s", _fmt(cpu, 1, " s"), met(cpu, cpu is not None and cpu <= 10)),
         Target("vs baseline A (p=1)", ">= 5x", _fmt(vs_a, 1, "x"), met(vs_a, vs_a is not None and vs_a >= 5)),
         Target("vs baseline B (p=1)", ">= 10x", _fmt(vs_b, 1, "x"), met(vs_b, vs_b is not None and vs_b >= 10)),
-        Target("ceiling / meterflow (p=1)", "<= 5x", _fmt(vs_ceiling, 1, "x"), met(vs_ceiling, vs_ceiling is not None and vs_ceiling <= 5)),
+        Target(
+            "ceiling / meterflow (p=1)",
+            "<= 5x",
+            _fmt(vs_ceiling, 1, "x"),
+            met(vs_ceiling, vs_ceiling is not None and vs_ceiling <= 5),
+        ),
         Target("freshness p99 (early firing)", "< 2 s", _fmt(p99, 2, " s"), met(p99, p99 is not None and p99 < 2)),
-        Target("exact totals", "every meterflow run = oracle", f"{sum(1 for p in checked if p['correct'])} of {len(checked)} exact", met(1.0 if checked else None, all(p["correct"] for p in checked))),
+        Target(
+            "exact totals",
+            "every meterflow run = oracle",
+            f"{sum(1 for p in checked if p['correct'])} of {len(checked)} exact",
+            met(1.0 if checked else None, all(p["correct"] for p in checked)),
+        ),
     ]
 
 
@@ -231,7 +246,10 @@ def render_chart(results: Results, path: Path) -> None:
     entries = [p for p in results["pipelines"] if p.get("events_per_s")]
     # One word group per line, so neighbouring labels never run into each other.
     labels = [f"{p['name'].replace(' + ', chr(10) + '+ ')}\np={p['parallelism']}" for p in entries]
-    colors = ["#2b6cb0" if p["name"].startswith("meterflow") else "#a0aec0" if p["name"] == "ceiling" else "#dd6b20" for p in entries]
+    colors = [
+        "#2b6cb0" if p["name"].startswith("meterflow") else "#a0aec0" if p["name"] == "ceiling" else "#dd6b20"
+        for p in entries
+    ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bars = ax1.bar(labels, [p["events_per_s"] for p in entries], color=colors)
     ax1.bar_label(bars, labels=[f"{p['events_per_s']:,.0f}" for p in entries], fontsize=8)

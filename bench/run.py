@@ -58,14 +58,32 @@ OFF_THE_TASKMANAGER = {"baseline A"}  # a plain Python process: the TaskManager'
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, memory, OS and the versions that matter."""
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor() or "unknown")
-    mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown",
+    )
+    mem_kib = int(
+        next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    )
     java = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False).stderr.splitlines()
-    kafka = sorted(p.name.removeprefix("kafka-clients-").removesuffix(".jar") for p in KAFKA_JARS.glob("kafka-clients-*.jar"))
-    versions = {"Python": platform.python_version(), "Java": java[0] if java else "?", "Flink (apache-flink)": metadata.version("apache-flink"), "Kafka": kafka[0] if kafka else "?"}
+    kafka = sorted(
+        p.name.removeprefix("kafka-clients-").removesuffix(".jar") for p in KAFKA_JARS.glob("kafka-clients-*.jar")
+    )
+    versions = {
+        "Python": platform.python_version(),
+        "Java": java[0] if java else "?",
+        "Flink (apache-flink)": metadata.version("apache-flink"),
+        "Kafka": kafka[0] if kafka else "?",
+    }
     for dist in ("kafka-python", "fastavro", "psycopg"):
         versions[dist] = metadata.version(dist)
-    return {"cpu_model": model, "nproc": os.cpu_count(), "memory_gib": mem_kib / 1024**2, "os": f"{platform.system()} {platform.release()}", "versions": versions}
+    return {
+        "cpu_model": model,
+        "nproc": os.cpu_count(),
+        "memory_gib": mem_kib / 1024**2,
+        "os": f"{platform.system()} {platform.release()}",
+        "versions": versions,
+    }
 
 
 def summarize(name: str, parallelism: int, records: int, m: Measurement, **extra: Any) -> dict[str, Any]:
@@ -73,7 +91,14 @@ def summarize(name: str, parallelism: int, records: int, m: Measurement, **extra
     t = throughput(m.samples, records)
     entry: dict[str, Any] = {"name": name, "parallelism": parallelism, "records": records, "finished": m.finished}
     if t is not None:
-        entry.update(events_per_s=t.events_per_s, seconds=t.seconds, cpu_s=t.cpu_s, cpu_s_per_million=t.cpu_s_per_million, other_cpu_s_per_million=t.other_cpu_s_per_million, peak_rss_mb=t.peak_rss_bytes / 2**20)
+        entry.update(
+            events_per_s=t.events_per_s,
+            seconds=t.seconds,
+            cpu_s=t.cpu_s,
+            cpu_s_per_million=t.cpu_s_per_million,
+            other_cpu_s_per_million=t.other_cpu_s_per_million,
+            peak_rss_mb=t.peak_rss_bytes / 2**20,
+        )
         first = next(s for s in m.samples if s.consumed > 0)
         entry["first_consumed_at"], entry["consumed_at_first_sample"] = first.t, first.consumed
     if (steady := steady_throughput(m.samples, records)) is not None:
@@ -93,19 +118,38 @@ def check(entry: dict[str, Any], expected: Totals, actual: dict, correct_at: flo
         entry["e2e_seconds"] = correct_at - entry["first_consumed_at"]
         # Counted like the consumed rate: only the records consumed after the first sample that showed progress.
         entry["e2e_events_per_s"] = (entry["records"] - entry.get("consumed_at_first_sample", 0)) / entry["e2e_seconds"]
-    status = "[green]exact" if c.exact else f"[red]MISMATCH {c.missing} missing, {c.unexpected} unexpected, {c.different} different"
-    console.print(f"  {entry['name']} p={entry['parallelism']}: {entry.get('events_per_s', 0):,.0f} events/s, totals {status}")
+    status = (
+        "[green]exact"
+        if c.exact
+        else f"[red]MISMATCH {c.missing} missing, {c.unexpected} unexpected, {c.different} different"
+    )
+    console.print(
+        f"  {entry['name']} p={entry['parallelism']}: {entry.get('events_per_s', 0):,.0f} events/s, totals {status}"
+    )
     for example in c.examples:
         console.print(f"    {example}")
 
 
-def produce(stack: BenchStack, spec: DatasetSpec, closer_ms: int, prefix: int) -> tuple[Totals, Totals, list[int], list[int], float]:
+def produce(
+    stack: BenchStack, spec: DatasetSpec, closer_ms: int, prefix: int
+) -> tuple[Totals, Totals, list[int], list[int], float]:
     """Produce the data set (in background processes) while computing the oracle; returns the
     full and prefix totals, per-partition record counts (all, prefix) and the production time."""
     cfg, _ = stack.config("base")
     started = time.time()
-    procs, counter = start_bulk(spec, closer_ms, cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, workers=len(split_partitions(spec.partitions, 2)))
-    oracle = Oracle(spec.partitions, spec.window_ms, int(cfg.event_time.watermark_delay.total_seconds() * 1000), int(cfg.event_time.allowed_lateness.total_seconds() * 1000))
+    procs, counter = start_bulk(
+        spec,
+        closer_ms,
+        cfg.kafka.bootstrap_servers,
+        cfg.kafka.usage_events_topic,
+        workers=len(split_partitions(spec.partitions, 2)),
+    )
+    oracle = Oracle(
+        spec.partitions,
+        spec.window_ms,
+        int(cfg.event_time.watermark_delay.total_seconds() * 1000),
+        int(cfg.event_time.allowed_lateness.total_seconds() * 1000),
+    )
     counts, prefix_counts = [0] * spec.partitions, [0] * spec.partitions
     prefix_totals: Totals | None = None
     total = spec.events + spec.partitions
@@ -136,16 +180,30 @@ def produce(stack: BenchStack, spec: DatasetSpec, closer_ms: int, prefix: int) -
     return oracle.totals(), prefix_totals, counts, prefix_counts, time.time() - started
 
 
-def flink_pipeline(stack: BenchStack, name: str, label: str, parallelism: int, records: int, timeout_s: float, submit: Any, table: str | None, expected: Totals | None) -> dict[str, Any]:
+def flink_pipeline(
+    stack: BenchStack,
+    name: str,
+    label: str,
+    parallelism: int,
+    records: int,
+    timeout_s: float,
+    submit: Any,
+    table: str | None,
+    expected: Totals | None,
+) -> dict[str, Any]:
     """Submit a Flink job, sample it until its sources have consumed ``records``, check its totals, cancel it."""
     cfg, _ = stack.config("base")
     FlinkCluster(cfg).up()
     job_cfg, job_id = submit()
     try:
         m = run_flink_job(f"{label} p={parallelism}", job_cfg, job_id, records, timeout_s, stack_pids(cfg))
-        entry = summarize(name, parallelism, records, m, progress_metric="Source__*.numRecordsOut (REST, sum over subtasks)")
+        entry = summarize(
+            name, parallelism, records, m, progress_metric="Source__*.numRecordsOut (REST, sum over subtasks)"
+        )
         if table is not None and expected is not None:
-            correct_at, actual = wait_for_totals(job_cfg, table, expected.windows, timeout_s=timeout_s if m.finished else 5)
+            correct_at, actual = wait_for_totals(
+                job_cfg, table, expected.windows, timeout_s=timeout_s if m.finished else 5
+            )
             check(entry, expected, actual, correct_at)
     finally:
         try:
@@ -157,7 +215,9 @@ def flink_pipeline(stack: BenchStack, name: str, label: str, parallelism: int, r
     return entry
 
 
-def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeout_s: float, expected: Totals, spec: DatasetSpec) -> dict[str, Any]:
+def billing_on_pipeline(
+    stack: BenchStack, parallelism: int, records: int, timeout_s: float, expected: Totals, spec: DatasetSpec
+) -> dict[str, Any]:
     """meterflow as shipped: the usage job and the billing job (same parallelism), billing every closed window to a 50 ms provider.
 
     Measured like the usage job alone (its source's progress, its totals), while the billing job
@@ -174,10 +234,17 @@ def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeo
     try:
         bcfg, bpath = stack.config(
             f"meterflow-billing-p{parallelism}",
-            kafka={"consumer_group": f"bench-mfb-p{parallelism}-{stack.run_id}", "closed_windows_topic": f"bench-closed-p{parallelism}-{stack.run_id}"},
+            kafka={
+                "consumer_group": f"bench-mfb-p{parallelism}-{stack.run_id}",
+                "closed_windows_topic": f"bench-closed-p{parallelism}-{stack.run_id}",
+            },
             postgres={"usage_table": table},
             flink={"parallelism": parallelism, "job_name": f"meterflow-bench-billing-p{parallelism}"},
-            billing={"enabled": True, "ledger_table": f"bench_deliveries_p{parallelism}", "customers_table": f"bench_customers_p{parallelism}"},
+            billing={
+                "enabled": True,
+                "ledger_table": f"bench_deliveries_p{parallelism}",
+                "customers_table": f"bench_customers_p{parallelism}",
+            },
             stripe={"api_base": fake.url},
         )
         secrets = bcfg.path(bcfg.secrets_file)
@@ -194,7 +261,17 @@ def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeo
             billing_jobs.append(flink_jobs.submit_billing(bcfg, bpath, timeout=240))
             return bcfg, flink_jobs.submit(bcfg, bpath, timeout=240)
 
-        entry = flink_pipeline(stack, "meterflow + billing", "meterflow + billing", parallelism, records, timeout_s, submit_both, table, expected)
+        entry = flink_pipeline(
+            stack,
+            "meterflow + billing",
+            "meterflow + billing",
+            parallelism,
+            records,
+            timeout_s,
+            submit_both,
+            table,
+            expected,
+        )
         entry["billing_sent_when_usage_done"] = sent_count(bcfg)
         return entry
     finally:
@@ -209,13 +286,24 @@ def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeo
 @click.option("--customers", default=20, help="customers per tenant")
 @click.option("--meters", default="api_calls,tokens", help="comma-separated meters (must be configured meters)")
 @click.option("--duplicate-ratio", default=0.05, help="share of records that re-send a recent event")
-@click.option("--late-ratio", default=0.001, help="share of records dated half the span (at least 10 min) behind the stream")
+@click.option(
+    "--late-ratio", default=0.001, help="share of records dated half the span (at least 10 min) behind the stream"
+)
 @click.option("--partitions", default=3)
 @click.option("--span-minutes", default=60, help="event-time span of the data set")
 @click.option("--parallelism", "parallelisms", default="1,2", help="meterflow parallelisms to measure")
-@click.option("--baseline-b-events", type=int, default=100_000, help="run baseline B on this prefix of the topic only, 0 = all (it runs at a few hundred to a few thousand events/s; the report says when a prefix was used)")
+@click.option(
+    "--baseline-b-events",
+    type=int,
+    default=100_000,
+    help="run baseline B on this prefix of the topic only, 0 = all (it runs at a few hundred to a few thousand events/s; the report says when a prefix was used)",
+)
 @click.option("--baseline-a-batch", default=5000, help="baseline A records per poll (= per transaction)")
-@click.option("--billing/--no-billing", default=True, help="also run meterflow as shipped, with the billing job delivering every closed window (50 ms provider)")
+@click.option(
+    "--billing/--no-billing",
+    default=True,
+    help="also run meterflow as shipped, with the billing job delivering every closed window (50 ms provider)",
+)
 @click.option("--skip", multiple=True, type=click.Choice(PIPELINES), help="leave out a phase (repeatable)")
 @click.option("--freshness-rate", default=20_000.0, help="events/s in the freshness phase")
 @click.option("--freshness-seconds", default=30.0)
@@ -225,11 +313,26 @@ def billing_on_pipeline(stack: BenchStack, parallelism: int, records: int, timeo
 @click.option("--timeout-minutes", default=20.0, help="per pipeline")
 @click.option("--results", "results_path", type=click.Path(path_type=Path), default=REPO / "bench" / "results.json")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=REPO / "docs" / "benchmarks.md")
-@click.option("--chart", "chart_path", type=click.Path(path_type=Path), default=REPO / "docs" / "img" / "benchmarks.png")
-@click.option("--flink-conf", "flink_conf", multiple=True, help="KEY=VALUE added to the private cluster's Flink config (so to every job), e.g. python.execution-mode=thread (repeatable)")
-@click.option("--render-only", is_flag=True, help="measure nothing: re-render the report and chart from --results and bench/analysis.md")
+@click.option(
+    "--chart", "chart_path", type=click.Path(path_type=Path), default=REPO / "docs" / "img" / "benchmarks.png"
+)
+@click.option(
+    "--flink-conf",
+    "flink_conf",
+    multiple=True,
+    help="KEY=VALUE added to the private cluster's Flink config (so to every job), e.g. python.execution-mode=thread (repeatable)",
+)
+@click.option(
+    "--render-only",
+    is_flag=True,
+    help="measure nothing: re-render the report and chart from --results and bench/analysis.md",
+)
 @click.option("--keep-state", is_flag=True, help="keep the private stack's state directory (logs) after the run")
-@click.option("--profile/--no-profile", default=True, help="sample the TaskManager with async-profiler (every 10 ms of CPU): CPU per thread in the report, a flame graph per meterflow run beside the chart")
+@click.option(
+    "--profile/--no-profile",
+    default=True,
+    help="sample the TaskManager with async-profiler (every 10 ms of CPU): CPU per thread in the report, a flame graph per meterflow run beside the chart",
+)
 def main(**opts: Any) -> None:
     """Benchmark meterflow against baselines on a private local stack; write the report."""
     if opts["render_only"]:
@@ -240,7 +343,11 @@ def main(**opts: Any) -> None:
     started = time.time()
     command = "bench/run " + " ".join(a for a in sys.argv[1:])
     results: dict[str, Any] = {
-        "run": {"started": datetime.now(UTC).isoformat(timespec="seconds"), "command": command.strip(), "options": {k: str(v) for k, v in opts.items()}},
+        "run": {
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": command.strip(),
+            "options": {k: str(v) for k, v in opts.items()},
+        },
         "machine": machine_info(),
         "pipelines": [],
     }
@@ -260,7 +367,9 @@ def main(**opts: Any) -> None:
         agent = agent_option(extract_library(profile_dir), profile_dir)
         key = "env.java.opts.taskmanager"
         flink_options[key] = f"{flink_options[key]} {agent}" if key in flink_options else agent
-    with private_stack(opts["partitions"], keep_state=opts["keep_state"], echo=console.print, flink_options=flink_options) as stack:
+    with private_stack(
+        opts["partitions"], keep_state=opts["keep_state"], echo=console.print, flink_options=flink_options
+    ) as stack:
         cfg, _ = stack.config("base")
         window_ms = int(cfg.event_time.window_size.total_seconds() * 1000)
         span_ms = opts["span_minutes"] * 60_000
@@ -298,7 +407,9 @@ def main(**opts: Any) -> None:
             "late_by_s": spec.late_by_ms / 1000,
             "produce_s": produce_s,
         }
-        console.print(f"produced {records:,} records in {produce_s:.0f} s; oracle: {len(full.windows):,} windows, {full.duplicates:,} duplicates, {full.late:,} late")
+        console.print(
+            f"produced {records:,} records in {produce_s:.0f} s; oracle: {len(full.windows):,} windows, {full.duplicates:,} duplicates, {full.late:,} late"
+        )
         save(results, opts["results_path"], started)
 
         def add(entry: dict[str, Any]) -> None:
@@ -309,8 +420,29 @@ def main(**opts: Any) -> None:
 
         if "ceiling" not in skip:
             for p in (1, 2):
-                ccfg, cpath = stack.config(f"ceiling-p{p}", kafka={"consumer_group": f"bench-ceiling-p{p}-{stack.run_id}"})
-                add(flink_pipeline(stack, "ceiling", "ceiling (source -> blackhole)", p, records, timeout_s, lambda ccfg=ccfg, cpath=cpath, p=p: (ccfg, bflink.submit_script(ccfg, bflink.BENCH_JOBS / "ceiling_job.py", ["--config", str(cpath), "--parallelism", str(p)])), None, None))
+                ccfg, cpath = stack.config(
+                    f"ceiling-p{p}", kafka={"consumer_group": f"bench-ceiling-p{p}-{stack.run_id}"}
+                )
+                add(
+                    flink_pipeline(
+                        stack,
+                        "ceiling",
+                        "ceiling (source -> blackhole)",
+                        p,
+                        records,
+                        timeout_s,
+                        lambda ccfg=ccfg, cpath=cpath, p=p: (
+                            ccfg,
+                            bflink.submit_script(
+                                ccfg,
+                                bflink.BENCH_JOBS / "ceiling_job.py",
+                                ["--config", str(cpath), "--parallelism", str(p)],
+                            ),
+                        ),
+                        None,
+                        None,
+                    )
+                )
 
         if "meterflow" not in skip:
             for p in (int(x) for x in opts["parallelisms"].split(",")):
@@ -324,14 +456,35 @@ def main(**opts: Any) -> None:
                 from sinks.postgres import apply_schema
 
                 apply_schema(mcfg.postgres)
-                add(flink_pipeline(stack, "meterflow", "meterflow", p, records, timeout_s, lambda mcfg=mcfg, mpath=mpath: (mcfg, flink_jobs.submit(mcfg, mpath, timeout=240)), table, full))
+                add(
+                    flink_pipeline(
+                        stack,
+                        "meterflow",
+                        "meterflow",
+                        p,
+                        records,
+                        timeout_s,
+                        lambda mcfg=mcfg, mpath=mpath: (mcfg, flink_jobs.submit(mcfg, mpath, timeout=240)),
+                        table,
+                        full,
+                    )
+                )
                 if opts["billing"]:
                     add(billing_on_pipeline(stack, p, records, timeout_s, full, spec))
 
         if "baseline-a" not in skip:
             acfg, apath = stack.config("baseline-a", kafka={"consumer_group": f"bench-a-{stack.run_id}"})
-            m, code = run_baseline_a(apath, "bench_a", records, stack.dir, timeout_s, stack_pids(cfg), opts["baseline_a_batch"])
-            entry = summarize("baseline A", 1, records, m, progress_metric="records committed (written by the consumer after each batch)", exit_code=code)
+            m, code = run_baseline_a(
+                apath, "bench_a", records, stack.dir, timeout_s, stack_pids(cfg), opts["baseline_a_batch"]
+            )
+            entry = summarize(
+                "baseline A",
+                1,
+                records,
+                m,
+                progress_metric="records committed (written by the consumer after each batch)",
+                exit_code=code,
+            )
             from bench.pipelines import window_totals
 
             actual = window_totals(acfg, "bench_a_totals")
@@ -344,15 +497,38 @@ def main(**opts: Any) -> None:
             b_counts = prefix_counts if b_prefix < spec.events else counts
             b_records = sum(b_counts)
             table, late_table = "bench_b_p1", "bench_b_late_p1"
-            bcfg, bpath = stack.config("baseline-b", kafka={"consumer_group": f"bench-b-{stack.run_id}"}, postgres={"usage_table": table})
+            bcfg, bpath = stack.config(
+                "baseline-b", kafka={"consumer_group": f"bench-b-{stack.run_id}"}, postgres={"usage_table": table}
+            )
             from sinks.postgres import apply_schema, connect
 
             apply_schema(bcfg.postgres)
             with connect(bcfg.postgres) as conn:
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {late_table} (tenant_id text, event_id text)")
             stops = ",".join(f"{p}:{c}" for p, c in enumerate(b_counts))
-            args = ["--config", str(bpath), "--parallelism", "1", "--stop-offsets", stops, "--table", table, "--late-table", late_table]
-            entry = flink_pipeline(stack, "baseline B", "baseline B (PyFlink DataStream)", 1, b_records, timeout_s, lambda: (bcfg, bflink.submit_script(bcfg, bflink.BENCH_JOBS / "baseline_b_job.py", args)), table, expected)
+            args = [
+                "--config",
+                str(bpath),
+                "--parallelism",
+                "1",
+                "--stop-offsets",
+                stops,
+                "--table",
+                table,
+                "--late-table",
+                late_table,
+            ]
+            entry = flink_pipeline(
+                stack,
+                "baseline B",
+                "baseline B (PyFlink DataStream)",
+                1,
+                b_records,
+                timeout_s,
+                lambda: (bcfg, bflink.submit_script(bcfg, bflink.BENCH_JOBS / "baseline_b_job.py", args)),
+                table,
+                expected,
+            )
             entry["prefix"] = b_prefix < spec.events
             entry["late_rows"] = scalar(bcfg, f"SELECT count(*) FROM {late_table}")
             entry["expected_late"] = expected.late
@@ -366,14 +542,26 @@ def main(**opts: Any) -> None:
         shutil.rmtree(profile_dir, ignore_errors=True)
     save(results, opts["results_path"], started)
     write_report(results, opts["report_path"], opts["chart_path"])
-    console.print(f"wrote {opts['results_path']}, {opts['report_path']}, {opts['chart_path']} ({(time.time() - started) / 60:.1f} min)")
+    console.print(
+        f"wrote {opts['results_path']}, {opts['report_path']}, {opts['chart_path']} ({(time.time() - started) / 60:.1f} min)"
+    )
 
 
 def attach_profile(entry: dict[str, Any], profile_dir: Path, image_dir: Path) -> None:
     """CPU samples per thread while the pipeline consumed; for meterflow also its flame graph (docs/img/)."""
     name = f"{entry['name']} p={entry['parallelism']}"
-    image = image_dir / f"flamegraph-{entry['name'].replace(' ', '-').replace('+', 'plus')}-p{entry['parallelism']}.png" if entry["name"].startswith("meterflow") else None
-    shares = profile_pipeline(profile_dir, entry["first_consumed_at"], entry["first_consumed_at"] + entry["seconds"], image, f"TaskManager CPU while {name} consumed")
+    image = (
+        image_dir / f"flamegraph-{entry['name'].replace(' ', '-').replace('+', 'plus')}-p{entry['parallelism']}.png"
+        if entry["name"].startswith("meterflow")
+        else None
+    )
+    shares = profile_pipeline(
+        profile_dir,
+        entry["first_consumed_at"],
+        entry["first_consumed_at"] + entry["seconds"],
+        image,
+        f"TaskManager CPU while {name} consumed",
+    )
     entry["cpu_by_thread"] = [[thread, round(share, 4)] for thread, share in shares[:12]]
     if image is not None and shares:
         entry["flame_graph"] = image.name

@@ -92,7 +92,9 @@ def wait_quiet(echo: Callable[[str], None]) -> None:
 def heap_after_gc(pid: int) -> int:
     """Bytes of Java heap in use right after a full GC of ``pid`` (live objects only)."""
     subprocess.run(["jcmd", str(pid), "GC.run"], capture_output=True, check=True, timeout=300)
-    out = subprocess.run(["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+        ["jcmd", str(pid), "GC.heap_info"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     match = re.search(r"total \d+K, used (\d+)K", out)
     if not match:
         msg = f"unexpected GC.heap_info output: {out[:300]}"
@@ -196,9 +198,21 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
     run_id = uuid.uuid4().hex[:8]
     stack = StackConfigs(base_config(run_id, free_ports(9), 1), root)
     # Periodic checkpoints effectively off: the two measured ones are triggered by hand.
-    cfg, cfg_path = stack.config("state", flink={"state_backend": "rocksdb" if backend != "hashmap" else "hashmap", "checkpoint_interval": "1d", "parallelism": 1})
+    cfg, cfg_path = stack.config(
+        "state",
+        flink={
+            "state_backend": "rocksdb" if backend != "hashmap" else "hashmap",
+            "checkpoint_interval": "1d",
+            "parallelism": 1,
+        },
+    )
     cluster = bench_flink_cluster(cfg, tm_options(backend, tm_mb, root))
-    result: dict[str, Any] = {"backend": backend, "ids_target": ids, "tm_process_mb": tm_mb, "started": datetime.now(UTC).isoformat(timespec="seconds")}
+    result: dict[str, Any] = {
+        "backend": backend,
+        "ids_target": ids,
+        "tm_process_mb": tm_mb,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     overlapped: set[str] = set()
     # Load average over the run: the busy files name known workloads, not every other process.
     result["loadavg_start"] = round(os.getloadavg()[0], 2)
@@ -234,7 +248,9 @@ def run_one(backend: str, ids: int, tm_mb: int, echo: Callable[[str], None]) -> 
     except (SystemExit, KeyboardInterrupt) as e:
         # Stopped from outside (SIGTERM, Ctrl-C): recorded with how far the ingest had come.
         result["ok"], result["interrupted"] = False, True
-        result["error"] = f"interrupted ({type(e).__name__}) after {time.monotonic() - t0:.0f} s, {_ids_so_far(cfg)} ids in the Deduplicate"
+        result["error"] = (
+            f"interrupted ({type(e).__name__}) after {time.monotonic() - t0:.0f} s, {_ids_so_far(cfg)} ids in the Deduplicate"
+        )
         echo(f"  {result['error']}")
     except Exception as e:  # noqa: BLE001 - a failed size (OOM, missing backend) is a result too
         result["ok"] = False
@@ -283,7 +299,9 @@ def save_run(run: dict[str, Any], path: Path = RESULTS) -> None:
     """Add or replace the run of the same backend and size."""
     data = load_results(path)
     data["machine"] = machine()
-    data["runs"] = [r for r in data["runs"] if (r["backend"], r["ids_target"]) != (run["backend"], run["ids_target"])] + [run]
+    data["runs"] = [
+        r for r in data["runs"] if (r["backend"], r["ids_target"]) != (run["backend"], run["ids_target"])
+    ] + [run]
     data["runs"].sort(key=lambda r: (r["ids_target"], r["backend"]))
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -309,18 +327,37 @@ def memory_mb() -> int:
 def not_run(backend: str, ids: int, tm_mb: int) -> dict[str, Any]:
     """The record of a size that cannot be run here: the TaskManager it would need."""
     error = f"not run: heap state of {ids_label(ids)} ids needs a TaskManager of about {tm_mb:,} MB; this machine has {memory_mb():,} MB in all"
-    return {"backend": backend, "ids_target": ids, "tm_process_mb": tm_mb, "ok": False, "error": error, "overlapped": []}
+    return {
+        "backend": backend,
+        "ids_target": ids,
+        "tm_process_mb": tm_mb,
+        "ok": False,
+        "error": error,
+        "overlapped": [],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the requested sizes and backends (or print the report)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ids", default="1M,10M,50M", help="comma-separated sizes, e.g. 1M,10M")
-    parser.add_argument("--backends", default="hashmap,rocksdb", help=f"comma-separated: hashmap, rocksdb, {NO_BLOOM} (RocksDB without Bloom filters, for comparison)")
-    parser.add_argument("--forst", action="store_true", help="also try ForSt (state.backend.type: forst) at the smallest size")
-    parser.add_argument("--tm-mb", type=int, default=None, help="TaskManager process size in MB (default: per backend and size)")
+    parser.add_argument(
+        "--backends",
+        default="hashmap,rocksdb",
+        help=f"comma-separated: hashmap, rocksdb, {NO_BLOOM} (RocksDB without Bloom filters, for comparison)",
+    )
+    parser.add_argument(
+        "--forst", action="store_true", help="also try ForSt (state.backend.type: forst) at the smallest size"
+    )
+    parser.add_argument(
+        "--tm-mb", type=int, default=None, help="TaskManager process size in MB (default: per backend and size)"
+    )
     parser.add_argument("--report", action="store_true", help="print the Markdown table of the results file and exit")
-    parser.add_argument("--write-docs", action="store_true", help="with --report: put the table into docs/operations.md and docs/benchmarks.md")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="with --report: put the table into docs/operations.md and docs/benchmarks.md",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     # A SIGTERM unwinds like Ctrl-C, so the private cluster is stopped and its directory removed.

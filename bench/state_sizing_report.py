@@ -62,7 +62,9 @@ def render_markdown(data: dict[str, Any]) -> str:
     rows, failed = [], []
     for run in data.get("runs", []):
         if not run.get("ok"):
-            failed.append(f"- **{run['backend']}, {ids_label(run['ids_target'])} ids** (TaskManager {run['tm_process_mb']} MB): `{run.get('error', '')[:600]}`")
+            failed.append(
+                f"- **{run['backend']}, {ids_label(run['ids_target'])} ids** (TaskManager {run['tm_process_mb']} MB): `{run.get('error', '')[:600]}`"
+            )
             continue
         f = per_id(run)
         first, steady = run["checkpoint_first"], run["checkpoint_steady"]
@@ -87,7 +89,10 @@ def render_markdown(data: dict[str, Any]) -> str:
 # benchmark section of docs/benchmarks.md between the section markers, which bench/run keeps
 # when it regenerates that file.
 TABLE_START, TABLE_END = "<!-- state sizing table: start -->", "<!-- state sizing table: end -->"
-SECTION_START, SECTION_END = "<!-- state sizing benchmark: start (bench/state_sizing.py) -->", "<!-- state sizing benchmark: end -->"
+SECTION_START, SECTION_END = (
+    "<!-- state sizing benchmark: start (bench/state_sizing.py) -->",
+    "<!-- state sizing benchmark: end -->",
+)
 
 
 def splice_table(text: str, table: str) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, NamedTuple
+from typing import NamedTuple
 
 
 class Sample(NamedTuple):
@@ -47,7 +47,9 @@ def _between(samples: Sequence[Sample], first: Sample, last: Sample) -> Throughp
     other = last.other_cpu_s - first.other_cpu_s
     inside = [s for s in samples if first.t <= s.t <= last.t]
     per_million = 1e6 / events if events else math.nan
-    return Throughput(events, seconds, events / seconds, cpu, cpu * per_million, max(s.rss_bytes for s in inside), other * per_million)
+    return Throughput(
+        events, seconds, events / seconds, cpu, cpu * per_million, max(s.rss_bytes for s in inside), other * per_million
+    )
 
 
 def throughput(samples: Sequence[Sample], total: int) -> Throughput | None:
@@ -87,7 +89,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def visibility_latencies(produced: Mapping[Hashable, Sequence[float]], polls: Iterable[tuple[float, Mapping[Hashable, int]]]) -> tuple[list[float], int]:
+def visibility_latencies(
+    produced: Mapping[Hashable, Sequence[float]], polls: Iterable[tuple[float, Mapping[Hashable, int]]]
+) -> tuple[list[float], int]:
     """Latency from produce time to first visibility of each event; and how many were never seen.
 
     ``produced[key]`` holds the produce times of a window row's events in send order; a poll at time

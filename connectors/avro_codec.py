@@ -19,7 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -57,9 +57,18 @@ def encode_usage_event(event: UsageEvent) -> bytes:
     return out.getvalue()
 
 
+def read_record(buf: io.BytesIO, schema: Any) -> dict[str, Any]:
+    """One record of a parsed record schema, plain Avro binary read from ``buf`` (raises on malformed bytes)."""
+    record = fastavro.schemaless_reader(buf, schema)
+    if not isinstance(record, dict):  # fastavro reads a record schema as a dict
+        msg = f"not an Avro record: {type(record).__name__}"
+        raise TypeError(msg)
+    return record
+
+
 def decode_usage_event(data: bytes) -> UsageEvent:
     """Deserialize plain Avro binary into an event (raises on malformed bytes)."""
-    return fastavro.schemaless_reader(io.BytesIO(data), usage_event_schema())  # type: ignore[return-value]
+    return cast("UsageEvent", read_record(io.BytesIO(data), usage_event_schema()))
 
 
 def schema_fingerprint(schema: Any) -> str:

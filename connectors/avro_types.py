@@ -48,7 +48,7 @@ def avro_to_flink_type(avro_type: Any, where: str = "") -> str:
     if isinstance(avro_type, list):
         branches = [b for b in avro_type if b != "null"]
         if len(branches) != 1 or len(avro_type) != 2:
-            msg = f"{where}: only [\"null\", T] unions are supported, got {avro_type}"
+            msg = f'{where}: only ["null", T] unions are supported, got {avro_type}'
             raise SchemaError(msg)
         return avro_to_flink_type(branches[0], where).removesuffix(" NOT NULL")
     if isinstance(avro_type, str):
@@ -78,7 +78,9 @@ def avro_to_flink_type(avro_type: Any, where: str = "") -> str:
     if base == "enum":
         return "STRING NOT NULL"
     if base == "record":
-        fields = ", ".join(f"`{f['name']}` {avro_to_flink_type(f['type'], where + '.' + f['name'])}" for f in avro_type["fields"])
+        fields = ", ".join(
+            f"`{f['name']}` {avro_to_flink_type(f['type'], where + '.' + f['name'])}" for f in avro_type["fields"]
+        )
         return f"ROW<{fields}> NOT NULL"
     if isinstance(base, (str, list)) and logical is None:
         return avro_to_flink_type(base, where)

@@ -20,7 +20,9 @@ def ensure_project_topics(cfg: JobConfig) -> dict[str, dict[str, str]]:
     return ensure_topics(cfg.kafka.bootstrap_servers, topic_configs(cfg), cfg.kafka.partitions)
 
 
-def ensure_topics(bootstrap_servers: str, topics: Iterable[str] | Mapping[str, Mapping[str, str]], partitions: int) -> dict[str, dict[str, str]]:
+def ensure_topics(
+    bootstrap_servers: str, topics: Iterable[str] | Mapping[str, Mapping[str, str]], partitions: int
+) -> dict[str, dict[str, str]]:
     """Create the topics that do not exist yet with their configs (single broker: replication factor 1),
     and set on the existing ones the configs they lack; returns what it set on existing topics.
 
@@ -33,7 +35,11 @@ def ensure_topics(bootstrap_servers: str, topics: Iterable[str] | Mapping[str, M
     admin = _admin(bootstrap_servers)
     try:
         existing = set(admin.list_topics())
-        missing = {t: {"num_partitions": partitions, "replication_factor": 1, "configs": c} for t, c in goal.items() if t not in existing}
+        missing = {
+            t: {"num_partitions": partitions, "replication_factor": 1, "configs": c}
+            for t, c in goal.items()
+            if t not in existing
+        }
         if missing:
             try:
                 admin.create_topics(missing)
@@ -67,7 +73,9 @@ def broker_transaction_max_timeout_ms(bootstrap_servers: str) -> int:
     admin = _admin(bootstrap_servers)
     try:
         brokers = [b["broker_id"] for b in admin.describe_cluster()["brokers"]]
-        resources = [ConfigResource(ConfigResourceType.BROKER, str(b), {TRANSACTION_MAX_TIMEOUT: None}) for b in brokers]
+        resources = [
+            ConfigResource(ConfigResourceType.BROKER, str(b), {TRANSACTION_MAX_TIMEOUT: None}) for b in brokers
+        ]
         described = admin.describe_configs(resources, config_filter="all").get("broker", {})
         return min(int(entries[TRANSACTION_MAX_TIMEOUT]["value"]) for entries in described.values())
     finally:
@@ -126,7 +134,9 @@ def committed_offsets(bootstrap_servers: str, group: str, topic: str) -> dict[in
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         committed = admin.list_group_offsets({group: partitions}).get(group, {})
-        return {tp.partition: committed[tp].offset for tp in partitions if tp in committed and committed[tp].offset >= 0}
+        return {
+            tp.partition: committed[tp].offset for tp in partitions if tp in committed and committed[tp].offset >= 0
+        }
     finally:
         consumer.close()
         admin.close()

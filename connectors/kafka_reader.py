@@ -21,7 +21,9 @@ def assigned_consumer(bootstrap_servers: str, topic: str, **options: Any) -> Ite
     from kafka.errors import KafkaError
 
     try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False, **options)
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers, isolation_level="read_committed", enable_auto_commit=False, **options
+        )
     except KafkaError as e:
         msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
         raise MeterflowError(msg) from e
@@ -37,7 +39,14 @@ def assigned_consumer(bootstrap_servers: str, topic: str, **options: Any) -> Ite
         consumer.close()
 
 
-def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes], Any], *, timeout: float = 60, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Any]:
+def read_committed(
+    bootstrap_servers: str,
+    topic: str,
+    decode: Callable[[bytes], Any],
+    *,
+    timeout: float = 60,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Iterator[Any]:
     """Yield every committed record of ``topic`` from the beginning to the end offsets seen at the start.
 
     Args:
@@ -60,7 +69,9 @@ def read_committed(bootstrap_servers: str, topic: str, decode: Callable[[bytes],
                 on_progress(read, expected)
 
 
-def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int, *, timeout: float = 300) -> Iterator[tuple[int, int, bytes]]:
+def read_range(
+    bootstrap_servers: str, topic: str, since_ms: int, until_ms: int, *, timeout: float = 300
+) -> Iterator[tuple[int, int, bytes]]:
     """Yield (partition, Kafka timestamp ms, value) of the committed records of ``topic`` with a timestamp
     in [since_ms, until_ms), each partition in offset order (partitions one after another).
 
@@ -85,7 +96,9 @@ def read_range(bootstrap_servers: str, topic: str, since_ms: int, until_ms: int,
                         yield tp.partition, record.timestamp, record.value
 
 
-def read_from(bootstrap_servers: str, topic: str, starts: Mapping[int, int], *, timeout: float = 300) -> Iterator[tuple[int, int, bytes]]:
+def read_from(
+    bootstrap_servers: str, topic: str, starts: Mapping[int, int], *, timeout: float = 300
+) -> Iterator[tuple[int, int, bytes]]:
     """Yield (partition, offset, value) of the committed records of ``topic`` from ``starts`` (next
     offset per partition; the beginning where absent) to the end offsets seen at the start.
 

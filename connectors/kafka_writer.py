@@ -64,7 +64,9 @@ def send_values(
     try:
         for record in records:
             key, value, partition, timestamp_ms = (*record, None, None)[:4]
-            producer.send(topic, value, key=key, partition=partition, timestamp_ms=timestamp_ms).add_callback(on_ack).add_errback(errors.append)
+            producer.send(topic, value, key=key, partition=partition, timestamp_ms=timestamp_ms).add_callback(
+                on_ack
+            ).add_errback(errors.append)
             sent += 1
             if rate > 0:
                 ahead = sent / rate - (time.monotonic() - started)

@@ -21,14 +21,18 @@ MAGIC_BYTE = 0
 HEADER = struct.Struct(">Bi")  # magic byte, schema id
 MAX_SCHEMA_ID = 2**31 - 1
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
-COMPATIBILITY_LEVELS = frozenset({"NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"})
+COMPATIBILITY_LEVELS = frozenset(
+    {"NONE", "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE"}
+)
 
 
 class SchemaRegistryError(Exception):
     """The registry refused a request (``status`` is the HTTP status, 0 when it was not reached)."""
 
     def __init__(self, status: int, message: str, error_code: int | None = None) -> None:
-        super().__init__(f"schema registry: HTTP {status}: {message}" if status else f"schema registry unreachable: {message}")
+        super().__init__(
+            f"schema registry: HTTP {status}: {message}" if status else f"schema registry unreachable: {message}"
+        )
         self.status = status
         self.error_code = error_code
         self.message = message
@@ -103,7 +107,9 @@ def error_of(status: int, body: bytes) -> SchemaRegistryError:
 
 def _call(method: str, url: str, payload: Mapping[str, Any] | None, timeout: float) -> Any:
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())

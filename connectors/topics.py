@@ -88,7 +88,9 @@ def topic_problems(cfg: JobConfig, actual: TopicConfigs) -> list[str]:
     problems = []
     for topic in (k.usage_events_topic, k.dead_letter_topic):
         if topic not in actual:
-            problems.append(f"topic {topic} does not exist: {fix} {create_command(k.bootstrap_servers, topic, k.partitions, goal[topic])}")
+            problems.append(
+                f"topic {topic} does not exist: {fix} {create_command(k.bootstrap_servers, topic, k.partitions, goal[topic])}"
+            )
     usage = actual.get(k.usage_events_topic)
     if usage is not None:
         timestamp_type = usage.get(TIMESTAMP_TYPE)

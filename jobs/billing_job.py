@@ -21,15 +21,25 @@ from pyflink.datastream import AsyncDataStream, DataStream, StreamExecutionEnvir
 from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
-from jobs.billing_plan import RETRIES_VIEW, RETRY_TICKS_TABLE, billing_input_query, closed_windows_source_ddl, retry_ticks_ddl
+from jobs.billing_plan import (
+    RETRIES_VIEW,
+    RETRY_TICKS_TABLE,
+    billing_input_query,
+    closed_windows_source_ddl,
+    retry_ticks_ddl,
+)
 from meterflow.config import JobConfig, config_without_secrets, load_config
 from sinks.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
 
 
-def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
+def build_environment(
+    cfg: JobConfig, extra: dict[str, str] | None = None
+) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
     """Streaming environment with exactly-once checkpoints; async I/O needs Python's process mode."""
     conf = Configuration()
-    conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
+    conf.set_string(
+        "execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms"
+    )
     conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("execution.checkpointing.dir", cfg.job_state_uri(cfg.billing_job_name))
     conf.set_string("execution.checkpointing.savepoint-dir", f"{cfg.job_state_uri(cfg.billing_job_name)}/savepoints")
@@ -74,7 +84,13 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
     # starts a timer thread per element when one is set (measured: most of its per-element cost).
     timeout = Time.milliseconds(0)
     outcomes = (
-        AsyncDataStream.unordered_wait(keyed, DeliverClosedWindows(shipped), timeout, capacity=cfg.billing_max_in_flight, output_type=outcome_type())
+        AsyncDataStream.unordered_wait(
+            keyed,
+            DeliverClosedWindows(shipped),
+            timeout,
+            capacity=cfg.billing_max_in_flight,
+            output_type=outcome_type(),
+        )
         .name("deliver to the billing provider")
         .uid("billing-deliver")
     )
@@ -86,7 +102,9 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
 def main(argv: list[str] | None = None) -> None:
     """Load config, declare the billing pipeline and submit it to the cluster."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     from sinks.ledger import apply_billing_schema

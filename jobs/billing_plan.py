@@ -16,7 +16,19 @@ RETRY_TICKS_TABLE = "billing_retry_ticks"
 RETRIES_VIEW = "billing_retries"
 # Columns of a billing input row: the partitioning key first, then the window; the retry scan's
 # rows name the delivery to retry in the last one.
-BILLING_INPUT_COLUMNS = ("billing_key", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "retry_identifier")
+BILLING_INPUT_COLUMNS = (
+    "billing_key",
+    "tenant_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start_ms",
+    "window_end_ms",
+    "quantity",
+    "event_count",
+    "revision",
+    "retry_identifier",
+)
 
 
 def billing_key(tenant_id: str, customer_id: str, meter: str) -> str:
@@ -58,6 +70,7 @@ def closed_windows_query() -> str:
     The Python bridge has no exact DECIMAL(38, 9), so the value crosses as text and becomes a
     Python Decimal on the other side, never a float.
     """
+
     def ms(column: str) -> str:
         return f"CAST({sql_epoch_ms(f'`{column}`')} AS BIGINT)"
 

@@ -54,7 +54,7 @@ def state_backend_options(cfg: JobConfig) -> dict[str, str]:
     filter reads an index block of every sorted file that could hold it, more of them as the
     horizon fills (docs/operations.md, "Sizing the dedup state").
     """
-    options = {"state.backend.type": cfg.flink.state_backend}
+    options: dict[str, str] = {"state.backend.type": cfg.flink.state_backend}
     if cfg.flink.state_backend == "rocksdb":
         options["execution.checkpointing.incremental"] = "true"
         options["state.backend.rocksdb.use-bloom-filter"] = "true"
@@ -80,7 +80,9 @@ def dead_letter_sink_ddl(cfg: JobConfig, table: str = DEAD_LETTER_SINK_TABLE, pu
     return _exactly_once_kafka_sink(cfg, table, DEAD_LETTER_SCHEMA, cfg.kafka.dead_letter_topic, purpose, producer)
 
 
-def dead_letter_insert(cfg: JobConfig, table: str = DEAD_LETTER_SINK_TABLE, source: str = CLASSIFIED_VIEW, where: str = REJECTED) -> str:
+def dead_letter_insert(
+    cfg: JobConfig, table: str = DEAD_LETTER_SINK_TABLE, source: str = CLASSIFIED_VIEW, where: str = REJECTED
+) -> str:
     """Route every rejected record, raw bytes and reason, to a dead-letter sink (and count it).
 
     Bounded whatever was sent: the reason is cut to MAX_REASON_CHARS characters (udf/ CountDeadLetter)
@@ -157,8 +159,6 @@ def window_changelog_query(cfg: JobConfig) -> str:
     return query.replace(quantity, f"CAST(CAST({quantity_expr(cfg)} AS DECIMAL(38, 9)) AS STRING) AS `quantity`")
 
 
-
-
 def _aggregate(meter: MeterConfig) -> str:
     if meter.aggregation == "SUM":
         return "SUM(`quantity`)"
@@ -187,7 +187,9 @@ def quantity_expr(cfg: JobConfig) -> str:
     return f"CASE `meter` {cases} END"
 
 
-def window_aggregate_query(cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, time_column: str = "event_time", where: str = "") -> str:
+def window_aggregate_query(
+    cfg: JobConfig, source: str = USAGE_SOURCE_TABLE, time_column: str = "event_time", where: str = ""
+) -> str:
     """Each meter's aggregation per (tenant, customer, meter, dimensions key, tumbling event-time window).
 
     ``revision`` is the number of events the row covers: every update of a window adds at least
@@ -248,7 +250,13 @@ def classify_query(cfg: JobConfig, deduped: str) -> str:
 
 
 # Columns only rejected records carry (NULL on counted events), with their types.
-_REJECT_COLUMNS = (("payload", "BYTES"), ("source_topic", "STRING"), ("source_partition", "INT"), ("source_offset", "BIGINT"), ("reject_reason", "STRING"))
+_REJECT_COLUMNS = (
+    ("payload", "BYTES"),
+    ("source_topic", "STRING"),
+    ("source_partition", "INT"),
+    ("source_offset", "BIGINT"),
+    ("reject_reason", "STRING"),
+)
 _WINDOW_COLUMNS = ("dimensions_key", "window_start", "window_end")
 
 
@@ -280,12 +288,19 @@ def routed_query(cfg: JobConfig, source: str = VALIDATED_VIEW) -> str:
     counted = "`reject_reason` IS NULL"
     # The record's timestamp too: a topic deleted and created again starts its offsets over.
     coordinates = "CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING), '/', CAST(`kafka_timestamp` AS STRING))"
-    keyed = {"tenant_id": f"CASE WHEN {counted} THEN `tenant_id` END", "event_id": f"CASE WHEN {counted} THEN `event_id` ELSE {coordinates} END"}
+    keyed = {
+        "tenant_id": f"CASE WHEN {counted} THEN `tenant_id` END",
+        "event_id": f"CASE WHEN {counted} THEN `event_id` ELSE {coordinates} END",
+    }
     events = ", ".join(f"{keyed[c]} AS `{c}`" if c in keyed else f"`{c}`" for c in EVENT_FIELDS)
-    rejects = ", ".join(f"CASE WHEN NOT {counted} THEN `{c}` END AS `{c}`" for c, _ in _REJECT_COLUMNS if c != "reject_reason")
+    rejects = ", ".join(
+        f"CASE WHEN NOT {counted} THEN `{c}` END AS `{c}`" for c, _ in _REJECT_COLUMNS if c != "reject_reason"
+    )
     key = f"CASE WHEN {counted} THEN `dimensions_key` END AS `dimensions_key`"
     both = f"(SELECT {events}, `proc_time`, {key}, {rejects}, `reject_reason` FROM `{source}`)"
-    return classify_query(cfg, f"({dedup_query(both, (*EVENT_FIELDS, 'dimensions_key', *(c for c, _ in _REJECT_COLUMNS)))})")
+    return classify_query(
+        cfg, f"({dedup_query(both, (*EVENT_FIELDS, 'dimensions_key', *(c for c, _ in _REJECT_COLUMNS)))})"
+    )
 
 
 def late_events_sink_ddl(cfg: JobConfig) -> str:
@@ -293,7 +308,9 @@ def late_events_sink_ddl(cfg: JobConfig) -> str:
     return _exactly_once_kafka_sink(cfg, LATE_EVENTS_SINK_TABLE, LATE_EVENT_SCHEMA, cfg.kafka.late_events_topic, "late")
 
 
-def _exactly_once_kafka_sink(cfg: JobConfig, table: str, schema: Path, topic: str, purpose: str, extra: dict[str, str] | None = None) -> str:
+def _exactly_once_kafka_sink(
+    cfg: JobConfig, table: str, schema: Path, topic: str, purpose: str, extra: dict[str, str] | None = None
+) -> str:
     """A transactional Avro Kafka sink whose columns are derived from ``schema``; ``extra`` adds options.
 
     Records become visible to read_committed readers when the checkpoint covering them completes.
@@ -332,7 +349,9 @@ def closed_windows_sink_ddl(cfg: JobConfig) -> str:
     The integration point for billing and any other consumer of final usage: each closed window is
     published once, visible to read_committed readers when the checkpoint covering it completes.
     """
-    return _exactly_once_kafka_sink(cfg, CLOSED_WINDOWS_SINK_TABLE, CLOSED_WINDOW_SCHEMA, cfg.kafka.closed_windows_topic, "closed-windows")
+    return _exactly_once_kafka_sink(
+        cfg, CLOSED_WINDOWS_SINK_TABLE, CLOSED_WINDOW_SCHEMA, cfg.kafka.closed_windows_topic, "closed-windows"
+    )
 
 
 def closed_windows_insert() -> str:
@@ -341,6 +360,7 @@ def closed_windows_insert() -> str:
     The closer's rows carry times as epoch ms and the quantity as an exact decimal string (the
     Python bridge has no DECIMAL(38, 9)); both go back to the Avro logical types here, in the JVM.
     """
+
     def ts(column: str) -> str:
         return f"CAST(TO_TIMESTAMP_LTZ(`{column}`, 3) AS TIMESTAMP(3))"
 
@@ -356,7 +376,16 @@ def closed_windows_insert() -> str:
 # combinations and the sum of |quantity| of each (tenant, customer, meter, window), and sets the
 # reject_reason of what it refuses. Its input is the validated view without its processing-time
 # attribute (a DataStream has none; the guarded view declares it again):
-GUARD_INPUT_COLUMNS = (*EVENT_FIELDS, "payload", "source_topic", "source_partition", "source_offset", "kafka_timestamp", "dimensions_key", "reject_reason")
+GUARD_INPUT_COLUMNS = (
+    *EVENT_FIELDS,
+    "payload",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "kafka_timestamp",
+    "dimensions_key",
+    "reject_reason",
+)
 # Its output, the validated columns again, which the routed query reads:
 GUARDED_VIEW = "guarded_events"
 

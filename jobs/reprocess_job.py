@@ -33,5 +33,7 @@ def recompute(cfg: JobConfig, period: Period, jars: Sequence[Path]) -> list[Wind
     totals = []
     with t_env.execute_sql(query).collect() as rows:
         for tenant, customer, meter, dims, start, end, quantity, events in rows:
-            totals.append(WindowTotal(WindowId(tenant, customer, meter, dims, start, end), Decimal(quantity), int(events)))
+            totals.append(
+                WindowTotal(WindowId(tenant, customer, meter, dims, start, end), Decimal(quantity), int(events))
+            )
     return totals

@@ -20,7 +20,16 @@ from meterflow.config import JobConfig
 from meterflow.reprocess import Period, read_from_ms
 
 UNIQUE_EVENTS_VIEW = "reprocess_unique_events"
-RESULT_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_count")
+RESULT_COLUMNS = (
+    "tenant_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start",
+    "window_end",
+    "quantity",
+    "event_count",
+)
 
 
 def reprocess_source_options(cfg: JobConfig, period: Period) -> dict[str, str]:
@@ -69,5 +78,3 @@ def recompute_statements(cfg: JobConfig, period: Period) -> tuple[list[str], str
     aggregate = window_aggregate_query(cfg, UNIQUE_EVENTS_VIEW, "event_time")
     cols = ", ".join(f"`{c}`" for c in RESULT_COLUMNS)
     return setup, f"SELECT {cols} FROM ({aggregate})"
-
-

@@ -131,7 +131,9 @@ def dimensions_key_expr(cfg: JobConfig) -> str:
     cases = []
     for meter in cfg.meters:
         if meter.group_by:
-            pairs = ", ".join(f"KEY {sql_string(d)} VALUE COALESCE(`dimensions`[{sql_string(d)}], '')" for d in sorted(meter.group_by))
+            pairs = ", ".join(
+                f"KEY {sql_string(d)} VALUE COALESCE(`dimensions`[{sql_string(d)}], '')" for d in sorted(meter.group_by)
+            )
             cases.append(f"WHEN {sql_string(meter.name)} THEN JSON_OBJECT({pairs})")
     return f"CASE `meter` {' '.join(cases)} ELSE '{{}}' END" if cases else "'{}'"
 
@@ -146,11 +148,16 @@ def validate_query(cfg: JobConfig) -> str:
     known = ", ".join(sql_string(m.name) for m in cfg.meters)
     non_negative = [m.name for m in cfg.meters if not m.allow_negative]
     checks = ["WHEN `decode_error` IS NOT NULL THEN `decode_error`"]
-    checks += [f"WHEN CHAR_LENGTH(TRIM(`{f}`)) = 0 THEN 'missing field: {f}'" for f in ("event_id", "tenant_id", "customer_id", "meter")]
+    checks += [
+        f"WHEN CHAR_LENGTH(TRIM(`{f}`)) = 0 THEN 'missing field: {f}'"
+        for f in ("event_id", "tenant_id", "customer_id", "meter")
+    ]
     checks.append(f"WHEN `meter` NOT IN ({known}) THEN CONCAT('unknown meter: ', `meter`)")
     if non_negative:
         names = ", ".join(sql_string(n) for n in non_negative)
-        checks.append(f"WHEN `quantity` < 0 AND `meter` IN ({names}) THEN CONCAT('negative quantity: meter ', `meter`, ' does not allow it')")
+        checks.append(
+            f"WHEN `quantity` < 0 AND `meter` IN ({names}) THEN CONCAT('negative quantity: meter ', `meter`, ' does not allow it')"
+        )
     checks.append(
         f"WHEN `{BOUNDED_TIME}` = {OUT_OF_RANGE_TIME} THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING),"
         " ' is not within [appended - event_time.max_event_age, appended + event_time.max_event_ahead], appended = ',"

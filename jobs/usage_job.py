@@ -35,9 +35,9 @@ from jobs.plan import (
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
-    guard_input_query,
     dead_letter_insert,
     dead_letter_sink_ddl,
+    guard_input_query,
     late_events_insert,
     late_events_sink_ddl,
     routed_query,
@@ -53,10 +53,14 @@ from sinks.postgres_schema import usage_upsert_sql
 from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
 
-def build_environment(cfg: JobConfig, extra: dict[str, str] | None = None) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
+def build_environment(
+    cfg: JobConfig, extra: dict[str, str] | None = None
+) -> tuple[StreamExecutionEnvironment, StreamTableEnvironment]:
     """Streaming table environment with exactly-once checkpointing from config."""
     conf = Configuration()
-    conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
+    conf.set_string(
+        "execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms"
+    )
     conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("execution.checkpointing.dir", cfg.job_state_uri(cfg.flink.job_name))
     conf.set_string("execution.checkpointing.savepoint-dir", f"{cfg.job_state_uri(cfg.flink.job_name)}/savepoints")
@@ -90,7 +94,9 @@ def _to_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, Any]:
     jvm = get_gateway().jvm
     table = t_env.sql_query(query)._j_table
     row_type = table.getResolvedSchema().toPhysicalRowDataType()
-    return t_env._j_tenv.toDataStream(table, row_type.bridgedTo(get_java_class(jvm.org.apache.flink.table.data.RowData))), row_type.getLogicalType()
+    return t_env._j_tenv.toDataStream(
+        table, row_type.bridgedTo(get_java_class(jvm.org.apache.flink.table.data.RowData))
+    ), row_type.getLogicalType()
 
 
 def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
@@ -105,9 +111,19 @@ def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     rows, row_type = _to_rows(t_env, guard_input_query())
     guard = get_gateway().jvm.dev.meterflow.udf.WindowGuard
     et = cfg.event_time
-    limits = guard(row_type, cfg.input.max_dimension_combinations, int(et.window_size.total_seconds() * 1000), int(et.allowed_lateness.total_seconds() * 1000))
+    limits = guard(
+        row_type,
+        cfg.input.max_dimension_combinations,
+        int(et.window_size.total_seconds() * 1000),
+        int(et.allowed_lateness.total_seconds() * 1000),
+    )
     j_guarded = guard.apply(rows, limits, "guard window limits", "guard-window-limits")
-    schema = Schema.new_builder().column_by_expression("proc_time", "PROCTIME()").watermark("event_time", "SOURCE_WATERMARK()").build()
+    schema = (
+        Schema.new_builder()
+        .column_by_expression("proc_time", "PROCTIME()")
+        .watermark("event_time", "SOURCE_WATERMARK()")
+        .build()
+    )
     t_env.create_temporary_view(GUARDED_VIEW, t_env.from_data_stream(DataStream(j_guarded), schema))
 
 
@@ -122,8 +138,15 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> No
     rows, row_type = _to_rows(t_env, routed_query(cfg, GUARDED_VIEW))
     classifier = get_gateway().jvm.dev.meterflow.udf.LatenessClassifier
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
-    j_classified = classifier.apply(rows, row_type, classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness")
-    schema = Schema.new_builder().column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()").build()
+    j_classified = classifier.apply(
+        rows, row_type, classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness"
+    )
+    schema = (
+        Schema.new_builder()
+        .column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3))
+        .watermark("rowtime", "SOURCE_WATERMARK()")
+        .build()
+    )
     t_env.create_temporary_view(CLASSIFIED_VIEW, t_env.from_data_stream(DataStream(j_classified), schema))
 
 
@@ -141,7 +164,9 @@ def _write_windows(stream: DataStream, target: WindowSinkTarget, *, final: bool)
     udf = get_gateway().jvm.dev.meterflow.udf
     password = udf.Secrets(target.password_variable, target.secrets_file)
     sink = udf.UsageWindowSink(target.url, target.user, password, usage_upsert_sql(target.table), final)
-    name, uid = ("write final windows", "write-final-windows") if final else ("write window updates", "write-window-updates")
+    name, uid = (
+        ("write final windows", "write-final-windows") if final else ("write window updates", "write-window-updates")
+    )
     stream._j_data_stream.sinkTo(sink).name(name).uid(uid)
 
 
@@ -169,7 +194,9 @@ def _close_windows(changelog: DataStream, cfg: JobConfig) -> DataStream:
     closer = get_gateway().jvm.dev.meterflow.udf.WindowCloser
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
     hold_ms = int(cfg.flink.checkpoint_interval.total_seconds() * 1000)
-    j_closed = changelog._j_data_stream.keyBy(closer.windowKey()).process(closer(lateness_ms, hold_ms), closer.outputType())
+    j_closed = changelog._j_data_stream.keyBy(closer.windowKey()).process(
+        closer(lateness_ms, hold_ms), closer.outputType()
+    )
     return DataStream(j_closed.name("close windows").uid("close-windows-jvm"))
 
 
@@ -187,7 +214,9 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     for name, _, data_type in CLOSED_WINDOW_COLUMNS:
         closed_schema = closed_schema.column(name, data_type)
     # Records emitted by the closer's timers carry the timer time: the watermark flows on.
-    closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark("rowtime", "SOURCE_WATERMARK()")
+    closed_schema = closed_schema.column_by_metadata("rowtime", DataTypes.TIMESTAMP_LTZ(3)).watermark(
+        "rowtime", "SOURCE_WATERMARK()"
+    )
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
 
 
@@ -215,7 +244,9 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
 def main(argv: list[str] | None = None) -> None:
     """Load config, declare the pipeline and submit it to the cluster."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     # The tables the job writes, created (idempotently) so a first submit needs no manual step.

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -33,13 +34,14 @@ SECRET_ENV_KEYS = {
     "METERFLOW_POSTGRES_PASSWORD": ("postgres", "password"),
     "METERFLOW_STRIPE_API_KEY": ("stripe", "api_key"),
 }
-SECRET_FILE_SUFFIX = "_FILE"
+SECRET_FILE_SUFFIX = "_FILE"  # noqa: S105 - a suffix of variable names, not a secret
 DEFAULT_CONFIG_FILE = "meterflow.yaml"
 # Names that reach SQL (database, role): plain Postgres identifiers, never quoted input.
 PG_IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
 # Table names: written unquoted into the generated DDL and queries (sinks/postgres_schema.py
 # check_identifier), so lower case only: Postgres folds an unquoted name to lower case.
 PG_TABLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,7 +54,10 @@ class KafkaConfig(_Section):
     usage_events_topic: str = "usage-events"
     late_events_topic: str = "usage-events-late"
     dead_letter_topic: str = "usage-events-dead-letter"
-    closed_windows_topic: str = Field("usage-windows-closed", description="Each closed window once (Avro avro/closed_window.avsc): the integration point for billing and other consumers.")
+    closed_windows_topic: str = Field(
+        "usage-windows-closed",
+        description="Each closed window once (Avro avro/closed_window.avsc): the integration point for billing and other consumers.",
+    )
     partitions: int = Field(3, ge=1, description="Partitions of the topics the project creates.")
     consumer_group: str = "meterflow"
     transaction_timeout: Duration = Field(
@@ -107,9 +112,15 @@ class FlinkConfig(_Section):
     rest_host: str = "127.0.0.1"
     rest_port: int = Field(8081, ge=1, le=65535)
     parallelism: int = Field(1, ge=1)
-    task_slots: int = Field(4, ge=1, description="Slots of the local stack's TaskManager: the usage job's parallelism plus the billing job's.")
+    task_slots: int = Field(
+        4,
+        ge=1,
+        description="Slots of the local stack's TaskManager: the usage job's parallelism plus the billing job's.",
+    )
     checkpoint_interval: Duration = timedelta(seconds=5)
-    checkpoint_timeout: Duration = Field(timedelta(minutes=10), description="A checkpoint that takes longer fails (execution.checkpointing.timeout).")
+    checkpoint_timeout: Duration = Field(
+        timedelta(minutes=10), description="A checkpoint that takes longer fails (execution.checkpointing.timeout)."
+    )
     checkpoint_dir: str = ".stack/flink/checkpoints"
     job_name: str = "meterflow-usage"
     state_backend: Literal["hashmap", "rocksdb"] = Field(
@@ -144,7 +155,14 @@ class EventTimeConfig(_Section):
         if timedelta(days=1) % self.window_size:
             msg = "event_time.window_size must divide one day evenly, so windows align to UTC midnight"
             raise ValueError(msg)
-        for name in ("watermark_delay", "allowed_lateness", "source_idle_timeout", "source_catch_up_timeout", "early_fire_interval", "max_event_ahead"):
+        for name in (
+            "watermark_delay",
+            "allowed_lateness",
+            "source_idle_timeout",
+            "source_catch_up_timeout",
+            "early_fire_interval",
+            "max_event_ahead",
+        ):
             if getattr(self, name) < timedelta(0):
                 msg = f"event_time.{name} must not be negative"
                 raise ValueError(msg)
@@ -178,10 +196,17 @@ class MeterConfig(_Section):
     name: str = Field(min_length=1, max_length=MAX_ID_BYTES["meter"], pattern=_DIMENSION_NAME)
     aggregation: Aggregation = "SUM"
     allow_negative: bool = Field(False, description="Accept negative quantities (credits, corrections).")
-    group_by: tuple[str, ...] = Field((), max_length=MAX_GROUP_BY, description="Dimensions that split a window into rows (at most MAX_GROUP_BY).")
+    group_by: tuple[str, ...] = Field(
+        (), max_length=MAX_GROUP_BY, description="Dimensions that split a window into rows (at most MAX_GROUP_BY)."
+    )
     unique_dimension: str | None = Field(None, pattern=_DIMENSION_NAME)
-    billing_event_name: str | None = Field(None, min_length=1, max_length=100, description="The provider's meter event name; defaults to the meter name.")
-    billing_rounding: BillingRounding = Field("carry", description="How a window's quantity becomes the provider's value: carry (whole units, the fraction carried within the month), decimal, exact, half_up, ceil, floor (see README, Billing).")
+    billing_event_name: str | None = Field(
+        None, min_length=1, max_length=100, description="The provider's meter event name; defaults to the meter name."
+    )
+    billing_rounding: BillingRounding = Field(
+        "carry",
+        description="How a window's quantity becomes the provider's value: carry (whole units, the fraction carried within the month), decimal, exact, half_up, ceil, floor (see README, Billing).",
+    )
 
     @property
     def event_name(self) -> str:
@@ -236,7 +261,10 @@ class StackConfig(_Section):
         description="How long the local stack's supervisor lets the JobManager go without a TaskManager before it starts a replacement.",
     )
     zookeeper_port: int | None = Field(
-        None, ge=1, le=65535, description="Port of the local ZooKeeper on 127.0.0.1; unset: a free port chosen at its first start and kept in <state_dir>/zookeeper/port."
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the local ZooKeeper on 127.0.0.1; unset: a free port chosen at its first start and kept in <state_dir>/zookeeper/port.",
     )
 
     @model_validator(mode="after")
@@ -260,9 +288,17 @@ class StripeConfig(_Section):
         "v1",
         description="v1: one POST /v1/billing/meter_events per delivery (validated at once; 1,000 calls/s live). v2_stream: POST /v2/billing/meter_event_stream, up to stream_batch_size deliveries per request under a meter event session (validated after acceptance; errors come back as error reports).",
     )
-    meter_events_base: str | None = Field(None, description="Base address of the v2 meter event stream; default Stripe's (https://meter-events.stripe.com).")
-    stream_batch_size: int = Field(100, ge=1, le=100, description="Deliveries per v2 stream request (Stripe takes at most 100).")
-    stream_linger: Duration = Field(timedelta(milliseconds=20), description="How long a v2 stream request waits for more deliveries before it goes out with fewer than stream_batch_size.")
+    meter_events_base: str | None = Field(
+        None,
+        description="Base address of the v2 meter event stream; default Stripe's (https://meter-events.stripe.com).",
+    )
+    stream_batch_size: int = Field(
+        100, ge=1, le=100, description="Deliveries per v2 stream request (Stripe takes at most 100)."
+    )
+    stream_linger: Duration = Field(
+        timedelta(milliseconds=20),
+        description="How long a v2 stream request waits for more deliveries before it goes out with fewer than stream_batch_size.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StripeConfig:
@@ -277,7 +313,11 @@ class BillingConfig(_Section):
 
     enabled: bool = False
     provider: Literal["stripe"] = "stripe"
-    calls_per_second: float = Field(1000, gt=0, description="Client-side rate limit of provider requests for the whole billing job; each subtask gets calls_per_second / parallelism (on the v2 stream a request carries up to stripe.stream_batch_size deliveries).")
+    calls_per_second: float = Field(
+        1000,
+        gt=0,
+        description="Client-side rate limit of provider requests for the whole billing job; each subtask gets calls_per_second / parallelism (on the v2 stream a request carries up to stripe.stream_batch_size deliveries).",
+    )
     max_in_flight: int | None = Field(
         None, ge=1, le=1024,
         description="Deliveries in flight per billing subtask (the async operator's capacity); default 64 on v1 (a call each) and 256 on the v2 stream (deliveries in flight together share requests).",
@@ -287,9 +327,19 @@ class BillingConfig(_Section):
         description="Of a billing subtask's max_in_flight slots, how many deliveries of one (tenant, customer, meter) hold at once (one calling, the rest waiting their turn); more give their slot back and wait for the key inside the worker, so one customer's burst never takes the in-flight slots of the others.",
     )  # fmt: skip
     parallelism: int | None = Field(None, ge=1, description="Subtasks of the billing job; default flink.parallelism.")
-    consumer_group: str | None = Field(None, min_length=1, description="Consumer group of the billing job on the closed-windows topic; default <kafka.consumer_group>-billing.")
-    provider_dedup_window: Duration = Field(timedelta(hours=24), description="How long the provider deduplicates identifiers; older deliveries are checked at the provider before a resend.")
-    retry_lease: Duration = Field(timedelta(minutes=2), description="A delivery handed to an attempt is not handed out again by the retry scan for this long.")
+    consumer_group: str | None = Field(
+        None,
+        min_length=1,
+        description="Consumer group of the billing job on the closed-windows topic; default <kafka.consumer_group>-billing.",
+    )
+    provider_dedup_window: Duration = Field(
+        timedelta(hours=24),
+        description="How long the provider deduplicates identifiers; older deliveries are checked at the provider before a resend.",
+    )
+    retry_lease: Duration = Field(
+        timedelta(minutes=2),
+        description="A delivery handed to an attempt is not handed out again by the retry scan for this long.",
+    )
     max_attempts: int = Field(20, ge=1, le=1000)
     initial_backoff: Duration = timedelta(milliseconds=500)
     max_backoff: Duration = timedelta(seconds=30)
@@ -297,7 +347,11 @@ class BillingConfig(_Section):
     identifier_prefix: str = Field("mf", pattern=r"^[A-Za-z0-9_]{1,16}$")
     ledger_table: str = Field("billing_deliveries", pattern=PG_TABLE_PATTERN)
     customers_table: str = Field("billing_customers", pattern=PG_TABLE_PATTERN)
-    carry_table: str = Field("billing_carry", pattern=PG_TABLE_PATTERN, description="Running totals per (customer, meter, month) of the meters billed with billing_rounding: carry.")
+    carry_table: str = Field(
+        "billing_carry",
+        pattern=PG_TABLE_PATTERN,
+        description="Running totals per (customer, meter, month) of the meters billed with billing_rounding: carry.",
+    )
     max_window_age: Duration = timedelta(days=35)
     max_window_ahead: Duration = timedelta(minutes=5)
 
@@ -315,23 +369,42 @@ class BillingConfig(_Section):
         return self
 
 
-
-
 class CorrectionsConfig(_Section):
     """Corrections from late events (README, "Late events and corrections")."""
 
-    approval_threshold: ExactDecimal | None = Field(None, ge=0, description="Hold a correction for approval when |delta| is above this; none: apply every correction automatically.")
-    tenant_approval_thresholds: dict[str, ExactDecimal] = Field(default_factory=dict, description="Per-tenant thresholds, overriding approval_threshold.")
+    approval_threshold: ExactDecimal | None = Field(
+        None,
+        ge=0,
+        description="Hold a correction for approval when |delta| is above this; none: apply every correction automatically.",
+    )
+    tenant_approval_thresholds: dict[str, ExactDecimal] = Field(
+        default_factory=dict, description="Per-tenant thresholds, overriding approval_threshold."
+    )
     table: str = Field("usage_corrections", pattern=PG_TABLE_PATTERN)
-    events_table: str = Field("usage_correction_events", pattern=PG_TABLE_PATTERN, description="One row per late event corrected or reported, keyed by (tenant_id, event_id).")
-    batch_size: int = Field(500, ge=1, le=100_000, description="Late events per Postgres transaction of `corrections apply`.")
-    offsets_table: str = Field("usage_correction_offsets", pattern=PG_TABLE_PATTERN, description="Where `corrections apply --follow` keeps its place in the late topic, per partition.")
+    events_table: str = Field(
+        "usage_correction_events",
+        pattern=PG_TABLE_PATTERN,
+        description="One row per late event corrected or reported, keyed by (tenant_id, event_id).",
+    )
+    batch_size: int = Field(
+        500, ge=1, le=100_000, description="Late events per Postgres transaction of `corrections apply`."
+    )
+    offsets_table: str = Field(
+        "usage_correction_offsets",
+        pattern=PG_TABLE_PATTERN,
+        description="Where `corrections apply --follow` keeps its place in the late topic, per partition.",
+    )
     final_row_wait: Duration = Field(
         timedelta(minutes=2),
         description="A MAX or LATEST window without a row waits this long after its late events were routed late, for a final row not written yet, before it is corrected as a window with no counted event.",
     )
-    follow_interval: Duration = Field(timedelta(minutes=1), description="Pause between the runs of `corrections apply --follow` (the deployment's corrections follower).")
-    metrics_port: int = Field(9260, ge=0, le=65535, description="Where `corrections apply --follow` serves its Prometheus metrics (0: none).")
+    follow_interval: Duration = Field(
+        timedelta(minutes=1),
+        description="Pause between the runs of `corrections apply --follow` (the deployment's corrections follower).",
+    )
+    metrics_port: int = Field(
+        9260, ge=0, le=65535, description="Where `corrections apply --follow` serves its Prometheus metrics (0: none)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CorrectionsConfig:
@@ -528,7 +601,11 @@ def _with_secrets(data: dict[str, Any], environ: Mapping[str, str], source: str)
     secrets_path = Path(data.get("secrets_file", JobConfig.model_fields["secrets_file"].default))
     if not secrets_path.is_absolute():
         secrets_path = Path(data.get("base_dir", ".")) / secrets_path
-    secrets = {**read_secrets_file(secrets_path), **secret_file_values(environ), **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS and v}}
+    secrets = {
+        **read_secrets_file(secrets_path),
+        **secret_file_values(environ),
+        **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS and v},
+    }
     for env_key, (section, key) in SECRET_ENV_KEYS.items():
         if secrets.get(env_key):
             data[section] = {**(data.get(section) or {}), key: secrets[env_key]}

@@ -149,7 +149,9 @@ def dimensions_key(dimensions: Mapping[str, str], group_by: Iterable[str]) -> st
     return json.dumps({k: dimensions.get(k, "") for k in keys}, separators=(",", ":"), ensure_ascii=False)
 
 
-def late_event_from_record(record: Mapping[str, Any], cfg: JobConfig, position: tuple[int, int] | None = None) -> LateEvent:
+def late_event_from_record(
+    record: Mapping[str, Any], cfg: JobConfig, position: tuple[int, int] | None = None
+) -> LateEvent:
     """A decoded late-events record (avro/late_usage_event.avsc) as a typed event.
 
     Raises:
@@ -194,7 +196,9 @@ def waiting(plans: Iterable[Plan], now: datetime) -> Waiting:
 def correction_id(window: WindowId, event_ids: Iterable[str]) -> str:
     """Deterministic id of a correction: the window key and its events, hashed (same input, same id)."""
     start_ms = int(window.window_start.replace(tzinfo=UTC).timestamp() * 1000)
-    canonical = "\x00".join([window.tenant_id, window.customer_id, window.meter, window.dimensions_key, str(start_ms), *sorted(event_ids)])
+    canonical = "\x00".join(
+        [window.tenant_id, window.customer_id, window.meter, window.dimensions_key, str(start_ms), *sorted(event_ids)]
+    )
     return f"cor-{start_ms}-{hashlib.sha256(canonical.encode()).hexdigest()[:40]}"
 
 
@@ -239,7 +243,9 @@ def approval_threshold(policy: CorrectionsConfig, tenant_id: str) -> Decimal | N
     return policy.tenant_approval_thresholds.get(tenant_id, policy.approval_threshold)
 
 
-def decide_status(delta: Decimal, window: WindowId, policy: CorrectionsConfig, now: datetime, max_age: timedelta, max_ahead: timedelta) -> tuple[CorrectionStatus, str]:
+def decide_status(
+    delta: Decimal, window: WindowId, policy: CorrectionsConfig, now: datetime, max_age: timedelta, max_ahead: timedelta
+) -> tuple[CorrectionStatus, str]:
     """The policy: reported when the provider would refuse the window's timestamp, else held for
     approval when ``|delta|`` exceeds the tenant's threshold, else applied."""
     refused = outside_provider_window(window.window_start, now, max_age, max_ahead)
@@ -259,7 +265,9 @@ def owes_a_meter_event(status: str, delta: Decimal) -> bool:
     return status in COUNTED_STATUSES and delta != 0
 
 
-def awaits_its_final_row(aggregation: Aggregation, state: WindowState, events: Iterable[LateEvent], now: datetime, wait: timedelta) -> bool:
+def awaits_its_final_row(
+    aggregation: Aggregation, state: WindowState, events: Iterable[LateEvent], now: datetime, wait: timedelta
+) -> bool:
     """Whether a window's late events wait for a final row that may not be in Postgres yet.
 
     The late topic and the usage table commit in different committers of the same checkpoint, so a
@@ -276,7 +284,13 @@ def awaits_its_final_row(aggregation: Aggregation, state: WindowState, events: I
     return naive_utc(now) - max(seen) < wait
 
 
-def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], states: Mapping[WindowId, WindowState], cfg: JobConfig, now: datetime) -> Plan:
+def plan_corrections(
+    events: Iterable[LateEvent],
+    known: set[tuple[str, str]],
+    states: Mapping[WindowId, WindowState],
+    cfg: JobConfig,
+    now: datetime,
+) -> Plan:
     """Turn a batch of late events into corrections and per-event records.
 
     Args:
@@ -313,13 +327,21 @@ def plan_corrections(events: Iterable[LateEvent], known: set[tuple[str, str]], s
             deferred.extend(members)
             continue
         outcome = window_delta(meter.aggregation, state, members)
-        records.extend(EventRecord(window.tenant_id, e.event_id, window, e.quantity, e.event_time, "not_corrected", None, why) for e, why in outcome.not_corrected)
+        records.extend(
+            EventRecord(window.tenant_id, e.event_id, window, e.quantity, e.event_time, "not_corrected", None, why)
+            for e, why in outcome.not_corrected
+        )
         if not outcome.counted:
             continue
         cid = correction_id(window, [e.event_id for e in outcome.counted])
-        status, reason = decide_status(outcome.delta, window, cfg.corrections, now, cfg.billing.max_window_age, cfg.billing.max_window_ahead)
+        status, reason = decide_status(
+            outcome.delta, window, cfg.corrections, now, cfg.billing.max_window_age, cfg.billing.max_window_ahead
+        )
         corrections.append(Correction(cid, window, outcome.delta, len(outcome.counted), status, reason))
-        records.extend(EventRecord(window.tenant_id, e.event_id, window, e.quantity, e.event_time, "corrected", cid, reason) for e in outcome.counted)
+        records.extend(
+            EventRecord(window.tenant_id, e.event_id, window, e.quantity, e.event_time, "corrected", cid, reason)
+            for e in outcome.counted
+        )
     summary = {s: sum(1 for c in corrections if c.status == s) for s in CORRECTION_STATUSES}
     summary["not_corrected_events"] = sum(1 for r in records if r.outcome == "not_corrected")
     summary["deferred_events"] = len(deferred)
@@ -343,7 +365,9 @@ def check_transition(action: Literal["approve", "reject"], current: str, correct
     return "approved" if action == "approve" else "rejected"
 
 
-def corrected_totals(rows: Iterable[tuple[WindowId, Decimal | None]], deltas: Mapping[WindowId, Decimal]) -> dict[WindowId, Decimal]:
+def corrected_totals(
+    rows: Iterable[tuple[WindowId, Decimal | None]], deltas: Mapping[WindowId, Decimal]
+) -> dict[WindowId, Decimal]:
     """Window totals plus their counted corrections' deltas (windows with only corrections included)."""
     out = {w: (q or Decimal(0)) + deltas.get(w, Decimal(0)) for w, q in rows}
     for w, d in deltas.items():
@@ -351,7 +375,9 @@ def corrected_totals(rows: Iterable[tuple[WindowId, Decimal | None]], deltas: Ma
     return out
 
 
-def offsets_to_store(batch: Iterable[LateEvent], deferred: Iterable[LateEvent], held: Mapping[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+def offsets_to_store(
+    batch: Iterable[LateEvent], deferred: Iterable[LateEvent], held: Mapping[int, int]
+) -> tuple[dict[int, int], dict[int, int]]:
     """Where an incremental run may resume per partition after one batch, and the offsets it holds back.
 
     A partition resumes after the batch's last record, except that it never passes a deferred event

@@ -19,7 +19,7 @@ from typing import Any
 
 import fastavro
 
-from connectors.avro_codec import usage_event_schema
+from connectors.avro_codec import read_record, usage_event_schema
 from connectors.avro_types import AVRO_DIR, load_schema
 
 DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"
@@ -77,7 +77,7 @@ def decode_dead_letter(partition: int, offset: int, value: bytes) -> DeadLetter:
     """One dead-letter record's value (avro/dead_letter.avsc); ValueError when it is not one."""
     buf = io.BytesIO(value)
     try:
-        r = fastavro.schemaless_reader(buf, dead_letter_schema())
+        r = read_record(buf, dead_letter_schema())
     except Exception as e:  # fastavro raises EOFError, UnicodeDecodeError, ... on foreign bytes
         msg = f"not a dead letter: {type(e).__name__}: {e}"
         raise ValueError(msg) from e
@@ -225,8 +225,8 @@ def payload_identity(payload: bytes) -> dict[str, str] | None:
     for body in bodies:
         buf = io.BytesIO(body)
         try:
-            event = fastavro.schemaless_reader(buf, usage_event_schema())
-        except Exception:  # any undecodable payload is simply not keyed  # noqa: BLE001, S112
+            event = read_record(buf, usage_event_schema())
+        except Exception:  # noqa: BLE001, S112 - any undecodable payload is simply not keyed
             continue
         ids = {k: event[k] for k in ("event_id", "tenant_id", "customer_id", "meter")}
         if buf.tell() == len(body) and all(ids.values()):
@@ -267,7 +267,14 @@ def table_row(d: DeadLetter) -> tuple[str, ...]:
     )
 
 
-TABLE_COLUMNS = ("partition/offset", "seen_at (UTC)", "source topic/partition/offset", "kind", "reason", "payload bytes")
+TABLE_COLUMNS = (
+    "partition/offset",
+    "seen_at (UTC)",
+    "source topic/partition/offset",
+    "kind",
+    "reason",
+    "payload bytes",
+)
 
 
 def to_json_record(d: DeadLetter) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class BillingError(MeterflowError):
     """A closed window could not be delivered to the billing provider."""
 
 
-class DeliveryRejected(BillingError):
+class DeliveryRejected(BillingError):  # noqa: N818 - a refusal by rule, raised and handled as data
     """A window must not go to the provider at all (no customer mapping, too old, bad value)."""
 
 

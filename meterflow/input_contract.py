@@ -18,8 +18,9 @@ Every limit sits well below the first downstream limit it protects:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
 # UTF-8 byte lengths of the identifying strings, at most (an empty or blank one is a "missing field"):
 MAX_ID_BYTES = {"event_id": 128, "tenant_id": 64, "customer_id": 128, "meter": 64}
@@ -52,7 +53,11 @@ def _check_text(name: str, value: str, low: int, high: int) -> str | None:
         # Only a Python str can hold one (JSON "\ud800"); it has no UTF-8 form, so Avro cannot carry it.
         return f"contract: {name} has lone surrogate U+{ord(value[e.start]):04X} at character {e.start}"
     if size < low or size > high:
-        return f"contract: {name} is {size} bytes, at most {high}" if size > high else f"contract: {name} is {size} bytes, at least {low}"
+        return (
+            f"contract: {name} is {size} bytes, at most {high}"
+            if size > high
+            else f"contract: {name} is {size} bytes, at least {low}"
+        )
     at = control_character(value)
     if at is not None:
         return f"contract: {name} has control character U+{ord(value[at]):04X} at character {at}"
@@ -69,7 +74,9 @@ def contract_violation(event: Mapping[str, Any]) -> str | None:
     if len(dimensions) > MAX_DIMENSIONS:
         return f"contract: {len(dimensions)} dimensions, at most {MAX_DIMENSIONS}"
     for key, value in dimensions.items():
-        reason = _check_text("dimension key", key, 1, MAX_DIMENSION_KEY_BYTES) or _check_text(f"dimension {key[:64]!r}", value, 0, MAX_DIMENSION_VALUE_BYTES)
+        reason = _check_text("dimension key", key, 1, MAX_DIMENSION_KEY_BYTES) or _check_text(
+            f"dimension {key[:64]!r}", value, 0, MAX_DIMENSION_VALUE_BYTES
+        )
         if reason:
             return reason
     quantity = Decimal(event["quantity"])
@@ -83,6 +90,7 @@ def max_window_key_bytes() -> int:
     ids = MAX_ID_BYTES["tenant_id"] + MAX_ID_BYTES["customer_id"] + MAX_ID_BYTES["meter"]
     per_dimension = 2 * MAX_DIMENSION_KEY_BYTES + 2 * MAX_DIMENSION_VALUE_BYTES + 6  # "k":"v", escaped
     return ids + 2 + MAX_GROUP_BY * per_dimension + 8 + 64  # braces, timestamp, tuple overhead
+
 
 # A dead letter is the input message (at most kafka.max_message_bytes), a reason cut to
 # MAX_REASON_CHARS characters, its coordinates and Avro and Kafka record overhead: the dead-letter

@@ -49,16 +49,25 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def select(records: Iterable[dict[str, Any]], tenant: str | None = None, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+def select(
+    records: Iterable[dict[str, Any]],
+    tenant: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict[str, Any]]:
     """Late records of one tenant and/or with event_time in [since, until) (naive UTC datetimes)."""
     return [
         r
         for r in records
-        if (tenant is None or r["tenant_id"] == tenant) and (since is None or naive_utc(r["event_time"]) >= since) and (until is None or naive_utc(r["event_time"]) < until)
+        if (tenant is None or r["tenant_id"] == tenant)
+        and (since is None or naive_utc(r["event_time"]) >= since)
+        and (until is None or naive_utc(r["event_time"]) < until)
     ]
 
 
-def summarize(records: Iterable[dict[str, Any]], by: GroupBy = "window", outcomes: Mapping[tuple[str, str], str] | None = None) -> list[LateSummary]:
+def summarize(
+    records: Iterable[dict[str, Any]], by: GroupBy = "window", outcomes: Mapping[tuple[str, str], str] | None = None
+) -> list[LateSummary]:
     """Count, quantity and lateness distribution per group, largest count first.
 
     Args:
@@ -115,7 +124,12 @@ def write_histogram(lateness_ms: list[int], path: str, title: str = "Lateness of
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    ax.hist([ms / 1000 for ms in lateness_ms], bins=min(50, max(5, len(lateness_ms) // 5)), color="#4c72b0", edgecolor="white")
+    ax.hist(
+        [ms / 1000 for ms in lateness_ms],
+        bins=min(50, max(5, len(lateness_ms) // 5)),
+        color="#4c72b0",
+        edgecolor="white",
+    )
     ax.set_xlabel("lateness: watermark - event_time (s)")
     ax.set_ylabel("late events")
     ax.set_title(f"{title} (n = {len(lateness_ms)})")

@@ -47,7 +47,9 @@ FLINK_OPERATOR_METRICS = frozenset(
 # cumulative counter ``meterflow_lateness_le_<ms>`` per bound, and ``meterflow_lateness_le_inf``,
 # counting the events at most that far behind the held watermark (lateness = watermark - event time).
 LATENESS_BUCKETS_MS = (0, 1_000, 5_000, 30_000, 60_000, 300_000, 900_000, 3_600_000, 21_600_000, 86_400_000)
-LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" for b in LATENESS_BUCKETS_MS) + (OPERATOR_SCOPE + "meterflow_lateness_le_inf",)
+LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" for b in LATENESS_BUCKETS_MS) + (
+    OPERATOR_SCOPE + "meterflow_lateness_le_inf",
+)
 # The usage job's own metrics (udf/: LatenessClassifier and its LatenessHistogram, WindowCloser,
 # CountDeadLetter, UsageWindowSink's committer). ``meterflow_watermark_lag_ms`` is wall-clock now
 # minus the held watermark (0 before the first watermark); ``meterflow_window_refires`` counts the
@@ -70,7 +72,18 @@ USAGE_JOB_METRICS = frozenset(
 # last counted it (deliveries pending and failed, gauges; every subtask reports the same count).
 BILLING_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + f"meterflow_billing_{name}"
-    for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections", "retries_handed_out", "ledger_pending", "ledger_failed", "stream_errors_reported")
+    for name in (
+        "sent",
+        "failed",
+        "dead",
+        "skipped",
+        "deferred",
+        "corrections",
+        "retries_handed_out",
+        "ledger_pending",
+        "ledger_failed",
+        "stream_errors_reported",
+    )
 )
 # The corrections follower's own endpoint (meterflow/commands/corrections_metrics.py; prometheus_client
 # adds ``_total`` to a counter's name).
@@ -86,7 +99,9 @@ CORRECTIONS_METRICS = frozenset(
 # Metric families with a variable last part: one counter per dead-letter kind (CountDeadLetter).
 METRIC_PREFIXES = frozenset({OPERATOR_SCOPE + "meterflow_dead_letter_"})
 
-EXPORTED_METRICS = FLINK_JOB_METRICS | FLINK_OPERATOR_METRICS | USAGE_JOB_METRICS | BILLING_JOB_METRICS | CORRECTIONS_METRICS
+EXPORTED_METRICS = (
+    FLINK_JOB_METRICS | FLINK_OPERATOR_METRICS | USAGE_JOB_METRICS | BILLING_JOB_METRICS | CORRECTIONS_METRICS
+)
 
 # A metric name in PromQL: a bare selector name, or a name prefix in a regular expression
 # (``__name__=~"prefix.+"``, or label_replace's ``"prefix(.+)"``).
@@ -95,7 +110,8 @@ _NAME = re.compile(r"\b((?:flink|meterflow)_[A-Za-z0-9_]+)(\.[+*]|\(\.[+*]\))?")
 
 def promql_metric_names(expr: str) -> tuple[set[str], set[str]]:
     """The metric names an expression reads, and the name prefixes it matches (``__name__=~"prefix.+"``)."""
-    names, prefixes = set(), set()
+    names: set[str] = set()
+    prefixes: set[str] = set()
     for match in _NAME.finditer(expr):
         (prefixes if match.group(2) else names).add(match.group(1))
     return names, prefixes

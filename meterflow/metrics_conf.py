@@ -58,4 +58,9 @@ def local_prometheus_config(cfg: JobConfig, rule_files: Sequence[str] = ()) -> d
     """The local stack's Prometheus config: every port of ``stack.flink_metrics_ports`` on loopback, and the corrections follower's."""
     s = cfg.stack
     follower = [f"{LOOPBACK}:{cfg.corrections.metrics_port}"] if cfg.corrections.metrics_port else []
-    return prometheus_config(scrape_targets(LOOPBACK, parse_port_range(s.flink_metrics_ports)), s.prometheus_scrape_interval, rule_files, follower)
+    return prometheus_config(
+        scrape_targets(LOOPBACK, parse_port_range(s.flink_metrics_ports)),
+        s.prometheus_scrape_interval,
+        rule_files,
+        follower,
+    )

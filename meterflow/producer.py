@@ -37,7 +37,7 @@ class SyntheticSpec:
 
 def synthetic_events(spec: SyntheticSpec) -> Iterator[UsageEvent]:
     """Deterministic events spread over [start, start + span), in event-time order with small jitter."""
-    rng = random.Random(spec.seed)
+    rng = random.Random(spec.seed)  # noqa: S311 - reproducible synthetic data, not a secret
     span_ms = int(spec.span / timedelta(milliseconds=1))
     for i in range(spec.count):
         offset_ms = (span_ms * i) // max(spec.count, 1) + rng.randint(0, 500)
@@ -50,7 +50,9 @@ def synthetic_events(spec: SyntheticSpec) -> Iterator[UsageEvent]:
             customer_id=f"cust-{rng.randrange(spec.customers)}",
             meter=meter,
             quantity=quantity,
-            event_time=min(spec.start + timedelta(milliseconds=offset_ms), spec.start + spec.span - timedelta(milliseconds=1)),
+            event_time=min(
+                spec.start + timedelta(milliseconds=offset_ms), spec.start + spec.span - timedelta(milliseconds=1)
+            ),
             dimensions={"region": rng.choice(("eu", "us"))},
         )
 
@@ -97,7 +99,8 @@ def parse_event(obj: Any) -> UsageEvent:
     except InvalidOperation as e:
         msg = f"quantity {_shown(raw_q)} is not a decimal number"
         raise ValueError(msg) from e
-    if not quantity.is_finite() or quantity.as_tuple().exponent < -9 or abs(quantity) >= Decimal(10) ** 29:
+    exponent = quantity.as_tuple().exponent  # an int for a finite number
+    if not isinstance(exponent, int) or exponent < -9 or abs(quantity) >= Decimal(10) ** 29:
         msg = f"quantity {_shown(raw_q)} does not fit decimal(38, 9)"
         raise ValueError(msg)
     raw_t = obj["event_time"]
@@ -176,5 +179,9 @@ def send_events(
     """
     from connectors.kafka_writer import send_values
 
-    records = ((message_key(e), encode_usage_event(e), partition_for(i, e), timestamp_for(i, e)) for i, e in enumerate(events))
-    return send_values(bootstrap_servers, topic, records, rate=rate, batch_size=256 * 1024, on_sent=on_sent, noun="events")
+    records = (
+        (message_key(e), encode_usage_event(e), partition_for(i, e), timestamp_for(i, e)) for i, e in enumerate(events)
+    )
+    return send_values(
+        bootstrap_servers, topic, records, rate=rate, batch_size=256 * 1024, on_sent=on_sent, noun="events"
+    )

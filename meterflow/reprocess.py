@@ -108,7 +108,16 @@ def differences(recomputed: Iterable[WindowTotal], metered: Mapping[WindowId, De
         before = metered.get(window, Decimal(0))
         if value != before:
             found.append(WindowDifference(window, before, value, events))
-    return sorted(found, key=lambda d: (d.window.window_start, d.window.tenant_id, d.window.customer_id, d.window.meter, d.window.dimensions_key))
+    return sorted(
+        found,
+        key=lambda d: (
+            d.window.window_start,
+            d.window.tenant_id,
+            d.window.customer_id,
+            d.window.meter,
+            d.window.dimensions_key,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,9 @@ class CustomerDifference:
         return self.recomputed - self.metered
 
 
-def per_customer(recomputed: Iterable[WindowTotal], metered: Mapping[WindowId, Decimal], found: Iterable[WindowDifference]) -> list[CustomerDifference]:
+def per_customer(
+    recomputed: Iterable[WindowTotal], metered: Mapping[WindowId, Decimal], found: Iterable[WindowDifference]
+) -> list[CustomerDifference]:
     """Totals per (tenant, customer, meter) of both sides, and how many of its windows differ."""
     totals: dict[tuple[str, str, str], list] = defaultdict(lambda: [0, Decimal(0), Decimal(0)])
     for window, value in metered.items():
@@ -145,11 +156,29 @@ def reprocess_correction_id(d: WindowDifference) -> str:
     w = d.window
     start_ms = int(w.window_start.replace(tzinfo=UTC).timestamp() * 1000)
     end_ms = int(w.window_end.replace(tzinfo=UTC).timestamp() * 1000)
-    canonical = "\x00".join([w.tenant_id, w.customer_id, w.meter, w.dimensions_key, str(start_ms), str(end_ms), str(d.metered), str(d.recomputed)])
+    canonical = "\x00".join(
+        [
+            w.tenant_id,
+            w.customer_id,
+            w.meter,
+            w.dimensions_key,
+            str(start_ms),
+            str(end_ms),
+            str(d.metered),
+            str(d.recomputed),
+        ]
+    )
     return f"rep-{start_ms}-{hashlib.sha256(canonical.encode()).hexdigest()[:40]}"
 
 
-def reprocess_correction(d: WindowDifference, period: Period, now: datetime, max_age: timedelta, max_ahead: timedelta, threshold: Decimal | None = None) -> Correction:
+def reprocess_correction(
+    d: WindowDifference,
+    period: Period,
+    now: datetime,
+    max_age: timedelta,
+    max_ahead: timedelta,
+    threshold: Decimal | None = None,
+) -> Correction:
     """The correction that bills a window's difference: reported when the provider no longer
     accepts the window (shown, never billed), held for approval when ``|delta|`` is above the
     tenant's ``threshold`` (corrections.approval_threshold), else applied.
@@ -163,7 +192,10 @@ def reprocess_correction(d: WindowDifference, period: Period, now: datetime, max
     if refused:
         status, reason = "reported", f"{reason}; not billable: {refused}"
     elif threshold is not None and abs(d.delta) > threshold:
-        status, reason = "pending", f"{reason}; |delta| {_plain(abs(d.delta))} above the approval threshold {_plain(threshold)}"
+        status, reason = (
+            "pending",
+            f"{reason}; |delta| {_plain(abs(d.delta))} above the approval threshold {_plain(threshold)}",
+        )
     return Correction(reprocess_correction_id(d), d.window, d.delta, max(d.recomputed_events, 1), status, reason)
 
 
@@ -171,7 +203,11 @@ def retention_gaps(first_retained: Mapping[int, tuple[int, int | None]], read_fr
     """Partitions whose log no longer holds what the period needs: records were deleted (its start
     offset is past 0) and the first one kept is younger than ``read_from`` (epoch ms). A
     recomputation would miss the deleted events and bill them away."""
-    return sorted(p for p, (start_offset, first_ms) in first_retained.items() if start_offset > 0 and (first_ms is None or first_ms > read_from))
+    return sorted(
+        p
+        for p, (start_offset, first_ms) in first_retained.items()
+        if start_offset > 0 and (first_ms is None or first_ms > read_from)
+    )
 
 
 def _plain(value: Decimal) -> str:

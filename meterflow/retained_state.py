@@ -69,7 +69,11 @@ def legacy_checkpoints(checkpoint_dir: Path) -> list[RetainedState]:
     Both jobs wrote there, so which job one belongs to is not known here: a submit that finds no
     state in the new layout but these refuses to start from empty state and lists them.
     """
-    found = [RetainedState(m.parent, "checkpoint", _mtime(m)) for m in checkpoint_dir.glob("*/chk-*/_metadata") if _JOB_ID.fullmatch(m.parent.parent.name)]
+    found = [
+        RetainedState(m.parent, "checkpoint", _mtime(m))
+        for m in checkpoint_dir.glob("*/chk-*/_metadata")
+        if _JOB_ID.fullmatch(m.parent.parent.name)
+    ]
     return sorted(found, key=lambda s: (s.taken_at, _checkpoint_number(s.path)), reverse=True)
 
 
@@ -131,7 +135,9 @@ def unsafe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for name in sorted(old_meters.keys() & new_meters.keys()):
         for key in sorted(old_meters[name].keys() | new_meters[name].keys()):
             if old_meters[name].get(key) != new_meters[name].get(key):
-                problems.append(f"meter {name}: {key} was {old_meters[name].get(key)} and is {new_meters[name].get(key)}")
+                problems.append(
+                    f"meter {name}: {key} was {old_meters[name].get(key)} and is {new_meters[name].get(key)}"
+                )
     return problems
 
 
@@ -190,7 +196,9 @@ def plan_start(
             return StartPoint(None, (f"{job_name}: starting from empty state",))
         return StartPoint(
             None,
-            (f"{job_name}: starting from empty state; its newest {newest.describe()} is set aside, not restored. Forgotten: {FORGETS}",),
+            (
+                f"{job_name}: starting from empty state; its newest {newest.describe()} is set aside, not restored. Forgotten: {FORGETS}",
+            ),
             forget=True,
         )
     if newest is not None:
@@ -209,7 +217,9 @@ def plan_start(
             " pass the one to restore with --savepoint (or --billing-savepoint), or --fresh to start from empty state"
         )
         raise JobSubmissionError(msg)
-    return StartPoint(None, (f"{job_name}: no retained checkpoint or savepoint under {state_uri}: starting from empty state",))
+    return StartPoint(
+        None, (f"{job_name}: no retained checkpoint or savepoint under {state_uri}: starting from empty state",)
+    )
 
 
 def read_job_settings(job_dir: Path) -> dict[str, Any] | None:

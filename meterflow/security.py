@@ -90,4 +90,6 @@ def window_sink_target_of(cfg: JobConfig) -> WindowSinkTarget:
     then ``<variable>_FILE``, then the secrets file (an absolute path, as the client resolved it).
     """
     pg = cfg.postgres
-    return WindowSinkTarget(pg.jdbc_url(), pg.usage_table, pg.user, POSTGRES_PASSWORD_VARIABLE, str(cfg.path(cfg.secrets_file)))
+    return WindowSinkTarget(
+        pg.jdbc_url(), pg.usage_table, pg.user, POSTGRES_PASSWORD_VARIABLE, str(cfg.path(cfg.secrets_file))
+    )

@@ -98,7 +98,9 @@ def evaluate(needs: Sequence[int], label: str, delay: timedelta, lateness: timed
     return Choice(label, delay, lateness, on_time / len(needs), len(needs) - on_time, refired / len(needs))
 
 
-def recommend(needs: Sequence[int], targets: Sequence[float], *, first_share: float = 0.99, step: timedelta = timedelta(seconds=1)) -> list[Choice]:
+def recommend(
+    needs: Sequence[int], targets: Sequence[float], *, first_share: float = 0.99, step: timedelta = timedelta(seconds=1)
+) -> list[Choice]:
     """For each target share of events counted on time, the settings that reach it on these events.
 
     ``watermark_delay + allowed_lateness`` is the target quantile of the needs; ``watermark_delay``
@@ -142,7 +144,12 @@ def write_chart(needs: Sequence[int], choices: Sequence[Choice], path: str) -> N
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     ax.step(xs, [y * 100 for y in ys], where="post", color="#4c72b0", label="share counted on time")
     for c, color in zip(choices, ("#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"), strict=False):
-        ax.axvline(c.final_after.total_seconds(), color=color, linestyle="--", label=f"{c.label}: final after {_fmt(c.final_after)} (delay {_fmt(c.watermark_delay)} + lateness {_fmt(c.allowed_lateness)}), {c.on_time_share:.3%}")
+        ax.axvline(
+            c.final_after.total_seconds(),
+            color=color,
+            linestyle="--",
+            label=f"{c.label}: final after {_fmt(c.final_after)} (delay {_fmt(c.watermark_delay)} + lateness {_fmt(c.allowed_lateness)}), {c.on_time_share:.3%}",
+        )
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(left=0)  # a duration: no negative ticks
     ax.set_xlabel("watermark_delay + allowed_lateness (s) = how long after its end a window is final")

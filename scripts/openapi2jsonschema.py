@@ -5,11 +5,13 @@
 # ops/k8s/schemas/README.md says how the committed schemas were made with it.
 
 # Derived from https://github.com/instrumenta/openapi2jsonschema
-import yaml
 import json
-import sys
 import os
+import sys
 import urllib.request
+
+import yaml
+
 if 'DISABLE_SSL_CERT_VALIDATION' in os.environ:
     import ssl
     ssl._create_default_https_context = ssl._create_unverified_context
@@ -110,7 +112,7 @@ def write_schema_file(schema, filename):
     f = open(filename, "w")
     print(schemaJSON, file=f)
     f.close()
-    print("JSON schema written to {filename}".format(filename=filename))
+    print(f"JSON schema written to {filename}")
 
 
 def schema_filename(filename_format, crd, version):
@@ -147,7 +149,7 @@ if __name__ == "__main__":
         f = open(crdFile)
       with f:
           defs = []
-          yaml.SafeLoader.add_constructor(u'tag:yaml.org,2002:value', construct_value)
+          yaml.SafeLoader.add_constructor('tag:yaml.org,2002:value', construct_value)
           for y in yaml.load_all(f, Loader=yaml.SafeLoader):
               if y is None:
                   continue

@@ -21,7 +21,14 @@ from typing import Literal
 from meterflow.config import MeterConfig
 from meterflow.config_values import format_duration
 from meterflow.errors import DeliveryRejected
-from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier, derive_late_correction_identifier, format_meter_value, outside_provider_window
+from sinks.idempotency import (
+    WindowKey,
+    derive_correction_identifier,
+    derive_identifier,
+    derive_late_correction_identifier,
+    format_meter_value,
+    outside_provider_window,
+)
 from sinks.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, value_refusal
 
 DeliveryStatus = Literal["pending", "sent", "failed", "dead"]
@@ -45,7 +52,9 @@ class ClosedWindow:
     @property
     def key(self) -> WindowKey:
         """The window's identity, from which the identifier is derived."""
-        return WindowKey(self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms, self.window_end_ms)
+        return WindowKey(
+            self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms, self.window_end_ms
+        )
 
     @property
     def window_start(self) -> datetime:
@@ -70,7 +79,17 @@ class ClosedWindow:
 
     def as_fields(self) -> tuple:
         """The row :meth:`from_fields` reads."""
-        return (self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms, self.window_end_ms, str(self.quantity), self.event_count, self.revision)
+        return (
+            self.tenant_id,
+            self.customer_id,
+            self.meter,
+            self.dimensions_key,
+            self.window_start_ms,
+            self.window_end_ms,
+            str(self.quantity),
+            self.event_count,
+            self.revision,
+        )
 
 
 @dataclass(frozen=True)
@@ -171,12 +190,23 @@ def as_recorded(delivery: Delivery, entry: LedgerEntry) -> Delivery:
     was first claimed with, so a window published again with another final (a republish, a re-fire)
     retries the recorded value and the difference goes out as a correction. The identifier is the
     recorded one too: a window first billed under an identifier of an earlier form keeps it."""
-    if (delivery.identifier, delivery.quantity, delivery.revision) == (entry.identifier, entry.quantity, entry.revision):
+    if (delivery.identifier, delivery.quantity, delivery.revision) == (
+        entry.identifier,
+        entry.quantity,
+        entry.revision,
+    ):
         return delivery
     window = replace(delivery.window, quantity=entry.quantity, revision=entry.revision)
     identifier = entry.identifier if delivery.kind == "window" else delivery.identifier
     parent = identifier if delivery.kind == "window" else delivery.window_identifier
-    return replace(delivery, identifier=identifier, window_identifier=parent, window=window, quantity=entry.quantity, revision=entry.revision)
+    return replace(
+        delivery,
+        identifier=identifier,
+        window_identifier=parent,
+        window=window,
+        quantity=entry.quantity,
+        revision=entry.revision,
+    )
 
 
 def correction_needed(window: ClosedWindow, entry: LedgerEntry) -> Delivery | None:
@@ -203,10 +233,19 @@ def late_correction_delivery(window: ClosedWindow, correction_id: str, prefix: s
     ``correction_id``). Dated like the window's own event: in the original window.
     """
     parent = window_identifier(window, prefix)
-    return Delivery(derive_late_correction_identifier(parent, correction_id), "correction", parent, window, window.quantity, 0)
+    return Delivery(
+        derive_late_correction_identifier(parent, correction_id), "correction", parent, window, window.quantity, 0
+    )
 
 
-def delivery_refusal(delivery: Delivery, meter: MeterConfig | None, provider_customer_id: str | None, now: datetime, max_age: timedelta, max_ahead: timedelta) -> str | None:
+def delivery_refusal(
+    delivery: Delivery,
+    meter: MeterConfig | None,
+    provider_customer_id: str | None,
+    now: datetime,
+    max_age: timedelta,
+    max_ahead: timedelta,
+) -> str | None:
     """Why a delivery must not be sent whatever its value (no meter, no customer, outside the provider's window), or None."""
     window = delivery.window
     if meter is None:
@@ -216,7 +255,9 @@ def delivery_refusal(delivery: Delivery, meter: MeterConfig | None, provider_cus
     return outside_provider_window(window.window_start, now, max_age, max_ahead)
 
 
-def build_meter_event(delivery: Delivery, meter: MeterConfig, provider_customer_id: str, carried: Decimal | None = None) -> MeterEvent:
+def build_meter_event(
+    delivery: Delivery, meter: MeterConfig, provider_customer_id: str, carried: Decimal | None = None
+) -> MeterEvent:
     """The provider's meter event for a delivery that :func:`delivery_refusal` let through, or
     DeliveryRejected when its value breaks the provider's rules.
 
@@ -237,7 +278,9 @@ def build_meter_event(delivery: Delivery, meter: MeterConfig, provider_customer_
     refused = value_refusal(value, rules)
     if refused:
         raise DeliveryRejected(refused)
-    return MeterEvent(delivery.identifier, meter.event_name, provider_customer_id, value, delivery.window.window_start_ms // 1000)
+    return MeterEvent(
+        delivery.identifier, meter.event_name, provider_customer_id, value, delivery.window.window_start_ms // 1000
+    )
 
 
 def beyond_dedup_window(first_attempt_at: float | None, now: float, dedup_window: timedelta) -> bool:
@@ -281,6 +324,7 @@ def judge_provider_totals(t: ProviderTotals) -> tuple[ProviderVerdict, str]:
     ``ambiguous``: neither, and a person must look (another event in the range, or a summary that
     is not up to date yet).
     """
+
     def near(a: Decimal, b: Decimal) -> bool:
         return abs(a - b) <= SUMMARY_TOLERANCE
 
@@ -322,7 +366,9 @@ def parse_customer_csv(text: str) -> tuple[list[CustomerMapping], list[str]]:
     missing = [c for c in wanted if c not in (reader.fieldnames or [])]
     if missing:
         return [], [f"header must name {', '.join(wanted)}; missing {', '.join(missing)}"]
-    mappings, problems, seen = [], [], {}
+    mappings: list[CustomerMapping] = []
+    problems: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
     for line, row in enumerate(reader, start=2):
         values = [(row.get(c) or "").strip() for c in wanted]
         if not all(values):
@@ -331,7 +377,9 @@ def parse_customer_csv(text: str) -> tuple[list[CustomerMapping], list[str]]:
         mapping = CustomerMapping(*values)
         key = (mapping.tenant_id, mapping.customer_id)
         if key in seen and seen[key] != mapping.provider_customer_id:
-            problems.append(f"line {line}: {key[0]}/{key[1]} is mapped twice, to {seen[key]} and {mapping.provider_customer_id}")
+            problems.append(
+                f"line {line}: {key[0]}/{key[1]} is mapped twice, to {seen[key]} and {mapping.provider_customer_id}"
+            )
             continue
         seen[key] = mapping.provider_customer_id
         mappings.append(mapping)

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyflink.common import Row, Types
 from pyflink.datastream import AsyncFunction, FlatMapFunction
@@ -31,11 +31,25 @@ from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Sk
 from sinks.delivery import Deliverer
 from sinks.postgres_schema import check_identifier
 
+if TYPE_CHECKING:
+    import psycopg
+
 log = logging.getLogger(__name__)
+
+# The delivery operator's counters, ``billing_<name>``: one per outcome kind, and sent corrections.
+OUTCOME_COUNTERS = ("sent", "failed", "dead", "skipped", "deferred", "corrections")
+
 
 def input_type() -> Any:
     """Row type of a billing input row (closed window, or a retry naming its delivery)."""
-    types = [Types.STRING()] * 5 + [Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING()]
+    types = [Types.STRING()] * 5 + [
+        Types.LONG(),
+        Types.LONG(),
+        Types.STRING(),
+        Types.LONG(),
+        Types.LONG(),
+        Types.STRING(),
+    ]
     return Types.ROW_NAMED(list(BILLING_INPUT_COLUMNS), types)
 
 
@@ -52,7 +66,10 @@ def is_correction(identifier: str) -> bool:
     A window's identifier ends with a hex digest; a correction's with ``-r<revision>`` (a changed
     final) or ``-l<16 hex>`` (late events), or is ``<prefix>-c-<digest>`` when that was too long.
     """
-    return re.search(r"-(r\d+|l[0-9a-f]{16})$", identifier) is not None or re.fullmatch(r"[^-]+-c-[0-9a-f]+", identifier) is not None
+    return (
+        re.search(r"-(r\d+|l[0-9a-f]{16})$", identifier) is not None
+        or re.fullmatch(r"[^-]+-c-[0-9a-f]+", identifier) is not None
+    )
 
 
 def outcome_metrics(outcome: Outcome) -> tuple[str, ...]:
@@ -97,7 +114,7 @@ class DeliverClosedWindows(AsyncFunction):
         self.worker = f"{self.prefix}{uuid.uuid4().hex[:12]}"
         self._release_predecessors()
         group = runtime_context.get_metrics_group().add_group("meterflow")
-        self.counters = {name: group.counter(f"billing_{name}") for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
+        self.counters = {name: group.counter(f"billing_{name}") for name in OUTCOME_COUNTERS}
         # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
         # TaskManager's log (two lines per delivery, about a tenth of the worker's CPU). The ledger
         # records every attempt; the SDK's warnings and errors still reach the log.
@@ -130,7 +147,14 @@ class DeliverClosedWindows(AsyncFunction):
             from sinks.stripe_stream import meter_events_provider
 
             ledger = self.ledger = AsyncPostgresLedger(self.cfg, self.worker)
-            self.deliverer = Deliverer(self.cfg, meter_events_provider(self.cfg), ledger, clock=time.time, sleep=asyncio.sleep, share=self.share)
+            self.deliverer = Deliverer(
+                self.cfg,
+                meter_events_provider(self.cfg),
+                ledger,
+                clock=time.time,
+                sleep=asyncio.sleep,
+                share=self.share,
+            )
             self.deliverer.on_background_outcome = self._count
         return self.deliverer
 
@@ -165,7 +189,7 @@ class RetryScan(FlatMapFunction):
 
     def __init__(self, config_without_secrets: dict[str, Any]) -> None:
         self.config_data = config_without_secrets
-        self.conn = None
+        self.conn: psycopg.Connection | None = None
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
         self.cfg = config_on_worker(self.config_data)
@@ -175,7 +199,9 @@ class RetryScan(FlatMapFunction):
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.handed_out = group.counter("billing_retries_handed_out")
         self.backlog = (0, 0)
-        self.reads_error_reports = self.cfg.stripe.meter_events_api == "v2_stream" and runtime_context.get_index_of_this_subtask() == 0
+        self.reads_error_reports = (
+            self.cfg.stripe.meter_events_api == "v2_stream" and runtime_context.get_index_of_this_subtask() == 0
+        )
         self.reports_applied: set[tuple[str, str]] = set()
         self.meter_ids: dict[str, str] = {}  # listed at the first poll, kept for the next ones
         self.next_report_poll = 0.0
@@ -190,28 +216,44 @@ class RetryScan(FlatMapFunction):
         from sinks.postgres import connect
 
         try:
-            if self.conn is None or self.conn.closed or self.conn.broken:
-                self.conn = connect(self.cfg.postgres)
-                self.conn.autocommit = True
+            conn = self.conn
+            if conn is None or conn.closed or conn.broken:
+                conn = self.conn = connect(self.cfg.postgres)
+                conn.autocommit = True
             if not self.released:
                 # What this subtask's earlier run handed out and the job lost with it: due at once.
-                release_leases(self.conn, self.cfg, self.prefix, self.scanner)
+                release_leases(conn, self.cfg, self.prefix, self.scanner)
                 self.released = True
-            due = due_retries(self.conn, self.cfg, self.BATCH, self.scanner)
-            pending, failed = self.conn.execute(backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}).fetchone()
-            self.backlog = (int(pending), int(failed))
+            due = due_retries(conn, self.cfg, self.BATCH, self.scanner)
+            backlog = conn.execute(
+                backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}
+            ).fetchone()
+            if backlog is not None:  # an aggregate: always one row
+                self.backlog = (int(backlog[0]), int(backlog[1]))
             if self.reads_error_reports and time.time() >= self.next_report_poll:
                 self.next_report_poll = time.time() + self.ERROR_REPORT_POLL_S
-                self._apply_error_reports()
+                self._apply_error_reports(conn)
         except (psycopg.Error, OSError) as e:
             # Postgres away: the deliveries wait in the ledger; the next tick tries again.
             log.warning("retry scan: %s", e)
             return
         for identifier, tenant, customer, meter, dims, start_ms, end_ms in due:
             self.handed_out.inc()
-            yield Row(billing_key(tenant, customer, meter), tenant, customer, meter, dims, int(start_ms), int(end_ms), "0", 0, 0, identifier)
+            yield Row(
+                billing_key(tenant, customer, meter),
+                tenant,
+                customer,
+                meter,
+                dims,
+                int(start_ms),
+                int(end_ms),
+                "0",
+                0,
+                0,
+                identifier,
+            )
 
-    def _apply_error_reports(self) -> None:
+    def _apply_error_reports(self, conn: psycopg.Connection) -> None:
         """Stripe's error reports into the ledger: each reported request's sent deliveries, dead with the report."""
         from sinks.ledger_async import mark_reported
         from sinks.stripe_stream import StripeMeterEventStream
@@ -232,9 +274,11 @@ class RetryScan(FlatMapFunction):
         for report in reports:
             if (report.report_id, report.request_id) in self.reports_applied:
                 continue
-            marked = mark_reported(self.conn, self.cfg, report.request_id, report.reason)
+            marked = mark_reported(conn, self.cfg, report.request_id, report.reason)
             if marked:
-                log.error("%s: %d deliveries marked dead (replay them once the cause is fixed)", report.reason, len(marked))
+                log.error(
+                    "%s: %d deliveries marked dead (replay them once the cause is fixed)", report.reason, len(marked)
+                )
                 self.reported.inc(len(marked))
             # A report read before its deliveries were recorded as sent is read again at the next poll.
             if marked or report.age_s(time.time()) > self.REPORT_SETTLE_S:

@@ -15,7 +15,20 @@ WINDOW_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window
 # A window is its key and its span: windows of two sizes that start together are two windows.
 WINDOW_KEY = WINDOW_COLUMNS
 CORRECTION_COLUMNS = ("correction_id", *WINDOW_COLUMNS, "delta", "events", "status", "reason")
-EVENT_COLUMNS = ("tenant_id", "event_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_time", "outcome", "correction_id", "reason")
+EVENT_COLUMNS = (
+    "tenant_id",
+    "event_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start",
+    "window_end",
+    "quantity",
+    "event_time",
+    "outcome",
+    "correction_id",
+    "reason",
+)
 
 
 def _in(values: tuple[str, ...]) -> str:
@@ -139,10 +152,16 @@ def insert_event_sql(events_table: str = "usage_correction_events") -> str:
     return f"INSERT INTO {e} ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('%s' for _ in EVENT_COLUMNS)}) ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING event_id"
 
 
-def list_corrections_sql(table: str = "usage_corrections", *, tenant: bool = False, status: bool = False, correction_id: bool = False) -> str:
+def list_corrections_sql(
+    table: str = "usage_corrections", *, tenant: bool = False, status: bool = False, correction_id: bool = False
+) -> str:
     """Corrections, oldest window first; optional filters on tenant, status and correction id (in that order)."""
     c = check_identifier(table)
-    where = [w for w, on in (("tenant_id = %s", tenant), ("status = %s", status), ("correction_id = %s", correction_id)) if on]
+    where = [
+        w
+        for w, on in (("tenant_id = %s", tenant), ("status = %s", status), ("correction_id = %s", correction_id))
+        if on
+    ]
     clause = f" WHERE {' AND '.join(where)}" if where else ""
     return f"SELECT {', '.join(CORRECTION_COLUMNS)}, applied_at, decided_at, decided_by FROM {c}{clause} ORDER BY window_start, tenant_id, customer_id, meter, dimensions_key, correction_id"
 

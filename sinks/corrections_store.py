@@ -9,11 +9,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Literal
 
 import psycopg
 
 from meterflow.config import JobConfig
-from meterflow.corrections import COUNTED_STATUSES, Correction, LateEvent, Plan, WindowId, WindowState, check_transition, offsets_to_store, owes_a_meter_event, plan_corrections
+from meterflow.corrections import (
+    COUNTED_STATUSES,
+    Correction,
+    LateEvent,
+    Plan,
+    WindowId,
+    WindowState,
+    check_transition,
+    offsets_to_store,
+    owes_a_meter_event,
+    plan_corrections,
+)
 from meterflow.errors import CorrectionError, SinkError
 from sinks.billing import ClosedWindow, late_correction_delivery
 from sinks.corrections_schema import (
@@ -52,7 +64,9 @@ class CorrectionRow:
 def apply_corrections_schema(cfg: JobConfig) -> None:
     """Create both corrections tables, and the billing tables when billing is on; idempotent. The
     usage table is the job's and is left alone."""
-    statements = corrections_ddl(cfg.corrections.table, cfg.corrections.events_table) + offsets_ddl(cfg.corrections.offsets_table)
+    statements = corrections_ddl(cfg.corrections.table, cfg.corrections.events_table) + offsets_ddl(
+        cfg.corrections.offsets_table
+    )
     if cfg.billing.enabled:
         statements += billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table)
     with connect(cfg.postgres) as conn, conn.transaction():
@@ -86,7 +100,17 @@ def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> Non
     if not cfg.billing.enabled:
         return
     w = c.window
-    window = ClosedWindow(w.tenant_id, w.customer_id, w.meter, w.dimensions_key, _epoch_ms(w.window_start), _epoch_ms(w.window_end), c.delta, c.events, 0)
+    window = ClosedWindow(
+        w.tenant_id,
+        w.customer_id,
+        w.meter,
+        w.dimensions_key,
+        _epoch_ms(w.window_start),
+        _epoch_ms(w.window_end),
+        c.delta,
+        c.events,
+        0,
+    )
     delivery = late_correction_delivery(window, c.correction_id, cfg.billing.identifier_prefix)
     meter = cfg.meter(w.meter)
     params = {
@@ -111,7 +135,10 @@ def withdraw_delivery(conn: psycopg.Connection, cfg: JobConfig, correction_id: s
     """Take back a rejected correction's owed meter event; refused once an attempt has started."""
     if not cfg.billing.enabled or not table_exists(conn, cfg.billing.ledger_table):
         return
-    row = conn.execute(withdraw_late_correction_sql(cfg.billing.ledger_table), {"correction_id": correction_id, "reason": "correction rejected"}).fetchone()
+    row = conn.execute(
+        withdraw_late_correction_sql(cfg.billing.ledger_table),
+        {"correction_id": correction_id, "reason": "correction rejected"},
+    ).fetchone()
     if row is None or row[1] or row[0] == "dead":
         return
     msg = f"cannot reject correction {correction_id}: its meter event is {row[0]} at the provider's side of the ledger (delivery started); the billed usage stays"
@@ -126,21 +153,34 @@ def _states(conn: psycopg.Connection, cfg: JobConfig, windows: Sequence[WindowId
     by_key = {tuple(getattr(w, c) for c in WINDOW_KEY): w for w in windows}
     args = _key_arrays(windows)
     states = {w: WindowState() for w in windows}
-    usage_rows = conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall() if table_exists(conn, cfg.postgres.usage_table) else []
+    usage_rows = (
+        conn.execute(window_rows_sql(cfg.postgres.usage_table), args).fetchall()
+        if table_exists(conn, cfg.postgres.usage_table)
+        else []
+    )
     for *key, quantity, is_final in usage_rows:
         w = by_key[tuple(key)]
         states[w] = WindowState(row_quantity=quantity, row_final=is_final)
     for *key, delta in conn.execute(recorded_deltas_sql(cfg.corrections.table), args).fetchall():
         w = by_key[tuple(key)]
         states[w] = WindowState(states[w].row_quantity, states[w].row_final, delta, states[w].latest)
-    for *key, event_time, event_id in conn.execute(latest_corrected_sql(cfg.corrections.table, cfg.corrections.events_table), args).fetchall():
+    for *key, event_time, event_id in conn.execute(
+        latest_corrected_sql(cfg.corrections.table, cfg.corrections.events_table), args
+    ).fetchall():
         w = by_key[tuple(key)]
         s = states[w]
         states[w] = WindowState(s.row_quantity, s.row_final, s.recorded_delta, (event_time, event_id))
     return states
 
 
-def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False, resume: ResumePoint | None = None) -> Plan:
+def apply_batch(
+    cfg: JobConfig,
+    events: Sequence[LateEvent],
+    now: datetime,
+    *,
+    dry_run: bool = False,
+    resume: ResumePoint | None = None,
+) -> Plan:
     """Plan and record the corrections of one batch of late events in one transaction.
 
     Runs serialise on an advisory lock; events already recorded are skipped; every event row is
@@ -154,21 +194,56 @@ def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, d
     try:
         with connect(cfg.postgres) as conn, conn.transaction() as tx:
             conn.execute(apply_lock_sql(cfg.corrections.table))
-            known = {(t, e) for t, e in conn.execute(known_events_sql(cfg.corrections.events_table), [[e.window.tenant_id for e in events], [e.event_id for e in events]]).fetchall()}
+            known = {
+                (t, e)
+                for t, e in conn.execute(
+                    known_events_sql(cfg.corrections.events_table),
+                    [[e.window.tenant_id for e in events], [e.event_id for e in events]],
+                ).fetchall()
+            }
             windows = sorted({e.window for e in events})
             plan = plan_corrections(events, known, _states(conn, cfg, windows), cfg, now)
             if dry_run:
                 raise psycopg.Rollback(tx)
             for c in plan.corrections:
                 w = c.window
-                conn.execute(insert_correction_sql(cfg.corrections.table), [c.correction_id, w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, c.delta, c.events, c.status, c.reason, now])
+                conn.execute(
+                    insert_correction_sql(cfg.corrections.table),
+                    [
+                        c.correction_id,
+                        w.tenant_id,
+                        w.customer_id,
+                        w.meter,
+                        w.dimensions_key,
+                        w.window_start,
+                        w.window_end,
+                        c.delta,
+                        c.events,
+                        c.status,
+                        c.reason,
+                        now,
+                    ],
+                )
                 if owes_a_meter_event(c.status, c.delta):
                     owe_delivery(conn, cfg, c)
             for r in plan.events:
                 w = r.window
                 row = conn.execute(
                     insert_event_sql(cfg.corrections.events_table),
-                    [r.tenant_id, r.event_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, r.quantity, r.event_time, r.outcome, r.correction_id, r.reason],
+                    [
+                        r.tenant_id,
+                        r.event_id,
+                        w.customer_id,
+                        w.meter,
+                        w.dimensions_key,
+                        w.window_start,
+                        w.window_end,
+                        r.quantity,
+                        r.event_time,
+                        r.outcome,
+                        r.correction_id,
+                        r.reason,
+                    ],
                 ).fetchone()
                 if row is None:
                     msg = f"late event {r.tenant_id}/{r.event_id} was recorded by another run meanwhile; batch rolled back"
@@ -185,7 +260,13 @@ def apply_batch(cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, d
 
 
 def apply_all(
-    cfg: JobConfig, events: Sequence[LateEvent], now: datetime, *, dry_run: bool = False, on_batch: Callable[[Plan], None] | None = None, resume: ResumePoint | None = None
+    cfg: JobConfig,
+    events: Sequence[LateEvent],
+    now: datetime,
+    *,
+    dry_run: bool = False,
+    on_batch: Callable[[Plan], None] | None = None,
+    resume: ResumePoint | None = None,
 ) -> list[Plan]:
     """Apply ``events`` in batches of ``corrections.batch_size``, one transaction each, in order."""
     size = cfg.corrections.batch_size
@@ -202,29 +283,57 @@ def fetch_corrections(cfg: JobConfig, tenant: str | None = None, status: str | N
     """Stored corrections, oldest window first."""
     args = [v for v in (tenant, status) if v is not None]
     with connect(cfg.postgres) as conn:
-        rows = conn.execute(list_corrections_sql(cfg.corrections.table, tenant=tenant is not None, status=status is not None), args).fetchall()
+        rows = conn.execute(
+            list_corrections_sql(cfg.corrections.table, tenant=tenant is not None, status=status is not None), args
+        ).fetchall()
     return _rows(rows)
 
 
 def _rows(rows: list[tuple]) -> list[CorrectionRow]:
     out = []
-    for cid, tenant_id, customer_id, meter, dims, start, end, delta, events, st, reason, applied_at, decided_at, decided_by in rows:
-        correction = Correction(cid, WindowId(tenant_id, customer_id, meter, dims, start, end), delta, events, st, reason)
+    for (
+        cid,
+        tenant_id,
+        customer_id,
+        meter,
+        dims,
+        start,
+        end,
+        delta,
+        events,
+        st,
+        reason,
+        applied_at,
+        decided_at,
+        decided_by,
+    ) in rows:
+        correction = Correction(
+            cid, WindowId(tenant_id, customer_id, meter, dims, start, end), delta, events, st, reason
+        )
         out.append(CorrectionRow(correction, applied_at, decided_at, decided_by))
     return out
 
 
-def decide(cfg: JobConfig, correction_id: str, action: str, who: str, note: str | None, now: datetime) -> str:
+def decide(
+    cfg: JobConfig, correction_id: str, action: Literal["approve", "reject"], who: str, note: str | None, now: datetime
+) -> str:
     """Approve or reject one correction (see :func:`meterflow.corrections.check_transition`); returns the new status."""
     with connect(cfg.postgres) as conn, conn.transaction():
         row = conn.execute(correction_status_for_update_sql(cfg.corrections.table), [correction_id]).fetchone()
         if row is None:
             msg = f"no correction {correction_id}"
             raise CorrectionError(msg)
-        status = check_transition(action, row[0], correction_id)  # type: ignore[arg-type]
+        status = check_transition(action, row[0], correction_id)
         conn.execute(decide_sql(cfg.corrections.table), [status, who, now, note, correction_id])
         if status in COUNTED_STATUSES:
-            [stored] = [r.correction for r in _rows(conn.execute(list_corrections_sql(cfg.corrections.table, correction_id=True), [correction_id]).fetchall())]
+            [stored] = [
+                r.correction
+                for r in _rows(
+                    conn.execute(
+                        list_corrections_sql(cfg.corrections.table, correction_id=True), [correction_id]
+                    ).fetchall()
+                )
+            ]
             if owes_a_meter_event(status, stored.delta):
                 owe_delivery(conn, cfg, stored)
         else:
@@ -248,5 +357,7 @@ def event_outcomes(cfg: JobConfig) -> dict[tuple[str, str], str]:
         if not table_exists(conn, cfg.corrections.events_table):
             return {}
         rows = conn.execute(recorded_event_outcomes_sql(cfg.corrections.events_table, cfg.corrections.table)).fetchall()
-    return {(t, e): (f"corrected ({status})" if outcome == "corrected" else "not corrected") for t, e, outcome, status in rows}
-
+    return {
+        (t, e): (f"corrected ({status})" if outcome == "corrected" else "not corrected")
+        for t, e, outcome, status in rows
+    }

@@ -30,7 +30,6 @@ from typing import Protocol
 from meterflow.config import JobConfig, MeterConfig
 from meterflow.errors import DeliveryRejected, ProviderError
 from sinks.billing import (
-    as_recorded,
     ClosedWindow,
     Dead,
     Deferred,
@@ -42,6 +41,7 @@ from sinks.billing import (
     Retry,
     Sent,
     Skipped,
+    as_recorded,
     beyond_dedup_window,
     build_meter_event,
     correction_needed,
@@ -84,7 +84,9 @@ class Ledger(Protocol):
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None: ...
 
-    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal:
+    async def accepted_total(
+        self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int
+    ) -> Decimal:
         """The sum of the values the provider accepted for one customer and event over [start, end), one delivery excluded."""
 
     async def carry_value(self, identifier: str) -> Decimal:
@@ -185,8 +187,14 @@ class Deliverer:
         self.meters: Mapping[str, MeterConfig] = {m.name: m for m in cfg.meters}
         billing = cfg.billing
         self.prefix = billing.identifier_prefix
-        self.max_age, self.max_ahead, self.dedup_window = billing.max_window_age, billing.max_window_ahead, billing.provider_dedup_window
-        self.policy = BackoffPolicy(billing.max_attempts, billing.initial_backoff.total_seconds(), billing.max_backoff.total_seconds())
+        self.max_age, self.max_ahead, self.dedup_window = (
+            billing.max_window_age,
+            billing.max_window_ahead,
+            billing.provider_dedup_window,
+        )
+        self.policy = BackoffPolicy(
+            billing.max_attempts, billing.initial_backoff.total_seconds(), billing.max_backoff.total_seconds()
+        )
         rate = billing.calls_per_second / max(share, 1)
         self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
         # A provider that gathers deliveries into requests (the v2 stream) paces its requests with
@@ -366,8 +374,12 @@ class Deliverer:
         except ProviderError as e:
             # The check is not an attempt: the delivery keeps its count and waits like any failure.
             return await self._failed(self.key(delivery.window), delivery.identifier, entry.attempts, e)
-        accepted = await self.ledger.accepted_total(delivery.identifier, event.provider_customer_id, event.event_name, start, end)
-        verdict, decision = judge_provider_totals(ProviderTotals(start, end, provider_total, accepted, Decimal(event.value)))
+        accepted = await self.ledger.accepted_total(
+            delivery.identifier, event.provider_customer_id, event.event_name, start, end
+        )
+        verdict, decision = judge_provider_totals(
+            ProviderTotals(start, end, provider_total, accepted, Decimal(event.value))
+        )
         await self.ledger.record_check(delivery.identifier, decision, resend=verdict == "absent")
         if verdict == "found":
             await self.ledger.mark_sent(delivery.identifier, event, "found-at-provider", entry.attempts)
@@ -381,7 +393,11 @@ class Deliverer:
         described = f"{error.status or 'no response'}: {error}"
         delay = self.policy.next_delay(max(total_attempts, 1), error.retry_after, self.rng) if error.retryable else None
         if delay is None:
-            reason = f"gave up after {total_attempts} attempts: {described}" if error.retryable else f"provider refused the event: {described}"
+            reason = (
+                f"gave up after {total_attempts} attempts: {described}"
+                if error.retryable
+                else f"provider refused the event: {described}"
+            )
             await self.ledger.mark_dead(identifier, total_attempts, reason)
             return Dead(identifier, reason, total_attempts)
         self.gate.back_off(key, self.clock() + delay)

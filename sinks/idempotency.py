@@ -39,7 +39,16 @@ def derive_identifier(key: WindowKey, prefix: str = "mf") -> str:
     A window billed before identifiers held the end keeps the identifier it was first recorded
     with: the ledger finds a window's delivery by its key and span, not by this string.
     """
-    canonical = "\x00".join([key.tenant_id, key.customer_id, key.meter, key.dimensions_key, str(key.window_start_ms), str(key.window_end_ms)])
+    canonical = "\x00".join(
+        [
+            key.tenant_id,
+            key.customer_id,
+            key.meter,
+            key.dimensions_key,
+            str(key.window_start_ms),
+            str(key.window_end_ms),
+        ]
+    )
     digest = hashlib.sha256(canonical.encode()).hexdigest()
     identifier = f"{prefix}-{key.window_start_ms}-{digest}"
     return identifier[:MAX_IDENTIFIER_LENGTH]
@@ -66,7 +75,12 @@ def format_meter_value(quantity: Decimal, rounding: Rounding = "exact") -> str:
     return format(quantity.quantize(Decimal(1), rounding=_ROUNDING[rounding]), "f")
 
 
-def outside_provider_window(window_start: datetime, now: datetime, max_age: timedelta = timedelta(days=35), max_ahead: timedelta = timedelta(minutes=5)) -> str | None:
+def outside_provider_window(
+    window_start: datetime,
+    now: datetime,
+    max_age: timedelta = timedelta(days=35),
+    max_ahead: timedelta = timedelta(minutes=5),
+) -> str | None:
     """Why the provider would refuse the meter events of a window, or None.
 
     A window's events, its own and its corrections', are timestamped at the window's start

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-
 from meterflow.config import JobConfig
 from sinks.billing import CustomerMapping, replay_refusal
 from sinks.corrections_schema import counted_corrections_sql
@@ -31,7 +30,9 @@ from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
 def apply_billing_schema(cfg: JobConfig) -> None:
     """Create the billing tables and the ledger guard (idempotent)."""
     with connect(cfg.postgres) as conn, conn.transaction():
-        for statement in billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table):
+        for statement in billing_tables_ddl(
+            cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table
+        ):
             conn.execute(statement)
 
 
@@ -83,7 +84,12 @@ assert tuple(DeliveryRow.__dataclass_fields__) == DELIVERY_COLUMNS  # noqa: S101
 def fetch_deliveries(cfg: JobConfig, statuses: tuple[str, ...] = ()) -> list[DeliveryRow]:
     """Ledger rows, oldest window first, optionally only in the given statuses."""
     with connect(cfg.postgres) as conn:
-        return [DeliveryRow(*r) for r in conn.execute(deliveries_sql(cfg.billing.ledger_table, statuses), {"statuses": list(statuses)}).fetchall()]
+        return [
+            DeliveryRow(*r)
+            for r in conn.execute(
+                deliveries_sql(cfg.billing.ledger_table, statuses), {"statuses": list(statuses)}
+            ).fetchall()
+        ]
 
 
 def status_summary(cfg: JobConfig) -> list[tuple[Any, ...]]:
@@ -99,7 +105,15 @@ def map_customer(cfg: JobConfig, tenant_id: str, customer_id: str, provider_cust
 
 def map_customers(cfg: JobConfig, mappings: list[CustomerMapping]) -> None:
     """Map many customers in one transaction: all or none."""
-    rows = [{"tenant_id": m.tenant_id, "customer_id": m.customer_id, "provider": cfg.billing.provider, "provider_customer_id": m.provider_customer_id} for m in mappings]
+    rows = [
+        {
+            "tenant_id": m.tenant_id,
+            "customer_id": m.customer_id,
+            "provider": cfg.billing.provider,
+            "provider_customer_id": m.provider_customer_id,
+        }
+        for m in mappings
+    ]
     with connect(cfg.postgres) as conn, conn.transaction(), conn.cursor() as cur:
         cur.executemany(upsert_customer_sql(cfg.billing.customers_table), rows)
 
@@ -108,7 +122,9 @@ def fetch_customers(cfg: JobConfig) -> list[tuple[str, str, str, str]]:
     """(tenant_id, customer_id, provider, provider_customer_id) of every mapping."""
     with connect(cfg.postgres) as conn:
         table = cfg.billing.customers_table
-        return conn.execute(f"SELECT tenant_id, customer_id, provider, provider_customer_id FROM {table} ORDER BY 1, 2, 3").fetchall()  # noqa: S608 - validated identifier
+        return conn.execute(
+            f"SELECT tenant_id, customer_id, provider, provider_customer_id FROM {table} ORDER BY 1, 2, 3"
+        ).fetchall()
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,12 @@ class ReconciliationInput:
 def fetch_ledger_windows(cfg: JobConfig) -> list[LedgerWindow]:
     """Every delivery of the configured provider, keyed like the final windows."""
     with connect(cfg.postgres) as conn:
-        return [LedgerWindow(*r) for r in conn.execute(ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()]
+        return [
+            LedgerWindow(*r)
+            for r in conn.execute(
+                ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}
+            ).fetchall()
+        ]
 
 
 def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> ReconciliationInput:
@@ -132,17 +153,31 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
     cutoff = datetime.now(UTC) - grace
     with connect(cfg.postgres) as conn:
         finals = conn.execute(final_windows_sql(cfg.postgres.usage_table), {}).fetchall()
-        ledger = conn.execute(ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchall()
-        late = conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall() if table_exists(conn, cfg.corrections.table) else []
+        ledger = conn.execute(
+            ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}
+        ).fetchall()
+        late = (
+            conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall()
+            if table_exists(conn, cfg.corrections.table)
+            else []
+        )
     return ReconciliationInput(
-        [FinalWindow(*r[:7], settled=r[7] <= cutoff) for r in finals],
+        [FinalWindow(t, c, m, k, s, e, q, settled=at <= cutoff) for t, c, m, k, s, e, q, at in finals],
         [LedgerWindow(*r) for r in ledger],
-        [LateCorrection(*r[:7], correction_id=r[7], settled=r[8] <= cutoff) for r in late],
+        [
+            LateCorrection(t, c, m, k, s, e, q, correction_id=i, settled=at <= cutoff)
+            for t, c, m, k, s, e, q, i, at in late
+        ],
     )
 
 
 def fetch_sent_groups(cfg: JobConfig) -> list[SentGroup]:
     """The values the configured provider accepted, per provider customer, event name and month."""
     with connect(cfg.postgres) as conn:
-        rows = conn.execute(sent_values_sql(cfg.billing.ledger_table, cfg.billing.customers_table), {"provider": cfg.billing.provider}).fetchall()
-    return [SentGroup(customer, event, month, Decimal(value), int(n), last, int(open_)) for customer, event, month, value, n, last, open_ in rows]
+        rows = conn.execute(
+            sent_values_sql(cfg.billing.ledger_table, cfg.billing.customers_table), {"provider": cfg.billing.provider}
+        ).fetchall()
+    return [
+        SentGroup(customer, event, month, Decimal(value), int(n), last, int(open_))
+        for customer, event, month, value, n, last, open_ in rows
+    ]

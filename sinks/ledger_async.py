@@ -91,7 +91,9 @@ class StatementBatches:
     by statement, so a bad statement fails only its own caller.
     """
 
-    def __init__(self, connection: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]], writers: int) -> None:
+    def __init__(
+        self, connection: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection]], writers: int
+    ) -> None:
         """``writers``: batches written at once (on their own connections); more calls wait for the next batch."""
         self._connection, self._writers = connection, writers
         self._pending: list[tuple[Statement, dict, asyncio.Future]] = []
@@ -172,7 +174,9 @@ def _executions(statements: list[tuple[Statement, dict]]) -> list[tuple[Statemen
     return executions
 
 
-async def _write_batch(conn: psycopg.AsyncConnection, statements: list[tuple[Statement, dict]]) -> tuple[list[tuple | None], int]:
+async def _write_batch(
+    conn: psycopg.AsyncConnection, statements: list[tuple[Statement, dict]]
+) -> tuple[list[tuple | None], int]:
     """Run statements in one transaction (pipeline mode when more than one execution): each one's
     first row or None, and how many executions that took."""
     executions = _executions(statements)
@@ -203,7 +207,12 @@ class AsyncPostgresLedger:
 
     def __init__(self, cfg: JobConfig, worker: str, connections: int = 2) -> None:
         """``connections``: batches written at once, each on its own connection."""
-        self.table, self.customers, self.carry, self.worker = cfg.billing.ledger_table, cfg.billing.customers_table, cfg.billing.carry_table, worker
+        self.table, self.customers, self.carry, self.worker = (
+            cfg.billing.ledger_table,
+            cfg.billing.customers_table,
+            cfg.billing.carry_table,
+            worker,
+        )
         self.lease_s = cfg.billing.retry_lease.total_seconds()
         self._pg = cfg.postgres
         self._size = connections
@@ -214,7 +223,9 @@ class AsyncPostgresLedger:
     async def _connect(self) -> psycopg.AsyncConnection:
         password = self._pg.password.get_secret_value() if self._pg.password else None
         try:
-            conn = await psycopg.AsyncConnection.connect(self._pg.conninfo(), password=password, connect_timeout=5, autocommit=True)
+            conn = await psycopg.AsyncConnection.connect(
+                self._pg.conninfo(), password=password, connect_timeout=5, autocommit=True
+            )
         except psycopg.OperationalError as e:
             msg = f"cannot connect to Postgres at {self._pg.host}:{self._pg.port}/{self._pg.database}: {e}"
             raise SinkError(msg) from e
@@ -262,10 +273,20 @@ class AsyncPostgresLedger:
         if retry:
             row = await self._fetchone(claim_existing_sql(self.table, self.customers), params)
         else:
-            row = await self._fetchone(SetStatement(claim_new_sql(self.table, self.customers, window=window), CLAIM_ROW_PARAMS, WINDOW_CLAIM_KEY if window else CLAIM_KEY), params)
+            row = await self._fetchone(
+                SetStatement(
+                    claim_new_sql(self.table, self.customers, window=window),
+                    CLAIM_ROW_PARAMS,
+                    WINDOW_CLAIM_KEY if window else CLAIM_KEY,
+                ),
+                params,
+            )
         if row is not None:
             return _entry(row, claimed=True)
-        row = await self._fetchone(window_state_sql(self.table, self.customers) if window else delivery_state_sql(self.table, self.customers), params)
+        row = await self._fetchone(
+            window_state_sql(self.table, self.customers) if window else delivery_state_sql(self.table, self.customers),
+            params,
+        )
         if row is None:
             msg = f"delivery {delivery.identifier} vanished from the ledger"
             raise SinkError(msg)
@@ -280,14 +301,25 @@ class AsyncPostgresLedger:
         return Delivery(ident, kind, parent, window, quantity, revision)
 
     async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        params = {"identifier": identifier, "attempts": attempts, "value": event.value, "provider_customer_id": event.provider_customer_id, "response_id": response_id}
+        params = {
+            "identifier": identifier,
+            "attempts": attempts,
+            "value": event.value,
+            "provider_customer_id": event.provider_customer_id,
+            "response_id": response_id,
+        }
         await self._execute(SetStatement(mark_sent_sql(self.table), SENT_ROW_PARAMS, ("identifier",)), params)
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
-        await self._execute(mark_sql(self.table, "failed"), {"identifier": identifier, "attempts": attempts, "error": error, "delay_s": delay})
+        await self._execute(
+            mark_sql(self.table, "failed"),
+            {"identifier": identifier, "attempts": attempts, "error": error, "delay_s": delay},
+        )
 
     async def mark_dead(self, identifier: str, attempts: int, reason: str) -> None:
-        await self._execute(mark_sql(self.table, "dead"), {"identifier": identifier, "attempts": attempts, "error": reason})
+        await self._execute(
+            mark_sql(self.table, "dead"), {"identifier": identifier, "attempts": attempts, "error": reason}
+        )
 
     async def mark_rejected(self, identifier: str, reason: str) -> None:
         await self._execute(mark_sql(self.table, "rejected"), {"identifier": identifier, "error": reason})
@@ -299,15 +331,29 @@ class AsyncPostgresLedger:
         await self._execute(hold_sql(self.table), {"identifier": identifier, "until": until, "worker": self.worker})
 
     async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None:
-        await self._execute(record_check_sql(self.table), {"identifier": identifier, "decision": decision, "resend": resend})
+        await self._execute(
+            record_check_sql(self.table), {"identifier": identifier, "decision": decision, "resend": resend}
+        )
 
-    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal:
-        params = {"identifier": identifier, "provider": "stripe", "provider_customer_id": provider_customer_id, "event_name": event_name, "start": start, "end": end}
+    async def accepted_total(
+        self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int
+    ) -> Decimal:
+        params = {
+            "identifier": identifier,
+            "provider": "stripe",
+            "provider_customer_id": provider_customer_id,
+            "event_name": event_name,
+            "start": start,
+            "end": end,
+        }
         row = await self._fetchone(accepted_total_sql(self.table), params)
         return Decimal(row[0]) if row else Decimal(0)
 
     async def carry_value(self, identifier: str) -> Decimal:
-        row = await self._fetchone(SetStatement(carry_value_sql(self.table, self.carry), ("identifier",), ("identifier",)), {"identifier": identifier})
+        row = await self._fetchone(
+            SetStatement(carry_value_sql(self.table, self.carry), ("identifier",), ("identifier",)),
+            {"identifier": identifier},
+        )
         if row is None:  # fixed already, by an attempt before this one
             row = await self._fetchone(delivery_value_sql(self.table), {"identifier": identifier})
         if row is None or row[0] is None:
@@ -317,13 +363,43 @@ class AsyncPostgresLedger:
 
 
 def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:
-    identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, corrections_total, corrections_revision, value = row
-    return LedgerEntry(identifier, kind, status, attempts, quantity, revision, first_attempt_at, customer, Decimal(corrections_total), int(corrections_revision), claimed, value)
+    (
+        identifier,
+        kind,
+        status,
+        attempts,
+        quantity,
+        revision,
+        first_attempt_at,
+        customer,
+        corrections_total,
+        corrections_revision,
+        value,
+    ) = row
+    return LedgerEntry(
+        identifier,
+        kind,
+        status,
+        attempts,
+        quantity,
+        revision,
+        first_attempt_at,
+        customer,
+        Decimal(corrections_total),
+        int(corrections_revision),
+        claimed,
+        value,
+    )
 
 
 def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int, scanner: str = "retry-scan") -> list[tuple]:
     """(identifier, tenant, customer, meter, dimensions_key, window start ms, window end ms) of every delivery due for a retry, leased by ``scanner``."""
-    params = {"provider": cfg.billing.provider, "lease_s": cfg.billing.retry_lease.total_seconds(), "limit": limit, "scanner": scanner}
+    params = {
+        "provider": cfg.billing.provider,
+        "lease_s": cfg.billing.retry_lease.total_seconds(),
+        "limit": limit,
+        "scanner": scanner,
+    }
     return conn.execute(due_retries_sql(cfg.billing.ledger_table), params).fetchall()
 
 

@@ -21,7 +21,11 @@ WINDOW_SPAN = ("provider", "tenant_id", "customer_id", "meter", "dimensions_key"
 KINDS = ("window", "correction")
 
 
-def billing_tables_ddl(customers_table: str = "billing_customers", ledger_table: str = "billing_deliveries", carry_table: str = "billing_carry") -> list[str]:
+def billing_tables_ddl(
+    customers_table: str = "billing_customers",
+    ledger_table: str = "billing_deliveries",
+    carry_table: str = "billing_carry",
+) -> list[str]:
     """Statements that create the billing tables and the ledger's guard; safe to run again, and they
     bring a ledger created by an earlier version up to date."""
     c, d, k = check_identifier(customers_table), check_identifier(ledger_table), check_identifier(carry_table)
@@ -174,11 +178,34 @@ CLAIM_ROW_PARAMS = (
     "identifier", "provider", "kind", "window_identifier", "tenant_id", "customer_id", "meter", "dimensions_key",
     "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "event_name",
 )  # fmt: skip
-_CLAIM_ROW_TYPES = ("text", "text", "text", "text", "text", "text", "text", "text", "bigint", "bigint", "numeric", "bigint", "bigint", "text")
+_CLAIM_ROW_TYPES = (
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "bigint",
+    "numeric",
+    "bigint",
+    "bigint",
+    "text",
+)
 # What names a claimed row in claim_new_sql's answer: the identifier, or for a window's own event
 # its key and span (its recorded identifier may be of an earlier form).
 CLAIM_KEY = ("identifier",)
-WINDOW_CLAIM_KEY = ("provider", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start_ms", "window_end_ms")
+WINDOW_CLAIM_KEY = (
+    "provider",
+    "tenant_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start_ms",
+    "window_end_ms",
+)
 
 
 def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = False) -> str:

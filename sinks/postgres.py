@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import psycopg
+from psycopg.abc import Params
 
 from meterflow.config import PostgresConfig
 from meterflow.errors import SinkError
@@ -38,6 +40,15 @@ def connect(pg: PostgresConfig) -> psycopg.Connection:
     except psycopg.OperationalError as e:
         msg = f"cannot connect to Postgres at {pg.host}:{pg.port}/{pg.database}: {e}"
         raise SinkError(msg) from e
+
+
+def scalar(conn: psycopg.Connection, sql: str, params: Params | None = None) -> Any:
+    """The first column of the one row a query returns (an aggregate's), or an error saying which query returned none."""
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        msg = f"expected one row from: {sql[:120]}"
+        raise SinkError(msg)
+    return row[0]
 
 
 def table_exists(conn: psycopg.Connection, table: str) -> bool:

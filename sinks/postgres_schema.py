@@ -84,7 +84,18 @@ $$""",
 
 
 # What the job writes per window, in the order udf/ UsageWindowSink binds them.
-USAGE_WRITE_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_count", "revision", "is_final")
+USAGE_WRITE_COLUMNS = (
+    "tenant_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start",
+    "window_end",
+    "quantity",
+    "event_count",
+    "revision",
+    "is_final",
+)
 
 
 def usage_upsert_sql(table: str = "usage_windows") -> str:

@@ -23,6 +23,10 @@ Period = Literal["day", "month"]
 DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window", "values sent differ"]
 
 
+# A window's key and span: tenant, customer, meter, dimensions key, start, end.
+WindowKey = tuple[str, str, str, str, datetime, datetime]
+
+
 @dataclass(frozen=True)
 class _Window:
     """A window's key, span and quantity, as both sides of the comparison hold them."""
@@ -36,7 +40,7 @@ class _Window:
     quantity: Decimal
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> WindowKey:
         """Key and span: windows of two sizes that start together are two windows."""
         return (self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start, self.window_end)
 
@@ -55,7 +59,9 @@ class LedgerWindow(_Window):
     kind: str = "window"
     revision: int = 0
     correction_id: str | None = None  # set on a correction from late events
-    value: str | None = None  # the provider's value, once fixed (at the first attempt of a carried meter's delivery, else when sent)
+    value: str | None = (
+        None  # the provider's value, once fixed (at the first attempt of a carried meter's delivery, else when sent)
+    )
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ class _Owed:
     has_final: bool
 
 
-def _owed(final_windows: Iterable[FinalWindow], late_corrections: Iterable[LateCorrection]) -> dict[tuple, _Owed]:
+def _owed(final_windows: Iterable[FinalWindow], late_corrections: Iterable[LateCorrection]) -> dict[WindowKey, _Owed]:
     """Per window key, what it is owed."""
     owed = {w.key: _Owed(w, w.quantity, w.settled, has_final=True) for w in final_windows}
     for c in late_corrections:
@@ -141,7 +147,10 @@ def _label(d: LedgerWindow) -> str:
 
 
 def reconcile(
-    final_windows: Iterable[FinalWindow], ledger: Iterable[LedgerWindow], period: Period = "month", late_corrections: Iterable[LateCorrection] = ()
+    final_windows: Iterable[FinalWindow],
+    ledger: Iterable[LedgerWindow],
+    period: Period = "month",
+    late_corrections: Iterable[LateCorrection] = (),
 ) -> tuple[list[PeriodTotal], list[Discrepancy]]:
     """Per-period totals and every window-level discrepancy (an empty list means the two agree).
 
@@ -150,7 +159,7 @@ def reconcile(
     corrections from late events; a window with no final row is owed those corrections alone.
     """
     owed = _owed(final_windows, late_corrections)
-    by_window: dict[tuple, list[LedgerWindow]] = defaultdict(list)
+    by_window: dict[WindowKey, list[LedgerWindow]] = defaultdict(list)
     for d in ledger:
         by_window[d.key].append(d)
     discrepancies: list[Discrepancy] = []
@@ -177,16 +186,30 @@ def reconcile(
             discrepancies.append(Discrepancy("not billed", *k, quantity, None, detail))
         elif billed != quantity:
             open_corrections = [d for d in deliveries if d.kind == "correction" and d.status != "sent"]
-            pending = f"; correction {', '.join(_label(d) for d in open_corrections)} not accepted yet" if open_corrections else ""
+            pending = (
+                f"; correction {', '.join(_label(d) for d in open_corrections)} not accepted yet"
+                if open_corrections
+                else ""
+            )
             late = quantity - window.quantity if has_final else quantity
             owed_text = f"final {window.quantity}" if has_final else "no final window"
             owed_text += f" + corrections from late events {late}" if late or not has_final else ""
-            discrepancies.append(Discrepancy("billed differently", *k, quantity, billed, f"billed {billed}, {owed_text}{pending}"))
+            discrepancies.append(
+                Discrepancy("billed differently", *k, quantity, billed, f"billed {billed}, {owed_text}{pending}")
+            )
     for k, deliveries in by_window.items():
         accepted = [d for d in deliveries if d.status == "sent"]
         if accepted and k not in owed:
             quantity = sum((d.quantity for d in accepted), Decimal(0))
-            discrepancies.append(Discrepancy("billed without a final window", *k, None, quantity, "the provider accepted a window Postgres has no final row for"))
+            discrepancies.append(
+                Discrepancy(
+                    "billed without a final window",
+                    *k,
+                    None,
+                    quantity,
+                    "the provider accepted a window Postgres has no final row for",
+                )
+            )
     period_totals = [PeriodTotal(*k, *v) for k, v in sorted(totals.items())]
     discrepancies.sort(key=lambda d: (d.window_start, d.tenant_id, d.customer_id, d.meter, d.dimensions_key))
     return period_totals, discrepancies
@@ -208,29 +231,66 @@ def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, 
             continue
         rounding = roundings.get(d.meter, "carry")
         if rounding == "carry":
-            months[(d.tenant_id, d.customer_id, d.meter, billing_period_start(d.window_start).replace(tzinfo=None))].append(d)
+            months[
+                (d.tenant_id, d.customer_id, d.meter, billing_period_start(d.window_start).replace(tzinfo=None))
+            ].append(d)
             continue
         try:
             expected = Decimal(format_meter_value(d.quantity, rounding))
         except ValueError as e:  # exact: a fraction is never to be sent
-            issues.append(Discrepancy("values sent differ", *d.key, d.quantity, Decimal(d.value), f"value {d.value} for quantity {d.quantity}: {e}"))
+            issues.append(
+                Discrepancy(
+                    "values sent differ",
+                    *d.key,
+                    d.quantity,
+                    Decimal(d.value),
+                    f"value {d.value} for quantity {d.quantity}: {e}",
+                )
+            )
             continue
         if Decimal(d.value) != expected:
-            issues.append(Discrepancy("values sent differ", *d.key, expected, Decimal(d.value), f"value {d.value} for quantity {d.quantity}, {rounding}: expected {expected}"))
+            issues.append(
+                Discrepancy(
+                    "values sent differ",
+                    *d.key,
+                    expected,
+                    Decimal(d.value),
+                    f"value {d.value} for quantity {d.quantity}, {rounding}: expected {expected}",
+                )
+            )
     for (tenant, customer, meter, month), group in sorted(months.items()):
         quantity = sum((d.quantity for d in group), Decimal(0))
-        sent = sum((Decimal(d.value) for d in group), Decimal(0))  # every value in a group is fixed
+        sent = sum((Decimal(d.value) for d in group if d.value is not None), Decimal(0))  # all are: see above
         whole = quantity.to_integral_value(rounding=ROUND_FLOOR)
         if sent != whole:
             detail = f"values {sent} for quantities {quantity} in {month:%Y-%m}: carried values add up to its whole part, {whole}"
-            issues.append(Discrepancy("values sent differ", tenant, customer, meter, "*", month, next_period_start(month), whole, sent, detail))
+            issues.append(
+                Discrepancy(
+                    "values sent differ",
+                    tenant,
+                    customer,
+                    meter,
+                    "*",
+                    month,
+                    next_period_start(month),
+                    whole,
+                    sent,
+                    detail,
+                )
+            )
     return issues
 
 
 def corrections_of(ledger: Iterable[LedgerWindow]) -> list[Correction]:
     """Every correction delivery, oldest window first."""
-    found = [Correction(*d.key, d.revision, d.quantity, d.status, "late events" if d.correction_id else "changed final") for d in ledger if d.kind == "correction"]
-    return sorted(found, key=lambda c: (c.window_start, c.tenant_id, c.customer_id, c.meter, c.dimensions_key, c.revision))
+    found = [
+        Correction(*d.key, d.revision, d.quantity, d.status, "late events" if d.correction_id else "changed final")
+        for d in ledger
+        if d.kind == "correction"
+    ]
+    return sorted(
+        found, key=lambda c: (c.window_start, c.tenant_id, c.customer_id, c.meter, c.dimensions_key, c.revision)
+    )
 
 
 def unpublished(finals: Iterable[tuple[tuple, int, Decimal]], ledger: Iterable[LedgerWindow]) -> list[tuple]:
@@ -284,7 +344,9 @@ class ProviderDifference:
         return f"the provider holds {self.provider_total} for {self.month:%Y-%m}, the ledger sent {self.sent}"
 
 
-def provider_differences(groups: Iterable[SentGroup], totals: Mapping[tuple[str, str, datetime], Decimal]) -> list[ProviderDifference]:
+def provider_differences(
+    groups: Iterable[SentGroup], totals: Mapping[tuple[str, str, datetime], Decimal]
+) -> list[ProviderDifference]:
     """Every group whose provider total (keyed by customer, event name and month) is not the sum of the values sent."""
     found = []
     for g in groups:

@@ -16,8 +16,17 @@ from meterflow.errors import CorrectionError
 from meterflow.reprocess import Period, WindowDifference, WindowTotal, differences
 from sinks.corrections_schema import apply_lock_sql, insert_correction_sql, known_events_sql
 from sinks.corrections_store import apply_corrections_schema, owe_delivery
-from sinks.postgres import connect, table_exists
-from sinks.reprocess_schema import changed_since_sql, clear_shadow_sql, insert_shadow_sql, known_corrections_sql, other_sizes_sql, period_corrections_sql, period_rows_sql, shadow_table_ddl
+from sinks.postgres import connect, scalar, table_exists
+from sinks.reprocess_schema import (
+    changed_since_sql,
+    clear_shadow_sql,
+    insert_shadow_sql,
+    known_corrections_sql,
+    other_sizes_sql,
+    period_corrections_sql,
+    period_rows_sql,
+    shadow_table_ddl,
+)
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,21 @@ def write_shadow(cfg: JobConfig, table: str, period: Period, windows: Sequence[W
         conn.execute(clear_shadow_sql(table), (period.since, period.until, size))
         for t in windows:
             w = t.window
-            conn.execute(insert_shadow_sql(table), (w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, t.quantity, t.events, period.since, period.until))
+            conn.execute(
+                insert_shadow_sql(table),
+                (
+                    w.tenant_id,
+                    w.customer_id,
+                    w.meter,
+                    w.dimensions_key,
+                    w.window_start,
+                    w.window_end,
+                    t.quantity,
+                    t.events,
+                    period.since,
+                    period.until,
+                ),
+            )
 
 
 def read_metered(conn: psycopg.Connection, cfg: JobConfig, period: Period) -> Metered:
@@ -54,15 +77,17 @@ def read_metered(conn: psycopg.Connection, cfg: JobConfig, period: Period) -> Me
             values[WindowId(*key)] = Decimal(quantity)
             if not is_final:
                 not_final.append(WindowId(*key))
-        other_sizes += conn.execute(other_sizes_sql(cfg.postgres.usage_table), overlap).fetchone()[0]
+        other_sizes += scalar(conn, other_sizes_sql(cfg.postgres.usage_table), overlap)
     if table_exists(conn, cfg.corrections.table):
         for *key, delta in conn.execute(period_corrections_sql(cfg.corrections.table), args).fetchall():
             values[WindowId(*key)] = values.get(WindowId(*key), Decimal(0)) + Decimal(delta)
-        other_sizes += conn.execute(other_sizes_sql(cfg.corrections.table), overlap).fetchone()[0]
+        other_sizes += scalar(conn, other_sizes_sql(cfg.corrections.table), overlap)
     return Metered(values, not_final, other_sizes)
 
 
-def compare(cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal]) -> tuple[Metered, list[WindowDifference]]:
+def compare(
+    cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal]
+) -> tuple[Metered, list[WindowDifference]]:
     """The metered side of the period and every window that differs from its recomputation."""
     with connect(cfg.postgres) as conn:
         metered = read_metered(conn, cfg, period)
@@ -70,7 +95,12 @@ def compare(cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal]) -
 
 
 def bill_differences(
-    cfg: JobConfig, period: Period, recomputed: Sequence[WindowTotal], make: Callable[[WindowDifference], Correction], now: datetime, recomputed_from: datetime
+    cfg: JobConfig,
+    period: Period,
+    recomputed: Sequence[WindowTotal],
+    make: Callable[[WindowDifference], Correction],
+    now: datetime,
+    recomputed_from: datetime,
 ) -> list[Correction]:
     """Record a correction per window that still differs, with its owed meter event, in one transaction.
 
@@ -84,7 +114,11 @@ def bill_differences(
     apply_corrections_schema(cfg)
     with connect(cfg.postgres) as conn, conn.transaction():
         conn.execute(apply_lock_sql(cfg.corrections.table))
-        changed = conn.execute(changed_since_sql(cfg.corrections.table), (period.since, period.until, recomputed_from, recomputed_from)).fetchone()[0]
+        changed = scalar(
+            conn,
+            changed_since_sql(cfg.corrections.table),
+            (period.since, period.until, recomputed_from, recomputed_from),
+        )
         if changed:
             msg = f"{changed} corrections of {period.label} were recorded or decided while it was recomputed: run the reprocess again"
             raise CorrectionError(msg)
@@ -103,7 +137,12 @@ def bill_differences(
             )
             raise CorrectionError(msg)
         corrections = [make(d) for d in differences(recomputed, metered.values)]
-        known = {r[0] for r in conn.execute(known_corrections_sql(cfg.corrections.table), ([c.correction_id for c in corrections],)).fetchall()}
+        known = {
+            r[0]
+            for r in conn.execute(
+                known_corrections_sql(cfg.corrections.table), ([c.correction_id for c in corrections],)
+            ).fetchall()
+        }
         recorded = []
         for c in corrections:
             if c.correction_id in known:
@@ -111,7 +150,20 @@ def bill_differences(
             w = c.window
             conn.execute(
                 insert_correction_sql(cfg.corrections.table),
-                [c.correction_id, w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, c.delta, c.events, c.status, c.reason, now],
+                [
+                    c.correction_id,
+                    w.tenant_id,
+                    w.customer_id,
+                    w.meter,
+                    w.dimensions_key,
+                    w.window_start,
+                    w.window_end,
+                    c.delta,
+                    c.events,
+                    c.status,
+                    c.reason,
+                    now,
+                ],
             )
             if owes_a_meter_event(c.status, c.delta):
                 owe_delivery(conn, cfg, c)
@@ -126,5 +178,11 @@ def unrecorded(cfg: JobConfig, events: Sequence[LateEvent]) -> list[LateEvent]:
     with connect(cfg.postgres) as conn:
         if not table_exists(conn, cfg.corrections.events_table):
             return list(events)
-        known = {tuple(r) for r in conn.execute(known_events_sql(cfg.corrections.events_table), [[e.window.tenant_id for e in events], [e.event_id for e in events]]).fetchall()}
+        known = {
+            tuple(r)
+            for r in conn.execute(
+                known_events_sql(cfg.corrections.events_table),
+                [[e.window.tenant_id for e in events], [e.event_id for e in events]],
+            ).fetchall()
+        }
     return [e for e in events if (e.window.tenant_id, e.event_id) not in known]

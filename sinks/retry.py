@@ -22,7 +22,9 @@ class BackoffPolicy:
         """Timeouts and dropped connections (no status), 429 and 5xx are retried; other 4xx are final."""
         return status is None or status in RETRYABLE_STATUS
 
-    def next_delay(self, attempt: int, retry_after: float | None = None, rng: Callable[[], float] = random.random) -> float | None:
+    def next_delay(
+        self, attempt: int, retry_after: float | None = None, rng: Callable[[], float] = random.random
+    ) -> float | None:
         """Seconds to wait before attempt ``attempt + 1`` (attempts count from 1), or None to give up."""
         if attempt >= self.max_attempts:
             return None

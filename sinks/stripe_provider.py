@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import stripe
+from stripe.params.billing import MeterEventCreateParams, MeterEventSummaryListParams
 
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError, ProviderError
 from sinks.billing import MeterEvent
 from sinks.retry import RETRYABLE_STATUS, RateReservations
+
+if TYPE_CHECKING:
+    from stripe._base_address import BaseAddresses  # the type StripeClient takes; not exported
 
 
 def _retry_after(headers: object) -> float | None:
@@ -32,11 +37,15 @@ def _retry_after(headers: object) -> float | None:
 
 def provider_error(e: stripe.StripeError) -> ProviderError:
     """The deliverer's view of an SDK error: its status, and whether another attempt may succeed."""
-    if isinstance(e, stripe.APIConnectionError):  # timeouts and dropped connections: the event may or may not have arrived
+    if isinstance(
+        e, stripe.APIConnectionError
+    ):  # timeouts and dropped connections: the event may or may not have arrived
         return ProviderError(f"connection failed: {e.user_message or e}", status=None, retryable=True)
     status = e.http_status
     retryable = status is None or status in RETRYABLE_STATUS
-    return ProviderError(e.user_message or str(e), status=status, retryable=retryable, retry_after=_retry_after(e.headers))
+    return ProviderError(
+        e.user_message or str(e), status=status, retryable=retryable, retry_after=_retry_after(e.headers)
+    )
 
 
 class StripeMeterEvents:
@@ -44,7 +53,9 @@ class StripeMeterEvents:
 
     name = "stripe"
 
-    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None, meter_ids: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cfg: JobConfig, client: stripe.StripeClient | None = None, meter_ids: dict[str, str] | None = None
+    ) -> None:
         """``meter_ids``: a cache of meter ids by event name to share with other instances (filled on first use)."""
         self._http: stripe.HTTPClient | None = None
         if client is None:
@@ -52,10 +63,14 @@ class StripeMeterEvents:
                 msg = "billing is enabled but there is no Stripe API key: set METERFLOW_STRIPE_API_KEY or put it in the secrets file"
                 raise ConfigError(msg)
             self._http = stripe.AIOHTTPClient(timeout=cfg.billing.request_timeout.total_seconds())
-            bases = {"api": cfg.stripe.api_base, "meter_events": cfg.stripe.meter_events_base}
+            bases: BaseAddresses = {}
+            if cfg.stripe.api_base:
+                bases["api"] = cfg.stripe.api_base
+            if cfg.stripe.meter_events_base:
+                bases["meter_events"] = cfg.stripe.meter_events_base
             client = stripe.StripeClient(
                 cfg.stripe.api_key.get_secret_value(),
-                base_addresses={k: v for k, v in bases.items() if v} or None,
+                base_addresses=bases or None,
                 max_network_retries=0,
                 http_client=self._http,
             )
@@ -67,14 +82,16 @@ class StripeMeterEvents:
         return False
 
     async def send(self, event: MeterEvent) -> str:
-        params = {
+        params: MeterEventCreateParams = {
             "event_name": event.event_name,
             "identifier": event.identifier,
             "timestamp": event.timestamp,
             "payload": {"stripe_customer_id": event.provider_customer_id, "value": event.value},
         }
         try:
-            created = await self.client.v1.billing.meter_events.create_async(params, options={"idempotency_key": event.identifier})
+            created = await self.client.v1.billing.meter_events.create_async(
+                params, options={"idempotency_key": event.identifier}
+            )
         except stripe.StripeError as e:
             raise provider_error(e) from e
         response = created.last_response
@@ -97,7 +114,7 @@ class StripeMeterEvents:
     async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
         """The meter's aggregated value for one customer over [start, end) (unix s on minute boundaries)."""
         meter = await self.meter_id(event_name)
-        params = {"customer": provider_customer_id, "start_time": start, "end_time": end}
+        params: MeterEventSummaryListParams = {"customer": provider_customer_id, "start_time": start, "end_time": end}
         try:
             summaries = await self.client.v1.billing.meters.event_summaries.list_async(meter, params)
         except stripe.StripeError as e:

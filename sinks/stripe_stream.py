@@ -98,14 +98,29 @@ def error_reports_of(events: list[Any]) -> list[ErrorReport]:
             for sample in error_type.get("sample_errors") or []:
                 request_id = (sample.get("request") or {}).get("id")
                 if request_id:
-                    reports.append(ErrorReport(e["id"], str(e.get("created")), request_id, error_type.get("code", ""), sample.get("error_message", ""), int(error_type.get("error_count", 0))))
+                    reports.append(
+                        ErrorReport(
+                            e["id"],
+                            str(e.get("created")),
+                            request_id,
+                            error_type.get("code", ""),
+                            sample.get("error_message", ""),
+                            int(error_type.get("error_count", 0)),
+                        )
+                    )
     return reports
 
 
 class StripeMeterEventStream(StripeMeterEvents):
     """Meter events through ``POST /v2/billing/meter_event_stream``; summaries and meters as in v1."""
 
-    def __init__(self, cfg: JobConfig, client: stripe.StripeClient | None = None, clock: Callable[[], float] = time.time, meter_ids: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        client: stripe.StripeClient | None = None,
+        clock: Callable[[], float] = time.time,
+        meter_ids: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(cfg, client, meter_ids)
         self._batch_size = cfg.stripe.stream_batch_size
         self._linger = cfg.stripe.stream_linger.total_seconds()
@@ -177,7 +192,9 @@ class StripeMeterEventStream(StripeMeterEvents):
         return task
 
     @staticmethod
-    def _answer(batch: list[tuple[MeterEvent, asyncio.Future[str]]], request_id: str = "", error: BaseException | None = None) -> None:
+    def _answer(
+        batch: list[tuple[MeterEvent, asyncio.Future[str]]], request_id: str = "", error: BaseException | None = None
+    ) -> None:
         for _, answer in batch:
             if not answer.done():
                 if error is not None:
@@ -201,7 +218,9 @@ class StripeMeterEventStream(StripeMeterEvents):
         while True:
             session = await self._session_for()
             try:
-                response = await self.client.raw_request_async("post", STREAM_PATH, base="meter_events", api_key=session.token, events=events)
+                response = await self.client.raw_request_async(
+                    "post", STREAM_PATH, base="meter_events", api_key=session.token, events=events
+                )
             except stripe.TemporarySessionExpiredError as e:
                 self._drop_session(session)
                 if renewed:

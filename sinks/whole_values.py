@@ -35,7 +35,11 @@ def billing_period_start(window_start: datetime) -> datetime:
 
 def next_period_start(period_start: datetime) -> datetime:
     """The start of the month after ``period_start`` (a month's start), in the same zone form."""
-    return period_start.replace(year=period_start.year + 1, month=1) if period_start.month == 12 else period_start.replace(month=period_start.month + 1)
+    return (
+        period_start.replace(year=period_start.year + 1, month=1)
+        if period_start.month == 12
+        else period_start.replace(month=period_start.month + 1)
+    )
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ def value_refusal(value: str, rules: ValueRules) -> str | None:
         return f"value {value} is not a whole number, and the provider takes whole numbers only (billing_rounding: carry bills the whole part and carries the fraction)"
     digits = len(number.normalize().as_tuple().digits) if number else 1
     if rules.max_significant_digits is not None and digits > rules.max_significant_digits:
-        return f"value {value} has {digits} significant digits, the provider takes at most {rules.max_significant_digits}"
+        return (
+            f"value {value} has {digits} significant digits, the provider takes at most {rules.max_significant_digits}"
+        )
     if not rules.negative and number < 0:
         return f"value {value} is negative, and the provider takes none"
     return None

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Fixtures every test may ask for by name: the session's schema registry.
+pytest_plugins = ["tests.support.schema_registry"]
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from jobs.plan import JdbcTarget, usage_windows_sink_ddl
 from meterflow.config import load_config
 
 
-def event_type():  # noqa: ANN201 - PyFlink type
+def event_type():
     # (tenant, event_id, customer, meter, quantity as decimal string)
     return Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING()])
 
@@ -43,7 +43,7 @@ class Decode:
         self.schema_json = schema_json
         self.schema = None
 
-    def __call__(self, payload: bytes):  # noqa: ANN204
+    def __call__(self, payload: bytes):
         import fastavro
 
         if self.schema is None:
@@ -57,10 +57,10 @@ class Decode:
 class KeepFirst(KeyedProcessFunction):
     """Keyed by (tenant, event id): pass the first copy, drop later ones."""
 
-    def open(self, runtime_context) -> None:  # noqa: ANN001
+    def open(self, runtime_context) -> None:
         self.seen = runtime_context.get_state(ValueStateDescriptor("seen", Types.BOOLEAN()))
 
-    def process_element(self, value, ctx):  # noqa: ANN001, ANN201
+    def process_element(self, value, ctx):
         if self.seen.value() is None:
             self.seen.update(True)
             yield value
@@ -69,25 +69,25 @@ class KeepFirst(KeyedProcessFunction):
 class SumCount(AggregateFunction):
     """Exact sum (Decimal) and count of a window's events."""
 
-    def create_accumulator(self):  # noqa: ANN201
+    def create_accumulator(self):
         return [Decimal(0), 0]
 
-    def add(self, value, accumulator):  # noqa: ANN001, ANN201
+    def add(self, value, accumulator):
         accumulator[0] += Decimal(value[4])
         accumulator[1] += 1
         return accumulator
 
-    def get_result(self, accumulator):  # noqa: ANN001, ANN201
+    def get_result(self, accumulator):
         return str(accumulator[0]), accumulator[1]
 
-    def merge(self, a, b):  # noqa: ANN001, ANN201
+    def merge(self, a, b):
         return [a[0] + b[0], a[1] + b[1]]
 
 
 class WithWindow(ProcessWindowFunction):
     """Attach the key and window bounds to the aggregate."""
 
-    def process(self, key, context, elements):  # noqa: ANN001, ANN201
+    def process(self, key, context, elements):
         quantity, count = next(iter(elements))
         w = context.window()
         yield key[0], key[1], key[2], w.start, w.end, quantity, count
@@ -106,7 +106,9 @@ def main(argv: list[str]) -> None:
     et = cfg.event_time
 
     conf = Configuration()
-    conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
+    conf.set_string(
+        "execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms"
+    )
     conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("execution.checkpointing.dir", cfg.checkpoint_uri())
     conf.set_string("parallelism.default", str(args.parallelism))
@@ -116,7 +118,10 @@ def main(argv: list[str]) -> None:
     t_env.get_config().set("table.local-time-zone", "UTC")
 
     topic = cfg.kafka.usage_events_topic
-    stops = {KafkaTopicPartition(topic, int(p)): int(o) for p, o in (item.split(":") for item in args.stop_offsets.split(","))}
+    stops = {
+        KafkaTopicPartition(topic, int(p)): int(o)
+        for p, o in (item.split(":") for item in args.stop_offsets.split(","))
+    }
     source = (
         KafkaSource.builder()
         .set_bootstrap_servers(cfg.kafka.bootstrap_servers)
@@ -128,9 +133,9 @@ def main(argv: list[str]) -> None:
         .set_property("isolation.level", "read_committed")
         .build()
     )
-    watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(int(et.watermark_delay.total_seconds() * 1000))).with_idleness(
-        Duration.of_millis(int(et.source_idle_timeout.total_seconds() * 1000))
-    )
+    watermarks = WatermarkStrategy.for_bounded_out_of_orderness(
+        Duration.of_millis(int(et.watermark_delay.total_seconds() * 1000))
+    ).with_idleness(Duration.of_millis(int(et.source_idle_timeout.total_seconds() * 1000)))
     # The record timestamp is the produce time. Per-partition watermarks need the event time inside the
     # source, where PyFlink runs no Python: read it from the raw bytes in the JVM (udf/ AvroEventTimeAssigner).
     assigner = get_gateway().jvm.dev.meterflow.format.AvroEventTimeAssigner()
@@ -140,10 +145,16 @@ def main(argv: list[str]) -> None:
     decode = Decode(USAGE_EVENT_SCHEMA.read_text())
     raw = env.from_source(source, watermarks, "usage events", type_info=Types.PRIMITIVE_ARRAY(Types.BYTE()))
     events = raw.map(decode, output_type=event_type()).name("decode")
-    unique = events.key_by(lambda e: (e[0], e[1]), key_type=Types.TUPLE([Types.STRING(), Types.STRING()])).process(KeepFirst(), output_type=event_type()).name("dedup")
+    unique = (
+        events.key_by(lambda e: (e[0], e[1]), key_type=Types.TUPLE([Types.STRING(), Types.STRING()]))
+        .process(KeepFirst(), output_type=event_type())
+        .name("dedup")
+    )
     late_tag = OutputTag("late", event_type())
     windows = (
-        unique.key_by(lambda e: (e[0], e[2], e[3]), key_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING()]))
+        unique.key_by(
+            lambda e: (e[0], e[2], e[3]), key_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING()])
+        )
         .window(TumblingEventTimeWindows.of(Time.milliseconds(int(et.window_size.total_seconds() * 1000))))
         .allowed_lateness(int(et.allowed_lateness.total_seconds() * 1000))
         .side_output_late_data(late_tag)
@@ -151,21 +162,40 @@ def main(argv: list[str]) -> None:
             SumCount(),
             window_function=WithWindow(),
             accumulator_type=Types.PICKLED_BYTE_ARRAY(),
-            output_type=Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.LONG(), Types.STRING(), Types.LONG()]),
+            output_type=Types.TUPLE(
+                [
+                    Types.STRING(),
+                    Types.STRING(),
+                    Types.STRING(),
+                    Types.LONG(),
+                    Types.LONG(),
+                    Types.STRING(),
+                    Types.LONG(),
+                ]
+            ),
         )
         .name("window sum")
     )
     late = windows.get_side_output(late_tag)
 
     password = cfg.postgres.password.get_secret_value() if cfg.postgres.password else ""
-    t_env.execute_sql(usage_windows_sink_ddl(JdbcTarget(cfg.postgres.jdbc_url(), args.table, cfg.postgres.user, password)))
+    t_env.execute_sql(
+        usage_windows_sink_ddl(JdbcTarget(cfg.postgres.jdbc_url(), args.table, cfg.postgres.user, password))
+    )
     t_env.execute_sql(
         "CREATE TABLE late_sink (tenant_id STRING, event_id STRING) WITH ("
         f"'connector' = 'jdbc', 'url' = '{cfg.postgres.jdbc_url()}', 'table-name' = '{args.late_table}', "
         f"'username' = '{cfg.postgres.user}', 'password' = '{password}')"
     )
-    t_env.create_temporary_view("windows", t_env.from_data_stream(windows).alias("tenant_id", "customer_id", "meter", "start_ms", "end_ms", "quantity", "event_count"))
-    t_env.create_temporary_view("late_events", t_env.from_data_stream(late).alias("tenant_id", "event_id", "customer_id", "meter", "quantity"))
+    t_env.create_temporary_view(
+        "windows",
+        t_env.from_data_stream(windows).alias(
+            "tenant_id", "customer_id", "meter", "start_ms", "end_ms", "quantity", "event_count"
+        ),
+    )
+    t_env.create_temporary_view(
+        "late_events", t_env.from_data_stream(late).alias("tenant_id", "event_id", "customer_id", "meter", "quantity")
+    )
     statements = t_env.create_statement_set()
     statements.add_insert_sql(
         "INSERT INTO usage_windows_sink SELECT tenant_id, customer_id, meter, '{}', "

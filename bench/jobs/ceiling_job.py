@@ -25,7 +25,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     conf = Configuration()
-    conf.set_string("execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms")
+    conf.set_string(
+        "execution.checkpointing.interval", f"{int(cfg.flink.checkpoint_interval.total_seconds() * 1000)} ms"
+    )
     conf.set_string("execution.checkpointing.mode", "EXACTLY_ONCE")
     conf.set_string("execution.checkpointing.dir", cfg.checkpoint_uri())
     conf.set_string("parallelism.default", str(args.parallelism))

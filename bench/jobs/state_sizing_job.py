@@ -54,8 +54,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--ids", type=int, required=True)
     parser.add_argument("--live-rate", type=int, default=1000)
-    parser.add_argument("--backend", default=None, help="state.backend.type other than flink.state_backend (e.g. forst)")
-    parser.add_argument("--no-bloom-filter", action="store_true", help="RocksDB without the Bloom filters the job sets (for comparison)")
+    parser.add_argument(
+        "--backend", default=None, help="state.backend.type other than flink.state_backend (e.g. forst)"
+    )
+    parser.add_argument(
+        "--no-bloom-filter", action="store_true", help="RocksDB without the Bloom filters the job sets (for comparison)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     extra = {"pipeline.name": f"state-sizing-{args.ids}"}
@@ -69,11 +73,24 @@ def main(argv: list[str]) -> None:
     # Random 63-bit numbers, not a sequence: datagen's sequence holds every value of its range in
     # a queue from the start (50M ids: over 1 GB of heap, an OutOfMemoryError in the project's
     # TaskManager). Expected repeats among 50M draws of 2^63: 50M^2 / 2^64, about 0.0001.
-    ids = {"connector": "datagen", "rows-per-second": "1000000000", "number-of-rows": str(args.ids), "fields.n.kind": "random", "fields.n.min": "0"}
-    live = {"connector": "datagen", "rows-per-second": str(args.live_rate), "fields.n.kind": "random", "fields.n.min": "0"}
+    ids = {
+        "connector": "datagen",
+        "rows-per-second": "1000000000",
+        "number-of-rows": str(args.ids),
+        "fields.n.kind": "random",
+        "fields.n.min": "0",
+    }
+    live = {
+        "connector": "datagen",
+        "rows-per-second": str(args.live_rate),
+        "fields.n.kind": "random",
+        "fields.n.min": "0",
+    }
     for name, options in (("ids", ids), ("live", live)):
         t_env.execute_sql(f"CREATE TABLE `{name}` (`n` BIGINT, `proc_time` AS PROCTIME()) {sql_with(options)}")
-    t_env.execute_sql(f"CREATE TEMPORARY VIEW `{EVENTS_VIEW}` AS\n{events_select('ids', '`n`')}\nUNION ALL\n{events_select('live', '`n`')}")
+    t_env.execute_sql(
+        f"CREATE TEMPORARY VIEW `{EVENTS_VIEW}` AS\n{events_select('ids', '`n`')}\nUNION ALL\n{events_select('live', '`n`')}"
+    )
     cols = ", ".join(c.ddl() for c in usage_value_columns())
     t_env.execute_sql(f"CREATE TABLE `discard` ({cols}) WITH ('connector' = 'blackhole')")
     client = t_env.execute_sql(f"INSERT INTO `discard`\n{dedup_query(f'`{EVENTS_VIEW}`')}").get_job_client()

@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import (
@@ -24,6 +25,9 @@ from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 from meterflow.commands.usage import fmt_qty
 from meterflow.config import JobConfig
 from meterflow.config_values import parse_duration
+
+if TYPE_CHECKING:
+    from sinks.reconcile import Period
 
 
 @cli.group()
@@ -42,27 +46,66 @@ def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
     summary = status_summary(ctx.cfg)
     dead = fetch_deliveries(ctx.cfg, ("dead",)) if show_dead else []
     if fmt == "json":
-        rows = [dict(zip(("provider", "kind", "status", "deliveries", "quantity", "oldest_window", "last_update"), r, strict=True)) for r in summary]
+        rows = [
+            dict(
+                zip(
+                    ("provider", "kind", "status", "deliveries", "quantity", "oldest_window", "last_update"),
+                    r,
+                    strict=True,
+                )
+            )
+            for r in summary
+        ]
         console.print_json(json.dumps({"summary": rows, "dead": [d.__dict__ for d in dead]}, default=str))
         return
     table = Table("provider", "kind", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
     for provider, kind, status, n, quantity, oldest, updated in summary:
-        table.add_row(provider, kind, status, str(n), fmt_qty(quantity), f"{oldest:%Y-%m-%d %H:%M:%S}", f"{updated:%Y-%m-%d %H:%M:%S %Z}")
+        table.add_row(
+            provider,
+            kind,
+            status,
+            str(n),
+            fmt_qty(quantity),
+            f"{oldest:%Y-%m-%d %H:%M:%S}",
+            f"{updated:%Y-%m-%d %H:%M:%S %Z}",
+        )
     console.print(table)
     if dead:
-        dead_table = Table("identifier", "kind", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason")
+        dead_table = Table(
+            "identifier", "kind", "tenant", "customer", "meter", "window (UTC)", "quantity", "attempts", "reason"
+        )
         for d in dead:
-            dead_table.add_row(d.identifier, d.kind, d.tenant_id, d.customer_id, d.meter, f"{d.window_start:%Y-%m-%d %H:%M:%S}", fmt_qty(d.quantity), str(d.attempts), d.last_error or "")
+            dead_table.add_row(
+                d.identifier,
+                d.kind,
+                d.tenant_id,
+                d.customer_id,
+                d.meter,
+                f"{d.window_start:%Y-%m-%d %H:%M:%S}",
+                fmt_qty(d.quantity),
+                str(d.attempts),
+                d.last_error or "",
+            )
         console.print(dead_table)
 
 
 @billing.command("replay")
-@click.option("--identifier", "identifiers", multiple=True, help="Only these deliveries (repeatable); default: every dead one.")
-@click.option("--include-failed", is_flag=True, help="Also deliveries left failed or pending by a job that no longer runs.")
-@click.option("--force", is_flag=True, help="Also deliveries first sent longer ago than the provider deduplicates; each is checked at the provider first.")
+@click.option(
+    "--identifier", "identifiers", multiple=True, help="Only these deliveries (repeatable); default: every dead one."
+)
+@click.option(
+    "--include-failed", is_flag=True, help="Also deliveries left failed or pending by a job that no longer runs."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also deliveries first sent longer ago than the provider deduplicates; each is checked at the provider first.",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be re-sent, send nothing.")
 @pass_ctx
-def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: bool, force: bool, dry_run: bool) -> None:
+def billing_replay(
+    ctx: Context, identifiers: tuple[str, ...], include_failed: bool, force: bool, dry_run: bool
+) -> None:
     """Re-send dead deliveries with their original identifiers, after the cause was fixed.
 
     Same identifier and Idempotency-Key as the first attempt, so within the provider's dedup window
@@ -78,16 +121,22 @@ def billing_replay(ctx: Context, identifiers: tuple[str, ...], include_failed: b
     chosen = [d for d in fetch_deliveries(cfg, statuses) if not identifiers or d.identifier in identifiers]
     missing = set(identifiers) - {d.identifier for d in chosen}
     if missing:
-        err_console.print(f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}")
+        err_console.print(
+            f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}"
+        )
     now = datetime.now(UTC)
-    refused = {d.identifier: reason for d in chosen if (reason := d.replay_refusal(now, cfg.billing.provider_dedup_window))}
+    refused = {
+        d.identifier: reason for d in chosen if (reason := d.replay_refusal(now, cfg.billing.provider_dedup_window))
+    }
     for identifier, reason in refused.items():
         err_console.print(f"[red]{'checking at the provider' if force else 'refused'}[/] {identifier}: {reason}")
     if not force:
         chosen = [d for d in chosen if d.identifier not in refused]
     if dry_run or not chosen:
         for d in chosen:
-            console.print(f"{d.identifier}  {d.kind}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}")
+            console.print(
+                f"{d.identifier}  {d.kind}  {d.tenant_id}/{d.customer_id}/{d.meter}  {d.window_start:%Y-%m-%d %H:%M:%S}  {d.status}: {d.last_error or ''}"
+            )
         err_console.print(f"{len(chosen)} deliveries {'would be ' if dry_run else ''}replayed")
         if refused and not force:
             sys.exit(1)
@@ -110,7 +159,10 @@ async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
     from sinks.ledger_async import AsyncPostgresLedger
     from sinks.stripe_stream import meter_events_provider
 
-    ledger, provider = AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1), meter_events_provider(cfg)
+    ledger, provider = (
+        AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1),
+        meter_events_provider(cfg),
+    )
     deliverer = Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep)
     counts: dict[str, int] = defaultdict(int)
     columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -133,10 +185,17 @@ async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
 @click.option("--tenant", default=None, help="Only this tenant.")
 @click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC).")
 @click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
-@click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be on their way to billing and are skipped.")
+@click.option(
+    "--grace",
+    default="2m",
+    show_default=True,
+    help="Windows finalised more recently than this may still be on their way to billing and are skipped.",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be published, publish nothing.")
 @pass_ctx
-def billing_republish(ctx: Context, tenant: str | None, since: str | None, until: str | None, grace: str, dry_run: bool) -> None:
+def billing_republish(
+    ctx: Context, tenant: str | None, since: str | None, until: str | None, grace: str, dry_run: bool
+) -> None:
     """Publish again the final windows billing never saw at their final revision.
 
     A window final in Postgres whose closed-window record never reached billing (its output
@@ -164,11 +223,17 @@ def billing_republish(ctx: Context, tenant: str | None, since: str | None, until
         if r.is_final and r.updated_at <= cutoff
         and (tenant is None or r.tenant_id == tenant) and (lower is None or r.window_start >= lower) and (upper is None or r.window_start < upper)
     }  # fmt: skip
-    chosen = [rows[k] for k in unpublished(((k, r.revision, r.quantity) for k, r in rows.items()), fetch_ledger_windows(cfg))]
+    chosen = [
+        rows[k] for k in unpublished(((k, r.revision, r.quantity) for k, r in rows.items()), fetch_ledger_windows(cfg))
+    ]
     for r in chosen:
-        console.print(f"{r.tenant_id}/{r.customer_id}/{r.meter} {r.dimensions_key} {r.window_start:%Y-%m-%d %H:%M:%S}  {fmt_qty(r.quantity)}  revision {r.revision}")
+        console.print(
+            f"{r.tenant_id}/{r.customer_id}/{r.meter} {r.dimensions_key} {r.window_start:%Y-%m-%d %H:%M:%S}  {fmt_qty(r.quantity)}  revision {r.revision}"
+        )
     if dry_run or not chosen:
-        err_console.print(f"{len(chosen)} final windows {'would be ' if dry_run else ''}published again to {cfg.kafka.closed_windows_topic}")
+        err_console.print(
+            f"{len(chosen)} final windows {'would be ' if dry_run else ''}published again to {cfg.kafka.closed_windows_topic}"
+        )
         return
     records = [
         (None, encode_closed_window({  # unkeyed, as the usage job writes them
@@ -179,7 +244,9 @@ def billing_republish(ctx: Context, tenant: str | None, since: str | None, until
         for r in chosen
     ]  # fmt: skip
     sent = send_values(cfg.kafka.bootstrap_servers, cfg.kafka.closed_windows_topic, records, noun="closed windows")
-    err_console.print(f"{sent} final windows published again to {cfg.kafka.closed_windows_topic}; the billing job bills them (check with `meterflow reconcile`)")
+    err_console.print(
+        f"{sent} final windows published again to {cfg.kafka.closed_windows_topic}; the billing job bills them (check with `meterflow reconcile`)"
+    )
 
 
 @billing.group("customers")
@@ -233,15 +300,43 @@ def billing_customers_list(ctx: Context) -> None:
 
 
 @cli.command()
-@click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True, help="Billing period to total per customer.")
+@click.option(
+    "--period",
+    type=click.Choice(["day", "month"]),
+    default="month",
+    show_default=True,
+    help="Billing period to total per customer.",
+)
 @click.option("--tenant", default=None, help="Only this tenant.")
-@click.option("--since", default=None, help="Only windows starting at or after this (ISO-8601, UTC), e.g. when billing was switched on.")
+@click.option(
+    "--since",
+    default=None,
+    help="Only windows starting at or after this (ISO-8601, UTC), e.g. when billing was switched on.",
+)
 @click.option("--until", default=None, help="Only windows starting before this (ISO-8601, UTC).")
-@click.option("--grace", default="2m", show_default=True, help="Windows finalised more recently than this may still be in flight and are skipped.")
-@click.option("--provider-totals", is_flag=True, help="Also ask the provider for each customer's monthly meter totals and compare them with the values sent.")
+@click.option(
+    "--grace",
+    default="2m",
+    show_default=True,
+    help="Windows finalised more recently than this may still be in flight and are skipped.",
+)
+@click.option(
+    "--provider-totals",
+    is_flag=True,
+    help="Also ask the provider for each customer's monthly meter totals and compare them with the values sent.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_ctx
-def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, until: str | None, grace: str, provider_totals: bool, fmt: str) -> None:
+def reconcile(
+    ctx: Context,
+    period: Period,
+    tenant: str | None,
+    since: str | None,
+    until: str | None,
+    grace: str,
+    provider_totals: bool,
+    fmt: str,
+) -> None:
     """Compare final windows in Postgres with what the ledger says the provider accepted.
 
     A window counts as billed with its own meter event plus its corrections (a changed final
@@ -271,53 +366,137 @@ def reconcile(ctx: Context, period: str, tenant: str | None, since: str | None, 
     found = fetch_reconciliation_input(ctx.cfg, parse_duration(grace))
 
     def chosen(rows: list) -> list:
-        return [w for w in rows if (tenant is None or w.tenant_id == tenant) and (lower is None or w.window_start >= lower) and (upper is None or w.window_start < upper)]
+        return [
+            w
+            for w in rows
+            if (tenant is None or w.tenant_id == tenant)
+            and (lower is None or w.window_start >= lower)
+            and (upper is None or w.window_start < upper)
+        ]
 
     ledger = chosen(found.ledger)
-    totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections))  # type: ignore[arg-type]
+    totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections))
     # Values are checked per whole month (a carried meter's rule holds over its month), for every month the bounds touch.
     roundings = {m.name: m.billing_rounding for m in ctx.cfg.meters}
     months = value_discrepancies([w for w in found.ledger if tenant is None or w.tenant_id == tenant], roundings)
     first_month = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
-    discrepancies += [d for d in months if (upper is None or d.window_start < upper) and (first_month is None or d.window_start >= first_month)]
+    discrepancies += [
+        d
+        for d in months
+        if (upper is None or d.window_start < upper) and (first_month is None or d.window_start >= first_month)
+    ]
     corrections = corrections_of(ledger)
     at_provider = _provider_differences(ctx.cfg, parse_duration(grace), tenant, lower, upper) if provider_totals else []
     if fmt == "json":
-        report = {"periods": [t.__dict__ for t in totals], "corrections": [c.__dict__ for c in corrections], "discrepancies": [d.__dict__ for d in discrepancies]}
+        report = {
+            "periods": [t.__dict__ for t in totals],
+            "corrections": [c.__dict__ for c in corrections],
+            "discrepancies": [d.__dict__ for d in discrepancies],
+        }
         if provider_totals:
             report["provider_differences"] = [{**d.__dict__, "detail": d.detail} for d in at_provider]
         console.print_json(json.dumps(report, default=str))
     else:
-        table = Table("tenant", "customer", "meter", "period", "windows", "corrections", "final quantity", "billed quantity", "agrees")
+        table = Table(
+            "tenant",
+            "customer",
+            "meter",
+            "period",
+            "windows",
+            "corrections",
+            "final quantity",
+            "billed quantity",
+            "agrees",
+        )
         for t in totals:
-            table.add_row(t.tenant_id, t.customer_id, t.meter, t.period, str(t.windows), str(t.corrections), fmt_qty(t.final_quantity), fmt_qty(t.billed_quantity), "yes" if t.agrees else "[red]no[/]")
+            table.add_row(
+                t.tenant_id,
+                t.customer_id,
+                t.meter,
+                t.period,
+                str(t.windows),
+                str(t.corrections),
+                fmt_qty(t.final_quantity),
+                fmt_qty(t.billed_quantity),
+                "yes" if t.agrees else "[red]no[/]",
+            )
         console.print(table)
         if corrections:
-            fixes = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "origin", "revision", "correction", "status", title="corrections (billed as the difference)")
+            fixes = Table(
+                "tenant",
+                "customer",
+                "meter",
+                "dimensions",
+                "window (UTC)",
+                "origin",
+                "revision",
+                "correction",
+                "status",
+                title="corrections (billed as the difference)",
+            )
             for c in corrections:
-                fixes.add_row(c.tenant_id, c.customer_id, c.meter, c.dimensions_key, f"{c.window_start:%Y-%m-%d %H:%M:%S}-{c.window_end:%H:%M:%S}", c.origin, str(c.revision), fmt_qty(c.quantity), c.status)
+                fixes.add_row(
+                    c.tenant_id,
+                    c.customer_id,
+                    c.meter,
+                    c.dimensions_key,
+                    f"{c.window_start:%Y-%m-%d %H:%M:%S}-{c.window_end:%H:%M:%S}",
+                    c.origin,
+                    str(c.revision),
+                    fmt_qty(c.quantity),
+                    c.status,
+                )
             console.print(fixes)
         if discrepancies:
-            issues = Table("kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail")
+            issues = Table(
+                "kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail"
+            )
             for d in discrepancies:
                 q = [("" if v is None else fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
-                issues.add_row(d.kind, d.tenant_id, d.customer_id, d.meter, d.dimensions_key, f"{d.window_start:%Y-%m-%d %H:%M:%S}-{d.window_end:%H:%M:%S}", *q, d.detail)
+                issues.add_row(
+                    d.kind,
+                    d.tenant_id,
+                    d.customer_id,
+                    d.meter,
+                    d.dimensions_key,
+                    f"{d.window_start:%Y-%m-%d %H:%M:%S}-{d.window_end:%H:%M:%S}",
+                    *q,
+                    d.detail,
+                )
             console.print(issues)
         if at_provider:
-            differing = Table("provider customer", "event name", "month", "values sent", "provider total", title="the provider's totals differ from the values sent")
+            differing = Table(
+                "provider customer",
+                "event name",
+                "month",
+                "values sent",
+                "provider total",
+                title="the provider's totals differ from the values sent",
+            )
             for p in at_provider:
-                differing.add_row(p.provider_customer_id, p.event_name, f"{p.month:%Y-%m}", fmt_qty(p.sent), fmt_qty(p.provider_total))
+                differing.add_row(
+                    p.provider_customer_id, p.event_name, f"{p.month:%Y-%m}", fmt_qty(p.sent), fmt_qty(p.provider_total)
+                )
             console.print(differing)
     if at_provider:
-        err_console.print(f"[red]{len(at_provider)} months[/] where the provider's total differs from the values the ledger sent")
+        err_console.print(
+            f"[red]{len(at_provider)} months[/] where the provider's total differs from the values the ledger sent"
+        )
     if discrepancies or at_provider:
         if discrepancies:
-            err_console.print(f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger")
+            err_console.print(
+                f"[red]{len(discrepancies)} discrepancies[/] between final windows and the billing ledger"
+            )
         sys.exit(1)
-    err_console.print(f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)" + ("; so do the provider's monthly totals" if provider_totals else ""))
+    err_console.print(
+        f"final windows and the billing ledger agree ({sum(t.windows for t in totals)} windows)"
+        + ("; so do the provider's monthly totals" if provider_totals else "")
+    )
 
 
-def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, lower: datetime | None, upper: datetime | None) -> list:
+def _provider_differences(
+    cfg: JobConfig, grace: timedelta, tenant: str | None, lower: datetime | None, upper: datetime | None
+) -> list:
     """Each settled month's provider total against the values sent (reconcile --provider-totals)."""
     import asyncio
 
@@ -328,7 +507,9 @@ def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, 
 
     now = datetime.now(UTC)
     cutoff = now - grace
-    customers = {m[3] for m in fetch_customers(cfg) if m[2] == cfg.billing.provider and (tenant is None or m[0] == tenant)}
+    customers = {
+        m[3] for m in fetch_customers(cfg) if m[2] == cfg.billing.provider and (tenant is None or m[0] == tenant)
+    }
     first = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
     groups = [
         g for g in fetch_sent_groups(cfg)
@@ -339,7 +520,12 @@ def _provider_differences(cfg: JobConfig, grace: timedelta, tenant: str | None, 
     async def ask() -> dict:
         provider = meter_events_provider(cfg)
         try:
-            return {(g.provider_customer_id, g.event_name, g.month): await provider.total(g.event_name, g.provider_customer_id, *summary_bounds(g.month, now, ahead)) for g in groups}
+            return {
+                (g.provider_customer_id, g.event_name, g.month): await provider.total(
+                    g.event_name, g.provider_customer_id, *summary_bounds(g.month, now, ahead)
+                )
+                for g in groups
+            }
         finally:
             await provider.close()
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.table import Table
@@ -47,7 +47,13 @@ def read_late_events(cfg: JobConfig, topic: str | None = None) -> list[dict[str,
     from jobs.plan import LATE_EVENT_SCHEMA
 
     schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
-    return list(read_committed(cfg.kafka.bootstrap_servers, topic or cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), schema)))
+    return list(
+        read_committed(
+            cfg.kafka.bootstrap_servers,
+            topic or cfg.kafka.late_events_topic,
+            lambda v: fastavro.schemaless_reader(io.BytesIO(v), schema),
+        )
+    )
 
 
 def read_new_late_events(cfg: JobConfig, topic: str | None = None) -> list[LateEvent]:
@@ -56,6 +62,7 @@ def read_new_late_events(cfg: JobConfig, topic: str | None = None) -> list[LateE
 
     import fastavro
 
+    from connectors.avro_codec import read_record
     from connectors.avro_types import load_schema
     from connectors.kafka_reader import read_from
     from jobs.plan import LATE_EVENT_SCHEMA
@@ -64,12 +71,14 @@ def read_new_late_events(cfg: JobConfig, topic: str | None = None) -> list[LateE
     schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
     topic = topic or cfg.kafka.late_events_topic
     return [
-        late_event_from_record(fastavro.schemaless_reader(io.BytesIO(value), schema), cfg, (partition, offset))
+        late_event_from_record(read_record(io.BytesIO(value), schema), cfg, (partition, offset))
         for partition, offset, value in read_from(cfg.kafka.bootstrap_servers, topic, stored_offsets(cfg, topic))
     ]
 
 
-def late_events_in_range(records: list[dict[str, Any]], cfg: JobConfig, since: datetime | None, until: datetime | None) -> list[LateEvent]:
+def late_events_in_range(
+    records: list[dict[str, Any]], cfg: JobConfig, since: datetime | None, until: datetime | None
+) -> list[LateEvent]:
     """Typed late events with event_time in [since, until), in topic order."""
     from meterflow.late_audit import select
 
@@ -105,10 +114,21 @@ def corrections() -> None:
 @click.option("--dry-run", is_flag=True, help="Compute the corrections against the database, record none.")
 @click.option("--topic", default=None, help="Late-events topic (default kafka.late_events_topic).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--resume", is_flag=True, help="Read only the late events after the offsets the last --resume run stored (stored with each batch).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Read only the late events after the offsets the last --resume run stored (stored with each batch).",
+)
 @click.option("--follow", is_flag=True, help="Keep going: a --resume run every --interval until interrupted.")
-@click.option("--interval", default=None, help="Pause between runs with --follow (default corrections.follow_interval).")
-@click.option("--metrics-port", type=int, default=None, help="With --follow: serve Prometheus metrics on this port (default corrections.metrics_port; 0: none).")
+@click.option(
+    "--interval", default=None, help="Pause between runs with --follow (default corrections.follow_interval)."
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="With --follow: serve Prometheus metrics on this port (default corrections.metrics_port; 0: none).",
+)
 @pass_ctx
 def corrections_apply(
     ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, resume: bool, follow: bool, interval: str | None, metrics_port: int | None
@@ -149,10 +169,21 @@ def corrections_apply(
             except OSError as e:  # the corrections still run; the alert on the missing target says so
                 err_console.print(f"[red]corrections follower: metrics not served, port {port}: {e}[/]")
             else:
-                err_console.print(f"corrections follower: a run every {pause.total_seconds():g}s, metrics on :{port}/metrics")
+                err_console.print(
+                    f"corrections follower: a run every {pause.total_seconds():g}s, metrics on :{port}/metrics"
+                )
 
     def once() -> None:
-        plans = run_apply(ctx.cfg, since=parse_bound(since), until=parse_bound(until), dry_run=dry_run, topic=topic, fmt=fmt, now=utc_now, incremental=incremental)
+        plans = run_apply(
+            ctx.cfg,
+            since=parse_bound(since),
+            until=parse_bound(until),
+            dry_run=dry_run,
+            topic=topic,
+            fmt=fmt,
+            now=utc_now,
+            incremental=incremental,
+        )
         if metrics is not None:
             metrics.read_retention()
             metrics.observe(plans, utc_now().replace(tzinfo=None))
@@ -176,7 +207,15 @@ def repeat(step: Callable[[], None], sleep: Callable[[float], None], pause_s: fl
 
 
 def run_apply(
-    cfg: JobConfig, *, since: datetime | None, until: datetime | None, dry_run: bool, topic: str | None, fmt: str, now: Callable[[], datetime], incremental: bool = False
+    cfg: JobConfig,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    dry_run: bool,
+    topic: str | None,
+    fmt: str,
+    now: Callable[[], datetime],
+    incremental: bool = False,
 ) -> list[Plan]:
     """``corrections apply``: read, plan and record; prints the corrections made (or that would be).
 
@@ -184,6 +223,7 @@ def run_apply(
     the stored offsets, and store the new ones with each batch.
     """
     from sinks.corrections_store import ResumePoint, apply_all
+
     if incremental:
         events, resume = read_new_late_events(cfg, topic), ResumePoint(topic or cfg.kafka.late_events_topic)
     else:
@@ -195,9 +235,23 @@ def run_apply(
         for k, v in p.summary.items():
             totals[k] = totals.get(k, 0) + v
     if fmt == "json":
-        click.echo(json.dumps({"dry_run": dry_run, "incremental": incremental, "late_events": len(events), "summary": totals, "corrections": [_correction_json(c) for c in made]}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "dry_run": dry_run,
+                    "incremental": incremental,
+                    "late_events": len(events),
+                    "summary": totals,
+                    "corrections": [_correction_json(c) for c in made],
+                },
+                indent=2,
+            )
+        )
     else:
-        _print_corrections([(c, None) for c in made], title="corrections (dry run, nothing written)" if dry_run else "corrections recorded")
+        _print_corrections(
+            [(c, None) for c in made],
+            title="corrections (dry run, nothing written)" if dry_run else "corrections recorded",
+        )
     verb = "would record" if dry_run else "recorded"
     err_console.print(
         f"{len(events)} {'new late events' if incremental else 'late events in range'}: {verb} {len(made)} corrections "
@@ -226,7 +280,19 @@ def _correction_json(c: Any) -> dict[str, Any]:
 
 
 def _print_corrections(rows: list[tuple[Any, datetime | None]], title: str) -> None:
-    table = Table("tenant", "customer", "meter", "dimensions", "window (UTC)", "delta", "events", "status", "reason", "applied at", title=title)
+    table = Table(
+        "tenant",
+        "customer",
+        "meter",
+        "dimensions",
+        "window (UTC)",
+        "delta",
+        "events",
+        "status",
+        "reason",
+        "applied at",
+        title=title,
+    )
     table.add_column("correction", overflow="fold", min_width=len("cor-0000000000000-") + 40)
     for c, applied_at in rows:
         w = c.window
@@ -258,12 +324,24 @@ def corrections_list(ctx: Context, tenant: str | None, status: str | None, fmt: 
     apply_corrections_schema(ctx.cfg)
     rows = fetch_corrections(ctx.cfg, tenant, status)
     if fmt == "json":
-        click.echo(json.dumps([{**_correction_json(r.correction), "applied_at": r.applied_at.isoformat(), "decided_by": r.decided_by} for r in rows], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        **_correction_json(r.correction),
+                        "applied_at": r.applied_at.isoformat(),
+                        "decided_by": r.decided_by,
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return
     _print_corrections([(r.correction, r.applied_at) for r in rows], title="corrections")
 
 
-def _decision_command(action: str, help_text: str) -> None:
+def _decision_command(action: Literal["approve", "reject"], help_text: str) -> None:
     """Register ``corrections <action> CORRECTION_ID [--note]``: both decisions take the same arguments."""
 
     @corrections.command(action, help=help_text)
@@ -278,4 +356,6 @@ def _decision_command(action: str, help_text: str) -> None:
 
 
 _decision_command("approve", "Approve a correction held for approval: its delta then counts in the corrected total.")
-_decision_command("reject", "Reject a pending or applied correction: its delta no longer counts; its events stay recorded.")
+_decision_command(
+    "reject", "Reject a pending or applied correction: its delta no longer counts; its events stay recorded."
+)

@@ -26,10 +26,26 @@ class FollowerMetrics:
         self.cfg, self.topic = cfg, topic
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.last_pass = Gauge("meterflow_corrections_last_pass_timestamp_seconds", "When the last run of the follower ended without an error (unix s).", registry=r)
-        self.waiting_events = Gauge("meterflow_corrections_waiting_events", "Late events left for a later run: their window had no final row yet.", registry=r)
-        self.waiting_age = Gauge("meterflow_corrections_waiting_oldest_age_seconds", "How long the oldest waiting late event has been in the late topic (0: none waits).", registry=r)
-        self.retention = Gauge("meterflow_corrections_late_topic_retention_seconds", "The late topic's retention.ms, in s (+Inf: unlimited; NaN: not known yet).", registry=r)
+        self.last_pass = Gauge(
+            "meterflow_corrections_last_pass_timestamp_seconds",
+            "When the last run of the follower ended without an error (unix s).",
+            registry=r,
+        )
+        self.waiting_events = Gauge(
+            "meterflow_corrections_waiting_events",
+            "Late events left for a later run: their window had no final row yet.",
+            registry=r,
+        )
+        self.waiting_age = Gauge(
+            "meterflow_corrections_waiting_oldest_age_seconds",
+            "How long the oldest waiting late event has been in the late topic (0: none waits).",
+            registry=r,
+        )
+        self.retention = Gauge(
+            "meterflow_corrections_late_topic_retention_seconds",
+            "The late topic's retention.ms, in s (+Inf: unlimited; NaN: not known yet).",
+            registry=r,
+        )
         self.recorded = Counter("meterflow_corrections_recorded", "Corrections recorded.", registry=r)
         self.retention.set(math.nan)
         self._retention_known = False
@@ -44,7 +60,11 @@ class FollowerMetrics:
 
         if self._retention_known:
             return
-        value = describe_topic_configs(self.cfg.kafka.bootstrap_servers, {self.topic: ["retention.ms"]}).get(self.topic, {}).get("retention.ms")
+        value = (
+            describe_topic_configs(self.cfg.kafka.bootstrap_servers, {self.topic: ["retention.ms"]})
+            .get(self.topic, {})
+            .get("retention.ms")
+        )
         if value is not None:
             self.retention.set(retention_seconds(value))
             self._retention_known = True

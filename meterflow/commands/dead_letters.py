@@ -49,14 +49,59 @@ class _Time(click.ParamType):
 def selection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options both commands choose dead letters with (meterflow/dead_letters.py ``Criteria``)."""
     options = [
-        click.option("--reason-contains", "reason_contains", multiple=True, help="Reason contains this text, case-insensitive (repeat: any of them)."),
-        click.option("--kind", "kinds", multiple=True, metavar="KIND", help="Reason kind: its text before the first colon as the job's metrics name it, e.g. unknown_meter, malformed_avro, contract (repeat: any)."),
-        click.option("--since", type=_Time(), default=None, help="seen_at >= this (ISO-8601 or epoch ms; a time without a zone is UTC)."),
-        click.option("--until", type=_Time(), default=None, help="seen_at < this (ISO-8601 or epoch ms; a time without a zone is UTC)."),
-        click.option("--partition", type=click.IntRange(min=0), metavar="N", default=None, help="Only this partition of the dead-letter topic."),
-        click.option("--from-offset", type=click.IntRange(min=0), metavar="OFFSET", default=None, help="Dead-letter topic offset >= this, in every partition read."),
-        click.option("--to-offset", type=click.IntRange(min=0), metavar="OFFSET", default=None, help="Dead-letter topic offset <= this, in every partition read."),
-        click.option("--limit", type=click.IntRange(min=0), metavar="N", default=None, help="At most this many, oldest seen_at first."),
+        click.option(
+            "--reason-contains",
+            "reason_contains",
+            multiple=True,
+            help="Reason contains this text, case-insensitive (repeat: any of them).",
+        ),
+        click.option(
+            "--kind",
+            "kinds",
+            multiple=True,
+            metavar="KIND",
+            help="Reason kind: its text before the first colon as the job's metrics name it, e.g. unknown_meter, malformed_avro, contract (repeat: any).",
+        ),
+        click.option(
+            "--since",
+            type=_Time(),
+            default=None,
+            help="seen_at >= this (ISO-8601 or epoch ms; a time without a zone is UTC).",
+        ),
+        click.option(
+            "--until",
+            type=_Time(),
+            default=None,
+            help="seen_at < this (ISO-8601 or epoch ms; a time without a zone is UTC).",
+        ),
+        click.option(
+            "--partition",
+            type=click.IntRange(min=0),
+            metavar="N",
+            default=None,
+            help="Only this partition of the dead-letter topic.",
+        ),
+        click.option(
+            "--from-offset",
+            type=click.IntRange(min=0),
+            metavar="OFFSET",
+            default=None,
+            help="Dead-letter topic offset >= this, in every partition read.",
+        ),
+        click.option(
+            "--to-offset",
+            type=click.IntRange(min=0),
+            metavar="OFFSET",
+            default=None,
+            help="Dead-letter topic offset <= this, in every partition read.",
+        ),
+        click.option(
+            "--limit",
+            type=click.IntRange(min=0),
+            metavar="N",
+            default=None,
+            help="At most this many, oldest seen_at first.",
+        ),
         click.option("--topic", default=None, help="Dead-letter topic (default kafka.dead_letter_topic)."),
     ]
     for option in reversed(options):
@@ -64,8 +109,26 @@ def selection_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _criteria(reason_contains: tuple[str, ...], kinds: tuple[str, ...], since: datetime | None, until: datetime | None, partition: int | None, from_offset: int | None, to_offset: int | None, limit: int | None) -> Criteria:
-    return Criteria(reason_contains=reason_contains, kinds=kinds, since=since, until=until, partition=partition, from_offset=from_offset, to_offset=to_offset, limit=limit)
+def _criteria(
+    reason_contains: tuple[str, ...],
+    kinds: tuple[str, ...],
+    since: datetime | None,
+    until: datetime | None,
+    partition: int | None,
+    from_offset: int | None,
+    to_offset: int | None,
+    limit: int | None,
+) -> Criteria:
+    return Criteria(
+        reason_contains=reason_contains,
+        kinds=kinds,
+        since=since,
+        until=until,
+        partition=partition,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        limit=limit,
+    )
 
 
 def read_dead_letters(cfg: JobConfig, topic: str, criteria: Criteria) -> tuple[list[DeadLetter], list[Unreadable]]:
@@ -124,7 +187,9 @@ def dead_letters_list(ctx: Context, topic: str | None, as_json: bool, **selectio
 @click.option("--dry-run", is_flag=True, help="Show what would be re-sent; send nothing.")
 @click.option("--yes", is_flag=True, help=f"Do not ask before re-sending more than {CONFIRM_ABOVE}.")
 @pass_ctx
-def dead_letters_replay(ctx: Context, topic: str | None, to_topic: str | None, dry_run: bool, yes: bool, **selection: Any) -> None:
+def dead_letters_replay(
+    ctx: Context, topic: str | None, to_topic: str | None, dry_run: bool, yes: bool, **selection: Any
+) -> None:
     """Re-send the chosen dead letters' payloads, unchanged, to the usage-events topic.
 
     Reads the dead-letter topic up to its end offsets at the start, so dead letters written while
@@ -151,9 +216,18 @@ def dead_letters_replay(ctx: Context, topic: str | None, to_topic: str | None, d
     _print_summary(topic, len(letters), selected, unreadable)
     if cut:
         places = ", ".join(f"{d.partition}/{d.offset}" for d in cut[:10]) + (", ..." if len(cut) > 10 else "")
-        err_console.print(Text(f"{len(cut)} selected dead letters not replayed: the job kept only the start of their message ({places})", style="yellow"), soft_wrap=True)
+        err_console.print(
+            Text(
+                f"{len(cut)} selected dead letters not replayed: the job kept only the start of their message ({places})",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
     if dry_run or not chosen:
-        err_console.print(f"{'dry run: would replay' if dry_run else 'replayed'} {len(chosen)} dead letters to {to_topic}", soft_wrap=True)
+        err_console.print(
+            f"{'dry run: would replay' if dry_run else 'replayed'} {len(chosen)} dead letters to {to_topic}",
+            soft_wrap=True,
+        )
         return
     if len(chosen) > CONFIRM_ABOVE and not yes:
         click.confirm(f"Replay {len(chosen)} dead letters to {to_topic}?", abort=True, err=True)
@@ -169,4 +243,7 @@ def dead_letters_replay(ctx: Context, topic: str | None, to_topic: str | None, d
             on_sent=lambda n: progress.advance(task, n),
         )
     keyed = sum(1 for key, _ in records if key is not None)
-    err_console.print(f"replayed {sent} dead letters to {to_topic} ({keyed} keyed tenant_id/customer_id, {sent - keyed} unkeyed)", soft_wrap=True)
+    err_console.print(
+        f"replayed {sent} dead letters to {to_topic} ({keyed} keyed tenant_id/customer_id, {sent - keyed} unkeyed)",
+        soft_wrap=True,
+    )

@@ -23,13 +23,18 @@ from meterflow.config import JobConfig
 @cli.command()
 @click.option("--count", default=3000, show_default=True, help="Sample events to produce.")
 @click.option("--timeout", default=180, show_default=True, help="Seconds to wait for the windows in Postgres.")
-@click.option("--fresh", is_flag=True, help="Submit jobs that are not running from empty state (as `meterflow submit --fresh`), not from their retained state.")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Submit jobs that are not running from empty state (as `meterflow submit --fresh`), not from their retained state.",
+)
 @pass_ctx
 def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
     """From nothing: stack up, submit the jobs, produce a sample, wait for its windows, print them, then their billing.
 
     Jobs not running resume from their retained state as with `meterflow submit` (or start empty with --fresh).
     """
+    from connectors.avro_codec import UsageEvent
     from jobs.windowing import is_window_closed, window_bounds
     from meterflow.producer import SyntheticSpec, synthetic_events
     from sinks.postgres import fetch_usage
@@ -40,7 +45,7 @@ def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
     run = uuid.uuid4().hex[:6]
     start, span = _demo_event_time_range(cfg, size)
     spec = SyntheticSpec(count=count, tenants=2, customers=3, start=start, span=span, seed=int(run, 16))
-    events = [dict(e, tenant_id=f"demo-{run}-{e['tenant_id']}") for e in synthetic_events(spec)]
+    events: list[UsageEvent] = [{**e, "tenant_id": f"demo-{run}-{e['tenant_id']}"} for e in synthetic_events(spec)]
     if cfg.billing.enabled:
         from sinks.ledger import map_customer
 
@@ -58,17 +63,25 @@ def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
             acc = expected[(e["tenant_id"], e["customer_id"], e["meter"], start.replace(tzinfo=None))]
             acc[0] += e["quantity"]
             acc[1] += 1
-    err_console.print(f"produced {len(events)} events for tenants demo-{run}-*; waiting for {len(expected)} closed windows in Postgres ...")
+    err_console.print(
+        f"produced {len(events)} events for tenants demo-{run}-*; waiting for {len(expected)} closed windows in Postgres ..."
+    )
     deadline = time.monotonic() + timeout
     while True:
         rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id.startswith(f"demo-{run}-")]
         # The closed windows, final: windows the watermark fired but lateness keeps open have rows too.
-        got = {(r.tenant_id, r.customer_id, r.meter, r.window_start): [r.quantity, r.event_count] for r in rows if r.is_final}
+        got = {
+            (r.tenant_id, r.customer_id, r.meter, r.window_start): [r.quantity, r.event_count]
+            for r in rows
+            if r.is_final
+        }
         if got == dict(expected):
             break
         if time.monotonic() > deadline:
             print_usage(rows)
-            err_console.print(f"[red]Postgres does not match the expected totals after {timeout}s ({len(got)} of {len(expected)} windows)[/]")
+            err_console.print(
+                f"[red]Postgres does not match the expected totals after {timeout}s ({len(got)} of {len(expected)} windows)[/]"
+            )
             sys.exit(1)
         time.sleep(1)
     print_usage(rows)
@@ -92,7 +105,9 @@ def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: fl
         if len(ours) >= windows and all(d.status in ("sent", "dead") for d in ours):
             break
         if time.monotonic() > deadline:
-            err_console.print(f"[red]only {sum(d.status == 'sent' for d in ours)} of {windows} windows were billed in time[/]")
+            err_console.print(
+                f"[red]only {sum(d.status == 'sent' for d in ours)} of {windows} windows were billed in time[/]"
+            )
             sys.exit(1)
         time.sleep(1)
     found = fetch_reconciliation_input(cfg, timedelta(0))
@@ -100,16 +115,29 @@ def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: fl
     def ours_only(rows: list) -> list:
         return [r for r in rows if r.tenant_id.startswith(tenant_prefix)]
 
-    _, discrepancies = compare(ours_only(found.finals), ours_only(found.ledger), late_corrections=ours_only(found.late_corrections))
+    _, discrepancies = compare(
+        ours_only(found.finals), ours_only(found.ledger), late_corrections=ours_only(found.late_corrections)
+    )
     sent = [d for d in ours if d.status == "sent"]
     table = Table("identifier", "customer", "event_name", "value", "window start (UTC)", "response")
     for d in sent[:8]:
-        table.add_row(d.identifier[:40] + "...", d.provider_customer_id or "", d.event_name, d.value or "", f"{d.window_start:%H:%M:%S}", d.provider_response_id or "")
+        table.add_row(
+            d.identifier[:40] + "...",
+            d.provider_customer_id or "",
+            d.event_name,
+            d.value or "",
+            f"{d.window_start:%H:%M:%S}",
+            d.provider_response_id or "",
+        )
     console.print(table)
     if discrepancies or len(sent) != len(ours):
-        err_console.print(f"[red]billing: {len(sent)} of {len(ours)} sent, {len(discrepancies)} discrepancies; see `meterflow billing status --dead`[/]")
+        err_console.print(
+            f"[red]billing: {len(sent)} of {len(ours)} sent, {len(discrepancies)} discrepancies; see `meterflow billing status --dead`[/]"
+        )
         sys.exit(1)
-    console.print(f"[green]{len(sent)} meter events accepted (one per closed window, first 8 shown); the ledger reconciles with Postgres.[/]")
+    console.print(
+        f"[green]{len(sent)} meter events accepted (one per closed window, first 8 shown); the ledger reconciles with Postgres.[/]"
+    )
 
 
 def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, timedelta]:
@@ -133,5 +161,7 @@ def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, t
         if windows >= 2:
             return start, min(windows, 6) * size
         wait = start + 2 * size - now
-        err_console.print(f"event time is still inside the previous demo's windows; waiting {wait.total_seconds():.0f}s")
+        err_console.print(
+            f"event time is still inside the previous demo's windows; waiting {wait.total_seconds():.0f}s"
+        )
         time.sleep(wait.total_seconds() + 1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 from rich.table import Table
@@ -11,9 +13,21 @@ from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 
 
 @cli.command()
-@click.option("--savepoint", default=None, help="Start the usage job from this savepoint or retained checkpoint (default: its newest one).")
-@click.option("--billing-savepoint", default=None, help="Start the billing job from this savepoint or retained checkpoint (default: its newest one).")
-@click.option("--fresh", is_flag=True, help="Start from empty state: a retained checkpoint or savepoint is set aside, not restored (says what is forgotten).")
+@click.option(
+    "--savepoint",
+    default=None,
+    help="Start the usage job from this savepoint or retained checkpoint (default: its newest one).",
+)
+@click.option(
+    "--billing-savepoint",
+    default=None,
+    help="Start the billing job from this savepoint or retained checkpoint (default: its newest one).",
+)
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Start from empty state: a retained checkpoint or savepoint is set aside, not restored (says what is forgotten).",
+)
 @click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
 @pass_ctx
 def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, fresh: bool, force: bool) -> None:
@@ -31,7 +45,14 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
     submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, fresh=fresh, force=force)
 
 
-def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint: str | None = None, fresh: bool = False, force: bool = False) -> None:
+def submit_jobs(
+    ctx: Context,
+    *,
+    savepoint: str | None = None,
+    billing_savepoint: str | None = None,
+    fresh: bool = False,
+    force: bool = False,
+) -> None:
     """Submit this config's jobs that are not running yet (all of them with ``force``); print their ids.
 
     Every check and every start point is decided before any job is submitted: a refusal leaves nothing half done.
@@ -47,7 +68,10 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
         raise JobSubmissionError(msg)
     flink_jobs.check_slots(cfg)  # jobs that can never all run are refused before any is submitted
     flink_jobs.check_transaction_timeout(cfg)
-    plan = [(cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg, quantity_expr(cfg)))]
+    # (job name, how it is submitted, a savepoint given for it, the settings its state is made with)
+    plan: list[tuple[str, Callable[..., str], str | None, dict[str, Any] | None]] = [
+        (cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg, quantity_expr(cfg)))
+    ]
     if cfg.billing.enabled:
         plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint, None))
     root = retained_state.checkpoint_root(cfg)
@@ -63,7 +87,11 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
         job_dir = retained_state.job_state_dir(cfg, name)
         newest = retained_state.newest_retained(job_dir) if job_dir else None
         # The settings of the state restored: beside an explicit savepoint, else this job's directory.
-        recorded = retained_state.settings_beside(explicit) if explicit else (retained_state.read_job_settings(job_dir) if job_dir else None)
+        recorded = (
+            retained_state.settings_beside(explicit)
+            if explicit
+            else (retained_state.read_job_settings(job_dir) if job_dir else None)
+        )
         start = retained_state.plan_start(
             name, explicit=explicit, fresh=fresh, state_uri=cfg.job_state_uri(name), listable=job_dir is not None,
             newest=newest, recorded=recorded, settings=settings, legacy=legacy,
@@ -73,7 +101,9 @@ def submit_jobs(ctx: Context, *, savepoint: str | None = None, billing_savepoint
         for note in start.notes:
             err_console.print(note)
         if job_dir is not None and start.forget:
-            err_console.print(f"{name}: its retained state is kept at {retained_state.forget(job_dir, datetime.now(UTC))}")
+            err_console.print(
+                f"{name}: its retained state is kept at {retained_state.forget(job_dir, datetime.now(UTC))}"
+            )
         with err_console.status(f"submitting {name} ..."):
             job_id = submit_job(cfg, ctx.resolved_path, savepoint=start.restore)
         if job_dir is not None and settings is not None:
@@ -89,7 +119,9 @@ def _start_corrections_follower(ctx: Context) -> None:
     from meterflow.local.flink import FlinkCluster
 
     if not FlinkCluster(ctx.cfg).jobmanager_pids():
-        err_console.print("late events become corrections only while `meterflow corrections apply --follow` runs: run it under your process supervisor (docker-compose and ops/k8s do)")
+        err_console.print(
+            "late events become corrections only while `meterflow corrections apply --follow` runs: run it under your process supervisor (docker-compose and ops/k8s do)"
+        )
         return
     follower = CorrectionsFollower(ctx.cfg, ctx.resolved_path)
     if follower.start():
@@ -106,7 +138,13 @@ def jobs(ctx: Context) -> None:
     roles = {cfg.flink.job_name: "usage", cfg.billing_job_name: "billing"}
     table = Table("job id", "name", "role", "state", "started")
     for j in flink_jobs.list_jobs(cfg):
-        table.add_row(j["jid"], j["name"], roles.get(j["name"], ""), j["state"], datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"))
+        table.add_row(
+            j["jid"],
+            j["name"],
+            roles.get(j["name"], ""),
+            j["state"],
+            datetime.fromtimestamp(j["start-time"] / 1000, UTC).isoformat(timespec="seconds"),
+        )
     console.print(table)
 
 

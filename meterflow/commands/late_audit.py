@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -9,17 +11,33 @@ from rich.table import Table
 from meterflow.commands.corrections import parse_bound
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 
+if TYPE_CHECKING:
+    from meterflow.late_audit import GroupBy
+
 
 @cli.command("late-audit")
 @click.option("--tenant", default=None, help="Only this tenant.")
 @click.option("--since", default=None, help="Only events with event_time >= this (ISO-8601, UTC).")
 @click.option("--until", default=None, help="Only events with event_time < this (ISO-8601, UTC).")
-@click.option("--by", "group_by", type=click.Choice(["window", "customer", "tenant"]), default="window", show_default=True)
+@click.option(
+    "--by", "group_by", type=click.Choice(["window", "customer", "tenant"]), default="window", show_default=True
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--histogram", type=click.Path(dir_okay=False), default=None, help="Also write a PNG histogram of lateness here.")
+@click.option(
+    "--histogram", type=click.Path(dir_okay=False), default=None, help="Also write a PNG histogram of lateness here."
+)
 @click.option("--topic", default=None, help="Late-events topic (default kafka.late_events_topic).")
 @pass_ctx
-def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str | None, group_by: str, fmt: str, histogram: str | None, topic: str | None) -> None:
+def late_audit(
+    ctx: Context,
+    tenant: str | None,
+    since: str | None,
+    until: str | None,
+    group_by: GroupBy,
+    fmt: str,
+    histogram: str | None,
+    topic: str | None,
+) -> None:
     """Audit the late-events topic: count, quantity and lateness per tenant/customer/meter/window.
 
     Reads committed records only (read_committed), from the beginning of the topic.
@@ -51,15 +69,40 @@ def late_audit(ctx: Context, tenant: str | None, since: str | None, until: str |
     chosen = select(records, tenant=tenant, since=bound["since"], until=bound["until"])
     from meterflow.commands.corrections import recorded_outcomes
 
-    rows = summarize(chosen, by=group_by, outcomes=recorded_outcomes(cfg))  # type: ignore[arg-type]
+    rows = summarize(chosen, by=group_by, outcomes=recorded_outcomes(cfg))
     if fmt == "csv":
         click.echo(to_csv(rows), nl=False)
     elif fmt == "json":
         click.echo(to_json(rows))
     else:
-        table = Table("tenant", "customer", "meter", "window start (UTC)", "late events", "quantity", "p50 ms", "p90 ms", "max ms", "corrected", "not correctable", title=f"late events in {topic}")
+        table = Table(
+            "tenant",
+            "customer",
+            "meter",
+            "window start (UTC)",
+            "late events",
+            "quantity",
+            "p50 ms",
+            "p90 ms",
+            "max ms",
+            "corrected",
+            "not correctable",
+            title=f"late events in {topic}",
+        )
         for r in rows:
-            table.add_row(r.tenant_id, r.customer_id, r.meter, r.window_start, str(r.count), format(r.quantity, "f"), str(r.lateness_p50_ms), str(r.lateness_p90_ms), str(r.lateness_max_ms), str(r.corrected), str(r.not_corrected))
+            table.add_row(
+                r.tenant_id,
+                r.customer_id,
+                r.meter,
+                r.window_start,
+                str(r.count),
+                format(r.quantity, "f"),
+                str(r.lateness_p50_ms),
+                str(r.lateness_p90_ms),
+                str(r.lateness_max_ms),
+                str(r.corrected),
+                str(r.not_corrected),
+            )
         console.print(table)
     err_console.print(f"{len(chosen)} late events selected of {len(records)} in {topic}")
     if histogram:

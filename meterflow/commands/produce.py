@@ -31,10 +31,24 @@ from meterflow.config_values import parse_duration
 @click.option("--span", default="8m", show_default=True, help="Event-time span of synthetic events.")
 @click.option("--start", default=None, help="Event time of the first synthetic event (ISO-8601; default now - 10m).")
 @click.option("--seed", default=7, show_default=True)
-@click.option("--file", "jsonl", type=click.Path(path_type=Path), default=None, help="Send events from a JSON-lines file instead.")
+@click.option(
+    "--file", "jsonl", type=click.Path(path_type=Path), default=None, help="Send events from a JSON-lines file instead."
+)
 @click.option("--topic", default=None, help="Target topic (default kafka.usage_events_topic).")
 @pass_ctx
-def produce(ctx: Context, count: int, tenants: int, customers: int, meters: str, rate: float, span: str, start: str | None, seed: int, jsonl: Path | None, topic: str | None) -> None:
+def produce(
+    ctx: Context,
+    count: int,
+    tenants: int,
+    customers: int,
+    meters: str,
+    rate: float,
+    span: str,
+    start: str | None,
+    seed: int,
+    jsonl: Path | None,
+    topic: str | None,
+) -> None:
     """Write Avro usage events to the input topic, with a progress bar.
 
     From a JSON-lines file, invalid lines, and lines that break the input contract (the job's
@@ -65,8 +79,8 @@ def produce(ctx: Context, count: int, tenants: int, customers: int, meters: str,
         events = list(synthetic_events(spec))
     sent = send_with_progress(cfg, topic or cfg.kafka.usage_events_topic, events, rate)
     err_console.print(f"sent {sent} events to {topic or cfg.kafka.usage_events_topic}")
-    if rejected:
-        out = jsonl.with_suffix(jsonl.suffix + ".rejected.jsonl")  # type: ignore[union-attr]
+    if rejected and jsonl is not None:  # records are rejected only when read from a file
+        out = jsonl.with_suffix(jsonl.suffix + ".rejected.jsonl")
         with out.open("w") as handle:
             for r in rejected:
                 handle.write(json.dumps({"line": r.line_number, "reason": r.reason, "text": r.text}) + "\n")
@@ -80,6 +94,10 @@ def send_with_progress(cfg: JobConfig, topic: str, events: list, rate: float) ->
     from meterflow.producer import send_events
 
     columns = (TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=not err_console.is_terminal and len(events) < 10_000) as progress:
+    with Progress(
+        *columns, console=err_console, transient=False, disable=not err_console.is_terminal and len(events) < 10_000
+    ) as progress:
         task = progress.add_task("produce", total=len(events))
-        return send_events(cfg.kafka.bootstrap_servers, topic, events, rate=rate, on_sent=lambda n: progress.advance(task, n))
+        return send_events(
+            cfg.kafka.bootstrap_servers, topic, events, rate=rate, on_sent=lambda n: progress.advance(task, n)
+        )

@@ -18,9 +18,21 @@ from meterflow.errors import CorrectionError
 
 @cli.command("reprocess")
 @click.option("--since", required=True, help="First window start of the period (ISO-8601, UTC; on a window boundary).")
-@click.option("--until", required=True, help="End of the period, exclusive (ISO-8601, UTC; on a window boundary; every window closed).")
-@click.option("--shadow-table", default=None, help="Table of the recomputed windows (default: <postgres.usage_table>_reprocessed).")
-@click.option("--bill", is_flag=True, help="Record a correction per window that differs, billed by the billing job like any correction.")
+@click.option(
+    "--until",
+    required=True,
+    help="End of the period, exclusive (ISO-8601, UTC; on a window boundary; every window closed).",
+)
+@click.option(
+    "--shadow-table",
+    default=None,
+    help="Table of the recomputed windows (default: <postgres.usage_table>_reprocessed).",
+)
+@click.option(
+    "--bill",
+    is_flag=True,
+    help="Record a correction per window that differs, billed by the billing job like any correction.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_ctx
 def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bill: bool, fmt: str) -> None:
@@ -35,12 +47,11 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     (run `meterflow corrections apply` first), or a window of the period has no final row.
     """
     from connectors.kafka_admin import committed_offsets
-    from connectors.kafka_reader import read_from
+    from connectors.kafka_reader import first_retained, read_from
     from jobs.reprocess_job import recompute
     from meterflow.commands.corrections import read_new_late_events
-    from meterflow.local.flink import table_jobs_jars
-    from connectors.kafka_reader import first_retained
     from meterflow.corrections import approval_threshold
+    from meterflow.local.flink import table_jobs_jars
     from meterflow.reprocess import per_customer, read_from_ms, reprocess_correction, reprocess_period, retention_gaps
     from sinks.reprocess_store import bill_differences, compare, unrecorded, write_shadow
 
@@ -52,7 +63,9 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     assert lower is not None and upper is not None  # noqa: S101 - both options are required
     period = reprocess_period(lower, upper, cfg, datetime.now(UTC))
     table = shadow_table or f"{cfg.postgres.usage_table}_reprocessed"
-    gaps = retention_gaps(first_retained(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic), read_from_ms(period, cfg))
+    gaps = retention_gaps(
+        first_retained(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic), read_from_ms(period, cfg)
+    )
     if gaps:
         msg = (
             f"{cfg.kafka.usage_events_topic} no longer keeps the start of {period.label} in partitions {gaps} (retention deleted it): "
@@ -66,17 +79,28 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
     write_shadow(cfg, table, period, recomputed)
     metered, found = compare(cfg, period, recomputed)
     if metered.other_sizes:
-        err_console.print(f"[yellow]{metered.other_sizes} usage rows or corrections overlap the period in windows of another size: they are not compared, and --bill is refused[/]")
+        err_console.print(
+            f"[yellow]{metered.other_sizes} usage rows or corrections overlap the period in windows of another size: they are not compared, and --bill is refused[/]"
+        )
     customers = per_customer(recomputed, metered.values, found)
     recorded = []
     if bill and found:
         # Whatever the job has not read yet, or late events not yet recorded, would be billed here
         # and again when the job or `corrections apply` gets to them.
-        unread = next(read_from(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, committed_offsets(cfg.kafka.bootstrap_servers, cfg.kafka.consumer_group, cfg.kafka.usage_events_topic)), None)
+        unread = next(
+            read_from(
+                cfg.kafka.bootstrap_servers,
+                cfg.kafka.usage_events_topic,
+                committed_offsets(cfg.kafka.bootstrap_servers, cfg.kafka.consumer_group, cfg.kafka.usage_events_topic),
+            ),
+            None,
+        )
         if unread is not None:
             msg = f"the usage job (consumer group {cfg.kafka.consumer_group}) has not read {cfg.kafka.usage_events_topic} to its end (partition {unread[0]} from offset {unread[1]}): bill once it has"
             raise CorrectionError(msg)
-        waiting = unrecorded(cfg, [e for e in read_new_late_events(cfg) if period.since <= e.window.window_start < period.until])
+        waiting = unrecorded(
+            cfg, [e for e in read_new_late_events(cfg) if period.since <= e.window.window_start < period.until]
+        )
         if waiting:
             msg = f"{len(waiting)} late events of {period.label} are not recorded as corrections yet: run `meterflow corrections apply` first"
             raise CorrectionError(msg)
@@ -106,10 +130,30 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
         }  # fmt: skip
         console.print_json(json.dumps(report))
     else:
-        view = Table("tenant", "customer", "meter", "windows differing", "metered", "recomputed", "difference", title=f"reprocess {period.label}")
+        view = Table(
+            "tenant",
+            "customer",
+            "meter",
+            "windows differing",
+            "metered",
+            "recomputed",
+            "difference",
+            title=f"reprocess {period.label}",
+        )
         for c in customers:
-            view.add_row(c.tenant_id, c.customer_id, c.meter, str(c.windows), fmt_qty(c.metered), fmt_qty(c.recomputed), fmt_qty(c.difference) if c.difference else "")
+            view.add_row(
+                c.tenant_id,
+                c.customer_id,
+                c.meter,
+                str(c.windows),
+                fmt_qty(c.metered),
+                fmt_qty(c.recomputed),
+                fmt_qty(c.difference) if c.difference else "",
+            )
         console.print(view)
-    err_console.print(f"{len(recomputed)} windows recomputed into {table}; {len(found)} differ from what was metered" + (f"; {len(recorded)} corrections recorded" if bill else ""))
+    err_console.print(
+        f"{len(recomputed)} windows recomputed into {table}; {len(found)} differ from what was metered"
+        + (f"; {len(recorded)} corrections recorded" if bill else "")
+    )
     if found and not bill:
         sys.exit(1)

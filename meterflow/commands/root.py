@@ -47,7 +47,13 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group()
-@click.option("--config", "config_path", envvar="METERFLOW_CONFIG", default=None, help="YAML config file (default ./meterflow.yaml).")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="METERFLOW_CONFIG",
+    default=None,
+    help="YAML config file (default ./meterflow.yaml).",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """meterflow: billing-grade usage metering on Apache Flink."""

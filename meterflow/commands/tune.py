@@ -17,16 +17,50 @@ def _ms(value: str) -> int:
 
 
 @cli.command()
-@click.option("--since", default=None, help="Scan records written at or after this (ISO-8601, Kafka timestamp; default --until minus --span).")
+@click.option(
+    "--since",
+    default=None,
+    help="Scan records written at or after this (ISO-8601, Kafka timestamp; default --until minus --span).",
+)
 @click.option("--until", default=None, help="Scan records written before this (ISO-8601; default now).")
 @click.option("--span", default="1d", show_default=True, help="Scanned time range when --since is not given.")
-@click.option("--target", "targets", type=click.FloatRange(0, 1, min_open=True), multiple=True, default=(0.999, 0.9999), show_default=True, help="Share of events to count on time (repeatable).")
-@click.option("--first-share", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True, help="Share of events watermark_delay alone should put in their window's first result.")
-@click.option("--chart", type=click.Path(dir_okay=False), default="tune.png", show_default=True, help="PNG of the on-time share against watermark_delay + allowed_lateness.")
+@click.option(
+    "--target",
+    "targets",
+    type=click.FloatRange(0, 1, min_open=True),
+    multiple=True,
+    default=(0.999, 0.9999),
+    show_default=True,
+    help="Share of events to count on time (repeatable).",
+)
+@click.option(
+    "--first-share",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.99,
+    show_default=True,
+    help="Share of events watermark_delay alone should put in their window's first result.",
+)
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False),
+    default="tune.png",
+    show_default=True,
+    help="PNG of the on-time share against watermark_delay + allowed_lateness.",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--topic", default=None, help="Usage-events topic (default kafka.usage_events_topic).")
 @pass_ctx
-def tune(ctx: Context, since: str | None, until: str | None, span: str, targets: tuple[float, ...], first_share: float, chart: str, fmt: str, topic: str | None) -> None:
+def tune(
+    ctx: Context,
+    since: str | None,
+    until: str | None,
+    span: str,
+    targets: tuple[float, ...],
+    first_share: float,
+    chart: str,
+    fmt: str,
+    topic: str | None,
+) -> None:
     """Recommend event_time.watermark_delay and allowed_lateness for target shares of events counted on time.
 
     Scans the usage-events topic over a time range, replays the job's watermark per partition, and
@@ -51,12 +85,19 @@ def tune(ctx: Context, since: str | None, until: str | None, span: str, targets:
             undecodable += 1  # a dead letter for the job too
             continue
         samples.append(Sample(partition, int(event["event_time"].timestamp() * 1000), ts))
-    needs = replay_needs(samples, int(et.window_size / timedelta(milliseconds=1)), int(et.max_event_ahead / timedelta(milliseconds=1)))
+    needs = replay_needs(
+        samples, int(et.window_size / timedelta(milliseconds=1)), int(et.max_event_ahead / timedelta(milliseconds=1))
+    )
     if not needs:
         err_console.print(f"no usage events in {topic} between {_iso(since_ms)} and {_iso(until_ms)}")
         raise SystemExit(1)
-    late_written = sum(1 for _ in read_range(cfg.kafka.bootstrap_servers, cfg.kafka.late_events_topic, since_ms, until_ms))
-    choices = [evaluate(needs, "current", et.watermark_delay, et.allowed_lateness), *recommend(needs, list(targets), first_share=first_share)]
+    late_written = sum(
+        1 for _ in read_range(cfg.kafka.bootstrap_servers, cfg.kafka.late_events_topic, since_ms, until_ms)
+    )
+    choices = [
+        evaluate(needs, "current", et.watermark_delay, et.allowed_lateness),
+        *recommend(needs, list(targets), first_share=first_share),
+    ]
     write_chart(needs, choices, chart)
     if fmt == "json":
         rows = [
@@ -67,16 +108,38 @@ def tune(ctx: Context, since: str | None, until: str | None, span: str, targets:
             }
             for c in choices
         ]  # fmt: skip
-        click.echo(json.dumps({"events": len(needs), "undecodable": undecodable, "late_events_written": late_written, "choices": rows}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "events": len(needs),
+                    "undecodable": undecodable,
+                    "late_events_written": late_written,
+                    "choices": rows,
+                },
+                indent=2,
+            )
+        )
     else:
-        table = Table("setting", "watermark_delay", "allowed_lateness", "counted on time", "late", "via re-fire", "first result after", "final after", title=f"{len(needs)} events in {topic}, {_iso(since_ms)} to {_iso(until_ms)}")
+        table = Table(
+            "setting",
+            "watermark_delay",
+            "allowed_lateness",
+            "counted on time",
+            "late",
+            "via re-fire",
+            "first result after",
+            "final after",
+            title=f"{len(needs)} events in {topic}, {_iso(since_ms)} to {_iso(until_ms)}",
+        )
         for c in choices:
             table.add_row(
                 c.label, format_duration(c.watermark_delay), format_duration(c.allowed_lateness), f"{c.on_time_share:.4%}", str(c.late_events),
                 f"{c.refire_share:.4%}", format_duration(c.first_result_after), format_duration(c.final_after),
             )  # fmt: skip
         console.print(table)
-    err_console.print(f"{undecodable} undecodable records skipped; the job wrote {late_written} late events to {cfg.kafka.late_events_topic} in the range; chart written to {chart}")
+    err_console.print(
+        f"{undecodable} undecodable records skipped; the job wrote {late_written} late events to {cfg.kafka.late_events_topic} in the range; chart written to {chart}"
+    )
 
 
 def _iso(ms: int) -> str:

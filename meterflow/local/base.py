@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from meterflow.errors import PortInUseError, StackError
 
@@ -25,6 +26,21 @@ class ComponentStatus:
     address: str
     detail: str = ""
     wanted: bool = True  # False: this config does not use the part, so it need not run
+
+
+class StackPart(Protocol):
+    """A process of the local stack: started by ``up`` unless ``running``."""
+
+    def running(self) -> bool: ...
+
+    def up(self) -> None: ...
+
+
+class OptionalPart(StackPart, Protocol):
+    """A part the config may not use (``wanted`` False: it need not run)."""
+
+    @property
+    def wanted(self) -> bool: ...
 
 
 def free_ports(n: int) -> list[int]:

@@ -41,9 +41,20 @@ class CorrectionsFollower:
         if self.running():
             return False
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-c", "from meterflow.commands import main; main()", "--config", str(self.config_path), "corrections", "apply", "--follow"]
+        args = [
+            sys.executable,
+            "-c",
+            "from meterflow.commands import main; main()",
+            "--config",
+            str(self.config_path),
+            "corrections",
+            "apply",
+            "--follow",
+        ]
         with self.log.open("a") as log:
-            proc = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
         self.pid_file.write_text(f"{proc.pid}\n")
         return True
 
@@ -60,6 +71,12 @@ def stop_all(cfg: JobConfig) -> None:
 def statuses(cfg: JobConfig) -> list[ComponentStatus]:
     """One line per follower of the state directory (running or not), for ``stack status``."""
     return [
-        ComponentStatus(f"corrections follower ({pid_file.stem})", pid_alive(pid_file) is not None, "", f"log {pid_file.with_suffix('.log')}", wanted=False)
+        ComponentStatus(
+            f"corrections follower ({pid_file.stem})",
+            pid_alive(pid_file) is not None,
+            "",
+            f"log {pid_file.with_suffix('.log')}",
+            wanted=False,
+        )
         for pid_file in sorted(followers_dir(cfg).glob("*.pid"))
     ]

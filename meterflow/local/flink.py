@@ -24,7 +24,17 @@ import yaml
 from meterflow.config import JobConfig
 from meterflow.config_values import parse_port_range
 from meterflow.errors import PortInUseError, StackError
-from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, proc_running, require_free, require_jars, stop_pid, wait_until
+from meterflow.local.base import (
+    REPO_ROOT,
+    ComponentStatus,
+    pid_alive,
+    port_open,
+    proc_running,
+    require_free,
+    require_jars,
+    stop_pid,
+    wait_until,
+)
 from meterflow.local.supervisor import replacements
 from meterflow.local.zookeeper import ZooKeeperServer, ha_cluster_id
 from meterflow.metrics_conf import flink_reporter_conf
@@ -37,7 +47,11 @@ UDF_JAR_DIR = REPO_ROOT / "udf" / "target"
 def table_jobs_jars() -> list[Path]:
     """The jars a Flink table environment of this process needs for the usage source: the project's
     JVM code (the meterflow-avro format), the Avro library it builds on, and the Kafka SQL connector."""
-    return [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar"))]
+    return [
+        *sorted(UDF_JAR_DIR.glob("*.jar")),
+        *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")),
+        *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar")),
+    ]
 
 
 def flink_home() -> Path:
@@ -141,14 +155,24 @@ class FlinkCluster:
         f = self.cfg.flink
         conf = self.config()
         (self.conf_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
-        for name in ("log4j.properties", "log4j-console.properties", "log4j-cli.properties", "log4j-session.properties", "logback.xml"):
+        for name in (
+            "log4j.properties",
+            "log4j-console.properties",
+            "log4j-cli.properties",
+            "log4j-session.properties",
+            "logback.xml",
+        ):
             if (home / "conf" / name).exists():
                 shutil.copy(home / "conf" / name, self.conf_dir / name)
         (self.conf_dir / "masters").write_text(f"{f.rest_host}:{f.rest_port}\n")
         (self.conf_dir / "workers").write_text(f"{f.rest_host}\n")
         for old in self.lib_dir.glob("*.jar"):
             old.unlink()
-        jars = [*sorted((home / "lib").glob("*.jar")), *require_jars(FLINK_CONNECTOR_JARS, "Flink connector"), *require_jars(UDF_JAR_DIR, "meterflow UDF")]
+        jars = [
+            *sorted((home / "lib").glob("*.jar")),
+            *require_jars(FLINK_CONNECTOR_JARS, "Flink connector"),
+            *require_jars(UDF_JAR_DIR, "meterflow UDF"),
+        ]
         for jar in jars:
             (self.lib_dir / jar.name).symlink_to(jar)
 
@@ -174,7 +198,10 @@ class FlinkCluster:
         if self.overview() is None and not self.jobmanager_pids() and self.taskmanager_pids():
             # The JobManager was lost and its TaskManager lives: a new JobManager only (the TaskManager registers with it).
             if self.cfg.stack.high_availability == "zookeeper":
-                print("Flink TaskManager has no JobManager: starting one, which recovers the running jobs", file=sys.stderr)
+                print(
+                    "Flink TaskManager has no JobManager: starting one, which recovers the running jobs",
+                    file=sys.stderr,
+                )
             else:
                 print(
                     "Flink TaskManager has no JobManager: starting one; without high availability the jobs it ran are gone:"
@@ -203,7 +230,13 @@ class FlinkCluster:
             msg = f"fewer than 2 free ports in stack.flink_metrics_ports ({self.cfg.stack.flink_metrics_ports}) for the JobManager's and TaskManager's metrics; free them or change the range"
             raise PortInUseError(msg)
         self.prepare()
-        r = subprocess.run(["bash", str(flink_home() / "bin" / "start-cluster.sh")], env=self.env(), capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            ["bash", str(flink_home() / "bin" / "start-cluster.sh")],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if r.returncode:
             msg = f"start-cluster.sh failed: {r.stderr.strip() or r.stdout.strip()}"
             raise StackError(msg)
@@ -225,9 +258,21 @@ class FlinkCluster:
         if pid_alive(self.supervisor_pid_file):
             return
         delay = self.cfg.stack.taskmanager_restart_delay.total_seconds()
-        args = [sys.executable, "-m", "meterflow.local.supervisor", "--flink-dir", str(self.dir), "--rest-url", self.rest_url, "--delay", f"{delay:g}"]
+        args = [
+            sys.executable,
+            "-m",
+            "meterflow.local.supervisor",
+            "--flink-dir",
+            str(self.dir),
+            "--rest-url",
+            self.rest_url,
+            "--delay",
+            f"{delay:g}",
+        ]
         with self.supervisor_log.open("a") as log:
-            proc = subprocess.Popen(args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                args, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
         self.supervisor_pid_file.write_text(f"{proc.pid}\n")
 
     def stop_supervisor(self) -> None:
@@ -240,7 +285,12 @@ class FlinkCluster:
 
     def start_jobmanager(self) -> None:
         """Start a JobManager (after one was lost); with HA it recovers the running jobs, on the same REST port."""
-        subprocess.run(["bash", str(flink_home() / "bin" / "jobmanager.sh"), "start"], env=self.env(), capture_output=True, check=True)
+        subprocess.run(
+            ["bash", str(flink_home() / "bin" / "jobmanager.sh"), "start"],
+            env=self.env(),
+            capture_output=True,
+            check=True,
+        )
 
     def taskmanager_pids(self) -> list[int]:
         """PIDs of this cluster's running TaskManager JVMs (exited ones are skipped)."""
@@ -259,7 +309,9 @@ class FlinkCluster:
         if not self.conf_dir.exists():
             return
         self.stop_supervisor()
-        subprocess.run(["bash", str(flink_home() / "bin" / "stop-cluster.sh")], env=self.env(), capture_output=True, check=False)
+        subprocess.run(
+            ["bash", str(flink_home() / "bin" / "stop-cluster.sh")], env=self.env(), capture_output=True, check=False
+        )
         for pid in self.taskmanager_pids() + self.jobmanager_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -273,7 +325,12 @@ class FlinkCluster:
         for pid in self.python_workers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not port_open(self.cfg.flink.rest_host, self.cfg.flink.rest_port), "Flink shutdown", 60, self.log_dir)
+        wait_until(
+            lambda: not port_open(self.cfg.flink.rest_host, self.cfg.flink.rest_port),
+            "Flink shutdown",
+            60,
+            self.log_dir,
+        )
         # Working files a killed TaskManager left behind (RocksDB's local state, Python environments):
         # the job's state lives in its checkpoints, never here.
         shutil.rmtree(self.dir / "tmp", ignore_errors=True)
@@ -298,13 +355,25 @@ class FlinkCluster:
         ov = self.overview()
         if ov is None:
             lost = self.taskmanager_pids() and not self.jobmanager_pids()
-            after = "which recovers the jobs" if self.cfg.stack.high_availability == "zookeeper" else "then `meterflow submit` restores the jobs"
-            detail = f"JobManager lost, TaskManager running: `meterflow stack up` starts a JobManager, {after}" if lost else ""
+            after = (
+                "which recovers the jobs"
+                if self.cfg.stack.high_availability == "zookeeper"
+                else "then `meterflow submit` restores the jobs"
+            )
+            detail = (
+                f"JobManager lost, TaskManager running: `meterflow stack up` starts a JobManager, {after}"
+                if lost
+                else ""
+            )
         else:
             supervised = pid_alive(self.supervisor_pid_file) is not None
             if not ov.get("taskmanagers"):
                 delay = f"{self.cfg.stack.taskmanager_restart_delay.total_seconds():g}s"
-                detail = f"no TaskManager registered: the stack's supervisor starts one {delay} after it was lost" if supervised else "no TaskManager registered: `meterflow stack up` starts one"
+                detail = (
+                    f"no TaskManager registered: the stack's supervisor starts one {delay} after it was lost"
+                    if supervised
+                    else "no TaskManager registered: `meterflow stack up` starts one"
+                )
             else:
                 detail = f"taskmanagers={ov.get('taskmanagers', 0)} slots={ov.get('slots-total', 0)} running_jobs={ov.get('jobs-running', 0)}"
                 if not supervised:
@@ -327,7 +396,9 @@ def cluster_overview(rest_url: str) -> dict | None:
 def cluster_env(flink_dir: Path) -> dict[str, str]:
     """Environment for Flink's scripts and the ``flink`` client of the cluster kept in ``flink_dir``."""
     env = dict(os.environ)
-    env.update(FLINK_HOME=str(flink_home()), FLINK_CONF_DIR=str(flink_dir / "conf"), FLINK_LIB_DIR=str(flink_dir / "lib"))
+    env.update(
+        FLINK_HOME=str(flink_home()), FLINK_CONF_DIR=str(flink_dir / "conf"), FLINK_LIB_DIR=str(flink_dir / "lib")
+    )
     return env
 
 
@@ -335,7 +406,13 @@ def start_taskmanager(flink_dir: Path) -> None:
     """Start one TaskManager of the cluster kept in ``flink_dir`` (taskmanager.sh, as an operator would)."""
     (flink_dir / "tmp").mkdir(parents=True, exist_ok=True)
     # A session of its own: stopping the supervisor that started it (a signal to its process group) leaves it running.
-    subprocess.run(["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"], env=cluster_env(flink_dir), capture_output=True, check=True, start_new_session=True)
+    subprocess.run(
+        ["bash", str(flink_home() / "bin" / "taskmanager.sh"), "start"],
+        env=cluster_env(flink_dir),
+        capture_output=True,
+        check=True,
+        start_new_session=True,
+    )
 
 
 def taskmanager_pids(flink_dir: Path) -> list[int]:

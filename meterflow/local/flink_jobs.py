@@ -29,7 +29,9 @@ def rest(cfg: JobConfig, path: str, method: str = "GET", body: dict | None = Non
     """Call the JobManager's REST API at ``path``; the decoded JSON answer (JobSubmissionError on failure)."""
     cluster = FlinkCluster(cfg)
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{cluster.rest_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{cluster.rest_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read() or b"{}")
@@ -70,8 +72,11 @@ def check_input_topics(cfg: JobConfig) -> None:
 
     k = cfg.kafka
     try:
-        actual = describe_topic_configs(k.bootstrap_servers, {k.usage_events_topic: (TIMESTAMP_TYPE, MAX_MESSAGE_BYTES), k.dead_letter_topic: (MAX_MESSAGE_BYTES,)})
-    except Exception as e:  # noqa: BLE001 - any client failure means the topics cannot be checked
+        actual = describe_topic_configs(
+            k.bootstrap_servers,
+            {k.usage_events_topic: (TIMESTAMP_TYPE, MAX_MESSAGE_BYTES), k.dead_letter_topic: (MAX_MESSAGE_BYTES,)},
+        )
+    except Exception as e:
         msg = f"cannot read the configs of topics {k.usage_events_topic} and {k.dead_letter_topic} from Kafka at {k.bootstrap_servers}: {type(e).__name__}: {e}"
         raise JobSubmissionError(msg) from e
     problems = topic_problems(cfg, actual)
@@ -87,7 +92,7 @@ def check_transaction_timeout(cfg: JobConfig) -> None:
 
     try:
         broker_max = broker_transaction_max_timeout_ms(cfg.kafka.bootstrap_servers)
-    except Exception as e:  # noqa: BLE001 - any client failure means the brokers cannot be checked
+    except Exception as e:
         msg = f"cannot read transaction.max.timeout.ms from Kafka at {cfg.kafka.bootstrap_servers}: {type(e).__name__}: {e}"
         raise JobSubmissionError(msg) from e
     problem = transaction_timeout_problem(cfg, broker_max)
@@ -133,18 +138,26 @@ def submit_billing(cfg: JobConfig, config_path: Path, *, savepoint: str | None =
     return submit(cfg, config_path, savepoint=savepoint, timeout=timeout, script=BILLING_JOB_SCRIPT)
 
 
-def submit(cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180, script: Path = JOB_SCRIPT) -> str:
+def submit(
+    cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180, script: Path = JOB_SCRIPT
+) -> str:
     """``flink run -d -py jobs/usage_job.py`` (or ``script``) against the session cluster; wait until all tasks run."""
     cluster = FlinkCluster(cfg)
     args = [str(flink_home() / "bin" / "flink"), "run", "-d", "-m", f"{cfg.flink.rest_host}:{cfg.flink.rest_port}"]
     if savepoint:
         args += ["-s", savepoint]
     args += ["-py", str(script), "--config", str(config_path)]
-    r = subprocess.run(args, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout)
+    r = subprocess.run(
+        args, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout
+    )
     match = _JOB_ID.search(r.stdout + r.stderr)
     if r.returncode or not match:
         # The Python driver's own error matters; Java stack frames only bury it.
-        lines = [ln for ln in (r.stdout + r.stderr).strip().splitlines() if not ln.lstrip().startswith("at ") and "... " not in ln]
+        lines = [
+            ln
+            for ln in (r.stdout + r.stderr).strip().splitlines()
+            if not ln.lstrip().startswith("at ") and "... " not in ln
+        ]
         tail = "\n".join(lines[-30:])
         msg = f"flink run failed (exit {r.returncode}):\n{tail}"
         raise JobSubmissionError(msg)

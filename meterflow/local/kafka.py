@@ -11,7 +11,16 @@ from collections.abc import Callable
 from connectors.topics import BROKER_TRANSACTION_MAX_TIMEOUT_MS, TRANSACTION_MAX_TIMEOUT
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
-from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, require_free, require_jars, stop_pid, wait_until
+from meterflow.local.base import (
+    REPO_ROOT,
+    ComponentStatus,
+    pid_alive,
+    port_open,
+    require_free,
+    require_jars,
+    stop_pid,
+    wait_until,
+)
 
 KAFKA_JARS = REPO_ROOT / "stack" / "kafka" / "target" / "dependency"
 
@@ -75,7 +84,17 @@ class KafkaBroker:
             # Passed as --cluster-id=<id>: an id may start with "-", which a separate argument would make an option.
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone", f"--cluster-id={cluster_id}", "-c", str(props)],
+                [
+                    "java",
+                    "-cp",
+                    classpath,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    f"--cluster-id={cluster_id}",
+                    "-c",
+                    str(props),
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -87,7 +106,16 @@ class KafkaBroker:
         )
         with self.log.open("ab") as out:
             proc = subprocess.Popen(
-                ["java", "-Xms256m", "-Xmx768m", f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(props)],
+                [
+                    "java",
+                    "-Xms256m",
+                    "-Xmx768m",
+                    f"-Dlog4j2.configurationFile={log4j}",
+                    "-cp",
+                    classpath,
+                    "kafka.Kafka",
+                    str(props),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -126,4 +154,3 @@ def _try(action: Callable[[], object]) -> bool:
         print(f"  waiting: {type(e).__name__}: {e}", file=sys.stderr)
         return False
     return True
-

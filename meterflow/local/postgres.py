@@ -7,6 +7,7 @@ import pwd
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
@@ -43,11 +44,11 @@ class PostgresServer:
         self.data = self.dir / "data"
         self.log = self.dir / "postgres.log"
 
-    def as_postgres(self, args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    def as_postgres(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run a server binary as the postgres OS user (directly when this process is not root)."""
         if os.geteuid() == 0:
             args = ["runuser", "-u", POSTGRES_OS_USER, "--", *args]
-        return subprocess.run(args, check=False, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+        return subprocess.run(args, check=False, capture_output=True, text=True, **kw)
 
     def running(self) -> bool:
         """pg_ctl reports the server running and its port answers."""
@@ -70,12 +71,26 @@ class PostgresServer:
             ids = pwd.getpwnam(POSTGRES_OS_USER)
             os.chown(self.dir, ids.pw_uid, ids.pw_gid)
         if not (self.data / "PG_VERSION").exists():
-            r = self.as_postgres([str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=peer", "--auth-host=scram-sha-256", "-E", "UTF8"])
+            r = self.as_postgres(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                ]
+            )
             if r.returncode:
                 msg = f"initdb failed: {r.stderr.strip()}"
                 raise StackError(msg)
         opts = f"-p {pg.port} -k {self.dir} -c listen_addresses={pg.host} -c fsync=on -c max_connections=100"
-        r = self.as_postgres([str(bindir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", opts])
+        r = self.as_postgres(
+            [str(bindir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", opts]
+        )
         if r.returncode:
             msg = f"Postgres did not start: {r.stderr.strip() or r.stdout.strip()}; see {self.log}"
             raise StackError(msg)
@@ -90,7 +105,20 @@ class PostgresServer:
         """
         bindir = postgres_bin_dir()
         r = self.as_postgres(
-            [str(bindir.parent / "bin" / "psql") if (bindir / "psql").exists() else "psql", "-h", str(self.dir), "-p", str(self.cfg.postgres.port), "-d", pg_identifier(database).strip('"'), "-v", "ON_ERROR_STOP=1", "-qAt", "-f", "-"],
+            [
+                str(bindir.parent / "bin" / "psql") if (bindir / "psql").exists() else "psql",
+                "-h",
+                str(self.dir),
+                "-p",
+                str(self.cfg.postgres.port),
+                "-d",
+                pg_identifier(database).strip('"'),
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qAt",
+                "-f",
+                "-",
+            ],
             input=sql,
         )
         if r.returncode:

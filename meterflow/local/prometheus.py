@@ -23,8 +23,8 @@ import yaml
 
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
-from meterflow.metrics_conf import LOOPBACK, local_prometheus_config
 from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, require_free, stop_pid, wait_until
+from meterflow.metrics_conf import LOOPBACK, local_prometheus_config
 
 ALERT_RULES = REPO_ROOT / "ops" / "alerts.yml"
 PROMETHEUS_BINARY = "prometheus"
@@ -93,7 +93,14 @@ class PrometheusServer:
             "--storage.tsdb.retention.time=7d",
         ]
         with self.log.open("ab") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
+            proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.dir,
+            )
         self.pid_file.write_text(str(proc.pid))
         wait_until(lambda: self.ready() or proc.poll() is not None, "Prometheus", 60, self.log)
         if proc.poll() is not None:
@@ -118,4 +125,6 @@ class PrometheusServer:
 
     def status(self) -> ComponentStatus:
         """Running state and address."""
-        return ComponentStatus("prometheus", self.running(), self.url, f"scrapes Flink on {LOOPBACK}:{self.cfg.stack.flink_metrics_ports}")
+        return ComponentStatus(
+            "prometheus", self.running(), self.url, f"scrapes Flink on {LOOPBACK}:{self.cfg.stack.flink_metrics_ports}"
+        )

@@ -114,5 +114,9 @@ class SchemaRegistry:
         stop_pid(self.pid_file, "the schema registry", timeout=20)
 
     def status(self) -> ComponentStatus:
-        detail = str(self.dir) if self.wanted else "not used by this config (kafka.schema_registry_url is not on this machine)"
+        detail = (
+            str(self.dir)
+            if self.wanted
+            else "not used by this config (kafka.schema_registry_url is not on this machine)"
+        )
         return ComponentStatus("schema-registry", self.running(), self.url or "-", detail)

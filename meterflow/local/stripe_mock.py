@@ -6,7 +6,16 @@ import subprocess
 
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
-from meterflow.local.base import REPO_ROOT, ComponentStatus, free_ports, pid_alive, port_open, require_free, stop_pid, wait_until
+from meterflow.local.base import (
+    REPO_ROOT,
+    ComponentStatus,
+    free_ports,
+    pid_alive,
+    port_open,
+    require_free,
+    stop_pid,
+    wait_until,
+)
 
 STRIPE_MOCK_BIN = REPO_ROOT / "stack" / "bin" / "stripe-mock"
 
@@ -50,7 +59,13 @@ class StripeMock:
             # stripe-mock also serves HTTPS, on [::]:12112 unless told otherwise: keep it on loopback,
             # on a free port, so it is not exposed and a second stack on the machine can start.
             https_port = free_ports(1)[0]
-            args = [str(STRIPE_MOCK_BIN), "-http-addr", f"127.0.0.1:{self.port}", "-https-addr", f"127.0.0.1:{https_port}"]
+            args = [
+                str(STRIPE_MOCK_BIN),
+                "-http-addr",
+                f"127.0.0.1:{self.port}",
+                "-https-addr",
+                f"127.0.0.1:{https_port}",
+            ]
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid_file.write_text(str(proc.pid))
         wait_until(lambda: port_open("127.0.0.1", self.port) or proc.poll() is not None, "stripe-mock", 60, self.log)
@@ -62,5 +77,10 @@ class StripeMock:
         stop_pid(self.pid_file, "stripe-mock", timeout=10)
 
     def status(self) -> ComponentStatus:
-        return ComponentStatus("stripe-mock", self.running(), self.url, "" if self.wanted else "not used by this config", wanted=self.wanted)
-
+        return ComponentStatus(
+            "stripe-mock",
+            self.running(),
+            self.url,
+            "" if self.wanted else "not used by this config",
+            wanted=self.wanted,
+        )

@@ -33,7 +33,9 @@ class Watch:
     lost_since: float | None = None
 
 
-def next_step(watch: Watch, taskmanager_running: bool, jobmanager_answers: bool, now: float, delay: float) -> tuple[Watch, bool]:
+def next_step(
+    watch: Watch, taskmanager_running: bool, jobmanager_answers: bool, now: float, delay: float
+) -> tuple[Watch, bool]:
     """The supervisor's rule: (what it knows next, whether to start a replacement now).
 
     A TaskManager process that runs (registered or still starting) ends a loss. A loss counts only
@@ -82,9 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     from meterflow.local.flink import cluster_overview, start_taskmanager, taskmanager_pids
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flink-dir", type=Path, required=True, help="the cluster's state directory (<state_dir>/flink)")
+    parser.add_argument(
+        "--flink-dir", type=Path, required=True, help="the cluster's state directory (<state_dir>/flink)"
+    )
     parser.add_argument("--rest-url", required=True, help="the JobManager's REST address")
-    parser.add_argument("--delay", type=float, required=True, help="seconds without a TaskManager before a replacement starts")
+    parser.add_argument(
+        "--delay", type=float, required=True, help="seconds without a TaskManager before a replacement starts"
+    )
     args = parser.parse_args(argv)
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))

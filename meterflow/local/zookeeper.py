@@ -14,7 +14,17 @@ from pathlib import Path
 
 from meterflow.config import JobConfig
 from meterflow.errors import StackError
-from meterflow.local.base import REPO_ROOT, ComponentStatus, free_ports, pid_alive, port_open, require_free, require_jars, stop_pid, wait_until
+from meterflow.local.base import (
+    REPO_ROOT,
+    ComponentStatus,
+    free_ports,
+    pid_alive,
+    port_open,
+    require_free,
+    require_jars,
+    stop_pid,
+    wait_until,
+)
 
 ZOOKEEPER_JARS = REPO_ROOT / "stack" / "zookeeper" / "target" / "dependency"
 HOST = "127.0.0.1"
@@ -100,7 +110,13 @@ class ZooKeeperServer:
     def command(self, config_file: Path) -> list[str]:
         """The JVM command line: a small heap, and C1 only (it serves a handful of Flink clients)."""
         classpath = str(ZOOKEEPER_JARS / "*")
-        jvm = ["-Xms32m", "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", f"-Djava.io.tmpdir={self.dir / 'tmp'}"]
+        jvm = [
+            "-Xms32m",
+            "-Xmx256m",
+            "-XX:TieredStopAtLevel=1",
+            "-XX:+UseSerialGC",
+            f"-Djava.io.tmpdir={self.dir / 'tmp'}",
+        ]
         return ["java", *jvm, "-cp", classpath, "org.apache.zookeeper.server.ZooKeeperServerMain", str(config_file)]
 
     def up(self) -> None:
@@ -114,7 +130,9 @@ class ZooKeeperServer:
         config_file = self.dir / "zoo.cfg"
         config_file.write_text(zoo_cfg(self.dir / "data", self.port))
         with self.log.open("ab") as out:
-            proc = subprocess.Popen(self.command(config_file), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                self.command(config_file), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.pid_file.write_text(str(proc.pid))
         try:
             wait_until(lambda: self.ready() or proc.poll() is not None, "ZooKeeper", 60, self.log)
@@ -130,4 +148,6 @@ class ZooKeeperServer:
 
     def status(self) -> ComponentStatus:
         detail = str(self.dir) if self.wanted else "not used by this config (stack.high_availability: none)"
-        return ComponentStatus("zookeeper", self.running(), self.quorum if self.wanted or self.cfg.stack.zookeeper_port else "-", detail)
+        return ComponentStatus(
+            "zookeeper", self.running(), self.quorum if self.wanted or self.cfg.stack.zookeeper_port else "-", detail
+        )

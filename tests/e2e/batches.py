@@ -38,7 +38,9 @@ class Batch:
 
     name: str
     events: list[UsageEvent]
-    history: list[tuple[int, int | None]]  # (allowed lateness ms, watermark ms) steps, as jobs.windowing.is_late_after takes them
+    history: list[
+        tuple[int, int | None]
+    ]  # (allowed lateness ms, watermark ms) steps, as jobs.windowing.is_late_after takes them
     duplicates: list[UsageEvent] = field(default_factory=list)
     bad: list[bytes] = field(default_factory=list)
 
@@ -60,15 +62,21 @@ def end_ms(e: UsageEvent) -> int:
     return ms - ms % size + size
 
 
-def in_windows(rng: random.Random, start: datetime, tag: str, windows: list[int], n: int, span: timedelta = WINDOW) -> list[UsageEvent]:
+def in_windows(
+    rng: random.Random, start: datetime, tag: str, windows: list[int], n: int, span: timedelta = WINDOW
+) -> list[UsageEvent]:
     """``n`` events in each window index of ``windows``, spread over the window's first ``span``, its last millisecond included."""
     events = []
     for w in windows:
         for i in range(n):
-            offset = span - timedelta(milliseconds=1) if i == 0 else timedelta(milliseconds=rng.randint(0, to_ms(span) - 1))
+            offset = (
+                span - timedelta(milliseconds=1) if i == 0 else timedelta(milliseconds=rng.randint(0, to_ms(span) - 1))
+            )
             meter = ("api_calls", "tokens")[i % 2]
             qty = Decimal(3) if meter == "api_calls" else Decimal("0.25")
-            events.append(usage_event(f"{tag}-w{w}-{i}", f"t{i % 4}", f"c{i % 25}", meter, qty, start + w * WINDOW + offset))
+            events.append(
+                usage_event(f"{tag}-w{w}-{i}", f"t{i % 4}", f"c{i % 25}", meter, qty, start + w * WINDOW + offset)
+            )
     return events
 
 

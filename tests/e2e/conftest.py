@@ -41,13 +41,23 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
             "consumer_group": f"meterflow-{run}",
         },
         "postgres": {"port": pg},
-        "flink": {"rest_port": rest, "checkpoint_interval": "2s", "checkpoint_dir": "state/flink/checkpoints", "parallelism": 2},
+        "flink": {
+            "rest_port": rest,
+            "checkpoint_interval": "2s",
+            "checkpoint_dir": "state/flink/checkpoints",
+            "parallelism": 2,
+        },
         "event_time": {"window_size": "10s", "watermark_delay": "2s", "source_idle_timeout": "5s"},
         "stack": {
-            "state_dir": "state", "kafka_controller_port": controller, "flink_rpc_port": rpc, "stripe_mock_port": stripe_mock,
+            "state_dir": "state",
+            "kafka_controller_port": controller,
+            "flink_rpc_port": rpc,
+            "stripe_mock_port": stripe_mock,
             "zookeeper_port": zookeeper,  # reserved with the others: a port picked later could be one of them
             # JobManager, TaskManager, and a replacement TaskManager after a kill.
-            "prometheus_port": prometheus, "flink_metrics_ports": ",".join(map(str, metrics)), "prometheus_scrape_interval": "2s",
+            "prometheus_port": prometheus,
+            "flink_metrics_ports": ",".join(map(str, metrics)),
+            "prometheus_scrape_interval": "2s",
         },  # fmt: skip
         "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
         "secrets_file": "state/secrets.env",
@@ -89,7 +99,10 @@ def _report_replacements(request: pytest.FixtureRequest, flink) -> None:
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if replaced and reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
-            reporter.write_line(f"\n{flink.dir.parent.parent.name}: the supervisor replaced {len(replaced)} TaskManager(s): " + "; ".join(t.isoformat() for t in replaced))
+            reporter.write_line(
+                f"\n{flink.dir.parent.parent.name}: the supervisor replaced {len(replaced)} TaskManager(s): "
+                + "; ".join(t.isoformat() for t in replaced)
+            )
 
 
 @pytest.fixture(scope="session")

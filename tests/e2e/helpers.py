@@ -109,7 +109,11 @@ def closing_events(after: datetime, partitions: int) -> list[UsageEvent]:
 
 def table_totals(cfg: JobConfig) -> dict[tuple, UsageRow]:
     """Postgres rows keyed like the oracle (meters without group-by dimensions), without the closer tenant."""
-    return {(r.tenant_id, r.customer_id, r.meter, r.window_start): r for r in fetch_usage(cfg.postgres) if r.tenant_id != CLOSER_TENANT}
+    return {
+        (r.tenant_id, r.customer_id, r.meter, r.window_start): r
+        for r in fetch_usage(cfg.postgres)
+        if r.tenant_id != CLOSER_TENANT
+    }
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -120,7 +124,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(1)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
 
 
 def read_topic(bootstrap_servers: str, topic: str, decode: Callable[[bytes], dict], timeout: float = 60) -> list[dict]:
@@ -165,7 +168,9 @@ def publish_late_events(cfg: JobConfig, records: list[dict]) -> None:
     publish_avro(cfg, cfg.kafka.late_events_topic, LATE_EVENT_SCHEMA, records)
 
 
-def late_event_record(tenant: str, event_id: str, customer: str, meter: str, quantity: str, window_start: datetime, size: timedelta) -> dict:
+def late_event_record(
+    tenant: str, event_id: str, customer: str, meter: str, quantity: str, window_start: datetime, size: timedelta
+) -> dict:
     """A late-events record (avro/late_usage_event.avsc) as the usage job writes it, one second into its window."""
     now = datetime.now(UTC)
     return {
@@ -187,10 +192,25 @@ def write_final_rows(cfg: JobConfig, windows: list[dict]) -> None:
     )
     with connect(cfg.postgres) as conn, conn.transaction():
         for w in windows:
-            conn.execute(sql, (w["tenant_id"], w["customer_id"], w["meter"], "{}", w["window_start"].replace(tzinfo=None), w["window_end"].replace(tzinfo=None), w["quantity"], w["event_count"], w["revision"]))
+            conn.execute(
+                sql,
+                (
+                    w["tenant_id"],
+                    w["customer_id"],
+                    w["meter"],
+                    "{}",
+                    w["window_start"].replace(tzinfo=None),
+                    w["window_end"].replace(tzinfo=None),
+                    w["quantity"],
+                    w["event_count"],
+                    w["revision"],
+                ),
+            )
 
 
-def closed_window(tenant: str, customer: str, meter: str, start: datetime, size: timedelta, quantity: str, revision: int) -> dict:
+def closed_window(
+    tenant: str, customer: str, meter: str, start: datetime, size: timedelta, quantity: str, revision: int
+) -> dict:
     """One closed-window record."""
     return {
         "tenant_id": tenant, "customer_id": customer, "meter": meter, "dimensions_key": "{}", "window_start": start, "window_end": start + size,
@@ -244,11 +264,16 @@ def restored_before(stats: dict, killed_at_ms: int) -> dict:
     restored = (stats.get("latest") or {}).get("restored") or {}
     triggered = {c["id"]: c["trigger_timestamp"] for c in stats.get("history", [])}
     assert restored.get("id") is not None, ("no restore in the checkpoint statistics", stats.get("latest"))
-    assert triggered.get(restored["id"], 0) < killed_at_ms, ("restored from a checkpoint taken before the kill", restored)
+    assert triggered.get(restored["id"], 0) < killed_at_ms, (
+        "restored from a checkpoint taken before the kill",
+        restored,
+    )
     return restored
 
 
-def kill_with_calls_in_flight(cfg: JobConfig, job_id: str, fake: Any, calls: int, timeout: float) -> tuple[set[str], int]:
+def kill_with_calls_in_flight(
+    cfg: JobConfig, job_id: str, fake: Any, calls: int, timeout: float
+) -> tuple[set[str], int]:
     """Once the fake provider holds ``calls`` unanswered calls: kill -9 the TaskManager, make the fake
     fast, and wait for the stack's supervisor to start a new TaskManager and the job to restart.
     Returns the identifiers in flight at the kill and the kill's epoch ms."""
@@ -296,11 +321,21 @@ def vertex_input_watermark(cfg: JobConfig, job_id: str, name_contains: str) -> i
     from meterflow.local.flink_jobs import job_details, rest
 
     vertex = next(v for v in job_details(cfg, job_id)["vertices"] if name_contains in v["name"])
-    marks = [int(m["value"]) for m in rest(cfg, f"/jobs/{job_id}/vertices/{vertex['id']}/watermarks") if m["id"].endswith(".currentInputWatermark")]
+    marks = [
+        int(m["value"])
+        for m in rest(cfg, f"/jobs/{job_id}/vertices/{vertex['id']}/watermarks")
+        if m["id"].endswith(".currentInputWatermark")
+    ]
     # Long.MIN_VALUE until a subtask saw a watermark.
     return min(marks) if marks and min(marks) > -(2**62) else None
 
 
-def wait_watermark(cfg: JobConfig, job_id: str, at_least_ms: int, name_contains: str = "close windows", timeout: float = 300) -> None:
+def wait_watermark(
+    cfg: JobConfig, job_id: str, at_least_ms: int, name_contains: str = "close windows", timeout: float = 300
+) -> None:
     """Wait until every subtask of the vertex (default: the window closer) has an input watermark of at least ``at_least_ms``."""
-    wait_for(lambda: (vertex_input_watermark(cfg, job_id, name_contains) or -(2**63)) >= at_least_ms, timeout, f"the watermark at '{name_contains}' to reach {at_least_ms}")
+    wait_for(
+        lambda: (vertex_input_watermark(cfg, job_id, name_contains) or -(2**63)) >= at_least_ms,
+        timeout,
+        f"the watermark at '{name_contains}' to reach {at_least_ms}",
+    )

@@ -36,13 +36,23 @@ CLOCK_TENANT = "clock"
 
 
 def usage_event(event_id: str, tenant: str, customer: str, meter: str, quantity: Decimal, at: datetime) -> UsageEvent:
-    return UsageEvent(event_id=event_id, tenant_id=tenant, customer_id=customer, meter=meter, quantity=quantity, event_time=at, dimensions={"region": "eu"})
+    return UsageEvent(
+        event_id=event_id,
+        tenant_id=tenant,
+        customer_id=customer,
+        meter=meter,
+        quantity=quantity,
+        event_time=at,
+        dimensions={"region": "eu"},
+    )
 
 
 def close_of(start: datetime, window_index: int) -> datetime:
     """The watermark at which window ``window_index`` after ``start`` closes (the shared close rule)."""
     end_ms = int((start + (window_index + 1) * WINDOW).timestamp() * 1000)
-    return datetime.fromtimestamp(window_fires_at_ms(end_ms, int(ALLOWED_LATENESS / timedelta(milliseconds=1))) / 1000, UTC)
+    return datetime.fromtimestamp(
+        window_fires_at_ms(end_ms, int(ALLOWED_LATENESS / timedelta(milliseconds=1))) / 1000, UTC
+    )
 
 
 @dataclass
@@ -101,18 +111,37 @@ class Scenario:
     @property
     def unique_counted(self) -> list[UsageEvent]:
         """Unique events that must be counted in exactly one window (the closers' window stays open)."""
-        return self.base + self.advance_first + self.advance_second + [e for r in self.phases for e in r.within_lateness]
+        return (
+            self.base + self.advance_first + self.advance_second + [e for r in self.phases for e in r.within_lateness]
+        )
 
     @property
     def all_sent(self) -> list[UsageEvent]:
         """Every event sent, duplicates included (malformed records are counted apart)."""
         return (
-            self.base_first + self.duplicates_first + self.advance_first + self.risky_before.events + self.risky_during.events
-            + self.base_second + self.duplicates_second + self.advance_second + self.risky_after.events + self.closers
+            self.base_first
+            + self.duplicates_first
+            + self.advance_first
+            + self.risky_before.events
+            + self.risky_during.events
+            + self.base_second
+            + self.duplicates_second
+            + self.advance_second
+            + self.risky_after.events
+            + self.closers
         )
 
 
-def base_events(rng: random.Random, seed: int, start: datetime, first: int, count: int, span_from: timedelta, span: timedelta, jitter_ms: int = 1500) -> list[UsageEvent]:
+def base_events(
+    rng: random.Random,
+    seed: int,
+    start: datetime,
+    first: int,
+    count: int,
+    span_from: timedelta,
+    span: timedelta,
+    jitter_ms: int = 1500,
+) -> list[UsageEvent]:
     events = []
     for i in range(first, first + count):
         at = start + span_from + timedelta(milliseconds=(int(span / timedelta(milliseconds=1)) * (i - first)) // count)
@@ -131,16 +160,38 @@ def malformed_records(sample: UsageEvent, tag: str) -> list[bytes]:
         encode_usage_event({**sample, "event_id": f"bad-meter-{tag}", "meter": "gpu_hours"}),
         encode_usage_event({**sample, "event_id": f"bad-neg-{tag}", "quantity": Decimal(-5)}),
         encode_usage_event({**sample, "event_id": "", "customer_id": f"no-id-{tag}"}),
-        encode_usage_event({**sample, "event_id": f"bad-future-{tag}", "event_time": datetime.now(UTC) + timedelta(days=2)}),
+        encode_usage_event(
+            {**sample, "event_id": f"bad-future-{tag}", "event_time": datetime.now(UTC) + timedelta(days=2)}
+        ),
     ]
 
 
-def _risky(rng: random.Random, s: Scenario, tag: str, counted: list[UsageEvent], count: int, within_window: int) -> Risky:
+def _risky(
+    rng: random.Random, s: Scenario, tag: str, counted: list[UsageEvent], count: int, within_window: int
+) -> Risky:
     r = Risky()
     w = s.start
     for i in range(count):
-        r.beyond_lateness.append(usage_event(f"bl-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("2.25"), w + timedelta(milliseconds=rng.randint(0, 9_999))))
-        r.boundary.append(usage_event(f"bd-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "api_calls", Decimal(3), w + WINDOW + timedelta(milliseconds=rng.randint(0, 9_999))))
+        r.beyond_lateness.append(
+            usage_event(
+                f"bl-{tag}-{i}",
+                f"t{i % 4}",
+                f"c{i % 25}",
+                "tokens",
+                Decimal("2.25"),
+                w + timedelta(milliseconds=rng.randint(0, 9_999)),
+            )
+        )
+        r.boundary.append(
+            usage_event(
+                f"bd-{tag}-{i}",
+                f"t{i % 4}",
+                f"c{i % 25}",
+                "api_calls",
+                Decimal(3),
+                w + WINDOW + timedelta(milliseconds=rng.randint(0, 9_999)),
+            )
+        )
         at = w + within_window * WINDOW + timedelta(milliseconds=rng.randint(0, 9_999))
         r.within_lateness.append(usage_event(f"wl-{tag}-{i}", f"t{i % 4}", f"c{i % 25}", "tokens", Decimal("0.5"), at))
     r.duplicates = rng.sample(counted, count)
@@ -161,8 +212,14 @@ def build_scenario(count: int, partitions: int, seed: int = 1, risky_count: int 
     s.duplicates_second = rng.sample(s.base_second, len(s.base_second) // 10)
     # The watermark lands exactly on W1's close: max event time - delay = end(W1) - 1 ms + lateness.
     exactly_w1_close = close_of(start, 1) + WATERMARK_DELAY
-    s.advance_first = [usage_event(f"adv1-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), exactly_w1_close) for p in range(partitions)]
-    s.advance_second = [usage_event(f"adv2-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), start + timedelta(seconds=65)) for p in range(partitions)]
+    s.advance_first = [
+        usage_event(f"adv1-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), exactly_w1_close)
+        for p in range(partitions)
+    ]
+    s.advance_second = [
+        usage_event(f"adv2-{seed}-{p}", CLOCK_TENANT, f"p{p}", "api_calls", Decimal(1), start + timedelta(seconds=65))
+        for p in range(partitions)
+    ]
     s.risky_before = _risky(rng, s, f"{seed}-before", s.base_first, risky_count, within_window=2)
     s.risky_during = _risky(rng, s, f"{seed}-during", s.base_first, risky_count, within_window=2)
     s.risky_after = _risky(rng, s, f"{seed}-after", s.base, risky_count, within_window=5)

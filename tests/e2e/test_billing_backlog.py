@@ -25,12 +25,22 @@ def _window(customer: str) -> ClosedWindow:
 
 def test_backlog_counts_pending_and_failed(e2e_stack):
     run = uuid.uuid4().hex[:6]
-    cfg, _ = e2e_stack.config(f"backlog-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"})
+    cfg, _ = e2e_stack.config(
+        f"backlog-{run}",
+        billing={
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+        },
+    )
     apply_billing_schema(cfg)
 
     def backlog() -> tuple[int, int]:
         with connect(cfg.postgres) as conn:
-            return tuple(conn.execute(backlog_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchone())
+            return tuple(
+                conn.execute(backlog_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchone()
+            )
 
     assert backlog() == (0, 0)
 

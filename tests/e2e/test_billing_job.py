@@ -62,10 +62,18 @@ def _config(e2e_stack, name: str, api_base: str, flink: dict | None = None, **bi
     from sinks.ledger import apply_schemas
 
     run = uuid.uuid4().hex[:6]
-    ledger = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", "carry_table": f"carry_{name}_{run}", **billing}
+    ledger = {
+        "enabled": True,
+        "ledger_table": f"deliveries_{name}_{run}",
+        "customers_table": f"customers_{name}_{run}",
+        "carry_table": f"carry_{name}_{run}",
+        **billing,
+    }
     # A long idle timeout: a partition whose events arrive a little later never has them overtaken.
     event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
-    cfg, path = private_job(e2e_stack, name, stripe={"api_base": api_base}, billing=ledger, event_time=event_time, flink=flink or {})
+    cfg, path = private_job(
+        e2e_stack, name, stripe={"api_base": api_base}, billing=ledger, event_time=event_time, flink=flink or {}
+    )
     apply_schemas(cfg)
     return cfg, path
 
@@ -89,7 +97,13 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
     cfg, path = _config(e2e_stack, "mock", e2e_stack.base["stripe"]["api_base"])
     size = cfg.event_time.window_size
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
-    windows = [closed_window(f"tenant-{t}", f"cust-{c}", meter, start + i * size, size, f"{1 + i + c}.25", 3) for t in range(2) for c in range(3) for meter in ("tokens", "api_calls") for i in range(3)]
+    windows = [
+        closed_window(f"tenant-{t}", f"cust-{c}", meter, start + i * size, size, f"{1 + i + c}.25", 3)
+        for t in range(2)
+        for c in range(3)
+        for meter in ("tokens", "api_calls")
+        for i in range(3)
+    ]
     for tenant in ("tenant-0", "tenant-1"):
         for customer in ("cust-0", "cust-1"):
             map_customer(cfg, tenant, customer, f"cus_{tenant[-1]}{customer[-1]}")
@@ -97,13 +111,22 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
     job_id = flink_jobs.submit_billing(cfg, path)
     ids = {_identifier(cfg, w["tenant_id"], w["customer_id"], w["meter"], w["window_start"]): w for w in windows}
     try:
-        wait_for(lambda: len(_ledger(cfg, ids)) == len(ids) and all(d.status in ("sent", "dead") for d in _ledger(cfg, ids).values()), 180, "a final ledger state for every window")
+        wait_for(
+            lambda: (
+                len(_ledger(cfg, ids)) == len(ids)
+                and all(d.status in ("sent", "dead") for d in _ledger(cfg, ids).values())
+            ),
+            180,
+            "a final ledger state for every window",
+        )
         deliveries = _ledger(cfg, ids)
         for identifier, w in ids.items():
             d = deliveries[identifier]
             assert d.quantity == w["quantity"] and d.kind == "window" and d.revision == 3
             if w["customer_id"] == "cust-2":
-                assert d.status == "dead" and "no billing customer mapped" in d.last_error and d.first_attempt_at is None
+                assert (
+                    d.status == "dead" and "no billing customer mapped" in d.last_error and d.first_attempt_at is None
+                )
             else:
                 assert d.status == "sent" and d.attempts == 1, d.last_error
         # Whole values, the fraction carried (sinks/whole_values.py): per customer and meter the
@@ -111,21 +134,38 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
         billed: dict[tuple, list[Decimal]] = {}
         for identifier, w in ids.items():
             if deliveries[identifier].status == "sent":
-                acc = billed.setdefault((w["tenant_id"], w["customer_id"], w["meter"], billing_period_start(w["window_start"])), [Decimal(0), Decimal(0)])
+                acc = billed.setdefault(
+                    (w["tenant_id"], w["customer_id"], w["meter"], billing_period_start(w["window_start"])),
+                    [Decimal(0), Decimal(0)],
+                )
                 acc[0] += Decimal(deliveries[identifier].value)
                 acc[1] += w["quantity"]
-        assert all(value == quantity.to_integral_value(rounding=ROUND_FLOOR) for value, quantity in billed.values()), billed
+        assert all(value == quantity.to_integral_value(rounding=ROUND_FLOOR) for value, quantity in billed.values()), (
+            billed
+        )
         # A reprocessing publishes one window again with another final value: the difference is billed.
         changed = {**windows[0], "quantity": windows[0]["quantity"] + Decimal("2.5"), "event_count": 5, "revision": 5}
         publish_closed_windows(cfg, [changed])
-        parent = _identifier(cfg, changed["tenant_id"], changed["customer_id"], changed["meter"], changed["window_start"])
+        parent = _identifier(
+            cfg, changed["tenant_id"], changed["customer_id"], changed["meter"], changed["window_start"]
+        )
         correction = derive_correction_identifier(parent, 5)
-        wait_for(lambda: (row := _ledger(cfg, {correction}).get(correction)) is not None and row.status == "sent", 120, "the correction accepted")
+        wait_for(
+            lambda: (row := _ledger(cfg, {correction}).get(correction)) is not None and row.status == "sent",
+            120,
+            "the correction accepted",
+        )
     finally:
         flink_jobs.cancel(cfg, job_id)
     row = _ledger(cfg, {correction})[correction]
     # 1.25 + 2.25 + 3.25 billed 6; the correction's 2.5 completes 9.25: 3 more.
-    assert (row.kind, row.window_identifier, row.quantity, row.value, row.revision) == ("correction", parent, Decimal("2.5"), "3", 5)
+    assert (row.kind, row.window_identifier, row.quantity, row.value, row.revision) == (
+        "correction",
+        parent,
+        Decimal("2.5"),
+        "3",
+        5,
+    )
     write_final_rows(cfg, [changed if w is windows[0] else w for w in windows])
     result = _cli(path, "reconcile", "--tenant", "tenant-0", "--grace", "0s", "--period", "day")
     assert result.exit_code == 1 and "not billed" in result.output and "no billing customer mapped" in result.output
@@ -144,9 +184,20 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
 def _produce(cfg, seed: int, count: int, customers: int, minutes: int):
     """Events over the given minutes, ending well in the past, plus closing events: every window closes."""
     start = (datetime.now(UTC) - timedelta(minutes=minutes + 20)).replace(second=0, microsecond=0)
-    events = list(synthetic_events(SyntheticSpec(count=count, tenants=2, customers=customers, start=start, span=timedelta(minutes=minutes), seed=seed)))
+    events = list(
+        synthetic_events(
+            SyntheticSpec(
+                count=count, tenants=2, customers=customers, start=start, span=timedelta(minutes=minutes), seed=seed
+            )
+        )
+    )
     send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, events)
-    send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closing_events(start + timedelta(minutes=minutes), cfg.kafka.partitions), partition_for=lambda i, e: i)
+    send_events(
+        cfg.kafka.bootstrap_servers,
+        cfg.kafka.usage_events_topic,
+        closing_events(start + timedelta(minutes=minutes), cfg.kafka.partitions),
+        partition_for=lambda i, e: i,
+    )
     return start, events
 
 
@@ -154,7 +205,16 @@ def test_provider_down_for_a_minute_while_events_flow(e2e_stack):
     """503 for a minute: usage rows go final and the late and dead-letter topics commit meanwhile; billing then catches up, one event per window."""
     fake = FakeStripe().start()
     try:
-        cfg, path = _config(e2e_stack, "outage", fake.url, max_attempts=60, initial_backoff="500ms", max_backoff="4s", request_timeout="3s", retry_lease="10s")
+        cfg, path = _config(
+            e2e_stack,
+            "outage",
+            fake.url,
+            max_attempts=60,
+            initial_backoff="500ms",
+            max_backoff="4s",
+            request_timeout="3s",
+            retry_lease="10s",
+        )
         for t in range(2):
             for c in range(3):
                 map_customer(cfg, f"tenant-{t}", f"cust-{c}", f"cus_{t}{c}")
@@ -174,12 +234,46 @@ def test_provider_down_for_a_minute_while_events_flow(e2e_stack):
 
             def metering_done() -> bool:
                 rows = table_totals(cfg)
-                return {k: (r.quantity, r.event_count) for k, r in rows.items()} == expected and all(r.is_final for r in rows.values())
+                return {k: (r.quantity, r.event_count) for k, r in rows.items()} == expected and all(
+                    r.is_final for r in rows.values()
+                )
 
             wait_for(metering_done, 60, "final usage rows while billing is down")
-            wait_for(lambda: len(read_topic(cfg.kafka.bootstrap_servers, cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), LATE), timeout=10)) == len(late), 30, "late events committed")
-            wait_for(lambda: len(read_topic(cfg.kafka.bootstrap_servers, cfg.kafka.dead_letter_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD), timeout=10)) == 2, 30, "dead letters committed")
-            wait_for(lambda: flink_jobs.completed_checkpoints(cfg, usage_job) >= checkpoints_before + 2, 30, "usage job checkpoints while billing fails")
+            wait_for(
+                lambda: (
+                    len(
+                        read_topic(
+                            cfg.kafka.bootstrap_servers,
+                            cfg.kafka.late_events_topic,
+                            lambda v: fastavro.schemaless_reader(io.BytesIO(v), LATE),
+                            timeout=10,
+                        )
+                    )
+                    == len(late)
+                ),
+                30,
+                "late events committed",
+            )
+            wait_for(
+                lambda: (
+                    len(
+                        read_topic(
+                            cfg.kafka.bootstrap_servers,
+                            cfg.kafka.dead_letter_topic,
+                            lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD),
+                            timeout=10,
+                        )
+                    )
+                    == 2
+                ),
+                30,
+                "dead letters committed",
+            )
+            wait_for(
+                lambda: flink_jobs.completed_checkpoints(cfg, usage_job) >= checkpoints_before + 2,
+                30,
+                "usage job checkpoints while billing fails",
+            )
             assert time.time() < outage_end, "metering finished only after the provider came back"
             during = Counter(d.status for d in fetch_deliveries(cfg))
             assert fake.events == [] and during["sent"] == 0 and during["failed"] + during["pending"] > 0, during
@@ -208,7 +302,9 @@ def test_provider_down_for_a_minute_while_events_flow(e2e_stack):
             d = _ledger(cfg, {e.identifier})[e.identifier]
             key = (d.tenant_id, d.customer_id, d.meter, billing_period_start(d.window_start))
             billed[key] = billed.get(key, Decimal(0)) + e.value
-            metered[key] = metered.get(key, Decimal(0)) + finals[(d.tenant_id, d.customer_id, d.meter, d.window_start)].quantity
+            metered[key] = (
+                metered.get(key, Decimal(0)) + finals[(d.tenant_id, d.customer_id, d.meter, d.window_start)].quantity
+            )
         assert any(q != q.to_integral_value() for q in metered.values()), "the usage has fractions to carry"
         assert billed == {k: q.to_integral_value(rounding=ROUND_FLOOR) for k, q in metered.items()}
         for tenant in ("tenant-0", "tenant-1"):
@@ -222,10 +318,22 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
     """kill -9 while calls are in flight: the job restarts from a checkpoint taken before them; they are re-sent with the same identifiers."""
     fake = FakeStripe(latency=3.0).start()
     try:
-        cfg, path = _config(e2e_stack, "tmkill", fake.url, flink={"parallelism": 2}, max_in_flight=6, request_timeout="10s", retry_lease="30s")
+        cfg, path = _config(
+            e2e_stack,
+            "tmkill",
+            fake.url,
+            flink={"parallelism": 2},
+            max_in_flight=6,
+            request_timeout="10s",
+            retry_lease="30s",
+        )
         size = cfg.event_time.window_size
         start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
-        windows = [closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2) for c in range(20) for i in range(3)]
+        windows = [
+            closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2)
+            for c in range(20)
+            for i in range(3)
+        ]
         for c in range(20):
             map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
         ids = {_identifier(cfg, w["tenant_id"], w["customer_id"], w["meter"], w["window_start"]): w for w in windows}
@@ -235,7 +343,13 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
             wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a first checkpoint")
             publish_closed_windows(cfg, windows)
             in_flight, killed_at = kill_with_calls_in_flight(cfg, job_id, fake, 6, 120)
-            wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, ids).values()) and len(_ledger(cfg, ids)) == len(ids), 180, "every window sent")
+            wait_for(
+                lambda: (
+                    all(d.status == "sent" for d in _ledger(cfg, ids).values()) and len(_ledger(cfg, ids)) == len(ids)
+                ),
+                180,
+                "every window sent",
+            )
             stats = flink_jobs.checkpoint_stats(cfg, job_id)
             # The REST metrics are a cache the JobManager refreshes (flink-conf: metrics.fetcher): the
             # restart already proven from the job's timestamps shows in numRestarts within that.
@@ -244,14 +358,20 @@ def test_taskmanager_killed_with_calls_in_flight(e2e_stack):
         finally:
             flink_jobs.cancel(cfg, job_id)
         restored = restored_before(stats, killed_at)
-        print(f"in flight at the kill: {len(in_flight)}; restarts {restarts}; restored checkpoint {restored['id']}; fake {fake.outcomes()}")
+        print(
+            f"in flight at the kill: {len(in_flight)}; restarts {restarts}; restored checkpoint {restored['id']}; fake {fake.outcomes()}"
+        )
         assert restarts >= 1
         assert len(in_flight) >= 6
         accepted = Counter(e.identifier for e in fake.events)
         assert set(accepted) == set(ids) and set(accepted.values()) == {1}, "one accepted event per window"
         for identifier in in_flight:
-            assert fake.attempts_for(identifier) >= 2, "a call in flight at the kill is sent again with the same identifier"
-        assert fake.outcomes().get("replayed", 0) >= 1, "the provider replayed a first answer the killed worker never read"
+            assert fake.attempts_for(identifier) >= 2, (
+                "a call in flight at the kill is sent again with the same identifier"
+            )
+        assert fake.outcomes().get("replayed", 0) >= 1, (
+            "the provider replayed a first answer the killed worker never read"
+        )
         # Each call sent again carried the value fixed at its first attempt; per customer the values
         # add up to the whole part of the quantities.
         rows = _ledger(cfg, set(ids))
@@ -287,7 +407,11 @@ def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack
         cfg, path = _config(e2e_stack, "republish", fake.url)
         size = cfg.event_time.window_size
         start = (datetime.now(UTC) - timedelta(hours=3)).replace(second=0, microsecond=0)
-        windows = [closed_window("tenant-r", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 3) for c in range(2) for i in range(3)]
+        windows = [
+            closed_window("tenant-r", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 3)
+            for c in range(2)
+            for i in range(3)
+        ]
         map_customer(cfg, "tenant-r", "cust-0", "cus_r0")
         map_customer(cfg, "tenant-r", "cust-1", "cus_r1")
         ids = {_identifier(cfg, w["tenant_id"], w["customer_id"], w["meter"], w["window_start"]): w for w in windows}
@@ -297,9 +421,18 @@ def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack
         job_id = flink_jobs.submit_billing(cfg, path)
         try:
             first = {i for i, w in ids.items() if w in published}
-            wait_for(lambda: all(d.status == "sent" for d in _ledger(cfg, first).values()) and len(_ledger(cfg, first)) == 4, 180, "the published windows sent")
+            wait_for(
+                lambda: all(d.status == "sent" for d in _ledger(cfg, first).values()) and len(_ledger(cfg, first)) == 4,
+                180,
+                "the published windows sent",
+            )
             # The usage job closed window 0 again with two more events; that record was lost too.
-            changed = {**windows[0], "quantity": windows[0]["quantity"] + Decimal("1.5"), "event_count": 5, "revision": 5}
+            changed = {
+                **windows[0],
+                "quantity": windows[0]["quantity"] + Decimal("1.5"),
+                "event_count": 5,
+                "revision": 5,
+            }
             write_final_rows(cfg, [changed])
             found = _cli(path, "reconcile", "--grace", "0s", "--tenant", "tenant-r", "--format", "json")
             kinds = Counter(d["kind"] for d in json.loads(found.stdout)["discrepancies"])
@@ -307,9 +440,15 @@ def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack
             dry = _cli(path, "billing", "republish", "--grace", "0s", "--tenant", "tenant-r", "--dry-run")
             assert dry.exit_code == 0 and "3 final windows would be published again" in dry.output, dry.output
             assert _cli(path, "billing", "republish", "--grace", "0s", "--tenant", "tenant-r").exit_code == 0
-            correction = derive_correction_identifier(_identifier(cfg, "tenant-r", "cust-0", "tokens", windows[0]["window_start"]), 5)
+            correction = derive_correction_identifier(
+                _identifier(cfg, "tenant-r", "cust-0", "tokens", windows[0]["window_start"]), 5
+            )
             every = set(ids) | {correction}
-            wait_for(lambda: len(_ledger(cfg, every)) == 7 and all(d.status == "sent" for d in _ledger(cfg, every).values()), 180, "the republished windows sent")
+            wait_for(
+                lambda: len(_ledger(cfg, every)) == 7 and all(d.status == "sent" for d in _ledger(cfg, every).values()),
+                180,
+                "the republished windows sent",
+            )
             again = _cli(path, "billing", "republish", "--grace", "0s", "--tenant", "tenant-r")
             assert again.exit_code == 0 and "0 final windows published again" in again.output, again.output
             agreed = _cli(path, "reconcile", "--grace", "0s", "--tenant", "tenant-r")
@@ -320,6 +459,8 @@ def test_final_windows_that_never_reached_billing_are_republished_once(e2e_stack
         assert set(accepted) == every and set(accepted.values()) == {1}, accepted
         # cust-0: 0.05 + 0.15 + 0.25 billed 0; the correction's 1.5 completes 1.95: 1.
         assert fake.accepted[correction].value == Decimal(1)
-        assert _carried_totals(fake, ids, {correction: windows[0]}) == _whole_totals(windows, [(windows[0], Decimal("1.5"))])
+        assert _carried_totals(fake, ids, {correction: windows[0]}) == _whole_totals(
+            windows, [(windows[0], Decimal("1.5"))]
+        )
     finally:
         fake.stop()

@@ -22,20 +22,20 @@ import yaml
 
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from meterflow.local import flink_jobs
 from meterflow.config import JobConfig
-from meterflow.producer import send_events
+from meterflow.local import flink_jobs
 from meterflow.local.kafka import KafkaBroker
 from meterflow.local.postgres import PostgresServer
+from meterflow.producer import send_events
 from sinks.postgres import apply_schema
 from tests.e2e.helpers import (
     CLOSER_TENANT,
     expected_totals,
     kill_taskmanagers,
-    replaced_after,
-    replacements_so_far,
     private_job,
     read_topic,
+    replaced_after,
+    replacements_so_far,
     send_raw,
     table_totals,
     wait_for,
@@ -79,9 +79,7 @@ def _wait_checkpoint_after(cfg: JobConfig, job_id: str, since_ms: int) -> None:
     """Wait until a checkpoint triggered after ``since_ms`` completed (the job makes progress again)."""
 
     def completed_since() -> bool:
-        latest = (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get(
-            "completed"
-        ) or {}
+        latest = (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("completed") or {}
         return latest.get("trigger_timestamp", 0) > since_ms
 
     wait_for(completed_since, 300, "a checkpoint completed after the fault")
@@ -110,9 +108,7 @@ def kill_taskmanager(cfg: JobConfig, path: Path, job_id: str, during: Callable[[
     return Fault(job_id, killed_at, "restore-before-risky")
 
 
-def restart_kafka(
-    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
-) -> Fault:
+def restart_kafka(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
     """Stop the broker mid-stream for longer than a checkpoint may take, start it, send at once.
 
     The job and its TaskManager must ride through this. Checkpoints cannot commit the Kafka
@@ -131,9 +127,7 @@ def restart_kafka(
     return Fault(job_id, down_at, "checkpoint-held-back", ended_at_ms=up_at)
 
 
-def restart_postgres(
-    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
-) -> Fault:
+def restart_postgres(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
     """Crash Postgres (immediate shutdown) mid-stream, send records while it is down, start it again.
 
     The committer cannot write the batch of the checkpoint holding the risky records: the job restarts
@@ -149,16 +143,12 @@ def restart_postgres(
     return Fault(job_id, down_at, "restore-after-fault")
 
 
-def savepoint_and_resume(
-    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
-) -> Fault:
+def savepoint_and_resume(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
     """Stop with a savepoint, send records while no job runs, resubmit from it (the upgrade path)."""
     stopped_at = int(time.time() * 1000)
     savepoint = flink_jobs.stop_with_savepoint(cfg, job_id)
     during()
-    return Fault(
-        flink_jobs.submit(cfg, path, savepoint=savepoint), stopped_at, "savepoint"
-    )
+    return Fault(flink_jobs.submit(cfg, path, savepoint=savepoint), stopped_at, "savepoint")
 
 
 def savepoint_and_rescale(parallelism: int) -> Disruption:
@@ -168,9 +158,7 @@ def savepoint_and_rescale(parallelism: int) -> Disruption:
     held watermark (union state) is the maximum over the old subtasks in every new one.
     """
 
-    def rescale(
-        cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
-    ) -> Fault:
+    def rescale(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
         data = yaml.safe_load(path.read_text())
         data["flink"]["parallelism"] = parallelism
         rescaled = path.with_name(f"{path.stem}-p{parallelism}.yaml")
@@ -179,13 +167,7 @@ def savepoint_and_rescale(parallelism: int) -> Disruption:
         savepoint = flink_jobs.stop_with_savepoint(cfg, job_id)
         during()
         new_job = flink_jobs.submit(cfg, rescaled, savepoint=savepoint)
-        assert (
-            max(
-                v["parallelism"]
-                for v in flink_jobs.job_details(cfg, new_job)["vertices"]
-            )
-            == parallelism
-        )
+        assert max(v["parallelism"] for v in flink_jobs.job_details(cfg, new_job)["vertices"]) == parallelism
         return Fault(new_job, stopped_at, "savepoint")
 
     return rescale
@@ -209,12 +191,10 @@ class Recovery:
     def proves(self, expected: str) -> bool:
         """True if the REST figures show the fault hit the running job the way ``expected`` says."""
         return {
-            "restore-before-risky": self.restored_before_risky_sent
-            and self.restored_after_fault,
+            "restore-before-risky": self.restored_before_risky_sent and self.restored_after_fault,
             "restore-after-fault": self.restored_after_fault,
             "savepoint": self.restored_from_savepoint,
-            "checkpoint-held-back": self.restored_after_fault
-            or self.checkpoint_held_back,
+            "checkpoint-held-back": self.restored_after_fault or self.checkpoint_held_back,
         }[expected]
 
 
@@ -224,20 +204,13 @@ def _recovery(cfg: JobConfig, fault: Fault, risky_acked_ms: int) -> Recovery:
     triggered = {c["id"]: c["trigger_timestamp"] for c in stats.get("history", [])}
     restored_id = restored.get("id")
     before = restored_id is not None and (
-        restored.get("is_savepoint")
-        or triggered.get(restored_id, risky_acked_ms) < risky_acked_ms
+        restored.get("is_savepoint") or triggered.get(restored_id, risky_acked_ms) < risky_acked_ms
     )
-    after = (
-        restored_id is not None
-        and restored.get("restore_timestamp", 0) > fault.struck_at_ms
-    )
+    after = restored_id is not None and restored.get("restore_timestamp", 0) > fault.struck_at_ms
     failed = int((stats.get("counts") or {}).get("failed", 0))
     held_back = fault.ended_at_ms is not None and any(
         fault.struck_at_ms - 10_000 <= c["trigger_timestamp"] < fault.ended_at_ms
-        and (
-            c["status"] == "FAILED"
-            or c.get("latest_ack_timestamp", 0) >= fault.ended_at_ms
-        )
+        and (c["status"] == "FAILED" or c.get("latest_ack_timestamp", 0) >= fault.ended_at_ms)
         for c in stats.get("history", [])
     )
     return Recovery(
@@ -256,10 +229,7 @@ def _send_risky(bootstrap: str, topic: str, risky: Risky) -> int:
     send_events(
         bootstrap,
         topic,
-        risky.within_lateness
-        + risky.duplicates
-        + risky.boundary
-        + risky.beyond_lateness,
+        risky.within_lateness + risky.duplicates + risky.boundary + risky.beyond_lateness,
     )
     send_raw(bootstrap, topic, risky.bad_records)
     return int(time.time() * 1000)
@@ -283,10 +253,19 @@ def run_scenario(
     cfg, path = private_job(
         e2e_stack,
         name,
-        event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": source_idle_timeout},
+        event_time={
+            "window_size": "10s",
+            "watermark_delay": "2s",
+            "allowed_lateness": "10s",
+            "source_idle_timeout": source_idle_timeout,
+        },
         **sections,
     )
-    assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (WINDOW, WATERMARK_DELAY, ALLOWED_LATENESS)
+    assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (
+        WINDOW,
+        WATERMARK_DELAY,
+        ALLOWED_LATENESS,
+    )
     apply_schema(cfg.postgres)
     s: Scenario = build_scenario(EVENTS, cfg.kafka.partitions, seed=hash(name) % 1000)
     bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
@@ -299,11 +278,7 @@ def run_scenario(
         send_events(bootstrap, topic, s.base_first + s.duplicates_first)
         send_events(bootstrap, topic, s.advance_first, partition_for=lambda i, e: i)
         # W1 final in Postgres: a completed checkpoint holds a watermark exactly at W1's close.
-        first_expected = {
-            k: v
-            for k, v in expected_totals(s.base_first, size).items()
-            if k[3] <= w1_start
-        }
+        first_expected = {k: v for k, v in expected_totals(s.base_first, size).items() if k[3] <= w1_start}
         wait_for(
             lambda: (
                 {
@@ -318,9 +293,7 @@ def run_scenario(
         )
         risky_acked_ms = _send_risky(bootstrap, topic, s.risky_before)
         if disrupt is not None:
-            fault = disrupt(
-                cfg, path, job_id, lambda: _send_risky(bootstrap, topic, s.risky_during)
-            )
+            fault = disrupt(cfg, path, job_id, lambda: _send_risky(bootstrap, topic, s.risky_during))
             job_id = fault.job_id
             recovery = _recovery(cfg, fault, risky_acked_ms)
         else:
@@ -333,17 +306,12 @@ def run_scenario(
             + s.risky_during.boundary
         )
         wait_for(
-            lambda: (
-                len(read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late))
-                >= early_late
-            ),
+            lambda: len(read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late)) >= early_late,
             300,
             "late events of the fault's phases committed",
         )
         w2 = expected_totals(
-            s.base_first
-            + s.risky_before.within_lateness
-            + s.risky_during.within_lateness,
+            s.base_first + s.risky_before.within_lateness + s.risky_during.within_lateness,
             size,
         )
         w2 = {k: v for k, v in w2.items() if k[3] == w1_start + size}
@@ -360,14 +328,7 @@ def run_scenario(
             size,
         )
         wait_for(
-            lambda: (
-                {
-                    k: v
-                    for k, v in _totals(table_totals(cfg)).items()
-                    if k[0] != CLOCK_TENANT
-                }
-                == base_expected
-            ),
+            lambda: {k: v for k, v in _totals(table_totals(cfg)).items() if k[0] != CLOCK_TENANT} == base_expected,
             300,
             "base windows in Postgres",
         )
@@ -386,16 +347,11 @@ def run_scenario(
             "every window marked final",
         )
         wait_for(
-            lambda: (
-                len(read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late))
-                >= len(s.late)
-            ),
+            lambda: len(read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late)) >= len(s.late),
             120,
             "late events committed",
         )
-        time.sleep(
-            2 * cfg.flink.checkpoint_interval.total_seconds()
-        )  # anything extra would be committed by now
+        time.sleep(2 * cfg.flink.checkpoint_interval.total_seconds())  # anything extra would be committed by now
         late = read_topic(bootstrap, cfg.kafka.late_events_topic, _decode_late)
         dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, _decode_dead)
         rows = table_totals(cfg)
@@ -424,13 +380,9 @@ def run_scenario(
         assert r["window_end"] - r["window_start"] == size
         assert r["window_start"] <= r["event_time"] < r["window_end"]
         assert r["watermark"] >= r["window_end"] - timedelta(milliseconds=1) + lateness
-        assert r["lateness_ms"] == (r["watermark"] - r["event_time"]) // timedelta(
-            milliseconds=1
-        )
+        assert r["lateness_ms"] == (r["watermark"] - r["event_time"]) // timedelta(milliseconds=1)
     # Boundary events sent before and during the fault met a watermark exactly at end - 1 ms + lateness.
-    boundary_ids = {
-        e["event_id"] for e in s.risky_before.boundary + s.risky_during.boundary
-    }
+    boundary_ids = {e["event_id"] for e in s.risky_before.boundary + s.risky_during.boundary}
     w1_close = close_of(s.start, 1)
     assert {r["watermark"] for r in late if r["event_id"] in boundary_ids} == {w1_close}
     # Every bad record is in the dead-letter topic once, raw bytes intact, with a reason; the job kept running.
@@ -442,9 +394,7 @@ def run_scenario(
     duplicates = len(s.all_sent) - len({e["event_id"] for e in s.all_sent})
     assert counted + len(late) == len(unique_ids)
     assert counted == len(s.unique_counted)
-    assert counted + len(late) + duplicates + len(dead) + len(s.closers) == len(
-        s.all_sent
-    ) + len(s.bad_records)
+    assert counted + len(late) + duplicates + len(dead) + len(s.closers) == len(s.all_sent) + len(s.bad_records)
     # Exact per-window totals, each row final and complete (revision = events counted).
     assert _totals(rows) == expected_totals(s.unique_counted, size)
     assert all(r.is_final and r.revision == r.event_count for r in rows.values())
@@ -485,13 +435,8 @@ def audit_late_topic(path: Path, s: Scenario) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert sum(r["count"] for r in report) == len(s.late)
-    assert sum(Decimal(r["quantity"]) for r in report) == sum(
-        e["quantity"] for e in s.late
-    )
-    assert all(
-        r["lateness_p50_ms"] <= r["lateness_p90_ms"] <= r["lateness_max_ms"]
-        for r in report
-    )
+    assert sum(Decimal(r["quantity"]) for r in report) == sum(e["quantity"] for e in s.late)
+    assert all(r["lateness_p50_ms"] <= r["lateness_p90_ms"] <= r["lateness_max_ms"] for r in report)
     assert histogram.read_bytes()[:4] == b"\x89PNG"
     one = s.late[0]["tenant_id"]
     result = CliRunner().invoke(
@@ -508,9 +453,7 @@ def audit_late_topic(path: Path, s: Scenario) -> None:
             "csv",
         ],
     )
-    assert result.exit_code == 0 and result.stdout.splitlines()[1].startswith(
-        f"{one},*,*,*,"
-    )
+    assert result.exit_code == 0 and result.stdout.splitlines()[1].startswith(f"{one},*,*,*,")
 
 
 def test_duplicates_lateness_and_late_topic(e2e_stack):
@@ -541,6 +484,4 @@ def test_stop_with_savepoint_and_resume(e2e_stack):
 @pytest.mark.parametrize("parallelism", [1, 4])
 def test_savepoint_and_resume_at_another_parallelism(e2e_stack, parallelism):
     """Stop with a savepoint at parallelism 2, resume at 1 and at 4: nothing lost or repeated."""
-    run_scenario(
-        e2e_stack, f"rescale{parallelism}", disrupt=savepoint_and_rescale(parallelism)
-    )
+    run_scenario(e2e_stack, f"rescale{parallelism}", disrupt=savepoint_and_rescale(parallelism))

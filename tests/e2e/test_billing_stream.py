@@ -22,7 +22,14 @@ from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, mark_reported
 from sinks.postgres import connect
 from sinks.whole_values import billing_period_start
-from tests.e2e.helpers import closed_window, kill_with_calls_in_flight, private_job, publish_closed_windows, restored_before, wait_for
+from tests.e2e.helpers import (
+    closed_window,
+    kill_with_calls_in_flight,
+    private_job,
+    publish_closed_windows,
+    restored_before,
+    wait_for,
+)
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -30,7 +37,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def _stream_job(e2e_stack, name: str, fake: FakeStripe, **billing: object):
     run = uuid.uuid4().hex[:6]
-    ledger = {"enabled": True, "ledger_table": f"deliveries_{name}_{run}", "customers_table": f"customers_{name}_{run}", "carry_table": f"carry_{name}_{run}", **billing}
+    ledger = {
+        "enabled": True,
+        "ledger_table": f"deliveries_{name}_{run}",
+        "customers_table": f"customers_{name}_{run}",
+        "carry_table": f"carry_{name}_{run}",
+        **billing,
+    }
     stripe = {"api_base": fake.url, "meter_events_base": fake.url, "meter_events_api": "v2_stream"}
     cfg, path = private_job(e2e_stack, name, stripe=stripe, billing=ledger, flink={"parallelism": 2})
     apply_schemas(cfg)
@@ -40,16 +53,30 @@ def _stream_job(e2e_stack, name: str, fake: FakeStripe, **billing: object):
 def _identifier(cfg, w: dict) -> str:
     start_ms = int(w["window_start"].replace(tzinfo=UTC).timestamp() * 1000)
     size_ms = int(cfg.event_time.window_size.total_seconds() * 1000)
-    return derive_identifier(WindowKey(w["tenant_id"], w["customer_id"], w["meter"], "{}", start_ms, start_ms + size_ms), cfg.billing.identifier_prefix)
+    return derive_identifier(
+        WindowKey(w["tenant_id"], w["customer_id"], w["meter"], "{}", start_ms, start_ms + size_ms),
+        cfg.billing.identifier_prefix,
+    )
 
 
 def test_error_reports_mark_the_sent_deliveries_of_their_request_dead(e2e_stack):
     """The deliveries a reported request carried become dead with the report; others, and a second pass, change nothing."""
     run = uuid.uuid4().hex[:6]
-    cfg, _ = e2e_stack.config(f"reported-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"})
+    cfg, _ = e2e_stack.config(
+        f"reported-{run}",
+        billing={
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+        },
+    )
     apply_schemas(cfg)
     start = (int(time.time()) - 3600) * 1000
-    deliveries = [window_delivery(ClosedWindow("t1", f"c{i}", "tokens", "{}", start, start + 10_000, Decimal(3), 1, 1), "mf") for i in range(4)]
+    deliveries = [
+        window_delivery(ClosedWindow("t1", f"c{i}", "tokens", "{}", start, start + 10_000, Decimal(3), 1, 1), "mf")
+        for i in range(4)
+    ]
 
     async def send() -> None:
         ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
@@ -57,7 +84,12 @@ def test_error_reports_mark_the_sent_deliveries_of_their_request_dead(e2e_stack)
             for i, d in enumerate(deliveries):
                 await ledger.claim(d, "stripe", "tokens", retry=False)
                 if i < 3:
-                    await ledger.mark_sent(d.identifier, MeterEvent(d.identifier, "tokens", f"cus_{i}", "3", start // 1000), "req_1" if i < 2 else "req_2", 1)
+                    await ledger.mark_sent(
+                        d.identifier,
+                        MeterEvent(d.identifier, "tokens", f"cus_{i}", "3", start // 1000),
+                        "req_1" if i < 2 else "req_2",
+                        1,
+                    )
         finally:
             await ledger.close()
 
@@ -86,7 +118,11 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
         cfg, path = _stream_job(e2e_stack, "stream", fake, max_in_flight=6, request_timeout="10s", retry_lease="30s")
         size = cfg.event_time.window_size
         start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
-        windows = [closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2) for c in range(21) for i in range(3)]
+        windows = [
+            closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2)
+            for c in range(21)
+            for i in range(3)
+        ]
         for c in range(20):
             map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
         map_customer(cfg, "tenant-0", "cust-20", "cus_gone")  # a customer deleted at Stripe
@@ -100,18 +136,26 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
             # flight into one request; a session request in flight does not count).
             wait_for(lambda: len(fake.unanswered()) >= 6, 120, "events in flight")
             in_flight, killed_at = kill_with_calls_in_flight(cfg, job_id, fake, 1, 10)
-            ledger = lambda: {d.identifier: d for d in fetch_deliveries(cfg)}  # noqa: E731
-            wait_for(lambda: len(ledger()) == len(ids) and all(ledger()[i].status == "sent" for i in set(ids) - gone), 180, "every window of a known customer sent")
+            ledger = lambda: {d.identifier: d for d in fetch_deliveries(cfg)}
+            wait_for(
+                lambda: len(ledger()) == len(ids) and all(ledger()[i].status == "sent" for i in set(ids) - gone),
+                180,
+                "every window of a known customer sent",
+            )
             # Stripe's error report comes back through the retry scan (it reads them every 30 s).
             wait_for(lambda: all(ledger()[i].status == "dead" for i in gone), 120, "the reported deliveries dead")
             stats = flink_jobs.checkpoint_stats(cfg, job_id)
         finally:
             flink_jobs.cancel(cfg, job_id)
         restored = restored_before(stats, killed_at)
-        print(f"in flight at the kill: {len(in_flight)}; restored checkpoint {restored['id']}; requests {fake.stream.stream_requests}; fake {fake.outcomes()}")
+        print(
+            f"in flight at the kill: {len(in_flight)}; restored checkpoint {restored['id']}; requests {fake.stream.stream_requests}; fake {fake.outcomes()}"
+        )
         assert len(in_flight) >= 6
         for identifier in in_flight:
-            assert fake.attempts_for(identifier) >= 2, "an event in flight at the kill is sent again with the same identifier"
+            assert fake.attempts_for(identifier) >= 2, (
+                "an event in flight at the kill is sent again with the same identifier"
+            )
         assert fake.outcomes().get("duplicate", 0) >= 1, "Stripe deduplicated an event the killed worker had sent"
         accepted = Counter(e.identifier for e in fake.events)
         assert set(accepted) == set(ids) - gone and set(accepted.values()) == {1}, "one accepted event per window"
@@ -122,7 +166,12 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
         # The operator maps the customer to the one Stripe has and replays the dead deliveries.
         fake.known_customers.add("cus_20")
         runner = CliRunner()
-        assert runner.invoke(cli, ["--config", str(path), "billing", "customers", "set", "tenant-0", "cust-20", "cus_20"]).exit_code == 0
+        assert (
+            runner.invoke(
+                cli, ["--config", str(path), "billing", "customers", "set", "tenant-0", "cust-20", "cus_20"]
+            ).exit_code
+            == 0
+        )
         replay = runner.invoke(cli, ["--config", str(path), "billing", "replay"])
         assert replay.exit_code == 0, replay.output
         rows = {d.identifier: d for d in fetch_deliveries(cfg)}

@@ -38,8 +38,28 @@ from connectors.avro_codec import UsageEvent
 from meterflow.local import flink_jobs
 from meterflow.producer import send_events
 from sinks.postgres import apply_schema
-from tests.e2e.helpers import CLOSER_TENANT, closing_events, expected_totals, private_job, read_topic, send_raw, table_totals, wait_for, wait_watermark
-from tests.e2e.batches import CLOSED_SCHEMA, DEAD_SCHEMA, LATE_SCHEMA, Batch, avro_decoder, clock_events, in_windows, to_ms, totals_of
+from tests.e2e.batches import (
+    CLOSED_SCHEMA,
+    DEAD_SCHEMA,
+    LATE_SCHEMA,
+    Batch,
+    avro_decoder,
+    clock_events,
+    in_windows,
+    to_ms,
+    totals_of,
+)
+from tests.e2e.helpers import (
+    CLOSER_TENANT,
+    closing_events,
+    expected_totals,
+    private_job,
+    read_topic,
+    send_raw,
+    table_totals,
+    wait_for,
+    wait_watermark,
+)
 from tests.e2e.scenario import WATERMARK_DELAY, WINDOW, base_events, malformed_records
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -51,13 +71,26 @@ OLD_LATENESS = timedelta(seconds=10)
 
 def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_window: int) -> None:
     """Play the batches; stop with a savepoint; resubmit with ``new_lateness``; check every record's place."""
-    cfg, path = private_job(e2e_stack, name, event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": "5s"})
-    assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (WINDOW, WATERMARK_DELAY, OLD_LATENESS)
+    cfg, path = private_job(
+        e2e_stack,
+        name,
+        event_time={
+            "window_size": "10s",
+            "watermark_delay": "2s",
+            "allowed_lateness": "10s",
+            "source_idle_timeout": "5s",
+        },
+    )
+    assert (cfg.event_time.window_size, cfg.event_time.watermark_delay, cfg.event_time.allowed_lateness) == (
+        WINDOW,
+        WATERMARK_DELAY,
+        OLD_LATENESS,
+    )
     assert cfg.flink.parallelism == 2
     apply_schema(cfg.postgres)
     rng = random.Random(name)
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
-    seconds = lambda s: start + timedelta(seconds=s)  # noqa: E731
+    seconds = lambda s: start + timedelta(seconds=s)
     partitions = cfg.kafka.partitions
     old, new = to_ms(OLD_LATENESS), to_ms(new_lateness)
     stop_wm = to_ms(seconds(29.999) - datetime.fromtimestamp(0, UTC))  # W1's close under 10 s
@@ -66,28 +99,58 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
     after_wm = to_ms(start + (boundary_window + 1) * WINDOW - datetime.fromtimestamp(0, UTC)) - 1 + new
 
     base_first = base_events(rng, 1, start, 0, EVENTS // 2, timedelta(0), timedelta(seconds=25))
-    base_second = base_events(rng, 1, start, EVENTS // 2, EVENTS - EVENTS // 2, timedelta(seconds=30), timedelta(seconds=25), jitter_ms=0)
+    base_second = base_events(
+        rng, 1, start, EVENTS // 2, EVENTS - EVENTS // 2, timedelta(seconds=30), timedelta(seconds=25), jitter_ms=0
+    )
     dup_first = rng.sample(base_first, len(base_first) // 10)
     dup_second = rng.sample(base_second, len(base_second) // 10)
     clocks = [
-        clock_events(start, f"clk-stop-{name}", datetime.fromtimestamp(stop_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
-        clock_events(start, f"clk-mid-{name}", datetime.fromtimestamp(mid_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
-        clock_events(start, f"clk-after-{name}", datetime.fromtimestamp(after_wm / 1000, UTC) + WATERMARK_DELAY, partitions),
+        clock_events(
+            start, f"clk-stop-{name}", datetime.fromtimestamp(stop_wm / 1000, UTC) + WATERMARK_DELAY, partitions
+        ),
+        clock_events(
+            start, f"clk-mid-{name}", datetime.fromtimestamp(mid_wm / 1000, UTC) + WATERMARK_DELAY, partitions
+        ),
+        clock_events(
+            start, f"clk-after-{name}", datetime.fromtimestamp(after_wm / 1000, UTC) + WATERMARK_DELAY, partitions
+        ),
     ]
     before = [(old, stop_wm)]
     within = Batch("within", in_windows(rng, start, f"wl-{name}", [2], RISKY), before)
-    in_flight = Batch("in-flight", in_windows(rng, start, f"if-{name}", [0, 1], RISKY), before, rng.sample(base_first, RISKY), malformed_records(base_first[0], f"{name}-if"))
-    stopped = Batch("stopped", in_windows(rng, start, f"st-{name}", [0, 1, 2], RISKY), [*before, (new, stop_wm)], rng.sample(base_first, RISKY), malformed_records(base_first[0], f"{name}-st"))
+    in_flight = Batch(
+        "in-flight",
+        in_windows(rng, start, f"if-{name}", [0, 1], RISKY),
+        before,
+        rng.sample(base_first, RISKY),
+        malformed_records(base_first[0], f"{name}-if"),
+    )
+    stopped = Batch(
+        "stopped",
+        in_windows(rng, start, f"st-{name}", [0, 1, 2], RISKY),
+        [*before, (new, stop_wm)],
+        rng.sample(base_first, RISKY),
+        malformed_records(base_first[0], f"{name}-st"),
+    )
     # W5's events of the mid batch stop at T+57 s: none moves the watermark past T+55 s.
-    mid_events = in_windows(rng, start, f"md-{name}", [1, 2, 3, 4], RISKY) + in_windows(rng, start, f"md5-{name}", [5], RISKY, span=timedelta(seconds=7, milliseconds=1))
+    mid_events = in_windows(rng, start, f"md-{name}", [1, 2, 3, 4], RISKY) + in_windows(
+        rng, start, f"md5-{name}", [5], RISKY, span=timedelta(seconds=7, milliseconds=1)
+    )
     mid = Batch("mid", mid_events, [*before, (new, mid_wm)], rng.sample(base_second, RISKY))
-    after = Batch("after", in_windows(rng, start, f"af-{name}", [0, 2, 3, 5], RISKY), [*before, (new, after_wm)], rng.sample(base_second, RISKY), malformed_records(base_first[0], f"{name}-af"))
+    after = Batch(
+        "after",
+        in_windows(rng, start, f"af-{name}", [0, 2, 3, 5], RISKY),
+        [*before, (new, after_wm)],
+        rng.sample(base_second, RISKY),
+        malformed_records(base_first[0], f"{name}-af"),
+    )
     batches = [within, in_flight, stopped, mid, after]
     closers = closing_events(start + timedelta(minutes=5), partitions)
-    assert not within.late() and len(in_flight.late()) == len(in_flight.events), "the in-flight batch has one fate on either side of the stop"
+    assert not within.late() and len(in_flight.late()) == len(in_flight.events), (
+        "the in-flight batch has one fate on either side of the stop"
+    )
 
     bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
-    late_topic = lambda: read_topic(bootstrap, cfg.kafka.late_events_topic, avro_decoder(LATE_SCHEMA))  # noqa: E731
+    late_topic = lambda: read_topic(bootstrap, cfg.kafka.late_events_topic, avro_decoder(LATE_SCHEMA))
     counted_so_far: list[UsageEvent] = []
 
     def send(batch: Batch) -> None:
@@ -101,8 +164,14 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
         wait_for(lambda: late <= {r["event_id"] for r in late_topic()}, 300, f"late events {what}")
         expected = expected_totals(counted_so_far, WINDOW)
         touched = expected_totals([e for b in batches_sent for e in b.counted()], WINDOW)
-        keys = [k for k in touched if to_ms(k[3].replace(tzinfo=UTC) + WINDOW - datetime.fromtimestamp(0, UTC)) - 1 <= fired_by_ms]
-        wait_for(lambda: all(totals_of(table_totals(cfg)).get(k) == expected[k] for k in keys), 300, f"counted events {what}")
+        keys = [
+            k
+            for k in touched
+            if to_ms(k[3].replace(tzinfo=UTC) + WINDOW - datetime.fromtimestamp(0, UTC)) - 1 <= fired_by_ms
+        ]
+        wait_for(
+            lambda: all(totals_of(table_totals(cfg)).get(k) == expected[k] for k in keys), 300, f"counted events {what}"
+        )
 
     job_id = flink_jobs.submit(cfg, path)
     try:
@@ -111,7 +180,18 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
         counted_so_far += base_first + clocks[0]
         w1_start = start.replace(tzinfo=None) + WINDOW
         first = {k: v for k, v in expected_totals(base_first, WINDOW).items() if k[3] <= w1_start}
-        wait_for(lambda: {k: (r.quantity, r.event_count) for k, r in table_totals(cfg).items() if k[3] <= w1_start and r.is_final} == first, 300, "W0 and W1 final in Postgres")
+        wait_for(
+            lambda: (
+                {
+                    k: (r.quantity, r.event_count)
+                    for k, r in table_totals(cfg).items()
+                    if k[3] <= w1_start and r.is_final
+                }
+                == first
+            ),
+            300,
+            "W0 and W1 final in Postgres",
+        )
         send(within)
         counted_so_far += within.counted()
         wait_decided([within], "of W2 before the stop", stop_wm)
@@ -126,7 +206,11 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
         changed.write_text(yaml.safe_dump(data))
         job_id = flink_jobs.submit(cfg, changed, savepoint=savepoint)
         # The REST checkpoint statistics are a cache: the restore shows once it is refreshed.
-        wait_for(lambda: bool((flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored")), 30, "the restore in the checkpoint statistics")
+        wait_for(
+            lambda: bool((flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored")),
+            30,
+            "the restore in the checkpoint statistics",
+        )
         restored = (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored") or {}
         counted_so_far += stopped.counted()
         wait_decided([in_flight, stopped], "sent around the stop", stop_wm)
@@ -170,7 +254,14 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
     bad = [b for batch in batches for b in batch.bad]
     assert sorted(r["payload"] for r in dead) == sorted(bad)
     # Accounting identity: every record sent is counted once, late, a duplicate or a dead letter.
-    sent = base_first + dup_first + base_second + dup_second + [e for c in clocks for e in c] + [e for b in batches for e in b.events + b.duplicates]
+    sent = (
+        base_first
+        + dup_first
+        + base_second
+        + dup_second
+        + [e for c in clocks for e in c]
+        + [e for b in batches for e in b.events + b.duplicates]
+    )
     duplicates = len(sent) - len({e["event_id"] for e in sent})
     counted = sum(r.event_count for r in rows.values())
     assert counted == len(counted_so_far)
@@ -179,7 +270,14 @@ def run_lateness_change(e2e_stack, name: str, new_lateness: timedelta, boundary_
     assert totals_of(rows) == expected_totals(counted_so_far, WINDOW)
     assert all(r.is_final and r.revision == r.event_count for r in rows.values())
     # The closed-windows topic published each window once, with its final value (the closers' windows stay open).
-    published = {(c["tenant_id"], c["customer_id"], c["meter"], c["window_start"].replace(tzinfo=None)): (c["quantity"], c["event_count"]) for c in closed if c["tenant_id"] != CLOSER_TENANT}
+    published = {
+        (c["tenant_id"], c["customer_id"], c["meter"], c["window_start"].replace(tzinfo=None)): (
+            c["quantity"],
+            c["event_count"],
+        )
+        for c in closed
+        if c["tenant_id"] != CLOSER_TENANT
+    }
     assert len(published) == len([c for c in closed if c["tenant_id"] != CLOSER_TENANT]), "a window was published twice"
     assert published == totals_of(rows)
     print(

@@ -45,7 +45,17 @@ def _closed(window: dict) -> ClosedWindow:
     def ms(t: datetime) -> int:
         return int(t.timestamp() * 1000)
 
-    return ClosedWindow(window["tenant_id"], window["customer_id"], window["meter"], "{}", ms(window["window_start"]), ms(window["window_end"]), window["quantity"], window["event_count"], window["revision"])
+    return ClosedWindow(
+        window["tenant_id"],
+        window["customer_id"],
+        window["meter"],
+        "{}",
+        ms(window["window_start"]),
+        ms(window["window_end"]),
+        window["quantity"],
+        window["event_count"],
+        window["revision"],
+    )
 
 
 def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_stack):
@@ -57,7 +67,14 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
             "max_in_flight": 6, "request_timeout": "10s", "retry_lease": "30s", "max_window_age": "2h",
         }  # fmt: skip
         corrections = {"approval_threshold": "5", "table": f"corr_cb_{run}", "events_table": f"corr_cb_{run}_events"}
-        cfg, path = private_job(e2e_stack, "corrbill", stripe={"api_base": fake.url}, billing=billing, corrections=corrections, flink={"parallelism": 2})
+        cfg, path = private_job(
+            e2e_stack,
+            "corrbill",
+            stripe={"api_base": fake.url},
+            billing=billing,
+            corrections=corrections,
+            flink={"parallelism": 2},
+        )
         apply_schemas(cfg)
         size = cfg.event_time.window_size
         start, _ = window_bounds(datetime.now(UTC) - timedelta(hours=1), size)
@@ -79,7 +96,14 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
         try:
             wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a first checkpoint")
             publish_closed_windows(cfg, windows)
-            wait_for(lambda: sum(d.status == "sent" and d.identifier in window_ids for d in fetch_deliveries(cfg)) == len(windows), 120, "every window billed")
+            wait_for(
+                lambda: (
+                    sum(d.status == "sent" and d.identifier in window_ids for d in fetch_deliveries(cfg))
+                    == len(windows)
+                ),
+                120,
+                "every window billed",
+            )
 
             # Late events: +3 for eleven customers (applied), +8 for the last (above the threshold:
             # held), and one in a window older than the provider accepts (reported).
@@ -95,7 +119,9 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
             again = cli_json("corrections", "apply")
             assert (again["corrections"], again["summary"]["known_events"]) == ([], len(late))
             [held] = [c for c in first["corrections"] if c["status"] == "pending"]
-            runner.invoke(cli, ["--config", str(path), "corrections", "approve", held["correction_id"]], catch_exceptions=False)
+            runner.invoke(
+                cli, ["--config", str(path), "corrections", "approve", held["correction_id"]], catch_exceptions=False
+            )
 
             def corrections_sent() -> int:
                 return sum(d.status == "sent" and d.identifier not in window_ids for d in fetch_deliveries(cfg))
@@ -113,22 +139,36 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
         counted = {c["correction_id"]: c for c in first["corrections"] if c["status"] != "reported"}
         by_window = {w["customer_id"]: w for w in windows}
         correction_ids = {
-            late_correction_delivery(_closed({**by_window[c["customer_id"]], "quantity": Decimal(c["delta"])}), cid, cfg.billing.identifier_prefix).identifier: c
+            late_correction_delivery(
+                _closed({**by_window[c["customer_id"]], "quantity": Decimal(c["delta"])}),
+                cid,
+                cfg.billing.identifier_prefix,
+            ).identifier: c
             for cid, c in counted.items()
         }
         accepted = Counter(e.identifier for e in fake.events)
-        assert set(accepted) == window_ids | set(correction_ids) and set(accepted.values()) == {1}, "each window and each correction accepted once"
+        assert set(accepted) == window_ids | set(correction_ids) and set(accepted.values()) == {1}, (
+            "each window and each correction accepted once"
+        )
         assert in_flight and in_flight <= set(correction_ids), "the kill hit correction calls"
         for identifier in in_flight:
-            assert fake.attempts_for(identifier) >= 2, "a correction call in flight at the kill is sent again with the same identifier"
+            assert fake.attempts_for(identifier) >= 2, (
+                "a correction call in flight at the kill is sent again with the same identifier"
+            )
         for identifier, c in correction_ids.items():
             event = fake.accepted[identifier]
-            assert (event.value, event.timestamp) == (Decimal(c["delta"]), int(start.timestamp())), "the delta, dated in the original window"
+            assert (event.value, event.timestamp) == (Decimal(c["delta"]), int(start.timestamp())), (
+                "the delta, dated in the original window"
+            )
         assert sorted(Decimal(c["delta"]) for c in counted.values()) == [Decimal(3)] * 11 + [Decimal(8)]
         [reported] = [c for c in first["corrections"] if c["status"] == "reported"]
-        assert all(d.window_start != old_start.replace(tzinfo=None) for d in fetch_deliveries(cfg)), f"reported {reported['correction_id']} never owed"
+        assert all(d.window_start != old_start.replace(tzinfo=None) for d in fetch_deliveries(cfg)), (
+            f"reported {reported['correction_id']} never owed"
+        )
 
-        result = runner.invoke(cli, ["--config", str(path), "reconcile", "--grace", "0s", "--format", "json"], catch_exceptions=False)
+        result = runner.invoke(
+            cli, ["--config", str(path), "reconcile", "--grace", "0s", "--format", "json"], catch_exceptions=False
+        )
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["discrepancies"] == []

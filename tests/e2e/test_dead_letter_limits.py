@@ -26,7 +26,16 @@ from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow.input_contract import MAX_REASON_CHARS
 from meterflow.local import flink_jobs
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
-from tests.e2e.helpers import closing_events, expected_totals, largest_accepted_value, private_job, read_topic, send_large, table_totals, wait_for
+from tests.e2e.helpers import (
+    closing_events,
+    expected_totals,
+    largest_accepted_value,
+    private_job,
+    read_topic,
+    send_large,
+    table_totals,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -43,7 +52,11 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
     # The search for the largest message leaves the partitions without events for seconds: an idle
     # timeout longer than the test keeps every partition holding the watermark (docs/operations.md,
     # "How time moves": after an idle gap the first partition to deliver moves it on its own).
-    cfg, path = private_job(e2e_stack, "dlsize", event_time={**e2e_stack.base["event_time"], "source_idle_timeout": "10m", "source_catch_up_timeout": "10m"})
+    cfg, path = private_job(
+        e2e_stack,
+        "dlsize",
+        event_time={**e2e_stack.base["event_time"], "source_idle_timeout": "10m", "source_catch_up_timeout": "10m"},
+    )
     k = cfg.kafka
     assert cfg.flink.parallelism == 2 and k.partitions == 3
     # The topics as the project creates them, which `meterflow submit` accepts.
@@ -52,11 +65,34 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
     flink_jobs.check_input_topics(cfg)
 
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
-    before = list(synthetic_events(SyntheticSpec(count=3_000, tenants=3, customers=5, start=start, span=timedelta(seconds=60), seed=21)))
-    after = list(synthetic_events(SyntheticSpec(count=3_000, tenants=3, customers=5, start=start + timedelta(seconds=60), span=timedelta(seconds=60), seed=22)))
+    before = list(
+        synthetic_events(
+            SyntheticSpec(count=3_000, tenants=3, customers=5, start=start, span=timedelta(seconds=60), seed=21)
+        )
+    )
+    after = list(
+        synthetic_events(
+            SyntheticSpec(
+                count=3_000,
+                tenants=3,
+                customers=5,
+                start=start + timedelta(seconds=60),
+                span=timedelta(seconds=60),
+                seed=22,
+            )
+        )
+    )
     after = [{**e, "event_id": f"after-{e['event_id']}"} for e in after]
     big_meter = encode_usage_event(
-        UsageEvent(event_id="big-meter", tenant_id="tenant-0", customer_id="cust-0", meter="m" * 900_000, quantity=Decimal(1), event_time=start + timedelta(seconds=30), dimensions={})
+        UsageEvent(
+            event_id="big-meter",
+            tenant_id="tenant-0",
+            customer_id="cust-0",
+            meter="m" * 900_000,
+            quantity=Decimal(1),
+            event_time=start + timedelta(seconds=30),
+            dimensions={},
+        )
     )
     assert len(big_meter) > 900_000
 
@@ -67,11 +103,24 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
         garbage = largest_accepted_value(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
         assert k.max_message_bytes - 200 < len(garbage) < k.max_message_bytes
         send_events(k.bootstrap_servers, k.usage_events_topic, after, rate=1_000)
-        send_events(k.bootstrap_servers, k.usage_events_topic, closing_events(start + timedelta(minutes=2), k.partitions), partition_for=lambda i, e: i)
+        send_events(
+            k.bootstrap_servers,
+            k.usage_events_topic,
+            closing_events(start + timedelta(minutes=2), k.partitions),
+            partition_for=lambda i, e: i,
+        )
 
         expected = expected_totals(before + after, cfg.event_time.window_size)
-        wait_for(lambda: {key: (r.quantity, r.event_count) for key, r in table_totals(cfg).items()} == expected, 300, "the normal windows equal to the oracle")
-        wait_for(lambda: len(read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)) >= 2, 120, "both dead letters committed")
+        wait_for(
+            lambda: {key: (r.quantity, r.event_count) for key, r in table_totals(cfg).items()} == expected,
+            300,
+            "the normal windows equal to the oracle",
+        )
+        wait_for(
+            lambda: len(read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)) >= 2,
+            120,
+            "both dead letters committed",
+        )
 
         # Never restarted, never restored: the writer took both dead letters in its first attempt.
         assert flink_jobs.job_details(cfg, job_id)["state"] == "RUNNING"
@@ -95,7 +144,12 @@ def test_the_largest_records_are_dead_letters_whole_and_the_job_never_restarts(e
         flink_jobs.cancel(cfg, job_id)
 
     # The input's record timestamps are the broker's: LogAppendTime, whatever the producer stamped.
-    with assigned_consumer(k.bootstrap_servers, k.usage_events_topic, consumer_timeout_ms=5000, max_partition_fetch_bytes=2 * k.max_message_bytes) as (consumer, partitions):
+    with assigned_consumer(
+        k.bootstrap_servers,
+        k.usage_events_topic,
+        consumer_timeout_ms=5000,
+        max_partition_fetch_bytes=2 * k.max_message_bytes,
+    ) as (consumer, partitions):
         consumer.seek_to_beginning(*partitions)
         batch = next(iter(consumer.poll(timeout_ms=5000, max_records=10).values()))
         assert {r.timestamp_type for r in batch} == {LOG_APPEND_TIME}

@@ -74,7 +74,9 @@ def test_replayed_dead_letters_count_once_after_the_meter_is_added(e2e_stack):
         for i in range(API_CALLS + STORAGE)
     ]  # fmt: skip
     storage = [e for e in events if e["meter"] == "storage"]
-    assert len(storage) == STORAGE and max(e["event_time"] for e in events) < start + size - cfg.event_time.watermark_delay
+    assert (
+        len(storage) == STORAGE and max(e["event_time"] for e in events) < start + size - cfg.event_time.watermark_delay
+    )
 
     job_id = flink_jobs.submit(cfg, path)
     try:
@@ -88,13 +90,24 @@ def test_replayed_dead_letters_count_once_after_the_meter_is_added(e2e_stack):
         cfg = _with_meters(path, ["api_calls", "storage"])
         job_id = flink_jobs.submit(cfg, path, savepoint=savepoint)
 
-        listed = CliRunner().invoke(cli, ["--config", str(path), "dead-letters", "list", "--json", "--kind", "unknown meter"], catch_exceptions=False)
+        listed = CliRunner().invoke(
+            cli,
+            ["--config", str(path), "dead-letters", "list", "--json", "--kind", "unknown meter"],
+            catch_exceptions=False,
+        )
         assert listed.exit_code == 0 and json.loads(listed.stdout)["by_kind"] == {"unknown_meter": STORAGE}
-        assert f"replayed {STORAGE} dead letters to {cfg.kafka.usage_events_topic} ({STORAGE} keyed" in _replay(path, "replay", "--kind", "unknown_meter", "--yes")
+        assert f"replayed {STORAGE} dead letters to {cfg.kafka.usage_events_topic} ({STORAGE} keyed" in _replay(
+            path, "replay", "--kind", "unknown_meter", "--yes"
+        )
         # The same selection again: the job's dedup drops every copy.
         assert f"replayed {STORAGE} dead letters" in _replay(path, "replay", "--kind", "unknown_meter", "--yes")
 
-        send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closing_events(start + size, cfg.kafka.partitions), partition_for=lambda i, e: i)
+        send_events(
+            cfg.kafka.bootstrap_servers,
+            cfg.kafka.usage_events_topic,
+            closing_events(start + size, cfg.kafka.partitions),
+            partition_for=lambda i, e: i,
+        )
         expected = expected_totals(events, size)
         assert {k[2] for k in expected} == {"api_calls", "storage"}
         wait_for(lambda: _totals(cfg) == expected, 180, "api_calls and storage windows equal to the oracle")
@@ -105,9 +118,18 @@ def test_replayed_dead_letters_count_once_after_the_meter_is_added(e2e_stack):
 
         assert _totals(cfg) == expected  # each storage event counted once, not twice
         after = _dead_letters(cfg)
-        assert [(d.partition, d.offset, d.source_partition, d.source_offset) for d in after] == [(d.partition, d.offset, d.source_partition, d.source_offset) for d in originals]
+        assert [(d.partition, d.offset, d.source_partition, d.source_offset) for d in after] == [
+            (d.partition, d.offset, d.source_partition, d.source_offset) for d in originals
+        ]
         late_schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
-        assert read_topic(cfg.kafka.bootstrap_servers, cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), late_schema)) == []
+        assert (
+            read_topic(
+                cfg.kafka.bootstrap_servers,
+                cfg.kafka.late_events_topic,
+                lambda v: fastavro.schemaless_reader(io.BytesIO(v), late_schema),
+            )
+            == []
+        )
     finally:
         for job in flink_jobs.running_jobs(cfg, cfg.flink.job_name):
             flink_jobs.cancel(cfg, job["jid"])

@@ -26,15 +26,21 @@ from decimal import Decimal
 import fastavro
 import pytest
 
-from connectors.kafka_admin import group_lag
-from connectors.avro_codec import HISTORY_DIR, UsageEvent, decode_usage_event, encode_registry_framed, encode_single_object, encode_usage_event
-from connectors.schema_registry import register_schema, value_subject
+from connectors.avro_codec import (
+    HISTORY_DIR,
+    UsageEvent,
+    decode_usage_event,
+    encode_registry_framed,
+    encode_single_object,
+    encode_usage_event,
+)
 from connectors.avro_types import load_schema
+from connectors.kafka_admin import group_lag
+from connectors.schema_registry import register_schema, value_subject
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.local import flink_jobs
 from meterflow.producer import SyntheticSpec, message_key, send_events, synthetic_events
 from sinks.postgres import fetch_usage
-from tests.support.schema_registry import schema_registry  # noqa: F401
 from tests.e2e.helpers import (
     CLOSER_TENANT,
     closing_events,
@@ -64,31 +70,73 @@ def _decode_dead(value: bytes) -> dict:
 
 
 def _event(event_id: str, at: datetime, **fields) -> UsageEvent:
-    event = UsageEvent(event_id=event_id, tenant_id="hostile", customer_id="c1", meter="api_calls", quantity=Decimal(1), event_time=at, dimensions={})
+    event = UsageEvent(
+        event_id=event_id,
+        tenant_id="hostile",
+        customer_id="c1",
+        meter="api_calls",
+        quantity=Decimal(1),
+        event_time=at,
+        dimensions={},
+    )
     event.update(fields)  # type: ignore[typeddict-item]
     return event
 
 
 def hostile_records(at: datetime) -> list[tuple[str, bytes, str]]:
     """(name, message value, expected reason prefix) of each record that must be a dead letter."""
-    records = [("meter of 900 KB", encode_usage_event(_event("big-meter", at, meter="m" * 900_000)), "contract: meter is 900000 bytes")]
+    records = [
+        (
+            "meter of 900 KB",
+            encode_usage_event(_event("big-meter", at, meter="m" * 900_000)),
+            "contract: meter is 900000 bytes",
+        )
+    ]
     for field in ("event_id", "tenant_id", "customer_id", "meter"):
         value = {"event_id": "nul", "tenant_id": "hostile", "customer_id": "c1", "meter": "api_calls"}[field] + "\x00x"
         event = _event(f"nul-{field}", at)
         event[field] = value  # type: ignore[literal-required]
-        records.append((f"NUL in {field}", encode_usage_event(event), f"contract: {field} has control character U+0000"))
+        records.append(
+            (f"NUL in {field}", encode_usage_event(event), f"contract: {field} has control character U+0000")
+        )
     records += [
-        ("NUL in a dimension key", encode_usage_event(_event("nul-dim-key", at, dimensions={"re\x00gion": "eu"})), "contract: dimension key has control character U+0000"),
-        ("NUL in a dimension value", encode_usage_event(_event("nul-dim-value", at, dimensions={"region": "e\x00u"})), "contract: dimension 'region' has control character U+0000"),
+        (
+            "NUL in a dimension key",
+            encode_usage_event(_event("nul-dim-key", at, dimensions={"re\x00gion": "eu"})),
+            "contract: dimension key has control character U+0000",
+        ),
+        (
+            "NUL in a dimension value",
+            encode_usage_event(_event("nul-dim-value", at, dimensions={"region": "e\x00u"})),
+            "contract: dimension 'region' has control character U+0000",
+        ),
         ("event_id of 3 KB", encode_usage_event(_event("e" * 3_000, at)), "contract: event_id is 3000 bytes"),
         ("event_id of 70 KB", encode_usage_event(_event("e" * 70_000, at)), "contract: event_id is 70000 bytes"),
-        ("customer_id of 3 KB", encode_usage_event(_event("big-customer", at, customer_id="c" * 3_000)), "contract: customer_id is 3000 bytes"),
-        ("tenant_id of 70 KB", encode_usage_event(_event("big-tenant", at, tenant_id="t" * 70_000)), "contract: tenant_id is 70000 bytes"),
-        ("17 dimensions", encode_usage_event(_event("many-dims", at, dimensions={f"d{i}": "v" for i in range(17)})), "contract: 17 dimensions"),
+        (
+            "customer_id of 3 KB",
+            encode_usage_event(_event("big-customer", at, customer_id="c" * 3_000)),
+            "contract: customer_id is 3000 bytes",
+        ),
+        (
+            "tenant_id of 70 KB",
+            encode_usage_event(_event("big-tenant", at, tenant_id="t" * 70_000)),
+            "contract: tenant_id is 70000 bytes",
+        ),
+        (
+            "17 dimensions",
+            encode_usage_event(_event("many-dims", at, dimensions={f"d{i}": "v" for i in range(17)})),
+            "contract: 17 dimensions",
+        ),
     ]
     # Two of these in one window once overflowed the window's SUM; each is now refused on its own.
     for i in range(2):
-        records.append((f"quantity 6e28 #{i}", encode_usage_event(_event(f"huge-{i}", at, quantity=Decimal("6e28"))), "contract: |quantity| exceeds"))
+        records.append(
+            (
+                f"quantity 6e28 #{i}",
+                encode_usage_event(_event(f"huge-{i}", at, quantity=Decimal("6e28"))),
+                "contract: |quantity| exceeds",
+            )
+        )
     unknown = bytearray(encode_single_object(_event("unknown-fingerprint", at)))
     unknown[2:10] = bytes.fromhex("0123456789abcdef")
     records.append(("unknown schema fingerprint", bytes(unknown), "unknown schema fingerprint: "))
@@ -102,12 +150,23 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
     # own (docs/operations.md, "How time moves"), which under load made events late whatever this
     # test is about; the fast clock is judged by its dead letter and by no event going late.
     event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "10m", "source_catch_up_timeout": "10m"}
-    cfg, path = private_job(e2e_stack, "hostile", kafka={"schema_registry_url": url}, meters=METERS, input={"max_dimension_combinations": MAX_COMBINATIONS}, event_time=event_time)
+    cfg, path = private_job(
+        e2e_stack,
+        "hostile",
+        kafka={"schema_registry_url": url},
+        meters=METERS,
+        input={"max_dimension_combinations": MAX_COMBINATIONS},
+        event_time=event_time,
+    )
     k = cfg.kafka
     job_id = flink_jobs.submit(cfg, path)
     try:
         start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
-        first = list(synthetic_events(SyntheticSpec(count=15_000, tenants=3, customers=7, start=start, span=timedelta(minutes=2), seed=11)))
+        first = list(
+            synthetic_events(
+                SyntheticSpec(count=15_000, tenants=3, customers=7, start=start, span=timedelta(minutes=2), seed=11)
+            )
+        )
         hostile_at = start + timedelta(minutes=1)
         hostile = hostile_records(hostile_at)
         # Evolved writers: the same events from producers on schema v1 and v2 (an appended optional field), single-object encoded.
@@ -157,18 +216,33 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         sender.join()
 
         # Everything so far consumed, so the gap below is one the job sees.
-        wait_for(lambda: group_lag(k.bootstrap_servers, k.consumer_group, k.usage_events_topic) == 0, 180, "the job to consume the first phase")
+        wait_for(
+            lambda: group_lag(k.bootstrap_servers, k.consumer_group, k.usage_events_topic) == 0,
+            180,
+            "the job to consume the first phase",
+        )
         # A producer whose clock runs 50 minutes fast, then a gap with no other traffic: had its event
         # counted, the watermark would jump 50 minutes and every window would close before its data.
         # Its Kafka client stamps the record with the same fast clock; the broker's append time replaces that stamp.
         fast_clock = datetime.now(UTC) + timedelta(minutes=50)
         future = _event("fast-clock", fast_clock, tenant_id="fast-clock")
-        send_events(k.bootstrap_servers, k.usage_events_topic, [future], partition_for=lambda i, e: 0, timestamp_for=lambda i, e: int(fast_clock.timestamp() * 1000))
+        send_events(
+            k.bootstrap_servers,
+            k.usage_events_topic,
+            [future],
+            partition_for=lambda i, e: 0,
+            timestamp_for=lambda i, e: int(fast_clock.timestamp() * 1000),
+        )
         idle = 10.0
         threading.Event().wait(idle)
         # Then only the closers: events sent after an idle gap can be made late by the first partition to
         # deliver again (Flink's source idleness, docs/operations.md), whatever this test is about.
-        send_events(k.bootstrap_servers, k.usage_events_topic, closing_events(start + timedelta(minutes=2), k.partitions), partition_for=lambda i, e: i)
+        send_events(
+            k.bootstrap_servers,
+            k.usage_events_topic,
+            closing_events(start + timedelta(minutes=2), k.partitions),
+            partition_for=lambda i, e: i,
+        )
 
         counted = first + evolved
         expected = expected_totals(counted, cfg.event_time.window_size)
@@ -182,19 +256,33 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         except AssertionError:
             got = totals()
             wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-            kinds = sorted({d["reason"][:70] for d in read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)})
+            kinds = sorted(
+                {d["reason"][:70] for d in read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)}
+            )
             late_schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
-            late_events = read_topic(k.bootstrap_servers, k.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), late_schema))
-            marks = sorted({(str(e["watermark"]), e["tenant_id"][:12], e["customer_id"][:12]) for e in late_events})[:12]
+            late_events = read_topic(
+                k.bootstrap_servers,
+                k.late_events_topic,
+                lambda v: fastavro.schemaless_reader(io.BytesIO(v), late_schema),
+            )
+            marks = sorted({(str(e["watermark"]), e["tenant_id"][:12], e["customer_id"][:12]) for e in late_events})[
+                :12
+            ]
             late = f"{len(late_events)}, windows {min((e['window_start'] for e in late_events), default=None)}..{max((e['window_start'] for e in late_events), default=None)}, watermarks {marks}"
-            failures = flink_jobs.rest(cfg, f"/jobs/{job_id}/exceptions").get("exceptionHistory", {}).get("entries", [])[:2]
+            failures = (
+                flink_jobs.rest(cfg, f"/jobs/{job_id}/exceptions").get("exceptionHistory", {}).get("entries", [])[:2]
+            )
             failures = [(f.get("exceptionName"), (f.get("stacktrace") or "")[:1500]) for f in failures]
-            checkpoints = (flink_jobs.checkpoint_stats(cfg, job_id).get("counts") or {})
+            checkpoints = flink_jobs.checkpoint_stats(cfg, job_id).get("counts") or {}
             raise AssertionError(
                 f"{len(wrong)} windows differ, e.g. {[(w, expected.get(w), got.get(w)) for w in wrong[:5]]}; dead letters: {kinds};"
                 f" late events: {late}; restarts: {flink_jobs.restarts(cfg, job_id)}; checkpoints: {checkpoints}; failures: {failures}"
             ) from None
-        wait_for(lambda: all(r.is_final for r in fetch_usage(cfg.postgres) if r.tenant_id != CLOSER_TENANT), 120, "the windows to be final")
+        wait_for(
+            lambda: all(r.is_final for r in fetch_usage(cfg.postgres) if r.tenant_id != CLOSER_TENANT),
+            120,
+            "the windows to be final",
+        )
 
         # Never restarted, never restored: no record held the job.
         assert flink_jobs.restarts(cfg, job_id) == 0
@@ -202,7 +290,11 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
 
         dead = read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)
         expected_dead = len(hostile) + 1 + 1 + (BURST_EVENTS - MAX_COMBINATIONS)
-        wait_for(lambda: len(read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)) >= expected_dead, 60, "every dead letter")
+        wait_for(
+            lambda: len(read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)) >= expected_dead,
+            60,
+            "every dead letter",
+        )
         dead = read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)
         by_payload = {}
         for letter in dead:
@@ -212,7 +304,9 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
             assert len(letters) == 1, f"{name}: {len(letters)} dead letters"
             assert letters[0]["reason"].startswith(reason), f"{name}: {letters[0]['reason'][:200]!r}"
             assert len(letters[0]["reason"]) <= 1100
-        assert [d["reason"][:60] for d in by_payload[oversized]] == ["malformed Avro: varint longer than 10 bytes in field event_id"[:60]]
+        assert [d["reason"][:60] for d in by_payload[oversized]] == [
+            "malformed Avro: varint longer than 10 bytes in field event_id"[:60]
+        ]
         fast = [d for d in dead if d["reason"].startswith("event_time out of range")]
         assert len(fast) == 1 and fast[0]["source_partition"] == 0
 
@@ -220,7 +314,9 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         burst_rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id == BURST_TENANT]
         refused = [d for d in dead if d["reason"].startswith("dimension combinations")]
         assert len(burst_rows) == MAX_COMBINATIONS and len(refused) == BURST_EVENTS - MAX_COMBINATIONS
-        assert sum(r.quantity for r in burst_rows) + sum(decode_usage_event(d["payload"])["quantity"] for d in refused) == sum(e["quantity"] for e in burst)
+        assert sum(r.quantity for r in burst_rows) + sum(
+            decode_usage_event(d["payload"])["quantity"] for d in refused
+        ) == sum(e["quantity"] for e in burst)
         assert len(dead) == expected_dead, sorted({d["reason"][:80] for d in dead})
 
         # Nothing went late: the fast clock did not move the watermark past the data.

@@ -33,9 +33,29 @@ from meterflow.local import flink_jobs
 from meterflow.producer import send_events
 from sinks.billing import CustomerMapping
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customers
-from tests.e2e.helpers import CLOSER_TENANT, closing_events, expected_totals, private_job, read_topic, send_raw, table_totals, wait_for, wait_watermark
+from tests.e2e.batches import (
+    CLOSED_SCHEMA,
+    DEAD_SCHEMA,
+    LATE_SCHEMA,
+    Batch,
+    avro_decoder,
+    clock_events,
+    in_windows,
+    to_ms,
+    totals_of,
+)
+from tests.e2e.helpers import (
+    CLOSER_TENANT,
+    closing_events,
+    expected_totals,
+    private_job,
+    read_topic,
+    send_raw,
+    table_totals,
+    wait_for,
+    wait_watermark,
+)
 from tests.e2e.scenario import WINDOW, base_events, malformed_records
-from tests.e2e.batches import CLOSED_SCHEMA, DEAD_SCHEMA, LATE_SCHEMA, Batch, avro_decoder, clock_events, in_windows, to_ms, totals_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -46,11 +66,21 @@ RISKY = 40  # events per window and batch
 
 def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
     run = uuid.uuid4().hex[:6]
-    billing = {"enabled": True, "ledger_table": f"deliveries_rejoin_{run}", "customers_table": f"customers_rejoin_{run}", "carry_table": f"carry_rejoin_{run}"}
+    billing = {
+        "enabled": True,
+        "ledger_table": f"deliveries_rejoin_{run}",
+        "customers_table": f"customers_rejoin_{run}",
+        "carry_table": f"carry_rejoin_{run}",
+    }
     cfg, path = private_job(
         e2e_stack,
         "rejoin",
-        event_time={"window_size": "10s", "watermark_delay": "2s", "allowed_lateness": "10s", "source_idle_timeout": f"{IDLE_TIMEOUT_S}s"},
+        event_time={
+            "window_size": "10s",
+            "watermark_delay": "2s",
+            "allowed_lateness": "10s",
+            "source_idle_timeout": f"{IDLE_TIMEOUT_S}s",
+        },
         billing=billing,
     )
     assert cfg.flink.parallelism == 2 and cfg.kafka.partitions == 3
@@ -58,7 +88,7 @@ def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
     rng = random.Random(run)
     start = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
     epoch = datetime.fromtimestamp(0, UTC)
-    at = lambda seconds: start + timedelta(seconds=seconds)  # noqa: E731
+    at = lambda seconds: start + timedelta(seconds=seconds)
     wm_a, wm_b = to_ms(at(22) - epoch), to_ms(at(40) - epoch)
     wm_d = to_ms(at(40) - epoch) - 1 + LATENESS_MS  # W3's close, exactly
     delay = cfg.event_time.watermark_delay
@@ -77,14 +107,29 @@ def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
     )
     clock_d = clock_events(start, f"clk-d-{run}", datetime.fromtimestamp(wm_d / 1000, UTC) + delay, partitions)
     # Boundary events of W3 (its last millisecond, met by a watermark exactly at its close) and W4's events.
-    boundary = [{**e, "event_id": f"bd-{run}-{i}", "event_time": at(40) - timedelta(milliseconds=1)} for i, e in enumerate(in_windows(rng, start, f"bd-{run}", [3], RISKY))]
-    after = Batch("after", boundary + in_windows(rng, start, f"af-{run}", [4], RISKY), [(LATENESS_MS, wm_d)], rng.sample(base, RISKY), malformed_records(base[0], f"after-{run}"))
+    boundary = [
+        {**e, "event_id": f"bd-{run}-{i}", "event_time": at(40) - timedelta(milliseconds=1)}
+        for i, e in enumerate(in_windows(rng, start, f"bd-{run}", [3], RISKY))
+    ]
+    after = Batch(
+        "after",
+        boundary + in_windows(rng, start, f"af-{run}", [4], RISKY),
+        [(LATENESS_MS, wm_d)],
+        rng.sample(base, RISKY),
+        malformed_records(base[0], f"after-{run}"),
+    )
     closers = closing_events(start + timedelta(minutes=5), partitions)
     assert not alone.late() and len(rejoin.late()) == 2 * RISKY and len(after.late()) == RISKY
-    map_customers(cfg, [CustomerMapping(e["tenant_id"], e["customer_id"], f"cus_{e['tenant_id']}_{e['customer_id']}") for e in base + clock_a + rejoin.events])
+    map_customers(
+        cfg,
+        [
+            CustomerMapping(e["tenant_id"], e["customer_id"], f"cus_{e['tenant_id']}_{e['customer_id']}")
+            for e in base + clock_a + rejoin.events
+        ],
+    )
 
     bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
-    late_topic = lambda: read_topic(bootstrap, cfg.kafka.late_events_topic, avro_decoder(LATE_SCHEMA))  # noqa: E731
+    late_topic = lambda: read_topic(bootstrap, cfg.kafka.late_events_topic, avro_decoder(LATE_SCHEMA))
     base_dups = rng.sample(base, len(base) // 10)
     base_bad = malformed_records(base[0], f"base-{run}")
     counted: list[UsageEvent] = [*base, *clock_a]
@@ -96,7 +141,11 @@ def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
         send_raw(bootstrap, topic, base_bad)
         send_events(bootstrap, topic, clock_a, partition_for=lambda i, e: i)
         w0 = {k: v for k, v in expected_totals(base, WINDOW).items() if k[3] == start.replace(tzinfo=None)}
-        wait_for(lambda: {k: (r.quantity, r.event_count) for k, r in table_totals(cfg).items() if r.is_final} == w0, 300, "W0 final in Postgres")
+        wait_for(
+            lambda: {k: (r.quantity, r.event_count) for k, r in table_totals(cfg).items() if r.is_final} == w0,
+            300,
+            "W0 final in Postgres",
+        )
         # Every partition was read up to its head: after the idle timeout each one is idle.
         time.sleep(3 * IDLE_TIMEOUT_S)
 
@@ -106,12 +155,23 @@ def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
         wait_watermark(cfg, job_id, wm_b)
         w1_w2 = expected_totals(counted, WINDOW)
         w1_w2 = {k: v for k, v in w1_w2.items() if k[3] in (at(10).replace(tzinfo=None), at(20).replace(tzinfo=None))}
-        wait_for(lambda: {k: (r.quantity, r.event_count) for k, r in table_totals(cfg).items() if k in w1_w2 and r.is_final} == w1_w2, 300, "W1 and W2 final with partition 0's events")
+        wait_for(
+            lambda: (
+                {k: (r.quantity, r.event_count) for k, r in table_totals(cfg).items() if k in w1_w2 and r.is_final}
+                == w1_w2
+            ),
+            300,
+            "W1 and W2 final with partition 0's events",
+        )
 
         send_events(bootstrap, topic, rejoin.events + rejoin.duplicates, partition_for=lambda i, e: 1 + i % 2)
         send_raw(bootstrap, topic, rejoin.bad, partition=1)
         counted += rejoin.counted()
-        wait_for(lambda: {e["event_id"] for e in rejoin.late()} <= {r["event_id"] for r in late_topic()}, 300, "the rejoining partitions' late events")
+        wait_for(
+            lambda: {e["event_id"] for e in rejoin.late()} <= {r["event_id"] for r in late_topic()},
+            300,
+            "the rejoining partitions' late events",
+        )
 
         send_events(bootstrap, topic, clock_d, partition_for=lambda i, e: i)
         counted += clock_d
@@ -121,13 +181,29 @@ def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
         counted += after.counted()
         send_events(bootstrap, topic, closers, partition_for=lambda i, e: i)
         final = expected_totals(counted, WINDOW)
-        wait_for(lambda: totals_of({k: r for k, r in table_totals(cfg).items() if k[0] != CLOSER_TENANT}) == final, 300, "final totals in Postgres")
-        wait_for(lambda: all(r.is_final for k, r in table_totals(cfg).items() if k[0] != CLOSER_TENANT), 120, "every window marked final")
-        wait_for(lambda: len([d for d in fetch_deliveries(cfg) if d.status == "sent"]) >= len(final), 300, "every window billed")
+        wait_for(
+            lambda: totals_of({k: r for k, r in table_totals(cfg).items() if k[0] != CLOSER_TENANT}) == final,
+            300,
+            "final totals in Postgres",
+        )
+        wait_for(
+            lambda: all(r.is_final for k, r in table_totals(cfg).items() if k[0] != CLOSER_TENANT),
+            120,
+            "every window marked final",
+        )
+        wait_for(
+            lambda: len([d for d in fetch_deliveries(cfg) if d.status == "sent"]) >= len(final),
+            300,
+            "every window billed",
+        )
         time.sleep(2 * cfg.flink.checkpoint_interval.total_seconds())  # anything extra would be committed by now
         late = late_topic()
         dead = read_topic(bootstrap, cfg.kafka.dead_letter_topic, avro_decoder(DEAD_SCHEMA))
-        closed = [c for c in read_topic(bootstrap, cfg.kafka.closed_windows_topic, avro_decoder(CLOSED_SCHEMA)) if c["tenant_id"] != CLOSER_TENANT]
+        closed = [
+            c
+            for c in read_topic(bootstrap, cfg.kafka.closed_windows_topic, avro_decoder(CLOSED_SCHEMA))
+            if c["tenant_id"] != CLOSER_TENANT
+        ]
         rows = {k: r for k, r in table_totals(cfg).items() if k[0] != CLOSER_TENANT}
         deliveries = fetch_deliveries(cfg)
         restarted_at = flink_jobs.job_details(cfg, job_id)["timestamps"].get("RESTARTING", 0)
@@ -154,13 +230,23 @@ def test_idle_partitions_rejoin_then_events_within_lateness(e2e_stack):
     assert totals_of(rows) == expected_totals(counted, WINDOW)
     assert all(r.is_final and r.revision == r.event_count for r in rows.values())
     # One truth: each window published once, with Postgres's final value, and billed once at it.
-    published = {(c["tenant_id"], c["customer_id"], c["meter"], c["window_start"].replace(tzinfo=None)): (c["quantity"], c["event_count"]) for c in closed}
+    published = {
+        (c["tenant_id"], c["customer_id"], c["meter"], c["window_start"].replace(tzinfo=None)): (
+            c["quantity"],
+            c["event_count"],
+        )
+        for c in closed
+    }
     assert len(published) == len(closed), "a window was published twice"
     assert published == totals_of(rows)
     windows = [d for d in deliveries if d.kind == "window" and d.tenant_id != CLOSER_TENANT]
-    key = lambda d: (d.tenant_id, d.customer_id, d.meter, d.window_start.astimezone(UTC).replace(tzinfo=None))  # noqa: E731
+    key = lambda d: (d.tenant_id, d.customer_id, d.meter, d.window_start.astimezone(UTC).replace(tzinfo=None))
     assert sorted(key(d) for d in windows) == sorted(rows)
     assert {key(d): (d.quantity, d.event_count) for d in windows} == totals_of(rows)
     assert all(d.status == "sent" for d in windows)
-    assert [d for d in deliveries if d.kind != "window"] == [], "a correction was owed: the closer published a window twice"
-    print(f"\nIDLE_REJOIN sent={len(sent)} counted={n_counted} late={len(late)} duplicates={duplicates} dead_letters={len(dead)} windows={len(rows)}")
+    assert [d for d in deliveries if d.kind != "window"] == [], (
+        "a correction was owed: the closer published a window twice"
+    )
+    print(
+        f"\nIDLE_REJOIN sent={len(sent)} counted={n_counted} late={len(late)} duplicates={duplicates} dead_letters={len(dead)} windows={len(rows)}"
+    )

@@ -82,7 +82,9 @@ class JobManagerKill:
         jobs = [j["jid"] for j in flink_jobs.running_jobs(cfg) if j["jid"] == job_id or j["jid"] in self.other_jobs]
         assert job_id in jobs and self.other_jobs <= set(jobs), (jobs, self.other_jobs)
         self.completed_before = {jid: _latest_completed(cfg, jid) for jid in jobs}
-        assert all(self.completed_before.values()), f"a job has no completed checkpoint to recover from: {self.completed_before}"
+        assert all(self.completed_before.values()), (
+            f"a job has no completed checkpoint to recover from: {self.completed_before}"
+        )
         jobmanagers, taskmanagers = cluster.jobmanager_pids(), cluster.taskmanager_pids()
         assert len(jobmanagers) == 1 and taskmanagers, (jobmanagers, taskmanagers)
         replaced_before, logged_before = replacements_so_far(cfg), _log_sizes(cluster)
@@ -99,8 +101,14 @@ class JobManagerKill:
         # loss allowed is the documented one (docs/operations.md, "A TaskManager lost"): the new
         # JobManager cancels the old tasks, PyFlink's cancel ended the TaskManager, the supervisor replaced it.
         if cluster.taskmanager_pids() != taskmanagers:
-            assert replacements_so_far(cfg) > replaced_before, ("a TaskManager changed without the supervisor", taskmanagers, cluster.taskmanager_pids())
-            assert _ended_by_python_cancel(cluster, logged_before), f"a TaskManager lost for another reason; see {cluster.log_dir}"
+            assert replacements_so_far(cfg) > replaced_before, (
+                "a TaskManager changed without the supervisor",
+                taskmanagers,
+                cluster.taskmanager_pids(),
+            )
+            assert _ended_by_python_cancel(cluster, logged_before), (
+                f"a TaskManager lost for another reason; see {cluster.log_dir}"
+            )
         assert len(cluster.jobmanager_pids()) == 1 and cluster.jobmanager_pids() != jobmanagers
         for jid in jobs:
             restored = (flink_jobs.checkpoint_stats(cfg, jid).get("latest") or {}).get("restored") or {}
@@ -115,7 +123,12 @@ class JobManagerKill:
 def _billing_job(e2e_stack) -> tuple[JobConfig, Path]:
     """A billing job of its own (own topics, ledger and customers), billing through stripe-mock."""
     run = uuid.uuid4().hex[:6]
-    billing = {"enabled": True, "ledger_table": f"deliveries_jmha_{run}", "customers_table": f"customers_jmha_{run}", "carry_table": f"carry_jmha_{run}"}
+    billing = {
+        "enabled": True,
+        "ledger_table": f"deliveries_jmha_{run}",
+        "customers_table": f"customers_jmha_{run}",
+        "carry_table": f"carry_jmha_{run}",
+    }
     cfg, path = private_job(e2e_stack, "jmbilling", billing=billing)
     apply_schemas(cfg)
     map_customer(cfg, "tenant-ha", "cust-ha", "cus_ha")
@@ -157,5 +170,8 @@ def test_jobmanager_killed_mid_stream(e2e_stack):
     assert all(d.attempts == 1 for d in deliveries)
     print(
         f"\nJOBMANAGER_FAILOVER recovered_in_s={kill.recovery_s:.1f} "
-        + " ".join(f"{jid[:8]}:restored={r['id']}(last_completed_before={kill.completed_before[jid]})" for jid, r in kill.restored.items())
+        + " ".join(
+            f"{jid[:8]}:restored={r['id']}(last_completed_before={kill.completed_before[jid]})"
+            for jid, r in kill.restored.items()
+        )
     )

@@ -31,7 +31,15 @@ pytestmark = [pytest.mark.e2e]
 @pytest.fixture
 def ledger_cfg(e2e_stack):
     run = uuid.uuid4().hex[:6]
-    cfg, path = e2e_stack.config(f"ledger-{run}", billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"})
+    cfg, path = e2e_stack.config(
+        f"ledger-{run}",
+        billing={
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+        },
+    )
     apply_billing_schema(cfg)
     apply_billing_schema(cfg)  # idempotent
     return cfg, path
@@ -50,11 +58,18 @@ def test_claims_states_and_the_sent_guard(ledger_cfg):
         ledger = AsyncPostgresLedger(cfg, "w1", connections=2)
         d = window_delivery(_window(), "mf")
         entry = await ledger.claim(d, "stripe", "tokens", retry=False)
-        assert (entry.status, entry.attempts, entry.claimed, entry.first_attempt_at is not None) == ("pending", 0, True, True)
+        assert (entry.status, entry.attempts, entry.claimed, entry.first_attempt_at is not None) == (
+            "pending",
+            0,
+            True,
+            True,
+        )
         await ledger.mark_failed(d.identifier, 1, "503: unavailable", 3600)
         assert not (await ledger.claim(d, "stripe", "tokens", retry=False)).claimed, "its retry is scheduled"
         other = AsyncPostgresLedger(cfg, "w2", connections=1)
-        assert (await other.claim(d, "stripe", "tokens", retry=False)).claimed, "a new worker takes over a dead worker's claim"
+        assert (await other.claim(d, "stripe", "tokens", retry=False)).claimed, (
+            "a new worker takes over a dead worker's claim"
+        )
         await ledger.mark_sent(d.identifier, MeterEvent(d.identifier, "tokens", "cus_1", "5.5", 0), "req_1", 2)
         await ledger.mark_dead(d.identifier, 3, "a late writer")
         again = await ledger.claim(window_delivery(_window("99"), "mf"), "stripe", "tokens", retry=False)
@@ -75,7 +90,15 @@ def test_claims_states_and_the_sent_guard(ledger_cfg):
     rows = {r.identifier: r for r in fetch_deliveries(cfg)}
     assert len(rows) == 2
     row = rows[identifier]
-    assert (row.status, row.attempts, row.quantity, row.value, row.provider_response_id, row.last_error, row.kind) == ("sent", 2, Decimal("5.5"), "5.5", "req_1", None, "window")
+    assert (row.status, row.attempts, row.quantity, row.value, row.provider_response_id, row.last_error, row.kind) == (
+        "sent",
+        2,
+        Decimal("5.5"),
+        "5.5",
+        "req_1",
+        None,
+        "window",
+    )
 
 
 def test_replay_past_the_dedup_window_needs_force_and_asks_the_provider(e2e_stack):
@@ -83,7 +106,14 @@ def test_replay_past_the_dedup_window_needs_force_and_asks_the_provider(e2e_stac
     fake = FakeStripe().start()
     try:
         run = uuid.uuid4().hex[:6]
-        billing = {"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}", "max_attempts": 2, "initial_backoff": "10ms"}
+        billing = {
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+            "max_attempts": 2,
+            "initial_backoff": "10ms",
+        }
         cfg, path = e2e_stack.config(f"dedup-{run}", billing=billing, stripe={"api_base": fake.url})
         apply_billing_schema(cfg)
         map_customer(cfg, "t1", "c1", "cus_1")
@@ -108,7 +138,9 @@ def test_replay_past_the_dedup_window_needs_force_and_asks_the_provider(e2e_stac
         # A day passes: the provider forgets identifiers, and the ledger's first attempts are 25 h old.
         fake.clock = lambda: time.time() + 25 * 3600
         with connect(cfg.postgres) as conn, conn.transaction():
-            conn.execute(f"UPDATE {cfg.billing.ledger_table} SET first_attempt_at = first_attempt_at - interval '25 hours'")
+            conn.execute(
+                f"UPDATE {cfg.billing.ledger_table} SET first_attempt_at = first_attempt_at - interval '25 hours'"
+            )
         requests = len(fake.requests)
 
         refused = CliRunner().invoke(cli, ["--config", str(path), "billing", "replay"], catch_exceptions=False)
@@ -117,10 +149,16 @@ def test_replay_past_the_dedup_window_needs_force_and_asks_the_provider(e2e_stac
         assert "no longer deduplicates" in said and "--force" in said
         assert len(fake.requests) == requests, "nothing was sent"
 
-        forced = CliRunner().invoke(cli, ["--config", str(path), "billing", "replay", "--force"], catch_exceptions=False)
+        forced = CliRunner().invoke(
+            cli, ["--config", str(path), "billing", "replay", "--force"], catch_exceptions=False
+        )
         assert forced.exit_code == 0, forced.output
         rows = {d.customer_id: d for d in fetch_deliveries(cfg)}
-        assert rows["c1"].status == "sent" and rows["c1"].provider_response_id == "found-at-provider" and "found at the provider" in rows["c1"].provider_check
+        assert (
+            rows["c1"].status == "sent"
+            and rows["c1"].provider_response_id == "found-at-provider"
+            and "found at the provider" in rows["c1"].provider_check
+        )
         assert rows["c2"].status == "sent" and "not at the provider" in rows["c2"].provider_check
         assert sorted(e.customer for e in fake.events) == ["cus_1", "cus_2"], "each delivery is at the provider once"
         assert fake.outcomes().get("accepted-again", 0) == 0
@@ -155,7 +193,9 @@ def test_concurrent_writes_share_commits_and_a_bad_statement_fails_alone(ledger_
         d = window_delivery(_window(customer=customer), "mf")
         entry = await ledger.claim(d, "stripe", "tokens", retry=False)
         assert entry.claimed
-        await ledger.mark_sent(d.identifier, MeterEvent(d.identifier, "tokens", "cus_1", "5.5", 0), f"req_{customer}", 1)
+        await ledger.mark_sent(
+            d.identifier, MeterEvent(d.identifier, "tokens", "cus_1", "5.5", 0), f"req_{customer}", 1
+        )
 
     async def scenario() -> tuple[int, int, list]:
         ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
@@ -185,8 +225,13 @@ def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg
     month_ms = int(month.timestamp() * 1000)
     quantities = [Decimal(q) for q in ("0.4", "0.4", "0.4", "-0.3", "2.75", "0.000000001", "0.999999999", "-5", "0.6")]
 
-    def delivery(i: int, quantity: Decimal, start_ms: int, customer: str = "c1"):  # noqa: ANN202
-        return window_delivery(ClosedWindow("t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1), "mf")
+    def delivery(i: int, quantity: Decimal, start_ms: int, customer: str = "c1"):
+        return window_delivery(
+            ClosedWindow(
+                "t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1
+            ),
+            "mf",
+        )
 
     async def scenario() -> tuple[list[Decimal], list[Decimal], Decimal]:
         ledger, other = AsyncPostgresLedger(cfg, "w1", connections=2), AsyncPostgresLedger(cfg, "w2", connections=2)
@@ -206,7 +251,10 @@ def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg
                 await ledger.claim(d, "stripe", "tokens", retry=False)
                 elsewhere.append(await ledger.carry_value(d.identifier))
             with connect(cfg.postgres) as conn:
-                [total] = conn.execute(f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c1' AND period_start = %s", (month.replace(tzinfo=None),)).fetchone()
+                [total] = conn.execute(
+                    f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c1' AND period_start = %s",
+                    (month.replace(tzinfo=None),),
+                ).fetchone()
             return values, elsewhere, total
         finally:
             await ledger.close()
@@ -233,25 +281,42 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
     start_ms = int(billing_period_start(datetime.now(UTC)).timestamp() * 1000)
     quantity = Decimal("0.7")
 
-    def delivery(customer: str, i: int = 0):  # noqa: ANN202
-        return window_delivery(ClosedWindow("t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1), "mf")
+    def delivery(customer: str, i: int = 0):
+        return window_delivery(
+            ClosedWindow(
+                "t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1
+            ),
+            "mf",
+        )
 
     # Three windows first recorded under another identifier: a claim finds them by key and span.
     earlier = [delivery(f"c{i}") for i in range(3)]
     with connect(cfg.postgres) as conn:
         for d in earlier:
             conn.execute(
-                f"INSERT INTO {cfg.billing.ledger_table} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "  # noqa: S608 - validated name
+                f"INSERT INTO {cfg.billing.ledger_table} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "
                 "window_start, window_end, quantity, event_count, revision, event_name, status) "
                 "VALUES (%s, 'stripe', 'window', %s, 't1', %s, 'tokens', '{}', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', %s, 1, 1, 'tokens', 'pending')",
-                (f"old-{d.window.customer_id}", f"old-{d.window.customer_id}", d.window.customer_id, d.window.window_start_ms, d.window.window_end_ms, quantity),
+                (
+                    f"old-{d.window.customer_id}",
+                    f"old-{d.window.customer_id}",
+                    d.window.customer_id,
+                    d.window.window_start_ms,
+                    d.window.window_end_ms,
+                    quantity,
+                ),
             )
 
-    async def deliver(ledger: AsyncPostgresLedger, d) -> tuple[str, Decimal]:  # noqa: ANN001
+    async def deliver(ledger: AsyncPostgresLedger, d) -> tuple[str, Decimal]:
         entry = await ledger.claim(d, "stripe", "tokens", retry=False)
         assert entry.claimed and entry.quantity == quantity
         value = await ledger.carry_value(entry.identifier)
-        await ledger.mark_sent(entry.identifier, MeterEvent(entry.identifier, "tokens", "cus_1", str(value), 0), f"req_{entry.identifier}", 1)
+        await ledger.mark_sent(
+            entry.identifier,
+            MeterEvent(entry.identifier, "tokens", "cus_1", str(value), 0),
+            f"req_{entry.identifier}",
+            1,
+        )
         return entry.identifier, value
 
     async def scenario() -> tuple[list, list, StatementBatches]:
@@ -265,11 +330,15 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
             await ledger.close()
 
     many, same_total, batches = asyncio.run(scenario())
-    assert [identifier for identifier, _ in many[:3]] == ["old-c0", "old-c1", "old-c2"], "claimed under the recorded identifier"
+    assert [identifier for identifier, _ in many[:3]] == ["old-c0", "old-c1", "old-c2"], (
+        "claimed under the recorded identifier"
+    )
     assert all(value == carried_value(Decimal(0), quantity) for _, value in many), "0.7 alone completes no unit"
-    assert [value for _, value in same_total] == [Decimal(1), Decimal(1)], "0.7 + 0.7 is 1.4, + 0.7 is 2.1: one unit each"
+    assert [value for _, value in same_total] == [Decimal(1), Decimal(1)], (
+        "0.7 + 0.7 is 1.4, + 0.7 is 2.1: one unit each"
+    )
     with connect(cfg.postgres) as conn:
-        [total] = conn.execute(f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c0'").fetchone()  # noqa: S608 - validated name
+        [total] = conn.execute(f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c0'").fetchone()
     assert total == 3 * quantity, "each quantity added once"
     assert batches.statements == 3 * 62
     assert batches.written_apart == 1, "the batch with both carries of c0, refused together"
@@ -290,7 +359,12 @@ def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):
         try:
             ids = []
             for i, q in enumerate(("0.7", "0.7", "0.7")):
-                d = window_delivery(ClosedWindow("t9", "c9", "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, Decimal(q), 1, 1), "mf")
+                d = window_delivery(
+                    ClosedWindow(
+                        "t9", "c9", "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, Decimal(q), 1, 1
+                    ),
+                    "mf",
+                )
                 await ledger.claim(d, "stripe", "tokens", retry=False)
                 await ledger.carry_value(d.identifier)
                 ids.append(d.identifier)
@@ -299,11 +373,17 @@ def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):
             await ledger.close()
 
     ids = asyncio.run(fix())
-    clean = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False)
+    clean = CliRunner().invoke(
+        cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False
+    )
     assert clean.exit_code == 0, clean.output
     with connect(cfg.postgres) as conn, conn.transaction():
-        conn.execute(f"UPDATE {cfg.billing.ledger_table} SET value = (value::numeric + 1)::text WHERE identifier = %s", (ids[0],))
-    broken = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False)
+        conn.execute(
+            f"UPDATE {cfg.billing.ledger_table} SET value = (value::numeric + 1)::text WHERE identifier = %s", (ids[0],)
+        )
+    broken = CliRunner().invoke(
+        cli, ["--config", str(path), "reconcile", "--tenant", "t9", "--grace", "0s"], catch_exceptions=False
+    )
     said = " ".join(broken.output.split())
     assert broken.exit_code == 1 and "values sent differ" in said, broken.output
 
@@ -314,10 +394,22 @@ def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
     with the window's end; the billed window is claimed under its recorded identifier, and the
     5-minute window starting with it is a row and a delivery of its own."""
     run = uuid.uuid4().hex[:6]
-    cfg, _ = e2e_stack.config(f"spans-{run}", postgres={"usage_table": f"usage_{run}"}, billing={"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"})
+    cfg, _ = e2e_stack.config(
+        f"spans-{run}",
+        postgres={"usage_table": f"usage_{run}"},
+        billing={
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+        },
+    )
     u, d = cfg.postgres.usage_table, cfg.billing.ledger_table
     start_ms = (int(time.time()) // 60 - 60) * 60_000
-    one, five = (ClosedWindow("t1", "c1", "tokens", "{}", start_ms, start_ms + size, Decimal(q), 1, 1) for size, q in ((60_000, "3"), (300_000, "8")))
+    one, five = (
+        ClosedWindow("t1", "c1", "tokens", "{}", start_ms, start_ms + size, Decimal(q), 1, 1)
+        for size, q in ((60_000, "3"), (300_000, "8"))
+    )
     legacy = f"mf-{start_ms}-{'a' * 64}"
     apply_billing_schema(cfg)
     with connect(cfg.postgres) as conn, conn.transaction():
@@ -329,7 +421,9 @@ def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
             "PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, window_start))"
         )
         conn.execute(f"DROP INDEX {d}_window_span")
-        conn.execute(f"CREATE UNIQUE INDEX {d}_window ON {d} (provider, tenant_id, customer_id, meter, dimensions_key, window_start) WHERE kind = 'window'")
+        conn.execute(
+            f"CREATE UNIQUE INDEX {d}_window ON {d} (provider, tenant_id, customer_id, meter, dimensions_key, window_start) WHERE kind = 'window'"
+        )
         conn.execute(
             f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, event_count, revision, event_name, status, value, attempts, sent_at) "
             "VALUES (%s, 'stripe', 'window', %s, 't1', 'c1', 'tokens', '{}', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', 3, 1, 1, 'tokens', 'sent', '3', 1, now())",
@@ -345,23 +439,32 @@ def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
             (u,),
         ).fetchone()[0]
         indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (d,)).fetchall()}
-        assert sorted(key) == sorted(USAGE_KEY_COLUMNS) and f"{d}_window_span" in indexes and f"{d}_window" not in indexes
+        assert (
+            sorted(key) == sorted(USAGE_KEY_COLUMNS) and f"{d}_window_span" in indexes and f"{d}_window" not in indexes
+        )
         with conn.transaction():
             for w in (one, five):
                 row = {"tenant_id": w.tenant_id, "customer_id": w.customer_id, "meter": w.meter, "dimensions_key": w.dimensions_key, "window_start": w.window_start.replace(tzinfo=None),
                        "window_end": w.window_end.replace(tzinfo=None), "quantity": w.quantity, "event_count": 1, "revision": 1, "is_final": True}  # fmt: skip
                 conn.execute(usage_upsert_sql(u).replace("?", "%s"), [row[c] for c in USAGE_WRITE_COLUMNS])
-    assert sorted((r.window_end - r.window_start, r.quantity) for r in fetch_usage(cfg.postgres)) == [(timedelta(minutes=1), Decimal(3)), (timedelta(minutes=5), Decimal(8))]
+    assert sorted((r.window_end - r.window_start, r.quantity) for r in fetch_usage(cfg.postgres)) == [
+        (timedelta(minutes=1), Decimal(3)),
+        (timedelta(minutes=5), Decimal(8)),
+    ]
 
     async def claim() -> tuple:
         ledger = AsyncPostgresLedger(cfg, "w1")
         try:
-            return await ledger.claim(window_delivery(one, "mf"), "stripe", "tokens", retry=False), await ledger.claim(window_delivery(five, "mf"), "stripe", "tokens", retry=False)
+            return await ledger.claim(window_delivery(one, "mf"), "stripe", "tokens", retry=False), await ledger.claim(
+                window_delivery(five, "mf"), "stripe", "tokens", retry=False
+            )
         finally:
             await ledger.close()
 
     billed, fresh = asyncio.run(claim())
-    assert (billed.identifier, billed.status, billed.claimed) == (legacy, "sent", False), "the billed window keeps its identifier and stays sent"
+    assert (billed.identifier, billed.status, billed.claimed) == (legacy, "sent", False), (
+        "the billed window keeps its identifier and stays sent"
+    )
     assert (fresh.identifier, fresh.status, fresh.claimed) == (window_delivery(five, "mf").identifier, "pending", True)
     assert window_delivery(one, "mf").identifier != legacy
     assert {r.identifier for r in fetch_deliveries(cfg)} == {legacy, fresh.identifier}
@@ -376,15 +479,41 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
     fake = FakeStripe().start()
     try:
         run = uuid.uuid4().hex[:6]
-        billing = {"enabled": True, "ledger_table": f"deliveries_{run}", "customers_table": f"customers_{run}", "carry_table": f"carry_{run}"}
-        cfg, path = e2e_stack.config(f"ptotals-{run}", postgres={"usage_table": f"usage_{run}"}, billing=billing, stripe={"api_base": fake.url})
+        billing = {
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+        }
+        cfg, path = e2e_stack.config(
+            f"ptotals-{run}", postgres={"usage_table": f"usage_{run}"}, billing=billing, stripe={"api_base": fake.url}
+        )
         apply_schema(cfg.postgres)
         apply_billing_schema(cfg)
         map_customer(cfg, "t1", "c1", "cus_1")
         map_customer(cfg, "t1", "c2", "cus_2")
         start_ms = (int(time.time()) // 60 - 60) * 60_000
-        windows = [ClosedWindow("t1", c, "tokens", "{}", start_ms + i * 10_000, start_ms + (i + 1) * 10_000, Decimal(q), 1, 1) for c in ("c1", "c2") for i, q in enumerate(("0.7", "1.6", "2.2"))]
-        write_final_rows(cfg, [{"tenant_id": w.tenant_id, "customer_id": w.customer_id, "meter": w.meter, "window_start": w.window_start, "window_end": w.window_end, "quantity": w.quantity, "event_count": 1, "revision": 1} for w in windows])
+        windows = [
+            ClosedWindow("t1", c, "tokens", "{}", start_ms + i * 10_000, start_ms + (i + 1) * 10_000, Decimal(q), 1, 1)
+            for c in ("c1", "c2")
+            for i, q in enumerate(("0.7", "1.6", "2.2"))
+        ]
+        write_final_rows(
+            cfg,
+            [
+                {
+                    "tenant_id": w.tenant_id,
+                    "customer_id": w.customer_id,
+                    "meter": w.meter,
+                    "window_start": w.window_start,
+                    "window_end": w.window_end,
+                    "quantity": w.quantity,
+                    "event_count": 1,
+                    "revision": 1,
+                }
+                for w in windows
+            ],
+        )
 
         async def bill(events: list[MeterEvent]) -> None:
             ledger, provider = AsyncPostgresLedger(cfg, "job"), StripeMeterEvents(cfg)
@@ -401,7 +530,11 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
         assert len(fake.events) == 6
 
         def reconcile() -> tuple[int, dict]:
-            result = CliRunner().invoke(cli, ["--config", str(path), "reconcile", "--grace", "0s", "--provider-totals", "--format", "json"], catch_exceptions=False)
+            result = CliRunner().invoke(
+                cli,
+                ["--config", str(path), "reconcile", "--grace", "0s", "--provider-totals", "--format", "json"],
+                catch_exceptions=False,
+            )
             return result.exit_code, json.loads(result.stdout)
 
         code, report = reconcile()
@@ -411,7 +544,11 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
         code, report = reconcile()
         assert code == 1 and report["discrepancies"] == [], report
         [diff] = report["provider_differences"]
-        assert (diff["provider_customer_id"], Decimal(diff["sent"]), Decimal(diff["provider_total"])) == ("cus_1", Decimal(4), Decimal(7))
+        assert (diff["provider_customer_id"], Decimal(diff["sent"]), Decimal(diff["provider_total"])) == (
+            "cus_1",
+            Decimal(4),
+            Decimal(7),
+        )
     finally:
         fake.stop()
 
@@ -425,7 +562,9 @@ def test_a_restarted_worker_releases_what_its_earlier_run_held_leased(ledger_cfg
     async def earlier_run() -> list[str]:
         old, other = AsyncPostgresLedger(cfg, "billing-0-old"), AsyncPostgresLedger(cfg, "billing-1-old")
         try:
-            claimed, scheduled, elsewhere, handed, held = (window_delivery(_window(customer=c), "mf") for c in ("c1", "c2", "c3", "c4", "c5"))
+            claimed, scheduled, elsewhere, handed, held = (
+                window_delivery(_window(customer=c), "mf") for c in ("c1", "c2", "c3", "c4", "c5")
+            )
             await old.claim(claimed, "stripe", "tokens", retry=False)  # in flight when the run died
             await old.claim(scheduled, "stripe", "tokens", retry=False)
             await old.mark_failed(scheduled.identifier, 1, "503", 3600)  # its retry is an hour away
@@ -449,7 +588,9 @@ def test_a_restarted_worker_releases_what_its_earlier_run_held_leased(ledger_cfg
         conn.autocommit = True
         assert sorted(release_leases(conn, cfg, "billing-0-", "billing-0-new")) == sorted([claimed, held])
         assert release_leases(conn, cfg, "retry-scan-0-", "retry-scan-0-new") == [handed]
-        assert sorted(r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-new")) == sorted([claimed, handed, held]), "due at once"
+        assert sorted(r[0] for r in due_retries(conn, cfg, 10, "retry-scan-0-new")) == sorted(
+            [claimed, handed, held]
+        ), "due at once"
         assert release_leases(conn, cfg, "retry-scan-0-", "retry-scan-0-new") == [], "its own leases are its own"
     states = {d.identifier: d for d in fetch_deliveries(cfg)}
     assert (states[scheduled].status, states[elsewhere].status) == ("failed", "pending")
@@ -478,7 +619,11 @@ def test_a_parked_delivery_comes_back_at_its_turn_not_after_the_lease(ledger_cfg
             await ledger.mark_failed(scheduled.identifier, 1, "503", 3600)
             await ledger.defer(scheduled.identifier, time.time() + 5)
             with connect(cfg.postgres) as conn:
-                at = dict(conn.execute(f"SELECT identifier, extract(epoch FROM next_attempt_at)::float8 FROM {cfg.billing.ledger_table}").fetchall())
+                at = dict(
+                    conn.execute(
+                        f"SELECT identifier, extract(epoch FROM next_attempt_at)::float8 FROM {cfg.billing.ledger_table}"
+                    ).fetchall()
+                )
             return turn, at[parked.identifier], at[scheduled.identifier], at[handed.identifier]
         finally:
             await ledger.close()

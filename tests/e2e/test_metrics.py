@@ -25,11 +25,11 @@ import yaml
 from connectors.avro_codec import UsageEvent, encode_usage_event
 from connectors.avro_types import load_schema
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from meterflow.local import flink_jobs
 from meterflow.config_values import parse_port_range
+from meterflow.local import flink_jobs
+from meterflow.local.prometheus import ALERT_RULES, PrometheusServer
 from meterflow.metrics_catalog import BILLING_JOB_METRICS, LATENESS_BUCKETS_MS, promql_metric_names
 from meterflow.producer import SyntheticSpec, send_events, synthetic_events
-from meterflow.local.prometheus import ALERT_RULES, PrometheusServer
 from tests.e2e.helpers import (
     closing_events,
     expected_totals,
@@ -113,16 +113,30 @@ def test_job_metrics_in_prometheus(e2e_stack):
     # Prometheus and every reporter endpoint listen on loopback only, as do Kafka, Postgres and Flink.
     assert _listening_hosts(cfg.stack.prometheus_port) == {"127.0.0.1"}
     kafka_port = int(cfg.kafka.bootstrap_servers.rpartition(":")[2])
-    for port in (kafka_port, cfg.stack.kafka_controller_port, cfg.postgres.port, cfg.flink.rest_port, cfg.stack.flink_rpc_port):
+    for port in (
+        kafka_port,
+        cfg.stack.kafka_controller_port,
+        cfg.postgres.port,
+        cfg.flink.rest_port,
+        cfg.stack.flink_rpc_port,
+    ):
         assert _listening_hosts(port) == {"127.0.0.1"}, port
-    wait_for(lambda: (_value(prom, 'count(up{job="flink"} == 1)') or 0) >= 2, 60, "the JobManager and TaskManager endpoints scraped")
+    wait_for(
+        lambda: (_value(prom, 'count(up{job="flink"} == 1)') or 0) >= 2,
+        60,
+        "the JobManager and TaskManager endpoints scraped",
+    )
     up_ports = [int(r["metric"]["instance"].rpartition(":")[2]) for r in prom.query('up{job="flink"} == 1')]
     assert set(up_ports) <= set(parse_port_range(cfg.stack.flink_metrics_ports))
     for port in up_ports:
         assert _listening_hosts(port) == {"127.0.0.1"}, port
 
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
-    events = list(synthetic_events(SyntheticSpec(count=2_000, tenants=3, customers=5, start=start, span=timedelta(seconds=40), seed=11)))
+    events = list(
+        synthetic_events(
+            SyntheticSpec(count=2_000, tenants=3, customers=5, start=start, span=timedelta(seconds=40), seed=11)
+        )
+    )
     bad = _bad_records(events[0])
     job_id = flink_jobs.submit(cfg, path)
     # The reporter replaces characters Prometheus does not allow in names in label values too.
@@ -130,7 +144,11 @@ def test_job_metrics_in_prometheus(e2e_stack):
     try:
         # The counters are scraped at zero before any record: the alert rules see them increase.
         for counter in ("dead_letter_records", "late_records", "on_time_records"):
-            wait_for(lambda c=counter: _value(prom, f"sum({PREFIX}meterflow_{c}{{{job}}})") == 0, 60, f"{counter} scraped at zero")
+            wait_for(
+                lambda c=counter: _value(prom, f"sum({PREFIX}meterflow_{c}{{{job}}})") == 0,
+                60,
+                f"{counter} scraped at zero",
+            )
         bootstrap, topic = cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic
         send_events(bootstrap, topic, events)
         send_raw(bootstrap, topic, bad)
@@ -138,7 +156,11 @@ def test_job_metrics_in_prometheus(e2e_stack):
         send_events(bootstrap, topic, closers, partition_for=lambda i, e: i)
         # Every window of the data final, not only those of the first commit: the counters below are compared with them.
         windows = set(expected_totals(events, cfg.event_time.window_size))
-        wait_for(lambda: windows <= {k for k, r in table_totals(cfg).items() if r.is_final}, 240, "the data's windows final in Postgres")
+        wait_for(
+            lambda: windows <= {k for k, r in table_totals(cfg).items() if r.is_final},
+            240,
+            "the data's windows final in Postgres",
+        )
         # Their windows are closed: these are late.
         late = [
             UsageEvent(event_id=f"late-{i}", tenant_id="tenant-0", customer_id="cust-0", meter="api_calls", quantity=Decimal(1), event_time=start + timedelta(seconds=i), dimensions={})
@@ -146,17 +168,28 @@ def test_job_metrics_in_prometheus(e2e_stack):
         ]  # fmt: skip
         sent_at_ms = datetime.now(UTC).timestamp() * 1000
         send_events(bootstrap, topic, late)
+
         # The dead-letter transaction commits with the same checkpoint as the final rows, but its commit
         # may land a moment after Postgres': wait for it, then expect exactly the bad records.
         def dead_letters() -> list[dict]:
-            return read_topic(bootstrap, cfg.kafka.dead_letter_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD_SCHEMA))
+            return read_topic(
+                bootstrap, cfg.kafka.dead_letter_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), DEAD_SCHEMA)
+            )
 
         wait_for(lambda: len(dead_letters()) >= len(bad), 60, "the dead letters committed")
         dead = dead_letters()
         assert len(dead) == len(bad)
 
-        wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_dead_letter_records{{{job}}})") == len(bad), 60, "the dead-letter counter in Prometheus")
-        wait_for(lambda: _value(prom, f"sum({PREFIX}meterflow_late_records{{{job}}})") == len(late), 60, "the late counter in Prometheus")
+        wait_for(
+            lambda: _value(prom, f"sum({PREFIX}meterflow_dead_letter_records{{{job}}})") == len(bad),
+            60,
+            "the dead-letter counter in Prometheus",
+        )
+        wait_for(
+            lambda: _value(prom, f"sum({PREFIX}meterflow_late_records{{{job}}})") == len(late),
+            60,
+            "the late counter in Prometheus",
+        )
         assert _value(prom, f"sum({PREFIX}meterflow_on_time_records{{{job}}})") == len(events) + len(closers)
         # The lateness histogram counts every decision. An on-time event is less than a window
         # (10 s) behind the watermark; a late event exactly its record's lateness_ms, which depends
@@ -165,7 +198,9 @@ def test_job_metrics_in_prometheus(e2e_stack):
         on_time = len(events) + len(closers)
 
         def late_records() -> list[dict]:
-            return read_topic(bootstrap, cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), LATE_SCHEMA))
+            return read_topic(
+                bootstrap, cfg.kafka.late_events_topic, lambda v: fastavro.schemaless_reader(io.BytesIO(v), LATE_SCHEMA)
+            )
 
         wait_for(lambda: len(late_records()) == len(late), 60, "the late events committed")
         late_lateness = [r["lateness_ms"] for r in late_records()]
@@ -173,7 +208,10 @@ def test_job_metrics_in_prometheus(e2e_stack):
         def lateness_buckets() -> dict[str, float]:
             # One query: every bucket from the same scrape, so they can be compared with each other.
             rows = prom.query(f'sum by (__name__) ({{__name__=~"{PREFIX}meterflow_lateness_le_.+", {job}}})')
-            return {r["metric"]["__name__"].removeprefix(f"{PREFIX}meterflow_lateness_le_"): float(r["value"][1]) for r in rows}
+            return {
+                r["metric"]["__name__"].removeprefix(f"{PREFIX}meterflow_lateness_le_"): float(r["value"][1])
+                for r in rows
+            }
 
         wait_for(lambda: lateness_buckets().get("inf") == decided, 60, "the lateness histogram in Prometheus")
         scraped = lateness_buckets()
@@ -185,13 +223,19 @@ def test_job_metrics_in_prometheus(e2e_stack):
         # Without allowed lateness no window is updated after its first fire.
         assert _value(prom, f"sum({PREFIX}meterflow_window_refires{{{job}}})") == 0
         # The watermark lag is the wall clock at the scrape minus the held watermark, in the same scrape.
-        clock = _value(prom, f"max({PREFIX}meterflow_held_watermark{{{job}}} + {PREFIX}meterflow_watermark_lag_ms{{{job}}})")
+        clock = _value(
+            prom, f"max({PREFIX}meterflow_held_watermark{{{job}}} + {PREFIX}meterflow_watermark_lag_ms{{{job}}})"
+        )
         assert sent_at_ms <= clock <= datetime.now(UTC).timestamp() * 1000, (sent_at_ms, clock)
         assert (_value(prom, f"min({PREFIX}meterflow_watermark_lag_ms{{{job}}})") or 0) >= 0
         kinds = prom.query(f'sum by (__name__) ({{__name__=~"{PREFIX}meterflow_dead_letter_.+", {job}}})')
-        per_kind = {r["metric"]["__name__"].removeprefix(f"{PREFIX}meterflow_dead_letter_"): float(r["value"][1]) for r in kinds}
+        per_kind = {
+            r["metric"]["__name__"].removeprefix(f"{PREFIX}meterflow_dead_letter_"): float(r["value"][1]) for r in kinds
+        }
         assert sum(v for k, v in per_kind.items() if k != "records") == len(bad), per_kind
-        assert (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name=~"Source.*"}})') or 0) >= len(events) + len(bad) + len(closers)
+        assert (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name=~"Source.*"}})') or 0) >= len(
+            events
+        ) + len(bad) + len(closers)
         assert (_value(prom, f"max(flink_jobmanager_job_numberOfCompletedCheckpoints{{{job}}})") or 0) > 0
         assert _value(prom, f"max(flink_jobmanager_job_numRestarts{{{job}}})") == 0
 
@@ -202,12 +246,26 @@ def test_job_metrics_in_prometheus(e2e_stack):
         assert _dashboard_usage_metric_names() <= names, sorted(_dashboard_usage_metric_names() - names)
         # Counted before or with the commit that made the rows visible; Prometheus sees them at its next scrape.
         committed = len(table_totals(cfg))
-        wait_for(lambda: (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name="close_windows"}})') or 0) >= committed, 30, "the closed windows counted")
-        wait_for(lambda: (_value(prom, f"sum({PREFIX}usageRowsCommitted{{{job}}})") or 0) >= committed, 30, "the committed rows counted")
+        wait_for(
+            lambda: (
+                (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name="close_windows"}})') or 0) >= committed
+            ),
+            30,
+            "the closed windows counted",
+        )
+        wait_for(
+            lambda: (_value(prom, f"sum({PREFIX}usageRowsCommitted{{{job}}})") or 0) >= committed,
+            30,
+            "the committed rows counted",
+        )
         # The rules are loaded, and the dead letters fire their alert.
         groups = {g["name"] for g in _api(prom, "/api/v1/rules")["groups"]}
         assert {"meterflow-checkpoints", "meterflow-job", "meterflow-data"} <= groups
-        wait_for(lambda: bool(prom.query(f'ALERTS{{alertname="MeterflowDeadLetters", {job}, alertstate="firing"}}')), 60, "the dead-letter alert firing")
+        wait_for(
+            lambda: bool(prom.query(f'ALERTS{{alertname="MeterflowDeadLetters", {job}, alertstate="firing"}}')),
+            60,
+            "the dead-letter alert firing",
+        )
 
         # Bounded labels: no tenant or customer id in any series of the job.
         series = _api(prom, "/api/v1/series", **{"match[]": f"{{{job}}}"})

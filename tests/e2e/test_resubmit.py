@@ -86,7 +86,9 @@ def kill_jobmanager_then_resubmit(cfg: JobConfig, path: Path, job_id: str, durin
     during()
     _meterflow(path, "stack", "up")
     assert flink_jobs.running_jobs(cfg, cfg.flink.job_name) == []  # no HA: the new JobManager knows no job
-    assert cluster.taskmanager_pids() == taskmanagers  # only the JobManager was started; the TaskManager registered with it
+    assert (
+        cluster.taskmanager_pids() == taskmanagers
+    )  # only the JobManager was started; the TaskManager registered with it
     return Fault(_resubmit(cfg, path, job_id), killed_at, "restore-after-fault")
 
 
@@ -113,7 +115,9 @@ def test_cancelled_and_resubmitted(stack_without_ha):
 SHORT_TRANSACTIONS = {"kafka": {"transaction_timeout": "30s"}, "flink": {"checkpoint_timeout": "20s"}}
 
 
-def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]) -> Fault:
+def taskmanager_gone_past_the_transaction_timeout(
+    cfg: JobConfig, path: Path, job_id: str, during: Callable[[], None]
+) -> Fault:
     """kill -9 every TaskManager; send records; the supervisor's replacement comes after Kafka has aborted
     the transactions the killed attempt left open (twice kafka.transaction_timeout)."""
     assert cfg.kafka.transaction_timeout.total_seconds() == 30
@@ -123,4 +127,6 @@ def taskmanager_gone_past_the_transaction_timeout(cfg: JobConfig, path: Path, jo
 
 def test_taskmanager_gone_longer_than_the_transaction_timeout(stack_without_ha):
     """No TaskManager for twice kafka.transaction_timeout: the restore commits nothing Kafka aborted, and every record is in one place."""
-    run_scenario(stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, **SHORT_TRANSACTIONS)
+    run_scenario(
+        stack_without_ha, "txtimeout", disrupt=taskmanager_gone_past_the_transaction_timeout, **SHORT_TRANSACTIONS
+    )

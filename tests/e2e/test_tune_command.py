@@ -22,7 +22,15 @@ pytestmark = [pytest.mark.e2e]
 
 
 def _event(i: int, partition: int, at: datetime) -> UsageEvent:
-    return UsageEvent(event_id=f"tune-{partition}-{i}", tenant_id="tenant-t", customer_id=f"c{partition}", meter="api_calls", quantity=Decimal(1), event_time=at, dimensions={})
+    return UsageEvent(
+        event_id=f"tune-{partition}-{i}",
+        tenant_id="tenant-t",
+        customer_id=f"c{partition}",
+        meter="api_calls",
+        quantity=Decimal(1),
+        event_time=at,
+        dimensions={},
+    )
 
 
 def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
@@ -33,7 +41,9 @@ def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
 
     # Before the range: events that would need an hour; the scan must not see them. The topic stamps
     # records with the broker's append time (LogAppendTime), so the range is made by waiting.
-    before = [(p, {**_event(i, p, e0 - timedelta(hours=1)), "event_id": f"old-{p}-{i}"}) for p in (0, 1) for i in range(20)]
+    before = [
+        (p, {**_event(i, p, e0 - timedelta(hours=1)), "event_id": f"old-{p}-{i}"}) for p in (0, 1) for i in range(20)
+    ]
     send_events(cfg.kafka.bootstrap_servers, topic, [e for _, e in before], partition_for=lambda i, e: before[i][0])
     time.sleep(2.5)
     written_ms = int(datetime.now(UTC).timestamp() * 1000)  # the scanned range starts 1 s before this
@@ -42,7 +52,13 @@ def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
     inside = []
     for i in range(1_000):
         delayed = i % 37 == 36
-        inside.append((0, _event(i, 0, e0 + timedelta(milliseconds=100 * i) - timedelta(seconds=7 if delayed else 0)), written_ms + i))
+        inside.append(
+            (
+                0,
+                _event(i, 0, e0 + timedelta(milliseconds=100 * i) - timedelta(seconds=7 if delayed else 0)),
+                written_ms + i,
+            )
+        )
     for i in range(500):
         inside.append((1, _event(i, 1, e0 + timedelta(milliseconds=100 * i)), written_ms + i))
     inside.append((1, _event(500, 1, e0 + timedelta(milliseconds=100 * 499) - timedelta(seconds=30)), written_ms + 500))
@@ -51,7 +67,21 @@ def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
 
     chart = tmp_path / "tune.png"
     since = datetime.fromtimestamp((written_ms - 1_000) / 1000, UTC).isoformat()
-    args = ["--config", str(path), "tune", "--since", since, "--target", "0.999", "--target", "1", "--format", "json", "--chart", str(chart)]
+    args = [
+        "--config",
+        str(path),
+        "tune",
+        "--since",
+        since,
+        "--target",
+        "0.999",
+        "--target",
+        "1",
+        "--format",
+        "json",
+        "--chart",
+        str(chart),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -64,7 +94,8 @@ def test_tune_recommends_from_the_scanned_range(e2e_stack, tmp_path):
     assert report["undecodable"] == 1
     assert report["late_events_written"] == 0  # no job ran on this topic
     assert [(c["label"], c["watermark_delay"], c["allowed_lateness"], c["late_events"]) for c in report["choices"]] == [
-        (c.label, format_duration(c.watermark_delay), format_duration(c.allowed_lateness), c.late_events) for c in expected
+        (c.label, format_duration(c.watermark_delay), format_duration(c.allowed_lateness), c.late_events)
+        for c in expected
     ]
     # Counting every event takes the 30 s straggler: 30 s behind its partition's newest, so final 30 s or more after the window end.
     everything = report["choices"][-1]

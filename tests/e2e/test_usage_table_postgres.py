@@ -25,7 +25,9 @@ END = datetime(2026, 12, 5, 10, 1)
 
 @pytest.fixture
 def usage_cfg(e2e_stack):
-    cfg, _ = e2e_stack.config(f"usage-guard-{uuid.uuid4().hex[:6]}", postgres={"usage_table": f"usage_guard_{uuid.uuid4().hex[:6]}"})
+    cfg, _ = e2e_stack.config(
+        f"usage-guard-{uuid.uuid4().hex[:6]}", postgres={"usage_table": f"usage_guard_{uuid.uuid4().hex[:6]}"}
+    )
     with connect(cfg.postgres) as conn:
         for statement in usage_table_ddl(cfg.postgres.usage_table):
             conn.execute(statement)
@@ -37,7 +39,9 @@ def _commit(cfg, quantity: str, revision: int, final: bool) -> None:
     row = dict(tenant_id="t", customer_id="c", meter="tokens", dimensions_key="{}", window_start=START, window_end=END,
                quantity=Decimal(quantity), event_count=revision, revision=revision, is_final=final)  # fmt: skip
     with connect(cfg.postgres) as conn:
-        conn.execute(usage_upsert_sql(cfg.postgres.usage_table).replace("?", "%s"), [row[c] for c in USAGE_WRITE_COLUMNS])
+        conn.execute(
+            usage_upsert_sql(cfg.postgres.usage_table).replace("?", "%s"), [row[c] for c in USAGE_WRITE_COLUMNS]
+        )
 
 
 def _row(cfg):

@@ -24,7 +24,11 @@ def test_window_totals_in_postgres_and_replay_is_idempotent(e2e_stack):
     job_id = flink_jobs.submit(cfg, path)
     try:
         start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
-        events = list(synthetic_events(SyntheticSpec(count=20_000, tenants=3, customers=7, start=start, span=timedelta(minutes=3), seed=5)))
+        events = list(
+            synthetic_events(
+                SyntheticSpec(count=20_000, tenants=3, customers=7, start=start, span=timedelta(minutes=3), seed=5)
+            )
+        )
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, events)
         closers = closing_events(start + timedelta(minutes=3), cfg.kafka.partitions)
         send_events(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic, closers, partition_for=lambda i, e: i)
@@ -39,16 +43,25 @@ def test_window_totals_in_postgres_and_replay_is_idempotent(e2e_stack):
 
     # Replay: a fresh consumer group re-reads the whole topic and recomputes every window. Its rows
     # are committed with the checkpoint that also commits its offsets; final rows never change.
-    replay_cfg, replay_path = e2e_stack.config("replay", kafka={**e2e_stack.base["kafka"], "consumer_group": cfg.kafka.consumer_group + "-replay"})
+    replay_cfg, replay_path = e2e_stack.config(
+        "replay", kafka={**e2e_stack.base["kafka"], "consumer_group": cfg.kafka.consumer_group + "-replay"}
+    )
     replay_id = flink_jobs.submit(replay_cfg, replay_path)
     try:
         group = replay_cfg.kafka.consumer_group
-        wait_for(lambda: group_lag(cfg.kafka.bootstrap_servers, group, cfg.kafka.usage_events_topic) == 0, 180, "the replay to consume and commit the whole topic")
+        wait_for(
+            lambda: group_lag(cfg.kafka.bootstrap_servers, group, cfg.kafka.usage_events_topic) == 0,
+            180,
+            "the replay to consume and commit the whole topic",
+        )
         committed = flink_jobs.completed_checkpoints(replay_cfg, replay_id)
-        wait_for(lambda: flink_jobs.completed_checkpoints(replay_cfg, replay_id) >= committed + 2, 60, "two more checkpoints of the replay")
+        wait_for(
+            lambda: flink_jobs.completed_checkpoints(replay_cfg, replay_id) >= committed + 2,
+            60,
+            "two more checkpoints of the replay",
+        )
         after = table_totals(replay_cfg)
         assert _totals(after) == expected
         assert {k: r.updated_at for k, r in after.items()} == {k: r.updated_at for k, r in first.items()}
     finally:
         flink_jobs.cancel(replay_cfg, replay_id)
-

@@ -15,7 +15,9 @@ def test_billing_job_is_keyed_once_and_delivers_asynchronously():
     from meterflow.config import JobConfig
     from meterflow.local.flink import FLINK_CONNECTOR_JARS
 
-    cfg = JobConfig.model_validate({"billing": {"enabled": True, "max_in_flight": 8}, "flink": {"parallelism": 2, "job_name": "graph"}})
+    cfg = JobConfig.model_validate(
+        {"billing": {"enabled": True, "max_in_flight": 8}, "flink": {"parallelism": 2, "job_name": "graph"}}
+    )
     jars = ";".join(p.as_uri() for p in sorted(FLINK_CONNECTOR_JARS.glob("*.jar")))
     env, t_env = build_environment(cfg, {"pipeline.jars": jars})
     declare_pipeline(env, t_env, cfg)
@@ -25,5 +27,7 @@ def test_billing_job_is_keyed_once_and_delivers_asynchronously():
     assert [p["ship_strategy"] for p in deliver["predecessors"]] == ["HASH"] and deliver["parallelism"] == 2
     assert "scan the ledger for due retries" in by_name
     assert any(name.startswith("billing outcomes") for name in by_name)
-    python_steps = [n for n in nodes if n["contents"] in ("deliver to the billing provider", "scan the ledger for due retries")]
+    python_steps = [
+        n for n in nodes if n["contents"] in ("deliver to the billing provider", "scan the ledger for due retries")
+    ]
     assert len(python_steps) == 2, "no Python key_by step: a window crosses into Python once"

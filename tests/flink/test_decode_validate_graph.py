@@ -9,7 +9,15 @@ from decimal import Decimal
 import pytest
 
 from jobs.plan import COUNT_DEAD_LETTER_FUNCTION, routed_query
-from jobs.source_plan import BOUNDED_TIME, USAGE_SOURCE_TABLE, VALIDATED_VIEW, bounded_event_time, usage_source_ddl, usage_value_columns, validate_query
+from jobs.source_plan import (
+    BOUNDED_TIME,
+    USAGE_SOURCE_TABLE,
+    VALIDATED_VIEW,
+    bounded_event_time,
+    usage_source_ddl,
+    usage_value_columns,
+    validate_query,
+)
 from jobs.sql import sql_string
 from meterflow.config import load_config
 
@@ -38,7 +46,11 @@ def _reset(table_env) -> None:
 def _literal_row(case: str, event: dict | None, error: str | None) -> str:
     """A row as the format emits it: the fields (all NULL when it cannot decode), decode_error, payload."""
     if event is None:
-        fields = ["CAST(NULL AS STRING)"] * 4 + ["CAST(NULL AS DECIMAL(38, 9))", "CAST(NULL AS TIMESTAMP(3))", "CAST(NULL AS MAP<STRING, STRING>)"]
+        fields = ["CAST(NULL AS STRING)"] * 4 + [
+            "CAST(NULL AS DECIMAL(38, 9))",
+            "CAST(NULL AS TIMESTAMP(3))",
+            "CAST(NULL AS MAP<STRING, STRING>)",
+        ]
     else:
         ts = event["event_time"].strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         dims = ", ".join(f"{sql_string(k)}, {sql_string(v)}" for k, v in event["dimensions"].items())
@@ -56,7 +68,10 @@ def _stand_in_source(table_env, cfg, records: list[tuple[str, dict | None, str |
     ``records``: (name, event, decode error, Kafka offset, Kafka timestamp in epoch ms); the name is the payload.
     The plausible event time is judged against ``PRODUCED``, whatever each record's timestamp.
     """
-    rows = ", ".join(f"{_literal_row(name, event, error)[:-1]}, CAST({offset} AS BIGINT), CAST({ts} AS BIGINT))" for name, event, error, offset, ts in records)
+    rows = ", ".join(
+        f"{_literal_row(name, event, error)[:-1]}, CAST({offset} AS BIGINT), CAST({ts} AS BIGINT))"
+        for name, event, error, offset, ts in records
+    )
     names = ", ".join(f"`{c.name}`" for c in usage_value_columns())
     produced = f"TO_TIMESTAMP_LTZ({PRODUCED_MS}, 3)"
     _reset(table_env)
@@ -71,7 +86,9 @@ def _stand_in_source(table_env, cfg, records: list[tuple[str, dict | None, str |
 
 def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
     """Undecodable values, empty ids, unknown meters, forbidden negatives and absurd times are rejected; good ones pass exactly."""
-    cfg = load_config(write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={})
+    cfg = load_config(
+        write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={}
+    )
     cases = {
         "good": (GOOD, None),
         "credit": ({**GOOD, "event_id": "e2", "meter": "credits", "quantity": Decimal("-3")}, None),
@@ -111,7 +128,10 @@ def test_job_source_plans_with_the_format_and_no_decode_function(table_env, writ
     table_env.create_temporary_view(VALIDATED_VIEW, table_env.sql_query(validate_query(cfg)))
     # Translating to the execution plan asks the format for its runtime decoder (the column check).
     plan = table_env.sql_query(routed_query(cfg)).explain(ExplainDetail.JSON_EXECUTION_PLAN)
-    assert f"table=[[default_catalog, default_database, {USAGE_SOURCE_TABLE}, metadata=[value.error, value.raw, topic, partition, offset, timestamp], watermark=[" in plan
+    assert (
+        f"table=[[default_catalog, default_database, {USAGE_SOURCE_TABLE}, metadata=[value.error, value.raw, topic, partition, offset, timestamp], watermark=["
+        in plan
+    )
     # One Kafka source for the counted and the rejected side, and no decode anywhere but in it.
     assert plan.count('"pact" : "Data Source"') == 1
     assert "decode" not in plan.replace("decode_error", "")

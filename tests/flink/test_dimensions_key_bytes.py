@@ -14,7 +14,9 @@ from meterflow.corrections import dimensions_key
 
 pytestmark = [pytest.mark.flink]
 
-CFG = JobConfig.model_validate({"meters": [{"name": "tokens", "group_by": ["region", "model", "tier"]}, {"name": "api_calls"}]})
+CFG = JobConfig.model_validate(
+    {"meters": [{"name": "tokens", "group_by": ["region", "model", "tier"]}, {"name": "api_calls"}]}
+)
 DIMENSIONS = [
     {"region": "eu-west-1", "model": "gpt", "tier": "pro"},
     {"region": "eu", "model": 'say "hi"', "tier": "back\\slash"},

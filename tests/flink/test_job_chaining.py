@@ -68,7 +68,10 @@ def test_the_guard_sits_between_the_source_and_the_dedup(write_config):
     vertices = {v.getName(): v for v in _vertices(write_config, 1)}
 
     def producers(name: str) -> list[tuple[str, str]]:
-        return [(edge.getSource().getProducer().getName(), edge.getShipStrategyName()) for edge in vertices[name].getInputs()]
+        return [
+            (edge.getSource().getProducer().getName(), edge.getShipStrategyName())
+            for edge in vertices[name].getInputs()
+        ]
 
     (source,) = [n for n in vertices if n.startswith("Source: KafkaSource")]
     (guard,) = [n for n in vertices if n.startswith("guard window limits")]
@@ -92,9 +95,13 @@ def test_the_classified_view_is_the_routed_columns_then_the_decision(write_confi
     schema = t_env.from_path(CLASSIFIED_VIEW).get_resolved_schema()
     assert tuple(schema.get_column_names()) == (*CLASSIFIED_COLUMNS, "rowtime")
     types = dict(zip(schema.get_column_names(), (str(t) for t in schema.get_column_data_types()), strict=True))
-    assert types["watermark"] == types["window_end"] and types["lateness_ms"] == "BIGINT" and types["is_late"] == "BOOLEAN", types
+    assert (
+        types["watermark"] == types["window_end"] and types["lateness_ms"] == "BIGINT" and types["is_late"] == "BOOLEAN"
+    ), types
     # One time attribute: the rowtime carried in the records; event_time stays a plain timestamp.
-    assert schema._j_resolved_schema.toString().count("*ROWTIME*") == 1 and types["event_time"] == types["window_end"], types
+    assert (
+        schema._j_resolved_schema.toString().count("*ROWTIME*") == 1 and types["event_time"] == types["window_end"]
+    ), types
     assert schema.get_column_data_types()[schema.get_column_names().index("watermark")].precision == 3
 
 

@@ -21,13 +21,17 @@ def _plan(table_env, ddl: str) -> str:
     table_env.execute_sql(ddl)
     try:
         # Translating to the execution plan creates the format's runtime decoder.
-        return table_env.sql_query(f"SELECT `event_id`, `decode_error` FROM `{USAGE_SOURCE_TABLE}`").explain(ExplainDetail.JSON_EXECUTION_PLAN)
+        return table_env.sql_query(f"SELECT `event_id`, `decode_error` FROM `{USAGE_SOURCE_TABLE}`").explain(
+            ExplainDetail.JSON_EXECUTION_PLAN
+        )
     finally:
         table_env.execute_sql(f"DROP TABLE IF EXISTS `{USAGE_SOURCE_TABLE}`")
 
 
 def test_the_registry_option_reaches_the_format(table_env, write_config):
-    cfg = load_config(write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\n  schema_registry_url: {URL}\n"), environ={})
+    cfg = load_config(
+        write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\n  schema_registry_url: {URL}\n"), environ={}
+    )
     ddl = usage_source_ddl(cfg)
     assert f"'{SCHEMA_REGISTRY_URL_OPTION}' = '{URL}'" in ddl
     assert '"pact" : "Data Source"' in _plan(table_env, ddl)

@@ -54,7 +54,9 @@ class ValueFinder:
             return
         if isinstance(obj, (str, int, float, bool, Decimal)):
             # Py4J hands boxed numbers, BigDecimals (the window guard's sum limit) and strings over as Python values.
-            if (isinstance(obj, (int, Decimal)) and obj == self.value) or (isinstance(obj, str) and str(self.value) in obj):
+            if (isinstance(obj, (int, Decimal)) and obj == self.value) or (
+                isinstance(obj, str) and str(self.value) in obj
+            ):
                 yield path
             return
         identity = self.jvm.System.identityHashCode(obj)

@@ -45,7 +45,14 @@ def _load_events(table_env, cfg, events, directory) -> None:
 def test_window_totals_equal_oracle(table_env, tmp_path, write_config):
     """Every (tenant, customer, meter, window) total from the job's SQL equals an independent sum."""
     cfg = load_config(write_config("event_time:\n  window_size: 1m\n  watermark_delay: 2s\n"), environ={})
-    spec = SyntheticSpec(count=4000, tenants=3, customers=4, start=datetime(2026, 5, 1, 12, 0, tzinfo=UTC), span=timedelta(minutes=7), seed=11)
+    spec = SyntheticSpec(
+        count=4000,
+        tenants=3,
+        customers=4,
+        start=datetime(2026, 5, 1, 12, 0, tzinfo=UTC),
+        span=timedelta(minutes=7),
+        seed=11,
+    )
     events = list(synthetic_events(spec))
     _load_events(table_env, cfg, events, tmp_path / "events")
     keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
@@ -115,12 +122,31 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
         at = start + timedelta(milliseconds=rng.randrange(180_000))
         # Some ids hold the characters an encoding of the LATEST tie-break could trip on.
         event_id = f"e|{i}|" if i % 7 == 0 else (f"e{i // 10}" + "|" * (i % 3) if i % 11 == 0 else f"e{i}")
-        events.append({"event_id": event_id, "tenant_id": "t", "customer_id": f"c{rng.randrange(3)}", "meter": meter,
-                       "quantity": Decimal(rng.randint(1, 10_000)).scaleb(-2), "event_time": at, "dimensions": dims})
+        events.append(
+            {
+                "event_id": event_id,
+                "tenant_id": "t",
+                "customer_id": f"c{rng.randrange(3)}",
+                "meter": meter,
+                "quantity": Decimal(rng.randint(1, 10_000)).scaleb(-2),
+                "event_time": at,
+                "dimensions": dims,
+            }
+        )
     # LATEST ties at the window's last millisecond: the greatest id wins, "tie|b" > "tie|" > "tie".
     last = start + timedelta(milliseconds=59_999)
     for event_id, quantity in (("tie|b", "7"), ("tie", "5"), ("tie|", "6")):
-        events.append({"event_id": event_id, "tenant_id": "t", "customer_id": "c0", "meter": "storage_gb", "quantity": Decimal(quantity), "event_time": last, "dimensions": {}})
+        events.append(
+            {
+                "event_id": event_id,
+                "tenant_id": "t",
+                "customer_id": "c0",
+                "meter": "storage_gb",
+                "quantity": Decimal(quantity),
+                "event_time": last,
+                "dimensions": {},
+            }
+        )
     events.sort(key=lambda e: e["event_time"])
     _load_events(table_env, cfg, events, tmp_path / "events")
     keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
@@ -132,10 +158,23 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
     groups = defaultdict(list)
     for e in events:
         dims = {d: e["dimensions"].get(d, "") for d in ("model", "region")} if e["meter"] == "tokens" else None
-        key = (e["customer_id"], e["meter"], dims and json.dumps(dims, sort_keys=True, separators=(",", ":")), window_bounds(e["event_time"], timedelta(minutes=1))[0].replace(tzinfo=None))
+        key = (
+            e["customer_id"],
+            e["meter"],
+            dims and json.dumps(dims, sort_keys=True, separators=(",", ":")),
+            window_bounds(e["event_time"], timedelta(minutes=1))[0].replace(tzinfo=None),
+        )
         groups[key].append(e)
     assert len(got) == len(groups)
-    canonical = {(k[0], k[1], None if k[2] == "{}" else json.dumps(json.loads(k[2]), sort_keys=True, separators=(",", ":")), k[3]): v for k, v in got.items()}
+    canonical = {
+        (
+            k[0],
+            k[1],
+            None if k[2] == "{}" else json.dumps(json.loads(k[2]), sort_keys=True, separators=(",", ":")),
+            k[3],
+        ): v
+        for k, v in got.items()
+    }
     for (customer, meter, dims, start_), members in groups.items():
         quantity, count = canonical[(customer, meter, dims, start_)]
         assert quantity == _oracle(meter, members), (customer, meter, dims, start_)

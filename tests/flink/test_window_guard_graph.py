@@ -16,7 +16,13 @@ from decimal import Decimal
 import pytest
 
 from connectors.avro_types import derive_nullable_columns, load_schema
-from jobs.plan import BOUNDED_PAYLOAD_FUNCTION, CLASSIFIED_VIEW, COUNT_DEAD_LETTER_FUNCTION, dead_letter_insert, window_changelog_query
+from jobs.plan import (
+    BOUNDED_PAYLOAD_FUNCTION,
+    CLASSIFIED_VIEW,
+    COUNT_DEAD_LETTER_FUNCTION,
+    dead_letter_insert,
+    window_changelog_query,
+)
 from jobs.source_plan import BOUNDED_TIME, USAGE_SOURCE_TABLE, VALIDATED_VIEW, bounded_event_time, validate_query
 from jobs.sql import sql_interval
 from meterflow.config import load_config
@@ -38,8 +44,15 @@ meters:
 
 
 def _event(n: int, model: str, quantity: str, at: timedelta) -> dict:
-    return {"event_id": f"e{n}", "tenant_id": "t1", "customer_id": "c1", "meter": "tokens", "quantity": Decimal(quantity),
-            "event_time": START + at, "dimensions": {"model": model, "region": "eu"}}
+    return {
+        "event_id": f"e{n}",
+        "tenant_id": "t1",
+        "customer_id": "c1",
+        "meter": "tokens",
+        "quantity": Decimal(quantity),
+        "event_time": START + at,
+        "dimensions": {"model": model, "region": "eu"},
+    }
 
 
 EVENTS = [
@@ -56,8 +69,13 @@ REFUSED_OFFSETS = (3, 6)
 
 def _json_line(event: dict, offset: int) -> str:
     at = event["event_time"]
-    row = {**event, "quantity": "QUANTITY", "event_time": at.strftime("%Y-%m-%d %H:%M:%S.") + f"{at.microsecond // 1000:03d}",
-           "source_offset": offset, "kafka_ms": int(at.timestamp() * 1000) + 1_000}
+    row = {
+        **event,
+        "quantity": "QUANTITY",
+        "event_time": at.strftime("%Y-%m-%d %H:%M:%S.") + f"{at.microsecond // 1000:03d}",
+        "source_offset": offset,
+        "kafka_ms": int(at.timestamp() * 1000) + 1_000,
+    }
     # The quantity as a bare JSON number, parsed exactly (never through a float).
     return json.dumps(row).replace('"QUANTITY"', str(event["quantity"]))
 
@@ -124,4 +142,6 @@ def test_the_guards_refusals_take_the_dead_letter_insert(guarded_job):
     select = dead_letter_insert(cfg).split("\n", 1)[1]
     with t_env.execute_sql(select).collect() as results:
         letters = sorted((tuple(r) for r in results), key=lambda r: r[4])
-    assert [(bytes(r[0]), r[1].split(":")[0], r[2], r[3], r[4]) for r in letters] == [(b"e4", "dimension combinations", "usage-in", 0, o) for o in REFUSED_OFFSETS]
+    assert [(bytes(r[0]), r[1].split(":")[0], r[2], r[3], r[4]) for r in letters] == [
+        (b"e4", "dimension combinations", "usage-in", 0, o) for o in REFUSED_OFFSETS
+    ]

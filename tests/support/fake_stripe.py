@@ -90,7 +90,9 @@ class FakeStripe:
     session_ttl: float = 900.0  # seconds a v2 meter event session lives (Stripe: 15 minutes)
     known_customers: set[str] | None = None  # the account's customers, when the v2 stream should check them
     accepted: dict[str, AcceptedEvent] = field(default_factory=dict)
-    events: list[AcceptedEvent] = field(default_factory=list)  # every accepted event, a second one under a forgotten identifier too
+    events: list[AcceptedEvent] = field(
+        default_factory=list
+    )  # every accepted event, a second one under a forgotten identifier too
     requests: list[RequestRecord] = field(default_factory=list)
     held: threading.Event = field(default_factory=threading.Event)
     _faults: deque[Fault] = field(default_factory=deque)
@@ -162,7 +164,7 @@ class FakeStripe:
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path.startswith("/v2/"):
                     arrived = fake.stream.identifiers(self.path, body)
@@ -179,7 +181,7 @@ class FakeStripe:
                     with fake._lock:
                         fake.in_flight -= 1
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 if fake.latency:
                     time.sleep(fake.latency)
                 fake._handle_get(self)
@@ -223,23 +225,33 @@ class FakeStripe:
         if handler.path.startswith("/v2/"):
             return self.stream.handle_post(handler, body)
         if handler.path.split("?")[0] != "/v1/billing/meter_events":
-            return self._answer(handler, 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}})
+            return self._answer(
+                handler,
+                404,
+                {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}},
+            )
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
         identifier, key = form.get("identifier"), handler.headers.get("Idempotency-Key")
         fault = self._next_fault()
         if fault is not None and fault.kind == "status":
             self.requests.append(RequestRecord(identifier, key, f"rejected-{fault.status}"))
             headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
-            return self._answer(handler, fault.status, {"error": {"type": "api_error", "message": f"injected {fault.status}"}}, headers)
+            return self._answer(
+                handler, fault.status, {"error": {"type": "api_error", "message": f"injected {fault.status}"}}, headers
+            )
         problem = self._invalid(form)
         if problem:
             self.requests.append(RequestRecord(identifier, key, "invalid"))
             return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": problem}})
         status, response, outcome = self._accept(form, key)
         self.requests.append(RequestRecord(identifier, key, outcome if fault is None else FAULT_OUTCOMES[fault.kind]))
-        return self._finish(handler, fault, status, response, {"Idempotent-Replayed": "true"} if outcome == "replayed" else {})
+        return self._finish(
+            handler, fault, status, response, {"Idempotent-Replayed": "true"} if outcome == "replayed" else {}
+        )
 
-    def _finish(self, handler: BaseHTTPRequestHandler, fault: Fault | None, status: int, body: dict, headers: dict[str, str]) -> None:
+    def _finish(
+        self, handler: BaseHTTPRequestHandler, fault: Fault | None, status: int, body: dict, headers: dict[str, str]
+    ) -> None:
         """Answer an accepted request as its fault says: at once, after a delay, or never (the
         connection dropped at once, or once a held request is released)."""
         if fault is None:
@@ -263,25 +275,60 @@ class FakeStripe:
             with self._lock:
                 self.meter_lists += 1
                 names = sorted(set(self.event_names) | {e.event_name for e in self.events})
-            meters = [{"object": "billing.meter", "id": f"mtr_{n}", "event_name": n, "status": "active", "livemode": False} for n in names]
+            meters = [
+                {"object": "billing.meter", "id": f"mtr_{n}", "event_name": n, "status": "active", "livemode": False}
+                for n in names
+            ]
             return self._answer(handler, 200, {"object": "list", "url": path, "has_more": False, "data": meters})
         parts = path.strip("/").split("/")
         if len(parts) == 5 and parts[:3] == ["v1", "billing", "meters"] and parts[4] == "event_summaries":
             missing = [p for p in ("customer", "start_time", "end_time") if p not in params]
             if missing:
-                return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": f"Missing required param: {missing[0]}."}})
+                return self._answer(
+                    handler,
+                    400,
+                    {"error": {"type": "invalid_request_error", "message": f"Missing required param: {missing[0]}."}},
+                )
             start, end = int(params["start_time"]), int(params["end_time"])
             if start % 60 or end % 60:
-                return self._answer(handler, 400, {"error": {"type": "invalid_request_error", "message": "start_time and end_time must be aligned with minute boundaries"}})
+                return self._answer(
+                    handler,
+                    400,
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "message": "start_time and end_time must be aligned with minute boundaries",
+                        }
+                    },
+                )
             total = self.total(parts[3].removeprefix("mtr_"), params["customer"], start, end)
-            summary = {"object": "billing.meter_event_summary", "id": f"mtrusg_{start}", "aggregated_value": float(total), "start_time": start, "end_time": end, "meter": parts[3], "livemode": False}
+            summary = {
+                "object": "billing.meter_event_summary",
+                "id": f"mtrusg_{start}",
+                "aggregated_value": float(total),
+                "start_time": start,
+                "end_time": end,
+                "meter": parts[3],
+                "livemode": False,
+            }
             return self._answer(handler, 200, {"object": "list", "url": path, "has_more": False, "data": [summary]})
-        return self._answer(handler, 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}})
+        return self._answer(
+            handler,
+            404,
+            {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({handler.path})"}},
+        )
 
     def total(self, event_name: str, customer: str, start: int, end: int) -> Decimal:
         """Sum of the accepted events' values of one customer and event name with a timestamp in [start, end)."""
         with self._lock:
-            return sum((e.value for e in self.events if e.event_name == event_name and e.customer == customer and start <= e.timestamp < end), Decimal(0))
+            return sum(
+                (
+                    e.value
+                    for e in self.events
+                    if e.event_name == event_name and e.customer == customer and start <= e.timestamp < end
+                ),
+                Decimal(0),
+            )
 
     def _invalid(self, form: dict[str, str]) -> str | None:
         for required in ("event_name", "payload[stripe_customer_id]", "payload[value]"):
@@ -319,16 +366,36 @@ class FakeStripe:
             if key is not None and key in self._by_key and now - self._key_seen[key] < DEDUP_WINDOW_S:
                 first_form, first_response = self._by_key[key]
                 if first_form != canonical:
-                    return 400, {"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}}, "idempotency-error"
+                    return (
+                        400,
+                        {
+                            "error": {
+                                "type": "idempotency_error",
+                                "message": "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                            }
+                        },
+                        "idempotency-error",
+                    )
                 return 200, json.loads(first_response), "replayed"
             identifier = form.get("identifier") or f"gen-{self._counter}"
             self._counter += 1
             request_id = f"req_fake_{self._counter}"
             previous = self.accepted.get(identifier)
-            outcome = "duplicate" if previous is not None and now - previous.accepted_at < DEDUP_WINDOW_S else "accepted"
+            outcome = (
+                "duplicate" if previous is not None and now - previous.accepted_at < DEDUP_WINDOW_S else "accepted"
+            )
             ts = int(form.get("timestamp") or now)
             if outcome == "accepted":
-                event = AcceptedEvent(identifier, key, form["event_name"], form["payload[stripe_customer_id]"], Decimal(form["payload[value]"]), ts, now, request_id)
+                event = AcceptedEvent(
+                    identifier,
+                    key,
+                    form["event_name"],
+                    form["payload[stripe_customer_id]"],
+                    Decimal(form["payload[value]"]),
+                    ts,
+                    now,
+                    request_id,
+                )
                 if previous is not None:
                     outcome = "accepted-again"  # the identifier was forgotten: billed twice
                 self.accepted[identifier] = event
@@ -342,7 +409,9 @@ class FakeStripe:
                 self._key_seen[key] = now
             return 200, response, outcome
 
-    def _answer(self, handler: BaseHTTPRequestHandler, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    def _answer(
+        self, handler: BaseHTTPRequestHandler, status: int, body: dict, headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(body).encode()
         with self._lock:
             self._counter += 1
@@ -365,7 +434,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds every answer waits")
-    parser.add_argument("--fail-status", type=int, default=None, help="answer every meter event with this status (e.g. 503)")
+    parser.add_argument(
+        "--fail-status", type=int, default=None, help="answer every meter event with this status (e.g. 503)"
+    )
     parser.add_argument("--retry-after", type=float, default=None, help="Retry-After of those failures, seconds")
     args = parser.parse_args()
     fake = FakeStripe(latency=args.latency)

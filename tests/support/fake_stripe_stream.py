@@ -67,7 +67,14 @@ class StreamEndpoints:
             token = f"mes_tok_fake_{fake._counter}"
             now = fake.clock()
             self.sessions[token] = now + fake.session_ttl
-        body = {"object": "v2.billing.meter_event_session", "id": f"mes_fake_{token[-6:]}", "authentication_token": token, "created": _iso(now), "expires_at": _iso(now + fake.session_ttl), "livemode": False}
+        body = {
+            "object": "v2.billing.meter_event_session",
+            "id": f"mes_fake_{token[-6:]}",
+            "authentication_token": token,
+            "created": _iso(now),
+            "expires_at": _iso(now + fake.session_ttl),
+            "livemode": False,
+        }
         fake._answer(handler, 200, body)
 
     def _stream(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
@@ -77,13 +84,21 @@ class StreamEndpoints:
         if expires is None:
             return self._error(handler, 401, "authentication_error", "Invalid meter event session token.")
         if fake.clock() >= expires:
-            return self._error(handler, 401, "temporary_session_expired", "The meter event session has expired; create a new one.", code="billing_meter_event_session_expired")
+            return self._error(
+                handler,
+                401,
+                "temporary_session_expired",
+                "The meter event session has expired; create a new one.",
+                code="billing_meter_event_session_expired",
+            )
         try:
             events = json.loads(body or b"{}").get("events")
         except (json.JSONDecodeError, AttributeError):
             events = None
         if not isinstance(events, list) or not 1 <= len(events) <= MAX_EVENTS:
-            return self._error(handler, 400, "invalid_request_error", f"events: between 1 and {MAX_EVENTS} events per request")
+            return self._error(
+                handler, 400, "invalid_request_error", f"events: between 1 and {MAX_EVENTS} events per request"
+            )
         identifiers = [str(e.get("identifier", "")) if isinstance(e, dict) else "" for e in events]
         with fake._lock:
             fake._counter += 1
@@ -112,7 +127,13 @@ class StreamEndpoints:
             return f"reported-{code}"
         payload = event["payload"]
         ts = int(datetime.fromisoformat(event["timestamp"]).timestamp())
-        form = {"identifier": event["identifier"], "event_name": event["event_name"], "payload[stripe_customer_id]": payload["stripe_customer_id"], "payload[value]": payload["value"], "timestamp": str(ts)}
+        form = {
+            "identifier": event["identifier"],
+            "event_name": event["event_name"],
+            "payload[stripe_customer_id]": payload["stripe_customer_id"],
+            "payload[value]": payload["value"],
+            "timestamp": str(ts),
+        }
         _, _, outcome = fake._accept(form, None)
         if outcome != "duplicate":
             with fake._lock:
@@ -168,13 +189,34 @@ class StreamEndpoints:
         if path != "/v2/core/events":
             return self._error(handler, 404, "invalid_request_error", f"Unrecognized request URL ({handler.path})")
         with self.fake._lock:
-            data = [r for r in reversed(self.reports) if "object_id" not in params or r["related_object"]["id"] == params["object_id"]]
+            data = [
+                r
+                for r in reversed(self.reports)
+                if "object_id" not in params or r["related_object"]["id"] == params["object_id"]
+            ]
         # Newest first, a page at a time, as Stripe lists events.
         page = int(params.get("page", "0"))
         size = self.page_size
-        more = f"/v2/core/events?object_id={params.get('object_id', '')}&page={page + 1}" if len(data) > (page + 1) * size else None
-        return self.fake._answer(handler, 200, {"data": data[page * size : (page + 1) * size], "next_page_url": more, "previous_page_url": None})
+        more = (
+            f"/v2/core/events?object_id={params.get('object_id', '')}&page={page + 1}"
+            if len(data) > (page + 1) * size
+            else None
+        )
+        return self.fake._answer(
+            handler,
+            200,
+            {"data": data[page * size : (page + 1) * size], "next_page_url": more, "previous_page_url": None},
+        )
 
-    def _error(self, handler: BaseHTTPRequestHandler, status: int, kind: str, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def _error(
+        self,
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        kind: str,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         error = {"type": kind, "message": message, **({"code": code} if code else {})}
         self.fake._answer(handler, status, {"error": error}, headers)

@@ -34,7 +34,9 @@ def test_promtool_check_rules():
 
 def test_promtool_rule_unit_tests():
     """`promtool test rules ops/alerts_test.yml`: each alert fires on its input series and stays quiet otherwise."""
-    r = subprocess.run([_promtool(), "test", "rules", ALERT_TESTS.name], capture_output=True, text=True, check=False, cwd=ALERTS.parent)
+    r = subprocess.run(
+        [_promtool(), "test", "rules", ALERT_TESTS.name], capture_output=True, text=True, check=False, cwd=ALERTS.parent
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -6,13 +6,33 @@ from decimal import Decimal
 
 import pytest
 
-from bench.dataset import CLOSER_TENANT, DatasetSpec, Oracle, Record, closers, compare, decimal_to_nanos, generate, partition_of, to_usage_event
+from bench.dataset import (
+    CLOSER_TENANT,
+    DatasetSpec,
+    Oracle,
+    Record,
+    closers,
+    compare,
+    decimal_to_nanos,
+    generate,
+    partition_of,
+    to_usage_event,
+)
 from bench.produce import split_partitions
 from bench.report import evaluate_targets, render_markdown
 from bench.stats import Sample, percentile, steady_throughput, throughput, visibility_latencies
 
 WINDOW = 60_000
-SPEC = DatasetSpec(events=20_000, tenants=3, customers=7, duplicate_ratio=0.1, late_ratio=0.01, partitions=3, start_ms=1_700_000_000_000 - 1_700_000_000_000 % WINDOW, span_ms=1_800_000)
+SPEC = DatasetSpec(
+    events=20_000,
+    tenants=3,
+    customers=7,
+    duplicate_ratio=0.1,
+    late_ratio=0.01,
+    partitions=3,
+    start_ms=1_700_000_000_000 - 1_700_000_000_000 % WINDOW,
+    span_ms=1_800_000,
+)
 
 
 def _oracle(spec: DatasetSpec = SPEC) -> Oracle:
@@ -36,7 +56,11 @@ def test_generate_mixes_duplicates_and_late_events_in_the_requested_shares():
     ids = [r.event_id for r in records]
     duplicates = len(ids) - len(set(ids))
     assert 0.08 * SPEC.events < duplicates < 0.12 * SPEC.events
-    behind = [j for j, r in enumerate(records) if r.event_time_ms < SPEC.start_ms + SPEC.span_ms * j // SPEC.events - SPEC.late_by_ms]
+    behind = [
+        j
+        for j, r in enumerate(records)
+        if r.event_time_ms < SPEC.start_ms + SPEC.span_ms * j // SPEC.events - SPEC.late_by_ms
+    ]
     assert 0.005 * SPEC.events < len(behind) < 0.015 * SPEC.events
     # From the second window on, not only once the stream is late_by_ms old: a prefix has late events too.
     first_late_position = SPEC.span_ms * behind[0] // SPEC.events
@@ -51,7 +75,11 @@ def test_oracle_fates_add_up_and_match_the_generated_kinds():
     assert totals.counted + totals.duplicates + totals.late == SPEC.events
     records = list(generate(SPEC))
     assert totals.duplicates == len(records) - len({r.event_id for r in records})
-    expected_late = sum(1 for j, r in enumerate(records) if r.event_time_ms < SPEC.start_ms + SPEC.span_ms * j // SPEC.events - SPEC.late_by_ms)
+    expected_late = sum(
+        1
+        for j, r in enumerate(records)
+        if r.event_time_ms < SPEC.start_ms + SPEC.span_ms * j // SPEC.events - SPEC.late_by_ms
+    )
     assert totals.late == expected_late
     assert sum(count for _, count in totals.windows.values()) == totals.counted
 
@@ -112,7 +140,13 @@ def test_compare_reports_each_kind_of_difference():
 
 def test_throughput_excludes_startup_and_uses_consumed_difference():
     """Rate is measured from the first sample with progress to the first at the total."""
-    samples = [Sample(0, 0, 0.0, 100), Sample(10, 0, 5.0, 100), Sample(11, 1_000, 6.0, 300), Sample(13, 5_000, 8.0, 200), Sample(14, 5_000, 9.0, 900)]
+    samples = [
+        Sample(0, 0, 0.0, 100),
+        Sample(10, 0, 5.0, 100),
+        Sample(11, 1_000, 6.0, 300),
+        Sample(13, 5_000, 8.0, 200),
+        Sample(14, 5_000, 9.0, 900),
+    ]
     t = throughput(samples, 5_000)
     assert t is not None
     assert t.events == 4_000 and t.seconds == 2
@@ -128,11 +162,21 @@ def test_throughput_is_none_when_the_total_was_never_reached():
 
 def test_steady_throughput_starts_at_half_the_total():
     """The second half alone: a slow, CPU-heavy start (JIT compilation) does not count."""
-    samples = [Sample(0, 0, 0.0, 1), Sample(1, 1_000, 4.0, 1), Sample(2, 2_000, 8.0, 1), Sample(3, 6_000, 10.0, 5), Sample(4, 10_000, 12.0, 2)]
+    samples = [
+        Sample(0, 0, 0.0, 1),
+        Sample(1, 1_000, 4.0, 1),
+        Sample(2, 2_000, 8.0, 1),
+        Sample(3, 6_000, 10.0, 5),
+        Sample(4, 10_000, 12.0, 2),
+    ]
     whole, steady = throughput(samples, 10_000), steady_throughput(samples, 10_000)
     assert whole is not None and steady is not None
     assert whole.events_per_s == 3_000
-    assert (steady.events, steady.seconds, steady.events_per_s) == (4_000, 1, 4_000)  # from 6,000 (first sample at >= 5,000)
+    assert (steady.events, steady.seconds, steady.events_per_s) == (
+        4_000,
+        1,
+        4_000,
+    )  # from 6,000 (first sample at >= 5,000)
     assert steady.cpu_s_per_million == pytest.approx(500)
     assert steady.peak_rss_bytes == 5
     assert steady_throughput(samples[:3], 10_000) is None
@@ -160,18 +204,71 @@ def test_split_partitions_covers_each_partition_once():
     assert split_partitions(1, 2) == [(0,)]
 
 
-def _results(mf1: float, a: float, b: float, ceiling: float, p99: float, correct: bool = True, cpu: float = 10.0) -> dict:
-    comparison = {"expected_windows": 10, "actual_windows": 10, "missing": 0, "unexpected": 0, "different": 0 if correct else 2, "examples": []}
+def _results(
+    mf1: float, a: float, b: float, ceiling: float, p99: float, correct: bool = True, cpu: float = 10.0
+) -> dict:
+    comparison = {
+        "expected_windows": 10,
+        "actual_windows": 10,
+        "missing": 0,
+        "unexpected": 0,
+        "different": 0 if correct else 2,
+        "examples": [],
+    }
 
     def entry(name, p, rate, checked=True):
-        return {"name": name, "parallelism": p, "records": 1000, "events_per_s": rate, "cpu_s_per_million": cpu, "correct": (correct if name == "meterflow" else True) if checked else None, "comparison": comparison}
+        return {
+            "name": name,
+            "parallelism": p,
+            "records": 1000,
+            "events_per_s": rate,
+            "cpu_s_per_million": cpu,
+            "correct": (correct if name == "meterflow" else True) if checked else None,
+            "comparison": comparison,
+        }
 
     return {
         "run": {"started": "now", "command": "bench/run", "duration_s": 60},
         "machine": {"cpu_model": "cpu", "nproc": 2, "memory_gib": 1.0, "os": "Linux", "versions": {"Flink": "2.3.0"}},
-        "dataset": {"records": 1000, "unique": 900, "duplicates": 90, "late": 7, "closers": 3, "windows": 10, "partitions": 3, "tenants": 1, "customers": 1, "meters": 2, "span_s": 600, "window_s": 60, "late_by_s": 600, "produce_s": 2},
-        "pipelines": [entry("ceiling", 1, ceiling, False), entry("meterflow", 1, mf1), entry("baseline A", 1, a), entry("baseline B", 1, b)],
-        "freshness": {"p50_s": p99 / 2, "p90_s": p99, "p99_s": p99, "max_s": p99, "visible": 100, "never_visible": 0, "events": 100, "parallelism": 1, "early_fire": "1s", "rate": 100.0, "seconds": 1.0, "achieved_rate": 100.0, "poll_interval_s": 0.1, "mean_poll_s": 0.01, "workers": 2},
+        "dataset": {
+            "records": 1000,
+            "unique": 900,
+            "duplicates": 90,
+            "late": 7,
+            "closers": 3,
+            "windows": 10,
+            "partitions": 3,
+            "tenants": 1,
+            "customers": 1,
+            "meters": 2,
+            "span_s": 600,
+            "window_s": 60,
+            "late_by_s": 600,
+            "produce_s": 2,
+        },
+        "pipelines": [
+            entry("ceiling", 1, ceiling, False),
+            entry("meterflow", 1, mf1),
+            entry("baseline A", 1, a),
+            entry("baseline B", 1, b),
+        ],
+        "freshness": {
+            "p50_s": p99 / 2,
+            "p90_s": p99,
+            "p99_s": p99,
+            "max_s": p99,
+            "visible": 100,
+            "never_visible": 0,
+            "events": 100,
+            "parallelism": 1,
+            "early_fire": "1s",
+            "rate": 100.0,
+            "seconds": 1.0,
+            "achieved_rate": 100.0,
+            "poll_interval_s": 0.1,
+            "mean_poll_s": 0.01,
+            "workers": 2,
+        },
     }
 
 
@@ -179,7 +276,12 @@ def test_targets_follow_the_measured_figures():
     """Each target is judged from the run's own numbers."""
     met = {t.name: t.met for t in evaluate_targets(_results(mf1=120_000, a=10_000, b=5_000, ceiling=300_000, p99=1.5))}
     assert all(met.values())
-    missed = {t.name: t.met for t in evaluate_targets(_results(mf1=40_000, a=10_000, b=4_000, ceiling=400_000, p99=2.5, correct=False, cpu=10.5))}
+    missed = {
+        t.name: t.met
+        for t in evaluate_targets(
+            _results(mf1=40_000, a=10_000, b=4_000, ceiling=400_000, p99=2.5, correct=False, cpu=10.5)
+        )
+    }
     assert missed["throughput per task slot"] is False
     assert missed["CPU per million events (p=1)"] is False
     assert missed["vs baseline A (p=1)"] is False
@@ -194,7 +296,10 @@ def test_targets_follow_the_measured_figures():
 
 def test_report_shows_figures_mismatches_and_notes():
     """The Markdown names each pipeline's rate, flags a mismatch and includes the notes."""
-    text = render_markdown(_results(mf1=50_000, a=10_000, b=5_000, ceiling=400_000, p99=2.5, correct=False), notes="## What bounds it\nthe decoder")
+    text = render_markdown(
+        _results(mf1=50_000, a=10_000, b=5_000, ceiling=400_000, p99=2.5, correct=False),
+        notes="## What bounds it\nthe decoder",
+    )
     assert "| meterflow | 1 | 1,000 | 50,000 | n/a | n/a | 10.0 |" in text
     assert "2 different" in text
     assert "**not met**" in text
@@ -205,7 +310,10 @@ def test_parse_options_splits_on_the_first_equals_sign():
     """KEY=VALUE pairs become a mapping; a pair without '=' is refused."""
     from bench.private_stack import parse_options
 
-    assert parse_options(("python.execution-mode=thread", "a.b=x=y")) == {"python.execution-mode": "thread", "a.b": "x=y"}
+    assert parse_options(("python.execution-mode=thread", "a.b=x=y")) == {
+        "python.execution-mode": "thread",
+        "a.b": "x=y",
+    }
     with pytest.raises(ValueError):
         parse_options(("novalue",))
 

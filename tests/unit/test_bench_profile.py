@@ -35,7 +35,9 @@ def _write(path: Path, lines: list[str], mtime: float) -> Path:
 
 
 def test_merge_and_by_thread_share_samples_per_group(tmp_path):
-    a = _write(tmp_path / "tm-1.collapsed", ["[Source: x (1/2)#0 tid=1];read 6", "[C2 CompilerThre tid=9];compile 2"], 100)
+    a = _write(
+        tmp_path / "tm-1.collapsed", ["[Source: x (1/2)#0 tid=1];read 6", "[C2 CompilerThre tid=9];compile 2"], 100
+    )
     b = _write(tmp_path / "tm-2.collapsed", ["[Source: x (2/2)#0 tid=2];read 2"], 105)
     stacks = merge([a, b])
     assert by_thread(stacks) == [("Source: x", 8), ("C2 CompilerThre", 2)]
@@ -61,7 +63,9 @@ def test_chunks_between_picks_files_written_during_the_interval(tmp_path):
 
 
 def test_profile_pipeline_draws_a_png_and_returns_shares(tmp_path):
-    _write(tmp_path / "tm-1.collapsed", ["[Deduplicate[4] (1/1)#0 tid=3];process;get 3", "[GC Thread#0 tid=4];gc 1"], 100)
+    _write(
+        tmp_path / "tm-1.collapsed", ["[Deduplicate[4] (1/1)#0 tid=3];process;get 3", "[GC Thread#0 tid=4];gc 1"], 100
+    )
     image = tmp_path / "flame.png"
     shares = profile_pipeline(tmp_path, 99, 101, image, "test")
     assert shares == [("Deduplicate[4]", 0.75), ("GC Thread", 0.25)]
@@ -84,8 +88,31 @@ def test_report_lists_cpu_by_thread_and_links_the_flame_graph():
     results = {
         "run": {"started": "now", "command": "bench/run", "duration_s": 60},
         "machine": {"cpu_model": "cpu", "nproc": 2, "memory_gib": 1.0, "os": "Linux", "versions": {}},
-        "dataset": {"records": 10, "unique": 9, "duplicates": 1, "late": 0, "closers": 3, "windows": 1, "partitions": 3, "tenants": 1, "customers": 1, "meters": 1, "span_s": 60, "window_s": 60, "late_by_s": 600, "produce_s": 1},
-        "pipelines": [{"name": "meterflow", "parallelism": 1, "records": 10, "cpu_by_thread": [["C2 CompilerThre", 0.3], ["a | b", 0.1]], "flame_graph": "flamegraph-meterflow-p1.png"}],
+        "dataset": {
+            "records": 10,
+            "unique": 9,
+            "duplicates": 1,
+            "late": 0,
+            "closers": 3,
+            "windows": 1,
+            "partitions": 3,
+            "tenants": 1,
+            "customers": 1,
+            "meters": 1,
+            "span_s": 60,
+            "window_s": 60,
+            "late_by_s": 600,
+            "produce_s": 1,
+        },
+        "pipelines": [
+            {
+                "name": "meterflow",
+                "parallelism": 1,
+                "records": 10,
+                "cpu_by_thread": [["C2 CompilerThre", 0.3], ["a | b", 0.1]],
+                "flame_graph": "flamegraph-meterflow-p1.png",
+            }
+        ],
     }
     text = render_markdown(results)
     assert "![flame graph: meterflow, parallelism 1](img/flamegraph-meterflow-p1.png)" in text

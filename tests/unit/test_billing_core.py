@@ -7,7 +7,13 @@ from decimal import Decimal
 
 import pytest
 
-from sinks.idempotency import MAX_IDENTIFIER_LENGTH, WindowKey, derive_identifier, format_meter_value, outside_provider_window
+from sinks.idempotency import (
+    MAX_IDENTIFIER_LENGTH,
+    WindowKey,
+    derive_identifier,
+    format_meter_value,
+    outside_provider_window,
+)
 from sinks.retry import BackoffPolicy, TokenBucket
 
 KEY = WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_660_000)
@@ -38,7 +44,17 @@ def test_identifier_differs_for_any_other_window(other):
 
 @pytest.mark.parametrize(
     ("quantity", "rounding", "value"),
-    [(Decimal("12.000000000"), "exact", "12"), (Decimal("12.5"), "half_up", "13"), (Decimal("12.1"), "ceil", "13"), (Decimal("12.9"), "floor", "12"), (Decimal("0"), "exact", "0"), (Decimal("12.500000000"), "decimal", "12.5"), (Decimal("1E+3"), "decimal", "1000"), (Decimal("-0.000000100"), "decimal", "-0.0000001"), (Decimal("7.000"), "decimal", "7")],
+    [
+        (Decimal("12.000000000"), "exact", "12"),
+        (Decimal("12.5"), "half_up", "13"),
+        (Decimal("12.1"), "ceil", "13"),
+        (Decimal("12.9"), "floor", "12"),
+        (Decimal("0"), "exact", "0"),
+        (Decimal("12.500000000"), "decimal", "12.5"),
+        (Decimal("1E+3"), "decimal", "1000"),
+        (Decimal("-0.000000100"), "decimal", "-0.0000001"),
+        (Decimal("7.000"), "decimal", "7"),
+    ],
 )
 def test_format_meter_value(quantity, rounding, value):
     """Provider values are exact decimal strings or whole numbers, rounded only as configured."""
@@ -73,7 +89,9 @@ def test_backoff_honours_retry_after():
     assert policy.next_delay(1, retry_after=60, rng=lambda: 0.0) == 10
 
 
-@pytest.mark.parametrize(("status", "retry"), [(None, True), (429, True), (500, True), (503, True), (400, False), (401, False), (404, False)])
+@pytest.mark.parametrize(
+    ("status", "retry"), [(None, True), (429, True), (500, True), (503, True), (400, False), (401, False), (404, False)]
+)
 def test_retryable_statuses(status, retry):
     """Timeouts, 429 and 5xx retry; client errors are final (dead letter)."""
     assert BackoffPolicy().is_retryable(status) is retry
@@ -127,8 +145,24 @@ def test_billing_and_corrections_judge_a_window_by_the_timestamp_its_events_carr
     now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
     start = now - timedelta(days=35, hours=1)
     end = start + timedelta(days=1)
-    closed = ClosedWindow("t", "c", "tokens", "{}", int(start.timestamp() * 1000), int(end.timestamp() * 1000), Decimal(1), 1, 1)
-    refused = delivery_refusal(window_delivery(closed, "mf"), MeterConfig(name="tokens"), "cus_1", now, timedelta(days=35), timedelta(minutes=5))
-    status, reason = decide_status(Decimal(1), WindowId("t", "c", "tokens", "{}", start.replace(tzinfo=None), end.replace(tzinfo=None)), CorrectionsConfig(), now, timedelta(days=35), timedelta(minutes=5))
+    closed = ClosedWindow(
+        "t", "c", "tokens", "{}", int(start.timestamp() * 1000), int(end.timestamp() * 1000), Decimal(1), 1, 1
+    )
+    refused = delivery_refusal(
+        window_delivery(closed, "mf"),
+        MeterConfig(name="tokens"),
+        "cus_1",
+        now,
+        timedelta(days=35),
+        timedelta(minutes=5),
+    )
+    status, reason = decide_status(
+        Decimal(1),
+        WindowId("t", "c", "tokens", "{}", start.replace(tzinfo=None), end.replace(tzinfo=None)),
+        CorrectionsConfig(),
+        now,
+        timedelta(days=35),
+        timedelta(minutes=5),
+    )
     assert refused is not None and "35 days" in refused
     assert status == "reported" and refused in reason

@@ -43,8 +43,16 @@ START_MS = int((NOW - timedelta(hours=1)).timestamp() * 1000)
 DAY = 86400.0
 
 
-def window(customer: str = "cust-1", meter: str = "tokens", quantity: str = "12.500", start_ms: int = START_MS, revision: int = 3) -> ClosedWindow:
-    return ClosedWindow("tenant-1", customer, meter, "{}", start_ms, start_ms + 60_000, Decimal(quantity), revision, revision)
+def window(
+    customer: str = "cust-1",
+    meter: str = "tokens",
+    quantity: str = "12.500",
+    start_ms: int = START_MS,
+    revision: int = 3,
+) -> ClosedWindow:
+    return ClosedWindow(
+        "tenant-1", customer, meter, "{}", start_ms, start_ms + 60_000, Decimal(quantity), revision, revision
+    )
 
 
 class FakeTime:
@@ -76,7 +84,9 @@ class MemoryLedger:
     carried: dict[tuple, Decimal] = field(default_factory=dict)  # (tenant, customer, meter, month) -> total
 
     def _entry(self, r: dict, claimed: bool) -> LedgerEntry:
-        corrections = [c for c in self.rows.values() if c["window_identifier"] == r["identifier"] and c["kind"] == "correction"]
+        corrections = [
+            c for c in self.rows.values() if c["window_identifier"] == r["identifier"] and c["kind"] == "correction"
+        ]
         w = r["delivery"].window
         return LedgerEntry(
             r["identifier"], r["kind"], r["status"], r["attempts"], r["quantity"], r["revision"], r["first_attempt_at"],
@@ -87,19 +97,30 @@ class MemoryLedger:
     async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
         now = self.t.now
         r = self.rows.get(delivery.identifier)
-        if r is None and delivery.kind == "window":  # a window's row is found by its key and span, whatever its identifier
+        if (
+            r is None and delivery.kind == "window"
+        ):  # a window's row is found by its key and span, whatever its identifier
             span = _span(delivery.window)
-            r = next((x for x in self.rows.values() if x["kind"] == "window" and _span(x["delivery"].window) == span), None)
+            r = next(
+                (x for x in self.rows.values() if x["kind"] == "window" and _span(x["delivery"].window) == span), None
+            )
         if r is None:
             r = self.rows[delivery.identifier] = {
                 "identifier": delivery.identifier, "kind": delivery.kind, "window_identifier": delivery.window_identifier, "delivery": delivery,
                 "quantity": delivery.quantity, "revision": delivery.revision, "status": "pending", "attempts": 0, "first_attempt_at": None,
                 "next_attempt_at": None, "claimed_by": None, "leased": False, "event_name": event_name, "value": None, "customer": None,
             }  # fmt: skip
-        claimable = r["status"] in ("pending", "failed") and (retry or r["next_attempt_at"] is None or r["next_attempt_at"] <= now or r["claimed_by"] != self.worker)
+        claimable = r["status"] in ("pending", "failed") and (
+            retry or r["next_attempt_at"] is None or r["next_attempt_at"] <= now or r["claimed_by"] != self.worker
+        )
         if not claimable:
             return self._entry(r, claimed=False)
-        r.update(first_attempt_at=r["first_attempt_at"] or now, next_attempt_at=now + self.lease, claimed_by=self.worker, leased=True)
+        r.update(
+            first_attempt_at=r["first_attempt_at"] or now,
+            next_attempt_at=now + self.lease,
+            claimed_by=self.worker,
+            leased=True,
+        )
         return self._entry(r, claimed=True)
 
     async def delivery(self, identifier: str) -> Delivery | None:
@@ -107,7 +128,16 @@ class MemoryLedger:
         return None if r is None else r["delivery"]
 
     async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        self.rows[identifier].update(status="sent", attempts=attempts, value=event.value, customer=event.provider_customer_id, event_name=event.event_name, response=response_id, next_attempt_at=None, leased=False)
+        self.rows[identifier].update(
+            status="sent",
+            attempts=attempts,
+            value=event.value,
+            customer=event.provider_customer_id,
+            event_name=event.event_name,
+            response=response_id,
+            next_attempt_at=None,
+            leased=False,
+        )
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
         r = self.rows[identifier]
@@ -121,11 +151,20 @@ class MemoryLedger:
 
     async def mark_rejected(self, identifier: str, reason: str) -> None:
         r = self.rows[identifier]
-        r.update(status="dead", error=reason, next_attempt_at=None, first_attempt_at=None if r["attempts"] == 0 else r["first_attempt_at"])
+        r.update(
+            status="dead",
+            error=reason,
+            next_attempt_at=None,
+            first_attempt_at=None if r["attempts"] == 0 else r["first_attempt_at"],
+        )
 
     async def defer(self, identifier: str, until: float) -> None:
         r = self.rows[identifier]
-        r.update(next_attempt_at=until if r["leased"] else max(until, r["next_attempt_at"] or 0), claimed_by=self.worker, leased=False)
+        r.update(
+            next_attempt_at=until if r["leased"] else max(until, r["next_attempt_at"] or 0),
+            claimed_by=self.worker,
+            leased=False,
+        )
 
     async def hold(self, identifier: str, until: float) -> None:
         r = self.rows[identifier]
@@ -137,9 +176,21 @@ class MemoryLedger:
         if resend:
             self.rows[identifier]["first_attempt_at"] = self.t.now
 
-    async def accepted_total(self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int) -> Decimal:
-        rows = [r for r in self.rows.values() if r["status"] == "sent" and r["identifier"] != identifier and r["customer"] == provider_customer_id and r["event_name"] == event_name]
-        return sum((Decimal(r["value"]) for r in rows if start <= r["delivery"].window.window_start_ms // 1000 < end), Decimal(0))
+    async def accepted_total(
+        self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int
+    ) -> Decimal:
+        rows = [
+            r
+            for r in self.rows.values()
+            if r["status"] == "sent"
+            and r["identifier"] != identifier
+            and r["customer"] == provider_customer_id
+            and r["event_name"] == event_name
+        ]
+        return sum(
+            (Decimal(r["value"]) for r in rows if start <= r["delivery"].window.window_start_ms // 1000 < end),
+            Decimal(0),
+        )
 
     async def carry_value(self, identifier: str) -> Decimal:
         r = self.rows[identifier]
@@ -171,12 +222,20 @@ class ScriptedProvider:
     async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
         return self.held
 
-    def pace_requests(self, rate, sleep) -> bool:  # noqa: ANN001 - the deliverer's RateReservations and sleep
+    def pace_requests(self, rate, sleep) -> bool:
         return False
 
 
 def deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, share: int = 1, **billing) -> Deliverer:
-    cfg = JobConfig.model_validate({"billing": {"enabled": True, **billing}, "meters": [{"name": "tokens"}, {"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]})
+    cfg = JobConfig.model_validate(
+        {
+            "billing": {"enabled": True, **billing},
+            "meters": [
+                {"name": "tokens"},
+                {"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"},
+            ],
+        }
+    )
     return Deliverer(cfg, provider, ledger, clock=t.clock, sleep=t.sleep, rng=lambda: 1.0, share=share)
 
 
@@ -186,7 +245,7 @@ def setup(**billing) -> tuple[ScriptedProvider, MemoryLedger, FakeTime, Delivere
     return provider, ledger, t, deliverer(provider, ledger, t, **billing)
 
 
-def run(coro):  # noqa: ANN001, ANN201 - any coroutine
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -195,7 +254,9 @@ def test_sends_once_and_a_replayed_window_is_skipped():
     provider, ledger, _, d = setup()
     [first] = run(d.on_window(window()))
     assert isinstance(first, Sent) and first.attempts == 1
-    assert provider.sent == [MeterEvent(first.identifier, "tokens", "cus_1", "12", START_MS // 1000)], "whole units; 0.5 carried"
+    assert provider.sent == [MeterEvent(first.identifier, "tokens", "cus_1", "12", START_MS // 1000)], (
+        "whole units; 0.5 carried"
+    )
     assert run(d.on_window(window())) == [Skipped(first.identifier, "sent")]
     assert len(provider.sent) == 1 and ledger.rows[first.identifier]["status"] == "sent"
 
@@ -216,7 +277,10 @@ def test_a_failure_is_scheduled_not_waited_for_and_the_key_backs_off():
     provider.script = [ProviderError("slow down", status=429, retryable=True, retry_after=7)]
     [retry] = run(d.on_window(window()))
     assert isinstance(retry, Retry) and retry.delay >= 7 and t.slept == []
-    assert ledger.rows[retry.identifier]["status"] == "failed" and ledger.rows[retry.identifier]["next_attempt_at"] >= t.now + 7
+    assert (
+        ledger.rows[retry.identifier]["status"] == "failed"
+        and ledger.rows[retry.identifier]["next_attempt_at"] >= t.now + 7
+    )
     [deferred] = run(d.on_window(window(start_ms=START_MS + 60_000)))
     assert isinstance(deferred, Deferred) and deferred.until >= t.now + 7 and len(provider.sent) == 1
     [other] = run(d.on_window(window(customer="cust-2")))
@@ -259,7 +323,9 @@ def test_unmapped_customer_is_dead_without_a_call_and_replays_after_mapping():
     [dead] = run(d.on_window(window(customer="cust-9")))
     assert isinstance(dead, Dead) and "no billing customer mapped" in dead.reason and provider.sent == []
     assert ledger.rows[dead.identifier]["first_attempt_at"] is None
-    assert run(d.on_window(window(customer="cust-9"))) == [Skipped(dead.identifier, "dead")], "the job does not retry dead letters by itself"
+    assert run(d.on_window(window(customer="cust-9"))) == [Skipped(dead.identifier, "dead")], (
+        "the job does not retry dead letters by itself"
+    )
     ledger.customers[("tenant-1", "cust-9")] = "cus_9"
     assert isinstance(run(d.deliver(dead.identifier, replay=True)), Sent) and len(provider.sent) == 1
 
@@ -274,7 +340,9 @@ def test_windows_outside_the_provider_range_never_reach_the_api(age, reason):
 
 def test_meter_mapping_event_name_and_rounding():
     """meter -> event name from config; a whole-number meter rounds as configured; unknown meters are dead."""
-    meter = JobConfig.model_validate({"meters": [{"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]}).meter("api_calls")
+    meter = JobConfig.model_validate(
+        {"meters": [{"name": "api_calls", "billing_event_name": "api_requests", "billing_rounding": "ceil"}]}
+    ).meter("api_calls")
     event = build_meter_event(window_delivery(window(meter="api_calls", quantity="2.100"), "mf"), meter, "cus_1")
     assert (event.event_name, event.value) == ("api_requests", "3")
     _, _, _, d = setup()
@@ -300,7 +368,7 @@ def test_a_provider_that_gathers_deliveries_into_requests_paces_the_requests():
     class BatchingProvider(ScriptedProvider):
         paced: list = field(default_factory=list)
 
-        def pace_requests(self, rate, sleep) -> bool:  # noqa: ANN001 - the deliverer's RateReservations and sleep
+        def pace_requests(self, rate, sleep) -> bool:
             self.paced.append((rate, sleep))
             return True
 
@@ -333,7 +401,14 @@ def test_one_call_at_a_time_per_key_while_other_keys_run_together():
     t = FakeTime()
     ledger, provider = MemoryLedger(t), SlowProvider()
     ledger.customers[("tenant-1", "cust-2")] = "cus_2"
-    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+    d = Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
 
     async def many() -> list:
         windows = [window(customer=c, start_ms=START_MS + i * 60_000) for c in ("cust-1", "cust-2") for i in range(4)]
@@ -354,10 +429,14 @@ def test_a_changed_final_after_sending_becomes_a_correction_with_its_own_identif
     outcomes = run(d.on_window(window(quantity="15", revision=5)))
     assert outcomes[0] == Skipped(sent.identifier, "sent") and isinstance(outcomes[1], Sent)
     correction = derive_correction_identifier(sent.identifier, 5)
-    assert outcomes[1].identifier == correction and provider.sent[-1] == MeterEvent(correction, "tokens", "cus_1", "3", START_MS // 1000)
+    assert outcomes[1].identifier == correction and provider.sent[-1] == MeterEvent(
+        correction, "tokens", "cus_1", "3", START_MS // 1000
+    )
     assert ledger.rows[correction]["kind"] == "correction" and ledger.rows[correction]["quantity"] == Decimal("2.5")
     assert run(d.on_window(window(quantity="15", revision=5)))[1:] == [], "the same final again adds nothing"
-    assert run(d.on_window(window(quantity="9", revision=4)))[1:] == [], "an older revision is a replay, never a correction"
+    assert run(d.on_window(window(quantity="9", revision=4)))[1:] == [], (
+        "an older revision is a replay, never a correction"
+    )
     [_, down] = run(d.on_window(window(quantity="14", revision=6)))
     assert isinstance(down, Sent) and provider.sent[-1].value == "-1", "a lower final is a negative correction"
 
@@ -372,7 +451,9 @@ def test_a_changed_final_while_the_window_waits_for_a_retry_is_a_correction_too(
     [skipped, correction] = run(d.on_window(window(quantity="4", revision=2)))
     assert skipped == Skipped(retry.identifier, "scheduled") and isinstance(correction, Deferred)
     t.now += 60
-    assert isinstance(run(d.on_retry(retry.identifier)), Sent) and isinstance(run(d.on_retry(correction.identifier)), Sent)
+    assert isinstance(run(d.on_retry(retry.identifier)), Sent) and isinstance(
+        run(d.on_retry(correction.identifier)), Sent
+    )
     assert [e.value for e in provider.sent[1:]] == ["1", "3"], "1 for the window, then +3: the final 4 in total"
 
 
@@ -386,7 +467,10 @@ def test_a_window_published_again_when_its_retry_is_due_resends_the_recorded_val
     t.now += 60  # the retry is due: the republished window claims it
     [resent, correction] = run(d.on_window(window(quantity="4", revision=2)))
     assert isinstance(resent, Sent) and resent.identifier == retry.identifier and isinstance(correction, Sent)
-    assert [(e.identifier, e.value) for e in provider.sent[1:]] == [(retry.identifier, "3"), (correction.identifier, "1")]
+    assert [(e.identifier, e.value) for e in provider.sent[1:]] == [
+        (retry.identifier, "3"),
+        (correction.identifier, "1"),
+    ]
     assert sum(Decimal(e.value) for e in provider.sent[1:]) == Decimal(4), "the provider total is the final"
     assert ledger.rows[retry.identifier]["quantity"] == Decimal(3)
 
@@ -409,12 +493,15 @@ def test_past_the_dedup_window_the_provider_is_asked_first():
     [dead2] = run(d2.on_window(window()))
     t2.now += DAY + 60
     resent = run(d2.deliver(dead2.identifier, replay=True))
-    assert isinstance(resent, Sent) and len(provider2.sent) == 2 and ledger2.checks[-1].startswith("not at the provider")
+    assert (
+        isinstance(resent, Sent) and len(provider2.sent) == 2 and ledger2.checks[-1].startswith("not at the provider")
+    )
     assert ledger2.rows[dead2.identifier]["first_attempt_at"] == t2.now, "the resend restarts the dedup window"
 
 
 def test_provider_totals_verdicts_and_the_summary_range():
     """found / absent / ambiguous from the provider's total, with a tolerance for its float; ranges on minute boundaries."""
+
     def verdict(total: str, ledger: str = "10", value: str = "2.5") -> str:
         return judge_provider_totals(ProviderTotals(0, 60, Decimal(total), Decimal(ledger), Decimal(value)))[0]
 
@@ -435,12 +522,26 @@ def test_customer_csv_import_parses_and_reports_every_problem():
     """Valid rows become mappings; empty cells, conflicting duplicates and a bad header are reasons, not crashes."""
     from sinks.billing import CustomerMapping, parse_customer_csv
 
-    ok, problems = parse_customer_csv("tenant_id,customer_id,provider_customer_id\nt1,c1,cus_1\nt1,c2, cus_2 \nt1,c1,cus_1\n")
-    assert ok == [CustomerMapping("t1", "c1", "cus_1"), CustomerMapping("t1", "c2", "cus_2"), CustomerMapping("t1", "c1", "cus_1")] and problems == []
-    _, problems = parse_customer_csv("tenant_id,customer_id,provider_customer_id\nt1,,cus_1\nt1,c1,cus_1\nt1,c1,cus_9\n")
+    ok, problems = parse_customer_csv(
+        "tenant_id,customer_id,provider_customer_id\nt1,c1,cus_1\nt1,c2, cus_2 \nt1,c1,cus_1\n"
+    )
+    assert (
+        ok
+        == [
+            CustomerMapping("t1", "c1", "cus_1"),
+            CustomerMapping("t1", "c2", "cus_2"),
+            CustomerMapping("t1", "c1", "cus_1"),
+        ]
+        and problems == []
+    )
+    _, problems = parse_customer_csv(
+        "tenant_id,customer_id,provider_customer_id\nt1,,cus_1\nt1,c1,cus_1\nt1,c1,cus_9\n"
+    )
     assert problems == ["line 2: every column needs a value", "line 4: t1/c1 is mapped twice, to cus_1 and cus_9"]
     _, problems = parse_customer_csv("tenant,customer\nt1,c1\n")
-    assert problems == ["header must name tenant_id, customer_id, provider_customer_id; missing tenant_id, customer_id, provider_customer_id"]
+    assert problems == [
+        "header must name tenant_id, customer_id, provider_customer_id; missing tenant_id, customer_id, provider_customer_id"
+    ]
 
 
 def test_carried_meter_bills_whole_units_and_a_retry_resends_its_fixed_value():
@@ -469,10 +570,17 @@ def test_carry_runs_per_customer_meter_and_month():
     for customer in ("cust-1", "cust-2"):
         for i in range(2):
             run(d.on_window(window(customer=customer, quantity="0.5", start_ms=START_MS - i * 60_000)))
-    assert [(e.provider_customer_id, e.value) for e in provider.sent] == [("cus_1", "0"), ("cus_1", "1"), ("cus_2", "0"), ("cus_2", "1")]
+    assert [(e.provider_customer_id, e.value) for e in provider.sent] == [
+        ("cus_1", "0"),
+        ("cus_1", "1"),
+        ("cus_2", "0"),
+        ("cus_2", "1"),
+    ]
     assert len({k[3] for k in ledger.carried}) == 1
     december = int(datetime(2026, 12, 31, 23, 59, tzinfo=UTC).timestamp() * 1000)
-    assert billing_period_start(window(start_ms=december).window_start) != billing_period_start(window(start_ms=december + 60_000).window_start)
+    assert billing_period_start(window(start_ms=december).window_start) != billing_period_start(
+        window(start_ms=december + 60_000).window_start
+    )
 
 
 def test_a_window_recorded_under_an_identifier_of_an_earlier_form_keeps_it():
@@ -482,7 +590,14 @@ def test_a_window_recorded_under_an_identifier_of_an_earlier_form_keeps_it():
     provider, ledger, t, d = setup()
     earlier = window(quantity="12", revision=1)
     legacy = "mf-" + str(START_MS) + "-" + "0" * 64  # any identifier the ledger holds for the window
-    run(ledger.claim(replace(window_delivery(earlier, "mf"), identifier=legacy, window_identifier=legacy), "stripe", "tokens", retry=False))
+    run(
+        ledger.claim(
+            replace(window_delivery(earlier, "mf"), identifier=legacy, window_identifier=legacy),
+            "stripe",
+            "tokens",
+            retry=False,
+        )
+    )
     ledger.worker = "w2"  # the upgraded job's worker reads the window again
     [resent] = run(d.on_window(earlier))
     assert isinstance(resent, Sent) and provider.sent[-1].identifier == legacy
@@ -523,23 +638,41 @@ def test_a_crowded_key_parks_its_burst_and_the_other_keys_keep_flowing():
             return await super().send(event)
 
     provider = SlowProvider()
-    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 2}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+    d = Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 2}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
     reported: list = []
     d.on_background_outcome = reported.append
     burst = [window(customer="cust-1", quantity="1", start_ms=START_MS + i * 60_000) for i in range(10)]
 
     async def together() -> tuple[list, list]:
         first = await asyncio.gather(*(d.on_window(w) for w in [*burst, window(customer="cust-2", quantity="1")]))
-        leases = {o.identifier: ledger.rows[o.identifier]["next_attempt_at"] for [o] in first if isinstance(o, Deferred)}
+        leases = {
+            o.identifier: ledger.rows[o.identifier]["next_attempt_at"] for [o] in first if isinstance(o, Deferred)
+        }
         await d.drain()
         return [o for [o] in first], leases
 
     results, leases = run(together())
-    sent, parked = [o for o in results[:10] if isinstance(o, Sent)], [o for o in results[:10] if isinstance(o, Deferred)]
+    sent, parked = (
+        [o for o in results[:10] if isinstance(o, Sent)],
+        [o for o in results[:10] if isinstance(o, Deferred)],
+    )
     assert (len(sent), len(parked)) == (2, 8) and isinstance(results[10], Sent), "the other customer is not held back"
-    assert all(leases[o.identifier] >= t.now + d.lease_s for o in parked), "leased past the expected turn, so the retry scan leaves them be"
-    assert sorted(o.identifier for o in reported) == sorted(o.identifier for o in parked) and all(isinstance(o, Sent) for o in reported)
-    assert sorted(e.identifier for e in provider.sent if e.provider_customer_id == "cus_1") == sorted(o.identifier for o in results[:10]), "each once"
+    assert all(leases[o.identifier] >= t.now + d.lease_s for o in parked), (
+        "leased past the expected turn, so the retry scan leaves them be"
+    )
+    assert sorted(o.identifier for o in reported) == sorted(o.identifier for o in parked) and all(
+        isinstance(o, Sent) for o in reported
+    )
+    assert sorted(e.identifier for e in provider.sent if e.provider_customer_id == "cus_1") == sorted(
+        o.identifier for o in results[:10]
+    ), "each once"
     assert SlowProvider.most <= 2 and d.gate.locks == {} and d.gate.users == {} and d.parked == set()
 
 
@@ -548,7 +681,14 @@ def test_a_parked_delivery_handed_out_again_waits_once():
     worker extends the lease of the attempt already waiting instead of starting a second one."""
     t = FakeTime()
     ledger, provider = MemoryLedger(t), ScriptedProvider()
-    d = Deliverer(JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 1}}), provider, ledger, clock=t.clock, sleep=asyncio.sleep, rng=lambda: 1.0)
+    d = Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 1}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
 
     async def scenario() -> list:
         first, parked = window(quantity="1"), window(quantity="1", start_ms=START_MS + 60_000)

@@ -7,7 +7,14 @@ from datetime import timedelta
 import pytest
 
 from connectors.avro_types import derive_columns, load_schema
-from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_input_query, billing_key, billing_key_expr, closed_windows_source_ddl, retry_ticks_ddl
+from jobs.billing_plan import (
+    BILLING_INPUT_COLUMNS,
+    billing_input_query,
+    billing_key,
+    billing_key_expr,
+    closed_windows_source_ddl,
+    retry_ticks_ddl,
+)
 from jobs.plan import CLOSED_WINDOW_SCHEMA, CLOSED_WINDOWS_VIEW, closed_windows_insert, closed_windows_sink_ddl
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError
@@ -16,14 +23,34 @@ from meterflow.local.flink_jobs import job_names
 
 @pytest.fixture
 def cfg() -> JobConfig:
-    return JobConfig.model_validate({"kafka": {"closed_windows_topic": "closed-x", "consumer_group": "g1"}, "flink": {"job_name": "mf", "parallelism": 2}, "billing": {"enabled": True}})
+    return JobConfig.model_validate(
+        {
+            "kafka": {"closed_windows_topic": "closed-x", "consumer_group": "g1"},
+            "flink": {"job_name": "mf", "parallelism": 2},
+            "billing": {"enabled": True},
+        }
+    )
 
 
 def test_closed_window_schema_is_exact():
     """The topic's record: window times as timestamps, the quantity as an exact decimal, never a float."""
     cols = {c.name: c.sql_type for c in derive_columns(load_schema(CLOSED_WINDOW_SCHEMA))}
-    assert list(cols) == ["tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end", "quantity", "event_count", "revision"]
-    assert cols["quantity"] == "DECIMAL(38, 9) NOT NULL" and cols["window_start"] == "TIMESTAMP(3) NOT NULL" and cols["revision"] == "BIGINT NOT NULL"
+    assert list(cols) == [
+        "tenant_id",
+        "customer_id",
+        "meter",
+        "dimensions_key",
+        "window_start",
+        "window_end",
+        "quantity",
+        "event_count",
+        "revision",
+    ]
+    assert (
+        cols["quantity"] == "DECIMAL(38, 9) NOT NULL"
+        and cols["window_start"] == "TIMESTAMP(3) NOT NULL"
+        and cols["revision"] == "BIGINT NOT NULL"
+    )
 
 
 def test_closed_windows_sink_is_transactional_avro(cfg):
@@ -57,11 +84,23 @@ def test_partitioning_key_is_the_same_in_sql_and_python():
 
 def test_derived_names_and_defaults(cfg):
     """The billing job's name, group and parallelism follow the usage job's unless set."""
-    assert (cfg.billing_job_name, cfg.billing_consumer_group, cfg.billing_parallelism) == ("mf-billing", "g1-billing", 2)
+    assert (cfg.billing_job_name, cfg.billing_consumer_group, cfg.billing_parallelism) == (
+        "mf-billing",
+        "g1-billing",
+        2,
+    )
     assert job_names(cfg) == ["mf", "mf-billing"]
-    assert (cfg.billing_max_in_flight, cfg.billing.provider_dedup_window, cfg.kafka.closed_windows_topic) == (64, timedelta(hours=24), "closed-x")
+    assert (cfg.billing_max_in_flight, cfg.billing.provider_dedup_window, cfg.kafka.closed_windows_topic) == (
+        64,
+        timedelta(hours=24),
+        "closed-x",
+    )
     other = JobConfig.model_validate({"billing": {"consumer_group": "bill", "parallelism": 3}})
-    assert (other.billing_consumer_group, other.billing_parallelism, job_names(other)) == ("bill", 3, ["meterflow-usage"])
+    assert (other.billing_consumer_group, other.billing_parallelism, job_names(other)) == (
+        "bill",
+        3,
+        ["meterflow-usage"],
+    )
     assert JobConfig().kafka.closed_windows_topic == "usage-windows-closed"
 
 
@@ -82,7 +121,10 @@ def test_deliveries_in_flight_default_by_api(write_config):
     assert load_config(write_config(""), environ={}).billing_max_in_flight == 64
     assert load_config(write_config(stream), environ={}).billing_max_in_flight == 256
     assert load_config(write_config(stream + "billing:\n  max_in_flight: 32\n"), environ={}).billing_max_in_flight == 32
-    assert load_config(write_config(stream + "billing:\n  max_held_per_key: 200\n"), environ={}).billing.max_held_per_key == 200
+    assert (
+        load_config(write_config(stream + "billing:\n  max_held_per_key: 200\n"), environ={}).billing.max_held_per_key
+        == 200
+    )
     with pytest.raises(ConfigError, match="max_held_per_key .200. must be at most billing.max_in_flight .64."):
         load_config(write_config("billing:\n  max_held_per_key: 200\n"), environ={})
 
@@ -91,6 +133,11 @@ def test_a_key_holds_no_more_slots_than_there_are(write_config):
     """billing.max_held_per_key up to billing.max_in_flight; one past it is refused, naming both."""
     from meterflow.config import load_config
 
-    assert load_config(write_config("billing:\n  max_in_flight: 8\n  max_held_per_key: 8\n"), environ={}).billing.max_held_per_key == 8
+    assert (
+        load_config(
+            write_config("billing:\n  max_in_flight: 8\n  max_held_per_key: 8\n"), environ={}
+        ).billing.max_held_per_key
+        == 8
+    )
     with pytest.raises(ConfigError, match="max_held_per_key .9. must be at most billing.max_in_flight .8."):
         load_config(write_config("billing:\n  max_in_flight: 8\n  max_held_per_key: 9\n"), environ={})

@@ -95,7 +95,9 @@ def test_topics_match_config(compose, cfg):
     topics = re.findall(r"--topic\s+(\S+)", script)
     partitions = {int(p) for p in re.findall(r"--partitions\s+(\d+)", script)}
     k = cfg.kafka
-    assert sorted(topics) == sorted([k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic])
+    assert sorted(topics) == sorted(
+        [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic]
+    )
     assert partitions == {k.partitions}
     assert int(_environment(compose["services"]["kafka"])["KAFKA_NUM_PARTITIONS"]) == k.partitions
 
@@ -111,7 +113,9 @@ def test_topic_configs_match_the_project(compose, cfg):
     }
     altered = {
         m.group(1): dict(pair.split("=", 1) for pair in m.group(2).split(","))
-        for m in re.finditer(r"kafka-configs\.sh .*?--alter --entity-type topics --entity-name\s+(\S+) --add-config\s+(\S+)", script)
+        for m in re.finditer(
+            r"kafka-configs\.sh .*?--alter --entity-type topics --entity-name\s+(\S+) --add-config\s+(\S+)", script
+        )
     }
     goal = topic_configs(cfg)
     assert created == goal
@@ -134,7 +138,14 @@ def test_submit_is_meterflow_submit_with_the_retained_states_in_reach(compose):
 def test_corrections_follower_runs_with_the_stack_and_is_restarted(compose):
     """Late events become corrections without anyone running a command: a follower that compose restarts."""
     svc = compose["services"]["corrections"]
-    assert svc["entrypoint"] + svc["command"] == ["meterflow", "--config", "/opt/meterflow/meterflow.yaml", "corrections", "apply", "--follow"]
+    assert svc["entrypoint"] + svc["command"] == [
+        "meterflow",
+        "--config",
+        "/opt/meterflow/meterflow.yaml",
+        "corrections",
+        "apply",
+        "--follow",
+    ]
     assert svc["restart"] == "unless-stopped"
     assert svc["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -144,7 +155,11 @@ def test_kafka_single_node_transactions(compose):
     """The broker keeps one replica of its internal topics, as transactions on one node need."""
     env = _environment(compose["services"]["kafka"])
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
+    for key in (
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR",
+    ):
         assert env[key] == "1", key
 
 
@@ -186,7 +201,11 @@ def test_meterflow_env_keys_name_config_fields(compose):
 
 def test_meterflow_env_loads_compose_hosts(compose):
     """The submit service's overrides load into a valid config pointing at the compose hosts."""
-    env = {k: v for k, v in _environment(compose["services"]["submit"]).items() if k.startswith("METERFLOW_") and k not in SECRET_ENV_KEYS and k not in SECRET_FILE_KEYS}
+    env = {
+        k: v
+        for k, v in _environment(compose["services"]["submit"]).items()
+        if k.startswith("METERFLOW_") and k not in SECRET_ENV_KEYS and k not in SECRET_FILE_KEYS
+    }
     cfg = load_config(REPO_ROOT / "meterflow.yaml", environ=env)
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert (cfg.postgres.host, cfg.postgres.port) == ("postgres", 5432)
@@ -205,7 +224,9 @@ def test_no_secret_in_the_file_or_an_environment(compose):
     for line in COMPOSE_FILE.read_text().splitlines():
         match = re.match(r"\s*-?\s*([\w.-]*(?:PASSWORD|API_KEY)[\w.-]*)\s*[:=]\s*(\S.*)$", line, re.IGNORECASE)
         if match and not line.lstrip().startswith("#"):
-            assert match.group(2).startswith("/run/secrets/") or match.group(1) == "environment", f"literal value for {match.group(1)}: {line}"
+            assert match.group(2).startswith("/run/secrets/") or match.group(1) == "environment", (
+                f"literal value for {match.group(1)}: {line}"
+            )
 
 
 def test_secrets_come_from_the_callers_environment(compose):
@@ -268,7 +289,11 @@ def test_flink_services_listen_inside_the_network(compose):
     """flink-conf binds loopback; the Flink containers override every bind address for the private network."""
     flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())
     for name in ("jobmanager", "taskmanager"):
-        props = dict(line.split(": ", 1) for line in _environment(compose["services"][name])["FLINK_PROPERTIES"].splitlines() if line.strip())
+        props = dict(
+            line.split(": ", 1)
+            for line in _environment(compose["services"][name])["FLINK_PROPERTIES"].splitlines()
+            if line.strip()
+        )
         for section, key in (("jobmanager", "bind-host"), ("taskmanager", "bind-host"), ("rest", "bind-address")):
             assert is_loopback(flink_conf[section][key])
             assert props[f"{section}.{key}"] == "0.0.0.0", name
@@ -308,9 +333,16 @@ def test_flink_services_share_checkpoint_volumes(compose):
     """jobmanager and taskmanager share the checkpoint and savepoint volumes that flink-conf names."""
     flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())
     checkpointing = flink_conf["execution"]["checkpointing"]
-    targets = {Path(checkpointing["dir"].removeprefix("file://")), Path(checkpointing["savepoint-dir"].removeprefix("file://"))}
+    targets = {
+        Path(checkpointing["dir"].removeprefix("file://")),
+        Path(checkpointing["savepoint-dir"].removeprefix("file://")),
+    }
     for name in ("jobmanager", "taskmanager"):
-        named = {v.split(":")[0]: Path(v.split(":")[1]) for v in compose["services"][name]["volumes"] if not v.startswith(("./", "../", "/"))}
+        named = {
+            v.split(":")[0]: Path(v.split(":")[1])
+            for v in compose["services"][name]["volumes"]
+            if not v.startswith(("./", "../", "/"))
+        }
         assert targets <= set(named.values()), name
         assert set(named) <= set(compose["volumes"]), name
 
@@ -337,7 +369,9 @@ def test_flink_services_use_zookeeper_high_availability(compose):
         assert ha["high-availability.zookeeper.quorum"] == "zookeeper:2181"
         assert ha["high-availability.jobmanager.port"] == "6123"
     storage = Path(_flink_properties(jobmanager)["high-availability.storageDir"].removeprefix("file://"))
-    named = {Path(v.split(":")[1]): v.split(":")[0] for v in jobmanager["volumes"] if not v.startswith(("./", "../", "/"))}
+    named = {
+        Path(v.split(":")[1]): v.split(":")[0] for v in jobmanager["volumes"] if not v.startswith(("./", "../", "/"))
+    }
     assert storage in named and named[storage] in compose["volumes"]
     assert jobmanager["depends_on"]["zookeeper"]["condition"] == "service_healthy"
     assert jobmanager["restart"] == "unless-stopped"
@@ -392,9 +426,18 @@ def test_image_has_every_jar_the_local_stack_links(jar_dir):
     """For each jar directory of the local stack's lib/, a build stage builds its Maven module and the image copies the same jars into /opt/flink/lib."""
     module, jar_glob = _module_and_jar_glob(jar_dir)
     stages = _dockerfile_stages()
-    builders = [name for name, lines in stages.items() if any(re.match(rf"COPY {re.escape(str(module))}/pom\.xml\b", line) for line in lines) and any("mvn " in line for line in lines)]
+    builders = [
+        name
+        for name, lines in stages.items()
+        if any(re.match(rf"COPY {re.escape(str(module))}/pom\.xml\b", line) for line in lines)
+        and any("mvn " in line for line in lines)
+    ]
     assert builders, f"no stage builds {module}/pom.xml"
-    copies = [line for line in stages["final"] if re.match(rf"COPY --from=({'|'.join(builders)}) \S*{re.escape(jar_glob)} /opt/flink/lib/$", line)]
+    copies = [
+        line
+        for line in stages["final"]
+        if re.match(rf"COPY --from=({'|'.join(builders)}) \S*{re.escape(jar_glob)} /opt/flink/lib/$", line)
+    ]
     assert copies, f"the image does not copy {module}'s {jar_glob} into /opt/flink/lib"
 
 
@@ -402,7 +445,9 @@ def test_image_resolves_connector_jars_like_setup():
     """The connector stage runs the same Maven resolution as scripts/setup.sh (fat "sql-" jars, no transitive jars)."""
     setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
     assert re.search(r'\[ "\$module" = flink-lib \] && extra=\(-DexcludeTransitive=true\)', setup)
-    stage = next(lines for lines in _dockerfile_stages().values() if any("stack/flink-lib/pom.xml" in line for line in lines))
+    stage = next(
+        lines for lines in _dockerfile_stages().values() if any("stack/flink-lib/pom.xml" in line for line in lines)
+    )
     assert any(re.search(r"mvn .*dependency:copy-dependencies\b.*-DexcludeTransitive=true", line) for line in stage)
 
 
@@ -410,7 +455,9 @@ def test_udf_stage_has_the_sources_the_jar_packages():
     """The udf stage copies udf/'s pom and sources and avro/, which the jar packages as resources."""
     pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
     assert "<directory>${project.basedir}/../avro</directory>" in pom
-    stage = next(lines for lines in _dockerfile_stages().values() if any(line.startswith("COPY udf/pom.xml") for line in lines))
+    stage = next(
+        lines for lines in _dockerfile_stages().values() if any(line.startswith("COPY udf/pom.xml") for line in lines)
+    )
     copied = {line.split()[1].rstrip("/") for line in stage if line.startswith("COPY ")}
     assert {"avro", "udf/pom.xml", "udf/src"} <= copied
 
@@ -422,6 +469,8 @@ def test_image_flink_version_matches_the_jars_and_pyflink():
     assert re.search(r"<flink.version>([^<]+)</flink.version>", udf_pom).group(1) == base
     lib_pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()
     for artifact in ("flink-sql-avro", "flink-metrics-prometheus"):
-        assert re.search(rf"<artifactId>{artifact}</artifactId>\s*<version>{re.escape(base)}</version>", lib_pom), artifact
+        assert re.search(rf"<artifactId>{artifact}</artifactId>\s*<version>{re.escape(base)}</version>", lib_pom), (
+            artifact
+        )
     assert f'"apache-flink=={base}"' in (REPO_ROOT / "pyproject.toml").read_text()
     assert f"apache-flink=={base}" in DOCKERFILE.read_text()

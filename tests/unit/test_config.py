@@ -14,7 +14,15 @@ from tests.conftest import REPO_ROOT
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("500ms", timedelta(milliseconds=500)), ("10s", timedelta(seconds=10)), ("5m", timedelta(minutes=5)), ("5min", timedelta(minutes=5)), ("1h", timedelta(hours=1)), ("7d", timedelta(days=7)), (" 3 s ", timedelta(seconds=3))],
+    [
+        ("500ms", timedelta(milliseconds=500)),
+        ("10s", timedelta(seconds=10)),
+        ("5m", timedelta(minutes=5)),
+        ("5min", timedelta(minutes=5)),
+        ("1h", timedelta(hours=1)),
+        ("7d", timedelta(days=7)),
+        (" 3 s ", timedelta(seconds=3)),
+    ],
 )
 def test_parse_duration(text, expected):
     """Durations with units parse exactly."""
@@ -48,7 +56,9 @@ def test_repo_config_loads_and_matches_defaults():
 def test_env_overrides_nested_keys(write_config):
     """METERFLOW_<SECTION>__<KEY> overrides the file."""
     path = write_config("kafka:\n  bootstrap_servers: a:1\n")
-    cfg = load_config(path, environ={"METERFLOW_KAFKA__BOOTSTRAP_SERVERS": "b:2", "METERFLOW_EVENT_TIME__WINDOW_SIZE": "5m"})
+    cfg = load_config(
+        path, environ={"METERFLOW_KAFKA__BOOTSTRAP_SERVERS": "b:2", "METERFLOW_EVENT_TIME__WINDOW_SIZE": "5m"}
+    )
     assert cfg.kafka.bootstrap_servers == "b:2"
     assert cfg.event_time.window_size == timedelta(minutes=5)
 
@@ -120,7 +130,18 @@ def test_relative_paths_resolve_against_config_dir(write_config, tmp_path):
     assert cfg.checkpoint_uri() == (tmp_path / "st" / "cp").as_uri()
 
 
-@pytest.mark.parametrize("field", ["postgres.usage_table", "billing.ledger_table", "billing.customers_table", "billing.carry_table", "corrections.table", "corrections.events_table", "corrections.offsets_table"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "postgres.usage_table",
+        "billing.ledger_table",
+        "billing.customers_table",
+        "billing.carry_table",
+        "corrections.table",
+        "corrections.events_table",
+        "corrections.offsets_table",
+    ],
+)
 def test_a_table_name_the_config_accepts_is_one_the_sql_accepts(write_config, field):
     """Table names go unquoted into the generated SQL: the config refuses what check_identifier would,
     when it loads (an upper-case letter, a hyphen, 64 characters), not later in the DDL."""

@@ -20,8 +20,8 @@ from meterflow.corrections import (
     WindowId,
     WindowState,
     check_transition,
-    correction_id,
     corrected_totals,
+    correction_id,
     decide_status,
     dimensions_key,
     late_event_from_record,
@@ -32,7 +32,13 @@ from meterflow.corrections import (
 )
 from meterflow.errors import ConfigError, CorrectionError
 from meterflow.metrics_catalog import CORRECTIONS_METRICS
-from sinks.corrections_schema import corrections_ddl, insert_event_sql, known_events_sql, list_corrections_sql, recorded_deltas_sql
+from sinks.corrections_schema import (
+    corrections_ddl,
+    insert_event_sql,
+    known_events_sql,
+    list_corrections_sql,
+    recorded_deltas_sql,
+)
 from tests.conftest import REPO_ROOT
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -89,7 +95,11 @@ def test_max_delta_is_the_rise_over_the_current_value(state, quantities, expecte
 def test_latest_against_a_counted_window_is_not_corrected():
     """LATEST: a counted window's latest event time is not stored, so the late event is reported."""
     out = window_delta("LATEST", WindowState(Decimal(3)), [_ev("a", "9")])
-    assert out.counted == () and [e.event_id for e, _ in out.not_corrected] == ["a"] and "LATEST" in out.not_corrected[0][1]
+    assert (
+        out.counted == ()
+        and [e.event_id for e, _ in out.not_corrected] == ["a"]
+        and "LATEST" in out.not_corrected[0][1]
+    )
 
 
 def test_latest_in_an_empty_window_takes_the_newest_late_event():
@@ -149,14 +159,27 @@ def test_policy_threshold_default_and_per_tenant():
     """Above the tenant's threshold (or the default) a correction is held; at or below it is applied."""
     cfg = _cfg(approval_threshold="10", tenant_approval_thresholds={"t2": "1"})
     w2 = WindowId("t2", "c1", "tokens", "{}", START, START + timedelta(minutes=1))
-    plan = plan_corrections([_ev("a", "10"), _ev("b", "2", w2), _ev("c", "-11", _w("tokens", START + timedelta(minutes=2)))], set(), {}, cfg, NOW)
+    plan = plan_corrections(
+        [_ev("a", "10"), _ev("b", "2", w2), _ev("c", "-11", _w("tokens", START + timedelta(minutes=2)))],
+        set(),
+        {},
+        cfg,
+        NOW,
+    )
     status = {(c.window.tenant_id, c.window.window_start): c.status for c in plan.corrections}
-    assert status == {("t1", START): "applied", ("t2", START): "pending", ("t1", START + timedelta(minutes=2)): "pending"}
+    assert status == {
+        ("t1", START): "applied",
+        ("t2", START): "pending",
+        ("t1", START + timedelta(minutes=2)): "pending",
+    }
 
 
 def test_no_threshold_applies_everything():
     """Without a threshold every correction is applied automatically."""
-    assert decide_status(Decimal("1e12"), W, _cfg().corrections, NOW, timedelta(days=35), timedelta(minutes=5))[0] == "applied"
+    assert (
+        decide_status(Decimal("1e12"), W, _cfg().corrections, NOW, timedelta(days=35), timedelta(minutes=5))[0]
+        == "applied"
+    )
 
 
 def test_a_zero_delta_is_recorded_and_owes_no_meter_event():
@@ -164,9 +187,20 @@ def test_a_zero_delta_is_recorded_and_owes_no_meter_event():
     are recorded as corrected, and nothing is owed to the provider; any other counted delta is."""
     cfg = _cfg(approval_threshold="0")
     peak = _w("peak", START)
-    plan = plan_corrections([_ev("a", "3", peak), _ev("b", "5", peak)], set(), {peak: WindowState(row_quantity=Decimal(8), row_final=True)}, cfg, NOW)
+    plan = plan_corrections(
+        [_ev("a", "3", peak), _ev("b", "5", peak)],
+        set(),
+        {peak: WindowState(row_quantity=Decimal(8), row_final=True)},
+        cfg,
+        NOW,
+    )
     [c] = plan.corrections
-    assert (c.delta, c.status, c.reason, c.events) == (Decimal(0), "applied", "late events; delta 0: nothing to bill", 2)
+    assert (c.delta, c.status, c.reason, c.events) == (
+        Decimal(0),
+        "applied",
+        "late events; delta 0: nothing to bill",
+        2,
+    )
     assert not owes_a_meter_event(c.status, c.delta)
     assert owes_a_meter_event("applied", Decimal("0.1")) and owes_a_meter_event("approved", Decimal(-1))
     assert not owes_a_meter_event("pending", Decimal(1)) and not owes_a_meter_event("reported", Decimal(1))
@@ -187,7 +221,12 @@ def test_transitions():
     """Only pending can be approved; pending or applied can be rejected; nothing else."""
     assert check_transition("approve", "pending", "x") == "approved"
     assert check_transition("reject", "applied", "x") == "rejected"
-    for action, status in (("approve", "applied"), ("approve", "rejected"), ("reject", "reported"), ("reject", "approved")):
+    for action, status in (
+        ("approve", "applied"),
+        ("approve", "rejected"),
+        ("reject", "reported"),
+        ("reject", "approved"),
+    ):
         with pytest.raises(CorrectionError, match=f"cannot {action}"):
             check_transition(action, status, "x")  # type: ignore[arg-type]
 
@@ -195,7 +234,10 @@ def test_transitions():
 def test_corrected_totals_include_windows_with_only_corrections():
     """Window quantity plus counted deltas; a window without a row shows its deltas."""
     other = _w("tokens", START + timedelta(minutes=5))
-    assert corrected_totals([(W, Decimal("1.5"))], {W: Decimal("0.25"), other: Decimal(2)}) == {W: Decimal("1.75"), other: Decimal(2)}
+    assert corrected_totals([(W, Decimal("1.5"))], {W: Decimal("0.25"), other: Decimal(2)}) == {
+        W: Decimal("1.75"),
+        other: Decimal(2),
+    }
 
 
 def test_record_to_event_uses_the_jobs_dimensions_key():
@@ -223,7 +265,11 @@ def test_record_to_event_uses_the_jobs_dimensions_key():
 def test_sql_is_generated_for_configured_tables_only():
     """Table names are checked identifiers; the event table's key guards at-most-once."""
     ddl = "\n".join(corrections_ddl("corr_x", "corr_x_events"))
-    assert "PRIMARY KEY (tenant_id, event_id)" in ddl and "numeric(38, 9)" in ddl and "REFERENCES corr_x (correction_id)" in ddl
+    assert (
+        "PRIMARY KEY (tenant_id, event_id)" in ddl
+        and "numeric(38, 9)" in ddl
+        and "REFERENCES corr_x (correction_id)" in ddl
+    )
     assert "ON CONFLICT (tenant_id, event_id) DO NOTHING" in insert_event_sql("corr_x_events")
     assert "'rejected'" not in recorded_deltas_sql("corr_x")
     assert "unnest(%s::text[], %s::text[])" in known_events_sql()
@@ -234,8 +280,12 @@ def test_sql_is_generated_for_configured_tables_only():
 
 def test_config_thresholds_are_exact_and_documented(write_config):
     """Thresholds parse as exact decimals; floats and negatives are refused; the repo's YAML states the defaults."""
-    cfg = load_config(write_config("corrections:\n  approval_threshold: '0.1'\n  tenant_approval_thresholds: {t1: 5}\n"), environ={})
-    assert cfg.corrections.approval_threshold == Decimal("0.1") and cfg.corrections.tenant_approval_thresholds == {"t1": Decimal(5)}
+    cfg = load_config(
+        write_config("corrections:\n  approval_threshold: '0.1'\n  tenant_approval_thresholds: {t1: 5}\n"), environ={}
+    )
+    assert cfg.corrections.approval_threshold == Decimal("0.1") and cfg.corrections.tenant_approval_thresholds == {
+        "t1": Decimal(5)
+    }
     with pytest.raises(ConfigError, match="float is not exact"):
         load_config(write_config("corrections:\n  approval_threshold: 0.1\n"), environ={})
     with pytest.raises(ConfigError, match="must not be negative"):
@@ -284,7 +334,12 @@ def test_a_late_correction_is_billed_as_a_correction_of_its_window_with_its_own_
     window = ClosedWindow("t1", "c1", "tokens", "{}", 1_700_000_000_000, 1_700_000_060_000, Decimal("0.75"), 2, 0)
     first = late_correction_delivery(window, "cor-1700000000000-aa", "mf")
     assert first == late_correction_delivery(window, "cor-1700000000000-aa", "mf")
-    assert (first.kind, first.window_identifier, first.quantity, first.revision) == ("correction", window_identifier(window, "mf"), Decimal("0.75"), 0)
+    assert (first.kind, first.window_identifier, first.quantity, first.revision) == (
+        "correction",
+        window_identifier(window, "mf"),
+        Decimal("0.75"),
+        0,
+    )
     other = late_correction_delivery(window, "cor-1700000000000-bb", "mf")
     parent = window_identifier(window, "mf")
     assert len({first.identifier, other.identifier, parent, derive_correction_identifier(parent, 2)}) == 4
@@ -318,7 +373,9 @@ def test_resume_and_follow_refuse_a_range_or_a_dry_run(tmp_path):
 
     config = tmp_path / "m.yaml"
     config.write_text("{}\n")
-    result = CliRunner().invoke(cli, ["--config", str(config), "corrections", "apply", "--follow", "--since", "2026-01-01T00:00:00Z"])
+    result = CliRunner().invoke(
+        cli, ["--config", str(config), "corrections", "apply", "--follow", "--since", "2026-01-01T00:00:00Z"]
+    )
     assert result.exit_code == 2 and "don't combine with --since" in result.output
 
 
@@ -328,12 +385,26 @@ def test_resume_and_follow_refuse_a_range_or_a_dry_run(tmp_path):
 def test_waiting_counts_the_deferred_events_and_ages_the_oldest():
     """Events of a window without a final row wait; the oldest's age runs from when the job routed it late."""
     now = NOW.replace(tzinfo=None)
-    old, new = replace(_ev("a", "1"), seen_at=now - timedelta(hours=30)), replace(_ev("b", "1"), seen_at=now - timedelta(minutes=5))
+    old, new = (
+        replace(_ev("a", "1"), seen_at=now - timedelta(hours=30)),
+        replace(_ev("b", "1"), seen_at=now - timedelta(minutes=5)),
+    )
     final = _ev("c", "2", _w("calls"))
-    plan = plan_corrections([old, new, final], set(), {W: WindowState(None, row_final=False), _w("calls"): WindowState(Decimal(3), row_final=True)}, _cfg(), NOW)
+    plan = plan_corrections(
+        [old, new, final],
+        set(),
+        {W: WindowState(None, row_final=False), _w("calls"): WindowState(Decimal(3), row_final=True)},
+        _cfg(),
+        NOW,
+    )
     left = waiting([plan], now)
     assert (left.events, left.oldest_age_s) == (2, 30 * 3600.0)
-    assert waiting([plan_corrections([final], set(), {_w("calls"): WindowState(Decimal(3), row_final=True)}, _cfg(), NOW)], now).oldest_age_s == 0.0
+    assert (
+        waiting(
+            [plan_corrections([final], set(), {_w("calls"): WindowState(Decimal(3), row_final=True)}, _cfg(), NOW)], now
+        ).oldest_age_s
+        == 0.0
+    )
 
 
 def _scrape(registry: CollectorRegistry) -> dict[str, float]:
@@ -344,13 +415,25 @@ def test_follower_metrics_are_the_catalogs_and_follow_each_run():
     registry = CollectorRegistry()
     metrics = FollowerMetrics(_cfg(), "late", registry)
     assert set(_scrape(registry)) == CORRECTIONS_METRICS, "the names ops/alerts.yml may read"
-    assert math.isnan(_scrape(registry)["meterflow_corrections_late_topic_retention_seconds"]), "not known before the topic is read"
+    assert math.isnan(_scrape(registry)["meterflow_corrections_late_topic_retention_seconds"]), (
+        "not known before the topic is read"
+    )
     now = NOW.replace(tzinfo=None)
     waiting_event = replace(_ev("a", "1"), seen_at=now - timedelta(minutes=10))
-    plan = plan_corrections([waiting_event, _ev("c", "2", _w("calls"))], set(), {W: WindowState(None, row_final=False), _w("calls"): WindowState(Decimal(3), row_final=True)}, _cfg(), NOW)
+    plan = plan_corrections(
+        [waiting_event, _ev("c", "2", _w("calls"))],
+        set(),
+        {W: WindowState(None, row_final=False), _w("calls"): WindowState(Decimal(3), row_final=True)},
+        _cfg(),
+        NOW,
+    )
     metrics.observe([plan], now)
     got = _scrape(registry)
-    assert (got["meterflow_corrections_waiting_events"], got["meterflow_corrections_waiting_oldest_age_seconds"], got["meterflow_corrections_recorded_total"]) == (1, 600.0, 1)
+    assert (
+        got["meterflow_corrections_waiting_events"],
+        got["meterflow_corrections_waiting_oldest_age_seconds"],
+        got["meterflow_corrections_recorded_total"],
+    ) == (1, 600.0, 1)
     assert got["meterflow_corrections_last_pass_timestamp_seconds"] > 0
 
 
@@ -375,12 +458,14 @@ def test_max_and_latest_without_a_row_wait_for_a_final_row_not_written_yet(meter
     (2 min, exactly) it is corrected as a window with no counted event. A row or a SUM never waits."""
     window, now = _w(meter), NOW.replace(tzinfo=None)
 
-    def plan(seen_ago: timedelta, state: WindowState | None = None, w: WindowId = window):  # noqa: ANN202
+    def plan(seen_ago: timedelta, state: WindowState | None = None, w: WindowId = window):
         event = replace(_ev("a", "7", w), seen_at=now - seen_ago)
         return plan_corrections([event], set(), {w: state} if state else {}, _cfg(), NOW)
 
     assert [e.event_id for e in plan(timedelta(seconds=30)).deferred] == ["a"]
-    assert [e.event_id for e in plan(timedelta(minutes=2) - timedelta(milliseconds=1)).deferred] == ["a"], "one ms before the wait ends"
+    assert [e.event_id for e in plan(timedelta(minutes=2) - timedelta(milliseconds=1)).deferred] == ["a"], (
+        "one ms before the wait ends"
+    )
     done = plan(timedelta(minutes=2))
     assert done.deferred == () and [c.delta for c in done.corrections] == [Decimal(7)]
     with_row = plan(timedelta(seconds=1), WindowState(Decimal(5)))

@@ -40,7 +40,9 @@ def _queries(dashboard: dict) -> list[tuple[str, str]]:
     out += [(f"annotation {a['name']!r}", a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a]
     for var in dashboard["templating"]["list"]:
         if var["type"] == "query":
-            out.append((f"variable {var['name']}", re.fullmatch(r"label_values\((\w+), \w+\)", var["definition"]).group(1)))
+            out.append(
+                (f"variable {var['name']}", re.fullmatch(r"label_values\((\w+), \w+\)", var["definition"]).group(1))
+            )
     return out
 
 
@@ -64,7 +66,10 @@ def test_every_query_is_valid_promql(tmp_path, dashboard):
     promtool = shutil.which("promtool") or shutil.which("promtool", path="/usr/bin")
     if not promtool:
         pytest.fail("promtool not found: run scripts/setup.sh (installs Debian's prometheus package)")
-    rules = [{"record": f"meterflow:dashboard_query_{i}", "expr": _substituted(expr)} for i, (_, expr) in enumerate(_queries(dashboard))]
+    rules = [
+        {"record": f"meterflow:dashboard_query_{i}", "expr": _substituted(expr)}
+        for i, (_, expr) in enumerate(_queries(dashboard))
+    ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
@@ -95,7 +100,11 @@ def test_every_job_metric_has_a_panel(dashboard):
     for _, expr in _queries(dashboard):
         read |= promql_metric_names(expr)[0]
     # The held watermark is read through its lag gauge; the lateness buckets through a few chosen bounds.
-    expected = (USAGE_JOB_METRICS | BILLING_JOB_METRICS) - {OPERATOR_SCOPE + "meterflow_held_watermark"} - set(LATENESS_BUCKET_METRICS)
+    expected = (
+        (USAGE_JOB_METRICS | BILLING_JOB_METRICS)
+        - {OPERATOR_SCOPE + "meterflow_held_watermark"}
+        - set(LATENESS_BUCKET_METRICS)
+    )
     assert expected <= read, sorted(expected - read)
     assert OPERATOR_SCOPE + "meterflow_lateness_le_inf" in read
 
@@ -109,7 +118,7 @@ def test_dashboard_is_well_formed(dashboard):
     cells: dict[tuple[int, int], str] = {}
     for p in dashboard["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{p['title']} overlaps {cells[(x, y)]}"

@@ -39,7 +39,11 @@ def _options(ddl: str) -> dict[str, str]:
 def test_the_dead_letter_producer_takes_what_its_topic_takes(cfg):
     """max.request.size = the dead-letter topic's max.message.bytes; the other Kafka sinks keep the client default."""
     options = _options(dead_letter_sink_ddl(cfg))
-    assert options["properties.max.request.size"] == str(2_000_000 + DEAD_LETTER_HEADROOM_BYTES) == str(dead_letter_max_message_bytes(cfg))
+    assert (
+        options["properties.max.request.size"]
+        == str(2_000_000 + DEAD_LETTER_HEADROOM_BYTES)
+        == str(dead_letter_max_message_bytes(cfg))
+    )
     assert options["topic"] == "dl" and options["sink.delivery-guarantee"] == "exactly-once"
     assert options["sink.transactional-id-prefix"] == "meterflow-usage-dead-letter"
     assert "CREATE TABLE `dead_letter_sink`" in dead_letter_sink_ddl(cfg)
@@ -50,16 +54,27 @@ def test_the_dead_letter_producer_takes_what_its_topic_takes(cfg):
 def test_the_insert_bounds_payload_and_reason(cfg):
     """The payload cut to kafka.max_message_bytes, the reason bounded and told of a cut payload, both in the JVM."""
     sql = dead_letter_insert(cfg)
-    assert sql.startswith("INSERT INTO `dead_letter_sink`\nSELECT `bounded_payload`(`payload`, 2000000), `count_dead_letter`(`reject_reason`, `payload`, 2000000),")
-    assert "`source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\nFROM `classified_events` WHERE `reject_reason` IS NOT NULL" in sql
+    assert sql.startswith(
+        "INSERT INTO `dead_letter_sink`\nSELECT `bounded_payload`(`payload`, 2000000), `count_dead_letter`(`reject_reason`, `payload`, 2000000),"
+    )
+    assert (
+        "`source_topic`, `source_partition`, `source_offset`, LOCALTIMESTAMP\nFROM `classified_events` WHERE `reject_reason` IS NOT NULL"
+        in sql
+    )
 
 
 def test_a_second_sink_to_the_same_topic_is_one_call_each(cfg):
     """Another source of rejects: its own table and transactions, the same topic, the same bounds."""
     ddl = dead_letter_sink_ddl(cfg, table="guard_dead_letter_sink", purpose="guard-dead-letter")
     assert "CREATE TABLE `guard_dead_letter_sink`" in ddl
-    assert _options(ddl)["topic"] == "dl" and _options(ddl)["sink.transactional-id-prefix"] == "meterflow-usage-guard-dead-letter"
-    assert _options(ddl)["properties.max.request.size"] == _options(dead_letter_sink_ddl(cfg))["properties.max.request.size"]
+    assert (
+        _options(ddl)["topic"] == "dl"
+        and _options(ddl)["sink.transactional-id-prefix"] == "meterflow-usage-guard-dead-letter"
+    )
+    assert (
+        _options(ddl)["properties.max.request.size"]
+        == _options(dead_letter_sink_ddl(cfg))["properties.max.request.size"]
+    )
     sql = dead_letter_insert(cfg, table="guard_dead_letter_sink", source="guard_rejects", where="`refused`")
     assert sql.startswith("INSERT INTO `guard_dead_letter_sink`\nSELECT `bounded_payload`(`payload`, 2000000)")
     assert sql.endswith("FROM `guard_rejects` WHERE `refused`")

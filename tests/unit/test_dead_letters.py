@@ -39,11 +39,37 @@ MS = timedelta(milliseconds=1)
 
 
 def _event(event_id: str = "e1", tenant: str = "t1", customer: str = "c1", meter: str = "storage") -> bytes:
-    return encode_usage_event({"event_id": event_id, "tenant_id": tenant, "customer_id": customer, "meter": meter, "quantity": Decimal("1.5"), "event_time": T0, "dimensions": {}})
+    return encode_usage_event(
+        {
+            "event_id": event_id,
+            "tenant_id": tenant,
+            "customer_id": customer,
+            "meter": meter,
+            "quantity": Decimal("1.5"),
+            "event_time": T0,
+            "dimensions": {},
+        }
+    )
 
 
-def _letter(offset: int, *, partition: int = 0, reason: str = "unknown meter: storage", seen_at: datetime = T0, payload: bytes | None = None) -> DeadLetter:
-    return DeadLetter(partition, offset, _event(f"e{partition}-{offset}") if payload is None else payload, reason, "usage-events", 2, 1000 + offset, seen_at)
+def _letter(
+    offset: int,
+    *,
+    partition: int = 0,
+    reason: str = "unknown meter: storage",
+    seen_at: datetime = T0,
+    payload: bytes | None = None,
+) -> DeadLetter:
+    return DeadLetter(
+        partition,
+        offset,
+        _event(f"e{partition}-{offset}") if payload is None else payload,
+        reason,
+        "usage-events",
+        2,
+        1000 + offset,
+        seen_at,
+    )
 
 
 def _encode(letter: DeadLetter) -> bytes:
@@ -154,15 +180,25 @@ def test_offsets_are_inclusive_at_both_ends_in_every_partition():
 
 
 def test_reason_contains_is_any_substring_case_insensitive():
-    letters = [_letter(0), _letter(1, reason="malformed Avro: EOF"), _letter(2, reason="contract: meter is 65 bytes, at most 64")]
+    letters = [
+        _letter(0),
+        _letter(1, reason="malformed Avro: EOF"),
+        _letter(2, reason="contract: meter is 65 bytes, at most 64"),
+    ]
     assert [d.offset for d in select(letters, Criteria(reason_contains=("STORAGE",)))] == [0]
     assert [d.offset for d in select(letters, Criteria(reason_contains=("eof", "at most")))] == [1, 2]
-    assert [d.offset for d in select(letters, Criteria(reason_contains=("meter",), kinds=("contract",)))] == [2]  # conditions combine with AND
+    assert [d.offset for d in select(letters, Criteria(reason_contains=("meter",), kinds=("contract",)))] == [
+        2
+    ]  # conditions combine with AND
 
 
 def test_limit_takes_the_oldest_first_at_and_past_the_count():
     """Oldest seen_at first across partitions, ties by partition then offset."""
-    letters = [_letter(5, partition=1, seen_at=T0), _letter(9, partition=0, seen_at=T0 + MS), _letter(3, partition=0, seen_at=T0)]
+    letters = [
+        _letter(5, partition=1, seen_at=T0),
+        _letter(9, partition=0, seen_at=T0 + MS),
+        _letter(3, partition=0, seen_at=T0),
+    ]
     assert [(d.partition, d.offset) for d in select(letters, Criteria())] == [(0, 3), (1, 5), (0, 9)]
     assert [(d.partition, d.offset) for d in select(letters, Criteria(limit=2))] == [(0, 3), (1, 5)]
     assert len(select(letters, Criteria(limit=3))) == 3  # exactly the count
@@ -204,8 +240,14 @@ def test_records_that_are_not_dead_letters_are_reported_apart():
 def test_a_payload_the_job_cut_is_known_by_its_reason_and_length():
     """udf/ CountDeadLetter appends "; payload cut to N of M bytes" when BoundedPayload kept N of M."""
     cut = _letter(0, reason="malformed Avro: EOF; payload cut to 4 of 9 bytes", payload=b"abcd")
-    after_cut_reason = _letter(1, reason="contract: " + "x" * 10 + "… (reason cut at 1000 characters); payload cut to 2 of 3 bytes", payload=b"ab")
-    quoted = _letter(2, reason="unknown meter: ; payload cut to 4 of 9 bytes", payload=b"abcdef")  # a meter name that says so: length differs
+    after_cut_reason = _letter(
+        1,
+        reason="contract: " + "x" * 10 + "… (reason cut at 1000 characters); payload cut to 2 of 3 bytes",
+        payload=b"ab",
+    )
+    quoted = _letter(
+        2, reason="unknown meter: ; payload cut to 4 of 9 bytes", payload=b"abcdef"
+    )  # a meter name that says so: length differs
     not_longer = _letter(3, reason="malformed Avro: EOF; payload cut to 4 of 4 bytes", payload=b"abcd")
     assert [d.payload_cut for d in (cut, after_cut_reason, quoted, not_longer)] == [True, True, False, False]
     assert replayable([cut, quoted, after_cut_reason]) == ([quoted], [cut, after_cut_reason])
@@ -241,7 +283,14 @@ def test_one_line_escapes_control_characters_and_cuts_at_the_width():
 
 def test_table_row_shows_place_time_source_kind_reason_and_size():
     letter = _letter(7, partition=2, reason="unknown meter: sto\nrage", seen_at=T0 + 5 * MS, payload=b"12345")
-    assert table_row(letter) == ("2/7", "2026-03-01 12:00:00.005", "usage-events/2/1007", "unknown_meter", "unknown meter: sto\\u000arage", "5")
+    assert table_row(letter) == (
+        "2/7",
+        "2026-03-01 12:00:00.005",
+        "usage-events/2/1007",
+        "unknown_meter",
+        "unknown meter: sto\\u000arage",
+        "5",
+    )
 
 
 def test_counts_by_kind_most_first():
@@ -253,7 +302,13 @@ def test_json_output_shape():
     letter = _letter(4, partition=1, seen_at=T0 + 5 * MS)
     doc = json.loads(to_json("dead", 10, [letter, _letter(5, payload=b"\x01")], []))
     assert set(doc) == {"topic", "read", "selected", "by_kind", "dead_letters", "unreadable"}
-    assert (doc["topic"], doc["read"], doc["selected"], doc["by_kind"], doc["unreadable"]) == ("dead", 10, 2, {"unknown_meter": 2}, [])
+    assert (doc["topic"], doc["read"], doc["selected"], doc["by_kind"], doc["unreadable"]) == (
+        "dead",
+        10,
+        2,
+        {"unknown_meter": 2},
+        [],
+    )
     first = doc["dead_letters"][0]
     assert first == {
         "partition": 1, "offset": 4, "seen_at": "2026-03-01T12:00:00.005+00:00", "source_topic": "usage-events", "source_partition": 2,
@@ -314,7 +369,12 @@ def test_list_json_through_the_command(cli_env):
     result = cli_env["run"]("list", "--json", "--kind", "unknown_meter")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert (doc["topic"], doc["read"], doc["selected"], [d["offset"] for d in doc["dead_letters"]]) == ("dead", 2, 1, [0])
+    assert (doc["topic"], doc["read"], doc["selected"], [d["offset"] for d in doc["dead_letters"]]) == (
+        "dead",
+        2,
+        1,
+        [0],
+    )
     assert cli_env["sent"] == []
 
 
@@ -327,7 +387,11 @@ def test_list_table_never_reads_a_reason_as_markup(cli_env):
 
 def test_replay_sends_payloads_unchanged_keyed_when_they_decode(cli_env):
     odd = b"\xde\xad"
-    cli_env["letters"] = [_letter(0, seen_at=T0), _letter(1, payload=odd, seen_at=T0 + MS), _letter(2, reason="contract: x")]
+    cli_env["letters"] = [
+        _letter(0, seen_at=T0),
+        _letter(1, payload=odd, seen_at=T0 + MS),
+        _letter(2, reason="contract: x"),
+    ]
     result = cli_env["run"]("replay", "--kind", "unknown_meter", "--yes")
     assert result.exit_code == 0, result.output
     [(topic, records, max_request_size)] = cli_env["sent"]
@@ -337,7 +401,10 @@ def test_replay_sends_payloads_unchanged_keyed_when_they_decode(cli_env):
 
 
 def test_replay_never_sends_a_cut_payload(cli_env):
-    cli_env["letters"] = [_letter(0), _letter(1, reason="malformed Avro: EOF; payload cut to 2 of 5 bytes", payload=b"ab")]
+    cli_env["letters"] = [
+        _letter(0),
+        _letter(1, reason="malformed Avro: EOF; payload cut to 2 of 5 bytes", payload=b"ab"),
+    ]
     result = cli_env["run"]("replay", "--yes")
     assert result.exit_code == 0, result.output
     assert [v for _, v in cli_env["sent"][0][1]] == [_event("e0-0")]
@@ -360,7 +427,11 @@ def test_replay_asks_above_the_threshold_and_not_at_it(cli_env):
     at_threshold = cli_env["run"]("replay", "--limit", str(CONFIRM_ABOVE))
     assert at_threshold.exit_code == 0 and len(cli_env["sent"][0][1]) == CONFIRM_ABOVE  # exactly at it: not asked
     confirmed = cli_env["run"]("replay", "--to-topic", "elsewhere", stdin="y\n")
-    assert confirmed.exit_code == 0 and cli_env["sent"][1][0] == "elsewhere" and len(cli_env["sent"][1][1]) == CONFIRM_ABOVE + 1
+    assert (
+        confirmed.exit_code == 0
+        and cli_env["sent"][1][0] == "elsewhere"
+        and len(cli_env["sent"][1][1]) == CONFIRM_ABOVE + 1
+    )
 
 
 def test_replay_to_the_dead_letter_topic_is_refused(cli_env):
@@ -375,8 +446,28 @@ def test_bad_time_is_a_usage_error(cli_env):
 
 def test_options_reach_the_reader_as_criteria(cli_env):
     """--from-offset decides where reading starts; naive --since is UTC."""
-    result = cli_env["run"]("list", "--since", "2026-03-01T12:00:00", "--until", "1772366400001", "--partition", "1", "--from-offset", "5", "--to-offset", "9", "--limit", "3", "--reason-contains", "a", "--reason-contains", "b")
+    result = cli_env["run"](
+        "list",
+        "--since",
+        "2026-03-01T12:00:00",
+        "--until",
+        "1772366400001",
+        "--partition",
+        "1",
+        "--from-offset",
+        "5",
+        "--to-offset",
+        "9",
+        "--limit",
+        "3",
+        "--reason-contains",
+        "a",
+        "--reason-contains",
+        "b",
+    )
     assert result.exit_code == 0, result.output
     [(topic, criteria)] = cli_env["read_from"]
     assert topic == "dead"
-    assert criteria == Criteria(reason_contains=("a", "b"), since=T0, until=T0 + MS, partition=1, from_offset=5, to_offset=9, limit=3)
+    assert criteria == Criteria(
+        reason_contains=("a", "b"), since=T0, until=T0 + MS, partition=1, from_offset=5, to_offset=9, limit=3
+    )

@@ -18,8 +18,13 @@ from tests.conftest import REPO_ROOT
 
 PROJECT_PACKAGES = {"meterflow", "jobs", "connectors", "sinks", "bench", "tests"}
 ROOF = ("meterflow.commands", "meterflow.local")
-GROUND = [*sorted((REPO_ROOT / "meterflow").glob("*.py")), *(p for d in ("jobs", "connectors", "sinks") for p in sorted((REPO_ROOT / d).rglob("*.py")))]
-LAYERS = [(path, ROOF) for path in GROUND] + [(path, ("meterflow.commands",)) for path in sorted((REPO_ROOT / "meterflow" / "local").rglob("*.py"))]
+GROUND = [
+    *sorted((REPO_ROOT / "meterflow").glob("*.py")),
+    *(p for d in ("jobs", "connectors", "sinks") for p in sorted((REPO_ROOT / d).rglob("*.py"))),
+]
+LAYERS = [(path, ROOF) for path in GROUND] + [
+    (path, ("meterflow.commands",)) for path in sorted((REPO_ROOT / "meterflow" / "local").rglob("*.py"))
+]
 CLIENTS = [p for d in ("bench", "tests") for p in sorted((REPO_ROOT / d).rglob("*.py"))]
 
 
@@ -98,7 +103,13 @@ def private_uses(path: Path) -> list[str]:
             if called in ("setattr", "getattr", "delattr") and len(node.args) >= 2:
                 target, name = node.args[0], node.args[1]
                 root = _root_name(target)
-                if isinstance(name, ast.Constant) and isinstance(name.value, str) and _private(name.value.rsplit(".", 1)[-1]) and isinstance(root, ast.Name) and root.id in bound:
+                if (
+                    isinstance(name, ast.Constant)
+                    and isinstance(name.value, str)
+                    and _private(name.value.rsplit(".", 1)[-1])
+                    and isinstance(root, ast.Name)
+                    and root.id in bound
+                ):
                     found.append(f"line {node.lineno}: {called}({ast.unparse(target)}, {name.value!r})")
     return found
 
@@ -122,7 +133,9 @@ def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "REPO_ROOT", tmp_path)
     (tmp_path / "sinks").mkdir()
     ground = tmp_path / "sinks" / "x.py"
-    ground.write_text("from meterflow import local\nimport meterflow.commands.root\nfrom meterflow.config import JobConfig\n")
+    ground.write_text(
+        "from meterflow import local\nimport meterflow.commands.root\nfrom meterflow.config import JobConfig\n"
+    )
     assert {m for m in imported_modules(ground) if m.startswith(ROOF)} == {"meterflow.local", "meterflow.commands.root"}
     (tmp_path / "tests").mkdir()
     client = tmp_path / "tests" / "test_x.py"

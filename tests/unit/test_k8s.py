@@ -29,7 +29,16 @@ def _kubeconform() -> str:
 
 def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
     """kubeconform -strict against the committed schemas only (no network: no other schema location)."""
-    args = [_kubeconform(), "-strict", "-summary", "-output", "text", "-schema-location", SCHEMA_LOCATION, *map(str, paths)]
+    args = [
+        _kubeconform(),
+        "-strict",
+        "-summary",
+        "-output",
+        "text",
+        "-schema-location",
+        SCHEMA_LOCATION,
+        *map(str, paths),
+    ]
     return subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
 
 
@@ -48,7 +57,9 @@ def _of_kind(resources: list[dict], kind: str) -> list[dict]:
 
 
 def _env(deployment: dict) -> dict[str, dict]:
-    container = next(c for c in deployment["spec"]["podTemplate"]["spec"]["containers"] if c["name"] == "flink-main-container")
+    container = next(
+        c for c in deployment["spec"]["podTemplate"]["spec"]["containers"] if c["name"] == "flink-main-container"
+    )
     return {e["name"]: e for e in container["env"]}
 
 
@@ -93,7 +104,9 @@ def test_topics_match_the_config(resources, cfg):
     """One KafkaTopic for each topic of meterflow.yaml, with its partitions, on the Kafka cluster of kafka.yaml."""
     k = cfg.kafka
     topics = _of_kind(resources, "KafkaTopic")
-    assert sorted(t["metadata"]["name"] for t in topics) == sorted([k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic])
+    assert sorted(t["metadata"]["name"] for t in topics) == sorted(
+        [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic]
+    )
     (kafka,) = _of_kind(resources, "Kafka")
     brokers = sum(p["spec"]["replicas"] for p in _of_kind(resources, "KafkaNodePool") if "broker" in p["spec"]["roles"])
     for t in topics:
@@ -108,7 +121,10 @@ def test_topic_configs_match_the_project(resources, cfg):
     from connectors.topics import MAX_MESSAGE_BYTES, TIMESTAMP_TYPE, topic_configs
 
     managed = (MAX_MESSAGE_BYTES, TIMESTAMP_TYPE)
-    declared = {t["metadata"]["name"]: {k: str(v) for k, v in t["spec"].get("config", {}).items() if k in managed} for t in _of_kind(resources, "KafkaTopic")}
+    declared = {
+        t["metadata"]["name"]: {k: str(v) for k, v in t["spec"].get("config", {}).items() if k in managed}
+        for t in _of_kind(resources, "KafkaTopic")
+    }
     assert declared == topic_configs(cfg)
 
 
@@ -119,7 +135,9 @@ def test_kafka_supports_the_jobs_transactions(resources, cfg):
     assert conf["transaction.state.log.replication.factor"] > conf["transaction.state.log.min.isr"] >= 2
     assert conf["transaction.max.timeout.ms"] >= cfg.kafka.transaction_timeout.total_seconds() * 1000
     assert [listener["type"] for listener in kafka["spec"]["kafka"]["listeners"]] == ["internal"]
-    assert {p["metadata"]["labels"]["strimzi.io/cluster"] for p in _of_kind(resources, "KafkaNodePool")} == {kafka["metadata"]["name"]}
+    assert {p["metadata"]["labels"]["strimzi.io/cluster"] for p in _of_kind(resources, "KafkaNodePool")} == {
+        kafka["metadata"]["name"]
+    }
 
 
 def test_job_names_and_scripts_match_the_config(resources, cfg):
@@ -138,7 +156,11 @@ def test_deployment_config_loads_and_points_at_the_cluster(resources, cfg, which
     name = cfg.flink.job_name if which == "usage" else cfg.billing_job_name
     deployment = next(d for d in _of_kind(resources, "FlinkDeployment") if d["metadata"]["name"] == name)
     env = {k: e["value"] for k, e in _env(deployment).items() if k.startswith("METERFLOW_") and "value" in e}
-    overrides = {k: v for k, v in env.items() if k not in SECRET_ENV_KEYS and not k.endswith(SECRET_FILE_SUFFIX) and k != "METERFLOW_CONFIG"}
+    overrides = {
+        k: v
+        for k, v in env.items()
+        if k not in SECRET_ENV_KEYS and not k.endswith(SECRET_FILE_SUFFIX) and k != "METERFLOW_CONFIG"
+    }
     pod_cfg = load_config(REPO_ROOT / "meterflow.yaml", environ=overrides)
     (kafka,) = _of_kind(resources, "Kafka")
     port = next(listener["port"] for listener in kafka["spec"]["kafka"]["listeners"] if listener["type"] == "internal")
@@ -154,10 +176,14 @@ def test_deployment_config_loads_and_points_at_the_cluster(resources, cfg, which
 
 def test_deployments_run_ha_with_savepoint_upgrades(resources):
     """Application mode, Kubernetes HA, checkpoints/savepoints/HA data on S3, savepoint upgrades, the image's Flink version."""
-    flink = re.search(r"^FROM flink:(\d+)\.(\d+)\.(\d+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text(), re.MULTILINE).groups()
+    flink = re.search(
+        r"^FROM flink:(\d+)\.(\d+)\.(\d+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text(), re.MULTILINE
+    ).groups()
     for d in _of_kind(resources, "FlinkDeployment"):
         spec, conf = d["spec"], d["spec"]["flinkConfiguration"]
-        assert spec["mode"] == "native" and spec["job"]["upgradeMode"] == "savepoint" and spec["job"]["state"] == "running"
+        assert (
+            spec["mode"] == "native" and spec["job"]["upgradeMode"] == "savepoint" and spec["job"]["state"] == "running"
+        )
         assert spec["flinkVersion"] == f"v{flink[0]}_{flink[1]}"
         assert spec["job"]["jarURI"] == f"local:///opt/flink/opt/flink-python-{'.'.join(flink)}.jar"
         assert conf["high-availability.type"] == "kubernetes"
@@ -166,7 +192,12 @@ def test_deployments_run_ha_with_savepoint_upgrades(resources):
         assert conf["kubernetes.rest-service.exposed.type"] == "ClusterIP"
         venv = re.search(r"VIRTUAL_ENV=(\S+)", (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text()).group(1)
         args = spec["job"]["args"]
-        assert args[args.index("-pyclientexec") + 1] == conf["python.executable"] == conf["python.client.executable"] == f"{venv}/bin/python3"
+        assert (
+            args[args.index("-pyclientexec") + 1]
+            == conf["python.executable"]
+            == conf["python.client.executable"]
+            == f"{venv}/bin/python3"
+        )
         assert _env(d)["ENABLE_BUILT_IN_PLUGINS"]["value"] == f"flink-s3-fs-hadoop-{'.'.join(flink)}.jar"
 
 
@@ -188,7 +219,9 @@ def test_secrets_are_mounted_files_never_values(resources):
                 if name.endswith(SECRET_FILE_SUFFIX):
                     assert entry["value"] in files, f"{d['metadata']['name']}: {name} names no mounted secret file"
                 else:
-                    assert "secretKeyRef" in entry.get("valueFrom", {}), f"{d['metadata']['name']}: {name} has a literal value"
+                    assert "secretKeyRef" in entry.get("valueFrom", {}), (
+                        f"{d['metadata']['name']}: {name} has a literal value"
+                    )
         assert files[env["METERFLOW_POSTGRES_PASSWORD_FILE"]["value"]] == ("meterflow-postgres", "password")
 
 
@@ -214,13 +247,29 @@ def test_corrections_follower_runs_beside_the_usage_jobmanagers(resources, cfg):
     JobManager pod of the usage job, on the image's config pointed at the cluster, billing on, its
     metrics port declared, the Postgres password from the mounted secret."""
     usage = next(d for d in _of_kind(resources, "FlinkDeployment") if d["metadata"]["name"] == cfg.flink.job_name)
-    [follower] = [c for c in usage["spec"]["jobManager"]["podTemplate"]["spec"]["containers"] if c["name"] == "corrections-follower"]
-    assert follower["command"] == ["meterflow", "--config", "/opt/meterflow/meterflow.yaml", "corrections", "apply", "--follow"]
+    [follower] = [
+        c
+        for c in usage["spec"]["jobManager"]["podTemplate"]["spec"]["containers"]
+        if c["name"] == "corrections-follower"
+    ]
+    assert follower["command"] == [
+        "meterflow",
+        "--config",
+        "/opt/meterflow/meterflow.yaml",
+        "corrections",
+        "apply",
+        "--follow",
+    ]
     assert follower["image"] == usage["spec"]["image"]
     env = {e["name"]: e["value"] for e in follower["env"]}
-    pod_cfg = load_config(REPO_ROOT / "meterflow.yaml", environ={k: v for k, v in env.items() if not k.endswith(SECRET_FILE_SUFFIX)})
+    pod_cfg = load_config(
+        REPO_ROOT / "meterflow.yaml", environ={k: v for k, v in env.items() if not k.endswith(SECRET_FILE_SUFFIX)}
+    )
     main = {k: e.get("value") for k, e in _env(usage).items()}
-    assert pod_cfg.kafka.bootstrap_servers == main["METERFLOW_KAFKA__BOOTSTRAP_SERVERS"] and pod_cfg.postgres.host == main["METERFLOW_POSTGRES__HOST"]
+    assert (
+        pod_cfg.kafka.bootstrap_servers == main["METERFLOW_KAFKA__BOOTSTRAP_SERVERS"]
+        and pod_cfg.postgres.host == main["METERFLOW_POSTGRES__HOST"]
+    )
     assert pod_cfg.billing.enabled
     assert [p["containerPort"] for p in follower["ports"]] == [pod_cfg.corrections.metrics_port]
     mounts = {m["name"]: m["mountPath"] for m in follower["volumeMounts"]}

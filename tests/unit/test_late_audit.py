@@ -35,7 +35,10 @@ RECORDS = [
 ]
 
 
-@pytest.mark.parametrize(("values", "q", "expected"), [([1], 0.5, 1), ([1, 2, 3, 4], 0.5, 2), ([1, 2, 3, 4], 0.9, 4), (list(range(1, 101)), 0.9, 90), ([5, 6], 1.0, 6)])
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [([1], 0.5, 1), ([1, 2, 3, 4], 0.5, 2), ([1, 2, 3, 4], 0.9, 4), (list(range(1, 101)), 0.9, 90), ([5, 6], 1.0, 6)],
+)
 def test_percentile_nearest_rank(values, q, expected):
     """Nearest-rank percentiles of sorted integer latenesses."""
     assert percentile(values, q) == expected
@@ -68,7 +71,15 @@ def test_select_compares_aware_times_in_utc():
     01:00:30 at UTC+1 is 00:00:30 UTC, inside [W1, W2)."""
     from datetime import timedelta, timezone
 
-    elsewhere = _late("t3", "c1", "tokens", W1, "1", 10, event_time=datetime(2026, 1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))))
+    elsewhere = _late(
+        "t3",
+        "c1",
+        "tokens",
+        W1,
+        "1",
+        10,
+        event_time=datetime(2026, 1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))),
+    )
     assert select([elsewhere], since=W1, until=W2) == [elsewhere]
     assert select([elsewhere], since=W2) == []
 
@@ -91,9 +102,17 @@ def test_histogram_is_a_png(tmp_path):
 def test_summary_marks_corrected_and_uncorrectable_events():
     """With the recorded outcomes, each group counts its corrected and its not-correctable late events."""
     records = [{**r, "event_id": f"e{i}"} for i, r in enumerate(RECORDS)]
-    outcomes = {("t1", "e0"): "corrected (applied)", ("t1", "e1"): "corrected (pending)", ("t1", "e2"): "not corrected", ("t2", "e3"): "corrected (applied)"}
+    outcomes = {
+        ("t1", "e0"): "corrected (applied)",
+        ("t1", "e1"): "corrected (pending)",
+        ("t1", "e2"): "not corrected",
+        ("t2", "e3"): "corrected (applied)",
+    }
     rows = {(r.customer_id, r.window_start): r for r in summarize(records, by="window", outcomes=outcomes)}
     top = rows[("c1", "2026-01-01 00:00:00")]
     assert (top.count, top.corrected, top.not_corrected) == (3, 2, 1)
-    assert (rows[("c2", "2026-01-01 00:01:00")].corrected, rows[("c2", "2026-01-01 00:01:00")].not_corrected) == (0, 0), "t1/e3 is not t2/e3"
+    assert (rows[("c2", "2026-01-01 00:01:00")].corrected, rows[("c2", "2026-01-01 00:01:00")].not_corrected) == (
+        0,
+        0,
+    ), "t1/e3 is not t2/e3"
     assert list(csv.DictReader(io.StringIO(to_csv(list(rows.values())))))[0].keys() >= {"corrected", "not_corrected"}

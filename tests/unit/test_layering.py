@@ -8,7 +8,35 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-PURE_MODULES = ["jobs/windowing.py", "jobs/plan.py", "jobs/sql.py", "jobs/source_plan.py", "connectors/avro_types.py", "sinks/postgres_schema.py", "sinks/idempotency.py", "sinks/retry.py", "sinks/billing.py", "sinks/ledger_schema.py", "sinks/reconcile.py", "jobs/billing_plan.py", "sinks/delivery.py", "meterflow/config.py", "meterflow/config_values.py", "meterflow/input_contract.py", "meterflow/dead_letters.py", "connectors/topics.py", "meterflow/errors.py", "meterflow/metrics_conf.py", "meterflow/security.py", "meterflow/corrections.py", "sinks/corrections_schema.py", "meterflow/retained_state.py", "meterflow/reprocess.py", "jobs/reprocess_plan.py", "sinks/reprocess_schema.py"]
+PURE_MODULES = [
+    "jobs/windowing.py",
+    "jobs/plan.py",
+    "jobs/sql.py",
+    "jobs/source_plan.py",
+    "connectors/avro_types.py",
+    "sinks/postgres_schema.py",
+    "sinks/idempotency.py",
+    "sinks/retry.py",
+    "sinks/billing.py",
+    "sinks/ledger_schema.py",
+    "sinks/reconcile.py",
+    "jobs/billing_plan.py",
+    "sinks/delivery.py",
+    "meterflow/config.py",
+    "meterflow/config_values.py",
+    "meterflow/input_contract.py",
+    "meterflow/dead_letters.py",
+    "connectors/topics.py",
+    "meterflow/errors.py",
+    "meterflow/metrics_conf.py",
+    "meterflow/security.py",
+    "meterflow/corrections.py",
+    "sinks/corrections_schema.py",
+    "meterflow/retained_state.py",
+    "meterflow/reprocess.py",
+    "jobs/reprocess_plan.py",
+    "sinks/reprocess_schema.py",
+]
 FORBIDDEN = ("pyflink", "psycopg", "kafka", "stripe", "requests", "urllib", "httpx")
 
 

@@ -47,7 +47,15 @@ def _java_lateness_buckets() -> tuple[int, ...]:
 
 def _python_registered() -> set[str]:
     text = (REPO_ROOT / "sinks" / "billing_operator.py").read_text()
-    names = {OPERATOR_SCOPE + f"meterflow_billing_{n}" for n in re.search(r'counter\(f"billing_\{name\}"\) for name in \(([^)]*)\)', text).group(1).replace('"', "").replace(" ", "").split(",")}
+    names = {
+        OPERATOR_SCOPE + f"meterflow_billing_{n}"
+        for n in re.search(r"OUTCOME_COUNTERS = \(([^)]*)\)", text)
+        .group(1)
+        .replace('"', "")
+        .replace(" ", "")
+        .split(",")
+    }
+    assert 'group.counter(f"billing_{name}") for name in OUTCOME_COUNTERS' in text
     # Registered in a ``group = ...add_group("meterflow")``: counters and gauges.
     assert text.count('group = runtime_context.get_metrics_group().add_group("meterflow")') == 2
     names |= {OPERATOR_SCOPE + "meterflow_" + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
@@ -64,7 +72,9 @@ def test_lateness_histogram_buckets_match_udf():
     assert _java_lateness_buckets() == LATENESS_BUCKETS_MS
     assert list(LATENESS_BUCKETS_MS) == sorted(set(LATENESS_BUCKETS_MS))
     histogram = (UDF / "LatenessHistogram.java").read_text()
-    assert 'group.counter("lateness_le_" + BUCKETS_MS[i])' in histogram and 'group.counter("lateness_le_inf")' in histogram
+    assert (
+        'group.counter("lateness_le_" + BUCKETS_MS[i])' in histogram and 'group.counter("lateness_le_inf")' in histogram
+    )
     assert "new LatenessHistogram(group)" in (UDF / "LatenessClassifier.java").read_text()
     assert len(LATENESS_BUCKET_METRICS) == len(LATENESS_BUCKETS_MS) + 1
 
@@ -76,7 +86,7 @@ def test_billing_job_metrics_are_the_ones_the_operator_registers():
 def test_dead_letter_kinds_are_a_prefix_family():
     """CountDeadLetter registers one counter per kind under meterflow.dead_letter: the catalog has its prefix."""
     assert 'addGroup("dead_letter").counter(k)' in (UDF / "CountDeadLetter.java").read_text()
-    assert METRIC_PREFIXES == {OPERATOR_SCOPE + "meterflow_dead_letter_"}
+    assert {OPERATOR_SCOPE + "meterflow_dead_letter_"} == METRIC_PREFIXES
 
 
 def test_promql_names_and_prefixes():
@@ -88,10 +98,18 @@ def test_promql_names_and_prefixes():
 def test_unknown_names_are_reported():
     known = f"rate({OPERATOR_SCOPE}meterflow_late_records[5m])"
     assert unknown_metrics(known) == []
-    assert unknown_metrics(f"rate({OPERATOR_SCOPE}meterflow_late_recrods[5m])") == [f"{OPERATOR_SCOPE}meterflow_late_recrods"]
-    assert unknown_metrics('{__name__=~"flink_taskmanager_job_task_operator_meterflow_nope_.+"}') == ["flink_taskmanager_job_task_operator_meterflow_nope_.+"]
+    assert unknown_metrics(f"rate({OPERATOR_SCOPE}meterflow_late_recrods[5m])") == [
+        f"{OPERATOR_SCOPE}meterflow_late_recrods"
+    ]
+    assert unknown_metrics('{__name__=~"flink_taskmanager_job_task_operator_meterflow_nope_.+"}') == [
+        "flink_taskmanager_job_task_operator_meterflow_nope_.+"
+    ]
 
 
-@pytest.mark.parametrize("rule", [r for g in yaml.safe_load((REPO_ROOT / "ops" / "alerts.yml").read_text())["groups"] for r in g["rules"]], ids=lambda r: r.get("alert", "?"))
+@pytest.mark.parametrize(
+    "rule",
+    [r for g in yaml.safe_load((REPO_ROOT / "ops" / "alerts.yml").read_text())["groups"] for r in g["rules"]],
+    ids=lambda r: r.get("alert", "?"),
+)
 def test_alert_rules_read_exported_metrics(rule):
     assert unknown_metrics(rule["expr"]) == []

@@ -9,8 +9,14 @@ import pytest
 from meterflow.config import load_config
 from meterflow.config_values import parse_port_range
 from meterflow.errors import ConfigError
-from meterflow.metrics_conf import LOOPBACK_REPORTER_FACTORY, flink_reporter_conf, local_prometheus_config, prometheus_config, scrape_targets
 from meterflow.local.flink import render_flink_conf
+from meterflow.metrics_conf import (
+    LOOPBACK_REPORTER_FACTORY,
+    flink_reporter_conf,
+    local_prometheus_config,
+    prometheus_config,
+    scrape_targets,
+)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +55,16 @@ def test_reporter_conf_binds_loopback():
 
 def test_reporter_conf_replaces_the_stock_factory_of_the_cluster_config():
     """Rendered over flink-conf's stock reporter, the local cluster's config names the loopback one."""
-    base = {"metrics": {"reporter": {"prom": {"factory": {"class": "org.apache.flink.metrics.prometheus.PrometheusReporterFactory"}, "port": 9249}}}}
+    base = {
+        "metrics": {
+            "reporter": {
+                "prom": {
+                    "factory": {"class": "org.apache.flink.metrics.prometheus.PrometheusReporterFactory"},
+                    "port": 9249,
+                }
+            }
+        }
+    }
     prom = render_flink_conf(base, flink_reporter_conf("19249,19250"))["metrics"]["reporter"]["prom"]
     assert prom == {"factory": {"class": LOOPBACK_REPORTER_FACTORY}, "port": "19249,19250", "host": "127.0.0.1"}
 
@@ -59,16 +74,23 @@ def test_prometheus_config_scrapes_every_reporter_port():
     conf = prometheus_config(scrape_targets("127.0.0.1", (9249, 9250)), timedelta(seconds=5), ["/x/alerts.yml"])
     assert conf["global"] == {"scrape_interval": "5s", "evaluation_interval": "5s", "scrape_timeout": "5s"}
     assert conf["rule_files"] == ["/x/alerts.yml"]
-    assert conf["scrape_configs"] == [{"job_name": "flink", "static_configs": [{"targets": ["127.0.0.1:9249", "127.0.0.1:9250"]}]}]
+    assert conf["scrape_configs"] == [
+        {"job_name": "flink", "static_configs": [{"targets": ["127.0.0.1:9249", "127.0.0.1:9250"]}]}
+    ]
 
 
 def test_local_prometheus_config_follows_the_typed_config(write_config):
     """The stack's Prometheus config comes from stack.flink_metrics_ports and stack.prometheus_scrape_interval."""
-    cfg = load_config(write_config("stack:\n  flink_metrics_ports: 19249-19250\n  prometheus_scrape_interval: 2s\n"), environ={})
+    cfg = load_config(
+        write_config("stack:\n  flink_metrics_ports: 19249-19250\n  prometheus_scrape_interval: 2s\n"), environ={}
+    )
     conf = local_prometheus_config(cfg)
     assert conf["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:19249", "127.0.0.1:19250"]
     assert conf["global"]["scrape_interval"] == "2s"
-    assert conf["scrape_configs"][1] == {"job_name": "meterflow-corrections", "static_configs": [{"targets": ["127.0.0.1:9260"]}]}, "the corrections follower"
+    assert conf["scrape_configs"][1] == {
+        "job_name": "meterflow-corrections",
+        "static_configs": [{"targets": ["127.0.0.1:9260"]}],
+    }, "the corrections follower"
     off = load_config(write_config("corrections:\n  metrics_port: 0\n"), environ={})
     assert [j["job_name"] for j in local_prometheus_config(off)["scrape_configs"]] == ["flink"]
 
@@ -77,8 +99,14 @@ def test_defaults_and_env_override(write_config):
     """Defaults: Prometheus on 9090, reporters on 9249-9252; both overridable from the environment."""
     cfg = load_config(write_config(""), environ={})
     assert (cfg.stack.prometheus_port, cfg.stack.flink_metrics_ports) == (9090, "9249-9252")
-    assert load_config(write_config("stack:\n  flink_metrics_ports: 19249\n"), environ={}).stack.flink_metrics_ports == "19249"
-    cfg = load_config(write_config(""), environ={"METERFLOW_STACK__PROMETHEUS_PORT": "19090", "METERFLOW_STACK__FLINK_METRICS_PORTS": "19249,19250"})
+    assert (
+        load_config(write_config("stack:\n  flink_metrics_ports: 19249\n"), environ={}).stack.flink_metrics_ports
+        == "19249"
+    )
+    cfg = load_config(
+        write_config(""),
+        environ={"METERFLOW_STACK__PROMETHEUS_PORT": "19090", "METERFLOW_STACK__FLINK_METRICS_PORTS": "19249,19250"},
+    )
     assert (cfg.stack.prometheus_port, cfg.stack.flink_metrics_ports) == (19090, "19249,19250")
 
 

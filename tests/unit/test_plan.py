@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from datetime import timedelta
 
 import pytest
@@ -18,10 +17,10 @@ from jobs.plan import (
     dead_letter_insert,
     dead_letter_sink_ddl,
     dedup_query,
-    routed_query,
-    quantity_expr,
     late_events_insert,
     late_events_sink_ddl,
+    quantity_expr,
+    routed_query,
     state_backend_options,
     table_options,
     usage_windows_sink_ddl,
@@ -36,12 +35,22 @@ from sinks.postgres_schema import check_identifier, usage_table_ddl
 
 @pytest.fixture
 def cfg(write_config):
-    return load_config(write_config("event_time:\n  window_size: 5m\n  watermark_delay: 1500ms\n  source_idle_timeout: 30s\nkafka:\n  usage_events_topic: in-topic\n"), environ={})
+    return load_config(
+        write_config(
+            "event_time:\n  window_size: 5m\n  watermark_delay: 1500ms\n  source_idle_timeout: 30s\nkafka:\n  usage_events_topic: in-topic\n"
+        ),
+        environ={},
+    )
 
 
 @pytest.mark.parametrize(
     ("value", "literal"),
-    [(timedelta(seconds=60), "INTERVAL '60' SECOND"), (timedelta(milliseconds=1500), "INTERVAL '1.500' SECOND(3)"), (timedelta(0), "INTERVAL '0' SECOND"), (timedelta(milliseconds=5), "INTERVAL '0.005' SECOND(3)")],
+    [
+        (timedelta(seconds=60), "INTERVAL '60' SECOND"),
+        (timedelta(milliseconds=1500), "INTERVAL '1.500' SECOND(3)"),
+        (timedelta(0), "INTERVAL '0' SECOND"),
+        (timedelta(milliseconds=5), "INTERVAL '0.005' SECOND(3)"),
+    ],
 )
 def test_sql_interval(value, literal):
     """Durations become exact interval literals."""
@@ -79,13 +88,18 @@ def test_watermark_only_from_plausible_event_times(cfg):
 
 def test_validation_rules_follow_the_meter_config(write_config):
     """Undecodable values, unknown meters, empty ids, forbidden negatives and out-of-range times each have a reason."""
-    cfg = load_config(write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={})
+    cfg = load_config(
+        write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={}
+    )
     sql = validate_query(cfg)
     assert "CASE WHEN `decode_error` IS NOT NULL THEN `decode_error`" in sql
     assert "'missing field: event_id'" in sql and "'missing field: customer_id'" in sql
     assert "NOT IN ('tokens', 'credits') THEN CONCAT('unknown meter: '" in sql
     assert "`quantity` < 0 AND `meter` IN ('tokens')" in sql
-    assert "WHEN `bounded_time` = TIMESTAMP '1970-01-01 00:00:00.000' THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING)" in sql
+    assert (
+        "WHEN `bounded_time` = TIMESTAMP '1970-01-01 00:00:00.000' THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING)"
+        in sql
+    )
     # Downstream, event_time is the plausible time the watermark follows.
     assert "`bounded_time` AS `event_time`" in sql
 
@@ -103,7 +117,10 @@ def test_aggregate_counts_only_on_time_events_per_key_and_window(cfg):
     """The aggregate sums quantity and counts on-time events per key and window of the configured size."""
     sql = window_changelog_query(cfg)
     assert "FROM `classified_events` WHERE `reject_reason` IS NULL AND NOT `is_late`" in sql
-    assert "GROUP BY `tenant_id`, `customer_id`, `meter`, `dimensions_key`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)" in sql
+    assert (
+        "GROUP BY `tenant_id`, `customer_id`, `meter`, `dimensions_key`, TUMBLE(`rowtime`, INTERVAL '300' SECOND)"
+        in sql
+    )
     assert "SUM(`quantity`)" in sql and "COUNT(*) AS `event_count`" in sql
     assert "AS STRING) AS `quantity`" in sql  # exact decimal string across the Python bridge
 
@@ -123,7 +140,10 @@ def test_a_rejected_record_has_a_dedup_key_of_its_own(cfg):
     """
     sql = routed_query(cfg)
     assert "CASE WHEN `reject_reason` IS NULL THEN `tenant_id` END AS `tenant_id`" in sql
-    assert "ELSE CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING), '/', CAST(`kafka_timestamp` AS STRING)) END AS `event_id`" in sql
+    assert (
+        "ELSE CONCAT(`source_topic`, '/', CAST(`source_partition` AS STRING), '/', CAST(`source_offset` AS STRING), '/', CAST(`kafka_timestamp` AS STRING)) END AS `event_id`"
+        in sql
+    )
     for column in ("payload", "source_topic", "source_partition", "source_offset"):
         assert f"CASE WHEN NOT `reject_reason` IS NULL THEN `{column}` END AS `{column}`" in sql
 
@@ -167,7 +187,7 @@ def test_decision_columns_are_the_classifiers():
     declared = re.search(r"DECISION_COLUMNS = List\.of\(([^)]*)\)", java)
     assert declared is not None
     assert tuple(c.strip().strip('"') for c in declared.group(1).split(",")) == DECISION_COLUMNS
-    assert CLASSIFIED_COLUMNS == (*ROUTED_COLUMNS, *DECISION_COLUMNS)
+    assert (*ROUTED_COLUMNS, *DECISION_COLUMNS) == CLASSIFIED_COLUMNS
 
 
 def test_lateness_options_only_when_configured(write_config):
@@ -175,7 +195,9 @@ def test_lateness_options_only_when_configured(write_config):
     none = table_options(load_config(write_config(""), environ={}))
     assert "table.exec.emit.allow-lateness" not in none
     assert none["table.exec.state.ttl"] == f"{7 * 86_400_000} ms"
-    some = table_options(load_config(write_config("event_time:\n  allowed_lateness: 30s\n  early_fire_interval: 1s\n"), environ={}))
+    some = table_options(
+        load_config(write_config("event_time:\n  allowed_lateness: 30s\n  early_fire_interval: 1s\n"), environ={})
+    )
     assert some["table.exec.emit.allow-lateness"] == "30000 ms"
     assert some["table.exec.emit.late-fire.enabled"] == "true"
     assert some["table.exec.emit.early-fire.delay"] == "1000 ms"
@@ -211,7 +233,10 @@ def test_sink_ddl_keys_on_window_identity():
     """The benchmark baseline's JDBC sink upserts on the usage table's key: (tenant, customer, meter, dimensions key, window start, window end)."""
     target = JdbcTarget("jdbc:postgresql://h:1/d", "usage_windows", "u", "p")
     ddl = usage_windows_sink_ddl(target)
-    assert "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`, `window_end`) NOT ENFORCED" in ddl
+    assert (
+        "PRIMARY KEY (`tenant_id`, `customer_id`, `meter`, `dimensions_key`, `window_start`, `window_end`) NOT ENFORCED"
+        in ddl
+    )
     from sinks.postgres_schema import USAGE_KEY_COLUMNS
 
     assert ", ".join(f"`{c}`" for c in USAGE_KEY_COLUMNS) in ddl
@@ -291,7 +316,14 @@ def test_identifiers_are_checked(bad):
     ("backend", "options"),
     [
         ("hashmap", {"state.backend.type": "hashmap"}),
-        ("rocksdb", {"state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true", "state.backend.rocksdb.use-bloom-filter": "true"}),
+        (
+            "rocksdb",
+            {
+                "state.backend.type": "rocksdb",
+                "execution.checkpointing.incremental": "true",
+                "state.backend.rocksdb.use-bloom-filter": "true",
+            },
+        ),
     ],
 )
 def test_state_backend_is_a_config_key(write_config, backend, options):

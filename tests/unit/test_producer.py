@@ -10,7 +10,14 @@ import pytest
 
 from meterflow.producer import SyntheticSpec, message_key, parse_event, read_jsonl, synthetic_events
 
-GOOD = {"event_id": "e1", "tenant_id": "t", "customer_id": "c", "meter": "tokens", "quantity": "1.25", "event_time": "2026-01-01T00:00:01Z"}
+GOOD = {
+    "event_id": "e1",
+    "tenant_id": "t",
+    "customer_id": "c",
+    "meter": "tokens",
+    "quantity": "1.25",
+    "event_time": "2026-01-01T00:00:01Z",
+}
 
 
 def test_parse_good_event():
@@ -84,7 +91,10 @@ def test_message_key_groups_by_customer():
         ({"dimensions": {f"k{i}": "v" for i in range(17)}}, "contract: 17 dimensions, at most 16"),
         ({"dimensions": {"k" * 65: "v"}}, "contract: dimension key is 65 bytes, at most 64"),
         ({"dimensions": {"region": "v" * 129}}, "contract: dimension 'region' is 129 bytes, at most 128"),
-        ({"dimensions": {"region": "eu\u007f"}}, "contract: dimension 'region' has control character U+007F at character 2"),
+        (
+            {"dimensions": {"region": "eu\u007f"}},
+            "contract: dimension 'region' has control character U+007F at character 2",
+        ),
         ({"quantity": "1000000000000000.000000001"}, "contract: |quantity| exceeds 1000000000000000"),
         ({"quantity": -1_000_000_000_000_001}, "contract: |quantity| exceeds 1000000000000000"),
         ({"event_id": "a\ud800"}, "contract: event_id has lone surrogate U+D800 at character 1"),
@@ -134,7 +144,11 @@ def test_produce_does_not_send_lines_that_break_the_contract(tmp_path, monkeypat
     monkeypatch.setattr(producer, "send_events", send)
     config = tmp_path / "m.yaml"
     config.write_text("{}\n")
-    lines = [GOOD, {**GOOD, "event_id": "e2", "dimensions": {"[bold]": "\u0000"}}, {**GOOD, "event_id": "e3", "quantity": "2000000000000000"}]
+    lines = [
+        GOOD,
+        {**GOOD, "event_id": "e2", "dimensions": {"[bold]": "\u0000"}},
+        {**GOOD, "event_id": "e3", "quantity": "2000000000000000"},
+    ]
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = CliRunner().invoke(cli, ["--config", str(config), "produce", "--file", str(path)])

@@ -15,21 +15,32 @@ def final(start: datetime, quantity: str, settled: bool = True, customer: str = 
     return FinalWindow("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(quantity), settled)
 
 
-def billed(start: datetime, quantity: str, status: str = "sent", error: str | None = None, customer: str = "c1") -> LedgerWindow:
+def billed(
+    start: datetime, quantity: str, status: str = "sent", error: str | None = None, customer: str = "c1"
+) -> LedgerWindow:
     return LedgerWindow("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(quantity), status, error)
 
 
 def test_agreement_has_no_discrepancies_and_totals_per_period():
     """Matching windows agree; totals split at the month boundary."""
-    totals, issues = reconcile([final(T1, "1.5"), final(T2, "2"), final(T3, "3.25")], [billed(T1, "1.5"), billed(T2, "2"), billed(T3, "3.25")])
+    totals, issues = reconcile(
+        [final(T1, "1.5"), final(T2, "2"), final(T3, "3.25")], [billed(T1, "1.5"), billed(T2, "2"), billed(T3, "3.25")]
+    )
     assert issues == []
-    assert [(t.period, t.windows, t.final_quantity, t.agrees) for t in totals] == [("2026-10", 1, Decimal("1.5"), True), ("2026-11", 2, Decimal("5.25"), True)]
+    assert [(t.period, t.windows, t.final_quantity, t.agrees) for t in totals] == [
+        ("2026-10", 1, Decimal("1.5"), True),
+        ("2026-11", 2, Decimal("5.25"), True),
+    ]
 
 
 def test_each_kind_of_discrepancy_is_reported_with_its_detail():
     """Dead, missing, different quantity, and billed without a final window are all listed."""
     finals = [final(T1, "1"), final(T2, "2"), final(T3, "3", customer="c2"), final(T3, "4")]
-    ledger = [billed(T1, "1", status="dead", error="no billing customer mapped"), billed(T2, "2.5"), billed(T1, "9", customer="c3")]
+    ledger = [
+        billed(T1, "1", status="dead", error="no billing customer mapped"),
+        billed(T2, "2.5"),
+        billed(T1, "9", customer="c3"),
+    ]
     totals, issues = reconcile(finals, ledger, "day")
     kinds = sorted((i.kind, i.customer_id, i.detail) for i in issues)
     assert kinds == [
@@ -56,18 +67,28 @@ def test_corrections_add_up_with_the_window_and_are_listed():
     """A window billed 10, then corrected by +2.5: agrees with a final 12.5; a correction not yet accepted is named."""
     from sinks.reconcile import corrections_of
 
-    ledger = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, T1 + MINUTE, Decimal("2.5"), "sent", None, "correction", 5)]
+    ledger = [
+        billed(T1, "10"),
+        LedgerWindow("t1", "c1", "tokens", "{}", T1, T1 + MINUTE, Decimal("2.5"), "sent", None, "correction", 5),
+    ]
     totals, issues = reconcile([final(T1, "12.5")], ledger)
     assert issues == [] and totals[0].corrections == 1 and totals[0].billed_quantity == Decimal("12.5")
-    pending = [billed(T1, "10"), LedgerWindow("t1", "c1", "tokens", "{}", T1, T1 + MINUTE, Decimal("2.5"), "failed", "503", "correction", 5)]
+    pending = [
+        billed(T1, "10"),
+        LedgerWindow("t1", "c1", "tokens", "{}", T1, T1 + MINUTE, Decimal("2.5"), "failed", "503", "correction", 5),
+    ]
     _, issues = reconcile([final(T1, "12.5")], pending)
-    assert [i.kind for i in issues] == ["billed differently"] and "correction r5 2.5 failed not accepted yet" in issues[0].detail
+    assert [i.kind for i in issues] == ["billed differently"] and "correction r5 2.5 failed not accepted yet" in issues[
+        0
+    ].detail
     [c] = corrections_of(ledger)
     assert (c.revision, c.quantity, c.status) == (5, Decimal("2.5"), "sent")
 
 
 def late(start: datetime, delta: str, status: str = "sent", customer: str = "c1", cid: str = "cor-1") -> LedgerWindow:
-    return LedgerWindow("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(delta), status, None, "correction", 0, cid)
+    return LedgerWindow(
+        "t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(delta), status, None, "correction", 0, cid
+    )
 
 
 def counted(start: datetime, delta: str, customer: str = "c1", cid: str = "cor-1", settled: bool = True):
@@ -81,13 +102,22 @@ def test_a_window_is_owed_its_final_plus_its_counted_corrections_from_late_event
     without the correction counting (rejected) is a discrepancy too."""
     from sinks.reconcile import corrections_of
 
-    totals, issues = reconcile([final(T1, "10")], [billed(T1, "10"), late(T1, "3")], late_corrections=[counted(T1, "3")])
+    totals, issues = reconcile(
+        [final(T1, "10")], [billed(T1, "10"), late(T1, "3")], late_corrections=[counted(T1, "3")]
+    )
     assert issues == [] and (totals[0].final_quantity, totals[0].billed_quantity) == (Decimal(13), Decimal(13))
-    _, issues = reconcile([final(T1, "10")], [billed(T1, "10"), late(T1, "3", "pending")], late_corrections=[counted(T1, "3")])
+    _, issues = reconcile(
+        [final(T1, "10")], [billed(T1, "10"), late(T1, "3", "pending")], late_corrections=[counted(T1, "3")]
+    )
     assert [i.kind for i in issues] == ["billed differently"]
-    assert "final 10 + corrections from late events 3" in issues[0].detail and "late cor-1 3 pending not accepted yet" in issues[0].detail
+    assert (
+        "final 10 + corrections from late events 3" in issues[0].detail
+        and "late cor-1 3 pending not accepted yet" in issues[0].detail
+    )
     _, issues = reconcile([final(T1, "10")], [billed(T1, "10"), late(T1, "3")])
-    assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [("billed differently", Decimal(10), Decimal(13))]
+    assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [
+        ("billed differently", Decimal(10), Decimal(13))
+    ]
     [c] = corrections_of([billed(T1, "10"), late(T1, "3")])
     assert (c.origin, c.revision) == ("late events", 0)
 
@@ -97,8 +127,12 @@ def test_a_window_only_late_events_reached_is_owed_their_corrections():
     a correction counted within the grace period is not expected yet."""
     totals, issues = reconcile([], [late(T2, "4", customer="c9")], late_corrections=[counted(T2, "4", customer="c9")])
     assert issues == [] and totals[0].billed_quantity == Decimal(4)
-    _, issues = reconcile([], [late(T2, "4", "failed", customer="c9")], late_corrections=[counted(T2, "4", customer="c9")])
-    assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [("not billed", Decimal(4), None)] and "failed" in issues[0].detail
+    _, issues = reconcile(
+        [], [late(T2, "4", "failed", customer="c9")], late_corrections=[counted(T2, "4", customer="c9")]
+    )
+    assert [(i.kind, i.final_quantity, i.billed_quantity) for i in issues] == [
+        ("not billed", Decimal(4), None)
+    ] and "failed" in issues[0].detail
     assert reconcile([], [], late_corrections=[counted(T2, "4", customer="c9", settled=False)]) == ([], [])
 
 
@@ -108,15 +142,28 @@ def test_values_sent_follow_each_meters_rounding():
     from sinks.reconcile import value_discrepancies
 
     def fixed(start: datetime, quantity: str, value: str, meter: str = "tokens", status: str = "sent") -> LedgerWindow:
-        return LedgerWindow("t1", "c1", meter, "{}", start, start + MINUTE, Decimal(quantity), status, None, value=value)
+        return LedgerWindow(
+            "t1", "c1", meter, "{}", start, start + MINUTE, Decimal(quantity), status, None, value=value
+        )
 
     october = [fixed(T1, "0.4", "0"), fixed(T1, "0.4", "0", status="dead"), fixed(T1, "0.4", "1")]
     november = [fixed(T2, "2.5", "2"), fixed(T3, "-0.6", "-1")]
-    assert value_discrepancies(october + november + [billed(T3, "9")], {"tokens": "carry"}) == [], "a value not fixed yet is not judged"
+    assert value_discrepancies(october + november + [billed(T3, "9")], {"tokens": "carry"}) == [], (
+        "a value not fixed yet is not judged"
+    )
     [issue] = value_discrepancies(october[:2] + [fixed(T1, "0.4", "2")] + november, {"tokens": "carry"})
-    assert (issue.kind, issue.window_start, issue.final_quantity, issue.billed_quantity) == ("values sent differ", datetime(2026, 10, 1), Decimal(1), Decimal(2))
+    assert (issue.kind, issue.window_start, issue.final_quantity, issue.billed_quantity) == (
+        "values sent differ",
+        datetime(2026, 10, 1),
+        Decimal(1),
+        Decimal(2),
+    )
     assert "whole part, 1" in issue.detail
-    rounded = [fixed(T1, "2.5", "3", meter="api_calls"), fixed(T2, "2.5", "2", meter="api_calls"), fixed(T3, "2.5", "2.5", meter="api_calls")]
+    rounded = [
+        fixed(T1, "2.5", "3", meter="api_calls"),
+        fixed(T2, "2.5", "2", meter="api_calls"),
+        fixed(T3, "2.5", "2.5", meter="api_calls"),
+    ]
     issues = value_discrepancies(rounded, {"api_calls": "half_up"})
     assert [(i.window_start, i.billed_quantity) for i in issues] == [(T2, Decimal(2)), (T3, Decimal("2.5"))]
     assert value_discrepancies([fixed(T1, "2.5", "2.5", meter="api_calls")], {"api_calls": "decimal"}) == []
@@ -129,10 +176,21 @@ def test_the_providers_monthly_totals_are_compared_with_the_values_sent():
     from sinks.reconcile import SentGroup, provider_differences
 
     month, sent_at = datetime(2026, 11, 1), datetime(2026, 11, 30, 12, 0)
-    groups = [SentGroup("cus_1", "tokens", month, Decimal(12), 3, sent_at), SentGroup("cus_2", "tokens", month, Decimal(5), 1, sent_at), SentGroup("cus_3", "tokens", month, Decimal(7), 2, sent_at)]
-    totals = {("cus_1", "tokens", month): Decimal(12), ("cus_2", "tokens", month): Decimal(6), ("cus_3", "tokens", month): Decimal("6.5")}
+    groups = [
+        SentGroup("cus_1", "tokens", month, Decimal(12), 3, sent_at),
+        SentGroup("cus_2", "tokens", month, Decimal(5), 1, sent_at),
+        SentGroup("cus_3", "tokens", month, Decimal(7), 2, sent_at),
+    ]
+    totals = {
+        ("cus_1", "tokens", month): Decimal(12),
+        ("cus_2", "tokens", month): Decimal(6),
+        ("cus_3", "tokens", month): Decimal("6.5"),
+    }
     found = provider_differences(groups, totals)
-    assert [(d.provider_customer_id, d.sent, d.provider_total) for d in found] == [("cus_2", Decimal(5), Decimal(6)), ("cus_3", Decimal(7), Decimal("6.5"))]
+    assert [(d.provider_customer_id, d.sent, d.provider_total) for d in found] == [
+        ("cus_2", Decimal(5), Decimal(6)),
+        ("cus_3", Decimal(7), Decimal("6.5")),
+    ]
     assert found[0].detail == "the provider holds 6 for 2026-11, the ledger sent 5"
 
 
@@ -144,7 +202,13 @@ def test_a_provider_summary_covers_the_month_or_up_to_now():
 
     november, december = datetime(2026, 11, 1), datetime(2026, 12, 1)
     now = datetime(2026, 12, 6, 10, 0, 30, tzinfo=UTC)
-    assert summary_bounds(november, now, 300) == (int(datetime(2026, 11, 1, tzinfo=UTC).timestamp()), int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()))
+    assert summary_bounds(november, now, 300) == (
+        int(datetime(2026, 11, 1, tzinfo=UTC).timestamp()),
+        int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()),
+    )
     start, end = summary_bounds(december, now, 300)
-    assert (start, end) == (int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()), int(datetime(2026, 12, 6, 10, 6, tzinfo=UTC).timestamp()))
+    assert (start, end) == (
+        int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()),
+        int(datetime(2026, 12, 6, 10, 6, tzinfo=UTC).timestamp()),
+    )
     assert end % 60 == 0

@@ -19,12 +19,34 @@ def _key(customer: str) -> tuple:
     return ("t", customer, "tokens", "{}", START, START + timedelta(minutes=1))
 
 
-def _delivery(customer: str, revision: int, kind: str = "window", status: str = "sent", correction_id: str | None = None) -> LedgerWindow:
-    return LedgerWindow("t", customer, "tokens", "{}", START, START + timedelta(minutes=1), Decimal(1), status, None, kind, revision, correction_id)
+def _delivery(
+    customer: str, revision: int, kind: str = "window", status: str = "sent", correction_id: str | None = None
+) -> LedgerWindow:
+    return LedgerWindow(
+        "t",
+        customer,
+        "tokens",
+        "{}",
+        START,
+        START + timedelta(minutes=1),
+        Decimal(1),
+        status,
+        None,
+        kind,
+        revision,
+        correction_id,
+    )
 
 
 def test_missing_and_older_revisions_are_republished_and_nothing_else():
-    finals = [(_key("a"), 3, Decimal(3)), (_key("b"), 5, Decimal(5)), (_key("c"), 5, Decimal(5)), (_key("d"), 4, Decimal(1)), (_key("e"), 2, Decimal(2)), (_key("f"), 6, Decimal(1))]
+    finals = [
+        (_key("a"), 3, Decimal(3)),
+        (_key("b"), 5, Decimal(5)),
+        (_key("c"), 5, Decimal(5)),
+        (_key("d"), 4, Decimal(1)),
+        (_key("e"), 2, Decimal(2)),
+        (_key("f"), 6, Decimal(1)),
+    ]
     ledger = [
         _delivery("b", 3),  # billed at 3 (quantity 1), final is 5: the newer close never reached billing
         _delivery("c", 3), _delivery("c", 5, kind="correction"),  # the newer close was billed as a correction

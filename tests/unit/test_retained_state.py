@@ -31,7 +31,11 @@ def test_the_newest_complete_checkpoint_or_savepoint_is_found(tmp_path):
     (job / ("b" * 32) / "chk-4").mkdir()  # in progress when the JobManager died: no _metadata
     _complete(job / "savepoints" / "savepoint-aaaaaa-1", 2000)
     states = rs.retained_states(job)
-    assert [(s.kind, s.path.name) for s in states] == [("checkpoint", "chk-3"), ("savepoint", "savepoint-aaaaaa-1"), ("checkpoint", "chk-7")]
+    assert [(s.kind, s.path.name) for s in states] == [
+        ("checkpoint", "chk-3"),
+        ("savepoint", "savepoint-aaaaaa-1"),
+        ("checkpoint", "chk-7"),
+    ]
     assert rs.newest_retained(job) == states[0]
     _complete(job / "savepoints" / "savepoint-bbbbbb-2", 4000)
     assert rs.newest_retained(job).kind == "savepoint"
@@ -56,7 +60,15 @@ SETTINGS = {
 
 
 def _plan(**kw):
-    args = {"explicit": None, "fresh": False, "state_uri": "file:///cp/job", "listable": True, "newest": NEWEST, "recorded": SETTINGS, "settings": SETTINGS}
+    args = {
+        "explicit": None,
+        "fresh": False,
+        "state_uri": "file:///cp/job",
+        "listable": True,
+        "newest": NEWEST,
+        "recorded": SETTINGS,
+        "settings": SETTINGS,
+    }
     return rs.plan_start("job", **{**args, **kw})
 
 
@@ -66,7 +78,11 @@ def test_a_retained_state_is_restored_and_fresh_says_what_it_forgets():
     assert "restoring its newest checkpoint /cp/job/abc/chk-9 (taken 2026-12-05T10:00:00+00:00)" in start.notes[0]
     fresh = _plan(fresh=True)
     assert fresh.restore is None and fresh.forget
-    assert "set aside, not restored" in fresh.notes[0] and "dedup ids" in fresh.notes[0] and "held watermark" in fresh.notes[0]
+    assert (
+        "set aside, not restored" in fresh.notes[0]
+        and "dedup ids" in fresh.notes[0]
+        and "held watermark" in fresh.notes[0]
+    )
     assert _plan(newest=None).restore is None and "no retained checkpoint" in _plan(newest=None).notes[0]
     assert _plan(fresh=True, newest=None).forget is False
     assert _plan(explicit="/sp/1").restore == "/sp/1"
@@ -86,8 +102,14 @@ def test_a_remote_state_directory_needs_an_explicit_start():
     [
         ({"window_size": "5m"}, "event_time.window_size was 1m and is 5m"),
         ({"window_aggregate": "CASE `meter` WHEN 'tokens' THEN MAX(`quantity`) END"}, "the window aggregate changes"),
-        ({"meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}}}, "meter tokens: group_by was [] and is ['region']"),
-        ({"meters": {"tokens": {"group_by": [], "unique_dimension": "model"}}}, "meter tokens: unique_dimension was None and is model"),
+        (
+            {"meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}}},
+            "meter tokens: group_by was [] and is ['region']",
+        ),
+        (
+            {"meters": {"tokens": {"group_by": [], "unique_dimension": "model"}}},
+            "meter tokens: unique_dimension was None and is model",
+        ),
     ],
 )
 def test_a_state_of_another_window_size_aggregate_or_meter_dimensions_is_refused(change, problem):
@@ -119,16 +141,26 @@ def test_the_job_settings_follow_the_plan(write_config):
         cfg = load_config(write_config(text), environ={})
         return rs.job_settings(cfg, quantity_expr(cfg))
 
-    base = settings("event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n")
+    base = settings(
+        "event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"
+    )
     assert base == {
         "window_size": "5m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}},
     }  # fmt: skip
-    relaxed = settings("event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n")
+    relaxed = settings(
+        "event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"
+    )
     assert rs.unsafe_changes(base, relaxed) == []  # lateness and watermark may change
-    added = settings("event_time:\n  window_size: 5m\nmeters:\n  - name: tokens\n    group_by: [region]\n  - name: storage\n")
+    added = settings(
+        "event_time:\n  window_size: 5m\nmeters:\n  - name: tokens\n    group_by: [region]\n  - name: storage\n"
+    )
     assert rs.unsafe_changes(base, added) == []  # the documented dead-letter fix: a SUM meter added through a savepoint
-    peak = settings("event_time:\n  window_size: 5m\nmeters:\n  - name: tokens\n    group_by: [region]\n  - name: peak\n    aggregation: MAX\n")
-    assert [p.split(":")[0] for p in rs.unsafe_changes(base, peak)] == ["the window aggregate changes (a meter's aggregation changed, or meters were added or removed beside meters that do not SUM)"]
+    peak = settings(
+        "event_time:\n  window_size: 5m\nmeters:\n  - name: tokens\n    group_by: [region]\n  - name: peak\n    aggregation: MAX\n"
+    )
+    assert [p.split(":")[0] for p in rs.unsafe_changes(base, peak)] == [
+        "the window aggregate changes (a meter's aggregation changed, or meters were added or removed beside meters that do not SUM)"
+    ]
 
 
 def _stub_cluster(monkeypatch, submitted):
@@ -136,8 +168,12 @@ def _stub_cluster(monkeypatch, submitted):
     monkeypatch.setattr(flink_jobs, "running_jobs", lambda c, name=None: [])
     monkeypatch.setattr(flink_jobs, "check_input_topics", lambda c: None)
     monkeypatch.setattr(flink_jobs, "check_transaction_timeout", lambda c: None)
-    monkeypatch.setattr(flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append(("usage", savepoint)) or "0" * 32)
-    monkeypatch.setattr(flink_jobs, "submit_billing", lambda c, p, savepoint=None: submitted.append(("billing", savepoint)) or "1" * 32)
+    monkeypatch.setattr(
+        flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append(("usage", savepoint)) or "0" * 32
+    )
+    monkeypatch.setattr(
+        flink_jobs, "submit_billing", lambda c, p, savepoint=None: submitted.append(("billing", savepoint)) or "1" * 32
+    )
 
 
 def test_submit_restores_each_jobs_newest_state_and_fresh_sets_it_aside(write_config, monkeypatch, tmp_path):
@@ -175,7 +211,9 @@ def test_submit_refuses_a_window_size_change_over_a_retained_state(write_config,
     path.write_text("flink:\n  checkpoint_dir: cp\nevent_time:\n  window_size: 5m\n")
     submitted.clear()
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
-    assert isinstance(result.exception, JobSubmissionError) and "event_time.window_size was 1m and is 5m" in str(result.exception)
+    assert isinstance(result.exception, JobSubmissionError) and "event_time.window_size was 1m and is 5m" in str(
+        result.exception
+    )
     assert submitted == []
 
 
@@ -190,7 +228,9 @@ def test_the_transaction_timeout_outlives_checkpoints_and_fits_the_brokers(write
     assert transaction_timeout_problem(one_more, 900_000) is not None
     with pytest.raises(ConfigError, match="must exceed flink.checkpoint_timeout"):
         load_config(write_config("kafka:\n  transaction_timeout: 10m\nflink:\n  checkpoint_timeout: 10m\n"), environ={})
-    assert load_config(write_config("kafka:\n  transaction_timeout: 601s\nflink:\n  checkpoint_timeout: 10m\n"), environ={})
+    assert load_config(
+        write_config("kafka:\n  transaction_timeout: 601s\nflink:\n  checkpoint_timeout: 10m\n"), environ={}
+    )
 
 
 def test_checkpoints_of_the_old_layout_are_not_forgotten_silently(write_config, monkeypatch, tmp_path):
@@ -201,35 +241,51 @@ def test_checkpoints_of_the_old_layout_are_not_forgotten_silently(write_config, 
     old = tmp_path / "cp" / ("c" * 32) / "chk-12"
     _complete(old, 1000)
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
-    assert isinstance(result.exception, JobSubmissionError) and str(old) in str(result.exception) and "--savepoint" in str(result.exception)
+    assert (
+        isinstance(result.exception, JobSubmissionError)
+        and str(old) in str(result.exception)
+        and "--savepoint" in str(result.exception)
+    )
     assert submitted == []
     result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--savepoint", str(old)])
     assert result.exit_code == 0, result.output
     assert submitted == [("usage", str(old))]
 
 
-def test_equal_times_pick_the_higher_checkpoint_and_a_path_with_a_space_is_listed_as_flink_writes_it(write_config, tmp_path):
+def test_equal_times_pick_the_higher_checkpoint_and_a_path_with_a_space_is_listed_as_flink_writes_it(
+    write_config, tmp_path
+):
     job = tmp_path / "job"
     _complete(job / ("a" * 32) / "chk-9", 1000)
     _complete(job / ("a" * 32) / "chk-10", 1000)
     assert rs.newest_retained(job).path.name == "chk-10"
     cfg = load_config(write_config("flink:\n  checkpoint_dir: cp with space#1\n"), environ={})
-    assert cfg.job_state_uri("j") == f"file://{tmp_path}/cp with space#1/j"  # Flink does not decode %20: the path as it is
+    assert (
+        cfg.job_state_uri("j") == f"file://{tmp_path}/cp with space#1/j"
+    )  # Flink does not decode %20: the path as it is
     assert rs.job_state_dir(cfg, "j") == tmp_path / "cp with space#1" / "j"
 
 
-def test_a_submit_refused_for_one_job_submits_neither_and_fresh_with_force_is_refused(write_config, monkeypatch, tmp_path):
+def test_a_submit_refused_for_one_job_submits_neither_and_fresh_with_force_is_refused(
+    write_config, monkeypatch, tmp_path
+):
     path = write_config("flink:\n  checkpoint_dir: s3://bucket/cp\nbilling:\n  enabled: true\n")
     submitted: list = []
     _stub_cluster(monkeypatch, submitted)
-    result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--savepoint", "s3://bucket/cp/meterflow-usage/x/chk-1"])
-    assert isinstance(result.exception, JobSubmissionError) and "meterflow-usage-billing is not submitted" in str(result.exception)
+    result = CliRunner().invoke(
+        cli, ["--config", str(path), "submit", "--savepoint", "s3://bucket/cp/meterflow-usage/x/chk-1"]
+    )
+    assert isinstance(result.exception, JobSubmissionError) and "meterflow-usage-billing is not submitted" in str(
+        result.exception
+    )
     assert submitted == []  # the usage job, whose start was given, waited for the billing job's
     result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--fresh", "--force"])
     assert isinstance(result.exception, JobSubmissionError) and "stop it first" in str(result.exception)
 
 
-def test_settings_are_recorded_after_the_submit_and_read_beside_an_explicit_savepoint(write_config, monkeypatch, tmp_path):
+def test_settings_are_recorded_after_the_submit_and_read_beside_an_explicit_savepoint(
+    write_config, monkeypatch, tmp_path
+):
     path = write_config("flink:\n  checkpoint_dir: cp\n")
     submitted: list = []
     _stub_cluster(monkeypatch, submitted)
@@ -244,7 +300,9 @@ def test_settings_are_recorded_after_the_submit_and_read_beside_an_explicit_save
     rs.write_job_settings(other, {**SETTINGS, "window_size": "10m"})
     _complete(other / "savepoints" / "savepoint-1", 1000)
     _stub_cluster(monkeypatch, submitted)
-    result = CliRunner().invoke(cli, ["--config", str(path), "submit", "--savepoint", str(other / "savepoints" / "savepoint-1")])
+    result = CliRunner().invoke(
+        cli, ["--config", str(path), "submit", "--savepoint", str(other / "savepoints" / "savepoint-1")]
+    )
     assert isinstance(result.exception, JobSubmissionError) and "window_size was 10m and is 1m" in str(result.exception)
 
 
@@ -253,4 +311,7 @@ def test_forgetting_twice_in_a_second_keeps_both(tmp_path):
     for _ in range(2):
         (tmp_path / "job").mkdir()
         rs.forget(tmp_path / "job", now)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.forgotten-20261205T100000Z", "job.forgotten-20261205T100000Z-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "job.forgotten-20261205T100000Z",
+        "job.forgotten-20261205T100000Z-2",
+    ]

@@ -48,7 +48,9 @@ def test_history_is_v1_v2_without_gaps_with_the_fingerprints_java_computes():
     history = schema_history()
     assert [h.version for h in history] == list(range(1, len(history) + 1))
     assert {h.version: h.fingerprint for h in history} == FINGERPRINTS
-    assert sorted(p.name for p in HISTORY_DIR.glob("*.avsc")) == [h.path.name for h in history], "the job loads only usage_event-vN.avsc"
+    assert sorted(p.name for p in HISTORY_DIR.glob("*.avsc")) == [h.path.name for h in history], (
+        "the job loads only usage_event-vN.avsc"
+    )
 
 
 def test_fingerprint_is_crc64_avro_in_header_byte_order():
@@ -81,11 +83,13 @@ def test_the_reader_reads_every_history_writer(version):
 
 def test_each_history_schema_reads_the_one_before():
     history = schema_history()
-    for older, newer in zip(history, history[1:]):
+    for older, newer in zip(history, history[1:], strict=False):
         old_schema, new_schema = load_schema(older.path), load_schema(newer.path)
         out = io.BytesIO()
         fastavro.schemaless_writer(out, fastavro.parse_schema(old_schema), sample(old_schema))
-        read = fastavro.schemaless_reader(io.BytesIO(out.getvalue()), fastavro.parse_schema(old_schema), fastavro.parse_schema(new_schema))
+        read = fastavro.schemaless_reader(
+            io.BytesIO(out.getvalue()), fastavro.parse_schema(old_schema), fastavro.parse_schema(new_schema)
+        )
         added = {f["name"]: f["default"] for f in new_schema["fields"] if f["name"] not in sample(old_schema)}
         assert read == {**sample(old_schema), **added}
 
@@ -104,7 +108,9 @@ def test_registry_framing_is_zero_then_the_big_endian_id_then_the_body():
     framed = encode_registry_framed(EVENT, 7, load_schema(USAGE_EVENT_SCHEMA))
     assert framed[:5] == b"\x00\x00\x00\x00\x07"
     assert decode_usage_event(framed[5:]) == EVENT
-    assert encode_registry_framed(EVENT, 2**31 - 1, load_schema(USAGE_EVENT_SCHEMA))[:5] == b"\x00" + struct.pack(">i", 2**31 - 1)
+    assert encode_registry_framed(EVENT, 2**31 - 1, load_schema(USAGE_EVENT_SCHEMA))[:5] == b"\x00" + struct.pack(
+        ">i", 2**31 - 1
+    )
     for bad in (-1, 2**31):
         with pytest.raises(ValueError, match="outside 0..2147483647"):
             encode_registry_framed(EVENT, bad, load_schema(USAGE_EVENT_SCHEMA))
@@ -114,7 +120,9 @@ def test_the_source_carries_the_registry_url_only_when_configured(write_config):
     assert SCHEMA_REGISTRY_URL_OPTION == "meterflow-avro.schema-registry.url"
     assert SCHEMA_REGISTRY_URL_OPTION not in usage_source_ddl(load_config(write_config(""), environ={}))
 
-    cfg = load_config(write_config("kafka:\n  schema_registry_url: http://127.0.0.1:8085/apis/ccompat/v7\n"), environ={})
+    cfg = load_config(
+        write_config("kafka:\n  schema_registry_url: http://127.0.0.1:8085/apis/ccompat/v7\n"), environ={}
+    )
     assert "'meterflow-avro.schema-registry.url' = 'http://127.0.0.1:8085/apis/ccompat/v7'" in usage_source_ddl(cfg)
     # Only the meterflow-avro format has the option (the raw-bytes bench source has none).
     assert SCHEMA_REGISTRY_URL_OPTION not in kafka_source_options(cfg, "raw")

@@ -45,7 +45,9 @@ def test_unframe_needs_the_whole_five_byte_header_and_magic_zero():
 def test_subject_and_urls():
     assert value_subject("usage-events") == "usage-events-value"
     base = f"http://127.0.0.1:8085{CCOMPAT_PATH}/"
-    assert subject_versions_url(base, "a/b-value") == f"http://127.0.0.1:8085{CCOMPAT_PATH}/subjects/a%2Fb-value/versions"
+    assert (
+        subject_versions_url(base, "a/b-value") == f"http://127.0.0.1:8085{CCOMPAT_PATH}/subjects/a%2Fb-value/versions"
+    )
     assert schema_by_id_url(base, 42) == f"http://127.0.0.1:8085{CCOMPAT_PATH}/schemas/ids/42"
 
 
@@ -91,14 +93,20 @@ def test_up_names_the_path_the_local_registry_serves(tmp_path):
 
 
 def test_up_refuses_a_registry_elsewhere(tmp_path):
-    cfg = JobConfig(kafka={"schema_registry_url": f"http://registry.internal:8081{CCOMPAT_PATH}"}, stack={"state_dir": str(tmp_path)})
+    cfg = JobConfig(
+        kafka={"schema_registry_url": f"http://registry.internal:8081{CCOMPAT_PATH}"},
+        stack={"state_dir": str(tmp_path)},
+    )
     with pytest.raises(StackError, match="not an http URL on 127.0.0.1/localhost"):
         SchemaRegistry(cfg).up()
 
 
 def test_command_binds_loopback_and_keeps_its_files_in_the_state_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(registry_module, "REGISTRY_HOME", tmp_path / "home")
-    cfg = JobConfig(kafka={"schema_registry_url": f"http://localhost:18085{CCOMPAT_PATH}"}, stack={"state_dir": str(tmp_path / "state")})
+    cfg = JobConfig(
+        kafka={"schema_registry_url": f"http://localhost:18085{CCOMPAT_PATH}"},
+        stack={"state_dir": str(tmp_path / "state")},
+    )
     with pytest.raises(StackError, match="run scripts/setup.sh"):
         SchemaRegistry(cfg).command()
     (tmp_path / "home").mkdir()

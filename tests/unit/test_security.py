@@ -10,6 +10,8 @@ import yaml
 
 from meterflow.config import load_config
 from meterflow.errors import ConfigError
+from meterflow.local.flink import FLINK_CONF_TEMPLATE, FlinkCluster
+from meterflow.local.kafka import KafkaBroker
 from meterflow.security import (
     POSTGRES_PASSWORD_VARIABLE,
     exposed_listeners,
@@ -18,8 +20,6 @@ from meterflow.security import (
     pg_string_literal,
     window_sink_target_of,
 )
-from meterflow.local.flink import FLINK_CONF_TEMPLATE, FlinkCluster
-from meterflow.local.kafka import KafkaBroker
 from tests.conftest import REPO_ROOT
 
 # Every key of a Flink config that names an address a process listens on.
@@ -31,7 +31,9 @@ def test_loopback_hosts(host):
     assert is_loopback(host)
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.0.0.5", "192.168.1.2", "jobmanager", "kafka.example.com", "127.0.0.1.example.com"])
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "", "10.0.0.5", "192.168.1.2", "jobmanager", "kafka.example.com", "127.0.0.1.example.com"]
+)
 def test_other_hosts_are_not_loopback(host):
     assert not is_loopback(host)
 
@@ -43,7 +45,9 @@ def test_default_config_exposes_nothing():
 
 def test_non_loopback_listeners_are_named(write_config):
     """A config that would bind Kafka or the Flink REST API elsewhere is reported by key."""
-    cfg = load_config(write_config("kafka:\n  bootstrap_servers: 0.0.0.0:9092\nflink:\n  rest_host: 10.1.2.3\n"), environ={})
+    cfg = load_config(
+        write_config("kafka:\n  bootstrap_servers: 0.0.0.0:9092\nflink:\n  rest_host: 10.1.2.3\n"), environ={}
+    )
     assert exposed_listeners(cfg) == {"kafka.bootstrap_servers": "0.0.0.0", "flink.rest_host": "10.1.2.3"}
 
 
@@ -126,7 +130,9 @@ def test_secret_from_a_mounted_file(write_config, tmp_path):
     path = write_config("postgres:\n  host: db\n")
     cfg = load_config(path, environ={f"{POSTGRES_PASSWORD_VARIABLE}_FILE": str(mounted)})
     assert cfg.postgres.password.get_secret_value() == "from-the-mount"
-    both = load_config(path, environ={f"{POSTGRES_PASSWORD_VARIABLE}_FILE": str(mounted), POSTGRES_PASSWORD_VARIABLE: "direct"})
+    both = load_config(
+        path, environ={f"{POSTGRES_PASSWORD_VARIABLE}_FILE": str(mounted), POSTGRES_PASSWORD_VARIABLE: "direct"}
+    )
     assert both.postgres.password.get_secret_value() == "direct"
     with pytest.raises(ConfigError, match="_FILE"):
         load_config(path, environ={f"{POSTGRES_PASSWORD_VARIABLE}_FILE": str(tmp_path / "absent")})
@@ -139,7 +145,10 @@ def test_role_statements_go_to_psql_on_stdin(write_config, tmp_path, monkeypatch
     from meterflow.local import postgres
 
     password = "it's-a-secret"
-    cfg = load_config(write_config("postgres:\n  user: meter_role\n  database: meter_db\n"), environ={POSTGRES_PASSWORD_VARIABLE: password})
+    cfg = load_config(
+        write_config("postgres:\n  user: meter_role\n  database: meter_db\n"),
+        environ={POSTGRES_PASSWORD_VARIABLE: password},
+    )
     calls: list[tuple[list[str], str]] = []
 
     def fake_as_postgres(self, args, **kw):

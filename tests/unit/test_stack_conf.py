@@ -43,7 +43,10 @@ def test_cluster_working_files_stay_in_the_stack_directory(tmp_path):
 
 def test_kafka_properties_support_transactions_on_one_broker(write_config):
     """Single-node KRaft with replication factor 1 for the transaction and offsets logs."""
-    cfg = load_config(write_config("kafka:\n  bootstrap_servers: 127.0.0.1:19092\nstack:\n  kafka_controller_port: 19093\n"), environ={})
+    cfg = load_config(
+        write_config("kafka:\n  bootstrap_servers: 127.0.0.1:19092\nstack:\n  kafka_controller_port: 19093\n"),
+        environ={},
+    )
     props = dict(line.split("=", 1) for line in KafkaBroker(cfg).properties().splitlines() if line)
     assert props["process.roles"] == "broker,controller"
     assert props["listeners"] == "PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093"
@@ -84,7 +87,9 @@ def test_python_workers_of_this_cluster_are_found(tmp_path):
         # A double fork re-parents the grandchild to init, as a killed TaskManager leaves its workers.
         launcher = subprocess.run(
             ["bash", "-c", f'FLINK_CONF_DIR={conf_dir} nohup python3 -c "{script}" >/dev/null 2>&1 & echo $!'],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return int(launcher.stdout.strip())
 
@@ -178,7 +183,12 @@ def test_zookeeper_port_defaults_to_a_free_port_kept_for_the_stack(tmp_path):
     assert (tmp_path / "state" / "zookeeper" / "port").read_text().strip() == str(port)
     assert ZooKeeperServer(cfg).port == port
     assert _cluster(tmp_path / "state").config()["high-availability"]["zookeeper"]["quorum"] == f"127.0.0.1:{port}"
-    assert ZooKeeperServer(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "zookeeper_port": 2999}})).port == 2999
+    assert (
+        ZooKeeperServer(
+            JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "zookeeper_port": 2999}})
+        ).port
+        == 2999
+    )
 
 
 def test_zoo_cfg_is_standalone_on_loopback(tmp_path):
@@ -211,7 +221,9 @@ def test_stack_starts_zookeeper_before_flink_and_stops_it_after(tmp_path, monkey
             monkeypatch.setattr(part, "down", lambda name=name: calls.append(f"down {name}"))
 
     monkeypatch.setattr(sinks.ledger, "apply_schemas", lambda cfg: None)
-    stack = LocalStack(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "zookeeper_port": 12181}}))
+    stack = LocalStack(
+        JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "zookeeper_port": 12181}})
+    )
     record(stack)
     stack.up(echo=lambda m: None)
     stack.down()
@@ -220,7 +232,9 @@ def test_stack_starts_zookeeper_before_flink_and_stops_it_after(tmp_path, monkey
     assert "zookeeper" in [s.name for s in stack.status()]
 
     calls.clear()
-    stack = LocalStack(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "high_availability": "none"}}))
+    stack = LocalStack(
+        JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "high_availability": "none"}})
+    )
     record(stack)
     stack.up(echo=lambda m: None)
     assert "up zookeeper" not in calls and "up flink" in calls
@@ -232,7 +246,9 @@ def test_flink_status_names_a_lost_jobmanager_or_taskmanager_and_what_to_run(tmp
     from meterflow.local.flink import FlinkCluster
 
     def cluster(ha: str, overview: dict | None, tms: list[int], jms: list[int]) -> FlinkCluster:
-        c = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "high_availability": ha}}))
+        c = FlinkCluster(
+            JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "high_availability": ha}})
+        )
         monkeypatch.setattr(c, "overview", lambda: overview)
         monkeypatch.setattr(c, "taskmanager_pids", lambda: tms)
         monkeypatch.setattr(c, "jobmanager_pids", lambda: jms)
@@ -245,7 +261,10 @@ def test_flink_status_names_a_lost_jobmanager_or_taskmanager_and_what_to_run(tmp
     lost_tm = cluster("none", {"taskmanagers": 0}, [], [7]).status()
     assert not lost_tm.running and lost_tm.detail == "no TaskManager registered: `meterflow stack up` starts one"
     unsupervised = cluster("none", {"taskmanagers": 1, "slots-total": 4, "jobs-running": 2}, [11], [7]).status().detail
-    assert unsupervised == "taskmanagers=1 slots=4 running_jobs=2; the TaskManager supervisor is not running: `meterflow stack up` starts it"
+    assert (
+        unsupervised
+        == "taskmanagers=1 slots=4 running_jobs=2; the TaskManager supervisor is not running: `meterflow stack up` starts it"
+    )
 
 
 def test_flink_status_says_what_the_supervisor_did_and_will_do(tmp_path, monkeypatch):
@@ -255,16 +274,22 @@ def test_flink_status_says_what_the_supervisor_did_and_will_do(tmp_path, monkeyp
     from meterflow.local.flink import FlinkCluster
     from meterflow.local.supervisor import REPLACED
 
-    c = FlinkCluster(JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "taskmanager_restart_delay": "7s"}}))
+    c = FlinkCluster(
+        JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "taskmanager_restart_delay": "7s"}})
+    )
     c.supervisor_pid_file.parent.mkdir(parents=True)
     c.supervisor_pid_file.write_text(f"{os.getpid()}\n")  # a live process stands for the supervisor
     monkeypatch.setattr(c, "overview", lambda: {"taskmanagers": 0})
     assert c.status().detail == "no TaskManager registered: the stack's supervisor starts one 7s after it was lost"
     c.log_dir.mkdir(parents=True)
-    c.supervisor_log.write_text(f"2026-12-05T18:00:00+00:00 supervising\n2026-12-05T18:36:31+00:00 {REPLACED} (it was gone for at least 7s)\n")
+    c.supervisor_log.write_text(
+        f"2026-12-05T18:00:00+00:00 supervising\n2026-12-05T18:36:31+00:00 {REPLACED} (it was gone for at least 7s)\n"
+    )
     monkeypatch.setattr(c, "overview", lambda: {"taskmanagers": 1, "slots-total": 4, "jobs-running": 2})
     detail = c.status().detail
-    assert detail.startswith("taskmanagers=1 slots=4 running_jobs=2; the supervisor replaced 1 lost TaskManager(s), the last at 2026-12-05T18:36:31+00:00")
+    assert detail.startswith(
+        "taskmanagers=1 slots=4 running_jobs=2; the supervisor replaced 1 lost TaskManager(s), the last at 2026-12-05T18:36:31+00:00"
+    )
 
 
 def test_stack_status_judges_only_the_parts_the_config_uses(tmp_path, monkeypatch):
@@ -276,7 +301,10 @@ def test_stack_status_judges_only_the_parts_the_config_uses(tmp_path, monkeypatc
 
     path = tmp_path / "meterflow.yaml"
     path.write_text("stack:\n  state_dir: state\n")
-    parts = [ComponentStatus("kafka", True, "k"), ComponentStatus("stripe-mock", False, "s", "not used by this config", wanted=False)]
+    parts = [
+        ComponentStatus("kafka", True, "k"),
+        ComponentStatus("stripe-mock", False, "s", "not used by this config", wanted=False),
+    ]
     monkeypatch.setattr(LocalStack, "status", lambda self: parts)
     assert CliRunner().invoke(cli, ["--config", str(path), "stack", "status"]).exit_code == 0
     parts.append(ComponentStatus("flink", False, "f", "no TaskManager registered: `meterflow stack up` starts one"))

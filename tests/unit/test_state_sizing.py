@@ -8,7 +8,16 @@ from bench.state_sizing_report import ids_label, parse_ids, per_id, render_markd
 
 
 def _run(backend: str = "rocksdb", **overrides) -> dict:
-    checkpoint = {"id": 2, "full_bytes": 90_000_000, "persisted_bytes": 90_000_000, "end_to_end_s": 3.2, "dedup_sync_s": 0.05, "dedup_async_s": 3.0, "dedup_full_bytes": 90_000_000, "dedup_persisted_bytes": 90_000_000}
+    checkpoint = {
+        "id": 2,
+        "full_bytes": 90_000_000,
+        "persisted_bytes": 90_000_000,
+        "end_to_end_s": 3.2,
+        "dedup_sync_s": 0.05,
+        "dedup_async_s": 3.0,
+        "dedup_full_bytes": 90_000_000,
+        "dedup_persisted_bytes": 90_000_000,
+    }
     steady = {**checkpoint, "dedup_persisted_bytes": 400_000, "end_to_end_s": 0.4}
     run = {
         "backend": backend, "ids_target": 1_000_000, "ids_in_state": 1_000_000, "tm_process_mb": 2560, "ok": True,
@@ -18,7 +27,9 @@ def _run(backend: str = "rocksdb", **overrides) -> dict:
     return {**run, **overrides}
 
 
-@pytest.mark.parametrize(("text", "n"), [("1M", 1_000_000), ("50m", 50_000_000), ("200K", 200_000), ("1_500", 1500), ("2.5M", 2_500_000)])
+@pytest.mark.parametrize(
+    ("text", "n"), [("1M", 1_000_000), ("50m", 50_000_000), ("200K", 200_000), ("1_500", 1500), ("2.5M", 2_500_000)]
+)
 def test_parse_ids(text, n):
     """Sizes read with K/M/G suffixes."""
     assert parse_ids(text) == n
@@ -42,7 +53,18 @@ def test_per_id_divides_by_the_ids_actually_held():
 
 def test_render_markdown_lists_rows_marks_overlap_and_reports_failures():
     """One row per completed run; a run that overlapped other work is starred; a failed run shows its error."""
-    data = {"runs": [_run("hashmap"), _run("rocksdb", overlapped=["/tmp/ci-busy"]), _run("hashmap", ids_target=50_000_000, ok=False, error="RuntimeError: java.lang.OutOfMemoryError: Java heap space")]}
+    data = {
+        "runs": [
+            _run("hashmap"),
+            _run("rocksdb", overlapped=["/tmp/ci-busy"]),
+            _run(
+                "hashmap",
+                ids_target=50_000_000,
+                ok=False,
+                error="RuntimeError: java.lang.OutOfMemoryError: Java heap space",
+            ),
+        ]
+    }
     text = render_markdown(data)
     rows = [ln for ln in text.splitlines() if ln.startswith("| 1M")]
     assert len(rows) == 2

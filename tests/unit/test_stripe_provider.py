@@ -33,8 +33,8 @@ class SyncProvider:
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
 
-    def _run(self, call):  # noqa: ANN001, ANN202 - a provider method and its arguments
-        async def once():  # noqa: ANN202
+    def _run(self, call):
+        async def once():
             p = StripeMeterEvents(self.cfg)
             try:
                 return await call(p)
@@ -51,7 +51,12 @@ class SyncProvider:
 
 
 def provider(fake: FakeStripe, timeout: str = "2s") -> SyncProvider:
-    cfg = JobConfig.model_validate({"stripe": {"api_base": fake.url, "api_key": "sk_test_unit"}, "billing": {"enabled": True, "request_timeout": timeout}})
+    cfg = JobConfig.model_validate(
+        {
+            "stripe": {"api_base": fake.url, "api_key": "sk_test_unit"},
+            "billing": {"enabled": True, "request_timeout": timeout},
+        }
+    )
     return SyncProvider(cfg)
 
 

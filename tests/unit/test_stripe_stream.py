@@ -18,7 +18,13 @@ from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
 from sinks.billing import MeterEvent
 from sinks.retry import RateReservations
-from sinks.stripe_stream import SESSION_RENEW_MARGIN_S, StripeMeterEventStream, error_reports_of, meter_events_provider, stream_event
+from sinks.stripe_stream import (
+    SESSION_RENEW_MARGIN_S,
+    StripeMeterEventStream,
+    error_reports_of,
+    meter_events_provider,
+    stream_event,
+)
 from tests.support.fake_stripe import DROP, FakeStripe, reject
 
 EVENT_TIME = int(time.time()) - 60
@@ -42,8 +48,8 @@ def event(i: int, value: str = "3", timestamp: int = EVENT_TIME) -> MeterEvent:
     return MeterEvent(f"mf-{i}", "tokens", f"cus_{i % 7}", value, timestamp)
 
 
-def run(cfg: JobConfig, body, clock=time.time):  # noqa: ANN001, ANN201 - an async test body and what it returns
-    async def once():  # noqa: ANN202
+def run(cfg: JobConfig, body, clock=time.time):
+    async def once():
         p = StripeMeterEventStream(cfg, clock=clock)
         try:
             return await body(p)
@@ -53,7 +59,7 @@ def run(cfg: JobConfig, body, clock=time.time):  # noqa: ANN001, ANN201 - an asy
     return asyncio.run(once())
 
 
-def send_all(p: StripeMeterEventStream, events: list[MeterEvent]):  # noqa: ANN201 - a coroutine
+def send_all(p: StripeMeterEventStream, events: list[MeterEvent]):
     return asyncio.gather(*(p.send(e) for e in events), return_exceptions=True)
 
 
@@ -65,13 +71,18 @@ def test_the_config_chooses_the_stream():
 
 def test_a_stream_event_carries_an_rfc3339_timestamp_and_string_payload():
     body = stream_event(MeterEvent("mf-1", "tokens", "cus_1", "12", 1_767_225_600))
-    assert body == {"event_name": "tokens", "identifier": "mf-1", "timestamp": "2026-01-01T00:00:00Z", "payload": {"stripe_customer_id": "cus_1", "value": "12"}}
+    assert body == {
+        "event_name": "tokens",
+        "identifier": "mf-1",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "payload": {"stripe_customer_id": "cus_1", "value": "12"},
+    }
 
 
 def test_deliveries_in_flight_together_share_requests_of_at_most_the_batch_size(fake):
     events = [event(i) for i in range(250)]
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         answers = await send_all(p, events)
         return answers, p.requests_sent, p.sessions_created
 
@@ -79,11 +90,13 @@ def test_deliveries_in_flight_together_share_requests_of_at_most_the_batch_size(
     assert (requests, sessions, fake.stream.stream_requests) == (3, 1, 3)
     assert len(set(answers)) == 3 and all(a.startswith("req_fake_stream_") for a in answers)
     assert sorted(fake.accepted) == sorted(e.identifier for e in events)
-    assert fake.total("tokens", "cus_0", EVENT_TIME - 1, EVENT_TIME + 1) == Decimal(3 * len([i for i in range(250) if i % 7 == 0]))
+    assert fake.total("tokens", "cus_0", EVENT_TIME - 1, EVENT_TIME + 1) == Decimal(
+        3 * len([i for i in range(250) if i % 7 == 0])
+    )
 
 
 def test_a_smaller_batch_size_and_a_lone_delivery_after_the_linger(fake):
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         await send_all(p, [event(i) for i in range(10)])
         lone = await p.send(event(99))
         return p.requests_sent, lone
@@ -99,7 +112,7 @@ def test_requests_not_deliveries_take_the_rate_slots(fake):
     async def sleep(s: float) -> None:
         slept.append(s)
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         p.pace_requests(RateReservations(rate=2, capacity=1, clock=lambda: 0.0), sleep)
         await send_all(p, [event(i) for i in range(250)])
         return p.requests_sent
@@ -113,7 +126,7 @@ def test_deliveries_that_arrive_while_a_request_waits_for_its_slot_ride_in_it(fa
     arrived meanwhile share it rather than take further slots in small requests."""
     slept: list[float] = []
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         slot = asyncio.Event()
 
         async def sleep(s: float) -> None:
@@ -136,7 +149,7 @@ def test_deliveries_that_arrive_while_a_request_waits_for_its_slot_ride_in_it(fa
 
 
 def test_a_resent_identifier_is_counted_once(fake):
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         await p.send(event(1))
         await p.send(event(1))
 
@@ -148,7 +161,7 @@ def test_a_resent_identifier_is_counted_once(fake):
 def test_the_session_is_renewed_before_it_expires(fake):
     now = [time.time()]  # the provider's clock; the fake's session expiry is on the real one
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         await p.send(event(1))
         now[0] += fake.session_ttl - SESSION_RENEW_MARGIN_S - 1
         await p.send(event(2))
@@ -163,7 +176,7 @@ def test_the_session_is_renewed_before_it_expires(fake):
 def test_a_session_the_fake_expired_is_renewed_and_the_request_sent_again(fake):
     fake.session_ttl = 0.2
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         await p.send(event(1))
         await asyncio.sleep(0.3)
         # The provider's clock says the session is good for a long time; the fake says it expired.
@@ -177,18 +190,20 @@ def test_a_session_the_fake_expired_is_renewed_and_the_request_sent_again(fake):
 def test_a_fault_reaches_every_delivery_of_the_request(fake):
     fake.inject(reject(429, retry_after=2))
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         return await send_all(p, [event(i) for i in range(5)])
 
     answers = run(config(fake), body)
-    assert all(isinstance(a, ProviderError) and a.status == 429 and a.retryable and a.retry_after == 2.0 for a in answers)
+    assert all(
+        isinstance(a, ProviderError) and a.status == 429 and a.retryable and a.retry_after == 2.0 for a in answers
+    )
     assert fake.accepted == {}
 
 
 def test_a_dropped_request_is_retryable_and_may_have_been_accepted(fake):
     fake.inject(DROP)
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         return await send_all(p, [event(i) for i in range(3)])
 
     answers = run(config(fake), body)
@@ -200,9 +215,18 @@ def test_more_than_100_events_in_one_request_is_refused_by_the_fake(fake):
     import json
     import urllib.request
 
-    token = json.loads(urllib.request.urlopen(urllib.request.Request(f"{fake.url}/v2/billing/meter_event_session", data=b"{}", method="POST")).read())["authentication_token"]
+    token = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(f"{fake.url}/v2/billing/meter_event_session", data=b"{}", method="POST")
+        ).read()
+    )["authentication_token"]
     body = json.dumps({"events": [stream_event(event(i)) for i in range(101)]}).encode()
-    request = urllib.request.Request(f"{fake.url}/v2/billing/meter_event_stream", data=body, method="POST", headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{fake.url}/v2/billing/meter_event_stream",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request)
     assert e.value.code == 400
@@ -212,7 +236,7 @@ def test_more_than_100_events_in_one_request_is_refused_by_the_fake(fake):
 def test_events_stripe_refuses_after_accepting_come_back_as_error_reports(fake):
     events = [event(1), event(2, value="2.5"), event(3, timestamp=int(time.time()) + 3600), event(4)]
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         answers = await send_all(p, events)
         return answers, await p.error_reports(["tokens"])
 
@@ -228,7 +252,7 @@ def test_error_reports_are_read_across_pages(fake):
     fake.stream.page_size = 2
     bad = [event(i, value="0.5") for i in range(5)]
 
-    async def body(p):  # noqa: ANN001, ANN202
+    async def body(p):
         await send_all(p, bad)
         return await p.error_reports(["tokens"])
 
@@ -255,9 +279,29 @@ def test_polls_that_share_a_meter_cache_list_the_meters_once(fake):
 def test_error_reports_of_skips_other_events_and_samples_without_a_request():
     events = [
         {"id": "evt_1", "type": "v1.billing.meter.no_meter_found", "data": {}},
-        {"id": "evt_2", "type": "v1.billing.meter.error_report_triggered", "created": "t", "data": {"reason": {"error_types": [{"code": "x", "error_count": 3, "sample_errors": [{"error_message": "m", "request": {"id": "req_1"}}, {"error_message": "n"}]}]}}},
+        {
+            "id": "evt_2",
+            "type": "v1.billing.meter.error_report_triggered",
+            "created": "t",
+            "data": {
+                "reason": {
+                    "error_types": [
+                        {
+                            "code": "x",
+                            "error_count": 3,
+                            "sample_errors": [
+                                {"error_message": "m", "request": {"id": "req_1"}},
+                                {"error_message": "n"},
+                            ],
+                        }
+                    ]
+                }
+            },
+        },
     ]
-    assert [(r.report_id, r.request_id, r.code, r.error_count) for r in error_reports_of(events)] == [("evt_2", "req_1", "x", 3)]
+    assert [(r.report_id, r.request_id, r.code, r.error_count) for r in error_reports_of(events)] == [
+        ("evt_2", "req_1", "x", 3)
+    ]
 
 
 def test_a_report_knows_its_age():

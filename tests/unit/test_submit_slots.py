@@ -14,7 +14,9 @@ from meterflow.local import flink_jobs
 def test_the_jobs_need_their_parallelisms_in_slots(write_config):
     cfg = load_config(write_config("flink:\n  parallelism: 2\nbilling:\n  enabled: true\n"), environ={})
     assert sorted(flink_jobs.slot_needs(cfg).values()) == [2, 2]
-    cfg = load_config(write_config("flink:\n  parallelism: 2\nbilling:\n  enabled: true\n  parallelism: 1\n"), environ={})
+    cfg = load_config(
+        write_config("flink:\n  parallelism: 2\nbilling:\n  enabled: true\n  parallelism: 1\n"), environ={}
+    )
     assert sorted(flink_jobs.slot_needs(cfg).values()) == [1, 2]
     cfg = load_config(write_config("flink:\n  parallelism: 3\nbilling:\n  enabled: false\n"), environ={})
     assert list(flink_jobs.slot_needs(cfg).values()) == [3]
@@ -22,7 +24,10 @@ def test_the_jobs_need_their_parallelisms_in_slots(write_config):
 
 @pytest.mark.parametrize(("total", "refused"), [(4, False), (3, True), (2, True), (0, False)])
 def test_exactly_enough_slots_fit_and_one_fewer_is_refused(total, refused):
-    needs = {"the usage job (flink.parallelism)": 2, "the billing job (billing.parallelism, default flink.parallelism)": 2}
+    needs = {
+        "the usage job (flink.parallelism)": 2,
+        "the billing job (billing.parallelism, default flink.parallelism)": 2,
+    }
     problem = flink_jobs.slot_shortfall(needs, total)
     assert (problem is not None) == refused
     if refused:
@@ -39,7 +44,9 @@ def test_submit_refuses_before_submitting_either_job(write_config, monkeypatch):
     monkeypatch.setattr(flink_jobs, "check_input_topics", lambda c: None)
     monkeypatch.setattr(flink_jobs, "check_transaction_timeout", lambda c: None)
     monkeypatch.setattr(flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append("usage") or "0" * 32)
-    monkeypatch.setattr(flink_jobs, "submit_billing", lambda c, p, savepoint=None: submitted.append("billing") or "1" * 32)
+    monkeypatch.setattr(
+        flink_jobs, "submit_billing", lambda c, p, savepoint=None: submitted.append("billing") or "1" * 32
+    )
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
     assert isinstance(result.exception, JobSubmissionError), result.output
     assert "the cluster has 2 task slots and the jobs need 4" in str(result.exception)
@@ -55,6 +62,8 @@ def test_stack_up_refuses_a_taskmanager_too_small_for_the_jobs(write_config):
     from meterflow.errors import StackError
     from meterflow.local.stack import LocalStack
 
-    cfg = load_config(write_config("flink:\n  parallelism: 2\n  task_slots: 3\nbilling:\n  enabled: true\n"), environ={})
+    cfg = load_config(
+        write_config("flink:\n  parallelism: 2\n  task_slots: 3\nbilling:\n  enabled: true\n"), environ={}
+    )
     with pytest.raises(StackError, match="flink.task_slots gives 3 task slots and the jobs need 4"):
         LocalStack(cfg).up(echo=lambda m: None)

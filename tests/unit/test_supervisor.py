@@ -43,9 +43,20 @@ def test_supervise_starts_one_replacement_per_loss_and_logs_it(monkeypatch):
         started.append(1)
         alive["tm"] = True
 
-    supervise(lambda: alive["tm"], lambda: True, start, delay=3, log=lines.append, clock=lambda: float(next(now)), keep_going=lambda: next(looks, None) is not None)
+    supervise(
+        lambda: alive["tm"],
+        lambda: True,
+        start,
+        delay=3,
+        log=lines.append,
+        clock=lambda: float(next(now)),
+        keep_going=lambda: next(looks, None) is not None,
+    )
     assert started == [1]
-    assert lines == ["no TaskManager running; starting a replacement in 3s unless one starts", f"{REPLACED} (it was gone for at least 3s)"]
+    assert lines == [
+        "no TaskManager running; starting a replacement in 3s unless one starts",
+        f"{REPLACED} (it was gone for at least 3s)",
+    ]
 
 
 def test_replacements_are_read_back_from_the_log(tmp_path):

@@ -44,14 +44,26 @@ def test_each_topic_of_the_kafka_section_with_its_configs(cfg):
         k.dead_letter_topic: {MAX_MESSAGE_BYTES: str(MIB + 65_536)},
         k.closed_windows_topic: {},
     }
-    assert list(topic_configs(cfg)) == [k.usage_events_topic, k.late_events_topic, k.dead_letter_topic, k.closed_windows_topic]
+    assert list(topic_configs(cfg)) == [
+        k.usage_events_topic,
+        k.late_events_topic,
+        k.dead_letter_topic,
+        k.closed_windows_topic,
+    ]
 
 
 def test_sizes_follow_the_configured_input_limit(write_config):
     """At the smallest allowed kafka.max_message_bytes the dead-letter topic still takes the whole headroom more."""
-    cfg = load_config(write_config("kafka:\n  max_message_bytes: 65536\n  dead_letter_topic: dl\n  usage_events_topic: in\n"), environ={})
+    cfg = load_config(
+        write_config("kafka:\n  max_message_bytes: 65536\n  dead_letter_topic: dl\n  usage_events_topic: in\n"),
+        environ={},
+    )
     assert topic_configs(cfg)["in"][MAX_MESSAGE_BYTES] == "65536"
-    assert topic_configs(cfg)["dl"][MAX_MESSAGE_BYTES] == str(65_536 + DEAD_LETTER_HEADROOM_BYTES) == str(dead_letter_max_message_bytes(cfg))
+    assert (
+        topic_configs(cfg)["dl"][MAX_MESSAGE_BYTES]
+        == str(65_536 + DEAD_LETTER_HEADROOM_BYTES)
+        == str(dead_letter_max_message_bytes(cfg))
+    )
 
 
 def test_drift_is_the_goal_configs_an_existing_topic_lacks(cfg):
@@ -63,7 +75,10 @@ def test_drift_is_the_goal_configs_an_existing_topic_lacks(cfg):
     actual[k.usage_events_topic] = {MAX_MESSAGE_BYTES: str(MIB), TIMESTAMP_TYPE: "CreateTime", "retention.ms": "1"}
     actual[k.dead_letter_topic] = {MAX_MESSAGE_BYTES: "1048588"}
     del actual[k.closed_windows_topic]
-    assert config_drift(goal, actual) == {k.usage_events_topic: {TIMESTAMP_TYPE: LOG_APPEND_TIME}, k.dead_letter_topic: {MAX_MESSAGE_BYTES: str(MIB + 65_536)}}
+    assert config_drift(goal, actual) == {
+        k.usage_events_topic: {TIMESTAMP_TYPE: LOG_APPEND_TIME},
+        k.dead_letter_topic: {MAX_MESSAGE_BYTES: str(MIB + 65_536)},
+    }
 
 
 def test_topics_as_created_pass_the_submit_check(cfg):
@@ -91,10 +106,14 @@ def test_the_input_size_must_be_the_configured_limit(cfg, size, refused):
     problems = topic_problems(cfg, actual)
     assert bool(problems) is refused
     if refused:
-        assert f"max.message.bytes={size}" in problems[0] and problems[0].endswith(f"--add-config max.message.bytes={MIB}")
+        assert f"max.message.bytes={size}" in problems[0] and problems[0].endswith(
+            f"--add-config max.message.bytes={MIB}"
+        )
 
 
-@pytest.mark.parametrize(("size", "refused"), [(MIB + 65_536, False), (MIB + 65_537, False), (MIB + 65_535, True), ("x", True)])
+@pytest.mark.parametrize(
+    ("size", "refused"), [(MIB + 65_536, False), (MIB + 65_537, False), (MIB + 65_535, True), ("x", True)]
+)
 def test_the_dead_letter_topic_must_hold_a_dead_letter_of_the_largest_input(cfg, size, refused):
     """At least kafka.max_message_bytes + the headroom: exactly it passes, one byte less is refused."""
     actual = _good(cfg)
@@ -102,7 +121,11 @@ def test_the_dead_letter_topic_must_hold_a_dead_letter_of_the_largest_input(cfg,
     problems = topic_problems(cfg, actual)
     assert bool(problems) is refused
     if refused:
-        assert problems[0].endswith(alter_command(cfg.kafka.bootstrap_servers, cfg.kafka.dead_letter_topic, {MAX_MESSAGE_BYTES: str(MIB + 65_536)}))
+        assert problems[0].endswith(
+            alter_command(
+                cfg.kafka.bootstrap_servers, cfg.kafka.dead_letter_topic, {MAX_MESSAGE_BYTES: str(MIB + 65_536)}
+            )
+        )
 
 
 def test_missing_topics_are_refused_with_the_create_command(cfg):
@@ -129,8 +152,16 @@ def test_check_input_topics_reads_the_keys_it_judges(cfg, monkeypatch):
     monkeypatch.setattr(kafka_admin, "describe_topic_configs", describe)
     reported = _good(cfg)
     flink_jobs.check_input_topics(cfg)
-    assert asked == [(k.bootstrap_servers, {k.usage_events_topic: (TIMESTAMP_TYPE, MAX_MESSAGE_BYTES), k.dead_letter_topic: (MAX_MESSAGE_BYTES,)})]
-    reported = {k.usage_events_topic: {TIMESTAMP_TYPE: "CreateTime", MAX_MESSAGE_BYTES: "1048588"}, k.dead_letter_topic: {MAX_MESSAGE_BYTES: "1048588"}}
+    assert asked == [
+        (
+            k.bootstrap_servers,
+            {k.usage_events_topic: (TIMESTAMP_TYPE, MAX_MESSAGE_BYTES), k.dead_letter_topic: (MAX_MESSAGE_BYTES,)},
+        )
+    ]
+    reported = {
+        k.usage_events_topic: {TIMESTAMP_TYPE: "CreateTime", MAX_MESSAGE_BYTES: "1048588"},
+        k.dead_letter_topic: {MAX_MESSAGE_BYTES: "1048588"},
+    }
     with pytest.raises(JobSubmissionError) as refused:
         flink_jobs.check_input_topics(cfg)
     assert str(refused.value).count("\n- ") == 3
@@ -147,11 +178,15 @@ def test_submit_refuses_before_submitting(write_config, monkeypatch):
     submitted = []
     monkeypatch.setattr(flink_jobs, "running_jobs", lambda c, name=None: [])
     monkeypatch.setattr(flink_jobs, "rest", lambda c, path: {"slots-total": 4})
-    monkeypatch.setattr(flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append(c.flink.job_name) or "0" * 32)
+    monkeypatch.setattr(
+        flink_jobs, "submit", lambda c, p, savepoint=None: submitted.append(c.flink.job_name) or "0" * 32
+    )
     reported = _good(cfg)
     reported[cfg.kafka.usage_events_topic][TIMESTAMP_TYPE] = "CreateTime"
     monkeypatch.setattr(kafka_admin, "describe_topic_configs", lambda bootstrap, topics: reported)
-    monkeypatch.setattr(kafka_admin, "broker_transaction_max_timeout_ms", lambda bootstrap: BROKER_TRANSACTION_MAX_TIMEOUT_MS)
+    monkeypatch.setattr(
+        kafka_admin, "broker_transaction_max_timeout_ms", lambda bootstrap: BROKER_TRANSACTION_MAX_TIMEOUT_MS
+    )
     result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
     assert isinstance(result.exception, JobSubmissionError) and "LogAppendTime" in str(result.exception)
     assert submitted == []
@@ -180,7 +215,11 @@ class _FakeAdmin:
 
     def describe_configs(self, resources, config_filter):
         assert config_filter == "all"
-        return {"topic": {r.name: {key: {"value": self.topics[r.name].get(key, "broker")} for key in r.configs} for r in resources}}
+        return {
+            "topic": {
+                r.name: {key: {"value": self.topics[r.name].get(key, "broker")} for key in r.configs} for r in resources
+            }
+        }
 
     def alter_configs(self, resources):
         self.calls.append(("alter", {r.name: dict(r.configs) for r in resources}))
@@ -195,7 +234,10 @@ class _FakeAdmin:
 def test_ensure_topics_creates_with_configs_and_sets_what_existing_topics_lack(cfg, monkeypatch):
     """Missing topics are created with their configs; existing ones get only the goal keys they lack; a second run changes nothing."""
     k = cfg.kafka
-    _FakeAdmin.topics = {k.usage_events_topic: {TIMESTAMP_TYPE: "CreateTime", MAX_MESSAGE_BYTES: str(MIB), "retention.ms": "5"}, k.late_events_topic: {}}
+    _FakeAdmin.topics = {
+        k.usage_events_topic: {TIMESTAMP_TYPE: "CreateTime", MAX_MESSAGE_BYTES: str(MIB), "retention.ms": "5"},
+        k.late_events_topic: {},
+    }
     _FakeAdmin.calls = []
     monkeypatch.setattr(kafka_admin, "KafkaAdminClient", _FakeAdmin)
     changed = kafka_admin.ensure_project_topics(cfg)

@@ -103,7 +103,11 @@ def test_recommendations_reach_their_targets_at_the_lowest_whole_second():
     assert wanted[0].refire_share == pytest.approx(90 / 10_000)
     # With every event in the first result wanted, everything goes to the delay: no re-fires.
     (all_first,) = recommend(needs, [0.999], first_share=1.0)
-    assert (all_first.watermark_delay, all_first.allowed_lateness, all_first.refire_share) == (timedelta(seconds=3), timedelta(0), 0.0)
+    assert (all_first.watermark_delay, all_first.allowed_lateness, all_first.refire_share) == (
+        timedelta(seconds=3),
+        timedelta(0),
+        0.0,
+    )
     assert all_first.first_result_after == timedelta(seconds=3)
 
 

@@ -25,14 +25,29 @@ def test_format_row_is_the_schema_nullable():
     expected = [f"`{c.name}` {c.sql_type.replace(' NOT NULL', '')}" for c in derive_columns(load_schema())]
     assert _java_string(FORMAT / "UsageEventDecoder.java", "ROW_TYPE") == "ROW<" + ", ".join(expected) + ">"
     assert [c.ddl() for c in usage_value_columns()] == expected
-    fields = re.findall(r'"(\w+)"', re.search(r"FIELDS = \{(.*?)\};", (FORMAT / "UsageEventDecoder.java").read_text(), re.S).group(1))
+    fields = re.findall(
+        r'"(\w+)"', re.search(r"FIELDS = \{(.*?)\};", (FORMAT / "UsageEventDecoder.java").read_text(), re.S).group(1)
+    )
     assert fields == [c.name for c in usage_value_columns()]
 
 
 def test_source_table_uses_the_format_by_its_registered_name_and_metadata(write_config):
     """The source DDL names the factory's identifier, declares its physical columns and both metadata keys."""
     assert _java_string(FORMAT / "MeterflowAvroFormatFactory.java", "IDENTIFIER") == USAGE_FORMAT
-    services = (REPO_ROOT / "udf" / "src" / "main" / "resources" / "META-INF" / "services" / "org.apache.flink.table.factories.Factory").read_text().split()
+    services = (
+        (
+            REPO_ROOT
+            / "udf"
+            / "src"
+            / "main"
+            / "resources"
+            / "META-INF"
+            / "services"
+            / "org.apache.flink.table.factories.Factory"
+        )
+        .read_text()
+        .split()
+    )
     assert "dev.meterflow.format.MeterflowAvroFormatFactory" in services
     ddl = usage_source_ddl(load_config(write_config(""), environ={}))
     assert f"'format' = '{USAGE_FORMAT}'" in ddl
@@ -69,7 +84,9 @@ def test_window_sink_binds_the_usage_write_columns_in_order():
     from sinks.postgres_schema import USAGE_WRITE_COLUMNS, usage_upsert_sql
 
     source = (UDF / "UsageWindowSink.java").read_text()
-    body = re.search(r"private static void bind\(PreparedStatement ps, WindowRow w\)(.*?)\n        }", source, re.S).group(1)
+    body = re.search(
+        r"private static void bind\(PreparedStatement ps, WindowRow w\)(.*?)\n        }", source, re.S
+    ).group(1)
     bound = re.findall(r"ps\.set\w+\((\d+), (?:utc\()?(?:new BigDecimal\()?w\.(\w+)", body)
     snake = [re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), field).replace("_ms", "") for _, field in bound]
     assert [int(i) for i, _ in bound] == list(range(1, len(USAGE_WRITE_COLUMNS) + 1))
