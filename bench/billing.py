@@ -526,7 +526,7 @@ def main(
         REPORT.write_text(splice_section(REPORT.read_text(), render_section(json.loads(RESULTS.read_text()))))
         console.print(f"wrote the billing section of {REPORT}")
         return
-    from bench.run import machine_info
+    from bench.machine import machine_info
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
     results: dict[str, Any] = {

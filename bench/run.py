@@ -9,17 +9,13 @@ bench/results.json, docs/benchmarks.md and docs/img/benchmarks.png; stops and re
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +26,7 @@ from rich.progress import Progress
 from bench import flink as bflink
 from bench.dataset import DatasetSpec, Oracle, Totals, closers, compare, generate
 from bench.freshness import freshness_phase
+from bench.machine import machine_info
 from bench.pipelines import (
     Measurement,
     mean_profile,
@@ -47,43 +44,11 @@ from bench.stats import steady_throughput, throughput
 from meterflow.config import JobConfig
 from meterflow.local import flink_jobs
 from meterflow.local.flink import FlinkCluster
-from meterflow.local.kafka import KAFKA_JARS
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = ("ceiling", "meterflow", "baseline-a", "baseline-b", "freshness")
 console = Console()
 OFF_THE_TASKMANAGER = {"baseline A"}  # a plain Python process: the TaskManager's profile says nothing of it
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core count, memory, OS and the versions that matter."""
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-        platform.processor() or "unknown",
-    )
-    mem_kib = int(
-        next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
-    )
-    java = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False).stderr.splitlines()
-    kafka = sorted(
-        p.name.removeprefix("kafka-clients-").removesuffix(".jar") for p in KAFKA_JARS.glob("kafka-clients-*.jar")
-    )
-    versions = {
-        "Python": platform.python_version(),
-        "Java": java[0] if java else "?",
-        "Flink (apache-flink)": metadata.version("apache-flink"),
-        "Kafka": kafka[0] if kafka else "?",
-    }
-    for dist in ("kafka-python", "fastavro", "psycopg"):
-        versions[dist] = metadata.version(dist)
-    return {
-        "cpu_model": model,
-        "nproc": os.cpu_count(),
-        "memory_gib": mem_kib / 1024**2,
-        "os": f"{platform.system()} {platform.release()}",
-        "versions": versions,
-    }
 
 
 def summarize(name: str, parallelism: int, records: int, m: Measurement, **extra: Any) -> dict[str, Any]:

@@ -21,8 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from meterflow.commands.corrections import parse_bound
-from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.commands.usage import fmt_qty
+from meterflow.commands.root import Context, cli, console, err_console, fmt_qty, pass_ctx
 from meterflow.config import JobConfig
 from meterflow.config_values import parse_duration
 

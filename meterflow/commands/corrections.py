@@ -12,8 +12,7 @@ from typing import Any, Literal
 import click
 from rich.table import Table
 
-from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.commands.usage import fmt_qty
+from meterflow.commands.root import Context, cli, console, err_console, fmt_qty, pass_ctx
 from meterflow.config import JobConfig
 from meterflow.corrections import (
     CORRECTION_STATUSES,

@@ -11,8 +11,7 @@ import click
 from rich.table import Table
 
 from meterflow.commands.corrections import parse_bound
-from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.commands.usage import fmt_qty
+from meterflow.commands.root import Context, cli, console, err_console, fmt_qty, pass_ctx
 from meterflow.errors import CorrectionError
 
 

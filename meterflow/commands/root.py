@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import click
@@ -58,3 +59,8 @@ pass_ctx = click.make_pass_decorator(Context)
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """meterflow: billing-grade usage metering on Apache Flink."""
     ctx.obj = Context(config_path)
+
+
+def fmt_qty(q: Decimal) -> str:
+    """A quantity without exponent or trailing zeros."""
+    return format(q.normalize(), "f")

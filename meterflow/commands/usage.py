@@ -8,7 +8,7 @@ from decimal import Decimal
 import click
 from rich.table import Table
 
-from meterflow.commands.root import Context, cli, console, pass_ctx
+from meterflow.commands.root import Context, cli, console, fmt_qty, pass_ctx
 
 
 @cli.command()
@@ -55,8 +55,3 @@ def print_usage(rows: list, corrected: list[Decimal] | None = None) -> None:
             "yes" if r.is_final else "no",
         )
     console.print(table)
-
-
-def fmt_qty(q: Decimal) -> str:
-    """A quantity without exponent or trailing zeros."""
-    return format(q.normalize(), "f")

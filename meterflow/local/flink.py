@@ -35,7 +35,7 @@ from meterflow.local.base import (
     stop_pid,
     wait_until,
 )
-from meterflow.local.supervisor import replacements
+from meterflow.local.supervisor_log import replacements
 from meterflow.local.zookeeper import ZooKeeperServer, ha_cluster_id
 from meterflow.metrics_conf import flink_reporter_conf
 

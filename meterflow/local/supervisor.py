@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPLACED = "replaced a lost TaskManager"
+from meterflow.local.supervisor_log import REPLACED
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,6 @@ def next_step(
     if now - lost_since >= delay:
         return Watch(None), True
     return Watch(lost_since), False
-
-
-def replacements(log: Path) -> list[datetime]:
-    """When the supervisor started each replacement, from its log (empty when it never did)."""
-    if not log.exists():
-        return []
-    return [datetime.fromisoformat(line.split(" ", 1)[0]) for line in log.read_text().splitlines() if REPLACED in line]
 
 
 def supervise(

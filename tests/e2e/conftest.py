@@ -92,7 +92,7 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
 
 def _report_replacements(request: pytest.FixtureRequest, flink) -> None:
     """Every TaskManager the stack's supervisor replaced, on the terminal: the kills the tests made, and any loss they did not."""
-    from meterflow.local.supervisor import replacements
+    from meterflow.local.supervisor_log import replacements
 
     replaced = replacements(flink.supervisor_log)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")

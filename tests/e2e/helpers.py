@@ -241,7 +241,7 @@ def wait_recovered(cfg: JobConfig, job_id: str, timeout: float = 300) -> None:
 def replacements_so_far(cfg: JobConfig) -> int:
     """How many lost TaskManagers the stack's supervisor has replaced, from its log."""
     from meterflow.local.flink import FlinkCluster
-    from meterflow.local.supervisor import replacements
+    from meterflow.local.supervisor_log import replacements
 
     return len(replacements(FlinkCluster(cfg).supervisor_log))
 
@@ -250,7 +250,7 @@ def replaced_after(cfg: JobConfig, before: int, killed_at_ms: int) -> None:
     """Wait until the stack's supervisor has logged one more replacement than ``before``, and check it
     waited stack.taskmanager_restart_delay after the kill (the log has whole seconds)."""
     from meterflow.local.flink import FlinkCluster
-    from meterflow.local.supervisor import replacements
+    from meterflow.local.supervisor_log import replacements
 
     delay = cfg.stack.taskmanager_restart_delay.total_seconds()
     log = FlinkCluster(cfg).supervisor_log

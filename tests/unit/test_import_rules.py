@@ -5,6 +5,8 @@
   or the local stack (``meterflow.local``); the local stack never imports the CLI.
 * Public names: ``bench/`` and ``tests/`` use the project's modules through public names only, never
   ``from x import _y``, ``x._y`` or ``setattr(x, "_y", ...)`` on a project module or what it exports.
+* No circles: no file of the project or its benchmarks imports, through other files, a file that
+  imports it.
 """
 
 from __future__ import annotations
@@ -144,6 +146,67 @@ def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
         "base._x()\nfl.FlinkCluster(cfg)._y\nmonkeypatch.setattr(base.Thing, '_z', 1)\nself._fine = pid_alive\n"
     )
     assert sorted(use.split(":")[0] for use in private_uses(client)) == ["line 2", "line 4", "line 5", "line 6"]
+
+
+SOURCES = [
+    p for d in ("meterflow", "jobs", "connectors", "sinks", "bench") for p in sorted((REPO_ROOT / d).rglob("*.py"))
+]
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """Module -> the modules among ``paths`` it imports (``from a import b`` names ``a.b`` when that is a file)."""
+    modules = {_module_of(p): p for p in paths}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in imported_modules(path):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and modules[imported].name != "__init__.py":
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of two or more modules that import each other, through others or straight (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_file_imports_a_file_that_imports_it():
+    assert circles(import_graph(SOURCES)) == []
+
+
+def test_a_circle_is_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert circles(graph) == [["a", "b", "c"]]
 
 
 def test_test_modules_have_unique_names():

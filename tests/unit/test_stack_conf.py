@@ -272,7 +272,7 @@ def test_flink_status_says_what_the_supervisor_did_and_will_do(tmp_path, monkeyp
 
     from meterflow.config import JobConfig
     from meterflow.local.flink import FlinkCluster
-    from meterflow.local.supervisor import REPLACED
+    from meterflow.local.supervisor_log import REPLACED
 
     c = FlinkCluster(
         JobConfig.model_validate({"stack": {"state_dir": str(tmp_path / "state"), "taskmanager_restart_delay": "7s"}})

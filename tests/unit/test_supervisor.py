@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from meterflow.local.supervisor import REPLACED, Watch, next_step, replacements, supervise
+from meterflow.local.supervisor import Watch, next_step, supervise
+from meterflow.local.supervisor_log import REPLACED, replacements
 
 
 def test_a_replacement_starts_once_the_loss_has_lasted_the_delay():
