@@ -10,25 +10,14 @@ from connectors.avro_types import derive_columns, load_schema
 from jobs.plan import CLOSED_WINDOW_SCHEMA, sql_epoch_ms
 from jobs.sql import sql_with
 from meterflow.config import JobConfig
+from meterflow.window_row import WINDOW_ROW, bridge_names
 
 CLOSED_WINDOWS_SOURCE_TABLE = "closed_windows_source"
 RETRY_TICKS_TABLE = "billing_retry_ticks"
 RETRIES_VIEW = "billing_retries"
 # Columns of a billing input row: the partitioning key first, then the window; the retry scan's
 # rows name the delivery to retry in the last one.
-BILLING_INPUT_COLUMNS = (
-    "billing_key",
-    "tenant_id",
-    "customer_id",
-    "meter",
-    "dimensions_key",
-    "window_start_ms",
-    "window_end_ms",
-    "quantity",
-    "event_count",
-    "revision",
-    "retry_identifier",
-)
+BILLING_INPUT_COLUMNS = ("billing_key", *bridge_names(WINDOW_ROW), "retry_identifier")
 
 
 def billing_key(tenant_id: str, customer_id: str, meter: str) -> str:

@@ -13,11 +13,12 @@ a lease ahead, so nothing else hands it out meanwhile.
 
 from __future__ import annotations
 
+from meterflow.window_row import WINDOW_KEY, WINDOW_SPAN, bridge_names, names
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 STATUSES = ("pending", "sent", "failed", "dead")
 # What makes a window's own delivery unique: the provider, the window's key and its span.
-WINDOW_SPAN = ("provider", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end")
+WINDOW_DELIVERY_KEY = ("provider", *names(WINDOW_KEY + WINDOW_SPAN))
 KINDS = ("window", "correction")
 
 
@@ -83,7 +84,7 @@ END $$""",
         # One 'window' delivery per window key and span: windows of two sizes that start together
         # (a changed event_time.window_size) are two windows. Replaces the first version's index on
         # the start alone.
-        f"CREATE UNIQUE INDEX IF NOT EXISTS {d}_window_span ON {d} ({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {d}_window_span ON {d} ({', '.join(WINDOW_DELIVERY_KEY)}) WHERE kind = 'window'",
         f"DROP INDEX IF EXISTS {d}_window",
         f"CREATE INDEX IF NOT EXISTS {d}_of_window ON {d} (window_identifier)",
         # The provider's report that it dropped the events of the request that carried a delivery.
@@ -197,15 +198,7 @@ _CLAIM_ROW_TYPES = (
 # What names a claimed row in claim_new_sql's answer: the identifier, or for a window's own event
 # its key and span (its recorded identifier may be of an earlier form).
 CLAIM_KEY = ("identifier",)
-WINDOW_CLAIM_KEY = (
-    "provider",
-    "tenant_id",
-    "customer_id",
-    "meter",
-    "dimensions_key",
-    "window_start_ms",
-    "window_end_ms",
-)
+WINDOW_CLAIM_KEY = ("provider", *bridge_names(WINDOW_KEY + WINDOW_SPAN))
 
 
 def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = False) -> str:
@@ -224,7 +217,7 @@ def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = Fal
     it (the state's first column is the recorded identifier).
     """
     d, c = check_identifier(ledger_table), check_identifier(customers_table)
-    target = f"({', '.join(WINDOW_SPAN)}) WHERE kind = 'window'" if window else "(identifier)"
+    target = f"({', '.join(WINDOW_DELIVERY_KEY)}) WHERE kind = 'window'" if window else "(identifier)"
     key = _WINDOW_KEY_COLUMNS.format(d=d) if window else f"{d}.identifier"
     arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in zip(CLAIM_ROW_PARAMS, _CLAIM_ROW_TYPES, strict=True))
     return (

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from meterflow.config import PG_TABLE_PATTERN
+from meterflow.window_row import WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, names, postgres_column_lines
 
 _IDENTIFIER = re.compile(PG_TABLE_PATTERN)
 
@@ -22,16 +23,11 @@ def check_identifier(name: str) -> str:
 
 # The window a row refers to, as every table but the usage table declares it (the usage table's
 # own key has a default dimensions_key); a CREATE TABLE body line each, indented like the others.
-WINDOW_COLUMNS_DDL = """    tenant_id            text           NOT NULL,
-    customer_id          text           NOT NULL,
-    meter                text           NOT NULL,
-    dimensions_key       text           NOT NULL,
-    window_start         timestamp(3)   NOT NULL,
-    window_end           timestamp(3)   NOT NULL,"""
+WINDOW_COLUMNS_DDL = postgres_column_lines(WINDOW_KEY + WINDOW_SPAN)
 
 
 # A usage row's key: the window's key and its span (so its size: windows of two sizes that start together are two rows).
-USAGE_KEY_COLUMNS = ("tenant_id", "customer_id", "meter", "dimensions_key", "window_start", "window_end")
+USAGE_KEY_COLUMNS = names(WINDOW_KEY + WINDOW_SPAN)
 
 
 def usage_table_ddl(table: str = "usage_windows") -> list[str]:
@@ -84,18 +80,7 @@ $$""",
 
 
 # What the job writes per window, in the order udf/ UsageWindowSink binds them.
-USAGE_WRITE_COLUMNS = (
-    "tenant_id",
-    "customer_id",
-    "meter",
-    "dimensions_key",
-    "window_start",
-    "window_end",
-    "quantity",
-    "event_count",
-    "revision",
-    "is_final",
-)
+USAGE_WRITE_COLUMNS = (*names(WINDOW_ROW), "is_final")
 
 
 def usage_upsert_sql(table: str = "usage_windows") -> str:

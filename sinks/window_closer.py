@@ -9,20 +9,22 @@ Postgres write (``is_final``) and billing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyflink.common import Types
 from pyflink.table import DataTypes
 
-# (name, DataStream type, Table type): quantity as an exact decimal string, times as epoch ms,
-# because the Python bridge has neither an exact DECIMAL(38, 9) nor a LocalDateTime type.
-# Must match WindowCloser.outputType() in the Java closer.
-CLOSED_WINDOW_COLUMNS = (
-    ("tenant_id", Types.STRING(), DataTypes.STRING()),
-    ("customer_id", Types.STRING(), DataTypes.STRING()),
-    ("meter", Types.STRING(), DataTypes.STRING()),
-    ("dimensions_key", Types.STRING(), DataTypes.STRING()),
-    ("window_start_ms", Types.LONG(), DataTypes.BIGINT()),
-    ("window_end_ms", Types.LONG(), DataTypes.BIGINT()),
-    ("quantity", Types.STRING(), DataTypes.STRING()),
-    ("event_count", Types.LONG(), DataTypes.BIGINT()),
-    ("revision", Types.LONG(), DataTypes.BIGINT()),
-)
+from meterflow.window_row import WINDOW_ROW, ColumnKind
+
+# Each kind as it crosses the Python bridge, (DataStream type, Table type): quantity as an exact
+# decimal string, times as epoch ms, because the bridge has neither an exact DECIMAL(38, 9) nor a
+# LocalDateTime type.
+_BRIDGE_TYPES: dict[ColumnKind, tuple[Any, Any]] = {
+    "text": (Types.STRING(), DataTypes.STRING()),
+    "timestamp": (Types.LONG(), DataTypes.BIGINT()),
+    "decimal": (Types.STRING(), DataTypes.STRING()),
+    "count": (Types.LONG(), DataTypes.BIGINT()),
+}
+# (name, DataStream type, Table type) of the window row (meterflow/window_row.py) on the bridge.
+# Must match WindowCloser.outputType() in the Java closer (tests/unit/test_udf_contract.py).
+CLOSED_WINDOW_COLUMNS = tuple((c.bridge_name, *_BRIDGE_TYPES[c.kind]) for c in WINDOW_ROW)

@@ -1,0 +1,66 @@
+"""The window row is declared once (meterflow/window_row.py): every other spelling of it derives
+from it or is held against it here (the Java closer's: tests/unit/test_udf_contract.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+from jobs.billing_plan import BILLING_INPUT_COLUMNS
+from jobs.plan import CLOSED_WINDOW_SCHEMA
+from meterflow.window_row import POSTGRES_TYPES, WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, WindowColumn, bridge_names, names
+from sinks.billing import ClosedWindow
+from sinks.corrections_schema import corrections_ddl
+from sinks.ledger_schema import WINDOW_CLAIM_KEY, WINDOW_DELIVERY_KEY, billing_tables_ddl
+from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_table_ddl
+from sinks.window_closer import CLOSED_WINDOW_COLUMNS
+
+AVRO_TYPES = {
+    "text": "string",
+    "timestamp": {"type": "long", "logicalType": "timestamp-millis"},
+    "decimal": {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": 9},
+    "count": "long",
+}
+
+
+def test_the_closed_window_avro_schema_is_the_window_row():
+    fields = json.loads(CLOSED_WINDOW_SCHEMA.read_text())["fields"]
+    assert [(f["name"], f["type"]) for f in fields] == [(c.name, AVRO_TYPES[c.kind]) for c in WINDOW_ROW]
+
+
+def test_the_python_rows_and_the_bridge_carry_the_window_row():
+    assert tuple(f.name for f in dataclasses.fields(ClosedWindow)) == bridge_names(WINDOW_ROW)
+    assert tuple(c[0] for c in CLOSED_WINDOW_COLUMNS) == bridge_names(WINDOW_ROW)
+    assert BILLING_INPUT_COLUMNS[1:-1] == bridge_names(WINDOW_ROW)
+    assert bridge_names(WINDOW_SPAN) == ("window_start_ms", "window_end_ms")
+
+
+def _declared(ddl: str) -> dict[str, str]:
+    """Column -> its type, from a CREATE TABLE statement."""
+    body = ddl[ddl.index("(") + 1 :]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+)\s+(\w+(?:\(\d+(?:, \d+)?\))?)", body, re.M)}
+
+
+def test_every_postgres_table_of_windows_declares_the_window_with_its_types():
+    usage = _declared(usage_table_ddl()[0])
+    assert {c.name: usage[c.name] for c in WINDOW_ROW} == {c.name: POSTGRES_TYPES[c.kind] for c in WINDOW_ROW}
+    assert names(WINDOW_KEY + WINDOW_SPAN) == USAGE_KEY_COLUMNS
+    assert USAGE_WRITE_COLUMNS[:-1] == names(WINDOW_ROW)
+    window = {c.name: POSTGRES_TYPES[c.kind] for c in WINDOW_KEY + WINDOW_SPAN}
+    tables = [billing_tables_ddl()[1], *(s for s in corrections_ddl() if s.lstrip().startswith("CREATE TABLE"))]
+    for ddl in tables:
+        declared = _declared(ddl)
+        assert {name: declared.get(name) for name in window} == window, ddl.splitlines()[0]
+
+
+def test_the_ledger_finds_a_window_by_its_key_and_span():
+    assert ("provider", *names(WINDOW_KEY + WINDOW_SPAN)) == WINDOW_DELIVERY_KEY
+    assert ("provider", *bridge_names(WINDOW_KEY + WINDOW_SPAN)) == WINDOW_CLAIM_KEY
+
+
+def test_a_time_crosses_the_bridge_as_epoch_ms_and_nothing_else_is_renamed():
+    assert WindowColumn("window_start", "timestamp").bridge_name == "window_start_ms"
+    assert [c.bridge_name for c in WINDOW_ROW if c.kind != "timestamp"] == [
+        c.name for c in WINDOW_ROW if c.kind != "timestamp"
+    ]
