@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from connectors.avro_codec import decode_usage_event
-from jobs.windowing import is_window_closed, window_start_ms
 from meterflow.config import load_config
+from meterflow.windowing import is_window_closed, window_start_ms
 from sinks.postgres import connect
 from sinks.postgres_schema import check_identifier
 

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 from connectors.avro_codec import UsageEvent
-from jobs.windowing import is_window_closed, window_start_ms
+from meterflow.windowing import is_window_closed, window_start_ms
 
 NANOS = 10**9
 CLOSER_TENANT = "bench-watermark-closer"

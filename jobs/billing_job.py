@@ -21,6 +21,7 @@ from pyflink.datastream import AsyncDataStream, DataStream, StreamExecutionEnvir
 from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
+from jobs.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
 from jobs.billing_plan import (
     RETRIES_VIEW,
     RETRY_TICKS_TABLE,
@@ -29,7 +30,6 @@ from jobs.billing_plan import (
     retry_ticks_ddl,
 )
 from meterflow.config import JobConfig, config_without_secrets, load_config
-from sinks.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
 
 
 def build_environment(

@@ -67,7 +67,7 @@ USAGE_JOB_METRICS = frozenset(
         "usageCommitFailures",
     )
 ) | frozenset(LATENESS_BUCKET_METRICS)
-# The billing job's own metrics (sinks/billing_operator.py): delivery outcomes (``corrections`` counts
+# The billing job's own metrics (jobs/billing_operator.py): delivery outcomes (``corrections`` counts
 # the sent ones that correct a window's earlier value), and the ledger's backlog as the retry scan
 # last counted it (deliveries pending and failed, gauges; every subtask reports the same count).
 BILLING_JOB_METRICS = frozenset(

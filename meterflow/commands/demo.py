@@ -35,8 +35,8 @@ def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
     Jobs not running resume from their retained state as with `meterflow submit` (or start empty with --fresh).
     """
     from connectors.avro_codec import UsageEvent
-    from jobs.windowing import is_window_closed, window_bounds
     from meterflow.producer import SyntheticSpec, synthetic_events
+    from meterflow.windowing import is_window_closed, window_bounds
     from sinks.postgres import fetch_usage
 
     cfg = stack_up(ctx)
@@ -147,7 +147,7 @@ def _demo_event_time_range(cfg: JobConfig, size: timedelta) -> tuple[datetime, t
     the running job has already closed the windows for (they would, correctly, be late). Events
     are never dated in the future; if too little event time has passed since the last demo, wait.
     """
-    from jobs.windowing import window_bounds
+    from meterflow.windowing import window_bounds
     from sinks.postgres import fetch_usage
 
     newest_end = max((r.window_end for r in fetch_usage(cfg.postgres)), default=None)

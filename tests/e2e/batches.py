@@ -1,5 +1,5 @@
 """Batches of events sent with a known watermark, and their oracle: which events are late (the
-lateness rule, ``jobs.windowing.is_late_after``) and which are counted."""
+lateness rule, ``meterflow.windowing.is_late_after``) and which are counted."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import fastavro
 from connectors.avro_codec import UsageEvent
 from connectors.avro_types import load_schema
 from jobs.plan import CLOSED_WINDOW_SCHEMA, DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from jobs.windowing import is_late_after
+from meterflow.windowing import is_late_after
 from tests.e2e.scenario import CLOCK_TENANT, WINDOW, usage_event
 
 LATE_SCHEMA = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
@@ -40,7 +40,7 @@ class Batch:
     events: list[UsageEvent]
     history: list[
         tuple[int, int | None]
-    ]  # (allowed lateness ms, watermark ms) steps, as jobs.windowing.is_late_after takes them
+    ]  # (allowed lateness ms, watermark ms) steps, as meterflow.windowing.is_late_after takes them
     duplicates: list[UsageEvent] = field(default_factory=list)
     bad: list[bytes] = field(default_factory=list)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from connectors.avro_codec import UsageEvent
-from jobs.windowing import window_bounds
 from meterflow.config import JobConfig
+from meterflow.windowing import window_bounds
 from sinks.postgres import UsageRow, fetch_usage
 
 CLOSER_TENANT = "watermark-closer"

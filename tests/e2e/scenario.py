@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from connectors.avro_codec import UsageEvent, encode_usage_event
-from jobs.windowing import window_fires_at_ms
+from meterflow.windowing import window_fires_at_ms
 from tests.e2e.helpers import CLOSER_TENANT, closing_events
 
 WINDOW = timedelta(seconds=10)

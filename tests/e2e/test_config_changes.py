@@ -5,7 +5,7 @@ test) or lowered to 1 s (the other). W0 = [T, T+10 s), W1 = [T+10, T+20), ... Th
 with the watermark exactly at W1's close under 10 s (T+29.999 s): W0 and W1 are final in Postgres
 and published, W2 has fired and is still open.
 
-The oracle is the lateness rule itself (``jobs.windowing.is_late_after``): an event is late iff its
+The oracle is the lateness rule itself (``meterflow.windowing.is_late_after``): an event is late iff its
 window is closed under the lateness in force, or was closed before the change (its end is at most
 the closed-through boundary, T+20 s here). Each batch below is sent with a known watermark and a
 known lateness, so every event's fate is fixed:

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
 from connectors.kafka_admin import group_lag
-from jobs.windowing import window_bounds
 from meterflow.commands import cli
 from meterflow.commands.corrections import read_late_events
 from meterflow.local import flink_jobs
 from meterflow.producer import send_events
+from meterflow.windowing import window_bounds
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import closing_events, private_job, table_totals, wait_for
 from tests.support.fake_stripe import FakeStripe

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.billing_operator import backlog_sql, is_correction, outcome_metrics
 from sinks.billing import Dead, Deferred, Retry, Sent, Skipped
-from sinks.billing_operator import backlog_sql, is_correction, outcome_metrics
 from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier
 
 KEY = WindowKey("tenant-1", "cust-1", "api_calls", "", 1_700_000_000_000, 1_700_000_060_000)

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 PURE_MODULES = [
-    "jobs/windowing.py",
+    "meterflow/windowing.py",
     "jobs/plan.py",
     "jobs/sql.py",
     "jobs/source_plan.py",

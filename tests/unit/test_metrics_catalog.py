@@ -46,7 +46,7 @@ def _java_lateness_buckets() -> tuple[int, ...]:
 
 
 def _python_registered() -> set[str]:
-    text = (REPO_ROOT / "sinks" / "billing_operator.py").read_text()
+    text = (REPO_ROOT / "jobs" / "billing_operator.py").read_text()
     names = {
         OPERATOR_SCOPE + f"meterflow_billing_{n}"
         for n in re.search(r"OUTCOME_COUNTERS = \(([^)]*)\)", text)

@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 
-from jobs.windowing import is_window_closed
 from meterflow.tune import (
     Sample,
     evaluate,
@@ -17,6 +16,7 @@ from meterflow.tune import (
     replay_needs,
     write_chart,
 )
+from meterflow.windowing import is_window_closed
 
 SIZE = 10_000  # window size, ms
 AHEAD = 300_000

@@ -95,8 +95,8 @@ def test_window_sink_binds_the_usage_write_columns_in_order():
 
 
 def test_close_rule_is_the_same_in_java_and_python():
-    """The JVM close rule (classifier, closer) is jobs.windowing.window_fires_at_ms."""
-    from jobs.windowing import window_fires_at_ms
+    """The JVM close rule (classifier, closer) is meterflow.windowing.window_fires_at_ms."""
+    from meterflow.windowing import window_fires_at_ms
 
     source = (UDF / "WindowClose.java").read_text()
     assert "return windowEndMs - 1 + allowedLatenessMs;" in source

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from jobs.windowing import (
+from meterflow.windowing import (
     closed_through_ms,
     is_late,
     is_late_after,

@@ -4,7 +4,7 @@ package dev.meterflow.udf;
  * The close rule, once for the JVM side: a window [start, end) is closed, and an event for it
  * late, once the watermark reaches end - 1 ms + allowed lateness. That is the instant Flink's
  * window operator purges the window (its cleanup time), so the classifier, the closer and the
- * window operator agree. The Python twin is {@code jobs.windowing.window_fires_at_ms}; a test holds the two
+ * window operator agree. The Python twin is {@code meterflow.windowing.window_fires_at_ms}; a test holds the two
  * in step.
  */
 public final class WindowClose {
@@ -36,7 +36,7 @@ public final class WindowClose {
      * {@code previous} or the highest end closed at {@code watermarkMs} under the lateness in force
      * now (end - 1 ms + lateness &lt;= watermark, that is end &lt;= watermark - lateness + 1 ms),
      * whichever is higher. Kept across restores, it keeps a window closed before a savepoint closed
-     * after one whatever the new allowed lateness. Twin of {@code jobs.windowing.closed_through_ms}.
+     * after one whatever the new allowed lateness. Twin of {@code meterflow.windowing.closed_through_ms}.
      */
     public static long closedThrough(long previous, long watermarkMs, long allowedLatenessMs) {
         if (watermarkMs == NO_WATERMARK) {
@@ -50,7 +50,7 @@ public final class WindowClose {
     /**
      * Whether an event of the window ending at {@code windowEndMs} is late: its window is closed
      * under the lateness in force, or it was closed before (its end is at most {@code closedThroughMs}).
-     * Twin of {@code jobs.windowing.is_late}.
+     * Twin of {@code meterflow.windowing.is_late}.
      */
     public static boolean isLate(long windowEndMs, long allowedLatenessMs, long watermarkMs, long closedThroughMs) {
         return isLate(windowEndMs, allowedLatenessMs, watermarkMs) || (closedThroughMs != NOTHING_CLOSED && windowEndMs <= closedThroughMs);

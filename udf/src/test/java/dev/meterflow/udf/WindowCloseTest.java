@@ -11,7 +11,7 @@ import org.apache.flink.shaded.jackson2.com.fasterxml.jackson.databind.ObjectMap
 import org.junit.jupiter.api.Test;
 
 /**
- * The lateness rule across config changes agrees with its Python twin (jobs.windowing.is_late_after)
+ * The lateness rule across config changes agrees with its Python twin (meterflow.windowing.is_late_after)
  * on the shared case table, which tests/unit/test_windowing.py writes to lateness_rule_cases.json.
  */
 class WindowCloseTest {
