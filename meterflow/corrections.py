@@ -38,7 +38,7 @@ from typing import Any, Literal
 from meterflow.config import Aggregation, CorrectionsConfig, JobConfig
 from meterflow.config_values import naive_utc
 from meterflow.errors import CorrectionError
-from sinks.idempotency import outside_provider_window
+from meterflow.windowing import outside_provider_window
 
 # applied: counted automatically; pending: held for approval; approved / rejected: by an operator;
 # reported: older than the provider accepts, shown but never billed.

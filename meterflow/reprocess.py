@@ -21,7 +21,7 @@ from meterflow.config import JobConfig
 from meterflow.config_values import naive_utc
 from meterflow.corrections import Correction, CorrectionStatus, WindowId
 from meterflow.errors import ConfigError
-from sinks.idempotency import outside_provider_window
+from meterflow.windowing import outside_provider_window
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Pure tumbling event-time window math, matching Flink's TUMBLE (epoch-aligned, UTC, end exclusive)."""
+"""Pure tumbling event-time window math, matching Flink's TUMBLE (epoch-aligned, UTC, end exclusive), the
+close rule, and the time range a billing provider accepts a window's events in."""
 
 from __future__ import annotations
 
@@ -68,3 +69,24 @@ def is_late_after(history: list[tuple[int, int | None]], window_end_ms: int) -> 
             held = watermark if held is None else max(held, watermark)
         closed = closed_through_ms(closed, held, lateness)
     return is_late(window_end_ms, lateness, held, closed)
+
+
+def outside_provider_window(
+    window_start: datetime,
+    now: datetime,
+    max_age: timedelta = timedelta(days=35),
+    max_ahead: timedelta = timedelta(minutes=5),
+) -> str | None:
+    """Why the provider would refuse the meter events of a window, or None.
+
+    A window's events, its own and its corrections', are timestamped at the window's start
+    (sinks/billing.py ``build_meter_event``), so that is what the provider's range is checked on,
+    by billing and by corrections alike.
+    """
+    if window_start.tzinfo is None:
+        window_start = window_start.replace(tzinfo=UTC)
+    if window_start < now - max_age:
+        return f"window started {window_start.isoformat()}, more than {max_age.days} days ago: the provider no longer accepts it"
+    if window_start > now + max_ahead:
+        return f"window starts {window_start.isoformat()}, in the future"
+    return None

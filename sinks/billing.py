@@ -21,13 +21,13 @@ from typing import Literal
 from meterflow.config import MeterConfig
 from meterflow.config_values import format_duration
 from meterflow.errors import DeliveryRejected
+from meterflow.windowing import outside_provider_window
 from sinks.idempotency import (
     WindowKey,
     derive_correction_identifier,
     derive_identifier,
     derive_late_correction_identifier,
     format_meter_value,
-    outside_provider_window,
 )
 from sinks.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, value_refusal
 

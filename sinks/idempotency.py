@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from typing import Literal
 
@@ -73,27 +72,6 @@ def format_meter_value(quantity: Decimal, rounding: Rounding = "exact") -> str:
         msg = f"a {rounding!r} meter's value is fixed by the ledger (sinks/whole_values.py), not rounded per window"
         raise ValueError(msg)
     return format(quantity.quantize(Decimal(1), rounding=_ROUNDING[rounding]), "f")
-
-
-def outside_provider_window(
-    window_start: datetime,
-    now: datetime,
-    max_age: timedelta = timedelta(days=35),
-    max_ahead: timedelta = timedelta(minutes=5),
-) -> str | None:
-    """Why the provider would refuse the meter events of a window, or None.
-
-    A window's events, its own and its corrections', are timestamped at the window's start
-    (sinks/billing.py ``build_meter_event``), so that is what the provider's range is checked on,
-    by billing and by corrections alike.
-    """
-    if window_start.tzinfo is None:
-        window_start = window_start.replace(tzinfo=UTC)
-    if window_start < now - max_age:
-        return f"window started {window_start.isoformat()}, more than {max_age.days} days ago: the provider no longer accepts it"
-    if window_start > now + max_ahead:
-        return f"window starts {window_start.isoformat()}, in the future"
-    return None
 
 
 def derive_correction_identifier(window_identifier: str, revision: int) -> str:

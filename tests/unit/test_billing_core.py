@@ -7,12 +7,12 @@ from decimal import Decimal
 
 import pytest
 
+from meterflow.windowing import outside_provider_window
 from sinks.idempotency import (
     MAX_IDENTIFIER_LENGTH,
     WindowKey,
     derive_identifier,
     format_meter_value,
-    outside_provider_window,
 )
 from sinks.retry import BackoffPolicy, TokenBucket
 

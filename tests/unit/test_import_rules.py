@@ -3,7 +3,8 @@
 * Layers: the modules directly in ``meterflow/`` (config, errors and the other pure parts), ``jobs/``,
   ``connectors/`` and ``sinks/`` are the ground: they never import the CLI (``meterflow.commands``)
   or the local stack (``meterflow.local``); the local stack never imports the CLI. Below the jobs,
-  ``meterflow/*.py``, ``connectors/`` and ``sinks/`` never import ``jobs``.
+  ``meterflow/*.py``, ``connectors/`` and ``sinks/`` never import ``jobs``; below the sinks,
+  ``meterflow/*.py`` and ``connectors/`` never import ``sinks``.
 * Public names: ``bench/`` and ``tests/`` use the project's modules through public names only, never
   ``from x import _y``, ``x._y`` or ``setattr(x, "_y", ...)`` on a project module or what it exports.
 * No circles: no file of the project or its benchmarks imports, through other files, a file that
@@ -29,7 +30,14 @@ BELOW_JOBS = {
     *sorted((REPO_ROOT / "meterflow").glob("*.py")),
     *(p for d in ("connectors", "sinks") for p in sorted((REPO_ROOT / d).rglob("*.py"))),
 }
-LAYERS = [(path, (*ROOF, "jobs") if path in BELOW_JOBS else ROOF) for path in GROUND] + [
+BELOW_SINKS = {*sorted((REPO_ROOT / "meterflow").glob("*.py")), *sorted((REPO_ROOT / "connectors").rglob("*.py"))}
+
+
+def _forbidden(path: Path) -> tuple[str, ...]:
+    return (*ROOF, *(("jobs",) if path in BELOW_JOBS else ()), *(("sinks",) if path in BELOW_SINKS else ()))
+
+
+LAYERS = [(path, _forbidden(path)) for path in GROUND] + [
     (path, ("meterflow.commands",)) for path in sorted((REPO_ROOT / "meterflow" / "local").rglob("*.py"))
 ]
 CLIENTS = [p for d in ("bench", "tests") for p in sorted((REPO_ROOT / d).rglob("*.py"))]
