@@ -70,8 +70,14 @@ class FakeProcess:
 def job_config(stack: BenchStack, name: str, api_base: str, **sections: dict) -> tuple[JobConfig, Path]:
     """A fresh set of topics, group and tables for one run, billing through ``api_base``."""
     run = uuid.uuid4().hex[:6]
-    kafka = {**stack.base["kafka"], "usage_events_topic": f"in-{name}-{run}", "late_events_topic": f"late-{name}-{run}", "dead_letter_topic": f"dead-{name}-{run}",
-             "closed_windows_topic": f"closed-{name}-{run}", "consumer_group": f"g-{name}-{run}"}  # fmt: skip
+    kafka = {
+        **stack.base["kafka"],
+        "usage_events_topic": f"in-{name}-{run}",
+        "late_events_topic": f"late-{name}-{run}",
+        "dead_letter_topic": f"dead-{name}-{run}",
+        "closed_windows_topic": f"closed-{name}-{run}",
+        "consumer_group": f"g-{name}-{run}",
+    }
     postgres = {**stack.base["postgres"], "usage_table": f"usage_{name}_{run}"}
     billing = {
         "enabled": True,
@@ -120,8 +126,13 @@ def cpu_groups(cfg: JobConfig, fake: FakeProcess) -> dict[str, list[int]]:
     workers = cluster.python_workers()
     kafka_pid, *pg = stack_pids(cfg)
     parents = {pid: st[0] for pid, st in all_stats().items()}
-    return {"taskmanager JVM": cluster.taskmanager_pids(), "Python workers": workers, "fake provider": [fake.proc.pid],
-            "Postgres": sorted(descendants(pg, parents)), "Kafka": [kafka_pid]}  # fmt: skip
+    return {
+        "taskmanager JVM": cluster.taskmanager_pids(),
+        "Python workers": workers,
+        "fake provider": [fake.proc.pid],
+        "Postgres": sorted(descendants(pg, parents)),
+        "Kafka": [kafka_pid],
+    }
 
 
 def cpu_seconds(groups: dict[str, list[int]]) -> dict[str, float]:
@@ -206,8 +217,21 @@ def measure_throughput(
         hi = next(t for t, n in samples if n >= 0.9 * len(records))
         steady = 0.8 * len(records) / (hi - lo) if hi > lo else float("nan")
         spent = {k: round(1000 * (cpu["to"][k] - cpu["from"][k]) / (0.8 * len(records)), 3) for k in cpu.get("to", {})}
-        result = {"api": api, "cpu_ms_per_delivery": spent, "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2) if "to" in cpu else None, "latency_ms": latency_ms, "windows": len(records), "sent": done[1], "max_in_flight_per_subtask": cfg.billing_max_in_flight, "subtasks": 2,
-                  "events_per_s": round(rate, 1), "steady_events_per_s": round(steady, 1), "seconds": round(done[0] - started, 1)}  # fmt: skip
+        result = {
+            "api": api,
+            "cpu_ms_per_delivery": spent,
+            "cpu_cores_busy": round((sum(cpu["to"].values()) - sum(cpu["from"].values())) / (hi - lo), 2)
+            if "to" in cpu
+            else None,
+            "latency_ms": latency_ms,
+            "windows": len(records),
+            "sent": done[1],
+            "max_in_flight_per_subtask": cfg.billing_max_in_flight,
+            "subtasks": 2,
+            "events_per_s": round(rate, 1),
+            "steady_events_per_s": round(steady, 1),
+            "seconds": round(done[0] - started, 1),
+        }
         console.print(f"throughput at {latency_ms} ms: {result}")
         return result
     finally:
@@ -257,10 +281,17 @@ def measure_hot_customer(
             done = time.monotonic()
         finally:
             flink_jobs.cancel(cfg, job_id)
-        result = {"latency_ms": latency_ms, "hot_windows": hot, "cold_windows": cold, "max_in_flight_per_subtask": max_in_flight, "subtasks": 2,
-                  "max_held_per_key": held_per_key or JobConfig.model_validate({}).billing.max_held_per_key,
-                  "cold_done_s": round(cold_done - t0, 1) if cold_done and t0 else None, "all_done_s": round(done - t0, 1) if t0 else None,
-                  "hot_sent": sent_by_hot(cfg)[0]}  # fmt: skip
+        result = {
+            "latency_ms": latency_ms,
+            "hot_windows": hot,
+            "cold_windows": cold,
+            "max_in_flight_per_subtask": max_in_flight,
+            "subtasks": 2,
+            "max_held_per_key": held_per_key or JobConfig.model_validate({}).billing.max_held_per_key,
+            "cold_done_s": round(cold_done - t0, 1) if cold_done and t0 else None,
+            "all_done_s": round(done - t0, 1) if t0 else None,
+            "hot_sent": sent_by_hot(cfg)[0],
+        }
         console.print(f"one hot customer at {latency_ms} ms: {result}")
         return result
     finally:
@@ -407,8 +438,12 @@ def checkpoint_durations(cfg: JobConfig, job_id: str, seen: dict[int, dict]) -> 
 
 def measure_usage_under(stack: BenchStack, mode: str, seconds: int, rate: int) -> dict[str, Any]:
     """Both jobs; the provider ``mode``: healthy, slow, down or rate-limited."""
-    fake = {"healthy": lambda: FakeProcess(latency=0.05), "slow": lambda: FakeProcess(latency=2.0), "down": lambda: FakeProcess(fail_status=503),
-            "rate-limited": lambda: FakeProcess(fail_status=429, retry_after=2)}[mode]()  # fmt: skip
+    fake = {
+        "healthy": lambda: FakeProcess(latency=0.05),
+        "slow": lambda: FakeProcess(latency=2.0),
+        "down": lambda: FakeProcess(fail_status=503),
+        "rate-limited": lambda: FakeProcess(fail_status=429, retry_after=2),
+    }[mode]()
     try:
         cfg, path = job_config(
             stack,
@@ -453,12 +488,18 @@ def measure_usage_under(stack: BenchStack, mode: str, seconds: int, rate: int) -
         late, dead, missing = probe.latencies()
         bound = 2 * cfg.flink.checkpoint_interval.total_seconds()
         result = {
-            "mode": mode, "seconds": seconds, "events_per_s": rate, "checkpoint_interval_s": cfg.flink.checkpoint_interval.total_seconds(),
+            "mode": mode,
+            "seconds": seconds,
+            "events_per_s": rate,
+            "checkpoint_interval_s": cfg.flink.checkpoint_interval.total_seconds(),
             "usage_checkpoints": {"completed": len(completed), "failed": failed, "duration_s": percentiles(durations)},
-            "late_visible_s": percentiles(late), "dead_letter_visible_s": percentiles(dead), "probes_never_seen": missing,
+            "late_visible_s": percentiles(late),
+            "dead_letter_visible_s": percentiles(dead),
+            "probes_never_seen": missing,
             "within_two_intervals": round(sum(1 for v in late + dead if v <= bound) / max(1, len(late + dead)), 3),
-            "billing_checkpoints": {k: billing_counts.get(k) for k in ("completed", "failed", "in_progress")}, "ledger": ledger,
-        }  # fmt: skip
+            "billing_checkpoints": {k: billing_counts.get(k) for k in ("completed", "failed", "in_progress")},
+            "ledger": ledger,
+        }
         console.print(f"{mode}: {json.dumps(result)}")
         return result
     finally:

@@ -49,7 +49,7 @@ def base_config(run_id: str, ports: list[int], partitions: int) -> dict[str, Any
             "flink_rpc_port": rpc,
             "prometheus_port": prometheus,
             "flink_metrics_ports": ",".join(map(str, metrics)),
-        },  # fmt: skip
+        },
         "secrets_file": "state/secrets.env",
     }
 

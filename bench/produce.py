@@ -42,7 +42,7 @@ def _partition_for(partitions: int) -> Callable[[int, UsageEvent], int]:
 
 def _bulk_worker(
     spec: DatasetSpec, share: tuple[int, ...], closer_ms: int, bootstrap: str, topic: str, counter: mp.Value
-) -> None:  # type: ignore[valid-type]
+) -> None:  # type: ignore[valid-type]  # multiprocessing.Value is a factory, typed as a function
     def on_sent(n: int) -> None:
         with counter.get_lock():
             counter.value += n
@@ -61,7 +61,7 @@ def _chain(first: Iterator[Record], second: list[Record]) -> Iterator[Record]:
 
 def start_bulk(
     spec: DatasetSpec, closer_ms: int, bootstrap: str, topic: str, workers: int = 2
-) -> tuple[list[mp.Process], mp.Value]:  # type: ignore[valid-type]
+) -> tuple[list[mp.Process], mp.Value]:  # type: ignore[valid-type]  # multiprocessing.Value is a factory, typed as a function
     """Start producer processes for the data set plus closers; returns them and a shared sent counter."""
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)
@@ -90,7 +90,7 @@ class SteadySpec:
 
 def _steady_worker(
     spec: SteadySpec, share: tuple[int, ...], rate: float, bootstrap: str, topic: str, out: Path, counter: mp.Value
-) -> None:  # type: ignore[valid-type]
+) -> None:  # type: ignore[valid-type]  # multiprocessing.Value is a factory, typed as a function
     rng = random.Random(spec.seed + share[0])
     customers = [
         (f"tenant-{t}", f"cust-{c}")
@@ -126,7 +126,7 @@ def _steady_worker(
 
 def start_steady(
     spec: SteadySpec, bootstrap: str, topic: str, out_dir: Path, workers: int = 2
-) -> tuple[list[mp.Process], list[Path], mp.Value]:  # type: ignore[valid-type]
+) -> tuple[list[mp.Process], list[Path], mp.Value]:  # type: ignore[valid-type]  # multiprocessing.Value is a factory, typed as a function
     """Start steady producers (the rate split between them); each writes (window key, produce time) pairs to a file."""
     ctx = mp.get_context("spawn")
     counter = ctx.Value("q", 0)

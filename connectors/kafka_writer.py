@@ -40,9 +40,14 @@ def send_values(
 
     try:
         producer = KafkaProducer(
-            bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=5, batch_size=batch_size,
-            max_request_size=max_request_size, delivery_timeout_ms=120_000,
-        )  # fmt: skip
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            batch_size=batch_size,
+            max_request_size=max_request_size,
+            delivery_timeout_ms=120_000,
+        )
     except KafkaError as e:
         msg = f"cannot connect to Kafka at {bootstrap_servers}: {e}"
         raise ProduceError(msg) from e

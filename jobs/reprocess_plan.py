@@ -36,12 +36,14 @@ def reprocess_source_options(cfg: JobConfig, period: Period) -> dict[str, str]:
     """The usage source's Kafka options as a bounded read: from the period's first possible append to
     the end offsets at the start, in a consumer group of its own (a batch read commits nothing)."""
     options = kafka_source_options(cfg, "meterflow-avro")
-    options.update({
-        "properties.group.id": f"{cfg.kafka.consumer_group}-reprocess",
-        "scan.startup.mode": "timestamp",
-        "scan.startup.timestamp-millis": str(read_from_ms(period, cfg)),
-        "scan.bounded.mode": "latest-offset",
-    })  # fmt: skip
+    options.update(
+        {
+            "properties.group.id": f"{cfg.kafka.consumer_group}-reprocess",
+            "scan.startup.mode": "timestamp",
+            "scan.startup.timestamp-millis": str(read_from_ms(period, cfg)),
+            "scan.bounded.mode": "latest-offset",
+        }
+    )
     return options
 
 

@@ -319,13 +319,17 @@ class BillingConfig(_Section):
         description="Client-side rate limit of provider requests for the whole billing job; each subtask gets calls_per_second / parallelism (on the v2 stream a request carries up to stripe.stream_batch_size deliveries).",
     )
     max_in_flight: int | None = Field(
-        None, ge=1, le=1024,
+        None,
+        ge=1,
+        le=1024,
         description="Deliveries in flight per billing subtask (the async operator's capacity); default 64 on v1 (a call each) and 256 on the v2 stream (deliveries in flight together share requests).",
-    )  # fmt: skip
+    )
     max_held_per_key: int = Field(
-        2, ge=1, le=1024,
+        2,
+        ge=1,
+        le=1024,
         description="Of a billing subtask's max_in_flight slots, how many deliveries of one (tenant, customer, meter) hold at once (one calling, the rest waiting their turn); more give their slot back and wait for the key inside the worker, so one customer's burst never takes the in-flight slots of the others.",
-    )  # fmt: skip
+    )
     parallelism: int | None = Field(None, ge=1, description="Subtasks of the billing job; default flink.parallelism.")
     consumer_group: str | None = Field(
         None,

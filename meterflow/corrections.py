@@ -171,9 +171,14 @@ def late_event_from_record(
     )
     seen_at = record.get("seen_at")
     return LateEvent(
-        record["event_id"], window, Decimal(record["quantity"]), naive_utc(record["event_time"]), int(record["lateness_ms"]), position,
+        record["event_id"],
+        window,
+        Decimal(record["quantity"]),
+        naive_utc(record["event_time"]),
+        int(record["lateness_ms"]),
+        position,
         naive_utc(seen_at) if seen_at is not None else None,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)

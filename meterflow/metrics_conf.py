@@ -39,8 +39,11 @@ def scrape_targets(host: str, ports: Sequence[int]) -> list[str]:
 
 
 def prometheus_config(
-    targets: Sequence[str], scrape_interval: timedelta, rule_files: Sequence[str] = (), corrections_targets: Sequence[str] = ()
-) -> dict[str, Any]:  # fmt: skip
+    targets: Sequence[str],
+    scrape_interval: timedelta,
+    rule_files: Sequence[str] = (),
+    corrections_targets: Sequence[str] = (),
+) -> dict[str, Any]:
     """Prometheus' configuration: a scrape job over the Flink reporter endpoints, one over the
     corrections follower's (when it serves any), and the alert rule files."""
     interval = format_duration(scrape_interval)

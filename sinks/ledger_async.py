@@ -263,12 +263,24 @@ class AsyncPostgresLedger:
     async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
         w = delivery.window
         params = {
-            "identifier": delivery.identifier, "provider": provider, "kind": delivery.kind, "window_identifier": delivery.window_identifier,
-            "tenant_id": w.tenant_id, "customer_id": w.customer_id, "meter": w.meter, "dimensions_key": w.dimensions_key,
-            "window_start_ms": w.window_start_ms, "window_end_ms": w.window_end_ms, "quantity": delivery.quantity,
-            "event_count": w.event_count, "revision": delivery.revision, "event_name": event_name,
-            "lease_s": self.lease_s, "worker": self.worker, "retry": retry,
-        }  # fmt: skip
+            "identifier": delivery.identifier,
+            "provider": provider,
+            "kind": delivery.kind,
+            "window_identifier": delivery.window_identifier,
+            "tenant_id": w.tenant_id,
+            "customer_id": w.customer_id,
+            "meter": w.meter,
+            "dimensions_key": w.dimensions_key,
+            "window_start_ms": w.window_start_ms,
+            "window_end_ms": w.window_end_ms,
+            "quantity": delivery.quantity,
+            "event_count": w.event_count,
+            "revision": delivery.revision,
+            "event_name": event_name,
+            "lease_s": self.lease_s,
+            "worker": self.worker,
+            "retry": retry,
+        }
         window = delivery.kind == "window" and not retry
         if retry:
             row = await self._fetchone(claim_existing_sql(self.table, self.customers), params)

@@ -176,9 +176,21 @@ _CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_att
 
 # The parameters of a claim that differ per delivery: arrays in claim_new_sql, one element each.
 CLAIM_ROW_PARAMS = (
-    "identifier", "provider", "kind", "window_identifier", "tenant_id", "customer_id", "meter", "dimensions_key",
-    "window_start_ms", "window_end_ms", "quantity", "event_count", "revision", "event_name",
-)  # fmt: skip
+    "identifier",
+    "provider",
+    "kind",
+    "window_identifier",
+    "tenant_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start_ms",
+    "window_end_ms",
+    "quantity",
+    "event_count",
+    "revision",
+    "event_name",
+)
 _CLAIM_ROW_TYPES = (
     "text",
     "text",
@@ -437,10 +449,33 @@ def upsert_customer_sql(customers_table: str) -> str:
 
 
 DELIVERY_COLUMNS = (
-    "identifier", "provider", "kind", "window_identifier", "tenant_id", "customer_id", "meter", "dimensions_key", "window_start",
-    "window_end", "quantity", "event_count", "revision", "event_name", "provider_customer_id", "value", "status", "attempts",
-    "last_error", "provider_response_id", "first_attempt_at", "next_attempt_at", "provider_check", "created_at", "updated_at", "sent_at",
-)  # fmt: skip
+    "identifier",
+    "provider",
+    "kind",
+    "window_identifier",
+    "tenant_id",
+    "customer_id",
+    "meter",
+    "dimensions_key",
+    "window_start",
+    "window_end",
+    "quantity",
+    "event_count",
+    "revision",
+    "event_name",
+    "provider_customer_id",
+    "value",
+    "status",
+    "attempts",
+    "last_error",
+    "provider_response_id",
+    "first_attempt_at",
+    "next_attempt_at",
+    "provider_check",
+    "created_at",
+    "updated_at",
+    "sent_at",
+)
 
 
 def deliveries_sql(ledger_table: str, statuses: tuple[str, ...] = ()) -> str:

@@ -219,9 +219,12 @@ def billing_republish(
     rows = {
         (r.tenant_id, r.customer_id, r.meter, r.dimensions_key, r.window_start, r.window_end): r
         for r in fetch_usage(cfg.postgres)
-        if r.is_final and r.updated_at <= cutoff
-        and (tenant is None or r.tenant_id == tenant) and (lower is None or r.window_start >= lower) and (upper is None or r.window_start < upper)
-    }  # fmt: skip
+        if r.is_final
+        and r.updated_at <= cutoff
+        and (tenant is None or r.tenant_id == tenant)
+        and (lower is None or r.window_start >= lower)
+        and (upper is None or r.window_start < upper)
+    }
     chosen = [
         rows[k] for k in unpublished(((k, r.revision, r.quantity) for k, r in rows.items()), fetch_ledger_windows(cfg))
     ]
@@ -235,13 +238,24 @@ def billing_republish(
         )
         return
     records = [
-        (None, encode_closed_window({  # unkeyed, as the usage job writes them
-            "tenant_id": r.tenant_id, "customer_id": r.customer_id, "meter": r.meter, "dimensions_key": r.dimensions_key,
-            "window_start": r.window_start.replace(tzinfo=UTC), "window_end": r.window_end.replace(tzinfo=UTC),
-            "quantity": r.quantity, "event_count": r.event_count, "revision": r.revision,
-        }))
+        (
+            None,
+            encode_closed_window(
+                {  # unkeyed, as the usage job writes them
+                    "tenant_id": r.tenant_id,
+                    "customer_id": r.customer_id,
+                    "meter": r.meter,
+                    "dimensions_key": r.dimensions_key,
+                    "window_start": r.window_start.replace(tzinfo=UTC),
+                    "window_end": r.window_end.replace(tzinfo=UTC),
+                    "quantity": r.quantity,
+                    "event_count": r.event_count,
+                    "revision": r.revision,
+                }
+            ),
+        )
         for r in chosen
-    ]  # fmt: skip
+    ]
     sent = send_values(cfg.kafka.bootstrap_servers, cfg.kafka.closed_windows_topic, records, noun="closed windows")
     err_console.print(
         f"{sent} final windows published again to {cfg.kafka.closed_windows_topic}; the billing job bills them (check with `meterflow reconcile`)"
@@ -511,9 +525,14 @@ def _provider_differences(
     }
     first = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
     groups = [
-        g for g in fetch_sent_groups(cfg)
-        if g.provider_customer_id in customers and g.last_sent_at <= cutoff and not g.unsettled and (first is None or g.month >= first) and (upper is None or g.month < upper)
-    ]  # fmt: skip
+        g
+        for g in fetch_sent_groups(cfg)
+        if g.provider_customer_id in customers
+        and g.last_sent_at <= cutoff
+        and not g.unsettled
+        and (first is None or g.month >= first)
+        and (upper is None or g.month < upper)
+    ]
     ahead = int(cfg.billing.max_window_ahead.total_seconds())
 
     async def ask() -> dict:

@@ -130,8 +130,17 @@ def corrections() -> None:
 )
 @pass_ctx
 def corrections_apply(
-    ctx: Context, since: str | None, until: str | None, dry_run: bool, topic: str | None, fmt: str, resume: bool, follow: bool, interval: str | None, metrics_port: int | None
-) -> None:  # fmt: skip
+    ctx: Context,
+    since: str | None,
+    until: str | None,
+    dry_run: bool,
+    topic: str | None,
+    fmt: str,
+    resume: bool,
+    follow: bool,
+    interval: str | None,
+    metrics_port: int | None,
+) -> None:
     """Turn late events into corrections, each event at most once.
 
     Reads the late-events topic read_committed; one Postgres transaction per batch

@@ -93,9 +93,16 @@ def submit_jobs(
             else (retained_state.read_job_settings(job_dir) if job_dir else None)
         )
         start = retained_state.plan_start(
-            name, explicit=explicit, fresh=fresh, state_uri=cfg.job_state_uri(name), listable=job_dir is not None,
-            newest=newest, recorded=recorded, settings=settings, legacy=legacy,
-        )  # fmt: skip
+            name,
+            explicit=explicit,
+            fresh=fresh,
+            state_uri=cfg.job_state_uri(name),
+            listable=job_dir is not None,
+            newest=newest,
+            recorded=recorded,
+            settings=settings,
+            legacy=legacy,
+        )
         starts.append((name, submit_job, settings, job_dir, start))
     for name, submit_job, settings, job_dir, start in starts:
         for note in start.notes:

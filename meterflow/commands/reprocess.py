@@ -116,17 +116,36 @@ def reprocess(ctx: Context, since: str, until: str, shadow_table: str | None, bi
             "shadow_table": table,
             "windows": {"recomputed": len(recomputed), "metered": len(metered.values), "differing": len(found)},
             "customers": [
-                {"tenant_id": c.tenant_id, "customer_id": c.customer_id, "meter": c.meter, "windows_differing": c.windows, "metered": str(c.metered), "recomputed": str(c.recomputed), "difference": str(c.difference)}
+                {
+                    "tenant_id": c.tenant_id,
+                    "customer_id": c.customer_id,
+                    "meter": c.meter,
+                    "windows_differing": c.windows,
+                    "metered": str(c.metered),
+                    "recomputed": str(c.recomputed),
+                    "difference": str(c.difference),
+                }
                 for c in customers
             ],
             "differences": [
-                {"tenant_id": d.window.tenant_id, "customer_id": d.window.customer_id, "meter": d.window.meter, "dimensions_key": d.window.dimensions_key,
-                 "window_start": d.window.window_start.isoformat(sep=" "), "window_end": d.window.window_end.isoformat(sep=" "),
-                 "metered": str(d.metered), "recomputed": str(d.recomputed), "difference": str(d.delta)}
+                {
+                    "tenant_id": d.window.tenant_id,
+                    "customer_id": d.window.customer_id,
+                    "meter": d.window.meter,
+                    "dimensions_key": d.window.dimensions_key,
+                    "window_start": d.window.window_start.isoformat(sep=" "),
+                    "window_end": d.window.window_end.isoformat(sep=" "),
+                    "metered": str(d.metered),
+                    "recomputed": str(d.recomputed),
+                    "difference": str(d.delta),
+                }
                 for d in found
             ],
-            "billed": [{"correction_id": c.correction_id, "status": c.status, "delta": str(c.delta), "reason": c.reason} for c in recorded],
-        }  # fmt: skip
+            "billed": [
+                {"correction_id": c.correction_id, "status": c.status, "delta": str(c.delta), "reason": c.reason}
+                for c in recorded
+            ],
+        }
         console.print_json(json.dumps(report))
     else:
         view = Table(

@@ -102,12 +102,17 @@ def tune(
     if fmt == "json":
         rows = [
             {
-                "label": c.label, "watermark_delay": format_duration(c.watermark_delay), "allowed_lateness": format_duration(c.allowed_lateness),
-                "on_time_share": c.on_time_share, "late_events": c.late_events, "refire_share": c.refire_share,
-                "first_result_after": format_duration(c.first_result_after), "final_after": format_duration(c.final_after),
+                "label": c.label,
+                "watermark_delay": format_duration(c.watermark_delay),
+                "allowed_lateness": format_duration(c.allowed_lateness),
+                "on_time_share": c.on_time_share,
+                "late_events": c.late_events,
+                "refire_share": c.refire_share,
+                "first_result_after": format_duration(c.first_result_after),
+                "final_after": format_duration(c.final_after),
             }
             for c in choices
-        ]  # fmt: skip
+        ]
         click.echo(
             json.dumps(
                 {
@@ -133,9 +138,15 @@ def tune(
         )
         for c in choices:
             table.add_row(
-                c.label, format_duration(c.watermark_delay), format_duration(c.allowed_lateness), f"{c.on_time_share:.4%}", str(c.late_events),
-                f"{c.refire_share:.4%}", format_duration(c.first_result_after), format_duration(c.final_after),
-            )  # fmt: skip
+                c.label,
+                format_duration(c.watermark_delay),
+                format_duration(c.allowed_lateness),
+                f"{c.on_time_share:.4%}",
+                str(c.late_events),
+                f"{c.refire_share:.4%}",
+                format_duration(c.first_result_after),
+                format_duration(c.final_after),
+            )
         console.print(table)
     err_console.print(
         f"{undecodable} undecodable records skipped; the job wrote {late_written} late events to {cfg.kafka.late_events_topic} in the range; chart written to {chart}"

@@ -130,6 +130,12 @@ class LocalStack:
         registry = [self.registry.status()] if self.registry.wanted else []
         ha = [self.zookeeper.status()] if self.zookeeper.wanted else []
         return [
-            self.kafka.status(), self.postgres.status(), *ha, self.flink.status(), self.prometheus.status(), *registry, self.stripe_mock.status(),
+            self.kafka.status(),
+            self.postgres.status(),
+            *ha,
+            self.flink.status(),
+            self.prometheus.status(),
+            *registry,
+            self.stripe_mock.status(),
             *corrections_follower.statuses(self.cfg),
-        ]  # fmt: skip
+        ]

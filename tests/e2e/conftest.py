@@ -58,7 +58,7 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
             "prometheus_port": prometheus,
             "flink_metrics_ports": ",".join(map(str, metrics)),
             "prometheus_scrape_interval": "2s",
-        },  # fmt: skip
+        },
         "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
         "secrets_file": "state/secrets.env",
     }

@@ -174,10 +174,19 @@ def late_event_record(
     """A late-events record (avro/late_usage_event.avsc) as the usage job writes it, one second into its window."""
     now = datetime.now(UTC)
     return {
-        "event_id": event_id, "tenant_id": tenant, "customer_id": customer, "meter": meter, "quantity": Decimal(quantity),
-        "event_time": window_start + timedelta(seconds=1), "dimensions": {}, "window_start": window_start, "window_end": window_start + size,
-        "watermark": now, "lateness_ms": int((now - window_start).total_seconds() * 1000), "seen_at": now,
-    }  # fmt: skip
+        "event_id": event_id,
+        "tenant_id": tenant,
+        "customer_id": customer,
+        "meter": meter,
+        "quantity": Decimal(quantity),
+        "event_time": window_start + timedelta(seconds=1),
+        "dimensions": {},
+        "window_start": window_start,
+        "window_end": window_start + size,
+        "watermark": now,
+        "lateness_ms": int((now - window_start).total_seconds() * 1000),
+        "seen_at": now,
+    }
 
 
 def write_final_rows(cfg: JobConfig, windows: list[dict]) -> None:
@@ -213,9 +222,16 @@ def closed_window(
 ) -> dict:
     """One closed-window record."""
     return {
-        "tenant_id": tenant, "customer_id": customer, "meter": meter, "dimensions_key": "{}", "window_start": start, "window_end": start + size,
-        "quantity": Decimal(quantity), "event_count": revision, "revision": revision,
-    }  # fmt: skip
+        "tenant_id": tenant,
+        "customer_id": customer,
+        "meter": meter,
+        "dimensions_key": "{}",
+        "window_start": start,
+        "window_end": start + size,
+        "quantity": Decimal(quantity),
+        "event_count": revision,
+        "revision": revision,
+    }
 
 
 def wait_restarted(cfg: JobConfig, job_id: str, since_ms: int) -> None:

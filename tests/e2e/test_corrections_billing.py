@@ -63,9 +63,15 @@ def test_corrections_are_billed_once_across_a_taskmanager_kill_and_a_rerun(e2e_s
     try:
         run = uuid.uuid4().hex[:6]
         billing = {
-            "enabled": True, "ledger_table": f"deliveries_cb_{run}", "customers_table": f"customers_cb_{run}", "carry_table": f"carry_cb_{run}",
-            "max_in_flight": 6, "request_timeout": "10s", "retry_lease": "30s", "max_window_age": "2h",
-        }  # fmt: skip
+            "enabled": True,
+            "ledger_table": f"deliveries_cb_{run}",
+            "customers_table": f"customers_cb_{run}",
+            "carry_table": f"carry_cb_{run}",
+            "max_in_flight": 6,
+            "request_timeout": "10s",
+            "retry_lease": "30s",
+            "max_window_age": "2h",
+        }
         corrections = {"approval_threshold": "5", "table": f"corr_cb_{run}", "events_table": f"corr_cb_{run}_events"}
         cfg, path = private_job(
             e2e_stack,

@@ -124,10 +124,13 @@ def test_submit_runs_the_corrections_follower_and_a_killed_one_resumes_exactly_o
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not follower.running(), 30, "the follower gone")
         waiting_start = a_start + 5 * size
-        publish_late_events(cfg, [
-            late_event_record("t1", "late-3", "c1", "tokens", "0.125", a_start, size),
-            late_event_record("t1", "late-w", "c9", "tokens", "7", waiting_start, size),
-        ])  # fmt: skip
+        publish_late_events(
+            cfg,
+            [
+                late_event_record("t1", "late-3", "c1", "tokens", "0.125", a_start, size),
+                late_event_record("t1", "late-w", "c9", "tokens", "7", waiting_start, size),
+            ],
+        )
         assert len(read_late_events(cfg)) == 4
 
         # What an operator does next: submit again. The job runs and is left alone; the follower starts again.

@@ -68,11 +68,16 @@ def test_replayed_dead_letters_count_once_after_the_meter_is_added(e2e_stack):
     start = datetime.fromtimestamp((now_ms - now_ms % size_ms) / 1000, UTC) - timedelta(minutes=30)
     events = [
         UsageEvent(
-            event_id=f"dl-{i}", tenant_id="t-dl", customer_id=f"c{i % 3}", meter="storage" if i % 5 in (1, 3) else "api_calls",
-            quantity=Decimal(f"{i + 1}.125") if i % 5 in (1, 3) else Decimal(i % 4 + 1), event_time=start + timedelta(milliseconds=300 * i), dimensions={},
+            event_id=f"dl-{i}",
+            tenant_id="t-dl",
+            customer_id=f"c{i % 3}",
+            meter="storage" if i % 5 in (1, 3) else "api_calls",
+            quantity=Decimal(f"{i + 1}.125") if i % 5 in (1, 3) else Decimal(i % 4 + 1),
+            event_time=start + timedelta(milliseconds=300 * i),
+            dimensions={},
         )
         for i in range(API_CALLS + STORAGE)
-    ]  # fmt: skip
+    ]
     storage = [e for e in events if e["meter"] == "storage"]
     assert (
         len(storage) == STORAGE and max(e["event_time"] for e in events) < start + size - cfg.event_time.watermark_delay

@@ -79,7 +79,7 @@ def _event(event_id: str, at: datetime, **fields) -> UsageEvent:
         event_time=at,
         dimensions={},
     )
-    event.update(fields)  # type: ignore[typeddict-item]
+    event.update(fields)  # type: ignore[typeddict-item]  # hostile fields on purpose
     return event
 
 
@@ -95,7 +95,7 @@ def hostile_records(at: datetime) -> list[tuple[str, bytes, str]]:
     for field in ("event_id", "tenant_id", "customer_id", "meter"):
         value = {"event_id": "nul", "tenant_id": "hostile", "customer_id": "c1", "meter": "api_calls"}[field] + "\x00x"
         event = _event(f"nul-{field}", at)
-        event[field] = value  # type: ignore[literal-required]
+        event[field] = value  # type: ignore[literal-required]  # any field name, hostile on purpose
         records.append(
             (f"NUL in {field}", encode_usage_event(event), f"contract: {field} has control character U+0000")
         )
@@ -171,10 +171,17 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         hostile = hostile_records(hostile_at)
         # Evolved writers: the same events from producers on schema v1 and v2 (an appended optional field), single-object encoded.
         evolved = [
-            UsageEvent(event_id=f"evolved-{i}", tenant_id="evolved", customer_id=f"c{i % 3}", meter="api_calls", quantity=Decimal(i + 1),
-                       event_time=hostile_at + timedelta(seconds=i), dimensions={})
+            UsageEvent(
+                event_id=f"evolved-{i}",
+                tenant_id="evolved",
+                customer_id=f"c{i % 3}",
+                meter="api_calls",
+                quantity=Decimal(i + 1),
+                event_time=hostile_at + timedelta(seconds=i),
+                dimensions={},
+            )
             for i in range(20)
-        ]  # fmt: skip
+        ]
         # Writers on v1 and v2 (an appended optional field) in one topic: single-object encoded, and
         # framed with the ids the real registry gave their schemas.
         v1, v2 = HISTORY_DIR / "usage_event-v1.avsc", HISTORY_DIR / "usage_event-v2.avsc"
@@ -192,19 +199,27 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         unknown_id = encode_registry_framed(_event("unknown-id", hostile_at), 987_654, json.loads(v1.read_text()))
         hostile.append(("unknown registry id", unknown_id, "unknown schema id: 987654"))
         burst = [
-            UsageEvent(event_id=f"burst-{i}", tenant_id=BURST_TENANT, customer_id="c1", meter="tokens_by_model", quantity=Decimal(10 + i),
-                       event_time=hostile_at, dimensions={"model": f"model-{i}"})
+            UsageEvent(
+                event_id=f"burst-{i}",
+                tenant_id=BURST_TENANT,
+                customer_id="c1",
+                meter="tokens_by_model",
+                quantity=Decimal(10 + i),
+                event_time=hostile_at,
+                dimensions={"model": f"model-{i}"},
+            )
             for i in range(BURST_EVENTS)
-        ]  # fmt: skip
+        ]
 
         # Normal traffic flows while the hostile records are produced. It keeps out of partition 0, where the
         # writers dated a minute ahead go (below): a partition's watermark is its own largest event time, so
         # normal events queued behind them in one partition would be protected only while the other
         # partitions lag, and would go late whenever that partition is read slower than the rest.
         sender = threading.Thread(
-            target=send_events, args=(k.bootstrap_servers, k.usage_events_topic, first),
+            target=send_events,
+            args=(k.bootstrap_servers, k.usage_events_topic, first),
             kwargs={"rate": 2_500, "partition_for": lambda i, e: 1 + zlib.crc32(message_key(e)) % (k.partitions - 1)},
-        )  # fmt: skip
+        )
         sender.start()
         send_raw(k.bootstrap_servers, k.usage_events_topic, [value for _, value, _ in hostile])
         # The counted ones among them are dated a minute ahead of the traffic they join: all in partition 0,

@@ -444,8 +444,18 @@ def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
         )
         with conn.transaction():
             for w in (one, five):
-                row = {"tenant_id": w.tenant_id, "customer_id": w.customer_id, "meter": w.meter, "dimensions_key": w.dimensions_key, "window_start": w.window_start.replace(tzinfo=None),
-                       "window_end": w.window_end.replace(tzinfo=None), "quantity": w.quantity, "event_count": 1, "revision": 1, "is_final": True}  # fmt: skip
+                row = {
+                    "tenant_id": w.tenant_id,
+                    "customer_id": w.customer_id,
+                    "meter": w.meter,
+                    "dimensions_key": w.dimensions_key,
+                    "window_start": w.window_start.replace(tzinfo=None),
+                    "window_end": w.window_end.replace(tzinfo=None),
+                    "quantity": w.quantity,
+                    "event_count": 1,
+                    "revision": 1,
+                    "is_final": True,
+                }
                 conn.execute(usage_upsert_sql(u).replace("?", "%s"), [row[c] for c in USAGE_WRITE_COLUMNS])
     assert sorted((r.window_end - r.window_start, r.quantity) for r in fetch_usage(cfg.postgres)) == [
         (timedelta(minutes=1), Decimal(3)),

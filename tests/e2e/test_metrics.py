@@ -163,9 +163,17 @@ def test_job_metrics_in_prometheus(e2e_stack):
         )
         # Their windows are closed: these are late.
         late = [
-            UsageEvent(event_id=f"late-{i}", tenant_id="tenant-0", customer_id="cust-0", meter="api_calls", quantity=Decimal(1), event_time=start + timedelta(seconds=i), dimensions={})
+            UsageEvent(
+                event_id=f"late-{i}",
+                tenant_id="tenant-0",
+                customer_id="cust-0",
+                meter="api_calls",
+                quantity=Decimal(1),
+                event_time=start + timedelta(seconds=i),
+                dimensions={},
+            )
             for i in range(3)
-        ]  # fmt: skip
+        ]
         sent_at_ms = datetime.now(UTC).timestamp() * 1000
         send_events(bootstrap, topic, late)
 

@@ -84,9 +84,15 @@ def test_the_subject_refuses_an_incompatible_version(schema_registry, ids):
 
 def test_a_framed_v2_message_decodes_with_its_writer_schema_from_the_registry(schema_registry, ids):
     event = {
-        "event_id": "e-1", "tenant_id": "t", "customer_id": "c", "meter": "api_calls", "quantity": Decimal("1.500000000"),
-        "event_time": datetime(2026, 1, 1, tzinfo=UTC), "dimensions": {}, "source": "edge",
-    }  # fmt: skip
+        "event_id": "e-1",
+        "tenant_id": "t",
+        "customer_id": "c",
+        "meter": "api_calls",
+        "quantity": Decimal("1.500000000"),
+        "event_time": datetime(2026, 1, 1, tzinfo=UTC),
+        "dimensions": {},
+        "source": "edge",
+    }
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(v2()), event)
     message = frame(ids["v2"], body.getvalue())

@@ -36,8 +36,18 @@ def usage_cfg(e2e_stack):
 
 def _commit(cfg, quantity: str, revision: int, final: bool) -> None:
     """One window row as the window sink's committer writes it (its statement, JDBC marks as psycopg's)."""
-    row = dict(tenant_id="t", customer_id="c", meter="tokens", dimensions_key="{}", window_start=START, window_end=END,
-               quantity=Decimal(quantity), event_count=revision, revision=revision, is_final=final)  # fmt: skip
+    row = dict(
+        tenant_id="t",
+        customer_id="c",
+        meter="tokens",
+        dimensions_key="{}",
+        window_start=START,
+        window_end=END,
+        quantity=Decimal(quantity),
+        event_count=revision,
+        revision=revision,
+        is_final=final,
+    )
     with connect(cfg.postgres) as conn:
         conn.execute(
             usage_upsert_sql(cfg.postgres.usage_table).replace("?", "%s"), [row[c] for c in USAGE_WRITE_COLUMNS]

@@ -401,9 +401,14 @@ class FakeStripe:
                 self.accepted[identifier] = event
                 self.events.append(event)
             response = {
-                "object": "billing.meter_event", "created": int(now), "event_name": form["event_name"], "identifier": identifier,
-                "livemode": False, "payload": {"stripe_customer_id": form["payload[stripe_customer_id]"], "value": form["payload[value]"]}, "timestamp": ts,
-            }  # fmt: skip
+                "object": "billing.meter_event",
+                "created": int(now),
+                "event_name": form["event_name"],
+                "identifier": identifier,
+                "livemode": False,
+                "payload": {"stripe_customer_id": form["payload[stripe_customer_id]"], "value": form["payload[value]"]},
+                "timestamp": ts,
+            }
             if key is not None:
                 self._by_key[key] = (canonical, json.dumps(response).encode())
                 self._key_seen[key] = now

@@ -174,15 +174,36 @@ class StreamEndpoints:
         with fake._lock:
             fake._counter += 1
             now = fake.clock()
-            self.reports.append({
-                "id": f"evt_fake_{fake._counter}", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered", "created": _iso(now),
-                "related_object": {"id": f"mtr_{event_name}", "type": "billing.meter", "url": f"/v1/billing/meters/mtr_{event_name}"},
-                "data": {
-                    "developer_message_summary": f"There is 1 invalid event: {message}",
-                    "reason": {"error_count": 1, "error_types": [{"code": code, "error_count": 1, "sample_errors": [{"error_message": message, "request": {"id": request_id, "idempotency_key": ""}}]}]},
-                    "validation_start": _iso(now), "validation_end": _iso(now),
-                },
-            })  # fmt: skip
+            self.reports.append(
+                {
+                    "id": f"evt_fake_{fake._counter}",
+                    "object": "v2.core.event",
+                    "type": "v1.billing.meter.error_report_triggered",
+                    "created": _iso(now),
+                    "related_object": {
+                        "id": f"mtr_{event_name}",
+                        "type": "billing.meter",
+                        "url": f"/v1/billing/meters/mtr_{event_name}",
+                    },
+                    "data": {
+                        "developer_message_summary": f"There is 1 invalid event: {message}",
+                        "reason": {
+                            "error_count": 1,
+                            "error_types": [
+                                {
+                                    "code": code,
+                                    "error_count": 1,
+                                    "sample_errors": [
+                                        {"error_message": message, "request": {"id": request_id, "idempotency_key": ""}}
+                                    ],
+                                }
+                            ],
+                        },
+                        "validation_start": _iso(now),
+                        "validation_end": _iso(now),
+                    },
+                }
+            )
 
     # -- GET -------------------------------------------------------------------------------------
     def handle_get(self, handler: BaseHTTPRequestHandler, path: str, params: dict[str, str]) -> None:

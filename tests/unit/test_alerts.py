@@ -59,9 +59,18 @@ def test_alerts_cover_the_operations_issue():
     """Checkpoint age and failures, restarts, consumer lag, late rate, dead letters, a stalled or lagging watermark and a billing backlog each have an alert."""
     names = {rule["alert"] for rule in _rules()}
     assert {
-        "MeterflowCheckpointsNotCompleting", "MeterflowCheckpointAgeHigh", "MeterflowCheckpointsFailing", "MeterflowJobRestarting", "MeterflowConsumerLag",
-        "MeterflowLateRateHigh", "MeterflowDeadLetters", "MeterflowWatermarkStalled", "MeterflowWatermarkLagHigh", "MeterflowBillingBacklog", "MeterflowTransactionDeadlineNear",
-    } <= names  # fmt: skip
+        "MeterflowCheckpointsNotCompleting",
+        "MeterflowCheckpointAgeHigh",
+        "MeterflowCheckpointsFailing",
+        "MeterflowJobRestarting",
+        "MeterflowConsumerLag",
+        "MeterflowLateRateHigh",
+        "MeterflowDeadLetters",
+        "MeterflowWatermarkStalled",
+        "MeterflowWatermarkLagHigh",
+        "MeterflowBillingBacklog",
+        "MeterflowTransactionDeadlineNear",
+    } <= names
 
 
 def test_every_alert_has_a_firing_case():

@@ -89,10 +89,19 @@ class MemoryLedger:
         ]
         w = r["delivery"].window
         return LedgerEntry(
-            r["identifier"], r["kind"], r["status"], r["attempts"], r["quantity"], r["revision"], r["first_attempt_at"],
-            self.customers.get((w.tenant_id, w.customer_id)), sum((c["quantity"] for c in corrections), Decimal(0)),
-            max((c["revision"] for c in corrections), default=0), claimed, r["value"],
-        )  # fmt: skip
+            r["identifier"],
+            r["kind"],
+            r["status"],
+            r["attempts"],
+            r["quantity"],
+            r["revision"],
+            r["first_attempt_at"],
+            self.customers.get((w.tenant_id, w.customer_id)),
+            sum((c["quantity"] for c in corrections), Decimal(0)),
+            max((c["revision"] for c in corrections), default=0),
+            claimed,
+            r["value"],
+        )
 
     async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
         now = self.t.now
@@ -106,10 +115,22 @@ class MemoryLedger:
             )
         if r is None:
             r = self.rows[delivery.identifier] = {
-                "identifier": delivery.identifier, "kind": delivery.kind, "window_identifier": delivery.window_identifier, "delivery": delivery,
-                "quantity": delivery.quantity, "revision": delivery.revision, "status": "pending", "attempts": 0, "first_attempt_at": None,
-                "next_attempt_at": None, "claimed_by": None, "leased": False, "event_name": event_name, "value": None, "customer": None,
-            }  # fmt: skip
+                "identifier": delivery.identifier,
+                "kind": delivery.kind,
+                "window_identifier": delivery.window_identifier,
+                "delivery": delivery,
+                "quantity": delivery.quantity,
+                "revision": delivery.revision,
+                "status": "pending",
+                "attempts": 0,
+                "first_attempt_at": None,
+                "next_attempt_at": None,
+                "claimed_by": None,
+                "leased": False,
+                "event_name": event_name,
+                "value": None,
+                "customer": None,
+            }
         claimable = r["status"] in ("pending", "failed") and (
             retry or r["next_attempt_at"] is None or r["next_attempt_at"] <= now or r["claimed_by"] != self.worker
         )

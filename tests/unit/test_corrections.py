@@ -228,7 +228,7 @@ def test_transitions():
         ("reject", "approved"),
     ):
         with pytest.raises(CorrectionError, match=f"cannot {action}"):
-            check_transition(action, status, "x")  # type: ignore[arg-type]
+            check_transition(action, status, "x")  # type: ignore[arg-type]  # an action the CLI never passes, on purpose
 
 
 def test_corrected_totals_include_windows_with_only_corrections():

@@ -88,10 +88,24 @@ def test_panels_cover_the_operations_issue(dashboard):
     """Records in, duplicates, late, dead letters by kind, watermark lag, lateness, re-fires, checkpoint duration and age, restarts, consumer lag, closed windows, billing, corrections, ledger backlog."""
     titles = {p["title"] for p in _panels(dashboard)}
     assert {
-        "Records in", "Duplicates dropped", "On time and late", "Late rate", "Dead letters", "Dead letters by kind", "Watermark lag",
-        "Checkpoint duration", "Checkpoint age", "Restarts", "Consumer lag", "Closed windows", "Deliveries",
-        "Lateness distribution", "Window re-fires", "Corrections", "Ledger backlog",
-    } <= titles  # fmt: skip
+        "Records in",
+        "Duplicates dropped",
+        "On time and late",
+        "Late rate",
+        "Dead letters",
+        "Dead letters by kind",
+        "Watermark lag",
+        "Checkpoint duration",
+        "Checkpoint age",
+        "Restarts",
+        "Consumer lag",
+        "Closed windows",
+        "Deliveries",
+        "Lateness distribution",
+        "Window re-fires",
+        "Corrections",
+        "Ledger backlog",
+    } <= titles
 
 
 def test_every_job_metric_has_a_panel(dashboard):

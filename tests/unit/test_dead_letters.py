@@ -75,9 +75,13 @@ def _letter(
 def _encode(letter: DeadLetter) -> bytes:
     out = io.BytesIO()
     record = {
-        "payload": letter.payload, "reason": letter.reason, "source_topic": letter.source_topic,
-        "source_partition": letter.source_partition, "source_offset": letter.source_offset, "seen_at": letter.seen_at,
-    }  # fmt: skip
+        "payload": letter.payload,
+        "reason": letter.reason,
+        "source_topic": letter.source_topic,
+        "source_partition": letter.source_partition,
+        "source_offset": letter.source_offset,
+        "seen_at": letter.seen_at,
+    }
     fastavro.schemaless_writer(out, dl.dead_letter_schema(), record)
     return out.getvalue()
 
@@ -311,10 +315,19 @@ def test_json_output_shape():
     )
     first = doc["dead_letters"][0]
     assert first == {
-        "partition": 1, "offset": 4, "seen_at": "2026-03-01T12:00:00.005+00:00", "source_topic": "usage-events", "source_partition": 2,
-        "source_offset": 1004, "kind": "unknown_meter", "reason": "unknown meter: storage", "payload_bytes": len(letter.payload), "payload_cut": False,
-        "payload_base64": base64.b64encode(letter.payload).decode(), "event": {"event_id": "e1-4", "tenant_id": "t1", "customer_id": "c1", "meter": "storage"},
-    }  # fmt: skip
+        "partition": 1,
+        "offset": 4,
+        "seen_at": "2026-03-01T12:00:00.005+00:00",
+        "source_topic": "usage-events",
+        "source_partition": 2,
+        "source_offset": 1004,
+        "kind": "unknown_meter",
+        "reason": "unknown meter: storage",
+        "payload_bytes": len(letter.payload),
+        "payload_cut": False,
+        "payload_base64": base64.b64encode(letter.payload).decode(),
+        "event": {"event_id": "e1-4", "tenant_id": "t1", "customer_id": "c1", "meter": "storage"},
+    }
     assert doc["dead_letters"][1]["event"] is None
 
 

@@ -89,8 +89,10 @@ def test_differences_cover_both_sides_and_skip_equal_windows():
     assert differences(recomputed[:1], {w("c1", 0): Decimal("5")}) == []
     totals = per_customer(recomputed, metered, found)
     assert [(c.customer_id, c.windows, c.metered, c.recomputed, c.difference) for c in totals] == [
-        ("c1", 1, Decimal(9), Decimal(8), Decimal(-1)), ("c2", 1, Decimal(0), Decimal(2), Decimal(2)), ("c3", 1, Decimal(1), Decimal(0), Decimal(-1)),
-    ]  # fmt: skip
+        ("c1", 1, Decimal(9), Decimal(8), Decimal(-1)),
+        ("c2", 1, Decimal(0), Decimal(2), Decimal(2)),
+        ("c3", 1, Decimal(1), Decimal(0), Decimal(-1)),
+    ]
 
 
 def test_windows_of_another_size_are_other_windows():

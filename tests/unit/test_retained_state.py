@@ -55,8 +55,10 @@ def test_the_state_directory_is_per_job_name_and_remote_ones_are_not_listed(writ
 
 NEWEST = rs.RetainedState(rs.Path("/cp/job/abc/chk-9"), "checkpoint", datetime(2026, 12, 5, 10, 0, tzinfo=UTC))
 SETTINGS = {
-    "window_size": "1m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": [], "unique_dimension": None}},
-}  # fmt: skip
+    "window_size": "1m",
+    "window_aggregate": "SUM(`quantity`)",
+    "meters": {"tokens": {"group_by": [], "unique_dimension": None}},
+}
 
 
 def _plan(**kw):
@@ -145,8 +147,10 @@ def test_the_job_settings_follow_the_plan(write_config):
         "event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"
     )
     assert base == {
-        "window_size": "5m", "window_aggregate": "SUM(`quantity`)", "meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}},
-    }  # fmt: skip
+        "window_size": "5m",
+        "window_aggregate": "SUM(`quantity`)",
+        "meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}},
+    }
     relaxed = settings(
         "event_time:\n  window_size: 5m\n  allowed_lateness: 2m\n  watermark_delay: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"
     )

@@ -29,9 +29,14 @@ from meterflow.config import load_config
 FINGERPRINTS = {1: "f95e3719ae243584", 2: "2fbfd7beb502e9a4"}
 
 EVENT = {
-    "event_id": "e1", "tenant_id": "t1", "customer_id": "c1", "meter": "tokens", "quantity": Decimal("12.345678901"),
-    "event_time": datetime(2026, 6, 1, 12, tzinfo=UTC), "dimensions": {"model": "m"},
-}  # fmt: skip
+    "event_id": "e1",
+    "tenant_id": "t1",
+    "customer_id": "c1",
+    "meter": "tokens",
+    "quantity": Decimal("12.345678901"),
+    "event_time": datetime(2026, 6, 1, 12, tzinfo=UTC),
+    "dimensions": {"model": "m"},
+}
 
 
 def reader() -> object:
@@ -67,9 +72,11 @@ def test_v2_is_v1_plus_an_optional_source_at_the_end():
     assert v2["fields"][:-1] == v1["fields"]
     assert {k: v for k, v in v2.items() if k != "fields"} == {k: v for k, v in v1.items() if k != "fields"}
     assert v2["fields"][-1] == {
-        "name": "source", "type": ["null", "string"], "default": None,
+        "name": "source",
+        "type": ["null", "string"],
+        "default": None,
         "doc": "The service that emitted the event; carried by producers, not stored by the job.",
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("version", sorted(FINGERPRINTS))
@@ -95,7 +102,7 @@ def test_each_history_schema_reads_the_one_before():
 
 
 def test_single_object_framing_is_magic_fingerprint_body():
-    plain = encode_usage_event(EVENT)  # type: ignore[arg-type]
+    plain = encode_usage_event(EVENT)  # type: ignore[arg-type]  # a plain dict standing for a UsageEvent
     framed = encode_single_object(EVENT)
     assert framed == SINGLE_OBJECT_MAGIC + bytes.fromhex(FINGERPRINTS[1]) + plain
     v2 = encode_single_object({**EVENT, "source": "gateway"}, schema_path=HISTORY_DIR / "usage_event-v2.avsc")

@@ -20,10 +20,20 @@ def _run(backend: str = "rocksdb", **overrides) -> dict:
     }
     steady = {**checkpoint, "dedup_persisted_bytes": 400_000, "end_to_end_s": 0.4}
     run = {
-        "backend": backend, "ids_target": 1_000_000, "ids_in_state": 1_000_000, "tm_process_mb": 2560, "ok": True,
-        "ingest_s": 10.0, "ingest_rate": 100_000, "heap_live_bytes": 150_000_000, "tm_rss_bytes": 2_000_000_000,
-        "local_dir_bytes": 60_000_000 if backend != "hashmap" else 0, "checkpoint_first": checkpoint, "checkpoint_steady": steady, "overlapped": [],
-    }  # fmt: skip
+        "backend": backend,
+        "ids_target": 1_000_000,
+        "ids_in_state": 1_000_000,
+        "tm_process_mb": 2560,
+        "ok": True,
+        "ingest_s": 10.0,
+        "ingest_rate": 100_000,
+        "heap_live_bytes": 150_000_000,
+        "tm_rss_bytes": 2_000_000_000,
+        "local_dir_bytes": 60_000_000 if backend != "hashmap" else 0,
+        "checkpoint_first": checkpoint,
+        "checkpoint_steady": steady,
+        "overlapped": [],
+    }
     return {**run, **overrides}
 
 

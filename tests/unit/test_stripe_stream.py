@@ -38,10 +38,18 @@ def fake() -> Iterator[FakeStripe]:
 
 
 def config(fake: FakeStripe, **stripe: object) -> JobConfig:
-    return JobConfig.model_validate({
-        "stripe": {"api_base": fake.url, "meter_events_base": fake.url, "api_key": "sk_test_unit", "meter_events_api": "v2_stream", **stripe},
-        "billing": {"enabled": True, "request_timeout": "2s"},
-    })  # fmt: skip
+    return JobConfig.model_validate(
+        {
+            "stripe": {
+                "api_base": fake.url,
+                "meter_events_base": fake.url,
+                "api_key": "sk_test_unit",
+                "meter_events_api": "v2_stream",
+                **stripe,
+            },
+            "billing": {"enabled": True, "request_timeout": "2s"},
+        }
+    )
 
 
 def event(i: int, value: str = "3", timestamp: int = EVENT_TIME) -> MeterEvent:

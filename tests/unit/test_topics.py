@@ -243,10 +243,17 @@ def test_ensure_topics_creates_with_configs_and_sets_what_existing_topics_lack(c
     changed = kafka_admin.ensure_project_topics(cfg)
     assert changed == {k.usage_events_topic: {TIMESTAMP_TYPE: LOG_APPEND_TIME}}
     create, alter = _FakeAdmin.calls
-    assert create == ("create", {
-        k.dead_letter_topic: {"num_partitions": 3, "replication_factor": 1, "configs": {MAX_MESSAGE_BYTES: str(MIB + 65_536)}},
-        k.closed_windows_topic: {"num_partitions": 3, "replication_factor": 1, "configs": {}},
-    })  # fmt: skip
+    assert create == (
+        "create",
+        {
+            k.dead_letter_topic: {
+                "num_partitions": 3,
+                "replication_factor": 1,
+                "configs": {MAX_MESSAGE_BYTES: str(MIB + 65_536)},
+            },
+            k.closed_windows_topic: {"num_partitions": 3, "replication_factor": 1, "configs": {}},
+        },
+    )
     assert alter == ("alter", {k.usage_events_topic: {TIMESTAMP_TYPE: LOG_APPEND_TIME}})
     assert _FakeAdmin.topics[k.usage_events_topic]["retention.ms"] == "5"
     _FakeAdmin.calls = []
