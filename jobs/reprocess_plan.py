@@ -18,18 +18,11 @@ from jobs.source_plan import EVENT_FIELDS, VALIDATED_VIEW, kafka_source_options,
 from jobs.sql import sql_with
 from meterflow.config import JobConfig
 from meterflow.reprocess import Period, read_from_ms
+from meterflow.window_row import WINDOW_KEY, WINDOW_SPAN, WINDOW_VALUE, names
 
 UNIQUE_EVENTS_VIEW = "reprocess_unique_events"
-RESULT_COLUMNS = (
-    "tenant_id",
-    "customer_id",
-    "meter",
-    "dimensions_key",
-    "window_start",
-    "window_end",
-    "quantity",
-    "event_count",
-)
+# A recomputed window: the window row without its revision (a recomputation has none).
+RESULT_COLUMNS = names(WINDOW_KEY + WINDOW_SPAN + WINDOW_VALUE[:2])
 
 
 def reprocess_source_options(cfg: JobConfig, period: Period) -> dict[str, str]:

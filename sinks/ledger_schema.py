@@ -13,7 +13,7 @@ a lease ahead, so nothing else hands it out meanwhile.
 
 from __future__ import annotations
 
-from meterflow.window_row import WINDOW_KEY, WINDOW_SPAN, bridge_names, names
+from meterflow.window_row import WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, ColumnKind, bridge_names, names
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 STATUSES = ("pending", "sent", "failed", "dead")
@@ -175,38 +175,14 @@ _CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_att
 
 
 # The parameters of a claim that differ per delivery: arrays in claim_new_sql, one element each.
-CLAIM_ROW_PARAMS = (
-    "identifier",
-    "provider",
-    "kind",
-    "window_identifier",
-    "tenant_id",
-    "customer_id",
-    "meter",
-    "dimensions_key",
-    "window_start_ms",
-    "window_end_ms",
-    "quantity",
-    "event_count",
-    "revision",
-    "event_name",
-)
-_CLAIM_ROW_TYPES = (
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "bigint",
-    "bigint",
-    "numeric",
-    "bigint",
-    "bigint",
-    "text",
-)
+CLAIM_ROW_PARAMS = ("identifier", "provider", "kind", "window_identifier", *bridge_names(WINDOW_ROW), "event_name")
+_BRIDGE_SQL_TYPES: dict[ColumnKind, str] = {
+    "text": "text",
+    "timestamp": "bigint",
+    "decimal": "numeric",
+    "count": "bigint",
+}
+_CLAIM_ROW_TYPES = ("text", "text", "text", "text", *(_BRIDGE_SQL_TYPES[c.kind] for c in WINDOW_ROW), "text")
 # What names a claimed row in claim_new_sql's answer: the identifier, or for a window's own event
 # its key and span (its recorded identifier may be of an earlier form).
 CLAIM_KEY = ("identifier",)
@@ -453,15 +429,7 @@ DELIVERY_COLUMNS = (
     "provider",
     "kind",
     "window_identifier",
-    "tenant_id",
-    "customer_id",
-    "meter",
-    "dimensions_key",
-    "window_start",
-    "window_end",
-    "quantity",
-    "event_count",
-    "revision",
+    *names(WINDOW_ROW),
     "event_name",
     "provider_customer_id",
     "value",

@@ -19,6 +19,7 @@ from jobs.plan import CLOSED_WINDOW_SCHEMA, CLOSED_WINDOWS_VIEW, closed_windows_
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError
 from meterflow.local.flink_jobs import job_names
+from meterflow.window_row import WINDOW_ROW, names
 
 
 @pytest.fixture
@@ -35,17 +36,7 @@ def cfg() -> JobConfig:
 def test_closed_window_schema_is_exact():
     """The topic's record: window times as timestamps, the quantity as an exact decimal, never a float."""
     cols = {c.name: c.sql_type for c in derive_columns(load_schema(CLOSED_WINDOW_SCHEMA))}
-    assert list(cols) == [
-        "tenant_id",
-        "customer_id",
-        "meter",
-        "dimensions_key",
-        "window_start",
-        "window_end",
-        "quantity",
-        "event_count",
-        "revision",
-    ]
+    assert tuple(cols) == names(WINDOW_ROW)
     assert (
         cols["quantity"] == "DECIMAL(38, 9) NOT NULL"
         and cols["window_start"] == "TIMESTAMP(3) NOT NULL"
