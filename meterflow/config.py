@@ -322,13 +322,13 @@ class BillingConfig(_Section):
         None,
         ge=1,
         le=1024,
-        description="Deliveries in flight per billing subtask (the async operator's capacity); default 64 on v1 (a call each) and 256 on the v2 stream (deliveries in flight together share requests).",
+        description="Deliveries in flight per billing subtask (the async operator's capacity); default 64 on v1 (a call each) and 1024 on the v2 stream (deliveries in flight together share requests).",
     )
     max_held_per_key: int = Field(
         2,
         ge=1,
         le=1024,
-        description="Of a billing subtask's max_in_flight slots, how many deliveries of one (tenant, customer, meter) hold at once (one calling, the rest waiting their turn); more give their slot back and wait for the key inside the worker, so one customer's burst never takes the in-flight slots of the others.",
+        description="Of a billing subtask's max_in_flight slots, how many deliveries that take turns hold at once (one calling, the rest waiting their turn): those of one (tenant, customer, meter) on v1, those of one window on the v2 stream. More give their slot back and wait inside the worker, so one customer's burst never takes the in-flight slots of the others.",
     )
     parallelism: int | None = Field(None, ge=1, description="Subtasks of the billing job; default flink.parallelism.")
     consumer_group: str | None = Field(
@@ -494,7 +494,7 @@ class JobConfig(_Section):
         and slots cost no connection each (docs/benchmarks.md, the v2 stream's figures)."""
         if self.billing.max_in_flight is not None:
             return self.billing.max_in_flight
-        return 256 if self.stripe.meter_events_api == "v2_stream" else 64
+        return 1024 if self.stripe.meter_events_api == "v2_stream" else 64
 
     @property
     def billing_parallelism(self) -> int:

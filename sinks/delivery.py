@@ -3,8 +3,11 @@
 Driven by the billing job's async operator (jobs/billing_job.py), by the replay command and by
 the tests, with the provider, the ledger, the clock and the sleep injected. Rules:
 
-* **One call at a time per (tenant, customer, meter)**: every delivery of a key runs under the key's
-  lock; the job keys its stream by the same triple, so one subtask owns each key.
+* **Turns**: for a provider that takes one call at a time per (tenant, customer, meter) (Stripe v1),
+  every delivery of that key runs under the key's lock; the job keys its stream by the same triple,
+  so one subtask owns each key. For any other provider only the deliveries of one window take
+  turns: a changed final's correction is computed against what the window's earlier deliveries
+  recorded, so two of them must not compute it at once.
 * **A failure never waits in the operator**: the delivery is marked ``failed`` with its next
   attempt time (backoff with jitter, at least ``Retry-After``) and the ledger's retry scan hands it
   out again then. The key backs off too: deliveries of a key that is backing off are deferred to
@@ -21,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -104,6 +107,9 @@ class Provider(Protocol):
     async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
         """The provider's aggregated value of one customer's events over [start, end) (unix s, minute-aligned)."""
 
+    one_call_per_key: bool
+    """Whether the provider takes one call at a time per (tenant, customer, meter) (Stripe v1)."""
+
     def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
         """Whether the provider gathers deliveries into requests and paces those with ``rate`` (one
         slot per request) itself; False: each send is one call, and the deliverer takes a slot per delivery."""
@@ -113,19 +119,19 @@ class Provider(Protocol):
 class KeyGate:
     """Per-key serialisation and backoff: at most one delivery of a key runs, and a failing key waits."""
 
-    locks: dict[tuple, asyncio.Lock] = field(default_factory=dict)
-    users: dict[tuple, int] = field(default_factory=dict)
-    not_before: dict[tuple, float] = field(default_factory=dict)
-    slots: dict[tuple, float] = field(default_factory=dict)  # per key: the last turn handed to a parked delivery
+    locks: dict[Hashable, asyncio.Lock] = field(default_factory=dict)
+    users: dict[Hashable, int] = field(default_factory=dict)
+    not_before: dict[Hashable, float] = field(default_factory=dict)
+    slots: dict[Hashable, float] = field(default_factory=dict)  # per key: the last turn handed to a parked delivery
 
-    def lock(self, key: tuple) -> _KeyLock:
+    def lock(self, key: Hashable) -> _KeyLock:
         return _KeyLock(self, key)
 
-    def crowded(self, key: tuple, limit: int) -> bool:
+    def crowded(self, key: Hashable, limit: int) -> bool:
         """Whether the key already holds ``limit`` deliveries (calling or waiting for its lock)."""
         return self.users.get(key, 0) >= limit
 
-    def next_turn(self, key: tuple, now: float, pace: float) -> float:
+    def next_turn(self, key: Hashable, now: float, pace: float) -> float:
         """When a delivery parked now should come back: after those holding the key and those parked
         before it, one call's time (``pace``) each, so a burst returns spread out, not all at once."""
         start = max(self.slots.get(key, 0.0), now + self.users.get(key, 0) * pace)
@@ -134,7 +140,7 @@ class KeyGate:
             del self.slots[stale]
         return self.slots[key]
 
-    def backing_off(self, key: tuple, now: float) -> float | None:
+    def backing_off(self, key: Hashable, now: float) -> float | None:
         """Until when the key backs off, or None."""
         until = self.not_before.get(key)
         if until is not None and until <= now:
@@ -142,17 +148,17 @@ class KeyGate:
             return None
         return until
 
-    def back_off(self, key: tuple, until: float) -> None:
+    def back_off(self, key: Hashable, until: float) -> None:
         self.not_before[key] = max(until, self.not_before.get(key, 0.0))
 
-    def recovered(self, key: tuple) -> None:
+    def recovered(self, key: Hashable) -> None:
         self.not_before.pop(key, None)
 
 
 class _KeyLock:
     """``async with gate.lock(key)``: the key's lock, forgotten when nobody holds or waits for it."""
 
-    def __init__(self, gate: KeyGate, key: tuple) -> None:
+    def __init__(self, gate: KeyGate, key: Hashable) -> None:
         self.gate, self.key = gate, key
 
     async def __aenter__(self) -> None:
@@ -200,6 +206,7 @@ class Deliverer:
         # A provider that gathers deliveries into requests (the v2 stream) paces its requests with
         # this subtask's share, since its calls are the requests; otherwise each delivery is a call.
         self.paced_by_provider = provider.pace_requests(self.rate, sleep)
+        self.one_call_per_key = provider.one_call_per_key
         self.gate = KeyGate()
         self.max_held_per_key = billing.max_held_per_key
         self.lease_s = billing.retry_lease.total_seconds()
@@ -217,6 +224,10 @@ class Deliverer:
         """The provider's concurrency unit: one customer's meter (the job's key_by)."""
         return (window.tenant_id, window.customer_id, window.meter)
 
+    def turn(self, window: ClosedWindow) -> Hashable:
+        """What takes turns (module docstring): the provider's key, or else the window itself."""
+        return self.key(window) if self.one_call_per_key else window.key
+
     def event_name(self, window: ClosedWindow) -> str:
         meter = self.meters.get(window.meter)
         return meter.event_name if meter else window.meter
@@ -229,9 +240,9 @@ class Deliverer:
         and parked for the retry scan instead of waiting here, where it would take an in-flight
         slot from every other customer.
         """
-        if self.gate.crowded(self.key(window), self.max_held_per_key):
+        if self.gate.crowded(self.turn(window), self.max_held_per_key):
             return await self._park_window(window)
-        async with self.gate.lock(self.key(window)):
+        async with self.gate.lock(self.turn(window)):
             delivery = window_delivery(window, self.prefix)
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
             outcomes = [await self._attempt(as_recorded(delivery, entry), entry)]
@@ -246,13 +257,16 @@ class Deliverer:
         delivery = await self.ledger.delivery(identifier)
         if delivery is None:
             return Skipped(identifier, "unknown")
-        if not replay and self.gate.crowded(self.key(delivery.window), self.max_held_per_key):
+        if not replay and self.gate.crowded(self.turn(delivery.window), self.max_held_per_key):
             return await self._park(delivery)
         return await self._claim_and_attempt(delivery, replay=replay)
 
     async def _claim_and_attempt(self, delivery: Delivery, *, replay: bool = False, parked: bool = False) -> Outcome:
         """A recorded delivery's attempt, in its key's turn; a parked one also takes one of the parked calls."""
-        async with self.gate.lock(self.key(delivery.window)), self.parked_calls if parked else contextlib.nullcontext():
+        async with (
+            self.gate.lock(self.turn(delivery.window)),
+            self.parked_calls if parked else contextlib.nullcontext(),
+        ):
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
             return await self._attempt(delivery, entry, replay=replay)
 
@@ -286,7 +300,7 @@ class Deliverer:
         restarted one releases the lease at once (release_leases); should the wait outlast the
         lease, the retry scan hands it out again and this only extends the lease of the one waiting.
         """
-        until = self.gate.next_turn(self.key(delivery.window), self.clock(), self.pace) + self.lease_s
+        until = self.gate.next_turn(self.turn(delivery.window), self.clock(), self.pace) + self.lease_s
         await self.ledger.hold(delivery.identifier, until)
         if delivery.identifier in self.parked_ids:
             return Deferred(delivery.identifier, until)

@@ -219,6 +219,17 @@ class AsyncPostgresLedger:
         self._idle: asyncio.Queue[psycopg.AsyncConnection] | None = None
         self._all: list[psycopg.AsyncConnection] = []
         self.batches = StatementBatches(self._conn, writers=connections)
+        # Built once: the hot statements are asked for per delivery.
+        self._claim_window, self._claim_correction = (
+            SetStatement(
+                claim_new_sql(self.table, self.customers, window=window),
+                CLAIM_ROW_PARAMS,
+                WINDOW_CLAIM_KEY if window else CLAIM_KEY,
+            )
+            for window in (True, False)
+        )
+        self._carry_value = SetStatement(carry_value_sql(self.table, self.carry), ("identifier",), ("identifier",))
+        self._mark_sent = SetStatement(mark_sent_sql(self.table), SENT_ROW_PARAMS, ("identifier",))
 
     async def _connect(self) -> psycopg.AsyncConnection:
         password = self._pg.password.get_secret_value() if self._pg.password else None
@@ -285,14 +296,7 @@ class AsyncPostgresLedger:
         if retry:
             row = await self._fetchone(claim_existing_sql(self.table, self.customers), params)
         else:
-            row = await self._fetchone(
-                SetStatement(
-                    claim_new_sql(self.table, self.customers, window=window),
-                    CLAIM_ROW_PARAMS,
-                    WINDOW_CLAIM_KEY if window else CLAIM_KEY,
-                ),
-                params,
-            )
+            row = await self._fetchone(self._claim_window if window else self._claim_correction, params)
         if row is not None:
             return _entry(row, claimed=True)
         row = await self._fetchone(
@@ -320,7 +324,7 @@ class AsyncPostgresLedger:
             "provider_customer_id": event.provider_customer_id,
             "response_id": response_id,
         }
-        await self._execute(SetStatement(mark_sent_sql(self.table), SENT_ROW_PARAMS, ("identifier",)), params)
+        await self._execute(self._mark_sent, params)
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
         await self._execute(
@@ -362,10 +366,7 @@ class AsyncPostgresLedger:
         return Decimal(row[0]) if row else Decimal(0)
 
     async def carry_value(self, identifier: str) -> Decimal:
-        row = await self._fetchone(
-            SetStatement(carry_value_sql(self.table, self.carry), ("identifier",), ("identifier",)),
-            {"identifier": identifier},
-        )
+        row = await self._fetchone(self._carry_value, {"identifier": identifier})
         if row is None:  # fixed already, by an attempt before this one
             row = await self._fetchone(delivery_value_sql(self.table), {"identifier": identifier})
         if row is None or row[0] is None:

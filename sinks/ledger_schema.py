@@ -128,21 +128,25 @@ def carry_value_sql(ledger_table: str, carry_table: str) -> str:
     each row fixed returns (value, identifier), none for a value fixed already.
 
     The deliveries' rows are locked first, in identifier order, and checked again after the wait,
-    so two attempts can't both add the same quantity; the total's row lock orders the deliveries of
-    one customer and meter. Two deliveries of one total in one statement fail it (Postgres updates a
-    row once per statement): callers write those apart (sinks/ledger_async.py).
+    so two attempts can't both add the same quantity. The deliveries of one total in one statement
+    are added to it once, together, each taking the units it completes in identifier order; the
+    totals are locked in key order, so two statements that share totals wait for each other
+    instead of deadlocking, and the total's row lock orders them.
     """
     d, k = check_identifier(ledger_table), check_identifier(carry_table)
+    total_key = "provider, tenant_id, customer_id, meter, period_start"
     return (
         f"WITH target AS (SELECT identifier, provider, tenant_id, customer_id, meter, date_trunc('month', window_start) AS period_start, quantity "
         f"FROM {d} WHERE identifier = ANY(%(identifier)s::text[]) AND value IS NULL ORDER BY identifier FOR UPDATE), "
-        f"carried AS (INSERT INTO {k} (provider, tenant_id, customer_id, meter, period_start, total) "
-        "SELECT provider, tenant_id, customer_id, meter, period_start, quantity FROM target "
-        f"ON CONFLICT (provider, tenant_id, customer_id, meter, period_start) DO UPDATE SET total = {k}.total + EXCLUDED.total, updated_at = now() "
-        "RETURNING provider, tenant_id, customer_id, meter, period_start, total) "
-        f"UPDATE {d} SET value = (floor(carried.total) - floor(carried.total - target.quantity))::text "
-        f"FROM target JOIN carried USING (provider, tenant_id, customer_id, meter, period_start) "
-        f"WHERE {d}.identifier = target.identifier RETURNING {d}.value, {d}.identifier"
+        f"ordered AS (SELECT target.*, sum(quantity) OVER (PARTITION BY {total_key} ORDER BY identifier) AS upto, "
+        f"sum(quantity) OVER (PARTITION BY {total_key}) AS added FROM target), "
+        f"carried AS (INSERT INTO {k} ({total_key}, total) "
+        f"SELECT {total_key}, sum(quantity) FROM target GROUP BY {total_key} ORDER BY {total_key} "
+        f"ON CONFLICT ({total_key}) DO UPDATE SET total = {k}.total + EXCLUDED.total, updated_at = now() "
+        f"RETURNING {total_key}, total) "
+        f"UPDATE {d} SET value = (floor(carried.total - ordered.added + ordered.upto) - floor(carried.total - ordered.added + ordered.upto - ordered.quantity))::text "
+        f"FROM ordered JOIN carried USING ({total_key}) "
+        f"WHERE {d}.identifier = ordered.identifier RETURNING {d}.value, {d}.identifier"
     )
 
 

@@ -52,6 +52,7 @@ class StripeMeterEvents:
     """``POST /v1/billing/meter_events`` and the meter event summaries, with the official ``stripe`` SDK."""
 
     name = "stripe"
+    one_call_per_key = True  # Stripe v1: one concurrent call per customer and meter
 
     def __init__(
         self, cfg: JobConfig, client: stripe.StripeClient | None = None, meter_ids: dict[str, str] | None = None

@@ -275,8 +275,10 @@ def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg
 def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_one_results(ledger_cfg):
     """60 concurrent deliveries of carried windows (one per customer, some recorded before under an
     identifier of an earlier form): each claim, carry and outcome of a batch is one statement for all
-    its callers, and every delivery gets what one-by-one statements would give it; two deliveries of
-    one running total in one batch still add up (Postgres refuses them together; written apart)."""
+    its callers, and every delivery gets what one-by-one statements would give it. Five deliveries of
+    one running total in one batch are carried in one statement, each taking the units it completes
+    in identifier order; two ledgers carrying the same two totals at once neither deadlock nor add
+    anything twice."""
     cfg, _ = ledger_cfg
     start_ms = int(billing_period_start(datetime.now(UTC)).timestamp() * 1000)
     quantity = Decimal("0.7")
@@ -323,8 +325,8 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
         ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
         try:
             many = await asyncio.gather(*(deliver(ledger, delivery(f"c{i}")) for i in range(60)))
-            # Two windows of one customer and meter at once: the same running total in one batch.
-            same_total = await asyncio.gather(*(deliver(ledger, delivery("c0", i)) for i in (1, 2)))
+            # Five windows of one customer and meter at once: the same running total in one batch.
+            same_total = await asyncio.gather(*(deliver(ledger, delivery("c0", i)) for i in range(1, 6)))
             return many, same_total, ledger.batches
         finally:
             await ledger.close()
@@ -334,19 +336,59 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
         "claimed under the recorded identifier"
     )
     assert all(value == carried_value(Decimal(0), quantity) for _, value in many), "0.7 alone completes no unit"
-    assert [value for _, value in same_total] == [Decimal(1), Decimal(1)], (
-        "0.7 + 0.7 is 1.4, + 0.7 is 2.1: one unit each"
+    assert [value for _, value in sorted(same_total)] == [1, 1, 0, 1, 1], (
+        "0.7 carried, then 1.4, 2.1, 2.8, 3.5, 4.2: the units each completes, in identifier order"
     )
     with connect(cfg.postgres) as conn:
         [total] = conn.execute(f"SELECT total FROM {cfg.billing.carry_table} WHERE customer_id = 'c0'").fetchone()
-    assert total == 3 * quantity, "each quantity added once"
-    assert batches.statements == 3 * 62
-    assert batches.written_apart == 1, "the batch with both carries of c0, refused together"
+    assert total == 6 * quantity, "each quantity added once"
+    assert batches.statements == 3 * 65
+    assert batches.written_apart == 0, "no batch refused: one total's carries go in one statement"
     assert batches.executions <= batches.batches * 3, (batches.executions, batches.batches)
     assert batches.batches <= 15, batches.batches
     rows = {r.identifier: r for r in fetch_deliveries(cfg)}
-    assert len(rows) == 62 and {r.status for r in rows.values()} == {"sent"}
+    assert len(rows) == 65 and {r.status for r in rows.values()} == {"sent"}
     assert all(rows[i].value is not None and rows[i].provider_response_id == f"req_{i}" for i, _ in many + same_total)
+
+
+def test_two_ledgers_carrying_the_same_totals_at_once_add_each_quantity_once(ledger_cfg):
+    """Two workers (two connections each) carry 40 deliveries each of the same two running totals
+    at once, one worker's in the other's reverse order: no batch is refused (no deadlock), each
+    quantity is added once, and the units sent add up to the whole part of each total."""
+    cfg, _ = ledger_cfg
+    start_ms = int(billing_period_start(datetime.now(UTC)).timestamp() * 1000)
+    quantity = Decimal("0.3")
+
+    def delivery(customer: str, i: int):
+        span = (start_ms + i * 60_000, start_ms + (i + 1) * 60_000)
+        return window_delivery(ClosedWindow("t2", customer, "tokens", "{}", *span, quantity, 1, 1), "mf")
+
+    async def carry(ledger: AsyncPostgresLedger, d) -> tuple[str, Decimal]:
+        entry = await ledger.claim(d, "stripe", "tokens", retry=False)
+        return d.window.customer_id, await ledger.carry_value(entry.identifier)
+
+    async def scenario() -> tuple[list, list[StatementBatches]]:
+        ledgers = [AsyncPostgresLedger(cfg, f"w{n}", connections=2) for n in (1, 2)]
+        mine = [[delivery(c, i) for i in range(n, 80, 2) for c in ("d0", "d1")] for n in (0, 1)]
+        try:
+            values = await asyncio.gather(
+                *(carry(ledgers[0], d) for d in mine[0]), *(carry(ledgers[1], d) for d in reversed(mine[1]))
+            )
+            return values, [ledger.batches for ledger in ledgers]
+        finally:
+            for ledger in ledgers:
+                await ledger.close()
+
+    values, batches = asyncio.run(scenario())
+    with connect(cfg.postgres) as conn:
+        totals = dict(
+            conn.execute(f"SELECT customer_id, total FROM {cfg.billing.carry_table} WHERE tenant_id = 't2'").fetchall()
+        )
+    assert totals == {"d0": 80 * quantity, "d1": 80 * quantity}, "each quantity added once"
+    for customer in ("d0", "d1"):
+        assert sum(v for c, v in values if c == customer) == 24, "the whole part of 80 x 0.3"
+    assert [b.written_apart for b in batches] == [0, 0], "no batch refused"
+    assert all(b.executions < b.statements for b in batches), "the carries went out set-based"
 
 
 def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):

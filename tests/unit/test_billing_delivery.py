@@ -232,6 +232,7 @@ class ScriptedProvider:
     sent: list[MeterEvent] = field(default_factory=list)
     held: Decimal = Decimal(0)
     name: str = "stripe"
+    one_call_per_key: bool = True
 
     async def send(self, event: MeterEvent) -> str:
         self.sent.append(event)
@@ -439,6 +440,57 @@ def test_one_call_at_a_time_per_key_while_other_keys_run_together():
     assert all(isinstance(o, Sent) for [o] in results)
     assert provider.overlap["cus_1"] == 1 and provider.overlap["cus_2"] == 1 and provider.overlap["all"] == 2
     assert d.gate.locks == {} and d.gate.users == {}, "a key's lock is forgotten once nobody uses it"
+
+
+def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_deliveries_take_turns():
+    """A provider that takes a key's events at once (the v2 stream): four windows of one customer and
+    meter are in flight together; three finals of one window arriving together still take turns, so
+    each correction counts the one before it and the provider's total is the last final."""
+
+    class SlowProvider(ScriptedProvider):
+        running = 0
+        most = 0
+
+        async def send(self, event: MeterEvent) -> str:
+            SlowProvider.running += 1
+            SlowProvider.most = max(SlowProvider.most, SlowProvider.running)
+            await asyncio.sleep(0.01)
+            SlowProvider.running -= 1
+            return await super().send(event)
+
+    class SlowLedger(MemoryLedger):
+        async def claim(self, delivery, provider, event_name, *, retry):
+            await asyncio.sleep(0.001)  # as a real ledger's round trip: others run meanwhile
+            return await super().claim(delivery, provider, event_name, retry=retry)
+
+    t = FakeTime()
+    ledger, provider = SlowLedger(t), SlowProvider(one_call_per_key=False)
+    d = Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
+
+    async def many() -> list:
+        windows = [window(start_ms=START_MS + i * 60_000, quantity="2") for i in range(4)]
+        return await asyncio.gather(*(d.on_window(w) for w in windows))
+
+    assert all(isinstance(o, Sent) for [o] in run(many()))
+    assert SlowProvider.most == 4, "one key's windows were sent together"
+
+    async def finals() -> list:
+        versions = [
+            window(quantity=q, revision=r, start_ms=START_MS - 60_000) for q, r in (("3", 1), ("5", 2), ("8", 3))
+        ]
+        return await asyncio.gather(*(d.on_window(w) for w in versions))
+
+    run(finals())
+    sent = [e for e in provider.sent if e.timestamp == (START_MS - 60_000) // 1000]
+    assert sum(Decimal(e.value) for e in sent) == 8 and len({e.identifier for e in sent}) == len(sent)
+    assert d.gate.locks == {} and d.gate.users == {}
 
 
 def test_a_changed_final_after_sending_becomes_a_correction_with_its_own_identifier():

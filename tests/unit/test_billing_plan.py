@@ -104,13 +104,13 @@ def test_retry_lease_must_outlast_a_call(write_config):
 
 
 def test_deliveries_in_flight_default_by_api(write_config):
-    """64 on v1 (one call each), 256 on the v2 stream (they share requests); a set value wins; the
+    """64 on v1 (one call each), 1024 on the v2 stream (they share requests); a set value wins; the
     held-per-key limit is checked against the value in force."""
     from meterflow.config import load_config
 
     stream = "stripe:\n  meter_events_api: v2_stream\n"
     assert load_config(write_config(""), environ={}).billing_max_in_flight == 64
-    assert load_config(write_config(stream), environ={}).billing_max_in_flight == 256
+    assert load_config(write_config(stream), environ={}).billing_max_in_flight == 1024
     assert load_config(write_config(stream + "billing:\n  max_in_flight: 32\n"), environ={}).billing_max_in_flight == 32
     assert (
         load_config(write_config(stream + "billing:\n  max_held_per_key: 200\n"), environ={}).billing.max_held_per_key
