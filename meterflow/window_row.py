@@ -57,6 +57,23 @@ POSTGRES_TYPES: dict[ColumnKind, str] = {
 }
 
 
+@dataclass(frozen=True)
+class BridgeForm:
+    """How a column of a kind crosses the Python bridge: its Flink SQL type there, and the Postgres
+    type its values are sent to Postgres as (set-based statements take them as arrays of it)."""
+
+    flink: Literal["STRING", "BIGINT"]
+    postgres: str
+
+
+BRIDGE_FORMS: dict[ColumnKind, BridgeForm] = {
+    "text": BridgeForm("STRING", "text"),
+    "timestamp": BridgeForm("BIGINT", "bigint"),  # epoch ms: the bridge has no LocalDateTime
+    "decimal": BridgeForm("STRING", "numeric"),  # an exact decimal string: the bridge has no DECIMAL(38, 9)
+    "count": BridgeForm("BIGINT", "bigint"),
+}
+
+
 def names(columns: Iterable[WindowColumn]) -> tuple[str, ...]:
     return tuple(c.name for c in columns)
 

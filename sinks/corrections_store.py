@@ -94,6 +94,32 @@ def _epoch_ms(moment: datetime) -> int:
     return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
 
 
+def record_correction(conn: psycopg.Connection, cfg: JobConfig, c: Correction, now: datetime) -> None:
+    """Store a correction, and the meter event it owes in the billing ledger (``owe_delivery``).
+    Part of the caller's transaction: ``corrections apply`` and ``reprocess --bill`` both record
+    corrections this way."""
+    w = c.window
+    conn.execute(
+        insert_correction_sql(cfg.corrections.table),
+        [
+            c.correction_id,
+            w.tenant_id,
+            w.customer_id,
+            w.meter,
+            w.dimensions_key,
+            w.window_start,
+            w.window_end,
+            c.delta,
+            c.events,
+            c.status,
+            c.reason,
+            now,
+        ],
+    )
+    if owes_a_meter_event(c.status, c.delta):
+        owe_delivery(conn, cfg, c)
+
+
 def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> None:
     """Record the correction's meter event as owed in the billing ledger (pending, due now), when
     billing is on; the billing job's retry scan delivers it. Part of the caller's transaction."""
@@ -206,26 +232,7 @@ def apply_batch(
             if dry_run:
                 raise psycopg.Rollback(tx)
             for c in plan.corrections:
-                w = c.window
-                conn.execute(
-                    insert_correction_sql(cfg.corrections.table),
-                    [
-                        c.correction_id,
-                        w.tenant_id,
-                        w.customer_id,
-                        w.meter,
-                        w.dimensions_key,
-                        w.window_start,
-                        w.window_end,
-                        c.delta,
-                        c.events,
-                        c.status,
-                        c.reason,
-                        now,
-                    ],
-                )
-                if owes_a_meter_event(c.status, c.delta):
-                    owe_delivery(conn, cfg, c)
+                record_correction(conn, cfg, c, now)
             for r in plan.events:
                 w = r.window
                 row = conn.execute(

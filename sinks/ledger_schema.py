@@ -13,7 +13,7 @@ a lease ahead, so nothing else hands it out meanwhile.
 
 from __future__ import annotations
 
-from meterflow.window_row import WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, ColumnKind, bridge_names, names
+from meterflow.window_row import BRIDGE_FORMS, WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, bridge_names, names
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 
 STATUSES = ("pending", "sent", "failed", "dead")
@@ -180,13 +180,7 @@ _CLAIM_SET = "first_attempt_at = coalesce({d}.first_attempt_at, now()), next_att
 
 # The parameters of a claim that differ per delivery: arrays in claim_new_sql, one element each.
 CLAIM_ROW_PARAMS = ("identifier", "provider", "kind", "window_identifier", *bridge_names(WINDOW_ROW), "event_name")
-_BRIDGE_SQL_TYPES: dict[ColumnKind, str] = {
-    "text": "text",
-    "timestamp": "bigint",
-    "decimal": "numeric",
-    "count": "bigint",
-}
-_CLAIM_ROW_TYPES = ("text", "text", "text", "text", *(_BRIDGE_SQL_TYPES[c.kind] for c in WINDOW_ROW), "text")
+_CLAIM_ROW_TYPES = ("text", "text", "text", "text", *(BRIDGE_FORMS[c.kind].postgres for c in WINDOW_ROW), "text")
 # What names a claimed row in claim_new_sql's answer: the identifier, or for a window's own event
 # its key and span (its recorded identifier may be of an earlier form).
 CLAIM_KEY = ("identifier",)

@@ -11,11 +11,11 @@ from decimal import Decimal
 import psycopg
 
 from meterflow.config import JobConfig
-from meterflow.corrections import Correction, LateEvent, WindowId, owes_a_meter_event
+from meterflow.corrections import Correction, LateEvent, WindowId
 from meterflow.errors import CorrectionError
 from meterflow.reprocess import Period, WindowDifference, WindowTotal, differences
-from sinks.corrections_schema import apply_lock_sql, insert_correction_sql, known_events_sql
-from sinks.corrections_store import apply_corrections_schema, owe_delivery
+from sinks.corrections_schema import apply_lock_sql, known_events_sql
+from sinks.corrections_store import apply_corrections_schema, record_correction
 from sinks.postgres import connect, scalar, table_exists
 from sinks.reprocess_schema import (
     changed_since_sql,
@@ -147,26 +147,7 @@ def bill_differences(
         for c in corrections:
             if c.correction_id in known:
                 continue
-            w = c.window
-            conn.execute(
-                insert_correction_sql(cfg.corrections.table),
-                [
-                    c.correction_id,
-                    w.tenant_id,
-                    w.customer_id,
-                    w.meter,
-                    w.dimensions_key,
-                    w.window_start,
-                    w.window_end,
-                    c.delta,
-                    c.events,
-                    c.status,
-                    c.reason,
-                    now,
-                ],
-            )
-            if owes_a_meter_event(c.status, c.delta):
-                owe_delivery(conn, cfg, c)
+            record_correction(conn, cfg, c, now)
             recorded.append(c)
         return recorded
 

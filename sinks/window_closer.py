@@ -14,17 +14,13 @@ from typing import Any
 from pyflink.common import Types
 from pyflink.table import DataTypes
 
-from meterflow.window_row import WINDOW_ROW, ColumnKind
+from meterflow.window_row import BRIDGE_FORMS, WINDOW_ROW
 
-# Each kind as it crosses the Python bridge, (DataStream type, Table type): quantity as an exact
-# decimal string, times as epoch ms, because the bridge has neither an exact DECIMAL(38, 9) nor a
-# LocalDateTime type.
-_BRIDGE_TYPES: dict[ColumnKind, tuple[Any, Any]] = {
-    "text": (Types.STRING(), DataTypes.STRING()),
-    "timestamp": (Types.LONG(), DataTypes.BIGINT()),
-    "decimal": (Types.STRING(), DataTypes.STRING()),
-    "count": (Types.LONG(), DataTypes.BIGINT()),
+# The bridge's Flink types (meterflow/window_row.py: BRIDGE_FORMS) as (DataStream type, Table type).
+_FLINK_TYPES: dict[str, tuple[Any, Any]] = {
+    "STRING": (Types.STRING(), DataTypes.STRING()),
+    "BIGINT": (Types.LONG(), DataTypes.BIGINT()),
 }
 # (name, DataStream type, Table type) of the window row (meterflow/window_row.py) on the bridge.
 # Must match WindowCloser.outputType() in the Java closer (tests/unit/test_udf_contract.py).
-CLOSED_WINDOW_COLUMNS = tuple((c.bridge_name, *_BRIDGE_TYPES[c.kind]) for c in WINDOW_ROW)
+CLOSED_WINDOW_COLUMNS = tuple((c.bridge_name, *_FLINK_TYPES[BRIDGE_FORMS[c.kind].flink]) for c in WINDOW_ROW)

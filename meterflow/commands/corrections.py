@@ -35,42 +35,36 @@ def parse_bound(value: str | None) -> datetime | None:
     return parsed.astimezone(UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
-def read_late_events(cfg: JobConfig, topic: str | None = None) -> list[dict[str, Any]]:
-    """Every committed record of the late-events topic, decoded (read_committed)."""
-    import io
-
-    import fastavro
-
-    from connectors.avro_types import load_schema
-    from connectors.kafka_reader import read_committed
-    from jobs.plan import LATE_EVENT_SCHEMA
-
-    schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
-    return list(
-        read_committed(
-            cfg.kafka.bootstrap_servers,
-            topic or cfg.kafka.late_events_topic,
-            lambda v: fastavro.schemaless_reader(io.BytesIO(v), schema),
-        )
-    )
-
-
-def read_new_late_events(cfg: JobConfig, topic: str | None = None) -> list[LateEvent]:
-    """The late events after the offsets the last incremental run stored (read_committed), each with its position."""
+def late_event_decoder() -> Callable[[bytes], dict[str, Any]]:
+    """Decodes one record of the late-events topic (plain Avro; raises on malformed bytes)."""
     import io
 
     import fastavro
 
     from connectors.avro_codec import read_record
     from connectors.avro_types import load_schema
-    from connectors.kafka_reader import read_from
     from jobs.plan import LATE_EVENT_SCHEMA
-    from sinks.corrections_store import stored_offsets
 
     schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
+    return lambda value: read_record(io.BytesIO(value), schema)
+
+
+def read_late_events(cfg: JobConfig, topic: str | None = None) -> list[dict[str, Any]]:
+    """Every committed record of the late-events topic, decoded (read_committed)."""
+    from connectors.kafka_reader import read_committed
+
+    return list(read_committed(cfg.kafka.bootstrap_servers, topic or cfg.kafka.late_events_topic, late_event_decoder()))
+
+
+def read_new_late_events(cfg: JobConfig, topic: str | None = None) -> list[LateEvent]:
+    """The late events after the offsets the last incremental run stored (read_committed), each with its position."""
+    from connectors.kafka_reader import read_from
+    from sinks.corrections_store import stored_offsets
+
+    decode = late_event_decoder()
     topic = topic or cfg.kafka.late_events_topic
     return [
-        late_event_from_record(read_record(io.BytesIO(value), schema), cfg, (partition, offset))
+        late_event_from_record(decode(value), cfg, (partition, offset))
         for partition, offset, value in read_from(cfg.kafka.bootstrap_servers, topic, stored_offsets(cfg, topic))
     ]
 

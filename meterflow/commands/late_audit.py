@@ -42,17 +42,11 @@ def late_audit(
 
     Reads committed records only (read_committed), from the beginning of the topic.
     """
-    import io as _io
-
-    import fastavro
-
-    from connectors.avro_types import load_schema
     from connectors.kafka_reader import read_committed
-    from jobs.plan import LATE_EVENT_SCHEMA
+    from meterflow.commands.corrections import late_event_decoder
     from meterflow.late_audit import select, summarize, to_csv, to_json, write_histogram
 
     cfg = ctx.cfg
-    schema = fastavro.parse_schema(load_schema(LATE_EVENT_SCHEMA))
     topic = topic or cfg.kafka.late_events_topic
     columns = (TextColumn("reading late events"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
@@ -61,7 +55,7 @@ def late_audit(
             read_committed(
                 cfg.kafka.bootstrap_servers,
                 topic,
-                lambda v: fastavro.schemaless_reader(_io.BytesIO(v), schema),
+                late_event_decoder(),
                 on_progress=lambda n, total: progress.update(task, completed=n, total=total),
             )
         )

@@ -6,10 +6,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 
 from jobs.billing_plan import BILLING_INPUT_COLUMNS
 from jobs.plan import CLOSED_WINDOW_SCHEMA
-from meterflow.window_row import POSTGRES_TYPES, WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, WindowColumn, bridge_names, names
+from meterflow.window_row import (
+    BRIDGE_FORMS,
+    POSTGRES_TYPES,
+    WINDOW_KEY,
+    WINDOW_ROW,
+    WINDOW_SPAN,
+    BridgeForm,
+    ColumnKind,
+    WindowColumn,
+    bridge_names,
+    names,
+)
 from sinks.billing import ClosedWindow
 from sinks.corrections_schema import corrections_ddl
 from sinks.ledger_schema import WINDOW_CLAIM_KEY, WINDOW_DELIVERY_KEY, billing_tables_ddl
@@ -64,3 +76,11 @@ def test_a_time_crosses_the_bridge_as_epoch_ms_and_nothing_else_is_renamed():
     assert [c.bridge_name for c in WINDOW_ROW if c.kind != "timestamp"] == [
         c.name for c in WINDOW_ROW if c.kind != "timestamp"
     ]
+
+
+def test_every_kind_of_column_has_its_postgres_type_and_its_form_on_the_bridge():
+    """A new kind of column is declared in meterflow/window_row.py with both, or nothing derives."""
+    kinds = set(typing.get_args(ColumnKind))
+    assert set(POSTGRES_TYPES) == kinds and set(BRIDGE_FORMS) == kinds
+    assert {BRIDGE_FORMS[c.kind].flink for c in WINDOW_ROW if c.kind in ("timestamp", "count")} == {"BIGINT"}
+    assert BRIDGE_FORMS["decimal"] == BridgeForm("STRING", "numeric"), "a quantity crosses as an exact string"
