@@ -99,7 +99,7 @@ def job_config(stack: BenchStack, name: str, api_base: str, **sections: dict) ->
 
 
 def map_customers(cfg: JobConfig, tenants: int, customers: int) -> None:
-    from sinks.billing import CustomerMapping
+    from billing.deliveries import CustomerMapping
     from sinks.ledger import map_customers as write
 
     write(
@@ -254,7 +254,7 @@ def measure_hot_customer(
         }
         cfg, path = job_config(stack, f"hot{held_per_key or 'd'}", fake.url, billing=billing)
         map_customers(cfg, 1, cold)
-        from sinks.billing import CustomerMapping
+        from billing.deliveries import CustomerMapping
         from sinks.ledger import map_customers as write
 
         write(cfg, [CustomerMapping("tenant-0", "cust-hot", "cus_hot")])
@@ -396,7 +396,7 @@ def steady_events(cfg: JobConfig, rate: int, seconds: int, stop: threading.Event
     from kafka import KafkaProducer
 
     from connectors.avro_codec import encode_usage_event
-    from meterflow.producer import SyntheticSpec, synthetic_events
+    from connectors.producer import SyntheticSpec, synthetic_events
 
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers, acks="all", linger_ms=5)
     sent = 0

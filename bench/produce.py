@@ -1,4 +1,4 @@
-"""Fast bulk production with the project's producer (meterflow.producer.send_events), one process per
+"""Fast bulk production with the project's producer (connectors.producer.send_events), one process per
 share of the partitions, and steady-rate production that records each event's produce time."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from bench.dataset import (
     to_usage_event,
 )
 from connectors.avro_codec import UsageEvent
-from meterflow.producer import send_events
+from connectors.producer import send_events
 
 
 def split_partitions(partitions: int, workers: int) -> list[tuple[int, ...]]:

@@ -1,1 +1,1 @@
-"""Kafka and Avro connector builders for the meterflow job."""
+"""Kafka, Avro and the billing providers' clients: what the jobs and tools read from and write to, outside Postgres."""

@@ -1,6 +1,6 @@
 """Billing's Flink adapters: the async function that delivers, and the retry scan that feeds it.
 
-Thin over sinks/delivery.py. The async operator is applied after a keyBy on (tenant, customer,
+Thin over billing/delivery.py. The async operator is applied after a keyBy on (tenant, customer,
 meter), so one subtask owns every delivery of a customer's meter, and the deliverer's key lock
 keeps them to one call at a time. ``billing.max_in_flight`` elements are handed to the event loop
 at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 from pyflink.common import Row, Types
 from pyflink.datastream import AsyncFunction, FlatMapFunction
 
+from billing.deliveries import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
+from billing.delivery import Deliverer
 from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
 from meterflow.errors import ProviderError, SinkError
-from sinks.billing import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
-from sinks.delivery import Deliverer
 from sinks.postgres_schema import check_identifier
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def outcome_type() -> Any:
 
 
 def is_correction(identifier: str) -> bool:
-    """Whether a delivery identifier names a correction, not a window's own event (sinks/idempotency).
+    """Whether a delivery identifier names a correction, not a window's own event (billing/identifiers).
 
     A window's identifier ends with a hex digest; a correction's with ``-r<revision>`` (a changed
     final) or ``-l<16 hex>`` (late events), or is ``<prefix>-c-<digest>`` when that was too long.
@@ -143,8 +143,8 @@ class DeliverClosedWindows(AsyncFunction):
     def _ready(self) -> Deliverer:
         # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
         if self.deliverer is None:
+            from connectors.stripe_stream import meter_events_provider
             from sinks.ledger_async import AsyncPostgresLedger
-            from sinks.stripe_stream import meter_events_provider
 
             ledger = self.ledger = AsyncPostgresLedger(self.cfg, self.worker)
             self.deliverer = Deliverer(
@@ -180,7 +180,7 @@ class RetryScan(FlatMapFunction):
     ``billing_ledger_failed``; they keep the last count while Postgres is away). With the v2
     stream, the first subtask reads Stripe's error reports every ``ERROR_REPORT_POLL_S`` and marks
     the deliveries of each reported request dead with the report (counter
-    ``billing_stream_errors_reported``; sinks/stripe_stream.py).
+    ``billing_stream_errors_reported``; connectors/stripe_stream.py).
     """
 
     BATCH = 500  # per tick; a backlog drains at this rate at most, in next_attempt_at order
@@ -255,8 +255,8 @@ class RetryScan(FlatMapFunction):
 
     def _apply_error_reports(self, conn: psycopg.Connection) -> None:
         """Stripe's error reports into the ledger: each reported request's sent deliveries, dead with the report."""
+        from connectors.stripe_stream import StripeMeterEventStream
         from sinks.ledger_async import mark_reported
-        from sinks.stripe_stream import StripeMeterEventStream
 
         async def read() -> list:
             provider = StripeMeterEventStream(self.cfg, meter_ids=self.meter_ids)

@@ -26,6 +26,7 @@ from pyflink.java_gateway import get_gateway
 from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironment
 from pyflink.table.changelog_mode import ChangelogMode
 
+from jobs.closed_windows import CLOSED_WINDOW_COLUMNS
 from jobs.plan import (
     BOUNDED_PAYLOAD_FUNCTION,
     CLASSIFIED_VIEW,
@@ -50,7 +51,6 @@ from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 from meterflow.security import WindowSinkTarget, window_sink_target_of
 from sinks.postgres_schema import usage_upsert_sql
-from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
 
 def build_environment(

@@ -2,9 +2,9 @@
 
 Every place that spells a window derives from this or is tested against it
 (tests/unit/test_window_row.py): the Postgres DDL (sinks/postgres_schema.py), the closed-window
-stream the Java closer emits (sinks/window_closer.py), the closed-window Avro schema
+stream the Java closer emits (jobs/closed_windows.py), the closed-window Avro schema
 (avro/closed_window.avsc), the billing input row (jobs/billing_plan.py) and the Python rows
-(``ClosedWindow`` in sinks/billing.py).
+(``ClosedWindow`` in billing/deliveries.py).
 
 Times have two forms: ``timestamp`` columns (UTC) in Postgres, Flink SQL and Avro, and epoch
 milliseconds where a row crosses the Python bridge, which has no LocalDateTime type (the

@@ -80,7 +80,7 @@ def outside_provider_window(
     """Why the provider would refuse the meter events of a window, or None.
 
     A window's events, its own and its corrections', are timestamped at the window's start
-    (sinks/billing.py ``build_meter_event``), so that is what the provider's range is checked on,
+    (billing/deliveries.py ``build_meter_event``), so that is what the provider's range is checked on,
     by billing and by corrections alike.
     """
     if window_start.tzinfo is None:

@@ -1,1 +1,1 @@
-"""Sinks of the meterflow jobs: Postgres usage windows, the closed-window layout, and billing delivery to the provider."""
+"""Postgres: the usage windows, the billing ledger, corrections and reprocess results, and the SQL each runs."""

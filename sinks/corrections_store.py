@@ -13,6 +13,7 @@ from typing import Literal
 
 import psycopg
 
+from billing.deliveries import ClosedWindow, late_correction_delivery
 from meterflow.config import JobConfig
 from meterflow.corrections import (
     COUNTED_STATUSES,
@@ -27,7 +28,6 @@ from meterflow.corrections import (
     plan_corrections,
 )
 from meterflow.errors import CorrectionError, SinkError
-from sinks.billing import ClosedWindow, late_correction_delivery
 from sinks.corrections_schema import (
     WINDOW_KEY,
     apply_lock_sql,

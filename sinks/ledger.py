@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from billing.deliveries import CustomerMapping, replay_refusal
+from billing.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
 from meterflow.config import JobConfig
-from sinks.billing import CustomerMapping, replay_refusal
 from sinks.corrections_schema import counted_corrections_sql
 from sinks.ledger_schema import (
     DELIVERY_COLUMNS,
@@ -24,7 +25,6 @@ from sinks.ledger_schema import (
     upsert_customer_sql,
 )
 from sinks.postgres import apply_schema, connect, table_exists
-from sinks.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
 
 
 def apply_billing_schema(cfg: JobConfig) -> None:

@@ -19,9 +19,9 @@ from decimal import Decimal
 
 import psycopg
 
+from billing.deliveries import ClosedWindow, Delivery, LedgerEntry, MeterEvent
 from meterflow.config import JobConfig
 from meterflow.errors import SinkError
-from sinks.billing import ClosedWindow, Delivery, LedgerEntry, MeterEvent
 from sinks.ledger_schema import (
     CLAIM_KEY,
     CLAIM_ROW_PARAMS,
@@ -203,7 +203,7 @@ async def _write_batch(
 
 
 class AsyncPostgresLedger:
-    """The Ledger of sinks/delivery.py; ``worker`` names this worker's claims (unique per run)."""
+    """The Ledger of billing/delivery.py; ``worker`` names this worker's claims (unique per run)."""
 
     def __init__(self, cfg: JobConfig, worker: str, connections: int = 2) -> None:
         """``connections``: batches written at once, each on its own connection."""

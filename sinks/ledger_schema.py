@@ -106,7 +106,7 @@ END
 $$""",
         f"DROP TRIGGER IF EXISTS {d}_keep_sent ON {d}",
         f"CREATE TRIGGER {d}_keep_sent BEFORE UPDATE ON {d} FOR EACH ROW EXECUTE FUNCTION {d}_keep_sent()",
-        # The running total of carried meters (sinks/whole_values.py): exact quantities of every
+        # The running total of carried meters (billing/whole_values.py): exact quantities of every
         # delivery whose value is fixed, per customer, meter and month; floor(total) has been billed.
         f"""CREATE TABLE IF NOT EXISTS {k} (
     provider     text           NOT NULL,
@@ -124,7 +124,7 @@ $$""",
 def carry_value_sql(ledger_table: str, carry_table: str) -> str:
     """Fix carried deliveries' values: add each one's quantity to its (customer, meter, month) total
     and take the whole units it completes, ``floor(total) - floor(total - quantity)``
-    (sinks/whole_values.py: carried_value). Set-based: ``identifier`` is an array, one per delivery;
+    (billing/whole_values.py: carried_value). Set-based: ``identifier`` is an array, one per delivery;
     each row fixed returns (value, identifier), none for a value fixed already.
 
     The deliveries' rows are locked first, in identifier order, and checked again after the wait,

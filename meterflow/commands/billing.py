@@ -26,7 +26,7 @@ from meterflow.config import JobConfig
 from meterflow.config_values import parse_duration
 
 if TYPE_CHECKING:
-    from sinks.reconcile import Period
+    from billing.reconcile import Period
 
 
 @cli.group()
@@ -153,10 +153,10 @@ async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
     import asyncio
     import uuid as _uuid
 
-    from sinks.billing import Dead
-    from sinks.delivery import Deliverer
+    from billing.deliveries import Dead
+    from billing.delivery import Deliverer
+    from connectors.stripe_stream import meter_events_provider
     from sinks.ledger_async import AsyncPostgresLedger
-    from sinks.stripe_stream import meter_events_provider
 
     ledger, provider = (
         AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1),
@@ -204,11 +204,11 @@ def billing_republish(
     identifier, or bills the difference to what it billed. Running it twice publishes nothing new
     to bill: a window billing has at its final revision is not chosen.
     """
+    from billing.reconcile import unpublished
     from connectors.avro_codec import encode_closed_window
     from connectors.kafka_writer import send_values
     from sinks.ledger import fetch_ledger_windows
     from sinks.postgres import fetch_usage
-    from sinks.reconcile import unpublished
 
     cfg = ctx.cfg
     try:
@@ -288,7 +288,7 @@ def billing_customers_import(ctx: Context, csv_file: Path) -> None:
 
     Nothing is written if any row is invalid; every problem is listed (exit code 2).
     """
-    from sinks.billing import parse_customer_csv
+    from billing.deliveries import parse_customer_csv
     from sinks.ledger import map_customers
 
     mappings, problems = parse_customer_csv(csv_file.read_text())
@@ -367,10 +367,10 @@ def reconcile(
     with a delivery still pending or failed (its call may have reached the provider), are skipped;
     --tenant keeps the provider customers mapped for that tenant.
     """
+    from billing.reconcile import corrections_of, value_discrepancies
+    from billing.reconcile import reconcile as compare
+    from billing.whole_values import billing_period_start
     from sinks.ledger import fetch_reconciliation_input
-    from sinks.reconcile import corrections_of, value_discrepancies
-    from sinks.reconcile import reconcile as compare
-    from sinks.whole_values import billing_period_start
 
     try:
         lower, upper = parse_bound(since), parse_bound(until)
@@ -513,10 +513,10 @@ def _provider_differences(
     """Each settled month's provider total against the values sent (reconcile --provider-totals)."""
     import asyncio
 
+    from billing.reconcile import provider_differences, summary_bounds
+    from billing.whole_values import billing_period_start
+    from connectors.stripe_stream import meter_events_provider
     from sinks.ledger import fetch_customers, fetch_sent_groups
-    from sinks.reconcile import provider_differences, summary_bounds
-    from sinks.stripe_stream import meter_events_provider
-    from sinks.whole_values import billing_period_start
 
     now = datetime.now(UTC)
     cutoff = now - grace

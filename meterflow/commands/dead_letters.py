@@ -1,4 +1,4 @@
-"""The ``meterflow dead-letters`` commands: list the dead-letter topic, re-send chosen dead letters (meterflow/dead_letters.py)."""
+"""The ``meterflow dead-letters`` commands: list the dead-letter topic, re-send chosen dead letters (connectors/dead_letters.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.config import JobConfig
-from meterflow.dead_letters import (
+from connectors.dead_letters import (
     CONFIRM_ABOVE,
     TABLE_COLUMNS,
     Criteria,
@@ -29,6 +27,8 @@ from meterflow.dead_letters import (
     table_row,
     to_json,
 )
+from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
+from meterflow.config import JobConfig
 from meterflow.input_contract import DEAD_LETTER_HEADROOM_BYTES
 
 
@@ -47,7 +47,7 @@ class _Time(click.ParamType):
 
 
 def selection_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options both commands choose dead letters with (meterflow/dead_letters.py ``Criteria``)."""
+    """The options both commands choose dead letters with (connectors/dead_letters.py ``Criteria``)."""
     options = [
         click.option(
             "--reason-contains",

@@ -35,7 +35,7 @@ def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
     Jobs not running resume from their retained state as with `meterflow submit` (or start empty with --fresh).
     """
     from connectors.avro_codec import UsageEvent
-    from meterflow.producer import SyntheticSpec, synthetic_events
+    from connectors.producer import SyntheticSpec, synthetic_events
     from meterflow.windowing import is_window_closed, window_bounds
     from sinks.postgres import fetch_usage
 
@@ -96,8 +96,8 @@ def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
 
 def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: float) -> None:
     """Wait until every closed demo window is accepted by the billing API, then reconcile them."""
+    from billing.reconcile import reconcile as compare
     from sinks.ledger import fetch_deliveries, fetch_reconciliation_input
-    from sinks.reconcile import reconcile as compare
 
     err_console.print(f"waiting for {windows} meter events at {cfg.stripe.api_base or 'Stripe'} ...")
     while True:

@@ -55,7 +55,7 @@ def produce(
     limits on ids, dimensions and quantity), are not sent: each is reported with its line number and
     reason and saved to <file>.rejected.jsonl; the command then exits 2.
     """
-    from meterflow.producer import (
+    from connectors.producer import (
         RejectedLine,
         SyntheticSpec,
         read_jsonl,
@@ -91,7 +91,7 @@ def produce(
 
 def send_with_progress(cfg: JobConfig, topic: str, events: list, rate: float) -> int:
     """Send ``events`` to ``topic`` with a progress bar on stderr; the number sent."""
-    from meterflow.producer import send_events
+    from connectors.producer import send_events
 
     columns = (TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(

@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 
+from billing.deliveries import ClosedWindow, MeterEvent, window_delivery
 from jobs.billing_operator import backlog_sql
-from sinks.billing import ClosedWindow, MeterEvent, window_delivery
 from sinks.ledger import apply_billing_schema
 from sinks.ledger_async import AsyncPostgresLedger
 from sinks.postgres import connect

@@ -24,18 +24,18 @@ import fastavro
 import pytest
 from click.testing import CliRunner
 
-from connectors.avro_types import load_schema
-from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
-from meterflow.commands import cli
-from meterflow.local import flink_jobs
-from meterflow.producer import SyntheticSpec, send_events, synthetic_events
-from sinks.idempotency import (
+from billing.identifiers import (
     WindowKey,
     derive_correction_identifier,
     derive_identifier,
 )
+from billing.whole_values import billing_period_start
+from connectors.avro_types import load_schema
+from connectors.producer import SyntheticSpec, send_events, synthetic_events
+from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
+from meterflow.commands import cli
+from meterflow.local import flink_jobs
 from sinks.ledger import fetch_deliveries, map_customer
-from sinks.whole_values import billing_period_start
 from tests.e2e.helpers import (
     closed_window,
     closing_events,
@@ -129,7 +129,7 @@ def test_stripe_mock_dead_letters_replay_and_a_correction(e2e_stack):
                 )
             else:
                 assert d.status == "sent" and d.attempts == 1, d.last_error
-        # Whole values, the fraction carried (sinks/whole_values.py): per customer and meter the
+        # Whole values, the fraction carried (billing/whole_values.py): per customer and meter the
         # values add up to the whole part of the quantities (all in one month).
         billed: dict[tuple, list[Decimal]] = {}
         for identifier, w in ids.items():

@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from connectors.avro_types import load_schema
+from connectors.producer import send_events
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.config import JobConfig
 from meterflow.local import flink_jobs
 from meterflow.local.kafka import KafkaBroker
 from meterflow.local.postgres import PostgresServer
-from meterflow.producer import send_events
 from sinks.postgres import apply_schema
 from tests.e2e.helpers import (
     CLOSER_TENANT,

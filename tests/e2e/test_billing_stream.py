@@ -14,14 +14,14 @@ from decimal import ROUND_FLOOR, Decimal
 import pytest
 from click.testing import CliRunner
 
+from billing.deliveries import ClosedWindow, MeterEvent, window_delivery
+from billing.identifiers import WindowKey, derive_identifier
+from billing.whole_values import billing_period_start
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
-from sinks.billing import ClosedWindow, MeterEvent, window_delivery
-from sinks.idempotency import WindowKey, derive_identifier
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, mark_reported
 from sinks.postgres import connect
-from sinks.whole_values import billing_period_start
 from tests.e2e.helpers import (
     closed_window,
     kill_with_calls_in_flight,

@@ -35,8 +35,8 @@ import pytest
 import yaml
 
 from connectors.avro_codec import UsageEvent
+from connectors.producer import send_events
 from meterflow.local import flink_jobs
-from meterflow.producer import send_events
 from sinks.postgres import apply_schema
 from tests.e2e.batches import (
     CLOSED_SCHEMA,

@@ -15,10 +15,10 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
+from billing.deliveries import ClosedWindow, late_correction_delivery, window_identifier
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
 from meterflow.windowing import window_bounds
-from sinks.billing import ClosedWindow, late_correction_delivery, window_identifier
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import (
     closed_window,

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
 from connectors.kafka_admin import group_lag
+from connectors.producer import send_events
 from meterflow.commands import cli
 from meterflow.commands.corrections import read_late_events
 from meterflow.local import flink_jobs
 from meterflow.local.base import free_ports, pid_alive
 from meterflow.local.corrections_follower import CorrectionsFollower
-from meterflow.producer import send_events
 from meterflow.windowing import window_bounds
 from sinks.postgres import connect
 from tests.e2e.helpers import (

@@ -21,11 +21,11 @@ from connectors.avro_codec import UsageEvent, encode_usage_event
 from connectors.avro_types import load_schema
 from connectors.kafka_admin import describe_topic_configs
 from connectors.kafka_reader import assigned_consumer
+from connectors.producer import SyntheticSpec, send_events, synthetic_events
 from connectors.topics import topic_configs
 from jobs.plan import DEAD_LETTER_SCHEMA
 from meterflow.input_contract import MAX_REASON_CHARS
 from meterflow.local import flink_jobs
-from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from tests.e2e.helpers import (
     closing_events,
     expected_totals,

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
 from connectors.avro_types import load_schema
+from connectors.dead_letters import DeadLetter, decode_dead_letter
 from connectors.kafka_reader import read_from
+from connectors.producer import send_events
 from jobs.plan import LATE_EVENT_SCHEMA
 from meterflow.commands import cli
 from meterflow.config import JobConfig, load_config
-from meterflow.dead_letters import DeadLetter, decode_dead_letter
 from meterflow.local import flink_jobs
-from meterflow.producer import send_events
 from tests.e2e.helpers import closing_events, expected_totals, private_job, read_topic, table_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

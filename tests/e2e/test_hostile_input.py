@@ -36,10 +36,10 @@ from connectors.avro_codec import (
 )
 from connectors.avro_types import load_schema
 from connectors.kafka_admin import group_lag
+from connectors.producer import SyntheticSpec, message_key, send_events, synthetic_events
 from connectors.schema_registry import register_schema, value_subject
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.local import flink_jobs
-from meterflow.producer import SyntheticSpec, message_key, send_events, synthetic_events
 from sinks.postgres import fetch_usage
 from tests.e2e.helpers import (
     CLOSER_TENANT,

@@ -28,10 +28,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from billing.deliveries import CustomerMapping
 from connectors.avro_codec import UsageEvent
+from connectors.producer import send_events
 from meterflow.local import flink_jobs
-from meterflow.producer import send_events
-from sinks.billing import CustomerMapping
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customers
 from tests.e2e.batches import (
     CLOSED_SCHEMA,

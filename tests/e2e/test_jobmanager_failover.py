@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
+from billing.identifiers import WindowKey, derive_identifier
 from meterflow.config import JobConfig
 from meterflow.errors import JobSubmissionError
 from meterflow.local import flink_jobs
 from meterflow.local.flink import FlinkCluster
-from sinks.idempotency import WindowKey, derive_identifier
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import closed_window, private_job, publish_closed_windows, replacements_so_far, wait_for
 from tests.e2e.test_billing_semantics import Fault, run_scenario

@@ -14,15 +14,15 @@ from decimal import Decimal
 import pytest
 from click.testing import CliRunner
 
+from billing.deliveries import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
+from billing.delivery import Deliverer
+from billing.whole_values import billing_period_start, carried_value
+from connectors.stripe_provider import StripeMeterEvents
 from meterflow.commands import cli
-from sinks.billing import ClosedWindow, Dead, MeterEvent, Retry, window_delivery
-from sinks.delivery import Deliverer
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, StatementBatches, due_retries, release_leases
 from sinks.postgres import apply_schema, connect, fetch_usage
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_upsert_sql
-from sinks.stripe_provider import StripeMeterEvents
-from sinks.whole_values import billing_period_start, carried_value
 from tests.support.fake_stripe import DROP, FakeStripe, reject
 
 pytestmark = [pytest.mark.e2e]

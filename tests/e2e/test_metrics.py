@@ -24,12 +24,12 @@ import yaml
 
 from connectors.avro_codec import UsageEvent, encode_usage_event
 from connectors.avro_types import load_schema
+from connectors.producer import SyntheticSpec, send_events, synthetic_events
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.config_values import parse_port_range
 from meterflow.local import flink_jobs
 from meterflow.local.prometheus import ALERT_RULES, PrometheusServer
 from meterflow.metrics_catalog import BILLING_JOB_METRICS, LATENESS_BUCKETS_MS, promql_metric_names
-from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from tests.e2e.helpers import (
     closing_events,
     expected_totals,

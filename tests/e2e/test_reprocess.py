@@ -18,10 +18,10 @@ from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
 from connectors.kafka_admin import group_lag
+from connectors.producer import send_events
 from meterflow.commands import cli
 from meterflow.commands.corrections import read_late_events
 from meterflow.local import flink_jobs
-from meterflow.producer import send_events
 from meterflow.windowing import window_bounds
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import closing_events, private_job, table_totals, wait_for

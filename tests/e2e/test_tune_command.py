@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from connectors.avro_codec import UsageEvent
+from connectors.producer import send_events
 from meterflow.commands import cli
 from meterflow.config_values import format_duration
-from meterflow.producer import send_events
 from meterflow.tune import Sample, evaluate, recommend, replay_needs
 from tests.e2e.helpers import private_job, send_raw
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from connectors.kafka_admin import group_lag
+from connectors.producer import SyntheticSpec, send_events, synthetic_events
 from meterflow.local import flink_jobs
-from meterflow.producer import SyntheticSpec, send_events, synthetic_events
 from tests.e2e.helpers import closing_events, expected_totals, table_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -9,10 +9,10 @@ from decimal import Decimal
 import pytest
 
 from connectors.avro_types import derive_columns, load_schema
+from connectors.producer import SyntheticSpec, synthetic_events
 from jobs.plan import USAGE_SOURCE_TABLE, sql_interval, window_aggregate_query
 from jobs.source_plan import dimensions_key_expr
 from meterflow.config import load_config
-from meterflow.producer import SyntheticSpec, synthetic_events
 from meterflow.windowing import window_bounds
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]

@@ -7,14 +7,14 @@ from decimal import Decimal
 
 import pytest
 
-from meterflow.windowing import outside_provider_window
-from sinks.idempotency import (
+from billing.identifiers import (
     MAX_IDENTIFIER_LENGTH,
     WindowKey,
     derive_identifier,
     format_meter_value,
 )
-from sinks.retry import BackoffPolicy, TokenBucket
+from billing.retry import BackoffPolicy, TokenBucket
+from meterflow.windowing import outside_provider_window
 
 KEY = WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_660_000)
 
@@ -109,7 +109,7 @@ def test_token_bucket_limits_rate_without_sleeping():
 
 def test_rate_reservations_give_each_caller_its_own_slot():
     """A burst up to capacity, then one slot every 1/rate seconds, even when many callers reserve at once."""
-    from sinks.retry import RateReservations
+    from billing.retry import RateReservations
 
     now = [0.0]
     limiter = RateReservations(rate=10, capacity=2, clock=lambda: now[0])
@@ -120,7 +120,7 @@ def test_rate_reservations_give_each_caller_its_own_slot():
 
 def test_correction_identifiers_are_deterministic_and_bounded():
     """Window identifier + revision; different revisions differ; never over 100 characters."""
-    from sinks.idempotency import derive_correction_identifier
+    from billing.identifiers import derive_correction_identifier
 
     window_id = derive_identifier(KEY)
     assert derive_correction_identifier(window_id, 5) == f"{window_id}-r5" != derive_correction_identifier(window_id, 6)
@@ -138,9 +138,9 @@ def test_a_carried_value_is_never_rounded_per_window():
 def test_billing_and_corrections_judge_a_window_by_the_timestamp_its_events_carry():
     """A day-long window that started 35 days and an hour ago and ended 34 days ago: its events carry
     its start, which the provider refuses, so billing refuses it and corrections report it alike."""
+    from billing.deliveries import ClosedWindow, delivery_refusal, window_delivery
     from meterflow.config import CorrectionsConfig, MeterConfig
     from meterflow.corrections import WindowId, decide_status
-    from sinks.billing import ClosedWindow, delivery_refusal, window_delivery
 
     now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
     start = now - timedelta(days=35, hours=1)

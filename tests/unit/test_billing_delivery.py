@@ -15,9 +15,7 @@ from decimal import Decimal
 
 import pytest
 
-from meterflow.config import JobConfig
-from meterflow.errors import ProviderError
-from sinks.billing import (
+from billing.deliveries import (
     ClosedWindow,
     Dead,
     Deferred,
@@ -34,9 +32,11 @@ from sinks.billing import (
     summary_range,
     window_delivery,
 )
-from sinks.delivery import Deliverer
-from sinks.idempotency import derive_correction_identifier
-from sinks.whole_values import billing_period_start, carried_value
+from billing.delivery import Deliverer
+from billing.identifiers import derive_correction_identifier
+from billing.whole_values import billing_period_start, carried_value
+from meterflow.config import JobConfig
+from meterflow.errors import ProviderError
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 START_MS = int((NOW - timedelta(hours=1)).timestamp() * 1000)
@@ -593,7 +593,7 @@ def test_replay_refusal_names_the_dedup_window():
 
 def test_customer_csv_import_parses_and_reports_every_problem():
     """Valid rows become mappings; empty cells, conflicting duplicates and a bad header are reasons, not crashes."""
-    from sinks.billing import CustomerMapping, parse_customer_csv
+    from billing.deliveries import CustomerMapping, parse_customer_csv
 
     ok, problems = parse_customer_csv(
         "tenant_id,customer_id,provider_customer_id\nt1,c1,cus_1\nt1,c2, cus_2 \nt1,c1,cus_1\n"

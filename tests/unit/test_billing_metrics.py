@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from billing.deliveries import Dead, Deferred, Retry, Sent, Skipped
+from billing.identifiers import WindowKey, derive_correction_identifier, derive_identifier
 from jobs.billing_operator import backlog_sql, is_correction, outcome_metrics
-from sinks.billing import Dead, Deferred, Retry, Sent, Skipped
-from sinks.idempotency import WindowKey, derive_correction_identifier, derive_identifier
 
 KEY = WindowKey("tenant-1", "cust-1", "api_calls", "", 1_700_000_000_000, 1_700_000_060_000)
 

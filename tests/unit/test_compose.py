@@ -329,6 +329,16 @@ def test_dockerfile_copies_existing_sources():
             assert (REPO_ROOT / source).exists(), source
 
 
+def test_dockerfile_copies_every_package_the_project_installs():
+    """The image installs the project from what was copied: a package left out fails at import."""
+    import tomllib
+
+    text = (REPO_ROOT / "docker" / "flink" / "Dockerfile").read_text()
+    packages = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {line.split()[0].rstrip("/") for line in re.findall(r"(?m)^COPY (?!--from)(.+)$", text)}
+    assert {p.split(".")[0] for p in packages} <= copied
+
+
 def test_flink_services_share_checkpoint_volumes(compose):
     """jobmanager and taskmanager share the checkpoint and savepoint volumes that flink-conf names."""
     flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())

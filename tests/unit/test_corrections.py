@@ -327,9 +327,13 @@ def test_a_late_correction_is_billed_as_a_correction_of_its_window_with_its_own_
     final's; recognised as a correction by the metrics; at most 100 characters with a long prefix."""
     from decimal import Decimal
 
+    from billing.deliveries import ClosedWindow, late_correction_delivery, window_identifier
+    from billing.identifiers import (
+        MAX_IDENTIFIER_LENGTH,
+        derive_correction_identifier,
+        derive_late_correction_identifier,
+    )
     from jobs.billing_operator import is_correction
-    from sinks.billing import ClosedWindow, late_correction_delivery, window_identifier
-    from sinks.idempotency import MAX_IDENTIFIER_LENGTH, derive_correction_identifier, derive_late_correction_identifier
 
     window = ClosedWindow("t1", "c1", "tokens", "{}", 1_700_000_000_000, 1_700_000_060_000, Decimal("0.75"), 2, 0)
     first = late_correction_delivery(window, "cor-1700000000000-aa", "mf")

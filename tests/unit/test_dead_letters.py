@@ -13,9 +13,9 @@ import fastavro
 import pytest
 from click.testing import CliRunner
 
+from connectors import dead_letters as dl
 from connectors.avro_codec import encode_usage_event
-from meterflow import dead_letters as dl
-from meterflow.dead_letters import (
+from connectors.dead_letters import (
     CONFIRM_ABOVE,
     Criteria,
     DeadLetter,
@@ -333,7 +333,7 @@ def test_json_output_shape():
 
 def test_the_module_is_pure():
     """No Kafka or other I/O client: the commands do the reading and sending."""
-    tree = ast.parse((REPO_ROOT / "meterflow" / "dead_letters.py").read_text())
+    tree = ast.parse((REPO_ROOT / "connectors" / "dead_letters.py").read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     roots = {m.split(".")[0] for m in imported}

@@ -1,10 +1,12 @@
 """House rules on imports, read from the source with ``ast``.
 
-* Layers: the modules directly in ``meterflow/`` (config, errors and the other pure parts), ``jobs/``,
-  ``connectors/`` and ``sinks/`` are the ground: they never import the CLI (``meterflow.commands``)
-  or the local stack (``meterflow.local``); the local stack never imports the CLI. Below the jobs,
-  ``meterflow/*.py``, ``connectors/`` and ``sinks/`` never import ``jobs``; below the sinks,
-  ``meterflow/*.py`` and ``connectors/`` never import ``sinks``.
+* Floors (docs/architecture.md), each importing only its own floor and those below it:
+  1. the ground: contracts and rules, ``meterflow/*.py`` (config, errors, the window row, windowing,
+     the input contract, the operator tools' rules) and ``billing/`` (the billing domain);
+  2. ``connectors/`` (Kafka, Avro, the providers' clients) and ``sinks/`` (Postgres), side by side:
+     neither imports the other;
+  3. ``jobs/``: the Flink graphs;
+  4. the roof: the local stack (``meterflow/local``), and the CLI (``meterflow/commands``) above it.
 * Public names: ``bench/`` and ``tests/`` use the project's modules through public names only, never
   ``from x import _y``, ``x._y`` or ``setattr(x, "_y", ...)`` on a project module or what it exports.
 * No circles: no file of the project or its benchmarks imports, through other files, a file that
@@ -20,25 +22,28 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-PROJECT_PACKAGES = {"meterflow", "jobs", "connectors", "sinks", "bench", "tests"}
-ROOF = ("meterflow.commands", "meterflow.local")
-GROUND = [
-    *sorted((REPO_ROOT / "meterflow").glob("*.py")),
-    *(p for d in ("jobs", "connectors", "sinks") for p in sorted((REPO_ROOT / d).rglob("*.py"))),
-]
-BELOW_JOBS = {
-    *sorted((REPO_ROOT / "meterflow").glob("*.py")),
-    *(p for d in ("connectors", "sinks") for p in sorted((REPO_ROOT / d).rglob("*.py"))),
+PROJECT_PACKAGES = {"meterflow", "billing", "jobs", "connectors", "sinks", "bench", "tests"}
+# Each floor and the floors its files may import.
+MAY_IMPORT = {
+    "ground": {"ground"},
+    "connectors": {"ground", "connectors"},
+    "sinks": {"ground", "sinks"},
+    "jobs": {"ground", "connectors", "sinks", "jobs"},
+    "local": {"ground", "connectors", "sinks", "jobs", "local"},
+    "cli": {"ground", "connectors", "sinks", "jobs", "local", "cli"},
 }
-BELOW_SINKS = {*sorted((REPO_ROOT / "meterflow").glob("*.py")), *sorted((REPO_ROOT / "connectors").rglob("*.py"))}
 
 
-def _forbidden(path: Path) -> tuple[str, ...]:
-    return (*ROOF, *(("jobs",) if path in BELOW_JOBS else ()), *(("sinks",) if path in BELOW_SINKS else ()))
+def floor_of(module: str) -> str | None:
+    """The floor of a project module by its dotted name; None outside the production packages."""
+    parts = module.split(".")
+    if parts[0] == "meterflow":
+        return {"commands": "cli", "local": "local"}.get(parts[1] if len(parts) > 1 else "", "ground")
+    return {"billing": "ground", "connectors": "connectors", "sinks": "sinks", "jobs": "jobs"}.get(parts[0])
 
 
-LAYERS = [(path, _forbidden(path)) for path in GROUND] + [
-    (path, ("meterflow.commands",)) for path in sorted((REPO_ROOT / "meterflow" / "local").rglob("*.py"))
+PRODUCTION = [
+    p for d in ("meterflow", "billing", "connectors", "sinks", "jobs") for p in sorted((REPO_ROOT / d).rglob("*.py"))
 ]
 CLIENTS = [p for d in ("bench", "tests") for p in sorted((REPO_ROOT / d).rglob("*.py"))]
 
@@ -129,11 +134,25 @@ def private_uses(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(("path", "forbidden"), LAYERS, ids=[_rel(p) for p, _ in LAYERS])
-def test_no_import_runs_back_up(path, forbidden):
-    """A lower layer imports nothing from a layer above it."""
-    wrong = sorted(m for m in imported_modules(path) if any(m == f or m.startswith(f"{f}.") for f in forbidden))
-    assert not wrong, f"{_rel(path)} imports {wrong}"
+def imports_up(path: Path) -> list[str]:
+    """The project modules the file imports from a floor it may not import."""
+    allowed = MAY_IMPORT[floor_of(_module_of(path)) or "ground"]
+    return sorted(
+        m
+        for m in imported_modules(path)
+        if (floor_of(m) or "ground") not in allowed and m.split(".")[0] in PROJECT_PACKAGES
+    )
+
+
+@pytest.mark.parametrize("path", PRODUCTION, ids=_rel)
+def test_no_import_runs_up_a_floor(path):
+    """A file imports only its own floor and the floors below it."""
+    wrong = imports_up(path)
+    assert not wrong, f"{_rel(path)} ({floor_of(_module_of(path))}) imports {wrong}"
+
+
+def test_every_production_file_has_a_floor():
+    assert all(floor_of(_module_of(p)) in MAY_IMPORT for p in PRODUCTION)
 
 
 @pytest.mark.parametrize("path", CLIENTS, ids=_rel)
@@ -146,12 +165,26 @@ def test_uses_public_names_only(path):
 def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
     """Each kind of violation is found (so an empty result means something)."""
     monkeypatch.setitem(globals(), "REPO_ROOT", tmp_path)
-    (tmp_path / "sinks").mkdir()
-    ground = tmp_path / "sinks" / "x.py"
-    ground.write_text(
-        "from meterflow import local\nimport meterflow.commands.root\nfrom meterflow.config import JobConfig\n"
-    )
-    assert {m for m in imported_modules(ground) if m.startswith(ROOF)} == {"meterflow.local", "meterflow.commands.root"}
+    found = {}
+    for name, text in {
+        "billing/x.py": "from meterflow.config import JobConfig\nfrom connectors import kafka_writer\n",
+        "sinks/x.py": "from meterflow import local\nimport meterflow.commands.root\nfrom billing.retry import BackoffPolicy\nimport connectors.topics\n",
+        "connectors/x.py": "from sinks.postgres import connect\nfrom meterflow.errors import SinkError\n",
+        "jobs/x.py": "from sinks import ledger\nfrom meterflow.local.base import Stack\n",
+        "meterflow/local/x.py": "from jobs import plan\nfrom meterflow.commands import cli\n",
+        "meterflow/x.py": "from jobs.plan import LATE_EVENT_SCHEMA\n",
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+        found[name] = imports_up(tmp_path / name)
+    assert found == {
+        "billing/x.py": ["connectors", "connectors.kafka_writer"],
+        "sinks/x.py": ["connectors.topics", "meterflow.commands.root", "meterflow.local"],
+        "connectors/x.py": ["sinks.postgres", "sinks.postgres.connect"],
+        "jobs/x.py": ["meterflow.local.base", "meterflow.local.base.Stack"],
+        "meterflow/local/x.py": ["meterflow.commands", "meterflow.commands.cli"],
+        "meterflow/x.py": ["jobs.plan", "jobs.plan.LATE_EVENT_SCHEMA"],
+    }
     (tmp_path / "tests").mkdir()
     client = tmp_path / "tests" / "test_x.py"
     client.write_text(
@@ -161,9 +194,7 @@ def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
     assert sorted(use.split(":")[0] for use in private_uses(client)) == ["line 2", "line 4", "line 5", "line 6"]
 
 
-SOURCES = [
-    p for d in ("meterflow", "jobs", "connectors", "sinks", "bench") for p in sorted((REPO_ROOT / d).rglob("*.py"))
-]
+SOURCES = [*PRODUCTION, *sorted((REPO_ROOT / "bench").rglob("*.py"))]
 
 
 def import_graph(paths: list[Path]) -> dict[str, set[str]]:

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from meterflow.producer import SyntheticSpec, message_key, parse_event, read_jsonl, synthetic_events
+from connectors.producer import SyntheticSpec, message_key, parse_event, read_jsonl, synthetic_events
 
 GOOD = {
     "event_id": "e1",
@@ -132,7 +132,7 @@ def test_produce_does_not_send_lines_that_break_the_contract(tmp_path, monkeypat
     """`meterflow produce --file`: a contract-breaking line is listed with its reason, saved, not sent; exit 2."""
     from click.testing import CliRunner
 
-    import meterflow.producer as producer
+    import connectors.producer as producer
     from meterflow.commands import cli
 
     sent: list[list] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sinks.reconcile import FinalWindow, LedgerWindow, period_of, reconcile
+from billing.reconcile import FinalWindow, LedgerWindow, period_of, reconcile
 
 T1, T2, T3 = datetime(2026, 10, 31, 23, 59), datetime(2026, 11, 1, 0, 0), datetime(2026, 11, 1, 0, 1)
 MINUTE = timedelta(minutes=1)
@@ -65,7 +65,7 @@ def test_period_of():
 
 def test_corrections_add_up_with_the_window_and_are_listed():
     """A window billed 10, then corrected by +2.5: agrees with a final 12.5; a correction not yet accepted is named."""
-    from sinks.reconcile import corrections_of
+    from billing.reconcile import corrections_of
 
     ledger = [
         billed(T1, "10"),
@@ -92,7 +92,7 @@ def late(start: datetime, delta: str, status: str = "sent", customer: str = "c1"
 
 
 def counted(start: datetime, delta: str, customer: str = "c1", cid: str = "cor-1", settled: bool = True):
-    from sinks.reconcile import LateCorrection
+    from billing.reconcile import LateCorrection
 
     return LateCorrection("t1", customer, "tokens", "{}", start, start + MINUTE, Decimal(delta), cid, settled)
 
@@ -100,7 +100,7 @@ def counted(start: datetime, delta: str, customer: str = "c1", cid: str = "cor-1
 def test_a_window_is_owed_its_final_plus_its_counted_corrections_from_late_events():
     """Final 10 + late 3: billed 10 + 3 agrees; the late correction not accepted yet is named; billed
     without the correction counting (rejected) is a discrepancy too."""
-    from sinks.reconcile import corrections_of
+    from billing.reconcile import corrections_of
 
     totals, issues = reconcile(
         [final(T1, "10")], [billed(T1, "10"), late(T1, "3")], late_corrections=[counted(T1, "3")]
@@ -139,7 +139,7 @@ def test_a_window_only_late_events_reached_is_owed_their_corrections():
 def test_values_sent_follow_each_meters_rounding():
     """Carried: a month's values add up to the whole part of their quantities, whatever their status;
     one unit more (or less) is a discrepancy. Other roundings: each value is its quantity, rounded."""
-    from sinks.reconcile import value_discrepancies
+    from billing.reconcile import value_discrepancies
 
     def fixed(start: datetime, quantity: str, value: str, meter: str = "tokens", status: str = "sent") -> LedgerWindow:
         return LedgerWindow(
@@ -173,7 +173,7 @@ def test_values_sent_follow_each_meters_rounding():
 
 def test_the_providers_monthly_totals_are_compared_with_the_values_sent():
     """A month whose provider total is the sum of the values sent agrees; any other total is a difference, either way."""
-    from sinks.reconcile import SentGroup, provider_differences
+    from billing.reconcile import SentGroup, provider_differences
 
     month, sent_at = datetime(2026, 11, 1), datetime(2026, 11, 30, 12, 0)
     groups = [
@@ -198,7 +198,7 @@ def test_a_provider_summary_covers_the_month_or_up_to_now():
     """A past month whole; the running month to the minute after now + the events' allowed lead."""
     from datetime import UTC
 
-    from sinks.reconcile import summary_bounds
+    from billing.reconcile import summary_bounds
 
     november, december = datetime(2026, 11, 1), datetime(2026, 12, 1)
     now = datetime(2026, 12, 6, 10, 0, 30, tzinfo=UTC)

@@ -8,9 +8,9 @@ from decimal import Decimal
 
 import fastavro
 
+from billing.reconcile import LedgerWindow, unpublished
 from connectors.avro_codec import encode_closed_window
 from connectors.avro_types import AVRO_DIR, load_schema
-from sinks.reconcile import LedgerWindow, unpublished
 
 START = datetime(2026, 12, 5, 10, 0)
 

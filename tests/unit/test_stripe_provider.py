@@ -13,10 +13,10 @@ from decimal import Decimal
 
 import pytest
 
+from billing.deliveries import MeterEvent
+from connectors.stripe_provider import StripeMeterEvents
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError, ProviderError
-from sinks.billing import MeterEvent
-from sinks.stripe_provider import StripeMeterEvents
 from tests.support.fake_stripe import DROP, SLOW, FakeStripe, reject
 
 

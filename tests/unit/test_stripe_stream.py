@@ -14,17 +14,17 @@ from decimal import Decimal
 
 import pytest
 
-from meterflow.config import JobConfig
-from meterflow.errors import ProviderError
-from sinks.billing import MeterEvent
-from sinks.retry import RateReservations
-from sinks.stripe_stream import (
+from billing.deliveries import MeterEvent
+from billing.retry import RateReservations
+from connectors.stripe_stream import (
     SESSION_RENEW_MARGIN_S,
     StripeMeterEventStream,
     error_reports_of,
     meter_events_provider,
     stream_event,
 )
+from meterflow.config import JobConfig
+from meterflow.errors import ProviderError
 from tests.support.fake_stripe import DROP, FakeStripe, reject
 
 EVENT_TIME = int(time.time()) - 60
@@ -313,7 +313,7 @@ def test_error_reports_of_skips_other_events_and_samples_without_a_request():
 
 
 def test_a_report_knows_its_age():
-    from sinks.stripe_stream import ErrorReport
+    from connectors.stripe_stream import ErrorReport
 
     report = ErrorReport("evt_1", "2026-01-01T00:00:00Z", "req_1", "x", "m", 1)
     assert report.age_s(1_767_225_600 + 30) == 30

@@ -69,7 +69,7 @@ def test_format_is_checked_against_the_bundled_schema():
 
 def test_window_closer_emits_the_closed_window_columns():
     """The Java closer's output names and types are the ones the final sink and billing read."""
-    from sinks.window_closer import CLOSED_WINDOW_COLUMNS
+    from jobs.closed_windows import CLOSED_WINDOW_COLUMNS
 
     source = (UDF / "WindowCloser.java").read_text()
     names = re.findall(r'"(\w+)"', re.search(r"NAMES\s*=\s*\{(.*?)\};", source, re.S).group(1))

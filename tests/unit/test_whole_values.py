@@ -1,4 +1,4 @@
-"""Whole-number values with the fraction carried, and the provider's value rules (sinks/whole_values.py)."""
+"""Whole-number values with the fraction carried, and the provider's value rules (billing/whole_values.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from sinks.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, billing_period_start, carried_value, value_refusal
+from billing.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, billing_period_start, carried_value, value_refusal
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ import json
 import re
 import typing
 
+from billing.deliveries import ClosedWindow
 from jobs.billing_plan import BILLING_INPUT_COLUMNS
+from jobs.closed_windows import CLOSED_WINDOW_COLUMNS
 from jobs.plan import CLOSED_WINDOW_SCHEMA
 from meterflow.window_row import (
     BRIDGE_FORMS,
@@ -22,11 +24,9 @@ from meterflow.window_row import (
     bridge_names,
     names,
 )
-from sinks.billing import ClosedWindow
 from sinks.corrections_schema import corrections_ddl
 from sinks.ledger_schema import WINDOW_CLAIM_KEY, WINDOW_DELIVERY_KEY, billing_tables_ddl
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_table_ddl
-from sinks.window_closer import CLOSED_WINDOW_COLUMNS
 
 AVRO_TYPES = {
     "text": "string",

@@ -15,7 +15,7 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
 * **A shared rate**: each subtask reserves slots at ``calls_per_second / share``, one per call: per
   delivery, or per request for a provider that gathers deliveries into requests (``Provider.pace_requests``).
 * **Past the provider's dedup window** a delivery is checked against the provider's totals before
-  any resend (sinks/billing.py, judge_provider_totals); the decision is recorded in the ledger.
+  any resend (billing/deliveries.py, judge_provider_totals); the decision is recorded in the ledger.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Protocol
 
-from meterflow.config import JobConfig, MeterConfig
-from meterflow.errors import DeliveryRejected, ProviderError
-from sinks.billing import (
+from billing.deliveries import (
     ClosedWindow,
     Dead,
     Deferred,
@@ -53,7 +51,9 @@ from sinks.billing import (
     summary_range,
     window_delivery,
 )
-from sinks.retry import BackoffPolicy, RateReservations
+from billing.retry import BackoffPolicy, RateReservations
+from meterflow.config import JobConfig, MeterConfig
+from meterflow.errors import DeliveryRejected, ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,11 @@ class Ledger(Protocol):
         """The sum of the values the provider accepted for one customer and event over [start, end), one delivery excluded."""
 
     async def carry_value(self, identifier: str) -> Decimal:
-        """Fix a carried meter's delivery's value, in the order of first attempts (sinks/whole_values.py); once fixed, the same value."""
+        """Fix a carried meter's delivery's value, in the order of first attempts (billing/whole_values.py); once fixed, the same value."""
 
 
 class Provider(Protocol):
-    """A billing provider's meter event API (sinks/stripe_provider.py for Stripe)."""
+    """A billing provider's meter event API (connectors/stripe_provider.py for Stripe)."""
 
     name: str
 

@@ -1,4 +1,4 @@
-"""Stripe's v2 meter event stream: the Provider of sinks/delivery.py with up to 100 deliveries per request.
+"""Stripe's v2 meter event stream: the Provider of billing/delivery.py with up to 100 deliveries per request.
 
 ``POST /v2/billing/meter_event_stream`` takes up to 100 events per request under a meter event
 session (a token valid 15 minutes, created with the API key). The deliverer still hands over one
@@ -29,11 +29,11 @@ from typing import Any
 
 import stripe
 
+from billing.deliveries import MeterEvent
+from billing.retry import RateReservations
+from connectors.stripe_provider import StripeMeterEvents, provider_error
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
-from sinks.billing import MeterEvent
-from sinks.retry import RateReservations
-from sinks.stripe_provider import StripeMeterEvents, provider_error
 
 STREAM_PATH = "/v2/billing/meter_event_stream"
 ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"

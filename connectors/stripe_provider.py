@@ -1,4 +1,4 @@
-"""Stripe meter events through the official SDK (asyncio, aiohttp): the Provider of sinks/delivery.py.
+"""Stripe meter events through the official SDK (asyncio, aiohttp): the Provider of billing/delivery.py.
 
 The SDK's own retries are off: retry, backoff and dead-lettering are the deliverer's policy, which
 counts attempts in the ledger. The identifier doubles as the Idempotency-Key, so a resend of the
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import stripe
 from stripe.params.billing import MeterEventCreateParams, MeterEventSummaryListParams
 
+from billing.deliveries import MeterEvent
+from billing.retry import RETRYABLE_STATUS, RateReservations
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError, ProviderError
-from sinks.billing import MeterEvent
-from sinks.retry import RETRYABLE_STATUS, RateReservations
 
 if TYPE_CHECKING:
     from stripe._base_address import BaseAddresses  # the type StripeClient takes; not exported

@@ -7,7 +7,7 @@ re-sends the *same* event and the provider deduplicates it, for as long as it de
 (``billing.provider_dedup_window``, 24 h at Stripe). Past that, a resend is decided by asking the
 provider what it holds (:func:`judge_provider_totals`).
 
-No I/O here: the async driver (sinks/delivery.py) injects the provider, the ledger, the clock and
+No I/O here: the async driver (billing/delivery.py) injects the provider, the ledger, the clock and
 the sleep; the Flink job, the replay command and the tests drive the same code.
 """
 
@@ -18,18 +18,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
-from meterflow.config import MeterConfig
-from meterflow.config_values import format_duration
-from meterflow.errors import DeliveryRejected
-from meterflow.windowing import outside_provider_window
-from sinks.idempotency import (
+from billing.identifiers import (
     WindowKey,
     derive_correction_identifier,
     derive_identifier,
     derive_late_correction_identifier,
     format_meter_value,
 )
-from sinks.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, value_refusal
+from billing.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, value_refusal
+from meterflow.config import MeterConfig
+from meterflow.config_values import format_duration
+from meterflow.errors import DeliveryRejected
+from meterflow.windowing import outside_provider_window
 
 DeliveryStatus = Literal["pending", "sent", "failed", "dead"]
 DeliveryKind = Literal["window", "correction"]
@@ -261,7 +261,7 @@ def build_meter_event(
     """The provider's meter event for a delivery that :func:`delivery_refusal` let through, or
     DeliveryRejected when its value breaks the provider's rules.
 
-    ``carried``: a carried meter's value, fixed by the ledger (sinks/whole_values.py); other meters'
+    ``carried``: a carried meter's value, fixed by the ledger (billing/whole_values.py); other meters'
     values come from the delivery's quantity and the meter's rounding.
     """
     if meter.billing_rounding == "carry":

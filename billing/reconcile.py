@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
 
-from sinks.idempotency import Rounding, format_meter_value
-from sinks.whole_values import billing_period_start, next_period_start
+from billing.identifiers import Rounding, format_meter_value
+from billing.whole_values import billing_period_start, next_period_start
 
 Period = Literal["day", "month"]
 DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window", "values sent differ"]
@@ -216,7 +216,7 @@ def reconcile(
 
 
 def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, Rounding]) -> list[Discrepancy]:
-    """Where the values sent, or fixed to be sent, break the meter's value rule (sinks/whole_values.py).
+    """Where the values sent, or fixed to be sent, break the meter's value rule (billing/whole_values.py).
 
     A carried meter's values of one (tenant, customer, meter, month) add up to the whole part of
     the quantities they were fixed for, whatever their status; so once every delivery is sent (the

@@ -69,7 +69,7 @@ def format_meter_value(quantity: Decimal, rounding: Rounding = "exact") -> str:
             raise ValueError(msg)
         return format(quantity.to_integral_value(), "f")
     if rounding not in _ROUNDING:  # carry: the value depends on the month's running total, fixed by the ledger
-        msg = f"a {rounding!r} meter's value is fixed by the ledger (sinks/whole_values.py), not rounded per window"
+        msg = f"a {rounding!r} meter's value is fixed by the ledger (billing/whole_values.py), not rounded per window"
         raise ValueError(msg)
     return format(quantity.quantize(Decimal(1), rounding=_ROUNDING[rounding]), "f")
 
