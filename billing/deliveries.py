@@ -29,6 +29,7 @@ from billing.whole_values import STRIPE_DECIMALS, STRIPE_WHOLE, value_refusal
 from meterflow.config import MeterConfig
 from meterflow.config_values import format_duration
 from meterflow.errors import DeliveryRejected
+from meterflow.window_row import epoch_ms, from_epoch_ms
 from meterflow.windowing import outside_provider_window
 
 DeliveryStatus = Literal["pending", "sent", "failed", "dead"]
@@ -43,8 +44,8 @@ class ClosedWindow:
     customer_id: str
     meter: str
     dimensions_key: str
-    window_start_ms: int
-    window_end_ms: int
+    window_start: datetime  # naive UTC, the one form of window times in Python
+    window_end: datetime  # exclusive
     quantity: Decimal
     event_count: int
     revision: int
@@ -53,42 +54,28 @@ class ClosedWindow:
     def key(self) -> WindowKey:
         """The window's identity, from which the identifier is derived."""
         return WindowKey(
-            self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start_ms, self.window_end_ms
+            self.tenant_id, self.customer_id, self.meter, self.dimensions_key, self.window_start, self.window_end
         )
-
-    @property
-    def window_start(self) -> datetime:
-        """Window start as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.window_start_ms / 1000, UTC)
-
-    @property
-    def window_end(self) -> datetime:
-        """Window end (exclusive) as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.window_end_ms / 1000, UTC)
 
     @classmethod
     def from_fields(cls, fields: tuple) -> ClosedWindow:
-        """From a closed-window row: quantity arrives as an exact decimal string."""
+        """From a closed-window row of the bridge: times as epoch ms, quantity as an exact decimal string."""
         tenant, customer, meter, dims, start, end, quantity, count, revision = fields
         try:
             exact = Decimal(quantity)
         except InvalidOperation as e:
             msg = f"window quantity {quantity!r} is not a decimal"
             raise DeliveryRejected(msg) from e
-        return cls(tenant, customer, meter, dims, int(start), int(end), exact, int(count), int(revision))
-
-    def as_fields(self) -> tuple:
-        """The row :meth:`from_fields` reads."""
-        return (
-            self.tenant_id,
-            self.customer_id,
-            self.meter,
-            self.dimensions_key,
-            self.window_start_ms,
-            self.window_end_ms,
-            str(self.quantity),
-            self.event_count,
-            self.revision,
+        return cls(
+            tenant,
+            customer,
+            meter,
+            dims,
+            from_epoch_ms(int(start)),
+            from_epoch_ms(int(end)),
+            exact,
+            int(count),
+            int(revision),
         )
 
 
@@ -279,7 +266,11 @@ def build_meter_event(
     if refused:
         raise DeliveryRejected(refused)
     return MeterEvent(
-        delivery.identifier, meter.event_name, provider_customer_id, value, delivery.window.window_start_ms // 1000
+        delivery.identifier,
+        meter.event_name,
+        provider_customer_id,
+        value,
+        epoch_ms(delivery.window.window_start) // 1000,
     )
 
 
@@ -343,7 +334,7 @@ def summary_range(window: ClosedWindow) -> tuple[int, int]:
     Events are timestamped at the window start, so the range covers [start, start + 1 s) rounded
     out to whole minutes: the provider's summaries start and end on minute boundaries.
     """
-    start = window.window_start_ms // 1000
+    start = epoch_ms(window.window_start) // 1000
     return start - start % 60, start - start % 60 + 60
 
 

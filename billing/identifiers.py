@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
 from typing import Literal
+
+from meterflow.window_row import epoch_ms
 
 MAX_IDENTIFIER_LENGTH = 100  # Stripe meter event `identifier`
 Rounding = Literal["carry", "decimal", "exact", "half_up", "ceil", "floor"]
@@ -24,8 +27,8 @@ class WindowKey:
     customer_id: str
     meter: str
     dimensions_key: str
-    window_start_ms: int
-    window_end_ms: int
+    window_start: datetime  # naive UTC
+    window_end: datetime
 
 
 def derive_identifier(key: WindowKey, prefix: str = "mf") -> str:
@@ -44,12 +47,12 @@ def derive_identifier(key: WindowKey, prefix: str = "mf") -> str:
             key.customer_id,
             key.meter,
             key.dimensions_key,
-            str(key.window_start_ms),
-            str(key.window_end_ms),
+            str(epoch_ms(key.window_start)),
+            str(epoch_ms(key.window_end)),
         ]
     )
     digest = hashlib.sha256(canonical.encode()).hexdigest()
-    identifier = f"{prefix}-{key.window_start_ms}-{digest}"
+    identifier = f"{prefix}-{epoch_ms(key.window_start)}-{digest}"
     return identifier[:MAX_IDENTIFIER_LENGTH]
 
 

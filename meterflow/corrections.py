@@ -31,13 +31,14 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
 from meterflow.config import Aggregation, CorrectionsConfig, JobConfig
 from meterflow.config_values import naive_utc
 from meterflow.errors import CorrectionError
+from meterflow.window_row import epoch_ms
 from meterflow.windowing import outside_provider_window
 
 # applied: counted automatically; pending: held for approval; approved / rejected: by an operator;
@@ -200,7 +201,7 @@ def waiting(plans: Iterable[Plan], now: datetime) -> Waiting:
 
 def correction_id(window: WindowId, event_ids: Iterable[str]) -> str:
     """Deterministic id of a correction: the window key and its events, hashed (same input, same id)."""
-    start_ms = int(window.window_start.replace(tzinfo=UTC).timestamp() * 1000)
+    start_ms = epoch_ms(window.window_start)
     canonical = "\x00".join(
         [window.tenant_id, window.customer_id, window.meter, window.dimensions_key, str(start_ms), *sorted(event_ids)]
     )

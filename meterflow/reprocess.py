@@ -21,6 +21,7 @@ from meterflow.config import JobConfig
 from meterflow.config_values import naive_utc
 from meterflow.corrections import Correction, CorrectionStatus, WindowId
 from meterflow.errors import ConfigError
+from meterflow.window_row import epoch_ms
 from meterflow.windowing import outside_provider_window
 
 
@@ -154,8 +155,7 @@ def reprocess_correction_id(d: WindowDifference) -> str:
     """Deterministic id of the correction that bills a window's difference: the window, its span and
     both values hashed. A rerun on the same data finds no difference once it is recorded."""
     w = d.window
-    start_ms = int(w.window_start.replace(tzinfo=UTC).timestamp() * 1000)
-    end_ms = int(w.window_end.replace(tzinfo=UTC).timestamp() * 1000)
+    start_ms, end_ms = epoch_ms(w.window_start), epoch_ms(w.window_end)
     canonical = "\x00".join(
         [
             w.tenant_id,

@@ -8,7 +8,9 @@ stream the Java closer emits (jobs/closed_windows.py), the closed-window Avro sc
 
 Times have two forms: ``timestamp`` columns (UTC) in Postgres, Flink SQL and Avro, and epoch
 milliseconds where a row crosses the Python bridge, which has no LocalDateTime type (the
-``bridge_name``: ``window_start_ms``). A quantity is exact everywhere: ``numeric(38, 9)``, Avro's
+``bridge_name``: ``window_start_ms``). Inside Python a window time is a naive UTC ``datetime``, like
+the usage table's columns (``meterflow.config_values.naive_utc``); :func:`epoch_ms` and
+:func:`from_epoch_ms` convert at the bridge. A quantity is exact everywhere: ``numeric(38, 9)``, Avro's
 decimal(38, 9), and a decimal string across the bridge.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Literal
 
 ColumnKind = Literal["text", "timestamp", "decimal", "count"]
@@ -72,6 +75,20 @@ BRIDGE_FORMS: dict[ColumnKind, BridgeForm] = {
     "decimal": BridgeForm("STRING", "numeric"),  # an exact decimal string: the bridge has no DECIMAL(38, 9)
     "count": BridgeForm("BIGINT", "bigint"),
 }
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def epoch_ms(moment: datetime) -> int:
+    """A window time (naive UTC, its one form in Python) as epoch milliseconds, its form on the
+    bridge; exact (no float). An aware moment is refused (TypeError): convert it first."""
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def from_epoch_ms(ms: int) -> datetime:
+    """Epoch milliseconds from the bridge as a window time (naive UTC)."""
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def names(columns: Iterable[WindowColumn]) -> tuple[str, ...]:

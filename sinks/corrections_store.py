@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -90,10 +90,6 @@ def stored_offsets(cfg: JobConfig, topic: str) -> dict[int, int]:
         return dict(conn.execute(stored_offsets_sql(cfg.corrections.offsets_table), [topic]).fetchall())
 
 
-def _epoch_ms(moment: datetime) -> int:
-    return int(moment.replace(tzinfo=UTC).timestamp() * 1000)
-
-
 def record_correction(conn: psycopg.Connection, cfg: JobConfig, c: Correction, now: datetime) -> None:
     """Store a correction, and the meter event it owes in the billing ledger (``owe_delivery``).
     Part of the caller's transaction: ``corrections apply`` and ``reprocess --bill`` both record
@@ -127,15 +123,7 @@ def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> Non
         return
     w = c.window
     window = ClosedWindow(
-        w.tenant_id,
-        w.customer_id,
-        w.meter,
-        w.dimensions_key,
-        _epoch_ms(w.window_start),
-        _epoch_ms(w.window_end),
-        c.delta,
-        c.events,
-        0,
+        w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end, c.delta, c.events, 0
     )
     delivery = late_correction_delivery(window, c.correction_id, cfg.billing.identifier_prefix)
     meter = cfg.meter(w.meter)

@@ -22,6 +22,7 @@ import psycopg
 from billing.deliveries import ClosedWindow, Delivery, LedgerEntry, MeterEvent
 from meterflow.config import JobConfig
 from meterflow.errors import SinkError
+from meterflow.window_row import epoch_ms, from_epoch_ms
 from sinks.ledger_schema import (
     CLAIM_KEY,
     CLAIM_ROW_PARAMS,
@@ -282,8 +283,8 @@ class AsyncPostgresLedger:
             "customer_id": w.customer_id,
             "meter": w.meter,
             "dimensions_key": w.dimensions_key,
-            "window_start_ms": w.window_start_ms,
-            "window_end_ms": w.window_end_ms,
+            "window_start_ms": epoch_ms(w.window_start),
+            "window_end_ms": epoch_ms(w.window_end),
             "quantity": delivery.quantity,
             "event_count": w.event_count,
             "revision": delivery.revision,
@@ -313,7 +314,9 @@ class AsyncPostgresLedger:
         if row is None:
             return None
         ident, kind, parent, tenant, customer, meter, dims, start, end, quantity, count, revision = row
-        window = ClosedWindow(tenant, customer, meter, dims, int(start), int(end), quantity, count, revision)
+        window = ClosedWindow(
+            tenant, customer, meter, dims, from_epoch_ms(int(start)), from_epoch_ms(int(end)), quantity, count, revision
+        )
         return Delivery(ident, kind, parent, window, quantity, revision)
 
     async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:

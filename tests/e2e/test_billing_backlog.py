@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e]
 
 def _window(customer: str) -> ClosedWindow:
     start = (int(time.time()) - 3600) * 1000
-    return ClosedWindow("t1", customer, "tokens", "{}", start, start + 10_000, Decimal(2), 1, 1)
+    return ClosedWindow.from_fields(("t1", customer, "tokens", "{}", start, start + 10_000, Decimal(2), 1, 1))
 
 
 def test_backlog_counts_pending_and_failed(e2e_stack):

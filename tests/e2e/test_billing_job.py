@@ -35,6 +35,7 @@ from connectors.producer import SyntheticSpec, send_events, synthetic_events
 from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
+from meterflow.window_row import from_epoch_ms
 from sinks.ledger import fetch_deliveries, map_customer
 from tests.e2e.helpers import (
     closed_window,
@@ -85,7 +86,10 @@ def _cli(path, *args: str):
 def _identifier(cfg, tenant: str, customer: str, meter: str, start: datetime) -> str:
     start_ms = int(start.replace(tzinfo=UTC).timestamp() * 1000)
     end_ms = start_ms + int(cfg.event_time.window_size.total_seconds() * 1000)
-    return derive_identifier(WindowKey(tenant, customer, meter, "{}", start_ms, end_ms), cfg.billing.identifier_prefix)
+    return derive_identifier(
+        WindowKey(tenant, customer, meter, "{}", from_epoch_ms(start_ms), from_epoch_ms(end_ms)),
+        cfg.billing.identifier_prefix,
+    )
 
 
 def _ledger(cfg, identifiers) -> dict:

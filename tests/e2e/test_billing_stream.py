@@ -19,6 +19,7 @@ from billing.identifiers import WindowKey, derive_identifier
 from billing.whole_values import billing_period_start
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
+from meterflow.window_row import from_epoch_ms
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, mark_reported
 from sinks.postgres import connect
@@ -54,7 +55,14 @@ def _identifier(cfg, w: dict) -> str:
     start_ms = int(w["window_start"].replace(tzinfo=UTC).timestamp() * 1000)
     size_ms = int(cfg.event_time.window_size.total_seconds() * 1000)
     return derive_identifier(
-        WindowKey(w["tenant_id"], w["customer_id"], w["meter"], "{}", start_ms, start_ms + size_ms),
+        WindowKey(
+            w["tenant_id"],
+            w["customer_id"],
+            w["meter"],
+            "{}",
+            from_epoch_ms(start_ms),
+            from_epoch_ms(start_ms + size_ms),
+        ),
         cfg.billing.identifier_prefix,
     )
 
@@ -74,7 +82,9 @@ def test_error_reports_mark_the_sent_deliveries_of_their_request_dead(e2e_stack)
     apply_schemas(cfg)
     start = (int(time.time()) - 3600) * 1000
     deliveries = [
-        window_delivery(ClosedWindow("t1", f"c{i}", "tokens", "{}", start, start + 10_000, Decimal(3), 1, 1), "mf")
+        window_delivery(
+            ClosedWindow.from_fields(("t1", f"c{i}", "tokens", "{}", start, start + 10_000, Decimal(3), 1, 1)), "mf"
+        )
         for i in range(4)
     ]
 

@@ -45,16 +45,18 @@ def _closed(window: dict) -> ClosedWindow:
     def ms(t: datetime) -> int:
         return int(t.timestamp() * 1000)
 
-    return ClosedWindow(
-        window["tenant_id"],
-        window["customer_id"],
-        window["meter"],
-        "{}",
-        ms(window["window_start"]),
-        ms(window["window_end"]),
-        window["quantity"],
-        window["event_count"],
-        window["revision"],
+    return ClosedWindow.from_fields(
+        (
+            window["tenant_id"],
+            window["customer_id"],
+            window["meter"],
+            "{}",
+            ms(window["window_start"]),
+            ms(window["window_end"]),
+            window["quantity"],
+            window["event_count"],
+            window["revision"],
+        )
     )
 
 

@@ -28,6 +28,7 @@ from meterflow.config import JobConfig
 from meterflow.errors import JobSubmissionError
 from meterflow.local import flink_jobs
 from meterflow.local.flink import FlinkCluster
+from meterflow.window_row import from_epoch_ms
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from tests.e2e.helpers import closed_window, private_job, publish_closed_windows, replacements_so_far, wait_for
 from tests.e2e.test_billing_semantics import Fault, run_scenario
@@ -140,7 +141,14 @@ def _bill(cfg: JobConfig, start: datetime, what: str) -> str:
     size = cfg.event_time.window_size
     publish_closed_windows(cfg, [closed_window("tenant-ha", "cust-ha", "api_calls", start, size, "7.5", 3)])
     start_ms = int(start.replace(tzinfo=UTC).timestamp() * 1000)
-    key = WindowKey("tenant-ha", "cust-ha", "api_calls", "{}", start_ms, start_ms + int(size.total_seconds() * 1000))
+    key = WindowKey(
+        "tenant-ha",
+        "cust-ha",
+        "api_calls",
+        "{}",
+        from_epoch_ms(start_ms),
+        from_epoch_ms(start_ms + int(size.total_seconds() * 1000)),
+    )
     identifier = derive_identifier(key, cfg.billing.identifier_prefix)
 
     def sent() -> bool:

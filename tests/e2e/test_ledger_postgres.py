@@ -47,7 +47,7 @@ def ledger_cfg(e2e_stack):
 
 def _window(quantity: str = "5.5", customer: str = "c1") -> ClosedWindow:
     start = (int(time.time()) - 3600) * 1000
-    return ClosedWindow("t1", customer, "tokens", "{}", start, start + 10_000, Decimal(quantity), 4, 4)
+    return ClosedWindow.from_fields(("t1", customer, "tokens", "{}", start, start + 10_000, Decimal(quantity), 4, 4))
 
 
 def test_claims_states_and_the_sent_guard(ledger_cfg):
@@ -227,8 +227,8 @@ def test_carried_values_on_postgres_follow_the_rule_once_per_delivery(ledger_cfg
 
     def delivery(i: int, quantity: Decimal, start_ms: int, customer: str = "c1"):
         return window_delivery(
-            ClosedWindow(
-                "t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1
+            ClosedWindow.from_fields(
+                ("t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1)
             ),
             "mf",
         )
@@ -285,8 +285,8 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
 
     def delivery(customer: str, i: int = 0):
         return window_delivery(
-            ClosedWindow(
-                "t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1
+            ClosedWindow.from_fields(
+                ("t1", customer, "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, quantity, 1, 1)
             ),
             "mf",
         )
@@ -298,13 +298,13 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
             conn.execute(
                 f"INSERT INTO {cfg.billing.ledger_table} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "
                 "window_start, window_end, quantity, event_count, revision, event_name, status) "
-                "VALUES (%s, 'stripe', 'window', %s, 't1', %s, 'tokens', '{}', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', to_timestamp(%s / 1000.0) AT TIME ZONE 'UTC', %s, 1, 1, 'tokens', 'pending')",
+                "VALUES (%s, 'stripe', 'window', %s, 't1', %s, 'tokens', '{}', %s, %s, %s, 1, 1, 'tokens', 'pending')",
                 (
                     f"old-{d.window.customer_id}",
                     f"old-{d.window.customer_id}",
                     d.window.customer_id,
-                    d.window.window_start_ms,
-                    d.window.window_end_ms,
+                    d.window.window_start,
+                    d.window.window_end,
                     quantity,
                 ),
             )
@@ -361,7 +361,7 @@ def test_two_ledgers_carrying_the_same_totals_at_once_add_each_quantity_once(led
 
     def delivery(customer: str, i: int):
         span = (start_ms + i * 60_000, start_ms + (i + 1) * 60_000)
-        return window_delivery(ClosedWindow("t2", customer, "tokens", "{}", *span, quantity, 1, 1), "mf")
+        return window_delivery(ClosedWindow.from_fields(("t2", customer, "tokens", "{}", *span, quantity, 1, 1)), "mf")
 
     async def carry(ledger: AsyncPostgresLedger, d) -> tuple[str, Decimal]:
         entry = await ledger.claim(d, "stripe", "tokens", retry=False)
@@ -402,8 +402,18 @@ def test_reconcile_exits_1_when_a_value_sent_breaks_the_carry(ledger_cfg):
             ids = []
             for i, q in enumerate(("0.7", "0.7", "0.7")):
                 d = window_delivery(
-                    ClosedWindow(
-                        "t9", "c9", "tokens", "{}", start_ms + i * 60_000, start_ms + (i + 1) * 60_000, Decimal(q), 1, 1
+                    ClosedWindow.from_fields(
+                        (
+                            "t9",
+                            "c9",
+                            "tokens",
+                            "{}",
+                            start_ms + i * 60_000,
+                            start_ms + (i + 1) * 60_000,
+                            Decimal(q),
+                            1,
+                            1,
+                        )
                     ),
                     "mf",
                 )
@@ -449,7 +459,7 @@ def test_tables_of_the_earlier_form_take_windows_of_two_sizes(e2e_stack):
     u, d = cfg.postgres.usage_table, cfg.billing.ledger_table
     start_ms = (int(time.time()) // 60 - 60) * 60_000
     one, five = (
-        ClosedWindow("t1", "c1", "tokens", "{}", start_ms, start_ms + size, Decimal(q), 1, 1)
+        ClosedWindow.from_fields(("t1", "c1", "tokens", "{}", start_ms, start_ms + size, Decimal(q), 1, 1))
         for size, q in ((60_000, "3"), (300_000, "8"))
     )
     legacy = f"mf-{start_ms}-{'a' * 64}"
@@ -546,7 +556,9 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
         map_customer(cfg, "t1", "c2", "cus_2")
         start_ms = (int(time.time()) // 60 - 60) * 60_000
         windows = [
-            ClosedWindow("t1", c, "tokens", "{}", start_ms + i * 10_000, start_ms + (i + 1) * 10_000, Decimal(q), 1, 1)
+            ClosedWindow.from_fields(
+                ("t1", c, "tokens", "{}", start_ms + i * 10_000, start_ms + (i + 1) * 10_000, Decimal(q), 1, 1)
+            )
             for c in ("c1", "c2")
             for i, q in enumerate(("0.7", "1.6", "2.2"))
         ]

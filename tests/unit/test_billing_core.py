@@ -14,9 +14,12 @@ from billing.identifiers import (
     format_meter_value,
 )
 from billing.retry import BackoffPolicy, TokenBucket
+from meterflow.window_row import from_epoch_ms
 from meterflow.windowing import outside_provider_window
 
-KEY = WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_660_000)
+KEY = WindowKey(
+    "tenant-1", "cust-9", "tokens", "{}", from_epoch_ms(1_767_225_600_000), from_epoch_ms(1_767_225_660_000)
+)
 
 
 def test_identifier_is_deterministic_and_short_enough():
@@ -29,11 +32,26 @@ def test_identifier_is_deterministic_and_short_enough():
 @pytest.mark.parametrize(
     "other",
     [
-        WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_660_000, 1_767_225_720_000),
-        WindowKey("tenant-1", "cust-9", "api_calls", "{}", 1_767_225_600_000, 1_767_225_660_000),
-        WindowKey("tenant-1", "cust-9", "tokens", '{"model":"a"}', 1_767_225_600_000, 1_767_225_660_000),
-        WindowKey("tenant-1c", "ust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_660_000),
-        WindowKey("tenant-1", "cust-9", "tokens", "{}", 1_767_225_600_000, 1_767_225_900_000),  # same start, 5 minutes
+        WindowKey(
+            "tenant-1", "cust-9", "tokens", "{}", from_epoch_ms(1_767_225_660_000), from_epoch_ms(1_767_225_720_000)
+        ),
+        WindowKey(
+            "tenant-1", "cust-9", "api_calls", "{}", from_epoch_ms(1_767_225_600_000), from_epoch_ms(1_767_225_660_000)
+        ),
+        WindowKey(
+            "tenant-1",
+            "cust-9",
+            "tokens",
+            '{"model":"a"}',
+            from_epoch_ms(1_767_225_600_000),
+            from_epoch_ms(1_767_225_660_000),
+        ),
+        WindowKey(
+            "tenant-1c", "ust-9", "tokens", "{}", from_epoch_ms(1_767_225_600_000), from_epoch_ms(1_767_225_660_000)
+        ),
+        WindowKey(
+            "tenant-1", "cust-9", "tokens", "{}", from_epoch_ms(1_767_225_600_000), from_epoch_ms(1_767_225_900_000)
+        ),  # same start, 5 minutes
     ],
 )
 def test_identifier_differs_for_any_other_window(other):
@@ -145,8 +163,8 @@ def test_billing_and_corrections_judge_a_window_by_the_timestamp_its_events_carr
     now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
     start = now - timedelta(days=35, hours=1)
     end = start + timedelta(days=1)
-    closed = ClosedWindow(
-        "t", "c", "tokens", "{}", int(start.timestamp() * 1000), int(end.timestamp() * 1000), Decimal(1), 1, 1
+    closed = ClosedWindow.from_fields(
+        ("t", "c", "tokens", "{}", int(start.timestamp() * 1000), int(end.timestamp() * 1000), Decimal(1), 1, 1)
     )
     refused = delivery_refusal(
         window_delivery(closed, "mf"),

@@ -37,6 +37,7 @@ from billing.identifiers import derive_correction_identifier
 from billing.whole_values import billing_period_start, carried_value
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
+from meterflow.window_row import epoch_ms, from_epoch_ms
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 START_MS = int((NOW - timedelta(hours=1)).timestamp() * 1000)
@@ -50,8 +51,8 @@ def window(
     start_ms: int = START_MS,
     revision: int = 3,
 ) -> ClosedWindow:
-    return ClosedWindow(
-        "tenant-1", customer, meter, "{}", start_ms, start_ms + 60_000, Decimal(quantity), revision, revision
+    return ClosedWindow.from_fields(
+        ("tenant-1", customer, meter, "{}", start_ms, start_ms + 60_000, Decimal(quantity), revision, revision)
     )
 
 
@@ -68,7 +69,7 @@ class FakeTime:
 
 
 def _span(w: ClosedWindow) -> tuple:
-    return (w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start_ms, w.window_end_ms)
+    return (w.tenant_id, w.customer_id, w.meter, w.dimensions_key, w.window_start, w.window_end)
 
 
 @dataclass
@@ -209,7 +210,7 @@ class MemoryLedger:
             and r["event_name"] == event_name
         ]
         return sum(
-            (Decimal(r["value"]) for r in rows if start <= r["delivery"].window.window_start_ms // 1000 < end),
+            (Decimal(r["value"]) for r in rows if start <= epoch_ms(r["delivery"].window.window_start) // 1000 < end),
             Decimal(0),
         )
 
@@ -684,7 +685,7 @@ def test_windows_of_two_sizes_that_start_together_are_two_deliveries():
     """After a change of event_time.window_size, the 5-minute window of 10:00 is not the 1-minute window of 10:00."""
     provider, ledger, t, d = setup()
     [one] = run(d.on_window(window(quantity="2")))
-    five = replace(window(quantity="7"), window_end_ms=START_MS + 300_000)
+    five = replace(window(quantity="7"), window_end=from_epoch_ms(START_MS + 300_000))
     [other] = run(d.on_window(five))
     assert isinstance(one, Sent) and isinstance(other, Sent) and one.identifier != other.identifier
     assert [e.value for e in provider.sent] == ["2", "7"]

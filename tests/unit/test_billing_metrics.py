@@ -7,8 +7,11 @@ import pytest
 from billing.deliveries import Dead, Deferred, Retry, Sent, Skipped
 from billing.identifiers import WindowKey, derive_correction_identifier, derive_identifier
 from jobs.billing_operator import backlog_sql, is_correction, outcome_metrics
+from meterflow.window_row import from_epoch_ms
 
-KEY = WindowKey("tenant-1", "cust-1", "api_calls", "", 1_700_000_000_000, 1_700_000_060_000)
+KEY = WindowKey(
+    "tenant-1", "cust-1", "api_calls", "", from_epoch_ms(1_700_000_000_000), from_epoch_ms(1_700_000_060_000)
+)
 
 
 @pytest.mark.parametrize("prefix", ["mf", "meterflow-prod", "x" * 30])

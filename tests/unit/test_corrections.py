@@ -335,7 +335,9 @@ def test_a_late_correction_is_billed_as_a_correction_of_its_window_with_its_own_
     )
     from jobs.billing_operator import is_correction
 
-    window = ClosedWindow("t1", "c1", "tokens", "{}", 1_700_000_000_000, 1_700_000_060_000, Decimal("0.75"), 2, 0)
+    window = ClosedWindow.from_fields(
+        ("t1", "c1", "tokens", "{}", 1_700_000_000_000, 1_700_000_060_000, Decimal("0.75"), 2, 0)
+    )
     first = late_correction_delivery(window, "cor-1700000000000-aa", "mf")
     assert first == late_correction_delivery(window, "cor-1700000000000-aa", "mf")
     assert (first.kind, first.window_identifier, first.quantity, first.revision) == (

@@ -7,6 +7,9 @@ import dataclasses
 import json
 import re
 import typing
+from datetime import UTC, datetime
+
+import pytest
 
 from billing.deliveries import ClosedWindow
 from jobs.billing_plan import BILLING_INPUT_COLUMNS
@@ -22,6 +25,8 @@ from meterflow.window_row import (
     ColumnKind,
     WindowColumn,
     bridge_names,
+    epoch_ms,
+    from_epoch_ms,
     names,
 )
 from sinks.corrections_schema import corrections_ddl
@@ -42,7 +47,8 @@ def test_the_closed_window_avro_schema_is_the_window_row():
 
 
 def test_the_python_rows_and_the_bridge_carry_the_window_row():
-    assert tuple(f.name for f in dataclasses.fields(ClosedWindow)) == bridge_names(WINDOW_ROW)
+    """Python's row holds the window row's columns, its times naive UTC; the bridge, their bridge form."""
+    assert tuple(f.name for f in dataclasses.fields(ClosedWindow)) == names(WINDOW_ROW)
     assert tuple(c[0] for c in CLOSED_WINDOW_COLUMNS) == bridge_names(WINDOW_ROW)
     assert BILLING_INPUT_COLUMNS[1:-1] == bridge_names(WINDOW_ROW)
     assert bridge_names(WINDOW_SPAN) == ("window_start_ms", "window_end_ms")
@@ -84,3 +90,14 @@ def test_every_kind_of_column_has_its_postgres_type_and_its_form_on_the_bridge()
     assert set(POSTGRES_TYPES) == kinds and set(BRIDGE_FORMS) == kinds
     assert {BRIDGE_FORMS[c.kind].flink for c in WINDOW_ROW if c.kind in ("timestamp", "count")} == {"BIGINT"}
     assert BRIDGE_FORMS["decimal"] == BridgeForm("STRING", "numeric"), "a quantity crosses as an exact string"
+
+
+def test_a_window_time_crosses_the_bridge_exactly_and_only_as_naive_utc():
+    """epoch ms <-> naive UTC without floats (a float round trip of 1 ms before a minute can lose it)."""
+    start = datetime(2026, 1, 1, 0, 0, 59, 999_000)
+    assert epoch_ms(start) == 1_767_225_659_999 and from_epoch_ms(1_767_225_659_999) == start
+    assert ClosedWindow.from_fields(
+        ("t", "c", "m", "{}", 1_767_225_600_000, 1_767_225_660_000, "1.5", 1, 1)
+    ).window_end == (datetime(2026, 1, 1, 0, 1))
+    with pytest.raises(TypeError):
+        epoch_ms(start.replace(tzinfo=UTC))  # an aware moment is converted first, never taken as it is
