@@ -22,6 +22,13 @@ KEY = WindowKey(
 )
 
 
+def test_an_identifier_is_the_one_the_provider_already_holds():
+    """Identifiers are stored at the provider: the same window always derives these exact bytes,
+    whatever form the window's times take in Python."""
+    key = WindowKey("tenant-1", "cust-9", "tokens", '{"model":"a"}', datetime(2026, 1, 1), datetime(2026, 1, 1, 0, 1))
+    assert derive_identifier(key) == "mf-1767225600000-1ee86abc83590d93d56a1cdde6d64803aa70b64c42ea43c8a5ed8540e9e30842"
+
+
 def test_identifier_is_deterministic_and_short_enough():
     """Same window, same identifier; within the provider's 100 characters."""
     assert derive_identifier(KEY) == derive_identifier(WindowKey(**KEY.__dict__))
