@@ -2,7 +2,8 @@
 
 ``POST /v2/billing/meter_event_stream`` takes up to 100 events per request under a meter event
 session (a token valid 15 minutes, created with the API key). The deliverer still hands over one
-delivery at a time, under its per-key lock and retries. The deliveries of a subtask that are in
+delivery at a time, with its retries; a customer's meter takes any number of events at once
+(``one_call_per_key`` is False), so only the deliveries of one window take turns. The deliveries of a subtask that are in
 flight together are gathered into one request (at most ``stripe.stream_batch_size``, waiting at
 most ``stripe.stream_linger`` for more), and each caller gets the request's outcome: accepted with
 the request id, or the request's error. ``billing.calls_per_second`` paces the requests, not the

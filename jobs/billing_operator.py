@@ -1,8 +1,8 @@
 """Billing's Flink adapters: the async function that delivers, and the retry scan that feeds it.
 
 Thin over billing/delivery.py. The async operator is applied after a keyBy on (tenant, customer,
-meter), so one subtask owns every delivery of a customer's meter, and the deliverer's key lock
-keeps them to one call at a time. ``billing.max_in_flight`` elements are handed to the event loop
+meter), so one subtask owns every delivery of a customer's meter, and on a provider that takes one
+call at a time per key (Stripe v1) the deliverer's key lock keeps them to that. ``billing.max_in_flight`` elements are handed to the event loop
 at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
 scan (in every subtask, about once a second) hands due deliveries back to the keyed stream.
 

@@ -249,6 +249,22 @@ class ScriptedProvider:
         return False
 
 
+@dataclass
+class OverlapCountingProvider(ScriptedProvider):
+    """Answers after a real sleep of ``delay`` s, counting the most sends in flight at once."""
+
+    delay: float = 0.01
+    running: int = 0
+    most: int = 0
+
+    async def send(self, event: MeterEvent) -> str:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await asyncio.sleep(self.delay)
+        self.running -= 1
+        return await super().send(event)
+
+
 def deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, share: int = 1, **billing) -> Deliverer:
     cfg = JobConfig.model_validate(
         {
@@ -448,24 +464,13 @@ def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_de
     meter are in flight together; three finals of one window arriving together still take turns, so
     each correction counts the one before it and the provider's total is the last final."""
 
-    class SlowProvider(ScriptedProvider):
-        running = 0
-        most = 0
-
-        async def send(self, event: MeterEvent) -> str:
-            SlowProvider.running += 1
-            SlowProvider.most = max(SlowProvider.most, SlowProvider.running)
-            await asyncio.sleep(0.01)
-            SlowProvider.running -= 1
-            return await super().send(event)
-
     class SlowLedger(MemoryLedger):
         async def claim(self, delivery, provider, event_name, *, retry):
             await asyncio.sleep(0.001)  # as a real ledger's round trip: others run meanwhile
             return await super().claim(delivery, provider, event_name, retry=retry)
 
     t = FakeTime()
-    ledger, provider = SlowLedger(t), SlowProvider(one_call_per_key=False)
+    ledger, provider = SlowLedger(t), OverlapCountingProvider(one_call_per_key=False, delay=0.01)
     d = Deliverer(
         JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}),
         provider,
@@ -480,7 +485,7 @@ def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_de
         return await asyncio.gather(*(d.on_window(w) for w in windows))
 
     assert all(isinstance(o, Sent) for [o] in run(many()))
-    assert SlowProvider.most == 4, "one key's windows were sent together"
+    assert provider.most == 4, "one key's windows were sent together"
 
     async def finals() -> list:
         versions = [
@@ -700,18 +705,7 @@ def test_a_crowded_key_parks_its_burst_and_the_other_keys_keep_flowing():
     ledger = MemoryLedger(t)
     ledger.customers[("tenant-1", "cust-2")] = "cus_2"
 
-    class SlowProvider(ScriptedProvider):
-        running = 0
-        most = 0
-
-        async def send(self, event: MeterEvent) -> str:
-            SlowProvider.running += 1
-            SlowProvider.most = max(SlowProvider.most, SlowProvider.running)
-            await asyncio.sleep(0.005)
-            SlowProvider.running -= 1
-            return await super().send(event)
-
-    provider = SlowProvider()
+    provider = OverlapCountingProvider(delay=0.005)
     d = Deliverer(
         JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 2}}),
         provider,
@@ -747,7 +741,7 @@ def test_a_crowded_key_parks_its_burst_and_the_other_keys_keep_flowing():
     assert sorted(e.identifier for e in provider.sent if e.provider_customer_id == "cus_1") == sorted(
         o.identifier for o in results[:10]
     ), "each once"
-    assert SlowProvider.most <= 2 and d.gate.locks == {} and d.gate.users == {} and d.parked == set()
+    assert provider.most <= 2 and d.gate.locks == {} and d.gate.users == {} and d.parked == set()
 
 
 def test_a_parked_delivery_handed_out_again_waits_once():
