@@ -39,7 +39,7 @@ import dev.meterflow.format.UsageEventDecoder;
  * (reused decoder and record, converted to the same internal row) and with Flink's own `avro`
  * format. Prints figures; asserts only that every decoder produces the same rows.
  *
- * Run with bench/decode_bench.py (builds the classpath from the udf jar and the Flink jars).
+ * Run with bench/decode_bench.py (builds the classpath from the meterflow-jvm jar and the Flink jars).
  */
 public class DecodeBench {
 

@@ -1,7 +1,7 @@
 """Decoder microbenchmark: runs bench/DecodeBench.java (one thread, in memory) and prints its table.
 
 Compares the meterflow-avro format's hand-written decoder with Avro's GenericDatumReader and with
-Flink's own ``avro`` format, on records shaped like the benchmark data set. Needs the udf jar
+Flink's own ``avro`` format, on records shaped like the benchmark data set. Needs the meterflow-jvm jar
 (scripts/setup.sh) and the Flink jars of the apache-flink wheel::
 
     .venv/bin/python -m bench.decode_bench [records] [rounds]
@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 from meterflow.local.base import REPO_ROOT
-from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR, flink_home
+from meterflow.local.flink import FLINK_CONNECTOR_JARS, JVM_JAR_DIR, flink_home
 
 SOURCE = REPO_ROOT / "bench" / "DecodeBench.java"
 
 
 def classpath() -> list[Path]:
-    """The udf jar, the Flink distribution's jars and the Avro format jar."""
+    """The meterflow-jvm jar, the Flink distribution's jars and the Avro format jar."""
     return [
-        UDF_JAR_DIR / "meterflow-udf.jar",
+        JVM_JAR_DIR / "meterflow-jvm.jar",
         *sorted((flink_home() / "lib").glob("*.jar")),
         *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")),
     ]

@@ -74,7 +74,7 @@ FRAMES = (
 
 
 def classpath() -> list[Path]:
-    """The decoder benchmark's classpath (udf jar, Flink's jars) and the Kafka connector."""
+    """The decoder benchmark's classpath (meterflow-jvm jar, Flink's jars) and the Kafka connector."""
     return [
         *decoder_classpath(),
         *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar")),

@@ -1,7 +1,7 @@
 """async-profiler in the benchmark's TaskManager: where each pipeline's CPU goes, per thread and frame.
 
 The TaskManager starts with async-profiler as a JVM agent (jar from Maven Central, see
-stack/profiler/pom.xml). It samples every thread on CPU time (``itimer``: no perf events needed)
+third_party/profiler/pom.xml). It samples every thread on CPU time (``itimer``: no perf events needed)
 and writes one collapsed-stacks file per ``chunk_s`` seconds. A pipeline's profile is the chunks
 written while it consumed; bench/flamegraph.py merges and draws them.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.flamegraph import by_thread, merge, render
 
-PROFILER_JARS = Path(__file__).resolve().parent.parent / "stack" / "profiler" / "target" / "dependency"
+PROFILER_JARS = Path(__file__).resolve().parent.parent / "third_party" / "profiler" / "target" / "dependency"
 LIBRARY = "linux-x64/libasyncProfiler.so"
 CHUNK_S = 5
 

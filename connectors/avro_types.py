@@ -99,5 +99,5 @@ def derive_columns(schema: dict[str, Any]) -> list[Column]:
 
 def derive_nullable_columns(schema: dict[str, Any]) -> list[Column]:
     """The same columns with every type nullable at every level: the meterflow-avro format's row,
-    whose fields are all NULL for a record it cannot decode (udf/ UsageEventDecoder.ROW_TYPE)."""
+    whose fields are all NULL for a record it cannot decode (jvm/ UsageEventDecoder.ROW_TYPE)."""
     return [Column(c.name, c.sql_type.replace(" NOT NULL", "")) for c in derive_columns(schema)]

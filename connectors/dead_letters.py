@@ -27,7 +27,7 @@ DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"
 CONFIRM_ABOVE = 100
 # The width of a reason in the table; the JSON output has it whole.
 REASON_WIDTH = 100
-# What udf/ CountDeadLetter appends to the reason when the payload was cut.
+# What jvm/ CountDeadLetter appends to the reason when the payload was cut.
 _PAYLOAD_CUT = re.compile(r"; payload cut to (?P<kept>\d+) of (?P<of>\d+) bytes$")
 # A schema-registry framed message: magic byte 0, then a 4-byte schema id, then the Avro body.
 _FRAME_HEADER = 5
@@ -40,7 +40,7 @@ def dead_letter_schema() -> Any:
 
 
 def kind_of(reason: str) -> str:
-    """The reason's kind, as the job counts it in metrics (udf/ ``CountDeadLetter``): the text before
+    """The reason's kind, as the job counts it in metrics (jvm/ ``CountDeadLetter``): the text before
     the first colon, trimmed, each run of other characters than ASCII letters and digits one ``_``,
     lower case. ``"unknown meter: x"`` is ``unknown_meter``; a reason without a colon is its own kind."""
     head = reason.split(":", 1)[0].strip("".join(chr(c) for c in range(0x21)))  # Java's trim(): every char <= ' '
@@ -66,7 +66,7 @@ class DeadLetter:
 
     @property
     def payload_cut(self) -> bool:
-        """Whether the job kept only the start of the message (udf/ BoundedPayload: a value longer than
+        """Whether the job kept only the start of the message (jvm/ BoundedPayload: a value longer than
         kafka.max_message_bytes, from an input topic created elsewhere). Such a payload is not what
         was sent, so it is never replayed."""
         mark = _PAYLOAD_CUT.search(self.reason)

@@ -27,7 +27,7 @@ def table_options(cfg: JobConfig) -> dict[str, str]:
     et = cfg.event_time
     options = {
         "table.local-time-zone": "UTC",
-        # Idleness is the usage source's own (jobs/source_plan.py, udf/ CatchUpIdleness): Flink's would
+        # Idleness is the usage source's own (jobs/source_plan.py, jvm/ CatchUpIdleness): Flink's would
         # mark a restored split idle before it has fetched, and the watermark would pass its backlog.
         "table.exec.source.idle-timeout": "0 ms",
         # Dedup state (event ids) expires after the horizon; window state is cleaned by the window itself.
@@ -61,8 +61,8 @@ def state_backend_options(cfg: JobConfig) -> dict[str, str]:
     return options
 
 
-COUNT_DEAD_LETTER_FUNCTION = ("count_dead_letter", "dev.meterflow.udf.CountDeadLetter")
-BOUNDED_PAYLOAD_FUNCTION = ("bounded_payload", "dev.meterflow.udf.BoundedPayload")
+COUNT_DEAD_LETTER_FUNCTION = ("count_dead_letter", "dev.meterflow.operators.CountDeadLetter")
+BOUNDED_PAYLOAD_FUNCTION = ("bounded_payload", "dev.meterflow.operators.BoundedPayload")
 DEAD_LETTER_SINK_TABLE = "dead_letter_sink"
 DEAD_LETTER_SCHEMA = AVRO_DIR / "dead_letter.avsc"
 REJECTED = "`reject_reason` IS NOT NULL"
@@ -85,8 +85,8 @@ def dead_letter_insert(
 ) -> str:
     """Route every rejected record, raw bytes and reason, to a dead-letter sink (and count it).
 
-    Bounded whatever was sent: the reason is cut to MAX_REASON_CHARS characters (udf/ CountDeadLetter)
-    and the payload to ``kafka.max_message_bytes`` bytes (udf/ BoundedPayload; only an input topic
+    Bounded whatever was sent: the reason is cut to MAX_REASON_CHARS characters (jvm/ CountDeadLetter)
+    and the payload to ``kafka.max_message_bytes`` bytes (jvm/ BoundedPayload; only an input topic
     created elsewhere with a larger limit holds longer ones), the reason saying what was cut. So a
     dead letter always fits its topic. ``source`` must have the columns of ``CLASSIFIED_VIEW``'s
     rejects: ``payload``, ``reject_reason``, ``source_topic``, ``source_partition``, ``source_offset``.
@@ -117,7 +117,7 @@ CLOSED_WINDOWS_VIEW = "closed_windows"
 def usage_windows_sink_ddl(target: JdbcTarget, flush_rows: int = 1000, flush_interval_ms: int = 200) -> str:
     """Flink's JDBC upsert sink into a usage table, at-least-once (flushes ahead of checkpoints).
 
-    The usage job does not use it: its rows go through udf/ ``UsageWindowSink``, committed with
+    The usage job does not use it: its rows go through jvm/ ``UsageWindowSink``, committed with
     the checkpoints. It remains for the benchmark's naive baseline, which measures what a plain
     PyFlink job would do.
     """
@@ -227,7 +227,7 @@ def dedup_query(source: str = USAGE_SOURCE_TABLE, columns: tuple[str, ...] = EVE
 def classify_query(cfg: JobConfig, deduped: str) -> str:
     """Each unique event with its window, the columns the lateness decision reads.
 
-    The decision itself is made once per event by the JVM classifier (udf/ ``LatenessClassifier``)
+    The decision itself is made once per event by the JVM classifier (jvm/ ``LatenessClassifier``)
     on the materialised stream, which appends ``DECISION_COLUMNS`` to each row, against a watermark
     held in checkpointed state: a SQL ``CURRENT_WATERMARK`` starts from NULL after every restore,
     so a replay could call on time an event whose window was already purged, and lose it.
@@ -261,7 +261,7 @@ _WINDOW_COLUMNS = ("dimensions_key", "window_start", "window_end")
 
 
 ROUTED_COLUMNS = (*EVENT_FIELDS, *_WINDOW_COLUMNS, *(c for c, _ in _REJECT_COLUMNS))
-# What the classifier appends to each routed row (udf/ LatenessClassifier.DECISION_COLUMNS).
+# What the classifier appends to each routed row (jvm/ LatenessClassifier.DECISION_COLUMNS).
 DECISION_COLUMNS = ("watermark", "lateness_ms", "is_late")
 CLASSIFIED_COLUMNS = (*ROUTED_COLUMNS, *DECISION_COLUMNS)
 
@@ -372,7 +372,7 @@ def closed_windows_insert() -> str:
     )
 
 
-# The window guard (udf/ WindowGuard) between the validation and the dedup: it caps the dimension
+# The window guard (jvm/ WindowGuard) between the validation and the dedup: it caps the dimension
 # combinations and the sum of |quantity| of each (tenant, customer, meter, window), and sets the
 # reject_reason of what it refuses. Its input is the validated view without its processing-time
 # attribute (a DataStream has none; the guarded view declares it again):

@@ -17,7 +17,7 @@ from meterflow.reprocess import Period, WindowTotal
 def recompute(cfg: JobConfig, period: Period, jars: Sequence[Path]) -> list[WindowTotal]:
     """Every window of the period with at least one countable event, recomputed.
 
-    ``jars``: the meterflow-avro format (udf/), the Avro library it builds on (flink-sql-avro) and the Kafka SQL connector.
+    ``jars``: the meterflow-avro format (jvm/), the Avro library it builds on (flink-sql-avro) and the Kafka SQL connector.
     """
     from pyflink.common import Configuration
     from pyflink.table import EnvironmentSettings, TableEnvironment

@@ -1,7 +1,7 @@
 """Pure generation of the usage source: Kafka values decoded by the meterflow-avro format, a plausible
 event time for the watermark, and the validation that gives every record it cannot count a reason.
 
-The format (udf/ ``dev.meterflow.format``) decodes each value once, in the Kafka source, straight into
+The format (jvm/ ``dev.meterflow.format``) decodes each value once, in the Kafka source, straight into
 Flink's internal row; a malformed value becomes a row whose fields are NULL and whose ``decode_error``
 says why, with the raw bytes alongside, so one bad message is a dead letter, never a job failure.
 """
@@ -14,12 +14,12 @@ from meterflow.config import JobConfig
 
 USAGE_SOURCE_TABLE = "usage_events"
 VALIDATED_VIEW = "validated_events"
-# The format's name, as udf/ MeterflowAvroFormatFactory registers it.
+# The format's name, as jvm/ MeterflowAvroFormatFactory registers it.
 USAGE_FORMAT = "meterflow-avro"
 # The format's registry option (MeterflowAvroFormatFactory.SCHEMA_REGISTRY_URL); Flink takes a format's
 # options prefixed with its name when the table says 'format' = 'meterflow-avro'.
 SCHEMA_REGISTRY_URL_OPTION = f"{USAGE_FORMAT}.schema-registry.url"
-# The connector and its options, as udf/ MeterflowKafkaTableFactory registers them: Flink's Kafka
+# The connector and its options, as jvm/ MeterflowKafkaTableFactory registers them: Flink's Kafka
 # connector with idleness that waits for a partition to be read up to its head.
 SOURCE_CONNECTOR = "meterflow-kafka"
 IDLE_TIMEOUT_OPTION = "meterflow.idle-timeout"
@@ -112,7 +112,7 @@ def usage_source_options(cfg: JobConfig) -> dict[str, str]:
 
     A partition stops holding the watermark after ``source_idle_timeout`` of silence only once it was
     read up to its head; one still reading its backlog (after a start, a restore, an outage) only
-    after ``source_catch_up_timeout`` (udf/ ``CatchUpIdleness``).
+    after ``source_catch_up_timeout`` (jvm/ ``CatchUpIdleness``).
     """
     et = cfg.event_time
     return {

@@ -10,7 +10,7 @@ Submit with ``meterflow submit`` or directly::
     flink run -d -py jobs/usage_job.py --config meterflow.yaml
 
 All per-event work runs in JVM operators declared as SQL (jobs/source_plan.py, jobs/plan.py) and the
-Java code in udf/ (the Avro format, functions, the window closer); the job runs no Python operator.
+Java code in jvm/ (the Avro format, functions, the window closer); the job runs no Python operator.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_environment(
 
 
 def window_sink_target(cfg: JobConfig) -> WindowSinkTarget:
-    """The Postgres usage table as udf/ UsageWindowSink sees it: the password's source, not its value."""
+    """The Postgres usage table as jvm/ UsageWindowSink sees it: the password's source, not its value."""
     if cfg.postgres.password is None:
         msg = "no Postgres password: set METERFLOW_POSTGRES_PASSWORD (or METERFLOW_POSTGRES_PASSWORD_FILE) or put it in the secrets file"
         raise ConfigError(msg)
@@ -100,7 +100,7 @@ def _to_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, Any]:
 
 
 def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The window guard (udf/ WindowGuard) on the validated records, before the dedup, registered as ``GUARDED_VIEW``.
+    """The window guard (jvm/ WindowGuard) on the validated records, before the dedup, registered as ``GUARDED_VIEW``.
 
     It sets the reject reason of an event past ``input.max_dimension_combinations`` or the largest
     window sum, so that event takes the rejected records' path (raw bytes, coordinates) and no dedup
@@ -109,7 +109,7 @@ def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     attribute the dedup orders by, and the event time as the rowtime with the source's watermarks.
     """
     rows, row_type = _to_rows(t_env, guard_input_query())
-    guard = get_gateway().jvm.dev.meterflow.udf.WindowGuard
+    guard = get_gateway().jvm.dev.meterflow.operators.WindowGuard
     et = cfg.event_time
     limits = guard(
         row_type,
@@ -132,11 +132,11 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> No
 
     Branches that read the view see one evaluation per record; reading the query itself from two
     INSERTs would evaluate it twice, and a watermark-dependent column could disagree. The
-    classifier (udf/ LatenessClassifier) holds the watermark in checkpointed state, so a restore
+    classifier (jvm/ LatenessClassifier) holds the watermark in checkpointed state, so a restore
     never judges an event against "no watermark yet" (Flink does not checkpoint watermarks).
     """
     rows, row_type = _to_rows(t_env, routed_query(cfg, GUARDED_VIEW))
-    classifier = get_gateway().jvm.dev.meterflow.udf.LatenessClassifier
+    classifier = get_gateway().jvm.dev.meterflow.operators.LatenessClassifier
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
     j_classified = classifier.apply(
         rows, row_type, classifier(*classifier_fields(), lateness_ms), "classify late or on time", "classify-lateness"
@@ -157,13 +157,13 @@ def declare_routed_views(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
 
 
 def _write_windows(stream: DataStream, target: WindowSinkTarget, *, final: bool) -> None:
-    """Window rows into Postgres, committed with the checkpoints (udf/ UsageWindowSink).
+    """Window rows into Postgres, committed with the checkpoints (jvm/ UsageWindowSink).
 
-    The sink carries where the TaskManager reads the password (udf/ Secrets), never the password.
+    The sink carries where the TaskManager reads the password (jvm/ Secrets), never the password.
     """
-    udf = get_gateway().jvm.dev.meterflow.udf
-    password = udf.Secrets(target.password_variable, target.secrets_file)
-    sink = udf.UsageWindowSink(target.url, target.user, password, usage_upsert_sql(target.table), final)
+    operators = get_gateway().jvm.dev.meterflow.operators
+    password = operators.Secrets(target.password_variable, target.secrets_file)
+    sink = operators.UsageWindowSink(target.url, target.user, password, usage_upsert_sql(target.table), final)
     name, uid = (
         ("write final windows", "write-final-windows") if final else ("write window updates", "write-window-updates")
     )
@@ -184,14 +184,14 @@ WINDOW_CHANGELOG_SCHEMA = (
 
 
 def _close_windows(changelog: DataStream, cfg: JobConfig) -> DataStream:
-    """Each window once, with its final value: the JVM closer of udf/ (dev.meterflow.udf.WindowCloser).
+    """Each window once, with its final value: the JVM closer of jvm/ (dev.meterflow.operators.WindowCloser).
 
     Declared through the Java DataStream API: one element per window update would otherwise cross
     into a Python worker, whose per-key state round trips cap the whole job at a few hundred
     windows per second. A window whose first row arrives after its close time is held for one
     checkpoint interval (its rows become visible no sooner anyway) to gather its re-fires.
     """
-    closer = get_gateway().jvm.dev.meterflow.udf.WindowCloser
+    closer = get_gateway().jvm.dev.meterflow.operators.WindowCloser
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
     hold_ms = int(cfg.flink.checkpoint_interval.total_seconds() * 1000)
     j_closed = changelog._j_data_stream.keyBy(closer.windowKey()).process(

@@ -1,6 +1,6 @@
 """The input contract: what a usage event may contain, with every limit, checked before anything is stored.
 
-The job enforces it in the JVM, in the Kafka source's format (udf/ ``dev.meterflow.format.InputContract``),
+The job enforces it in the JVM, in the Kafka source's format (jvm/ ``dev.meterflow.format.InputContract``),
 before a record is deduplicated, keyed or written anywhere; ``meterflow produce`` checks the same rules
 before it sends (``contract_violation``). tests/unit/test_input_contract.py keeps the two in step.
 

@@ -4,7 +4,7 @@
 Flink's Prometheus reporter names a metric ``flink_<scope>_<name>``: the job's own counters and
 gauges live in the operator scope (``flink_taskmanager_job_task_operator_meterflow_...``), the
 checkpoint and restart metrics in the JobManager's job scope. The job's own names here are checked
-against the places that register them (udf/ and sinks/) by tests/unit/test_metrics_catalog.py,
+against the places that register them (jvm/ and sinks/) by tests/unit/test_metrics_catalog.py,
 and the running job exposes them (tests/e2e/test_metrics.py).
 
 Pure data: no I/O.
@@ -43,14 +43,14 @@ FLINK_OPERATOR_METRICS = frozenset(
         "KafkaSourceReader_KafkaConsumer_records_lag_max",
     )
 )
-# The lateness histogram's bucket bounds (ms, inclusive), as udf/ LatenessHistogram.BUCKETS_MS: one
+# The lateness histogram's bucket bounds (ms, inclusive), as jvm/ LatenessHistogram.BUCKETS_MS: one
 # cumulative counter ``meterflow_lateness_le_<ms>`` per bound, and ``meterflow_lateness_le_inf``,
 # counting the events at most that far behind the held watermark (lateness = watermark - event time).
 LATENESS_BUCKETS_MS = (0, 1_000, 5_000, 30_000, 60_000, 300_000, 900_000, 3_600_000, 21_600_000, 86_400_000)
 LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" for b in LATENESS_BUCKETS_MS) + (
     OPERATOR_SCOPE + "meterflow_lateness_le_inf",
 )
-# The usage job's own metrics (udf/: LatenessClassifier and its LatenessHistogram, WindowCloser,
+# The usage job's own metrics (jvm/: LatenessClassifier and its LatenessHistogram, WindowCloser,
 # CountDeadLetter, UsageWindowSink's committer). ``meterflow_watermark_lag_ms`` is wall-clock now
 # minus the held watermark (0 before the first watermark); ``meterflow_window_refires`` counts the
 # updates of windows after their first fire (events within the allowed lateness).

@@ -13,9 +13,9 @@ from meterflow.config import JobConfig
 from meterflow.config_values import format_duration, parse_port_range
 
 LOOPBACK = "127.0.0.1"
-# udf/ LoopbackPrometheusReporterFactory: Flink's Prometheus reporter bound to one address (the stock
+# jvm/ LoopbackPrometheusReporterFactory: Flink's Prometheus reporter bound to one address (the stock
 # factory, org.apache.flink.metrics.prometheus.PrometheusReporterFactory, binds every interface).
-LOOPBACK_REPORTER_FACTORY = "dev.meterflow.udf.LoopbackPrometheusReporterFactory"
+LOOPBACK_REPORTER_FACTORY = "dev.meterflow.metrics.LoopbackPrometheusReporterFactory"
 REPORTER_NAME = "prom"
 FLINK_SCRAPE_JOB = "flink"
 # The corrections follower (`corrections apply --follow`, meterflow/commands/corrections_metrics.py).

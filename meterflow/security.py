@@ -2,7 +2,7 @@
 
 * Every process ``meterflow stack up`` starts listens on a loopback address only;
   :func:`exposed_listeners` names those a config would bind elsewhere.
-* The usage job's Postgres sink (udf/ ``UsageWindowSink``) is built with
+* The usage job's Postgres sink (jvm/ ``UsageWindowSink``) is built with
   :class:`WindowSinkTarget`: the variable and secrets file the TaskManager reads the password
   from, so the job graph never holds it.
 * ``psql`` runs statements built from configured names (database, role, table) and the
@@ -74,7 +74,7 @@ POSTGRES_PASSWORD_VARIABLE = next(key for key, field in SECRET_ENV_KEYS.items() 
 
 @dataclass(frozen=True)
 class WindowSinkTarget:
-    """Where udf/ UsageWindowSink writes, and where its TaskManager reads the password (not the password)."""
+    """Where jvm/ UsageWindowSink writes, and where its TaskManager reads the password (not the password)."""
 
     url: str
     table: str

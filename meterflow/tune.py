@@ -3,7 +3,7 @@
 The job's rule, replayed per Kafka partition in offset order: a partition's watermark is its highest
 event time so far minus ``watermark_delay`` (the source's ``WATERMARK FOR event_time AS event_time -
 delay``), and an event is late once the watermark has reached its window's end - 1 ms +
-``allowed_lateness`` (meterflow.windowing, the twin of udf/ WindowClose). So an event is counted on time
+``allowed_lateness`` (meterflow.windowing, the twin of jvm/ WindowClose). So an event is counted on time
 exactly when ``watermark_delay + allowed_lateness`` is at least its *need*::
 
     need = max(0, highest event time of its partition so far - (window end - 1 ms) + 1 ms)

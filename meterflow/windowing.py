@@ -36,9 +36,9 @@ def closed_through_ms(previous: int | None, watermark_ms: int | None, allowed_la
     """The highest window end judged closed so far, after a watermark under the lateness in force now.
 
     A window closes at watermark >= end - 1 ms + lateness, so at this watermark every window ending at
-    or before watermark - lateness + 1 ms is closed. Kept across restores (udf/ LatenessClassifier), it
+    or before watermark - lateness + 1 ms is closed. Kept across restores (jvm/ LatenessClassifier), it
     keeps a window closed before a savepoint closed after one, whatever the new allowed lateness.
-    ``None``: no watermark yet, nothing closed. Twin of udf/ ``WindowClose.closedThrough``.
+    ``None``: no watermark yet, nothing closed. Twin of jvm/ ``WindowClose.closedThrough``.
     """
     if watermark_ms is None:
         return previous
@@ -49,7 +49,7 @@ def closed_through_ms(previous: int | None, watermark_ms: int | None, allowed_la
 def is_late(window_end_ms: int, allowed_lateness_ms: int, watermark_ms: int | None, closed_through: int | None) -> bool:
     """An event is late iff its window is closed under the current lateness or was closed before (end <= closed-through).
 
-    Twin of udf/ ``WindowClose.isLate(end, lateness, watermark, closedThrough)``.
+    Twin of jvm/ ``WindowClose.isLate(end, lateness, watermark, closedThrough)``.
     """
     if watermark_ms is not None and is_window_closed(window_end_ms, watermark_ms, allowed_lateness_ms):
         return True

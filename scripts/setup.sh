@@ -2,11 +2,11 @@
 # Install everything meterflow needs on a fresh Debian machine (idempotent; quick when warm):
 #   - Debian packages: PostgreSQL server, Prometheus (with promtool), and a JDK + Maven if missing
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
-#   - Kafka broker and Flink connector jars from Maven Central (stack/*/pom.xml)
-#   - Apicurio Registry (a schema registry with a Confluent-compatible API) from Maven Central (stack/registry)
-#   - ZooKeeper (Flink's high availability on the local stack) from Maven Central (stack/zookeeper)
+#   - Kafka broker and Flink connector jars from Maven Central (third_party/*/pom.xml)
+#   - Apicurio Registry (a schema registry with a Confluent-compatible API) from Maven Central (third_party/registry)
+#   - ZooKeeper (Flink's high availability on the local stack) from Maven Central (third_party/zookeeper)
 #   - stripe-mock (Stripe's API-validating mock) and kubeconform (validates ops/k8s/ offline) with
-#     `go install`, into stack/bin
+#     `go install`, into third_party/bin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -55,66 +55,66 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
 fi
 
 for module in kafka flink-lib profiler; do
-  if ! ls "stack/$module/target/dependency/"*.jar >/dev/null 2>&1 || [ "stack/$module/pom.xml" -nt "stack/$module/target/dependency" ]; then
-    log "downloading jars for stack/$module from Maven Central"
-    rm -rf "stack/$module/target"
+  if ! ls "third_party/$module/target/dependency/"*.jar >/dev/null 2>&1 || [ "third_party/$module/pom.xml" -nt "third_party/$module/target/dependency" ]; then
+    log "downloading jars for third_party/$module from Maven Central"
+    rm -rf "third_party/$module/target"
     extra=(); [ "$module" = flink-lib ] && extra=(-DexcludeTransitive=true)
-    if ! (cd "stack/$module" && mvn -q -B dependency:copy-dependencies "${extra[@]}"); then
-      log "Maven download failed for stack/$module (is Maven Central reachable?)"; exit 1
+    if ! (cd "third_party/$module" && mvn -q -B dependency:copy-dependencies "${extra[@]}"); then
+      log "Maven download failed for third_party/$module (is Maven Central reachable?)"; exit 1
     fi
   fi
 done
-# The job's JVM functions (udf/): rebuilt when a source or schema is newer than the jar.
-jar=udf/target/meterflow-udf.jar
-if [ ! -f "$jar" ] || [ -n "$(find udf/src udf/pom.xml avro -newer "$jar" -type f 2>/dev/null | head -1)" ]; then
-  log "building udf/ (meterflow's Flink functions)"
-  if ! (cd udf && mvn -q -B package); then
-    log "building udf/ failed"; exit 1
+# The job's JVM functions (jvm/): rebuilt when a source or schema is newer than the jar.
+jar=jvm/target/meterflow-jvm.jar
+if [ ! -f "$jar" ] || [ -n "$(find jvm/src jvm/pom.xml avro -newer "$jar" -type f 2>/dev/null | head -1)" ]; then
+  log "building jvm/ (meterflow's Flink functions)"
+  if ! (cd jvm && mvn -q -B package); then
+    log "building jvm/ failed"; exit 1
   fi
 fi
-# >>> schema registry (stack/registry): Apicurio Registry from Maven Central, for the local stack and tests
-registry_dir=stack/registry/target/apicurio-registry
-if ! ls "$registry_dir"/apicurio-registry-app-*-runner.jar >/dev/null 2>&1 || [ stack/registry/pom.xml -nt "$registry_dir" ]; then
-  log "downloading Apicurio Registry for stack/registry from Maven Central"
-  rm -rf stack/registry/target
-  if ! (cd stack/registry && mvn -q -B dependency:copy); then
-    log "Maven download failed for stack/registry (is Maven Central reachable?)"; exit 1
+# >>> schema registry (third_party/registry): Apicurio Registry from Maven Central, for the local stack and tests
+registry_dir=third_party/registry/target/apicurio-registry
+if ! ls "$registry_dir"/apicurio-registry-app-*-runner.jar >/dev/null 2>&1 || [ third_party/registry/pom.xml -nt "$registry_dir" ]; then
+  log "downloading Apicurio Registry for third_party/registry from Maven Central"
+  rm -rf third_party/registry/target
+  if ! (cd third_party/registry && mvn -q -B dependency:copy); then
+    log "Maven download failed for third_party/registry (is Maven Central reachable?)"; exit 1
   fi
   mkdir -p "$registry_dir.tmp"
-  tar -xzf stack/registry/target/apicurio-registry-app-*-all.tar.gz -C "$registry_dir.tmp"
-  rm -f stack/registry/target/apicurio-registry-app-*-all.tar.gz
+  tar -xzf third_party/registry/target/apicurio-registry-app-*-all.tar.gz -C "$registry_dir.tmp"
+  rm -f third_party/registry/target/apicurio-registry-app-*-all.tar.gz
   mv "$registry_dir.tmp" "$registry_dir"
 fi
 # <<< schema registry
-# >>> zookeeper (stack/zookeeper): Flink's high availability on the local stack, from Maven Central
-if ! ls stack/zookeeper/target/dependency/zookeeper-*.jar >/dev/null 2>&1 || [ stack/zookeeper/pom.xml -nt stack/zookeeper/target/dependency ]; then
-  log "downloading ZooKeeper for stack/zookeeper from Maven Central"
-  rm -rf stack/zookeeper/target
-  if ! (cd stack/zookeeper && mvn -q -B dependency:copy-dependencies); then
-    log "Maven download failed for stack/zookeeper (is Maven Central reachable?)"; exit 1
+# >>> zookeeper (third_party/zookeeper): Flink's high availability on the local stack, from Maven Central
+if ! ls third_party/zookeeper/target/dependency/zookeeper-*.jar >/dev/null 2>&1 || [ third_party/zookeeper/pom.xml -nt third_party/zookeeper/target/dependency ]; then
+  log "downloading ZooKeeper for third_party/zookeeper from Maven Central"
+  rm -rf third_party/zookeeper/target
+  if ! (cd third_party/zookeeper && mvn -q -B dependency:copy-dependencies); then
+    log "Maven download failed for third_party/zookeeper (is Maven Central reachable?)"; exit 1
   fi
 fi
 # <<< zookeeper
 # stripe-mock validates every billing request against Stripe's OpenAPI specification.
 stripe_mock_version=v0.203.0
-if [ "$(cat stack/bin/.stripe-mock-version 2>/dev/null)" != "$stripe_mock_version" ]; then
+if [ "$(cat third_party/bin/.stripe-mock-version 2>/dev/null)" != "$stripe_mock_version" ]; then
   command -v go >/dev/null || { log "Go is required to install stripe-mock (go install)"; exit 1; }
   log "installing stripe-mock $stripe_mock_version (go install)"
-  mkdir -p stack/bin
-  if ! GOBIN="$root/stack/bin" go install "github.com/stripe/stripe-mock@$stripe_mock_version"; then
+  mkdir -p third_party/bin
+  if ! GOBIN="$root/third_party/bin" go install "github.com/stripe/stripe-mock@$stripe_mock_version"; then
     log "go install stripe-mock failed (is the Go module proxy reachable?)"; exit 1
   fi
-  echo "$stripe_mock_version" > stack/bin/.stripe-mock-version
+  echo "$stripe_mock_version" > third_party/bin/.stripe-mock-version
 fi
 # kubeconform validates the Kubernetes manifests of ops/k8s/ against the schemas committed beside them.
 kubeconform_version=v0.7.0
-if [ "$(cat stack/bin/.kubeconform-version 2>/dev/null)" != "$kubeconform_version" ] || [ ! -x stack/bin/kubeconform ]; then
+if [ "$(cat third_party/bin/.kubeconform-version 2>/dev/null)" != "$kubeconform_version" ] || [ ! -x third_party/bin/kubeconform ]; then
   command -v go >/dev/null || { log "Go is required to install kubeconform (go install)"; exit 1; }
   log "installing kubeconform $kubeconform_version (go install)"
-  mkdir -p stack/bin
-  if ! GOBIN="$root/stack/bin" go install "github.com/yannh/kubeconform/cmd/kubeconform@$kubeconform_version"; then
+  mkdir -p third_party/bin
+  if ! GOBIN="$root/third_party/bin" go install "github.com/yannh/kubeconform/cmd/kubeconform@$kubeconform_version"; then
     log "go install kubeconform failed (is the Go module proxy reachable?)"; exit 1
   fi
-  echo "$kubeconform_version" > stack/bin/.kubeconform-version
+  echo "$kubeconform_version" > third_party/bin/.kubeconform-version
 fi
 log "ready: $root/.venv/bin/meterflow"

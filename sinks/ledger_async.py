@@ -215,6 +215,7 @@ class AsyncPostgresLedger:
             worker,
         )
         self.lease_s = cfg.billing.retry_lease.total_seconds()
+        self.provider = cfg.billing.provider
         self._pg = cfg.postgres
         self._size = connections
         self._idle: asyncio.Queue[psycopg.AsyncConnection] | None = None
@@ -359,7 +360,7 @@ class AsyncPostgresLedger:
     ) -> Decimal:
         params = {
             "identifier": identifier,
-            "provider": "stripe",
+            "provider": self.provider,
             "provider_customer_id": provider_customer_id,
             "event_name": event_name,
             "start": start,

@@ -79,7 +79,7 @@ $$""",
     ]
 
 
-# What the job writes per window, in the order udf/ UsageWindowSink binds them.
+# What the job writes per window, in the order jvm/ UsageWindowSink binds them.
 USAGE_WRITE_COLUMNS = (*names(WINDOW_ROW), "is_final")
 
 

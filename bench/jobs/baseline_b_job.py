@@ -137,7 +137,7 @@ def main(argv: list[str]) -> None:
         Duration.of_millis(int(et.watermark_delay.total_seconds() * 1000))
     ).with_idleness(Duration.of_millis(int(et.source_idle_timeout.total_seconds() * 1000)))
     # The record timestamp is the produce time. Per-partition watermarks need the event time inside the
-    # source, where PyFlink runs no Python: read it from the raw bytes in the JVM (udf/ AvroEventTimeAssigner).
+    # source, where PyFlink runs no Python: read it from the raw bytes in the JVM (jvm/ AvroEventTimeAssigner).
     assigner = get_gateway().jvm.dev.meterflow.format.AvroEventTimeAssigner()
     watermarks = WatermarkStrategy(watermarks._j_watermark_strategy.withTimestampAssigner(assigner))
     from connectors.avro_types import USAGE_EVENT_SCHEMA

@@ -14,7 +14,7 @@ Everything lives under one project-local state directory (``stack.state_dir``, d
     .stack/prometheus/             prometheus.yml, data/, prometheus.log (meterflow/local/prometheus.py)
     .stack/stripe-mock/            stripe-mock.log, stripe-mock.pid
 
-Jars come from ``scripts/setup.sh`` (Maven Central via ``stack/*/pom.xml``); Postgres from Debian's
+Jars come from ``scripts/setup.sh`` (Maven Central via ``third_party/*/pom.xml``); Postgres from Debian's
 package; Flink is the distribution inside the ``apache-flink`` wheel. ``up`` is idempotent and
 waits until each part answers.
 """

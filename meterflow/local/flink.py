@@ -39,16 +39,16 @@ from meterflow.local.supervisor_log import replacements
 from meterflow.local.zookeeper import ZooKeeperServer, ha_cluster_id
 from meterflow.metrics_conf import flink_reporter_conf
 
-FLINK_CONNECTOR_JARS = REPO_ROOT / "stack" / "flink-lib" / "target" / "dependency"
+FLINK_CONNECTOR_JARS = REPO_ROOT / "third_party" / "flink-lib" / "target" / "dependency"
 FLINK_CONF_TEMPLATE = REPO_ROOT / "flink-conf" / "config.yaml"
-UDF_JAR_DIR = REPO_ROOT / "udf" / "target"
+JVM_JAR_DIR = REPO_ROOT / "jvm" / "target"
 
 
 def table_jobs_jars() -> list[Path]:
     """The jars a Flink table environment of this process needs for the usage source: the project's
     JVM code (the meterflow-avro format), the Avro library it builds on, and the Kafka SQL connector."""
     return [
-        *sorted(UDF_JAR_DIR.glob("*.jar")),
+        *sorted(JVM_JAR_DIR.glob("*.jar")),
         *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-avro-*.jar")),
         *sorted(FLINK_CONNECTOR_JARS.glob("flink-sql-connector-kafka-*.jar")),
     ]
@@ -171,7 +171,7 @@ class FlinkCluster:
         jars = [
             *sorted((home / "lib").glob("*.jar")),
             *require_jars(FLINK_CONNECTOR_JARS, "Flink connector"),
-            *require_jars(UDF_JAR_DIR, "meterflow UDF"),
+            *require_jars(JVM_JAR_DIR, "meterflow JVM"),
         ]
         for jar in jars:
             (self.lib_dir / jar.name).symlink_to(jar)

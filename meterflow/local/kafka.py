@@ -22,7 +22,7 @@ from meterflow.local.base import (
     wait_until,
 )
 
-KAFKA_JARS = REPO_ROOT / "stack" / "kafka" / "target" / "dependency"
+KAFKA_JARS = REPO_ROOT / "third_party" / "kafka" / "target" / "dependency"
 
 
 class KafkaBroker:

@@ -17,7 +17,7 @@ from meterflow.errors import StackError
 from meterflow.local.base import REPO_ROOT, ComponentStatus, pid_alive, port_open, require_free, stop_pid, wait_until
 from meterflow.security import is_loopback
 
-REGISTRY_HOME = REPO_ROOT / "stack" / "registry" / "target" / "apicurio-registry"
+REGISTRY_HOME = REPO_ROOT / "third_party" / "registry" / "target" / "apicurio-registry"
 # Where Apicurio serves the Confluent schema registry API (v7; the schema ids match Confluent's).
 CCOMPAT_PATH = "/apis/ccompat/v7"
 
@@ -33,7 +33,7 @@ def local_registry_port(url: str | None) -> int | None:
 
 
 class SchemaRegistry:
-    """Apicurio Registry 3 (stack/registry/pom.xml) serving the Confluent-compatible API.
+    """Apicurio Registry 3 (third_party/registry/pom.xml) serving the Confluent-compatible API.
 
     Storage is an H2 database file in the state directory, so schema ids in Kafka messages keep
     resolving after a restart, as long as the topic's data does. Started only when

@@ -17,7 +17,7 @@ from meterflow.local.base import (
     wait_until,
 )
 
-STRIPE_MOCK_BIN = REPO_ROOT / "stack" / "bin" / "stripe-mock"
+STRIPE_MOCK_BIN = REPO_ROOT / "third_party" / "bin" / "stripe-mock"
 
 
 class StripeMock:

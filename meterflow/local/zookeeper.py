@@ -26,7 +26,7 @@ from meterflow.local.base import (
     wait_until,
 )
 
-ZOOKEEPER_JARS = REPO_ROOT / "stack" / "zookeeper" / "target" / "dependency"
+ZOOKEEPER_JARS = REPO_ROOT / "third_party" / "zookeeper" / "target" / "dependency"
 HOST = "127.0.0.1"
 # Ticks of 2 s: sessions may last 4-40 s (2 and 20 ticks), so Flink's 10 s session can be granted.
 TICK_MS = 2000
@@ -60,7 +60,7 @@ def zoo_cfg(data_dir: Path, port: int) -> str:
 
 
 class ZooKeeperServer:
-    """A standalone ZooKeeper (stack/zookeeper/pom.xml) on 127.0.0.1."""
+    """A standalone ZooKeeper (third_party/zookeeper/pom.xml) on 127.0.0.1."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg

@@ -118,7 +118,7 @@ def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
 
 
 def test_job_source_plans_with_the_format_and_no_decode_function(table_env, write_config):
-    """The job's own source DDL finds the format in the udf jar and plans down to the execution graph."""
+    """The job's own source DDL finds the format in the meterflow-jvm jar and plans down to the execution graph."""
     from pyflink.table.explain_detail import ExplainDetail
 
     cfg = load_config(write_config("kafka:\n  bootstrap_servers: 127.0.0.1:9\n"), environ={})

@@ -101,10 +101,10 @@ def guarded_job(write_config, tmp_path):
     """The job's environment at parallelism 1 (one input order), with the stand-in source and the job's
     own wiring from the validation to the guard's views."""
     from jobs.usage_job import build_environment, declare_routed_views
-    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+    from meterflow.local.flink import FLINK_CONNECTOR_JARS, JVM_JAR_DIR
 
     cfg = load_config(write_config(CONFIG), environ={})
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("*.jar"))]
+    jars = [*sorted(JVM_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("*.jar"))]
     _, t_env = build_environment(cfg, {"pipeline.jars": ";".join(p.as_uri() for p in jars)})
     _stand_in_source(t_env, cfg, EVENTS, tmp_path / "events")
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))

@@ -10,9 +10,9 @@ from meterflow.config import JobConfig
 def declared_usage_job(cfg: JobConfig) -> tuple[Any, Any]:
     """The (StreamExecutionEnvironment, StreamTableEnvironment) of ``jobs/usage_job.py`` for ``cfg``, declared, not run."""
     from jobs.usage_job import build_environment, declare_pipeline
-    from meterflow.local.flink import FLINK_CONNECTOR_JARS, UDF_JAR_DIR
+    from meterflow.local.flink import FLINK_CONNECTOR_JARS, JVM_JAR_DIR
 
-    jars = [*sorted(UDF_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("*.jar"))]
+    jars = [*sorted(JVM_JAR_DIR.glob("*.jar")), *sorted(FLINK_CONNECTOR_JARS.glob("*.jar"))]
     env, t_env = build_environment(cfg, {"pipeline.jars": ";".join(p.as_uri() for p in jars)})
     declare_pipeline(t_env, cfg).attach_as_datastream()
     return env, t_env

@@ -1,4 +1,4 @@
-"""A real schema registry for tests: Apicurio Registry (stack/registry) on a free loopback port.
+"""A real schema registry for tests: Apicurio Registry (third_party/registry) on a free loopback port.
 
 ``schema_registry`` is session-scoped: one registry serves every test of the session and is stopped,
 its state removed, at the end. Its ``url`` is the Confluent-compatible API, the value for

@@ -1,6 +1,6 @@
 """The linters the code's suppressions refer to, run by the test command: ruff's rules, ruff's
 formatter and mypy, each configured once in pyproject.toml. (The Java lint is javac's
-``-Xlint:all -Werror`` in udf/pom.xml: the build that scripts/setup.sh runs fails on a warning.)"""
+``-Xlint:all -Werror`` in jvm/pom.xml: the build that scripts/setup.sh runs fails on a warning.)"""
 
 from __future__ import annotations
 
@@ -27,5 +27,5 @@ def test_the_code_passes_its_linters(command: tuple[str, ...]) -> None:
 
 
 def test_the_java_build_fails_on_any_warning() -> None:
-    pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
+    pom = (REPO_ROOT / "jvm" / "pom.xml").read_text()
     assert "<arg>-Xlint:all,-processing</arg>" in pom and pom.count("<arg>-Werror</arg>") == 2

@@ -310,12 +310,12 @@ def test_flink_conf_mount_exists(compose):
 
 
 def test_dockerfile_fetches_connector_jars():
-    """The Flink image's connector-jar step resolves stack/flink-lib/pom.xml into /opt/flink/lib."""
+    """The Flink image's connector-jar step resolves third_party/flink-lib/pom.xml into /opt/flink/lib."""
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
     build = compose["services"]["jobmanager"]["build"]
     dockerfile = (REPO_ROOT / build["context"] / build["dockerfile"]).resolve()
     text = dockerfile.read_text()
-    assert "stack/flink-lib/pom.xml" in text
+    assert "third_party/flink-lib/pom.xml" in text
     assert re.search(r"dependency:copy-dependencies\b.*-DexcludeTransitive=true", text)
     assert re.search(r"COPY --from=\S+ \S+/target/dependency/\*\.jar /opt/flink/lib/", text)
 
@@ -388,12 +388,12 @@ def test_flink_services_use_zookeeper_high_availability(compose):
 
 
 def test_flink_conf_prometheus_reporter_jar_is_in_the_image():
-    """flink-conf's Prometheus reporter comes from a jar of stack/flink-lib/pom.xml, which the image puts in /opt/flink/lib."""
+    """flink-conf's Prometheus reporter comes from a jar of third_party/flink-lib/pom.xml, which the image puts in /opt/flink/lib."""
     flink_conf = yaml.safe_load((REPO_ROOT / "flink-conf" / "config.yaml").read_text())
     prom = flink_conf["metrics"]["reporter"]["prom"]
     assert prom["factory"]["class"] == "org.apache.flink.metrics.prometheus.PrometheusReporterFactory"
     assert int(prom["port"]) > 0
-    pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()
+    pom = (REPO_ROOT / "third_party" / "flink-lib" / "pom.xml").read_text()
     assert re.search(r"<artifactId>flink-metrics-prometheus</artifactId>\s*<version>2\.3\.\d+</version>", pom)
 
 
@@ -456,28 +456,30 @@ def test_image_resolves_connector_jars_like_setup():
     setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
     assert re.search(r'\[ "\$module" = flink-lib \] && extra=\(-DexcludeTransitive=true\)', setup)
     stage = next(
-        lines for lines in _dockerfile_stages().values() if any("stack/flink-lib/pom.xml" in line for line in lines)
+        lines
+        for lines in _dockerfile_stages().values()
+        if any("third_party/flink-lib/pom.xml" in line for line in lines)
     )
     assert any(re.search(r"mvn .*dependency:copy-dependencies\b.*-DexcludeTransitive=true", line) for line in stage)
 
 
-def test_udf_stage_has_the_sources_the_jar_packages():
-    """The udf stage copies udf/'s pom and sources and avro/, which the jar packages as resources."""
-    pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
+def test_jvm_stage_has_the_sources_the_jar_packages():
+    """The JVM stage copies jvm/'s pom and sources and avro/, which the jar packages as resources."""
+    pom = (REPO_ROOT / "jvm" / "pom.xml").read_text()
     assert "<directory>${project.basedir}/../avro</directory>" in pom
     stage = next(
-        lines for lines in _dockerfile_stages().values() if any(line.startswith("COPY udf/pom.xml") for line in lines)
+        lines for lines in _dockerfile_stages().values() if any(line.startswith("COPY jvm/pom.xml") for line in lines)
     )
     copied = {line.split()[1].rstrip("/") for line in stage if line.startswith("COPY ")}
-    assert {"avro", "udf/pom.xml", "udf/src"} <= copied
+    assert {"avro", "jvm/pom.xml", "jvm/src"} <= copied
 
 
 def test_image_flink_version_matches_the_jars_and_pyflink():
     """The image's Flink, the Flink jars of both poms and the apache-flink wheel are one version."""
     base = re.search(r"^FROM flink:(\d+\.\d+\.\d+)", DOCKERFILE.read_text(), re.MULTILINE).group(1)
-    udf_pom = (REPO_ROOT / "udf" / "pom.xml").read_text()
+    udf_pom = (REPO_ROOT / "jvm" / "pom.xml").read_text()
     assert re.search(r"<flink.version>([^<]+)</flink.version>", udf_pom).group(1) == base
-    lib_pom = (REPO_ROOT / "stack" / "flink-lib" / "pom.xml").read_text()
+    lib_pom = (REPO_ROOT / "third_party" / "flink-lib" / "pom.xml").read_text()
     for artifact in ("flink-sql-avro", "flink-metrics-prometheus"):
         assert re.search(rf"<artifactId>{artifact}</artifactId>\s*<version>{re.escape(base)}</version>", lib_pom), (
             artifact

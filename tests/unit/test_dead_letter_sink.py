@@ -24,7 +24,7 @@ from meterflow.config import load_config
 from meterflow.input_contract import DEAD_LETTER_HEADROOM_BYTES, MAX_REASON_CHARS
 from tests.conftest import REPO_ROOT
 
-UDF = REPO_ROOT / "udf" / "src" / "main" / "java" / "dev" / "meterflow" / "udf"
+OPERATORS = REPO_ROOT / "jvm" / "src" / "main" / "java" / "dev" / "meterflow" / "operators"
 
 
 @pytest.fixture
@@ -83,11 +83,11 @@ def test_a_second_sink_to_the_same_topic_is_one_call_each(cfg):
 def test_the_functions_are_the_java_ones_with_the_python_limit():
     """The registered classes exist; CountDeadLetter cuts at input_contract.MAX_REASON_CHARS."""
     for _, cls in (COUNT_DEAD_LETTER_FUNCTION, BOUNDED_PAYLOAD_FUNCTION):
-        assert (UDF / f"{cls.rsplit('.', 1)[1]}.java").exists()
-    source = (UDF / "CountDeadLetter.java").read_text()
+        assert (OPERATORS / f"{cls.rsplit('.', 1)[1]}.java").exists()
+    source = (OPERATORS / "CountDeadLetter.java").read_text()
     assert int(re.search(r"MAX_REASON_CHARS = (\d+);", source).group(1)) == MAX_REASON_CHARS
     assert "public String eval(String reason, byte[] payload, int maxPayloadBytes)" in source
-    assert "public byte[] eval(byte[] payload, int maxBytes)" in (UDF / "BoundedPayload.java").read_text()
+    assert "public byte[] eval(byte[] payload, int maxBytes)" in (OPERATORS / "BoundedPayload.java").read_text()
 
 
 @pytest.mark.parametrize("max_message_bytes", [65_536, 1_048_576, 64 * 1_048_576])

@@ -107,7 +107,7 @@ def _encode(letter: DeadLetter) -> bytes:
     ],
 )
 def test_kind_is_the_text_before_the_first_colon_as_the_job_names_it(reason, kind):
-    """The same kind udf/ CountDeadLetter puts in the metric name."""
+    """The same kind jvm/ CountDeadLetter puts in the metric name."""
     assert kind_of(reason) == kind
 
 
@@ -242,7 +242,7 @@ def test_records_that_are_not_dead_letters_are_reported_apart():
 
 
 def test_a_payload_the_job_cut_is_known_by_its_reason_and_length():
-    """udf/ CountDeadLetter appends "; payload cut to N of M bytes" when BoundedPayload kept N of M."""
+    """jvm/ CountDeadLetter appends "; payload cut to N of M bytes" when BoundedPayload kept N of M."""
     cut = _letter(0, reason="malformed Avro: EOF; payload cut to 4 of 9 bytes", payload=b"abcd")
     after_cut_reason = _letter(
         1,

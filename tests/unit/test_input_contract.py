@@ -1,7 +1,7 @@
 """The input contract at each limit, and the JVM decoder kept in step with it.
 
 One table of tricky events (``contract_cases``) is the parity check: it is written, as Avro bytes
-with the reason ``contract_violation`` gives, to udf/src/test/resources/input_contract_cases.json;
+with the reason ``contract_violation`` gives, to jvm/src/test/resources/input_contract_cases.json;
 this module checks the committed file against the table, and the Java InputContractTest decodes
 every case with the job's decoder and expects the same reason. After changing the table or the
 rules, rewrite the file with ``.venv/bin/python -m tests.unit.test_input_contract``.
@@ -30,8 +30,8 @@ from meterflow.input_contract import (
 )
 from tests.conftest import REPO_ROOT
 
-JAVA = REPO_ROOT / "udf" / "src" / "main" / "java" / "dev" / "meterflow" / "format" / "InputContract.java"
-FIXTURE = REPO_ROOT / "udf" / "src" / "test" / "resources" / "input_contract_cases.json"
+JAVA = REPO_ROOT / "jvm" / "src" / "main" / "java" / "dev" / "meterflow" / "format" / "InputContract.java"
+FIXTURE = REPO_ROOT / "jvm" / "src" / "test" / "resources" / "input_contract_cases.json"
 IDS = ("event_id", "tenant_id", "customer_id", "meter")
 EPSILON = Decimal("1e-9")
 

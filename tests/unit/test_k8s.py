@@ -21,9 +21,9 @@ MANIFESTS = sorted(K8S.glob("*.yaml"))
 
 
 def _kubeconform() -> str:
-    path = shutil.which("kubeconform", path=str(REPO_ROOT / "stack" / "bin")) or shutil.which("kubeconform")
+    path = shutil.which("kubeconform", path=str(REPO_ROOT / "third_party" / "bin")) or shutil.which("kubeconform")
     if not path:
-        pytest.fail("kubeconform not found: run scripts/setup.sh (installs it with go install into stack/bin)")
+        pytest.fail("kubeconform not found: run scripts/setup.sh (installs it with go install into third_party/bin)")
     return path
 
 

@@ -19,19 +19,19 @@ from meterflow.metrics_catalog import (
 )
 from tests.conftest import REPO_ROOT
 
-UDF = REPO_ROOT / "udf" / "src" / "main" / "java" / "dev" / "meterflow" / "udf"
+OPERATORS = REPO_ROOT / "jvm" / "src" / "main" / "java" / "dev" / "meterflow" / "operators"
 
 
 def _java_registered() -> set[str]:
-    """Operator-scope names of the counters and gauges udf/ registers.
+    """Operator-scope names of the counters and gauges jvm/ registers.
 
     ``group`` is the ``meterflow`` group where a class adds one (its names get ``meterflow_``);
     ``metricGroup()`` registers in the operator's own group.
     """
     names = set()
-    for source in UDF.glob("*.java"):
+    for source in OPERATORS.glob("*.java"):
         if source.name == "LatenessHistogram.java":
-            continue  # its bucket family: test_lateness_histogram_buckets_match_udf
+            continue  # its bucket family: test_lateness_histogram_buckets_match_the_jvm_code
         text = source.read_text()
         group_prefix = "meterflow_" if re.search(r'group = .*addGroup\("meterflow"\);', text) else ""
         names |= {OPERATOR_SCOPE + group_prefix + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
@@ -40,7 +40,7 @@ def _java_registered() -> set[str]:
 
 
 def _java_lateness_buckets() -> tuple[int, ...]:
-    text = (UDF / "LatenessHistogram.java").read_text()
+    text = (OPERATORS / "LatenessHistogram.java").read_text()
     array = re.search(r"BUCKETS_MS = \{([^}]*)\}", text).group(1)
     return tuple(int(v.strip().removesuffix("L").replace("_", "")) for v in array.split(","))
 
@@ -62,20 +62,20 @@ def _python_registered() -> set[str]:
     return names
 
 
-def test_usage_job_metrics_are_the_ones_udf_registers():
-    """The catalog's usage-job names are exactly the counters and gauges of udf/ (the per-kind family aside)."""
+def test_usage_job_metrics_are_the_ones_the_jvm_code_registers():
+    """The catalog's usage-job names are exactly the counters and gauges of jvm/ (the per-kind family aside)."""
     assert _java_registered() == USAGE_JOB_METRICS
 
 
-def test_lateness_histogram_buckets_match_udf():
+def test_lateness_histogram_buckets_match_the_jvm_code():
     """The catalog's bucket bounds are LatenessHistogram's, which registers lateness_le_<bound> and lateness_le_inf in the classifier's meterflow group."""
     assert _java_lateness_buckets() == LATENESS_BUCKETS_MS
     assert list(LATENESS_BUCKETS_MS) == sorted(set(LATENESS_BUCKETS_MS))
-    histogram = (UDF / "LatenessHistogram.java").read_text()
+    histogram = (OPERATORS / "LatenessHistogram.java").read_text()
     assert (
         'group.counter("lateness_le_" + BUCKETS_MS[i])' in histogram and 'group.counter("lateness_le_inf")' in histogram
     )
-    assert "new LatenessHistogram(group)" in (UDF / "LatenessClassifier.java").read_text()
+    assert "new LatenessHistogram(group)" in (OPERATORS / "LatenessClassifier.java").read_text()
     assert len(LATENESS_BUCKET_METRICS) == len(LATENESS_BUCKETS_MS) + 1
 
 
@@ -85,7 +85,7 @@ def test_billing_job_metrics_are_the_ones_the_operator_registers():
 
 def test_dead_letter_kinds_are_a_prefix_family():
     """CountDeadLetter registers one counter per kind under meterflow.dead_letter: the catalog has its prefix."""
-    assert 'addGroup("dead_letter").counter(k)' in (UDF / "CountDeadLetter.java").read_text()
+    assert 'addGroup("dead_letter").counter(k)' in (OPERATORS / "CountDeadLetter.java").read_text()
     assert {OPERATOR_SCOPE + "meterflow_dead_letter_"} == METRIC_PREFIXES
 
 

@@ -183,7 +183,7 @@ def test_decision_columns_are_the_classifiers():
     """The columns the classified view has after the routed ones are those the Java classifier appends, in its order."""
     from tests.conftest import REPO_ROOT
 
-    java = (REPO_ROOT / "udf/src/main/java/dev/meterflow/udf/LatenessClassifier.java").read_text()
+    java = (REPO_ROOT / "jvm/src/main/java/dev/meterflow/operators/LatenessClassifier.java").read_text()
     declared = re.search(r"DECISION_COLUMNS = List\.of\(([^)]*)\)", java)
     assert declared is not None
     assert tuple(c.strip().strip('"') for c in declared.group(1).split(",")) == DECISION_COLUMNS

@@ -25,7 +25,7 @@ from connectors.avro_types import USAGE_EVENT_SCHEMA, load_schema
 from jobs.source_plan import SCHEMA_REGISTRY_URL_OPTION, kafka_source_options, usage_source_ddl
 from meterflow.config import load_config
 
-# The same values udf/ WriterSchemasTest asserts with Avro's Java SchemaNormalization: the two agree.
+# The same values jvm/ WriterSchemasTest asserts with Avro's Java SchemaNormalization: the two agree.
 FINGERPRINTS = {1: "f95e3719ae243584", 2: "2fbfd7beb502e9a4"}
 
 EVENT = {

@@ -115,11 +115,11 @@ def test_window_sink_target_carries_the_source_not_the_password(write_config, tm
 
 
 def test_usage_job_builds_the_sink_from_the_target():
-    """jobs/usage_job.py hands UsageWindowSink a udf/ Secrets, not a password string."""
+    """jobs/usage_job.py hands UsageWindowSink a jvm/ Secrets, not a password string."""
     source = (REPO_ROOT / "jobs" / "usage_job.py").read_text()
     call = re.search(r"UsageWindowSink\((.*?)\)\n", source).group(1)
     assert "password" in call and ".password)" not in source
-    assert "udf.Secrets(target.password_variable, target.secrets_file)" in source
+    assert "operators.Secrets(target.password_variable, target.secrets_file)" in source
     assert "get_secret_value" not in source
 
 

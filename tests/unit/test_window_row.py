@@ -1,5 +1,5 @@
 """The window row is declared once (meterflow/window_row.py): every other spelling of it derives
-from it or is held against it here (the Java closer's: tests/unit/test_udf_contract.py)."""
+from it or is held against it here (the Java closer's: tests/unit/test_jvm_contract.py)."""
 
 from __future__ import annotations
 

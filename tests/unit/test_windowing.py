@@ -1,7 +1,7 @@
 """Window math matches Flink's TUMBLE: epoch-aligned, end exclusive, closes at end - 1 ms + lateness.
 
 The lateness rule across config changes (``LATENESS_CASES``) is the parity check with the JVM: it
-is written to udf/src/test/resources/lateness_rule_cases.json, which this module checks against the
+is written to jvm/src/test/resources/lateness_rule_cases.json, which this module checks against the
 table and the Java WindowCloseTest evaluates with ``WindowClose``. After changing the table, rewrite
 the file with ``.venv/bin/python -m tests.unit.test_windowing``.
 """
@@ -24,7 +24,7 @@ from meterflow.windowing import (
 )
 from tests.conftest import REPO_ROOT
 
-FIXTURE = REPO_ROOT / "udf" / "src" / "test" / "resources" / "lateness_rule_cases.json"
+FIXTURE = REPO_ROOT / "jvm" / "src" / "test" / "resources" / "lateness_rule_cases.json"
 
 
 @pytest.mark.parametrize(

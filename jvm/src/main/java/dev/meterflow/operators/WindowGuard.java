@@ -1,0 +1,243 @@
+package dev.meterflow.operators;
+
+import java.math.BigDecimal;
+import java.time.Instant;
+
+import org.apache.flink.api.common.functions.OpenContext;
+import org.apache.flink.api.common.state.MapState;
+import org.apache.flink.api.common.state.MapStateDescriptor;
+import org.apache.flink.api.common.state.ValueState;
+import org.apache.flink.api.common.state.ValueStateDescriptor;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.api.java.functions.KeySelector;
+import org.apache.flink.api.java.tuple.Tuple3;
+import org.apache.flink.streaming.api.datastream.DataStream;
+import org.apache.flink.streaming.api.datastream.SingleOutputStreamOperator;
+import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
+import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.RowData;
+import org.apache.flink.table.data.StringData;
+import org.apache.flink.table.types.logical.RowType;
+import org.apache.flink.util.Collector;
+
+/**
+ * Caps what one (tenant, customer, meter, window) can make the job hold: at most {@code
+ * maxCombinations} distinct dimension keys (rows, closer state, closed-window records and provider
+ * calls per window), and a sum of |quantity| of at most {@link #MAX_WINDOW_ABS_SUM}, the largest
+ * decimal(38, 9), so the window's SUM can never overflow (Flink would return NULL and the NOT NULL
+ * column would restart the job forever). The sum is over all the window's dimension keys, so it
+ * bounds every row's; it is kept for every meter, whatever its aggregation (an event's |quantity| is
+ * at most 10^15 by the input contract, so only a window of 10^14 such events gets near it).
+ *
+ * <p>It runs on the validated records, before the dedup: a refused event takes no dedup state, so
+ * once the limit is raised, replaying its dead letter counts it. Input: the validated view's columns
+ * (jobs/plan.py GUARD_INPUT_COLUMNS), rejected records included. A record already rejected passes
+ * untouched, keyed by its Kafka coordinates. An event is refused when its dimension key is new and
+ * its window already has {@code maxCombinations}, or when it would take the sum of |quantity| past
+ * the limit; a refused event adds nothing to the state and leaves as the same record with its
+ * {@code reject_reason} set, so it takes the rejected records' path to the dead-letter topic with its
+ * raw bytes and Kafka coordinates. Everything else passes unchanged, with its timestamp; watermarks
+ * pass through.
+ *
+ * <p>Copies of one event all count towards the state (the dedup comes after): a copy of an admitted
+ * event has its dimension key, so it is admitted and then dropped by the dedup; its quantity adds to
+ * the sum, which keeps the cap conservative. Late events count towards their window's state until
+ * it closes; after that a fresh state, cleared at the next watermark, judges them.
+ *
+ * <p>State per key, cleared by an event-time timer at the window's close ({@link WindowClose}): one
+ * value (sum, number of combinations, the first dimension key) read and written per event, and a map
+ * of the further dimension keys, read only for an event whose key is not the first. Most windows
+ * have one dimension key (every meter without group_by), so they never touch the map. The decisions
+ * depend only on the state and the input order per key: a restore from a checkpoint decides alike.
+ */
+public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> {
+    private static final long serialVersionUID = 1L;
+
+    /** The largest decimal(38, 9): 10^29 - 10^-9. */
+    public static final BigDecimal MAX_WINDOW_ABS_SUM = new BigDecimal("99999999999999999999999999999.999999999");
+    public static final int PRECISION = 38;
+    public static final int SCALE = 9;
+
+    private final RowType inputType;
+    private final int tenantField;
+    private final int customerField;
+    private final int meterField;
+    private final int quantityField;
+    private final int eventTimeField;
+    private final int dimensionsKeyField;
+    private final int rejectField;
+    private final int topicField;
+    private final int partitionField;
+    private final int offsetField;
+
+    private final int maxCombinations;
+    private final BigDecimal maxAbsSum;
+    private final long windowSizeMs;
+    private final long allowedLatenessMs;
+
+    /** (sum of |quantity| admitted, number of dimension keys admitted, the first of them). */
+    private transient ValueState<Tuple3<BigDecimal, Integer, String>> window;
+    /** The admitted dimension keys after the first. */
+    private transient MapState<String, Boolean> moreKeys;
+    private transient ValueState<Long> windowEnd;
+    private transient RowData.FieldGetter[] getters;
+
+    /**
+     * @param inputType the validated rows' type (jobs/plan.py GUARD_INPUT_COLUMNS)
+     * @param maxCombinations input.max_dimension_combinations
+     * @param windowSizeMs event_time.window_size
+     * @param allowedLatenessMs the window aggregate's allowed lateness: the state lives until the window closes
+     */
+    public WindowGuard(RowType inputType, int maxCombinations, long windowSizeMs, long allowedLatenessMs) {
+        this(inputType, maxCombinations, windowSizeMs, allowedLatenessMs, MAX_WINDOW_ABS_SUM);
+    }
+
+    /** With another sum limit, for tests at the boundary without 10^14 events. */
+    WindowGuard(RowType inputType, int maxCombinations, long windowSizeMs, long allowedLatenessMs, BigDecimal maxAbsSum) {
+        if (maxCombinations < 1) {
+            throw new IllegalArgumentException("max_dimension_combinations must be at least 1, got " + maxCombinations);
+        }
+        if (windowSizeMs < 1) {
+            throw new IllegalArgumentException("window size must be positive, got " + windowSizeMs + " ms");
+        }
+        this.inputType = inputType;
+        tenantField = field(inputType, "tenant_id");
+        customerField = field(inputType, "customer_id");
+        meterField = field(inputType, "meter");
+        quantityField = field(inputType, "quantity");
+        eventTimeField = field(inputType, "event_time");
+        dimensionsKeyField = field(inputType, "dimensions_key");
+        rejectField = field(inputType, "reject_reason");
+        topicField = field(inputType, "source_topic");
+        partitionField = field(inputType, "source_partition");
+        offsetField = field(inputType, "source_offset");
+        this.maxCombinations = maxCombinations;
+        this.maxAbsSum = maxAbsSum;
+        this.windowSizeMs = windowSizeMs;
+        this.allowedLatenessMs = allowedLatenessMs;
+    }
+
+    private static int field(RowType type, String name) {
+        int index = type.getFieldIndex(name);
+        if (index < 0) {
+            throw new IllegalArgumentException("the window guard reads column " + name + ", not in " + type);
+        }
+        return index;
+    }
+
+    /** The validated rows keyed by window (rejects by their coordinates) through the guard: rows of the input's type. */
+    public static SingleOutputStreamOperator<RowData> apply(DataStream<RowData> validated, WindowGuard guard, String name, String uid) {
+        TypeInformation<RowData> type = validated.getType();
+        return validated.keyBy(guard.windowKey(), Types.STRING).process(guard, type).name(name).uid(uid);
+    }
+
+    @Override
+    public void open(OpenContext openContext) {
+        TypeInformation<Tuple3<BigDecimal, Integer, String>> summary = Types.TUPLE(Types.BIG_DEC, Types.INT, Types.STRING);
+        window = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window", summary));
+        moreKeys = getRuntimeContext().getMapState(new MapStateDescriptor<>("guard-more-dimension-keys", Types.STRING, Types.BOOLEAN));
+        // The window's end, so a timer restored from a savepoint taken under a lower allowed lateness
+        // can move to the close time under the current one (a savepoint without it restores none).
+        windowEnd = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window-end", Types.LONG));
+        getters = new RowData.FieldGetter[inputType.getFieldCount()];
+        for (int i = 0; i < getters.length; i++) {
+            getters[i] = RowData.createFieldGetter(inputType.getTypeAt(i), i);
+        }
+    }
+
+    @Override
+    public void processElement(RowData row, Context ctx, Collector<RowData> out) throws Exception {
+        if (!row.isNullAt(rejectField)) {
+            out.collect(row);
+            return;
+        }
+        String key = row.getString(dimensionsKeyField).toString();
+        BigDecimal quantity = row.getDecimal(quantityField, PRECISION, SCALE).toBigDecimal().abs();
+        Tuple3<BigDecimal, Integer, String> held = window.value();
+        BigDecimal sum = held == null ? quantity : held.f0.add(quantity);
+        boolean newKey = held != null && !key.equals(held.f2) && !moreKeys.contains(key);
+        if (newKey && held.f1 >= maxCombinations) {
+            out.collect(refused(row, "dimension combinations: window " + windowOf(row) + " already has " + held.f1 + " combinations (input.max_dimension_combinations)"));
+            return;
+        }
+        if (sum.compareTo(maxAbsSum) > 0) {
+            out.collect(refused(row, "window quantity overflow: window " + windowOf(row) + ": sum of |quantity| would pass " + maxAbsSum.toPlainString() + " (decimal(38, 9))"));
+            return;
+        }
+        if (held == null) {
+            long end = windowStart(row) + windowSizeMs;
+            window.update(Tuple3.of(sum, 1, key));
+            windowEnd.update(end);
+            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(end, allowedLatenessMs));
+        } else if (newKey) {
+            moreKeys.put(key, true);
+            window.update(Tuple3.of(sum, held.f1 + 1, held.f2));
+        } else if (quantity.signum() != 0) {
+            window.update(Tuple3.of(sum, held.f1, held.f2));
+        }
+        out.collect(row);
+    }
+
+    @Override
+    public void onTimer(long timestamp, OnTimerContext ctx, Collector<RowData> out) throws Exception {
+        Long end = windowEnd.value();
+        if (end != null && timestamp < WindowClose.closeTime(end, allowedLatenessMs)) {
+            // Registered under a lower allowed lateness before a restore: the window is still open.
+            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(end, allowedLatenessMs));
+            return;
+        }
+        // The window closed downstream at this watermark: no on-time event of it can come any more.
+        window.clear();
+        moreKeys.clear();
+        windowEnd.clear();
+    }
+
+    private long windowStart(RowData row) {
+        long eventMs = row.getTimestamp(eventTimeField, 3).getMillisecond();
+        return eventMs - Math.floorMod(eventMs, windowSizeMs);
+    }
+
+    /** "<window start ISO> of tenant/customer/meter": ids are at most 64-128 bytes by the input contract. */
+    private String windowOf(RowData row) {
+        return Instant.ofEpochMilli(windowStart(row)) + " of " + row.getString(tenantField) + "/" + row.getString(customerField) + "/" + row.getString(meterField);
+    }
+
+    /** A copy of the record with its reason set (the input row may be reused by the caller: object reuse is on). */
+    private RowData refused(RowData row, String reason) {
+        GenericRowData copy = new GenericRowData(row.getRowKind(), getters.length);
+        for (int i = 0; i < getters.length; i++) {
+            copy.setField(i, getters[i].getFieldOrNull(row));
+        }
+        copy.setField(rejectField, StringData.fromString(reason));
+        return copy;
+    }
+
+    /**
+     * (tenant, customer, meter, window start ms) of an event, joined with a separator no id contains
+     * (the input contract bars control characters); a rejected record's Kafka coordinates, which
+     * spread rejects over the subtasks.
+     */
+    static final class WindowKey implements KeySelector<RowData, String> {
+        private static final long serialVersionUID = 1L;
+        private final WindowGuard guard;
+
+        WindowKey(WindowGuard guard) {
+            this.guard = guard;
+        }
+
+        @Override
+        public String getKey(RowData row) {
+            if (!row.isNullAt(guard.rejectField)) {
+                return "\u0001" + row.getString(guard.topicField) + "\u0000" + row.getInt(guard.partitionField) + "\u0000" + row.getLong(guard.offsetField);
+            }
+            return row.getString(guard.tenantField) + "\u0000" + row.getString(guard.customerField) + "\u0000" + row.getString(guard.meterField)
+                    + "\u0000" + guard.windowStart(row);
+        }
+    }
+
+    /** The key the guard's input is partitioned by. */
+    KeySelector<RowData, String> windowKey() {
+        return new WindowKey(this);
+    }
+}
