@@ -7,7 +7,8 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
   every delivery of that key runs under the key's lock; the job keys its stream by the same triple,
   so one subtask owns each key. For any other provider only the deliveries of one window take
   turns: a changed final's correction is computed against what the window's earlier deliveries
-  recorded, so two of them must not compute it at once.
+  recorded, so two of them must not compute it at once (where turns are per key, a final parked
+  for its key computes its correction under the window's own lock for the same reason).
 * **A failure never waits in the operator**: the delivery is marked ``failed`` with its next
   attempt time (backoff with jitter, at least ``Retry-After``) and the ledger's retry scan hands it
   out again then. The key backs off too: deliveries of a key that is backing off are deferred to
@@ -16,6 +17,8 @@ the tests, with the provider, the ledger, the clock and the sleep injected. Rule
   delivery, or per request for a provider that gathers deliveries into requests (``Provider.pace_requests``).
 * **Past the provider's dedup window** a delivery is checked against the provider's totals before
   any resend (billing/deliveries.py, judge_provider_totals); the decision is recorded in the ledger.
+  The check holds its key: where a key's calls run at once, those under way are recorded first and
+  new ones wait (``KeyGate.call``), so the provider and the ledger are compared with nothing between.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -123,9 +126,39 @@ class KeyGate:
     users: dict[Hashable, int] = field(default_factory=dict)
     not_before: dict[Hashable, float] = field(default_factory=dict)
     slots: dict[Hashable, float] = field(default_factory=dict)  # per key: the last turn handed to a parked delivery
+    # Where a key's calls run at once (not one_call_per_key): its calls between send and outcome, and
+    # who waits for none to be left (a check of the provider's totals, which holds the key's lock).
+    calling: dict[Hashable, int] = field(default_factory=dict)
+    drain_waiters: dict[Hashable, list[asyncio.Future]] = field(default_factory=dict)
 
     def lock(self, key: Hashable) -> _KeyLock:
         return _KeyLock(self, key)
+
+    @contextlib.asynccontextmanager
+    async def call(self, key: Hashable) -> AsyncIterator[None]:
+        """One of a key's concurrent calls, from send to recorded outcome. It starts only while no
+        check holds the key's lock, so the check reads the provider and the ledger with nothing of
+        the key in between."""
+        while (held := self.locks.get(key)) is not None and held.locked():
+            async with self.lock(key):
+                pass
+        self.calling[key] = self.calling.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self.calling[key] -= 1
+            if not self.calling[key]:
+                del self.calling[key]
+                for waiter in self.drain_waiters.pop(key, []):
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    async def drained(self, key: Hashable) -> None:
+        """Wait until none of the key's calls is between send and outcome (hold the key's lock first)."""
+        while self.calling.get(key):
+            waiter = asyncio.get_running_loop().create_future()
+            self.drain_waiters.setdefault(key, []).append(waiter)
+            await waiter
 
     def crowded(self, key: Hashable, limit: int) -> bool:
         """Whether the key already holds ``limit`` deliveries (calling or waiting for its lock)."""
@@ -236,13 +269,14 @@ class Deliverer:
     async def on_window(self, window: ClosedWindow) -> list[Outcome]:
         """A closed window from the stream: its own delivery, then a correction if its final value changed.
 
-        When its key already holds ``billing.max_held_per_key`` deliveries, the window is recorded
-        and parked for the retry scan instead of waiting here, where it would take an in-flight
-        slot from every other customer.
+        Where turns are per key (v1) and its key already holds ``billing.max_held_per_key``
+        deliveries, the window is recorded and parked instead of waiting here, where it would take
+        an in-flight slot from every other customer. Where turns are per window, only the window's
+        own deliveries are ahead of it, and it waits for them: its correction must count theirs.
         """
-        if self.gate.crowded(self.turn(window), self.max_held_per_key):
+        if self.one_call_per_key and self.gate.crowded(self.turn(window), self.max_held_per_key):
             return await self._park_window(window)
-        async with self.gate.lock(self.turn(window)):
+        async with self.gate.lock(self.turn(window)), self._finals_of(window):
             delivery = window_delivery(window, self.prefix)
             entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
             outcomes = [await self._attempt(as_recorded(delivery, entry), entry)]
@@ -280,9 +314,18 @@ class Deliverer:
                 continue
             return outcome
 
+    def _finals_of(self, window: ClosedWindow) -> contextlib.AbstractAsyncContextManager:
+        """One final of a window at a time is compared with what the window recorded (its correction
+        counts the corrections before it). Where the window is the turn, its turn is that already."""
+        return self.gate.lock(("finals", window.key)) if self.one_call_per_key else contextlib.nullcontext()
+
     # -- parking a crowded key's deliveries ------------------------------------------------------
     async def _park_window(self, window: ClosedWindow) -> list[Outcome]:
         """Record the window (and the correction its new final needs) and park both for the key's turn."""
+        async with self._finals_of(window):
+            return await self._record_and_park(window)
+
+    async def _record_and_park(self, window: ClosedWindow) -> list[Outcome]:
         delivery = window_delivery(window, self.prefix)
         entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(window), retry=False)
         recorded = as_recorded(delivery, entry)
@@ -357,10 +400,29 @@ class Deliverer:
         except DeliveryRejected as e:
             await self.ledger.mark_rejected(identifier, str(e))
             return Dead(identifier, str(e), entry.attempts)
-        if beyond_dedup_window(entry.first_attempt_at, now, self.dedup_window):
-            checked = await self._check_provider(delivery, entry, event)
-            if checked is not None:
-                return checked
+        if not beyond_dedup_window(entry.first_attempt_at, now, self.dedup_window):
+            return await self._send(key, entry, event)
+        if self.one_call_per_key:  # the key's turn is held: nothing of the key is in flight
+            return await self._check_then_send(delivery, entry, event)
+        # The provider's total covers the key's other calls too: hold them off, and wait for those under way.
+        async with self.gate.lock(key):
+            await self.gate.drained(key)
+            return await self._check_then_send(delivery, entry, event)
+
+    async def _check_then_send(self, delivery: Delivery, entry: LedgerEntry, event: MeterEvent) -> Outcome:
+        """With the key held (its turn, or its lock once its calls are drained): ask, then send if absent."""
+        checked = await self._check_provider(delivery, entry, event)
+        return checked if checked is not None else await self._call(self.key(delivery.window), entry, event)
+
+    async def _send(self, key: tuple, entry: LedgerEntry, event: MeterEvent) -> Outcome:
+        """One call, its outcome recorded before a check of the key's totals may read the ledger."""
+        if self.one_call_per_key:
+            return await self._call(key, entry, event)
+        async with self.gate.call(key):
+            return await self._call(key, entry, event)
+
+    async def _call(self, key: tuple, entry: LedgerEntry, event: MeterEvent) -> Outcome:
+        identifier = event.identifier
         total_attempts = entry.attempts + 1
         wait = 0.0 if self.paced_by_provider else self.rate.reserve()
         if wait > 0:

@@ -462,7 +462,9 @@ def test_one_call_at_a_time_per_key_while_other_keys_run_together():
 def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_deliveries_take_turns():
     """A provider that takes a key's events at once (the v2 stream): four windows of one customer and
     meter are in flight together; three finals of one window arriving together still take turns, so
-    each correction counts the one before it and the provider's total is the last final."""
+    each correction counts the one before it and the provider's total is the last final. The third
+    finds its window holding max_held_per_key (2) deliveries and waits for them instead of parking:
+    a parked final would compute its correction beside the others."""
 
     class SlowLedger(MemoryLedger):
         async def claim(self, delivery, provider, event_name, *, retry):
@@ -472,7 +474,7 @@ def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_de
     t = FakeTime()
     ledger, provider = SlowLedger(t), OverlapCountingProvider(one_call_per_key=False, delay=0.01)
     d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}),
+        JobConfig.model_validate({"billing": {"enabled": True}}),
         provider,
         ledger,
         clock=t.clock,
@@ -497,6 +499,44 @@ def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_de
     sent = [e for e in provider.sent if e.timestamp == (START_MS - 60_000) // 1000]
     assert sum(Decimal(e.value) for e in sent) == 8 and len({e.identifier for e in sent}) == len(sent)
     assert d.gate.locks == {} and d.gate.users == {}
+
+
+def test_with_one_call_per_key_a_parked_final_computes_its_correction_after_the_final_before_it():
+    """Stripe v1: a window is sent with 3; then its final 5 takes the key's turn, another window of
+    the key waits behind it, and the final 8 arrives: the key holds two (max_held_per_key), so 8 is
+    recorded and parked. Its correction is computed only once 5 has recorded its own (+2), so it is
+    +3 and the provider's total for the window is 8, not 10."""
+
+    class SlowLedger(MemoryLedger):
+        async def claim(self, delivery, provider, event_name, *, retry):
+            await asyncio.sleep(0.001)  # as a real ledger's round trip: others run meanwhile
+            return await super().claim(delivery, provider, event_name, retry=retry)
+
+    t = FakeTime()
+    ledger, provider = SlowLedger(t), OverlapCountingProvider(delay=0.005)
+    d = Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
+    run(d.on_window(window(quantity="3", revision=1)))
+
+    async def finals() -> None:
+        other = window(quantity="1", start_ms=START_MS + 60_000)
+        await asyncio.gather(
+            d.on_window(window(quantity="5", revision=2)),
+            d.on_window(other),
+            d.on_window(window(quantity="8", revision=3)),
+        )
+        await d.drain()
+
+    run(finals())
+    own = [e for e in provider.sent if e.timestamp == START_MS // 1000]
+    assert [e.value for e in own] == ["3", "2", "3"], "+2 for 5, then +3 for 8"
+    assert provider.most == 1 and d.gate.locks == {} and d.parked == set()
 
 
 def test_a_changed_final_after_sending_becomes_a_correction_with_its_own_identifier():
@@ -576,6 +616,82 @@ def test_past_the_dedup_window_the_provider_is_asked_first():
         isinstance(resent, Sent) and len(provider2.sent) == 2 and ledger2.checks[-1].startswith("not at the provider")
     )
     assert ledger2.rows[dead2.identifier]["first_attempt_at"] == t2.now, "the resend restarts the dedup window"
+
+
+def test_where_a_keys_calls_run_at_once_a_check_of_its_totals_sees_none_of_them_half_recorded():
+    """Past the dedup window the provider's total for the minute is compared with the ledger. On the
+    v2 stream a customer's calls run at once: a check must not read the provider while another call
+    of the key was accepted but not yet recorded (equal values would read as "found" and never be
+    sent). The check holds the key: calls under way finish first, new ones wait for it."""
+
+    @dataclass
+    class SummingProvider(OverlapCountingProvider):
+        accepted: list = field(default_factory=list)
+        in_flight_at_checks: list = field(default_factory=list)
+
+        async def send(self, event: MeterEvent) -> str:
+            answer = await super().send(event)  # raises what the script says
+            self.accepted.append(event)
+            return answer
+
+        async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
+            await asyncio.sleep(0.02)  # the summary's round trip
+            self.in_flight_at_checks.append(self.running)
+            return sum(
+                (
+                    Decimal(e.value)
+                    for e in self.accepted
+                    if e.provider_customer_id == provider_customer_id and start <= e.timestamp < end
+                ),
+                Decimal(0),
+            )
+
+    class SlowToRecord(MemoryLedger):
+        async def mark_sent(self, identifier, event, response_id, attempts):
+            await asyncio.sleep(0.05)  # the outcome's batch
+            await super().mark_sent(identifier, event, response_id, attempts)
+
+    def of(dims: str) -> ClosedWindow:
+        return replace(window(quantity="2"), dimensions_key=dims)  # one minute, equal values
+
+    async def later(delay: float, coro):
+        await asyncio.sleep(delay)
+        return await coro
+
+    t = FakeTime()
+    ledger, provider = SlowToRecord(t), SummingProvider(one_call_per_key=False, delay=0.05)
+    d = Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
+    provider.script = [ProviderError("unavailable", status=503, retryable=True)] * 2
+    [a] = run(d.on_window(of('{"d":"a"}')))
+    t.now += 1  # past the key's back-off
+    [b] = run(d.on_window(of('{"d":"b"}')))
+    assert isinstance(a, Retry) and isinstance(b, Retry)
+    t.now += DAY + 60  # both first tried more than a day ago
+
+    async def both() -> list:
+        # a fresh call of the key under way while a's check starts; b's check while a's call is
+        # accepted but not yet recorded
+        return await asyncio.gather(
+            d.on_window(of('{"d":"c"}')), later(0.06, d.on_retry(a.identifier)), later(0.2, d.on_retry(b.identifier))
+        )
+
+    [[fresh], resent_a, resent_b] = run(both())
+    assert provider.in_flight_at_checks == [0, 0], (fresh, resent_a, resent_b, ledger.checks)
+    assert all(isinstance(o, Sent) and o.response_id != "found-at-provider" for o in (fresh, resent_a, resent_b)), (
+        fresh,
+        resent_a,
+        resent_b,
+        ledger.checks,
+    )
+    assert sorted(e.identifier for e in provider.accepted) == sorted([fresh.identifier, a.identifier, b.identifier])
+    assert d.gate.locks == {} and d.gate.calling == {}
 
 
 def test_provider_totals_verdicts_and_the_summary_range():
