@@ -129,9 +129,10 @@ def carry_value_sql(ledger_table: str, carry_table: str) -> str:
 
     The deliveries' rows are locked first, in identifier order, and checked again after the wait,
     so two attempts can't both add the same quantity. The deliveries of one total in one statement
-    are added to it once, together, each taking the units it completes in identifier order; the
-    totals are locked in key order, so two statements that share totals wait for each other
-    instead of deadlocking, and the total's row lock orders them.
+    are added to it once, together, each taking the units it completes in identifier order. The
+    totals are inserted in key order, so two statements that share totals take their row locks in
+    the same order and one waits for the other (Postgres inserts in the SELECT's order; should two
+    batches deadlock anyway, Postgres aborts one and it is written again statement by statement).
     """
     d, k = check_identifier(ledger_table), check_identifier(carry_table)
     total_key = "provider, tenant_id, customer_id, meter, period_start"
