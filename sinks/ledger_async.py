@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, cast
 
 import psycopg
 
@@ -380,33 +381,11 @@ class AsyncPostgresLedger:
 
 
 def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:
-    (
-        identifier,
-        kind,
-        status,
-        attempts,
-        quantity,
-        revision,
-        first_attempt_at,
-        customer,
-        corrections_total,
-        corrections_revision,
-        value,
-    ) = row
-    return LedgerEntry(
-        identifier,
-        kind,
-        status,
-        attempts,
-        quantity,
-        revision,
-        first_attempt_at,
-        customer,
-        Decimal(corrections_total),
-        int(corrections_revision),
-        claimed,
-        value,
-    )
+    """A state row (ledger_schema's state columns: LedgerEntry's first eight fields, then the
+    window's corrections total and revision, then the fixed value) as an entry."""
+    state = cast("tuple[Any, Any, Any, Any, Any, Any, Any, Any]", row[:8])
+    corrections_total, corrections_revision, value = row[8:]
+    return LedgerEntry(*state, Decimal(corrections_total), int(corrections_revision), claimed, value)
 
 
 def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int, scanner: str = "retry-scan") -> list[tuple]:

@@ -278,6 +278,19 @@ def deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, sha
     return Deliverer(cfg, provider, ledger, clock=t.clock, sleep=t.sleep, rng=lambda: 1.0, share=share)
 
 
+def concurrent_deliverer(provider: ScriptedProvider, ledger: MemoryLedger, t: FakeTime, **billing) -> Deliverer:
+    """A deliverer whose sleeps are real, so that deliveries overlap the way they do in a worker; its
+    clock is the test's."""
+    return Deliverer(
+        JobConfig.model_validate({"billing": {"enabled": True, **billing}}),
+        provider,
+        ledger,
+        clock=t.clock,
+        sleep=asyncio.sleep,
+        rng=lambda: 1.0,
+    )
+
+
 def setup(**billing) -> tuple[ScriptedProvider, MemoryLedger, FakeTime, Deliverer]:
     t = FakeTime()
     provider, ledger = ScriptedProvider(), MemoryLedger(t)
@@ -440,14 +453,7 @@ def test_one_call_at_a_time_per_key_while_other_keys_run_together():
     t = FakeTime()
     ledger, provider = MemoryLedger(t), SlowProvider()
     ledger.customers[("tenant-1", "cust-2")] = "cus_2"
-    d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 4}}),
-        provider,
-        ledger,
-        clock=t.clock,
-        sleep=asyncio.sleep,
-        rng=lambda: 1.0,
-    )
+    d = concurrent_deliverer(provider, ledger, t, max_held_per_key=4)
 
     async def many() -> list:
         windows = [window(customer=c, start_ms=START_MS + i * 60_000) for c in ("cust-1", "cust-2") for i in range(4)]
@@ -473,14 +479,7 @@ def test_without_one_call_per_key_a_keys_windows_overlap_and_only_one_windows_de
 
     t = FakeTime()
     ledger, provider = SlowLedger(t), OverlapCountingProvider(one_call_per_key=False, delay=0.01)
-    d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True}}),
-        provider,
-        ledger,
-        clock=t.clock,
-        sleep=asyncio.sleep,
-        rng=lambda: 1.0,
-    )
+    d = concurrent_deliverer(provider, ledger, t)
 
     async def many() -> list:
         windows = [window(start_ms=START_MS + i * 60_000, quantity="2") for i in range(4)]
@@ -514,14 +513,7 @@ def test_with_one_call_per_key_a_parked_final_computes_its_correction_after_the_
 
     t = FakeTime()
     ledger, provider = SlowLedger(t), OverlapCountingProvider(delay=0.005)
-    d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True}}),
-        provider,
-        ledger,
-        clock=t.clock,
-        sleep=asyncio.sleep,
-        rng=lambda: 1.0,
-    )
+    d = concurrent_deliverer(provider, ledger, t)
     run(d.on_window(window(quantity="3", revision=1)))
 
     async def finals() -> None:
@@ -660,14 +652,7 @@ def test_where_a_keys_calls_run_at_once_a_check_of_its_totals_sees_none_of_them_
 
     t = FakeTime()
     ledger, provider = SlowToRecord(t), SummingProvider(one_call_per_key=False, delay=0.05)
-    d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True}}),
-        provider,
-        ledger,
-        clock=t.clock,
-        sleep=asyncio.sleep,
-        rng=lambda: 1.0,
-    )
+    d = concurrent_deliverer(provider, ledger, t)
     provider.script = [ProviderError("unavailable", status=503, retryable=True)] * 2
     [a] = run(d.on_window(of('{"d":"a"}')))
     t.now += 1  # past the key's back-off
@@ -822,14 +807,7 @@ def test_a_crowded_key_parks_its_burst_and_the_other_keys_keep_flowing():
     ledger.customers[("tenant-1", "cust-2")] = "cus_2"
 
     provider = OverlapCountingProvider(delay=0.005)
-    d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 2}}),
-        provider,
-        ledger,
-        clock=t.clock,
-        sleep=asyncio.sleep,
-        rng=lambda: 1.0,
-    )
+    d = concurrent_deliverer(provider, ledger, t, max_held_per_key=2)
     reported: list = []
     d.on_background_outcome = reported.append
     burst = [window(customer="cust-1", quantity="1", start_ms=START_MS + i * 60_000) for i in range(10)]
@@ -865,14 +843,7 @@ def test_a_parked_delivery_handed_out_again_waits_once():
     worker extends the lease of the attempt already waiting instead of starting a second one."""
     t = FakeTime()
     ledger, provider = MemoryLedger(t), ScriptedProvider()
-    d = Deliverer(
-        JobConfig.model_validate({"billing": {"enabled": True, "max_held_per_key": 1}}),
-        provider,
-        ledger,
-        clock=t.clock,
-        sleep=asyncio.sleep,
-        rng=lambda: 1.0,
-    )
+    d = concurrent_deliverer(provider, ledger, t, max_held_per_key=1)
 
     async def scenario() -> list:
         first, parked = window(quantity="1"), window(quantity="1", start_ms=START_MS + 60_000)

@@ -12,9 +12,13 @@ from datetime import UTC, datetime
 import pytest
 
 from billing.deliveries import ClosedWindow
+from billing.identifiers import WindowKey
+from billing.reconcile import Correction as ReconcileCorrection
+from billing.reconcile import Discrepancy
 from jobs.billing_plan import BILLING_INPUT_COLUMNS
 from jobs.closed_windows import CLOSED_WINDOW_COLUMNS
 from jobs.plan import CLOSED_WINDOW_SCHEMA
+from meterflow.corrections import WindowId
 from meterflow.window_row import (
     BRIDGE_FORMS,
     POSTGRES_TYPES,
@@ -30,7 +34,9 @@ from meterflow.window_row import (
     names,
 )
 from sinks.corrections_schema import corrections_ddl
+from sinks.ledger import DeliveryRow
 from sinks.ledger_schema import WINDOW_CLAIM_KEY, WINDOW_DELIVERY_KEY, billing_tables_ddl
+from sinks.postgres import UsageRow
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_table_ddl
 
 AVRO_TYPES = {
@@ -101,3 +107,19 @@ def test_a_window_time_crosses_the_bridge_exactly_and_only_as_naive_utc():
     ).window_end == (datetime(2026, 1, 1, 0, 1))
     with pytest.raises(TypeError):
         epoch_ms(start.replace(tzinfo=UTC))  # an aware moment is converted first, never taken as it is
+
+
+@pytest.mark.parametrize(
+    "row",
+    [ClosedWindow, WindowKey, WindowId, UsageRow, DeliveryRow, ReconcileCorrection, Discrepancy],
+    ids=lambda row: row.__name__,
+)
+def test_every_python_type_that_names_a_window_holds_its_key_and_span_in_order(row):
+    """Each spells the window's key and span as the window row declares them (names, order), its
+    times naive UTC datetimes."""
+    fields = [f.name for f in dataclasses.fields(row)]
+    key_and_span = names(WINDOW_KEY + WINDOW_SPAN)
+    start = fields.index(key_and_span[0])
+    assert tuple(fields[start : start + len(key_and_span)]) == key_and_span
+    hints = typing.get_type_hints(row)
+    assert {hints[c.name] for c in WINDOW_SPAN} == {datetime}
