@@ -1,8 +1,8 @@
 """The meterflow billing job: closed windows from Kafka to the billing provider. Wiring only.
 
 closed-windows topic (read_committed) ──┐
-                                        ├─▶ keyBy(tenant, customer, meter) ─▶ deliver (async, ≤ max_in_flight per subtask)
-ledger retry scan (1/s, due retries) ───┘     (JVM)                              └─▶ provider (Stripe meter events) + Postgres ledger
+                                        ├─▶ keyBy(tenant, customer, meter) ─▶ batches ─▶ deliver (async, ≤ max_in_flight per subtask)
+ledger retry scan (1/s, due retries) ───┘     (JVM)                              (JVM)       └─▶ provider (Stripe meter events) + Postgres ledger
 
 Its own job on the cluster (``<flink.job_name>-billing``), its own consumer group and checkpoints:
 a slow, failing or rate-limiting provider never holds the usage job's checkpoints. Submit with
@@ -21,12 +21,15 @@ from pyflink.datastream import AsyncDataStream, DataStream, StreamExecutionEnvir
 from pyflink.java_gateway import get_gateway
 from pyflink.table import StreamTableEnvironment
 
-from jobs.billing_operator import DeliverClosedWindows, RetryScan, input_type, outcome_type
+from jobs.billing_operator import DeliverClosedWindows, RetryScan, batch_type, input_type, outcome_type
 from jobs.billing_plan import (
+    DELIVERY_BATCH_DELAY_MS,
     RETRIES_VIEW,
     RETRY_TICKS_TABLE,
     billing_input_query,
     closed_windows_source_ddl,
+    delivery_batch_rows,
+    delivery_batches_in_flight,
     retry_ticks_ddl,
 )
 from meterflow.config import JobConfig, config_without_secrets, load_config
@@ -50,7 +53,7 @@ def build_environment(
     # Records reach the Python worker a bundle at a time, and a bundle ends by waiting for every call
     # it started: bundles of a few rounds of max_in_flight keep the calls overlapping without
     # holding records back (measured in docs/benchmarks.md).
-    conf.set_string("python.fn-execution.bundle.size", str(8 * cfg.billing_max_in_flight))
+    conf.set_string("python.fn-execution.bundle.size", str(8 * delivery_batches_in_flight(cfg.billing_max_in_flight)))
     conf.set_string("python.fn-execution.bundle.time", "500")
     conf.set_string("pipeline.name", cfg.billing_job_name)
     for key, value in (extra or {}).items():
@@ -79,16 +82,22 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
     # once, at the delivery step, instead of once more for a Python key_by.
     rows = t_env.to_data_stream(t_env.sql_query(billing_input_query()))._j_data_stream
     by_key = get_gateway().jvm.org.apache.flink.streaming.api.functions.python.KeyByKeySelector()
-    keyed = DataStream(rows.keyBy(by_key, Types.ROW([Types.STRING()]).get_java_type_info()))
+    keyed = rows.keyBy(by_key, Types.ROW([Types.STRING()]).get_java_type_info())
+    # A subtask's rows cross into Python a batch at a time: PyFlink's cost per element is paid per batch.
+    batch_rows = delivery_batch_rows(cfg.billing_max_in_flight)
+    batcher = get_gateway().jvm.dev.meterflow.operators.RowBatcher(batch_rows, DELIVERY_BATCH_DELAY_MS)
+    batches = DataStream(
+        keyed.transform("gather windows into batches", batch_type().get_java_type_info(), batcher).uid("billing-batch")
+    )
     # No operator timeout: each call has billing.request_timeout, and PyFlink's async operator
     # starts a timer thread per element when one is set (measured: most of its per-element cost).
     timeout = Time.milliseconds(0)
     outcomes = (
         AsyncDataStream.unordered_wait(
-            keyed,
+            batches,
             DeliverClosedWindows(shipped),
             timeout,
-            capacity=cfg.billing_max_in_flight,
+            capacity=delivery_batches_in_flight(cfg.billing_max_in_flight),
             output_type=outcome_type(),
         )
         .name("deliver to the billing provider")

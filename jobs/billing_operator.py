@@ -2,8 +2,9 @@
 
 Thin over billing/delivery.py. The async operator is applied after a keyBy on (tenant, customer,
 meter), so one subtask owns every delivery of a customer's meter, and on a provider that takes one
-call at a time per key (Stripe v1) the deliverer's key lock keeps them to that. ``billing.max_in_flight`` elements are handed to the event loop
-at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
+call at a time per key (Stripe v1) the deliverer's key lock keeps them to that. Its elements are
+batches of those rows (dev.meterflow.operators.RowBatcher), each row delivered on its own; about
+``billing.max_in_flight`` rows are on the event loop at once; a failed attempt never waits in the operator: it is scheduled in the ledger, and the retry
 scan (in every subtask, about once a second) hands due deliveries back to the keyed stream.
 
 A checkpoint barrier waits until every element in flight has its answer (the Python async
@@ -51,6 +52,11 @@ def input_type() -> Any:
         Types.STRING(),
     ]
     return Types.ROW_NAMED(list(BILLING_INPUT_COLUMNS), types)
+
+
+def batch_type() -> Any:
+    """Row type of the delivery operator's elements: billing input rows, a batch at a time (dev.meterflow.operators.RowBatcher)."""
+    return Types.ROW_NAMED(["rows"], [Types.OBJECT_ARRAY(input_type())])
 
 
 def outcome_type() -> Any:
@@ -159,14 +165,22 @@ class DeliverClosedWindows(AsyncFunction):
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[str]:
+        """A batch of billing input rows: each delivered on its own, all at once (see RowBatcher)."""
         deliverer = self._ready()
-        if value[10] is not None:
-            outcomes = [await deliverer.on_retry(value[10])]
+        done = await asyncio.gather(*(self._deliver(deliverer, row) for row in value[0]), return_exceptions=True)
+        errors = [e for e in done if isinstance(e, BaseException)]
+        if errors:
+            # As with one row per element: the job fails and the rows are read again after the restore.
+            raise errors[0]
+        return []  # see outcome_type: the ledger holds the outcomes
+
+    async def _deliver(self, deliverer: Deliverer, row: Row) -> None:
+        if row[10] is not None:
+            outcomes = [await deliverer.on_retry(row[10])]
         else:
-            outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(value[i] for i in range(1, 10))))
+            outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(row[i] for i in range(1, 10))))
         for outcome in outcomes:
             self._count(outcome)
-        return []  # see outcome_type: the ledger holds the outcomes
 
     def _count(self, outcome: Outcome) -> None:
         for name in outcome_metrics(outcome):

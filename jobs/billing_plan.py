@@ -20,6 +20,23 @@ RETRIES_VIEW = "billing_retries"
 BILLING_INPUT_COLUMNS = ("billing_key", *bridge_names(WINDOW_ROW), "retry_identifier")
 
 
+# A batch of rows for the delivery operator waits at most this long for more rows.
+DELIVERY_BATCH_DELAY_MS = 20
+MAX_DELIVERY_BATCH_ROWS = 64
+
+
+def delivery_batch_rows(max_in_flight: int) -> int:
+    """Rows per element handed to the delivery operator: a sixteenth of the calls in flight, at most
+    64, so a subtask keeps at least 16 batches in flight (a batch's slot frees when its last row is done)."""
+    return max(1, min(MAX_DELIVERY_BATCH_ROWS, max_in_flight // 16))
+
+
+def delivery_batches_in_flight(max_in_flight: int) -> int:
+    """The delivery operator's capacity in batches: ``billing.max_in_flight`` rows, rounded up."""
+    rows = delivery_batch_rows(max_in_flight)
+    return -(-max_in_flight // rows)
+
+
 def billing_key(tenant_id: str, customer_id: str, meter: str) -> str:
     """The partitioning key of a (tenant, customer, meter): the same as :func:`billing_key_expr` computes in SQL."""
     return f"{tenant_id}\x1f{customer_id}\x1f{meter}"

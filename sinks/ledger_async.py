@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import operator
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -63,20 +65,31 @@ class SetStatement:
     per_row: tuple[str, ...]
     key: tuple[str, ...]
 
-    def caller_key(self, params: dict) -> tuple:
-        return tuple(params[name] for name in self.key)
+    # Asked once or twice per delivery: the names' lookups are built once.
+    @functools.cached_property
+    def _row_names(self) -> frozenset[str]:
+        return frozenset(self.per_row)
+
+    @functools.cached_property
+    def caller_key(self) -> Callable[[dict], tuple]:
+        """The key of a caller's parameters (see the class docstring)."""
+        get = operator.itemgetter(*self.key)
+        return get if len(self.key) > 1 else lambda params: (get(params),)
 
     def shared(self, params: dict) -> Hashable:
-        return tuple(sorted((name, value) for name, value in params.items() if name not in self.per_row))
+        rows = self._row_names
+        return tuple(sorted((name, value) for name, value in params.items() if name not in rows))
 
     def params_of(self, callers: list[dict]) -> dict:
-        shared = {name: value for name, value in callers[0].items() if name not in self.per_row}
+        rows = self._row_names
+        shared = {name: value for name, value in callers[0].items() if name not in rows}
         return shared | {name: [p[name] for p in callers] for name in self.per_row}
 
     def answers(self, rows: list[tuple], callers: list[dict]) -> list[tuple | None]:
         n = len(self.key)
         found = {tuple(row[-n:]): tuple(row[:-n]) for row in rows}
-        return [found.get(self.caller_key(p)) for p in callers]
+        key = self.caller_key
+        return [found.get(key(p)) for p in callers]
 
 
 Statement = str | SetStatement
@@ -165,11 +178,12 @@ def _executions(statements: list[tuple[Statement, dict]]) -> list[tuple[Statemen
         if isinstance(sql, str):
             executions.append((sql, [i]))
             continue
-        group = open_sets.get((sql, sql.shared(params)))
+        shared = (sql, sql.shared(params))
+        group = open_sets.get(shared)
         key = sql.caller_key(params)
         if group is None or key in group[1]:
             group = ([], set())
-            open_sets[(sql, sql.shared(params))] = group
+            open_sets[shared] = group
             executions.append((sql, group[0]))
         group[0].append(i)
         group[1].add(key)

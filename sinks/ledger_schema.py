@@ -138,7 +138,7 @@ def carry_value_sql(ledger_table: str, carry_table: str) -> str:
     total_key = "provider, tenant_id, customer_id, meter, period_start"
     return (
         f"WITH target AS (SELECT identifier, provider, tenant_id, customer_id, meter, date_trunc('month', window_start) AS period_start, quantity "
-        f"FROM {d} WHERE identifier = ANY(%(identifier)s::text[]) AND value IS NULL ORDER BY identifier FOR UPDATE), "
+        f"FROM {d} WHERE identifier = ANY(%(identifier)b::text[]) AND value IS NULL ORDER BY identifier FOR UPDATE), "
         f"ordered AS (SELECT target.*, sum(quantity) OVER (PARTITION BY {total_key} ORDER BY identifier) AS upto, "
         f"sum(quantity) OVER (PARTITION BY {total_key}) AS added FROM target), "
         f"carried AS (INSERT INTO {k} ({total_key}, total) "
@@ -206,7 +206,9 @@ def claim_new_sql(ledger_table: str, customers_table: str, *, window: bool = Fal
     d, c = check_identifier(ledger_table), check_identifier(customers_table)
     target = f"({', '.join(WINDOW_DELIVERY_KEY)}) WHERE kind = 'window'" if window else "(identifier)"
     key = _WINDOW_KEY_COLUMNS.format(d=d) if window else f"{d}.identifier"
-    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in zip(CLAIM_ROW_PARAMS, _CLAIM_ROW_TYPES, strict=True))
+    # Arrays go in binary (``%(name)b``): psycopg dumps them about 4 times faster than in text form,
+    # where it escapes every element (bench/billing_analysis.md).
+    arrays = ", ".join(f"%({name})b::{kind}[]" for name, kind in zip(CLAIM_ROW_PARAMS, _CLAIM_ROW_TYPES, strict=True))
     return (
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
         "quantity, event_count, revision, event_name, status, first_attempt_at, next_attempt_at, claimed_by, leased) "
@@ -304,7 +306,7 @@ def mark_sent_sql(ledger_table: str) -> str:
     return (
         f"UPDATE {d} SET status = 'sent', attempts = v.attempts, value = v.value, provider_customer_id = v.provider_customer_id, "
         "provider_response_id = v.response_id, last_error = NULL, provider_report = NULL, sent_at = now(), next_attempt_at = NULL, leased = false "
-        "FROM unnest(%(identifier)s::text[], %(attempts)s::int[], %(value)s::text[], %(provider_customer_id)s::text[], %(response_id)s::text[]) "
+        "FROM unnest(%(identifier)b::text[], %(attempts)b::int[], %(value)b::text[], %(provider_customer_id)b::text[], %(response_id)b::text[]) "
         f"AS v({', '.join(SENT_ROW_PARAMS)}) WHERE {d}.identifier = v.identifier"
     )
 

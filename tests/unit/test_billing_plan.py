@@ -132,3 +132,17 @@ def test_a_key_holds_no_more_slots_than_there_are(write_config):
     )
     with pytest.raises(ConfigError, match="max_held_per_key .9. must be at most billing.max_in_flight .8."):
         load_config(write_config("billing:\n  max_in_flight: 8\n  max_held_per_key: 9\n"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("max_in_flight", "rows", "batches"),
+    [(1, 1, 1), (15, 1, 15), (16, 1, 16), (64, 4, 16), (100, 6, 17), (1024, 64, 16), (4096, 64, 64)],
+)
+def test_deliveries_cross_into_python_in_batches_that_keep_the_calls_in_flight(max_in_flight, rows, batches):
+    """A sixteenth of max_in_flight per batch, at most 64; the operator's capacity in batches covers
+    max_in_flight rows and never more than one batch past it."""
+    from jobs.billing_plan import MAX_DELIVERY_BATCH_ROWS, delivery_batch_rows, delivery_batches_in_flight
+
+    assert delivery_batch_rows(max_in_flight) == rows <= MAX_DELIVERY_BATCH_ROWS
+    assert delivery_batches_in_flight(max_in_flight) == batches
+    assert max_in_flight <= batches * rows < max_in_flight + rows
