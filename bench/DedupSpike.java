@@ -35,6 +35,11 @@ import org.rocksdb.ColumnFamilyOptions;
 import org.rocksdb.DBOptions;
 
 import dev.meterflow.format.UsageEventDecoder;
+import dev.meterflow.stages.DedupAndPartials;
+import dev.meterflow.stages.MeteredEvent;
+import dev.meterflow.stages.PartialWindow;
+import dev.meterflow.stages.WindowKey;
+import dev.meterflow.stages.WindowMerger;
 
 /**
  * The throughput gate: Kafka -> the meterflow-avro decoder with its validation -> bounded event
@@ -132,6 +137,37 @@ public class DedupSpike {
         }
     }
 
+    /** Decode and validate as {@link Decode}, into the two stages' event (mode {@code stages}). */
+    static final class DecodeMetered implements KafkaRecordDeserializationSchema<MeteredEvent> {
+        private transient UsageEventDecoder decoder;
+        private transient GenericRowData row;
+
+        @Override
+        public void open(DeserializationSchema.InitializationContext context) {
+            decoder = new UsageEventDecoder();
+            row = new GenericRowData(UsageEventDecoder.ARITY);
+        }
+
+        @Override
+        public void deserialize(ConsumerRecord<byte[], byte[]> record, Collector<MeteredEvent> out) {
+            String reason = decoder.decodeInto(record.value(), row);
+            if (reason != null) {
+                REJECTED.incrementAndGet();
+                return;
+            }
+            long eventTime = Math.min(row.getTimestamp(5, 3).getMillisecond(), record.timestamp() + SKEW_MS);
+            mark(SEEN.incrementAndGet());
+            // No group-by dimensions in the data set's meters: every window's dimensions key is {}.
+            out.collect(new MeteredEvent(row.getString(1).toString(), row.getString(2).toString(), row.getString(3).toString(), "{}",
+                    row.getString(0).toString(), eventTime, row.getDecimal(4, 38, 9).toBigDecimal(), null));
+        }
+
+        @Override
+        public TypeInformation<MeteredEvent> getProducedType() {
+            return TypeInformation.of(MeteredEvent.class);
+        }
+    }
+
     /**
      * First copy of an id passes; later copies within the horizon are dropped. With {@code heapBloom}
      * a Bloom filter on the heap answers "never seen" before the state is read (the filter is not
@@ -197,6 +233,35 @@ public class DedupSpike {
         }
     }
 
+    /**
+     * Mode {@code stages}: both keyed stages of the planned job (jvm/ dev.meterflow.stages), with the
+     * shipped one-minute windows, 10 s allowed lateness and 7-day dedup horizon, partials emitted at
+     * barriers, fired watermarks and 100,000 open windows, and the second stage's rows discarded.
+     */
+    static void declareStages(StreamExecutionEnvironment env, String bootstrap, String topic) {
+        KafkaSource<MeteredEvent> source = KafkaSource.<MeteredEvent>builder()
+                .setBootstrapServers(bootstrap)
+                .setTopics(topic)
+                .setGroupId("two-stages")
+                .setStartingOffsets(OffsetsInitializer.earliest())
+                .setBounded(OffsetsInitializer.latest())
+                .setDeserializer(new DecodeMetered())
+                .build();
+        WatermarkStrategy<MeteredEvent> watermarks = WatermarkStrategy.<MeteredEvent>forBoundedOutOfOrderness(Duration.ofSeconds(5))
+                .withTimestampAssigner((e, ts) -> e.eventTimeMs);
+        DataStream<MeteredEvent> events = env.fromSource(source, watermarks, "usage events").uid("source");
+        var partials = events.keyBy(MeteredEvent.idKey(), Types.TUPLE(Types.LONG, Types.LONG))
+                .transform("dedup, lateness, partials", DedupAndPartials.outputType(),
+                        new DedupAndPartials(60_000, 10_000, Duration.ofDays(7), java.util.Map.of(), 100_000, 0))
+                .uid("stage-1");
+        partials.getSideOutput(DedupAndPartials.LATE).sinkTo(new DiscardingSink<>()).uid("discard-late");
+        var rows = partials.keyBy(WindowKey.selector(), Types.STRING)
+                .process(new WindowMerger(10_000, 5_000), WindowMerger.outputType())
+                .uid("stage-2");
+        rows.sinkTo(new DiscardingSink<>()).uid("discard");
+        rows.getSideOutput(WindowMerger.FINAL).sinkTo(new DiscardingSink<>()).uid("discard-final");
+    }
+
     public static void main(String[] args) throws Exception {
         String bootstrap = args[0];
         String topic = args[1];
@@ -238,12 +303,16 @@ public class DedupSpike {
                 .build();
         WatermarkStrategy<Event> watermarks = WatermarkStrategy.<Event>forBoundedOutOfOrderness(Duration.ofSeconds(5))
                 .withTimestampAssigner((e, ts) -> e.eventTimeMs);
+        if (mode.equals("stages")) {
+            declareStages(env, bootstrap, topic);
+        } else {
         DataStream<Event> events = env.fromSource(source, watermarks, "usage events").uid("source");
         events.keyBy(e -> Tuple2.of(e.idHigh, e.idLow), Types.TUPLE(Types.LONG, Types.LONG))
                 .process(new Dedup(!mode.equals("exchange"), mode.equals("dedup+heap-bloom"), total), TypeInformation.of(Event.class))
                 .uid("dedup")
                 .sinkTo(new DiscardingSink<>())
                 .uid("discard");
+        }
         env.execute("dedup spike");
 
         if (SEEN.get() < total) {

@@ -54,6 +54,9 @@ VARIANTS = (
     ("dedup", "rocksdb+memtable-bloom+uncompressed-l0-l1"),
     ("dedup+heap-bloom", "rocksdb"),
     ("dedup", "hashmap"),
+    # Both keyed stages of the planned job (jvm/ dev.meterflow.stages), not only the dedup.
+    ("stages", "rocksdb"),
+    ("stages", "hashmap"),
 )
 FLAME = REPO_ROOT / "docs" / "img" / "flamegraph-dedup-spike.png"
 PROFILE_CHUNK_S = 1
@@ -180,12 +183,25 @@ def profile_dedup(bootstrap: str, topic: str, records: int, work: Path) -> dict[
 )
 @click.option("--runs", default=2, show_default=True, help="runs of each variant")
 @click.option(
+    "--results",
+    "results_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=RESULTS,
+    show_default=True,
+    help="where the figures are written",
+)
+@click.option(
+    "--modes",
+    default="",
+    help="comma-separated modes to run (exchange, dedup, dedup+heap-bloom, stages); default: every variant",
+)
+@click.option(
     "--profile/--no-profile",
     default=True,
     show_default=True,
     help="one more RocksDB dedup run under async-profiler: CPU by thread and a flame graph of its steady state",
 )
-def main(events: int, runs: int, profile: bool) -> None:
+def main(events: int, runs: int, results_path: Path, modes: str, profile: bool) -> None:
     """Produce the data set once, then run every variant ``runs`` times and print their figures."""
     work = Path(tempfile.mkdtemp(prefix="meterflow-spike-"))
     run_id = uuid.uuid4().hex[:8]
@@ -229,7 +245,7 @@ def main(events: int, runs: int, profile: bool) -> None:
             )
         click.echo(f"produced {records} records", err=True)
         for _ in range(runs):
-            for mode, backend in VARIANTS:
+            for mode, backend in [v for v in VARIANTS if not modes or v[0] in modes.split(",")]:
                 figures = run_variant(
                     cfg.kafka.bootstrap_servers,
                     cfg.kafka.usage_events_topic,
@@ -245,7 +261,7 @@ def main(events: int, runs: int, profile: bool) -> None:
     finally:
         broker.down()
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -103,3 +103,16 @@ def test_close_rule_is_the_same_in_java_and_python():
     assert window_fires_at_ms(10_000, 10_000) == 10_000 - 1 + 10_000
     closer = (OPERATORS / "WindowCloser.java").read_text()
     assert "WindowClose.closeTime(endMs, allowedLatenessMs)" in closer
+
+
+def test_the_stages_aggregate_every_aggregation_the_config_offers():
+    """The two stages' partial (jvm/ dev.meterflow.stages.WindowPartial) merges each aggregation a
+    meter may declare, under the same names."""
+    from typing import get_args
+
+    from meterflow.config import Aggregation
+
+    source = (JAVA / "stages" / "WindowPartial.java").read_text()
+    declared = re.search(r"enum Aggregation \{([^}]*)\}", source).group(1)
+    assert [name.strip() for name in declared.split(",")] == list(get_args(Aggregation))
+    assert re.search(r"SCALE = (\d+);", source).group(1) == "9", "the job's DECIMAL(38, 9)"

@@ -1,0 +1,229 @@
+package dev.meterflow.stages;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.math.BigDecimal;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+
+import dev.meterflow.stages.WindowPartial.Aggregation;
+
+import org.apache.flink.api.common.typeinfo.TypeHint;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.api.java.tuple.Tuple2;
+import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
+import org.apache.flink.runtime.state.KeyGroupRangeAssignment;
+import org.apache.flink.streaming.api.watermark.Watermark;
+import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
+import org.apache.flink.streaming.util.AbstractStreamOperatorTestHarness;
+import org.apache.flink.streaming.util.KeyedOneInputStreamOperatorTestHarness;
+import org.junit.jupiter.api.Test;
+
+/** The first stage: dedup, the late decision at the boundary, partials emitted before the watermark that fires them, restores and rescales. */
+class DedupAndPartialsTest {
+    private static final long SIZE = 60_000;
+    private static final long LATENESS = 10_000;
+    private static final long W0 = 1_700_000_040_000L; // a window start (a multiple of SIZE)
+    private static final long END = W0 + SIZE;
+    private static final long CLOSE = END - 1 + LATENESS;
+    private static final int MAX_PARALLELISM = 128;
+
+    private static KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> harness() throws Exception {
+        return harness(1, 0, 1_000);
+    }
+
+    private static KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> harness(int parallelism, int subtask, int maxPartials) throws Exception {
+        DedupAndPartials op = new DedupAndPartials(SIZE, LATENESS, Duration.ofDays(7), Map.of("peak", Aggregation.MAX), maxPartials, 0);
+        return new KeyedOneInputStreamOperatorTestHarness<>(op, MeteredEvent.idKey(), TypeInformation.of(new TypeHint<Tuple2<Long, Long>>() {}), MAX_PARALLELISM, parallelism, subtask);
+    }
+
+    private static MeteredEvent event(String tenant, String id, String customer, long timeMs, String quantity) {
+        return new MeteredEvent(tenant, customer, "api_calls", "{}", id, timeMs, new BigDecimal(quantity), null);
+    }
+
+    private static void send(KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> h, MeteredEvent e) throws Exception {
+        h.processElement(new StreamRecord<>(e, e.eventTimeMs));
+    }
+
+    /** The output so far as text: partials as "customer@start=value/count", watermarks as "wm:<ms>". */
+    private static List<String> output(KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> h) {
+        List<String> out = new ArrayList<>();
+        for (Object o : h.getOutput()) {
+            if (o instanceof Watermark w) {
+                out.add("wm:" + w.getTimestamp());
+            } else {
+                PartialWindow p = (PartialWindow) ((StreamRecord<?>) o).getValue();
+                out.add(p.key.customerId + "@" + (p.key.windowStartMs - W0) + "=" + p.partial.value().stripTrailingZeros().toPlainString() + "/" + p.partial.eventCount());
+            }
+        }
+        return out;
+    }
+
+    private static List<String> late(KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> h) {
+        List<String> out = new ArrayList<>();
+        var records = h.getSideOutput(DedupAndPartials.LATE);
+        if (records != null) {
+            for (StreamRecord<MeteredEvent> r : records) {
+                out.add(r.getValue().eventId);
+            }
+        }
+        return out;
+    }
+
+    @Test
+    void theFirstCopyOfAnIdCountsPerTenant() throws Exception {
+        try (var h = harness()) {
+            h.open();
+            send(h, event("t1", "e1", "c", W0 + 1, "2"));
+            send(h, event("t1", "e1", "c", W0 + 2, "5")); // a duplicate, whatever it says
+            send(h, event("t2", "e1", "c", W0 + 3, "3")); // another tenant's id
+            h.processWatermark(new Watermark(END - 1));
+            assertEquals(List.of("c@0=2/1", "c@0=3/1", "wm:" + (END - 1)), sorted(output(h)));
+        }
+    }
+
+    @Test
+    void partialsGoBeforeTheWatermarkThatFiresTheirWindowAndOnlyThose() throws Exception {
+        try (var h = harness()) {
+            h.open();
+            send(h, event("t", "a", "c", W0 + 5, "1.5"));
+            send(h, event("t", "b", "c", W0 + 6, "2"));
+            send(h, event("t", "n", "c", END + 5, "7")); // the next window
+            h.processWatermark(new Watermark(END - 2)); // one ms before the first fire
+            assertEquals(List.of("wm:" + (END - 2)), output(h));
+            h.processWatermark(new Watermark(END - 1)); // fires [W0, END)
+            assertEquals(List.of("wm:" + (END - 2), "c@0=3.5/2", "wm:" + (END - 1)), output(h));
+            h.prepareSnapshotPreBarrier(1); // the next window's partial leaves before the barrier
+            assertEquals("c@" + SIZE + "=7/1", output(h).get(3));
+        }
+    }
+
+    @Test
+    void anEventIsLateFromItsWindowsCloseTimeOn() throws Exception {
+        try (var h = harness()) {
+            h.open();
+            h.processWatermark(new Watermark(CLOSE - 1));
+            send(h, event("t", "on-time", "c", END - 1, "1")); // the last ms of the window, one ms before its close
+            h.processWatermark(new Watermark(CLOSE));
+            send(h, event("t", "late", "c", END - 1, "1"));
+            send(h, event("t", "next", "c", END, "4")); // the next window is open
+            h.prepareSnapshotPreBarrier(1);
+            assertEquals(List.of("late"), late(h));
+            assertEquals(List.of("wm:" + (CLOSE - 1), "c@0=1/1", "wm:" + CLOSE, "c@" + SIZE + "=4/1"), output(h));
+        }
+    }
+
+    @Test
+    void aLateEventsIdIsRememberedToo() throws Exception {
+        try (var h = harness()) {
+            h.open();
+            h.processWatermark(new Watermark(CLOSE));
+            send(h, event("t", "x", "c", W0, "1"));
+            send(h, event("t", "x", "c", W0, "1"));
+            assertEquals(List.of("x"), late(h));
+        }
+    }
+
+    @Test
+    void noPartialIsInACheckpointAndARestoreKeepsTheHeldWatermarkAndTheIds() throws Exception {
+        OperatorSubtaskState snapshot;
+        try (var h = harness()) {
+            h.open();
+            send(h, event("t", "a", "c", W0, "1"));
+            h.processWatermark(new Watermark(CLOSE - 5_000)); // fired, within the lateness
+            send(h, event("t", "b", "c", W0, "2")); // late data within the lateness, in flight
+            h.prepareSnapshotPreBarrier(1);
+            snapshot = h.snapshot(1, 1);
+            assertEquals(List.of("c@0=1/1", "wm:" + (CLOSE - 5_000), "c@0=2/1"), output(h));
+        }
+        try (var h = harness()) {
+            h.initializeState(snapshot);
+            h.open();
+            // Before any watermark after the restore: judged against the held one.
+            send(h, event("t", "b", "c", W0, "2")); // replayed from the source: a duplicate now
+            send(h, event("t", "d", "c", W0, "3")); // still within the lateness
+            h.processWatermark(new Watermark(CLOSE));
+            send(h, event("t", "e", "c", W0, "9")); // closed
+            assertEquals(List.of("c@0=3/1", "wm:" + CLOSE), output(h));
+            assertEquals(List.of("e"), late(h));
+        }
+    }
+
+    @Test
+    void aRescaledRestoreJudgesAgainstTheHighestHeldWatermark() throws Exception {
+        OperatorSubtaskState low;
+        OperatorSubtaskState high;
+        try (var h = harness(2, 0, 1_000)) {
+            h.open();
+            h.processWatermark(new Watermark(CLOSE - 100));
+            low = h.snapshot(1, 1);
+        }
+        try (var h = harness(2, 1, 1_000)) {
+            h.open();
+            h.processWatermark(new Watermark(CLOSE));
+            high = h.snapshot(1, 1);
+        }
+        OperatorSubtaskState both = AbstractStreamOperatorTestHarness.repackageState(low, high);
+        for (int subtasks : new int[] {1, 3}) {
+            for (int subtask = 0; subtask < subtasks; subtask++) {
+                try (var h = harness(subtasks, subtask, 1_000)) {
+                    h.initializeState(AbstractStreamOperatorTestHarness.repartitionOperatorState(both, MAX_PARALLELISM, 2, subtasks, subtask));
+                    h.open();
+                    MeteredEvent e = ownedBy(subtasks, subtask, END - 1);
+                    send(h, e);
+                    assertEquals(List.of(e.eventId), late(h), subtasks + " subtasks, subtask " + subtask);
+                }
+            }
+        }
+    }
+
+    @Test
+    void aBoundOnOpenWindowsEmitsThemAll() throws Exception {
+        try (var h = harness(1, 0, 3)) {
+            h.open();
+            send(h, event("t", "a", "c1", W0, "1"));
+            send(h, event("t", "b", "c2", W0, "1"));
+            assertEquals(List.of(), output(h));
+            send(h, event("t", "c", "c3", W0 + SIZE, "1"));
+            assertEquals(3, output(h).size());
+            send(h, event("t", "d", "c1", W0, "1")); // a new partial of a window emitted before
+            h.prepareSnapshotPreBarrier(1);
+            assertEquals("c1@0=1/1", output(h).get(3));
+        }
+    }
+
+    @Test
+    void aMetersAggregationIsItsOwn() throws Exception {
+        try (var h = harness()) {
+            h.open();
+            for (String q : new String[] {"3", "9", "4"}) {
+                h.processElement(new StreamRecord<>(new MeteredEvent("t", "c", "peak", "{}", "p" + q, W0, new BigDecimal(q), null)));
+            }
+            h.prepareSnapshotPreBarrier(1);
+            PartialWindow p = (PartialWindow) ((StreamRecord<?>) h.getOutput().peek()).getValue();
+            assertInstanceOf(PartialWindow.class, p);
+            assertEquals(new BigDecimal("9.000000000"), p.partial.value());
+            assertTrue(p.partial.aggregation() == Aggregation.MAX);
+        }
+    }
+
+    /** An event whose id key the subtask owns (a harness refuses keys of other subtasks). */
+    private static MeteredEvent ownedBy(int subtasks, int subtask, long timeMs) throws Exception {
+        for (int i = 0; ; i++) {
+            MeteredEvent e = event("t", "x" + i, "c", timeMs, "1");
+            if (KeyGroupRangeAssignment.assignKeyToParallelOperator(MeteredEvent.idKey().getKey(e), MAX_PARALLELISM, subtasks) == subtask) {
+                return e;
+            }
+        }
+    }
+
+    private static List<String> sorted(List<String> in) {
+        List<String> out = new ArrayList<>(in);
+        out.sort(null);
+        return out;
+    }
+}
