@@ -255,11 +255,16 @@ public class DedupSpike {
                         new DedupAndPartials(60_000, 10_000, Duration.ofDays(7), java.util.Map.of(), 100_000, 0))
                 .uid("stage-1");
         partials.getSideOutput(DedupAndPartials.LATE).sinkTo(new DiscardingSink<>()).uid("discard-late");
-        var rows = partials.keyBy(WindowKey.selector(), Types.STRING)
-                .process(new WindowMerger(10_000, 5_000), WindowMerger.outputType())
+        // The events the partials hold: what the dedup kept on time (per partial, not per event).
+        var counted = partials.map(p -> {
+            KEPT.addAndGet(p.partial.eventCount());
+            return p;
+        }, DedupAndPartials.outputType()).uid("count-kept");
+        var finals = counted.keyBy(WindowKey.selector(), Types.STRING)
+                .process(new WindowMerger(10_000, 5_000, 600_000), WindowMerger.outputType())
                 .uid("stage-2");
-        rows.sinkTo(new DiscardingSink<>()).uid("discard");
-        rows.getSideOutput(WindowMerger.FINAL).sinkTo(new DiscardingSink<>()).uid("discard-final");
+        finals.sinkTo(new DiscardingSink<>()).uid("discard");
+        finals.getSideOutput(WindowMerger.FIRES).sinkTo(new DiscardingSink<>()).uid("discard-fires");
     }
 
     public static void main(String[] args) throws Exception {

@@ -28,6 +28,7 @@ from jobs.billing_plan import (
     RETRY_TICKS_TABLE,
     billing_input_query,
     closed_windows_source_ddl,
+    delivery_batch_capacity,
     delivery_batch_rows,
     delivery_batches_in_flight,
     retry_ticks_ddl,
@@ -97,7 +98,7 @@ def declare_pipeline(env: StreamExecutionEnvironment, t_env: StreamTableEnvironm
             batches,
             DeliverClosedWindows(shipped),
             timeout,
-            capacity=delivery_batches_in_flight(cfg.billing_max_in_flight),
+            capacity=delivery_batch_capacity(cfg.billing_max_in_flight),
             output_type=outcome_type(),
         )
         .name("deliver to the billing provider")

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # The delivery operator's counters, ``billing_<name>``: one per outcome kind, and sent corrections.
 OUTCOME_COUNTERS = ("sent", "failed", "dead", "skipped", "deferred", "corrections")
+# A row whose delivery failed outside the delivery rules is tried again after this, doubling up to the most.
+ROW_RETRY_FIRST_S = 0.5
+ROW_RETRY_MAX_S = 30.0
 
 
 def input_type() -> Any:
@@ -111,6 +114,7 @@ class DeliverClosedWindows(AsyncFunction):
         # Secrets are resolved on the worker (env or secrets file), never shipped in the job graph.
         self.config_data = config_without_secrets
         self.deliverer: Deliverer | None = None
+        self.slots: asyncio.Semaphore | None = None
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
         self.cfg = config_on_worker(self.config_data)
@@ -121,6 +125,7 @@ class DeliverClosedWindows(AsyncFunction):
         self._release_predecessors()
         group = runtime_context.get_metrics_group().add_group("meterflow")
         self.counters = {name: group.counter(f"billing_{name}") for name in OUTCOME_COUNTERS}
+        self.delivery_errors = group.counter("billing_delivery_errors")
         # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
         # TaskManager's log (two lines per delivery, about a tenth of the worker's CPU). The ledger
         # records every attempt; the SDK's warnings and errors still reach the log.
@@ -162,23 +167,43 @@ class DeliverClosedWindows(AsyncFunction):
                 share=self.share,
             )
             self.deliverer.on_background_outcome = self._count
+            # Rows the deliverer works on at once; the operator holds more in batches (billing_job.py).
+            self.slots = asyncio.Semaphore(self.cfg.billing_max_in_flight)
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[str]:
-        """A batch of billing input rows: each delivered on its own, all at once (see RowBatcher)."""
+        """A batch of billing input rows, each delivered on its own as soon as one of the subtask's
+        ``billing.max_in_flight`` delivery slots is free (see RowBatcher and delivery_batch_capacity)."""
         deliverer = self._ready()
-        done = await asyncio.gather(*(self._deliver(deliverer, row) for row in value[0]), return_exceptions=True)
-        errors = [e for e in done if isinstance(e, BaseException)]
-        if errors:
-            # As with one row per element: the job fails and the rows are read again after the restore.
-            raise errors[0]
+        await asyncio.gather(*(self._deliver(deliverer, row) for row in value[0]))
         return []  # see outcome_type: the ledger holds the outcomes
 
     async def _deliver(self, deliverer: Deliverer, row: Row) -> None:
-        if row[10] is not None:
-            outcomes = [await deliverer.on_retry(row[10])]
-        else:
-            outcomes = await deliverer.on_window(ClosedWindow.from_fields(tuple(row[i] for i in range(1, 10))))
+        """One row, until its outcome is recorded. A failure outside the delivery rules (the ledger
+        away, a bug) is retried here, so the row stays in flight and the checkpoint waits for it: a
+        row that fails is never behind a completed checkpoint without its outcome in the ledger. A
+        checkpoint that times out meanwhile restarts the job from the one before, which reads it again.
+        """
+        assert self.slots is not None  # noqa: S101 - made by _ready
+        failures = 0
+        async with self.slots:
+            while True:
+                try:
+                    if row[10] is not None:
+                        outcomes = [await deliverer.on_retry(row[10])]
+                    else:
+                        outcomes = await deliverer.on_window(
+                            ClosedWindow.from_fields(tuple(row[i] for i in range(1, 10)))
+                        )
+                    break
+                except Exception:
+                    failures += 1
+                    self.delivery_errors.inc()
+                    delay = min(ROW_RETRY_MAX_S, ROW_RETRY_FIRST_S * 2 ** (failures - 1))
+                    log.exception(
+                        "delivering %s failed (%d times); again in %.1f s", row[10] or row[0], failures, delay
+                    )
+                    await asyncio.sleep(delay)
         for outcome in outcomes:
             self._count(outcome)
 

@@ -32,9 +32,20 @@ def delivery_batch_rows(max_in_flight: int) -> int:
 
 
 def delivery_batches_in_flight(max_in_flight: int) -> int:
-    """The delivery operator's capacity in batches: ``billing.max_in_flight`` rows, rounded up."""
+    """Batches holding ``billing.max_in_flight`` rows, rounded up."""
     rows = delivery_batch_rows(max_in_flight)
     return -(-max_in_flight // rows)
+
+
+def delivery_batch_capacity(max_in_flight: int) -> int:
+    """The delivery operator's capacity in batches: four times what holds ``billing.max_in_flight`` rows.
+
+    A batch keeps its slot until its last row is done, so a batch waiting for one slow row (a
+    customer's turn on v1) would otherwise hold a whole batch of slots. The rows themselves take
+    one of ``billing.max_in_flight`` delivery slots each inside the worker (billing_operator.py),
+    so what one customer holds stays ``billing.max_held_per_key`` rows.
+    """
+    return 4 * delivery_batches_in_flight(max_in_flight)
 
 
 def billing_key(tenant_id: str, customer_id: str, meter: str) -> str:

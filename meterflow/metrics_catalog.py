@@ -68,7 +68,8 @@ USAGE_JOB_METRICS = frozenset(
     )
 ) | frozenset(LATENESS_BUCKET_METRICS)
 # The billing job's own metrics (jobs/billing_operator.py): delivery outcomes (``corrections`` counts
-# the sent ones that correct a window's earlier value), and the ledger's backlog as the retry scan
+# the sent ones that correct a window's earlier value), attempts that failed outside the delivery
+# rules (retried in the worker), and the ledger's backlog as the retry scan
 # last counted it (deliveries pending and failed, gauges; every subtask reports the same count).
 BILLING_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + f"meterflow_billing_{name}"
@@ -79,6 +80,7 @@ BILLING_JOB_METRICS = frozenset(
         "skipped",
         "deferred",
         "corrections",
+        "delivery_errors",
         "retries_handed_out",
         "ledger_pending",
         "ledger_failed",

@@ -71,10 +71,13 @@ class SetStatement:
         return frozenset(self.per_row)
 
     @functools.cached_property
-    def caller_key(self) -> Callable[[dict], tuple]:
+    def _key_getter(self) -> Callable[[dict], Any]:
+        return operator.itemgetter(*self.key)
+
+    def caller_key(self, params: dict) -> tuple:
         """The key of a caller's parameters (see the class docstring)."""
-        get = operator.itemgetter(*self.key)
-        return get if len(self.key) > 1 else lambda params: (get(params),)
+        key = self._key_getter(params)
+        return key if len(self.key) > 1 else (key,)
 
     def shared(self, params: dict) -> Hashable:
         rows = self._row_names
@@ -88,8 +91,7 @@ class SetStatement:
     def answers(self, rows: list[tuple], callers: list[dict]) -> list[tuple | None]:
         n = len(self.key)
         found = {tuple(row[-n:]): tuple(row[:-n]) for row in rows}
-        key = self.caller_key
-        return [found.get(key(p)) for p in callers]
+        return [found.get(self.caller_key(p)) for p in callers]
 
 
 Statement = str | SetStatement

@@ -1,10 +1,10 @@
-"""The billing job's delivery operator: a batch of input rows, each delivered on its own, all at once."""
+"""The billing job's delivery operator: a batch of input rows, each delivered on its own in one of
+the subtask's delivery slots, and a row whose delivery fails outside the rules tried again until it goes through."""
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
 from pyflink.common import Row
 
 from billing.deliveries import ClosedWindow, Sent
@@ -20,17 +20,18 @@ class Counter:
 
 
 class RecordingDeliverer:
-    """Answers each window after a pause; fails the window of ``failing`` customer."""
+    """Answers each window after a pause; the window of customer ``failing`` fails ``failures`` times first."""
 
-    def __init__(self, failing: str | None = None) -> None:
-        self.failing, self.running, self.most_running, self.done = failing, 0, 0, []
+    def __init__(self, failing: str | None = None, failures: int = 0) -> None:
+        self.failing, self.failures, self.running, self.most_running, self.done = failing, failures, 0, 0, []
 
     async def on_window(self, window: ClosedWindow) -> list:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         await asyncio.sleep(0.01)
         self.running -= 1
-        if window.customer_id == self.failing:
+        if window.customer_id == self.failing and self.failures:
+            self.failures -= 1
             raise RuntimeError("ledger away")
         self.done.append(window.customer_id)
         return [Sent(f"id-{window.customer_id}", "resp", 1)]
@@ -40,10 +41,12 @@ class RecordingDeliverer:
         return Sent(identifier, "resp", 2)
 
 
-def operator(deliverer: RecordingDeliverer) -> DeliverClosedWindows:
+def operator(deliverer: RecordingDeliverer, slots: int = 64) -> DeliverClosedWindows:
     op = DeliverClosedWindows({})
     op.deliverer = deliverer  # type: ignore[assignment]
+    op.slots = asyncio.Semaphore(slots)
     op.counters = {name: Counter() for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
+    op.delivery_errors = Counter()
     return op
 
 
@@ -73,12 +76,29 @@ def test_a_batch_delivers_every_row_at_once():
     assert op.counters["sent"].count == 3
 
 
-def test_a_failed_row_fails_the_batch_after_the_others_are_done():
-    """As with one row per element, the job fails (and reads the rows again after its restore), but
-    only once every other row of the batch has its outcome recorded."""
-    deliverer = RecordingDeliverer(failing="b")
+def test_rows_take_the_subtasks_delivery_slots_whatever_their_batch():
+    """billing.max_in_flight bounds the rows delivered at once, not the batches: what one customer
+    holds is its rows, never a whole batch of slots."""
+    deliverer = RecordingDeliverer()
+    op = operator(deliverer, slots=2)
+
+    async def two_batches() -> None:
+        await asyncio.gather(
+            op.async_invoke(Row([row("a"), row("b"), row("c")])), op.async_invoke(Row([row("d"), row("e")]))
+        )
+
+    asyncio.run(two_batches())
+    assert sorted(deliverer.done) == ["a", "b", "c", "d", "e"]
+    assert deliverer.most_running == 2
+
+
+def test_a_row_that_fails_outside_the_rules_is_tried_again_and_its_batch_waits(monkeypatch):
+    """Its batch (and so the checkpoint) waits until the row's outcome is recorded: a failed row is
+    never behind a completed checkpoint with nothing in the ledger."""
+    monkeypatch.setattr("jobs.billing_operator.ROW_RETRY_FIRST_S", 0.001)
+    deliverer = RecordingDeliverer(failing="b", failures=2)
     op = operator(deliverer)
-    with pytest.raises(RuntimeError, match="ledger away"):
-        asyncio.run(op.async_invoke(Row([row("a"), row("b"), row("c")])))
-    assert sorted(deliverer.done) == ["a", "c"]
-    assert op.counters["sent"].count == 2
+    assert asyncio.run(op.async_invoke(Row([row("a"), row("b"), row("c")]))) == []
+    assert sorted(deliverer.done) == ["a", "b", "c"]
+    assert op.delivery_errors.count == 2
+    assert op.counters["sent"].count == 3

@@ -32,6 +32,7 @@ public class MeteredEvent {
     public long idHashHigh;
     public long idHashLow;
 
+    /** For Flink's POJO serializer, which carries the id key's fields too; build events with the other constructor. */
     public MeteredEvent() {}
 
     public MeteredEvent(String tenantId, String customerId, String meter, String dimensionsKey, String eventId, long eventTimeMs, BigDecimal quantity, String uniqueValue) {

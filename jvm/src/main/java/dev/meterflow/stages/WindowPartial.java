@@ -9,6 +9,7 @@ import java.util.Arrays;
 import java.util.HashSet;
 import java.util.Set;
 
+import org.apache.flink.api.common.typeinfo.TypeInfo;
 import org.apache.flink.core.memory.DataInputView;
 import org.apache.flink.core.memory.DataOutputView;
 
@@ -31,6 +32,7 @@ import org.apache.flink.core.memory.DataOutputView;
  * <p>The event count is kept for every aggregation: it is the window row's {@code event_count}, and
  * its {@code revision} (every update of a window adds at least one event).
  */
+@TypeInfo(WindowPartialTypeInfo.Factory.class)
 public final class WindowPartial implements Serializable {
     private static final long serialVersionUID = 1L;
 
@@ -165,7 +167,7 @@ public final class WindowPartial implements Serializable {
     /** Writes the partial in the layout {@link WindowPartialSerializer} documents. */
     void writeTo(DataOutputView out) throws IOException {
         out.writeByte(WindowPartialSerializer.VERSION);
-        out.writeByte(aggregation.ordinal());
+        out.writeUTF(aggregation.name()); // by name: the enum's order may change
         out.writeLong(eventCount);
         switch (aggregation) {
             case SUM -> {
@@ -204,10 +206,10 @@ public final class WindowPartial implements Serializable {
     /** Reads a partial written by {@link #writeTo} (any layout version so far). */
     static WindowPartial readFrom(DataInputView in) throws IOException {
         int version = in.readByte();
-        if (version != 1) {
-            throw new IOException("a window partial of layout version " + version + ", newer than this release reads (" + WindowPartialSerializer.VERSION + ")");
+        if (version < 1 || version > WindowPartialSerializer.VERSION) {
+            throw new IOException("a window partial of layout version " + version + "; this release reads 1 to " + WindowPartialSerializer.VERSION);
         }
-        WindowPartial p = new WindowPartial(Aggregation.values()[in.readByte()]);
+        WindowPartial p = new WindowPartial(Aggregation.valueOf(in.readUTF()));
         p.eventCount = in.readLong();
         switch (p.aggregation) {
             case SUM -> {

@@ -16,7 +16,7 @@ import org.apache.flink.core.memory.DataOutputView;
  * with its layout's version (one byte): a change of the layout gets a new {@link #VERSION}, and
  * {@link WindowPartial#readFrom} keeps reading the old ones.
  *
- * <p>Layout (version 1): version (byte), aggregation ordinal (byte), event count (long), then per aggregation:
+ * <p>Layout (version 1): version (byte), aggregation name (UTF), event count (long), then per aggregation:
  * SUM a flag and either the unscaled long or the BigDecimal; MAX a presence flag and the decimal;
  * LATEST a presence flag, the time, the id's bytes and the decimal; UNIQUE_COUNT the count and the
  * values. Decimals travel as their scale and unscaled bytes.

@@ -1,6 +1,7 @@
 package dev.meterflow.stages;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
 
 import java.math.BigDecimal;
 import java.util.ArrayList;
@@ -8,7 +9,12 @@ import java.util.List;
 
 import dev.meterflow.stages.WindowPartial.Aggregation;
 
+import org.apache.flink.api.common.serialization.SerializerConfigImpl;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
+import org.apache.flink.api.java.typeutils.PojoTypeInfo;
+import org.apache.flink.core.memory.DataInputDeserializer;
+import org.apache.flink.core.memory.DataOutputSerializer;
 import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
 import org.apache.flink.streaming.api.operators.KeyedProcessOperator;
 import org.apache.flink.streaming.api.watermark.Watermark;
@@ -24,10 +30,11 @@ class WindowMergerTest {
     private static final long LATENESS = 10_000;
     private static final long CLOSE = END - 1 + LATENESS;
     private static final long HOLD_MS = 5_000;
+    private static final long RETAIN_MS = 600_000;
     private static final WindowKey KEY = new WindowKey("t", "c", "api_calls", "{}", W0, END);
 
     private static KeyedOneInputStreamOperatorTestHarness<String, PartialWindow, Row> harness(long latenessMs) throws Exception {
-        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowMerger(latenessMs, HOLD_MS)), WindowKey.selector(), Types.STRING);
+        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(new WindowMerger(latenessMs, HOLD_MS, RETAIN_MS)), WindowKey.selector(), Types.STRING);
     }
 
     private static PartialWindow partial(String... quantities) {
@@ -39,17 +46,17 @@ class WindowMergerTest {
         return new PartialWindow(KEY, p);
     }
 
-    /** Fires as "quantity/revision", finals as "final quantity/revision", in order. */
+    /** Fires as "quantity/revision", in order, then finals as "final quantity/revision", in order. */
     private static List<String> rows(KeyedOneInputStreamOperatorTestHarness<String, PartialWindow, Row> h) {
         List<String> out = new ArrayList<>();
-        for (Row r : h.extractOutputValues()) {
-            out.add(new BigDecimal((String) r.getField(6)).stripTrailingZeros().toPlainString() + "/" + r.getField(8));
-        }
-        var finals = h.getSideOutput(WindowMerger.FINAL);
-        if (finals != null) {
-            for (StreamRecord<Row> r : finals) {
-                out.add("final " + new BigDecimal((String) r.getValue().getField(6)).stripTrailingZeros().toPlainString() + "/" + r.getValue().getField(8));
+        var fires = h.getSideOutput(WindowMerger.FIRES);
+        if (fires != null) {
+            for (StreamRecord<Row> r : fires) {
+                out.add(new BigDecimal((String) r.getValue().getField(6)).stripTrailingZeros().toPlainString() + "/" + r.getValue().getField(8));
             }
+        }
+        for (Row r : h.extractOutputValues()) {
+            out.add("final " + new BigDecimal((String) r.getField(6)).stripTrailingZeros().toPlainString() + "/" + r.getField(8));
         }
         return out;
     }
@@ -71,8 +78,9 @@ class WindowMergerTest {
             h.processWatermark(new Watermark(CLOSE));
             assertEquals(List.of("3.5/3", "7.5/4", "final 7.5/4"), rows(h));
             h.processWatermark(new Watermark(CLOSE + 60_000));
-            assertEquals(3, rows(h).size(), "closed once, its state gone");
-            assertEquals(0, h.numKeyedStateEntries());
+            assertEquals(3, rows(h).size(), "closed once");
+            h.setProcessingTime(RETAIN_MS);
+            assertEquals(0, h.numKeyedStateEntries(), "its state gone after the retention");
         }
     }
 
@@ -111,6 +119,24 @@ class WindowMergerTest {
             assertEquals(List.of(), rows(h));
             h.setProcessingTime(1_000 + HOLD_MS);
             assertEquals(List.of("final 3/2"), rows(h));
+            assertEquals(CLOSE, h.extractOutputStreamRecords().get(0).getTimestamp(), "stamped with its close time, not the wall clock");
+        }
+    }
+
+    @Test
+    void aPartialAfterTheFinalMakesANewFinalWithEveryEvent() throws Exception {
+        try (var h = harness(LATENESS)) {
+            h.open();
+            h.setProcessingTime(1_000);
+            h.processElement(new StreamRecord<>(partial("1", "2")));
+            h.processWatermark(new Watermark(CLOSE + 30_000));
+            assertEquals(List.of("3/2", "final 3/2"), rows(h));
+            // A first-stage subtask whose input was idle hands over its partial now.
+            h.processElement(new StreamRecord<>(partial("4")));
+            h.setProcessingTime(1_000 + HOLD_MS);
+            assertEquals(List.of("3/2", "final 3/2", "final 7/3"), rows(h), "the whole window again, a higher revision");
+            Object last = h.getOutput().toArray()[h.getOutput().size() - 1];
+            assertEquals(CLOSE, ((StreamRecord<?>) last).getTimestamp(), "stamped with its close time");
         }
     }
 
@@ -127,9 +153,11 @@ class WindowMergerTest {
         try (var h = harness(LATENESS)) {
             h.initializeState(snapshot);
             h.open();
-            h.processElement(new StreamRecord<>(partial("4"))); // no watermark yet after the restore: a partial is merged
+            h.processElement(new StreamRecord<>(partial("4"))); // no watermark yet after the restore: merged
+            h.processWatermark(new Watermark(END + 1)); // the first watermark after the restore: a re-fire with it
+            assertEquals(List.of("7/3"), rows(h));
             h.processWatermark(new Watermark(CLOSE));
-            assertEquals(List.of("final 7/3"), rows(h));
+            assertEquals(List.of("7/3", "final 7/3"), rows(h));
         }
     }
 
@@ -169,5 +197,22 @@ class WindowMergerTest {
             h.processWatermark(new Watermark(CLOSE));
             assertEquals(2, rows(h).size());
         }
+    }
+
+    @Test
+    void partialsCrossBetweenTheStagesWithoutKryo() throws Exception {
+        TypeInformation<PartialWindow> type = DedupAndPartials.outputType();
+        assertInstanceOf(PojoTypeInfo.class, type);
+        var serializer = type.createSerializer(new SerializerConfigImpl());
+        DataOutputSerializer out = new DataOutputSerializer(64);
+        serializer.serialize(partial("1.5", "2"), out);
+        PartialWindow back = serializer.deserialize(new DataInputDeserializer(out.getCopyOfBuffer()));
+        assertEquals(KEY, back.key);
+        assertEquals(new BigDecimal("3.500000000"), back.partial.value());
+        assertEquals(2, back.partial.eventCount());
+        // With generic types disabled, a field that needed Kryo would make this throw.
+        SerializerConfigImpl noKryo = new SerializerConfigImpl();
+        noKryo.setGenericTypes(false);
+        assertEquals(serializer.getClass(), type.createSerializer(noKryo).getClass());
     }
 }

@@ -22,7 +22,8 @@ class WindowPartialTest {
         List<Event> out = new ArrayList<>();
         for (int i = 0; i < n; i++) {
             BigDecimal q = BigDecimal.valueOf(r.nextLong() % 1_000_000_000_000L, 9).abs();
-            out.add(new Event(q, 1_000 + r.nextInt(5), "e" + r.nextInt(1_000), r.nextInt(4) == 0 ? null : "u" + r.nextInt(7)));
+            // Ids are unique, as after the dedup; times collide, so LATEST's tie-break on the id decides.
+            out.add(new Event(q, 1_000 + r.nextInt(5), "e" + r.nextInt(1_000) + "-" + i, r.nextInt(4) == 0 ? null : "u" + r.nextInt(7)));
         }
         return out;
     }
@@ -40,12 +41,20 @@ class WindowPartialTest {
         List<Event> all = events(500, 7);
         for (Aggregation a : Aggregation.values()) {
             WindowPartial whole = of(a, all);
-            WindowPartial merged = new WindowPartial(a);
-            for (int from = 0; from < all.size(); from += 37) {
-                merged.merge(of(a, all.subList(from, Math.min(all.size(), from + 37))));
+            for (long seed = 0; seed < 5; seed++) {
+                // Partials of a random grouping of the events, merged in a random order.
+                List<Event> shuffled = new ArrayList<>(all);
+                java.util.Collections.shuffle(shuffled, new Random(seed));
+                List<WindowPartial> parts = new ArrayList<>();
+                for (int from = 0; from < shuffled.size(); from += 1 + (int) (seed * 17 % 50)) {
+                    parts.add(of(a, shuffled.subList(from, Math.min(shuffled.size(), from + 1 + (int) (seed * 17 % 50)))));
+                }
+                java.util.Collections.shuffle(parts, new Random(seed + 100));
+                WindowPartial merged = new WindowPartial(a);
+                parts.forEach(merged::merge);
+                assertEquals(whole.value(), merged.value(), a.name() + " seed " + seed);
+                assertEquals(500, merged.eventCount(), a.name());
             }
-            assertEquals(whole.value(), merged.value(), a.name());
-            assertEquals(500, merged.eventCount(), a.name());
         }
     }
 
