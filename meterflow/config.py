@@ -322,7 +322,7 @@ class BillingConfig(_Section):
         None,
         ge=1,
         le=1024,
-        description="Deliveries in flight per billing subtask (the async operator's capacity); default 64 on v1 (a call each) and 1024 on the v2 stream (deliveries in flight together share requests).",
+        description="Deliveries in flight per billing subtask, each in one delivery slot of the worker (the async operator holds up to four times as many, in batches gathered in the JVM); default 64 on v1 (a call each) and 1024 on the v2 stream (deliveries in flight together share requests).",
     )
     max_held_per_key: int = Field(
         2,
