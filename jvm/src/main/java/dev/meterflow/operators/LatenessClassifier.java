@@ -1,12 +1,8 @@
 package dev.meterflow.operators;
 
 import java.util.ArrayList;
-import java.util.Collections;
 import java.util.List;
 
-import org.apache.flink.api.common.state.ListState;
-import org.apache.flink.api.common.state.ListStateDescriptor;
-import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.metrics.Counter;
 import org.apache.flink.metrics.Gauge;
 import org.apache.flink.metrics.MetricGroup;
@@ -82,11 +78,7 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
     private final int windowEndField;
     private final long allowedLatenessMs;
 
-    private transient ListState<Long> heldState;
-    private transient ListState<Long> closedThroughState;
-    private transient long held;
-    private transient long closedThrough;
-    private transient long forwarded;
+    private transient HeldWatermark watermark;
     private transient Counter lateRecords;
     private transient Counter onTimeRecords;
     private transient LatenessHistogram lateness;
@@ -116,7 +108,7 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
 
     /** The watermark decisions use now: the live one, never below what was seen before a restore. */
     public long effectiveWatermark() {
-        return held;
+        return watermark.held();
     }
 
     @Override
@@ -125,51 +117,36 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
         MetricGroup group = getMetricGroup().addGroup("meterflow");
         lateRecords = group.counter("late_records");
         onTimeRecords = group.counter("on_time_records");
-        group.gauge("held_watermark", (Gauge<Long>) () -> held);
-        group.gauge("watermark_lag_ms", (Gauge<Long>) () -> watermarkLagMs(System.currentTimeMillis(), held));
+        group.gauge("held_watermark", (Gauge<Long>) () -> watermark.held());
+        group.gauge("watermark_lag_ms", (Gauge<Long>) () -> watermarkLagMs(System.currentTimeMillis(), watermark.held()));
         lateness = new LatenessHistogram(group);
     }
 
     @Override
     public void initializeState(StateInitializationContext context) throws Exception {
         super.initializeState(context);
-        heldState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("held-watermark", Types.LONG));
-        held = WindowClose.NO_WATERMARK;
-        forwarded = WindowClose.NO_WATERMARK;
-        for (Long restored : heldState.get()) {
-            held = Math.max(held, restored);
-        }
-        // New state: a savepoint taken before it existed restores an empty list (nothing closed).
-        closedThroughState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("closed-through", Types.LONG));
-        closedThrough = WindowClose.NOTHING_CLOSED;
-        for (Long restored : closedThroughState.get()) {
-            closedThrough = Math.max(closedThrough, restored);
-        }
-        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
+        watermark = new HeldWatermark(allowedLatenessMs);
+        watermark.initialize(context.getOperatorStateStore());
     }
 
     /** The highest window end judged closed so far (epoch ms), {@link WindowClose#NOTHING_CLOSED} before any. */
     public long closedThrough() {
-        return closedThrough;
+        return watermark.closedThrough();
     }
 
     @Override
     public void snapshotState(StateSnapshotContext context) throws Exception {
         super.snapshotState(context);
-        heldState.update(Collections.singletonList(held));
-        closedThroughState.update(Collections.singletonList(closedThrough));
+        watermark.snapshot();
     }
 
     @Override
     public void processWatermark(Watermark mark) throws Exception {
-        held = Math.max(held, mark.getTimestamp());
-        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
         // Forward the held watermark: after a restore the window operator and the closer get back
         // to where they were (windows re-fire, timers fire) as soon as the sources emit again,
         // instead of waiting for newer data than the checkpoint had seen.
-        if (held > forwarded) {
-            forwarded = held;
-            super.processWatermark(new Watermark(held));
+        if (watermark.advance(mark.getTimestamp())) {
+            super.processWatermark(new Watermark(watermark.held()));
         }
     }
 
@@ -180,7 +157,8 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
         if (!row.isNullAt(windowEndField)) {
             long endMs = row.getTimestamp(windowEndField, 3).getMillisecond();
             long eventMs = row.getTimestamp(eventTimeField, 3).getMillisecond();
-            boolean late = WindowClose.isLate(endMs, allowedLatenessMs, held, closedThrough);
+            long held = watermark.held();
+            boolean late = watermark.isLate(endMs);
             if (held != WindowClose.NO_WATERMARK) {
                 decision.setField(0, TimestampData.fromEpochMillis(held));
                 decision.setField(1, held - eventMs);

@@ -1,16 +1,14 @@
 package dev.meterflow.stages;
 
 import java.time.Duration;
-import java.util.Collections;
 import java.util.HashMap;
 import java.util.Iterator;
 import java.util.Map;
 import java.util.TreeMap;
 
+import dev.meterflow.operators.HeldWatermark;
 import dev.meterflow.operators.WindowClose;
 
-import org.apache.flink.api.common.state.ListState;
-import org.apache.flink.api.common.state.ListStateDescriptor;
 import org.apache.flink.api.common.state.StateTtlConfig;
 import org.apache.flink.api.common.state.ValueState;
 import org.apache.flink.api.common.state.ValueStateDescriptor;
@@ -48,7 +46,7 @@ import org.apache.flink.util.OutputTag;
  * never), so a window's running value is never older than that downstream.
  *
  * <p>The held watermark and the closed-through boundary are kept as {@code LatenessClassifier}
- * keeps them (union list state; each subtask takes the highest after a restore or a rescale), and
+ * keeps them ({@link HeldWatermark}: each subtask takes the highest after a restore or a rescale), and
  * only the held watermark is forwarded: the second stage never sees a watermark this stage did not
  * judge against.
  */
@@ -67,11 +65,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
 
     private transient ValueStateDescriptor<Boolean> seenDescriptor;
     private transient ValueState<Boolean> seen;
-    private transient ListState<Long> heldState;
-    private transient ListState<Long> closedThroughState;
-    private transient long held;
-    private transient long closedThrough;
-    private transient long forwarded;
+    private transient HeldWatermark watermark;
     /** Open partials by window end, so a watermark emits those it fires without looking at the others. */
     private transient TreeMap<Long, Map<WindowKey, WindowPartial>> partials;
     private transient int open;
@@ -101,18 +95,8 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     @Override
     public void initializeState(StateInitializationContext context) throws Exception {
         super.initializeState(context);
-        heldState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("held-watermark", Types.LONG));
-        held = WindowClose.NO_WATERMARK;
-        for (Long restored : heldState.get()) {
-            held = Math.max(held, restored);
-        }
-        closedThroughState = context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>("closed-through", Types.LONG));
-        closedThrough = WindowClose.NOTHING_CLOSED;
-        for (Long restored : closedThroughState.get()) {
-            closedThrough = Math.max(closedThrough, restored);
-        }
-        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
-        forwarded = WindowClose.NO_WATERMARK;
+        watermark = new HeldWatermark(allowedLatenessMs);
+        watermark.initialize(context.getOperatorStateStore());
     }
 
     @Override
@@ -131,7 +115,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
 
     /** The watermark lateness is judged against (epoch ms; {@link WindowClose#NO_WATERMARK} before any). */
     public long heldWatermark() {
-        return held;
+        return watermark.held();
     }
 
     @Override
@@ -142,7 +126,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         }
         seen.update(Boolean.TRUE);
         WindowKey window = WindowKey.of(e, windowSizeMs);
-        if (WindowClose.isLate(window.windowEndMs, allowedLatenessMs, held, closedThrough)) {
+        if (watermark.isLate(window.windowEndMs)) {
             output.collect(LATE, element);
             return;
         }
@@ -161,12 +145,10 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
 
     @Override
     public void processWatermark(Watermark mark) throws Exception {
-        held = Math.max(held, mark.getTimestamp());
-        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
-        if (held > forwarded) {
+        if (watermark.advance(mark.getTimestamp())) {
+            long held = watermark.held();
             // Windows fire at end - 1 ms: those with end <= held + 1 fire at this watermark.
             emitThrough(held == Long.MAX_VALUE ? Long.MAX_VALUE : held + 1);
-            forwarded = held;
             super.processWatermark(new Watermark(held));
         }
     }
@@ -180,8 +162,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     @Override
     public void snapshotState(StateSnapshotContext context) throws Exception {
         super.snapshotState(context);
-        heldState.update(Collections.singletonList(held));
-        closedThroughState.update(Collections.singletonList(closedThrough));
+        watermark.snapshot();
     }
 
     @Override
