@@ -45,9 +45,14 @@ def ledger_cfg(e2e_stack):
     return cfg, path
 
 
+# One start for the module: a window built twice must keep its identifier even if a second ticks over between.
+_START_MS = (int(time.time()) - 3600) * 1000
+
+
 def _window(quantity: str = "5.5", customer: str = "c1") -> ClosedWindow:
-    start = (int(time.time()) - 3600) * 1000
-    return ClosedWindow.from_fields(("t1", customer, "tokens", "{}", start, start + 10_000, Decimal(quantity), 4, 4))
+    return ClosedWindow.from_fields(
+        ("t1", customer, "tokens", "{}", _START_MS, _START_MS + 10_000, Decimal(quantity), 4, 4)
+    )
 
 
 def test_claims_states_and_the_sent_guard(ledger_cfg):
