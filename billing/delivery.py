@@ -27,11 +27,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, NamedTuple
 
 from billing.deliveries import (
     ClosedWindow,
@@ -54,6 +53,8 @@ from billing.deliveries import (
     summary_range,
     window_delivery,
 )
+from billing.key_gate import KeyGate
+from billing.ports import Ledger, Provider
 from billing.retry import BackoffPolicy, RateReservations
 from meterflow.config import JobConfig, MeterConfig
 from meterflow.errors import DeliveryRejected, ProviderError
@@ -61,150 +62,11 @@ from meterflow.errors import DeliveryRejected, ProviderError
 log = logging.getLogger(__name__)
 
 
-class Ledger(Protocol):
-    """The delivery ledger (Postgres in production: sinks/ledger_async.py)."""
+class Cleared(NamedTuple):
+    """A claimed delivery that may go to the provider now: its meter and the customer's id there."""
 
-    async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
-        """Record the delivery unless it exists; claim it for an attempt if it may be attempted.
-
-        ``claimed`` in the answer says whether it was; the entry is the row's state either way.
-        """
-
-    async def delivery(self, identifier: str) -> Delivery | None:
-        """A recorded delivery with its window (a retry's input), or None."""
-
-    async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None: ...
-
-    async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None: ...
-
-    async def mark_dead(self, identifier: str, attempts: int, reason: str) -> None: ...
-
-    async def mark_rejected(self, identifier: str, reason: str) -> None:
-        """Dead without a call (nothing reached the provider)."""
-
-    async def defer(self, identifier: str, until: float) -> None: ...
-
-    async def hold(self, identifier: str, until: float) -> None:
-        """Lease a recorded delivery to this worker until ``until`` (it waits in this worker's memory for its key's turn)."""
-        ...
-
-    async def record_check(self, identifier: str, decision: str, *, resend: bool) -> None: ...
-
-    async def accepted_total(
-        self, identifier: str, provider_customer_id: str, event_name: str, start: int, end: int
-    ) -> Decimal:
-        """The sum of the values the provider accepted for one customer and event over [start, end), one delivery excluded."""
-
-    async def carry_value(self, identifier: str) -> Decimal:
-        """Fix a carried meter's delivery's value, in the order of first attempts (billing/whole_values.py); once fixed, the same value."""
-
-
-class Provider(Protocol):
-    """A billing provider's meter event API (connectors/stripe_provider.py for Stripe)."""
-
-    name: str
-
-    async def send(self, event: MeterEvent) -> str:
-        """Send one meter event; return the provider's response id or raise ProviderError."""
-
-    async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
-        """The provider's aggregated value of one customer's events over [start, end) (unix s, minute-aligned)."""
-
-    one_call_per_key: bool
-    """Whether the provider takes one call at a time per (tenant, customer, meter) (Stripe v1)."""
-
-    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
-        """Whether the provider gathers deliveries into requests and paces those with ``rate`` (one
-        slot per request) itself; False: each send is one call, and the deliverer takes a slot per delivery."""
-
-
-@dataclass
-class KeyGate:
-    """Per-key serialisation and backoff: at most one delivery of a key runs, and a failing key waits."""
-
-    locks: dict[Hashable, asyncio.Lock] = field(default_factory=dict)
-    users: dict[Hashable, int] = field(default_factory=dict)
-    not_before: dict[Hashable, float] = field(default_factory=dict)
-    slots: dict[Hashable, float] = field(default_factory=dict)  # per key: the last turn handed to a parked delivery
-    # Where a key's calls run at once (not one_call_per_key): its calls between send and outcome, and
-    # who waits for none to be left (a check of the provider's totals, which holds the key's lock).
-    calling: dict[Hashable, int] = field(default_factory=dict)
-    drain_waiters: dict[Hashable, list[asyncio.Future]] = field(default_factory=dict)
-
-    def lock(self, key: Hashable) -> _KeyLock:
-        return _KeyLock(self, key)
-
-    @contextlib.asynccontextmanager
-    async def call(self, key: Hashable) -> AsyncIterator[None]:
-        """One of a key's concurrent calls, from send to recorded outcome. It starts only while no
-        check holds the key's lock, so the check reads the provider and the ledger with nothing of
-        the key in between."""
-        while (held := self.locks.get(key)) is not None and held.locked():
-            async with self.lock(key):
-                pass
-        self.calling[key] = self.calling.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            self.calling[key] -= 1
-            if not self.calling[key]:
-                del self.calling[key]
-                for waiter in self.drain_waiters.pop(key, []):
-                    if not waiter.done():
-                        waiter.set_result(None)
-
-    async def drained(self, key: Hashable) -> None:
-        """Wait until none of the key's calls is between send and outcome (hold the key's lock first)."""
-        while self.calling.get(key):
-            waiter = asyncio.get_running_loop().create_future()
-            self.drain_waiters.setdefault(key, []).append(waiter)
-            await waiter
-
-    def crowded(self, key: Hashable, limit: int) -> bool:
-        """Whether the key already holds ``limit`` deliveries (calling or waiting for its lock)."""
-        return self.users.get(key, 0) >= limit
-
-    def next_turn(self, key: Hashable, now: float, pace: float) -> float:
-        """When a delivery parked now should come back: after those holding the key and those parked
-        before it, one call's time (``pace``) each, so a burst returns spread out, not all at once."""
-        start = max(self.slots.get(key, 0.0), now + self.users.get(key, 0) * pace)
-        self.slots[key] = start + pace
-        for stale in [k for k, t in self.slots.items() if t < now]:
-            del self.slots[stale]
-        return self.slots[key]
-
-    def backing_off(self, key: Hashable, now: float) -> float | None:
-        """Until when the key backs off, or None."""
-        until = self.not_before.get(key)
-        if until is not None and until <= now:
-            del self.not_before[key]
-            return None
-        return until
-
-    def back_off(self, key: Hashable, until: float) -> None:
-        self.not_before[key] = max(until, self.not_before.get(key, 0.0))
-
-    def recovered(self, key: Hashable) -> None:
-        self.not_before.pop(key, None)
-
-
-class _KeyLock:
-    """``async with gate.lock(key)``: the key's lock, forgotten when nobody holds or waits for it."""
-
-    def __init__(self, gate: KeyGate, key: Hashable) -> None:
-        self.gate, self.key = gate, key
-
-    async def __aenter__(self) -> None:
-        gate = self.gate
-        gate.users[self.key] = gate.users.get(self.key, 0) + 1
-        await gate.locks.setdefault(self.key, asyncio.Lock()).acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        gate = self.gate
-        gate.locks[self.key].release()
-        gate.users[self.key] -= 1
-        if not gate.users[self.key]:
-            del gate.users[self.key], gate.locks[self.key]
+    meter: MeterConfig
+    customer: str
 
 
 class Deliverer:
@@ -252,6 +114,11 @@ class Deliverer:
         self.parked_calls = asyncio.Semaphore(cfg.billing_max_in_flight)
         self.on_background_outcome: Callable[[Outcome], None] = lambda outcome: None
 
+    @property
+    def delivers_together(self) -> bool:
+        """Whether :meth:`on_windows` delivers a stream's windows together (else one by one)."""
+        return not self.one_call_per_key and self.paced_by_provider
+
     @staticmethod
     def key(window: ClosedWindow) -> tuple[str, str, str]:
         """The provider's concurrency unit: one customer's meter (the job's key_by)."""
@@ -282,9 +149,147 @@ class Deliverer:
             outcomes = [await self._attempt(as_recorded(delivery, entry), entry)]
             correction = correction_needed(window, entry)
             if correction is not None:
-                claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
-                outcomes.append(await self._attempt(correction, claimed))
+                outcomes.append(await self._correct(correction, window))
             return outcomes
+
+    async def on_windows(self, windows: Sequence[ClosedWindow]) -> list[Outcome]:
+        """Closed windows from the stream, each delivered as :meth:`on_window` delivers it, but
+        together: the claims, the carried values, the requests and the sent outcomes of the windows
+        that go the common way (claimed, cleared, within the dedup window, no check holding their
+        key) are one ledger statement and one provider call each for all of them, with no coroutine
+        per window. Only where the deliverer needs no turns per key nor paces the calls (the v2
+        stream); otherwise, and for a window whose turn is taken, :meth:`on_window` one by one."""
+        if not self.delivers_together:
+            return _flat(await asyncio.gather(*(self.on_window(w) for w in windows)))
+        together: list[ClosedWindow] = []
+        alone: list[ClosedWindow] = []
+        turns: set[Hashable] = set()
+        for w in windows:
+            turn = self.turn(w)
+            (alone if turn in turns or self.gate.busy(turn) else together).append(w)
+            turns.add(turn)
+        return _flat(await asyncio.gather(self._together(together), *(self.on_window(w) for w in alone)))
+
+    async def _together(self, windows: list[ClosedWindow]) -> list[Outcome]:
+        if not windows:
+            return []
+        async with contextlib.AsyncExitStack() as turns:
+            for w in windows:
+                await turns.enter_async_context(self.gate.lock(self.turn(w)))
+            deliveries = [window_delivery(w, self.prefix) for w in windows]
+            names = [self.event_name(w) for w in windows]
+            entries = await self.ledger.claim_windows(deliveries, self.provider.name, names)
+            recorded = [as_recorded(d, e) for d, e in zip(deliveries, entries, strict=True)]
+            now = self.clock()
+            cleared: dict[int, Cleared] = {}
+            alone: dict[int, Coroutine[Any, Any, Outcome]] = {}
+            for i, (d, e) in enumerate(zip(recorded, entries, strict=True)):
+                verdict = self._cleared(d, e, now)
+                if not isinstance(verdict, Cleared):
+                    alone[i] = self._without_call(d, e, verdict)
+                elif beyond_dedup_window(e.first_attempt_at, now, self.dedup_window):
+                    alone[i] = self._attempt(d, e)  # the provider is asked first: one by one
+                else:
+                    cleared[i] = verdict
+            try:
+                events = await self._events_of(recorded, entries, cleared, alone)
+            except BaseException:
+                for waiting in alone.values():
+                    waiting.close()  # never started: nothing to undo
+                raise
+            calls = self._start_calls(recorded, entries, events, alone)
+            outcomes: dict[int, Outcome] = {}
+            _, results = await asyncio.gather(
+                self._send_together(recorded, entries, events, calls, outcomes), asyncio.gather(*alone.values())
+            )
+            outcomes.update(zip(alone, results, strict=True))
+            corrections = [
+                (c, w) for w, e in zip(windows, entries, strict=True) if (c := correction_needed(w, e)) is not None
+            ]
+            corrected = await asyncio.gather(*(self._correct(c, w) for c, w in corrections))
+            return [outcomes[i] for i in range(len(windows))] + list(corrected)
+
+    async def _events_of(
+        self,
+        recorded: list[Delivery],
+        entries: list[LedgerEntry],
+        cleared: dict[int, Cleared],
+        alone: dict[int, Coroutine[Any, Any, Outcome]],
+    ) -> dict[int, MeterEvent]:
+        """The events of cleared deliveries, the carried values fixed together; a refused one goes to ``alone``."""
+        to_fix = [
+            recorded[i].identifier
+            for i, c in cleared.items()
+            if c.meter.billing_rounding == "carry" and entries[i].value is None
+        ]
+        fixed = dict(zip(to_fix, await self.ledger.carry_values(to_fix), strict=True)) if to_fix else {}
+        events: dict[int, MeterEvent] = {}
+        for i, c in cleared.items():
+            d, e = recorded[i], entries[i]
+            carried = None
+            if c.meter.billing_rounding == "carry":
+                carried = Decimal(e.value) if e.value is not None else fixed[d.identifier]
+            try:
+                events[i] = build_meter_event(d, c.meter, c.customer, carried)
+            except DeliveryRejected as x:
+                alone[i] = self._rejected(d.identifier, e, str(x))
+        return events
+
+    def _start_calls(
+        self,
+        recorded: list[Delivery],
+        entries: list[LedgerEntry],
+        events: dict[int, MeterEvent],
+        alone: dict[int, Coroutine[Any, Any, Outcome]],
+    ) -> list[int]:
+        """The events that go in one call, their keys' calls started; one whose key a check holds waits in ``alone``."""
+        calls = []
+        for i, event in events.items():
+            key = self.key(recorded[i].window)
+            if self.gate.start_call(key):
+                calls.append(i)
+            else:
+                alone[i] = self._send(key, entries[i], event)
+        return calls
+
+    async def _send_together(
+        self,
+        recorded: list[Delivery],
+        entries: list[LedgerEntry],
+        events: dict[int, MeterEvent],
+        calls: list[int],
+        outcomes: dict[int, Outcome],
+    ) -> None:
+        """One provider call for the started events, their outcomes recorded, then their keys' calls ended."""
+        if not calls:
+            return
+        try:
+            started = self.clock()
+            answers = await self.provider.send_all([events[i] for i in calls])
+            sent = [(i, a) for i, a in zip(calls, answers, strict=True) if not isinstance(a, ProviderError)]
+            if sent:
+                self.pace = 0.8 * self.pace + 0.2 * max(self.clock() - started, 0.001)
+                for i, _ in sent:
+                    self.gate.recovered(self.key(recorded[i].window))
+                await self.ledger.mark_all_sent(
+                    [(recorded[i].identifier, events[i], a, entries[i].attempts + 1) for i, a in sent]
+                )
+                outcomes.update((i, Sent(recorded[i].identifier, a, entries[i].attempts + 1)) for i, a in sent)
+            failed = [(i, a) for i, a in zip(calls, answers, strict=True) if isinstance(a, ProviderError)]
+            results = await asyncio.gather(
+                *(
+                    self._failed(self.key(recorded[i].window), recorded[i].identifier, entries[i].attempts + 1, a)
+                    for i, a in failed
+                )
+            )
+            outcomes.update(zip((i for i, _ in failed), results, strict=True))
+        finally:
+            for i in calls:
+                self.gate.end_call(self.key(recorded[i].window))
+
+    async def _correct(self, correction: Delivery, window: ClosedWindow) -> Outcome:
+        claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
+        return await self._attempt(correction, claimed)
 
     async def on_retry(self, identifier: str, *, replay: bool = False) -> Outcome:
         """A recorded delivery handed out again (the retry scan, or the replay command with ``replay``)."""
@@ -376,30 +381,55 @@ class Deliverer:
 
     # -- one attempt ---------------------------------------------------------------------------
     async def _attempt(self, delivery: Delivery, entry: LedgerEntry, *, replay: bool = False) -> Outcome:
-        identifier = delivery.identifier
         if entry.status == "dead" and replay:
             entry = await self._revive(delivery, entry)
+        now = self.clock()
+        verdict = self._cleared(delivery, entry, now)
+        if not isinstance(verdict, Cleared):
+            return await self._without_call(delivery, entry, verdict)
+        try:
+            carried = None
+            if verdict.meter.billing_rounding == "carry":
+                # Fixed once, when first attempted: every retry and replay sends the same value.
+                carried = (
+                    Decimal(entry.value)
+                    if entry.value is not None
+                    else await self.ledger.carry_value(delivery.identifier)
+                )
+            event = build_meter_event(delivery, verdict.meter, verdict.customer, carried)
+        except DeliveryRejected as e:
+            return await self._rejected(delivery.identifier, entry, str(e))
+        return await self._send_or_check(delivery, entry, event, now)
+
+    def _cleared(self, delivery: Delivery, entry: LedgerEntry, now: float) -> Cleared | Outcome | str:
+        """Whether a claimed delivery may go to the provider now: its meter and customer if so; else the outcome
+        without a call (not claimed: Skipped; its key backing off: Deferred) or why it is refused."""
         if not entry.claimed:
             return self._not_claimed(delivery, entry)
-        key, now = self.key(delivery.window), self.clock()
-        until = self.gate.backing_off(key, now)
+        until = self.gate.backing_off(self.key(delivery.window), now)
         if until is not None:
-            await self.ledger.defer(identifier, until)
-            return Deferred(identifier, until)
+            return Deferred(delivery.identifier, until)
         meter = self.meters.get(delivery.window.meter)
         at = datetime.fromtimestamp(now, UTC)
-        try:
-            refused = delivery_refusal(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead)
-            if refused or meter is None or entry.provider_customer_id is None:
-                raise DeliveryRejected(refused or "no meter or customer")
-            carried = None
-            if meter.billing_rounding == "carry":
-                # Fixed once, when first attempted: every retry and replay sends the same value.
-                carried = Decimal(entry.value) if entry.value is not None else await self.ledger.carry_value(identifier)
-            event = build_meter_event(delivery, meter, entry.provider_customer_id, carried)
-        except DeliveryRejected as e:
-            await self.ledger.mark_rejected(identifier, str(e))
-            return Dead(identifier, str(e), entry.attempts)
+        refused = delivery_refusal(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead)
+        if refused or meter is None or entry.provider_customer_id is None:
+            return refused or "no meter or customer"
+        return Cleared(meter, entry.provider_customer_id)
+
+    async def _without_call(self, delivery: Delivery, entry: LedgerEntry, verdict: Outcome | str) -> Outcome:
+        """Record a verdict of :meth:`_cleared` that is not a call."""
+        if isinstance(verdict, str):
+            return await self._rejected(delivery.identifier, entry, verdict)
+        if isinstance(verdict, Deferred):
+            await self.ledger.defer(delivery.identifier, verdict.until)
+        return verdict
+
+    async def _rejected(self, identifier: str, entry: LedgerEntry, reason: str) -> Outcome:
+        await self.ledger.mark_rejected(identifier, reason)
+        return Dead(identifier, reason, entry.attempts)
+
+    async def _send_or_check(self, delivery: Delivery, entry: LedgerEntry, event: MeterEvent, now: float) -> Outcome:
+        key = self.key(delivery.window)
         if not beyond_dedup_window(entry.first_attempt_at, now, self.dedup_window):
             return await self._send(key, entry, event)
         if self.one_call_per_key:  # the key's turn is held: nothing of the key is in flight
@@ -479,3 +509,7 @@ class Deliverer:
         self.gate.back_off(key, self.clock() + delay)
         await self.ledger.mark_failed(identifier, total_attempts, described, delay)
         return Retry(identifier, delay, total_attempts, described)
+
+
+def _flat(outcomes: Sequence[list[Outcome]]) -> list[Outcome]:
+    return [o for some in outcomes for o in some]

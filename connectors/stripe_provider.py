@@ -8,7 +8,8 @@ provider inside the event loop that uses it (the HTTP session belongs to that lo
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -97,6 +98,16 @@ class StripeMeterEvents:
             raise provider_error(e) from e
         response = created.last_response
         return (response.request_id if response is not None else None) or created.identifier
+
+    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
+        """Each event in its own call, all at once."""
+        return await asyncio.gather(*(self._answer_of(e) for e in events))
+
+    async def _answer_of(self, event: MeterEvent) -> str | ProviderError:
+        try:
+            return await self.send(event)
+        except ProviderError as e:
+            return e
 
     async def meter_id(self, event_name: str) -> str:
         """The id of the Stripe meter that aggregates ``event_name`` (listed once, then cached)."""

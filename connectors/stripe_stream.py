@@ -23,10 +23,10 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import stripe
 
@@ -162,6 +162,21 @@ class StripeMeterEventStream(StripeMeterEvents):
         elif self._timer is None:
             self._timer = loop.call_later(self._linger, self._flush)
         return await answer
+
+    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
+        """The events in the next requests, as :meth:`send` sends each: every answer, or its ProviderError."""
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[str]] = [loop.create_future() for _ in events]
+        self._pending.extend(zip(events, answers, strict=True))
+        if len(self._pending) >= self._batch_size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._linger, self._flush)
+        results = await asyncio.gather(*answers, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ProviderError):
+                raise result
+        return cast("list[str | ProviderError]", results)
 
     def _flush(self) -> None:
         """Send what is pending, in requests of at most the batch size, each in a rate slot of its own.

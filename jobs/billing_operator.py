@@ -115,6 +115,7 @@ class DeliverClosedWindows(AsyncFunction):
         self.config_data = config_without_secrets
         self.deliverer: Deliverer | None = None
         self.slots: asyncio.Semaphore | None = None
+        self.slot_count = 0
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
         self.cfg = config_on_worker(self.config_data)
@@ -168,32 +169,53 @@ class DeliverClosedWindows(AsyncFunction):
             )
             self.deliverer.on_background_outcome = self._count
             # Rows the deliverer works on at once; the operator holds more in batches (billing_job.py).
-            self.slots = asyncio.Semaphore(self.cfg.billing_max_in_flight)
+            self.slot_count = self.cfg.billing_max_in_flight
+            self.slots = asyncio.Semaphore(self.slot_count)
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[str]:
-        """A batch of billing input rows, each delivered on its own as soon as one of the subtask's
-        ``billing.max_in_flight`` delivery slots is free (see RowBatcher and delivery_batch_capacity)."""
+        """A batch of billing input rows: its closed windows delivered together where the deliverer
+        can (Deliverer.on_windows), each retry on its own, and every row on its own where it can't;
+        every row takes one of the subtask's ``billing.max_in_flight`` delivery slots (see RowBatcher
+        and delivery_batch_capacity)."""
         deliverer = self._ready()
-        await asyncio.gather(*(self._deliver(deliverer, row) for row in value[0]))
+        if not deliverer.delivers_together:
+            # One customer's row waiting for its key's turn (Stripe v1) holds its own slot, not a batch's.
+            await asyncio.gather(*(self._deliver(deliverer, [row]) for row in value[0]))
+            return []
+        windows = [row for row in value[0] if row[10] is None]
+        retries = [row for row in value[0] if row[10] is not None]
+        await asyncio.gather(
+            self._deliver(deliverer, windows, together=True), *(self._deliver(deliverer, [row]) for row in retries)
+        )
         return []  # see outcome_type: the ledger holds the outcomes
 
-    async def _deliver(self, deliverer: Deliverer, row: Row) -> None:
-        """One row, until its outcome is recorded. A failure outside the delivery rules (the ledger
-        away, a bug) is retried here, so the row stays in flight and the checkpoint waits for it: a
-        row that fails is never behind a completed checkpoint without its outcome in the ledger. A
-        checkpoint that times out meanwhile restarts the job from the one before, which reads it again.
+    async def _deliver(self, deliverer: Deliverer, rows: list[Row], *, together: bool = False) -> None:
+        """Rows, until their outcomes are recorded. A failure outside the delivery rules (the ledger
+        away, a bug) is retried here, so the rows stay in flight and the checkpoint waits for them: a
+        row that fails is never behind a completed checkpoint without its outcome in the ledger (a row
+        recorded before the failure is skipped the next time). A checkpoint that times out meanwhile
+        restarts the job from the one before, which reads them again.
         """
         assert self.slots is not None  # noqa: S101 - made by _ready
-        failures = 0
-        async with self.slots:
+        if not rows:
+            return
+        # A batch's rows (a sixteenth of max_in_flight) take their slots together; waiters are served in order.
+        taken = min(len(rows), self.slot_count)
+        for _ in range(taken):
+            await self.slots.acquire()
+        try:
+            failures = 0
             while True:
                 try:
-                    if row[10] is not None:
-                        outcomes = [await deliverer.on_retry(row[10])]
+                    if together:
+                        outcomes = await deliverer.on_windows([_window_of(row) for row in rows])
                     else:
-                        outcomes = await deliverer.on_window(
-                            ClosedWindow.from_fields(tuple(row[i] for i in range(1, 10)))
+                        [row] = rows
+                        outcomes = (
+                            [await deliverer.on_retry(row[10])]
+                            if row[10] is not None
+                            else await deliverer.on_window(_window_of(row))
                         )
                     break
                 except Exception:
@@ -201,15 +223,26 @@ class DeliverClosedWindows(AsyncFunction):
                     self.delivery_errors.inc()
                     delay = min(ROW_RETRY_MAX_S, ROW_RETRY_FIRST_S * 2 ** (failures - 1))
                     log.exception(
-                        "delivering %s failed (%d times); again in %.1f s", row[10] or row[0], failures, delay
+                        "delivering %d rows (%s first) failed (%d times); again in %.1f s",
+                        len(rows),
+                        rows[0][10] or rows[0][0],
+                        failures,
+                        delay,
                     )
                     await asyncio.sleep(delay)
+        finally:
+            for _ in range(taken):
+                self.slots.release()
         for outcome in outcomes:
             self._count(outcome)
 
     def _count(self, outcome: Outcome) -> None:
         for name in outcome_metrics(outcome):
             self.counters[name].inc()
+
+
+def _window_of(row: Row) -> ClosedWindow:
+    return ClosedWindow.from_fields(tuple(row[i] for i in range(1, 10)))
 
 
 class RetryScan(FlatMapFunction):

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import operator
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
@@ -120,10 +120,14 @@ class StatementBatches:
     async def fetchone(self, sql: Statement, params: dict) -> tuple | None:
         """Run ``sql`` in the next batch; its first row (None without one or without RETURNING), or
         for a :class:`SetStatement` the row of this caller."""
-        answer = asyncio.get_running_loop().create_future()
+        return await self.submit(sql, params)
+
+    def submit(self, sql: Statement, params: dict) -> asyncio.Future[tuple | None]:
+        """:meth:`fetchone` without a coroutine: the answer's future (many callers' at once, cheaply)."""
+        answer: asyncio.Future[tuple | None] = asyncio.get_running_loop().create_future()
         self._pending.append((sql, params, answer))
         self._start_writer()
-        return await answer
+        return answer
 
     def _start_writer(self) -> None:
         if self._pending and len(self._running) < self._writers:
@@ -290,9 +294,9 @@ class AsyncPostgresLedger:
         self._idle = None
 
     # -- the Ledger protocol ---------------------------------------------------------------------
-    async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
+    def _claim_params(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> dict:
         w = delivery.window
-        params = {
+        return {
             "identifier": delivery.identifier,
             "provider": provider,
             "kind": delivery.kind,
@@ -311,6 +315,9 @@ class AsyncPostgresLedger:
             "worker": self.worker,
             "retry": retry,
         }
+
+    async def claim(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> LedgerEntry:
+        params = self._claim_params(delivery, provider, event_name, retry=retry)
         window = delivery.kind == "window" and not retry
         if retry:
             row = await self._fetchone(claim_existing_sql(self.table, self.customers), params)
@@ -326,6 +333,28 @@ class AsyncPostgresLedger:
             msg = f"delivery {delivery.identifier} vanished from the ledger"
             raise SinkError(msg)
         return _entry(row, claimed=False)
+
+    async def claim_windows(
+        self, deliveries: Sequence[Delivery], provider: str, event_names: Sequence[str]
+    ) -> list[LedgerEntry]:
+        params = [
+            self._claim_params(d, provider, name, retry=False) for d, name in zip(deliveries, event_names, strict=True)
+        ]
+        if any(d.kind != "window" for d in deliveries):
+            msg = "claim_windows takes windows' own deliveries only"
+            raise ValueError(msg)
+        rows = await asyncio.gather(*(self.batches.submit(self._claim_window, p) for p in params))
+        unclaimed = [i for i, row in enumerate(rows) if row is None]
+        states = await asyncio.gather(
+            *(self.batches.submit(window_state_sql(self.table, self.customers), params[i]) for i in unclaimed)
+        )
+        entries = [_entry(row, claimed=True) if row is not None else None for row in rows]
+        for i, state in zip(unclaimed, states, strict=True):
+            if state is None:
+                msg = f"delivery {deliveries[i].identifier} vanished from the ledger"
+                raise SinkError(msg)
+            entries[i] = _entry(state, claimed=False)
+        return cast("list[LedgerEntry]", entries)
 
     async def delivery(self, identifier: str) -> Delivery | None:
         row = await self._fetchone(delivery_window_sql(self.table), {"identifier": identifier})
@@ -346,6 +375,23 @@ class AsyncPostgresLedger:
             "response_id": response_id,
         }
         await self._execute(self._mark_sent, params)
+
+    async def mark_all_sent(self, sent: Sequence[tuple[str, MeterEvent, str, int]]) -> None:
+        await asyncio.gather(
+            *(
+                self.batches.submit(
+                    self._mark_sent,
+                    {
+                        "identifier": identifier,
+                        "attempts": attempts,
+                        "value": event.value,
+                        "provider_customer_id": event.provider_customer_id,
+                        "response_id": response_id,
+                    },
+                )
+                for identifier, event, response_id, attempts in sent
+            )
+        )
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
         await self._execute(
@@ -394,6 +440,22 @@ class AsyncPostgresLedger:
             msg = f"delivery {identifier} has no value in the ledger"
             raise SinkError(msg)
         return Decimal(row[0])
+
+    async def carry_values(self, identifiers: Sequence[str]) -> list[Decimal]:
+        rows = await asyncio.gather(*(self.batches.submit(self._carry_value, {"identifier": i}) for i in identifiers))
+        fixed_before = [i for i, row in zip(identifiers, rows, strict=True) if row is None]
+        earlier = await asyncio.gather(
+            *(self.batches.submit(delivery_value_sql(self.table), {"identifier": i}) for i in fixed_before)
+        )
+        found = dict(zip(identifiers, rows, strict=True)) | dict(zip(fixed_before, earlier, strict=True))
+        values = []
+        for identifier in identifiers:
+            row = found[identifier]
+            if row is None or row[0] is None:
+                msg = f"delivery {identifier} has no value in the ledger"
+                raise SinkError(msg)
+            values.append(Decimal(row[0]))
+        return values
 
 
 def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:

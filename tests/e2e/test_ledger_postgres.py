@@ -356,6 +356,79 @@ def test_a_batch_writes_claims_carries_and_outcomes_once_each_with_the_one_by_on
     assert all(rows[i].value is not None and rows[i].provider_response_id == f"req_{i}" for i, _ in many + same_total)
 
 
+def test_windows_claimed_carried_and_marked_together_on_postgres(ledger_cfg):
+    """The ledger's calls for windows delivered together (Deliverer.on_windows): one claim, one carry
+    and one outcome statement for all of them; a window recorded under an earlier identifier is
+    claimed under it, a sent one is not claimed and reads as sent, and five windows of one running
+    total take the units each completes in identifier order."""
+    cfg, _ = ledger_cfg
+    start_ms = int(billing_period_start(datetime.now(UTC)).timestamp() * 1000)
+
+    def delivery(customer: str, i: int = 0):
+        return window_delivery(
+            ClosedWindow.from_fields(
+                (
+                    "t1",
+                    customer,
+                    "tokens",
+                    "{}",
+                    start_ms + i * 60_000,
+                    start_ms + (i + 1) * 60_000,
+                    Decimal("0.7"),
+                    1,
+                    1,
+                )
+            ),
+            "mf",
+        )
+
+    earlier, sent_before = delivery("c-earlier"), delivery("c-sent")
+    with connect(cfg.postgres) as conn:
+        conn.execute(
+            f"INSERT INTO {cfg.billing.ledger_table} (identifier, provider, kind, window_identifier, tenant_id, customer_id, meter, dimensions_key, "
+            "window_start, window_end, quantity, event_count, revision, event_name, status) "
+            "VALUES ('old-1', 'stripe', 'window', 'old-1', 't1', 'c-earlier', 'tokens', '{}', %s, %s, 0.7, 1, 1, 'tokens', 'pending')",
+            (earlier.window.window_start, earlier.window.window_end),
+        )
+
+    async def scenario() -> tuple[list, list, list, StatementBatches]:
+        ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
+        try:
+            [first] = await ledger.claim_windows([sent_before], "stripe", ["tokens"])
+            await ledger.mark_all_sent(
+                [(first.identifier, MeterEvent(first.identifier, "tokens", "cus_1", "0", 0), "req_0", 1)]
+            )
+            deliveries = [earlier, sent_before] + [delivery("c0", i) for i in range(5)]
+            statements_before, executions_before = ledger.batches.statements, ledger.batches.executions
+            entries = await ledger.claim_windows(deliveries, "stripe", ["tokens"] * len(deliveries))
+            claimed = [e.identifier for e in entries if e.claimed]
+            values = await ledger.carry_values(claimed)
+            await ledger.mark_all_sent(
+                [
+                    (i, MeterEvent(i, "tokens", "cus_1", str(v), 0), f"req_{i}", 1)
+                    for i, v in zip(claimed, values, strict=True)
+                ]
+            )
+            # A claim each, the state of the one not claimed, a carry and an outcome each ...
+            assert ledger.batches.statements - statements_before == len(deliveries) + 1 + 2 * len(claimed)
+            # ... in one execution per kind: the claims, the state, the carries, the outcomes.
+            assert ledger.batches.executions - executions_before == 4
+            return entries, claimed, values, ledger.batches
+        finally:
+            await ledger.close()
+
+    entries, claimed, values, batches = asyncio.run(scenario())
+    assert [(e.identifier, e.claimed) for e in entries[:2]] == [("old-1", True), (sent_before.identifier, False)]
+    assert entries[1].status == "sent", "a sent window reads as sent (its state read after the claim)"
+    assert claimed[0] == "old-1" and len(claimed) == 6
+    by_identifier = dict(zip(claimed, values, strict=True))
+    assert by_identifier["old-1"] == 0
+    assert [by_identifier[i] for i in sorted(claimed[1:])] == [0, 1, 1, 0, 1], "0.7, 1.4, 2.1, 2.8, 3.5"
+    assert batches.written_apart == 0
+    rows = {r.identifier: r for r in fetch_deliveries(cfg)}
+    assert {rows[i].status for i in claimed} == {"sent"} and all(rows[i].value is not None for i in claimed)
+
+
 def test_two_ledgers_carrying_the_same_totals_at_once_add_each_quantity_once(ledger_cfg):
     """Two workers (two connections each) carry 40 deliveries each of the same two running totals
     at once, one worker's in the other's reverse order: no batch is refused (no deadlock), each

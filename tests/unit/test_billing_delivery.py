@@ -83,6 +83,7 @@ class MemoryLedger:
     customers: dict[tuple[str, str], str] = field(default_factory=lambda: {("tenant-1", "cust-1"): "cus_1"})
     checks: list[str] = field(default_factory=list)
     carried: dict[tuple, Decimal] = field(default_factory=dict)  # (tenant, customer, meter, month) -> total
+    together: list[str] = field(default_factory=list)  # the calls that served many deliveries at once
 
     def _entry(self, r: dict, claimed: bool) -> LedgerEntry:
         corrections = [
@@ -224,6 +225,20 @@ class MemoryLedger:
             r["value"] = str(carried_value(before, r["quantity"]))
         return Decimal(r["value"])
 
+    # Together (Deliverer.on_windows): the same rules, one call for many, as the Postgres ledger's set-based statements.
+    async def claim_windows(self, deliveries, provider: str, event_names) -> list[LedgerEntry]:
+        self.together.append("claim")
+        return [await self.claim(d, provider, n, retry=False) for d, n in zip(deliveries, event_names, strict=True)]
+
+    async def carry_values(self, identifiers) -> list[Decimal]:
+        self.together.append("carry")
+        return [await self.carry_value(i) for i in identifiers]
+
+    async def mark_all_sent(self, sent) -> None:
+        self.together.append("sent")
+        for identifier, event, response_id, attempts in sent:
+            await self.mark_sent(identifier, event, response_id, attempts)
+
 
 @dataclass
 class ScriptedProvider:
@@ -234,6 +249,7 @@ class ScriptedProvider:
     held: Decimal = Decimal(0)
     name: str = "stripe"
     one_call_per_key: bool = True
+    requests: list[int] = field(default_factory=list)  # events per send_all
 
     async def send(self, event: MeterEvent) -> str:
         self.sent.append(event)
@@ -241,6 +257,16 @@ class ScriptedProvider:
         if answer is not None:
             raise answer
         return f"req_{len(self.sent)}"
+
+    async def send_all(self, events) -> list:
+        self.requests.append(len(events))
+        answers = []
+        for event in events:
+            try:
+                answers.append(await self.send(event))
+            except ProviderError as e:
+                answers.append(e)
+        return answers
 
     async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
         return self.held
@@ -856,3 +882,113 @@ def test_a_parked_delivery_handed_out_again_waits_once():
 
     sent = run(scenario())
     assert len(sent) == 1 and d.parked_ids == set()
+
+
+# -- windows delivered together (Deliverer.on_windows, the v2 stream's path) -------------------------
+@dataclass
+class StreamLikeProvider(ScriptedProvider):
+    """Takes a key's calls at once and paces its own requests (as the v2 stream); refuses by customer."""
+
+    one_call_per_key: bool = False
+    refuse: dict[str, ProviderError] = field(default_factory=dict)
+
+    async def send(self, event: MeterEvent) -> str:
+        self.sent.append(event)
+        if event.provider_customer_id in self.refuse:
+            raise self.refuse[event.provider_customer_id]
+        return f"req_{event.identifier}"
+
+    def pace_requests(self, rate, sleep) -> bool:
+        return True
+
+
+def _stream_setup() -> tuple[StreamLikeProvider, MemoryLedger, FakeTime, Deliverer]:
+    t = FakeTime()
+    provider, ledger = StreamLikeProvider(), MemoryLedger(t)
+    ledger.customers.update({("tenant-1", f"cust-{i}"): f"cus_{i}" for i in range(1, 8)})
+    provider.refuse = {
+        "cus_3": ProviderError("unavailable", status=503, retryable=True),
+        "cus_4": ProviderError("bad value", status=400, retryable=False),
+    }
+    return provider, ledger, t, deliverer(provider, ledger, t)
+
+
+def _mixed_windows(t: FakeTime, d: Deliverer) -> list[ClosedWindow]:
+    """Recorded first, a day and more ago: a sent window, a sent one published again with another final,
+    and one whose first call failed (so it is past the dedup window now); then the windows of every fate."""
+    t.now -= DAY + 3600
+    earlier = START_MS - int(DAY + 3600) * 1000
+    sent_before = window("cust-2", "api_calls", "3", earlier)
+    outcomes = [run(d.on_window(w)) for w in (sent_before, window("cust-2", "api_calls", "4", earlier - 60_000))]
+    assert [type(o) for [o] in outcomes] == [Sent, Sent]
+    d.provider.refuse["cus_6"] = ProviderError("unavailable", status=503, retryable=True)
+    [failed] = run(d.on_window(window("cust-6", "api_calls", "6", earlier - 120_000)))
+    assert isinstance(failed, Retry)
+    del d.provider.refuse["cus_6"]
+    t.now += DAY + 3600
+    return [
+        window("cust-1", "tokens", "2.5"),  # carried
+        window("cust-2", "api_calls", "1.2"),  # rounded up
+        window("cust-3", "api_calls", "5"),  # the provider answers 503
+        window("cust-4", "api_calls", "5"),  # the provider refuses it
+        window("cust-9", "api_calls", "5"),  # no customer mapped
+        window("cust-1", "api_calls", "5", START_MS - 60 * 86_400_000),  # older than the provider takes
+        sent_before,  # sent already
+        window("cust-2", "api_calls", "9", earlier - 60_000, revision=4),  # sent with 4: a correction of 5
+        window("cust-5", "api_calls", "1"),
+        window("cust-5", "api_calls", "2", revision=4),  # the same window again with another final, in the same batch
+        window("cust-6", "api_calls", "6", earlier - 120_000),  # first tried over a day ago: the provider is asked
+    ]
+
+
+def _state(provider: StreamLikeProvider, ledger: MemoryLedger, outcomes: list) -> tuple:
+    rows = {i: (r["status"], r["attempts"], r["value"], r.get("error")) for i, r in ledger.rows.items()}
+    sent = sorted((e.identifier, e.value) for e in provider.sent)
+    return rows, sent, sorted(repr(o) for o in outcomes)
+
+
+def test_windows_delivered_together_end_as_they_do_one_by_one():
+    """Every fate of a window (sent, carried, rounded, failed, refused, unmapped, too old, sent already,
+    corrected, twice in one batch, checked past the dedup window) ends the same in the ledger, at the
+    provider and in the outcomes, whether the windows come together or one at a time."""
+    one_provider, one_ledger, one_t, one = _stream_setup()
+    windows = _mixed_windows(one_t, one)
+    one_by_one = [o for w in windows for o in run(one.on_window(w))]
+    provider, ledger, t, together = _stream_setup()
+    assert _mixed_windows(t, together) == windows
+    together_outcomes = run(together.on_windows(windows))
+    assert _state(provider, ledger, together_outcomes) == _state(one_provider, one_ledger, one_by_one)
+    kinds = sorted(type(o).__name__ for o in together_outcomes)
+    assert kinds == ["Dead"] * 3 + ["Retry"] + ["Sent"] * 6 + ["Skipped"] * 3
+    assert one_ledger.checks and one_ledger.checks == ledger.checks, "the window past the dedup window was checked"
+
+
+def test_windows_delivered_together_share_one_claim_one_carry_one_request_and_one_outcome():
+    provider, ledger, t, d = _stream_setup()
+    windows = [window(f"cust-{c}", "tokens", "0.7", START_MS - i * 60_000) for c in (1, 2, 5) for i in range(3)]
+    outcomes = run(d.on_windows(windows))
+    assert all(isinstance(o, Sent) for o in outcomes) and len(outcomes) == 9
+    assert provider.requests == [9] and ledger.together == ["claim", "carry", "sent"]
+    assert [e.value for e in provider.sent if e.provider_customer_id == "cus_1"] == ["0", "1", "1"], "0.7, 1.4, 2.1"
+
+
+def test_a_window_whose_turn_is_taken_waits_for_it_and_a_provider_taking_turns_per_key_goes_one_by_one():
+    provider, ledger, t, d = _stream_setup()
+
+    async def overlapping() -> list:
+        held = d.gate.lock(window("cust-1", "api_calls", "1").key)
+        await held.__aenter__()
+        together = asyncio.ensure_future(
+            d.on_windows([window("cust-1", "api_calls", "1"), window("cust-2", "api_calls", "1")])
+        )
+        await asyncio.sleep(0.01)
+        assert [e.provider_customer_id for e in provider.sent] == ["cus_2"], "the free window went; the other waits"
+        await held.__aexit__(None, None, None)
+        return await together
+
+    assert all(isinstance(o, Sent) for o in run(overlapping()))
+    v1, v1_ledger = ScriptedProvider(), MemoryLedger(FakeTime())
+    d1 = deliverer(v1, v1_ledger, v1_ledger.t)
+    assert not d1.delivers_together
+    run(d1.on_windows([window(start_ms=START_MS - i * 60_000) for i in range(3)]))
+    assert v1.requests == [] and len(v1.sent) == 3 and v1_ledger.together == []

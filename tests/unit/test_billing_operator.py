@@ -1,5 +1,6 @@
-"""The billing job's delivery operator: a batch of input rows, each delivered on its own in one of
-the subtask's delivery slots, and a row whose delivery fails outside the rules tried again until it goes through."""
+"""The billing job's delivery operator: a batch of input rows in the subtask's delivery slots, its
+windows delivered together where the deliverer can (else each row on its own), and rows whose
+delivery fails outside the rules tried again until they go through."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ class Counter:
 class RecordingDeliverer:
     """Answers each window after a pause; the window of customer ``failing`` fails ``failures`` times first."""
 
+    delivers_together = False
+
     def __init__(self, failing: str | None = None, failures: int = 0) -> None:
         self.failing, self.failures, self.running, self.most_running, self.done = failing, failures, 0, 0, []
+        self.batches: list[list[str]] = []
 
     async def on_window(self, window: ClosedWindow) -> list:
         self.running += 1
@@ -41,9 +45,20 @@ class RecordingDeliverer:
         return Sent(identifier, "resp", 2)
 
 
+class TogetherDeliverer(RecordingDeliverer):
+    """Takes a batch's windows in one call (as Deliverer.on_windows on the v2 stream)."""
+
+    delivers_together = True
+
+    async def on_windows(self, windows: list[ClosedWindow]) -> list:
+        self.batches.append([w.customer_id for w in windows])
+        return [o for w in windows for o in await self.on_window(w)]
+
+
 def operator(deliverer: RecordingDeliverer, slots: int = 64) -> DeliverClosedWindows:
     op = DeliverClosedWindows({})
     op.deliverer = deliverer  # type: ignore[assignment]
+    op.slot_count = slots
     op.slots = asyncio.Semaphore(slots)
     op.counters = {name: Counter() for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
     op.delivery_errors = Counter()
@@ -102,3 +117,35 @@ def test_a_row_that_fails_outside_the_rules_is_tried_again_and_its_batch_waits(m
     assert sorted(deliverer.done) == ["a", "b", "c"]
     assert op.delivery_errors.count == 2
     assert op.counters["sent"].count == 3
+
+
+def test_where_the_deliverer_can_a_batchs_windows_go_together_and_its_retries_on_their_own():
+    deliverer = TogetherDeliverer()
+    op = operator(deliverer)
+    asyncio.run(op.async_invoke(Row([row("a"), row("b", retry="mf-retry-1"), row("c")])))
+    assert deliverer.batches == [["a", "c"]]
+    assert sorted(deliverer.done) == ["a", "c", "mf-retry-1"] and op.counters["sent"].count == 3
+
+
+def test_windows_together_take_a_slot_each_and_no_more_than_there_are():
+    deliverer = TogetherDeliverer()
+    op = operator(deliverer, slots=2)
+
+    async def batches() -> None:
+        await asyncio.gather(
+            op.async_invoke(Row([row("a"), row("b"), row("c")])), op.async_invoke(Row([row("d"), row("e")]))
+        )
+        assert op.slots._value == 2, "every slot given back"
+
+    asyncio.run(batches())
+    assert deliverer.batches == [["a", "b", "c"], ["d", "e"]], "a batch larger than the slots still goes"
+    assert sorted(deliverer.done) == ["a", "b", "c", "d", "e"]
+
+
+def test_windows_together_that_fail_outside_the_rules_are_tried_again_together(monkeypatch):
+    monkeypatch.setattr("jobs.billing_operator.ROW_RETRY_FIRST_S", 0.001)
+    deliverer = TogetherDeliverer(failing="b", failures=1)
+    op = operator(deliverer)
+    asyncio.run(op.async_invoke(Row([row("a"), row("b")])))
+    assert deliverer.batches == [["a", "b"], ["a", "b"]] and op.delivery_errors.count == 1
+    assert deliverer.done == ["a", "a", "b"], "the batch again: what was recorded before is the ledger's to skip"
