@@ -30,7 +30,7 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 from billing.deliveries import (
     ClosedWindow,
@@ -60,6 +60,7 @@ from meterflow.config import JobConfig, MeterConfig
 from meterflow.errors import DeliveryRejected, ProviderError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Cleared(NamedTuple):
@@ -168,13 +169,14 @@ class Deliverer:
             turn = self.turn(w)
             (alone if turn in turns or self.gate.busy(turn) else together).append(w)
             turns.add(turn)
-        return _flat(await asyncio.gather(self._together(together), *(self.on_window(w) for w in alone)))
+        return _flat(await _all([self._together(together), *(self.on_window(w) for w in alone)]))
 
     async def _together(self, windows: list[ClosedWindow]) -> list[Outcome]:
         if not windows:
             return []
         async with contextlib.AsyncExitStack() as turns:
-            for w in windows:
+            # In one order for every batch: two batches each waiting for a turn the other holds would wait forever.
+            for w in sorted(windows, key=_turn_order):
                 await turns.enter_async_context(self.gate.lock(self.turn(w)))
             deliveries = [window_delivery(w, self.prefix) for w in windows]
             names = [self.event_name(w) for w in windows]
@@ -199,10 +201,13 @@ class Deliverer:
                 raise
             calls = self._start_calls(recorded, entries, events, alone)
             outcomes: dict[int, Outcome] = {}
-            _, results = await asyncio.gather(
-                self._send_together(recorded, entries, events, calls, outcomes), asyncio.gather(*alone.values())
-            )
-            outcomes.update(zip(alone, results, strict=True))
+            try:
+                _, *results = await _all(
+                    [self._send_together(recorded, entries, events, calls, outcomes), *alone.values()]
+                )
+            finally:
+                self._end_calls(recorded, calls)  # those the call itself did not end (cancelled before it began)
+            outcomes.update(zip(alone, cast("list[Outcome]", results), strict=True))
             corrections = [
                 (c, w) for w, e in zip(windows, entries, strict=True) if (c := correction_needed(w, e)) is not None
             ]
@@ -284,8 +289,13 @@ class Deliverer:
             )
             outcomes.update(zip((i for i, _ in failed), results, strict=True))
         finally:
-            for i in calls:
-                self.gate.end_call(self.key(recorded[i].window))
+            self._end_calls(recorded, calls)
+
+    def _end_calls(self, recorded: list[Delivery], calls: list[int]) -> None:
+        """End the calls :meth:`_start_calls` started, once: ``calls`` is emptied."""
+        for i in calls:
+            self.gate.end_call(self.key(recorded[i].window))
+        calls.clear()
 
     async def _correct(self, correction: Delivery, window: ClosedWindow) -> Outcome:
         claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
@@ -513,3 +523,23 @@ class Deliverer:
 
 def _flat(outcomes: Sequence[list[Outcome]]) -> list[Outcome]:
     return [o for some in outcomes for o in some]
+
+
+def _turn_order(window: ClosedWindow) -> tuple:
+    return (
+        window.tenant_id,
+        window.customer_id,
+        window.meter,
+        window.dimensions_key,
+        window.window_start,
+        window.window_end,
+    )
+
+
+async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
+    """Every result; the first error raised only once all are done, so none outlives its caller's turns."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast("list[T]", results)

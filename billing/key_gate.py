@@ -101,11 +101,18 @@ class _KeyLock:
     async def __aenter__(self) -> None:
         gate = self.gate
         gate.users[self.key] = gate.users.get(self.key, 0) + 1
-        await gate.locks.setdefault(self.key, asyncio.Lock()).acquire()
+        try:
+            await gate.locks.setdefault(self.key, asyncio.Lock()).acquire()
+        except BaseException:  # cancelled while waiting: no longer a user of the key
+            self._leave()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
+        self.gate.locks[self.key].release()
+        self._leave()
+
+    def _leave(self) -> None:
         gate = self.gate
-        gate.locks[self.key].release()
         gate.users[self.key] -= 1
         if not gate.users[self.key]:
             del gate.users[self.key], gate.locks[self.key]

@@ -58,7 +58,7 @@ class Ledger(Protocol):
         """:meth:`claim` of windows' own deliveries read from the stream (not retries), together."""
 
     async def carry_values(self, identifiers: Sequence[str]) -> list[Decimal]:
-        """:meth:`carry_value` of several deliveries, together (fixed in the order of the list)."""
+        """:meth:`carry_value` of several deliveries, together (the deliveries of one running total take their units in identifier order)."""
 
     async def mark_all_sent(self, sent: Sequence[tuple[str, MeterEvent, str, int]]) -> None:
         """:meth:`mark_sent` of several deliveries (identifier, event, response id, attempts), together."""

@@ -201,10 +201,11 @@ class DeliverClosedWindows(AsyncFunction):
         if not rows:
             return
         # A batch's rows (a sixteenth of max_in_flight) take their slots together; waiters are served in order.
-        taken = min(len(rows), self.slot_count)
-        for _ in range(taken):
-            await self.slots.acquire()
+        taken = 0
         try:
+            for _ in range(min(len(rows), self.slot_count)):
+                await self.slots.acquire()
+                taken += 1
             failures = 0
             while True:
                 try:
@@ -305,8 +306,8 @@ class RetryScan(FlatMapFunction):
             if self.reads_error_reports and time.time() >= self.next_report_poll:
                 self.next_report_poll = time.time() + self.ERROR_REPORT_POLL_S
                 self._apply_error_reports(conn)
-        except (psycopg.Error, OSError) as e:
-            # Postgres away: the deliveries wait in the ledger; the next tick tries again.
+        except (psycopg.Error, OSError, SinkError) as e:
+            # Postgres away (SinkError: no connection): the deliveries wait in the ledger; the next tick tries again.
             log.warning("retry scan: %s", e)
             return
         for identifier, tenant, customer, meter, dims, start_ms, end_ms in due:

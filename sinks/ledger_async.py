@@ -275,7 +275,10 @@ class AsyncPostgresLedger:
         conn = await self._idle.get()
         try:
             if conn.closed or conn.broken:
-                self._all.remove(conn)
+                # Once only: should the new connection fail too (Postgres still away), the broken
+                # one goes back to the pool and the next caller tries again.
+                if conn in self._all:
+                    self._all.remove(conn)
                 conn = await self._connect()
             yield conn
         finally:

@@ -5,6 +5,7 @@ after acceptance with error reports that name the request."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections import Counter
@@ -19,6 +20,8 @@ from billing.identifiers import WindowKey, derive_identifier
 from billing.whole_values import billing_period_start
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
+from meterflow.local.base import port_open
+from meterflow.local.postgres import PostgresServer
 from meterflow.window_row import from_epoch_ms
 from sinks.ledger import apply_schemas, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, mark_reported
@@ -197,5 +200,72 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
             held[key] = held.get(key, Decimal(0)) + fake.accepted[i].value
             exact[key] = exact.get(key, Decimal(0)) + w["quantity"]
         assert held == {k: v.to_integral_value(rounding=ROUND_FLOOR) for k, v in exact.items()}
+    finally:
+        fake.stop()
+
+
+def test_postgres_crashed_with_stream_requests_in_flight(e2e_stack):
+    """The ledger's Postgres crashes while stream requests are in flight: their outcomes cannot be
+    recorded, so their rows stay in flight in the worker, the job keeps running and no checkpoint
+    completes past them (what ``MeterflowCheckpointsNotCompleting`` alerts on); once Postgres is back
+    every window is billed once, with the value fixed at its first claim, and the TaskManager's log
+    names every failed try."""
+    fake = FakeStripe(latency=3.0).start()
+    try:
+        cfg, path = _stream_job(e2e_stack, "pgdown", fake, max_in_flight=64, request_timeout="10s", retry_lease="15s")
+        size = cfg.event_time.window_size
+        start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+        windows = [
+            closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2)
+            for c in range(8)
+            for i in range(6)
+        ]
+        for c in range(8):
+            map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
+        ids = {_identifier(cfg, w): w for w in windows}
+        server = PostgresServer(cfg)
+        job_id = flink_jobs.submit_billing(cfg, path)
+        try:
+            wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a first checkpoint")
+            publish_closed_windows(cfg, windows)
+            wait_for(lambda: len(fake.unanswered()) >= 6, 120, "events in flight")
+            in_flight = fake.unanswered()
+            down_at = int(time.time() * 1000)
+            server.down(mode="immediate")
+            try:
+                assert not port_open(cfg.postgres.host, cfg.postgres.port), "Postgres is down"
+                # The answers of the requests in flight come (3 s), and their outcomes cannot be recorded.
+                time.sleep(3 + 3 * cfg.flink.checkpoint_interval.total_seconds())
+                latest = (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("completed") or {}
+                assert latest.get("trigger_timestamp", 0) < down_at, "no checkpoint completes past rows in flight"
+                assert flink_jobs.restarts(cfg, job_id) == 0, "the job rides through the outage"
+            finally:
+                server.up()
+            up_at = int(time.time() * 1000)
+            ledger = lambda: {d.identifier: d for d in fetch_deliveries(cfg)}
+            wait_for(
+                lambda: len(ledger()) == len(ids) and all(d.status == "sent" for d in ledger().values()),
+                180,
+                "every window sent once Postgres is back",
+            )
+
+            def checkpoint_after_outage() -> bool:
+                latest = (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("completed") or {}
+                return latest.get("trigger_timestamp", 0) > up_at
+
+            wait_for(checkpoint_after_outage, 120, "a checkpoint completed after the outage")
+            assert flink_jobs.restarts(cfg, job_id) == 0
+            # Each failed try is in the TaskManager's log, with what failed and when the rows go again.
+            logs = "".join(
+                p.read_text(errors="replace") for p in (cfg.state_dir / "flink" / "log").glob("*taskexecutor*.log")
+            )
+            assert re.search(r"delivering \d+ rows \(.*\) failed \(1 times\); again in 0\.5 s", logs)
+        finally:
+            flink_jobs.cancel(cfg, job_id)
+        print(f"in flight at the crash: {len(in_flight)}; fake {fake.outcomes()}")
+        accepted = Counter(e.identifier for e in fake.events)
+        assert set(accepted) == set(ids) and set(accepted.values()) == {1}, "one accepted event per window"
+        rows = ledger()
+        assert all(fake.accepted[i].value == Decimal(rows[i].value) for i in ids), "the value fixed at the first claim"
     finally:
         fake.stop()

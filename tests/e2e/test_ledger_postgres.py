@@ -21,6 +21,7 @@ from connectors.stripe_provider import StripeMeterEvents
 from meterflow.commands import cli
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, StatementBatches, due_retries, release_leases
+from sinks.ledger_schema import carry_value_sql
 from sinks.postgres import apply_schema, connect, fetch_usage
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_upsert_sql
 from tests.support.fake_stripe import DROP, FakeStripe, reject
@@ -427,6 +428,21 @@ def test_windows_claimed_carried_and_marked_together_on_postgres(ledger_cfg):
     assert batches.written_apart == 0
     rows = {r.identifier: r for r in fetch_deliveries(cfg)}
     assert {rows[i].status for i in claimed} == {"sent"} and all(rows[i].value is not None for i in claimed)
+
+
+def test_the_carry_joins_its_totals_in_one_pass_in_the_plan_the_ledger_runs(ledger_cfg):
+    """The carry statement's generic plan (the one psycopg's prepared statements run) joins each
+    delivery to its running total by merge or hash, not in a nested loop over the totals: that was
+    quadratic in the batch and most of Postgres' time per delivery (bench/billing_analysis.md)."""
+    cfg, _ = ledger_cfg
+    sql = carry_value_sql(cfg.billing.ledger_table, cfg.billing.carry_table).replace("%(identifier)b", "$1")
+    with connect(cfg.postgres) as conn:
+        conn.autocommit = True
+        conn.execute(f"PREPARE carry_plan(text[]) AS {sql}")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        plan = [row[0] for row in conn.execute("EXPLAIN EXECUTE carry_plan(ARRAY['a', 'b'])")]
+    joins = [line for line in plan if "carried." in line and ("Cond:" in line or "Join Filter:" in line)]
+    assert joins and all("Merge Cond:" in line or "Hash Cond:" in line for line in joins), "\n".join(plan)
 
 
 def test_two_ledgers_carrying_the_same_totals_at_once_add_each_quantity_once(ledger_cfg):

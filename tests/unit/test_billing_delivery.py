@@ -992,3 +992,82 @@ def test_a_window_whose_turn_is_taken_waits_for_it_and_a_provider_taking_turns_p
     assert not d1.delivers_together
     run(d1.on_windows([window(start_ms=START_MS - i * 60_000) for i in range(3)]))
     assert v1.requests == [] and len(v1.sent) == 3 and v1_ledger.together == []
+
+
+@dataclass
+class PausingLedger(MemoryLedger):
+    """Pauses (a real sleep) in every claim of windows together, and may fail the outcome statement."""
+
+    pause: float = 0.01
+    fail_sent: bool = False
+
+    async def claim_windows(self, deliveries, provider: str, event_names) -> list[LedgerEntry]:
+        await asyncio.sleep(self.pause)
+        return await super().claim_windows(deliveries, provider, event_names)
+
+    async def mark_all_sent(self, sent) -> None:
+        await asyncio.sleep(self.pause)
+        if self.fail_sent:
+            raise RuntimeError("the ledger's Postgres is away")
+        await super().mark_all_sent(sent)
+
+
+def _stream_deliverer(ledger: MemoryLedger) -> tuple[StreamLikeProvider, Deliverer]:
+    provider = StreamLikeProvider()
+    ledger.customers.update({("tenant-1", f"cust-{i}"): f"cus_{i}" for i in range(1, 8)})
+    return provider, concurrent_deliverer(provider, ledger, ledger.t)
+
+
+def test_batches_taking_each_others_turns_in_any_order_all_finish():
+    """Three batches started together, [A], [A, B] and [B, A]: each takes its turns in one order, so
+    none waits for a turn another holds while it holds one that one waits for."""
+    ledger = PausingLedger(FakeTime())
+    provider, d = _stream_deliverer(ledger)
+    a, b = window("cust-1", "api_calls", "1"), window("cust-2", "api_calls", "1")
+
+    async def three() -> list:
+        return await asyncio.wait_for(
+            asyncio.gather(d.on_windows([a]), d.on_windows([a, b]), d.on_windows([b, a])), timeout=5
+        )
+
+    results = run(three())
+    assert sorted(type(o).__name__ for outs in results for o in outs) == ["Sent"] * 2 + ["Skipped"] * 3
+    assert len(provider.sent) == 2 and d.gate.users == {} and d.gate.calling == {}
+
+
+def test_a_window_whose_key_a_check_holds_waits_for_the_check_not_the_batch():
+    """Where a dedup-window check holds a key, a window of that key waits for it (KeyGate.call) while
+    the rest of its batch goes at once."""
+    ledger = MemoryLedger(FakeTime())
+    provider, d = _stream_deliverer(ledger)
+    held, free = window("cust-1", "api_calls", "1"), window("cust-2", "api_calls", "1")
+
+    async def scenario() -> list:
+        check = d.gate.lock(d.key(held))
+        await check.__aenter__()  # a check of cust-1's totals is under way
+        batch = asyncio.ensure_future(d.on_windows([held, free]))
+        await asyncio.sleep(0.01)
+        assert [e.provider_customer_id for e in provider.sent] == ["cus_2"], "only the free key's window went"
+        await check.__aexit__(None, None, None)
+        return await batch
+
+    assert all(isinstance(o, Sent) for o in run(scenario()))
+    assert [e.provider_customer_id for e in provider.sent] == ["cus_2", "cus_1"] and provider.requests == [1]
+
+
+def test_a_batch_failing_after_its_request_leaves_no_turn_call_or_task_behind():
+    """The outcomes cannot be recorded: the error reaches the caller only once every part of the
+    batch is done, and the turns and the keys' calls are given back (a later check is not held up)."""
+    ledger = PausingLedger(FakeTime(), fail_sent=True)
+    provider, d = _stream_deliverer(ledger)
+    windows = [window("cust-1", "api_calls", "1"), window("cust-9", "api_calls", "1")]  # cust-9: rejected alone
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="away"):
+            await d.on_windows(windows)
+        assert d.gate.users == {} and d.gate.calling == {}
+        await asyncio.wait_for(d.gate.drained(("tenant-1", "cust-1", "api_calls")), timeout=1)
+        assert asyncio.all_tasks() == {asyncio.current_task()}, "nothing of the batch still running"
+
+    run(scenario())
+    assert ledger.rows[window_delivery(windows[1], "mf").identifier]["status"] == "dead"

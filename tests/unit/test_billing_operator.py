@@ -50,8 +50,13 @@ class TogetherDeliverer(RecordingDeliverer):
 
     delivers_together = True
 
+    free_slots: list[int] | None = None
+    slots: asyncio.Semaphore | None = None
+
     async def on_windows(self, windows: list[ClosedWindow]) -> list:
         self.batches.append([w.customer_id for w in windows])
+        if self.slots is not None:
+            self.free_slots = [*(self.free_slots or []), self.slots._value]
         return [o for w in windows for o in await self.on_window(w)]
 
 
@@ -121,9 +126,11 @@ def test_a_row_that_fails_outside_the_rules_is_tried_again_and_its_batch_waits(m
 
 def test_where_the_deliverer_can_a_batchs_windows_go_together_and_its_retries_on_their_own():
     deliverer = TogetherDeliverer()
-    op = operator(deliverer)
+    op = operator(deliverer, slots=8)
+    deliverer.slots = op.slots
     asyncio.run(op.async_invoke(Row([row("a"), row("b", retry="mf-retry-1"), row("c")])))
     assert deliverer.batches == [["a", "c"]]
+    assert deliverer.free_slots in ([6], [5]), "the windows hold a slot each (the retry may hold its own)"
     assert sorted(deliverer.done) == ["a", "c", "mf-retry-1"] and op.counters["sent"].count == 3
 
 
@@ -149,3 +156,27 @@ def test_windows_together_that_fail_outside_the_rules_are_tried_again_together(m
     asyncio.run(op.async_invoke(Row([row("a"), row("b")])))
     assert deliverer.batches == [["a", "b"], ["a", "b"]] and op.delivery_errors.count == 1
     assert deliverer.done == ["a", "a", "b"], "the batch again: what was recorded before is the ledger's to skip"
+
+
+def test_the_retry_scan_rides_through_postgres_being_away(monkeypatch):
+    """No connection (SinkError) or a broken one (psycopg's error): the tick yields nothing and the
+    next one tries again; the job does not fail over it."""
+    import psycopg
+
+    from jobs.billing_operator import RetryScan
+    from meterflow.config import JobConfig
+    from meterflow.errors import SinkError
+
+    scan = RetryScan({})
+    scan.cfg = JobConfig.model_validate({"billing": {"enabled": True}})
+    scan.prefix, scan.scanner, scan.released, scan.reads_error_reports = "retry-scan-0-", "retry-scan-0-x", False, False
+    scan.handed_out, scan.backlog = Counter(), (3, 4)
+    tries = []
+
+    def away(pg):
+        tries.append(pg)
+        raise (SinkError("cannot connect to Postgres") if len(tries) == 1 else psycopg.OperationalError("gone"))
+
+    monkeypatch.setattr("sinks.postgres.connect", away)
+    assert list(scan.flat_map(Row(0))) == [] and list(scan.flat_map(Row(1))) == []
+    assert len(tries) == 2 and scan.backlog == (3, 4), "the gauges keep the last count"
