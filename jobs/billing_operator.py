@@ -116,6 +116,7 @@ class DeliverClosedWindows(AsyncFunction):
         self.deliverer: Deliverer | None = None
         self.slots: asyncio.Semaphore | None = None
         self.slot_count = 0
+        self.slot_turn: asyncio.Lock | None = None
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
         self.cfg = config_on_worker(self.config_data)
@@ -171,6 +172,7 @@ class DeliverClosedWindows(AsyncFunction):
             # Rows the deliverer works on at once; the operator holds more in batches (billing_job.py).
             self.slot_count = self.cfg.billing_max_in_flight
             self.slots = asyncio.Semaphore(self.slot_count)
+            self.slot_turn = asyncio.Lock()
         return self.deliverer
 
     async def async_invoke(self, value: Row) -> list[str]:
@@ -197,15 +199,18 @@ class DeliverClosedWindows(AsyncFunction):
         recorded before the failure is skipped the next time). A checkpoint that times out meanwhile
         restarts the job from the one before, which reads them again.
         """
-        assert self.slots is not None  # noqa: S101 - made by _ready
+        assert self.slots is not None and self.slot_turn is not None  # noqa: S101 - made by _ready
         if not rows:
             return
-        # A batch's rows (a sixteenth of max_in_flight) take their slots together; waiters are served in order.
+        # A batch's rows (a sixteenth of max_in_flight) take their slots one batch at a time: slots
+        # freed one by one would otherwise go one to each waiting batch, and batches each holding a
+        # few while waiting for more would wait forever.
         taken = 0
         try:
-            for _ in range(min(len(rows), self.slot_count)):
-                await self.slots.acquire()
-                taken += 1
+            async with self.slot_turn:
+                for _ in range(min(len(rows), self.slot_count)):
+                    await self.slots.acquire()
+                    taken += 1
             failures = 0
             while True:
                 try:

@@ -65,6 +65,7 @@ def operator(deliverer: RecordingDeliverer, slots: int = 64) -> DeliverClosedWin
     op.deliverer = deliverer  # type: ignore[assignment]
     op.slot_count = slots
     op.slots = asyncio.Semaphore(slots)
+    op.slot_turn = asyncio.Lock()
     op.counters = {name: Counter() for name in ("sent", "failed", "dead", "skipped", "deferred", "corrections")}
     op.delivery_errors = Counter()
     return op
@@ -180,3 +181,19 @@ def test_the_retry_scan_rides_through_postgres_being_away(monkeypatch):
     monkeypatch.setattr("sinks.postgres.connect", away)
     assert list(scan.flat_map(Row(0))) == [] and list(scan.flat_map(Row(1))) == []
     assert len(tries) == 2 and scan.backlog == (3, 4), "the gauges keep the last count"
+
+
+def test_many_batches_waiting_for_slots_all_go_through():
+    """A batch takes its slots one after another while the others wait for their turn to take
+    theirs: slots freed one by one never end up spread over waiting batches that each hold a few
+    and wait for more."""
+    deliverer = TogetherDeliverer()
+    op = operator(deliverer, slots=4)
+
+    async def many() -> None:
+        await asyncio.wait_for(
+            asyncio.gather(*(op.async_invoke(Row([row(f"{b}-{i}") for i in range(3)])) for b in range(10))), timeout=5
+        )
+
+    asyncio.run(many())
+    assert len(deliverer.done) == 30 and op.slots._value == 4
