@@ -16,6 +16,7 @@ handed out again by the retry scan when its lease runs out, and re-sent with the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -37,8 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The delivery operator's counters, ``billing_<name>``: one per outcome kind, and sent corrections.
+# The delivery operator's counts, ``billing_<name>``: one per outcome kind, and sent corrections.
 OUTCOME_COUNTERS = ("sent", "failed", "dead", "skipped", "deferred", "corrections")
+# And rows whose delivery failed outside the delivery rules (each try).
+DELIVERY_COUNTS = (*OUTCOME_COUNTERS, "delivery_errors")
 # A row whose delivery failed outside the delivery rules is tried again after this, doubling up to the most.
 ROW_RETRY_FIRST_S = 0.5
 ROW_RETRY_MAX_S = 30.0
@@ -116,6 +119,7 @@ class DeliverClosedWindows(AsyncFunction):
         self.deliverer: Deliverer | None = None
         self.slots: asyncio.Semaphore | None = None
         self.slot_count = 0
+        self.counts: dict[str, int] = {}
         self.slot_turn: asyncio.Lock | None = None
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
@@ -126,8 +130,13 @@ class DeliverClosedWindows(AsyncFunction):
         self.worker = f"{self.prefix}{uuid.uuid4().hex[:12]}"
         self._release_predecessors()
         group = runtime_context.get_metrics_group().add_group("meterflow")
-        self.counters = {name: group.counter(f"billing_{name}") for name in OUTCOME_COUNTERS}
-        self.delivery_errors = group.counter("billing_delivery_errors")
+        # Counts kept here and reported as gauges, ``billing_<name>``: PyFlink records a counter's
+        # increments only on the thread processing the bundle, and an async function's run on its
+        # event loop's thread, so they never reached Flink. A gauge is read each time a bundle ends
+        # (so it stands still while a bundle waits for rows in flight); it starts at 0 with the worker.
+        self.counts = dict.fromkeys(DELIVERY_COUNTS, 0)
+        for name in self.counts:
+            group.gauge(f"billing_{name}", functools.partial(self.counts.__getitem__, name))
         # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
         # TaskManager's log (two lines per delivery, about a tenth of the worker's CPU). The ledger
         # records every attempt; the SDK's warnings and errors still reach the log.
@@ -226,7 +235,7 @@ class DeliverClosedWindows(AsyncFunction):
                     break
                 except Exception:
                     failures += 1
-                    self.delivery_errors.inc()
+                    self.counts["delivery_errors"] += 1
                     delay = min(ROW_RETRY_MAX_S, ROW_RETRY_FIRST_S * 2 ** (failures - 1))
                     log.exception(
                         "delivering %d rows (%s first) failed (%d times); again in %.1f s",
@@ -244,7 +253,7 @@ class DeliverClosedWindows(AsyncFunction):
 
     def _count(self, outcome: Outcome) -> None:
         for name in outcome_metrics(outcome):
-            self.counters[name].inc()
+            self.counts[name] += 1
 
 
 def _window_of(row: Row) -> ClosedWindow:

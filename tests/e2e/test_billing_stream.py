@@ -204,12 +204,23 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
         fake.stop()
 
 
+def _delivery_counts(cfg, job_id: str) -> dict[str, int]:
+    """The delivery operator's ``meterflow.billing_<name>`` counts, summed over its subtasks (REST API)."""
+    vertex = next(v for v in flink_jobs.job_details(cfg, job_id)["vertices"] if "deliver" in v["name"].lower())
+    base = f"/jobs/{job_id}/vertices/{vertex['id']}/subtasks/metrics"
+    ids = [m["id"] for m in flink_jobs.rest(cfg, base) if ".meterflow.billing_" in m["id"]]
+    if not ids:
+        return {}
+    summed = flink_jobs.rest(cfg, f"{base}?get={','.join(ids)}&agg=sum")
+    return {m["id"].rsplit(".billing_", 1)[1]: int(float(m["sum"])) for m in summed}
+
+
 def test_postgres_crashed_with_stream_requests_in_flight(e2e_stack):
     """The ledger's Postgres crashes while stream requests are in flight: their outcomes cannot be
     recorded, so their rows stay in flight in the worker, the job keeps running and no checkpoint
     completes past them (what ``MeterflowCheckpointsNotCompleting`` alerts on); once Postgres is back
-    every window is billed once, with the value fixed at its first claim, and the TaskManager's log
-    names every failed try."""
+    every window is billed once, with the value fixed at its first claim, ``billing_delivery_errors``
+    has counted the failed tries and the TaskManager's log names each."""
     fake = FakeStripe(latency=3.0).start()
     try:
         cfg, path = _stream_job(e2e_stack, "pgdown", fake, max_in_flight=64, request_timeout="10s", retry_lease="15s")
@@ -255,6 +266,15 @@ def test_postgres_crashed_with_stream_requests_in_flight(e2e_stack):
 
             wait_for(checkpoint_after_outage, 120, "a checkpoint completed after the outage")
             assert flink_jobs.restarts(cfg, job_id) == 0
+            # The worker's counts, read when a bundle ends: every window sent, the failed tries counted.
+            wait_for(
+                lambda: (
+                    _delivery_counts(cfg, job_id).get("sent") == len(ids)
+                    and _delivery_counts(cfg, job_id).get("delivery_errors", 0) >= 1
+                ),
+                60,
+                "the counts of the delivery operator",
+            )
             # Each failed try is in the TaskManager's log, with what failed and when the rows go again.
             logs = "".join(
                 p.read_text(errors="replace") for p in (cfg.state_dir / "flink" / "log").glob("*taskexecutor*.log")

@@ -46,16 +46,12 @@ def _java_lateness_buckets() -> tuple[int, ...]:
 
 
 def _python_registered() -> set[str]:
+    from jobs.billing_operator import DELIVERY_COUNTS
+
     text = (REPO_ROOT / "jobs" / "billing_operator.py").read_text()
-    names = {
-        OPERATOR_SCOPE + f"meterflow_billing_{n}"
-        for n in re.search(r"OUTCOME_COUNTERS = \(([^)]*)\)", text)
-        .group(1)
-        .replace('"', "")
-        .replace(" ", "")
-        .split(",")
-    }
-    assert 'group.counter(f"billing_{name}") for name in OUTCOME_COUNTERS' in text
+    names = {OPERATOR_SCOPE + f"meterflow_billing_{n}" for n in DELIVERY_COUNTS}
+    assert "self.counts = dict.fromkeys(DELIVERY_COUNTS, 0)" in text
+    assert re.search(r'for name in self.counts:\s+group.gauge\(f"billing_\{name\}"', text)
     # Registered in a ``group = ...add_group("meterflow")``: counters and gauges.
     assert text.count('group = runtime_context.get_metrics_group().add_group("meterflow")') == 2
     names |= {OPERATOR_SCOPE + "meterflow_" + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
