@@ -211,7 +211,7 @@ class Deliverer:
             corrections = [
                 (c, w) for w, e in zip(windows, entries, strict=True) if (c := correction_needed(w, e)) is not None
             ]
-            corrected = await asyncio.gather(*(self._correct(c, w) for c, w in corrections))
+            corrected = await _all([self._correct(c, w) for c, w in corrections])
             return [outcomes[i] for i in range(len(windows))] + list(corrected)
 
     async def _events_of(
@@ -281,11 +281,11 @@ class Deliverer:
                 )
                 outcomes.update((i, Sent(recorded[i].identifier, a, entries[i].attempts + 1)) for i, a in sent)
             failed = [(i, a) for i, a in zip(calls, answers, strict=True) if isinstance(a, ProviderError)]
-            results = await asyncio.gather(
-                *(
+            results = await _all(
+                [
                     self._failed(self.key(recorded[i].window), recorded[i].identifier, entries[i].attempts + 1, a)
                     for i, a in failed
-                )
+                ]
             )
             outcomes.update(zip((i for i, _ in failed), results, strict=True))
         finally:

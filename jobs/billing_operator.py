@@ -16,6 +16,7 @@ handed out again by the retry scan when its lease runs out, and re-sent with the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -213,11 +214,12 @@ class DeliverClosedWindows(AsyncFunction):
             return
         # A batch's rows (a sixteenth of max_in_flight) take their slots one batch at a time: slots
         # freed one by one would otherwise go one to each waiting batch, and batches each holding a
-        # few while waiting for more would wait forever.
-        taken = 0
+        # few while waiting for more would wait forever. A single row takes its slot directly, so
+        # rows freed together start together (and share the ledger's next statements).
+        wanted, taken = min(len(rows), self.slot_count), 0
         try:
-            async with self.slot_turn:
-                for _ in range(min(len(rows), self.slot_count)):
+            async with self.slot_turn if wanted > 1 else contextlib.nullcontext():
+                for _ in range(wanted):
                     await self.slots.acquire()
                     taken += 1
             failures = 0
@@ -311,7 +313,6 @@ class RetryScan(FlatMapFunction):
                 # What this subtask's earlier run handed out and the job lost with it: due at once.
                 release_leases(conn, self.cfg, self.prefix, self.scanner)
                 self.released = True
-            due = due_retries(conn, self.cfg, self.BATCH, self.scanner)
             backlog = conn.execute(
                 backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}
             ).fetchone()
@@ -320,6 +321,8 @@ class RetryScan(FlatMapFunction):
             if self.reads_error_reports and time.time() >= self.next_report_poll:
                 self.next_report_poll = time.time() + self.ERROR_REPORT_POLL_S
                 self._apply_error_reports(conn)
+            # Leased last: once leased, nothing may fail before they are handed out (they would wait out the lease).
+            due = due_retries(conn, self.cfg, self.BATCH, self.scanner)
         except (psycopg.Error, OSError, SinkError) as e:
             # Postgres away (SinkError: no connection): the deliveries wait in the ledger; the next tick tries again.
             log.warning("retry scan: %s", e)

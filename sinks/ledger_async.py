@@ -240,6 +240,7 @@ class AsyncPostgresLedger:
         self._pg = cfg.postgres
         self._size = connections
         self._idle: asyncio.Queue[psycopg.AsyncConnection] | None = None
+        self._unopened = connections
         self._all: list[psycopg.AsyncConnection] = []
         self.batches = StatementBatches(self._conn, writers=connections)
         # Built once: the hot statements are asked for per delivery.
@@ -268,11 +269,19 @@ class AsyncPostgresLedger:
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        # Opened on demand, up to the pool's size: a connection that cannot be opened (Postgres away)
+        # fails its caller and leaves its place for the next one, never a pool that waits forever.
         if self._idle is None:
-            self._idle = asyncio.Queue()
-            for _ in range(self._size):
-                self._idle.put_nowait(await self._connect())
-        conn = await self._idle.get()
+            self._idle, self._unopened = asyncio.Queue(), self._size
+        if self._idle.empty() and self._unopened > 0:
+            self._unopened -= 1
+            try:
+                conn = await self._connect()
+            except BaseException:
+                self._unopened += 1
+                raise
+        else:
+            conn = await self._idle.get()
         try:
             if conn.closed or conn.broken:
                 # Once only: should the new connection fail too (Postgres still away), the broken
