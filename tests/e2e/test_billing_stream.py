@@ -121,6 +121,21 @@ def test_error_reports_mark_the_sent_deliveries_of_their_request_dead(e2e_stack)
     ]
 
 
+def _windows_of_mapped_customers(cfg, customers: int, per_customer: int, mapped: int | None = None) -> dict[str, dict]:
+    """Closed windows an hour ago, ``per_customer`` for each of ``customers`` (cust-<c>, mapped to cus_<c>
+    up to ``mapped``), by identifier."""
+    size = cfg.event_time.window_size
+    start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
+    windows = [
+        closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2)
+        for c in range(customers)
+        for i in range(per_customer)
+    ]
+    for c in range(customers if mapped is None else mapped):
+        map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
+    return {_identifier(cfg, w): w for w in windows}
+
+
 def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
     """kill -9 with stream requests in flight: they are sent again with the same identifiers and each
     window counts once; a customer Stripe does not have comes back as an error report, marks its
@@ -129,17 +144,9 @@ def test_taskmanager_killed_with_stream_requests_in_flight(e2e_stack):
     fake.known_customers = {f"cus_{c}" for c in range(20)}
     try:
         cfg, path = _stream_job(e2e_stack, "stream", fake, max_in_flight=6, request_timeout="10s", retry_lease="30s")
-        size = cfg.event_time.window_size
-        start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
-        windows = [
-            closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2)
-            for c in range(21)
-            for i in range(3)
-        ]
-        for c in range(20):
-            map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
+        ids = _windows_of_mapped_customers(cfg, 21, 3, mapped=20)
+        windows = list(ids.values())
         map_customer(cfg, "tenant-0", "cust-20", "cus_gone")  # a customer deleted at Stripe
-        ids = {_identifier(cfg, w): w for w in windows}
         gone = {i for i, w in ids.items() if w["customer_id"] == "cust-20"}
         job_id = flink_jobs.submit_billing(cfg, path)
         try:
@@ -224,16 +231,8 @@ def test_postgres_crashed_with_stream_requests_in_flight(e2e_stack):
     fake = FakeStripe(latency=3.0).start()
     try:
         cfg, path = _stream_job(e2e_stack, "pgdown", fake, max_in_flight=64, request_timeout="10s", retry_lease="15s")
-        size = cfg.event_time.window_size
-        start = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
-        windows = [
-            closed_window("tenant-0", f"cust-{c}", "tokens", start + i * size, size, f"{c}.{i}5", 2)
-            for c in range(8)
-            for i in range(6)
-        ]
-        for c in range(8):
-            map_customer(cfg, "tenant-0", f"cust-{c}", f"cus_{c}")
-        ids = {_identifier(cfg, w): w for w in windows}
+        ids = _windows_of_mapped_customers(cfg, 8, 6)
+        windows = list(ids.values())
         server = PostgresServer(cfg)
         job_id = flink_jobs.submit_billing(cfg, path)
         try:
