@@ -154,17 +154,11 @@ class StripeMeterEventStream(StripeMeterEvents):
         return True
 
     async def send(self, event: MeterEvent) -> str:
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[str] = loop.create_future()
-        self._pending.append((event, answer))
-        if len(self._pending) >= self._batch_size:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._linger, self._flush)
+        [answer] = self._enqueue([event])
         return await answer
 
-    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
-        """The events in the next requests, as :meth:`send` sends each: every answer, or its ProviderError."""
+    def _enqueue(self, events: Sequence[MeterEvent]) -> list[asyncio.Future[str]]:
+        """The events into the next requests (at once when a request is full, else after the linger): their answers."""
         loop = asyncio.get_running_loop()
         answers: list[asyncio.Future[str]] = [loop.create_future() for _ in events]
         self._pending.extend(zip(events, answers, strict=True))
@@ -172,7 +166,11 @@ class StripeMeterEventStream(StripeMeterEvents):
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self._linger, self._flush)
-        results = await asyncio.gather(*answers, return_exceptions=True)
+        return answers
+
+    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
+        """The events in the next requests, as :meth:`send` sends each: every answer, or its ProviderError."""
+        results = await asyncio.gather(*self._enqueue(events), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, ProviderError):
                 raise result

@@ -349,12 +349,12 @@ class AsyncPostgresLedger:
     async def claim_windows(
         self, deliveries: Sequence[Delivery], provider: str, event_names: Sequence[str]
     ) -> list[LedgerEntry]:
-        params = [
-            self._claim_params(d, provider, name, retry=False) for d, name in zip(deliveries, event_names, strict=True)
-        ]
         if any(d.kind != "window" for d in deliveries):
             msg = "claim_windows takes windows' own deliveries only"
             raise ValueError(msg)
+        params = [
+            self._claim_params(d, provider, name, retry=False) for d, name in zip(deliveries, event_names, strict=True)
+        ]
         rows = await asyncio.gather(*(self.batches.submit(self._claim_window, p) for p in params))
         unclaimed = [i for i, row in enumerate(rows) if row is None]
         states = await asyncio.gather(
@@ -379,31 +379,10 @@ class AsyncPostgresLedger:
         return Delivery(ident, kind, parent, window, quantity, revision)
 
     async def mark_sent(self, identifier: str, event: MeterEvent, response_id: str, attempts: int) -> None:
-        params = {
-            "identifier": identifier,
-            "attempts": attempts,
-            "value": event.value,
-            "provider_customer_id": event.provider_customer_id,
-            "response_id": response_id,
-        }
-        await self._execute(self._mark_sent, params)
+        await self._execute(self._mark_sent, _sent_params(identifier, event, response_id, attempts))
 
     async def mark_all_sent(self, sent: Sequence[tuple[str, MeterEvent, str, int]]) -> None:
-        await asyncio.gather(
-            *(
-                self.batches.submit(
-                    self._mark_sent,
-                    {
-                        "identifier": identifier,
-                        "attempts": attempts,
-                        "value": event.value,
-                        "provider_customer_id": event.provider_customer_id,
-                        "response_id": response_id,
-                    },
-                )
-                for identifier, event, response_id, attempts in sent
-            )
-        )
+        await asyncio.gather(*(self.batches.submit(self._mark_sent, _sent_params(*each)) for each in sent))
 
     async def mark_failed(self, identifier: str, attempts: int, error: str, delay: float) -> None:
         await self._execute(
@@ -468,6 +447,17 @@ class AsyncPostgresLedger:
                 raise SinkError(msg)
             values.append(Decimal(row[0]))
         return values
+
+
+def _sent_params(identifier: str, event: MeterEvent, response_id: str, attempts: int) -> dict:
+    """The parameters of one delivery's ``sent`` outcome (mark_sent_sql: SENT_ROW_PARAMS)."""
+    return {
+        "identifier": identifier,
+        "attempts": attempts,
+        "value": event.value,
+        "provider_customer_id": event.provider_customer_id,
+        "response_id": response_id,
+    }
 
 
 def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:
