@@ -329,13 +329,22 @@ def _exactly_once_kafka_sink(
     return f"CREATE TABLE `{table}` (\n  {cols}\n) {sql_with(options)}"
 
 
-def late_events_insert() -> str:
-    """Route every late event, with why it is late, to the late-events sink."""
-    cols = ", ".join(f"`{c}`" for c in EVENT_FIELDS)
+LATE_EVENT_COLUMNS = (*EVENT_FIELDS, "window_start", "window_end", "watermark", "lateness_ms")
+
+
+def late_events_insert(
+    source: str = CLASSIFIED_VIEW, where: str = "WHERE `reject_reason` IS NULL AND `is_late`"
+) -> str:
+    """Route every late event, with why it is late, to the late-events sink.
+
+    ``source`` has ``LATE_EVENT_COLUMNS``: the classified view (whose late rows ``where`` picks), or
+    the two-stage graph's late rows (jvm/ ``StageRows.LATE_COLUMNS``), all late.
+    """
+    cols = ", ".join(f"`{c}`" for c in LATE_EVENT_COLUMNS)
     return (
         f"INSERT INTO `{LATE_EVENTS_SINK_TABLE}`\n"
-        f"SELECT {cols}, `window_start`, `window_end`, `watermark`, `lateness_ms`, LOCALTIMESTAMP AS `seen_at`\n"
-        f"FROM `{CLASSIFIED_VIEW}` WHERE `reject_reason` IS NULL AND `is_late`"
+        f"SELECT {cols}, LOCALTIMESTAMP AS `seen_at`\n"
+        f"FROM `{source}` {where}".rstrip()
     )
 
 

@@ -47,6 +47,7 @@ from jobs.plan import (
     window_changelog_query,
 )
 from jobs.source_plan import VALIDATED_VIEW, usage_source_ddl, validate_query
+from jobs.stages_plan import STAGE_LATE_VIEW, stage_input_query, stage_parameters
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 from meterflow.security import WindowSinkTarget, window_sink_target_of
@@ -89,7 +90,7 @@ def window_sink_target(cfg: JobConfig) -> WindowSinkTarget:
     return window_sink_target_of(cfg)
 
 
-def _to_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, Any]:
+def to_internal_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, Any]:
     """A query's rows as a Java DataStream of internal rows (RowData: no conversion to external rows), and their type."""
     jvm = get_gateway().jvm
     table = t_env.sql_query(query)._j_table
@@ -108,7 +109,7 @@ def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     it is a task of its own between the source and the dedup. The view declares the processing-time
     attribute the dedup orders by, and the event time as the rowtime with the source's watermarks.
     """
-    rows, row_type = _to_rows(t_env, guard_input_query())
+    rows, row_type = to_internal_rows(t_env, guard_input_query())
     guard = get_gateway().jvm.dev.meterflow.operators.WindowGuard
     et = cfg.event_time
     limits = guard(
@@ -135,7 +136,7 @@ def _materialise_classified(t_env: StreamTableEnvironment, cfg: JobConfig) -> No
     classifier (jvm/ LatenessClassifier) holds the watermark in checkpointed state, so a restore
     never judges an event against "no watermark yet" (Flink does not checkpoint watermarks).
     """
-    rows, row_type = _to_rows(t_env, routed_query(cfg, GUARDED_VIEW))
+    rows, row_type = to_internal_rows(t_env, routed_query(cfg, GUARDED_VIEW))
     classifier = get_gateway().jvm.dev.meterflow.operators.LatenessClassifier
     lateness_ms = int(cfg.event_time.allowed_lateness.total_seconds() * 1000)
     j_classified = classifier.apply(
@@ -208,7 +209,11 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     schema = builder.primary_key("tenant_id", "customer_id", "meter", "dimensions_key", "window_start").build()
     changelog = t_env.to_changelog_stream(t_env.sql_query(window_changelog_query(cfg)), schema, ChangelogMode.upsert())
     _write_windows(changelog, window_sink_target(cfg), final=False)
-    closed = _close_windows(changelog, cfg)
+    _publish_closed(t_env, _close_windows(changelog, cfg), cfg)
+
+
+def _publish_closed(t_env: StreamTableEnvironment, closed: DataStream, cfg: JobConfig) -> None:
+    """Final window rows (the closer's row type) into Postgres, and as ``CLOSED_WINDOWS_VIEW`` for the closed-windows topic."""
     _write_windows(closed, window_sink_target(cfg), final=True)
     closed_schema = Schema.new_builder()
     for name, _, data_type in CLOSED_WINDOW_COLUMNS:
@@ -220,8 +225,47 @@ def _declare_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
 
 
+def java_map(values: dict[str, str]) -> Any:
+    """A Java HashMap of ``values``, for the JVM operators' parameters."""
+    j_map = get_gateway().jvm.java.util.HashMap()
+    for key, value in values.items():
+        j_map.put(key, value)
+    return j_map
+
+
+def _declare_stages(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """The two keyed JVM stages (jvm/ ``TwoStages``) on the guarded view's counted events.
+
+    Their provisional and final rows go to the same Postgres sinks as the SQL graph's, the finals
+    to ``CLOSED_WINDOWS_VIEW`` too, and the late events they route become ``STAGE_LATE_VIEW``.
+    """
+    rows, row_type = to_internal_rows(t_env, stage_input_query())
+    p = stage_parameters(cfg)
+    stages = get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
+        rows,
+        row_type,
+        p.window_size_ms,
+        p.allowed_lateness_ms,
+        p.dedup_horizon_ms,
+        java_map(p.aggregations),
+        java_map(p.unique_dimensions),
+        p.max_partials,
+        p.early_fire_ms,
+        p.late_arrival_hold_ms,
+        p.retain_closed_ms,
+    )
+    _write_windows(DataStream(stages.fires()), window_sink_target(cfg), final=False)
+    _publish_closed(t_env, DataStream(stages.finals()), cfg)
+    t_env.create_temporary_view(STAGE_LATE_VIEW, t_env.from_data_stream(DataStream(stages.late())))
+
+
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
-    """Kafka (decoded in the source) -> validate -> guard -> dedup -> classify once -> (dead letters | windows | late)."""
+    """Kafka (decoded in the source) -> validate -> guard -> dedup -> classify once -> (dead letters | windows | late).
+
+    With ``flink.usage_graph: two_stage``, the guard's counted events go to the two keyed stages
+    (dedup, lateness and partials; merge and close) and its rejected records straight to the dead
+    letters, taking no dedup state.
+    """
     t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     t_env.create_java_temporary_system_function(*BOUNDED_PAYLOAD_FUNCTION)
     t_env.execute_sql(usage_source_ddl(cfg))
@@ -229,13 +273,19 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
     t_env.execute_sql(closed_windows_sink_ddl(cfg))
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
-    # The window guard, then classified events and rejected records in one materialised stream: the
-    # topic is read once, and the dedup, the classifier and the late and dead-letter sinks run chained.
-    declare_routed_views(t_env, cfg)
-    _declare_windows(t_env, cfg)
     statements = t_env.create_statement_set()
-    statements.add_insert_sql(late_events_insert())
-    statements.add_insert_sql(dead_letter_insert(cfg))
+    if cfg.flink.usage_graph == "two_stage":
+        _guard_windows(t_env, cfg)
+        _declare_stages(t_env, cfg)
+        statements.add_insert_sql(late_events_insert(STAGE_LATE_VIEW, where=""))
+        statements.add_insert_sql(dead_letter_insert(cfg, source=GUARDED_VIEW))
+    else:
+        # The window guard, then classified events and rejected records in one materialised stream: the
+        # topic is read once, and the dedup, the classifier and the late and dead-letter sinks run chained.
+        declare_routed_views(t_env, cfg)
+        _declare_windows(t_env, cfg)
+        statements.add_insert_sql(late_events_insert())
+        statements.add_insert_sql(dead_letter_insert(cfg))
     # Each closed window once, exactly-once, for billing and other consumers (see avro/closed_window.avsc).
     statements.add_insert_sql(closed_windows_insert())
     return statements

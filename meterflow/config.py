@@ -131,6 +131,14 @@ class FlinkConfig(_Section):
             " (docs/operations.md, Sizing the dedup state)."
         ),
     )
+    usage_graph: Literal["sql", "two_stage"] = Field(
+        "sql",
+        description=(
+            "How the usage job counts: sql (the dedup and the window aggregate as Flink SQL, a window closer after them),"
+            " or two_stage (two keyed JVM stages: dedup, lateness and partial windows keyed by event id, then partials merged per window)."
+            " Their state differs: a savepoint of one graph does not restore into the other (docs/operations.md, The two-stage graph)."
+        ),
+    )
 
 
 class EventTimeConfig(_Section):

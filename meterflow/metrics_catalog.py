@@ -50,10 +50,12 @@ LATENESS_BUCKETS_MS = (0, 1_000, 5_000, 30_000, 60_000, 300_000, 900_000, 3_600_
 LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" for b in LATENESS_BUCKETS_MS) + (
     OPERATOR_SCOPE + "meterflow_lateness_le_inf",
 )
-# The usage job's own metrics (jvm/: LatenessClassifier and its LatenessHistogram, WindowCloser,
-# CountDeadLetter, UsageWindowSink's committer). ``meterflow_watermark_lag_ms`` is wall-clock now
-# minus the held watermark (0 before the first watermark); ``meterflow_window_refires`` counts the
-# updates of windows after their first fire (events within the allowed lateness).
+# The usage job's own metrics (jvm/: LatenessClassifier or the first stage, with LatenessMetrics and its
+# LatenessHistogram, WindowCloser or the second stage, CountDeadLetter, UsageWindowSink's committer).
+# ``meterflow_watermark_lag_ms`` is wall-clock now minus the held watermark (0 before the first
+# watermark); ``meterflow_window_refires`` counts the updates of windows after their first fire
+# (events within the allowed lateness); ``meterflow_window_refinals`` (two-stage graph only) the
+# finals emitted again for a partial that reached a window after its close.
 USAGE_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + name
     for name in (
@@ -63,6 +65,7 @@ USAGE_JOB_METRICS = frozenset(
         "meterflow_held_watermark",
         "meterflow_watermark_lag_ms",
         "meterflow_window_refires",
+        "meterflow_window_refinals",
         "usageRowsCommitted",
         "usageCommitFailures",
     )

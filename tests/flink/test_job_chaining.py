@@ -16,15 +16,17 @@ from tests.flink.usage_graph import declared_usage_job, usage_stream_graph
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
 
 
-def _config(write_config, parallelism: int = 1):
+def _config(write_config, parallelism: int = 1, graph: str = "sql"):
     return load_config(
-        write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\nflink:\n  parallelism: {parallelism}\n"),
+        write_config(
+            f"kafka:\n  bootstrap_servers: 127.0.0.1:9\nflink:\n  parallelism: {parallelism}\n  usage_graph: {graph}\n"
+        ),
         environ={"METERFLOW_POSTGRES_PASSWORD": "unused-at-planning"},
     )
 
 
-def _vertices(write_config, parallelism: int) -> list:
-    return list(usage_stream_graph(_config(write_config, parallelism)).getJobGraph().getVerticesAsArray())
+def _vertices(write_config, parallelism: int, graph: str = "sql") -> list:
+    return list(usage_stream_graph(_config(write_config, parallelism, graph)).getJobGraph().getVerticesAsArray())
 
 
 def _tasks(write_config, parallelism: int) -> list[str]:
@@ -114,3 +116,38 @@ def test_the_guarded_view_has_the_validated_columns(write_config):
     text = guarded._j_resolved_schema.toString()
     assert text.count("*ROWTIME*") == 1 and "`event_time` TIMESTAMP(3) *ROWTIME*" in text, text
     assert "*PROCTIME*" in text, text
+
+
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_the_two_stage_graph_has_one_exchange_per_key_and_no_sql_state(write_config, parallelism):
+    """Four tasks: the source; the guard with the dead letters (rejects take no dedup state); the first
+    stage keyed by event id with the late events; the second keyed by window with every window sink.
+
+    No SQL operator keeps state: the dedup, the lateness and the windows are the stages'.
+    """
+    vertices = {v.getName(): v for v in _vertices(write_config, parallelism, "two_stage")}
+
+    def producers(name: str) -> list[tuple[str, str]]:
+        return [(e.getSource().getProducer().getName(), e.getShipStrategyName()) for e in vertices[name].getInputs()]
+
+    assert len(vertices) == 4, list(vertices)
+    (source,) = [n for n in vertices if n.startswith("Source: KafkaSource")]
+    (guard,) = [n for n in vertices if n.startswith("guard window limits")]
+    (first,) = [n for n in vertices if n.startswith("dedup, classify late or on time, partial windows")]
+    (second,) = [n for n in vertices if n.startswith("merge partials, close windows")]
+    assert producers(guard) == [(source, "HASH")]
+    assert producers(first) == [(guard, "HASH")]
+    assert producers(second) == [(first, "HASH")]
+    assert "dead_letter_sink" in guard and "metered events" in guard, guard
+    assert "late_events_sink" in first, first
+    assert all(s in second for s in ("write window updates", "write final windows", "closed_windows_sink")), second
+    assert not any(s in n for n in vertices for s in ("Deduplicate", "GroupWindowAggregate")), list(vertices)
+
+
+def test_the_stages_have_stable_uids(write_config):
+    """Each stage keeps its state mapping across resubmits (savepoints)."""
+    graph = usage_stream_graph(_config(write_config, graph="two_stage"))
+    uids = {node.getTransformationUID(): node.getOperatorName() for node in graph.getStreamNodes().toArray()}
+    assert uids["dedup-and-partials"] == "dedup, classify late or on time, partial windows"
+    assert uids["merge-partials-close-windows"] == "merge partials, close windows"
+    assert uids["guard-window-limits"] == "guard window limits"

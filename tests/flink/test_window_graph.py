@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from pyflink.java_gateway import get_gateway
 
 from connectors.avro_types import derive_columns, load_schema
 from connectors.producer import SyntheticSpec, synthetic_events
@@ -104,12 +105,10 @@ def _oracle(meter, events):
     return Decimal(len({e["dimensions"]["user"] for e in events}))
 
 
-def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
-    """SUM with group-by dimensions, COUNT, MAX, LATEST and UNIQUE_COUNT each equal a plain-Python oracle."""
-    import json
+def _meter_events() -> list[dict]:
+    """3,000 events over the five aggregations, sorted by event time, with LATEST ties at a window's last millisecond."""
     import random
 
-    cfg = load_config(write_config(METERS_YAML), environ={})
     rng = random.Random(5)
     start = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     meters = ["tokens", "api_calls", "peak_connections", "storage_gb", "active_users"]
@@ -134,7 +133,6 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
             }
         )
     # LATEST ties at the window's last millisecond: the greatest id wins, "tie|b" > "tie|" > "tie".
-    last = start + timedelta(milliseconds=59_999)
     for event_id, quantity in (("tie|b", "7"), ("tie", "5"), ("tie|", "6")):
         events.append(
             {
@@ -143,17 +141,20 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
                 "customer_id": "c0",
                 "meter": "storage_gb",
                 "quantity": Decimal(quantity),
-                "event_time": last,
+                "event_time": _LAST,
                 "dimensions": {},
             }
         )
     events.sort(key=lambda e: e["event_time"])
-    _load_events(table_env, cfg, events, tmp_path / "events")
-    keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
-    table_env.execute_sql("DROP TEMPORARY VIEW IF EXISTS `keyed_events`")
-    table_env.create_temporary_view("keyed_events", table_env.sql_query(keyed))
-    with table_env.execute_sql(window_aggregate_query(cfg, "keyed_events")).collect() as results:
-        got = {(r[1], r[2], r[3], r[4]): (r[6], r[7]) for r in results}
+    return events
+
+
+_LAST = datetime(2026, 5, 1, 12, 0, tzinfo=UTC) + timedelta(milliseconds=59_999)
+
+
+def _assert_each_meter(got: dict, events: list[dict]) -> None:
+    """``got`` maps (customer, meter, dimensions key, window start) to (quantity, event count); each equals the oracle."""
+    import json
 
     groups = defaultdict(list)
     for e in events:
@@ -179,4 +180,70 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
         quantity, count = canonical[(customer, meter, dims, start_)]
         assert quantity == _oracle(meter, members), (customer, meter, dims, start_)
         assert count == len(members)
-    assert canonical[("c0", "storage_gb", None, last.replace(tzinfo=None, microsecond=0, second=0))][0] == Decimal(7)
+    assert canonical[("c0", "storage_gb", None, _LAST.replace(tzinfo=None, microsecond=0, second=0))][0] == Decimal(7)
+
+
+def _keyed_events(table_env, cfg, events, directory) -> None:
+    """The events as the view ``keyed_events``: the job's source columns with their ``dimensions_key``."""
+    _load_events(table_env, cfg, events, directory)
+    keyed = f"SELECT *, {dimensions_key_expr(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
+    table_env.execute_sql("DROP TEMPORARY VIEW IF EXISTS `keyed_events`")
+    table_env.create_temporary_view("keyed_events", table_env.sql_query(keyed))
+
+
+def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
+    """SUM with group-by dimensions, COUNT, MAX, LATEST and UNIQUE_COUNT each equal a plain-Python oracle."""
+    cfg = load_config(write_config(METERS_YAML), environ={})
+    events = _meter_events()
+    _keyed_events(table_env, cfg, events, tmp_path / "events")
+    with table_env.execute_sql(window_aggregate_query(cfg, "keyed_events")).collect() as results:
+        got = {(r[1], r[2], r[3], r[4]): (r[6], r[7]) for r in results}
+    _assert_each_meter(got, events)
+
+
+def test_the_two_stages_give_each_meter_the_same_totals(table_env, tmp_path, write_config):
+    """The two-stage graph's final rows (jvm/ TwoStages, the job's parameters) equal the same oracle, every copy of an id counted once.
+
+    Copies of ids are added, some in another window than their first: the first copy counts, in its window.
+    """
+    from jobs.stages_plan import stage_parameters
+    from jobs.usage_job import java_map, to_internal_rows
+
+    cfg = load_config(write_config(METERS_YAML), environ={})
+    events = _meter_events()
+    copies = [
+        {**e, "quantity": e["quantity"] + 1, "event_time": e["event_time"] + timedelta(seconds=70)} for e in events[::9]
+    ]
+    sent = sorted(events + copies, key=lambda e: e["event_time"])
+    firsts: dict[tuple[str, str], dict] = {}
+    for e in sent:
+        firsts.setdefault((e["tenant_id"], e["event_id"]), e)
+    _keyed_events(table_env, cfg, sent, tmp_path / "events")
+    rows, row_type = to_internal_rows(table_env, "SELECT * FROM `keyed_events`")
+    p = stage_parameters(cfg)
+    stages = get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
+        rows,
+        row_type,
+        p.window_size_ms,
+        p.allowed_lateness_ms,
+        p.dedup_horizon_ms,
+        java_map(p.aggregations),
+        java_map(p.unique_dimensions),
+        p.max_partials,
+        p.early_fire_ms,
+        p.late_arrival_hold_ms,
+        p.retain_closed_ms,
+    )
+    got = {}
+    finals = stages.finals().executeAndCollect()
+    try:
+        while finals.hasNext():
+            r = finals.next()
+            start = datetime.fromtimestamp(r.getField(4) / 1000, UTC).replace(tzinfo=None)
+            key = (r.getField(1), r.getField(2), r.getField(3), start)
+            assert key not in got, f"one final row per window: {key}"
+            got[key] = (Decimal(r.getField(6)), r.getField(7))
+    finally:
+        finals.close()
+    # The first copy of each id is the one the input holds first (one subtask sees an id's copies in input order).
+    _assert_each_meter(got, list(firsts.values()))

@@ -116,3 +116,22 @@ def test_the_stages_aggregate_every_aggregation_the_config_offers():
     declared = re.search(r"enum Aggregation \{([^}]*)\}", source).group(1)
     assert [name.strip() for name in declared.split(",")] == list(get_args(Aggregation))
     assert re.search(r"SCALE = (\d+);", source).group(1) == "9", "the job's DECIMAL(38, 9)"
+
+
+def _java_list(path, constant: str) -> list[str]:
+    return re.findall(r'"([^"]*)"', re.search(rf"{constant}\s*=\s*List\.of\((.*?)\);", path.read_text(), re.S).group(1))
+
+
+def test_the_stages_read_and_write_the_columns_the_sql_side_names():
+    """jvm/ StageRows reads the stage input query's columns and writes the late insert's, by the same names."""
+    from jobs.plan import LATE_EVENT_COLUMNS
+    from jobs.stages_plan import STAGE_INPUT_COLUMNS
+
+    stage_rows = JAVA / "stages" / "StageRows.java"
+    assert sorted(_java_list(stage_rows, "EVENT_COLUMNS")) == sorted(STAGE_INPUT_COLUMNS)
+    assert _java_list(stage_rows, "LATE_COLUMNS") == list(LATE_EVENT_COLUMNS)
+    merger = (JAVA / "stages" / "WindowMerger.java").read_text()
+    assert (
+        "WindowClose.closeTime(endMs, allowedLatenessMs)" in merger
+        or "WindowClose.closeTime(key.windowEndMs, allowedLatenessMs)" in merger
+    )

@@ -29,7 +29,7 @@ def _java_registered() -> set[str]:
     ``metricGroup()`` registers in the operator's own group.
     """
     names = set()
-    for source in OPERATORS.glob("*.java"):
+    for source in (*OPERATORS.glob("*.java"), *(OPERATORS.parent / "stages").glob("*.java")):
         if source.name == "LatenessHistogram.java":
             continue  # its bucket family: test_lateness_histogram_buckets_match_the_jvm_code
         text = source.read_text()
@@ -71,7 +71,10 @@ def test_lateness_histogram_buckets_match_the_jvm_code():
     assert (
         'group.counter("lateness_le_" + BUCKETS_MS[i])' in histogram and 'group.counter("lateness_le_inf")' in histogram
     )
-    assert "new LatenessHistogram(group)" in (OPERATORS / "LatenessClassifier.java").read_text()
+    assert "new LatenessHistogram(group)" in (OPERATORS / "LatenessMetrics.java").read_text()
+    # Both graphs take the decisions with the same metrics: the SQL graph's classifier, the first stage.
+    for taker in (OPERATORS / "LatenessClassifier.java", OPERATORS.parent / "stages" / "DedupAndPartials.java"):
+        assert "new LatenessMetrics(getMetricGroup()" in taker.read_text(), taker
     assert len(LATENESS_BUCKET_METRICS) == len(LATENESS_BUCKETS_MS) + 1
 
 

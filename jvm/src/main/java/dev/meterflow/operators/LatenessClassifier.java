@@ -3,9 +3,6 @@ package dev.meterflow.operators;
 import java.util.ArrayList;
 import java.util.List;
 
-import org.apache.flink.metrics.Counter;
-import org.apache.flink.metrics.Gauge;
-import org.apache.flink.metrics.MetricGroup;
 import org.apache.flink.runtime.state.StateInitializationContext;
 import org.apache.flink.runtime.state.StateSnapshotContext;
 import org.apache.flink.streaming.api.datastream.DataStream;
@@ -79,9 +76,7 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
     private final long allowedLatenessMs;
 
     private transient HeldWatermark watermark;
-    private transient Counter lateRecords;
-    private transient Counter onTimeRecords;
-    private transient LatenessHistogram lateness;
+    private transient LatenessMetrics metrics;
 
     /** Field positions in the routed row of the event time and the window end (both TIMESTAMP(3)), and the allowed lateness of the window operator. */
     public LatenessClassifier(int eventTimeField, int windowEndField, long allowedLatenessMs) {
@@ -114,12 +109,7 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
     @Override
     public void open() throws Exception {
         super.open();
-        MetricGroup group = getMetricGroup().addGroup("meterflow");
-        lateRecords = group.counter("late_records");
-        onTimeRecords = group.counter("on_time_records");
-        group.gauge("held_watermark", (Gauge<Long>) () -> watermark.held());
-        group.gauge("watermark_lag_ms", (Gauge<Long>) () -> watermarkLagMs(System.currentTimeMillis(), watermark.held()));
-        lateness = new LatenessHistogram(group);
+        metrics = new LatenessMetrics(getMetricGroup(), () -> watermark.held());
     }
 
     @Override
@@ -164,17 +154,11 @@ public class LatenessClassifier extends AbstractStreamOperator<RowData> implemen
                 decision.setField(1, held - eventMs);
             }
             decision.setField(2, late);
-            (late ? lateRecords : onTimeRecords).inc();
-            lateness.record(held == WindowClose.NO_WATERMARK ? 0 : held - eventMs);
+            metrics.record(late, held, eventMs);
         }
         // The joined row wraps the upstream's row, which the upstream reuses for its next record
         // (object reuse): every consumer in the chain is done with it before then.
         JoinedRowData out = new JoinedRowData(row.getRowKind(), row, decision);
         output.collect(element.replace(out));
-    }
-
-    /** Wall-clock time minus the held watermark, 0 before any watermark. */
-    public static long watermarkLagMs(long nowMs, long heldWatermarkMs) {
-        return heldWatermarkMs == WindowClose.NO_WATERMARK ? 0 : nowMs - heldWatermarkMs;
     }
 }

@@ -50,7 +50,8 @@ import org.apache.flink.types.RowKind;
  * (freshness = checkpoint interval + checkpoint duration), not on a flush timer.
  *
  * <p>Input: the window aggregate's upsert changelog (window bounds as UTC LocalDateTime, open
- * rows) or the closer's closed windows (bounds as epoch ms, final rows). The upsert statement is
+ * rows) or the closer's closed windows (bounds as epoch ms, final rows); in the two-stage graph,
+ * the second stage's fires (epoch ms, open rows) and finals. The upsert statement is
  * generated from the table's column contract in Python (sinks/postgres_schema.py) and binds, in
  * order: tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity,
  * event_count, revision, is_final.
@@ -69,8 +70,8 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
     private final boolean finalRows;
 
     /**
-     * @param finalRows true for the closer's closed windows (bounds in epoch ms, {@code is_final}),
-     *     false for the aggregate's changelog (bounds as LocalDateTime)
+     * @param finalRows true for closed windows ({@code is_final}: the closer's, the second stage's finals),
+     *     false for provisional rows (the SQL aggregate's changelog, bounds as LocalDateTime, or the second stage's fires, in epoch ms)
      * @param password where the TaskManager reads the Postgres password
      */
     public UsageWindowSink(String jdbcUrl, String user, Secrets password, String upsertSql, boolean finalRows) {
@@ -186,9 +187,14 @@ public class UsageWindowSink implements Sink<Row>, SupportsCommitter<UsageWindow
         public void close() {}
     }
 
+    /** A window bound as epoch ms: the closer's and the stages' rows carry it so, the SQL aggregate's changelog as a UTC LocalDateTime. */
+    private static long epochMs(Object bound) {
+        return bound instanceof Long ms ? ms : WindowClose.epochMs(bound);
+    }
+
     static WindowRow toWindowRow(Row row, boolean finalRow) {
-        long start = finalRow ? (Long) row.getField(4) : WindowClose.epochMs(row.getField(4));
-        long end = finalRow ? (Long) row.getField(5) : WindowClose.epochMs(row.getField(5));
+        long start = epochMs(row.getField(4));
+        long end = epochMs(row.getField(5));
         return new WindowRow(
                 (String) row.getField(0), (String) row.getField(1), (String) row.getField(2), (String) row.getField(3),
                 start, end, (String) row.getField(6), (Long) row.getField(7), (Long) row.getField(8), finalRow);

@@ -7,6 +7,7 @@ import java.util.Map;
 import java.util.TreeMap;
 
 import dev.meterflow.operators.HeldWatermark;
+import dev.meterflow.operators.LatenessMetrics;
 import dev.meterflow.operators.WindowClose;
 
 import org.apache.flink.api.common.state.StateTtlConfig;
@@ -45,6 +46,8 @@ import org.apache.flink.util.OutputTag;
  * {@code maxPartials} windows are open here, and every {@code earlyFireMs} of processing time (0:
  * never), so a window's running value is never older than that downstream.
  *
+ * <p>Its metrics are the classifier's ({@link LatenessMetrics}).
+ *
  * <p>The held watermark and the closed-through boundary are kept as {@code LatenessClassifier}
  * keeps them ({@link HeldWatermark}: each subtask takes the highest after a restore or a rescale), and
  * only the held watermark is forwarded: the second stage never sees a watermark this stage did not
@@ -54,7 +57,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     private static final long serialVersionUID = 1L;
 
     /** Events judged late: for the late-events topic. */
-    public static final OutputTag<MeteredEvent> LATE = new OutputTag<>("late-events", TypeInformation.of(MeteredEvent.class));
+    public static final OutputTag<LateEvent> LATE = new OutputTag<>("late-events", TypeInformation.of(LateEvent.class));
 
     private final long windowSizeMs;
     private final long allowedLatenessMs;
@@ -66,6 +69,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     private transient ValueStateDescriptor<Boolean> seenDescriptor;
     private transient ValueState<Boolean> seen;
     private transient HeldWatermark watermark;
+    private transient LatenessMetrics metrics;
     /** Open partials by window end, so a watermark emits those it fires without looking at the others. */
     private transient TreeMap<Long, Map<WindowKey, WindowPartial>> partials;
     private transient int open;
@@ -107,6 +111,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         seen = getPartitionedState(VoidNamespace.INSTANCE, VoidNamespaceSerializer.INSTANCE, seenDescriptor);
         partials = new TreeMap<>();
         open = 0;
+        metrics = new LatenessMetrics(getMetricGroup(), () -> watermark.held());
         if (earlyFireMs > 0) {
             long now = getProcessingTimeService().getCurrentProcessingTime();
             getProcessingTimeService().registerTimer(now + earlyFireMs, this);
@@ -126,8 +131,11 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         }
         seen.update(Boolean.TRUE);
         WindowKey window = WindowKey.of(e, windowSizeMs);
-        if (watermark.isLate(window.windowEndMs)) {
-            output.collect(LATE, element);
+        long held = watermark.held();
+        boolean late = watermark.isLate(window.windowEndMs);
+        metrics.record(late, held, e.eventTimeMs);
+        if (late) {
+            output.collect(LATE, new StreamRecord<>(new LateEvent(e, window.windowStartMs, window.windowEndMs, held), element.getTimestamp()));
             return;
         }
         Map<WindowKey, WindowPartial> ofEnd = partials.computeIfAbsent(window.windowEndMs, end -> new HashMap<>());

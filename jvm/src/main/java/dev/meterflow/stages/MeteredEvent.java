@@ -29,6 +29,12 @@ public class MeteredEvent {
     public BigDecimal quantity;
     /** The value of the meter's unique dimension (UNIQUE_COUNT meters), or null. */
     public String uniqueValue;
+    /**
+     * The event's dimensions as sent, names and values at the same positions (null: none), for the
+     * late-events topic only. Arrays, not a map: Flink's POJO serializer takes them without Kryo.
+     */
+    public String[] dimensionNames;
+    public String[] dimensionValues;
     public long idHashHigh;
     public long idHashLow;
 

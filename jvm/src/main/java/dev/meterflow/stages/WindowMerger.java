@@ -57,6 +57,7 @@ public class WindowMerger extends KeyedProcessFunction<String, PartialWindow, Ro
     private final long allowedLatenessMs;
     private final long lateArrivalHoldMs;
     private final long retainClosedMs;
+    private final boolean earlyRows;
     private transient ValueState<WindowPartial> merged;
     private transient ValueState<WindowKey> window;
     /** Processing time of the pending final of a window closed or first seen after its close; null if none. */
@@ -67,12 +68,18 @@ public class WindowMerger extends KeyedProcessFunction<String, PartialWindow, Ro
     private transient Counter refinals;
 
     public WindowMerger(long allowedLatenessMs, long lateArrivalHoldMs, long retainClosedMs) {
+        this(allowedLatenessMs, lateArrivalHoldMs, retainClosedMs, false);
+    }
+
+    /** With {@code earlyRows}, a window's provisional row also goes out on each partial before its first fire (the early fires). */
+    public WindowMerger(long allowedLatenessMs, long lateArrivalHoldMs, long retainClosedMs, boolean earlyRows) {
         if (allowedLatenessMs < 0 || lateArrivalHoldMs < 0 || retainClosedMs <= lateArrivalHoldMs) {
             throw new IllegalArgumentException("lateness and hold >= 0, and closed windows retained longer than the hold");
         }
         this.allowedLatenessMs = allowedLatenessMs;
         this.lateArrivalHoldMs = lateArrivalHoldMs;
         this.retainClosedMs = retainClosedMs;
+        this.earlyRows = earlyRows;
     }
 
     /** The type of the rows it emits, finals and fires alike. */
@@ -124,6 +131,8 @@ public class WindowMerger extends KeyedProcessFunction<String, PartialWindow, Ro
             if (seen) {
                 refires.inc();
             }
+            ctx.output(FIRES, row(in.key, value));
+        } else if (earlyRows) {
             ctx.output(FIRES, row(in.key, value));
         }
     }

@@ -54,8 +54,8 @@ class LatenessHistogramTest {
 
     @Test
     void watermarkLagIsNowMinusTheHeldWatermark() {
-        assertEquals(0, LatenessClassifier.watermarkLagMs(1_700_000_000_000L, WindowClose.NO_WATERMARK), "no watermark yet");
-        assertEquals(65_000, LatenessClassifier.watermarkLagMs(1_700_000_065_000L, 1_700_000_000_000L));
+        assertEquals(0, LatenessMetrics.watermarkLagMs(1_700_000_000_000L, WindowClose.NO_WATERMARK), "no watermark yet");
+        assertEquals(65_000, LatenessMetrics.watermarkLagMs(1_700_000_065_000L, 1_700_000_000_000L));
     }
 
     @Test

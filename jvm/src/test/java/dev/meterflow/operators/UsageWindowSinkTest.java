@@ -51,6 +51,15 @@ class UsageWindowSinkTest {
         assertTrue(row.isFinal);
     }
 
+    @Test
+    void provisionalRowsOfTheSecondStageCarryEpochBounds() {
+        UsageWindowSink.Writer writer = new UsageWindowSink.Writer(false);
+        writer.write(Row.of("t", "c", "api_calls", "{}", 60_000L, 120_000L, "2", 2L, 2L), null);
+        UsageWindowSink.WindowRow row = writer.prepareCommit().iterator().next().rows.get(0);
+        assertEquals(List.of(60_000L, 120_000L), List.of(row.windowStartMs, row.windowEndMs));
+        assertFalse(row.isFinal);
+    }
+
     private static UsageWindowSink.Batch batchOf(Row... rows) {
         UsageWindowSink.Writer writer = new UsageWindowSink.Writer(false);
         for (Row row : rows) {

@@ -66,8 +66,8 @@ class DedupAndPartialsTest {
         List<String> out = new ArrayList<>();
         var records = h.getSideOutput(DedupAndPartials.LATE);
         if (records != null) {
-            for (StreamRecord<MeteredEvent> r : records) {
-                out.add(r.getValue().eventId);
+            for (StreamRecord<LateEvent> r : records) {
+                out.add(r.getValue().event.eventId);
             }
         }
         return out;
@@ -112,6 +112,8 @@ class DedupAndPartialsTest {
             send(h, event("t", "next", "c", END, "4")); // the next window is open
             h.prepareSnapshotPreBarrier(1);
             assertEquals(List.of("late"), late(h));
+            LateEvent late = h.getSideOutput(DedupAndPartials.LATE).peek().getValue();
+            assertEquals(List.of(W0, END, CLOSE), List.of(late.windowStartMs, late.windowEndMs, late.watermarkMs), "the window it missed and the watermark it was judged against");
             assertEquals(List.of("wm:" + (CLOSE - 1), "c@0=1/1", "wm:" + CLOSE, "c@" + SIZE + "=4/1"), output(h));
         }
     }

@@ -1,0 +1,49 @@
+"""The two-stage graph's parameters from the config: the SQL graph's rules, each meter's aggregation, the retention."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from jobs.stages_plan import MIN_CLOSED_RETENTION, closed_retention, stage_input_query, stage_parameters
+from meterflow.config import load_config
+
+METERS = """
+event_time:
+  window_size: 5m
+  allowed_lateness: 30s
+  early_fire_interval: 10s
+  dedup_horizon: 2d
+flink:
+  checkpoint_interval: 3s
+meters:
+  - name: tokens
+  - name: peak
+    aggregation: MAX
+  - name: users
+    aggregation: UNIQUE_COUNT
+    unique_dimension: user
+"""
+
+
+def test_the_stages_take_the_windows_lateness_horizon_and_each_meters_aggregation(write_config):
+    p = stage_parameters(load_config(write_config(METERS), environ={}))
+    assert (p.window_size_ms, p.allowed_lateness_ms, p.dedup_horizon_ms) == (300_000, 30_000, 2 * 86_400_000)
+    assert p.aggregations == {"tokens": "SUM", "peak": "MAX", "users": "UNIQUE_COUNT"}
+    assert p.unique_dimensions == {"users": "user"}
+    assert (p.early_fire_ms, p.late_arrival_hold_ms) == (10_000, 3_000)
+    assert p.retain_closed_ms > p.late_arrival_hold_ms
+
+
+def test_a_closed_window_outlasts_the_sources_idle_and_catch_up_timeouts(write_config):
+    short = load_config(write_config(""), environ={})
+    assert closed_retention(short) == MIN_CLOSED_RETENTION
+    slow = load_config(
+        write_config("event_time:\n  source_idle_timeout: 5m\n  source_catch_up_timeout: 10m\n"), environ={}
+    )
+    assert closed_retention(slow) == timedelta(minutes=30)
+
+
+def test_only_counted_events_reach_the_stages():
+    query = stage_input_query()
+    assert query.endswith("WHERE `reject_reason` IS NULL")
+    assert "`dimensions_key`" in query and "`payload`" not in query
