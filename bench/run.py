@@ -258,6 +258,12 @@ def billing_on_pipeline(
 @click.option("--span-minutes", default=60, help="event-time span of the data set")
 @click.option("--parallelism", "parallelisms", default="1,2", help="meterflow parallelisms to measure")
 @click.option(
+    "--usage-graph",
+    type=click.Choice(["sql", "two_stage"]),
+    default="sql",
+    help="flink.usage_graph of every meterflow run (the shipped default is sql)",
+)
+@click.option(
     "--baseline-b-events",
     type=int,
     default=100_000,
@@ -335,6 +341,8 @@ def main(**opts: Any) -> None:
     with private_stack(
         opts["partitions"], keep_state=opts["keep_state"], echo=console.print, flink_options=flink_options
     ) as stack:
+        # Every job config derives from the base: each meterflow run (billing and freshness too) counts with this graph.
+        stack.base.setdefault("flink", {})["usage_graph"] = opts["usage_graph"]
         cfg, _ = stack.config("base")
         window_ms = int(cfg.event_time.window_size.total_seconds() * 1000)
         span_ms = opts["span_minutes"] * 60_000

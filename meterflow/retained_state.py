@@ -102,7 +102,7 @@ def forget(job_dir: Path, now: datetime) -> Path:
 
 
 def job_settings(cfg: JobConfig, window_aggregate: str) -> dict[str, Any]:
-    """The usage job's settings its state depends on: the window size, the window aggregate's SQL
+    """The usage job's settings its state depends on: the graph, the window size, the window aggregate's SQL
     (``window_aggregate``, jobs/plan.py ``quantity_expr``: the accumulators the window state holds)
     and, per meter, what splits its rows (group-by and unique dimensions).
 
@@ -110,6 +110,7 @@ def job_settings(cfg: JobConfig, window_aggregate: str) -> dict[str, Any]:
     dead-letter replay after adding a meter depends on it.
     """
     return {
+        "usage_graph": cfg.flink.usage_graph,
         "window_size": format_duration(cfg.event_time.window_size),
         "window_aggregate": window_aggregate,
         "meters": {m.name: {"group_by": list(m.group_by), "unique_dimension": m.unique_dimension} for m in cfg.meters},
@@ -123,6 +124,12 @@ def unsafe_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     closed windows closed); parallelism may change too (keyed state is redistributed).
     """
     problems = []
+    # States recorded before the setting existed were all made by the SQL graph.
+    if before.get("usage_graph", "sql") != now.get("usage_graph", "sql"):
+        problems.append(
+            f"flink.usage_graph was {before.get('usage_graph', 'sql')} and is {now.get('usage_graph', 'sql')}"
+            " (the two graphs keep different state)"
+        )
     if before.get("window_size") != now["window_size"]:
         problems.append(f"event_time.window_size was {before.get('window_size')} and is {now['window_size']}")
     if before.get("window_aggregate") != now["window_aggregate"]:

@@ -35,15 +35,16 @@ from tests.e2e.test_billing_semantics import Fault, kill_taskmanager, run_scenar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+# Flink without high availability; the supervisor waits a minute before it replaces a lost TaskManager:
+# long enough to outlive the short transactions below.
+NO_HA = {"high_availability": "none", "taskmanager_restart_delay": "60s"}
 _RESTORING = re.compile(r"restoring its newest checkpoint (\S+) \(taken")
 
 
 @pytest.fixture(scope="module")
 def stack_without_ha(tmp_path_factory, request) -> Iterator[StackConfigs]:
     """A stack of its own whose Flink runs without high availability: a lost JobManager loses its jobs."""
-    # Its supervisor waits a minute before it replaces a lost TaskManager: long enough to outlive the short transactions below.
-    no_ha = {"high_availability": "none", "taskmanager_restart_delay": "60s"}
-    with running_stack(tmp_path_factory.mktemp("stack-no-ha"), request, stack=no_ha) as stack:
+    with running_stack(tmp_path_factory.mktemp("stack-no-ha"), request, stack=NO_HA) as stack:
         yield stack
 
 

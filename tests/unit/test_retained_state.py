@@ -112,6 +112,7 @@ def test_a_remote_state_directory_needs_an_explicit_start():
             {"meters": {"tokens": {"group_by": [], "unique_dimension": "model"}}},
             "meter tokens: unique_dimension was None and is model",
         ),
+        ({"usage_graph": "two_stage"}, "flink.usage_graph was sql and is two_stage"),
     ],
 )
 def test_a_state_of_another_window_size_aggregate_or_meter_dimensions_is_refused(change, problem):
@@ -147,6 +148,7 @@ def test_the_job_settings_follow_the_plan(write_config):
         "event_time:\n  window_size: 5m\n  allowed_lateness: 30s\nmeters:\n  - name: tokens\n    group_by: [region]\n"
     )
     assert base == {
+        "usage_graph": "sql",
         "window_size": "5m",
         "window_aggregate": "SUM(`quantity`)",
         "meters": {"tokens": {"group_by": ["region"], "unique_dimension": None}},

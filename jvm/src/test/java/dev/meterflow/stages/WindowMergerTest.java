@@ -62,6 +62,20 @@ class WindowMergerTest {
     }
 
     @Test
+    void withEarlyRowsEachPartialBeforeTheFireIsAProvisionalRow() throws Exception {
+        var merger = new KeyedProcessOperator<>(new WindowMerger(LATENESS, HOLD_MS, RETAIN_MS, true));
+        try (var h = new KeyedOneInputStreamOperatorTestHarness<>(merger, WindowKey.selector(), Types.STRING)) {
+            h.open();
+            h.processElement(new StreamRecord<>(partial("1")));
+            h.processElement(new StreamRecord<>(partial("2")));
+            assertEquals(List.of("1/1", "3/2"), rows(h), "the running value, before the window's end");
+            h.processWatermark(new Watermark(END - 1));
+            h.processWatermark(new Watermark(CLOSE));
+            assertEquals(List.of("1/1", "3/2", "3/2", "final 3/2"), rows(h), "then the fire and the final as without");
+        }
+    }
+
+    @Test
     void firesAtTheEndRefiresWithinTheLatenessAndClosesOnce() throws Exception {
         try (var h = harness(LATENESS)) {
             h.open();
