@@ -225,7 +225,7 @@ def _publish_closed(t_env: StreamTableEnvironment, closed: DataStream, cfg: JobC
     t_env.create_temporary_view(CLOSED_WINDOWS_VIEW, t_env.from_data_stream(closed, closed_schema.build()))
 
 
-def java_map(values: dict[str, str]) -> Any:
+def _java_map(values: dict[str, str]) -> Any:
     """A Java HashMap of ``values``, for the JVM operators' parameters."""
     j_map = get_gateway().jvm.java.util.HashMap()
     for key, value in values.items():
@@ -233,27 +233,35 @@ def java_map(values: dict[str, str]) -> Any:
     return j_map
 
 
-def _declare_stages(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The two keyed JVM stages (jvm/ ``TwoStages``) on the guarded view's counted events.
+def apply_stages(t_env: StreamTableEnvironment, query: str, cfg: JobConfig) -> Any:
+    """The two keyed JVM stages (jvm/ ``TwoStages``, a Java object with ``fires``, ``finals`` and ``late``) on ``query``'s rows.
 
-    Their provisional and final rows go to the same Postgres sinks as the SQL graph's, the finals
-    to ``CLOSED_WINDOWS_VIEW`` too, and the late events they route become ``STAGE_LATE_VIEW``.
+    ``query`` has the columns the stages read (``STAGE_INPUT_COLUMNS``), ``event_time`` its rowtime.
     """
-    rows, row_type = to_internal_rows(t_env, stage_input_query())
+    rows, row_type = to_internal_rows(t_env, query)
     p = stage_parameters(cfg)
-    stages = get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
+    return get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
         rows,
         row_type,
         p.window_size_ms,
         p.allowed_lateness_ms,
         p.dedup_horizon_ms,
-        java_map(p.aggregations),
-        java_map(p.unique_dimensions),
+        _java_map(p.aggregations),
+        _java_map(p.unique_dimensions),
         p.max_partials,
         p.early_fire_ms,
         p.late_arrival_hold_ms,
         p.retain_closed_ms,
     )
+
+
+def _declare_stages(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """The two stages on the guarded view's counted events.
+
+    Their provisional and final rows go to the same Postgres sinks as the SQL graph's, the finals
+    to ``CLOSED_WINDOWS_VIEW`` too, and the late events they route become ``STAGE_LATE_VIEW``.
+    """
+    stages = apply_stages(t_env, stage_input_query(), cfg)
     _write_windows(DataStream(stages.fires()), window_sink_target(cfg), final=False)
     _publish_closed(t_env, DataStream(stages.finals()), cfg)
     t_env.create_temporary_view(STAGE_LATE_VIEW, t_env.from_data_stream(DataStream(stages.late())))

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from pyflink.java_gateway import get_gateway
 
 from connectors.avro_types import derive_columns, load_schema
 from connectors.producer import SyntheticSpec, synthetic_events
@@ -206,8 +205,7 @@ def test_the_two_stages_give_each_meter_the_same_totals(table_env, tmp_path, wri
 
     Copies of ids are added, some in another window than their first: the first copy counts, in its window.
     """
-    from jobs.stages_plan import stage_parameters
-    from jobs.usage_job import java_map, to_internal_rows
+    from jobs.usage_job import apply_stages
 
     cfg = load_config(write_config(METERS_YAML), environ={})
     events = _meter_events()
@@ -219,21 +217,7 @@ def test_the_two_stages_give_each_meter_the_same_totals(table_env, tmp_path, wri
     for e in sent:
         firsts.setdefault((e["tenant_id"], e["event_id"]), e)
     _keyed_events(table_env, cfg, sent, tmp_path / "events")
-    rows, row_type = to_internal_rows(table_env, "SELECT * FROM `keyed_events`")
-    p = stage_parameters(cfg)
-    stages = get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
-        rows,
-        row_type,
-        p.window_size_ms,
-        p.allowed_lateness_ms,
-        p.dedup_horizon_ms,
-        java_map(p.aggregations),
-        java_map(p.unique_dimensions),
-        p.max_partials,
-        p.early_fire_ms,
-        p.late_arrival_hold_ms,
-        p.retain_closed_ms,
-    )
+    stages = apply_stages(table_env, "SELECT * FROM `keyed_events`", cfg)
     got = {}
     finals = stages.finals().executeAndCollect()
     try:
