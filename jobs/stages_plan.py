@@ -44,11 +44,17 @@ def closed_retention(cfg: JobConfig) -> timedelta:
 
     Such a partial comes from a first-stage subtask whose input was behind the others: idle, or
     catching up, for at most the source's idle and catch-up timeouts before the watermark moves on
-    without it. Twice their sum, and never under ``MIN_CLOSED_RETENTION``; a partial after that for a
-    window closed before would make a final holding only the later events (jvm/ ``WindowMerger``).
+    without it. Twice their sum, never under ``MIN_CLOSED_RETENTION``, plus the hold that gathers
+    what follows such a partial (the checkpoint interval). A partial after that for a window closed
+    before would make a final holding only the later events (jvm/ ``WindowMerger``).
     """
     et = cfg.event_time
-    return max(MIN_CLOSED_RETENTION, 2 * (et.source_idle_timeout + et.source_catch_up_timeout))
+    return max(MIN_CLOSED_RETENTION, 2 * (et.source_idle_timeout + et.source_catch_up_timeout)) + _hold(cfg)
+
+
+def _hold(cfg: JobConfig) -> timedelta:
+    # As the SQL graph's closer holds a window first seen after its close: its rows show no sooner.
+    return cfg.flink.checkpoint_interval
 
 
 def stage_parameters(cfg: JobConfig) -> StageParameters:
@@ -62,8 +68,7 @@ def stage_parameters(cfg: JobConfig) -> StageParameters:
         unique_dimensions={m.name: m.unique_dimension for m in cfg.meters if m.unique_dimension},
         max_partials=MAX_OPEN_PARTIALS,
         early_fire_ms=ms(et.early_fire_interval),
-        # As the SQL graph's closer holds a window first seen after its close: its rows show no sooner.
-        late_arrival_hold_ms=ms(cfg.flink.checkpoint_interval),
+        late_arrival_hold_ms=ms(_hold(cfg)),
         retain_closed_ms=ms(closed_retention(cfg)),
     )
 

@@ -54,8 +54,9 @@ LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" fo
 # LatenessHistogram, WindowCloser or the second stage, CountDeadLetter, UsageWindowSink's committer).
 # ``meterflow_watermark_lag_ms`` is wall-clock now minus the held watermark (0 before the first
 # watermark); ``meterflow_window_refires`` counts the updates of windows after their first fire
-# (events within the allowed lateness); ``meterflow_window_refinals`` (two-stage graph only) the
-# finals emitted again for a partial that reached a window after its close.
+# (events within the allowed lateness); ``meterflow_windows_closed`` the final rows emitted;
+# ``meterflow_window_refinals`` the finals emitted again for a partial that reached a window after
+# its close (two-stage graph; always 0 in the SQL graph, where a window is final once).
 USAGE_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + name
     for name in (
@@ -66,6 +67,7 @@ USAGE_JOB_METRICS = frozenset(
         "meterflow_watermark_lag_ms",
         "meterflow_window_refires",
         "meterflow_window_refinals",
+        "meterflow_windows_closed",
         "usageRowsCommitted",
         "usageCommitFailures",
     )

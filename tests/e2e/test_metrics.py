@@ -250,14 +250,12 @@ def test_job_metrics_in_prometheus(e2e_stack):
         # Every metric the alert rules read is exposed by the running job.
         names = {r["metric"]["__name__"] for r in prom.query(f'count by (__name__) ({{__name__=~"flink_.+", {job}}})')}
         assert _alert_metric_names() <= names, sorted(_alert_metric_names() - names)
-        # And every metric the dashboard's usage panels read; its closed-windows panel selects the closer by name.
+        # And every metric the dashboard's usage panels read.
         assert _dashboard_usage_metric_names() <= names, sorted(_dashboard_usage_metric_names() - names)
         # Counted before or with the commit that made the rows visible; Prometheus sees them at its next scrape.
         committed = len(table_totals(cfg))
         wait_for(
-            lambda: (
-                (_value(prom, f'sum({PREFIX}numRecordsOut{{{job}, operator_name="close_windows"}})') or 0) >= committed
-            ),
+            lambda: (_value(prom, f"sum({PREFIX}meterflow_windows_closed{{{job}}})") or 0) >= committed,
             30,
             "the closed windows counted",
         )

@@ -4,11 +4,10 @@ The same test functions as their own modules run here on stacks whose base confi
 two keyed JVM stages, so every job these scenarios submit counts with them: the billing-semantics
 scenarios (duplicates and lateness; a TaskManager ``kill -9``, a Kafka broker restart and a Postgres
 crash, each with late, boundary, duplicate and malformed records in flight; a savepoint, and a
-resume at parallelism 1 and 4), a JobManager ``kill -9`` with high availability and without it, a
-cancel and a TaskManager gone past the transaction timeout (each resubmitted as the operator
-would), idle partitions rejoining, lateness raised and lowered across a savepoint, late events
-becoming corrections, hostile records and the largest records, the metrics in Prometheus, and the
-walking skeleton's replay.
+resume at parallelism 1 and 4), a JobManager ``kill -9`` with high availability, idle partitions
+rejoining, lateness raised and lowered across a savepoint, late events becoming corrections,
+hostile records and the largest records, the metrics in Prometheus, and the walking skeleton's
+replay. The resubmits, on a stack without high availability, are test_two_stage_resubmit.py.
 """
 
 from __future__ import annotations
@@ -35,17 +34,8 @@ from tests.e2e.test_dead_letter_limits import test_the_largest_records_are_dead_
 from tests.e2e.test_hostile_input import test_no_hostile_record_stops_or_corrupts_metering
 from tests.e2e.test_idle_rejoin import test_idle_partitions_rejoin_then_events_within_lateness
 from tests.e2e.test_jobmanager_failover import test_jobmanager_killed_mid_stream
-from tests.e2e.test_late_event_corrections import (
-    test_a_max_late_event_read_before_its_windows_final_row_waits_for_it,
-    test_late_events_become_corrections_exactly_once,
-)
+from tests.e2e.test_late_event_corrections import test_late_events_become_corrections_exactly_once
 from tests.e2e.test_metrics import test_job_metrics_in_prometheus
-from tests.e2e.test_resubmit import (
-    NO_HA,
-    test_cancelled_and_resubmitted,
-    test_jobmanager_killed_without_ha_and_resubmitted,
-    test_taskmanager_gone_longer_than_the_transaction_timeout,
-)
 from tests.e2e.test_walking_skeleton import test_window_totals_in_postgres_and_replay_is_idempotent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -67,11 +57,7 @@ SCENARIOS = (
     test_idle_partitions_rejoin_then_events_within_lateness,
     test_jobmanager_killed_mid_stream,
     test_late_events_become_corrections_exactly_once,
-    test_a_max_late_event_read_before_its_windows_final_row_waits_for_it,
     test_job_metrics_in_prometheus,
-    test_jobmanager_killed_without_ha_and_resubmitted,
-    test_cancelled_and_resubmitted,
-    test_taskmanager_gone_longer_than_the_transaction_timeout,
     test_window_totals_in_postgres_and_replay_is_idempotent,
 )
 
@@ -83,22 +69,12 @@ def e2e_stack(tmp_path_factory, request) -> Iterator[StackConfigs]:
         yield stack
 
 
-@pytest.fixture(scope="module")
-def stack_without_ha(tmp_path_factory, request) -> Iterator[StackConfigs]:
-    """The resubmit scenarios' stack without high availability, with the two-stage graph."""
-    with running_stack(
-        tmp_path_factory.mktemp("stack-two-stage-no-ha"), request, flink=TWO_STAGE, stack=NO_HA
-    ) as stack:
-        yield stack
-
-
 def test_the_scenarios_run_the_two_stage_graph(e2e_stack):
     """A usage job submitted from a config of this stack runs the stages: its vertices, from the REST API."""
     from meterflow.local import flink_jobs
+    from tests.e2e.helpers import private_job
 
-    # A topic and a group of its own: the job reads nothing of the scenarios' input.
-    kafka = {"usage_events_topic": "graph-check-events", "consumer_group": "graph-check"}
-    cfg, path = e2e_stack.config("graph-check", flink={"job_name": "graph-check"}, kafka=kafka)
+    cfg, path = private_job(e2e_stack, "graph-check")
     assert cfg.flink.usage_graph == "two_stage"
     job_id = flink_jobs.submit(cfg, path)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -203,16 +204,17 @@ def test_each_meter_aggregation_and_group_by(table_env, tmp_path, write_config):
 def test_the_two_stages_give_each_meter_the_same_totals(table_env, tmp_path, write_config):
     """The two-stage graph's final rows (jvm/ TwoStages, the job's parameters) equal the same oracle, every copy of an id counted once.
 
-    Copies of ids are added, some in another window than their first: the first copy counts, in its window.
+    Copies of ids are added, in the same window as their first and 70 s later: the first copy counts, in its window.
     """
     from jobs.usage_job import apply_stages
 
     cfg = load_config(write_config(METERS_YAML), environ={})
     events = _meter_events()
-    copies = [
+    later = [
         {**e, "quantity": e["quantity"] + 1, "event_time": e["event_time"] + timedelta(seconds=70)} for e in events[::9]
     ]
-    sent = sorted(events + copies, key=lambda e: e["event_time"])
+    alongside = [{**e, "quantity": e["quantity"] + 2} for e in events[::13]]  # the same window
+    sent = sorted(events + later + alongside, key=lambda e: e["event_time"])
     firsts: dict[tuple[str, str], dict] = {}
     for e in sent:
         firsts.setdefault((e["tenant_id"], e["event_id"]), e)
@@ -226,6 +228,8 @@ def test_the_two_stages_give_each_meter_the_same_totals(table_env, tmp_path, wri
             start = datetime.fromtimestamp(r.getField(4) / 1000, UTC).replace(tzinfo=None)
             key = (r.getField(1), r.getField(2), r.getField(3), start)
             assert key not in got, f"one final row per window: {key}"
+            assert re.fullmatch(r"-?\d+\.\d{9}", r.getField(6)), r.getField(6)  # the job's DECIMAL(38, 9) as text
+            assert r.getField(8) == r.getField(7), "the revision is the event count"
             got[key] = (Decimal(r.getField(6)), r.getField(7))
     finally:
         finals.close()

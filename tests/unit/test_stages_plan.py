@@ -34,13 +34,16 @@ def test_the_stages_take_the_windows_lateness_horizon_and_each_meters_aggregatio
     assert p.retain_closed_ms > p.late_arrival_hold_ms
 
 
-def test_a_closed_window_outlasts_the_sources_idle_and_catch_up_timeouts(write_config):
+def test_a_closed_window_outlasts_the_sources_idle_and_catch_up_timeouts_and_the_hold(write_config):
     short = load_config(write_config(""), environ={})
-    assert closed_retention(short) == MIN_CLOSED_RETENTION
+    assert closed_retention(short) == MIN_CLOSED_RETENTION + timedelta(seconds=5)
     slow = load_config(
         write_config("event_time:\n  source_idle_timeout: 5m\n  source_catch_up_timeout: 10m\n"), environ={}
     )
-    assert closed_retention(slow) == timedelta(minutes=30)
+    assert closed_retention(slow) == timedelta(minutes=30, seconds=5)
+    # The second stage refuses a retention no longer than the hold: a long checkpoint interval still starts.
+    hourly = stage_parameters(load_config(write_config("flink:\n  checkpoint_interval: 1h\n"), environ={}))
+    assert hourly.retain_closed_ms > hourly.late_arrival_hold_ms == 3_600_000
 
 
 def test_only_counted_events_reach_the_stages():

@@ -66,6 +66,7 @@ public class WindowMerger extends KeyedProcessFunction<String, PartialWindow, Ro
     private transient ValueState<Long> forgetAt;
     private transient Counter refires;
     private transient Counter refinals;
+    private transient Counter closed;
 
     public WindowMerger(long allowedLatenessMs, long lateArrivalHoldMs, long retainClosedMs) {
         this(allowedLatenessMs, lateArrivalHoldMs, retainClosedMs, false);
@@ -96,6 +97,7 @@ public class WindowMerger extends KeyedProcessFunction<String, PartialWindow, Ro
         var group = getRuntimeContext().getMetricGroup().addGroup("meterflow");
         refires = group.counter("window_refires");
         refinals = group.counter("window_refinals");
+        closed = group.counter("windows_closed");
     }
 
     @Override
@@ -181,6 +183,7 @@ public class WindowMerger extends KeyedProcessFunction<String, PartialWindow, Ro
     private void emitFinal(WindowKey key, WindowPartial value, long closeAt, OnTimerContext ctx, Collector<Row> out) throws Exception {
         ((TimestampedCollector<Row>) out).setAbsoluteTimestamp(closeAt);
         out.collect(row(key, value));
+        closed.inc();
         long forget = ctx.timerService().currentProcessingTime() + retainClosedMs;
         forgetAt.update(forget);
         ctx.timerService().registerProcessingTimeTimer(forget);
