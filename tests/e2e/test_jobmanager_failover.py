@@ -102,10 +102,12 @@ class JobManagerKill:
         # loss allowed is the documented one (docs/operations.md, "A TaskManager lost"): the new
         # JobManager cancels the old tasks, PyFlink's cancel ended the TaskManager, the supervisor replaced it.
         if cluster.taskmanager_pids() != taskmanagers:
-            assert replacements_so_far(cfg) > replaced_before, (
-                "a TaskManager changed without the supervisor",
-                taskmanagers,
-                cluster.taskmanager_pids(),
+            # The jobs may run again on a TaskManager that survived before the supervisor's replacement
+            # of the lost one, which waits stack.taskmanager_restart_delay: wait for it.
+            wait_for(
+                lambda: replacements_so_far(cfg) > replaced_before,
+                cfg.stack.taskmanager_restart_delay.total_seconds() + 120,
+                f"the supervisor to replace the TaskManager lost ({taskmanagers} before, {cluster.taskmanager_pids()} now)",
             )
             assert _ended_by_python_cancel(cluster, logged_before), (
                 f"a TaskManager lost for another reason; see {cluster.log_dir}"
