@@ -6,10 +6,16 @@ import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 
 import java.math.BigDecimal;
+import java.util.HashMap;
+import java.util.List;
 import java.util.Map;
 
 import dev.meterflow.operators.WindowClose;
 
+import org.apache.flink.api.common.serialization.SerializerConfigImpl;
+import org.apache.flink.api.common.typeinfo.TypeInformation;
+import org.apache.flink.core.memory.DataInputDeserializer;
+import org.apache.flink.core.memory.DataOutputSerializer;
 import org.apache.flink.table.data.DecimalData;
 import org.apache.flink.table.data.GenericMapData;
 import org.apache.flink.table.data.GenericRowData;
@@ -33,7 +39,7 @@ class StageRowsTest {
         new String[] {"dimensions_key", "event_id", "tenant_id", "customer_id", "meter", "quantity", "event_time", "dimensions", "payload"});
 
     private static RowData row(String meter, Map<String, String> dims) {
-        Map<StringData, StringData> map = new java.util.HashMap<>();
+        Map<StringData, StringData> map = new HashMap<>();
         dims.forEach((k, v) -> map.put(StringData.fromString(k), StringData.fromString(v)));
         return GenericRowData.of(StringData.fromString("{\"region\":\"eu\"}"), StringData.fromString("e1"), StringData.fromString("t"), StringData.fromString("c"),
             StringData.fromString(meter), DecimalData.fromBigDecimal(new BigDecimal("1.000000001"), 38, 9), TimestampData.fromEpochMillis(61_000L),
@@ -44,7 +50,7 @@ class StageRowsTest {
     void aValidatedRowBecomesAnEventWithItsUniqueValueAndDimensions() throws Exception {
         var events = StageRows.events(INPUT, Map.of("users", "user"));
         MeteredEvent e = events.map(row("users", Map.of("user", "u7")));
-        assertEquals(java.util.List.of("t", "c", "users", "{\"region\":\"eu\"}", "e1"), java.util.List.of(e.tenantId, e.customerId, e.meter, e.dimensionsKey, e.eventId));
+        assertEquals(List.of("t", "c", "users", "{\"region\":\"eu\"}", "e1"), List.of(e.tenantId, e.customerId, e.meter, e.dimensionsKey, e.eventId));
         assertEquals(61_000L, e.eventTimeMs);
         assertEquals(new BigDecimal("1.000000001"), e.quantity);
         assertEquals("u7", e.uniqueValue);
@@ -72,9 +78,28 @@ class StageRowsTest {
         assertEquals(new BigDecimal("1.000000001"), late.getDecimal(4, 38, 9).toBigDecimal());
         assertEquals(61_000L, late.getTimestamp(5, 3).getMillisecond());
         assertEquals("eu", late.getMap(6).valueArray().getString(0).toString());
-        assertEquals(java.util.List.of(60_000L, 120_000L, 200_000L), java.util.List.of(late.getTimestamp(7, 3).getMillisecond(), late.getTimestamp(8, 3).getMillisecond(), late.getTimestamp(9, 3).getMillisecond()));
+        assertEquals(List.of(60_000L, 120_000L, 200_000L), List.of(late.getTimestamp(7, 3).getMillisecond(), late.getTimestamp(8, 3).getMillisecond(), late.getTimestamp(9, 3).getMillisecond()));
         assertEquals(200_000L - 61_000L, late.getLong(10));
         RowData early = StageRows.lateRows().map(new LateEvent(e, 60_000L, 120_000L, WindowClose.NO_WATERMARK));
         assertEquals(true, early.isNullAt(9) && early.isNullAt(10), "no watermark yet: none in the row");
+    }
+
+    @Test
+    void eventsAndLateEventsCrossTheExchangeWithoutKryo() throws Exception {
+        MeteredEvent e = StageRows.events(INPUT, Map.of()).map(row("api_calls", Map.of("region", "eu")));
+        SerializerConfigImpl noKryo = new SerializerConfigImpl();
+        noKryo.setGenericTypes(false);
+        // With generic types disabled, a field that needed Kryo would make createSerializer throw.
+        var events = TypeInformation.of(MeteredEvent.class).createSerializer(noKryo);
+        var lates = DedupAndPartials.LATE.getTypeInfo().createSerializer(noKryo);
+        DataOutputSerializer out = new DataOutputSerializer(256);
+        lates.serialize(new LateEvent(e, 60_000L, 120_000L, 200_000L), out);
+        LateEvent back = lates.deserialize(new DataInputDeserializer(out.getCopyOfBuffer()));
+        assertEquals(List.of(e.eventId, e.idHashHigh, e.idHashLow, 200_000L), List.of(back.event.eventId, back.event.idHashHigh, back.event.idHashLow, back.watermarkMs));
+        assertArrayEquals(new String[] {"eu"}, back.event.dimensionValues);
+        assertEquals(0, back.event.quantity.compareTo(e.quantity));
+        out.clear();
+        events.serialize(e, out);
+        assertEquals(e.tenantId, events.deserialize(new DataInputDeserializer(out.getCopyOfBuffer())).tenantId);
     }
 }
