@@ -56,7 +56,8 @@ LATENESS_BUCKET_METRICS = tuple(OPERATOR_SCOPE + f"meterflow_lateness_le_{b}" fo
 # watermark); ``meterflow_window_refires`` counts the updates of windows after their first fire
 # (events within the allowed lateness); ``meterflow_windows_closed`` the final rows emitted;
 # ``meterflow_window_refinals`` the finals emitted again for a partial that reached a window after
-# its close (two-stage graph; always 0 in the SQL graph, where a window is final once).
+# its close (counted by the two-stage graph's second stage; the SQL closer registers it and never
+# counts, and its windows emitted again are in ``meterflow_windows_closed`` only).
 USAGE_JOB_METRICS = frozenset(
     OPERATOR_SCOPE + name
     for name in (

@@ -102,8 +102,8 @@ class JobManagerKill:
         # loss allowed is the documented one (docs/operations.md, "A TaskManager lost"): the new
         # JobManager cancels the old tasks, PyFlink's cancel ended the TaskManager, the supervisor replaced it.
         if cluster.taskmanager_pids() != taskmanagers:
-            # The jobs may run again on a TaskManager that survived before the supervisor's replacement
-            # of the lost one, which waits stack.taskmanager_restart_delay: wait for it.
+            # The jobs may be running again before the supervisor has replaced the TaskManager the
+            # cancel ended (it waits stack.taskmanager_restart_delay): wait for the replacement.
             wait_for(
                 lambda: replacements_so_far(cfg) > replaced_before,
                 cfg.stack.taskmanager_restart_delay.total_seconds() + 120,

@@ -48,9 +48,10 @@ import org.apache.flink.util.Collector;
  * <p>Metrics: {@code meterflow.window_refires}, the updates of a window after its first fire (the
  * watermark had passed its end), which only allowed lateness lets happen: each one is a late
  * event that still counted, and a window whose final value comes later than its first;
- * {@code meterflow.windows_closed}, the final rows emitted; and {@code meterflow.window_refinals},
- * always 0 here (a window is final once), registered so both graphs expose the same metrics
- * (the two-stage graph's second stage counts a window made final again).
+ * {@code meterflow.windows_closed}, the final rows emitted, a window emitted again after the hold
+ * included; and {@code meterflow.window_refinals}, registered so both graphs expose the same
+ * metrics but not counted here: the closer keeps nothing of a window after its final row, so it
+ * cannot tell a window emitted again from one first seen late (the two-stage graph's second stage can).
  */
 public class WindowCloser extends KeyedProcessFunction<String, Row, Row> {
     private static final long serialVersionUID = 1L;

@@ -37,7 +37,7 @@ public final class StageRows {
 
     /**
      * Validated, counted rows of {@code type} to {@link MeteredEvent}s; {@code uniqueDimensions} names
-     * each UNIQUE_COUNT meter's dimension. A per-record function, chained into the source's task.
+     * each UNIQUE_COUNT meter's dimension. A per-record function, chained into the window guard's task.
      */
     public static MapFunction<RowData, MeteredEvent> events(RowType type, Map<String, String> uniqueDimensions) {
         int[] at = EVENT_COLUMNS.stream().mapToInt(name -> {

@@ -26,7 +26,8 @@ import org.apache.flink.util.OutputTag;
  *       and the closed-windows topic;
  *   <li>its provisional row, on {@link #FIRES}, when the watermark reaches its end - 1 ms (the
  *       first fire), and again on each partial that arrives after that and before its close (a
- *       re-fire within the allowed lateness): for the window table's provisional rows.
+ *       re-fire within the allowed lateness), and, with early rows on, on each partial before the
+ *       first fire: for the window table's provisional rows.
  * </ul>
  *
  * <p>Rows have the closer's type ({@link WindowCloser#outputType()}): the window bounds as epoch
