@@ -74,7 +74,7 @@ def test_the_scenarios_run_the_two_stage_graph(e2e_stack):
     from meterflow.local import flink_jobs
     from tests.e2e.helpers import private_job
 
-    cfg, path = private_job(e2e_stack, "graph-check")
+    cfg, path = private_job(e2e_stack, "graph_check")
     assert cfg.flink.usage_graph == "two_stage"
     job_id = flink_jobs.submit(cfg, path)
     try:
