@@ -399,6 +399,11 @@ GUARD_INPUT_COLUMNS = (
 GUARDED_VIEW = "guarded_events"
 
 
+def unique_dimensions(cfg: JobConfig) -> dict[str, str]:
+    """Each UNIQUE_COUNT meter's unique dimension: the window guard caps its distinct values, the stages count them."""
+    return {m.name: m.unique_dimension for m in cfg.meters if m.unique_dimension}
+
+
 def guard_input_query() -> str:
     """The validated view's columns the window guard reads and passes on (all but ``proc_time``)."""
     return f"SELECT {', '.join(f'`{c}`' for c in GUARD_INPUT_COLUMNS)} FROM `{VALIDATED_VIEW}`"

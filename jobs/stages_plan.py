@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from jobs.plan import GUARDED_VIEW
+from jobs.plan import GUARDED_VIEW, unique_dimensions
 from jobs.source_plan import EVENT_FIELDS
 from jobs.sql import ms
 from meterflow.config import JobConfig
@@ -65,7 +65,7 @@ def stage_parameters(cfg: JobConfig) -> StageParameters:
         allowed_lateness_ms=ms(et.allowed_lateness),
         dedup_horizon_ms=ms(et.dedup_horizon),
         aggregations={m.name: m.aggregation for m in cfg.meters},
-        unique_dimensions={m.name: m.unique_dimension for m in cfg.meters if m.unique_dimension},
+        unique_dimensions=unique_dimensions(cfg),
         max_partials=MAX_OPEN_PARTIALS,
         early_fire_ms=ms(et.early_fire_interval),
         late_arrival_hold_ms=ms(_hold(cfg)),

@@ -44,6 +44,7 @@ from jobs.plan import (
     routed_query,
     state_backend_options,
     table_options,
+    unique_dimensions,
     window_changelog_query,
 )
 from jobs.source_plan import VALIDATED_VIEW, usage_source_ddl, validate_query
@@ -103,8 +104,8 @@ def to_internal_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, An
 def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
     """The window guard (jvm/ WindowGuard) on the validated records, before the dedup, registered as ``GUARDED_VIEW``.
 
-    It sets the reject reason of an event past ``input.max_dimension_combinations`` or the largest
-    window sum, so that event takes the rejected records' path (raw bytes, coordinates) and no dedup
+    It sets the reject reason of an event past ``input.max_dimension_combinations``,
+    ``input.max_unique_values`` or the largest window sum, so that event takes the rejected records' path (raw bytes, coordinates) and no dedup
     state: replayed after the limit is raised, it counts. Keyed by (tenant, customer, meter, window),
     it is a task of its own between the source and the dedup. The view declares the processing-time
     attribute the dedup orders by, and the event time as the rowtime with the source's watermarks.
@@ -117,6 +118,8 @@ def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
         cfg.input.max_dimension_combinations,
         int(et.window_size.total_seconds() * 1000),
         int(et.allowed_lateness.total_seconds() * 1000),
+        _java_map(unique_dimensions(cfg)),
+        cfg.input.max_unique_values,
     )
     j_guarded = guard.apply(rows, limits, "guard window limits", "guard-window-limits")
     schema = (

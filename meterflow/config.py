@@ -245,6 +245,15 @@ class InputConfig(_Section):
             " dead letter (raise it, then `meterflow dead-letters replay`)."
         ),
     )
+    max_unique_values: int = Field(
+        100_000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Distinct values of a UNIQUE_COUNT meter's unique dimension per (tenant, customer, meter, window); an event"
+            " with one more is a dead letter (raise it, then `meterflow dead-letters replay`)."
+        ),
+    )
 
 
 class StackConfig(_Section):

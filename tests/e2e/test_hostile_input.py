@@ -3,7 +3,8 @@
 One job (3 partitions, parallelism 2) counts a steady stream of normal events while every kind of
 record that once stopped it, or could, is produced in the middle of that stream: a 900 KB meter
 name, a NUL in each identifying field, ids of 3 KB and 70 KB, quantities whose sum overflows
-``decimal(38, 9)``, a burst of group-by combinations past ``input.max_dimension_combinations``, an
+``decimal(38, 9)``, a burst of group-by combinations past ``input.max_dimension_combinations``, a
+burst of distinct values of a UNIQUE_COUNT meter past ``input.max_unique_values``, an
 event from a producer whose clock is 50 minutes fast followed by a gap in the traffic, writers of an
 evolved schema (single-object encoding and the registry's wire format, against a real registry),
 a message with an unknown schema fingerprint and one with an unknown registry id, and the largest
@@ -58,10 +59,14 @@ DEAD_SCHEMA = fastavro.parse_schema(load_schema(DEAD_LETTER_SCHEMA))
 BURST_TENANT = "burst"
 MAX_COMBINATIONS = 5
 BURST_EVENTS = 8
+UNIQUE_TENANT = "unique_burst"
+MAX_UNIQUE = 4
+UNIQUE_USERS = 6  # two past the cap
 METERS = [
     {"name": "api_calls", "aggregation": "SUM"},
     {"name": "tokens", "aggregation": "SUM"},
     {"name": "tokens_by_model", "aggregation": "SUM", "group_by": ["model"]},
+    {"name": "active_users", "aggregation": "UNIQUE_COUNT", "unique_dimension": "user"},
 ]
 
 
@@ -155,7 +160,7 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         "hostile",
         kafka={"schema_registry_url": url},
         meters=METERS,
-        input={"max_dimension_combinations": MAX_COMBINATIONS},
+        input={"max_dimension_combinations": MAX_COMBINATIONS, "max_unique_values": MAX_UNIQUE},
         event_time=event_time,
     )
     k = cfg.kafka
@@ -210,6 +215,20 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
             )
             for i in range(BURST_EVENTS)
         ]
+        # Distinct users, then one already counted: the cap takes the first four, the repeat still counts.
+        users = [*range(UNIQUE_USERS), 0]
+        unique_burst = [
+            UsageEvent(
+                event_id=f"user-{n}",
+                tenant_id=UNIQUE_TENANT,
+                customer_id="c1",
+                meter="active_users",
+                quantity=Decimal(1),
+                event_time=hostile_at,
+                dimensions={"user": f"user-{u}"},
+            )
+            for n, u in enumerate(users)
+        ]
 
         # Normal traffic flows while the hostile records are produced. It keeps out of partition 0, where the
         # writers dated a minute ahead go (below): a partition's watermark is its own largest event time, so
@@ -226,7 +245,7 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         # so the others hold the watermark back (it is the least over partitions) and the normal
         # traffic is not made late by them.
         send_raw(k.bootstrap_servers, k.usage_events_topic, evolved_values, partition=0)
-        send_events(k.bootstrap_servers, k.usage_events_topic, burst, partition_for=lambda i, e: 0)
+        send_events(k.bootstrap_servers, k.usage_events_topic, burst + unique_burst, partition_for=lambda i, e: 0)
         oversized = largest_accepted_value(k.bootstrap_servers, k.usage_events_topic, k.max_message_bytes)
         sender.join()
 
@@ -263,7 +282,9 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         expected = expected_totals(counted, cfg.event_time.window_size)
 
         def totals() -> dict:
-            rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id not in (CLOSER_TENANT, BURST_TENANT)]
+            rows = [
+                r for r in fetch_usage(cfg.postgres) if r.tenant_id not in (CLOSER_TENANT, BURST_TENANT, UNIQUE_TENANT)
+            ]
             return {(r.tenant_id, r.customer_id, r.meter, r.window_start): (r.quantity, r.event_count) for r in rows}
 
         try:
@@ -304,7 +325,7 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         assert (flink_jobs.checkpoint_stats(cfg, job_id).get("latest") or {}).get("restored") is None
 
         dead = read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)
-        expected_dead = len(hostile) + 1 + 1 + (BURST_EVENTS - MAX_COMBINATIONS)
+        expected_dead = len(hostile) + 1 + 1 + (BURST_EVENTS - MAX_COMBINATIONS) + (UNIQUE_USERS - MAX_UNIQUE)
         wait_for(
             lambda: len(read_topic(k.bootstrap_servers, k.dead_letter_topic, _decode_dead)) >= expected_dead,
             60,
@@ -332,6 +353,12 @@ def test_no_hostile_record_stops_or_corrupts_metering(e2e_stack, schema_registry
         assert sum(r.quantity for r in burst_rows) + sum(
             decode_usage_event(d["payload"])["quantity"] for d in refused
         ) == sum(e["quantity"] for e in burst)
+        # The distinct values: exactly the cap counted, the two past it dead letters with their reason.
+        unique_rows = [r for r in fetch_usage(cfg.postgres) if r.tenant_id == UNIQUE_TENANT]
+        assert [r.quantity for r in unique_rows] == [MAX_UNIQUE]
+        past_cap = [d for d in dead if d["reason"].startswith("unique values")]
+        assert sorted(decode_usage_event(d["payload"])["dimensions"]["user"] for d in past_cap) == ["user-4", "user-5"]
+        assert "already has 4 distinct values of user (input.max_unique_values)" in past_cap[0]["reason"]
         assert len(dead) == expected_dead, sorted({d["reason"][:80] for d in dead})
 
         # Nothing went late: the fast clock did not move the watermark past the data.

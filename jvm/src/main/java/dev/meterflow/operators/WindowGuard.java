@@ -2,6 +2,8 @@ package dev.meterflow.operators;
 
 import java.math.BigDecimal;
 import java.time.Instant;
+import java.util.HashMap;
+import java.util.Map;
 
 import org.apache.flink.api.common.functions.OpenContext;
 import org.apache.flink.api.common.state.MapState;
@@ -15,7 +17,9 @@ import org.apache.flink.api.java.tuple.Tuple3;
 import org.apache.flink.streaming.api.datastream.DataStream;
 import org.apache.flink.streaming.api.datastream.SingleOutputStreamOperator;
 import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
+import org.apache.flink.table.data.ArrayData;
 import org.apache.flink.table.data.GenericRowData;
+import org.apache.flink.table.data.MapData;
 import org.apache.flink.table.data.RowData;
 import org.apache.flink.table.data.StringData;
 import org.apache.flink.table.types.logical.RowType;
@@ -28,7 +32,10 @@ import org.apache.flink.util.Collector;
  * decimal(38, 9), so the window's SUM can never overflow (Flink would return NULL and the NOT NULL
  * column would restart the job forever). The sum is over all the window's dimension keys, so it
  * bounds every row's; it is kept for every meter, whatever its aggregation (an event's |quantity| is
- * at most 10^15 by the input contract, so only a window of 10^14 such events gets near it).
+ * at most 10^15 by the input contract, so only a window of 10^14 such events gets near it). For a
+ * UNIQUE_COUNT meter it also caps the distinct values of the meter's unique dimension at {@code
+ * maxUniqueValues} per window, which bound the distinct sets the window aggregate holds (the SQL
+ * graph's COUNT(DISTINCT) state, the two-stage graph's partials in memory and merged state).
  *
  * <p>It runs on the validated records, before the dedup: a refused event takes no dedup state, so
  * once the limit is raised, replaying its dead letter counts it. Input: the validated view's columns
@@ -66,6 +73,7 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
     private final int quantityField;
     private final int eventTimeField;
     private final int dimensionsKeyField;
+    private final int dimensionsField;
     private final int rejectField;
     private final int topicField;
     private final int partitionField;
@@ -75,12 +83,18 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
     private final BigDecimal maxAbsSum;
     private final long windowSizeMs;
     private final long allowedLatenessMs;
+    /** Each UNIQUE_COUNT meter's unique dimension. */
+    private final HashMap<String, String> uniqueDimensions;
+    private final int maxUniqueValues;
 
     /** (sum of |quantity| admitted, number of dimension keys admitted, the first of them). */
     private transient ValueState<Tuple3<BigDecimal, Integer, String>> window;
     /** The admitted dimension keys after the first. */
     private transient MapState<String, Boolean> moreKeys;
     private transient ValueState<Long> windowEnd;
+    /** A UNIQUE_COUNT window's distinct values admitted, and their number (state of its own, so older savepoints restore). */
+    private transient MapState<String, Boolean> uniqueValues;
+    private transient ValueState<Integer> uniqueCount;
     private transient RowData.FieldGetter[] getters;
 
     /**
@@ -90,13 +104,36 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
      * @param allowedLatenessMs the window aggregate's allowed lateness: the state lives until the window closes
      */
     public WindowGuard(RowType inputType, int maxCombinations, long windowSizeMs, long allowedLatenessMs) {
-        this(inputType, maxCombinations, windowSizeMs, allowedLatenessMs, MAX_WINDOW_ABS_SUM);
+        this(inputType, maxCombinations, windowSizeMs, allowedLatenessMs, Map.of(), Integer.MAX_VALUE);
+    }
+
+    /**
+     * @param uniqueDimensions each UNIQUE_COUNT meter's unique dimension (meter name to dimension name)
+     * @param maxUniqueValues input.max_unique_values
+     */
+    public WindowGuard(
+            RowType inputType, int maxCombinations, long windowSizeMs, long allowedLatenessMs, Map<String, String> uniqueDimensions, int maxUniqueValues) {
+        this(inputType, maxCombinations, windowSizeMs, allowedLatenessMs, MAX_WINDOW_ABS_SUM, uniqueDimensions, maxUniqueValues);
     }
 
     /** With another sum limit, for tests at the boundary without 10^14 events. */
     WindowGuard(RowType inputType, int maxCombinations, long windowSizeMs, long allowedLatenessMs, BigDecimal maxAbsSum) {
+        this(inputType, maxCombinations, windowSizeMs, allowedLatenessMs, maxAbsSum, Map.of(), Integer.MAX_VALUE);
+    }
+
+    private WindowGuard(
+            RowType inputType,
+            int maxCombinations,
+            long windowSizeMs,
+            long allowedLatenessMs,
+            BigDecimal maxAbsSum,
+            Map<String, String> uniqueDimensions,
+            int maxUniqueValues) {
         if (maxCombinations < 1) {
             throw new IllegalArgumentException("max_dimension_combinations must be at least 1, got " + maxCombinations);
+        }
+        if (maxUniqueValues < 1) {
+            throw new IllegalArgumentException("max_unique_values must be at least 1, got " + maxUniqueValues);
         }
         if (windowSizeMs < 1) {
             throw new IllegalArgumentException("window size must be positive, got " + windowSizeMs + " ms");
@@ -108,6 +145,7 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
         quantityField = field(inputType, "quantity");
         eventTimeField = field(inputType, "event_time");
         dimensionsKeyField = field(inputType, "dimensions_key");
+        dimensionsField = field(inputType, "dimensions");
         rejectField = field(inputType, "reject_reason");
         topicField = field(inputType, "source_topic");
         partitionField = field(inputType, "source_partition");
@@ -116,6 +154,8 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
         this.maxAbsSum = maxAbsSum;
         this.windowSizeMs = windowSizeMs;
         this.allowedLatenessMs = allowedLatenessMs;
+        this.uniqueDimensions = new HashMap<>(uniqueDimensions);
+        this.maxUniqueValues = maxUniqueValues;
     }
 
     private static int field(RowType type, String name) {
@@ -140,6 +180,8 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
         // The window's end, so a timer restored from a savepoint taken under a lower allowed lateness
         // can move to the close time under the current one (a savepoint without it restores none).
         windowEnd = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window-end", Types.LONG));
+        uniqueValues = getRuntimeContext().getMapState(new MapStateDescriptor<>("guard-unique-values", Types.STRING, Types.BOOLEAN));
+        uniqueCount = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-unique-count", Types.INT));
         getters = new RowData.FieldGetter[inputType.getFieldCount()];
         for (int i = 0; i < getters.length; i++) {
             getters[i] = RowData.createFieldGetter(inputType.getTypeAt(i), i);
@@ -165,6 +207,18 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
             out.collect(refused(row, "window quantity overflow: window " + windowOf(row) + ": sum of |quantity| would pass " + maxAbsSum.toPlainString() + " (decimal(38, 9))"));
             return;
         }
+        String uniqueDimension = uniqueDimensions.get(row.getString(meterField).toString());
+        String uniqueValue = uniqueDimension == null ? null : valueOf(row.isNullAt(dimensionsField) ? null : row.getMap(dimensionsField), uniqueDimension);
+        int values = 0;
+        boolean newValue = uniqueValue != null && !uniqueValues.contains(uniqueValue);
+        if (newValue) {
+            Integer count = uniqueCount.value();
+            values = count == null ? 0 : count;
+            if (values >= maxUniqueValues) {
+                out.collect(refused(row, "unique values: window " + windowOf(row) + " already has " + values + " distinct values of " + uniqueDimension + " (input.max_unique_values)"));
+                return;
+            }
+        }
         if (held == null) {
             long end = windowStart(row) + windowSizeMs;
             window.update(Tuple3.of(sum, 1, key));
@@ -175,6 +229,10 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
             window.update(Tuple3.of(sum, held.f1 + 1, held.f2));
         } else if (quantity.signum() != 0) {
             window.update(Tuple3.of(sum, held.f1, held.f2));
+        }
+        if (newValue) {
+            uniqueValues.put(uniqueValue, Boolean.TRUE);
+            uniqueCount.update(values + 1);
         }
         out.collect(row);
     }
@@ -191,6 +249,23 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
         window.clear();
         moreKeys.clear();
         windowEnd.clear();
+        uniqueValues.clear();
+        uniqueCount.clear();
+    }
+
+    /** The value of dimension {@code name}, or null (at most 16 entries by the input contract). */
+    private static String valueOf(MapData dimensions, String name) {
+        if (dimensions == null) {
+            return null;
+        }
+        ArrayData keys = dimensions.keyArray();
+        ArrayData values = dimensions.valueArray();
+        for (int i = 0; i < dimensions.size(); i++) {
+            if (!keys.isNullAt(i) && name.equals(keys.getString(i).toString())) {
+                return values.isNullAt(i) ? null : values.getString(i).toString();
+            }
+        }
+        return null;
     }
 
     private long windowStart(RowData row) {

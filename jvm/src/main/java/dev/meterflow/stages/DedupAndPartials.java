@@ -43,7 +43,7 @@ import org.apache.flink.util.OutputTag;
  * barrier ({@code prepareSnapshotPreBarrier}), and the partials of the windows a watermark fires
  * (end - 1 ms at most the watermark) are emitted before that watermark is forwarded, so the second
  * stage has every event of a window before it fires or closes it. Partials are also emitted when
- * {@code maxPartials} windows are open here, and every {@code earlyFireMs} of processing time (0:
+ * {@code maxPartials} windows are open here, or {@link #MAX_HELD_UNIQUE_VALUES} distinct values are held, and every {@code earlyFireMs} of processing time (0:
  * never), so a window's running value is never older than that downstream.
  *
  * <p>Its metrics are the classifier's ({@link LatenessMetrics}).
@@ -55,6 +55,13 @@ import org.apache.flink.util.OutputTag;
  */
 public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> implements OneInputStreamOperator<MeteredEvent, PartialWindow>, ProcessingTimeCallback {
     private static final long serialVersionUID = 1L;
+
+    /**
+     * Distinct UNIQUE_COUNT values a subtask holds in its partials before it emits every partial:
+     * up to about 250 B each on the heap (a value is at most 128 bytes). The window guard caps each
+     * window's at input.max_unique_values; this caps their sum over the windows open here.
+     */
+    public static final int MAX_HELD_UNIQUE_VALUES = 200_000;
 
     /** Events judged late: for the late-events topic. */
     public static final OutputTag<LateEvent> LATE = new OutputTag<>("late-events", TypeInformation.of(LateEvent.class));
@@ -73,6 +80,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     /** Open partials by window end, so a watermark emits those it fires without looking at the others. */
     private transient TreeMap<Long, Map<WindowKey, WindowPartial>> partials;
     private transient int open;
+    private transient int heldUniqueValues;
 
     /**
      * @param aggregations each meter's aggregation (meters not named are SUM)
@@ -111,6 +119,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         seen = getPartitionedState(VoidNamespace.INSTANCE, VoidNamespaceSerializer.INSTANCE, seenDescriptor);
         partials = new TreeMap<>();
         open = 0;
+        heldUniqueValues = 0;
         metrics = new LatenessMetrics(getMetricGroup(), () -> watermark.held());
         if (earlyFireMs > 0) {
             long now = getProcessingTimeService().getCurrentProcessingTime();
@@ -145,8 +154,10 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
             ofEnd.put(window, partial);
             open++;
         }
-        partial.add(e.quantity, e.eventTimeMs, e.eventId, e.uniqueValue);
-        if (open >= maxPartials) {
+        if (partial.add(e.quantity, e.eventTimeMs, e.eventId, e.uniqueValue)) {
+            heldUniqueValues++;
+        }
+        if (open >= maxPartials || heldUniqueValues >= MAX_HELD_UNIQUE_VALUES) {
             emitThrough(Long.MAX_VALUE);
         }
     }
@@ -192,6 +203,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
             for (Map.Entry<WindowKey, WindowPartial> p : ends.next().getValue().entrySet()) {
                 output.collect(new StreamRecord<>(new PartialWindow(p.getKey(), p.getValue())));
                 open--;
+                heldUniqueValues -= p.getValue().uniqueValues();
             }
             ends.remove();
         }

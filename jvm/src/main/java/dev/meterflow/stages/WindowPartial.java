@@ -71,21 +71,26 @@ public final class WindowPartial implements Serializable {
 
     /**
      * Adds one event. {@code quantity} is at most {@link #SCALE} decimal places (the input contract);
-     * {@code uniqueValue} is the event's value of the meter's unique dimension, or null.
+     * {@code uniqueValue} is the event's value of the meter's unique dimension, or null. True when
+     * that value is new here: the partial holds one more distinct value.
      */
-    public void add(BigDecimal quantity, long eventTimeMs, String eventId, String uniqueValue) {
+    public boolean add(BigDecimal quantity, long eventTimeMs, String eventId, String uniqueValue) {
         eventCount++;
         switch (aggregation) {
             case SUM -> addToSum(quantity);
             case MAX -> max = max == null || quantity.compareTo(max) > 0 ? quantity : max;
             case LATEST -> takeIfLater(eventTimeMs, eventId.getBytes(StandardCharsets.UTF_8), quantity);
             case UNIQUE_COUNT -> {
-                if (uniqueValue != null) {
-                    uniques.add(uniqueValue);
-                }
+                return uniqueValue != null && uniques.add(uniqueValue);
             }
             case COUNT -> { }
         }
+        return false;
+    }
+
+    /** The distinct values held (0 but for UNIQUE_COUNT). */
+    public int uniqueValues() {
+        return uniques == null ? 0 : uniques.size();
     }
 
     /** Adds every event {@code other} holds (same aggregation). */

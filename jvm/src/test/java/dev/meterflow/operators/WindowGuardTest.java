@@ -170,6 +170,55 @@ class WindowGuardTest {
     }
 
     @Test
+    void exactlyTheCapOfUniqueValuesIsAdmittedAndTheNextRefusedWithItsReason() throws Exception {
+        // tokens counts distinct models here; the cap is 2 values per window.
+        WindowGuard guard = new WindowGuard(TYPE, 1000, WINDOW_MS, LATENESS_MS, Map.of("tokens", "model"), 2);
+        try (var h = harness(guard)) {
+            h.open();
+            GenericRowData a = event("a", "1");
+            GenericRowData b = event("b", "1");
+            GenericRowData againA = event("a", "1");
+            send(h, a);
+            send(h, b);
+            send(h, againA);
+            assertEquals(List.of(id(a), id(b), id(againA)), admitted(h), "two values, and a value already held");
+            GenericRowData third = event("c", "1");
+            send(h, third);
+            assertEquals(List.of("unique values: window 2026-06-01T12:00:00Z of t1/c1/tokens already has 2 distinct values of model (input.max_unique_values)"), reasons(h));
+            assertEquals(id(third), id(refused(h).get(0)));
+            // A copy of the refused event is refused again: it took no state.
+            send(h, third);
+            assertEquals(2, reasons(h).size());
+            // Another customer's window and the next window have caps of their own.
+            send(h, event("c2", "c", "1", START));
+            send(h, event("c1", "c", "1", START + WINDOW_MS));
+            assertEquals(5, admitted(h).size());
+            // After the close the window holds nothing: a new value is judged by a fresh state.
+            h.processWatermark(new Watermark(CLOSE));
+            send(h, event("d", "1"));
+            assertEquals(6, admitted(h).size());
+        }
+    }
+
+    @Test
+    void uniqueValuesAreCappedOnlyForTheMetersUniqueDimension() throws Exception {
+        // A meter without a unique dimension, and an event without the dimension, take no unique state.
+        WindowGuard other = new WindowGuard(TYPE, 1000, WINDOW_MS, LATENESS_MS, Map.of("seats", "model"), 1);
+        WindowGuard absent = new WindowGuard(TYPE, 1000, WINDOW_MS, LATENESS_MS, Map.of("tokens", "user"), 1);
+        for (WindowGuard guard : List.of(other, absent)) {
+            try (var h = harness(guard)) {
+                h.open();
+                for (String model : List.of("a", "b", "c")) {
+                    send(h, event(model, "1"));
+                }
+                assertEquals(3, admitted(h).size());
+                assertEquals(List.of(), reasons(h));
+            }
+        }
+        assertThrows(IllegalArgumentException.class, () -> new WindowGuard(TYPE, 1, WINDOW_MS, 0, Map.of(), 0));
+    }
+
+    @Test
     void aCapOfOneAdmitsOneCombination() throws Exception {
         try (var h = harness(1)) {
             h.open();

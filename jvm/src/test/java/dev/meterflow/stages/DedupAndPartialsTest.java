@@ -198,6 +198,32 @@ class DedupAndPartialsTest {
     }
 
     @Test
+    void aBoundOnDistinctValuesHeldEmitsThemAll() throws Exception {
+        DedupAndPartials op = new DedupAndPartials(SIZE, LATENESS, Duration.ofDays(7), Map.of("users", Aggregation.UNIQUE_COUNT), 1_000, 0);
+        try (var h = new KeyedOneInputStreamOperatorTestHarness<>(op, MeteredEvent.idKey(), TypeInformation.of(new TypeHint<Tuple2<Long, Long>>() {}))) {
+            h.open();
+            int bound = DedupAndPartials.MAX_HELD_UNIQUE_VALUES;
+            // Two windows share the bound; a repeated value holds nothing more.
+            for (int i = 0; i < bound - 1; i++) {
+                long window = i % 2 == 0 ? W0 : W0 + SIZE;
+                h.processElement(new StreamRecord<>(new MeteredEvent("t", "c", "users", "{}", "u" + i, window, BigDecimal.ONE, "v" + i)));
+            }
+            h.processElement(new StreamRecord<>(new MeteredEvent("t", "c", "users", "{}", "again", W0, BigDecimal.ONE, "v0")));
+            assertEquals(0, h.getOutput().size(), "one value below the bound nothing is emitted");
+            h.processElement(new StreamRecord<>(new MeteredEvent("t", "c", "users", "{}", "last", W0, BigDecimal.ONE, "new")));
+            assertEquals(2, h.getOutput().size(), "at the bound both windows' partials are emitted");
+            long values = 0;
+            for (Object o : h.getOutput()) {
+                values += ((PartialWindow) ((StreamRecord<?>) o).getValue()).partial.uniqueValues();
+            }
+            assertEquals(bound, values);
+            // The count starts again from nothing: one more value is held, not emitted.
+            h.processElement(new StreamRecord<>(new MeteredEvent("t", "c", "users", "{}", "after", W0, BigDecimal.ONE, "v1")));
+            assertEquals(2, h.getOutput().size());
+        }
+    }
+
+    @Test
     void aMetersAggregationIsItsOwn() throws Exception {
         try (var h = harness()) {
             h.open();
