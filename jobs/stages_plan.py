@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from jobs.plan import GUARDED_VIEW, unique_dimensions
+from jobs.plan import unique_dimensions
 from jobs.source_plan import EVENT_FIELDS
 from jobs.sql import ms
 from meterflow.config import JobConfig
 
 # The late events the first stage routes, as rows of jvm/ StageRows.lateType(), for the late sink's insert.
 STAGE_LATE_VIEW = "stage_late_events"
+# The window guard's rejected records, split from the counted events in its task (jvm/ CountedOrRejected), for the dead-letter insert.
+STAGE_REJECTED_VIEW = "guard_rejected_records"
 # The columns the stages read of a validated event (jvm/ StageRows.EVENT_COLUMNS, found by name).
 STAGE_INPUT_COLUMNS = (*EVENT_FIELDS, "dimensions_key")
 # Open windows a first-stage subtask holds before it emits every partial: about 200 B each on the heap.
@@ -71,9 +73,3 @@ def stage_parameters(cfg: JobConfig) -> StageParameters:
         late_arrival_hold_ms=ms(_hold(cfg)),
         retain_closed_ms=ms(closed_retention(cfg)),
     )
-
-
-def stage_input_query() -> str:
-    """The guarded view's counted events, the columns the stages read; rejected records go to the dead letters instead."""
-    cols = ", ".join(f"`{c}`" for c in STAGE_INPUT_COLUMNS)
-    return f"SELECT {cols} FROM `{GUARDED_VIEW}` WHERE `reject_reason` IS NULL"

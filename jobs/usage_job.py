@@ -48,7 +48,7 @@ from jobs.plan import (
     window_changelog_query,
 )
 from jobs.source_plan import VALIDATED_VIEW, usage_source_ddl, validate_query
-from jobs.stages_plan import STAGE_LATE_VIEW, stage_input_query, stage_parameters
+from jobs.stages_plan import STAGE_LATE_VIEW, STAGE_REJECTED_VIEW, stage_parameters
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 from meterflow.security import WindowSinkTarget, window_sink_target_of
@@ -101,14 +101,13 @@ def to_internal_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, An
     ), row_type.getLogicalType()
 
 
-def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The window guard (jvm/ WindowGuard) on the validated records, before the dedup, registered as ``GUARDED_VIEW``.
+def _apply_guard(t_env: StreamTableEnvironment, cfg: JobConfig) -> tuple[Any, Any]:
+    """The window guard (jvm/ WindowGuard) on the validated records, before the dedup: its Java stream and row type.
 
     It sets the reject reason of an event past ``input.max_dimension_combinations``,
-    ``input.max_unique_values`` or the largest window sum, so that event takes the rejected records' path (raw bytes, coordinates) and no dedup
-    state: replayed after the limit is raised, it counts. Keyed by (tenant, customer, meter, window),
-    it is a task of its own between the source and the dedup. The view declares the processing-time
-    attribute the dedup orders by, and the event time as the rowtime with the source's watermarks.
+    ``input.max_unique_values`` or the largest window sum, so that event takes the rejected records'
+    path (raw bytes, coordinates) and no dedup state: replayed after the limit is raised, it counts.
+    Keyed by (tenant, customer, meter, window), it is a task of its own between the source and the dedup.
     """
     rows, row_type = to_internal_rows(t_env, guard_input_query())
     guard = get_gateway().jvm.dev.meterflow.operators.WindowGuard
@@ -121,7 +120,16 @@ def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
         _java_map(unique_dimensions(cfg)),
         cfg.input.max_unique_values,
     )
-    j_guarded = guard.apply(rows, limits, "guard window limits", "guard-window-limits")
+    return guard.apply(rows, limits, "guard window limits", "guard-window-limits"), row_type
+
+
+def _guard_windows(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+    """The window guard's output as ``GUARDED_VIEW``, for the SQL dedup.
+
+    The view declares the processing-time attribute the dedup orders by, and the event time as the
+    rowtime with the source's watermarks.
+    """
+    j_guarded, _ = _apply_guard(t_env, cfg)
     schema = (
         Schema.new_builder()
         .column_by_expression("proc_time", "PROCTIME()")
@@ -236,12 +244,8 @@ def _java_map(values: dict[str, str]) -> Any:
     return j_map
 
 
-def apply_stages(t_env: StreamTableEnvironment, query: str, cfg: JobConfig) -> Any:
-    """The two keyed JVM stages (jvm/ ``TwoStages``, a Java object with ``fires``, ``finals`` and ``late``) on ``query``'s rows.
-
-    ``query`` has the columns the stages read (``STAGE_INPUT_COLUMNS``), ``event_time`` its rowtime.
-    """
-    rows, row_type = to_internal_rows(t_env, query)
+def _stages_on(rows: Any, row_type: Any, cfg: JobConfig) -> Any:
+    """The two keyed JVM stages (jvm/ ``TwoStages``, a Java object with ``fires``, ``finals``, ``late`` and ``rejected``) on a Java stream of internal rows."""
     p = stage_parameters(cfg)
     return get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
         rows,
@@ -258,16 +262,25 @@ def apply_stages(t_env: StreamTableEnvironment, query: str, cfg: JobConfig) -> A
     )
 
 
+def apply_stages(t_env: StreamTableEnvironment, query: str, cfg: JobConfig) -> Any:
+    """The two stages on ``query``'s rows, which hold the columns they read (``STAGE_INPUT_COLUMNS``), ``event_time`` the rowtime."""
+    rows, row_type = to_internal_rows(t_env, query)
+    return _stages_on(rows, row_type, cfg)
+
+
 def _declare_stages(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
-    """The two stages on the guarded view's counted events.
+    """The window guard's output straight into the two stages, in Java: no table conversion per event.
 
     Their provisional and final rows go to the same Postgres sinks as the SQL graph's, the finals
-    to ``CLOSED_WINDOWS_VIEW`` too, and the late events they route become ``STAGE_LATE_VIEW``.
+    to ``CLOSED_WINDOWS_VIEW`` too; the late events they route become ``STAGE_LATE_VIEW``, and the
+    rejected records, split from the counted ones in the guard's task, ``STAGE_REJECTED_VIEW``.
     """
-    stages = apply_stages(t_env, stage_input_query(), cfg)
+    j_guarded, row_type = _apply_guard(t_env, cfg)
+    stages = _stages_on(j_guarded, row_type, cfg)
     _write_windows(DataStream(stages.fires()), window_sink_target(cfg), final=False)
     _publish_closed(t_env, DataStream(stages.finals()), cfg)
     t_env.create_temporary_view(STAGE_LATE_VIEW, t_env.from_data_stream(DataStream(stages.late())))
+    t_env.create_temporary_view(STAGE_REJECTED_VIEW, t_env.from_data_stream(DataStream(stages.rejected())))
 
 
 def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
@@ -286,10 +299,9 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> Statement
     t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
     statements = t_env.create_statement_set()
     if cfg.flink.usage_graph == "two_stage":
-        _guard_windows(t_env, cfg)
         _declare_stages(t_env, cfg)
         statements.add_insert_sql(late_events_insert(STAGE_LATE_VIEW, where=""))
-        statements.add_insert_sql(dead_letter_insert(cfg, source=GUARDED_VIEW))
+        statements.add_insert_sql(dead_letter_insert(cfg, source=STAGE_REJECTED_VIEW))
     else:
         # The window guard, then classified events and rejected records in one materialised stream: the
         # topic is read once, and the dedup, the classifier and the late and dead-letter sinks run chained.

@@ -120,7 +120,8 @@ def test_the_guarded_view_has_the_validated_columns(write_config):
 
 @pytest.mark.parametrize("parallelism", [1, 2])
 def test_the_two_stage_graph_has_one_exchange_per_key_and_no_sql_state(write_config, parallelism):
-    """Four tasks: the source; the guard with the dead letters (rejects take no dedup state); the first
+    """Four tasks: the source; the guard with the dead letters (rejects split from the events in Java,
+    taking no dedup state); the first
     stage keyed by event id with the late events; the second keyed by window with every window sink.
 
     No SQL operator keeps state: the dedup, the lateness and the windows are the stages'.
@@ -139,6 +140,8 @@ def test_the_two_stage_graph_has_one_exchange_per_key_and_no_sql_state(write_con
     assert producers(first) == [(guard, "HASH")]
     assert producers(second) == [(first, "HASH")]
     assert "dead_letter_sink" in guard and "metered events" in guard, guard
+    # The guard hands its events to the stages in Java: no table conversion between them.
+    assert guard.startswith("guard window limits -> metered events, rejects aside"), guard
     assert "late_events_sink" in first, first
     assert all(s in second for s in ("write window updates", "write final windows", "closed_windows_sink")), second
     assert not any(s in n for n in vertices for s in ("Deduplicate", "GroupWindowAggregate")), list(vertices)

@@ -4,6 +4,7 @@ import java.time.Duration;
 import java.util.HashMap;
 import java.util.Map;
 
+import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.streaming.api.datastream.DataStream;
 import org.apache.flink.streaming.api.datastream.SingleOutputStreamOperator;
@@ -14,27 +15,30 @@ import org.apache.flink.types.Row;
 
 /**
  * The usage job's counting part as two keyed stages, declared from Python (jobs/usage_job.py):
- * validated, counted events ({@link StageRows#events}) keyed by their id hash into
+ * the window guard's output split ({@link CountedOrRejected}), its counted events keyed by their id hash into
  * {@link DedupAndPartials}, whose partials are keyed by window into {@link WindowMerger}. Each
  * operator has a stable uid, so a savepoint maps back after a resubmit.
  *
  * <p>Outputs: {@link #fires()} (provisional window rows), {@link #finals()} (each window's final row
- * once, stamped with its close time), both of the closer's row type, and {@link #late()}, the late
- * events as the late-events sink's rows ({@link StageRows#lateType()}).
+ * once, stamped with its close time), both of the closer's row type, {@link #late()}, the late
+ * events as the late-events sink's rows ({@link StageRows#lateType()}), and {@link #rejected()},
+ * the input's rejected records, rows of its type.
  */
 public final class TwoStages {
     private final DataStream<Row> fires;
     private final SingleOutputStreamOperator<Row> finals;
     private final DataStream<RowData> late;
+    private final DataStream<RowData> rejected;
 
-    private TwoStages(DataStream<Row> fires, SingleOutputStreamOperator<Row> finals, DataStream<RowData> late) {
+    private TwoStages(DataStream<Row> fires, SingleOutputStreamOperator<Row> finals, DataStream<RowData> late, DataStream<RowData> rejected) {
         this.fires = fires;
         this.finals = finals;
         this.late = late;
+        this.rejected = rejected;
     }
 
     /**
-     * @param counted validated events with no reject reason, of {@code type} (holding {@link StageRows#EVENT_COLUMNS})
+     * @param guarded the window guard's output, of {@code type} (holding {@link StageRows#EVENT_COLUMNS}): events with no reject reason are counted
      * @param aggregations each meter's aggregation by name (SUM, COUNT, MAX, LATEST, UNIQUE_COUNT)
      * @param uniqueDimensions each UNIQUE_COUNT meter's dimension
      * @param maxPartials open windows per first-stage subtask before it emits all its partials
@@ -42,11 +46,12 @@ public final class TwoStages {
      * @param lateArrivalHoldMs how long a window closed or first seen before a partial arrives waits for what follows it
      * @param retainClosedMs how long a closed window's state stays for a partial from an input that was behind
      */
-    public static TwoStages apply(DataStream<RowData> counted, RowType type, long windowSizeMs, long allowedLatenessMs, long dedupHorizonMs,
+    public static TwoStages apply(DataStream<RowData> guarded, RowType type, long windowSizeMs, long allowedLatenessMs, long dedupHorizonMs,
             Map<String, String> aggregations, Map<String, String> uniqueDimensions, int maxPartials, long earlyFireMs, long lateArrivalHoldMs, long retainClosedMs) {
         Map<String, WindowPartial.Aggregation> byMeter = new HashMap<>();
         aggregations.forEach((meter, aggregation) -> byMeter.put(meter, WindowPartial.Aggregation.valueOf(aggregation)));
-        DataStream<MeteredEvent> events = counted.map(StageRows.events(type, uniqueDimensions)).name("metered events").uid("metered-events");
+        SingleOutputStreamOperator<MeteredEvent> events = guarded.process(new CountedOrRejected(type, uniqueDimensions), TypeInformation.of(MeteredEvent.class))
+            .name("metered events, rejects aside").uid("metered-events");
         SingleOutputStreamOperator<PartialWindow> partials = events.keyBy(MeteredEvent.idKey(), Types.TUPLE(Types.LONG, Types.LONG))
             .transform("dedup, classify late or on time, partial windows", DedupAndPartials.outputType(),
                 new DedupAndPartials(windowSizeMs, allowedLatenessMs, Duration.ofMillis(dedupHorizonMs), byMeter, maxPartials, earlyFireMs))
@@ -56,7 +61,7 @@ public final class TwoStages {
             .name("merge partials, close windows").uid("merge-partials-close-windows");
         DataStream<RowData> late = partials.getSideOutput(DedupAndPartials.LATE)
             .map(StageRows.lateRows(), InternalTypeInfo.of(StageRows.lateType())).name("late event rows").uid("late-event-rows");
-        return new TwoStages(finals.getSideOutput(WindowMerger.FIRES), finals, late);
+        return new TwoStages(finals.getSideOutput(WindowMerger.FIRES), finals, late, events.getSideOutput(CountedOrRejected.rejectedTag(type)));
     }
 
     public DataStream<Row> fires() {
@@ -69,5 +74,9 @@ public final class TwoStages {
 
     public DataStream<RowData> late() {
         return late;
+    }
+
+    public DataStream<RowData> rejected() {
+        return rejected;
     }
 }
