@@ -2,10 +2,13 @@ package dev.meterflow.operators;
 
 import java.math.BigDecimal;
 import java.time.Instant;
+import java.util.ArrayList;
 import java.util.HashMap;
+import java.util.HashSet;
+import java.util.List;
 import java.util.Map;
+import java.util.Set;
 
-import org.apache.flink.api.common.functions.OpenContext;
 import org.apache.flink.api.common.state.MapState;
 import org.apache.flink.api.common.state.MapStateDescriptor;
 import org.apache.flink.api.common.state.ValueState;
@@ -14,16 +17,23 @@ import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.api.java.functions.KeySelector;
 import org.apache.flink.api.java.tuple.Tuple3;
+import org.apache.flink.runtime.state.StateSnapshotContext;
+import org.apache.flink.runtime.state.VoidNamespace;
+import org.apache.flink.runtime.state.VoidNamespaceSerializer;
 import org.apache.flink.streaming.api.datastream.DataStream;
 import org.apache.flink.streaming.api.datastream.SingleOutputStreamOperator;
-import org.apache.flink.streaming.api.functions.KeyedProcessFunction;
+import org.apache.flink.streaming.api.operators.AbstractStreamOperator;
+import org.apache.flink.streaming.api.operators.InternalTimer;
+import org.apache.flink.streaming.api.operators.InternalTimerService;
+import org.apache.flink.streaming.api.operators.OneInputStreamOperator;
+import org.apache.flink.streaming.api.operators.Triggerable;
+import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
 import org.apache.flink.table.data.ArrayData;
 import org.apache.flink.table.data.GenericRowData;
 import org.apache.flink.table.data.MapData;
 import org.apache.flink.table.data.RowData;
 import org.apache.flink.table.data.StringData;
 import org.apache.flink.table.types.logical.RowType;
-import org.apache.flink.util.Collector;
 
 /**
  * Caps what one (tenant, customer, meter, window) can make the job hold: at most {@code
@@ -53,18 +63,23 @@ import org.apache.flink.util.Collector;
  * it closes; after that a fresh state, cleared at the next watermark, judges them.
  *
  * <p>State per key, cleared by an event-time timer at the window's close ({@link WindowClose}): one
- * value (sum, number of combinations, the first dimension key) read and written per event, and a map
- * of the further dimension keys, read only for an event whose key is not the first. Most windows
- * have one dimension key (every meter without group_by), so they never touch the map. The decisions
- * depend only on the state and the input order per key: a restore from a checkpoint decides alike.
+ * value (sum, number of combinations, the first dimension key), a map of the further dimension keys,
+ * and for a UNIQUE_COUNT meter the distinct values and their number. Per event the guard reads and
+ * writes none of it: a window's state is read into memory at its first event after a checkpoint,
+ * decided on there, and written back, with only what changed, when the next checkpoint snapshots
+ * the operator ({@code snapshotState}, before the keyed state), or once {@link #MAX_WINDOWS_IN_MEMORY} windows are held. So a
+ * checkpoint holds exactly what a guard deciding from its state per event would hold, and the
+ * decisions depend only on the state and the input order per key: a restore decides alike.
  */
-public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> {
+public class WindowGuard extends AbstractStreamOperator<RowData> implements OneInputStreamOperator<RowData, RowData>, Triggerable<String, VoidNamespace> {
     private static final long serialVersionUID = 1L;
 
     /** The largest decimal(38, 9): 10^29 - 10^-9. */
     public static final BigDecimal MAX_WINDOW_ABS_SUM = new BigDecimal("99999999999999999999999999999.999999999");
     public static final int PRECISION = 38;
     public static final int SCALE = 9;
+    /** Windows held in memory at most before all are written back to state (each about 300 B, more with its keys and values). */
+    public static final int MAX_WINDOWS_IN_MEMORY = 100_000;
 
     private final RowType inputType;
     private final int tenantField;
@@ -95,7 +110,10 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
     /** A UNIQUE_COUNT window's distinct values admitted, and their number (state of its own, so older savepoints restore). */
     private transient MapState<String, Boolean> uniqueValues;
     private transient ValueState<Integer> uniqueCount;
+    private transient InternalTimerService<VoidNamespace> timers;
     private transient RowData.FieldGetter[] getters;
+    /** The windows read since the last write-back, by key. */
+    private transient HashMap<String, HeldWindow> held;
 
     /**
      * @param inputType the validated rows' type (jobs/plan.py GUARD_INPUT_COLUMNS)
@@ -169,88 +187,226 @@ public class WindowGuard extends KeyedProcessFunction<String, RowData, RowData> 
     /** The validated rows keyed by window (rejects by their coordinates) through the guard: rows of the input's type. */
     public static SingleOutputStreamOperator<RowData> apply(DataStream<RowData> validated, WindowGuard guard, String name, String uid) {
         TypeInformation<RowData> type = validated.getType();
-        return validated.keyBy(guard.windowKey(), Types.STRING).process(guard, type).name(name).uid(uid);
+        return validated.keyBy(guard.windowKey(), Types.STRING).transform(name, type, guard).uid(uid);
     }
 
     @Override
-    public void open(OpenContext openContext) {
+    public void open() throws Exception {
+        super.open();
         TypeInformation<Tuple3<BigDecimal, Integer, String>> summary = Types.TUPLE(Types.BIG_DEC, Types.INT, Types.STRING);
-        window = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window", summary));
-        moreKeys = getRuntimeContext().getMapState(new MapStateDescriptor<>("guard-more-dimension-keys", Types.STRING, Types.BOOLEAN));
+        // The names a KeyedProcessFunction gave them (state and timers), so earlier savepoints restore.
+        window = state(new ValueStateDescriptor<>("guard-window", summary));
+        moreKeys = getPartitionedState(VoidNamespace.INSTANCE, VoidNamespaceSerializer.INSTANCE,
+            new MapStateDescriptor<>("guard-more-dimension-keys", Types.STRING, Types.BOOLEAN));
         // The window's end, so a timer restored from a savepoint taken under a lower allowed lateness
         // can move to the close time under the current one (a savepoint without it restores none).
-        windowEnd = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-window-end", Types.LONG));
-        uniqueValues = getRuntimeContext().getMapState(new MapStateDescriptor<>("guard-unique-values", Types.STRING, Types.BOOLEAN));
-        uniqueCount = getRuntimeContext().getState(new ValueStateDescriptor<>("guard-unique-count", Types.INT));
+        windowEnd = state(new ValueStateDescriptor<>("guard-window-end", Types.LONG));
+        uniqueValues = getPartitionedState(VoidNamespace.INSTANCE, VoidNamespaceSerializer.INSTANCE,
+            new MapStateDescriptor<>("guard-unique-values", Types.STRING, Types.BOOLEAN));
+        uniqueCount = state(new ValueStateDescriptor<>("guard-unique-count", Types.INT));
+        timers = getInternalTimerService("user-timers", VoidNamespaceSerializer.INSTANCE, this);
         getters = new RowData.FieldGetter[inputType.getFieldCount()];
         for (int i = 0; i < getters.length; i++) {
             getters[i] = RowData.createFieldGetter(inputType.getTypeAt(i), i);
         }
+        held = new HashMap<>();
+    }
+
+    private <T> ValueState<T> state(ValueStateDescriptor<T> descriptor) throws Exception {
+        return getPartitionedState(VoidNamespace.INSTANCE, VoidNamespaceSerializer.INSTANCE, descriptor);
     }
 
     @Override
-    public void processElement(RowData row, Context ctx, Collector<RowData> out) throws Exception {
+    public void processElement(StreamRecord<RowData> element) throws Exception {
+        RowData row = element.getValue();
         if (!row.isNullAt(rejectField)) {
-            out.collect(row);
+            output.collect(element);
             return;
+        }
+        String windowKey = (String) getCurrentKey();
+        HeldWindow w = held.get(windowKey);
+        if (w == null) {
+            w = read();
+            held.put(windowKey, w);
         }
         String key = row.getString(dimensionsKeyField).toString();
         BigDecimal quantity = row.getDecimal(quantityField, PRECISION, SCALE).toBigDecimal().abs();
-        Tuple3<BigDecimal, Integer, String> held = window.value();
-        BigDecimal sum = held == null ? quantity : held.f0.add(quantity);
-        boolean newKey = held != null && !key.equals(held.f2) && !moreKeys.contains(key);
-        if (newKey && held.f1 >= maxCombinations) {
-            out.collect(refused(row, "dimension combinations: window " + windowOf(row) + " already has " + held.f1 + " combinations (input.max_dimension_combinations)"));
+        BigDecimal sum = w.sum == null ? quantity : w.sum.add(quantity);
+        boolean newKey = w.sum != null && !key.equals(w.firstKey) && !w.hasKey(key, moreKeys);
+        if (newKey && w.combinations >= maxCombinations) {
+            output.collect(element.replace(refused(row, "dimension combinations: window " + windowOf(row) + " already has " + w.combinations + " combinations (input.max_dimension_combinations)")));
             return;
         }
         if (sum.compareTo(maxAbsSum) > 0) {
-            out.collect(refused(row, "window quantity overflow: window " + windowOf(row) + ": sum of |quantity| would pass " + maxAbsSum.toPlainString() + " (decimal(38, 9))"));
+            output.collect(element.replace(refused(row, "window quantity overflow: window " + windowOf(row) + ": sum of |quantity| would pass " + maxAbsSum.toPlainString() + " (decimal(38, 9))")));
             return;
         }
         String uniqueDimension = uniqueDimensions.get(row.getString(meterField).toString());
         String uniqueValue = uniqueDimension == null ? null : valueOf(row.isNullAt(dimensionsField) ? null : row.getMap(dimensionsField), uniqueDimension);
-        int values = 0;
-        boolean newValue = uniqueValue != null && !uniqueValues.contains(uniqueValue);
+        boolean newValue = uniqueValue != null && !w.hasValue(uniqueValue, uniqueValues);
+        if (newValue && w.uniqueCount(uniqueCount) >= maxUniqueValues) {
+            output.collect(element.replace(refused(row, "unique values: window " + windowOf(row) + " already has " + w.uniqueCount + " distinct values of " + uniqueDimension + " (input.max_unique_values)")));
+            return;
+        }
+        if (w.sum == null) {
+            long end = windowStart(row) + windowSizeMs;
+            w.firstKey = key;
+            w.combinations = 1;
+            w.changed = true;
+            // Once per window: the end and the close timer go to state at once.
+            windowEnd.update(end);
+            timers.registerEventTimeTimer(VoidNamespace.INSTANCE, WindowClose.closeTime(end, allowedLatenessMs));
+        } else if (newKey) {
+            w.addKey(key);
+        }
+        if (quantity.signum() != 0) {
+            w.changed = true;
+        }
+        w.sum = sum;
         if (newValue) {
-            Integer count = uniqueCount.value();
-            values = count == null ? 0 : count;
-            if (values >= maxUniqueValues) {
-                out.collect(refused(row, "unique values: window " + windowOf(row) + " already has " + values + " distinct values of " + uniqueDimension + " (input.max_unique_values)"));
-                return;
+            w.addValue(uniqueValue);
+        }
+        output.collect(element);
+        if (held.size() >= MAX_WINDOWS_IN_MEMORY) {
+            writeBack();
+        }
+    }
+
+    /** The current key's window as its state has it. */
+    private HeldWindow read() throws Exception {
+        HeldWindow w = new HeldWindow();
+        Tuple3<BigDecimal, Integer, String> stored = window.value();
+        if (stored != null) {
+            w.sum = stored.f0;
+            w.combinations = stored.f1;
+            w.firstKey = stored.f2;
+        }
+        return w;
+    }
+
+    /** Every window held in memory written to its state, only what changed, then forgotten here. */
+    private void writeBack() throws Exception {
+        for (Map.Entry<String, HeldWindow> entry : held.entrySet()) {
+            HeldWindow w = entry.getValue();
+            if (!w.changed && w.newKeys == null && w.newValues == null) {
+                continue;
+            }
+            setCurrentKey(entry.getKey());
+            if (w.changed || w.newKeys != null) {
+                window.update(Tuple3.of(w.sum, w.combinations, w.firstKey));
+            }
+            if (w.newKeys != null) {
+                for (String key : w.newKeys) {
+                    moreKeys.put(key, Boolean.TRUE);
+                }
+            }
+            if (w.newValues != null) {
+                for (String value : w.newValues) {
+                    uniqueValues.put(value, Boolean.TRUE);
+                }
+                uniqueCount.update(w.uniqueCount);
             }
         }
-        if (held == null) {
-            long end = windowStart(row) + windowSizeMs;
-            window.update(Tuple3.of(sum, 1, key));
-            windowEnd.update(end);
-            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(end, allowedLatenessMs));
-        } else if (newKey) {
-            moreKeys.put(key, true);
-            window.update(Tuple3.of(sum, held.f1 + 1, held.f2));
-        } else if (quantity.signum() != 0) {
-            window.update(Tuple3.of(sum, held.f1, held.f2));
-        }
-        if (newValue) {
-            uniqueValues.put(uniqueValue, Boolean.TRUE);
-            uniqueCount.update(values + 1);
-        }
-        out.collect(row);
+        held.clear();
+    }
+
+    /** Before the keyed state is snapshotted (nothing is emitted, so it need not precede the barrier). */
+    @Override
+    public void snapshotState(StateSnapshotContext context) throws Exception {
+        writeBack();
+        super.snapshotState(context);
     }
 
     @Override
-    public void onTimer(long timestamp, OnTimerContext ctx, Collector<RowData> out) throws Exception {
+    public void finish() throws Exception {
+        writeBack();
+        super.finish();
+    }
+
+    @Override
+    public void onEventTime(InternalTimer<String, VoidNamespace> timer) throws Exception {
         Long end = windowEnd.value();
-        if (end != null && timestamp < WindowClose.closeTime(end, allowedLatenessMs)) {
+        if (end != null && timer.getTimestamp() < WindowClose.closeTime(end, allowedLatenessMs)) {
             // Registered under a lower allowed lateness before a restore: the window is still open.
-            ctx.timerService().registerEventTimeTimer(WindowClose.closeTime(end, allowedLatenessMs));
+            timers.registerEventTimeTimer(VoidNamespace.INSTANCE, WindowClose.closeTime(end, allowedLatenessMs));
             return;
         }
         // The window closed downstream at this watermark: no on-time event of it can come any more.
+        held.remove(timer.getKey());
         window.clear();
         moreKeys.clear();
         windowEnd.clear();
         uniqueValues.clear();
         uniqueCount.clear();
+    }
+
+    @Override
+    public void onProcessingTime(InternalTimer<String, VoidNamespace> timer) {
+        // No processing-time timers.
+    }
+
+    /**
+     * A window's state in memory between write-backs: what its state had, what the decisions since
+     * added, and of the keyed maps only the entries looked up or added (each read from state once).
+     */
+    private static final class HeldWindow {
+        BigDecimal sum;
+        int combinations;
+        String firstKey;
+        boolean changed;
+        private Set<String> keys;
+        List<String> newKeys;
+        private Set<String> values;
+        List<String> newValues;
+        private Integer uniqueCount;
+
+        boolean hasKey(String key, MapState<String, Boolean> stored) throws Exception {
+            if (keys != null && keys.contains(key)) {
+                return true;
+            }
+            if (stored.contains(key)) {
+                keys = keys == null ? new HashSet<>() : keys;
+                keys.add(key);
+                return true;
+            }
+            return false;
+        }
+
+        void addKey(String key) {
+            keys = keys == null ? new HashSet<>() : keys;
+            keys.add(key);
+            newKeys = newKeys == null ? new ArrayList<>() : newKeys;
+            newKeys.add(key);
+            combinations++;
+        }
+
+        boolean hasValue(String value, MapState<String, Boolean> stored) throws Exception {
+            if (values != null && values.contains(value)) {
+                return true;
+            }
+            if (stored.contains(value)) {
+                values = values == null ? new HashSet<>() : values;
+                values.add(value);
+                return true;
+            }
+            return false;
+        }
+
+        int uniqueCount(ValueState<Integer> stored) throws Exception {
+            if (uniqueCount == null) {
+                Integer count = stored.value();
+                uniqueCount = count == null ? 0 : count;
+            }
+            return uniqueCount;
+        }
+
+        void addValue(String value) {
+            values = values == null ? new HashSet<>() : values;
+            values.add(value);
+            newValues = newValues == null ? new ArrayList<>() : newValues;
+            newValues.add(value);
+            uniqueCount++;
+        }
     }
 
     /** The value of dimension {@code name}, or null (at most 16 entries by the input contract). */

@@ -11,7 +11,6 @@ import java.util.Map;
 
 import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
-import org.apache.flink.streaming.api.operators.KeyedProcessOperator;
 import org.apache.flink.streaming.api.watermark.Watermark;
 import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
 import org.apache.flink.streaming.util.KeyedOneInputStreamOperatorTestHarness;
@@ -73,7 +72,7 @@ class WindowGuardTest {
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> harness(WindowGuard guard) throws Exception {
-        return new KeyedOneInputStreamOperatorTestHarness<>(new KeyedProcessOperator<>(guard), guard.windowKey(), Types.STRING);
+        return new KeyedOneInputStreamOperatorTestHarness<>(guard, guard.windowKey(), Types.STRING);
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<String, RowData, RowData> harness(int maxCombinations) throws Exception {
@@ -216,6 +215,38 @@ class WindowGuardTest {
             }
         }
         assertThrows(IllegalArgumentException.class, () -> new WindowGuard(TYPE, 1, WINDOW_MS, 0, Map.of(), 0));
+    }
+
+    @Test
+    void decisionsGoOnFromTheStateAfterAWriteBack() throws Exception {
+        WindowGuard guard = new WindowGuard(TYPE, 2, WINDOW_MS, LATENESS_MS, Map.of("tokens", "model"), 2);
+        try (var h = harness(guard)) {
+            h.open();
+            send(h, event("a", "1"));
+            send(h, event("b", "1"));
+            assertEquals(1, h.numKeyedStateEntries(), "between checkpoints only the window's end is in state");
+            h.snapshot(1L, 1L); // writes back and forgets the window in memory
+            assertTrue(h.numKeyedStateEntries() > 1);
+            send(h, event("c", "1")); // read again from state: two combinations, two values already
+            send(h, event("b", "1")); // a key of the state's map
+            assertEquals(3, admitted(h).size());
+            assertEquals(1, reasons(h).size());
+            assertTrue(reasons(h).get(0).startsWith("dimension combinations: "), reasons(h).toString());
+        }
+    }
+
+    @Test
+    void aBoundOnWindowsInMemoryWritesThemBack() throws Exception {
+        int bound = WindowGuard.MAX_WINDOWS_IN_MEMORY;
+        try (var h = harness(1000)) {
+            h.open();
+            for (int i = 0; i < bound - 1; i++) {
+                send(h, event("c" + i, "a", "1", START));
+            }
+            assertEquals(bound - 1, h.numKeyedStateEntries(), "one below the bound: only the windows' ends");
+            send(h, event("c" + bound, "a", "1", START));
+            assertEquals(2 * bound, h.numKeyedStateEntries(), "at the bound every window is in state");
+        }
     }
 
     @Test
