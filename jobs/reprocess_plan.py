@@ -6,7 +6,7 @@ period's first event can be appended to the topic's end, so the period's late ev
 Every unique event of the period counts, late or not (the job routes the late ones to corrections;
 a recomputation has no watermark). The first copy of an event id is the one counted, as in the job
 (first appended; the job keeps the first to arrive). Not applied: the window guard's per-window
-limits (``input.max_dimension_combinations``, the sum cap), which the job enforces on arrival; a
+limits (``input.max_dimension_combinations``, ``input.max_unique_values``, the sum cap), which the job enforces on arrival; a
 window the guard cut shows its refused events as a difference, for the operator to judge before
 billing it.
 """

@@ -64,12 +64,15 @@ import org.apache.flink.table.types.logical.RowType;
  *
  * <p>State per key, cleared by an event-time timer at the window's close ({@link WindowClose}): one
  * value (sum, number of combinations, the first dimension key), a map of the further dimension keys,
- * and for a UNIQUE_COUNT meter the distinct values and their number. Per event the guard reads and
- * writes none of it: a window's state is read into memory at its first event after a checkpoint,
- * decided on there, and written back, with only what changed, when the next checkpoint snapshots
- * the operator ({@code snapshotState}, before the keyed state), or once {@link #MAX_WINDOWS_IN_MEMORY} windows are held. So a
- * checkpoint holds exactly what a guard deciding from its state per event would hold, and the
- * decisions depend only on the state and the input order per key: a restore decides alike.
+ * and for a UNIQUE_COUNT meter the distinct values and their number. A window's value is read into
+ * memory at its first event after a write-back and decided on there; a dimension key or distinct
+ * value not yet held is looked up in its map once; a new window writes its end and registers its
+ * close timer at once. Everything else is written back, only what changed, when the next
+ * checkpoint snapshots the operator ({@code snapshotState}, before the keyed state), or before an
+ * event once {@link #MAX_WINDOWS_IN_MEMORY} windows or {@link #MAX_KEYS_IN_MEMORY} dimension keys
+ * and values are held. So a checkpoint holds exactly what a guard deciding from its state per event
+ * would hold, and the decisions depend only on the state and the input order per key: a restore
+ * decides alike.
  */
 public class WindowGuard extends AbstractStreamOperator<RowData> implements OneInputStreamOperator<RowData, RowData>, Triggerable<String, VoidNamespace> {
     private static final long serialVersionUID = 1L;
@@ -78,8 +81,10 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
     public static final BigDecimal MAX_WINDOW_ABS_SUM = new BigDecimal("99999999999999999999999999999.999999999");
     public static final int PRECISION = 38;
     public static final int SCALE = 9;
-    /** Windows held in memory at most before all are written back to state (each about 300 B, more with its keys and values). */
+    /** Windows held in memory at most before all are written back to state: about 300 B each, with their keys and values apart. */
     public static final int MAX_WINDOWS_IN_MEMORY = 100_000;
+    /** Dimension keys and distinct values held in memory, over all windows, before all are written back: at most about 500 B each. */
+    public static final int MAX_KEYS_IN_MEMORY = 200_000;
 
     private final RowType inputType;
     private final int tenantField;
@@ -114,6 +119,8 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
     private transient RowData.FieldGetter[] getters;
     /** The windows read since the last write-back, by key. */
     private transient HashMap<String, HeldWindow> held;
+    /** The dimension keys and distinct values the held windows keep, looked up or added. */
+    private transient int heldKeys;
 
     /**
      * @param inputType the validated rows' type (jobs/plan.py GUARD_INPUT_COLUMNS)
@@ -210,6 +217,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             getters[i] = RowData.createFieldGetter(inputType.getTypeAt(i), i);
         }
         held = new HashMap<>();
+        heldKeys = 0;
     }
 
     private <T> ValueState<T> state(ValueStateDescriptor<T> descriptor) throws Exception {
@@ -224,6 +232,10 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             return;
         }
         String windowKey = (String) getCurrentKey();
+        if (held.size() >= MAX_WINDOWS_IN_MEMORY || heldKeys >= MAX_KEYS_IN_MEMORY) {
+            writeBack();
+            setCurrentKey(windowKey); // the write-back visits the held windows' keys
+        }
         HeldWindow w = held.get(windowKey);
         if (w == null) {
             w = read();
@@ -267,9 +279,6 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             w.addValue(uniqueValue);
         }
         output.collect(element);
-        if (held.size() >= MAX_WINDOWS_IN_MEMORY) {
-            writeBack();
-        }
     }
 
     /** The current key's window as its state has it. */
@@ -308,6 +317,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             }
         }
         held.clear();
+        heldKeys = 0;
     }
 
     /** Before the keyed state is snapshotted (nothing is emitted, so it need not precede the barrier). */
@@ -349,7 +359,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
      * A window's state in memory between write-backs: what its state had, what the decisions since
      * added, and of the keyed maps only the entries looked up or added (each read from state once).
      */
-    private static final class HeldWindow {
+    private final class HeldWindow {
         BigDecimal sum;
         int combinations;
         String firstKey;
@@ -367,6 +377,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             if (stored.contains(key)) {
                 keys = keys == null ? new HashSet<>() : keys;
                 keys.add(key);
+                heldKeys++;
                 return true;
             }
             return false;
@@ -378,6 +389,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             newKeys = newKeys == null ? new ArrayList<>() : newKeys;
             newKeys.add(key);
             combinations++;
+            heldKeys++;
         }
 
         boolean hasValue(String value, MapState<String, Boolean> stored) throws Exception {
@@ -387,6 +399,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             if (stored.contains(value)) {
                 values = values == null ? new HashSet<>() : values;
                 values.add(value);
+                heldKeys++;
                 return true;
             }
             return false;
@@ -406,6 +419,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             newValues = newValues == null ? new ArrayList<>() : newValues;
             newValues.add(value);
             uniqueCount++;
+            heldKeys++;
         }
     }
 

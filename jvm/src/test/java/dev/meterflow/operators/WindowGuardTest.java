@@ -240,12 +240,42 @@ class WindowGuardTest {
         int bound = WindowGuard.MAX_WINDOWS_IN_MEMORY;
         try (var h = harness(1000)) {
             h.open();
-            for (int i = 0; i < bound - 1; i++) {
+            for (int i = 0; i < bound; i++) {
                 send(h, event("c" + i, "a", "1", START));
             }
-            assertEquals(bound - 1, h.numKeyedStateEntries(), "one below the bound: only the windows' ends");
+            assertEquals(bound, h.numKeyedStateEntries(), "the bound held: only the windows' ends are in state");
             send(h, event("c" + bound, "a", "1", START));
-            assertEquals(2 * bound, h.numKeyedStateEntries(), "at the bound every window is in state");
+            assertEquals(2 * bound + 1, h.numKeyedStateEntries(), "one window more: the held ones are written back first");
+        }
+    }
+
+    @Test
+    void aBoundOnKeysAndValuesInMemoryWritesThemBackAndDecisionsGoOn() throws Exception {
+        int bound = WindowGuard.MAX_KEYS_IN_MEMORY;
+        int events = bound / 2 + 1; // two held per event after the first: a new combination and a new value (the model is both)
+        OperatorSubtaskState snapshot;
+        WindowGuard guard = new WindowGuard(TYPE, Integer.MAX_VALUE, WINDOW_MS, LATENESS_MS, Map.of("tokens", "model"), Integer.MAX_VALUE);
+        try (var h = harness(guard)) {
+            h.open();
+            for (int i = 0; i < events; i++) {
+                send(h, event("m" + i, "1"));
+            }
+            assertEquals(1, h.numKeyedStateEntries(), "nothing but the window's end written yet");
+            send(h, event("m" + events, "1"));
+            // The bound is on keys and values, not windows: the one window was written back before that event.
+            assertEquals(5, h.numKeyedStateEntries(), "end, window, keys, values and their count");
+            snapshot = h.snapshot(1L, 1L);
+            assertEquals(events + 1, admitted(h).size());
+        }
+        // Restored with the cap at exactly the values held: nothing was lost across the write-back.
+        try (var h = harness(new WindowGuard(TYPE, Integer.MAX_VALUE, WINDOW_MS, LATENESS_MS, Map.of("tokens", "model"), events + 1))) {
+            h.initializeState(snapshot);
+            h.open();
+            send(h, event("m0", "1"));
+            send(h, event("m" + (events / 2), "1"));
+            send(h, event("new", "1"));
+            assertEquals(2, admitted(h).size());
+            assertEquals(List.of("unique values: window 2026-06-01T12:00:00Z of t1/c1/tokens already has " + (events + 1) + " distinct values of model (input.max_unique_values)"), reasons(h));
         }
     }
 
