@@ -14,6 +14,7 @@ import org.apache.flink.runtime.checkpoint.OperatorSubtaskState;
 import org.apache.flink.streaming.api.watermark.Watermark;
 import org.apache.flink.streaming.runtime.streamrecord.StreamRecord;
 import org.apache.flink.streaming.util.KeyedOneInputStreamOperatorTestHarness;
+import org.apache.flink.streaming.util.OperatorSnapshotUtil;
 import org.apache.flink.table.data.DecimalData;
 import org.apache.flink.table.data.GenericMapData;
 import org.apache.flink.table.data.GenericRowData;
@@ -394,6 +395,27 @@ class WindowGuardTest {
             assertTrue(reasons(h).get(0).startsWith("dimension combinations: "));
             assertTrue(reasons(h).get(1).startsWith("window quantity overflow: "));
             assertEquals(1, h.numEventTimeTimers(), "the close timer is restored");
+            h.processWatermark(new Watermark(CLOSE));
+            assertEquals(0, h.numKeyedStateEntries());
+        }
+    }
+
+    @Test
+    void aSnapshotOfTheGuardAsAKeyedProcessFunctionRestores() throws Exception {
+        // Written by the release before, whose guard was a KeyedProcessFunction: events a (3) and b (4)
+        // of one window, cap 2. The same state names and timer service restore into this operator.
+        String path = WindowGuardTest.class.getResource("guard-keyed-process-function.snapshot").getPath();
+        try (var h = harness(new WindowGuard(TYPE, 2, WINDOW_MS, LATENESS_MS, new BigDecimal("10")))) {
+            h.initializeState(OperatorSnapshotUtil.readStateHandle(path));
+            h.open();
+            assertEquals(1, h.numEventTimeTimers(), "the close timer is restored");
+            send(h, event("c", "1"));           // a third combination: refused
+            send(h, event("a", "3"));           // 3 + 4 + 3 = 10: admitted
+            send(h, event("b", "0.000000001")); // past 10: refused
+            assertEquals(1, admitted(h).size());
+            assertEquals(2, reasons(h).size());
+            assertTrue(reasons(h).get(0).startsWith("dimension combinations: "));
+            assertTrue(reasons(h).get(1).startsWith("window quantity overflow: "));
             h.processWatermark(new Watermark(CLOSE));
             assertEquals(0, h.numKeyedStateEntries());
         }
