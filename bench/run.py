@@ -145,6 +145,26 @@ def produce(
     return oracle.totals(), prefix_totals, counts, prefix_counts, time.time() - started
 
 
+def checkpoint_summary(cfg: Any, job_id: str) -> dict[str, Any]:
+    """The job's completed checkpoints so far: duration and size (REST summary), and the latest one's state per task."""
+    stats = flink_jobs.checkpoint_stats(cfg, job_id)
+    summary = stats.get("summary") or {}
+    out: dict[str, Any] = {
+        "completed": (stats.get("counts") or {}).get("completed"),
+        "end_to_end_duration_ms": summary.get("end_to_end_duration"),
+        "checkpointed_size_bytes": summary.get("checkpointed_size"),
+        "state_size_bytes": summary.get("state_size"),
+    }
+    latest = (stats.get("latest") or {}).get("completed")
+    if latest:
+        names = {v["id"]: v["name"] for v in flink_jobs.job_details(cfg, job_id)["vertices"]}
+        details = flink_jobs.rest(cfg, f"/jobs/{job_id}/checkpoints/details/{latest['id']}")
+        out["latest_state_size_by_task"] = {
+            names.get(vid, vid)[:80]: task.get("state_size") for vid, task in (details.get("tasks") or {}).items()
+        }
+    return out
+
+
 def flink_pipeline(
     stack: BenchStack,
     name: str,
@@ -170,6 +190,7 @@ def flink_pipeline(
                 job_cfg, table, expected.windows, timeout_s=timeout_s if m.finished else 5
             )
             check(entry, expected, actual, correct_at)
+        entry["checkpoints"] = checkpoint_summary(job_cfg, job_id)
     finally:
         try:
             state = flink_jobs.job_details(job_cfg, job_id)["state"]
