@@ -244,7 +244,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
         String key = row.getString(dimensionsKeyField).toString();
         BigDecimal quantity = row.getDecimal(quantityField, PRECISION, SCALE).toBigDecimal().abs();
         BigDecimal sum = w.sum == null ? quantity : w.sum.add(quantity);
-        boolean newKey = w.sum != null && !key.equals(w.firstKey) && !w.hasKey(key, moreKeys);
+        boolean newKey = w.sum != null && !key.equals(w.firstKey) && !w.keys.has(key, moreKeys);
         if (newKey && w.combinations >= maxCombinations) {
             output.collect(element.replace(refused(row, "dimension combinations: window " + windowOf(row) + " already has " + w.combinations + " combinations (input.max_dimension_combinations)")));
             return;
@@ -255,7 +255,7 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
         }
         String uniqueDimension = uniqueDimensions.get(row.getString(meterField).toString());
         String uniqueValue = uniqueDimension == null ? null : valueOf(row.isNullAt(dimensionsField) ? null : row.getMap(dimensionsField), uniqueDimension);
-        boolean newValue = uniqueValue != null && !w.hasValue(uniqueValue, uniqueValues);
+        boolean newValue = uniqueValue != null && !w.values.has(uniqueValue, uniqueValues);
         if (newValue && w.uniqueCount(uniqueCount) >= maxUniqueValues) {
             output.collect(element.replace(refused(row, "unique values: window " + windowOf(row) + " already has " + w.uniqueCount + " distinct values of " + uniqueDimension + " (input.max_unique_values)")));
             return;
@@ -269,14 +269,16 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             windowEnd.update(end);
             timers.registerEventTimeTimer(VoidNamespace.INSTANCE, WindowClose.closeTime(end, allowedLatenessMs));
         } else if (newKey) {
-            w.addKey(key);
+            w.keys.add(key);
+            w.combinations++;
         }
         if (quantity.signum() != 0) {
             w.changed = true;
         }
         w.sum = sum;
         if (newValue) {
-            w.addValue(uniqueValue);
+            w.values.add(uniqueValue);
+            w.uniqueCount++;
         }
         output.collect(element);
     }
@@ -297,22 +299,16 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
     private void writeBack() throws Exception {
         for (Map.Entry<String, HeldWindow> entry : held.entrySet()) {
             HeldWindow w = entry.getValue();
-            if (!w.changed && w.newKeys == null && w.newValues == null) {
+            if (!w.changed && !w.keys.changed() && !w.values.changed()) {
                 continue;
             }
             setCurrentKey(entry.getKey());
-            if (w.changed || w.newKeys != null) {
+            if (w.changed || w.keys.changed()) {
                 window.update(Tuple3.of(w.sum, w.combinations, w.firstKey));
             }
-            if (w.newKeys != null) {
-                for (String key : w.newKeys) {
-                    moreKeys.put(key, Boolean.TRUE);
-                }
-            }
-            if (w.newValues != null) {
-                for (String value : w.newValues) {
-                    uniqueValues.put(value, Boolean.TRUE);
-                }
+            w.keys.writeTo(moreKeys);
+            if (w.values.changed()) {
+                w.values.writeTo(uniqueValues);
                 uniqueCount.update(w.uniqueCount);
             }
         }
@@ -364,46 +360,9 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
         int combinations;
         String firstKey;
         boolean changed;
-        private Set<String> keys;
-        List<String> newKeys;
-        private Set<String> values;
-        List<String> newValues;
+        final HeldEntries keys = new HeldEntries();
+        final HeldEntries values = new HeldEntries();
         private Integer uniqueCount;
-
-        boolean hasKey(String key, MapState<String, Boolean> stored) throws Exception {
-            if (keys != null && keys.contains(key)) {
-                return true;
-            }
-            if (stored.contains(key)) {
-                keys = keys == null ? new HashSet<>() : keys;
-                keys.add(key);
-                heldKeys++;
-                return true;
-            }
-            return false;
-        }
-
-        void addKey(String key) {
-            keys = keys == null ? new HashSet<>() : keys;
-            keys.add(key);
-            newKeys = newKeys == null ? new ArrayList<>() : newKeys;
-            newKeys.add(key);
-            combinations++;
-            heldKeys++;
-        }
-
-        boolean hasValue(String value, MapState<String, Boolean> stored) throws Exception {
-            if (values != null && values.contains(value)) {
-                return true;
-            }
-            if (stored.contains(value)) {
-                values = values == null ? new HashSet<>() : values;
-                values.add(value);
-                heldKeys++;
-                return true;
-            }
-            return false;
-        }
 
         int uniqueCount(ValueState<Integer> stored) throws Exception {
             if (uniqueCount == null) {
@@ -412,13 +371,45 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             }
             return uniqueCount;
         }
+    }
 
-        void addValue(String value) {
-            values = values == null ? new HashSet<>() : values;
-            values.add(value);
-            newValues = newValues == null ? new ArrayList<>() : newValues;
-            newValues.add(value);
-            uniqueCount++;
+    /** The entries of one of a window's map states held in memory: those known to be there, and those added since the write-back. */
+    private final class HeldEntries {
+        private Set<String> known;
+        private List<String> added;
+
+        boolean has(String entry, MapState<String, Boolean> stored) throws Exception {
+            if (known != null && known.contains(entry)) {
+                return true;
+            }
+            if (stored.contains(entry)) {
+                hold(entry);
+                return true;
+            }
+            return false;
+        }
+
+        void add(String entry) {
+            hold(entry);
+            added = added == null ? new ArrayList<>() : added;
+            added.add(entry);
+        }
+
+        boolean changed() {
+            return added != null;
+        }
+
+        void writeTo(MapState<String, Boolean> stored) throws Exception {
+            if (added != null) {
+                for (String entry : added) {
+                    stored.put(entry, Boolean.TRUE);
+                }
+            }
+        }
+
+        private void hold(String entry) {
+            known = known == null ? new HashSet<>() : known;
+            known.add(entry);
             heldKeys++;
         }
     }
