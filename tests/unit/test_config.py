@@ -115,12 +115,21 @@ def test_missing_explicit_file_is_an_error(tmp_path):
         ("kafka:\n  partitions: 0\n", "partitions"),
         ("postgres:\n  port: 70000\n", "port"),
         ("kafka: [1, 2]\n", "kafka"),
+        ("input:\n  max_unique_values: 0\n", "max_unique_values"),
+        ("input:\n  max_unique_values: 1000001\n", "max_unique_values"),
     ],
 )
 def test_invalid_values_are_reported(write_config, yaml_text, message):
     """Inconsistent values fail with a message naming the key."""
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(yaml_text), environ={})
+
+
+def test_the_unique_value_cap_takes_its_whole_range(write_config):
+    """1 and 1,000,000 are the ends of ``input.max_unique_values``; one past each is refused (above)."""
+    for value in (1, 1_000_000):
+        cfg = load_config(write_config(f"input:\n  max_unique_values: {value}\n"), environ={})
+        assert cfg.input.max_unique_values == value
 
 
 def test_relative_paths_resolve_against_config_dir(write_config, tmp_path):
