@@ -253,7 +253,8 @@ public class WindowGuard extends AbstractStreamOperator<RowData> implements OneI
             output.collect(element.replace(refused(row, "window quantity overflow: window " + windowOf(row) + ": sum of |quantity| would pass " + maxAbsSum.toPlainString() + " (decimal(38, 9))")));
             return;
         }
-        String uniqueDimension = uniqueDimensions.get(row.getString(meterField).toString());
+        // Most deployments have no UNIQUE_COUNT meter: no meter name is decoded for them.
+        String uniqueDimension = uniqueDimensions.isEmpty() ? null : uniqueDimensions.get(row.getString(meterField).toString());
         String uniqueValue = uniqueDimension == null ? null : valueOf(row.isNullAt(dimensionsField) ? null : row.getMap(dimensionsField), uniqueDimension);
         boolean newValue = uniqueValue != null && !w.values.has(uniqueValue, uniqueValues);
         if (newValue && w.uniqueCount(uniqueCount) >= maxUniqueValues) {
