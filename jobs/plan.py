@@ -404,6 +404,6 @@ def unique_dimensions(cfg: JobConfig) -> dict[str, str]:
     return {m.name: m.unique_dimension for m in cfg.meters if m.unique_dimension}
 
 
-def guard_input_query() -> str:
-    """The validated view's columns the window guard reads and passes on (all but ``proc_time``)."""
-    return f"SELECT {', '.join(f'`{c}`' for c in GUARD_INPUT_COLUMNS)} FROM `{VALIDATED_VIEW}`"
+def guard_input_query(extra: tuple[str, ...] = ()) -> str:
+    """The validated view's columns the window guard reads and passes on (all but ``proc_time``), then ``extra`` ones."""
+    return f"SELECT {', '.join(f'`{c}`' for c in (*GUARD_INPUT_COLUMNS, *extra))} FROM `{VALIDATED_VIEW}`"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from connectors.avro_types import Column, derive_nullable_columns, load_schema
 from jobs.sql import ms, sql_interval, sql_string, sql_with
 from meterflow.config import JobConfig
+from meterflow.handover import Handover
 
 USAGE_SOURCE_TABLE = "usage_events"
 VALIDATED_VIEW = "validated_events"
@@ -27,6 +28,8 @@ CATCH_UP_TIMEOUT_OPTION = "meterflow.catch-up-timeout"
 # The plausible event time (the watermark's column); the decoded `event_time` stays as sent.
 BOUNDED_TIME = "bounded_time"
 OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
+# At a handover (meterflow/handover.py), the validated view's column saying the graph before read the record already.
+REPLAYED = "replayed"
 
 
 def usage_value_columns() -> list[Column]:
@@ -82,7 +85,7 @@ def bounded_event_time(cfg: JobConfig) -> str:
     )
 
 
-def usage_source_ddl(cfg: JobConfig) -> str:
+def usage_source_ddl(cfg: JobConfig, handover: Handover | None = None) -> str:
     """Kafka source of usage events, decoded by the meterflow-avro format, with per-partition watermarks.
 
     The columns are the schema's fields (derived from avro/usage_event.avsc), then the format's
@@ -103,24 +106,38 @@ def usage_source_ddl(cfg: JobConfig) -> str:
         f"  `{BOUNDED_TIME}` AS {bounded_event_time(cfg)},\n"
         "  `proc_time` AS PROCTIME(),\n"
         f"  {watermark}\n"
-        f") {sql_with(usage_source_options(cfg))}"
+        f") {sql_with(usage_source_options(cfg, handover))}"
     )
 
 
-def usage_source_options(cfg: JobConfig) -> dict[str, str]:
+def usage_source_options(cfg: JobConfig, handover: Handover | None = None) -> dict[str, str]:
     """The usage source's options: Kafka's, through the meterflow-kafka connector and its catch-up-aware idleness.
 
     A partition stops holding the watermark after ``source_idle_timeout`` of silence only once it was
     read up to its head; one still reading its backlog (after a start, a restore, an outage) only
-    after ``source_catch_up_timeout`` (jvm/ ``CatchUpIdleness``).
+    after ``source_catch_up_timeout`` (jvm/ ``CatchUpIdleness``). At a handover, a first start reads
+    from the handover's replay start (a record timestamp); a restore reads from its checkpoint as always.
     """
     et = cfg.event_time
-    return {
+    options = {
         **kafka_source_options(cfg, USAGE_FORMAT),
         "connector": SOURCE_CONNECTOR,
         IDLE_TIMEOUT_OPTION: f"{ms(et.source_idle_timeout)} ms",
         CATCH_UP_TIMEOUT_OPTION: f"{ms(et.source_catch_up_timeout)} ms",
     }
+    if handover is not None:
+        options["scan.startup.mode"] = "timestamp"
+        options["scan.startup.timestamp-millis"] = str(handover.replay_from_ms)
+    return options
+
+
+def replayed_expr(handover: Handover) -> str:
+    """True for a record below the offset the handed-over group committed on its partition: the graph before read it."""
+    below = " OR ".join(
+        f"(`source_partition` = {partition} AND `source_offset` < {offset})"
+        for partition, offset in sorted(handover.read_below.items())
+    )
+    return f"({below})" if below else "FALSE"
 
 
 def dimensions_key_expr(cfg: JobConfig) -> str:
@@ -138,12 +155,13 @@ def dimensions_key_expr(cfg: JobConfig) -> str:
     return f"CASE `meter` {' '.join(cases)} ELSE '{{}}' END" if cases else "'{}'"
 
 
-def validate_query(cfg: JobConfig) -> str:
+def validate_query(cfg: JobConfig, handover: Handover | None = None) -> str:
     """Decoded fields (event_time the plausible one), the group-by key, plus ``reject_reason`` (NULL for a countable event).
 
     Deterministic per record, so the dead-letter branch and the counting branch always agree. The
     ``dimensions_key`` is computed here, once, for the window guard and the window aggregate alike
-    (on a rejected record it means nothing and is dropped at the dedup).
+    (on a rejected record it means nothing and is dropped at the dedup). At a handover, ``replayed``
+    follows (:func:`replayed_expr`).
     """
     known = ", ".join(sql_string(m.name) for m in cfg.meters)
     non_negative = [m.name for m in cfg.meters if not m.allow_negative]
@@ -168,6 +186,7 @@ def validate_query(cfg: JobConfig) -> str:
         f"SELECT\n  {fields}, `proc_time`,\n"
         "  `payload`, `source_topic`, `source_partition`, `source_offset`, `kafka_timestamp`,\n"
         f"  {dimensions_key_expr(cfg)} AS `dimensions_key`,\n"
-        f"  CASE {' '.join(checks)} END AS `reject_reason`\n"
-        f"FROM `{USAGE_SOURCE_TABLE}`"
+        f"  CASE {' '.join(checks)} END AS `reject_reason`"
+        + (f",\n  {replayed_expr(handover)} AS `{REPLAYED}`" if handover is not None else "")
+        + f"\nFROM `{USAGE_SOURCE_TABLE}`"
     )

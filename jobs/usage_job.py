@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from py4j.java_gateway import get_java_class
@@ -33,6 +34,7 @@ from jobs.plan import (
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
     GUARDED_VIEW,
+    REJECTED,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
@@ -47,10 +49,11 @@ from jobs.plan import (
     unique_dimensions,
     window_changelog_query,
 )
-from jobs.source_plan import VALIDATED_VIEW, usage_source_ddl, validate_query
+from jobs.source_plan import REPLAYED, VALIDATED_VIEW, usage_source_ddl, validate_query
 from jobs.stages_plan import STAGE_LATE_VIEW, STAGE_REJECTED_VIEW, stage_parameters
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
+from meterflow.handover import Handover
 from meterflow.security import WindowSinkTarget, window_sink_target_of
 from sinks.postgres_schema import usage_upsert_sql
 
@@ -101,15 +104,16 @@ def to_internal_rows(t_env: StreamTableEnvironment, query: str) -> tuple[Any, An
     ), row_type.getLogicalType()
 
 
-def _apply_guard(t_env: StreamTableEnvironment, cfg: JobConfig) -> tuple[Any, Any]:
+def _apply_guard(t_env: StreamTableEnvironment, cfg: JobConfig, extra: tuple[str, ...] = ()) -> tuple[Any, Any]:
     """The window guard (jvm/ WindowGuard) on the validated records, before the dedup: its Java stream and row type.
 
     It sets the reject reason of an event past ``input.max_dimension_combinations``,
     ``input.max_unique_values`` or the largest window sum, so that event takes the rejected records'
     path (raw bytes, coordinates) and no dedup state: replayed after the limit is raised, it counts.
     Keyed by (tenant, customer, meter, window), it is a task of its own between the source and the dedup.
+    ``extra`` validated columns pass through it too.
     """
-    rows, row_type = to_internal_rows(t_env, guard_input_query())
+    rows, row_type = to_internal_rows(t_env, guard_input_query(extra))
     guard = get_gateway().jvm.dev.meterflow.operators.WindowGuard
     et = cfg.event_time
     limits = guard(
@@ -244,9 +248,12 @@ def _java_map(values: dict[str, str]) -> Any:
     return j_map
 
 
-def _stages_on(rows: Any, row_type: Any, cfg: JobConfig) -> Any:
+def _stages_on(rows: Any, row_type: Any, cfg: JobConfig, handover: Handover | None = None) -> Any:
     """The two keyed JVM stages (jvm/ ``TwoStages``, a Java object with ``fires``, ``finals``, ``late`` and ``rejected``) on a Java stream of internal rows."""
     p = stage_parameters(cfg)
+    gateway = get_gateway()
+    no_watermark = gateway.jvm.dev.meterflow.operators.WindowClose.NO_WATERMARK
+    watermark = handover.watermark_ms if handover is not None and handover.watermark_ms is not None else no_watermark
     return get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
         rows,
         row_type,
@@ -259,6 +266,7 @@ def _stages_on(rows: Any, row_type: Any, cfg: JobConfig) -> Any:
         p.early_fire_ms,
         p.late_arrival_hold_ms,
         p.retain_closed_ms,
+        watermark,
     )
 
 
@@ -268,40 +276,46 @@ def apply_stages(t_env: StreamTableEnvironment, query: str, cfg: JobConfig) -> A
     return _stages_on(rows, row_type, cfg)
 
 
-def _declare_stages(t_env: StreamTableEnvironment, cfg: JobConfig) -> None:
+def _declare_stages(t_env: StreamTableEnvironment, cfg: JobConfig, handover: Handover | None = None) -> None:
     """The window guard's output straight into the two stages, in Java: no table conversion per event.
 
     Their provisional and final rows go to the same Postgres sinks as the SQL graph's, the finals
     to ``CLOSED_WINDOWS_VIEW`` too; the late events they route become ``STAGE_LATE_VIEW``, and the
     rejected records, split from the counted ones in the guard's task, ``STAGE_REJECTED_VIEW``.
+    At a handover the validated ``replayed`` column travels with them (meterflow/handover.py).
     """
-    j_guarded, row_type = _apply_guard(t_env, cfg)
-    stages = _stages_on(j_guarded, row_type, cfg)
+    j_guarded, row_type = _apply_guard(t_env, cfg, (REPLAYED,) if handover is not None else ())
+    stages = _stages_on(j_guarded, row_type, cfg, handover)
     _write_windows(DataStream(stages.fires()), window_sink_target(cfg), final=False)
     _publish_closed(t_env, DataStream(stages.finals()), cfg)
     t_env.create_temporary_view(STAGE_LATE_VIEW, t_env.from_data_stream(DataStream(stages.late())))
     t_env.create_temporary_view(STAGE_REJECTED_VIEW, t_env.from_data_stream(DataStream(stages.rejected())))
 
 
-def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig) -> StatementSet:
+def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig, handover: Handover | None = None) -> StatementSet:
     """Kafka (decoded in the source) -> validate -> guard -> dedup -> classify once -> (dead letters | windows | late).
 
     With ``flink.usage_graph: two_stage``, the guard's counted events go to the two keyed stages
     (dedup, lateness and partials; merge and close) and its rejected records straight to the dead
-    letters, taking no dedup state.
+    letters, taking no dedup state. ``handover`` starts it from the SQL graph's position (meterflow/handover.py):
+    a record that graph read counts only in a window it left open, and is no dead letter or late event again.
     """
+    if handover is not None and cfg.flink.usage_graph != "two_stage":
+        msg = "a handover starts the two-stage graph: set flink.usage_graph: two_stage"
+        raise ConfigError(msg)
     t_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     t_env.create_java_temporary_system_function(*BOUNDED_PAYLOAD_FUNCTION)
-    t_env.execute_sql(usage_source_ddl(cfg))
+    t_env.execute_sql(usage_source_ddl(cfg, handover))
     t_env.execute_sql(late_events_sink_ddl(cfg))
     t_env.execute_sql(dead_letter_sink_ddl(cfg))
     t_env.execute_sql(closed_windows_sink_ddl(cfg))
-    t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg)))
+    t_env.create_temporary_view(VALIDATED_VIEW, t_env.sql_query(validate_query(cfg, handover)))
     statements = t_env.create_statement_set()
     if cfg.flink.usage_graph == "two_stage":
-        _declare_stages(t_env, cfg)
+        _declare_stages(t_env, cfg, handover)
         statements.add_insert_sql(late_events_insert(STAGE_LATE_VIEW, where=""))
-        statements.add_insert_sql(dead_letter_insert(cfg, source=STAGE_REJECTED_VIEW))
+        rejected = f"{REJECTED} AND NOT `{REPLAYED}`" if handover is not None else REJECTED
+        statements.add_insert_sql(dead_letter_insert(cfg, source=STAGE_REJECTED_VIEW, where=rejected))
     else:
         # The window guard, then classified events and rejected records in one materialised stream: the
         # topic is read once, and the dedup, the classifier and the late and dead-letter sinks run chained.
@@ -320,8 +334,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--config", default=None, help="YAML config file (default: $METERFLOW_CONFIG or ./meterflow.yaml)"
     )
+    parser.add_argument(
+        "--handover",
+        default=None,
+        help="Handover file (meterflow/handover.py) of a start from the SQL graph's position; meterflow submit passes it",
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    handover = Handover.from_json(Path(args.handover).read_text()) if args.handover else None
     # The tables the job writes, created (idempotently) so a first submit needs no manual step.
     from sinks.ledger import apply_schemas
 
@@ -329,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     env, t_env = build_environment(cfg)
     # The window rows go to DataStream sinks (committed with checkpoints), the Kafka outputs to SQL
     # sinks: attach the SQL inserts to the same stream graph and submit it as one job.
-    declare_pipeline(t_env, cfg).attach_as_datastream()
+    declare_pipeline(t_env, cfg, handover).attach_as_datastream()
     job_client = env.execute_async(cfg.flink.job_name)
     print(f"submitted job {job_client.get_job_id()}", flush=True)
 

@@ -12,7 +12,7 @@ from psycopg.abc import Params
 
 from meterflow.config import PostgresConfig
 from meterflow.errors import SinkError
-from sinks.postgres_schema import usage_rows_sql, usage_table_ddl
+from sinks.postgres_schema import last_final_end_sql, usage_rows_sql, usage_table_ddl
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,12 @@ def apply_schema(pg: PostgresConfig) -> None:
     with connect(pg) as conn, conn.transaction():
         for statement in usage_table_ddl(pg.usage_table):
             conn.execute(statement)
+
+
+def last_final_end(pg: PostgresConfig) -> datetime | None:
+    """The end of the latest final window in the usage table (naive UTC), None when none is final."""
+    with connect(pg) as conn:
+        return scalar(conn, last_final_end_sql(pg.usage_table))
 
 
 def fetch_usage(pg: PostgresConfig) -> list[UsageRow]:

@@ -97,6 +97,11 @@ def usage_upsert_sql(table: str = "usage_windows") -> str:
     return f"INSERT INTO {t} ({cols}) VALUES ({marks}) ON CONFLICT ({', '.join(USAGE_KEY_COLUMNS)}) DO UPDATE SET {updates}"
 
 
+def last_final_end_sql(table: str = "usage_windows") -> str:
+    """The latest end of a final window (NULL: none is final): every window ending by then is closed."""
+    return f"SELECT max(window_end) FROM {check_identifier(table)} WHERE is_final"
+
+
 def usage_rows_sql(table: str = "usage_windows") -> str:
     """Query for all usage rows, in a stable order."""
     t = check_identifier(table)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
+from meterflow.handover import Handover, plan_handover, read_handover, write_handover
 
 
 @cli.command()
@@ -29,8 +31,23 @@ from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
     help="Start from empty state: a retained checkpoint or savepoint is set aside, not restored (says what is forgotten).",
 )
 @click.option("--force", is_flag=True, help="Submit even if a job with the same name is running.")
+@click.option(
+    "--handover-from",
+    metavar="GROUP",
+    default=None,
+    help="Start the two-stage graph where the SQL graph, reading with consumer group GROUP, stopped (its savepoint): "
+    "its closed windows stay closed, its open ones are counted again whole, its dedup ids are kept "
+    "(docs/operations.md, Switching graphs).",
+)
 @pass_ctx
-def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, fresh: bool, force: bool) -> None:
+def submit(
+    ctx: Context,
+    savepoint: str | None,
+    billing_savepoint: str | None,
+    fresh: bool,
+    force: bool,
+    handover_from: str | None,
+) -> None:
     """Submit the usage job and, with billing.enabled, the billing job; wait until they run.
 
     Each job resumes from the newest checkpoint or savepoint it left under
@@ -40,9 +57,18 @@ def submit(ctx: Context, savepoint: str | None, billing_savepoint: str | None, f
     is refused when its input topic is not LogAppendTime or not sized as kafka.max_message_bytes, or
     the dead-letter topic cannot hold a dead letter of the largest input; both jobs are refused when
     the cluster has fewer task slots than their parallelisms add up to, or the brokers' transaction
-    timeout is below kafka.transaction_timeout; the error says what to change.
+    timeout is below kafka.transaction_timeout; the error says what to change. With --handover-from,
+    the usage job starts from empty state (add --fresh where it left state) and reads the usage
+    events again from the handover's start; every later submit that restores its state does the same.
     """
-    submit_jobs(ctx, savepoint=savepoint, billing_savepoint=billing_savepoint, fresh=fresh, force=force)
+    submit_jobs(
+        ctx,
+        savepoint=savepoint,
+        billing_savepoint=billing_savepoint,
+        fresh=fresh,
+        force=force,
+        handover_from=handover_from,
+    )
 
 
 def submit_jobs(
@@ -52,6 +78,7 @@ def submit_jobs(
     billing_savepoint: str | None = None,
     fresh: bool = False,
     force: bool = False,
+    handover_from: str | None = None,
 ) -> None:
     """Submit this config's jobs that are not running yet (all of them with ``force``); print their ids.
 
@@ -65,6 +92,9 @@ def submit_jobs(
     cfg = ctx.cfg
     if fresh and force:
         msg = "--fresh sets a job's state aside, which a running job of that name still writes to: stop it first, not --force"
+        raise JobSubmissionError(msg)
+    if handover_from and force:
+        msg = "--handover-from starts from the position of a stopped job: stop the job first, not --force"
         raise JobSubmissionError(msg)
     flink_jobs.check_slots(cfg)  # jobs that can never all run are refused before any is submitted
     flink_jobs.check_transaction_timeout(cfg)
@@ -103,21 +133,79 @@ def submit_jobs(
             settings=settings,
             legacy=legacy,
         )
-        starts.append((name, submit_job, settings, job_dir, start))
-    for name, submit_job, settings, job_dir, start in starts:
+        handover = None
+        if name == cfg.flink.job_name:
+            handover = usage_job_handover(cfg, handover_from, job_dir, start.restore, newest)
+        starts.append((name, submit_job, settings, job_dir, start, handover))
+    for name, submit_job, settings, job_dir, start, handover in starts:
         for note in start.notes:
             err_console.print(note)
         if job_dir is not None and start.forget:
             err_console.print(
                 f"{name}: its retained state is kept at {retained_state.forget(job_dir, datetime.now(UTC))}"
             )
+        extra = {}
+        if handover is not None and job_dir is not None:
+            # Written after the state was set aside, beside the state the job writes from now on.
+            extra["handover"] = handover if isinstance(handover, Path) else write_handover(job_dir, handover)
+            err_console.print(f"{name}: {_describe_handover(read_handover_file(extra['handover']))}")
         with err_console.status(f"submitting {name} ..."):
-            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start.restore)
+            job_id = submit_job(cfg, ctx.resolved_path, savepoint=start.restore, **extra)
         if job_dir is not None and settings is not None:
             retained_state.write_job_settings(job_dir, settings)  # what the state this job now writes is made with
         err_console.print(f"{name} submitted")
         console.print(job_id)
     _start_corrections_follower(ctx)
+
+
+def usage_job_handover(
+    cfg: Any, handover_from: str | None, job_dir: Path | None, restore: str | None, newest: Any = None
+) -> Handover | Path | None:
+    """The usage job's handover: planned now from the state the SQL job of group ``handover_from`` left
+    (``newest``, its savepoint or last checkpoint) and the usage table's last final window; or the
+    file of the handover that the state it restores started with."""
+    from connectors.kafka_admin import committed_offsets
+    from meterflow.errors import JobSubmissionError
+    from meterflow.local.savepoints import savepoint_offsets
+    from sinks.postgres import last_final_end
+
+    if handover_from is None:
+        return read_handover(job_dir) if restore else None
+    if restore:
+        msg = f"--handover-from starts from empty state, and this submit would restore {restore}: add --fresh"
+        raise JobSubmissionError(msg)
+    if job_dir is None:
+        msg = "--handover-from keeps the handover beside the job's state: flink.checkpoint_dir must be a local or mounted directory"
+        raise JobSubmissionError(msg)
+    if newest is None:
+        msg = f"{cfg.flink.job_name} left no savepoint or checkpoint to hand over from: stop the SQL job with `meterflow stop --savepoint` first"
+        raise JobSubmissionError(msg)
+    topic = cfg.kafka.usage_events_topic
+    # Exactly where the job stopped; the group's offsets (committed after a checkpoint, maybe not after the
+    # savepoint it stopped with) only for a partition its readers had not read since they started there.
+    read_below = {
+        **committed_offsets(cfg.kafka.bootstrap_servers, handover_from, topic),
+        **savepoint_offsets(newest.path, topic),
+    }
+    return plan_handover(cfg, handover_from, read_below, last_final_end(cfg.postgres))
+
+
+def read_handover_file(path: Path) -> Handover:
+    return Handover.from_json(path.read_text())
+
+
+def _describe_handover(h: Handover) -> str:
+    since = datetime.fromtimestamp(h.replay_from_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    closed = (
+        "no window was final yet"
+        if h.watermark_ms is None
+        else f"windows closed by {datetime.fromtimestamp(h.watermark_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC stay closed"
+    )
+    return (
+        f"handing over from consumer group {h.from_group}: reading the usage events again from {since} UTC, "
+        f"{closed}; records below its committed offsets ({len(h.read_below)} partitions) only mark their ids "
+        "or count in windows left open"
+    )
 
 
 def _start_corrections_follower(ctx: Context) -> None:

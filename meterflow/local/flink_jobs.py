@@ -139,14 +139,24 @@ def submit_billing(cfg: JobConfig, config_path: Path, *, savepoint: str | None =
 
 
 def submit(
-    cfg: JobConfig, config_path: Path, *, savepoint: str | None = None, timeout: float = 180, script: Path = JOB_SCRIPT
+    cfg: JobConfig,
+    config_path: Path,
+    *,
+    savepoint: str | None = None,
+    timeout: float = 180,
+    script: Path = JOB_SCRIPT,
+    handover: Path | None = None,
 ) -> str:
-    """``flink run -d -py jobs/usage_job.py`` (or ``script``) against the session cluster; wait until all tasks run."""
+    """``flink run -d -py jobs/usage_job.py`` (or ``script``) against the session cluster; wait until all tasks run.
+
+    ``handover``: the usage job's handover file (meterflow/handover.py), passed on to it."""
     cluster = FlinkCluster(cfg)
     args = [str(flink_home() / "bin" / "flink"), "run", "-d", "-m", f"{cfg.flink.rest_host}:{cfg.flink.rest_port}"]
     if savepoint:
         args += ["-s", savepoint]
     args += ["-py", str(script), "--config", str(config_path)]
+    if handover is not None:
+        args += ["--handover", str(handover)]
     r = subprocess.run(
         args, env=cluster.env(), capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=timeout
     )

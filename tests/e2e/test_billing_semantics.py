@@ -92,7 +92,9 @@ class Fault:
 
     job_id: str
     struck_at_ms: int
-    expected_recovery: str  # "restore-before-risky", "restore-after-fault", "savepoint", or "checkpoint-held-back"
+    expected_recovery: (
+        str  # "restore-before-risky", "restore-after-fault", "savepoint", "checkpoint-held-back" or "handover"
+    )
     ended_at_ms: int | None = None  # when the faulty part was back (the broker outage)
 
 
@@ -195,6 +197,8 @@ class Recovery:
             "restore-after-fault": self.restored_after_fault,
             "savepoint": self.restored_from_savepoint,
             "checkpoint-held-back": self.restored_after_fault or self.checkpoint_held_back,
+            # A handover starts a job of the other graph from no state: it restores nothing.
+            "handover": self.restored_checkpoint is None and not self.restored_from_savepoint,
         }[expected]
 
 

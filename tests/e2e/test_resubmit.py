@@ -48,7 +48,7 @@ def stack_without_ha(tmp_path_factory, request) -> Iterator[StackConfigs]:
         yield stack
 
 
-def _meterflow(path: Path, *args: str) -> str:
+def meterflow_command(path: Path, *args: str) -> str:
     """Run a meterflow command as the operator would; its output (it must succeed)."""
     result = CliRunner().invoke(cli, ["--config", str(path), *args])
     assert result.exit_code == 0, (args, result.output, result.exception)
@@ -59,7 +59,7 @@ def _resubmit(cfg: JobConfig, path: Path, old_job_id: str) -> str:
     """``meterflow submit``: it restores the newest retained checkpoint, which the killed or cancelled job wrote; the new job's id."""
     job_dir = cfg.path(cfg.flink.checkpoint_dir) / cfg.flink.job_name
     newest = max(job_dir.glob(f"{old_job_id}/chk-*/_metadata"), key=lambda m: int(m.parent.name.removeprefix("chk-")))
-    output = _meterflow(path, "submit").replace("\n", "")  # the console wraps long paths
+    output = meterflow_command(path, "submit").replace("\n", "")  # the console wraps long paths
     restoring = _RESTORING.search(output)
     assert restoring, output
     assert Path(restoring.group(1)) == newest.parent, (output, newest)
@@ -85,7 +85,7 @@ def kill_jobmanager_then_resubmit(cfg: JobConfig, path: Path, job_id: str, durin
     os.kill(jobmanagers[0], signal.SIGKILL)
     wait_for(lambda: cluster.overview() is None, 30, "the JobManager's REST API to go away")
     during()
-    _meterflow(path, "stack", "up")
+    meterflow_command(path, "stack", "up")
     assert flink_jobs.running_jobs(cfg, cfg.flink.job_name) == []  # no HA: the new JobManager knows no job
     assert (
         cluster.taskmanager_pids() == taskmanagers
@@ -97,7 +97,7 @@ def cancel_then_resubmit(cfg: JobConfig, path: Path, job_id: str, during: Callab
     """``meterflow stop`` (a cancel, no savepoint); send records meanwhile; ``meterflow submit``."""
     wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a completed checkpoint to resume from")
     cancelled_at = int(time.time() * 1000)
-    assert f"cancelled {job_id}" in _meterflow(path, "stop")
+    assert f"cancelled {job_id}" in meterflow_command(path, "stop")
     during()
     return Fault(_resubmit(cfg, path, job_id), cancelled_at, "restore-after-fault")
 

@@ -43,6 +43,15 @@ public final class HeldWatermark {
         forwarded = WindowClose.NO_WATERMARK;
     }
 
+    /**
+     * Holds at least {@code watermarkMs} from now on (and the boundary it closes): the close time of the
+     * last window another graph closed, when this one takes the counting over from it.
+     */
+    public void holdAtLeast(long watermarkMs) {
+        held = Math.max(held, watermarkMs);
+        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
+    }
+
     public void snapshot() throws Exception {
         heldState.update(Collections.singletonList(held));
         closedThroughState.update(Collections.singletonList(closedThrough));

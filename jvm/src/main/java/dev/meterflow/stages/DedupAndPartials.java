@@ -46,6 +46,10 @@ import org.apache.flink.util.OutputTag;
  * {@code maxPartials} windows are open here, or {@link #MAX_HELD_UNIQUE_VALUES} distinct values are held, and every {@code earlyFireMs} of processing time (0:
  * never), so a window's running value is never older than that downstream.
  *
+ * <p>At a handover from the other graph ({@code meterflow.handover}) it holds, from the start, the
+ * watermark that graph closed its last window at, and an event that graph read already ({@link
+ * MeteredEvent#replayed}) only marks its id unless its window is open here: it goes nowhere else.
+ *
  * <p>Its metrics are the classifier's ({@link LatenessMetrics}).
  *
  * <p>The held watermark and the closed-through boundary are kept as {@code LatenessClassifier}
@@ -72,6 +76,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     private final Map<String, WindowPartial.Aggregation> aggregations;
     private final int maxPartials;
     private final long earlyFireMs;
+    private final long handoverWatermarkMs;
 
     private transient ValueStateDescriptor<Boolean> seenDescriptor;
     private transient ValueState<Boolean> seen;
@@ -88,6 +93,15 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
      * @param earlyFireMs processing time between emissions of every partial (0: only at barriers, watermarks and the bound)
      */
     public DedupAndPartials(long windowSizeMs, long allowedLatenessMs, Duration dedupHorizon, Map<String, WindowPartial.Aggregation> aggregations, int maxPartials, long earlyFireMs) {
+        this(windowSizeMs, allowedLatenessMs, dedupHorizon, aggregations, maxPartials, earlyFireMs, WindowClose.NO_WATERMARK);
+    }
+
+    /**
+     * @param handoverWatermarkMs at a handover from the other graph, the watermark it closed its last
+     *     window at: held from the start, so every window it closed is closed here too ({@link WindowClose#NO_WATERMARK}: none)
+     */
+    public DedupAndPartials(long windowSizeMs, long allowedLatenessMs, Duration dedupHorizon, Map<String, WindowPartial.Aggregation> aggregations, int maxPartials, long earlyFireMs,
+            long handoverWatermarkMs) {
         if (windowSizeMs <= 0 || allowedLatenessMs < 0 || maxPartials < 1 || earlyFireMs < 0) {
             throw new IllegalArgumentException("window size > 0, allowed lateness >= 0, max partials >= 1 and early fire >= 0");
         }
@@ -97,6 +111,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         this.aggregations = new HashMap<>(aggregations);
         this.maxPartials = maxPartials;
         this.earlyFireMs = earlyFireMs;
+        this.handoverWatermarkMs = handoverWatermarkMs;
     }
 
     /** The type of the partials it emits (the second stage's input). */
@@ -109,6 +124,9 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         super.initializeState(context);
         watermark = new HeldWatermark(allowedLatenessMs);
         watermark.initialize(context.getOperatorStateStore());
+        if (handoverWatermarkMs != WindowClose.NO_WATERMARK) {
+            watermark.holdAtLeast(handoverWatermarkMs);
+        }
     }
 
     @Override
@@ -142,6 +160,10 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         WindowKey window = WindowKey.of(e, windowSizeMs);
         long held = watermark.held();
         boolean late = watermark.isLate(window.windowEndMs);
+        if (late && e.replayed) {
+            // The graph before the handover routed it already, late or counted in a window it closed.
+            return;
+        }
         metrics.record(late, held, e.eventTimeMs);
         if (late) {
             output.collect(LATE, new StreamRecord<>(new LateEvent(e, window.windowStartMs, window.windowEndMs, held), element.getTimestamp()));

@@ -35,6 +35,12 @@ public class MeteredEvent {
      */
     public String[] dimensionNames;
     public String[] dimensionValues;
+    /**
+     * Read again at a handover: the graph counting before it read this record already (it counted it,
+     * routed it late or refused it), so it marks its id and is counted only in a window that graph
+     * left open ({@code meterflow.handover}).
+     */
+    public boolean replayed;
     public long idHashHigh;
     public long idHashLow;
 

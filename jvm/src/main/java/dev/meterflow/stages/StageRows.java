@@ -30,6 +30,8 @@ import org.apache.flink.table.types.logical.VarCharType;
 public final class StageRows {
     /** The columns of a validated event the stages read, by name in the input row. */
     public static final List<String> EVENT_COLUMNS = List.of("event_id", "tenant_id", "customer_id", "meter", "quantity", "event_time", "dimensions", "dimensions_key");
+    /** A boolean column the input holds at a handover only: true for a record the graph before it read already. */
+    public static final String REPLAYED_COLUMN = "replayed";
     /** The late-events sink's columns but its processing time ({@code seen_at}, set by the sink's query), in order. */
     public static final List<String> LATE_COLUMNS = List.of("event_id", "tenant_id", "customer_id", "meter", "quantity", "event_time", "dimensions", "window_start", "window_end", "watermark", "lateness_ms");
 
@@ -51,6 +53,7 @@ public final class StageRows {
         int precision = quantity.getPrecision();
         int scale = quantity.getScale();
         Map<String, String> unique = new HashMap<>(uniqueDimensions);
+        int replayed = type.getFieldIndex(REPLAYED_COLUMN);
         return row -> {
             String meter = row.getString(at[3]).toString();
             String[][] dims = dimensions(row.isNullAt(at[6]) ? null : row.getMap(at[6]));
@@ -69,6 +72,7 @@ public final class StageRows {
                 e.dimensionNames = dims[0];
                 e.dimensionValues = dims[1];
             }
+            e.replayed = replayed >= 0 && !row.isNullAt(replayed) && row.getBoolean(replayed);
             return e;
         };
     }

@@ -73,6 +73,52 @@ class DedupAndPartialsTest {
         return out;
     }
 
+    private static KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> handover(long watermarkMs) throws Exception {
+        DedupAndPartials op = new DedupAndPartials(SIZE, LATENESS, Duration.ofDays(7), Map.of(), 1_000, 0, watermarkMs);
+        return new KeyedOneInputStreamOperatorTestHarness<>(op, MeteredEvent.idKey(), TypeInformation.of(new TypeHint<Tuple2<Long, Long>>() {}), MAX_PARALLELISM, 1, 0);
+    }
+
+    private static MeteredEvent replayed(MeteredEvent e) {
+        e.replayed = true;
+        return e;
+    }
+
+    @Test
+    void atAHandoverTheWindowsClosedBeforeStayClosedAndWhatWasReadBeforeOnlyMarksItsIdThere() throws Exception {
+        // The graph before closed W0 (its watermark reached CLOSE) and left the next window open.
+        try (var h = handover(CLOSE)) {
+            h.open();
+            send(h, replayed(event("t", "read-closed", "c", END - 1, "1"))); // counted before, in W0: its id only
+            send(h, replayed(event("t", "read-open", "c", END, "2"))); // read before, its window open here: counts
+            send(h, event("t", "new-closed", "c", W0 + 2, "4")); // first read here, its window closed: late
+            send(h, event("t", "read-closed", "c", END + 2, "8")); // a copy of an id read before: a duplicate
+            send(h, replayed(event("t", "read-closed-2", "c", W0 + 3, "32"))); // routed late before: nowhere again
+            send(h, event("t", "new-open", "c", END + 3, "16"));
+            h.processWatermark(new Watermark(CLOSE - 5_000)); // the replay's own watermark, behind the one held
+            h.prepareSnapshotPreBarrier(1);
+            assertEquals(List.of("new-closed"), late(h));
+            assertEquals(CLOSE, h.getSideOutput(DedupAndPartials.LATE).peek().getValue().watermarkMs);
+            assertEquals(List.of("wm:" + CLOSE, "c@60000=18/2"), output(h));
+        }
+    }
+
+    @Test
+    void aRestoredWatermarkAboveTheHandoversWins() throws Exception {
+        OperatorSubtaskState snapshot;
+        try (var h = handover(CLOSE)) {
+            h.open();
+            h.processWatermark(new Watermark(CLOSE + SIZE));
+            snapshot = h.snapshot(1, 1);
+        }
+        try (var h = handover(CLOSE)) {
+            h.initializeState(snapshot);
+            h.open();
+            send(h, event("t", "e", "c", END, "1")); // the next window closed after the handover: late
+            assertEquals(List.of("e"), late(h));
+            assertEquals(CLOSE + SIZE, ((DedupAndPartials) h.getOperator()).heldWatermark());
+        }
+    }
+
     @Test
     void theFirstCopyOfAnIdCountsPerTenant() throws Exception {
         try (var h = harness()) {

@@ -62,6 +62,26 @@ class StageRowsTest {
     }
 
     @Test
+    void theReplayedColumnOfAHandoverMarksTheEvent() throws Exception {
+        assertEquals(false, StageRows.events(INPUT, Map.of()).map(row("api_calls", Map.of())).replayed, "no such column: nothing replayed");
+        LogicalType[] types = INPUT.getChildren().toArray(LogicalType[]::new);
+        LogicalType[] withFlag = java.util.Arrays.copyOf(types, types.length + 1);
+        withFlag[types.length] = new org.apache.flink.table.types.logical.BooleanType(false);
+        String[] names = java.util.Arrays.copyOf(INPUT.getFieldNames().toArray(String[]::new), types.length + 1);
+        names[types.length] = StageRows.REPLAYED_COLUMN;
+        var events = StageRows.events(RowType.of(withFlag, names), Map.of());
+        for (boolean flag : new boolean[] {true, false}) {
+            GenericRowData in = (GenericRowData) row("api_calls", Map.of());
+            GenericRowData flagged = new GenericRowData(types.length + 1);
+            for (int i = 0; i < types.length; i++) {
+                flagged.setField(i, in.getField(i));
+            }
+            flagged.setField(types.length, flag);
+            assertEquals(flag, events.map(flagged).replayed);
+        }
+    }
+
+    @Test
     void aMissingColumnIsNamed() {
         RowType without = RowType.of(new LogicalType[] {STRING}, new String[] {"event_id"});
         var e = assertThrows(IllegalArgumentException.class, () -> StageRows.events(without, Map.of()));

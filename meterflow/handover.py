@@ -1,0 +1,117 @@
+"""Handing the counting over from the SQL graph to the two-stage graph (pure): where the new graph
+starts reading, what it treats as read already, and the watermark it starts from.
+
+The two graphs keep different state, so the new one cannot restore the old one's savepoint. It
+rebuilds what matters of it from the usage-events topic instead, in a job of its own consumer group:
+
+- **Windows the old graph closed stay closed.** The new graph's first stage holds, from its start,
+  the watermark that closed the last window the old graph made final (that window's close time), so
+  an event of a closed window is late in both graphs, against the same watermark.
+- **Windows it left open are counted again, whole.** Reading starts early enough to hold every event
+  of a window that was still open: its rows are recomputed from all their events and made final
+  once, by the new graph; the usage table keeps the higher revision meanwhile (the revision is the
+  event count).
+- **The dedup ids are rebuilt.** Every record from the start is read: its id is marked seen, so a
+  copy sent after the handover is a duplicate, as it was for the old graph.
+- **What the old graph routed is routed once.** A record below the offsets the old graph's savepoint
+  holds for its source (jvm/ ``SavepointOffsets``) was read by the old graph: its dead letter, or its late event, went out then, and goes
+  nowhere now; only counting it in a window left open remains.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from meterflow.config import JobConfig
+from meterflow.errors import ConfigError
+from meterflow.window_row import epoch_ms
+
+# Beside the new job's retained state (flink.checkpoint_dir/<job name>/): every submit of that job passes it on.
+HANDOVER_FILE = "handover.json"
+
+
+@dataclass(frozen=True)
+class Handover:
+    """The new graph's start: epoch ms throughout; offsets per partition of the usage-events topic."""
+
+    from_group: str
+    # The held watermark the first stage starts from: the last final window's close time (None: none was final).
+    watermark_ms: int | None
+    # The Kafka record timestamp (the broker's append time) reading starts at.
+    replay_from_ms: int
+    # Per partition, the first offset the old graph had not read.
+    read_below: dict[int, int]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "from_group": self.from_group,
+                "watermark_ms": self.watermark_ms,
+                "replay_from_ms": self.replay_from_ms,
+                "read_below": {str(p): o for p, o in sorted(self.read_below.items())},
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Handover:
+        data = json.loads(text)
+        return cls(
+            data["from_group"],
+            data["watermark_ms"],
+            data["replay_from_ms"],
+            {int(p): int(o) for p, o in data["read_below"].items()},
+        )
+
+
+def plan_handover(
+    cfg: JobConfig, from_group: str, read_below: Mapping[int, int], last_final_end: datetime | None
+) -> Handover:
+    """The handover from the job of consumer group ``from_group``, which read every record below
+    ``read_below`` (offsets per partition) and made final every window ending at or before
+    ``last_final_end``; or why not (:class:`ConfigError` naming the fix).
+
+    Reading starts ``dedup_horizon`` before the earliest copy the old graph could still have
+    dropped as a duplicate in a window it left open: such a copy is appended at most
+    ``event_time.max_event_ahead`` before its window, which starts at or after the last final window's
+    end, less one window. So every id the old graph held for those windows is marked again.
+    """
+    et = cfg.event_time
+    if cfg.flink.usage_graph != "two_stage":
+        msg = "a handover starts the two-stage graph from the SQL graph: set flink.usage_graph: two_stage"
+        raise ConfigError(msg)
+    if from_group == cfg.kafka.consumer_group:
+        msg = f"kafka.consumer_group is still {from_group}, the group handed over from: give the new job a new group"
+        raise ConfigError(msg)
+    if not read_below:
+        msg = f"neither the job's state nor consumer group {from_group} holds an offset on {cfg.kafka.usage_events_topic}: nothing to hand over from (a new start needs no handover)"
+        raise ConfigError(msg)
+    if last_final_end is None:
+        return Handover(from_group, None, 0, dict(read_below))
+    end_ms = epoch_ms(last_final_end)
+    close_ms = end_ms - 1 + _ms(et.allowed_lateness)
+    replay_from = end_ms - _ms(et.window_size) - _ms(et.max_event_ahead) - _ms(et.dedup_horizon)
+    return Handover(from_group, close_ms, max(0, replay_from), dict(read_below))
+
+
+def _ms(d: timedelta) -> int:
+    return d // timedelta(milliseconds=1)
+
+
+def read_handover(job_dir: Path | None) -> Path | None:
+    """The handover file beside a job's retained state, if its start was a handover."""
+    if job_dir is None:
+        return None
+    path = job_dir / HANDOVER_FILE
+    return path if path.is_file() else None
+
+
+def write_handover(job_dir: Path, handover: Handover) -> Path:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / HANDOVER_FILE
+    path.write_text(handover.to_json() + "\n")
+    return path
