@@ -11,7 +11,7 @@ from pathlib import Path
 
 from connectors.avro_types import AVRO_DIR, derive_columns, load_schema
 from connectors.topics import dead_letter_max_message_bytes
-from jobs.source_plan import EVENT_FIELDS, USAGE_SOURCE_TABLE, VALIDATED_VIEW
+from jobs.source_plan import EVENT_FIELDS, REPLAYED, USAGE_SOURCE_TABLE, VALIDATED_VIEW
 from jobs.sql import ms as _ms
 from jobs.sql import sql_epoch_ms, sql_interval, sql_string, sql_with
 from meterflow.config import JobConfig, MeterConfig
@@ -78,6 +78,12 @@ def dead_letter_sink_ddl(cfg: JobConfig, table: str = DEAD_LETTER_SINK_TABLE, pu
     """
     producer = {"properties.max.request.size": str(dead_letter_max_message_bytes(cfg))}
     return _exactly_once_kafka_sink(cfg, table, DEAD_LETTER_SCHEMA, cfg.kafka.dead_letter_topic, purpose, producer)
+
+
+def rejected_to_route(handover: bool) -> str:
+    """The rejected records the dead-letter insert takes: all of them, but at a handover those the
+    graph before read already (``replayed``), whose dead letters went out then."""
+    return f"{REJECTED} AND NOT `{REPLAYED}`" if handover else REJECTED
 
 
 def dead_letter_insert(

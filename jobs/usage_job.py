@@ -34,7 +34,6 @@ from jobs.plan import (
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
     GUARDED_VIEW,
-    REJECTED,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
@@ -43,6 +42,7 @@ from jobs.plan import (
     guard_input_query,
     late_events_insert,
     late_events_sink_ddl,
+    rejected_to_route,
     routed_query,
     state_backend_options,
     table_options,
@@ -252,8 +252,11 @@ def _stages_on(rows: Any, row_type: Any, cfg: JobConfig, handover: Handover | No
     """The two keyed JVM stages (jvm/ ``TwoStages``, a Java object with ``fires``, ``finals``, ``late`` and ``rejected``) on a Java stream of internal rows."""
     p = stage_parameters(cfg)
     gateway = get_gateway()
-    no_watermark = gateway.jvm.dev.meterflow.operators.WindowClose.NO_WATERMARK
-    watermark = handover.watermark_ms if handover is not None and handover.watermark_ms is not None else no_watermark
+    window_close = gateway.jvm.dev.meterflow.operators.WindowClose
+    watermark, closed_through = window_close.NO_WATERMARK, window_close.NOTHING_CLOSED
+    if handover is not None:
+        watermark = watermark if handover.watermark_ms is None else handover.watermark_ms
+        closed_through = closed_through if handover.closed_through_ms is None else handover.closed_through_ms
     return get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
         rows,
         row_type,
@@ -267,6 +270,7 @@ def _stages_on(rows: Any, row_type: Any, cfg: JobConfig, handover: Handover | No
         p.late_arrival_hold_ms,
         p.retain_closed_ms,
         watermark,
+        closed_through,
     )
 
 
@@ -314,8 +318,9 @@ def declare_pipeline(t_env: StreamTableEnvironment, cfg: JobConfig, handover: Ha
     if cfg.flink.usage_graph == "two_stage":
         _declare_stages(t_env, cfg, handover)
         statements.add_insert_sql(late_events_insert(STAGE_LATE_VIEW, where=""))
-        rejected = f"{REJECTED} AND NOT `{REPLAYED}`" if handover is not None else REJECTED
-        statements.add_insert_sql(dead_letter_insert(cfg, source=STAGE_REJECTED_VIEW, where=rejected))
+        statements.add_insert_sql(
+            dead_letter_insert(cfg, source=STAGE_REJECTED_VIEW, where=rejected_to_route(handover is not None))
+        )
     else:
         # The window guard, then classified events and rejected records in one materialised stream: the
         # topic is read once, and the dedup, the classifier and the late and dead-letter sinks run chained.

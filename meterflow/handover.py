@@ -5,8 +5,9 @@ The two graphs keep different state, so the new one cannot restore the old one's
 rebuilds what matters of it from the usage-events topic instead, in a job of its own consumer group:
 
 - **Windows the old graph closed stay closed.** The new graph's first stage holds, from its start,
-  the watermark that closed the last window the old graph made final (that window's close time), so
-  an event of a closed window is late in both graphs, against the same watermark.
+  the watermark and the closed-through boundary the old graph's savepoint holds, and at least the
+  close time of the last window it made final, so an event of a closed window is late in both
+  graphs, against the same watermark.
 - **Windows it left open are counted again, whole.** Reading starts early enough to hold every event
   of a window that was still open: its rows are recomputed from all their events and made final
   once, by the new graph; the usage table keeps the higher revision meanwhile (the revision is the
@@ -39,12 +40,14 @@ class Handover:
     """The new graph's start: epoch ms throughout; offsets per partition of the usage-events topic."""
 
     from_group: str
-    # The held watermark the first stage starts from: the last final window's close time (None: none was final).
+    # The held watermark the first stage starts from: the old graph's, at least the last final window's close time (None: neither).
     watermark_ms: int | None
     # The Kafka record timestamp (the broker's append time) reading starts at.
     replay_from_ms: int
     # Per partition, the first offset the old graph had not read.
     read_below: dict[int, int]
+    # The old graph's closed-through boundary: windows ending at or before it are closed (None: none held).
+    closed_through_ms: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -53,6 +56,7 @@ class Handover:
                 "watermark_ms": self.watermark_ms,
                 "replay_from_ms": self.replay_from_ms,
                 "read_below": {str(p): o for p, o in sorted(self.read_below.items())},
+                "closed_through_ms": self.closed_through_ms,
             },
             indent=2,
         )
@@ -65,15 +69,36 @@ class Handover:
             data["watermark_ms"],
             data["replay_from_ms"],
             {int(p): int(o) for p, o in data["read_below"].items()},
+            data.get("closed_through_ms"),
         )
 
 
+@dataclass(frozen=True)
+class StoppedAt:
+    """Where the old graph's savepoint left off (jvm/ ``SavepointOffsets``)."""
+
+    offsets: dict[int, int]  # per partition its source read, the next offset
+    held_watermark_ms: int | None = None
+    closed_through_ms: int | None = None
+
+
+def read_below(committed: Mapping[int, int], stopped: StoppedAt) -> dict[int, int]:
+    """Per partition, the first offset the old graph had not read: the savepoint's, exactly where it
+    stopped; the group's committed offset only where its readers had not read since they started there
+    (Flink commits the group's offsets after a checkpoint, and may not for the savepoint it stops with)."""
+    return {**committed, **stopped.offsets}
+
+
 def plan_handover(
-    cfg: JobConfig, from_group: str, read_below: Mapping[int, int], last_final_end: datetime | None
+    cfg: JobConfig,
+    from_group: str,
+    below: Mapping[int, int],
+    last_final_end: datetime | None,
+    stopped: StoppedAt | None = None,
 ) -> Handover:
     """The handover from the job of consumer group ``from_group``, which read every record below
-    ``read_below`` (offsets per partition) and made final every window ending at or before
-    ``last_final_end``; or why not (:class:`ConfigError` naming the fix).
+    ``below`` (offsets per partition), held what ``stopped`` says, and made final every window
+    ending at or before ``last_final_end``; or why not (:class:`ConfigError` naming the fix).
 
     Reading starts ``dedup_horizon`` before the earliest copy the old graph could still have
     dropped as a duplicate in a window it left open: such a copy is appended at most
@@ -87,15 +112,17 @@ def plan_handover(
     if from_group == cfg.kafka.consumer_group:
         msg = f"kafka.consumer_group is still {from_group}, the group handed over from: give the new job a new group"
         raise ConfigError(msg)
-    if not read_below:
+    if not below:
         msg = f"neither the job's state nor consumer group {from_group} holds an offset on {cfg.kafka.usage_events_topic}: nothing to hand over from (a new start needs no handover)"
         raise ConfigError(msg)
-    if last_final_end is None:
-        return Handover(from_group, None, 0, dict(read_below))
-    end_ms = epoch_ms(last_final_end)
-    close_ms = end_ms - 1 + _ms(et.allowed_lateness)
-    replay_from = end_ms - _ms(et.window_size) - _ms(et.max_event_ahead) - _ms(et.dedup_horizon)
-    return Handover(from_group, close_ms, max(0, replay_from), dict(read_below))
+    stopped = stopped or StoppedAt({})
+    held = [w for w in (stopped.held_watermark_ms,) if w is not None]
+    replay_from = 0
+    if last_final_end is not None:
+        end_ms = epoch_ms(last_final_end)
+        held.append(end_ms - 1 + _ms(et.allowed_lateness))
+        replay_from = max(0, end_ms - _ms(et.window_size) - _ms(et.max_event_ahead) - _ms(et.dedup_horizon))
+    return Handover(from_group, max(held) if held else None, replay_from, dict(below), stopped.closed_through_ms)
 
 
 def _ms(d: timedelta) -> int:

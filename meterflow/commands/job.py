@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.handover import Handover, plan_handover, read_handover, write_handover
+from meterflow.handover import Handover, plan_handover, read_below, read_handover, write_handover
 
 
 @cli.command()
@@ -109,6 +109,9 @@ def submit_jobs(
     starts = []
     for name, submit_job, explicit, settings in plan:
         existing = flink_jobs.running_jobs(cfg, name)
+        if existing and handover_from and name == cfg.flink.job_name:
+            msg = f"job {name} is running ({existing[0]['jid']}): stop it first (`meterflow stop --savepoint`): --handover-from starts where it left off"
+            raise JobSubmissionError(msg)
         if existing and not force:
             err_console.print(f"job {name} already running: {existing[0]['jid']} (use --force to submit another)")
             continue
@@ -135,7 +138,7 @@ def submit_jobs(
         )
         handover = None
         if name == cfg.flink.job_name:
-            handover = usage_job_handover(cfg, handover_from, job_dir, start.restore, newest)
+            handover = usage_job_handover(cfg, handover_from, job_dir, start, newest, recorded, settings)
         starts.append((name, submit_job, settings, job_dir, start, handover))
     for name, submit_job, settings, job_dir, start, handover in starts:
         for note in start.notes:
@@ -159,35 +162,47 @@ def submit_jobs(
 
 
 def usage_job_handover(
-    cfg: Any, handover_from: str | None, job_dir: Path | None, restore: str | None, newest: Any = None
+    cfg: Any,
+    handover_from: str | None,
+    job_dir: Path | None,
+    start: Any,
+    newest: Any = None,
+    recorded: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Handover | Path | None:
-    """The usage job's handover: planned now from the state the SQL job of group ``handover_from`` left
-    (``newest``, its savepoint or last checkpoint) and the usage table's last final window; or the
-    file of the handover that the state it restores started with."""
+    """The usage job's handover: planned now from the savepoint ``newest`` that the SQL job of group
+    ``handover_from`` stopped with, and the usage table's last final window; or the file of the
+    handover this job started with, for every start that keeps its state (a restore, or a first
+    start again before any checkpoint)."""
     from connectors.kafka_admin import committed_offsets
     from meterflow.errors import JobSubmissionError
-    from meterflow.local.savepoints import savepoint_offsets
+    from meterflow.local.savepoints import stopped_at
+    from meterflow.retained_state import unsafe_changes
     from sinks.postgres import last_final_end
 
     if handover_from is None:
-        return read_handover(job_dir) if restore else None
-    if restore:
-        msg = f"--handover-from starts from empty state, and this submit would restore {restore}: add --fresh"
+        return None if start.forget else read_handover(job_dir)
+    if start.restore:
+        msg = f"--handover-from starts from empty state, and this submit would restore {start.restore}: add --fresh"
         raise JobSubmissionError(msg)
     if job_dir is None:
         msg = "--handover-from keeps the handover beside the job's state: flink.checkpoint_dir must be a local or mounted directory"
         raise JobSubmissionError(msg)
-    if newest is None:
-        msg = f"{cfg.flink.job_name} left no savepoint or checkpoint to hand over from: stop the SQL job with `meterflow stop --savepoint` first"
+    if newest is None or newest.kind != "savepoint":
+        msg = f"{cfg.flink.job_name} left no savepoint to hand over from: stop the SQL job with `meterflow stop --savepoint` first"
         raise JobSubmissionError(msg)
+    if recorded is not None and settings is not None:
+        if recorded.get("usage_graph", "sql") != "sql":
+            msg = f"{newest.path} is the two-stage graph's: a handover starts it from the SQL graph's savepoint"
+            raise JobSubmissionError(msg)
+        changed = [c for c in unsafe_changes(recorded, settings) if not c.startswith("flink.usage_graph")]
+        if changed:
+            msg = f"the SQL job's state was made with other settings ({'; '.join(changed)}): hand over with the settings it ran with"
+            raise JobSubmissionError(msg)
     topic = cfg.kafka.usage_events_topic
-    # Exactly where the job stopped; the group's offsets (committed after a checkpoint, maybe not after the
-    # savepoint it stopped with) only for a partition its readers had not read since they started there.
-    read_below = {
-        **committed_offsets(cfg.kafka.bootstrap_servers, handover_from, topic),
-        **savepoint_offsets(newest.path, topic),
-    }
-    return plan_handover(cfg, handover_from, read_below, last_final_end(cfg.postgres))
+    stopped = stopped_at(newest.path, topic)
+    below = read_below(committed_offsets(cfg.kafka.bootstrap_servers, handover_from, topic), stopped)
+    return plan_handover(cfg, handover_from, below, last_final_end(cfg.postgres), stopped)
 
 
 def read_handover_file(path: Path) -> Handover:
@@ -203,8 +218,8 @@ def _describe_handover(h: Handover) -> str:
     )
     return (
         f"handing over from consumer group {h.from_group}: reading the usage events again from {since} UTC, "
-        f"{closed}; records below its committed offsets ({len(h.read_below)} partitions) only mark their ids "
-        "or count in windows left open"
+        f"{closed}; records it read ({len(h.read_below)} partitions) route nothing again: they mark their ids "
+        "or count in windows it left open"
     )
 
 

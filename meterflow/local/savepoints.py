@@ -7,12 +7,14 @@ import subprocess
 from pathlib import Path
 
 from meterflow.errors import JobSubmissionError
+from meterflow.handover import StoppedAt
 from meterflow.local.flink import JVM_JAR_DIR, flink_home
 
 
-def savepoint_offsets(state: Path, topic: str) -> dict[int, int]:
-    """Per partition of ``topic``, the next offset the source of the job that wrote ``state`` (a savepoint
-    or retained checkpoint directory) would have read; partitions its readers never read are absent."""
+def stopped_at(state: Path, topic: str) -> StoppedAt:
+    """Where the job that wrote ``state`` (a savepoint or retained checkpoint directory) stopped: per
+    partition of ``topic`` the next offset its source would have read (partitions its readers never
+    read are absent), and the watermark and closed-through boundary its lateness decisions held."""
     if not (state / "_metadata").is_file():
         msg = f"{state} is no savepoint or retained checkpoint: it holds no _metadata"
         raise JobSubmissionError(msg)
@@ -28,4 +30,12 @@ def savepoint_offsets(state: Path, topic: str) -> dict[int, int]:
         tail = "\n".join(line for line in r.stderr.strip().splitlines()[-15:] if not line.lstrip().startswith("at "))
         msg = f"could not read the Kafka source's offsets in {state}:\n{tail}"
         raise JobSubmissionError(msg)
-    return {int(p): int(o) for p, o in (line.split() for line in r.stdout.splitlines() if line.strip())}
+    offsets: dict[int, int] = {}
+    held: dict[str, int] = {}
+    for line in r.stdout.splitlines():
+        match line.split():
+            case ["partition", partition, offset]:
+                offsets[int(partition)] = int(offset)
+            case [name, value]:
+                held[name] = int(value)
+    return StoppedAt(offsets, held.get("held-watermark"), held.get("closed-through"))

@@ -7,13 +7,14 @@ from datetime import datetime, timedelta
 import pytest
 from click.testing import CliRunner
 
-from jobs.plan import GUARD_INPUT_COLUMNS, guard_input_query
+from jobs.plan import GUARD_INPUT_COLUMNS, REJECTED, guard_input_query, rejected_to_route
 from jobs.source_plan import REPLAYED, replayed_expr, usage_source_ddl, usage_source_options, validate_query
 from meterflow.commands import cli
 from meterflow.commands.job import usage_job_handover
 from meterflow.config import load_config
 from meterflow.errors import ConfigError, JobSubmissionError
-from meterflow.handover import Handover, plan_handover, read_handover, write_handover
+from meterflow.handover import Handover, StoppedAt, plan_handover, read_below, read_handover, write_handover
+from meterflow.retained_state import StartPoint
 from meterflow.window_row import epoch_ms
 
 TWO_STAGE = """
@@ -48,7 +49,23 @@ def test_reading_starts_a_dedup_horizon_before_the_earliest_copy_an_open_window_
 
 def test_with_no_final_window_everything_is_read_again_and_no_watermark_is_held(cfg):
     h = plan_handover(cfg, "old-group", {0: 1}, None)
-    assert (h.watermark_ms, h.replay_from_ms) == (None, 0)
+    assert (h.watermark_ms, h.replay_from_ms, h.closed_through_ms) == (None, 0, None)
+
+
+def test_the_watermark_the_old_job_held_wins_over_the_last_final_windows_close(cfg):
+    """A window closed with no counted row (only late or refused events) leaves no final row: the savepoint's watermark says it closed."""
+    close = epoch_ms(LAST_FINAL_END) - 1 + 5 * 60_000
+    above = plan_handover(cfg, "g", {0: 1}, LAST_FINAL_END, StoppedAt({0: 1}, close + 120_000, close + 60_000))
+    assert (above.watermark_ms, above.closed_through_ms) == (close + 120_000, close + 60_000)
+    below = plan_handover(cfg, "g", {0: 1}, LAST_FINAL_END, StoppedAt({0: 1}, close - 1, None))
+    assert (below.watermark_ms, below.closed_through_ms) == (close, None)
+    assert plan_handover(cfg, "g", {0: 1}, None, StoppedAt({0: 1}, 5_000)).watermark_ms == 5_000
+
+
+def test_the_savepoints_offsets_win_over_the_groups_committed_ones():
+    """The group commits after a checkpoint, maybe not after the savepoint: its offsets only where the savepoint's source never read."""
+    assert read_below({0: 5, 1: 8, 2: 3}, StoppedAt({0: 9, 1: 8})) == {0: 9, 1: 8, 2: 3}
+    assert read_below({}, StoppedAt({1: 4})) == {1: 4}
 
 
 @pytest.mark.parametrize(
@@ -75,7 +92,7 @@ def test_the_handover_file_round_trips_beside_the_job_state(tmp_path, cfg):
 
 
 def test_a_first_start_reads_from_the_replay_start_and_marks_what_the_old_group_read(cfg):
-    h = Handover("old-group", 1_000, 123_456, {2: 40, 0: 7})
+    h = Handover("old-group", 1_000, 123_456, {2: 40, 0: 7}, 900)
     options = usage_source_options(cfg, h)
     assert (options["scan.startup.mode"], options["scan.startup.timestamp-millis"]) == ("timestamp", "123456")
     assert usage_source_options(cfg)["scan.startup.mode"] == "group-offsets"
@@ -88,22 +105,57 @@ def test_a_first_start_reads_from_the_replay_start_and_marks_what_the_old_group_
     assert replayed_expr(Handover("old-group", None, 0, {})) == "FALSE"
 
 
+def test_records_read_before_the_handover_are_no_dead_letters_again():
+    assert rejected_to_route(False) == REJECTED
+    assert rejected_to_route(True) == f"{REJECTED} AND NOT `{REPLAYED}`"
+
+
 def test_the_replayed_column_passes_the_window_guard_only_at_a_handover():
     assert guard_input_query().count("`") == 2 * (len(GUARD_INPUT_COLUMNS) + 1)
     assert guard_input_query((REPLAYED,)).endswith(f"`{REPLAYED}` FROM `validated_events`")
 
 
-def test_a_submit_that_would_restore_state_or_keeps_none_is_no_handover(cfg, tmp_path):
+class _Savepoint:
+    def __init__(self, kind: str) -> None:
+        self.kind, self.path = kind, "/state/savepoints/savepoint-1"
+
+
+FRESH = StartPoint(None, (), forget=True)
+RESTORE = StartPoint("/state/chk-3", ())
+FIRST = StartPoint(None, ())
+
+
+def test_a_handover_is_refused_where_it_cannot_start_from_the_sql_jobs_savepoint(cfg, tmp_path):
     with pytest.raises(JobSubmissionError, match="add --fresh"):
-        usage_job_handover(cfg, "old-group", tmp_path, "/state/chk-3")
+        usage_job_handover(cfg, "old-group", tmp_path, RESTORE)
     with pytest.raises(JobSubmissionError, match="local or mounted directory"):
-        usage_job_handover(cfg, "old-group", None, None)
-    with pytest.raises(JobSubmissionError, match="stop the SQL job with `meterflow stop --savepoint` first"):
-        usage_job_handover(cfg, "old-group", tmp_path, None, None)
-    # A later submit restoring the handed-over job's state passes its handover on; one without state has none.
+        usage_job_handover(cfg, "old-group", None, FRESH)
+    for newest in (None, _Savepoint("checkpoint")):
+        with pytest.raises(JobSubmissionError, match="stop the SQL job with `meterflow stop --savepoint` first"):
+            usage_job_handover(cfg, "old-group", tmp_path, FRESH, newest)
+    settings = {"usage_graph": "two_stage", "window_size": "0:01:00", "window_aggregate": "SUM", "meters": {}}
+    with pytest.raises(JobSubmissionError, match="is the two-stage graph's"):
+        usage_job_handover(cfg, "old-group", tmp_path, FRESH, _Savepoint("savepoint"), settings, settings)
+    with pytest.raises(JobSubmissionError, match="window_size was 0:05:00"):
+        usage_job_handover(
+            cfg,
+            "old-group",
+            tmp_path,
+            FRESH,
+            _Savepoint("savepoint"),
+            {**settings, "usage_graph": "sql", "window_size": "0:05:00"},
+            settings,
+        )
+
+
+def test_every_start_that_keeps_the_handed_over_jobs_state_passes_its_handover_on(cfg, tmp_path):
+    """A restore, and a first start again when the job ended before its first checkpoint; not a --fresh one."""
+    assert usage_job_handover(cfg, None, tmp_path, RESTORE) is None
     path = write_handover(tmp_path, Handover("old-group", None, 0, {0: 1}))
-    assert usage_job_handover(cfg, None, tmp_path, "/state/chk-3") == path
-    assert usage_job_handover(cfg, None, tmp_path, None) is None
+    assert usage_job_handover(cfg, None, tmp_path, RESTORE) == path
+    assert usage_job_handover(cfg, None, tmp_path, FIRST) == path
+    assert usage_job_handover(cfg, None, tmp_path, FRESH) is None
+    assert usage_job_handover(cfg, None, None, FIRST) is None
 
 
 def test_handover_with_force_is_refused(write_config):

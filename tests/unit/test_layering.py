@@ -36,6 +36,8 @@ PURE_MODULES = [
     "meterflow/reprocess.py",
     "jobs/reprocess_plan.py",
     "sinks/reprocess_schema.py",
+    "meterflow/handover.py",
+    "jobs/stages_plan.py",
 ]
 FORBIDDEN = ("pyflink", "psycopg", "kafka", "stripe", "requests", "urllib", "httpx")
 

@@ -44,12 +44,12 @@ public final class HeldWatermark {
     }
 
     /**
-     * Holds at least {@code watermarkMs} from now on (and the boundary it closes): the close time of the
-     * last window another graph closed, when this one takes the counting over from it.
+     * Holds at least {@code watermarkMs} and the closed-through boundary {@code closedThroughMs} from now
+     * on: what the other graph held, when this one takes the counting over from it.
      */
-    public void holdAtLeast(long watermarkMs) {
+    public void holdAtLeast(long watermarkMs, long closedThroughMs) {
         held = Math.max(held, watermarkMs);
-        closedThrough = WindowClose.closedThrough(closedThrough, held, allowedLatenessMs);
+        closedThrough = WindowClose.closedThrough(Math.max(closedThrough, closedThroughMs), held, allowedLatenessMs);
     }
 
     public void snapshot() throws Exception {

@@ -9,6 +9,7 @@ import java.nio.file.Paths;
 import java.util.Map;
 import java.util.TreeMap;
 
+import org.apache.flink.api.common.typeutils.base.LongSerializer;
 import org.apache.flink.api.common.typeutils.base.array.BytePrimitiveArraySerializer;
 import org.apache.flink.core.fs.FSDataInputStream;
 import org.apache.flink.core.io.SimpleVersionedSerialization;
@@ -21,7 +22,7 @@ import org.apache.flink.runtime.checkpoint.metadata.CheckpointMetadata;
 import org.apache.flink.runtime.state.OperatorStateHandle;
 
 /**
- * The offsets a savepoint (or retained checkpoint) holds for the Kafka source of one topic: per
+ * Where a usage job's savepoint left off. The offsets it holds for the Kafka source of one topic: per
  * partition, the next offset its reader would have read, so every record below it was read by the
  * job that wrote the savepoint. Unlike the consumer group's committed offsets, which Flink's Kafka
  * source commits after a checkpoint completes and may not commit for the savepoint a job stops with,
@@ -32,12 +33,19 @@ import org.apache.flink.runtime.state.OperatorStateHandle;
  * A split that had not read since it was assigned holds a negative marker (the earliest, latest or
  * committed offset) and is left out: the caller takes the group's committed offset for it.
  *
+ * <p>And the watermark its lateness decisions held ({@code HeldWatermark}'s union states
+ * {@code held-watermark} and {@code closed-through}, the highest of each): windows it closed, with or
+ * without a counted event, stay closed in the job that takes over.
+ *
  * <p>Run as {@code java -cp <flink lib>:<this jar> dev.meterflow.source.SavepointOffsets <dir> <topic>}:
- * prints one line per partition, "partition offset".
+ * prints "partition P OFFSET" per partition, then "held-watermark MS" and "closed-through MS" if held.
  */
 public final class SavepointOffsets {
     /** The source operator's list state of its readers' splits (Flink's SourceOperator). */
     static final String READER_STATE = "SourceReaderState";
+    /** The union states of dev.meterflow.operators.HeldWatermark. */
+    static final String HELD_WATERMARK = "held-watermark";
+    static final String CLOSED_THROUGH = "closed-through";
 
     private SavepointOffsets() {}
 
@@ -46,15 +54,53 @@ public final class SavepointOffsets {
             System.err.println("usage: SavepointOffsets <savepoint or checkpoint directory> <topic>");
             System.exit(2);
         }
-        read(Paths.get(args[0]), args[1]).forEach((partition, offset) -> System.out.println(partition + " " + offset));
+        Path directory = Paths.get(args[0]);
+        CheckpointMetadata metadata = metadata(directory);
+        offsets(metadata, args[1]).forEach((partition, offset) -> System.out.println("partition " + partition + " " + offset));
+        for (String name : new String[] {HELD_WATERMARK, CLOSED_THROUGH}) {
+            Long held = highest(metadata, name);
+            if (held != null) {
+                System.out.println(name + " " + held);
+            }
+        }
     }
 
     /** Partition to the next offset to read, for every split of {@code topic} that had read. */
     public static Map<Integer, Long> read(Path directory, String topic) throws IOException {
-        CheckpointMetadata metadata;
+        return offsets(metadata(directory), topic);
+    }
+
+    static CheckpointMetadata metadata(Path directory) throws IOException {
         try (DataInputStream in = new DataInputStream(Files.newInputStream(directory.resolve("_metadata")))) {
-            metadata = Checkpoints.loadCheckpointMetadata(in, SavepointOffsets.class.getClassLoader(), directory.toUri().toString());
+            return Checkpoints.loadCheckpointMetadata(in, SavepointOffsets.class.getClassLoader(), directory.toUri().toString());
         }
+    }
+
+    /** The highest value of the long list state {@code name} over every operator and subtask, null when none holds it. */
+    static Long highest(CheckpointMetadata metadata, String name) throws IOException {
+        Long highest = null;
+        for (OperatorState operator : metadata.getOperatorStates()) {
+            for (OperatorSubtaskState subtask : operator.getStates()) {
+                for (OperatorStateHandle handle : subtask.getManagedOperatorState()) {
+                    OperatorStateHandle.StateMetaInfo values = handle.getStateNameToPartitionOffsets().get(name);
+                    if (values == null) {
+                        continue;
+                    }
+                    try (FSDataInputStream in = handle.openInputStream()) {
+                        DataInputViewStreamWrapper view = new DataInputViewStreamWrapper(in);
+                        for (long at : values.getOffsets()) {
+                            in.seek(at);
+                            long value = LongSerializer.INSTANCE.deserialize(view);
+                            highest = highest == null ? value : Math.max(highest, value);
+                        }
+                    }
+                }
+            }
+        }
+        return highest;
+    }
+
+    static Map<Integer, Long> offsets(CheckpointMetadata metadata, String topic) throws IOException {
         Map<Integer, Long> offsets = new TreeMap<>();
         for (OperatorState operator : metadata.getOperatorStates()) {
             for (OperatorSubtaskState subtask : operator.getStates()) {

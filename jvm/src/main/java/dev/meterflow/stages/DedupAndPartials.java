@@ -77,6 +77,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
     private final int maxPartials;
     private final long earlyFireMs;
     private final long handoverWatermarkMs;
+    private final long handoverClosedThroughMs;
 
     private transient ValueStateDescriptor<Boolean> seenDescriptor;
     private transient ValueState<Boolean> seen;
@@ -93,15 +94,16 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
      * @param earlyFireMs processing time between emissions of every partial (0: only at barriers, watermarks and the bound)
      */
     public DedupAndPartials(long windowSizeMs, long allowedLatenessMs, Duration dedupHorizon, Map<String, WindowPartial.Aggregation> aggregations, int maxPartials, long earlyFireMs) {
-        this(windowSizeMs, allowedLatenessMs, dedupHorizon, aggregations, maxPartials, earlyFireMs, WindowClose.NO_WATERMARK);
+        this(windowSizeMs, allowedLatenessMs, dedupHorizon, aggregations, maxPartials, earlyFireMs, WindowClose.NO_WATERMARK, WindowClose.NOTHING_CLOSED);
     }
 
     /**
-     * @param handoverWatermarkMs at a handover from the other graph, the watermark it closed its last
-     *     window at: held from the start, so every window it closed is closed here too ({@link WindowClose#NO_WATERMARK}: none)
+     * @param handoverWatermarkMs at a handover from the other graph, the watermark it held: held from
+     *     the start, so every window it closed is closed here too ({@link WindowClose#NO_WATERMARK}: none)
+     * @param handoverClosedThroughMs and its closed-through boundary ({@link WindowClose#NOTHING_CLOSED}: none)
      */
     public DedupAndPartials(long windowSizeMs, long allowedLatenessMs, Duration dedupHorizon, Map<String, WindowPartial.Aggregation> aggregations, int maxPartials, long earlyFireMs,
-            long handoverWatermarkMs) {
+            long handoverWatermarkMs, long handoverClosedThroughMs) {
         if (windowSizeMs <= 0 || allowedLatenessMs < 0 || maxPartials < 1 || earlyFireMs < 0) {
             throw new IllegalArgumentException("window size > 0, allowed lateness >= 0, max partials >= 1 and early fire >= 0");
         }
@@ -112,6 +114,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         this.maxPartials = maxPartials;
         this.earlyFireMs = earlyFireMs;
         this.handoverWatermarkMs = handoverWatermarkMs;
+        this.handoverClosedThroughMs = handoverClosedThroughMs;
     }
 
     /** The type of the partials it emits (the second stage's input). */
@@ -124,9 +127,7 @@ public class DedupAndPartials extends AbstractStreamOperator<PartialWindow> impl
         super.initializeState(context);
         watermark = new HeldWatermark(allowedLatenessMs);
         watermark.initialize(context.getOperatorStateStore());
-        if (handoverWatermarkMs != WindowClose.NO_WATERMARK) {
-            watermark.holdAtLeast(handoverWatermarkMs);
-        }
+        watermark.holdAtLeast(handoverWatermarkMs, handoverClosedThroughMs);
     }
 
     @Override

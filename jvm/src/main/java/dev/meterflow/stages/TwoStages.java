@@ -4,6 +4,8 @@ import java.time.Duration;
 import java.util.HashMap;
 import java.util.Map;
 
+import dev.meterflow.operators.WindowClose;
+
 import org.apache.flink.api.common.typeinfo.TypeInformation;
 import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.streaming.api.datastream.DataStream;
@@ -49,23 +51,24 @@ public final class TwoStages {
     public static TwoStages apply(DataStream<RowData> guarded, RowType type, long windowSizeMs, long allowedLatenessMs, long dedupHorizonMs,
             Map<String, String> aggregations, Map<String, String> uniqueDimensions, int maxPartials, long earlyFireMs, long lateArrivalHoldMs, long retainClosedMs) {
         return apply(guarded, type, windowSizeMs, allowedLatenessMs, dedupHorizonMs, aggregations, uniqueDimensions, maxPartials, earlyFireMs, lateArrivalHoldMs, retainClosedMs,
-            dev.meterflow.operators.WindowClose.NO_WATERMARK);
+            WindowClose.NO_WATERMARK, WindowClose.NOTHING_CLOSED);
     }
 
     /**
      * As above, at a handover from the other graph: the first stage holds {@code handoverWatermarkMs}
-     * from the start, and the input's {@code replayed} column, if any, marks the records that graph read.
+     * and {@code handoverClosedThroughMs} from the start, and the input's {@code replayed} column, if
+     * any, marks the records that graph read.
      */
     public static TwoStages apply(DataStream<RowData> guarded, RowType type, long windowSizeMs, long allowedLatenessMs, long dedupHorizonMs,
             Map<String, String> aggregations, Map<String, String> uniqueDimensions, int maxPartials, long earlyFireMs, long lateArrivalHoldMs, long retainClosedMs,
-            long handoverWatermarkMs) {
+            long handoverWatermarkMs, long handoverClosedThroughMs) {
         Map<String, WindowPartial.Aggregation> byMeter = new HashMap<>();
         aggregations.forEach((meter, aggregation) -> byMeter.put(meter, WindowPartial.Aggregation.valueOf(aggregation)));
         SingleOutputStreamOperator<MeteredEvent> events = guarded.process(new CountedOrRejected(type, uniqueDimensions), TypeInformation.of(MeteredEvent.class))
             .name("metered events, rejects aside").uid("metered-events");
         SingleOutputStreamOperator<PartialWindow> partials = events.keyBy(MeteredEvent.idKey(), Types.TUPLE(Types.LONG, Types.LONG))
             .transform("dedup, classify late or on time, partial windows", DedupAndPartials.outputType(),
-                new DedupAndPartials(windowSizeMs, allowedLatenessMs, Duration.ofMillis(dedupHorizonMs), byMeter, maxPartials, earlyFireMs, handoverWatermarkMs))
+                new DedupAndPartials(windowSizeMs, allowedLatenessMs, Duration.ofMillis(dedupHorizonMs), byMeter, maxPartials, earlyFireMs, handoverWatermarkMs, handoverClosedThroughMs))
             .uid("dedup-and-partials");
         SingleOutputStreamOperator<Row> finals = partials.keyBy(WindowKey.selector(), Types.STRING)
             .process(new WindowMerger(allowedLatenessMs, lateArrivalHoldMs, retainClosedMs, earlyFireMs > 0), WindowMerger.outputType())

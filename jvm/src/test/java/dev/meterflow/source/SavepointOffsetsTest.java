@@ -14,6 +14,7 @@ import java.util.Map;
 
 import org.apache.flink.api.common.state.ListState;
 import org.apache.flink.api.common.state.ListStateDescriptor;
+import org.apache.flink.api.common.typeinfo.Types;
 import org.apache.flink.api.common.typeutils.base.array.BytePrimitiveArraySerializer;
 import org.apache.flink.core.io.SimpleVersionedSerialization;
 import org.apache.flink.core.io.SimpleVersionedSerializer;
@@ -61,9 +62,11 @@ class SavepointOffsetsTest {
     static final class HoldsSplits extends AbstractStreamOperator<String> implements OneInputStreamOperator<String, String> {
         private static final long serialVersionUID = 1L;
         private final ArrayList<byte[]> splits;
+        private final long heldWatermark;
 
-        HoldsSplits(List<byte[]> splits) {
+        HoldsSplits(List<byte[]> splits, long heldWatermark) {
             this.splits = new ArrayList<>(splits);
+            this.heldWatermark = heldWatermark;
         }
 
         @Override
@@ -71,6 +74,7 @@ class SavepointOffsetsTest {
             super.initializeState(context);
             ListState<byte[]> state = context.getOperatorStateStore().getListState(new ListStateDescriptor<>(SavepointOffsets.READER_STATE, BytePrimitiveArraySerializer.INSTANCE));
             state.update(splits);
+            context.getOperatorStateStore().getUnionListState(new ListStateDescriptor<>(SavepointOffsets.HELD_WATERMARK, Types.LONG)).update(List.of(heldWatermark));
         }
 
         @Override
@@ -81,8 +85,8 @@ class SavepointOffsetsTest {
         return SimpleVersionedSerialization.writeVersionAndSerialize(KAFKA_SPLIT, new Object[] {topic, partition, offset});
     }
 
-    private static OperatorSubtaskState snapshot(List<byte[]> splits) throws Exception {
-        try (var h = new OneInputStreamOperatorTestHarness<String, String>(new HoldsSplits(splits))) {
+    private static OperatorSubtaskState snapshot(List<byte[]> splits, long heldWatermark) throws Exception {
+        try (var h = new OneInputStreamOperatorTestHarness<String, String>(new HoldsSplits(splits, heldWatermark))) {
             h.open();
             return h.snapshot(1, 1);
         }
@@ -91,13 +95,17 @@ class SavepointOffsetsTest {
     @Test
     void theNextOffsetOfEverySplitOfTheTopicAcrossSubtasks() throws Exception {
         OperatorState source = new OperatorState("source", "source", new OperatorID(), 2, 128);
-        source.putState(0, snapshot(List.of(split("usage", 0, 10), split("usage", 1, 20), split("other", 0, 99))));
+        source.putState(0, snapshot(List.of(split("usage", 0, 10), split("usage", 1, 20), split("other", 0, 99)), 5_000L));
         // A split that had not read since it was assigned holds a marker (here the committed offset's, -3).
-        source.putState(1, snapshot(List.of(split("usage", 2, 30), split("usage", 3, -3))));
+        source.putState(1, snapshot(List.of(split("usage", 2, 30), split("usage", 3, -3)), 7_000L));
         OperatorState other = new OperatorState("window", "window", new OperatorID(), 2, 128);
         CheckpointMetadata metadata = new CheckpointMetadata(7L, List.of(source, other), List.of());
         assertEquals(Map.of(0, 10L, 1, 20L, 2, 30L), SavepointOffsets.read(write(metadata), "usage"));
         assertEquals(Map.of(0, 99L), SavepointOffsets.read(write(metadata), "other"));
+        // The watermark the job held: the highest of its subtasks'; a state nobody holds is null.
+        CheckpointMetadata read = SavepointOffsets.metadata(write(metadata));
+        assertEquals(7_000L, SavepointOffsets.highest(read, SavepointOffsets.HELD_WATERMARK));
+        assertEquals(null, SavepointOffsets.highest(read, SavepointOffsets.CLOSED_THROUGH));
     }
 
     @TempDir

@@ -74,7 +74,11 @@ class DedupAndPartialsTest {
     }
 
     private static KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> handover(long watermarkMs) throws Exception {
-        DedupAndPartials op = new DedupAndPartials(SIZE, LATENESS, Duration.ofDays(7), Map.of(), 1_000, 0, watermarkMs);
+        return handover(watermarkMs, dev.meterflow.operators.WindowClose.NOTHING_CLOSED);
+    }
+
+    private static KeyedOneInputStreamOperatorTestHarness<Tuple2<Long, Long>, MeteredEvent, PartialWindow> handover(long watermarkMs, long closedThroughMs) throws Exception {
+        DedupAndPartials op = new DedupAndPartials(SIZE, LATENESS, Duration.ofDays(7), Map.of(), 1_000, 0, watermarkMs, closedThroughMs);
         return new KeyedOneInputStreamOperatorTestHarness<>(op, MeteredEvent.idKey(), TypeInformation.of(new TypeHint<Tuple2<Long, Long>>() {}), MAX_PARALLELISM, 1, 0);
     }
 
@@ -99,6 +103,19 @@ class DedupAndPartialsTest {
             assertEquals(List.of("new-closed"), late(h));
             assertEquals(CLOSE, h.getSideOutput(DedupAndPartials.LATE).peek().getValue().watermarkMs);
             assertEquals(List.of("wm:" + CLOSE, "c@60000=18/2"), output(h));
+        }
+    }
+
+    @Test
+    void theClosedThroughBoundaryHandedOverClosesItsWindowsToo() throws Exception {
+        // The graph before closed the next window too (a lateness lowered before), though its watermark is CLOSE.
+        try (var h = handover(CLOSE, END + SIZE)) {
+            h.open();
+            send(h, event("t", "next", "c", END, "1"));
+            send(h, event("t", "after", "c", END + SIZE, "2"));
+            h.prepareSnapshotPreBarrier(1);
+            assertEquals(List.of("next"), late(h));
+            assertEquals(List.of("c@120000=2/1"), output(h));
         }
     }
 
