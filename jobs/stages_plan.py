@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from jobs.plan import unique_dimensions
+from jobs.guard_plan import unique_dimensions
 from jobs.source_plan import EVENT_FIELDS
 from jobs.sql import ms
 from meterflow.config import JobConfig

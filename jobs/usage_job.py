@@ -28,25 +28,23 @@ from pyflink.table import DataTypes, Schema, StatementSet, StreamTableEnvironmen
 from pyflink.table.changelog_mode import ChangelogMode
 
 from jobs.closed_windows import CLOSED_WINDOW_COLUMNS
+from jobs.guard_plan import GUARDED_VIEW, guard_input_query, unique_dimensions
 from jobs.plan import (
     BOUNDED_PAYLOAD_FUNCTION,
     CLASSIFIED_VIEW,
     CLOSED_WINDOWS_VIEW,
     COUNT_DEAD_LETTER_FUNCTION,
-    GUARDED_VIEW,
     classifier_fields,
     closed_windows_insert,
     closed_windows_sink_ddl,
     dead_letter_insert,
     dead_letter_sink_ddl,
-    guard_input_query,
     late_events_insert,
     late_events_sink_ddl,
     rejected_to_route,
     routed_query,
     state_backend_options,
     table_options,
-    unique_dimensions,
     window_changelog_query,
 )
 from jobs.source_plan import REPLAYED, VALIDATED_VIEW, usage_source_ddl, validate_query

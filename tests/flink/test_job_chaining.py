@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from jobs.plan import CLASSIFIED_COLUMNS, CLASSIFIED_VIEW, GUARD_INPUT_COLUMNS, GUARDED_VIEW
+from jobs.guard_plan import GUARD_INPUT_COLUMNS, GUARDED_VIEW
+from jobs.plan import CLASSIFIED_COLUMNS, CLASSIFIED_VIEW
 from meterflow.config import load_config
 from tests.flink.usage_graph import declared_usage_job, usage_stream_graph
 

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 import pytest
 from click.testing import CliRunner
 
-from jobs.plan import GUARD_INPUT_COLUMNS, REJECTED, guard_input_query, rejected_to_route
+from jobs.guard_plan import GUARD_INPUT_COLUMNS, guard_input_query
+from jobs.plan import REJECTED, rejected_to_route
 from jobs.source_plan import REPLAYED, replayed_expr, usage_source_ddl, usage_source_options, validate_query
 from meterflow.commands import cli
 from meterflow.commands.job import usage_job_handover

@@ -38,6 +38,7 @@ PURE_MODULES = [
     "sinks/reprocess_schema.py",
     "meterflow/handover.py",
     "jobs/stages_plan.py",
+    "jobs/guard_plan.py",
 ]
 FORBIDDEN = ("pyflink", "psycopg", "kafka", "stripe", "requests", "urllib", "httpx")
 

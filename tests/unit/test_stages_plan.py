@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from jobs.plan import GUARD_INPUT_COLUMNS
+from jobs.guard_plan import GUARD_INPUT_COLUMNS
 from jobs.stages_plan import MIN_CLOSED_RETENTION, STAGE_INPUT_COLUMNS, closed_retention, stage_parameters
 from meterflow.config import load_config
 
