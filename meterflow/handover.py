@@ -81,6 +81,24 @@ class StoppedAt:
     held_watermark_ms: int | None = None
     closed_through_ms: int | None = None
 
+    @classmethod
+    def parse(cls, text: str) -> StoppedAt:
+        """From SavepointOffsets' output: "partition P OFFSET" lines, then "held-watermark MS" and "closed-through MS" if held."""
+        offsets: dict[int, int] = {}
+        held: dict[str, int] = {}
+        for line in text.splitlines():
+            match line.split():
+                case ["partition", partition, offset]:
+                    offsets[int(partition)] = int(offset)
+                case [("held-watermark" | "closed-through") as name, value]:
+                    held[name] = int(value)
+                case []:
+                    pass
+                case _:
+                    msg = f"unexpected line from the savepoint reader: {line!r}"
+                    raise ValueError(msg)
+        return cls(offsets, held.get("held-watermark"), held.get("closed-through"))
+
 
 def read_below(committed: Mapping[int, int], stopped: StoppedAt) -> dict[int, int]:
     """Per partition, the first offset the old graph had not read: the savepoint's, exactly where it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,8 +20,12 @@ def stopped_at(state: Path, topic: str) -> StoppedAt:
         msg = f"{state} is no savepoint or retained checkpoint: it holds no _metadata"
         raise JobSubmissionError(msg)
     jars = [*sorted((flink_home() / "lib").glob("*.jar")), *sorted(JVM_JAR_DIR.glob("*.jar"))]
+    java = shutil.which("java")
+    if java is None:
+        msg = "no java on PATH: reading a savepoint takes Flink's own classes (the JVM Flink runs on)"
+        raise JobSubmissionError(msg)
     r = subprocess.run(
-        ["java", "-cp", os.pathsep.join(map(str, jars)), "dev.meterflow.source.SavepointOffsets", str(state), topic],
+        [java, "-cp", os.pathsep.join(map(str, jars)), "dev.meterflow.source.SavepointOffsets", str(state), topic],
         capture_output=True,
         text=True,
         check=False,
@@ -30,12 +35,8 @@ def stopped_at(state: Path, topic: str) -> StoppedAt:
         tail = "\n".join(line for line in r.stderr.strip().splitlines()[-15:] if not line.lstrip().startswith("at "))
         msg = f"could not read the Kafka source's offsets in {state}:\n{tail}"
         raise JobSubmissionError(msg)
-    offsets: dict[int, int] = {}
-    held: dict[str, int] = {}
-    for line in r.stdout.splitlines():
-        match line.split():
-            case ["partition", partition, offset]:
-                offsets[int(partition)] = int(offset)
-            case [name, value]:
-                held[name] = int(value)
-    return StoppedAt(offsets, held.get("held-watermark"), held.get("closed-through"))
+    try:
+        return StoppedAt.parse(r.stdout)
+    except ValueError as e:
+        msg = f"could not read the Kafka source's offsets in {state}: {e}"
+        raise JobSubmissionError(msg) from e

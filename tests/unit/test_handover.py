@@ -63,6 +63,14 @@ def test_the_watermark_the_old_job_held_wins_over_the_last_final_windows_close(c
     assert plan_handover(cfg, "g", {0: 1}, None, StoppedAt({0: 1}, 5_000)).watermark_ms == 5_000
 
 
+def test_the_savepoint_readers_output_is_parsed_and_anything_else_refused():
+    out = "partition 0 12\npartition 2 40\nheld-watermark 1799999999\nclosed-through 1799990001\n"
+    assert StoppedAt.parse(out) == StoppedAt({0: 12, 2: 40}, 1_799_999_999, 1_799_990_001)
+    assert StoppedAt.parse("partition 1 3\n") == StoppedAt({1: 3})
+    with pytest.raises(ValueError, match="unexpected line"):
+        StoppedAt.parse("partition 1\n")
+
+
 def test_the_savepoints_offsets_win_over_the_groups_committed_ones():
     """The group commits after a checkpoint, maybe not after the savepoint: its offsets only where the savepoint's source never read."""
     assert read_below({0: 5, 1: 8, 2: 3}, StoppedAt({0: 9, 1: 8})) == {0: 9, 1: 8, 2: 3}
