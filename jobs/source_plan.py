@@ -132,12 +132,12 @@ def usage_source_options(cfg: JobConfig, handover: Handover | None = None) -> di
 
 
 def replayed_expr(handover: Handover) -> str:
-    """True for a record below the offset the handed-over group committed on its partition: the graph before read it."""
+    """True for a record of the handover's topic below the offset the graph before had reached on its partition: that graph read it."""
     below = " OR ".join(
         f"(`source_partition` = {partition} AND `source_offset` < {offset})"
         for partition, offset in sorted(handover.read_below.items())
     )
-    return f"({below})" if below else "FALSE"
+    return f"(`source_topic` = {sql_string(handover.topic)} AND ({below}))" if below else "FALSE"
 
 
 def dimensions_key_expr(cfg: JobConfig) -> str:

@@ -13,6 +13,7 @@ from jobs.guard_plan import unique_dimensions
 from jobs.source_plan import EVENT_FIELDS
 from jobs.sql import ms
 from meterflow.config import JobConfig
+from meterflow.handover import Handover
 
 # The late events the first stage routes, as rows of jvm/ StageRows.lateType(), for the late sink's insert.
 STAGE_LATE_VIEW = "stage_late_events"
@@ -22,6 +23,8 @@ STAGE_REJECTED_VIEW = "guard_rejected_records"
 STAGE_INPUT_COLUMNS = (*EVENT_FIELDS, "dimensions_key")
 # Open windows a first-stage subtask holds before it emits every partial: about 200 B each on the heap.
 MAX_OPEN_PARTIALS = 100_000
+# Java's Long.MIN_VALUE: jvm/ WindowClose.NO_WATERMARK and NOTHING_CLOSED, "none held".
+NONE_HELD = -(2**63)
 # The least time a closed window's state stays in the second stage for a partial from an input that was behind.
 MIN_CLOSED_RETENTION = timedelta(minutes=10)
 
@@ -72,4 +75,14 @@ def stage_parameters(cfg: JobConfig) -> StageParameters:
         early_fire_ms=ms(et.early_fire_interval),
         late_arrival_hold_ms=ms(_hold(cfg)),
         retain_closed_ms=ms(closed_retention(cfg)),
+    )
+
+
+def handover_start(handover: Handover | None) -> tuple[int, int]:
+    """The watermark and closed-through boundary the first stage holds from its start (``NONE_HELD``: none)."""
+    if handover is None:
+        return NONE_HELD, NONE_HELD
+    return (
+        NONE_HELD if handover.watermark_ms is None else handover.watermark_ms,
+        NONE_HELD if handover.closed_through_ms is None else handover.closed_through_ms,
     )

@@ -48,7 +48,7 @@ from jobs.plan import (
     window_changelog_query,
 )
 from jobs.source_plan import REPLAYED, VALIDATED_VIEW, usage_source_ddl, validate_query
-from jobs.stages_plan import STAGE_LATE_VIEW, STAGE_REJECTED_VIEW, stage_parameters
+from jobs.stages_plan import STAGE_LATE_VIEW, STAGE_REJECTED_VIEW, handover_start, stage_parameters
 from meterflow.config import JobConfig, load_config
 from meterflow.errors import ConfigError
 from meterflow.handover import Handover
@@ -249,12 +249,7 @@ def _java_map(values: dict[str, str]) -> Any:
 def _stages_on(rows: Any, row_type: Any, cfg: JobConfig, handover: Handover | None = None) -> Any:
     """The two keyed JVM stages (jvm/ ``TwoStages``, a Java object with ``fires``, ``finals``, ``late`` and ``rejected``) on a Java stream of internal rows."""
     p = stage_parameters(cfg)
-    gateway = get_gateway()
-    window_close = gateway.jvm.dev.meterflow.operators.WindowClose
-    watermark, closed_through = window_close.NO_WATERMARK, window_close.NOTHING_CLOSED
-    if handover is not None:
-        watermark = watermark if handover.watermark_ms is None else handover.watermark_ms
-        closed_through = closed_through if handover.closed_through_ms is None else handover.closed_through_ms
+    watermark, closed_through = handover_start(handover)
     return get_gateway().jvm.dev.meterflow.stages.TwoStages.apply(
         rows,
         row_type,

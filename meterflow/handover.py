@@ -29,6 +29,7 @@ from pathlib import Path
 
 from meterflow.config import JobConfig
 from meterflow.errors import ConfigError
+from meterflow.retained_state import unsafe_changes
 from meterflow.window_row import epoch_ms
 
 # Beside the new job's retained state (flink.checkpoint_dir/<job name>/): every submit of that job passes it on.
@@ -40,6 +41,8 @@ class Handover:
     """The new graph's start: epoch ms throughout; offsets per partition of the usage-events topic."""
 
     from_group: str
+    # The usage-events topic the offsets are of.
+    topic: str
     # The held watermark the first stage starts from: the old graph's, at least the last final window's close time (None: neither).
     watermark_ms: int | None
     # The Kafka record timestamp (the broker's append time) reading starts at.
@@ -53,6 +56,7 @@ class Handover:
         return json.dumps(
             {
                 "from_group": self.from_group,
+                "topic": self.topic,
                 "watermark_ms": self.watermark_ms,
                 "replay_from_ms": self.replay_from_ms,
                 "read_below": {str(p): o for p, o in sorted(self.read_below.items())},
@@ -66,6 +70,7 @@ class Handover:
         data = json.loads(text)
         return cls(
             data["from_group"],
+            data["topic"],
             data["watermark_ms"],
             data["replay_from_ms"],
             {int(p): int(o) for p, o in data["read_below"].items()},
@@ -107,6 +112,33 @@ def read_below(committed: Mapping[int, int], stopped: StoppedAt) -> dict[int, in
     return {**committed, **stopped.offsets}
 
 
+def handover_refusal(
+    job_name: str,
+    restore: str | None,
+    newest_savepoint: Path | None,
+    recorded: Mapping[str, object] | None,
+    settings: Mapping[str, object],
+) -> str | None:
+    """Why a job cannot start as a handover from the state it left (None: it can): it must start from
+    empty state, from a savepoint of the SQL graph (a checkpoint's outputs may not all be committed)
+    made with this config's window size, window aggregate and meter dimensions."""
+    if restore:
+        return f"--handover-from starts from empty state, and this submit would restore {restore}: add --fresh"
+    if newest_savepoint is None:
+        return (
+            f"{job_name} left no savepoint to hand over from: stop the SQL job with `meterflow stop --savepoint <id>` first"
+            " (after a submit with --handover-from that failed, the handover is kept: run `meterflow submit` again)"
+        )
+    if recorded is None:
+        return None
+    if recorded.get("usage_graph", "sql") != "sql":
+        return f"{newest_savepoint} is the two-stage graph's: a handover starts it from the SQL graph's savepoint"
+    changed = [c for c in unsafe_changes(dict(recorded), dict(settings)) if not c.startswith("flink.usage_graph")]
+    if changed:
+        return f"the SQL job's state was made with other settings ({'; '.join(changed)}): hand over with the settings it ran with"
+    return None
+
+
 def plan_handover(
     cfg: JobConfig,
     from_group: str,
@@ -140,7 +172,14 @@ def plan_handover(
         end_ms = epoch_ms(last_final_end)
         held.append(end_ms - 1 + _ms(et.allowed_lateness))
         replay_from = max(0, end_ms - _ms(et.window_size) - _ms(et.max_event_ahead) - _ms(et.dedup_horizon))
-    return Handover(from_group, max(held) if held else None, replay_from, dict(below), stopped.closed_through_ms)
+    return Handover(
+        from_group,
+        cfg.kafka.usage_events_topic,
+        max(held) if held else None,
+        replay_from,
+        dict(below),
+        stopped.closed_through_ms,
+    )
 
 
 def _ms(d: timedelta) -> int:

@@ -11,7 +11,9 @@ import click
 from rich.table import Table
 
 from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
-from meterflow.handover import Handover, plan_handover, read_below, read_handover, write_handover
+from meterflow.config import JobConfig
+from meterflow.handover import Handover, handover_refusal, plan_handover, read_below, read_handover, write_handover
+from meterflow.retained_state import RetainedState, StartPoint
 
 
 @cli.command()
@@ -141,7 +143,8 @@ def submit_jobs(
             handover = usage_job_handover(cfg, handover_from, job_dir, start, newest, recorded, settings)
         starts.append((name, submit_job, settings, job_dir, start, handover))
     for name, submit_job, settings, job_dir, start, handover in starts:
-        for note in start.notes:
+        # A handover keeps what the empty start's notes say is forgotten: its own line below says what.
+        for note in () if isinstance(handover, Handover) else start.notes:
             err_console.print(note)
         if job_dir is not None and start.forget:
             err_console.print(
@@ -162,50 +165,44 @@ def submit_jobs(
 
 
 def usage_job_handover(
-    cfg: Any,
+    cfg: JobConfig,
     handover_from: str | None,
     job_dir: Path | None,
-    start: Any,
-    newest: Any = None,
+    start: StartPoint,
+    newest: RetainedState | None = None,
     recorded: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
 ) -> Handover | Path | None:
-    """The usage job's handover: planned now from the savepoint ``newest`` that the SQL job of group
-    ``handover_from`` stopped with, and the usage table's last final window; or the file of the
-    handover this job started with, for every start that keeps its state (a restore, or a first
-    start again before any checkpoint)."""
+    """The usage job's handover: planned now (a :class:`Handover`) from the savepoint ``newest`` that the
+    SQL job of group ``handover_from`` stopped with, and the usage table's last final window; or the
+    file of the handover this job started with (a path), for every start that keeps its state (a
+    restore, or a first start again before any checkpoint)."""
     from connectors.kafka_admin import committed_offsets
     from meterflow.errors import JobSubmissionError
     from meterflow.local.savepoints import stopped_at
-    from meterflow.retained_state import unsafe_changes
     from sinks.postgres import last_final_end
 
     if handover_from is None:
         return None if start.forget else read_handover(job_dir)
-    if start.restore:
-        msg = f"--handover-from starts from empty state, and this submit would restore {start.restore}: add --fresh"
-        raise JobSubmissionError(msg)
     if job_dir is None:
         msg = "--handover-from keeps the handover beside the job's state: flink.checkpoint_dir must be a local or mounted directory"
         raise JobSubmissionError(msg)
-    if newest is None or newest.kind != "savepoint":
-        msg = f"{cfg.flink.job_name} left no savepoint to hand over from: stop the SQL job with `meterflow stop --savepoint` first"
-        raise JobSubmissionError(msg)
-    if recorded is not None and settings is not None:
-        if recorded.get("usage_graph", "sql") != "sql":
-            msg = f"{newest.path} is the two-stage graph's: a handover starts it from the SQL graph's savepoint"
-            raise JobSubmissionError(msg)
-        changed = [c for c in unsafe_changes(recorded, settings) if not c.startswith("flink.usage_graph")]
-        if changed:
-            msg = f"the SQL job's state was made with other settings ({'; '.join(changed)}): hand over with the settings it ran with"
-            raise JobSubmissionError(msg)
+    savepoint = newest.path if newest is not None and newest.kind == "savepoint" else None
+    refusal = handover_refusal(cfg.flink.job_name, start.restore, savepoint, recorded, settings or {})
+    if refusal or savepoint is None:  # no savepoint is always a refusal
+        raise JobSubmissionError(refusal)
+    if recorded is None:
+        err_console.print(
+            f"{cfg.flink.job_name}: no settings are recorded beside {savepoint}: not compared with this config"
+        )
     topic = cfg.kafka.usage_events_topic
-    stopped = stopped_at(newest.path, topic)
+    stopped = stopped_at(savepoint, topic)
     below = read_below(committed_offsets(cfg.kafka.bootstrap_servers, handover_from, topic), stopped)
     return plan_handover(cfg, handover_from, below, last_final_end(cfg.postgres), stopped)
 
 
 def read_handover_file(path: Path) -> Handover:
+    """The handover a job's state started with, from its file."""
     return Handover.from_json(path.read_text())
 
 

@@ -11,6 +11,9 @@ from meterflow.errors import JobSubmissionError
 from meterflow.handover import StoppedAt
 from meterflow.local.flink import JVM_JAR_DIR, flink_home
 
+# A savepoint's metadata is read in a second or two; far longer means a stuck file system.
+READ_TIMEOUT_S = 120
+
 
 def stopped_at(state: Path, topic: str) -> StoppedAt:
     """Where the job that wrote ``state`` (a savepoint or retained checkpoint directory) stopped: per
@@ -20,17 +23,18 @@ def stopped_at(state: Path, topic: str) -> StoppedAt:
         msg = f"{state} is no savepoint or retained checkpoint: it holds no _metadata"
         raise JobSubmissionError(msg)
     jars = [*sorted((flink_home() / "lib").glob("*.jar")), *sorted(JVM_JAR_DIR.glob("*.jar"))]
-    java = shutil.which("java")
+    # As Flink's scripts find it: JAVA_HOME first, then the PATH.
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
     if java is None:
-        msg = "no java on PATH: reading a savepoint takes Flink's own classes (the JVM Flink runs on)"
+        msg = "no java (JAVA_HOME unset, none on PATH): reading a savepoint takes Flink's own classes"
         raise JobSubmissionError(msg)
-    r = subprocess.run(
-        [java, "-cp", os.pathsep.join(map(str, jars)), "dev.meterflow.source.SavepointOffsets", str(state), topic],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    command = [java, "-cp", os.pathsep.join(map(str, jars)), "dev.meterflow.source.SavepointOffsets", str(state), topic]
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, check=False, timeout=READ_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        msg = f"reading the Kafka source's offsets in {state} took over {READ_TIMEOUT_S} s"
+        raise JobSubmissionError(msg) from e
     if r.returncode:
         tail = "\n".join(line for line in r.stderr.strip().splitlines()[-15:] if not line.lstrip().startswith("at "))
         msg = f"could not read the Kafka source's offsets in {state}:\n{tail}"

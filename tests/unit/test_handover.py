@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -10,12 +11,13 @@ from click.testing import CliRunner
 from jobs.guard_plan import GUARD_INPUT_COLUMNS, guard_input_query
 from jobs.plan import REJECTED, rejected_to_route
 from jobs.source_plan import REPLAYED, replayed_expr, usage_source_ddl, usage_source_options, validate_query
+from jobs.stages_plan import NONE_HELD, handover_start
 from meterflow.commands import cli
 from meterflow.commands.job import usage_job_handover
 from meterflow.config import load_config
 from meterflow.errors import ConfigError, JobSubmissionError
 from meterflow.handover import Handover, StoppedAt, plan_handover, read_below, read_handover, write_handover
-from meterflow.retained_state import StartPoint
+from meterflow.retained_state import RetainedState, StartPoint
 from meterflow.window_row import epoch_ms
 
 TWO_STAGE = """
@@ -37,7 +39,7 @@ def test_the_new_graph_holds_the_watermark_that_closed_the_last_final_window(cfg
     # The window ending at LAST_FINAL_END closes at end - 1 ms + allowed lateness; the next one later.
     assert h.watermark_ms == end - 1 + 5 * 60_000
     assert h.read_below == {0: 10, 2: 7}
-    assert h.from_group == "old-group"
+    assert (h.from_group, h.topic) == ("old-group", cfg.kafka.usage_events_topic)
 
 
 def test_reading_starts_a_dedup_horizon_before_the_earliest_copy_an_open_window_could_have_dropped(cfg):
@@ -101,17 +103,24 @@ def test_the_handover_file_round_trips_beside_the_job_state(tmp_path, cfg):
 
 
 def test_a_first_start_reads_from_the_replay_start_and_marks_what_the_old_group_read(cfg):
-    h = Handover("old-group", 1_000, 123_456, {2: 40, 0: 7}, 900)
+    h = Handover("old-group", "usage-events", 1_000, 123_456, {2: 40, 0: 7}, 900)
     options = usage_source_options(cfg, h)
     assert (options["scan.startup.mode"], options["scan.startup.timestamp-millis"]) == ("timestamp", "123456")
     assert usage_source_options(cfg)["scan.startup.mode"] == "group-offsets"
     assert "'scan.startup.timestamp-millis' = '123456'" in usage_source_ddl(cfg, h)
     assert replayed_expr(h) == (
-        "((`source_partition` = 0 AND `source_offset` < 7) OR (`source_partition` = 2 AND `source_offset` < 40))"
+        "(`source_topic` = 'usage-events' AND"
+        " ((`source_partition` = 0 AND `source_offset` < 7) OR (`source_partition` = 2 AND `source_offset` < 40)))"
     )
     assert f"{replayed_expr(h)} AS `{REPLAYED}`" in validate_query(cfg, h)
     assert REPLAYED not in validate_query(cfg)
-    assert replayed_expr(Handover("old-group", None, 0, {})) == "FALSE"
+    assert replayed_expr(Handover("old-group", "usage-events", None, 0, {})) == "FALSE"
+
+
+def test_the_first_stage_holds_the_handovers_watermark_and_boundary_or_none():
+    assert handover_start(None) == (NONE_HELD, NONE_HELD)
+    assert handover_start(Handover("g", "t", 5_000, 0, {0: 1}, 4_001)) == (5_000, 4_001)
+    assert handover_start(Handover("g", "t", None, 0, {0: 1})) == (NONE_HELD, NONE_HELD)
 
 
 def test_records_read_before_the_handover_are_no_dead_letters_again():
@@ -124,9 +133,8 @@ def test_the_replayed_column_passes_the_window_guard_only_at_a_handover():
     assert guard_input_query((REPLAYED,)).endswith(f"`{REPLAYED}` FROM `validated_events`")
 
 
-class _Savepoint:
-    def __init__(self, kind: str) -> None:
-        self.kind, self.path = kind, "/state/savepoints/savepoint-1"
+def _savepoint(kind: str) -> RetainedState:
+    return RetainedState(Path("/state/savepoints/savepoint-1"), kind, datetime(2026, 12, 7))  # type: ignore[arg-type]
 
 
 FRESH = StartPoint(None, (), forget=True)
@@ -139,19 +147,19 @@ def test_a_handover_is_refused_where_it_cannot_start_from_the_sql_jobs_savepoint
         usage_job_handover(cfg, "old-group", tmp_path, RESTORE)
     with pytest.raises(JobSubmissionError, match="local or mounted directory"):
         usage_job_handover(cfg, "old-group", None, FRESH)
-    for newest in (None, _Savepoint("checkpoint")):
-        with pytest.raises(JobSubmissionError, match="stop the SQL job with `meterflow stop --savepoint` first"):
+    for newest in (None, _savepoint("checkpoint")):
+        with pytest.raises(JobSubmissionError, match=r"stop the SQL job with `meterflow stop --savepoint <id>` first"):
             usage_job_handover(cfg, "old-group", tmp_path, FRESH, newest)
     settings = {"usage_graph": "two_stage", "window_size": "0:01:00", "window_aggregate": "SUM", "meters": {}}
     with pytest.raises(JobSubmissionError, match="is the two-stage graph's"):
-        usage_job_handover(cfg, "old-group", tmp_path, FRESH, _Savepoint("savepoint"), settings, settings)
+        usage_job_handover(cfg, "old-group", tmp_path, FRESH, _savepoint("savepoint"), settings, settings)
     with pytest.raises(JobSubmissionError, match="window_size was 0:05:00"):
         usage_job_handover(
             cfg,
             "old-group",
             tmp_path,
             FRESH,
-            _Savepoint("savepoint"),
+            _savepoint("savepoint"),
             {**settings, "usage_graph": "sql", "window_size": "0:05:00"},
             settings,
         )
@@ -160,7 +168,7 @@ def test_a_handover_is_refused_where_it_cannot_start_from_the_sql_jobs_savepoint
 def test_every_start_that_keeps_the_handed_over_jobs_state_passes_its_handover_on(cfg, tmp_path):
     """A restore, and a first start again when the job ended before its first checkpoint; not a --fresh one."""
     assert usage_job_handover(cfg, None, tmp_path, RESTORE) is None
-    path = write_handover(tmp_path, Handover("old-group", None, 0, {0: 1}))
+    path = write_handover(tmp_path, Handover("old-group", "usage-events", None, 0, {0: 1}))
     assert usage_job_handover(cfg, None, tmp_path, RESTORE) == path
     assert usage_job_handover(cfg, None, tmp_path, FIRST) == path
     assert usage_job_handover(cfg, None, tmp_path, FRESH) is None

@@ -135,3 +135,13 @@ def test_the_stages_read_and_write_the_columns_the_sql_side_names():
         "WindowClose.closeTime(endMs, allowedLatenessMs)" in merger
         or "WindowClose.closeTime(key.windowEndMs, allowedLatenessMs)" in merger
     )
+
+
+def test_none_held_is_the_closers_no_watermark_and_nothing_closed():
+    """The stages' handover start names "none held" as the JVM does: Long.MIN_VALUE for both."""
+    from jobs.stages_plan import NONE_HELD
+
+    source = (OPERATORS / "WindowClose.java").read_text()
+    for constant in ("NO_WATERMARK", "NOTHING_CLOSED"):
+        assert re.search(rf"long {constant} = Long\.MIN_VALUE;", source), constant
+    assert NONE_HELD == -(2**63)

@@ -47,8 +47,8 @@ import org.apache.flink.util.OutputTag;
  * never), so a window's running value is never older than that downstream.
  *
  * <p>At a handover from the other graph ({@code meterflow.handover}) it holds, from the start, the
- * watermark that graph closed its last window at, and an event that graph read already ({@link
- * MeteredEvent#replayed}) only marks its id unless its window is open here: it goes nowhere else.
+ * watermark and the closed-through boundary that graph held, and an event that graph read already
+ * ({@link MeteredEvent#replayed}) only marks its id unless its window is open here: it goes nowhere else.
  *
  * <p>Its metrics are the classifier's ({@link LatenessMetrics}).
  *
