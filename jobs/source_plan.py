@@ -2,11 +2,16 @@
 event time for the watermark, and the validation that gives every record it cannot count a reason.
 
 The format (jvm/ ``dev.meterflow.format``) decodes each value once, in the Kafka source, straight into
-Flink's internal row; a malformed value becomes a row whose fields are NULL and whose ``decode_error``
-says why, with the raw bytes alongside, so one bad message is a dead letter, never a job failure.
+Flink's internal row; a malformed value becomes a row whose fields are NULL and whose ``format_reject``
+says why, with the raw bytes alongside, so one bad message is a dead letter, never a job failure. The
+format also applies the rules that need only the value and the configured meters (blank ids, unknown
+meter, a negative quantity where not allowed) and builds the group-by key, in Java, once per record;
+what SQL adds per record is the plausible event time, which needs the record's Kafka timestamp.
 """
 
 from __future__ import annotations
+
+import json
 
 from connectors.avro_types import Column, derive_nullable_columns, load_schema
 from jobs.sql import ms, sql_interval, sql_string, sql_with
@@ -20,6 +25,11 @@ USAGE_FORMAT = "meterflow-avro"
 # The format's registry option (MeterflowAvroFormatFactory.SCHEMA_REGISTRY_URL); Flink takes a format's
 # options prefixed with its name when the table says 'format' = 'meterflow-avro'.
 SCHEMA_REGISTRY_URL_OPTION = f"{USAGE_FORMAT}.schema-registry.url"
+# The configured meters, for the format's checks and group-by key (MeterflowAvroFormatFactory.METERS).
+METERS_OPTION = f"{USAGE_FORMAT}.meters"
+# The format's metadata columns: why a record cannot be counted as far as its value tells, and its group-by key.
+FORMAT_REJECT = "format_reject"
+FORMAT_DIMENSIONS_KEY = "format_dimensions_key"
 # The connector and its options, as jvm/ MeterflowKafkaTableFactory registers them: Flink's Kafka
 # connector with idleness that waits for a partition to be read up to its head.
 SOURCE_CONNECTOR = "meterflow-kafka"
@@ -59,8 +69,10 @@ def kafka_source_options(cfg: JobConfig, value_format: str) -> dict[str, str]:
         "scan.topic-partition-discovery.interval": "60 s",
         "format": value_format,
     }
-    if value_format == USAGE_FORMAT and cfg.kafka.schema_registry_url:
-        options[SCHEMA_REGISTRY_URL_OPTION] = cfg.kafka.schema_registry_url
+    if value_format == USAGE_FORMAT:
+        options[METERS_OPTION] = format_meters(cfg)
+        if cfg.kafka.schema_registry_url:
+            options[SCHEMA_REGISTRY_URL_OPTION] = cfg.kafka.schema_registry_url
     return options
 
 
@@ -89,15 +101,17 @@ def usage_source_ddl(cfg: JobConfig, handover: Handover | None = None) -> str:
     """Kafka source of usage events, decoded by the meterflow-avro format, with per-partition watermarks.
 
     The columns are the schema's fields (derived from avro/usage_event.avsc), then the format's
-    metadata: ``decode_error`` (why the value is not a usage event, else NULL) and ``payload``
-    (the value's bytes, kept for dead letters), then the record's Kafka coordinates.
+    metadata: ``format_reject`` (why the value is not a countable usage event as far as the value and
+    the meters tell, else NULL), ``format_dimensions_key`` (:func:`dimensions_key_column`) and
+    ``payload`` (the value's bytes, kept for dead letters), then the record's Kafka coordinates.
     """
     fields = ",\n  ".join(c.ddl() for c in usage_value_columns())
     watermark = f"WATERMARK FOR `{BOUNDED_TIME}` AS `{BOUNDED_TIME}` - {sql_interval(cfg.event_time.watermark_delay)}"
     return (
         f"CREATE TABLE `{USAGE_SOURCE_TABLE}` (\n"
         f"  {fields},\n"
-        "  `decode_error` STRING METADATA FROM 'value.error' VIRTUAL,\n"
+        f"  `{FORMAT_REJECT}` STRING METADATA FROM 'value.reject' VIRTUAL,\n"
+        f"  `{FORMAT_DIMENSIONS_KEY}` STRING NOT NULL METADATA FROM 'value.dimensions-key' VIRTUAL,\n"
         "  `payload` BYTES METADATA FROM 'value.raw' VIRTUAL,\n"
         "  `source_topic` STRING METADATA FROM 'topic' VIRTUAL,\n"
         "  `source_partition` INT METADATA FROM 'partition' VIRTUAL,\n"
@@ -140,42 +154,35 @@ def replayed_expr(handover: Handover) -> str:
     return f"(`source_topic` = {sql_string(handover.topic)} AND ({below}))" if below else "FALSE"
 
 
-def dimensions_key_expr(cfg: JobConfig) -> str:
-    """The canonical key of a meter's group-by dimensions: a JSON object, keys sorted; '{}' when none.
+def format_meters(cfg: JobConfig) -> str:
+    """The format's ``meters`` option (jvm/ ``EventRules.parse``): each meter's name, whether it allows a negative quantity, its group-by dimensions."""
+    return json.dumps(
+        {m.name: {"allow_negative": m.allow_negative, "group_by": sorted(m.group_by)} for m in cfg.meters},
+        separators=(",", ":"),
+    )
 
-    A missing dimension counts as the empty string, so an event always lands in exactly one row.
+
+def dimensions_key_column(cfg: JobConfig) -> str:
+    """The canonical key of a meter's group-by dimensions, computed in the source by the format (jvm/ ``EventRules.dimensionsKey``).
+
+    A JSON object, keys sorted, a missing dimension as the empty string; '{}' when the meter has none,
+    byte for byte as meterflow/corrections.py ``dimensions_key``. Without any group-by in the config
+    it stays the literal '{}', of the type (CHAR(2)) the window state was keyed by before.
     """
-    cases = []
-    for meter in cfg.meters:
-        if meter.group_by:
-            pairs = ", ".join(
-                f"KEY {sql_string(d)} VALUE COALESCE(`dimensions`[{sql_string(d)}], '')" for d in sorted(meter.group_by)
-            )
-            cases.append(f"WHEN {sql_string(meter.name)} THEN JSON_OBJECT({pairs})")
-    return f"CASE `meter` {' '.join(cases)} ELSE '{{}}' END" if cases else "'{}'"
+    return f"`{FORMAT_DIMENSIONS_KEY}`" if any(m.group_by for m in cfg.meters) else "'{}'"
 
 
 def validate_query(cfg: JobConfig, handover: Handover | None = None) -> str:
     """Decoded fields (event_time the plausible one), the group-by key, plus ``reject_reason`` (NULL for a countable event).
 
     Deterministic per record, so the dead-letter branch and the counting branch always agree. The
-    ``dimensions_key`` is computed here, once, for the window guard and the window aggregate alike
-    (on a rejected record it means nothing and is dropped at the dedup). At a handover, ``replayed``
-    follows (:func:`replayed_expr`).
+    reasons, in order: the format's (``format_reject``: malformed value, input contract, ``missing
+    field: <id>``, ``unknown meter: <m>``, ``negative quantity: meter <m> does not allow it``), then
+    an implausible event time. The ``dimensions_key`` comes from the source, once, for the window
+    guard and the window aggregate alike (on a rejected record it means nothing and is dropped at
+    the dedup). At a handover, ``replayed`` follows (:func:`replayed_expr`).
     """
-    known = ", ".join(sql_string(m.name) for m in cfg.meters)
-    non_negative = [m.name for m in cfg.meters if not m.allow_negative]
-    checks = ["WHEN `decode_error` IS NOT NULL THEN `decode_error`"]
-    checks += [
-        f"WHEN CHAR_LENGTH(TRIM(`{f}`)) = 0 THEN 'missing field: {f}'"
-        for f in ("event_id", "tenant_id", "customer_id", "meter")
-    ]
-    checks.append(f"WHEN `meter` NOT IN ({known}) THEN CONCAT('unknown meter: ', `meter`)")
-    if non_negative:
-        names = ", ".join(sql_string(n) for n in non_negative)
-        checks.append(
-            f"WHEN `quantity` < 0 AND `meter` IN ({names}) THEN CONCAT('negative quantity: meter ', `meter`, ' does not allow it')"
-        )
+    checks = [f"WHEN `{FORMAT_REJECT}` IS NOT NULL THEN `{FORMAT_REJECT}`"]
     checks.append(
         f"WHEN `{BOUNDED_TIME}` = {OUT_OF_RANGE_TIME} THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING),"
         " ' is not within [appended - event_time.max_event_age, appended + event_time.max_event_ahead], appended = ',"
@@ -185,7 +192,7 @@ def validate_query(cfg: JobConfig, handover: Handover | None = None) -> str:
     return (
         f"SELECT\n  {fields}, `proc_time`,\n"
         "  `payload`, `source_topic`, `source_partition`, `source_offset`, `kafka_timestamp`,\n"
-        f"  {dimensions_key_expr(cfg)} AS `dimensions_key`,\n"
+        f"  {dimensions_key_column(cfg)} AS `dimensions_key`,\n"
         f"  CASE {' '.join(checks)} END AS `reject_reason`"
         + (f",\n  {replayed_expr(handover)} AS `{REPLAYED}`" if handover is not None else "")
         + f"\nFROM `{USAGE_SOURCE_TABLE}`"

@@ -141,7 +141,7 @@ class Plan:
 
 
 def dimensions_key(dimensions: Mapping[str, str], group_by: Iterable[str]) -> str:
-    """The usage table's ``dimensions_key``, as the job builds it (jobs/plan.py ``dimensions_key_expr``):
+    """The usage table's ``dimensions_key``, as the job builds it (jvm/ ``EventRules.dimensionsKey``, in the source):
     ``{}`` without grouping, else a compact JSON object of the grouped dimensions, keys sorted, a
     missing dimension as the empty string."""
     keys = sorted(group_by)

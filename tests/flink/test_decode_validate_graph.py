@@ -1,5 +1,6 @@
 """The usage source with the meterflow-avro format, planned in a local environment, and the validation SQL
-over rows shaped as the format emits them: every bad record gets its reason."""
+over rows shaped as the format emits them: every bad record gets its reason. (The format's own reasons,
+from the value and the configured meters, are jvm/ EventRulesTest's and MeterflowAvroFormatTest's.)"""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from jobs.plan import COUNT_DEAD_LETTER_FUNCTION, routed_query
 from jobs.source_plan import (
     BOUNDED_TIME,
+    FORMAT_DIMENSIONS_KEY,
+    FORMAT_REJECT,
     USAGE_SOURCE_TABLE,
     VALIDATED_VIEW,
     bounded_event_time,
@@ -44,7 +47,7 @@ def _reset(table_env) -> None:
 
 
 def _literal_row(case: str, event: dict | None, error: str | None) -> str:
-    """A row as the format emits it: the fields (all NULL when it cannot decode), decode_error, payload."""
+    """A row as the format emits it: the fields (all NULL when it cannot decode), its reject, group-by key ('{}' here) and payload."""
     if event is None:
         fields = ["CAST(NULL AS STRING)"] * 4 + [
             "CAST(NULL AS DECIMAL(38, 9))",
@@ -56,7 +59,7 @@ def _literal_row(case: str, event: dict | None, error: str | None) -> str:
         dims = ", ".join(f"{sql_string(k)}, {sql_string(v)}" for k, v in event["dimensions"].items())
         fields = [sql_string(event[f]) for f in ("event_id", "tenant_id", "customer_id", "meter")]
         fields += [f"CAST('{event['quantity']}' AS DECIMAL(38, 9))", f"TIMESTAMP '{ts}'", f"MAP[{dims}]"]
-    return f"({', '.join(fields)}, {sql_string(error) if error else 'CAST(NULL AS STRING)'}, CAST({sql_string(case)} AS BYTES))"
+    return f"({', '.join(fields)}, {sql_string(error) if error else 'CAST(NULL AS STRING)'}, '{{}}', CAST({sql_string(case)} AS BYTES))"
 
 
 PRODUCED_MS = int(PRODUCED.timestamp() * 1000)
@@ -65,7 +68,7 @@ PRODUCED_MS = int(PRODUCED.timestamp() * 1000)
 def _stand_in_source(table_env, cfg, records: list[tuple[str, dict | None, str | None, int, int]]) -> None:
     """Stand-in for the Kafka source: the format's columns over literal rows, the same computed columns.
 
-    ``records``: (name, event, decode error, Kafka offset, Kafka timestamp in epoch ms); the name is the payload.
+    ``records``: (name, event, the format's reject, Kafka offset, Kafka timestamp in epoch ms); the name is the payload.
     The plausible event time is judged against ``PRODUCED``, whatever each record's timestamp.
     """
     rows = ", ".join(
@@ -80,23 +83,28 @@ def _stand_in_source(table_env, cfg, records: list[tuple[str, dict | None, str |
         f"CREATE TEMPORARY VIEW `{USAGE_SOURCE_TABLE}` AS SELECT *, 'in' AS `source_topic`, 0 AS `source_partition`, "
         "TO_TIMESTAMP_LTZ(`kafka_ms`, 3) AS `kafka_timestamp`, PROCTIME() AS `proc_time`, "
         f"{bounded_event_time(cfg).replace('`kafka_timestamp`', produced)} AS `{BOUNDED_TIME}` "
-        f"FROM (VALUES {rows}) AS t({names}, `decode_error`, `payload`, `source_offset`, `kafka_ms`)"
+        f"FROM (VALUES {rows}) AS t({names}, `{FORMAT_REJECT}`, `{FORMAT_DIMENSIONS_KEY}`, `payload`, `source_offset`, `kafka_ms`)"
     )
 
 
 def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
-    """Undecodable values, empty ids, unknown meters, forbidden negatives and absurd times are rejected; good ones pass exactly."""
+    """The format's reasons (undecodable values, empty ids, unknown meters, forbidden negatives) come
+    first, then absurd times; good ones pass exactly."""
     cfg = load_config(
         write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={}
     )
+    future = PRODUCED + timedelta(hours=2)
     cases = {
         "good": (GOOD, None),
         "credit": ({**GOOD, "event_id": "e2", "meter": "credits", "quantity": Decimal("-3")}, None),
         "garbage": (None, MALFORMED),
-        "no_id": ({**GOOD, "event_id": " "}, None),
-        "unknown_meter": ({**GOOD, "meter": "gpu_hours"}, None),
-        "negative": ({**GOOD, "quantity": Decimal("-1")}, None),
-        "future": ({**GOOD, "event_time": PRODUCED + timedelta(hours=2)}, None),
+        "no_id": ({**GOOD, "event_id": " "}, "missing field: event_id"),
+        "unknown_meter_in_the_future": (
+            {**GOOD, "meter": "gpu_hours", "event_time": future},
+            "unknown meter: gpu_hours",
+        ),
+        "negative": ({**GOOD, "quantity": Decimal("-1")}, "negative quantity: meter tokens does not allow it"),
+        "future": ({**GOOD, "event_time": future}, None),
         "ancient": ({**GOOD, "event_time": PRODUCED - timedelta(days=400)}, None),
     }
     _stand_in_source(table_env, cfg, [(name, event, error, 0, PRODUCED_MS) for name, (event, error) in cases.items()])
@@ -109,7 +117,7 @@ def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
     assert got["good"][3] == GOOD["event_time"].replace(tzinfo=None)
     assert reason["garbage"] == MALFORMED
     assert reason["no_id"] == "missing field: event_id"
-    assert reason["unknown_meter"] == "unknown meter: gpu_hours"
+    assert reason["unknown_meter_in_the_future"] == "unknown meter: gpu_hours", "the format's reason first"
     assert reason["negative"] == "negative quantity: meter tokens does not allow it"
     assert reason["future"].startswith("event_time out of range: 2026-06-01 14:00:00")
     assert reason["ancient"].startswith("event_time out of range: 2025-")
@@ -121,7 +129,10 @@ def test_job_source_plans_with_the_format_and_no_decode_function(table_env, writ
     """The job's own source DDL finds the format in the meterflow-jvm jar and plans down to the execution graph."""
     from pyflink.table.explain_detail import ExplainDetail
 
-    cfg = load_config(write_config("kafka:\n  bootstrap_servers: 127.0.0.1:9\n"), environ={})
+    cfg = load_config(
+        write_config("kafka:\n  bootstrap_servers: 127.0.0.1:9\nmeters:\n  - name: tokens\n    group_by: [region]\n"),
+        environ={},
+    )
     _reset(table_env)
     table_env.create_java_temporary_system_function(*COUNT_DEAD_LETTER_FUNCTION)
     table_env.execute_sql(usage_source_ddl(cfg))
@@ -129,12 +140,13 @@ def test_job_source_plans_with_the_format_and_no_decode_function(table_env, writ
     # Translating to the execution plan asks the format for its runtime decoder (the column check).
     plan = table_env.sql_query(routed_query(cfg)).explain(ExplainDetail.JSON_EXECUTION_PLAN)
     assert (
-        f"table=[[default_catalog, default_database, {USAGE_SOURCE_TABLE}, metadata=[value.error, value.raw, topic, partition, offset, timestamp], watermark=["
+        f"table=[[default_catalog, default_database, {USAGE_SOURCE_TABLE}, metadata=[value.raw, value.reject, value.dimensions-key, topic, partition, offset, timestamp], watermark=["
         in plan
     )
-    # One Kafka source for the counted and the rejected side, and no decode anywhere but in it.
+    # One Kafka source for the counted and the rejected side, and no decode, check or key anywhere but in it.
     assert plan.count('"pact" : "Data Source"') == 1
-    assert "decode" not in plan.replace("decode_error", "")
+    assert "decode" not in plan
+    assert "TRIM" not in plan and "JSON_OBJECT" not in plan and "missing field" not in plan
 
 
 def test_format_refuses_a_table_that_is_not_the_usage_event(table_env):
@@ -159,9 +171,15 @@ def test_rejected_records_pass_the_dedup_without_touching_counted_events(table_e
     """
     cfg = load_config(write_config(""), environ={})
     produced_ms = PRODUCED_MS
-    # (name, event, decode error, Kafka offset, Kafka timestamp)
+    # (name, event, the format's reject, Kafka offset, Kafka timestamp)
     cases = [
-        ("unknown_meter_dup", {**GOOD, "event_id": "dup", "meter": "gpu_hours"}, None, 0, produced_ms),
+        (
+            "unknown_meter_dup",
+            {**GOOD, "event_id": "dup", "meter": "gpu_hours"},
+            "unknown meter: gpu_hours",
+            0,
+            produced_ms,
+        ),
         ("counted_dup", {**GOOD, "event_id": "dup"}, None, 1, produced_ms),
         ("copy_of_counted_dup", {**GOOD, "event_id": "dup"}, None, 2, produced_ms),
         ("garbage_a", None, MALFORMED, 3, produced_ms),

@@ -21,7 +21,7 @@ def _plan(table_env, ddl: str) -> str:
     table_env.execute_sql(ddl)
     try:
         # Translating to the execution plan creates the format's runtime decoder.
-        return table_env.sql_query(f"SELECT `event_id`, `decode_error` FROM `{USAGE_SOURCE_TABLE}`").explain(
+        return table_env.sql_query(f"SELECT `event_id`, `format_reject` FROM `{USAGE_SOURCE_TABLE}`").explain(
             ExplainDetail.JSON_EXECUTION_PLAN
         )
     finally:

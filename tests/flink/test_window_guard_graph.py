@@ -23,9 +23,18 @@ from jobs.plan import (
     dead_letter_insert,
     window_changelog_query,
 )
-from jobs.source_plan import BOUNDED_TIME, USAGE_SOURCE_TABLE, VALIDATED_VIEW, bounded_event_time, validate_query
+from jobs.source_plan import (
+    BOUNDED_TIME,
+    FORMAT_DIMENSIONS_KEY,
+    FORMAT_REJECT,
+    USAGE_SOURCE_TABLE,
+    VALIDATED_VIEW,
+    bounded_event_time,
+    validate_query,
+)
 from jobs.sql import sql_interval
 from meterflow.config import load_config
+from meterflow.corrections import dimensions_key
 
 pytestmark = [pytest.mark.flink, pytest.mark.slow]
 
@@ -67,10 +76,11 @@ EVENTS = [
 REFUSED_OFFSETS = (3, 6)
 
 
-def _json_line(event: dict, offset: int) -> str:
+def _json_line(event: dict, offset: int, dimensions_key: str) -> str:
     at = event["event_time"]
     row = {
         **event,
+        FORMAT_DIMENSIONS_KEY: dimensions_key,
         "quantity": "QUANTITY",
         "event_time": at.strftime("%Y-%m-%d %H:%M:%S.") + f"{at.microsecond // 1000:03d}",
         "source_offset": offset,
@@ -81,14 +91,15 @@ def _json_line(event: dict, offset: int) -> str:
 
 
 def _stand_in_source(t_env, cfg, events: list[dict], directory) -> None:
-    """The source's columns over a JSON file: the decoded fields, no decode error, Kafka coordinates, watermark."""
+    """The source's columns over a JSON file: the decoded fields, the format's group-by key and no reject, Kafka coordinates, watermark."""
     directory.mkdir()
-    (directory / "part-0.json").write_text("\n".join(_json_line(e, i) for i, e in enumerate(events)) + "\n")
+    keys = [dimensions_key(e["dimensions"], cfg.meter(e["meter"]).group_by) for e in events]
+    (directory / "part-0.json").write_text("\n".join(_json_line(e, i, keys[i]) for i, e in enumerate(events)) + "\n")
     fields = ", ".join(c.ddl() for c in derive_nullable_columns(load_schema()))
     appended = "TO_TIMESTAMP_LTZ(`kafka_ms`, 3)"
     t_env.execute_sql(
         f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({fields}, `source_offset` BIGINT, `kafka_ms` BIGINT, "
-        "`decode_error` AS CAST(NULL AS STRING), `payload` AS ENCODE(`event_id`, 'UTF-8'), "
+        f"`{FORMAT_DIMENSIONS_KEY}` STRING NOT NULL, `{FORMAT_REJECT}` AS CAST(NULL AS STRING), `payload` AS ENCODE(`event_id`, 'UTF-8'), "
         f"`source_topic` AS '{cfg.kafka.usage_events_topic}', `source_partition` AS 0, `kafka_timestamp` AS {appended}, "
         f"`{BOUNDED_TIME}` AS {bounded_event_time(cfg).replace('`kafka_timestamp`', appended)}, `proc_time` AS PROCTIME(), "
         f"WATERMARK FOR `{BOUNDED_TIME}` AS `{BOUNDED_TIME}` - {sql_interval(cfg.event_time.watermark_delay)}) "

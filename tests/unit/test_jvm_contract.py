@@ -6,7 +6,14 @@ from __future__ import annotations
 import re
 
 from connectors.avro_types import derive_columns, load_schema
-from jobs.source_plan import USAGE_FORMAT, usage_source_ddl, usage_value_columns
+from jobs.source_plan import (
+    FORMAT_DIMENSIONS_KEY,
+    FORMAT_REJECT,
+    METERS_OPTION,
+    USAGE_FORMAT,
+    usage_source_ddl,
+    usage_value_columns,
+)
 from meterflow.config import load_config
 from tests.conftest import REPO_ROOT
 
@@ -54,9 +61,14 @@ def test_source_table_uses_the_format_by_its_registered_name_and_metadata(write_
     for column in usage_value_columns():
         assert f"  {column.ddl()},\n" in ddl
     decoding = FORMAT / "MeterflowAvroDecodingFormat.java"
-    error, raw = _java_string(decoding, "ERROR"), _java_string(decoding, "RAW")
-    assert f"`decode_error` STRING METADATA FROM 'value.{error}' VIRTUAL" in ddl
+    reject, key, raw = (_java_string(decoding, name) for name in ("REJECT", "DIMENSIONS_KEY", "RAW"))
+    assert f"`{FORMAT_REJECT}` STRING METADATA FROM 'value.{reject}' VIRTUAL" in ddl
+    assert f"`{FORMAT_DIMENSIONS_KEY}` STRING NOT NULL METADATA FROM 'value.{key}' VIRTUAL" in ddl
     assert f"`payload` BYTES METADATA FROM 'value.{raw}' VIRTUAL" in ddl
+    meters = re.search(
+        r'METERS = ConfigOptions.key\("([^"]+)"\)', (FORMAT / "MeterflowAvroFormatFactory.java").read_text()
+    )
+    assert f"{USAGE_FORMAT}.{meters.group(1)}" == METERS_OPTION
 
 
 def test_format_is_checked_against_the_bundled_schema():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 
@@ -26,7 +27,15 @@ from jobs.plan import (
     usage_windows_sink_ddl,
     window_changelog_query,
 )
-from jobs.source_plan import VALIDATED_VIEW, bounded_event_time, dimensions_key_expr, usage_source_ddl, validate_query
+from jobs.source_plan import (
+    METERS_OPTION,
+    VALIDATED_VIEW,
+    bounded_event_time,
+    dimensions_key_column,
+    format_meters,
+    usage_source_ddl,
+    validate_query,
+)
 from jobs.sql import sql_interval, sql_string
 from meterflow.config import load_config
 from meterflow.errors import ConfigError
@@ -63,11 +72,14 @@ def test_sql_string_escapes_quotes():
 
 
 def test_source_decodes_in_the_kafka_source_with_the_format(cfg):
-    """The Kafka source decodes values with the meterflow-avro format: the schema's fields, then why a value is not an event and its raw bytes."""
+    """The Kafka source decodes values with the meterflow-avro format: the schema's fields, then why a value
+    cannot be counted, its group-by key (both by the configured meters) and its raw bytes."""
     ddl = usage_source_ddl(cfg)
     assert "'format' = 'meterflow-avro'" in ddl and "'topic' = 'in-topic'" in ddl
     assert "  `quantity` DECIMAL(38, 9),\n  `event_time` TIMESTAMP(3),\n  `dimensions` MAP<STRING, STRING>,\n" in ddl
-    assert "`decode_error` STRING METADATA FROM 'value.error' VIRTUAL" in ddl
+    assert "`format_reject` STRING METADATA FROM 'value.reject' VIRTUAL" in ddl
+    assert "`format_dimensions_key` STRING NOT NULL METADATA FROM 'value.dimensions-key' VIRTUAL" in ddl
+    assert f"{sql_string(METERS_OPTION)} = {sql_string(format_meters(cfg))}" in ddl
     assert "`payload` BYTES METADATA FROM 'value.raw' VIRTUAL" in ddl
     assert "'properties.isolation.level' = 'read_committed'" in ddl
     assert "`kafka_timestamp` TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL" in ddl
@@ -87,15 +99,20 @@ def test_watermark_only_from_plausible_event_times(cfg):
 
 
 def test_validation_rules_follow_the_meter_config(write_config):
-    """Undecodable values, unknown meters, empty ids, forbidden negatives and out-of-range times each have a reason."""
+    """The format's reason comes first (undecodable values, empty ids, unknown meters, forbidden negatives:
+    the meters it checks them by are the config's), then out-of-range times."""
     cfg = load_config(
-        write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={}
+        write_config(
+            "meters:\n  - name: tokens\n    group_by: [region, model]\n  - name: credits\n    allow_negative: true\n"
+        ),
+        environ={},
     )
+    assert json.loads(format_meters(cfg)) == {
+        "tokens": {"allow_negative": False, "group_by": ["model", "region"]},
+        "credits": {"allow_negative": True, "group_by": []},
+    }
     sql = validate_query(cfg)
-    assert "CASE WHEN `decode_error` IS NOT NULL THEN `decode_error`" in sql
-    assert "'missing field: event_id'" in sql and "'missing field: customer_id'" in sql
-    assert "NOT IN ('tokens', 'credits') THEN CONCAT('unknown meter: '" in sql
-    assert "`quantity` < 0 AND `meter` IN ('tokens')" in sql
+    assert "CASE WHEN `format_reject` IS NOT NULL THEN `format_reject` WHEN `bounded_time` = " in sql
     assert (
         "WHEN `bounded_time` = TIMESTAMP '1970-01-01 00:00:00.000' THEN CONCAT('event_time out of range: ', CAST(`event_time` AS STRING)"
         in sql
@@ -262,7 +279,7 @@ meters:
 def test_quantity_is_plain_sum_when_every_meter_sums(cfg):
     """The common case stays a plain SUM."""
     assert quantity_expr(cfg) == "SUM(`quantity`)"
-    assert dimensions_key_expr(cfg) == "'{}'"
+    assert dimensions_key_column(cfg) == "'{}'", "the window state's key type (CHAR(2)) stays as it was"
 
 
 def test_each_meter_gets_its_aggregation(write_config):
@@ -274,9 +291,7 @@ def test_each_meter_gets_its_aggregation(write_config):
     assert "WHEN 'peak' THEN MAX(`quantity`)" in q
     assert "WHEN 'storage' THEN CAST(SPLIT_INDEX(MAX(CASE WHEN `meter` = 'storage'" in q
     assert "COUNT(DISTINCT CASE WHEN `meter` = 'users' THEN `dimensions`['user'] END)" in q
-    key = dimensions_key_expr(cfg)
-    assert key.index("KEY 'model'") < key.index("KEY 'region'")
-    assert "COALESCE(`dimensions`['region'], '')" in key and key.endswith("ELSE '{}' END")
+    assert dimensions_key_column(cfg) == "`format_dimensions_key`", "built in the source by the format"
 
 
 @pytest.mark.parametrize(

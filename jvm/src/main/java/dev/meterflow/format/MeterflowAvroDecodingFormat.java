@@ -20,7 +20,8 @@ import org.apache.flink.table.types.utils.DataTypeUtils;
 
 /**
  * Plans the {@code meterflow-avro} decoder: checks the table's physical columns against the usage
- * event row and appends the requested format metadata ({@code error}, {@code raw}) to the produced row.
+ * event row and appends the requested format metadata ({@code error}, {@code raw}, {@code reject},
+ * {@code dimensions-key}) to the produced row.
  */
 public final class MeterflowAvroDecodingFormat implements DecodingFormat<DeserializationSchema<RowData>> {
 
@@ -28,19 +29,29 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
     public static final String ERROR = "error";
     /** The message bytes exactly as received (empty for a null value). */
     public static final String RAW = "raw";
+    /** Why the record cannot be counted, as far as the message alone tells: {@code error}, else the meters' rules ({@link EventRules#reject}); or null. */
+    public static final String REJECT = "reject";
+    /** The group-by key of the record's meter ({@link EventRules#dimensionsKey}); {@code {}} when it is not an event of a configured meter. */
+    public static final String DIMENSIONS_KEY = "dimensions-key";
 
     /** The schema registry's base URL, or null. */
     private final String registryUrl;
+    /** The {@code meters} option's rules, or null. */
+    private final EventRules rules;
     private List<String> metadataKeys = List.of();
 
     /** A format for plain and single-object values only: registry-framed ones become dead letters. */
     public MeterflowAvroDecodingFormat() {
-        this(null);
+        this(null, null);
     }
 
-    /** @param registryUrl the {@code schema-registry.url} option: decode registry-framed values with the writer schema it holds; null for none */
-    public MeterflowAvroDecodingFormat(String registryUrl) {
+    /**
+     * @param registryUrl the {@code schema-registry.url} option: decode registry-framed values with the writer schema it holds; null for none
+     * @param rules the {@code meters} option's rules, needed for the {@code reject} and {@code dimensions-key} metadata; null for none
+     */
+    public MeterflowAvroDecodingFormat(String registryUrl, EventRules rules) {
         this.registryUrl = registryUrl;
+        this.rules = rules;
     }
 
     @Override
@@ -48,6 +59,8 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
         Map<String, DataType> metadata = new LinkedHashMap<>();
         metadata.put(ERROR, DataTypes.STRING());
         metadata.put(RAW, DataTypes.BYTES());
+        metadata.put(REJECT, DataTypes.STRING());
+        metadata.put(DIMENSIONS_KEY, DataTypes.STRING().notNull());
         return metadata;
     }
 
@@ -59,11 +72,15 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
     @Override
     public DeserializationSchema<RowData> createRuntimeDecoder(DynamicTableSource.Context context, DataType physicalDataType) {
         checkPhysicalType(physicalDataType.getLogicalType());
-        if (!metadataKeys.contains(ERROR)) {
+        if (!metadataKeys.contains(ERROR) && !metadataKeys.contains(REJECT)) {
             // Without it a malformed record would turn into a row of nulls, indistinguishable from data.
             throw new ValidationException(
-                    "format '" + MeterflowAvroFormatFactory.IDENTIFIER + "' needs the '" + ERROR
+                    "format '" + MeterflowAvroFormatFactory.IDENTIFIER + "' needs the '" + ERROR + "' or the '" + REJECT
                             + "' metadata column (e.g. `decode_error` STRING METADATA FROM 'value." + ERROR + "' VIRTUAL)");
+        }
+        if (rules == null && (metadataKeys.contains(REJECT) || metadataKeys.contains(DIMENSIONS_KEY))) {
+            throw new ValidationException("format '" + MeterflowAvroFormatFactory.IDENTIFIER + "': the '" + REJECT + "' and '" + DIMENSIONS_KEY
+                    + "' metadata need the '" + MeterflowAvroFormatFactory.METERS.key() + "' option");
         }
         Map<String, DataType> readable = listReadableMetadata();
         List<DataTypes.Field> fields = new ArrayList<>();
@@ -72,9 +89,15 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
         }
         DataType produced = DataTypeUtils.appendRowFields(physicalDataType, fields);
         TypeInformation<RowData> typeInfo = context.createTypeInformation(produced);
-        int errorPos = UsageEventDecoder.ARITY + metadataKeys.indexOf(ERROR);
-        int rawPos = metadataKeys.contains(RAW) ? UsageEventDecoder.ARITY + metadataKeys.indexOf(RAW) : -1;
-        return new MeterflowAvroDeserializationSchema(typeInfo, UsageEventDecoder.ARITY + metadataKeys.size(), errorPos, rawPos, registryUrl);
+        MeterflowAvroDeserializationSchema.Positions positions = new MeterflowAvroDeserializationSchema.Positions(
+                position(ERROR), position(RAW), position(REJECT), position(DIMENSIONS_KEY));
+        return new MeterflowAvroDeserializationSchema(typeInfo, UsageEventDecoder.ARITY + metadataKeys.size(), positions, registryUrl, rules);
+    }
+
+    /** Where metadata {@code key} sits in the produced row, -1 when not requested. */
+    private int position(String key) {
+        int i = metadataKeys.indexOf(key);
+        return i < 0 ? -1 : UsageEventDecoder.ARITY + i;
     }
 
     /** The table's physical columns must be the usage event row, names and types (nullable) alike. */

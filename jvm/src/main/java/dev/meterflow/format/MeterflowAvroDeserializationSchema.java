@@ -1,5 +1,6 @@
 package dev.meterflow.format;
 
+import java.io.Serializable;
 import java.util.Objects;
 
 import org.apache.flink.api.common.serialization.DeserializationSchema;
@@ -11,33 +12,42 @@ import org.apache.flink.table.data.StringData;
 /**
  * The {@code meterflow-avro} runtime decoder. Never fails on input: every message becomes one row,
  * the usage event's fields, or all of them null and {@code error} set to the reason. Plain,
- * single-object and schema-registry framed values alike ({@link FramedValueDecoder}).
+ * single-object and schema-registry framed values alike ({@link FramedValueDecoder}). With the
+ * meters' rules, a decoded event is also checked ({@code reject}) and keyed ({@code dimensions-key}).
  */
 public final class MeterflowAvroDeserializationSchema implements DeserializationSchema<RowData> {
 
     private static final long serialVersionUID = 1L;
     private static final byte[] NO_BYTES = new byte[0];
 
+    private static final StringData NO_DIMENSIONS = StringData.fromString(EventRules.NO_DIMENSIONS);
+
+    /** Where each metadata column sits in the produced row, -1 when not requested. */
+    public record Positions(int error, int raw, int reject, int dimensionsKey) implements Serializable {
+        private static final long serialVersionUID = 1L;
+    }
+
     private final TypeInformation<RowData> producedType;
     private final int arity;
-    private final int errorPos;
-    private final int rawPos;
+    private final Positions at;
     /** The schema registry's base URL, or null: then registry-framed values are dead letters. */
     private final String registryUrl;
+    /** The meters' rules, or null when neither {@code reject} nor {@code dimensions-key} is requested. */
+    private final EventRules rules;
     private transient FramedValueDecoder decoder;
 
     /**
      * @param arity physical fields plus requested metadata
-     * @param errorPos position of the {@code error} metadata
-     * @param rawPos position of the {@code raw} metadata, -1 when not requested
+     * @param at positions of the requested metadata
      * @param registryUrl the {@code schema-registry.url} format option, or null
+     * @param rules the {@code meters} format option's rules, or null
      */
-    public MeterflowAvroDeserializationSchema(TypeInformation<RowData> producedType, int arity, int errorPos, int rawPos, String registryUrl) {
+    public MeterflowAvroDeserializationSchema(TypeInformation<RowData> producedType, int arity, Positions at, String registryUrl, EventRules rules) {
         this.producedType = producedType;
         this.arity = arity;
-        this.errorPos = errorPos;
-        this.rawPos = rawPos;
+        this.at = at;
         this.registryUrl = registryUrl;
+        this.rules = rules;
     }
 
     @Override
@@ -53,11 +63,18 @@ public final class MeterflowAvroDeserializationSchema implements Deserialization
         // A new row per record: the Kafka source copies its fields into the row it emits.
         GenericRowData row = new GenericRowData(arity);
         String reason = decoder.decodeInto(message, row);
-        if (reason != null) {
-            row.setField(errorPos, StringData.fromString(reason));
+        if (reason != null && at.error() >= 0) {
+            row.setField(at.error(), StringData.fromString(reason));
         }
-        if (rawPos >= 0) {
-            row.setField(rawPos, message == null ? NO_BYTES : message);
+        if (at.raw() >= 0) {
+            row.setField(at.raw(), message == null ? NO_BYTES : message);
+        }
+        if (at.reject() >= 0) {
+            String reject = reason != null ? reason : rules.reject(row);
+            row.setField(at.reject(), reject == null ? null : StringData.fromString(reject));
+        }
+        if (at.dimensionsKey() >= 0) {
+            row.setField(at.dimensionsKey(), reason != null ? NO_DIMENSIONS : rules.dimensionsKey(row));
         }
         return row;
     }
@@ -77,12 +94,12 @@ public final class MeterflowAvroDeserializationSchema implements Deserialization
         if (!(o instanceof MeterflowAvroDeserializationSchema that)) {
             return false;
         }
-        return arity == that.arity && errorPos == that.errorPos && rawPos == that.rawPos && producedType.equals(that.producedType)
-                && Objects.equals(registryUrl, that.registryUrl);
+        return arity == that.arity && at.equals(that.at) && producedType.equals(that.producedType)
+                && Objects.equals(registryUrl, that.registryUrl) && Objects.equals(rules, that.rules);
     }
 
     @Override
     public int hashCode() {
-        return Objects.hash(producedType, arity, errorPos, rawPos, registryUrl);
+        return Objects.hash(producedType, arity, at, registryUrl, rules);
     }
 }

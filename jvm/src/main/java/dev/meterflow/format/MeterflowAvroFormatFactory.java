@@ -23,7 +23,8 @@ import org.apache.flink.table.factories.FactoryUtil;
  *
  * <p>Use it as {@code 'format' = 'meterflow-avro'} (or {@code 'value.format'}) on a table whose
  * physical columns are the schema's fields ({@link UsageEventDecoder#ROW_TYPE}); declare the
- * format's metadata {@code value.error} (required) and {@code value.raw} as virtual columns.
+ * format's metadata as virtual columns: {@code value.error} or {@code value.reject} (at least one),
+ * {@code value.raw}, and, with {@link #METERS} set, {@code value.reject} and {@code value.dimensions-key}.
  * Found through META-INF/services/org.apache.flink.table.factories.Factory.
  */
 public final class MeterflowAvroFormatFactory implements DeserializationFormatFactory {
@@ -37,6 +38,13 @@ public final class MeterflowAvroFormatFactory implements DeserializationFormatFa
             .withDescription("Base URL of a Confluent-compatible schema registry: values in its wire format (0x00, 4-byte schema id) are"
                     + " decoded with the writer schema GET {url}/schemas/ids/{id} returns. Without it such values are dead letters.");
 
+    /** In a table's options {@code 'meterflow-avro.meters'}: the configured meters, for the {@code reject} and {@code dimensions-key} metadata ({@link EventRules#parse}). */
+    public static final ConfigOption<String> METERS = ConfigOptions.key("meters")
+            .stringType()
+            .noDefaultValue()
+            .withDescription("The configured meters as a JSON object of name to {\"allow_negative\": bool, \"group_by\": [dimension, ...]}:"
+                    + " the rules behind the 'reject' and 'dimensions-key' metadata.");
+
     @Override
     public DecodingFormat<DeserializationSchema<RowData>> createDecodingFormat(DynamicTableFactory.Context context, ReadableConfig formatOptions) {
         FactoryUtil.validateFactoryOptions(this, formatOptions);
@@ -44,7 +52,8 @@ public final class MeterflowAvroFormatFactory implements DeserializationFormatFa
         if (url != null) {
             checkUrl(url);
         }
-        return new MeterflowAvroDecodingFormat(url);
+        EventRules rules = formatOptions.getOptional(METERS).map(EventRules::parse).orElse(null);
+        return new MeterflowAvroDecodingFormat(url, rules);
     }
 
     /** An http(s) URL with a host, checked at planning rather than at the first registry-framed message. */
@@ -72,6 +81,6 @@ public final class MeterflowAvroFormatFactory implements DeserializationFormatFa
 
     @Override
     public Set<ConfigOption<?>> optionalOptions() {
-        return Set.of(SCHEMA_REGISTRY_URL);
+        return Set.of(SCHEMA_REGISTRY_URL, METERS);
     }
 }

@@ -110,12 +110,46 @@ class MeterflowAvroFormatTest {
     }
 
     @Test
-    void metadataIsOptionalExceptTheError() throws Exception {
+    void metadataIsOptionalExceptTheErrorOrTheReject() throws Exception {
         RowData row = decoder(new Context(), List.of("error")).deserialize(new byte[] {7});
         assertEquals(8, row.getArity());
         assertTrue(row.getString(7).toString().startsWith("malformed Avro: "));
         ValidationException e = assertThrows(ValidationException.class, () -> decoder(new Context(), List.of("raw")));
-        assertTrue(e.getMessage().contains("needs the 'error' metadata column"), e.getMessage());
+        assertTrue(e.getMessage().contains("needs the 'error' or the 'reject' metadata column"), e.getMessage());
+        ValidationException noMeters = assertThrows(ValidationException.class, () -> decoder(new Context(), List.of("reject")));
+        assertTrue(noMeters.getMessage().contains("need the 'meters' option"), noMeters.getMessage());
+    }
+
+    @Test
+    void theMetersOptionGivesEachRecordItsRejectAndItsGroupByKey() throws Exception {
+        MeterflowAvroFormatFactory factory = new MeterflowAvroFormatFactory();
+        assertTrue(factory.optionalOptions().contains(MeterflowAvroFormatFactory.METERS));
+        String meters = "{\"tokens\":{\"allow_negative\":false,\"group_by\":[\"model\",\"region\"]},\"credits\":{\"allow_negative\":true,\"group_by\":[]}}";
+        DecodingFormat<DeserializationSchema<RowData>> format = factory.createDecodingFormat(null, Configuration.fromMap(Map.of("meters", meters)));
+        format.applyReadableMetadata(List.of("reject", "dimensions-key", "raw"));
+        Context context = new Context();
+        DeserializationSchema<RowData> schema = format.createRuntimeDecoder(context, physical());
+        schema.open(null);
+        LogicalType produced = context.produced.getLogicalType();
+        assertEquals("STRING", produced.getChildren().get(7).asSummaryString());
+        assertEquals("STRING NOT NULL", produced.getChildren().get(8).asSummaryString(), "a key on every row");
+
+        RowData good = schema.deserialize(UsageEventDecoderTest.good());
+        assertTrue(good.isNullAt(7));
+        assertEquals("{\"model\":\"m\",\"region\":\"\"}", good.getString(8).toString());
+
+        RowData negative = schema.deserialize(UsageEventDecoderTest.encode(UsageEventDecoderTest.event(
+                UsageEventDecoderTest.SCHEMA, "e2", new java.math.BigDecimal("-1"), UsageEventDecoderTest.T, Map.of("region", "eu"))));
+        assertEquals("negative quantity: meter tokens does not allow it", negative.getString(7).toString());
+        assertEquals("{\"model\":\"\",\"region\":\"eu\"}", negative.getString(8).toString());
+
+        RowData garbage = schema.deserialize(new byte[] {1, 2, 3});
+        assertTrue(garbage.getString(7).toString().startsWith("malformed Avro: "), "a decode error is the reject");
+        assertEquals("{}", garbage.getString(8).toString());
+
+        ValidationException e = assertThrows(ValidationException.class,
+                () -> factory.createDecodingFormat(null, Configuration.fromMap(Map.of("meters", "tokens"))));
+        assertTrue(e.getMessage().startsWith("'meters' is not JSON"), e.getMessage());
     }
 
     @Test
@@ -158,7 +192,8 @@ class MeterflowAvroFormatTest {
         DeserializationSchema<RowData> framed = withRegistry.createRuntimeDecoder(new Context(), physical());
         framed.open(null);
         assertTrue(framed.deserialize(registryFramed).getString(7).toString().startsWith("schema registry unreachable: schema id 7, "));
-        assertEquals(new MeterflowAvroDeserializationSchema(TypeInformation.of(RowData.class), 8, 7, -1, url), framed);
+        assertEquals(new MeterflowAvroDeserializationSchema(TypeInformation.of(RowData.class), 8,
+                new MeterflowAvroDeserializationSchema.Positions(7, -1, -1, -1), url, null), framed);
         assertTrue(!framed.equals(plainOnly), "the registry URL is part of the decoder's identity");
 
         for (String bad : List.of("ftp://registry", "registry:8081", "http://", "http://exa mple")) {
