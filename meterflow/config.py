@@ -226,7 +226,7 @@ class MeterConfig(_Section):
         if (self.aggregation == "UNIQUE_COUNT") != (self.unique_dimension is not None):
             msg = f"meter {self.name}: unique_dimension is required for UNIQUE_COUNT and only for it"
             raise ValueError(msg)
-        bad = [d for d in self.group_by if not re.match(_DIMENSION_NAME, d)]
+        bad = [d for d in self.group_by if not re.fullmatch(_DIMENSION_NAME, d)]
         if bad or len(set(self.group_by)) != len(self.group_by):
             msg = f"meter {self.name}: group_by must list distinct dimension names, got {list(self.group_by)}"
             raise ValueError(msg)

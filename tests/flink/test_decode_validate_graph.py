@@ -88,8 +88,9 @@ def _stand_in_source(table_env, cfg, records: list[tuple[str, dict | None, str |
 
 
 def test_each_bad_record_is_rejected_with_its_reason(table_env, write_config):
-    """The format's reasons (undecodable values, empty ids, unknown meters, forbidden negatives) come
-    first, then absurd times; good ones pass exactly."""
+    """The SQL's share of the validation: the format's reason (given here as the format gives it; the
+    format's rules themselves are jvm/ EventRulesTest's) wins over an absurd time, an absurd time is a
+    reason of its own, and good records (a negative credit the format let through too) pass exactly."""
     cfg = load_config(
         write_config("meters:\n  - name: tokens\n  - name: credits\n    allow_negative: true\n"), environ={}
     )

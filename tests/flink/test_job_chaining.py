@@ -175,12 +175,24 @@ SQL_GRAPH_STATEFUL_UIDS = {
 }
 
 
-def test_the_sql_graphs_stateful_operators_keep_their_uids(write_config):
+# Meters that group by dimensions and count distinct values: the group-by key and the distinct values come from the source.
+GROUPING_METERS = (
+    "meters:\n  - name: tokens\n    group_by: [region, model]\n"
+    "  - name: users\n    aggregation: UNIQUE_COUNT\n    unique_dimension: user\n"
+)
+
+
+@pytest.mark.parametrize("meters", ["", GROUPING_METERS], ids=["default-meters", "grouping-meters"])
+def test_the_sql_graphs_stateful_operators_keep_their_uids(write_config, meters):
     """A savepoint of the default graph restores across releases only if these uids name the same operators.
 
     A change here is a plan change for every deployment (docs/operations.md, Upgrades): make it on purpose.
     """
-    graph = usage_stream_graph(_config(write_config))
+    cfg = load_config(
+        write_config(f"kafka:\n  bootstrap_servers: 127.0.0.1:9\n{meters}"),
+        environ={"METERFLOW_POSTGRES_PASSWORD": "unused-at-planning"},
+    )
+    graph = usage_stream_graph(cfg)
     planned = {node.getTransformationUID(): node.getOperatorName() for node in graph.getStreamNodes().toArray()}
     # A job is planned in a process of its own, where the planner numbers its nodes from 1 (the
     # source). The graphs other tests planned in this process moved that JVM-wide counter on by the

@@ -13,6 +13,7 @@ import pytest
 from connectors.avro_types import derive_columns, load_schema
 from connectors.producer import SyntheticSpec, synthetic_events
 from jobs.plan import USAGE_SOURCE_TABLE, sql_interval, window_aggregate_query
+from jobs.source_plan import FORMAT_DIMENSIONS_KEY, dimensions_key_column
 from meterflow.config import load_config
 from meterflow.corrections import dimensions_key
 from meterflow.windowing import window_bounds
@@ -27,14 +28,14 @@ def _json_line(event, key: str) -> str:
     return (
         f'{{"event_id":"{event["event_id"]}","tenant_id":"{event["tenant_id"]}","customer_id":"{event["customer_id"]}",'
         f'"meter":"{event["meter"]}","quantity":{event["quantity"]},"event_time":"{ts}","dimensions":{{{dims}}},'
-        f'"dimensions_key":{json.dumps(key)}}}'
+        f'"{FORMAT_DIMENSIONS_KEY}":{json.dumps(key)}}}'
     )
 
 
 def _load_events(table_env, cfg, events, directory) -> None:
     """A bounded file table with the job's derived columns and watermark, holding ``events``, each with
-    the group-by key the source's format gives it (the bytes of meterflow/corrections.py ``dimensions_key``,
-    tests/unit/test_dimensions_key_cases.py)."""
+    its group-by key in the format's column: Python's ``dimensions_key`` (meterflow/corrections.py),
+    whose bytes the format's key has (tests/unit/test_dimensions_key_cases.py)."""
     directory.mkdir()
     group_by = {m.name: m.group_by for m in cfg.meters}
     lines = (_json_line(e, dimensions_key(e["dimensions"], group_by.get(e["meter"], ()))) for e in events)
@@ -43,7 +44,7 @@ def _load_events(table_env, cfg, events, directory) -> None:
     table_env.execute_sql(f"DROP TEMPORARY VIEW IF EXISTS `{USAGE_SOURCE_TABLE}`")
     cols = ", ".join(c.ddl() for c in derive_columns(load_schema()))
     table_env.execute_sql(
-        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({cols}, `dimensions_key` STRING NOT NULL, "
+        f"CREATE TEMPORARY TABLE `{USAGE_SOURCE_TABLE}` ({cols}, `{FORMAT_DIMENSIONS_KEY}` STRING NOT NULL, "
         f"WATERMARK FOR `event_time` AS `event_time` - {sql_interval(cfg.event_time.watermark_delay)}) "
         f"WITH ('connector' = 'filesystem', 'path' = '{directory}', 'format' = 'json')"
     )
@@ -62,7 +63,7 @@ def test_window_totals_equal_oracle(table_env, tmp_path, write_config):
     )
     events = list(synthetic_events(spec))
     _load_events(table_env, cfg, events, tmp_path / "events")
-    keyed = f"SELECT * FROM `{USAGE_SOURCE_TABLE}`"
+    keyed = f"SELECT *, {dimensions_key_column(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
     table_env.execute_sql("DROP TEMPORARY VIEW IF EXISTS `keyed_events`")
     table_env.create_temporary_view("keyed_events", table_env.sql_query(keyed))
     with table_env.execute_sql(window_aggregate_query(cfg, "keyed_events")).collect() as results:
@@ -192,7 +193,7 @@ def _assert_each_meter(got: dict, events: list[dict]) -> None:
 def _keyed_events(table_env, cfg, events, directory) -> None:
     """The events as the view ``keyed_events``: the job's source columns with their ``dimensions_key``."""
     _load_events(table_env, cfg, events, directory)
-    keyed = f"SELECT * FROM `{USAGE_SOURCE_TABLE}`"
+    keyed = f"SELECT *, {dimensions_key_column(cfg)} AS `dimensions_key` FROM `{USAGE_SOURCE_TABLE}`"
     table_env.execute_sql("DROP TEMPORARY VIEW IF EXISTS `keyed_events`")
     table_env.create_temporary_view("keyed_events", table_env.sql_query(keyed))
 

@@ -1,6 +1,7 @@
 """The group-by key is built twice: in the source, by the meterflow-avro format (jvm/ EventRules.dimensionsKey),
 and in Python for late events (meterflow/corrections.py dimensions_key). A late event corrects the
-window whose key has the same bytes, so both must agree byte for byte, on values a producer may send.
+window whose key has the same bytes, so both must agree byte for byte, on values a producer may send
+(and on control characters, which the input contract refuses before any key is built).
 
 One table of cases (``key_cases``) is the parity check: it is written, with the key Python builds, to
 jvm/src/test/resources/dimensions_key_cases.json; this module checks the committed file against the

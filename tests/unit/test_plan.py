@@ -301,6 +301,7 @@ def test_each_meter_gets_its_aggregation(write_config):
         ("  - name: u\n    unique_dimension: user\n", "unique_dimension is required"),
         ("  - name: u\n    aggregation: MEDIAN\n", "aggregation"),
         ("  - name: u\n    group_by: [a, a]\n", "distinct dimension names"),
+        ('  - name: u\n    group_by: ["a\\n"]\n', "distinct dimension names"),
         ("  - name: u\n  - name: u\n", "each once"),
         ("  - name: 'bad name'\n", "name"),
     ],

@@ -76,7 +76,7 @@ public final class MeterflowAvroDecodingFormat implements DecodingFormat<Deseria
             // Without it a malformed record would turn into a row of nulls, indistinguishable from data.
             throw new ValidationException(
                     "format '" + MeterflowAvroFormatFactory.IDENTIFIER + "' needs the '" + ERROR + "' or the '" + REJECT
-                            + "' metadata column (e.g. `decode_error` STRING METADATA FROM 'value." + ERROR + "' VIRTUAL)");
+                            + "' metadata column (e.g. `format_reject` STRING METADATA FROM 'value." + REJECT + "' VIRTUAL)");
         }
         if (rules == null && (metadataKeys.contains(REJECT) || metadataKeys.contains(DIMENSIONS_KEY))) {
             throw new ValidationException("format '" + MeterflowAvroFormatFactory.IDENTIFIER + "': the '" + REJECT + "' and '" + DIMENSIONS_KEY

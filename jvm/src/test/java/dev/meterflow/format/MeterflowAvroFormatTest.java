@@ -147,6 +147,13 @@ class MeterflowAvroFormatTest {
         assertTrue(garbage.getString(7).toString().startsWith("malformed Avro: "), "a decode error is the reject");
         assertEquals("{}", garbage.getString(8).toString());
 
+        // As the TaskManager gets it: Java-serialized with its rules.
+        DeserializationSchema<RowData> shipped = org.apache.flink.util.InstantiationUtil.clone(schema);
+        assertEquals(schema, shipped);
+        RowData again = shipped.deserialize(UsageEventDecoderTest.good());
+        assertTrue(again.isNullAt(7));
+        assertEquals("{\"model\":\"m\",\"region\":\"\"}", again.getString(8).toString());
+
         ValidationException e = assertThrows(ValidationException.class,
                 () -> factory.createDecodingFormat(null, Configuration.fromMap(Map.of("meters", "tokens"))));
         assertTrue(e.getMessage().startsWith("'meters' is not JSON"), e.getMessage());
