@@ -641,8 +641,13 @@ def test_reconcile_checks_the_providers_monthly_totals(e2e_stack):
             "customers_table": f"customers_{run}",
             "carry_table": f"carry_{run}",
         }
+        # Tables of its own: reconcile reads every tenant's final windows and late corrections.
         cfg, path = e2e_stack.config(
-            f"ptotals-{run}", postgres={"usage_table": f"usage_{run}"}, billing=billing, stripe={"api_base": fake.url}
+            f"ptotals-{run}",
+            postgres={"usage_table": f"usage_{run}"},
+            corrections={"table": f"corrections_{run}"},
+            billing=billing,
+            stripe={"api_base": fake.url},
         )
         apply_schema(cfg.postgres)
         apply_billing_schema(cfg)
