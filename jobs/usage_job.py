@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    handover = Handover.from_json(Path(args.handover).read_text()) if args.handover else None
+    handover = Handover.load(Path(args.handover)) if args.handover else None
     # The tables the job writes, created (idempotently) so a first submit needs no manual step.
     from sinks.ledger import apply_schemas
 

@@ -77,6 +77,11 @@ class Handover:
             data.get("closed_through_ms"),
         )
 
+    @classmethod
+    def load(cls, path: Path) -> Handover:
+        """The handover a job's state started with, from its file (:func:`write_handover`)."""
+        return cls.from_json(path.read_text())
+
 
 @dataclass(frozen=True)
 class StoppedAt:
@@ -186,12 +191,12 @@ def _ms(d: timedelta) -> int:
     return d // timedelta(milliseconds=1)
 
 
-def read_handover(job_dir: Path | None) -> Path | None:
-    """The handover file beside a job's retained state, if its start was a handover."""
+def read_handover(job_dir: Path | None) -> Handover | None:
+    """The handover beside a job's retained state, if its start was a handover."""
     if job_dir is None:
         return None
     path = job_dir / HANDOVER_FILE
-    return path if path.is_file() else None
+    return Handover.load(path) if path.is_file() else None
 
 
 def write_handover(job_dir: Path, handover: Handover) -> Path:

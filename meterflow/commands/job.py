@@ -143,8 +143,8 @@ def submit_jobs(
             handover = usage_job_handover(cfg, handover_from, job_dir, start, newest, recorded, settings)
         starts.append((name, submit_job, settings, job_dir, start, handover))
     for name, submit_job, settings, job_dir, start, handover in starts:
-        # A handover keeps what the empty start's notes say is forgotten: its own line below says what.
-        for note in () if isinstance(handover, Handover) else start.notes:
+        # A handover planned now keeps what the empty start's notes say is forgotten: its own line below says what.
+        for note in () if name == cfg.flink.job_name and handover_from is not None else start.notes:
             err_console.print(note)
         if job_dir is not None and start.forget:
             err_console.print(
@@ -152,9 +152,10 @@ def submit_jobs(
             )
         extra = {}
         if handover is not None and job_dir is not None:
-            # Written after the state was set aside, beside the state the job writes from now on.
-            extra["handover"] = handover if isinstance(handover, Path) else write_handover(job_dir, handover)
-            err_console.print(f"{name}: {_describe_handover(read_handover_file(extra['handover']))}")
+            # Written after the state was set aside, beside the state the job writes from now on
+            # (a start that keeps its state writes back the handover it started with).
+            extra["handover"] = write_handover(job_dir, handover)
+            err_console.print(f"{name}: {_describe_handover(handover)}")
         with err_console.status(f"submitting {name} ..."):
             job_id = submit_job(cfg, ctx.resolved_path, savepoint=start.restore, **extra)
         if job_dir is not None and settings is not None:
@@ -172,11 +173,11 @@ def usage_job_handover(
     newest: RetainedState | None = None,
     recorded: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
-) -> Handover | Path | None:
-    """The usage job's handover: planned now (a :class:`Handover`) from the savepoint ``newest`` that the
-    SQL job of group ``handover_from`` stopped with, and the usage table's last final window; or the
-    file of the handover this job started with (a path), for every start that keeps its state (a
-    restore, or a first start again before any checkpoint)."""
+) -> Handover | None:
+    """The usage job's handover: planned now from the savepoint ``newest`` that the SQL job of group
+    ``handover_from`` stopped with, and the usage table's last final window; or the handover this job
+    started with, for every start that keeps its state (a restore, or a first start again before any
+    checkpoint)."""
     from connectors.kafka_admin import committed_offsets
     from meterflow.errors import JobSubmissionError
     from meterflow.local.savepoints import stopped_at
@@ -199,11 +200,6 @@ def usage_job_handover(
     stopped = stopped_at(savepoint, topic)
     below = read_below(committed_offsets(cfg.kafka.bootstrap_servers, handover_from, topic), stopped)
     return plan_handover(cfg, handover_from, below, last_final_end(cfg.postgres), stopped)
-
-
-def read_handover_file(path: Path) -> Handover:
-    """The handover a job's state started with, from its file."""
-    return Handover.from_json(path.read_text())
 
 
 def _describe_handover(h: Handover) -> str:

@@ -97,8 +97,8 @@ def test_the_handover_file_round_trips_beside_the_job_state(tmp_path, cfg):
     h = plan_handover(cfg, "old-group", {1: 5, 0: 9}, LAST_FINAL_END)
     assert read_handover(tmp_path / "job") is None
     path = write_handover(tmp_path / "job", h)
-    assert read_handover(tmp_path / "job") == path
-    assert Handover.from_json(path.read_text()) == h
+    assert read_handover(tmp_path / "job") == h
+    assert Handover.load(path) == h
     assert read_handover(None) is None
 
 
@@ -168,9 +168,10 @@ def test_a_handover_is_refused_where_it_cannot_start_from_the_sql_jobs_savepoint
 def test_every_start_that_keeps_the_handed_over_jobs_state_passes_its_handover_on(cfg, tmp_path):
     """A restore, and a first start again when the job ended before its first checkpoint; not a --fresh one."""
     assert usage_job_handover(cfg, None, tmp_path, RESTORE) is None
-    path = write_handover(tmp_path, Handover("old-group", "usage-events", None, 0, {0: 1}))
-    assert usage_job_handover(cfg, None, tmp_path, RESTORE) == path
-    assert usage_job_handover(cfg, None, tmp_path, FIRST) == path
+    handover = Handover("old-group", "usage-events", None, 0, {0: 1})
+    write_handover(tmp_path, handover)
+    assert usage_job_handover(cfg, None, tmp_path, RESTORE) == handover
+    assert usage_job_handover(cfg, None, tmp_path, FIRST) == handover
     assert usage_job_handover(cfg, None, tmp_path, FRESH) is None
     assert usage_job_handover(cfg, None, None, FIRST) is None
 
