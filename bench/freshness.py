@@ -147,6 +147,7 @@ def freshness_phase(stack: BenchStack, opts: dict[str, Any], echo: Callable[[str
         **asdict(r),
         "parallelism": p,
         "early_fire": opts["early_fire"],
+        "checkpoint_interval_s": fcfg.flink.checkpoint_interval.total_seconds(),
         "rate": spec.rate,
         "seconds": spec.seconds,
         "workers": workers,
