@@ -26,12 +26,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import stripe
 
 from billing.deliveries import MeterEvent
 from billing.retry import RateReservations
+from connectors.request_batches import RequestBatches
 from connectors.stripe_provider import StripeMeterEvents, provider_error
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
@@ -133,108 +134,32 @@ class StripeMeterEventStream(StripeMeterEvents):
         meter_ids: dict[str, str] | None = None,
     ) -> None:
         super().__init__(cfg, client, meter_ids)
-        self._batch_size = cfg.stripe.stream_batch_size
-        self._linger = cfg.stripe.stream_linger.total_seconds()
         self._clock = clock
-        self._pending: list[tuple[MeterEvent, asyncio.Future[str]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._requests: set[asyncio.Task] = set()
+        self._batches: RequestBatches[MeterEvent] = RequestBatches(
+            self._post_events, cfg.stripe.stream_batch_size, cfg.stripe.stream_linger.total_seconds()
+        )
         self._session: Session | None = None
         self._session_lock = asyncio.Lock()
         self.sessions_created = 0
         self.requests_sent = 0
-        self._rate: RateReservations | None = None
-        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-        self._slot_wait: asyncio.Task | None = None  # the next request, waiting for its rate slot
 
     def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
         """Reserve one of ``rate``'s slots per request, not per delivery: ``billing.calls_per_second``
         counts calls, and here a call carries up to ``stripe.stream_batch_size`` deliveries."""
-        self._rate, self._sleep = rate, sleep
+        self._batches.pace(rate, sleep)
         return True
 
     async def send(self, event: MeterEvent) -> str:
-        [answer] = self._enqueue([event])
-        return await answer
-
-    def _enqueue(self, events: Sequence[MeterEvent]) -> list[asyncio.Future[str]]:
-        """The events into the next requests (at once when a request is full, else after the linger): their answers."""
-        loop = asyncio.get_running_loop()
-        answers: list[asyncio.Future[str]] = [loop.create_future() for _ in events]
-        self._pending.extend(zip(events, answers, strict=True))
-        if len(self._pending) >= self._batch_size:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._linger, self._flush)
-        return answers
+        return await self._batches.send(event)
 
     async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
         """The events in the next requests, as :meth:`send` sends each: every answer, or its ProviderError."""
-        results = await asyncio.gather(*self._enqueue(events), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, ProviderError):
-                raise result
-        return cast("list[str | ProviderError]", results)
+        return await self._batches.send_all(events)
 
-    def _flush(self) -> None:
-        """Send what is pending, in requests of at most the batch size, each in a rate slot of its own.
-
-        A request that must wait for its slot is cut when the slot comes, not before: what arrives
-        meanwhile rides in it instead of taking further slots in small requests of its own.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending and self._slot_wait is None:
-            wait = self._rate.reserve() if self._rate is not None else 0.0
-            if wait > 0:
-                self._slot_wait = self._track(self._cut_after(wait))
-                return
-            self._cut()
-
-    async def _cut_after(self, wait: float) -> None:
-        try:
-            await self._sleep(wait)
-        except BaseException as e:  # cancelled with the worker: no caller is left waiting
-            self._slot_wait = None
-            self._answer(self._pending, error=e)
-            self._pending = []
-            raise
-        self._slot_wait = None
-        if self._pending:
-            self._cut()
-        self._flush()  # the rest, each in the next slot
-
-    def _cut(self) -> None:
-        batch, self._pending = self._pending[: self._batch_size], self._pending[self._batch_size :]
-        self._track(self._send_batch(batch))
-
-    def _track(self, work: Awaitable[None]) -> asyncio.Task:
-        task = asyncio.ensure_future(work)
-        self._requests.add(task)
-        task.add_done_callback(self._requests.discard)
-        return task
-
-    @staticmethod
-    def _answer(
-        batch: list[tuple[MeterEvent, asyncio.Future[str]]], request_id: str = "", error: BaseException | None = None
-    ) -> None:
-        for _, answer in batch:
-            if not answer.done():
-                if error is not None:
-                    answer.set_exception(error)
-                else:
-                    answer.set_result(request_id)
-
-    async def _send_batch(self, batch: list[tuple[MeterEvent, asyncio.Future[str]]]) -> None:
-        try:
-            request_id = await self._post([stream_event(e) for e, _ in batch])
-        except BaseException as e:  # a provider error, and also a bug or a cancellation: no caller is left waiting
-            self._answer(batch, error=e)
-            if not isinstance(e, ProviderError):
-                raise
-        else:
-            self._answer(batch, request_id)
+    async def _post_events(self, events: list[MeterEvent]) -> list[str | ProviderError]:
+        """One request: the stream answers for all its events at once (errors come later, in reports)."""
+        request_id = await self._post([stream_event(e) for e in events])
+        return [request_id] * len(events)
 
     async def _post(self, events: list[dict[str, Any]]) -> str:
         """One stream request; a session Stripe says expired is renewed and the request sent once more."""
@@ -291,10 +216,7 @@ class StripeMeterEventStream(StripeMeterEvents):
         return found
 
     async def close(self) -> None:
-        self._flush()
-        # A request waiting for its slot cuts and sends when it comes: wait for that one too.
-        while self._requests:
-            await asyncio.gather(*list(self._requests), return_exceptions=True)
+        await self._batches.close()
         await super().close()
 
 
