@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from meterflow.config_values import format_duration
+
 
 def window_start_ms(event_time_ms: int, size_ms: int) -> int:
     """Start of the tumbling window containing ``event_time_ms`` (floor to a multiple of the size)."""
@@ -86,7 +88,7 @@ def outside_provider_window(
     if window_start.tzinfo is None:
         window_start = window_start.replace(tzinfo=UTC)
     if window_start < now - max_age:
-        return f"window started {window_start.isoformat()}, more than {max_age.days} days ago: the provider no longer accepts it"
+        return f"window started {window_start.isoformat()}, more than {format_duration(max_age)} ago: the provider no longer accepts it"
     if window_start > now + max_ahead:
         return f"window starts {window_start.isoformat()}, in the future"
     return None

@@ -408,7 +408,9 @@ def test_unmapped_customer_is_dead_without_a_call_and_replays_after_mapping():
     assert isinstance(run(d.deliver(dead.identifier, replay=True)), Sent) and len(provider.sent) == 1
 
 
-@pytest.mark.parametrize(("age", "reason"), [(timedelta(days=36), "35 days"), (-timedelta(hours=1), "future")])
+@pytest.mark.parametrize(
+    ("age", "reason"), [(timedelta(days=36), "more than 35d ago"), (-timedelta(hours=1), "future")]
+)
 def test_windows_outside_the_provider_range_never_reach_the_api(age, reason):
     """Older than 35 days or in the future: dead with that reason, no call."""
     provider, _, _, d = setup()

@@ -1,0 +1,332 @@
+"""Fault-injecting fakes of Metronome's and Chargebee's usage ingest APIs, owned by this project's tests.
+
+Neither provider has a local server to run, so these stand in for them. Each is a real HTTP server
+on loopback that refuses what its provider documents it refuses, independently of the project's
+own destination rules (meterflow/destination_presets/), so a test fails when the sender's rules
+drift from the provider's:
+
+* every request body is validated against the provider's published OpenAPI document, committed
+  under tests/contracts/ (schema, required fields, lengths, batch size);
+* the rules a schema cannot state: the timestamp range against the fake's (injectable) clock,
+  deduplication of identifiers over the provider's horizon, authentication;
+* the same faults as the Stripe fake (tests/support/fake_stripe.py): scheduled 429 with Retry-After,
+  5xx, slow answers, dropped connections and held requests, and failing for a while.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from tests.support.fake_stripe import FAULT_OUTCOMES, Fault, reject
+
+CONTRACTS = Path(__file__).resolve().parent.parent / "contracts"
+
+
+def request_schema(document: str, path: str) -> dict[str, Any]:
+    """The JSON request body schema of ``POST path`` in a committed OpenAPI document, its components alongside."""
+    spec = json.loads((CONTRACTS / document).read_text())
+    schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return {**schema, "components": spec.get("components", {})}
+
+
+@dataclass
+class Accepted:
+    """One event the fake took and counts."""
+
+    identifier: str
+    customer: str
+    event_name: str
+    value: Decimal
+    timestamp_ms: int
+    request_id: str
+    accepted_at: float = 0.0  # the fake's clock when it took the event
+
+
+@dataclass
+class Record:
+    """One request and what became of it."""
+
+    identifiers: list[str]
+    outcome: str  # accepted | invalid | unauthorized | rejected-<status> | slow | dropped | held
+    detail: str = ""
+
+
+@dataclass
+class FakeDestination:
+    """The server and the faults; a provider's subclass says what a request must be and how it is answered."""
+
+    api_key: str = "fake-key"
+    clock: Callable[[], float] = time.time
+    latency: float = 0.0
+    events: list[Accepted] = field(default_factory=list)  # every event counted, in order
+    _seen: dict[str, float] = field(default_factory=dict)  # identifier: when it was first counted
+    duplicates: int = 0  # events whose identifier was accepted before inside the horizon: ignored
+    requests: list[Record] = field(default_factory=list)
+    held: threading.Event = field(default_factory=threading.Event)
+    _faults: deque[Fault] = field(default_factory=deque)
+    _fail_until: float = 0.0
+    _fail_pending: float | None = None
+    _fail_status: int = 429
+    _fail_retry_after: float | None = None
+    _release: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+    _counter: int = 0
+
+    name = "destination"
+    path = "/"
+    dedup_horizon_s = 0.0
+
+    # -- control -------------------------------------------------------------------------------
+    def inject(self, *faults: Fault) -> None:
+        """Apply these faults to the next requests, one each, in order."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def fail_for(self, seconds: float, status: int = 429, retry_after: float | None = 1.0) -> None:
+        """Answer every request with ``status`` for ``seconds``, counted from the next request."""
+        with self._lock:
+            self._fail_pending, self._fail_status, self._fail_retry_after = seconds, status, retry_after
+
+    def release(self) -> None:
+        self._release.set()
+
+    def outcomes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.requests:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        return counts
+
+    def total(self, customer: str, event_name: str) -> Decimal:
+        with self._lock:
+            return sum(
+                (a.value for a in self.events if a.customer == customer and a.event_name == event_name),
+                Decimal(0),
+            )
+
+    # -- server --------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self, port: int = 0) -> FakeDestination:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if fake.latency:
+                    time.sleep(fake.latency)
+                fake._handle(self, body)
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024
+
+        self._server = Server(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name=f"fake-{self.name}", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # -- behaviour -----------------------------------------------------------------------------
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            if self._fail_pending is not None:
+                self._fail_until, self._fail_pending = self.clock() + self._fail_pending, None
+            if self.clock() < self._fail_until:
+                return reject(self._fail_status, self._fail_retry_after)
+            fault = self._faults.popleft() if self._faults else None
+            return None if fault is not None and fault.kind == "pass" else fault
+
+    def _handle(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        if handler.path.split("?")[0] != self.path:
+            return self._answer(handler, 404, self.error_body(404, f"no route {handler.path}"))
+        if not self.authorized(handler.headers.get("Authorization") or ""):
+            self.requests.append(Record([], "unauthorized"))
+            return self._answer(handler, 401, self.error_body(401, "invalid credentials"))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self.requests.append(Record([], "invalid", "not JSON"))
+            return self._answer(handler, 400, self.error_body(400, "request body is not JSON"))
+        identifiers = self.identifiers(body)
+        fault = self._next_fault()
+        if fault is not None and fault.kind == "status":
+            self.requests.append(Record(identifiers, f"rejected-{fault.status}"))
+            headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+            return self._answer(handler, fault.status, self.error_body(fault.status, "injected"), headers)
+        problem = self.invalid(body)
+        if problem:
+            self.requests.append(Record(identifiers, "invalid", problem))
+            return self._answer(handler, 400, self.error_body(400, problem))
+        with self._lock:
+            self._counter += 1
+            request_id = f"{self.name}-req-{self._counter}"
+        status, answer = self.accept(body, request_id)
+        self.requests.append(Record(identifiers, "accepted" if fault is None else FAULT_OUTCOMES[fault.kind]))
+        return self._finish(handler, fault, status, answer)
+
+    def _finish(self, handler: BaseHTTPRequestHandler, fault: Fault | None, status: int, body: Any) -> None:
+        if fault is None:
+            return self._answer(handler, status, body)
+        if fault.kind == "slow":
+            time.sleep(fault.delay)
+            return self._answer(handler, status, body)
+        if fault.kind == "hold":
+            self.held.set()
+            self._release.wait(timeout=600)
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+        return None
+
+    @staticmethod
+    def _answer(handler: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        handler.send_response(status)
+        if data:
+            handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _take(self, event: Accepted) -> bool:
+        """Count an event unless its identifier was taken inside the horizon (then it is ignored)."""
+        with self._lock:
+            now = self.clock()
+            seen = self._seen.get(event.identifier)
+            if seen is not None and now - seen <= self.dedup_horizon_s:
+                self.duplicates += 1
+                return False
+            event.accepted_at = self._seen[event.identifier] = now
+            self.events.append(event)
+            return True
+
+    # -- what a provider says ------------------------------------------------------------------
+    def authorized(self, header: str) -> bool:
+        raise NotImplementedError
+
+    def error_body(self, status: int, message: str) -> Any:
+        raise NotImplementedError
+
+    def identifiers(self, body: Any) -> list[str]:
+        raise NotImplementedError
+
+    def invalid(self, body: Any) -> str | None:
+        raise NotImplementedError
+
+    def accept(self, body: Any, request_id: str) -> tuple[int, Any]:
+        raise NotImplementedError
+
+
+def _schema_problem(schema: dict[str, Any], body: Any) -> str | None:
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(body), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    first = errors[0]
+    where = "/".join(str(p) for p in first.absolute_path) or "body"
+    # The validator's own message quotes the whole instance: a 100-event body is no reason to read.
+    message = first.message if len(first.message) <= 200 else f"breaks {first.validator} {first.validator_value}"
+    return f"{where}: {message}"
+
+
+def _decimal(value: Any) -> Decimal | None:
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+@dataclass
+class FakeMetronome(FakeDestination):
+    """``POST /v1/ingest`` as Metronome documents it (tests/contracts/metronome_ingest.openapi.json).
+
+    A bare JSON array of 1 to 100 events; ``transaction_id`` deduplicates for 34 days (a repeat is
+    ignored, answered 200); timestamps backdated more than 34 days or more than 24 hours ahead are
+    refused with 400 and the request takes nothing; 4xx bodies are ``{"message": ...}``.
+    """
+
+    name = "metronome"
+    path = "/v1/ingest"
+    dedup_horizon_s = 34 * 86400.0
+    value_property: str = "value"
+
+    def __post_init__(self) -> None:
+        self._schema = request_schema("metronome_ingest.openapi.json", self.path)
+
+    def authorized(self, header: str) -> bool:
+        return header == f"Bearer {self.api_key}"
+
+    def error_body(self, status: int, message: str) -> Any:
+        return {"message": message}
+
+    def identifiers(self, body: Any) -> list[str]:
+        return [str(e.get("transaction_id")) for e in body if isinstance(e, dict)] if isinstance(body, list) else []
+
+    def invalid(self, body: Any) -> str | None:
+        problem = _schema_problem(self._schema, body)
+        if problem:
+            return problem
+        now = self.clock()
+        for event in body:
+            at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            if at < now - 34 * 86400:
+                return f"{event['transaction_id']}: timestamp {event['timestamp']} is more than 34 days in the past"
+            if at > now + 24 * 3600:
+                return f"{event['transaction_id']}: timestamp {event['timestamp']} is more than 24 hours in the future"
+        return None
+
+    def accept(self, body: Any, request_id: str) -> tuple[int, Any]:
+        for event in body:
+            value = _decimal((event.get("properties") or {}).get(self.value_property))
+            at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            self._take(
+                Accepted(
+                    event["transaction_id"],
+                    event["customer_id"],
+                    event["event_type"],
+                    value if value is not None else Decimal(0),
+                    int(at * 1000),
+                    request_id,
+                )
+            )
+        return 200, None
+
+
+def basic_user(header: str) -> str | None:
+    """The user of an HTTP Basic Authorization header, or None."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, _ = base64.b64decode(encoded).decode().partition(":")
+    except ValueError:
+        return None
+    return user

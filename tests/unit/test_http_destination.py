@@ -1,0 +1,140 @@
+"""The declared destinations' sender (connectors/http_destination.py) against the providers' fakes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from billing.deliveries import MeterEvent
+from billing.destination_rules import fit_identifier
+from connectors.http_destination import HttpDestination
+from meterflow.destinations import declare
+from meterflow.errors import ProviderError
+from tests.support.fake_destinations import FakeMetronome
+from tests.support.fake_stripe import DROP, reject
+
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+HOUR_AGO = int((NOW - timedelta(hours=1)).timestamp())
+
+
+def _event(n: int, value: str = "1.5", timestamp: int = HOUR_AGO, customer: str = "cus_1") -> MeterEvent:
+    return MeterEvent(f"mf-{timestamp * 1000}-{n:064x}", "api_requests", customer, value, timestamp)
+
+
+@pytest.fixture
+def metronome():
+    fake = FakeMetronome(clock=NOW.timestamp).start()
+    yield fake
+    fake.stop()
+
+
+def _sender(fake, declaration=None, clock=lambda: NOW, **kwargs) -> HttpDestination:
+    destination = declare("metronome", {"api_base": fake.url, **(declaration or {})})
+    return HttpDestination(destination, fake.api_key, clock=clock, linger_s=0.01, timeout_s=2.0, **kwargs)
+
+
+async def _send_all(sender: HttpDestination, events: list[MeterEvent]):
+    try:
+        return await sender.send_all(events)
+    finally:
+        await sender.close()
+
+
+def test_deliveries_in_flight_together_go_in_requests_of_at_most_the_batch(metronome):
+    events = [_event(n) for n in range(250)]
+    sender = _sender(metronome)
+    answers = asyncio.run(_send_all(sender, events))
+    assert all(isinstance(a, str) for a in answers)
+    assert sorted(len(r.identifiers) for r in metronome.requests) == [50, 100, 100]
+    assert metronome.total("cus_1", "api_requests") == Decimal("375.0")
+    assert metronome.outcomes() == {"accepted": 3}
+
+
+def test_a_resend_of_the_same_deliveries_counts_nothing_twice(metronome):
+    events = [_event(n) for n in range(5)]
+    asyncio.run(_send_all(_sender(metronome), events))
+    asyncio.run(_send_all(_sender(metronome), events))
+    assert metronome.total("cus_1", "api_requests") == Decimal("7.5")
+    assert metronome.duplicates == 5
+
+
+def test_what_the_provider_would_refuse_is_refused_without_a_call(metronome):
+    too_old = _event(1, timestamp=int((NOW - timedelta(days=34, seconds=1)).timestamp()))
+    too_far = _event(2, timestamp=int((NOW + timedelta(hours=24, seconds=1)).timestamp()))
+    good = _event(3)
+    answers = asyncio.run(_send_all(_sender(metronome), [too_old, too_far, good]))
+    assert isinstance(answers[0], ProviderError) and not answers[0].retryable
+    assert "more than 34d ago" in str(answers[0])
+    assert isinstance(answers[1], ProviderError) and "in the future" in str(answers[1])
+    assert isinstance(answers[2], str)
+    assert [r.identifiers for r in metronome.requests] == [[good.identifier]]
+
+
+def test_the_fake_refuses_what_metronome_refuses_when_the_senders_rules_would_let_it_through(metronome):
+    """Rules loosened in the declaration: the fake still refuses, from the published schema and the docs."""
+    loose = {"limits": {"max_batch": 101, "max_age": "40d", "identifier_max_length": 200}}
+    oversized = [_event(n) for n in range(101)]
+    [first, *_] = asyncio.run(_send_all(_sender(metronome, loose), oversized))
+    assert isinstance(first, ProviderError) and first.status == 400 and not first.retryable
+    assert "body: breaks maxItems 100" in str(first)
+    old = _event(1, timestamp=int((NOW - timedelta(days=35)).timestamp()))
+    [answer] = asyncio.run(_send_all(_sender(metronome, loose), [old]))
+    assert isinstance(answer, ProviderError) and "more than 34 days in the past" in str(answer)
+    long_id = MeterEvent("x" * 129, "api_requests", "cus_1", "1", HOUR_AGO)
+    [answer] = asyncio.run(_send_all(_sender(metronome, loose), [long_id]))
+    assert isinstance(answer, ProviderError) and "transaction_id" in str(answer)
+    assert metronome.events == []
+
+
+def test_an_identifier_longer_than_the_destination_takes_is_sent_hashed_to_fit(metronome):
+    long_id = MeterEvent("mf-" + "y" * 200, "api_requests", "cus_1", "2", HOUR_AGO)
+    [answer] = asyncio.run(_send_all(_sender(metronome), [long_id]))
+    assert isinstance(answer, str)
+    assert [e.identifier for e in metronome.events] == [fit_identifier(long_id.identifier, 128)]
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(429, True), (500, True), (503, True), (400, False), (403, False)])
+def test_a_failed_request_fails_each_of_its_deliveries_and_says_whether_to_retry(metronome, status, retryable):
+    metronome.inject(reject(status, retry_after=2.0))
+    answers = asyncio.run(_send_all(_sender(metronome), [_event(1), _event(2)]))
+    assert all(isinstance(a, ProviderError) and a.status == status and a.retryable is retryable for a in answers)
+    if status == 429:
+        assert all(isinstance(a, ProviderError) and a.retry_after == 2.0 for a in answers)
+    assert metronome.events == []
+
+
+def test_a_dropped_connection_is_retryable_and_the_retry_is_deduplicated(metronome):
+    metronome.inject(DROP)  # the fake took the events, the answer never came
+    events = [_event(1), _event(2)]
+    [first, _] = asyncio.run(_send_all(_sender(metronome), events))
+    assert isinstance(first, ProviderError) and first.retryable and first.status is None
+    answers = asyncio.run(_send_all(_sender(metronome), events))
+    assert all(isinstance(a, str) for a in answers)
+    assert metronome.total("cus_1", "api_requests") == Decimal("3.0")
+    assert metronome.duplicates == 2
+
+
+def test_a_wrong_key_is_refused_and_not_retried(metronome):
+    destination = declare("metronome", {"api_base": metronome.url})
+    sender = HttpDestination(destination, "wrong", clock=lambda: NOW, linger_s=0.01)
+    [answer] = asyncio.run(_send_all(sender, [_event(1)]))
+    assert isinstance(answer, ProviderError) and answer.status == 401 and not answer.retryable
+
+
+def test_requests_are_paced_one_slot_each(metronome):
+    class Slots:
+        def __init__(self):
+            self.reserved = 0
+
+        def reserve(self) -> float:
+            self.reserved += 1
+            return 0.0
+
+    slots = Slots()
+    sender = _sender(metronome)
+    assert sender.pace_requests(slots, asyncio.sleep) is True  # type: ignore[arg-type]
+    asyncio.run(_send_all(sender, [_event(n) for n in range(230)]))
+    assert slots.reserved == 3
