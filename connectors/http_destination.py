@@ -73,7 +73,7 @@ class HttpDestination:
         self._auth = (
             {"Authorization": f"Bearer {api_key}"}
             if destination.request.auth == "bearer"
-            else {"Authorization": aiohttp.BasicAuth(api_key, "").encode()}
+            else {"Authorization": aiohttp.encode_basic_auth(api_key)}
         )
         self._url = destination.api_base.rstrip("/") + destination.request.path
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)

@@ -122,7 +122,9 @@ class Destination(_Strict):
 
     name: str
     preset: str
-    api_base: str
+    api_base: str = Field(
+        pattern=r"^https?://[^/\s]+(/\S*)?$", description="The provider's base address; the request path follows it."
+    )
     request: RequestMapping
     limits: DestinationLimits
 

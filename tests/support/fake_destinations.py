@@ -36,10 +36,10 @@ from tests.support.fake_stripe import FAULT_OUTCOMES, Fault, reject
 CONTRACTS = Path(__file__).resolve().parent.parent / "contracts"
 
 
-def request_schema(document: str, path: str) -> dict[str, Any]:
-    """The JSON request body schema of ``POST path`` in a committed OpenAPI document, its components alongside."""
+def request_schema(document: str, path: str, content_type: str = "application/json") -> dict[str, Any]:
+    """The request body schema of ``POST path`` in a committed OpenAPI document, its components alongside."""
     spec = json.loads((CONTRACTS / document).read_text())
-    schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = spec["paths"][path]["post"]["requestBody"]["content"][content_type]["schema"]
     return {**schema, "components": spec.get("components", {})}
 
 
@@ -184,6 +184,9 @@ class FakeDestination:
         if problem:
             self.requests.append(Record(identifiers, "invalid", problem))
             return self._answer(handler, 400, self.error_body(400, problem))
+        if self.over_limit(body):
+            self.requests.append(Record(identifiers, "rejected-429", "over the provider's rate"))
+            return self._answer(handler, 429, self.error_body(429, "request rate exceeded"), {"Retry-After": "60"})
         with self._lock:
             self._counter += 1
             request_id = f"{self.name}-req-{self._counter}"
@@ -243,6 +246,10 @@ class FakeDestination:
 
     def accept(self, body: Any, request_id: str) -> tuple[int, Any]:
         raise NotImplementedError
+
+    def over_limit(self, body: Any) -> bool:
+        """Whether the provider's own rate limit refuses this valid request (429)."""
+        return False
 
 
 def _schema_problem(schema: dict[str, Any], body: Any) -> str | None:
@@ -330,3 +337,108 @@ def basic_user(header: str) -> str | None:
     except ValueError:
         return None
     return user
+
+
+@dataclass
+class FakeChargebee(FakeDestination):
+    """``POST /api/v2/batch/usage_events`` on a site's ingest host, as Chargebee documents it
+    (tests/contracts/chargebee_batch_usage_events.openapi.json, and the docs it cites).
+
+    The JSON body Chargebee's SDKs send, validated in the published schema's column form; at most
+    500 events, each at most 1 KB; timestamps of the last 12 hours only; 10,000 events per minute
+    (429 past it); one event recorded per (usage_timestamp, subscription_id, deduplication_id), a
+    repeat ignored; HTTP Basic with the API key as the user. Errors are
+    ``{"message", "type", "api_error_code", "param"}``.
+    """
+
+    name = "chargebee"
+    path = "/api/v2/batch/usage_events"
+    dedup_horizon_s = float("inf")  # the key holds the timestamp: a repeat is the same event, whenever it comes
+    events_per_minute: int = 10_000
+    # Events to list in failed_events instead of recording them (by deduplication_id): the entry's fields.
+    fail_events: dict[str, dict[str, str]] = field(default_factory=dict)
+    value_property: str = "value"
+    event_name_property: str = "event_name"
+    _minute: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        # The schema states the form body; the SDKs' JSON body is checked in that shape (columns of the events' fields).
+        self._schema = request_schema(
+            "chargebee_batch_usage_events.openapi.json", "/batch/usage_events", "application/x-www-form-urlencoded"
+        )
+
+    def authorized(self, header: str) -> bool:
+        return basic_user(header) == self.api_key
+
+    def error_body(self, status: int, message: str) -> Any:
+        kinds = {
+            400: ("invalid_request", "param_wrong_value"),
+            401: ("untyped", "api_authentication_failed"),
+            404: ("invalid_request", "resource_not_found"),
+            429: ("operation_failed", "api_request_limit_exceeded"),
+            503: ("operation_failed", "internal_temporary_error"),
+        }
+        kind, code = kinds.get(status, ("operation_failed", "internal_error"))
+        return {"message": message, "type": kind, "api_error_code": code}
+
+    def identifiers(self, body: Any) -> list[str]:
+        events = body.get("events") if isinstance(body, dict) else None
+        return (
+            [str(e.get("deduplication_id")) for e in events if isinstance(e, dict)] if isinstance(events, list) else []
+        )
+
+    def invalid(self, body: Any) -> str | None:
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            return "events: a list of event objects is required"
+        columns = {
+            key: [e.get(key) for e in events]
+            for key in ("deduplication_id", "subscription_id", "usage_timestamp", "properties")
+        }
+        problem = _schema_problem(self._schema, {"events": columns})
+        if problem:
+            return problem
+        if any(v is None for column in columns.values() for v in column):
+            return "events: every event needs deduplication_id, subscription_id, usage_timestamp and properties"
+        if len(events) > 500:
+            return f"events: {len(events)} events, at most 500 in a batch"
+        now_ms = self.clock() * 1000
+        for i, event in enumerate(events):
+            size = len(json.dumps(event, separators=(",", ":")).encode())
+            if size > 1024:
+                return f"events[{i}]: {size} bytes, an event is at most 1 KB"
+            if event["usage_timestamp"] < now_ms - 12 * 3600 * 1000:
+                return f"events[usage_timestamp][{i}]: the timestamp must be within the last 12 hours"
+        return None
+
+    def over_limit(self, body: Any) -> bool:
+        """Whether these events would pass the events per minute (they are counted when not)."""
+        with self._lock:
+            now = self.clock()
+            while self._minute and self._minute[0][0] <= now - 60:
+                self._minute.popleft()
+            if sum(n for _, n in self._minute) + len(body["events"]) > self.events_per_minute:
+                return True
+            self._minute.append((now, len(body["events"])))
+            return False
+
+    def accept(self, body: Any, request_id: str) -> tuple[int, Any]:
+        failed = []
+        for event in body["events"]:
+            if event["deduplication_id"] in self.fail_events:
+                failed.append(
+                    {"deduplication_id": event["deduplication_id"], **self.fail_events[event["deduplication_id"]]}
+                )
+                continue
+            properties = event["properties"]
+            value = _decimal(properties.get(self.value_property))
+            taken = Accepted(
+                f"{event['usage_timestamp']}\x00{event['subscription_id']}\x00{event['deduplication_id']}",
+                event["subscription_id"],
+                str(properties.get(self.event_name_property, "")),
+                value if value is not None else Decimal(0),
+                int(event["usage_timestamp"]),
+                request_id,
+            )
+            self._take(taken)
+        return 200, {"batch_id": request_id, "failed_events": failed}

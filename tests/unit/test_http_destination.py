@@ -13,7 +13,7 @@ from billing.destination_rules import fit_identifier
 from connectors.http_destination import HttpDestination
 from meterflow.destinations import declare
 from meterflow.errors import ProviderError
-from tests.support.fake_destinations import FakeMetronome
+from tests.support.fake_destinations import FakeChargebee, FakeMetronome
 from tests.support.fake_stripe import DROP, reject
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -138,3 +138,87 @@ def test_requests_are_paced_one_slot_each(metronome):
     assert sender.pace_requests(slots, asyncio.sleep) is True  # type: ignore[arg-type]
     asyncio.run(_send_all(sender, [_event(n) for n in range(230)]))
     assert slots.reserved == 3
+
+
+@pytest.fixture
+def chargebee():
+    fake = FakeChargebee(clock=NOW.timestamp).start()
+    yield fake
+    fake.stop()
+
+
+def _chargebee(fake, declaration=None) -> HttpDestination:
+    destination = declare("chargebee", {"api_base": fake.url + "/api/v2", **(declaration or {})})
+    return HttpDestination(destination, fake.api_key, clock=lambda: NOW, linger_s=0.01, timeout_s=2.0)
+
+
+def test_chargebee_takes_batches_of_500_with_identifiers_fitted_to_36_characters(chargebee):
+    events = [_event(n, customer="sub_1") for n in range(600)]
+    answers = asyncio.run(_send_all(_chargebee(chargebee), events))
+    assert all(isinstance(a, str) and a.startswith("chargebee-req-") for a in answers)  # the answer's batch_id
+    assert sorted(len(r.identifiers) for r in chargebee.requests) == [100, 500]
+    assert {len(i) for r in chargebee.requests for i in r.identifiers} == {36}
+    assert chargebee.total("sub_1", "api_requests") == Decimal("900.0")
+    asyncio.run(_send_all(_chargebee(chargebee), events[:10]))  # the same events again: recorded once
+    assert chargebee.total("sub_1", "api_requests") == Decimal("900.0")
+    assert chargebee.duplicates == 10
+
+
+def test_chargebee_takes_the_last_12_hours_only_and_the_sender_refuses_older_without_a_call(chargebee):
+    edge = _event(1, timestamp=int((NOW - timedelta(hours=12)).timestamp()), customer="sub_1")
+    past = _event(2, timestamp=int((NOW - timedelta(hours=12, seconds=1)).timestamp()), customer="sub_1")
+    answers = asyncio.run(_send_all(_chargebee(chargebee), [edge, past]))
+    assert isinstance(answers[0], str)
+    assert isinstance(answers[1], ProviderError) and "more than 12h ago" in str(answers[1])
+    # With the sender's rule loosened, the fake refuses it as Chargebee documents.
+    [answer] = asyncio.run(_send_all(_chargebee(chargebee, {"limits": {"max_age": "1d"}}), [past]))
+    assert isinstance(answer, ProviderError) and answer.status == 400 and "within the last 12 hours" in str(answer)
+
+
+def test_chargebee_refuses_what_its_schema_and_docs_refuse(chargebee):
+    loose = {"limits": {"max_batch": 501, "max_event_bytes": None, "customer_max_length": None}}
+    [first, *_] = asyncio.run(_send_all(_chargebee(chargebee, loose), [_event(n, customer="s") for n in range(501)]))
+    assert isinstance(first, ProviderError) and "at most 500" in str(first)
+    [answer] = asyncio.run(_send_all(_chargebee(chargebee, loose), [_event(1, customer="s" * 51)]))
+    assert isinstance(answer, ProviderError) and "subscription_id" in str(answer) and "is too long" in str(answer)
+    big = {
+        "request": {
+            "event": {
+                "deduplication_id": "{identifier}",
+                "subscription_id": "{customer}",
+                "usage_timestamp": "{timestamp_ms}",
+                "properties": {"value": "{value}", "note": "n" * 1000},
+            }
+        }
+    }
+    [answer] = asyncio.run(_send_all(_chargebee(chargebee, {**loose, **big}), [_event(1, customer="s")]))
+    assert isinstance(answer, ProviderError) and "an event is at most 1 KB" in str(answer)
+    assert chargebee.events == []
+
+
+def test_the_sender_refuses_what_chargebee_refuses_before_a_call(chargebee):
+    assert isinstance(asyncio.run(_send_all(_chargebee(chargebee), [_event(1, customer="s" * 51)]))[0], ProviderError)
+    assert isinstance(
+        asyncio.run(_send_all(_chargebee(chargebee), [_event(1, value="-2", customer="s")]))[0], ProviderError
+    )
+    assert chargebee.requests == []
+
+
+def test_chargebee_past_10000_events_a_minute_answers_429_and_the_request_may_be_retried(chargebee):
+    chargebee.events_per_minute = 700
+    events = [_event(n, customer="sub_1") for n in range(1000)]
+    answers = asyncio.run(_send_all(_chargebee(chargebee), events))
+    refused = [a for a in answers if isinstance(a, ProviderError)]
+    assert len(refused) == 500
+    assert all(a.status == 429 and a.retryable and a.retry_after == 60.0 for a in refused)
+
+
+def test_a_failed_event_in_chargebees_answer_fails_that_delivery_alone(chargebee):
+    events = [_event(n, customer="sub_1") for n in range(3)]
+    refused_id = fit_identifier(events[1].identifier, 36)
+    chargebee.fail_events = {refused_id: {"api_error_code": "invalid_request", "message": "unknown subscription"}}
+    answers = asyncio.run(_send_all(_chargebee(chargebee), events))
+    assert isinstance(answers[0], str) and isinstance(answers[2], str)
+    assert isinstance(answers[1], ProviderError) and not answers[1].retryable
+    assert "invalid_request; unknown subscription" in str(answers[1])
+    assert chargebee.total("sub_1", "api_requests") == Decimal("3.0")
