@@ -4,8 +4,9 @@ Precedence, lowest first: defaults in the models below < the YAML file < environ
 
 * Any key can be overridden as ``METERFLOW_<SECTION>__<KEY>``, e.g.
   ``METERFLOW_KAFKA__BOOTSTRAP_SERVERS=broker:9092``.
-* Secrets are never read from the YAML file: ``METERFLOW_POSTGRES_PASSWORD`` and
-  ``METERFLOW_STRIPE_API_KEY`` come from the environment, from a file named by
+* Secrets are never read from the YAML file: ``METERFLOW_POSTGRES_PASSWORD``,
+  ``METERFLOW_STRIPE_API_KEY`` and each declared destination's ``METERFLOW_DESTINATION_<NAME>_API_KEY``
+  come from the environment, from a file named by
   ``<VARIABLE>_FILE`` (the whole file is the value, e.g. a Docker or Kubernetes secret mount), or
   from the secrets file (``secrets_file``, dotenv ``KEY=VALUE`` lines), in that order.
 
@@ -25,6 +26,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from meterflow.config_values import Duration, ExactDecimal, format_duration, parse_port_range
+from meterflow.destinations import STRIPE, Destination, declare
 from meterflow.errors import ConfigError
 from meterflow.input_contract import MAX_GROUP_BY, MAX_ID_BYTES
 
@@ -35,6 +37,9 @@ SECRET_ENV_KEYS = {
     "METERFLOW_STRIPE_API_KEY": ("stripe", "api_key"),
 }
 SECRET_FILE_SUFFIX = "_FILE"  # noqa: S105 - a suffix of variable names, not a secret
+# A declared destination's API key: METERFLOW_DESTINATION_<NAME>_API_KEY (billing.destinations).
+DESTINATION_KEY = re.compile(r"METERFLOW_DESTINATION_([A-Z][A-Z0-9_]{0,31})_API_KEY")
+DESTINATION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 DEFAULT_CONFIG_FILE = "meterflow.yaml"
 # Names that reach SQL (database, role): plain Postgres identifiers, never quoted input.
 PG_IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -325,6 +330,19 @@ class StripeConfig(_Section):
         return self
 
 
+def _declared_destinations(value: Any) -> Any:
+    """Each entry through its preset (a declared Destination stays as it is)."""
+    if not isinstance(value, dict):
+        return value
+    declared = {}
+    for name, entry in value.items():
+        if not isinstance(name, str) or not DESTINATION_NAME.fullmatch(name) or name == STRIPE:
+            msg = f"destination name {name!r}: lower case letters, digits and _, at most 32, not {STRIPE!r}"
+            raise ValueError(msg)
+        declared[name] = entry if isinstance(entry, Destination) else declare(name, entry or {})
+    return declared
+
+
 class BillingConfig(_Section):
     """Forwarding closed windows to the billing provider (see README, Billing)."""
 
@@ -375,6 +393,25 @@ class BillingConfig(_Section):
     )
     max_window_age: Duration = timedelta(days=35)
     max_window_ahead: Duration = timedelta(minutes=5)
+    destinations: Annotated[dict[str, Destination], BeforeValidator(_declared_destinations)] = Field(
+        default_factory=dict,
+        description=(
+            "Destinations beside Stripe, by name (lower case, digits, _): each a preset (metronome, chargebee) with its keys"
+            " overridden, or preset: http with its own request and limits (meterflow/destinations.py; README, Destinations)."
+            " The API key of destination NAME comes from METERFLOW_DESTINATION_<NAME>_API_KEY."
+        ),
+    )
+    destination_api_keys: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Set from the environment or the secrets file only, never in the config file."
+    )
+
+    def destination_api_key(self, name: str) -> str:
+        """The API key of declared destination ``name``, or ConfigError saying where to set it."""
+        key = self.destination_api_keys.get(name)
+        if key is None:
+            msg = f"billing destination {name} has no API key: set METERFLOW_DESTINATION_{name.upper()}_API_KEY (or ..._API_KEY_FILE) or put it in the secrets file"
+            raise ConfigError(msg)
+        return key.get_secret_value()
 
     @model_validator(mode="after")
     def _check(self) -> BillingConfig:
@@ -554,7 +591,12 @@ def secret_file_values(environ: Mapping[str, str]) -> dict[str, str]:
     does not exist is an error, never a silent fallback.
     """
     values: dict[str, str] = {}
-    for key in SECRET_ENV_KEYS:
+    destination_keys = {
+        k.removesuffix(SECRET_FILE_SUFFIX)
+        for k in environ
+        if DESTINATION_KEY.fullmatch(k.removesuffix(SECRET_FILE_SUFFIX))
+    }
+    for key in sorted(SECRET_ENV_KEYS.keys() | destination_keys):
         file_name = environ.get(key + SECRET_FILE_SUFFIX)
         if not file_name or environ.get(key):
             continue
@@ -570,6 +612,8 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> No
     secret_files = {key + SECRET_FILE_SUFFIX for key in SECRET_ENV_KEYS}
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX) or key in SECRET_ENV_KEYS or key in secret_files or key == CONFIG_PATH_ENV:
+            continue
+        if DESTINATION_KEY.fullmatch(key.removesuffix(SECRET_FILE_SUFFIX)):
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
         node = data
@@ -611,6 +655,9 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         if secret_key in (data.get(section) or {}):
             msg = f"{config_path}: {section}.{secret_key} must not be in the config file; use the environment or the secrets file"
             raise ConfigError(msg)
+    if "destination_api_keys" in (data.get("billing") or {}):
+        msg = f"{config_path}: billing.destination_api_keys must not be in the config file; use METERFLOW_DESTINATION_<NAME>_API_KEY in the environment or the secrets file"
+        raise ConfigError(msg)
     data.setdefault("base_dir", str(config_path.parent))
     _apply_env_overrides(data, environ)
     return _with_secrets(data, environ, str(config_path))
@@ -625,11 +672,18 @@ def _with_secrets(data: dict[str, Any], environ: Mapping[str, str], source: str)
     secrets = {
         **read_secrets_file(secrets_path),
         **secret_file_values(environ),
-        **{k: v for k, v in environ.items() if k in SECRET_ENV_KEYS and v},
+        **{k: v for k, v in environ.items() if (k in SECRET_ENV_KEYS or DESTINATION_KEY.fullmatch(k)) and v},
     }
     for env_key, (section, key) in SECRET_ENV_KEYS.items():
         if secrets.get(env_key):
             data[section] = {**(data.get(section) or {}), key: secrets[env_key]}
+    destination_keys = {
+        match.group(1).lower(): value
+        for env_key, value in secrets.items()
+        if value and (match := DESTINATION_KEY.fullmatch(env_key))
+    }
+    if destination_keys:
+        data["billing"] = {**(data.get("billing") or {}), "destination_api_keys": destination_keys}
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
@@ -639,7 +693,9 @@ def _with_secrets(data: dict[str, Any], environ: Mapping[str, str], source: str)
 
 def config_without_secrets(cfg: JobConfig) -> dict[str, Any]:
     """The config as plain data with the secrets left out: safe to ship inside a job graph."""
-    return cfg.model_dump(exclude={"postgres": {"password"}, "stripe": {"api_key"}})
+    return cfg.model_dump(
+        exclude={"postgres": {"password"}, "stripe": {"api_key"}, "billing": {"destination_api_keys"}}
+    )
 
 
 def config_on_worker(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> JobConfig:
