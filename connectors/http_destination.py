@@ -15,7 +15,7 @@ Create it inside the event loop that uses it (the HTTP session belongs to that l
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -24,8 +24,8 @@ import aiohttp
 
 from billing.deliveries import MeterEvent
 from billing.destination_rules import event_refusal, refused_in_answer, render_body, render_event, request_id_in_answer
-from billing.retry import RETRYABLE_STATUS, RateReservations
-from connectors.request_batches import RequestBatches
+from billing.retry import RETRYABLE_STATUS
+from connectors.request_batches import RequestBatches, SendsInBatches
 from meterflow.destinations import Destination
 from meterflow.errors import ProviderError
 
@@ -53,7 +53,7 @@ def _message(body: bytes) -> str:
     return text[:MAX_REASON_CHARS]
 
 
-class HttpDestination:
+class HttpDestination(SendsInBatches):
     """Meter events to a declared destination, many per request."""
 
     one_call_per_key = False  # a batch API takes events of one customer and meter in any number of requests
@@ -82,17 +82,6 @@ class HttpDestination:
         self._clock = clock
         self._batches: RequestBatches[MeterEvent] = RequestBatches(self._post, destination.limits.max_batch, linger_s)
         self.requests_sent = 0
-
-    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
-        """One of ``rate``'s slots per request: a request carries up to ``limits.max_batch`` deliveries."""
-        self._batches.pace(rate, sleep)
-        return True
-
-    async def send(self, event: MeterEvent) -> str:
-        return await self._batches.send(event)
-
-    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
-        return await self._batches.send_all(events)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from billing.retry import RateReservations
 from meterflow.errors import ProviderError
@@ -128,3 +128,21 @@ def _answer(batch: list[tuple[Event, asyncio.Future[str]]], error: BaseException
     for _, answer in batch:
         if not answer.done():
             answer.set_exception(error)
+
+
+class SendsInBatches:
+    """The Provider side of a sender whose deliveries ride in ``self._batches``' requests."""
+
+    _batches: RequestBatches[Any]
+
+    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
+        """Reserve one of ``rate``'s slots per request, not per delivery: a request carries many."""
+        self._batches.pace(rate, sleep)
+        return True
+
+    async def send(self, event: Any) -> str:
+        return await self._batches.send(event)
+
+    async def send_all(self, events: Sequence[Any]) -> list[str | ProviderError]:
+        """The events in the next requests, as :meth:`send` sends each: every answer, or its ProviderError."""
+        return await self._batches.send_all(events)

@@ -23,7 +23,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,8 +31,7 @@ from typing import Any
 import stripe
 
 from billing.deliveries import MeterEvent
-from billing.retry import RateReservations
-from connectors.request_batches import RequestBatches
+from connectors.request_batches import RequestBatches, SendsInBatches
 from connectors.stripe_provider import StripeMeterEvents, provider_error
 from meterflow.config import JobConfig
 from meterflow.errors import ProviderError
@@ -120,7 +119,7 @@ def error_reports_of(events: list[Any]) -> list[ErrorReport]:
     return reports
 
 
-class StripeMeterEventStream(StripeMeterEvents):
+class StripeMeterEventStream(SendsInBatches, StripeMeterEvents):
     """Meter events through ``POST /v2/billing/meter_event_stream``; summaries and meters as in v1."""
 
     # The stream takes events of one customer and meter in any number of requests at once.
@@ -142,19 +141,6 @@ class StripeMeterEventStream(StripeMeterEvents):
         self._session_lock = asyncio.Lock()
         self.sessions_created = 0
         self.requests_sent = 0
-
-    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
-        """Reserve one of ``rate``'s slots per request, not per delivery: ``billing.calls_per_second``
-        counts calls, and here a call carries up to ``stripe.stream_batch_size`` deliveries."""
-        self._batches.pace(rate, sleep)
-        return True
-
-    async def send(self, event: MeterEvent) -> str:
-        return await self._batches.send(event)
-
-    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
-        """The events in the next requests, as :meth:`send` sends each: every answer, or its ProviderError."""
-        return await self._batches.send_all(events)
 
     async def _post_events(self, events: list[MeterEvent]) -> list[str | ProviderError]:
         """One request: the stream answers for all its events at once (errors come later, in reports)."""

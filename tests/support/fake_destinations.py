@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -31,7 +29,7 @@ from typing import Any
 
 import jsonschema
 
-from tests.support.fake_stripe import FAULT_OUTCOMES, Fault, reject
+from tests.support.faults import FAULT_OUTCOMES, FaultInjection
 
 CONTRACTS = Path(__file__).resolve().parent.parent / "contracts"
 
@@ -66,24 +64,15 @@ class Record:
 
 
 @dataclass
-class FakeDestination:
+class FakeDestination(FaultInjection):
     """The server and the faults; a provider's subclass says what a request must be and how it is answered."""
 
     api_key: str = "fake-key"
-    clock: Callable[[], float] = time.time
     latency: float = 0.0
     events: list[Accepted] = field(default_factory=list)  # every event counted, in order
     _seen: dict[str, float] = field(default_factory=dict)  # identifier: when it was first counted
     duplicates: int = 0  # events whose identifier was accepted before inside the horizon: ignored
     requests: list[Record] = field(default_factory=list)
-    held: threading.Event = field(default_factory=threading.Event)
-    _faults: deque[Fault] = field(default_factory=deque)
-    _fail_until: float = 0.0
-    _fail_pending: float | None = None
-    _fail_status: int = 429
-    _fail_retry_after: float | None = None
-    _release: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
     _counter: int = 0
 
@@ -92,19 +81,6 @@ class FakeDestination:
     dedup_horizon_s = 0.0
 
     # -- control -------------------------------------------------------------------------------
-    def inject(self, *faults: Fault) -> None:
-        """Apply these faults to the next requests, one each, in order."""
-        with self._lock:
-            self._faults.extend(faults)
-
-    def fail_for(self, seconds: float, status: int = 429, retry_after: float | None = 1.0) -> None:
-        """Answer every request with ``status`` for ``seconds``, counted from the next request."""
-        with self._lock:
-            self._fail_pending, self._fail_status, self._fail_retry_after = seconds, status, retry_after
-
-    def release(self) -> None:
-        self._release.set()
-
     def outcomes(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for r in self.requests:
@@ -154,15 +130,6 @@ class FakeDestination:
             self._server.server_close()
 
     # -- behaviour -----------------------------------------------------------------------------
-    def _next_fault(self) -> Fault | None:
-        with self._lock:
-            if self._fail_pending is not None:
-                self._fail_until, self._fail_pending = self.clock() + self._fail_pending, None
-            if self.clock() < self._fail_until:
-                return reject(self._fail_status, self._fail_retry_after)
-            fault = self._faults.popleft() if self._faults else None
-            return None if fault is not None and fault.kind == "pass" else fault
-
     def _handle(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
         if handler.path.split("?")[0] != self.path:
             return self._answer(handler, 404, self.error_body(404, f"no route {handler.path}"))
@@ -194,21 +161,9 @@ class FakeDestination:
         self.requests.append(Record(identifiers, "accepted" if fault is None else FAULT_OUTCOMES[fault.kind]))
         return self._finish(handler, fault, status, answer)
 
-    def _finish(self, handler: BaseHTTPRequestHandler, fault: Fault | None, status: int, body: Any) -> None:
-        if fault is None:
-            return self._answer(handler, status, body)
-        if fault.kind == "slow":
-            time.sleep(fault.delay)
-            return self._answer(handler, status, body)
-        if fault.kind == "hold":
-            self.held.set()
-            self._release.wait(timeout=600)
-        handler.close_connection = True
-        handler.connection.shutdown(socket.SHUT_RDWR)
-        return None
-
-    @staticmethod
-    def _answer(handler: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    def _answer(
+        self, handler: BaseHTTPRequestHandler, status: int, body: Any, headers: dict[str, str] | None = None
+    ) -> None:
         data = b"" if body is None else json.dumps(body).encode()
         handler.send_response(status)
         if data:

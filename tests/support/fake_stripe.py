@@ -23,41 +23,19 @@ state the way the billing tests need it:
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
 from tests.support.fake_stripe_stream import StreamEndpoints
+from tests.support.faults import DROP, FAULT_OUTCOMES, HOLD, PASS, SLOW, Fault, FaultInjection, reject
+
+__all__ = ["DROP", "FAULT_OUTCOMES", "HOLD", "PASS", "SLOW", "Fault", "FakeStripe", "reject"]
 
 DEDUP_WINDOW_S = 24 * 3600
-
-
-@dataclass(frozen=True)
-class Fault:
-    """What the fake does with one request: ``status`` (reject), ``slow``, ``drop``, ``hold`` or ``pass``."""
-
-    kind: str
-    status: int = 500
-    retry_after: float | None = None
-    delay: float = 0.0
-
-
-def reject(status: int, retry_after: float | None = None) -> Fault:
-    return Fault("status", status=status, retry_after=retry_after)
-
-
-# The outcome recorded for a request a fault lets through without its answer.
-FAULT_OUTCOMES = {"slow": "slow", "drop": "dropped", "hold": "held"}
-PASS = Fault("pass")  # no fault for this request: lets a schedule place a fault later
-SLOW = Fault("slow", delay=4.0)
-DROP = Fault("drop")
-HOLD = Fault("hold")
 
 
 @dataclass
@@ -80,10 +58,9 @@ class RequestRecord:
 
 
 @dataclass
-class FakeStripe:
+class FakeStripe(FaultInjection):
     """The fake server; ``start()`` binds a free loopback port, ``url`` is its base address."""
 
-    clock: Callable[[], float] = time.time
     latency: float = 0.0
     event_names: tuple[str, ...] = ("api_calls", "tokens")
     decimals: bool = False  # an account with decimal meter values enabled (Stripe: on request)
@@ -94,14 +71,6 @@ class FakeStripe:
         default_factory=list
     )  # every accepted event, a second one under a forgotten identifier too
     requests: list[RequestRecord] = field(default_factory=list)
-    held: threading.Event = field(default_factory=threading.Event)
-    _faults: deque[Fault] = field(default_factory=deque)
-    _fail_until: float = 0.0
-    _fail_pending: float | None = None
-    _fail_status: int = 429
-    _fail_retry_after: float | None = None
-    _release: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
     _by_key: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     _key_seen: dict[str, float] = field(default_factory=dict)
     client_disconnects: int = 0
@@ -120,20 +89,6 @@ class FakeStripe:
         return self._stream
 
     # -- control -------------------------------------------------------------------------------
-    def inject(self, *faults: Fault) -> None:
-        """Apply these faults to the next requests, one each, in order."""
-        with self._lock:
-            self._faults.extend(faults)
-
-    def fail_for(self, seconds: float, status: int = 429, retry_after: float | None = 1.0) -> None:
-        """Answer every request with ``status`` for ``seconds``, counted from the next request."""
-        with self._lock:
-            self._fail_pending, self._fail_status, self._fail_retry_after = seconds, status, retry_after
-
-    def release(self) -> None:
-        """Let a held request go (its connection is dropped)."""
-        self._release.set()
-
     def unanswered(self) -> set[str]:
         """Identifiers of requests that arrived and have no outcome yet (in flight)."""
         with self._lock:
@@ -212,15 +167,6 @@ class FakeStripe:
             self._server.server_close()
 
     # -- behaviour -----------------------------------------------------------------------------
-    def _next_fault(self) -> Fault | None:
-        with self._lock:
-            if self._fail_pending is not None:
-                self._fail_until, self._fail_pending = self.clock() + self._fail_pending, None
-            if self.clock() < self._fail_until:
-                return reject(self._fail_status, self._fail_retry_after)
-            fault = self._faults.popleft() if self._faults else None
-            return None if fault is not None and fault.kind == "pass" else fault
-
     def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
         if handler.path.startswith("/v2/"):
             return self.stream.handle_post(handler, body)
@@ -248,23 +194,6 @@ class FakeStripe:
         return self._finish(
             handler, fault, status, response, {"Idempotent-Replayed": "true"} if outcome == "replayed" else {}
         )
-
-    def _finish(
-        self, handler: BaseHTTPRequestHandler, fault: Fault | None, status: int, body: dict, headers: dict[str, str]
-    ) -> None:
-        """Answer an accepted request as its fault says: at once, after a delay, or never (the
-        connection dropped at once, or once a held request is released)."""
-        if fault is None:
-            return self._answer(handler, status, body, headers)
-        if fault.kind == "slow":
-            time.sleep(fault.delay)
-            return self._answer(handler, status, body, headers)
-        if fault.kind == "hold":
-            self.held.set()
-            self._release.wait(timeout=600)
-        handler.close_connection = True
-        handler.connection.shutdown(socket.SHUT_RDWR)
-        return None
 
     def _handle_get(self, handler: BaseHTTPRequestHandler) -> None:
         path, _, query = handler.path.partition("?")
