@@ -15,7 +15,7 @@ import json
 
 from connectors.avro_types import Column, derive_nullable_columns, load_schema
 from jobs.sql import ms, sql_interval, sql_string, sql_with
-from meterflow.config import DRIFT_UPDATE_INTERVAL, JobConfig
+from meterflow.config import JobConfig
 from meterflow.handover import Handover
 
 USAGE_SOURCE_TABLE = "usage_events"
@@ -35,8 +35,6 @@ FORMAT_DIMENSIONS_KEY = "format_dimensions_key"
 SOURCE_CONNECTOR = "meterflow-kafka"
 IDLE_TIMEOUT_OPTION = "meterflow.idle-timeout"
 CATCH_UP_TIMEOUT_OPTION = "meterflow.catch-up-timeout"
-# The watermark alignment group of the usage source's readers (Flink aligns within one job).
-USAGE_ALIGNMENT_GROUP = "usage-events"
 # The plausible event time (the watermark's column); the decoded `event_time` stays as sent.
 BOUNDED_TIME = "bounded_time"
 OUT_OF_RANGE_TIME = "TIMESTAMP '1970-01-01 00:00:00.000'"
@@ -141,13 +139,6 @@ def usage_source_options(cfg: JobConfig, handover: Handover | None = None) -> di
         IDLE_TIMEOUT_OPTION: f"{ms(et.source_idle_timeout)} ms",
         CATCH_UP_TIMEOUT_OPTION: f"{ms(et.source_catch_up_timeout)} ms",
     }
-    if et.max_source_drift:
-        # Flink's watermark alignment: a split whose watermark is more than the drift ahead of the
-        # slowest one is paused (across the source's subtasks too), so the order in which readers
-        # happen to fetch decides lateness within the drift at most.
-        options["scan.watermark.alignment.group"] = USAGE_ALIGNMENT_GROUP
-        options["scan.watermark.alignment.max-drift"] = f"{ms(et.max_source_drift)} ms"
-        options["scan.watermark.alignment.update-interval"] = f"{ms(DRIFT_UPDATE_INTERVAL)} ms"
     if handover is not None:
         options["scan.startup.mode"] = "timestamp"
         options["scan.startup.timestamp-millis"] = str(handover.replay_from_ms)

@@ -146,10 +146,6 @@ class FlinkConfig(_Section):
     )
 
 
-# How often the readers' watermarks are compared for event_time.max_source_drift.
-DRIFT_UPDATE_INTERVAL = timedelta(seconds=1)
-
-
 class EventTimeConfig(_Section):
     """Event time, windows and lateness: the knobs ops tune (see docs/operations.md)."""
 
@@ -157,14 +153,6 @@ class EventTimeConfig(_Section):
     watermark_delay: Duration = timedelta(seconds=5)
     source_idle_timeout: Duration = timedelta(seconds=10)
     source_catch_up_timeout: Duration = timedelta(seconds=60)
-    max_source_drift: Duration = Field(
-        timedelta(seconds=30),
-        description=(
-            "How far a partition's watermark may run ahead of the slowest partition's while the job reads"
-            " (after a start, a restore, an outage): a reader further ahead pauses until the others catch up,"
-            " so how fast each reader goes decides lateness within this much event time at most; 0 turns it off"
-        ),
-    )
     allowed_lateness: Duration = timedelta(0)
     early_fire_interval: Duration = timedelta(0)
     dedup_horizon: Duration = timedelta(days=7)
@@ -185,7 +173,6 @@ class EventTimeConfig(_Section):
             "allowed_lateness",
             "source_idle_timeout",
             "source_catch_up_timeout",
-            "max_source_drift",
             "early_fire_interval",
             "max_event_ahead",
         ):
@@ -197,9 +184,6 @@ class EventTimeConfig(_Section):
                 f"event_time.source_catch_up_timeout ({format_duration(self.source_catch_up_timeout)}) must be at least"
                 f" event_time.source_idle_timeout ({format_duration(self.source_idle_timeout)})"
             )
-            raise ValueError(msg)
-        if timedelta(0) < self.max_source_drift < DRIFT_UPDATE_INTERVAL:
-            msg = f"event_time.max_source_drift must be 0 (off) or at least {format_duration(DRIFT_UPDATE_INTERVAL)}, the interval the readers' drift is checked in"
             raise ValueError(msg)
         if self.dedup_horizon < self.window_size + self.allowed_lateness:
             msg = "event_time.dedup_horizon must cover at least window_size + allowed_lateness"

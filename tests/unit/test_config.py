@@ -112,8 +112,6 @@ def test_missing_explicit_file_is_an_error(tmp_path):
         ("event_time:\n  window_size: 1h\n  dedup_horizon: 30m\n", "dedup_horizon"),
         ("event_time:\n  source_idle_timeout: 61s\n", "source_catch_up_timeout"),
         ("event_time:\n  source_idle_timeout: 10s\n  source_catch_up_timeout: 9999ms\n", "source_catch_up_timeout"),
-        ("event_time:\n  max_source_drift: 999ms\n", "max_source_drift must be 0 .off. or at least 1s"),
-        ("event_time:\n  max_source_drift: -1s\n", "max_source_drift"),
         ("kafka:\n  partitions: 0\n", "partitions"),
         ("postgres:\n  port: 70000\n", "port"),
         ("kafka: [1, 2]\n", "kafka"),
@@ -125,12 +123,6 @@ def test_invalid_values_are_reported(write_config, yaml_text, message):
     """Inconsistent values fail with a message naming the key."""
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(yaml_text), environ={})
-
-
-def test_the_source_drift_takes_zero_and_from_one_second(write_config):
-    for drift, expected in (("0s", timedelta(0)), ("1s", timedelta(seconds=1))):
-        cfg = load_config(write_config(f"event_time:\n  max_source_drift: {drift}\n"), environ={})
-        assert cfg.event_time.max_source_drift == expected
 
 
 def test_the_unique_value_cap_takes_its_whole_range(write_config):
