@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -73,7 +72,6 @@ class FakeDestination(FaultInjection):
     _seen: dict[str, float] = field(default_factory=dict)  # identifier: when it was first counted
     duplicates: int = 0  # events whose identifier was accepted before inside the horizon: ignored
     requests: list[Record] = field(default_factory=list)
-    _server: ThreadingHTTPServer | None = None
     _counter: int = 0
 
     name = "destination"
@@ -95,11 +93,6 @@ class FakeDestination(FaultInjection):
             )
 
     # -- server --------------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
     def start(self, port: int = 0) -> FakeDestination:
         fake = self
 
@@ -118,16 +111,8 @@ class FakeDestination(FaultInjection):
         class Server(ThreadingHTTPServer):
             request_queue_size = 1024
 
-        self._server = Server(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name=f"fake-{self.name}", daemon=True).start()
+        self._serve(Handler, port, f"fake-{self.name}", Server)
         return self
-
-    def stop(self) -> None:
-        self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     # -- behaviour -----------------------------------------------------------------------------
     def _handle(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:

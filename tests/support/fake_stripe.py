@@ -77,7 +77,6 @@ class FakeStripe(FaultInjection):
     meter_lists: int = 0  # GET /v1/billing/meters answered
     in_flight: int = 0  # meter event requests received and not answered yet
     arrivals: list[str] = field(default_factory=list)  # identifiers of meter event requests as they arrive
-    _server: ThreadingHTTPServer | None = None
     _counter: int = 0
     _stream: StreamEndpoints | None = None
 
@@ -105,11 +104,6 @@ class FakeStripe(FaultInjection):
         return counts
 
     # -- server --------------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
     def start(self, port: int = 0) -> FakeStripe:
         fake = self
 
@@ -155,16 +149,8 @@ class FakeStripe(FaultInjection):
                 else:
                     super().handle_error(request, client_address)
 
-        self._server = Server(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="fake-stripe", daemon=True).start()
+        self._serve(Handler, port, "fake-stripe", Server)
         return self
-
-    def stop(self) -> None:
-        self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     # -- behaviour -----------------------------------------------------------------------------
     def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:

@@ -1,4 +1,5 @@
-"""The faults the provider fakes inject (tests/support/fake_stripe.py, tests/support/fake_destinations.py).
+"""The provider fakes' common part (tests/support/fake_stripe.py, tests/support/fake_destinations.py):
+their loopback HTTP server and the faults they inject.
 
 A fake takes a schedule of faults, one per request in order, or fails every request for a while:
 429 with Retry-After and 5xx (rejected), slow answers (accepted, answered after the client gave
@@ -14,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
@@ -53,6 +54,26 @@ class FaultInjection:
     _fail_retry_after: float | None = None
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() the fake first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _serve(
+        self, handler: type[BaseHTTPRequestHandler], port: int, name: str, server: type[ThreadingHTTPServer]
+    ) -> None:
+        """Serve ``handler`` on loopback (``port`` 0: a free one) in a daemon thread."""
+        self._server = server(("127.0.0.1", port), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name=name, daemon=True).start()
+
+    def stop(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
 
     def inject(self, *faults: Fault) -> None:
         """Apply these faults to the next requests, one each, in order."""
