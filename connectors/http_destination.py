@@ -7,7 +7,9 @@ from the destination's templates (billing/destination_rules.py). Its outcome per
   (``request.failed_events``), each refused with its own reason, not retried;
 * 429, 408, 409 and 5xx, and a connection lost: the whole request may be retried (Retry-After
   kept); the identifiers make a repeat of what did arrive a duplicate the provider drops;
-* any other status: refused, with the answer's message, not retried.
+* 400 or 422 to a request of several events: sent again in halves, down to the event refused;
+* any other status (3xx included: redirects are not followed, the key stays with the address
+  configured): refused, with the answer's message, not retried.
 
 Create it inside the event loop that uses it (the HTTP session belongs to that loop).
 """
@@ -15,6 +17,7 @@ Create it inside the event loop that uses it (the HTTP session belongs to that l
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,7 +26,15 @@ from typing import Any
 import aiohttp
 
 from billing.deliveries import MeterEvent
-from billing.destination_rules import event_refusal, refused_in_answer, render_body, render_event, request_id_in_answer
+from billing.destination_rules import (
+    encode,
+    event_refusal,
+    identifier_field,
+    refused_in_answer,
+    render_body,
+    render_event,
+    request_id_in_answer,
+)
 from billing.retry import RETRYABLE_STATUS
 from connectors.request_batches import RequestBatches, SendsInBatches
 from meterflow.destinations import Destination
@@ -31,6 +42,8 @@ from meterflow.errors import ProviderError
 
 # How much of an error answer a refusal quotes.
 MAX_REASON_CHARS = 500
+# A request of several events refused as a whole with these is sent again in halves.
+SPLIT_ON_STATUS = frozenset({400, 422})
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -70,11 +83,12 @@ class HttpDestination(SendsInBatches):
     ) -> None:
         self.destination = destination
         self.name = destination.name
-        self._auth = (
-            {"Authorization": f"Bearer {api_key}"}
+        self._headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {api_key}"
             if destination.request.auth == "bearer"
-            else {"Authorization": aiohttp.encode_basic_auth(api_key)}
-        )
+            else aiohttp.encode_basic_auth(api_key),
+        }
         self._url = destination.api_base.rstrip("/") + destination.request.path
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session = session
@@ -106,40 +120,62 @@ class HttpDestination(SendsInBatches):
         return [a if a is not None else ProviderError("no answer", status=None, retryable=True) for a in answers]
 
     async def _request(self, rendered: list[dict[str, Any]]) -> list[str | ProviderError]:
-        body = render_body(self.destination, rendered)
+        """One request, or, when the provider refuses a request of several events as a whole (400,
+        422: one bad event refuses them all), the same events again in halves, down to the event it
+        refuses: nothing of a refused request was recorded, so the resend counts nothing twice."""
+        answers = await self._request_once(rendered)
+        refused_whole = isinstance(answers[0], ProviderError) and answers[0].status in SPLIT_ON_STATUS
+        if len(rendered) > 1 and refused_whole and all(a is answers[0] for a in answers):
+            half = len(rendered) // 2
+            return [*await self._request(rendered[:half]), *await self._request(rendered[half:])]
+        return answers
+
+    async def _request_once(self, rendered: list[dict[str, Any]]) -> list[str | ProviderError]:
+        body = encode(render_body(self.destination, rendered))
         try:
-            async with self._http().post(self._url, json=body, headers=self._auth) as response:
+            async with self._http().post(
+                self._url, data=body, headers=self._headers, allow_redirects=False, timeout=self._timeout
+            ) as response:
                 payload = await response.read()
                 status = response.status
                 headers = response.headers
         except (TimeoutError, aiohttp.ClientError) as e:
-            # The request may or may not have arrived: a retry repeats the same identifiers.
-            error = ProviderError(f"{self.name}: connection failed: {e!r}", status=None, retryable=True)
+            # The request may or may not have arrived: a retry repeats the same identifiers. The error's
+            # type only: aiohttp's messages can quote the request, and with it the Authorization header.
+            error = ProviderError(f"{self.name}: connection failed ({type(e).__name__})", status=None, retryable=True)
             return [error] * len(rendered)
         if status >= 300:
-            retryable = status in RETRYABLE_STATUS
             error = ProviderError(
                 f"{self.name} answered {status}: {_message(payload)}",
                 status=status,
-                retryable=retryable,
+                retryable=status >= 500 or status in RETRYABLE_STATUS,
                 retry_after=_retry_after(headers),
             )
             return [error] * len(rendered)
-        self.requests_sent += 1
         try:
             answer = json.loads(payload) if payload.strip() else None
         except ValueError:
             answer = None
+        # Without an id from the provider, one of our own: never a counter another worker repeats.
         request_id = request_id_in_answer(self.destination, answer, headers.get("Request-Id")) or (
-            f"{self.name}-{self.requests_sent}"
+            f"{self.name}-{uuid.uuid4().hex}"
         )
         refused = refused_in_answer(self.destination, answer)
-        identifier = _identifier_field(self.destination)
+        if refused is None:
+            # The answer lists failed events it does not name: which of these arrived is unknown, and
+            # a resend of the same identifiers counts none twice.
+            error = ProviderError(
+                f"{self.name} listed failed events without naming them", status=status, retryable=True
+            )
+            return [error] * len(rendered)
+        field = identifier_field(self.destination)
+        if not refused or field is None:  # a declaration with failed_events has the field (meterflow/destinations.py)
+            return [request_id] * len(rendered)
         return [
             ProviderError(
-                f"{self.name} refused the event: {refused[str(r.get(identifier))]}", status=status, retryable=False
+                f"{self.name} refused the event: {refused[str(r.get(field))]}", status=status, retryable=False
             )
-            if identifier is not None and str(r.get(identifier)) in refused
+            if str(r.get(field)) in refused
             else request_id
             for r in rendered
         ]
@@ -152,8 +188,3 @@ class HttpDestination(SendsInBatches):
         await self._batches.close()
         if self._own_session and self._session is not None:
             await self._session.close()
-
-
-def _identifier_field(destination: Destination) -> str | None:
-    """The event template's field that carries ``{identifier}``: how the answer's refused events are matched."""
-    return next((k for k, v in destination.request.event.items() if v == "{identifier}"), None)

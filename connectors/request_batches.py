@@ -105,17 +105,19 @@ class RequestBatches(Generic[Event]):
     async def _send_batch(self, batch: list[tuple[Event, asyncio.Future[str]]]) -> None:
         try:
             answers = await self._post([e for e, _ in batch])
-        except BaseException as e:  # a provider error, and also a bug or a cancellation: no caller is left waiting
-            _answer(batch, error=e)
-            if not isinstance(e, ProviderError):
-                raise
-        else:
+            if len(answers) != len(batch):
+                msg = f"a request of {len(batch)} events came back with {len(answers)} answers"
+                raise RuntimeError(msg)
             for (_, future), answer in zip(batch, answers, strict=True):
                 if not future.done():
                     if isinstance(answer, ProviderError):
                         future.set_exception(answer)
                     else:
                         future.set_result(answer)
+        except BaseException as e:  # a provider error, and also a bug or a cancellation: no caller is left waiting
+            _answer(batch, error=e)
+            if not isinstance(e, ProviderError):
+                raise
 
     async def close(self) -> None:
         """Send what is pending and wait for every request, those waiting for their slot too."""

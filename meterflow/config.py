@@ -40,6 +40,7 @@ SECRET_FILE_SUFFIX = "_FILE"  # noqa: S105 - a suffix of variable names, not a s
 # A declared destination's API key: METERFLOW_DESTINATION_<NAME>_API_KEY (billing.destinations).
 DESTINATION_KEY = re.compile(r"METERFLOW_DESTINATION_([A-Z][A-Z0-9_]{0,31})_API_KEY")
 DESTINATION_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+ANY_DESTINATION_KEY = re.compile(r"METERFLOW_DESTINATION_.*_API_KEY", re.IGNORECASE)
 DEFAULT_CONFIG_FILE = "meterflow.yaml"
 # Names that reach SQL (database, role): plain Postgres identifiers, never quoted input.
 PG_IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
@@ -49,7 +50,8 @@ PG_TABLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Errors never quote the input: a section can hold a secret (a password, an API key).
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class KafkaConfig(_Section):
@@ -615,6 +617,9 @@ def _apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> No
             continue
         if DESTINATION_KEY.fullmatch(key.removesuffix(SECRET_FILE_SUFFIX)):
             continue
+        if ANY_DESTINATION_KEY.fullmatch(key.removesuffix(SECRET_FILE_SUFFIX)):
+            msg = f"{key}: a destination's key variable is METERFLOW_DESTINATION_<NAME>_API_KEY, its name upper case"
+            raise ConfigError(msg)
         parts = key[len(ENV_PREFIX) :].lower().split("__")
         node = data
         for part in parts[:-1]:

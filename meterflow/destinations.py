@@ -49,7 +49,7 @@ Correction = Literal["negative_delta", "none"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class ValueLimits(_Strict):
@@ -114,6 +114,15 @@ class RequestMapping(_Strict):
         if "identifier" not in _placeholders(self.event):
             msg = "event template must carry {identifier}: the provider deduplicates on it"
             raise ValueError(msg)
+        if _placeholders(self.body) - {"events"}:
+            msg = f"request body may hold no placeholder but {EVENTS}, got {self.body!r}"
+            raise ValueError(msg)
+        if self.failed_events is not None and self.event.get(self.failed_events.identifier) != "{identifier}":
+            msg = (
+                f"failed_events names events by {self.failed_events.identifier!r}: the event template's field of that"
+                ' name must be exactly "{identifier}", so a failed event is matched to the one sent'
+            )
+            raise ValueError(msg)
         return self
 
 
@@ -123,10 +132,19 @@ class Destination(_Strict):
     name: str
     preset: str
     api_base: str = Field(
-        pattern=r"^https?://[^/\s]+(/\S*)?$", description="The provider's base address; the request path follows it."
+        pattern=r"^https?://[^/\s@]+(/\S*)?$",
+        description="The provider's base address (https; http only to loopback); the request path follows it.",
     )
     request: RequestMapping
     limits: DestinationLimits
+
+    @model_validator(mode="after")
+    def _key_over_tls(self) -> Destination:
+        host = self.api_base.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+        if self.api_base.startswith("http://") and host not in {"127.0.0.1", "localhost", "[::1]"}:
+            msg = f"destination {self.name}: api_base {self.api_base} is plain http to another host: the API key would travel in clear; use https"
+            raise ValueError(msg)
+        return self
 
 
 def _placeholders(template: Any) -> set[str]:
@@ -177,6 +195,9 @@ def declare(name: str, declaration: dict[str, Any]) -> Destination:
     naming an unknown field).
     """
     entry = dict(declaration)
+    if entry.pop("name", name) != name:
+        msg = f"destination {name}: its entry names it {declaration['name']!r}; a destination is named by its key"
+        raise ValueError(msg)
     preset = entry.pop("preset", name)
     if preset == "http":
         base: dict[str, Any] = {}

@@ -243,7 +243,10 @@ class FakeMetronome(FakeDestination):
             return problem
         now = self.clock()
         for event in body:
-            at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            try:
+                at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            except ValueError:  # the pattern's shape, but no such moment (2026-02-30)
+                return f"{event['transaction_id']}: timestamp {event['timestamp']} is not a valid RFC 3339 time"
             if at < now - 34 * 86400:
                 return f"{event['transaction_id']}: timestamp {event['timestamp']} is more than 34 days in the past"
             if at > now + 24 * 3600:
@@ -297,6 +300,7 @@ class FakeChargebee(FakeDestination):
     events_per_minute: int = 10_000
     # Events to list in failed_events instead of recording them (by deduplication_id): the entry's fields.
     fail_events: dict[str, dict[str, str]] = field(default_factory=dict)
+    unnamed_failures: bool = False  # list fail_events' entries without their deduplication_id
     value_property: str = "value"
     event_name_property: str = "event_name"
     _minute: deque[tuple[float, int]] = field(default_factory=deque)
@@ -344,10 +348,12 @@ class FakeChargebee(FakeDestination):
             return f"events: {len(events)} events, at most 500 in a batch"
         now_ms = self.clock() * 1000
         for i, event in enumerate(events):
-            size = len(json.dumps(event, separators=(",", ":")).encode())
+            # The event as it came: compact UTF-8 JSON (the sender's encoding; an escaping sender would count more).
+            size = len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
             if size > 1024:
                 return f"events[{i}]: {size} bytes, an event is at most 1 KB"
-            if event["usage_timestamp"] < now_ms - 12 * 3600 * 1000:
+            # "The timestamp must be within the last 12 hours": not before, and not ahead of now.
+            if not now_ms - 12 * 3600 * 1000 <= event["usage_timestamp"] <= now_ms:
                 return f"events[usage_timestamp][{i}]: the timestamp must be within the last 12 hours"
         return None
 
@@ -366,9 +372,10 @@ class FakeChargebee(FakeDestination):
         failed = []
         for event in body["events"]:
             if event["deduplication_id"] in self.fail_events:
-                failed.append(
-                    {"deduplication_id": event["deduplication_id"], **self.fail_events[event["deduplication_id"]]}
-                )
+                entry = {"deduplication_id": event["deduplication_id"], **self.fail_events[event["deduplication_id"]]}
+                if self.unnamed_failures:
+                    del entry["deduplication_id"]
+                failed.append(entry)
                 continue
             properties = event["properties"]
             value = _decimal(properties.get(self.value_property))

@@ -77,3 +77,13 @@ def test_a_key_in_the_config_file_is_refused(write_config):
 def test_a_destination_that_cannot_work_is_refused_at_load(write_config, yaml_text, says):
     with pytest.raises(ConfigError, match=says):
         load_config(write_config(yaml_text), environ={})
+
+
+def test_an_error_never_quotes_a_key(write_config):
+    env = {"METERFLOW_DESTINATION_METRONOME_API_KEY": "sk_secret_value"}
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(DESTINATIONS + "  request_timeout: 0s\n"), environ=env)
+    assert "sk_secret_value" not in str(refused.value)
+    with pytest.raises(ConfigError, match="upper case") as refused:
+        load_config(write_config(DESTINATIONS), environ={"METERFLOW_DESTINATION_metronome_API_KEY": "sk_secret_value"})
+    assert "sk_secret_value" not in str(refused.value)

@@ -81,7 +81,7 @@ def test_a_template_keeps_a_lone_placeholders_type_and_formats_the_others_in():
 
 def test_every_placeholder_renders():
     template = {name: "{" + name + "}" for name in EVENT_FIELDS}
-    destination = _http(request={"event": template})
+    destination = _http(request={"event": template, "failed_events": None})
     rendered = render_event(destination, _event())
     assert rendered["timestamp_s"] == START
     assert rendered["timestamp_rfc3339"] == "2026-03-10T11:00:00Z"
@@ -169,6 +169,10 @@ def test_the_answer_names_the_request_and_the_events_it_refused():
         ({"limits": {"max_batch": 0}}, "max_batch"),
         ({"request": {"auth": "cookie"}}, "auth"),
         ({"limits": {"typo": 1}}, "typo"),
+        ({"request": {"body": {"items": "{events}", "key": "{customer}"}}}, "no placeholder but"),
+        ({"request": {"event": {"ref": "evt-{identifier}", "id": "x"}}}, "must be exactly"),
+        ({"api_base": "http://usage.example.com"}, "plain http to another host"),
+        ({"api_base": "https://user:pw@usage.example.com"}, "api_base"),
     ],
 )
 def test_a_declaration_that_cannot_work_is_refused_with_what_is_wrong(change, says):
@@ -188,3 +192,10 @@ def test_a_preset_takes_the_configs_keys_over_its_own():
     assert metronome.limits.max_batch == 100
     eu = declare("metronome_eu", {"preset": "metronome", "api_base": "https://eu.example", "limits": {"max_batch": 50}})
     assert (eu.api_base, eu.limits.max_batch, eu.limits.max_age) == ("https://eu.example", 50, timedelta(days=34))
+
+
+def test_a_destination_is_named_by_its_key_and_plain_http_is_for_loopback_only():
+    with pytest.raises(ValueError, match="named by its key"):
+        declare("metronome", {"name": "stripe"})
+    assert declare("metronome", {"name": "metronome"}).name == "metronome"
+    assert declare("metronome", {"api_base": "http://127.0.0.1:8080"}).api_base == "http://127.0.0.1:8080"

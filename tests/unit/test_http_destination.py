@@ -77,9 +77,16 @@ def test_the_fake_refuses_what_metronome_refuses_when_the_senders_rules_would_le
     """Rules loosened in the declaration: the fake still refuses, from the published schema and the docs."""
     loose = {"limits": {"max_batch": 101, "max_age": "40d", "identifier_max_length": 200}}
     oversized = [_event(n) for n in range(101)]
-    [first, *_] = asyncio.run(_send_all(_sender(metronome, loose), oversized))
-    assert isinstance(first, ProviderError) and first.status == 400 and not first.retryable
-    assert "body: breaks maxItems 100" in str(first)
+    answers = asyncio.run(_send_all(_sender(metronome, loose), oversized))
+    # Refused whole, then sent again in halves that Metronome takes.
+    assert [(r.outcome, r.detail, len(r.identifiers)) for r in metronome.requests][0] == (
+        "invalid",
+        "body: breaks maxItems 100",
+        101,
+    )
+    assert all(isinstance(a, str) for a in answers)
+    assert metronome.total("cus_1", "api_requests") == Decimal("151.5")
+    metronome.events.clear()
     old = _event(1, timestamp=int((NOW - timedelta(days=35)).timestamp()))
     [answer] = asyncio.run(_send_all(_sender(metronome, loose), [old]))
     assert isinstance(answer, ProviderError) and "more than 34 days in the past" in str(answer)
@@ -96,7 +103,10 @@ def test_an_identifier_longer_than_the_destination_takes_is_sent_hashed_to_fit(m
     assert [e.identifier for e in metronome.events] == [fit_identifier(long_id.identifier, 128)]
 
 
-@pytest.mark.parametrize(("status", "retryable"), [(429, True), (500, True), (503, True), (400, False), (403, False)])
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [(429, True), (500, True), (503, True), (501, True), (520, True), (403, False), (307, False)],
+)
 def test_a_failed_request_fails_each_of_its_deliveries_and_says_whether_to_retry(metronome, status, retryable):
     metronome.inject(reject(status, retry_after=2.0))
     answers = asyncio.run(_send_all(_sender(metronome), [_event(1), _event(2)]))
@@ -104,6 +114,23 @@ def test_a_failed_request_fails_each_of_its_deliveries_and_says_whether_to_retry
     if status == 429:
         assert all(isinstance(a, ProviderError) and a.retry_after == 2.0 for a in answers)
     assert metronome.events == []
+
+
+def test_a_request_refused_whole_is_sent_again_in_halves_down_to_the_event_refused(metronome):
+    """Metronome refuses a request with one bad event as a whole: the others still arrive, once."""
+    events = [_event(n) for n in range(7)]
+    bad = MeterEvent("x" * 129, "api_requests", "cus_1", "1", HOUR_AGO)  # past transaction_id's 128
+    loose = {"limits": {"identifier_max_length": 200}}
+    answers = asyncio.run(_send_all(_sender(metronome, loose), [*events[:3], bad, *events[3:]]))
+    assert isinstance(answers[3], ProviderError) and answers[3].status == 400 and not answers[3].retryable
+    assert "transaction_id" in str(answers[3])
+    assert all(isinstance(a, str) for i, a in enumerate(answers) if i != 3)
+    assert metronome.total("cus_1", "api_requests") == Decimal("10.5")
+    assert metronome.duplicates == 0
+    metronome.inject(reject(400))  # the pair refused whole once: each half then arrives
+    [one, two] = asyncio.run(_send_all(_sender(metronome), [_event(20), _event(21)]))
+    assert isinstance(one, str) and isinstance(two, str)
+    assert [len(r.identifiers) for r in metronome.requests[-3:]] == [2, 1, 1]
 
 
 def test_a_dropped_connection_is_retryable_and_the_retry_is_deduplicated(metronome):
@@ -177,8 +204,10 @@ def test_chargebee_takes_the_last_12_hours_only_and_the_sender_refuses_older_wit
 
 def test_chargebee_refuses_what_its_schema_and_docs_refuse(chargebee):
     loose = {"limits": {"max_batch": 501, "max_event_bytes": None, "customer_max_length": None}}
-    [first, *_] = asyncio.run(_send_all(_chargebee(chargebee, loose), [_event(n, customer="s") for n in range(501)]))
-    assert isinstance(first, ProviderError) and "at most 500" in str(first)
+    answers = asyncio.run(_send_all(_chargebee(chargebee, loose), [_event(n, customer="s") for n in range(501)]))
+    assert "at most 500" in chargebee.requests[0].detail  # refused whole, then taken in halves
+    assert all(isinstance(a, str) for a in answers)
+    chargebee.events.clear()
     [answer] = asyncio.run(_send_all(_chargebee(chargebee, loose), [_event(1, customer="s" * 51)]))
     assert isinstance(answer, ProviderError) and "subscription_id" in str(answer) and "is too long" in str(answer)
     big = {
@@ -222,3 +251,57 @@ def test_a_failed_event_in_chargebees_answer_fails_that_delivery_alone(chargebee
     assert isinstance(answers[1], ProviderError) and not answers[1].retryable
     assert "invalid_request; unknown subscription" in str(answers[1])
     assert chargebee.total("sub_1", "api_requests") == Decimal("3.0")
+
+
+def test_failed_events_the_answer_does_not_name_fail_the_request_for_a_retry(chargebee):
+    events = [_event(n, customer="sub_1") for n in range(2)]
+    chargebee.fail_events = {fit_identifier(events[0].identifier, 36): {"message": "bad"}}
+    chargebee.unnamed_failures = True
+    answers = asyncio.run(_send_all(_chargebee(chargebee), events))
+    assert all(isinstance(a, ProviderError) and a.retryable and "without naming them" in str(a) for a in answers)
+
+
+def test_a_key_never_shows_in_a_connection_error(metronome):
+    destination = declare("metronome", {"api_base": "http://127.0.0.1:9"})  # nothing listens
+    sender = HttpDestination(destination, "sk_secret_value", clock=lambda: NOW, linger_s=0.01)
+    [answer] = asyncio.run(_send_all(sender, [_event(1)]))
+    assert isinstance(answer, ProviderError) and answer.retryable
+    assert "sk_secret_value" not in str(answer) and "connection failed (ClientConnectorError)" in str(answer)
+
+
+def test_a_batch_answered_for_fewer_events_than_it_carried_leaves_no_caller_waiting():
+    from connectors.request_batches import RequestBatches
+
+    async def short(events):
+        return ["only-one"]
+
+    async def run():
+        batches = RequestBatches(short, 10, 0.0)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*batches.enqueue([1, 2]), return_exceptions=True), 5)
+        finally:
+            await batches.close()
+
+    answers = asyncio.run(run())
+    assert all(isinstance(a, RuntimeError) and "2 events came back with 1 answers" in str(a) for a in answers)
+
+
+def test_the_fakes_refuse_future_timestamps_past_their_providers_rule(metronome, chargebee):
+    loose = {"limits": {"max_ahead": "2d"}}
+    ahead = _event(1, timestamp=int((NOW + timedelta(hours=24, seconds=1)).timestamp()))
+    [answer] = asyncio.run(_send_all(_sender(metronome, loose), [ahead]))
+    assert isinstance(answer, ProviderError) and "more than 24 hours in the future" in str(answer)
+    soon = _event(2, timestamp=int((NOW + timedelta(seconds=1)).timestamp()), customer="s")
+    [answer] = asyncio.run(_send_all(_chargebee(chargebee, loose), [soon]))
+    assert isinstance(answer, ProviderError) and "within the last 12 hours" in str(answer)
+    # The presets refuse both without a call.
+    assert isinstance(asyncio.run(_send_all(_chargebee(chargebee), [soon]))[0], ProviderError)
+    assert len(chargebee.requests) == 1
+
+
+def test_chargebee_takes_only_its_own_key(chargebee):
+    destination = declare("chargebee", {"api_base": chargebee.url + "/api/v2"})
+    sender = HttpDestination(destination, "another-key", clock=lambda: NOW, linger_s=0.01)
+    [answer] = asyncio.run(_send_all(sender, [_event(1, customer="s")]))
+    assert isinstance(answer, ProviderError) and answer.status == 401 and not answer.retryable
+    assert chargebee.events == []
