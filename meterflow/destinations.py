@@ -11,9 +11,9 @@ own type (an integer stays an integer), other strings have their placeholders fo
 request body holds ``"{events}"`` once: the list of the request's events, each rendered from the
 ``event`` template. Placeholders: see :data:`EVENT_FIELDS`.
 
-The limits are enforced before anything is sent (billing/destination_rules.py): a delivery the
-provider would refuse is never sent, and one past the provider's time range is recorded as owed
-and reported, never dropped.
+Sizes, values, identifiers and time rules are checked before a request is made
+(billing/destination_rules.py): an event the provider would refuse is refused with its reason,
+without a call. The rate is for the billing job to pace requests by.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ValueLimits(_Strict):
 
 
 class DestinationLimits(_Strict):
-    """A provider's documented limits; each is enforced before a request is made."""
+    """A provider's documented limits: the sizes, values, identifiers and time rules are checked before a request is made."""
 
     max_batch: int = Field(ge=1, le=10_000, description="Events per request.")
     max_event_bytes: int | None = Field(None, ge=64, description="One event's JSON, compact, in bytes.")
