@@ -51,6 +51,7 @@ class Accepted:
     timestamp_ms: int
     request_id: str
     accepted_at: float = 0.0  # the fake's clock when it took the event
+    value_sent: Any = None  # the value as it came: a decimal string, or a JSON number (parsed exact, never a float)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class FakeDestination(FaultInjection):
             self.requests.append(Record([], "unauthorized"))
             return self._answer(handler, 401, self.error_body(401, "invalid credentials"))
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_float=Decimal)
         except ValueError:
             self.requests.append(Record([], "invalid", "not JSON"))
             return self._answer(handler, 400, self.error_body(400, "request body is not JSON"))
@@ -255,7 +256,8 @@ class FakeMetronome(FakeDestination):
 
     def accept(self, body: Any, request_id: str) -> tuple[int, Any]:
         for event in body:
-            value = _decimal((event.get("properties") or {}).get(self.value_property))
+            sent = (event.get("properties") or {}).get(self.value_property)
+            value = _decimal(sent)
             at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
             self._take(
                 Accepted(
@@ -265,6 +267,7 @@ class FakeMetronome(FakeDestination):
                     value if value is not None else Decimal(0),
                     int(at * 1000),
                     request_id,
+                    value_sent=sent,
                 )
             )
         return 200, None
@@ -378,7 +381,8 @@ class FakeChargebee(FakeDestination):
                 failed.append(entry)
                 continue
             properties = event["properties"]
-            value = _decimal(properties.get(self.value_property))
+            sent = properties.get(self.value_property)
+            value = _decimal(sent)
             taken = Accepted(
                 f"{event['usage_timestamp']}\x00{event['subscription_id']}\x00{event['deduplication_id']}",
                 event["subscription_id"],
@@ -386,6 +390,7 @@ class FakeChargebee(FakeDestination):
                 value if value is not None else Decimal(0),
                 int(event["usage_timestamp"]),
                 request_id,
+                value_sent=sent,
             )
             self._take(taken)
         return 200, {"batch_id": request_id, "failed_events": failed}

@@ -51,6 +51,7 @@ def test_deliveries_in_flight_together_go_in_requests_of_at_most_the_batch(metro
     assert sorted(len(r.identifiers) for r in metronome.requests) == [50, 100, 100]
     assert metronome.total("cus_1", "api_requests") == Decimal("375.0")
     assert metronome.outcomes() == {"accepted": 3}
+    assert {e.value_sent for e in metronome.events} == {"1.5"}  # a decimal string, never a JSON number
 
 
 def test_a_resend_of_the_same_deliveries_counts_nothing_twice(metronome):
@@ -186,6 +187,7 @@ def test_chargebee_takes_batches_of_500_with_identifiers_fitted_to_36_characters
     assert sorted(len(r.identifiers) for r in chargebee.requests) == [100, 500]
     assert {len(i) for r in chargebee.requests for i in r.identifiers} == {36}
     assert chargebee.total("sub_1", "api_requests") == Decimal("900.0")
+    assert {e.value_sent for e in chargebee.events} == {"1.5"}
     asyncio.run(_send_all(_chargebee(chargebee), events[:10]))  # the same events again: recorded once
     assert chargebee.total("sub_1", "api_requests") == Decimal("900.0")
     assert chargebee.duplicates == 10
