@@ -17,7 +17,7 @@ from typing import Any, Literal
 from billing.deliveries import MeterEvent
 from billing.whole_values import ValueRules, value_refusal
 from meterflow.config_values import format_duration
-from meterflow.destinations import EVENTS, PLACEHOLDER, Destination
+from meterflow.destinations import PLACEHOLDER, Destination
 from meterflow.windowing import outside_provider_window
 
 
@@ -70,18 +70,8 @@ def render_event(destination: Destination, event: MeterEvent) -> dict[str, Any]:
 
 
 def render_body(destination: Destination, events: list[dict[str, Any]]) -> Any:
-    """The request body around rendered events."""
-
-    def fill(template: Any) -> Any:
-        if template == EVENTS:
-            return events
-        if isinstance(template, dict):
-            return {key: fill(value) for key, value in template.items()}
-        if isinstance(template, list):
-            return [fill(value) for value in template]
-        return template
-
-    return fill(destination.request.body)
+    """The request body around rendered events: its lone ``"{events}"`` (the one placeholder a body may hold) takes the list."""
+    return render(destination.request.body, {"events": events})
 
 
 def encode(rendered: Any) -> bytes:
