@@ -92,6 +92,16 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DeliveryLimits:
+    """What the deliverer enforces for one destination: its time window, its dedup horizon and its pace."""
+
+    max_age: timedelta
+    max_ahead: timedelta
+    dedup_window: timedelta
+    calls_per_second: float
+
+
+@dataclass(frozen=True)
 class MeterEvent:
     """What the provider receives for one delivery."""
 

@@ -37,6 +37,7 @@ from billing.deliveries import (
     Dead,
     Deferred,
     Delivery,
+    DeliveryLimits,
     LedgerEntry,
     MeterEvent,
     Outcome,
@@ -83,21 +84,25 @@ class Deliverer:
         sleep: Callable[[float], Awaitable[None]],
         rng: Callable[[], float] = random.random,
         share: int = 1,
+        limits: DeliveryLimits | None = None,
+        owed: Callable[[Delivery, datetime], str | None] = lambda delivery, at: None,
     ) -> None:
-        """``share``: how many deliverers split the configured rate (the billing job's parallelism)."""
+        """``share``: how many deliverers split the configured rate (the billing job's parallelism).
+        ``limits``: the destination's (billing/routing.py delivery_limits); Stripe's ``billing.*`` by
+        default. ``owed``: why a correction is owed rather than sent (billing/routing.py owed_correction)."""
         self.provider, self.ledger, self.clock, self.sleep, self.rng = provider, ledger, clock, sleep, rng
         self.meters: Mapping[str, MeterConfig] = {m.name: m for m in cfg.meters}
         billing = cfg.billing
         self.prefix = billing.identifier_prefix
-        self.max_age, self.max_ahead, self.dedup_window = (
-            billing.max_window_age,
-            billing.max_window_ahead,
-            billing.provider_dedup_window,
+        limits = limits or DeliveryLimits(
+            billing.max_window_age, billing.max_window_ahead, billing.provider_dedup_window, billing.calls_per_second
         )
+        self.max_age, self.max_ahead, self.dedup_window = limits.max_age, limits.max_ahead, limits.dedup_window
+        self.owed = owed
         self.policy = BackoffPolicy(
             billing.max_attempts, billing.initial_backoff.total_seconds(), billing.max_backoff.total_seconds()
         )
-        rate = billing.calls_per_second / max(share, 1)
+        rate = limits.calls_per_second / max(share, 1)
         self.rate = RateReservations(rate=rate, capacity=max(1.0, rate / 10), clock=clock)
         # A provider that gathers deliveries into requests (the v2 stream) paces its requests with
         # this subtask's share, since its calls are the requests; otherwise each delivery is a call.
@@ -169,7 +174,7 @@ class Deliverer:
             turn = self.turn(w)
             (alone if turn in turns or self.gate.busy(turn) else together).append(w)
             turns.add(turn)
-        return _flat(await _all([self._together(together), *(self.on_window(w) for w in alone)]))
+        return _flat(await gather_all([self._together(together), *(self.on_window(w) for w in alone)]))
 
     async def _together(self, windows: list[ClosedWindow]) -> list[Outcome]:
         if not windows:
@@ -202,7 +207,7 @@ class Deliverer:
             calls = self._start_calls(recorded, entries, events, alone)
             outcomes: dict[int, Outcome] = {}
             try:
-                _, *results = await _all(
+                _, *results = await gather_all(
                     [self._send_together(recorded, entries, events, calls, outcomes), *alone.values()]
                 )
             finally:
@@ -211,7 +216,7 @@ class Deliverer:
             corrections = [
                 (c, w) for w, e in zip(windows, entries, strict=True) if (c := correction_needed(w, e)) is not None
             ]
-            corrected = await _all([self._correct(c, w) for c, w in corrections])
+            corrected = await gather_all([self._correct(c, w) for c, w in corrections])
             return [outcomes[i] for i in range(len(windows))] + list(corrected)
 
     async def _events_of(
@@ -281,7 +286,7 @@ class Deliverer:
                 )
                 outcomes.update((i, Sent(recorded[i].identifier, a, entries[i].attempts + 1)) for i, a in sent)
             failed = [(i, a) for i, a in zip(calls, answers, strict=True) if isinstance(a, ProviderError)]
-            results = await _all(
+            results = await gather_all(
                 [
                     self._failed(self.key(recorded[i].window), recorded[i].identifier, entries[i].attempts + 1, a)
                     for i, a in failed
@@ -300,6 +305,24 @@ class Deliverer:
     async def _correct(self, correction: Delivery, window: ClosedWindow) -> Outcome:
         claimed = await self.ledger.claim(correction, self.provider.name, self.event_name(window), retry=False)
         return await self._attempt(correction, claimed)
+
+    async def refuse_windows(self, windows: Sequence[ClosedWindow], provider: str, reason: str) -> list[Outcome]:
+        """Record windows' deliveries under ``provider`` and mark them dead with ``reason``, without a call
+        (a destination that is mapped but not declared: billing/routing.py); a replay sends them later."""
+        deliveries = [window_delivery(w, self.prefix) for w in windows]
+        entries = await self.ledger.claim_windows(deliveries, provider, [self.event_name(w) for w in windows])
+        return [
+            await self._rejected(e.identifier, e, reason) if e.claimed else self._not_claimed(d, e)
+            for d, e in zip(deliveries, entries, strict=True)
+        ]
+
+    async def refuse_recorded(self, identifier: str, reason: str) -> Outcome:
+        """A recorded delivery handed out again whose destination is not declared: dead with ``reason``."""
+        delivery = await self.ledger.delivery(identifier)
+        if delivery is None:
+            return Skipped(identifier, "unknown")
+        entry = await self.ledger.claim(delivery, self.provider.name, self.event_name(delivery.window), retry=True)
+        return await self._rejected(identifier, entry, reason) if entry.claimed else self._not_claimed(delivery, entry)
 
     async def on_retry(self, identifier: str, *, replay: bool = False) -> Outcome:
         """A recorded delivery handed out again (the retry scan, or the replay command with ``replay``)."""
@@ -421,7 +444,9 @@ class Deliverer:
             return Deferred(delivery.identifier, until)
         meter = self.meters.get(delivery.window.meter)
         at = datetime.fromtimestamp(now, UTC)
-        refused = delivery_refusal(delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead)
+        refused = self.owed(delivery, at) or delivery_refusal(
+            delivery, meter, entry.provider_customer_id, at, self.max_age, self.max_ahead
+        )
         if refused or meter is None or entry.provider_customer_id is None:
             return refused or "no meter or customer"
         return Cleared(meter, entry.provider_customer_id)
@@ -536,7 +561,7 @@ def _turn_order(window: ClosedWindow) -> tuple:
     )
 
 
-async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
+async def gather_all(work: Sequence[Awaitable[T]]) -> list[T]:
     """Every result; the first error raised only once all are done, so none outlives its caller's turns."""
     results = await asyncio.gather(*work, return_exceptions=True)
     for result in results:

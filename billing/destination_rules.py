@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from billing.deliveries import MeterEvent
@@ -122,11 +123,16 @@ class CorrectionPlan:
     reason: str | None = None
 
 
-def plan_correction(destination: Destination, window_start: datetime, now: datetime) -> CorrectionPlan:
-    """The cheapest legal correction of a window at its destination, inside the destination's horizon;
-    past it (or where the provider takes none), the correction is owed: recorded and reported, not sent."""
-    if destination.limits.correction == "none":
-        return CorrectionPlan("owed", f"{destination.name} takes no correction of usage it accepted")
+def plan_correction(
+    destination: Destination, window_start: datetime, quantity: Decimal, now: datetime
+) -> CorrectionPlan:
+    """The cheapest legal correction of a window at its destination, inside the destination's horizon:
+    usage added late is one more event of the difference; usage taken away needs a destination that
+    takes a negative difference. Past the horizon, or where the destination takes no such event, the
+    correction is owed: recorded and reported, not sent."""
+    limits = destination.limits
+    if quantity < 0 and (limits.correction == "none" or not limits.values.negative):
+        return CorrectionPlan("owed", f"{destination.name} takes no correction that lowers usage it accepted")
     refused = time_refusal(destination, window_start, now)
     if refused:
         return CorrectionPlan("owed", refused)

@@ -31,7 +31,6 @@ from jobs.billing_plan import (
     delivery_batch_capacity,
     delivery_batch_rows,
     delivery_batches_in_flight,
-    destinations_refusal,
     retry_ticks_ddl,
 )
 from meterflow.config import JobConfig, config_without_secrets, load_config
@@ -118,9 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
-    refusal = destinations_refusal(cfg)
-    if refusal:
-        raise SystemExit(refusal)
     from sinks.ledger import apply_billing_schema
 
     apply_billing_schema(cfg)

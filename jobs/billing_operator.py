@@ -28,7 +28,7 @@ from pyflink.common import Row, Types
 from pyflink.datastream import AsyncFunction, FlatMapFunction
 
 from billing.deliveries import ClosedWindow, Dead, Deferred, Outcome, Retry, Sent, Skipped
-from billing.delivery import Deliverer
+from billing.routing import Router
 from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
 from meterflow.errors import ProviderError, SinkError
@@ -92,9 +92,9 @@ def outcome_metrics(outcome: Outcome) -> tuple[str, ...]:
 
 
 def backlog_sql(ledger_table: str) -> str:
-    """The ledger's backlog of one provider: deliveries pending, and failed (waiting for a retry)."""
+    """The ledger's backlog at every destination: deliveries pending, and failed (waiting for a retry)."""
     d = check_identifier(ledger_table)
-    return f"SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed') FROM {d} WHERE provider = %(provider)s AND status IN ('pending', 'failed')"
+    return f"SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed') FROM {d} WHERE provider = ANY(%(destinations)s::text[]) AND status IN ('pending', 'failed')"
 
 
 def outcome_kind(outcome: Outcome) -> str:
@@ -117,7 +117,7 @@ class DeliverClosedWindows(AsyncFunction):
     def __init__(self, config_without_secrets: dict[str, Any]) -> None:
         # Secrets are resolved on the worker (env or secrets file), never shipped in the job graph.
         self.config_data = config_without_secrets
-        self.deliverer: Deliverer | None = None
+        self.router: Router | None = None
         self.slots: asyncio.Semaphore | None = None
         self.slot_count = 0
         self.counts: dict[str, int] = {}
@@ -163,46 +163,38 @@ class DeliverClosedWindows(AsyncFunction):
         if released:
             log.info("released %d deliveries leased by an earlier run of %s*", len(released), self.prefix)
 
-    def _ready(self) -> Deliverer:
-        # Built on the event loop's thread at first use: the HTTP session and the Postgres connections belong to that loop.
-        if self.deliverer is None:
-            from connectors.stripe_stream import meter_events_provider
-            from sinks.ledger_async import AsyncPostgresLedger
+    def _ready(self) -> Router:
+        # Built on the event loop's thread at first use: the HTTP sessions and the Postgres connections belong to that loop.
+        if self.router is None:
+            from jobs.deliverers import routed_deliverers
 
-            ledger = self.ledger = AsyncPostgresLedger(self.cfg, self.worker)
-            self.deliverer = Deliverer(
-                self.cfg,
-                meter_events_provider(self.cfg),
-                ledger,
-                clock=time.time,
-                sleep=asyncio.sleep,
-                share=self.share,
-            )
-            self.deliverer.on_background_outcome = self._count
-            # Rows the deliverer works on at once; the operator holds more in batches (billing_job.py).
+            self.router = routed_deliverers(self.cfg, self.worker, share=self.share).router
+            for deliverer in self.router.deliverers.values():
+                deliverer.on_background_outcome = self._count
+            # Rows the deliverers work on at once; the operator holds more in batches (billing_job.py).
             self.slot_count = self.cfg.billing_max_in_flight
             self.slots = asyncio.Semaphore(self.slot_count)
             self.slot_turn = asyncio.Lock()
-        return self.deliverer
+        return self.router
 
     async def async_invoke(self, value: Row) -> list[str]:
         """A batch of billing input rows: its closed windows delivered together where the deliverer
         can (Deliverer.on_windows), each retry on its own, and every row on its own where it can't;
         every row takes one of the subtask's ``billing.max_in_flight`` delivery slots (see RowBatcher
         and delivery_batch_capacity)."""
-        deliverer = self._ready()
-        if not deliverer.delivers_together:
+        router = self._ready()
+        if not router.delivers_together:
             # One customer's row waiting for its key's turn (Stripe v1) holds its own slot, not a batch's.
-            await asyncio.gather(*(self._deliver(deliverer, [row]) for row in value[0]))
+            await asyncio.gather(*(self._deliver(router, [row]) for row in value[0]))
             return []
         windows = [row for row in value[0] if row[10] is None]
         retries = [row for row in value[0] if row[10] is not None]
         await asyncio.gather(
-            self._deliver(deliverer, windows, together=True), *(self._deliver(deliverer, [row]) for row in retries)
+            self._deliver(router, windows, together=True), *(self._deliver(router, [row]) for row in retries)
         )
         return []  # see outcome_type: the ledger holds the outcomes
 
-    async def _deliver(self, deliverer: Deliverer, rows: list[Row], *, together: bool = False) -> None:
+    async def _deliver(self, router: Router, rows: list[Row], *, together: bool = False) -> None:
         """Rows, until their outcomes are recorded. A failure outside the delivery rules (the ledger
         away, a bug) is retried here, so the rows stay in flight and the checkpoint waits for them: a
         row that fails is never behind a completed checkpoint without its outcome in the ledger (a row
@@ -226,13 +218,13 @@ class DeliverClosedWindows(AsyncFunction):
             while True:
                 try:
                     if together:
-                        outcomes = await deliverer.on_windows([_window_of(row) for row in rows])
+                        outcomes = await router.on_windows([_window_of(row) for row in rows])
                     else:
                         [row] = rows
                         outcomes = (
-                            [await deliverer.on_retry(row[10])]
+                            [await router.on_retry(row[10])]
                             if row[10] is not None
-                            else await deliverer.on_window(_window_of(row))
+                            else await router.on_windows([_window_of(row)])
                         )
                     break
                 except Exception:
@@ -314,7 +306,7 @@ class RetryScan(FlatMapFunction):
                 release_leases(conn, self.cfg, self.prefix, self.scanner)
                 self.released = True
             backlog = conn.execute(
-                backlog_sql(self.cfg.billing.ledger_table), {"provider": self.cfg.billing.provider}
+                backlog_sql(self.cfg.billing.ledger_table), {"destinations": list(self.cfg.billing.destination_names())}
             ).fetchone()
             if backlog is not None:  # an aggregate: always one row
                 self.backlog = (int(backlog[0]), int(backlog[1]))

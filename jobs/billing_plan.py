@@ -20,18 +20,6 @@ RETRIES_VIEW = "billing_retries"
 BILLING_INPUT_COLUMNS = ("billing_key", *bridge_names(WINDOW_ROW), "retry_identifier")
 
 
-def destinations_refusal(cfg: JobConfig) -> str | None:
-    """Why the billing job cannot start with this config, or None: it delivers to Stripe alone, so a
-    config that declares other destinations is refused rather than have their customers' windows go elsewhere."""
-    if not cfg.billing.destinations:
-        return None
-    names = ", ".join(sorted(cfg.billing.destinations))
-    return (
-        f"billing.destinations declares {names}: the billing job delivers every window to Stripe and routes to no other"
-        " destination; remove billing.destinations to bill through Stripe (README, Destinations)"
-    )
-
-
 # A batch of rows for the delivery operator waits at most this long for more rows.
 DELIVERY_BATCH_DELAY_MS = 20
 MAX_DELIVERY_BATCH_ROWS = 64

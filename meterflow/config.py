@@ -407,6 +407,10 @@ class BillingConfig(_Section):
         default_factory=dict, description="Set from the environment or the secrets file only, never in the config file."
     )
 
+    def destination_names(self) -> tuple[str, ...]:
+        """Every destination the billing job delivers to: Stripe, then the declared ones (billing/routing.py)."""
+        return (STRIPE, *sorted(self.destinations))
+
     def destination_api_key(self, name: str) -> str:
         """The API key of declared destination ``name``, or ConfigError saying where to set it."""
         key = self.destination_api_keys.get(name)

@@ -76,7 +76,7 @@ class DestinationLimits(_Strict):
     customer_max_length: int | None = Field(None, ge=1)
     values: ValueLimits
     correction: Correction = Field(
-        description="negative_delta: a changed window is corrected by a new event of the difference; none: the provider takes no correction, so every one is recorded as owed."
+        description="negative_delta: a changed window is corrected by a new event of the difference, negative when its final is lower (values.negative must allow it); none: usage added late is still one more event, but a lower final is recorded as owed."
     )
 
 

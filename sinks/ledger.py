@@ -12,7 +12,10 @@ from typing import Any
 
 from billing.deliveries import CustomerMapping, replay_refusal
 from billing.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
+from billing.routing import mapping_refusal
 from meterflow.config import JobConfig
+from meterflow.destinations import STRIPE
+from meterflow.errors import ConfigError
 from sinks.corrections_schema import counted_corrections_sql
 from sinks.ledger_schema import (
     DELIVERY_COLUMNS,
@@ -22,9 +25,9 @@ from sinks.ledger_schema import (
     ledger_windows_sql,
     sent_values_sql,
     status_summary_sql,
-    upsert_customer_sql,
 )
 from sinks.postgres import apply_schema, connect, table_exists
+from sinks.routing_schema import latest_recorded_sql, upsert_mapping_sql
 
 
 def apply_billing_schema(cfg: JobConfig) -> None:
@@ -98,32 +101,69 @@ def status_summary(cfg: JobConfig) -> list[tuple[Any, ...]]:
         return conn.execute(status_summary_sql(cfg.billing.ledger_table)).fetchall()
 
 
-def map_customer(cfg: JobConfig, tenant_id: str, customer_id: str, provider_customer_id: str) -> None:
-    """Map a tenant's customer to the provider's customer id (replacing an earlier mapping)."""
-    map_customers(cfg, [CustomerMapping(tenant_id, customer_id, provider_customer_id)])
+def map_customer(
+    cfg: JobConfig,
+    tenant_id: str,
+    customer_id: str,
+    provider_customer_id: str,
+    destination: str = STRIPE,
+    effective_from: datetime | None = None,
+) -> None:
+    """Map a tenant's customer to its id at a destination, from a month on (None: from the start);
+    a refusal (billing/routing.py mapping_refusal) raises ConfigError and writes nothing."""
+    map_customers(cfg, [CustomerMapping(tenant_id, customer_id, provider_customer_id)], destination, effective_from)
 
 
-def map_customers(cfg: JobConfig, mappings: list[CustomerMapping]) -> None:
-    """Map many customers in one transaction: all or none."""
-    rows = [
-        {
-            "tenant_id": m.tenant_id,
-            "customer_id": m.customer_id,
-            "provider": cfg.billing.provider,
-            "provider_customer_id": m.provider_customer_id,
-        }
-        for m in mappings
-    ]
+def map_customers(
+    cfg: JobConfig, mappings: list[CustomerMapping], destination: str = STRIPE, effective_from: datetime | None = None
+) -> None:
+    """Map many customers at one destination in one transaction: all or none (ConfigError naming each refusal)."""
+    declared = cfg.billing.destination_names()
+    customers, ledger = cfg.billing.customers_table, cfg.billing.ledger_table
+    refusals = []
     with connect(cfg.postgres) as conn, conn.transaction(), conn.cursor() as cur:
-        cur.executemany(upsert_customer_sql(cfg.billing.customers_table), rows)
+        for m in mappings:
+            key = {"tenant_id": m.tenant_id, "customer_id": m.customer_id}
+            # Locked: two moves of one customer at once are decided one after the other.
+            rows = cur.execute(
+                f"SELECT provider, effective_from FROM {customers} WHERE tenant_id = %(tenant_id)s AND customer_id = %(customer_id)s FOR UPDATE",
+                key,
+            ).fetchall()
+            latest = cur.execute(latest_recorded_sql(ledger), {**key, "destinations": list(declared)}).fetchone()
+            refused = mapping_refusal(
+                destination,
+                effective_from,
+                declared,
+                {p: _utc(at) for p, at in rows},
+                _utc(latest[0] if latest else None),
+            )
+            if refused:
+                refusals.append(f"{m.tenant_id}/{m.customer_id}: {refused}")
+                continue
+            cur.execute(
+                upsert_mapping_sql(customers),
+                {
+                    **key,
+                    "provider": destination,
+                    "provider_customer_id": m.provider_customer_id,
+                    "effective_from": effective_from.replace(tzinfo=None) if effective_from else None,
+                },
+            )
+        if refusals:
+            raise ConfigError("; ".join(refusals))
 
 
-def fetch_customers(cfg: JobConfig) -> list[tuple[str, str, str, str]]:
-    """(tenant_id, customer_id, provider, provider_customer_id) of every mapping."""
+def _utc(at: datetime | None) -> datetime | None:
+    """A Postgres ``timestamp`` (UTC, naive) as an aware datetime."""
+    return at.replace(tzinfo=UTC) if at is not None else None
+
+
+def fetch_customers(cfg: JobConfig) -> list[tuple[str, str, str, str, datetime | None]]:
+    """(tenant_id, customer_id, destination, provider_customer_id, effective_from) of every mapping."""
     with connect(cfg.postgres) as conn:
         table = cfg.billing.customers_table
         return conn.execute(
-            f"SELECT tenant_id, customer_id, provider, provider_customer_id FROM {table} ORDER BY 1, 2, 3"
+            f"SELECT tenant_id, customer_id, provider, provider_customer_id, effective_from FROM {table} ORDER BY 1, 2, 5 NULLS FIRST, 3"
         ).fetchall()
 
 

@@ -24,6 +24,7 @@ import psycopg
 
 from billing.deliveries import ClosedWindow, Delivery, LedgerEntry, MeterEvent
 from meterflow.config import JobConfig
+from meterflow.destinations import STRIPE
 from meterflow.errors import SinkError
 from meterflow.window_row import epoch_ms, from_epoch_ms
 from sinks.ledger_schema import (
@@ -48,6 +49,7 @@ from sinks.ledger_schema import (
     reported_dead_sql,
     window_state_sql,
 )
+from sinks.routing_schema import delivery_destinations_sql, window_destinations_sql
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,9 @@ async def _write_batch(
 class AsyncPostgresLedger:
     """The Ledger of billing/delivery.py; ``worker`` names this worker's claims (unique per run)."""
 
-    def __init__(self, cfg: JobConfig, worker: str, connections: int = 2) -> None:
-        """``connections``: batches written at once, each on its own connection."""
+    def __init__(self, cfg: JobConfig, worker: str, connections: int = 2, *, provider: str | None = None) -> None:
+        """``connections``: batches written at once, each on its own connection; ``provider``: the
+        destination whose accepted totals it reads (Stripe by default)."""
         self.table, self.customers, self.carry, self.worker = (
             cfg.billing.ledger_table,
             cfg.billing.customers_table,
@@ -236,7 +239,8 @@ class AsyncPostgresLedger:
             worker,
         )
         self.lease_s = cfg.billing.retry_lease.total_seconds()
-        self.provider = cfg.billing.provider
+        self.provider = provider or cfg.billing.provider
+        self.destinations = list(cfg.billing.destination_names())
         self._pg = cfg.postgres
         self._size = connections
         self._idle: asyncio.Queue[psycopg.AsyncConnection] | None = None
@@ -304,6 +308,28 @@ class AsyncPostgresLedger:
             await conn.close()
         self._all.clear()
         self._idle = None
+
+    # -- routing (billing/routing.py Routes) -------------------------------------------------------
+    async def _fetchall(self, sql: str, params: dict) -> list[tuple]:
+        async with self._conn() as conn:
+            return await (await conn.execute(sql, params)).fetchall()
+
+    async def destinations_of(self, windows: Sequence[ClosedWindow]) -> list[str]:
+        params = {
+            "tenant_id": [w.tenant_id for w in windows],
+            "customer_id": [w.customer_id for w in windows],
+            "meter": [w.meter for w in windows],
+            "dimensions_key": [w.dimensions_key for w in windows],
+            "window_start_ms": [epoch_ms(w.window_start) for w in windows],
+            "window_end_ms": [epoch_ms(w.window_end) for w in windows],
+            "destinations": self.destinations,
+            "default": STRIPE,
+        }
+        return [r[0] for r in await self._fetchall(window_destinations_sql(self.table, self.customers), params)]
+
+    async def destinations_of_deliveries(self, identifiers: Sequence[str]) -> dict[str, str]:
+        rows = await self._fetchall(delivery_destinations_sql(self.table), {"identifier": list(identifiers)})
+        return {identifier: destination for identifier, destination in rows}
 
     # -- the Ledger protocol ---------------------------------------------------------------------
     def _claim_params(self, delivery: Delivery, provider: str, event_name: str, *, retry: bool) -> dict:
@@ -471,7 +497,7 @@ def _entry(row: tuple, *, claimed: bool) -> LedgerEntry:
 def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int, scanner: str = "retry-scan") -> list[tuple]:
     """(identifier, tenant, customer, meter, dimensions_key, window start ms, window end ms) of every delivery due for a retry, leased by ``scanner``."""
     params = {
-        "provider": cfg.billing.provider,
+        "destinations": list(cfg.billing.destination_names()),
         "lease_s": cfg.billing.retry_lease.total_seconds(),
         "limit": limit,
         "scanner": scanner,
@@ -481,7 +507,7 @@ def due_retries(conn: psycopg.Connection, cfg: JobConfig, limit: int, scanner: s
 
 def release_leases(conn: psycopg.Connection, cfg: JobConfig, prefix: str, worker: str) -> list[str]:
     """Make due at once what earlier runs named ``<prefix>*`` (not ``worker``) held leased; their identifiers."""
-    params = {"provider": cfg.billing.provider, "prefix": f"{prefix}%", "worker": worker}
+    params = {"destinations": list(cfg.billing.destination_names()), "prefix": f"{prefix}%", "worker": worker}
     return [r[0] for r in conn.execute(release_leases_sql(cfg.billing.ledger_table), params).fetchall()]
 
 

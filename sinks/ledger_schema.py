@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from meterflow.window_row import BRIDGE_FORMS, WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, bridge_names, names
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
+from sinks.routing_schema import routing_ddl
 
 STATUSES = ("pending", "sent", "failed", "dead")
 # What makes a window's own delivery unique: the provider, the window's key and its span.
@@ -118,6 +119,7 @@ $$""",
     updated_at   timestamptz    NOT NULL DEFAULT now(),
     PRIMARY KEY (provider, tenant_id, customer_id, meter, period_start)
 )""",
+        *routing_ddl(customers_table),
     ]
 
 
@@ -381,11 +383,11 @@ def accepted_total_sql(ledger_table: str) -> str:
 
 
 def due_retries_sql(ledger_table: str) -> str:
-    """Hand out the deliveries whose retry is due, oldest first, each leased so it is handed out once."""
+    """Hand out the deliveries whose retry is due at any of ``destinations``, oldest first, each leased so it is handed out once."""
     d = check_identifier(ledger_table)
     return (
         f"UPDATE {d} SET next_attempt_at = now() + make_interval(secs => %(lease_s)s), claimed_by = %(scanner)s, leased = true "
-        f"WHERE identifier IN (SELECT identifier FROM {d} WHERE provider = %(provider)s AND status IN ('pending', 'failed') "
+        f"WHERE identifier IN (SELECT identifier FROM {d} WHERE provider = ANY(%(destinations)s::text[]) AND status IN ('pending', 'failed') "
         "AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
         "RETURNING identifier, tenant_id, customer_id, meter, dimensions_key, "
         "(extract(epoch FROM window_start AT TIME ZONE 'UTC') * 1000)::bigint, (extract(epoch FROM window_end AT TIME ZONE 'UTC') * 1000)::bigint"
@@ -408,24 +410,7 @@ def release_leases_sql(ledger_table: str) -> str:
     d = check_identifier(ledger_table)
     return (
         f"UPDATE {d} SET next_attempt_at = now(), leased = false WHERE leased AND status IN ('pending', 'failed') "
-        "AND provider = %(provider)s AND claimed_by LIKE %(prefix)s AND claimed_by <> %(worker)s RETURNING identifier"
-    )
-
-
-def provider_customer_sql(customers_table: str) -> str:
-    """The provider's customer id of one tenant's customer."""
-    return (
-        f"SELECT provider_customer_id FROM {check_identifier(customers_table)} "
-        "WHERE tenant_id = %(tenant_id)s AND customer_id = %(customer_id)s AND provider = %(provider)s"
-    )
-
-
-def upsert_customer_sql(customers_table: str) -> str:
-    """Map (or re-map) a tenant's customer to the provider's customer id."""
-    c = check_identifier(customers_table)
-    return (
-        f"INSERT INTO {c} (tenant_id, customer_id, provider, provider_customer_id) VALUES (%(tenant_id)s, %(customer_id)s, %(provider)s, %(provider_customer_id)s) "
-        "ON CONFLICT (tenant_id, customer_id, provider) DO UPDATE SET provider_customer_id = EXCLUDED.provider_customer_id, updated_at = now()"
+        "AND provider = ANY(%(destinations)s::text[]) AND claimed_by LIKE %(prefix)s AND claimed_by <> %(worker)s RETURNING identifier"
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -113,6 +112,8 @@ def billing_replay(
     are checked first, and the delivery is re-sent only if the provider does not have it (the
     decision is recorded in the ledger). Exits non-zero if any delivery is refused or still dead.
     """
+    from billing.routing import delivery_limits
+    from meterflow.destinations import STRIPE
     from sinks.ledger import fetch_deliveries
 
     cfg = ctx.cfg
@@ -124,8 +125,15 @@ def billing_replay(
             f"[yellow]not replayable (unknown, or not in status {'/'.join(statuses)}):[/] {', '.join(sorted(missing))}"
         )
     now = datetime.now(UTC)
+    declared = cfg.billing.destination_names()
     refused = {
-        d.identifier: reason for d in chosen if (reason := d.replay_refusal(now, cfg.billing.provider_dedup_window))
+        d.identifier: reason
+        for d in chosen
+        if (
+            reason := d.replay_refusal(
+                now, delivery_limits(cfg, d.provider if d.provider in declared else STRIPE).dedup_window
+            )
+        )
     }
     for identifier, reason in refused.items():
         err_console.print(f"[red]{'checking at the provider' if force else 'refused'}[/] {identifier}: {reason}")
@@ -154,29 +162,23 @@ async def _replay(cfg: JobConfig, identifiers: list[str]) -> dict[str, int]:
     import uuid as _uuid
 
     from billing.deliveries import Dead
-    from billing.delivery import Deliverer
-    from connectors.stripe_stream import meter_events_provider
-    from sinks.ledger_async import AsyncPostgresLedger
+    from jobs.deliverers import routed_deliverers
 
-    ledger, provider = (
-        AsyncPostgresLedger(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1),
-        meter_events_provider(cfg),
-    )
-    deliverer = Deliverer(cfg, provider, ledger, clock=time.time, sleep=asyncio.sleep)
+    # Each delivery through the destination that recorded it, as the billing job would.
+    deliverers = routed_deliverers(cfg, f"replay-{_uuid.uuid4().hex[:12]}", connections=1, sleep=asyncio.sleep)
     counts: dict[str, int] = defaultdict(int)
     columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=err_console, disable=not err_console.is_terminal) as progress:
             task = progress.add_task("replay", total=len(identifiers))
             for identifier in identifiers:
-                outcome = await deliverer.deliver(identifier, replay=True)
+                outcome = await deliverers.router.deliver(identifier, replay=True)
                 counts[type(outcome).__name__.lower()] += 1
                 if isinstance(outcome, Dead):
                     err_console.print(f"[red]still dead[/] {identifier}: {outcome.reason}")
                 progress.advance(task)
     finally:
-        await ledger.close()
-        await provider.close()
+        await deliverers.close()
     return counts
 
 
@@ -264,29 +266,67 @@ def billing_republish(
 
 @billing.group("customers")
 def billing_customers() -> None:
-    """Which provider customer each tenant's customer is billed as."""
+    """Which destination bills each tenant's customer, and as which customer there."""
+
+
+def _month(value: str | None) -> datetime | None:
+    """--from: a UTC date (YYYY-MM-DD, the first of a month); None when not given."""
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a UTC date, YYYY-MM-DD (the first of a month)") from None
+
+
+_DESTINATION = click.option(
+    "--destination",
+    default="stripe",
+    show_default=True,
+    help="stripe, or a destination declared in billing.destinations.",
+)
+_FROM = click.option(
+    "--from",
+    "effective_from",
+    default=None,
+    help="Move the customer to --destination from this UTC month on (YYYY-MM-01): windows starting from then go there, earlier ones stay where they are billed. Refused if the ledger holds a window of theirs from that month or later.",
+)
 
 
 @billing_customers.command("set")
 @click.argument("tenant_id")
 @click.argument("customer_id")
 @click.argument("provider_customer_id")
+@_DESTINATION
+@_FROM
 @pass_ctx
-def billing_customers_set(ctx: Context, tenant_id: str, customer_id: str, provider_customer_id: str) -> None:
-    """Map TENANT_ID/CUSTOMER_ID to the provider's customer (e.g. a Stripe cus_... id)."""
+def billing_customers_set(
+    ctx: Context,
+    tenant_id: str,
+    customer_id: str,
+    provider_customer_id: str,
+    destination: str,
+    effective_from: str | None,
+) -> None:
+    """Map TENANT_ID/CUSTOMER_ID to its customer at the destination (a Stripe cus_... id, a Metronome
+    customer id, a Chargebee subscription id)."""
     from sinks.ledger import map_customer
 
-    map_customer(ctx.cfg, tenant_id, customer_id, provider_customer_id)
-    err_console.print(f"{tenant_id}/{customer_id} -> {ctx.cfg.billing.provider} {provider_customer_id}")
+    since = _month(effective_from)
+    map_customer(ctx.cfg, tenant_id, customer_id, provider_customer_id, destination, since)
+    when = f" from {since:%Y-%m-%d}" if since else ""
+    err_console.print(f"{tenant_id}/{customer_id} -> {destination} {provider_customer_id}{when}")
 
 
 @billing_customers.command("import")
 @click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_DESTINATION
+@_FROM
 @pass_ctx
-def billing_customers_import(ctx: Context, csv_file: Path) -> None:
-    """Map many customers from a CSV with the header tenant_id,customer_id,provider_customer_id.
+def billing_customers_import(ctx: Context, csv_file: Path, destination: str, effective_from: str | None) -> None:
+    """Map many customers from a CSV with the header tenant_id,customer_id,provider_customer_id, all at one destination.
 
-    Nothing is written if any row is invalid; every problem is listed (exit code 2).
+    Nothing is written if any row is invalid or refused; every problem is listed (exit code 2).
     """
     from billing.deliveries import parse_customer_csv
     from sinks.ledger import map_customers
@@ -296,19 +336,19 @@ def billing_customers_import(ctx: Context, csv_file: Path) -> None:
         err_console.print(f"[red]{csv_file}: {problem}[/]")
     if problems:
         sys.exit(2)
-    map_customers(ctx.cfg, mappings)
-    err_console.print(f"{len(mappings)} customers mapped to {ctx.cfg.billing.provider}")
+    map_customers(ctx.cfg, mappings, destination, _month(effective_from))
+    err_console.print(f"{len(mappings)} customers mapped to {destination}")
 
 
 @billing_customers.command("list")
 @pass_ctx
 def billing_customers_list(ctx: Context) -> None:
-    """Print every customer mapping."""
+    """Print every customer mapping, with the month each takes effect from."""
     from sinks.ledger import fetch_customers
 
-    table = Table("tenant", "customer", "provider", "provider customer")
-    for row in fetch_customers(ctx.cfg):
-        table.add_row(*row)
+    table = Table("tenant", "customer", "destination", "customer there", "from (UTC)")
+    for tenant, customer, destination, there, since in fetch_customers(ctx.cfg):
+        table.add_row(tenant, customer, destination, there, f"{since:%Y-%m-%d}" if since else "the start")
     console.print(table)
 
 

@@ -86,7 +86,6 @@ def submit_jobs(
 
     Every check and every start point is decided before any job is submitted: a refusal leaves nothing half done.
     """
-    from jobs.billing_plan import destinations_refusal
     from jobs.plan import quantity_expr
     from meterflow import retained_state
     from meterflow.errors import JobSubmissionError
@@ -106,9 +105,6 @@ def submit_jobs(
         (cfg.flink.job_name, flink_jobs.submit, savepoint, retained_state.job_settings(cfg, quantity_expr(cfg)))
     ]
     if cfg.billing.enabled:
-        refusal = destinations_refusal(cfg)
-        if refusal:
-            raise JobSubmissionError(refusal)
         plan.append((cfg.billing_job_name, flink_jobs.submit_billing, billing_savepoint, None))
     root = retained_state.checkpoint_root(cfg)
     legacy = tuple(retained_state.legacy_checkpoints(root)) if root is not None else ()

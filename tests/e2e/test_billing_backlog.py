@@ -39,7 +39,9 @@ def test_backlog_counts_pending_and_failed(e2e_stack):
     def backlog() -> tuple[int, int]:
         with connect(cfg.postgres) as conn:
             return tuple(
-                conn.execute(backlog_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}).fetchone()
+                conn.execute(
+                    backlog_sql(cfg.billing.ledger_table), {"destinations": list(cfg.billing.destination_names())}
+                ).fetchone()
             )
 
     assert backlog() == (0, 0)

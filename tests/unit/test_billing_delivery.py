@@ -118,6 +118,7 @@ class MemoryLedger:
         if r is None:
             r = self.rows[delivery.identifier] = {
                 "identifier": delivery.identifier,
+                "provider": provider,
                 "kind": delivery.kind,
                 "window_identifier": delivery.window_identifier,
                 "delivery": delivery,

@@ -41,9 +41,9 @@ def test_outcome_metrics():
     assert outcome_metrics(Deferred(window, 12.0)) == ("deferred",)
 
 
-def test_backlog_sql_counts_pending_and_failed_of_one_provider():
+def test_backlog_sql_counts_pending_and_failed_at_every_destination():
     sql = backlog_sql("billing_deliveries")
-    assert "FROM billing_deliveries WHERE provider = %(provider)s" in sql
+    assert "FROM billing_deliveries WHERE provider = ANY(%(destinations)s::text[])" in sql
     assert "count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'failed')" in sql
     with pytest.raises(ValueError):
         backlog_sql("deliveries; DROP TABLE x")

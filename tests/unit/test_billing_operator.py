@@ -21,7 +21,7 @@ class Counter:
 
 
 class RecordingDeliverer:
-    """Answers each window after a pause; the window of customer ``failing`` fails ``failures`` times first."""
+    """Stands in for the router (billing/routing.py): answers each window after a pause; the window of customer ``failing`` fails ``failures`` times first."""
 
     delivers_together = False
 
@@ -39,6 +39,9 @@ class RecordingDeliverer:
             raise RuntimeError("ledger away")
         self.done.append(window.customer_id)
         return [Sent(f"id-{window.customer_id}", "resp", 1)]
+
+    async def on_windows(self, windows: list[ClosedWindow]) -> list:
+        return [o for w in windows for o in await self.on_window(w)]
 
     async def on_retry(self, identifier: str) -> Sent:
         self.done.append(identifier)
@@ -62,7 +65,7 @@ class TogetherDeliverer(RecordingDeliverer):
 
 def operator(deliverer: RecordingDeliverer, slots: int = 64) -> DeliverClosedWindows:
     op = DeliverClosedWindows({})
-    op.deliverer = deliverer  # type: ignore[assignment]
+    op.router = deliverer  # type: ignore[assignment]
     op.slot_count = slots
     op.slots = asyncio.Semaphore(slots)
     op.slot_turn = asyncio.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 from pydantic import ValidationError
@@ -139,14 +140,24 @@ def test_an_event_one_byte_past_the_size_limit_is_refused():
 def test_a_correction_is_sent_inside_the_horizon_and_owed_past_it():
     destination = _http()
     inside = datetime(2026, 3, 10, 0, 0, tzinfo=UTC)
-    assert plan_correction(destination, inside, NOW).action == "send"
-    past = plan_correction(destination, NOW - timedelta(hours=12, minutes=1), NOW)
+    assert plan_correction(destination, inside, Decimal(2), NOW).action == "send"
+    past = plan_correction(destination, NOW - timedelta(hours=12, minutes=1), Decimal(2), NOW)
     assert past.action == "owed"
     assert "more than 12h ago" in (past.reason or "")
     assert "(it takes 12h back to 5m ahead)" in (past.reason or "")
-    none = plan_correction(_http(limits={"correction": "none"}), inside, NOW)
-    assert none.action == "owed"
-    assert "takes no correction" in (none.reason or "")
+    edge = plan_correction(destination, NOW - timedelta(hours=12), Decimal(2), NOW)
+    assert edge.action == "send"
+
+
+def test_a_lower_final_is_owed_where_the_destination_takes_no_negative_difference():
+    inside = datetime(2026, 3, 10, 0, 0, tzinfo=UTC)
+    none = _http(limits={"correction": "none"})
+    assert plan_correction(none, inside, Decimal("0.5"), NOW).action == "send"  # more usage: one more event
+    lowered = plan_correction(none, inside, Decimal("-0.5"), NOW)
+    assert lowered.action == "owed"
+    assert "takes no correction that lowers usage" in (lowered.reason or "")
+    positive_only = _http(limits={"values": {"whole_numbers": False, "negative": False}})
+    assert plan_correction(positive_only, inside, Decimal("-0.000000001"), NOW).action == "owed"
 
 
 def test_the_answer_names_the_request_and_the_events_it_refused():

@@ -321,15 +321,3 @@ def test_forgetting_twice_in_a_second_keeps_both(tmp_path):
         "job.forgotten-20261205T100000Z",
         "job.forgotten-20261205T100000Z-2",
     ]
-
-
-def test_a_billing_config_with_destinations_the_job_does_not_route_to_is_refused_before_any_submit(
-    write_config, monkeypatch
-):
-    path = write_config("billing:\n  enabled: true\n  destinations:\n    metronome: {}\n")
-    submitted: list = []
-    _stub_cluster(monkeypatch, submitted)
-    result = CliRunner().invoke(cli, ["--config", str(path), "submit"])
-    assert isinstance(result.exception, JobSubmissionError)
-    assert "billing.destinations declares metronome" in str(result.exception)
-    assert submitted == []
