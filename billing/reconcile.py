@@ -62,6 +62,7 @@ class LedgerWindow(_Window):
     value: str | None = (
         None  # the provider's value, once fixed (at the first attempt of a carried meter's delivery, else when sent)
     )
+    destination: str = "stripe"  # where it is billed (billing/routing.py)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Discrepancy:
     final_quantity: Decimal | None
     billed_quantity: Decimal | None
     detail: str
+    destination: str = ""  # where the window is billed; empty where no delivery says
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class PeriodTotal:
     final_quantity: Decimal
     billed_quantity: Decimal
     corrections: int = 0
+    destination: str = ""  # where the period's windows are billed; empty for windows no delivery names
 
     @property
     def agrees(self) -> bool:
@@ -173,7 +176,10 @@ def reconcile(
         sent = [d for d in deliveries if d.status == "sent"]
         billed_at_all = own.status == "sent" if own is not None else (not has_final and bool(sent))
         billed = sum((d.quantity for d in sent), Decimal(0)) if billed_at_all else None
-        total = totals[(window.tenant_id, window.customer_id, window.meter, period_of(window.window_start, period))]
+        destination = own.destination if own is not None else (deliveries[0].destination if deliveries else "")
+        total = totals[
+            (window.tenant_id, window.customer_id, window.meter, period_of(window.window_start, period), destination)
+        ]
         total[0] += 1
         total[1] += quantity
         total[2] += billed or Decimal(0)
@@ -183,7 +189,7 @@ def reconcile(
                 detail = own.status + (f": {own.last_error}" if own.last_error else "")
             else:
                 detail = "; ".join(_label(d) for d in deliveries) if deliveries else "no delivery in the ledger"
-            discrepancies.append(Discrepancy("not billed", *k, quantity, None, detail))
+            discrepancies.append(Discrepancy("not billed", *k, quantity, None, detail, destination))
         elif billed != quantity:
             open_corrections = [d for d in deliveries if d.kind == "correction" and d.status != "sent"]
             pending = (
@@ -195,7 +201,9 @@ def reconcile(
             owed_text = f"final {window.quantity}" if has_final else "no final window"
             owed_text += f" + corrections from late events {late}" if late or not has_final else ""
             discrepancies.append(
-                Discrepancy("billed differently", *k, quantity, billed, f"billed {billed}, {owed_text}{pending}")
+                Discrepancy(
+                    "billed differently", *k, quantity, billed, f"billed {billed}, {owed_text}{pending}", destination
+                )
             )
     for k, deliveries in by_window.items():
         accepted = [d for d in deliveries if d.status == "sent"]
@@ -208,9 +216,13 @@ def reconcile(
                     None,
                     quantity,
                     "the provider accepted a window Postgres has no final row for",
+                    accepted[0].destination,
                 )
             )
-    period_totals = [PeriodTotal(*k, *v) for k, v in sorted(totals.items())]
+    period_totals = [
+        PeriodTotal(t, c, m, p, windows, final, billed, corrections, destination)
+        for (t, c, m, p, destination), (windows, final, billed, corrections) in sorted(totals.items())
+    ]
     discrepancies.sort(key=lambda d: (d.window_start, d.tenant_id, d.customer_id, d.meter, d.dimensions_key))
     return period_totals, discrepancies
 

@@ -130,6 +130,7 @@ def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> Non
     params = {
         "identifier": delivery.identifier,
         "provider": cfg.billing.provider,
+        "destinations": list(cfg.billing.destination_names()),
         "window_identifier": delivery.window_identifier,
         "correction_id": c.correction_id,
         "tenant_id": w.tenant_id,
@@ -142,7 +143,7 @@ def owe_delivery(conn: psycopg.Connection, cfg: JobConfig, c: Correction) -> Non
         "event_count": c.events,
         "event_name": meter.event_name if meter else w.meter,
     }
-    conn.execute(owe_late_correction_sql(cfg.billing.ledger_table), params)
+    conn.execute(owe_late_correction_sql(cfg.billing.ledger_table, cfg.billing.customers_table), params)
 
 
 def withdraw_delivery(conn: psycopg.Connection, cfg: JobConfig, correction_id: str) -> None:

@@ -178,12 +178,12 @@ class ReconciliationInput:
 
 
 def fetch_ledger_windows(cfg: JobConfig) -> list[LedgerWindow]:
-    """Every delivery of the configured provider, keyed like the final windows."""
+    """Every delivery at any destination, keyed like the final windows."""
     with connect(cfg.postgres) as conn:
         return [
             LedgerWindow(*r)
             for r in conn.execute(
-                ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}
+                ledger_windows_sql(cfg.billing.ledger_table), {"destinations": list(cfg.billing.destination_names())}
             ).fetchall()
         ]
 
@@ -194,7 +194,7 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
     with connect(cfg.postgres) as conn:
         finals = conn.execute(final_windows_sql(cfg.postgres.usage_table), {}).fetchall()
         ledger = conn.execute(
-            ledger_windows_sql(cfg.billing.ledger_table), {"provider": cfg.billing.provider}
+            ledger_windows_sql(cfg.billing.ledger_table), {"destinations": list(cfg.billing.destination_names())}
         ).fetchall()
         late = (
             conn.execute(counted_corrections_sql(cfg.corrections.table)).fetchall()

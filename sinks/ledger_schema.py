@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from meterflow.window_row import BRIDGE_FORMS, WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, bridge_names, names
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
-from sinks.routing_schema import routing_ddl
+from sinks.routing_schema import mapped_destination_sql, routing_ddl
 
 STATUSES = ("pending", "sent", "failed", "dead")
 # What makes a window's own delivery unique: the provider, the window's key and its span.
@@ -268,21 +268,27 @@ def delivery_window_sql(ledger_table: str) -> str:
     )
 
 
-def owe_late_correction_sql(ledger_table: str) -> str:
+def owe_late_correction_sql(ledger_table: str, customers_table: str) -> str:
     """Record a correction from late events as owed: pending and due now, for the billing job's retry
     scan to deliver. Run in the transaction that applies or approves the correction, so the
-    correction and its delivery are recorded together or not at all; recording it again does nothing."""
-    d = check_identifier(ledger_table)
+    correction and its delivery are recorded together or not at all; recording it again does nothing.
+
+    It goes to the destination that recorded its window (billing/routing.py), else to the one its
+    customer's mapping names at the window's start, else to ``%(provider)s``.
+    """
+    d, c = check_identifier(ledger_table), check_identifier(customers_table)
     return (
+        f"WITH w AS (SELECT w.identifier, w.provider FROM {d} w WHERE w.kind = 'window' AND w.provider = ANY(%(destinations)s::text[]) "
+        "AND w.tenant_id = %(tenant_id)s AND w.customer_id = %(customer_id)s AND w.meter = %(meter)s AND w.dimensions_key = %(dimensions_key)s "
+        "AND w.window_start = %(window_start)s AND w.window_end = %(window_end)s LIMIT 1) "
         f"INSERT INTO {d} (identifier, provider, kind, window_identifier, correction_id, tenant_id, customer_id, meter, dimensions_key, window_start, window_end, "
         "quantity, event_count, revision, event_name, status, next_attempt_at) "
-        "VALUES (%(identifier)s, %(provider)s, 'correction', "
+        "SELECT %(identifier)s, "
+        f"coalesce((SELECT provider FROM w), {mapped_destination_sql(c, '%(tenant_id)s', '%(customer_id)s', '%(window_start)s')}, %(provider)s), "
         # Linked to the window's delivery as recorded (it may carry an identifier of an earlier form).
-        f"coalesce((SELECT w.identifier FROM {d} w WHERE w.kind = 'window' AND w.provider = %(provider)s AND w.tenant_id = %(tenant_id)s "
-        "AND w.customer_id = %(customer_id)s AND w.meter = %(meter)s AND w.dimensions_key = %(dimensions_key)s "
-        "AND w.window_start = %(window_start)s AND w.window_end = %(window_end)s), %(window_identifier)s), "
+        "'correction', coalesce((SELECT identifier FROM w), %(window_identifier)s), "
         "%(correction_id)s, %(tenant_id)s, %(customer_id)s, %(meter)s, %(dimensions_key)s, "
-        "%(window_start)s, %(window_end)s, %(quantity)s, %(event_count)s, 0, %(event_name)s, 'pending', now()) "
+        "%(window_start)s, %(window_end)s, %(quantity)s, %(event_count)s, 0, %(event_name)s, 'pending', now() "
         "ON CONFLICT (identifier) DO NOTHING"
     )
 
@@ -459,10 +465,10 @@ def final_windows_sql(usage_table: str) -> str:
 
 
 def ledger_windows_sql(ledger_table: str) -> str:
-    """Every delivery of one provider, keyed like the final windows."""
+    """Every delivery at any of ``destinations``, keyed like the final windows, with its destination last."""
     return (
-        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, status, last_error, kind, revision, correction_id, value "
-        f"FROM {check_identifier(ledger_table)} WHERE provider = %(provider)s"
+        "SELECT tenant_id, customer_id, meter, dimensions_key, window_start, window_end, quantity, status, last_error, kind, revision, correction_id, value, provider "
+        f"FROM {check_identifier(ledger_table)} WHERE provider = ANY(%(destinations)s::text[])"
     )
 
 

@@ -11,7 +11,7 @@ def routing_ddl(customers_table: str) -> list[str]:
     return [f"ALTER TABLE {c} ADD COLUMN IF NOT EXISTS effective_from timestamp"]
 
 
-def _mapped(c: str, tenant: str, customer: str, at: str) -> str:
+def mapped_destination_sql(c: str, tenant: str, customer: str, at: str) -> str:
     """The destination of a customer's mapping in effect at ``at``: the latest that took effect by then."""
     return (
         f"(SELECT m.provider FROM {c} m WHERE m.tenant_id = {tenant} AND m.customer_id = {customer} "
@@ -36,7 +36,7 @@ def window_destinations_sql(ledger_table: str, customers_table: str) -> str:
         f"AND w.dimensions_key = v.dimensions_key AND w.window_start = {start} AND w.window_end = {end} LIMIT 1)"
     )
     return (
-        f"SELECT coalesce({recorded}, {_mapped(c, 'v.tenant_id', 'v.customer_id', start)}, %(default)s) "
+        f"SELECT coalesce({recorded}, {mapped_destination_sql(c, 'v.tenant_id', 'v.customer_id', start)}, %(default)s) "
         "FROM unnest(%(tenant_id)s::text[], %(customer_id)s::text[], %(meter)s::text[], %(dimensions_key)s::text[], "
         "%(window_start_ms)s::bigint[], %(window_end_ms)s::bigint[]) WITH ORDINALITY "
         "AS v(tenant_id, customer_id, meter, dimensions_key, window_start_ms, window_end_ms, n) ORDER BY v.n"

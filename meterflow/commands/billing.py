@@ -451,6 +451,7 @@ def reconcile(
         console.print_json(json.dumps(report, default=str))
     else:
         table = Table(
+            "destination",
             "tenant",
             "customer",
             "meter",
@@ -463,6 +464,7 @@ def reconcile(
         )
         for t in totals:
             table.add_row(
+                t.destination or "none",
                 t.tenant_id,
                 t.customer_id,
                 t.meter,
@@ -502,12 +504,22 @@ def reconcile(
             console.print(fixes)
         if discrepancies:
             issues = Table(
-                "kind", "tenant", "customer", "meter", "dimensions", "window (UTC)", "final", "billed", "detail"
+                "kind",
+                "destination",
+                "tenant",
+                "customer",
+                "meter",
+                "dimensions",
+                "window (UTC)",
+                "final",
+                "billed",
+                "detail",
             )
             for d in discrepancies:
                 q = [("" if v is None else fmt_qty(v)) for v in (d.final_quantity, d.billed_quantity)]
                 issues.add_row(
                     d.kind,
+                    d.destination or "none",
                     d.tenant_id,
                     d.customer_id,
                     d.meter,

@@ -212,3 +212,38 @@ def test_a_provider_summary_covers_the_month_or_up_to_now():
         int(datetime(2026, 12, 6, 10, 6, tzinfo=UTC).timestamp()),
     )
     assert end % 60 == 0
+
+
+def test_a_customer_moved_at_a_month_boundary_is_reconciled_per_destination():
+    """October at Stripe, November at Metronome: each month agrees at its own destination; a window
+    whose correction is owed is reported at the destination that billed it."""
+    from dataclasses import replace
+
+    finals = [final(T1, "1.5"), final(T2, "2"), final(T3, "3")]
+    ledger = [
+        billed(T1, "1.5"),
+        replace(billed(T2, "2"), destination="metronome"),
+        replace(billed(T3, "4"), destination="metronome"),
+        LedgerWindow(
+            "t1",
+            "c1",
+            "tokens",
+            "{}",
+            T3,
+            T3 + MINUTE,
+            Decimal(-1),
+            "dead",
+            "owed: metronome ...",
+            "correction",
+            2,
+            destination="metronome",
+        ),
+    ]
+    totals, issues = reconcile(finals, ledger)
+    assert [(t.destination, t.period, t.final_quantity, t.billed_quantity) for t in totals] == [
+        ("stripe", "2026-10", Decimal("1.5"), Decimal("1.5")),
+        ("metronome", "2026-11", Decimal("5"), Decimal("6")),
+    ]
+    [owed] = issues
+    assert (owed.kind, owed.destination, owed.window_start) == ("billed differently", "metronome", T3)
+    assert "correction r2 -1 dead not accepted yet" in owed.detail
