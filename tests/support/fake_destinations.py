@@ -73,6 +73,7 @@ class FakeDestination(FaultInjection):
     _seen: dict[str, float] = field(default_factory=dict)  # identifier: when it was first counted
     duplicates: int = 0  # events whose identifier was accepted before inside the horizon: ignored
     requests: list[Record] = field(default_factory=list)
+    in_flight: int = 0  # requests received and not answered yet
     _counter: int = 0
 
     name = "destination"
@@ -85,6 +86,10 @@ class FakeDestination(FaultInjection):
         for r in self.requests:
             counts[r.outcome] = counts.get(r.outcome, 0) + 1
         return counts
+
+    def sent_in_requests(self, identifier: str) -> int:
+        """How many requests carried this identifier (accepted, refused or answered with a fault)."""
+        return sum(1 for r in self.requests if identifier in r.identifiers)
 
     def total(self, customer: str, event_name: str) -> Decimal:
         with self._lock:
@@ -105,9 +110,15 @@ class FakeDestination(FaultInjection):
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if fake.latency:
-                    time.sleep(fake.latency)
-                fake._handle(self, body)
+                with fake._lock:
+                    fake.in_flight += 1
+                try:
+                    if fake.latency:
+                        time.sleep(fake.latency)
+                    fake._handle(self, body)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 1024
