@@ -12,8 +12,9 @@ of a customer's usage is billed whole by one destination, and no window is bille
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Protocol
 
 from billing.deliveries import ClosedWindow, Delivery, DeliveryLimits, Outcome
@@ -102,6 +103,18 @@ class Router:
 
     def __init__(self, deliverers: Mapping[str, Deliverer], routes: Routes) -> None:
         self.deliverers, self.routes = deliverers, routes
+        # Every outcome with its destination, those of parked deliveries' attempts too (the billing job's counts).
+        self.on_outcome: Callable[[str, Outcome], None] = lambda destination, outcome: None
+        for name, deliverer in deliverers.items():
+            deliverer.on_background_outcome = partial(self._report, name)
+
+    def _report(self, destination: str, outcome: Outcome) -> None:
+        self.on_outcome(destination, outcome)
+
+    def _reported(self, destination: str, outcomes: list[Outcome]) -> list[Outcome]:
+        for outcome in outcomes:
+            self.on_outcome(destination, outcome)
+        return outcomes
 
     @property
     def delivers_together(self) -> bool:
@@ -124,8 +137,9 @@ class Router:
         if deliverer is None:
             # A mapping to a destination the config does not declare: recorded there and dead with
             # the reason, so a replay sends them once the destination is declared again.
-            return await self.deliverers[STRIPE].refuse_windows(windows, name, _undeclared(name, self.deliverers))
-        return await deliverer.on_windows(windows)
+            refused = await self.deliverers[STRIPE].refuse_windows(windows, name, _undeclared(name, self.deliverers))
+            return self._reported(name, refused)
+        return self._reported(name, await deliverer.on_windows(windows))
 
     async def _recorded_at(self, identifier: str) -> tuple[str, Deliverer | None]:
         if len(self.deliverers) == 1:
@@ -137,8 +151,11 @@ class Router:
         """A recorded delivery handed out again, through the deliverer of the destination that recorded it."""
         name, deliverer = await self._recorded_at(identifier)
         if deliverer is None:
-            return await self.deliverers[STRIPE].refuse_recorded(identifier, _undeclared(name, self.deliverers))
-        return await deliverer.on_retry(identifier, replay=replay)
+            outcome = await self.deliverers[STRIPE].refuse_recorded(identifier, _undeclared(name, self.deliverers))
+        else:
+            outcome = await deliverer.on_retry(identifier, replay=replay)
+        self.on_outcome(name, outcome)
+        return outcome
 
     async def deliver(self, identifier: str, *, replay: bool = False) -> Outcome:
         """:meth:`Deliverer.deliver` through the delivery's destination (the replay command)."""

@@ -32,6 +32,7 @@ from billing.routing import Router
 from jobs.billing_plan import BILLING_INPUT_COLUMNS, billing_key
 from meterflow.config import config_on_worker
 from meterflow.errors import ProviderError, SinkError
+from meterflow.metrics_catalog import BILLING_OUTCOMES
 from sinks.postgres_schema import check_identifier
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The delivery operator's counts, ``billing_<name>``: one per outcome kind, and sent corrections.
-OUTCOME_COUNTERS = ("sent", "failed", "dead", "skipped", "deferred", "corrections")
+OUTCOME_COUNTERS = BILLING_OUTCOMES
 # And rows whose delivery failed outside the delivery rules (each try).
 DELIVERY_COUNTS = (*OUTCOME_COUNTERS, "delivery_errors")
 # A row whose delivery failed outside the delivery rules is tried again after this, doubling up to the most.
@@ -121,6 +122,7 @@ class DeliverClosedWindows(AsyncFunction):
         self.slots: asyncio.Semaphore | None = None
         self.slot_count = 0
         self.counts: dict[str, int] = {}
+        self.destination_counts: dict[str, dict[str, int]] = {}
         self.slot_turn: asyncio.Lock | None = None
 
     def open(self, runtime_context) -> None:  # noqa: ANN001 - Flink's RuntimeContext
@@ -138,6 +140,12 @@ class DeliverClosedWindows(AsyncFunction):
         self.counts = dict.fromkeys(DELIVERY_COUNTS, 0)
         for name in self.counts:
             group.gauge(f"billing_{name}", functools.partial(self.counts.__getitem__, name))
+        # The same outcomes per destination: ``..._meterflow_destination_billing_<name>{destination="..."}``.
+        self.destination_counts = {d: dict.fromkeys(OUTCOME_COUNTERS, 0) for d in self.cfg.billing.destination_names()}
+        for destination, counts in self.destination_counts.items():
+            at = group.add_group("destination", destination)
+            for name in counts:
+                at.gauge(f"billing_{name}", functools.partial(counts.__getitem__, name))
         # The SDK logs every request and response at INFO; in a Python worker each line crosses to the
         # TaskManager's log (two lines per delivery, about a tenth of the worker's CPU). The ledger
         # records every attempt; the SDK's warnings and errors still reach the log.
@@ -169,8 +177,7 @@ class DeliverClosedWindows(AsyncFunction):
             from jobs.deliverers import routed_deliverers
 
             self.router = routed_deliverers(self.cfg, self.worker, share=self.share).router
-            for deliverer in self.router.deliverers.values():
-                deliverer.on_background_outcome = self._count
+            self.router.on_outcome = self._count
             # Rows the deliverers work on at once; the operator holds more in batches (billing_job.py).
             self.slot_count = self.cfg.billing_max_in_flight
             self.slots = asyncio.Semaphore(self.slot_count)
@@ -217,15 +224,13 @@ class DeliverClosedWindows(AsyncFunction):
             failures = 0
             while True:
                 try:
+                    # The router reports each outcome to _count as it comes.
                     if together:
-                        outcomes = await router.on_windows([_window_of(row) for row in rows])
+                        await router.on_windows([_window_of(row) for row in rows])
+                    elif rows[0][10] is not None:
+                        await router.on_retry(rows[0][10])
                     else:
-                        [row] = rows
-                        outcomes = (
-                            [await router.on_retry(row[10])]
-                            if row[10] is not None
-                            else await router.on_windows([_window_of(row)])
-                        )
+                        await router.on_windows([_window_of(rows[0])])
                     break
                 except Exception:
                     failures += 1
@@ -242,12 +247,14 @@ class DeliverClosedWindows(AsyncFunction):
         finally:
             for _ in range(taken):
                 self.slots.release()
-        for outcome in outcomes:
-            self._count(outcome)
 
-    def _count(self, outcome: Outcome) -> None:
+    def _count(self, destination: str, outcome: Outcome) -> None:
+        """An outcome, counted for the job and for its destination (the router reports each once)."""
+        at = self.destination_counts.get(destination)
         for name in outcome_metrics(outcome):
             self.counts[name] += 1
+            if at is not None:
+                at[name] += 1
 
 
 def _window_of(row: Row) -> ClosedWindow:

@@ -15,8 +15,10 @@ from functools import partial
 from typing import Any
 
 from billing.delivery import Deliverer
+from billing.ports import Provider
 from billing.routing import Router, delivery_limits, owed_correction
 from connectors.http_destination import HttpDestination
+from connectors.stripe_provider import StripeWithoutKey
 from connectors.stripe_stream import meter_events_provider
 from meterflow.config import JobConfig
 from meterflow.destinations import STRIPE
@@ -51,15 +53,17 @@ def routed_deliverers(
     for name in cfg.billing.destination_names():
         ledger = AsyncPostgresLedger(cfg, worker, connections=connections, provider=name)
         routes = routes or ledger
-        provider = (
-            meter_events_provider(cfg)
-            if name == STRIPE
-            else HttpDestination(
+        provider: Provider
+        if name == STRIPE:
+            # Without a Stripe key, a config billing only through declared destinations still runs.
+            no_key = cfg.stripe.api_key is None and bool(cfg.billing.destinations)
+            provider = StripeWithoutKey() if no_key else meter_events_provider(cfg)
+        else:
+            provider = HttpDestination(
                 cfg.billing.destinations[name],
                 cfg.billing.destination_api_key(name),
                 timeout_s=cfg.billing.request_timeout.total_seconds(),
             )
-        )
         closeables += [provider, ledger]
         deliverers[name] = Deliverer(
             cfg,

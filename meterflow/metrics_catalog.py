@@ -93,6 +93,13 @@ BILLING_JOB_METRICS = frozenset(
         "stream_errors_reported",
     )
 )
+# The billing job's delivery outcomes per destination (Flink key-value group ``destination``: the
+# name holds the key, a label ``destination`` the destination's name).
+BILLING_OUTCOMES = ("sent", "failed", "dead", "skipped", "deferred", "corrections")
+BILLING_DESTINATION_METRICS = frozenset(
+    OPERATOR_SCOPE + f"meterflow_destination_billing_{name}" for name in BILLING_OUTCOMES
+)
+BILLING_JOB_METRICS |= BILLING_DESTINATION_METRICS
 # The corrections follower's own endpoint (meterflow/commands/corrections_metrics.py; prometheus_client
 # adds ``_total`` to a counter's name).
 CORRECTIONS_METRICS = frozenset(

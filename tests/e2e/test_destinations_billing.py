@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from billing.destination_rules import fit_identifier
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
+from meterflow.local.prometheus import PrometheusServer
 from sinks.ledger import apply_schemas, fetch_deliveries
 from tests.e2e.helpers import (
     closed_window,
@@ -92,9 +93,10 @@ def _cli(path, *args: str):
 
 
 def test_customers_split_over_three_destinations_with_faults_and_a_taskmanager_kill(e2e_stack, tmp_path):
-    stripe = FakeStripe(latency=2.0).start()
-    metronome = FakeMetronome(api_key=KEYS["metronome"], latency=2.0).start()
-    chargebee = FakeChargebee(api_key=KEYS["chargebee"], latency=2.0).start()
+    # Slow answers until the kill, so calls to every destination are in flight when it strikes.
+    stripe = FakeStripe(latency=3.0).start()
+    metronome = FakeMetronome(api_key=KEYS["metronome"], latency=5.0).start()
+    chargebee = FakeChargebee(api_key=KEYS["chargebee"], latency=5.0).start()
     try:
         cfg, path = _config(e2e_stack, stripe, metronome, chargebee, tmp_path)
         size = cfg.event_time.window_size
@@ -137,20 +139,12 @@ def test_customers_split_over_three_destinations_with_faults_and_a_taskmanager_k
         first = [*windows, *boundary, too_old]
         write_final_rows(cfg, [*first, *lowered.values()])
 
-        stripe.inject(reject(500), DROP)
-        metronome.inject(reject(503))
-        chargebee.inject(reject(429, retry_after=1))
         job_id = flink_jobs.submit_billing(cfg, path)
         try:
             wait_for(lambda: flink_jobs.completed_checkpoints(cfg, job_id) >= 1, 60, "a first checkpoint")
             publish_closed_windows(cfg, first)
             wait_for(
-                # Past each fake's injected fault: calls that the destination will accept.
-                lambda: (
-                    len(stripe.requests) >= 2
-                    and stripe.in_flight >= 2
-                    and all(len(f.requests) >= 1 and f.in_flight >= 1 for f in (metronome, chargebee))
-                ),
+                lambda: stripe.in_flight >= 2 and metronome.in_flight >= 1 and chargebee.in_flight >= 1,
                 120,
                 "calls in flight at all three destinations",
             )
@@ -163,6 +157,16 @@ def test_customers_split_over_three_destinations_with_faults_and_a_taskmanager_k
             killed_at = kill_taskmanagers(cfg)
             for fake in (stripe, metronome, chargebee):
                 fake.latency = 0.05
+            # Faults at each destination for the restarted job's first calls (every one is retried),
+            # once the killed worker's calls have had their answers (the fakes take them whole).
+            wait_for(
+                lambda: stripe.in_flight + metronome.in_flight + chargebee.in_flight == 0,
+                30,
+                "the calls of the killed worker answered",
+            )
+            stripe.inject(reject(500), DROP)
+            metronome.inject(reject(503))
+            chargebee.inject(reject(429, retry_after=1))
             replaced_after(cfg, before, killed_at)
             wait_restarted(cfg, job_id, killed_at)
             publish_closed_windows(cfg, [windows[0], *lowered.values()])  # a duplicate, and two lower finals
@@ -172,6 +176,18 @@ def test_customers_split_over_three_destinations_with_faults_and_a_taskmanager_k
                 return len(rows) >= len(first) + 2 and all(d.status in ("sent", "dead") for d in rows)
 
             wait_for(settled, 240, "every delivery sent or reported")
+            # The outcomes per destination reach Prometheus under their destination's label.
+            prom = PrometheusServer(cfg)
+            per_destination = (
+                'count by (destination) ({__name__="flink_taskmanager_job_task_operator_meterflow_destination_billing_sent",'
+                # The reporter's label has the job's name with - as _.
+                f' job_name="{cfg.billing_job_name.replace("-", "_")}"}})'
+            )
+            wait_for(
+                lambda: {r["metric"].get("destination") for r in prom.query(per_destination)} == set(KEYS) | {"stripe"},
+                60,
+                "the billing outcomes of each destination in Prometheus",
+            )
             stats = flink_jobs.checkpoint_stats(cfg, job_id)
             wait_for(lambda: flink_jobs.restarts(cfg, job_id) >= 1, 30, "numRestarts to count the restart")
         finally:
@@ -202,6 +218,10 @@ def test_customers_split_over_three_destinations_with_faults_and_a_taskmanager_k
         assert metronome.duplicates >= 1 and chargebee.duplicates >= 1, (
             "requests the killed worker never read were repeated"
         )
+
+        # Each destination's fault was answered to a call of the restarted job, and retried.
+        assert stripe.outcomes().get("rejected-500") == 1 and stripe.outcomes().get("dropped") == 1
+        assert metronome.outcomes().get("rejected-503") == 1 and chargebee.outcomes().get("rejected-429") == 1
 
         # A lower final: a negative difference at Metronome; owed, not sent, at Chargebee.
         corrections = {d.provider: d for d in rows.values() if d.kind == "correction"}

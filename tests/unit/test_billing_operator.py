@@ -29,6 +29,9 @@ class RecordingDeliverer:
         self.failing, self.failures, self.running, self.most_running, self.done = failing, failures, 0, 0, []
         self.batches: list[list[str]] = []
 
+    def on_outcome(self, destination: str, outcome: object) -> None:
+        """Set to the operator's count, as the router's is."""
+
     async def on_window(self, window: ClosedWindow) -> list:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
@@ -38,14 +41,18 @@ class RecordingDeliverer:
             self.failures -= 1
             raise RuntimeError("ledger away")
         self.done.append(window.customer_id)
-        return [Sent(f"id-{window.customer_id}", "resp", 1)]
+        outcome = Sent(f"id-{window.customer_id}", "resp", 1)
+        self.on_outcome("stripe", outcome)
+        return [outcome]
 
     async def on_windows(self, windows: list[ClosedWindow]) -> list:
         return [o for w in windows for o in await self.on_window(w)]
 
     async def on_retry(self, identifier: str) -> Sent:
         self.done.append(identifier)
-        return Sent(identifier, "resp", 2)
+        outcome = Sent(identifier, "resp", 2)
+        self.on_outcome("stripe", outcome)
+        return outcome
 
 
 class TogetherDeliverer(RecordingDeliverer):
@@ -66,6 +73,10 @@ class TogetherDeliverer(RecordingDeliverer):
 def operator(deliverer: RecordingDeliverer, slots: int = 64) -> DeliverClosedWindows:
     op = DeliverClosedWindows({})
     op.router = deliverer  # type: ignore[assignment]
+    deliverer.on_outcome = op._count  # type: ignore[method-assign]
+    op.destination_counts = {
+        "stripe": dict.fromkeys(("sent", "failed", "dead", "skipped", "deferred", "corrections"), 0)
+    }
     op.slot_count = slots
     op.slots = asyncio.Semaphore(slots)
     op.slot_turn = asyncio.Lock()

@@ -10,6 +10,7 @@ from decimal import Decimal
 from functools import partial
 
 import pytest
+from pydantic import SecretStr
 
 from billing.deliveries import ClosedWindow, Dead, Retry, Sent, Skipped
 from billing.delivery import Deliverer
@@ -197,3 +198,31 @@ def test_a_customer_moves_at_the_start_of_a_month_none_of_their_windows_was_bill
         assert reason is None
     else:
         assert reason is not None and refused in reason
+
+
+def test_the_job_builds_a_deliverer_per_destination_with_its_sender_and_limits():
+    from connectors.http_destination import HttpDestination
+    from connectors.stripe_provider import StripeWithoutKey
+    from jobs.deliverers import routed_deliverers
+
+    cfg = _cfg()
+    keys = {"metronome": SecretStr("m-key"), "chargebee": SecretStr("cb-key")}
+    cfg = cfg.model_copy(update={"billing": cfg.billing.model_copy(update={"destination_api_keys": keys})})
+    deliverers = routed_deliverers(cfg, "w1").router.deliverers
+    assert list(deliverers) == ["stripe", "chargebee", "metronome"]
+    assert isinstance(deliverers["metronome"].provider, HttpDestination)
+    assert deliverers["chargebee"].max_age == timedelta(hours=12)
+    assert deliverers["metronome"].dedup_window == timedelta(days=34)
+    # No Stripe key, yet destinations declared: the job runs; what goes to Stripe is refused with the reason.
+    assert isinstance(deliverers["stripe"].provider, StripeWithoutKey)
+
+
+def test_without_a_stripe_key_what_goes_to_stripe_is_dead_with_the_reason_and_replayable():
+    from connectors.stripe_provider import StripeWithoutKey
+
+    cfg, t = _cfg(), FakeTime()
+    ledger = MemoryLedger(t)
+    d = Deliverer(cfg, StripeWithoutKey(), ledger, clock=t.clock, sleep=t.sleep)  # type: ignore[arg-type]
+    [dead] = run(d.on_window(window()))
+    assert isinstance(dead, Dead) and "there is no Stripe API key" in dead.reason
+    assert ledger.rows[dead.identifier]["status"] == "dead"

@@ -46,7 +46,7 @@ def _java_lateness_buckets() -> tuple[int, ...]:
 
 
 def _python_registered() -> set[str]:
-    from jobs.billing_operator import DELIVERY_COUNTS
+    from jobs.billing_operator import DELIVERY_COUNTS, OUTCOME_COUNTERS
 
     text = (REPO_ROOT / "jobs" / "billing_operator.py").read_text()
     names = {OPERATOR_SCOPE + f"meterflow_billing_{n}" for n in DELIVERY_COUNTS}
@@ -55,6 +55,10 @@ def _python_registered() -> set[str]:
     # Registered in a ``group = ...add_group("meterflow")``: counters and gauges.
     assert text.count('group = runtime_context.get_metrics_group().add_group("meterflow")') == 2
     names |= {OPERATOR_SCOPE + "meterflow_" + n for n in re.findall(r'\bgroup\.(?:counter|gauge)\("(\w+)"', text)}
+    # Per destination: the outcomes again, in a key-value group under the same ``meterflow`` group.
+    assert 'at = group.add_group("destination", destination)' in text
+    assert re.search(r'for name in counts:\s+at.gauge\(f"billing_\{name\}"', text)
+    names |= {OPERATOR_SCOPE + f"meterflow_destination_billing_{n}" for n in OUTCOME_COUNTERS}
     return names
 
 
