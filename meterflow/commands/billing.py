@@ -38,7 +38,7 @@ def billing() -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @pass_ctx
 def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
-    """Summarise the delivery ledger per provider and status."""
+    """Summarise the delivery ledger per destination, kind and status."""
     from sinks.ledger import fetch_deliveries, status_summary
 
     summary = status_summary(ctx.cfg)
@@ -56,7 +56,7 @@ def billing_status(ctx: Context, show_dead: bool, fmt: str) -> None:
         ]
         console.print_json(json.dumps({"summary": rows, "dead": [d.__dict__ for d in dead]}, default=str))
         return
-    table = Table("provider", "kind", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
+    table = Table("destination", "kind", "status", "deliveries", "quantity", "oldest window (UTC)", "last update")
     for provider, kind, status, n, quantity, oldest, updated in summary:
         table.add_row(
             provider,
