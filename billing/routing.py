@@ -17,8 +17,9 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Protocol
 
+from billing.attempts import gather_all
 from billing.deliveries import ClosedWindow, Delivery, DeliveryLimits, Outcome
-from billing.delivery import Deliverer, gather_all
+from billing.delivery import Deliverer
 from billing.destination_rules import plan_correction
 from meterflow.config import JobConfig
 from meterflow.destinations import STRIPE
