@@ -79,6 +79,21 @@ class DestinationLimits(_Strict):
         description="negative_delta: a changed window is corrected by a new event of the difference, negative when its final is lower (values.negative must allow it); none: usage added late is still one more event, but a lower final is recorded as owed."
     )
 
+    @model_validator(mode="after")
+    def _pace_within_events_per_minute(self) -> DestinationLimits:
+        """Full requests at the declared pace must stay within the events a minute the provider takes."""
+        if self.events_per_minute is None:
+            return self
+        most = self.requests_per_second * 60 * self.max_batch
+        if most > self.events_per_minute:
+            fits = self.events_per_minute / (60 * self.max_batch)
+            msg = (
+                f"requests_per_second {self.requests_per_second:g} with max_batch {self.max_batch} sends up to"
+                f" {most:,.0f} events a minute; the provider takes {self.events_per_minute:,}: at most {fits:.4g} requests a second"
+            )
+            raise ValueError(msg)
+        return self
+
 
 class FailedEvents(_Strict):
     """Where a 2xx answer lists the events of the request it refused."""

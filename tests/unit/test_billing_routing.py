@@ -226,3 +226,14 @@ def test_without_a_stripe_key_what_goes_to_stripe_is_dead_with_the_reason_and_re
     [dead] = run(d.on_window(window()))
     assert isinstance(dead, Dead) and "there is no Stripe API key" in dead.reason
     assert ledger.rows[dead.identifier]["status"] == "dead"
+
+
+def test_a_replay_goes_through_the_destination_that_recorded_the_delivery():
+    router, providers, ledger, routes, t = _routed()
+    providers["metronome"].script = [ProviderError("no such customer", status=400, retryable=False)]
+    [dead] = run(router.on_windows([window("cust-2")]))
+    assert isinstance(dead, Dead) and ledger.rows[dead.identifier]["provider"] == "metronome"
+    routes.mapped = {}  # the mapping is gone; the delivery still belongs to Metronome
+    assert isinstance(run(router.deliver(dead.identifier, replay=True)), Sent)
+    assert [e.identifier for e in providers["metronome"].sent] == [dead.identifier, dead.identifier]
+    assert providers["stripe"].sent == []

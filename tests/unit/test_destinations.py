@@ -210,3 +210,13 @@ def test_a_destination_is_named_by_its_key_and_plain_http_is_for_loopback_only()
         declare("metronome", {"name": "stripe"})
     assert declare("metronome", {"name": "metronome"}).name == "metronome"
     assert declare("metronome", {"api_base": "http://127.0.0.1:8080"}).api_base == "http://127.0.0.1:8080"
+
+
+def test_the_declared_pace_keeps_full_requests_within_the_events_a_minute():
+    site = {"api_base": "https://acme.ingest.chargebee.com/api/v2"}
+    assert declare("chargebee", {**site, "limits": {"requests_per_second": 0.33}}).limits.events_per_minute == 10_000
+    with pytest.raises(ValidationError, match=r"sends up to 10,020 events a minute; the provider takes 10,000"):
+        declare("chargebee", {**site, "limits": {"requests_per_second": 0.334}})
+    # Smaller batches leave room for more requests.
+    smaller = declare("chargebee", {**site, "limits": {"requests_per_second": 2, "max_batch": 80}})
+    assert smaller.limits.requests_per_second == 2
