@@ -91,6 +91,10 @@ class Delivery:
     revision: int
 
 
+# The start of the refusal of a delivery whose customer has no mapping (sinks/routing_schema.py rehomes them).
+NO_CUSTOMER = "no billing customer mapped"
+
+
 @dataclass(frozen=True)
 class DeliveryLimits:
     """What the deliverer enforces for one destination: its time window, its dedup horizon and its pace."""
@@ -248,7 +252,7 @@ def delivery_refusal(
     if meter is None:
         return f"meter {window.meter!r} is not configured for billing"
     if provider_customer_id is None:
-        return f"no billing customer mapped for tenant {window.tenant_id!r}, customer {window.customer_id!r}"
+        return f"{NO_CUSTOMER} for tenant {window.tenant_id!r}, customer {window.customer_id!r}"
     return outside_provider_window(window.window_start, now, max_age, max_ahead)
 
 

@@ -62,6 +62,8 @@ def mapping_refusal(
     destination."""
     if destination not in declared:
         return f"destination {destination!r} is not declared; declared: {', '.join(declared)}"
+    if destination in mapped and effective_from in (None, mapped[destination]):
+        return None  # a new id at the destination the customer is mapped at: its month stays
     others = {name: at for name, at in mapped.items() if name != destination}
     if effective_from is None:
         if others:
@@ -98,12 +100,16 @@ class Routes(Protocol):
     async def destinations_of_deliveries(self, identifiers: Sequence[str]) -> dict[str, str]:
         """The destination that recorded each delivery (an unknown identifier is absent)."""
 
+    async def recorded_elsewhere(self) -> bool:
+        """Whether the ledger holds deliveries at a destination the config does not declare."""
+
 
 class Router:
     """Closed windows and retries, each to the deliverer of its destination."""
 
     def __init__(self, deliverers: Mapping[str, Deliverer], routes: Routes) -> None:
         self.deliverers, self.routes = deliverers, routes
+        self._look_up: bool | None = None
         # Every outcome with its destination, those of parked deliveries' attempts too (the billing job's counts).
         self.on_outcome: Callable[[str, Outcome], None] = lambda destination, outcome: None
         for name, deliverer in deliverers.items():
@@ -125,8 +131,7 @@ class Router:
         """Each window through its destination's deliverer, the windows of one destination together."""
         if not windows:
             return []
-        # With Stripe alone there is nothing to look up: every window and retry is Stripe's.
-        names = await self.routes.destinations_of(windows) if len(self.deliverers) > 1 else [STRIPE] * len(windows)
+        names = await self.routes.destinations_of(windows) if await self._looks_up() else [STRIPE] * len(windows)
         groups: dict[str, list[ClosedWindow]] = {}
         for window, name in zip(windows, names, strict=True):
             groups.setdefault(name, []).append(window)
@@ -142,8 +147,15 @@ class Router:
             return self._reported(name, refused)
         return self._reported(name, await deliverer.on_windows(windows))
 
-    async def _recorded_at(self, identifier: str) -> tuple[str, Deliverer | None]:
-        if len(self.deliverers) == 1:
+    async def _looks_up(self) -> bool:
+        """Whether windows need their destination looked up: not with Stripe alone and a ledger that
+        holds nothing elsewhere (asked once; the CLI maps customers only at declared destinations)."""
+        if self._look_up is None:
+            self._look_up = len(self.deliverers) > 1 or await self.routes.recorded_elsewhere()
+        return self._look_up
+
+    async def _recorded_at(self, identifier: str, *, look_up: bool = False) -> tuple[str, Deliverer | None]:
+        if not look_up and not await self._looks_up():
             return STRIPE, self.deliverers[STRIPE]
         name = (await self.routes.destinations_of_deliveries([identifier])).get(identifier, STRIPE)
         return name, self.deliverers.get(name)
@@ -159,8 +171,9 @@ class Router:
         return outcome
 
     async def deliver(self, identifier: str, *, replay: bool = False) -> Outcome:
-        """:meth:`Deliverer.deliver` through the delivery's destination (the replay command)."""
-        name, deliverer = await self._recorded_at(identifier)
+        """:meth:`Deliverer.deliver` through the delivery's destination (the replay command, which may
+        choose a delivery of any destination: always looked up)."""
+        name, deliverer = await self._recorded_at(identifier, look_up=True)
         if deliverer is None:
             return await self.deliverers[STRIPE].refuse_recorded(identifier, _undeclared(name, self.deliverers))
         return await deliverer.deliver(identifier, replay=replay)
@@ -171,4 +184,7 @@ class Router:
 
 
 def _undeclared(name: str, deliverers: Mapping[str, Deliverer]) -> str:
-    return f"destination {name!r} is mapped in billing customers but not declared in billing.destinations (declared: {', '.join(deliverers)})"
+    return (
+        f"destination {name!r}, where the customer is mapped or the delivery was recorded, is not declared in"
+        f" billing.destinations (declared: {', '.join(deliverers)}); declare it, then replay"
+    )

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from stripe._base_address import BaseAddresses  # the type StripeClient takes; not exported
 
 
+NO_KEY = "billing is enabled but there is no Stripe API key: set METERFLOW_STRIPE_API_KEY or put it in the secrets file"
+
+
 def _retry_after(headers: object) -> float | None:
     """Seconds from a Retry-After header (any mapping of headers), or None."""
     if not hasattr(headers, "items"):
@@ -136,30 +139,3 @@ class StripeMeterEvents:
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close_async()
-
-
-NO_KEY = "billing is enabled but there is no Stripe API key: set METERFLOW_STRIPE_API_KEY or put it in the secrets file"
-
-
-class StripeWithoutKey:
-    """Stripe's place when no Stripe key is set and billing goes to declared destinations (jobs/deliverers.py):
-    what is routed to Stripe is refused with the reason, recorded dead in the ledger, and replayable
-    (``meterflow billing replay``) once the key is set; the other destinations go on."""
-
-    name = "stripe"
-    one_call_per_key = True
-
-    def pace_requests(self, rate: RateReservations, sleep: Callable[[float], Awaitable[None]]) -> bool:
-        return False
-
-    async def send(self, event: MeterEvent) -> str:
-        raise ProviderError(NO_KEY, status=None, retryable=False)
-
-    async def send_all(self, events: Sequence[MeterEvent]) -> list[str | ProviderError]:
-        return [ProviderError(NO_KEY, status=None, retryable=False) for _ in events]
-
-    async def total(self, event_name: str, provider_customer_id: str, start: int, end: int) -> Decimal:
-        raise ProviderError(NO_KEY, status=None, retryable=False)
-
-    async def close(self) -> None:
-        return None

@@ -8,6 +8,7 @@ limits and correction rule (billing/routing.py). Build inside the event loop tha
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,11 +19,30 @@ from billing.delivery import Deliverer
 from billing.ports import Provider
 from billing.routing import Router, delivery_limits, owed_correction
 from connectors.http_destination import HttpDestination
-from connectors.stripe_provider import StripeWithoutKey
+from connectors.stripe_provider import NO_KEY
 from connectors.stripe_stream import meter_events_provider
+from connectors.unconfigured import UnconfiguredDestination
 from meterflow.config import JobConfig
 from meterflow.destinations import STRIPE
+from meterflow.errors import ConfigError
 from sinks.ledger_async import AsyncPostgresLedger
+
+log = logging.getLogger(__name__)
+
+
+def _sender(cfg: JobConfig, name: str) -> Provider:
+    """The destination's sender; one that cannot be configured (its key missing) refuses what is
+    routed to it with the reason, so the other destinations go on."""
+    if name == STRIPE:
+        if cfg.stripe.api_key is None and cfg.billing.destinations:
+            return UnconfiguredDestination(STRIPE, NO_KEY)
+        return meter_events_provider(cfg)
+    try:
+        key = cfg.billing.destination_api_key(name)
+    except ConfigError as e:
+        log.error("%s; its deliveries are refused with that reason until it is set (then replay them)", e)
+        return UnconfiguredDestination(name, str(e))
+    return HttpDestination(cfg.billing.destinations[name], key, timeout_s=cfg.billing.request_timeout.total_seconds())
 
 
 @dataclass
@@ -53,17 +73,7 @@ def routed_deliverers(
     for name in cfg.billing.destination_names():
         ledger = AsyncPostgresLedger(cfg, worker, connections=connections, provider=name)
         routes = routes or ledger
-        provider: Provider
-        if name == STRIPE:
-            # Without a Stripe key, a config billing only through declared destinations still runs.
-            no_key = cfg.stripe.api_key is None and bool(cfg.billing.destinations)
-            provider = StripeWithoutKey() if no_key else meter_events_provider(cfg)
-        else:
-            provider = HttpDestination(
-                cfg.billing.destinations[name],
-                cfg.billing.destination_api_key(name),
-                timeout_s=cfg.billing.request_timeout.total_seconds(),
-            )
+        provider = _sender(cfg, name)
         closeables += [provider, ledger]
         deliverers[name] = Deliverer(
             cfg,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from billing.deliveries import CustomerMapping, replay_refusal
+from billing.deliveries import NO_CUSTOMER, CustomerMapping, replay_refusal
 from billing.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
 from billing.routing import mapping_refusal
 from meterflow.config import JobConfig
@@ -27,7 +27,7 @@ from sinks.ledger_schema import (
     status_summary_sql,
 )
 from sinks.postgres import apply_schema, connect, table_exists
-from sinks.routing_schema import latest_recorded_sql, upsert_mapping_sql
+from sinks.routing_schema import latest_recorded_sql, lock_customer_sql, rehome_unmapped_sql, upsert_mapping_sql
 
 
 def apply_billing_schema(cfg: JobConfig) -> None:
@@ -124,31 +124,36 @@ def map_customers(
     with connect(cfg.postgres) as conn, conn.transaction(), conn.cursor() as cur:
         for m in mappings:
             key = {"tenant_id": m.tenant_id, "customer_id": m.customer_id}
-            # Locked: two moves of one customer at once are decided one after the other.
-            rows = cur.execute(
-                f"SELECT provider, effective_from FROM {customers} WHERE tenant_id = %(tenant_id)s AND customer_id = %(customer_id)s FOR UPDATE",
-                key,
-            ).fetchall()
+            # Two mappings of one customer at once are decided one after the other, its first ones too.
+            cur.execute(lock_customer_sql(), key)
+            mapped = {
+                p: _utc(at)
+                for p, at in cur.execute(
+                    f"SELECT provider, effective_from FROM {customers} WHERE tenant_id = %(tenant_id)s AND customer_id = %(customer_id)s",
+                    key,
+                ).fetchall()
+            }
             latest = cur.execute(latest_recorded_sql(ledger), {**key, "destinations": list(declared)}).fetchone()
             refused = mapping_refusal(
-                destination,
-                effective_from,
-                declared,
-                {p: _utc(at) for p, at in rows},
-                _utc(latest[0] if latest else None),
+                destination, effective_from, declared, mapped, _utc(latest[0] if latest else None)
             )
             if refused:
                 refusals.append(f"{m.tenant_id}/{m.customer_id}: {refused}")
                 continue
+            # A new id at the customer's destination keeps the month its mapping takes effect from.
+            since = mapped.get(destination) if effective_from is None else effective_from
             cur.execute(
                 upsert_mapping_sql(customers),
                 {
                     **key,
                     "provider": destination,
                     "provider_customer_id": m.provider_customer_id,
-                    "effective_from": effective_from.replace(tzinfo=None) if effective_from else None,
+                    "effective_from": since.replace(tzinfo=None) if since else None,
                 },
             )
+            if since is None:
+                # Windows refused elsewhere for want of any mapping go here, to be billed on replay.
+                cur.execute(rehome_unmapped_sql(ledger), {**key, "provider": destination, "reason": f"{NO_CUSTOMER}%"})
         if refusals:
             raise ConfigError("; ".join(refusals))
 

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import psycopg
 
-from billing.deliveries import ClosedWindow, Delivery, LedgerEntry, MeterEvent
+from billing.deliveries import ClosedWindow, Delivery, LedgerEntry, MeterEvent, window_delivery
 from meterflow.config import JobConfig
 from meterflow.destinations import STRIPE
 from meterflow.errors import SinkError
@@ -49,7 +49,7 @@ from sinks.ledger_schema import (
     reported_dead_sql,
     window_state_sql,
 )
-from sinks.routing_schema import delivery_destinations_sql, window_destinations_sql
+from sinks.routing_schema import delivery_destinations_sql, recorded_elsewhere_sql, window_destinations_sql
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,7 @@ class AsyncPostgresLedger:
         self.lease_s = cfg.billing.retry_lease.total_seconds()
         self.provider = provider or cfg.billing.provider
         self.destinations = list(cfg.billing.destination_names())
+        self.prefix = cfg.billing.identifier_prefix
         self._pg = cfg.postgres
         self._size = connections
         self._idle: asyncio.Queue[psycopg.AsyncConnection] | None = None
@@ -316,6 +317,7 @@ class AsyncPostgresLedger:
 
     async def destinations_of(self, windows: Sequence[ClosedWindow]) -> list[str]:
         params = {
+            "identifier": [window_delivery(w, self.prefix).identifier for w in windows],
             "tenant_id": [w.tenant_id for w in windows],
             "customer_id": [w.customer_id for w in windows],
             "meter": [w.meter for w in windows],
@@ -326,6 +328,10 @@ class AsyncPostgresLedger:
             "default": STRIPE,
         }
         return [r[0] for r in await self._fetchall(window_destinations_sql(self.table, self.customers), params)]
+
+    async def recorded_elsewhere(self) -> bool:
+        rows = await self._fetchall(recorded_elsewhere_sql(self.table), {"destinations": self.destinations})
+        return bool(rows[0][0])
 
     async def destinations_of_deliveries(self, identifiers: Sequence[str]) -> dict[str, str]:
         rows = await self._fetchall(delivery_destinations_sql(self.table), {"identifier": list(identifiers)})

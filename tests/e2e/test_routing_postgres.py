@@ -139,3 +139,39 @@ def test_a_late_events_correction_goes_where_its_window_was_billed(routed_cfg):
             ).fetchall()
         )
     assert rows == {"corr-recorded": "metronome", "corr-mapped": "chargebee"}
+
+
+def test_windows_refused_for_want_of_a_mapping_go_to_the_destination_the_customer_is_then_mapped_at(routed_cfg):
+    """Dead at Stripe for want of any mapping, never sent: mapped at Metronome, they are Metronome's
+    to bill on replay; a new id at Metronome after a move keeps the month the move took effect."""
+    cfg, path = routed_cfg
+    unmapped = window_delivery(_window("c7", BEFORE), "mf")
+    sent_elsewhere = window_delivery(_window("c7", BEFORE - timedelta(minutes=1)), "mf")
+
+    async def record() -> None:
+        ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
+        await ledger.claim(unmapped, "stripe", "tokens", retry=False)
+        await ledger.mark_rejected(unmapped.identifier, "no billing customer mapped for tenant 't1', customer 'c7'")
+        await ledger.claim(sent_elsewhere, "stripe", "tokens", retry=False)
+        await ledger.mark_dead(sent_elsewhere.identifier, 3, "gave up after 3 attempts: 503")
+        await ledger.close()
+
+    asyncio.run(record())
+    assert _customers(path, "set", "t1", "c7", "m-7", "--destination", "metronome").exit_code == 0
+    with connect(cfg.postgres) as conn:
+        rows = dict(conn.execute(f"SELECT identifier, provider FROM {cfg.billing.ledger_table}").fetchall())
+    assert rows == {unmapped.identifier: "metronome", sent_elsewhere.identifier: "stripe"}, (
+        "only what no destination was ever asked to bill moves"
+    )
+    # A move, then a corrected id at the new destination: the month stays.
+    assert _customers(path, "set", "t1", "c8", "cus_8").exit_code == 0
+    assert (
+        _customers(
+            path, "set", "t1", "c8", "m-8", "--destination", "metronome", "--from", f"{MONTH:%Y-%m-%d}"
+        ).exit_code
+        == 0
+    )
+    fixed = _customers(path, "set", "t1", "c8", "m-8-fixed", "--destination", "metronome")
+    assert fixed.exit_code == 0, fixed.exception
+    listed = {(c, d): (there, since) for _, c, d, there, since in fetch_customers(cfg)}
+    assert listed[("c8", "metronome")] == ("m-8-fixed", MONTH.replace(tzinfo=None))

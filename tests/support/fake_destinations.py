@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -73,7 +72,6 @@ class FakeDestination(FaultInjection):
     _seen: dict[str, float] = field(default_factory=dict)  # identifier: when it was first counted
     duplicates: int = 0  # events whose identifier was accepted before inside the horizon: ignored
     requests: list[Record] = field(default_factory=list)
-    in_flight: int = 0  # requests received and not answered yet
     _counter: int = 0
 
     name = "destination"
@@ -110,15 +108,7 @@ class FakeDestination(FaultInjection):
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with fake._lock:
-                    fake.in_flight += 1
-                try:
-                    if fake.latency:
-                        time.sleep(fake.latency)
-                    fake._handle(self, body)
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
+                fake._handle_in_flight(fake.latency, lambda: fake._handle(self, body))
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 1024

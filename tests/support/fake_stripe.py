@@ -75,7 +75,6 @@ class FakeStripe(FaultInjection):
     _key_seen: dict[str, float] = field(default_factory=dict)
     client_disconnects: int = 0
     meter_lists: int = 0  # GET /v1/billing/meters answered
-    in_flight: int = 0  # meter event requests received and not answered yet
     arrivals: list[str] = field(default_factory=list)  # identifiers of meter event requests as they arrive
     _counter: int = 0
     _stream: StreamEndpoints | None = None
@@ -120,15 +119,8 @@ class FakeStripe(FaultInjection):
                 else:
                     arrived = [parse_qs(body.decode()).get("identifier", [""])[0]]
                 with fake._lock:
-                    fake.in_flight += 1
                     fake.arrivals.extend(arrived)
-                try:
-                    if fake.latency:
-                        time.sleep(fake.latency)
-                    fake._handle(self, body)
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
+                fake._handle_in_flight(fake.latency, lambda: fake._handle(self, body))
 
             def do_GET(self) -> None:
                 if fake.latency:

@@ -55,6 +55,19 @@ class FaultInjection:
     _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
+    in_flight: int = 0  # requests received and not answered yet
+
+    def _handle_in_flight(self, latency: float, handle: Callable[[], None]) -> None:
+        """Handle a request after ``latency`` seconds, counted in :attr:`in_flight` until answered."""
+        with self._lock:
+            self.in_flight += 1
+        try:
+            if latency:
+                time.sleep(latency)
+            handle()
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     @property
     def url(self) -> str:

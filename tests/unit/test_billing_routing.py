@@ -64,6 +64,9 @@ class MappedRoutes:
         self.lookups += 1
         return {i: self.ledger.rows[i]["provider"] for i in identifiers if i in self.ledger.rows}
 
+    async def recorded_elsewhere(self) -> bool:
+        return any(r["provider"] != "stripe" for r in self.ledger.rows.values())
+
 
 def _routed(names=("stripe", "metronome")):
     cfg, t = _cfg(), FakeTime()
@@ -109,7 +112,10 @@ def test_a_mapping_to_a_destination_not_declared_is_dead_with_its_reason_and_not
     router, providers, ledger, routes, _ = _routed()
     routes.mapped["cust-1"] = "chargebee"  # mapped, but this router has no chargebee
     [dead] = run(router.on_windows([window("cust-1")]))
-    assert isinstance(dead, Dead) and "'chargebee' is mapped in billing customers but not declared" in dead.reason
+    assert (
+        isinstance(dead, Dead)
+        and "'chargebee', where the customer is mapped or the delivery was recorded, is not declared" in dead.reason
+    )
     assert ledger.rows[dead.identifier]["provider"] == "chargebee" and ledger.rows[dead.identifier]["status"] == "dead"
     assert all(p.sent == [] for p in providers.values())
     again = run(router.on_retry(dead.identifier))
@@ -188,6 +194,10 @@ DEC = datetime(2026, 12, 1, tzinfo=UTC)
         ("metronome", DEC.replace(tzinfo=None), {}, None, "give the time in UTC"),
         ("metronome", DEC, {"stripe": None}, DEC, "the ledger holds a window of this customer from 2026-12-01 00:00"),
         ("chargebee", DEC, {"metronome": DEC}, None, "mapping at metronome takes effect from 2026-12-01 too"),
+        # A new id at the destination the customer is mapped at keeps its month, billed windows or not.
+        ("metronome", None, {"stripe": None, "metronome": DEC}, DEC + timedelta(days=3), None),
+        ("metronome", DEC, {"stripe": None, "metronome": DEC}, DEC + timedelta(days=3), None),
+        ("stripe", None, {"stripe": None, "metronome": DEC}, DEC + timedelta(days=3), None),
     ],
 )
 def test_a_customer_moves_at_the_start_of_a_month_none_of_their_windows_was_billed_in(
@@ -202,28 +212,33 @@ def test_a_customer_moves_at_the_start_of_a_month_none_of_their_windows_was_bill
 
 def test_the_job_builds_a_deliverer_per_destination_with_its_sender_and_limits():
     from connectors.http_destination import HttpDestination
-    from connectors.stripe_provider import StripeWithoutKey
+    from connectors.unconfigured import UnconfiguredDestination
     from jobs.deliverers import routed_deliverers
 
     cfg = _cfg()
-    keys = {"metronome": SecretStr("m-key"), "chargebee": SecretStr("cb-key")}
+    keys = {"metronome": SecretStr("m-key")}  # chargebee's is missing
     cfg = cfg.model_copy(update={"billing": cfg.billing.model_copy(update={"destination_api_keys": keys})})
     deliverers = routed_deliverers(cfg, "w1").router.deliverers
     assert list(deliverers) == ["stripe", "chargebee", "metronome"]
     assert isinstance(deliverers["metronome"].provider, HttpDestination)
     assert deliverers["chargebee"].max_age == timedelta(hours=12)
     assert deliverers["metronome"].dedup_window == timedelta(days=34)
-    # No Stripe key, yet destinations declared: the job runs; what goes to Stripe is refused with the reason.
-    assert isinstance(deliverers["stripe"].provider, StripeWithoutKey)
+    # No Stripe key, yet destinations declared; no key for chargebee: the job runs, and what goes
+    # to either is refused with the reason, without stopping the others.
+    assert isinstance(deliverers["stripe"].provider, UnconfiguredDestination)
+    assert isinstance(deliverers["chargebee"].provider, UnconfiguredDestination)
+    assert "METERFLOW_DESTINATION_CHARGEBEE_API_KEY" in deliverers["chargebee"].provider.reason
+    assert all(d.delivers_together for d in deliverers.values()), "nothing forces the job to go row by row"
 
 
 def test_without_a_stripe_key_what_goes_to_stripe_is_dead_with_the_reason_and_replayable():
-    from connectors.stripe_provider import StripeWithoutKey
+    from connectors.stripe_provider import NO_KEY
+    from connectors.unconfigured import UnconfiguredDestination
 
     cfg, t = _cfg(), FakeTime()
     ledger = MemoryLedger(t)
-    d = Deliverer(cfg, StripeWithoutKey(), ledger, clock=t.clock, sleep=t.sleep)  # type: ignore[arg-type]
-    [dead] = run(d.on_window(window()))
+    d = Deliverer(cfg, UnconfiguredDestination("stripe", NO_KEY), ledger, clock=t.clock, sleep=t.sleep)
+    [dead] = run(d.on_windows([window()]))
     assert isinstance(dead, Dead) and "there is no Stripe API key" in dead.reason
     assert ledger.rows[dead.identifier]["status"] == "dead"
 
@@ -237,3 +252,26 @@ def test_a_replay_goes_through_the_destination_that_recorded_the_delivery():
     assert isinstance(run(router.deliver(dead.identifier, replay=True)), Sent)
     assert [e.identifier for e in providers["metronome"].sent] == [dead.identifier, dead.identifier]
     assert providers["stripe"].sent == []
+
+
+def test_with_stripe_alone_a_window_recorded_at_a_destination_no_longer_declared_stays_there():
+    """The destination was removed from the config: its recorded windows are neither claimed at
+    Stripe nor replayed there; they are dead with the reason until it is declared again."""
+    router, providers, ledger, routes, t = _routed(names=("stripe",))
+    full, _, _, full_routes, _ = _routed()
+    full.deliverers["metronome"].ledger = ledger  # the same ledger, when metronome was declared
+    full_routes.ledger = ledger
+    providers_full = full.deliverers["metronome"].provider
+    providers_full.script = [ProviderError("busy", status=503, retryable=True)]  # type: ignore[attr-defined]
+    [retry] = run(full.on_windows([window("cust-2")]))
+    assert isinstance(retry, Retry) and ledger.rows[retry.identifier]["provider"] == "metronome"
+    routes.mapped = {}
+    t.now += 3600
+    [again] = run(router.on_windows([window("cust-2")]))
+    assert (
+        isinstance(again, Dead)
+        and "'metronome', where the customer is mapped or the delivery was recorded, is not declared" in again.reason
+    )
+    assert providers["stripe"].sent == [] and ledger.rows[retry.identifier]["provider"] == "metronome"
+    assert run(router.deliver(retry.identifier, replay=True)) == Skipped(retry.identifier, "dead")
+    assert providers["stripe"].sent == [] and ledger.rows[retry.identifier]["status"] == "dead"
