@@ -29,6 +29,7 @@ from meterflow.config_values import Duration, ExactDecimal, format_duration, par
 from meterflow.destinations import STRIPE, Destination, declare
 from meterflow.errors import ConfigError
 from meterflow.input_contract import MAX_GROUP_BY, MAX_ID_BYTES
+from meterflow.serve_config import ServeConfig
 
 ENV_PREFIX = "METERFLOW_"
 CONFIG_PATH_ENV = "METERFLOW_CONFIG"
@@ -491,6 +492,7 @@ class JobConfig(_Section):
     stripe: StripeConfig = StripeConfig()
     billing: BillingConfig = BillingConfig()
     corrections: CorrectionsConfig = CorrectionsConfig()
+    serve: ServeConfig = ServeConfig()
     meters: tuple[MeterConfig, ...] = (MeterConfig(name="api_calls"), MeterConfig(name="tokens"))
     secrets_file: str = ".stack/secrets.env"
     base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")

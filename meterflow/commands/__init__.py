@@ -2,7 +2,7 @@
 
 ``stack`` (the local stack), ``produce``, ``job`` (submit, jobs, stop), ``usage``, ``late_audit``,
 ``billing`` (billing status/replay/customers, reconcile), ``corrections`` (apply, list, approve,
-reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune`` and ``demo``.
+reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune``, ``demo``, and ``serve`` (the HTTP service, ``api-keys``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from meterflow.commands import (  # noqa: F401 - importing registers the command
     late_audit,
     produce,
     reprocess,
+    serve,
     stack,
     tune,
     usage,

@@ -6,7 +6,8 @@
   2. ``connectors/`` (Kafka, Avro, the providers' clients) and ``sinks/`` (Postgres), side by side:
      neither imports the other;
   3. ``jobs/``: the Flink graphs;
-  4. the roof: the local stack (``meterflow/local``), and the CLI (``meterflow/commands``) above it.
+  4. the roof: the HTTP service (``meterflow/serve``) beside the local stack (``meterflow/local``),
+     and the CLI (``meterflow/commands``) above both.
 * Public names: ``bench/`` and ``tests/`` use the project's modules through public names only, never
   ``from x import _y``, ``x._y`` or ``setattr(x, "_y", ...)`` on a project module or what it exports.
 * No circles: no file of the project or its benchmarks imports, through other files, a file that
@@ -30,7 +31,8 @@ MAY_IMPORT = {
     "sinks": {"ground", "sinks"},
     "jobs": {"ground", "connectors", "sinks", "jobs"},
     "local": {"ground", "connectors", "sinks", "jobs", "local"},
-    "cli": {"ground", "connectors", "sinks", "jobs", "local", "cli"},
+    "serve": {"ground", "connectors", "sinks", "serve"},
+    "cli": {"ground", "connectors", "sinks", "jobs", "local", "serve", "cli"},
 }
 
 
@@ -38,7 +40,7 @@ def floor_of(module: str) -> str | None:
     """The floor of a project module by its dotted name; None outside the production packages."""
     parts = module.split(".")
     if parts[0] == "meterflow":
-        return {"commands": "cli", "local": "local"}.get(parts[1] if len(parts) > 1 else "", "ground")
+        return {"commands": "cli", "local": "local", "serve": "serve"}.get(parts[1] if len(parts) > 1 else "", "ground")
     return {"billing": "ground", "connectors": "connectors", "sinks": "sinks", "jobs": "jobs"}.get(parts[0])
 
 

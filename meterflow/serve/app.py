@@ -1,0 +1,165 @@
+"""The ASGI app of ``meterflow serve`` (FastAPI): ``POST /v1/events``, ``GET /v1/health``, ``GET /metrics``.
+
+Wiring only: the rules are meterflow/serve/ingest.py's; the writer (connectors/event_writer.py)
+and the key lookup (sinks/api_keys.py) are injected, so the tests run the app on fakes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel
+
+from connectors.avro_codec import UsageEvent
+from meterflow.config import JobConfig
+from meterflow.serve.ingest import RequestRefusedError, bearer_key, check_batch, hash_api_key
+
+
+class EventWriter(Protocol):
+    def write(self, events: Sequence[UsageEvent], timeout_s: float) -> list[str | None]:
+        """Each event's error, or None once Kafka acknowledged it."""
+
+
+class EventOutcome(BaseModel):
+    index: int
+    event_id: str | None
+    status: Literal["accepted", "rejected", "duplicate", "failed"]
+    reason: str | None = None
+
+
+class IngestAnswer(BaseModel):
+    """Every event's result, in the request's order."""
+
+    accepted: int
+    rejected: int
+    duplicates: int
+    failed: int
+    results: list[EventOutcome]
+
+
+class KeyCache:
+    """Key hash -> tenant (None: unknown or revoked), each answer kept ``ttl_s``."""
+
+    def __init__(
+        self, lookup: Callable[[str], str | None], ttl_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.lookup, self.ttl_s, self.clock = lookup, ttl_s, clock
+        self._known: dict[str, tuple[str | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def tenant(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        digest = hash_api_key(key)
+        now = self.clock()
+        with self._lock:
+            known = self._known.get(digest)
+        if known is not None and known[1] > now:
+            return known[0]
+        tenant = self.lookup(digest)
+        with self._lock:
+            self._known[digest] = (tenant, now + self.ttl_s)
+        return tenant
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(cfg: JobConfig, writer: EventWriter, keys: KeyCache) -> FastAPI:
+    """The service, with its writer and key lookup."""
+    serve = cfg.serve
+    app = FastAPI(title="meterflow", summary="Usage events in over HTTP, as the usage job reads them.")
+    registry = CollectorRegistry()
+    events_total = Counter(
+        "meterflow_ingest_events", "Events of ingest requests, by result.", ["status"], registry=registry
+    )
+    requests_total = Counter(
+        "meterflow_ingest_requests", "Ingest requests, by HTTP status.", ["code"], registry=registry
+    )
+    in_flight = asyncio.Semaphore(serve.max_requests_in_flight)
+
+    def answered(response: Response) -> Response:
+        requests_total.labels(str(response.status_code)).inc()
+        return response
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=IngestAnswer,
+        responses={
+            400: {"description": "not one event nor a batch"},
+            401: {"description": "no valid API key"},
+            413: {"description": "too many events, or too large a body"},
+            429: {"description": "too many requests in flight: retry after Retry-After"},
+            503: {"description": "Kafka did not acknowledge every event: retry the request after Retry-After"},
+        },
+    )
+    async def ingest(request: Request) -> Response:
+        """One event (a JSON object) or a batch (``{"events": [...]}``); 202 once Kafka acknowledged every
+        event it accepted, with each event's result. Authorization: ``Bearer <tenant API key>``."""
+        tenant = await run_in_threadpool(keys.tenant, bearer_key(request.headers.get("authorization")))
+        if tenant is None:
+            return answered(
+                _error(401, "a valid API key is required: Authorization: Bearer mf_...", {"WWW-Authenticate": "Bearer"})
+            )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > serve.max_body_bytes:
+            return answered(_error(413, f"the body is larger than {serve.max_body_bytes} bytes"))
+        if in_flight.locked():
+            return answered(_error(429, "too many requests in flight", {"Retry-After": "1"}))
+        async with in_flight:
+            raw = await request.body()
+            if len(raw) > serve.max_body_bytes:
+                return answered(_error(413, f"the body is larger than {serve.max_body_bytes} bytes"))
+            try:
+                checked = check_batch(json.loads(raw), tenant, serve.max_batch)
+            except ValueError:
+                return answered(_error(400, "the body is not JSON"))
+            except RequestRefusedError as e:
+                return answered(_error(e.status, e.reason))
+            timeout = serve.kafka_ack_timeout.total_seconds()
+            errors = (
+                await run_in_threadpool(writer.write, [e for _, e in checked.to_send], timeout)
+                if checked.to_send
+                else []
+            )
+        outcomes = [EventOutcome(**r.__dict__) for r in checked.results]
+        for (index, event), error in zip(checked.to_send, errors, strict=True):
+            status: Any = "accepted" if error is None else "failed"
+            outcomes.append(EventOutcome(index=index, event_id=event["event_id"], status=status, reason=error))
+        outcomes.sort(key=lambda o: o.index)
+        counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("accepted", "rejected", "duplicate", "failed")}
+        for s, n in counts.items():
+            if n:
+                events_total.labels(s).inc(n)
+        answer = IngestAnswer(
+            accepted=counts["accepted"],
+            rejected=counts["rejected"],
+            duplicates=counts["duplicate"],
+            failed=counts["failed"],
+            results=outcomes,
+        )
+        if counts["failed"]:
+            # Nothing is lost by sending the whole request again: the usage job keeps one event per id.
+            return answered(JSONResponse(answer.model_dump(), status_code=503, headers={"Retry-After": "1"}))
+        return answered(JSONResponse(answer.model_dump(), status_code=202))
+
+    return app

@@ -1,0 +1,178 @@
+"""HTTP ingest on the real stack: ``meterflow serve`` as its own process, keys made with
+``meterflow api-keys``, events posted over HTTP into the topic the usage job reads, and the usage
+job's totals in Postgres exactly those of the accepted events, each counted once though a batch
+was sent twice (a client's retry) and repeated an id within itself."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from click.testing import CliRunner
+from kafka.partitioner.default import murmur2
+
+from connectors.avro_codec import UsageEvent
+from meterflow.commands import cli
+from meterflow.local import flink_jobs
+from tests.e2e.helpers import CLOSER_TENANT, expected_totals, private_job, table_totals, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _key(path, tenant: str) -> str:
+    result = CliRunner().invoke(cli, ["--config", str(path), "api-keys", "create", tenant], catch_exceptions=False)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _post(port: int, key: str, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/events",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def service(e2e_stack, tmp_path):
+    """The usage job's config, and ``meterflow serve`` on it on a free loopback port."""
+    event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s"}
+    cfg, path = private_job(e2e_stack, "ingest", event_time=event_time)
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from meterflow.commands import main; main()",
+            "--config",
+            str(path),
+            "serve",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 60, "meterflow serve to answer")
+        yield cfg, path, port
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def _event(event_id: str, tenant: str, customer: str, meter: str, quantity: str, at: datetime) -> dict:
+    return {
+        "event_id": event_id,
+        "tenant_id": tenant,
+        "customer_id": customer,
+        "meter": meter,
+        "quantity": quantity,
+        "event_time": at.isoformat(),
+    }
+
+
+def _closers(partitions: int, at: datetime) -> list[dict]:
+    """One event per partition, after the data: the customers are chosen so the service's key (tenant/customer) lands on each."""
+    chosen: dict[int, str] = {}
+    n = 0
+    while len(chosen) < partitions:
+        customer = f"p{n}"
+        partition = (murmur2(f"{CLOSER_TENANT}/{customer}".encode()) & 0x7FFFFFFF) % partitions
+        chosen.setdefault(partition, customer)
+        n += 1
+    return [_event(f"closer-{c}", CLOSER_TENANT, c, "api_calls", "1", at) for c in chosen.values()]
+
+
+def test_events_posted_over_http_are_counted_once_each_and_only_the_keys_tenants(service):
+    cfg, path, port = service
+    key_a, key_b, key_closer = _key(path, "tenant-a"), _key(path, "tenant-b"), _key(path, CLOSER_TENANT)
+    start = (datetime.now(UTC) - timedelta(minutes=30)).replace(second=0, microsecond=0)
+    good = [
+        _event(
+            f"a-{i}",
+            "tenant-a",
+            f"cust-{i % 3}",
+            ("api_calls", "tokens")[i % 2],
+            f"{i}.25",
+            start + timedelta(seconds=7 * i),
+        )
+        for i in range(40)
+    ]
+    batch = [
+        *good,
+        good[3],  # the same id again in the request
+        {**good[4], "event_id": "a-float", "quantity": 1.5},  # a JSON float: inexact
+        {**good[5], "event_id": "a-other", "tenant_id": "tenant-b"},  # not this key's tenant
+    ]
+    job_id = flink_jobs.submit(cfg, path)
+    try:
+        status, answer = _post(port, key_a, {"events": batch})
+        assert status == 202, answer
+        assert (answer["accepted"], answer["duplicates"], answer["rejected"]) == (40, 1, 2)
+        assert [r["status"] for r in answer["results"][40:]] == ["duplicate", "rejected", "rejected"]
+        assert answer["results"][42]["reason"] == "tenant_id is not the tenant of this API key"
+        # The client did not see the answer and sends the batch again: accepted again, counted once.
+        assert _post(port, key_a, {"events": batch})[0] == 202
+        # Tenant b's key cannot write tenant a's events; no key, no entry.
+        status, answer = _post(port, key_b, {"events": good[:2]})
+        assert status == 202 and answer["rejected"] == 2 and answer["accepted"] == 0
+        assert _post(port, "mf_not-a-key", good[0])[0] == 401
+
+        closers = _closers(cfg.kafka.partitions, min(start + timedelta(hours=1), datetime.now(UTC)))
+        status, answer = _post(port, key_closer, {"events": closers})
+        assert status == 202 and answer["accepted"] == len(closers)
+
+        expected = expected_totals(
+            [
+                UsageEvent(
+                    event_id=e["event_id"],
+                    tenant_id=e["tenant_id"],
+                    customer_id=e["customer_id"],
+                    meter=e["meter"],
+                    quantity=Decimal(e["quantity"]),
+                    event_time=datetime.fromisoformat(e["event_time"]),
+                    dimensions={},
+                )
+                for e in good
+            ],
+            cfg.event_time.window_size,
+        )
+
+        def totals() -> dict:
+            return {k: (r.quantity, r.event_count) for k, r in table_totals(cfg).items()}
+
+        wait_for(lambda: totals() == expected, 240, "the usage job's totals of the events posted")
+        time.sleep(2)
+        assert totals() == expected
+    finally:
+        flink_jobs.cancel(cfg, job_id)
