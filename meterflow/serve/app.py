@@ -50,11 +50,20 @@ class KeyCache:
     """Key hash -> tenant (None: unknown or revoked), each answer kept ``ttl_s``."""
 
     def __init__(
-        self, lookup: Callable[[str], str | None], ttl_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        lookup: Callable[[str], str | None],
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = 10_000,
     ) -> None:
         self.lookup, self.ttl_s, self.clock = lookup, ttl_s, clock
         self._known: dict[str, tuple[str | None, float]] = {}
+        self.max_entries = max_entries
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Answers kept now (at most ``max_entries``)."""
+        return len(self._known)
 
     def tenant(self, key: str | None) -> str | None:
         if key is None:
@@ -67,6 +76,11 @@ class KeyCache:
             return known[0]
         tenant = self.lookup(digest)
         with self._lock:
+            if len(self._known) >= self.max_entries:
+                # Bounded whatever the keys sent: expired answers go first, then the oldest.
+                self._known = {d: k for d, k in self._known.items() if k[1] > now}
+                while len(self._known) >= self.max_entries:
+                    del self._known[next(iter(self._known))]
             self._known[digest] = (tenant, now + self.ttl_s)
         return tenant
 
@@ -126,9 +140,14 @@ def create_app(cfg: JobConfig, writer: EventWriter, keys: KeyCache) -> FastAPI:
         if in_flight.locked():
             return answered(_error(429, "too many requests in flight", {"Retry-After": "1"}))
         async with in_flight:
-            raw = await request.body()
-            if len(raw) > serve.max_body_bytes:
-                return answered(_error(413, f"the body is larger than {serve.max_body_bytes} bytes"))
+            # Read up to the limit, never more: a body without Content-Length is cut off there too.
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > serve.max_body_bytes:
+                    return answered(_error(413, f"the body is larger than {serve.max_body_bytes} bytes"))
+                chunks.append(chunk)
+            raw = b"".join(chunks)
             try:
                 checked = check_batch(json.loads(raw), tenant, serve.max_batch)
             except ValueError:

@@ -6,6 +6,7 @@ the request), backpressure (429), and the key cache's expiry (a revoke takes eff
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 
@@ -180,3 +181,25 @@ def test_check_batch_refuses_the_request_as_a_whole_only_for_its_shape():
 def test_the_openapi_document_describes_ingest():
     doc = client(RecordingWriter()).get("/openapi.json").json()
     assert set(doc["paths"]["/v1/events"]["post"]["responses"]) >= {"202", "401", "413", "429", "503"}
+
+
+def test_the_key_cache_stays_bounded_whatever_keys_are_sent():
+    keys = KeyCache(TENANTS.get, 30.0, clock=lambda: 0.0, max_entries=100)
+    for i in range(1000):
+        assert keys.tenant(f"mf_unknown-{i}") is None
+    assert len(keys._known) <= 100
+    assert keys.tenant(KEY_A) == "tenant-a"
+
+
+def test_a_body_without_content_length_is_cut_off_at_the_limit():
+    writer = RecordingWriter()
+    c = client(writer, max_body_bytes=4096)
+
+    def body():
+        yield b'{"events": ['
+        for i in range(200):
+            yield (json.dumps(event(f"s{i}")) + ",").encode()
+        yield b"]}"
+
+    answer = c.post("/v1/events", content=body(), headers={"Authorization": f"Bearer {KEY_A}"})
+    assert answer.status_code == 413 and writer.written == []
