@@ -30,6 +30,15 @@ class ServeConfig(BaseModel):
         timedelta(seconds=10), description="How long a request waits for Kafka's acknowledgement before a 503."
     )
     api_keys_table: str = Field("api_keys", pattern=_TABLE, description="Tenants' API keys, hashed.")
+    billing_cycles_table: str = Field(
+        "billing_cycles", pattern=_TABLE, description="Customers' billing anchors and timezones (meterflow cycles set)."
+    )
+    usage_pool_size: int = Field(
+        10, ge=1, le=200, description="Postgres connections the usage API reads over (a request holds one)."
+    )
+    usage_page_refresh: Duration = Field(
+        timedelta(seconds=15), description="How often the usage page reads the API again."
+    )
     key_cache_ttl: Duration = Field(
         timedelta(seconds=30),
         description="How long a key looked up stays known to the service (a revoke takes effect within it).",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything meterflow needs on a fresh Debian machine (idempotent; quick when warm):
-#   - Debian packages: PostgreSQL server, Prometheus (with promtool), and a JDK + Maven if missing
+#   - Debian packages: PostgreSQL server, Prometheus (with promtool), Chromium and ChromeDriver, and a JDK + Maven if missing
 #   - .venv with the project and its test extras (apache-flink wheel = the Flink distribution)
 #   - Kafka broker and Flink connector jars from Maven Central (third_party/*/pom.xml)
 #   - Apicurio Registry (a schema registry with a Confluent-compatible API) from Maven Central (third_party/registry)
@@ -17,13 +17,16 @@ ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v java >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
 command -v runuser >/dev/null || need_apt+=(util-linux)
+# The usage page's browser test drives Debian's Chromium through its ChromeDriver.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     log "missing Debian packages (${need_apt[*]}); run as root or install them"; exit 1
   fi
   log "apt-get install ${need_apt[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # Prometheus: `meterflow stack up` runs the binary on loopback with its own config and data under the
 # state directory; promtool checks the alert rules. The package's own service is not used: where

@@ -2,7 +2,7 @@
 
 ``stack`` (the local stack), ``produce``, ``job`` (submit, jobs, stop), ``usage``, ``late_audit``,
 ``billing`` (billing status/replay/customers, reconcile), ``corrections`` (apply, list, approve,
-reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune``, ``demo``, and ``serve`` (the HTTP service, ``api-keys``).
+reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune``, ``demo``, and ``serve`` (the HTTP service, ``api-keys``, ``cycles``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
-"""``meterflow serve`` (the HTTP service: meterflow/serve/) and ``meterflow api-keys`` (tenants' keys)."""
+"""``meterflow serve`` (the HTTP service: meterflow/serve/), ``meterflow api-keys`` (tenants' keys) and
+``meterflow cycles`` (customers' billing cycles)."""
 
 from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
 
 import click
 from rich.table import Table
@@ -13,19 +17,23 @@ from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 @click.option("--port", type=int, default=None, help="Listen port (default serve.port).")
 @pass_ctx
 def serve(ctx: Context, host: str | None, port: int | None) -> None:
-    """Run the HTTP service: POST /v1/events writes usage events to the input topic (README, "HTTP ingest")."""
+    """Run the HTTP service: POST /v1/events writes usage events to the input topic, GET
+    /v1/customers/{id}/usage reads usage, /usage/{id} is a customer's page (README, "HTTP service")."""
     import uvicorn
 
     from connectors.event_writer import KafkaEventWriter
     from meterflow.serve.app import KeyCache, create_app
+    from meterflow.serve.usage_reader import UsageReader
     from sinks.api_keys import tenant_of
 
     cfg = ctx.cfg
     writer = KafkaEventWriter(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic)
     keys = KeyCache(lambda digest: tenant_of(cfg, digest), cfg.serve.key_cache_ttl.total_seconds())
+    reader = UsageReader(cfg)
+    reader.open()
     try:
         uvicorn.run(
-            create_app(cfg, writer, keys),
+            create_app(cfg, writer, keys, reader),
             host=host or cfg.serve.host,
             port=port or cfg.serve.port,
             log_level="warning",
@@ -33,6 +41,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
             access_log=False,
         )
     finally:
+        reader.close()
         writer.close()
 
 
@@ -79,3 +88,63 @@ def api_keys_list(ctx: Context) -> None:
             tenant, name, f"{created:%Y-%m-%d %H:%M:%S %Z}", f"{revoked:%Y-%m-%d %H:%M:%S %Z}" if revoked else ""
         )
     console.print(table)
+
+
+@cli.group("cycles")
+def cycles() -> None:
+    """Customers' billing cycles: a calendar month or an anniversary day, in the customer's timezone."""
+
+
+@cycles.command("set")
+@click.argument("tenant_id")
+@click.argument("customer_id")
+@click.option(
+    "--anchor-day",
+    type=click.IntRange(1, 31),
+    default=None,
+    help="Anniversary: each period starts on this day (the month's last day in a shorter month).",
+)
+@click.option("--calendar", "calendar_month", is_flag=True, help="Calendar months (the default when none is set).")
+@click.option("--timezone", "tz", default="UTC", show_default=True, help="IANA timezone the periods and days are in.")
+@pass_ctx
+def cycles_set(
+    ctx: Context, tenant_id: str, customer_id: str, anchor_day: int | None, calendar_month: bool, tz: str
+) -> None:
+    """Set CUSTOMER_ID's billing cycle: the usage API's periods and days follow it."""
+    from meterflow.billing_cycle import BillingCycle
+    from meterflow.serve.usage_reader import set_cycle
+
+    if calendar_month == (anchor_day is not None):
+        raise click.UsageError("give one of --anchor-day N or --calendar")
+    try:
+        cycle = BillingCycle(anchor_day, tz)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--timezone/--anchor-day") from e
+    set_cycle(ctx.cfg, tenant_id, customer_id, cycle)
+    start, end = cycle.period_of(datetime.now(UTC).replace(tzinfo=None))
+    err_console.print(
+        f"{tenant_id}/{customer_id}: {cycle.anchor} cycle in {cycle.timezone}; current period {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+@cycles.command("show")
+@click.argument("tenant_id")
+@click.argument("customer_id")
+@pass_ctx
+def cycles_show(ctx: Context, tenant_id: str, customer_id: str) -> None:
+    """CUSTOMER_ID's billing cycle and its current period (UTC)."""
+    from meterflow.serve.usage_reader import cycle_of
+
+    cycle = cycle_of(ctx.cfg, tenant_id, customer_id)
+    start, end = cycle.period_of(datetime.now(UTC).replace(tzinfo=None))
+    click.echo(
+        json.dumps(
+            {
+                "anchor": cycle.anchor,
+                "anchor_day": cycle.anchor_day,
+                "timezone": cycle.timezone,
+                "period_start": f"{start:%Y-%m-%dT%H:%M:%S}Z",
+                "period_end": f"{end:%Y-%m-%dT%H:%M:%S}Z",
+            }
+        )
+    )

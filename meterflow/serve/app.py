@@ -1,7 +1,9 @@
-"""The ASGI app of ``meterflow serve`` (FastAPI): ``POST /v1/events``, ``GET /v1/health``, ``GET /metrics``.
+"""The ASGI app of ``meterflow serve`` (FastAPI): ``POST /v1/events``, ``GET /v1/customers/{id}/usage``,
+the usage page ``GET /usage/{id}``, ``GET /v1/health``, ``GET /metrics``.
 
-Wiring only: the rules are meterflow/serve/ingest.py's; the writer (connectors/event_writer.py)
-and the key lookup (sinks/api_keys.py) are injected, so the tests run the app on fakes too.
+Wiring only: the rules are meterflow/serve/ingest.py's and usage.py's; the writer
+(connectors/event_writer.py), the key lookup (sinks/api_keys.py), the usage reader
+(usage_reader.py) and the clock are injected, so the tests run the app on fakes too.
 """
 
 from __future__ import annotations
@@ -11,22 +13,34 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import resources
 from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel
 
 from connectors.avro_codec import UsageEvent
+from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
 from meterflow.serve.ingest import RequestRefusedError, bearer_key, check_batch, hash_api_key
+from meterflow.serve.usage import CountedCorrection, Total, UsageQuery, answer, check_query
 
 
 class EventWriter(Protocol):
     def write(self, events: Sequence[UsageEvent], timeout_s: float) -> list[str | None]:
         """Each event's error, or None once Kafka acknowledged it."""
+
+
+class UsageSource(Protocol):
+    def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
+        """The customer's cycle, or None when the tenant has no such customer."""
+
+    def read(self, tenant_id: str, query: UsageQuery) -> tuple[list[Total], list[CountedCorrection], datetime | None]:
+        """The query's totals, counted corrections and close horizon."""
 
 
 class EventOutcome(BaseModel):
@@ -89,8 +103,18 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(cfg: JobConfig, writer: EventWriter, keys: KeyCache) -> FastAPI:
-    """The service, with its writer and key lookup."""
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_app(
+    cfg: JobConfig,
+    writer: EventWriter,
+    keys: KeyCache,
+    usage: UsageSource,
+    now: Callable[[], datetime] = _utc_now,
+) -> FastAPI:
+    """The service, with its writer, key lookup, usage reader and clock."""
     serve = cfg.serve
     app = FastAPI(title="meterflow", summary="Usage events in over HTTP, as the usage job reads them.")
     registry = CollectorRegistry()
@@ -100,7 +124,22 @@ def create_app(cfg: JobConfig, writer: EventWriter, keys: KeyCache) -> FastAPI:
     requests_total = Counter(
         "meterflow_ingest_requests", "Ingest requests, by HTTP status.", ["code"], registry=registry
     )
+    usage_requests = Counter(
+        "meterflow_usage_requests", "Usage API requests, by HTTP status.", ["code"], registry=registry
+    )
+    usage_seconds = Histogram(
+        "meterflow_usage_request_seconds",
+        "Time to answer a usage API request that was answered 200.",
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        registry=registry,
+    )
     in_flight = asyncio.Semaphore(serve.max_requests_in_flight)
+    page = (
+        resources.files("meterflow.serve")
+        .joinpath("usage_page.html")
+        .read_text("utf-8")
+        .replace("__REFRESH_MS__", str(int(serve.usage_page_refresh.total_seconds() * 1000)))
+    )
 
     def answered(response: Response) -> Response:
         requests_total.labels(str(response.status_code)).inc()
@@ -180,5 +219,61 @@ def create_app(cfg: JobConfig, writer: EventWriter, keys: KeyCache) -> FastAPI:
             # Nothing is lost by sending the whole request again: the usage job keeps one event per id.
             return answered(JSONResponse(answer.model_dump(), status_code=503, headers={"Retry-After": "1"}))
         return answered(JSONResponse(answer.model_dump(), status_code=202))
+
+    @app.get(
+        "/v1/customers/{customer_id}/usage",
+        responses={
+            400: {"description": "a parameter is not valid, or the range is too wide"},
+            401: {"description": "no valid API key"},
+            404: {"description": "the key's tenant has no such customer"},
+        },
+    )
+    async def customer_usage(
+        customer_id: str,
+        request: Request,
+        meter: str | None = None,
+        since: str | None = Query(None, alias="from", description="ISO-8601; default the current period's start."),
+        until: str | None = Query(None, alias="to", description="ISO-8601; default the end of from's period."),
+        granularity: str = Query("day", description="window, day (the customer's local days) or period."),
+        group_by: str | None = Query(None, description="Comma-separated dimensions to split totals by."),
+    ) -> Response:
+        """A customer's usage per window, day or billing period, each total provisional or final with its
+        revision, and the corrections that count. Authorization: ``Bearer <tenant API key>``."""
+        started = time.perf_counter()
+
+        def done(response: Response) -> Response:
+            usage_requests.labels(str(response.status_code)).inc()
+            if response.status_code == 200:
+                usage_seconds.observe(time.perf_counter() - started)
+            return response
+
+        tenant = await run_in_threadpool(keys.tenant, bearer_key(request.headers.get("authorization")))
+        if tenant is None:
+            return done(
+                _error(401, "a valid API key is required: Authorization: Bearer mf_...", {"WWW-Authenticate": "Bearer"})
+            )
+        try:
+            cycle = await run_in_threadpool(usage.cycle, tenant, customer_id)
+            if cycle is None:
+                return done(_error(404, f"no customer {customer_id!r} for this key's tenant"))
+            query = check_query(
+                customer_id,
+                cycle,
+                now(),
+                meter=meter,
+                since=since,
+                until=until,
+                granularity=granularity,
+                group_by=group_by,
+            )
+            totals, corrections, horizon = await run_in_threadpool(usage.read, tenant, query)
+        except RequestRefusedError as e:
+            return done(_error(e.status, e.reason))
+        return done(JSONResponse(answer(query, tenant, cycle, totals, corrections, horizon)))
+
+    @app.get("/usage/{customer_id}", response_class=HTMLResponse, include_in_schema=False)
+    def usage_page(customer_id: str) -> HTMLResponse:
+        """The customer's usage page; it reads the API with the key in the address's fragment (#key=...)."""
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
     return app

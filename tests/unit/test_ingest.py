@@ -22,6 +22,16 @@ KEY_A, KEY_B = new_api_key(), new_api_key()
 TENANTS = {hash_api_key(KEY_A): "tenant-a", hash_api_key(KEY_B): "tenant-b"}
 
 
+class NoUsage:
+    """A usage source that knows no customer: ingest never reads usage."""
+
+    def cycle(self, tenant_id: str, customer_id: str) -> None:
+        return None
+
+    def read(self, tenant_id: str, query: object) -> tuple[list, list, None]:
+        raise AssertionError("ingest read usage")
+
+
 class RecordingWriter:
     def __init__(self) -> None:
         self.written: list[UsageEvent] = []
@@ -53,7 +63,7 @@ def event(event_id: str, tenant: str = "tenant-a", **fields: object) -> dict:
 
 def client(writer: RecordingWriter, **serve: object) -> TestClient:
     cfg = JobConfig.model_validate({"serve": serve})
-    return TestClient(create_app(cfg, writer, KeyCache(TENANTS.get, 30.0)))
+    return TestClient(create_app(cfg, writer, KeyCache(TENANTS.get, 30.0), NoUsage()))
 
 
 def post(c: TestClient, body: object, key: str | None = KEY_A):

@@ -1,0 +1,210 @@
+"""Rules of ``GET /v1/customers/{id}/usage``: the query it takes, its limits, and when a total is final.
+
+Pure: the app (meterflow/serve/app.py) reads Postgres through sinks/usage_reader.py and hands the
+rows here. A total is the sum of its windows' quantities, the numbers billing delivers; it is
+``final`` once every window in it is final and the job has closed every window ending by its end
+(the close horizon: the latest final window's end), else ``provisional``. ``corrected_quantity``
+adds the corrections that count (applied or approved) of the windows in it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from meterflow.billing_cycle import BillingCycle, to_utc
+from meterflow.input_contract import MAX_DIMENSION_KEY_BYTES, MAX_GROUP_BY, MAX_ID_BYTES, control_character
+from meterflow.serve.ingest import RequestRefusedError
+
+Granularity = Literal["window", "day", "period"]
+GRANULARITIES: tuple[str, ...] = ("window", "day", "period")
+# How far one request reaches: days and periods are read from rollups, windows from the usage table.
+MAX_PERIODS = 13
+MAX_DAYS = 400
+MAX_WINDOW_ROWS = 5000
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """A checked request: the spans to total (whole days or periods, or windows over [since, until))."""
+
+    customer_id: str
+    granularity: Granularity
+    since: datetime
+    until: datetime
+    meter: str | None
+    group_by: tuple[str, ...]
+    spans: tuple[tuple[datetime, datetime], ...] = field(default=())
+
+
+def _instant(name: str, text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise RequestRefusedError(400, f"{name} is not an ISO-8601 instant: {text!r}") from e
+    return to_utc(moment)
+
+
+def _identifier(name: str, value: str) -> str:
+    size = len(value.encode("utf-8", "replace"))
+    limit = MAX_ID_BYTES.get(name, MAX_DIMENSION_KEY_BYTES)
+    if not 0 < size <= limit or control_character(value) is not None:
+        raise RequestRefusedError(400, f"{name} must be 1-{limit} bytes of printable text")
+    return value
+
+
+def check_query(
+    customer_id: str,
+    cycle: BillingCycle,
+    now: datetime,
+    *,
+    meter: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    granularity: str = "day",
+    group_by: str | None = None,
+) -> UsageQuery:
+    """The query, or a RequestRefusedError (400) saying what is wrong. Without ``from``, the current period."""
+    _identifier("customer_id", customer_id)
+    if meter is not None:
+        _identifier("meter", meter)
+    if granularity not in GRANULARITIES:
+        raise RequestRefusedError(400, f"granularity is one of {', '.join(GRANULARITIES)}")
+    names = tuple(dict.fromkeys(g.strip() for g in (group_by or "").split(",") if g.strip()))
+    if len(names) > MAX_GROUP_BY:
+        raise RequestRefusedError(400, f"group_by names at most {MAX_GROUP_BY} dimensions")
+    for name in names:
+        _identifier("group_by", name)
+    if since is None:
+        start, default_end = cycle.period_of(to_utc(now))
+    else:
+        start = _instant("from", since)
+        default_end = cycle.period_of(start)[1]
+    end = _instant("to", until) if until is not None else default_end
+    if end <= start:
+        raise RequestRefusedError(400, "to must be later than from")
+    spans: tuple[tuple[datetime, datetime], ...] = ()
+    if granularity == "period":
+        spans = tuple(cycle.periods(start, end))
+        if len(spans) > MAX_PERIODS:
+            raise RequestRefusedError(400, f"at most {MAX_PERIODS} periods a request")
+    elif granularity == "day":
+        if end - start > timedelta(days=MAX_DAYS):
+            raise RequestRefusedError(400, f"at most {MAX_DAYS} days a request")
+        spans = tuple(cycle.days(start, end))
+    if spans:
+        start, end = spans[0][0], spans[-1][1]
+    return UsageQuery(customer_id, granularity, start, end, meter, names, spans)  # type: ignore[arg-type]
+
+
+def status_of(windows: int, final_windows: int, end: datetime, horizon: datetime | None) -> str:
+    """``final`` when every window of a total is final and the job closed every window ending by its end."""
+    closed = horizon is not None and end <= horizon
+    return "final" if closed and final_windows == windows else "provisional"
+
+
+def group_of(dimensions_key: str, group_by: tuple[str, ...]) -> dict[str, str | None]:
+    """A window's group as the query names it (None: the window has no such grouped dimension)."""
+    dims = json.loads(dimensions_key) if dimensions_key else {}
+    return {name: dims.get(name) for name in group_by}
+
+
+def plain(value: Decimal) -> str:
+    """A decimal as the API writes it: exact, no exponent, no trailing zeros."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+@dataclass(frozen=True)
+class Total:
+    """One span's (or window's) sum for one meter and group, as read."""
+
+    meter: str
+    group: Mapping[str, str | None]
+    start: datetime
+    end: datetime
+    quantity: Decimal
+    event_count: int
+    windows: int
+    final_windows: int
+    revision: int
+
+
+@dataclass(frozen=True)
+class CountedCorrection:
+    correction_id: str
+    meter: str
+    dimensions_key: str
+    window_start: datetime
+    window_end: datetime
+    delta: Decimal
+    status: str
+    counted_at: datetime
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds") + "Z"
+
+
+def answer(
+    query: UsageQuery,
+    tenant_id: str,
+    cycle: BillingCycle,
+    totals: Iterable[Total],
+    corrections: Iterable[CountedCorrection],
+    horizon: datetime | None,
+) -> dict[str, object]:
+    """The response body: each total with its status and corrected quantity, and the corrections applied."""
+    corrections = list(corrections)
+    rows = []
+    for t in totals:
+        deltas = sum(
+            (
+                c.delta
+                for c in corrections
+                if c.meter == t.meter
+                and t.start <= c.window_start < t.end
+                and group_of(c.dimensions_key, query.group_by) == dict(t.group)
+            ),
+            Decimal(0),
+        )
+        rows.append(
+            {
+                "meter": t.meter,
+                "group": dict(t.group),
+                "start": _iso(t.start),
+                "end": _iso(t.end),
+                "quantity": plain(t.quantity),
+                "corrected_quantity": plain(t.quantity + deltas),
+                "event_count": t.event_count,
+                "status": status_of(t.windows, t.final_windows, t.end, horizon),
+                "revision": t.revision,
+            }
+        )
+    return {
+        "tenant_id": tenant_id,
+        "customer_id": query.customer_id,
+        "cycle": {"anchor": cycle.anchor, "anchor_day": cycle.anchor_day, "timezone": cycle.timezone},
+        "granularity": query.granularity,
+        "from": _iso(query.since),
+        "to": _iso(query.until),
+        "final_through": _iso(horizon) if horizon is not None else None,
+        "usage": rows,
+        "corrections": [
+            {
+                "correction_id": c.correction_id,
+                "meter": c.meter,
+                "dimensions": json.loads(c.dimensions_key) if c.dimensions_key else {},
+                "window_start": _iso(c.window_start),
+                "window_end": _iso(c.window_end),
+                "delta": plain(c.delta),
+                "status": c.status,
+                "counted_at": c.counted_at.isoformat(),
+            }
+            for c in corrections
+        ],
+    }

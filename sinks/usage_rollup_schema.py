@@ -1,0 +1,170 @@
+"""Pure SQL for the usage API: quarter-hour rollups kept by Postgres as windows commit, customers'
+billing cycles, and the queries ``GET /v1/customers/{id}/usage`` runs.
+
+The rollup holds, per window key and quarter hour (UTC) of the window's start, the sum of the
+windows' quantities and events, how many windows there are and how many are final, and a revision
+bumped at every change. A trigger on the usage table keeps it in the transaction that writes the
+window (the job's checkpoint commit, a reprocess), so it never disagrees with the usage table. A
+day or a billing period in any timezone is a set of whole quarter hours (meterflow/billing_cycle.py),
+so the API sums at most 96 rows a day per key, never the raw windows.
+
+The rollup is made from the usage table once, under a lock, when its trigger is created.
+"""
+
+from __future__ import annotations
+
+from meterflow.corrections import COUNTED_STATUSES
+from sinks.postgres_schema import check_identifier
+
+# The rollup's bucket: a window counts in the quarter hour (UTC) its start falls in.
+BUCKET = "15 minutes"
+_BIN = f"date_bin('{BUCKET}', {{start}}, TIMESTAMP '2000-01-01')"
+
+
+def rollup_table(usage_table: str) -> str:
+    return check_identifier(f"{usage_table}_rollup")
+
+
+def rollup_ddl(usage_table: str = "usage_windows") -> list[str]:
+    """The rollup table, its trigger on the usage table (made once, from the rows already there), and
+    the index the close horizon is read from; safe to run again."""
+    u, r = check_identifier(usage_table), rollup_table(usage_table)
+    key = "tenant_id, customer_id, meter, dimensions_key"
+
+    def change(row: str, sign: str) -> str:
+        # One window's part in its bucket, added (+) or taken away (-).
+        return f"""INSERT INTO {r} AS r ({key}, bucket_start, quantity, event_count, windows, final_windows)
+        VALUES ({row}.tenant_id, {row}.customer_id, {row}.meter, {row}.dimensions_key, {_BIN.format(start=f"{row}.window_start")},
+                {sign}{row}.quantity, {sign}{row}.event_count, {sign}1, CASE WHEN {row}.is_final THEN {sign}1 ELSE 0 END)
+        ON CONFLICT ({key}, bucket_start) DO UPDATE SET
+            quantity = r.quantity + EXCLUDED.quantity, event_count = r.event_count + EXCLUDED.event_count,
+            windows = r.windows + EXCLUDED.windows, final_windows = r.final_windows + EXCLUDED.final_windows,
+            revision = r.revision + 1, updated_at = now()"""
+
+    return [
+        f"""CREATE TABLE IF NOT EXISTS {r} (
+    tenant_id      text           NOT NULL,
+    customer_id    text           NOT NULL,
+    meter          text           NOT NULL,
+    dimensions_key text           NOT NULL,
+    bucket_start   timestamp(3)   NOT NULL,
+    quantity       numeric(38, 9) NOT NULL,
+    event_count    bigint         NOT NULL,
+    windows        integer        NOT NULL,
+    final_windows  integer        NOT NULL,
+    revision       bigint         NOT NULL DEFAULT 1,
+    updated_at     timestamptz    NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, bucket_start)
+)""",
+        # The usage API reads a customer's buckets over a range of time, across meters.
+        f"CREATE INDEX IF NOT EXISTS {r}_customer_time ON {r} (tenant_id, customer_id, bucket_start)",
+        # The close horizon (the latest final window's end) without a scan of the usage table.
+        f"CREATE INDEX IF NOT EXISTS {u}_final_end ON {u} (window_end) WHERE is_final",
+        f"""CREATE OR REPLACE FUNCTION {r}_keep() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.quantity = OLD.quantity AND NEW.event_count = OLD.event_count
+        AND NEW.is_final = OLD.is_final AND NEW.window_start = OLD.window_start THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        {change("OLD", "-")};
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        {change("NEW", "")};
+    END IF;
+    RETURN NULL;
+END
+$$""",
+        f"""DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '{r}_keep' AND tgrelid = '{u}'::regclass) THEN
+        -- Made from the rows already there, with writers held off until the trigger exists.
+        LOCK TABLE {u} IN SHARE ROW EXCLUSIVE MODE;
+        DELETE FROM {r};
+        INSERT INTO {r} ({key}, bucket_start, quantity, event_count, windows, final_windows)
+            SELECT {key}, {_BIN.format(start="window_start")}, sum(quantity), sum(event_count), count(*),
+                   count(*) FILTER (WHERE is_final)
+            FROM {u} GROUP BY {key}, 5;
+        CREATE TRIGGER {r}_keep AFTER INSERT OR UPDATE OR DELETE ON {u}
+            FOR EACH ROW EXECUTE FUNCTION {r}_keep();
+    END IF;
+END $$""",
+    ]
+
+
+def cycles_ddl(table: str = "billing_cycles") -> str:
+    t = check_identifier(table)
+    return f"""CREATE TABLE IF NOT EXISTS {t} (
+    tenant_id   text        NOT NULL,
+    customer_id text        NOT NULL,
+    anchor_day  smallint    CHECK (anchor_day BETWEEN 1 AND 31),
+    timezone    text        NOT NULL DEFAULT 'UTC',
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, customer_id)
+)"""
+
+
+def cycle_sql(table: str = "billing_cycles") -> str:
+    """A customer's anchor day and timezone (no row: calendar months in UTC)."""
+    return f"SELECT anchor_day, timezone FROM {check_identifier(table)} WHERE tenant_id = %s AND customer_id = %s"
+
+
+def set_cycle_sql(table: str = "billing_cycles") -> str:
+    t = check_identifier(table)
+    return (
+        f"INSERT INTO {t} (tenant_id, customer_id, anchor_day, timezone) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (tenant_id, customer_id) DO UPDATE SET anchor_day = EXCLUDED.anchor_day, "
+        "timezone = EXCLUDED.timezone, updated_at = now()"
+    )
+
+
+def group_expression(group_by: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The SQL of a row's group (a JSON object of the named dimensions, '{}' for none) and its parameters."""
+    if not group_by:
+        return "'{}'::jsonb", []
+    pairs = ", ".join("%s::text, dimensions_key::jsonb ->> %s" for _ in group_by)
+    return f"jsonb_build_object({pairs})", [p for name in group_by for p in (name, name)]
+
+
+def spans_sql(usage_table: str, group_by: tuple[str, ...], with_meter: bool) -> tuple[str, list[str]]:
+    """Sums over spans of time (days or periods, given as two arrays of starts and ends) per meter and group.
+
+    Parameters, after the group's: starts, ends, tenant, customer, since, until[, meter].
+    """
+    r = rollup_table(usage_table)
+    group, group_params = group_expression(group_by)
+    meter = " AND r.meter = %s" if with_meter else ""
+    sql = f"""SELECT r.meter, {group} AS grp, s.n, sum(r.quantity), sum(r.event_count), sum(r.windows),
+       sum(r.final_windows), sum(r.revision)
+FROM {r} r JOIN unnest(%s::timestamp[], %s::timestamp[]) WITH ORDINALITY AS s(starts, ends, n)
+    ON r.bucket_start >= s.starts AND r.bucket_start < s.ends
+WHERE r.tenant_id = %s AND r.customer_id = %s AND r.bucket_start >= %s AND r.bucket_start < %s{meter}
+GROUP BY r.meter, grp, s.n ORDER BY r.meter, grp, s.n"""
+    return sql, group_params
+
+
+def windows_sql(usage_table: str, group_by: tuple[str, ...], with_meter: bool) -> tuple[str, list[str]]:
+    """A customer's windows over a range, per meter and group (at most ``limit`` rows).
+
+    Parameters, after the group's: tenant, customer, since, until[, meter], limit.
+    """
+    u = check_identifier(usage_table)
+    group, group_params = group_expression(group_by)
+    meter = " AND meter = %s" if with_meter else ""
+    sql = f"""SELECT meter, {group} AS grp, window_start, window_end, sum(quantity), sum(event_count), count(*),
+       count(*) FILTER (WHERE is_final), max(revision)
+FROM {u}
+WHERE tenant_id = %s AND customer_id = %s AND window_start >= %s AND window_start < %s{meter}
+GROUP BY meter, grp, window_start, window_end ORDER BY meter, grp, window_start, window_end LIMIT %s"""
+    return sql, group_params
+
+
+def corrections_in_range_sql(table: str, with_meter: bool) -> str:
+    """A customer's corrections that count, by the window they correct. Parameters: tenant, customer, since, until[, meter]."""
+    c = check_identifier(table)
+    statuses = ", ".join(f"'{s}'" for s in COUNTED_STATUSES)
+    meter = " AND meter = %s" if with_meter else ""
+    return (
+        "SELECT correction_id, meter, dimensions_key, window_start, window_end, delta, status, "
+        f"coalesce(decided_at, applied_at) FROM {c} WHERE tenant_id = %s AND customer_id = %s "
+        f"AND window_start >= %s AND window_start < %s AND status IN ({statuses}){meter} ORDER BY window_start, correction_id"
+    )
