@@ -13,6 +13,7 @@ from psycopg.abc import Params
 from meterflow.config import PostgresConfig
 from meterflow.errors import SinkError
 from sinks.postgres_schema import last_final_end_sql, usage_rows_sql, usage_table_ddl
+from sinks.usage_rollup_schema import rollup_ddl
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ def table_exists(conn: psycopg.Connection, table: str) -> bool:
 
 
 def apply_schema(pg: PostgresConfig) -> None:
-    """Create the usage table and its guard in one transaction (idempotent)."""
+    """Create the usage table, its guard and its rollup (the usage API's) in one transaction (idempotent)."""
     with connect(pg) as conn, conn.transaction():
-        for statement in usage_table_ddl(pg.usage_table):
+        for statement in [*usage_table_ddl(pg.usage_table), *rollup_ddl(pg.usage_table)]:
             conn.execute(statement)
 
 

@@ -18,7 +18,6 @@ from sinks.usage_rollup_schema import (
     corrections_in_range_sql,
     cycle_sql,
     cycles_ddl,
-    rollup_ddl,
     rollup_table,
     set_cycle_sql,
     spans_sql,
@@ -30,8 +29,6 @@ def apply_usage_schema(cfg: JobConfig) -> None:
     """The usage table, its rollup and the billing cycles table (idempotent)."""
     apply_schema(cfg.postgres)
     with connect(cfg.postgres) as conn, conn.transaction():
-        for statement in rollup_ddl(cfg.postgres.usage_table):
-            conn.execute(statement)
         conn.execute(cycles_ddl(cfg.serve.billing_cycles_table))
 
 
@@ -108,16 +105,17 @@ class UsageReader:
                     msg = f"more than {MAX_WINDOW_ROWS} windows: narrow from and to, or ask per day"
                     raise RequestRefusedError(400, msg)
                 for meter_name, grp, start, end, qty, events, windows, finals, revision in rows:
-                    totals.append(Total(meter_name, grp, start, end, qty, events, windows, finals, revision))
+                    totals.append(Total(meter_name, grp, start, end, qty, int(events), windows, finals, revision))
             else:
                 sql, params = spans_sql(usage_table, query.group_by, with_meter)
                 starts = [s for s, _ in query.spans]
                 ends = [e for _, e in query.spans]
                 rows = conn.execute(sql, [*params, starts, ends, *where]).fetchall()
+                # Postgres sums bigints as numeric: whole numbers, read as int.
                 for meter_name, grp, n, qty, events, windows, finals, revision in rows:
                     start, end = query.spans[n - 1]
                     totals.append(
-                        Total(meter_name, grp, start, end, qty, events, int(windows), int(finals), int(revision))
+                        Total(meter_name, grp, start, end, qty, int(events), int(windows), int(finals), int(revision))
                     )
             corrections: list[CountedCorrection] = []
             table = self.cfg.corrections.table
