@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 from bench.machine import machine_info
 from bench.procstat import TreeMeter, read_pid
@@ -166,11 +165,8 @@ def month_start(moment: datetime, back: int) -> datetime:
 
 def request_for(kind: str, first: datetime, end: datetime) -> dict[str, str]:
     if kind == "period":
-        return {
-            "granularity": "period",
-            "from": month_start(end, 2).strftime(ISO),
-            "to": month_start(end, -1).strftime(ISO),
-        }
+        since, until = month_start(end, 2), month_start(end, -1)  # three calendar months, the current one last
+        return {"granularity": "period", "from": since.strftime(ISO), "to": until.strftime(ISO)}
     if kind == "window":
         since = first + timedelta(minutes=random.randrange(int((end - first).total_seconds() // 60) - 60))
         return {"granularity": "window", "from": since.strftime(ISO), "to": (since + timedelta(hours=1)).strftime(ISO)}
@@ -298,30 +294,24 @@ def markdown(phases: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CONFIG = """kafka: {{bootstrap_servers: "127.0.0.1:{0}"}}
+postgres: {{port: {2}}}
+stack: {{state_dir: state, kafka_controller_port: {1}}}
+serve: {{port: {3}}}
+secrets_file: state/secrets.env
+"""
+
+
 def main() -> None:
     args = parse_args()
     root = Path(tempfile.mkdtemp(prefix="meterflow-usage-api-"))
-    kafka_port, controller, pg, serve = free_ports(4)
     config = root / "meterflow.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "kafka": {"bootstrap_servers": f"127.0.0.1:{kafka_port}"},
-                "postgres": {"port": pg},
-                "stack": {"state_dir": "state", "kafka_controller_port": controller},
-                "serve": {"port": serve},
-                "secrets_file": "state/secrets.env",
-            }
-        )
-    )
+    config.write_text(CONFIG.format(*free_ports(4)))
     ensure_secrets(load_config(config, environ={}))
     cfg = load_config(config, environ={})
     postgres, kafka = PostgresServer(cfg), KafkaBroker(cfg)
     server: subprocess.Popen[bytes] | None = None
-    result: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    result: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "args": vars(args)}
     try:
         print(f"state in {root}; starting Postgres and Kafka ...", flush=True)
         postgres.up()
@@ -330,12 +320,7 @@ def main() -> None:
         result["data"] = data = load_rows(cfg, args, end)
         first = datetime.fromisoformat(data["first_window"])
         result["explain"] = explain(cfg, args.tenants, args.customers, first, end)
-        print(
-            json.dumps(
-                {"data": data, "explain_ms": {k: v["median_ms"] for k, v in result["explain"].items()}}, indent=1
-            ),
-            flush=True,
-        )
+        print(json.dumps({"data": data, "explain_ms": {k: v["median_ms"] for k, v in result["explain"].items()}}))
         keys = [new_api_key() for _ in range(args.tenants)]
         for i, key in enumerate(keys):
             create_key(cfg, hash_api_key(key), f"tenant-{i}", "bench")
@@ -344,24 +329,12 @@ def main() -> None:
         pids |= {"postgres": read_pid(postgres.data / "postmaster.pid"), "kafka": read_pid(kafka.pid_file)}
         groups = {name: [pid] for name, pid in pids.items() if pid is not None}
         kinds = [k for part in args.mix.split(",") for k in [part.split("=")[0]] * int(part.split("=")[1])]
+        base, customers = f"http://{cfg.serve.host}:{cfg.serve.port}", args.tenants * args.customers
         result["phases"] = []
         for think in args.think_ms:
-            print(
-                f"{args.clients} clients, {think:.0f} ms between requests: {args.warmup:.0f} s warm-up, {args.seconds:.0f} s measured ...",
-                flush=True,
-            )
-            now = time.monotonic()
-            measure = (now + args.warmup, now + args.warmup + args.seconds)
-            load = Load(
-                f"http://{cfg.serve.host}:{cfg.serve.port}",
-                keys,
-                args.tenants * args.customers,
-                kinds,
-                first,
-                end,
-                measure,
-                think / 1000,
-            )
+            print(f"{args.clients} clients, {think:.0f} ms between requests ...", flush=True)
+            now = time.monotonic() + args.warmup
+            load = Load(base, keys, customers, kinds, first, end, (now, now + args.seconds), think / 1000)
             result["phases"].append(asyncio.run(phase(load, args.clients, groups, args.warmup, args.seconds)))
             print(json.dumps(result["phases"][-1]["cpu_cores"]), flush=True)
         result["machine"] = machine_info()

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -355,3 +359,36 @@ def wait_watermark(
         timeout,
         f"the watermark at '{name_contains}' to reach {at_least_ms}",
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(config_path: Path, log_path: Path) -> Iterator[int]:
+    """``meterflow serve`` on ``config_path`` as its own process on a free loopback port, until the block ends."""
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from meterflow.commands import main; main()", "--config", str(config_path)]
+            + ["serve", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        try:
+            wait_for(healthy, 60, "meterflow serve to answer")
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(20)

@@ -10,9 +10,6 @@ and nothing of a customer for another tenant's key."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,15 +23,9 @@ from kafka.partitioner.default import murmur2
 from connectors.avro_codec import UsageEvent
 from meterflow.commands import cli
 from meterflow.local import flink_jobs
-from tests.e2e.helpers import CLOSER_TENANT, expected_totals, private_job, table_totals, wait_for
+from tests.e2e.helpers import CLOSER_TENANT, expected_totals, private_job, serve_process, table_totals, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _key(path, tenant: str) -> str:
@@ -71,37 +62,8 @@ def service(e2e_stack, tmp_path):
     # Windows stay open to late events for 10 minutes of event time: provisional until a later closer.
     event_time = {**e2e_stack.base["event_time"], "source_idle_timeout": "30s", "allowed_lateness": "10m"}
     cfg, path = private_job(e2e_stack, "ingest", event_time=event_time)
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from meterflow.commands import main; main()",
-            "--config",
-            str(path),
-            "serve",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 60, "meterflow serve to answer")
+    with serve_process(path, tmp_path / "serve.log") as port:
         yield cfg, path, port
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
 
 
 def _event(event_id: str, tenant: str, customer: str, meter: str, quantity: str, at: datetime) -> dict:
