@@ -41,6 +41,7 @@ def local_listeners(cfg: JobConfig) -> dict[str, str]:
         "kafka.bootstrap_servers": kafka_host,
         "postgres.host": cfg.postgres.host,
         "flink.rest_host": cfg.flink.rest_host,
+        "serve.host": cfg.serve.host,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rich.table import Table
 
@@ -22,16 +23,22 @@ def stack_up(ctx: Context) -> JobConfig:
     if ensure_secrets(ctx.cfg):
         err_console.print(f"generated Postgres password in {ctx.cfg.path(ctx.cfg.secrets_file)}")
         ctx.reload()
-    LocalStack(ctx.cfg).up(echo=lambda m: err_console.print(m))
+    LocalStack(ctx.cfg, _config_file(ctx)).up(echo=lambda m: err_console.print(m))
     return ctx.cfg
+
+
+def _config_file(ctx: Context) -> Path | None:
+    """The config file the HTTP service is started on (None: defaults only, no file to hand it)."""
+    path = ctx.resolved_path
+    return path if path.is_file() else None
 
 
 @stack.command("up")
 @pass_ctx
 def stack_up_cmd(ctx: Context) -> None:
-    """Start (or confirm) Kafka, Postgres and Flink; waits until each answers."""
+    """Start (or confirm) Kafka, Postgres, Flink, Prometheus and `meterflow serve`; waits until each answers."""
     stack_up(ctx)
-    _print_status(ctx.cfg)
+    _print_status(ctx)
 
 
 @stack.command("down")
@@ -48,15 +55,15 @@ def stack_down(ctx: Context) -> None:
 @pass_ctx
 def stack_status(ctx: Context) -> None:
     """Show which parts of the stack are running; exit 1 if any part this config uses is not."""
-    if not _print_status(ctx.cfg):
+    if not _print_status(ctx):
         sys.exit(1)
 
 
-def _print_status(cfg: JobConfig) -> bool:
+def _print_status(ctx: Context) -> bool:
     from meterflow.local.stack import LocalStack
 
     table = Table("component", "state", "address", "detail")
-    statuses = LocalStack(cfg).status()
+    statuses = LocalStack(ctx.cfg, _config_file(ctx)).status()
     for s in statuses:
         state = "[green]running[/]" if s.running else ("[red]stopped[/]" if s.wanted else "stopped")
         table.add_row(s.name, state, s.address, s.detail)

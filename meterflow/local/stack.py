@@ -15,6 +15,7 @@ from meterflow.errors import StackError
 from meterflow.local import corrections_follower
 from meterflow.local.base import ComponentStatus, OptionalPart, StackPart
 from meterflow.local.flink import FlinkCluster
+from meterflow.local.http_service import HttpService
 from meterflow.local.kafka import KafkaBroker
 from meterflow.local.postgres import PostgresServer
 from meterflow.local.prometheus import PrometheusServer
@@ -75,7 +76,7 @@ def ensure_secrets(cfg: JobConfig) -> bool:
 class LocalStack:
     """Kafka, Postgres, ZooKeeper, Flink and Prometheus together, in start order."""
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, config_path: Path | None = None) -> None:
         self.cfg = cfg
         self.kafka = KafkaBroker(cfg)
         self.postgres = PostgresServer(cfg)
@@ -84,6 +85,8 @@ class LocalStack:
         self.prometheus = PrometheusServer(cfg)
         self.stripe_mock = StripeMock(cfg)
         self.registry = SchemaRegistry(cfg)
+        # The HTTP service runs ``meterflow serve`` on the config file ``stack up`` was given.
+        self.http = HttpService(cfg, config_path)
 
     def up(self, echo: Callable[[str], None] = print) -> None:
         """Start every part (idempotent), then apply the database schema."""
@@ -112,11 +115,15 @@ class LocalStack:
             echo(f"starting {name} ..." if not part.running() else f"{name} already running")
             part.up()
         apply_schemas(self.cfg)
+        if self.http.wanted:
+            echo("starting HttpService ..." if not self.http.running() else "HttpService already running")
+            self.http.up()
         echo("stack is up")
 
     def down(self) -> None:
         """Stop every part, the corrections followers and Flink first (they write to the others); ZooKeeper after Flink, keeping the running jobs for the next ``up``."""
         corrections_follower.stop_all(self.cfg)
+        self.http.down()
         self.flink.down()
         self.zookeeper.down()
         self.prometheus.down()
@@ -137,5 +144,6 @@ class LocalStack:
             self.prometheus.status(),
             *registry,
             self.stripe_mock.status(),
+            self.http.status(),
             *corrections_follower.statuses(self.cfg),
         ]

@@ -29,7 +29,7 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
     from meterflow.local.base import free_ports
     from meterflow.local.stack import LocalStack, ensure_secrets
 
-    kafka, controller, pg, rest, rpc, stripe_mock, prometheus, zookeeper, *metrics = free_ports(11)
+    kafka, controller, pg, rest, rpc, stripe_mock, prometheus, zookeeper, serve, *metrics = free_ports(12)
     run = uuid.uuid4().hex[:8]
     base = {
         "kafka": {
@@ -60,6 +60,8 @@ def running_stack(root: Path, request: pytest.FixtureRequest, **sections: dict) 
             "prometheus_scrape_interval": "2s",
         },
         "stripe": {"api_base": f"http://127.0.0.1:{stripe_mock}"},
+        # `meterflow stack up` (the resubmit runbook) starts the HTTP service too: on a port of its own.
+        "serve": {"port": serve},
         "secrets_file": "state/secrets.env",
     }
     for section, values in sections.items():
