@@ -111,11 +111,28 @@ CORRECTIONS_METRICS = frozenset(
         "meterflow_corrections_recorded_total",
     }
 )
+# The HTTP service's own endpoint (meterflow/serve/app.py, GET /metrics): ingest requests by HTTP
+# status and events by result, usage API requests by status and the time to answer one (a histogram).
+SERVE_METRICS = frozenset(
+    {
+        "meterflow_ingest_events_total",
+        "meterflow_ingest_requests_total",
+        "meterflow_usage_requests_total",
+        "meterflow_usage_request_seconds_bucket",
+        "meterflow_usage_request_seconds_count",
+        "meterflow_usage_request_seconds_sum",
+    }
+)
 # Metric families with a variable last part: one counter per dead-letter kind (CountDeadLetter).
 METRIC_PREFIXES = frozenset({OPERATOR_SCOPE + "meterflow_dead_letter_"})
 
 EXPORTED_METRICS = (
-    FLINK_JOB_METRICS | FLINK_OPERATOR_METRICS | USAGE_JOB_METRICS | BILLING_JOB_METRICS | CORRECTIONS_METRICS
+    FLINK_JOB_METRICS
+    | FLINK_OPERATOR_METRICS
+    | USAGE_JOB_METRICS
+    | BILLING_JOB_METRICS
+    | CORRECTIONS_METRICS
+    | SERVE_METRICS
 )
 
 # A metric name in PromQL: a bare selector name, or a name prefix in a regular expression

@@ -20,6 +20,8 @@ REPORTER_NAME = "prom"
 FLINK_SCRAPE_JOB = "flink"
 # The corrections follower (`corrections apply --follow`, meterflow/commands/corrections_metrics.py).
 CORRECTIONS_SCRAPE_JOB = "meterflow-corrections"
+# The HTTP service (`meterflow serve`, GET /metrics).
+SERVE_SCRAPE_JOB = "meterflow-serve"
 
 
 def flink_reporter_conf(ports: str, host: str = LOOPBACK, factory: str = LOOPBACK_REPORTER_FACTORY) -> dict[str, str]:
@@ -43,13 +45,16 @@ def prometheus_config(
     scrape_interval: timedelta,
     rule_files: Sequence[str] = (),
     corrections_targets: Sequence[str] = (),
+    serve_targets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Prometheus' configuration: a scrape job over the Flink reporter endpoints, one over the
-    corrections follower's (when it serves any), and the alert rule files."""
+    corrections follower's (when it serves any), one over the HTTP service's, and the alert rule files."""
     interval = format_duration(scrape_interval)
     jobs = [{"job_name": FLINK_SCRAPE_JOB, "static_configs": [{"targets": list(targets)}]}]
     if corrections_targets:
         jobs.append({"job_name": CORRECTIONS_SCRAPE_JOB, "static_configs": [{"targets": list(corrections_targets)}]})
+    if serve_targets:
+        jobs.append({"job_name": SERVE_SCRAPE_JOB, "static_configs": [{"targets": list(serve_targets)}]})
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "rule_files": list(rule_files),
@@ -58,7 +63,8 @@ def prometheus_config(
 
 
 def local_prometheus_config(cfg: JobConfig, rule_files: Sequence[str] = ()) -> dict[str, Any]:
-    """The local stack's Prometheus config: every port of ``stack.flink_metrics_ports`` on loopback, and the corrections follower's."""
+    """The local stack's Prometheus config: every port of ``stack.flink_metrics_ports`` on loopback, the
+    corrections follower's and the HTTP service's (``serve.host:serve.port``)."""
     s = cfg.stack
     follower = [f"{LOOPBACK}:{cfg.corrections.metrics_port}"] if cfg.corrections.metrics_port else []
     return prometheus_config(
@@ -66,4 +72,5 @@ def local_prometheus_config(cfg: JobConfig, rule_files: Sequence[str] = ()) -> d
         s.prometheus_scrape_interval,
         rule_files,
         follower,
+        [f"{cfg.serve.host}:{cfg.serve.port}"],
     )

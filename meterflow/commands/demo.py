@@ -90,8 +90,63 @@ def demo(ctx: Context, count: int, timeout: int, fresh: bool) -> None:
         f"[green]{len(rows)} closed window rows, all final, match the totals computed from the {len(events)} produced events.[/] "
         f"{open_windows} newer window(s) stay open until later events move the watermark past their end."
     )
+    _demo_http(
+        ctx,
+        cfg,
+        rows[0].tenant_id,
+        rows[0].customer_id,
+        [r for r in rows if r.customer_id == rows[0].customer_id and r.tenant_id == rows[0].tenant_id],
+    )
     if cfg.billing.enabled:
         _demo_billing(cfg, f"demo-{run}-", len(rows), deadline)
+
+
+def _demo_http(ctx: Context, cfg: JobConfig, tenant: str, customer: str, rows: list) -> None:
+    """The usage API and page of ``meterflow serve`` (started by ``stack up``) for one demo customer, checked against Postgres."""
+    import httpx
+
+    from meterflow.commands.stack import config_file
+    from meterflow.serve.ingest import hash_api_key, new_api_key
+    from sinks.api_keys import create_key
+
+    if config_file(ctx) is None:
+        err_console.print("no config file, so `stack up` started no HTTP service: skipping the usage API")
+        return
+    key = new_api_key()
+    create_key(cfg, hash_api_key(key), tenant, "demo")
+    # The key goes in a header file only its owner reads, never on a command line.
+    header = cfg.state_dir / "serve" / f"{tenant}.header"
+    header.parent.mkdir(parents=True, exist_ok=True)
+    header.touch(mode=0o600)
+    header.write_text(f"Authorization: Bearer {key}\n")
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    since = min(r.window_start for r in rows).isoformat() + "Z"
+    until = max(r.window_end for r in rows).isoformat() + "Z"
+    path = f"/v1/customers/{customer}/usage?granularity=period&from={since}&to={until}"
+    answer = httpx.get(base + path, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    # Plain lines: a command and an address to copy whole, never wrapped.
+    click.echo(f"\nThe usage API (meterflow serve, started by `stack up`):\n  curl -s -H @{header} '{base}{path}'")
+    if answer.status_code != 200:
+        err_console.print(f"[red]the usage API answered {answer.status_code}: {answer.text}[/]")
+        sys.exit(1)
+    body = answer.json()
+    console.print_json(data={**body, "corrections": body["corrections"][:3]})
+    served: dict[str, Decimal] = defaultdict(Decimal)
+    for u in body["usage"]:  # a demo run across a month's start covers two periods
+        served[u["meter"]] += Decimal(u["quantity"])
+    stored: dict[str, Decimal] = defaultdict(Decimal)
+    for r in rows:
+        stored[r.meter] += r.quantity
+    if dict(served) != dict(stored):
+        err_console.print(f"[red]the usage API's period totals {dict(served)} differ from Postgres {dict(stored)}[/]")
+        sys.exit(1)
+    page = httpx.get(f"{base}/usage/{customer}", timeout=10)
+    if page.status_code != 200:
+        err_console.print(f"[red]the usage page answered {page.status_code}[/]")
+        sys.exit(1)
+    console.print("[green]The period totals served equal the customer's rows in Postgres.[/]")
+    click.echo(f"The customer's usage page: {base}/usage/{customer}#key=<the key in {header}>")
+    click.echo("(the key goes in the address's fragment, which a browser never sends to a server)")
 
 
 def _demo_billing(cfg: JobConfig, tenant_prefix: str, windows: int, deadline: float) -> None:

@@ -23,11 +23,11 @@ def stack_up(ctx: Context) -> JobConfig:
     if ensure_secrets(ctx.cfg):
         err_console.print(f"generated Postgres password in {ctx.cfg.path(ctx.cfg.secrets_file)}")
         ctx.reload()
-    LocalStack(ctx.cfg, _config_file(ctx)).up(echo=lambda m: err_console.print(m))
+    LocalStack(ctx.cfg, config_file(ctx)).up(echo=lambda m: err_console.print(m))
     return ctx.cfg
 
 
-def _config_file(ctx: Context) -> Path | None:
+def config_file(ctx: Context) -> Path | None:
     """The config file the HTTP service is started on (None: defaults only, no file to hand it)."""
     path = ctx.resolved_path
     return path if path.is_file() else None
@@ -63,7 +63,7 @@ def _print_status(ctx: Context) -> bool:
     from meterflow.local.stack import LocalStack
 
     table = Table("component", "state", "address", "detail")
-    statuses = LocalStack(ctx.cfg, _config_file(ctx)).status()
+    statuses = LocalStack(ctx.cfg, config_file(ctx)).status()
     for s in statuses:
         state = "[green]running[/]" if s.running else ("[red]stopped[/]" if s.wanted else "stopped")
         table.add_row(s.name, state, s.address, s.detail)

@@ -48,10 +48,12 @@ def test_every_alert_has_severity_and_summary():
 
 
 def test_alerts_group_only_by_bounded_labels():
-    """Aggregations keep only the job: no tenant, customer or other unbounded label."""
+    """Aggregations keep only the job, the scrape target or a histogram's bucket: no tenant, customer or other unbounded label."""
     for rule in _rules():
         for labels in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
-            assert {label.strip() for label in labels.split(",")} <= {"job_name", "__name__"}, rule["alert"]
+            assert {label.strip() for label in labels.split(",")} <= {"job_name", "__name__", "instance", "le"}, rule[
+                "alert"
+            ]
         assert not re.search(r"tenant|customer", rule["expr"]), rule["alert"]
 
 

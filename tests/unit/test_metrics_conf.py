@@ -91,8 +91,12 @@ def test_local_prometheus_config_follows_the_typed_config(write_config):
         "job_name": "meterflow-corrections",
         "static_configs": [{"targets": ["127.0.0.1:9260"]}],
     }, "the corrections follower"
+    assert conf["scrape_configs"][2] == {
+        "job_name": "meterflow-serve",
+        "static_configs": [{"targets": ["127.0.0.1:8088"]}],
+    }, "the HTTP service"
     off = load_config(write_config("corrections:\n  metrics_port: 0\n"), environ={})
-    assert [j["job_name"] for j in local_prometheus_config(off)["scrape_configs"]] == ["flink"]
+    assert [j["job_name"] for j in local_prometheus_config(off)["scrape_configs"]] == ["flink", "meterflow-serve"]
 
 
 def test_defaults_and_env_override(write_config):

@@ -190,3 +190,14 @@ def test_the_openapi_document_describes_the_usage_api():
     spec = _client(RecordingSource()).get("/openapi.json").json()
     params = {p["name"] for p in spec["paths"]["/v1/customers/{customer_id}/usage"]["get"]["parameters"]}
     assert {"customer_id", "meter", "from", "to", "granularity", "group_by"} <= params
+
+
+def test_the_services_metrics_are_the_catalogs():
+    from meterflow.metrics_catalog import SERVE_METRICS
+
+    c = _client(RecordingSource())
+    c.get("/v1/customers/cust-1/usage", headers={"Authorization": f"Bearer {KEY_A}"})
+    c.post("/v1/events", json={}, headers={"Authorization": f"Bearer {KEY_A}"})
+    text = c.get("/metrics").text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert {n for n in names if not n.endswith("_created")} == SERVE_METRICS, "the names ops/alerts.yml may read"

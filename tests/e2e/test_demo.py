@@ -1,0 +1,42 @@
+"""The README's first command's demo on the session stack: ``meterflow demo`` as its own process on
+a config of its own. It counts its sample in Postgres exactly, and shows the usage API (a curl of
+the usage endpoint, whose period totals it checks against Postgres) and the usage page of
+``meterflow serve``, which ``stack up`` started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from meterflow.local import flink_jobs
+from meterflow.local.http_service import HttpService
+from tests.e2e.helpers import private_job
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_the_demo_counts_its_sample_and_serves_it_over_http(e2e_stack):
+    cfg, path = private_job(e2e_stack, "demo")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from meterflow.commands import main; main()", "--config", str(path)]
+            + ["demo", "--count", "400", "--timeout", "240"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode == 0, said
+        assert "all final, match the totals computed from the 400 produced events" in said
+        assert f"curl -s -H @{cfg.state_dir / 'serve'}" in said
+        assert "The period totals served equal the customer's rows in Postgres." in said
+        assert "/usage/" in said and "#key=" in said
+        assert "Bearer mf_" not in said  # the key is in the header file, not on the screen
+    finally:
+        for name in flink_jobs.job_names(cfg):
+            for job in flink_jobs.running_jobs(cfg, name):
+                flink_jobs.cancel(cfg, job["jid"])
+        HttpService(cfg, path).down()
