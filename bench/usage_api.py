@@ -17,7 +17,8 @@ What it does, in order:
    request one of: the current period per day (the default query), ``granularity=period`` over three
    calendar months, ``granularity=window`` over one hour. After ``--warmup`` seconds, each request
    started within the next ``--seconds`` is timed client-side; any answer but 200 is an error. With
-   ``--think-ms`` a client waits that long between requests (one phase per value; 0: no wait).
+   ``--think-ms`` a client pauses between requests, for a time drawn from an exponential distribution
+   of that mean (one phase per value; 0: no pause).
 
 The load generator, the service and Postgres share the machine. CPU seconds of each over the
 measured interval are recorded, with the machine's total, so what else ran can be told apart.
@@ -96,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=60, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=10, help="seconds of load before measuring")
     p.add_argument("--mix", default="day=2,period=1,window=1", help="weights of the request kinds")
-    p.add_argument("--think-ms", type=float, nargs="+", default=[0.0], help="a client's pause between requests")
+    p.add_argument("--think-ms", type=float, nargs="+", default=[0.0], help="a client's mean pause between requests")
     p.add_argument(
         "--through-trigger",
         action="store_true",
@@ -214,6 +215,7 @@ def explain(cfg: JobConfig, tenants: int, customers: int, first: datetime, end: 
 
 async def client(session: aiohttp.ClientSession, load: Load) -> None:
     measure_from, measure_to = load.measure
+    await asyncio.sleep(random.uniform(0, load.think_s))
     while time.monotonic() < measure_to:
         kind, c = random.choice(load.kinds), random.randrange(load.customers)
         params = request_for(kind, load.first, load.end)
@@ -227,8 +229,8 @@ async def client(session: aiohttp.ClientSession, load: Load) -> None:
             status = -1
         if measure_from <= started < measure_to:
             load.samples.append((kind, time.monotonic() - started, status, rows))
-        if load.think_s:
-            await asyncio.sleep(load.think_s)
+        if load.think_s:  # independent users: exponential pauses, so requests arrive at random, not in step
+            await asyncio.sleep(random.expovariate(1 / load.think_s))
 
 
 def machine_busy_s() -> float:
@@ -267,7 +269,8 @@ async def phase(load: Load, clients: int, groups: dict[str, list[int]], warmup: 
     cpu = {name: (after[name][0] - before[name][0]) / seconds for name in groups}
     cpu |= {"load generator": own / seconds, "machine": busy / seconds}
     latency = summary(load.samples, seconds)
-    return {"clients": clients, "think_ms": load.think_s * 1000, "latency": latency, "cpu_cores": cpu}
+    think = {"think_ms": load.think_s * 1000, "think": "exponential"}
+    return {"clients": clients, **think, "latency": latency, "cpu_cores": cpu}
 
 
 def start_server(config: Path, cfg: JobConfig, log: Path) -> subprocess.Popen[bytes]:
@@ -347,6 +350,11 @@ def main() -> None:
             result["phases"].append(asyncio.run(phase(load, args.clients, groups, args.warmup, args.seconds)))
             print(json.dumps(result["phases"][-1]["cpu_cores"]), flush=True)
         result["machine"] = machine_info()
+        git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+        result["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        result["uncommitted"] = subprocess.run(
+            [*git, "status", "--porcelain"], capture_output=True, text=True
+        ).stdout.splitlines()
         kept = json.loads(args.results.read_text()) if args.results.exists() else {}
         kept["rollup_kept_by_trigger" if args.through_trigger else "rollup_built_once"] = result
         args.results.write_text(json.dumps(kept, indent=2, default=str) + "\n")

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from meterflow.alerts_config import AlertsConfig
 from meterflow.config_values import Duration, ExactDecimal, format_duration, parse_port_range
 from meterflow.destinations import STRIPE, Destination, declare
 from meterflow.errors import ConfigError
@@ -493,6 +494,7 @@ class JobConfig(_Section):
     billing: BillingConfig = BillingConfig()
     corrections: CorrectionsConfig = CorrectionsConfig()
     serve: ServeConfig = ServeConfig()
+    alerts: AlertsConfig = AlertsConfig()
     meters: tuple[MeterConfig, ...] = (MeterConfig(name="api_calls"), MeterConfig(name="tokens"))
     secrets_file: str = ".stack/secrets.env"
     base_dir: str = Field(".", description="Directory relative paths resolve against (the config file's).")

@@ -123,6 +123,18 @@ SERVE_METRICS = frozenset(
         "meterflow_usage_request_seconds_sum",
     }
 )
+# The HTTP service's threshold alerts (meterflow/serve/alerts_worker.py), on the same endpoint.
+ALERTS_METRICS = frozenset(
+    {
+        "meterflow_alerts_crossings_total",
+        "meterflow_alerts_deliveries_total",
+        "meterflow_alerts_pass_errors_total",
+        "meterflow_alerts_backlog",
+        "meterflow_alerts_delivery_delay_seconds_bucket",
+        "meterflow_alerts_delivery_delay_seconds_count",
+        "meterflow_alerts_delivery_delay_seconds_sum",
+    }
+)
 # Metric families with a variable last part: one counter per dead-letter kind (CountDeadLetter).
 METRIC_PREFIXES = frozenset({OPERATOR_SCOPE + "meterflow_dead_letter_"})
 
@@ -133,6 +145,7 @@ EXPORTED_METRICS = (
     | BILLING_JOB_METRICS
     | CORRECTIONS_METRICS
     | SERVE_METRICS
+    | ALERTS_METRICS
 )
 
 # A metric name in PromQL: a bare selector name, or a name prefix in a regular expression

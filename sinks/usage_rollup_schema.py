@@ -2,8 +2,8 @@
 billing cycles, and the queries ``GET /v1/customers/{id}/usage`` runs.
 
 The rollup holds, per window key and quarter hour (UTC) of the window's start, the sum of the
-windows' quantities and events, how many windows there are and how many are final, and a revision
-bumped at every change. A trigger on the usage table keeps it in the transaction that writes the
+windows' quantities and events, how many windows there are and how many are final, the sum of the
+final ones' quantities (threshold alerts on final usage), and a revision bumped at every change. A trigger on the usage table keeps it in the transaction that writes the
 window (the job's checkpoint commit, a reprocess), so it never disagrees with the usage table. A
 day or a billing period in any timezone is a set of whole quarter hours (meterflow/billing_cycle.py),
 so the API sums at most 96 rows a day per key, never the raw windows.
@@ -33,13 +33,15 @@ def rollup_ddl(usage_table: str = "usage_windows") -> list[str]:
 
     def change(row: str, sign: str) -> str:
         # One window's part in its bucket, added (+) or taken away (-).
-        return f"""INSERT INTO {r} AS r ({key}, bucket_start, quantity, event_count, windows, final_windows)
+        return f"""INSERT INTO {r} AS r ({key}, bucket_start, quantity, event_count, windows, final_windows, final_quantity)
         VALUES ({row}.tenant_id, {row}.customer_id, {row}.meter, {row}.dimensions_key, {_BIN.format(start=f"{row}.window_start")},
-                {sign}{row}.quantity, {sign}{row}.event_count, {sign}1, CASE WHEN {row}.is_final THEN {sign}1 ELSE 0 END)
+                {sign}{row}.quantity, {sign}{row}.event_count, {sign}1, CASE WHEN {row}.is_final THEN {sign}1 ELSE 0 END,
+                CASE WHEN {row}.is_final THEN {sign}{row}.quantity ELSE 0 END)
         ON CONFLICT ({key}, bucket_start) DO UPDATE SET
             quantity = r.quantity + EXCLUDED.quantity, event_count = r.event_count + EXCLUDED.event_count,
             windows = r.windows + EXCLUDED.windows, final_windows = r.final_windows + EXCLUDED.final_windows,
-            revision = r.revision + 1, updated_at = now()"""
+            final_quantity = r.final_quantity + EXCLUDED.final_quantity,
+            revision = r.revision + 1, updated_at = clock_timestamp()"""
 
     return [
         f"""CREATE TABLE IF NOT EXISTS {r} (
@@ -52,12 +54,15 @@ def rollup_ddl(usage_table: str = "usage_windows") -> list[str]:
     event_count    bigint         NOT NULL,
     windows        integer        NOT NULL,
     final_windows  integer        NOT NULL,
+    final_quantity numeric(38, 9) NOT NULL DEFAULT 0,
     revision       bigint         NOT NULL DEFAULT 1,
     updated_at     timestamptz    NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, bucket_start)
 )""",
         # The usage API reads a customer's buckets over a range of time, across meters.
         f"CREATE INDEX IF NOT EXISTS {r}_customer_time ON {r} (tenant_id, customer_id, bucket_start)",
+        # Threshold alerts read what changed since their last pass.
+        f"CREATE INDEX IF NOT EXISTS {r}_updated ON {r} (updated_at)",
         # The close horizon (the latest final window's end) without a scan of the usage table.
         f"CREATE INDEX IF NOT EXISTS {u}_final_end ON {u} (window_end) WHERE is_final",
         f"""CREATE OR REPLACE FUNCTION {r}_keep() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -80,9 +85,9 @@ $$""",
         -- Made from the rows already there, with writers held off until the trigger exists.
         LOCK TABLE {u} IN SHARE ROW EXCLUSIVE MODE;
         DELETE FROM {r};
-        INSERT INTO {r} ({key}, bucket_start, quantity, event_count, windows, final_windows)
+        INSERT INTO {r} ({key}, bucket_start, quantity, event_count, windows, final_windows, final_quantity)
             SELECT {key}, {_BIN.format(start="window_start")}, sum(quantity), sum(event_count), count(*),
-                   count(*) FILTER (WHERE is_final)
+                   count(*) FILTER (WHERE is_final), coalesce(sum(quantity) FILTER (WHERE is_final), 0)
             FROM {u} GROUP BY {key}, 5;
         CREATE TRIGGER {r}_keep AFTER INSERT OR UPDATE OR DELETE ON {u}
             FOR EACH ROW EXECUTE FUNCTION {r}_keep();

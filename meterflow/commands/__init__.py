@@ -2,7 +2,7 @@
 
 ``stack`` (the local stack), ``produce``, ``job`` (submit, jobs, stop), ``usage``, ``late_audit``,
 ``billing`` (billing status/replay/customers, reconcile), ``corrections`` (apply, list, approve,
-reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune``, ``demo``, and ``serve`` (the HTTP service, ``api-keys``, ``cycles``).
+reject), ``reprocess``, ``dead_letters`` (list, replay), ``tune``, ``demo``, ``serve`` (the HTTP service, ``api-keys``, ``cycles``) and ``alerts`` (threshold alerts).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from meterflow.commands import (  # noqa: F401 - importing registers the commands
+    alerts,
     billing,
     corrections,
     dead_letters,

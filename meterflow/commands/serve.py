@@ -19,21 +19,32 @@ from meterflow.commands.root import Context, cli, console, err_console, pass_ctx
 def serve(ctx: Context, host: str | None, port: int | None) -> None:
     """Run the HTTP service: POST /v1/events writes usage events to the input topic, GET
     /v1/customers/{id}/usage reads usage, /usage/{id} is a customer's page (README, "HTTP service")."""
+    import logging
+
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from connectors.event_writer import KafkaEventWriter
+    from meterflow.serve.alerts_worker import AlertWorker
     from meterflow.serve.app import KeyCache, create_app
     from meterflow.serve.usage_reader import UsageReader
     from sinks.api_keys import tenant_of
 
     cfg = ctx.cfg
+    # The alerts worker logs each crossing and failed webhook to the service's output.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("meterflow.alerts").setLevel(logging.INFO)
     writer = KafkaEventWriter(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic)
     keys = KeyCache(lambda digest: tenant_of(cfg, digest), cfg.serve.key_cache_ttl.total_seconds())
     reader = UsageReader(cfg)
     reader.open()
+    registry = CollectorRegistry()
+    worker = AlertWorker(cfg, reader.pool.connection, registry) if cfg.alerts.enabled else None
+    if worker is not None:
+        worker.start()
     try:
         uvicorn.run(
-            create_app(cfg, writer, keys, reader),
+            create_app(cfg, writer, keys, reader, registry=registry),
             host=host or cfg.serve.host,
             port=port or cfg.serve.port,
             log_level="warning",
@@ -41,6 +52,8 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
             access_log=False,
         )
     finally:
+        if worker is not None:
+            worker.stop()
         reader.close()
         writer.close()
 

@@ -113,11 +113,13 @@ def create_app(
     keys: KeyCache,
     usage: UsageSource,
     now: Callable[[], datetime] = _utc_now,
+    registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """The service, with its writer, key lookup, usage reader and clock."""
+    """The service, with its writer, key lookup, usage reader and clock; its metrics in ``registry``
+    (shared with the alerts worker) or one of its own."""
     serve = cfg.serve
     app = FastAPI(title="meterflow", summary="Usage events in over HTTP, as the usage job reads them.")
-    registry = CollectorRegistry()
+    registry = registry if registry is not None else CollectorRegistry()
     events_total = Counter(
         "meterflow_ingest_events", "Events of ingest requests, by result.", ["status"], registry=registry
     )

@@ -69,7 +69,7 @@ def _write(
 def _rollup(cfg) -> dict:
     with connect(cfg.postgres) as conn:
         rows = conn.execute(
-            f"SELECT customer_id, meter, dimensions_key, bucket_start, quantity, event_count, windows, final_windows FROM {rollup_table(cfg.postgres.usage_table)}"
+            f"SELECT customer_id, meter, dimensions_key, bucket_start, quantity, event_count, windows, final_windows, final_quantity FROM {rollup_table(cfg.postgres.usage_table)}"
         ).fetchall()
     return {tuple(r[:4]): tuple(r[4:]) for r in rows if r[6] != 0}
 
@@ -80,7 +80,7 @@ def _recomputed(cfg) -> dict:
         rows = conn.execute(
             f"SELECT customer_id, meter, dimensions_key, window_start, quantity, event_count, is_final FROM {cfg.postgres.usage_table}"
         ).fetchall()
-    sums: dict = defaultdict(lambda: [Decimal(0), 0, 0, 0])
+    sums: dict = defaultdict(lambda: [Decimal(0), 0, 0, 0, Decimal(0)])
     for customer, meter, dims, start, quantity, events, final in rows:
         bucket = start.replace(minute=start.minute - start.minute % 15, second=0, microsecond=0)
         s = sums[(customer, meter, dims, bucket)]
@@ -88,6 +88,7 @@ def _recomputed(cfg) -> dict:
         s[1] += events
         s[2] += 1
         s[3] += int(final)
+        s[4] += quantity if final else 0
     return {k: tuple(v) for k, v in sums.items()}
 
 

@@ -1,0 +1,225 @@
+"""Threshold alerts in ``meterflow serve``: each pass evaluates the rules over the usage committed since
+the last pass (the rollup's changed rows), records each crossing once, and delivers the due
+webhooks, signed as Standard Webhooks specifies (``standardwebhooks``), with retries and backoff.
+
+The rules are meterflow/alerts.py's; the ledger is sinks/alerts_store.py's. A crossing is recorded
+in Postgres before any webhook is sent, keyed by rule, customer and period, so a usage job that
+restored and committed its windows again, a service restarted, or two services running, record it
+once. A webhook is marked sent on a 2xx answer; one sent whose answer was lost is sent again with
+the same ``webhook-id``, which receivers deduplicate on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import httpx
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from standardwebhooks.webhooks import Webhook
+
+from meterflow.alerts import AlertRule, Crossing, crossed, crossing_id, is_delivered, retry_delay, spans
+from meterflow.billing_cycle import BillingCycle
+from meterflow.config import JobConfig
+from sinks import alerts_store as store
+from sinks.postgres import table_exists
+from sinks.usage_rollup_schema import cycle_sql
+
+log = logging.getLogger("meterflow.alerts")
+
+# A commit's rows carry the time they were written, a little before the commit is seen: each pass
+# looks this far behind the latest change it saw. Re-evaluating is harmless (a crossing is recorded once).
+COMMIT_OVERLAP = timedelta(seconds=60)
+
+
+class Sender(Protocol):
+    def __call__(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+        """POST the body; the HTTP status (an exception when no answer came)."""
+
+
+def post_webhook(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+    return httpx.post(url, content=body, headers=headers, timeout=timeout_s).status_code
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AlertWorker:
+    """Evaluates and delivers on connections from ``connection`` (autocommit), one pass at a time."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        connection: Callable[[], AbstractContextManager[psycopg.Connection[Any]]],
+        registry: CollectorRegistry,
+        sender: Sender = post_webhook,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.cfg, self.a, self.connection, self.sender, self.clock = cfg, cfg.alerts, connection, sender, clock
+        self.cursor: datetime | None = None
+        self.known_rules: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.crossings = Counter("meterflow_alerts_crossings", "Threshold crossings recorded.", registry=registry)
+        self.deliveries = Counter(
+            "meterflow_alerts_deliveries", "Webhook attempts, by outcome.", ["outcome"], registry=registry
+        )
+        self.errors = Counter(
+            "meterflow_alerts_pass_errors", "Passes that failed (logged; the next one tries again).", registry=registry
+        )
+        self.backlog = Gauge(
+            "meterflow_alerts_backlog", "Crossings waiting for delivery, and dead ones.", ["status"], registry=registry
+        )
+        self.delay = Histogram(
+            "meterflow_alerts_delivery_delay_seconds",
+            "From a crossing's recording to its webhook's 2xx answer.",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+            registry=registry,
+        )
+
+    def prepare(self) -> None:
+        with self.connection() as conn:
+            store.apply_alerts_schema(conn, self.a)
+
+    def evaluate(self, conn: psycopg.Connection[Any]) -> int:
+        """Record the crossings of the usage changed since the last pass, and of a rule new since then
+        over the periods of the last ``alerts.lookback``; how many were new."""
+        now_row = conn.execute("SELECT now()").fetchone()
+        db_now: datetime = now_row[0] if now_row else self.clock()
+        if self.cursor is None:
+            self.cursor = db_now - self.a.lookback
+        usage_table = self.cfg.postgres.usage_table
+        rules = store.rules(conn, self.a)
+        by_meter: dict[tuple[str, str], list[AlertRule]] = {}
+        for rule in rules:
+            by_meter.setdefault((rule.tenant_id, rule.meter), []).append(rule)
+        # (rule, tenant, customer, meter) -> the range of time whose periods to check
+        todo: dict[tuple[AlertRule, str, str, str], tuple[datetime, datetime]] = {}
+        changed = store.changed_usage(conn, usage_table, self.a, self.cursor)
+        for tenant, customer, meter, first, last, _ in changed:
+            for rule in by_meter.get((tenant, meter), []):
+                todo[(rule, tenant, customer, meter)] = (first, last)
+        until = db_now.astimezone(UTC).replace(tzinfo=None)
+        since = until - self.a.lookback
+        for rule in rules:
+            if (rule.tenant_id, rule.rule_id) in self.known_rules:
+                continue
+            # A period is at most 31 days and a day 25 hours: the customers with usage in any period checked.
+            for customer in store.customers_with_usage(
+                conn, usage_table, rule.tenant_id, rule.meter, since - timedelta(days=32)
+            ):
+                key = (rule, rule.tenant_id, customer, rule.meter)
+                first, last = todo.get(key, (since, until))
+                todo[key] = (min(first, since), max(last, until))
+        self.known_rules = {(r.tenant_id, r.rule_id) for r in rules}
+        cycles_table = self.cfg.serve.billing_cycles_table
+        with_cycles = table_exists(conn, cycles_table)
+        new = 0
+        for (rule, tenant, customer, meter), (first, last) in todo.items():
+            found = conn.execute(cycle_sql(cycles_table), (tenant, customer)).fetchone() if with_cycles else None
+            cycle = BillingCycle(found[0], found[1]) if found else BillingCycle()
+            for start, end in spans(rule, cycle, first, last):
+                provisional, final = store.period_totals(conn, usage_table, (tenant, customer, meter), start, end)
+                total = crossed(rule, provisional, final)
+                if total is None:
+                    continue
+                at = self.clock().astimezone(UTC).replace(tzinfo=None)
+                ident = crossing_id(rule.rule_id, tenant, customer, start)
+                xing = Crossing(
+                    ident,
+                    rule.rule_id,
+                    tenant,
+                    customer,
+                    meter,
+                    rule.period,
+                    rule.basis,
+                    start,
+                    end,
+                    rule.threshold,
+                    total,
+                    at,
+                )
+                if store.record_crossing(conn, self.a, xing):
+                    new += 1
+                    log.info(
+                        "threshold crossed: %s %s/%s %s >= %s", rule.rule_id, tenant, customer, total, rule.threshold
+                    )
+        self.crossings.inc(new)
+        if changed:
+            self.cursor = max(self.cursor, max(row[5] for row in changed) - COMMIT_OVERLAP)
+        return new
+
+    def deliver(self, conn: psycopg.Connection[Any]) -> int:
+        """Send the due webhooks once each; how many were delivered."""
+        timeout = self.a.request_timeout.total_seconds()
+        delivered = 0
+        for xing, attempts in store.claim_due(conn, self.a, self.a.request_timeout * 3):
+            target = store.endpoint(conn, self.a, xing.tenant_id)
+            if target is None:
+                self._failed(conn, xing, attempts, "the tenant has no webhook endpoint (meterflow alerts endpoint set)")
+                continue
+            url, secret = target
+            body = json.dumps(xing.body(), separators=(",", ":")).encode()
+            sent_at = self.clock()
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": xing.crossing_id,
+                "webhook-timestamp": str(int(sent_at.timestamp())),
+                "webhook-signature": Webhook(secret).sign(xing.crossing_id, sent_at, body),
+            }
+            try:
+                status = self.sender(url, body, headers, timeout)
+            except httpx.HTTPError as e:
+                self._failed(conn, xing, attempts, f"{type(e).__name__}: {e}")
+                continue
+            if is_delivered(status):
+                store.mark_sent(conn, self.a, xing.crossing_id)
+                self.deliveries.labels("sent").inc()
+                self.delay.observe(
+                    max((self.clock().astimezone(UTC).replace(tzinfo=None) - xing.crossed_at).total_seconds(), 0)
+                )
+                delivered += 1
+            else:
+                self._failed(conn, xing, attempts, f"HTTP {status}")
+        pending, dead = store.pending_count(conn, self.a)
+        self.backlog.labels("pending").set(pending)
+        self.backlog.labels("dead").set(dead)
+        return delivered
+
+    def _failed(self, conn: psycopg.Connection[Any], xing: Crossing, attempts: int, error: str) -> None:
+        dead = attempts + 1 >= self.a.max_attempts
+        wait = retry_delay(attempts + 1, self.a.retry_base, self.a.retry_cap)
+        store.mark_failed(conn, self.a, xing.crossing_id, error, dead, wait)
+        self.deliveries.labels("dead" if dead else "failed").inc()
+        log.warning("webhook %s for %s: %s%s", xing.crossing_id, xing.tenant_id, error, " (dead)" if dead else "")
+
+    def run_once(self) -> None:
+        with self.connection() as conn:
+            self.evaluate(conn)
+            self.deliver(conn)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.a.interval.total_seconds()):
+            try:
+                self.run_once()
+            except (psycopg.Error, OSError) as e:
+                # Postgres away for a moment: the next pass starts where this one could not.
+                self.errors.inc()
+                log.error("alerts pass failed: %s", e)
+
+    def start(self) -> None:
+        self.prepare()
+        self._thread = threading.Thread(target=self._loop, name="meterflow-alerts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
