@@ -151,6 +151,16 @@ def test_corrections_follower_runs_with_the_stack_and_is_restarted(compose):
     assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_the_http_service_runs_with_the_stack_on_the_hosts_loopback(compose, cfg):
+    """`meterflow serve` as a service compose restarts, listening inside the network, published on 127.0.0.1 only."""
+    svc = compose["services"]["serve"]
+    assert svc["entrypoint"] + svc["command"] == ["meterflow", "--config", "/opt/meterflow/meterflow.yaml", "serve"]
+    assert svc["restart"] == "unless-stopped"
+    assert svc["ports"] == [f"127.0.0.1:{cfg.serve.port}:{cfg.serve.port}"]
+    assert _environment(svc)["METERFLOW_SERVE__HOST"] == "0.0.0.0"
+    assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
 def test_kafka_single_node_transactions(compose):
     """The broker keeps one replica of its internal topics, as transactions on one node need."""
     env = _environment(compose["services"]["kafka"])
@@ -236,7 +246,7 @@ def test_secrets_come_from_the_callers_environment(compose):
     assert set(sources.values()) == set(SECRET_ENV_KEYS)
 
 
-@pytest.mark.parametrize("service", ["taskmanager", "submit", "corrections"])
+@pytest.mark.parametrize("service", ["taskmanager", "submit", "corrections", "serve"])
 def test_secret_files_are_mounted_where_the_processes_read_them(compose, service):
     """The TaskManager (which runs the sinks) and submit read every secret from a file of a secret they mount."""
     svc = compose["services"][service]
