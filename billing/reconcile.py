@@ -17,7 +17,8 @@ from decimal import ROUND_FLOOR, Decimal
 from typing import Literal
 
 from billing.identifiers import Rounding, format_meter_value
-from billing.whole_values import billing_period_start, next_period_start
+from billing.whole_values import next_period_start
+from meterflow.billing_cycle import BillingCycle, to_utc
 
 Period = Literal["day", "month"]
 DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window", "values sent differ"]
@@ -227,25 +228,30 @@ def reconcile(
     return period_totals, discrepancies
 
 
-def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, Rounding]) -> list[Discrepancy]:
+def value_discrepancies(
+    ledger: Iterable[LedgerWindow],
+    roundings: Mapping[str, Rounding],
+    cycles: Mapping[tuple[str, str], BillingCycle] | None = None,
+) -> list[Discrepancy]:
     """Where the values sent, or fixed to be sent, break the meter's value rule (billing/whole_values.py).
 
-    A carried meter's values of one (tenant, customer, meter, month) add up to the whole part of
+    A carried meter's values of one (tenant, customer, meter, billing period: the customer's cycle
+    of ``cycles``, else its calendar month in UTC) add up to the whole part of
     the quantities they were fixed for, whatever their status; so once every delivery is sent (the
     window comparison), the provider holds the whole part of what was metered. Any other meter's
     value is its delivery's quantity, rounded as configured. ``window_start`` and ``window_end`` of
-    a carried discrepancy are its month's; ``dimensions_key`` is ``*``.
+    a carried discrepancy are its period's; ``dimensions_key`` is ``*``.
     """
     issues: list[Discrepancy] = []
     months: dict[tuple, list[LedgerWindow]] = defaultdict(list)
+    cycles = cycles or {}
     for d in ledger:
         if d.value is None:
             continue
         rounding = roundings.get(d.meter, "carry")
         if rounding == "carry":
-            months[
-                (d.tenant_id, d.customer_id, d.meter, billing_period_start(d.window_start).replace(tzinfo=None))
-            ].append(d)
+            cycle = cycles.get((d.tenant_id, d.customer_id), BillingCycle())
+            months[(d.tenant_id, d.customer_id, d.meter, cycle.period_of(to_utc(d.window_start)))].append(d)
             continue
         try:
             expected = Decimal(format_meter_value(d.quantity, rounding))
@@ -270,12 +276,12 @@ def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, 
                     f"value {d.value} for quantity {d.quantity}, {rounding}: expected {expected}",
                 )
             )
-    for (tenant, customer, meter, month), group in sorted(months.items()):
+    for (tenant, customer, meter, (month, month_end)), group in sorted(months.items()):
         quantity = sum((d.quantity for d in group), Decimal(0))
         sent = sum((Decimal(d.value) for d in group if d.value is not None), Decimal(0))  # all are: see above
         whole = quantity.to_integral_value(rounding=ROUND_FLOOR)
         if sent != whole:
-            detail = f"values {sent} for quantities {quantity} in {month:%Y-%m}: carried values add up to its whole part, {whole}"
+            detail = f"values {sent} for quantities {quantity} in the period from {month:%Y-%m-%d %H:%M} UTC: carried values add up to its whole part, {whole}"
             issues.append(
                 Discrepancy(
                     "values sent differ",
@@ -284,7 +290,7 @@ def value_discrepancies(ledger: Iterable[LedgerWindow], roundings: Mapping[str, 
                     meter,
                     "*",
                     month,
-                    next_period_start(month),
+                    month_end,
                     whole,
                     sent,
                     detail,

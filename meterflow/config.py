@@ -393,7 +393,12 @@ class BillingConfig(_Section):
     carry_table: str = Field(
         "billing_carry",
         pattern=PG_TABLE_PATTERN,
-        description="Running totals per (customer, meter, month) of the meters billed with billing_rounding: carry.",
+        description="Running totals per (customer, meter, billing period) of the meters billed with billing_rounding: carry.",
+    )
+    cycles_table: str = Field(
+        "billing_cycles",
+        pattern=PG_TABLE_PATTERN,
+        description="Customers' billing anchors and timezones (meterflow cycles set): the usage API's periods, alerts' and the carry's.",
     )
     max_window_age: Duration = timedelta(days=35)
     max_window_ahead: Duration = timedelta(minutes=5)

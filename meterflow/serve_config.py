@@ -30,9 +30,6 @@ class ServeConfig(BaseModel):
         timedelta(seconds=10), description="How long a request waits for Kafka's acknowledgement before a 503."
     )
     api_keys_table: str = Field("api_keys", pattern=_TABLE, description="Tenants' API keys, hashed.")
-    billing_cycles_table: str = Field(
-        "billing_cycles", pattern=_TABLE, description="Customers' billing anchors and timezones (meterflow cycles set)."
-    )
     usage_pool_size: int = Field(
         10, ge=1, le=200, description="Postgres connections the usage API reads over (a request holds one)."
     )

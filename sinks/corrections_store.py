@@ -68,7 +68,9 @@ def apply_corrections_schema(cfg: JobConfig) -> None:
         cfg.corrections.offsets_table
     )
     if cfg.billing.enabled:
-        statements += billing_tables_ddl(cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table)
+        statements += billing_tables_ddl(
+            cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table, cfg.billing.cycles_table
+        )
     with connect(cfg.postgres) as conn, conn.transaction():
         for statement in statements:
             conn.execute(statement)

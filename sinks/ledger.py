@@ -5,7 +5,7 @@ Thin over sinks/ledger_schema.py. The deliverer's own reads and writes are in si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 from billing.deliveries import NO_CUSTOMER, CustomerMapping, replay_refusal
 from billing.reconcile import FinalWindow, LateCorrection, LedgerWindow, SentGroup
 from billing.routing import mapping_refusal
+from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
 from meterflow.destinations import STRIPE
 from meterflow.errors import ConfigError
@@ -27,6 +28,7 @@ from sinks.ledger_schema import (
     status_summary_sql,
 )
 from sinks.postgres import apply_schema, connect, table_exists
+from sinks.postgres_schema import check_identifier
 from sinks.routing_schema import latest_recorded_sql, lock_customer_sql, rehome_unmapped_sql, upsert_mapping_sql
 
 
@@ -34,7 +36,7 @@ def apply_billing_schema(cfg: JobConfig) -> None:
     """Create the billing tables and the ledger guard (idempotent)."""
     with connect(cfg.postgres) as conn, conn.transaction():
         for statement in billing_tables_ddl(
-            cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table
+            cfg.billing.customers_table, cfg.billing.ledger_table, cfg.billing.carry_table, cfg.billing.cycles_table
         ):
             conn.execute(statement)
 
@@ -180,6 +182,8 @@ class ReconciliationInput:
     finals: list[FinalWindow]
     ledger: list[LedgerWindow]
     late_corrections: list[LateCorrection]
+    # Customers' billing cycles (none: calendar months in UTC): carried values add up per period.
+    cycles: dict[tuple[str, str], BillingCycle] = field(default_factory=dict)
 
 
 def fetch_ledger_windows(cfg: JobConfig) -> list[LedgerWindow]:
@@ -206,6 +210,13 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
             if table_exists(conn, cfg.corrections.table)
             else []
         )
+        cycles = (
+            conn.execute(
+                f"SELECT tenant_id, customer_id, anchor_day, timezone FROM {check_identifier(cfg.billing.cycles_table)}"
+            ).fetchall()
+            if table_exists(conn, cfg.billing.cycles_table)
+            else []
+        )
     return ReconciliationInput(
         [FinalWindow(t, c, m, k, s, e, q, settled=at <= cutoff) for t, c, m, k, s, e, q, at in finals],
         [LedgerWindow(*r) for r in ledger],
@@ -213,6 +224,7 @@ def fetch_reconciliation_input(cfg: JobConfig, grace: timedelta) -> Reconciliati
             LateCorrection(t, c, m, k, s, e, q, correction_id=i, settled=at <= cutoff)
             for t, c, m, k, s, e, q, i, at in late
         ],
+        {(t, c): BillingCycle(anchor, tz) for t, c, anchor, tz in cycles},
     )
 
 

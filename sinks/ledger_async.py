@@ -27,13 +27,13 @@ from meterflow.config import JobConfig
 from meterflow.destinations import STRIPE
 from meterflow.errors import SinkError
 from meterflow.window_row import epoch_ms, from_epoch_ms
+from sinks.carry_schema import carry_value_sql
 from sinks.ledger_schema import (
     CLAIM_KEY,
     CLAIM_ROW_PARAMS,
     SENT_ROW_PARAMS,
     WINDOW_CLAIM_KEY,
     accepted_total_sql,
-    carry_value_sql,
     claim_existing_sql,
     claim_new_sql,
     defer_sql,
@@ -238,6 +238,7 @@ class AsyncPostgresLedger:
             cfg.billing.carry_table,
             worker,
         )
+        self.cycles = cfg.billing.cycles_table
         self.lease_s = cfg.billing.retry_lease.total_seconds()
         self.provider = provider or cfg.billing.provider
         self.destinations = list(cfg.billing.destination_names())
@@ -257,7 +258,9 @@ class AsyncPostgresLedger:
             )
             for window in (True, False)
         )
-        self._carry_value = SetStatement(carry_value_sql(self.table, self.carry), ("identifier",), ("identifier",))
+        self._carry_value = SetStatement(
+            carry_value_sql(self.table, self.carry, self.cycles), ("identifier",), ("identifier",)
+        )
         self._mark_sent = SetStatement(mark_sent_sql(self.table), SENT_ROW_PARAMS, ("identifier",))
 
     async def _connect(self) -> psycopg.AsyncConnection:

@@ -14,6 +14,7 @@ a lease ahead, so nothing else hands it out meanwhile.
 from __future__ import annotations
 
 from meterflow.window_row import BRIDGE_FORMS, WINDOW_KEY, WINDOW_ROW, WINDOW_SPAN, bridge_names, names
+from sinks.carry_schema import carry_ddl
 from sinks.postgres_schema import WINDOW_COLUMNS_DDL, check_identifier
 from sinks.routing_schema import mapped_destination_sql, routing_ddl
 
@@ -27,10 +28,11 @@ def billing_tables_ddl(
     customers_table: str = "billing_customers",
     ledger_table: str = "billing_deliveries",
     carry_table: str = "billing_carry",
+    cycles_table: str = "billing_cycles",
 ) -> list[str]:
     """Statements that create the billing tables and the ledger's guard; safe to run again, and they
     bring a ledger created by an earlier version up to date."""
-    c, d, k = check_identifier(customers_table), check_identifier(ledger_table), check_identifier(carry_table)
+    c, d = check_identifier(customers_table), check_identifier(ledger_table)
     statuses = ", ".join(f"'{s}'" for s in STATUSES)
     kinds = ", ".join(f"'{k}'" for k in KINDS)
     return [
@@ -107,54 +109,9 @@ END
 $$""",
         f"DROP TRIGGER IF EXISTS {d}_keep_sent ON {d}",
         f"CREATE TRIGGER {d}_keep_sent BEFORE UPDATE ON {d} FOR EACH ROW EXECUTE FUNCTION {d}_keep_sent()",
-        # The running total of carried meters (billing/whole_values.py): exact quantities of every
-        # delivery whose value is fixed, per customer, meter and month; floor(total) has been billed.
-        f"""CREATE TABLE IF NOT EXISTS {k} (
-    provider     text           NOT NULL,
-    tenant_id    text           NOT NULL,
-    customer_id  text           NOT NULL,
-    meter        text           NOT NULL,
-    period_start timestamp      NOT NULL,
-    total        numeric(38, 9) NOT NULL,
-    updated_at   timestamptz    NOT NULL DEFAULT now(),
-    PRIMARY KEY (provider, tenant_id, customer_id, meter, period_start)
-)""",
+        *carry_ddl(carry_table, cycles_table),
         *routing_ddl(customers_table),
     ]
-
-
-def carry_value_sql(ledger_table: str, carry_table: str) -> str:
-    """Fix carried deliveries' values: add each one's quantity to its (customer, meter, month) total
-    and take the whole units it completes, ``floor(total) - floor(total - quantity)``
-    (billing/whole_values.py: carried_value). Set-based: ``identifier`` is an array, one per delivery;
-    each row fixed returns (value, identifier), none for a value fixed already.
-
-    The deliveries' rows are locked first, in identifier order, and checked again after the wait,
-    so two attempts can't both add the same quantity. The deliveries of one total in one statement
-    are added to it once, together, each taking the units it completes in identifier order. The
-    totals are inserted in key order, so two statements that share totals take their row locks in
-    the same order and one waits for the other (Postgres inserts in the SELECT's order; should two
-    batches deadlock anyway, Postgres aborts one and it is written again statement by statement).
-    """
-    d, k = check_identifier(ledger_table), check_identifier(carry_table)
-    total_key = "provider, tenant_id, customer_id, meter, period_start"
-    # Every named row is locked and "not fixed yet" is a column (``open``), read after the lock,
-    # rather than a filter before it: filtered, the planner expects one row and joins ``ordered``
-    # to ``carried`` in a nested loop, quadratic in the batch (about 60% of Postgres' time per
-    # delivery at 200 a batch; bench/billing_analysis.md).
-    return (
-        f"WITH target AS (SELECT identifier, provider, tenant_id, customer_id, meter, date_trunc('month', window_start) AS period_start, quantity, value IS NULL AS open "
-        f"FROM {d} WHERE identifier = ANY(%(identifier)b::text[]) ORDER BY identifier FOR UPDATE), "
-        f"ordered AS (SELECT target.*, sum(quantity) FILTER (WHERE open) OVER (PARTITION BY {total_key} ORDER BY identifier) AS upto, "
-        f"sum(quantity) FILTER (WHERE open) OVER (PARTITION BY {total_key}) AS added FROM target), "
-        f"carried AS (INSERT INTO {k} ({total_key}, total) "
-        f"SELECT {total_key}, sum(quantity) FROM target WHERE open GROUP BY {total_key} ORDER BY {total_key} "
-        f"ON CONFLICT ({total_key}) DO UPDATE SET total = {k}.total + EXCLUDED.total, updated_at = now() "
-        f"RETURNING {total_key}, total) "
-        f"UPDATE {d} SET value = (floor(carried.total - ordered.added + ordered.upto) - floor(carried.total - ordered.added + ordered.upto - ordered.quantity))::text "
-        f"FROM ordered JOIN carried USING ({total_key}) "
-        f"WHERE {d}.identifier = ordered.identifier AND ordered.open RETURNING {d}.value, {d}.identifier"
-    )
 
 
 def delivery_value_sql(ledger_table: str) -> str:

@@ -409,7 +409,6 @@ def reconcile(
     """
     from billing.reconcile import corrections_of, value_discrepancies
     from billing.reconcile import reconcile as compare
-    from billing.whole_values import billing_period_start
     from sinks.ledger import fetch_reconciliation_input
 
     try:
@@ -429,14 +428,14 @@ def reconcile(
 
     ledger = chosen(found.ledger)
     totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections))
-    # Values are checked per whole month (a carried meter's rule holds over its month), for every month the bounds touch.
+    # Values are checked per whole billing period (a carried meter's rule holds over its period).
     roundings = {m.name: m.billing_rounding for m in ctx.cfg.meters}
-    months = value_discrepancies([w for w in found.ledger if tenant is None or w.tenant_id == tenant], roundings)
-    first_month = billing_period_start(lower).replace(tzinfo=None) if lower is not None else None
+    months = value_discrepancies(
+        [w for w in found.ledger if tenant is None or w.tenant_id == tenant], roundings, found.cycles
+    )
+    # Every billing period (the customer's cycle) the bounds touch.
     discrepancies += [
-        d
-        for d in months
-        if (upper is None or d.window_start < upper) and (first_month is None or d.window_start >= first_month)
+        d for d in months if (upper is None or d.window_start < upper) and (lower is None or d.window_end > lower)
     ]
     corrections = corrections_of(ledger)
     at_provider = _provider_differences(ctx.cfg, parse_duration(grace), tenant, lower, upper) if provider_totals else []

@@ -119,7 +119,7 @@ class AlertWorker:
                 first, last = todo.get(key, (since, until))
                 todo[key] = (min(first, since), max(last, until))
         self.known_rules = {(r.tenant_id, r.rule_id) for r in rules}
-        cycles_table = self.cfg.serve.billing_cycles_table
+        cycles_table = self.cfg.billing.cycles_table
         with_cycles = table_exists(conn, cycles_table)
         new = 0
         for (rule, tenant, customer, meter), (first, last) in todo.items():

@@ -29,14 +29,14 @@ def apply_usage_schema(cfg: JobConfig) -> None:
     """The usage table, its rollup and the billing cycles table (idempotent)."""
     apply_schema(cfg.postgres)
     with connect(cfg.postgres) as conn, conn.transaction():
-        conn.execute(cycles_ddl(cfg.serve.billing_cycles_table))
+        conn.execute(cycles_ddl(cfg.billing.cycles_table))
 
 
 def set_cycle(cfg: JobConfig, tenant_id: str, customer_id: str, cycle: BillingCycle) -> None:
     with connect(cfg.postgres) as conn, conn.transaction():
-        conn.execute(cycles_ddl(cfg.serve.billing_cycles_table))
+        conn.execute(cycles_ddl(cfg.billing.cycles_table))
         conn.execute(
-            set_cycle_sql(cfg.serve.billing_cycles_table), (tenant_id, customer_id, cycle.anchor_day, cycle.timezone)
+            set_cycle_sql(cfg.billing.cycles_table), (tenant_id, customer_id, cycle.anchor_day, cycle.timezone)
         )
 
 
@@ -48,9 +48,9 @@ def _cycle(conn: psycopg.Connection, table: str, tenant_id: str, customer_id: st
 def cycle_of(cfg: JobConfig, tenant_id: str, customer_id: str) -> BillingCycle:
     """A customer's billing cycle (calendar months in UTC when none is set)."""
     with connect(cfg.postgres) as conn:
-        if not table_exists(conn, cfg.serve.billing_cycles_table):
+        if not table_exists(conn, cfg.billing.cycles_table):
             return BillingCycle()
-        return _cycle(conn, cfg.serve.billing_cycles_table, tenant_id, customer_id)
+        return _cycle(conn, cfg.billing.cycles_table, tenant_id, customer_id)
 
 
 class UsageReader:
@@ -78,7 +78,7 @@ class UsageReader:
     def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
         """The customer's cycle, or None when the tenant has no such customer (no usage, no cycle set)."""
         with self.pool.connection() as conn:
-            row = conn.execute(cycle_sql(self.cfg.serve.billing_cycles_table), (tenant_id, customer_id)).fetchone()
+            row = conn.execute(cycle_sql(self.cfg.billing.cycles_table), (tenant_id, customer_id)).fetchone()
             if row is not None:
                 return BillingCycle(row[0], row[1])
             known = conn.execute(

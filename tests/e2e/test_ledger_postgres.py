@@ -19,9 +19,9 @@ from billing.delivery import Deliverer
 from billing.whole_values import billing_period_start, carried_value
 from connectors.stripe_provider import StripeMeterEvents
 from meterflow.commands import cli
+from sinks.carry_schema import carry_value_sql
 from sinks.ledger import apply_billing_schema, fetch_deliveries, map_customer
 from sinks.ledger_async import AsyncPostgresLedger, StatementBatches, due_retries, release_leases
-from sinks.ledger_schema import carry_value_sql
 from sinks.postgres import apply_schema, connect, fetch_usage
 from sinks.postgres_schema import USAGE_KEY_COLUMNS, USAGE_WRITE_COLUMNS, usage_upsert_sql
 from tests.support.fake_stripe import DROP, FakeStripe, reject
@@ -435,7 +435,9 @@ def test_the_carry_joins_its_totals_in_one_pass_in_the_plan_the_ledger_runs(ledg
     delivery to its running total by merge or hash, not in a nested loop over the totals: that was
     quadratic in the batch and most of Postgres' time per delivery (bench/billing_analysis.md)."""
     cfg, _ = ledger_cfg
-    sql = carry_value_sql(cfg.billing.ledger_table, cfg.billing.carry_table).replace("%(identifier)b", "$1")
+    sql = carry_value_sql(cfg.billing.ledger_table, cfg.billing.carry_table, cfg.billing.cycles_table).replace(
+        "%(identifier)b", "$1"
+    )
     with connect(cfg.postgres) as conn:
         conn.autocommit = True
         conn.execute(f"PREPARE carry_plan(text[]) AS {sql}")

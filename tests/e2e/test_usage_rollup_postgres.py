@@ -36,7 +36,7 @@ def cfg(e2e_stack):
     cfg, _ = private_job(
         e2e_stack,
         "rollup",
-        serve={"billing_cycles_table": f"cycles_{run}"},
+        billing={"cycles_table": f"cycles_{run}"},
         corrections={"table": f"corr_{run}", "events_table": f"corr_ev_{run}"},
     )
     with connect(cfg.postgres) as conn:

@@ -247,3 +247,20 @@ def test_a_customer_moved_at_a_month_boundary_is_reconciled_per_destination():
     [owed] = issues
     assert (owed.kind, owed.destination, owed.window_start) == ("billed differently", "metronome", T3)
     assert "correction r2 -1 dead not accepted yet" in owed.detail
+
+
+def test_carried_values_add_up_per_the_customers_own_period():
+    """An anniversary customer's fraction carried across a calendar month's end, within its period, is no discrepancy."""
+    from billing.reconcile import value_discrepancies
+    from meterflow.billing_cycle import BillingCycle
+
+    def fixed(start: datetime, quantity: str, value: str) -> LedgerWindow:
+        return LedgerWindow(
+            "t1", "c1", "tokens", "{}", start, start + MINUTE, Decimal(quantity), "sent", None, value=value
+        )
+
+    across = [fixed(datetime(2026, 11, 30, 22), "0.6", "0"), fixed(datetime(2026, 12, 1), "0.6", "1")]
+    cycles = {("t1", "c1"): BillingCycle(15, "Europe/Paris")}
+    assert value_discrepancies(across, {"tokens": "carry"}, cycles) == []
+    [issue] = value_discrepancies(across, {"tokens": "carry"})
+    assert issue.window_start == datetime(2026, 12, 1) and issue.window_end == datetime(2027, 1, 1)

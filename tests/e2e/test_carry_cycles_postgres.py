@@ -1,0 +1,105 @@
+"""The carry of whole-number meters follows each customer's billing cycle, on the real Postgres.
+
+The SQL period function the carry statement groups by equals ``BillingCycle.period_of`` over a
+year of instants in timezones with whole, half and quarter hour offsets and daylight saving, for
+calendar and anniversary cycles (the last day of a short month included). A customer billed from
+the 15th in Paris carries a fraction across the calendar month's end within one period, where a
+calendar customer's is left at the month's end; reconcile judges each by its own periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from billing.deliveries import ClosedWindow, window_delivery
+from billing.reconcile import value_discrepancies
+from meterflow.billing_cycle import BillingCycle
+from meterflow.serve.usage_reader import set_cycle
+from sinks.carry_schema import period_function
+from sinks.ledger import apply_billing_schema, fetch_reconciliation_input
+from sinks.ledger_async import AsyncPostgresLedger
+from sinks.postgres import connect
+
+pytestmark = [pytest.mark.e2e]
+
+ZONES = ("UTC", "Europe/Paris", "America/New_York", "Asia/Kathmandu", "Australia/Lord_Howe", "Pacific/Auckland")
+ANCHORS = (None, 1, 15, 29, 31)
+
+
+@pytest.fixture
+def cfg(e2e_stack):
+    run = uuid.uuid4().hex[:6]
+    cfg, _ = e2e_stack.config(
+        f"carry-{run}",
+        billing={
+            "enabled": True,
+            "ledger_table": f"deliveries_{run}",
+            "customers_table": f"customers_{run}",
+            "carry_table": f"carry_{run}",
+            "cycles_table": f"cycles_{run}",
+        },
+    )
+    apply_billing_schema(cfg)
+    return cfg
+
+
+def test_the_sql_period_is_the_billing_cycles(cfg):
+    instants = [datetime(2026, 1, 1) + timedelta(hours=7, minutes=13) * i for i in range(1250)]
+    f = period_function(cfg.billing.carry_table)
+    with connect(cfg.postgres) as conn:
+        for zone in ZONES:
+            for anchor in ANCHORS:
+                got = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT {f}(ws, %s, %s) FROM unnest(%s::timestamp[]) WITH ORDINALITY AS u(ws, n) ORDER BY n",
+                        (anchor, zone, instants),
+                    )
+                ]
+                cycle = BillingCycle(anchor, zone)
+                want = [cycle.period_of(i)[0] for i in instants]
+                assert got == want, (
+                    zone,
+                    anchor,
+                    next(i for i, g, w in zip(instants, got, want, strict=True) if g != w),
+                )
+
+
+def _delivery(customer: str, start: datetime, quantity: str):
+    ms = int(start.replace(tzinfo=UTC).timestamp() * 1000)
+    return window_delivery(
+        ClosedWindow.from_fields(("t", customer, "tokens", "{}", ms, ms + 60_000, Decimal(quantity), 1, 1)), "mf"
+    )
+
+
+def test_a_fraction_is_carried_within_the_customers_own_period(cfg):
+    set_cycle(cfg, "t", "anniv", BillingCycle(15, "Europe/Paris"))
+    # 0.6 on the last minute of November and 0.6 on the first of December (UTC): one anniversary
+    # period (Nov 15 to Dec 15, Paris), two calendar months.
+    minutes = (datetime(2026, 11, 30, 22, 0), datetime(2026, 12, 1, 0, 0))
+
+    async def carry() -> dict[str, list[Decimal]]:
+        ledger = AsyncPostgresLedger(cfg, "w1", connections=1)
+        values: dict[str, list[Decimal]] = {}
+        try:
+            for customer in ("anniv", "calendar"):
+                for start in minutes:
+                    entry = await ledger.claim(_delivery(customer, start, "0.6"), "stripe", "tokens", retry=False)
+                    values.setdefault(customer, []).append(await ledger.carry_value(entry.identifier))
+        finally:
+            await ledger.close()
+        return values
+
+    values = asyncio.run(carry())
+    assert values == {"anniv": [Decimal(0), Decimal(1)], "calendar": [Decimal(0), Decimal(0)]}
+    found = fetch_reconciliation_input(cfg, timedelta(0))
+    assert found.cycles == {("t", "anniv"): BillingCycle(15, "Europe/Paris")}
+    assert value_discrepancies(found.ledger, {"tokens": "carry"}, found.cycles) == []
+    # Judged by calendar months, the anniversary customer's period looks wrong: its cycle is what counts.
+    [misjudged] = value_discrepancies(found.ledger, {"tokens": "carry"})
+    assert misjudged.customer_id == "anniv"
