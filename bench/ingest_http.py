@@ -365,11 +365,19 @@ def alert_delays(cfg: JobConfig, tenants: list[str], received: list[tuple[float,
         return {"n": len(values), "p50": percentile(values, 50), "max": max(values), "min": min(values)}
 
     windows = sorted({r["window_start"] for r in rows if r["window_start"]})
+    per_window = []
+    for w in windows:
+        delays = [r["commit_to_arrival_s"] for r in rows if r["window_start"] == w and r["commit_to_arrival_s"]]
+        if delays:
+            per_window.append(
+                {"window_start": w, "crossings": len(delays), "first_s": min(delays), "last_s": max(delays)}
+            )
     return {
         "crossings": len(rows),
         "webhooks_received": len(received),
         "distinct_webhooks": len(arrivals),
         "windows_with_crossings": len(windows),
+        "per_window": per_window,
         "commit_to_arrival_s": summary("commit_to_arrival_s"),
         "commit_to_crossed_s": summary("commit_to_crossed_s"),
         "crossed_to_arrival_s": summary("crossed_to_arrival_s"),
@@ -517,6 +525,9 @@ def run_batch_size(stack: BenchStack, batch: int, args: argparse.Namespace) -> d
                 **{name: serve1[name][0] - serve0[name][0] for name in serve1},
                 "load_generator_and_receiver": proc1 - proc0,
                 "machine": mach1 - mach0,
+                "other_processes": (mach1 - mach0)
+                - (proc1 - proc0)
+                - sum(v[0] - serve0[k][0] for k, v in serve1.items()),
             },
         }
     )
@@ -575,7 +586,10 @@ def main() -> None:
     }
     with private_stack(args.partitions) as stack:
         for batch in args.batches:
-            results["runs"].append(run_batch_size(stack, batch, args))
+            run = run_batch_size(stack, batch, args)
+            # The machine is shared: what else ran shows in the load average and in other_processes.
+            run["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+            results["runs"].append(run)
             args.results.write_text(json.dumps(results, indent=2, default=str) + "\n")
             print(table(results["runs"][-1:]), flush=True)
     print(table(results["runs"]))

@@ -1,28 +1,23 @@
 """Latency of the usage API (``GET /v1/customers/{id}/usage``) under concurrent clients.
 
-What it does, in order:
+1. Starts a private Postgres and Kafka broker (free ports, a temporary state directory). Kafka is only
+   there because ``meterflow serve`` does not start without one (its kafka-python producer bootstraps
+   at start); no event is written.
+2. Loads ``--rows`` 1-minute window rows with ``INSERT ... SELECT generate_series`` (primary key built
+   after), then ``apply_usage_schema`` builds the quarter-hour rollup from them once; VACUUM ANALYZE.
+   With ``--through-trigger`` the rollup's trigger exists first and keeps it row by row, as when the
+   job writes windows. Each request kind's query is then timed by EXPLAIN ANALYZE for 30 customers.
+3. Starts ``meterflow serve`` as a subprocess on that Postgres, shipped defaults otherwise (one uvicorn
+   process, ``serve.usage_pool_size`` 10), with one API key per tenant.
+4. Runs ``--clients`` closed-loop aiohttp clients in this process against random customers: the current
+   period per day (the default query), ``granularity=period`` over three calendar months, or
+   ``granularity=window`` over one hour. After ``--warmup`` s, each request started in the next
+   ``--seconds`` is timed client-side; any answer but 200 is an error. ``--think-ms``: a client's mean
+   pause between requests (exponentially distributed; one phase per value, 0: none).
 
-1. Starts a private Postgres and Kafka broker (free ports, a temporary state directory). Kafka is
-   only there because ``meterflow serve`` makes its ingest producer at start, and kafka-python's
-   producer needs a broker to bootstrap from; no event is written.
-2. Loads ``--rows`` 1-minute window rows into the usage table with ``INSERT ... SELECT
-   generate_series`` (the primary key dropped during the load and built after it), then applies the
-   usage API's schema (``apply_usage_schema``), which builds the quarter-hour rollup from those rows
-   once, and runs VACUUM ANALYZE on both tables. With ``--through-trigger`` the rollup and its trigger
-   exist before the load, so the trigger keeps the rollup row by row, as when the job writes windows. Each request kind's main query is then run under
-   EXPLAIN ANALYZE for a sample of customers (the time Postgres takes, without the service).
-3. Starts ``meterflow serve`` as a subprocess with a config pointing at that Postgres (shipped
-   defaults otherwise: one uvicorn worker, ``serve.usage_pool_size`` 10) and makes one API key per tenant.
-4. Runs ``--clients`` closed-loop clients (aiohttp, in this process) against random customers, each
-   request one of: the current period per day (the default query), ``granularity=period`` over three
-   calendar months, ``granularity=window`` over one hour. After ``--warmup`` seconds, each request
-   started within the next ``--seconds`` is timed client-side; any answer but 200 is an error. With
-   ``--think-ms`` a client pauses between requests, for a time drawn from an exponential distribution
-   of that mean (one phase per value; 0: no pause).
-
-The load generator, the service and Postgres share the machine. CPU seconds of each over the
-measured interval are recorded, with the machine's total, so what else ran can be told apart.
-Results go to ``bench/results_usage_api.json``; a markdown table is printed.
+The load generator, the service and Postgres share the machine: each one's CPU over the measured
+interval is recorded with the machine's total. Results: ``bench/results_usage_api.json`` (one key per
+load mode) and a markdown table.
 
     .venv/bin/python -m bench.usage_api [--rows 10000000] [--clients 100] [--seconds 60] [--think-ms 0 1000]
 """
@@ -74,9 +69,7 @@ ISO = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass
-class Load:
-    """What the clients of one phase share."""
-
+class Load:  # what the clients of one phase share
     base: str
     keys: list[str]
     customers: int
@@ -244,15 +237,10 @@ def summary(samples: list[tuple[str, float, int, int]], seconds: float) -> dict[
         chosen = [s for s in samples if kind in ("all", s[0])]
         ms = [s[1] * 1000 for s in chosen]
         if ms:
-            out[kind] = {
-                "requests": len(ms),
-                "requests_per_s": len(ms) / seconds,
-                "errors": sum(1 for s in chosen if s[2] != 200),
-                "empty_answers": sum(1 for s in chosen if s[2] == 200 and s[3] == 0),
-                "mean_usage_rows": sum(s[3] for s in chosen) / len(chosen),
-                **{f"p{q}_ms": percentile(ms, q) for q in (50, 90, 99)},
-                "max_ms": max(ms),
-            }
+            errors, empty = sum(s[2] != 200 for s in chosen), sum(s[2] == 200 and s[3] == 0 for s in chosen)
+            out[kind] = {"requests": len(ms), "requests_per_s": len(ms) / seconds, "errors": errors}
+            out[kind] |= {"empty_answers": empty, "mean_usage_rows": sum(s[3] for s in chosen) / len(chosen)}
+            out[kind] |= {f"p{q}_ms": percentile(ms, q) for q in (50, 90, 99)} | {"max_ms": max(ms)}
     return out
 
 
@@ -303,6 +291,11 @@ def markdown(phases: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def git(*args: str) -> list[str]:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.splitlines()
+
+
 CONFIG = """kafka: {{bootstrap_servers: "127.0.0.1:{0}"}}
 postgres: {{port: {2}}}
 stack: {{state_dir: state, kafka_controller_port: {1}}}
@@ -334,12 +327,8 @@ def main() -> None:
         for i, key in enumerate(keys):
             create_key(cfg, hash_api_key(key), f"tenant-{i}", "bench")
         server = start_server(config, cfg, root / "serve.log")
-        pids = {
-            "service": server.pid,
-            "postgres": read_pid(postgres.data / "postmaster.pid"),
-            "kafka": read_pid(kafka.pid_file),
-        }
-        groups = {name: [pid] for name, pid in pids.items() if pid is not None}
+        pids = {"postgres": read_pid(postgres.data / "postmaster.pid"), "kafka": read_pid(kafka.pid_file)}
+        groups = {name: [pid or 0] for name, pid in {"service": server.pid, **pids}.items()}
         kinds = [k for part in args.mix.split(",") for k in [part.split("=")[0]] * int(part.split("=")[1])]
         base, customers = f"http://{cfg.serve.host}:{cfg.serve.port}", args.tenants * args.customers
         result["phases"] = []
@@ -350,11 +339,7 @@ def main() -> None:
             result["phases"].append(asyncio.run(phase(load, args.clients, groups, args.warmup, args.seconds)))
             print(json.dumps(result["phases"][-1]["cpu_cores"]), flush=True)
         result["machine"] = machine_info()
-        git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
-        result["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        result["uncommitted"] = subprocess.run(
-            [*git, "status", "--porcelain"], capture_output=True, text=True
-        ).stdout.splitlines()
+        result["commit"], result["uncommitted"] = git("rev-parse", "HEAD")[0], git("status", "--porcelain")
         kept = json.loads(args.results.read_text()) if args.results.exists() else {}
         kept["rollup_kept_by_trigger" if args.through_trigger else "rollup_built_once"] = result
         args.results.write_text(json.dumps(kept, indent=2, default=str) + "\n")

@@ -50,7 +50,15 @@ class BillingCycle:
         return date(year, month, day)
 
     def _utc(self, day: date) -> datetime:
-        return to_utc(datetime.combine(day, time(), self._zone()))
+        """Local midnight of ``day`` as naive UTC, resolved as Postgres resolves local times (so the
+        carry's SQL twin agrees): midnight twice (a fall back at midnight) is the later one, the
+        offset after the transition; midnight skipped (a spring forward at midnight) takes the offset
+        before it."""
+        first = datetime.combine(day, time(), self._zone())
+        later = first.replace(fold=1)
+        if first.utcoffset() != later.utcoffset() and _exists(first):
+            return to_utc(later)
+        return to_utc(first)
 
     def period_of(self, instant: datetime) -> tuple[datetime, datetime]:
         """The period ``[start, end)`` an instant falls in, as naive UTC."""
@@ -81,6 +89,11 @@ class BillingCycle:
                 break
             found.append((start, end))
         return found
+
+
+def _exists(local: datetime) -> bool:
+    """Whether a local time occurs (is not skipped by a spring forward)."""
+    return local.astimezone(UTC).astimezone(local.tzinfo).replace(tzinfo=None) == local.replace(tzinfo=None)
 
 
 def _dates_from(day: date) -> Iterator[date]:

@@ -108,18 +108,28 @@ def endpoint(conn: psycopg.Connection, a: AlertsConfig, tenant_id: str) -> tuple
     return (row[0], row[1]) if row else None
 
 
+def oldest_running_xid(conn: psycopg.Connection) -> int:
+    """Every transaction with an id below this one has ended: what a later pass reads changes from."""
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
+    return int(row[0]) if row else 0
+
+
 def changed_usage(
-    conn: psycopg.Connection, usage_table: str, a: AlertsConfig, since: datetime
-) -> list[tuple[str, str, str, datetime, datetime, datetime]]:
-    """(tenant, customer, meter, earliest and latest bucket changed, latest change) of the usage of
-    meters some rule watches, changed after ``since`` (timestamptz)."""
+    conn: psycopg.Connection, usage_table: str, a: AlertsConfig, since_xid: int | None, since: datetime
+) -> list[tuple[str, str, str, datetime, datetime]]:
+    """(tenant, customer, meter, earliest and latest bucket changed) of the usage of meters some rule
+    watches, written by a transaction from ``since_xid`` on (None: changed after ``since``, a timestamptz).
+
+    By transaction id, not by time: a row written early by a transaction that commits late still has
+    an id no lower than the oldest transaction running when the last pass began."""
     r, rules_t = rollup_table(usage_table), check_identifier(a.rules_table)
+    changed = "r.last_xid >= %s::text::xid8" if since_xid is not None else "r.updated_at > %s"
     return conn.execute(
-        f"""SELECT r.tenant_id, r.customer_id, r.meter, min(r.bucket_start), max(r.bucket_start), max(r.updated_at)
-FROM {r} r WHERE r.updated_at > %s
+        f"""SELECT r.tenant_id, r.customer_id, r.meter, min(r.bucket_start), max(r.bucket_start)
+FROM {r} r WHERE {changed}
     AND EXISTS (SELECT 1 FROM {rules_t} a WHERE a.tenant_id = r.tenant_id AND a.meter = r.meter)
 GROUP BY 1, 2, 3""",
-        (since,),
+        (str(since_xid) if since_xid is not None else since,),
     ).fetchall()
 
 
@@ -195,7 +205,8 @@ RETURNING {_CROSSING_COLUMNS}, attempts""",
 def mark_sent(conn: psycopg.Connection, a: AlertsConfig, crossing_id: str) -> None:
     t = check_identifier(a.crossings_table)
     conn.execute(
-        f"UPDATE {t} SET status = 'sent', attempts = attempts + 1, sent_at = now(), last_error = NULL WHERE crossing_id = %s",
+        f"UPDATE {t} SET status = 'sent', attempts = attempts + 1, sent_at = now(), last_error = NULL "
+        "WHERE crossing_id = %s AND status IN ('pending', 'failed')",
         (crossing_id,),
     )
 
@@ -205,7 +216,8 @@ def mark_failed(
 ) -> None:
     t = check_identifier(a.crossings_table)
     conn.execute(
-        f"UPDATE {t} SET status = %s, attempts = attempts + 1, last_error = %s, next_attempt_at = now() + %s WHERE crossing_id = %s",
+        f"UPDATE {t} SET status = %s, attempts = attempts + 1, last_error = %s, next_attempt_at = now() + %s "
+        "WHERE crossing_id = %s AND status IN ('pending', 'failed')",
         ("dead" if dead else "failed", error[:500], wait, crossing_id),
     )
 

@@ -5,7 +5,7 @@ fixes carried deliveries' values.
 A customer's billing period is its cycle's (``billing.cycles_table``: an anchor day and a timezone,
 meterflow/billing_cycle.py), calendar months in UTC when it has none, so the fraction is carried
 within the period its provider invoices, never into the next. ``<carry_table>_period_start`` is the
-SQL twin of ``BillingCycle.period_of``; tests/e2e/test_ledger_postgres.py holds them equal.
+SQL twin of ``BillingCycle.period_of``; tests/e2e/test_carry_cycles_postgres.py holds them equal.
 """
 
 from __future__ import annotations

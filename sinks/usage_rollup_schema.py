@@ -41,7 +41,7 @@ def rollup_ddl(usage_table: str = "usage_windows") -> list[str]:
             quantity = r.quantity + EXCLUDED.quantity, event_count = r.event_count + EXCLUDED.event_count,
             windows = r.windows + EXCLUDED.windows, final_windows = r.final_windows + EXCLUDED.final_windows,
             final_quantity = r.final_quantity + EXCLUDED.final_quantity,
-            revision = r.revision + 1, updated_at = clock_timestamp()"""
+            revision = r.revision + 1, updated_at = clock_timestamp(), last_xid = pg_current_xact_id()"""
 
     return [
         f"""CREATE TABLE IF NOT EXISTS {r} (
@@ -56,13 +56,16 @@ def rollup_ddl(usage_table: str = "usage_windows") -> list[str]:
     final_windows  integer        NOT NULL,
     final_quantity numeric(38, 9) NOT NULL DEFAULT 0,
     revision       bigint         NOT NULL DEFAULT 1,
-    updated_at     timestamptz    NOT NULL DEFAULT now(),
+    updated_at     timestamptz    NOT NULL DEFAULT clock_timestamp(),
+    -- The transaction that wrote it last: threshold alerts read changes in commit order by it.
+    last_xid       xid8           NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (tenant_id, customer_id, meter, dimensions_key, bucket_start)
 )""",
         # The usage API reads a customer's buckets over a range of time, across meters.
         f"CREATE INDEX IF NOT EXISTS {r}_customer_time ON {r} (tenant_id, customer_id, bucket_start)",
         # Threshold alerts read what changed since their last pass.
         f"CREATE INDEX IF NOT EXISTS {r}_updated ON {r} (updated_at)",
+        f"CREATE INDEX IF NOT EXISTS {r}_last_xid ON {r} (last_xid)",
         # The close horizon (the latest final window's end) without a scan of the usage table.
         f"CREATE INDEX IF NOT EXISTS {u}_final_end ON {u} (window_end) WHERE is_final",
         f"""CREATE OR REPLACE FUNCTION {r}_keep() RETURNS trigger LANGUAGE plpgsql AS $$

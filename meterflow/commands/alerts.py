@@ -92,10 +92,16 @@ def rules_remove(ctx: Context, tenant_id: str, rule_id: str) -> None:
 @pass_ctx
 def endpoint_set(ctx: Context, tenant_id: str, url: str) -> None:
     """Send TENANT_ID's alerts to URL, signed with a new secret printed once (the receiver verifies with it)."""
+    import httpx
+
     from sinks import alerts_store
 
-    if not url.startswith(("https://", "http://")):
-        raise click.BadParameter("the webhook URL is http(s)://...")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise click.BadParameter(f"not a URL: {e}") from e
+    if parsed.scheme not in ("https", "http") or not parsed.host:
+        raise click.BadParameter("the webhook URL is http(s)://host/...")
     secret = new_signing_secret()
     with _connected(ctx) as conn:
         alerts_store.set_endpoint(conn, ctx.cfg.alerts, tenant_id, url, secret)

@@ -32,10 +32,8 @@ from sinks.postgres import table_exists
 from sinks.usage_rollup_schema import cycle_sql
 
 log = logging.getLogger("meterflow.alerts")
-
-# A commit's rows carry the time they were written, a little before the commit is seen: each pass
-# looks this far behind the latest change it saw. Re-evaluating is harmless (a crossing is recorded once).
-COMMIT_OVERLAP = timedelta(seconds=60)
+# Crossings one pass claims for delivery (sent one after another).
+CLAIMED_AT_ONCE = 10
 
 
 class Sender(Protocol):
@@ -63,7 +61,8 @@ class AlertWorker:
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.cfg, self.a, self.connection, self.sender, self.clock = cfg, cfg.alerts, connection, sender, clock
-        self.cursor: datetime | None = None
+        # The oldest transaction running when the last pass began (None: no pass yet, read alerts.lookback back).
+        self.cursor: int | None = None
         self.known_rules: set[tuple[str, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,8 +92,8 @@ class AlertWorker:
         over the periods of the last ``alerts.lookback``; how many were new."""
         now_row = conn.execute("SELECT now()").fetchone()
         db_now: datetime = now_row[0] if now_row else self.clock()
-        if self.cursor is None:
-            self.cursor = db_now - self.a.lookback
+        # Read before the changes: whatever is still running now is read again next pass.
+        next_cursor = store.oldest_running_xid(conn)
         usage_table = self.cfg.postgres.usage_table
         rules = store.rules(conn, self.a)
         by_meter: dict[tuple[str, str], list[AlertRule]] = {}
@@ -102,8 +101,8 @@ class AlertWorker:
             by_meter.setdefault((rule.tenant_id, rule.meter), []).append(rule)
         # (rule, tenant, customer, meter) -> the range of time whose periods to check
         todo: dict[tuple[AlertRule, str, str, str], tuple[datetime, datetime]] = {}
-        changed = store.changed_usage(conn, usage_table, self.a, self.cursor)
-        for tenant, customer, meter, first, last, _ in changed:
+        changed = store.changed_usage(conn, usage_table, self.a, self.cursor, db_now - self.a.lookback)
+        for tenant, customer, meter, first, last in changed:
             for rule in by_meter.get((tenant, meter), []):
                 todo[(rule, tenant, customer, meter)] = (first, last)
         until = db_now.astimezone(UTC).replace(tzinfo=None)
@@ -118,7 +117,6 @@ class AlertWorker:
                 key = (rule, rule.tenant_id, customer, rule.meter)
                 first, last = todo.get(key, (since, until))
                 todo[key] = (min(first, since), max(last, until))
-        self.known_rules = {(r.tenant_id, r.rule_id) for r in rules}
         cycles_table = self.cfg.billing.cycles_table
         with_cycles = table_exists(conn, cycles_table)
         new = 0
@@ -152,15 +150,18 @@ class AlertWorker:
                         "threshold crossed: %s %s/%s %s >= %s", rule.rule_id, tenant, customer, total, rule.threshold
                     )
         self.crossings.inc(new)
-        if changed:
-            self.cursor = max(self.cursor, max(row[5] for row in changed) - COMMIT_OVERLAP)
+        # Only once the pass recorded its crossings: a failed pass is done again whole.
+        self.known_rules = {(r.tenant_id, r.rule_id) for r in rules}
+        self.cursor = next_cursor
         return new
 
     def deliver(self, conn: psycopg.Connection[Any]) -> int:
         """Send the due webhooks once each; how many were delivered."""
         timeout = self.a.request_timeout.total_seconds()
         delivered = 0
-        for xing, attempts in store.claim_due(conn, self.a, self.a.request_timeout * 3):
+        # Held for every request of the batch, each at most request_timeout, and then some.
+        claimed = store.claim_due(conn, self.a, self.a.request_timeout * (CLAIMED_AT_ONCE + 2), CLAIMED_AT_ONCE)
+        for xing, attempts in claimed:
             target = store.endpoint(conn, self.a, xing.tenant_id)
             if target is None:
                 self._failed(conn, xing, attempts, "the tenant has no webhook endpoint (meterflow alerts endpoint set)")
@@ -172,11 +173,11 @@ class AlertWorker:
                 "content-type": "application/json",
                 "webhook-id": xing.crossing_id,
                 "webhook-timestamp": str(int(sent_at.timestamp())),
-                "webhook-signature": Webhook(secret).sign(xing.crossing_id, sent_at, body),
+                "webhook-signature": Webhook(secret).sign(xing.crossing_id, sent_at, body.decode()),
             }
             try:
                 status = self.sender(url, body, headers, timeout)
-            except httpx.HTTPError as e:
+            except Exception as e:  # noqa: BLE001 - any failure of one receiver (a bad URL included) is that crossing's, recorded and retried
                 self._failed(conn, xing, attempts, f"{type(e).__name__}: {e}")
                 continue
             if is_delivered(status):
@@ -209,10 +210,10 @@ class AlertWorker:
         while not self._stop.wait(self.a.interval.total_seconds()):
             try:
                 self.run_once()
-            except (psycopg.Error, OSError) as e:
-                # Postgres away for a moment: the next pass starts where this one could not.
+            except Exception:
+                # Postgres away for a moment, a bad rule or cycle row: the next pass starts where this one could not.
                 self.errors.inc()
-                log.error("alerts pass failed: %s", e)
+                log.exception("alerts pass failed")
 
     def start(self) -> None:
         self.prepare()

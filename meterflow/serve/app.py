@@ -27,7 +27,7 @@ from connectors.avro_codec import UsageEvent
 from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
 from meterflow.serve.ingest import RequestRefusedError, bearer_key, check_batch, hash_api_key
-from meterflow.serve.usage import CountedCorrection, Total, UsageQuery, answer, check_query
+from meterflow.serve.usage import CountedCorrection, Total, UsageQuery, answer, check_customer, check_query
 
 
 class EventWriter(Protocol):
@@ -228,6 +228,7 @@ def create_app(
             400: {"description": "a parameter is not valid, or the range is too wide"},
             401: {"description": "no valid API key"},
             404: {"description": "the key's tenant has no such customer"},
+            503: {"description": "Postgres is unreachable or busy: retry after Retry-After"},
         },
     )
     async def customer_usage(
@@ -255,6 +256,7 @@ def create_app(
                 _error(401, "a valid API key is required: Authorization: Bearer mf_...", {"WWW-Authenticate": "Bearer"})
             )
         try:
+            check_customer(customer_id)  # before anything reaches Postgres
             cycle = await run_in_threadpool(usage.cycle, tenant, customer_id)
             if cycle is None:
                 return done(_error(404, f"no customer {customer_id!r} for this key's tenant"))
@@ -270,7 +272,8 @@ def create_app(
             )
             totals, corrections, horizon = await run_in_threadpool(usage.read, tenant, query)
         except RequestRefusedError as e:
-            return done(_error(e.status, e.reason))
+            retry = {"Retry-After": "1"} if e.status == 503 else None
+            return done(_error(e.status, e.reason, retry))
         return done(JSONResponse(answer(query, tenant, cycle, totals, corrections, horizon)))
 
     @app.get("/usage/{customer_id}", response_class=HTMLResponse, include_in_schema=False)

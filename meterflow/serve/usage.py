@@ -26,6 +26,9 @@ GRANULARITIES: tuple[str, ...] = ("window", "day", "period")
 MAX_PERIODS = 13
 MAX_DAYS = 400
 MAX_WINDOW_ROWS = 5000
+MAX_WINDOW_RANGE = timedelta(days=7)
+# Instants the API takes (a period is listed from them: years far off are refused, not computed).
+EARLIEST, LATEST = datetime(2000, 1, 1), datetime(2200, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,17 @@ class UsageQuery:
 
 def _instant(name: str, text: str) -> datetime:
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as e:
-        raise RequestRefusedError(400, f"{name} is not an ISO-8601 instant: {text!r}") from e
-    return to_utc(moment)
+        moment = to_utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError) as e:
+        raise RequestRefusedError(400, f"{name} is not an ISO-8601 instant: {text[:64]!r}") from e
+    if not EARLIEST <= moment < LATEST:
+        raise RequestRefusedError(400, f"{name} must lie in [{EARLIEST:%Y}, {LATEST:%Y})")
+    return moment
+
+
+def check_customer(customer_id: str) -> str:
+    """A customer id as the input contract takes it, or a RequestRefusedError (400)."""
+    return _identifier("customer_id", customer_id)
 
 
 def _identifier(name: str, value: str) -> str:
@@ -89,6 +99,9 @@ def check_query(
         raise RequestRefusedError(400, "to must be later than from")
     spans: tuple[tuple[datetime, datetime], ...] = ()
     if granularity == "period":
+        # Refused before the periods are listed: a period is 28 to 31 days.
+        if end - start > timedelta(days=31 * MAX_PERIODS):
+            raise RequestRefusedError(400, f"at most {MAX_PERIODS} periods a request")
         spans = tuple(cycle.periods(start, end))
         if len(spans) > MAX_PERIODS:
             raise RequestRefusedError(400, f"at most {MAX_PERIODS} periods a request")
@@ -96,6 +109,8 @@ def check_query(
         if end - start > timedelta(days=MAX_DAYS):
             raise RequestRefusedError(400, f"at most {MAX_DAYS} days a request")
         spans = tuple(cycle.days(start, end))
+    elif end - start > MAX_WINDOW_RANGE:
+        raise RequestRefusedError(400, f"at most {MAX_WINDOW_RANGE.days} days of windows a request: ask per day")
     if spans:
         start, end = spans[0][0], spans[-1][1]
     return UsageQuery(customer_id, granularity, start, end, meter, names, spans)  # type: ignore[arg-type]
@@ -146,6 +161,13 @@ class CountedCorrection:
     counted_at: datetime
 
 
+def _span_of(query: UsageQuery, c: CountedCorrection) -> tuple[datetime, datetime] | None:
+    """The span of the query a correction's window counts in (its window itself per window)."""
+    if query.granularity == "window":
+        return (c.window_start, c.window_end)
+    return next(((s, e) for s, e in query.spans if s <= c.window_start < e), None)
+
+
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds") + "Z"
 
@@ -158,19 +180,29 @@ def answer(
     corrections: Iterable[CountedCorrection],
     horizon: datetime | None,
 ) -> dict[str, object]:
-    """The response body: each total with its status and corrected quantity, and the corrections applied."""
+    """The response body: each total with its status and corrected quantity, and the corrections applied.
+
+    A correction counts in the total of its meter and group whose span its window starts in; where
+    that total has no window (a LATEST window corrected from late events only), a total of 0 is
+    added for it, so every listed correction is in some ``corrected_quantity``."""
     corrections = list(corrections)
+    by_total: dict[tuple, Decimal] = {}
+    for c in corrections:
+        group = group_of(c.dimensions_key, query.group_by)
+        span = _span_of(query, c)
+        if span is None:
+            continue
+        key = (c.meter, tuple(sorted(group.items(), key=lambda kv: kv[0])), span)
+        by_total[key] = by_total.get(key, Decimal(0)) + c.delta
+    listed = list(totals)
+    have = {(t.meter, tuple(sorted(dict(t.group).items(), key=lambda kv: kv[0])), (t.start, t.end)) for t in listed}
+    for meter, group_items, span in by_total.keys() - have:
+        listed.append(Total(meter, dict(group_items), span[0], span[1], Decimal(0), 0, 0, 0, 0))
+    listed.sort(key=lambda t: (t.meter, json.dumps(dict(t.group), sort_keys=True), t.start, t.end))
     rows = []
-    for t in totals:
-        deltas = sum(
-            (
-                c.delta
-                for c in corrections
-                if c.meter == t.meter
-                and t.start <= c.window_start < t.end
-                and group_of(c.dimensions_key, query.group_by) == dict(t.group)
-            ),
-            Decimal(0),
+    for t in listed:
+        deltas = by_total.get(
+            (t.meter, tuple(sorted(dict(t.group).items(), key=lambda kv: kv[0])), (t.start, t.end)), Decimal(0)
         )
         rows.append(
             {

@@ -3,10 +3,13 @@ rollups (sinks/usage_rollup_schema.py), customers' billing cycles and counted co
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
@@ -53,6 +56,10 @@ def cycle_of(cfg: JobConfig, tenant_id: str, customer_id: str) -> BillingCycle:
         return _cycle(conn, cfg.billing.cycles_table, tenant_id, customer_id)
 
 
+# How long a request waits for a pooled connection before it is answered 503.
+POOL_WAIT_S = 5.0
+
+
 class UsageReader:
     """What the usage API reads, over a pool of ``serve.usage_pool_size`` connections."""
 
@@ -75,9 +82,18 @@ class UsageReader:
     def close(self) -> None:
         self.pool.close()
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; Postgres unreachable or every connection busy is a 503 to retry."""
+        try:
+            with self.pool.connection(timeout=POOL_WAIT_S) as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as e:
+            raise RequestRefusedError(503, f"usage is unavailable for a moment ({type(e).__name__}): retry") from e
+
     def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
         """The customer's cycle, or None when the tenant has no such customer (no usage, no cycle set)."""
-        with self.pool.connection() as conn:
+        with self._connection() as conn:
             row = conn.execute(cycle_sql(self.cfg.billing.cycles_table), (tenant_id, customer_id)).fetchone()
             if row is not None:
                 return BillingCycle(row[0], row[1])
@@ -94,7 +110,7 @@ class UsageReader:
         meter = [query.meter] if with_meter else []
         where = [tenant_id, query.customer_id, query.since, query.until, *meter]
         totals: list[Total] = []
-        with self.pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             horizon = conn.execute(last_final_end_sql(usage_table)).fetchone()
             if query.granularity == "window":

@@ -1,7 +1,7 @@
 """The README's first command's demo on the session stack: ``meterflow demo`` as its own process on
 a config of its own. It counts its sample in Postgres exactly, and shows the usage API (a curl of
 the usage endpoint, whose period totals it checks against Postgres) and the usage page of
-``meterflow serve``, which ``stack up`` started."""
+``meterflow serve``, which ``stack up`` started and Prometheus scrapes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from meterflow.local import flink_jobs
 from meterflow.local.http_service import HttpService
-from tests.e2e.helpers import private_job
+from meterflow.local.prometheus import PrometheusServer
+from tests.e2e.helpers import private_job, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -35,6 +36,16 @@ def test_the_demo_counts_its_sample_and_serves_it_over_http(e2e_stack):
         assert "The period totals served equal the customer's rows in Postgres." in said
         assert "/usage/" in said and "#key=" in said
         assert "Bearer mf_" not in said  # the key is in the header file, not on the screen
+
+        # Prometheus scrapes the service `stack up` started: the demo's usage request is counted there.
+        prom = PrometheusServer(cfg)
+
+        def served() -> float:
+            found = prom.query('sum(meterflow_usage_requests_total{job="meterflow-serve",code="200"})')
+            return float(found[0]["value"][1]) if found else 0.0
+
+        wait_for(lambda: served() >= 1, 60, "Prometheus to scrape the service's usage requests")
+        assert prom.query('up{job="meterflow-serve"} == 1')
     finally:
         for name in flink_jobs.job_names(cfg):
             for job in flink_jobs.running_jobs(cfg, name):

@@ -159,6 +159,8 @@ def test_the_http_service_runs_with_the_stack_on_the_hosts_loopback(compose, cfg
     assert svc["ports"] == [f"127.0.0.1:{cfg.serve.port}:{cfg.serve.port}"]
     assert _environment(svc)["METERFLOW_SERVE__HOST"] == "0.0.0.0"
     assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert svc["secrets"] == ["postgres_password"], "the service bills nothing: no Stripe key"
+    assert _environment(svc)["METERFLOW_POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
 
 
 def test_kafka_single_node_transactions(compose):
@@ -246,7 +248,7 @@ def test_secrets_come_from_the_callers_environment(compose):
     assert set(sources.values()) == set(SECRET_ENV_KEYS)
 
 
-@pytest.mark.parametrize("service", ["taskmanager", "submit", "corrections", "serve"])
+@pytest.mark.parametrize("service", ["taskmanager", "submit", "corrections"])
 def test_secret_files_are_mounted_where_the_processes_read_them(compose, service):
     """The TaskManager (which runs the sinks) and submit read every secret from a file of a secret they mount."""
     svc = compose["services"][service]

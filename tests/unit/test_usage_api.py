@@ -121,10 +121,51 @@ def test_corrections_count_in_the_total_their_window_starts_in_and_in_its_group(
     rows = body["usage"]
     assert [(r["group"]["region"], r["quantity"], r["corrected_quantity"], r["status"]) for r in rows] == [
         ("eu", "10.5", "10", "final"),
-        ("us", "1", "1", "final"),
         ("eu", "2", "2", "provisional"),
+        ("us", "1", "1", "final"),
     ]
     assert body["corrections"][0]["delta"] == "-0.5" and body["final_through"] == "2026-12-02T12:00:00.000Z"
+
+
+def test_a_correction_of_a_span_without_windows_counts_in_a_total_of_zero():
+    q = check_query("c", BillingCycle(), NOW, since="2026-12-01T00:00:00Z", until="2026-12-03T00:00:00Z")
+    late_only = CountedCorrection(
+        "corr-2", "gauge", "{}", datetime(2026, 12, 2, 8), datetime(2026, 12, 2, 8, 1), Decimal("4"), "applied", NOW
+    )
+    [row] = answer(q, "t", BillingCycle(), [], [late_only], datetime(2026, 12, 3))["usage"]
+    assert (row["meter"], row["start"], row["quantity"], row["corrected_quantity"], row["status"]) == (
+        "gauge",
+        "2026-12-02T00:00:00.000Z",
+        "0",
+        "4",
+        "final",
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"since": "1999-12-31T23:59:59Z"}, "from must lie in [2000, 2200)"),
+        ({"since": "9999-12-15T00:00:00Z"}, "from must lie in"),
+        ({"since": "0001-01-01T00:00:00+05:00"}, "from is not an ISO-8601"),
+        (
+            {"since": "2026-12-01T00:00:00Z", "until": "2026-12-08T00:00:01Z", "granularity": "window"},
+            "at most 7 days of windows",
+        ),
+        ({"since": "0001-02-01T00:00:00Z", "until": "9999-11-01T00:00:00Z", "granularity": "period"}, "must lie in"),
+        (
+            {"since": "2001-01-01T00:00:00Z", "until": "2199-11-01T00:00:00Z", "granularity": "period"},
+            "at most 13 periods",
+        ),
+    ],
+)
+def test_far_and_wide_ranges_are_refused_before_anything_is_listed(params, reason):
+    with pytest.raises(RequestRefusedError) as refused:
+        check_query("c", BillingCycle(), NOW, **params)
+    assert reason in refused.value.reason
+    assert check_query(
+        "c", BillingCycle(), NOW, since="2026-12-01T00:00:00Z", until="2026-12-08T00:00:00Z", granularity="window"
+    )
 
 
 def test_plain_decimals_never_take_an_exponent():
@@ -140,8 +181,10 @@ class RecordingSource:
     def __init__(self) -> None:
         self.reads: list[tuple[str, UsageQuery]] = []
         self.customers = {("tenant-a", "cust-1"): BillingCycle(1, "America/New_York")}
+        self.cycles_asked: list[str] = []
 
     def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
+        self.cycles_asked.append(customer_id)
         return self.customers.get((tenant_id, customer_id))
 
     def read(self, tenant_id: str, query: UsageQuery) -> tuple[list[Total], list[CountedCorrection], datetime | None]:
@@ -175,9 +218,21 @@ def test_the_route_reads_the_keys_tenant_only_and_answers_its_current_period():
     assert c.get("/v1/customers/cust-1/usage").status_code == 401
     bad = c.get("/v1/customers/cust-1/usage?granularity=hour", headers={"Authorization": f"Bearer {KEY_A}"})
     assert bad.status_code == 400 and "granularity" in bad.json()["error"]
+    # A customer id outside the input contract never reaches the source.
+    control = c.get("/v1/customers/c%00x/usage", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert control.status_code == 400 and len(source.reads) == 1 and "c\x00x" not in source.cycles_asked
     metrics = c.get("/metrics").text
     assert 'meterflow_usage_requests_total{code="200"} 1.0' in metrics
     assert 'meterflow_usage_requests_total{code="404"} 1.0' in metrics
+
+
+def test_postgres_unreachable_is_a_503_to_retry():
+    class Down(RecordingSource):
+        def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
+            raise RequestRefusedError(503, "usage is unavailable for a moment (PoolTimeout): retry")
+
+    got = _client(Down()).get("/v1/customers/cust-1/usage", headers={"Authorization": f"Bearer {KEY_A}"})
+    assert got.status_code == 503 and got.headers["retry-after"] == "1" and "retry" in got.json()["error"]
 
 
 def test_the_usage_page_is_served_without_the_key_and_reads_it_from_the_fragment():
