@@ -85,8 +85,12 @@ END
 $$""",
         f"""DO $$ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '{r}_keep' AND tgrelid = '{u}'::regclass) THEN
-        -- Made from the rows already there, with writers held off until the trigger exists.
+        -- Made from the rows already there, with writers held off until the trigger exists; asked
+        -- again under the lock, as a second process may have made it while this one waited.
         LOCK TABLE {u} IN SHARE ROW EXCLUSIVE MODE;
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '{r}_keep' AND tgrelid = '{u}'::regclass) THEN
+            RETURN;
+        END IF;
         DELETE FROM {r};
         INSERT INTO {r} ({key}, bucket_start, quantity, event_count, windows, final_windows, final_quantity)
             SELECT {key}, {_BIN.format(start="window_start")}, sum(quantity), sum(event_count), count(*),
