@@ -27,7 +27,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     from connectors.event_writer import KafkaEventWriter
     from meterflow.serve.alerts_worker import AlertWorker
     from meterflow.serve.app import KeyCache, create_app
-    from meterflow.serve.usage_reader import UsageReader
+    from meterflow.serve.usage_reader import UsageReader, writer_pool
     from sinks.api_keys import tenant_of
 
     cfg = ctx.cfg
@@ -39,8 +39,10 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     reader = UsageReader(cfg)
     reader.open()
     registry = CollectorRegistry()
-    worker = AlertWorker(cfg, reader.pool.connection, registry) if cfg.alerts.enabled else None
+    alerts_pool = writer_pool(cfg)
+    worker = AlertWorker(cfg, alerts_pool.connection, registry) if cfg.alerts.enabled else None
     if worker is not None:
+        alerts_pool.open(wait=True, timeout=30)
         worker.start()
     try:
         uvicorn.run(
@@ -54,6 +56,7 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     finally:
         if worker is not None:
             worker.stop()
+        alerts_pool.close()
         reader.close()
         writer.close()
 

@@ -60,6 +60,25 @@ def cycle_of(cfg: JobConfig, tenant_id: str, customer_id: str) -> BillingCycle:
 POOL_WAIT_S = 5.0
 
 
+def writer_pool(cfg: JobConfig, size: int = 2) -> ConnectionPool:
+    """Autocommit connections that write (the threshold alerts' ledger), apart from the readers'."""
+    pg = cfg.postgres
+    password = pg.password.get_secret_value() if pg.password else None
+    return ConnectionPool(
+        pg.conninfo(),
+        kwargs={"password": password, "connect_timeout": 5, "autocommit": True},
+        min_size=1,
+        max_size=size,
+        open=False,
+    )
+
+
+def _one_snapshot(conn: psycopg.Connection[Any]) -> None:
+    """A request's reads see one snapshot, and never write."""
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+
+
 class UsageReader:
     """What the usage API reads, over a pool of ``serve.usage_pool_size`` connections."""
 
@@ -73,7 +92,10 @@ class UsageReader:
             min_size=1,
             max_size=cfg.serve.usage_pool_size,
             open=False,
+            configure=_one_snapshot,
         )
+        # The corrections table appears once `corrections apply` first ran: asked until it exists.
+        self._corrections_exist = False
 
     def open(self) -> None:
         apply_usage_schema(self.cfg)
@@ -94,14 +116,16 @@ class UsageReader:
     def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
         """The customer's cycle, or None when the tenant has no such customer (no usage, no cycle set)."""
         with self._connection() as conn:
-            row = conn.execute(cycle_sql(self.cfg.billing.cycles_table), (tenant_id, customer_id)).fetchone()
-            if row is not None:
-                return BillingCycle(row[0], row[1])
-            known = conn.execute(
-                f"SELECT 1 FROM {rollup_table(self.cfg.postgres.usage_table)} WHERE tenant_id = %s AND customer_id = %s LIMIT 1",
-                (tenant_id, customer_id),
+            # One round trip: the cycle set for it, else whether it has usage at all.
+            row = conn.execute(
+                f"SELECT 0 AS o, anchor_day, timezone FROM ({cycle_sql(self.cfg.billing.cycles_table)}) c "
+                f"UNION ALL (SELECT 1, NULL, NULL FROM {rollup_table(self.cfg.postgres.usage_table)} "
+                "WHERE tenant_id = %s AND customer_id = %s LIMIT 1) ORDER BY o LIMIT 1",
+                (tenant_id, customer_id, tenant_id, customer_id),
             ).fetchone()
-        return BillingCycle() if known else None
+        if row is None:
+            return None
+        return BillingCycle(row[1], row[2]) if row[0] == 0 else BillingCycle()
 
     def read(self, tenant_id: str, query: UsageQuery) -> tuple[list[Total], list[CountedCorrection], datetime | None]:
         """The query's totals, its counted corrections and the close horizon, in one snapshot."""
@@ -110,8 +134,8 @@ class UsageReader:
         meter = [query.meter] if with_meter else []
         where = [tenant_id, query.customer_id, query.since, query.until, *meter]
         totals: list[Total] = []
+        # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY (the pool's connections): one snapshot.
         with self._connection() as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             horizon = conn.execute(last_final_end_sql(usage_table)).fetchone()
             if query.granularity == "window":
                 sql, params = windows_sql(usage_table, query.group_by, with_meter)
@@ -135,7 +159,8 @@ class UsageReader:
                     )
             corrections: list[CountedCorrection] = []
             table = self.cfg.corrections.table
-            if table_exists(conn, table):
+            self._corrections_exist = self._corrections_exist or table_exists(conn, table)
+            if self._corrections_exist:
                 found = conn.execute(corrections_in_range_sql(table, with_meter), where).fetchall()
                 corrections = [CountedCorrection(*row) for row in found]
         return totals, corrections, horizon[0] if horizon else None

@@ -153,7 +153,8 @@ def test_reads_per_day_and_period_in_the_customers_cycle_agree_with_the_rows(cfg
         assert period["status"] == "provisional"  # its last window is provisional
         assert [c["correction_id"] for c in body["corrections"]] == ["k1"]  # pending ones do not count
 
-        days = answer(q, "t", cycle, *reader.read("t", check_query("anniv", cycle, now)))
+        per_day = check_query("anniv", cycle, now)
+        days = answer(per_day, "t", cycle, *reader.read("t", per_day))
         by_day = {d["start"]: d["quantity"] for d in days["usage"]}
         assert by_day == {
             "2026-11-19T23:00:00.000Z": "1.25",  # local November 20th, the period's first day
