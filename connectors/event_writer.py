@@ -7,6 +7,7 @@ Kafka client is thread-safe). Each event goes as the project's plain Avro, keyed
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from kafka import KafkaProducer
@@ -38,15 +39,16 @@ class KafkaEventWriter:
                 futures.append(self._producer.send(self.topic, key=message_key(event), value=encode_usage_event(event)))
             except KafkaError as e:  # the buffer full past max_block_ms, the broker unknown
                 futures.append(e)
-        self._producer.flush(timeout=timeout_s)
+        # Each request waits for its own events only, never for what other requests buffered (no flush).
+        deadline = time.monotonic() + timeout_s
         errors: list[str | None] = []
         for future in futures:
             if isinstance(future, KafkaError):
                 errors.append(f"not written: {type(future).__name__}")
                 continue
             try:
-                future.get(timeout=0)
-            except KafkaError as e:
+                future.get(timeout=max(deadline - time.monotonic(), 0))
+            except KafkaError as e:  # KafkaTimeoutError too: not acknowledged in time
                 errors.append(f"not written: {type(e).__name__}")
             else:
                 errors.append(None)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -32,8 +34,11 @@ from sinks.postgres import table_exists
 from sinks.usage_rollup_schema import cycle_sql
 
 log = logging.getLogger("meterflow.alerts")
-# Crossings one pass claims for delivery (sent one after another).
+# Crossings claimed at once, and sent side by side by as many threads; a pass claims more until
+# none is due or it has run this many seconds (then evaluation runs again).
 CLAIMED_AT_ONCE = 10
+SENDERS = 10
+MAX_DELIVERY_PASS = 10.0
 
 
 class Sender(Protocol):
@@ -65,6 +70,8 @@ class AlertWorker:
         self.cursor: int | None = None
         self.known_rules: set[tuple[str, str]] = set()
         self._stop = threading.Event()
+        self._senders = ThreadPoolExecutor(SENDERS, thread_name_prefix="meterflow-webhook")
+        self._lookup = threading.Lock()
         self._thread: threading.Thread | None = None
         self.crossings = Counter("meterflow_alerts_crossings", "Threshold crossings recorded.", registry=registry)
         self.deliveries = Counter(
@@ -156,43 +163,50 @@ class AlertWorker:
         return new
 
     def deliver(self, conn: psycopg.Connection[Any]) -> int:
-        """Send the due webhooks once each; how many were delivered."""
-        timeout = self.a.request_timeout.total_seconds()
+        """Send the due webhooks once each, ``SENDERS`` at a time, until none is due or the pass has
+        run ``MAX_DELIVERY_PASS``; how many were delivered."""
+        started = time.monotonic()
         delivered = 0
-        # Held for every request of the batch, each at most request_timeout, and then some.
-        claimed = store.claim_due(conn, self.a, self.a.request_timeout * (CLAIMED_AT_ONCE + 2), CLAIMED_AT_ONCE)
-        for xing, attempts in claimed:
-            target = store.endpoint(conn, self.a, xing.tenant_id)
-            if target is None:
-                self._failed(conn, xing, attempts, "the tenant has no webhook endpoint (meterflow alerts endpoint set)")
-                continue
-            url, secret = target
-            body = json.dumps(xing.body(), separators=(",", ":")).encode()
-            sent_at = self.clock()
-            headers = {
-                "content-type": "application/json",
-                "webhook-id": xing.crossing_id,
-                "webhook-timestamp": str(int(sent_at.timestamp())),
-                "webhook-signature": Webhook(secret).sign(xing.crossing_id, sent_at, body.decode()),
-            }
-            try:
-                status = self.sender(url, body, headers, timeout)
-            except Exception as e:  # noqa: BLE001 - any failure of one receiver (a bad URL included) is that crossing's, recorded and retried
-                self._failed(conn, xing, attempts, f"{type(e).__name__}: {e}")
-                continue
-            if is_delivered(status):
-                store.mark_sent(conn, self.a, xing.crossing_id)
-                self.deliveries.labels("sent").inc()
-                self.delay.observe(
-                    max((self.clock().astimezone(UTC).replace(tzinfo=None) - xing.crossed_at).total_seconds(), 0)
-                )
-                delivered += 1
-            else:
-                self._failed(conn, xing, attempts, f"HTTP {status}")
+        while True:
+            # Held for the whole batch: its requests run side by side, each at most request_timeout.
+            claimed = store.claim_due(conn, self.a, self.a.request_timeout * 3, CLAIMED_AT_ONCE)
+            outcomes = list(self._senders.map(lambda c: self._send(conn, *c), claimed))
+            for (xing, attempts), (status, error) in zip(claimed, outcomes, strict=True):
+                if status is not None and is_delivered(status):
+                    store.mark_sent(conn, self.a, xing.crossing_id)
+                    self.deliveries.labels("sent").inc()
+                    self.delay.observe(
+                        max((self.clock().astimezone(UTC).replace(tzinfo=None) - xing.crossed_at).total_seconds(), 0)
+                    )
+                    delivered += 1
+                else:
+                    self._failed(conn, xing, attempts, error or f"HTTP {status}")
+            if len(claimed) < CLAIMED_AT_ONCE or time.monotonic() - started > MAX_DELIVERY_PASS:
+                break
         pending, dead = store.pending_count(conn, self.a)
         self.backlog.labels("pending").set(pending)
         self.backlog.labels("dead").set(dead)
         return delivered
+
+    def _send(self, conn: psycopg.Connection[Any], xing: Crossing, attempts: int) -> tuple[int | None, str | None]:
+        """One webhook: its HTTP status, or why there was none."""
+        with self._lookup:  # the connection is the pass's, one statement at a time
+            target = store.endpoint(conn, self.a, xing.tenant_id)
+        if target is None:
+            return None, "the tenant has no webhook endpoint (meterflow alerts endpoint)"
+        url, secret = target
+        body = json.dumps(xing.body(), separators=(",", ":")).encode()
+        sent_at = self.clock()
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": xing.crossing_id,
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": Webhook(secret).sign(xing.crossing_id, sent_at, body.decode()),
+        }
+        try:
+            return self.sender(url, body, headers, self.a.request_timeout.total_seconds()), None
+        except Exception as e:  # noqa: BLE001 - any failure of one receiver (a bad URL included) is that crossing's, recorded and retried
+            return None, f"{type(e).__name__}: {e}"
 
     def _failed(self, conn: psycopg.Connection[Any], xing: Crossing, attempts: int, error: str) -> None:
         dead = attempts + 1 >= self.a.max_attempts
@@ -224,3 +238,4 @@ class AlertWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
+        self._senders.shutdown(wait=False)
