@@ -31,8 +31,9 @@ What it does, in order:
 
 End to end: all events accepted (warm-up included) over the time from the first request to the
 moment Postgres held all of them. Accepted over HTTP: events of the requests started within the
-measured interval over that interval. CPU seconds of the service, of this process (the clients
-and the receiver) and of the whole machine over the measured interval are recorded. Results go to
+measured interval over that interval. CPU seconds over the measured interval are recorded for the
+service, the Flink JobManager and TaskManager, Kafka, Postgres, this process (the clients and the
+receiver) and the whole machine; the rest is other processes sharing the machine. Results go to
 ``bench/results_ingest_http.json``; a markdown table is printed.
 
     .venv/bin/python -m bench.ingest_http [--batches 100 1000] [--clients 16] [--warmup 15] [--seconds 75]
