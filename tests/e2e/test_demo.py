@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from meterflow.local import flink_jobs
+from meterflow.local.corrections_follower import CorrectionsFollower
 from meterflow.local.http_service import HttpService
 from meterflow.local.prometheus import PrometheusServer
 from tests.e2e.helpers import private_job, wait_for
@@ -50,4 +51,5 @@ def test_the_demo_counts_its_sample_and_serves_it_over_http(e2e_stack):
         for name in flink_jobs.job_names(cfg):
             for job in flink_jobs.running_jobs(cfg, name):
                 flink_jobs.cancel(cfg, job["jid"])
+        CorrectionsFollower(cfg, path).stop()  # the demo's submit started it
         HttpService(cfg, path).down()

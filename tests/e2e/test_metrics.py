@@ -29,7 +29,13 @@ from jobs.plan import DEAD_LETTER_SCHEMA, LATE_EVENT_SCHEMA
 from meterflow.config_values import parse_port_range
 from meterflow.local import flink_jobs
 from meterflow.local.prometheus import ALERT_RULES, PrometheusServer
-from meterflow.metrics_catalog import BILLING_JOB_METRICS, LATENESS_BUCKETS_MS, promql_metric_names
+from meterflow.metrics_catalog import (
+    ALERTS_METRICS,
+    BILLING_JOB_METRICS,
+    LATENESS_BUCKETS_MS,
+    SERVE_METRICS,
+    promql_metric_names,
+)
 from tests.e2e.helpers import (
     closing_events,
     expected_totals,
@@ -97,10 +103,12 @@ def _alert_metric_names() -> set[str]:
 
 
 def _dashboard_usage_metric_names() -> set[str]:
-    """Metric names the Grafana dashboard reads, but the billing job's (that job does not run here)."""
+    """Metric names the Grafana dashboard reads, but the billing job's and the HTTP service's (neither
+    runs here; tests/e2e/test_demo.py has Prometheus scrape the service)."""
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    return {name for expr in exprs for name in promql_metric_names(expr)[0]} - BILLING_JOB_METRICS
+    names = {name for expr in exprs for name in promql_metric_names(expr)[0]}
+    return names - BILLING_JOB_METRICS - SERVE_METRICS - ALERTS_METRICS
 
 
 def test_job_metrics_in_prometheus(e2e_stack):
