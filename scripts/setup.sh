@@ -6,7 +6,7 @@
 #   - Apicurio Registry (a schema registry with a Confluent-compatible API) from Maven Central (third_party/registry)
 #   - ZooKeeper (Flink's high availability on the local stack) from Maven Central (third_party/zookeeper)
 #   - stripe-mock (Stripe's API-validating mock) and kubeconform (validates ops/k8s/ offline) with
-#     `go install`, into third_party/bin
+#     `go install`, and scripts/k8s-core-check with `go build`, into third_party/bin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -119,5 +119,11 @@ if [ "$(cat third_party/bin/.kubeconform-version 2>/dev/null)" != "$kubeconform_
     log "go install kubeconform failed (is the Go module proxy reachable?)"; exit 1
   fi
   echo "$kubeconform_version" > third_party/bin/.kubeconform-version
+fi
+# k8s-core-check decodes the core Kubernetes resources of ops/k8s/ (Deployment, Service, ...)
+# strictly with the Kubernetes API's Go types (scripts/k8s-core-check/; Go's build cache makes
+# a rebuild of an unchanged tool quick).
+if ! (cd scripts/k8s-core-check && go build -o "$root/third_party/bin/k8s-core-check" .); then
+  log "building scripts/k8s-core-check failed (is the Go module proxy reachable?)"; exit 1
 fi
 log "ready: $root/.venv/bin/meterflow"

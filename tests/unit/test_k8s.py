@@ -1,4 +1,6 @@
-"""ops/k8s/: valid against the committed CRD schemas (kubeconform -strict, offline), and in step with meterflow.yaml."""
+"""ops/k8s/: the operators' resources valid against the committed CRD schemas (kubeconform -strict, offline), the
+core resources decoded strictly by the Kubernetes API's Go types (scripts/k8s-core-check), all in step with
+meterflow.yaml."""
 
 from __future__ import annotations
 
@@ -18,28 +20,39 @@ K8S = REPO_ROOT / "ops" / "k8s"
 SCHEMAS = K8S / "schemas"
 SCHEMA_LOCATION = str(SCHEMAS) + "/{{ .ResourceKind }}-{{ .Group }}-{{ .ResourceAPIVersion }}.json"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
+# The core kinds the manifests use: checked by k8s-core-check, skipped by kubeconform (no core schema is committed).
+CORE_KINDS = ("Deployment", "Service", "PodDisruptionBudget")
 
 
-def _kubeconform() -> str:
-    path = shutil.which("kubeconform", path=str(REPO_ROOT / "third_party" / "bin")) or shutil.which("kubeconform")
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(REPO_ROOT / "third_party" / "bin")) or shutil.which(name)
     if not path:
-        pytest.fail("kubeconform not found: run scripts/setup.sh (installs it with go install into third_party/bin)")
+        pytest.fail(f"{name} not found: run scripts/setup.sh (installs it into third_party/bin)")
     return path
 
 
 def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
     """kubeconform -strict against the committed schemas only (no network: no other schema location)."""
     args = [
-        _kubeconform(),
+        _tool("kubeconform"),
         "-strict",
         "-summary",
         "-output",
         "text",
+        "-skip",
+        ",".join(CORE_KINDS),
         "-schema-location",
         SCHEMA_LOCATION,
         *map(str, paths),
     ]
     return subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+
+
+def _check_core(*paths: Path) -> subprocess.CompletedProcess[str]:
+    """The core resources decoded strictly into the Kubernetes API's Go types."""
+    return subprocess.run(
+        [_tool("k8s-core-check"), *map(str, paths)], capture_output=True, text=True, check=False, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +76,39 @@ def _env(deployment: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container["env"]}
 
 
-def test_manifests_are_valid():
-    """Every manifest validates strictly against the committed Flink operator and Strimzi schemas."""
+def test_manifests_are_valid(resources):
+    """Every operator resource validates strictly against the committed Flink operator and Strimzi schemas, and
+    every core resource decodes strictly into its Kubernetes type: each resource is checked by exactly one."""
     assert MANIFESTS
+    core = sum(r["kind"] in CORE_KINDS for r in resources)
+    assert core == 3
     r = _validate(*MANIFESTS)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"Valid: (\d+), Invalid: 0, Errors: 0, Skipped: 0", r.stdout), r.stdout
+    assert f"Valid: {len(resources) - core}, Invalid: 0, Errors: 0, Skipped: {core}" in r.stdout, r.stdout
+    r = _check_core(*MANIFESTS)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Valid: {core}, Invalid: 0, Skipped: {len(resources) - core}" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("  replicas: 2", "  replica: 2"), 'unknown field "spec.replica"'),
+        (("          readinessProbe:", "          readinessProbes:"), "readinessProbes"),
+        (("              containerPort: 8088", '              containerPort: "8088"'), "containerPort"),
+        (("  type: ClusterIP", "  type: ClusterIP\n  type: NodePort"), "type"),
+        (("kind: PodDisruptionBudget", "kind: PodDisruptionBudgets"), "PodDisruptionBudgets"),
+    ],
+)
+def test_an_invalid_core_resource_fails(tmp_path, change, message):
+    """A misspelt or unknown field, a value of the wrong type, a duplicated field or an unknown kind fails."""
+    text = (K8S / "serve.yaml").read_text()
+    assert change[0] in text
+    broken = tmp_path / "serve.yaml"
+    broken.write_text(text.replace(change[0], change[1], 1))
+    r = _check_core(broken)
+    assert r.returncode == 1
+    assert "Invalid: 1" in r.stdout and message in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize(
@@ -201,12 +241,27 @@ def test_deployments_run_ha_with_savepoint_upgrades(resources):
         assert _env(d)["ENABLE_BUILT_IN_PLUGINS"]["value"] == f"flink-s3-fs-hadoop-{'.'.join(flink)}.jar"
 
 
-def test_secrets_are_mounted_files_never_values(resources):
-    """Each secret reaches a pod as a file of a mounted Kubernetes Secret (or a secretKeyRef), never as a literal."""
+def _main_containers(resources: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(resource name, pod spec, main container) of each FlinkDeployment and Deployment."""
+    pods = []
     for d in _of_kind(resources, "FlinkDeployment"):
         pod = d["spec"]["podTemplate"]["spec"]
-        env = _env(d)
-        container = next(c for c in pod["containers"] if c["name"] == "flink-main-container")
+        pods.append(
+            (d["metadata"]["name"], pod, next(c for c in pod["containers"] if c["name"] == "flink-main-container"))
+        )
+    for d in _of_kind(resources, "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        pods.append((d["metadata"]["name"], pod, container))
+    return pods
+
+
+def test_secrets_are_mounted_files_never_values(resources):
+    """Each secret reaches a pod as a file of a mounted Kubernetes Secret (or a secretKeyRef), never as a literal."""
+    pods = _main_containers(resources)
+    assert len(pods) == 3
+    for name, pod, container in pods:
+        env = {e["name"]: e for e in container["env"]}
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         files = {}
         # Projected volumes carry secrets; others (RocksDB's working directory) carry none.
@@ -214,14 +269,12 @@ def test_secrets_are_mounted_files_never_values(resources):
             for source in volume["projected"]["sources"]:
                 for item in source["secret"]["items"]:
                     files[f"{mounts[volume['name']]}/{item['path']}"] = (source["secret"]["name"], item["key"])
-        for name, entry in env.items():
-            if re.search(r"PASSWORD|API_KEY|SECRET|TOKEN|ACCESS_KEY", name):
-                if name.endswith(SECRET_FILE_SUFFIX):
-                    assert entry["value"] in files, f"{d['metadata']['name']}: {name} names no mounted secret file"
+        for key, entry in env.items():
+            if re.search(r"PASSWORD|API_KEY|SECRET|TOKEN|ACCESS_KEY", key):
+                if key.endswith(SECRET_FILE_SUFFIX):
+                    assert entry["value"] in files, f"{name}: {key} names no mounted secret file"
                 else:
-                    assert "secretKeyRef" in entry.get("valueFrom", {}), (
-                        f"{d['metadata']['name']}: {name} has a literal value"
-                    )
+                    assert "secretKeyRef" in entry.get("valueFrom", {}), f"{name}: {key} has a literal value"
         assert files[env["METERFLOW_POSTGRES_PASSWORD_FILE"]["value"]] == ("meterflow-postgres", "password")
 
 
@@ -239,7 +292,7 @@ def test_rocksdb_works_on_a_pod_volume_of_its_own(resources):
 def test_postgres_is_external(resources):
     """No Postgres runs from these manifests, and no Secret is shipped: both are the operator's to provide."""
     kinds = {r["kind"] for r in resources}
-    assert kinds == {"Kafka", "KafkaNodePool", "KafkaTopic", "FlinkDeployment"}
+    assert kinds == {"Kafka", "KafkaNodePool", "KafkaTopic", "FlinkDeployment", *CORE_KINDS}
 
 
 def test_corrections_follower_runs_beside_the_usage_jobmanagers(resources, cfg):
@@ -274,3 +327,53 @@ def test_corrections_follower_runs_beside_the_usage_jobmanagers(resources, cfg):
     assert [p["containerPort"] for p in follower["ports"]] == [pod_cfg.corrections.metrics_port]
     mounts = {m["name"]: m["mountPath"] for m in follower["volumeMounts"]}
     assert env["METERFLOW_POSTGRES_PASSWORD_FILE"].startswith(mounts["meterflow-secrets"] + "/")
+
+
+def test_the_http_service_runs_the_image_on_the_cluster(resources, cfg):
+    """`meterflow serve` from the jobs' image, its overrides a valid config pointed at Kafka's bootstrap service
+    and the jobs' Postgres, listening on all of the pod's addresses at serve.port, without the Stripe key."""
+    (deployment,) = _of_kind(resources, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["meterflow", "--config", "/opt/meterflow/meterflow.yaml", "serve"]
+    usage = next(d for d in _of_kind(resources, "FlinkDeployment") if d["metadata"]["name"] == cfg.flink.job_name)
+    assert container["image"] == usage["spec"]["image"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert not any("STRIPE" in key for key in env)
+    pod_cfg = load_config(
+        REPO_ROOT / "meterflow.yaml", environ={k: v for k, v in env.items() if not k.endswith(SECRET_FILE_SUFFIX)}
+    )
+    main = {k: e.get("value") for k, e in _env(usage).items()}
+    assert pod_cfg.kafka.bootstrap_servers == main["METERFLOW_KAFKA__BOOTSTRAP_SERVERS"]
+    assert (pod_cfg.postgres.host, str(pod_cfg.postgres.port)) == (
+        main["METERFLOW_POSTGRES__HOST"],
+        main["METERFLOW_POSTGRES__PORT"],
+    )
+    assert pod_cfg.serve.host == "0.0.0.0" and cfg.serve.host == "127.0.0.1"
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", pod_cfg.serve.port)]
+
+
+def test_the_http_service_is_reached_through_its_service_and_probed_on_health(resources, cfg):
+    """The Service and the disruption budget select the Deployment's pods; the probes and Prometheus annotations
+    name routes the service has; two replicas, one kept through drains and rolling updates."""
+    from meterflow.serve.app import create_app
+
+    (deployment,) = _of_kind(resources, "Deployment")
+    (service,) = _of_kind(resources, "Service")
+    (budget,) = _of_kind(resources, "PodDisruptionBudget")
+    template = deployment["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["type"] == "ClusterIP"
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(cfg.serve.port, "http")]
+    assert deployment["spec"]["replicas"] > budget["spec"]["minAvailable"] >= 1
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (container,) = template["spec"]["containers"]
+    routes = {getattr(r, "path", None) for r in create_app(cfg, None, None, None).routes}  # type: ignore[arg-type]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+        assert container[probe]["httpGet"]["path"] in routes
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] in routes
+    assert int(annotations["prometheus.io/port"]) == cfg.serve.port
