@@ -20,7 +20,10 @@ from billing.identifiers import Rounding, format_meter_value
 from billing.whole_values import next_period_start
 from meterflow.billing_cycle import BillingCycle, to_utc
 
-Period = Literal["day", "month"]
+# "period": the customer's billing period (its cycle; a calendar month in UTC without one); "day": the
+# customer's local day; "month": the calendar month in UTC, whatever the customer's cycle.
+Period = Literal["period", "day", "month"]
+UTC_MONTHS = BillingCycle()  # a customer without a cycle of its own
 DiscrepancyKind = Literal["not billed", "billed differently", "billed without a final window", "values sent differ"]
 
 
@@ -116,15 +119,22 @@ class PeriodTotal:
     billed_quantity: Decimal
     corrections: int = 0
     destination: str = ""  # where the period's windows are billed; empty for windows no delivery names
+    period_start: datetime | None = None  # the period [start, end) in UTC
+    period_end: datetime | None = None
 
     @property
     def agrees(self) -> bool:
         return self.final_quantity == self.billed_quantity
 
 
-def period_of(moment: datetime, period: Period) -> str:
-    """The billing period a window start falls in: ``2026-11-22`` or ``2026-11``."""
-    return moment.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+def period_of(moment: datetime, period: Period, cycle: BillingCycle = UTC_MONTHS) -> tuple[str, datetime, datetime]:
+    """The reporting period a window start falls in: its name (``BillingCycle.label``) and ``[start, end)``
+    in UTC. ``period`` and ``day`` follow the customer's cycle and timezone; ``month`` is UTC's."""
+    moment = to_utc(moment)
+    if period == "month":
+        cycle = UTC_MONTHS
+    start, end = cycle.day_of(moment) if period == "day" else cycle.period_of(moment)
+    return cycle.label(start, end, day=period == "day"), start, end
 
 
 @dataclass(frozen=True)
@@ -153,10 +163,14 @@ def _label(d: LedgerWindow) -> str:
 def reconcile(
     final_windows: Iterable[FinalWindow],
     ledger: Iterable[LedgerWindow],
-    period: Period = "month",
+    period: Period = "period",
     late_corrections: Iterable[LateCorrection] = (),
+    cycles: Mapping[tuple[str, str], BillingCycle] | None = None,
 ) -> tuple[list[PeriodTotal], list[Discrepancy]]:
     """Per-period totals and every window-level discrepancy (an empty list means the two agree).
+
+    Totals are per ``period`` (``period_of``), each customer's by its cycle of ``cycles`` (a customer
+    without one: calendar months in UTC).
 
     A window is billed with the sum of its accepted deliveries: its own event plus its corrections
     (of a changed final, and from late events). It is owed its final value plus its counted
@@ -168,6 +182,7 @@ def reconcile(
         by_window[d.key].append(d)
     discrepancies: list[Discrepancy] = []
     totals: dict[tuple, list] = defaultdict(lambda: [0, Decimal(0), Decimal(0), 0])
+    cycles = cycles or {}
     for k, o in owed.items():
         if not o.settled:
             continue
@@ -178,9 +193,9 @@ def reconcile(
         billed_at_all = own.status == "sent" if own is not None else (not has_final and bool(sent))
         billed = sum((d.quantity for d in sent), Decimal(0)) if billed_at_all else None
         destination = own.destination if own is not None else (deliveries[0].destination if deliveries else "")
-        total = totals[
-            (window.tenant_id, window.customer_id, window.meter, period_of(window.window_start, period), destination)
-        ]
+        cycle = cycles.get((window.tenant_id, window.customer_id), UTC_MONTHS)
+        label, start, end = period_of(window.window_start, period, cycle)
+        total = totals[(window.tenant_id, window.customer_id, window.meter, start, label, end, destination)]
         total[0] += 1
         total[1] += quantity
         total[2] += billed or Decimal(0)
@@ -221,8 +236,8 @@ def reconcile(
                 )
             )
     period_totals = [
-        PeriodTotal(t, c, m, p, windows, final, billed, corrections, destination)
-        for (t, c, m, p, destination), (windows, final, billed, corrections) in sorted(totals.items())
+        PeriodTotal(t, c, m, label, windows, final, billed, corrections, destination, start, end)
+        for (t, c, m, start, label, end, destination), (windows, final, billed, corrections) in sorted(totals.items())
     ]
     discrepancies.sort(key=lambda d: (d.window_start, d.tenant_id, d.customer_id, d.meter, d.dimensions_key))
     return period_totals, discrepancies

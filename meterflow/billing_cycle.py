@@ -78,6 +78,25 @@ class BillingCycle:
             start, end = self.period_of(end)
         return found
 
+    def day_of(self, instant: datetime) -> tuple[datetime, datetime]:
+        """The customer's local day ``[start, end)`` an instant falls in, as naive UTC."""
+        local = instant.replace(tzinfo=UTC).astimezone(self._zone()).date()
+        return self._utc(local), self._utc(local + timedelta(days=1))
+
+    def label(self, start: datetime, end: datetime, *, day: bool = False) -> str:
+        """How a period (or, with ``day``, a day) of this cycle is named in reports: ``2026-11`` for a
+        calendar month, ``2026-11-15/2026-12-15`` for an anniversary period, ``2026-11-15`` for a day,
+        in local dates, followed by the timezone unless it is UTC."""
+        zone = self._zone()
+        first, after = (i.replace(tzinfo=UTC).astimezone(zone).date() for i in (start, end))
+        if day:
+            name = first.isoformat()
+        elif self.anchor_day is None:
+            name = f"{first:%Y-%m}"
+        else:
+            name = f"{first.isoformat()}/{after.isoformat()}"
+        return name if self.timezone == "UTC" else f"{name} {self.timezone}"
+
     def days(self, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:
         """The customer's local days that overlap ``[since, until)``, whole, in order."""
         zone = self._zone()

@@ -355,10 +355,11 @@ def billing_customers_list(ctx: Context) -> None:
 @cli.command()
 @click.option(
     "--period",
-    type=click.Choice(["day", "month"]),
-    default="month",
+    type=click.Choice(["period", "day", "month"]),
+    default="period",
     show_default=True,
-    help="Billing period to total per customer.",
+    help="Total per customer's billing period (its cycle, `meterflow cycles`; calendar months in UTC without one), "
+    "per the customer's local day, or per calendar month in UTC.",
 )
 @click.option("--tenant", default=None, help="Only this tenant.")
 @click.option(
@@ -396,7 +397,7 @@ def reconcile(
     value is billed as the difference, late events as a correction of their window); it is owed
     its final value plus its applied or approved corrections from late events. Every correction is
     listed. The values sent are checked against each meter's rounding: a carried meter's values
-    of a month add up to the whole part of their quantities. Exits 1 and lists every
+    of a billing period (the customer's cycle) add up to the whole part of their quantities. Exits 1 and lists every
     discrepancy (window not billed, billed with another quantity, billed without a final window,
     values sent that break the rounding); exits 0 when they agree.
 
@@ -427,7 +428,7 @@ def reconcile(
         ]
 
     ledger = chosen(found.ledger)
-    totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections))
+    totals, discrepancies = compare(chosen(found.finals), ledger, period, chosen(found.late_corrections), found.cycles)
     # Values are checked per whole billing period (a carried meter's rule holds over its period).
     roundings = {m.name: m.billing_rounding for m in ctx.cfg.meters}
     months = value_discrepancies(

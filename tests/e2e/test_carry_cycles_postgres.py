@@ -11,20 +11,24 @@ calendar customer's is left at the month's end; reconcile judges each by its own
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from click.testing import CliRunner
 
 from billing.deliveries import ClosedWindow, window_delivery
 from billing.reconcile import value_discrepancies
 from meterflow.billing_cycle import BillingCycle
+from meterflow.commands import cli
 from meterflow.serve.usage_reader import set_cycle
 from sinks.carry_schema import period_function
 from sinks.ledger import apply_billing_schema, fetch_reconciliation_input
 from sinks.ledger_async import AsyncPostgresLedger
 from sinks.postgres import connect
+from tests.e2e.helpers import closed_window, write_final_rows
 
 pytestmark = [pytest.mark.e2e]
 
@@ -45,7 +49,7 @@ ANCHORS = (None, 1, 15, 29, 31)
 @pytest.fixture
 def cfg(e2e_stack):
     run = uuid.uuid4().hex[:6]
-    cfg, _ = e2e_stack.config(
+    cfg, path = e2e_stack.config(
         f"carry-{run}",
         billing={
             "enabled": True,
@@ -56,10 +60,11 @@ def cfg(e2e_stack):
         },
     )
     apply_billing_schema(cfg)
-    return cfg
+    return cfg, path
 
 
 def test_the_sql_period_is_the_billing_cycles(cfg):
+    cfg, _ = cfg
     instants = [datetime(2025, 1, 1) + timedelta(hours=7, minutes=13) * i for i in range(2500)]
     f = period_function(cfg.billing.carry_table)
     with connect(cfg.postgres) as conn:
@@ -89,6 +94,7 @@ def _delivery(customer: str, start: datetime, quantity: str):
 
 
 def test_a_fraction_is_carried_within_the_customers_own_period(cfg):
+    cfg, path = cfg
     set_cycle(cfg, "t", "anniv", BillingCycle(15, "Europe/Paris"))
     # 0.6 on the last minute of November and 0.6 on the first of December (UTC): one anniversary
     # period (Nov 15 to Dec 15, Paris), two calendar months.
@@ -114,3 +120,35 @@ def test_a_fraction_is_carried_within_the_customers_own_period(cfg):
     # Judged by calendar months, the anniversary customer's period looks wrong: its cycle is what counts.
     [misjudged] = value_discrepancies(found.ledger, {"tokens": "carry"})
     assert misjudged.customer_id == "anniv"
+
+    # `meterflow reconcile` totals each customer per its own period (the deliveries are still
+    # pending: not billed yet, so it exits 1 and lists them).
+    write_final_rows(
+        cfg,
+        [
+            closed_window("t", customer, "tokens", start, timedelta(minutes=1), "0.6", 1)
+            for customer in ("anniv", "calendar")
+            for start in minutes
+        ],
+    )
+    result = CliRunner().invoke(
+        cli, ["--config", str(path), "reconcile", "--tenant", "t", "--grace", "0s", "--format", "json"]
+    )
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert [(p["customer_id"], p["period"], p["windows"], Decimal(p["final_quantity"])) for p in report["periods"]] == [
+        ("anniv", "2026-11-15/2026-12-15 Europe/Paris", 2, Decimal("1.2")),
+        ("calendar", "2026-11", 1, Decimal("0.6")),
+        ("calendar", "2026-12", 1, Decimal("0.6")),
+    ]
+    assert {d["kind"] for d in report["discrepancies"]} == {"not billed"} and len(report["discrepancies"]) == 4
+    by_day = CliRunner().invoke(
+        cli,
+        ["--config", str(path), "reconcile", "--tenant", "t", "--grace", "0s", "--format", "json", "--period", "day"],
+    )
+    assert [(p["customer_id"], p["period"]) for p in json.loads(by_day.stdout)["periods"]] == [
+        ("anniv", "2026-11-30 Europe/Paris"),
+        ("anniv", "2026-12-01 Europe/Paris"),
+        ("calendar", "2026-11-30"),
+        ("calendar", "2026-12-01"),
+    ]

@@ -26,6 +26,16 @@ def test_an_anniversary_period_spans_a_month_boundary_in_the_customers_timezone(
     assert cycle.period_of(datetime(2026, 3, 14, 22, 59))[1] == datetime(2026, 3, 14, 23, 0)
 
 
+def test_days_and_names_are_the_customers_local_ones():
+    cycle = BillingCycle(15, "Europe/Paris")
+    # The last Sunday of March: the local day is 23 hours long.
+    assert cycle.day_of(datetime(2026, 3, 29, 12, 0)) == (datetime(2026, 3, 28, 23, 0), datetime(2026, 3, 29, 22, 0))
+    start, end = cycle.period_of(datetime(2026, 3, 14, 23, 30))
+    assert cycle.label(start, end) == "2026-03-15/2026-04-15 Europe/Paris"
+    assert cycle.label(*cycle.day_of(datetime(2026, 3, 14, 23, 30)), day=True) == "2026-03-15 Europe/Paris"
+    assert BillingCycle().label(datetime(2026, 2, 1), datetime(2026, 3, 1)) == "2026-02"
+
+
 def test_an_anchor_past_a_months_end_starts_on_its_last_day():
     cycle = BillingCycle(31)
     assert cycle.periods(datetime(2026, 2, 1), datetime(2026, 3, 31)) == [

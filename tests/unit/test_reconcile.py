@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from billing.reconcile import FinalWindow, LedgerWindow, period_of, reconcile
+from meterflow.billing_cycle import BillingCycle
 
 T1, T2, T3 = datetime(2026, 10, 31, 23, 59), datetime(2026, 11, 1, 0, 0), datetime(2026, 11, 1, 0, 1)
 MINUTE = timedelta(minutes=1)
@@ -60,7 +61,60 @@ def test_windows_inside_the_grace_period_are_not_yet_expected():
 
 
 def test_period_of():
-    assert period_of(T1, "day") == "2026-10-31" and period_of(T1, "month") == "2026-10"
+    assert period_of(T1, "day") == ("2026-10-31", datetime(2026, 10, 31), datetime(2026, 11, 1))
+    assert (
+        period_of(T1, "month") == period_of(T1, "period") == ("2026-10", datetime(2026, 10, 1), datetime(2026, 11, 1))
+    )
+
+
+def test_period_of_follows_the_customers_cycle_and_timezone():
+    """A period and a day are the customer's own; ``month`` stays the calendar month in UTC."""
+    cycle = BillingCycle(15, "America/New_York")
+    # 2026-11-15 04:30 UTC is still the 14th in New York (UTC-5): the period that began on October 15.
+    before, after = datetime(2026, 11, 15, 4, 30), datetime(2026, 11, 15, 5, 30)
+    assert period_of(before, "period", cycle) == (
+        "2026-10-15/2026-11-15 America/New_York",
+        datetime(2026, 10, 15, 4, 0),  # daylight saving time until November 1
+        datetime(2026, 11, 15, 5, 0),
+    )
+    assert period_of(after, "period", cycle)[0] == "2026-11-15/2026-12-15 America/New_York"
+    assert period_of(before, "day", cycle) == (
+        "2026-11-14 America/New_York",
+        datetime(2026, 11, 14, 5, 0),
+        datetime(2026, 11, 15, 5, 0),
+    )
+    assert (
+        period_of(before, "month", cycle)
+        == period_of(after, "month", cycle)
+        == (
+            "2026-11",
+            datetime(2026, 11, 1),
+            datetime(2026, 12, 1),
+        )
+    )
+    assert period_of(T1, "period", BillingCycle(None, "Asia/Tokyo"))[0] == "2026-11 Asia/Tokyo"
+
+
+def test_totals_are_per_each_customers_own_period():
+    """Two windows an hour apart: one period for a calendar customer in UTC, two for an anniversary customer
+    whose period turns between them, while the other customers of the same windows keep theirs."""
+    early, late_ = datetime(2026, 11, 15, 4, 30), datetime(2026, 11, 15, 5, 30)
+    finals = [final(early, "1", customer=c) for c in ("c1", "c2")] + [
+        final(late_, "2", customer=c) for c in ("c1", "c2")
+    ]
+    ledger = [billed(early, "1", customer=c) for c in ("c1", "c2")] + [
+        billed(late_, "2", customer=c) for c in ("c1", "c2")
+    ]
+    cycles = {("t1", "c2"): BillingCycle(15, "America/New_York")}
+    totals, issues = reconcile(finals, ledger, cycles=cycles)
+    assert issues == []
+    assert [(t.customer_id, t.period, t.windows, t.final_quantity, t.period_start) for t in totals] == [
+        ("c1", "2026-11", 2, Decimal(3), datetime(2026, 11, 1)),
+        ("c2", "2026-10-15/2026-11-15 America/New_York", 1, Decimal(1), datetime(2026, 10, 15, 4, 0)),
+        ("c2", "2026-11-15/2026-12-15 America/New_York", 1, Decimal(2), datetime(2026, 11, 15, 5, 0)),
+    ]
+    by_month, _ = reconcile(finals, ledger, "month", cycles=cycles)
+    assert [(t.customer_id, t.period, t.windows) for t in by_month] == [("c1", "2026-11", 2), ("c2", "2026-11", 2)]
 
 
 def test_corrections_add_up_with_the_window_and_are_listed():
