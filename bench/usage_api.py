@@ -198,7 +198,7 @@ def explain(cfg: JobConfig, tenants: int, customers: int, first: datetime, end: 
                     params = [*where, MAX_WINDOW_ROWS + 1]
                 else:
                     sql, _ = spans_sql(table, (), False)
-                    params = [[s for s, _ in q.spans], [e for _, e in q.spans], *where]
+                    params = [list(q.bounds), *where]
                 rows = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", params).fetchall()
                 plan = "\n".join(r[0] for r in rows)
                 times.append(float(plan.rsplit("Execution Time: ", 1)[1].split()[0]))

@@ -140,19 +140,20 @@ def group_expression(group_by: tuple[str, ...]) -> tuple[str, list[str]]:
 
 
 def spans_sql(usage_table: str, group_by: tuple[str, ...], with_meter: bool) -> tuple[str, list[str]]:
-    """Sums over spans of time (days or periods, given as two arrays of starts and ends) per meter and group.
+    """Sums over spans of time that follow one another (days or periods) per meter and group; each span's
+    number ``n`` (from 1) is found by bisecting the spans' bounds (``UsageQuery.bounds``), so one scan of
+    the customer's buckets serves any number of spans.
 
-    Parameters, after the group's: starts, ends, tenant, customer, since, until[, meter].
+    Parameters, after the group's: bounds, tenant, customer, since, until[, meter].
     """
     r = rollup_table(usage_table)
     group, group_params = group_expression(group_by)
     meter = " AND r.meter = %s" if with_meter else ""
-    sql = f"""SELECT r.meter, {group} AS grp, s.n, sum(r.quantity), sum(r.event_count), sum(r.windows),
-       sum(r.final_windows), sum(r.revision)
-FROM {r} r JOIN unnest(%s::timestamp[], %s::timestamp[]) WITH ORDINALITY AS s(starts, ends, n)
-    ON r.bucket_start >= s.starts AND r.bucket_start < s.ends
+    sql = f"""SELECT r.meter, {group} AS grp, width_bucket(r.bucket_start, %s::timestamp[]) AS n, sum(r.quantity),
+       sum(r.event_count), sum(r.windows), sum(r.final_windows), sum(r.revision)
+FROM {r} r
 WHERE r.tenant_id = %s AND r.customer_id = %s AND r.bucket_start >= %s AND r.bucket_start < %s{meter}
-GROUP BY r.meter, grp, s.n ORDER BY r.meter, grp, s.n"""
+GROUP BY r.meter, grp, n ORDER BY r.meter, grp, n"""
     return sql, group_params
 
 

@@ -36,8 +36,8 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
     logging.getLogger("meterflow.alerts").setLevel(logging.INFO)
     writer = KafkaEventWriter(cfg.kafka.bootstrap_servers, cfg.kafka.usage_events_topic)
     keys = KeyCache(lambda digest: tenant_of(cfg, digest), cfg.serve.key_cache_ttl.total_seconds())
+    # Opened and closed by the app, in the event loop it reads in.
     reader = UsageReader(cfg)
-    reader.open()
     registry = CollectorRegistry()
     alerts_pool = writer_pool(cfg)
     worker = AlertWorker(cfg, alerts_pool.connection, registry) if cfg.alerts.enabled else None
@@ -57,7 +57,6 @@ def serve(ctx: Context, host: str | None, port: int | None) -> None:
         if worker is not None:
             worker.stop()
         alerts_pool.close()
-        reader.close()
         writer.close()
 
 

@@ -12,7 +12,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Literal, Protocol
@@ -27,7 +28,7 @@ from connectors.avro_codec import UsageEvent
 from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
 from meterflow.serve.ingest import RequestRefusedError, bearer_key, check_batch, hash_api_key
-from meterflow.serve.usage import CountedCorrection, Total, UsageQuery, answer, check_customer, check_query
+from meterflow.serve.usage import UsageQuery, UsageRead, answer, check_customer, check_query
 
 
 class EventWriter(Protocol):
@@ -36,11 +37,16 @@ class EventWriter(Protocol):
 
 
 class UsageSource(Protocol):
-    def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
-        """The customer's cycle, or None when the tenant has no such customer."""
+    async def open(self) -> None:
+        """Ready to read (in the service's event loop)."""
 
-    def read(self, tenant_id: str, query: UsageQuery) -> tuple[list[Total], list[CountedCorrection], datetime | None]:
-        """The query's totals, counted corrections and close horizon."""
+    async def close(self) -> None: ...
+
+    async def usage(
+        self, tenant_id: str, customer_id: str, ask: Callable[[BillingCycle], UsageQuery]
+    ) -> UsageRead | None:
+        """The customer's cycle, the query ``ask`` makes of it and what it reads (one snapshot), or None
+        when the tenant has no such customer."""
 
 
 class EventOutcome(BaseModel):
@@ -79,15 +85,22 @@ class KeyCache:
         """Answers kept now (at most ``max_entries``)."""
         return len(self._known)
 
-    def tenant(self, key: str | None) -> str | None:
+    def cached(self, key: str | None) -> tuple[bool, str | None]:
+        """(True, the key's tenant) when the answer is kept (no key: no tenant), else (False, None): no lookup."""
         if key is None:
-            return None
+            return True, None
+        with self._lock:
+            known = self._known.get(hash_api_key(key))
+        if known is not None and known[1] > self.clock():
+            return True, known[0]
+        return False, None
+
+    def tenant(self, key: str | None) -> str | None:
+        found, tenant = self.cached(key)
+        if found or key is None:
+            return tenant
         digest = hash_api_key(key)
         now = self.clock()
-        with self._lock:
-            known = self._known.get(digest)
-        if known is not None and known[1] > now:
-            return known[0]
         tenant = self.lookup(digest)
         with self._lock:
             if len(self._known) >= self.max_entries:
@@ -118,7 +131,19 @@ def create_app(
     """The service, with its writer, key lookup, usage reader and clock; its metrics in ``registry``
     (shared with the alerts worker) or one of its own."""
     serve = cfg.serve
-    app = FastAPI(title="meterflow", summary="Usage events in over HTTP, as the usage job reads them.")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # The usage reader's pool belongs to the event loop the service runs in.
+        await usage.open()
+        try:
+            yield
+        finally:
+            await usage.close()
+
+    app = FastAPI(
+        title="meterflow", summary="Usage events in over HTTP, as the usage job reads them.", lifespan=lifespan
+    )
     registry = registry if registry is not None else CollectorRegistry()
     events_total = Counter(
         "meterflow_ingest_events", "Events of ingest requests, by result.", ["status"], registry=registry
@@ -142,6 +167,12 @@ def create_app(
         .read_text("utf-8")
         .replace("__REFRESH_MS__", str(int(serve.usage_page_refresh.total_seconds() * 1000)))
     )
+
+    async def _tenant(request: Request) -> str | None:
+        """The key's tenant: a kept answer without leaving the event loop, else looked up on a worker thread."""
+        key = bearer_key(request.headers.get("authorization"))
+        known, tenant = keys.cached(key)
+        return tenant if known else await run_in_threadpool(keys.tenant, key)
 
     def answered(response: Response) -> Response:
         requests_total.labels(str(response.status_code)).inc()
@@ -170,7 +201,7 @@ def create_app(
     async def ingest(request: Request) -> Response:
         """One event (a JSON object) or a batch (``{"events": [...]}``); 202 once Kafka acknowledged every
         event it accepted, with each event's result. Authorization: ``Bearer <tenant API key>``."""
-        tenant = await run_in_threadpool(keys.tenant, bearer_key(request.headers.get("authorization")))
+        tenant = await _tenant(request)
         if tenant is None:
             return answered(
                 _error(401, "a valid API key is required: Authorization: Bearer mf_...", {"WWW-Authenticate": "Bearer"})
@@ -250,31 +281,36 @@ def create_app(
                 usage_seconds.observe(time.perf_counter() - started)
             return response
 
-        tenant = await run_in_threadpool(keys.tenant, bearer_key(request.headers.get("authorization")))
+        tenant = await _tenant(request)
         if tenant is None:
             return done(
                 _error(401, "a valid API key is required: Authorization: Bearer mf_...", {"WWW-Authenticate": "Bearer"})
             )
-        try:
-            check_customer(customer_id)  # before anything reaches Postgres
-            cycle = await run_in_threadpool(usage.cycle, tenant, customer_id)
-            if cycle is None:
-                return done(_error(404, f"no customer {customer_id!r} for this key's tenant"))
-            query = check_query(
+        at = now()
+
+        def ask(cycle: BillingCycle) -> UsageQuery:
+            return check_query(
                 customer_id,
                 cycle,
-                now(),
+                at,
                 meter=meter,
                 since=since,
                 until=until,
                 granularity=granularity,
                 group_by=group_by,
             )
-            totals, corrections, horizon = await run_in_threadpool(usage.read, tenant, query)
+
+        try:
+            check_customer(customer_id)  # before anything reaches Postgres
+            found = await usage.usage(tenant, customer_id, ask)
         except RequestRefusedError as e:
             retry = {"Retry-After": "1"} if e.status == 503 else None
             return done(_error(e.status, e.reason, retry))
-        return done(JSONResponse(answer(query, tenant, cycle, totals, corrections, horizon)))
+        if found is None:
+            return done(_error(404, f"no customer {customer_id!r} for this key's tenant"))
+        return done(
+            JSONResponse(answer(found.query, tenant, found.cycle, found.totals, found.corrections, found.horizon))
+        )
 
     @app.get("/usage/{customer_id}", response_class=HTMLResponse, include_in_schema=False)
     def usage_page(customer_id: str) -> HTMLResponse:

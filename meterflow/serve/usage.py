@@ -1,6 +1,6 @@
 """Rules of ``GET /v1/customers/{id}/usage``: the query it takes, its limits, and when a total is final.
 
-Pure: the app (meterflow/serve/app.py) reads Postgres through sinks/usage_reader.py and hands the
+Pure: the app (meterflow/serve/app.py) reads Postgres through meterflow/serve/usage_reader.py and hands the
 rows here. A total is the sum of its windows' quantities, the numbers billing delivers; it is
 ``final`` once every window in it is final and the job has closed every window ending by its end
 (the close horizon: the latest final window's end), else ``provisional``. ``corrected_quantity``
@@ -42,6 +42,16 @@ class UsageQuery:
     meter: str | None
     group_by: tuple[str, ...]
     spans: tuple[tuple[datetime, datetime], ...] = field(default=())
+
+    @property
+    def bounds(self) -> tuple[datetime, ...]:
+        """The spans' starts and the last one's end: days and periods tile time, so span ``n`` (from 1) is
+        ``[bounds[n-1], bounds[n])``, what Postgres's ``width_bucket`` finds by bisection."""
+        for (_, end), (start, _) in zip(self.spans, self.spans[1:], strict=False):
+            if end != start:
+                msg = f"spans must follow one another: {end} then {start}"
+                raise ValueError(msg)
+        return (*(s for s, _ in self.spans), *(e for _, e in self.spans[-1:]))
 
 
 def _instant(name: str, text: str) -> datetime:
@@ -159,6 +169,18 @@ class CountedCorrection:
     delta: Decimal
     status: str
     counted_at: datetime
+
+
+@dataclass(frozen=True)
+class UsageRead:
+    """What one request read, in one snapshot: the customer's cycle, the query made of it, its totals,
+    the corrections that count, and the close horizon."""
+
+    cycle: BillingCycle
+    query: UsageQuery
+    totals: list[Total]
+    corrections: list[CountedCorrection]
+    horizon: datetime | None
 
 
 def _span_of(query: UsageQuery, c: CountedCorrection) -> tuple[datetime, datetime] | None:

@@ -3,18 +3,18 @@ rollups (sinks/usage_rollup_schema.py), customers' billing cycles and counted co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
 from meterflow.serve.ingest import RequestRefusedError
-from meterflow.serve.usage import MAX_WINDOW_ROWS, CountedCorrection, Total, UsageQuery
+from meterflow.serve.usage import MAX_WINDOW_ROWS, CountedCorrection, Total, UsageQuery, UsageRead
+from sinks.corrections_schema import corrections_ddl
 from sinks.postgres import apply_schema, connect, table_exists
 from sinks.postgres_schema import last_final_end_sql
 from sinks.usage_rollup_schema import (
@@ -29,10 +29,13 @@ from sinks.usage_rollup_schema import (
 
 
 def apply_usage_schema(cfg: JobConfig) -> None:
-    """The usage table, its rollup and the billing cycles table (idempotent)."""
+    """The usage table, its rollup, the billing cycles table and the corrections tables (empty until
+    ``corrections apply`` first runs), so every read finds the tables it reads (idempotent)."""
     apply_schema(cfg.postgres)
     with connect(cfg.postgres) as conn, conn.transaction():
         conn.execute(cycles_ddl(cfg.billing.cycles_table))
+        for statement in corrections_ddl(cfg.corrections.table, cfg.corrections.events_table):
+            conn.execute(statement)
 
 
 def set_cycle(cfg: JobConfig, tenant_id: str, customer_id: str, cycle: BillingCycle) -> None:
@@ -73,20 +76,21 @@ def writer_pool(cfg: JobConfig, size: int = 2) -> ConnectionPool:
     )
 
 
-def _one_snapshot(conn: psycopg.Connection[Any]) -> None:
+async def _one_snapshot(conn: psycopg.AsyncConnection[Any]) -> None:
     """A request's reads see one snapshot, and never write."""
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    conn.read_only = True
+    await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+    await conn.set_read_only(True)
 
 
 class UsageReader:
-    """What the usage API reads, over a pool of ``serve.usage_pool_size`` connections."""
+    """What the usage API reads, over a pool of ``serve.usage_pool_size`` connections. Asynchronous: the
+    service's event loop waits on Postgres itself, with no thread handed each request."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
         pg = cfg.postgres
         password = pg.password.get_secret_value() if pg.password else None
-        self.pool = ConnectionPool(
+        self.pool = AsyncConnectionPool(
             pg.conninfo(),
             kwargs={"password": password, "connect_timeout": 5, "autocommit": True},
             min_size=1,
@@ -94,73 +98,78 @@ class UsageReader:
             open=False,
             configure=_one_snapshot,
         )
-        # The corrections table appears once `corrections apply` first ran: asked until it exists.
-        self._corrections_exist = False
 
-    def open(self) -> None:
+    async def open(self) -> None:
+        """The tables, then the pool (in the event loop that will use it)."""
         apply_usage_schema(self.cfg)
-        self.pool.open(wait=True, timeout=30)
+        await self.pool.open(wait=True, timeout=30)
 
-    def close(self) -> None:
-        self.pool.close()
+    async def close(self) -> None:
+        await self.pool.close()
 
-    @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A pooled connection; Postgres unreachable or every connection busy is a 503 to retry."""
         try:
-            with self.pool.connection(timeout=POOL_WAIT_S) as conn:
+            async with self.pool.connection(timeout=POOL_WAIT_S) as conn:
                 yield conn
         except (psycopg.OperationalError, PoolTimeout) as e:
             raise RequestRefusedError(503, f"usage is unavailable for a moment ({type(e).__name__}): retry") from e
 
-    def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
-        """The customer's cycle, or None when the tenant has no such customer (no usage, no cycle set)."""
-        with self._connection() as conn:
-            # One round trip: the cycle set for it, else whether it has usage at all.
-            row = conn.execute(
-                f"SELECT 0 AS o, anchor_day, timezone FROM ({cycle_sql(self.cfg.billing.cycles_table)}) c "
-                f"UNION ALL (SELECT 1, NULL, NULL FROM {rollup_table(self.cfg.postgres.usage_table)} "
-                "WHERE tenant_id = %s AND customer_id = %s LIMIT 1) ORDER BY o LIMIT 1",
-                (tenant_id, customer_id, tenant_id, customer_id),
-            ).fetchone()
-        if row is None:
-            return None
-        return BillingCycle(row[1], row[2]) if row[0] == 0 else BillingCycle()
-
-    def read(self, tenant_id: str, query: UsageQuery) -> tuple[list[Total], list[CountedCorrection], datetime | None]:
-        """The query's totals, its counted corrections and the close horizon, in one snapshot."""
+    async def usage(
+        self, tenant_id: str, customer_id: str, ask: Callable[[BillingCycle], UsageQuery]
+    ) -> UsageRead | None:
+        """The customer's cycle, the query ``ask`` makes of it, and what that query reads, in one snapshot
+        and one pooled connection; None when the tenant has no such customer (no usage, no cycle set).
+        A RequestRefusedError of ``ask`` (a query refused for the customer's cycle) passes through."""
         usage_table = self.cfg.postgres.usage_table
-        with_meter = query.meter is not None
-        meter = [query.meter] if with_meter else []
-        where = [tenant_id, query.customer_id, query.since, query.until, *meter]
-        totals: list[Total] = []
         # BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY (the pool's connections): one snapshot.
-        with self._connection() as conn, conn.transaction():
-            horizon = conn.execute(last_final_end_sql(usage_table)).fetchone()
-            if query.granularity == "window":
-                sql, params = windows_sql(usage_table, query.group_by, with_meter)
-                # One row past the limit, so more is seen and refused rather than cut off unsaid.
-                rows = conn.execute(sql, [*params, *where, MAX_WINDOW_ROWS + 1]).fetchall()
-                if len(rows) > MAX_WINDOW_ROWS:
-                    msg = f"more than {MAX_WINDOW_ROWS} windows: narrow from and to, or ask per day"
-                    raise RequestRefusedError(400, msg)
-                for meter_name, grp, start, end, qty, events, windows, finals, revision in rows:
-                    totals.append(Total(meter_name, grp, start, end, qty, int(events), windows, finals, revision))
-            else:
-                sql, params = spans_sql(usage_table, query.group_by, with_meter)
-                starts = [s for s, _ in query.spans]
-                ends = [e for _, e in query.spans]
-                rows = conn.execute(sql, [*params, starts, ends, *where]).fetchall()
-                # Postgres sums bigints as numeric: whole numbers, read as int.
-                for meter_name, grp, n, qty, events, windows, finals, revision in rows:
-                    start, end = query.spans[n - 1]
-                    totals.append(
-                        Total(meter_name, grp, start, end, qty, int(events), int(windows), int(finals), int(revision))
-                    )
-            corrections: list[CountedCorrection] = []
-            table = self.cfg.corrections.table
-            self._corrections_exist = self._corrections_exist or table_exists(conn, table)
-            if self._corrections_exist:
-                found = conn.execute(corrections_in_range_sql(table, with_meter), where).fetchall()
-                corrections = [CountedCorrection(*row) for row in found]
-        return totals, corrections, horizon[0] if horizon else None
+        async with self._connection() as conn, conn.transaction():
+            # The cycle set for the customer, else whether it has usage at all.
+            row = await (
+                await conn.execute(
+                    f"SELECT 0 AS o, anchor_day, timezone FROM ({cycle_sql(self.cfg.billing.cycles_table)}) c "
+                    f"UNION ALL (SELECT 1, NULL, NULL FROM {rollup_table(usage_table)} "
+                    "WHERE tenant_id = %s AND customer_id = %s LIMIT 1) ORDER BY o LIMIT 1",
+                    (tenant_id, customer_id, tenant_id, customer_id),
+                )
+            ).fetchone()
+            if row is None:
+                return None
+            cycle = BillingCycle(row[1], row[2]) if row[0] == 0 else BillingCycle()
+            query = ask(cycle)
+            meter = [query.meter] if query.meter is not None else []
+            where = [tenant_id, query.customer_id, query.since, query.until, *meter]
+            # The horizon, the totals and the corrections in one round trip.
+            async with conn.pipeline():
+                horizon = await conn.execute(last_final_end_sql(usage_table))
+                if query.granularity == "window":
+                    sql, params = windows_sql(usage_table, query.group_by, bool(meter))
+                    # One row past the limit, so more is seen and refused rather than cut off unsaid.
+                    rows = await conn.execute(sql, [*params, *where, MAX_WINDOW_ROWS + 1])
+                else:
+                    sql, params = spans_sql(usage_table, query.group_by, bool(meter))
+                    rows = await conn.execute(sql, [*params, list(query.bounds), *where])
+                found = await conn.execute(corrections_in_range_sql(self.cfg.corrections.table, bool(meter)), where)
+            totals = _totals(query, await rows.fetchall())
+            corrections = [CountedCorrection(*r) for r in await found.fetchall()]
+            last_end = await horizon.fetchone()
+        return UsageRead(cycle, query, totals, corrections, last_end[0] if last_end else None)
+
+
+def _totals(query: UsageQuery, rows: list[tuple[Any, ...]]) -> list[Total]:
+    """The rows of windows_sql or spans_sql as totals."""
+    if query.granularity == "window":
+        if len(rows) > MAX_WINDOW_ROWS:
+            msg = f"more than {MAX_WINDOW_ROWS} windows: narrow from and to, or ask per day"
+            raise RequestRefusedError(400, msg)
+        return [
+            Total(meter, grp, start, end, qty, int(events), windows, finals, revision)
+            for meter, grp, start, end, qty, events, windows, finals, revision in rows
+        ]
+    # Postgres sums bigints as numeric: whole numbers, read as int.
+    totals = []
+    for meter, grp, n, qty, events, windows, finals, revision in rows:
+        start, end = query.spans[n - 1]
+        totals.append(Total(meter, grp, start, end, qty, int(events), int(windows), int(finals), int(revision)))
+    return totals

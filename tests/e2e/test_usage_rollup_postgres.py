@@ -10,6 +10,7 @@ plain Python; corrections that count are added, and a total turns final once its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import defaultdict
@@ -140,21 +141,32 @@ def test_reads_per_day_and_period_in_the_customers_cycle_agree_with_the_rows(cfg
             "VALUES ('k1', 't', 'anniv', 'tokens', '{}', %s, %s, 0.75, 1, 'applied', 'late'), ('k2', 't', 'anniv', 'tokens', '{}', %s, %s, 5, 1, 'pending', 'late')",
             [rows[2][0], rows[2][0] + timedelta(minutes=1), rows[2][0], rows[2][0] + timedelta(minutes=1)],
         )
+    now = datetime(2026, 12, 5, 12)
+    asyncio.run(_check_reads(cfg, cycle, now))
+
+
+async def _check_reads(cfg, cycle: BillingCycle, now: datetime) -> None:
     reader = UsageReader(cfg)
-    reader.open()
+    await reader.open()
+
+    async def read(**params: str) -> dict:
+        """What the service answers (through JSON, as it sends it)."""
+        found = await reader.usage("t", "anniv", lambda c: check_query("anniv", c, now, **params))
+        assert found is not None and found.cycle == cycle
+        return json.loads(
+            json.dumps(answer(found.query, "t", found.cycle, found.totals, found.corrections, found.horizon))
+        )
+
     try:
-        assert reader.cycle("t", "anniv") == cycle and reader.cycle("other-tenant", "anniv") is None
-        now = datetime(2026, 12, 5, 12)
-        q = check_query("anniv", cycle, now, granularity="period")
-        body = json.loads(json.dumps(answer(q, "t", cycle, *reader.read("t", q))))  # as the service sends it
+        assert await reader.usage("other-tenant", "anniv", lambda c: check_query("anniv", c, now)) is None
+        body = await read(granularity="period")
         assert (body["from"], body["to"]) == ("2026-11-19T23:00:00.000Z", "2026-12-19T23:00:00.000Z")
         [period] = body["usage"]
         assert (period["quantity"], period["corrected_quantity"], period["event_count"]) == ("10.25", "11", 4)
         assert period["status"] == "provisional"  # its last window is provisional
         assert [c["correction_id"] for c in body["corrections"]] == ["k1"]  # pending ones do not count
 
-        per_day = check_query("anniv", cycle, now)
-        days = answer(per_day, "t", cycle, *reader.read("t", per_day))
+        days = await read()
         by_day = {d["start"]: d["quantity"] for d in days["usage"]}
         assert by_day == {
             "2026-11-19T23:00:00.000Z": "1.25",  # local November 20th, the period's first day
@@ -165,16 +177,12 @@ def test_reads_per_day_and_period_in_the_customers_cycle_agree_with_the_rows(cfg
         # Once the job closed past the provisional window and it is final, so is the period.
         _write(cfg, "anniv", "tokens", datetime(2026, 12, 19, 22, 59), "4", 2, True)
         _write(cfg, "closer", "tokens", datetime(2026, 12, 19, 23, 0), "1", 1, True)
-        q = check_query("anniv", cycle, now, granularity="period")
-        [period] = answer(q, "t", cycle, *reader.read("t", q))["usage"]
+        [period] = (await read(granularity="period"))["usage"]
         assert period["status"] == "final" and period["quantity"] == "10.25"
-        windows = check_query(
-            "anniv", cycle, now, since="2026-11-30T22:00:00Z", until="2026-12-01T00:00:00Z", granularity="window"
-        )
-        got = answer(windows, "t", cycle, *reader.read("t", windows))["usage"]
+        got = (await read(since="2026-11-30T22:00:00Z", until="2026-12-01T00:00:00Z", granularity="window"))["usage"]
         assert [(w["start"], w["quantity"], w["corrected_quantity"]) for w in got] == [
             ("2026-11-30T22:59:00.000Z", "2", "2.75"),
             ("2026-11-30T23:00:00.000Z", "3", "3"),
         ]
     finally:
-        reader.close()
+        await reader.close()

@@ -4,6 +4,7 @@ the tenant's own customers only, the current period by default) and the usage pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
@@ -20,6 +21,7 @@ from meterflow.serve.usage import (
     CountedCorrection,
     Total,
     UsageQuery,
+    UsageRead,
     answer,
     check_query,
     plain,
@@ -183,14 +185,24 @@ class RecordingSource:
         self.customers = {("tenant-a", "cust-1"): BillingCycle(1, "America/New_York")}
         self.cycles_asked: list[str] = []
 
-    def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
-        self.cycles_asked.append(customer_id)
-        return self.customers.get((tenant_id, customer_id))
+    async def open(self) -> None:
+        self.opened = True
 
-    def read(self, tenant_id: str, query: UsageQuery) -> tuple[list[Total], list[CountedCorrection], datetime | None]:
+    async def close(self) -> None:
+        self.closed = True
+
+    async def usage(
+        self, tenant_id: str, customer_id: str, ask: Callable[[BillingCycle], UsageQuery]
+    ) -> UsageRead | None:
+        self.cycles_asked.append(customer_id)
+        cycle = self.customers.get((tenant_id, customer_id))
+        if cycle is None:
+            return None
+        query = ask(cycle)
         self.reads.append((tenant_id, query))
         start, end = query.spans[0]
-        return [Total("api_calls", {}, start, end, Decimal("7.25"), 3, 3, 3, 3)], [], datetime(2027, 1, 1)
+        totals = [Total("api_calls", {}, start, end, Decimal("7.25"), 3, 3, 3, 3)]
+        return UsageRead(cycle, query, totals, [], datetime(2027, 1, 1))
 
 
 class NoWriter:
@@ -226,9 +238,20 @@ def test_the_route_reads_the_keys_tenant_only_and_answers_its_current_period():
     assert 'meterflow_usage_requests_total{code="404"} 1.0' in metrics
 
 
+def test_the_source_is_opened_and_closed_with_the_service():
+    """The reader's pool is opened in the service's event loop when it starts, and closed when it stops."""
+    source = RecordingSource()
+    with _client(source) as c:
+        assert source.opened and not hasattr(source, "closed")
+        assert c.get("/v1/customers/cust-1/usage", headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
+    assert source.closed
+
+
 def test_postgres_unreachable_is_a_503_to_retry():
     class Down(RecordingSource):
-        def cycle(self, tenant_id: str, customer_id: str) -> BillingCycle | None:
+        async def usage(
+            self, tenant_id: str, customer_id: str, ask: Callable[[BillingCycle], UsageQuery]
+        ) -> UsageRead | None:
             raise RequestRefusedError(503, "usage is unavailable for a moment (PoolTimeout): retry")
 
     got = _client(Down()).get("/v1/customers/cust-1/usage", headers={"Authorization": f"Bearer {KEY_A}"})
@@ -256,3 +279,37 @@ def test_the_services_metrics_are_the_catalogs():
     text = c.get("/metrics").text
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     assert {n for n in names if not n.endswith("_created")} == SERVE_METRICS, "the names ops/alerts.yml may read"
+
+
+def test_days_and_periods_are_bisected_by_their_bounds():
+    """The spans of a day or period query follow one another: their bounds are the starts and the last end."""
+    q = check_query("cust-1", BillingCycle(15, "Europe/Paris"), NOW, granularity="period", since="2026-10-01T00:00:00Z")
+    assert q.bounds == (*(s for s, _ in q.spans), q.spans[-1][1]) and len(q.bounds) == len(q.spans) + 1
+    days = check_query("cust-1", BillingCycle(None, "America/New_York"), NOW)
+    assert all(a < b for a, b in zip(days.bounds, days.bounds[1:], strict=False))
+    gap = UsageQuery(
+        "c",
+        "day",
+        NOW,
+        NOW,
+        None,
+        (),
+        ((datetime(2026, 1, 1), datetime(2026, 1, 2)), (datetime(2026, 1, 3), datetime(2026, 1, 4))),
+    )
+    with pytest.raises(ValueError, match="follow one another"):
+        gap.bounds  # noqa: B018
+
+
+def test_a_kept_key_answer_is_had_without_a_lookup():
+    looked_up: list[str] = []
+    clock = [0.0]
+
+    def lookup(digest: str) -> str | None:
+        looked_up.append(digest)
+        return TENANTS.get(digest)
+
+    keys = KeyCache(lookup, 30.0, clock=lambda: clock[0])
+    assert keys.cached(KEY_A) == (False, None) and keys.cached(None) == (True, None)
+    assert keys.tenant(KEY_A) == "tenant-a" and keys.cached(KEY_A) == (True, "tenant-a") and len(looked_up) == 1
+    clock[0] = 31.0
+    assert keys.cached(KEY_A) == (False, None)
