@@ -173,13 +173,38 @@ GROUP BY meter, grp, window_start, window_end ORDER BY meter, grp, window_start,
     return sql, group_params
 
 
-def corrections_in_range_sql(table: str, with_meter: bool) -> str:
-    """A customer's corrections that count, by the window they correct. Parameters: tenant, customer, since, until[, meter]."""
-    c = check_identifier(table)
+def _counted_in_range(with_meter: bool) -> str:
     statuses = ", ".join(f"'{s}'" for s in COUNTED_STATUSES)
     meter = " AND meter = %s" if with_meter else ""
     return (
-        "SELECT correction_id, meter, dimensions_key, window_start, window_end, delta, status, "
-        f"coalesce(decided_at, applied_at) FROM {c} WHERE tenant_id = %s AND customer_id = %s "
-        f"AND window_start >= %s AND window_start < %s AND status IN ({statuses}){meter} ORDER BY window_start, correction_id"
+        f"tenant_id = %s AND customer_id = %s AND window_start >= %s AND window_start < %s "
+        f"AND status IN ({statuses}){meter}"
     )
+
+
+def corrections_in_range_sql(table: str, with_meter: bool) -> str:
+    """A customer's first corrections that count, by the window they correct.
+
+    Parameters: tenant, customer, since, until[, meter], limit."""
+    return (
+        "SELECT correction_id, meter, dimensions_key, window_start, window_end, delta, status, "
+        f"coalesce(decided_at, applied_at) FROM {check_identifier(table)} WHERE {_counted_in_range(with_meter)} "
+        "ORDER BY window_start, correction_id LIMIT %s"
+    )
+
+
+def correction_sums_sql(
+    table: str, group_by: tuple[str, ...], with_meter: bool, per_window: bool
+) -> tuple[str, list[str]]:
+    """A customer's corrections that count, summed and counted per meter, group and span: the day or period
+    their window starts in (``n``, by bisecting the spans' bounds, as spans_sql does), or per window.
+
+    Parameters, after the group's: bounds (spans only), tenant, customer, since, until[, meter], limit (None: all).
+    Rows: meter, group, n (or window start and end), sum, count."""
+    group, group_params = group_expression(group_by)
+    span = "window_start, window_end" if per_window else "width_bucket(window_start, %s::timestamp[])"
+    sql = (
+        f"SELECT meter, {group} AS grp, {span}, sum(delta), count(*) FROM {check_identifier(table)} "
+        f"WHERE {_counted_in_range(with_meter)} GROUP BY 1, 2, {'3, 4' if per_window else '3'} LIMIT %s"
+    )
+    return sql, group_params

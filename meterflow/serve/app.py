@@ -308,9 +308,7 @@ def create_app(
             return done(_error(e.status, e.reason, retry))
         if found is None:
             return done(_error(404, f"no customer {customer_id!r} for this key's tenant"))
-        return done(
-            JSONResponse(answer(found.query, tenant, found.cycle, found.totals, found.corrections, found.horizon))
-        )
+        return done(JSONResponse(answer(found, tenant)))
 
     @app.get("/usage/{customer_id}", response_class=HTMLResponse, include_in_schema=False)
     def usage_page(customer_id: str) -> HTMLResponse:

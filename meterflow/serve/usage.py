@@ -27,6 +27,8 @@ MAX_PERIODS = 13
 MAX_DAYS = 400
 MAX_WINDOW_ROWS = 5000
 MAX_WINDOW_RANGE = timedelta(days=7)
+# Corrections listed in one answer (all of them count in the totals; corrections_count says how many).
+MAX_LISTED_CORRECTIONS = 1000
 # Instants the API takes (a period is listed from them: years far off are refused, not computed).
 EARLIEST, LATEST = datetime(2000, 1, 1), datetime(2200, 1, 1)
 
@@ -172,60 +174,80 @@ class CountedCorrection:
 
 
 @dataclass(frozen=True)
+class CorrectionSum:
+    """The corrections that count of one total (its meter, group and span), summed."""
+
+    meter: str
+    group: Mapping[str, str | None]
+    start: datetime
+    end: datetime
+    delta: Decimal
+    count: int
+
+
+def _group_key(meter: str, group: Mapping[str, str | None], start: datetime, end: datetime) -> tuple:
+    return (meter, tuple(sorted(group.items(), key=lambda kv: kv[0])), start, end)
+
+
+def sum_corrections(query: UsageQuery, corrections: Iterable[CountedCorrection]) -> list[CorrectionSum]:
+    """Corrections summed per total, as the reader's SQL sums them: in the day or period their window starts
+    in (per window: their window), per meter and group. Corrections outside every span are left out."""
+    sums: dict[tuple, tuple[Decimal, int]] = {}
+    for c in corrections:
+        if query.granularity == "window":
+            span: tuple[datetime, datetime] | None = (c.window_start, c.window_end)
+        else:
+            span = next(((s, e) for s, e in query.spans if s <= c.window_start < e), None)
+        if span is None:
+            continue
+        key = _group_key(c.meter, group_of(c.dimensions_key, query.group_by), *span)
+        delta, count = sums.get(key, (Decimal(0), 0))
+        sums[key] = (delta + c.delta, count + 1)
+    return [
+        CorrectionSum(meter, dict(group), start, end, delta, count)
+        for (meter, group, start, end), (delta, count) in sums.items()
+    ]
+
+
+@dataclass(frozen=True)
 class UsageRead:
-    """What one request read, in one snapshot: the customer's cycle, the query made of it, its totals,
-    the corrections that count, and the close horizon."""
+    """What one request read, in one snapshot: the customer's cycle, the query made of it, its totals, the
+    corrections that count summed per total, the first ``MAX_LISTED_CORRECTIONS`` of them (by window), and
+    the close horizon."""
 
     cycle: BillingCycle
     query: UsageQuery
     totals: list[Total]
+    correction_sums: list[CorrectionSum]
     corrections: list[CountedCorrection]
     horizon: datetime | None
 
-
-def _span_of(query: UsageQuery, c: CountedCorrection) -> tuple[datetime, datetime] | None:
-    """The span of the query a correction's window counts in (its window itself per window)."""
-    if query.granularity == "window":
-        return (c.window_start, c.window_end)
-    return next(((s, e) for s, e in query.spans if s <= c.window_start < e), None)
+    @property
+    def corrections_count(self) -> int:
+        return sum(s.count for s in self.correction_sums)
 
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds") + "Z"
 
 
-def answer(
-    query: UsageQuery,
-    tenant_id: str,
-    cycle: BillingCycle,
-    totals: Iterable[Total],
-    corrections: Iterable[CountedCorrection],
-    horizon: datetime | None,
-) -> dict[str, object]:
+def answer(read: UsageRead, tenant_id: str) -> dict[str, object]:
     """The response body: each total with its status and corrected quantity, and the corrections applied.
 
     A correction counts in the total of its meter and group whose span its window starts in; where
     that total has no window (a LATEST window corrected from late events only), a total of 0 is
-    added for it, so every listed correction is in some ``corrected_quantity``."""
-    corrections = list(corrections)
-    by_total: dict[tuple, Decimal] = {}
-    for c in corrections:
-        group = group_of(c.dimensions_key, query.group_by)
-        span = _span_of(query, c)
-        if span is None:
-            continue
-        key = (c.meter, tuple(sorted(group.items(), key=lambda kv: kv[0])), span)
-        by_total[key] = by_total.get(key, Decimal(0)) + c.delta
-    listed = list(totals)
-    have = {(t.meter, tuple(sorted(dict(t.group).items(), key=lambda kv: kv[0])), (t.start, t.end)) for t in listed}
-    for meter, group_items, span in by_total.keys() - have:
-        listed.append(Total(meter, dict(group_items), span[0], span[1], Decimal(0), 0, 0, 0, 0))
+    added for it, so every correction is in some ``corrected_quantity``. At most
+    ``MAX_LISTED_CORRECTIONS`` are listed, the earliest windows first; ``corrections_count`` counts all."""
+    query, horizon = read.query, read.horizon
+    by_total = {_group_key(s.meter, s.group, s.start, s.end): s.delta for s in read.correction_sums}
+    listed = list(read.totals)
+    have = {_group_key(t.meter, t.group, t.start, t.end) for t in listed}
+    for meter, group_items, start, end in by_total.keys() - have:
+        listed.append(Total(meter, dict(group_items), start, end, Decimal(0), 0, 0, 0, 0))
     listed.sort(key=lambda t: (t.meter, json.dumps(dict(t.group), sort_keys=True), t.start, t.end))
     rows = []
     for t in listed:
-        deltas = by_total.get(
-            (t.meter, tuple(sorted(dict(t.group).items(), key=lambda kv: kv[0])), (t.start, t.end)), Decimal(0)
-        )
+        deltas = by_total.get(_group_key(t.meter, t.group, t.start, t.end), Decimal(0))
         rows.append(
             {
                 "meter": t.meter,
@@ -239,6 +261,7 @@ def answer(
                 "revision": t.revision,
             }
         )
+    cycle = read.cycle
     return {
         "tenant_id": tenant_id,
         "customer_id": query.customer_id,
@@ -259,6 +282,7 @@ def answer(
                 "status": c.status,
                 "counted_at": c.counted_at.isoformat(),
             }
-            for c in corrections
+            for c in read.corrections[:MAX_LISTED_CORRECTIONS]
         ],
+        "corrections_count": read.corrections_count,
     }

@@ -13,11 +13,20 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from meterflow.billing_cycle import BillingCycle
 from meterflow.config import JobConfig
 from meterflow.serve.ingest import RequestRefusedError
-from meterflow.serve.usage import MAX_WINDOW_ROWS, CountedCorrection, Total, UsageQuery, UsageRead
+from meterflow.serve.usage import (
+    MAX_LISTED_CORRECTIONS,
+    MAX_WINDOW_ROWS,
+    CorrectionSum,
+    CountedCorrection,
+    Total,
+    UsageQuery,
+    UsageRead,
+)
 from sinks.corrections_schema import corrections_ddl
 from sinks.postgres import apply_schema, connect, table_exists
 from sinks.postgres_schema import last_final_end_sql
 from sinks.usage_rollup_schema import (
+    correction_sums_sql,
     corrections_in_range_sql,
     cycle_sql,
     cycles_ddl,
@@ -140,21 +149,46 @@ class UsageReader:
             query = ask(cycle)
             meter = [query.meter] if query.meter is not None else []
             where = [tenant_id, query.customer_id, query.since, query.until, *meter]
-            # The horizon, the totals and the corrections in one round trip.
+            per_window = query.granularity == "window"
+            bounds = [] if per_window else [list(query.bounds)]
+            corrections_table = self.cfg.corrections.table
+            # The horizon, the totals and the corrections in one round trip. Per window, one row past the
+            # limit is read, so more is seen and refused rather than cut off unsaid.
             async with conn.pipeline():
                 horizon = await conn.execute(last_final_end_sql(usage_table))
-                if query.granularity == "window":
+                if per_window:
                     sql, params = windows_sql(usage_table, query.group_by, bool(meter))
-                    # One row past the limit, so more is seen and refused rather than cut off unsaid.
                     rows = await conn.execute(sql, [*params, *where, MAX_WINDOW_ROWS + 1])
                 else:
                     sql, params = spans_sql(usage_table, query.group_by, bool(meter))
-                    rows = await conn.execute(sql, [*params, list(query.bounds), *where])
-                found = await conn.execute(corrections_in_range_sql(self.cfg.corrections.table, bool(meter)), where)
+                    rows = await conn.execute(sql, [*params, *bounds, *where])
+                sql, params = correction_sums_sql(corrections_table, query.group_by, bool(meter), per_window)
+                # LIMIT NULL: per day or period, as many sums as totals.
+                summed = await conn.execute(
+                    sql, [*params, *bounds, *where, MAX_WINDOW_ROWS + 1 if per_window else None]
+                )
+                listed = await conn.execute(
+                    corrections_in_range_sql(corrections_table, bool(meter)), [*where, MAX_LISTED_CORRECTIONS]
+                )
             totals = _totals(query, await rows.fetchall())
-            corrections = [CountedCorrection(*r) for r in await found.fetchall()]
+            sums = _correction_sums(query, await summed.fetchall())
+            corrections = [CountedCorrection(*r) for r in await listed.fetchall()]
             last_end = await horizon.fetchone()
-        return UsageRead(cycle, query, totals, corrections, last_end[0] if last_end else None)
+        return UsageRead(cycle, query, totals, sums, corrections, last_end[0] if last_end else None)
+
+
+def _correction_sums(query: UsageQuery, rows: list[tuple[Any, ...]]) -> list[CorrectionSum]:
+    """The rows of correction_sums_sql; per window, more corrected windows than windows are taken is refused."""
+    if query.granularity == "window":
+        if len(rows) > MAX_WINDOW_ROWS:
+            msg = f"more than {MAX_WINDOW_ROWS} corrected windows: narrow from and to, or ask per day"
+            raise RequestRefusedError(400, msg)
+        return [CorrectionSum(meter, grp, start, end, delta, count) for meter, grp, start, end, delta, count in rows]
+    sums = []
+    for meter, grp, n, delta, count in rows:
+        start, end = query.spans[n - 1]
+        sums.append(CorrectionSum(meter, grp, start, end, delta, count))
+    return sums
 
 
 def _totals(query: UsageQuery, rows: list[tuple[Any, ...]]) -> list[Total]:

@@ -20,7 +20,7 @@ from decimal import Decimal
 import pytest
 
 from meterflow.billing_cycle import BillingCycle
-from meterflow.serve.usage import answer, check_query
+from meterflow.serve.usage import MAX_LISTED_CORRECTIONS, UsageRead, answer, check_query, sum_corrections
 from meterflow.serve.usage_reader import UsageReader, apply_usage_schema, set_cycle
 from sinks.corrections_schema import corrections_ddl
 from sinks.postgres import connect
@@ -153,9 +153,11 @@ async def _check_reads(cfg, cycle: BillingCycle, now: datetime) -> None:
         """What the service answers (through JSON, as it sends it)."""
         found = await reader.usage("t", "anniv", lambda c: check_query("anniv", c, now, **params))
         assert found is not None and found.cycle == cycle
-        return json.loads(
-            json.dumps(answer(found.query, "t", found.cycle, found.totals, found.corrections, found.horizon))
+        # The SQL's sums are those of the corrections listed (fewer than the limit here), summed in Python.
+        assert sorted(found.correction_sums, key=repr) == sorted(
+            sum_corrections(found.query, found.corrections), key=repr
         )
+        return json.loads(json.dumps(answer(found, "t")))
 
     try:
         assert await reader.usage("other-tenant", "anniv", lambda c: check_query("anniv", c, now)) is None
@@ -186,3 +188,41 @@ async def _check_reads(cfg, cycle: BillingCycle, now: datetime) -> None:
         ]
     finally:
         await reader.close()
+
+
+def test_one_correction_past_the_listed_limit_still_counts(cfg):
+    """A customer with more corrections in a day than an answer lists: every one counts in the day's
+    corrected total and in corrections_count; the earliest windows' are listed, up to the limit."""
+    apply_usage_schema(cfg)
+    day = datetime(2026, 12, 1)
+    _write(cfg, "busy", "tokens", day, "5", 1, True)
+    count = MAX_LISTED_CORRECTIONS + 1
+    with connect(cfg.postgres) as conn:
+        conn.execute(
+            f"INSERT INTO {cfg.corrections.table} (correction_id, tenant_id, customer_id, meter, dimensions_key, "
+            "window_start, window_end, delta, events, status, reason) "
+            "SELECT 'k' || lpad(i::text, 5, '0'), 't', 'busy', 'tokens', '{\"region\": \"eu\"}', "
+            "%s + make_interval(secs => i), %s + make_interval(secs => i + 60), 0.001, 1, 'applied', 'late' "
+            "FROM generate_series(0, %s) i",
+            [day, day, count - 1],
+        )
+
+    async def read() -> UsageRead | None:
+        reader = UsageReader(cfg)
+        await reader.open()
+        try:
+            return await reader.usage(
+                "t", "busy", lambda c: check_query("busy", c, day + timedelta(hours=12), group_by="region")
+            )
+        finally:
+            await reader.close()
+
+    found = asyncio.run(read())
+    assert found is not None
+    body = answer(found, "t")
+    assert body["corrections_count"] == count and len(body["corrections"]) == MAX_LISTED_CORRECTIONS
+    assert body["corrections"][-1]["correction_id"] == f"k{MAX_LISTED_CORRECTIONS - 1:05d}"
+    # The window's own total has no region; the corrections' total of region eu is 0 plus all of them.
+    by_group = {r["group"]["region"]: r for r in body["usage"] if r["start"] == "2026-12-01T00:00:00.000Z"}
+    assert by_group[None]["corrected_quantity"] == "5"
+    assert by_group["eu"]["quantity"] == "0" and by_group["eu"]["corrected_quantity"] == "1.001"

@@ -5,7 +5,7 @@ the tenant's own customers only, the current period by default) and the usage pa
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -17,6 +17,7 @@ from meterflow.serve.app import KeyCache, create_app
 from meterflow.serve.ingest import RequestRefusedError, hash_api_key, new_api_key
 from meterflow.serve.usage import (
     MAX_DAYS,
+    MAX_LISTED_CORRECTIONS,
     MAX_PERIODS,
     CountedCorrection,
     Total,
@@ -26,6 +27,7 @@ from meterflow.serve.usage import (
     check_query,
     plain,
     status_of,
+    sum_corrections,
 )
 
 NOW = datetime(2026, 12, 7, 18, 0)
@@ -119,7 +121,8 @@ def test_corrections_count_in_the_total_their_window_starts_in_and_in_its_group(
         "applied",
         NOW,
     )
-    body = answer(q, "tenant-a", BillingCycle(), totals, [fix], datetime(2026, 12, 2, 12))
+    read = UsageRead(BillingCycle(), q, totals, sum_corrections(q, [fix]), [fix], datetime(2026, 12, 2, 12))
+    body = answer(read, "tenant-a")
     rows = body["usage"]
     assert [(r["group"]["region"], r["quantity"], r["corrected_quantity"], r["status"]) for r in rows] == [
         ("eu", "10.5", "10", "final"),
@@ -129,12 +132,41 @@ def test_corrections_count_in_the_total_their_window_starts_in_and_in_its_group(
     assert body["corrections"][0]["delta"] == "-0.5" and body["final_through"] == "2026-12-02T12:00:00.000Z"
 
 
+def test_every_correction_counts_and_the_first_are_listed_one_past_the_limit():
+    """One more correction than are listed: all count in the total and in corrections_count, the earliest
+    windows' are listed (the reader reads them in that order)."""
+    q = check_query("c", BillingCycle(), NOW, since="2026-12-01T00:00:00Z", until="2026-12-02T00:00:00Z")
+    fixes = [
+        CountedCorrection(
+            f"corr-{i:05d}",
+            "tokens",
+            "{}",
+            datetime(2026, 12, 1) + timedelta(minutes=i),
+            datetime(2026, 12, 1) + timedelta(minutes=i + 1),
+            Decimal("0.001"),
+            "applied",
+            NOW,
+        )
+        for i in range(MAX_LISTED_CORRECTIONS + 1)
+    ]
+    total = Total("tokens", {}, *q.spans[0], Decimal("5"), 9, 9, 9, 9)
+    [summed] = sum_corrections(q, fixes)
+    assert (summed.count, summed.delta) == (MAX_LISTED_CORRECTIONS + 1, Decimal("1.001"))
+    body = answer(UsageRead(BillingCycle(), q, [total], [summed], fixes, NOW), "t")
+    assert body["usage"][0]["corrected_quantity"] == "6.001"
+    assert body["corrections_count"] == MAX_LISTED_CORRECTIONS + 1
+    assert (
+        len(body["corrections"]) == MAX_LISTED_CORRECTIONS and body["corrections"][-1]["correction_id"] == "corr-00999"
+    )
+
+
 def test_a_correction_of_a_span_without_windows_counts_in_a_total_of_zero():
     q = check_query("c", BillingCycle(), NOW, since="2026-12-01T00:00:00Z", until="2026-12-03T00:00:00Z")
     late_only = CountedCorrection(
         "corr-2", "gauge", "{}", datetime(2026, 12, 2, 8), datetime(2026, 12, 2, 8, 1), Decimal("4"), "applied", NOW
     )
-    [row] = answer(q, "t", BillingCycle(), [], [late_only], datetime(2026, 12, 3))["usage"]
+    read = UsageRead(BillingCycle(), q, [], sum_corrections(q, [late_only]), [late_only], datetime(2026, 12, 3))
+    [row] = answer(read, "t")["usage"]
     assert (row["meter"], row["start"], row["quantity"], row["corrected_quantity"], row["status"]) == (
         "gauge",
         "2026-12-02T00:00:00.000Z",
@@ -202,7 +234,7 @@ class RecordingSource:
         self.reads.append((tenant_id, query))
         start, end = query.spans[0]
         totals = [Total("api_calls", {}, start, end, Decimal("7.25"), 3, 3, 3, 3)]
-        return UsageRead(cycle, query, totals, [], datetime(2027, 1, 1))
+        return UsageRead(cycle, query, totals, [], [], datetime(2027, 1, 1))
 
 
 class NoWriter:
