@@ -177,7 +177,7 @@ def request_for(kind: str, first: datetime, end: datetime) -> dict[str, str]:
 
 
 def explain(cfg: JobConfig, tenants: int, customers: int, first: datetime, end: datetime) -> dict[str, Any]:
-    """Postgres's execution time of each kind's main query (as UsageReader.read runs it) for 30 random customers."""
+    """Postgres's execution time of each kind's main query (as UsageReader.usage runs it) for 30 random customers."""
     out: dict[str, Any] = {}
     table = cfg.postgres.usage_table
     with connect(cfg.postgres) as conn:
