@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -186,9 +187,17 @@ def _correction_sums(query: UsageQuery, rows: list[tuple[Any, ...]]) -> list[Cor
         return [CorrectionSum(meter, grp, start, end, delta, count) for meter, grp, start, end, delta, count in rows]
     sums = []
     for meter, grp, n, delta, count in rows:
-        start, end = query.spans[n - 1]
+        start, end = _span(query, n)
         sums.append(CorrectionSum(meter, grp, start, end, delta, count))
     return sums
+
+
+def _span(query: UsageQuery, n: int) -> tuple[datetime, datetime]:
+    """Span ``n`` (from 1) of ``width_bucket``; the reads' range is the spans', so any other is a fault."""
+    if not 1 <= n <= len(query.spans):
+        msg = f"a row outside the query's {len(query.spans)} spans (bucket {n})"
+        raise ValueError(msg)
+    return query.spans[n - 1]
 
 
 def _totals(query: UsageQuery, rows: list[tuple[Any, ...]]) -> list[Total]:
@@ -204,6 +213,6 @@ def _totals(query: UsageQuery, rows: list[tuple[Any, ...]]) -> list[Total]:
     # Postgres sums bigints as numeric: whole numbers, read as int.
     totals = []
     for meter, grp, n, qty, events, windows, finals, revision in rows:
-        start, end = query.spans[n - 1]
+        start, end = _span(query, n)
         totals.append(Total(meter, grp, start, end, qty, int(events), int(windows), int(finals), int(revision)))
     return totals

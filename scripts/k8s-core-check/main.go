@@ -58,6 +58,15 @@ func main() {
 				invalid++
 				break
 			}
+			var fields map[string]any
+			if err := yaml.Unmarshal(doc, &fields); err != nil {
+				fmt.Printf("%s: %v\n", path, err)
+				invalid++
+				continue
+			}
+			if len(fields) == 0 {
+				continue // an empty document (comments only)
+			}
 			var meta struct {
 				APIVersion string `json:"apiVersion"`
 				Kind       string `json:"kind"`
@@ -70,11 +79,13 @@ func main() {
 				invalid++
 				continue
 			}
-			if meta.Kind == "" {
-				continue // an empty document (comments only)
-			}
 			gv, err := schema.ParseGroupVersion(meta.APIVersion)
-			if err != nil || !checkedGroups[gv.Group] {
+			if meta.Kind == "" || meta.APIVersion == "" || err != nil {
+				fmt.Printf("%s - a resource without a kind or a valid apiVersion (%q, %q)\n", path, meta.APIVersion, meta.Kind)
+				invalid++
+				continue
+			}
+			if !checkedGroups[gv.Group] {
 				skipped++
 				continue
 			}

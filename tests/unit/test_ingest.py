@@ -25,10 +25,13 @@ TENANTS = {hash_api_key(KEY_A): "tenant-a", hash_api_key(KEY_B): "tenant-b"}
 class NoUsage:
     """A usage source that knows no customer: ingest never reads usage."""
 
-    def cycle(self, tenant_id: str, customer_id: str) -> None:
-        return None
+    async def open(self) -> None:
+        pass
 
-    def read(self, tenant_id: str, query: object) -> tuple[list, list, None]:
+    async def close(self) -> None:
+        pass
+
+    async def usage(self, tenant_id: str, customer_id: str, ask: object) -> None:
         raise AssertionError("ingest read usage")
 
 

@@ -98,6 +98,8 @@ def test_manifests_are_valid(resources):
         (("              containerPort: 8088", '              containerPort: "8088"'), "containerPort"),
         (("  type: ClusterIP", "  type: ClusterIP\n  type: NodePort"), "type"),
         (("kind: PodDisruptionBudget", "kind: PodDisruptionBudgets"), "PodDisruptionBudgets"),
+        (("kind: PodDisruptionBudget", "kinds: PodDisruptionBudget"), "without a kind"),
+        (("apiVersion: policy/v1", "apiVersion: policy/v1/x"), "without a kind or a valid apiVersion"),
     ],
 )
 def test_an_invalid_core_resource_fails(tmp_path, change, message):
@@ -370,8 +372,12 @@ def test_the_http_service_is_reached_through_its_service_and_probed_on_health(re
     assert deployment["spec"]["replicas"] > budget["spec"]["minAvailable"] >= 1
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     (container,) = template["spec"]["containers"]
+    # The first start may build the rollup before the service listens: minutes before liveness counts.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert container["lifecycle"]["preStop"]["sleep"]["seconds"] < template["spec"]["terminationGracePeriodSeconds"]
     routes = {getattr(r, "path", None) for r in create_app(cfg, None, None, None).routes}  # type: ignore[arg-type]
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == "http"
         assert container[probe]["httpGet"]["path"] in routes
     annotations = template["metadata"]["annotations"]
