@@ -27,7 +27,7 @@ from meterflow.serve.usage_reader import set_cycle
 from sinks.carry_schema import period_function
 from sinks.ledger import apply_billing_schema, fetch_reconciliation_input
 from sinks.ledger_async import AsyncPostgresLedger
-from sinks.postgres import connect
+from sinks.postgres import apply_schema, connect
 from tests.e2e.helpers import closed_window, write_final_rows
 
 pytestmark = [pytest.mark.e2e]
@@ -49,8 +49,10 @@ ANCHORS = (None, 1, 15, 29, 31)
 @pytest.fixture
 def cfg(e2e_stack):
     run = uuid.uuid4().hex[:6]
+    # A usage table of its own too: the final rows written below must not reach other tests' tables.
     cfg, path = e2e_stack.config(
         f"carry-{run}",
+        postgres={**e2e_stack.base["postgres"], "usage_table": f"usage_carry_{run}"},
         billing={
             "enabled": True,
             "ledger_table": f"deliveries_{run}",
@@ -59,6 +61,7 @@ def cfg(e2e_stack):
             "cycles_table": f"cycles_{run}",
         },
     )
+    apply_schema(cfg.postgres)
     apply_billing_schema(cfg)
     return cfg, path
 
